@@ -1,0 +1,1230 @@
+#!/usr/bin/env python3
+"""herd.py: the Herd router. One URL in front of every Ollama in the house.
+
+It speaks Ollama's API (/api/*) and OpenAI's (/v1/*) on port 11435, picks the machine
+that will answer fastest for each request (elimination, seven scored signals, a queue
+per node+model), relays the answer chunk by chunk, and writes one trace row per request
+to ~/.fleet-manager/latency.db. Node agents (herd_node.py) find it by mDNS and send
+heartbeats; an Ollama on this machine is served by itself with no agent at all.
+
+Run:   python herd.py            (python herd.py --help lists every FLEET_* setting)
+Key settings: FLEET_PORT (11435), FLEET_HOST (0.0.0.0), FLEET_DATA_DIR (~/.fleet-manager),
+              FLEET_TOKEN (heartbeat secret), FLEET_HOLD_TIMEOUT (30 s)
+
+    $ curl -s localhost:11435/api/chat -d '{"model":"llama3.2:3b","stream":false,
+        "messages":[{"role":"user","content":"hi"}]}'
+    {"model":"llama3.2:3b","created_at":"2026-11-22T12:00:00.1Z","message":{"role":
+    "assistant","content":"Hello! How can I help?"},"done":true,"done_reason":"stop",...}
+    $ curl -s localhost:11435/fleet/queue
+    {"queues":[{"node_id":"mac-studio","model":"llama3.2:3b","active":1,"waiting":0,
+    "limit":4,"estimated_wait_s":0.0}],"total_active":1,"total_waiting":0,"holding":0}
+"""
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import hmac
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import time
+import urllib.parse
+import uuid
+
+try:
+    import psutil
+    from zeroconf import InterfaceChoice, IPVersion
+    from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
+except ImportError:  # pragma: no cover
+    sys.exit("Herd needs h11, psutil and zeroconf: pip install h11 psutil zeroconf")
+
+import herd_common as hc
+
+log = logging.getLogger("herd.router")
+fleet_log = logging.getLogger("herd.fleet")
+proxy_log = logging.getLogger("herd.proxy")
+
+ROUTER_SETTINGS = [
+    hc.Setting("FLEET_HOST", "0.0.0.0", "address to listen on"),
+    hc.Setting("FLEET_PORT", hc.DEFAULT_ROUTER_PORT, "port to listen on"),
+    hc.Setting("FLEET_DATA_DIR", "~/.fleet-manager", "traces (latency.db) and logs/"),
+    hc.Setting("FLEET_TOKEN", "", "if set, node agents must send it (Bearer) or get 401"),
+    hc.Setting("FLEET_HEARTBEAT_TIMEOUT", 15.0, "seconds without a heartbeat before a node "
+               "is degraded"),
+    hc.Setting("FLEET_HEARTBEAT_OFFLINE", 30.0, "seconds without a heartbeat before a node "
+               "is offline and gets no work"),
+    hc.Setting("FLEET_HOLD_TIMEOUT", 30.0, "seconds a request waits for a node that can "
+               "serve it before a 503"),
+    hc.Setting("FLEET_MAX_RETRIES", 2, "other nodes tried when a node fails before the "
+               "first chunk"),
+    hc.Setting("FLEET_DEFAULT_NUM_PARALLEL", 4, "requests in flight per node+model when the "
+               "node cannot tell Ollama's OLLAMA_NUM_PARALLEL"),
+    hc.Setting("FLEET_MAX_BODY_MB", 64.0, "largest request body accepted (413 beyond)"),
+    hc.Setting("FLEET_IDLE_TIMEOUT", 75.0, "seconds an idle keep-alive connection stays open"),
+    hc.Setting("FLEET_CONNECT_TIMEOUT", 5.0, "seconds to connect to a node's Ollama"),
+    hc.Setting("FLEET_FIRST_BYTE_TIMEOUT", 300.0, "seconds for Ollama to start answering "
+               "(covers model load and prompt evaluation)"),
+    hc.Setting("FLEET_CHUNK_TIMEOUT", 120.0, "seconds of silence mid-response before the "
+               "node counts as stalled"),
+    hc.Setting("FLEET_LOCAL_NODE", True, "serve an Ollama on this machine as a node "
+               "without an agent"),
+    hc.Setting("FLEET_LOCAL_OLLAMA_URL", "http://127.0.0.1:11434", "where that local "
+               "Ollama listens"),
+    hc.Setting("FLEET_LOCAL_NODE_INTERVAL", 5.0, "seconds between polls of the local Ollama"),
+    hc.Setting("FLEET_MDNS", True, "advertise the router as _fleet-manager._tcp on the LAN"),
+    hc.Setting("FLEET_TRACE_QUEUE", 10000, "trace rows buffered for the writer before "
+               "rows are dropped (and counted)"),
+    hc.Setting("FLEET_SHUTDOWN_GRACE", 30.0, "seconds streams get to finish on SIGTERM"),
+    *hc.LOG_SETTINGS,
+]
+
+# Fields a client may add for the router; they never reach Ollama.
+ROUTING_FIELDS = ("fallback_models",)
+NATIVE_INFERENCE = ("/api/chat", "/api/generate", "/api/embed", "/api/embeddings")
+OPENAI_INFERENCE = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+BUSY_ERROR = "server busy, please try again.  maximum pending requests exceeded"
+NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+####################################################################################
+# Fleet state: nodes, their queues, what we learned about them
+####################################################################################
+
+
+class SlotQueue:
+    """One node+model: `limit` requests in flight, the rest wait in arrival order."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.active = 0
+        self.waiters = collections.deque()
+
+    @property
+    def waiting(self):
+        return len(self.waiters)
+
+    async def acquire(self):
+        if self.active < self.limit and not self.waiters:
+            self.active += 1
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self.waiters.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # the slot was handed to us as we were cancelled
+            else:
+                self.waiters.remove(fut)
+            raise
+
+    def release(self):
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # the slot passes on; active stays the same
+                return
+        self.active -= 1
+
+    def set_limit(self, limit):
+        self.limit = limit
+        while self.active < self.limit and self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                self.active += 1
+                fut.set_result(None)
+
+
+class Node:
+    """A machine running Ollama, as its heartbeats describe it."""
+
+    def __init__(self, node_id, local=False):
+        self.node_id = node_id
+        self.local = local
+        self.ollama_url = ""
+        self.host, self.port = "", 0
+        self.first_seen = time.time()
+        self.last_seen = 0.0  # monotonic
+        self.status = "online"
+        self.info = {}  # the last heartbeat body
+        self.models = {}  # canonical name -> /api/tags entry
+        self.loaded = {}  # canonical name -> /api/ps entry
+        self.unloaded_at = {}  # canonical name -> monotonic time it left memory
+        self.cpu_history = collections.deque(maxlen=6)
+        self.num_parallel = 0
+
+    @property
+    def reachable(self):
+        return bool(self.info.get("ollama", {}).get("reachable", True))
+
+    @property
+    def draining(self):
+        return bool(self.info.get("draining"))
+
+    @property
+    def paused(self):
+        return bool(self.info.get("paused"))
+
+    def cpu_trend(self):
+        h = list(self.cpu_history)
+        if len(h) < 2:
+            return 0.0
+        half = len(h) // 2
+        return sum(h[half:]) / (len(h) - half) - sum(h[:half]) / half
+
+    def summary(self, fleet):
+        mem = self.info.get("memory", {})
+        return {
+            "node_id": self.node_id, "status": self.status, "local": self.local,
+            "ollama_url": self.ollama_url,
+            "last_heartbeat_s": round(time.monotonic() - self.last_seen, 1),
+            "agent_version": self.info.get("agent_version"),
+            "hardware": self.info.get("hardware", {}),
+            "memory": mem, "cpu": self.info.get("cpu", {}), "disk": self.info.get("disk", {}),
+            "ollama": self.info.get("ollama", {}),
+            "draining": self.draining, "paused": self.paused,
+            "num_parallel": fleet.slots_for(self),
+            "models_on_disk": sorted(self.models),
+            "models_loaded": [
+                {"model": name, "size": e.get("size"), "size_vram": e.get("size_vram"),
+                 "context_length": e.get("context_length"), "expires_at": e.get("expires_at")}
+                for name, e in sorted(self.loaded.items())],
+            "queues": {model: {"active": q.active, "waiting": q.waiting, "limit": q.limit}
+                       for (nid, model), q in fleet.queues.items() if nid == self.node_id},
+        }
+
+
+class Fleet:
+    """Every node, every queue, and a signal for those waiting on a change."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.nodes = {}
+        self.queues = {}
+        self.latency = {}  # (node_id, model) -> [mean latency s, mean cold load s, samples]
+        self.holding = 0
+        self._changed = asyncio.get_running_loop().create_future()
+
+    # -- change notification (the holding queue waits on this) -------------------
+
+    def notify_change(self):
+        if not self._changed.done():
+            self._changed.set_result(None)
+        self._changed = asyncio.get_running_loop().create_future()
+
+    async def wait_change(self, timeout):
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._changed)
+
+    # -- heartbeats ---------------------------------------------------------------
+
+    def apply_heartbeat(self, hb, local=False):
+        """Take a validated heartbeat; returns the node."""
+        node = self.nodes.get(hb["node_id"])
+        if node is None:
+            node = self.nodes[hb["node_id"]] = Node(hb["node_id"], local)
+            fleet_log.info("node joined", extra={"node_id": node.node_id,
+                                                 "url": hb["ollama_url"]})
+        node.local = local
+        node.ollama_url = hb["ollama_url"]
+        node.host, node.port, _ = hc.split_url(node.ollama_url)
+        node.info = hb
+        node.last_seen = time.monotonic()
+        self._update_models(node, hb)
+        node.cpu_history.append(float(hb.get("cpu", {}).get("percent", 0.0)))
+        node.num_parallel = int(hb.get("ollama", {}).get("num_parallel") or 0)
+        self._set_status(node, "online")
+        for (nid, _), q in self.queues.items():
+            if nid == node.node_id:
+                q.set_limit(self.slots_for(node))
+        self.notify_change()
+        return node
+
+    def _update_models(self, node, hb):
+        now = time.monotonic()
+        node.models = {hc.canonical_model(m.get("model") or m["name"]): m
+                       for m in hb.get("models", [])}
+        loaded = {hc.canonical_model(m.get("model") or m["name"]): m
+                  for m in hb.get("loaded", [])}
+        for gone in node.loaded.keys() - loaded.keys():
+            node.unloaded_at[gone] = now
+        node.loaded = loaded
+
+    def slots_for(self, node):
+        return node.num_parallel or self.cfg.default_num_parallel
+
+    def remove(self, node_id):
+        if self.nodes.pop(node_id, None):
+            fleet_log.info("node removed", extra={"node_id": node_id})
+            self.notify_change()
+
+    # -- status -------------------------------------------------------------------
+
+    def refresh_status(self):
+        """Move nodes to degraded / offline as heartbeats go missing."""
+        now = time.monotonic()
+        for node in self.nodes.values():
+            silent = now - node.last_seen
+            if silent >= self.cfg.heartbeat_offline:
+                self._set_status(node, "offline")
+            elif silent >= self.cfg.heartbeat_timeout:
+                self._set_status(node, "degraded")
+
+    def _set_status(self, node, status):
+        if node.status != status:
+            level = logging.INFO if status == "online" else logging.WARNING
+            fleet_log.log(level, f"node {status}", extra={"node_id": node.node_id,
+                                                         "event": f"node_{status}"})
+            node.status = status
+            self.notify_change()
+
+    # -- queues and learning ------------------------------------------------------
+
+    def queue(self, node, model):
+        key = (node.node_id, model)
+        q = self.queues.get(key)
+        if q is None:
+            q = self.queues[key] = SlotQueue(self.slots_for(node))
+        return q
+
+    def learn(self, node_id, model, latency_s, load_s=None):
+        """Fold one completed request into the node+model averages."""
+        entry = self.latency.setdefault((node_id, model), [latency_s, 0.0, 0])
+        entry[2] += 1
+        alpha = max(0.1, 1.0 / entry[2])
+        entry[0] += alpha * (latency_s - entry[0])
+        if load_s is not None:
+            entry[1] = load_s if not entry[1] else entry[1] + 0.3 * (load_s - entry[1])
+
+    def holders(self, model):
+        """Nodes that have `model` on disk, whatever their state."""
+        return [n for n in self.nodes.values() if model in n.models]
+
+
+####################################################################################
+# Heartbeats: validated before anything about the node changes
+####################################################################################
+
+_HEARTBEAT_FIELDS = [
+    # (dotted path, type(s), required)
+    ("node_id", str, True), ("ollama_url", str, True), ("agent_version", str, False),
+    ("hardware", dict, False), ("cpu", dict, False), ("cpu.percent", (int, float), False),
+    ("memory", dict, False), ("memory.total", int, False), ("memory.used", int, False),
+    ("memory.available", int, False), ("memory.pressure", str, False), ("disk", dict, False),
+    ("ollama", dict, False), ("ollama.reachable", bool, False),
+    ("ollama.version", str, False), ("ollama.num_parallel", int, False),
+    ("ollama.settings", dict, False), ("models", list, False), ("loaded", list, False),
+    ("draining", bool, False), ("paused", bool, False),
+]
+
+
+def _lookup(body, path):
+    value = body
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None, False
+        value = value[part]
+    return value, True
+
+
+def validate_heartbeat(body):
+    """Raise ValueError naming the first bad field; returns the body."""
+    for path, kinds, required in _HEARTBEAT_FIELDS:
+        value, present = _lookup(body, path)
+        if not present or value is None:
+            if required:
+                raise ValueError(f"field '{path}' is required")
+            continue
+        if isinstance(value, bool) and kinds is not bool:
+            raise ValueError(f"field '{path}' must be a {_kind_name(kinds)}")
+        if not isinstance(value, kinds):
+            raise ValueError(f"field '{path}' must be a {_kind_name(kinds)}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            raise ValueError(f"field '{path}' must not be negative")
+    if not NODE_ID_RE.match(body["node_id"]):
+        raise ValueError("field 'node_id' must be 1-64 letters, digits, '.', '_' or '-'")
+    try:
+        hc.split_url(body["ollama_url"])
+    except ValueError as e:
+        raise ValueError(f"field 'ollama_url': {e}") from None
+    if body.get("memory", {}).get("pressure", "normal") not in ("normal", "warning", "critical"):
+        raise ValueError("field 'memory.pressure' must be normal, warning or critical")
+    for key in ("models", "loaded"):
+        for i, entry in enumerate(body.get(key) or []):
+            if not isinstance(entry, dict) or not isinstance(
+                    entry.get("model") or entry.get("name"), str):
+                raise ValueError(f"field '{key}[{i}]' must be an object with a 'name'")
+            if not isinstance(entry.get("size", 0), int):
+                raise ValueError(f"field '{key}[{i}].size' must be an integer")
+    return body
+
+
+def _kind_name(kinds):
+    names = {str: "string", int: "integer", float: "number", dict: "object", list: "list",
+             bool: "boolean"}
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    return " or ".join(names[k] for k in kinds)
+
+
+####################################################################################
+# Routing: elimination, scoring, the holding queue
+####################################################################################
+
+
+class RouteError(Exception):
+    """The request cannot be routed: status, message, and extra headers."""
+
+    def __init__(self, status, message, headers=()):
+        super().__init__(message)
+        self.status, self.headers = status, list(headers)
+
+
+class Choice:
+    """The node chosen for a request and why."""
+
+    __slots__ = ("node", "score", "breakdown", "hot")
+
+    def __init__(self, node, score, breakdown, hot):
+        self.node, self.score, self.breakdown, self.hot = node, score, breakdown, hot
+
+
+def build_candidate(fleet, node, model, requested_ctx):
+    """The scoring view of one node for one model."""
+    entry = node.models.get(model, {})
+    loaded = node.loaded.get(model)
+    q = fleet.queues.get((node.node_id, model))
+    mem = node.info.get("memory", {})
+    learned = fleet.latency.get((node.node_id, model), (0.0, 0.0, 0))
+    unloaded = node.unloaded_at.get(model)
+    details = entry.get("details") or {}
+    return hc.Candidate(
+        node_id=node.node_id, hot=loaded is not None,
+        recently_unloaded=unloaded is not None
+        and time.monotonic() - unloaded < hc.RECENT_UNLOAD_S,
+        model_size=int(entry.get("size") or 0),
+        mem_total=int(mem.get("total") or 0), mem_available=int(mem.get("available") or 0),
+        mem_reclaimable=sum(int(m.get("size") or 0) for name, m in node.loaded.items()
+                            if name != model),
+        pressure=mem.get("pressure", "normal"),
+        active=q.active if q else 0, waiting=q.waiting if q else 0,
+        slots=fleet.slots_for(node), mean_latency_s=learned[0], load_estimate_s=learned[1],
+        cpu_percent=float(node.info.get("cpu", {}).get("percent", 0.0)),
+        cpu_trend=node.cpu_trend(), degraded=node.status == "degraded",
+        requested_ctx=requested_ctx,
+        loaded_ctx=int((loaded or {}).get("context_length") or 0),
+        model_max_ctx=int(details.get("context_length") or 0),
+    )
+
+
+def rank_nodes(fleet, model, requested_ctx, exclude=()):
+    """Survivors of elimination, best first, and why the others were dropped."""
+    candidates, reasons = [], []
+    for node in fleet.nodes.values():
+        if model not in node.models:
+            continue  # not a candidate at all; not worth naming
+        why = None
+        if node.node_id in exclude:
+            why = "failed this request already"
+        elif node.status == "offline":
+            why = "offline"
+        elif node.draining:
+            why = "draining"
+        elif node.paused:
+            why = "paused"
+        elif not node.reachable:
+            why = "its Ollama is unreachable"
+        if why is None:
+            c = build_candidate(fleet, node, model, requested_ctx)
+            why = hc.eliminate(c)
+            if why is None:
+                candidates.append(c)
+                continue
+        reasons.append(f"{node.node_id}: {why}")
+    return hc.rank_candidates(candidates), reasons
+
+
+async def choose_node(fleet, cfg, model, requested_ctx, exclude=(), shown_name=None,
+                      hold=True):
+    """The best node for `model`, waiting in the holding queue while none can serve."""
+    deadline = time.monotonic() + (cfg.hold_timeout if hold else 0.0)
+    fleet.holding += 1
+    try:
+        while True:
+            if not fleet.holders(model):
+                raise RouteError(404, f"model '{shown_name or model}' not found on any "
+                                      f"node of the fleet")
+            ranked, reasons = rank_nodes(fleet, model, requested_ctx, exclude)
+            if ranked:
+                score, breakdown, c = ranked[0]
+                return Choice(fleet.nodes[c.node_id], score, breakdown, c.hot)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                retry_after = max(1, int(cfg.heartbeat_timeout))
+                raise RouteError(503, f"no node can serve '{model}' right now "
+                                      f"({'; '.join(reasons) or 'no node online'}); waited "
+                                      f"{cfg.hold_timeout:g}s",
+                                 [(b"retry-after", str(retry_after).encode())])
+            await fleet.wait_change(remaining)
+    finally:
+        fleet.holding -= 1
+
+
+def requested_context(body):
+    options = body.get("options")
+    if isinstance(options, dict) and isinstance(options.get("num_ctx"), int):
+        return max(0, options["num_ctx"])
+    return 0
+
+
+####################################################################################
+# Proxy: one request to one node, relayed chunk by chunk
+####################################################################################
+
+NON_STREAM_BUFFER = 16 << 20  # a non-streamed answer up to this size is checked whole
+
+
+class Exchange:
+    """Everything known about one proxied request, written as its trace row."""
+
+    def __init__(self, request, api, endpoint, model, stream, body):
+        self.request_id = uuid.uuid4().hex[:16]
+        self.t0 = time.monotonic()
+        self.wall = time.time()
+        self.request = request
+        self.api, self.endpoint, self.model, self.stream = api, endpoint, model, stream
+        self.body = body
+        self.node_id = None
+        self.served_model = model
+        self.retries = 0
+        self.score = None
+        self.breakdown = None
+        self.status = "failed"
+        self.http_status = None
+        self.ttft = None
+        self.queue_wait = None
+        self.prompt_tokens = None
+        self.completion_tokens = None
+        self.error = None
+
+    def error_body(self, status, message):
+        if self.api == "openai":
+            return hc.openai_error_body(status, message)
+        return hc.ollama_error_body(message)
+
+    def trace_row(self, status=None, node_id=None, error=None):
+        ms = (time.monotonic() - self.t0) * 1000
+        return {
+            "request_id": self.request_id, "timestamp": self.wall, "model": self.served_model,
+            "requested_model": self.model, "node_id": node_id or self.node_id,
+            "status": status or self.status, "http_status": self.http_status,
+            "latency_ms": round(ms, 2),
+            "ttft_ms": round(self.ttft * 1000, 2) if self.ttft is not None else None,
+            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+            "retries": self.retries, "score": self.score,
+            "score_breakdown": json.dumps(self.breakdown) if self.breakdown else None,
+            "client_addr": self.request.client, "api_format": self.api,
+            "endpoint": self.endpoint, "stream": int(self.stream),
+            "queue_wait_ms": round(self.queue_wait * 1000, 2)
+            if self.queue_wait is not None else None,
+            "error_message": error or self.error,
+        }
+
+
+class AttemptFailed(Exception):
+    """A node failed before anything reached the client: another node may try."""
+
+
+def forward_headers(request):
+    """The client's headers minus hop-by-hop ones (and Host: Ollama's guard, §1)."""
+    return [(k, v) for k, v in request.headers if k not in hc.HOP_BY_HOP]
+
+
+def response_headers(upstream_headers, ex, choice):
+    headers = [(k, v) for k, v in upstream_headers if k not in hc.HOP_BY_HOP
+               and k != b"server" and k != b"date"]
+    headers += [
+        (b"x-fleet-node", choice.node.node_id.encode()),
+        (b"x-fleet-served-model", ex.served_model.encode()),
+        (b"x-fleet-requested-model", ex.model.encode()),
+        (b"x-fleet-retries", str(ex.retries).encode()),
+        (b"x-fleet-score", f"{choice.score:.1f}".encode()),
+    ]
+    return headers
+
+
+def content_length(headers):
+    for k, v in headers:
+        if k == b"content-length":
+            return int(v)
+    return None
+
+
+def is_busy(status, body):
+    return status == 503 and b"server busy" in body
+
+
+async def run_attempt(router, conn, ex, choice):
+    """Send the request to the chosen node and relay its answer to the client."""
+    cfg = router.cfg
+    node = choice.node
+    up = await _open_upstream(cfg, node)
+    try:
+        await up.send_request(ex.request.method.encode(), ex.request.target.encode(),
+                              forward_headers(ex.request), ex.body)
+        status, headers = await up.receive_head(cfg.first_byte_timeout)
+        length = content_length(headers)
+        if length is not None and length <= NON_STREAM_BUFFER:
+            await _relay_whole(cfg, conn, ex, choice, up, status, headers)
+        else:
+            await _relay_stream(cfg, conn, ex, choice, up, status, headers)
+    except hc.UpstreamError as e:
+        if not conn.response_started:
+            raise AttemptFailed(f"node {node.node_id}: {e}") from None
+        raise
+    finally:
+        up.close()
+
+
+async def _open_upstream(cfg, node):
+    return await hc.Upstream.connect(node.host, node.port, cfg.connect_timeout)
+
+
+async def _relay_whole(cfg, conn, ex, choice, up, status, headers):
+    """A response with Content-Length: read it whole, so a cut-off body is a clean 502."""
+    body = await up.read_body(cfg.chunk_timeout)
+    if status >= 500 and not is_busy(status, body):
+        raise hc.UpstreamError("status", f"answered {status}: "
+                                         f"{body[:300].decode('utf-8', 'replace')}")
+    ex.ttft = time.monotonic() - ex.t0
+    ex.http_status = status
+    await conn.send_response(status, body, None, response_headers(headers, ex, choice))
+    ex.status = "completed" if status < 400 else ("rejected" if status < 500 else "failed")
+    if status >= 400:
+        ex.error = body[:500].decode("utf-8", "replace")
+    else:
+        count_tokens(ex, body)
+
+
+async def _relay_stream(cfg, conn, ex, choice, up, status, headers):
+    """Chunk by chunk, drain after each; the head goes out with the first chunk."""
+    first = await up.receive_data(cfg.chunk_timeout)
+    ex.ttft = time.monotonic() - ex.t0
+    ex.http_status = status
+    await conn.start_response(status, None, response_headers(headers, ex, choice))
+    prev, last, chunks = b"", first, 0
+    try:
+        data = first
+        while data:
+            chunks += 1
+            await conn.send_data(data)
+            prev, last = last, data
+            data = await up.receive_data(cfg.chunk_timeout)
+    except hc.UpstreamError as e:
+        await _end_with_error(conn, ex, f"node {choice.node.node_id} failed mid-stream: {e}")
+        ex.status, ex.error = "incomplete", str(e)
+        return
+    await conn.end_response()
+    tail = prev[-8192:] + last
+    ex.status = "completed" if status < 400 else ("rejected" if status < 500 else "failed")
+    if b'"error"' in last:
+        ex.status, ex.error = "failed", last[-500:].decode("utf-8", "replace").strip()
+    count_tokens(ex, tail, chunks)
+
+
+async def _end_with_error(conn, ex, message):
+    """Tell a streaming client the answer broke off, in its own framing, and end."""
+    if ex.api == "openai":
+        line = b"data: " + hc.openai_error_body(502, message) + b"\n\n"
+    else:
+        line = hc.ollama_error_body(message) + b"\n"
+    with contextlib.suppress(ConnectionError):
+        await conn.send_data(line)
+        await conn.end_response()
+
+
+def count_tokens(ex, tail, chunks=0):
+    """Token counts from the final chunk (Ollama) or the usage object (OpenAI)."""
+    for raw in reversed(tail.split(b"\n")):
+        raw = raw.strip()
+        if raw.startswith(b"data:"):
+            raw = raw[5:].strip()
+        if not raw.startswith(b"{"):
+            continue
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            continue
+        if "eval_count" in obj or "prompt_eval_count" in obj:
+            ex.prompt_tokens = obj.get("prompt_eval_count", 0)
+            ex.completion_tokens = obj.get("eval_count", 0)
+            return
+        if isinstance(obj.get("usage"), dict):
+            ex.prompt_tokens = obj["usage"].get("prompt_tokens")
+            ex.completion_tokens = obj["usage"].get("completion_tokens")
+            return
+    if chunks and ex.api == "openai":
+        ex.completion_tokens = max(0, chunks - 2)  # one token per content event
+
+
+async def proxy_inference(router, request, conn, api, body, model, stream):
+    """Route, queue, relay with retries before the first chunk, and trace."""
+    ex = Exchange(request, api, request.path, model, stream, strip_routing_fields(request, body))
+    conn.watch_client()
+    try:
+        await _proxy_attempts(router, conn, ex, body)
+    except RouteError as e:
+        ex.status, ex.http_status, ex.error = "rejected", e.status, str(e)
+        if e.status >= 500:
+            ex.status = "failed"
+        await conn.send_response(e.status, ex.error_body(e.status, str(e)),
+                                 headers=e.headers)
+    except asyncio.CancelledError:
+        if conn.client_gone:
+            ex.status, ex.error = "cancelled", "client disconnected"
+            proxy_log.info("client disconnected", extra={"request_id": ex.request_id,
+                                                         "model": model,
+                                                         "node_id": ex.node_id})
+        else:
+            ex.error = ex.error or "router shutting down"
+        raise
+    except (ConnectionError, hc.UpstreamError) as e:
+        ex.status, ex.error = "incomplete", str(e)
+    finally:
+        router.finish(ex)
+
+
+async def _proxy_attempts(router, conn, ex, body):
+    fleet, cfg = router.fleet, router.cfg
+    exclude = []
+    requested_ctx = requested_context(body)
+    last_error = None
+    for attempt in range(cfg.max_retries + 1):
+        try:
+            # A retry takes the next best node now or not at all: no holding queue.
+            choice = await choose_node(fleet, cfg, ex.model, requested_ctx, exclude,
+                                       body.get("model"), hold=attempt == 0)
+        except RouteError:
+            if last_error is None:
+                raise
+            break
+        ex.node_id, ex.score, ex.breakdown = choice.node.node_id, choice.score, choice.breakdown
+        ex.retries = attempt
+        q = fleet.queue(choice.node, ex.model)
+        t_queue = time.monotonic()
+        await q.acquire()
+        try:
+            ex.queue_wait = time.monotonic() - t_queue
+            await run_attempt(router, conn, ex, choice)
+            if ex.status == "completed":
+                router.fleet.learn(choice.node.node_id, ex.model,
+                                   time.monotonic() - ex.t0,
+                                   None if choice.hot else ex.ttft)
+            return
+        except AttemptFailed as e:
+            last_error = str(e)
+            proxy_log.warning("attempt failed, trying another node",
+                              extra={"request_id": ex.request_id, "node_id": ex.node_id,
+                                     "model": ex.model, "error": last_error})
+            router.traces.record(ex.trace_row("retried", error=last_error))
+            exclude.append(choice.node.node_id)
+        finally:
+            q.release()
+    raise RouteError(502, f"no node could answer: {last_error}")
+
+
+def strip_routing_fields(request, body):
+    """The body to forward: the client's own bytes unless routing fields must go."""
+    if not any(k in body for k in ROUTING_FIELDS):
+        return request.body
+    return hc.dump_json({k: v for k, v in body.items() if k not in ROUTING_FIELDS})
+
+
+####################################################################################
+# API handlers
+####################################################################################
+
+
+def is_unload(path, body):
+    """keep_alive 0 with nothing to generate: Ollama unloads the model (§5)."""
+    if path not in ("/api/generate", "/api/chat"):
+        return False
+    keep_alive = body.get("keep_alive")
+    zero = keep_alive == 0 or (isinstance(keep_alive, str) and
+                               re.fullmatch(r"0+(\.0*)?[a-z]*", keep_alive.strip()) is not None)
+    empty = not body.get("prompt") if path == "/api/generate" else not body.get("messages")
+    return zero and empty and not isinstance(keep_alive, bool)
+
+
+class Router:
+    """The router's state and its HTTP dispatch."""
+
+    def __init__(self, cfg, traces):
+        self.cfg = cfg
+        self.traces = traces
+        self.fleet = Fleet(cfg)
+        self.started = time.time()
+        self.tasks = set()
+        self.local_node_id = hc.short_hostname()
+        self.local_addresses = local_addresses()
+        self.routes = {
+            ("GET", "/"): self.handle_root, ("HEAD", "/"): self.handle_root,
+            ("GET", "/api/version"): self.handle_version,
+            ("HEAD", "/api/version"): self.handle_version,
+            ("GET", "/api/tags"): self.handle_tags, ("HEAD", "/api/tags"): self.handle_tags,
+            ("GET", "/api/ps"): self.handle_ps,
+            ("POST", "/api/show"): self.handle_show,
+            ("GET", "/v1/models"): self.handle_openai_models,
+            ("POST", "/heartbeat"): self.handle_heartbeat,
+            ("GET", "/fleet/status"): self.handle_fleet_status,
+            ("GET", "/fleet/queue"): self.handle_fleet_queue,
+        }
+        for path in NATIVE_INFERENCE + OPENAI_INFERENCE:
+            self.routes[("POST", path)] = self.handle_inference
+
+    # -- dispatch -----------------------------------------------------------------
+
+    async def handle(self, request, conn):
+        handler = self.routes.get((request.method, request.path))
+        if handler is None:
+            if request.method == "GET" and request.path.startswith("/v1/models/"):
+                return await self.handle_openai_model(request, conn)
+            if any(p == request.path for (_, p) in self.routes):
+                return await conn.send_response(405, b"405 method not allowed",
+                                                b"text/plain")
+            return await conn.send_response(404, b"404 page not found", b"text/plain")
+        await handler(request, conn)
+
+    def finish(self, ex):
+        """Record the trace of a finished request and log it."""
+        self.traces.record(ex.trace_row())
+        level = logging.INFO if ex.status in ("completed", "cancelled") else logging.WARNING
+        proxy_log.log(level, f"{ex.endpoint} {ex.status}", extra={
+            "request_id": ex.request_id, "model": ex.served_model, "node_id": ex.node_id,
+            "status": ex.status, "client": ex.request.client, "error": ex.error,
+            "elapsed_ms": round((time.monotonic() - ex.t0) * 1000, 1)})
+
+    # -- inference ----------------------------------------------------------------
+
+    async def handle_inference(self, request, conn):
+        api = "openai" if request.path.startswith("/v1/") else "ollama"
+        ex_error = hc.openai_error_body if api == "openai" else \
+            (lambda status, msg: hc.ollama_error_body(msg))
+        try:
+            body = hc.parse_json_body(request.body)
+        except ValueError as e:
+            return await conn.send_response(400, ex_error(400, str(e)))
+        model = body.get("model")
+        if not isinstance(model, str) or not model.strip():
+            return await conn.send_response(400, ex_error(400, "model is required"))
+        model = hc.canonical_model(model)
+        stream = body.get("stream")
+        stream = (api == "ollama") if stream is None else bool(stream)
+        if api == "ollama" and is_unload(request.path, body):
+            return await self.handle_unload(request, conn, body, model)
+        await proxy_inference(self, request, conn, api, body, model, stream)
+
+    async def handle_unload(self, request, conn, body, model):
+        """Send the unload to every node holding the model; answer like Ollama."""
+        holders = [n for n in self.fleet.nodes.values()
+                   if model in n.loaded and n.status != "offline"]
+        if not holders:
+            return await proxy_inference(self, request, conn, "ollama", body, model, False)
+        results = await asyncio.gather(*(
+            hc.http_call(n.ollama_url, "POST", request.path, request.body, timeout=30)
+            for n in holders), return_exceptions=True)
+        answers = [r for r in results if not isinstance(r, BaseException) and r[0] == 200]
+        for node in holders:
+            node.loaded.pop(model, None)
+            node.unloaded_at[model] = time.monotonic()
+        if not answers:
+            return await conn.send_response(502, hc.ollama_error_body(
+                f"unload of '{model}' failed on {', '.join(n.node_id for n in holders)}"))
+        status, headers, data = answers[0]
+        await conn.send_response(200, data, headers=[
+            (b"x-fleet-node", ",".join(n.node_id for n in holders).encode())])
+
+    # -- Ollama's catalogue routes ------------------------------------------------
+
+    async def handle_root(self, request, conn):
+        await conn.send_response(200, b"Ollama is running", b"text/plain; charset=utf-8")
+
+    async def handle_version(self, request, conn):
+        versions = [n.info.get("ollama", {}).get("version") for n in self.online_nodes()]
+        versions = [v for v in versions if v]
+        await conn.send_json(200, {"version": min(versions, key=version_key)
+                                   if versions else "0.0.0"})
+
+    def online_nodes(self):
+        return [n for n in self.fleet.nodes.values() if n.status != "offline"]
+
+    def merged_models(self):
+        """Every model on any online node, once (the newest copy's entry)."""
+        merged = {}
+        for node in self.online_nodes():
+            for name, entry in node.models.items():
+                known = merged.get(name)
+                if known is None or entry.get("modified_at", "") > known.get("modified_at", ""):
+                    merged[name] = entry
+        return [merged[name] for name in sorted(merged)]
+
+    async def handle_tags(self, request, conn):
+        await conn.send_json(200, {"models": self.merged_models()})
+
+    async def handle_ps(self, request, conn):
+        models = []
+        for node in self.online_nodes():
+            for entry in node.loaded.values():
+                models.append({**entry, "node_id": node.node_id})
+        models.sort(key=lambda m: m.get("expires_at", ""), reverse=True)
+        await conn.send_json(200, {"models": models})
+
+    async def handle_show(self, request, conn):
+        try:
+            body = hc.parse_json_body(request.body)
+        except ValueError as e:
+            return await conn.send_response(400, hc.ollama_error_body(str(e)))
+        name = body.get("model") or body.get("name")
+        if not isinstance(name, str) or not name:
+            return await conn.send_response(400, hc.ollama_error_body("model is required"))
+        node = self.any_holder(hc.canonical_model(name))
+        if node is None:
+            return await conn.send_response(404, hc.ollama_error_body(
+                f"model '{name}' not found"))
+        await self.relay_simple(conn, node, "POST", "/api/show", request.body)
+
+    def any_holder(self, model):
+        holders = [n for n in self.online_nodes() if model in n.models and n.reachable]
+        holders.sort(key=lambda n: (n.status != "online", model not in n.loaded))
+        return holders[0] if holders else None
+
+    async def relay_simple(self, conn, node, method, path, body):
+        """A small request answered whole by one node, passed on as it came."""
+        try:
+            status, headers, data = await hc.http_call(node.ollama_url, method, path, body,
+                                                       timeout=self.cfg.first_byte_timeout)
+        except hc.UpstreamError as e:
+            return await conn.send_response(502, hc.ollama_error_body(
+                f"node {node.node_id}: {e}"))
+        ctype = next((v for k, v in headers if k == b"content-type"), hc.JSON_TYPE)
+        await conn.send_response(status, data, ctype,
+                                 [(b"x-fleet-node", node.node_id.encode())])
+
+    # -- OpenAI's model routes ----------------------------------------------------
+
+    def openai_model(self, entry):
+        name = entry.get("model") or entry.get("name")
+        owner = name.split("/")[-2] if name.count("/") else "library"
+        return {"id": name, "object": "model",
+                "created": hc.rfc3339_to_unix(entry.get("modified_at")), "owned_by": owner}
+
+    async def handle_openai_models(self, request, conn):
+        await conn.send_json(200, {"object": "list", "data": [
+            self.openai_model(e) for e in self.merged_models()]})
+
+    async def handle_openai_model(self, request, conn):
+        wanted = request.path[len("/v1/models/"):]
+        wanted = hc.canonical_model(urllib.parse.unquote(wanted))
+        for entry in self.merged_models():
+            if hc.canonical_model(entry.get("model") or entry["name"]) == wanted:
+                return await conn.send_json(200, self.openai_model(entry))
+        await conn.send_response(404, hc.openai_error_body(
+            404, f"model '{wanted}' not found", "model_not_found"))
+
+    # -- fleet routes -------------------------------------------------------------
+
+    def authorized(self, request):
+        if not self.cfg.token:
+            return True
+        given = request.header("authorization") or ""
+        expected = f"Bearer {self.cfg.token}"
+        return hmac.compare_digest(given.encode(), expected.encode())
+
+    async def handle_heartbeat(self, request, conn):
+        if not self.authorized(request):
+            return await conn.send_response(401, hc.ollama_error_body(
+                "missing or wrong fleet token (set FLEET_NODE_TOKEN on the node)"))
+        try:
+            hb = validate_heartbeat(hc.parse_json_body(request.body))
+        except ValueError as e:
+            fleet_log.warning("bad heartbeat", extra={"client": request.client,
+                                                      "error": str(e)})
+            return await conn.send_response(400, hc.ollama_error_body(f"bad heartbeat: {e}"))
+        local = self.fleet.nodes.get(self.local_node_id)
+        if local is not None and local.local and self.covers_local_ollama(hb):
+            self.fleet.remove(self.local_node_id)  # an agent now reports this Ollama
+        node = self.fleet.apply_heartbeat(hb)
+        await conn.send_json(200, {"status": "ok", "node_status": node.status,
+                                   "router_version": hc.VERSION})
+
+    async def handle_fleet_status(self, request, conn):
+        self.fleet.refresh_status()
+        nodes = [n.summary(self.fleet) for n in self.fleet.nodes.values()]
+        counts = collections.Counter(n["status"] for n in nodes)
+        await conn.send_json(200, {
+            "router": {"version": hc.VERSION, "uptime_s": round(time.time() - self.started),
+                       "nodes_online": counts["online"], "nodes_degraded": counts["degraded"],
+                       "nodes_offline": counts["offline"], "holding": self.fleet.holding,
+                       "traces_written": self.traces.written,
+                       "traces_dropped": self.traces.dropped},
+            "nodes": nodes})
+
+    async def handle_fleet_queue(self, request, conn):
+        await conn.send_json(200, self.queue_report())
+
+    def queue_report(self):
+        rows = []
+        for (node_id, model), q in sorted(self.fleet.queues.items()):
+            node = self.fleet.nodes.get(node_id)
+            if node is None:
+                continue
+            c = build_candidate(self.fleet, node, model, 0)
+            rows.append({"node_id": node_id, "model": model, "active": q.active,
+                         "waiting": q.waiting, "limit": q.limit,
+                         "estimated_wait_s": round(hc.estimate_wait_s(c) if q.waiting
+                                                   else 0.0, 2)})
+        return {"queues": rows, "total_active": sum(r["active"] for r in rows),
+                "total_waiting": sum(r["waiting"] for r in rows),
+                "holding": self.fleet.holding}
+
+    # -- the local node -----------------------------------------------------------
+
+    def covers_local_ollama(self, hb):
+        """Does an agent's heartbeat describe the Ollama we would serve locally?"""
+        host, port, _ = hc.split_url(hb["ollama_url"])
+        _, local_port, _ = hc.split_url(self.cfg.local_ollama_url)
+        return port == local_port and (hc.is_loopback_host(host)
+                                       or host in self.local_addresses)
+
+    def local_node_taken(self):
+        node = self.fleet.nodes.get(self.local_node_id)
+        if node is not None and not node.local and node.status != "offline":
+            return True
+        return any(not n.local and n.status != "offline" and self.covers_local_ollama(n.info)
+                   for n in self.fleet.nodes.values())
+
+    async def poll_local_node(self):
+        """Serve this machine's Ollama as a node while no agent reports it."""
+        settings, next_settings = {}, 0.0
+        port = hc.split_url(self.cfg.local_ollama_url)[1]
+        while True:
+            if not self.local_node_taken():
+                ollama = await hc.read_ollama(self.cfg.local_ollama_url, timeout=3)
+                known = self.local_node_id in self.fleet.nodes
+                if ollama["ok"] or known:
+                    if time.monotonic() >= next_settings:
+                        found, _ = await asyncio.to_thread(hc.find_ollama_settings, psutil,
+                                                           port)
+                        settings, next_settings = found or {}, time.monotonic() + 60
+                    machine = await asyncio.to_thread(hc.read_machine, psutil,
+                                                      self.cfg.data_dir)
+                    slots, source = hc.resolve_num_parallel(0, settings, os.environ)
+                    hb = hc.build_heartbeat(self.local_node_id, self.cfg.local_ollama_url,
+                                            machine, ollama, settings, slots, source)
+                    self.fleet.apply_heartbeat(hb, local=True)
+            await asyncio.sleep(self.cfg.local_node_interval)
+
+    async def watch_status(self):
+        while True:
+            self.fleet.refresh_status()
+            await asyncio.sleep(min(1.0, self.cfg.heartbeat_timeout / 4))
+
+    async def load_learning(self):
+        """Seed the latency averages from the last week of traces."""
+        try:
+            rows = await asyncio.to_thread(self.traces.query, (
+                "SELECT node_id, model, AVG(latency_ms) AS latency, COUNT(*) AS n "
+                "FROM request_traces WHERE status='completed' AND timestamp > ? "
+                "AND node_id IS NOT NULL GROUP BY node_id, model"), (time.time() - 7 * 86400,))
+        except Exception as e:  # a damaged database must not stop the router
+            log.warning("could not read past traces: %s", e)
+            return
+        for r in rows:
+            self.fleet.latency[(r["node_id"], r["model"])] = [r["latency"] / 1000, 0.0, r["n"]]
+
+
+def version_key(version):
+    parts = re.findall(r"\d+", version.lstrip("v").split("-")[0])
+    return tuple(int(p) for p in parts)
+
+
+def local_addresses():
+    """This machine's IP addresses (to recognise its own Ollama in heartbeats)."""
+    found = set()
+    try:
+        for addrs in psutil.net_if_addrs().values():
+            for a in addrs:
+                if a.family in (socket.AF_INET, socket.AF_INET6):
+                    found.add(a.address.split("%")[0])
+    except OSError:
+        pass
+    return found
+
+
+####################################################################################
+# mDNS: tell node agents where we are
+####################################################################################
+
+
+def advertised_addresses(host):
+    """The addresses we really listen on, as mDNS should announce them."""
+    if hc.is_loopback_host(host) and host not in ("0.0.0.0", "::", ""):
+        return ["127.0.0.1"]
+    if host not in ("0.0.0.0", "::", ""):
+        return [host]
+    addrs = []
+    for name, entries in psutil.net_if_addrs().items():
+        for a in entries:
+            if a.family == socket.AF_INET and not a.address.startswith("127."):
+                addrs.append(a.address)
+    return addrs or ["127.0.0.1"]
+
+
+async def advertise(cfg, port):
+    """Register _fleet-manager._tcp until cancelled."""
+    addrs = advertised_addresses(cfg.host)
+    interfaces = addrs if cfg.host not in ("0.0.0.0", "::", "") else None
+    zc = AsyncZeroconf(interfaces=interfaces or InterfaceChoice.All, ip_version=IPVersion.V4Only)
+    name = f"herd-{hc.short_hostname()}-{port}.{hc.MDNS_SERVICE_TYPE}"
+    info = AsyncServiceInfo(hc.MDNS_SERVICE_TYPE, name,
+                            addresses=[socket.inet_aton(a) for a in addrs], port=port,
+                            properties={"version": hc.VERSION, "api": "ollama,openai"},
+                            server=f"{hc.short_hostname()}.local.")
+    try:
+        await zc.async_register_service(info, allow_name_change=True)
+        log.info("advertising on mDNS", extra={"url": f"http://{addrs[0]}:{port}"})
+        await asyncio.Event().wait()
+    finally:
+        with contextlib.suppress(Exception):
+            await zc.async_unregister_service(info)
+        await zc.async_close()
+
+
+####################################################################################
+# Run
+####################################################################################
+
+
+class RouterServer:
+    """The router with its listening socket and background tasks."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        db_path = os.path.join(cfg.data_dir, "latency.db")
+        self.traces = hc.TraceStore(db_path, cfg.trace_queue)
+        self.router = None
+        self.server = None
+        self.port = None
+        self.tasks = set()
+        self.connections = set()
+
+    async def start(self):
+        self.traces.start()
+        self.router = Router(self.cfg, self.traces)
+        self.server = await asyncio.start_server(self._on_connect, self.cfg.host, self.cfg.port,
+                                                 reuse_address=True, backlog=1024)
+        self.port = self.server.sockets[0].getsockname()[1]
+        self._spawn(self.router.watch_status(), "status-watcher")
+        self._spawn(self.router.load_learning(), "load-learning")
+        if self.cfg.local_node:
+            self._spawn(self.router.poll_local_node(), "local-node")
+        if self.cfg.mdns:
+            self._spawn(advertise(self.cfg, self.port), "mdns-advertise")
+        log.info(f"herd router {hc.VERSION} listening on http://{self.cfg.host}:{self.port}")
+        return self.port
+
+    def _spawn(self, coro, name):
+        task = asyncio.create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task):
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error(f"background task {task.get_name()} failed",
+                      exc_info=task.exception())
+
+    async def _on_connect(self, reader, writer):
+        task = asyncio.current_task()
+        self.connections.add(task)
+        try:
+            await hc.serve_http(reader, writer, self.router.handle,
+                                max_body=int(self.cfg.max_body_mb * (1 << 20)),
+                                idle_timeout=self.cfg.idle_timeout, read_timeout=30.0, log=log)
+        finally:
+            self.connections.discard(task)
+
+    async def stop(self, grace=0.0):
+        """Stop listening, give streams `grace` seconds, then close everything."""
+        self.server.close()
+        if grace and self.connections:
+            await asyncio.wait(set(self.connections), timeout=grace)
+        for task in list(self.connections) + list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.connections, *self.tasks, return_exceptions=True)
+        await self.server.wait_closed()
+        await asyncio.to_thread(self.traces.close)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="herd.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Herd router: one Ollama/OpenAI endpoint for every Ollama on the LAN.",
+        epilog="settings (environment variables):\n" + hc.format_settings_help(ROUTER_SETTINGS))
+    parser.add_argument("--host", help="address to listen on (FLEET_HOST)")
+    parser.add_argument("--port", help="port to listen on (FLEET_PORT)")
+    return parser.parse_args(argv)
+
+
+def load_router_config(environ, args):
+    cfg = hc.load_config(ROUTER_SETTINGS, environ, "FLEET_",
+                         {"host": args.host, "port": args.port})
+    hc.check_log_level("FLEET_LOG_LEVEL", cfg.log_level)
+    hc.check_log_level("FLEET_CONSOLE_LOG_LEVEL", cfg.console_log_level)
+    if cfg.port > 65535:
+        raise hc.ConfigError(f"FLEET_PORT={cfg.port} is not a port number")
+    if cfg.heartbeat_offline < cfg.heartbeat_timeout:
+        raise hc.ConfigError("FLEET_HEARTBEAT_OFFLINE must not be shorter than "
+                             "FLEET_HEARTBEAT_TIMEOUT")
+    values = cfg.as_dict()
+    values["data_dir"] = hc.expand_dir(cfg.data_dir)
+    return hc.Config(values, cfg.sources)
+
+
+async def run(cfg):
+    server = RouterServer(cfg)
+    try:
+        await server.start()
+    except OSError as e:
+        log.error(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}")
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: letting streams finish", extra={"event": "shutdown"})
+    await server.stop(grace=cfg.shutdown_grace)
+    log.info("stopped")
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_router_config(os.environ, args)
+        os.makedirs(cfg.data_dir, exist_ok=True)
+    except (hc.ConfigError, OSError) as e:
+        print(f"herd: {e}", file=sys.stderr)
+        return 2
+    hc.setup_logging(cfg.data_dir, "herd.jsonl", cfg.log_level, cfg.console_log_level)
+    return asyncio.run(run(cfg))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

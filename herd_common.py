@@ -1,0 +1,1112 @@
+"""herd_common.py: what the Herd router (herd.py) and node agent (herd_node.py) share.
+
+Nothing here runs at import: no environment reads, no logging set-up, no event loop,
+no database. It holds, in the order data flows:
+
+    config table and loader   one (name, default, help) table per role; --help prints it
+    logging                   JSONL file lines with fixed keys, a readable console form
+    JSON and error bodies     Ollama's {"error": ...} and OpenAI's {"error": {...}} shapes
+    HTTP server on h11        one connection loop: keep-alive, 100-continue, limits
+    HTTP client on h11        the upstream side: connect / first-byte / chunk timeouts
+    model names               Ollama's name:tag canonical form
+    scoring                   elimination and the seven signals, as pure functions
+    trace store               SQLite request_traces, written by one thread from a queue
+    node snapshot             hardware, memory, CPU and Ollama state for a heartbeat
+"""
+
+import asyncio
+import datetime
+import http
+import json
+import logging
+import logging.handlers
+import math
+import os
+import platform
+import queue
+import re
+import socket
+import sqlite3
+import sys
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+
+try:
+    import h11
+except ImportError:  # pragma: no cover - a friendly line instead of a traceback
+    sys.exit("Herd needs h11, psutil and zeroconf: pip install h11 psutil zeroconf")
+
+VERSION = "0.1.0"
+MDNS_SERVICE_TYPE = "_fleet-manager._tcp.local."
+DEFAULT_ROUTER_PORT = 11435
+
+####################################################################################
+# Config
+####################################################################################
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: object
+    help: str
+
+
+class ConfigError(ValueError):
+    """A setting whose value cannot be used; the message is one line for the user."""
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _coerce(setting, raw):
+    kind = type(setting.default)
+    text = raw.strip()
+    try:
+        if kind is bool:
+            if text.lower() in _TRUE:
+                return True
+            if text.lower() in _FALSE:
+                return False
+            raise ValueError
+        if kind is int:
+            return int(text)
+        if kind is float:
+            value = float(text)
+            if not math.isfinite(value):
+                raise ValueError
+            return value
+    except ValueError:
+        raise ConfigError(f"{setting.name}={raw!r} is not a valid {kind.__name__} "
+                          f"(default {setting.default!r}): {setting.help}") from None
+    return raw
+
+
+class Config:
+    """Frozen settings; FLEET_HOLD_TIMEOUT is read as cfg.hold_timeout."""
+
+    def __init__(self, values, sources):
+        object.__setattr__(self, "_values", dict(values))
+        object.__setattr__(self, "sources", dict(sources))
+
+    def __getattr__(self, attr):
+        try:
+            return self._values[attr]
+        except KeyError:
+            raise AttributeError(attr) from None
+
+    def __setattr__(self, attr, value):
+        raise AttributeError("Config is read-only")
+
+    def as_dict(self):
+        return dict(self._values)
+
+
+def _attr_name(name, prefix):
+    return name[len(prefix):].lower() if name.startswith(prefix) else name.lower()
+
+
+def load_config(table, environ, prefix, overrides=None):
+    """Read each setting once from environ, flags in overrides win; raises ConfigError."""
+    values, sources = {}, {}
+    overrides = overrides or {}
+    for setting in table:
+        attr = _attr_name(setting.name, prefix)
+        if overrides.get(attr) is not None:
+            values[attr], sources[attr] = _coerce(setting, str(overrides[attr])), "flag"
+        elif setting.name in environ:
+            values[attr], sources[attr] = _coerce(setting, environ[setting.name]), "env"
+        else:
+            values[attr], sources[attr] = setting.default, "default"
+        if isinstance(values[attr], (int, float)) and not isinstance(values[attr], bool) \
+                and values[attr] < 0:
+            raise ConfigError(f"{setting.name} must not be negative: {values[attr]}")
+    return Config(values, sources)
+
+
+def format_settings_help(table):
+    """The settings table as --help prints it."""
+    width = max(len(s.name) for s in table)
+    lines = []
+    for s in table:
+        default = s.default if s.default != "" else '""'
+        shown = "" if "default" in s.help else f" (default: {default})"
+        lines.append(f"  {s.name:<{width}}  {s.help}{shown}")
+    return "\n".join(lines)
+
+
+LOG_SETTINGS = [
+    Setting("FLEET_LOG_LEVEL", "DEBUG", "level written to the JSONL log file"),
+    Setting("FLEET_CONSOLE_LOG_LEVEL", "INFO", "level printed on the terminal"),
+]
+
+
+def check_log_level(name, value):
+    """Raise ConfigError unless value is a logging level name."""
+    if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"{name}={value!r} is not a log level (DEBUG, INFO, WARNING, ERROR)")
+    return value.upper()
+
+
+def expand_dir(path):
+    return os.path.abspath(os.path.expanduser(path))
+
+
+####################################################################################
+# Logging: JSONL to a daily file, readable lines to the terminal
+####################################################################################
+
+_LOG_CONTEXT = ("model", "node_id", "request_id", "event", "status", "client", "url",
+                "error", "elapsed_ms")
+
+
+class JsonLineFormatter(logging.Formatter):
+    """One compact JSON object per line; compact so `grep '"level":"ERROR"'` works."""
+
+    def format(self, record):
+        entry = {
+            "ts": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+            .isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key in _LOG_CONTEXT:
+            value = record.__dict__.get(key)
+            if value is not None:
+                entry[key] = value
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, separators=(",", ":"), default=str)
+
+
+class ConsoleFormatter(logging.Formatter):
+    """`12:00:01 INFO  herd.fleet  node online  node_id=mac-studio`."""
+
+    def format(self, record):
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        extras = " ".join(f"{k}={record.__dict__[k]}" for k in _LOG_CONTEXT
+                          if record.__dict__.get(k) is not None and k != "event")
+        line = f"{stamp} {record.levelname:<7} {record.name:<12} {record.getMessage()}"
+        if extras:
+            line += "  " + extras
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def setup_logging(data_dir, file_name, file_level, console_level):
+    """Root logger 'herd': JSONL file under data_dir/logs, daily rotation, 30 kept."""
+    log_dir = os.path.join(data_dir, "logs")
+    os.makedirs(log_dir, exist_ok=True)
+    root = logging.getLogger("herd")
+    root.setLevel(logging.DEBUG)
+    root.propagate = False
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    file_handler = logging.handlers.TimedRotatingFileHandler(
+        os.path.join(log_dir, file_name), when="midnight", backupCount=30, encoding="utf-8")
+    file_handler.setLevel(file_level)
+    file_handler.setFormatter(JsonLineFormatter())
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(console_level)
+    console.setFormatter(ConsoleFormatter())
+    root.addHandler(file_handler)
+    root.addHandler(console)
+    return root
+
+
+####################################################################################
+# JSON bodies and errors in each API's own shape
+####################################################################################
+
+JSON_TYPE = b"application/json; charset=utf-8"
+
+
+def dump_json(obj):
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def ollama_error_body(message):
+    return dump_json({"error": message})
+
+
+def openai_error_type(status):
+    """Ollama's OpenAI layer derives the error type from the status code."""
+    return {400: "invalid_request_error", 404: "not_found_error",
+            401: "authentication_error", 413: "invalid_request_error",
+            429: "rate_limit_error"}.get(status, "api_error")
+
+
+def openai_error_body(status, message, code=None):
+    return dump_json({"error": {"message": message, "type": openai_error_type(status),
+                                "param": None, "code": code}})
+
+
+def parse_json_body(body):
+    """Decode a request body as a JSON object; raise ValueError with Ollama's wording."""
+    if not body:
+        raise ValueError("missing request body")
+    try:
+        obj = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"invalid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ValueError("request body must be a JSON object")
+    return obj
+
+
+####################################################################################
+# HTTP server on h11
+#
+# Theory: one task per connection reads events from h11. A request's body is read
+# whole (it is JSON that routing needs) up to a size limit; the handler then answers
+# through the connection's send_* methods, either at once or as a stream of chunks
+# with drain() after each. When both sides are DONE the cycle restarts (keep-alive,
+# pipelined requests answered in order); anything else closes the connection. While a
+# handler streams, a watcher reads the socket so a client hang-up cancels the handler
+# at once instead of at the next write.
+####################################################################################
+
+# RFC 9110 7.6.1: hop-by-hop headers belong to one connection, never forwarded.
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate",
+                        b"proxy-authorization", b"te", b"trailer", b"transfer-encoding",
+                        b"upgrade", b"proxy-connection", b"host", b"content-length",
+                        b"expect"})
+
+
+class Request:
+    """One parsed HTTP request with its whole body."""
+
+    __slots__ = ("method", "target", "path", "query", "headers", "body", "client")
+
+    def __init__(self, event, body, client):
+        self.method = event.method.decode("ascii", "replace").upper()
+        self.target = event.target.decode("ascii", "replace")
+        path, _, query = self.target.partition("?")
+        self.path = path.rstrip("/") or "/"
+        self.query = urllib.parse.parse_qs(query)
+        self.headers = event.headers
+        self.body = body
+        self.client = client
+
+    def header(self, name):
+        """The first value of a header (name in lower case), or None."""
+        key = name.encode() if isinstance(name, str) else name
+        for k, v in self.headers:
+            if k == key:
+                return v.decode("latin-1")
+        return None
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class HttpConnection:
+    """Server side of one client connection: read requests, send responses."""
+
+    def __init__(self, reader, writer, *, max_body, idle_timeout, read_timeout):
+        self.reader, self.writer = reader, writer
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=65536)
+        self.max_body = max_body
+        self.idle_timeout = idle_timeout
+        self.read_timeout = read_timeout
+        peer = writer.get_extra_info("peername")
+        self.client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.client_gone = False
+        self.request_method = b"GET"
+        self._watcher = None
+        self._owner = None
+        set_nodelay(writer)
+
+    # -- reading ------------------------------------------------------------------
+
+    async def next_event(self, timeout):
+        """The next h11 event, reading when h11 needs data; None on EOF or time-out."""
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            if self.h11.they_are_waiting_for_100_continue:
+                await self._write(self.h11.send(h11.InformationalResponse(
+                    status_code=100, headers=[])))
+            try:
+                async with asyncio.timeout(timeout):
+                    data = await self.reader.read(65536)
+            except (TimeoutError, ConnectionError):
+                return None
+            self.h11.receive_data(data)
+            if not data and self.h11.their_state is h11.IDLE:
+                return None
+
+    async def read_request(self, event):
+        """Read the whole body of `event` under the size limit."""
+        length = next((v for k, v in event.headers if k == b"content-length"), None)
+        if length is not None and int(length) > self.max_body:
+            raise BodyTooLarge()
+        chunks, size = [], 0
+        while True:
+            ev = await self.next_event(self.read_timeout)
+            if ev is None or isinstance(ev, h11.ConnectionClosed):
+                raise ConnectionResetError("client closed the connection mid-request")
+            if isinstance(ev, h11.EndOfMessage):
+                break
+            size += len(ev.data)
+            if size > self.max_body:
+                raise BodyTooLarge()
+            chunks.append(ev.data)
+        return Request(event, b"".join(chunks), self.client)
+
+    # -- writing ------------------------------------------------------------------
+
+    async def _write(self, data):
+        self.writer.write(data)
+        await self.writer.drain()
+
+    def _headers(self, content_type, extra, length):
+        headers = [(b"server", b"herd/" + VERSION.encode())]
+        if content_type:
+            headers.append((b"content-type", content_type))
+        if length is not None:
+            headers.append((b"content-length", str(length).encode()))
+        headers.extend(extra)
+        return headers
+
+    async def send_response(self, status, body=b"", content_type=JSON_TYPE, headers=()):
+        """A whole response with Content-Length (HEAD gets the headers only)."""
+        out = self.h11.send(h11.Response(status_code=status, reason=reason_phrase(status),
+                                         headers=self._headers(content_type, headers, len(body))))
+        if body and self.request_method != b"HEAD":
+            out += self.h11.send(h11.Data(data=body))
+        out += self.h11.send(h11.EndOfMessage())
+        await self._write(out)
+
+    async def send_json(self, status, obj, headers=()):
+        await self.send_response(status, dump_json(obj), JSON_TYPE, headers)
+
+    async def start_response(self, status, content_type, headers=(), length=None):
+        """Send the status line and headers; the body follows with send_data()."""
+        await self._write(self.h11.send(h11.Response(
+            status_code=status, reason=reason_phrase(status),
+            headers=self._headers(content_type, headers, length))))
+
+    async def send_data(self, data):
+        self.writer.write(self.h11.send(h11.Data(data=data)))
+        await self.writer.drain()
+
+    async def end_response(self):
+        await self._write(self.h11.send(h11.EndOfMessage()))
+
+    @property
+    def response_started(self):
+        return self.h11.our_state is not h11.SEND_RESPONSE
+
+    # -- client hang-up -----------------------------------------------------------
+
+    def watch_client(self):
+        """Cancel the current task if the client hangs up while it works."""
+        self._owner = asyncio.current_task()
+        self._watcher = asyncio.create_task(self._watch(), name=f"watch {self.client}")
+
+    async def stop_watching(self):
+        if self._watcher is not None:
+            self._watcher.cancel()
+            try:
+                await self._watcher
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():
+                    raise
+            self._watcher = None
+
+    async def _watch(self):
+        # Bytes that arrive now are a pipelined next request: hand them to h11, which
+        # keeps them until the next cycle. A client that floods us is simply not read.
+        buffered = 0
+        while buffered < 1 << 20:
+            try:
+                data = await self.reader.read(65536)
+            except ConnectionError:
+                data = b""
+            if not data:
+                self.client_gone = True
+                self._owner.cancel(msg="client disconnected")
+                return
+            buffered += len(data)
+            self.h11.receive_data(data)
+
+    def close(self):
+        if not self.writer.is_closing():
+            self.writer.close()
+
+
+def reason_phrase(status):
+    try:
+        return http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+def set_nodelay(writer):
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def serve_http(reader, writer, handler, *, max_body, idle_timeout, read_timeout,
+                     log=None):
+    """Serve one client connection until it closes; `handler(request, conn)` answers."""
+    conn = HttpConnection(reader, writer, max_body=max_body, idle_timeout=idle_timeout,
+                          read_timeout=read_timeout)
+    try:
+        while True:
+            event = await conn.next_event(conn.idle_timeout)
+            if not isinstance(event, h11.Request):
+                break
+            conn.request_method = event.method.upper()
+            try:
+                request = await conn.read_request(event)
+            except BodyTooLarge:
+                await conn.send_response(413, ollama_error_body(
+                    f"request body larger than {conn.max_body} bytes"),
+                    headers=[(b"connection", b"close")])
+                break
+            if not await _run_handler(handler, request, conn):
+                break
+            if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
+                conn.h11.start_next_cycle()
+            else:
+                break
+    except h11.RemoteProtocolError as e:
+        await _send_protocol_error(conn, e)
+    except (ConnectionError, TimeoutError):
+        pass
+    except Exception:
+        if log:
+            log.exception("connection handler failed", extra={"client": conn.client})
+        if conn.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE) and not conn.response_started:
+            try:
+                await conn.send_response(500, ollama_error_body("internal router error"),
+                                         headers=[(b"connection", b"close")])
+            except Exception:
+                pass
+    finally:
+        await conn.stop_watching()
+        conn.close()
+
+
+async def _run_handler(handler, request, conn):
+    """Run the handler; False when the connection must close (client gone)."""
+    try:
+        await handler(request, conn)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if conn.client_gone and task.uncancel() == 0:
+            return False
+        raise
+    finally:
+        await conn.stop_watching()
+    return not conn.client_gone
+
+
+async def _send_protocol_error(conn, error):
+    """A malformed request gets h11's status hint and a close, if we still can."""
+    if conn.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        return
+    status = getattr(error, "error_status_hint", 400)
+    try:
+        conn.h11 = h11.Connection(h11.SERVER)  # the old one is in an error state
+        conn.h11.receive_data(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        conn.h11.next_event()
+        await conn.send_response(status, ollama_error_body(f"malformed HTTP request: {error}"),
+                                 headers=[(b"connection", b"close")])
+    except (ConnectionError, h11.LocalProtocolError):
+        pass
+
+
+####################################################################################
+# HTTP client on h11 (the upstream side)
+####################################################################################
+
+
+class UpstreamError(Exception):
+    """A backend failed; `phase` says when: connect, send, first_byte or body."""
+
+    def __init__(self, phase, message):
+        super().__init__(message)
+        self.phase = phase
+
+
+def split_url(url):
+    """'http://host:port/base' -> (host, port, base path)."""
+    if "://" not in url:
+        url = "http://" + url
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http":
+        raise ValueError(f"only http:// URLs are supported: {url}")
+    if not parts.hostname:
+        raise ValueError(f"no host in URL: {url}")
+    return parts.hostname, parts.port or 80, parts.path.rstrip("/")
+
+
+class Upstream:
+    """One HTTP/1.1 exchange with a backend, phase by phase."""
+
+    def __init__(self, reader, writer, host, port):
+        self.reader, self.writer = reader, writer
+        self.host, self.port = host, port
+        self.h11 = h11.Connection(h11.CLIENT)
+
+    @classmethod
+    async def connect(cls, host, port, timeout):
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(host, port)
+        except TimeoutError:
+            raise UpstreamError("connect", f"connect to {host}:{port} timed out "
+                                           f"after {timeout:g}s") from None
+        except OSError as e:
+            raise UpstreamError("connect", f"cannot connect to {host}:{port}: "
+                                           f"{e.strerror or e}") from None
+        set_nodelay(writer)
+        return cls(reader, writer, host, port)
+
+    async def send_request(self, method, target, headers, body):
+        host = f"{self.host}:{self.port}".encode() if ":" not in self.host \
+            else f"[{self.host}]:{self.port}".encode()
+        all_headers = [(b"host", host), (b"content-length", str(len(body)).encode())]
+        all_headers.extend(headers)
+        data = self.h11.send(h11.Request(method=method, target=target, headers=all_headers))
+        data += self.h11.send(h11.Data(data=body)) if body else b""
+        data += self.h11.send(h11.EndOfMessage())
+        try:
+            self.writer.write(data)
+            await self.writer.drain()
+        except OSError as e:
+            raise UpstreamError("send", f"{self.host}:{self.port} closed the connection "
+                                        f"while we sent the request: {e}") from None
+
+    async def _next_event(self, timeout, phase):
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            try:
+                async with asyncio.timeout(timeout):
+                    data = await self.reader.read(65536)
+            except TimeoutError:
+                what = "no response" if phase == "first_byte" else "no data"
+                raise UpstreamError(phase, f"{self.host}:{self.port} sent {what} for "
+                                           f"{timeout:g}s") from None
+            except OSError as e:
+                raise UpstreamError(phase, self._died(phase, e)) from None
+            try:
+                self.h11.receive_data(data)
+            except h11.RemoteProtocolError as e:
+                raise UpstreamError(phase, f"{self.host}:{self.port} sent bad HTTP: {e}")
+            if not data and self.h11.their_state is not h11.DONE:
+                # h11 would report this as a protocol error; say what it means.
+                raise UpstreamError(phase, self._died(phase, None))
+
+    def _died(self, phase, error):
+        where = "before answering" if phase == "first_byte" else "in the middle of the response"
+        detail = f" ({error})" if error else ""
+        return f"{self.host}:{self.port} closed the connection {where}{detail}"
+
+    async def receive_head(self, timeout):
+        """Wait for the status line and headers (skipping 1xx)."""
+        while True:
+            try:
+                event = await self._next_event(timeout, "first_byte")
+            except h11.RemoteProtocolError as e:
+                raise UpstreamError("first_byte", f"bad HTTP from {self.host}: {e}") from None
+            if isinstance(event, h11.Response):
+                return event.status_code, event.headers
+            if isinstance(event, h11.ConnectionClosed):
+                raise UpstreamError("first_byte", self._died("first_byte", None))
+
+    async def receive_data(self, timeout):
+        """The next piece of the body, or b'' at its end."""
+        try:
+            event = await self._next_event(timeout, "body")
+        except h11.RemoteProtocolError as e:
+            raise UpstreamError("body", f"bad HTTP from {self.host}: {e}") from None
+        if isinstance(event, h11.Data):
+            return event.data
+        if isinstance(event, h11.EndOfMessage):
+            return b""
+        raise UpstreamError("body", self._died("body", None))
+
+    async def read_body(self, timeout, limit=64 << 20):
+        chunks, size = [], 0
+        while data := await self.receive_data(timeout):
+            size += len(data)
+            if size > limit:
+                raise UpstreamError("body", f"response from {self.host} exceeds {limit} bytes")
+            chunks.append(data)
+        return b"".join(chunks)
+
+    def close(self):
+        """Close at once; for a generating Ollama a closed socket is the cancel signal."""
+        if not self.writer.is_closing():
+            self.writer.transport.abort()
+
+
+async def http_call(url, method, path, body=None, *, headers=(), timeout=10.0):
+    """A whole request to url+path; returns (status, headers, body bytes)."""
+    host, port, base = split_url(url)
+    payload = dump_json(body) if isinstance(body, (dict, list)) else (body or b"")
+    hdrs = [(b"accept", b"application/json"), (b"user-agent", b"herd/" + VERSION.encode())]
+    if payload:
+        hdrs.append((b"content-type", b"application/json"))
+    hdrs.extend(headers)
+    up = await Upstream.connect(host, port, timeout)
+    try:
+        await up.send_request(method.encode(), (base + path).encode(), hdrs, payload)
+        status, resp_headers = await up.receive_head(timeout)
+        return status, resp_headers, await up.read_body(timeout)
+    finally:
+        up.close()
+
+
+async def http_json(url, method, path, body=None, *, headers=(), timeout=10.0):
+    """http_call that expects a JSON answer; raises UpstreamError on non-2xx."""
+    status, _, data = await http_call(url, method, path, body, headers=headers, timeout=timeout)
+    if status >= 300:
+        raise UpstreamError("status", f"{method} {path} answered {status}: "
+                                      f"{data[:200].decode('utf-8', 'replace')}")
+    try:
+        return json.loads(data) if data else {}
+    except json.JSONDecodeError:
+        raise UpstreamError("body", f"{method} {path} answered with invalid JSON") from None
+
+
+####################################################################################
+# Model names
+####################################################################################
+
+
+def canonical_model(name):
+    """Ollama's lookup form: lower case, ':latest' when no tag is given."""
+    name = name.strip().lower()
+    last = name.rsplit("/", 1)[-1]
+    return name if ":" in last else name + ":latest"
+
+
+####################################################################################
+# Scoring: elimination and seven signals, pure functions over plain numbers
+####################################################################################
+
+GIB = 1 << 30
+LOAD_OVERHEAD = 1.2  # a runner needs its weights plus KV cache and compute buffers
+RECENT_UNLOAD_S = 600  # weights still in the page cache: a reload is quick
+
+
+@dataclass
+class Candidate:
+    """What scoring needs to know about one node for one request."""
+
+    node_id: str
+    hot: bool = False
+    recently_unloaded: bool = False
+    model_size: int = 0
+    mem_total: int = 0
+    mem_available: int = 0
+    mem_reclaimable: int = 0  # bytes held by other loaded models Ollama may evict
+    pressure: str = "normal"
+    active: int = 0
+    waiting: int = 0
+    slots: int = 1
+    mean_latency_s: float = 0.0  # observed mean duration of a request on this node+model
+    load_estimate_s: float = 0.0  # observed mean cold-load time
+    cpu_percent: float = 0.0
+    cpu_trend: float = 0.0  # percentage points per sample, + means busier
+    degraded: bool = False
+    requested_ctx: int = 0
+    loaded_ctx: int = 0
+    model_max_ctx: int = 0
+
+
+def eliminate(c):
+    """Why this node cannot take the request now, or None if it can."""
+    if c.pressure == "critical":
+        return "critical memory pressure"
+    if not c.hot and c.mem_total:
+        need = c.model_size * LOAD_OVERHEAD
+        if need > c.mem_available + c.mem_reclaimable:
+            return (f"not enough memory to load the model ({need / GIB:.1f} GiB needed, "
+                    f"{(c.mem_available + c.mem_reclaimable) / GIB:.1f} GiB can be freed)")
+    return None
+
+
+def score_thermal(c):
+    """+50 hot, +25 unloaded in the last ten minutes, +5 only on disk."""
+    if c.hot:
+        return 50.0
+    return 25.0 if c.recently_unloaded else 5.0
+
+
+def score_memory_fit(c):
+    """Up to +20 by the share of memory left free once the model is in."""
+    if not c.mem_total:
+        return 10.0
+    free_after = c.mem_available - (0 if c.hot else c.model_size * LOAD_OVERHEAD)
+    return 20.0 * min(1.0, max(0.0, free_after / c.mem_total) / 0.5)
+
+
+def score_queue_depth(c):
+    """Down to -30 as in-flight and queued requests fill twice the node's slots."""
+    return -30.0 * min(1.0, (c.active + c.waiting) / (2.0 * max(1, c.slots)))
+
+
+def estimate_wait_s(c):
+    """Seconds before this request would start: queue turns plus any cold load."""
+    ahead = max(0, c.active + c.waiting - c.slots + 1)
+    wait = ahead * c.mean_latency_s / max(1, c.slots)
+    return wait + (0.0 if c.hot else c.load_estimate_s)
+
+
+def score_wait_time(c):
+    """Down to -25 as the estimated wait reaches a minute."""
+    return -25.0 * min(1.0, estimate_wait_s(c) / 60.0)
+
+
+def _weight_class(size, thresholds):
+    return sum(size >= t for t in thresholds)
+
+
+def score_role_affinity(c):
+    """Up to +15 when the model's weight class matches the machine's."""
+    if not c.mem_total or not c.model_size:
+        return 7.5
+    model_class = _weight_class(c.model_size, (6 * GIB, 24 * GIB))
+    node_class = _weight_class(c.mem_total, (24 * GIB, 96 * GIB))
+    return 15.0 * (1 - abs(model_class - node_class) / 2)
+
+
+def score_availability(c):
+    """Up to +10 for an idle CPU that is not getting busier; 0 when degraded."""
+    if c.degraded:
+        return 0.0
+    return max(0.0, min(10.0, 10.0 * (1 - c.cpu_percent / 100.0) - c.cpu_trend / 5.0))
+
+
+def score_context_fit(c):
+    """Up to +10 when the context asked for fits without a reload."""
+    if not c.requested_ctx:
+        return 10.0 if c.hot else 5.0
+    if c.hot and c.loaded_ctx:
+        return 10.0 if c.requested_ctx <= c.loaded_ctx else 0.0
+    if c.model_max_ctx and c.requested_ctx > c.model_max_ctx:
+        return 0.0
+    return 5.0
+
+
+SIGNALS = (
+    ("thermal", score_thermal),
+    ("memory_fit", score_memory_fit),
+    ("queue_depth", score_queue_depth),
+    ("wait_time", score_wait_time),
+    ("role_affinity", score_role_affinity),
+    ("availability", score_availability),
+    ("context_fit", score_context_fit),
+)
+
+
+def score_candidate(c):
+    """(total, {signal: points}) for one candidate."""
+    breakdown = {name: round(fn(c), 2) for name, fn in SIGNALS}
+    return round(sum(breakdown.values()), 2), breakdown
+
+
+def rank_candidates(candidates):
+    """[(score, breakdown, candidate)] best first; ties go to the shorter queue."""
+    scored = [(*score_candidate(c), c) for c in candidates]
+    scored.sort(key=lambda t: (-t[0], t[2].active + t[2].waiting, t[2].node_id))
+    return scored
+
+
+####################################################################################
+# Trace store: SQLite request_traces, one writer thread fed by a bounded queue
+####################################################################################
+
+TRACE_SCHEMA_VERSION = 1
+TRACE_COLUMNS = (
+    ("request_id", "TEXT"), ("timestamp", "REAL"), ("model", "TEXT"),
+    ("requested_model", "TEXT"), ("node_id", "TEXT"), ("status", "TEXT"),
+    ("http_status", "INTEGER"), ("latency_ms", "REAL"), ("ttft_ms", "REAL"),
+    ("prompt_tokens", "INTEGER"), ("completion_tokens", "INTEGER"),
+    ("retries", "INTEGER"), ("score", "REAL"), ("score_breakdown", "TEXT"),
+    ("client_addr", "TEXT"), ("api_format", "TEXT"), ("endpoint", "TEXT"),
+    ("stream", "INTEGER"), ("queue_wait_ms", "REAL"), ("error_message", "TEXT"),
+)
+_TRACE_DDL = [
+    "CREATE TABLE IF NOT EXISTS request_traces (id INTEGER PRIMARY KEY, "
+    + ", ".join(f"{name} {kind}" for name, kind in TRACE_COLUMNS) + ")",
+    "CREATE INDEX IF NOT EXISTS idx_traces_timestamp ON request_traces(timestamp)",
+    "CREATE INDEX IF NOT EXISTS idx_traces_model ON request_traces(model, timestamp)",
+    "CREATE INDEX IF NOT EXISTS idx_traces_node ON request_traces(node_id, model, timestamp)",
+]
+_TRACE_INSERT = (f"INSERT INTO request_traces ({', '.join(n for n, _ in TRACE_COLUMNS)}) "
+                 f"VALUES ({', '.join('?' for _ in TRACE_COLUMNS)})")
+
+
+def open_db(path):
+    db = sqlite3.connect(path, timeout=10, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute("PRAGMA busy_timeout=10000")
+    return db
+
+
+class TraceStore:
+    """Rows go into a bounded queue; one thread writes them in batches."""
+
+    def __init__(self, path, max_queue=10000):
+        self.path = path
+        self.queue = queue.Queue(maxsize=max_queue)
+        self.dropped = 0
+        self.written = 0
+        self._thread = None
+
+    def start(self):
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        db = open_db(self.path)
+        with db:
+            for ddl in _TRACE_DDL:
+                db.execute(ddl)
+            db.execute(f"PRAGMA user_version={TRACE_SCHEMA_VERSION}")
+        db.close()
+        self._thread = threading.Thread(target=self._write_loop, name="trace-writer",
+                                        daemon=True)
+        self._thread.start()
+
+    def record(self, row):
+        """Queue one trace row (a dict of TRACE_COLUMNS); never blocks."""
+        values = tuple(row.get(name) for name, _ in TRACE_COLUMNS)
+        try:
+            self.queue.put_nowait(values)
+        except queue.Full:
+            self.dropped += 1
+
+    def flush(self):
+        """Block until every row queued so far is written (or dropped)."""
+        self.queue.join()
+
+    def close(self):
+        """Write what is queued, then stop the writer thread."""
+        if self._thread is not None:
+            self.queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _write_loop(self):
+        db = open_db(self.path)
+        try:
+            while True:
+                batch = [self.queue.get()]
+                while len(batch) < 500:
+                    try:
+                        batch.append(self.queue.get_nowait())
+                    except queue.Empty:
+                        break
+                rows = [row for row in batch if row is not None]
+                if rows:
+                    self._write(db, rows)
+                for _ in batch:
+                    self.queue.task_done()
+                if len(rows) < len(batch):
+                    return
+        finally:
+            db.close()
+
+    def _write(self, db, rows):
+        try:
+            with db:
+                db.executemany(_TRACE_INSERT, rows)
+            self.written += len(rows)
+        except sqlite3.Error as e:
+            self.dropped += len(rows)
+            logging.getLogger("herd.traces").error("trace write failed: %s", e)
+
+    def query(self, sql, params=()):
+        """Read rows with a connection of its own; call it through asyncio.to_thread."""
+        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
+        try:
+            db.row_factory = sqlite3.Row
+            return [dict(r) for r in db.execute(sql, params)]
+        finally:
+            db.close()
+
+
+####################################################################################
+# Node snapshot: what a heartbeat says about a machine and its Ollama
+####################################################################################
+
+OLLAMA_SETTING_VARS = ("OLLAMA_NUM_PARALLEL", "OLLAMA_MAX_LOADED_MODELS", "OLLAMA_KEEP_ALIVE",
+                       "OLLAMA_CONTEXT_LENGTH", "OLLAMA_MAX_QUEUE", "OLLAMA_FLASH_ATTENTION",
+                       "OLLAMA_KV_CACHE_TYPE")
+
+
+def short_hostname():
+    return socket.gethostname().split(".")[0] or "node"
+
+
+def memory_pressure(percent_used):
+    """normal / warning / critical from the share of memory in use."""
+    if percent_used >= 95:
+        return "critical"
+    return "warning" if percent_used >= 85 else "normal"
+
+
+def read_machine(psutil, disk_path):
+    """Hardware and load figures; blocking, so call it through asyncio.to_thread."""
+    vm = psutil.virtual_memory()
+    try:
+        disk = psutil.disk_usage(disk_path)
+        disk_info = {"total": disk.total, "free": disk.free}
+    except OSError:
+        disk_info = {}
+    return {
+        "os": platform.system(), "os_release": platform.release(),
+        "arch": platform.machine(), "python": platform.python_version(),
+        "cpu_cores": psutil.cpu_count(logical=True) or 1,
+        "cpu_percent": psutil.cpu_percent(interval=None),  # since the previous call
+        "memory": {"total": vm.total, "used": vm.total - vm.available,
+                   "available": vm.available, "percent": vm.percent,
+                   "pressure": memory_pressure(vm.percent)},
+        "disk": disk_info,
+    }
+
+
+def find_ollama_settings(psutil, port):
+    """Ollama's OLLAMA_* settings from its own process, where the OS lets us read them.
+
+    The process listening on `port` is the one we talk to; failing that (macOS hides
+    other users' sockets), a process named ollama. Blocking: call via asyncio.to_thread.
+    """
+    procs = []
+    try:
+        for c in psutil.net_connections(kind="tcp"):
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
+                procs.append(psutil.Process(c.pid))
+    except (psutil.Error, OSError):
+        pass
+    if not procs:
+        for p in psutil.process_iter(["name"]):
+            if (p.info.get("name") or "").lower().startswith("ollama"):
+                procs.append(p)
+    for proc in procs:
+        try:
+            env = proc.environ()
+        except (psutil.Error, OSError):
+            continue
+        return {k: env[k] for k in OLLAMA_SETTING_VARS if k in env}, "process"
+    return None, None
+
+
+def parse_positive_int(text):
+    try:
+        value = int(str(text).strip())
+    except (TypeError, ValueError):
+        return 0
+    return value if value > 0 else 0
+
+
+async def read_ollama(ollama_url, timeout):
+    """Version, models on disk and models loaded, or an error string."""
+    try:
+        version, tags, ps = await asyncio.gather(
+            http_json(ollama_url, "GET", "/api/version", timeout=timeout),
+            http_json(ollama_url, "GET", "/api/tags", timeout=timeout),
+            http_json(ollama_url, "GET", "/api/ps", timeout=timeout))
+    except UpstreamError as e:
+        return {"ok": False, "error": str(e)}
+    return {"ok": True, "version": version.get("version", ""),
+            "models": tags.get("models") or [], "loaded": ps.get("models") or []}
+
+
+def build_heartbeat(node_id, ollama_url, machine, ollama, settings, num_parallel,
+                    num_parallel_source):
+    """The heartbeat body the router validates (see herd.py's validate_heartbeat)."""
+    return {
+        "node_id": node_id,
+        "agent_version": VERSION,
+        "ollama_url": ollama_url,
+        "hardware": {k: machine[k] for k in ("os", "os_release", "arch", "cpu_cores")},
+        "cpu": {"percent": machine["cpu_percent"]},
+        "memory": machine["memory"],
+        "disk": machine["disk"],
+        "ollama": {
+            "reachable": ollama["ok"],
+            "error": ollama.get("error"),
+            "version": ollama.get("version", ""),
+            "settings": settings,
+            "num_parallel": num_parallel,
+            "num_parallel_source": num_parallel_source,
+            "max_loaded_models": parse_positive_int(settings.get("OLLAMA_MAX_LOADED_MODELS")),
+        },
+        "models": ollama.get("models", []),
+        "loaded": ollama.get("loaded", []),
+        "draining": False,
+        "paused": False,
+    }
+
+
+def resolve_num_parallel(explicit, settings, environ):
+    """Ollama's parallel slots: explicit setting, Ollama's process env, our env."""
+    if explicit:
+        return explicit, "FLEET_NODE_NUM_PARALLEL"
+    value = parse_positive_int((settings or {}).get("OLLAMA_NUM_PARALLEL"))
+    if value:
+        return value, "ollama process"
+    value = parse_positive_int(environ.get("OLLAMA_NUM_PARALLEL"))
+    if value:
+        return value, "agent environment"
+    return 0, "unknown"
+
+
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "0.0.0.0", "::", ""}
+
+
+def outward_address(target_host, target_port):
+    """The local address this machine uses to reach target (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((target_host, target_port or 9))
+        return s.getsockname()[0]
+
+
+def advertised_ollama_url(ollama_url, router_host, router_port):
+    """The Ollama URL as the router must dial it: never 'localhost' across machines."""
+    host, port, base = split_url(ollama_url)
+    if host.lower() not in LOOPBACK_NAMES and not host.startswith("127."):
+        return ollama_url.rstrip("/")
+    if router_host in LOOPBACK_NAMES or router_host.startswith("127."):
+        return f"http://127.0.0.1:{port}{base}"
+    try:
+        return f"http://{outward_address(router_host, router_port)}:{port}{base}"
+    except OSError:
+        return f"http://127.0.0.1:{port}{base}"
+
+
+def is_loopback_host(host):
+    return host.lower() in LOOPBACK_NAMES or host.startswith("127.")
+
+
+def now_rfc3339():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def rfc3339_to_unix(text):
+    """Parse Ollama's RFC 3339 stamps (nanoseconds allowed); 0 if unparseable."""
+    if not text:
+        return 0
+    text = re.sub(r"(\.\d{6})\d+", r"\1", text.replace("Z", "+00:00"))
+    try:
+        return int(datetime.datetime.fromisoformat(text).timestamp())
+    except ValueError:
+        return 0

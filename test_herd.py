@@ -1,0 +1,810 @@
+"""Tests for Herd: real sockets on loopback, fake Ollamas, the official clients.
+
+Run: python -m pytest -q test_herd.py
+
+An event loop runs in a background thread and hosts the fake Ollamas and the router;
+the tests drive them from the main thread with blocking clients (the official `ollama`
+and `openai` packages, raw sockets, subprocesses), as a user's programs would.
+"""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import herd
+import herd_common as hc
+import herd_node
+from fake_ollama import FakeOllama
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GIB = 1 << 30
+
+####################################################################################
+# Harness
+####################################################################################
+
+
+class BackgroundLoop:
+    """An asyncio loop in a thread; run(coro) waits for its result."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout=30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def call(self, fn, *args):
+        async def _call():
+            return fn(*args)
+        return self.run(_call())
+
+    def leftover_tasks(self):
+        async def _tasks():
+            return [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        return self.run(_tasks())
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+def wait_until(predicate, timeout=10.0, what="condition"):
+    """Poll a condition (not a sleep for start-up: every server here is already bound)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Harness:
+    """A router and fake Ollamas on one background loop."""
+
+    def __init__(self, tmp_path):
+        self.bg = BackgroundLoop()
+        self.tmp_path = tmp_path
+        self.fakes = []
+        self.routers = []
+
+    def fake(self, **kwargs):
+        fake = FakeOllama(**kwargs)
+        self.bg.run(fake.start())
+        self.fakes.append(fake)
+        return fake
+
+    def router(self, **env):
+        environ = {"FLEET_HOST": "127.0.0.1", "FLEET_PORT": "0", "FLEET_MDNS": "false",
+                   "FLEET_LOCAL_NODE": "false", "FLEET_DATA_DIR": str(self.tmp_path / "data"),
+                   "FLEET_CONSOLE_LOG_LEVEL": "CRITICAL"}
+        environ.update({k: str(v) for k, v in env.items()})
+        cfg = herd.load_router_config(environ, herd.parse_args([]))
+        hc.setup_logging(cfg.data_dir, "herd.jsonl", cfg.log_level, cfg.console_log_level)
+
+        async def _start():
+            server = herd.RouterServer(cfg)
+            await server.start()
+            return server
+        server = self.bg.run(_start())
+        server.url = f"http://127.0.0.1:{server.port}"
+        self.routers.append(server)
+        return server
+
+    def agent(self, router, fake, node_id, **env):
+        environ = {"FLEET_NODE_ROUTER_URL": router.url, "FLEET_NODE_NODE_ID": node_id,
+                   "FLEET_NODE_OLLAMA_HOST": fake.url,
+                   "FLEET_NODE_DATA_DIR": str(self.tmp_path / "node")}
+        environ.update({k: str(v) for k, v in env.items()})
+        cfg = herd_node.load_node_config(environ, herd_node.parse_args([]))
+        return herd_node.Agent(cfg)
+
+    def heartbeat(self, router, fake, node_id, mutate=None, **env):
+        """One real heartbeat from the node agent's code, optionally edited first."""
+        agent = self.agent(router, fake, node_id, **env)
+
+        async def _beat():
+            hb = await agent.snapshot()
+            if mutate:
+                mutate(hb)
+            return await agent.send(hb)
+        assert self.bg.run(_beat()), f"heartbeat from {node_id} refused"
+
+    def node(self, router, node_id):
+        return self.bg.call(lambda: router.router.fleet.nodes.get(node_id))
+
+    def traces(self, router):
+        self.bg.call(lambda: None)  # let the loop finish the step that records traces
+        router.traces.flush()
+        db = sqlite3.connect(router.traces.path)
+        db.row_factory = sqlite3.Row
+        rows = [dict(r) for r in db.execute("SELECT * FROM request_traces ORDER BY id")]
+        db.close()
+        return rows
+
+    def close(self):
+        for server in self.routers:
+            self.bg.run(server.stop())
+        for fake in self.fakes:
+            self.bg.run(fake.stop())
+        left = self.bg.leftover_tasks()
+        self.bg.close()
+        return left
+
+
+@pytest.fixture
+def h(tmp_path):
+    harness = Harness(tmp_path)
+    yield harness
+    left = harness.close()
+    assert not left, f"tasks left running after shutdown: {left}"
+
+
+def small_memory(total_gib, available_gib):
+    def mutate(hb):
+        hb["memory"].update(total=int(total_gib * GIB), available=int(available_gib * GIB),
+                            used=int((total_gib - available_gib) * GIB), pressure="normal")
+        hb["cpu"]["percent"] = 5.0
+    return mutate
+
+
+def http(url, method, path, body=None, headers=None, timeout=10):
+    """A raw HTTP request with the stdlib; returns (status, headers dict, body bytes)."""
+    import http.client
+    host, port, _ = hc.split_url(url)
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
+    conn.request(method, path, body=data, headers=headers or {})
+    resp = conn.getresponse()
+    out = resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    conn.close()
+    return out
+
+
+def raw_exchange(port, data, read_until_close=True, timeout=5):
+    """Send raw bytes; return everything the server sends until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        chunks = []
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if not read_until_close:
+                break
+        return b"".join(chunks)
+
+
+####################################################################################
+# The official clients through the router
+####################################################################################
+
+
+@pytest.fixture
+def one_node(h):
+    fake = h.fake(num_parallel=2, chunks=4)
+    router = h.router()
+    h.heartbeat(router, fake, "node-a")
+    return h, router, fake
+
+
+def test_ollama_client_chat_stream_and_not(one_node):
+    import ollama
+    h, router, fake = one_node
+    client = ollama.Client(host=router.url)
+    parts = list(client.chat(model="llama3.2:3b", stream=True,
+                             messages=[{"role": "user", "content": "hi"}]))
+    assert len(parts) == 5 and parts[-1].done and parts[-1].eval_count == 4
+    assert "".join(p.message.content for p in parts) != ""
+    whole = client.chat(model="llama3.2:3b", messages=[{"role": "user", "content": "hi"}])
+    assert whole.done and whole.message.content == "".join(p.message.content for p in parts)
+    gen = client.generate(model="llama3.2:3b", prompt="hello")
+    assert gen.done and gen.response
+    streamed = list(client.generate(model="llama3.2:3b", prompt="hello", stream=True))
+    assert "".join(p.response for p in streamed) == gen.response
+
+
+def test_ollama_client_catalogue(one_node):
+    import ollama
+    h, router, fake = one_node
+    client = ollama.Client(host=router.url)
+    names = sorted(m.model for m in client.list().models)
+    assert names == sorted(fake.loaded.keys() | set(names)) and "llama3.2:3b" in names
+    emb = client.embed(model="nomic-embed-text", input=["a", "b"])
+    assert len(emb.embeddings) == 2 and len(emb.embeddings[0]) == 8
+    legacy = client.embeddings(model="nomic-embed-text", prompt="a")
+    assert len(legacy.embedding) == 8
+    shown = client.show("llama3.2:3b")
+    assert shown.modelinfo is not None and shown.details.family
+    h.heartbeat(router, fake, "node-a")  # the agent reports what is loaded now
+    ps = client.ps()
+    assert {m.model for m in ps.models} >= {"llama3.2:3b", "nomic-embed-text:latest"}
+    status, _, body = http(router.url, "GET", "/api/ps")
+    assert all(m["node_id"] == "node-a" for m in json.loads(body)["models"])
+
+
+def test_ollama_client_errors(one_node):
+    import ollama
+    h, router, fake = one_node
+    client = ollama.Client(host=router.url)
+    with pytest.raises(ollama.ResponseError) as err:
+        client.chat(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    assert err.value.status_code == 404 and "no-such-model" in str(err.value)
+    status, headers, body = http(router.url, "POST", "/api/chat", b"{not json")
+    assert status == 400 and "error" in json.loads(body)
+    status, headers, body = http(router.url, "POST", "/api/generate", b"")
+    assert status == 400 and json.loads(body) == {"error": "missing request body"}
+    status, headers, body = http(router.url, "POST", "/api/generate", {"prompt": "x"})
+    assert status == 400 and json.loads(body) == {"error": "model is required"}
+
+
+def test_openai_client_chat_completions_embeddings(one_node):
+    import openai
+    h, router, fake = one_node
+    client = openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
+    chunks = list(client.chat.completions.create(
+        model="llama3.2:3b", messages=[{"role": "user", "content": "hi"}], stream=True,
+        stream_options={"include_usage": True}, temperature=0.3, seed=7))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage.completion_tokens == 4 and chunks[-1].choices == []
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    whole = client.chat.completions.create(model="llama3.2:3b",
+                                           messages=[{"role": "user", "content": "hi"}])
+    assert whole.choices[0].message.content == text
+    assert whole.usage.completion_tokens == 4
+    sent = [r for r in fake.requests if r["path"] == "/v1/chat/completions"][0]["body"]
+    assert sent["temperature"] == 0.3 and sent["seed"] == 7  # fields reach Ollama as sent
+    comp = client.completions.create(model="llama3.2:3b", prompt="once upon")
+    assert comp.choices[0].text
+    emb = client.embeddings.create(model="nomic-embed-text", input=["a", "b"])
+    assert len(emb.data) == 2
+    models = [m.id for m in client.models.list()]
+    assert "llama3.2:3b" in models
+    assert client.models.retrieve("llama3.2:3b").id == "llama3.2:3b"
+
+
+def test_openai_client_errors(one_node):
+    import openai
+    h, router, fake = one_node
+    client = openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="ghost", messages=[{"role": "user",
+                                                                 "content": "x"}])
+    assert err.value.body["type"] == "not_found_error" and "ghost" in err.value.message
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("ghost")
+    status, _, body = http(router.url, "POST", "/v1/chat/completions", b"[1,")
+    assert status == 400 and json.loads(body)["error"]["type"] == "invalid_request_error"
+
+
+def test_fleet_headers_and_stream_defaults(one_node):
+    h, router, fake = one_node
+    status, headers, body = http(router.url, "POST", "/api/generate",
+                                 {"model": "llama3.2:3b", "prompt": "x"})
+    assert status == 200 and headers["content-type"] == "application/x-ndjson"
+    lines = [json.loads(line) for line in body.splitlines()]
+    assert lines[-1]["done"] is True and len(lines) == 5  # stream absent -> true on /api
+    assert headers["x-fleet-node"] == "node-a"
+    assert headers["x-fleet-served-model"] == "llama3.2:3b"
+    assert headers["x-fleet-requested-model"] == "llama3.2:3b"
+    assert headers["x-fleet-retries"] == "0" and float(headers["x-fleet-score"]) > 0
+    status, headers, body = http(router.url, "POST", "/v1/chat/completions",
+                                 {"model": "llama3.2:3b",
+                                  "messages": [{"role": "user", "content": "x"}]})
+    assert status == 200 and json.loads(body)["object"] == "chat.completion"  # absent: false
+
+
+def test_root_and_version_answer_like_ollama(one_node):
+    h, router, fake = one_node
+    status, headers, body = http(router.url, "GET", "/")
+    assert status == 200 and body == b"Ollama is running"
+    status, headers, body = http(router.url, "HEAD", "/")
+    assert status == 200 and body == b""
+    status, _, body = http(router.url, "GET", "/api/version")
+    assert json.loads(body)["version"] == fake.version
+    assert http(router.url, "GET", "/api/nothing")[0] == 404
+    assert http(router.url, "GET", "/api/chat")[0] == 405
+
+
+####################################################################################
+# Streaming relay
+####################################################################################
+
+
+def test_stream_is_relayed_chunk_by_chunk(h):
+    fake = h.fake(chunks=6, chunk_delay=0.3)
+    router = h.router()
+    h.heartbeat(router, fake, "node-a")
+    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as s:
+        body = json.dumps({"model": "llama3.2:3b", "prompt": "x"}).encode()
+        s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n%s"
+                  % (len(body), body))
+        got = b""
+        while b'"response"' not in got:
+            got += s.recv(65536)
+        # The first token arrived while the fake was still generating the rest.
+        assert fake.completed == 0 and b'"done":true' not in got
+
+
+def test_host_header_is_not_forwarded(one_node):
+    h, router, fake = one_node
+    status, _, body = http(router.url, "POST", "/api/generate",
+                           {"model": "llama3.2:3b", "prompt": "x", "stream": False},
+                           headers={"Host": "herd.example.com:11435"})
+    assert status == 200, body  # the fake's loopback guard would answer 403
+    sent_host = fake.requests[-1]["headers"]["host"]
+    assert sent_host == f"127.0.0.1:{fake.port}"
+
+
+def test_error_line_mid_stream_passes_through_without_done(one_node):
+    h, router, fake = one_node
+    fake.fault, fake.die_after = "error_line", 2
+    status, _, body = http(router.url, "POST", "/api/chat", {
+        "model": "llama3.2:3b", "messages": [{"role": "user", "content": "x"}]})
+    lines = [json.loads(x) for x in body.splitlines()]
+    assert status == 200 and "error" in lines[-1] and "done" not in lines[-1]
+    assert not any(line.get("done") for line in lines)
+    rows = h.traces(router)
+    assert rows[-1]["status"] == "failed" and "error" in rows[-1]["error_message"]
+
+
+def test_node_dying_mid_stream_is_reported(one_node):
+    import ollama
+    h, router, fake = one_node
+    fake.fault, fake.die_after = "die_mid_stream", 2
+    client = ollama.Client(host=router.url)
+    with pytest.raises(ollama.ResponseError) as err:
+        list(client.generate(model="llama3.2:3b", prompt="x", stream=True))
+    assert "mid-stream" in str(err.value) and "node-a" in str(err.value)
+    rows = h.traces(router)
+    assert rows[-1]["status"] == "incomplete"
+
+
+def test_node_dying_mid_sse_stream_sends_error_event(one_node):
+    import openai
+    h, router, fake = one_node
+    fake.fault, fake.die_after = "die_mid_stream", 2
+    client = openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.APIError) as err:
+        list(client.chat.completions.create(model="llama3.2:3b", stream=True,
+                                            messages=[{"role": "user", "content": "x"}]))
+    assert "mid-stream" in str(err.value)
+
+
+def test_client_disconnect_cancels_upstream(h):
+    fake = h.fake(chunks=50, chunk_delay=0.1)
+    router = h.router()
+    h.heartbeat(router, fake, "node-a")
+    s = socket.create_connection(("127.0.0.1", router.port), timeout=10)
+    body = json.dumps({"model": "llama3.2:3b", "prompt": "x"}).encode()
+    s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n%s"
+              % (len(body), body))
+    assert b"200" in s.recv(65536)
+    s.close()
+    wait_until(lambda: fake.cancelled == 1, what="the fake to see the cancel")
+    wait_until(lambda: any(r["status"] == "cancelled" for r in h.traces(router)),
+               what="a cancelled trace")
+    assert fake.completed == 0
+
+
+####################################################################################
+# HTTP/1.1 serving
+####################################################################################
+
+
+def test_keep_alive_and_pipelining_answer_in_order(one_node):
+    h, router, fake = one_node
+    req = b"GET /api/version HTTP/1.1\r\nHost: r\r\n\r\nGET / HTTP/1.1\r\nHost: r\r\n\r\n" \
+          b"GET /api/tags HTTP/1.1\r\nHost: r\r\nConnection: close\r\n\r\n"
+    out = raw_exchange(router.port, req)
+    assert out.count(b"HTTP/1.1 200") == 3
+    assert out.index(b'"version"') < out.index(b"Ollama is running") < out.index(b'"models"')
+
+
+def test_expect_100_continue(one_node):
+    h, router, fake = one_node
+    body = json.dumps({"model": "llama3.2:3b", "prompt": "x", "stream": False}).encode()
+    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as s:
+        s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: r\r\nExpect: 100-continue\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body))
+        assert s.recv(65536).startswith(b"HTTP/1.1 100")
+        s.sendall(body)
+        assert b"HTTP/1.1 200" in s.recv(65536)
+
+
+def test_oversized_body_gets_413(h):
+    router = h.router(FLEET_MAX_BODY_MB=0.001)
+    out = raw_exchange(router.port, b"POST /api/chat HTTP/1.1\r\nHost: r\r\n"
+                                    b"Content-Length: 5000\r\nExpect: 100-continue\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 413") and b"100 Continue" not in out
+    chunked = b"POST /api/chat HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: chunked\r\n\r\n" + \
+        b"400\r\n" + b"x" * 1024 + b"\r\n" + b"400\r\n" + b"x" * 1024 + b"\r\n0\r\n\r\n"
+    assert raw_exchange(router.port, chunked).startswith(b"HTTP/1.1 413")
+    assert http(router.url, "GET", "/")[0] == 200  # still serving
+
+
+def test_malformed_request_gets_400_and_close(h):
+    router = h.router()
+    out = raw_exchange(router.port, b"THIS IS NOT HTTP\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 400") and b"connection: close" in out.lower()
+    out = raw_exchange(router.port, b"GET / HTTP/1.1\r\nBad Header Line\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 400")
+    assert http(router.url, "GET", "/")[0] == 200
+
+
+####################################################################################
+# Fleet state, elimination, scoring, queues
+####################################################################################
+
+
+def test_node_status_transitions_and_offline_gets_no_work(h):
+    fake_a, fake_b = h.fake(), h.fake()
+    router = h.router(FLEET_HEARTBEAT_TIMEOUT=0.3, FLEET_HEARTBEAT_OFFLINE=0.6)
+    h.heartbeat(router, fake_a, "node-a")
+    h.heartbeat(router, fake_b, "node-b")
+    wait_until(lambda: h.node(router, "node-a").status == "degraded", what="degraded")
+    wait_until(lambda: h.node(router, "node-a").status == "offline", what="offline")
+    h.heartbeat(router, fake_b, "node-b")
+    for _ in range(3):
+        status, headers, _ = http(router.url, "POST", "/api/generate",
+                                  {"model": "llama3.2:3b", "prompt": "x", "stream": False})
+        assert status == 200 and headers["x-fleet-node"] == "node-b"
+    status, _, body = http(router.url, "GET", "/fleet/status")
+    states = {n["node_id"]: n["status"] for n in json.loads(body)["nodes"]}
+    assert states == {"node-a": "offline", "node-b": "online"}
+
+
+def test_holding_queue_waits_for_a_node_then_serves(h):
+    fake = h.fake()
+    router = h.router(FLEET_HEARTBEAT_TIMEOUT=0.2, FLEET_HEARTBEAT_OFFLINE=0.3,
+                      FLEET_HOLD_TIMEOUT=20)
+    h.heartbeat(router, fake, "node-a")
+    wait_until(lambda: h.node(router, "node-a").status == "offline", what="offline")
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=http(
+        router.url, "POST", "/api/generate",
+        {"model": "llama3.2:3b", "prompt": "x", "stream": False}, timeout=30)))
+    t.start()
+    wait_until(lambda: router.router.fleet.holding == 1, what="request in the holding queue")
+    h.heartbeat(router, fake, "node-a")
+    t.join(20)
+    assert result["r"][0] == 200 and result["r"][1]["x-fleet-node"] == "node-a"
+
+
+def test_holding_queue_times_out_with_503(h):
+    fake = h.fake()
+    router = h.router(FLEET_HOLD_TIMEOUT=0.3)
+    h.heartbeat(router, fake, "node-a", mutate=lambda hb: hb.update(paused=True))
+    status, headers, body = http(router.url, "POST", "/api/generate",
+                                 {"model": "llama3.2:3b", "prompt": "x"})
+    assert status == 503 and int(headers["retry-after"]) >= 1
+    assert "node-a: paused" in json.loads(body)["error"]
+    status, _, body = http(router.url, "POST", "/v1/completions",
+                           {"model": "llama3.2:3b", "prompt": "x"})
+    assert status == 503 and json.loads(body)["error"]["type"] == "api_error"
+    assert h.traces(router)[-1]["status"] == "failed"
+
+
+def test_memory_elimination_picks_the_node_that_fits(h):
+    models = {"big:70b": {"size": 40 * GIB}}
+    fake_small, fake_big = h.fake(models=models), h.fake(models=models)
+    router = h.router(FLEET_HOLD_TIMEOUT=0.3)
+    h.heartbeat(router, fake_small, "small", mutate=small_memory(16, 10))
+    h.heartbeat(router, fake_big, "big", mutate=small_memory(128, 100))
+    status, headers, _ = http(router.url, "POST", "/api/generate",
+                              {"model": "big:70b", "prompt": "x", "stream": False})
+    assert status == 200 and headers["x-fleet-node"] == "big"
+    h.heartbeat(router, fake_big, "big", mutate=lambda hb: hb.update(paused=True))
+    status, _, body = http(router.url, "POST", "/api/generate",
+                           {"model": "big:70b", "prompt": "x"})
+    assert status == 503 and "small: not enough memory" in json.loads(body)["error"]
+
+
+def test_hot_node_wins_over_cold(h):
+    fake_a, fake_b = h.fake(), h.fake()
+    router = h.router()
+    # warm the model on b only, then let both report
+    http(fake_b.url, "POST", "/api/generate", {"model": "qwen2.5:7b", "prompt": "",
+                                               "stream": False})
+    h.heartbeat(router, fake_a, "node-a", mutate=small_memory(32, 20))
+    h.heartbeat(router, fake_b, "node-b", mutate=small_memory(32, 20))
+    status, headers, _ = http(router.url, "POST", "/api/generate",
+                              {"model": "qwen2.5:7b", "prompt": "x", "stream": False})
+    assert headers["x-fleet-node"] == "node-b"
+    row = h.traces(router)[-1]
+    assert json.loads(row["score_breakdown"])["thermal"] == 50.0
+
+
+def test_queue_limit_follows_reported_parallel_slots(h):
+    fake = h.fake(num_parallel=8, chunks=3, chunk_delay=0.2)
+    router = h.router()
+    h.heartbeat(router, fake, "node-a", FLEET_NODE_NUM_PARALLEL=2)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(http(
+        router.url, "POST", "/api/generate",
+        {"model": "llama3.2:3b", "prompt": "x", "stream": False}, timeout=30)))
+        for _ in range(5)]
+    for t in threads:
+        t.start()
+    report = wait_until(lambda: (lambda q: q if q["total_waiting"] == 3 else None)(
+        json.loads(http(router.url, "GET", "/fleet/queue")[2])), what="3 waiting")
+    assert report["queues"][0]["limit"] == 2 and report["total_active"] == 2
+    for t in threads:
+        t.join(30)
+    assert [r[0] for r in results] == [200] * 5 and fake.max_active == 2
+
+
+def test_unknown_slots_use_a_default_above_one(h):
+    fake = h.fake(num_parallel=8)
+    router = h.router()
+    h.heartbeat(router, fake, "node-a", mutate=lambda hb: hb["ollama"].update(num_parallel=0))
+    node = h.node(router, "node-a")
+    assert router.router.fleet.slots_for(node) == 4
+
+
+def test_unload_goes_to_every_node_holding_the_model(h):
+    fake_a, fake_b = h.fake(), h.fake()
+    router = h.router()
+    for fake in (fake_a, fake_b):
+        http(fake.url, "POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "",
+                                                 "stream": False})
+    h.heartbeat(router, fake_a, "node-a")
+    h.heartbeat(router, fake_b, "node-b")
+    status, headers, body = http(router.url, "POST", "/api/generate",
+                                 {"model": "llama3.2:3b", "prompt": "", "keep_alive": 0})
+    assert status == 200 and json.loads(body)["done_reason"] == "unload"
+    assert set(headers["x-fleet-node"].split(",")) == {"node-a", "node-b"}
+    assert "llama3.2:3b" not in fake_a.loaded and "llama3.2:3b" not in fake_b.loaded
+
+
+def test_retry_on_another_node_before_first_chunk(h):
+    fake_a, fake_b = h.fake(), h.fake()
+    router = h.router()
+    h.heartbeat(router, fake_a, "node-a", mutate=small_memory(64, 60))
+    h.heartbeat(router, fake_b, "node-b", mutate=small_memory(64, 10))
+    fake_a.fault = "reset"
+    status, headers, body = http(router.url, "POST", "/api/generate",
+                                 {"model": "llama3.2:3b", "prompt": "x", "stream": False})
+    assert status == 200 and headers["x-fleet-node"] == "node-b"
+    assert headers["x-fleet-retries"] == "1"
+    statuses = [r["status"] for r in h.traces(router)]
+    assert statuses == ["retried", "completed"]
+
+
+####################################################################################
+# Heartbeats: validation and tokens
+####################################################################################
+
+
+def test_bad_heartbeats_are_refused_and_change_nothing(h):
+    fake = h.fake()
+    router = h.router()
+    h.heartbeat(router, fake, "node-a")
+    before = h.node(router, "node-a").info
+    cases = [(b"{oops", "invalid JSON"), ({"ollama_url": fake.url}, "node_id"),
+             ({"node_id": "node-a"}, "ollama_url"),
+             ({"node_id": "node-a", "ollama_url": fake.url, "memory": {"total": "lots"}},
+              "memory.total"),
+             ({"node_id": "a b", "ollama_url": fake.url}, "node_id"),
+             ({"node_id": "node-a", "ollama_url": "ftp://x"}, "ollama_url"),
+             ({"node_id": "node-a", "ollama_url": fake.url, "models": [{"size": 1}]},
+              "models[0]")]
+    for body, field in cases:
+        status, _, resp = http(router.url, "POST", "/heartbeat", body)
+        assert status == 400 and field in json.loads(resp)["error"], (body, resp)
+    assert h.node(router, "node-a").info is before
+
+
+def test_token_protects_heartbeats(h):
+    fake = h.fake()
+    router = h.router(FLEET_TOKEN="s3cret")
+    agent = h.agent(router, fake, "node-a")
+    assert h.bg.run(agent.send(h.bg.run(agent.snapshot()))) is False
+    assert h.node(router, "node-a") is None
+    status, _, _ = http(router.url, "POST", "/heartbeat", {"node_id": "x", "ollama_url":
+                                                           fake.url})
+    assert status == 401
+    h.heartbeat(router, fake, "node-a", FLEET_NODE_TOKEN="s3cret")
+    assert h.node(router, "node-a").status == "online"
+
+
+def test_heartbeat_reports_the_machine_and_ollama(h):
+    fake = h.fake()
+    router = h.router()
+    h.heartbeat(router, fake, "node-a", FLEET_NODE_NUM_PARALLEL=3)
+    status, _, body = http(router.url, "GET", "/fleet/status")
+    node = json.loads(body)["nodes"][0]
+    assert node["hardware"]["cpu_cores"] >= 1 and node["memory"]["total"] > 0
+    assert node["ollama"]["version"] == fake.version and node["num_parallel"] == 3
+    assert set(node["models_on_disk"]) == set(fake.loaded) | set(node["models_on_disk"])
+    assert node["ollama_url"] == f"http://127.0.0.1:{fake.port}"
+
+
+def test_node_keeps_heartbeating_when_ollama_is_down(h):
+    fake = h.fake()
+    router = h.router(FLEET_HOLD_TIMEOUT=0.2)
+    h.heartbeat(router, fake, "node-a")
+    h.bg.run(fake.stop())
+    h.fakes.remove(fake)
+    h.heartbeat(router, fake, "node-a")
+    node = h.node(router, "node-a")
+    assert node.status == "online" and node.info["ollama"]["reachable"] is False
+    status, _, body = http(router.url, "POST", "/api/generate",
+                           {"model": "llama3.2:3b", "prompt": "x"})
+    assert status == 503 and "unreachable" in json.loads(body)["error"]
+
+
+####################################################################################
+# Scoring (pure functions)
+####################################################################################
+
+
+def test_scoring_signals_have_the_documented_ranges():
+    idle_hot = hc.Candidate("a", hot=True, model_size=4 * GIB, mem_total=16 * GIB,
+                            mem_available=12 * GIB, slots=4)
+    busy_cold = hc.Candidate("b", hot=False, model_size=4 * GIB, mem_total=16 * GIB,
+                             mem_available=6 * GIB, slots=1, active=1, waiting=3,
+                             mean_latency_s=30, load_estimate_s=20, cpu_percent=90,
+                             cpu_trend=20)
+    s_hot, b_hot = hc.score_candidate(idle_hot)
+    s_cold, b_cold = hc.score_candidate(busy_cold)
+    assert b_hot["thermal"] == 50 and b_cold["thermal"] == 5
+    assert b_cold["queue_depth"] == -30 and b_hot["queue_depth"] == 0
+    assert -25 <= b_cold["wait_time"] < -20
+    assert 0 <= b_hot["memory_fit"] <= 20 and b_cold["memory_fit"] < b_hot["memory_fit"]
+    assert b_cold["availability"] == 0 and b_hot["availability"] == 10
+    assert s_hot > 80 and s_cold < 20
+    ranked = hc.rank_candidates([busy_cold, idle_hot])
+    assert [c.node_id for _, _, c in ranked] == ["a", "b"]
+
+
+def test_context_fit_and_role_affinity():
+    fits = hc.Candidate("a", hot=True, requested_ctx=8192, loaded_ctx=8192)
+    reload = hc.Candidate("b", hot=True, requested_ctx=32768, loaded_ctx=8192)
+    assert hc.score_context_fit(fits) == 10 and hc.score_context_fit(reload) == 0
+    big_on_big = hc.Candidate("a", model_size=40 * GIB, mem_total=128 * GIB)
+    big_on_small = hc.Candidate("b", model_size=40 * GIB, mem_total=16 * GIB)
+    assert hc.score_role_affinity(big_on_big) == 15 and hc.score_role_affinity(big_on_small) == 0
+    assert hc.eliminate(big_on_small) is not None and hc.eliminate(big_on_big) is None
+
+
+####################################################################################
+# Traces and logs
+####################################################################################
+
+
+SEED_QUERIES = [
+    "SELECT model, node_id, latency_ms, status FROM request_traces "
+    "ORDER BY timestamp DESC LIMIT 10",
+    "SELECT model, node_id, error_message FROM request_traces WHERE status='failed' "
+    "ORDER BY timestamp DESC LIMIT 10",
+    "SELECT model, ROUND(AVG(latency_ms)/1000.0, 1) as avg_secs, COUNT(*) as requests "
+    "FROM request_traces WHERE status='completed' GROUP BY model ORDER BY requests DESC",
+    "SELECT status, COUNT(*) FROM request_traces "
+    "WHERE timestamp > strftime('%s','now') - 3600 GROUP BY status",
+]
+
+
+def test_traces_answer_the_guides_queries(one_node):
+    h, router, fake = one_node
+    for _ in range(3):
+        assert http(router.url, "POST", "/api/chat", {
+            "model": "llama3.2:3b", "stream": False,
+            "messages": [{"role": "user", "content": "x"}]})[0] == 200
+    http(router.url, "POST", "/api/chat", {"model": "nope", "messages": []})
+    fake.fault = "http500"
+    http(router.url, "POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "x"})
+    rows = h.traces(router)
+    done = [r for r in rows if r["status"] == "completed"]
+    assert len(done) == 3 and all(r["node_id"] == "node-a" for r in done)
+    assert all(r["completion_tokens"] == 4 and r["ttft_ms"] > 0 and r["latency_ms"] > 0
+               and r["api_format"] == "ollama" and r["client_addr"].startswith("127.0.0.1")
+               for r in done)
+    assert {r["status"] for r in rows} == {"completed", "rejected", "retried", "failed"}
+    out = [subprocess.run(["sqlite3", router.traces.path, q], capture_output=True, text=True,
+                          check=True).stdout for q in SEED_QUERIES]
+    assert out[0].count("\n") == len(rows) and "llama3.2:3b|node-a|" in out[0]
+    assert "runner process has terminated" in out[1]
+    assert out[2].startswith("llama3.2:3b|") and out[2].strip().endswith("|3")
+    counts = dict(line.split("|") for line in out[3].split())
+    assert counts["completed"] == "3" and counts["rejected"] == "1"
+
+
+def test_logs_are_jsonl_and_greppable(one_node, tmp_path):
+    h, router, fake = one_node
+    http(router.url, "POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "x"})
+    path = tmp_path / "data" / "logs" / "herd.jsonl"
+    lines = path.read_text().splitlines()
+    entries = [json.loads(line) for line in lines]
+    assert all({"ts", "level", "logger", "msg"} <= e.keys() for e in entries)
+    assert any('"model":"llama3.2:3b"' in line for line in lines)
+    assert any(e.get("node_id") == "node-a" and e["msg"] == "node joined" for e in entries)
+
+
+####################################################################################
+# Local node, mDNS, the real programs
+####################################################################################
+
+
+def test_local_ollama_is_served_without_an_agent(h):
+    fake = h.fake()
+    router = h.router(FLEET_LOCAL_NODE="true", FLEET_LOCAL_OLLAMA_URL=fake.url,
+                      FLEET_LOCAL_NODE_INTERVAL=0.1, FLEET_HOLD_TIMEOUT=10)
+    status, headers, _ = http(router.url, "POST", "/api/generate",
+                              {"model": "llama3.2:3b", "prompt": "x", "stream": False})
+    local_id = hc.short_hostname()
+    assert status == 200 and headers["x-fleet-node"] == local_id
+    assert h.node(router, local_id).local is True
+    # An agent reporting the same Ollama takes over; the local stand-in goes away.
+    h.heartbeat(router, fake, "agent-node")
+    assert h.node(router, local_id) is None
+    status, headers, _ = http(router.url, "POST", "/api/generate",
+                              {"model": "llama3.2:3b", "prompt": "x", "stream": False})
+    assert headers["x-fleet-node"] == "agent-node"
+
+
+def test_mdns_discovery_on_loopback(h):
+    router = h.router(FLEET_MDNS="true")
+    finder = herd_node.RouterFinder(["127.0.0.1"])
+    h.bg.run(finder.start())
+    try:
+        h.bg.run(asyncio.wait_for(finder.found.wait(), 20), timeout=25)
+        assert finder.url == router.url
+    finally:
+        h.bg.run(finder.close())
+
+
+def run_script(args, env=None, **kw):
+    full_env = {**os.environ, "FLEET_DATA_DIR": "/tmp/herd-test-none", **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=HERE, env=full_env,
+                          capture_output=True, text=True, timeout=30, **kw)
+
+
+def test_help_lists_settings_and_bad_values_stop_startup(tmp_path):
+    out = run_script(["herd.py", "--help"])
+    assert out.returncode == 0 and "FLEET_HOLD_TIMEOUT" in out.stdout
+    out = run_script(["herd_node.py", "--help"])
+    assert out.returncode == 0 and "FLEET_NODE_ROUTER_URL" in out.stdout
+    out = run_script(["herd.py"], {"FLEET_PORT": "eleven", "FLEET_DATA_DIR": str(tmp_path)})
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "FLEET_PORT" in out.stderr
+    out = run_script(["herd_node.py"], {"FLEET_NODE_HEARTBEAT_INTERVAL": "soon",
+                                        "FLEET_NODE_DATA_DIR": str(tmp_path)})
+    assert out.returncode == 2 and "FLEET_NODE_HEARTBEAT_INTERVAL" in out.stderr
+
+
+def test_real_node_agent_process_heartbeats_and_drains_on_sigterm(h, tmp_path):
+    fake = h.fake()
+    router = h.router()
+    env = {**os.environ, "FLEET_NODE_DATA_DIR": str(tmp_path / "n"),
+           "FLEET_NODE_HEARTBEAT_INTERVAL": "0.2", "FLEET_CONSOLE_LOG_LEVEL": "WARNING"}
+    proc = subprocess.Popen([sys.executable, "herd_node.py", "--router-url", router.url,
+                             "--node-id", "proc-node", "--ollama-host", fake.url],
+                            cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: h.node(router, "proc-node"), what="the agent's first heartbeat")
+        status, headers, _ = http(router.url, "POST", "/api/generate",
+                                  {"model": "llama3.2:3b", "prompt": "x", "stream": False})
+        assert status == 200 and headers["x-fleet-node"] == "proc-node"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert h.node(router, "proc-node").draining is True
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
