@@ -60,6 +60,8 @@ ROUTER_SETTINGS = [
                "is offline and gets no work"),
     hc.Setting("FLEET_HOLD_TIMEOUT", 30.0, "seconds a request waits for a node that can "
                "serve it before a 503"),
+    hc.Setting("FLEET_STARTUP_WINDOW", 6.0, "seconds after start during which a model no "
+               "node has reported yet waits (nodes report every 5 s) instead of a 404"),
     hc.Setting("FLEET_MAX_RETRIES", 2, "other nodes tried when a node fails before the "
                "first chunk"),
     hc.Setting("FLEET_DEFAULT_NUM_PARALLEL", 4, "requests in flight per node+model when the "
@@ -207,6 +209,7 @@ class Fleet:
         self.queues = {}
         self.latency = {}  # (node_id, model) -> [mean latency s, mean cold load s, samples]
         self.holding = 0
+        self.started = time.monotonic()
         self._changed = asyncio.get_running_loop().create_future()
 
     # -- change notification (the holding queue waits on this) -------------------
@@ -235,7 +238,11 @@ class Fleet:
         node.host, node.port, _ = hc.split_url(node.ollama_url)
         node.info = hb
         node.last_seen = time.monotonic()
-        self._update_models(node, hb)
+        if hb.get("ollama", {}).get("reachable", True):
+            self._update_models(node, hb)
+        # else: keep what it had; an Ollama restart should read as "unreachable" (503,
+        # held), not as "model gone" (404).
+        
         node.cpu_history.append(float(hb.get("cpu", {}).get("percent", 0.0)))
         node.num_parallel = int(hb.get("ollama", {}).get("num_parallel") or 0)
         self._set_status(node, "online")
@@ -300,6 +307,13 @@ class Fleet:
         entry[0] += alpha * (latency_s - entry[0])
         if load_s is not None:
             entry[1] = load_s if not entry[1] else entry[1] + 0.3 * (load_s - entry[1])
+
+    def warm_until(self):
+        return self.started + self.cfg.startup_window
+
+    def warming_up(self):
+        """Just started: nodes may not have reported yet, so 'unknown model' can wait."""
+        return time.monotonic() < self.warm_until()
 
     def holders(self, model):
         """Nodes that have `model` on disk, whatever their state."""
@@ -455,19 +469,23 @@ async def choose_node(fleet, cfg, model, requested_ctx, exclude=(), shown_name=N
     fleet.holding += 1
     try:
         while True:
-            if not fleet.holders(model):
+            known = bool(fleet.holders(model))
+            if not known and not fleet.warming_up():
                 raise RouteError(404, f"model '{shown_name or model}' not found on any "
                                       f"node of the fleet")
             ranked, reasons = rank_nodes(fleet, model, requested_ctx, exclude)
             if ranked:
                 score, breakdown, c = ranked[0]
                 return Choice(fleet.nodes[c.node_id], score, breakdown, c.hot)
-            remaining = deadline - time.monotonic()
+            until = deadline if known else min(deadline, fleet.warm_until())
+            remaining = until - time.monotonic()
             if remaining <= 0:
+                if not known:
+                    continue  # the start-up window is over: answer 404 above
                 retry_after = max(1, int(cfg.heartbeat_timeout))
-                raise RouteError(503, f"no node can serve '{model}' right now "
-                                      f"({'; '.join(reasons) or 'no node online'}); waited "
-                                      f"{cfg.hold_timeout:g}s",
+                raise RouteError(503, f"no node can serve '{shown_name or model}' right "
+                                      f"now ({'; '.join(reasons) or 'no node online'}); "
+                                      f"waited {cfg.hold_timeout:g}s",
                                  [(b"retry-after", str(retry_after).encode())])
             await fleet.wait_change(remaining)
     finally:
@@ -612,7 +630,13 @@ async def _relay_whole(cfg, conn, ex, choice, up, status, headers):
 
 async def _relay_stream(cfg, conn, ex, choice, up, status, headers):
     """Chunk by chunk, drain after each; the head goes out with the first chunk."""
-    first = await up.receive_data(cfg.chunk_timeout)
+    if up.is_chunked(headers):
+        receive = up.receive_chunks
+    else:  # close-delimited or very large: frame it ourselves
+        async def receive(timeout):
+            data = await up.receive_data(timeout)
+            return hc.frame_chunk(data) if data else b""
+    first = await receive(cfg.chunk_timeout)
     ex.ttft = time.monotonic() - ex.t0
     ex.http_status = status
     await conn.start_response(status, None, response_headers(headers, ex, choice))
@@ -621,19 +645,18 @@ async def _relay_stream(cfg, conn, ex, choice, up, status, headers):
         data = first
         while data:
             chunks += 1
-            await conn.send_data(data)
+            await conn.send_chunks(data)
             prev, last = last, data
-            data = await up.receive_data(cfg.chunk_timeout)
+            data = await receive(cfg.chunk_timeout)
     except hc.UpstreamError as e:
         await _end_with_error(conn, ex, f"node {choice.node.node_id} failed mid-stream: {e}")
         ex.status, ex.error = "incomplete", str(e)
         return
     await conn.end_response()
-    tail = prev[-8192:] + last
     ex.status = "completed" if status < 400 else ("rejected" if status < 500 else "failed")
     if b'"error"' in last:
         ex.status, ex.error = "failed", last[-500:].decode("utf-8", "replace").strip()
-    count_tokens(ex, tail, chunks)
+    count_tokens(ex, prev[-8192:] + last, chunks)
 
 
 async def _end_with_error(conn, ex, message):
@@ -1095,12 +1118,13 @@ async def advertise(cfg, port):
                             properties={"version": hc.VERSION, "api": "ollama,openai"},
                             server=f"{hc.short_hostname()}.local.")
     try:
-        await zc.async_register_service(info, allow_name_change=True)
+        # zeroconf's async calls return a task that finishes the announcements.
+        await (await zc.async_register_service(info, allow_name_change=True))
         log.info("advertising on mDNS", extra={"url": f"http://{addrs[0]}:{port}"})
         await asyncio.Event().wait()
     finally:
         with contextlib.suppress(Exception):
-            await zc.async_unregister_service(info)
+            await (await zc.async_unregister_service(info))
         await zc.async_close()
 
 
@@ -1149,15 +1173,16 @@ class RouterServer:
             log.error(f"background task {task.get_name()} failed",
                       exc_info=task.exception())
 
-    async def _on_connect(self, reader, writer):
-        task = asyncio.current_task()
+    def _on_connect(self, reader, writer):
+        # Our own named task per connection (not the stream callback's), so shutdown
+        # can cancel and await each one.
+        peer = writer.get_extra_info("peername")
+        task = asyncio.create_task(hc.serve_http(
+            reader, writer, self.router.handle, max_body=int(self.cfg.max_body_mb * (1 << 20)),
+            idle_timeout=self.cfg.idle_timeout, read_timeout=30.0, log=log),
+            name=f"client {peer}")
         self.connections.add(task)
-        try:
-            await hc.serve_http(reader, writer, self.router.handle,
-                                max_body=int(self.cfg.max_body_mb * (1 << 20)),
-                                idle_timeout=self.cfg.idle_timeout, read_timeout=30.0, log=log)
-        finally:
-            self.connections.discard(task)
+        task.add_done_callback(self.connections.discard)
 
     async def stop(self, grace=0.0):
         """Stop listening, give streams `grace` seconds, then close everything."""

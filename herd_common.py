@@ -106,7 +106,10 @@ class Config:
 
 
 def _attr_name(name, prefix):
-    return name[len(prefix):].lower() if name.startswith(prefix) else name.lower()
+    for p in (prefix, "FLEET_"):
+        if name.startswith(p):
+            return name[len(p):].lower()
+    return name.lower()
 
 
 def load_config(table, environ, prefix, overrides=None):
@@ -399,6 +402,19 @@ class HttpConnection:
         self.writer.write(self.h11.send(h11.Data(data=data)))
         await self.writer.drain()
 
+    @property
+    def takes_raw_chunks(self):
+        """Can the body go out as raw chunked framing (an HTTP/1.1 client)?"""
+        return self.h11.their_http_version == b"1.1" and self.request_method != b"HEAD"
+
+    async def send_chunks(self, raw):
+        """Send complete chunks, framing included (see ChunkedBody)."""
+        if self.takes_raw_chunks:
+            self.writer.write(raw)  # h11 keeps no per-chunk state for a chunked body
+            await self.writer.drain()
+        else:
+            await self.send_data(unframe_chunks(raw))
+
     async def end_response(self):
         await self._write(self.h11.send(h11.EndOfMessage()))
 
@@ -553,6 +569,68 @@ def split_url(url):
     return parts.hostname, parts.port or 80, parts.path.rstrip("/")
 
 
+class ChunkedBody:
+    """Split a chunked body (RFC 9112 7.1) at chunk boundaries, keeping its framing.
+
+    A relay can then pass complete chunks on byte for byte, with no decode and
+    re-encode per chunk (h11 costs about 35 us a chunk doing that), and a broken
+    stream always stops on a boundary, where an error chunk can still follow.
+    """
+
+    MAX_LINE = 4096
+
+    def __init__(self, initial=b""):
+        self.buf = bytearray(initial)
+        self.done = False
+
+    def take(self):
+        """The complete data chunks buffered so far, framing included (b'' if none)."""
+        buf, pos = self.buf, 0
+        while not self.done:
+            eol = buf.find(b"\r\n", pos)
+            if eol < 0:
+                if len(buf) - pos > self.MAX_LINE:
+                    raise ValueError("chunk size line too long")
+                break
+            try:
+                size = int(bytes(buf[pos:eol]).split(b";", 1)[0], 16)
+            except ValueError:
+                raise ValueError(f"bad chunk size {bytes(buf[pos:eol])[:20]!r}") from None
+            if size == 0:
+                self._finish(eol + 2)
+                break
+            end = eol + size + 4
+            if end > len(buf):
+                break
+            if buf[end - 2:end] != b"\r\n":
+                raise ValueError("chunk not followed by CRLF")
+            pos = end
+        out = bytes(buf[:pos])
+        del buf[:pos]
+        return out
+
+    def _finish(self, after_size_line):
+        # The last chunk is followed by optional trailer fields and an empty line.
+        tail = bytes(self.buf[after_size_line:])
+        self.done = tail.startswith(b"\r\n") or b"\r\n\r\n" in tail
+
+
+def frame_chunk(data):
+    """One chunk of a chunked body."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def unframe_chunks(raw):
+    """The payload of complete chunks taken by ChunkedBody.take()."""
+    out, pos = [], 0
+    while pos < len(raw):
+        eol = raw.index(b"\r\n", pos)
+        size = int(raw[pos:eol].split(b";", 1)[0], 16)
+        out.append(raw[eol + 2:eol + 2 + size])
+        pos = eol + size + 4
+    return b"".join(out)
+
+
 class Upstream:
     """One HTTP/1.1 exchange with a backend, phase by phase."""
 
@@ -560,6 +638,7 @@ class Upstream:
         self.reader, self.writer = reader, writer
         self.host, self.port = host, port
         self.h11 = h11.Connection(h11.CLIENT)
+        self._chunked = None
 
     @classmethod
     async def connect(cls, host, port, timeout):
@@ -640,6 +719,37 @@ class Upstream:
         if isinstance(event, h11.EndOfMessage):
             return b""
         raise UpstreamError("body", self._died("body", None))
+
+    def is_chunked(self, headers):
+        return any(k == b"transfer-encoding" and b"chunked" in v.lower() for k, v in headers)
+
+    async def receive_chunks(self, timeout):
+        """Complete chunks of a chunked body with their framing; b'' at its end.
+
+        Call after receive_head() on a chunked response; from here on h11 is out of
+        the way (what it buffered past the head is taken over).
+        """
+        body = self._chunked
+        if body is None:
+            body = self._chunked = ChunkedBody(self.h11.trailing_data[0])
+        while True:
+            try:
+                out = body.take()
+            except ValueError as e:
+                raise UpstreamError("body", f"bad chunked body from {self.host}: {e}") from None
+            if out or body.done:
+                return out
+            try:
+                async with asyncio.timeout(timeout):
+                    data = await self.reader.read(65536)
+            except TimeoutError:
+                raise UpstreamError("body", f"{self.host}:{self.port} sent no data for "
+                                            f"{timeout:g}s") from None
+            except OSError as e:
+                raise UpstreamError("body", self._died("body", e)) from None
+            if not data:
+                raise UpstreamError("body", self._died("body", None))
+            body.buf += data
 
     async def read_body(self, timeout, limit=64 << 20):
         chunks, size = [], 0
