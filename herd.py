@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import re
-import signal
 import socket
 import sys
 import time
@@ -1228,11 +1227,7 @@ async def run(cfg):
     except OSError as e:
         log.error(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}")
         return 1
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await hc.stop_signal().wait()
     log.info("shutting down: letting streams finish", extra={"event": "shutdown"})
     await server.stop(grace=cfg.shutdown_grace)
     log.info("stopped")
@@ -1241,14 +1236,7 @@ async def run(cfg):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = load_router_config(os.environ, args)
-        os.makedirs(cfg.data_dir, exist_ok=True)
-    except (hc.ConfigError, OSError) as e:
-        print(f"herd: {e}", file=sys.stderr)
-        return 2
-    hc.setup_logging(cfg.data_dir, "herd.jsonl", cfg.log_level, cfg.console_log_level)
-    return asyncio.run(run(cfg))
+    return hc.run_program("herd", os.environ, args, load_router_config, "herd.jsonl", run)
 
 
 if __name__ == "__main__":

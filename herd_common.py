@@ -25,6 +25,7 @@ import os
 import platform
 import queue
 import re
+import signal
 import socket
 import sqlite3
 import sys
@@ -156,6 +157,27 @@ def check_log_level(name, value):
 
 def expand_dir(path):
     return os.path.abspath(os.path.expanduser(path))
+
+
+def run_program(prog, environ, args, load, log_file, run):
+    """A program's main(): settings (one clear line if bad), logs, then run(cfg)."""
+    try:
+        cfg = load(environ, args)
+        os.makedirs(cfg.data_dir, exist_ok=True)
+    except (ConfigError, OSError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.data_dir, log_file, cfg.log_level, cfg.console_log_level)
+    return asyncio.run(run(cfg))
+
+
+def stop_signal():
+    """An event set by SIGTERM or SIGINT (call inside the running loop)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
 
 
 ####################################################################################

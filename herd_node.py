@@ -21,11 +21,8 @@ Check it from anywhere:
 
 import argparse
 import asyncio
-import contextlib
-import json
 import logging
 import os
-import signal
 import sys
 import time
 
@@ -278,15 +275,13 @@ async def run(cfg):
     log.info(f"herd node {hc.VERSION} '{agent.node_id}' reporting Ollama at "
              f"{cfg.ollama_host}", extra={"node_id": agent.node_id})
     task = asyncio.create_task(agent.run(), name="heartbeat")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    done, _ = await asyncio.wait({task, asyncio.create_task(stop.wait(), name="stop")},
-                                 return_when=asyncio.FIRST_COMPLETED)
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    stopper = asyncio.create_task(hc.stop_signal().wait(), name="stop-signal")
+    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    for t in (task, stopper):
+        t.cancel()
+    await asyncio.wait({task, stopper})
+    if not task.cancelled() and task.exception() is not None:
+        log.error("heartbeat loop failed", exc_info=task.exception())
     await agent.drain()
     if finder is not None:
         await finder.close()
@@ -296,14 +291,8 @@ async def run(cfg):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = load_node_config(os.environ, args)
-        os.makedirs(cfg.data_dir, exist_ok=True)
-    except (hc.ConfigError, OSError) as e:
-        print(f"herd_node: {e}", file=sys.stderr)
-        return 2
-    hc.setup_logging(cfg.data_dir, "herd-node.jsonl", cfg.log_level, cfg.console_log_level)
-    return asyncio.run(run(cfg))
+    return hc.run_program("herd_node", os.environ, args, load_node_config, "herd-node.jsonl",
+                          run)
 
 
 if __name__ == "__main__":

@@ -311,6 +311,15 @@ def test_fleet_headers_and_stream_defaults(one_node):
     assert status == 200 and json.loads(body)["object"] == "chat.completion"  # absent: false
 
 
+def test_backend_client_errors_pass_through_unchanged(one_node):
+    h, router, fake = one_node
+    status, headers, body = http(router.url, "POST", "/api/embed",
+                                 {"model": "nomic-embed-text", "input": 42})
+    assert status == 400 and json.loads(body) == {"error": "invalid input type"}
+    assert headers["x-fleet-node"] == "node-a"
+    assert h.traces(router)[-1]["status"] == "rejected"
+
+
 def test_root_and_version_answer_like_ollama(one_node):
     h, router, fake = one_node
     status, headers, body = http(router.url, "GET", "/")
@@ -771,6 +780,21 @@ def test_mdns_discovery_on_loopback(h):
     try:
         h.bg.run(asyncio.wait_for(finder.found.wait(), 20), timeout=25)
         assert finder.url == router.url
+    finally:
+        h.bg.run(finder.close())
+
+
+def test_mdns_follows_a_router_that_moves(h):
+    first = h.router(FLEET_MDNS="true")
+    finder = herd_node.RouterFinder(["127.0.0.1"])
+    h.bg.run(finder.start())
+    try:
+        h.bg.run(asyncio.wait_for(finder.found.wait(), 20), timeout=25)
+        assert finder.url == first.url
+        h.bg.run(first.stop())
+        h.routers.remove(first)
+        second = h.router(FLEET_MDNS="true")
+        wait_until(lambda: finder.url == second.url, timeout=20, what="the new address")
     finally:
         h.bg.run(finder.close())
 
