@@ -588,27 +588,44 @@ def is_busy(status, body):
 async def run_attempt(router, conn, ex, choice):
     """Send the request to the chosen node and relay its answer to the client."""
     cfg = router.cfg
-    node = choice.node
-    up = await _open_upstream(cfg, node)
+    up, clean = None, False
     try:
-        await up.send_request(ex.request.method.encode(), ex.request.target.encode(),
-                              forward_headers(ex.request), ex.body)
-        status, headers = await up.receive_head(cfg.first_byte_timeout)
+        up, status, headers = await _send_upstream(router, ex, choice.node)
         length = content_length(headers)
         if length is not None and length <= NON_STREAM_BUFFER:
             await _relay_whole(cfg, conn, ex, choice, up, status, headers)
         else:
             await _relay_stream(cfg, conn, ex, choice, up, status, headers)
+        clean = ex.status != "incomplete"
     except hc.UpstreamError as e:
         if not conn.response_started:
-            raise AttemptFailed(f"node {node.node_id}: {e}") from None
+            raise AttemptFailed(f"node {choice.node.node_id}: {e}") from None
         raise
     finally:
-        up.close()
+        if up is not None:
+            router.pool.release(up) if clean else up.close()
 
 
-async def _open_upstream(cfg, node):
-    return await hc.Upstream.connect(node.host, node.port, cfg.connect_timeout)
+async def _send_upstream(router, ex, node):
+    """Send the request and wait for the response head, on a kept-alive connection
+    when there is one; a kept-alive connection the node has closed meanwhile is
+    replaced by a fresh one, once (that is no failure of the node)."""
+    cfg = router.cfg
+    up = await router.pool.connect(node.host, node.port, cfg.connect_timeout)
+    for fresh in (False, True):
+        try:
+            await up.send_request(ex.request.method.encode(), ex.request.target.encode(),
+                                  forward_headers(ex.request), ex.body)
+            status, headers = await up.receive_head(cfg.first_byte_timeout)
+            return up, status, headers
+        except hc.UpstreamError as e:
+            up.close()
+            if fresh or not (up.reused and e.closed):
+                raise
+            up = await hc.Upstream.connect(node.host, node.port, cfg.connect_timeout)
+        except BaseException:
+            up.close()
+            raise
 
 
 async def _relay_whole(cfg, conn, ex, choice, up, status, headers):
@@ -638,10 +655,11 @@ async def _relay_stream(cfg, conn, ex, choice, up, status, headers):
     first = await receive(cfg.chunk_timeout)
     ex.ttft = time.monotonic() - ex.t0
     ex.http_status = status
-    await conn.start_response(status, None, response_headers(headers, ex, choice))
-    prev, last, chunks = b"", first, 0
+    await conn.start_response(status, None, response_headers(headers, ex, choice),
+                              first_chunks=first)
+    prev, last, chunks = b"", first, 1 if first else 0
     try:
-        data = first
+        data = await receive(cfg.chunk_timeout) if first else b""
         while data:
             chunks += 1
             await conn.send_chunks(data)
@@ -789,6 +807,7 @@ class Router:
         self.cfg = cfg
         self.traces = traces
         self.fleet = Fleet(cfg)
+        self.pool = hc.UpstreamPool()
         self.started = time.time()
         self.tasks = set()
         self.local_node_id = hc.short_hostname()
@@ -1192,6 +1211,7 @@ class RouterServer:
             task.cancel()
         await asyncio.gather(*self.connections, *self.tasks, return_exceptions=True)
         await self.server.wait_closed()
+        self.router.pool.close_all()
         await asyncio.to_thread(self.traces.close)
 
 

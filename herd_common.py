@@ -15,6 +15,7 @@ no database. It holds, in the order data flows:
 """
 
 import asyncio
+import collections
 import datetime
 import http
 import json
@@ -414,11 +415,18 @@ class HttpConnection:
     async def send_json(self, status, obj, headers=()):
         await self.send_response(status, dump_json(obj), JSON_TYPE, headers)
 
-    async def start_response(self, status, content_type, headers=(), length=None):
-        """Send the status line and headers; the body follows with send_data()."""
-        await self._write(self.h11.send(h11.Response(
+    async def start_response(self, status, content_type, headers=(), length=None,
+                             first_chunks=b""):
+        """Send the status line and headers, with the body's first complete chunks
+        (see ChunkedBody) in the same write; the rest follows with send_*()."""
+        head = self.h11.send(h11.Response(
             status_code=status, reason=reason_phrase(status),
-            headers=self._headers(content_type, headers, length))))
+            headers=self._headers(content_type, headers, length)))
+        if first_chunks and self.takes_raw_chunks:
+            return await self._write(head + first_chunks)
+        await self._write(head)
+        if first_chunks:
+            await self.send_chunks(first_chunks)
 
     async def send_data(self, data):
         self.writer.write(self.h11.send(h11.Data(data=data)))
@@ -574,9 +582,10 @@ async def _send_protocol_error(conn, error):
 class UpstreamError(Exception):
     """A backend failed; `phase` says when: connect, send, first_byte or body."""
 
-    def __init__(self, phase, message):
+    def __init__(self, phase, message, closed=False):
         super().__init__(message)
         self.phase = phase
+        self.closed = closed  # the peer closed or reset the connection
 
 
 def split_url(url):
@@ -661,6 +670,8 @@ class Upstream:
         self.host, self.port = host, port
         self.h11 = h11.Connection(h11.CLIENT)
         self._chunked = None
+        self._said_close = False
+        self.reused = False
 
     @classmethod
     async def connect(cls, host, port, timeout):
@@ -689,7 +700,7 @@ class Upstream:
             await self.writer.drain()
         except OSError as e:
             raise UpstreamError("send", f"{self.host}:{self.port} closed the connection "
-                                        f"while we sent the request: {e}") from None
+                                        f"while we sent the request: {e}", True) from None
 
     async def _next_event(self, timeout, phase):
         while True:
@@ -704,14 +715,14 @@ class Upstream:
                 raise UpstreamError(phase, f"{self.host}:{self.port} sent {what} for "
                                            f"{timeout:g}s") from None
             except OSError as e:
-                raise UpstreamError(phase, self._died(phase, e)) from None
+                raise UpstreamError(phase, self._died(phase, e), True) from None
             try:
                 self.h11.receive_data(data)
             except h11.RemoteProtocolError as e:
                 raise UpstreamError(phase, f"{self.host}:{self.port} sent bad HTTP: {e}")
             if not data and self.h11.their_state is not h11.DONE:
                 # h11 would report this as a protocol error; say what it means.
-                raise UpstreamError(phase, self._died(phase, None))
+                raise UpstreamError(phase, self._died(phase, None), True)
 
     def _died(self, phase, error):
         where = "before answering" if phase == "first_byte" else "in the middle of the response"
@@ -726,6 +737,8 @@ class Upstream:
             except h11.RemoteProtocolError as e:
                 raise UpstreamError("first_byte", f"bad HTTP from {self.host}: {e}") from None
             if isinstance(event, h11.Response):
+                self._said_close = any(k == b"connection" and b"close" in v.lower()
+                                       for k, v in event.headers)
                 return event.status_code, event.headers
             if isinstance(event, h11.ConnectionClosed):
                 raise UpstreamError("first_byte", self._died("first_byte", None))
@@ -786,6 +799,58 @@ class Upstream:
         """Close at once; for a generating Ollama a closed socket is the cancel signal."""
         if not self.writer.is_closing():
             self.writer.transport.abort()
+
+    @property
+    def reusable(self):
+        """Did the last exchange end cleanly, leaving the connection open for another?"""
+        if self.writer.is_closing() or self.reader.at_eof() or self.h11.our_state is not h11.DONE:
+            return False
+        if self._chunked is not None:  # the body went through ChunkedBody, not h11
+            return self._chunked.done and self.h11.their_http_version == b"1.1" and \
+                not self._said_close
+        return self.h11.their_state is h11.DONE
+
+    def reset(self):
+        """Ready the connection for its next exchange."""
+        self.h11 = h11.Connection(h11.CLIENT)
+        self._chunked = None
+        self.reused = True
+
+
+class UpstreamPool:
+    """Idle keep-alive connections to each backend, so a request skips the connect."""
+
+    def __init__(self, max_idle=16, max_idle_s=30.0):
+        self.max_idle, self.max_idle_s = max_idle, max_idle_s
+        self.idle = {}  # (host, port) -> deque of (Upstream, time it went idle)
+
+    async def connect(self, host, port, timeout):
+        """An idle connection to host:port if one is alive, else a new one."""
+        idle = self.idle.get((host, port))
+        now = time.monotonic()
+        while idle:
+            up, since = idle.pop()
+            if now - since < self.max_idle_s and not up.writer.is_closing() \
+                    and not up.reader.at_eof():
+                return up
+            up.close()
+        return await Upstream.connect(host, port, timeout)
+
+    def release(self, up):
+        """Keep `up` for the next request if its exchange ended cleanly; else close it."""
+        if not up.reusable:
+            return up.close()
+        idle = self.idle.setdefault((up.host, up.port), collections.deque())
+        if len(idle) >= self.max_idle:
+            return up.close()
+        up.reset()
+        idle.append((up, time.monotonic()))
+
+    def close_all(self):
+        for idle in self.idle.values():
+            for up, _ in idle:
+                up.close()
+        self.idle.clear()
 
 
 async def http_call(url, method, path, body=None, *, headers=(), timeout=10.0):
@@ -998,6 +1063,8 @@ def open_db(path):
 class TraceStore:
     """Rows go into a bounded queue; one thread writes them in batches."""
 
+    BATCH_WAIT_S = 0.1
+
     def __init__(self, path, max_queue=10000):
         self.path = path
         self.queue = queue.Queue(maxsize=max_queue)
@@ -1041,9 +1108,12 @@ class TraceStore:
         try:
             while True:
                 batch = [self.queue.get()]
-                while len(batch) < 500:
+                # Gather for a moment: one commit per batch, not per request.
+                deadline = time.monotonic() + self.BATCH_WAIT_S
+                while len(batch) < 500 and batch[-1] is not None:
                     try:
-                        batch.append(self.queue.get_nowait())
+                        batch.append(self.queue.get(
+                            timeout=max(0.0, deadline - time.monotonic())))
                     except queue.Empty:
                         break
                 rows = [row for row in batch if row is not None]
