@@ -645,7 +645,8 @@ async def _relay_whole(cfg, conn, ex, choice, up, status, headers):
 
 
 async def _relay_stream(cfg, conn, ex, choice, up, status, headers):
-    """Chunk by chunk, drain after each; the head goes out with the first chunk."""
+    """Chunk by chunk; the head goes out with the first chunk, so a node that fails
+    before it can still be replaced by another."""
     if up.is_chunked(headers):
         receive = up.receive_chunks
     else:  # close-delimited or very large: frame it ourselves
@@ -657,14 +658,11 @@ async def _relay_stream(cfg, conn, ex, choice, up, status, headers):
     ex.http_status = status
     await conn.start_response(status, None, response_headers(headers, ex, choice),
                               first_chunks=first)
-    prev, last, chunks = b"", first, 1 if first else 0
     try:
-        data = await receive(cfg.chunk_timeout) if first else b""
-        while data:
-            chunks += 1
-            await conn.send_chunks(data)
-            prev, last = last, data
-            data = await receive(cfg.chunk_timeout)
+        if first and up.is_chunked(headers) and conn.takes_raw_chunks:
+            prev, last, chunks = await _relay_by_protocol(cfg, conn, up, first)
+        else:
+            prev, last, chunks = await _relay_by_loop(cfg, conn, receive, first)
     except hc.UpstreamError as e:
         await _end_with_error(conn, ex, f"node {choice.node.node_id} failed mid-stream: {e}")
         ex.status, ex.error = "incomplete", str(e)
@@ -674,6 +672,32 @@ async def _relay_stream(cfg, conn, ex, choice, up, status, headers):
     if b'"error"' in last:
         ex.status, ex.error = "failed", last[-500:].decode("utf-8", "replace").strip()
     count_tokens(ex, prev[-8192:] + last, chunks)
+
+
+async def _relay_by_protocol(cfg, conn, up, first):
+    """The fast path: ChunkRelay writes each read's chunks straight to the client."""
+    if up._chunked.done:
+        return b"", first, 1
+    relay = hc.ChunkRelay(up, conn.writer, cfg.chunk_timeout)
+    relay.start(hc.take_buffered(up.reader))
+    try:
+        await relay.done
+    finally:
+        relay.stop()
+    await conn.writer.drain()
+    return (relay.prev, relay.last, relay.reads + 1) if relay.last else (b"", first, 1)
+
+
+async def _relay_by_loop(cfg, conn, receive, first):
+    """The general path: one coroutine step per read (HTTP/1.0 clients, unchunked bodies)."""
+    prev, last, chunks = b"", first, 1 if first else 0
+    data = await receive(cfg.chunk_timeout) if first else b""
+    while data:
+        chunks += 1
+        await conn.send_chunks(data)
+        prev, last = last, data
+        data = await receive(cfg.chunk_timeout)
+    return prev, last, chunks
 
 
 async def _end_with_error(conn, ex, message):

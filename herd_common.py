@@ -16,6 +16,7 @@ no database. It holds, in the order data flows:
 
 import asyncio
 import collections
+import contextlib
 import datetime
 import http
 import json
@@ -815,6 +816,111 @@ class Upstream:
         self.h11 = h11.Connection(h11.CLIENT)
         self._chunked = None
         self.reused = True
+
+
+class ChunkRelay(asyncio.Protocol):
+    """Relay a chunked body from an upstream socket straight to the client's.
+
+    It stands in for the upstream connection's stream protocol once the response head
+    is read: every read's complete chunks are written to the client at once, with no
+    task to wake per chunk (the coroutine loop costs about 60 us a chunk). The client's
+    backpressure pauses reading from the node; `done` resolves when the body ends,
+    or fails with UpstreamError when the node dies or stalls.
+    """
+
+    HIGH_WATER = 256 * 1024
+
+    def __init__(self, up, client_writer, timeout):
+        loop = asyncio.get_running_loop()
+        self.up, self.client, self.timeout = up, client_writer, timeout
+        self.body = up._chunked
+        self.done = loop.create_future()
+        self.prev, self.last, self.reads = b"", b"", 0
+        self._loop = loop
+        self._last_data = loop.time()
+        self._timer = loop.call_later(timeout, self._check_stall)
+        self._stream_protocol = up.writer.transport.get_protocol()
+        self._resume_task = None
+
+    def start(self, buffered):
+        transport = self.up.writer.transport
+        transport.set_protocol(self)
+        if buffered:
+            self.data_received(buffered)
+        transport.resume_reading()
+
+    def data_received(self, data):
+        self._last_data = self._loop.time()
+        self.body.buf += data
+        try:
+            out = self.body.take()
+        except ValueError as e:
+            return self._fail(UpstreamError("body", f"bad chunked body from "
+                                                    f"{self.up.host}: {e}"))
+        if out:
+            self.reads += 1
+            self.prev, self.last = self.last, out
+            transport = self.client.transport
+            transport.write(out)
+            if transport.get_write_buffer_size() > self.HIGH_WATER:
+                self._wait_for_client()
+        if self.body.done and not self.done.done():
+            self._finish()
+
+    def _wait_for_client(self):
+        self.up.writer.transport.pause_reading()
+
+        async def resume():
+            with contextlib.suppress(ConnectionError):
+                await self.client.drain()
+            self._last_data = self._loop.time()
+            if not self.done.done():
+                self.up.writer.transport.resume_reading()
+        self._resume_task = self._loop.create_task(resume(), name="relay backpressure")
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc):
+        if not self.done.done():
+            self._fail(UpstreamError("body", self.up._died("body", exc), True))
+
+    def _check_stall(self):
+        if self.done.done():
+            return
+        idle = self._loop.time() - self._last_data
+        if idle >= self.timeout:
+            self._fail(UpstreamError("body", f"{self.up.host}:{self.up.port} sent no data "
+                                             f"for {self.timeout:g}s"))
+        else:
+            self._timer = self._loop.call_later(self.timeout - idle, self._check_stall)
+
+    def _finish(self):
+        # Hand the socket back to its stream protocol so the pool can reuse it.
+        self._timer.cancel()
+        self.up.writer.transport.set_protocol(self._stream_protocol)
+        self.done.set_result(None)
+
+    def _fail(self, error):
+        self._timer.cancel()
+        if not self.done.done():
+            self.done.set_exception(error)
+        self.up.close()
+
+    def stop(self):
+        """Leave the socket (the relay ended or was cancelled)."""
+        self._timer.cancel()
+        if self._resume_task is not None:
+            self._resume_task.cancel()
+        if not self.done.done():
+            self.done.cancel()
+
+
+def take_buffered(reader):
+    """Bytes a StreamReader holds but nobody has read (to hand them to a protocol)."""
+    buffered = bytes(reader._buffer)  # no public API for this; stable since 3.7
+    reader._buffer.clear()
+    return buffered
 
 
 class UpstreamPool:

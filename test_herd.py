@@ -352,6 +352,17 @@ def test_stream_is_relayed_chunk_by_chunk(h):
         assert fake.completed == 0 and b'"done":true' not in got
 
 
+def test_http10_client_gets_an_unchunked_stream(one_node):
+    h, router, fake = one_node
+    body = json.dumps({"model": "llama3.2:3b", "prompt": "x"}).encode()
+    out = raw_exchange(router.port, b"POST /api/generate HTTP/1.0\r\nContent-Length: %d\r\n"
+                                    b"\r\n%s" % (len(body), body))
+    head, _, payload = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"chunked" not in head.lower()
+    lines = [json.loads(line) for line in payload.splitlines()]
+    assert len(lines) == 5 and lines[-1]["done"] is True
+
+
 def test_host_header_is_not_forwarded(one_node):
     h, router, fake = one_node
     status, _, body = http(router.url, "POST", "/api/generate",
