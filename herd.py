@@ -833,7 +833,8 @@ class Router:
         self.fleet = Fleet(cfg)
         self.pool = hc.UpstreamPool()
         self.started = time.time()
-        self.tasks = set()
+        self.in_flight = 0
+        self.all_done = asyncio.Event()
         self.local_node_id = hc.short_hostname()
         self.local_addresses = local_addresses()
         self.routes = {
@@ -854,6 +855,23 @@ class Router:
     # -- dispatch -----------------------------------------------------------------
 
     async def handle(self, request, conn):
+        self.in_flight += 1
+        try:
+            await self._dispatch(request, conn)
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self.all_done.set()
+
+    async def wait_in_flight(self, timeout):
+        """Wait until no request is being answered (idle connections do not count)."""
+        self.all_done.clear()
+        if self.in_flight:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self.all_done.wait()
+
+    async def _dispatch(self, request, conn):
         handler = self.routes.get((request.method, request.path))
         if handler is None:
             if request.method == "GET" and request.path.startswith("/v1/models/"):
@@ -1229,8 +1247,8 @@ class RouterServer:
     async def stop(self, grace=0.0):
         """Stop listening, give streams `grace` seconds, then close everything."""
         self.server.close()
-        if grace and self.connections:
-            await asyncio.wait(set(self.connections), timeout=grace)
+        if grace:
+            await self.router.wait_in_flight(grace)
         for task in list(self.connections) + list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.connections, *self.tasks, return_exceptions=True)

@@ -299,7 +299,8 @@ def parse_json_body(body):
 # at once instead of at the next write.
 ####################################################################################
 
-# RFC 9110 7.6.1: hop-by-hop headers belong to one connection, never forwarded.
+# RFC 9110 7.6.1: hop-by-hop headers belong to one connection, never forwarded. Host,
+# Content-Length and Expect are set anew for the next hop (Ollama's Host guard, §1).
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate",
                         b"proxy-authorization", b"te", b"trailer", b"transfer-encoding",
                         b"upgrade", b"proxy-connection", b"host", b"content-length",

@@ -363,6 +363,20 @@ def test_http10_client_gets_an_unchunked_stream(one_node):
     assert len(lines) == 5 and lines[-1]["done"] is True
 
 
+def test_routing_fields_are_removed_and_the_rest_forwarded_as_sent(one_node):
+    h, router, fake = one_node
+    plain = b'{"model":"llama3.2:3b","prompt":"x","stream":false,"options":{"top_p":0.25}}'
+    assert http(router.url, "POST", "/api/generate", plain)[0] == 200
+    assert fake.requests[-1]["body"] == json.loads(plain)
+    extra = {"model": "llama3.2:3b", "stream": False, "seed": 3, "max_tokens": 2,
+             "fallback_models": ["qwen2.5:7b"], "response_format": {"type": "json_object"},
+             "messages": [{"role": "user", "content": "x"}]}
+    assert http(router.url, "POST", "/v1/chat/completions", extra)[0] == 200
+    sent = fake.requests[-1]["body"]
+    assert "fallback_models" not in sent
+    assert sent == {k: v for k, v in extra.items() if k != "fallback_models"}
+
+
 def test_host_header_is_not_forwarded(one_node):
     h, router, fake = one_node
     status, _, body = http(router.url, "POST", "/api/generate",
@@ -816,6 +830,33 @@ def run_script(args, env=None, **kw):
                           capture_output=True, text=True, timeout=30, **kw)
 
 
+def test_router_process_stops_promptly_on_sigterm_with_idle_clients(tmp_path):
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    number = port.getsockname()[1]
+    port.close()
+    env = {**os.environ, "FLEET_HOST": "127.0.0.1", "FLEET_PORT": str(number),
+           "FLEET_MDNS": "false", "FLEET_LOCAL_NODE": "false",
+           "FLEET_DATA_DIR": str(tmp_path), "FLEET_CONSOLE_LOG_LEVEL": "INFO",
+           "FLEET_SHUTDOWN_GRACE": "60"}
+    proc = subprocess.Popen([sys.executable, "herd.py"], cwd=HERE, env=env,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert "listening on" in proc.stderr.readline()
+        idle = socket.create_connection(("127.0.0.1", number))
+        idle.sendall(b"GET / HTTP/1.1\r\nHost: r\r\n\r\n")
+        assert idle.recv(1000).startswith(b"HTTP/1.1 200")  # kept alive, now idle
+        proc.send_signal(signal.SIGTERM)
+        # The 60 s grace is for requests in flight; waiting on the idle client would
+        # outlast this wait.
+        assert proc.wait(20) == 0
+        idle.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_help_lists_settings_and_bad_values_stop_startup(tmp_path):
     out = run_script(["herd.py", "--help"])
     assert out.returncode == 0 and "FLEET_HOLD_TIMEOUT" in out.stdout
@@ -828,16 +869,18 @@ def test_help_lists_settings_and_bad_values_stop_startup(tmp_path):
     assert out.returncode == 2 and "FLEET_NODE_HEARTBEAT_INTERVAL" in out.stderr
 
 
-def test_real_node_agent_process_heartbeats_and_drains_on_sigterm(h, tmp_path):
+def test_real_node_agent_finds_router_by_mdns_and_drains_on_sigterm(h, tmp_path):
     fake = h.fake()
-    router = h.router()
+    router = h.router(FLEET_MDNS="true")
     env = {**os.environ, "FLEET_NODE_DATA_DIR": str(tmp_path / "n"),
-           "FLEET_NODE_HEARTBEAT_INTERVAL": "0.2", "FLEET_CONSOLE_LOG_LEVEL": "WARNING"}
-    proc = subprocess.Popen([sys.executable, "herd_node.py", "--router-url", router.url,
+           "FLEET_NODE_HEARTBEAT_INTERVAL": "0.2", "FLEET_CONSOLE_LOG_LEVEL": "WARNING",
+           "FLEET_NODE_MDNS_INTERFACES": "127.0.0.1"}  # no --router-url: mDNS it is
+    proc = subprocess.Popen([sys.executable, "herd_node.py",
                              "--node-id", "proc-node", "--ollama-host", fake.url],
                             cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        wait_until(lambda: h.node(router, "proc-node"), what="the agent's first heartbeat")
+        wait_until(lambda: h.node(router, "proc-node"), timeout=20,
+                   what="the agent's first heartbeat")
         status, headers, _ = http(router.url, "POST", "/api/generate",
                                   {"model": "llama3.2:3b", "prompt": "x", "stream": False})
         assert status == 200 and headers["x-fleet-node"] == "proc-node"
