@@ -4,7 +4,7 @@
 It answers like the real server where a client can tell (../shared/ollama-api.md):
 field names, NDJSON and SSE framing, error bodies and codes, parallel slots with FIFO
 waiting, slow model loads, unload on keep_alive 0, the loopback Host-header guard,
-and faults on demand (refuse, reset, stall, 500, 503, death mid-stream, error line).
+and faults on demand (refuse, reset, stall, 500, 503, death or stall mid-stream, error line).
 It imports nothing from Herd: it is the reference the router is checked against.
 
 Run:   python fake_ollama.py --port 11434 --models llama3.2:3b,qwen2.5:7b --num-parallel 4
@@ -383,7 +383,10 @@ class FakeOllama:
             return
         await writer.start()
         for i, word in enumerate(words):
-            if self.fault in ("die_mid_stream", "error_line") and i == self.die_after:
+            if self.fault in ("die_mid_stream", "error_line", "stall_mid_stream") \
+                    and i == self.die_after:
+                if self.fault == "stall_mid_stream":
+                    await asyncio.Event().wait()  # a runner that hangs mid-answer
                 if self.fault == "die_mid_stream":
                     ex.writer.transport.abort()
                     raise Abort()

@@ -411,6 +411,18 @@ def test_node_dying_mid_stream_is_reported(one_node):
     assert rows[-1]["status"] == "incomplete"
 
 
+def test_node_stalling_mid_stream_times_out(h):
+    fake = h.fake(chunks=6)
+    router = h.router(FLEET_CHUNK_TIMEOUT=0.3)
+    h.heartbeat(router, fake, "node-a")
+    fake.fault, fake.die_after = "stall_mid_stream", 2
+    status, _, body = http(router.url, "POST", "/api/generate",
+                           {"model": "llama3.2:3b", "prompt": "x"})
+    lines = [json.loads(x) for x in body.splitlines()]
+    assert status == 200 and len(lines) == 3 and "sent no data for 0.3s" in lines[-1]["error"]
+    assert h.traces(router)[-1]["status"] == "incomplete"
+
+
 def test_node_dying_mid_sse_stream_sends_error_event(one_node):
     import openai
     h, router, fake = one_node
@@ -620,6 +632,21 @@ def test_retry_on_another_node_before_first_chunk(h):
     assert headers["x-fleet-retries"] == "1"
     statuses = [r["status"] for r in h.traces(router)]
     assert statuses == ["retried", "completed"]
+
+
+def test_a_stalled_node_times_out_and_the_next_one_answers(h):
+    fake_a, fake_b = h.fake(), h.fake()
+    router = h.router(FLEET_FIRST_BYTE_TIMEOUT=0.3)
+    h.heartbeat(router, fake_a, "node-a", mutate=small_memory(64, 60))
+    h.heartbeat(router, fake_b, "node-b", mutate=small_memory(64, 10))
+    fake_a.fault = "stall"
+    status, headers, _ = http(router.url, "POST", "/api/generate",
+                              {"model": "llama3.2:3b", "prompt": "x", "stream": False})
+    assert status == 200 and headers["x-fleet-node"] == "node-b"
+    fake_b.fault = "stall"
+    status, _, body = http(router.url, "POST", "/api/generate",
+                           {"model": "llama3.2:3b", "prompt": "x"})
+    assert status == 502 and "sent no response for 0.3s" in json.loads(body)["error"]
 
 
 ####################################################################################
