@@ -558,12 +558,11 @@ class AttemptFailed(Exception):
 
 def forward_headers(request):
     """The client's headers minus hop-by-hop ones (and Host: Ollama's guard, §1)."""
-    return [(k, v) for k, v in request.headers if k not in hc.HOP_BY_HOP]
+    return hc.end_to_end_headers(request.headers)
 
 
 def response_headers(upstream_headers, ex, choice):
-    headers = [(k, v) for k, v in upstream_headers if k not in hc.HOP_BY_HOP
-               and k != b"server" and k != b"date"]
+    headers = hc.end_to_end_headers(upstream_headers, (b"server", b"date"))
     headers += [
         (b"x-fleet-node", choice.node.node_id.encode()),
         (b"x-fleet-served-model", ex.served_model.encode()),

@@ -307,6 +307,16 @@ HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate",
                         b"expect"})
 
 
+def end_to_end_headers(headers, also_drop=()):
+    """Headers minus hop-by-hop ones, including any the Connection header names."""
+    drop = set(HOP_BY_HOP)
+    drop.update(also_drop)
+    for k, v in headers:
+        if k == b"connection":
+            drop.update(t.strip().lower() for t in v.split(b","))
+    return [(k, v) for k, v in headers if k not in drop]
+
+
 class Request:
     """One parsed HTTP request with its whole body."""
 

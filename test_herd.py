@@ -377,6 +377,20 @@ def test_routing_fields_are_removed_and_the_rest_forwarded_as_sent(one_node):
     assert sent == {k: v for k, v in extra.items() if k != "fallback_models"}
 
 
+def test_hop_by_hop_headers_are_not_forwarded(one_node):
+    h, router, fake = one_node
+    status, _, _ = http(router.url, "POST", "/api/generate",
+                        {"model": "llama3.2:3b", "prompt": "x", "stream": False},
+                        headers={"Connection": "keep-alive, X-Private-Hop",
+                                 "X-Private-Hop": "1", "Keep-Alive": "timeout=5",
+                                 "Proxy-Authorization": "Basic eA==", "TE": "trailers",
+                                 "Authorization": "Bearer end-to-end", "X-Trace": "7"})
+    sent = fake.requests[-1]["headers"]
+    assert status == 200
+    assert not {"x-private-hop", "keep-alive", "proxy-authorization", "te"} & sent.keys()
+    assert sent["authorization"] == "Bearer end-to-end" and sent["x-trace"] == "7"
+
+
 def test_host_header_is_not_forwarded(one_node):
     h, router, fake = one_node
     status, _, body = http(router.url, "POST", "/api/generate",
@@ -696,6 +710,38 @@ def test_heartbeat_reports_the_machine_and_ollama(h):
     assert node["ollama"]["version"] == fake.version and node["num_parallel"] == 3
     assert set(node["models_on_disk"]) == set(fake.loaded) | set(node["models_on_disk"])
     assert node["ollama_url"] == f"http://127.0.0.1:{fake.port}"
+
+
+def test_agent_reads_parallel_slots_from_the_running_ollama(h):
+    env = {**os.environ, "OLLAMA_NUM_PARALLEL": "6"}
+    proc = subprocess.Popen([sys.executable, "fake_ollama.py", "--port", "0"], cwd=HERE,
+                            env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        url = proc.stdout.readline().split()[-1]  # "fake ollama listening on http://..."
+        router = h.router()
+        ollama = type("Ollama", (), {"url": url})
+        h.heartbeat(router, ollama, "node-a")  # the agent's own env has no such setting
+        info = h.node(router, "node-a").info["ollama"]
+        assert info["num_parallel"] == 6 and info["num_parallel_source"] == "ollama process"
+        assert info["settings"]["OLLAMA_NUM_PARALLEL"] == "6"
+        assert router.router.fleet.slots_for(h.node(router, "node-a")) == 6
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_advertised_ollama_url_is_never_localhost_across_machines():
+    lan = [a.address for addrs in __import__("psutil").net_if_addrs().values() for a in addrs
+           if a.family == socket.AF_INET and not a.address.startswith("127.")]
+    if not lan:
+        pytest.skip("this machine has no LAN address")
+    url = hc.advertised_ollama_url("http://localhost:11434", "192.0.2.200", 11435)
+    assert url.startswith("http://") and url.endswith(":11434")
+    assert hc.split_url(url)[0] in lan
+    assert hc.advertised_ollama_url("http://localhost:11434", "127.0.0.1", 11435) == \
+        "http://127.0.0.1:11434"
+    assert hc.advertised_ollama_url("http://10.1.2.3:11434", "192.0.2.200", 11435) == \
+        "http://10.1.2.3:11434"
 
 
 def test_node_keeps_heartbeating_when_ollama_is_down(h):
