@@ -400,10 +400,11 @@ class RouteError(Exception):
 class Choice:
     """The node chosen for a request and why."""
 
-    __slots__ = ("node", "score", "breakdown", "hot")
+    __slots__ = ("node", "model", "score", "breakdown", "hot")
 
-    def __init__(self, node, score, breakdown, hot):
-        self.node, self.score, self.breakdown, self.hot = node, score, breakdown, hot
+    def __init__(self, node, model, score, breakdown, hot):
+        self.node, self.model = node, model
+        self.score, self.breakdown, self.hot = score, breakdown, hot
 
 
 def build_candidate(fleet, node, model, requested_ctx):
@@ -461,29 +462,53 @@ def rank_nodes(fleet, model, requested_ctx, exclude=()):
     return hc.rank_candidates(candidates), reasons
 
 
-async def choose_node(fleet, cfg, model, requested_ctx, exclude=(), shown_name=None,
+def pick_route(models, ranked):
+    """(model, best entry) among the primary and its fallbacks, or None.
+
+    The primary wins when it is loaded somewhere; a loaded fallback beats it only when
+    the primary would need a cold load; otherwise the first model, in the client's
+    order, that some node can serve.
+    """
+    best = {m: ranked[m][0] for m in models if ranked[m]}
+    hot = [m for m in models if m in best and best[m][2].hot]
+    if hot:
+        return hot[0], best[hot[0]]
+    for model in models:
+        if model in best:
+            return model, best[model]
+    return None
+
+
+async def choose_node(fleet, cfg, models, requested_ctx, exclude=(), shown_name=None,
                       hold=True):
-    """The best node for `model`, waiting in the holding queue while none can serve."""
+    """The best node for the first model of `models` that can be served (the rest are
+    fallbacks), waiting in the holding queue while none can be."""
     deadline = time.monotonic() + (cfg.hold_timeout if hold else 0.0)
+    shown_name = shown_name or models[0]
     fleet.holding += 1
     try:
         while True:
-            known = bool(fleet.holders(model))
+            known = any(fleet.holders(m) for m in models)
             if not known and not fleet.warming_up():
-                raise RouteError(404, f"model '{shown_name or model}' not found on any "
-                                      f"node of the fleet")
-            ranked, reasons = rank_nodes(fleet, model, requested_ctx, exclude)
-            if ranked:
-                score, breakdown, c = ranked[0]
-                return Choice(fleet.nodes[c.node_id], score, breakdown, c.hot)
+                raise RouteError(404, f"model '{shown_name}' not found on any node of "
+                                      f"the fleet" + (" (nor its fallbacks)"
+                                                      if len(models) > 1 else ""))
+            ranked, reasons = {}, []
+            for model in models:
+                ranked[model], why = rank_nodes(fleet, model, requested_ctx, exclude)
+                reasons += why
+            picked = pick_route(models, ranked)
+            if picked:
+                model, (score, breakdown, c) = picked
+                return Choice(fleet.nodes[c.node_id], model, score, breakdown, c.hot)
             until = deadline if known else min(deadline, fleet.warm_until())
             remaining = until - time.monotonic()
             if remaining <= 0:
                 if not known:
                     continue  # the start-up window is over: answer 404 above
                 retry_after = max(1, int(cfg.heartbeat_timeout))
-                raise RouteError(503, f"no node can serve '{shown_name or model}' right "
-                                      f"now ({'; '.join(reasons) or 'no node online'}); "
+                raise RouteError(503, f"no node can serve '{shown_name}' right now "
+                                      f"({'; '.join(reasons) or 'no node online'}); "
                                       f"waited {cfg.hold_timeout:g}s",
                                  [(b"retry-after", str(retry_after).encode())])
             await fleet.wait_change(remaining)
@@ -528,6 +553,13 @@ class Exchange:
         self.completion_tokens = None
         self.error = None
 
+    def use_model(self, model, name_as_sent, body):
+        """Serve a fallback model: the forwarded body names it instead."""
+        self.served_model = model
+        fields = {k: v for k, v in body.items() if k not in ROUTING_FIELDS}
+        fields["model"] = name_as_sent
+        self.body = hc.dump_json(fields)
+
     def error_body(self, status, message):
         if self.api == "openai":
             return hc.openai_error_body(status, message)
@@ -570,6 +602,8 @@ def response_headers(upstream_headers, ex, choice):
         (b"x-fleet-retries", str(ex.retries).encode()),
         (b"x-fleet-score", f"{choice.score:.1f}".encode()),
     ]
+    if ex.served_model != ex.model:
+        headers.append((b"x-fleet-fallback", ex.served_model.encode()))
     return headers
 
 
@@ -765,11 +799,13 @@ async def _proxy_attempts(router, conn, ex, body):
     fleet, cfg = router.fleet, router.cfg
     exclude = []
     requested_ctx = requested_context(body)
+    fallbacks = {hc.canonical_model(m): m for m in body.get("fallback_models") or ()}
+    models = [ex.model] + [m for m in fallbacks if m != ex.model]
     last_error = None
     for attempt in range(cfg.max_retries + 1):
         try:
             # A retry takes the next best node now or not at all: no holding queue.
-            choice = await choose_node(fleet, cfg, ex.model, requested_ctx, exclude,
+            choice = await choose_node(fleet, cfg, models, requested_ctx, exclude,
                                        body.get("model"), hold=attempt == 0)
         except RouteError:
             if last_error is None:
@@ -777,14 +813,16 @@ async def _proxy_attempts(router, conn, ex, body):
             break
         ex.node_id, ex.score, ex.breakdown = choice.node.node_id, choice.score, choice.breakdown
         ex.retries = attempt
-        q = fleet.queue(choice.node, ex.model)
+        if choice.model != ex.served_model:
+            ex.use_model(choice.model, fallbacks.get(choice.model, choice.model), body)
+        q = fleet.queue(choice.node, choice.model)
         t_queue = time.monotonic()
         await q.acquire()
         try:
             ex.queue_wait = time.monotonic() - t_queue
             await run_attempt(router, conn, ex, choice)
             if ex.status == "completed":
-                router.fleet.learn(choice.node.node_id, ex.model,
+                router.fleet.learn(choice.node.node_id, choice.model,
                                    time.monotonic() - ex.t0,
                                    None if choice.hot else ex.ttft)
             return
@@ -792,7 +830,7 @@ async def _proxy_attempts(router, conn, ex, body):
             last_error = str(e)
             proxy_log.warning("attempt failed, trying another node",
                               extra={"request_id": ex.request_id, "node_id": ex.node_id,
-                                     "model": ex.model, "error": last_error})
+                                     "model": ex.served_model, "error": last_error})
             router.traces.record(ex.trace_row("retried", error=last_error))
             exclude.append(choice.node.node_id)
         finally:
@@ -884,7 +922,9 @@ class Router:
     def finish(self, ex):
         """Record the trace of a finished request and log it."""
         self.traces.record(ex.trace_row())
-        level = logging.INFO if ex.status in ("completed", "cancelled") else logging.WARNING
+        # One line per request goes to the JSONL file (DEBUG by default); only trouble
+        # reaches the terminal.
+        level = logging.DEBUG if ex.status in ("completed", "cancelled") else logging.WARNING
         proxy_log.log(level, f"{ex.endpoint} {ex.status}", extra={
             "request_id": ex.request_id, "model": ex.served_model, "node_id": ex.node_id,
             "status": ex.status, "client": ex.request.client, "error": ex.error,
@@ -903,6 +943,11 @@ class Router:
         model = body.get("model")
         if not isinstance(model, str) or not model.strip():
             return await conn.send_response(400, ex_error(400, "model is required"))
+        fallbacks = body.get("fallback_models", [])
+        if not isinstance(fallbacks, list) or not all(isinstance(m, str) and m.strip()
+                                                      for m in fallbacks):
+            return await conn.send_response(400, ex_error(
+                400, "fallback_models must be a list of model names"))
         model = hc.canonical_model(model)
         stream = body.get("stream")
         stream = (api == "ollama") if stream is None else bool(stream)

@@ -663,6 +663,47 @@ def test_a_stalled_node_times_out_and_the_next_one_answers(h):
     assert status == 502 and "sent no response for 0.3s" in json.loads(body)["error"]
 
 
+def test_fallback_model_serves_when_the_primary_is_missing(one_node):
+    import openai
+    h, router, fake = one_node
+    status, headers, body = http(router.url, "POST", "/api/chat", {
+        "model": "llama3.3:70b", "fallback_models": ["ghost:1b", "qwen2.5:7b"],
+        "stream": False, "messages": [{"role": "user", "content": "x"}]})
+    assert status == 200 and headers["x-fleet-fallback"] == "qwen2.5:7b"
+    assert headers["x-fleet-requested-model"] == "llama3.3:70b"
+    assert json.loads(body)["model"] == "qwen2.5:7b"
+    sent = fake.requests[-1]["body"]
+    assert sent["model"] == "qwen2.5:7b" and "fallback_models" not in sent
+    row = h.traces(router)[-1]
+    assert (row["model"], row["requested_model"]) == ("qwen2.5:7b", "llama3.3:70b")
+    client = openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
+    reply = client.chat.completions.create(
+        model="missing", messages=[{"role": "user", "content": "x"}],
+        extra_body={"fallback_models": ["llama3.2:3b"]})
+    assert reply.model == "llama3.2:3b"
+    status, _, body = http(router.url, "POST", "/api/generate", {
+        "model": "llama3.2:3b", "prompt": "x", "fallback_models": "qwen2.5:7b"})
+    assert status == 400 and "fallback_models" in json.loads(body)["error"]
+
+
+def test_loaded_fallback_beats_cold_primary_but_not_a_loaded_one(h):
+    fake_a, fake_b = h.fake(), h.fake()
+    router = h.router()
+    http(fake_b.url, "POST", "/api/generate", {"model": "qwen2.5:7b", "prompt": "",
+                                               "stream": False})
+    h.heartbeat(router, fake_a, "node-a", mutate=small_memory(32, 20))
+    h.heartbeat(router, fake_b, "node-b", mutate=small_memory(32, 20))
+    ask = {"model": "llama3.2:3b", "prompt": "x", "stream": False,
+           "fallback_models": ["qwen2.5:7b"]}
+    status, headers, _ = http(router.url, "POST", "/api/generate", ask)
+    assert headers["x-fleet-served-model"] == "qwen2.5:7b"  # primary was cold everywhere
+    http(fake_a.url, "POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "",
+                                               "stream": False})
+    h.heartbeat(router, fake_a, "node-a", mutate=small_memory(32, 20))
+    status, headers, _ = http(router.url, "POST", "/api/generate", ask)
+    assert headers["x-fleet-served-model"] == "llama3.2:3b" and "x-fleet-fallback" not in headers
+
+
 ####################################################################################
 # Heartbeats: validation and tokens
 ####################################################################################
