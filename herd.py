@@ -63,6 +63,8 @@ ROUTER_SETTINGS = [
                "node has reported yet waits (nodes report every 5 s) instead of a 404"),
     hc.Setting("FLEET_MAX_RETRIES", 2, "other nodes tried when a node fails before the "
                "first chunk"),
+    hc.Setting("FLEET_CLIENT_MAX_IN_FLIGHT", 0, "requests one client address may have in "
+               "flight before it gets 429 (0: no limit)"),
     hc.Setting("FLEET_DEFAULT_NUM_PARALLEL", 4, "requests in flight per node+model when the "
                "node cannot tell Ollama's OLLAMA_NUM_PARALLEL"),
     hc.Setting("FLEET_MAX_BODY_MB", 64.0, "largest request body accepted (413 beyond)"),
@@ -772,8 +774,10 @@ async def proxy_inference(router, request, conn, api, body, model, stream):
     """Route, queue, relay with retries before the first chunk, and trace."""
     ex = Exchange(request, api, request.path, model, stream, strip_routing_fields(request, body))
     conn.watch_client()
+    client = request.client.rpartition(":")[0]
     try:
-        await _proxy_attempts(router, conn, ex, body)
+        with router.admit(client):
+            await _proxy_attempts(router, conn, ex, body)
     except RouteError as e:
         ex.status, ex.http_status, ex.error = "rejected", e.status, str(e)
         if e.status >= 500:
@@ -872,6 +876,7 @@ class Router:
         self.started = time.time()
         self.in_flight = 0
         self.all_done = asyncio.Event()
+        self.client_in_flight = collections.Counter()
         self.local_node_id = hc.short_hostname()
         self.local_addresses = local_addresses()
         self.routes = {
@@ -918,6 +923,22 @@ class Router:
                                                 b"text/plain")
             return await conn.send_response(404, b"404 page not found", b"text/plain")
         await handler(request, conn)
+
+    @contextlib.contextmanager
+    def admit(self, client):
+        """Count a client's requests in flight; past FLEET_CLIENT_MAX_IN_FLIGHT, 429."""
+        limit = self.cfg.client_max_in_flight
+        if limit and self.client_in_flight[client] >= limit:
+            raise RouteError(429, f"client {client} already has {limit} requests in "
+                                  f"flight (FLEET_CLIENT_MAX_IN_FLIGHT)",
+                             [(b"retry-after", b"1")])
+        self.client_in_flight[client] += 1
+        try:
+            yield
+        finally:
+            self.client_in_flight[client] -= 1
+            if not self.client_in_flight[client]:
+                del self.client_in_flight[client]
 
     def finish(self, ex):
         """Record the trace of a finished request and log it."""

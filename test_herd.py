@@ -562,6 +562,42 @@ def test_holding_queue_times_out_with_503(h):
     assert h.traces(router)[-1]["status"] == "failed"
 
 
+def test_a_client_leaving_the_holding_queue_is_traced_as_cancelled(h):
+    fake = h.fake()
+    router = h.router(FLEET_HOLD_TIMEOUT=30)
+    h.heartbeat(router, fake, "node-a", mutate=lambda hb: hb.update(paused=True))
+    s = socket.create_connection(("127.0.0.1", router.port), timeout=10)
+    body = json.dumps({"model": "llama3.2:3b", "prompt": "x"}).encode()
+    s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n%s"
+              % (len(body), body))
+    wait_until(lambda: router.router.fleet.holding == 1, what="the request to be held")
+    s.close()
+    wait_until(lambda: router.router.fleet.holding == 0, what="the held request to leave")
+    row = h.traces(router)[-1]
+    assert row["status"] == "cancelled" and row["node_id"] is None
+    assert not fake.requests or fake.requests[-1]["path"] != "/api/generate"
+
+
+def test_client_in_flight_limit_answers_429(h):
+    fake = h.fake(chunks=3, chunk_delay=0.3, num_parallel=4)
+    router = h.router(FLEET_CLIENT_MAX_IN_FLIGHT=1)
+    h.heartbeat(router, fake, "node-a")
+    s = socket.create_connection(("127.0.0.1", router.port), timeout=10)
+    body = json.dumps({"model": "llama3.2:3b", "prompt": "x"}).encode()
+    s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n%s"
+              % (len(body), body))
+    assert s.recv(65536).startswith(b"HTTP/1.1 200")  # one request streaming now
+    status, headers, resp = http(router.url, "POST", "/v1/chat/completions", {
+        "model": "llama3.2:3b", "messages": [{"role": "user", "content": "x"}]})
+    assert status == 429 and headers["retry-after"] == "1"
+    assert json.loads(resp)["error"]["type"] == "rate_limit_error"
+    s.close()
+    wait_until(lambda: not router.router.client_in_flight, what="the first request to end")
+    status, _, _ = http(router.url, "POST", "/api/generate",
+                        {"model": "llama3.2:3b", "prompt": "x", "stream": False})
+    assert status == 200
+
+
 def test_memory_elimination_picks_the_node_that_fits(h):
     models = {"big:70b": {"size": 40 * GIB}}
     fake_small, fake_big = h.fake(models=models), h.fake(models=models)
