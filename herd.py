@@ -67,6 +67,8 @@ ROUTER_SETTINGS = [
                "flight before it gets 429 (0: no limit)"),
     hc.Setting("FLEET_DEFAULT_NUM_PARALLEL", 4, "requests in flight per node+model when the "
                "node cannot tell Ollama's OLLAMA_NUM_PARALLEL"),
+    hc.Setting("FLEET_REBALANCE_INTERVAL", 5.0, "seconds between moves of queued requests "
+               "to nodes where their model is loaded and slots are free"),
     hc.Setting("FLEET_MAX_BODY_MB", 64.0, "largest request body accepted (413 beyond)"),
     hc.Setting("FLEET_IDLE_TIMEOUT", 75.0, "seconds an idle keep-alive connection stays open"),
     hc.Setting("FLEET_CONNECT_TIMEOUT", 5.0, "seconds to connect to a node's Ollama"),
@@ -91,11 +93,20 @@ ROUTING_FIELDS = ("fallback_models",)
 NATIVE_INFERENCE = ("/api/chat", "/api/generate", "/api/embed", "/api/embeddings")
 OPENAI_INFERENCE = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 BUSY_ERROR = "server busy, please try again.  maximum pending requests exceeded"
+MAX_MOVES = 8  # a queued request follows the rebalancer this often, then routes freely
 NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 ####################################################################################
 # Fleet state: nodes, their queues, what we learned about them
 ####################################################################################
+
+
+class Moved(Exception):
+    """A waiting request is handed back for routing again (to `target` if given)."""
+
+    def __init__(self, target=None):
+        super().__init__(target)
+        self.target = target
 
 
 class SlotQueue:
@@ -132,6 +143,16 @@ class SlotQueue:
                 fut.set_result(None)  # the slot passes on; active stays the same
                 return
         self.active -= 1
+
+    def evict(self, count=None, target=None):
+        """Hand the `count` oldest waiting requests (all by default) back for routing."""
+        moved = 0
+        while self.waiters and (count is None or moved < count):
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_exception(Moved(target))
+                moved += 1
+        return moved
 
     def set_limit(self, limit):
         self.limit = limit
@@ -250,8 +271,17 @@ class Fleet:
         for (nid, _), q in self.queues.items():
             if nid == node.node_id:
                 q.set_limit(self.slots_for(node))
+        if node.draining or node.paused:
+            self.evict_node(node, "draining" if node.draining else "paused")
         self.notify_change()
         return node
+
+    def evict_node(self, node, why):
+        """Send the requests waiting for `node` elsewhere; those running finish there."""
+        moved = sum(q.evict() for (nid, _), q in self.queues.items() if nid == node.node_id)
+        if moved:
+            fleet_log.info(f"moved {moved} queued requests off a node that is {why}",
+                           extra={"node_id": node.node_id, "event": "requeue"})
 
     def _update_models(self, node, hb):
         now = time.monotonic()
@@ -289,6 +319,8 @@ class Fleet:
             fleet_log.log(level, f"node {status}", extra={"node_id": node.node_id,
                                                          "event": f"node_{status}"})
             node.status = status
+            if status == "offline":
+                self.evict_node(node, "offline")
             self.notify_change()
 
     # -- queues and learning ------------------------------------------------------
@@ -299,6 +331,34 @@ class Fleet:
         if q is None:
             q = self.queues[key] = SlotQueue(self.slots_for(node))
         return q
+
+    def can_serve_now(self, node, model):
+        """Free slots on a node where `model` is loaded (the only place to move work)."""
+        if node.status != "online" or node.draining or node.paused or not node.reachable \
+                or model not in node.loaded:
+            return 0
+        q = self.queues.get((node.node_id, model))
+        busy = (q.active + q.waiting) if q else 0
+        return max(0, self.slots_for(node) - busy)
+
+    def rebalance(self):
+        """Move queued requests to nodes where their model is hot and slots are free."""
+        moved, free = 0, {}
+        for (node_id, model), q in list(self.queues.items()):
+            for target in self.nodes.values():
+                if not q.waiters:
+                    break
+                if target.node_id == node_id:
+                    continue
+                key = (target.node_id, model)
+                if key not in free:
+                    free[key] = self.can_serve_now(target, model)
+                count = q.evict(free[key], target.node_id) if free[key] else 0
+                free[key] -= count  # moved requests arrive there a moment later
+                moved += count
+        if moved:
+            fleet_log.info(f"rebalanced {moved} queued requests", extra={"event": "rebalance"})
+        return moved
 
     def learn(self, node_id, model, latency_s, load_s=None):
         """Fold one completed request into the node+model averages."""
@@ -482,7 +542,7 @@ def pick_route(models, ranked):
 
 
 async def choose_node(fleet, cfg, models, requested_ctx, exclude=(), shown_name=None,
-                      hold=True):
+                      hold=True, prefer=None):
     """The best node for the first model of `models` that can be served (the rest are
     fallbacks), waiting in the holding queue while none can be."""
     deadline = time.monotonic() + (cfg.hold_timeout if hold else 0.0)
@@ -500,6 +560,10 @@ async def choose_node(fleet, cfg, models, requested_ctx, exclude=(), shown_name=
                 ranked[model], why = rank_nodes(fleet, model, requested_ctx, exclude)
                 reasons += why
             picked = pick_route(models, ranked)
+            if picked and prefer:  # the rebalancer's pick, if it can still take it
+                model = picked[0]
+                picked = next(((model, e) for e in ranked[model] if e[2].node_id == prefer),
+                              picked)
             if picked:
                 model, (score, breakdown, c) = picked
                 return Choice(fleet.nodes[c.node_id], model, score, breakdown, c.hot)
@@ -805,12 +869,12 @@ async def _proxy_attempts(router, conn, ex, body):
     requested_ctx = requested_context(body)
     fallbacks = {hc.canonical_model(m): m for m in body.get("fallback_models") or ()}
     models = [ex.model] + [m for m in fallbacks if m != ex.model]
-    last_error = None
-    for attempt in range(cfg.max_retries + 1):
+    last_error, attempt, prefer, moves = None, 0, None, 0
+    while attempt <= cfg.max_retries:
         try:
             # A retry takes the next best node now or not at all: no holding queue.
             choice = await choose_node(fleet, cfg, models, requested_ctx, exclude,
-                                       body.get("model"), hold=attempt == 0)
+                                       body.get("model"), hold=attempt == 0, prefer=prefer)
         except RouteError:
             if last_error is None:
                 raise
@@ -821,7 +885,12 @@ async def _proxy_attempts(router, conn, ex, body):
             ex.use_model(choice.model, fallbacks.get(choice.model, choice.model), body)
         q = fleet.queue(choice.node, choice.model)
         t_queue = time.monotonic()
-        await q.acquire()
+        try:
+            await q.acquire()
+        except Moved as m:  # drained, or rebalanced to a node with a free slot
+            moves += 1
+            prefer = m.target if moves < MAX_MOVES else None
+            continue
         try:
             ex.queue_wait = time.monotonic() - t_queue
             await run_attempt(router, conn, ex, choice)
@@ -837,6 +906,7 @@ async def _proxy_attempts(router, conn, ex, body):
                                      "model": ex.served_model, "error": last_error})
             router.traces.record(ex.trace_row("retried", error=last_error))
             exclude.append(choice.node.node_id)
+            attempt += 1
         finally:
             q.release()
     raise RouteError(502, f"no node could answer: {last_error}")
@@ -1176,6 +1246,11 @@ class Router:
                     self.fleet.apply_heartbeat(hb, local=True)
             await asyncio.sleep(self.cfg.local_node_interval)
 
+    async def rebalance_forever(self):
+        while True:
+            await asyncio.sleep(self.cfg.rebalance_interval)
+            self.fleet.rebalance()
+
     async def watch_status(self):
         while True:
             self.fleet.refresh_status()
@@ -1279,6 +1354,7 @@ class RouterServer:
         self.port = self.server.sockets[0].getsockname()[1]
         self._spawn(self.router.watch_status(), "status-watcher")
         self._spawn(self.router.load_learning(), "load-learning")
+        self._spawn(self.router.rebalance_forever(), "rebalancer")
         if self.cfg.local_node:
             self._spawn(self.router.poll_local_node(), "local-node")
         if self.cfg.mdns:
@@ -1339,6 +1415,9 @@ def load_router_config(environ, args):
     hc.check_log_level("FLEET_CONSOLE_LOG_LEVEL", cfg.console_log_level)
     if cfg.port > 65535:
         raise hc.ConfigError(f"FLEET_PORT={cfg.port} is not a port number")
+    for name in ("heartbeat_timeout", "rebalance_interval", "local_node_interval"):
+        if getattr(cfg, name) <= 0:
+            raise hc.ConfigError(f"FLEET_{name.upper()} must be above 0")
     if cfg.heartbeat_offline < cfg.heartbeat_timeout:
         raise hc.ConfigError("FLEET_HEARTBEAT_OFFLINE must not be shorter than "
                              "FLEET_HEARTBEAT_TIMEOUT")

@@ -598,6 +598,60 @@ def test_client_in_flight_limit_answers_429(h):
     assert status == 200
 
 
+def start_requests(router, count, model="llama3.2:3b"):
+    """Send `count` non-streamed generates from threads; returns (threads, results)."""
+    results = []
+
+    def one():
+        results.append(http(router.url, "POST", "/api/generate",
+                            {"model": model, "prompt": "x", "stream": False}, timeout=30))
+    threads = [threading.Thread(target=one) for _ in range(count)]
+    for t in threads:
+        t.start()
+    return threads, results
+
+
+def queued(router, node_id):
+    return sum(q.waiting for (nid, _), q in router.router.fleet.queues.items()
+               if nid == node_id)
+
+
+def test_drain_moves_queued_requests_and_lets_running_ones_finish(h):
+    fake_a, fake_b = h.fake(chunks=4, chunk_delay=0.25), h.fake()
+    router = h.router()
+    h.heartbeat(router, fake_a, "node-a", FLEET_NODE_NUM_PARALLEL=1)
+    h.heartbeat(router, fake_b, "node-b", mutate=lambda hb: hb.update(paused=True))
+    threads, results = start_requests(router, 3)
+    wait_until(lambda: queued(router, "node-a") == 2, what="two requests queued on node-a")
+    h.heartbeat(router, fake_b, "node-b")
+    h.heartbeat(router, fake_a, "node-a", FLEET_NODE_NUM_PARALLEL=1,
+                mutate=lambda hb: hb.update(draining=True))
+    for t in threads:
+        t.join(30)
+    assert sorted(r[1]["x-fleet-node"] for r in results) == ["node-a", "node-b", "node-b"]
+    assert all(r[0] == 200 for r in results) and fake_a.completed == 1
+    assert [r["status"] for r in h.traces(router)] == ["completed"] * 3
+
+
+def test_rebalancer_moves_queued_requests_to_a_hot_node_only(h):
+    fake_a, fake_b = h.fake(chunks=4, chunk_delay=0.25), h.fake()
+    router = h.router(FLEET_REBALANCE_INTERVAL=0.2)
+    h.heartbeat(router, fake_a, "node-a", FLEET_NODE_NUM_PARALLEL=1)
+    h.heartbeat(router, fake_b, "node-b", mutate=lambda hb: hb.update(paused=True))
+    threads, results = start_requests(router, 3)
+    wait_until(lambda: queued(router, "node-a") == 2, what="two requests queued on node-a")
+    h.heartbeat(router, fake_b, "node-b")  # free, but the model is cold there: stay
+    assert h.bg.call(router.router.fleet.rebalance) == 0
+    assert queued(router, "node-a") == 2
+    http(fake_b.url, "POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "",
+                                               "stream": False})
+    h.heartbeat(router, fake_b, "node-b")  # now hot with free slots: take them
+    for t in threads:
+        t.join(30)
+    assert sorted(r[1]["x-fleet-node"] for r in results) == ["node-a", "node-b", "node-b"]
+    assert fake_a.completed == 1
+
+
 def test_memory_elimination_picks_the_node_that_fits(h):
     models = {"big:70b": {"size": 40 * GIB}}
     fake_small, fake_big = h.fake(models=models), h.fake(models=models)
