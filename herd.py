@@ -69,6 +69,8 @@ ROUTER_SETTINGS = [
                "node cannot tell Ollama's OLLAMA_NUM_PARALLEL"),
     hc.Setting("FLEET_REBALANCE_INTERVAL", 5.0, "seconds between moves of queued requests "
                "to nodes where their model is loaded and slots are free"),
+    hc.Setting("FLEET_STALE_TIMEOUT", 600.0, "seconds a request sent to a node may show no "
+               "progress before the reaper fails it and frees its slot"),
     hc.Setting("FLEET_MAX_BODY_MB", 64.0, "largest request body accepted (413 beyond)"),
     hc.Setting("FLEET_IDLE_TIMEOUT", 75.0, "seconds an idle keep-alive connection stays open"),
     hc.Setting("FLEET_CONNECT_TIMEOUT", 5.0, "seconds to connect to a node's Ollama"),
@@ -618,6 +620,18 @@ class Exchange:
         self.prompt_tokens = None
         self.completion_tokens = None
         self.error = None
+        self.task = asyncio.current_task()
+        self.progress = None  # monotonic time of the last sign of life once sent to a node
+        self.relay = None
+        self.reaped = False
+
+    def touch(self):
+        self.progress = time.monotonic()
+
+    def last_progress(self):
+        if self.progress is None:
+            return None
+        return max(self.progress, self.relay.last_progress if self.relay else 0.0)
 
     def use_model(self, model, name_as_sent, body):
         """Serve a fallback model: the forwarded body names it instead."""
@@ -753,15 +767,16 @@ async def _relay_stream(cfg, conn, ex, choice, up, status, headers):
             data = await up.receive_data(timeout)
             return hc.frame_chunk(data) if data else b""
     first = await receive(cfg.chunk_timeout)
+    ex.touch()
     ex.ttft = time.monotonic() - ex.t0
     ex.http_status = status
     await conn.start_response(status, None, response_headers(headers, ex, choice),
                               first_chunks=first)
     try:
         if first and up.is_chunked(headers) and conn.takes_raw_chunks:
-            prev, last, chunks = await _relay_by_protocol(cfg, conn, up, first)
+            prev, last, chunks = await _relay_by_protocol(cfg, conn, ex, up, first)
         else:
-            prev, last, chunks = await _relay_by_loop(cfg, conn, receive, first)
+            prev, last, chunks = await _relay_by_loop(cfg, conn, ex, receive, first)
     except hc.UpstreamError as e:
         await _end_with_error(conn, ex, f"node {choice.node.node_id} failed mid-stream: {e}")
         ex.status, ex.error = "incomplete", str(e)
@@ -773,11 +788,11 @@ async def _relay_stream(cfg, conn, ex, choice, up, status, headers):
     count_tokens(ex, prev[-8192:] + last, chunks)
 
 
-async def _relay_by_protocol(cfg, conn, up, first):
+async def _relay_by_protocol(cfg, conn, ex, up, first):
     """The fast path: ChunkRelay writes each read's chunks straight to the client."""
     if up._chunked.done:
         return b"", first, 1
-    relay = hc.ChunkRelay(up, conn.writer, cfg.chunk_timeout)
+    relay = ex.relay = hc.ChunkRelay(up, conn.writer, cfg.chunk_timeout)
     relay.start(hc.take_buffered(up.reader))
     try:
         await relay.done
@@ -787,12 +802,13 @@ async def _relay_by_protocol(cfg, conn, up, first):
     return (relay.prev, relay.last, relay.reads + 1) if relay.last else (b"", first, 1)
 
 
-async def _relay_by_loop(cfg, conn, receive, first):
+async def _relay_by_loop(cfg, conn, ex, receive, first):
     """The general path: one coroutine step per read (HTTP/1.0 clients, unchunked bodies)."""
     prev, last, chunks = b"", first, 1 if first else 0
     data = await receive(cfg.chunk_timeout) if first else b""
     while data:
         chunks += 1
+        ex.touch()
         await conn.send_chunks(data)
         prev, last = last, data
         data = await receive(cfg.chunk_timeout)
@@ -839,6 +855,7 @@ async def proxy_inference(router, request, conn, api, body, model, stream):
     ex = Exchange(request, api, request.path, model, stream, strip_routing_fields(request, body))
     conn.watch_client()
     client = request.client.rpartition(":")[0]
+    router.active[ex.request_id] = ex
     try:
         with router.admit(client):
             await _proxy_attempts(router, conn, ex, body)
@@ -849,6 +866,9 @@ async def proxy_inference(router, request, conn, api, body, model, stream):
         await conn.send_response(e.status, ex.error_body(e.status, str(e)),
                                  headers=e.headers)
     except asyncio.CancelledError:
+        if ex.reaped and asyncio.current_task().uncancel() == 0:
+            await _answer_reaped(router, conn, ex)  # the reaper's cancel ends here
+            return
         if conn.client_gone:
             ex.status, ex.error = "cancelled", "client disconnected"
             proxy_log.info("client disconnected", extra={"request_id": ex.request_id,
@@ -860,7 +880,24 @@ async def proxy_inference(router, request, conn, api, body, model, stream):
     except (ConnectionError, hc.UpstreamError) as e:
         ex.status, ex.error = "incomplete", str(e)
     finally:
+        router.active.pop(ex.request_id, None)
         router.finish(ex)
+
+
+async def _answer_reaped(router, conn, ex):
+    """A request the reaper stopped: say so to the client in its framing."""
+    ex.status = "failed"
+    ex.error = (f"no progress for {router.cfg.stale_timeout:g}s on node {ex.node_id}: "
+                f"request reaped (FLEET_STALE_TIMEOUT)")
+    router.zombies_reaped += 1
+    proxy_log.warning("zombie request reaped", extra={"request_id": ex.request_id,
+                                                      "node_id": ex.node_id,
+                                                      "model": ex.served_model})
+    if conn.response_started:
+        await _end_with_error(conn, ex, ex.error)
+    else:
+        ex.http_status = 504
+        await conn.send_response(504, ex.error_body(504, ex.error))
 
 
 async def _proxy_attempts(router, conn, ex, body):
@@ -893,6 +930,7 @@ async def _proxy_attempts(router, conn, ex, body):
             continue
         try:
             ex.queue_wait = time.monotonic() - t_queue
+            ex.touch()
             await run_attempt(router, conn, ex, choice)
             if ex.status == "completed":
                 router.fleet.learn(choice.node.node_id, choice.model,
@@ -947,6 +985,8 @@ class Router:
         self.in_flight = 0
         self.all_done = asyncio.Event()
         self.client_in_flight = collections.Counter()
+        self.active = {}  # request_id -> Exchange, for the reaper
+        self.zombies_reaped = 0
         self.local_node_id = hc.short_hostname()
         self.local_addresses = local_addresses()
         self.routes = {
@@ -1187,6 +1227,7 @@ class Router:
             "router": {"version": hc.VERSION, "uptime_s": round(time.time() - self.started),
                        "nodes_online": counts["online"], "nodes_degraded": counts["degraded"],
                        "nodes_offline": counts["offline"], "holding": self.fleet.holding,
+                       "zombies_reaped": self.zombies_reaped,
                        "traces_written": self.traces.written,
                        "traces_dropped": self.traces.dropped},
             "nodes": nodes})
@@ -1245,6 +1286,22 @@ class Router:
                                             machine, ollama, settings, slots, source)
                     self.fleet.apply_heartbeat(hb, local=True)
             await asyncio.sleep(self.cfg.local_node_interval)
+
+    def reap_zombies(self):
+        """Stop requests sent to a node that show no progress for FLEET_STALE_TIMEOUT."""
+        now, reaped = time.monotonic(), 0
+        for ex in list(self.active.values()):
+            seen = ex.last_progress()
+            if seen is not None and not ex.reaped and now - seen > self.cfg.stale_timeout:
+                ex.reaped = True
+                ex.task.cancel(msg="reaped: no progress")
+                reaped += 1
+        return reaped
+
+    async def reap_forever(self):
+        while True:
+            await asyncio.sleep(min(30.0, self.cfg.stale_timeout / 4))
+            self.reap_zombies()
 
     async def rebalance_forever(self):
         while True:
@@ -1355,6 +1412,7 @@ class RouterServer:
         self._spawn(self.router.watch_status(), "status-watcher")
         self._spawn(self.router.load_learning(), "load-learning")
         self._spawn(self.router.rebalance_forever(), "rebalancer")
+        self._spawn(self.router.reap_forever(), "zombie-reaper")
         if self.cfg.local_node:
             self._spawn(self.router.poll_local_node(), "local-node")
         if self.cfg.mdns:
@@ -1415,7 +1473,8 @@ def load_router_config(environ, args):
     hc.check_log_level("FLEET_CONSOLE_LOG_LEVEL", cfg.console_log_level)
     if cfg.port > 65535:
         raise hc.ConfigError(f"FLEET_PORT={cfg.port} is not a port number")
-    for name in ("heartbeat_timeout", "rebalance_interval", "local_node_interval"):
+    for name in ("heartbeat_timeout", "rebalance_interval", "local_node_interval",
+                 "stale_timeout"):
         if getattr(cfg, name) <= 0:
             raise hc.ConfigError(f"FLEET_{name.upper()} must be above 0")
     if cfg.heartbeat_offline < cfg.heartbeat_timeout:

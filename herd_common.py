@@ -852,6 +852,7 @@ class ChunkRelay(asyncio.Protocol):
         self._timer = loop.call_later(timeout, self._check_stall)
         self._stream_protocol = up.writer.transport.get_protocol()
         self._resume_task = None
+        self.paused = False
 
     def start(self, buffered):
         transport = self.up.writer.transport
@@ -859,6 +860,11 @@ class ChunkRelay(asyncio.Protocol):
         if buffered:
             self.data_received(buffered)
         transport.resume_reading()
+
+    @property
+    def last_progress(self):
+        """When data last moved (loop time, which is time.monotonic)."""
+        return self._last_data
 
     def data_received(self, data):
         self._last_data = self._loop.time()
@@ -880,10 +886,12 @@ class ChunkRelay(asyncio.Protocol):
 
     def _wait_for_client(self):
         self.up.writer.transport.pause_reading()
+        self.paused = True
 
         async def resume():
             with contextlib.suppress(ConnectionError):
                 await self.client.drain()
+            self.paused = False
             self._last_data = self._loop.time()
             if not self.done.done():
                 self.up.writer.transport.resume_reading()
@@ -900,7 +908,9 @@ class ChunkRelay(asyncio.Protocol):
         if self.done.done():
             return
         idle = self._loop.time() - self._last_data
-        if idle >= self.timeout:
+        if self.paused:  # a slow client is not a stalled node (the reaper watches it)
+            self._timer = self._loop.call_later(self.timeout, self._check_stall)
+        elif idle >= self.timeout:
             self._fail(UpstreamError("body", f"{self.up.host}:{self.up.port} sent no data "
                                              f"for {self.timeout:g}s"))
         else:

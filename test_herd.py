@@ -437,6 +437,26 @@ def test_node_stalling_mid_stream_times_out(h):
     assert h.traces(router)[-1]["status"] == "incomplete"
 
 
+def test_zombie_reaper_fails_a_request_without_progress(h):
+    fake = h.fake(chunks=6)
+    router = h.router(FLEET_STALE_TIMEOUT=0.4, FLEET_CHUNK_TIMEOUT=60)
+    h.heartbeat(router, fake, "node-a")
+    fake.fault, fake.die_after = "stall_mid_stream", 2
+    status, _, body = http(router.url, "POST", "/api/generate",
+                           {"model": "llama3.2:3b", "prompt": "x"})
+    lines = [json.loads(x) for x in body.splitlines()]
+    assert status == 200 and "request reaped" in lines[-1]["error"] and len(lines) == 3
+    wait_until(lambda: fake.cancelled == 1, what="the upstream to be closed")
+    q = router.router.fleet.queues[("node-a", "llama3.2:3b")]
+    assert (q.active, q.waiting) == (0, 0) and router.router.zombies_reaped == 1
+    row = h.traces(router)[-1]
+    assert row["status"] == "failed" and "FLEET_STALE_TIMEOUT" in row["error_message"]
+    fake.fault = "stall"  # stuck before answering: the client gets a 504
+    status, _, body = http(router.url, "POST", "/v1/chat/completions", {
+        "model": "llama3.2:3b", "messages": [{"role": "user", "content": "x"}]})
+    assert status == 504 and "reaped" in json.loads(body)["error"]["message"]
+
+
 def test_node_dying_mid_sse_stream_sends_error_event(one_node):
     import openai
     h, router, fake = one_node
