@@ -67,6 +67,8 @@ ROUTER_SETTINGS = [
                "flight before it gets 429 (0: no limit)"),
     hc.Setting("FLEET_DEFAULT_NUM_PARALLEL", 4, "requests in flight per node+model when the "
                "node cannot tell Ollama's OLLAMA_NUM_PARALLEL"),
+    hc.Setting("FLEET_PRE_WARM_THRESHOLD", 3, "requests queued or running on the chosen "
+               "node+model at which the runner-up node loads the model too (0: never)"),
     hc.Setting("FLEET_REBALANCE_INTERVAL", 5.0, "seconds between moves of queued requests "
                "to nodes where their model is loaded and slots are free"),
     hc.Setting("FLEET_STALE_TIMEOUT", 600.0, "seconds a request sent to a node may show no "
@@ -464,11 +466,12 @@ class RouteError(Exception):
 class Choice:
     """The node chosen for a request and why."""
 
-    __slots__ = ("node", "model", "score", "breakdown", "hot")
+    __slots__ = ("node", "model", "score", "breakdown", "hot", "runner_up")
 
-    def __init__(self, node, model, score, breakdown, hot):
+    def __init__(self, node, model, score, breakdown, hot, runner_up=None):
         self.node, self.model = node, model
         self.score, self.breakdown, self.hot = score, breakdown, hot
+        self.runner_up = runner_up  # the next best node's Candidate, if any
 
 
 def build_candidate(fleet, node, model, requested_ctx):
@@ -568,7 +571,9 @@ async def choose_node(fleet, cfg, models, requested_ctx, exclude=(), shown_name=
                               picked)
             if picked:
                 model, (score, breakdown, c) = picked
-                return Choice(fleet.nodes[c.node_id], model, score, breakdown, c.hot)
+                others = [e[2] for e in ranked[model] if e[2].node_id != c.node_id]
+                return Choice(fleet.nodes[c.node_id], model, score, breakdown, c.hot,
+                              others[0] if others else None)
             until = deadline if known else min(deadline, fleet.warm_until())
             remaining = until - time.monotonic()
             if remaining <= 0:
@@ -921,6 +926,8 @@ async def _proxy_attempts(router, conn, ex, body):
         if choice.model != ex.served_model:
             ex.use_model(choice.model, fallbacks.get(choice.model, choice.model), body)
         q = fleet.queue(choice.node, choice.model)
+        if cfg.pre_warm_threshold and q.active + q.waiting >= cfg.pre_warm_threshold:
+            router.pre_warm(choice, fallbacks.get(choice.model, body.get("model")))
         t_queue = time.monotonic()
         try:
             await q.acquire()
@@ -986,6 +993,8 @@ class Router:
         self.all_done = asyncio.Event()
         self.client_in_flight = collections.Counter()
         self.active = {}  # request_id -> Exchange, for the reaper
+        self.warming = set()  # (node_id, model) being pre-warmed
+        self.background = set()  # one-off tasks (pre-warms), cancelled at shutdown
         self.zombies_reaped = 0
         self.local_node_id = hc.short_hostname()
         self.local_addresses = local_addresses()
@@ -1287,6 +1296,39 @@ class Router:
                     self.fleet.apply_heartbeat(hb, local=True)
             await asyncio.sleep(self.cfg.local_node_interval)
 
+    def pre_warm(self, choice, name):
+        """Load the model on the runner-up node, so the next request finds it hot."""
+        runner_up = choice.runner_up
+        if runner_up is None or runner_up.hot:
+            return
+        key = (runner_up.node_id, choice.model)
+        node = self.fleet.nodes.get(runner_up.node_id)
+        if key in self.warming or node is None:
+            return  # at most one warm-up per node+model at a time
+        self.warming.add(key)
+        task = asyncio.create_task(self._warm(node, choice.model, name),
+                                   name=f"pre-warm {key}")
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def _warm(self, node, model, name):
+        extra = {"node_id": node.node_id, "model": model, "event": "pre_warm"}
+        fleet_log.info("pre-warming the runner-up node", extra=extra)
+        try:
+            # An empty prompt only loads the model (Ollama answers done_reason "load").
+            status, _, body = await hc.http_call(node.ollama_url, "POST", "/api/generate",
+                                                 {"model": name, "prompt": ""},
+                                                 timeout=self.cfg.first_byte_timeout)
+            if status == 200:
+                node.loaded.setdefault(model, {"name": model, "model": model})
+                self.fleet.notify_change()
+            else:
+                fleet_log.warning(f"pre-warm answered {status}", extra=extra)
+        except hc.UpstreamError as e:
+            fleet_log.warning(f"pre-warm failed: {e}", extra=extra)
+        finally:
+            self.warming.discard((node.node_id, model))
+
     def reap_zombies(self):
         """Stop requests sent to a node that show no progress for FLEET_STALE_TIMEOUT."""
         now, reaped = time.monotonic(), 0
@@ -1448,9 +1490,10 @@ class RouterServer:
         self.server.close()
         if grace:
             await self.router.wait_in_flight(grace)
-        for task in list(self.connections) + list(self.tasks):
+        tasks = list(self.connections) + list(self.tasks) + list(self.router.background)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self.connections, *self.tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.server.wait_closed()
         self.router.pool.close_all()
         await asyncio.to_thread(self.traces.close)

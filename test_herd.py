@@ -672,6 +672,23 @@ def test_rebalancer_moves_queued_requests_to_a_hot_node_only(h):
     assert fake_a.completed == 1
 
 
+def test_deep_queue_pre_warms_the_runner_up_once(h):
+    fake_a, fake_b = h.fake(chunks=4, chunk_delay=0.25), h.fake(load_delay=0.3)
+    router = h.router(FLEET_PRE_WARM_THRESHOLD=2, FLEET_REBALANCE_INTERVAL=60)
+    http(fake_a.url, "POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "",
+                                               "stream": False})
+    h.heartbeat(router, fake_a, "node-a", FLEET_NODE_NUM_PARALLEL=1)
+    h.heartbeat(router, fake_b, "node-b")  # has the model on disk, cold
+    threads, results = start_requests(router, 4)
+    wait_until(lambda: "llama3.2:3b" in fake_b.loaded, what="node-b to be warmed")
+    for t in threads:
+        t.join(30)
+    warmups = [r for r in fake_b.requests if r["path"] == "/api/generate"
+               and r["body"]["prompt"] == ""]
+    assert len(warmups) == 1 and fake_b.load_count == 1
+    assert all(r[0] == 200 for r in results)
+
+
 def test_memory_elimination_picks_the_node_that_fits(h):
     models = {"big:70b": {"size": 40 * GIB}}
     fake_small, fake_big = h.fake(models=models), h.fake(models=models)
