@@ -21,6 +21,7 @@ Check it from anywhere:
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -47,7 +48,8 @@ NODE_SETTINGS = [
     hc.Setting("FLEET_NODE_TOKEN", "", "the router's FLEET_TOKEN, if it has one"),
     hc.Setting("FLEET_NODE_NUM_PARALLEL", 0, "Ollama's parallel slots; 0 means read "
                "OLLAMA_NUM_PARALLEL from the running Ollama, else this agent's environment"),
-    hc.Setting("FLEET_NODE_DATA_DIR", "~/.fleet-manager", "logs/ live here"),
+    hc.Setting("FLEET_NODE_DATA_DIR", "~/.fleet-manager", "logs/ and the state saved on "
+               "drain (node-state-<id>.json) live here"),
     hc.Setting("FLEET_NODE_MDNS_INTERFACES", "", "comma-separated IPs to browse mDNS on "
                "(default: all interfaces)"),
     *hc.LOG_SETTINGS,
@@ -210,11 +212,31 @@ class Agent:
             await asyncio.sleep(max(0.0, self.cfg.heartbeat_interval
                                     - (time.monotonic() - started)))
 
+    def save_state(self, hb):
+        """Write what this node knows of its capacity, for a person or a later run."""
+        path = os.path.join(self.cfg.data_dir, f"node-state-{self.node_id}.json")
+        state = {"node_id": self.node_id, "saved_at": hc.now_rfc3339(), "reason": "drain",
+                 "heartbeats_sent": self.sent, "ollama": hb["ollama"],
+                 "memory": hb["memory"], "hardware": hb["hardware"],
+                 "models_loaded": [m.get("model") or m.get("name") for m in hb["loaded"]]}
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(state, f, indent=2)
+        os.replace(tmp, path)  # never a half-written file
+        return path
+
     async def drain(self):
-        """Tell the router we are leaving, so it sends no new work here."""
+        """Save our state, then tell the router we are leaving, so it sends no new work
+        here; requests already running finish on Ollama, which keeps running."""
+        hb = await self.snapshot(draining=True)
+        try:
+            path = await asyncio.to_thread(self.save_state, hb)
+            log.info("state saved", extra={"url": path, "event": "state_saved"})
+        except OSError as e:
+            log.warning(f"could not save state: {e}", extra={"event": "state_saved"})
         if self.router_url is None:
             return False
-        ok = await self.send(await self.snapshot(draining=True))
+        ok = await self.send(hb)
         log.info("drain sent to the router" if ok else "could not tell the router we drain",
                  extra={"event": "drain"})
         return ok

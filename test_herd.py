@@ -1098,6 +1098,48 @@ def test_router_process_stops_promptly_on_sigterm_with_idle_clients(tmp_path):
             proc.wait()
 
 
+def test_router_restart_while_nodes_keep_running(h, tmp_path):
+    fake = h.fake()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "FLEET_HOST": "127.0.0.1", "FLEET_PORT": str(port),
+           "FLEET_MDNS": "false", "FLEET_LOCAL_NODE": "false", "FLEET_DATA_DIR": str(tmp_path),
+           "FLEET_CONSOLE_LOG_LEVEL": "INFO", "FLEET_STARTUP_WINDOW": "10"}
+    url = f"http://127.0.0.1:{port}"
+
+    def start_router():
+        proc = subprocess.Popen([sys.executable, "herd.py"], cwd=HERE, env=env,
+                                stderr=subprocess.PIPE, text=True)
+        assert "listening on" in proc.stderr.readline()
+        return proc
+
+    router = start_router()
+    agent = subprocess.Popen([sys.executable, "herd_node.py", "--router-url", url,
+                              "--node-id", "steady", "--ollama-host", fake.url], cwd=HERE,
+                             env={**os.environ, "FLEET_NODE_DATA_DIR": str(tmp_path / "n"),
+                                  "FLEET_NODE_HEARTBEAT_INTERVAL": "0.2"},
+                             stderr=subprocess.DEVNULL)
+    ask = {"model": "llama3.2:3b", "prompt": "x", "stream": False}
+    try:
+        status, headers, _ = http(url, "POST", "/api/generate", ask, timeout=20)
+        assert status == 200 and headers["x-fleet-node"] == "steady"
+        router.send_signal(signal.SIGTERM)
+        assert router.wait(10) == 0
+        router = start_router()
+        # Sent at once: the new router has no nodes yet and holds the request until the
+        # agent's next heartbeat arrives, instead of a 404.
+        status, headers, _ = http(url, "POST", "/api/generate", ask, timeout=20)
+        assert status == 200 and headers["x-fleet-node"] == "steady"
+        rows = sqlite3.connect(os.path.join(tmp_path, "latency.db")).execute(
+            "SELECT status FROM request_traces").fetchall()
+        assert rows[0] == ("completed",)  # traces from before the restart are kept
+    finally:
+        for proc in (agent, router):
+            proc.terminate()
+            proc.wait(10)
+
+
 def test_help_lists_settings_and_bad_values_stop_startup(tmp_path):
     out = run_script(["herd.py", "--help"])
     assert out.returncode == 0 and "FLEET_HOLD_TIMEOUT" in out.stdout
@@ -1128,6 +1170,9 @@ def test_real_node_agent_finds_router_by_mdns_and_drains_on_sigterm(h, tmp_path)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
         assert h.node(router, "proc-node").draining is True
+        state = json.loads((tmp_path / "n" / "node-state-proc-node.json").read_text())
+        assert state["node_id"] == "proc-node" and state["reason"] == "drain"
+        assert state["ollama"]["version"] == fake.version
     finally:
         if proc.poll() is None:
             proc.kill()
