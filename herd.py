@@ -61,6 +61,10 @@ ROUTER_SETTINGS = [
                "serve it before a 503"),
     hc.Setting("FLEET_STARTUP_WINDOW", 6.0, "seconds after start during which a model no "
                "node has reported yet waits (nodes report every 5 s) instead of a 404"),
+    hc.Setting("FLEET_AUTO_PULL", True, "pull a model no node has onto the node with the "
+               "most free memory, then serve the request"),
+    hc.Setting("FLEET_AUTO_PULL_TIMEOUT", 600.0, "seconds a request waits for such a pull "
+               "(503 after; the pull goes on)"),
     hc.Setting("FLEET_MAX_RETRIES", 2, "other nodes tried when a node fails before the "
                "first chunk"),
     hc.Setting("FLEET_CLIENT_MAX_IN_FLIGHT", 0, "requests one client address may have in "
@@ -911,13 +915,17 @@ async def _proxy_attempts(router, conn, ex, body):
     requested_ctx = requested_context(body)
     fallbacks = {hc.canonical_model(m): m for m in body.get("fallback_models") or ()}
     models = [ex.model] + [m for m in fallbacks if m != ex.model]
-    last_error, attempt, prefer, moves = None, 0, None, 0
+    last_error, attempt, prefer, moves, pulled = None, 0, None, 0, False
     while attempt <= cfg.max_retries:
         try:
             # A retry takes the next best node now or not at all: no holding queue.
             choice = await choose_node(fleet, cfg, models, requested_ctx, exclude,
                                        body.get("model"), hold=attempt == 0, prefer=prefer)
-        except RouteError:
+        except RouteError as e:
+            if e.status == 404 and cfg.auto_pull and not pulled:
+                pulled = True  # no node has it: fetch it once, then route again
+                await router.pulls.ensure(ex.model, body.get("model"), e)
+                continue
             if last_error is None:
                 raise
             break
@@ -965,6 +973,101 @@ def strip_routing_fields(request, body):
 
 
 ####################################################################################
+# Pulling models: on request (POST /api/pull) and when no node has one (auto-pull)
+####################################################################################
+
+
+class Puller:
+    """One pull per model at a time; requests that need the model wait on it."""
+
+    def __init__(self, router):
+        self.router = router
+        self.running = {}  # model -> Future of the pull
+        self.progress = {}  # model -> {node_id, status, completed, total, ...}
+
+    def pick_node(self, wanted=None):
+        """The node to pull onto: the one named, else the one with most free memory."""
+        nodes = [n for n in self.router.fleet.nodes.values()
+                 if n.status == "online" and n.reachable and not n.draining and not n.paused]
+        if wanted:
+            return next((n for n in nodes if n.node_id == wanted), None)
+        return max(nodes, key=lambda n: n.info.get("memory", {}).get("available", 0),
+                   default=None)
+
+    async def ensure(self, model, name, not_found):
+        """Pull `model` (once, however many requests ask); raise 404 if it fails."""
+        fut = self.running.get(model)
+        if fut is None:
+            fut = self.running[model] = asyncio.get_running_loop().create_future()
+            # Every waiter may have given up by the time it fails: mark it seen.
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+            task = asyncio.create_task(self._pull(model, name or model, fut),
+                                       name=f"auto-pull {model}")
+            self.router.background.add(task)
+            task.add_done_callback(self.router.background.discard)
+        try:
+            async with asyncio.timeout(self.router.cfg.auto_pull_timeout):
+                await asyncio.shield(fut)
+        except TimeoutError:
+            raise RouteError(503, f"model '{name}' is still being pulled; try again "
+                                  f"shortly", [(b"retry-after", b"10")]) from None
+        except hc.UpstreamError as e:
+            raise RouteError(404, f"{not_found}, and pulling it failed: {e}") from None
+
+    async def _pull(self, model, name, fut):
+        node = self.pick_node()
+        try:
+            if node is None:
+                raise hc.UpstreamError("pull", "no online node to pull onto")
+            await self.pull(node, name, model)
+            fut.set_result(node)
+        except (hc.UpstreamError, ValueError) as e:
+            fut.set_exception(hc.UpstreamError("pull", str(e)))
+        finally:
+            self.running.pop(model, None)
+
+    async def pull(self, node, name, model):
+        """Stream Ollama's /api/pull on `node`, keeping its progress for /fleet/status."""
+        state = self.progress[model] = {"node_id": node.node_id, "status": "starting",
+                                        "started": hc.now_rfc3339()}
+        fleet_log.info("pulling model", extra={"node_id": node.node_id, "model": model,
+                                               "event": "pull"})
+        up = await hc.Upstream.connect(node.host, node.port, self.router.cfg.connect_timeout)
+        try:
+            await up.send_request(b"POST", b"/api/pull", [(b"content-type", b"application/json")],
+                                  hc.dump_json({"model": name, "stream": True}))
+            status, _ = await up.receive_head(self.router.cfg.first_byte_timeout)
+            pending = b""
+            while data := await up.receive_data(self.router.cfg.chunk_timeout):
+                *lines, pending = (pending + data).split(b"\n")
+                for line in lines:
+                    self._note(state, line, status)
+            self._note(state, pending, status)
+        except hc.UpstreamError as e:
+            state["status"] = f"failed: {e}"
+            raise
+        finally:
+            up.close()
+        if state.get("status") != "success":
+            raise hc.UpstreamError("pull", state.get("error") or f"ended with {state['status']}")
+        await self.router.refresh_models(node)
+
+    @staticmethod
+    def _note(state, line, status):
+        if not line.strip():
+            return
+        try:
+            event = json.loads(line)
+        except ValueError:
+            event = {"error": line.decode("utf-8", "replace")[:200]}
+        if status >= 400 or "error" in event:
+            state["status"] = "failed"
+            state["error"] = event.get("error", f"status {status}")
+            raise hc.UpstreamError("pull", state["error"])
+        state.update({k: event[k] for k in ("status", "completed", "total") if k in event})
+
+
+####################################################################################
 # API handlers
 ####################################################################################
 
@@ -994,6 +1097,7 @@ class Router:
         self.client_in_flight = collections.Counter()
         self.active = {}  # request_id -> Exchange, for the reaper
         self.warming = set()  # (node_id, model) being pre-warmed
+        self.pulls = Puller(self)
         self.background = set()  # one-off tasks (pre-warms), cancelled at shutdown
         self.zombies_reaped = 0
         self.local_node_id = hc.short_hostname()
@@ -1005,6 +1109,7 @@ class Router:
             ("GET", "/api/tags"): self.handle_tags, ("HEAD", "/api/tags"): self.handle_tags,
             ("GET", "/api/ps"): self.handle_ps,
             ("POST", "/api/show"): self.handle_show,
+            ("POST", "/api/pull"): self.handle_pull,
             ("GET", "/v1/models"): self.handle_openai_models,
             ("POST", "/heartbeat"): self.handle_heartbeat,
             ("GET", "/fleet/status"): self.handle_fleet_status,
@@ -1164,6 +1269,50 @@ class Router:
                 f"model '{name}' not found"))
         await self.relay_simple(conn, node, "POST", "/api/show", request.body)
 
+    async def handle_pull(self, request, conn):
+        """Pull through the router: onto the node named in "node", else the node with
+        the most free memory; Ollama's progress is relayed as it comes."""
+        try:
+            body = hc.parse_json_body(request.body)
+        except ValueError as e:
+            return await conn.send_response(400, hc.ollama_error_body(str(e)))
+        name = body.get("model") or body.get("name")
+        if not isinstance(name, str) or not name:
+            return await conn.send_response(400, hc.ollama_error_body("model is required"))
+        node = self.pulls.pick_node(body.get("node"))
+        if node is None:
+            what = f"node '{body['node']}' is not online" if body.get("node") else \
+                "no online node to pull onto"
+            return await conn.send_response(404 if body.get("node") else 503,
+                                            hc.ollama_error_body(what))
+        model = hc.canonical_model(name)
+        stream = body.get("stream") is not False
+        ex = Exchange(request, "ollama", request.path, model, stream,
+                      hc.dump_json({k: v for k, v in body.items() if k != "node"}))
+        choice = Choice(node, model, 0.0, {}, False)
+        ex.node_id = node.node_id
+        conn.watch_client()
+        try:
+            await run_attempt(self, conn, ex, choice)
+        except AttemptFailed as e:
+            ex.status, ex.error, ex.http_status = "failed", str(e), 502
+            await conn.send_response(502, hc.ollama_error_body(str(e)))
+        finally:
+            self.finish(ex)
+        if ex.status == "completed":
+            await self.refresh_models(node)
+
+    async def refresh_models(self, node):
+        """Re-read a node's models now (a pull just added one), not at its next beat."""
+        try:
+            tags = await hc.http_json(node.ollama_url, "GET", "/api/tags", timeout=10)
+        except hc.UpstreamError as e:
+            fleet_log.warning(f"could not re-read models: {e}", extra={"node_id": node.node_id})
+            return
+        node.models = {hc.canonical_model(m.get("model") or m["name"]): m
+                       for m in tags.get("models") or [] if isinstance(m, dict)}
+        self.fleet.notify_change()
+
     def any_holder(self, model):
         holders = [n for n in self.online_nodes() if model in n.models and n.reachable]
         holders.sort(key=lambda n: (n.status != "online", model not in n.loaded))
@@ -1239,6 +1388,7 @@ class Router:
                        "zombies_reaped": self.zombies_reaped,
                        "traces_written": self.traces.written,
                        "traces_dropped": self.traces.dropped},
+            "pulls": self.pulls.progress,
             "nodes": nodes})
 
     async def handle_fleet_queue(self, request, conn):

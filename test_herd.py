@@ -89,6 +89,7 @@ class Harness:
     def router(self, **env):
         environ = {"FLEET_HOST": "127.0.0.1", "FLEET_PORT": "0", "FLEET_MDNS": "false",
                    "FLEET_LOCAL_NODE": "false", "FLEET_STARTUP_WINDOW": "0",
+                   "FLEET_AUTO_PULL": "false",
                    "FLEET_DATA_DIR": str(self.tmp_path / "data"),
                    "FLEET_CONSOLE_LOG_LEVEL": "CRITICAL"}
         environ.update({k: str(v) for k, v in env.items()})
@@ -829,6 +830,46 @@ def test_loaded_fallback_beats_cold_primary_but_not_a_loaded_one(h):
     h.heartbeat(router, fake_a, "node-a", mutate=small_memory(32, 20))
     status, headers, _ = http(router.url, "POST", "/api/generate", ask)
     assert headers["x-fleet-served-model"] == "llama3.2:3b" and "x-fleet-fallback" not in headers
+
+
+def test_auto_pull_fetches_a_missing_model_once_for_concurrent_requests(h):
+    fake_small, fake_big = h.fake(), h.fake()
+    router = h.router(FLEET_AUTO_PULL="true")
+    h.heartbeat(router, fake_small, "small", mutate=small_memory(16, 4))
+    h.heartbeat(router, fake_big, "big", mutate=small_memory(64, 48))
+    threads, results = start_requests(router, 3, model="mistral:7b")
+    for t in threads:
+        t.join(30)
+    assert [r[0] for r in results] == [200] * 3
+    assert {r[1]["x-fleet-node"] for r in results} == {"big"}  # most free memory
+    pulls = [r for r in fake_big.requests if r["path"] == "/api/pull"]
+    assert len(pulls) == 1 and "mistral:7b" in fake_big.models
+    assert not [r for r in fake_small.requests if r["path"] == "/api/pull"]
+    status = json.loads(http(router.url, "GET", "/fleet/status")[2])
+    assert status["pulls"]["mistral:7b"]["status"] == "success"
+    assert status["pulls"]["mistral:7b"]["node_id"] == "big"
+    status, _, body = http(router.url, "POST", "/api/chat", {
+        "model": "doesnotexist:1b", "messages": [{"role": "user", "content": "x"}]})
+    assert status == 404 and "file does not exist" in json.loads(body)["error"]
+
+
+def test_pull_through_the_router_streams_progress_to_a_chosen_node(h):
+    import ollama
+    fake_a, fake_b = h.fake(), h.fake()
+    router = h.router()
+    h.heartbeat(router, fake_a, "node-a", mutate=small_memory(64, 60))
+    h.heartbeat(router, fake_b, "node-b", mutate=small_memory(64, 10))
+    status, headers, body = http(router.url, "POST", "/api/pull",
+                                 {"model": "phi3:mini", "node": "node-b"})
+    lines = [json.loads(x) for x in body.splitlines()]
+    assert status == 200 and headers["x-fleet-node"] == "node-b"
+    assert lines[0] == {"status": "pulling manifest"} and lines[-1] == {"status": "success"}
+    assert "phi3:mini" in fake_b.models and "node" not in fake_b.requests[-1]["body"]
+    assert "phi3:mini" in [m.model for m in ollama.Client(host=router.url).list().models]
+    progress = list(ollama.Client(host=router.url).pull("gemma2:2b", stream=True))
+    assert progress[-1].status == "success" and "gemma2:2b" in fake_a.models
+    status, _, body = http(router.url, "POST", "/api/pull", {"model": "x", "node": "nope"})
+    assert status == 404 and "nope" in json.loads(body)["error"]
 
 
 ####################################################################################
