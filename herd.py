@@ -633,6 +633,7 @@ class Exchange:
         self.progress = None  # monotonic time of the last sign of life once sent to a node
         self.relay = None
         self.reaped = False
+        self.before_end = None  # coroutine function run before the response's last byte
 
     def touch(self):
         self.progress = time.monotonic()
@@ -758,6 +759,8 @@ async def _relay_whole(cfg, conn, ex, choice, up, status, headers):
                                          f"{body[:300].decode('utf-8', 'replace')}")
     ex.ttft = time.monotonic() - ex.t0
     ex.http_status = status
+    if ex.before_end and status < 400:
+        await ex.before_end()
     await conn.send_response(status, body, None, response_headers(headers, ex, choice))
     ex.status = "completed" if status < 400 else ("rejected" if status < 500 else "failed")
     if status >= 400:
@@ -790,6 +793,8 @@ async def _relay_stream(cfg, conn, ex, choice, up, status, headers):
         await _end_with_error(conn, ex, f"node {choice.node.node_id} failed mid-stream: {e}")
         ex.status, ex.error = "incomplete", str(e)
         return
+    if ex.before_end and status < 400:
+        await ex.before_end()
     await conn.end_response()
     ex.status = "completed" if status < 400 else ("rejected" if status < 500 else "failed")
     if b'"error"' in last:
@@ -1291,6 +1296,8 @@ class Router:
                       hc.dump_json({k: v for k, v in body.items() if k != "node"}))
         choice = Choice(node, model, 0.0, {}, False)
         ex.node_id = node.node_id
+        # The new model is listed before the client sees the pull end.
+        ex.before_end = lambda: self.refresh_models(node)
         conn.watch_client()
         try:
             await run_attempt(self, conn, ex, choice)
@@ -1299,8 +1306,6 @@ class Router:
             await conn.send_response(502, hc.ollama_error_body(str(e)))
         finally:
             self.finish(ex)
-        if ex.status == "completed":
-            await self.refresh_models(node)
 
     async def refresh_models(self, node):
         """Re-read a node's models now (a pull just added one), not at its next beat."""

@@ -864,7 +864,8 @@ def test_pull_through_the_router_streams_progress_to_a_chosen_node(h):
     lines = [json.loads(x) for x in body.splitlines()]
     assert status == 200 and headers["x-fleet-node"] == "node-b"
     assert lines[0] == {"status": "pulling manifest"} and lines[-1] == {"status": "success"}
-    assert "phi3:mini" in fake_b.models and "node" not in fake_b.requests[-1]["body"]
+    pull = [r for r in fake_b.requests if r["path"] == "/api/pull"][-1]
+    assert "phi3:mini" in fake_b.models and pull["body"] == {"model": "phi3:mini"}
     assert "phi3:mini" in [m.model for m in ollama.Client(host=router.url).list().models]
     progress = list(ollama.Client(host=router.url).pull("gemma2:2b", stream=True))
     assert progress[-1].status == "success" and "gemma2:2b" in fake_a.models
