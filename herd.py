@@ -65,6 +65,9 @@ ROUTER_SETTINGS = [
                "most free memory, then serve the request"),
     hc.Setting("FLEET_AUTO_PULL_TIMEOUT", 600.0, "seconds a request waits for such a pull "
                "(503 after; the pull goes on)"),
+    hc.Setting("FLEET_CONTEXT_PROTECTION", "strip", "a num_ctx that would reload a loaded "
+               "model: strip (use the loaded context, or a larger loaded model of the same "
+               "family), warn (log only) or passthrough"),
     hc.Setting("FLEET_MAX_RETRIES", 2, "other nodes tried when a node fails before the "
                "first chunk"),
     hc.Setting("FLEET_CLIENT_MAX_IN_FLIGHT", 0, "requests one client address may have in "
@@ -644,11 +647,17 @@ class Exchange:
         return max(self.progress, self.relay.last_progress if self.relay else 0.0)
 
     def use_model(self, model, name_as_sent, body):
-        """Serve a fallback model: the forwarded body names it instead."""
+        """Serve another model (a fallback, a larger context): the body names it."""
         self.served_model = model
-        fields = {k: v for k, v in body.items() if k not in ROUTING_FIELDS}
-        fields["model"] = name_as_sent
-        self.body = hc.dump_json(fields)
+        self.rewrite(body, model=name_as_sent)
+
+    def rewrite(self, body, num_ctx=None, **fields):
+        """Forward `body` with these top-level fields (and options.num_ctx) changed."""
+        out = {k: v for k, v in json.loads(self.body).items() if k not in ROUTING_FIELDS}
+        out.update(fields)
+        if num_ctx is not None:
+            out["options"] = {**(out.get("options") or {}), "num_ctx": num_ctx}
+        self.body = hc.dump_json(out)
 
     def error_body(self, status, message):
         if self.api == "openai":
@@ -920,6 +929,10 @@ async def _proxy_attempts(router, conn, ex, body):
     requested_ctx = requested_context(body)
     fallbacks = {hc.canonical_model(m): m for m in body.get("fallback_models") or ()}
     models = [ex.model] + [m for m in fallbacks if m != ex.model]
+    bigger = larger_context_model(router, ex.model, requested_ctx)
+    if bigger:
+        models = [bigger] + models  # loaded with room for the context: no reload anywhere
+        fallbacks[bigger] = bigger
     last_error, attempt, prefer, moves, pulled = None, 0, None, 0, False
     while attempt <= cfg.max_retries:
         try:
@@ -938,6 +951,7 @@ async def _proxy_attempts(router, conn, ex, body):
         ex.retries = attempt
         if choice.model != ex.served_model:
             ex.use_model(choice.model, fallbacks.get(choice.model, choice.model), body)
+        protect_context(router, ex, choice, requested_ctx, body)
         q = fleet.queue(choice.node, choice.model)
         if cfg.pre_warm_threshold and q.active + q.waiting >= cfg.pre_warm_threshold:
             router.pre_warm(choice, fallbacks.get(choice.model, body.get("model")))
@@ -968,6 +982,46 @@ async def _proxy_attempts(router, conn, ex, body):
         finally:
             q.release()
     raise RouteError(502, f"no node could answer: {last_error}")
+
+
+def protect_context(router, ex, choice, requested_ctx, body):
+    """A num_ctx that would make Ollama reload a loaded model is set to the loaded
+    context (FLEET_CONTEXT_PROTECTION=strip), or only logged (warn)."""
+    mode = router.cfg.context_protection
+    loaded = choice.node.loaded.get(choice.model) or {}
+    loaded_ctx = int(loaded.get("context_length") or 0)
+    if mode == "passthrough" or not requested_ctx or not loaded_ctx or \
+            requested_ctx == loaded_ctx or requested_ctx > loaded_ctx:
+        return  # nothing to save, or the client needs more than is loaded
+    router.count_event(f"context_{'stripped' if mode == 'strip' else 'warned'}", ex,
+                       f"num_ctx {requested_ctx} would reload {choice.model} "
+                       f"(loaded with {loaded_ctx}) on {choice.node.node_id}")
+    if mode == "strip":
+        ex.rewrite(body, num_ctx=loaded_ctx)
+
+
+def larger_context_model(router, model, requested_ctx):
+    """A loaded model of the same family with room for `requested_ctx`, when the
+    model asked for is loaded only with less (strip mode); else None."""
+    fleet = router.fleet
+    if router.cfg.context_protection != "strip" or not requested_ctx:
+        return None
+    loaded = [(n, n.loaded[model]) for n in fleet.nodes.values() if model in n.loaded]
+    if not loaded or any(int(e.get("context_length") or 0) >= requested_ctx for _, e in loaded):
+        return None
+    family = next((n.models.get(model, {}).get("details", {}).get("family")
+                   for n, _ in loaded if model in n.models), None)
+    for node in fleet.nodes.values():
+        for name, entry in node.loaded.items():
+            details = node.models.get(name, {}).get("details") or {}
+            if name != model and family and details.get("family") == family and \
+                    int(entry.get("context_length") or 0) >= requested_ctx and \
+                    node.status == "online":
+                router.count_event("context_upgraded", None,
+                                   f"num_ctx {requested_ctx} is more than {model} has loaded; "
+                                   f"{name} on {node.node_id} has it")
+                return name
+    return None
 
 
 def strip_routing_fields(request, body):
@@ -1103,6 +1157,7 @@ class Router:
         self.active = {}  # request_id -> Exchange, for the reaper
         self.warming = set()  # (node_id, model) being pre-warmed
         self.pulls = Puller(self)
+        self.events = collections.Counter()  # routing decisions, for the health checks
         self.background = set()  # one-off tasks (pre-warms), cancelled at shutdown
         self.zombies_reaped = 0
         self.local_node_id = hc.short_hostname()
@@ -1391,6 +1446,7 @@ class Router:
                        "nodes_online": counts["online"], "nodes_degraded": counts["degraded"],
                        "nodes_offline": counts["offline"], "holding": self.fleet.holding,
                        "zombies_reaped": self.zombies_reaped,
+                       "events": dict(self.events),
                        "traces_written": self.traces.written,
                        "traces_dropped": self.traces.dropped},
             "pulls": self.pulls.progress,
@@ -1483,6 +1539,13 @@ class Router:
             fleet_log.warning(f"pre-warm failed: {e}", extra=extra)
         finally:
             self.warming.discard((node.node_id, model))
+
+    def count_event(self, event, ex, message):
+        """Count a routing decision for the health checks, and log it."""
+        self.events[event] += 1
+        fleet_log.info(message, extra={"event": event,
+                                       "request_id": ex.request_id if ex else None,
+                                       "model": ex.model if ex else None})
 
     def reap_zombies(self):
         """Stop requests sent to a node that show no progress for FLEET_STALE_TIMEOUT."""
@@ -1671,6 +1734,9 @@ def load_router_config(environ, args):
     hc.check_log_level("FLEET_CONSOLE_LOG_LEVEL", cfg.console_log_level)
     if cfg.port > 65535:
         raise hc.ConfigError(f"FLEET_PORT={cfg.port} is not a port number")
+    if cfg.context_protection not in ("strip", "warn", "passthrough"):
+        raise hc.ConfigError(f"FLEET_CONTEXT_PROTECTION={cfg.context_protection!r}: use "
+                             f"strip, warn or passthrough")
     for name in ("heartbeat_timeout", "rebalance_interval", "local_node_interval",
                  "stale_timeout"):
         if getattr(cfg, name) <= 0:

@@ -873,6 +873,56 @@ def test_pull_through_the_router_streams_progress_to_a_chosen_node(h):
     assert status == 404 and "nope" in json.loads(body)["error"]
 
 
+def load_on(fake, model, num_ctx):
+    http(fake.url, "POST", "/api/generate", {"model": model, "prompt": "", "stream": False,
+                                             "options": {"num_ctx": num_ctx}})
+
+
+def test_context_protection_keeps_a_loaded_model_from_reloading(h):
+    fake = h.fake()
+    router = h.router()
+    load_on(fake, "llama3.2:3b", 8192)
+    h.heartbeat(router, fake, "node-a")
+    loads = fake.load_count
+    ask = {"model": "llama3.2:3b", "prompt": "x", "stream": False,
+           "options": {"num_ctx": 4096, "temperature": 0.1}}
+    assert http(router.url, "POST", "/api/generate", ask)[0] == 200
+    assert fake.requests[-1]["body"]["options"] == {"num_ctx": 8192, "temperature": 0.1}
+    assert fake.load_count == loads and router.router.events["context_stripped"] == 1
+
+
+def test_context_protection_warn_mode_only_counts(h):
+    fake = h.fake()
+    router = h.router(FLEET_CONTEXT_PROTECTION="warn")
+    load_on(fake, "llama3.2:3b", 8192)
+    h.heartbeat(router, fake, "node-a")
+    loads = fake.load_count
+    ask = {"model": "llama3.2:3b", "prompt": "x", "stream": False,
+           "options": {"num_ctx": 4096}}
+    assert http(router.url, "POST", "/api/generate", ask)[0] == 200
+    assert fake.requests[-1]["body"]["options"] == {"num_ctx": 4096}
+    assert fake.load_count == loads + 1 and router.router.events["context_warned"] == 1
+
+
+def test_context_too_big_for_the_loaded_model_moves_to_a_larger_sibling(h):
+    fake = h.fake(models={"llama3.2:3b": {"family": "llama"},
+                          "llama3.1:8b": {"family": "llama"}, "qwen2.5:7b": {}})
+    router = h.router()
+    load_on(fake, "llama3.2:3b", 4096)
+    load_on(fake, "qwen2.5:7b", 32768)  # more room, but another family
+    load_on(fake, "llama3.1:8b", 16384)
+    h.heartbeat(router, fake, "node-a")
+    status, headers, _ = http(router.url, "POST", "/api/generate", {
+        "model": "llama3.2:3b", "prompt": "x", "stream": False,
+        "options": {"num_ctx": 12000}})
+    assert status == 200 and headers["x-fleet-served-model"] == "llama3.1:8b"
+    sent = fake.requests[-1]["body"]
+    assert sent["model"] == "llama3.1:8b" and sent["options"]["num_ctx"] == 16384
+    assert router.router.events["context_upgraded"] == 1
+    status, _, body = http(router.url, "GET", "/fleet/status")
+    assert json.loads(body)["router"]["events"]["context_upgraded"] == 1
+
+
 ####################################################################################
 # Heartbeats: validation and tokens
 ####################################################################################
