@@ -762,12 +762,13 @@ def test_unload_goes_to_every_node_holding_the_model(h):
     assert "llama3.2:3b" not in fake_a.loaded and "llama3.2:3b" not in fake_b.loaded
 
 
-def test_retry_on_another_node_before_first_chunk(h):
+@pytest.mark.parametrize("fault", ["reset", "refuse", "http500"])
+def test_retry_on_another_node_before_first_chunk(h, fault):
     fake_a, fake_b = h.fake(), h.fake()
     router = h.router()
     h.heartbeat(router, fake_a, "node-a", mutate=small_memory(64, 60))
     h.heartbeat(router, fake_b, "node-b", mutate=small_memory(64, 10))
-    fake_a.fault = "reset"
+    fake_a.fault = fault
     status, headers, body = http(router.url, "POST", "/api/generate",
                                  {"model": "llama3.2:3b", "prompt": "x", "stream": False})
     assert status == 200 and headers["x-fleet-node"] == "node-b"
@@ -921,6 +922,52 @@ def test_context_too_big_for_the_loaded_model_moves_to_a_larger_sibling(h):
     assert router.router.events["context_upgraded"] == 1
     status, _, body = http(router.url, "GET", "/fleet/status")
     assert json.loads(body)["router"]["events"]["context_upgraded"] == 1
+
+
+def test_ollama_busy_503_passes_through_and_is_not_retried(h):
+    fake_a, fake_b = h.fake(), h.fake()
+    router = h.router()
+    h.heartbeat(router, fake_a, "node-a", mutate=small_memory(64, 60))
+    h.heartbeat(router, fake_b, "node-b", mutate=small_memory(64, 10))
+    fake_a.fault = "http503"
+    status, headers, body = http(router.url, "POST", "/api/generate",
+                                 {"model": "llama3.2:3b", "prompt": "x"})
+    assert status == 503 and headers["x-fleet-node"] == "node-a"
+    assert json.loads(body) == {"error": herd.BUSY_ERROR}
+    assert not [r for r in fake_b.requests if r["path"] == "/api/generate"]
+
+
+def test_sigterm_on_a_node_agent_lets_its_running_stream_finish(h, tmp_path):
+    fake = h.fake(chunks=8, chunk_delay=0.15)
+    other = h.fake()
+    router = h.router()
+    env = {**os.environ, "FLEET_NODE_DATA_DIR": str(tmp_path / "n"),
+           "FLEET_NODE_HEARTBEAT_INTERVAL": "0.2"}
+    proc = subprocess.Popen([sys.executable, "herd_node.py", "--router-url", router.url,
+                             "--node-id", "leaving", "--ollama-host", fake.url],
+                            cwd=HERE, env=env, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: h.node(router, "leaving"), what="the agent's first heartbeat")
+        s = socket.create_connection(("127.0.0.1", router.port), timeout=10)
+        body = json.dumps({"model": "llama3.2:3b", "prompt": "x"}).encode()
+        s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: r\r\nConnection: close\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert b"x-fleet-node: leaving" in s.recv(65536)  # streaming from that node now
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        h.heartbeat(router, other, "staying")
+        status, headers, _ = http(router.url, "POST", "/api/generate",
+                                  {"model": "llama3.2:3b", "prompt": "x", "stream": False})
+        assert status == 200 and headers["x-fleet-node"] == "staying"
+        rest = b""
+        while chunk := s.recv(65536):
+            rest += chunk
+        assert b'"done":true' in rest and b'"error"' not in rest
+        s.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 ####################################################################################
