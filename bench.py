@@ -10,6 +10,8 @@ would cost more than the router and hide it):
     relay cost             2,000-chunk streams, Ollama NDJSON and OpenAI SSE: chunks/s
                            and router CPU per relayed chunk
     memory                 router RSS idle after start-up, and after the load
+    chaos                  steady load on three nodes while one Ollama is killed and
+                           restarted: requests completed, failed clearly, lost, hung
 
 Run:   python bench.py            (about 20 s on 2 cores)
        python bench.py --quick    (about 8 s)    --json out.json   saves the numbers
@@ -201,6 +203,88 @@ def measure_relay(ports, router, kind, sequential, concurrent):
     return out
 
 
+async def chaos_request(port, request, timeout):
+    """One streamed request: completed, failed (a clear error), lost, or hung."""
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(request)
+                data = b""
+                while chunk := await reader.read(65536):
+                    data += chunk
+            finally:
+                writer.close()
+    except TimeoutError:
+        return "hung"
+    except OSError:
+        return "lost"
+    head, _, body = data.partition(b"\r\n\r\n")
+    if head.startswith(b"HTTP/1.1 200") and b'"done":true' in body and b'"error"' not in body:
+        return "completed"
+    if b'"error"' in body:
+        return "failed"  # a status with an error body, or an error line mid-stream
+    return "lost"
+
+
+async def chaos_load(port, seconds, workers):
+    request = request_bytes("/api/generate", {"model": MODEL, "prompt": "x"})
+    request = request.replace(b"Host: localhost\r\n", b"Host: localhost\r\nConnection: close\r\n")
+    outcomes = []
+    deadline = time.monotonic() + seconds
+
+    async def worker():
+        while time.monotonic() < deadline:
+            outcomes.append(await chaos_request(port, request, 30))
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    return outcomes
+
+
+def measure_chaos(seconds):
+    """Steady load on three nodes (real agents) while one Ollama is killed, then back."""
+    router_port = free_port()
+    fake_ports = [free_port() for _ in range(3)]
+    data_dir = tempfile.mkdtemp(prefix="herd-chaos-")
+    env = {**os.environ, "FLEET_HOST": "127.0.0.1", "FLEET_PORT": str(router_port),
+           "FLEET_DATA_DIR": data_dir, "FLEET_MDNS": "false", "FLEET_LOCAL_NODE": "false",
+           "FLEET_HEARTBEAT_TIMEOUT": "2", "FLEET_HEARTBEAT_OFFLINE": "4",
+           "FLEET_CONSOLE_LOG_LEVEL": "ERROR"}
+    router = subprocess.Popen([sys.executable, os.path.join(HERE, "herd.py")], env=env)
+    fakes = [start_fake(p, 20, 0.01) for p in fake_ports]
+    agents = [subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "herd_node.py"), "--router-url",
+         f"http://127.0.0.1:{router_port}", "--node-id", f"node-{i}", "--ollama-host",
+         f"http://127.0.0.1:{p}"], stderr=subprocess.DEVNULL,
+        env={**os.environ, "FLEET_NODE_HEARTBEAT_INTERVAL": "0.5",
+             "FLEET_NODE_DATA_DIR": data_dir}) for i, p in enumerate(fake_ports)]
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{router_port}/fleet/status") as r:
+                    if len(json.load(r)["nodes"]) == 3:
+                        break
+            except OSError:
+                pass
+            time.sleep(0.1)
+
+        async def run():
+            load = asyncio.create_task(chaos_load(router_port, seconds, 8))
+            await asyncio.sleep(seconds / 3)
+            fakes[0].kill()  # the power goes off on node-0's Ollama
+            fakes[0].wait()
+            await asyncio.sleep(seconds / 3)
+            fakes[0] = start_fake(fake_ports[0], 20, 0.01)  # and comes back
+            return await load
+        outcomes = asyncio.run(run())
+    finally:
+        for proc in agents + fakes + [router]:
+            proc.terminate()
+            proc.wait(10)
+    return {k: outcomes.count(k) for k in ("completed", "failed", "lost", "hung")} | {
+        "sent": len(outcomes)}
+
+
 def machine():
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                   if line.startswith("model name")), platform.processor()) \
@@ -274,8 +358,14 @@ def main():
             proc.terminate()
             proc.wait(10)
     results["relay_paced"] = measure_paced(scale)
+    results["chaos"] = measure_chaos(6 if args.quick else 15)
     print(f"Machine: {results['machine']}\n")
     print(table(results))
+    c = results["chaos"]
+    print(f"\nChaos: steady load on 3 nodes, one Ollama killed and restarted: {c['sent']} "
+          f"sent, {c['completed']} completed, {c['failed']} failed with a clear error, "
+          f"{c['lost']} lost, {c['hung']} hung "
+          f"({verdict(c['lost'] == 0 and c['hung'] == 0)}: none lost or hung)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -23,6 +23,7 @@ Key settings: FLEET_PORT (11435), FLEET_HOST (0.0.0.0), FLEET_DATA_DIR (~/.fleet
 import argparse
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import hmac
 import json
@@ -1664,6 +1665,10 @@ class RouterServer:
         self.connections = set()
 
     async def start(self):
+        # psutil and SQLite reads are short: two threads do (each extra thread costs
+        # memory, and idle memory is a target).
+        asyncio.get_running_loop().set_default_executor(
+            concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="herd-io"))
         self.traces.start()
         self.router = Router(self.cfg, self.traces)
         self.server = await asyncio.start_server(self._on_connect, self.cfg.host, self.cfg.port,

@@ -170,7 +170,26 @@ def run_program(prog, environ, args, load, log_file, run):
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
     setup_logging(cfg.data_dir, log_file, cfg.log_level, cfg.console_log_level)
+    release_freed_memory()
     return asyncio.run(run(cfg))
+
+
+def release_freed_memory():
+    """Give the heap the compiler freed back to the OS (glibc only).
+
+    Python compiles the script it runs from source each time (no .pyc for __main__);
+    for the router that leaves about 4 MB of freed but resident heap. malloc_trim
+    returns it. Elsewhere this does nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc (musl, for one): nothing to trim
 
 
 def stop_signal():
