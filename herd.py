@@ -1316,14 +1316,22 @@ class Router:
         models.sort(key=lambda m: m.get("expires_at", ""), reverse=True)
         await conn.send_json(200, {"models": models})
 
-    async def handle_show(self, request, conn):
+    @staticmethod
+    async def read_model_request(request, conn):
+        """(body, model name) of a native request, or None once a 400 is sent."""
         try:
             body = hc.parse_json_body(request.body)
         except ValueError as e:
             return await conn.send_response(400, hc.ollama_error_body(str(e)))
-        name = body.get("model") or body.get("name")
+        name = body.get("model") or body.get("name")  # "name" is the older spelling
         if not isinstance(name, str) or not name:
             return await conn.send_response(400, hc.ollama_error_body("model is required"))
+        return body, name
+
+    async def handle_show(self, request, conn):
+        if not (parsed := await self.read_model_request(request, conn)):
+            return
+        body, name = parsed
         node = self.any_holder(hc.canonical_model(name))
         if node is None:
             return await conn.send_response(404, hc.ollama_error_body(
@@ -1333,13 +1341,9 @@ class Router:
     async def handle_pull(self, request, conn):
         """Pull through the router: onto the node named in "node", else the node with
         the most free memory; Ollama's progress is relayed as it comes."""
-        try:
-            body = hc.parse_json_body(request.body)
-        except ValueError as e:
-            return await conn.send_response(400, hc.ollama_error_body(str(e)))
-        name = body.get("model") or body.get("name")
-        if not isinstance(name, str) or not name:
-            return await conn.send_response(400, hc.ollama_error_body("model is required"))
+        if not (parsed := await self.read_model_request(request, conn)):
+            return
+        body, name = parsed
         node = self.pulls.pick_node(body.get("node"))
         if node is None:
             what = f"node '{body['node']}' is not online" if body.get("node") else \

@@ -162,6 +162,14 @@ def small_memory(total_gib, available_gib):
     return mutate
 
 
+def load_on(fake, model, num_ctx=None):
+    """Load a model on a fake directly (an empty prompt only loads, as in Ollama)."""
+    body = {"model": model, "prompt": "", "stream": False}
+    if num_ctx:
+        body["options"] = {"num_ctx": num_ctx}
+    http(fake.url, "POST", "/api/generate", body)
+
+
 def http(url, method, path, body=None, headers=None, timeout=10):
     """A raw HTTP request with the stdlib; returns (status, headers dict, body bytes)."""
     import http.client
@@ -664,8 +672,7 @@ def test_rebalancer_moves_queued_requests_to_a_hot_node_only(h):
     h.heartbeat(router, fake_b, "node-b")  # free, but the model is cold there: stay
     assert h.bg.call(router.router.fleet.rebalance) == 0
     assert queued(router, "node-a") == 2
-    http(fake_b.url, "POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "",
-                                               "stream": False})
+    load_on(fake_b, "llama3.2:3b")
     h.heartbeat(router, fake_b, "node-b")  # now hot with free slots: take them
     for t in threads:
         t.join(30)
@@ -676,8 +683,7 @@ def test_rebalancer_moves_queued_requests_to_a_hot_node_only(h):
 def test_deep_queue_pre_warms_the_runner_up_once(h):
     fake_a, fake_b = h.fake(chunks=4, chunk_delay=0.25), h.fake(load_delay=0.3)
     router = h.router(FLEET_PRE_WARM_THRESHOLD=2, FLEET_REBALANCE_INTERVAL=60)
-    http(fake_a.url, "POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "",
-                                               "stream": False})
+    load_on(fake_a, "llama3.2:3b")
     h.heartbeat(router, fake_a, "node-a", FLEET_NODE_NUM_PARALLEL=1)
     h.heartbeat(router, fake_b, "node-b")  # has the model on disk, cold
     threads, results = start_requests(router, 4)
@@ -709,8 +715,7 @@ def test_hot_node_wins_over_cold(h):
     fake_a, fake_b = h.fake(), h.fake()
     router = h.router()
     # warm the model on b only, then let both report
-    http(fake_b.url, "POST", "/api/generate", {"model": "qwen2.5:7b", "prompt": "",
-                                               "stream": False})
+    load_on(fake_b, "qwen2.5:7b")
     h.heartbeat(router, fake_a, "node-a", mutate=small_memory(32, 20))
     h.heartbeat(router, fake_b, "node-b", mutate=small_memory(32, 20))
     status, headers, _ = http(router.url, "POST", "/api/generate",
@@ -751,8 +756,7 @@ def test_unload_goes_to_every_node_holding_the_model(h):
     fake_a, fake_b = h.fake(), h.fake()
     router = h.router()
     for fake in (fake_a, fake_b):
-        http(fake.url, "POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "",
-                                                 "stream": False})
+        load_on(fake, "llama3.2:3b")
     h.heartbeat(router, fake_a, "node-a")
     h.heartbeat(router, fake_b, "node-b")
     status, headers, body = http(router.url, "POST", "/api/generate",
@@ -818,16 +822,14 @@ def test_fallback_model_serves_when_the_primary_is_missing(one_node):
 def test_loaded_fallback_beats_cold_primary_but_not_a_loaded_one(h):
     fake_a, fake_b = h.fake(), h.fake()
     router = h.router()
-    http(fake_b.url, "POST", "/api/generate", {"model": "qwen2.5:7b", "prompt": "",
-                                               "stream": False})
+    load_on(fake_b, "qwen2.5:7b")
     h.heartbeat(router, fake_a, "node-a", mutate=small_memory(32, 20))
     h.heartbeat(router, fake_b, "node-b", mutate=small_memory(32, 20))
     ask = {"model": "llama3.2:3b", "prompt": "x", "stream": False,
            "fallback_models": ["qwen2.5:7b"]}
     status, headers, _ = http(router.url, "POST", "/api/generate", ask)
     assert headers["x-fleet-served-model"] == "qwen2.5:7b"  # primary was cold everywhere
-    http(fake_a.url, "POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "",
-                                               "stream": False})
+    load_on(fake_a, "llama3.2:3b")
     h.heartbeat(router, fake_a, "node-a", mutate=small_memory(32, 20))
     status, headers, _ = http(router.url, "POST", "/api/generate", ask)
     assert headers["x-fleet-served-model"] == "llama3.2:3b" and "x-fleet-fallback" not in headers
@@ -872,11 +874,6 @@ def test_pull_through_the_router_streams_progress_to_a_chosen_node(h):
     assert progress[-1].status == "success" and "gemma2:2b" in fake_a.models
     status, _, body = http(router.url, "POST", "/api/pull", {"model": "x", "node": "nope"})
     assert status == 404 and "nope" in json.loads(body)["error"]
-
-
-def load_on(fake, model, num_ctx):
-    http(fake.url, "POST", "/api/generate", {"model": model, "prompt": "", "stream": False,
-                                             "options": {"num_ctx": num_ctx}})
 
 
 def test_context_protection_keeps_a_loaded_model_from_reloading(h):
