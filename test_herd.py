@@ -139,6 +139,8 @@ class Harness:
     def close(self):
         for server in self.routers:
             self.bg.run(server.stop())
+            assert not server.connections and not server.router.pool.idle, \
+                "connections left open after shutdown"
         for fake in self.fakes:
             self.bg.run(fake.stop())
         left = self.bg.leftover_tasks()
@@ -589,6 +591,25 @@ def test_holding_queue_times_out_with_503(h):
                            {"model": "llama3.2:3b", "prompt": "x"})
     assert status == 503 and json.loads(body)["error"]["type"] == "api_error"
     assert h.traces(router)[-1]["status"] == "failed"
+
+
+def test_holding_queue_serves_in_arrival_order(h):
+    fake = h.fake(chunks=2, chunk_delay=0.05)
+    router = h.router(FLEET_HOLD_TIMEOUT=20)
+    h.heartbeat(router, fake, "node-a", FLEET_NODE_NUM_PARALLEL=1,
+                mutate=lambda hb: hb.update(paused=True))
+    threads = []
+    for i in range(4):
+        body = {"model": "llama3.2:3b", "prompt": f"p{i}", "stream": False}
+        threads.append(threading.Thread(target=http, args=(router.url, "POST",
+                                                           "/api/generate", body, None, 30)))
+        threads[-1].start()
+        wait_until(lambda: router.router.fleet.holding == i + 1, what=f"request {i} held")
+    h.heartbeat(router, fake, "node-a", FLEET_NODE_NUM_PARALLEL=1)
+    for t in threads:
+        t.join(30)
+    prompts = [r["body"]["prompt"] for r in fake.requests if r["path"] == "/api/generate"]
+    assert prompts == ["p0", "p1", "p2", "p3"]
 
 
 def test_a_client_leaving_the_holding_queue_is_traced_as_cancelled(h):
@@ -1274,6 +1295,39 @@ def test_router_restart_while_nodes_keep_running(h, tmp_path):
         for proc in (agent, router):
             proc.terminate()
             proc.wait(10)
+
+
+def test_router_sigterm_lets_a_running_stream_finish_and_writes_its_trace(h, tmp_path):
+    fake = h.fake(chunks=10, chunk_delay=0.1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "FLEET_HOST": "127.0.0.1", "FLEET_PORT": str(port),
+           "FLEET_MDNS": "false", "FLEET_LOCAL_NODE": "true",
+           "FLEET_LOCAL_OLLAMA_URL": fake.url, "FLEET_LOCAL_NODE_INTERVAL": "0.1",
+           "FLEET_DATA_DIR": str(tmp_path), "FLEET_CONSOLE_LOG_LEVEL": "INFO"}
+    proc = subprocess.Popen([sys.executable, "herd.py"], cwd=HERE, env=env,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert "listening on" in proc.stderr.readline()
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        body = json.dumps({"model": "llama3.2:3b", "prompt": "x"}).encode()
+        s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: r\r\nConnection: close\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        got = s.recv(65536)
+        assert got.startswith(b"HTTP/1.1 200")  # streaming now
+        proc.send_signal(signal.SIGTERM)
+        while chunk := s.recv(65536):
+            got += chunk
+        assert got.count(b'"response"') == 11 and b'"done":true' in got
+        assert proc.wait(10) == 0
+        rows = sqlite3.connect(os.path.join(tmp_path, "latency.db")).execute(
+            "SELECT status, completion_tokens FROM request_traces").fetchall()
+        assert rows == [("completed", 10)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_help_lists_settings_and_bad_values_stop_startup(tmp_path):
