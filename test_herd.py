@@ -468,6 +468,16 @@ def test_zombie_reaper_fails_a_request_without_progress(h):
     assert status == 504 and "reaped" in json.loads(body)["error"]["message"]
 
 
+def test_non_streamed_answer_cut_off_is_a_clean_502(one_node):
+    import ollama
+    h, router, fake = one_node
+    fake.fault = "die_mid_stream"
+    with pytest.raises(ollama.ResponseError) as err:
+        ollama.Client(host=router.url).generate(model="llama3.2:3b", prompt="x")
+    assert err.value.status_code == 502 and "middle of the response" in str(err.value)
+    assert [r["status"] for r in h.traces(router)] == ["retried", "failed"]
+
+
 def test_node_dying_mid_sse_stream_sends_error_event(one_node):
     import openai
     h, router, fake = one_node
