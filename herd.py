@@ -620,7 +620,7 @@ class Exchange:
         self.wall = time.time()
         self.request = request
         self.api, self.endpoint, self.model, self.stream = api, endpoint, model, stream
-        self.body = body
+        self.body = self.client_body = body
         self.node_id = None
         self.served_model = model
         self.retries = 0
@@ -646,6 +646,9 @@ class Exchange:
         if self.progress is None:
             return None
         return max(self.progress, self.relay.last_progress if self.relay else 0.0)
+
+    def reset_body(self):
+        self.body, self.served_model = self.client_body, self.model
 
     def use_model(self, model, name_as_sent, body):
         """Serve another model (a fallback, a larger context): the body names it."""
@@ -850,27 +853,20 @@ async def _end_with_error(conn, ex, message):
         await conn.end_response()
 
 
+TOKEN_FIELDS = {  # Ollama writes its counts last: the tail of the answer has them
+    "prompt_tokens": re.compile(rb'"(?:prompt_eval_count|prompt_tokens)":(\d+)'),
+    "completion_tokens": re.compile(rb'"(?:eval_count|completion_tokens)":(\d+)'),
+}
+
+
 def count_tokens(ex, tail, chunks=0):
     """Token counts from the final chunk (Ollama) or the usage object (OpenAI)."""
-    for raw in reversed(tail.split(b"\n")):
-        raw = raw.strip()
-        if raw.startswith(b"data:"):
-            raw = raw[5:].strip()
-        if not raw.startswith(b"{"):
-            continue
-        try:
-            obj = json.loads(raw)
-        except ValueError:
-            continue
-        if "eval_count" in obj or "prompt_eval_count" in obj:
-            ex.prompt_tokens = obj.get("prompt_eval_count", 0)
-            ex.completion_tokens = obj.get("eval_count", 0)
-            return
-        if isinstance(obj.get("usage"), dict):
-            ex.prompt_tokens = obj["usage"].get("prompt_tokens")
-            ex.completion_tokens = obj["usage"].get("completion_tokens")
-            return
-    if chunks and ex.api == "openai":
+    tail = tail[-4096:]  # never parse a whole (perhaps 16 MB) answer on the loop
+    for field, pattern in TOKEN_FIELDS.items():
+        found = pattern.findall(tail)
+        if found:
+            setattr(ex, field, int(found[-1]))
+    if ex.completion_tokens is None and chunks and ex.api == "openai":
         ex.completion_tokens = max(0, chunks - 2)  # one token per content event
 
 
@@ -901,7 +897,9 @@ async def proxy_inference(router, request, conn, api, body, model, stream):
         else:
             ex.error = ex.error or "router shutting down"
         raise
-    except (ConnectionError, hc.UpstreamError) as e:
+    except ConnectionError as e:  # writing to the client failed: it is gone
+        ex.status, ex.error = "cancelled", f"client connection lost: {e}"
+    except hc.UpstreamError as e:
         ex.status, ex.error = "incomplete", str(e)
     finally:
         router.active.pop(ex.request_id, None)
@@ -950,7 +948,8 @@ async def _proxy_attempts(router, conn, ex, body):
             break
         ex.node_id, ex.score, ex.breakdown = choice.node.node_id, choice.score, choice.breakdown
         ex.retries = attempt
-        if choice.model != ex.served_model:
+        ex.reset_body()  # a retry must not inherit the last node's rewrites
+        if choice.model != ex.model:
             ex.use_model(choice.model, fallbacks.get(choice.model, choice.model), body)
         protect_context(router, ex, choice, requested_ctx, body)
         q = fleet.queue(choice.node, choice.model)

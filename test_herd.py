@@ -920,6 +920,20 @@ def test_context_protection_keeps_a_loaded_model_from_reloading(h):
     assert fake.load_count == loads and router.router.events["context_stripped"] == 1
 
 
+def test_a_retry_forwards_the_clients_body_not_the_last_nodes_rewrite(h):
+    fake_a, fake_b = h.fake(), h.fake()
+    router = h.router()
+    load_on(fake_a, "llama3.2:3b", 8192)
+    h.heartbeat(router, fake_a, "node-a", mutate=small_memory(64, 60))
+    h.heartbeat(router, fake_b, "node-b", mutate=small_memory(64, 10))
+    fake_a.fault = "reset"  # hot, so chosen first, with num_ctx raised to its 8192
+    status, headers, _ = http(router.url, "POST", "/api/generate", {
+        "model": "llama3.2:3b", "prompt": "x", "stream": False,
+        "options": {"num_ctx": 4096}})
+    assert status == 200 and headers["x-fleet-node"] == "node-b"
+    assert fake_b.requests[-1]["body"]["options"] == {"num_ctx": 4096}
+
+
 def test_context_protection_warn_mode_only_counts(h):
     fake = h.fake()
     router = h.router(FLEET_CONTEXT_PROTECTION="warn")
