@@ -875,9 +875,17 @@ class ChunkRelay(asyncio.Protocol):
 
     def start(self, buffered):
         transport = self.up.writer.transport
+        reader = self.up.reader
         transport.set_protocol(self)
         if buffered:
             self.data_received(buffered)
+        if self.done.done():
+            return
+        if reader.exception() is not None or reader.at_eof() or transport.is_closing():
+            # The node hung up before we took over: connection_lost went to the
+            # stream protocol, so it will not come here.
+            return self._fail(UpstreamError("body", self.up._died("body", reader.exception()),
+                                            True))
         transport.resume_reading()
 
     @property

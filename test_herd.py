@@ -478,6 +478,19 @@ def test_non_streamed_answer_cut_off_is_a_clean_502(one_node):
     assert [r["status"] for r in h.traces(router)] == ["retried", "failed"]
 
 
+@pytest.mark.parametrize("die_after", [1, 2, 3])
+def test_node_dying_right_after_its_first_chunks_is_seen_at_once(h, die_after):
+    fake = h.fake(chunks=6)
+    router = h.router(FLEET_CHUNK_TIMEOUT=30)  # a missed death would wait this long
+    h.heartbeat(router, fake, "node-a")
+    fake.fault, fake.die_after = "die_mid_stream", die_after
+    status, _, body = http(router.url, "POST", "/api/generate",
+                           {"model": "llama3.2:3b", "prompt": "x"}, timeout=10)
+    lines = [json.loads(x) for x in body.splitlines()]
+    assert status == 200 and "mid-stream" in lines[-1]["error"]
+    assert len(lines) == die_after + 1
+
+
 def test_node_dying_mid_sse_stream_sends_error_event(one_node):
     import openai
     h, router, fake = one_node
@@ -1415,3 +1428,38 @@ def test_chunked_body_splits_only_at_chunk_boundaries():
         hc.ChunkedBody(b"5\r\nhelloXX").take()
     trailers = hc.ChunkedBody(b"1\r\na\r\n0\r\nx-checksum: 1\r\n\r\n")
     assert trailers.take() == b"1\r\na\r\n" and trailers.done
+
+
+def test_relay_sees_a_node_that_hung_up_before_the_relay_took_over():
+    async def scenario():
+        async def node(reader, writer):  # a head, one chunk, then gone
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"3\r\nabc\r\n")
+            await writer.drain()
+            writer.close()
+        server = await asyncio.start_server(node, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client_r, client_w = await asyncio.open_connection("127.0.0.1", port)  # a sink
+        try:
+            up = await hc.Upstream.connect("127.0.0.1", port, 5)
+            await up.send_request(b"POST", b"/api/generate", [], b"{}")
+            status, headers = await up.receive_head(5)
+            assert await up.receive_chunks(5) == b"3\r\nabc\r\n"
+            for _ in range(200):  # let the stream protocol see the node's EOF first
+                if up.reader.at_eof():
+                    break
+                await asyncio.sleep(0.005)
+            assert up.reader.at_eof()
+            relay = hc.ChunkRelay(up, client_w, timeout=30)
+            relay.start(hc.take_buffered(up.reader))
+            with pytest.raises(hc.UpstreamError, match="middle of the response"):
+                async with asyncio.timeout(5):  # not the 30 s stall timer
+                    await relay.done
+            relay.stop()
+            up.close()
+        finally:
+            client_w.close()
+            server.close()
+            await server.wait_closed()
+    asyncio.run(scenario())
