@@ -149,6 +149,9 @@ class SlotQueue:
             raise
 
     def release(self):
+        if self.active > self.limit:  # the node lowered its slots: shrink first
+            self.active -= 1
+            return
         while self.waiters:
             fut = self.waiters.popleft()
             if not fut.done():

@@ -788,6 +788,24 @@ def test_queue_limit_follows_reported_parallel_slots(h):
     assert [r[0] for r in results] == [200] * 5 and fake.max_active == 2
 
 
+def test_slot_queue_shrinks_when_a_node_lowers_its_slots():
+    async def scenario():
+        q = herd.SlotQueue(3)
+        for _ in range(3):
+            await q.acquire()
+        waiter = asyncio.ensure_future(q.acquire())
+        await asyncio.sleep(0)
+        q.set_limit(1)
+        q.release()
+        q.release()  # two finish: that only brings active down to the new limit
+        await asyncio.sleep(0)
+        assert (q.active, q.waiting, waiter.done()) == (1, 1, False)
+        q.release()  # the next one to finish hands its slot on
+        await asyncio.sleep(0)
+        assert waiter.done() and (q.active, q.waiting) == (1, 0)
+    asyncio.run(scenario())
+
+
 def test_unknown_slots_use_a_default_above_one(h):
     fake = h.fake(num_parallel=8)
     router = h.router()
