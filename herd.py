@@ -1495,24 +1495,24 @@ class Router:
 
     async def poll_local_node(self):
         """Serve this machine's Ollama as a node while no agent reports it."""
-        settings, next_settings = {}, 0.0
         port = hc.split_url(self.cfg.local_ollama_url)[1]
-        while True:
-            if not self.local_node_taken():
-                ollama = await hc.read_ollama(self.cfg.local_ollama_url, timeout=3)
-                known = self.local_node_id in self.fleet.nodes
-                if ollama["ok"] or known:
-                    if time.monotonic() >= next_settings:
-                        found, _ = await asyncio.to_thread(hc.find_ollama_settings, psutil,
-                                                           port)
-                        settings, next_settings = found or {}, time.monotonic() + 60
-                    machine = await asyncio.to_thread(hc.read_machine, psutil,
-                                                      self.cfg.data_dir)
-                    slots, source = hc.resolve_num_parallel(0, settings, os.environ)
-                    hb = hc.build_heartbeat(self.local_node_id, self.cfg.local_ollama_url,
-                                            machine, ollama, settings, slots, source)
-                    self.fleet.apply_heartbeat(hb, local=True)
-            await asyncio.sleep(self.cfg.local_node_interval)
+        settings = {"found": {}, "next": 0.0}
+
+        async def poll():
+            if self.local_node_taken():
+                return
+            ollama = await hc.read_ollama(self.cfg.local_ollama_url, timeout=3)
+            if not ollama["ok"] and self.local_node_id not in self.fleet.nodes:
+                return  # no Ollama here (yet): nothing to serve
+            if time.monotonic() >= settings["next"]:  # Ollama may restart with others
+                found, _ = await asyncio.to_thread(hc.find_ollama_settings, psutil, port)
+                settings.update(found=found or {}, next=time.monotonic() + 60)
+            machine = await asyncio.to_thread(hc.read_machine, psutil, self.cfg.data_dir)
+            slots, source = hc.resolve_num_parallel(0, settings["found"], os.environ)
+            self.fleet.apply_heartbeat(hc.build_heartbeat(
+                self.local_node_id, self.cfg.local_ollama_url, machine, ollama,
+                settings["found"], slots, source), local=True)
+        await hc.repeat(poll, self.cfg.local_node_interval, log, "polling the local Ollama")
 
     def pre_warm(self, choice, name):
         """Load the model on the runner-up node, so the next request finds it hot."""
@@ -1566,19 +1566,16 @@ class Router:
         return reaped
 
     async def reap_forever(self):
-        while True:
-            await asyncio.sleep(min(30.0, self.cfg.stale_timeout / 4))
-            self.reap_zombies()
+        await hc.repeat(self.reap_zombies, min(30.0, self.cfg.stale_timeout / 4), log,
+                        "the zombie reaper")
 
     async def rebalance_forever(self):
-        while True:
-            await asyncio.sleep(self.cfg.rebalance_interval)
-            self.fleet.rebalance()
+        await hc.repeat(self.fleet.rebalance, self.cfg.rebalance_interval, log,
+                        "rebalancing")
 
     async def watch_status(self):
-        while True:
-            self.fleet.refresh_status()
-            await asyncio.sleep(min(1.0, self.cfg.heartbeat_timeout / 4))
+        await hc.repeat(self.fleet.refresh_status, min(1.0, self.cfg.heartbeat_timeout / 4),
+                        log, "the node status watch")
 
     async def load_learning(self):
         """Seed the latency averages from the last week of traces."""

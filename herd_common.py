@@ -192,6 +192,21 @@ def release_freed_memory():
         pass  # not glibc (musl, for one): nothing to trim
 
 
+async def repeat(step, interval, log, what):
+    """Run `step()` every `interval` seconds (counted from each start) until cancelled.
+    A step that fails is logged with its traceback, and the next one runs on time: a
+    background duty must not die of one bad reading."""
+    while True:
+        started = time.monotonic()
+        try:
+            result = step()
+            if asyncio.iscoroutine(result):
+                await result
+        except Exception:
+            log.exception(f"{what} failed; trying again in {interval:g}s")
+        await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+
 def stop_signal():
     """An event set by SIGTERM or SIGINT (call inside the running loop)."""
     stop = asyncio.Event()

@@ -204,13 +204,12 @@ class Agent:
 
     async def run(self):
         """Heartbeat until cancelled."""
-        while True:
-            if self.router_url is None:
-                await self.finder.found.wait()
-            started = time.monotonic()
+        if self.router_url is None:
+            await self.finder.found.wait()
+
+        async def beat():
             await self.send(await self.snapshot())
-            await asyncio.sleep(max(0.0, self.cfg.heartbeat_interval
-                                    - (time.monotonic() - started)))
+        await hc.repeat(beat, self.cfg.heartbeat_interval, log, "heartbeat")
 
     def save_state(self, hb):
         """Write what this node knows of its capacity, for a person or a later run."""

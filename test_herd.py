@@ -9,6 +9,7 @@ and `openai` packages, raw sockets, subprocesses), as a user's programs would.
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -1481,3 +1482,22 @@ def test_relay_sees_a_node_that_hung_up_before_the_relay_took_over():
             server.close()
             await server.wait_closed()
     asyncio.run(scenario())
+
+
+def test_a_background_duty_survives_a_failing_step(caplog):
+    calls = []
+
+    def step():
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("psutil could not read /proc")
+
+    async def scenario():
+        task = asyncio.create_task(hc.repeat(step, 0.01, logging.getLogger("test.repeat"),
+                                             "the test duty"))
+        while len(calls) < 3:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.wait([task])
+    asyncio.run(scenario())
+    assert len(calls) >= 3 and "the test duty failed" in caplog.text
