@@ -105,6 +105,23 @@ ROUTING_FIELDS = ("fallback_models",)
 NATIVE_INFERENCE = ("/api/chat", "/api/generate", "/api/embed", "/api/embeddings")
 OPENAI_INFERENCE = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 BUSY_ERROR = "server busy, please try again.  maximum pending requests exceeded"
+METRICS = [  # what GET /metrics exposes, in the Prometheus text format
+    ("herd_requests_total", "counter", "Requests finished, by served model, node and status."),
+    ("herd_request_duration_seconds", "histogram", "Time from request to last byte."),
+    ("herd_time_to_first_token_seconds", "histogram", "Time from request to first chunk."),
+    ("herd_tokens_total", "counter", "Prompt and completion tokens, as Ollama counted them."),
+    ("herd_retries_total", "counter", "Attempts that failed before the first chunk."),
+    ("herd_fallbacks_total", "counter", "Requests served by another model than asked."),
+    ("herd_cancellations_total", "counter", "Requests whose client went away."),
+    ("herd_queue_in_flight", "gauge", "Requests running, per node and model."),
+    ("herd_queue_waiting", "gauge", "Requests queued, per node and model."),
+    ("herd_holding_requests", "gauge", "Requests waiting for any node that can serve them."),
+    ("herd_node_status", "gauge", "1 for the node's current status."),
+    ("herd_node_memory_bytes", "gauge", "Node memory, total and available."),
+    ("herd_events_total", "counter", "Routing decisions (context protection, ...)."),
+    ("herd_zombies_reaped_total", "counter", "Requests stopped by the zombie reaper."),
+    ("herd_trace_rows_dropped_total", "counter", "Trace rows lost to a full writer queue."),
+]
 MAX_MOVES = 8  # a queued request follows the rebalancer this often, then routes freely
 NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -1161,6 +1178,9 @@ class Router:
         self.warming = set()  # (node_id, model) being pre-warmed
         self.pulls = Puller(self)
         self.events = collections.Counter()  # routing decisions, for the health checks
+        self.metrics = hc.Metrics()
+        for name, kind, text in METRICS:
+            self.metrics.describe(name, kind, text)
         self.background = set()  # one-off tasks (pre-warms), cancelled at shutdown
         self.zombies_reaped = 0
         self.local_node_id = hc.short_hostname()
@@ -1177,6 +1197,7 @@ class Router:
             ("POST", "/heartbeat"): self.handle_heartbeat,
             ("GET", "/fleet/status"): self.handle_fleet_status,
             ("GET", "/fleet/queue"): self.handle_fleet_queue,
+            ("GET", "/metrics"): self.handle_metrics,
         }
         for path in NATIVE_INFERENCE + OPENAI_INFERENCE:
             self.routes[("POST", path)] = self.handle_inference
@@ -1228,8 +1249,9 @@ class Router:
                 del self.client_in_flight[client]
 
     def finish(self, ex):
-        """Record the trace of a finished request and log it."""
+        """Record the trace of a finished request, count it, and log it."""
         self.traces.record(ex.trace_row())
+        self.count_request(ex)
         # One line per request goes to the JSONL file (DEBUG by default); only trouble
         # reaches the terminal.
         level = logging.DEBUG if ex.status in ("completed", "cancelled") else logging.WARNING
@@ -1546,6 +1568,49 @@ class Router:
             fleet_log.warning(f"pre-warm failed: {e}", extra=extra)
         finally:
             self.warming.discard((node.node_id, model))
+
+    def count_request(self, ex):
+        m, model, node = self.metrics, ex.served_model, ex.node_id or ""
+        m.inc("herd_requests_total", (("model", model), ("node", node), ("status", ex.status)))
+        m.observe("herd_request_duration_seconds", (("model", model),),
+                  time.monotonic() - ex.t0)
+        if ex.ttft is not None:
+            m.observe("herd_time_to_first_token_seconds", (("model", model),), ex.ttft)
+        for kind in ("prompt", "completion"):
+            tokens = getattr(ex, f"{kind}_tokens")
+            if tokens:
+                m.inc("herd_tokens_total", (("model", model), ("kind", kind)), tokens)
+        if ex.retries:
+            m.inc("herd_retries_total", (("model", model),), ex.retries)
+        if ex.served_model != ex.model:
+            m.inc("herd_fallbacks_total", (("requested", ex.model), ("served", model)))
+        if ex.status == "cancelled":
+            m.inc("herd_cancellations_total", (("model", model),))
+
+    def metrics_gauges(self):
+        """Live state for /metrics: queues, nodes, and the router's own counts."""
+        out = [("herd_holding_requests", (), self.fleet.holding),
+               ("herd_trace_rows_dropped_total", (), self.traces.dropped),
+               ("herd_zombies_reaped_total", (), self.zombies_reaped)]
+        for (node_id, model), q in self.fleet.queues.items():
+            out.append(("herd_queue_in_flight", (("node", node_id), ("model", model)), q.active))
+            out.append(("herd_queue_waiting", (("node", node_id), ("model", model)), q.waiting))
+        for node in self.fleet.nodes.values():
+            for status in ("online", "degraded", "offline"):
+                out.append(("herd_node_status", (("node", node.node_id), ("status", status)),
+                            int(node.status == status)))
+            mem = node.info.get("memory", {})
+            for kind in ("total", "available"):
+                out.append(("herd_node_memory_bytes", (("node", node.node_id),
+                                                       ("kind", kind)), mem.get(kind, 0)))
+        for event, count in self.events.items():
+            out.append(("herd_events_total", (("event", event),), count))
+        return out
+
+    async def handle_metrics(self, request, conn):
+        self.fleet.refresh_status()
+        await conn.send_response(200, self.metrics.render(self.metrics_gauges()).encode(),
+                                 b"text/plain; version=0.0.4; charset=utf-8")
 
     def count_event(self, event, ex, message):
         """Count a routing decision for the health checks, and log it."""

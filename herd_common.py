@@ -1197,6 +1197,67 @@ def rank_candidates(candidates):
 
 
 ####################################################################################
+# Metrics: counters and histograms in the Prometheus text format
+####################################################################################
+
+SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+def _labels(pairs):
+    """{a="x",b="y"}, escaped as the exposition format asks."""
+    if not pairs:
+        return ""
+    esc = (lambda v: str(v).replace("\\", "\\\\").replace('"', '\\"')
+           .replace("\n", "\\n"))
+    return "{" + ",".join(f'{k}="{esc(v)}"' for k, v in pairs) + "}"
+
+
+class Metrics:
+    """In-memory counters and histograms; render() writes the text format."""
+
+    def __init__(self):
+        self.help = {}  # name -> (type, help)
+        self.counters = collections.defaultdict(float)  # (name, labels) -> value
+        self.histograms = {}  # (name, labels) -> [per-bucket counts..., sum, count]
+
+    def describe(self, name, kind, text):
+        self.help[name] = (kind, text)
+
+    def inc(self, name, labels=(), value=1.0):
+        self.counters[(name, tuple(labels))] += value
+
+    def observe(self, name, labels, value):
+        h = self.histograms.get((name, tuple(labels)))
+        if h is None:
+            h = self.histograms[(name, tuple(labels))] = [0] * len(SECONDS_BUCKETS) + [0.0, 0]
+        for i, bound in enumerate(SECONDS_BUCKETS):
+            if value <= bound:
+                h[i] += 1
+        h[-2] += value
+        h[-1] += 1
+
+    def render(self, gauges=()):
+        """The text format; `gauges` are (name, labels, value) read at scrape time."""
+        samples = collections.defaultdict(list)
+        for (name, labels), value in self.counters.items():
+            samples[name].append(f"{name}{_labels(labels)} {value:g}")
+        for name, labels, value in gauges:
+            samples[name].append(f"{name}{_labels(labels)} {value:g}")
+        for (name, labels), h in self.histograms.items():
+            for bound, count in zip(SECONDS_BUCKETS, h):
+                samples[name].append(f"{name}_bucket{_labels(labels + (('le', bound),))} "
+                                     f"{count}")
+            samples[name].append(f"{name}_bucket{_labels(labels + (('le', '+Inf'),))} "
+                                 f"{h[-1]}")
+            samples[name].append(f"{name}_sum{_labels(labels)} {h[-2]:g}")
+            samples[name].append(f"{name}_count{_labels(labels)} {h[-1]}")
+        out = []
+        for name, (kind, text) in self.help.items():
+            out += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", *samples.get(name, [])]
+        return "\n".join(out) + "\n"
+
+
+####################################################################################
 # Trace store: SQLite request_traces, one writer thread fed by a bounded queue
 ####################################################################################
 

@@ -1217,6 +1217,31 @@ def test_traces_answer_the_guides_queries(one_node):
     assert counts["completed"] == "3" and counts["rejected"] == "1"
 
 
+def test_metrics_parse_with_prometheus_client(one_node):
+    from prometheus_client.parser import text_string_to_metric_families
+    h, router, fake = one_node
+    for _ in range(2):
+        http(router.url, "POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "x"})
+    http(router.url, "POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "x",
+                                               "fallback_models": ["qwen2.5:7b"],
+                                               "stream": False})
+    h.bg.call(lambda: None)
+    status, headers, body = http(router.url, "GET", "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    value = {}
+    for family in families.values():
+        for s in family.samples:
+            value[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    key = (("model", "llama3.2:3b"), ("node", "node-a"), ("status", "completed"))
+    assert value[("herd_requests_total", key)] == 3
+    assert value[("herd_tokens_total", (("kind", "completion"), ("model", "llama3.2:3b")))] == 12
+    assert value[("herd_time_to_first_token_seconds_count", (("model", "llama3.2:3b"),))] == 3
+    assert value[("herd_node_status", (("node", "node-a"), ("status", "online")))] == 1
+    assert value[("herd_queue_in_flight", (("model", "llama3.2:3b"), ("node", "node-a")))] == 0
+    assert families["herd_request_duration_seconds"].type == "histogram"
+
+
 def test_logs_are_jsonl_and_greppable(one_node, tmp_path):
     h, router, fake = one_node
     http(router.url, "POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "x"})
