@@ -96,6 +96,8 @@ ROUTER_SETTINGS = [
     hc.Setting("FLEET_MDNS", True, "advertise the router as _fleet-manager._tcp on the LAN"),
     hc.Setting("FLEET_TRACE_QUEUE", 10000, "trace rows buffered for the writer before "
                "rows are dropped (and counted)"),
+    hc.Setting("FLEET_TRACE_RETENTION_DAYS", 30, "traces older than this are deleted "
+               "(checked hourly; 0: keep them all)"),
     hc.Setting("FLEET_SHUTDOWN_GRACE", 30.0, "seconds streams get to finish on SIGTERM"),
     *hc.LOG_SETTINGS,
 ]
@@ -658,6 +660,7 @@ class Exchange:
         self.relay = None
         self.reaped = False
         self.before_end = None  # coroutine function run before the response's last byte
+        self.tags = None
 
     def touch(self):
         self.progress = time.monotonic()
@@ -703,7 +706,7 @@ class Exchange:
             "endpoint": self.endpoint, "stream": int(self.stream),
             "queue_wait_ms": round(self.queue_wait * 1000, 2)
             if self.queue_wait is not None else None,
-            "error_message": error or self.error,
+            "error_message": error or self.error, "tags": self.tags,
         }
 
 
@@ -712,8 +715,9 @@ class AttemptFailed(Exception):
 
 
 def forward_headers(request):
-    """The client's headers minus hop-by-hop ones (and Host: Ollama's guard, §1)."""
-    return hc.end_to_end_headers(request.headers)
+    """The client's headers minus hop-by-hop ones (and Host: Ollama's guard, §1), and
+    minus X-Herd-Tags, which is for the router."""
+    return hc.end_to_end_headers(request.headers, (b"x-herd-tags",))
 
 
 def response_headers(upstream_headers, ex, choice):
@@ -893,6 +897,7 @@ def count_tokens(ex, tail, chunks=0):
 async def proxy_inference(router, request, conn, api, body, model, stream):
     """Route, queue, relay with retries before the first chunk, and trace."""
     ex = Exchange(request, api, request.path, model, stream, strip_routing_fields(request, body))
+    ex.tags = request_tags(request, body)
     conn.watch_client()
     client = request.client.rpartition(":")[0]
     router.active[ex.request_id] = ex
@@ -1045,10 +1050,33 @@ def larger_context_model(router, model, requested_ctx):
 
 
 def strip_routing_fields(request, body):
-    """The body to forward: the client's own bytes unless routing fields must go."""
-    if not any(k in body for k in ROUTING_FIELDS):
+    """The body to forward: the client's own bytes unless routing fields must go
+    (fallback_models, and the tags in metadata)."""
+    metadata = body.get("metadata")
+    has_tags = isinstance(metadata, dict) and "tags" in metadata
+    if not has_tags and not any(k in body for k in ROUTING_FIELDS):
         return request.body
-    return hc.dump_json({k: v for k, v in body.items() if k not in ROUTING_FIELDS})
+    out = {k: v for k, v in body.items() if k not in ROUTING_FIELDS}
+    if has_tags:
+        rest = {k: v for k, v in metadata.items() if k != "tags"}
+        if rest:
+            out["metadata"] = rest  # OpenAI's own metadata stays
+        else:
+            del out["metadata"]
+    return hc.dump_json(out)
+
+
+def request_tags(request, body):
+    """An app's tags, from X-Herd-Tags: a,b or "metadata": {"tags": [...]}."""
+    tags = set()
+    header = request.header("x-herd-tags")
+    if header:
+        tags.update(t.strip() for t in header.split(","))
+    metadata = body.get("metadata")
+    if isinstance(metadata, dict) and isinstance(metadata.get("tags"), list):
+        tags.update(str(t).strip() for t in metadata["tags"])
+    tags.discard("")
+    return ",".join(sorted(tags)) or None
 
 
 ####################################################################################
@@ -1725,7 +1753,7 @@ class RouterServer:
     def __init__(self, cfg):
         self.cfg = cfg
         db_path = os.path.join(cfg.data_dir, "latency.db")
-        self.traces = hc.TraceStore(db_path, cfg.trace_queue)
+        self.traces = hc.TraceStore(db_path, cfg.trace_queue, cfg.trace_retention_days)
         self.router = None
         self.server = None
         self.port = None

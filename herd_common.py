@@ -1261,7 +1261,7 @@ class Metrics:
 # Trace store: SQLite request_traces, one writer thread fed by a bounded queue
 ####################################################################################
 
-TRACE_SCHEMA_VERSION = 1
+TRACE_SCHEMA_VERSION = 2  # 2: tags
 TRACE_COLUMNS = (
     ("request_id", "TEXT"), ("timestamp", "REAL"), ("model", "TEXT"),
     ("requested_model", "TEXT"), ("node_id", "TEXT"), ("status", "TEXT"),
@@ -1270,6 +1270,7 @@ TRACE_COLUMNS = (
     ("retries", "INTEGER"), ("score", "REAL"), ("score_breakdown", "TEXT"),
     ("client_addr", "TEXT"), ("api_format", "TEXT"), ("endpoint", "TEXT"),
     ("stream", "INTEGER"), ("queue_wait_ms", "REAL"), ("error_message", "TEXT"),
+    ("tags", "TEXT"),
 )
 _TRACE_DDL = [
     "CREATE TABLE IF NOT EXISTS request_traces (id INTEGER PRIMARY KEY, "
@@ -1295,8 +1296,10 @@ class TraceStore:
 
     BATCH_WAIT_S = 0.1
 
-    def __init__(self, path, max_queue=10000):
+    def __init__(self, path, max_queue=10000, retention_days=0):
         self.path = path
+        self.retention_days = retention_days
+        self._pruned_at = 0.0
         self.queue = queue.Queue(maxsize=max_queue)
         self.dropped = 0
         self.written = 0
@@ -1306,10 +1309,17 @@ class TraceStore:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         db = open_db(self.path)
         with db:
-            for ddl in _TRACE_DDL:
+            db.execute(_TRACE_DDL[0])
+            # A database from an older version gains the columns it lacks.
+            have = {row[1] for row in db.execute("PRAGMA table_info(request_traces)")}
+            for name, kind in TRACE_COLUMNS:
+                if name not in have:
+                    db.execute(f"ALTER TABLE request_traces ADD COLUMN {name} {kind}")
+            for ddl in _TRACE_DDL[1:]:  # the indexes, once their columns exist
                 db.execute(ddl)
             db.execute(f"PRAGMA user_version={TRACE_SCHEMA_VERSION}")
         db.close()
+        self.prune()
         self._thread = threading.Thread(target=self._write_loop, name="trace-writer",
                                         daemon=True)
         self._thread.start()
@@ -1349,12 +1359,35 @@ class TraceStore:
                 rows = [row for row in batch if row is not None]
                 if rows:
                     self._write(db, rows)
+                if time.monotonic() - self._pruned_at > self.PRUNE_EVERY_S:
+                    self.prune(db)  # here, so only this thread ever writes
                 for _ in batch:
                     self.queue.task_done()
                 if len(rows) < len(batch):
                     return
         finally:
             db.close()
+
+    PRUNE_EVERY_S = 3600
+
+    def prune(self, db=None):
+        """Delete traces older than the retention period; returns how many."""
+        self._pruned_at = time.monotonic()
+        if not self.retention_days:
+            return 0
+        own = db is None
+        db = db or open_db(self.path)
+        try:
+            with db:
+                cur = db.execute("DELETE FROM request_traces WHERE timestamp < ?",
+                                 (time.time() - self.retention_days * 86400,))
+            return cur.rowcount
+        except sqlite3.Error as e:
+            logging.getLogger("herd.traces").error("pruning old traces failed: %s", e)
+            return 0
+        finally:
+            if own:
+                db.close()
 
     def _write(self, db, rows):
         try:

@@ -1242,6 +1242,42 @@ def test_metrics_parse_with_prometheus_client(one_node):
     assert families["herd_request_duration_seconds"].type == "histogram"
 
 
+def test_tags_are_stored_and_stripped_before_forwarding(one_node):
+    import openai
+    h, router, fake = one_node
+    http(router.url, "POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "x",
+                                               "stream": False},
+         headers={"X-Herd-Tags": "notes-app, nightly"})
+    assert "x-herd-tags" not in fake.requests[-1]["headers"]
+    client = openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
+    client.chat.completions.create(model="llama3.2:3b",
+                                   messages=[{"role": "user", "content": "x"}],
+                                   extra_body={"metadata": {"tags": ["chat-ui"], "user": "7"}})
+    assert fake.requests[-1]["body"]["metadata"] == {"user": "7"}
+    assert [r["tags"] for r in h.traces(router)] == ["nightly,notes-app", "chat-ui"]
+
+
+def test_old_traces_are_pruned_and_old_databases_upgraded(tmp_path):
+    path = str(tmp_path / "latency.db")
+    db = sqlite3.connect(path)  # a version 1 database, without the tags column
+    db.execute("CREATE TABLE request_traces (id INTEGER PRIMARY KEY, request_id TEXT, "
+               "timestamp REAL, model TEXT, status TEXT)")
+    now = time.time()
+    db.executemany("INSERT INTO request_traces (request_id, timestamp, model, status) "
+                   "VALUES (?, ?, 'm', 'completed')",
+                   [("old", now - 40 * 86400), ("recent", now - 2 * 86400)])
+    db.commit()
+    db.close()
+    store = hc.TraceStore(path, retention_days=30)
+    store.start()
+    store.record({"request_id": "new", "timestamp": now, "tags": "x"})
+    store.flush()
+    store.close()
+    rows = sqlite3.connect(path).execute(
+        "SELECT request_id, tags FROM request_traces ORDER BY timestamp").fetchall()
+    assert rows == [("recent", None), ("new", "x")]
+
+
 def test_logs_are_jsonl_and_greppable(one_node, tmp_path):
     h, router, fake = one_node
     http(router.url, "POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "x"})
