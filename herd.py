@@ -266,6 +266,7 @@ class Fleet:
         self.latency = {}  # (node_id, model) -> [mean latency s, mean cold load s, samples]
         self.holding = 0
         self.started = time.monotonic()
+        self.model_moves = collections.deque(maxlen=10000)  # (time, load|unload, node, model)
         self._changed = asyncio.get_running_loop().create_future()
 
     # -- change notification (the holding queue waits on this) -------------------
@@ -325,6 +326,9 @@ class Fleet:
                   for m in hb.get("loaded", [])}
         for gone in node.loaded.keys() - loaded.keys():
             node.unloaded_at[gone] = now
+            self.model_moves.append((time.time(), "unload", node.node_id, gone))
+        for new in loaded.keys() - node.loaded.keys():
+            self.model_moves.append((time.time(), "load", node.node_id, new))
         node.loaded = loaded
 
     def slots_for(self, node):
@@ -1080,6 +1084,225 @@ def request_tags(request, body):
 
 
 ####################################################################################
+# Health: checks over a snapshot of the fleet, the traces and the event counters
+#
+# Each check is a pure function of one snapshot (a dict), so a test can craft the
+# state that must trigger it and the state that must not. A check that finds nothing
+# says nothing. Findings: id, severity, title, description with the numbers and the
+# window they cover, node / model, and what to do.
+####################################################################################
+
+HEALTH_WINDOW_S = 3600  # the traces a check looks at
+SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
+
+
+def finding(check, severity, title, description, recommendation, node=None, model=None):
+    return {"check": check, "severity": severity, "title": title,
+            "description": description, "recommendation": recommendation,
+            "node_id": node, "model": model}
+
+
+def check_offline_nodes(snap):
+    for n in snap["nodes"]:
+        if n["status"] == "offline":
+            yield finding("offline_nodes", "critical", f"{n['node_id']} is offline",
+                          f"No heartbeat for {n['silent_s']:.0f}s; it gets no work.",
+                          "Check that herd_node.py runs there and can reach the router "
+                          "(curl the router's /fleet/status from that machine).",
+                          node=n["node_id"])
+
+
+def check_degraded_nodes(snap):
+    for n in snap["nodes"]:
+        if n["status"] == "degraded":
+            yield finding("degraded_nodes", "warning", f"{n['node_id']} is degraded",
+                          f"No heartbeat for {n['silent_s']:.0f}s (degraded after "
+                          f"{snap['heartbeat_timeout']:g}s); it is scored lower.",
+                          "Look at ~/.fleet-manager/logs/herd-node.jsonl on that machine.",
+                          node=n["node_id"])
+
+
+def check_memory_pressure(snap):
+    for n in snap["nodes"]:
+        pressure = n["memory"].get("pressure", "normal")
+        if pressure in ("warning", "critical") and n["status"] != "offline":
+            yield finding("memory_pressure", pressure, f"{n['node_id']} is short of memory",
+                          f"{n['memory'].get('percent', 0):.0f}% of its memory is in use "
+                          f"(pressure {pressure}); at critical it gets no work.",
+                          "Unload models it does not need (keep_alive 0), or lower "
+                          "OLLAMA_MAX_LOADED_MODELS there.", node=n["node_id"])
+
+
+def check_underutilized_nodes(snap):
+    busy = {n: c for n, c in snap["requests_by_node"].items() if c}
+    if sum(busy.values()) < 20:
+        return  # too little traffic to call anyone idle
+    for n in snap["nodes"]:
+        if n["status"] == "online" and not busy.get(n["node_id"]):
+            yield finding("underutilized_nodes", "info", f"{n['node_id']} served nothing",
+                          f"0 of {sum(busy.values())} requests in the last "
+                          f"{HEALTH_WINDOW_S // 60} min went there.",
+                          "Pull the models your apps use onto it (POST /api/pull with "
+                          f'"node": "{n["node_id"]}").', node=n["node_id"])
+
+
+def check_vram_fallbacks(snap):
+    for n in snap["nodes"]:
+        for m in n["loaded"]:
+            size, vram = m.get("size") or 0, m.get("size_vram") or 0
+            if 0 < vram < size:
+                yield finding("vram_fallbacks", "warning",
+                              f"{m['model']} runs partly on the CPU on {n['node_id']}",
+                              f"{vram / hc.GIB:.1f} of {size / hc.GIB:.1f} GiB are in VRAM; "
+                              f"the rest runs on the CPU, much slower.",
+                              "Use a smaller quantization or context (num_ctx), or unload "
+                              "other models there.", node=n["node_id"], model=m["model"])
+
+
+def check_kv_cache_bloat(snap):
+    for n in snap["nodes"]:
+        for m in n["loaded"]:
+            weights, size = m.get("disk_size") or 0, m.get("size") or 0
+            if weights and size > 2 * weights and size - weights > hc.GIB:
+                yield finding("kv_cache_bloat", "warning",
+                              f"{m['model']} on {n['node_id']} holds a large context",
+                              f"The runner uses {size / hc.GIB:.1f} GiB for "
+                              f"{weights / hc.GIB:.1f} GiB of weights (context "
+                              f"{m.get('context_length')}); the rest is KV cache.",
+                              "Set OLLAMA_CONTEXT_LENGTH lower on that node, or stop "
+                              "clients sending a large num_ctx.",
+                              node=n["node_id"], model=m["model"])
+
+
+def check_model_thrashing(snap):
+    for (node, model), loads in snap["loads_by_model"].items():
+        if loads >= 3:
+            yield finding("model_thrashing", "warning", f"{model} keeps reloading on {node}",
+                          f"Loaded {loads} times in the last {HEALTH_WINDOW_S // 60} min.",
+                          "Set OLLAMA_KEEP_ALIVE=-1 and a higher OLLAMA_MAX_LOADED_MODELS "
+                          "on that node.", node=node, model=model)
+
+
+def _rate_check(check, title, count_key, threshold, critical_at, recommendation):
+    def run(snap):
+        total, count = snap["requests"], snap[count_key]
+        if total >= 10 and count / total >= threshold:
+            severity = "critical" if count / total >= critical_at else "warning"
+            yield finding(check, severity, title,
+                          f"{count} of {total} requests ({100 * count / total:.0f}%) in the "
+                          f"last {HEALTH_WINDOW_S // 60} min.", recommendation)
+    run.__name__ = f"check_{check}"
+    return run
+
+
+check_error_rates = _rate_check(
+    "error_rates", "Requests are failing", "failed", 0.05, 0.25,
+    "See which node and error: sqlite3 ~/.fleet-manager/latency.db \"SELECT model, node_id, "
+    "error_message FROM request_traces WHERE status='failed' ORDER BY timestamp DESC LIMIT 10\"")
+check_retry_rates = _rate_check(
+    "retry_rates", "Nodes fail before answering", "retried", 0.10, 0.30,
+    "The retried rows' error_message names the node; check its Ollama.")
+check_client_disconnects = _rate_check(
+    "client_disconnects", "Clients give up before the answer", "cancelled", 0.10, 0.50,
+    "Clients time out first: raise their timeout, or add nodes for the busy models.")
+
+
+def check_request_timeouts(snap):
+    if snap["timeouts"]:
+        yield finding("request_timeouts", "warning", "Nodes time out",
+                      f"{snap['timeouts']} requests in the last {HEALTH_WINDOW_S // 60} min "
+                      f"waited past FLEET_FIRST_BYTE_TIMEOUT or FLEET_CHUNK_TIMEOUT.",
+                      "Look for an overloaded node in /fleet/status, or raise the time-outs "
+                      "for very large models.")
+
+
+def check_incomplete_streams(snap):
+    if snap["incomplete"]:
+        yield finding("incomplete_streams", "warning", "Answers broke off mid-stream",
+                      f"{snap['incomplete']} streams in the last {HEALTH_WINDOW_S // 60} min "
+                      f"ended with an error after their first chunk.",
+                      "A node died or stalled mid-answer: its error_message in the traces "
+                      "says which.")
+
+
+def check_version_mismatch(snap):
+    versions = {n["ollama_version"] for n in snap["nodes"]
+                if n["status"] != "offline" and n["ollama_version"]}
+    if len(versions) > 1:
+        yield finding("version_mismatch", "info", "Nodes run different Ollama versions",
+                      f"Versions in the fleet: {', '.join(sorted(versions))}.",
+                      "Update Ollama on the older nodes, so every model runs everywhere.")
+
+
+def check_context_protection(snap):
+    events = {k: v for k, v in snap["events"].items() if k.startswith("context_")}
+    if events:
+        counts = ", ".join(f"{k.removeprefix('context_')} {v}" for k, v in sorted(events.items()))
+        yield finding("context_protection", "info", "Clients send reload-forcing num_ctx",
+                      f"Since the router started: {counts}.",
+                      "Set the context once on the nodes (OLLAMA_CONTEXT_LENGTH) and stop "
+                      "sending num_ctx from clients.")
+
+
+def check_zombie_reaper(snap):
+    if snap["zombies_reaped"]:
+        yield finding("zombie_reaper", "warning", "Requests got stuck",
+                      f"The reaper stopped {snap['zombies_reaped']} requests with no progress "
+                      f"for FLEET_STALE_TIMEOUT since the router started.",
+                      "A node or a client hangs: the failed traces' error_message names it.")
+
+
+HEALTH_CHECKS = (check_offline_nodes, check_degraded_nodes, check_memory_pressure,
+                 check_underutilized_nodes, check_vram_fallbacks, check_kv_cache_bloat,
+                 check_model_thrashing, check_request_timeouts, check_error_rates,
+                 check_retry_rates, check_client_disconnects, check_incomplete_streams,
+                 check_version_mismatch, check_context_protection, check_zombie_reaper)
+
+
+def run_health_checks(snap):
+    """Every finding, worst first, and a score from 100 down."""
+    found = [f for check in HEALTH_CHECKS for f in check(snap)]
+    found.sort(key=lambda f: SEVERITY_ORDER[f["severity"]])
+    penalty = {"critical": 25, "warning": 10, "info": 2}
+    score = max(0, 100 - sum(penalty[f["severity"]] for f in found))
+    return found, score
+
+
+TRACE_WINDOW_SQL = (
+    "SELECT status, node_id, COUNT(*) AS n, AVG(ttft_ms) AS ttft, "
+    "SUM(error_message LIKE '%sent no %' OR error_message LIKE '%timed out%') AS timeouts "
+    "FROM request_traces WHERE timestamp > ? GROUP BY status, node_id")
+
+
+VITALS_SQL = (  # one pass over the covering index: no sort, fast on a day of traces
+    "SELECT COALESCE(SUM(status != 'retried'), 0) AS requests, "
+    "COALESCE(SUM(status IN ('failed', 'incomplete')), 0) AS failed, "
+    "AVG(CASE WHEN status = 'completed' THEN ttft_ms END) AS ttft "
+    "FROM request_traces WHERE timestamp > ?")
+
+
+def trace_window(rows):
+    """The trace side of a health snapshot from TRACE_WINDOW_SQL's rows."""
+    out = collections.Counter()
+    by_node = collections.Counter()
+    ttft_sum = ttft_n = 0.0
+    for r in rows:
+        out[r["status"]] += r["n"]
+        out["timeouts"] += r["timeouts"] or 0
+        if r["status"] != "retried":
+            out["requests"] += r["n"]
+            by_node[r["node_id"]] += r["n"]
+        if r["ttft"] is not None and r["status"] == "completed":
+            ttft_sum += r["ttft"] * r["n"]
+            ttft_n += r["n"]
+    failed = out["failed"] + out["incomplete"]
+    return {"requests": out["requests"], "failed": failed, "retried": out["retried"],
+            "cancelled": out["cancelled"], "incomplete": out["incomplete"],
+            "timeouts": out["timeouts"], "requests_by_node": dict(by_node),
+            "mean_ttft_ms": round(ttft_sum / ttft_n, 1) if ttft_n else None}
+
+
+####################################################################################
 # Pulling models: on request (POST /api/pull) and when no node has one (auto-pull)
 ####################################################################################
 
@@ -1226,6 +1449,7 @@ class Router:
             ("GET", "/fleet/status"): self.handle_fleet_status,
             ("GET", "/fleet/queue"): self.handle_fleet_queue,
             ("GET", "/metrics"): self.handle_metrics,
+            ("GET", "/dashboard/api/health"): self.handle_health,
         }
         for path in NATIVE_INFERENCE + OPENAI_INFERENCE:
             self.routes[("POST", path)] = self.handle_inference
@@ -1634,6 +1858,46 @@ class Router:
         for event, count in self.events.items():
             out.append(("herd_events_total", (("event", event),), count))
         return out
+
+    async def health_snapshot(self):
+        """What the health checks look at: live state, an hour of traces, counters."""
+        self.fleet.refresh_status()
+        since = time.time() - HEALTH_WINDOW_S
+        rows = await asyncio.to_thread(self.traces.query, TRACE_WINDOW_SQL, (since,))
+        loads = collections.Counter((node, model) for t, kind, node, model
+                                    in self.fleet.model_moves if t > since and kind == "load")
+        now = time.monotonic()
+        nodes = [{
+            "node_id": n.node_id, "status": n.status, "silent_s": now - n.last_seen,
+            "memory": n.info.get("memory", {}),
+            "ollama_version": n.info.get("ollama", {}).get("version", ""),
+            "loaded": [{**e, "model": name, "disk_size": n.models.get(name, {}).get("size")}
+                       for name, e in n.loaded.items()],
+        } for n in self.fleet.nodes.values()]
+        return {"nodes": nodes, "loads_by_model": dict(loads), "events": dict(self.events),
+                "zombies_reaped": self.zombies_reaped,
+                "heartbeat_timeout": self.cfg.heartbeat_timeout, **trace_window(rows)}
+
+    async def handle_health(self, request, conn):
+        snap = await self.health_snapshot()
+        findings, score = run_health_checks(snap)
+        counts = collections.Counter(n["status"] for n in snap["nodes"])
+        day_ago = time.time() - 86400
+        day = (await asyncio.to_thread(self.traces.query, VITALS_SQL, (day_ago,)))[0]
+        loads = sum(1 for t, kind, _, _ in self.fleet.model_moves
+                    if t > day_ago and kind == "load")
+        await conn.send_json(200, {
+            "score": score,
+            "status": findings[0]["severity"] if findings else "healthy",
+            "checks_window_s": HEALTH_WINDOW_S,
+            "vitals": {"window_s": 86400, "nodes_online": counts["online"],
+                       "nodes_degraded": counts["degraded"], "nodes_offline": counts["offline"],
+                       "requests": day["requests"],
+                       "error_rate": round(day["failed"] / day["requests"], 4)
+                       if day["requests"] else 0.0,
+                       "mean_ttft_ms": round(day["ttft"], 1) if day["ttft"] else None,
+                       "model_loads": loads},
+            "checks": findings})
 
     async def handle_metrics(self, request, conn):
         self.fleet.refresh_status()

@@ -1562,3 +1562,92 @@ def test_a_background_duty_survives_a_failing_step(caplog):
         await asyncio.wait([task])
     asyncio.run(scenario())
     assert len(calls) >= 3 and "the test duty failed" in caplog.text
+
+
+####################################################################################
+# Health checks (pure, over crafted snapshots) and the health API
+####################################################################################
+
+
+def healthy_snapshot():
+    node = {"node_id": "a", "status": "online", "silent_s": 1.0, "ollama_version": "0.12.6",
+            "memory": {"percent": 40, "pressure": "normal"},
+            "loaded": [{"model": "llama3.2:3b", "size": 3 * GIB, "size_vram": 3 * GIB,
+                        "disk_size": 2 * GIB, "context_length": 4096}]}
+    return {"nodes": [node, {**node, "node_id": "b"}], "loads_by_model": {}, "events": {},
+            "zombies_reaped": 0, "heartbeat_timeout": 15.0, "requests": 100, "failed": 0,
+            "retried": 0, "cancelled": 0, "incomplete": 0, "timeouts": 0,
+            "requests_by_node": {"a": 50, "b": 50}, "mean_ttft_ms": 80.0}
+
+
+def crafted(**changes):
+    snap = healthy_snapshot()
+    for key, value in changes.items():
+        if key.startswith("node_"):
+            snap["nodes"][0] = {**snap["nodes"][0], key[5:]: value}
+        else:
+            snap[key] = value
+    return snap
+
+
+HEALTH_CASES = [
+    ("offline_nodes", "critical", crafted(node_status="offline", node_silent_s=45), "45s"),
+    ("degraded_nodes", "warning", crafted(node_status="degraded", node_silent_s=20), "20s"),
+    ("memory_pressure", "critical", crafted(node_memory={"percent": 97,
+                                                         "pressure": "critical"}), "97%"),
+    ("underutilized_nodes", "info", crafted(requests_by_node={"b": 100}), "0 of 100"),
+    ("vram_fallbacks", "warning", crafted(node_loaded=[{
+        "model": "big:70b", "size": 40 * GIB, "size_vram": 24 * GIB,
+        "disk_size": 38 * GIB}]), "24.0 of 40.0 GiB"),
+    ("kv_cache_bloat", "warning", crafted(node_loaded=[{
+        "model": "llama3.2:3b", "size": 9 * GIB, "size_vram": 9 * GIB,
+        "disk_size": 2 * GIB, "context_length": 131072}]), "9.0 GiB for 2.0 GiB"),
+    ("model_thrashing", "warning", crafted(loads_by_model={("a", "llama3.2:3b"): 4}),
+     "4 times"),
+    ("request_timeouts", "warning", crafted(timeouts=3), "3 requests"),
+    ("error_rates", "critical", crafted(failed=30), "30 of 100 requests (30%)"),
+    ("retry_rates", "warning", crafted(retried=12), "12 of 100"),
+    ("client_disconnects", "warning", crafted(cancelled=15), "15 of 100"),
+    ("incomplete_streams", "warning", crafted(incomplete=2), "2 streams"),
+    ("version_mismatch", "info", crafted(node_ollama_version="0.11.0"), "0.11.0, 0.12.6"),
+    ("context_protection", "info", crafted(events={"context_stripped": 5}), "stripped 5"),
+    ("zombie_reaper", "warning", crafted(zombies_reaped=2), "stopped 2 requests"),
+]
+
+
+def test_a_healthy_fleet_is_quiet():
+    findings, score = herd.run_health_checks(healthy_snapshot())
+    assert findings == [] and score == 100
+
+
+@pytest.mark.parametrize("check,severity,snap,numbers", HEALTH_CASES,
+                         ids=[c[0] for c in HEALTH_CASES])
+def test_each_health_check_fires_on_its_condition(check, severity, snap, numbers):
+    findings, score = herd.run_health_checks(snap)
+    assert [f["check"] for f in findings] == [check]
+    f = findings[0]
+    assert f["severity"] == severity and numbers in f["description"]
+    assert f["title"] and f["recommendation"] and score < 100
+
+
+def test_all_fifteen_checks_are_covered():
+    assert sorted(c[0] for c in HEALTH_CASES) == sorted(
+        fn.__name__.removeprefix("check_") for fn in herd.HEALTH_CHECKS)
+    assert len(herd.HEALTH_CHECKS) == 15
+
+
+def test_health_api_reports_live_state(h):
+    fake_a, fake_b = h.fake(), h.fake()
+    router = h.router(FLEET_HEARTBEAT_TIMEOUT=0.3, FLEET_HEARTBEAT_OFFLINE=60)
+    h.heartbeat(router, fake_a, "node-a")
+    h.heartbeat(router, fake_b, "node-b")
+    http(router.url, "POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "x"})
+    h.traces(router)  # written (the writer batches for 0.1 s)
+    body = json.loads(http(router.url, "GET", "/dashboard/api/health")[2])
+    assert body["vitals"]["requests"] == 1 and body["vitals"]["nodes_online"] == 2
+    wait_until(lambda: h.node(router, "node-a").status == "degraded", what="degraded")
+    h.heartbeat(router, fake_b, "node-b")
+    body = json.loads(http(router.url, "GET", "/dashboard/api/health")[2])
+    assert [(c["check"], c["node_id"]) for c in body["checks"]] == [("degraded_nodes",
+                                                                     "node-a")]
+    assert body["status"] == "warning" and body["score"] == 90
