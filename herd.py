@@ -98,6 +98,14 @@ ROUTER_SETTINGS = [
                "rows are dropped (and counted)"),
     hc.Setting("FLEET_TRACE_RETENTION_DAYS", 30, "traces older than this are deleted "
                "(checked hourly; 0: keep them all)"),
+    hc.Setting("FLEET_HEALTH_ERROR_RATE", 0.05, "share of failed requests in an hour that "
+               "the health API calls a warning (critical at four times it)"),
+    hc.Setting("FLEET_HEALTH_RETRY_RATE", 0.10, "share of retried attempts in an hour that is "
+               "a warning (critical at four times it)"),
+    hc.Setting("FLEET_HEALTH_DISCONNECT_RATE", 0.10, "share of requests whose client left, in "
+               "an hour, that is a warning (critical at four times it)"),
+    hc.Setting("FLEET_HEALTH_THRASH_LOADS", 3, "loads of one model on one node in an hour that "
+               "count as thrashing"),
     hc.Setting("FLEET_SHUTDOWN_GRACE", 30.0, "seconds streams get to finish on SIGTERM"),
     *hc.LOG_SETTINGS,
 ]
@@ -1176,18 +1184,19 @@ def check_kv_cache_bloat(snap):
 
 def check_model_thrashing(snap):
     for (node, model), loads in snap["loads_by_model"].items():
-        if loads >= 3:
+        if loads >= snap["limits"]["thrash_loads"]:
             yield finding("model_thrashing", "warning", f"{model} keeps reloading on {node}",
                           f"Loaded {loads} times in the last {HEALTH_WINDOW_S // 60} min.",
                           "Set OLLAMA_KEEP_ALIVE=-1 and a higher OLLAMA_MAX_LOADED_MODELS "
                           "on that node.", node=node, model=model)
 
 
-def _rate_check(check, title, count_key, threshold, critical_at, recommendation):
+def _rate_check(check, title, count_key, limit, recommendation):
     def run(snap):
         total, count = snap["requests"], snap[count_key]
+        threshold = snap["limits"][limit]
         if total >= 10 and count / total >= threshold:
-            severity = "critical" if count / total >= critical_at else "warning"
+            severity = "critical" if count / total >= min(1.0, 4 * threshold) else "warning"
             yield finding(check, severity, title,
                           f"{count} of {total} requests ({100 * count / total:.0f}%) in the "
                           f"last {HEALTH_WINDOW_S // 60} min.", recommendation)
@@ -1196,14 +1205,14 @@ def _rate_check(check, title, count_key, threshold, critical_at, recommendation)
 
 
 check_error_rates = _rate_check(
-    "error_rates", "Requests are failing", "failed", 0.05, 0.25,
+    "error_rates", "Requests are failing", "failed", "error_rate",
     "See which node and error: sqlite3 ~/.fleet-manager/latency.db \"SELECT model, node_id, "
     "error_message FROM request_traces WHERE status='failed' ORDER BY timestamp DESC LIMIT 10\"")
 check_retry_rates = _rate_check(
-    "retry_rates", "Nodes fail before answering", "retried", 0.10, 0.30,
+    "retry_rates", "Nodes fail before answering", "retried", "retry_rate",
     "The retried rows' error_message names the node; check its Ollama.")
 check_client_disconnects = _rate_check(
-    "client_disconnects", "Clients give up before the answer", "cancelled", 0.10, 0.50,
+    "client_disconnects", "Clients give up before the answer", "cancelled", "disconnect_rate",
     "Clients time out first: raise their timeout, or add nodes for the busy models.")
 
 
@@ -1874,7 +1883,12 @@ class Router:
             "loaded": [{**e, "model": name, "disk_size": n.models.get(name, {}).get("size")}
                        for name, e in n.loaded.items()],
         } for n in self.fleet.nodes.values()]
+        limits = {"error_rate": self.cfg.health_error_rate,
+                  "retry_rate": self.cfg.health_retry_rate,
+                  "disconnect_rate": self.cfg.health_disconnect_rate,
+                  "thrash_loads": self.cfg.health_thrash_loads}
         return {"nodes": nodes, "loads_by_model": dict(loads), "events": dict(self.events),
+                "limits": limits,
                 "zombies_reaped": self.zombies_reaped,
                 "heartbeat_timeout": self.cfg.heartbeat_timeout, **trace_window(rows)}
 

@@ -1574,7 +1574,10 @@ def healthy_snapshot():
             "memory": {"percent": 40, "pressure": "normal"},
             "loaded": [{"model": "llama3.2:3b", "size": 3 * GIB, "size_vram": 3 * GIB,
                         "disk_size": 2 * GIB, "context_length": 4096}]}
+    limits = {"error_rate": 0.05, "retry_rate": 0.10, "disconnect_rate": 0.10,
+              "thrash_loads": 3}
     return {"nodes": [node, {**node, "node_id": "b"}], "loads_by_model": {}, "events": {},
+            "limits": limits,
             "zombies_reaped": 0, "heartbeat_timeout": 15.0, "requests": 100, "failed": 0,
             "retried": 0, "cancelled": 0, "incomplete": 0, "timeouts": 0,
             "requests_by_node": {"a": 50, "b": 50}, "mean_ttft_ms": 80.0}
@@ -1628,6 +1631,15 @@ def test_each_health_check_fires_on_its_condition(check, severity, snap, numbers
     f = findings[0]
     assert f["severity"] == severity and numbers in f["description"]
     assert f["title"] and f["recommendation"] and score < 100
+
+
+def test_health_thresholds_come_from_settings():
+    snap = crafted(failed=4)  # 4% with the default 5%: quiet
+    assert herd.run_health_checks(snap)[0] == []
+    snap["limits"] = {**snap["limits"], "error_rate": 0.02}
+    assert [f["severity"] for f in herd.run_health_checks(snap)[0]] == ["warning"]
+    snap["limits"]["error_rate"] = 0.01
+    assert [f["severity"] for f in herd.run_health_checks(snap)[0]] == ["critical"]
 
 
 def test_all_fifteen_checks_are_covered():
