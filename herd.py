@@ -1552,19 +1552,25 @@ class Router:
                    if model in n.loaded and n.status != "offline"]
         if not holders:
             return await proxy_inference(self, request, conn, "ollama", body, model, False)
-        results = await asyncio.gather(*(
-            hc.http_call(n.ollama_url, "POST", request.path, request.body, timeout=30)
-            for n in holders), return_exceptions=True)
-        answers = [r for r in results if not isinstance(r, BaseException) and r[0] == 200]
-        for node in holders:
-            node.loaded.pop(model, None)
-            node.unloaded_at[model] = time.monotonic()
-        if not answers:
-            return await conn.send_response(502, hc.ollama_error_body(
-                f"unload of '{model}' failed on {', '.join(n.node_id for n in holders)}"))
-        status, headers, data = answers[0]
-        await conn.send_response(200, data, headers=[
-            (b"x-fleet-node", ",".join(n.node_id for n in holders).encode())])
+        ex = Exchange(request, "ollama", request.path, model, False,
+                      strip_routing_fields(request, body))
+        ex.node_id = ",".join(n.node_id for n in holders)
+        try:
+            results = await asyncio.gather(*(
+                hc.http_call(n.ollama_url, "POST", request.path, ex.body, timeout=30)
+                for n in holders), return_exceptions=True)
+            answers = [r for r in results if not isinstance(r, Exception) and r[0] == 200]
+            for node in holders:
+                node.loaded.pop(model, None)
+                node.unloaded_at[model] = time.monotonic()
+            if not answers:
+                ex.http_status, ex.error = 502, f"unload of '{model}' failed on {ex.node_id}"
+                return await conn.send_response(502, hc.ollama_error_body(ex.error))
+            ex.status, ex.http_status = "completed", 200
+            await conn.send_response(200, answers[0][2],
+                                     headers=[(b"x-fleet-node", ex.node_id.encode())])
+        finally:
+            self.finish(ex)
 
     # -- Ollama's catalogue routes ------------------------------------------------
 

@@ -827,6 +827,9 @@ def test_unload_goes_to_every_node_holding_the_model(h):
     assert status == 200 and json.loads(body)["done_reason"] == "unload"
     assert set(headers["x-fleet-node"].split(",")) == {"node-a", "node-b"}
     assert "llama3.2:3b" not in fake_a.loaded and "llama3.2:3b" not in fake_b.loaded
+    row = h.traces(router)[-1]
+    assert row["status"] == "completed" and set(row["node_id"].split(",")) == {"node-a",
+                                                                              "node-b"}
 
 
 @pytest.mark.parametrize("fault", ["reset", "refuse", "http500"])
