@@ -1525,26 +1525,33 @@ class Router:
 
     async def handle_inference(self, request, conn):
         api = "openai" if request.path.startswith("/v1/") else "ollama"
-        ex_error = hc.openai_error_body if api == "openai" else \
-            (lambda status, msg: hc.ollama_error_body(msg))
         try:
             body = hc.parse_json_body(request.body)
         except ValueError as e:
-            return await conn.send_response(400, ex_error(400, str(e)))
+            return await self.reject(request, conn, api, str(e))
         model = body.get("model")
         if not isinstance(model, str) or not model.strip():
-            return await conn.send_response(400, ex_error(400, "model is required"))
+            return await self.reject(request, conn, api, "model is required")
         fallbacks = body.get("fallback_models", [])
         if not isinstance(fallbacks, list) or not all(isinstance(m, str) and m.strip()
                                                       for m in fallbacks):
-            return await conn.send_response(400, ex_error(
-                400, "fallback_models must be a list of model names"))
+            return await self.reject(request, conn, api,
+                                     "fallback_models must be a list of model names", model)
         model = hc.canonical_model(model)
         stream = body.get("stream")
         stream = (api == "ollama") if stream is None else bool(stream)
         if api == "ollama" and is_unload(request.path, body):
             return await self.handle_unload(request, conn, body, model)
         await proxy_inference(self, request, conn, api, body, model, stream)
+
+    async def reject(self, request, conn, api, message, model=""):
+        """Answer a malformed inference request with 400, and trace it too."""
+        ex = Exchange(request, api, request.path, model, False, b"")
+        ex.status, ex.http_status, ex.error = "rejected", 400, message
+        try:
+            await conn.send_response(400, ex.error_body(400, message))
+        finally:
+            self.finish(ex)
 
     async def handle_unload(self, request, conn, body, model):
         """Send the unload to every node holding the model; answer like Ollama."""

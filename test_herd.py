@@ -265,6 +265,9 @@ def test_ollama_client_errors(one_node):
     assert status == 400 and json.loads(body) == {"error": "missing request body"}
     status, headers, body = http(router.url, "POST", "/api/generate", {"prompt": "x"})
     assert status == 400 and json.loads(body) == {"error": "model is required"}
+    rows = h.traces(router)
+    assert [(r["status"], r["http_status"]) for r in rows[-3:]] == [("rejected", 400)] * 3
+    assert rows[-1]["error_message"] == "model is required"
 
 
 def test_openai_client_chat_completions_embeddings(one_node):
