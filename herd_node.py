@@ -137,7 +137,9 @@ class Agent:
         """Ollama's own OLLAMA_* settings, re-read once a minute (Ollama may restart)."""
         if time.monotonic() - self._settings_at < 60:
             return self.settings
-        port = hc.split_url(self.cfg.ollama_host)[1]
+        host, port, _ = hc.split_url(self.cfg.ollama_host)
+        if not hc.is_loopback_host(host):
+            return self.settings  # an Ollama on another machine: its process is not here
         found, _ = await asyncio.to_thread(hc.find_ollama_settings, psutil, port)
         self.settings, self._settings_at = found or {}, time.monotonic()
         return self.settings
@@ -158,6 +160,8 @@ class Agent:
     async def ollama_url(self):
         if self.cfg.ollama_url:
             return self.cfg.ollama_url
+        if self.router_url is None:  # no router found yet (a drain before discovery)
+            return self.cfg.ollama_host
         router_host, router_port, _ = hc.split_url(self.router_url)
         return await asyncio.to_thread(hc.advertised_ollama_url, self.cfg.ollama_host,
                                        router_host, router_port)

@@ -1453,6 +1453,19 @@ def test_router_sigterm_lets_a_running_stream_finish_and_writes_its_trace(h, tmp
             proc.wait()
 
 
+def test_agent_that_never_found_a_router_still_saves_state_on_drain(h, tmp_path):
+    fake = h.fake()
+    cfg = herd_node.load_node_config({"FLEET_NODE_NODE_ID": "alone",
+                                      "FLEET_NODE_OLLAMA_HOST": fake.url,
+                                      "FLEET_NODE_DATA_DIR": str(tmp_path)},
+                                     herd_node.parse_args([]))
+    finder = herd_node.RouterFinder(["127.0.0.1"])  # started never: nothing found
+    agent = herd_node.Agent(cfg, finder)
+    assert h.bg.run(agent.drain()) is False
+    state = json.loads((tmp_path / "node-state-alone.json").read_text())
+    assert state["ollama"]["reachable"] is True
+
+
 def test_help_lists_settings_and_bad_values_stop_startup(tmp_path):
     out = run_script(["herd.py", "--help"])
     assert out.returncode == 0 and "FLEET_HOLD_TIMEOUT" in out.stdout
