@@ -298,6 +298,13 @@ class Fleet:
             node = self.nodes[hb["node_id"]] = Node(hb["node_id"], local)
             fleet_log.info("node joined", extra={"node_id": node.node_id,
                                                  "url": hb["ollama_url"]})
+        if node.ollama_url and node.ollama_url != hb["ollama_url"] and \
+                node.status != "offline" and not local and not node.local:
+            # Two machines with one name overwrite each other; say so once per change.
+            fleet_log.warning(f"node id '{node.node_id}' now reports {hb['ollama_url']} "
+                              f"instead of {node.ollama_url}: two machines with one name? "
+                              f"Give each its own FLEET_NODE_NODE_ID",
+                              extra={"node_id": node.node_id, "event": "node_id_conflict"})
         node.local = local
         node.ollama_url = hb["ollama_url"]
         node.host, node.port, _ = hc.split_url(node.ollama_url)

@@ -1074,6 +1074,18 @@ def test_bad_heartbeats_are_refused_and_change_nothing(h):
     assert h.node(router, "node-a").info is before
 
 
+def test_two_machines_with_one_node_id_are_reported(h, caplog):
+    fake_a, fake_b = h.fake(), h.fake()
+    router = h.router()
+    h.heartbeat(router, fake_a, "macbook")
+    logging.getLogger("herd").propagate = True  # let caplog see it
+    try:
+        h.heartbeat(router, fake_b, "macbook")
+    finally:
+        logging.getLogger("herd").propagate = False
+    assert "two machines with one name" in caplog.text
+
+
 def test_token_protects_heartbeats(h):
     fake = h.fake()
     router = h.router(FLEET_TOKEN="s3cret")
