@@ -1,31 +1,53 @@
 #!/usr/bin/env python3
 """bench.py: what the Herd router costs, measured against direct-to-Ollama in one run.
 
-It starts fake_ollama.py (16 parallel slots) and herd.py serving it as its local node,
-then sends the same requests to each, from raw keep-alive sockets (a client library
-would cost more than the router and hide it):
+It starts fake_ollama.py (16 parallel slots) with herd.py serving it as its local node,
+sends the same requests to the fake directly and through the router, alternating, from
+raw HTTP/1.1 keep-alive sockets (one per concurrent worker; a client library would cost
+more than the router and hide it), and prints a Markdown table for the README:
 
-    time to first chunk    p50 / p99 at concurrency 1 and 16, and what the router adds
-    throughput             requests/s at concurrency 16, router / direct
-    relay cost             2,000-chunk streams, Ollama NDJSON and OpenAI SSE: chunks/s
-                           and router CPU per relayed chunk
-    memory                 router RSS idle after start-up, and after the load
-    chaos                  steady load on three nodes while one Ollama is killed and
-                           restarted: requests completed, failed clearly, lost, hung
+    time to first chunk   p50 / p99 at concurrency 1 and 16, 8-chunk streams, and the
+                          time the router adds
+    throughput            requests/s at concurrency 16, router / direct
+    router CPU            per 1,000 streamed requests (the 8-chunk phases)
+    relay cost            2,000-chunk streams (a second fake), Ollama NDJSON and OpenAI
+                          SSE, one stream at a time and four at once: chunks/s, and
+                          router CPU (user + system) per chunk the client received
+    paced relay           16 streams of 300 chunks, one a millisecond, as a model
+                          writes them (a third fake): one chunk per read in the router
+    memory                router RSS idle after start-up, and after the load
+    chaos                 steady load on three nodes with real agents while one Ollama
+                          is killed and restarted: completed, failed clearly, lost, hung
 
-Run:   python bench.py            (about 20 s on 2 cores)
-       python bench.py --quick    (about 8 s)    --json out.json   saves the numbers
+Every process listens on 127.0.0.1 (free ports), with a temporary FLEET_DATA_DIR, and
+is terminated on exit or Ctrl-C. The router runs with FLEET_MDNS=false and
+FLEET_LOCAL_NODE=true; it is used once /fleet/status shows its node online with 16 slots.
 
-Sample (2 cores, Python 3.11):
+Run:   python bench.py                   (about 1.5 min on 2 cores)
+       python bench.py --quick           (about 35 s)
+       python bench.py --json out.json   (also writes every number as JSON)
+
+Sample (python bench.py --quick):
+    Machine: AMD EPYC, 2 cores, 23 GiB, Python 3.11.7, Linux 6.18.44-fc-v657, load 1.52
+
     | measure | direct | router | router cost | target |
-    | time to first chunk p50, c=1 | 0.45 ms | 1.48 ms | +1.03 ms | <= 1 ms MISS |
+    |---|---|---|---|---|
+    | time to first chunk p50, c=1 | 0.43 ms | 1.29 ms | +0.86 ms | <= 1 ms PASS |
+    | time to first chunk p99, c=1 | 0.85 ms | 2.49 ms | +1.64 ms | <= 2 ms PASS |
+    | time to first chunk p50, c=16 | 7.54 ms | 19.81 ms | +12.27 ms | <= 1 ms MISS |
+    ...
 """
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
+import gc
 import json
 import os
 import platform
+import select
+import signal
 import socket
 import subprocess
 import sys
@@ -33,124 +55,412 @@ import tempfile
 import time
 import urllib.request
 
-import psutil
+try:
+    import psutil
+except ImportError:  # pragma: no cover
+    sys.exit("bench.py needs psutil: pip install psutil")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODEL = "llama3.2:3b"
+SLOTS = 16
+NDJSON, SSE = b"\n", b"data:"  # what the client counts: NDJSON lines, SSE events
+SETTLE = 0.3  # seconds after a router run before reading its CPU: trace writes land late
+READY_TIMEOUT = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How much load each phase sends (per path and round; rounds alternate paths)."""
+
+    rounds: int
+    c1_requests: int  # at concurrency 1
+    c16_per_worker: int  # at concurrency 16
+    relay_sequential: int  # 2,000-chunk streams one after another
+    relay_concurrent: int  # per worker, 4 workers
+    paced_per_worker: int  # 300-chunk paced streams, 16 workers
+    chaos_seconds: float
+
+
+PLANS = {
+    "quick": Plan(rounds=2, c1_requests=150, c16_per_worker=12, relay_sequential=3,
+                  relay_concurrent=1, paced_per_worker=1, chaos_seconds=6),
+    "full": Plan(rounds=3, c1_requests=700, c16_per_worker=70, relay_sequential=8,
+                 relay_concurrent=2, paced_per_worker=2, chaos_seconds=15),
+}
 
 ####################################################################################
-# Processes
+# Processes: fakes, routers and agents on free ports, always stopped
 ####################################################################################
 
 
 def free_port():
+    """A port nothing listens on now (bind port 0, read it, let it go)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def start_fake(port, chunks, chunk_delay=0.0):
-    env = {**os.environ, "OLLAMA_NUM_PARALLEL": "16"}
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "fake_ollama.py"),
-                             "--port", str(port), "--models", MODEL, "--chunks", str(chunks),
-                             "--chunk-delay", str(chunk_delay), "--num-parallel", "16"],
-                            env=env, stdout=subprocess.PIPE)
-    proc.stdout.readline()  # "fake ollama listening on ..." once it is bound
+def die_with_parent():
+    """In the child: get SIGTERM if bench.py dies, even by SIGKILL (Linux only)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def start_process(exits, argv, env, log_path, stdout=None):
+    """Popen a Python script from this folder; `exits` stops it (terminate, wait)."""
+    log = open(log_path, "ab")
+    exits.callback(log.close)
+    proc = subprocess.Popen([sys.executable, *argv], cwd=HERE, env={**os.environ, **env},
+                            stdout=stdout or log, stderr=log, stdin=subprocess.DEVNULL,
+                            preexec_fn=die_with_parent if sys.platform == "linux" else None)
+    exits.callback(stop_process, proc)
     return proc
 
 
-def start_router(port, ollama_port, data_dir):
-    env = {**os.environ, "FLEET_HOST": "127.0.0.1", "FLEET_PORT": str(port),
-           "FLEET_DATA_DIR": data_dir, "FLEET_MDNS": "true",
-           "FLEET_LOCAL_OLLAMA_URL": f"http://127.0.0.1:{ollama_port}",
-           "FLEET_LOCAL_NODE_INTERVAL": "1", "FLEET_CONSOLE_LOG_LEVEL": "WARNING"}
-    return subprocess.Popen([sys.executable, os.path.join(HERE, "herd.py")], env=env)
-
-
-def wait_for_node(port, timeout=20):
-    """Poll /fleet/status until the local node is online with its 16 slots."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def stop_process(proc):
+    if proc.poll() is None:
+        proc.terminate()
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/fleet/status") as r:
-                nodes = json.load(r)["nodes"]
-            if nodes and nodes[0]["status"] == "online" and nodes[0]["num_parallel"] == 16:
-                return
-        except OSError:
-            pass
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stdout:
+        proc.stdout.close()
+
+
+def start_fake(exits, workdir, chunks, chunk_delay=0.0, port=0):
+    """fake_ollama.py with 16 slots; returns (process, port) once it listens."""
+    argv = ["fake_ollama.py", "--host", "127.0.0.1", "--port", str(port), "--models", MODEL,
+            "--num-parallel", str(SLOTS), "--chunks", str(chunks),
+            "--chunk-delay", str(chunk_delay), "--load-delay", "0"]
+    log_path = os.path.join(workdir, "fake.log")
+    proc = start_process(exits, argv, {"OLLAMA_NUM_PARALLEL": str(SLOTS)}, log_path,
+                         stdout=subprocess.PIPE)
+    ready, _, _ = select.select([proc.stdout], [], [], READY_TIMEOUT)
+    line = proc.stdout.readline().decode() if ready else ""
+    if "listening on http://" not in line:
+        fail_to_start("fake_ollama.py", proc, log_path)
+    return proc, int(line.rsplit(":", 1)[1])
+
+
+def start_router(exits, workdir, settings):
+    """herd.py on a free port with a temporary FLEET_DATA_DIR; returns (process, port)."""
+    port = free_port()
+    env = {"FLEET_HOST": "127.0.0.1", "FLEET_PORT": str(port), "FLEET_MDNS": "false",
+           "FLEET_DATA_DIR": os.path.join(workdir, "data"), "FLEET_SHUTDOWN_GRACE": "2",
+           "FLEET_CONSOLE_LOG_LEVEL": "WARNING", "FLEET_LOG_LEVEL": "WARNING", **settings}
+    return start_process(exits, ["herd.py"], env, os.path.join(workdir, "router.log")), port
+
+
+def fail_to_start(name, proc, log_path):
+    """Stop the run with the program's own last words."""
+    with open(log_path, errors="replace") as f:
+        tail = f.read()[-2000:]
+    state = f"exited with {proc.returncode}" if proc.poll() is not None else "did not get ready"
+    raise SystemExit(f"{name} {state} (log {log_path}):\n{tail}")
+
+
+def fleet_nodes(port):
+    """The router's nodes from /fleet/status, or None while it cannot answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/fleet/status", timeout=2) as r:
+            return json.load(r)["nodes"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def wait_for_nodes(proc, port, workdir, count):
+    """Poll /fleet/status until `count` nodes are online with their 16 slots."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline and proc.poll() is None:
+        nodes = fleet_nodes(port) or []
+        if sum(n.get("status") == "online" and n.get("num_parallel") == SLOTS
+               for n in nodes) >= count:
+            return
         time.sleep(0.1)
-    raise SystemExit("the router did not see its local node in time")
+    fail_to_start("herd.py", proc, os.path.join(workdir, "router.log"))
+
+
+@dataclasses.dataclass
+class Stack:
+    """A fake Ollama and a router that serves it as its local node."""
+
+    ports: dict  # "direct" -> the fake's port, "router" -> the router's
+    router: psutil.Process
+
+
+@contextlib.contextmanager
+def running_stack(workdir, name, chunks, chunk_delay=0.0):
+    """Start a fake and its router, yield them ready to route, then stop both."""
+    workdir = os.path.join(workdir, name)
+    os.makedirs(workdir)
+    with contextlib.ExitStack() as exits:
+        _, fake_port = start_fake(exits, workdir, chunks, chunk_delay)
+        proc, port = start_router(exits, workdir, {
+            "FLEET_LOCAL_NODE": "true", "FLEET_LOCAL_NODE_INTERVAL": "0.5",
+            "FLEET_LOCAL_OLLAMA_URL": f"http://127.0.0.1:{fake_port}"})
+        wait_for_nodes(proc, port, workdir, 1)
+        yield Stack({"direct": fake_port, "router": port}, psutil.Process(proc.pid))
 
 
 def cpu_seconds(proc):
+    """User + system CPU time of a process (all its threads), in seconds."""
     t = proc.cpu_times()
     return t.user + t.system
 
 
+def rss_mb(proc):
+    return proc.memory_info().rss / 2**20
+
+
 ####################################################################################
-# Load: raw HTTP/1.1 keep-alive clients
+# The client: raw keep-alive HTTP/1.1, timed in data_received
 ####################################################################################
 
 
-def request_bytes(path, body):
+def http_request(path, body):
+    """The bytes of one POST, as a client would send them to Ollama or the router."""
     data = json.dumps(body).encode()
-    return (b"POST %s HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+    return (b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(data), data))
 
 
-SHORT = request_bytes("/api/generate", {"model": MODEL, "prompt": "x",
-                                        "options": {"num_predict": 8}})
-LONG = {
-    "ndjson": request_bytes("/api/generate", {"model": MODEL, "prompt": "x"}),
-    "sse": request_bytes("/v1/chat/completions", {
-        "model": MODEL, "stream": True, "messages": [{"role": "user", "content": "x"}]}),
-}
+GENERATE = http_request("/api/generate", {"model": MODEL, "prompt": "x"})
+CHAT_SSE = http_request("/v1/chat/completions", {
+    "model": MODEL, "stream": True, "messages": [{"role": "user", "content": "x"}]})
 
 
-async def exchange(reader, writer, request):
-    """One request; returns (seconds to the first body chunk, chunks received)."""
-    t0 = time.perf_counter()
-    writer.write(request)
-    buf, first, pieces = b"", None, 0
-    while True:
-        data = await reader.read(65536)
-        if not data:
-            raise ConnectionError("server closed the connection")
-        buf += data
-        if first is None and b"\r\n\r\n" in buf:
-            head, _, body = buf.partition(b"\r\n\r\n")
-            if not head.startswith(b"HTTP/1.1 200"):
-                raise RuntimeError(head.split(b"\r\n")[0].decode())
-            if body:
-                first = time.perf_counter() - t0
-        if buf.endswith(b"\r\n0\r\n\r\n"):
-            body = buf.partition(b"\r\n\r\n")[2]
-            pieces = body.count(b'\n{"') + body.count(b"data: {")
-            return first, pieces + body.startswith(b"{")
+class Answer:
+    """One response parsed as it arrives: head, then a chunked or Content-Length body.
+
+    Each step takes the buffer and a position and returns the position after what it
+    used, or None when it needs more bytes. Items (NDJSON lines, SSE events) are counted
+    in the body's bytes whatever the HTTP chunking, as the router may regroup chunks.
+    """
+
+    def __init__(self, marker, done):
+        self.marker, self.done = marker, done
+        self.sent = time.perf_counter()
+        self.step = self.read_head
+        self.status, self.left, self.first, self.items = 0, 0, None, 0
+        self.carry, self.error = b"", b""
+
+    def feed(self, buf, now):
+        """Parse what has arrived; returns how many bytes of `buf` were used."""
+        pos = 0
+        while not self.done.done():
+            after = self.step(buf, pos, now)
+            if after is None:
+                break
+            pos = after
+        return pos
+
+    def read_head(self, buf, pos, now):
+        end = buf.find(b"\r\n\r\n", pos)
+        if end < 0:
+            return None
+        status_line, *lines = bytes(buf[pos:end]).split(b"\r\n")
+        self.status = int(status_line.split(b" ", 2)[1])
+        headers = dict(line.lower().split(b":", 1) for line in lines)
+        if headers.get(b"transfer-encoding", b"").strip() == b"chunked":
+            self.step = self.read_size
+        else:
+            self.left, self.step = int(headers.get(b"content-length", 0)), self.read_fixed
+        return end + 4
+
+    def read_size(self, buf, pos, now):
+        end = buf.find(b"\r\n", pos)
+        if end < 0:
+            return None
+        self.left = int(bytes(buf[pos:end]).split(b";")[0], 16)
+        self.step = self.read_data if self.left else self.read_trailer
+        return end + 2
+
+    def read_data(self, buf, pos, now):
+        take = min(self.left, len(buf) - pos)
+        if not take:
+            return None
+        self.take(buf[pos:pos + take], now)
+        self.left -= take
+        if not self.left:
+            self.step = self.read_chunk_end
+        return pos + take
+
+    def read_chunk_end(self, buf, pos, now):
+        if len(buf) - pos < 2:
+            return None
+        self.step = self.read_size
+        return pos + 2
+
+    def read_trailer(self, buf, pos, now):
+        end = buf.find(b"\r\n", pos)
+        if end < 0:
+            return None
+        if end == pos:  # the blank line after the last chunk (and any trailers)
+            self.finish(now)
+        return end + 2
+
+    def read_fixed(self, buf, pos, now):
+        take = min(self.left, len(buf) - pos)
+        self.take(buf[pos:pos + take], now)
+        self.left -= take
+        if not self.left:
+            self.finish(now)
+        return pos + take if take or not self.left else None
+
+    def take(self, piece, now):
+        """Body bytes: the first marks the time to first chunk; count the items."""
+        if self.first is None and piece:
+            self.first = now - self.sent
+        if self.status != 200:
+            self.error += piece[:500]
+        if len(self.marker) == 1:
+            self.items += piece.count(self.marker)
+            return
+        joined = self.carry + piece  # a marker split across reads is counted once
+        self.items += joined.count(self.marker)
+        self.carry = joined[len(joined) - len(self.marker) + 1:]
+
+    def finish(self, now):
+        if self.status != 200:
+            self.done.set_exception(RuntimeError(
+                f"HTTP {self.status}: {self.error[:300].decode(errors='replace')}"))
+        else:
+            self.done.set_result((self.first if self.first is not None else now - self.sent,
+                                  self.items))
 
 
-async def worker(port, request, count, ttfts, chunks):
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+class StreamClient(asyncio.Protocol):
+    """One keep-alive connection, one request at a time; parsing runs in the callback,
+    so no task wakes per read and the client costs little next to what it measures."""
+
+    def __init__(self):
+        self.transport, self.answer, self.lost = None, None, None
+        self.buf = bytearray()
+
+    def connection_made(self, transport):
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP,
+                                                      socket.TCP_NODELAY, 1)
+        self.transport = transport
+
+    def connection_lost(self, exc):
+        self.lost = exc or ConnectionError("the server closed the keep-alive connection")
+        if self.answer and not self.answer.done.done():
+            self.answer.done.set_exception(ConnectionError(
+                f"the server hung up mid-answer ({self.lost})"))
+
+    def exchange(self, request, marker):
+        """Send one request; a future of (seconds to first body chunk, items)."""
+        if self.lost:
+            raise ConnectionError(f"cannot send: {self.lost}")
+        self.answer = Answer(marker, asyncio.get_running_loop().create_future())
+        self.transport.write(request)
+        return self.answer.done
+
+    def data_received(self, data):
+        now = time.perf_counter()
+        self.buf += data
+        if self.answer is None or self.answer.done.done():
+            self.transport.close()  # bytes nobody asked for: the framing is off
+            return
+        try:
+            used = self.answer.feed(self.buf, now)
+        except ValueError as e:
+            self.answer.done.set_exception(RuntimeError(f"unparsable response: {e}"))
+            self.transport.close()
+            return
+        del self.buf[:used]
+
+
+@dataclasses.dataclass(frozen=True)
+class Load:
+    """What one run sends: a request, how its items are counted, workers, repeats."""
+
+    request: bytes
+    marker: bytes
+    concurrency: int
+    per_worker: int
+    warmup: int = 3
+
+
+@dataclasses.dataclass
+class Run:
+    """What one run measured (several runs pool into one)."""
+
+    firsts: list  # seconds to the first body chunk, one per request
+    items: int = 0  # NDJSON lines or SSE events received
+    elapsed: float = 0.0  # wall seconds of the timed part
+    router_cpu: float = 0.0  # router CPU seconds over the timed part (router runs)
+
+
+async def exchange_many(client, load, count, firsts):
+    items = 0
+    for _ in range(count):
+        first, n = await client.exchange(load.request, load.marker)
+        firsts.append(first)
+        items += n
+    return items
+
+
+async def drive(port, load, router):
+    """Connect the workers, warm up, then time `per_worker` requests on each."""
+    loop = asyncio.get_running_loop()
+    clients = [(await loop.create_connection(StreamClient, "127.0.0.1", port))[1]
+               for _ in range(load.concurrency)]
     try:
-        for _ in range(count):
-            first, n = await exchange(reader, writer, request)
-            ttfts.append(first)
-            chunks.append(n)
+        await asyncio.gather(*(exchange_many(c, load, load.warmup, []) for c in clients))
+        gc.collect()
+        gc.disable()  # no collector pause in the client lands in a timing
+        run = Run([])
+        cpu0, t0 = cpu_seconds(router) if router else 0.0, time.perf_counter()
+        counts = await asyncio.gather(*(exchange_many(c, load, load.per_worker, run.firsts)
+                                        for c in clients))
+        run.elapsed, run.items = time.perf_counter() - t0, sum(counts)
+        if router:
+            await asyncio.sleep(SETTLE)
+            run.router_cpu = cpu_seconds(router) - cpu0
+        return run
     finally:
-        writer.close()
+        gc.enable()
+        for c in clients:
+            c.transport.close()
 
 
-async def load(port, request, concurrency, per_worker):
-    ttfts, chunks = [], []
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker(port, request, per_worker, ttfts, chunks)
-                           for _ in range(concurrency)))
-    return ttfts, sum(chunks), time.perf_counter() - t0
+def compare(stack, load, rounds):
+    """The same load direct and through the router, alternating; pooled per path."""
+    pooled = {"direct": Run([]), "router": Run([])}
+    for _ in range(rounds):
+        for path, total in pooled.items():
+            router = stack.router if path == "router" else None
+            run = asyncio.run(drive(stack.ports[path], load, router))
+            total.firsts += run.firsts
+            total.items += run.items
+            total.elapsed += run.elapsed
+            total.router_cpu += run.router_cpu
+    return {path: summarise(run, path == "router") for path, run in pooled.items()}
 
 
 def percentile(values, q):
+    """Nearest-rank percentile (q in 0..100)."""
     values = sorted(values)
-    return values[min(len(values) - 1, int(len(values) * q))]
+    return values[max(0, min(len(values) - 1, -(-len(values) * q // 100) - 1))]
+
+
+def summarise(run, is_router):
+    n = len(run.firsts)
+    out = {"requests": n, "items": run.items, "seconds": run.elapsed,
+           "requests_per_s": n / run.elapsed, "items_per_s": run.items / run.elapsed,
+           **{f"first_chunk_p{q}_ms": percentile(run.firsts, q) * 1e3 for q in (50, 90, 99)},
+           "first_chunk_max_ms": max(run.firsts) * 1e3}
+    if is_router:
+        out.update(router_cpu_s=run.router_cpu,
+                   router_cpu_ms_per_1000_requests=run.router_cpu / n * 1e6,
+                   router_cpu_us_per_item=run.router_cpu / run.items * 1e6)
+    return out
 
 
 ####################################################################################
@@ -158,61 +468,51 @@ def percentile(values, q):
 ####################################################################################
 
 
-def measure_ttft(ports, router, concurrency, per_worker):
-    """Short streams: time to first chunk and throughput, direct then router."""
+def measure_idle(stack):
+    """Router CPU over one idle second (it polls its node), then its RSS."""
+    cpu0 = cpu_seconds(stack.router)
+    time.sleep(1.0)
+    return {"router_idle_cpu_ms_per_s": (cpu_seconds(stack.router) - cpu0) * 1e3,
+            "rss_idle_mb": rss_mb(stack.router)}
+
+
+def measure_short(stack, plan):
+    """8-chunk streams at concurrency 1 and 16: time to first chunk, throughput, CPU."""
     out = {}
-    for label, port in ports.items():
-        asyncio.run(load(port, SHORT, concurrency, 5))  # warm-up
-        cpu0 = cpu_seconds(router)
-        ttfts, _, elapsed = asyncio.run(load(port, SHORT, concurrency, per_worker))
-        out[label] = {"p50_ms": percentile(ttfts, 0.5) * 1000,
-                      "p99_ms": percentile(ttfts, 0.99) * 1000,
-                      "rps": len(ttfts) / elapsed,
-                      "router_cpu_ms_per_1000": (cpu_seconds(router) - cpu0) / len(ttfts) * 1e6}
+    for c, per_worker in ((1, plan.c1_requests), (16, plan.c16_per_worker)):
+        r = compare(stack, Load(GENERATE, NDJSON, c, per_worker), plan.rounds)
+        d, x = r["direct"], r["router"]
+        out[f"c{c}"] = {**r, **{f"added_p{q}_ms": x[f"first_chunk_p{q}_ms"] -
+                                d[f"first_chunk_p{q}_ms"] for q in (50, 99)},
+                        "throughput_ratio": x["requests_per_s"] / d["requests_per_s"]}
     return out
 
 
-def measure_paced(scale):
-    """16 streams of 300 chunks, one chunk a millisecond: each token its own read,
-    as with a real model, so nothing is coalesced in the router's favour."""
-    fake_port, router_port = free_port(), free_port()
-    fake = start_fake(fake_port, 300, 0.001)
-    router_proc = start_router(router_port, fake_port, tempfile.mkdtemp(prefix="herd-bench-"))
-    try:
-        wait_for_node(router_port)
-        router = psutil.Process(router_proc.pid)
-        cpu0 = cpu_seconds(router)
-        _, chunks, elapsed = asyncio.run(load(router_port, LONG["ndjson"], 16, scale))
-        return {"chunks": chunks, "chunks_per_s": chunks / elapsed,
-                "router_us_per_chunk": (cpu_seconds(router) - cpu0) / chunks * 1e6}
-    finally:
-        for proc in (router_proc, fake):
-            proc.terminate()
-            proc.wait(10)
-
-
-def measure_relay(ports, router, kind, sequential, concurrent):
-    """2,000-chunk streams: chunks per second and router CPU per chunk."""
+def measure_relay(stack, plan):
+    """2,000-chunk streams, NDJSON and SSE, one at a time and four at once."""
     out = {}
-    for label, port in ports.items():
-        cpu0 = cpu_seconds(router)
-        _, n1, t1 = asyncio.run(load(port, LONG[kind], 1, sequential))
-        _, n2, t2 = asyncio.run(load(port, LONG[kind], concurrent, 1))
-        out[label] = {"chunks": n1 + n2, "chunks_per_s": (n1 + n2) / (t1 + t2),
-                      "router_us_per_chunk": (cpu_seconds(router) - cpu0) / (n1 + n2) * 1e6}
+    for kind, request, marker in (("ndjson", GENERATE, NDJSON), ("sse", CHAT_SSE, SSE)):
+        out[kind] = {
+            "sequential": compare(stack, Load(request, marker, 1, plan.relay_sequential, 1),
+                                  plan.rounds),
+            "concurrent": compare(stack, Load(request, marker, 4, plan.relay_concurrent, 1),
+                                  plan.rounds)}
     return out
+
+
+def measure_paced(stack, plan):
+    """16 streams of 300 chunks a millisecond apart: one chunk per read, like a model."""
+    return compare(stack, Load(GENERATE, NDJSON, SLOTS, plan.paced_per_worker, 1), 1)
 
 
 async def chaos_request(port, request, timeout):
-    """One streamed request: completed, failed (a clear error), lost, or hung."""
+    """One streamed request on its own connection: completed, failed, lost or hung."""
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             try:
                 writer.write(request)
-                data = b""
-                while chunk := await reader.read(65536):
-                    data += chunk
+                data = await reader.read(-1)
             finally:
                 writer.close()
     except TimeoutError:
@@ -224,73 +524,57 @@ async def chaos_request(port, request, timeout):
         return "completed"
     if b'"error"' in body:
         return "failed"  # a status with an error body, or an error line mid-stream
-    return "lost"
+    return "lost"  # cut off with no word of why
 
 
-async def chaos_load(port, seconds, workers):
-    request = request_bytes("/api/generate", {"model": MODEL, "prompt": "x"})
-    request = request.replace(b"Host: localhost\r\n", b"Host: localhost\r\nConnection: close\r\n")
-    outcomes = []
+async def chaos_load(port, seconds, workers, outcomes):
+    request = GENERATE.replace(b"Host: 127.0.0.1\r\n",
+                               b"Host: 127.0.0.1\r\nConnection: close\r\n")
     deadline = time.monotonic() + seconds
 
     async def worker():
         while time.monotonic() < deadline:
             outcomes.append(await chaos_request(port, request, 30))
     await asyncio.gather(*(worker() for _ in range(workers)))
-    return outcomes
 
 
-def measure_chaos(seconds):
-    """Steady load on three nodes (real agents) while one Ollama is killed, then back."""
-    router_port = free_port()
-    fake_ports = [free_port() for _ in range(3)]
-    data_dir = tempfile.mkdtemp(prefix="herd-chaos-")
-    env = {**os.environ, "FLEET_HOST": "127.0.0.1", "FLEET_PORT": str(router_port),
-           "FLEET_DATA_DIR": data_dir, "FLEET_MDNS": "false", "FLEET_LOCAL_NODE": "false",
-           "FLEET_HEARTBEAT_TIMEOUT": "2", "FLEET_HEARTBEAT_OFFLINE": "4",
-           "FLEET_CONSOLE_LOG_LEVEL": "ERROR"}
-    router = subprocess.Popen([sys.executable, os.path.join(HERE, "herd.py")], env=env)
-    fakes = [start_fake(p, 20, 0.01) for p in fake_ports]
-    agents = [subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "herd_node.py"), "--router-url",
-         f"http://127.0.0.1:{router_port}", "--node-id", f"node-{i}", "--ollama-host",
-         f"http://127.0.0.1:{p}"], stderr=subprocess.DEVNULL,
-        env={**os.environ, "FLEET_NODE_HEARTBEAT_INTERVAL": "0.5",
-             "FLEET_NODE_DATA_DIR": data_dir}) for i, p in enumerate(fake_ports)]
-    try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{router_port}/fleet/status") as r:
-                    if len(json.load(r)["nodes"]) == 3:
-                        break
-            except OSError:
-                pass
-            time.sleep(0.1)
+async def kill_and_restart(exits, workdir, fakes, fake_ports, seconds):
+    """A third of the way in, node-0's Ollama dies; two thirds in, it is back."""
+    await asyncio.sleep(seconds / 3)
+    fakes[0].kill()
+    fakes[0].wait()
+    await asyncio.sleep(seconds / 3)
+    start_fake(exits, workdir, 20, 0.01, port=fake_ports[0])
+
+
+def measure_chaos(workdir, plan):
+    """Three fakes with real agents, steady load, one Ollama killed and restarted."""
+    workdir = os.path.join(workdir, "chaos")
+    os.makedirs(workdir)
+    with contextlib.ExitStack() as exits:
+        router, port = start_router(exits, workdir, {
+            "FLEET_LOCAL_NODE": "false", "FLEET_HEARTBEAT_TIMEOUT": "2",
+            "FLEET_HEARTBEAT_OFFLINE": "4", "FLEET_CONSOLE_LOG_LEVEL": "ERROR"})
+        fakes, fake_ports = zip(*(start_fake(exits, workdir, 20, 0.01) for _ in range(3)))
+        fakes = list(fakes)
+        for i, fake_port in enumerate(fake_ports):
+            start_process(exits, ["herd_node.py", "--router-url", f"http://127.0.0.1:{port}",
+                                  "--node-id", f"node-{i}", "--ollama-host",
+                                  f"http://127.0.0.1:{fake_port}"],
+                          {"FLEET_NODE_HEARTBEAT_INTERVAL": "0.5",
+                           "FLEET_NODE_DATA_DIR": os.path.join(workdir, "agents"),
+                           "FLEET_CONSOLE_LOG_LEVEL": "ERROR"},
+                          os.path.join(workdir, f"agent-{i}.log"))
+        wait_for_nodes(router, port, workdir, 3)
+        outcomes = []
 
         async def run():
-            load = asyncio.create_task(chaos_load(router_port, seconds, 8))
-            await asyncio.sleep(seconds / 3)
-            fakes[0].kill()  # the power goes off on node-0's Ollama
-            fakes[0].wait()
-            await asyncio.sleep(seconds / 3)
-            fakes[0] = start_fake(fake_ports[0], 20, 0.01)  # and comes back
-            return await load
-        outcomes = asyncio.run(run())
-    finally:
-        for proc in agents + fakes + [router]:
-            proc.terminate()
-            proc.wait(10)
-    return {k: outcomes.count(k) for k in ("completed", "failed", "lost", "hung")} | {
-        "sent": len(outcomes)}
-
-
-def machine():
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                  if line.startswith("model name")), platform.processor()) \
-        if os.path.exists("/proc/cpuinfo") else platform.processor()
-    return (f"{model}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total >> 30} GiB, "
-            f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
+            await asyncio.gather(chaos_load(port, plan.chaos_seconds, 8, outcomes),
+                                 kill_and_restart(exits, workdir, fakes, fake_ports,
+                                                  plan.chaos_seconds))
+        asyncio.run(run())
+    return {"sent": len(outcomes),
+            **{k: outcomes.count(k) for k in ("completed", "failed", "lost", "hung")}}
 
 
 ####################################################################################
@@ -298,77 +582,138 @@ def machine():
 ####################################################################################
 
 
-def verdict(ok):
+def describe_machine():
+    """CPU model, cores, memory, Python, OS, and how busy the machine was at the start."""
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        model = next((line.split(":", 1)[1].strip() for line in f
+                      if line.startswith("model name")), model)
+    return {"cpu": model, "cores": os.cpu_count(),
+            "memory_gib": round(psutil.virtual_memory().total / 2**30),
+            "python": platform.python_version(),
+            "os": f"{platform.system()} {platform.release()}",
+            "load_1min": os.getloadavg()[0]}
+
+
+def check(ok):
     return "PASS" if ok else "MISS"
 
 
-def table(r):
-    rows = ["| measure | direct | router | router cost | target |", "|---|---|---|---|---|"]
+def latency_rows(r):
+    rows = []
     for c in (1, 16):
-        t = r[f"ttft_c{c}"]
-        for q, limit in (("p50", 1.0), ("p99", 2.0)):
-            added = t["router"][f"{q}_ms"] - t["direct"][f"{q}_ms"]
-            rows.append(f"| time to first chunk {q}, c={c} | {t['direct'][f'{q}_ms']:.2f} ms | "
-                        f"{t['router'][f'{q}_ms']:.2f} ms | +{added:.2f} ms | "
-                        f"<= {limit:g} ms {verdict(added <= limit)} |")
-    t = r["ttft_c16"]
-    ratio = t["router"]["rps"] / t["direct"]["rps"]
-    rows.append(f"| throughput, c=16, 8-chunk streams | {t['direct']['rps']:.0f} req/s | "
-                f"{t['router']['rps']:.0f} req/s | x{ratio:.2f} | >= x0.95 {verdict(ratio >= 0.95)} |")
-    rows.append(f"| router CPU per 1,000 streamed requests | | "
-                f"{t['router']['router_cpu_ms_per_1000']:.0f} ms | | |")
+        cell = r["short"][f"c{c}"]
+        for q, limit in ((50, 1), (99, 2)):
+            d, x = (cell[p][f"first_chunk_p{q}_ms"] for p in ("direct", "router"))
+            added = cell[f"added_p{q}_ms"]
+            rows.append((f"time to first chunk p{q}, c={c}", f"{d:.2f} ms", f"{x:.2f} ms",
+                         f"{added:+.2f} ms", f"<= {limit} ms {check(added <= limit)}"))
+    return rows
+
+
+def throughput_rows(r):
+    cell, c1 = r["short"]["c16"], r["short"]["c1"]
+    d, x = cell["direct"]["requests_per_s"], cell["router"]["requests_per_s"]
+    ratio = cell["throughput_ratio"]
+    per_1000 = [s["router"]["router_cpu_ms_per_1000_requests"] for s in (c1, cell)]
+    return [("throughput, c=16, 8-chunk streams", f"{d:,.0f} req/s", f"{x:,.0f} req/s",
+             f"x{ratio:.2f}", f">= x0.95 {check(ratio >= 0.95)}"),
+            ("router CPU per 1,000 streamed requests, c=1 / c=16", "", "",
+             f"{per_1000[0]:,.0f} / {per_1000[1]:,.0f} ms", "")]
+
+
+def relay_rows(r):
+    rows = []
     for kind, name in (("ndjson", "Ollama NDJSON"), ("sse", "OpenAI SSE")):
-        x = r[f"relay_{kind}"]
-        us = x["router"]["router_us_per_chunk"]
-        rows.append(f"| {name} 2,000-chunk relay | {x['direct']['chunks_per_s']:,.0f} chunks/s | "
-                    f"{x['router']['chunks_per_s']:,.0f} chunks/s | {us:.1f} us CPU/chunk | "
-                    f"<= 20 us {verdict(us <= 20)} |")
-    p = r["relay_paced"]
-    rows.append(f"| NDJSON, 16 streams paced 1 chunk/ms | | {p['chunks_per_s']:,.0f} chunks/s | "
-                f"{p['router_us_per_chunk']:.1f} us CPU/chunk | <= 20 us "
-                f"{verdict(p['router_us_per_chunk'] <= 20)} |")
-    rows.append(f"| router RSS idle / after load | | {r['rss_idle_mb']:.1f} / "
-                f"{r['rss_after_mb']:.1f} MB | | idle <= 40 MB {verdict(r['rss_idle_mb'] <= 40)} |")
-    return "\n".join(rows)
+        for mode, streams in (("sequential", "1 stream"), ("concurrent", "4 streams")):
+            cell = r["relay"][kind][mode]
+            rows.append(relay_row(f"{name} relay, 2,000 chunks, {streams}", cell))
+    rows.append(relay_row("NDJSON paced 1 chunk/ms, 16 streams", r["paced"]))
+    return rows
+
+
+def relay_row(name, cell):
+    us = cell["router"]["router_cpu_us_per_item"]
+    return (name, f"{cell['direct']['items_per_s']:,.0f} chunks/s",
+            f"{cell['router']['items_per_s']:,.0f} chunks/s", f"{us:.1f} us CPU/chunk",
+            f"<= 20 us {check(us <= 20)}")
+
+
+def memory_rows(r):
+    m = r["memory"]
+    return [("router RSS idle after start-up", "", f"{m['rss_idle_mb']:.1f} MB", "",
+             f"<= 40 MB {check(m['rss_idle_mb'] <= 40)}"),
+            ("router RSS after load (8-chunk / relay)", "",
+             f"{m['rss_after_short_mb']:.1f} / {m['rss_after_relay_mb']:.1f} MB", "", "")]
+
+
+def markdown_table(r):
+    rows = latency_rows(r) + throughput_rows(r) + relay_rows(r) + memory_rows(r)
+    lines = ["| measure | direct | router | router cost | target |", "|---|---|---|---|---|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def chaos_line(c):
+    return (f"Chaos (three nodes with agents, one Ollama killed and restarted mid-run): "
+            f"{c['sent']} sent, {c['completed']} completed, {c['failed']} failed with a "
+            f"clear error, {c['lost']} lost, {c['hung']} hung "
+            f"({check(c['lost'] == 0 and c['hung'] == 0)}: none lost or hung)")
+
+
+def print_report(r):
+    m = r["machine"]
+    print(f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, "
+          f"Python {m['python']}, {m['os']}, load {m['load_1min']:.2f}\n")
+    print(markdown_table(r))
+    print(f"\n{chaos_line(r['chaos'])}")
+    print(f"Router CPU when idle (polling its node every 0.5 s): "
+          f"{r['memory']['router_idle_cpu_ms_per_s']:.1f} ms/s. "
+          f"Run took {r['seconds']:.0f} s.")
+
+
+####################################################################################
+# Run
+####################################################################################
+
+
+def run_phases(workdir, plan):
+    """Each phase on its own fake and router, stopped before the next starts."""
+    r = {"machine": describe_machine(), "plan": dataclasses.asdict(plan)}
+    started = time.monotonic()
+    with running_stack(workdir, "short", chunks=8) as stack:
+        r["memory"] = measure_idle(stack)
+        r["short"] = measure_short(stack, plan)
+        r["memory"]["rss_after_short_mb"] = rss_mb(stack.router)
+    with running_stack(workdir, "relay", chunks=2000) as stack:
+        r["relay"] = measure_relay(stack, plan)
+        r["memory"]["rss_after_relay_mb"] = rss_mb(stack.router)
+    with running_stack(workdir, "paced", chunks=300, chunk_delay=0.001) as stack:
+        r["paced"] = measure_paced(stack, plan)
+    r["chaos"] = measure_chaos(workdir, plan)
+    r["seconds"] = time.monotonic() - started
+    return r
+
+
+def stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # unwinds through every `with`, which stops the processes
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a shorter run")
-    parser.add_argument("--json", help="also write the numbers to this file")
+    parser.add_argument("--quick", action="store_true", help="a reduced run (under a minute)")
+    parser.add_argument("--json", metavar="FILE", help="also write every number to FILE")
     args = parser.parse_args()
-    scale = 1 if args.quick else 4
-    fake_port, router_port = free_port(), free_port()
-    data_dir = tempfile.mkdtemp(prefix="herd-bench-")
-    fake = start_fake(fake_port, 2000)
-    router_proc = start_router(router_port, fake_port, data_dir)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
-        wait_for_node(router_port)
-        router = psutil.Process(router_proc.pid)
-        time.sleep(1.0)  # let start-up allocations settle before reading idle memory
-        results = {"machine": machine(), "rss_idle_mb": router.memory_info().rss / 1e6}
-        ports = {"direct": fake_port, "router": router_port}
-        results["ttft_c1"] = measure_ttft(ports, router, 1, 100 * scale)
-        results["ttft_c16"] = measure_ttft(ports, router, 16, 10 * scale)
-        for kind in ("ndjson", "sse"):
-            results[f"relay_{kind}"] = measure_relay(ports, router, kind, 2 * scale, 4)
-        results["rss_after_mb"] = router.memory_info().rss / 1e6
-    finally:
-        for proc in (router_proc, fake):
-            proc.terminate()
-            proc.wait(10)
-    results["relay_paced"] = measure_paced(scale)
-    results["chaos"] = measure_chaos(6 if args.quick else 15)
-    print(f"Machine: {results['machine']}\n")
-    print(table(results))
-    c = results["chaos"]
-    print(f"\nChaos: steady load on 3 nodes, one Ollama killed and restarted: {c['sent']} "
-          f"sent, {c['completed']} completed, {c['failed']} failed with a clear error, "
-          f"{c['lost']} lost, {c['hung']} hung "
-          f"({verdict(c['lost'] == 0 and c['hung'] == 0)}: none lost or hung)")
+        with tempfile.TemporaryDirectory(prefix="herd-bench-") as workdir:
+            results = run_phases(workdir, PLANS["quick" if args.quick else "full"])
+    except KeyboardInterrupt:
+        sys.exit("bench.py: interrupted; its processes are stopped")
+    print_report(results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
+            f.write("\n")
 
 
 if __name__ == "__main__":

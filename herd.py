@@ -1297,6 +1297,27 @@ VITALS_SQL = (  # one pass over the covering index: no sort, fast on a day of tr
     "FROM request_traces WHERE timestamp > ?")
 
 
+MODEL_USAGE_SQL = (
+    "SELECT model, node_id, COUNT(*) AS requests, "
+    "SUM(status IN ('failed', 'incomplete')) AS errors, "
+    "ROUND(AVG(CASE WHEN status='completed' THEN latency_ms END), 1) AS mean_latency_ms, "
+    "ROUND(AVG(CASE WHEN status='completed' THEN ttft_ms END), 1) AS mean_ttft_ms, "
+    "ROUND(SUM(CASE WHEN status='completed' THEN completion_tokens END) * 1000.0 / "
+    "NULLIF(SUM(CASE WHEN status='completed' AND completion_tokens > 0 "
+    "THEN latency_ms - COALESCE(ttft_ms, 0) END), 0), 1) AS tokens_per_s "
+    "FROM request_traces WHERE timestamp > ? AND status != 'retried' "
+    "GROUP BY model, node_id ORDER BY model, requests DESC")
+TREND_RANGES = {"24h": (86400, 3600), "7d": (7 * 86400, 6 * 3600), "30d": (30 * 86400, 86400)}
+TRENDS_SQL = (
+    "SELECT CAST(timestamp / ? AS INTEGER) * ? AS t, COUNT(*) AS requests, "
+    "SUM(status IN ('failed', 'incomplete')) AS errors, "
+    "ROUND(AVG(CASE WHEN status='completed' THEN latency_ms END), 1) AS mean_latency_ms, "
+    "ROUND(AVG(CASE WHEN status='completed' THEN ttft_ms END), 1) AS mean_ttft_ms, "
+    "ROUND(SUM(completion_tokens) * 1000.0 / NULLIF(SUM(CASE WHEN completion_tokens > 0 "
+    "THEN latency_ms - COALESCE(ttft_ms, 0) END), 0), 1) AS tokens_per_s "
+    "FROM request_traces WHERE timestamp > ? AND status != 'retried' GROUP BY t ORDER BY t")
+
+
 def trace_window(rows):
     """The trace side of a health snapshot from TRACE_WINDOW_SQL's rows."""
     out = collections.Counter()
@@ -1466,6 +1487,13 @@ class Router:
             ("GET", "/fleet/queue"): self.handle_fleet_queue,
             ("GET", "/metrics"): self.handle_metrics,
             ("GET", "/dashboard/api/health"): self.handle_health,
+            ("GET", "/dashboard/api/overview"): self.handle_fleet_status,
+            ("GET", "/dashboard/api/queues"): self.handle_fleet_queue,
+            ("GET", "/dashboard/api/requests"): self.handle_requests,
+            ("GET", "/dashboard/api/models"): self.handle_models,
+            ("GET", "/dashboard/api/apps"): self.handle_apps,
+            ("GET", "/dashboard/api/trends"): self.handle_trends,
+            ("GET", "/dashboard/api/settings"): self.handle_settings,
         }
         for path in NATIVE_INFERENCE + OPENAI_INFERENCE:
             self.routes[("POST", path)] = self.handle_inference
@@ -1932,6 +1960,93 @@ class Router:
                        "mean_ttft_ms": round(day["ttft"], 1) if day["ttft"] else None,
                        "model_loads": loads},
             "checks": findings})
+
+    # -- dashboard data (the page reads these; so can curl) ---------------------
+
+    async def handle_settings(self, request, conn):
+        """The effective configuration, each value with where it came from."""
+        values = self.cfg.as_dict()
+        rows = []
+        for st in ROUTER_SETTINGS:
+            attr = st.name.removeprefix("FLEET_").lower()
+            value = values[attr]
+            if st.name == "FLEET_TOKEN" and value:
+                value = "(set)"  # never shown
+            rows.append({"name": st.name, "value": value, "default": st.default,
+                         "source": self.cfg.sources.get(attr, "default"), "help": st.help})
+        await conn.send_json(200, {"settings": rows})
+
+    async def handle_requests(self, request, conn):
+        """Recent traces, filtered: ?status=&model=&node=&tag=&since=<s ago>&limit="""
+        q = {k: v[-1] for k, v in request.query.items()}
+        try:
+            since = float(q.get("since", 3600))
+            limit = max(1, min(1000, int(q.get("limit", 100))))
+        except ValueError:
+            return await conn.send_response(400, hc.ollama_error_body(
+                "since and limit must be numbers"))
+        where, params = ["timestamp > ?"], [time.time() - since]
+        for key, column in (("status", "status"), ("model", "model"), ("node", "node_id")):
+            if q.get(key):
+                where.append(f"{column} = ?")
+                params.append(q[key])
+        if q.get("tag"):
+            where.append("(',' || tags || ',') LIKE ?")
+            params.append(f"%,{q['tag']},%")
+        sql = (f"SELECT * FROM request_traces WHERE {' AND '.join(where)} "
+               f"ORDER BY timestamp DESC LIMIT {limit}")
+        rows = await asyncio.to_thread(self.traces.query, sql, params)
+        await conn.send_json(200, {"requests": rows})
+
+    async def handle_models(self, request, conn):
+        """Per model: where it lives, hot or cold, and a day of usage per node."""
+        rows = await asyncio.to_thread(self.traces.query, MODEL_USAGE_SQL,
+                                       (time.time() - 86400,))
+        usage = collections.defaultdict(list)
+        for r in rows:
+            usage[r.pop("model")].append(r)
+        models = {}
+        for node in self.fleet.nodes.values():
+            for name in node.models:
+                m = models.setdefault(name, {"model": name, "on_disk": [], "loaded": []})
+                m["on_disk"].append(node.node_id)
+                if name in node.loaded:
+                    m["loaded"].append(node.node_id)
+        for name in usage:
+            models.setdefault(name, {"model": name, "on_disk": [], "loaded": []})
+        for name, m in models.items():
+            m["usage_24h"] = usage.get(name, [])
+        await conn.send_json(200, {"models": sorted(models.values(),
+                                                    key=lambda m: m["model"])})
+
+    async def handle_apps(self, request, conn):
+        """Per tag (X-Herd-Tags / metadata.tags): a day of requests, errors, speed."""
+        rows = await asyncio.to_thread(self.traces.query, (
+            "SELECT tags, status, latency_ms, prompt_tokens, completion_tokens "
+            "FROM request_traces WHERE timestamp > ? AND tags IS NOT NULL "
+            "AND status != 'retried'"), (time.time() - 86400,))
+        apps = {}
+        for r in rows:
+            for tag in r["tags"].split(","):
+                a = apps.setdefault(tag, {"tag": tag, "requests": 0, "errors": 0,
+                                          "latency_ms_total": 0.0, "tokens": 0})
+                a["requests"] += 1
+                a["errors"] += r["status"] in ("failed", "incomplete")
+                a["latency_ms_total"] += r["latency_ms"] or 0.0
+                a["tokens"] += (r["prompt_tokens"] or 0) + (r["completion_tokens"] or 0)
+        for a in apps.values():
+            a["mean_latency_ms"] = round(a.pop("latency_ms_total") / a["requests"], 1)
+        await conn.send_json(200, {"window_s": 86400, "apps": sorted(
+            apps.values(), key=lambda a: -a["requests"])})
+
+    async def handle_trends(self, request, conn):
+        """Requests, errors, latency, time to first token and tokens/s over time:
+        ?range=24h (hourly), 7d (6-hourly) or 30d (daily)."""
+        span, bucket = TREND_RANGES.get(request.query.get("range", ["24h"])[-1],
+                                        TREND_RANGES["24h"])
+        rows = await asyncio.to_thread(self.traces.query, TRENDS_SQL,
+                                       (bucket, bucket, time.time() - span))
+        await conn.send_json(200, {"range_s": span, "bucket_s": bucket, "points": rows})
 
     async def handle_metrics(self, request, conn):
         self.fleet.refresh_status()

@@ -1694,3 +1694,44 @@ def test_health_api_reports_live_state(h):
     assert [(c["check"], c["node_id"]) for c in body["checks"]] == [("degraded_nodes",
                                                                      "node-a")]
     assert body["status"] == "warning" and body["score"] == 90
+
+
+def test_dashboard_data_endpoints(h):
+    fake = h.fake(chunks=4)
+    router = h.router(FLEET_TOKEN="s3cret", FLEET_HOLD_TIMEOUT=2)
+    h.heartbeat(router, fake, "node-a", FLEET_NODE_TOKEN="s3cret")
+    for tags in ("notes,nightly", "notes", None):
+        headers = {"X-Herd-Tags": tags} if tags else {}
+        http(router.url, "POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "x",
+                                                   "stream": False}, headers=headers)
+    fake.fault = "http500"
+    http(router.url, "POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "x"})
+    h.traces(router)
+
+    def get(path):
+        status, _, body = http(router.url, "GET", path)
+        assert status == 200, (path, body)
+        return json.loads(body)
+    reqs = get("/dashboard/api/requests?status=completed&limit=2")["requests"]
+    assert len(reqs) == 2 and all(r["status"] == "completed" for r in reqs)
+    tagged = get("/dashboard/api/requests?tag=notes")["requests"]
+    assert sorted(r["tags"] for r in tagged) == ["nightly,notes", "notes"]
+    assert http(router.url, "GET", "/dashboard/api/requests?limit=many")[0] == 400
+    apps = {a["tag"]: a for a in get("/dashboard/api/apps")["apps"]}
+    assert apps["notes"]["requests"] == 2 and apps["nightly"]["requests"] == 1
+    assert apps["notes"]["tokens"] > 0
+    model = next(m for m in get("/dashboard/api/models")["models"]
+                 if m["model"] == "llama3.2:3b")
+    assert model["on_disk"] == ["node-a"] and model["loaded"] == []
+    usage = model["usage_24h"][0]
+    assert usage["node_id"] == "node-a" and usage["requests"] == 4 and usage["errors"] == 1
+    points = get("/dashboard/api/trends?range=24h")["points"]
+    assert sum(p["requests"] for p in points) == 4 and points[-1]["errors"] == 1
+    settings = {s["name"]: s for s in get("/dashboard/api/settings")["settings"]}
+    assert settings["FLEET_TOKEN"]["value"] == "(set)"
+    assert settings["FLEET_HOLD_TIMEOUT"] == {**settings["FLEET_HOLD_TIMEOUT"], "value": 2.0,
+                                              "source": "env"}
+    assert settings["FLEET_PORT"]["source"] == "env" and settings["FLEET_MAX_RETRIES"][
+        "source"] == "default"
+    assert get("/dashboard/api/overview")["nodes"][0]["node_id"] == "node-a"
+    assert "queues" in get("/dashboard/api/queues")
