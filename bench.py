@@ -64,7 +64,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MODEL = "llama3.2:3b"
 SLOTS = 16
 NDJSON, SSE = b"\n", b"data:"  # what the client counts: NDJSON lines, SSE events
-SETTLE = 0.3  # seconds after a router run before reading its CPU: trace writes land late
+SETTLE = 0.3  # seconds after a run before reading CPU times: trace writes land late
 READY_TIMEOUT = 30.0
 
 
@@ -160,14 +160,15 @@ def fail_to_start(name, proc, log_path):
     """Stop the run with the program's own last words."""
     with open(log_path, errors="replace") as f:
         tail = f.read()[-2000:]
-    state = f"exited with {proc.returncode}" if proc.poll() is not None else "did not get ready"
+    state = "did not get ready" if proc.poll() is None else f"exited with {proc.returncode}"
     raise SystemExit(f"{name} {state} (log {log_path}):\n{tail}")
 
 
 def fleet_nodes(port):
     """The router's nodes from /fleet/status, or None while it cannot answer."""
+    url = f"http://127.0.0.1:{port}/fleet/status"
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/fleet/status", timeout=2) as r:
+        with urllib.request.urlopen(url, timeout=2) as r:
             return json.load(r)["nodes"]
     except (OSError, ValueError, KeyError):
         return None
@@ -191,6 +192,7 @@ class Stack:
 
     ports: dict  # "direct" -> the fake's port, "router" -> the router's
     router: psutil.Process
+    fake: psutil.Process
 
 
 @contextlib.contextmanager
@@ -199,12 +201,13 @@ def running_stack(workdir, name, chunks, chunk_delay=0.0):
     workdir = os.path.join(workdir, name)
     os.makedirs(workdir)
     with contextlib.ExitStack() as exits:
-        _, fake_port = start_fake(exits, workdir, chunks, chunk_delay)
+        fake, fake_port = start_fake(exits, workdir, chunks, chunk_delay)
         proc, port = start_router(exits, workdir, {
             "FLEET_LOCAL_NODE": "true", "FLEET_LOCAL_NODE_INTERVAL": "0.5",
             "FLEET_LOCAL_OLLAMA_URL": f"http://127.0.0.1:{fake_port}"})
         wait_for_nodes(proc, port, workdir, 1)
-        yield Stack({"direct": fake_port, "router": port}, psutil.Process(proc.pid))
+        yield Stack({"direct": fake_port, "router": port}, psutil.Process(proc.pid),
+                    psutil.Process(fake.pid))
 
 
 def cpu_seconds(proc):
@@ -394,7 +397,20 @@ class Run:
     firsts: list  # seconds to the first body chunk, one per request
     items: int = 0  # NDJSON lines or SSE events received
     elapsed: float = 0.0  # wall seconds of the timed part
-    router_cpu: float = 0.0  # router CPU seconds over the timed part (router runs)
+    cpu: dict = dataclasses.field(default_factory=dict)  # process -> CPU seconds
+
+    def add(self, other):
+        self.firsts += other.firsts
+        self.items += other.items
+        self.elapsed += other.elapsed
+        for name, seconds in other.cpu.items():
+            self.cpu[name] = self.cpu.get(name, 0.0) + seconds
+
+
+def cpu_snapshot(stack):
+    """CPU seconds so far of the client (this process), the fake and the router."""
+    return {"client": time.process_time(), "fake": cpu_seconds(stack.fake),
+            "router": cpu_seconds(stack.router)}
 
 
 async def exchange_many(client, load, count, firsts):
@@ -406,9 +422,9 @@ async def exchange_many(client, load, count, firsts):
     return items
 
 
-async def drive(port, load, router):
+async def drive(stack, path, load):
     """Connect the workers, warm up, then time `per_worker` requests on each."""
-    loop = asyncio.get_running_loop()
+    loop, port = asyncio.get_running_loop(), stack.ports[path]
     clients = [(await loop.create_connection(StreamClient, "127.0.0.1", port))[1]
                for _ in range(load.concurrency)]
     try:
@@ -416,13 +432,12 @@ async def drive(port, load, router):
         gc.collect()
         gc.disable()  # no collector pause in the client lands in a timing
         run = Run([])
-        cpu0, t0 = cpu_seconds(router) if router else 0.0, time.perf_counter()
+        cpu0, t0 = cpu_snapshot(stack), time.perf_counter()
         counts = await asyncio.gather(*(exchange_many(c, load, load.per_worker, run.firsts)
                                         for c in clients))
         run.elapsed, run.items = time.perf_counter() - t0, sum(counts)
-        if router:
-            await asyncio.sleep(SETTLE)
-            run.router_cpu = cpu_seconds(router) - cpu0
+        await asyncio.sleep(SETTLE)
+        run.cpu = {k: v - cpu0[k] for k, v in cpu_snapshot(stack).items()}
         return run
     finally:
         gc.enable()
@@ -435,12 +450,7 @@ def compare(stack, load, rounds):
     pooled = {"direct": Run([]), "router": Run([])}
     for _ in range(rounds):
         for path, total in pooled.items():
-            router = stack.router if path == "router" else None
-            run = asyncio.run(drive(stack.ports[path], load, router))
-            total.firsts += run.firsts
-            total.items += run.items
-            total.elapsed += run.elapsed
-            total.router_cpu += run.router_cpu
+            total.add(asyncio.run(drive(stack, path, load)))
     return {path: summarise(run, path == "router") for path, run in pooled.items()}
 
 
@@ -454,12 +464,14 @@ def summarise(run, is_router):
     n = len(run.firsts)
     out = {"requests": n, "items": run.items, "seconds": run.elapsed,
            "requests_per_s": n / run.elapsed, "items_per_s": run.items / run.elapsed,
-           **{f"first_chunk_p{q}_ms": percentile(run.firsts, q) * 1e3 for q in (50, 90, 99)},
-           "first_chunk_max_ms": max(run.firsts) * 1e3}
-    if is_router:
-        out.update(router_cpu_s=run.router_cpu,
-                   router_cpu_ms_per_1000_requests=run.router_cpu / n * 1e6,
-                   router_cpu_us_per_item=run.router_cpu / run.items * 1e6)
+           **{f"first_chunk_p{q}_ms": percentile(run.firsts, q) * 1e3
+              for q in (50, 90, 99)},
+           "first_chunk_max_ms": max(run.firsts) * 1e3,
+           "cpu_us_per_request": {k: v / n * 1e6 for k, v in run.cpu.items()}}
+    if is_router:  # the router's CPU is only its cost when it carried the load
+        cpu = run.cpu["router"]
+        out.update(router_cpu_s=cpu, router_cpu_ms_per_1000_requests=cpu / n * 1e6,
+                   router_cpu_us_per_item=cpu / run.items * 1e6)
     return out
 
 
@@ -520,7 +532,8 @@ async def chaos_request(port, request, timeout):
     except OSError:
         return "lost"
     head, _, body = data.partition(b"\r\n\r\n")
-    if head.startswith(b"HTTP/1.1 200") and b'"done":true' in body and b'"error"' not in body:
+    ok = head.startswith(b"HTTP/1.1 200") and b'"done":true' in body
+    if ok and b'"error"' not in body:
         return "completed"
     if b'"error"' in body:
         return "failed"  # a status with an error body, or an error line mid-stream
@@ -558,9 +571,9 @@ def measure_chaos(workdir, plan):
         fakes, fake_ports = zip(*(start_fake(exits, workdir, 20, 0.01) for _ in range(3)))
         fakes = list(fakes)
         for i, fake_port in enumerate(fake_ports):
-            start_process(exits, ["herd_node.py", "--router-url", f"http://127.0.0.1:{port}",
-                                  "--node-id", f"node-{i}", "--ollama-host",
-                                  f"http://127.0.0.1:{fake_port}"],
+            start_process(exits, ["herd_node.py", "--node-id", f"node-{i}",
+                                  "--router-url", f"http://127.0.0.1:{port}",
+                                  "--ollama-host", f"http://127.0.0.1:{fake_port}"],
                           {"FLEET_NODE_HEARTBEAT_INTERVAL": "0.5",
                            "FLEET_NODE_DATA_DIR": os.path.join(workdir, "agents"),
                            "FLEET_CONSOLE_LOG_LEVEL": "ERROR"},
@@ -649,7 +662,8 @@ def memory_rows(r):
 
 def markdown_table(r):
     rows = latency_rows(r) + throughput_rows(r) + relay_rows(r) + memory_rows(r)
-    lines = ["| measure | direct | router | router cost | target |", "|---|---|---|---|---|"]
+    lines = ["| measure | direct | router | router cost | target |",
+             "|---|---|---|---|---|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
@@ -700,7 +714,8 @@ def stop_on_sigterm(signum, frame):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a reduced run (under a minute)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a reduced run (under a minute)")
     parser.add_argument("--json", metavar="FILE", help="also write every number to FILE")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, stop_on_sigterm)

@@ -1487,6 +1487,7 @@ class Router:
             ("GET", "/fleet/queue"): self.handle_fleet_queue,
             ("GET", "/metrics"): self.handle_metrics,
             ("GET", "/dashboard/api/health"): self.handle_health,
+            ("GET", "/dashboard"): self.handle_dashboard,
             ("GET", "/dashboard/api/overview"): self.handle_fleet_status,
             ("GET", "/dashboard/api/queues"): self.handle_fleet_queue,
             ("GET", "/dashboard/api/requests"): self.handle_requests,
@@ -1963,6 +1964,16 @@ class Router:
 
     # -- dashboard data (the page reads these; so can curl) ---------------------
 
+    async def handle_dashboard(self, request, conn):
+        """dashboard.html from beside this script, read each time (edit and reload)."""
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard.html")
+        try:
+            page = await asyncio.to_thread(read_bytes, path)
+        except OSError:
+            return await conn.send_response(404, b"dashboard.html is missing: copy it next "
+                                                 b"to herd.py", b"text/plain; charset=utf-8")
+        await conn.send_response(200, page, b"text/html; charset=utf-8")
+
     async def handle_settings(self, request, conn):
         """The effective configuration, each value with where it came from."""
         values = self.cfg.as_dict()
@@ -2095,6 +2106,11 @@ class Router:
             return
         for r in rows:
             self.fleet.latency[(r["node_id"], r["model"])] = [r["latency"] / 1000, 0.0, r["n"]]
+
+
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def version_key(version):

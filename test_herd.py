@@ -1735,3 +1735,15 @@ def test_dashboard_data_endpoints(h):
         "source"] == "default"
     assert get("/dashboard/api/overview")["nodes"][0]["node_id"] == "node-a"
     assert "queues" in get("/dashboard/api/queues")
+
+
+def test_dashboard_page_is_served_and_reads_only_router_json(one_node):
+    h, router, fake = one_node
+    status, headers, body = http(router.url, "GET", "/dashboard")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    page = body.decode()
+    assert "<script src" not in page and "http://" not in page and "https://" not in page
+    for endpoint in ("overview", "queues", "requests", "trends", "models", "health", "apps",
+                     "settings"):
+        assert f'"{endpoint}' in page or f"'{endpoint}" in page, endpoint
+        assert http(router.url, "GET", f"/dashboard/api/{endpoint}")[0] == 200, endpoint
