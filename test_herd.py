@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -1747,3 +1748,43 @@ def test_dashboard_page_is_served_and_reads_only_router_json(one_node):
                      "settings"):
         assert f'"{endpoint}' in page or f"'{endpoint}" in page, endpoint
         assert http(router.url, "GET", f"/dashboard/api/{endpoint}")[0] == 200, endpoint
+
+
+def test_dashboard_in_a_real_browser(h, tmp_path):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+    fake_a, fake_b, fake_c = h.fake(), h.fake(), h.fake()
+    router = h.router()
+    h.heartbeat(router, fake_a, "mac-studio")
+    h.heartbeat(router, fake_b, "gaming-pc")
+    for tag in ("notes-app", "chat-ui"):
+        http(router.url, "POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "x",
+                                                   "stream": False},
+             headers={"X-Herd-Tags": tag})
+    h.traces(router)
+    errors = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(router.url + "/dashboard")
+            shows = {"Overview": "mac-studio", "Requests": "notes-app",
+                     "Trends": "Tokens per second", "Models": "llama3.2:3b",
+                     "Nodes": "gaming-pc", "Health": "All checks pass", "Apps": "chat-ui",
+                     "Settings": "FLEET_HOLD_TIMEOUT"}
+            for tab, text in shows.items():
+                page.click(f"nav button[data-tab={tab}]")
+                page.wait_for_selector(f"main:has-text('{text}')", timeout=10000)
+            page.click("nav button[data-tab=Overview]")
+            h.heartbeat(router, fake_c, "new-node")  # live: no reload
+            page.wait_for_selector("main:has-text('new-node')", timeout=10000)
+            page.screenshot(path=str(tmp_path / "overview.png"))
+        finally:
+            browser.close()
+    assert errors == [] and (tmp_path / "overview.png").stat().st_size > 10000
