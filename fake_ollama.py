@@ -1,24 +1,51 @@
 #!/usr/bin/env python3
-"""fake_ollama.py: a stand-in Ollama for Herd's tests, demos and benchmark.
+"""fake_ollama.py: a stand-in Ollama server for Herd's tests, demos and benchmark.
 
-It answers like the real server where a client can tell (../shared/ollama-api.md):
-field names, NDJSON and SSE framing, error bodies and codes, parallel slots with FIFO
-waiting, slow model loads, unload on keep_alive 0, the loopback Host-header guard,
-and faults on demand (refuse, reset, stall, 500, 503, death or stall mid-stream, error line).
-It imports nothing from Herd: it is the reference the router is checked against.
+It answers the way the real server does wherever a client can tell (see
+../shared/ollama-api.md): field names, NDJSON and SSE framing, error bodies and status
+codes, model loads that take time, reloads on a new num_ctx, unload on keep_alive 0,
+num_parallel slots per loaded model with FIFO waiting, the loopback Host-header guard,
+and the OpenAI-compatible routes. Faults can be switched on at any moment (refuse,
+reset, stall, 500, 503, death or an error line in the middle of a stream). It imports
+nothing from Herd: it is the reference the router is checked against.
 
-Run:   python fake_ollama.py --port 11434 --models llama3.2:3b,qwen2.5:7b --num-parallel 4
-    $ curl -s localhost:11434/api/generate -d '{"model":"llama3.2:3b","prompt":"hi"}'
-    {"model":"llama3.2:3b","created_at":"2026-11-22T12:00:00.000000Z","response":"w0 ","done":false}
-    ...
-    {"model":"llama3.2:3b","created_at":"...","response":"","done":true,"done_reason":"stop",...}
+Run:
+    python fake_ollama.py [--host 127.0.0.1] [--port 11434] [--models a,b,c]
+                          [--num-parallel N] [--chunks N] [--chunk-delay S] [--load-delay S]
+    (--num-parallel defaults to $OLLAMA_NUM_PARALLEL, else 1; --port 0 picks a free port)
+
+    $ python fake_ollama.py --port 0 --chunks 3
+    fake ollama listening on http://127.0.0.1:40411
+    $ curl -s localhost:40411/api/generate -d '{"model":"llama3.2:3b","prompt":"hi"}'
+    {"model":"llama3.2:3b","created_at":"2025-11-22T13:58:37.207Z","response":"w0 ","done":false}
+    {"model":"llama3.2:3b","created_at":"2025-11-22T13:58:37.207Z","response":"w1 ","done":false}
+    {"model":"llama3.2:3b","created_at":"2025-11-22T13:58:37.207Z","response":"w2 ","done":false}
+    {"model":"llama3.2:3b","created_at":"2025-11-22T13:58:37.207Z","response":"","done":true,
+     "done_reason":"stop","context":[1,2,...],"total_duration":411393,"load_duration":56744,
+     "prompt_eval_count":11,"prompt_eval_duration":88662,"eval_count":3,"eval_duration":265987}
+    $ curl -s localhost:40411/api/ps
+    {"models":[{"name":"llama3.2:3b","model":"llama3.2:3b","size":2336462209,...,
+     "expires_at":"2025-11-22T14:03:37.207861Z","context_length":4096}]}
+    $ curl -s localhost:40411/api/chat -H 'Host: example.com' -o /dev/null -w '%{http_code}\\n'
+    403
+
+In a test:
+    fake = FakeOllama(["llama3.2:3b"], num_parallel=2, chunk_delay=0.05)
+    port = await fake.start()          # binds 127.0.0.1:0, returns the port
+    fake.fault = "die_mid_stream"      # and fake.requests, .active, .loaded, .cancelled ...
+    await fake.stop()
 """
 
 import argparse
 import asyncio
+import base64
 import collections
+import dataclasses
 import datetime
+import email.utils
 import hashlib
+import http
+import ipaddress
 import json
 import math
 import os
@@ -29,701 +56,1586 @@ import struct
 import sys
 import time
 
-import h11
+try:
+    import h11
+except ImportError:
+    sys.exit("fake_ollama.py needs h11: pip install h11")
+
+DEFAULT_MODELS = ("llama3.2:3b", "qwen2.5:7b", "nomic-embed-text:latest")
+DEFAULT_NUM_CTX = 4096          # what a CPU-only Ollama picks when num_ctx is not given
+DEFAULT_KEEP_ALIVE = 300.0      # OLLAMA_KEEP_ALIVE's default, 5m
+FOREVER_NS = 2**63 - 1          # Go's MaxInt64 duration: what a negative keep_alive means
+READ_SIZE = 65536
+MAX_RECORDED = 10_000           # fake.requests keeps at most this many (long demo runs)
+YIELD_EVERY = 32                # with chunk_delay 0, let other connections run this often
 
 BUSY = "server busy, please try again.  maximum pending requests exceeded"
-JSON = b"application/json; charset=utf-8"
-NDJSON = b"application/x-ndjson"
-SSE = b"text/event-stream"
-INFERENCE = {"/api/generate", "/api/chat", "/api/embed", "/api/embeddings",
-             "/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
-ROUTES = {("GET", "/"), ("HEAD", "/"), ("GET", "/api/version"), ("HEAD", "/api/version"),
-          ("GET", "/api/tags"), ("HEAD", "/api/tags"), ("GET", "/api/ps"),
-          ("POST", "/api/show"), ("POST", "/api/pull"), ("DELETE", "/api/delete"),
-          ("GET", "/v1/models"), *(("POST", p) for p in INFERENCE)}
+RUNNER_DIED = "llama runner process has terminated: exit status 2"
+MID_STREAM_ERROR = "an error was encountered while running the model: unexpected EOF"
+FAULTS = {None, "refuse", "reset", "stall", "http500", "http503", "die_mid_stream",
+          "error_line", "stall_mid_stream"}
+MID_STREAM_FAULTS = frozenset({"die_mid_stream", "error_line", "stall_mid_stream"})
+
+JSON_TYPE = b"application/json; charset=utf-8"
+NDJSON_TYPE = b"application/x-ndjson"
+SSE_TYPE = b"text/event-stream"
+TEXT_TYPE = b"text/plain; charset=utf-8"
+
+# The inference routes: path -> kind. Faults and hang-up watching apply to these only.
+INFERENCE = {"/api/generate": "generate", "/api/chat": "chat", "/api/embed": "embed",
+             "/api/embeddings": "embeddings", "/v1/chat/completions": "oa_chat",
+             "/v1/completions": "oa_completion", "/v1/embeddings": "oa_embed"}
+
+# Go request structs, for Go's decode errors: field -> (JSON kind accepted, Go type).
+STR, BOOL, INT, NUM, LIST, OBJ, DURATION = "string", "bool", "int", "number", "array", \
+    "object", "duration"
+STRUCTS = {
+    "api.GenerateRequest": {
+        "model": (STR, "string"), "prompt": (STR, "string"), "suffix": (STR, "string"),
+        "system": (STR, "string"), "template": (STR, "string"), "stream": (BOOL, "bool"),
+        "raw": (BOOL, "bool"), "images": (LIST, "[]api.ImageData"), "context": (LIST, "[]int"),
+        "options": (OBJ, "map[string]interface {}"), "keep_alive": (DURATION, ""),
+        "truncate": (BOOL, "bool"), "shift": (BOOL, "bool"), "logprobs": (BOOL, "bool"),
+        "top_logprobs": (INT, "int")},
+    "api.ChatRequest": {
+        "model": (STR, "string"), "messages": (LIST, "[]api.Message"), "stream": (BOOL, "bool"),
+        "tools": (LIST, "api.Tools"), "options": (OBJ, "map[string]interface {}"),
+        "keep_alive": (DURATION, ""), "truncate": (BOOL, "bool"), "shift": (BOOL, "bool"),
+        "logprobs": (BOOL, "bool"), "top_logprobs": (INT, "int")},
+    "api.EmbedRequest": {
+        "model": (STR, "string"), "truncate": (BOOL, "bool"), "dimensions": (INT, "int"),
+        "keep_alive": (DURATION, ""), "options": (OBJ, "map[string]interface {}")},
+    "api.EmbeddingRequest": {
+        "model": (STR, "string"), "prompt": (STR, "string"), "keep_alive": (DURATION, ""),
+        "options": (OBJ, "map[string]interface {}")},
+    "api.PullRequest": {"model": (STR, "string"), "name": (STR, "string"),
+                        "insecure": (BOOL, "bool"), "stream": (BOOL, "bool")},
+    "api.ShowRequest": {"model": (STR, "string"), "name": (STR, "string"),
+                        "verbose": (BOOL, "bool"), "system": (STR, "string"),
+                        "template": (STR, "string")},
+    "api.DeleteRequest": {"model": (STR, "string"), "name": (STR, "string")},
+    "api.CopyRequest": {"source": (STR, "string"), "destination": (STR, "string")},
+    "openai.ChatCompletionRequest": {
+        "model": (STR, "string"), "messages": (LIST, "[]openai.Message"),
+        "stream": (BOOL, "bool"), "stream_options": (OBJ, "openai.StreamOptions"),
+        "max_tokens": (INT, "int"), "seed": (INT, "int"), "temperature": (NUM, "float64"),
+        "top_p": (NUM, "float64"), "frequency_penalty": (NUM, "float64"),
+        "presence_penalty": (NUM, "float64"), "tools": (LIST, "[]api.Tool")},
+    "openai.CompletionRequest": {
+        "model": (STR, "string"), "prompt": (STR, "string"), "stream": (BOOL, "bool"),
+        "stream_options": (OBJ, "openai.StreamOptions"), "max_tokens": (INT, "int"),
+        "seed": (INT, "int"), "temperature": (NUM, "float32"), "top_p": (NUM, "float32"),
+        "suffix": (STR, "string")},
+    "openai.EmbedRequest": {"model": (STR, "string"), "encoding_format": (STR, "string"),
+                            "dimensions": (INT, "int")},
+}
+STRUCT_OF = {"generate": "api.GenerateRequest", "chat": "api.ChatRequest",
+             "embed": "api.EmbedRequest", "embeddings": "api.EmbeddingRequest",
+             "oa_chat": "openai.ChatCompletionRequest",
+             "oa_completion": "openai.CompletionRequest", "oa_embed": "openai.EmbedRequest"}
+
+JSON_DECODER = json.JSONDecoder()
+DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)([^\d.]*)")
+DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3,
+                  "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class Refusal(Exception):
+    """An error answer sent before any byte of the real answer: status and message."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class HungUp(Exception):
+    """The connection is finished with (a fault, or the client went away): close it."""
+
 
 ####################################################################################
-# Models
+# Models on disk
 ####################################################################################
+
+
+@dataclasses.dataclass
+class DiskModel:
+    """One model in the fake's store, with what /api/tags, /api/show and /api/ps need."""
+    name: str
+    size: int
+    family: str
+    parameter_size: str
+    parameter_count: int
+    quantization_level: str
+    context_length: int
+    capabilities: list
+    modified_ns: int
+    digest: str
+
+
+OVERRIDABLE = {"size", "family", "parameter_size", "quantization_level", "context_length",
+               "capabilities"}
+FAMILY_NAMES = {"qwen": "qwen2", "nomic": "nomic-bert", "mxbai": "bert", "mistral": "llama",
+                "phi": "phi3", "gemma": "gemma2", "deepseek": "qwen2", "all": "bert"}
 
 
 def canonical(name):
-    name = name.strip().lower()
-    return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
+    """Ollama's short display name: default registry and `library/` dropped, `:latest` added."""
+    parts = name.strip().split("/")
+    if len(parts) == 3 and parts[0] == "registry.ollama.ai":
+        parts = parts[1:]
+    if len(parts) == 2 and parts[0] == "library":
+        parts = parts[1:]
+    if ":" not in parts[-1]:
+        parts[-1] += ":latest"
+    return "/".join(parts)
 
 
-def describe_model(name, overrides=None):
-    """A /api/tags entry with defaults derived from the name."""
-    o = overrides or {}
-    m = re.search(r"(\d+(?:\.\d+)?)b", name.split(":")[-1])
-    params = float(m.group(1)) if m else 3.0
-    embed = "embed" in name
-    family = o.get("family") or re.split(r"[\d.:-]", name.split("/")[-1])[0] or "llama"
+def is_embedding_name(name):
+    base = name.rsplit("/", 1)[-1].lower()
+    return "embed" in base or base.startswith(("bge", "all-minilm", "snowflake-arctic"))
+
+
+def parameters_from_name(name, embedding):
+    """(count, "3B"-style label) read from a tag like `7b`, `0.5b` or `137m`, else a default."""
+    match = re.search(r"(?<![a-z])(\d+(?:\.\d+)?)([bm])(?![a-z])", name.lower())
+    if match:
+        number, unit = float(match.group(1)), match.group(2)
+    else:
+        number, unit = (137.0, "m") if embedding else (3.0, "b")
+    count = int(number * (1e9 if unit == "b" else 1e6))
+    return count, f"{number:g}{unit.upper()}"
+
+
+def family_from_name(name):
+    base = name.rsplit("/", 1)[-1].split(":")[0].lower()
+    letters = re.match(r"[a-z]*", base).group(0) or "llama"
+    return FAMILY_NAMES.get(letters, letters)
+
+
+def describe_model(name, overrides=None, modified_ns=None):
+    """A DiskModel for `name` with defaults derived from the name, then the overrides."""
+    overrides = dict(overrides or {})
+    unknown = set(overrides) - OVERRIDABLE
+    if unknown:
+        raise ValueError(f"unknown model fields for {name}: {sorted(unknown)} "
+                         f"(known: {sorted(OVERRIDABLE)})")
+    embedding = is_embedding_name(name)
+    count, label = parameters_from_name(name, embedding)
+    quant = "F16" if embedding else "Q4_K_M"
+    bytes_per_param = 2.0 if embedding else 0.6 * (1 << 30) / 1e9
+    context = 2048 if embedding else 32768 if name.lower().startswith("qwen") else 131072
+    return DiskModel(
+        name=name, size=int(overrides.get("size", count * bytes_per_param)),
+        family=overrides.get("family", family_from_name(name)),
+        parameter_size=overrides.get("parameter_size", label), parameter_count=count,
+        quantization_level=overrides.get("quantization_level", quant),
+        context_length=int(overrides.get("context_length", context)),
+        capabilities=list(overrides.get("capabilities",
+                                        ["embedding"] if embedding else ["completion", "tools"])),
+        modified_ns=modified_ns or time.time_ns(),
+        digest=hashlib.sha256(name.lower().encode()).hexdigest())
+
+
+def model_table(models):
+    """The constructor's forms (None, list of names, dict name -> overrides) as a name dict."""
+    if models is None:
+        models = DEFAULT_MODELS
+    if not isinstance(models, dict):
+        models = {name: {} for name in models}
+    now = time.time_ns()
+    table = {}
+    for name, overrides in models.items():
+        name = canonical(name)
+        table[name] = describe_model(name, overrides, now)
+    return table
+
+
+def model_details(m, parent=""):
+    return {"parent_model": parent, "format": "gguf", "family": m.family,
+            "families": [m.family], "parameter_size": m.parameter_size,
+            "quantization_level": m.quantization_level}
+
+
+def tags_entry(m):
+    """One /api/tags entry (digest is bare hex, as Ollama lists it)."""
+    return {"name": m.name, "model": m.name, "modified_at": go_time(m.modified_ns),
+            "size": m.size, "digest": m.digest, "details": model_details(m),
+            "capabilities": m.capabilities}
+
+
+def show_entry(m, embedding_dim):
+    """The /api/show answer; model_info is always present (the Python client requires it)."""
+    arch = m.family
     return {
-        "name": name, "model": name,
-        "modified_at": "2026-10-01T10:00:00.000000000-07:00",
-        "size": int(o.get("size", params * 0.6 * (1 << 30))),
-        "digest": hashlib.sha256(name.encode()).hexdigest(),
-        "details": {"parent_model": "", "format": "gguf", "family": family,
-                    "families": [family],
-                    "parameter_size": o.get("parameter_size", f"{params:g}B"),
-                    "quantization_level": o.get("quantization_level", "Q4_K_M")},
-        "capabilities": o.get("capabilities", ["embedding"] if embed
-                              else ["completion", "tools"]),
-        "_context_length": int(o.get("context_length", 131072)),
+        "modelfile": f'# Modelfile generated by "ollama show"\nFROM {m.name}\n'
+                     f'TEMPLATE """{{{{ .Prompt }}}}"""\n',
+        "parameters": 'stop                           "<|eot_id|>"',
+        "template": "{{ .Prompt }}",
+        "details": model_details(m),
+        "model_info": {"general.architecture": arch, "general.file_type": 15,
+                       "general.parameter_count": m.parameter_count,
+                       "general.quantization_version": 2,
+                       f"{arch}.context_length": m.context_length,
+                       f"{arch}.embedding_length": embedding_dim,
+                       f"{arch}.block_count": 28},
+        "capabilities": m.capabilities,
+        "modified_at": go_time(m.modified_ns),
     }
 
 
-def public(entry):
-    return {k: v for k, v in entry.items() if not k.startswith("_")}
+def openai_model(m, model_id=None):
+    """A /v1/models entry: owned_by is the name's namespace, `library` by default."""
+    parts = m.name.split("/")
+    return {"id": model_id or m.name, "object": "model", "created": m.modified_ns // 10**9,
+            "owned_by": parts[-2] if len(parts) > 1 else "library"}
 
 
-def now_utc():
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def expires_in(seconds):
-    t = datetime.datetime.now().astimezone() + datetime.timedelta(seconds=seconds)
-    return t.isoformat()
+def loaded_size(m, num_ctx, num_parallel):
+    """Weights plus a KV cache that grows with num_ctx x num_parallel, like a real runner."""
+    kv_per_token = max(1, m.parameter_count // 32_000)
+    return m.size + kv_per_token * num_ctx * num_parallel
 
 
 ####################################################################################
-# The server
+# Times, JSON and Go's ways of saying things
 ####################################################################################
 
 
-class Abort(Exception):
-    """Drop the connection without a response (faults)."""
+def go_time(epoch_ns, utc=False):
+    """A timestamp as Go marshals time.Time: RFC 3339, nanoseconds without trailing
+    zeros, `Z` for UTC, else the local offset."""
+    seconds, fraction = divmod(epoch_ns, 10**9)
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    if not utc:
+        moment = moment.astimezone()
+    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    if fraction:
+        text += "." + f"{fraction:09d}".rstrip("0")
+    offset = int(moment.utcoffset().total_seconds())
+    if not offset:
+        return text + "Z"
+    hours, minutes = divmod(abs(offset) // 60, 60)
+    return f"{text}{'+' if offset > 0 else '-'}{hours:02d}:{minutes:02d}"
+
+
+def expiry_time(keep_alive):
+    """expires_at for a runner idle from now: far in the future when kept forever."""
+    if keep_alive == math.inf:
+        return go_time(time.time_ns() + FOREVER_NS)
+    return go_time(time.time_ns() + int(keep_alive * 1e9))
+
+
+def dumps(obj):
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def go_quote(text):
+    return json.dumps(text, ensure_ascii=False)
+
+
+def go_quote_char(char):
+    """How Go's JSON errors show one offending byte."""
+    if char == "'":
+        return "'\\''"
+    if char == '"':
+        return "'\"'"
+    if ord(char) > 127:
+        return "'\\x%02x'" % char.encode()[0]
+    return "'" + json.dumps(char)[1:-1] + "'"
+
+
+def json_kind(value):
+    """The JSON kind Go names in `cannot unmarshal <kind>`."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "array", dict: "object"}.get(type(value), "value")
+
+
+def go_dynamic_type(value):
+    """reflect.TypeOf for a value json.Unmarshal put in an `any`."""
+    if isinstance(value, bool):
+        return "bool"
+    return {list: "[]interface {}", dict: "map[string]interface {}"}.get(type(value), "<nil>")
+
+
+def innermost_container(text, pos):
+    """`{` or `[`: which container is open at `pos` (strings skipped)."""
+    stack, in_string, escaped = [], False, False
+    for char in text[:pos]:
+        if in_string:
+            escaped = not escaped and char == "\\"
+            in_string = escaped or char != '"'
+        elif char == '"':
+            in_string = True
+        elif char in "{[":
+            stack.append(char)
+        elif char in "}]" and stack:
+            stack.pop()
+    return stack[-1] if stack else ""
+
+
+def go_syntax_error(text, err):
+    """Go's encoding/json message for the syntax error Python found."""
+    if err.pos >= len(text) or err.msg.startswith("Unterminated string"):
+        return "unexpected EOF"
+    if err.msg.startswith("Invalid \\escape"):
+        return f"invalid character {go_quote_char(text[min(err.pos + 1, len(text) - 1)])} " \
+               "in string escape code"
+    char = go_quote_char(text[err.pos])
+    if err.msg.startswith("Invalid control character"):
+        return f"invalid character {char} in string literal"
+    if err.msg.startswith("Expecting property name"):
+        return f"invalid character {char} looking for beginning of object key string"
+    if err.msg.startswith("Expecting ':'"):
+        return f"invalid character {char} after object key"
+    if err.msg.startswith("Expecting ','"):
+        where = "object key:value pair" if innermost_container(text, err.pos) == "{" \
+            else "array element"
+        return f"invalid character {char} after {where}"
+    return f"invalid character {char} looking for beginning of value"
+
+
+def decode_json(raw):
+    """Read a body as Go's json.Decoder does: the first value only, the rest ignored.
+    Returns (value, None), or (None, error text); "EOF" for an empty body."""
+    text = raw.decode("utf-8", "replace")
+    start = len(text) - len(text.lstrip(" \t\r\n"))
+    if start == len(text):
+        return None, "EOF"
+    try:
+        return JSON_DECODER.raw_decode(text, start)[0], None
+    except json.JSONDecodeError as err:
+        return None, go_syntax_error(text, err)
+
+
+def parse_go_duration(text):
+    """Seconds in a Go duration string ("5m", "1h30m", "-1s", "0"), or Refusal(400) with
+    time.ParseDuration's words."""
+    sign, body = (-1, text[1:]) if text.startswith("-") else (1, text.removeprefix("+"))
+    if body == "0":
+        return 0.0
+    if not body:
+        raise Refusal(400, f"time: invalid duration {go_quote(text)}")
+    total, pos = 0.0, 0
+    while pos < len(body):
+        match = DURATION_PART.match(body, pos)
+        if not match:
+            raise Refusal(400, f"time: invalid duration {go_quote(text)}")
+        unit = match.group(2)
+        if not unit:
+            raise Refusal(400, f"time: missing unit in duration {go_quote(text)}")
+        if unit not in DURATION_UNITS:
+            raise Refusal(400, f"time: unknown unit {go_quote(unit)} in duration "
+                               f"{go_quote(text)}")
+        total += float(match.group(1)) * DURATION_UNITS[unit]
+        pos = match.end()
+    return sign * total
+
+
+def read_keep_alive(value):
+    """keep_alive as Ollama's api.Duration reads it: seconds, math.inf for "forever"
+    (any negative), None when absent. A number is whole seconds (fractions dropped)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise Refusal(400, f"Unsupported type: '{go_dynamic_type(value)}'")
+    seconds = parse_go_duration(value) if isinstance(value, str) else \
+        (-1.0 if value < 0 else float(int(value)))
+    return math.inf if seconds < 0 else seconds
+
+
+def accepts(kind, value):
+    if kind == STR:
+        return isinstance(value, str)
+    if kind == BOOL:
+        return isinstance(value, bool)
+    if kind == INT:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == NUM:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, list if kind == LIST else dict)
+
+
+def check_fields(body, struct):
+    """Go's `json: cannot unmarshal ...` for the first mistyped field a handler declares."""
+    fields = STRUCTS[struct]
+    short = struct.split(".", 1)[1]
+    for key, value in body.items():
+        kind, go_type = fields.get(key, (None, None))
+        if kind is None or value is None:
+            continue
+        if kind == DURATION:
+            read_keep_alive(value)
+        elif not accepts(kind, value):
+            shown = f"number {value!r}" if kind == INT and isinstance(value, float) \
+                else json_kind(value)
+            raise Refusal(400, f"json: cannot unmarshal {shown} into Go struct field "
+                               f"{short}.{key} of type {go_type}")
+
+
+def read_body(raw, struct, openai):
+    """The request object, or Refusal(400) worded as the Ollama handler would say it."""
+    body, error = decode_json(raw)
+    if error == "EOF" and not openai:
+        raise Refusal(400, "missing request body")
+    if error:
+        raise Refusal(400, error)
+    if body is None:          # JSON null decodes into an empty struct
+        return {}
+    if not isinstance(body, dict):
+        raise Refusal(400, f"json: cannot unmarshal {json_kind(body)} into Go value of "
+                           f"type {struct}")
+    check_fields(body, struct)
+    return body
+
+
+def http_date():
+    return email.utils.formatdate(usegmt=True).encode()
+
+
+def reason_phrase(status):
+    try:
+        return http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+####################################################################################
+# The Host-header guard (Ollama's allowedHostsMiddleware)
+####################################################################################
+
+PRIVATE_NETWORKS = [ipaddress.ip_network(n) for n in
+                    ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")]
+
+
+def split_host_port(value):
+    """Go's net.SplitHostPort, falling back to the whole value when it fails."""
+    if value.startswith("["):
+        end = value.find("]")
+        if end != -1 and value[end + 1:end + 2] == ":":
+            return value[1:end]
+        return value
+    if value.count(":") == 1:
+        return value.split(":", 1)[0]
+    return value
+
+
+def host_allowed(header, hostname):
+    """True when a loopback-bound Ollama would serve a request with this Host header."""
+    host = split_host_port(header.strip())
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    if ip is not None and (ip.is_loopback or ip.is_unspecified or
+                           any(ip in net for net in PRIVATE_NETWORKS
+                               if net.version == ip.version)):
+        return True
+    host = host.lower()
+    return host in ("", "localhost", hostname.lower()) or \
+        host.endswith((".localhost", ".local", ".internal"))
+
+
+####################################################################################
+# Runners: load once, num_parallel slots, FIFO waiting
+####################################################################################
+
+
+class Slots:
+    """num_parallel slots of one runner; waiters are served first come, first served."""
+
+    def __init__(self, size):
+        self.size = size
+        self.free = size
+        self._queue = collections.deque()
+        self._idle_waiters = []
+
+    async def acquire(self):
+        if self.free and not self._queue:
+            self.free -= 1
+            return
+        turn = asyncio.get_running_loop().create_future()
+        self._queue.append(turn)
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self.release()          # handed a slot as we were cancelled: pass it on
+            elif turn in self._queue:
+                self._queue.remove(turn)
+            raise
+
+    def release(self):
+        while self._queue:
+            turn = self._queue.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self.free += 1
+        if self.free == self.size:
+            for waiter in self._idle_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._idle_waiters.clear()
+
+    async def wait_idle(self):
+        """Until no request holds or waits for a slot (a reload waits for this)."""
+        if self.free == self.size and not self._queue:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._idle_waiters.append(waiter)
+        await waiter
+
+
+class Runner:
+    """One model's runner: its slots, the load in progress, and its keep-alive timer."""
+
+    def __init__(self, num_parallel):
+        self.slots = Slots(num_parallel)
+        self.users = 0                  # requests scheduled on it right now
+        self.load_task = None
+        self.keep_alive = DEFAULT_KEEP_ALIVE
+        self.timer = None
+
+    def stop_timer(self):
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+@dataclasses.dataclass
+class Ask:
+    """One inference request, read and checked: what to answer and how."""
+    kind: str
+    name: str                   # the model as the client spelled it (answers echo it)
+    model: str                  # the on-disk name
+    stream: bool = False
+    control: str = ""           # "load" / "unload" for an empty prompt or messages
+    num_ctx: int = None
+    keep_alive: float = None
+    tokens: int = 0
+    reason: str = "stop"
+    prompt_tokens: int = 1
+    inputs: list = None
+    include_usage: bool = False
+    base64: bool = False
+    dimensions: int = 0
+    raw: bool = False
+    arrived_ns: int = 0
+
+
+####################################################################################
+# Answer formats: Ollama NDJSON, OpenAI SSE
+####################################################################################
+
+
+def word(i):
+    """The i-th generated token, JSON-encoded (cheap: the benchmark relays 2,000 of them)."""
+    return b'"w%d "' % i
+
+
+def words_text(n):
+    return "".join(f"w{i} " for i in range(n))
+
+
+class UtcClock:
+    """created_at for a stream's chunks, formatted at most once a millisecond."""
+
+    def __init__(self):
+        self._ms, self._text = -1, b""
+
+    def now(self):
+        ns = time.time_ns()
+        if ns // 1_000_000 != self._ms:
+            self._ms = ns // 1_000_000
+            self._text = go_time(ns, utc=True).encode()
+        return self._text
+
+
+class NativeAnswer:
+    """/api/generate and /api/chat: NDJSON chunks, then a final done:true with metrics."""
+
+    stream_type = NDJSON_TYPE
+
+    def __init__(self, ask):
+        self.ask, self.chat = ask, ask.kind == "chat"
+        self.clock = UtcClock()
+        self._pre = b'{"model":%s,"created_at":"' % dumps(ask.name)
+        if self.chat:
+            self._mid, self._post = b'","message":{"role":"assistant","content":', \
+                b'},"done":false}\n'
+        else:
+            self._mid, self._post = b'","response":', b',"done":false}\n'
+
+    def token(self, i):
+        return b"".join((self._pre, self.clock.now(), self._mid, word(i), self._post))
+
+    def final(self, text, metrics):
+        out = {"model": self.ask.name, "created_at": go_time(time.time_ns(), utc=True)}
+        if self.chat:
+            out["message"] = {"role": "assistant", "content": text}
+        else:
+            out["response"] = text
+        out.update(done=True, done_reason=self.ask.reason)
+        if not self.chat and not self.ask.raw:
+            out["context"] = list(range(1, self.ask.prompt_tokens + self.ask.tokens + 1))
+        out.update(metrics)
+        return out
+
+    def closing(self, metrics):
+        return [dumps(self.final("", metrics)) + b"\n"]
+
+    def whole(self, metrics):
+        return self.final(words_text(self.ask.tokens), metrics)
+
+    def error_tail(self, message):
+        return dumps({"error": message}) + b"\n"
+
+
+def openai_usage(metrics):
+    prompt, completion = metrics.get("prompt_eval_count", 0), metrics.get("eval_count", 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+class OpenAIAnswer:
+    """/v1/chat/completions and /v1/completions: SSE events ending in [DONE], or one object."""
+
+    stream_type = SSE_TYPE
+
+    def __init__(self, ask, number):
+        self.ask, self.chat = ask, ask.kind == "oa_chat"
+        self.id = f"chatcmpl-{number}" if self.chat else f"cmpl-{number}"
+        self.created = int(time.time())
+        kind = "chat.completion" if self.chat else "text_completion"
+        self.head = {"id": self.id, "object": kind + (".chunk" if self.chat else ""),
+                     "created": self.created, "model": ask.name,
+                     "system_fingerprint": "fp_ollama"}
+        self._pre = b"data: " + dumps(self.head)[:-1] + b',"choices":['
+        zero = b',"usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}' \
+            if ask.include_usage and not self.chat else b""
+        self._post = b"]" + zero + b"}\n\n"
+        self._first = b'{"index":0,"delta":{"role":"assistant","content":'
+        self._next = b'{"index":0,"delta":{"content":' if self.chat else b'{"text":'
+        self._end = b'},"finish_reason":null}' if self.chat else b',"index":0,"finish_reason":null}'
+
+    def token(self, i):
+        start = self._first if self.chat and i == 0 else self._next
+        return b"".join((self._pre, start, word(i), self._end, self._post))
+
+    def event(self, choices, usage=None):
+        obj = dict(self.head, choices=choices)
+        if usage is not None:
+            obj["usage"] = usage
+        return b"data: " + dumps(obj) + b"\n\n"
+
+    def closing(self, metrics):
+        reason = self.ask.reason
+        if self.chat:
+            out = [self.event([{"index": 0, "delta": {}, "finish_reason": reason}])]
+        else:
+            out = [self.event([{"text": "", "index": 0, "finish_reason": reason}],
+                              openai_usage({}) if self.ask.include_usage else None)]
+        if self.ask.include_usage:
+            out.append(self.event([], openai_usage(metrics)))
+        return out + [b"data: [DONE]\n\n"]
+
+    def whole(self, metrics):
+        text = words_text(self.ask.tokens)
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "finish_reason": self.ask.reason}
+        else:
+            choice = {"text": text, "index": 0, "finish_reason": self.ask.reason}
+        return dict(self.head, object="chat.completion" if self.chat else "text_completion",
+                    choices=[choice], usage=openai_usage(metrics))
+
+    def error_tail(self, message):
+        return b""      # Ollama's OpenAI layer does not translate a mid-stream error: it stops
+
+
+def embedding(text, dim):
+    """A deterministic pseudo-embedding of `text` (dim floats in [-1, 1])."""
+    values, counter = [], 0
+    while len(values) < dim:
+        digest = hashlib.sha256(b"%d:" % counter + text.encode()).digest()
+        values.extend((b - 127.5) / 127.5 for b in digest)
+        counter += 1
+    return values[:dim]
+
+
+def normalised(values):
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    return [v / norm for v in values]
+
+
+def as_float32(value):
+    """The shortest decimal that round-trips as float32, as Go marshals []float32."""
+    packed = struct.pack("<f", value)
+    for digits in range(6, 10):
+        short = float("%.*g" % (digits, value))
+        if struct.pack("<f", short) == packed:
+            return short
+    return struct.unpack("<f", packed)[0]
+
+
+def widened_float32(value):
+    """float64(float32(x)): what the legacy /api/embeddings prints."""
+    return struct.unpack("<f", struct.pack("<f", value))[0]
+
+
+def count_tokens(text):
+    return len(text.split()) if isinstance(text, str) else 0
+
+
+def message_text(message):
+    """A chat message's text; OpenAI content may be a list of parts."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, list):
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return content if isinstance(content, str) else ""
+
+
+####################################################################################
+# HTTP on h11: one exchange
+####################################################################################
+
+
+class Exchange:
+    """One request on one h11 connection, and the ways to answer it."""
+
+    def __init__(self, conn, reader, writer, request, body):
+        self.conn, self.reader, self.writer = conn, reader, writer
+        self.method = request.method.decode("ascii", "replace")
+        self.path = request.target.decode("latin-1").split("?", 1)[0]
+        self.openai = self.path.startswith("/v1/")
+        self.headers = {}
+        for name, value in request.headers:
+            name, value = name.decode("latin-1").lower(), value.decode("latin-1")
+            self.headers[name] = f"{self.headers[name]}, {value}" if name in self.headers \
+                else value
+        self.raw = body
+        self.committed = False      # the status line has been written (or is queued)
+        self.pending = b""          # a stream's head, sent along with its first chunk
+        self.chunked = False
+
+    def _head(self, status, headers):
+        self.committed = True
+        return self.conn.send(h11.Response(status_code=status, reason=reason_phrase(status),
+                                           headers=[(b"Date", http_date()), *headers]))
+
+    async def send(self, status, body=b"", content_type=TEXT_TYPE, headers=()):
+        """A whole response in one write."""
+        fields = [(b"Content-Length", b"%d" % len(body)), *headers]
+        if content_type:
+            fields.insert(0, (b"Content-Type", content_type))
+        out = self._head(status, fields)
+        if body and self.method != "HEAD":
+            out += self.conn.send(h11.Data(data=body))
+        self.writer.write(out + self.conn.send(h11.EndOfMessage()))
+        await self.writer.drain()
+
+    async def send_json(self, status, obj):
+        await self.send(status, dumps(obj), JSON_TYPE)
+
+    async def send_error(self, status, message):
+        """Ollama's {"error": ...}, or OpenAI's error object on /v1."""
+        if not self.openai:
+            return await self.send_json(status, {"error": message})
+        kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
+        await self.send_json(status, {"error": {"message": message, "type": kind,
+                                                "param": None, "code": None}})
+
+    async def send_truncated(self, body):
+        """Headers promising `body`, then only half of it, then hang up."""
+        self.writer.write(self._head(200, [(b"Content-Type", JSON_TYPE),
+                                           (b"Content-Length", b"%d" % len(body))])
+                          + body[:len(body) // 2])
+        await self.writer.drain()
+        self.hang_up()
+
+    def open_stream(self, content_type):
+        """Prepare a streamed 200; nothing goes out before the first chunk (as in Ollama,
+        whose headers leave with the first token)."""
+        self.pending = self._head(200, [(b"Content-Type", content_type)])
+        # h11 picks chunked framing for HTTP/1.1 clients, close-delimited for HTTP/1.0.
+        self.chunked = b"chunked" in self.pending.lower()
+
+    async def send_chunk(self, data):
+        """One flushed piece of a streamed body (framed by hand: the benchmark's hot path)."""
+        if self.chunked:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        if self.pending:
+            data, self.pending = self.pending + data, b""
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def close_stream(self):
+        self.writer.write(self.pending + self.conn.send(h11.EndOfMessage()))
+        self.pending = b""
+        await self.writer.drain()
+
+    def hang_up(self):
+        """Close without finishing the response (FIN after what was written)."""
+        self.writer.close()
+
+    def reset(self):
+        """Close with a TCP RST: SO_LINGER (1, 0), then close."""
+        sock = self.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.writer.transport.abort()
+
+    async def wait_for_hangup(self):
+        """Return when the client closes its side; pipelined bytes go to h11's buffer."""
+        try:
+            while True:
+                data = await self.reader.read(READ_SIZE)
+                if not data:
+                    return
+                self.conn.receive_data(data)
+        except ConnectionError:
+            return
+
+
+####################################################################################
+# The fake server
+####################################################################################
 
 
 class FakeOllama:
-    """A fake Ollama on h11; see the module docstring."""
+    """A fake Ollama on h11 and asyncio; see the module docstring."""
 
     def __init__(self, models=None, *, num_parallel=1, chunks=5, chunk_delay=0.0,
                  load_delay=0.0, version="0.12.6", embedding_dim=8, host_guard=True):
-        self.num_parallel = num_parallel
-        self.chunks, self.chunk_delay, self.load_delay = chunks, chunk_delay, load_delay
+        self.num_parallel, self.chunks = num_parallel, chunks
+        self.chunk_delay, self.load_delay = chunk_delay, load_delay
         self.version, self.embedding_dim, self.host_guard = version, embedding_dim, host_guard
         self.fault, self.die_after = None, 2
         self.requests = []
         self.active = self.max_active = self.waiting = 0
         self.completed = self.cancelled = self.load_count = 0
         self.loaded = {}
+        self.models = {}
         self.port = None
-        self._slots = {}
-        self._load_locks = {}
+        self._host = "127.0.0.1"
+        self._guarded = False
+        self._hostname = socket.gethostname()
         self._server = None
-        self._conns = set()
-        self._loopback = True
+        self._tasks = set()
+        self._runners = {}
+        self._answers = 0
+        self._routes = self._route_table()
         self.set_models(models)
 
     def set_models(self, models):
-        if models is None:
-            models = ["llama3.2:3b", "qwen2.5:7b", "nomic-embed-text:latest"]
-        if not isinstance(models, dict):
-            models = {m: {} for m in models}
-        self.models = {canonical(n): describe_model(canonical(n), o) for n, o in models.items()}
+        """Replace the on-disk model set (None, a list of names, or name -> overrides)."""
+        self.models = model_table(models)
 
     @property
     def url(self):
-        return f"http://127.0.0.1:{self.port}"
+        host = "127.0.0.1" if self._host in ("0.0.0.0", "::", "") else self._host
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+    # -- lifecycle ----------------------------------------------------------------
 
     async def start(self, host="127.0.0.1", port=0):
-        self._loopback = host.startswith("127.") or host in ("localhost", "::1")
-        self._server = await asyncio.start_server(self._on_connect, host, port)
-        self.port = self._server.sockets[0].getsockname()[1]
+        """Bind and start serving; returns the bound port."""
+        self._server = await asyncio.start_server(self._on_connect, host, port, backlog=1024)
+        address = self._server.sockets[0].getsockname()
+        self._host, self.port = address[0], address[1]
+        self._guarded = self.host_guard and ipaddress.ip_address(
+            address[0].split("%")[0]).is_loopback
         return self.port
 
     async def stop(self):
-        self._server.close()
-        for task in list(self._conns):
+        """Close the listener and every connection; await all of the fake's tasks."""
+        if self._server is not None:
+            self._server.close()
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._conns, return_exceptions=True)
-        await self._server.wait_closed()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for runner in self._runners.values():
+            runner.stop_timer()
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
 
-    # -- connection loop ----------------------------------------------------------
+    def _spawn(self, coro, name):
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
-    async def _on_connect(self, reader, writer):
-        task = asyncio.current_task()
-        self._conns.add(task)
+    def _on_connect(self, reader, writer):
+        peer = writer.get_extra_info("peername")
+        self._spawn(self._serve_connection(reader, writer), f"fake-ollama connection {peer}")
+
+    # -- the connection loop ------------------------------------------------------
+    #
+    # Theory: read one request (with its whole body), answer it, and start the next
+    # cycle when both sides are DONE (HTTP/1.1 keep-alive); anything else closes the
+    # connection. While an inference answer is produced, a second task reads the
+    # socket: EOF there means the client went away, and the answer is cancelled, as
+    # closing the socket is how clients cancel an Ollama request.
+
+    async def _serve_connection(self, reader, writer):
         sock = writer.get_extra_info("socket")
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = h11.Connection(h11.SERVER)
         try:
             while True:
-                event = await self._next(conn, reader)
-                if not isinstance(event, h11.Request):
-                    break
-                body = b""
-                while True:
-                    ev = await self._next(conn, reader)
-                    if isinstance(ev, h11.EndOfMessage):
-                        break
-                    if not isinstance(ev, h11.Data):
-                        return
-                    body += ev.data
-                await self._answer(Exchange(self, conn, reader, writer, event, body))
-                if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-                    conn.start_next_cycle()
-                else:
-                    break
-        except (Abort, ConnectionError, h11.ProtocolError, asyncio.CancelledError):
-            pass
+                request = await self._receive_request(conn, reader, writer)
+                if request is None:
+                    return
+                await self._dispatch(Exchange(conn, reader, writer, *request))
+                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    return
+                conn.start_next_cycle()
+        except (HungUp, ConnectionError):
+            return
         finally:
-            self._conns.discard(task)
             writer.close()
 
-    async def _next(self, conn, reader):
+    async def _next_event(self, conn, reader, writer):
         while True:
             event = conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            conn.receive_data(await reader.read(65536))
+            if conn.they_are_waiting_for_100_continue:
+                writer.write(conn.send(h11.InformationalResponse(status_code=100,
+                                                                 headers=[])))
+            conn.receive_data(await reader.read(READ_SIZE))
 
-    async def _answer(self, ex):
-        method, path = ex.method, ex.path
-        if self.host_guard and self._loopback and not host_allowed(ex.headers.get("host", "")):
-            return await ex.send(403, b"", b"text/plain")
-        self.requests.append({"method": method, "path": path, "headers": ex.headers,
-                              "body": try_json(ex.body)})
-        if (method, path) not in ROUTES and not (method == "GET" and
-                                                 path.startswith("/v1/models/")):
-            if any(p == path for _, p in ROUTES):
+    async def _receive_request(self, conn, reader, writer):
+        """(h11.Request, body bytes), or None when the client is done or talks nonsense."""
+        try:
+            request = await self._next_event(conn, reader, writer)
+            if not isinstance(request, h11.Request):
+                return None
+            body = []
+            while True:
+                event = await self._next_event(conn, reader, writer)
+                if isinstance(event, h11.EndOfMessage):
+                    return request, b"".join(body)
+                if not isinstance(event, h11.Data):
+                    return None
+                body.append(event.data)
+        except h11.RemoteProtocolError as exc:
+            await self._refuse_malformed(conn, writer, exc)
+            return None
+
+    async def _refuse_malformed(self, conn, writer, exc):
+        """Go's plain-text 400 with Connection: close, if a response can still be sent."""
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        body = b"%d Bad Request" % exc.error_status_hint
+        try:
+            writer.write(conn.send(h11.Response(
+                status_code=exc.error_status_hint,
+                headers=[(b"Content-Type", TEXT_TYPE), (b"Connection", b"close"),
+                         (b"Content-Length", b"%d" % len(body))])) + body)
+            await writer.drain()
+        except h11.LocalProtocolError:
+            return
+
+    # -- routing ------------------------------------------------------------------
+
+    def _route_table(self):
+        """(method, path) -> handler, as Ollama registers them on gin."""
+        table = {("GET", "/"): self._serve_root, ("HEAD", "/"): self._serve_root,
+                 ("GET", "/api/version"): self._serve_version,
+                 ("HEAD", "/api/version"): self._serve_version,
+                 ("GET", "/api/tags"): self._serve_tags, ("HEAD", "/api/tags"): self._serve_tags,
+                 ("GET", "/api/ps"): self._serve_ps, ("POST", "/api/show"): self._serve_show,
+                 ("POST", "/api/pull"): self._serve_pull,
+                 ("DELETE", "/api/delete"): self._serve_delete,
+                 ("POST", "/api/copy"): self._serve_copy,
+                 ("GET", "/v1/models"): self._serve_openai_models}
+        for path in INFERENCE:
+            table[("POST", path)] = self._serve_inference
+        return table
+
+    def _record(self, ex):
+        body, error = decode_json(ex.raw) if ex.raw else (None, None)
+        self.requests.append({"method": ex.method, "path": ex.path, "headers": ex.headers,
+                              "body": None if error else body})
+        if len(self.requests) > MAX_RECORDED:
+            del self.requests[:MAX_RECORDED // 10]
+
+    def _find_handler(self, ex):
+        handler = self._routes.get((ex.method, ex.path))
+        if handler is None and re.fullmatch(r"/v1/models/[^/]+", ex.path) and \
+                ex.method == "GET":
+            handler = self._serve_openai_model
+        return handler
+
+    def _known_path(self, path):
+        return any(p == path for _, p in self._routes) or \
+            re.fullmatch(r"/v1/models/[^/]+", path) is not None
+
+    async def _dispatch(self, ex):
+        self._record(ex)
+        if self._guarded and not host_allowed(ex.headers.get("host", ""), self._hostname):
+            return await ex.send(403, b"", None)
+        handler = self._find_handler(ex)
+        if handler is None:
+            if self._known_path(ex.path):
                 return await ex.send(405, b"405 method not allowed", b"text/plain")
             return await ex.send(404, b"404 page not found", b"text/plain")
-        if method in ("GET", "HEAD"):
-            return await self._answer_get(ex)
-        openai = path.startswith("/v1/")
         try:
-            req = parse_body(ex.body)
-            name = req.get("model") or req.get("name")
-            if not isinstance(name, str) or not name:
-                raise BadRequest("model is required")
-        except BadRequest as e:
-            return await ex.error(400, str(e), openai)
-        model = canonical(name)
-        if path == "/api/pull":
-            return await self._pull(ex, req, model)
-        if model not in self.models:
-            msg = (f'model "{name}" not found, try pulling it first'
-                   if path in ("/api/embeddings", "/api/embed") else f"model '{name}' not found")
-            return await ex.error(404, msg, openai)
-        if path == "/api/show":
-            return await ex.json(200, self._show(model))
-        if path == "/api/delete":
-            del self.models[model]
-            self.loaded.pop(model, None)
-            return await ex.send(200, b"", JSON)
-        await self._infer(ex, req, model, openai)
+            await handler(ex)
+        except Refusal as refusal:
+            if ex.committed:
+                raise HungUp() from None
+            await ex.send_error(refusal.status, refusal.message)
 
-    async def _answer_get(self, ex):
-        path = ex.path
-        if path == "/":
-            return await ex.send(200, b"Ollama is running", b"text/plain; charset=utf-8")
-        if path == "/api/version":
-            return await ex.json(200, {"version": self.version})
-        if path == "/api/tags":
-            return await ex.json(200, {"models": [public(m) for m in self.models.values()]})
-        if path == "/api/ps":
-            return await ex.json(200, {"models": self._ps()})
-        if path == "/v1/models":
-            return await ex.json(200, {"object": "list", "data": [
-                oa_model(m) for m in self.models.values()]})
-        name = canonical(path[len("/v1/models/"):])
-        if name not in self.models:
-            return await ex.error(404, f"model '{name}' not found", True)
-        await ex.json(200, oa_model(self.models[name]))
+    # -- catalogue routes ---------------------------------------------------------
 
-    def _ps(self):
-        out = []
-        for name, info in self.loaded.items():
-            m = self.models.get(name) or describe_model(name)
-            details = dict(m["details"], parent_model="")
-            out.append({"name": name, "model": name, "size": m["size"], "size_vram": 0,
-                        "digest": m["digest"], "details": details,
-                        "expires_at": info["expires_at"],
-                        "context_length": info["context_length"]})
-        out.sort(key=lambda e: e["expires_at"], reverse=True)
-        return out
+    def _find(self, name):
+        """The on-disk name for `name`, matched case-insensitively like Ollama; or None."""
+        wanted = canonical(name).lower()
+        for on_disk in self.models:
+            if on_disk.lower() == wanted:
+                return on_disk
+        return None
 
-    def _show(self, model):
-        m = self.models[model]
-        fam = m["details"]["family"]
-        return {"license": "", "modelfile": f"FROM {model}\n",
-                "parameters": "temperature 0.8", "template": "{{ .Prompt }}",
-                "details": m["details"], "capabilities": m["capabilities"],
-                "model_info": {"general.architecture": fam,
-                               f"{fam}.context_length": m["_context_length"],
-                               f"{fam}.embedding_length": self.embedding_dim},
-                "modified_at": m["modified_at"]}
+    async def _serve_root(self, ex):
+        await ex.send(200, b"Ollama is running", TEXT_TYPE)
 
-    async def _pull(self, ex, req, model):
-        stream = req.get("stream", True) is not False
-        if "doesnotexist" in model:
-            if not stream:
-                return await ex.error(500, "pull model manifest: file does not exist", False)
-            await ex.start(200, NDJSON)
-            await ex.line({"status": "pulling manifest"})
-            await ex.line({"error": "pull model manifest: file does not exist"})
-            return await ex.end()
-        digest = "sha256:" + hashlib.sha256(model.encode()).hexdigest()
-        lines = [{"status": "pulling manifest"}]
-        lines += [{"status": f"pulling {digest[7:19]}", "digest": digest, "total": 1000,
-                   "completed": c} for c in (0, 500, 1000)]
-        lines += [{"status": "verifying sha256 digest"}, {"status": "writing manifest"},
-                  {"status": "success"}]
-        self.models[model] = describe_model(model)
+    async def _serve_version(self, ex):
+        await ex.send_json(200, {"version": self.version})
+
+    async def _serve_tags(self, ex):
+        models = sorted(self.models.values(), key=lambda m: -m.modified_ns)
+        await ex.send_json(200, {"models": [tags_entry(m) for m in models]})
+
+    async def _serve_ps(self, ex):
+        entries = sorted(self.loaded.values(), reverse=True,
+                         key=lambda e: datetime.datetime.fromisoformat(e["expires_at"]))
+        await ex.send_json(200, {"models": entries})
+
+    async def _serve_show(self, ex):
+        body = read_body(ex.raw, "api.ShowRequest", False)
+        name = body.get("model") or body.get("name") or ""
+        if not name:
+            raise Refusal(400, "model is required")
+        found = self._find(name)
+        if found is None:
+            raise Refusal(404, f"model '{name}' not found")
+        await ex.send_json(200, show_entry(self.models[found], self.embedding_dim))
+
+    async def _serve_delete(self, ex):
+        body = read_body(ex.raw, "api.DeleteRequest", False)
+        name = body.get("model") or body.get("name") or ""
+        if not name:
+            raise Refusal(400, "model is required")
+        found = self._find(name)
+        if found is None:
+            raise Refusal(404, f"model '{name}' not found")
+        del self.models[found]
+        self._unload(found)
+        await ex.send(200, b"", None)
+
+    async def _serve_copy(self, ex):
+        body = read_body(ex.raw, "api.CopyRequest", False)
+        source, destination = body.get("source") or "", body.get("destination") or ""
+        if not source:
+            raise Refusal(400, f"source {go_quote(source)} is invalid")
+        if not destination:
+            raise Refusal(400, f"destination {go_quote(destination)} is invalid")
+        found = self._find(source)
+        if found is None:
+            raise Refusal(404, f"model {go_quote(source)} not found")
+        copy = dataclasses.replace(self.models[found], name=canonical(destination),
+                                   modified_ns=time.time_ns())
+        self.models[copy.name] = copy
+        await ex.send(200, b"", None)
+
+    async def _serve_pull(self, ex):
+        body = read_body(ex.raw, "api.PullRequest", False)
+        name = body.get("model") or body.get("name") or ""
+        if not name:
+            raise Refusal(400, "model is required")
+        stream = body.get("stream") is not False
+        progress = self._pull_progress(canonical(name))
         if not stream:
-            return await ex.json(200, {"status": "success"})
-        await ex.start(200, NDJSON)
-        for line in lines:
-            await ex.line(line)
-        await ex.end()
+            last = progress[-1]
+            if "error" in last:
+                raise Refusal(500, last["error"])
+            self._add_pulled(canonical(name))
+            return await ex.send_json(200, last)
+        ex.open_stream(NDJSON_TYPE)
+        for line in progress:
+            if line.get("status") == "success":
+                self._add_pulled(canonical(name))
+            await ex.send_chunk(dumps(line) + b"\n")
+            await asyncio.sleep(0)
+        await ex.close_stream()
 
-    # -- inference ----------------------------------------------------------------
+    def _pull_progress(self, name):
+        """The lines `ollama pull` shows: manifest, each layer's bytes, verify, write, success."""
+        if "doesnotexist" in name.lower():
+            return [{"status": "pulling manifest"},
+                    {"error": "pull model manifest: file does not exist"}]
+        model = self.models.get(name) or describe_model(name)
+        lines = [{"status": "pulling manifest"}]
+        for layer, total in ((name, model.size), (name + ":template", 1429),
+                             (name + ":params", 96)):
+            digest = hashlib.sha256(layer.encode()).hexdigest()
+            head = {"status": f"pulling {digest[:12]}", "digest": f"sha256:{digest}",
+                    "total": total}
+            lines += [head] + [dict(head, completed=total * part // 2) for part in (1, 2)]
+        return lines + [{"status": "verifying sha256 digest"}, {"status": "writing manifest"},
+                        {"status": "success"}]
 
-    async def _infer(self, ex, req, model, openai):
-        if self.fault in ("refuse", "reset", "stall", "http500", "http503"):
-            return await self._fail_early(ex, openai)
-        path = ex.path
-        options = req.get("options") if isinstance(req.get("options"), dict) else {}
-        num_ctx = options.get("num_ctx") if isinstance(options.get("num_ctx"), int) else 4096
-        empty = (path == "/api/generate" and not req.get("prompt")) or \
-                (path == "/api/chat" and not req.get("messages"))
-        if empty and is_zero(req.get("keep_alive")):
-            self.loaded.pop(model, None)
-            return await ex.json(200, self._final(path, model, "unload", ""))
-        watcher = asyncio.create_task(ex.watch_eof())
-        try:
-            await self._load(model, num_ctx)
-            if empty:
-                return await ex.json(200, self._final(path, model, "load", ""))
-            await self._with_slot(model, self._generate(ex, req, model, openai))
-        except asyncio.CancelledError:
-            if ex.gone:
-                self.cancelled += 1
-                raise Abort() from None
-            raise
-        finally:
-            watcher.cancel()
-            await asyncio.wait([watcher])  # the next request must not race its read
+    def _add_pulled(self, name):
+        found = self._find(name)
+        self.models.pop(found, None)
+        self.models[name] = describe_model(name)
 
-    async def _fail_early(self, ex, openai):
-        if self.fault == "refuse":
-            raise Abort()
-        if self.fault == "reset":
-            sock = ex.writer.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            ex.writer.transport.abort()
-            raise Abort()
-        if self.fault == "stall":
-            await asyncio.Event().wait()
+    async def _serve_openai_models(self, ex):
+        models = sorted(self.models.values(), key=lambda m: -m.modified_ns)
+        await ex.send_json(200, {"object": "list", "data": [openai_model(m) for m in models]})
+
+    async def _serve_openai_model(self, ex):
+        name = ex.path[len("/v1/models/"):]
+        found = self._find(name)
+        if found is None:
+            raise Refusal(404, f"model '{name}' not found")
+        await ex.send_json(200, openai_model(self.models[found], name))
+
+    # -- inference: reading the request -------------------------------------------
+
+    async def _serve_inference(self, ex):
+        kind = INFERENCE[ex.path]
+        fault = self.fault
+        if fault == "refuse":
+            ex.hang_up()
+            raise HungUp()
+        if fault == "reset":
+            ex.reset()
+            raise HungUp()
+        if fault == "stall":
+            return await self._run_watched(ex, asyncio.Event().wait())
+        ask = self._read_ask(ex, kind)
+        if ask.control == "unload":
+            self._unload(ask.model)
+            return await ex.send_json(200, self._control_reply(ask))
         if self.fault == "http500":
-            return await ex.error(500, "llama runner process has terminated: exit status 2",
-                                  openai)
-        await ex.error(503, BUSY, openai)
+            raise Refusal(500, RUNNER_DIED)
+        if self.fault == "http503":
+            raise Refusal(503, BUSY)
+        await self._run_watched(ex, self._answer(ex, ask))
 
-    async def _load(self, model, num_ctx):
-        lock = self._load_locks.setdefault(model, asyncio.Lock())
-        async with lock:
-            info = self.loaded.get(model)
-            if info is None or info["context_length"] != num_ctx:
-                if self.load_delay:
-                    await asyncio.sleep(self.load_delay)
-                self.load_count += 1
-                self.loaded[model] = {"context_length": num_ctx, "expires_at": expires_in(300),
-                                      "size_vram": 0}
+    def _read_ask(self, ex, kind):
+        """Decode and check an inference request in Ollama's handler order."""
+        body = read_body(ex.raw, STRUCT_OF[kind], ex.openai)
+        ask = Ask(kind=kind, name="", model="", arrived_ns=time.monotonic_ns())
+        if kind == "oa_chat" and not body.get("messages"):
+            raise Refusal(400, "[] is too short - 'messages'")
+        if kind in ("embed", "oa_embed"):
+            ask.inputs = self._read_inputs(body, kind)
+        ask.name = body.get("model") or ""
+        if not ask.name:
+            raise Refusal(400, "model is required")
+        top = body.get("top_logprobs")
+        if isinstance(top, int) and not 0 <= top <= 20:
+            raise Refusal(400, "top_logprobs must be between 0 and 20")
+        ask.model = self._find(ask.name)
+        if ask.model is None:
+            raise Refusal(404, self._not_found(kind, ask.name))
+        options = body.get("options") if isinstance(body.get("options"), dict) else {}
+        ask.num_ctx = self._read_num_ctx(options)
+        ask.keep_alive = read_keep_alive(body.get("keep_alive"))
+        if kind in ("generate", "chat"):
+            self._read_native_generation(body, ask)
+        elif kind in ("oa_chat", "oa_completion"):
+            self._read_openai_generation(body, ask)
+        else:
+            self._read_embedding(body, ask)
+        if not ask.control or ask.control == "load":
+            self._check_capabilities(body, ask)
+        return ask
 
-    async def _with_slot(self, model, coro):
-        slot = self._slots.setdefault(model, Slots(self.num_parallel))
-        self.waiting += 1
+    @staticmethod
+    def _not_found(kind, name):
+        if kind in ("embed", "embeddings", "oa_embed"):
+            return f'model "{name}" not found, try pulling it first'
+        return f"model '{name}' not found"
+
+    @staticmethod
+    def _read_num_ctx(options):
+        value = options.get("num_ctx")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return int(value)
+        return None
+
+    @staticmethod
+    def _read_inputs(body, kind):
+        """/api/embed's input: a string or a list of strings ("" is nothing on /api/embed,
+        one empty text on /v1)."""
+        value = body.get("input")
+        if kind == "oa_embed" and (value is None or value == []):
+            raise Refusal(400, "invalid input")
+        if isinstance(value, str):
+            return [value] if value or kind == "oa_embed" else []
+        if value is None:
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise Refusal(400, "invalid input type")
+        return value
+
+    def _limit(self, ask, limit):
+        """Tokens to generate: `chunks`, or fewer when num_predict / max_tokens says so."""
+        ask.tokens = self.chunks
+        if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < self.chunks:
+            ask.tokens, ask.reason = limit, "length"
+
+    def _read_native_generation(self, body, ask):
+        ask.stream = body.get("stream") is not False
+        if ask.kind == "generate":
+            if body.get("raw") and (body.get("template") or body.get("system") or
+                                    body.get("context")):
+                raise Refusal(400, "raw mode does not support template, system, or context")
+            ask.raw = bool(body.get("raw"))
+            empty = not body.get("prompt")
+            ask.prompt_tokens = 10 + count_tokens(body.get("prompt")) + \
+                count_tokens(body.get("system"))
+        else:
+            messages = body.get("messages") or []
+            empty = not messages
+            ask.prompt_tokens = 10 + sum(4 + count_tokens(message_text(m)) for m in messages)
+        if empty:
+            ask.control = "unload" if ask.keep_alive == 0 else "load"
+        options = body.get("options") if isinstance(body.get("options"), dict) else {}
+        self._limit(ask, options.get("num_predict"))
+
+    def _read_openai_generation(self, body, ask):
+        ask.stream = body.get("stream") is True
+        options = body.get("stream_options") if isinstance(body.get("stream_options"),
+                                                           dict) else {}
+        ask.include_usage = ask.stream and options.get("include_usage") is True
+        if ask.kind == "oa_chat":
+            ask.prompt_tokens = 10 + sum(4 + count_tokens(message_text(m))
+                                         for m in body["messages"])
+        else:
+            ask.prompt_tokens = 10 + count_tokens(body.get("prompt"))
+        self._limit(ask, body.get("max_tokens"))
+
+    def _read_embedding(self, body, ask):
+        if ask.kind == "embeddings":
+            prompt = body.get("prompt") or ""
+            ask.inputs = [prompt] if prompt else []
+        if ask.kind == "oa_embed":
+            encoding = body.get("encoding_format") or "float"
+            if encoding not in ("float", "base64"):
+                raise Refusal(400, f"invalid encoding format: {go_quote(encoding)}. "
+                                   "Supported formats are 'float' and 'base64'")
+            ask.base64 = encoding == "base64"
+        dimensions = body.get("dimensions")
+        ask.dimensions = dimensions if isinstance(dimensions, int) and dimensions > 0 else 0
+        ask.prompt_tokens = sum(max(1, count_tokens(text)) for text in ask.inputs)
+        if not ask.inputs:
+            ask.control = "load"
+
+    def _check_capabilities(self, body, ask):
+        """Ollama's 400s for a model that cannot do what is asked."""
+        caps = self.models[ask.model].capabilities
+        quoted = go_quote(ask.name)
+        if ask.kind in ("generate", "oa_completion") and "completion" not in caps:
+            raise Refusal(400, f"{quoted} does not support generate")
+        if ask.kind in ("chat", "oa_chat") and "completion" not in caps:
+            raise Refusal(400, f"{quoted} does not support chat")
+        if body.get("think") not in (None, False) and "thinking" not in caps:
+            raise Refusal(400, f"{quoted} does not support thinking")
+        if ask.kind in ("chat", "oa_chat") and body.get("tools") and "tools" not in caps:
+            raise Refusal(400, f"{quoted} does not support tools")
+
+    # -- inference: scheduling on a runner ----------------------------------------
+
+    async def _run_watched(self, ex, work):
+        """Run an inference answer, cancelling it as soon as the client hangs up."""
+        answer = asyncio.create_task(work, name=f"fake-ollama answer {ex.path}")
+        watch = asyncio.create_task(ex.wait_for_hangup(), name=f"fake-ollama watch {ex.path}")
         try:
-            await slot.acquire()
-        except BaseException:
-            coro.close()
-            raise
+            await asyncio.wait((answer, watch), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            self.waiting -= 1
+            gone = not answer.done()
+            answer.cancel()
+            watch.cancel()
+            await asyncio.wait((answer, watch))
+        if gone:
+            self.cancelled += 1
+            raise HungUp()
+        try:
+            return answer.result()
+        except ConnectionError:     # a write found the socket closed: the client left too
+            self.cancelled += 1
+            raise HungUp() from None
+
+    def _runner(self, model):
+        runner = self._runners.get(model)
+        if runner is None:
+            runner = self._runners[model] = Runner(self.num_parallel)
+        return runner
+
+    async def _answer(self, ex, ask):
+        """Load if needed, wait for a slot (FIFO), then produce the answer."""
+        runner = self._runner(ask.model)
+        runner.users += 1
+        runner.stop_timer()
+        if ask.keep_alive is not None:
+            runner.keep_alive = ask.keep_alive
+        try:
+            self.waiting += 1
+            try:
+                await self._ensure_loaded(ask.model, runner, ask.num_ctx)
+                if ask.control == "load":
+                    return await ex.send_json(200, self._control_reply(ask))
+                await runner.slots.acquire()
+            finally:
+                self.waiting -= 1
+            await self._holding_slot(ex, ask, runner)
+        finally:
+            runner.users -= 1
+            self._after_use(ask.model, runner)
+
+    async def _holding_slot(self, ex, ask, runner):
         self.active += 1
         self.max_active = max(self.max_active, self.active)
         try:
-            await coro
+            ready_ns = time.monotonic_ns()
+            if ask.kind in ("embed", "embeddings", "oa_embed"):
+                await self._reply_embedding(ex, ask, ready_ns)
+            elif ask.stream:
+                await self._reply_stream(ex, ask, self._format(ask), ready_ns)
+            else:
+                await self._reply_whole(ex, ask, self._format(ask), ready_ns)
         finally:
             self.active -= 1
-            slot.release()
-            if model in self.loaded:
-                self.loaded[model]["expires_at"] = expires_in(300)
+            runner.slots.release()
 
-    async def _generate(self, ex, req, model, openai):
-        path = ex.path
-        if path in ("/api/embed", "/api/embeddings", "/v1/embeddings"):
-            return await self._embed(ex, req, model)
-        stream = req.get("stream")
-        stream = (not openai) if stream is None else bool(stream)
-        n = self.chunks
-        opts = req.get("options") if isinstance(req.get("options"), dict) else {}
-        if isinstance(opts.get("num_predict"), int) and opts["num_predict"] > 0:
-            n = min(n, opts["num_predict"])
-        if isinstance(req.get("max_tokens"), int) and req["max_tokens"] > 0:
-            n = min(n, req["max_tokens"])
-        words = [f"w{i} " for i in range(n)]
-        if openai:
-            writer = SseWriter(ex, req, model, path == "/v1/chat/completions")
-        else:
-            writer = NdjsonWriter(ex, self, path, model)
-        if not stream:
-            if self.fault == "die_mid_stream":
-                await ex.start(200, JSON, length=10000)
-                await ex.raw_data(b'{"model":')
-                raise Abort()
-            if self.chunk_delay:  # generating takes as long when not streamed
-                await asyncio.sleep(self.chunk_delay * n)
-            await writer.whole("".join(words), n)
-            self.completed += 1
-            return
-        await writer.start()
-        for i, word in enumerate(words):
-            if self.fault in ("die_mid_stream", "error_line", "stall_mid_stream") \
-                    and i == self.die_after:
-                if self.fault == "stall_mid_stream":
-                    await asyncio.Event().wait()  # a runner that hangs mid-answer
-                if self.fault == "die_mid_stream":
-                    ex.writer.transport.abort()
-                    raise Abort()
-                await writer.error("an error was encountered while running the model")
-                return
-            if self.chunk_delay:
-                await asyncio.sleep(self.chunk_delay)
-            await writer.token(word)
-        await writer.finish(n)
-        self.completed += 1
-
-    async def _embed(self, ex, req, model):
-        path = ex.path
-        inputs = req.get("input") if path != "/api/embeddings" else req.get("prompt", "")
-        if isinstance(inputs, str):
-            inputs = [inputs]
-        if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
-            return await ex.error(400, "invalid input type", path.startswith("/v1/"))
-        vectors = [self._vector(text, normalise=path != "/api/embeddings") for text in inputs]
-        self.completed += 1
-        if path == "/api/embeddings":
-            return await ex.json(200, {"embedding": vectors[0] if req.get("prompt") else []})
-        if path == "/api/embed":
-            return await ex.json(200, {"model": model, "embeddings": vectors,
-                                       "total_duration": 1000000, "load_duration": 1000,
-                                       "prompt_eval_count": len(inputs)})
-        await ex.json(200, {"object": "list", "model": model, "data": [
-            {"object": "embedding", "embedding": v, "index": i} for i, v in enumerate(vectors)],
-            "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)}})
-
-    def _vector(self, text, normalise):
-        seed = hashlib.sha256(text.encode()).digest()
-        v = [(seed[i % 32] - 128) / 128.0 + 0.01 for i in range(self.embedding_dim)]
-        if normalise:
-            norm = math.sqrt(sum(x * x for x in v)) or 1.0
-            v = [x / norm for x in v]
-        return v
-
-    def _final(self, path, model, reason, text):
-        out = {"model": model, "created_at": now_utc()}
-        if path == "/api/chat":
-            out["message"] = {"role": "assistant", "content": text}
-        else:
-            out["response"] = text
-        out.update(done=True, done_reason=reason)
-        return out
-
-
-class Slots:
-    """num_parallel slots; waiters served first come, first served."""
-
-    def __init__(self, n):
-        self.free = n
-        self.waiters = collections.deque()
-
-    async def acquire(self):
-        if self.free and not self.waiters:
-            self.free -= 1
-            return
-        fut = asyncio.get_running_loop().create_future()
-        self.waiters.append(fut)
-        try:
-            await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
-                self.release()
-            elif fut in self.waiters:
-                self.waiters.remove(fut)
-            raise
-
-    def release(self):
-        while self.waiters:
-            fut = self.waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                return
-        self.free += 1
-
-
-####################################################################################
-# Writing answers
-####################################################################################
-
-
-class BadRequest(Exception):
-    pass
-
-
-def parse_body(body):
-    if not body:
-        raise BadRequest("missing request body")
-    try:
-        obj = json.loads(body)
-    except ValueError as e:
-        raise BadRequest(f"invalid character in JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise BadRequest("json: cannot unmarshal array into Go value of type api.Request")
-    return obj
-
-
-def try_json(body):
-    try:
-        return json.loads(body) if body else None
-    except ValueError:
-        return None
-
-
-def is_zero(keep_alive):
-    if isinstance(keep_alive, bool):
-        return False
-    if isinstance(keep_alive, (int, float)):
-        return keep_alive == 0
-    return isinstance(keep_alive, str) and re.fullmatch(r"0+[a-z]*", keep_alive.strip()) is not None
-
-
-def host_allowed(host):
-    host = host.strip().lower()
-    if host.startswith("["):
-        host = host[1:host.find("]")]
-    elif host.count(":") == 1:
-        host = host.split(":")[0]
-    if host in ("", "localhost", socket.gethostname().lower()):
-        return True
-    if host.endswith((".localhost", ".local", ".internal")):
-        return True
-    import ipaddress
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return ip.is_loopback or ip.is_private or ip.is_unspecified or ip.is_link_local
-
-
-def oa_model(m):
-    name = m["model"]
-    return {"id": name, "object": "model", "created": 1759338000,
-            "owned_by": name.split("/")[-2] if "/" in name else "library"}
-
-
-def dumps(obj):
-    return json.dumps(obj, separators=(",", ":")).encode()
-
-
-class Exchange:
-    """One request on one connection, with helpers to answer it."""
-
-    def __init__(self, fake, conn, reader, writer, event, body):
-        self.fake, self.conn, self.reader, self.writer = fake, conn, reader, writer
-        self.method = event.method.decode()
-        self.path = event.target.decode().split("?")[0].rstrip("/") or "/"
-        self.headers = {k.decode().lower(): v.decode("latin-1") for k, v in event.headers}
-        self.body = body
-        self.gone = False
-        self.owner = asyncio.current_task()
-
-    async def watch_eof(self):
-        """Cancel the request's work when the client hangs up mid-answer."""
+    async def _ensure_loaded(self, model, runner, num_ctx):
+        """Wait for the model to be loaded with this num_ctx; one load at a time."""
         while True:
-            data = await self.reader.read(65536)
-            if not data:
-                self.gone = True
-                self.owner.cancel()
+            if runner.load_task is not None:
+                await asyncio.shield(runner.load_task)
+                continue
+            info = self.loaded.get(model)
+            if info is not None and num_ctx in (None, info["context_length"]):
                 return
-            self.conn.receive_data(data)
+            runner.load_task = self._spawn(self._load(model, runner, num_ctx or DEFAULT_NUM_CTX),
+                                           f"fake-ollama load {model}")
 
-    async def send(self, status, body, ctype, headers=()):
-        hdrs = [(b"content-type", ctype), (b"content-length", str(len(body)).encode()),
-                *headers]
-        out = self.conn.send(h11.Response(status_code=status, headers=hdrs))
-        if body and self.method != "HEAD":
-            out += self.conn.send(h11.Data(data=body))
-        out += self.conn.send(h11.EndOfMessage())
-        self.writer.write(out)
-        await self.writer.drain()
+    async def _load(self, model, runner, num_ctx):
+        """A (re)load: a reload waits until the runner's requests are done, as Ollama's
+        scheduler does; the load itself outlives a client that goes away."""
+        try:
+            if model in self.loaded:
+                await runner.slots.wait_idle()
+                self.loaded.pop(model, None)
+            if self.load_delay:
+                await asyncio.sleep(self.load_delay)
+            disk = self.models.get(model) or describe_model(model)
+            size = loaded_size(disk, num_ctx, self.num_parallel)
+            self.load_count += 1
+            self.loaded[model] = {
+                "name": model, "model": model, "size": size, "size_vram": size,
+                "digest": disk.digest, "details": model_details(disk),
+                "expires_at": expiry_time(runner.keep_alive), "context_length": num_ctx}
+        finally:
+            runner.load_task = None
 
-    async def json(self, status, obj):
-        await self.send(status, dumps(obj), JSON)
+    def _after_use(self, model, runner):
+        """Start the keep-alive clock when the runner goes idle (0 unloads at once)."""
+        if runner.users or model not in self.loaded:
+            return
+        if runner.keep_alive == 0:
+            return self._unload(model)
+        self.loaded[model]["expires_at"] = expiry_time(runner.keep_alive)
+        if runner.keep_alive != math.inf:
+            runner.timer = asyncio.get_running_loop().call_later(
+                runner.keep_alive, self._expire, model, runner)
 
-    async def error(self, status, message, openai):
-        if openai:
-            kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status,
-                                                                               "api_error")
-            return await self.json(status, {"error": {"message": message, "type": kind,
-                                                      "param": None, "code": None}})
-        await self.json(status, {"error": message})
+    def _expire(self, model, runner):
+        runner.timer = None
+        if not runner.users and runner.load_task is None:
+            self.loaded.pop(model, None)
 
-    async def start(self, status, ctype, length=None):
-        hdrs = [(b"content-type", ctype)]
-        if length is not None:
-            hdrs.append((b"content-length", str(length).encode()))
-        self.writer.write(self.conn.send(h11.Response(status_code=status, headers=hdrs)))
-        await self.writer.drain()
+    def _unload(self, model):
+        """keep_alive 0: unload now, or when the requests still running on it finish."""
+        runner = self._runners.get(model)
+        if runner is not None and runner.users:
+            runner.keep_alive = 0
+            return
+        if runner is not None:
+            runner.stop_timer()
+        self.loaded.pop(model, None)
 
-    async def raw_data(self, data):
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def data(self, data):
-        # Chunked framing by hand: this is the benchmark's hot path.
-        self.writer.write(b"%x\r\n%s\r\n" % (len(data), data))
-        await self.writer.drain()
-
-    async def line(self, obj):
-        await self.data(dumps(obj) + b"\n")
-
-    async def end(self):
-        self.writer.write(self.conn.send(h11.EndOfMessage()))
-        await self.writer.drain()
-
-
-class NdjsonWriter:
-    """Ollama's native answers: NDJSON chunks, or one JSON when not streaming."""
-
-    def __init__(self, ex, fake, path, model):
-        self.ex, self.fake, self.path, self.model = ex, fake, path, model
-        self.chat = path == "/api/chat"
-        self.started = time.monotonic_ns()
-        stamp = now_utc()
-        key = '"message":{"role":"assistant","content":%s}' if self.chat else '"response":%s'
-        self.template = ('{"model":%s,"created_at":"%s",%s,"done":false}\n'
-                         % (json.dumps(model), stamp, key)).encode()
-
-    def metrics(self, n):
-        total = time.monotonic_ns() - self.started
-        return {"total_duration": total, "load_duration": 1000, "prompt_eval_count": 3,
-                "prompt_eval_duration": 1000, "eval_count": n, "eval_duration": max(1, total)}
-
-    async def start(self):
-        await self.ex.start(200, NDJSON)
-
-    async def token(self, word):
-        await self.ex.data(self.template % json.dumps(word).encode())
-
-    async def finish(self, n):
-        final = self.fake._final(self.path, self.model, "stop", "")
-        final.update(self.metrics(n))
-        await self.ex.line(final)
-        await self.ex.end()
-
-    async def whole(self, text, n):
-        final = self.fake._final(self.path, self.model, "stop", text)
-        final.update(self.metrics(n))
-        await self.ex.json(200, final)
-
-    async def error(self, message):
-        await self.ex.line({"error": message})
-        await self.ex.end()
-
-
-class SseWriter:
-    """Ollama's OpenAI layer: SSE chunks ending in [DONE], or one object."""
-
-    def __init__(self, ex, req, model, chat):
-        self.ex, self.model, self.chat = ex, model, chat
-        self.usage = bool((req.get("stream_options") or {}).get("include_usage"))
-        self.created = int(time.time())
-        self.id = ("chatcmpl-" if chat else "cmpl-") + str(int(time.time() * 1000) % 999)
-        self.first = True
-
-    def _chunk(self, choice, usage=None):
-        obj = {"id": self.id, "object": "chat.completion.chunk" if self.chat
-               else "text_completion", "created": self.created, "model": self.model,
-               "system_fingerprint": "fp_ollama", "choices": [choice] if choice else []}
-        if usage is not None:
-            obj["usage"] = usage
-        return b"data: " + dumps(obj) + b"\n\n"
-
-    async def start(self):
-        await self.ex.start(200, SSE)
-
-    async def token(self, word):
-        if self.chat:
-            delta = {"role": "assistant", "content": word} if self.first else {"content": word}
-            choice = {"index": 0, "delta": delta, "finish_reason": None}
+    def _control_reply(self, ask):
+        """The single JSON object for a load or unload (even when streaming was asked)."""
+        if ask.kind == "embed":
+            return {"model": ask.name, "embeddings": []}
+        if ask.kind == "embeddings":
+            return {"embedding": []}
+        reply = {"model": ask.name, "created_at": go_time(time.time_ns(), utc=True)}
+        if ask.kind == "chat":
+            reply["message"] = {"role": "assistant", "content": ""}
         else:
-            choice = {"text": word, "index": 0, "finish_reason": None}
-        self.first = False
-        await self.ex.data(self._chunk(choice))
+            reply["response"] = ""
+        reply.update(done=True, done_reason=ask.control)
+        return reply
 
-    async def finish(self, n):
-        if self.chat:
-            await self.ex.data(self._chunk({"index": 0, "delta": {}, "finish_reason": "stop"}))
+    # -- inference: producing the answer ------------------------------------------
+
+    def _format(self, ask):
+        if ask.kind in ("generate", "chat"):
+            return NativeAnswer(ask)
+        self._answers += 1
+        return OpenAIAnswer(ask, self._answers % 999)
+
+    @staticmethod
+    def _metrics(ask, ready_ns):
+        """Ollama's final-chunk metrics (ns); zero values are omitted, as Go's omitempty does."""
+        now = time.monotonic_ns()
+        generating = max(2, now - ready_ns)
+        prompt_ns = max(1, generating // (ask.tokens + 1))
+        metrics = {"total_duration": max(1, now - ask.arrived_ns),
+                   "load_duration": max(1, ready_ns - ask.arrived_ns),
+                   "prompt_eval_count": ask.prompt_tokens, "prompt_eval_duration": prompt_ns,
+                   "eval_count": ask.tokens, "eval_duration": max(1, generating - prompt_ns)}
+        return {k: v for k, v in metrics.items() if v}
+
+    async def _reply_stream(self, ex, ask, answer, ready_ns):
+        ex.open_stream(answer.stream_type)
+        delay = self.chunk_delay
+        for i in range(ask.tokens):
+            if self.fault in MID_STREAM_FAULTS and i >= self.die_after:
+                return await self._strike(ex, answer)
+            if delay:
+                await asyncio.sleep(delay)
+            elif i % YIELD_EVERY == YIELD_EVERY - 1:
+                await asyncio.sleep(0)
+            await ex.send_chunk(answer.token(i))
+        if self.fault in MID_STREAM_FAULTS:     # die_after >= tokens: before the final chunk
+            return await self._strike(ex, answer)
+        for chunk in answer.closing(self._metrics(ask, ready_ns)):
+            await ex.send_chunk(chunk)
+        await ex.close_stream()
+        self.completed += 1
+
+    async def _strike(self, ex, answer):
+        """A mid-stream fault: hang up, hang, or end with Ollama's error line."""
+        fault = self.fault
+        if fault == "die_mid_stream":
+            ex.hang_up()
+            raise HungUp()
+        if fault == "stall_mid_stream":
+            await asyncio.Event().wait()
+        tail = answer.error_tail(MID_STREAM_ERROR)
+        if tail:
+            await ex.send_chunk(tail)
+        await ex.close_stream()
+
+    async def _reply_whole(self, ex, ask, answer, ready_ns):
+        if self.chunk_delay:        # generating takes as long when not streamed
+            await asyncio.sleep(self.chunk_delay * ask.tokens)
+        await self._send_whole(ex, dumps(answer.whole(self._metrics(ask, ready_ns))))
+
+    async def _send_whole(self, ex, body):
+        """One JSON answer, or the fault that strikes it instead."""
+        fault = self.fault
+        if fault == "stall_mid_stream":
+            await asyncio.Event().wait()
+        if fault == "die_mid_stream":
+            await ex.send_truncated(body)
+            raise HungUp()
+        if fault == "error_line":
+            raise Refusal(500, MID_STREAM_ERROR)
+        await ex.send(200, body, JSON_TYPE)
+        self.completed += 1
+
+    async def _reply_embedding(self, ex, ask, ready_ns):
+        if self.chunk_delay:
+            await asyncio.sleep(self.chunk_delay)
+        vectors = [embedding(text, self.embedding_dim) for text in ask.inputs]
+        if ask.kind == "embeddings":     # legacy: float64 of float32, not normalised
+            return await self._send_whole(ex, dumps(
+                {"embedding": [widened_float32(v) for v in vectors[0]]}))
+        if ask.dimensions and ask.dimensions < self.embedding_dim:
+            vectors = [v[:ask.dimensions] for v in vectors]
+        vectors = [[as_float32(x) for x in normalised(v)] for v in vectors]
+        ask.tokens = 0
+        metrics = self._metrics(ask, ready_ns)
+        if ask.kind == "embed":
+            reply = {"model": ask.name, "embeddings": vectors,
+                     "total_duration": metrics["total_duration"],
+                     "load_duration": metrics["load_duration"],
+                     "prompt_eval_count": ask.prompt_tokens}
         else:
-            await self.ex.data(self._chunk({"text": "", "index": 0, "finish_reason": "stop"}))
-        if self.usage:
-            await self.ex.data(self._chunk(None, {"prompt_tokens": 3, "completion_tokens": n,
-                                                  "total_tokens": 3 + n}))
-        await self.ex.data(b"data: [DONE]\n\n")
-        await self.ex.end()
+            reply = {"object": "list", "data": [
+                {"object": "embedding", "index": i, "embedding": self._encode(v, ask.base64)}
+                for i, v in enumerate(vectors)], "model": ask.name,
+                "usage": {"prompt_tokens": ask.prompt_tokens,
+                          "total_tokens": ask.prompt_tokens}}
+        await self._send_whole(ex, dumps(reply))
 
-    async def whole(self, text, n):
-        usage = {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": "stop"}
-        else:
-            choice = {"text": text, "index": 0, "finish_reason": "stop"}
-        await self.ex.json(200, {"id": self.id, "object": "chat.completion" if self.chat
-                                 else "text_completion", "created": self.created,
-                                 "model": self.model, "system_fingerprint": "fp_ollama",
-                                 "choices": [choice], "usage": usage})
-
-    async def error(self, message):
-        # Ollama's OpenAI layer does not translate a mid-stream error; it just stops.
-        await self.ex.end()
+    @staticmethod
+    def _encode(vector, as_base64):
+        if not as_base64:
+            return vector
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
 
 
 ####################################################################################
-# Run
+# Command line
 ####################################################################################
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="A fake Ollama server for tests, demos "
+                                                 "and benchmarks.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind")
+    parser.add_argument("--port", type=int, default=11434, help="port (0 picks a free one)")
+    parser.add_argument("--models", default="",
+                        help=f"comma list of model names (default: {','.join(DEFAULT_MODELS)})")
+    parser.add_argument("--num-parallel", type=int, default=None,
+                        help="slots per loaded model (default: $OLLAMA_NUM_PARALLEL or 1)")
+    parser.add_argument("--chunks", type=int, default=5, help="tokens per answer")
+    parser.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between tokens")
+    parser.add_argument("--load-delay", type=float, default=0.0, help="seconds per model load")
+    args = parser.parse_args(argv)
+    if args.num_parallel is None:
+        env = os.environ.get("OLLAMA_NUM_PARALLEL", "").strip() or "1"
+        if not env.isdigit() or int(env) < 1:
+            parser.error(f"OLLAMA_NUM_PARALLEL must be a positive integer, not {env!r}")
+        args.num_parallel = int(env)
+    return args
 
 
 async def serve(args):
-    fake = FakeOllama(args.models.split(",") if args.models else None,
-                      num_parallel=args.num_parallel, chunks=args.chunks,
+    """Run until SIGINT or SIGTERM."""
+    models = [m for m in args.models.split(",") if m.strip()] or None
+    fake = FakeOllama(models, num_parallel=args.num_parallel, chunks=args.chunks,
                       chunk_delay=args.chunk_delay, load_delay=args.load_delay)
     port = await fake.start(args.host, args.port)
-    print(f"fake ollama listening on http://{args.host}:{port}", flush=True)
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    await stop.wait()
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"fake ollama listening on http://{host}:{port}", flush=True)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
     await fake.stop()
 
 
-def main():
-    p = argparse.ArgumentParser(description="A fake Ollama for tests and benchmarks.")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=11434)
-    p.add_argument("--models", default="")
-    p.add_argument("--num-parallel", type=int,
-                   default=int(os.environ.get("OLLAMA_NUM_PARALLEL") or 1))
-    p.add_argument("--chunks", type=int, default=5)
-    p.add_argument("--chunk-delay", type=float, default=0.0)
-    p.add_argument("--load-delay", type=float, default=0.0)
-    asyncio.run(serve(p.parse_args()))
+def main(argv=None):
+    asyncio.run(serve(parse_args(argv)))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

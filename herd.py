@@ -956,6 +956,7 @@ async def _answer_reaped(router, conn, ex):
     ex.error = (f"no progress for {router.cfg.stale_timeout:g}s on node {ex.node_id}: "
                 f"request reaped (FLEET_STALE_TIMEOUT)")
     router.zombies_reaped += 1
+    router.recent_events.append((time.time(), "zombie_reaped"))
     proxy_log.warning("zombie request reaped", extra={"request_id": ex.request_id,
                                                       "node_id": ex.node_id,
                                                       "model": ex.served_model})
@@ -1465,7 +1466,8 @@ class Router:
         self.active = {}  # request_id -> Exchange, for the reaper
         self.warming = set()  # (node_id, model) being pre-warmed
         self.pulls = Puller(self)
-        self.events = collections.Counter()  # routing decisions, for the health checks
+        self.events = collections.Counter()  # routing decisions since start (/metrics)
+        self.recent_events = collections.deque(maxlen=10000)  # (time, event), for health
         self.metrics = hc.Metrics()
         for name, kind, text in METRICS:
             self.metrics.describe(name, kind, text)
@@ -1936,9 +1938,10 @@ class Router:
                   "retry_rate": self.cfg.health_retry_rate,
                   "disconnect_rate": self.cfg.health_disconnect_rate,
                   "thrash_loads": self.cfg.health_thrash_loads}
-        return {"nodes": nodes, "loads_by_model": dict(loads), "events": dict(self.events),
-                "limits": limits,
-                "zombies_reaped": self.zombies_reaped,
+        recent = collections.Counter(e for t, e in self.recent_events if t > since)
+        return {"nodes": nodes, "loads_by_model": dict(loads), "limits": limits,
+                "events": {k: v for k, v in recent.items() if k != "zombie_reaped"},
+                "zombies_reaped": recent["zombie_reaped"],
                 "heartbeat_timeout": self.cfg.heartbeat_timeout, **trace_window(rows)}
 
     async def handle_health(self, request, conn):
@@ -2067,6 +2070,7 @@ class Router:
     def count_event(self, event, ex, message):
         """Count a routing decision for the health checks, and log it."""
         self.events[event] += 1
+        self.recent_events.append((time.time(), event))
         fleet_log.info(message, extra={"event": event,
                                        "request_id": ex.request_id if ex else None,
                                        "model": ex.model if ex else None})

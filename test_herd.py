@@ -1674,6 +1674,19 @@ def test_health_thresholds_come_from_settings():
     assert [f["severity"] for f in herd.run_health_checks(snap)[0]] == ["critical"]
 
 
+def test_a_resolved_problem_drops_out_of_health_once_its_window_passes(h):
+    router = h.router()
+    r = router.router
+    long_ago = time.time() - herd.HEALTH_WINDOW_S - 60
+    h.bg.call(lambda: r.recent_events.extend([(long_ago, "context_stripped"),
+                                              (long_ago, "zombie_reaped")]))
+    body = json.loads(http(router.url, "GET", "/dashboard/api/health")[2])
+    assert body["checks"] == [] and body["score"] == 100
+    h.bg.call(lambda: r.recent_events.append((time.time(), "zombie_reaped")))
+    body = json.loads(http(router.url, "GET", "/dashboard/api/health")[2])
+    assert [c["check"] for c in body["checks"]] == ["zombie_reaper"]
+
+
 def test_all_fifteen_checks_are_covered():
     assert sorted(c[0] for c in HEALTH_CASES) == sorted(
         fn.__name__.removeprefix("check_") for fn in herd.HEALTH_CHECKS)
