@@ -221,7 +221,7 @@ def cpu_seconds(proc):
 
 
 def rss_mb(proc):
-    return proc.memory_info().rss / 2**20
+    return proc.memory_info().rss / 1e6  # MB as in the target, not MiB
 
 
 ####################################################################################
@@ -450,11 +450,12 @@ async def drive(stack, path, load):
 
 
 def compare(stack, load, rounds):
-    """The same load direct and through the router, alternating; pooled per path."""
+    """The same load direct and through the router, in turns (direct first in even
+    rounds, router first in odd ones, so a drift in the machine hits both alike)."""
     pooled = {"direct": Run([]), "router": Run([])}
-    for _ in range(rounds):
-        for path, total in pooled.items():
-            total.add(asyncio.run(drive(stack, path, load)))
+    for i in range(rounds):
+        for path in ("direct", "router")[::1 if i % 2 == 0 else -1]:
+            pooled[path].add(asyncio.run(drive(stack, path, load)))
     return {path: summarise(run, path == "router") for path, run in pooled.items()}
 
 
@@ -496,11 +497,12 @@ def measure_short(stack, plan):
     """8-chunk streams at concurrency 1 and 16: time to first chunk, throughput, CPU."""
     out = {}
     for c, per_worker in ((1, plan.c1_requests), (16, plan.c16_per_worker)):
-        r = compare(stack, Load(GENERATE, NDJSON, c, per_worker), plan.rounds)
-        d, x = r["direct"], r["router"]
-        out[f"c{c}"] = {**r, **{f"added_p{q}_ms": x[f"first_chunk_p{q}_ms"] -
-                                d[f"first_chunk_p{q}_ms"] for q in (50, 99)},
-                        "throughput_ratio": x["requests_per_s"] / d["requests_per_s"]}
+        cell = out[f"c{c}"] = compare(stack, Load(GENERATE, NDJSON, c, per_worker),
+                                      plan.rounds)
+        d, x = cell["direct"], cell["router"]
+        for q in (50, 99):
+            cell[f"added_p{q}_ms"] = x[f"first_chunk_p{q}_ms"] - d[f"first_chunk_p{q}_ms"]
+        cell["throughput_ratio"] = x["requests_per_s"] / d["requests_per_s"]
     return out
 
 

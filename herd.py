@@ -1468,6 +1468,7 @@ class Router:
         self.pulls = Puller(self)
         self.events = collections.Counter()  # routing decisions since start (/metrics)
         self.recent_events = collections.deque(maxlen=10000)  # (time, event), for health
+        self.trend_cache = {}  # range seconds -> (monotonic expiry, points)
         self.metrics = hc.Metrics()
         for name, kind, text in METRICS:
             self.metrics.describe(name, kind, text)
@@ -2056,11 +2057,17 @@ class Router:
     async def handle_trends(self, request, conn):
         """Requests, errors, latency, time to first token and tokens/s over time:
         ?range=24h (hourly), 7d (6-hourly) or 30d (daily)."""
-        span, bucket = TREND_RANGES.get(request.query.get("range", ["24h"])[-1],
-                                        TREND_RANGES["24h"])
-        rows = await asyncio.to_thread(self.traces.query, TRENDS_SQL,
-                                       (bucket, bucket, time.time() - span))
-        await conn.send_json(200, {"range_s": span, "bucket_s": bucket, "points": rows})
+        name = request.query.get("range", ["24h"])[-1]
+        span, bucket = TREND_RANGES.get(name, TREND_RANGES["24h"])
+        cached = self.trend_cache.get(span)
+        if cached is None or cached[0] < time.monotonic():
+            # A month of traces takes about a second to group (300k rows measured), and
+            # the page polls every 3 s: keep the long ranges for a tenth of a bucket.
+            rows = await asyncio.to_thread(self.traces.query, TRENDS_SQL,
+                                           (bucket, bucket, time.time() - span))
+            keep = bucket / 10 if span > 86400 else 0.0
+            cached = self.trend_cache[span] = (time.monotonic() + keep, rows)
+        await conn.send_json(200, {"range_s": span, "bucket_s": bucket, "points": cached[1]})
 
     async def handle_metrics(self, request, conn):
         self.fleet.refresh_status()
