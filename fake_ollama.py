@@ -15,18 +15,19 @@ Run:
     (--num-parallel defaults to $OLLAMA_NUM_PARALLEL, else 1; --port 0 picks a free port)
 
     $ python fake_ollama.py --port 0 --chunks 3
-    fake ollama listening on http://127.0.0.1:40411
-    $ curl -s localhost:40411/api/generate -d '{"model":"llama3.2:3b","prompt":"hi"}'
-    {"model":"llama3.2:3b","created_at":"2025-11-22T13:58:37.207Z","response":"w0 ","done":false}
-    {"model":"llama3.2:3b","created_at":"2025-11-22T13:58:37.207Z","response":"w1 ","done":false}
-    {"model":"llama3.2:3b","created_at":"2025-11-22T13:58:37.207Z","response":"w2 ","done":false}
-    {"model":"llama3.2:3b","created_at":"2025-11-22T13:58:37.207Z","response":"","done":true,
-     "done_reason":"stop","context":[1,2,...],"total_duration":411393,"load_duration":56744,
-     "prompt_eval_count":11,"prompt_eval_duration":88662,"eval_count":3,"eval_duration":265987}
-    $ curl -s localhost:40411/api/ps
-    {"models":[{"name":"llama3.2:3b","model":"llama3.2:3b","size":2336462209,...,
-     "expires_at":"2025-11-22T14:03:37.207861Z","context_length":4096}]}
-    $ curl -s localhost:40411/api/chat -H 'Host: example.com' -o /dev/null -w '%{http_code}\\n'
+    fake ollama listening on http://127.0.0.1:35889
+    $ curl -s localhost:35889/api/generate -d '{"model":"llama3.2:3b","prompt":"hi"}'
+    {"model":"llama3.2:3b","created_at":"2026-11-22T13:57:40.77599617Z","response":"w0 ",...}
+    {"model":"llama3.2:3b","created_at":"2026-11-22T13:57:40.776083724Z","response":"w1 ",...}
+    {"model":"llama3.2:3b","created_at":"2026-11-22T13:57:40.776083724Z","response":"w2 ",...}
+    {"model":"llama3.2:3b","created_at":"2026-11-22T13:57:40.776161891Z","response":"","done":true,
+     "done_reason":"stop","context":[1,2,...,14],"total_duration":691347,"load_duration":318227,
+     "prompt_eval_count":11,"prompt_eval_duration":93280,"eval_count":3,"eval_duration":279840}
+    $ curl -s localhost:35889/api/ps
+    {"models":[{"name":"llama3.2:3b","model":"llama3.2:3b","size":2316735283,"size_vram":2316735283,
+     "digest":"925b2caf...","details":{"parent_model":"","format":"gguf","family":"llama",...},
+     "expires_at":"2026-11-22T14:02:40.7763268Z","context_length":4096}]}
+    $ curl -s localhost:35889/api/chat -H 'Host: example.com' -o /dev/null -w '%{http_code}\\n'
     403
 
 In a test:
@@ -341,7 +342,9 @@ def go_quote_char(char):
         return "'\"'"
     if ord(char) > 127:
         return "'\\x%02x'" % char.encode()[0]
-    return "'" + json.dumps(char)[1:-1] + "'"
+    if char in "\n\r\t\\":
+        return "'" + json.dumps(char)[1:-1] + "'"
+    return f"'{char}'" if char.isprintable() else "'\\x%02x'" % ord(char)
 
 
 def json_kind(value):
@@ -613,12 +616,12 @@ class Ask:
     model: str                  # the on-disk name
     stream: bool = False
     control: str = ""           # "load" / "unload" for an empty prompt or messages
-    num_ctx: int = None
-    keep_alive: float = None
+    num_ctx: int | None = None  # options.num_ctx, None when not given
+    keep_alive: float | None = None
     tokens: int = 0
     reason: str = "stop"
     prompt_tokens: int = 1
-    inputs: list = None
+    inputs: list | None = None
     include_usage: bool = False
     base64: bool = False
     dimensions: int = 0
