@@ -478,10 +478,10 @@ def check_fields(body, struct):
                                f"{short}.{key} of type {go_type}")
 
 
-def read_body(raw, struct, openai):
+def read_body(ex, struct):
     """The request object, or Refusal(400) worded as the Ollama handler would say it."""
-    body, error = decode_json(raw)
-    if error == "EOF" and not openai:
+    body, error = ex.decoded
+    if error == "EOF" and not ex.openai:
         raise Refusal(400, "missing request body")
     if error:
         raise Refusal(400, error)
@@ -608,6 +608,35 @@ class Runner:
             self.timer = None
 
 
+class Turn:
+    """One request's use of a runner: from arrival, through holding a slot, to an end
+    that comes exactly once (slot freed, keep-alive clock started)."""
+
+    def __init__(self, fake, model, runner, keep_alive):
+        self.fake, self.model, self.runner = fake, model, runner
+        self.holding = self.ended = False
+        runner.users += 1
+        runner.stop_timer()
+        if keep_alive is not None:      # the latest request's keep_alive wins, as in Ollama
+            runner.keep_alive = keep_alive
+
+    async def take_slot(self):
+        await self.runner.slots.acquire()
+        self.holding = True
+        self.fake.active += 1
+        self.fake.max_active = max(self.fake.max_active, self.fake.active)
+
+    def end(self):
+        if self.ended:
+            return
+        self.ended = True
+        if self.holding:
+            self.fake.active -= 1
+            self.runner.slots.release()
+        self.runner.users -= 1
+        self.fake.on_runner_released(self.model, self.runner)
+
+
 @dataclasses.dataclass
 class Ask:
     """One inference request, read and checked: what to answer and how."""
@@ -644,7 +673,7 @@ def words_text(n):
 
 
 class UtcClock:
-    """created_at for a stream's chunks, formatted at most once a millisecond."""
+    """created_at for answers and their chunks, formatted at most once a millisecond."""
 
     def __init__(self):
         self._ms, self._text = -1, b""
@@ -662,9 +691,9 @@ class NativeAnswer:
 
     stream_type = NDJSON_TYPE
 
-    def __init__(self, ask):
+    def __init__(self, ask, clock):
         self.ask, self.chat = ask, ask.kind == "chat"
-        self.clock = UtcClock()
+        self.clock = clock
         self._pre = b'{"model":%s,"created_at":"' % dumps(ask.name)
         if self.chat:
             self._mid, self._post = b'","message":{"role":"assistant","content":', \
@@ -676,7 +705,7 @@ class NativeAnswer:
         return b"".join((self._pre, self.clock.now(), self._mid, word(i), self._post))
 
     def final(self, text, metrics):
-        out = {"model": self.ask.name, "created_at": go_time(time.time_ns(), utc=True)}
+        out = {"model": self.ask.name, "created_at": self.clock.now().decode()}
         if self.chat:
             out["message"] = {"role": "assistant", "content": text}
         else:
@@ -819,7 +848,7 @@ class Exchange:
             name, value = name.decode("latin-1").lower(), value.decode("latin-1")
             self.headers[name] = f"{self.headers[name]}, {value}" if name in self.headers \
                 else value
-        self.raw = body
+        self.decoded = decode_json(body)     # (value, None) or (None, Go's error text)
         self.committed = False      # the status line has been written (or is queued)
         self.pending = b""          # a stream's head, sent along with its first chunk
         self.chunked = False
@@ -929,6 +958,7 @@ class FakeOllama:
         self._tasks = set()
         self._runners = {}
         self._answers = 0
+        self._clock = UtcClock()
         self._routes = self._route_table()
         self.set_models(models)
 
@@ -1063,9 +1093,8 @@ class FakeOllama:
         return table
 
     def _record(self, ex):
-        body, error = decode_json(ex.raw) if ex.raw else (None, None)
         self.requests.append({"method": ex.method, "path": ex.path, "headers": ex.headers,
-                              "body": None if error else body})
+                              "body": ex.decoded[0]})
         if len(self.requests) > MAX_RECORDED:
             del self.requests[:MAX_RECORDED // 10]
 
@@ -1122,7 +1151,7 @@ class FakeOllama:
         await ex.send_json(200, {"models": entries})
 
     async def _serve_show(self, ex):
-        body = read_body(ex.raw, "api.ShowRequest", False)
+        body = read_body(ex, "api.ShowRequest")
         name = body.get("model") or body.get("name") or ""
         if not name:
             raise Refusal(400, "model is required")
@@ -1132,7 +1161,7 @@ class FakeOllama:
         await ex.send_json(200, show_entry(self.models[found], self.embedding_dim))
 
     async def _serve_delete(self, ex):
-        body = read_body(ex.raw, "api.DeleteRequest", False)
+        body = read_body(ex, "api.DeleteRequest")
         name = body.get("model") or body.get("name") or ""
         if not name:
             raise Refusal(400, "model is required")
@@ -1144,7 +1173,7 @@ class FakeOllama:
         await ex.send(200, b"", None)
 
     async def _serve_copy(self, ex):
-        body = read_body(ex.raw, "api.CopyRequest", False)
+        body = read_body(ex, "api.CopyRequest")
         source, destination = body.get("source") or "", body.get("destination") or ""
         if not source:
             raise Refusal(400, f"source {go_quote(source)} is invalid")
@@ -1159,7 +1188,7 @@ class FakeOllama:
         await ex.send(200, b"", None)
 
     async def _serve_pull(self, ex):
-        body = read_body(ex.raw, "api.PullRequest", False)
+        body = read_body(ex, "api.PullRequest")
         name = body.get("model") or body.get("name") or ""
         if not name:
             raise Refusal(400, "model is required")
@@ -1236,7 +1265,7 @@ class FakeOllama:
 
     def _read_ask(self, ex, kind):
         """Decode and check an inference request in Ollama's handler order."""
-        body = read_body(ex.raw, STRUCT_OF[kind], ex.openai)
+        body = read_body(ex, STRUCT_OF[kind])
         ask = Ask(kind=kind, name="", model="", arrived_ns=time.monotonic_ns())
         if kind == "oa_chat" and not body.get("messages"):
             raise Refusal(400, "[] is too short - 'messages'")
@@ -1388,39 +1417,39 @@ class FakeOllama:
 
     async def _answer(self, ex, ask):
         """Load if needed, wait for a slot (FIFO), then produce the answer."""
-        runner = self._runner(ask.model)
-        runner.users += 1
-        runner.stop_timer()
-        if ask.keep_alive is not None:
-            runner.keep_alive = ask.keep_alive
+        turn = Turn(self, ask.model, self._runner(ask.model), ask.keep_alive)
         try:
             self.waiting += 1
             try:
-                await self._ensure_loaded(ask.model, runner, ask.num_ctx)
-                if ask.control == "load":
-                    return await ex.send_json(200, self._control_reply(ask))
-                await runner.slots.acquire()
+                await self._ensure_loaded(ask.model, turn.runner, ask.num_ctx)
+                if ask.control != "load":
+                    await turn.take_slot()
             finally:
                 self.waiting -= 1
-            await self._holding_slot(ex, ask, runner)
-        finally:
-            runner.users -= 1
-            self._after_use(ask.model, runner)
-
-    async def _holding_slot(self, ex, ask, runner):
-        self.active += 1
-        self.max_active = max(self.max_active, self.active)
-        try:
+            if ask.control == "load":
+                turn.end()
+                return await ex.send_json(200, self._control_reply(ask))
             ready_ns = time.monotonic_ns()
             if ask.kind in ("embed", "embeddings", "oa_embed"):
-                await self._reply_embedding(ex, ask, ready_ns)
+                await self._reply_embedding(ex, ask, turn, ready_ns)
             elif ask.stream:
-                await self._reply_stream(ex, ask, self._format(ask), ready_ns)
+                await self._reply_stream(ex, ask, turn, ready_ns)
             else:
-                await self._reply_whole(ex, ask, self._format(ask), ready_ns)
+                await self._reply_whole(ex, ask, turn, ready_ns)
         finally:
-            self.active -= 1
-            runner.slots.release()
+            turn.end()
+
+    async def _finish(self, turn, last_write):
+        """Free the slot and count the answer, then send its last bytes: the runner is
+        done before the final chunk leaves (as in Ollama), and a client holding the whole
+        answer never sees stale counters."""
+        turn.end()
+        self.completed += 1
+        try:
+            await last_write
+        except (ConnectionError, asyncio.CancelledError):
+            self.completed -= 1     # never arrived: counted as cancelled instead
+            raise
 
     async def _ensure_loaded(self, model, runner, num_ctx):
         """Wait for the model to be loaded with this num_ctx; one load at a time."""
@@ -1453,7 +1482,7 @@ class FakeOllama:
         finally:
             runner.load_task = None
 
-    def _after_use(self, model, runner):
+    def on_runner_released(self, model, runner):
         """Start the keep-alive clock when the runner goes idle (0 unloads at once)."""
         if runner.users or model not in self.loaded:
             return
@@ -1485,7 +1514,7 @@ class FakeOllama:
             return {"model": ask.name, "embeddings": []}
         if ask.kind == "embeddings":
             return {"embedding": []}
-        reply = {"model": ask.name, "created_at": go_time(time.time_ns(), utc=True)}
+        reply = {"model": ask.name, "created_at": self._clock.now().decode()}
         if ask.kind == "chat":
             reply["message"] = {"role": "assistant", "content": ""}
         else:
@@ -1497,7 +1526,7 @@ class FakeOllama:
 
     def _format(self, ask):
         if ask.kind in ("generate", "chat"):
-            return NativeAnswer(ask)
+            return NativeAnswer(ask, self._clock)
         self._answers += 1
         return OpenAIAnswer(ask, self._answers % 999)
 
@@ -1513,61 +1542,68 @@ class FakeOllama:
                    "eval_count": ask.tokens, "eval_duration": max(1, generating - prompt_ns)}
         return {k: v for k, v in metrics.items() if v}
 
-    async def _reply_stream(self, ex, ask, answer, ready_ns):
+    async def _reply_stream(self, ex, ask, turn, ready_ns):
+        answer = self._format(ask)
         ex.open_stream(answer.stream_type)
         delay = self.chunk_delay
         for i in range(ask.tokens):
             if self.fault in MID_STREAM_FAULTS and i >= self.die_after:
-                return await self._strike(ex, answer)
+                return await self._strike(ex, answer, turn)
             if delay:
                 await asyncio.sleep(delay)
             elif i % YIELD_EVERY == YIELD_EVERY - 1:
                 await asyncio.sleep(0)
             await ex.send_chunk(answer.token(i))
         if self.fault in MID_STREAM_FAULTS:     # die_after >= tokens: before the final chunk
-            return await self._strike(ex, answer)
-        for chunk in answer.closing(self._metrics(ask, ready_ns)):
+            return await self._strike(ex, answer, turn)
+        closing = answer.closing(self._metrics(ask, ready_ns))
+        await self._finish(turn, self._send_closing(ex, closing))
+
+    @staticmethod
+    async def _send_closing(ex, chunks):
+        for chunk in chunks:
             await ex.send_chunk(chunk)
         await ex.close_stream()
-        self.completed += 1
 
-    async def _strike(self, ex, answer):
+    async def _strike(self, ex, answer, turn):
         """A mid-stream fault: hang up, hang, or end with Ollama's error line."""
         fault = self.fault
+        if fault == "stall_mid_stream":
+            await asyncio.Event().wait()
+        turn.end()
         if fault == "die_mid_stream":
             ex.hang_up()
             raise HungUp()
-        if fault == "stall_mid_stream":
-            await asyncio.Event().wait()
         tail = answer.error_tail(MID_STREAM_ERROR)
         if tail:
             await ex.send_chunk(tail)
         await ex.close_stream()
 
-    async def _reply_whole(self, ex, ask, answer, ready_ns):
+    async def _reply_whole(self, ex, ask, turn, ready_ns):
         if self.chunk_delay:        # generating takes as long when not streamed
             await asyncio.sleep(self.chunk_delay * ask.tokens)
-        await self._send_whole(ex, dumps(answer.whole(self._metrics(ask, ready_ns))))
+        body = dumps(self._format(ask).whole(self._metrics(ask, ready_ns)))
+        await self._send_whole(ex, turn, body)
 
-    async def _send_whole(self, ex, body):
+    async def _send_whole(self, ex, turn, body):
         """One JSON answer, or the fault that strikes it instead."""
         fault = self.fault
         if fault == "stall_mid_stream":
             await asyncio.Event().wait()
         if fault == "die_mid_stream":
+            turn.end()
             await ex.send_truncated(body)
             raise HungUp()
         if fault == "error_line":
             raise Refusal(500, MID_STREAM_ERROR)
-        await ex.send(200, body, JSON_TYPE)
-        self.completed += 1
+        await self._finish(turn, ex.send(200, body, JSON_TYPE))
 
-    async def _reply_embedding(self, ex, ask, ready_ns):
+    async def _reply_embedding(self, ex, ask, turn, ready_ns):
         if self.chunk_delay:
             await asyncio.sleep(self.chunk_delay)
         vectors = [embedding(text, self.embedding_dim) for text in ask.inputs]
         if ask.kind == "embeddings":     # legacy: float64 of float32, not normalised
-            return await self._send_whole(ex, dumps(
+            return await self._send_whole(ex, turn, dumps(
                 {"embedding": [widened_float32(v) for v in vectors[0]]}))
         if ask.dimensions and ask.dimensions < self.embedding_dim:
             vectors = [v[:ask.dimensions] for v in vectors]
@@ -1585,7 +1621,7 @@ class FakeOllama:
                 for i, v in enumerate(vectors)], "model": ask.name,
                 "usage": {"prompt_tokens": ask.prompt_tokens,
                           "total_tokens": ask.prompt_tokens}}
-        await self._send_whole(ex, dumps(reply))
+        await self._send_whole(ex, turn, dumps(reply))
 
     @staticmethod
     def _encode(vector, as_base64):
