@@ -264,7 +264,9 @@ def setup_logging(data_dir, file_name, file_level, console_level):
     log_dir = os.path.join(data_dir, "logs")
     os.makedirs(log_dir, exist_ok=True)
     root = logging.getLogger("herd")
-    root.setLevel(logging.DEBUG)
+    # No lower than a handler wants: a record nobody writes is never built (a per-request
+    # debug line otherwise costs CPU even when both handlers drop it).
+    root.setLevel(min(logging.getLevelName(file_level), logging.getLevelName(console_level)))
     root.propagate = False
     for handler in list(root.handlers):
         root.removeHandler(handler)
