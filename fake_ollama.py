@@ -1150,24 +1150,23 @@ class FakeOllama:
                          key=lambda e: datetime.datetime.fromisoformat(e["expires_at"]))
         await ex.send_json(200, {"models": entries})
 
-    async def _serve_show(self, ex):
-        body = read_body(ex, "api.ShowRequest")
+    def _named_model(self, ex, go_type):
+        """The on-disk model a show/delete body names: 400 without one, 404 if unknown."""
+        body = read_body(ex, go_type)
         name = body.get("model") or body.get("name") or ""
         if not name:
             raise Refusal(400, "model is required")
         found = self._find(name)
         if found is None:
             raise Refusal(404, f"model '{name}' not found")
+        return found
+
+    async def _serve_show(self, ex):
+        found = self._named_model(ex, "api.ShowRequest")
         await ex.send_json(200, show_entry(self.models[found], self.embedding_dim))
 
     async def _serve_delete(self, ex):
-        body = read_body(ex, "api.DeleteRequest")
-        name = body.get("model") or body.get("name") or ""
-        if not name:
-            raise Refusal(400, "model is required")
-        found = self._find(name)
-        if found is None:
-            raise Refusal(404, f"model '{name}' not found")
+        found = self._named_model(ex, "api.DeleteRequest")
         del self.models[found]
         self._unload(found)
         await ex.send(200, b"", None)
