@@ -862,13 +862,13 @@ async def _relay_by_protocol(cfg, conn, ex, up, first):
     """The fast path: ChunkRelay writes each read's chunks straight to the client."""
     if up._chunked.done:
         return b"", first, 1
-    relay = ex.relay = hc.ChunkRelay(up, conn.writer, cfg.chunk_timeout)
+    relay = ex.relay = hc.ChunkRelay(up, conn, cfg.chunk_timeout)
     relay.start(hc.take_buffered(up.reader))
     try:
         await relay.done
     finally:
         relay.stop()
-    await conn.writer.drain()
+    await conn.drain()
     return (relay.prev, relay.last, relay.reads + 1) if relay.last else (b"", first, 1)
 
 
@@ -2207,8 +2207,9 @@ class RouterServer:
             concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="herd-io"))
         self.traces.start()
         self.router = Router(self.cfg, self.traces)
-        self.server = await asyncio.start_server(self._on_connect, self.cfg.host, self.cfg.port,
-                                                 reuse_address=True, backlog=1024)
+        self.server = await asyncio.get_running_loop().create_server(
+            self._new_connection, self.cfg.host, self.cfg.port, reuse_address=True,
+            backlog=1024)
         self.port = self.server.sockets[0].getsockname()[1]
         self._spawn(self.router.watch_status(), "status-watcher")
         self._spawn(self.router.load_learning(), "load-learning")
@@ -2233,26 +2234,28 @@ class RouterServer:
             log.error(f"background task {task.get_name()} failed",
                       exc_info=task.exception())
 
-    def _on_connect(self, reader, writer):
-        # Our own named task per connection (not the stream callback's), so shutdown
-        # can cancel and await each one.
-        peer = writer.get_extra_info("peername")
-        task = asyncio.create_task(hc.serve_http(
-            reader, writer, self.router.handle, max_body=int(self.cfg.max_body_mb * (1 << 20)),
-            idle_timeout=self.cfg.idle_timeout, read_timeout=30.0, log=log),
-            name=f"client {peer}")
-        self.connections.add(task)
-        task.add_done_callback(self.connections.discard)
+    def _new_connection(self):
+        conn = hc.HttpConnection(
+            self.router.handle, max_body=int(self.cfg.max_body_mb * (1 << 20)),
+            idle_timeout=self.cfg.idle_timeout, read_timeout=30.0, log=log,
+            on_close=self.connections.discard)
+        self.connections.add(conn)
+        return conn
 
     async def stop(self, grace=0.0):
         """Stop listening, give streams `grace` seconds, then close everything."""
         self.server.close()
         if grace:
             await self.router.wait_in_flight(grace)
-        tasks = list(self.connections) + list(self.tasks) + list(self.router.background)
+        conns = list(self.connections)
+        tasks = [c.task for c in conns if c.task] + list(self.tasks) + \
+            list(self.router.background)
         for task in tasks:
-            task.cancel()
+            task.cancel(msg="router shutting down")
         await asyncio.gather(*tasks, return_exceptions=True)
+        for conn in conns:
+            conn.abort()
+        await asyncio.gather(*(c.closed for c in conns), return_exceptions=True)
         await self.server.wait_closed()
         self.router.pool.close_all()
         await asyncio.to_thread(self.traces.close)
