@@ -859,17 +859,11 @@ async def _relay_stream(cfg, conn, ex, choice, up, status, headers):
 
 
 async def _relay_by_protocol(cfg, conn, ex, up, first):
-    """The fast path: ChunkRelay writes each read's chunks straight to the client."""
-    if up._chunked.done:
-        return b"", first, 1
-    relay = ex.relay = hc.ChunkRelay(up, conn, cfg.chunk_timeout)
-    relay.start(hc.take_buffered(up.reader))
-    try:
-        await relay.done
-    finally:
-        relay.stop()
+    """The fast path: the node's connection writes each read's chunks to the client."""
+    ex.relay = up
+    await up.relay(conn, cfg.chunk_timeout)
     await conn.drain()
-    return (relay.prev, relay.last, relay.reads + 1) if relay.last else (b"", first, 1)
+    return (up.prev, up.last, up.reads + 1) if up.last else (b"", first, 1)
 
 
 async def _relay_by_loop(cfg, conn, ex, receive, first):

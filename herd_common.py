@@ -702,12 +702,6 @@ def reason_phrase(status):
         return b""
 
 
-def set_nodelay(writer):
-    sock = writer.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 ####################################################################################
 # HTTP client on h11 (the upstream side)
 ####################################################################################
@@ -734,6 +728,10 @@ def split_url(url):
     return parts.hostname, parts.port or 80, parts.path.rstrip("/")
 
 
+# RFC 9112 7.1: chunk-size [ chunk-ext ] CRLF; 15 hex digits is already absurd.
+CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\r\n]*)?\r\n")
+
+
 class ChunkedBody:
     """Split a chunked body (RFC 9112 7.1) at chunk boundaries, keeping its framing.
 
@@ -745,39 +743,54 @@ class ChunkedBody:
     MAX_LINE = 4096
 
     def __init__(self, initial=b""):
-        self.buf = bytearray(initial)
+        self.buf = bytearray(initial)  # the start of a chunk not complete yet
         self.done = False
+
+    def feed(self, data):
+        """Add one read; return the complete data chunks so far (b'' if none). A read
+        of whole chunks, the usual case, is passed on as it is, uncopied."""
+        if self.buf:
+            self.buf += data
+            return self.take()
+        end = self._scan(data)
+        if end < len(data):
+            self.buf += data[end:]
+            return data[:end]
+        return data
 
     def take(self):
         """The complete data chunks buffered so far, framing included (b'' if none)."""
-        buf, pos = self.buf, 0
-        while not self.done:
-            eol = buf.find(b"\r\n", pos)
-            if eol < 0:
-                if len(buf) - pos > self.MAX_LINE:
-                    raise ValueError("chunk size line too long")
-                break
-            try:
-                size = int(bytes(buf[pos:eol]).split(b";", 1)[0], 16)
-            except ValueError:
-                raise ValueError(f"bad chunk size {bytes(buf[pos:eol])[:20]!r}") from None
-            if size == 0:
-                self._finish(eol + 2)
-                break
-            end = eol + size + 4
-            if end > len(buf):
-                break
-            if buf[end - 2:end] != b"\r\n":
-                raise ValueError("chunk not followed by CRLF")
-            pos = end
-        out = bytes(buf[:pos])
-        del buf[:pos]
+        end = self._scan(self.buf)
+        if not end:
+            return b""
+        out = bytes(self.buf[:end])
+        del self.buf[:end]
         return out
 
-    def _finish(self, after_size_line):
-        # The last chunk is followed by optional trailer fields and an empty line.
-        tail = bytes(self.buf[after_size_line:])
-        self.done = tail.startswith(b"\r\n") or b"\r\n\r\n" in tail
+    def _scan(self, buf):
+        """Where the complete data chunks at the start of `buf` end; notes the end of
+        the body (the last chunk, trailer fields, an empty line) in `done`."""
+        pos, size_of_buf = 0, len(buf)
+        while not self.done:
+            line = CHUNK_SIZE_LINE.match(buf, pos)
+            if line is None:
+                if buf.find(b"\r\n", pos) >= 0:
+                    raise ValueError(f"bad chunk size line {bytes(buf[pos:pos + 20])!r}")
+                if size_of_buf - pos > self.MAX_LINE:
+                    raise ValueError("chunk size line too long")
+                break
+            size, start = int(line.group(1), 16), line.end()
+            if size == 0:
+                tail = buf[start:]
+                self.done = tail[:2] == b"\r\n" or b"\r\n\r\n" in tail
+                break
+            end = start + size + 2
+            if end > size_of_buf:
+                break
+            if buf[end - 2] != 13 or buf[end - 1] != 10:  # CR LF
+                raise ValueError("chunk not followed by CRLF")
+            pos = end
+        return pos
 
 
 def frame_chunk(data):
@@ -796,98 +809,168 @@ def unframe_chunks(raw):
     return b"".join(out)
 
 
-class Upstream:
-    """One HTTP/1.1 exchange with a backend, phase by phase."""
+class Upstream(asyncio.Protocol):
+    """One connection to a backend, as an asyncio protocol: exchanges run one after
+    another on it (keep-alive), each phase with its own time-out.
 
-    def __init__(self, reader, writer, host, port):
-        self.reader, self.writer = reader, writer
+    h11 parses the response head, and any body that is not chunked. A chunked body is
+    split at chunk boundaries by ChunkedBody instead, so that relay() can pass complete
+    chunks on byte for byte, written to the client from data_received: no task wakes
+    per chunk (a coroutine step per chunk costs about 60 us). A client that reads
+    slowly pauses reading from the node.
+    """
+
+    HIGH_WATER = 256 * 1024  # bytes unread, or queued towards the client, before pausing
+
+    def __init__(self, host, port):
         self.host, self.port = host, port
+        self.transport = None
         self.h11 = h11.Connection(h11.CLIENT)
-        self._chunked = None
-        self._said_close = False
         self.reused = False
+        self.closed = False  # either side closed the connection
+        self._loop = asyncio.get_running_loop()
+        self._lost = None  # the error the connection was lost with, if any
+        self._waiter = None  # a reader waiting for bytes
+        self._unread, self._read_paused = 0, False
+        self._chunked = None  # ChunkedBody, once a chunked body is being read
+        self._said_close = False
+        self.last_progress = self._loop.time()  # when bytes last came (loop time)
+        self._sink = self._relay_done = self._stall_timer = self._resume_task = None
+        self.prev = self.last = b""  # the last two reads relayed (the answer's tail)
+        self.reads = 0
 
     @classmethod
     async def connect(cls, host, port, timeout):
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(host, port)
+                _, up = await loop.create_connection(lambda: cls(host, port), host, port)
         except TimeoutError:
             raise UpstreamError("connect", f"connect to {host}:{port} timed out "
                                            f"after {timeout:g}s") from None
         except OSError as e:
             raise UpstreamError("connect", f"cannot connect to {host}:{port}: "
                                            f"{e.strerror or e}") from None
-        set_nodelay(writer)
-        return cls(reader, writer, host, port)
+        return up
 
-    async def send_request(self, method, target, headers, body):
-        host = f"{self.host}:{self.port}".encode() if ":" not in self.host \
-            else f"[{self.host}]:{self.port}".encode()
-        all_headers = [(b"host", host), (b"content-length", str(len(body)).encode())]
-        all_headers.extend(headers)
-        data = self.h11.send(h11.Request(method=method, target=target, headers=all_headers))
-        data += self.h11.send(h11.Data(data=body)) if body else b""
-        data += self.h11.send(h11.EndOfMessage())
-        try:
-            self.writer.write(data)
-            await self.writer.drain()
-        except OSError as e:
-            raise UpstreamError("send", f"{self.host}:{self.port} closed the connection "
-                                        f"while we sent the request: {e}", True) from None
+    # -- connection events ----------------------------------------------------------
 
-    async def _next_event(self, timeout, phase):
-        while True:
-            event = self.h11.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            try:
-                async with asyncio.timeout(timeout):
-                    data = await self.reader.read(65536)
-            except TimeoutError:
-                what = "no response" if phase == "first_byte" else "no data"
-                raise UpstreamError(phase, f"{self.host}:{self.port} sent {what} for "
-                                           f"{timeout:g}s") from None
-            except OSError as e:
-                raise UpstreamError(phase, self._died(phase, e), True) from None
-            try:
-                self.h11.receive_data(data)
-            except h11.RemoteProtocolError as e:
-                raise UpstreamError(phase, f"{self.host}:{self.port} sent bad HTTP: {e}")
-            if not data and self.h11.their_state is not h11.DONE:
-                # h11 would report this as a protocol error; say what it means.
-                raise UpstreamError(phase, self._died(phase, None), True)
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP,
+                                                      socket.TCP_NODELAY, 1)
+
+    def data_received(self, data):
+        self.last_progress = self._loop.time()
+        if self._sink is not None:
+            return self._relay_chunks(data)
+        if self._chunked is None:
+            self.h11.receive_data(data)
+        else:
+            self._chunked.buf += data
+        self._unread += len(data)
+        if self._unread > self.HIGH_WATER and not self._read_paused:
+            self._read_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self):
+        self._peer_gone(None)
+        return False
+
+    def connection_lost(self, exc):
+        self._peer_gone(exc)
+
+    def _peer_gone(self, exc):
+        if self._lost is None:
+            self._lost = exc
+        self.closed = True
+        if self._chunked is None:
+            self.h11.receive_data(b"")
+        if self._sink is not None:
+            self._fail_relay(UpstreamError("body", self._died("body", exc), True))
+        self._wake()
+
+    def _wake(self):
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _died(self, phase, error):
         where = "before answering" if phase == "first_byte" else "in the middle of the response"
         detail = f" ({error})" if error else ""
         return f"{self.host}:{self.port} closed the connection {where}{detail}"
 
+    # -- the request ------------------------------------------------------------------
+
+    async def send_request(self, method, target, headers, body):
+        if self.closed:
+            raise UpstreamError("send", f"{self.host}:{self.port} closed the connection "
+                                        f"before we sent the request", True)
+        host = f"{self.host}:{self.port}".encode() if ":" not in self.host \
+            else f"[{self.host}]:{self.port}".encode()
+        all_headers = [(b"host", host), (b"content-length", b"%d" % len(body))]
+        all_headers.extend(headers)
+        data = self.h11.send(h11.Request(method=method, target=target, headers=all_headers))
+        data += self.h11.send(h11.Data(data=body)) if body else b""
+        data += self.h11.send(h11.EndOfMessage())
+        self.transport.write(data)
+
+    # -- the response -----------------------------------------------------------------
+
+    async def _wait_for_data(self, timeout, phase):
+        """Wait for more bytes; UpstreamError if none come for `timeout` seconds."""
+        if self.closed:
+            raise UpstreamError(phase, self._died(phase, self._lost), True)
+        self._unread = 0
+        if self._read_paused:
+            self._read_paused = False
+            self.transport.resume_reading()
+        waiter = self._waiter = self._loop.create_future()
+        timer = self._loop.call_later(timeout, _time_out, waiter)
+        try:
+            await waiter
+        except TimeoutError:
+            what = "no response" if phase == "first_byte" else "no data"
+            raise UpstreamError(phase, f"{self.host}:{self.port} sent {what} for "
+                                       f"{timeout:g}s") from None
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    async def _next_event(self, timeout, phase):
+        while True:
+            try:
+                event = self.h11.next_event()
+            except h11.RemoteProtocolError as e:
+                if self.closed:  # h11's view of a hang-up mid-message: say what it means
+                    raise UpstreamError(phase, self._died(phase, self._lost), True) from None
+                raise UpstreamError(phase, f"{self.host}:{self.port} sent bad HTTP: {e}") \
+                    from None
+            if event is not h11.NEED_DATA:
+                return event
+            await self._wait_for_data(timeout, phase)
+
     async def receive_head(self, timeout):
         """Wait for the status line and headers (skipping 1xx)."""
         while True:
-            try:
-                event = await self._next_event(timeout, "first_byte")
-            except h11.RemoteProtocolError as e:
-                raise UpstreamError("first_byte", f"bad HTTP from {self.host}: {e}") from None
-            if isinstance(event, h11.Response):
+            event = await self._next_event(timeout, "first_byte")
+            if type(event) is h11.Response:
+                headers = header_list(event.headers)
                 self._said_close = any(k == b"connection" and b"close" in v.lower()
-                                       for k, v in event.headers)
-                return event.status_code, event.headers
-            if isinstance(event, h11.ConnectionClosed):
-                raise UpstreamError("first_byte", self._died("first_byte", None))
+                                       for k, v in headers)
+                return event.status_code, headers
+            if type(event) is h11.ConnectionClosed:
+                raise UpstreamError("first_byte", self._died("first_byte", None), True)
 
     async def receive_data(self, timeout):
         """The next piece of the body, or b'' at its end."""
-        try:
-            event = await self._next_event(timeout, "body")
-        except h11.RemoteProtocolError as e:
-            raise UpstreamError("body", f"bad HTTP from {self.host}: {e}") from None
-        if isinstance(event, h11.Data):
+        event = await self._next_event(timeout, "body")
+        if type(event) is h11.Data:
             return event.data
-        if isinstance(event, h11.EndOfMessage):
+        if type(event) is h11.EndOfMessage:
             return b""
-        raise UpstreamError("body", self._died("body", None))
+        raise UpstreamError("body", self._died("body", None), True)
 
     def is_chunked(self, headers):
         return any(k == b"transfer-encoding" and b"chunked" in v.lower() for k, v in headers)
@@ -908,17 +991,7 @@ class Upstream:
                 raise UpstreamError("body", f"bad chunked body from {self.host}: {e}") from None
             if out or body.done:
                 return out
-            try:
-                async with asyncio.timeout(timeout):
-                    data = await self.reader.read(65536)
-            except TimeoutError:
-                raise UpstreamError("body", f"{self.host}:{self.port} sent no data for "
-                                            f"{timeout:g}s") from None
-            except OSError as e:
-                raise UpstreamError("body", self._died("body", e)) from None
-            if not data:
-                raise UpstreamError("body", self._died("body", None))
-            body.buf += data
+            await self._wait_for_data(timeout, "body")
 
     async def read_body(self, timeout, limit=64 << 20):
         chunks, size = [], 0
@@ -929,15 +1002,91 @@ class Upstream:
             chunks.append(data)
         return b"".join(chunks)
 
+    # -- relaying a chunked body --------------------------------------------------------
+
+    async def relay(self, client, timeout):
+        """Pass the rest of a chunked body (after receive_chunks) to `client`, an
+        HttpConnection, as it arrives; UpstreamError if the node dies or stalls."""
+        if self._chunked.done:
+            return
+        self._sink, self._stall_timeout = client, timeout
+        self._relay_done = self._loop.create_future()
+        self._stall_timer = self._loop.call_later(timeout, self._check_stall)
+        try:
+            if self._chunked.buf:
+                self._relay_chunks(b"")  # bytes that came with the first chunks
+            if self.closed and not self._relay_done.done():
+                self._fail_relay(UpstreamError("body", self._died("body", self._lost), True))
+            if self._read_paused:
+                self._read_paused = False
+                self.transport.resume_reading()
+            await self._relay_done
+        finally:
+            self._sink = None
+            self._stall_timer.cancel()
+            if self._resume_task is not None:
+                self._resume_task.cancel()
+
+    def _relay_chunks(self, data):
+        try:
+            out = self._chunked.feed(data)
+        except ValueError as e:
+            return self._fail_relay(UpstreamError("body", f"bad chunked body from "
+                                                          f"{self.host}: {e}"))
+        if out:
+            self.reads += 1
+            self.prev, self.last = self.last, out
+            transport = self._sink.transport
+            if transport.is_closing():
+                return  # the client is gone: its handler is being cancelled
+            transport.write(out)
+            if transport.get_write_buffer_size() > self.HIGH_WATER:
+                self._wait_for_client()
+        if self._chunked.done and not self._relay_done.done():
+            self._relay_done.set_result(None)
+
+    def _wait_for_client(self):
+        self.transport.pause_reading()
+        sink = self._sink
+
+        async def resume():
+            with contextlib.suppress(ConnectionError):
+                await sink.drain()
+            self._resume_task = None
+            self.last_progress = self._loop.time()
+            if self._sink is not None and not self.closed:
+                self.transport.resume_reading()
+        self._resume_task = self._loop.create_task(resume(), name="relay backpressure")
+
+    def _check_stall(self):
+        done = self._relay_done
+        if done is None or done.done():
+            return
+        idle = self._loop.time() - self.last_progress
+        if self._resume_task is not None:  # a slow client is no stalled node (the reaper
+            idle = 0.0                     # watches the request as a whole)
+        if idle >= self._stall_timeout:
+            return self._fail_relay(UpstreamError(
+                "body", f"{self.host}:{self.port} sent no data for {self._stall_timeout:g}s"))
+        self._stall_timer = self._loop.call_later(self._stall_timeout - idle, self._check_stall)
+
+    def _fail_relay(self, error):
+        if not self._relay_done.done():
+            self._relay_done.set_exception(error)
+        self.close()
+
+    # -- keep-alive -----------------------------------------------------------------------
+
     def close(self):
         """Close at once; for a generating Ollama a closed socket is the cancel signal."""
-        if not self.writer.is_closing():
-            self.writer.transport.abort()
+        self.closed = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.abort()
 
     @property
     def reusable(self):
         """Did the last exchange end cleanly, leaving the connection open for another?"""
-        if self.writer.is_closing() or self.reader.at_eof() or self.h11.our_state is not h11.DONE:
+        if self.closed or self.h11.our_state is not h11.DONE:
             return False
         if self._chunked is not None:  # the body went through ChunkedBody, not h11
             return self._chunked.done and self.h11.their_http_version == b"1.1" and \
@@ -948,130 +1097,14 @@ class Upstream:
         """Ready the connection for its next exchange."""
         self.h11 = h11.Connection(h11.CLIENT)
         self._chunked = None
+        self.prev = self.last = b""
+        self.reads = 0
         self.reused = True
 
 
-class ChunkRelay(asyncio.Protocol):
-    """Relay a chunked body from an upstream socket straight to the client's.
-
-    It stands in for the upstream connection's stream protocol once the response head
-    is read: every read's complete chunks are written to the client at once, with no
-    task to wake per chunk (the coroutine loop costs about 60 us a chunk). The client's
-    backpressure pauses reading from the node; `done` resolves when the body ends,
-    or fails with UpstreamError when the node dies or stalls.
-    """
-
-    HIGH_WATER = 256 * 1024
-
-    def __init__(self, up, client, timeout):
-        loop = asyncio.get_running_loop()
-        self.up, self.client, self.timeout = up, client, timeout
-        self.body = up._chunked
-        self.done = loop.create_future()
-        self.prev, self.last, self.reads = b"", b"", 0
-        self._loop = loop
-        self._last_data = loop.time()
-        self._timer = loop.call_later(timeout, self._check_stall)
-        self._stream_protocol = up.writer.transport.get_protocol()
-        self._resume_task = None
-        self.paused = False
-
-    def start(self, buffered):
-        transport = self.up.writer.transport
-        reader = self.up.reader
-        transport.set_protocol(self)
-        if buffered:
-            self.data_received(buffered)
-        if self.done.done():
-            return
-        if reader.exception() is not None or reader.at_eof() or transport.is_closing():
-            # The node hung up before we took over: connection_lost went to the
-            # stream protocol, so it will not come here.
-            return self._fail(UpstreamError("body", self.up._died("body", reader.exception()),
-                                            True))
-        transport.resume_reading()
-
-    @property
-    def last_progress(self):
-        """When data last moved (loop time, which is time.monotonic)."""
-        return self._last_data
-
-    def data_received(self, data):
-        self._last_data = self._loop.time()
-        self.body.buf += data
-        try:
-            out = self.body.take()
-        except ValueError as e:
-            return self._fail(UpstreamError("body", f"bad chunked body from "
-                                                    f"{self.up.host}: {e}"))
-        if out:
-            self.reads += 1
-            self.prev, self.last = self.last, out
-            transport = self.client.transport
-            transport.write(out)
-            if transport.get_write_buffer_size() > self.HIGH_WATER:
-                self._wait_for_client()
-        if self.body.done and not self.done.done():
-            self._finish()
-
-    def _wait_for_client(self):
-        self.up.writer.transport.pause_reading()
-        self.paused = True
-
-        async def resume():
-            with contextlib.suppress(ConnectionError):
-                await self.client.drain()
-            self.paused = False
-            self._last_data = self._loop.time()
-            if not self.done.done():
-                self.up.writer.transport.resume_reading()
-        self._resume_task = self._loop.create_task(resume(), name="relay backpressure")
-
-    def eof_received(self):
-        return False
-
-    def connection_lost(self, exc):
-        if not self.done.done():
-            self._fail(UpstreamError("body", self.up._died("body", exc), True))
-
-    def _check_stall(self):
-        if self.done.done():
-            return
-        idle = self._loop.time() - self._last_data
-        if self.paused:  # a slow client is not a stalled node (the reaper watches it)
-            self._timer = self._loop.call_later(self.timeout, self._check_stall)
-        elif idle >= self.timeout:
-            self._fail(UpstreamError("body", f"{self.up.host}:{self.up.port} sent no data "
-                                             f"for {self.timeout:g}s"))
-        else:
-            self._timer = self._loop.call_later(self.timeout - idle, self._check_stall)
-
-    def _finish(self):
-        # Hand the socket back to its stream protocol so the pool can reuse it.
-        self._timer.cancel()
-        self.up.writer.transport.set_protocol(self._stream_protocol)
-        self.done.set_result(None)
-
-    def _fail(self, error):
-        self._timer.cancel()
-        if not self.done.done():
-            self.done.set_exception(error)
-        self.up.close()
-
-    def stop(self):
-        """Leave the socket (the relay ended or was cancelled)."""
-        self._timer.cancel()
-        if self._resume_task is not None:
-            self._resume_task.cancel()
-        if not self.done.done():
-            self.done.cancel()
-
-
-def take_buffered(reader):
-    """Bytes a StreamReader holds but nobody has read (to hand them to a protocol)."""
-    buffered = bytes(reader._buffer)  # no public API for this; stable since 3.7
-    reader._buffer.clear()
-    return buffered
+def _time_out(waiter):
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 class UpstreamPool:
@@ -1087,8 +1120,7 @@ class UpstreamPool:
         now = time.monotonic()
         while idle:
             up, since = idle.pop()
-            if now - since < self.max_idle_s and not up.writer.is_closing() \
-                    and not up.reader.at_eof():
+            if now - since < self.max_idle_s and not up.closed:
                 return up
             up.close()
         return await Upstream.connect(host, port, timeout)
