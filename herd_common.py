@@ -631,8 +631,9 @@ class HttpConnection(asyncio.Protocol):
                 headers.append((name, value))
         if not self.keep_alive:
             headers.append((b"connection", b"close"))
+        head = response_head(status, headers)
         self.response_started = True
-        return response_head(status, headers)
+        return head
 
     async def send_response(self, status, body=b"", content_type=JSON_TYPE, headers=()):
         """A whole response with Content-Length (HEAD gets the headers only)."""

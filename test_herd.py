@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -1516,6 +1517,121 @@ def test_real_node_agent_finds_router_by_mdns_and_drains_on_sigterm(h, tmp_path)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+####################################################################################
+# The HTTP server connection on its own
+####################################################################################
+
+
+def serve_once(handler, scenario, **limits):
+    """Run `scenario(port)` against an HttpConnection server answering with `handler`."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        opts = {"max_body": 1000, "idle_timeout": 30.0, "read_timeout": 30.0, **limits}
+        server = await loop.create_server(lambda: hc.HttpConnection(handler, **opts),
+                                          "127.0.0.1", 0)
+        try:
+            return await scenario(server.sockets[0].getsockname()[1])
+        finally:
+            server.close()
+            await server.wait_closed()
+    return asyncio.run(main())
+
+
+async def read_until_closed(reader, timeout=5.0):
+    async with asyncio.timeout(timeout):
+        return await reader.read()
+
+
+async def echo_path(request, conn):
+    await conn.send_json(200, {"path": request.path})
+
+
+def test_server_closes_idle_and_stuck_connections():
+    async def scenario(port):
+        idle_r, idle_w = await asyncio.open_connection("127.0.0.1", port)
+        stuck_r, stuck_w = await asyncio.open_connection("127.0.0.1", port)
+        stuck_w.write(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
+        outs = await asyncio.gather(read_until_closed(idle_r), read_until_closed(stuck_r))
+        idle_w.close()
+        stuck_w.close()
+        return outs
+    idle, stuck = serve_once(echo_path, scenario, idle_timeout=0.2, read_timeout=0.2)
+    assert idle == b"" and stuck == b""  # closed by the server, nothing answered
+
+
+def test_server_refuses_a_header_value_that_would_split_the_response():
+    with pytest.raises(ValueError, match="forbidden character"):
+        hc.response_head(200, [(b"x-fleet-requested-model", b"a\r\nset-cookie: x=1")])
+
+    async def bad_header(request, conn):
+        await conn.send_response(200, b"{}", headers=[(b"x-model", b"a\nb")])
+
+    async def scenario(port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        out = await read_until_closed(reader)
+        writer.close()
+        return out
+    out = serve_once(bad_header, scenario)
+    assert out.startswith(b"HTTP/1.1 500") and b"set-cookie" not in out.lower() \
+        and b"connection: close" in out
+
+
+def test_server_answers_a_client_that_half_closes_after_its_request():
+    async def scenario(port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /tags HTTP/1.1\r\nHost: a\r\n\r\n")
+        writer.write_eof()  # as `nc -N` does
+        out = await read_until_closed(reader)
+        writer.close()
+        return out
+    out = serve_once(echo_path, scenario)
+    assert out.startswith(b"HTTP/1.1 200") and out.endswith(b'{"path":"/tags"}')
+
+
+def test_server_answers_a_pipelined_burst_in_order():
+    async def scenario(port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"".join(b"GET /r%d HTTP/1.1\r\nHost: a\r\n\r\n" % i for i in range(50))
+                     + b"GET /last HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        out = await read_until_closed(reader)
+        writer.close()
+        return out
+    out = serve_once(echo_path, scenario)
+    paths = re.findall(rb'"path":"([^"]+)"', out)
+    assert paths == [b"/r%d" % i for i in range(50)] + [b"/last"]
+
+
+def test_server_stops_reading_a_pipelined_flood_while_it_answers():
+    conns, release = [], asyncio.Event()
+
+    async def slow_first(request, conn):
+        if request.path == "/first":
+            conns.append(conn)
+            await release.wait()
+        await conn.send_json(200, {"path": request.path})
+
+    async def scenario(port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n")
+        body = b"x" * 900
+        flood = b"POST /more HTTP/1.1\r\nHost: a\r\nContent-Length: 900\r\n\r\n" + body
+        writer.write(flood * 2500)  # about 2.4 MB, past the 1 MB the server holds
+        async with asyncio.timeout(10):
+            while not (conns and conns[0]._read_paused):
+                await asyncio.sleep(0.01)
+        held = conns[0]._held
+        release.set()
+        writer.write(b"GET /last HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        out = await read_until_closed(reader, 30)
+        writer.close()
+        return held, out
+    held, out = serve_once(slow_first, scenario)
+    assert hc.HttpConnection.HOLD_LIMIT < held < 2 * hc.HttpConnection.HOLD_LIMIT
+    paths = re.findall(rb'"path":"([^"]+)"', out)
+    assert paths == [b"/first"] + [b"/more"] * 2500 + [b"/last"]
 
 
 ####################################################################################
