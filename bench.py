@@ -184,7 +184,7 @@ def start_router(exits, workdir, settings):
     port = free_port()
     env = {"FLEET_HOST": "127.0.0.1", "FLEET_PORT": str(port), "FLEET_MDNS": "false",
            "FLEET_DATA_DIR": os.path.join(workdir, "data"), "FLEET_SHUTDOWN_GRACE": "2",
-           "FLEET_CONSOLE_LOG_LEVEL": "WARNING", "FLEET_LOG_LEVEL": "WARNING", **settings}
+           "FLEET_CONSOLE_LOG_LEVEL": "WARNING", **settings}
     return start_process(exits, ["herd.py"], env, os.path.join(workdir, "router.log")), port
 
 
