@@ -436,7 +436,7 @@ class HttpConnection(asyncio.Protocol):
         self._continued = False
         self._held = 0
         self._read_paused = self._write_paused = False
-        self._drain_waiter = None
+        self._drain_waiters = []
         self._timer, self._timeout, self._since = None, None, 0.0
         self._begin_response(None)
 
@@ -495,9 +495,9 @@ class HttpConnection(asyncio.Protocol):
         self._wake_drain(None)
 
     def _wake_drain(self, error):
-        waiter, self._drain_waiter = self._drain_waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(error) if error else waiter.set_result(None)
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_exception(error) if error else waiter.set_result(None)
 
     # -- reading requests ---------------------------------------------------------
 
@@ -613,9 +613,13 @@ class HttpConnection(asyncio.Protocol):
         """Wait while the client's socket buffer is full; raise if the client is gone."""
         if self.client_gone:
             raise ConnectionResetError("client disconnected")
-        if self._write_paused:
-            self._drain_waiter = self._loop.create_future()
-            await self._drain_waiter
+        if self._write_paused:  # the relay and the handler may both wait
+            waiter = self._loop.create_future()
+            self._drain_waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                self._drain_waiters.remove(waiter)
 
     async def _write(self, data):
         if self.client_gone:
