@@ -369,6 +369,44 @@ def test_stream_is_relayed_chunk_by_chunk(h):
         assert fake.completed == 0 and b'"done":true' not in got
 
 
+def test_slow_client_pauses_the_node_instead_of_filling_memory(h):
+    fake = h.fake(num_parallel=2, chunks=30000)  # about 4 MB of NDJSON
+    router = h.router(FLEET_CHUNK_TIMEOUT=1)
+    h.heartbeat(router, fake, "node-a")
+    body = json.dumps({"model": "llama3.2:3b", "prompt": "x"}).encode()
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        s.connect(("127.0.0.1", router.port))
+        me = "%s:%d" % s.getsockname()
+        conn = wait_until(lambda: h.bg.call(
+            lambda: next((c for c in router.connections if c.client == me), None)))
+        # Loopback lets the kernel buffer all 4 MB; a LAN client's window would not.
+        h.bg.call(lambda: conn.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 32768))
+        s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n%s"
+                  % (len(body), body))
+
+        def relay():  # the node connection of the request, once it waits for us
+            ex = next(iter(router.router.active.values()), None)
+            up = ex and ex.relay
+            return up if up is not None and up._resume_task is not None else None
+        up = wait_until(lambda: h.bg.call(relay), what="the relay to wait for the client")
+        time.sleep(2.5)  # the slow client: longer than FLEET_CHUNK_TIMEOUT, still no blame
+        queued = h.bg.call(lambda: conn.transport.get_write_buffer_size())
+        assert queued < 2 * hc.Upstream.HIGH_WATER and not up.closed
+        s.settimeout(10)
+        raw = b""
+        while not raw.endswith(b"\r\n0\r\n\r\n"):
+            chunk = s.recv(1 << 20)
+            assert chunk, "the router closed the stream"
+            raw += chunk
+    head, _, chunked = raw.partition(b"\r\n\r\n")
+    lines = hc.unframe_chunks(chunked[:-5]).splitlines()
+    assert head.startswith(b"HTTP/1.1 200") and len(lines) == 30001
+    assert json.loads(lines[-1])["done"] is True
+    assert h.traces(router)[-1]["status"] == "completed"
+
+
 def test_http10_client_gets_an_unchunked_stream(one_node):
     h, router, fake = one_node
     body = json.dumps({"model": "llama3.2:3b", "prompt": "x"}).encode()
