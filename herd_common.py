@@ -6,11 +6,13 @@ no database. It holds, in the order data flows:
     config table and loader   one (name, default, help) table per role; --help prints it
     logging                   JSONL file lines with fixed keys, a readable console form
     JSON and error bodies     Ollama's {"error": ...} and OpenAI's {"error": {...}} shapes
-    HTTP server on h11        one connection loop: keep-alive, 100-continue, limits
-    HTTP client on h11        the upstream side: connect / first-byte / chunk timeouts
+    HTTP server on h11        an asyncio protocol per client connection: keep-alive,
+                              pipelining, 100-continue, limits, hang-up detection
+    HTTP client on h11        an asyncio protocol per node connection: connect /
+                              first-byte / chunk timeouts, the chunk relay, a pool
     model names               Ollama's name:tag canonical form
     scoring                   elimination and the seven signals, as pure functions
-    trace store               SQLite request_traces, written by one thread from a queue
+    trace store               SQLite request_traces, written in batches by one thread
     node snapshot             hardware, memory, CPU and Ollama state for a heartbeat
 """
 
