@@ -340,10 +340,10 @@ def parse_json_body(body):
 # fresh parser per request fed what the last one left over (pipelined bytes); the body
 # is read whole (it is JSON that routing needs) up to a size limit. The handler then
 # runs as a task of its own and answers through send_response() or start_response(),
-# send_chunks() ... end_response(). Responses are framed here, not by h11.send(): h11
-# re-validates every header on each send, which measured 130 us of a 200 us request
-# (our headers are either ours or ones h11 already parsed; values are still checked
-# for CR, LF and NUL). After a complete response on a keep-alive connection the next
+# send_chunks() ... end_response(). Responses are framed here, not by h11.send(),
+# which re-validates every header of every response: 130 us a response, more than h11
+# takes to parse the request (our headers are either ours or ones h11 already parsed;
+# values are still checked for CR, LF and NUL). After a complete response on a keep-alive connection the next
 # request is parsed; anything else closes the connection. The protocol sees a client
 # hang up the moment it happens, so a handler that watches for it (watch_client) is
 # cancelled at once, not at its next write; that needs no reader task per request.
@@ -367,13 +367,6 @@ def end_to_end_headers(headers, also_drop=()):
     return [(k, v) for k, v in headers if k not in drop]
 
 
-def header_list(headers):
-    """h11's headers as a plain list of (lower-case name, value): h11's Headers is a
-    Sequence whose every iteration goes through __getitem__, slow on a hot path."""
-    return [(name, value) for _, name, value in headers._full_items] \
-        if hasattr(headers, "_full_items") else list(headers)
-
-
 class Request:
     """One parsed HTTP request with its whole body."""
 
@@ -385,7 +378,8 @@ class Request:
         path, _, query = self.target.partition("?")
         self.path = path.rstrip("/") or "/"
         self.query = urllib.parse.parse_qs(query) if query else {}
-        self.headers = header_list(event.headers)
+        # A plain list: h11's Headers goes through __getitem__ on every iteration.
+        self.headers = list(event.headers)
         self.body = body
         self.client = client
 
@@ -398,12 +392,12 @@ class Request:
         return None
 
 
-def wants_keep_alive(event):
+def wants_keep_alive(http_version, headers):
     """RFC 9112 9.3: HTTP/1.1 keeps the connection unless the client says close; like
     h11, an HTTP/1.0 client gets one response per connection."""
-    if event.http_version != b"1.1":
+    if http_version != b"1.1":
         return False
-    return not any(k == b"connection" and b"close" in v.lower() for k, v in event.headers)
+    return not any(k == b"connection" and b"close" in v.lower() for k, v in headers)
 
 
 def response_head(status, headers):
@@ -440,12 +434,14 @@ class HttpConnection(asyncio.Protocol):
         self._read_paused = self._write_paused = False
         self._drain_waiters = []
         self._timer, self._timeout, self._since = None, None, 0.0
+        self._aborted = False
         self._begin_response(None)
 
-    def _begin_response(self, event):
-        self.head_only = event is not None and event.method.upper() == b"HEAD"
-        self.http11 = event is None or event.http_version == b"1.1"
-        self.keep_alive = event is not None and wants_keep_alive(event)
+    def _begin_response(self, request, http_version=b"1.1"):
+        self.head_only = request is not None and request.method == "HEAD"
+        self.http11 = http_version == b"1.1"
+        self.keep_alive = request is not None and wants_keep_alive(http_version,
+                                                                   request.headers)
         self.response_started = self.response_done = False
         self.takes_raw_chunks = False  # the body goes out chunked (see start_response)
         self._watching = False
@@ -454,6 +450,8 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_made(self, transport):
         self.transport = transport
+        if self._aborted:
+            return transport.abort()  # shut down between accept and this call
         peer = transport.get_extra_info("peername")
         self.client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         sock = transport.get_extra_info("socket")
@@ -538,8 +536,8 @@ class HttpConnection(asyncio.Protocol):
         head, body = self._request_head, b"".join(self._body)
         self._request_head, self._body = None, []
         self._timeout = None
-        self._begin_response(head)
         request = Request(head, body, self.client)
+        self._begin_response(request, head.http_version)
         self.task = self._loop.create_task(self._answer(request))
 
     async def _answer(self, request):
@@ -706,6 +704,7 @@ class HttpConnection(asyncio.Protocol):
 
     def abort(self):
         """Drop the connection at once (shutdown, once handlers are stopped)."""
+        self._aborted = True
         if self.transport is not None:
             self.transport.abort()
 
@@ -971,7 +970,7 @@ class Upstream(asyncio.Protocol):
         while True:
             event = await self._next_event(timeout, "first_byte")
             if type(event) is h11.Response:
-                headers = header_list(event.headers)
+                headers = list(event.headers)  # see Request
                 self._said_close = any(k == b"connection" and b"close" in v.lower()
                                        for k, v in headers)
                 return event.status_code, headers
