@@ -407,6 +407,27 @@ def test_slow_client_pauses_the_node_instead_of_filling_memory(h):
     assert h.traces(router)[-1]["status"] == "completed"
 
 
+def test_both_sides_of_the_router_set_tcp_nodelay(one_node):
+    h, router, fake = one_node
+    body = json.dumps({"model": "llama3.2:3b", "prompt": "x", "stream": False}).encode()
+    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as s:
+        s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n%s"
+                  % (len(body), body))
+        out = b""
+        while b'"done":true' not in out:
+            out += s.recv(65536)
+        me = "%s:%d" % s.getsockname()
+
+        def nodelay():
+            client = next(c for c in router.connections if c.client == me)
+            ups = [up for idle in router.router.pool.idle.values() for up, _ in idle]
+            return [t.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP,
+                                                          socket.TCP_NODELAY)
+                    for t in [client.transport] + [up.transport for up in ups]]
+        flags = h.bg.call(nodelay)
+    assert len(flags) >= 2 and all(flags), flags
+
+
 def test_http10_client_gets_an_unchunked_stream(one_node):
     h, router, fake = one_node
     body = json.dumps({"model": "llama3.2:3b", "prompt": "x"}).encode()
