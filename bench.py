@@ -7,9 +7,10 @@ raw HTTP/1.1 keep-alive sockets (one per concurrent worker; a client library wou
 more than the router and hide it), and prints a Markdown table for the README:
 
     time to first chunk   p50 / p99 at concurrency 1 and 16, 8-chunk streams, and the
-                          time the router adds; against a fake that answers flat out
-                          and against one that writes a chunk every 5 ms
-    throughput            requests/s at concurrency 16, router / direct, both fakes
+                          time the router adds: Ollama NDJSON and OpenAI SSE against a
+                          fake that answers flat out, NDJSON against one that writes a
+                          chunk every 5 ms
+    throughput            requests/s at concurrency 16, router / direct, each of those
     router CPU            per 1,000 streamed requests (the 8-chunk phases)
     relay cost            2,000-chunk streams (a second fake), Ollama NDJSON and OpenAI
                           SSE, one stream at a time and four at once: chunks/s, and
@@ -71,7 +72,8 @@ MAX_IDLE_RSS_MB = 40.0
 # process is then CPU-bound on the same two cores, so the router's CPU is taken from
 # the backend's); "steady" writes a chunk every 5 ms, 200 tokens/s per stream, the fast
 # end of a real model, so the backend has CPU and slots to spare.
-SHORT_PHASES = (("short", "backend flat out"), ("steady", "backend at 5 ms a chunk"))
+SHORT_PHASES = (("short", "NDJSON, backend flat out"), ("short_sse", "SSE, backend flat out"),
+                ("steady", "NDJSON, backend at 5 ms a chunk"))
 STEADY_CHUNK_S = 0.005
 
 
@@ -504,11 +506,11 @@ def measure_idle(stack):
             "rss_idle_mb": rss_mb(stack.router)}
 
 
-def measure_short(stack, plan, c1_requests, c16_per_worker):
+def measure_short(stack, plan, c1_requests, c16_per_worker, request=None, marker=NDJSON):
     """8-chunk streams at concurrency 1 and 16: time to first chunk, throughput, CPU."""
     out = {}
     for c, per_worker in ((1, c1_requests), (16, c16_per_worker)):
-        cell = out[f"c{c}"] = compare(stack, Load(GENERATE, NDJSON, c, per_worker),
+        cell = out[f"c{c}"] = compare(stack, Load(request or GENERATE, marker, c, per_worker),
                                       plan.rounds)
         d, x = cell["direct"], cell["router"]
         for q in (50, 99):
@@ -738,6 +740,8 @@ def run_phases(workdir, plan):
     with running_stack(workdir, "short", chunks=8) as stack:
         r["memory"] = measure_idle(stack)
         r["short"] = measure_short(stack, plan, plan.c1_requests, plan.c16_per_worker)
+        r["short_sse"] = measure_short(stack, plan, plan.c1_requests, plan.c16_per_worker,
+                                       CHAT_SSE, SSE)
         r["memory"]["rss_after_short_mb"] = rss_mb(stack.router)
     with running_stack(workdir, "steady", chunks=8, chunk_delay=STEADY_CHUNK_S) as stack:
         r["steady"] = measure_short(stack, plan, plan.steady_c1_requests,
