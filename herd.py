@@ -34,7 +34,6 @@ import socket
 import sys
 import time
 import urllib.parse
-import uuid
 
 try:
     import psutil
@@ -656,7 +655,7 @@ class Exchange:
     """Everything known about one proxied request, written as its trace row."""
 
     def __init__(self, request, api, endpoint, model, stream, body):
-        self.request_id = uuid.uuid4().hex[:16]
+        self.request_id = os.urandom(8).hex()  # 16 hex digits
         self.t0 = time.monotonic()
         self.wall = time.time()
         self.request = request
