@@ -343,10 +343,11 @@ def parse_json_body(body):
 # send_chunks() ... end_response(). Responses are framed here, not by h11.send(),
 # which re-validates every header of every response: 130 us a response, more than h11
 # takes to parse the request (our headers are either ours or ones h11 already parsed;
-# values are still checked for CR, LF and NUL). After a complete response on a keep-alive connection the next
-# request is parsed; anything else closes the connection. The protocol sees a client
-# hang up the moment it happens, so a handler that watches for it (watch_client) is
-# cancelled at once, not at its next write; that needs no reader task per request.
+# values are still checked for CR, LF and NUL). After a complete response on a
+# keep-alive connection the next request is parsed; anything else closes the
+# connection. The protocol sees a client hang up the moment it happens, so a handler
+# that watches for it (watch_client) is cancelled at once, not at its next write; that
+# needs no reader task per request.
 ####################################################################################
 
 # RFC 9110 7.6.1: hop-by-hop headers belong to one connection, never forwarded. Host,
