@@ -1,8 +1,7 @@
 #!/usr/bin/env python3
 """fake_ollama.py: a stand-in Ollama server for Herd's tests, demos and benchmark.
 
-It answers the way the real server does wherever a client can tell (see
-../shared/ollama-api.md): field names, NDJSON and SSE framing, error bodies and status
+It answers the way the real server does wherever a client can tell: field names, NDJSON and SSE framing, error bodies and status
 codes, model loads that take time, reloads on a new num_ctx, unload on keep_alive 0,
 num_parallel slots per loaded model with FIFO waiting, the loopback Host-header guard,
 and the OpenAI-compatible routes. Faults can be switched on at any moment (refuse,

@@ -48,6 +48,10 @@ log = logging.getLogger("herd.router")
 fleet_log = logging.getLogger("herd.fleet")
 proxy_log = logging.getLogger("herd.proxy")
 
+####################################################################################
+# Settings
+####################################################################################
+
 ROUTER_SETTINGS = [
     hc.Setting("FLEET_HOST", "0.0.0.0", "address to listen on"),
     hc.Setting("FLEET_PORT", hc.DEFAULT_ROUTER_PORT, "port to listen on"),
@@ -132,10 +136,38 @@ METRICS = [  # what GET /metrics exposes, in the Prometheus text format
     ("herd_trace_rows_dropped_total", "counter", "Trace rows lost to a full writer queue."),
 ]
 MAX_MOVES = 8  # a queued request follows the rebalancer this often, then routes freely
-NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# A node's status: it takes work (online; degraded is scored lower), its agent is
+# leaving and lets running requests finish (draining), or it is gone (offline).
+ONLINE, DEGRADED, DRAINING, OFFLINE = "online", "degraded", "draining", "offline"
+NODE_STATUSES = (ONLINE, DEGRADED, DRAINING, OFFLINE)
+ROUTER_LOAD_TRUST_S = 12.0  # how long a load the router saw beats a heartbeat's word
+
+
+def load_router_config(environ, args):
+    cfg = hc.load_config(ROUTER_SETTINGS, environ, "FLEET_",
+                         {"host": args.host, "port": args.port})
+    hc.check_log_level("FLEET_LOG_LEVEL", cfg.log_level)
+    hc.check_log_level("FLEET_CONSOLE_LOG_LEVEL", cfg.console_log_level)
+    if cfg.port > 65535:
+        raise hc.ConfigError(f"FLEET_PORT={cfg.port} is not a port number")
+    if cfg.context_protection not in ("strip", "warn", "passthrough"):
+        raise hc.ConfigError(f"FLEET_CONTEXT_PROTECTION={cfg.context_protection!r}: use "
+                             f"strip, warn or passthrough")
+    for name in ("heartbeat_timeout", "rebalance_interval", "local_node_interval",
+                 "stale_timeout"):
+        if getattr(cfg, name) <= 0:
+            raise hc.ConfigError(f"FLEET_{name.upper()} must be above 0")
+    if cfg.heartbeat_offline < cfg.heartbeat_timeout:
+        raise hc.ConfigError("FLEET_HEARTBEAT_OFFLINE must not be shorter than "
+                             "FLEET_HEARTBEAT_TIMEOUT")
+    values = cfg.as_dict()
+    values["data_dir"] = hc.expand_dir(cfg.data_dir)
+    return hc.Config(values, cfg.sources)
+
 
 ####################################################################################
-# Fleet state: nodes, their queues, what we learned about them
+# Fleet: the nodes, their queues and what they hold. Only Fleet changes a node's state,
+# and every model load and unload goes through it and is recorded, whoever caused it.
 ####################################################################################
 
 
@@ -205,34 +237,31 @@ class SlotQueue:
 
 
 class Node:
-    """A machine running Ollama, as its heartbeats describe it."""
+    """A machine running Ollama, as its last heartbeat (an hc.Heartbeat) describes it."""
 
-    def __init__(self, node_id, local=False):
-        self.node_id = node_id
-        self.local = local
-        self.ollama_url = ""
-        self.host, self.port = "", 0
-        self.first_seen = time.time()
+    def __init__(self, hb, local):
+        self.node_id, self.local = hb.node_id, local
+        self.hb = hb
+        self.ollama_url, self.host, self.port = "", "", 0
+        self.status = ONLINE
         self.last_seen = 0.0  # monotonic
-        self.status = "online"
-        self.info = {}  # the last heartbeat body
         self.models = {}  # canonical name -> /api/tags entry
         self.loaded = {}  # canonical name -> /api/ps entry
         self.unloaded_at = {}  # canonical name -> monotonic time it left memory
+        self.loaded_by_router = {}  # canonical name -> monotonic time we saw it load
         self.cpu_history = collections.deque(maxlen=6)
-        self.num_parallel = 0
 
-    @property
-    def reachable(self):
-        return bool(self.info.get("ollama", {}).get("reachable", True))
-
-    @property
-    def draining(self):
-        return bool(self.info.get("draining"))
-
-    @property
-    def paused(self):
-        return bool(self.info.get("paused"))
+    def accepts_work(self):
+        """Why this node takes no new request now, or None if it does."""
+        if self.status == OFFLINE:
+            return "offline"
+        if self.status == DRAINING:
+            return "draining"
+        if self.hb.paused:
+            return "paused"
+        if not self.hb.reachable:
+            return "its Ollama is unreachable"
+        return None
 
     def cpu_trend(self):
         h = list(self.cpu_history)
@@ -241,42 +270,21 @@ class Node:
         half = len(h) // 2
         return sum(h[half:]) / (len(h) - half) - sum(h[:half]) / half
 
-    def summary(self, fleet):
-        mem = self.info.get("memory", {})
-        return {
-            "node_id": self.node_id, "status": self.status, "local": self.local,
-            "ollama_url": self.ollama_url,
-            "last_heartbeat_s": round(time.monotonic() - self.last_seen, 1),
-            "agent_version": self.info.get("agent_version"),
-            "hardware": self.info.get("hardware", {}),
-            "memory": mem, "cpu": self.info.get("cpu", {}), "disk": self.info.get("disk", {}),
-            "ollama": self.info.get("ollama", {}),
-            "draining": self.draining, "paused": self.paused,
-            "num_parallel": fleet.slots_for(self),
-            "models_on_disk": sorted(self.models),
-            "models_loaded": [
-                {"model": name, "size": e.get("size"), "size_vram": e.get("size_vram"),
-                 "context_length": e.get("context_length"), "expires_at": e.get("expires_at")}
-                for name, e in sorted(self.loaded.items())],
-            "queues": {model: {"active": q.active, "waiting": q.waiting, "limit": q.limit}
-                       for (nid, model), q in fleet.queues.items() if nid == self.node_id},
-        }
-
 
 class Fleet:
-    """Every node, every queue, and a signal for those waiting on a change."""
+    """Every node and queue, a record of model moves, and a signal for those waiting
+    on a change (the holding queue)."""
 
     def __init__(self, cfg):
         self.cfg = cfg
         self.nodes = {}
-        self.queues = {}
+        self.queues = {}  # (node_id, model) -> SlotQueue
         self.latency = {}  # (node_id, model) -> [mean latency s, mean cold load s, samples]
-        self.holding = 0
         self.started = time.monotonic()
         self.model_moves = collections.deque(maxlen=10000)  # (time, load|unload, node, model)
         self._changed = asyncio.get_running_loop().create_future()
 
-    # -- change notification (the holding queue waits on this) -------------------
+    # -- change notification ------------------------------------------------------
 
     def notify_change(self):
         if not self._changed.done():
@@ -291,67 +299,87 @@ class Fleet:
     # -- heartbeats ---------------------------------------------------------------
 
     def apply_heartbeat(self, hb, local=False):
-        """Take a validated heartbeat; returns the node."""
-        node = self.nodes.get(hb["node_id"])
+        """Take a checked heartbeat (hc.Heartbeat); returns the node."""
+        node = self.nodes.get(hb.node_id)
         if node is None:
-            node = self.nodes[hb["node_id"]] = Node(hb["node_id"], local)
+            node = self.nodes[hb.node_id] = Node(hb, local)
             fleet_log.info("node joined", extra={"node_id": node.node_id,
-                                                 "url": hb["ollama_url"]})
-        if node.ollama_url and node.ollama_url != hb["ollama_url"] and \
-                node.status != "offline" and not local and not node.local:
+                                                 "url": hb.ollama_url})
+        elif node.ollama_url != hb.ollama_url and node.status != OFFLINE \
+                and not local and not node.local:
             # Two machines with one name overwrite each other; say so once per change.
-            fleet_log.warning(f"node id '{node.node_id}' now reports {hb['ollama_url']} "
+            fleet_log.warning(f"node id '{node.node_id}' now reports {hb.ollama_url} "
                               f"instead of {node.ollama_url}: two machines with one name? "
                               f"Give each its own FLEET_NODE_NODE_ID",
                               extra={"node_id": node.node_id, "event": "node_id_conflict"})
-        node.local = local
-        node.ollama_url = hb["ollama_url"]
-        node.host, node.port, _ = hc.split_url(node.ollama_url)
-        node.info = hb
+        node.local, node.hb = local, hb
+        node.ollama_url = hb.ollama_url
+        node.host, node.port, _ = hc.split_url(hb.ollama_url)
         node.last_seen = time.monotonic()
-        if hb.get("ollama", {}).get("reachable", True):
-            self._update_models(node, hb)
+        if hb.reachable:
+            self._take_models(node, hb)
         # else: keep what it had; an Ollama restart should read as "unreachable" (503,
         # held), not as "model gone" (404).
-        
-        node.cpu_history.append(float(hb.get("cpu", {}).get("percent", 0.0)))
-        node.num_parallel = int(hb.get("ollama", {}).get("num_parallel") or 0)
-        self._set_status(node, "online")
+        node.cpu_history.append(hb.cpu_percent)
+        self._set_status(node, OFFLINE if hb.leaving else DRAINING if hb.draining else ONLINE)
         for (nid, _), q in self.queues.items():
             if nid == node.node_id:
                 q.set_limit(self.slots_for(node))
-        if node.draining or node.paused:
-            self.evict_node(node, "draining" if node.draining else "paused")
+        if hb.paused:
+            self.evict_node(node, "paused")
         self.notify_change()
         return node
 
-    def evict_node(self, node, why):
-        """Send the requests waiting for `node` elsewhere; those running finish there."""
-        moved = sum(q.evict() for (nid, _), q in self.queues.items() if nid == node.node_id)
-        if moved:
-            fleet_log.info(f"moved {moved} queued requests off a node that is {why}",
-                           extra={"node_id": node.node_id, "event": "requeue"})
-
-    def _update_models(self, node, hb):
+    def _take_models(self, node, hb):
+        node.models = hb.models
         now = time.monotonic()
-        node.models = {hc.canonical_model(m.get("model") or m["name"]): m
-                       for m in hb.get("models", [])}
-        loaded = {hc.canonical_model(m.get("model") or m["name"]): m
-                  for m in hb.get("loaded", [])}
-        for gone in node.loaded.keys() - loaded.keys():
-            node.unloaded_at[gone] = now
-            self.model_moves.append((time.time(), "unload", node.node_id, gone))
-        for new in loaded.keys() - node.loaded.keys():
-            self.model_moves.append((time.time(), "load", node.node_id, new))
-        node.loaded = loaded
+        for name in node.loaded.keys() - hb.loaded.keys():
+            # A heartbeat read before a load we caused may arrive after it: trust our
+            # own sighting for a few heartbeats rather than record a move that never was.
+            if now - node.loaded_by_router.get(name, -1e9) > ROUTER_LOAD_TRUST_S:
+                self._record(node, name, "unload")
+        for name in hb.loaded.keys() - node.loaded.keys():
+            self._record(node, name, "load")
+        kept = {name: node.loaded[name] for name in node.loaded.keys() - hb.loaded.keys()
+                if name in node.loaded_by_router
+                and now - node.loaded_by_router[name] <= ROUTER_LOAD_TRUST_S}
+        node.loaded = {**hb.loaded, **kept}
+        node.loaded_by_router = {k: t for k, t in node.loaded_by_router.items()
+                                 if now - t <= ROUTER_LOAD_TRUST_S}
 
-    def slots_for(self, node):
-        return node.num_parallel or self.cfg.default_num_parallel
+    # -- model moves the router causes ---------------------------------------------
 
-    def remove(self, node_id):
-        if self.nodes.pop(node_id, None):
-            fleet_log.info("node removed", extra={"node_id": node_id})
+    def _record(self, node, model, kind):
+        if kind == "unload":
+            node.unloaded_at[model] = time.monotonic()
+        self.model_moves.append((time.time(), kind, node.node_id, model))
+
+    def mark_loaded(self, node, model):
+        """The router saw `model` load on `node` (a cold request, a pre-warm)."""
+        if model not in node.loaded:
+            node.loaded[model] = {"name": model, "model": model}
+            self._record(node, model, "load")
             self.notify_change()
+        node.loaded_by_router[model] = time.monotonic()
+
+    def mark_unloaded(self, node, model):
+        """`model` left `node`'s memory because the router asked (keep_alive 0)."""
+        node.loaded_by_router.pop(model, None)
+        if node.loaded.pop(model, None) is not None:
+            self._record(node, model, "unload")
+            self.notify_change()
+
+    def mark_pulled(self, node, models):
+        """A pull finished on `node`: its models on disk, as it now lists them."""
+        node.models = {hc.canonical_model(m.get("model") or m["name"]): m
+                       for m in models if isinstance(m, dict)
+                       and isinstance(m.get("model") or m.get("name"), str)}
+        self.notify_change()
+
+    def moves_since(self, since, kind):
+        """Counter of (node_id, model) moves of `kind` since `since` (wall time)."""
+        return collections.Counter((node, model) for t, k, node, model in self.model_moves
+                                   if t > since and k == kind)
 
     # -- status -------------------------------------------------------------------
 
@@ -361,21 +389,37 @@ class Fleet:
         for node in self.nodes.values():
             silent = now - node.last_seen
             if silent >= self.cfg.heartbeat_offline:
-                self._set_status(node, "offline")
-            elif silent >= self.cfg.heartbeat_timeout:
-                self._set_status(node, "degraded")
+                self._set_status(node, OFFLINE)
+            elif silent >= self.cfg.heartbeat_timeout and node.status == ONLINE:
+                self._set_status(node, DEGRADED)
 
     def _set_status(self, node, status):
-        if node.status != status:
-            level = logging.INFO if status == "online" else logging.WARNING
-            fleet_log.log(level, f"node {status}", extra={"node_id": node.node_id,
-                                                         "event": f"node_{status}"})
-            node.status = status
-            if status == "offline":
-                self.evict_node(node, "offline")
+        if node.status == status:
+            return
+        level = logging.INFO if status in (ONLINE, DRAINING) else logging.WARNING
+        fleet_log.log(level, f"node {status}", extra={"node_id": node.node_id,
+                                                     "event": f"node_{status}"})
+        node.status = status
+        if status in (OFFLINE, DRAINING):
+            self.evict_node(node, status)
+        self.notify_change()
+
+    def evict_node(self, node, why):
+        """Send the requests waiting for `node` elsewhere; those running finish there."""
+        moved = sum(q.evict() for (nid, _), q in self.queues.items() if nid == node.node_id)
+        if moved:
+            fleet_log.info(f"moved {moved} queued requests off a node that is {why}",
+                           extra={"node_id": node.node_id, "event": "requeue"})
+
+    def remove(self, node_id):
+        if self.nodes.pop(node_id, None):
+            fleet_log.info("node removed", extra={"node_id": node_id})
             self.notify_change()
 
-    # -- queues and learning ------------------------------------------------------
+    # -- queues -------------------------------------------------------------------
+
+    def slots_for(self, node):
+        return node.hb.num_parallel or self.cfg.default_num_parallel
 
     def queue(self, node, model):
         key = (node.node_id, model)
@@ -384,10 +428,14 @@ class Fleet:
             q = self.queues[key] = SlotQueue(self.slots_for(node))
         return q
 
-    def can_serve_now(self, node, model):
+    def in_flight(self, node_id):
+        """Requests running or queued on a node (a draining agent waits for 0)."""
+        return sum(q.active + q.waiting for (nid, _), q in self.queues.items()
+                   if nid == node_id)
+
+    def free_hot_slots(self, node, model):
         """Free slots on a node where `model` is loaded (the only place to move work)."""
-        if node.status != "online" or node.draining or node.paused or not node.reachable \
-                or model not in node.loaded:
+        if node.accepts_work() or model not in node.loaded:
             return 0
         q = self.queues.get((node.node_id, model))
         busy = (q.active + q.waiting) if q else 0
@@ -404,13 +452,15 @@ class Fleet:
                     continue
                 key = (target.node_id, model)
                 if key not in free:
-                    free[key] = self.can_serve_now(target, model)
+                    free[key] = self.free_hot_slots(target, model)
                 count = q.evict(free[key], target.node_id) if free[key] else 0
                 free[key] -= count  # moved requests arrive there a moment later
                 moved += count
         if moved:
             fleet_log.info(f"rebalanced {moved} queued requests", extra={"event": "rebalance"})
         return moved
+
+    # -- what the fleet has learned -------------------------------------------------
 
     def learn(self, node_id, model, latency_s, load_s=None):
         """Fold one completed request into the node+model averages."""
@@ -420,6 +470,13 @@ class Fleet:
         entry[0] += alpha * (latency_s - entry[0])
         if load_s is not None:
             entry[1] = load_s if not entry[1] else entry[1] + 0.3 * (load_s - entry[1])
+
+    def seed_latency(self, rows):
+        """Start from past traces: [(node_id, model, mean latency s, samples)]."""
+        for node_id, model, latency_s, samples in rows:
+            self.latency.setdefault((node_id, model), [latency_s, 0.0, samples])
+
+    # -- views --------------------------------------------------------------------
 
     def warm_until(self):
         return self.started + self.cfg.startup_window
@@ -432,74 +489,39 @@ class Fleet:
         """Nodes that have `model` on disk, whatever their state."""
         return [n for n in self.nodes.values() if model in n.models]
 
+    def online_nodes(self):
+        return [n for n in self.nodes.values() if n.status != OFFLINE]
+
+    def working_nodes(self):
+        """Nodes that take new requests now."""
+        return [n for n in self.nodes.values() if n.accepts_work() is None]
+
+    def best_holder(self, model):
+        """A node that can answer about `model` now, hot ones first."""
+        holders = [n for n in self.online_nodes() if model in n.models and n.hb.reachable]
+        holders.sort(key=lambda n: (n.status != ONLINE, model not in n.loaded))
+        return holders[0] if holders else None
+
+    def merged_models(self):
+        """Every model on any online node, once (the newest copy's entry)."""
+        merged = {}
+        for node in self.online_nodes():
+            for name, entry in node.models.items():
+                known = merged.get(name)
+                if known is None or str(entry.get("modified_at", "")) > \
+                        str(known.get("modified_at", "")):
+                    merged[name] = entry
+        return [merged[name] for name in sorted(merged)]
+
+    def running_models(self):
+        """/api/ps across the fleet: each loaded model with the node that holds it."""
+        models = [{**entry, "node_id": node.node_id} for node in self.online_nodes()
+                  for entry in node.loaded.values()]
+        models.sort(key=lambda m: str(m.get("expires_at", "")), reverse=True)
+        return models
 
 ####################################################################################
-# Heartbeats: validated before anything about the node changes
-####################################################################################
-
-_HEARTBEAT_FIELDS = [
-    # (dotted path, type(s), required)
-    ("node_id", str, True), ("ollama_url", str, True), ("agent_version", str, False),
-    ("hardware", dict, False), ("cpu", dict, False), ("cpu.percent", (int, float), False),
-    ("memory", dict, False), ("memory.total", int, False), ("memory.used", int, False),
-    ("memory.available", int, False), ("memory.pressure", str, False), ("disk", dict, False),
-    ("ollama", dict, False), ("ollama.reachable", bool, False),
-    ("ollama.version", str, False), ("ollama.num_parallel", int, False),
-    ("ollama.settings", dict, False), ("models", list, False), ("loaded", list, False),
-    ("draining", bool, False), ("paused", bool, False),
-]
-
-
-def _lookup(body, path):
-    value = body
-    for part in path.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return None, False
-        value = value[part]
-    return value, True
-
-
-def validate_heartbeat(body):
-    """Raise ValueError naming the first bad field; returns the body."""
-    for path, kinds, required in _HEARTBEAT_FIELDS:
-        value, present = _lookup(body, path)
-        if not present or value is None:
-            if required:
-                raise ValueError(f"field '{path}' is required")
-            continue
-        if isinstance(value, bool) and kinds is not bool:
-            raise ValueError(f"field '{path}' must be a {_kind_name(kinds)}")
-        if not isinstance(value, kinds):
-            raise ValueError(f"field '{path}' must be a {_kind_name(kinds)}")
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-            raise ValueError(f"field '{path}' must not be negative")
-    if not NODE_ID_RE.match(body["node_id"]):
-        raise ValueError("field 'node_id' must be 1-64 letters, digits, '.', '_' or '-'")
-    try:
-        hc.split_url(body["ollama_url"])
-    except ValueError as e:
-        raise ValueError(f"field 'ollama_url': {e}") from None
-    if body.get("memory", {}).get("pressure", "normal") not in ("normal", "warning", "critical"):
-        raise ValueError("field 'memory.pressure' must be normal, warning or critical")
-    for key in ("models", "loaded"):
-        for i, entry in enumerate(body.get(key) or []):
-            if not isinstance(entry, dict) or not isinstance(
-                    entry.get("model") or entry.get("name"), str):
-                raise ValueError(f"field '{key}[{i}]' must be an object with a 'name'")
-            if not isinstance(entry.get("size", 0), int):
-                raise ValueError(f"field '{key}[{i}].size' must be an integer")
-    return body
-
-
-def _kind_name(kinds):
-    names = {str: "string", int: "integer", float: "number", dict: "object", list: "list",
-             bool: "boolean"}
-    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
-    return " or ".join(names[k] for k in kinds)
-
-
-####################################################################################
-# Routing: elimination, scoring, the holding queue
+# Routing: elimination, the seven signals, the holding queue, context protection
 ####################################################################################
 
 
@@ -516,65 +538,18 @@ class Choice:
 
     __slots__ = ("node", "model", "score", "breakdown", "hot", "runner_up")
 
-    def __init__(self, node, model, score, breakdown, hot, runner_up=None):
+    def __init__(self, node, model, score=0.0, breakdown=None, hot=False, runner_up=None):
         self.node, self.model = node, model
-        self.score, self.breakdown, self.hot = score, breakdown, hot
+        self.score, self.breakdown, self.hot = score, breakdown or {}, hot
         self.runner_up = runner_up  # the next best node's Candidate, if any
 
 
-def build_candidate(fleet, node, model, requested_ctx):
-    """The scoring view of one node for one model."""
-    entry = node.models.get(model, {})
-    loaded = node.loaded.get(model)
-    q = fleet.queues.get((node.node_id, model))
-    mem = node.info.get("memory", {})
-    learned = fleet.latency.get((node.node_id, model), (0.0, 0.0, 0))
-    unloaded = node.unloaded_at.get(model)
-    details = entry.get("details") or {}
-    return hc.Candidate(
-        node_id=node.node_id, hot=loaded is not None,
-        recently_unloaded=unloaded is not None
-        and time.monotonic() - unloaded < hc.RECENT_UNLOAD_S,
-        model_size=int(entry.get("size") or 0),
-        mem_total=int(mem.get("total") or 0), mem_available=int(mem.get("available") or 0),
-        mem_reclaimable=sum(int(m.get("size") or 0) for name, m in node.loaded.items()
-                            if name != model),
-        pressure=mem.get("pressure", "normal"),
-        active=q.active if q else 0, waiting=q.waiting if q else 0,
-        slots=fleet.slots_for(node), mean_latency_s=learned[0], load_estimate_s=learned[1],
-        cpu_percent=float(node.info.get("cpu", {}).get("percent", 0.0)),
-        cpu_trend=node.cpu_trend(), degraded=node.status == "degraded",
-        requested_ctx=requested_ctx,
-        loaded_ctx=int((loaded or {}).get("context_length") or 0),
-        model_max_ctx=int(details.get("context_length") or 0),
-    )
-
-
-def rank_nodes(fleet, model, requested_ctx, exclude=()):
-    """Survivors of elimination, best first, and why the others were dropped."""
-    candidates, reasons = [], []
-    for node in fleet.nodes.values():
-        if model not in node.models:
-            continue  # not a candidate at all; not worth naming
-        why = None
-        if node.node_id in exclude:
-            why = "failed this request already"
-        elif node.status == "offline":
-            why = "offline"
-        elif node.draining:
-            why = "draining"
-        elif node.paused:
-            why = "paused"
-        elif not node.reachable:
-            why = "its Ollama is unreachable"
-        if why is None:
-            c = build_candidate(fleet, node, model, requested_ctx)
-            why = hc.eliminate(c)
-            if why is None:
-                candidates.append(c)
-                continue
-        reasons.append(f"{node.node_id}: {why}")
-    return hc.rank_candidates(candidates), reasons
+def requested_context(body):
+    options = body.get("options")
+    if isinstance(options, dict) and isinstance(options.get("num_ctx"), int) \
+            and not isinstance(options["num_ctx"], bool):
+        return max(0, options["num_ctx"])
+    return 0
 
 
 def pick_route(models, ranked):
@@ -594,91 +569,246 @@ def pick_route(models, ranked):
     return None
 
 
-async def choose_node(fleet, cfg, models, requested_ctx, exclude=(), shown_name=None,
-                      hold=True, prefer=None):
-    """The best node for the first model of `models` that can be served (the rest are
-    fallbacks), waiting in the holding queue while none can be."""
-    deadline = time.monotonic() + (cfg.hold_timeout if hold else 0.0)
-    shown_name = shown_name or models[0]
-    fleet.holding += 1
-    try:
-        while True:
-            known = any(fleet.holders(m) for m in models)
-            if not known and not fleet.warming_up():
-                raise RouteError(404, f"model '{shown_name}' not found on any node of "
-                                      f"the fleet" + (" (nor its fallbacks)"
-                                                      if len(models) > 1 else ""))
-            ranked, reasons = {}, []
-            for model in models:
-                ranked[model], why = rank_nodes(fleet, model, requested_ctx, exclude)
-                reasons += why
-            picked = pick_route(models, ranked)
-            if picked and prefer:  # the rebalancer's pick, if it can still take it
-                model = picked[0]
-                picked = next(((model, e) for e in ranked[model] if e[2].node_id == prefer),
-                              picked)
-            if picked:
-                model, (score, breakdown, c) = picked
-                others = [e[2] for e in ranked[model] if e[2].node_id != c.node_id]
-                return Choice(fleet.nodes[c.node_id], model, score, breakdown, c.hot,
-                              others[0] if others else None)
-            until = deadline if known else min(deadline, fleet.warm_until())
-            remaining = until - time.monotonic()
-            if remaining <= 0:
-                if not known:
-                    continue  # the start-up window is over: answer 404 above
-                retry_after = max(1, int(cfg.heartbeat_timeout))
-                raise RouteError(503, f"no node can serve '{shown_name}' right now "
-                                      f"({'; '.join(reasons) or 'no node online'}); "
-                                      f"waited {cfg.hold_timeout:g}s",
-                                 [(b"retry-after", str(retry_after).encode())])
-            await fleet.wait_change(remaining)
-    finally:
-        fleet.holding -= 1
+def same_model_other_tag(a, b):
+    """'llama3.2:1b' and 'llama3.2:3b' are variants of one model; 'llama3.2' and
+    'smollm2' are not, whatever GGUF architecture they share."""
+    return a != b and a.rpartition(":")[0] == b.rpartition(":")[0]
 
 
-def requested_context(body):
-    options = body.get("options")
-    if isinstance(options, dict) and isinstance(options.get("num_ctx"), int):
-        return max(0, options["num_ctx"])
-    return 0
+class Scheduler:
+    """Picks the node for each request, holding it while no node can take it."""
 
+    def __init__(self, cfg, fleet, stats):
+        self.cfg, self.fleet, self.stats = cfg, fleet, stats
+        self.holding = 0  # requests waiting for any node that can serve them
+
+    def candidate(self, node, model, requested_ctx):
+        """The scoring view of one node for one model."""
+        entry = node.models.get(model, {})
+        loaded = node.loaded.get(model)
+        q = self.fleet.queues.get((node.node_id, model))
+        learned = self.fleet.latency.get((node.node_id, model), (0.0, 0.0, 0))
+        unloaded = node.unloaded_at.get(model)
+        details = entry.get("details") or {}
+        return hc.Candidate(
+            node_id=node.node_id, hot=loaded is not None,
+            recently_unloaded=unloaded is not None
+            and time.monotonic() - unloaded < hc.RECENT_UNLOAD_S,
+            model_size=int(entry.get("size") or 0),
+            mem_total=node.hb.mem_total, mem_available=node.hb.mem_available,
+            mem_reclaimable=sum(int(m.get("size") or 0) for name, m in node.loaded.items()
+                                if name != model),
+            pressure=node.hb.pressure,
+            active=q.active if q else 0, waiting=q.waiting if q else 0,
+            slots=self.fleet.slots_for(node), mean_latency_s=learned[0],
+            load_estimate_s=learned[1], cpu_percent=node.hb.cpu_percent,
+            cpu_trend=node.cpu_trend(), degraded=node.status == DEGRADED,
+            requested_ctx=requested_ctx,
+            loaded_ctx=int((loaded or {}).get("context_length") or 0),
+            model_max_ctx=int(details.get("context_length") or 0),
+        )
+
+    def rank(self, model, requested_ctx, exclude=()):
+        """Survivors of elimination, best first, and why the others were dropped."""
+        candidates, reasons = [], []
+        for node in self.fleet.nodes.values():
+            if model not in node.models:
+                continue  # not a candidate at all; not worth naming
+            why = "failed this request already" if node.node_id in exclude \
+                else node.accepts_work()
+            if why is None:
+                c = self.candidate(node, model, requested_ctx)
+                why = hc.eliminate(c)
+                if why is None:
+                    candidates.append(c)
+                    continue
+            reasons.append(f"{node.node_id}: {why}")
+        return hc.rank_candidates(candidates), reasons
+
+    async def choose(self, models, requested_ctx, exclude=(), shown_name=None, hold=True,
+                     prefer=None):
+        """The best node for the first of `models` that can be served (the rest are
+        fallbacks), waiting in the holding queue while none can be."""
+        deadline = time.monotonic() + (self.cfg.hold_timeout if hold else 0.0)
+        shown_name = shown_name or models[0]
+        self.holding += 1
+        try:
+            while True:
+                known = any(self.fleet.holders(m) for m in models)
+                if not known and not self.fleet.warming_up():
+                    raise RouteError(404, f"model '{shown_name}' not found on any node of "
+                                          f"the fleet" + (" (nor its fallbacks)"
+                                                          if len(models) > 1 else ""))
+                choice, reasons = self._pick(models, requested_ctx, exclude, prefer)
+                if choice:
+                    return choice
+                until = deadline if known else min(deadline, self.fleet.warm_until())
+                remaining = until - time.monotonic()
+                if remaining <= 0:
+                    if not known:
+                        continue  # the start-up window is over: answer 404 above
+                    raise RouteError(503, f"no node can serve '{shown_name}' right now "
+                                          f"({'; '.join(reasons) or 'no node online'}); "
+                                          f"waited {self.cfg.hold_timeout:g}s",
+                                     [(b"retry-after", b"%d" % max(
+                                         1, int(self.cfg.heartbeat_timeout)))])
+                await self.fleet.wait_change(remaining)
+        finally:
+            self.holding -= 1
+
+    def _pick(self, models, requested_ctx, exclude, prefer):
+        ranked, reasons = {}, []
+        for model in models:
+            ranked[model], why = self.rank(model, requested_ctx, exclude)
+            reasons += why
+        picked = pick_route(models, ranked)
+        if picked and prefer:  # the rebalancer's pick, if it can still take it
+            model = picked[0]
+            picked = next(((model, e) for e in ranked[model] if e[2].node_id == prefer),
+                          picked)
+        if not picked:
+            return None, reasons
+        model, (score, breakdown, c) = picked
+        others = [e[2] for e in ranked[model] if e[2].node_id != c.node_id]
+        return Choice(self.fleet.nodes[c.node_id], model, score, breakdown, c.hot,
+                      others[0] if others else None), reasons
+
+    # -- context protection ---------------------------------------------------------
+
+    def models_to_try(self, model, fallback_names, requested_ctx, embedding):
+        """[primary, fallbacks...] and {model: the name the client used for it}."""
+        names = {hc.canonical_model(m): m for m in fallback_names or ()}
+        models = [model] + [m for m in names if m != model]
+        bigger = self.larger_variant(model, requested_ctx, embedding)
+        if bigger:
+            models = [bigger] + models  # loaded with room for the context: no reload
+            names[bigger] = bigger
+        return models, names
+
+    def larger_variant(self, model, requested_ctx, embedding):
+        """Another tag of the same model, loaded with room for `requested_ctx` and at
+        least as large, when `model` is loaded only with less (strip mode); else None.
+
+        Never for an embedding model: another model's vectors (other dimensions, another
+        space) would silently corrupt the client's vector store."""
+        if self.cfg.context_protection != "strip" or not requested_ctx or embedding:
+            return None
+        fleet = self.fleet
+        if any("embedding" in (n.models[model].get("capabilities") or ())
+               for n in fleet.holders(model)):
+            return None
+        loaded = [n.loaded[model] for n in fleet.nodes.values() if model in n.loaded]
+        if not loaded or any(int(e.get("context_length") or 0) >= requested_ctx
+                             for e in loaded):
+            return None
+        size = max((int(n.models[model].get("size") or 0) for n in fleet.holders(model)),
+                   default=0)
+        for node in fleet.working_nodes():
+            for name, entry in node.loaded.items():
+                if same_model_other_tag(model, name) and \
+                        int(entry.get("context_length") or 0) >= requested_ctx and \
+                        int(node.models.get(name, {}).get("size") or 0) >= size:
+                    self.stats.count_event("context_upgraded",
+                                           f"num_ctx {requested_ctx} is more than {model} "
+                                           f"has loaded; {name} on {node.node_id} has it")
+                    return name
+        return None
+
+    def protect_context(self, ex, choice, requested_ctx):
+        """A num_ctx that would make Ollama reload a loaded model is set to the loaded
+        context (FLEET_CONTEXT_PROTECTION=strip), or only logged (warn)."""
+        mode = self.cfg.context_protection
+        loaded_ctx = int((choice.node.loaded.get(choice.model) or {}).get("context_length")
+                         or 0)
+        if mode == "passthrough" or not requested_ctx or not loaded_ctx or \
+                requested_ctx >= loaded_ctx:
+            return  # nothing to save, or the client needs more than is loaded
+        self.stats.count_event(f"context_{'stripped' if mode == 'strip' else 'warned'}",
+                               f"num_ctx {requested_ctx} would reload {choice.model} "
+                               f"(loaded with {loaded_ctx}) on {choice.node.node_id}", ex)
+        if mode == "strip":
+            ex.rewrite(num_ctx=loaded_ctx)
+
+    # -- the queue view ---------------------------------------------------------------
+
+    def queue_report(self):
+        """/fleet/queue: every node+model queue with its estimated wait."""
+        rows = []
+        for (node_id, model), q in sorted(self.fleet.queues.items()):
+            node = self.fleet.nodes.get(node_id)
+            if node is None:
+                continue
+            c = self.candidate(node, model, 0)
+            rows.append({"node_id": node_id, "model": model, "active": q.active,
+                         "waiting": q.waiting, "limit": q.limit,
+                         "estimated_wait_s": round(hc.estimate_wait_s(c) if q.waiting
+                                                   else 0.0, 2)})
+        return {"queues": rows, "total_active": sum(r["active"] for r in rows),
+                "total_waiting": sum(r["waiting"] for r in rows), "holding": self.holding}
 
 ####################################################################################
-# Proxy: one request to one node, relayed chunk by chunk
+# Proxy: one request to one node at a time, relayed chunk by chunk
+#
+# Theory: Proxy.serve() builds the request's Exchange and runs attempts: choose a
+# node, wait for a slot in its queue, send the request, relay the answer. A node that
+# fails before the first chunk reached the client is excluded and the next best one
+# tried; after the first chunk the answer is the client's, so a failure then ends the
+# stream with an error line in the client's framing. The Exchange only collects facts
+# (status code, started, answered, client left, reaped); Exchange.outcome() is the one
+# place that turns them into the trace's status, and Proxy.finish() records it.
 ####################################################################################
 
 NON_STREAM_BUFFER = 16 << 20  # a non-streamed answer up to this size is checked whole
+USAGE_FIELDS = {  # Ollama writes its counts and timings last: the answer's tail has them
+    "prompt_tokens": re.compile(rb'"(?:prompt_eval_count|prompt_tokens)":(\d+)'),
+    "completion_tokens": re.compile(rb'"(?:eval_count|completion_tokens)":(\d+)'),
+    "load_ns": re.compile(rb'"load_duration":(\d+)'),
+    "prompt_eval_ns": re.compile(rb'"prompt_eval_duration":(\d+)'),
+    "eval_ns": re.compile(rb'"eval_duration":(\d+)'),
+}
+EMBED_ENDPOINTS = ("/api/embed", "/api/embeddings", "/v1/embeddings")
+
+
+class AttemptFailed(Exception):
+    """A node failed before anything reached the client: another node may try."""
 
 
 class Exchange:
     """Everything known about one proxied request, written as its trace row."""
 
-    def __init__(self, request, api, endpoint, model, stream, body):
+    def __init__(self, request, api, model, stream, body, fields=None):
         self.request_id = os.urandom(8).hex()  # 16 hex digits
-        self.t0 = time.monotonic()
-        self.wall = time.time()
-        self.request = request
-        self.api, self.endpoint, self.model, self.stream = api, endpoint, model, stream
-        self.body = self.client_body = body
-        self.node_id = None
+        self.t0, self.wall = time.monotonic(), time.time()
+        self.request, self.api, self.endpoint = request, api, request.path
+        self.model, self.stream = model, stream
+        self.body = self.client_body = body  # what goes to the node / what the client sent
+        self.fields = fields or {}  # the client's parsed body
         self.served_model = model
+        self.node_id = self.score = self.breakdown = self.tags = None
         self.retries = 0
-        self.score = None
-        self.breakdown = None
-        self.status = "failed"
-        self.http_status = None
-        self.ttft = None
-        self.queue_wait = None
-        self.prompt_tokens = None
-        self.completion_tokens = None
-        self.error = None
+        self.ttft = self.queue_wait = None
+        self.usage = {}  # USAGE_FIELDS found in the answer
         self.task = asyncio.current_task()
         self.progress = None  # monotonic time of the last sign of life once sent to a node
         self.relay = None
-        self.reaped = False
-        self.before_end = None  # coroutine function run before the response's last byte
-        self.tags = None
+        # The facts outcome() reads.
+        self.http_status = self.error = None
+        self.started = self.answered = False  # the first byte / the last byte went out
+        self.answer_failed = False  # Ollama's error line ended a 200 answer
+        self.client_left = self.reaped = False
+        self.before_end = None  # coroutine function run before a good answer's last byte
+
+    def outcome(self):
+        """The request's trace status, from what happened to it."""
+        if self.reaped:
+            return hc.FAILED
+        if self.client_left:
+            return hc.CANCELLED
+        if not self.answered:
+            return hc.INCOMPLETE if self.started else hc.FAILED
+        if self.http_status >= 500 or self.answer_failed:
+            return hc.FAILED
+        return hc.REJECTED if self.http_status >= 400 else hc.COMPLETED
 
     def touch(self):
         self.progress = time.monotonic()
@@ -691,13 +821,13 @@ class Exchange:
     def reset_body(self):
         self.body, self.served_model = self.client_body, self.model
 
-    def use_model(self, model, name_as_sent, body):
+    def use_model(self, model, name_as_sent):
         """Serve another model (a fallback, a larger context): the body names it."""
         self.served_model = model
-        self.rewrite(body, model=name_as_sent)
+        self.rewrite(model=name_as_sent)
 
-    def rewrite(self, body, num_ctx=None, **fields):
-        """Forward `body` with these top-level fields (and options.num_ctx) changed."""
+    def rewrite(self, num_ctx=None, **fields):
+        """Forward the body with these top-level fields (and options.num_ctx) changed."""
         out = {k: v for k, v in json.loads(self.body).items() if k not in ROUTING_FIELDS}
         out.update(fields)
         if num_ctx is not None:
@@ -709,357 +839,344 @@ class Exchange:
             return hc.openai_error_body(status, message)
         return hc.ollama_error_body(message)
 
-    def trace_row(self, status=None, node_id=None, error=None):
+    def read_usage(self, tail, chunks=0):
+        """Token counts and Ollama's timings from the final chunk (Ollama) or the usage
+        object (OpenAI)."""
+        tail = tail[-4096:]  # never parse a whole (perhaps 16 MB) answer on the loop
+        for field, pattern in USAGE_FIELDS.items():
+            found = pattern.findall(tail)
+            if found:
+                self.usage[field] = int(found[-1])
+        if "completion_tokens" not in self.usage and chunks and self.api == "openai":
+            self.usage["completion_tokens"] = max(0, chunks - 2)  # one token an event
+
+    def trace_row(self, status=None, error=None):
         ms = (time.monotonic() - self.t0) * 1000
+        u = self.usage
         return {
             "request_id": self.request_id, "timestamp": self.wall, "model": self.served_model,
-            "requested_model": self.model, "node_id": node_id or self.node_id,
-            "status": status or self.status, "http_status": self.http_status,
-            "latency_ms": round(ms, 2),
-            "ttft_ms": round(self.ttft * 1000, 2) if self.ttft is not None else None,
-            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+            "requested_model": self.model, "node_id": self.node_id,
+            "status": status or self.outcome(), "http_status": self.http_status,
+            "latency_ms": round(ms, 2), "ttft_ms": _ms(self.ttft),
+            "prompt_tokens": u.get("prompt_tokens"),
+            "completion_tokens": u.get("completion_tokens"),
             "retries": self.retries, "score": self.score,
             "score_breakdown": json.dumps(self.breakdown) if self.breakdown else None,
             "client_addr": self.request.client, "api_format": self.api,
             "endpoint": self.endpoint, "stream": int(self.stream),
-            "queue_wait_ms": round(self.queue_wait * 1000, 2)
-            if self.queue_wait is not None else None,
-            "error_message": error or self.error, "tags": self.tags,
+            "queue_wait_ms": _ms(self.queue_wait), "error_message": error or self.error,
+            "tags": self.tags, "load_ms": _ns_to_ms(u.get("load_ns")),
+            "prompt_eval_ms": _ns_to_ms(u.get("prompt_eval_ns")),
+            "eval_ms": _ns_to_ms(u.get("eval_ns")),
         }
 
 
-class AttemptFailed(Exception):
-    """A node failed before anything reached the client: another node may try."""
+def _ms(seconds):
+    return round(seconds * 1000, 2) if seconds is not None else None
 
 
-def forward_headers(request):
-    """The client's headers minus hop-by-hop ones (and Host: Ollama's guard, §1), and
-    minus X-Herd-Tags, which is for the router."""
-    return hc.end_to_end_headers(request.headers, (b"x-herd-tags",))
+def _ns_to_ms(ns):
+    return round(ns / 1e6, 2) if ns is not None else None
 
 
-def response_headers(upstream_headers, ex, choice):
-    headers = hc.end_to_end_headers(upstream_headers, (b"server", b"date"))
-    headers += [
-        (b"x-fleet-node", choice.node.node_id.encode()),
-        (b"x-fleet-served-model", ex.served_model.encode()),
-        (b"x-fleet-requested-model", ex.model.encode()),
-        (b"x-fleet-retries", str(ex.retries).encode()),
-        (b"x-fleet-score", f"{choice.score:.1f}".encode()),
-    ]
-    if ex.served_model != ex.model:
-        headers.append((b"x-fleet-fallback", ex.served_model.encode()))
-    return headers
+class Proxy:
+    """Routes, queues and relays requests, with retries before the first chunk."""
 
+    def __init__(self, cfg, fleet, scheduler, pulls, warmer, stats, traces, pool):
+        self.cfg, self.fleet, self.scheduler = cfg, fleet, scheduler
+        self.pulls, self.warmer, self.stats, self.traces = pulls, warmer, stats, traces
+        self.pool = pool
+        self.active = {}  # request_id -> Exchange, for the reaper
+        self.client_in_flight = collections.Counter()
 
-def content_length(headers):
-    for k, v in headers:
-        if k == b"content-length":
-            return int(v)
-    return None
+    # -- prepare ------------------------------------------------------------------
 
-
-def is_busy(status, body):
-    return status == 503 and b"server busy" in body
-
-
-async def run_attempt(router, conn, ex, choice):
-    """Send the request to the chosen node and relay its answer to the client."""
-    cfg = router.cfg
-    up, clean = None, False
-    try:
-        up, status, headers = await _send_upstream(router, ex, choice.node)
-        length = content_length(headers)
-        if length is not None and length <= NON_STREAM_BUFFER:
-            await _relay_whole(cfg, conn, ex, choice, up, status, headers)
-        else:
-            await _relay_stream(cfg, conn, ex, choice, up, status, headers)
-        clean = ex.status != "incomplete"
-    except hc.UpstreamError as e:
-        if not conn.response_started:
-            raise AttemptFailed(f"node {choice.node.node_id}: {e}") from None
-        raise
-    finally:
-        if up is not None:
-            router.pool.release(up) if clean else up.close()
-
-
-async def _send_upstream(router, ex, node):
-    """Send the request and wait for the response head, on a kept-alive connection
-    when there is one; a kept-alive connection the node has closed meanwhile is
-    replaced by a fresh one, once (that is no failure of the node)."""
-    cfg = router.cfg
-    up = await router.pool.connect(node.host, node.port, cfg.connect_timeout)
-    for fresh in (False, True):
+    async def serve(self, request, conn, api, body, model, stream):
+        """Route, queue, relay with retries before the first chunk, and trace."""
+        ex = Exchange(request, api, model, stream, strip_routing_fields(request, body), body)
+        ex.tags = request_tags(request, body)
+        conn.watch_client()
+        self.active[ex.request_id] = ex
         try:
-            await up.send_request(ex.request.method.encode(), ex.request.target.encode(),
-                                  forward_headers(ex.request), ex.body)
-            status, headers = await up.receive_head(cfg.first_byte_timeout)
-            return up, status, headers
-        except hc.UpstreamError as e:
-            up.close()
-            if fresh or not (up.reused and e.closed):
-                raise
-            up = await hc.Upstream.connect(node.host, node.port, cfg.connect_timeout)
-        except BaseException:
-            up.close()
-            raise
-
-
-async def _relay_whole(cfg, conn, ex, choice, up, status, headers):
-    """A response with Content-Length: read it whole, so a cut-off body is a clean 502."""
-    body = await up.read_body(cfg.chunk_timeout)
-    if status >= 500 and not is_busy(status, body):
-        raise hc.UpstreamError("status", f"answered {status}: "
-                                         f"{body[:300].decode('utf-8', 'replace')}")
-    ex.ttft = time.monotonic() - ex.t0
-    ex.http_status = status
-    if ex.before_end and status < 400:
-        await ex.before_end()
-    await conn.send_response(status, body, None, response_headers(headers, ex, choice))
-    ex.status = "completed" if status < 400 else ("rejected" if status < 500 else "failed")
-    if status >= 400:
-        ex.error = body[:500].decode("utf-8", "replace")
-    else:
-        count_tokens(ex, body)
-
-
-async def _relay_stream(cfg, conn, ex, choice, up, status, headers):
-    """Chunk by chunk; the head goes out with the first chunk, so a node that fails
-    before it can still be replaced by another."""
-    if up.is_chunked(headers):
-        receive = up.receive_chunks
-    else:  # close-delimited or very large: frame it ourselves
-        async def receive(timeout):
-            data = await up.receive_data(timeout)
-            return hc.frame_chunk(data) if data else b""
-    first = await receive(cfg.chunk_timeout)
-    ex.touch()
-    ex.ttft = time.monotonic() - ex.t0
-    ex.http_status = status
-    await conn.start_response(status, None, response_headers(headers, ex, choice),
-                              first_chunks=first)
-    try:
-        if first and up.is_chunked(headers) and conn.takes_raw_chunks:
-            prev, last, chunks = await _relay_by_protocol(cfg, conn, ex, up, first)
-        else:
-            prev, last, chunks = await _relay_by_loop(cfg, conn, ex, receive, first)
-    except hc.UpstreamError as e:
-        await _end_with_error(conn, ex, f"node {choice.node.node_id} failed mid-stream: {e}")
-        ex.status, ex.error = "incomplete", str(e)
-        return
-    if ex.before_end and status < 400:
-        await ex.before_end()
-    await conn.end_response()
-    ex.status = "completed" if status < 400 else ("rejected" if status < 500 else "failed")
-    if b'"error"' in last:
-        ex.status, ex.error = "failed", last[-500:].decode("utf-8", "replace").strip()
-    count_tokens(ex, prev[-8192:] + last, chunks)
-
-
-async def _relay_by_protocol(cfg, conn, ex, up, first):
-    """The fast path: the node's connection writes each read's chunks to the client."""
-    ex.relay = up
-    await up.relay(conn, cfg.chunk_timeout)
-    await conn.drain()
-    return (up.prev, up.last, up.reads + 1) if up.last else (b"", first, 1)
-
-
-async def _relay_by_loop(cfg, conn, ex, receive, first):
-    """The general path: one coroutine step per read (HTTP/1.0 clients, unchunked bodies)."""
-    prev, last, chunks = b"", first, 1 if first else 0
-    data = await receive(cfg.chunk_timeout) if first else b""
-    while data:
-        chunks += 1
-        ex.touch()
-        await conn.send_chunks(data)
-        prev, last = last, data
-        data = await receive(cfg.chunk_timeout)
-    return prev, last, chunks
-
-
-async def _end_with_error(conn, ex, message):
-    """Tell a streaming client the answer broke off, in its own framing, and end."""
-    if ex.api == "openai":
-        line = b"data: " + hc.openai_error_body(502, message) + b"\n\n"
-    else:
-        line = hc.ollama_error_body(message) + b"\n"
-    with contextlib.suppress(ConnectionError):
-        await conn.send_data(line)
-        await conn.end_response()
-
-
-TOKEN_FIELDS = {  # Ollama writes its counts last: the tail of the answer has them
-    "prompt_tokens": re.compile(rb'"(?:prompt_eval_count|prompt_tokens)":(\d+)'),
-    "completion_tokens": re.compile(rb'"(?:eval_count|completion_tokens)":(\d+)'),
-}
-
-
-def count_tokens(ex, tail, chunks=0):
-    """Token counts from the final chunk (Ollama) or the usage object (OpenAI)."""
-    tail = tail[-4096:]  # never parse a whole (perhaps 16 MB) answer on the loop
-    for field, pattern in TOKEN_FIELDS.items():
-        found = pattern.findall(tail)
-        if found:
-            setattr(ex, field, int(found[-1]))
-    if ex.completion_tokens is None and chunks and ex.api == "openai":
-        ex.completion_tokens = max(0, chunks - 2)  # one token per content event
-
-
-async def proxy_inference(router, request, conn, api, body, model, stream):
-    """Route, queue, relay with retries before the first chunk, and trace."""
-    ex = Exchange(request, api, request.path, model, stream, strip_routing_fields(request, body))
-    ex.tags = request_tags(request, body)
-    conn.watch_client()
-    client = request.client.rpartition(":")[0]
-    router.active[ex.request_id] = ex
-    try:
-        with router.admit(client):
-            await _proxy_attempts(router, conn, ex, body)
-    except RouteError as e:
-        ex.status, ex.http_status, ex.error = "rejected", e.status, str(e)
-        if e.status >= 500:
-            ex.status = "failed"
-        await conn.send_response(e.status, ex.error_body(e.status, str(e)),
-                                 headers=e.headers)
-    except asyncio.CancelledError:
-        if ex.reaped and asyncio.current_task().uncancel() == 0:
-            await _answer_reaped(router, conn, ex)  # the reaper's cancel ends here
-            return
-        if conn.client_gone:
-            ex.status, ex.error = "cancelled", "client disconnected"
-            proxy_log.info("client disconnected", extra={"request_id": ex.request_id,
-                                                         "model": model,
-                                                         "node_id": ex.node_id})
-        else:
-            ex.error = ex.error or "router shutting down"
-        raise
-    except ConnectionError as e:  # writing to the client failed: it is gone
-        ex.status, ex.error = "cancelled", f"client connection lost: {e}"
-    except hc.UpstreamError as e:
-        ex.status, ex.error = "incomplete", str(e)
-    finally:
-        router.active.pop(ex.request_id, None)
-        router.finish(ex)
-
-
-async def _answer_reaped(router, conn, ex):
-    """A request the reaper stopped: say so to the client in its framing."""
-    ex.status = "failed"
-    ex.error = (f"no progress for {router.cfg.stale_timeout:g}s on node {ex.node_id}: "
-                f"request reaped (FLEET_STALE_TIMEOUT)")
-    router.zombies_reaped += 1
-    router.recent_events.append((time.time(), "zombie_reaped"))
-    proxy_log.warning("zombie request reaped", extra={"request_id": ex.request_id,
-                                                      "node_id": ex.node_id,
-                                                      "model": ex.served_model})
-    if conn.response_started:
-        await _end_with_error(conn, ex, ex.error)
-    else:
-        ex.http_status = 504
-        await conn.send_response(504, ex.error_body(504, ex.error))
-
-
-async def _proxy_attempts(router, conn, ex, body):
-    fleet, cfg = router.fleet, router.cfg
-    exclude = []
-    requested_ctx = requested_context(body)
-    fallbacks = {hc.canonical_model(m): m for m in body.get("fallback_models") or ()}
-    models = [ex.model] + [m for m in fallbacks if m != ex.model]
-    bigger = larger_context_model(router, ex.model, requested_ctx)
-    if bigger:
-        models = [bigger] + models  # loaded with room for the context: no reload anywhere
-        fallbacks[bigger] = bigger
-    last_error, attempt, prefer, moves, pulled = None, 0, None, 0, False
-    while attempt <= cfg.max_retries:
-        try:
-            # A retry takes the next best node now or not at all: no holding queue.
-            choice = await choose_node(fleet, cfg, models, requested_ctx, exclude,
-                                       body.get("model"), hold=attempt == 0, prefer=prefer)
+            with self._admit(request.client.rpartition(":")[0]):
+                await self._attempts(conn, ex)
         except RouteError as e:
-            if e.status == 404 and cfg.auto_pull and not pulled:
-                pulled = True  # no node has it: fetch it once, then route again
-                await router.pulls.ensure(ex.model, body.get("model"), e)
-                continue
-            if last_error is None:
-                raise
-            break
-        ex.node_id, ex.score, ex.breakdown = choice.node.node_id, choice.score, choice.breakdown
-        ex.retries = attempt
-        ex.reset_body()  # a retry must not inherit the last node's rewrites
-        if choice.model != ex.model:
-            ex.use_model(choice.model, fallbacks.get(choice.model, choice.model), body)
-        protect_context(router, ex, choice, requested_ctx, body)
-        q = fleet.queue(choice.node, choice.model)
-        if cfg.pre_warm_threshold and q.active + q.waiting >= cfg.pre_warm_threshold:
-            router.pre_warm(choice, fallbacks.get(choice.model, body.get("model")))
-        t_queue = time.monotonic()
-        try:
-            await q.acquire()
-        except Moved as m:  # drained, or rebalanced to a node with a free slot
-            moves += 1
-            prefer = m.target if moves < MAX_MOVES else None
-            continue
-        try:
-            ex.queue_wait = time.monotonic() - t_queue
-            ex.touch()
-            await run_attempt(router, conn, ex, choice)
-            if ex.status == "completed":
-                router.fleet.learn(choice.node.node_id, choice.model,
-                                   time.monotonic() - ex.t0,
-                                   None if choice.hot else ex.ttft)
-            return
-        except AttemptFailed as e:
-            last_error = str(e)
-            proxy_log.warning("attempt failed, trying another node",
-                              extra={"request_id": ex.request_id, "node_id": ex.node_id,
-                                     "model": ex.served_model, "error": last_error})
-            router.traces.record(ex.trace_row("retried", error=last_error))
-            exclude.append(choice.node.node_id)
-            attempt += 1
+            ex.http_status, ex.error = e.status, str(e)
+            await conn.send_response(e.status, ex.error_body(e.status, str(e)),
+                                     headers=e.headers)
+            ex.answered = True
+        except asyncio.CancelledError:
+            if ex.reaped and asyncio.current_task().uncancel() == 0:
+                return await self._answer_reaped(conn, ex)  # the reaper's cancel ends here
+            if conn.client_gone:
+                ex.client_left, ex.error = True, "client disconnected"
+            else:
+                ex.error = ex.error or "router shutting down"
+            raise
+        except ConnectionError as e:  # writing to the client failed: it is gone
+            ex.client_left, ex.error = True, f"client connection lost: {e}"
+        except hc.UpstreamError as e:
+            ex.error = str(e)
         finally:
-            q.release()
-    raise RouteError(502, f"no node could answer: {last_error}")
+            self.active.pop(ex.request_id, None)
+            self.finish(ex)
 
+    @contextlib.contextmanager
+    def _admit(self, client):
+        """Count a client's requests in flight; past FLEET_CLIENT_MAX_IN_FLIGHT, 429."""
+        limit = self.cfg.client_max_in_flight
+        if limit and self.client_in_flight[client] >= limit:
+            raise RouteError(429, f"client {client} already has {limit} requests in "
+                                  f"flight (FLEET_CLIENT_MAX_IN_FLIGHT)",
+                             [(b"retry-after", b"1")])
+        self.client_in_flight[client] += 1
+        try:
+            yield
+        finally:
+            self.client_in_flight[client] -= 1
+            if not self.client_in_flight[client]:
+                del self.client_in_flight[client]
 
-def protect_context(router, ex, choice, requested_ctx, body):
-    """A num_ctx that would make Ollama reload a loaded model is set to the loaded
-    context (FLEET_CONTEXT_PROTECTION=strip), or only logged (warn)."""
-    mode = router.cfg.context_protection
-    loaded = choice.node.loaded.get(choice.model) or {}
-    loaded_ctx = int(loaded.get("context_length") or 0)
-    if mode == "passthrough" or not requested_ctx or not loaded_ctx or \
-            requested_ctx == loaded_ctx or requested_ctx > loaded_ctx:
-        return  # nothing to save, or the client needs more than is loaded
-    router.count_event(f"context_{'stripped' if mode == 'strip' else 'warned'}", ex,
-                       f"num_ctx {requested_ctx} would reload {choice.model} "
-                       f"(loaded with {loaded_ctx}) on {choice.node.node_id}")
-    if mode == "strip":
-        ex.rewrite(body, num_ctx=loaded_ctx)
+    # -- attempts -------------------------------------------------------------------
 
+    async def _attempts(self, conn, ex):
+        cfg, name = self.cfg, ex.fields.get("model")
+        requested_ctx = requested_context(ex.fields)
+        models, names = self.scheduler.models_to_try(
+            ex.model, ex.fields.get("fallback_models"), requested_ctx,
+            ex.endpoint in EMBED_ENDPOINTS)
+        exclude, last_error, attempt, prefer, moves, pulled = [], None, 0, None, 0, False
+        while attempt <= cfg.max_retries:
+            try:
+                # A retry takes the next best node now or not at all: no holding queue.
+                choice = await self.scheduler.choose(models, requested_ctx, exclude, name,
+                                                     hold=attempt == 0, prefer=prefer)
+            except RouteError as e:
+                if e.status == 404 and cfg.auto_pull and not pulled:
+                    pulled = True  # no node has it: fetch it once, then route again
+                    await self.pulls.ensure(ex.model, name, e)
+                    continue
+                if last_error is None:
+                    raise
+                break
+            ex.node_id, ex.score, ex.breakdown = choice.node.node_id, choice.score, \
+                choice.breakdown
+            ex.retries = attempt
+            ex.reset_body()  # a retry must not inherit the last node's rewrites
+            if choice.model != ex.model:
+                ex.use_model(choice.model, names.get(choice.model, choice.model))
+            self.scheduler.protect_context(ex, choice, requested_ctx)
+            q = self.fleet.queue(choice.node, choice.model)
+            self.warmer.consider(choice, q, names.get(choice.model, name))
+            t_queue = time.monotonic()
+            try:
+                await q.acquire()
+            except Moved as m:  # drained, or rebalanced to a node with a free slot
+                moves += 1
+                prefer = m.target if moves < MAX_MOVES else None
+                continue
+            try:
+                ex.queue_wait = time.monotonic() - t_queue
+                ex.touch()
+                await self._attempt(conn, ex, choice)
+                self._learn(ex, choice)
+                return
+            except AttemptFailed as e:
+                last_error = str(e)
+                proxy_log.warning("attempt failed, trying another node",
+                                  extra={"request_id": ex.request_id, "node_id": ex.node_id,
+                                         "model": ex.served_model, "error": last_error})
+                self.traces.record(ex.trace_row(hc.RETRIED, error=last_error))
+                exclude.append(choice.node.node_id)
+                attempt += 1
+            finally:
+                q.release()
+        raise RouteError(502, f"no node could answer: {last_error}")
 
-def larger_context_model(router, model, requested_ctx):
-    """A loaded model of the same family with room for `requested_ctx`, when the
-    model asked for is loaded only with less (strip mode); else None."""
-    fleet = router.fleet
-    if router.cfg.context_protection != "strip" or not requested_ctx:
-        return None
-    loaded = [(n, n.loaded[model]) for n in fleet.nodes.values() if model in n.loaded]
-    if not loaded or any(int(e.get("context_length") or 0) >= requested_ctx for _, e in loaded):
-        return None
-    family = next((n.models.get(model, {}).get("details", {}).get("family")
-                   for n, _ in loaded if model in n.models), None)
-    for node in fleet.nodes.values():
-        for name, entry in node.loaded.items():
-            details = node.models.get(name, {}).get("details") or {}
-            if name != model and family and details.get("family") == family and \
-                    int(entry.get("context_length") or 0) >= requested_ctx and \
-                    node.status == "online":
-                router.count_event("context_upgraded", None,
-                                   f"num_ctx {requested_ctx} is more than {model} has loaded; "
-                                   f"{name} on {node.node_id} has it")
-                return name
-    return None
+    def _learn(self, ex, choice):
+        if ex.outcome() != hc.COMPLETED:
+            return
+        self.fleet.learn(choice.node.node_id, choice.model, time.monotonic() - ex.t0,
+                         None if choice.hot else ex.ttft)
+        if not choice.hot:
+            self.fleet.mark_loaded(choice.node, choice.model)  # Ollama loaded it for us
+
+    # -- one attempt: send upstream, relay --------------------------------------------
+
+    async def _attempt(self, conn, ex, choice):
+        """Send the request to the chosen node and relay its answer to the client."""
+        up = None
+        try:
+            up, status, headers = await self._send_upstream(ex, choice.node)
+            ex.http_status = status
+            length = content_length(headers)
+            if length is not None and length <= NON_STREAM_BUFFER:
+                await self._relay_whole(conn, ex, choice, up, status, headers)
+            else:
+                await self._relay_stream(conn, ex, choice, up, status, headers)
+        except hc.UpstreamError as e:
+            if not conn.response_started:
+                raise AttemptFailed(f"node {choice.node.node_id}: {e}") from None
+            raise
+        finally:
+            if up is not None:
+                self.pool.release(up) if ex.answered else up.close()
+
+    async def _send_upstream(self, ex, node):
+        """Send the request and wait for the response head, on a kept-alive connection
+        when there is one; a kept-alive connection the node has closed meanwhile is
+        replaced by a fresh one, once (that is no failure of the node)."""
+        cfg = self.cfg
+        up = await self.pool.connect(node.host, node.port, cfg.connect_timeout)
+        for fresh in (False, True):
+            try:
+                await up.send_request(ex.request.method.encode(), ex.request.target.encode(),
+                                      forward_headers(ex.request), ex.body)
+                status, headers = await up.receive_head(cfg.first_byte_timeout)
+                return up, status, headers
+            except hc.UpstreamError as e:
+                up.close()
+                if fresh or not (up.reused and e.closed):
+                    raise
+                up = await hc.Upstream.connect(node.host, node.port, cfg.connect_timeout)
+            except BaseException:
+                up.close()
+                raise
+
+    async def _relay_whole(self, conn, ex, choice, up, status, headers):
+        """A response with Content-Length: read it whole, so a cut-off body is a clean
+        502 and a node's 5xx (but Ollama's 'busy', for the client to retry) is retried."""
+        body = await up.read_body(self.cfg.chunk_timeout)
+        if status >= 500 and not is_busy(status, body):
+            raise hc.UpstreamError("status", f"answered {status}: "
+                                             f"{body[:300].decode('utf-8', 'replace')}")
+        ex.ttft = time.monotonic() - ex.t0
+        if ex.before_end and status < 400:
+            await ex.before_end()
+        await conn.send_response(status, body, None, response_headers(headers, ex, choice))
+        ex.started = ex.answered = True
+        if status >= 400:
+            ex.error = body[:500].decode("utf-8", "replace")
+        else:
+            ex.read_usage(body)
+
+    async def _relay_stream(self, conn, ex, choice, up, status, headers):
+        """Chunk by chunk; the head goes out with the first chunk, so a node that fails
+        before it can still be replaced by another."""
+        relay = ex.relay = hc.Relay(up, conn, self.cfg.chunk_timeout)
+        first = await relay.first(headers)
+        ex.touch()
+        ex.ttft = time.monotonic() - ex.t0
+        await conn.start_response(status, None, response_headers(headers, ex, choice),
+                                  first_chunks=first)
+        ex.started = True
+        try:
+            await relay.rest()
+        except hc.UpstreamError as e:
+            ex.error = str(e)
+            return await end_with_error(conn, ex,
+                                        f"node {choice.node.node_id} failed mid-stream: {e}")
+        if ex.before_end and status < 400:
+            await ex.before_end()
+        await conn.end_response()
+        ex.answered = True
+        if b'"error"' in relay.last:
+            ex.answer_failed = True
+            ex.error = relay.last[-500:].decode("utf-8", "replace").strip()
+        ex.read_usage(relay.tail, relay.chunks)
+
+    # -- finish -------------------------------------------------------------------------
+
+    async def _answer_reaped(self, conn, ex):
+        """A request the reaper stopped: say so to the client in its framing."""
+        ex.error = (f"no progress for {self.cfg.stale_timeout:g}s on node {ex.node_id}: "
+                    f"request reaped (FLEET_STALE_TIMEOUT)")
+        self.stats.count_event("zombie_reaped", "zombie request reaped", ex,
+                               level=logging.WARNING)
+        if conn.response_started:
+            await end_with_error(conn, ex, ex.error)
+        else:
+            ex.http_status = 504
+            await conn.send_response(504, ex.error_body(504, ex.error))
+
+    def finish(self, ex):
+        """Record the trace of a finished request, count it, and log it."""
+        row = ex.trace_row()
+        self.traces.record(row)
+        self.stats.count_request(ex, row)
+        # One line per request goes to the JSONL file (DEBUG by default); only trouble
+        # reaches the terminal.
+        status = row["status"]
+        level = logging.DEBUG if status in (hc.COMPLETED, hc.CANCELLED) else logging.WARNING
+        proxy_log.log(level, f"{ex.endpoint} {status}", extra={
+            "request_id": ex.request_id, "model": ex.served_model, "node_id": ex.node_id,
+            "status": status, "client": ex.request.client, "error": ex.error,
+            "elapsed_ms": row["latency_ms"]})
+
+    def reap_zombies(self):
+        """Stop requests sent to a node that show no progress for FLEET_STALE_TIMEOUT."""
+        now, reaped = time.monotonic(), 0
+        for ex in list(self.active.values()):
+            seen = ex.last_progress()
+            if seen is not None and not ex.reaped and now - seen > self.cfg.stale_timeout:
+                ex.reaped = True
+                ex.task.cancel(msg="reaped: no progress")
+                reaped += 1
+        return reaped
+
+    # -- requests that are not routed: refused, unloads, pulls onto a chosen node -------
+
+    async def reject(self, request, conn, api, message, model=""):
+        """Answer a malformed inference request with 400, and trace it too."""
+        ex = Exchange(request, api, model, False, b"")
+        ex.http_status, ex.error = 400, message
+        try:
+            await conn.send_response(400, ex.error_body(400, message))
+            ex.answered = True
+        finally:
+            self.finish(ex)
+
+    async def unload(self, request, conn, body, model):
+        """keep_alive 0 with nothing to generate: every node holding the model unloads
+        it (Ollama answers done_reason "unload"); answered like Ollama."""
+        holders = [n for n in self.fleet.online_nodes() if model in n.loaded]
+        if not holders:
+            return await self.serve(request, conn, "ollama", body, model, False)
+        ex = Exchange(request, "ollama", model, False, strip_routing_fields(request, body))
+        ex.node_id = ",".join(n.node_id for n in holders)
+        try:
+            results = await asyncio.gather(*(
+                hc.http_call(n.ollama_url, "POST", request.path, ex.body, timeout=30)
+                for n in holders), return_exceptions=True)
+            answers = []
+            for node, result in zip(holders, results):
+                if not isinstance(result, BaseException) and result[0] == 200:
+                    self.fleet.mark_unloaded(node, model)
+                    answers.append(result)
+            if answers:
+                ex.http_status = 200
+                await conn.send_response(200, answers[0][2],
+                                         headers=[(b"x-fleet-node", ex.node_id.encode())])
+            else:
+                ex.http_status, ex.error = 502, f"unload of '{model}' failed on {ex.node_id}"
+                await conn.send_response(502, hc.ollama_error_body(ex.error))
+            ex.answered = True
+        finally:
+            self.finish(ex)
+
+    async def forward(self, request, conn, node, model, body, stream, before_end=None):
+        """Relay one request to a node the client chose (a pull), as it answers."""
+        ex = Exchange(request, "ollama", model, stream, body)
+        ex.node_id, ex.before_end = node.node_id, before_end
+        conn.watch_client()
+        try:
+            await self._attempt(conn, ex, Choice(node, model))
+        except AttemptFailed as e:
+            ex.http_status, ex.error = 502, str(e)
+            await conn.send_response(502, hc.ollama_error_body(str(e)))
+            ex.answered = True
+        finally:
+            self.finish(ex)
 
 
 def strip_routing_fields(request, body):
@@ -1092,6 +1209,266 @@ def request_tags(request, body):
     return ",".join(sorted(tags)) or None
 
 
+def forward_headers(request):
+    """The client's headers minus hop-by-hop ones (and Host, which a loopback-bound
+    Ollama checks against its own names), and minus X-Herd-Tags, which is ours."""
+    return hc.end_to_end_headers(request.headers, (b"x-herd-tags",))
+
+
+def response_headers(upstream_headers, ex, choice):
+    headers = hc.end_to_end_headers(upstream_headers, (b"server", b"date"))
+    headers += [
+        (b"x-fleet-node", choice.node.node_id.encode()),
+        (b"x-fleet-served-model", ex.served_model.encode()),
+        (b"x-fleet-requested-model", ex.model.encode()),
+        (b"x-fleet-retries", b"%d" % ex.retries),
+        (b"x-fleet-score", f"{choice.score:.1f}".encode()),
+    ]
+    if ex.served_model != ex.model:
+        headers.append((b"x-fleet-fallback", ex.served_model.encode()))
+    return headers
+
+
+def content_length(headers):
+    for k, v in headers:
+        if k == b"content-length":
+            return int(v)
+    return None
+
+
+def is_busy(status, body):
+    """Ollama's own 503 when its queue is full (OLLAMA_MAX_QUEUE): the client retries."""
+    return status == 503 and b"server busy" in body
+
+
+async def end_with_error(conn, ex, message):
+    """Tell a streaming client the answer broke off, in its own framing, and end."""
+    if ex.api == "openai":
+        line = b"data: " + hc.openai_error_body(502, message) + b"\n\n"
+    else:
+        line = hc.ollama_error_body(message) + b"\n"
+    with contextlib.suppress(ConnectionError):
+        await conn.send_data(line)
+        await conn.end_response()
+
+
+def is_unload(path, body):
+    """keep_alive 0 with no prompt or messages: Ollama unloads the model at once."""
+    if path not in ("/api/generate", "/api/chat"):
+        return False
+    keep_alive = body.get("keep_alive")
+    zero = keep_alive == 0 or (isinstance(keep_alive, str) and
+                               re.fullmatch(r"0+(\.0*)?[a-z]*", keep_alive.strip()) is not None)
+    empty = not body.get("prompt") if path == "/api/generate" else not body.get("messages")
+    return zero and empty and not isinstance(keep_alive, bool)
+
+####################################################################################
+# Pulls and pre-warm: models the router puts on nodes by itself
+####################################################################################
+
+
+class Puller:
+    """One pull per model at a time; requests that need the model wait on it."""
+
+    def __init__(self, cfg, fleet, tasks):
+        self.cfg, self.fleet, self.tasks = cfg, fleet, tasks
+        self.running = {}  # model -> Future of the pull
+        self.progress = {}  # model -> {node_id, status, completed, total, ...}
+
+    def pick_node(self, wanted=None):
+        """The node to pull onto: the one named, else the one with most free memory."""
+        nodes = [n for n in self.fleet.working_nodes() if n.status == ONLINE]
+        if wanted:
+            return next((n for n in nodes if n.node_id == wanted), None)
+        return max(nodes, key=lambda n: n.hb.mem_available, default=None)
+
+    async def ensure(self, model, name, not_found):
+        """Pull `model` (once, however many requests ask); raise 404 if it fails."""
+        fut = self.running.get(model)
+        if fut is None:
+            fut = self.running[model] = asyncio.get_running_loop().create_future()
+            # Every waiter may have given up by the time it fails: mark it seen.
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self.tasks.spawn(self._pull(model, name or model, fut), f"auto-pull {model}")
+        try:
+            async with asyncio.timeout(self.cfg.auto_pull_timeout):
+                await asyncio.shield(fut)
+        except TimeoutError:
+            raise RouteError(503, f"model '{name}' is still being pulled; try again "
+                                  f"shortly", [(b"retry-after", b"10")]) from None
+        except hc.UpstreamError as e:
+            raise RouteError(404, f"{not_found}, and pulling it failed: {e}") from None
+
+    async def _pull(self, model, name, fut):
+        node = self.pick_node()
+        try:
+            if node is None:
+                raise hc.UpstreamError("pull", "no online node to pull onto")
+            await self.pull(node, name, model)
+            fut.set_result(node)
+        except (hc.UpstreamError, ValueError) as e:
+            fut.set_exception(hc.UpstreamError("pull", str(e)))
+        finally:
+            self.running.pop(model, None)
+
+    async def pull(self, node, name, model):
+        """Stream Ollama's /api/pull on `node`, keeping its progress for /fleet/status."""
+        state = self.progress[model] = {"node_id": node.node_id, "status": "starting",
+                                        "started": hc.now_rfc3339()}
+        fleet_log.info("pulling model", extra={"node_id": node.node_id, "model": model,
+                                               "event": "pull"})
+        up = await hc.Upstream.connect(node.host, node.port, self.cfg.connect_timeout)
+        try:
+            await up.send_request(b"POST", b"/api/pull", [(b"content-type", b"application/json")],
+                                  hc.dump_json({"model": name, "stream": True}))
+            status, _ = await up.receive_head(self.cfg.first_byte_timeout)
+            pending = b""
+            while data := await up.receive_data(self.cfg.chunk_timeout):
+                *lines, pending = (pending + data).split(b"\n")
+                for line in lines:
+                    self._note(state, line, status)
+            self._note(state, pending, status)
+        except hc.UpstreamError as e:
+            state["status"] = f"failed: {e}"
+            raise
+        finally:
+            up.close()
+        if state.get("status") != "success":
+            raise hc.UpstreamError("pull", state.get("error") or f"ended with {state['status']}")
+        await self.refresh_models(node)
+
+    @staticmethod
+    def _note(state, line, status):
+        if not line.strip():
+            return
+        try:
+            event = json.loads(line)
+        except ValueError:
+            event = {"error": line.decode("utf-8", "replace")[:200]}
+        if status >= 400 or "error" in event:
+            state["status"] = "failed"
+            state["error"] = event.get("error", f"status {status}")
+            raise hc.UpstreamError("pull", state["error"])
+        state.update({k: event[k] for k in ("status", "completed", "total") if k in event})
+
+    async def refresh_models(self, node):
+        """Re-read a node's models now (a pull just added one), not at its next beat."""
+        try:
+            tags = await hc.http_json(node.ollama_url, "GET", "/api/tags", timeout=10)
+        except hc.UpstreamError as e:
+            fleet_log.warning(f"could not re-read models: {e}", extra={"node_id": node.node_id})
+            return
+        self.fleet.mark_pulled(node, tags.get("models") or [])
+
+
+class Warmer:
+    """Loads a busy model on the runner-up node, so the next request finds it hot."""
+
+    def __init__(self, cfg, fleet, tasks):
+        self.cfg, self.fleet, self.tasks = cfg, fleet, tasks
+        self.warming = set()  # (node_id, model) being loaded
+
+    def consider(self, choice, queue, name):
+        """Pre-warm when the chosen node+model has FLEET_PRE_WARM_THRESHOLD requests."""
+        threshold = self.cfg.pre_warm_threshold
+        if not threshold or queue.active + queue.waiting < threshold:
+            return
+        runner_up = choice.runner_up
+        if runner_up is None or runner_up.hot:
+            return
+        key = (runner_up.node_id, choice.model)
+        node = self.fleet.nodes.get(runner_up.node_id)
+        if key in self.warming or node is None:
+            return  # at most one warm-up per node+model at a time
+        self.warming.add(key)
+        self.tasks.spawn(self._warm(node, choice.model, name), f"pre-warm {key}")
+
+    async def _warm(self, node, model, name):
+        extra = {"node_id": node.node_id, "model": model, "event": "pre_warm"}
+        fleet_log.info("pre-warming the runner-up node", extra=extra)
+        try:
+            # An empty prompt only loads the model (Ollama answers done_reason "load").
+            status, _, _ = await hc.http_call(node.ollama_url, "POST", "/api/generate",
+                                              {"model": name, "prompt": ""},
+                                              timeout=self.cfg.first_byte_timeout)
+            if status == 200:
+                self.fleet.mark_loaded(node, model)
+            else:
+                fleet_log.warning(f"pre-warm answered {status}", extra=extra)
+        except hc.UpstreamError as e:
+            fleet_log.warning(f"pre-warm failed: {e}", extra=extra)
+        finally:
+            self.warming.discard((node.node_id, model))
+
+####################################################################################
+# Stats: what the router counts, for /metrics, /fleet/status and the health checks
+####################################################################################
+
+
+class Stats:
+    """Request counters and histograms, and routing events: since start and recent."""
+
+    RECENT = 10000  # events kept with their time, for the health checks' window
+
+    def __init__(self):
+        self.metrics = hc.Metrics()
+        for name, kind, text in METRICS:
+            self.metrics.describe(name, kind, text)
+        self.events = collections.Counter()  # event -> count since start
+        self.recent = collections.deque(maxlen=self.RECENT)  # (time, event)
+
+    def count_event(self, event, message, ex=None, level=logging.INFO):
+        """Count a routing decision (context protection, a reaped request...) and log it."""
+        self.events[event] += 1
+        self.recent.append((time.time(), event))
+        fleet_log.log(level, message, extra={"event": event,
+                                             "request_id": ex.request_id if ex else None,
+                                             "node_id": ex.node_id if ex else None,
+                                             "model": ex.model if ex else None})
+
+    def events_since(self, since):
+        return collections.Counter(e for t, e in self.recent if t > since)
+
+    def count_request(self, ex, row):
+        """Fold one finished request (its trace row) into the counters."""
+        m, model, node, status = self.metrics, ex.served_model, ex.node_id or "", row["status"]
+        m.inc("herd_requests_total", (("model", model), ("node", node), ("status", status)))
+        m.observe("herd_request_duration_seconds", (("model", model),),
+                  row["latency_ms"] / 1000)
+        if ex.ttft is not None:
+            m.observe("herd_time_to_first_token_seconds", (("model", model),), ex.ttft)
+        for kind in ("prompt", "completion"):
+            tokens = row[f"{kind}_tokens"]
+            if tokens:
+                m.inc("herd_tokens_total", (("model", model), ("kind", kind)), tokens)
+        if ex.retries:
+            m.inc("herd_retries_total", (("model", model),), ex.retries)
+        if ex.served_model != ex.model:
+            m.inc("herd_fallbacks_total", (("requested", ex.model), ("served", model)))
+        if status == hc.CANCELLED:
+            m.inc("herd_cancellations_total", (("model", model),))
+
+    def render(self, fleet, holding, traces_dropped):
+        """The Prometheus text: counters, plus gauges read from live state now."""
+        gauges = [("herd_holding_requests", (), holding),
+                  ("herd_trace_rows_dropped_total", (), traces_dropped),
+                  ("herd_zombies_reaped_total", (), self.events["zombie_reaped"])]
+        for (node_id, model), q in fleet.queues.items():
+            labels = (("node", node_id), ("model", model))
+            gauges.append(("herd_queue_in_flight", labels, q.active))
+            gauges.append(("herd_queue_waiting", labels, q.waiting))
+        for node in fleet.nodes.values():
+            for status in NODE_STATUSES:
+                gauges.append(("herd_node_status", (("node", node.node_id), ("status", status)),
+                               int(node.status == status)))
+            for kind, value in (("total", node.hb.mem_total),
+                                ("available", node.hb.mem_available)):
+                gauges.append(("herd_node_memory_bytes", (("node", node.node_id),
+                                                          ("kind", kind)), value))
+        for event, count in self.events.items():
+            gauges.append(("herd_events_total", (("event", event),), count))
+        return self.metrics.render(gauges)
+
 ####################################################################################
 # Health: checks over a snapshot of the fleet, the traces and the event counters
 #
@@ -1111,9 +1488,21 @@ def finding(check, severity, title, description, recommendation, node=None, mode
             "node_id": node, "model": model}
 
 
+def check_no_nodes(snap):
+    working = [n for n in snap["nodes"] if n["status"] in (ONLINE, DEGRADED)]
+    if not working:
+        seen = f"{len(snap['nodes'])} known, none online" if snap["nodes"] else \
+            "no node has sent a heartbeat"
+        yield finding("no_nodes", "critical", "No node can serve requests",
+                      f"The router has no node to send work to ({seen}); every request "
+                      f"waits, then gets a 503 or 404.",
+                      "Start Ollama on this machine (the router serves it by itself), or "
+                      "run herd_node.py beside an Ollama on another machine.")
+
+
 def check_offline_nodes(snap):
     for n in snap["nodes"]:
-        if n["status"] == "offline":
+        if n["status"] == OFFLINE:
             yield finding("offline_nodes", "critical", f"{n['node_id']} is offline",
                           f"No heartbeat for {n['silent_s']:.0f}s; it gets no work.",
                           "Check that herd_node.py runs there and can reach the router "
@@ -1123,7 +1512,7 @@ def check_offline_nodes(snap):
 
 def check_degraded_nodes(snap):
     for n in snap["nodes"]:
-        if n["status"] == "degraded":
+        if n["status"] == DEGRADED:
             yield finding("degraded_nodes", "warning", f"{n['node_id']} is degraded",
                           f"No heartbeat for {n['silent_s']:.0f}s (degraded after "
                           f"{snap['heartbeat_timeout']:g}s); it is scored lower.",
@@ -1134,7 +1523,7 @@ def check_degraded_nodes(snap):
 def check_memory_pressure(snap):
     for n in snap["nodes"]:
         pressure = n["memory"].get("pressure", "normal")
-        if pressure in ("warning", "critical") and n["status"] != "offline":
+        if pressure in ("warning", "critical") and n["status"] != OFFLINE:
             yield finding("memory_pressure", pressure, f"{n['node_id']} is short of memory",
                           f"{n['memory'].get('percent', 0):.0f}% of its memory is in use "
                           f"(pressure {pressure}); at critical it gets no work.",
@@ -1147,7 +1536,7 @@ def check_underutilized_nodes(snap):
     if sum(busy.values()) < 20:
         return  # too little traffic to call anyone idle
     for n in snap["nodes"]:
-        if n["status"] == "online" and not busy.get(n["node_id"]):
+        if n["status"] == ONLINE and not busy.get(n["node_id"]):
             yield finding("underutilized_nodes", "info", f"{n['node_id']} served nothing",
                           f"0 of {sum(busy.values())} requests in the last "
                           f"{HEALTH_WINDOW_S // 60} min went there.",
@@ -1237,7 +1626,7 @@ def check_incomplete_streams(snap):
 
 def check_version_mismatch(snap):
     versions = {n["ollama_version"] for n in snap["nodes"]
-                if n["status"] != "offline" and n["ollama_version"]}
+                if n["status"] != OFFLINE and n["ollama_version"]}
     if len(versions) > 1:
         yield finding("version_mismatch", "info", "Nodes run different Ollama versions",
                       f"Versions in the fleet: {', '.join(sorted(versions))}.",
@@ -1262,7 +1651,7 @@ def check_zombie_reaper(snap):
                       "A node or a client hangs: the failed traces' error_message names it.")
 
 
-HEALTH_CHECKS = (check_offline_nodes, check_degraded_nodes, check_memory_pressure,
+HEALTH_CHECKS = (check_no_nodes, check_offline_nodes, check_degraded_nodes, check_memory_pressure,
                  check_underutilized_nodes, check_vram_fallbacks, check_kv_cache_bloat,
                  check_model_thrashing, check_request_timeouts, check_error_rates,
                  check_retry_rates, check_client_disconnects, check_incomplete_streams,
@@ -1278,229 +1667,110 @@ def run_health_checks(snap):
     return found, score
 
 
-TRACE_WINDOW_SQL = (
-    "SELECT status, node_id, COUNT(*) AS n, AVG(ttft_ms) AS ttft, "
-    "SUM(error_message LIKE '%sent no %' OR error_message LIKE '%timed out%') AS timeouts "
-    "FROM request_traces WHERE timestamp > ? GROUP BY status, node_id")
+class Health:
+    """The health API: a snapshot of live state, an hour of traces and the counters,
+    the checks over it, and a day of vitals."""
 
+    def __init__(self, cfg, fleet, traces, stats):
+        self.cfg, self.fleet, self.traces, self.stats = cfg, fleet, traces, stats
 
-VITALS_SQL = (  # one pass over the covering index: no sort, fast on a day of traces
-    "SELECT COALESCE(SUM(status != 'retried'), 0) AS requests, "
-    "COALESCE(SUM(status IN ('failed', 'incomplete')), 0) AS failed, "
-    "AVG(CASE WHEN status = 'completed' THEN ttft_ms END) AS ttft "
-    "FROM request_traces WHERE timestamp > ?")
+    async def snapshot(self):
+        """What the checks look at (a plain dict, so tests can craft one)."""
+        self.fleet.refresh_status()
+        since = time.time() - HEALTH_WINDOW_S
+        now = time.monotonic()
+        nodes = [{
+            "node_id": n.node_id, "status": n.status, "silent_s": now - n.last_seen,
+            "memory": n.hb.memory, "ollama_version": n.hb.ollama_version,
+            "loaded": [{**e, "model": name, "disk_size": n.models.get(name, {}).get("size")}
+                       for name, e in n.loaded.items()],
+        } for n in self.fleet.nodes.values()]
+        cfg = self.cfg
+        limits = {"error_rate": cfg.health_error_rate, "retry_rate": cfg.health_retry_rate,
+                  "disconnect_rate": cfg.health_disconnect_rate,
+                  "thrash_loads": cfg.health_thrash_loads}
+        recent = self.stats.events_since(since)
+        return {"nodes": nodes, "loads_by_model": dict(self.fleet.moves_since(since, "load")),
+                "limits": limits,
+                "events": {k: v for k, v in recent.items() if k != "zombie_reaped"},
+                "zombies_reaped": recent["zombie_reaped"],
+                "heartbeat_timeout": cfg.heartbeat_timeout,
+                **await self.traces.health_window(since)}
 
-
-MODEL_USAGE_SQL = (
-    "SELECT model, node_id, COUNT(*) AS requests, "
-    "SUM(status IN ('failed', 'incomplete')) AS errors, "
-    "ROUND(AVG(CASE WHEN status='completed' THEN latency_ms END), 1) AS mean_latency_ms, "
-    "ROUND(AVG(CASE WHEN status='completed' THEN ttft_ms END), 1) AS mean_ttft_ms, "
-    "ROUND(SUM(CASE WHEN status='completed' THEN completion_tokens END) * 1000.0 / "
-    "NULLIF(SUM(CASE WHEN status='completed' AND completion_tokens > 0 "
-    "THEN latency_ms - COALESCE(ttft_ms, 0) END), 0), 1) AS tokens_per_s "
-    "FROM request_traces WHERE timestamp > ? AND status != 'retried' "
-    "GROUP BY model, node_id ORDER BY model, requests DESC")
-TREND_RANGES = {"24h": (86400, 3600), "7d": (7 * 86400, 6 * 3600), "30d": (30 * 86400, 86400)}
-TRENDS_SQL = (
-    "SELECT CAST(timestamp / ? AS INTEGER) * ? AS t, COUNT(*) AS requests, "
-    "SUM(status IN ('failed', 'incomplete')) AS errors, "
-    "ROUND(AVG(CASE WHEN status='completed' THEN latency_ms END), 1) AS mean_latency_ms, "
-    "ROUND(AVG(CASE WHEN status='completed' THEN ttft_ms END), 1) AS mean_ttft_ms, "
-    "ROUND(SUM(completion_tokens) * 1000.0 / NULLIF(SUM(CASE WHEN completion_tokens > 0 "
-    "THEN latency_ms - COALESCE(ttft_ms, 0) END), 0), 1) AS tokens_per_s "
-    "FROM request_traces WHERE timestamp > ? AND status != 'retried' GROUP BY t ORDER BY t")
-
-
-def trace_window(rows):
-    """The trace side of a health snapshot from TRACE_WINDOW_SQL's rows."""
-    out = collections.Counter()
-    by_node = collections.Counter()
-    ttft_sum = ttft_n = 0.0
-    for r in rows:
-        out[r["status"]] += r["n"]
-        out["timeouts"] += r["timeouts"] or 0
-        if r["status"] != "retried":
-            out["requests"] += r["n"]
-            by_node[r["node_id"]] += r["n"]
-        if r["ttft"] is not None and r["status"] == "completed":
-            ttft_sum += r["ttft"] * r["n"]
-            ttft_n += r["n"]
-    failed = out["failed"] + out["incomplete"]
-    return {"requests": out["requests"], "failed": failed, "retried": out["retried"],
-            "cancelled": out["cancelled"], "incomplete": out["incomplete"],
-            "timeouts": out["timeouts"], "requests_by_node": dict(by_node),
-            "mean_ttft_ms": round(ttft_sum / ttft_n, 1) if ttft_n else None}
-
-
+    async def report(self):
+        """/dashboard/api/health: score, worst severity, findings and vitals."""
+        snap = await self.snapshot()
+        findings, score = run_health_checks(snap)
+        counts = collections.Counter(n["status"] for n in snap["nodes"])
+        day_ago = time.time() - 86400
+        day = await self.traces.vitals(day_ago)
+        return {
+            "score": score,
+            "status": findings[0]["severity"] if findings else "healthy",
+            "checks_window_s": HEALTH_WINDOW_S,
+            "vitals": {"window_s": 86400, "nodes_online": counts[ONLINE],
+                       "nodes_degraded": counts[DEGRADED], "nodes_draining": counts[DRAINING],
+                       "nodes_offline": counts[OFFLINE], "requests": day["requests"],
+                       "error_rate": round(day["failed"] / day["requests"], 4)
+                       if day["requests"] else 0.0,
+                       "mean_ttft_ms": round(day["ttft"], 1) if day["ttft"] else None,
+                       "model_loads": sum(self.fleet.moves_since(day_ago, "load").values())},
+            "checks": findings}
 ####################################################################################
-# Pulling models: on request (POST /api/pull) and when no node has one (auto-pull)
+# HTTP API: the route table and thin handlers that delegate
 ####################################################################################
 
 
-class Puller:
-    """One pull per model at a time; requests that need the model wait on it."""
+class Api:
+    """Every route the router answers: Ollama's, OpenAI's, the fleet's, the dashboard's."""
 
-    def __init__(self, router):
-        self.router = router
-        self.running = {}  # model -> Future of the pull
-        self.progress = {}  # model -> {node_id, status, completed, total, ...}
-
-    def pick_node(self, wanted=None):
-        """The node to pull onto: the one named, else the one with most free memory."""
-        nodes = [n for n in self.router.fleet.nodes.values()
-                 if n.status == "online" and n.reachable and not n.draining and not n.paused]
-        if wanted:
-            return next((n for n in nodes if n.node_id == wanted), None)
-        return max(nodes, key=lambda n: n.info.get("memory", {}).get("available", 0),
-                   default=None)
-
-    async def ensure(self, model, name, not_found):
-        """Pull `model` (once, however many requests ask); raise 404 if it fails."""
-        fut = self.running.get(model)
-        if fut is None:
-            fut = self.running[model] = asyncio.get_running_loop().create_future()
-            # Every waiter may have given up by the time it fails: mark it seen.
-            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
-            task = asyncio.create_task(self._pull(model, name or model, fut),
-                                       name=f"auto-pull {model}")
-            self.router.background.add(task)
-            task.add_done_callback(self.router.background.discard)
-        try:
-            async with asyncio.timeout(self.router.cfg.auto_pull_timeout):
-                await asyncio.shield(fut)
-        except TimeoutError:
-            raise RouteError(503, f"model '{name}' is still being pulled; try again "
-                                  f"shortly", [(b"retry-after", b"10")]) from None
-        except hc.UpstreamError as e:
-            raise RouteError(404, f"{not_found}, and pulling it failed: {e}") from None
-
-    async def _pull(self, model, name, fut):
-        node = self.pick_node()
-        try:
-            if node is None:
-                raise hc.UpstreamError("pull", "no online node to pull onto")
-            await self.pull(node, name, model)
-            fut.set_result(node)
-        except (hc.UpstreamError, ValueError) as e:
-            fut.set_exception(hc.UpstreamError("pull", str(e)))
-        finally:
-            self.running.pop(model, None)
-
-    async def pull(self, node, name, model):
-        """Stream Ollama's /api/pull on `node`, keeping its progress for /fleet/status."""
-        state = self.progress[model] = {"node_id": node.node_id, "status": "starting",
-                                        "started": hc.now_rfc3339()}
-        fleet_log.info("pulling model", extra={"node_id": node.node_id, "model": model,
-                                               "event": "pull"})
-        up = await hc.Upstream.connect(node.host, node.port, self.router.cfg.connect_timeout)
-        try:
-            await up.send_request(b"POST", b"/api/pull", [(b"content-type", b"application/json")],
-                                  hc.dump_json({"model": name, "stream": True}))
-            status, _ = await up.receive_head(self.router.cfg.first_byte_timeout)
-            pending = b""
-            while data := await up.receive_data(self.router.cfg.chunk_timeout):
-                *lines, pending = (pending + data).split(b"\n")
-                for line in lines:
-                    self._note(state, line, status)
-            self._note(state, pending, status)
-        except hc.UpstreamError as e:
-            state["status"] = f"failed: {e}"
-            raise
-        finally:
-            up.close()
-        if state.get("status") != "success":
-            raise hc.UpstreamError("pull", state.get("error") or f"ended with {state['status']}")
-        await self.router.refresh_models(node)
-
-    @staticmethod
-    def _note(state, line, status):
-        if not line.strip():
-            return
-        try:
-            event = json.loads(line)
-        except ValueError:
-            event = {"error": line.decode("utf-8", "replace")[:200]}
-        if status >= 400 or "error" in event:
-            state["status"] = "failed"
-            state["error"] = event.get("error", f"status {status}")
-            raise hc.UpstreamError("pull", state["error"])
-        state.update({k: event[k] for k in ("status", "completed", "total") if k in event})
-
-
-####################################################################################
-# API handlers
-####################################################################################
-
-
-def is_unload(path, body):
-    """keep_alive 0 with nothing to generate: Ollama unloads the model (§5)."""
-    if path not in ("/api/generate", "/api/chat"):
-        return False
-    keep_alive = body.get("keep_alive")
-    zero = keep_alive == 0 or (isinstance(keep_alive, str) and
-                               re.fullmatch(r"0+(\.0*)?[a-z]*", keep_alive.strip()) is not None)
-    empty = not body.get("prompt") if path == "/api/generate" else not body.get("messages")
-    return zero and empty and not isinstance(keep_alive, bool)
-
-
-class Router:
-    """The router's state and its HTTP dispatch."""
-
-    def __init__(self, cfg, traces):
-        self.cfg = cfg
-        self.traces = traces
-        self.fleet = Fleet(cfg)
-        self.pool = hc.UpstreamPool()
+    def __init__(self, cfg, fleet, scheduler, proxy, pulls, stats, health, traces, local):
+        self.cfg, self.fleet, self.scheduler, self.proxy = cfg, fleet, scheduler, proxy
+        self.pulls, self.stats, self.health, self.traces = pulls, stats, health, traces
+        self.local = local
         self.started = time.time()
         self.in_flight = 0
         self.all_done = asyncio.Event()
-        self.client_in_flight = collections.Counter()
-        self.active = {}  # request_id -> Exchange, for the reaper
-        self.warming = set()  # (node_id, model) being pre-warmed
-        self.pulls = Puller(self)
-        self.events = collections.Counter()  # routing decisions since start (/metrics)
-        self.recent_events = collections.deque(maxlen=10000)  # (time, event), for health
-        self.trend_cache = {}  # range seconds -> (monotonic expiry, points)
-        self.metrics = hc.Metrics()
-        for name, kind, text in METRICS:
-            self.metrics.describe(name, kind, text)
-        self.background = set()  # one-off tasks (pre-warms), cancelled at shutdown
-        self.zombies_reaped = 0
-        self.local_node_id = hc.short_hostname()
-        self.local_addresses = local_addresses()
         self.routes = {
-            ("GET", "/"): self.handle_root, ("HEAD", "/"): self.handle_root,
-            ("GET", "/api/version"): self.handle_version,
-            ("HEAD", "/api/version"): self.handle_version,
-            ("GET", "/api/tags"): self.handle_tags, ("HEAD", "/api/tags"): self.handle_tags,
-            ("GET", "/api/ps"): self.handle_ps,
-            ("POST", "/api/show"): self.handle_show,
-            ("POST", "/api/pull"): self.handle_pull,
-            ("GET", "/v1/models"): self.handle_openai_models,
-            ("POST", "/heartbeat"): self.handle_heartbeat,
-            ("GET", "/fleet/status"): self.handle_fleet_status,
-            ("GET", "/fleet/queue"): self.handle_fleet_queue,
-            ("GET", "/metrics"): self.handle_metrics,
-            ("GET", "/dashboard/api/health"): self.handle_health,
-            ("GET", "/dashboard"): self.handle_dashboard,
-            ("GET", "/dashboard/api/overview"): self.handle_fleet_status,
-            ("GET", "/dashboard/api/queues"): self.handle_fleet_queue,
-            ("GET", "/dashboard/api/requests"): self.handle_requests,
-            ("GET", "/dashboard/api/models"): self.handle_models,
-            ("GET", "/dashboard/api/apps"): self.handle_apps,
-            ("GET", "/dashboard/api/trends"): self.handle_trends,
-            ("GET", "/dashboard/api/settings"): self.handle_settings,
+            ("GET", "/"): self.root, ("HEAD", "/"): self.root,
+            ("GET", "/api/version"): self.version, ("HEAD", "/api/version"): self.version,
+            ("GET", "/api/tags"): self.tags, ("HEAD", "/api/tags"): self.tags,
+            ("GET", "/api/ps"): self.ps,
+            ("POST", "/api/show"): self.show,
+            ("POST", "/api/pull"): self.pull,
+            ("GET", "/v1/models"): self.openai_models,
+            ("POST", "/heartbeat"): self.heartbeat,
+            ("GET", "/fleet/status"): self.fleet_status,
+            ("GET", "/fleet/queue"): self.fleet_queue,
+            ("GET", "/metrics"): self.metrics,
+            ("GET", "/dashboard"): self.dashboard,
+            ("GET", "/dashboard/api/health"): self.health_report,
+            ("GET", "/dashboard/api/overview"): self.fleet_status,
+            ("GET", "/dashboard/api/queues"): self.fleet_queue,
+            ("GET", "/dashboard/api/requests"): self.requests,
+            ("GET", "/dashboard/api/models"): self.models,
+            ("GET", "/dashboard/api/apps"): self.apps,
+            ("GET", "/dashboard/api/trends"): self.trends,
+            ("GET", "/dashboard/api/settings"): self.settings,
         }
         for path in NATIVE_INFERENCE + OPENAI_INFERENCE:
-            self.routes[("POST", path)] = self.handle_inference
+            self.routes[("POST", path)] = self.inference
 
     # -- dispatch -----------------------------------------------------------------
 
     async def handle(self, request, conn):
+        """The HttpConnection handler: one call per request."""
         self.in_flight += 1
         try:
-            await self._dispatch(request, conn)
+            handler = self.routes.get((request.method, request.path))
+            if handler is not None:
+                await handler(request, conn)
+            elif request.method == "GET" and request.path.startswith("/v1/models/"):
+                await self.openai_model(request, conn)
+            elif any(p == request.path for (_, p) in self.routes):  # as Ollama (gin) says
+                await conn.send_response(405, b"405 method not allowed", b"text/plain")
+            else:
+                await conn.send_response(404, b"404 page not found", b"text/plain")
         finally:
             self.in_flight -= 1
             if not self.in_flight:
@@ -1514,454 +1784,149 @@ class Router:
                 async with asyncio.timeout(timeout):
                     await self.all_done.wait()
 
-    async def _dispatch(self, request, conn):
-        handler = self.routes.get((request.method, request.path))
-        if handler is None:
-            if request.method == "GET" and request.path.startswith("/v1/models/"):
-                return await self.handle_openai_model(request, conn)
-            if any(p == request.path for (_, p) in self.routes):
-                return await conn.send_response(405, b"405 method not allowed",
-                                                b"text/plain")
-            return await conn.send_response(404, b"404 page not found", b"text/plain")
-        await handler(request, conn)
-
-    @contextlib.contextmanager
-    def admit(self, client):
-        """Count a client's requests in flight; past FLEET_CLIENT_MAX_IN_FLIGHT, 429."""
-        limit = self.cfg.client_max_in_flight
-        if limit and self.client_in_flight[client] >= limit:
-            raise RouteError(429, f"client {client} already has {limit} requests in "
-                                  f"flight (FLEET_CLIENT_MAX_IN_FLIGHT)",
-                             [(b"retry-after", b"1")])
-        self.client_in_flight[client] += 1
-        try:
-            yield
-        finally:
-            self.client_in_flight[client] -= 1
-            if not self.client_in_flight[client]:
-                del self.client_in_flight[client]
-
-    def finish(self, ex):
-        """Record the trace of a finished request, count it, and log it."""
-        self.traces.record(ex.trace_row())
-        self.count_request(ex)
-        # One line per request goes to the JSONL file (DEBUG by default); only trouble
-        # reaches the terminal.
-        level = logging.DEBUG if ex.status in ("completed", "cancelled") else logging.WARNING
-        proxy_log.log(level, f"{ex.endpoint} {ex.status}", extra={
-            "request_id": ex.request_id, "model": ex.served_model, "node_id": ex.node_id,
-            "status": ex.status, "client": ex.request.client, "error": ex.error,
-            "elapsed_ms": round((time.monotonic() - ex.t0) * 1000, 1)})
-
     # -- inference ----------------------------------------------------------------
 
-    async def handle_inference(self, request, conn):
+    async def inference(self, request, conn):
         api = "openai" if request.path.startswith("/v1/") else "ollama"
         try:
             body = hc.parse_json_body(request.body)
         except ValueError as e:
-            return await self.reject(request, conn, api, str(e))
+            return await self.proxy.reject(request, conn, api, str(e))
         model = body.get("model")
         if not isinstance(model, str) or not model.strip():
-            return await self.reject(request, conn, api, "model is required")
+            return await self.proxy.reject(request, conn, api, "model is required")
         fallbacks = body.get("fallback_models", [])
         if not isinstance(fallbacks, list) or not all(isinstance(m, str) and m.strip()
                                                       for m in fallbacks):
-            return await self.reject(request, conn, api,
-                                     "fallback_models must be a list of model names", model)
+            return await self.proxy.reject(request, conn, api,
+                                           "fallback_models must be a list of model names",
+                                           model)
         model = hc.canonical_model(model)
         stream = body.get("stream")
         stream = (api == "ollama") if stream is None else bool(stream)
         if api == "ollama" and is_unload(request.path, body):
-            return await self.handle_unload(request, conn, body, model)
-        await proxy_inference(self, request, conn, api, body, model, stream)
+            return await self.proxy.unload(request, conn, body, model)
+        await self.proxy.serve(request, conn, api, body, model, stream)
 
-    async def reject(self, request, conn, api, message, model=""):
-        """Answer a malformed inference request with 400, and trace it too."""
-        ex = Exchange(request, api, request.path, model, False, b"")
-        ex.status, ex.http_status, ex.error = "rejected", 400, message
-        try:
-            await conn.send_response(400, ex.error_body(400, message))
-        finally:
-            self.finish(ex)
+    # -- Ollama's catalogue -------------------------------------------------------
 
-    async def handle_unload(self, request, conn, body, model):
-        """Send the unload to every node holding the model; answer like Ollama."""
-        holders = [n for n in self.fleet.nodes.values()
-                   if model in n.loaded and n.status != "offline"]
-        if not holders:
-            return await proxy_inference(self, request, conn, "ollama", body, model, False)
-        ex = Exchange(request, "ollama", request.path, model, False,
-                      strip_routing_fields(request, body))
-        ex.node_id = ",".join(n.node_id for n in holders)
-        try:
-            results = await asyncio.gather(*(
-                hc.http_call(n.ollama_url, "POST", request.path, ex.body, timeout=30)
-                for n in holders), return_exceptions=True)
-            answers = [r for r in results if not isinstance(r, Exception) and r[0] == 200]
-            for node in holders:
-                node.loaded.pop(model, None)
-                node.unloaded_at[model] = time.monotonic()
-            if not answers:
-                ex.http_status, ex.error = 502, f"unload of '{model}' failed on {ex.node_id}"
-                return await conn.send_response(502, hc.ollama_error_body(ex.error))
-            ex.status, ex.http_status = "completed", 200
-            await conn.send_response(200, answers[0][2],
-                                     headers=[(b"x-fleet-node", ex.node_id.encode())])
-        finally:
-            self.finish(ex)
-
-    # -- Ollama's catalogue routes ------------------------------------------------
-
-    async def handle_root(self, request, conn):
+    async def root(self, request, conn):
         await conn.send_response(200, b"Ollama is running", b"text/plain; charset=utf-8")
 
-    async def handle_version(self, request, conn):
-        versions = [n.info.get("ollama", {}).get("version") for n in self.online_nodes()]
-        versions = [v for v in versions if v]
+    async def version(self, request, conn):
+        """The lowest Ollama version in the fleet: what a client can rely on."""
+        versions = [n.hb.ollama_version for n in self.fleet.online_nodes()
+                    if n.hb.ollama_version]
         await conn.send_json(200, {"version": min(versions, key=version_key)
                                    if versions else "0.0.0"})
 
-    def online_nodes(self):
-        return [n for n in self.fleet.nodes.values() if n.status != "offline"]
+    async def tags(self, request, conn):
+        await conn.send_json(200, {"models": self.fleet.merged_models()})
 
-    def merged_models(self):
-        """Every model on any online node, once (the newest copy's entry)."""
-        merged = {}
-        for node in self.online_nodes():
-            for name, entry in node.models.items():
-                known = merged.get(name)
-                if known is None or entry.get("modified_at", "") > known.get("modified_at", ""):
-                    merged[name] = entry
-        return [merged[name] for name in sorted(merged)]
+    async def ps(self, request, conn):
+        await conn.send_json(200, {"models": self.fleet.running_models()})
 
-    async def handle_tags(self, request, conn):
-        await conn.send_json(200, {"models": self.merged_models()})
-
-    async def handle_ps(self, request, conn):
-        models = []
-        for node in self.online_nodes():
-            for entry in node.loaded.values():
-                models.append({**entry, "node_id": node.node_id})
-        models.sort(key=lambda m: m.get("expires_at", ""), reverse=True)
-        await conn.send_json(200, {"models": models})
-
-    @staticmethod
-    async def read_model_request(request, conn):
-        """(body, model name) of a native request, or None once a 400 is sent."""
-        try:
-            body = hc.parse_json_body(request.body)
-        except ValueError as e:
-            return await conn.send_response(400, hc.ollama_error_body(str(e)))
-        name = body.get("model") or body.get("name")  # "name" is the older spelling
-        if not isinstance(name, str) or not name:
-            return await conn.send_response(400, hc.ollama_error_body("model is required"))
-        return body, name
-
-    async def handle_show(self, request, conn):
-        if not (parsed := await self.read_model_request(request, conn)):
+    async def show(self, request, conn):
+        if not (parsed := await read_model_request(request, conn)):
             return
         body, name = parsed
-        node = self.any_holder(hc.canonical_model(name))
+        node = self.fleet.best_holder(hc.canonical_model(name))
         if node is None:
             return await conn.send_response(404, hc.ollama_error_body(
                 f"model '{name}' not found"))
-        await self.relay_simple(conn, node, "POST", "/api/show", request.body)
-
-    async def handle_pull(self, request, conn):
-        """Pull through the router: onto the node named in "node", else the node with
-        the most free memory; Ollama's progress is relayed as it comes."""
-        if not (parsed := await self.read_model_request(request, conn)):
-            return
-        body, name = parsed
-        node = self.pulls.pick_node(body.get("node"))
-        if node is None:
-            what = f"node '{body['node']}' is not online" if body.get("node") else \
-                "no online node to pull onto"
-            return await conn.send_response(404 if body.get("node") else 503,
-                                            hc.ollama_error_body(what))
-        model = hc.canonical_model(name)
-        stream = body.get("stream") is not False
-        ex = Exchange(request, "ollama", request.path, model, stream,
-                      hc.dump_json({k: v for k, v in body.items() if k != "node"}))
-        choice = Choice(node, model, 0.0, {}, False)
-        ex.node_id = node.node_id
-        # The new model is listed before the client sees the pull end.
-        ex.before_end = lambda: self.refresh_models(node)
-        conn.watch_client()
         try:
-            await run_attempt(self, conn, ex, choice)
-        except AttemptFailed as e:
-            ex.status, ex.error, ex.http_status = "failed", str(e), 502
-            await conn.send_response(502, hc.ollama_error_body(str(e)))
-        finally:
-            self.finish(ex)
-
-    async def refresh_models(self, node):
-        """Re-read a node's models now (a pull just added one), not at its next beat."""
-        try:
-            tags = await hc.http_json(node.ollama_url, "GET", "/api/tags", timeout=10)
-        except hc.UpstreamError as e:
-            fleet_log.warning(f"could not re-read models: {e}", extra={"node_id": node.node_id})
-            return
-        node.models = {hc.canonical_model(m.get("model") or m["name"]): m
-                       for m in tags.get("models") or [] if isinstance(m, dict)}
-        self.fleet.notify_change()
-
-    def any_holder(self, model):
-        holders = [n for n in self.online_nodes() if model in n.models and n.reachable]
-        holders.sort(key=lambda n: (n.status != "online", model not in n.loaded))
-        return holders[0] if holders else None
-
-    async def relay_simple(self, conn, node, method, path, body):
-        """A small request answered whole by one node, passed on as it came."""
-        try:
-            status, headers, data = await hc.http_call(node.ollama_url, method, path, body,
-                                                       timeout=self.cfg.first_byte_timeout)
+            status, headers, data = await hc.http_call(
+                node.ollama_url, "POST", "/api/show", request.body,
+                timeout=self.cfg.first_byte_timeout)
         except hc.UpstreamError as e:
             return await conn.send_response(502, hc.ollama_error_body(
                 f"node {node.node_id}: {e}"))
         ctype = next((v for k, v in headers if k == b"content-type"), hc.JSON_TYPE)
-        await conn.send_response(status, data, ctype,
-                                 [(b"x-fleet-node", node.node_id.encode())])
+        await conn.send_response(status, data, ctype, [(b"x-fleet-node", node.node_id.encode())])
 
-    # -- OpenAI's model routes ----------------------------------------------------
+    async def pull(self, request, conn):
+        """Pull through the router: onto the node named in "node", else the node with
+        the most free memory; Ollama's progress is relayed as it comes."""
+        if not (parsed := await read_model_request(request, conn)):
+            return
+        body, name = parsed
+        wanted = body.get("node")
+        node = self.pulls.pick_node(wanted)
+        if node is None:
+            what = f"node '{wanted}' is not online" if wanted else \
+                "no online node to pull onto"
+            return await conn.send_response(404 if wanted else 503,
+                                            hc.ollama_error_body(what))
+        forwarded = hc.dump_json({k: v for k, v in body.items() if k != "node"})
 
-    def openai_model(self, entry):
-        name = entry.get("model") or entry.get("name")
-        owner = name.split("/")[-2] if name.count("/") else "library"
-        return {"id": name, "object": "model",
-                "created": hc.rfc3339_to_unix(entry.get("modified_at")), "owned_by": owner}
+        async def refresh():  # the new model is listed before the client sees the end
+            await self.pulls.refresh_models(node)
+        await self.proxy.forward(request, conn, node, hc.canonical_model(name), forwarded,
+                                 body.get("stream") is not False, refresh)
 
-    async def handle_openai_models(self, request, conn):
+    # -- OpenAI's model list ------------------------------------------------------
+
+    async def openai_models(self, request, conn):
         await conn.send_json(200, {"object": "list", "data": [
-            self.openai_model(e) for e in self.merged_models()]})
+            openai_model(e) for e in self.fleet.merged_models()]})
 
-    async def handle_openai_model(self, request, conn):
+    async def openai_model(self, request, conn):
         wanted = request.path[len("/v1/models/"):]
         wanted = hc.canonical_model(urllib.parse.unquote(wanted))
-        for entry in self.merged_models():
+        for entry in self.fleet.merged_models():
             if hc.canonical_model(entry.get("model") or entry["name"]) == wanted:
-                return await conn.send_json(200, self.openai_model(entry))
+                return await conn.send_json(200, openai_model(entry))
         await conn.send_response(404, hc.openai_error_body(
             404, f"model '{wanted}' not found", "model_not_found"))
 
-    # -- fleet routes -------------------------------------------------------------
+    # -- the fleet ----------------------------------------------------------------
 
-    def authorized(self, request):
-        if not self.cfg.token:
-            return True
-        given = request.header("authorization") or ""
-        expected = f"Bearer {self.cfg.token}"
-        return hmac.compare_digest(given.encode(), expected.encode())
-
-    async def handle_heartbeat(self, request, conn):
-        if not self.authorized(request):
+    async def heartbeat(self, request, conn):
+        if not token_matches(self.cfg.token, request):
             return await conn.send_response(401, hc.ollama_error_body(
                 "missing or wrong fleet token (set FLEET_NODE_TOKEN on the node)"))
         try:
-            hb = validate_heartbeat(hc.parse_json_body(request.body))
+            hb = hc.Heartbeat(hc.parse_json_body(request.body))
         except ValueError as e:
             fleet_log.warning("bad heartbeat", extra={"client": request.client,
                                                       "error": str(e)})
             return await conn.send_response(400, hc.ollama_error_body(f"bad heartbeat: {e}"))
-        local = self.fleet.nodes.get(self.local_node_id)
-        if local is not None and local.local and self.covers_local_ollama(hb):
-            self.fleet.remove(self.local_node_id)  # an agent now reports this Ollama
+        self.local.yield_to(hb)
         node = self.fleet.apply_heartbeat(hb)
         await conn.send_json(200, {"status": "ok", "node_status": node.status,
+                                   "in_flight": self.fleet.in_flight(node.node_id),
                                    "router_version": hc.VERSION})
 
-    async def handle_fleet_status(self, request, conn):
+    async def fleet_status(self, request, conn):
         self.fleet.refresh_status()
-        nodes = [n.summary(self.fleet) for n in self.fleet.nodes.values()]
+        nodes = [node_summary(self.fleet, n) for n in self.fleet.nodes.values()]
         counts = collections.Counter(n["status"] for n in nodes)
         await conn.send_json(200, {
             "router": {"version": hc.VERSION, "uptime_s": round(time.time() - self.started),
-                       "nodes_online": counts["online"], "nodes_degraded": counts["degraded"],
-                       "nodes_offline": counts["offline"], "holding": self.fleet.holding,
-                       "zombies_reaped": self.zombies_reaped,
-                       "events": dict(self.events),
+                       "nodes_online": counts[ONLINE], "nodes_degraded": counts[DEGRADED],
+                       "nodes_draining": counts[DRAINING], "nodes_offline": counts[OFFLINE],
+                       "holding": self.scheduler.holding,
+                       "zombies_reaped": self.stats.events["zombie_reaped"],
+                       "events": dict(self.stats.events),
                        "traces_written": self.traces.written,
                        "traces_dropped": self.traces.dropped},
             "pulls": self.pulls.progress,
             "nodes": nodes})
 
-    async def handle_fleet_queue(self, request, conn):
-        await conn.send_json(200, self.queue_report())
+    async def fleet_queue(self, request, conn):
+        await conn.send_json(200, self.scheduler.queue_report())
 
-    def queue_report(self):
-        rows = []
-        for (node_id, model), q in sorted(self.fleet.queues.items()):
-            node = self.fleet.nodes.get(node_id)
-            if node is None:
-                continue
-            c = build_candidate(self.fleet, node, model, 0)
-            rows.append({"node_id": node_id, "model": model, "active": q.active,
-                         "waiting": q.waiting, "limit": q.limit,
-                         "estimated_wait_s": round(hc.estimate_wait_s(c) if q.waiting
-                                                   else 0.0, 2)})
-        return {"queues": rows, "total_active": sum(r["active"] for r in rows),
-                "total_waiting": sum(r["waiting"] for r in rows),
-                "holding": self.fleet.holding}
-
-    # -- the local node -----------------------------------------------------------
-
-    def covers_local_ollama(self, hb):
-        """Does an agent's heartbeat describe the Ollama we would serve locally?"""
-        host, port, _ = hc.split_url(hb["ollama_url"])
-        _, local_port, _ = hc.split_url(self.cfg.local_ollama_url)
-        return port == local_port and (hc.is_loopback_host(host)
-                                       or host in self.local_addresses)
-
-    def local_node_taken(self):
-        node = self.fleet.nodes.get(self.local_node_id)
-        if node is not None and not node.local and node.status != "offline":
-            return True
-        return any(not n.local and n.status != "offline" and self.covers_local_ollama(n.info)
-                   for n in self.fleet.nodes.values())
-
-    async def poll_local_node(self):
-        """Serve this machine's Ollama as a node while no agent reports it."""
-        port = hc.split_url(self.cfg.local_ollama_url)[1]
-        settings = {"found": {}, "next": 0.0}
-
-        async def poll():
-            if self.local_node_taken():
-                return
-            ollama = await hc.read_ollama(self.cfg.local_ollama_url, timeout=3)
-            if not ollama["ok"] and self.local_node_id not in self.fleet.nodes:
-                return  # no Ollama here (yet): nothing to serve
-            if time.monotonic() >= settings["next"]:  # Ollama may restart with others
-                found, _ = await asyncio.to_thread(hc.find_ollama_settings, psutil, port)
-                settings.update(found=found or {}, next=time.monotonic() + 60)
-            machine = await asyncio.to_thread(hc.read_machine, psutil, self.cfg.data_dir)
-            slots, source = hc.resolve_num_parallel(0, settings["found"], os.environ)
-            self.fleet.apply_heartbeat(hc.build_heartbeat(
-                self.local_node_id, self.cfg.local_ollama_url, machine, ollama,
-                settings["found"], slots, source), local=True)
-        await hc.repeat(poll, self.cfg.local_node_interval, log, "polling the local Ollama")
-
-    def pre_warm(self, choice, name):
-        """Load the model on the runner-up node, so the next request finds it hot."""
-        runner_up = choice.runner_up
-        if runner_up is None or runner_up.hot:
-            return
-        key = (runner_up.node_id, choice.model)
-        node = self.fleet.nodes.get(runner_up.node_id)
-        if key in self.warming or node is None:
-            return  # at most one warm-up per node+model at a time
-        self.warming.add(key)
-        task = asyncio.create_task(self._warm(node, choice.model, name),
-                                   name=f"pre-warm {key}")
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
-
-    async def _warm(self, node, model, name):
-        extra = {"node_id": node.node_id, "model": model, "event": "pre_warm"}
-        fleet_log.info("pre-warming the runner-up node", extra=extra)
-        try:
-            # An empty prompt only loads the model (Ollama answers done_reason "load").
-            status, _, body = await hc.http_call(node.ollama_url, "POST", "/api/generate",
-                                                 {"model": name, "prompt": ""},
-                                                 timeout=self.cfg.first_byte_timeout)
-            if status == 200:
-                node.loaded.setdefault(model, {"name": model, "model": model})
-                self.fleet.notify_change()
-            else:
-                fleet_log.warning(f"pre-warm answered {status}", extra=extra)
-        except hc.UpstreamError as e:
-            fleet_log.warning(f"pre-warm failed: {e}", extra=extra)
-        finally:
-            self.warming.discard((node.node_id, model))
-
-    def count_request(self, ex):
-        m, model, node = self.metrics, ex.served_model, ex.node_id or ""
-        m.inc("herd_requests_total", (("model", model), ("node", node), ("status", ex.status)))
-        m.observe("herd_request_duration_seconds", (("model", model),),
-                  time.monotonic() - ex.t0)
-        if ex.ttft is not None:
-            m.observe("herd_time_to_first_token_seconds", (("model", model),), ex.ttft)
-        for kind in ("prompt", "completion"):
-            tokens = getattr(ex, f"{kind}_tokens")
-            if tokens:
-                m.inc("herd_tokens_total", (("model", model), ("kind", kind)), tokens)
-        if ex.retries:
-            m.inc("herd_retries_total", (("model", model),), ex.retries)
-        if ex.served_model != ex.model:
-            m.inc("herd_fallbacks_total", (("requested", ex.model), ("served", model)))
-        if ex.status == "cancelled":
-            m.inc("herd_cancellations_total", (("model", model),))
-
-    def metrics_gauges(self):
-        """Live state for /metrics: queues, nodes, and the router's own counts."""
-        out = [("herd_holding_requests", (), self.fleet.holding),
-               ("herd_trace_rows_dropped_total", (), self.traces.dropped),
-               ("herd_zombies_reaped_total", (), self.zombies_reaped)]
-        for (node_id, model), q in self.fleet.queues.items():
-            out.append(("herd_queue_in_flight", (("node", node_id), ("model", model)), q.active))
-            out.append(("herd_queue_waiting", (("node", node_id), ("model", model)), q.waiting))
-        for node in self.fleet.nodes.values():
-            for status in ("online", "degraded", "offline"):
-                out.append(("herd_node_status", (("node", node.node_id), ("status", status)),
-                            int(node.status == status)))
-            mem = node.info.get("memory", {})
-            for kind in ("total", "available"):
-                out.append(("herd_node_memory_bytes", (("node", node.node_id),
-                                                       ("kind", kind)), mem.get(kind, 0)))
-        for event, count in self.events.items():
-            out.append(("herd_events_total", (("event", event),), count))
-        return out
-
-    async def health_snapshot(self):
-        """What the health checks look at: live state, an hour of traces, counters."""
+    async def metrics(self, request, conn):
         self.fleet.refresh_status()
-        since = time.time() - HEALTH_WINDOW_S
-        rows = await asyncio.to_thread(self.traces.query, TRACE_WINDOW_SQL, (since,))
-        loads = collections.Counter((node, model) for t, kind, node, model
-                                    in self.fleet.model_moves if t > since and kind == "load")
-        now = time.monotonic()
-        nodes = [{
-            "node_id": n.node_id, "status": n.status, "silent_s": now - n.last_seen,
-            "memory": n.info.get("memory", {}),
-            "ollama_version": n.info.get("ollama", {}).get("version", ""),
-            "loaded": [{**e, "model": name, "disk_size": n.models.get(name, {}).get("size")}
-                       for name, e in n.loaded.items()],
-        } for n in self.fleet.nodes.values()]
-        limits = {"error_rate": self.cfg.health_error_rate,
-                  "retry_rate": self.cfg.health_retry_rate,
-                  "disconnect_rate": self.cfg.health_disconnect_rate,
-                  "thrash_loads": self.cfg.health_thrash_loads}
-        recent = collections.Counter(e for t, e in self.recent_events if t > since)
-        return {"nodes": nodes, "loads_by_model": dict(loads), "limits": limits,
-                "events": {k: v for k, v in recent.items() if k != "zombie_reaped"},
-                "zombies_reaped": recent["zombie_reaped"],
-                "heartbeat_timeout": self.cfg.heartbeat_timeout, **trace_window(rows)}
+        text = self.stats.render(self.fleet, self.scheduler.holding, self.traces.dropped)
+        await conn.send_response(200, text.encode(), b"text/plain; version=0.0.4; charset=utf-8")
 
-    async def handle_health(self, request, conn):
-        snap = await self.health_snapshot()
-        findings, score = run_health_checks(snap)
-        counts = collections.Counter(n["status"] for n in snap["nodes"])
-        day_ago = time.time() - 86400
-        day = (await asyncio.to_thread(self.traces.query, VITALS_SQL, (day_ago,)))[0]
-        loads = sum(1 for t, kind, _, _ in self.fleet.model_moves
-                    if t > day_ago and kind == "load")
-        await conn.send_json(200, {
-            "score": score,
-            "status": findings[0]["severity"] if findings else "healthy",
-            "checks_window_s": HEALTH_WINDOW_S,
-            "vitals": {"window_s": 86400, "nodes_online": counts["online"],
-                       "nodes_degraded": counts["degraded"], "nodes_offline": counts["offline"],
-                       "requests": day["requests"],
-                       "error_rate": round(day["failed"] / day["requests"], 4)
-                       if day["requests"] else 0.0,
-                       "mean_ttft_ms": round(day["ttft"], 1) if day["ttft"] else None,
-                       "model_loads": loads},
-            "checks": findings})
+    async def health_report(self, request, conn):
+        await conn.send_json(200, await self.health.report())
 
-    # -- dashboard data (the page reads these; so can curl) ---------------------
+    # -- the dashboard (the page reads these; so can curl) ------------------------------
 
-    async def handle_dashboard(self, request, conn):
+    async def dashboard(self, request, conn):
         """dashboard.html from beside this script, read each time (edit and reload)."""
         path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard.html")
         try:
@@ -1971,20 +1936,17 @@ class Router:
                                                  b"to herd.py", b"text/plain; charset=utf-8")
         await conn.send_response(200, page, b"text/html; charset=utf-8")
 
-    async def handle_settings(self, request, conn):
+    async def settings(self, request, conn):
         """The effective configuration, each value with where it came from."""
-        values = self.cfg.as_dict()
-        rows = []
+        values, rows = self.cfg.as_dict(), []
         for st in ROUTER_SETTINGS:
             attr = st.name.removeprefix("FLEET_").lower()
-            value = values[attr]
-            if st.name == "FLEET_TOKEN" and value:
-                value = "(set)"  # never shown
+            value = "(set)" if st.name == "FLEET_TOKEN" and values[attr] else values[attr]
             rows.append({"name": st.name, "value": value, "default": st.default,
                          "source": self.cfg.sources.get(attr, "default"), "help": st.help})
         await conn.send_json(200, {"settings": rows})
 
-    async def handle_requests(self, request, conn):
+    async def requests(self, request, conn):
         """Recent traces, filtered: ?status=&model=&node=&tag=&since=<s ago>&limit="""
         q = {k: v[-1] for k, v in request.query.items()}
         try:
@@ -1993,25 +1955,14 @@ class Router:
         except ValueError:
             return await conn.send_response(400, hc.ollama_error_body(
                 "since and limit must be numbers"))
-        where, params = ["timestamp > ?"], [time.time() - since]
-        for key, column in (("status", "status"), ("model", "model"), ("node", "node_id")):
-            if q.get(key):
-                where.append(f"{column} = ?")
-                params.append(q[key])
-        if q.get("tag"):
-            where.append("(',' || tags || ',') LIKE ?")
-            params.append(f"%,{q['tag']},%")
-        sql = (f"SELECT * FROM request_traces WHERE {' AND '.join(where)} "
-               f"ORDER BY timestamp DESC LIMIT {limit}")
-        rows = await asyncio.to_thread(self.traces.query, sql, params)
+        rows = await self.traces.recent(time.time() - since, limit, q.get("status"),
+                                        q.get("model"), q.get("node"), q.get("tag"))
         await conn.send_json(200, {"requests": rows})
 
-    async def handle_models(self, request, conn):
+    async def models(self, request, conn):
         """Per model: where it lives, hot or cold, and a day of usage per node."""
-        rows = await asyncio.to_thread(self.traces.query, MODEL_USAGE_SQL,
-                                       (time.time() - 86400,))
         usage = collections.defaultdict(list)
-        for r in rows:
+        for r in await self.traces.model_usage(time.time() - 86400):
             usage[r.pop("model")].append(r)
         models = {}
         for node in self.fleet.nodes.values():
@@ -2027,89 +1978,67 @@ class Router:
         await conn.send_json(200, {"models": sorted(models.values(),
                                                     key=lambda m: m["model"])})
 
-    async def handle_apps(self, request, conn):
+    async def apps(self, request, conn):
         """Per tag (X-Herd-Tags / metadata.tags): a day of requests, errors, speed."""
-        rows = await asyncio.to_thread(self.traces.query, (
-            "SELECT tags, status, latency_ms, prompt_tokens, completion_tokens "
-            "FROM request_traces WHERE timestamp > ? AND tags IS NOT NULL "
-            "AND status != 'retried'"), (time.time() - 86400,))
-        apps = {}
-        for r in rows:
-            for tag in r["tags"].split(","):
-                a = apps.setdefault(tag, {"tag": tag, "requests": 0, "errors": 0,
-                                          "latency_ms_total": 0.0, "tokens": 0})
-                a["requests"] += 1
-                a["errors"] += r["status"] in ("failed", "incomplete")
-                a["latency_ms_total"] += r["latency_ms"] or 0.0
-                a["tokens"] += (r["prompt_tokens"] or 0) + (r["completion_tokens"] or 0)
-        for a in apps.values():
-            a["mean_latency_ms"] = round(a.pop("latency_ms_total") / a["requests"], 1)
-        await conn.send_json(200, {"window_s": 86400, "apps": sorted(
-            apps.values(), key=lambda a: -a["requests"])})
+        apps = await self.traces.app_usage(time.time() - 86400)
+        await conn.send_json(200, {"window_s": 86400, "apps": apps})
 
-    async def handle_trends(self, request, conn):
+    async def trends(self, request, conn):
         """Requests, errors, latency, time to first token and tokens/s over time:
         ?range=24h (hourly), 7d (6-hourly) or 30d (daily)."""
         name = request.query.get("range", ["24h"])[-1]
-        span, bucket = TREND_RANGES.get(name, TREND_RANGES["24h"])
-        cached = self.trend_cache.get(span)
-        if cached is None or cached[0] < time.monotonic():
-            # A month of traces takes about a second to group (300k rows measured), and
-            # the page polls every 3 s: keep the long ranges for a tenth of a bucket.
-            rows = await asyncio.to_thread(self.traces.query, TRENDS_SQL,
-                                           (bucket, bucket, time.time() - span))
-            keep = bucket / 10 if span > 86400 else 0.0
-            cached = self.trend_cache[span] = (time.monotonic() + keep, rows)
-        await conn.send_json(200, {"range_s": span, "bucket_s": bucket, "points": cached[1]})
+        span, bucket = hc.TREND_RANGES.get(name, hc.TREND_RANGES["24h"])
+        points = await self.traces.trends(span, bucket)
+        await conn.send_json(200, {"range_s": span, "bucket_s": bucket, "points": points})
 
-    async def handle_metrics(self, request, conn):
-        self.fleet.refresh_status()
-        await conn.send_response(200, self.metrics.render(self.metrics_gauges()).encode(),
-                                 b"text/plain; version=0.0.4; charset=utf-8")
 
-    def count_event(self, event, ex, message):
-        """Count a routing decision for the health checks, and log it."""
-        self.events[event] += 1
-        self.recent_events.append((time.time(), event))
-        fleet_log.info(message, extra={"event": event,
-                                       "request_id": ex.request_id if ex else None,
-                                       "model": ex.model if ex else None})
+async def read_model_request(request, conn):
+    """(body, model name) of a native request, or None once a 400 is sent."""
+    try:
+        body = hc.parse_json_body(request.body)
+    except ValueError as e:
+        return await conn.send_response(400, hc.ollama_error_body(str(e)))
+    name = body.get("model") or body.get("name")  # "name" is the older spelling
+    if not isinstance(name, str) or not name:
+        return await conn.send_response(400, hc.ollama_error_body("model is required"))
+    return body, name
 
-    def reap_zombies(self):
-        """Stop requests sent to a node that show no progress for FLEET_STALE_TIMEOUT."""
-        now, reaped = time.monotonic(), 0
-        for ex in list(self.active.values()):
-            seen = ex.last_progress()
-            if seen is not None and not ex.reaped and now - seen > self.cfg.stale_timeout:
-                ex.reaped = True
-                ex.task.cancel(msg="reaped: no progress")
-                reaped += 1
-        return reaped
 
-    async def reap_forever(self):
-        await hc.repeat(self.reap_zombies, min(30.0, self.cfg.stale_timeout / 4), log,
-                        "the zombie reaper")
+def token_matches(token, request):
+    """No token set, or the request carries it as a Bearer (compared in constant time)."""
+    if not token:
+        return True
+    given = (request.header("authorization") or "").encode()
+    return hmac.compare_digest(given, f"Bearer {token}".encode())
 
-    async def rebalance_forever(self):
-        await hc.repeat(self.fleet.rebalance, self.cfg.rebalance_interval, log,
-                        "rebalancing")
 
-    async def watch_status(self):
-        await hc.repeat(self.fleet.refresh_status, min(1.0, self.cfg.heartbeat_timeout / 4),
-                        log, "the node status watch")
+def openai_model(entry):
+    """An /api/tags entry as OpenAI's model object."""
+    name = entry.get("model") or entry.get("name")
+    owner = name.split("/")[-2] if name.count("/") else "library"
+    return {"id": name, "object": "model",
+            "created": hc.rfc3339_to_unix(entry.get("modified_at")), "owned_by": owner}
 
-    async def load_learning(self):
-        """Seed the latency averages from the last week of traces."""
-        try:
-            rows = await asyncio.to_thread(self.traces.query, (
-                "SELECT node_id, model, AVG(latency_ms) AS latency, COUNT(*) AS n "
-                "FROM request_traces WHERE status='completed' AND timestamp > ? "
-                "AND node_id IS NOT NULL GROUP BY node_id, model"), (time.time() - 7 * 86400,))
-        except Exception as e:  # a damaged database must not stop the router
-            log.warning("could not read past traces: %s", e)
-            return
-        for r in rows:
-            self.fleet.latency[(r["node_id"], r["model"])] = [r["latency"] / 1000, 0.0, r["n"]]
+
+def node_summary(fleet, node):
+    """One node as /fleet/status shows it."""
+    hb = node.hb
+    return {
+        "node_id": node.node_id, "status": node.status, "local": node.local,
+        "ollama_url": node.ollama_url,
+        "last_heartbeat_s": round(time.monotonic() - node.last_seen, 1),
+        "agent_version": hb.agent_version or None, "hardware": hb.hardware,
+        "memory": hb.memory, "cpu": {"percent": hb.cpu_percent}, "disk": hb.disk,
+        "ollama": hb.ollama, "draining": node.status == DRAINING or hb.draining,
+        "paused": hb.paused, "num_parallel": fleet.slots_for(node),
+        "models_on_disk": sorted(node.models),
+        "models_loaded": [
+            {"model": name, "size": e.get("size"), "size_vram": e.get("size_vram"),
+             "context_length": e.get("context_length"), "expires_at": e.get("expires_at")}
+            for name, e in sorted(node.loaded.items())],
+        "queues": {model: {"active": q.active, "waiting": q.waiting, "limit": q.limit}
+                   for (nid, model), q in fleet.queues.items() if nid == node.node_id},
+    }
 
 
 def read_bytes(path):
@@ -2118,8 +2047,57 @@ def read_bytes(path):
 
 
 def version_key(version):
-    parts = re.findall(r"\d+", version.lstrip("v").split("-")[0])
-    return tuple(int(p) for p in parts)
+    return tuple(int(p) for p in re.findall(r"\d+", version.lstrip("v").split("-")[0]))
+
+####################################################################################
+# Background duties: the local node, the status watch, the reaper, the rebalancer
+####################################################################################
+
+
+class LocalNode:
+    """Serves this machine's Ollama as a node while no agent reports it."""
+
+    def __init__(self, cfg, fleet):
+        self.cfg, self.fleet = cfg, fleet
+        self.node_id = hc.default_node_id()
+        self.addresses = local_addresses()
+        self._settings, self._settings_at = {}, -1e9
+
+    def covers(self, hb):
+        """Does a heartbeat describe the Ollama we would serve locally?"""
+        host, port, _ = hc.split_url(hb.ollama_url)
+        _, local_port, _ = hc.split_url(self.cfg.local_ollama_url)
+        return port == local_port and (hc.is_loopback_host(host) or host in self.addresses)
+
+    def yield_to(self, hb):
+        """An agent's heartbeat for this machine's Ollama: the agent reports it now."""
+        node = self.fleet.nodes.get(self.node_id)
+        if node is not None and node.local and self.covers(hb):
+            self.fleet.remove(self.node_id)
+
+    def _taken(self):
+        node = self.fleet.nodes.get(self.node_id)
+        if node is not None and not node.local and node.status != OFFLINE:
+            return True
+        return any(not n.local and n.status != OFFLINE and self.covers(n.hb)
+                   for n in self.fleet.nodes.values())
+
+    async def poll(self):
+        """One look at the local Ollama, reported as a heartbeat of our own."""
+        if self._taken():
+            return
+        ollama = await hc.read_ollama(self.cfg.local_ollama_url, timeout=3)
+        if not ollama["ok"] and self.node_id not in self.fleet.nodes:
+            return  # no Ollama here (yet): nothing to serve
+        if time.monotonic() - self._settings_at >= 60:  # Ollama may restart with others
+            port = hc.split_url(self.cfg.local_ollama_url)[1]
+            found, _ = await asyncio.to_thread(hc.find_ollama_settings, psutil, port)
+            self._settings, self._settings_at = found or {}, time.monotonic()
+        machine = await asyncio.to_thread(hc.read_machine, psutil, self.cfg.data_dir)
+        slots, source = hc.resolve_num_parallel(0, self._settings, os.environ)
+        self.fleet.apply_heartbeat(hc.Heartbeat(hc.build_heartbeat(
+            self.node_id, self.cfg.local_ollama_url, machine, ollama, self._settings,
+            slots, source)), local=True)
 
 
 def local_addresses():
@@ -2134,6 +2112,27 @@ def local_addresses():
         pass
     return found
 
+
+async def seed_learning(fleet, traces):
+    """Start the latency averages from the last week of traces."""
+    try:
+        fleet.seed_latency(await traces.mean_latencies(time.time() - 7 * 86400))
+    except Exception as e:  # a damaged database must not stop the router
+        log.warning("could not read past traces: %s", e)
+
+
+def start_duties(tasks, cfg, fleet, proxy, local, traces):
+    """The router's background loops, each a named task in `tasks`."""
+    tasks.spawn(hc.repeat(fleet.refresh_status, min(1.0, cfg.heartbeat_timeout / 4), log,
+                          "the node status watch"), "status-watcher")
+    tasks.spawn(seed_learning(fleet, traces), "seed-learning")
+    tasks.spawn(hc.repeat(fleet.rebalance, cfg.rebalance_interval, log, "rebalancing"),
+                "rebalancer")
+    tasks.spawn(hc.repeat(proxy.reap_zombies, min(30.0, cfg.stale_timeout / 4), log,
+                          "the zombie reaper"), "zombie-reaper")
+    if cfg.local_node:
+        tasks.spawn(hc.repeat(local.poll, cfg.local_node_interval, log,
+                              "polling the local Ollama"), "local-node")
 
 ####################################################################################
 # mDNS: tell node agents where we are
@@ -2181,55 +2180,50 @@ async def advertise(cfg, port):
 
 
 class RouterServer:
-    """The router with its listening socket and background tasks."""
+    """The router: every part made once, wired together, with its socket and tasks."""
 
     def __init__(self, cfg):
         self.cfg = cfg
-        db_path = os.path.join(cfg.data_dir, "latency.db")
-        self.traces = hc.TraceStore(db_path, cfg.trace_queue, cfg.trace_retention_days)
-        self.router = None
-        self.server = None
-        self.port = None
-        self.tasks = set()
+        self.traces = hc.TraceStore(os.path.join(cfg.data_dir, "latency.db"),
+                                    cfg.trace_queue, cfg.trace_retention_days)
+        self.tasks = hc.TaskSet(log)  # background duties and one-off jobs
         self.connections = set()
+        self.server = self.port = None
+
+    def _build(self):
+        cfg, traces, tasks = self.cfg, self.traces, self.tasks
+        self.pool = hc.UpstreamPool()
+        self.fleet = fleet = Fleet(cfg)
+        stats = Stats()
+        self.scheduler = scheduler = Scheduler(cfg, fleet, stats)
+        pulls = Puller(cfg, fleet, tasks)
+        self.proxy = Proxy(cfg, fleet, scheduler, pulls, Warmer(cfg, fleet, tasks), stats,
+                           traces, self.pool)
+        self.local = LocalNode(cfg, fleet)
+        self.api = Api(cfg, fleet, scheduler, self.proxy, pulls, stats,
+                       Health(cfg, fleet, traces, stats), traces, self.local)
 
     async def start(self):
         # psutil and SQLite reads are short: two threads do (each extra thread costs
         # memory, and idle memory is a target).
-        asyncio.get_running_loop().set_default_executor(
-            concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="herd-io"))
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="herd-io"))
         self.traces.start()
-        self.router = Router(self.cfg, self.traces)
-        self.server = await asyncio.get_running_loop().create_server(
-            self._new_connection, self.cfg.host, self.cfg.port, reuse_address=True,
-            backlog=1024)
+        self._build()
+        self.server = await loop.create_server(self._new_connection, self.cfg.host,
+                                               self.cfg.port, reuse_address=True,
+                                               backlog=1024)
         self.port = self.server.sockets[0].getsockname()[1]
-        self._spawn(self.router.watch_status(), "status-watcher")
-        self._spawn(self.router.load_learning(), "load-learning")
-        self._spawn(self.router.rebalance_forever(), "rebalancer")
-        self._spawn(self.router.reap_forever(), "zombie-reaper")
-        if self.cfg.local_node:
-            self._spawn(self.router.poll_local_node(), "local-node")
+        start_duties(self.tasks, self.cfg, self.fleet, self.proxy, self.local, self.traces)
         if self.cfg.mdns:
-            self._spawn(advertise(self.cfg, self.port), "mdns-advertise")
+            self.tasks.spawn(advertise(self.cfg, self.port), "mdns-advertise")
         log.info(f"herd router {hc.VERSION} listening on http://{self.cfg.host}:{self.port}")
         return self.port
 
-    def _spawn(self, coro, name):
-        task = asyncio.create_task(coro, name=name)
-        self.tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task):
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error(f"background task {task.get_name()} failed",
-                      exc_info=task.exception())
-
     def _new_connection(self):
         conn = hc.HttpConnection(
-            self.router.handle, max_body=int(self.cfg.max_body_mb * (1 << 20)),
+            self.api.handle, max_body=int(self.cfg.max_body_mb * (1 << 20)),
             idle_timeout=self.cfg.idle_timeout, read_timeout=30.0, log=log,
             on_close=self.connections.discard)
         self.connections.add(conn)
@@ -2239,18 +2233,18 @@ class RouterServer:
         """Stop listening, give streams `grace` seconds, then close everything."""
         self.server.close()
         if grace:
-            await self.router.wait_in_flight(grace)
+            await self.api.wait_in_flight(grace)
         conns = list(self.connections)
-        tasks = [c.task for c in conns if c.task] + list(self.tasks) + \
-            list(self.router.background)
-        for task in tasks:
+        handlers = [c.task for c in conns if c.task]
+        for task in handlers:
             task.cancel(msg="router shutting down")
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*handlers, self.tasks.stop("router shutting down"),
+                             return_exceptions=True)
         for conn in conns:
             conn.abort()
         await asyncio.gather(*(c.closed for c in conns), return_exceptions=True)
         await self.server.wait_closed()
-        self.router.pool.close_all()
+        self.pool.close_all()
         await asyncio.to_thread(self.traces.close)
 
 
@@ -2262,28 +2256,6 @@ def parse_args(argv):
     parser.add_argument("--host", help="address to listen on (FLEET_HOST)")
     parser.add_argument("--port", help="port to listen on (FLEET_PORT)")
     return parser.parse_args(argv)
-
-
-def load_router_config(environ, args):
-    cfg = hc.load_config(ROUTER_SETTINGS, environ, "FLEET_",
-                         {"host": args.host, "port": args.port})
-    hc.check_log_level("FLEET_LOG_LEVEL", cfg.log_level)
-    hc.check_log_level("FLEET_CONSOLE_LOG_LEVEL", cfg.console_log_level)
-    if cfg.port > 65535:
-        raise hc.ConfigError(f"FLEET_PORT={cfg.port} is not a port number")
-    if cfg.context_protection not in ("strip", "warn", "passthrough"):
-        raise hc.ConfigError(f"FLEET_CONTEXT_PROTECTION={cfg.context_protection!r}: use "
-                             f"strip, warn or passthrough")
-    for name in ("heartbeat_timeout", "rebalance_interval", "local_node_interval",
-                 "stale_timeout"):
-        if getattr(cfg, name) <= 0:
-            raise hc.ConfigError(f"FLEET_{name.upper()} must be above 0")
-    if cfg.heartbeat_offline < cfg.heartbeat_timeout:
-        raise hc.ConfigError("FLEET_HEARTBEAT_OFFLINE must not be shorter than "
-                             "FLEET_HEARTBEAT_TIMEOUT")
-    values = cfg.as_dict()
-    values["data_dir"] = hc.expand_dir(cfg.data_dir)
-    return hc.Config(values, cfg.sources)
 
 
 async def run(cfg):

@@ -9,11 +9,17 @@ no database. It holds, in the order data flows:
     HTTP server on h11        an asyncio protocol per client connection: keep-alive,
                               pipelining, 100-continue, limits, hang-up detection
     HTTP client on h11        an asyncio protocol per node connection: connect /
-                              first-byte / chunk timeouts, the chunk relay, a pool
+                              first-byte / chunk timeouts, a pool; the Relay that
+                              passes a node's answer to a client chunk by chunk
     model names               Ollama's name:tag canonical form
     scoring                   elimination and the seven signals, as pure functions
-    trace store               SQLite request_traces, written in batches by one thread
-    node snapshot             hardware, memory, CPU and Ollama state for a heartbeat
+    metrics                   counters and histograms in the Prometheus text format
+    trace store               the trace contract (statuses, columns) and SQLite
+                              request_traces: batched writes on one thread, and every
+                              query the router makes
+    node snapshot             hardware, memory, CPU and Ollama state
+    heartbeats                the agent-router contract: node id rule, build, check,
+                              typed reading
 """
 
 import asyncio
@@ -204,6 +210,32 @@ async def repeat(step, interval, log, what):
         await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
 
+class TaskSet:
+    """The named tasks a program owns: one that fails is logged with its traceback, and
+    stop() cancels every one and waits for it."""
+
+    def __init__(self, log):
+        self.log = log
+        self.tasks = set()
+
+    def spawn(self, coro, name):
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task):
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error(f"task {task.get_name()} failed", exc_info=task.exception())
+
+    async def stop(self, reason):
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel(msg=reason)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def stop_signal():
     """An event set by SIGTERM or SIGINT (call inside the running loop)."""
     stop = asyncio.Event()
@@ -351,7 +383,8 @@ def parse_json_body(body):
 ####################################################################################
 
 # RFC 9110 7.6.1: hop-by-hop headers belong to one connection, never forwarded. Host,
-# Content-Length and Expect are set anew for the next hop (Ollama's Host guard, §1).
+# Content-Length and Expect are set anew for the next hop: an Ollama bound to loopback
+# answers 403 to a Host header that is not one of its own names.
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate",
                         b"proxy-authorization", b"te", b"trailer", b"transfer-encoding",
                         b"upgrade", b"proxy-connection", b"host", b"content-length",
@@ -682,6 +715,14 @@ class HttpConnection(asyncio.Protocol):
         if data:
             await self._write(data)
 
+    def relay_write(self, raw):
+        """Write complete chunks now, as they are (the Relay's fast path, from a node's
+        data_received); returns the bytes waiting in the client's buffer."""
+        if self.client_gone or self.transport.is_closing():
+            return 0  # the client is gone: its handler is being cancelled
+        self.transport.write(raw)
+        return self.transport.get_write_buffer_size()
+
     async def send_data(self, data):
         """Send a piece of the body (framed here when the body is chunked)."""
         await self.send_chunks(frame_chunk(data))
@@ -829,10 +870,8 @@ class Upstream(asyncio.Protocol):
     another on it (keep-alive), each phase with its own time-out.
 
     h11 parses the response head, and any body that is not chunked. A chunked body is
-    split at chunk boundaries by ChunkedBody instead, so that relay() can pass complete
-    chunks on byte for byte, written to the client from data_received: no task wakes
-    per chunk (a coroutine step per chunk costs about 60 us). A client that reads
-    slowly pauses reading from the node.
+    split at chunk boundaries by ChunkedBody instead, so that a Relay can pass complete
+    chunks on byte for byte; while one runs (`relay` is set), every read goes to it.
     """
 
     HIGH_WATER = 256 * 1024  # bytes unread, or queued towards the client, before pausing
@@ -850,9 +889,7 @@ class Upstream(asyncio.Protocol):
         self._chunked = None  # ChunkedBody, once a chunked body is being read
         self._said_close = False
         self.last_progress = self._loop.time()  # when bytes last came (loop time)
-        self._sink = self._relay_done = self._stall_timer = self._resume_task = None
-        self.prev = self.last = b""  # the last two reads relayed (the answer's tail)
-        self.reads = 0
+        self.relay = None  # the Relay that takes every read while it runs
 
     @classmethod
     async def connect(cls, host, port, timeout):
@@ -877,16 +914,15 @@ class Upstream(asyncio.Protocol):
 
     def data_received(self, data):
         self.last_progress = self._loop.time()
-        if self._sink is not None:
-            return self._relay_chunks(data)
+        if self.relay is not None:
+            return self.relay.on_data(data)
         if self._chunked is None:
             self.h11.receive_data(data)
         else:
             self._chunked.buf += data
         self._unread += len(data)
-        if self._unread > self.HIGH_WATER and not self._read_paused:
-            self._read_paused = True
-            self.transport.pause_reading()
+        if self._unread > self.HIGH_WATER:
+            self.pause_reading()
         self._wake()
 
     def eof_received(self):
@@ -902,8 +938,8 @@ class Upstream(asyncio.Protocol):
         self.closed = True
         if self._chunked is None:
             self.h11.receive_data(b"")
-        if self._sink is not None:
-            self._fail_relay(UpstreamError("body", self._died("body", exc), True))
+        if self.relay is not None:
+            self.relay.on_error(self.death("body"))
         self._wake()
 
     def _wake(self):
@@ -915,6 +951,20 @@ class Upstream(asyncio.Protocol):
         where = "before answering" if phase == "first_byte" else "in the middle of the response"
         detail = f" ({error})" if error else ""
         return f"{self.host}:{self.port} closed the connection {where}{detail}"
+
+    def death(self, phase):
+        """The error to raise for a node that hung up during `phase`."""
+        return UpstreamError(phase, self._died(phase, self._lost), True)
+
+    def pause_reading(self):
+        if not self._read_paused and not self.closed:
+            self._read_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self):
+        if self._read_paused and not self.closed:
+            self._read_paused = False
+            self.transport.resume_reading()
 
     # -- the request ------------------------------------------------------------------
 
@@ -938,9 +988,7 @@ class Upstream(asyncio.Protocol):
         if self.closed:
             raise UpstreamError(phase, self._died(phase, self._lost), True)
         self._unread = 0
-        if self._read_paused:
-            self._read_paused = False
-            self.transport.resume_reading()
+        self.resume_reading()
         waiter = self._waiter = self._loop.create_future()
         timer = self._loop.call_later(timeout, _time_out, waiter)
         try:
@@ -987,8 +1035,14 @@ class Upstream(asyncio.Protocol):
             return b""
         raise UpstreamError("body", self._died("body", None), True)
 
-    def is_chunked(self, headers):
+    @staticmethod
+    def is_chunked(headers):
         return any(k == b"transfer-encoding" and b"chunked" in v.lower() for k, v in headers)
+
+    @property
+    def chunked_body(self):
+        """The ChunkedBody being read (after the first receive_chunks), else None."""
+        return self._chunked
 
     async def receive_chunks(self, timeout):
         """Complete chunks of a chunked body with their framing; b'' at its end.
@@ -1017,79 +1071,6 @@ class Upstream(asyncio.Protocol):
             chunks.append(data)
         return b"".join(chunks)
 
-    # -- relaying a chunked body --------------------------------------------------------
-
-    async def relay(self, client, timeout):
-        """Pass the rest of a chunked body (after receive_chunks) to `client`, an
-        HttpConnection, as it arrives; UpstreamError if the node dies or stalls."""
-        if self._chunked.done:
-            return
-        self._sink, self._stall_timeout = client, timeout
-        self._relay_done = self._loop.create_future()
-        self._stall_timer = self._loop.call_later(timeout, self._check_stall)
-        try:
-            if self._chunked.buf:
-                self._relay_chunks(b"")  # bytes that came with the first chunks
-            if self.closed and not self._relay_done.done():
-                self._fail_relay(UpstreamError("body", self._died("body", self._lost), True))
-            if self._read_paused:
-                self._read_paused = False
-                self.transport.resume_reading()
-            await self._relay_done
-        finally:
-            self._sink = None
-            self._stall_timer.cancel()
-            if self._resume_task is not None:
-                self._resume_task.cancel()
-
-    def _relay_chunks(self, data):
-        try:
-            out = self._chunked.feed(data)
-        except ValueError as e:
-            return self._fail_relay(UpstreamError("body", f"bad chunked body from "
-                                                          f"{self.host}: {e}"))
-        if out:
-            self.reads += 1
-            self.prev, self.last = self.last, out
-            transport = self._sink.transport
-            if transport.is_closing():
-                return  # the client is gone: its handler is being cancelled
-            transport.write(out)
-            if transport.get_write_buffer_size() > self.HIGH_WATER:
-                self._wait_for_client()
-        if self._chunked.done and not self._relay_done.done():
-            self._relay_done.set_result(None)
-
-    def _wait_for_client(self):
-        self.transport.pause_reading()
-        sink = self._sink
-
-        async def resume():
-            with contextlib.suppress(ConnectionError):
-                await sink.drain()
-            self._resume_task = None
-            self.last_progress = self._loop.time()
-            if self._sink is not None and not self.closed:
-                self.transport.resume_reading()
-        self._resume_task = self._loop.create_task(resume(), name="relay backpressure")
-
-    def _check_stall(self):
-        done = self._relay_done
-        if done is None or done.done():
-            return
-        idle = self._loop.time() - self.last_progress
-        if self._resume_task is not None:  # a slow client is no stalled node (the reaper
-            idle = 0.0                     # watches the request as a whole)
-        if idle >= self._stall_timeout:
-            return self._fail_relay(UpstreamError(
-                "body", f"{self.host}:{self.port} sent no data for {self._stall_timeout:g}s"))
-        self._stall_timer = self._loop.call_later(self._stall_timeout - idle, self._check_stall)
-
-    def _fail_relay(self, error):
-        if not self._relay_done.done():
-            self._relay_done.set_exception(error)
-        self.close()
-
     # -- keep-alive -----------------------------------------------------------------------
 
     def close(self):
@@ -1112,9 +1093,142 @@ class Upstream(asyncio.Protocol):
         """Ready the connection for its next exchange."""
         self.h11 = h11.Connection(h11.CLIENT)
         self._chunked = None
-        self.prev = self.last = b""
-        self.reads = 0
         self.reused = True
+
+
+class Relay:
+    """One answer passed from a node's connection to a client's, chunk by chunk.
+
+    It owns both ends while it runs: it reads the node's first chunks, then either lets
+    every later read of a chunked body go straight from the node's data_received to
+    the client (the fast path: no task wakes per chunk, which would cost ~60 us each),
+    or, for an HTTP/1.0 client or a body that is not chunked, loops one read at a time.
+    A client that reads slowly pauses reading from the node; a node silent for the
+    chunk time-out, or one that hangs up, fails the relay with UpstreamError.
+
+    The connection flags it relies on:
+      client.response_started  the head went out: no other node may answer any more
+      client.takes_raw_chunks  the client's body is chunked (HTTP/1.1, not HEAD), so
+                               the node's framing passes through byte for byte
+      client.client_gone       the client hung up; its handler is being cancelled
+      up.closed                the node's connection is done (never reused)
+      up.relay                 set only while the fast path runs; the node's reads go
+                               nowhere else then
+    """
+
+    HIGH_WATER = 256 * 1024  # bytes queued towards the client before the node waits
+
+    def __init__(self, up, client, timeout):
+        self.up, self.client, self.timeout = up, client, timeout
+        self._loop = asyncio.get_running_loop()
+        self.chunked = False
+        self.prev = self.last = b""  # the last two reads relayed: the answer's tail
+        self.chunks = 0
+        self._done = self._stall_timer = self._resume_task = None
+
+    @property
+    def last_progress(self):
+        """Loop time of the last byte from the node (or the client's last drain)."""
+        return self.up.last_progress
+
+    @property
+    def tail(self):
+        return self.prev[-8192:] + self.last
+
+    def _note(self, data):
+        self.prev, self.last = self.last, data
+        self.chunks += 1
+
+    async def _receive(self):
+        """The next complete chunks, framed (b'' at the end of the body)."""
+        if self.chunked:
+            return await self.up.receive_chunks(self.timeout)
+        data = await self.up.receive_data(self.timeout)
+        return frame_chunk(data) if data else b""
+
+    async def first(self, headers):
+        """The node's first complete chunks, read before the client hears anything."""
+        self.chunked = self.up.is_chunked(headers)
+        data = await self._receive()
+        if data:
+            self._note(data)
+        return data
+
+    async def rest(self):
+        """Relay what follows the first chunks; UpstreamError if the node fails."""
+        if not self.chunks:
+            return  # an empty body
+        if self.chunked and self.client.takes_raw_chunks:
+            await self._run_fast_path()
+            return await self.client.drain()
+        while data := await self._receive():
+            self._note(data)
+            await self.client.send_chunks(data)
+
+    # -- the fast path: the node's reads go to the client from data_received ---------
+
+    async def _run_fast_path(self):
+        body = self.up.chunked_body
+        if body.done:
+            return
+        self._done = self._loop.create_future()
+        self._stall_timer = self._loop.call_later(self.timeout, self._check_stall)
+        self.up.relay = self
+        try:
+            if body.buf:
+                self.on_data(b"")  # bytes that came with the first chunks
+            if self.up.closed:
+                self.on_error(self.up.death("body"))
+            self.up.resume_reading()
+            await self._done
+        finally:
+            self.up.relay = None
+            self._stall_timer.cancel()
+            if self._resume_task is not None:
+                self._resume_task.cancel()
+
+    def on_data(self, data):
+        """One read from the node (called by Upstream.data_received)."""
+        try:
+            out = self.up.chunked_body.feed(data)
+        except ValueError as e:
+            return self.on_error(UpstreamError("body", f"bad chunked body from "
+                                                       f"{self.up.host}: {e}"))
+        if out:
+            self._note(out)
+            if self.client.relay_write(out) > self.HIGH_WATER:
+                self._wait_for_client()
+        if self.up.chunked_body.done and not self._done.done():
+            self._done.set_result(None)
+
+    def on_error(self, error):
+        """The node failed (hung up, stalled, sent bad framing): end the relay."""
+        if self._done is not None and not self._done.done():
+            self._done.set_exception(error)
+        self.up.close()
+
+    def _wait_for_client(self):
+        self.up.pause_reading()
+
+        async def resume():
+            with contextlib.suppress(ConnectionError):
+                await self.client.drain()
+            self._resume_task = None
+            self.up.last_progress = self._loop.time()
+            if self.up.relay is self:
+                self.up.resume_reading()
+        self._resume_task = self._loop.create_task(resume(), name="relay backpressure")
+
+    def _check_stall(self):
+        if self._done.done():
+            return
+        idle = self._loop.time() - self.up.last_progress
+        if self._resume_task is not None:  # a slow client is no stalled node (the reaper
+            idle = 0.0                     # watches the request as a whole)
+        if idle >= self.timeout:
+            return self.on_error(UpstreamError(
+                "body", f"{self.up.host}:{self.up.port} sent no data for {self.timeout:g}s"))
+        self._stall_timer = self._loop.call_later(self.timeout - idle, self._check_stall)
 
 
 def _time_out(waiter):
@@ -1394,9 +1508,22 @@ class Metrics:
 
 ####################################################################################
 # Trace store: SQLite request_traces, one writer thread fed by a bounded queue
+#
+# The trace contract: one row per request (and one per failed attempt that was tried
+# again elsewhere), in the columns below, with one of these statuses. The dashboard,
+# /dashboard/api/requests?status= and the sqlite3 lines in the README use the same
+# words. Every query the router makes is a method of TraceStore, next to the schema.
 ####################################################################################
 
-TRACE_SCHEMA_VERSION = 2  # 2: tags
+COMPLETED = "completed"    # answered (an HTTP status below 400)
+REJECTED = "rejected"      # refused with a 4xx: a bad request, an unknown model, ...
+FAILED = "failed"          # no answer: every node failed, a 5xx, stopped by the reaper
+INCOMPLETE = "incomplete"  # the answer broke off after its first chunk reached the client
+CANCELLED = "cancelled"    # the client went away first
+RETRIED = "retried"        # one attempt that failed before its first chunk (not a request)
+TRACE_STATUSES = (COMPLETED, REJECTED, FAILED, INCOMPLETE, CANCELLED, RETRIED)
+
+TRACE_SCHEMA_VERSION = 3  # 2: tags; 3: Ollama's load, prompt and decode timings
 TRACE_COLUMNS = (
     ("request_id", "TEXT"), ("timestamp", "REAL"), ("model", "TEXT"),
     ("requested_model", "TEXT"), ("node_id", "TEXT"), ("status", "TEXT"),
@@ -1406,6 +1533,9 @@ TRACE_COLUMNS = (
     ("client_addr", "TEXT"), ("api_format", "TEXT"), ("endpoint", "TEXT"),
     ("stream", "INTEGER"), ("queue_wait_ms", "REAL"), ("error_message", "TEXT"),
     ("tags", "TEXT"),
+    # Ollama's own timings from its final chunk (load_duration, prompt_eval_duration,
+    # eval_duration), in ms; NULL where the API does not report them (OpenAI's).
+    ("load_ms", "REAL"), ("prompt_eval_ms", "REAL"), ("eval_ms", "REAL"),
 )
 _TRACE_DDL = [
     "CREATE TABLE IF NOT EXISTS request_traces (id INTEGER PRIMARY KEY, "
@@ -1418,6 +1548,42 @@ _TRACE_DDL = [
 TRACE_NAMES = tuple(name for name, _ in TRACE_COLUMNS)
 _TRACE_INSERT = (f"INSERT INTO request_traces ({', '.join(n for n, _ in TRACE_COLUMNS)}) "
                  f"VALUES ({', '.join('?' for _ in TRACE_COLUMNS)})")
+_ERRORS = f"status IN ('{FAILED}', '{INCOMPLETE}')"
+# Decode speed as Ollama measured it: tokens over the time spent generating them.
+_TOKENS_PER_S = (f"ROUND(SUM(CASE WHEN status = '{COMPLETED}' AND eval_ms > 0 "
+                 f"THEN completion_tokens END) * 1000.0 / NULLIF(SUM(CASE WHEN "
+                 f"status = '{COMPLETED}' AND eval_ms > 0 AND completion_tokens > 0 "
+                 f"THEN eval_ms END), 0), 1) AS tokens_per_s")
+_MEANS = (f"ROUND(AVG(CASE WHEN status = '{COMPLETED}' THEN latency_ms END), 1) "
+          f"AS mean_latency_ms, ROUND(AVG(CASE WHEN status = '{COMPLETED}' THEN ttft_ms END), "
+          f"1) AS mean_ttft_ms, {_TOKENS_PER_S}")
+_WINDOW_SQL = (
+    "SELECT status, node_id, COUNT(*) AS n, AVG(ttft_ms) AS ttft, "
+    "SUM(error_message LIKE '%sent no %' OR error_message LIKE '%timed out%') AS timeouts "
+    "FROM request_traces WHERE timestamp > ? GROUP BY status, node_id")
+_VITALS_SQL = (  # one pass over the covering index: no sort, fast on a day of traces
+    f"SELECT COALESCE(SUM(status != '{RETRIED}'), 0) AS requests, "
+    f"COALESCE(SUM({_ERRORS}), 0) AS failed, "
+    f"AVG(CASE WHEN status = '{COMPLETED}' THEN ttft_ms END) AS ttft "
+    f"FROM request_traces WHERE timestamp > ?")
+_MODEL_USAGE_SQL = (
+    f"SELECT model, node_id, COUNT(*) AS requests, SUM({_ERRORS}) AS errors, {_MEANS} "
+    f"FROM request_traces WHERE timestamp > ? AND status != '{RETRIED}' "
+    f"GROUP BY model, node_id ORDER BY model, requests DESC")
+_TRENDS_SQL = (
+    f"SELECT CAST(timestamp / ? AS INTEGER) * ? AS t, COUNT(*) AS requests, "
+    f"SUM({_ERRORS}) AS errors, {_MEANS} "
+    f"FROM request_traces WHERE timestamp > ? AND status != '{RETRIED}' "
+    f"GROUP BY t ORDER BY t")
+_APPS_SQL = (
+    f"SELECT tags, status, latency_ms, prompt_tokens, completion_tokens "
+    f"FROM request_traces WHERE timestamp > ? AND tags IS NOT NULL "
+    f"AND status != '{RETRIED}'")
+_LATENCY_SQL = (
+    f"SELECT node_id, model, AVG(latency_ms) AS latency, COUNT(*) AS n "
+    f"FROM request_traces WHERE status = '{COMPLETED}' AND timestamp > ? "
+    f"AND node_id IS NOT NULL GROUP BY node_id, model")
+TREND_RANGES = {"24h": (86400, 3600), "7d": (7 * 86400, 6 * 3600), "30d": (30 * 86400, 86400)}
 
 
 def open_db(path):
@@ -1453,6 +1619,7 @@ class TraceStore:
         self.queued = self.dropped_full = 0
         self.written = self.failed = 0
         self._thread = None
+        self._trend_cache = {}  # span in seconds -> (monotonic expiry, rows)
 
     def start(self):
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
@@ -1570,6 +1737,84 @@ class TraceStore:
         finally:
             db.close()
 
+    # -- the router's queries: each reads off the event loop, with its own connection --
+
+    async def _read(self, sql, params=()):
+        return await asyncio.to_thread(self.query, sql, params)
+
+    async def health_window(self, since):
+        """Requests by outcome and node since `since` (the health checks' window)."""
+        out, by_node = collections.Counter(), collections.Counter()
+        ttft_sum = ttft_n = 0.0
+        for r in await self._read(_WINDOW_SQL, (since,)):
+            out[r["status"]] += r["n"]
+            out["timeouts"] += r["timeouts"] or 0
+            if r["status"] != RETRIED:
+                out["requests"] += r["n"]
+                by_node[r["node_id"]] += r["n"]
+            if r["ttft"] is not None and r["status"] == COMPLETED:
+                ttft_sum += r["ttft"] * r["n"]
+                ttft_n += r["n"]
+        return {"requests": out["requests"], "failed": out[FAILED] + out[INCOMPLETE],
+                "retried": out[RETRIED], "cancelled": out[CANCELLED],
+                "incomplete": out[INCOMPLETE], "timeouts": out["timeouts"],
+                "requests_by_node": dict(by_node),
+                "mean_ttft_ms": round(ttft_sum / ttft_n, 1) if ttft_n else None}
+
+    async def vitals(self, since):
+        """{requests, failed, ttft} since `since`: the health API's day."""
+        return (await self._read(_VITALS_SQL, (since,)))[0]
+
+    async def model_usage(self, since):
+        """Per model and node: requests, errors, mean latency, time to first token and
+        decode speed since `since`."""
+        return await self._read(_MODEL_USAGE_SQL, (since,))
+
+    async def trends(self, span, bucket):
+        """The same figures per `bucket` seconds over the last `span` seconds."""
+        cached = self._trend_cache.get(span)
+        if cached is None or cached[0] < time.monotonic():
+            # A month of traces takes about a second to group (300k rows measured), and
+            # the dashboard polls every 3 s: keep long ranges for a tenth of a bucket.
+            rows = await self._read(_TRENDS_SQL, (bucket, bucket, time.time() - span))
+            keep = bucket / 10 if span > 86400 else 0.0
+            cached = self._trend_cache[span] = (time.monotonic() + keep, rows)
+        return cached[1]
+
+    async def recent(self, since, limit, status=None, model=None, node_id=None, tag=None):
+        """The newest `limit` traces since `since`, filtered by whichever are given."""
+        where, params = ["timestamp > ?"], [since]
+        for column, value in (("status", status), ("model", model), ("node_id", node_id)):
+            if value:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if tag:
+            where.append("(',' || tags || ',') LIKE ?")
+            params.append(f"%,{tag},%")
+        params.append(int(limit))
+        return await self._read(f"SELECT * FROM request_traces WHERE {' AND '.join(where)} "
+                                f"ORDER BY timestamp DESC LIMIT ?", params)
+
+    async def app_usage(self, since):
+        """Per tag (an app's X-Herd-Tags): requests, errors, mean latency, tokens."""
+        apps = {}
+        for r in await self._read(_APPS_SQL, (since,)):
+            for tag in r["tags"].split(","):
+                a = apps.setdefault(tag, {"tag": tag, "requests": 0, "errors": 0,
+                                          "latency_ms_total": 0.0, "tokens": 0})
+                a["requests"] += 1
+                a["errors"] += r["status"] in (FAILED, INCOMPLETE)
+                a["latency_ms_total"] += r["latency_ms"] or 0.0
+                a["tokens"] += (r["prompt_tokens"] or 0) + (r["completion_tokens"] or 0)
+        for a in apps.values():
+            a["mean_latency_ms"] = round(a.pop("latency_ms_total") / a["requests"], 1)
+        return sorted(apps.values(), key=lambda a: -a["requests"])
+
+    async def mean_latencies(self, since):
+        """[(node_id, model, mean latency in s, completed requests)] since `since`."""
+        rows = await self._read(_LATENCY_SQL, (since,))
+        return [(r["node_id"], r["model"], r["latency"] / 1000, r["n"]) for r in rows]
+
 
 ####################################################################################
 # Node snapshot: what a heartbeat says about a machine and its Ollama
@@ -1658,33 +1903,6 @@ async def read_ollama(ollama_url, timeout):
             "models": tags.get("models") or [], "loaded": ps.get("models") or []}
 
 
-def build_heartbeat(node_id, ollama_url, machine, ollama, settings, num_parallel,
-                    num_parallel_source):
-    """The heartbeat body the router validates (see herd.py's validate_heartbeat)."""
-    return {
-        "node_id": node_id,
-        "agent_version": VERSION,
-        "ollama_url": ollama_url,
-        "hardware": {k: machine[k] for k in ("os", "os_release", "arch", "cpu_cores")},
-        "cpu": {"percent": machine["cpu_percent"]},
-        "memory": machine["memory"],
-        "disk": machine["disk"],
-        "ollama": {
-            "reachable": ollama["ok"],
-            "error": ollama.get("error"),
-            "version": ollama.get("version", ""),
-            "settings": settings,
-            "num_parallel": num_parallel,
-            "num_parallel_source": num_parallel_source,
-            "max_loaded_models": parse_positive_int(settings.get("OLLAMA_MAX_LOADED_MODELS")),
-        },
-        "models": ollama.get("models", []),
-        "loaded": ollama.get("loaded", []),
-        "draining": False,
-        "paused": False,
-    }
-
-
 def resolve_num_parallel(explicit, settings, environ):
     """Ollama's parallel slots: explicit setting, Ollama's process env, our env."""
     if explicit:
@@ -1738,3 +1956,152 @@ def rfc3339_to_unix(text):
         return int(datetime.datetime.fromisoformat(text).timestamp())
     except ValueError:
         return 0
+
+
+####################################################################################
+# Heartbeats: the contract between the node agent and the router
+#
+# The agent builds a heartbeat with build_heartbeat(); the router accepts nothing from
+# the network until Heartbeat() has checked it, and then reads it only through the
+# Heartbeat's typed fields. A node id follows one rule, checked by both programs: the
+# agent refuses a bad one at start-up, the router refuses it with a 400.
+####################################################################################
+
+NODE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+NODE_ID_RULE = "1-64 ASCII letters, digits, '.', '_' or '-', starting with a letter or digit"
+MEMORY_PRESSURES = ("normal", "warning", "critical")
+_HEARTBEAT_FIELDS = [
+    # (dotted path, type(s), required)
+    ("node_id", str, True), ("ollama_url", str, True), ("agent_version", str, False),
+    ("hardware", dict, False), ("cpu", dict, False), ("cpu.percent", (int, float), False),
+    ("memory", dict, False), ("memory.total", int, False), ("memory.used", int, False),
+    ("memory.available", int, False), ("memory.pressure", str, False), ("disk", dict, False),
+    ("ollama", dict, False), ("ollama.reachable", bool, False),
+    ("ollama.version", str, False), ("ollama.num_parallel", int, False),
+    ("ollama.settings", dict, False), ("models", list, False), ("loaded", list, False),
+    ("draining", bool, False), ("paused", bool, False), ("leaving", bool, False),
+]
+_KIND_NAMES = {str: "string", int: "integer", float: "number", dict: "object", list: "list",
+               bool: "boolean"}
+
+
+def check_node_id(node_id):
+    """Raise ValueError unless `node_id` follows the node id rule; returns it."""
+    if not isinstance(node_id, str) or not NODE_ID_RE.fullmatch(node_id):
+        raise ValueError(f"node id {node_id!r} is not valid: use {NODE_ID_RULE}")
+    return node_id
+
+
+def default_node_id():
+    """This machine's short hostname, made into a valid node id ('Café-Mac' -> 'Caf-Mac')."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "", short_hostname()).lstrip("._-")[:64]
+    return name or "node"
+
+
+def build_heartbeat(node_id, ollama_url, machine, ollama, settings, num_parallel,
+                    num_parallel_source, draining=False, leaving=False):
+    """The heartbeat body an agent sends (and the router makes for its local node)."""
+    return {
+        "node_id": node_id,
+        "agent_version": VERSION,
+        "ollama_url": ollama_url,
+        "hardware": {k: machine[k] for k in ("os", "os_release", "arch", "cpu_cores")},
+        "cpu": {"percent": machine["cpu_percent"]},
+        "memory": machine["memory"],
+        "disk": machine["disk"],
+        "ollama": {
+            "reachable": ollama["ok"],
+            "error": ollama.get("error"),
+            "version": ollama.get("version", ""),
+            "settings": settings,
+            "num_parallel": num_parallel,
+            "num_parallel_source": num_parallel_source,
+            "max_loaded_models": parse_positive_int(settings.get("OLLAMA_MAX_LOADED_MODELS")),
+        },
+        "models": ollama.get("models", []),
+        "loaded": ollama.get("loaded", []),
+        "draining": draining,
+        "leaving": leaving,
+        "paused": False,
+    }
+
+
+def _lookup(body, path):
+    value = body
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None, False
+        value = value[part]
+    return value, True
+
+
+def _kind_name(kinds):
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    return " or ".join(_KIND_NAMES[k] for k in kinds)
+
+
+def validate_heartbeat(body):
+    """Raise ValueError naming the first bad field; returns the body."""
+    if not isinstance(body, dict):
+        raise ValueError("a heartbeat is a JSON object")
+    for path, kinds, required in _HEARTBEAT_FIELDS:
+        value, present = _lookup(body, path)
+        if not present or value is None:
+            if required:
+                raise ValueError(f"field '{path}' is required")
+            continue
+        if (isinstance(value, bool) and kinds is not bool) or not isinstance(value, kinds):
+            raise ValueError(f"field '{path}' must be a {_kind_name(kinds)}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            raise ValueError(f"field '{path}' must not be negative")
+    try:
+        check_node_id(body["node_id"])
+    except ValueError:
+        raise ValueError(f"field 'node_id' must be {NODE_ID_RULE}") from None
+    try:
+        split_url(body["ollama_url"])
+    except ValueError as e:
+        raise ValueError(f"field 'ollama_url': {e}") from None
+    if (body.get("memory") or {}).get("pressure", "normal") not in MEMORY_PRESSURES:
+        raise ValueError("field 'memory.pressure' must be normal, warning or critical")
+    for key in ("models", "loaded"):
+        for i, entry in enumerate(body.get(key) or []):
+            if not isinstance(entry, dict) or not isinstance(
+                    entry.get("model") or entry.get("name"), str):
+                raise ValueError(f"field '{key}[{i}]' must be an object with a 'name'")
+            if not isinstance(entry.get("size", 0), int):
+                raise ValueError(f"field '{key}[{i}].size' must be an integer")
+    return body
+
+
+def _models_by_name(entries):
+    return {canonical_model(m.get("model") or m["name"]): m for m in entries or ()}
+
+
+class Heartbeat:
+    """A checked heartbeat with typed fields; the raw sections only for display."""
+
+    __slots__ = ("node_id", "ollama_url", "agent_version", "reachable", "ollama_version",
+                 "num_parallel", "cpu_percent", "mem_total", "mem_available", "pressure",
+                 "draining", "paused", "leaving", "models", "loaded", "hardware", "memory",
+                 "disk", "ollama")
+
+    def __init__(self, body):
+        validate_heartbeat(body)
+        ollama, memory = body.get("ollama") or {}, body.get("memory") or {}
+        self.node_id, self.ollama_url = body["node_id"], body["ollama_url"]
+        self.agent_version = body.get("agent_version") or ""
+        self.reachable = ollama.get("reachable") is not False
+        self.ollama_version = ollama.get("version") or ""
+        self.num_parallel = ollama.get("num_parallel") or 0
+        self.cpu_percent = float((body.get("cpu") or {}).get("percent") or 0.0)
+        self.mem_total = memory.get("total") or 0
+        self.mem_available = memory.get("available") or 0
+        self.pressure = memory.get("pressure") or "normal"
+        self.draining = body.get("draining") is True
+        self.paused = body.get("paused") is True
+        self.leaving = body.get("leaving") is True
+        self.models = _models_by_name(body.get("models"))  # canonical name -> /api/tags entry
+        self.loaded = _models_by_name(body.get("loaded"))  # canonical name -> /api/ps entry
+        self.hardware, self.memory = body.get("hardware") or {}, memory
+        self.disk, self.ollama = body.get("disk") or {}, ollama

@@ -5,7 +5,9 @@ It finds the router by mDNS (_fleet-manager._tcp) or --router-url, and every few
 seconds tells it what this machine is and holds: hardware, memory, CPU, disk, Ollama's
 version and settings, models on disk, models loaded, and how many requests Ollama
 serves in parallel. If Ollama is down it keeps reporting that, and picks up again by
-itself when Ollama is back. On SIGTERM / Ctrl-C it tells the router it is draining.
+itself when Ollama is back. On SIGTERM / Ctrl-C it drains: the router sends no new
+work here, the requests running here finish (up to FLEET_NODE_DRAIN_TIMEOUT; a second
+Ctrl-C stops waiting), and then the agent tells the router it has left.
 
 Run:   python herd_node.py                      (find the router by mDNS)
        python herd_node.py --router-url http://192.168.1.10:11435
@@ -21,6 +23,7 @@ Check it from anywhere:
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -46,6 +49,8 @@ NODE_SETTINGS = [
                "(default: derived from the address this machine uses to reach the router)"),
     hc.Setting("FLEET_NODE_HEARTBEAT_INTERVAL", 5.0, "seconds between heartbeats"),
     hc.Setting("FLEET_NODE_TOKEN", "", "the router's FLEET_TOKEN, if it has one"),
+    hc.Setting("FLEET_NODE_DRAIN_TIMEOUT", 30.0, "seconds a stopping agent waits for the "
+               "requests running on this node to finish before it leaves the fleet"),
     hc.Setting("FLEET_NODE_NUM_PARALLEL", 0, "Ollama's parallel slots; 0 means read "
                "OLLAMA_NUM_PARALLEL from the running Ollama, else this agent's environment"),
     hc.Setting("FLEET_NODE_DATA_DIR", "~/.fleet-manager", "logs/ and the state saved on "
@@ -122,7 +127,7 @@ class Agent:
     def __init__(self, cfg, finder=None):
         self.cfg = cfg
         self.finder = finder
-        self.node_id = cfg.node_id or hc.short_hostname()
+        self.node_id = cfg.node_id or hc.default_node_id()
         self.settings = {}
         self._settings_at = 0.0
         self._ollama_was_ok = None
@@ -144,7 +149,7 @@ class Agent:
         self.settings, self._settings_at = found or {}, time.monotonic()
         return self.settings
 
-    async def snapshot(self, draining=False):
+    async def snapshot(self, draining=False, leaving=False):
         """The heartbeat body for now."""
         ollama, machine, settings = await asyncio.gather(
             hc.read_ollama(self.cfg.ollama_host, timeout=3),
@@ -152,10 +157,8 @@ class Agent:
             self.read_settings())
         self._note_ollama(ollama)
         slots, source = hc.resolve_num_parallel(self.cfg.num_parallel, settings, os.environ)
-        hb = hc.build_heartbeat(self.node_id, await self.ollama_url(), machine, ollama,
-                                settings, slots, source)
-        hb["draining"] = draining
-        return hb
+        return hc.build_heartbeat(self.node_id, await self.ollama_url(), machine, ollama,
+                                  settings, slots, source, draining, leaving)
 
     async def ollama_url(self):
         if self.cfg.ollama_url:
@@ -178,7 +181,7 @@ class Agent:
             self._ollama_was_ok = ollama["ok"]
 
     async def send(self, hb):
-        """POST one heartbeat; True when the router took it."""
+        """POST one heartbeat; the router's answer when it took it, else None."""
         headers = [(b"authorization", f"Bearer {self.cfg.token}".encode())] \
             if self.cfg.token else []
         try:
@@ -186,13 +189,17 @@ class Agent:
                                                  hb, headers=headers, timeout=5)
         except hc.UpstreamError as e:
             self._note_router(False, str(e))
-            return False
+            return None
         if status != 200:
             self._note_router(False, f"{status}: {body[:200].decode('utf-8', 'replace')}")
-            return False
+            return None
         self.sent += 1
         self._note_router(True, None)
-        return True
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            answer = None
+        return answer if isinstance(answer, dict) else {}
 
     def _note_router(self, ok, error):
         if ok != self._router_ok or not ok:
@@ -228,9 +235,11 @@ class Agent:
         os.replace(tmp, path)  # never a half-written file
         return path
 
-    async def drain(self):
-        """Save our state, then tell the router we are leaving, so it sends no new work
-        here; requests already running finish on Ollama, which keeps running."""
+    async def drain(self, hurry=None):
+        """Save our state and leave the fleet gently: the router first hears that we
+        drain (no new work here), then, once the requests running here have finished
+        (Ollama keeps running; the router counts them), that we have left. `hurry`, an
+        event, ends the wait early (a second Ctrl-C)."""
         hb = await self.snapshot(draining=True)
         try:
             path = await asyncio.to_thread(self.save_state, hb)
@@ -239,10 +248,21 @@ class Agent:
             log.warning(f"could not save state: {e}", extra={"event": "state_saved"})
         if self.router_url is None:
             return False
-        ok = await self.send(hb)
-        log.info("drain sent to the router" if ok else "could not tell the router we drain",
-                 extra={"event": "drain"})
-        return ok
+        answer = await self.send(hb)
+        deadline = time.monotonic() + self.cfg.drain_timeout
+        while answer and answer.get("in_flight") and time.monotonic() < deadline:
+            log.info(f"draining: {answer['in_flight']} requests still running here",
+                     extra={"event": "drain"})
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(1.0, self.cfg.heartbeat_interval)):
+                    await (hurry or asyncio.Event()).wait()
+            if hurry is not None and hurry.is_set():
+                break
+            answer = await self.send(await self.snapshot(draining=True))
+        left = await self.send(await self.snapshot(draining=True, leaving=True))
+        log.info("left the fleet" if left is not None else "could not tell the router we "
+                 "left", extra={"event": "drain"})
+        return left is not None
 
 
 ####################################################################################
@@ -275,12 +295,15 @@ def load_node_config(environ, args):
                 hc.split_url(getattr(cfg, name))
             except ValueError as e:
                 raise hc.ConfigError(f"FLEET_NODE_{name.upper()}: {e}") from None
-    if cfg.node_id and not cfg.node_id.replace("-", "").replace("_", "").replace(".", "") \
-            .isalnum():
-        raise hc.ConfigError(f"FLEET_NODE_NODE_ID={cfg.node_id!r}: use letters, digits, "
-                             f"'.', '_' and '-'")
+    if cfg.node_id:
+        try:
+            hc.check_node_id(cfg.node_id)
+        except ValueError as e:
+            raise hc.ConfigError(f"FLEET_NODE_NODE_ID: {e}") from None
     if cfg.heartbeat_interval <= 0:
         raise hc.ConfigError("FLEET_NODE_HEARTBEAT_INTERVAL must be above 0")
+    if cfg.drain_timeout < 0:
+        raise hc.ConfigError("FLEET_NODE_DRAIN_TIMEOUT must not be negative")
     values = cfg.as_dict()
     values["data_dir"] = hc.expand_dir(cfg.data_dir)
     values["ollama_host"] = values["ollama_host"].rstrip("/")
@@ -307,7 +330,7 @@ async def run(cfg):
     await asyncio.wait({task, stopper})
     if not task.cancelled() and task.exception() is not None:
         log.error("heartbeat loop failed", exc_info=task.exception())
-    await agent.drain()
+    await agent.drain(hurry=hc.stop_signal())  # a second signal stops the wait
     if finder is not None:
         await finder.close()
     log.info("stopped", extra={"node_id": agent.node_id})

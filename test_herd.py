@@ -1,10 +1,25 @@
 """Tests for Herd: real sockets on loopback, fake Ollamas, the official clients.
 
+README section              test section (this file's order, which is herd.py's)
+Point your apps at it       The official clients
+Settings                    Settings and start-up
+Add more machines           Fleet: heartbeats, node status, drain, agents, local node
+How a request is routed     Routing (elimination, scoring, queues); Proxy (the relay)
+When things go wrong        Proxy: streaming relay and failures; Routing (fallbacks,
+                            context protection, rebalancer); Pulls and pre-warm
+Watching the fleet          Stats: traces, metrics, logs; Health; HTTP API and dashboard
+(the opening: run it)       The real programs: subprocesses, mDNS, SIGTERM, restart
+Files: herd_common.py       herd_common on its own
+The Harness section, first, holds the fixtures and helpers the others use.
+
 Run: python -m pytest -q test_herd.py
 
 An event loop runs in a background thread and hosts the fake Ollamas and the router;
 the tests drive them from the main thread with blocking clients (the official `ollama`
-and `openai` packages, raw sockets, subprocesses), as a user's programs would.
+and `openai` packages, raw sockets, subprocesses), as a user's programs would. They
+read the router's state the way a user can: /fleet/status, /fleet/queue, /metrics,
+/dashboard/api/* and the trace table. The few facts no API shows are read by small
+helpers that say why (the router's, at the end of the Harness section).
 """
 
 import asyncio
@@ -80,6 +95,7 @@ class Harness:
     def __init__(self, tmp_path):
         self.bg = BackgroundLoop()
         self.tmp_path = tmp_path
+        self.data_dir = tmp_path / "data"  # FLEET_DATA_DIR: latency.db and logs/
         self.fakes = []
         self.routers = []
 
@@ -93,7 +109,7 @@ class Harness:
         environ = {"FLEET_HOST": "127.0.0.1", "FLEET_PORT": "0", "FLEET_MDNS": "false",
                    "FLEET_LOCAL_NODE": "false", "FLEET_STARTUP_WINDOW": "0",
                    "FLEET_AUTO_PULL": "false",
-                   "FLEET_DATA_DIR": str(self.tmp_path / "data"),
+                   "FLEET_DATA_DIR": str(self.data_dir),
                    "FLEET_CONSOLE_LOG_LEVEL": "CRITICAL"}
         environ.update({k: str(v) for k, v in env.items()})
         cfg = herd.load_router_config(environ, herd.parse_args([]))
@@ -127,13 +143,11 @@ class Harness:
             return await agent.send(hb)
         assert self.bg.run(_beat()), f"heartbeat from {node_id} refused"
 
-    def node(self, router, node_id):
-        return self.bg.call(lambda: router.router.fleet.nodes.get(node_id))
-
     def traces(self, router):
+        """The rows of the trace table (README "Watching the fleet"), read with sqlite3."""
         self.bg.call(lambda: None)  # let the loop finish the step that records traces
-        router.traces.flush()
-        db = sqlite3.connect(router.traces.path)
+        router.traces.flush()  # the writer batches rows for 0.1 s; waiting would be a sleep
+        db = sqlite3.connect(self.data_dir / "latency.db")
         db.row_factory = sqlite3.Row
         rows = [dict(r) for r in db.execute("SELECT * FROM request_traces ORDER BY id")]
         db.close()
@@ -142,7 +156,9 @@ class Harness:
     def close(self):
         for server in self.routers:
             self.bg.run(server.stop())
-            assert not server.connections and not server.router.pool.idle, \
+            # A stopped router answers no API, so its open client connections and the
+            # kept-alive node connections of its pool are checked on the objects.
+            assert not server.connections and not server.pool.idle, \
                 "connections left open after shutdown"
         for fake in self.fakes:
             self.bg.run(fake.stop())
@@ -157,6 +173,31 @@ def h(tmp_path):
     yield harness
     left = harness.close()
     assert not left, f"tasks left running after shutdown: {left}"
+
+
+@pytest.fixture
+def one_node(h):
+    fake = h.fake(num_parallel=2, chunks=4)
+    router = h.router()
+    h.heartbeat(router, fake, "node-a")
+    return h, router, fake
+
+
+@pytest.fixture
+def traffic(h):
+    """A router with FLEET_TOKEN and FLEET_HOLD_TIMEOUT=2 and one node (2 slots), after
+    three requests (tagged "notes,nightly", "notes", none) and one that failed."""
+    fake = h.fake(chunks=4)
+    router = h.router(FLEET_TOKEN="s3cret", FLEET_HOLD_TIMEOUT=2)
+    h.heartbeat(router, fake, "node-a", FLEET_NODE_TOKEN="s3cret", FLEET_NODE_NUM_PARALLEL=2)
+    for tags in ("notes,nightly", "notes", None):
+        headers = {"X-Herd-Tags": tags} if tags else {}
+        http(router.url, "POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "x",
+                                                   "stream": False}, headers=headers)
+    fake.fault = "http500"
+    http(router.url, "POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "x"})
+    h.traces(router)
+    return router
 
 
 def small_memory(total_gib, available_gib):
@@ -206,17 +247,126 @@ def raw_exchange(port, data, read_until_close=True, timeout=5):
         return b"".join(chunks)
 
 
-####################################################################################
-# The official clients through the router
-####################################################################################
+def start_requests(router, count, model="llama3.2:3b"):
+    """Send `count` non-streamed generates from threads; returns (threads, results)."""
+    results = []
+
+    def one():
+        results.append(http(router.url, "POST", "/api/generate",
+                            {"model": model, "prompt": "x", "stream": False}, timeout=30))
+    threads = [threading.Thread(target=one) for _ in range(count)]
+    for t in threads:
+        t.start()
+    return threads, results
 
 
-@pytest.fixture
-def one_node(h):
-    fake = h.fake(num_parallel=2, chunks=4)
-    router = h.router()
-    h.heartbeat(router, fake, "node-a")
-    return h, router, fake
+def run_script(args, env=None, **kw):
+    full_env = {**os.environ, "FLEET_DATA_DIR": "/tmp/herd-test-none", **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=HERE, env=full_env,
+                          capture_output=True, text=True, timeout=30, **kw)
+
+
+# -- the router's state, read as a user reads it -----------------------------------
+
+
+def get_json(url, path):
+    """GET a JSON endpoint; it must answer 200."""
+    status, _, body = http(url, "GET", path)
+    assert status == 200, (path, body)
+    return json.loads(body)
+
+
+def fleet_status(router):
+    return get_json(router.url, "/fleet/status")
+
+
+def fleet_node(router, node_id):
+    """A node's entry in /fleet/status, or None if the router does not list it."""
+    return next((n for n in fleet_status(router)["nodes"] if n["node_id"] == node_id), None)
+
+
+def node_status(router, node_id):
+    node = fleet_node(router, node_id)
+    return node and node["status"]
+
+
+def router_events(router):
+    """The router's routing-decision counters (context_stripped, ...) in /fleet/status."""
+    return fleet_status(router)["router"]["events"]
+
+
+def fleet_queue(router):
+    return get_json(router.url, "/fleet/queue")
+
+
+def queue_row(router, node_id, model):
+    """The /fleet/queue row of one node+model queue."""
+    rows = [r for r in fleet_queue(router)["queues"]
+            if (r["node_id"], r["model"]) == (node_id, model)]
+    assert len(rows) == 1, f"no queue {node_id}/{model} in /fleet/queue"
+    return rows[0]
+
+
+def waiting_on(router, node_id):
+    """Requests waiting for a node's slots, all its models, from /fleet/queue."""
+    return sum(r["waiting"] for r in fleet_queue(router)["queues"] if r["node_id"] == node_id)
+
+
+def holding(router):
+    """Requests in the holding queue (no node can take them yet), from /fleet/queue."""
+    return fleet_queue(router)["holding"]
+
+
+# -- the router's insides, where no API shows the fact -----------------------------
+# Each helper below reads or drives one thing inside the router; everything else the
+# tests check goes through the public readers above.
+
+
+def router_side_of(h, router, sock):
+    """The router's connection for a client socket, or None. Its send buffer and socket
+    options are the router's own; no API shows them."""
+    me = "%s:%d" % sock.getsockname()
+    return h.bg.call(lambda: next((c for c in router.connections if c.client == me), None))
+
+
+def tcp_nodelay_flags(h, router, sock):
+    """TCP_NODELAY on the router's socket to this client and on its kept-alive node
+    sockets: options of the router's own sockets (and its upstream pool) have no API."""
+    client = router_side_of(h, router, sock)
+
+    def flags():
+        ups = [up for idle in router.pool.idle.values() for up, _ in idle]
+        return [t.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                for t in [client.transport] + [up.transport for up in ups]]
+    return h.bg.call(flags)
+
+
+def relay_paused_for_the_client(h, router):
+    """The relay of the running request once it waits for a slow client
+    (`_resume_task`), or None. The pause is inside the relay: the client sees only a slow
+    stream and the node only a socket nobody reads, and no API reports it."""
+    def find():
+        ex = next(iter(router.proxy.active.values()), None)
+        relay = ex and ex.relay
+        return relay if relay is not None and relay._resume_task is not None else None
+    return h.bg.call(find)
+
+
+def run_rebalancer_pass(h, router):
+    """One rebalancer pass, now; returns how many queued requests it moved. No API says
+    that a pass ran and moved nothing, and proving "it stays" by waiting is a sleep."""
+    return h.bg.call(router.fleet.rebalance)
+
+
+def record_event_at(h, router, when, event):
+    """Put a routing event into the log the health window reads, dated `when`: no
+    request can make an event older than the window, which the window's edge needs."""
+    h.bg.call(lambda: router.api.stats.recent.append((when, event)))
+
+
+####################################################################################
+# The official clients (README "Point your apps at it")
+####################################################################################
 
 
 def test_ollama_client_chat_stream_and_not(one_node):
@@ -350,8 +500,634 @@ def test_root_and_version_answer_like_ollama(one_node):
 
 
 ####################################################################################
-# Streaming relay
+# Settings and start-up (README "Settings")
 ####################################################################################
+
+
+def test_help_prints_the_settings_tables():
+    out = run_script(["herd.py", "--help"])
+    assert out.returncode == 0 and "FLEET_HOLD_TIMEOUT" in out.stdout
+    out = run_script(["herd_node.py", "--help"])
+    assert out.returncode == 0 and "FLEET_NODE_ROUTER_URL" in out.stdout
+
+
+def test_a_bad_value_stops_startup_with_one_line(tmp_path):
+    out = run_script(["herd.py"], {"FLEET_PORT": "eleven", "FLEET_DATA_DIR": str(tmp_path)})
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "FLEET_PORT" in out.stderr
+    out = run_script(["herd_node.py"], {"FLEET_NODE_HEARTBEAT_INTERVAL": "soon",
+                                        "FLEET_NODE_DATA_DIR": str(tmp_path)})
+    assert out.returncode == 2 and "FLEET_NODE_HEARTBEAT_INTERVAL" in out.stderr
+
+
+def test_settings_api_shows_each_value_and_where_it_came_from(h):
+    router = h.router(FLEET_TOKEN="s3cret", FLEET_HOLD_TIMEOUT=2)
+    settings = {s["name"]: s
+                for s in get_json(router.url, "/dashboard/api/settings")["settings"]}
+    assert settings["FLEET_TOKEN"]["value"] == "(set)"
+    assert settings["FLEET_HOLD_TIMEOUT"] == {**settings["FLEET_HOLD_TIMEOUT"], "value": 2.0,
+                                              "source": "env"}
+    assert settings["FLEET_PORT"]["source"] == "env" and settings["FLEET_MAX_RETRIES"][
+        "source"] == "default"
+
+
+####################################################################################
+# Fleet: heartbeats, node status, drain, agents, local node (README "Add more machines")
+####################################################################################
+
+
+def without_clock(nodes):
+    """/fleet/status nodes without the one field that moves by itself."""
+    return [{k: v for k, v in n.items() if k != "last_heartbeat_s"} for n in nodes]
+
+
+def test_bad_heartbeats_are_refused_and_change_nothing(h):
+    fake = h.fake()
+    router = h.router()
+    h.heartbeat(router, fake, "node-a")
+    before = without_clock(fleet_status(router)["nodes"])
+    cases = [(b"{oops", "invalid JSON"), ({"ollama_url": fake.url}, "node_id"),
+             ({"node_id": "node-a"}, "ollama_url"),
+             ({"node_id": "node-a", "ollama_url": fake.url, "memory": {"total": "lots"}},
+              "memory.total"),
+             ({"node_id": "a b", "ollama_url": fake.url}, "node_id"),
+             ({"node_id": "node-a", "ollama_url": "ftp://x"}, "ollama_url"),
+             ({"node_id": "node-a", "ollama_url": fake.url, "models": [{"size": 1}]},
+              "models[0]")]
+    for body, field in cases:
+        status, _, resp = http(router.url, "POST", "/heartbeat", body)
+        assert status == 400 and field in json.loads(resp)["error"], (body, resp)
+    assert without_clock(fleet_status(router)["nodes"]) == before
+
+
+def test_a_node_id_follows_one_rule_in_both_programs(h, tmp_path, monkeypatch):
+    out = run_script(["herd_node.py"], {"FLEET_NODE_NODE_ID": "café",
+                                        "FLEET_NODE_DATA_DIR": str(tmp_path)})
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "FLEET_NODE_NODE_ID" in out.stderr and "café" in out.stderr
+    fake = h.fake()
+    router = h.router()
+    for bad in ("café", "n1\n", "-x", "a" * 65, ""):
+        agent = h.agent(router, fake, "ok-node")
+        hb = h.bg.run(agent.snapshot())
+        hb["node_id"] = bad
+        status, _, body = http(router.url, "POST", "/heartbeat", hb)
+        assert status == 400 and "node_id" in json.loads(body)["error"], bad
+    assert fleet_status(router)["nodes"] == []
+    monkeypatch.setattr(socket, "gethostname", lambda: "Café-Mac.local")
+    assert hc.default_node_id() == "Caf-Mac"
+    assert hc.check_node_id(hc.default_node_id())
+
+
+def test_a_draining_node_says_so_and_is_offline_once_its_agent_left(h):
+    fake = h.fake(chunks=10, chunk_delay=0.1)
+    router = h.router()  # FLEET_HEARTBEAT_OFFLINE is 30 s: "at once" is well before
+    agent = h.agent(router, fake, "node-a", FLEET_NODE_HEARTBEAT_INTERVAL=0.1)
+    assert h.bg.run(agent.send(h.bg.run(agent.snapshot())))
+    stream = threading.Thread(target=http, args=(router.url, "POST", "/api/generate",
+                                                 {"model": "llama3.2:3b", "prompt": "x"}))
+    stream.start()
+    wait_until(lambda: fleet_queue(router)["total_active"] == 1, what="the stream")
+    drain = asyncio.run_coroutine_threadsafe(agent.drain(), h.bg.loop)
+    node = wait_until(lambda: node_status(router, "node-a") == "draining"
+                      and fleet_node(router, "node-a"), what="draining")
+    assert node["draining"] is True and fleet_status(router)["router"]["nodes_draining"] == 1
+    assert not drain.done()  # the agent waits for the running stream
+    stream.join(10)
+    assert drain.result(10) is True
+    assert node_status(router, "node-a") == "offline"
+    assert fleet_status(router)["router"]["nodes_offline"] == 1
+    metrics = http(router.url, "GET", "/metrics")[2].decode()
+    assert 'herd_node_status{node="node-a",status="offline"} 1' in metrics
+    rows = h.traces(router)
+    assert [r["status"] for r in rows] == ["completed"]
+
+
+def test_token_protects_heartbeats(h):
+    fake = h.fake()
+    router = h.router(FLEET_TOKEN="s3cret")
+    agent = h.agent(router, fake, "node-a")
+    assert h.bg.run(agent.send(h.bg.run(agent.snapshot()))) is None  # refused
+    assert fleet_node(router, "node-a") is None
+    status, _, _ = http(router.url, "POST", "/heartbeat", {"node_id": "x", "ollama_url":
+                                                           fake.url})
+    assert status == 401
+    h.heartbeat(router, fake, "node-a", FLEET_NODE_TOKEN="s3cret")
+    assert node_status(router, "node-a") == "online"
+
+
+def test_heartbeat_reports_the_machine_and_ollama(h):
+    fake = h.fake()
+    router = h.router()
+    h.heartbeat(router, fake, "node-a", FLEET_NODE_NUM_PARALLEL=3)
+    status, _, body = http(router.url, "GET", "/fleet/status")
+    node = json.loads(body)["nodes"][0]
+    assert node["hardware"]["cpu_cores"] >= 1 and node["memory"]["total"] > 0
+    assert node["ollama"]["version"] == fake.version and node["num_parallel"] == 3
+    assert set(node["models_on_disk"]) == set(fake.loaded) | set(node["models_on_disk"])
+    assert node["ollama_url"] == f"http://127.0.0.1:{fake.port}"
+
+
+def test_two_machines_with_one_node_id_are_reported(h, caplog):
+    fake_a, fake_b = h.fake(), h.fake()
+    router = h.router()
+    h.heartbeat(router, fake_a, "macbook")
+    logging.getLogger("herd").propagate = True  # let caplog see it
+    try:
+        h.heartbeat(router, fake_b, "macbook")
+    finally:
+        logging.getLogger("herd").propagate = False
+    assert "two machines with one name" in caplog.text
+
+
+def test_node_status_transitions_and_offline_gets_no_work(h):
+    fake_a, fake_b = h.fake(), h.fake()
+    router = h.router(FLEET_HEARTBEAT_TIMEOUT=0.3, FLEET_HEARTBEAT_OFFLINE=0.6)
+    h.heartbeat(router, fake_a, "node-a")
+    h.heartbeat(router, fake_b, "node-b")
+    wait_until(lambda: node_status(router, "node-a") == "degraded", what="degraded")
+    wait_until(lambda: node_status(router, "node-a") == "offline", what="offline")
+    h.heartbeat(router, fake_b, "node-b")
+    for _ in range(3):
+        status, headers, _ = http(router.url, "POST", "/api/generate",
+                                  {"model": "llama3.2:3b", "prompt": "x", "stream": False})
+        assert status == 200 and headers["x-fleet-node"] == "node-b"
+    status, _, body = http(router.url, "GET", "/fleet/status")
+    states = {n["node_id"]: n["status"] for n in json.loads(body)["nodes"]}
+    assert states == {"node-a": "offline", "node-b": "online"}
+
+
+def test_drain_moves_queued_requests_and_lets_running_ones_finish(h):
+    fake_a, fake_b = h.fake(chunks=4, chunk_delay=0.25), h.fake()
+    router = h.router()
+    h.heartbeat(router, fake_a, "node-a", FLEET_NODE_NUM_PARALLEL=1)
+    h.heartbeat(router, fake_b, "node-b", mutate=lambda hb: hb.update(paused=True))
+    threads, results = start_requests(router, 3)
+    wait_until(lambda: waiting_on(router, "node-a") == 2, what="two requests queued on node-a")
+    h.heartbeat(router, fake_b, "node-b")
+    h.heartbeat(router, fake_a, "node-a", FLEET_NODE_NUM_PARALLEL=1,
+                mutate=lambda hb: hb.update(draining=True))
+    for t in threads:
+        t.join(30)
+    assert sorted(r[1]["x-fleet-node"] for r in results) == ["node-a", "node-b", "node-b"]
+    assert all(r[0] == 200 for r in results) and fake_a.completed == 1
+    assert [r["status"] for r in h.traces(router)] == ["completed"] * 3
+
+
+def test_agent_that_never_found_a_router_still_saves_state_on_drain(h, tmp_path):
+    fake = h.fake()
+    cfg = herd_node.load_node_config({"FLEET_NODE_NODE_ID": "alone",
+                                      "FLEET_NODE_OLLAMA_HOST": fake.url,
+                                      "FLEET_NODE_DATA_DIR": str(tmp_path)},
+                                     herd_node.parse_args([]))
+    finder = herd_node.RouterFinder(["127.0.0.1"])  # started never: nothing found
+    agent = herd_node.Agent(cfg, finder)
+    assert h.bg.run(agent.drain()) is False
+    state = json.loads((tmp_path / "node-state-alone.json").read_text())
+    assert state["ollama"]["reachable"] is True
+
+
+def test_queue_limit_follows_reported_parallel_slots(h):
+    fake = h.fake(num_parallel=8, chunks=3, chunk_delay=0.2)
+    router = h.router()
+    h.heartbeat(router, fake, "node-a", FLEET_NODE_NUM_PARALLEL=2)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(http(
+        router.url, "POST", "/api/generate",
+        {"model": "llama3.2:3b", "prompt": "x", "stream": False}, timeout=30)))
+        for _ in range(5)]
+    for t in threads:
+        t.start()
+    report = wait_until(lambda: (lambda q: q if q["total_waiting"] == 3 else None)(
+        json.loads(http(router.url, "GET", "/fleet/queue")[2])), what="3 waiting")
+    assert report["queues"][0]["limit"] == 2 and report["total_active"] == 2
+    for t in threads:
+        t.join(30)
+    assert [r[0] for r in results] == [200] * 5 and fake.max_active == 2
+
+
+def test_slot_queue_shrinks_when_a_node_lowers_its_slots():
+    async def scenario():
+        q = herd.SlotQueue(3)
+        for _ in range(3):
+            await q.acquire()
+        waiter = asyncio.ensure_future(q.acquire())
+        await asyncio.sleep(0)
+        q.set_limit(1)
+        q.release()
+        q.release()  # two finish: that only brings active down to the new limit
+        await asyncio.sleep(0)
+        assert (q.active, q.waiting, waiter.done()) == (1, 1, False)
+        q.release()  # the next one to finish hands its slot on
+        await asyncio.sleep(0)
+        assert waiter.done() and (q.active, q.waiting) == (1, 0)
+    asyncio.run(scenario())
+
+
+def test_unknown_slots_use_a_default_above_one(h):
+    fake = h.fake(num_parallel=8)
+    router = h.router()
+    h.heartbeat(router, fake, "node-a", mutate=lambda hb: hb["ollama"].update(num_parallel=0))
+    assert fleet_node(router, "node-a")["num_parallel"] == 4
+
+
+def test_agent_reads_parallel_slots_from_the_running_ollama(h):
+    env = {**os.environ, "OLLAMA_NUM_PARALLEL": "6"}
+    proc = subprocess.Popen([sys.executable, "fake_ollama.py", "--port", "0"], cwd=HERE,
+                            env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        url = proc.stdout.readline().split()[-1]  # "fake ollama listening on http://..."
+        router = h.router()
+        ollama = type("Ollama", (), {"url": url})
+        h.heartbeat(router, ollama, "node-a")  # the agent's own env has no such setting
+        node = fleet_node(router, "node-a")
+        info = node["ollama"]
+        assert info["num_parallel"] == 6 and info["num_parallel_source"] == "ollama process"
+        assert info["settings"]["OLLAMA_NUM_PARALLEL"] == "6"
+        assert node["num_parallel"] == 6
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_advertised_ollama_url_is_never_localhost_across_machines():
+    lan = [a.address for addrs in __import__("psutil").net_if_addrs().values() for a in addrs
+           if a.family == socket.AF_INET and not a.address.startswith("127.")]
+    if not lan:
+        pytest.skip("this machine has no LAN address")
+    url = hc.advertised_ollama_url("http://localhost:11434", "192.0.2.200", 11435)
+    assert url.startswith("http://") and url.endswith(":11434")
+    assert hc.split_url(url)[0] in lan
+    assert hc.advertised_ollama_url("http://localhost:11434", "127.0.0.1", 11435) == \
+        "http://127.0.0.1:11434"
+    assert hc.advertised_ollama_url("http://10.1.2.3:11434", "192.0.2.200", 11435) == \
+        "http://10.1.2.3:11434"
+
+
+def test_local_ollama_is_served_without_an_agent(h):
+    fake = h.fake()
+    router = h.router(FLEET_LOCAL_NODE="true", FLEET_LOCAL_OLLAMA_URL=fake.url,
+                      FLEET_LOCAL_NODE_INTERVAL=0.1, FLEET_STARTUP_WINDOW=10)
+    # Sent at once: the router has not polled its Ollama yet, and waits for it.
+    status, headers, _ = http(router.url, "POST", "/api/generate",
+                              {"model": "llama3.2:3b", "prompt": "x", "stream": False})
+    local_id = hc.short_hostname()
+    assert status == 200 and headers["x-fleet-node"] == local_id
+    assert fleet_node(router, local_id)["local"] is True
+    # An agent reporting the same Ollama takes over; the local stand-in goes away.
+    h.heartbeat(router, fake, "agent-node")
+    assert fleet_node(router, local_id) is None
+    status, headers, _ = http(router.url, "POST", "/api/generate",
+                              {"model": "llama3.2:3b", "prompt": "x", "stream": False})
+    assert headers["x-fleet-node"] == "agent-node"
+
+
+def test_node_keeps_heartbeating_when_ollama_is_down(h):
+    fake = h.fake()
+    router = h.router(FLEET_HOLD_TIMEOUT=0.2)
+    h.heartbeat(router, fake, "node-a")
+    h.bg.run(fake.stop())
+    h.fakes.remove(fake)
+    h.heartbeat(router, fake, "node-a")
+    node = fleet_node(router, "node-a")
+    assert node["status"] == "online" and node["ollama"]["reachable"] is False
+    status, _, body = http(router.url, "POST", "/api/generate",
+                           {"model": "llama3.2:3b", "prompt": "x"})
+    assert status == 503 and "unreachable" in json.loads(body)["error"]
+
+
+####################################################################################
+# Routing (README "How a request is routed")
+####################################################################################
+
+
+# -- scoring: pure functions over crafted candidates -------------------------------
+
+
+def test_scoring_signals_have_the_documented_ranges():
+    idle_hot = hc.Candidate("a", hot=True, model_size=4 * GIB, mem_total=16 * GIB,
+                            mem_available=12 * GIB, slots=4)
+    busy_cold = hc.Candidate("b", hot=False, model_size=4 * GIB, mem_total=16 * GIB,
+                             mem_available=6 * GIB, slots=1, active=1, waiting=3,
+                             mean_latency_s=30, load_estimate_s=20, cpu_percent=90,
+                             cpu_trend=20)
+    s_hot, b_hot = hc.score_candidate(idle_hot)
+    s_cold, b_cold = hc.score_candidate(busy_cold)
+    assert b_hot["thermal"] == 50 and b_cold["thermal"] == 5
+    assert b_cold["queue_depth"] == -30 and b_hot["queue_depth"] == 0
+    assert -25 <= b_cold["wait_time"] < -20
+    assert 0 <= b_hot["memory_fit"] <= 20 and b_cold["memory_fit"] < b_hot["memory_fit"]
+    assert b_cold["availability"] == 0 and b_hot["availability"] == 10
+    assert s_hot > 80 and s_cold < 20
+    ranked = hc.rank_candidates([busy_cold, idle_hot])
+    assert [c.node_id for _, _, c in ranked] == ["a", "b"]
+
+
+def test_context_fit_and_role_affinity():
+    fits = hc.Candidate("a", hot=True, requested_ctx=8192, loaded_ctx=8192)
+    reload = hc.Candidate("b", hot=True, requested_ctx=32768, loaded_ctx=8192)
+    assert hc.score_context_fit(fits) == 10 and hc.score_context_fit(reload) == 0
+    big_on_big = hc.Candidate("a", model_size=40 * GIB, mem_total=128 * GIB,
+                              mem_available=100 * GIB)
+    big_on_small = hc.Candidate("b", model_size=40 * GIB, mem_total=16 * GIB,
+                                mem_available=12 * GIB)
+    assert hc.score_role_affinity(big_on_big) == 15 and hc.score_role_affinity(big_on_small) == 0
+    assert hc.eliminate(big_on_small) is not None and hc.eliminate(big_on_big) is None
+
+
+# -- elimination, hot before cold, the holding queue, the per-client limit ---------
+
+
+def test_memory_elimination_picks_the_node_that_fits(h):
+    models = {"big:70b": {"size": 40 * GIB}}
+    fake_small, fake_big = h.fake(models=models), h.fake(models=models)
+    router = h.router(FLEET_HOLD_TIMEOUT=0.3)
+    h.heartbeat(router, fake_small, "small", mutate=small_memory(16, 10))
+    h.heartbeat(router, fake_big, "big", mutate=small_memory(128, 100))
+    status, headers, _ = http(router.url, "POST", "/api/generate",
+                              {"model": "big:70b", "prompt": "x", "stream": False})
+    assert status == 200 and headers["x-fleet-node"] == "big"
+    h.heartbeat(router, fake_big, "big", mutate=lambda hb: hb.update(paused=True))
+    status, _, body = http(router.url, "POST", "/api/generate",
+                           {"model": "big:70b", "prompt": "x"})
+    assert status == 503 and "small: not enough memory" in json.loads(body)["error"]
+
+
+def test_hot_node_wins_over_cold(h):
+    fake_a, fake_b = h.fake(), h.fake()
+    router = h.router()
+    # warm the model on b only, then let both report
+    load_on(fake_b, "qwen2.5:7b")
+    h.heartbeat(router, fake_a, "node-a", mutate=small_memory(32, 20))
+    h.heartbeat(router, fake_b, "node-b", mutate=small_memory(32, 20))
+    status, headers, _ = http(router.url, "POST", "/api/generate",
+                              {"model": "qwen2.5:7b", "prompt": "x", "stream": False})
+    assert headers["x-fleet-node"] == "node-b"
+    row = h.traces(router)[-1]
+    assert json.loads(row["score_breakdown"])["thermal"] == 50.0
+
+
+def test_holding_queue_waits_for_a_node_then_serves(h):
+    fake = h.fake()
+    router = h.router(FLEET_HEARTBEAT_TIMEOUT=0.2, FLEET_HEARTBEAT_OFFLINE=0.3,
+                      FLEET_HOLD_TIMEOUT=20)
+    h.heartbeat(router, fake, "node-a")
+    wait_until(lambda: node_status(router, "node-a") == "offline", what="offline")
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=http(
+        router.url, "POST", "/api/generate",
+        {"model": "llama3.2:3b", "prompt": "x", "stream": False}, timeout=30)))
+    t.start()
+    wait_until(lambda: holding(router) == 1, what="request in the holding queue")
+    h.heartbeat(router, fake, "node-a")
+    t.join(20)
+    assert result["r"][0] == 200 and result["r"][1]["x-fleet-node"] == "node-a"
+
+
+def test_holding_queue_times_out_with_503(h):
+    fake = h.fake()
+    router = h.router(FLEET_HOLD_TIMEOUT=0.3)
+    h.heartbeat(router, fake, "node-a", mutate=lambda hb: hb.update(paused=True))
+    status, headers, body = http(router.url, "POST", "/api/generate",
+                                 {"model": "llama3.2:3b", "prompt": "x"})
+    assert status == 503 and int(headers["retry-after"]) >= 1
+    assert "node-a: paused" in json.loads(body)["error"]
+    status, _, body = http(router.url, "POST", "/v1/completions",
+                           {"model": "llama3.2:3b", "prompt": "x"})
+    assert status == 503 and json.loads(body)["error"]["type"] == "api_error"
+    assert h.traces(router)[-1]["status"] == "failed"
+
+
+def test_holding_queue_serves_in_arrival_order(h):
+    fake = h.fake(chunks=2, chunk_delay=0.05)
+    router = h.router(FLEET_HOLD_TIMEOUT=20)
+    h.heartbeat(router, fake, "node-a", FLEET_NODE_NUM_PARALLEL=1,
+                mutate=lambda hb: hb.update(paused=True))
+    threads = []
+    for i in range(4):
+        body = {"model": "llama3.2:3b", "prompt": f"p{i}", "stream": False}
+        threads.append(threading.Thread(target=http, args=(router.url, "POST",
+                                                           "/api/generate", body, None, 30)))
+        threads[-1].start()
+        wait_until(lambda: holding(router) == i + 1, what=f"request {i} held")
+    h.heartbeat(router, fake, "node-a", FLEET_NODE_NUM_PARALLEL=1)
+    for t in threads:
+        t.join(30)
+    prompts = [r["body"]["prompt"] for r in fake.requests if r["path"] == "/api/generate"]
+    assert prompts == ["p0", "p1", "p2", "p3"]
+
+
+def test_a_client_leaving_the_holding_queue_is_traced_as_cancelled(h):
+    fake = h.fake()
+    router = h.router(FLEET_HOLD_TIMEOUT=30)
+    h.heartbeat(router, fake, "node-a", mutate=lambda hb: hb.update(paused=True))
+    s = socket.create_connection(("127.0.0.1", router.port), timeout=10)
+    body = json.dumps({"model": "llama3.2:3b", "prompt": "x"}).encode()
+    s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n%s"
+              % (len(body), body))
+    wait_until(lambda: holding(router) == 1, what="the request to be held")
+    s.close()
+    wait_until(lambda: holding(router) == 0, what="the held request to leave")
+    row = h.traces(router)[-1]
+    assert row["status"] == "cancelled" and row["node_id"] is None
+    assert not fake.requests or fake.requests[-1]["path"] != "/api/generate"
+
+
+def test_client_in_flight_limit_answers_429(h):
+    fake = h.fake(chunks=3, chunk_delay=0.3, num_parallel=4)
+    router = h.router(FLEET_CLIENT_MAX_IN_FLIGHT=1)
+    h.heartbeat(router, fake, "node-a")
+    s = socket.create_connection(("127.0.0.1", router.port), timeout=10)
+    body = json.dumps({"model": "llama3.2:3b", "prompt": "x"}).encode()
+    s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n%s"
+              % (len(body), body))
+    assert s.recv(65536).startswith(b"HTTP/1.1 200")  # one request streaming now
+    status, headers, resp = http(router.url, "POST", "/v1/chat/completions", {
+        "model": "llama3.2:3b", "messages": [{"role": "user", "content": "x"}]})
+    assert status == 429 and headers["retry-after"] == "1"
+    assert json.loads(resp)["error"]["type"] == "rate_limit_error"
+    s.close()
+    # A request's trace is written once it no longer counts against its client.
+    rows = wait_until(lambda: (lambda rows: rows if len(rows) == 2 else None)(
+        h.traces(router)), what="the first request to end")
+    assert [r["status"] for r in rows] == ["rejected", "cancelled"]
+    status, _, _ = http(router.url, "POST", "/api/generate",
+                        {"model": "llama3.2:3b", "prompt": "x", "stream": False})
+    assert status == 200
+
+
+# -- fallbacks, unloads, context protection, the rebalancer ------------------------
+
+
+def test_fallback_model_serves_when_the_primary_is_missing(one_node):
+    import openai
+    h, router, fake = one_node
+    status, headers, body = http(router.url, "POST", "/api/chat", {
+        "model": "llama3.3:70b", "fallback_models": ["ghost:1b", "qwen2.5:7b"],
+        "stream": False, "messages": [{"role": "user", "content": "x"}]})
+    assert status == 200 and headers["x-fleet-fallback"] == "qwen2.5:7b"
+    assert headers["x-fleet-requested-model"] == "llama3.3:70b"
+    assert json.loads(body)["model"] == "qwen2.5:7b"
+    sent = fake.requests[-1]["body"]
+    assert sent["model"] == "qwen2.5:7b" and "fallback_models" not in sent
+    row = h.traces(router)[-1]
+    assert (row["model"], row["requested_model"]) == ("qwen2.5:7b", "llama3.3:70b")
+    client = openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
+    reply = client.chat.completions.create(
+        model="missing", messages=[{"role": "user", "content": "x"}],
+        extra_body={"fallback_models": ["llama3.2:3b"]})
+    assert reply.model == "llama3.2:3b"
+    status, _, body = http(router.url, "POST", "/api/generate", {
+        "model": "llama3.2:3b", "prompt": "x", "fallback_models": "qwen2.5:7b"})
+    assert status == 400 and "fallback_models" in json.loads(body)["error"]
+
+
+def test_loaded_fallback_beats_cold_primary_but_not_a_loaded_one(h):
+    fake_a, fake_b = h.fake(), h.fake()
+    router = h.router()
+    load_on(fake_b, "qwen2.5:7b")
+    h.heartbeat(router, fake_a, "node-a", mutate=small_memory(32, 20))
+    h.heartbeat(router, fake_b, "node-b", mutate=small_memory(32, 20))
+    ask = {"model": "llama3.2:3b", "prompt": "x", "stream": False,
+           "fallback_models": ["qwen2.5:7b"]}
+    status, headers, _ = http(router.url, "POST", "/api/generate", ask)
+    assert headers["x-fleet-served-model"] == "qwen2.5:7b"  # primary was cold everywhere
+    load_on(fake_a, "llama3.2:3b")
+    h.heartbeat(router, fake_a, "node-a", mutate=small_memory(32, 20))
+    status, headers, _ = http(router.url, "POST", "/api/generate", ask)
+    assert headers["x-fleet-served-model"] == "llama3.2:3b" and "x-fleet-fallback" not in headers
+
+
+def test_unload_goes_to_every_node_holding_the_model(h):
+    fake_a, fake_b = h.fake(), h.fake()
+    router = h.router()
+    for fake in (fake_a, fake_b):
+        load_on(fake, "llama3.2:3b")
+    h.heartbeat(router, fake_a, "node-a")
+    h.heartbeat(router, fake_b, "node-b")
+    status, headers, body = http(router.url, "POST", "/api/generate",
+                                 {"model": "llama3.2:3b", "prompt": "", "keep_alive": 0})
+    assert status == 200 and json.loads(body)["done_reason"] == "unload"
+    assert set(headers["x-fleet-node"].split(",")) == {"node-a", "node-b"}
+    assert "llama3.2:3b" not in fake_a.loaded and "llama3.2:3b" not in fake_b.loaded
+    row = h.traces(router)[-1]
+    assert row["status"] == "completed" and set(row["node_id"].split(",")) == {"node-a",
+                                                                              "node-b"}
+
+
+def test_unload_marks_only_the_nodes_that_unloaded(h):
+    fake_a, fake_b = h.fake(), h.fake()
+    router = h.router()
+    for fake in (fake_a, fake_b):
+        load_on(fake, "llama3.2:3b")
+    h.heartbeat(router, fake_a, "node-a")
+    h.heartbeat(router, fake_b, "node-b")
+    fake_b.fault = "reset"  # its unload fails: the connection is reset
+    unload = {"model": "llama3.2:3b", "prompt": "", "keep_alive": 0}
+    status, _, _ = http(router.url, "POST", "/api/generate", unload)
+    assert status == 200
+    ps = json.loads(http(router.url, "GET", "/api/ps")[2])["models"]
+    assert [m["node_id"] for m in ps] == ["node-b"]  # b still holds it, as it said
+    status, _, body = http(router.url, "POST", "/api/generate", unload)
+    assert status == 502 and "failed on node-b" in json.loads(body)["error"]
+    ps = json.loads(http(router.url, "GET", "/api/ps")[2])["models"]
+    assert [m["node_id"] for m in ps] == ["node-b"]
+
+
+def test_context_protection_keeps_a_loaded_model_from_reloading(h):
+    fake = h.fake()
+    router = h.router()
+    load_on(fake, "llama3.2:3b", 8192)
+    h.heartbeat(router, fake, "node-a")
+    loads = fake.load_count
+    ask = {"model": "llama3.2:3b", "prompt": "x", "stream": False,
+           "options": {"num_ctx": 4096, "temperature": 0.1}}
+    assert http(router.url, "POST", "/api/generate", ask)[0] == 200
+    assert fake.requests[-1]["body"]["options"] == {"num_ctx": 8192, "temperature": 0.1}
+    assert fake.load_count == loads and router_events(router)["context_stripped"] == 1
+
+
+def test_context_protection_warn_mode_only_counts(h):
+    fake = h.fake()
+    router = h.router(FLEET_CONTEXT_PROTECTION="warn")
+    load_on(fake, "llama3.2:3b", 8192)
+    h.heartbeat(router, fake, "node-a")
+    loads = fake.load_count
+    ask = {"model": "llama3.2:3b", "prompt": "x", "stream": False,
+           "options": {"num_ctx": 4096}}
+    assert http(router.url, "POST", "/api/generate", ask)[0] == 200
+    assert fake.requests[-1]["body"]["options"] == {"num_ctx": 4096}
+    assert fake.load_count == loads + 1 and router_events(router)["context_warned"] == 1
+
+
+def test_context_too_big_for_the_loaded_model_moves_to_a_larger_tag_of_it(h):
+    fake = h.fake(models={"qwen2.5:3b": {"family": "qwen2"}, "qwen2.5:7b": {"family": "qwen2"},
+                          "qwen2.5:0.5b": {"family": "qwen2"},
+                          "llama3.1:8b": {"family": "qwen2"}})
+    router = h.router()
+    load_on(fake, "qwen2.5:3b", 4096)
+    load_on(fake, "qwen2.5:0.5b", 32768)  # room enough, but a smaller variant
+    load_on(fake, "llama3.1:8b", 32768)  # room enough, same GGUF family, another model
+    load_on(fake, "qwen2.5:7b", 16384)
+    h.heartbeat(router, fake, "node-a")
+    status, headers, _ = http(router.url, "POST", "/api/generate", {
+        "model": "qwen2.5:3b", "prompt": "x", "stream": False,
+        "options": {"num_ctx": 12000}})
+    assert status == 200 and headers["x-fleet-served-model"] == "qwen2.5:7b"
+    assert headers["x-fleet-fallback"] == "qwen2.5:7b"  # the swap is said, as before
+    sent = fake.requests[-1]["body"]
+    assert sent["model"] == "qwen2.5:7b" and sent["options"]["num_ctx"] == 16384
+    assert router_events(router)["context_upgraded"] == 1
+
+
+def test_context_protection_never_swaps_in_another_model(h):
+    # LlamaIndex sends num_ctx 3900 on every call; a loaded model of the same GGUF family
+    # ("llama" is shared by many) must not answer instead, least of all for embeddings.
+    fake = h.fake(models={"smollm2-embed:latest": {"family": "llama",
+                                                   "capabilities": ["embedding"]},
+                          "llama3.2:3b": {"family": "llama"},
+                          "smollm2:135m": {"family": "llama"}})
+    router = h.router()
+    load_on(fake, "llama3.2:3b", 8192)
+    load_on(fake, "smollm2:135m", 2048)
+    http(fake.url, "POST", "/api/embed", {"model": "smollm2-embed", "input": "x",
+                                          "options": {"num_ctx": 2048}})
+    h.heartbeat(router, fake, "node-a")
+    status, headers, body = http(router.url, "POST", "/api/embed", {
+        "model": "smollm2-embed", "input": "hello", "options": {"num_ctx": 4096}})
+    assert status == 200 and headers["x-fleet-served-model"] == "smollm2-embed:latest"
+    assert "x-fleet-fallback" not in headers
+    assert json.loads(body)["model"] == "smollm2-embed"
+    status, headers, _ = http(router.url, "POST", "/api/generate", {
+        "model": "smollm2:135m", "prompt": "x", "stream": False,
+        "options": {"num_ctx": 3900}})
+    assert status == 200 and headers["x-fleet-served-model"] == "smollm2:135m"
+    assert "context_upgraded" not in router_events(router)
+
+
+def test_rebalancer_moves_queued_requests_to_a_hot_node_only(h):
+    fake_a, fake_b = h.fake(chunks=4, chunk_delay=0.25), h.fake()
+    router = h.router(FLEET_REBALANCE_INTERVAL=0.2)
+    h.heartbeat(router, fake_a, "node-a", FLEET_NODE_NUM_PARALLEL=1)
+    h.heartbeat(router, fake_b, "node-b", mutate=lambda hb: hb.update(paused=True))
+    threads, results = start_requests(router, 3)
+    wait_until(lambda: waiting_on(router, "node-a") == 2, what="two requests queued on node-a")
+    h.heartbeat(router, fake_b, "node-b")  # free, but the model is cold there: stay
+    assert run_rebalancer_pass(h, router) == 0
+    assert waiting_on(router, "node-a") == 2
+    load_on(fake_b, "llama3.2:3b")
+    h.heartbeat(router, fake_b, "node-b")  # now hot with free slots: take them
+    for t in threads:
+        t.join(30)
+    assert sorted(r[1]["x-fleet-node"] for r in results) == ["node-a", "node-b", "node-b"]
+    assert fake_a.completed == 1
+
+
+####################################################################################
+# Proxy: streaming relay and failures (README "When things go wrong")
+####################################################################################
+
+
+# -- the relay: chunk by chunk, backpressure, what reaches the node ----------------
 
 
 def test_stream_is_relayed_chunk_by_chunk(h):
@@ -377,23 +1153,17 @@ def test_slow_client_pauses_the_node_instead_of_filling_memory(h):
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
         s.connect(("127.0.0.1", router.port))
-        me = "%s:%d" % s.getsockname()
-        conn = wait_until(lambda: h.bg.call(
-            lambda: next((c for c in router.connections if c.client == me), None)))
+        conn = wait_until(lambda: router_side_of(h, router, s))
         # Loopback lets the kernel buffer all 4 MB; a LAN client's window would not.
         h.bg.call(lambda: conn.transport.get_extra_info("socket").setsockopt(
             socket.SOL_SOCKET, socket.SO_SNDBUF, 32768))
         s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n%s"
                   % (len(body), body))
-
-        def relay():  # the node connection of the request, once it waits for us
-            ex = next(iter(router.router.active.values()), None)
-            up = ex and ex.relay
-            return up if up is not None and up._resume_task is not None else None
-        up = wait_until(lambda: h.bg.call(relay), what="the relay to wait for the client")
+        relay = wait_until(lambda: relay_paused_for_the_client(h, router),
+                        what="the relay to wait for the client")
         time.sleep(2.5)  # the slow client: longer than FLEET_CHUNK_TIMEOUT, still no blame
         queued = h.bg.call(lambda: conn.transport.get_write_buffer_size())
-        assert queued < 2 * hc.Upstream.HIGH_WATER and not up.closed
+        assert queued < 2 * hc.Relay.HIGH_WATER and not relay.up.closed
         s.settimeout(10)
         raw = b""
         while not raw.endswith(b"\r\n0\r\n\r\n"):
@@ -416,15 +1186,7 @@ def test_both_sides_of_the_router_set_tcp_nodelay(one_node):
         out = b""
         while b'"done":true' not in out:
             out += s.recv(65536)
-        me = "%s:%d" % s.getsockname()
-
-        def nodelay():
-            client = next(c for c in router.connections if c.client == me)
-            ups = [up for idle in router.router.pool.idle.values() for up, _ in idle]
-            return [t.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP,
-                                                          socket.TCP_NODELAY)
-                    for t in [client.transport] + [up.transport for up in ups]]
-        flags = h.bg.call(nodelay)
+        flags = tcp_nodelay_flags(h, router, s)
     assert len(flags) >= 2 and all(flags), flags
 
 
@@ -477,6 +1239,9 @@ def test_host_header_is_not_forwarded(one_node):
     assert sent_host == f"127.0.0.1:{fake.port}"
 
 
+# -- a node failing mid-answer, stalling, or reaped --------------------------------
+
+
 def test_error_line_mid_stream_passes_through_without_done(one_node):
     h, router, fake = one_node
     fake.fault, fake.die_after = "error_line", 2
@@ -499,48 +1264,6 @@ def test_node_dying_mid_stream_is_reported(one_node):
     assert "mid-stream" in str(err.value) and "node-a" in str(err.value)
     rows = h.traces(router)
     assert rows[-1]["status"] == "incomplete"
-
-
-def test_node_stalling_mid_stream_times_out(h):
-    fake = h.fake(chunks=6)
-    router = h.router(FLEET_CHUNK_TIMEOUT=0.3)
-    h.heartbeat(router, fake, "node-a")
-    fake.fault, fake.die_after = "stall_mid_stream", 2
-    status, _, body = http(router.url, "POST", "/api/generate",
-                           {"model": "llama3.2:3b", "prompt": "x"})
-    lines = [json.loads(x) for x in body.splitlines()]
-    assert status == 200 and len(lines) == 3 and "sent no data for 0.3s" in lines[-1]["error"]
-    assert h.traces(router)[-1]["status"] == "incomplete"
-
-
-def test_zombie_reaper_fails_a_request_without_progress(h):
-    fake = h.fake(chunks=6)
-    router = h.router(FLEET_STALE_TIMEOUT=0.4, FLEET_CHUNK_TIMEOUT=60)
-    h.heartbeat(router, fake, "node-a")
-    fake.fault, fake.die_after = "stall_mid_stream", 2
-    status, _, body = http(router.url, "POST", "/api/generate",
-                           {"model": "llama3.2:3b", "prompt": "x"})
-    lines = [json.loads(x) for x in body.splitlines()]
-    assert status == 200 and "request reaped" in lines[-1]["error"] and len(lines) == 3
-    wait_until(lambda: fake.cancelled == 1, what="the upstream to be closed")
-    q = router.router.fleet.queues[("node-a", "llama3.2:3b")]
-    assert (q.active, q.waiting) == (0, 0) and router.router.zombies_reaped == 1
-    row = h.traces(router)[-1]
-    assert row["status"] == "failed" and "FLEET_STALE_TIMEOUT" in row["error_message"]
-    fake.fault = "stall"  # stuck before answering: the client gets a 504
-    status, _, body = http(router.url, "POST", "/v1/chat/completions", {
-        "model": "llama3.2:3b", "messages": [{"role": "user", "content": "x"}]})
-    assert status == 504 and "reaped" in json.loads(body)["error"]["message"]
-
-
-def test_non_streamed_answer_cut_off_is_a_clean_502(one_node):
-    import ollama
-    h, router, fake = one_node
-    fake.fault = "die_mid_stream"
-    with pytest.raises(ollama.ResponseError) as err:
-        ollama.Client(host=router.url).generate(model="llama3.2:3b", prompt="x")
-    assert err.value.status_code == 502 and "middle of the response" in str(err.value)
-    assert [r["status"] for r in h.traces(router)] == ["retried", "failed"]
 
 
 @pytest.mark.parametrize("die_after", [1, 2, 3])
@@ -567,333 +1290,50 @@ def test_node_dying_mid_sse_stream_sends_error_event(one_node):
     assert "mid-stream" in str(err.value)
 
 
-def test_client_disconnect_cancels_upstream(h):
-    fake = h.fake(chunks=50, chunk_delay=0.1)
-    router = h.router()
-    h.heartbeat(router, fake, "node-a")
-    s = socket.create_connection(("127.0.0.1", router.port), timeout=10)
-    body = json.dumps({"model": "llama3.2:3b", "prompt": "x"}).encode()
-    s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n%s"
-              % (len(body), body))
-    assert b"200" in s.recv(65536)
-    s.close()
-    wait_until(lambda: fake.cancelled == 1, what="the fake to see the cancel")
-    wait_until(lambda: any(r["status"] == "cancelled" for r in h.traces(router)),
-               what="a cancelled trace")
-    assert fake.completed == 0
-
-
-####################################################################################
-# HTTP/1.1 serving
-####################################################################################
-
-
-def test_keep_alive_and_pipelining_answer_in_order(one_node):
+def test_non_streamed_answer_cut_off_is_a_clean_502(one_node):
+    import ollama
     h, router, fake = one_node
-    req = b"GET /api/version HTTP/1.1\r\nHost: r\r\n\r\nGET / HTTP/1.1\r\nHost: r\r\n\r\n" \
-          b"GET /api/tags HTTP/1.1\r\nHost: r\r\nConnection: close\r\n\r\n"
-    out = raw_exchange(router.port, req)
-    assert out.count(b"HTTP/1.1 200") == 3
-    assert out.index(b'"version"') < out.index(b"Ollama is running") < out.index(b'"models"')
+    fake.fault = "die_mid_stream"
+    with pytest.raises(ollama.ResponseError) as err:
+        ollama.Client(host=router.url).generate(model="llama3.2:3b", prompt="x")
+    assert err.value.status_code == 502 and "middle of the response" in str(err.value)
+    assert [r["status"] for r in h.traces(router)] == ["retried", "failed"]
 
 
-def test_expect_100_continue(one_node):
-    h, router, fake = one_node
-    body = json.dumps({"model": "llama3.2:3b", "prompt": "x", "stream": False}).encode()
-    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as s:
-        s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: r\r\nExpect: 100-continue\r\n"
-                  b"Content-Length: %d\r\n\r\n" % len(body))
-        assert s.recv(65536).startswith(b"HTTP/1.1 100")
-        s.sendall(body)
-        assert b"HTTP/1.1 200" in s.recv(65536)
-
-
-def test_oversized_body_gets_413(h):
-    router = h.router(FLEET_MAX_BODY_MB=0.001)
-    out = raw_exchange(router.port, b"POST /api/chat HTTP/1.1\r\nHost: r\r\n"
-                                    b"Content-Length: 5000\r\nExpect: 100-continue\r\n\r\n")
-    assert out.startswith(b"HTTP/1.1 413") and b"100 Continue" not in out
-    chunked = b"POST /api/chat HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: chunked\r\n\r\n" + \
-        b"400\r\n" + b"x" * 1024 + b"\r\n" + b"400\r\n" + b"x" * 1024 + b"\r\n0\r\n\r\n"
-    assert raw_exchange(router.port, chunked).startswith(b"HTTP/1.1 413")
-    assert http(router.url, "GET", "/")[0] == 200  # still serving
-
-
-def test_malformed_request_gets_400_and_close(h):
-    router = h.router()
-    out = raw_exchange(router.port, b"THIS IS NOT HTTP\r\n\r\n")
-    assert out.startswith(b"HTTP/1.1 400") and b"connection: close" in out.lower()
-    out = raw_exchange(router.port, b"GET / HTTP/1.1\r\nBad Header Line\r\n\r\n")
-    assert out.startswith(b"HTTP/1.1 400")
-    assert http(router.url, "GET", "/")[0] == 200
-
-
-####################################################################################
-# Fleet state, elimination, scoring, queues
-####################################################################################
-
-
-def test_node_status_transitions_and_offline_gets_no_work(h):
-    fake_a, fake_b = h.fake(), h.fake()
-    router = h.router(FLEET_HEARTBEAT_TIMEOUT=0.3, FLEET_HEARTBEAT_OFFLINE=0.6)
-    h.heartbeat(router, fake_a, "node-a")
-    h.heartbeat(router, fake_b, "node-b")
-    wait_until(lambda: h.node(router, "node-a").status == "degraded", what="degraded")
-    wait_until(lambda: h.node(router, "node-a").status == "offline", what="offline")
-    h.heartbeat(router, fake_b, "node-b")
-    for _ in range(3):
-        status, headers, _ = http(router.url, "POST", "/api/generate",
-                                  {"model": "llama3.2:3b", "prompt": "x", "stream": False})
-        assert status == 200 and headers["x-fleet-node"] == "node-b"
-    status, _, body = http(router.url, "GET", "/fleet/status")
-    states = {n["node_id"]: n["status"] for n in json.loads(body)["nodes"]}
-    assert states == {"node-a": "offline", "node-b": "online"}
-
-
-def test_holding_queue_waits_for_a_node_then_serves(h):
-    fake = h.fake()
-    router = h.router(FLEET_HEARTBEAT_TIMEOUT=0.2, FLEET_HEARTBEAT_OFFLINE=0.3,
-                      FLEET_HOLD_TIMEOUT=20)
+def test_node_stalling_mid_stream_times_out(h):
+    fake = h.fake(chunks=6)
+    router = h.router(FLEET_CHUNK_TIMEOUT=0.3)
     h.heartbeat(router, fake, "node-a")
-    wait_until(lambda: h.node(router, "node-a").status == "offline", what="offline")
-    result = {}
-    t = threading.Thread(target=lambda: result.update(r=http(
-        router.url, "POST", "/api/generate",
-        {"model": "llama3.2:3b", "prompt": "x", "stream": False}, timeout=30)))
-    t.start()
-    wait_until(lambda: router.router.fleet.holding == 1, what="request in the holding queue")
-    h.heartbeat(router, fake, "node-a")
-    t.join(20)
-    assert result["r"][0] == 200 and result["r"][1]["x-fleet-node"] == "node-a"
-
-
-def test_holding_queue_times_out_with_503(h):
-    fake = h.fake()
-    router = h.router(FLEET_HOLD_TIMEOUT=0.3)
-    h.heartbeat(router, fake, "node-a", mutate=lambda hb: hb.update(paused=True))
-    status, headers, body = http(router.url, "POST", "/api/generate",
-                                 {"model": "llama3.2:3b", "prompt": "x"})
-    assert status == 503 and int(headers["retry-after"]) >= 1
-    assert "node-a: paused" in json.loads(body)["error"]
-    status, _, body = http(router.url, "POST", "/v1/completions",
-                           {"model": "llama3.2:3b", "prompt": "x"})
-    assert status == 503 and json.loads(body)["error"]["type"] == "api_error"
-    assert h.traces(router)[-1]["status"] == "failed"
-
-
-def test_holding_queue_serves_in_arrival_order(h):
-    fake = h.fake(chunks=2, chunk_delay=0.05)
-    router = h.router(FLEET_HOLD_TIMEOUT=20)
-    h.heartbeat(router, fake, "node-a", FLEET_NODE_NUM_PARALLEL=1,
-                mutate=lambda hb: hb.update(paused=True))
-    threads = []
-    for i in range(4):
-        body = {"model": "llama3.2:3b", "prompt": f"p{i}", "stream": False}
-        threads.append(threading.Thread(target=http, args=(router.url, "POST",
-                                                           "/api/generate", body, None, 30)))
-        threads[-1].start()
-        wait_until(lambda: router.router.fleet.holding == i + 1, what=f"request {i} held")
-    h.heartbeat(router, fake, "node-a", FLEET_NODE_NUM_PARALLEL=1)
-    for t in threads:
-        t.join(30)
-    prompts = [r["body"]["prompt"] for r in fake.requests if r["path"] == "/api/generate"]
-    assert prompts == ["p0", "p1", "p2", "p3"]
-
-
-def test_a_client_leaving_the_holding_queue_is_traced_as_cancelled(h):
-    fake = h.fake()
-    router = h.router(FLEET_HOLD_TIMEOUT=30)
-    h.heartbeat(router, fake, "node-a", mutate=lambda hb: hb.update(paused=True))
-    s = socket.create_connection(("127.0.0.1", router.port), timeout=10)
-    body = json.dumps({"model": "llama3.2:3b", "prompt": "x"}).encode()
-    s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n%s"
-              % (len(body), body))
-    wait_until(lambda: router.router.fleet.holding == 1, what="the request to be held")
-    s.close()
-    wait_until(lambda: router.router.fleet.holding == 0, what="the held request to leave")
-    row = h.traces(router)[-1]
-    assert row["status"] == "cancelled" and row["node_id"] is None
-    assert not fake.requests or fake.requests[-1]["path"] != "/api/generate"
-
-
-def test_client_in_flight_limit_answers_429(h):
-    fake = h.fake(chunks=3, chunk_delay=0.3, num_parallel=4)
-    router = h.router(FLEET_CLIENT_MAX_IN_FLIGHT=1)
-    h.heartbeat(router, fake, "node-a")
-    s = socket.create_connection(("127.0.0.1", router.port), timeout=10)
-    body = json.dumps({"model": "llama3.2:3b", "prompt": "x"}).encode()
-    s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n%s"
-              % (len(body), body))
-    assert s.recv(65536).startswith(b"HTTP/1.1 200")  # one request streaming now
-    status, headers, resp = http(router.url, "POST", "/v1/chat/completions", {
-        "model": "llama3.2:3b", "messages": [{"role": "user", "content": "x"}]})
-    assert status == 429 and headers["retry-after"] == "1"
-    assert json.loads(resp)["error"]["type"] == "rate_limit_error"
-    s.close()
-    wait_until(lambda: not router.router.client_in_flight, what="the first request to end")
-    status, _, _ = http(router.url, "POST", "/api/generate",
-                        {"model": "llama3.2:3b", "prompt": "x", "stream": False})
-    assert status == 200
-
-
-def start_requests(router, count, model="llama3.2:3b"):
-    """Send `count` non-streamed generates from threads; returns (threads, results)."""
-    results = []
-
-    def one():
-        results.append(http(router.url, "POST", "/api/generate",
-                            {"model": model, "prompt": "x", "stream": False}, timeout=30))
-    threads = [threading.Thread(target=one) for _ in range(count)]
-    for t in threads:
-        t.start()
-    return threads, results
-
-
-def queued(router, node_id):
-    return sum(q.waiting for (nid, _), q in router.router.fleet.queues.items()
-               if nid == node_id)
-
-
-def test_drain_moves_queued_requests_and_lets_running_ones_finish(h):
-    fake_a, fake_b = h.fake(chunks=4, chunk_delay=0.25), h.fake()
-    router = h.router()
-    h.heartbeat(router, fake_a, "node-a", FLEET_NODE_NUM_PARALLEL=1)
-    h.heartbeat(router, fake_b, "node-b", mutate=lambda hb: hb.update(paused=True))
-    threads, results = start_requests(router, 3)
-    wait_until(lambda: queued(router, "node-a") == 2, what="two requests queued on node-a")
-    h.heartbeat(router, fake_b, "node-b")
-    h.heartbeat(router, fake_a, "node-a", FLEET_NODE_NUM_PARALLEL=1,
-                mutate=lambda hb: hb.update(draining=True))
-    for t in threads:
-        t.join(30)
-    assert sorted(r[1]["x-fleet-node"] for r in results) == ["node-a", "node-b", "node-b"]
-    assert all(r[0] == 200 for r in results) and fake_a.completed == 1
-    assert [r["status"] for r in h.traces(router)] == ["completed"] * 3
-
-
-def test_rebalancer_moves_queued_requests_to_a_hot_node_only(h):
-    fake_a, fake_b = h.fake(chunks=4, chunk_delay=0.25), h.fake()
-    router = h.router(FLEET_REBALANCE_INTERVAL=0.2)
-    h.heartbeat(router, fake_a, "node-a", FLEET_NODE_NUM_PARALLEL=1)
-    h.heartbeat(router, fake_b, "node-b", mutate=lambda hb: hb.update(paused=True))
-    threads, results = start_requests(router, 3)
-    wait_until(lambda: queued(router, "node-a") == 2, what="two requests queued on node-a")
-    h.heartbeat(router, fake_b, "node-b")  # free, but the model is cold there: stay
-    assert h.bg.call(router.router.fleet.rebalance) == 0
-    assert queued(router, "node-a") == 2
-    load_on(fake_b, "llama3.2:3b")
-    h.heartbeat(router, fake_b, "node-b")  # now hot with free slots: take them
-    for t in threads:
-        t.join(30)
-    assert sorted(r[1]["x-fleet-node"] for r in results) == ["node-a", "node-b", "node-b"]
-    assert fake_a.completed == 1
-
-
-def test_deep_queue_pre_warms_the_runner_up_once(h):
-    fake_a, fake_b = h.fake(chunks=4, chunk_delay=0.25), h.fake(load_delay=0.3)
-    router = h.router(FLEET_PRE_WARM_THRESHOLD=2, FLEET_REBALANCE_INTERVAL=60)
-    load_on(fake_a, "llama3.2:3b")
-    h.heartbeat(router, fake_a, "node-a", FLEET_NODE_NUM_PARALLEL=1)
-    h.heartbeat(router, fake_b, "node-b")  # has the model on disk, cold
-    threads, results = start_requests(router, 4)
-    wait_until(lambda: "llama3.2:3b" in fake_b.loaded, what="node-b to be warmed")
-    for t in threads:
-        t.join(30)
-    warmups = [r for r in fake_b.requests if r["path"] == "/api/generate"
-               and r["body"]["prompt"] == ""]
-    assert len(warmups) == 1 and fake_b.load_count == 1
-    assert all(r[0] == 200 for r in results)
-
-
-def test_memory_elimination_picks_the_node_that_fits(h):
-    models = {"big:70b": {"size": 40 * GIB}}
-    fake_small, fake_big = h.fake(models=models), h.fake(models=models)
-    router = h.router(FLEET_HOLD_TIMEOUT=0.3)
-    h.heartbeat(router, fake_small, "small", mutate=small_memory(16, 10))
-    h.heartbeat(router, fake_big, "big", mutate=small_memory(128, 100))
-    status, headers, _ = http(router.url, "POST", "/api/generate",
-                              {"model": "big:70b", "prompt": "x", "stream": False})
-    assert status == 200 and headers["x-fleet-node"] == "big"
-    h.heartbeat(router, fake_big, "big", mutate=lambda hb: hb.update(paused=True))
+    fake.fault, fake.die_after = "stall_mid_stream", 2
     status, _, body = http(router.url, "POST", "/api/generate",
-                           {"model": "big:70b", "prompt": "x"})
-    assert status == 503 and "small: not enough memory" in json.loads(body)["error"]
+                           {"model": "llama3.2:3b", "prompt": "x"})
+    lines = [json.loads(x) for x in body.splitlines()]
+    assert status == 200 and len(lines) == 3 and "sent no data for 0.3s" in lines[-1]["error"]
+    assert h.traces(router)[-1]["status"] == "incomplete"
 
 
-def test_hot_node_wins_over_cold(h):
-    fake_a, fake_b = h.fake(), h.fake()
-    router = h.router()
-    # warm the model on b only, then let both report
-    load_on(fake_b, "qwen2.5:7b")
-    h.heartbeat(router, fake_a, "node-a", mutate=small_memory(32, 20))
-    h.heartbeat(router, fake_b, "node-b", mutate=small_memory(32, 20))
-    status, headers, _ = http(router.url, "POST", "/api/generate",
-                              {"model": "qwen2.5:7b", "prompt": "x", "stream": False})
-    assert headers["x-fleet-node"] == "node-b"
+def test_zombie_reaper_fails_a_request_without_progress(h):
+    fake = h.fake(chunks=6)
+    router = h.router(FLEET_STALE_TIMEOUT=0.4, FLEET_CHUNK_TIMEOUT=60)
+    h.heartbeat(router, fake, "node-a")
+    fake.fault, fake.die_after = "stall_mid_stream", 2
+    status, _, body = http(router.url, "POST", "/api/generate",
+                           {"model": "llama3.2:3b", "prompt": "x"})
+    lines = [json.loads(x) for x in body.splitlines()]
+    assert status == 200 and "request reaped" in lines[-1]["error"] and len(lines) == 3
+    wait_until(lambda: fake.cancelled == 1, what="the upstream to be closed")
+    q = queue_row(router, "node-a", "llama3.2:3b")
+    assert (q["active"], q["waiting"]) == (0, 0)
+    assert fleet_status(router)["router"]["zombies_reaped"] == 1
     row = h.traces(router)[-1]
-    assert json.loads(row["score_breakdown"])["thermal"] == 50.0
+    assert row["status"] == "failed" and "FLEET_STALE_TIMEOUT" in row["error_message"]
+    fake.fault = "stall"  # stuck before answering: the client gets a 504
+    status, _, body = http(router.url, "POST", "/v1/chat/completions", {
+        "model": "llama3.2:3b", "messages": [{"role": "user", "content": "x"}]})
+    assert status == 504 and "reaped" in json.loads(body)["error"]["message"]
 
 
-def test_queue_limit_follows_reported_parallel_slots(h):
-    fake = h.fake(num_parallel=8, chunks=3, chunk_delay=0.2)
-    router = h.router()
-    h.heartbeat(router, fake, "node-a", FLEET_NODE_NUM_PARALLEL=2)
-    results = []
-    threads = [threading.Thread(target=lambda: results.append(http(
-        router.url, "POST", "/api/generate",
-        {"model": "llama3.2:3b", "prompt": "x", "stream": False}, timeout=30)))
-        for _ in range(5)]
-    for t in threads:
-        t.start()
-    report = wait_until(lambda: (lambda q: q if q["total_waiting"] == 3 else None)(
-        json.loads(http(router.url, "GET", "/fleet/queue")[2])), what="3 waiting")
-    assert report["queues"][0]["limit"] == 2 and report["total_active"] == 2
-    for t in threads:
-        t.join(30)
-    assert [r[0] for r in results] == [200] * 5 and fake.max_active == 2
-
-
-def test_slot_queue_shrinks_when_a_node_lowers_its_slots():
-    async def scenario():
-        q = herd.SlotQueue(3)
-        for _ in range(3):
-            await q.acquire()
-        waiter = asyncio.ensure_future(q.acquire())
-        await asyncio.sleep(0)
-        q.set_limit(1)
-        q.release()
-        q.release()  # two finish: that only brings active down to the new limit
-        await asyncio.sleep(0)
-        assert (q.active, q.waiting, waiter.done()) == (1, 1, False)
-        q.release()  # the next one to finish hands its slot on
-        await asyncio.sleep(0)
-        assert waiter.done() and (q.active, q.waiting) == (1, 0)
-    asyncio.run(scenario())
-
-
-def test_unknown_slots_use_a_default_above_one(h):
-    fake = h.fake(num_parallel=8)
-    router = h.router()
-    h.heartbeat(router, fake, "node-a", mutate=lambda hb: hb["ollama"].update(num_parallel=0))
-    node = h.node(router, "node-a")
-    assert router.router.fleet.slots_for(node) == 4
-
-
-def test_unload_goes_to_every_node_holding_the_model(h):
-    fake_a, fake_b = h.fake(), h.fake()
-    router = h.router()
-    for fake in (fake_a, fake_b):
-        load_on(fake, "llama3.2:3b")
-    h.heartbeat(router, fake_a, "node-a")
-    h.heartbeat(router, fake_b, "node-b")
-    status, headers, body = http(router.url, "POST", "/api/generate",
-                                 {"model": "llama3.2:3b", "prompt": "", "keep_alive": 0})
-    assert status == 200 and json.loads(body)["done_reason"] == "unload"
-    assert set(headers["x-fleet-node"].split(",")) == {"node-a", "node-b"}
-    assert "llama3.2:3b" not in fake_a.loaded and "llama3.2:3b" not in fake_b.loaded
-    row = h.traces(router)[-1]
-    assert row["status"] == "completed" and set(row["node_id"].split(",")) == {"node-a",
-                                                                              "node-b"}
+# -- failing before the first chunk: retries, busy; the client or agent leaving ---
 
 
 @pytest.mark.parametrize("fault", ["reset", "refuse", "http500"])
@@ -926,43 +1366,85 @@ def test_a_stalled_node_times_out_and_the_next_one_answers(h):
     assert status == 502 and "sent no response for 0.3s" in json.loads(body)["error"]
 
 
-def test_fallback_model_serves_when_the_primary_is_missing(one_node):
-    import openai
-    h, router, fake = one_node
-    status, headers, body = http(router.url, "POST", "/api/chat", {
-        "model": "llama3.3:70b", "fallback_models": ["ghost:1b", "qwen2.5:7b"],
-        "stream": False, "messages": [{"role": "user", "content": "x"}]})
-    assert status == 200 and headers["x-fleet-fallback"] == "qwen2.5:7b"
-    assert headers["x-fleet-requested-model"] == "llama3.3:70b"
-    assert json.loads(body)["model"] == "qwen2.5:7b"
-    sent = fake.requests[-1]["body"]
-    assert sent["model"] == "qwen2.5:7b" and "fallback_models" not in sent
-    row = h.traces(router)[-1]
-    assert (row["model"], row["requested_model"]) == ("qwen2.5:7b", "llama3.3:70b")
-    client = openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
-    reply = client.chat.completions.create(
-        model="missing", messages=[{"role": "user", "content": "x"}],
-        extra_body={"fallback_models": ["llama3.2:3b"]})
-    assert reply.model == "llama3.2:3b"
-    status, _, body = http(router.url, "POST", "/api/generate", {
-        "model": "llama3.2:3b", "prompt": "x", "fallback_models": "qwen2.5:7b"})
-    assert status == 400 and "fallback_models" in json.loads(body)["error"]
-
-
-def test_loaded_fallback_beats_cold_primary_but_not_a_loaded_one(h):
+def test_a_retry_forwards_the_clients_body_not_the_last_nodes_rewrite(h):
     fake_a, fake_b = h.fake(), h.fake()
     router = h.router()
-    load_on(fake_b, "qwen2.5:7b")
-    h.heartbeat(router, fake_a, "node-a", mutate=small_memory(32, 20))
-    h.heartbeat(router, fake_b, "node-b", mutate=small_memory(32, 20))
-    ask = {"model": "llama3.2:3b", "prompt": "x", "stream": False,
-           "fallback_models": ["qwen2.5:7b"]}
-    status, headers, _ = http(router.url, "POST", "/api/generate", ask)
-    assert headers["x-fleet-served-model"] == "qwen2.5:7b"  # primary was cold everywhere
-    load_on(fake_a, "llama3.2:3b")
-    h.heartbeat(router, fake_a, "node-a", mutate=small_memory(32, 20))
-    status, headers, _ = http(router.url, "POST", "/api/generate", ask)
-    assert headers["x-fleet-served-model"] == "llama3.2:3b" and "x-fleet-fallback" not in headers
+    load_on(fake_a, "llama3.2:3b", 8192)
+    h.heartbeat(router, fake_a, "node-a", mutate=small_memory(64, 60))
+    h.heartbeat(router, fake_b, "node-b", mutate=small_memory(64, 10))
+    fake_a.fault = "reset"  # hot, so chosen first, with num_ctx raised to its 8192
+    status, headers, _ = http(router.url, "POST", "/api/generate", {
+        "model": "llama3.2:3b", "prompt": "x", "stream": False,
+        "options": {"num_ctx": 4096}})
+    assert status == 200 and headers["x-fleet-node"] == "node-b"
+    assert fake_b.requests[-1]["body"]["options"] == {"num_ctx": 4096}
+
+
+def test_ollama_busy_503_passes_through_and_is_not_retried(h):
+    fake_a, fake_b = h.fake(), h.fake()
+    router = h.router()
+    h.heartbeat(router, fake_a, "node-a", mutate=small_memory(64, 60))
+    h.heartbeat(router, fake_b, "node-b", mutate=small_memory(64, 10))
+    fake_a.fault = "http503"
+    status, headers, body = http(router.url, "POST", "/api/generate",
+                                 {"model": "llama3.2:3b", "prompt": "x"})
+    assert status == 503 and headers["x-fleet-node"] == "node-a"
+    assert json.loads(body) == {"error": herd.BUSY_ERROR}
+    assert not [r for r in fake_b.requests if r["path"] == "/api/generate"]
+
+
+def test_client_disconnect_cancels_upstream(h):
+    fake = h.fake(chunks=50, chunk_delay=0.1)
+    router = h.router()
+    h.heartbeat(router, fake, "node-a")
+    s = socket.create_connection(("127.0.0.1", router.port), timeout=10)
+    body = json.dumps({"model": "llama3.2:3b", "prompt": "x"}).encode()
+    s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n%s"
+              % (len(body), body))
+    assert b"200" in s.recv(65536)
+    s.close()
+    wait_until(lambda: fake.cancelled == 1, what="the fake to see the cancel")
+    wait_until(lambda: any(r["status"] == "cancelled" for r in h.traces(router)),
+               what="a cancelled trace")
+    assert fake.completed == 0
+
+
+def test_sigterm_on_a_node_agent_lets_its_running_stream_finish(h, tmp_path):
+    fake = h.fake(chunks=8, chunk_delay=0.15)
+    other = h.fake()
+    router = h.router()
+    env = {**os.environ, "FLEET_NODE_DATA_DIR": str(tmp_path / "n"),
+           "FLEET_NODE_HEARTBEAT_INTERVAL": "0.2"}
+    proc = subprocess.Popen([sys.executable, "herd_node.py", "--router-url", router.url,
+                             "--node-id", "leaving", "--ollama-host", fake.url],
+                            cwd=HERE, env=env, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: fleet_node(router, "leaving"), what="the agent's first heartbeat")
+        s = socket.create_connection(("127.0.0.1", router.port), timeout=10)
+        body = json.dumps({"model": "llama3.2:3b", "prompt": "x"}).encode()
+        s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: r\r\nConnection: close\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert b"x-fleet-node: leaving" in s.recv(65536)  # streaming from that node now
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        h.heartbeat(router, other, "staying")
+        status, headers, _ = http(router.url, "POST", "/api/generate",
+                                  {"model": "llama3.2:3b", "prompt": "x", "stream": False})
+        assert status == 200 and headers["x-fleet-node"] == "staying"
+        rest = b""
+        while chunk := s.recv(65536):
+            rest += chunk
+        assert b'"done":true' in rest and b'"error"' not in rest
+        s.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+####################################################################################
+# Pulls and pre-warm (README "When things go wrong": a model no node has, queues)
+####################################################################################
 
 
 def test_auto_pull_fetches_a_missing_model_once_for_concurrent_requests(h):
@@ -1006,256 +1488,24 @@ def test_pull_through_the_router_streams_progress_to_a_chosen_node(h):
     assert status == 404 and "nope" in json.loads(body)["error"]
 
 
-def test_context_protection_keeps_a_loaded_model_from_reloading(h):
-    fake = h.fake()
-    router = h.router()
-    load_on(fake, "llama3.2:3b", 8192)
-    h.heartbeat(router, fake, "node-a")
-    loads = fake.load_count
-    ask = {"model": "llama3.2:3b", "prompt": "x", "stream": False,
-           "options": {"num_ctx": 4096, "temperature": 0.1}}
-    assert http(router.url, "POST", "/api/generate", ask)[0] == 200
-    assert fake.requests[-1]["body"]["options"] == {"num_ctx": 8192, "temperature": 0.1}
-    assert fake.load_count == loads and router.router.events["context_stripped"] == 1
-
-
-def test_a_retry_forwards_the_clients_body_not_the_last_nodes_rewrite(h):
-    fake_a, fake_b = h.fake(), h.fake()
-    router = h.router()
-    load_on(fake_a, "llama3.2:3b", 8192)
-    h.heartbeat(router, fake_a, "node-a", mutate=small_memory(64, 60))
-    h.heartbeat(router, fake_b, "node-b", mutate=small_memory(64, 10))
-    fake_a.fault = "reset"  # hot, so chosen first, with num_ctx raised to its 8192
-    status, headers, _ = http(router.url, "POST", "/api/generate", {
-        "model": "llama3.2:3b", "prompt": "x", "stream": False,
-        "options": {"num_ctx": 4096}})
-    assert status == 200 and headers["x-fleet-node"] == "node-b"
-    assert fake_b.requests[-1]["body"]["options"] == {"num_ctx": 4096}
-
-
-def test_context_protection_warn_mode_only_counts(h):
-    fake = h.fake()
-    router = h.router(FLEET_CONTEXT_PROTECTION="warn")
-    load_on(fake, "llama3.2:3b", 8192)
-    h.heartbeat(router, fake, "node-a")
-    loads = fake.load_count
-    ask = {"model": "llama3.2:3b", "prompt": "x", "stream": False,
-           "options": {"num_ctx": 4096}}
-    assert http(router.url, "POST", "/api/generate", ask)[0] == 200
-    assert fake.requests[-1]["body"]["options"] == {"num_ctx": 4096}
-    assert fake.load_count == loads + 1 and router.router.events["context_warned"] == 1
-
-
-def test_context_too_big_for_the_loaded_model_moves_to_a_larger_sibling(h):
-    fake = h.fake(models={"llama3.2:3b": {"family": "llama"},
-                          "llama3.1:8b": {"family": "llama"}, "qwen2.5:7b": {}})
-    router = h.router()
-    load_on(fake, "llama3.2:3b", 4096)
-    load_on(fake, "qwen2.5:7b", 32768)  # more room, but another family
-    load_on(fake, "llama3.1:8b", 16384)
-    h.heartbeat(router, fake, "node-a")
-    status, headers, _ = http(router.url, "POST", "/api/generate", {
-        "model": "llama3.2:3b", "prompt": "x", "stream": False,
-        "options": {"num_ctx": 12000}})
-    assert status == 200 and headers["x-fleet-served-model"] == "llama3.1:8b"
-    sent = fake.requests[-1]["body"]
-    assert sent["model"] == "llama3.1:8b" and sent["options"]["num_ctx"] == 16384
-    assert router.router.events["context_upgraded"] == 1
-    status, _, body = http(router.url, "GET", "/fleet/status")
-    assert json.loads(body)["router"]["events"]["context_upgraded"] == 1
-
-
-def test_ollama_busy_503_passes_through_and_is_not_retried(h):
-    fake_a, fake_b = h.fake(), h.fake()
-    router = h.router()
-    h.heartbeat(router, fake_a, "node-a", mutate=small_memory(64, 60))
-    h.heartbeat(router, fake_b, "node-b", mutate=small_memory(64, 10))
-    fake_a.fault = "http503"
-    status, headers, body = http(router.url, "POST", "/api/generate",
-                                 {"model": "llama3.2:3b", "prompt": "x"})
-    assert status == 503 and headers["x-fleet-node"] == "node-a"
-    assert json.loads(body) == {"error": herd.BUSY_ERROR}
-    assert not [r for r in fake_b.requests if r["path"] == "/api/generate"]
-
-
-def test_sigterm_on_a_node_agent_lets_its_running_stream_finish(h, tmp_path):
-    fake = h.fake(chunks=8, chunk_delay=0.15)
-    other = h.fake()
-    router = h.router()
-    env = {**os.environ, "FLEET_NODE_DATA_DIR": str(tmp_path / "n"),
-           "FLEET_NODE_HEARTBEAT_INTERVAL": "0.2"}
-    proc = subprocess.Popen([sys.executable, "herd_node.py", "--router-url", router.url,
-                             "--node-id", "leaving", "--ollama-host", fake.url],
-                            cwd=HERE, env=env, stderr=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: h.node(router, "leaving"), what="the agent's first heartbeat")
-        s = socket.create_connection(("127.0.0.1", router.port), timeout=10)
-        body = json.dumps({"model": "llama3.2:3b", "prompt": "x"}).encode()
-        s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: r\r\nConnection: close\r\n"
-                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        assert b"x-fleet-node: leaving" in s.recv(65536)  # streaming from that node now
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(10) == 0
-        h.heartbeat(router, other, "staying")
-        status, headers, _ = http(router.url, "POST", "/api/generate",
-                                  {"model": "llama3.2:3b", "prompt": "x", "stream": False})
-        assert status == 200 and headers["x-fleet-node"] == "staying"
-        rest = b""
-        while chunk := s.recv(65536):
-            rest += chunk
-        assert b'"done":true' in rest and b'"error"' not in rest
-        s.close()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+def test_deep_queue_pre_warms_the_runner_up_once(h):
+    fake_a, fake_b = h.fake(chunks=4, chunk_delay=0.25), h.fake(load_delay=0.3)
+    router = h.router(FLEET_PRE_WARM_THRESHOLD=2, FLEET_REBALANCE_INTERVAL=60)
+    load_on(fake_a, "llama3.2:3b")
+    h.heartbeat(router, fake_a, "node-a", FLEET_NODE_NUM_PARALLEL=1)
+    h.heartbeat(router, fake_b, "node-b")  # has the model on disk, cold
+    threads, results = start_requests(router, 4)
+    wait_until(lambda: "llama3.2:3b" in fake_b.loaded, what="node-b to be warmed")
+    for t in threads:
+        t.join(30)
+    warmups = [r for r in fake_b.requests if r["path"] == "/api/generate"
+               and r["body"]["prompt"] == ""]
+    assert len(warmups) == 1 and fake_b.load_count == 1
+    assert all(r[0] == 200 for r in results)
 
 
 ####################################################################################
-# Heartbeats: validation and tokens
-####################################################################################
-
-
-def test_bad_heartbeats_are_refused_and_change_nothing(h):
-    fake = h.fake()
-    router = h.router()
-    h.heartbeat(router, fake, "node-a")
-    before = h.node(router, "node-a").info
-    cases = [(b"{oops", "invalid JSON"), ({"ollama_url": fake.url}, "node_id"),
-             ({"node_id": "node-a"}, "ollama_url"),
-             ({"node_id": "node-a", "ollama_url": fake.url, "memory": {"total": "lots"}},
-              "memory.total"),
-             ({"node_id": "a b", "ollama_url": fake.url}, "node_id"),
-             ({"node_id": "node-a", "ollama_url": "ftp://x"}, "ollama_url"),
-             ({"node_id": "node-a", "ollama_url": fake.url, "models": [{"size": 1}]},
-              "models[0]")]
-    for body, field in cases:
-        status, _, resp = http(router.url, "POST", "/heartbeat", body)
-        assert status == 400 and field in json.loads(resp)["error"], (body, resp)
-    assert h.node(router, "node-a").info is before
-
-
-def test_two_machines_with_one_node_id_are_reported(h, caplog):
-    fake_a, fake_b = h.fake(), h.fake()
-    router = h.router()
-    h.heartbeat(router, fake_a, "macbook")
-    logging.getLogger("herd").propagate = True  # let caplog see it
-    try:
-        h.heartbeat(router, fake_b, "macbook")
-    finally:
-        logging.getLogger("herd").propagate = False
-    assert "two machines with one name" in caplog.text
-
-
-def test_token_protects_heartbeats(h):
-    fake = h.fake()
-    router = h.router(FLEET_TOKEN="s3cret")
-    agent = h.agent(router, fake, "node-a")
-    assert h.bg.run(agent.send(h.bg.run(agent.snapshot()))) is False
-    assert h.node(router, "node-a") is None
-    status, _, _ = http(router.url, "POST", "/heartbeat", {"node_id": "x", "ollama_url":
-                                                           fake.url})
-    assert status == 401
-    h.heartbeat(router, fake, "node-a", FLEET_NODE_TOKEN="s3cret")
-    assert h.node(router, "node-a").status == "online"
-
-
-def test_heartbeat_reports_the_machine_and_ollama(h):
-    fake = h.fake()
-    router = h.router()
-    h.heartbeat(router, fake, "node-a", FLEET_NODE_NUM_PARALLEL=3)
-    status, _, body = http(router.url, "GET", "/fleet/status")
-    node = json.loads(body)["nodes"][0]
-    assert node["hardware"]["cpu_cores"] >= 1 and node["memory"]["total"] > 0
-    assert node["ollama"]["version"] == fake.version and node["num_parallel"] == 3
-    assert set(node["models_on_disk"]) == set(fake.loaded) | set(node["models_on_disk"])
-    assert node["ollama_url"] == f"http://127.0.0.1:{fake.port}"
-
-
-def test_agent_reads_parallel_slots_from_the_running_ollama(h):
-    env = {**os.environ, "OLLAMA_NUM_PARALLEL": "6"}
-    proc = subprocess.Popen([sys.executable, "fake_ollama.py", "--port", "0"], cwd=HERE,
-                            env=env, stdout=subprocess.PIPE, text=True)
-    try:
-        url = proc.stdout.readline().split()[-1]  # "fake ollama listening on http://..."
-        router = h.router()
-        ollama = type("Ollama", (), {"url": url})
-        h.heartbeat(router, ollama, "node-a")  # the agent's own env has no such setting
-        info = h.node(router, "node-a").info["ollama"]
-        assert info["num_parallel"] == 6 and info["num_parallel_source"] == "ollama process"
-        assert info["settings"]["OLLAMA_NUM_PARALLEL"] == "6"
-        assert router.router.fleet.slots_for(h.node(router, "node-a")) == 6
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def test_advertised_ollama_url_is_never_localhost_across_machines():
-    lan = [a.address for addrs in __import__("psutil").net_if_addrs().values() for a in addrs
-           if a.family == socket.AF_INET and not a.address.startswith("127.")]
-    if not lan:
-        pytest.skip("this machine has no LAN address")
-    url = hc.advertised_ollama_url("http://localhost:11434", "192.0.2.200", 11435)
-    assert url.startswith("http://") and url.endswith(":11434")
-    assert hc.split_url(url)[0] in lan
-    assert hc.advertised_ollama_url("http://localhost:11434", "127.0.0.1", 11435) == \
-        "http://127.0.0.1:11434"
-    assert hc.advertised_ollama_url("http://10.1.2.3:11434", "192.0.2.200", 11435) == \
-        "http://10.1.2.3:11434"
-
-
-def test_node_keeps_heartbeating_when_ollama_is_down(h):
-    fake = h.fake()
-    router = h.router(FLEET_HOLD_TIMEOUT=0.2)
-    h.heartbeat(router, fake, "node-a")
-    h.bg.run(fake.stop())
-    h.fakes.remove(fake)
-    h.heartbeat(router, fake, "node-a")
-    node = h.node(router, "node-a")
-    assert node.status == "online" and node.info["ollama"]["reachable"] is False
-    status, _, body = http(router.url, "POST", "/api/generate",
-                           {"model": "llama3.2:3b", "prompt": "x"})
-    assert status == 503 and "unreachable" in json.loads(body)["error"]
-
-
-####################################################################################
-# Scoring (pure functions)
-####################################################################################
-
-
-def test_scoring_signals_have_the_documented_ranges():
-    idle_hot = hc.Candidate("a", hot=True, model_size=4 * GIB, mem_total=16 * GIB,
-                            mem_available=12 * GIB, slots=4)
-    busy_cold = hc.Candidate("b", hot=False, model_size=4 * GIB, mem_total=16 * GIB,
-                             mem_available=6 * GIB, slots=1, active=1, waiting=3,
-                             mean_latency_s=30, load_estimate_s=20, cpu_percent=90,
-                             cpu_trend=20)
-    s_hot, b_hot = hc.score_candidate(idle_hot)
-    s_cold, b_cold = hc.score_candidate(busy_cold)
-    assert b_hot["thermal"] == 50 and b_cold["thermal"] == 5
-    assert b_cold["queue_depth"] == -30 and b_hot["queue_depth"] == 0
-    assert -25 <= b_cold["wait_time"] < -20
-    assert 0 <= b_hot["memory_fit"] <= 20 and b_cold["memory_fit"] < b_hot["memory_fit"]
-    assert b_cold["availability"] == 0 and b_hot["availability"] == 10
-    assert s_hot > 80 and s_cold < 20
-    ranked = hc.rank_candidates([busy_cold, idle_hot])
-    assert [c.node_id for _, _, c in ranked] == ["a", "b"]
-
-
-def test_context_fit_and_role_affinity():
-    fits = hc.Candidate("a", hot=True, requested_ctx=8192, loaded_ctx=8192)
-    reload = hc.Candidate("b", hot=True, requested_ctx=32768, loaded_ctx=8192)
-    assert hc.score_context_fit(fits) == 10 and hc.score_context_fit(reload) == 0
-    big_on_big = hc.Candidate("a", model_size=40 * GIB, mem_total=128 * GIB,
-                              mem_available=100 * GIB)
-    big_on_small = hc.Candidate("b", model_size=40 * GIB, mem_total=16 * GIB,
-                                mem_available=12 * GIB)
-    assert hc.score_role_affinity(big_on_big) == 15 and hc.score_role_affinity(big_on_small) == 0
-    assert hc.eliminate(big_on_small) is not None and hc.eliminate(big_on_big) is None
-
-
-####################################################################################
-# Traces and logs
+# Stats: traces, metrics, logs (README "Watching the fleet")
 ####################################################################################
 
 
@@ -1269,6 +1519,7 @@ SEED_QUERIES = [
     "SELECT status, COUNT(*) FROM request_traces "
     "WHERE timestamp > strftime('%s','now') - 3600 GROUP BY status",
 ]
+
 
 
 def test_traces_answer_the_guides_queries(one_node):
@@ -1287,7 +1538,8 @@ def test_traces_answer_the_guides_queries(one_node):
                and r["api_format"] == "ollama" and r["client_addr"].startswith("127.0.0.1")
                for r in done)
     assert {r["status"] for r in rows} == {"completed", "rejected", "retried", "failed"}
-    out = [subprocess.run(["sqlite3", router.traces.path, q], capture_output=True, text=True,
+    db = str(h.data_dir / "latency.db")
+    out = [subprocess.run(["sqlite3", db, q], capture_output=True, text=True,
                           check=True).stdout for q in SEED_QUERIES]
     assert out[0].count("\n") == len(rows) and "llama3.2:3b|node-a|" in out[0]
     assert "runner process has terminated" in out[1]
@@ -1370,26 +1622,337 @@ def test_logs_are_jsonl_and_greppable(one_node, tmp_path):
 
 
 ####################################################################################
-# Local node, mDNS, the real programs
+# Health: the pure checks over crafted snapshots, then the health API
 ####################################################################################
 
 
-def test_local_ollama_is_served_without_an_agent(h):
+def test_tokens_per_second_is_ollamas_decode_speed(h):
+    fake = h.fake(chunks=12, chunk_delay=0.02)
+    router = h.router()
+    h.heartbeat(router, fake, "node-a")
+    finals = []
+    for stream in (False, True):
+        _, _, body = http(router.url, "POST", "/api/generate", {
+            "model": "llama3.2:3b", "prompt": "x", "stream": stream})
+        finals.append(json.loads(body.splitlines()[-1]))
+    h.traces(router)
+    truth = round(sum(f["eval_count"] for f in finals) * 1e9 /
+                  sum(f["eval_duration"] for f in finals), 1)
+    points = json.loads(http(router.url, "GET", "/dashboard/api/trends?range=24h")[2])
+    assert points["points"][-1]["tokens_per_s"] == pytest.approx(truth, rel=0.01)
+    models = json.loads(http(router.url, "GET", "/dashboard/api/models")[2])["models"]
+    usage = next(m for m in models if m["model"] == "llama3.2:3b")["usage_24h"][0]
+    assert usage["tokens_per_s"] == pytest.approx(truth, rel=0.01)
+    row = h.traces(router)[-1]
+    assert row["eval_ms"] == pytest.approx(finals[-1]["eval_duration"] / 1e6, abs=0.01)
+    assert row["load_ms"] is not None and row["prompt_eval_ms"] is not None
+
+
+def healthy_snapshot():
+    node = {"node_id": "a", "status": "online", "silent_s": 1.0, "ollama_version": "0.12.6",
+            "memory": {"percent": 40, "pressure": "normal"},
+            "loaded": [{"model": "llama3.2:3b", "size": 3 * GIB, "size_vram": 3 * GIB,
+                        "disk_size": 2 * GIB, "context_length": 4096}]}
+    limits = {"error_rate": 0.05, "retry_rate": 0.10, "disconnect_rate": 0.10,
+              "thrash_loads": 3}
+    return {"nodes": [node, {**node, "node_id": "b"}], "loads_by_model": {}, "events": {},
+            "limits": limits,
+            "zombies_reaped": 0, "heartbeat_timeout": 15.0, "requests": 100, "failed": 0,
+            "retried": 0, "cancelled": 0, "incomplete": 0, "timeouts": 0,
+            "requests_by_node": {"a": 50, "b": 50}, "mean_ttft_ms": 80.0}
+
+
+def crafted(**changes):
+    snap = healthy_snapshot()
+    for key, value in changes.items():
+        if key.startswith("node_"):
+            snap["nodes"][0] = {**snap["nodes"][0], key[5:]: value}
+        else:
+            snap[key] = value
+    return snap
+
+
+HEALTH_CASES = [
+    ("offline_nodes", "critical", crafted(node_status="offline", node_silent_s=45), "45s"),
+    ("degraded_nodes", "warning", crafted(node_status="degraded", node_silent_s=20), "20s"),
+    ("memory_pressure", "critical", crafted(node_memory={"percent": 97,
+                                                         "pressure": "critical"}), "97%"),
+    ("underutilized_nodes", "info", crafted(requests_by_node={"b": 100}), "0 of 100"),
+    ("vram_fallbacks", "warning", crafted(node_loaded=[{
+        "model": "big:70b", "size": 40 * GIB, "size_vram": 24 * GIB,
+        "disk_size": 38 * GIB}]), "24.0 of 40.0 GiB"),
+    ("kv_cache_bloat", "warning", crafted(node_loaded=[{
+        "model": "llama3.2:3b", "size": 9 * GIB, "size_vram": 9 * GIB,
+        "disk_size": 2 * GIB, "context_length": 131072}]), "9.0 GiB for 2.0 GiB"),
+    ("model_thrashing", "warning", crafted(loads_by_model={("a", "llama3.2:3b"): 4}),
+     "4 times"),
+    ("request_timeouts", "warning", crafted(timeouts=3), "3 requests"),
+    ("error_rates", "critical", crafted(failed=30), "30 of 100 requests (30%)"),
+    ("retry_rates", "warning", crafted(retried=12), "12 of 100"),
+    ("client_disconnects", "warning", crafted(cancelled=15), "15 of 100"),
+    ("incomplete_streams", "warning", crafted(incomplete=2), "2 streams"),
+    ("version_mismatch", "info", crafted(node_ollama_version="0.11.0"), "0.11.0, 0.12.6"),
+    ("context_protection", "info", crafted(events={"context_stripped": 5}), "stripped 5"),
+    ("zombie_reaper", "warning", crafted(zombies_reaped=2), "stopped 2 requests"),
+    ("no_nodes", "critical", crafted(nodes=[]), "no node has sent a heartbeat"),
+]
+
+
+
+def test_a_healthy_fleet_is_quiet():
+    findings, score = herd.run_health_checks(healthy_snapshot())
+    assert findings == [] and score == 100
+
+
+@pytest.mark.parametrize("check,severity,snap,numbers", HEALTH_CASES,
+                         ids=[c[0] for c in HEALTH_CASES])
+def test_each_health_check_fires_on_its_condition(check, severity, snap, numbers):
+    findings, score = herd.run_health_checks(snap)
+    assert [f["check"] for f in findings] == [check]
+    f = findings[0]
+    assert f["severity"] == severity and numbers in f["description"]
+    assert f["title"] and f["recommendation"] and score < 100
+
+
+def test_health_thresholds_come_from_settings():
+    snap = crafted(failed=4)  # 4% with the default 5%: quiet
+    assert herd.run_health_checks(snap)[0] == []
+    snap["limits"] = {**snap["limits"], "error_rate": 0.02}
+    assert [f["severity"] for f in herd.run_health_checks(snap)[0]] == ["warning"]
+    snap["limits"]["error_rate"] = 0.01
+    assert [f["severity"] for f in herd.run_health_checks(snap)[0]] == ["critical"]
+
+
+def test_all_sixteen_checks_are_covered():
+    assert sorted(c[0] for c in HEALTH_CASES) == sorted(
+        fn.__name__.removeprefix("check_") for fn in herd.HEALTH_CHECKS)
+    assert len(herd.HEALTH_CHECKS) == 16
+
+
+def test_a_resolved_problem_drops_out_of_health_once_its_window_passes(h):
+    router = h.router()
+    h.heartbeat(router, h.fake(), "node-a")
+    long_ago = time.time() - herd.HEALTH_WINDOW_S - 60
+    record_event_at(h, router, long_ago, "context_stripped")
+    record_event_at(h, router, long_ago, "zombie_reaped")
+    body = get_json(router.url, "/dashboard/api/health")
+    assert body["checks"] == [] and body["score"] == 100
+    record_event_at(h, router, time.time(), "zombie_reaped")
+    body = get_json(router.url, "/dashboard/api/health")
+    assert [c["check"] for c in body["checks"]] == ["zombie_reaper"]
+
+
+def test_health_api_reports_live_state(h):
+    fake_a, fake_b = h.fake(), h.fake()
+    router = h.router(FLEET_HEARTBEAT_TIMEOUT=0.3, FLEET_HEARTBEAT_OFFLINE=60)
+    h.heartbeat(router, fake_a, "node-a")
+    h.heartbeat(router, fake_b, "node-b")
+    http(router.url, "POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "x"})
+    h.traces(router)  # written (the writer batches for 0.1 s)
+    body = json.loads(http(router.url, "GET", "/dashboard/api/health")[2])
+    assert body["vitals"]["requests"] == 1 and body["vitals"]["nodes_online"] == 2
+    wait_until(lambda: node_status(router, "node-a") == "degraded", what="degraded")
+    h.heartbeat(router, fake_b, "node-b")
+    body = json.loads(http(router.url, "GET", "/dashboard/api/health")[2])
+    assert [(c["check"], c["node_id"]) for c in body["checks"]] == [("degraded_nodes",
+                                                                     "node-a")]
+    assert body["status"] == "warning" and body["score"] == 90
+
+
+####################################################################################
+# HTTP API and dashboard: HTTP/1.1 on the router's port, one test per endpoint
+# (/dashboard/api/settings is under Settings, /dashboard/api/health under Health,
+# /fleet/status and /fleet/queue under Fleet), the page, the browser
+####################################################################################
+
+
+def test_health_says_so_when_no_node_can_serve(h):
+    router = h.router()
+    body = json.loads(http(router.url, "GET", "/dashboard/api/health")[2])
+    assert body["status"] == "critical" and body["score"] < 100
+    assert [c["check"] for c in body["checks"]] == ["no_nodes"]
+    assert "herd_node.py" in body["checks"][0]["recommendation"]
+    h.heartbeat(router, h.fake(), "node-a")
+    body = json.loads(http(router.url, "GET", "/dashboard/api/health")[2])
+    assert body["checks"] == [] and body["status"] == "healthy"
+
+
+def test_loads_and_unloads_the_router_causes_are_recorded(h):
     fake = h.fake()
-    router = h.router(FLEET_LOCAL_NODE="true", FLEET_LOCAL_OLLAMA_URL=fake.url,
-                      FLEET_LOCAL_NODE_INTERVAL=0.1, FLEET_STARTUP_WINDOW=10)
-    # Sent at once: the router has not polled its Ollama yet, and waits for it.
-    status, headers, _ = http(router.url, "POST", "/api/generate",
-                              {"model": "llama3.2:3b", "prompt": "x", "stream": False})
-    local_id = hc.short_hostname()
-    assert status == 200 and headers["x-fleet-node"] == local_id
-    assert h.node(router, local_id).local is True
-    # An agent reporting the same Ollama takes over; the local stand-in goes away.
-    h.heartbeat(router, fake, "agent-node")
-    assert h.node(router, local_id) is None
-    status, headers, _ = http(router.url, "POST", "/api/generate",
-                              {"model": "llama3.2:3b", "prompt": "x", "stream": False})
-    assert headers["x-fleet-node"] == "agent-node"
+    router = h.router(FLEET_HEALTH_THRASH_LOADS=2)
+    h.heartbeat(router, fake, "node-a")  # on disk, not loaded
+    ask = {"model": "llama3.2:3b", "prompt": "x", "stream": False}
+    unload = {"model": "llama3.2:3b", "prompt": "", "keep_alive": 0}
+    for body in (ask, unload, ask):
+        assert http(router.url, "POST", "/api/generate", body)[0] == 200
+    assert fake.load_count == 2  # what really happened on the node
+    health = json.loads(http(router.url, "GET", "/dashboard/api/health")[2])
+    assert health["vitals"]["model_loads"] == 2
+    assert [c["check"] for c in health["checks"]] == ["model_thrashing"]
+    h.heartbeat(router, fake, "node-a")  # the node's own word agrees: no double count
+    health = json.loads(http(router.url, "GET", "/dashboard/api/health")[2])
+    assert health["vitals"]["model_loads"] == 2
+
+
+def test_keep_alive_and_pipelining_answer_in_order(one_node):
+    h, router, fake = one_node
+    req = b"GET /api/version HTTP/1.1\r\nHost: r\r\n\r\nGET / HTTP/1.1\r\nHost: r\r\n\r\n" \
+          b"GET /api/tags HTTP/1.1\r\nHost: r\r\nConnection: close\r\n\r\n"
+    out = raw_exchange(router.port, req)
+    assert out.count(b"HTTP/1.1 200") == 3
+    assert out.index(b'"version"') < out.index(b"Ollama is running") < out.index(b'"models"')
+
+
+def test_expect_100_continue(one_node):
+    h, router, fake = one_node
+    body = json.dumps({"model": "llama3.2:3b", "prompt": "x", "stream": False}).encode()
+    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as s:
+        s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: r\r\nExpect: 100-continue\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body))
+        assert s.recv(65536).startswith(b"HTTP/1.1 100")
+        s.sendall(body)
+        assert b"HTTP/1.1 200" in s.recv(65536)
+
+
+def test_oversized_body_gets_413(h):
+    router = h.router(FLEET_MAX_BODY_MB=0.001)
+    out = raw_exchange(router.port, b"POST /api/chat HTTP/1.1\r\nHost: r\r\n"
+                                    b"Content-Length: 5000\r\nExpect: 100-continue\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 413") and b"100 Continue" not in out
+    chunked = b"POST /api/chat HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: chunked\r\n\r\n" + \
+        b"400\r\n" + b"x" * 1024 + b"\r\n" + b"400\r\n" + b"x" * 1024 + b"\r\n0\r\n\r\n"
+    assert raw_exchange(router.port, chunked).startswith(b"HTTP/1.1 413")
+    assert http(router.url, "GET", "/")[0] == 200  # still serving
+
+
+def test_malformed_request_gets_400_and_close(h):
+    router = h.router()
+    out = raw_exchange(router.port, b"THIS IS NOT HTTP\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 400") and b"connection: close" in out.lower()
+    out = raw_exchange(router.port, b"GET / HTTP/1.1\r\nBad Header Line\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 400")
+    assert http(router.url, "GET", "/")[0] == 200
+
+
+def test_requests_api_filters_the_traces(traffic):
+    reqs = get_json(traffic.url, "/dashboard/api/requests?status=completed&limit=2")[
+        "requests"]
+    assert len(reqs) == 2 and all(r["status"] == "completed" for r in reqs)
+    tagged = get_json(traffic.url, "/dashboard/api/requests?tag=notes")["requests"]
+    assert sorted(r["tags"] for r in tagged) == ["nightly,notes", "notes"]
+    assert http(traffic.url, "GET", "/dashboard/api/requests?limit=many")[0] == 400
+
+
+def test_apps_api_counts_requests_per_tag(traffic):
+    apps = {a["tag"]: a for a in get_json(traffic.url, "/dashboard/api/apps")["apps"]}
+    assert apps["notes"]["requests"] == 2 and apps["nightly"]["requests"] == 1
+    assert apps["notes"]["tokens"] > 0
+
+
+def test_models_api_shows_where_each_model_lives_and_its_use(traffic):
+    model = next(m for m in get_json(traffic.url, "/dashboard/api/models")["models"]
+                 if m["model"] == "llama3.2:3b")
+    # The requests loaded it: the router saw that, before any heartbeat said so.
+    assert model["on_disk"] == ["node-a"] and model["loaded"] == ["node-a"]
+    usage = model["usage_24h"][0]
+    assert usage["node_id"] == "node-a" and usage["requests"] == 4 and usage["errors"] == 1
+
+
+def test_trends_api_counts_requests_and_errors_over_time(traffic):
+    points = get_json(traffic.url, "/dashboard/api/trends?range=24h")["points"]
+    assert sum(p["requests"] for p in points) == 4 and points[-1]["errors"] == 1
+
+
+def test_overview_api_shows_the_router_and_its_nodes(traffic):
+    overview = get_json(traffic.url, "/dashboard/api/overview")
+    node = overview["nodes"][0]
+    assert node["node_id"] == "node-a"
+    assert node["status"] == "online" and node["num_parallel"] == 2
+    assert "llama3.2:3b" in node["models_on_disk"]
+    assert [m["model"] for m in node["models_loaded"]] == ["llama3.2:3b"]  # it served
+    assert node["queues"] == {"llama3.2:3b": {"active": 0, "waiting": 0, "limit": 2}}
+    assert overview["router"]["nodes_online"] == 1 and overview["router"]["holding"] == 0
+    assert overview["router"]["traces_written"] == 5  # 3 completed, 1 retried, 1 failed
+
+
+def test_queues_api_shows_each_node_and_model_queue(traffic):
+    queues = get_json(traffic.url, "/dashboard/api/queues")
+    assert "queues" in queues
+    assert queues["queues"] == [{"node_id": "node-a", "model": "llama3.2:3b", "active": 0,
+                                 "waiting": 0, "limit": 2, "estimated_wait_s": 0.0}]
+    assert (queues["total_active"], queues["total_waiting"], queues["holding"]) == (0, 0, 0)
+    assert queues == fleet_queue(traffic)  # the page reads what curl users read
+
+
+def test_dashboard_page_is_served_and_reads_only_router_json(one_node):
+    h, router, fake = one_node
+    status, headers, body = http(router.url, "GET", "/dashboard")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    page = body.decode()
+    assert "<script src" not in page and "http://" not in page and "https://" not in page
+    for endpoint in ("overview", "queues", "requests", "trends", "models", "health", "apps",
+                     "settings"):
+        assert f'"{endpoint}' in page or f"'{endpoint}" in page, endpoint
+        assert http(router.url, "GET", f"/dashboard/api/{endpoint}")[0] == 200, endpoint
+
+
+def test_dashboard_in_a_real_browser(h, tmp_path):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+    fake_a, fake_b, fake_c = h.fake(), h.fake(), h.fake()
+    router = h.router()
+    h.heartbeat(router, fake_a, "mac-studio")
+    h.heartbeat(router, fake_b, "gaming-pc")
+    for tag in ("notes-app", "chat-ui"):
+        http(router.url, "POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "x",
+                                                   "stream": False},
+             headers={"X-Herd-Tags": tag})
+    h.traces(router)
+    errors, exceptions = [], []  # console errors; uncaught JavaScript exceptions
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: exceptions.append(str(e)))
+            page.goto(router.url + "/dashboard")
+            shows = {"Overview": "mac-studio", "Requests": "notes-app",
+                     "Trends": "Tokens per second", "Models": "llama3.2:3b",
+                     "Nodes": "gaming-pc", "Health": "All checks pass", "Apps": "chat-ui",
+                     "Settings": "FLEET_HOLD_TIMEOUT"}
+            for tab, text in shows.items():
+                page.click(f"nav button[data-tab={tab}]")
+                page.wait_for_selector(f"main:has-text('{text}')", timeout=10000)
+                if tab == "Requests":  # the explorer's filters narrow the rows
+                    page.select_option("#f-since", "3600")
+                    page.wait_for_selector("main:has-text('chat-ui')", timeout=10000)
+                    page.select_option("#f-status", "failed")
+                    page.wait_for_selector("main:has-text('Nothing yet')", timeout=10000)
+            page.click("nav button[data-tab=Overview]")
+            h.heartbeat(router, fake_c, "new-node")  # live: no reload
+            page.wait_for_selector("main:has-text('new-node')", timeout=10000)
+            page.screenshot(path=str(tmp_path / "overview.png"))
+            assert errors == []  # before the restart: a clean console
+            # The router restarts: the page says so, keeps its view, and comes back.
+            # (The browser logs the refused polls meanwhile; that is not the page.)
+            h.bg.run(router.stop())
+            h.routers.remove(router)
+            page.wait_for_selector("#conn:has-text('unreachable')", timeout=10000)
+            again = h.router(FLEET_PORT=router.port)
+            h.heartbeat(again, fake_a, "back-again")
+            page.wait_for_selector("main:has-text('back-again')", timeout=15000)
+        finally:
+            browser.close()
+    assert exceptions == [] and (tmp_path / "overview.png").stat().st_size > 10000
+
+
+####################################################################################
+# The real programs: subprocesses, mDNS, SIGTERM, router restart
+####################################################################################
 
 
 def test_mdns_discovery_on_loopback(h):
@@ -1416,12 +1979,6 @@ def test_mdns_follows_a_router_that_moves(h):
         wait_until(lambda: finder.url == second.url, timeout=20, what="the new address")
     finally:
         h.bg.run(finder.close())
-
-
-def run_script(args, env=None, **kw):
-    full_env = {**os.environ, "FLEET_DATA_DIR": "/tmp/herd-test-none", **(env or {})}
-    return subprocess.run([sys.executable, *args], cwd=HERE, env=full_env,
-                          capture_output=True, text=True, timeout=30, **kw)
 
 
 def test_router_process_stops_promptly_on_sigterm_with_idle_clients(tmp_path):
@@ -1526,31 +2083,6 @@ def test_router_sigterm_lets_a_running_stream_finish_and_writes_its_trace(h, tmp
             proc.wait()
 
 
-def test_agent_that_never_found_a_router_still_saves_state_on_drain(h, tmp_path):
-    fake = h.fake()
-    cfg = herd_node.load_node_config({"FLEET_NODE_NODE_ID": "alone",
-                                      "FLEET_NODE_OLLAMA_HOST": fake.url,
-                                      "FLEET_NODE_DATA_DIR": str(tmp_path)},
-                                     herd_node.parse_args([]))
-    finder = herd_node.RouterFinder(["127.0.0.1"])  # started never: nothing found
-    agent = herd_node.Agent(cfg, finder)
-    assert h.bg.run(agent.drain()) is False
-    state = json.loads((tmp_path / "node-state-alone.json").read_text())
-    assert state["ollama"]["reachable"] is True
-
-
-def test_help_lists_settings_and_bad_values_stop_startup(tmp_path):
-    out = run_script(["herd.py", "--help"])
-    assert out.returncode == 0 and "FLEET_HOLD_TIMEOUT" in out.stdout
-    out = run_script(["herd_node.py", "--help"])
-    assert out.returncode == 0 and "FLEET_NODE_ROUTER_URL" in out.stdout
-    out = run_script(["herd.py"], {"FLEET_PORT": "eleven", "FLEET_DATA_DIR": str(tmp_path)})
-    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "FLEET_PORT" in out.stderr
-    out = run_script(["herd_node.py"], {"FLEET_NODE_HEARTBEAT_INTERVAL": "soon",
-                                        "FLEET_NODE_DATA_DIR": str(tmp_path)})
-    assert out.returncode == 2 and "FLEET_NODE_HEARTBEAT_INTERVAL" in out.stderr
-
-
 def test_real_node_agent_finds_router_by_mdns_and_drains_on_sigterm(h, tmp_path):
     fake = h.fake()
     router = h.router(FLEET_MDNS="true")
@@ -1561,14 +2093,14 @@ def test_real_node_agent_finds_router_by_mdns_and_drains_on_sigterm(h, tmp_path)
                              "--node-id", "proc-node", "--ollama-host", fake.url],
                             cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        wait_until(lambda: h.node(router, "proc-node"), timeout=20,
+        wait_until(lambda: fleet_node(router, "proc-node"), timeout=20,
                    what="the agent's first heartbeat")
         status, headers, _ = http(router.url, "POST", "/api/generate",
                                   {"model": "llama3.2:3b", "prompt": "x", "stream": False})
         assert status == 200 and headers["x-fleet-node"] == "proc-node"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
-        assert h.node(router, "proc-node").draining is True
+        assert fleet_node(router, "proc-node")["draining"] is True
         state = json.loads((tmp_path / "n" / "node-state-proc-node.json").read_text())
         assert state["node_id"] == "proc-node" and state["reason"] == "drain"
         assert state["ollama"]["version"] == fake.version
@@ -1579,7 +2111,7 @@ def test_real_node_agent_finds_router_by_mdns_and_drains_on_sigterm(h, tmp_path)
 
 
 ####################################################################################
-# The HTTP server connection on its own
+# herd_common on its own: the HTTP server connection, chunked framing, background duty
 ####################################################################################
 
 
@@ -1663,6 +2195,13 @@ def test_server_answers_a_pipelined_burst_in_order():
     assert paths == [b"/r%d" % i for i in range(50)] + [b"/last"]
 
 
+def held_once_reading_paused(conn):
+    """Bytes the connection holds once it has stopped reading, or None while it reads.
+    The pause (`_read_paused`, `_held`) is the server's own decision: over loopback the
+    kernel's buffers take the rest of the flood, so the client cannot see it."""
+    return conn._held if conn._read_paused else None
+
+
 def test_server_stops_reading_a_pipelined_flood_while_it_answers():
     conns, release = [], asyncio.Event()
 
@@ -1679,9 +2218,8 @@ def test_server_stops_reading_a_pipelined_flood_while_it_answers():
         flood = b"POST /more HTTP/1.1\r\nHost: a\r\nContent-Length: 900\r\n\r\n" + body
         writer.write(flood * 2500)  # about 2.4 MB, past the 1 MB the server holds
         async with asyncio.timeout(10):
-            while not (conns and conns[0]._read_paused):
+            while not conns or (held := held_once_reading_paused(conns[0])) is None:
                 await asyncio.sleep(0.01)
-        held = conns[0]._held
         release.set()
         writer.write(b"GET /last HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
         out = await read_until_closed(reader, 30)
@@ -1691,11 +2229,6 @@ def test_server_stops_reading_a_pipelined_flood_while_it_answers():
     assert hc.HttpConnection.HOLD_LIMIT < held < 2 * hc.HttpConnection.HOLD_LIMIT
     paths = re.findall(rb'"path":"([^"]+)"', out)
     assert paths == [b"/first"] + [b"/more"] * 2500 + [b"/last"]
-
-
-####################################################################################
-# Chunked relay framing (pure)
-####################################################################################
 
 
 def test_chunked_body_splits_only_at_chunk_boundaries():
@@ -1727,8 +2260,14 @@ def test_chunked_body_splits_only_at_chunk_boundaries():
 
 def test_relay_sees_a_node_that_hung_up_before_the_relay_took_over():
     class Sink:  # stands in for the client's HttpConnection
-        def __init__(self, transport):
-            self.transport = transport
+        takes_raw_chunks = True
+
+        def __init__(self):
+            self.written = []
+
+        def relay_write(self, raw):
+            self.written.append(raw)
+            return 0
 
         async def drain(self):
             pass
@@ -1742,12 +2281,12 @@ def test_relay_sees_a_node_that_hung_up_before_the_relay_took_over():
             writer.close()
         server = await asyncio.start_server(node, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        client_r, client_w = await asyncio.open_connection("127.0.0.1", port)  # a sink
         try:
             up = await hc.Upstream.connect("127.0.0.1", port, 5)
             await up.send_request(b"POST", b"/api/generate", [], b"{}")
             status, headers = await up.receive_head(5)
-            assert await up.receive_chunks(5) == b"3\r\nabc\r\n"
+            relay = hc.Relay(up, Sink(), timeout=30)
+            assert await relay.first(headers) == b"3\r\nabc\r\n"
             for _ in range(200):  # let the node's EOF arrive before the relay starts
                 if up.closed:
                     break
@@ -1755,10 +2294,10 @@ def test_relay_sees_a_node_that_hung_up_before_the_relay_took_over():
             assert up.closed
             with pytest.raises(hc.UpstreamError, match="middle of the response"):
                 async with asyncio.timeout(5):  # not the 30 s stall timer
-                    await up.relay(Sink(client_w.transport), timeout=30)
+                    await relay.rest()
+            assert relay.client.written == []
             up.close()
         finally:
-            client_w.close()
             server.close()
             await server.wait_closed()
     asyncio.run(scenario())
@@ -1782,223 +2321,3 @@ def test_a_background_duty_survives_a_failing_step(caplog):
     asyncio.run(scenario())
     assert len(calls) >= 3 and "the test duty failed" in caplog.text
 
-
-####################################################################################
-# Health checks (pure, over crafted snapshots) and the health API
-####################################################################################
-
-
-def healthy_snapshot():
-    node = {"node_id": "a", "status": "online", "silent_s": 1.0, "ollama_version": "0.12.6",
-            "memory": {"percent": 40, "pressure": "normal"},
-            "loaded": [{"model": "llama3.2:3b", "size": 3 * GIB, "size_vram": 3 * GIB,
-                        "disk_size": 2 * GIB, "context_length": 4096}]}
-    limits = {"error_rate": 0.05, "retry_rate": 0.10, "disconnect_rate": 0.10,
-              "thrash_loads": 3}
-    return {"nodes": [node, {**node, "node_id": "b"}], "loads_by_model": {}, "events": {},
-            "limits": limits,
-            "zombies_reaped": 0, "heartbeat_timeout": 15.0, "requests": 100, "failed": 0,
-            "retried": 0, "cancelled": 0, "incomplete": 0, "timeouts": 0,
-            "requests_by_node": {"a": 50, "b": 50}, "mean_ttft_ms": 80.0}
-
-
-def crafted(**changes):
-    snap = healthy_snapshot()
-    for key, value in changes.items():
-        if key.startswith("node_"):
-            snap["nodes"][0] = {**snap["nodes"][0], key[5:]: value}
-        else:
-            snap[key] = value
-    return snap
-
-
-HEALTH_CASES = [
-    ("offline_nodes", "critical", crafted(node_status="offline", node_silent_s=45), "45s"),
-    ("degraded_nodes", "warning", crafted(node_status="degraded", node_silent_s=20), "20s"),
-    ("memory_pressure", "critical", crafted(node_memory={"percent": 97,
-                                                         "pressure": "critical"}), "97%"),
-    ("underutilized_nodes", "info", crafted(requests_by_node={"b": 100}), "0 of 100"),
-    ("vram_fallbacks", "warning", crafted(node_loaded=[{
-        "model": "big:70b", "size": 40 * GIB, "size_vram": 24 * GIB,
-        "disk_size": 38 * GIB}]), "24.0 of 40.0 GiB"),
-    ("kv_cache_bloat", "warning", crafted(node_loaded=[{
-        "model": "llama3.2:3b", "size": 9 * GIB, "size_vram": 9 * GIB,
-        "disk_size": 2 * GIB, "context_length": 131072}]), "9.0 GiB for 2.0 GiB"),
-    ("model_thrashing", "warning", crafted(loads_by_model={("a", "llama3.2:3b"): 4}),
-     "4 times"),
-    ("request_timeouts", "warning", crafted(timeouts=3), "3 requests"),
-    ("error_rates", "critical", crafted(failed=30), "30 of 100 requests (30%)"),
-    ("retry_rates", "warning", crafted(retried=12), "12 of 100"),
-    ("client_disconnects", "warning", crafted(cancelled=15), "15 of 100"),
-    ("incomplete_streams", "warning", crafted(incomplete=2), "2 streams"),
-    ("version_mismatch", "info", crafted(node_ollama_version="0.11.0"), "0.11.0, 0.12.6"),
-    ("context_protection", "info", crafted(events={"context_stripped": 5}), "stripped 5"),
-    ("zombie_reaper", "warning", crafted(zombies_reaped=2), "stopped 2 requests"),
-]
-
-
-def test_a_healthy_fleet_is_quiet():
-    findings, score = herd.run_health_checks(healthy_snapshot())
-    assert findings == [] and score == 100
-
-
-@pytest.mark.parametrize("check,severity,snap,numbers", HEALTH_CASES,
-                         ids=[c[0] for c in HEALTH_CASES])
-def test_each_health_check_fires_on_its_condition(check, severity, snap, numbers):
-    findings, score = herd.run_health_checks(snap)
-    assert [f["check"] for f in findings] == [check]
-    f = findings[0]
-    assert f["severity"] == severity and numbers in f["description"]
-    assert f["title"] and f["recommendation"] and score < 100
-
-
-def test_health_thresholds_come_from_settings():
-    snap = crafted(failed=4)  # 4% with the default 5%: quiet
-    assert herd.run_health_checks(snap)[0] == []
-    snap["limits"] = {**snap["limits"], "error_rate": 0.02}
-    assert [f["severity"] for f in herd.run_health_checks(snap)[0]] == ["warning"]
-    snap["limits"]["error_rate"] = 0.01
-    assert [f["severity"] for f in herd.run_health_checks(snap)[0]] == ["critical"]
-
-
-def test_a_resolved_problem_drops_out_of_health_once_its_window_passes(h):
-    router = h.router()
-    r = router.router
-    long_ago = time.time() - herd.HEALTH_WINDOW_S - 60
-    h.bg.call(lambda: r.recent_events.extend([(long_ago, "context_stripped"),
-                                              (long_ago, "zombie_reaped")]))
-    body = json.loads(http(router.url, "GET", "/dashboard/api/health")[2])
-    assert body["checks"] == [] and body["score"] == 100
-    h.bg.call(lambda: r.recent_events.append((time.time(), "zombie_reaped")))
-    body = json.loads(http(router.url, "GET", "/dashboard/api/health")[2])
-    assert [c["check"] for c in body["checks"]] == ["zombie_reaper"]
-
-
-def test_all_fifteen_checks_are_covered():
-    assert sorted(c[0] for c in HEALTH_CASES) == sorted(
-        fn.__name__.removeprefix("check_") for fn in herd.HEALTH_CHECKS)
-    assert len(herd.HEALTH_CHECKS) == 15
-
-
-def test_health_api_reports_live_state(h):
-    fake_a, fake_b = h.fake(), h.fake()
-    router = h.router(FLEET_HEARTBEAT_TIMEOUT=0.3, FLEET_HEARTBEAT_OFFLINE=60)
-    h.heartbeat(router, fake_a, "node-a")
-    h.heartbeat(router, fake_b, "node-b")
-    http(router.url, "POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "x"})
-    h.traces(router)  # written (the writer batches for 0.1 s)
-    body = json.loads(http(router.url, "GET", "/dashboard/api/health")[2])
-    assert body["vitals"]["requests"] == 1 and body["vitals"]["nodes_online"] == 2
-    wait_until(lambda: h.node(router, "node-a").status == "degraded", what="degraded")
-    h.heartbeat(router, fake_b, "node-b")
-    body = json.loads(http(router.url, "GET", "/dashboard/api/health")[2])
-    assert [(c["check"], c["node_id"]) for c in body["checks"]] == [("degraded_nodes",
-                                                                     "node-a")]
-    assert body["status"] == "warning" and body["score"] == 90
-
-
-def test_dashboard_data_endpoints(h):
-    fake = h.fake(chunks=4)
-    router = h.router(FLEET_TOKEN="s3cret", FLEET_HOLD_TIMEOUT=2)
-    h.heartbeat(router, fake, "node-a", FLEET_NODE_TOKEN="s3cret")
-    for tags in ("notes,nightly", "notes", None):
-        headers = {"X-Herd-Tags": tags} if tags else {}
-        http(router.url, "POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "x",
-                                                   "stream": False}, headers=headers)
-    fake.fault = "http500"
-    http(router.url, "POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "x"})
-    h.traces(router)
-
-    def get(path):
-        status, _, body = http(router.url, "GET", path)
-        assert status == 200, (path, body)
-        return json.loads(body)
-    reqs = get("/dashboard/api/requests?status=completed&limit=2")["requests"]
-    assert len(reqs) == 2 and all(r["status"] == "completed" for r in reqs)
-    tagged = get("/dashboard/api/requests?tag=notes")["requests"]
-    assert sorted(r["tags"] for r in tagged) == ["nightly,notes", "notes"]
-    assert http(router.url, "GET", "/dashboard/api/requests?limit=many")[0] == 400
-    apps = {a["tag"]: a for a in get("/dashboard/api/apps")["apps"]}
-    assert apps["notes"]["requests"] == 2 and apps["nightly"]["requests"] == 1
-    assert apps["notes"]["tokens"] > 0
-    model = next(m for m in get("/dashboard/api/models")["models"]
-                 if m["model"] == "llama3.2:3b")
-    assert model["on_disk"] == ["node-a"] and model["loaded"] == []
-    usage = model["usage_24h"][0]
-    assert usage["node_id"] == "node-a" and usage["requests"] == 4 and usage["errors"] == 1
-    points = get("/dashboard/api/trends?range=24h")["points"]
-    assert sum(p["requests"] for p in points) == 4 and points[-1]["errors"] == 1
-    settings = {s["name"]: s for s in get("/dashboard/api/settings")["settings"]}
-    assert settings["FLEET_TOKEN"]["value"] == "(set)"
-    assert settings["FLEET_HOLD_TIMEOUT"] == {**settings["FLEET_HOLD_TIMEOUT"], "value": 2.0,
-                                              "source": "env"}
-    assert settings["FLEET_PORT"]["source"] == "env" and settings["FLEET_MAX_RETRIES"][
-        "source"] == "default"
-    assert get("/dashboard/api/overview")["nodes"][0]["node_id"] == "node-a"
-    assert "queues" in get("/dashboard/api/queues")
-
-
-def test_dashboard_page_is_served_and_reads_only_router_json(one_node):
-    h, router, fake = one_node
-    status, headers, body = http(router.url, "GET", "/dashboard")
-    assert status == 200 and headers["content-type"].startswith("text/html")
-    page = body.decode()
-    assert "<script src" not in page and "http://" not in page and "https://" not in page
-    for endpoint in ("overview", "queues", "requests", "trends", "models", "health", "apps",
-                     "settings"):
-        assert f'"{endpoint}' in page or f"'{endpoint}" in page, endpoint
-        assert http(router.url, "GET", f"/dashboard/api/{endpoint}")[0] == 200, endpoint
-
-
-def test_dashboard_in_a_real_browser(h, tmp_path):
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
-    from playwright.sync_api import sync_playwright
-    fake_a, fake_b, fake_c = h.fake(), h.fake(), h.fake()
-    router = h.router()
-    h.heartbeat(router, fake_a, "mac-studio")
-    h.heartbeat(router, fake_b, "gaming-pc")
-    for tag in ("notes-app", "chat-ui"):
-        http(router.url, "POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "x",
-                                                   "stream": False},
-             headers={"X-Herd-Tags": tag})
-    h.traces(router)
-    errors, exceptions = [], []  # console errors; uncaught JavaScript exceptions
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 800})
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: exceptions.append(str(e)))
-            page.goto(router.url + "/dashboard")
-            shows = {"Overview": "mac-studio", "Requests": "notes-app",
-                     "Trends": "Tokens per second", "Models": "llama3.2:3b",
-                     "Nodes": "gaming-pc", "Health": "All checks pass", "Apps": "chat-ui",
-                     "Settings": "FLEET_HOLD_TIMEOUT"}
-            for tab, text in shows.items():
-                page.click(f"nav button[data-tab={tab}]")
-                page.wait_for_selector(f"main:has-text('{text}')", timeout=10000)
-                if tab == "Requests":  # the explorer's filters narrow the rows
-                    page.select_option("#f-since", "3600")
-                    page.wait_for_selector("main:has-text('chat-ui')", timeout=10000)
-                    page.select_option("#f-status", "failed")
-                    page.wait_for_selector("main:has-text('Nothing yet')", timeout=10000)
-            page.click("nav button[data-tab=Overview]")
-            h.heartbeat(router, fake_c, "new-node")  # live: no reload
-            page.wait_for_selector("main:has-text('new-node')", timeout=10000)
-            page.screenshot(path=str(tmp_path / "overview.png"))
-            assert errors == []  # before the restart: a clean console
-            # The router restarts: the page says so, keeps its view, and comes back.
-            # (The browser logs the refused polls meanwhile; that is not the page.)
-            h.bg.run(router.stop())
-            h.routers.remove(router)
-            page.wait_for_selector("#conn:has-text('unreachable')", timeout=10000)
-            again = h.router(FLEET_PORT=router.port)
-            h.heartbeat(again, fake_a, "back-again")
-            page.wait_for_selector("main:has-text('back-again')", timeout=15000)
-        finally:
-            browser.close()
-    assert exceptions == [] and (tmp_path / "overview.png").stat().st_size > 10000
