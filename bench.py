@@ -4,7 +4,7 @@
 It starts fake_ollama.py (16 parallel slots) with herd.py serving it as its local node,
 sends the same requests to the fake directly and through the router, alternating, from
 raw HTTP/1.1 keep-alive sockets (one per concurrent worker; a client library would cost
-more than the router and hide it), and prints a Markdown table for the README:
+more than the router and hide it), and prints a Markdown table (docs/benchmarks.md):
 
     time to first chunk   p50 / p99 at concurrency 1 and 16, 8-chunk streams, and the
                           time the router adds: Ollama NDJSON and OpenAI SSE against a
@@ -31,7 +31,7 @@ Run:   python bench.py                   (about 3 min on 2 cores)
        python bench.py --json out.json   (also writes every number, and each target met
                                           or not, as JSON)
 
-The README shows a full run and explains each row.
+docs/benchmarks.md shows full runs and explains each row.
 """
 
 import argparse

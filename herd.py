@@ -18,6 +18,12 @@ Key settings: FLEET_PORT (11435), FLEET_HOST (0.0.0.0), FLEET_DATA_DIR (~/.fleet
     $ curl -s localhost:11435/fleet/queue
     {"queues":[{"node_id":"mac-studio","model":"llama3.2:3b","active":1,"waiting":0,
     "limit":4,"estimated_wait_s":0.0}],"total_active":1,"total_waiting":0,"holding":0}
+
+The sections below follow a request: settings; the fleet (nodes, queues, the only
+code that changes them); routing (Scheduler); the proxy (Exchange, Proxy: serve ->
+attempts -> attempt -> send upstream -> relay -> finish); pulls and pre-warm; stats;
+health; the HTTP API (Api: the route table, thin handlers); background duties; run
+(RouterServer builds every part once and hands each what it uses).
 """
 
 import argparse
@@ -70,8 +76,9 @@ ROUTER_SETTINGS = [
     hc.Setting("FLEET_AUTO_PULL_TIMEOUT", 600.0, "seconds a request waits for such a pull "
                "(503 after; the pull goes on)"),
     hc.Setting("FLEET_CONTEXT_PROTECTION", "strip", "a num_ctx that would reload a loaded "
-               "model: strip (use the loaded context, or a larger loaded model of the same "
-               "family), warn (log only) or passthrough"),
+               "model: strip (use the loaded context, or a larger tag of the same model "
+               "loaded with room for it; never another model, never for embeddings), warn "
+               "(log only) or passthrough"),
     hc.Setting("FLEET_MAX_RETRIES", 2, "other nodes tried when a node fails before the "
                "first chunk"),
     hc.Setting("FLEET_CLIENT_MAX_IN_FLIGHT", 0, "requests one client address may have in "
@@ -144,6 +151,7 @@ ROUTER_LOAD_TRUST_S = 12.0  # how long a load the router saw beats a heartbeat's
 
 
 def load_router_config(environ, args):
+    """The frozen config from the environment and command line; ConfigError if bad."""
     cfg = hc.load_config(ROUTER_SETTINGS, environ, "FLEET_",
                          {"host": args.host, "port": args.port})
     hc.check_log_level("FLEET_LOG_LEVEL", cfg.log_level)
@@ -300,7 +308,7 @@ class Fleet:
 
     def apply_heartbeat(self, hb, local=False):
         """Take a checked heartbeat (hc.Heartbeat); returns the node."""
-        node = self.nodes.get(hb.node_id)
+        node = known = self.nodes.get(hb.node_id)
         if node is None:
             node = self.nodes[hb.node_id] = Node(hb, local)
             fleet_log.info("node joined", extra={"node_id": node.node_id,
@@ -317,7 +325,7 @@ class Fleet:
         node.host, node.port, _ = hc.split_url(hb.ollama_url)
         node.last_seen = time.monotonic()
         if hb.reachable:
-            self._take_models(node, hb)
+            self._take_models(node, hb, record=known is not None)
         # else: keep what it had; an Ollama restart should read as "unreachable" (503,
         # held), not as "model gone" (404).
         node.cpu_history.append(hb.cpu_percent)
@@ -330,7 +338,9 @@ class Fleet:
         self.notify_change()
         return node
 
-    def _take_models(self, node, hb):
+    def _take_models(self, node, hb, record):
+        """The node's models as it reports them; `record` the moves (not on the first
+        heartbeat: what a node holds when it joins was loaded before we knew it)."""
         node.models = hb.models
         now = time.monotonic()
         for name in node.loaded.keys() - hb.loaded.keys():
@@ -339,7 +349,8 @@ class Fleet:
             if now - node.loaded_by_router.get(name, -1e9) > ROUTER_LOAD_TRUST_S:
                 self._record(node, name, "unload")
         for name in hb.loaded.keys() - node.loaded.keys():
-            self._record(node, name, "load")
+            if record:
+                self._record(node, name, "load")
         kept = {name: node.loaded[name] for name in node.loaded.keys() - hb.loaded.keys()
                 if name in node.loaded_by_router
                 and now - node.loaded_by_router[name] <= ROUTER_LOAD_TRUST_S}

@@ -43,7 +43,8 @@ log = logging.getLogger("herd.node")
 
 NODE_SETTINGS = [
     hc.Setting("FLEET_NODE_ROUTER_URL", "", "router URL; empty means find it by mDNS"),
-    hc.Setting("FLEET_NODE_NODE_ID", "", "this node's name (default: short hostname)"),
+    hc.Setting("FLEET_NODE_NODE_ID", "", "this node's name: 1-64 ASCII letters, digits, '.', "
+               "'_' or '-' (default: the short hostname, without other characters)"),
     hc.Setting("FLEET_NODE_OLLAMA_HOST", "http://localhost:11434", "where Ollama listens"),
     hc.Setting("FLEET_NODE_OLLAMA_URL", "", "the Ollama URL the router should dial "
                "(default: derived from the address this machine uses to reach the router)"),

@@ -852,13 +852,19 @@ def test_memory_elimination_picks_the_node_that_fits(h):
     assert status == 503 and "small: not enough memory" in json.loads(body)["error"]
 
 
-def test_hot_node_wins_over_cold(h):
+@pytest.fixture
+def hot_on_b(h):
+    """Two like nodes; qwen2.5:7b is loaded on node-b only. (router, fake_a, fake_b)"""
     fake_a, fake_b = h.fake(), h.fake()
     router = h.router()
-    # warm the model on b only, then let both report
     load_on(fake_b, "qwen2.5:7b")
     h.heartbeat(router, fake_a, "node-a", mutate=small_memory(32, 20))
     h.heartbeat(router, fake_b, "node-b", mutate=small_memory(32, 20))
+    return router, fake_a, fake_b
+
+
+def test_hot_node_wins_over_cold(h, hot_on_b):
+    router, _, _ = hot_on_b
     status, headers, _ = http(router.url, "POST", "/api/generate",
                               {"model": "qwen2.5:7b", "prompt": "x", "stream": False})
     assert headers["x-fleet-node"] == "node-b"
@@ -981,12 +987,8 @@ def test_fallback_model_serves_when_the_primary_is_missing(one_node):
     assert status == 400 and "fallback_models" in json.loads(body)["error"]
 
 
-def test_loaded_fallback_beats_cold_primary_but_not_a_loaded_one(h):
-    fake_a, fake_b = h.fake(), h.fake()
-    router = h.router()
-    load_on(fake_b, "qwen2.5:7b")
-    h.heartbeat(router, fake_a, "node-a", mutate=small_memory(32, 20))
-    h.heartbeat(router, fake_b, "node-b", mutate=small_memory(32, 20))
+def test_loaded_fallback_beats_cold_primary_but_not_a_loaded_one(h, hot_on_b):
+    router, fake_a, _ = hot_on_b
     ask = {"model": "llama3.2:3b", "prompt": "x", "stream": False,
            "fallback_models": ["qwen2.5:7b"]}
     status, headers, _ = http(router.url, "POST", "/api/generate", ask)
@@ -997,15 +999,24 @@ def test_loaded_fallback_beats_cold_primary_but_not_a_loaded_one(h):
     assert headers["x-fleet-served-model"] == "llama3.2:3b" and "x-fleet-fallback" not in headers
 
 
-def test_unload_goes_to_every_node_holding_the_model(h):
+UNLOAD = {"model": "llama3.2:3b", "prompt": "", "keep_alive": 0}
+
+
+@pytest.fixture
+def loaded_on_two(h):
+    """llama3.2:3b loaded on node-a and node-b. (router, fake_a, fake_b)"""
     fake_a, fake_b = h.fake(), h.fake()
     router = h.router()
     for fake in (fake_a, fake_b):
         load_on(fake, "llama3.2:3b")
     h.heartbeat(router, fake_a, "node-a")
     h.heartbeat(router, fake_b, "node-b")
-    status, headers, body = http(router.url, "POST", "/api/generate",
-                                 {"model": "llama3.2:3b", "prompt": "", "keep_alive": 0})
+    return router, fake_a, fake_b
+
+
+def test_unload_goes_to_every_node_holding_the_model(h, loaded_on_two):
+    router, fake_a, fake_b = loaded_on_two
+    status, headers, body = http(router.url, "POST", "/api/generate", UNLOAD)
     assert status == 200 and json.loads(body)["done_reason"] == "unload"
     assert set(headers["x-fleet-node"].split(",")) == {"node-a", "node-b"}
     assert "llama3.2:3b" not in fake_a.loaded and "llama3.2:3b" not in fake_b.loaded
@@ -1014,20 +1025,14 @@ def test_unload_goes_to_every_node_holding_the_model(h):
                                                                               "node-b"}
 
 
-def test_unload_marks_only_the_nodes_that_unloaded(h):
-    fake_a, fake_b = h.fake(), h.fake()
-    router = h.router()
-    for fake in (fake_a, fake_b):
-        load_on(fake, "llama3.2:3b")
-    h.heartbeat(router, fake_a, "node-a")
-    h.heartbeat(router, fake_b, "node-b")
+def test_unload_marks_only_the_nodes_that_unloaded(loaded_on_two):
+    router, _, fake_b = loaded_on_two
     fake_b.fault = "reset"  # its unload fails: the connection is reset
-    unload = {"model": "llama3.2:3b", "prompt": "", "keep_alive": 0}
-    status, _, _ = http(router.url, "POST", "/api/generate", unload)
+    status, _, _ = http(router.url, "POST", "/api/generate", UNLOAD)
     assert status == 200
     ps = json.loads(http(router.url, "GET", "/api/ps")[2])["models"]
     assert [m["node_id"] for m in ps] == ["node-b"]  # b still holds it, as it said
-    status, _, body = http(router.url, "POST", "/api/generate", unload)
+    status, _, body = http(router.url, "POST", "/api/generate", UNLOAD)
     assert status == 502 and "failed on node-b" in json.loads(body)["error"]
     ps = json.loads(http(router.url, "GET", "/api/ps")[2])["models"]
     assert [m["node_id"] for m in ps] == ["node-b"]
@@ -1502,6 +1507,8 @@ def test_deep_queue_pre_warms_the_runner_up_once(h):
                and r["body"]["prompt"] == ""]
     assert len(warmups) == 1 and fake_b.load_count == 1
     assert all(r[0] == 200 for r in results)
+    # The router counts the load it caused, and not node-a's, loaded before it joined.
+    assert get_json(router.url, "/dashboard/api/health")["vitals"]["model_loads"] == 1
 
 
 ####################################################################################
@@ -1782,8 +1789,7 @@ def test_loads_and_unloads_the_router_causes_are_recorded(h):
     router = h.router(FLEET_HEALTH_THRASH_LOADS=2)
     h.heartbeat(router, fake, "node-a")  # on disk, not loaded
     ask = {"model": "llama3.2:3b", "prompt": "x", "stream": False}
-    unload = {"model": "llama3.2:3b", "prompt": "", "keep_alive": 0}
-    for body in (ask, unload, ask):
+    for body in (ask, UNLOAD, ask):
         assert http(router.url, "POST", "/api/generate", body)[0] == 200
     assert fake.load_count == 2  # what really happened on the node
     health = json.loads(http(router.url, "GET", "/dashboard/api/health")[2])
