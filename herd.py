@@ -147,7 +147,7 @@ MAX_MOVES = 8  # a queued request follows the rebalancer this often, then routes
 # leaving and lets running requests finish (draining), or it is gone (offline).
 ONLINE, DEGRADED, DRAINING, OFFLINE = "online", "degraded", "draining", "offline"
 NODE_STATUSES = (ONLINE, DEGRADED, DRAINING, OFFLINE)
-ROUTER_LOAD_TRUST_S = 12.0  # how long a load the router saw beats a heartbeat's word
+ROUTER_WORD_S = 12.0  # how long a load or unload the router caused beats a heartbeat
 
 
 def load_router_config(environ, args):
@@ -256,7 +256,7 @@ class Node:
         self.models = {}  # canonical name -> /api/tags entry
         self.loaded = {}  # canonical name -> /api/ps entry
         self.unloaded_at = {}  # canonical name -> monotonic time it left memory
-        self.loaded_by_router = {}  # canonical name -> monotonic time we saw it load
+        self.router_saw = {}  # canonical name -> (monotonic time, loaded?) we caused
         self.cpu_history = collections.deque(maxlen=6)
 
     def accepts_work(self):
@@ -343,20 +343,22 @@ class Fleet:
         heartbeat: what a node holds when it joins was loaded before we knew it)."""
         node.models = hb.models
         now = time.monotonic()
-        for name in node.loaded.keys() - hb.loaded.keys():
-            # A heartbeat read before a load we caused may arrive after it: trust our
-            # own sighting for a few heartbeats rather than record a move that never was.
-            if now - node.loaded_by_router.get(name, -1e9) > ROUTER_LOAD_TRUST_S:
-                self._record(node, name, "unload")
-        for name in hb.loaded.keys() - node.loaded.keys():
-            if record:
+        # A heartbeat read just before a load or unload we caused can arrive just after
+        # it: for a few heartbeats our own word wins, so no move is recorded that never was.
+        node.router_saw = {m: seen for m, seen in node.router_saw.items()
+                           if now - seen[0] <= ROUTER_WORD_S}
+        loaded = dict(hb.loaded)
+        for name, (_, is_loaded) in node.router_saw.items():
+            if not is_loaded:
+                loaded.pop(name, None)
+            elif name not in loaded:
+                loaded[name] = node.loaded.get(name) or {"name": name, "model": name}
+        for name in node.loaded.keys() - loaded.keys():
+            self._record(node, name, "unload")
+        if record:
+            for name in loaded.keys() - node.loaded.keys():
                 self._record(node, name, "load")
-        kept = {name: node.loaded[name] for name in node.loaded.keys() - hb.loaded.keys()
-                if name in node.loaded_by_router
-                and now - node.loaded_by_router[name] <= ROUTER_LOAD_TRUST_S}
-        node.loaded = {**hb.loaded, **kept}
-        node.loaded_by_router = {k: t for k, t in node.loaded_by_router.items()
-                                 if now - t <= ROUTER_LOAD_TRUST_S}
+        node.loaded = loaded
 
     # -- model moves the router causes ---------------------------------------------
 
@@ -367,15 +369,15 @@ class Fleet:
 
     def mark_loaded(self, node, model):
         """The router saw `model` load on `node` (a cold request, a pre-warm)."""
+        node.router_saw[model] = (time.monotonic(), True)
         if model not in node.loaded:
             node.loaded[model] = {"name": model, "model": model}
             self._record(node, model, "load")
             self.notify_change()
-        node.loaded_by_router[model] = time.monotonic()
 
     def mark_unloaded(self, node, model):
         """`model` left `node`'s memory because the router asked (keep_alive 0)."""
-        node.loaded_by_router.pop(model, None)
+        node.router_saw[model] = (time.monotonic(), False)
         if node.loaded.pop(model, None) is not None:
             self._record(node, model, "unload")
             self.notify_change()
@@ -580,6 +582,12 @@ def pick_route(models, ranked):
     return None
 
 
+def is_embedding_model(entry):
+    """An /api/tags entry whose capabilities (newer Ollama lists them) say embedding."""
+    capabilities = entry.get("capabilities")
+    return isinstance(capabilities, list) and "embedding" in capabilities
+
+
 def same_model_other_tag(a, b):
     """'llama3.2:1b' and 'llama3.2:3b' are variants of one model; 'llama3.2' and
     'smollm2' are not, whatever GGUF architecture they share."""
@@ -705,8 +713,7 @@ class Scheduler:
         if self.cfg.context_protection != "strip" or not requested_ctx or embedding:
             return None
         fleet = self.fleet
-        if any("embedding" in (n.models[model].get("capabilities") or ())
-               for n in fleet.holders(model)):
+        if any(is_embedding_model(n.models[model]) for n in fleet.holders(model)):
             return None
         loaded = [n.loaded[model] for n in fleet.nodes.values() if model in n.loaded]
         if not loaded or any(int(e.get("context_length") or 0) >= requested_ctx

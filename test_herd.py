@@ -1789,15 +1789,21 @@ def test_loads_and_unloads_the_router_causes_are_recorded(h):
     router = h.router(FLEET_HEALTH_THRASH_LOADS=2)
     h.heartbeat(router, fake, "node-a")  # on disk, not loaded
     ask = {"model": "llama3.2:3b", "prompt": "x", "stream": False}
-    for body in (ask, UNLOAD, ask):
-        assert http(router.url, "POST", "/api/generate", body)[0] == 200
-    assert fake.load_count == 2  # what really happened on the node
-    health = json.loads(http(router.url, "GET", "/dashboard/api/health")[2])
-    assert health["vitals"]["model_loads"] == 2
+
+    def model_loads():
+        return get_json(router.url, "/dashboard/api/health")["vitals"]["model_loads"]
+    assert http(router.url, "POST", "/api/generate", ask)[0] == 200  # a cold load
+    ps_then = get_json(fake.url, "/api/ps")["models"]
+    assert http(router.url, "POST", "/api/generate", UNLOAD)[0] == 200
+    # A heartbeat read before the unload arrives after it: the router's word stands.
+    h.heartbeat(router, fake, "node-a", mutate=lambda hb: hb.update(loaded=ps_then))
+    assert get_json(router.url, "/api/ps")["models"] == [] and model_loads() == 1
+    assert http(router.url, "POST", "/api/generate", ask)[0] == 200  # cold again
+    assert fake.load_count == 2 and model_loads() == 2  # as happened on the node
+    health = get_json(router.url, "/dashboard/api/health")
     assert [c["check"] for c in health["checks"]] == ["model_thrashing"]
     h.heartbeat(router, fake, "node-a")  # the node's own word agrees: no double count
-    health = json.loads(http(router.url, "GET", "/dashboard/api/health")[2])
-    assert health["vitals"]["model_loads"] == 2
+    assert model_loads() == 2
 
 
 def test_keep_alive_and_pipelining_answer_in_order(one_node):
