@@ -28,15 +28,19 @@ health; the HTTP API (Api: the route table, thin handlers); background duties; r
 
 import argparse
 import asyncio
+import base64
 import collections
 import concurrent.futures
 import contextlib
+import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
 import re
 import socket
+import ssl
 import sys
 import time
 import urllib.parse
@@ -62,7 +66,23 @@ ROUTER_SETTINGS = [
     hc.Setting("FLEET_HOST", "0.0.0.0", "address to listen on"),
     hc.Setting("FLEET_PORT", hc.DEFAULT_ROUTER_PORT, "port to listen on"),
     hc.Setting("FLEET_DATA_DIR", "~/.fleet-manager", "traces (latency.db) and logs/"),
-    hc.Setting("FLEET_TOKEN", "", "if set, node agents must send it (Bearer) or get 401"),
+    hc.Setting("FLEET_TOKEN", "", "the fleet's secret: agents sign every heartbeat with it "
+               "(it never crosses the wire). EMPTY MEANS ANY HOST THAT CAN REACH THE ROUTER "
+               "CAN JOIN AS A NODE and receive prompts"),
+    hc.Setting("FLEET_API_KEYS", "", "client keys, comma-separated or @/path/to/file (one a "
+               "line): if set, every route but /, /api/version and /dashboard needs "
+               "Authorization: Bearer <key> or x-api-key: <key>"),
+    hc.Setting("FLEET_ADMIN_KEY", "", "the key for pulls, unloads, the request explorer "
+               "(client addresses, errors) and /metrics; it works on every route"),
+    hc.Setting("FLEET_METRICS_KEY", "", "a key that may read /metrics and nothing else "
+               "(for a Prometheus scraper)"),
+    hc.Setting("FLEET_ALLOWED_OLLAMA_HOSTS", "", "hosts a node may name in its Ollama URL "
+               "besides the address its heartbeats come from (comma-separated; * for any), "
+               "for an agent that reports an Ollama on another machine"),
+    hc.Setting("FLEET_PULL_REGISTRIES", "", "registries a pull may name (comma-separated "
+               "hosts; * for any); empty: only Ollama library names (namespace/name:tag)"),
+    hc.Setting("FLEET_TLS_CERT", "", "PEM certificate (chain) file: serve HTTPS"),
+    hc.Setting("FLEET_TLS_KEY", "", "the certificate's PEM private key file"),
     hc.Setting("FLEET_HEARTBEAT_TIMEOUT", 15.0, "seconds without a heartbeat before a node "
                "is degraded"),
     hc.Setting("FLEET_HEARTBEAT_OFFLINE", 30.0, "seconds without a heartbeat before a node "
@@ -93,6 +113,16 @@ ROUTER_SETTINGS = [
                "progress before the reaper fails it and frees its slot"),
     hc.Setting("FLEET_MAX_BODY_MB", 64.0, "largest request body accepted (413 beyond)"),
     hc.Setting("FLEET_IDLE_TIMEOUT", 75.0, "seconds an idle keep-alive connection stays open"),
+    hc.Setting("FLEET_HEADER_TIMEOUT", 10.0, "seconds a client has to send a whole request "
+               "head (a slow sender cannot hold a connection open)"),
+    hc.Setting("FLEET_MAX_CONNECTIONS", 512, "client connections open at once; more get a 503 "
+               "and are closed (kept below the process's file limit)"),
+    hc.Setting("FLEET_MAX_CONNECTIONS_PER_CLIENT", 64, "connections one client address may "
+               "have open at once"),
+    hc.Setting("FLEET_MAX_NODES", 256, "nodes the router keeps track of; a new node id past "
+               "it is refused"),
+    hc.Setting("FLEET_FORGET_OFFLINE_AFTER", 86400.0, "seconds a node may stay offline "
+               "before the router forgets it"),
     hc.Setting("FLEET_CONNECT_TIMEOUT", 5.0, "seconds to connect to a node's Ollama"),
     hc.Setting("FLEET_FIRST_BYTE_TIMEOUT", 300.0, "seconds for Ollama to start answering "
                "(covers model load and prompt evaluation)"),
@@ -141,12 +171,16 @@ METRICS = [  # what GET /metrics exposes, in the Prometheus text format
     ("herd_events_total", "counter", "Routing decisions (context protection, ...)."),
     ("herd_zombies_reaped_total", "counter", "Requests stopped by the zombie reaper."),
     ("herd_trace_rows_dropped_total", "counter", "Trace rows lost to a full writer queue."),
+    ("herd_connection_events_total", "counter", "Client connections refused (over the caps), "
+     "closed for a slow request head, refused for a body too large; accept pauses."),
 ]
 MAX_MOVES = 8  # a queued request follows the rebalancer this often, then routes freely
+MAX_FALLBACKS = 8  # fallback_models a request may name
 # A node's status: it takes work (online; degraded is scored lower), its agent is
 # leaving and lets running requests finish (draining), or it is gone (offline).
 ONLINE, DEGRADED, DRAINING, OFFLINE = "online", "degraded", "draining", "offline"
 NODE_STATUSES = (ONLINE, DEGRADED, DRAINING, OFFLINE)
+MAX_NODES_PER_ADDRESS = 8  # node ids one address may report (agents for several Ollamas)
 ROUTER_WORD_S = 12.0  # how long a load or unload the router caused beats a heartbeat
 
 
@@ -168,15 +202,62 @@ def load_router_config(environ, args):
     if cfg.heartbeat_offline < cfg.heartbeat_timeout:
         raise hc.ConfigError("FLEET_HEARTBEAT_OFFLINE must not be shorter than "
                              "FLEET_HEARTBEAT_TIMEOUT")
+    for name in ("header_timeout", "max_connections", "max_connections_per_client",
+                 "max_nodes", "forget_offline_after"):
+        if getattr(cfg, name) <= 0:
+            raise hc.ConfigError(f"FLEET_{name.upper()} must be above 0")
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise hc.ConfigError("FLEET_TLS_CERT and FLEET_TLS_KEY go together: set both")
     values = cfg.as_dict()
     values["data_dir"] = hc.expand_dir(cfg.data_dir)
+    values["client_keys"] = read_keys(cfg.api_keys)
+    values["ollama_hosts_allowed"] = comma_set(cfg.allowed_ollama_hosts)
+    values["registries_allowed"] = comma_set(cfg.pull_registries)
+    values["tls"] = server_tls(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
     return hc.Config(values, cfg.sources)
+
+
+def comma_set(text):
+    return frozenset(t.strip().lower() for t in text.split(",") if t.strip())
+
+
+def read_keys(setting):
+    """FLEET_API_KEYS: 'key1,key2' or '@/path/to/file' with one key a line."""
+    if not setting.startswith("@"):
+        return frozenset(k.strip() for k in setting.split(",") if k.strip())
+    try:
+        with open(os.path.expanduser(setting[1:]), encoding="utf-8") as f:
+            keys = frozenset(line.strip() for line in f if line.strip()
+                             and not line.lstrip().startswith("#"))
+    except OSError as e:
+        raise hc.ConfigError(f"FLEET_API_KEYS={setting}: {e.strerror or e}") from None
+    if not keys:
+        raise hc.ConfigError(f"FLEET_API_KEYS={setting}: the file holds no key")
+    return keys
+
+
+def server_tls(cert, key):
+    """The TLS context for FLEET_TLS_CERT / FLEET_TLS_KEY; ConfigError if unusable."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(os.path.expanduser(cert), os.path.expanduser(key))
+    except (OSError, ssl.SSLError) as e:
+        raise hc.ConfigError(f"FLEET_TLS_CERT / FLEET_TLS_KEY: {e}") from None
+    return ctx
 
 
 ####################################################################################
 # Fleet: the nodes, their queues and what they hold. Only Fleet changes a node's state,
 # and every model load and unload goes through it and is recorded, whoever caused it.
 ####################################################################################
+
+
+class NodeRefused(Exception):
+    """A heartbeat the fleet will not take: the HTTP status and why."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
 
 
 class Moved(Exception):
@@ -247,12 +328,14 @@ class SlotQueue:
 class Node:
     """A machine running Ollama, as its last heartbeat (an hc.Heartbeat) describes it."""
 
-    def __init__(self, hb, local):
+    def __init__(self, hb, local, source):
         self.node_id, self.local = hb.node_id, local
+        self.source = source  # the address its heartbeats come from (None: our own poll)
         self.hb = hb
         self.ollama_url, self.host, self.port = "", "", 0
         self.status = ONLINE
         self.last_seen = 0.0  # monotonic
+        self.offline_since = None  # monotonic, while offline
         self.models = {}  # canonical name -> /api/tags entry
         self.loaded = {}  # canonical name -> /api/ps entry
         self.unloaded_at = {}  # canonical name -> monotonic time it left memory
@@ -306,13 +389,17 @@ class Fleet:
 
     # -- heartbeats ---------------------------------------------------------------
 
-    def apply_heartbeat(self, hb, local=False):
-        """Take a checked heartbeat (hc.Heartbeat); returns the node."""
+    def apply_heartbeat(self, hb, source=None, local=False):
+        """Take a checked heartbeat (hc.Heartbeat) from `source` (an address; None for
+        the router's own poll); returns the node, or raises NodeRefused."""
         node = known = self.nodes.get(hb.node_id)
         if node is None:
-            node = self.nodes[hb.node_id] = Node(hb, local)
+            self._make_room(source)
+            node = self.nodes[hb.node_id] = Node(hb, local, source)
             fleet_log.info("node joined", extra={"node_id": node.node_id,
-                                                 "url": hb.ollama_url})
+                                                 "url": hb.ollama_url, "client": source})
+        elif node.source != source:
+            self._rebind(node, source)
         elif node.ollama_url != hb.ollama_url and node.status != OFFLINE \
                 and not local and not node.local:
             # Two machines with one name overwrite each other; say so once per change.
@@ -337,6 +424,31 @@ class Fleet:
             self.evict_node(node, "paused")
         self.notify_change()
         return node
+
+    def _make_room(self, source):
+        """Refuse a new node past FLEET_MAX_NODES (the longest offline one is forgotten
+        first) or past MAX_NODES_PER_ADDRESS ids from one address."""
+        if source is not None and sum(n.source == source and n.status != OFFLINE
+                                      for n in self.nodes.values()) >= MAX_NODES_PER_ADDRESS:
+            raise NodeRefused(429, f"{source} already reports {MAX_NODES_PER_ADDRESS} nodes")
+        if len(self.nodes) < self.cfg.max_nodes:
+            return
+        offline = [n for n in self.nodes.values() if n.status == OFFLINE]
+        if not offline:
+            raise NodeRefused(503, f"the fleet has FLEET_MAX_NODES={self.cfg.max_nodes} "
+                                   f"nodes online; raise it to add more")
+        self.remove(min(offline, key=lambda n: n.offline_since or 0.0).node_id)
+
+    def _rebind(self, node, source):
+        """A node id heard from another address: taken over only once it is offline."""
+        if node.status != OFFLINE:
+            raise NodeRefused(409, f"node id '{node.node_id}' belongs to "
+                                   f"{node.source or 'this router (its local Ollama)'} while "
+                                   f"it is online; give this machine its own "
+                                   f"FLEET_NODE_NODE_ID")
+        fleet_log.warning(f"node id '{node.node_id}' moved from {node.source} to {source}",
+                          extra={"node_id": node.node_id, "event": "node_moved"})
+        node.source = source
 
     def _take_models(self, node, hb, record):
         """The node's models as it reports them; `record` the moves (not on the first
@@ -397,14 +509,18 @@ class Fleet:
     # -- status -------------------------------------------------------------------
 
     def refresh_status(self):
-        """Move nodes to degraded / offline as heartbeats go missing."""
+        """Move nodes to degraded / offline as heartbeats go missing, and forget those
+        offline for FLEET_FORGET_OFFLINE_AFTER."""
         now = time.monotonic()
-        for node in self.nodes.values():
+        for node in list(self.nodes.values()):
             silent = now - node.last_seen
             if silent >= self.cfg.heartbeat_offline:
                 self._set_status(node, OFFLINE)
             elif silent >= self.cfg.heartbeat_timeout and node.status == ONLINE:
                 self._set_status(node, DEGRADED)
+            if node.status == OFFLINE and \
+                    now - node.offline_since >= self.cfg.forget_offline_after:
+                self.remove(node.node_id)
 
     def _set_status(self, node, status):
         if node.status == status:
@@ -413,6 +529,7 @@ class Fleet:
         fleet_log.log(level, f"node {status}", extra={"node_id": node.node_id,
                                                      "event": f"node_{status}"})
         node.status = status
+        node.offline_since = time.monotonic() if status == OFFLINE else None
         if status in (OFFLINE, DRAINING):
             self.evict_node(node, status)
         self.notify_change()
@@ -425,8 +542,12 @@ class Fleet:
                            extra={"node_id": node.node_id, "event": "requeue"})
 
     def remove(self, node_id):
+        """Forget a node, and its queues that hold no request."""
         if self.nodes.pop(node_id, None):
             fleet_log.info("node removed", extra={"node_id": node_id})
+            for key in [k for k, q in self.queues.items()
+                        if k[0] == node_id and not q.active and not q.waiters]:
+                del self.queues[key]
             self.notify_change()
 
     # -- queues -------------------------------------------------------------------
@@ -501,6 +622,10 @@ class Fleet:
     def holders(self, model):
         """Nodes that have `model` on disk, whatever their state."""
         return [n for n in self.nodes.values() if model in n.models]
+
+    def knows_model(self, model):
+        """Does any node list `model`? (Only those become metric labels.)"""
+        return any(model in n.models or model in n.loaded for n in self.nodes.values())
 
     def online_nodes(self):
         return [n for n in self.nodes.values() if n.status != OFFLINE]
@@ -1214,23 +1339,33 @@ def strip_routing_fields(request, body):
     return hc.dump_json(out)
 
 
+MAX_TAGS, MAX_TAG_LEN = 16, 64
+
+
 def request_tags(request, body):
-    """An app's tags, from X-Herd-Tags: a,b or "metadata": {"tags": [...]}."""
-    tags = set()
+    """An app's tags, from X-Herd-Tags: a,b or "metadata": {"tags": [...]}: at most 16
+    of at most 64 printable characters each (more are left out), as trace rows keep them."""
+    tags = []
     header = request.header("x-herd-tags")
     if header:
-        tags.update(t.strip() for t in header.split(","))
+        tags += header.split(",")
     metadata = body.get("metadata")
     if isinstance(metadata, dict) and isinstance(metadata.get("tags"), list):
-        tags.update(str(t).strip() for t in metadata["tags"])
-    tags.discard("")
-    return ",".join(sorted(tags)) or None
+        tags += [t for t in metadata["tags"] if isinstance(t, str)]
+    kept = {t.strip() for t in tags[:4 * MAX_TAGS] if len(t.strip()) <= MAX_TAG_LEN
+            and not hc.CONTROL_CHARS.search(t) and "," not in t}
+    kept.discard("")
+    return ",".join(sorted(kept)[:MAX_TAGS]) or None
+
+
+CLIENT_ONLY_HEADERS = (b"x-herd-tags", b"authorization", b"x-api-key", b"cookie")
 
 
 def forward_headers(request):
     """The client's headers minus hop-by-hop ones (and Host, which a loopback-bound
-    Ollama checks against its own names), and minus X-Herd-Tags, which is ours."""
-    return hc.end_to_end_headers(request.headers, (b"x-herd-tags",))
+    Ollama checks against its own names), minus X-Herd-Tags, which is ours, and minus
+    the client's credentials, which are for the router and no node should see."""
+    return hc.end_to_end_headers(request.headers, CLIENT_ONLY_HEADERS)
 
 
 def response_headers(upstream_headers, ex, choice):
@@ -1288,10 +1423,36 @@ def is_unload(path, body):
 class Puller:
     """One pull per model at a time; requests that need the model wait on it."""
 
+    KEEP_S = 3600  # how long a finished pull's progress stays in /fleet/status
+    MAX_SHOWN = 64
+
     def __init__(self, cfg, fleet, tasks):
         self.cfg, self.fleet, self.tasks = cfg, fleet, tasks
         self.running = {}  # model -> Future of the pull
         self.progress = {}  # model -> {node_id, status, completed, total, ...}
+        self._finished = {}  # model -> monotonic time its pull ended
+
+    def check_name(self, name):
+        """A name a pull may use: an Ollama library name (namespace/name:tag), or one
+        on a registry FLEET_PULL_REGISTRIES allows; ValueError otherwise."""
+        name = hc.check_model_name(name)
+        first, _, rest = name.partition("/")
+        if rest and ("." in first or ":" in first or "/" in rest):
+            registry = first.lower()
+            allowed = self.cfg.registries_allowed
+            if "*" not in allowed and registry not in allowed:
+                raise ValueError(f"pulls from {registry} are not allowed (the router's "
+                                 f"FLEET_PULL_REGISTRIES)")
+        return name
+
+    def shown(self):
+        """Pulls for /fleet/status: running ones, and those that ended in the last hour."""
+        now = time.monotonic()
+        for model, ended in list(self._finished.items()):
+            if now - ended > self.KEEP_S or len(self.progress) > self.MAX_SHOWN:
+                self.progress.pop(model, None)
+                del self._finished[model]
+        return self.progress
 
     def pick_node(self, wanted=None):
         """The node to pull onto: the one named, else the one with most free memory."""
@@ -1302,6 +1463,10 @@ class Puller:
 
     async def ensure(self, model, name, not_found):
         """Pull `model` (once, however many requests ask); raise 404 if it fails."""
+        try:
+            self.check_name(name or model)
+        except ValueError as e:
+            raise RouteError(404, f"{not_found}; {e}") from None
         fut = self.running.get(model)
         if fut is None:
             fut = self.running[model] = asyncio.get_running_loop().create_future()
@@ -1347,10 +1512,11 @@ class Puller:
                     self._note(state, line, status)
             self._note(state, pending, status)
         except hc.UpstreamError as e:
-            state["status"] = f"failed: {e}"
+            state["status"] = f"failed: {e}"[:300]
             raise
         finally:
             up.close()
+            self._finished[model] = time.monotonic()
         if state.get("status") != "success":
             raise hc.UpstreamError("pull", state.get("error") or f"ended with {state['status']}")
         await self.refresh_models(node)
@@ -1363,11 +1529,17 @@ class Puller:
             event = json.loads(line)
         except ValueError:
             event = {"error": line.decode("utf-8", "replace")[:200]}
+        if not isinstance(event, dict):
+            event = {"error": "the node sent a line that is not a JSON object"}
         if status >= 400 or "error" in event:
             state["status"] = "failed"
-            state["error"] = event.get("error", f"status {status}")
+            state["error"] = hc.printable(str(event.get("error", f"status {status}")))[:300]
             raise hc.UpstreamError("pull", state["error"])
-        state.update({k: event[k] for k in ("status", "completed", "total") if k in event})
+        if isinstance(event.get("status"), str):
+            state["status"] = hc.printable(event["status"])[:100]
+        for key in ("completed", "total"):  # what Ollama counts its progress in: bytes
+            if isinstance(event.get(key), int) and not isinstance(event[key], bool):
+                state[key] = event[key]
 
     async def refresh_models(self, node):
         """Re-read a node's models now (a pull just added one), not at its next beat."""
@@ -1428,18 +1600,20 @@ class Stats:
 
     RECENT = 10000  # events kept with their time, for the health checks' window
 
-    def __init__(self):
+    def __init__(self, known_model):
+        self.known_model = known_model  # a model some node lists: it may be a label
         self.metrics = hc.Metrics()
         for name, kind, text in METRICS:
             self.metrics.describe(name, kind, text)
         self.events = collections.Counter()  # event -> count since start
         self.recent = collections.deque(maxlen=self.RECENT)  # (time, event)
 
-    def count_event(self, event, message, ex=None, level=logging.INFO):
-        """Count a routing decision (context protection, a reaped request...) and log it."""
+    def count_event(self, event, message, ex=None, level=logging.INFO, client=None):
+        """Count a decision (context protection, a reaped request, a refused heartbeat...)
+        and log it."""
         self.events[event] += 1
         self.recent.append((time.time(), event))
-        fleet_log.log(level, message, extra={"event": event,
+        fleet_log.log(level, message, extra={"event": event, "client": client,
                                              "request_id": ex.request_id if ex else None,
                                              "node_id": ex.node_id if ex else None,
                                              "model": ex.model if ex else None})
@@ -1447,9 +1621,15 @@ class Stats:
     def events_since(self, since):
         return collections.Counter(e for t, e in self.recent if t > since)
 
+    def label(self, model):
+        """A model as a metric label: names no node lists fold into 'other', so a client
+        sending made-up names cannot grow /metrics without end."""
+        return model if self.known_model(model) else "other"
+
     def count_request(self, ex, row):
         """Fold one finished request (its trace row) into the counters."""
-        m, model, node, status = self.metrics, ex.served_model, ex.node_id or "", row["status"]
+        m, node, status = self.metrics, ex.node_id or "", row["status"]
+        model = self.label(ex.served_model)
         m.inc("herd_requests_total", (("model", model), ("node", node), ("status", status)))
         m.observe("herd_request_duration_seconds", (("model", model),),
                   row["latency_ms"] / 1000)
@@ -1462,15 +1642,18 @@ class Stats:
         if ex.retries:
             m.inc("herd_retries_total", (("model", model),), ex.retries)
         if ex.served_model != ex.model:
-            m.inc("herd_fallbacks_total", (("requested", ex.model), ("served", model)))
+            m.inc("herd_fallbacks_total", (("requested", self.label(ex.model)),
+                                           ("served", model)))
         if status == hc.CANCELLED:
             m.inc("herd_cancellations_total", (("model", model),))
 
-    def render(self, fleet, holding, traces_dropped):
+    def render(self, fleet, holding, traces_dropped, connections):
         """The Prometheus text: counters, plus gauges read from live state now."""
         gauges = [("herd_holding_requests", (), holding),
                   ("herd_trace_rows_dropped_total", (), traces_dropped),
                   ("herd_zombies_reaped_total", (), self.events["zombie_reaped"])]
+        gauges += [("herd_connection_events_total", (("event", k),), connections[k])
+                   for k in CONNECTION_COUNTERS]
         for (node_id, model), q in fleet.queues.items():
             labels = (("node", node_id), ("model", model))
             gauges.append(("herd_queue_in_flight", labels, q.active))
@@ -1516,6 +1699,26 @@ def check_no_nodes(snap):
                       f"waits, then gets a 503 or 404.",
                       "Start Ollama on this machine (the router serves it by itself), or "
                       "run herd_node.py beside an Ollama on another machine.")
+
+
+def check_open_fleet(snap):
+    if snap["open_fleet"]:
+        yield finding("open_fleet", "warning", "Any host can join this fleet",
+                      "FLEET_TOKEN is not set: any machine that can reach the router can "
+                      "send heartbeats, join as a node and receive other users' prompts.",
+                      "Set FLEET_TOKEN on the router and the same value as "
+                      "FLEET_NODE_TOKEN on every agent.")
+
+
+def check_refused_heartbeats(snap):
+    refused = snap["events"].get("heartbeat_refused", 0)
+    if refused:
+        yield finding("refused_heartbeats", "warning", "Heartbeats were refused",
+                      f"{refused} heartbeats in the last {HEALTH_WINDOW_S // 60} min were "
+                      f"refused: unsigned or badly signed, malformed, naming another "
+                      f"machine's Ollama, or claiming a node id another address holds.",
+                      "The router's log says which address sent each and why (grep "
+                      "heartbeat_refused ~/.fleet-manager/logs/herd.jsonl).")
 
 
 def check_offline_nodes(snap):
@@ -1669,7 +1872,8 @@ def check_zombie_reaper(snap):
                       "A node or a client hangs: the failed traces' error_message names it.")
 
 
-HEALTH_CHECKS = (check_no_nodes, check_offline_nodes, check_degraded_nodes, check_memory_pressure,
+HEALTH_CHECKS = (check_no_nodes, check_open_fleet, check_refused_heartbeats,
+                 check_offline_nodes, check_degraded_nodes, check_memory_pressure,
                  check_underutilized_nodes, check_vram_fallbacks, check_kv_cache_bloat,
                  check_model_thrashing, check_request_timeouts, check_error_rates,
                  check_retry_rates, check_client_disconnects, check_incomplete_streams,
@@ -1712,7 +1916,7 @@ class Health:
                 "limits": limits,
                 "events": {k: v for k, v in recent.items() if k != "zombie_reaped"},
                 "zombies_reaped": recent["zombie_reaped"],
-                "heartbeat_timeout": cfg.heartbeat_timeout,
+                "heartbeat_timeout": cfg.heartbeat_timeout, "open_fleet": not cfg.token,
                 **await self.traces.health_window(since)}
 
     async def report(self):
@@ -1742,10 +1946,13 @@ class Health:
 class Api:
     """Every route the router answers: Ollama's, OpenAI's, the fleet's, the dashboard's."""
 
-    def __init__(self, cfg, fleet, scheduler, proxy, pulls, stats, health, traces, local):
+    def __init__(self, cfg, fleet, scheduler, proxy, pulls, stats, health, traces, local,
+                 counters):
         self.cfg, self.fleet, self.scheduler, self.proxy = cfg, fleet, scheduler, proxy
         self.pulls, self.stats, self.health, self.traces = pulls, stats, health, traces
-        self.local = local
+        self.local, self.counters = local, counters  # counters: the connections' own
+        self.guard = Guard(cfg)
+        self.signatures = hc.SignatureCheck(cfg.token) if cfg.token else None
         self.started = time.time()
         self.in_flight = 0
         self.all_done = asyncio.Event()
@@ -1781,7 +1988,10 @@ class Api:
         self.in_flight += 1
         try:
             handler = self.routes.get((request.method, request.path))
-            if handler is not None:
+            refusal = self.guard.refuse(request, self.guard.kind_of(request.path))
+            if refusal:
+                await self.refuse(request, conn, *refusal)
+            elif handler is not None:
                 await handler(request, conn)
             elif request.method == "GET" and request.path.startswith("/v1/models/"):
                 await self.openai_model(request, conn)
@@ -1793,6 +2003,13 @@ class Api:
             self.in_flight -= 1
             if not self.in_flight:
                 self.all_done.set()
+
+    async def refuse(self, request, conn, status, message):
+        """A 401 or 403 in the shape of the API the client speaks."""
+        headers = [(b"www-authenticate", b'Bearer realm="herd"')] if status == 401 else []
+        body = hc.openai_error_body(status, message, "invalid_api_key") \
+            if request.path.startswith("/v1/") else hc.ollama_error_body(message)
+        await conn.send_response(status, body, headers=headers)
 
     async def wait_in_flight(self, timeout):
         """Wait until no request is being answered (idle connections do not count)."""
@@ -1810,19 +2027,26 @@ class Api:
             body = hc.parse_json_body(request.body)
         except ValueError as e:
             return await self.proxy.reject(request, conn, api, str(e))
-        model = body.get("model")
-        if not isinstance(model, str) or not model.strip():
-            return await self.proxy.reject(request, conn, api, "model is required")
+        try:
+            model = hc.check_model_name(body.get("model"))
+        except ValueError as e:
+            return await self.proxy.reject(request, conn, api, str(e))
         fallbacks = body.get("fallback_models", [])
-        if not isinstance(fallbacks, list) or not all(isinstance(m, str) and m.strip()
-                                                      for m in fallbacks):
-            return await self.proxy.reject(request, conn, api,
-                                           "fallback_models must be a list of model names",
-                                           model)
+        try:
+            if not isinstance(fallbacks, list) or len(fallbacks) > MAX_FALLBACKS:
+                raise ValueError(f"fallback_models must be a list of at most {MAX_FALLBACKS} "
+                                 f"model names")
+            for name in fallbacks:
+                hc.check_model_name(name, "fallback_models entry")
+        except ValueError as e:
+            return await self.proxy.reject(request, conn, api, str(e), model)
         model = hc.canonical_model(model)
         stream = body.get("stream")
         stream = (api == "ollama") if stream is None else bool(stream)
         if api == "ollama" and is_unload(request.path, body):
+            refusal = self.guard.refuse(request, ADMIN)
+            if refusal:
+                return await self.refuse(request, conn, *refusal)
             return await self.proxy.unload(request, conn, body, model)
         await self.proxy.serve(request, conn, api, body, model, stream)
 
@@ -1868,7 +2092,17 @@ class Api:
         if not (parsed := await read_model_request(request, conn)):
             return
         body, name = parsed
+        try:
+            name = self.pulls.check_name(name)
+            if body.get("insecure") and not self.guard.is_admin(request):
+                raise PermissionError("'insecure' pulls are for the admin (FLEET_ADMIN_KEY)")
+        except PermissionError as e:
+            return await self.refuse(request, conn, 403, str(e))
+        except ValueError as e:
+            return await conn.send_response(400, hc.ollama_error_body(str(e)))
         wanted = body.get("node")
+        if wanted is not None and not isinstance(wanted, str):
+            return await conn.send_response(400, hc.ollama_error_body("node must be a string"))
         node = self.pulls.pick_node(wanted)
         if node is None:
             what = f"node '{wanted}' is not online" if wanted else \
@@ -1900,20 +2134,35 @@ class Api:
     # -- the fleet ----------------------------------------------------------------
 
     async def heartbeat(self, request, conn):
-        if not token_matches(self.cfg.token, request):
-            return await conn.send_response(401, hc.ollama_error_body(
-                "missing or wrong fleet token (set FLEET_NODE_TOKEN on the node)"))
+        """A node's report: signed (with FLEET_TOKEN), checked field by field, from the
+        address the node id belongs to, naming an Ollama at that address."""
+        refusal = self.signatures.refuse(request) if self.signatures else None
+        if refusal:
+            return await self.refuse_heartbeat(request, conn, 401, refusal)
         try:
             hb = hc.Heartbeat(hc.parse_json_body(request.body))
         except ValueError as e:
-            fleet_log.warning("bad heartbeat", extra={"client": request.client,
-                                                      "error": str(e)})
-            return await conn.send_response(400, hc.ollama_error_body(f"bad heartbeat: {e}"))
+            return await self.refuse_heartbeat(request, conn, 400, f"bad heartbeat: {e}")
+        source = conn.client_ip
+        if not ollama_url_allowed(hb.ollama_url, source, self.cfg.ollama_hosts_allowed):
+            return await self.refuse_heartbeat(
+                request, conn, 403, f"ollama_url {hb.ollama_url} is not at {source}, where "
+                                    f"this heartbeat comes from (list its host in the "
+                                    f"router's FLEET_ALLOWED_OLLAMA_HOSTS to allow it)")
         self.local.yield_to(hb)
-        node = self.fleet.apply_heartbeat(hb)
+        try:
+            node = self.fleet.apply_heartbeat(hb, source)
+        except NodeRefused as e:
+            return await self.refuse_heartbeat(request, conn, e.status, str(e))
         await conn.send_json(200, {"status": "ok", "node_status": node.status,
                                    "in_flight": self.fleet.in_flight(node.node_id),
                                    "router_version": hc.VERSION})
+
+    async def refuse_heartbeat(self, request, conn, status, message):
+        """Refuse, log and count a heartbeat (the health checks report the count)."""
+        self.stats.count_event("heartbeat_refused", f"heartbeat refused: {message}",
+                               level=logging.WARNING, client=request.client)
+        await conn.send_response(status, hc.ollama_error_body(message))
 
     async def fleet_status(self, request, conn):
         self.fleet.refresh_status()
@@ -1927,8 +2176,10 @@ class Api:
                        "zombies_reaped": self.stats.events["zombie_reaped"],
                        "events": dict(self.stats.events),
                        "traces_written": self.traces.written,
-                       "traces_dropped": self.traces.dropped},
-            "pulls": self.pulls.progress,
+                       "traces_dropped": self.traces.dropped,
+                       "open_fleet": not self.cfg.token,
+                       "connections": {k: self.counters[k] for k in CONNECTION_COUNTERS}},
+            "pulls": self.pulls.shown(),
             "nodes": nodes})
 
     async def fleet_queue(self, request, conn):
@@ -1936,7 +2187,8 @@ class Api:
 
     async def metrics(self, request, conn):
         self.fleet.refresh_status()
-        text = self.stats.render(self.fleet, self.scheduler.holding, self.traces.dropped)
+        text = self.stats.render(self.fleet, self.scheduler.holding, self.traces.dropped,
+                                 self.counters)
         await conn.send_response(200, text.encode(), b"text/plain; version=0.0.4; charset=utf-8")
 
     async def health_report(self, request, conn):
@@ -1952,14 +2204,14 @@ class Api:
         except OSError:
             return await conn.send_response(404, b"dashboard.html is missing: copy it next "
                                                  b"to herd.py", b"text/plain; charset=utf-8")
-        await conn.send_response(200, page, b"text/html; charset=utf-8")
+        await conn.send_response(200, page, b"text/html; charset=utf-8", page_headers(page))
 
     async def settings(self, request, conn):
         """The effective configuration, each value with where it came from."""
         values, rows = self.cfg.as_dict(), []
         for st in ROUTER_SETTINGS:
             attr = st.name.removeprefix("FLEET_").lower()
-            value = "(set)" if st.name == "FLEET_TOKEN" and values[attr] else values[attr]
+            value = "(set)" if st.name in SECRET_SETTINGS and values[attr] else values[attr]
             rows.append({"name": st.name, "value": value, "default": st.default,
                          "source": self.cfg.sources.get(attr, "default"), "help": st.help})
         await conn.send_json(200, {"settings": rows})
@@ -2010,6 +2262,78 @@ class Api:
         await conn.send_json(200, {"range_s": span, "bucket_s": bucket, "points": points})
 
 
+# Who may call a route: anyone, a node (signed heartbeats), a client key, the admin.
+OPEN, NODE, CLIENT, ADMIN, SCRAPE = "open", "node", "client", "admin", "scrape"
+OPEN_PATHS = frozenset({"/", "/api/version", "/dashboard"})  # health checks, the page
+ADMIN_PATHS = frozenset({"/api/pull", "/dashboard/api/requests"})
+CONNECTION_COUNTERS = ("connections_refused", "header_timeouts", "bodies_too_large",
+                       "accept_paused")
+SECRET_SETTINGS = frozenset({"FLEET_TOKEN", "FLEET_API_KEYS", "FLEET_ADMIN_KEY",
+                             "FLEET_METRICS_KEY"})
+
+
+class Guard:
+    """Client keys (FLEET_API_KEYS), the admin key and the metrics key. Each one unset
+    opens what it guards, so a router with no key set answers everyone."""
+
+    def __init__(self, cfg):
+        self.client_keys = [k.encode() for k in sorted(cfg.client_keys)]
+        self.admin_key = [cfg.admin_key.encode()] if cfg.admin_key else []
+        self.metrics_key = [cfg.metrics_key.encode()] if cfg.metrics_key else []
+
+    @staticmethod
+    def kind_of(path):
+        if path in OPEN_PATHS:
+            return OPEN
+        if path == "/heartbeat":
+            return NODE
+        if path == "/metrics":
+            return SCRAPE
+        return ADMIN if path in ADMIN_PATHS else CLIENT
+
+    @staticmethod
+    def presented(request):
+        """The key a request carries: Authorization: Bearer <key>, or x-api-key."""
+        auth = request.header("authorization") or ""
+        if auth[:7].lower() == "bearer ":
+            return auth[7:].strip().encode("latin-1")
+        key = request.header("x-api-key")
+        return key.strip().encode("latin-1") if key else b""
+
+    @staticmethod
+    def _one_of(given, keys):
+        found = False
+        for key in keys:  # every key compared, each in constant time
+            found |= hmac.compare_digest(given, key)
+        return bool(given) and found
+
+    def is_admin(self, request):
+        return self._one_of(self.presented(request), self.admin_key)
+
+    def refuse(self, request, kind):
+        """(status, message) when `request` may not use a route of `kind`, else None."""
+        if kind in (OPEN, NODE):
+            return None
+        given = self.presented(request)
+        if self._one_of(given, self.admin_key):
+            return None  # the admin may do everything
+        if kind == SCRAPE and self.metrics_key:
+            if self._one_of(given, self.metrics_key):
+                return None
+            return self._refusal(given, "FLEET_METRICS_KEY or FLEET_ADMIN_KEY")
+        if kind in (ADMIN, SCRAPE) and self.admin_key:
+            return self._refusal(given, "the admin key (FLEET_ADMIN_KEY)")
+        if not self.client_keys or self._one_of(given, self.client_keys):
+            return None
+        return 401, ("missing or unknown API key: send Authorization: Bearer <key> "
+                     "(one of the router's FLEET_API_KEYS)")
+
+    def _refusal(self, given, needed):
+        if self._one_of(given, self.client_keys) or self._one_of(given, self.metrics_key):
+            return 403, f"this route needs {needed}, not a client key"
+        return 401, f"this route needs {needed}"
+
+
 async def read_model_request(request, conn):
     """(body, model name) of a native request, or None once a 400 is sent."""
     try:
@@ -2022,12 +2346,19 @@ async def read_model_request(request, conn):
     return body, name
 
 
-def token_matches(token, request):
-    """No token set, or the request carries it as a Bearer (compared in constant time)."""
-    if not token:
+def ollama_url_allowed(url, source, allowed):
+    """Does a heartbeat from `source` name an Ollama it may name? Its own address; for
+    an agent on this machine (plain loopback), localhost too; or a host the operator
+    listed in FLEET_ALLOWED_OLLAMA_HOSTS. A stranger cannot point a node elsewhere."""
+    host = hc.split_url(url)[0].lower()
+    if "*" in allowed or host in allowed:
         return True
-    given = (request.header("authorization") or "").encode()
-    return hmac.compare_digest(given, f"Bearer {token}".encode())
+    if source in ("127.0.0.1", "::1") and host in ("localhost", "127.0.0.1", "::1"):
+        return True
+    try:
+        return ipaddress.ip_address(host) == ipaddress.ip_address(source)
+    except ValueError:
+        return False  # a name: the router does not resolve it; list it to allow it
 
 
 def openai_model(entry):
@@ -2057,6 +2388,23 @@ def node_summary(fleet, node):
         "queues": {model: {"active": q.active, "waiting": q.waiting, "limit": q.limit}
                    for (nid, model), q in fleet.queues.items() if nid == node.node_id},
     }
+
+
+def page_headers(page):
+    """A Content-Security-Policy that lets the page run only its own inline script and
+    style (by hash) and talk only to this router: a value from the API that slipped into
+    the page as markup could still not run or send anything anywhere."""
+    hashes = {}
+    for tag in (b"script", b"style"):
+        blocks = re.findall(rb"<" + tag + rb">(.*?)</" + tag + rb">", page, re.S)
+        hashes[tag] = " ".join(
+            f"'sha256-{base64.b64encode(hashlib.sha256(b).digest()).decode()}'"
+            for b in blocks) or "'none'"
+    policy = (f"default-src 'none'; script-src {hashes[b'script']}; "
+              f"style-src {hashes[b'style']}; connect-src 'self'; img-src 'self' data:; "
+              f"base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return [(b"content-security-policy", policy.encode()),
+            (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
 
 
 def read_bytes(path):
@@ -2179,7 +2527,8 @@ async def advertise(cfg, port):
     name = f"herd-{hc.short_hostname()}-{port}.{hc.MDNS_SERVICE_TYPE}"
     info = AsyncServiceInfo(hc.MDNS_SERVICE_TYPE, name,
                             addresses=[socket.inet_aton(a) for a in addrs], port=port,
-                            properties={"version": hc.VERSION, "api": "ollama,openai"},
+                            properties={"version": hc.VERSION, "api": "ollama,openai",
+                                        "tls": "1" if cfg.tls else "0"},
                             server=f"{hc.short_hostname()}.local.")
     try:
         # zeroconf's async calls return a task that finishes the announcements.
@@ -2206,20 +2555,25 @@ class RouterServer:
                                     cfg.trace_queue, cfg.trace_retention_days)
         self.tasks = hc.TaskSet(log)  # background duties and one-off jobs
         self.connections = set()
+        self.per_client = collections.Counter()  # client address -> connections open
+        self.counters = collections.Counter()  # connection events, for /fleet/status
+        self.max_connections = cfg.max_connections
+        self.stopping = False
         self.server = self.port = None
+        self._fd_warned = 0.0
 
     def _build(self):
         cfg, traces, tasks = self.cfg, self.traces, self.tasks
         self.pool = hc.UpstreamPool()
         self.fleet = fleet = Fleet(cfg)
-        stats = Stats()
+        stats = Stats(fleet.knows_model)
         self.scheduler = scheduler = Scheduler(cfg, fleet, stats)
         pulls = Puller(cfg, fleet, tasks)
         self.proxy = Proxy(cfg, fleet, scheduler, pulls, Warmer(cfg, fleet, tasks), stats,
                            traces, self.pool)
         self.local = LocalNode(cfg, fleet)
         self.api = Api(cfg, fleet, scheduler, self.proxy, pulls, stats,
-                       Health(cfg, fleet, traces, stats), traces, self.local)
+                       Health(cfg, fleet, traces, stats), traces, self.local, self.counters)
 
     async def start(self):
         # psutil and SQLite reads are short: two threads do (each extra thread costs
@@ -2227,28 +2581,77 @@ class RouterServer:
         loop = asyncio.get_running_loop()
         loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(
             max_workers=2, thread_name_prefix="herd-io"))
+        loop.set_exception_handler(self._loop_error)
+        self.max_connections = min(self.cfg.max_connections, connection_room())
         self.traces.start()
         self._build()
         self.server = await loop.create_server(self._new_connection, self.cfg.host,
                                                self.cfg.port, reuse_address=True,
-                                               backlog=1024)
+                                               backlog=1024, ssl=self.cfg.tls)
         self.port = self.server.sockets[0].getsockname()[1]
         start_duties(self.tasks, self.cfg, self.fleet, self.proxy, self.local, self.traces)
         if self.cfg.mdns:
             self.tasks.spawn(advertise(self.cfg, self.port), "mdns-advertise")
-        log.info(f"herd router {hc.VERSION} listening on http://{self.cfg.host}:{self.port}")
+        scheme = "https" if self.cfg.tls else "http"
+        log.info(f"herd router {hc.VERSION} listening on {scheme}://{self.cfg.host}:{self.port}")
+        if not self.cfg.token:
+            log.warning("FLEET_TOKEN is not set: any host that can reach this router can "
+                        "join as a node and receive prompts. Set FLEET_TOKEN here and "
+                        "FLEET_NODE_TOKEN on each agent", extra={"event": "open_fleet"})
         return self.port
 
     def _new_connection(self):
         conn = hc.HttpConnection(
             self.api.handle, max_body=int(self.cfg.max_body_mb * (1 << 20)),
-            idle_timeout=self.cfg.idle_timeout, read_timeout=30.0, log=log,
-            on_close=self.connections.discard)
-        self.connections.add(conn)
+            body_limits={"/heartbeat": hc.HEARTBEAT_MAX_BYTES},
+            idle_timeout=self.cfg.idle_timeout, read_timeout=30.0,
+            header_timeout=self.cfg.header_timeout, log=log, on_open=self._opened,
+            on_close=self._closed, counters=self.counters)
         return conn
+
+    def _opened(self, conn):
+        """Admit a connection, or say why not (too many, in all or from one client).
+        Counted from here, not from the factory: a TLS handshake that fails never
+        opens, and never closes, its connection."""
+        self.connections.add(conn)
+        if self.stopping:
+            conn.abort()  # accepted as the router shuts down: dropped
+            return None
+        if len(self.connections) > self.max_connections:
+            refusal = f"the router has {self.max_connections} connections open; try again"
+        elif self.per_client[conn.client_ip] >= self.cfg.max_connections_per_client:
+            refusal = (f"{conn.client_ip} has {self.cfg.max_connections_per_client} "
+                       f"connections open (FLEET_MAX_CONNECTIONS_PER_CLIENT)")
+        else:
+            self.per_client[conn.client_ip] += 1
+            conn.admitted = True
+            return None
+        self.counters["connections_refused"] += 1
+        return refusal
+
+    def _closed(self, conn):
+        self.connections.discard(conn)
+        if getattr(conn, "admitted", False):
+            self.per_client[conn.client_ip] -= 1
+            if not self.per_client[conn.client_ip]:
+                del self.per_client[conn.client_ip]
+
+    def _loop_error(self, loop, context):
+        """Out of file descriptors, asyncio pauses accepting for a second and reports it
+        each time: one line a minute here, counted, instead of a traceback a second."""
+        if "out of system resource" in context.get("message", ""):
+            self.counters["accept_paused"] += 1
+            if time.monotonic() - self._fd_warned > 60:
+                self._fd_warned = time.monotonic()
+                log.warning(f"out of file descriptors ({context.get('exception')}): not "
+                            f"accepting for a moment; lower FLEET_MAX_CONNECTIONS or raise "
+                            f"the limit (ulimit -n)", extra={"event": "accept_paused"})
+            return
+        loop.default_exception_handler(context)
 
     async def stop(self, grace=0.0):
         """Stop listening, give streams `grace` seconds, then close everything."""
+        self.stopping = True
         self.server.close()
         if grace:
             await self.api.wait_in_flight(grace)
@@ -2264,6 +2667,23 @@ class RouterServer:
         await self.server.wait_closed()
         self.pool.close_all()
         await asyncio.to_thread(self.traces.close)
+
+
+def connection_room():
+    """Client connections the file limit leaves room for: each proxied request also holds
+    a connection to a node, and the trace store, logs and mDNS need a few. The soft limit
+    is raised to the hard one first (macOS starts at 256)."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = hard if hard != resource.RLIM_INFINITY else 65536
+        if soft < min(wanted, 65536):
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, 65536), hard))
+                soft = min(wanted, 65536)
+    except ImportError:  # pragma: no cover - Windows has no such limit to mind
+        return 1 << 20
+    return max(16, (soft - 64) // 2)
 
 
 def parse_args(argv):

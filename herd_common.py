@@ -26,6 +26,8 @@ import asyncio
 import collections
 import contextlib
 import datetime
+import hashlib
+import hmac
 import http
 import json
 import logging
@@ -37,6 +39,7 @@ import re
 import signal
 import socket
 import sqlite3
+import ssl
 import sys
 import threading
 import time
@@ -289,12 +292,23 @@ class ConsoleFormatter(logging.Formatter):
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
         extras = " ".join(f"{k}={record.__dict__[k]}" for k in _LOG_CONTEXT
                           if record.__dict__.get(k) is not None and k != "event")
-        line = f"{stamp} {record.levelname:<7} {record.name:<12} {record.getMessage()}"
+        # What a client or node sent can carry control characters (a terminal's escape
+        # sequences, a forged second line): shown escaped, as the JSONL file does.
+        line = printable(f"{stamp} {record.levelname:<7} {record.name:<12} "
+                         f"{record.getMessage()}")
+        extras = printable(extras)
         if extras:
             line += "  " + extras
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
+
+
+def printable(text):
+    """`text` with control characters written as \\xNN escapes."""
+    if not CONTROL_CHARS.search(text):
+        return text
+    return CONTROL_CHARS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def setup_logging(data_dir, file_name, file_level, console_level):
@@ -343,7 +357,8 @@ def ollama_error_body(message):
 def openai_error_type(status):
     """Ollama's OpenAI layer derives the error type from the status code."""
     return {400: "invalid_request_error", 404: "not_found_error",
-            401: "authentication_error", 413: "invalid_request_error",
+            401: "authentication_error", 403: "permission_error",
+            413: "invalid_request_error",
             429: "rate_limit_error"}.get(status, "api_error")
 
 
@@ -352,17 +367,49 @@ def openai_error_body(status, message, code=None):
                                 "param": None, "code": code}})
 
 
+def _refuse_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def parse_json_body(body):
-    """Decode a request body as a JSON object; raise ValueError with Ollama's wording."""
+    """Decode a request body as a JSON object; raise ValueError with Ollama's wording.
+
+    Strict JSON: NaN and Infinity (which Python's json accepts and then writes back out,
+    breaking every client that reads it) are refused, and so is nesting deep enough to
+    exhaust the decoder's recursion."""
     if not body:
         raise ValueError("missing request body")
     try:
-        obj = json.loads(body)
+        obj = json.loads(body, parse_constant=_refuse_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"invalid JSON: {e}") from None
+    except RecursionError:
+        raise ValueError("invalid JSON: nested too deeply") from None
+    except ValueError as e:  # a NaN or Infinity, or an integer too long to read
         raise ValueError(f"invalid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise ValueError("request body must be a JSON object")
     return obj
+
+
+# Model names as Ollama writes them: [host[:port]/][namespace/]name[:tag], at most a few
+# hundred characters. Anything else (control characters, spaces, quotes, megabytes) is
+# refused before it reaches a queue, a header, a metric label or a trace row.
+MODEL_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._\-]*(?::[0-9]{1,5})?"
+                           r"(?:/[A-Za-z0-9_][A-Za-z0-9._\-]*){0,3}"
+                           r"(?::[A-Za-z0-9_][A-Za-z0-9._\-]*)?")
+MODEL_NAME_MAX = 256
+
+
+def check_model_name(name, field="model"):
+    """Raise ValueError unless `name` is a plausible model name; returns it stripped."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{field} is required")
+    name = name.strip()
+    if len(name) > MODEL_NAME_MAX or not MODEL_NAME_RE.fullmatch(name):
+        shown = name[:60] + ("..." if len(name) > 60 else "")
+        raise ValueError(f"{field} {shown!r} is not a valid model name")
+    return name
 
 
 ####################################################################################
@@ -450,11 +497,15 @@ class HttpConnection(asyncio.Protocol):
 
     HOLD_LIMIT = 1 << 20  # pipelined bytes held while a request is answered
 
-    def __init__(self, handler, *, max_body, idle_timeout, read_timeout, log=None,
-                 on_close=None):
-        self.handler, self.log, self.on_close = handler, log, on_close
-        self.max_body = max_body
+    def __init__(self, handler, *, max_body, idle_timeout, read_timeout, header_timeout=10.0,
+                 body_limits=None, log=None, on_open=None, on_close=None, counters=None):
+        self.handler, self.log, self.on_open, self.on_close = handler, log, on_open, on_close
+        self.max_body, self.body_limits = max_body, body_limits or {}  # path -> bytes
         self.idle_timeout, self.read_timeout = idle_timeout, read_timeout
+        self.header_timeout = header_timeout  # for a whole request head, not per byte
+        self.counters = counters if counters is not None else collections.Counter()
+        self._limit = max_body
+        self._head_since = None  # loop time the first byte of a request head came
         self.transport = None
         self.client = "?"
         self.client_gone = False
@@ -468,7 +519,7 @@ class HttpConnection(asyncio.Protocol):
         self._read_paused = self._write_paused = False
         self._drain_waiters = []
         self._timer, self._timeout, self._since = None, None, 0.0
-        self._aborted = False
+        self._aborted = self._lingering = False
         self._begin_response(None)
 
     def _begin_response(self, request, http_version=b"1.1"):
@@ -488,14 +539,26 @@ class HttpConnection(asyncio.Protocol):
             return transport.abort()  # shut down between accept and this call
         peer = transport.get_extra_info("peername")
         self.client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.client_ip = peer[0] if isinstance(peer, tuple) else self.client
+        if self.client_ip.startswith("::ffff:") and "." in self.client_ip:
+            self.client_ip = self.client_ip[7:]  # an IPv4 client of an IPv6 socket
+        refusal = self.on_open(self) if self.on_open else None
+        if self._aborted:
+            return
+        if refusal:  # too many connections: say so and close, before reading anything
+            return self._refuse(503, ollama_error_body(refusal))
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._arm_timer(self.idle_timeout)
 
     def data_received(self, data):
+        if self._aborted or self._lingering:
+            return  # refused: what the client still sends is read and dropped
         self._parser.receive_data(data)
         if self.task is None:
+            if self._request_head is None and self._head_since is None:
+                self._head_since = self._loop.time()
             return self._read_request()
         self._held += len(data)  # a pipelined request: parsed after this response
         if self._held > self.HOLD_LIMIT and not self._read_paused:
@@ -503,6 +566,8 @@ class HttpConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def eof_received(self):
+        if self._lingering:
+            return False
         if self.task is not None and self._watching:
             return False  # as in Ollama (Go's server), a client's EOF cancels its request
         self._parser.receive_data(b"")
@@ -549,16 +614,22 @@ class HttpConnection(asyncio.Protocol):
                 if parser.they_are_waiting_for_100_continue and not self._continued:
                     self._continued = True
                     self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                return self._arm_timer(self.read_timeout if self._request_head
-                                       else self.idle_timeout)
+                if self._request_head is not None:
+                    return self._arm_timer(self.read_timeout)  # the body: per read
+                if self._head_since is not None:  # the head: one deadline for all of it
+                    return self._arm_timer(self.header_timeout, self._head_since)
+                return self._arm_timer(self.idle_timeout)
             if kind is h11.Request:
                 self._request_head, self._body, self._size = event, [], 0
+                self._head_since = None
+                self._limit = self.body_limits.get(
+                    event.target.split(b"?", 1)[0].decode("ascii", "replace"), self.max_body)
                 length = next((v for k, v in event.headers if k == b"content-length"), None)
-                if length is not None and int(length) > self.max_body:
+                if length is not None and int(length) > self._limit:
                     return self._refuse_too_large()
             elif kind is h11.Data:
                 self._size += len(event.data)
-                if self._size > self.max_body:
+                if self._size > self._limit:
                     return self._refuse_too_large()
                 self._body.append(event.data)
             elif kind is h11.EndOfMessage:
@@ -604,27 +675,39 @@ class HttpConnection(asyncio.Protocol):
         if eof:
             self._parser.receive_data(b"")
         self._held, self._continued = 0, False
+        self._head_since = self._loop.time() if leftover else None
         if self._read_paused:
             self._read_paused = False
             self.transport.resume_reading()
         self._read_request()
 
     def _refuse_too_large(self):
-        self._refuse(413, ollama_error_body(f"request body larger than {self.max_body} bytes"))
+        self.counters["bodies_too_large"] += 1
+        self._refuse(413, ollama_error_body(f"request body larger than {self._limit} bytes"))
 
     def _refuse(self, status, body):
-        """Answer a request we will not handle, and close."""
+        """Answer a request we will not handle, and close. Closing at once would reset
+        the connection if the client is still sending (its request, a body we refuse),
+        and a reset can destroy the answer before the client reads it: so our side is
+        shut and what comes is read and dropped, for a second at most (a lingering
+        close, as web servers do it)."""
         self.transport.write(response_head(status, [
             (b"server", SERVER_HEADER), (b"content-type", JSON_TYPE),
             (b"content-length", b"%d" % len(body)), (b"connection", b"close")]) + body)
-        self.close()
+        self._lingering = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_later(1.0, self.close)
 
     # -- timeouts -------------------------------------------------------------------
 
-    def _arm_timer(self, timeout):
+    def _arm_timer(self, timeout, since=None):
         """Close the connection if nothing arrives for `timeout` seconds (idle between
-        requests, or stuck in the middle of one); a handler at work disarms it."""
-        self._timeout, self._since = timeout, self._loop.time()
+        requests, or stuck in a body), or, with `since`, when `timeout` seconds have
+        passed since then (a request head); a handler at work disarms it."""
+        self._timeout, self._since = timeout, self._loop.time() if since is None else since
         deadline = self._since + timeout
         if self._timer is None or self._timer.when() > deadline:
             if self._timer is not None:
@@ -639,6 +722,8 @@ class HttpConnection(asyncio.Protocol):
         if left > 0:
             self._timer = self._loop.call_later(left, self._check_timer)
         else:
+            if self._head_since is not None:
+                self.counters["header_timeouts"] += 1
             self.close()
 
     # -- writing responses ----------------------------------------------------------
@@ -773,15 +858,23 @@ class UpstreamError(Exception):
 
 
 def split_url(url):
-    """'http://host:port/base' -> (host, port, base path)."""
+    """'http://host:port/base' -> (host, port, base path); https:// too (port 443)."""
     if "://" not in url:
         url = "http://" + url
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme != "http":
-        raise ValueError(f"only http:// URLs are supported: {url}")
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"only http:// and https:// URLs are supported: {url}")
     if not parts.hostname:
         raise ValueError(f"no host in URL: {url}")
-    return parts.hostname, parts.port or 80, parts.path.rstrip("/")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise ValueError(f"bad port in URL: {url}") from None
+    return parts.hostname, port, parts.path.rstrip("/")
+
+
+def is_https(url):
+    return url.lower().startswith("https://")
 
 
 # RFC 9112 7.1: chunk-size [ chunk-ext ] CRLF; 15 hex digits is already absurd.
@@ -892,14 +985,20 @@ class Upstream(asyncio.Protocol):
         self.relay = None  # the Relay that takes every read while it runs
 
     @classmethod
-    async def connect(cls, host, port, timeout):
+    async def connect(cls, host, port, timeout, tls=None):
+        """Connect, over TLS when `tls` (an ssl.SSLContext) is given."""
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
-                _, up = await loop.create_connection(lambda: cls(host, port), host, port)
+                _, up = await loop.create_connection(
+                    lambda: cls(host, port), host, port, ssl=tls,
+                    server_hostname=host if tls else None)
         except TimeoutError:
             raise UpstreamError("connect", f"connect to {host}:{port} timed out "
                                            f"after {timeout:g}s") from None
+        except ssl.SSLError as e:
+            raise UpstreamError("connect", f"TLS with {host}:{port} failed: "
+                                           f"{e.reason or e}") from None
         except OSError as e:
             raise UpstreamError("connect", f"cannot connect to {host}:{port}: "
                                            f"{e.strerror or e}") from None
@@ -1271,15 +1370,22 @@ class UpstreamPool:
         self.idle.clear()
 
 
-async def http_call(url, method, path, body=None, *, headers=(), timeout=10.0):
-    """A whole request to url+path; returns (status, headers, body bytes)."""
+async def http_call(url, method, path, body=None, *, headers=(), timeout=10.0, tls=None,
+                    sign=None):
+    """A whole request to url+path; returns (status, headers, body bytes). An https://
+    URL is verified with `tls` (an ssl.SSLContext), else the system's certificates; with
+    `sign` (a fleet token) the request carries sign_request()'s headers."""
     host, port, base = split_url(url)
+    if is_https(url) and tls is None:
+        tls = ssl.create_default_context()
     payload = dump_json(body) if isinstance(body, (dict, list)) else (body or b"")
     hdrs = [(b"accept", b"application/json"), (b"user-agent", b"herd/" + VERSION.encode())]
     if payload:
         hdrs.append((b"content-type", b"application/json"))
     hdrs.extend(headers)
-    up = await Upstream.connect(host, port, timeout)
+    if sign:
+        hdrs.extend(sign_request(sign, method, base + path, payload))
+    up = await Upstream.connect(host, port, timeout, tls if is_https(url) else None)
     try:
         await up.send_request(method.encode(), (base + path).encode(), hdrs, payload)
         status, resp_headers = await up.receive_head(timeout)
@@ -1290,7 +1396,8 @@ async def http_call(url, method, path, body=None, *, headers=(), timeout=10.0):
 
 async def http_json(url, method, path, body=None, *, headers=(), timeout=10.0):
     """http_call that expects a JSON answer; raises UpstreamError on non-2xx."""
-    status, _, data = await http_call(url, method, path, body, headers=headers, timeout=timeout)
+    status, _, data = await http_call(url, method, path, body, headers=headers,
+                                      timeout=timeout)
     if status >= 300:
         raise UpstreamError("status", f"{method} {path} answered {status}: "
                                       f"{data[:200].decode('utf-8', 'replace')}")
@@ -1970,19 +2077,10 @@ def rfc3339_to_unix(text):
 NODE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 NODE_ID_RULE = "1-64 ASCII letters, digits, '.', '_' or '-', starting with a letter or digit"
 MEMORY_PRESSURES = ("normal", "warning", "critical")
-_HEARTBEAT_FIELDS = [
-    # (dotted path, type(s), required)
-    ("node_id", str, True), ("ollama_url", str, True), ("agent_version", str, False),
-    ("hardware", dict, False), ("cpu", dict, False), ("cpu.percent", (int, float), False),
-    ("memory", dict, False), ("memory.total", int, False), ("memory.used", int, False),
-    ("memory.available", int, False), ("memory.pressure", str, False), ("disk", dict, False),
-    ("ollama", dict, False), ("ollama.reachable", bool, False),
-    ("ollama.version", str, False), ("ollama.num_parallel", int, False),
-    ("ollama.settings", dict, False), ("models", list, False), ("loaded", list, False),
-    ("draining", bool, False), ("paused", bool, False), ("leaving", bool, False),
-]
-_KIND_NAMES = {str: "string", int: "integer", float: "number", dict: "object", list: "list",
-               bool: "boolean"}
+HEARTBEAT_MAX_BYTES = 1 << 20  # a node with 500 models sends about 250 KB
+MAX_MODELS = 500  # on disk, per node
+MAX_LOADED = 64  # in memory, per node
+MAX_COUNT = 1 << 62  # bytes, sizes: far beyond any machine, far below a float's trouble
 
 
 def check_node_id(node_id):
@@ -2000,7 +2098,9 @@ def default_node_id():
 
 def build_heartbeat(node_id, ollama_url, machine, ollama, settings, num_parallel,
                     num_parallel_source, draining=False, leaving=False):
-    """The heartbeat body an agent sends (and the router makes for its local node)."""
+    """The heartbeat body an agent sends (and the router makes for its local node),
+    within the limits the router checks (an odd model name is left out, not sent)."""
+    error = ollama.get("error")
     return {
         "node_id": node_id,
         "agent_version": VERSION,
@@ -2011,97 +2111,265 @@ def build_heartbeat(node_id, ollama_url, machine, ollama, settings, num_parallel
         "disk": machine["disk"],
         "ollama": {
             "reachable": ollama["ok"],
-            "error": ollama.get("error"),
+            "error": CONTROL_CHARS.sub(" ", error)[:500] if error else None,
             "version": ollama.get("version", ""),
-            "settings": settings,
+            "settings": {k: CONTROL_CHARS.sub(" ", str(v))[:256] for k, v in settings.items()},
             "num_parallel": num_parallel,
             "num_parallel_source": num_parallel_source,
             "max_loaded_models": parse_positive_int(settings.get("OLLAMA_MAX_LOADED_MODELS")),
         },
-        "models": ollama.get("models", []),
-        "loaded": ollama.get("loaded", []),
+        "models": _sendable(ollama.get("models"))[:MAX_MODELS],
+        "loaded": _sendable(ollama.get("loaded"))[:MAX_LOADED],
         "draining": draining,
         "leaving": leaving,
         "paused": False,
     }
 
 
-def _lookup(body, path):
-    value = body
-    for part in path.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return None, False
-        value = value[part]
-    return value, True
-
-
-def _kind_name(kinds):
-    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
-    return " or ".join(_KIND_NAMES[k] for k in kinds)
-
-
-def validate_heartbeat(body):
-    """Raise ValueError naming the first bad field; returns the body."""
-    if not isinstance(body, dict):
-        raise ValueError("a heartbeat is a JSON object")
-    for path, kinds, required in _HEARTBEAT_FIELDS:
-        value, present = _lookup(body, path)
-        if not present or value is None:
-            if required:
-                raise ValueError(f"field '{path}' is required")
+def _sendable(entries):
+    """The model entries whose names the router will take."""
+    out = []
+    for entry in entries or ():
+        try:
+            check_model_name(entry.get("model") or entry.get("name"))
+        except (ValueError, AttributeError):
             continue
-        if (isinstance(value, bool) and kinds is not bool) or not isinstance(value, kinds):
-            raise ValueError(f"field '{path}' must be a {_kind_name(kinds)}")
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-            raise ValueError(f"field '{path}' must not be negative")
+        out.append(entry)
+    return out
+
+
+class Fields:
+    """One JSON object read field by field, each checked as it is read: a missing field
+    gets its default, a wrong one raises ValueError naming its whole path."""
+
+    __slots__ = ("obj", "path")
+
+    def __init__(self, obj, path=""):
+        if obj is not None and not isinstance(obj, dict):
+            raise ValueError(f"field '{path}' must be an object")
+        self.obj, self.path = obj or {}, path
+
+    def _get(self, key, kinds, what):
+        value = self.obj.get(key)
+        if value is not None and (isinstance(value, bool) is not (bool in kinds)
+                                  or not isinstance(value, kinds)):
+            raise ValueError(f"field '{self.name(key)}' must be {what}")
+        return value
+
+    def name(self, key):
+        return f"{self.path}.{key}" if self.path else key
+
+    def section(self, key):
+        return Fields(self.obj.get(key), self.name(key))
+
+    def text(self, key, max_len=128, default=""):
+        value = self._get(key, (str,), "a string")
+        if value is None:
+            return default
+        if len(value) > max_len or CONTROL_CHARS.search(value):
+            raise ValueError(f"field '{self.name(key)}' must be at most {max_len} printable "
+                             f"characters")
+        return value
+
+    def integer(self, key, high=MAX_COUNT, default=0):
+        value = self._get(key, (int,), "an integer")
+        if value is None:
+            return default
+        if not 0 <= value <= high:
+            raise ValueError(f"field '{self.name(key)}' must be between 0 and {high}")
+        return value
+
+    def number(self, key, high, default=0.0):
+        value = self._get(key, (int, float), "a number")
+        if value is None:
+            return default
+        if not (math.isfinite(value) and 0 <= value <= high):
+            raise ValueError(f"field '{self.name(key)}' must be a number from 0 to {high}")
+        return float(value)
+
+    def flag(self, key, default=False):
+        value = self._get(key, (bool,), "true or false")
+        return default if value is None else value
+
+    def choice(self, key, allowed, default):
+        value = self.text(key, default=default)
+        if value not in allowed:
+            raise ValueError(f"field '{self.name(key)}' must be one of {', '.join(allowed)}")
+        return value
+
+    def objects(self, key, max_items):
+        """A list of objects, each as Fields."""
+        value = self._get(key, (list,), "a list")
+        if not value:
+            return []
+        if len(value) > max_items:
+            raise ValueError(f"field '{self.name(key)}' has more than {max_items} entries")
+        return [Fields(v, f"{self.name(key)}[{i}]") for i, v in enumerate(value)]
+
+    def texts(self, key, max_items=16, max_len=64):
+        value = self._get(key, (list,), "a list")
+        if not value:
+            return []
+        if len(value) > max_items:
+            raise ValueError(f"field '{self.name(key)}' has more than {max_items} entries")
+        holder = Fields({str(i): v for i, v in enumerate(value)}, self.name(key))
+        return [holder.text(str(i), max_len) for i in range(len(value))]
+
+
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _model_details(f):
+    return {"parent_model": f.text("parent_model", MODEL_NAME_MAX), "format": f.text("format"),
+            "family": f.text("family"), "families": f.texts("families"),
+            "parameter_size": f.text("parameter_size"),
+            "quantization_level": f.text("quantization_level"),
+            "context_length": f.integer("context_length", 1 << 24)}
+
+
+def _model_entry(f, loaded):
+    """One /api/tags (or, `loaded`, /api/ps) entry, rebuilt from its checked fields."""
+    name = f.obj.get("model") or f.obj.get("name")
     try:
-        check_node_id(body["node_id"])
-    except ValueError:
-        raise ValueError(f"field 'node_id' must be {NODE_ID_RULE}") from None
-    try:
-        split_url(body["ollama_url"])
+        name = check_model_name(name)
     except ValueError as e:
-        raise ValueError(f"field 'ollama_url': {e}") from None
-    if (body.get("memory") or {}).get("pressure", "normal") not in MEMORY_PRESSURES:
-        raise ValueError("field 'memory.pressure' must be normal, warning or critical")
-    for key in ("models", "loaded"):
-        for i, entry in enumerate(body.get(key) or []):
-            if not isinstance(entry, dict) or not isinstance(
-                    entry.get("model") or entry.get("name"), str):
-                raise ValueError(f"field '{key}[{i}]' must be an object with a 'name'")
-            if not isinstance(entry.get("size", 0), int):
-                raise ValueError(f"field '{key}[{i}].size' must be an integer")
-    return body
-
-
-def _models_by_name(entries):
-    return {canonical_model(m.get("model") or m["name"]): m for m in entries or ()}
+        raise ValueError(f"field '{f.path}': {e}") from None
+    entry = {"name": name, "model": name, "size": f.integer("size"),
+             "digest": f.text("digest"), "details": _model_details(f.section("details"))}
+    if loaded:
+        entry.update(size_vram=f.integer("size_vram"), expires_at=f.text("expires_at", 64),
+                     context_length=f.integer("context_length", 1 << 24))
+    else:
+        entry.update(modified_at=f.text("modified_at", 64),
+                     capabilities=f.texts("capabilities"))
+    return canonical_model(name), entry
 
 
 class Heartbeat:
-    """A checked heartbeat with typed fields; the raw sections only for display."""
+    """A heartbeat with every field checked and typed. What /fleet/status shows of it is
+    rebuilt from the checked fields: nothing a node sends reaches a client unchecked."""
 
     __slots__ = ("node_id", "ollama_url", "agent_version", "reachable", "ollama_version",
-                 "num_parallel", "cpu_percent", "mem_total", "mem_available", "pressure",
-                 "draining", "paused", "leaving", "models", "loaded", "hardware", "memory",
-                 "disk", "ollama")
+                 "ollama_error", "num_parallel", "num_parallel_source", "settings",
+                 "max_loaded_models", "cpu_percent", "mem_total", "mem_available",
+                 "mem_used", "mem_percent", "pressure", "draining", "paused", "leaving",
+                 "models", "loaded", "hardware", "disk_total", "disk_free")
 
     def __init__(self, body):
-        validate_heartbeat(body)
-        ollama, memory = body.get("ollama") or {}, body.get("memory") or {}
-        self.node_id, self.ollama_url = body["node_id"], body["ollama_url"]
-        self.agent_version = body.get("agent_version") or ""
-        self.reachable = ollama.get("reachable") is not False
-        self.ollama_version = ollama.get("version") or ""
-        self.num_parallel = ollama.get("num_parallel") or 0
-        self.cpu_percent = float((body.get("cpu") or {}).get("percent") or 0.0)
-        self.mem_total = memory.get("total") or 0
-        self.mem_available = memory.get("available") or 0
-        self.pressure = memory.get("pressure") or "normal"
-        self.draining = body.get("draining") is True
-        self.paused = body.get("paused") is True
-        self.leaving = body.get("leaving") is True
-        self.models = _models_by_name(body.get("models"))  # canonical name -> /api/tags entry
-        self.loaded = _models_by_name(body.get("loaded"))  # canonical name -> /api/ps entry
-        self.hardware, self.memory = body.get("hardware") or {}, memory
-        self.disk, self.ollama = body.get("disk") or {}, ollama
+        f = Fields(body)
+        self.node_id = f.obj.get("node_id")
+        if not isinstance(self.node_id, str) or not NODE_ID_RE.fullmatch(self.node_id):
+            raise ValueError(f"field 'node_id' must be {NODE_ID_RULE}")
+        self.ollama_url = f.text("ollama_url", 512)
+        try:
+            split_url(self.ollama_url)
+            if not self.ollama_url.lower().startswith("http://"):
+                raise ValueError("the router speaks plain http:// to Ollama")
+        except ValueError as e:
+            raise ValueError(f"field 'ollama_url': {e}") from None
+        self.agent_version = f.text("agent_version", 32)
+        hw = f.section("hardware")
+        self.hardware = {"os": hw.text("os", 64), "os_release": hw.text("os_release"),
+                         "arch": hw.text("arch", 32),
+                         "cpu_cores": hw.integer("cpu_cores", 4096)}
+        self.cpu_percent = f.section("cpu").number("percent", 100.0)
+        mem = f.section("memory")
+        self.mem_total, self.mem_used = mem.integer("total"), mem.integer("used")
+        self.mem_available = mem.integer("available")
+        self.mem_percent = mem.number("percent", 100.0)
+        self.pressure = mem.choice("pressure", MEMORY_PRESSURES, "normal")
+        disk = f.section("disk")
+        self.disk_total, self.disk_free = disk.integer("total"), disk.integer("free")
+        self._read_ollama(f.section("ollama"))
+        self.draining, self.paused = f.flag("draining"), f.flag("paused")
+        self.leaving = f.flag("leaving")
+        self.models = dict(_model_entry(m, False) for m in f.objects("models", MAX_MODELS))
+        self.loaded = dict(_model_entry(m, True) for m in f.objects("loaded", MAX_LOADED))
+
+    def _read_ollama(self, o):
+        self.reachable = o.flag("reachable", True)
+        self.ollama_error = o.text("error", 500) or None
+        self.ollama_version = o.text("version", 64)
+        self.num_parallel = o.integer("num_parallel", 1024)
+        self.num_parallel_source = o.text("num_parallel_source", 64)
+        self.max_loaded_models = o.integer("max_loaded_models", 1024)
+        settings = o.section("settings")
+        self.settings = {k: settings.text(k, 256) for k in OLLAMA_SETTING_VARS
+                         if k in settings.obj}
+
+    @property
+    def memory(self):
+        return {"total": self.mem_total, "used": self.mem_used,
+                "available": self.mem_available, "percent": self.mem_percent,
+                "pressure": self.pressure}
+
+    @property
+    def disk(self):
+        return {"total": self.disk_total, "free": self.disk_free}
+
+    @property
+    def ollama(self):
+        return {"reachable": self.reachable, "error": self.ollama_error,
+                "version": self.ollama_version, "settings": self.settings,
+                "num_parallel": self.num_parallel,
+                "num_parallel_source": self.num_parallel_source,
+                "max_loaded_models": self.max_loaded_models}
+
+
+# -- signed heartbeats ------------------------------------------------------------------
+# With a fleet token, an agent signs each heartbeat: an HMAC-SHA256, keyed by the token,
+# over a timestamp, a random nonce, the method, the path and the body. The router checks
+# it in constant time and refuses a stale timestamp or a nonce it has seen: a recorded
+# heartbeat cannot be replayed, and the token itself never crosses the wire, so an agent
+# that found a rogue router by mDNS gives it nothing it can reuse.
+
+SIGNATURE_WINDOW_S = 30  # LAN clocks agree within seconds; anything older is refused
+
+
+def signature(token, timestamp, nonce, method, path, body):
+    message = b"\n".join([timestamp.encode(), nonce.encode(), method.encode(),
+                          path.encode(), body])
+    return hmac.new(token.encode(), message, hashlib.sha256).hexdigest()
+
+
+def sign_request(token, method, path, body, now=None):
+    """The headers that prove a request comes from a holder of `token`."""
+    timestamp = str(int(time.time() if now is None else now))
+    nonce = os.urandom(16).hex()
+    return [(b"x-herd-timestamp", timestamp.encode()), (b"x-herd-nonce", nonce.encode()),
+            (b"x-herd-signature", signature(token, timestamp, nonce, method, path,
+                                            body).encode())]
+
+
+class SignatureCheck:
+    """The router's side: fresh, unseen and signed with the token, or refused."""
+
+    MAX_NONCES = 100_000  # about 50 heartbeats a second for the whole window
+
+    def __init__(self, token, window=SIGNATURE_WINDOW_S):
+        self.token, self.window = token, window
+        self.seen = collections.OrderedDict()  # nonce -> when it stops mattering
+
+    def refuse(self, request, now=None):
+        """Why `request` is not a valid signed request, or None when it is."""
+        now = time.time() if now is None else now
+        timestamp = request.header("x-herd-timestamp") or ""
+        nonce = request.header("x-herd-nonce") or ""
+        given = request.header("x-herd-signature") or ""
+        if not (timestamp.isdigit() and len(timestamp) < 16 and 16 <= len(nonce) <= 64
+                and nonce.isalnum() and given):
+            return "not signed (set FLEET_NODE_TOKEN on the node to the router's FLEET_TOKEN)"
+        if abs(now - int(timestamp)) > self.window:
+            return (f"timestamp {int(now - int(timestamp))}s away from the router's clock "
+                    f"(more than {self.window}s): check both machines' clocks")
+        expected = signature(self.token, timestamp, nonce, request.method, request.path,
+                             request.body)
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            return "bad signature: FLEET_NODE_TOKEN differs from the router's FLEET_TOKEN"
+        while self.seen and (next(iter(self.seen.values())) < now
+                             or len(self.seen) >= self.MAX_NONCES):
+            self.seen.popitem(last=False)
+        if nonce in self.seen:
+            return "replayed: this signed request was already used"
+        self.seen[nonce] = now + 2 * self.window
+        return None

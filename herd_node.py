@@ -12,7 +12,8 @@ Ctrl-C stops waiting), and then the agent tells the router it has left.
 Run:   python herd_node.py                      (find the router by mDNS)
        python herd_node.py --router-url http://192.168.1.10:11435
 Key settings: FLEET_NODE_ROUTER_URL, FLEET_NODE_NODE_ID (short hostname),
-              FLEET_NODE_OLLAMA_HOST (http://localhost:11434), FLEET_NODE_TOKEN,
+              FLEET_NODE_OLLAMA_HOST (http://localhost:11434), FLEET_NODE_TOKEN (the
+              router's FLEET_TOKEN; heartbeats are signed with it, it is never sent),
               FLEET_NODE_NUM_PARALLEL (else read from the running Ollama)
 
 Check it from anywhere:
@@ -27,6 +28,7 @@ import contextlib
 import json
 import logging
 import os
+import ssl
 import sys
 import time
 
@@ -49,7 +51,10 @@ NODE_SETTINGS = [
     hc.Setting("FLEET_NODE_OLLAMA_URL", "", "the Ollama URL the router should dial "
                "(default: derived from the address this machine uses to reach the router)"),
     hc.Setting("FLEET_NODE_HEARTBEAT_INTERVAL", 5.0, "seconds between heartbeats"),
-    hc.Setting("FLEET_NODE_TOKEN", "", "the router's FLEET_TOKEN, if it has one"),
+    hc.Setting("FLEET_NODE_TOKEN", "", "the router's FLEET_TOKEN, if it has one: heartbeats "
+               "are signed with it (it is never sent)"),
+    hc.Setting("FLEET_NODE_CA", "", "PEM file of the CA that signed the router's TLS "
+               "certificate (default: the system's certificates)"),
     hc.Setting("FLEET_NODE_DRAIN_TIMEOUT", 30.0, "seconds a stopping agent waits for the "
                "requests running on this node to finish before it leaves the fleet"),
     hc.Setting("FLEET_NODE_NUM_PARALLEL", 0, "Ollama's parallel slots; 0 means read "
@@ -101,7 +106,8 @@ class RouterFinder:
         addresses = info.parsed_addresses(IPVersion.V4Only)
         if not addresses:
             return
-        url = f"http://{addresses[0]}:{info.port}"
+        tls = (info.properties or {}).get(b"tls") == b"1"
+        url = f"{'https' if tls else 'http'}://{addresses[0]}:{info.port}"
         if url != self.url:
             log.info("found the router", extra={"event": "router_found", "url": url})
             self.url = url
@@ -129,6 +135,7 @@ class Agent:
         self.cfg = cfg
         self.finder = finder
         self.node_id = cfg.node_id or hc.default_node_id()
+        self.tls = ssl.create_default_context(cafile=cfg.ca) if cfg.ca else None
         self.settings = {}
         self._settings_at = 0.0
         self._ollama_was_ok = None
@@ -182,12 +189,12 @@ class Agent:
             self._ollama_was_ok = ollama["ok"]
 
     async def send(self, hb):
-        """POST one heartbeat; the router's answer when it took it, else None."""
-        headers = [(b"authorization", f"Bearer {self.cfg.token}".encode())] \
-            if self.cfg.token else []
+        """POST one heartbeat (signed with the token, if any); the router's answer when
+        it took it, else None."""
         try:
             status, _, body = await hc.http_call(self.router_url, "POST", "/heartbeat",
-                                                 hb, headers=headers, timeout=5)
+                                                 hb, timeout=5, tls=self.tls,
+                                                 sign=self.cfg.token or None)
         except hc.UpstreamError as e:
             self._note_router(False, str(e))
             return None
@@ -294,8 +301,15 @@ def load_node_config(environ, args):
         if getattr(cfg, name):
             try:
                 hc.split_url(getattr(cfg, name))
+                if name != "router_url" and hc.is_https(getattr(cfg, name)):
+                    raise ValueError("Ollama is spoken to over plain http://")
             except ValueError as e:
                 raise hc.ConfigError(f"FLEET_NODE_{name.upper()}: {e}") from None
+    if cfg.ca:
+        try:
+            ssl.create_default_context(cafile=os.path.expanduser(cfg.ca))
+        except (OSError, ssl.SSLError) as e:
+            raise hc.ConfigError(f"FLEET_NODE_CA={cfg.ca}: {e}") from None
     if cfg.node_id:
         try:
             hc.check_node_id(cfg.node_id)
@@ -307,6 +321,7 @@ def load_node_config(environ, args):
         raise hc.ConfigError("FLEET_NODE_DRAIN_TIMEOUT must not be negative")
     values = cfg.as_dict()
     values["data_dir"] = hc.expand_dir(cfg.data_dir)
+    values["ca"] = os.path.expanduser(cfg.ca) if cfg.ca else ""
     values["ollama_host"] = values["ollama_host"].rstrip("/")
     if values["ollama_host"] and "://" not in values["ollama_host"]:
         values["ollama_host"] = "http://" + values["ollama_host"]

@@ -44,6 +44,7 @@ import herd_node
 from fake_ollama import FakeOllama
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+FLEET_TOKEN = "fleet-secret-for-tests"
 GIB = 1 << 30
 
 ####################################################################################
@@ -99,16 +100,20 @@ class Harness:
         self.fakes = []
         self.routers = []
 
-    def fake(self, **kwargs):
+    def fake(self, host="127.0.0.1", **kwargs):
+        """A fake Ollama; on another loopback address (127.0.0.2, ...) it plays the
+        Ollama of another machine."""
         fake = FakeOllama(**kwargs)
-        self.bg.run(fake.start())
+        self.bg.run(fake.start(host))
         self.fakes.append(fake)
         return fake
 
     def router(self, **env):
+        """A router on 127.0.0.1. It has a fleet token unless FLEET_TOKEN="" is given, so
+        every test's heartbeats are signed ones; Harness.agent signs with it."""
         environ = {"FLEET_HOST": "127.0.0.1", "FLEET_PORT": "0", "FLEET_MDNS": "false",
                    "FLEET_LOCAL_NODE": "false", "FLEET_STARTUP_WINDOW": "0",
-                   "FLEET_AUTO_PULL": "false",
+                   "FLEET_AUTO_PULL": "false", "FLEET_TOKEN": FLEET_TOKEN,
                    "FLEET_DATA_DIR": str(self.data_dir),
                    "FLEET_CONSOLE_LOG_LEVEL": "CRITICAL"}
         environ.update({k: str(v) for k, v in env.items()})
@@ -126,7 +131,7 @@ class Harness:
 
     def agent(self, router, fake, node_id, **env):
         environ = {"FLEET_NODE_ROUTER_URL": router.url, "FLEET_NODE_NODE_ID": node_id,
-                   "FLEET_NODE_OLLAMA_HOST": fake.url,
+                   "FLEET_NODE_OLLAMA_HOST": fake.url, "FLEET_NODE_TOKEN": router.cfg.token,
                    "FLEET_NODE_DATA_DIR": str(self.tmp_path / "node")}
         environ.update({k: str(v) for k, v in env.items()})
         cfg = herd_node.load_node_config(environ, herd_node.parse_args([]))
@@ -142,6 +147,14 @@ class Harness:
                 mutate(hb)
             return await agent.send(hb)
         assert self.bg.run(_beat()), f"heartbeat from {node_id} refused"
+
+    def snapshot(self, router, fake, node_id, mutate=None):
+        """The heartbeat body the agent would send now, optionally edited."""
+        agent = self.agent(router, fake, node_id, FLEET_NODE_OLLAMA_URL=fake.url)
+        hb = self.bg.run(agent.snapshot())
+        if mutate:
+            mutate(hb)
+        return hb
 
     def traces(self, router):
         """The rows of the trace table (README "Watching the fleet"), read with sqlite3."""
@@ -216,17 +229,31 @@ def load_on(fake, model, num_ctx=None):
     http(fake.url, "POST", "/api/generate", body)
 
 
-def http(url, method, path, body=None, headers=None, timeout=10):
-    """A raw HTTP request with the stdlib; returns (status, headers dict, body bytes)."""
+def http(url, method, path, body=None, headers=None, timeout=10, source=None):
+    """A raw HTTP request with the stdlib, from `source` (an address of this machine, to
+    play another one) if given; returns (status, headers dict, body bytes)."""
     import http.client
     host, port, _ = hc.split_url(url)
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    conn = http.client.HTTPConnection(host, port, timeout=timeout,
+                                      source_address=(source, 0) if source else None)
     data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
     conn.request(method, path, body=data, headers=headers or {})
     resp = conn.getresponse()
     out = resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
     conn.close()
     return out
+
+
+def post_heartbeat(router, body, source=None, token=None, headers=None):
+    """POST a heartbeat as a machine at `source` would, signed with the router's token
+    (or `token`; "" sends it unsigned). Returns (status, parsed answer)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    token = router.cfg.token if token is None else token
+    signed = {k.decode(): v.decode() for k, v in hc.sign_request(
+        token, "POST", "/heartbeat", data)} if token else {}
+    status, _, answer = http(router.url, "POST", "/heartbeat", data,
+                             headers={**signed, **(headers or {})}, source=source)
+    return status, json.loads(answer)
 
 
 def raw_exchange(port, data, read_until_close=True, timeout=5):
@@ -554,8 +581,8 @@ def test_bad_heartbeats_are_refused_and_change_nothing(h):
              ({"node_id": "node-a", "ollama_url": fake.url, "models": [{"size": 1}]},
               "models[0]")]
     for body, field in cases:
-        status, _, resp = http(router.url, "POST", "/heartbeat", body)
-        assert status == 400 and field in json.loads(resp)["error"], (body, resp)
+        status, resp = post_heartbeat(router, body)
+        assert status == 400 and field in resp["error"], (body, resp)
     assert without_clock(fleet_status(router)["nodes"]) == before
 
 
@@ -570,8 +597,8 @@ def test_a_node_id_follows_one_rule_in_both_programs(h, tmp_path, monkeypatch):
         agent = h.agent(router, fake, "ok-node")
         hb = h.bg.run(agent.snapshot())
         hb["node_id"] = bad
-        status, _, body = http(router.url, "POST", "/heartbeat", hb)
-        assert status == 400 and "node_id" in json.loads(body)["error"], bad
+        status, body = post_heartbeat(router, hb)
+        assert status == 400 and "node_id" in body["error"], bad
     assert fleet_status(router)["nodes"] == []
     monkeypatch.setattr(socket, "gethostname", lambda: "Café-Mac.local")
     assert hc.default_node_id() == "Caf-Mac"
@@ -602,17 +629,58 @@ def test_a_draining_node_says_so_and_is_offline_once_its_agent_left(h):
     assert [r["status"] for r in rows] == ["completed"]
 
 
-def test_token_protects_heartbeats(h):
+def test_heartbeats_are_signed_and_the_token_never_sent(h):
     fake = h.fake()
     router = h.router(FLEET_TOKEN="s3cret")
-    agent = h.agent(router, fake, "node-a")
+    agent = h.agent(router, fake, "node-a", FLEET_NODE_TOKEN="wrong")
     assert h.bg.run(agent.send(h.bg.run(agent.snapshot()))) is None  # refused
     assert fleet_node(router, "node-a") is None
-    status, _, _ = http(router.url, "POST", "/heartbeat", {"node_id": "x", "ollama_url":
-                                                           fake.url})
-    assert status == 401
+    hb = h.bg.run(agent.snapshot())
+    for headers, why in (({}, "not signed"), ({"Authorization": "Bearer s3cret"}, "not signed")):
+        status, body = post_heartbeat(router, hb, token="", headers=headers)
+        assert status == 401 and why in body["error"]
+    status, body = post_heartbeat(router, hb, token="wrong")
+    assert status == 401 and "bad signature" in body["error"]
+    # A recorded heartbeat cannot be sent again, nor one from a minute ago.
+    data = json.dumps(hb).encode()
+    signed = {k.decode(): v.decode() for k, v in hc.sign_request("s3cret", "POST",
+                                                                 "/heartbeat", data)}
+    assert http(router.url, "POST", "/heartbeat", data, headers=signed)[0] == 200
+    status, _, body = http(router.url, "POST", "/heartbeat", data, headers=signed)
+    assert status == 401 and b"replayed" in body
+    old = {k.decode(): v.decode() for k, v in hc.sign_request(
+        "s3cret", "POST", "/heartbeat", data, now=time.time() - 120)}
+    status, _, body = http(router.url, "POST", "/heartbeat", data, headers=old)
+    assert status == 401 and b"clock" in body
     h.heartbeat(router, fake, "node-a", FLEET_NODE_TOKEN="s3cret")
     assert node_status(router, "node-a") == "online"
+
+
+def test_an_agent_gives_a_rogue_router_nothing_reusable(h):
+    seen = []
+
+    async def rogue(reader, writer):  # records what the agent sends, answers 200
+        seen.append(await reader.read(65536))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+        await writer.drain()
+        writer.close()
+
+    async def start():
+        return await asyncio.start_server(rogue, "127.0.0.1", 0)
+    server = h.bg.run(start())
+    try:
+        fake = h.fake()
+        router = h.router(FLEET_TOKEN="s3cret")
+        agent = h.agent(router, fake, "node-a", FLEET_NODE_TOKEN="s3cret",
+                        FLEET_NODE_ROUTER_URL=f"http://127.0.0.1:"
+                                              f"{server.sockets[0].getsockname()[1]}")
+        assert h.bg.run(agent.send(h.bg.run(agent.snapshot()))) is not None
+        sent = b"".join(seen)
+        assert b"x-herd-signature" in sent.lower() and b"s3cret" not in sent
+        assert b"authorization" not in sent.lower()
+    finally:
+        server.close()
+        h.bg.run(server.wait_closed())
 
 
 def test_heartbeat_reports_the_machine_and_ollama(h):
@@ -1231,7 +1299,8 @@ def test_hop_by_hop_headers_are_not_forwarded(one_node):
     sent = fake.requests[-1]["headers"]
     assert status == 200
     assert not {"x-private-hop", "keep-alive", "proxy-authorization", "te"} & sent.keys()
-    assert sent["authorization"] == "Bearer end-to-end" and sent["x-trace"] == "7"
+    assert sent["x-trace"] == "7"
+    assert "authorization" not in sent  # the client's credentials are for the router
 
 
 def test_host_header_is_not_forwarded(one_node):
@@ -1418,8 +1487,8 @@ def test_sigterm_on_a_node_agent_lets_its_running_stream_finish(h, tmp_path):
     fake = h.fake(chunks=8, chunk_delay=0.15)
     other = h.fake()
     router = h.router()
-    env = {**os.environ, "FLEET_NODE_DATA_DIR": str(tmp_path / "n"),
-           "FLEET_NODE_HEARTBEAT_INTERVAL": "0.2"}
+    env = {**os.environ, "FLEET_NODE_TOKEN": router.cfg.token,
+           "FLEET_NODE_DATA_DIR": str(tmp_path / "n"), "FLEET_NODE_HEARTBEAT_INTERVAL": "0.2"}
     proc = subprocess.Popen([sys.executable, "herd_node.py", "--router-url", router.url,
                              "--node-id", "leaving", "--ollama-host", fake.url],
                             cwd=HERE, env=env, stderr=subprocess.DEVNULL)
@@ -1664,7 +1733,8 @@ def healthy_snapshot():
               "thrash_loads": 3}
     return {"nodes": [node, {**node, "node_id": "b"}], "loads_by_model": {}, "events": {},
             "limits": limits,
-            "zombies_reaped": 0, "heartbeat_timeout": 15.0, "requests": 100, "failed": 0,
+            "zombies_reaped": 0, "heartbeat_timeout": 15.0, "open_fleet": False,
+            "requests": 100, "failed": 0,
             "retried": 0, "cancelled": 0, "incomplete": 0, "timeouts": 0,
             "requests_by_node": {"a": 50, "b": 50}, "mean_ttft_ms": 80.0}
 
@@ -1702,6 +1772,9 @@ HEALTH_CASES = [
     ("context_protection", "info", crafted(events={"context_stripped": 5}), "stripped 5"),
     ("zombie_reaper", "warning", crafted(zombies_reaped=2), "stopped 2 requests"),
     ("no_nodes", "critical", crafted(nodes=[]), "no node has sent a heartbeat"),
+    ("open_fleet", "warning", crafted(open_fleet=True), "FLEET_TOKEN is not set"),
+    ("refused_heartbeats", "warning", crafted(events={"heartbeat_refused": 3}),
+     "3 heartbeats"),
 ]
 
 
@@ -1730,10 +1803,10 @@ def test_health_thresholds_come_from_settings():
     assert [f["severity"] for f in herd.run_health_checks(snap)[0]] == ["critical"]
 
 
-def test_all_sixteen_checks_are_covered():
+def test_all_eighteen_checks_are_covered():
     assert sorted(c[0] for c in HEALTH_CASES) == sorted(
         fn.__name__.removeprefix("check_") for fn in herd.HEALTH_CHECKS)
-    assert len(herd.HEALTH_CHECKS) == 16
+    assert len(herd.HEALTH_CHECKS) == 18
 
 
 def test_a_resolved_problem_drops_out_of_health_once_its_window_passes(h):
@@ -1963,6 +2036,416 @@ def test_dashboard_in_a_real_browser(h, tmp_path):
 
 
 ####################################################################################
+# Securing the fleet: signed nodes, addresses, keys, bounded input (README "Securing
+# the fleet")
+####################################################################################
+
+
+def test_a_node_id_stays_with_the_address_that_claimed_it(h):
+    fake = h.fake(host="127.0.0.2")
+    thief = h.fake(host="127.0.0.3")
+    router = h.router(FLEET_HEARTBEAT_TIMEOUT=0.3, FLEET_HEARTBEAT_OFFLINE=0.6)
+    assert post_heartbeat(router, h.snapshot(router, fake, "n1"), "127.0.0.2")[0] == 200
+    # Another machine (token or not) cannot take the id over, nor wipe its models.
+    for mutate in (None, lambda hb: hb.update(draining=True, models=[], loaded=[])):
+        status, body = post_heartbeat(router, h.snapshot(router, thief, "n1", mutate),
+                                      "127.0.0.3")
+        assert status == 409 and "127.0.0.2" in body["error"]
+    node = fleet_node(router, "n1")
+    assert node["ollama_url"] == fake.url and node["status"] == "online"
+    assert "llama3.2:3b" in node["models_on_disk"]
+    health = get_json(router.url, "/dashboard/api/health")
+    assert "refused_heartbeats" in [c["check"] for c in health["checks"]]
+    wait_until(lambda: node_status(router, "n1") == "offline", what="n1 offline")
+    # Once it is gone, the id may move (a laptop on a new address).
+    assert post_heartbeat(router, h.snapshot(router, thief, "n1"), "127.0.0.3")[0] == 200
+    assert fleet_node(router, "n1")["ollama_url"] == thief.url
+
+
+def test_a_node_must_name_an_ollama_at_its_own_address(h):
+    victim = h.fake(host="127.0.0.2")
+    attacker = h.fake(host="127.0.0.3")
+    router = h.router(FLEET_TOKEN="")  # even with no token
+    hb = h.snapshot(router, attacker, "n2", lambda hb: hb.update(ollama_url=victim.url))
+    status, body = post_heartbeat(router, hb, "127.0.0.3")
+    assert status == 403 and "FLEET_ALLOWED_OLLAMA_HOSTS" in body["error"]
+    hb = h.snapshot(router, attacker, "n2", lambda hb: hb.update(
+        ollama_url=f"http://localhost:{victim.port}"))
+    assert post_heartbeat(router, hb, "127.0.0.3")[0] == 403  # not its localhost either
+    assert fleet_status(router)["nodes"] == []
+    relaxed = h.router(FLEET_ALLOWED_OLLAMA_HOSTS="127.0.0.2")
+    hb = h.snapshot(relaxed, attacker, "nas", lambda hb: hb.update(ollama_url=victim.url))
+    assert post_heartbeat(relaxed, hb, "127.0.0.3")[0] == 200
+
+
+def test_no_prompt_reaches_a_host_that_cannot_sign(h):
+    real = h.fake(host="127.0.0.2")
+    rogue = h.fake(host="127.0.0.3")
+    router = h.router()
+    assert post_heartbeat(router, h.snapshot(router, real, "n1"), "127.0.0.2")[0] == 200
+    loaded = lambda hb: hb.update(loaded=[{"name": "llama3.2:3b", "model": "llama3.2:3b",
+                                           "size": 1}])
+    status, _ = post_heartbeat(router, h.snapshot(router, rogue, "hot", loaded),
+                               "127.0.0.3", token="")
+    assert status == 401
+    for _ in range(3):
+        status, headers, _ = http(router.url, "POST", "/api/chat", {
+            "model": "llama3.2:3b", "stream": False,
+            "messages": [{"role": "user", "content": "my secret"}]},
+            headers={"Authorization": "Bearer sk-user"})
+        assert status == 200 and headers["x-fleet-node"] == "n1"
+    assert not [r for r in rogue.requests if r["path"] == "/api/chat"]  # no prompt there
+    assert real.requests and all("authorization" not in r["headers"]
+                                 for r in real.requests)
+
+
+@pytest.fixture
+def keyed(h):
+    """A router with client keys and an admin key, one node with a model loaded."""
+    fake = h.fake()
+    load_on(fake, "llama3.2:3b")
+    router = h.router(FLEET_API_KEYS="key-1,key-2", FLEET_ADMIN_KEY="admin-key",
+                      FLEET_METRICS_KEY="scrape-key")
+    h.heartbeat(router, fake, "node-a")
+    return router, fake
+
+
+def test_client_keys_guard_both_apis_in_their_own_error_shapes(keyed):
+    import ollama
+    import openai
+    router, fake = keyed
+    with pytest.raises(ollama.ResponseError) as e:
+        ollama.Client(host=router.url).list()
+    assert e.value.status_code == 401 and "API key" in e.value.error
+    with pytest.raises(openai.AuthenticationError) as e:
+        openai.OpenAI(base_url=router.url + "/v1", api_key="nope").models.list()
+    assert e.value.status_code == 401
+    assert e.value.body["type"] == "authentication_error" and "API key" in e.value.body["message"]
+    chat = ollama.Client(host=router.url, headers={"Authorization": "Bearer key-1"}).chat(
+        model="llama3.2:3b", messages=[{"role": "user", "content": "hi"}])
+    assert chat.message.content
+    client = openai.OpenAI(base_url=router.url + "/v1", api_key="key-2")
+    assert client.chat.completions.create(model="llama3.2:3b", messages=[
+        {"role": "user", "content": "hi"}]).choices[0].message.content
+    assert http(router.url, "GET", "/api/tags", headers={"x-api-key": "key-1"})[0] == 200
+    for path in ("/", "/api/version", "/dashboard"):  # health checks and the page stay open
+        assert http(router.url, "GET", path)[0] == 200, path
+    for path in ("/api/tags", "/v1/models", "/fleet/status", "/dashboard/api/overview"):
+        status, headers, _ = http(router.url, "GET", path)
+        assert status == 401 and headers["www-authenticate"].startswith("Bearer"), path
+    sent = [r["headers"] for r in fake.requests]
+    assert sent and not any("authorization" in r or "x-api-key" in r for r in sent)
+
+
+def test_admin_routes_refuse_a_client_key(keyed):
+    router, fake = keyed
+    admin_only = [("POST", "/api/pull", {"model": "qwen2.5:7b"}),
+                  ("POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "",
+                                             "keep_alive": 0}),
+                  ("GET", "/dashboard/api/requests", None), ("GET", "/metrics", None)]
+    for method, path, body in admin_only:
+        status, _, answer = http(router.url, method, path, body,
+                                 headers={"Authorization": "Bearer key-1"})
+        assert status == 403 and "FLEET_ADMIN_KEY" in json.loads(answer)["error"], path
+        assert http(router.url, method, path, body)[0] == 401, path
+    assert "llama3.2:3b" in fake.loaded  # the unload never reached the node
+    for method, path, body in admin_only:
+        status, _, _ = http(router.url, method, path, body,
+                            headers={"Authorization": "Bearer admin-key"})
+        assert status == 200, path
+    assert "llama3.2:3b" not in fake.loaded
+    scrape = {"Authorization": "Bearer scrape-key"}
+    assert http(router.url, "GET", "/metrics", headers=scrape)[0] == 200
+    assert http(router.url, "GET", "/api/tags", headers=scrape)[0] == 401  # metrics only
+    settings = {s["name"]: s["value"] for s in json.loads(http(
+        router.url, "GET", "/dashboard/api/settings",
+        headers={"x-api-key": "key-1"})[2])["settings"]}
+    assert all(settings[k] == "(set)" for k in herd.SECRET_SETTINGS)
+
+
+def test_pulls_take_plain_names_unless_the_operator_allows_registries(h):
+    fake = h.fake()
+    router = h.router(FLEET_ADMIN_KEY="admin-key")
+    h.heartbeat(router, fake, "node-a")
+    admin = {"Authorization": "Bearer admin-key"}
+    for name in ("host:5000/x/y", "evil.example/library/llama3", "a/b/c"):
+        status, _, body = http(router.url, "POST", "/api/pull", {"model": name},
+                               headers=admin)
+        assert status == 400 and "FLEET_PULL_REGISTRIES" in json.loads(body)["error"], name
+    status, _, body = http(router.url, "POST", "/api/pull", {"model": "x\r\ny"}, headers=admin)
+    assert status == 400
+    assert not any(r["path"] == "/api/pull" for r in fake.requests)
+    assert http(router.url, "POST", "/api/pull", {"model": "qwen2.5:7b", "insecure": True},
+                headers=admin)[0] == 200
+    open_router = h.router()
+    h.heartbeat(open_router, fake, "node-a")
+    status, _, body = http(open_router.url, "POST", "/api/pull",
+                           {"model": "qwen2.5:7b", "insecure": True})
+    assert status == 403 and "admin" in json.loads(body)["error"]
+    registry = h.router(FLEET_PULL_REGISTRIES="host:5000")
+    h.heartbeat(registry, fake, "node-a")
+    http(registry.url, "POST", "/api/pull", {"model": "host:5000/x/y", "stream": False})
+    assert [r["body"]["model"] for r in fake.requests if r["path"] == "/api/pull"][-1] == \
+        "host:5000/x/y"
+
+
+BAD_FIELDS = [  # (what to change in a real heartbeat, the field the 400 must name)
+    (lambda hb: hb["models"][0].update(modified_at=5), "models[0].modified_at"),
+    (lambda hb: hb["loaded"].append({"name": "llama3.2:3b", "size_vram": "big"}),
+     "loaded[0].size_vram"),
+    (lambda hb: hb["memory"].update(available=10 ** 400), "memory.available"),
+    (lambda hb: hb["memory"].update(total=-1), "memory.total"),
+    (lambda hb: hb["cpu"].update(percent=250), "cpu.percent"),
+    (lambda hb: hb["hardware"].update(cpu_cores="<img src=x onerror=alert(1)>"),
+     "hardware.cpu_cores"),
+    (lambda hb: hb["hardware"].update(os="a" * 1000), "hardware.os"),
+    (lambda hb: hb.update(node_id="n1\n"), "node_id"),
+    (lambda hb: hb["ollama"].update(settings={"OLLAMA_NUM_PARALLEL": 4}),
+     "ollama.settings.OLLAMA_NUM_PARALLEL"),
+    (lambda hb: hb["models"][0]["details"].update(context_length="long"),
+     "models[0].details.context_length"),
+    (lambda hb: hb["models"][0].update(name="x\r\nSet-Cookie: a=b", model=None), "models[0]"),
+    (lambda hb: hb.update(models=hb["models"] * 200), "models"),
+    (lambda hb: hb.update(draining="yes"), "draining"),
+    (lambda hb: hb.update(ollama="down"), "ollama"),
+]
+
+
+@pytest.mark.parametrize("mutate,field", BAD_FIELDS, ids=[f for _, f in BAD_FIELDS])
+def test_each_malformed_heartbeat_field_is_refused_by_name(h, mutate, field):
+    fake = h.fake()
+    router = h.router()
+    h.heartbeat(router, fake, "node-a")
+    before = without_clock(fleet_status(router)["nodes"])
+    hb = h.snapshot(router, fake, "node-a")
+    mutate(hb)
+    status, body = post_heartbeat(router, hb)
+    assert status == 400 and f"'{field}'" in body["error"], body
+    assert without_clock(fleet_status(router)["nodes"]) == before
+    for path in ("/api/tags", "/api/ps", "/v1/models", "/fleet/status", "/metrics"):
+        status, _, answer = http(router.url, "GET", path)
+        assert status == 200, path
+    assert http(router.url, "POST", "/api/chat", {"model": "llama3.2:3b", "stream": False,
+                                                  "messages": []})[0] == 200
+
+
+def test_heartbeats_nan_and_size_are_refused(h):
+    fake = h.fake()
+    router = h.router()
+    data = json.dumps(h.snapshot(router, fake, "node-a")).encode()
+    status, body = post_heartbeat(router, data.replace(b'"percent": ', b'"percent": NaN, "x": ', 1))
+    assert status == 400 and "NaN" in body["error"]
+    out = raw_exchange(router.port, b"POST /heartbeat HTTP/1.1\r\nHost: r\r\n"
+                                    b"Content-Length: %d\r\n\r\n" % (2 << 20))
+    assert out.startswith(b"HTTP/1.1 413")  # refused from its head, before 2 MB arrive
+    assert fleet_status(router)["nodes"] == []
+    h.heartbeat(router, fake, "node-a")
+    text = http(router.url, "GET", "/fleet/status")[2]
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in /fleet/status"))
+
+
+def test_what_status_shows_of_a_node_is_only_its_documented_fields(h):
+    fake = h.fake()
+    router = h.router()
+    h.heartbeat(router, fake, "node-a", mutate=lambda hb: hb["hardware"].update(
+        extra="x" * 5000) or hb.update(junk={"a": [1] * 1000}))
+    node = fleet_node(router, "node-a")
+    assert "junk" not in json.dumps(node) and "extra" not in node["hardware"]
+    assert set(node["hardware"]) == {"os", "os_release", "arch", "cpu_cores"}
+    tags = get_json(router.url, "/api/tags")["models"]
+    assert set(tags[0]) == {"name", "model", "size", "digest", "details", "modified_at",
+                            "capabilities"}
+
+
+def test_metrics_label_only_models_some_node_has(h):
+    fake = h.fake()
+    router = h.router()
+    h.heartbeat(router, fake, "node-a")
+    for i in range(5):
+        status, _, _ = http(router.url, "POST", "/api/generate",
+                            {"model": f"made-up-{i}-{'x' * 200}", "prompt": "x"})
+        assert status == 404
+    status, _, body = http(router.url, "POST", "/api/generate",
+                           {"model": "y" * (10 << 20), "prompt": "x"})
+    assert status == 400 and len(body) < 1000
+    http(router.url, "POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "x"})
+    metrics = http(router.url, "GET", "/metrics")[2].decode()
+    assert "made-up" not in metrics and 'model="other"' in metrics
+    assert 'model="llama3.2:3b"' in metrics and len(metrics) < 50_000
+
+
+def test_offline_nodes_are_forgotten_and_the_fleet_has_a_size(h):
+    fake = h.fake()
+    router = h.router(FLEET_HEARTBEAT_TIMEOUT=0.2, FLEET_HEARTBEAT_OFFLINE=0.3,
+                      FLEET_FORGET_OFFLINE_AFTER=0.5)
+    h.heartbeat(router, fake, "old")
+    wait_until(lambda: node_status(router, "old") == "offline", what="old offline")
+    wait_until(lambda: fleet_node(router, "old") is None, what="the old node forgotten")
+    full = h.router(FLEET_MAX_NODES=3)
+    for i in range(3):
+        h.heartbeat(full, fake, f"n{i}")
+    status, body = post_heartbeat(full, h.snapshot(full, fake, "n3"))
+    assert status == 503 and "FLEET_MAX_NODES" in body["error"]
+    assert len(fleet_status(full)["nodes"]) == 3
+    many = h.router()
+    for i in range(herd.MAX_NODES_PER_ADDRESS):
+        h.heartbeat(many, fake, f"m{i}")
+    status, body = post_heartbeat(many, h.snapshot(many, fake, "one-too-many"))
+    assert status == 429
+
+
+def test_finished_pulls_leave_the_status_after_a_while(h, monkeypatch):
+    fake = h.fake()
+    router = h.router(FLEET_AUTO_PULL="true")
+    h.heartbeat(router, fake, "node-a")
+    assert http(router.url, "POST", "/api/generate", {"model": "mistral:7b", "prompt": "x",
+                                                      "stream": False})[0] == 200
+    assert fleet_status(router)["pulls"]["mistral:7b"]["status"] == "success"
+    monkeypatch.setattr(herd.Puller, "KEEP_S", 0)  # an hour, in the real world
+    assert fleet_status(router)["pulls"] == {}
+
+
+def test_a_request_head_has_one_deadline_and_connections_are_capped(h):
+    router = h.router(FLEET_HEADER_TIMEOUT=0.6, FLEET_MAX_CONNECTIONS_PER_CLIENT=2)
+    with socket.create_connection(("127.0.0.1", router.port), timeout=5) as s:
+        start = time.monotonic()
+        head = b"GET /api/version HTTP/1.1\r\nHost: r\r\nX-Slow: " + b"a" * 40
+        closed = False
+        for byte in head:  # a byte every 0.1 s: each one would restart a per-byte timer
+            try:
+                s.sendall(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.1)
+            s.setblocking(False)
+            try:
+                closed = s.recv(1) == b""
+            except BlockingIOError:
+                pass
+            s.setblocking(True)
+            if closed:
+                break
+        assert closed and time.monotonic() - start < 2.0
+    assert fleet_status(router)["router"]["connections"]["header_timeouts"] == 1
+    held = [socket.create_connection(("127.0.0.1", router.port)) for _ in range(2)]
+    try:
+        wait_until(lambda: len(router.connections) == 2, what="two connections")
+        third = raw_exchange(router.port, b"GET / HTTP/1.1\r\nHost: r\r\n\r\n")
+        assert third.startswith(b"HTTP/1.1 503") and b"FLEET_MAX_CONNECTIONS_PER_CLIENT" in third
+        assert http(router.url, "GET", "/api/version", source="127.0.0.2")[0] == 200
+    finally:
+        for s in held:
+            s.close()
+    wait_until(lambda: http(router.url, "GET", "/")[0] == 200, what="room again")
+    counts = fleet_status(router)["router"]["connections"]
+    assert counts["connections_refused"] == 1
+
+
+def test_out_of_file_descriptors_is_one_line_not_a_flood(h, caplog):
+    router = h.router()
+    context = {"message": "socket.accept() out of system resource",
+               "exception": OSError(24, "Too many open files")}
+    logging.getLogger("herd").propagate = True  # let caplog see it
+    with caplog.at_level(logging.WARNING, logger="herd.router"):
+        for _ in range(50):
+            router._loop_error(h.bg.loop, context)
+    lines = [r for r in caplog.records if "file descriptors" in r.getMessage()]
+    assert len(lines) == 1
+    assert fleet_status(router)["router"]["connections"]["accept_paused"] == 50
+
+
+def test_hostile_bodies_get_400_not_500(h):
+    fake = h.fake()
+    router = h.router()
+    h.heartbeat(router, fake, "node-a")
+    deep = b'{"model": "llama3.2:3b", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    cases = [(deep, "nested too deeply"),
+             (b'{"model": "llama3.2:3b", "prompt": "x", "options": {"temperature": NaN}}',
+              "NaN"),
+             (json.dumps({"model": "x\r\nX-Evil: 1", "prompt": "x",
+                          "fallback_models": ["y\r\nz"]}).encode(), "not a valid model name"),
+             (json.dumps({"model": "llama3.2:3b", "prompt": "x",
+                          "fallback_models": ["a\nb"]}).encode(), "fallback_models")]
+    for body, why in cases:
+        for path in ("/api/generate", "/v1/completions"):
+            status, _, answer = http(router.url, "POST", path, body)
+            error = json.loads(answer)["error"]
+            message = error["message"] if isinstance(error, dict) else error
+            assert status == 400 and why in message, (path, why, answer[:200])
+    assert http(router.url, "GET", "/api/tags")[0] == 200
+
+
+def test_console_log_escapes_control_characters(h, tmp_path):
+    out = run_script(["herd_node.py"], {"FLEET_NODE_NODE_ID": "x\x1b[2J\nforged",
+                                        "FLEET_NODE_DATA_DIR": str(tmp_path)})
+    assert out.returncode == 2
+    record = logging.LogRecord("herd.fleet", logging.WARNING, "", 0,
+                               "bad heartbeat \x1b[31m\nforged line", None, None)
+    record.client = "10.0.0.9:1\r\n"
+    line = hc.ConsoleFormatter().format(record)
+    assert "\n" not in line and "\x1b" not in line and "\r" not in line
+    assert "\\x1b[31m\\x0aforged line" in line and "\\x0d\\x0a" in line
+
+
+def test_the_dashboard_shows_hostile_text_as_text(h, tmp_path):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+    evil = "<img src=x onerror=window.__xss=1>"
+    fake = h.fake()
+    router = h.router()
+    h.heartbeat(router, fake, "evil-node", mutate=lambda hb: hb["hardware"].update(
+        os=evil, arch="<b>x</b>"))
+    http(router.url, "POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "x",
+                                               "stream": False}, headers={"X-Herd-Tags": evil})
+    h.traces(router)
+    status, headers, _ = http(router.url, "GET", "/dashboard")
+    assert "script-src 'sha256-" in headers["content-security-policy"]
+    assert "default-src 'none'" in headers["content-security-policy"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox",
+                                                                    "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            violations = []
+            page.on("console", lambda m: violations.append(m.text)
+                    if "Content Security Policy" in m.text else None)
+            page.goto(router.url + "/dashboard")
+            for tab in ("Nodes", "Requests", "Apps"):
+                page.click(f"nav button[data-tab={tab}]")
+                page.wait_for_selector("main:has-text('<img src=x')", timeout=10000)
+                assert page.evaluate("document.querySelectorAll('main img').length") == 0
+            assert page.evaluate("window.__xss") is None and violations == []
+        finally:
+            browser.close()
+
+
+def test_tls_on_the_router_verified_by_the_agent(h, tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True,
+                   capture_output=True)
+    fake = h.fake()
+    router = h.router(FLEET_TLS_CERT=cert, FLEET_TLS_KEY=key)
+    router.url = f"https://127.0.0.1:{router.port}"
+    untrusting = h.agent(router, fake, "node-a")
+    assert h.bg.run(untrusting.send(h.bg.run(untrusting.snapshot()))) is None
+    h.heartbeat(router, fake, "node-a", FLEET_NODE_CA=cert)
+    import ollama
+    import ssl
+    client = ollama.Client(host=router.url, verify=ssl.create_default_context(cafile=cert))
+    assert client.generate(model="llama3.2:3b", prompt="x").response
+    out = run_script(["herd.py"], {"FLEET_TLS_CERT": str(cert)})
+    assert out.returncode == 2 and "FLEET_TLS_KEY" in out.stderr
+
+
+
+####################################################################################
 # The real programs: subprocesses, mDNS, SIGTERM, router restart
 ####################################################################################
 
@@ -2098,7 +2581,8 @@ def test_router_sigterm_lets_a_running_stream_finish_and_writes_its_trace(h, tmp
 def test_real_node_agent_finds_router_by_mdns_and_drains_on_sigterm(h, tmp_path):
     fake = h.fake()
     router = h.router(FLEET_MDNS="true")
-    env = {**os.environ, "FLEET_NODE_DATA_DIR": str(tmp_path / "n"),
+    env = {**os.environ, "FLEET_NODE_TOKEN": router.cfg.token,
+           "FLEET_NODE_DATA_DIR": str(tmp_path / "n"),
            "FLEET_NODE_HEARTBEAT_INTERVAL": "0.2", "FLEET_CONSOLE_LOG_LEVEL": "WARNING",
            "FLEET_NODE_MDNS_INTERFACES": "127.0.0.1"}  # no --router-url: mDNS it is
     proc = subprocess.Popen([sys.executable, "herd_node.py",
