@@ -9,7 +9,9 @@ heartbeats; an Ollama on this machine is served by itself with no agent at all.
 
 Run:   python herd.py            (python herd.py --help lists every FLEET_* setting)
 Key settings: FLEET_PORT (11435), FLEET_HOST (0.0.0.0), FLEET_DATA_DIR (~/.fleet-manager),
-              FLEET_TOKEN (heartbeat secret), FLEET_HOLD_TIMEOUT (30 s)
+              FLEET_TOKEN (the secret agents sign heartbeats with; unset, any host can
+              join), FLEET_API_KEYS / FLEET_ADMIN_KEY (client and admin keys; unset, open),
+              FLEET_HOLD_TIMEOUT (30 s)
 
     $ curl -s localhost:11435/api/chat -d '{"model":"llama3.2:3b","stream":false,
         "messages":[{"role":"user","content":"hi"}]}'
@@ -22,7 +24,8 @@ Key settings: FLEET_PORT (11435), FLEET_HOST (0.0.0.0), FLEET_DATA_DIR (~/.fleet
 The sections below follow a request: settings; the fleet (nodes, queues, the only
 code that changes them); routing (Scheduler); the proxy (Exchange, Proxy: serve ->
 attempts -> attempt -> send upstream -> relay -> finish); pulls and pre-warm; stats;
-health; the HTTP API (Api: the route table, thin handlers); background duties; run
+health; the HTTP API (Api: the route table, thin handlers; DashboardApi; Guard, who
+may call what); background duties; run
 (RouterServer builds every part once and hands each what it uses).
 """
 
@@ -1946,10 +1949,10 @@ class Health:
 class Api:
     """Every route the router answers: Ollama's, OpenAI's, the fleet's, the dashboard's."""
 
-    def __init__(self, cfg, fleet, scheduler, proxy, pulls, stats, health, traces, local,
-                 counters):
+    def __init__(self, cfg, fleet, scheduler, proxy, pulls, stats, traces, local, counters,
+                 dashboard):
         self.cfg, self.fleet, self.scheduler, self.proxy = cfg, fleet, scheduler, proxy
-        self.pulls, self.stats, self.health, self.traces = pulls, stats, health, traces
+        self.pulls, self.stats, self.traces = pulls, stats, traces
         self.local, self.counters = local, counters  # counters: the connections' own
         self.guard = Guard(cfg)
         self.signatures = hc.SignatureCheck(cfg.token) if cfg.token else None
@@ -1968,15 +1971,9 @@ class Api:
             ("GET", "/fleet/status"): self.fleet_status,
             ("GET", "/fleet/queue"): self.fleet_queue,
             ("GET", "/metrics"): self.metrics,
-            ("GET", "/dashboard"): self.dashboard,
-            ("GET", "/dashboard/api/health"): self.health_report,
             ("GET", "/dashboard/api/overview"): self.fleet_status,
             ("GET", "/dashboard/api/queues"): self.fleet_queue,
-            ("GET", "/dashboard/api/requests"): self.requests,
-            ("GET", "/dashboard/api/models"): self.models,
-            ("GET", "/dashboard/api/apps"): self.apps,
-            ("GET", "/dashboard/api/trends"): self.trends,
-            ("GET", "/dashboard/api/settings"): self.settings,
+            **dashboard.routes(),
         }
         for path in NATIVE_INFERENCE + OPENAI_INFERENCE:
             self.routes[("POST", path)] = self.inference
@@ -2007,7 +2004,8 @@ class Api:
     async def refuse(self, request, conn, status, message):
         """A 401 or 403 in the shape of the API the client speaks."""
         headers = [(b"www-authenticate", b'Bearer realm="herd"')] if status == 401 else []
-        body = hc.openai_error_body(status, message, "invalid_api_key") \
+        body = hc.openai_error_body(status, message, "invalid_api_key" if status == 401
+                                    else None) \
             if request.path.startswith("/v1/") else hc.ollama_error_body(message)
         await conn.send_response(status, body, headers=headers)
 
@@ -2191,10 +2189,25 @@ class Api:
                                  self.counters)
         await conn.send_response(200, text.encode(), b"text/plain; version=0.0.4; charset=utf-8")
 
+class DashboardApi:
+    """The dashboard: its page and the JSON it reads (curl users can read it too)."""
+
+    def __init__(self, cfg, fleet, traces, health):
+        self.cfg, self.fleet, self.traces, self.health = cfg, fleet, traces, health
+
+    def routes(self):
+        return {
+            ("GET", "/dashboard"): self.dashboard,
+            ("GET", "/dashboard/api/health"): self.health_report,
+            ("GET", "/dashboard/api/requests"): self.requests,
+            ("GET", "/dashboard/api/models"): self.models,
+            ("GET", "/dashboard/api/apps"): self.apps,
+            ("GET", "/dashboard/api/trends"): self.trends,
+            ("GET", "/dashboard/api/settings"): self.settings,
+        }
+
     async def health_report(self, request, conn):
         await conn.send_json(200, await self.health.report())
-
-    # -- the dashboard (the page reads these; so can curl) ------------------------------
 
     async def dashboard(self, request, conn):
         """dashboard.html from beside this script, read each time (edit and reload)."""
@@ -2222,9 +2235,11 @@ class Api:
         try:
             since = float(q.get("since", 3600))
             limit = max(1, min(1000, int(q.get("limit", 100))))
+            if not 0 <= since < 1e10:  # NaN and infinities fail this too
+                raise ValueError(since)
         except ValueError:
             return await conn.send_response(400, hc.ollama_error_body(
-                "since and limit must be numbers"))
+                "since (seconds, 0 or more) and limit must be numbers"))
         rows = await self.traces.recent(time.time() - since, limit, q.get("status"),
                                         q.get("model"), q.get("node"), q.get("tag"))
         await conn.send_json(200, {"requests": rows})
@@ -2340,9 +2355,10 @@ async def read_model_request(request, conn):
         body = hc.parse_json_body(request.body)
     except ValueError as e:
         return await conn.send_response(400, hc.ollama_error_body(str(e)))
-    name = body.get("model") or body.get("name")  # "name" is the older spelling
-    if not isinstance(name, str) or not name:
-        return await conn.send_response(400, hc.ollama_error_body("model is required"))
+    try:  # "name" is the older spelling
+        name = hc.check_model_name(body.get("model") or body.get("name"))
+    except ValueError as e:
+        return await conn.send_response(400, hc.ollama_error_body(str(e)))
     return body, name
 
 
@@ -2572,8 +2588,9 @@ class RouterServer:
         self.proxy = Proxy(cfg, fleet, scheduler, pulls, Warmer(cfg, fleet, tasks), stats,
                            traces, self.pool)
         self.local = LocalNode(cfg, fleet)
-        self.api = Api(cfg, fleet, scheduler, self.proxy, pulls, stats,
-                       Health(cfg, fleet, traces, stats), traces, self.local, self.counters)
+        dashboard = DashboardApi(cfg, fleet, traces, Health(cfg, fleet, traces, stats))
+        self.api = Api(cfg, fleet, scheduler, self.proxy, pulls, stats, traces, self.local,
+                       self.counters, dashboard)
 
     async def start(self):
         # psutil and SQLite reads are short: two threads do (each extra thread costs

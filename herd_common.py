@@ -1895,9 +1895,10 @@ class TraceStore:
             if value:
                 where.append(f"{column} = ?")
                 params.append(value)
-        if tag:
-            where.append("(',' || tags || ',') LIKE ?")
-            params.append(f"%,{tag},%")
+        if tag:  # a whole tag of the comma list; % and _ in it are only characters
+            where.append("(',' || tags || ',') LIKE ? ESCAPE '\\'")
+            literal = tag.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            params.append(f"%,{literal},%")
         params.append(int(limit))
         return await self._read(f"SELECT * FROM request_traces WHERE {' AND '.join(where)} "
                                 f"ORDER BY timestamp DESC LIMIT ?", params)
@@ -2358,6 +2359,9 @@ class SignatureCheck:
         given = request.header("x-herd-signature") or ""
         if not (timestamp.isdigit() and len(timestamp) < 16 and 16 <= len(nonce) <= 64
                 and nonce.isalnum() and given):
+            if request.header("authorization"):
+                return ("not signed: this agent sends its token instead of signing with it; "
+                        "update herd_node.py and herd_common.py on that machine")
             return "not signed (set FLEET_NODE_TOKEN on the node to the router's FLEET_TOKEN)"
         if abs(now - int(timestamp)) > self.window:
             return (f"timestamp {int(now - int(timestamp))}s away from the router's clock "

@@ -2355,6 +2355,43 @@ def test_out_of_file_descriptors_is_one_line_not_a_flood(h, caplog):
     assert fleet_status(router)["router"]["connections"]["accept_paused"] == 50
 
 
+def test_a_router_at_its_file_limit_refuses_connections_and_keeps_serving(tmp_path):
+    import resource
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "FLEET_HOST": "127.0.0.1", "FLEET_PORT": str(port),
+           "FLEET_MDNS": "false", "FLEET_LOCAL_NODE": "false", "FLEET_TOKEN": "t",
+           "FLEET_DATA_DIR": str(tmp_path), "FLEET_CONSOLE_LOG_LEVEL": "INFO"}
+    proc = subprocess.Popen(
+        [sys.executable, "herd.py"], cwd=HERE, env=env, stderr=subprocess.PIPE,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)))
+    socks = []
+    try:
+        assert b"listening on" in proc.stderr.readline()
+        answers = []
+        for _ in range(60):  # far more than 64 descriptors allow
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            socks.append(s)
+            s.sendall(b"GET /api/version HTTP/1.1\r\nHost: r\r\n\r\n")
+            answers.append(s.recv(200))
+        refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
+        assert refused and len(refused) < 60 and answers[0].startswith(b"HTTP/1.1 200")
+        for s in socks:
+            s.close()
+        socks.clear()
+        wait_until(lambda: http(f"http://127.0.0.1:{port}", "GET", "/api/version")[0] == 200,
+                   what="the router to serve again")
+    finally:
+        for s in socks:
+            s.close()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0 and b"Traceback" not in err and len(err) < 2000, err
+    log = (tmp_path / "logs" / "herd.jsonl").read_text()
+    assert "Traceback" not in log and len(log) < 200_000
+
+
 def test_hostile_bodies_get_400_not_500(h):
     fake = h.fake()
     router = h.router()
