@@ -943,6 +943,7 @@ class Exchange:
         self.answer_failed = False  # Ollama's error line ended a 200 answer
         self.client_left = self.reaped = False
         self.before_end = None  # coroutine function run before a good answer's last byte
+        self.may_pull = False  # a model no node has may be pulled for this request
 
     def outcome(self):
         """The request's trace status, from what happened to it."""
@@ -1037,9 +1038,12 @@ class Proxy:
 
     # -- prepare ------------------------------------------------------------------
 
-    async def serve(self, request, conn, api, body, model, stream):
-        """Route, queue, relay with retries before the first chunk, and trace."""
+    async def serve(self, request, conn, api, body, model, stream, may_pull=True):
+        """Route, queue, relay with retries before the first chunk, and trace; a model
+        no node has is pulled first if `may_pull` (FLEET_AUTO_PULL, and the admin key
+        when one is set: an auto-pull is a pull)."""
         ex = Exchange(request, api, model, stream, strip_routing_fields(request, body), body)
+        ex.may_pull = may_pull and self.cfg.auto_pull
         ex.tags = request_tags(request, body)
         conn.watch_client()
         self.active[ex.request_id] = ex
@@ -1098,7 +1102,7 @@ class Proxy:
                 choice = await self.scheduler.choose(models, requested_ctx, exclude, name,
                                                      hold=attempt == 0, prefer=prefer)
             except RouteError as e:
-                if e.status == 404 and cfg.auto_pull and not pulled:
+                if e.status == 404 and ex.may_pull and not pulled:
                     pulled = True  # no node has it: fetch it once, then route again
                     await self.pulls.ensure(ex.model, name, e)
                     continue
@@ -1286,8 +1290,8 @@ class Proxy:
         """keep_alive 0 with nothing to generate: every node holding the model unloads
         it (Ollama answers done_reason "unload"); answered like Ollama."""
         holders = [n for n in self.fleet.online_nodes() if model in n.loaded]
-        if not holders:
-            return await self.serve(request, conn, "ollama", body, model, False)
+        if not holders:  # Ollama answers it (done_reason "unload"); nothing to pull for it
+            return await self.serve(request, conn, "ollama", body, model, False, False)
         ex = Exchange(request, "ollama", model, False, strip_routing_fields(request, body))
         ex.node_id = ",".join(n.node_id for n in holders)
         try:
@@ -2046,7 +2050,8 @@ class Api:
             if refusal:
                 return await self.refuse(request, conn, *refusal)
             return await self.proxy.unload(request, conn, body, model)
-        await self.proxy.serve(request, conn, api, body, model, stream)
+        may_pull = self.guard.refuse(request, ADMIN) is None
+        await self.proxy.serve(request, conn, api, body, model, stream, may_pull)
 
     # -- Ollama's catalogue -------------------------------------------------------
 
@@ -2549,7 +2554,8 @@ async def advertise(cfg, port):
     try:
         # zeroconf's async calls return a task that finishes the announcements.
         await (await zc.async_register_service(info, allow_name_change=True))
-        log.info("advertising on mDNS", extra={"url": f"http://{addrs[0]}:{port}"})
+        scheme = "https" if cfg.tls else "http"
+        log.info("advertising on mDNS", extra={"url": f"{scheme}://{addrs[0]}:{port}"})
         await asyncio.Event().wait()
     finally:
         with contextlib.suppress(Exception):

@@ -709,7 +709,7 @@ def test_two_machines_with_one_node_id_are_reported(h, caplog):
 
 def test_node_status_transitions_and_offline_gets_no_work(h):
     fake_a, fake_b = h.fake(), h.fake()
-    router = h.router(FLEET_HEARTBEAT_TIMEOUT=0.3, FLEET_HEARTBEAT_OFFLINE=0.6)
+    router = h.router(FLEET_HEARTBEAT_TIMEOUT=1.0, FLEET_HEARTBEAT_OFFLINE=1.5)
     h.heartbeat(router, fake_a, "node-a")
     h.heartbeat(router, fake_b, "node-b")
     wait_until(lambda: node_status(router, "node-a") == "degraded", what="degraded")
@@ -1824,7 +1824,7 @@ def test_a_resolved_problem_drops_out_of_health_once_its_window_passes(h):
 
 def test_health_api_reports_live_state(h):
     fake_a, fake_b = h.fake(), h.fake()
-    router = h.router(FLEET_HEARTBEAT_TIMEOUT=0.3, FLEET_HEARTBEAT_OFFLINE=60)
+    router = h.router(FLEET_HEARTBEAT_TIMEOUT=1.0, FLEET_HEARTBEAT_OFFLINE=60)
     h.heartbeat(router, fake_a, "node-a")
     h.heartbeat(router, fake_b, "node-b")
     http(router.url, "POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "x"})
@@ -2044,7 +2044,7 @@ def test_dashboard_in_a_real_browser(h, tmp_path):
 def test_a_node_id_stays_with_the_address_that_claimed_it(h):
     fake = h.fake(host="127.0.0.2")
     thief = h.fake(host="127.0.0.3")
-    router = h.router(FLEET_HEARTBEAT_TIMEOUT=0.3, FLEET_HEARTBEAT_OFFLINE=0.6)
+    router = h.router(FLEET_HEARTBEAT_TIMEOUT=1.0, FLEET_HEARTBEAT_OFFLINE=2.0)
     assert post_heartbeat(router, h.snapshot(router, fake, "n1"), "127.0.0.2")[0] == 200
     # Another machine (token or not) cannot take the id over, nor wipe its models.
     for mutate in (None, lambda hb: hb.update(draining=True, models=[], loaded=[])):
@@ -2187,6 +2187,20 @@ def test_pulls_take_plain_names_unless_the_operator_allows_registries(h):
     http(registry.url, "POST", "/api/pull", {"model": "host:5000/x/y", "stream": False})
     assert [r["body"]["model"] for r in fake.requests if r["path"] == "/api/pull"][-1] == \
         "host:5000/x/y"
+
+
+def test_an_auto_pull_is_a_pull_too(h):
+    fake = h.fake()
+    router = h.router(FLEET_AUTO_PULL="true", FLEET_API_KEYS="key-1",
+                      FLEET_ADMIN_KEY="admin-key")
+    h.heartbeat(router, fake, "node-a")
+    ask = {"model": "mistral:7b", "prompt": "x", "stream": False}
+    status, _, body = http(router.url, "POST", "/api/generate", ask,
+                           headers={"Authorization": "Bearer key-1"})
+    assert status == 404 and not [r for r in fake.requests if r["path"] == "/api/pull"]
+    status, _, _ = http(router.url, "POST", "/api/generate", ask,
+                        headers={"Authorization": "Bearer admin-key"})
+    assert status == 200 and [r for r in fake.requests if r["path"] == "/api/pull"]
 
 
 BAD_FIELDS = [  # (what to change in a real heartbeat, the field the 400 must name)
