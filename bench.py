@@ -12,6 +12,10 @@ more than the router and hide it), and prints a Markdown table (docs/benchmarks.
                           chunk every 5 ms
     throughput            requests/s at concurrency 16, router / direct, each of those
     router CPU            per 1,000 streamed requests (the 8-chunk phases)
+    keys and token        the 8-chunk NDJSON streams flat out, c=1 and c=16, to a router
+                          with FLEET_API_KEYS and FLEET_TOKEN set and to one without (a
+                          fake of their own), in turns: time added, throughput, router
+                          CPU, set / unset; router CPU per heartbeat, signed / unsigned
     relay cost            2,000-chunk streams (a second fake), Ollama NDJSON and OpenAI
                           SSE, one stream at a time and four at once: chunks/s, and
                           router CPU (user + system) per chunk the client received
@@ -24,10 +28,11 @@ more than the router and hide it), and prints a Markdown table (docs/benchmarks.
 Every process listens on 127.0.0.1 (free ports), with a temporary FLEET_DATA_DIR, and
 is terminated on exit or Ctrl-C. The router runs with its default settings (the JSONL
 debug line per request included) but FLEET_MDNS=false and FLEET_LOCAL_NODE=true; it is
-used once /fleet/status shows its node online with 16 slots.
+used once /fleet/status shows its node online with 16 slots. The keyed router differs
+only in FLEET_TOKEN and FLEET_API_KEYS; the client sends it `Authorization: Bearer key1`.
 
 Run:   python bench.py                   (about 3 min on 2 cores)
-       python bench.py --quick           (about 45 s)
+       python bench.py --quick           (about 55 s)
        python bench.py --json out.json   (also writes every number, and each target met
                                           or not, as JSON)
 
@@ -57,6 +62,8 @@ try:
 except ImportError:  # pragma: no cover
     sys.exit("bench.py needs psutil: pip install psutil")
 
+import herd_common as hc
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODEL = "llama3.2:3b"
 SLOTS = 16
@@ -75,6 +82,11 @@ MAX_IDLE_RSS_MB = 40.0
 SHORT_PHASES = (("short", "NDJSON, backend flat out"), ("short_sse", "SSE, backend flat out"),
                 ("steady", "NDJSON, backend at 5 ms a chunk"))
 STEADY_CHUNK_S = 0.005
+# The keyed router: client keys and a fleet token; the client holds the first key.
+FLEET_TOKEN = "bench-fleet-token-not-a-secret"
+CLIENT_KEYS = ("key1", "key2")
+KEYED_SETTINGS = {"FLEET_TOKEN": FLEET_TOKEN, "FLEET_API_KEYS": ",".join(CLIENT_KEYS)}
+KEYED_LABEL = "FLEET_API_KEYS + FLEET_TOKEN set / unset"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,16 +101,25 @@ class Plan:
     relay_sequential: int  # 2,000-chunk streams one after another
     relay_concurrent: int  # per worker, 4 workers
     paced_per_worker: int  # 300-chunk paced streams, 16 workers
+    keyed_rounds: int  # more, shorter turns: what keys and token cost is small next to
+                       # the drift of a shared machine
+    keyed_c1_requests: int  # 8-chunk streams to the keyed and the open router
+    keyed_c16_per_worker: int
+    heartbeats: int  # one agent's, signed to the keyed router, unsigned to the open one
     chaos_seconds: float
 
 
 PLANS = {
     "quick": Plan(rounds=2, c1_requests=150, c16_per_worker=12, steady_c1_requests=40,
                   steady_c16_per_worker=6, relay_sequential=5,
-                  relay_concurrent=2, paced_per_worker=1, chaos_seconds=6),
+                  relay_concurrent=2, paced_per_worker=1, keyed_rounds=2,
+                  keyed_c1_requests=100, keyed_c16_per_worker=8, heartbeats=200,
+                  chaos_seconds=6),
     "full": Plan(rounds=3, c1_requests=1000, c16_per_worker=100, steady_c1_requests=200,
                  steady_c16_per_worker=40, relay_sequential=20,
-                 relay_concurrent=5, paced_per_worker=2, chaos_seconds=15),
+                 relay_concurrent=5, paced_per_worker=2, keyed_rounds=8,
+                 keyed_c1_requests=250, keyed_c16_per_worker=25, heartbeats=300,
+                 chaos_seconds=15),
 }
 
 ####################################################################################
@@ -180,21 +201,23 @@ def fail_to_start(name, proc, log_path):
     raise SystemExit(f"{name} {state} (log {log_path}):\n{tail}")
 
 
-def fleet_nodes(port):
+def fleet_nodes(port, key=None):
     """The router's nodes from /fleet/status, or None while it cannot answer."""
-    url = f"http://127.0.0.1:{port}/fleet/status"
+    status = urllib.request.Request(f"http://127.0.0.1:{port}/fleet/status")
+    if key:  # with FLEET_API_KEYS set, the status is for clients with a key too
+        status.add_header("Authorization", f"Bearer {key}")
     try:
-        with urllib.request.urlopen(url, timeout=2) as r:
+        with urllib.request.urlopen(status, timeout=2) as r:
             return json.load(r)["nodes"]
     except (OSError, ValueError, KeyError):
         return None
 
 
-def wait_for_nodes(proc, port, workdir, count):
+def wait_for_nodes(proc, port, workdir, count, key=None):
     """Poll /fleet/status until `count` nodes are online with their 16 slots."""
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline and proc.poll() is None:
-        nodes = fleet_nodes(port) or []
+        nodes = fleet_nodes(port, key) or []
         if sum(n.get("status") == "online" and n.get("num_parallel") == SLOTS
                for n in nodes) >= count:
             return
@@ -204,26 +227,38 @@ def wait_for_nodes(proc, port, workdir, count):
 
 @dataclasses.dataclass
 class Stack:
-    """A fake Ollama and a router that serves it as its local node."""
+    """A fake Ollama and a router that serves it as its local node (and, for the keys
+    and token phase, a second one with FLEET_API_KEYS and FLEET_TOKEN set)."""
 
-    ports: dict  # "direct" -> the fake's port, "router" -> the router's
+    ports: dict  # "direct" -> the fake's port, "router" -> the router's, "keyed" -> its
     router: psutil.Process
     fake: psutil.Process
+    keyed: psutil.Process = None
 
 
 @contextlib.contextmanager
-def running_stack(workdir, name, chunks, chunk_delay=0.0):
-    """Start a fake and its router, yield them ready to route, then stop both."""
+def running_stack(workdir, name, chunks, chunk_delay=0.0, keyed=False):
+    """Start a fake and its router (two if `keyed`), yield them ready to route, then
+    stop them all."""
     workdir = os.path.join(workdir, name)
     os.makedirs(workdir)
     with contextlib.ExitStack() as exits:
         fake, fake_port = start_fake(exits, workdir, chunks, chunk_delay)
-        proc, port = start_router(exits, workdir, {
-            "FLEET_LOCAL_NODE": "true",
-            "FLEET_LOCAL_OLLAMA_URL": f"http://127.0.0.1:{fake_port}"})
+        local = {"FLEET_LOCAL_NODE": "true",
+                 "FLEET_LOCAL_OLLAMA_URL": f"http://127.0.0.1:{fake_port}"}
+        proc, port = start_router(exits, workdir, local)
+        stack = Stack({"direct": fake_port, "router": port}, psutil.Process(proc.pid),
+                      psutil.Process(fake.pid))
+        if keyed:  # its own folder: its own FLEET_DATA_DIR and log
+            keyed_dir = os.path.join(workdir, "keyed")
+            os.makedirs(keyed_dir)
+            keyed_proc, stack.ports["keyed"] = start_router(exits, keyed_dir,
+                                                            {**local, **KEYED_SETTINGS})
+            stack.keyed = psutil.Process(keyed_proc.pid)
         wait_for_nodes(proc, port, workdir, 1)
-        yield Stack({"direct": fake_port, "router": port}, psutil.Process(proc.pid),
-                    psutil.Process(fake.pid))
+        if keyed:
+            wait_for_nodes(keyed_proc, stack.ports["keyed"], keyed_dir, 1, CLIENT_KEYS[0])
+        yield stack
 
 
 def cpu_seconds(proc):
@@ -242,16 +277,34 @@ def rss_mb(proc):
 ####################################################################################
 
 
-def http_request(path, body):
-    """The bytes of one POST, as a client would send them to Ollama or the router."""
-    data = json.dumps(body).encode()
+def http_request(path, body, headers=()):
+    """The bytes of one POST, as a client would send them to Ollama or the router;
+    `body` a JSON object or its bytes, `headers` more (name, value) byte pairs."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    more = b"".join(b"%s: %s\r\n" % header for header in headers)
     return (b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(data), data))
+            b"%sContent-Length: %d\r\n\r\n%s" % (path.encode(), more, len(data), data))
 
 
 GENERATE = http_request("/api/generate", {"model": MODEL, "prompt": "x"})
 CHAT_SSE = http_request("/v1/chat/completions", {
     "model": MODEL, "stream": True, "messages": [{"role": "user", "content": "x"}]})
+
+
+def with_client_key(request):
+    """The same request with the client key the keyed router wants."""
+    head, _, body = request.partition(b"\r\n")
+    return b"%s\r\nAuthorization: Bearer %s\r\n%s" % (head, CLIENT_KEYS[0].encode(), body)
+
+
+def heartbeat_requests(body, token, count):
+    """`count` heartbeats as an agent sends them: signed with `token` (each with its own
+    nonce, as the router refuses a replay), or unsigned without one."""
+    data, out = json.dumps(body).encode(), []
+    for _ in range(count):
+        signed = hc.sign_request(token, "POST", "/heartbeat", data) if token else ()
+        out.append(http_request("/heartbeat", data, signed))
+    return out
 
 
 class Answer:
@@ -425,9 +478,27 @@ class Run:
 
 
 def cpu_snapshot(stack):
-    """CPU seconds so far of the client (this process), the fake and the router."""
-    return {"client": time.process_time(), "fake": cpu_seconds(stack.fake),
-            "router": cpu_seconds(stack.router)}
+    """CPU seconds so far of the client (this process), the fake and the router(s)."""
+    out = {"client": time.process_time(), "fake": cpu_seconds(stack.fake),
+           "router": cpu_seconds(stack.router)}
+    if stack.keyed:
+        out["keyed"] = cpu_seconds(stack.keyed)
+    return out
+
+
+@contextlib.asynccontextmanager
+async def timed(stack, run):
+    """Time the body into `run`: its wall seconds, and each process's CPU seconds."""
+    gc.collect()
+    gc.disable()  # no collector pause in the client lands in a timing
+    try:
+        cpu0, t0 = cpu_snapshot(stack), time.perf_counter()
+        yield
+        run.elapsed = time.perf_counter() - t0
+        await asyncio.sleep(SETTLE)
+        run.cpu = {k: v - cpu0[k] for k, v in cpu_snapshot(stack).items()}
+    finally:
+        gc.enable()
 
 
 async def exchange_many(client, load, count, firsts):
@@ -442,34 +513,56 @@ async def exchange_many(client, load, count, firsts):
 async def drive(stack, path, load):
     """Connect the workers, warm up, then time `per_worker` requests on each."""
     loop, port = asyncio.get_running_loop(), stack.ports[path]
+    if path == "keyed":
+        load = dataclasses.replace(load, request=with_client_key(load.request))
     clients = [(await loop.create_connection(StreamClient, "127.0.0.1", port))[1]
                for _ in range(load.concurrency)]
     try:
         await asyncio.gather(*(exchange_many(c, load, load.warmup, []) for c in clients))
-        gc.collect()
-        gc.disable()  # no collector pause in the client lands in a timing
         run = Run([])
-        cpu0, t0 = cpu_snapshot(stack), time.perf_counter()
-        counts = await asyncio.gather(*(exchange_many(c, load, load.per_worker, run.firsts)
-                                        for c in clients))
-        run.elapsed, run.items = time.perf_counter() - t0, sum(counts)
-        await asyncio.sleep(SETTLE)
-        run.cpu = {k: v - cpu0[k] for k, v in cpu_snapshot(stack).items()}
+        async with timed(stack, run):
+            counts = await asyncio.gather(*(exchange_many(c, load, load.per_worker,
+                                                          run.firsts) for c in clients))
+        run.items = sum(counts)
         return run
     finally:
-        gc.enable()
         for c in clients:
             c.transport.close()
 
 
-def compare(stack, load, rounds):
-    """The same load direct and through the router, in turns (direct first in even
-    rounds, router first in odd ones, so a drift in the machine hits both alike)."""
-    pooled = {"direct": Run([]), "router": Run([])}
+async def send_heartbeats(stack, path, requests, warmup=3):
+    """One agent's heartbeats to a router, one after another on a keep-alive connection
+    (the first `warmup` untimed); the seconds each took until its answer's body."""
+    loop = asyncio.get_running_loop()
+    _, client = await loop.create_connection(StreamClient, "127.0.0.1", stack.ports[path])
+    try:
+        for request in requests[:warmup]:
+            await client.exchange(request, NDJSON)
+        run = Run([])
+        async with timed(stack, run):
+            for request in requests[warmup:]:
+                first, _ = await client.exchange(request, NDJSON)
+                run.firsts.append(first)
+        return run
+    finally:
+        client.transport.close()
+
+
+def in_turns(paths, rounds, measure):
+    """`measure(path)` -> Run for each path, pooled over rounds, in turns (in the given
+    order in even rounds, reversed in odd ones, so a drift in the machine hits each
+    alike)."""
+    pooled = {path: Run([]) for path in paths}
     for i in range(rounds):
-        for path in ("direct", "router")[::1 if i % 2 == 0 else -1]:
-            pooled[path].add(asyncio.run(drive(stack, path, load)))
-    return {path: summarise(run, path == "router") for path, run in pooled.items()}
+        for path in paths[::1 if i % 2 == 0 else -1]:
+            pooled[path].add(measure(path))
+    return pooled
+
+
+def compare(stack, load, rounds, paths=("direct", "router")):
+    """The same load on each path (direct and through the router by default), in turns."""
+    pooled = in_turns(paths, rounds, lambda path: asyncio.run(drive(stack, path, load)))
+    return {path: summarise(run, path) for path, run in pooled.items()}
 
 
 def percentile(values, q):
@@ -478,7 +571,7 @@ def percentile(values, q):
     return values[max(0, min(len(values) - 1, -(-len(values) * q // 100) - 1))]
 
 
-def summarise(run, is_router):
+def summarise(run, path):
     n = len(run.firsts)
     out = {"requests": n, "items": run.items, "seconds": run.elapsed,
            "requests_per_s": n / run.elapsed, "items_per_s": run.items / run.elapsed,
@@ -486,8 +579,8 @@ def summarise(run, is_router):
               for q in (50, 90, 99)},
            "first_chunk_max_ms": max(run.firsts) * 1e3,
            "cpu_us_per_request": {k: v / n * 1e6 for k, v in run.cpu.items()}}
-    if is_router:  # the router's CPU is only its cost when it carried the load
-        cpu = run.cpu["router"]
+    if path != "direct":  # a router's CPU is only its cost when it carried the load
+        cpu = run.cpu[path]
         out.update(router_cpu_s=cpu, router_cpu_ms_per_1000_requests=cpu / n * 1e6,
                    router_cpu_us_per_item=cpu / run.items * 1e6)
     return out
@@ -506,16 +599,64 @@ def measure_idle(stack):
             "rss_idle_mb": rss_mb(stack.router)}
 
 
+def weigh(cell, base, path):
+    """What `path` adds to `base` in a compare() cell: time to first chunk, throughput."""
+    b, x = cell[base], cell[path]
+    for q in (50, 99):
+        cell[f"added_p{q}_ms"] = x[f"first_chunk_p{q}_ms"] - b[f"first_chunk_p{q}_ms"]
+    cell["throughput_ratio"] = x["requests_per_s"] / b["requests_per_s"]
+    return cell
+
+
 def measure_short(stack, plan, c1_requests, c16_per_worker, request=None, marker=NDJSON):
     """8-chunk streams at concurrency 1 and 16: time to first chunk, throughput, CPU."""
+    return {f"c{c}": weigh(compare(stack, Load(request or GENERATE, marker, c, per_worker),
+                                   plan.rounds), "direct", "router")
+            for c, per_worker in ((1, c1_requests), (16, c16_per_worker))}
+
+
+def measure_keyed(stack, plan):
+    """The 8-chunk NDJSON streams at c=1 and c=16, to the keyed router (with its client
+    key) and to the open one in turns; then heartbeats, which make a second node."""
     out = {}
-    for c, per_worker in ((1, c1_requests), (16, c16_per_worker)):
-        cell = out[f"c{c}"] = compare(stack, Load(request or GENERATE, marker, c, per_worker),
-                                      plan.rounds)
-        d, x = cell["direct"], cell["router"]
-        for q in (50, 99):
-            cell[f"added_p{q}_ms"] = x[f"first_chunk_p{q}_ms"] - d[f"first_chunk_p{q}_ms"]
-        cell["throughput_ratio"] = x["requests_per_s"] / d["requests_per_s"]
+    for c, per_worker in ((1, plan.keyed_c1_requests), (16, plan.keyed_c16_per_worker)):
+        cell = out[f"c{c}"] = weigh(compare(stack, Load(GENERATE, NDJSON, c, per_worker),
+                                            plan.keyed_rounds, ("router", "keyed")),
+                                    "router", "keyed")
+        cell["cpu_ratio"] = (cell["keyed"]["router_cpu_ms_per_1000_requests"]
+                             / cell["router"]["router_cpu_ms_per_1000_requests"])
+    out["heartbeats"] = measure_heartbeats(stack, plan)
+    return out
+
+
+def agent_heartbeat(stack):
+    """A heartbeat body as an agent builds it, with the fake's models, for an Ollama at
+    a free port on 127.0.0.1: a second node, so the local one keeps its place."""
+    tags = f"http://127.0.0.1:{stack.ports['direct']}/api/tags"
+    with urllib.request.urlopen(tags, timeout=5) as r:
+        models = json.load(r)["models"]
+    ollama = {"ok": True, "version": "0.12.6", "models": models, "loaded": []}
+    return hc.build_heartbeat("bench-agent", f"http://127.0.0.1:{free_port()}",
+                              hc.read_machine(psutil, "/"), ollama, {}, 4, "bench")
+
+
+def measure_heartbeats(stack, plan):
+    """Router CPU per heartbeat: signed to the keyed router, unsigned to the open one,
+    in turns; each round's heartbeats are signed just before they are sent."""
+    body = agent_heartbeat(stack)
+
+    def measure(path):
+        requests = heartbeat_requests(body, FLEET_TOKEN if path == "keyed" else None,
+                                      plan.heartbeats + 3)
+        return asyncio.run(send_heartbeats(stack, path, requests))
+    out = {}
+    for path, run in in_turns(("router", "keyed"), plan.keyed_rounds, measure).items():
+        n = len(run.firsts)
+        out[path] = {"heartbeats": n, "seconds": run.elapsed,
+                     "answer_p50_ms": percentile(run.firsts, 50) * 1e3,
+                     "router_cpu_us_per_heartbeat": run.cpu[path] / n * 1e6}
+    out["cpu_ratio"] = (out["keyed"]["router_cpu_us_per_heartbeat"]
+                        / out["router"]["router_cpu_us_per_heartbeat"])
     return out
 
 
@@ -686,6 +827,32 @@ def throughput_rows(r, t, phase, label):
              f"{per_1000[0]:,.0f} / {per_1000[1]:,.0f} ms", "")]
 
 
+def keyed_rows(r):
+    """Set / unset in the router column (no direct path here), the difference after."""
+    k, rows = r["keyed"], []
+    for c in (1, 16):
+        cell = k[f"c{c}"]
+        for q in ADDED_FIRST_CHUNK_MS:
+            x, o = (cell[p][f"first_chunk_p{q}_ms"] for p in ("keyed", "router"))
+            rows.append((f"time to first chunk p{q}, c={c}, NDJSON flat out, {KEYED_LABEL}",
+                         "", f"{x:.2f} / {o:.2f} ms", f"{cell[f'added_p{q}_ms']:+.2f} ms",
+                         ""))
+    c16 = k["c16"]
+    x, o = (c16[p]["requests_per_s"] for p in ("keyed", "router"))
+    rows.append((f"throughput, c=16, NDJSON flat out, {KEYED_LABEL}", "",
+                 f"{x:,.0f} / {o:,.0f} req/s", f"x{c16['throughput_ratio']:.2f}", ""))
+    for c in (1, 16):
+        cell = k[f"c{c}"]
+        x, o = (cell[p]["router_cpu_ms_per_1000_requests"] for p in ("keyed", "router"))
+        rows.append((f"router CPU per 1,000 streamed requests, c={c}, {KEYED_LABEL}", "",
+                     f"{x:,.0f} / {o:,.0f} ms", f"x{cell['cpu_ratio']:.2f}", ""))
+    hb = k["heartbeats"]
+    x, o = (hb[p]["router_cpu_us_per_heartbeat"] for p in ("keyed", "router"))
+    rows.append(("router CPU per heartbeat, signed (FLEET_TOKEN) / unsigned", "",
+                 f"{x:,.0f} / {o:,.0f} us", f"x{hb['cpu_ratio']:.2f}", ""))
+    return rows
+
+
 def relay_rows(r, t):
     return [(name, f"{cell['direct']['items_per_s']:,.0f} chunks/s",
              f"{cell['router']['items_per_s']:,.0f} chunks/s",
@@ -707,7 +874,7 @@ def markdown_table(r):
     rows = []
     for phase, label in SHORT_PHASES:
         rows += latency_rows(r, t, phase, label) + throughput_rows(r, t, phase, label)
-    rows += relay_rows(r, t) + memory_rows(r, t)
+    rows += keyed_rows(r) + relay_rows(r, t) + memory_rows(r, t)
     lines = ["| measure | direct | router | router cost | target |",
              "|---|---|---|---|---|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
@@ -746,6 +913,8 @@ def run_phases(workdir, plan):
     with running_stack(workdir, "steady", chunks=8, chunk_delay=STEADY_CHUNK_S) as stack:
         r["steady"] = measure_short(stack, plan, plan.steady_c1_requests,
                                     plan.steady_c16_per_worker)
+    with running_stack(workdir, "keyed", chunks=8, keyed=True) as stack:
+        r["keyed"] = measure_keyed(stack, plan)
     with running_stack(workdir, "relay", chunks=2000) as stack:
         r["relay"] = measure_relay(stack, plan)
         r["memory"]["rss_after_relay_mb"] = rss_mb(stack.router)

@@ -37,13 +37,11 @@ import concurrent.futures
 import contextlib
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import os
 import re
 import socket
-import ssl
 import sys
 import time
 import urllib.parse
@@ -241,6 +239,7 @@ def read_keys(setting):
 
 def server_tls(cert, key):
     """The TLS context for FLEET_TLS_CERT / FLEET_TLS_KEY; ConfigError if unusable."""
+    import ssl  # only with TLS on: the module costs memory a plain router never uses
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         ctx.load_cert_chain(os.path.expanduser(cert), os.path.expanduser(key))
@@ -2376,10 +2375,17 @@ def ollama_url_allowed(url, source, allowed):
         return True
     if source in ("127.0.0.1", "::1") and host in ("localhost", "127.0.0.1", "::1"):
         return True
-    try:
-        return ipaddress.ip_address(host) == ipaddress.ip_address(source)
-    except ValueError:
-        return False  # a name: the router does not resolve it; list it to allow it
+    return same_address(host, source)  # a name never is: the router does not resolve it
+
+
+def same_address(a, b):
+    """Two IP literals for one address (2001:db8::1 and 2001:DB8:0::1 are the same)."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            return socket.inet_pton(family, a) == socket.inet_pton(family, b)
+        except (OSError, TypeError):
+            continue
+    return False
 
 
 def openai_model(entry):

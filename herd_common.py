@@ -39,7 +39,6 @@ import re
 import signal
 import socket
 import sqlite3
-import ssl
 import sys
 import threading
 import time
@@ -996,10 +995,10 @@ class Upstream(asyncio.Protocol):
         except TimeoutError:
             raise UpstreamError("connect", f"connect to {host}:{port} timed out "
                                            f"after {timeout:g}s") from None
-        except ssl.SSLError as e:
-            raise UpstreamError("connect", f"TLS with {host}:{port} failed: "
-                                           f"{e.reason or e}") from None
-        except OSError as e:
+        except OSError as e:  # ssl.SSLError is one too: its reason says what failed
+            if tls is not None and getattr(e, "reason", None):
+                raise UpstreamError("connect", f"TLS with {host}:{port} failed: "
+                                               f"{e.reason}") from None
             raise UpstreamError("connect", f"cannot connect to {host}:{port}: "
                                            f"{e.strerror or e}") from None
         return up
@@ -1377,6 +1376,7 @@ async def http_call(url, method, path, body=None, *, headers=(), timeout=10.0, t
     `sign` (a fleet token) the request carries sign_request()'s headers."""
     host, port, base = split_url(url)
     if is_https(url) and tls is None:
+        import ssl  # only for https: the module costs memory a plain router never uses
         tls = ssl.create_default_context()
     payload = dump_json(body) if isinstance(body, (dict, list)) else (body or b"")
     hdrs = [(b"accept", b"application/json"), (b"user-agent", b"herd/" + VERSION.encode())]
