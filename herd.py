@@ -39,9 +39,11 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import socket
+import statistics
 import sys
 import time
 import urllib.parse
@@ -372,7 +374,6 @@ class Fleet:
         self.cfg = cfg
         self.nodes = {}
         self.queues = {}  # (node_id, model) -> SlotQueue
-        self.latency = {}  # (node_id, model) -> [mean latency s, mean cold load s, samples]
         self.started = time.monotonic()
         self.model_moves = collections.deque(maxlen=10000)  # (time, load|unload, node, model)
         self._changed = asyncio.get_running_loop().create_future()
@@ -596,22 +597,6 @@ class Fleet:
             fleet_log.info(f"rebalanced {moved} queued requests", extra={"event": "rebalance"})
         return moved
 
-    # -- what the fleet has learned -------------------------------------------------
-
-    def learn(self, node_id, model, latency_s, load_s=None):
-        """Fold one completed request into the node+model averages."""
-        entry = self.latency.setdefault((node_id, model), [latency_s, 0.0, 0])
-        entry[2] += 1
-        alpha = max(0.1, 1.0 / entry[2])
-        entry[0] += alpha * (latency_s - entry[0])
-        if load_s is not None:
-            entry[1] = load_s if not entry[1] else entry[1] + 0.3 * (load_s - entry[1])
-
-    def seed_latency(self, rows):
-        """Start from past traces: [(node_id, model, mean latency s, samples)]."""
-        for node_id, model, latency_s, samples in rows:
-            self.latency.setdefault((node_id, model), [latency_s, 0.0, samples])
-
     # -- views --------------------------------------------------------------------
 
     def warm_until(self):
@@ -659,6 +644,207 @@ class Fleet:
                   for entry in node.loaded.values()]
         models.sort(key=lambda m: str(m.get("expires_at", "")), reverse=True)
         return models
+
+####################################################################################
+# Learning: how fast each node+model answers, kept across restarts
+####################################################################################
+
+
+class Speed:
+    """One node+model as observed: fast-reacting averages, a slow baseline, and a window
+    of recent requests for percentiles."""
+
+    ALPHA = 0.3  # weight of the newest request: a slowdown shows within ~3 requests
+    BASELINE_ALPHA = 0.05  # the long-run speed a sharp drop is measured against
+    WINDOW = 20
+    AVERAGED = ("ttft_ms", "cold_ms", "load_ms", "prompt_eval_ms", "queue_ms", "decode_tps",
+                "prompt_tps", "latency_ms")
+    __slots__ = ("samples", *AVERAGED, "baseline_tps", "concurrency", "updated_at", "recent")
+
+    def __init__(self):
+        self.samples = 0
+        for field in self.AVERAGED:
+            setattr(self, field, None)
+        self.baseline_tps = self.concurrency = None
+        self.updated_at = 0.0
+        self.recent = collections.deque(maxlen=self.WINDOW)  # (ttft_ms, decode_tps)
+
+    def add(self, sample):
+        """Fold in one completed request: a dict of AVERAGED fields, None where unknown."""
+        self.samples += 1
+        weight = max(self.ALPHA, 1.0 / self.samples)
+        for field in self.AVERAGED:
+            value = sample.get(field)
+            if value is not None:
+                old = getattr(self, field)
+                setattr(self, field, value if old is None else old + weight * (value - old))
+        tps = sample.get("decode_tps")
+        if tps is not None:
+            self.baseline_tps = tps if self.baseline_tps is None else \
+                self.baseline_tps + max(self.BASELINE_ALPHA, 1.0 / self.samples) * (
+                    tps - self.baseline_tps)
+        self.recent.append((sample.get("ttft_ms"), tps))
+        self.updated_at = time.time()
+
+    def percentile(self, index, q):
+        """The q-th percentile (0-100) of a recent field (0: ttft_ms, 1: decode_tps)."""
+        values = sorted(r[index] for r in self.recent if r[index] is not None)
+        if not values:
+            return None
+        return values[min(len(values) - 1, int(q / 100 * len(values)))]
+
+    def row(self, node_id, model):
+        return {"node_id": node_id, "model": model, "samples": self.samples,
+                **{f: getattr(self, f) for f in hc.LEARNED_NAMES if hasattr(Speed, f)
+                   and f not in ("samples",)}, "updated_at": self.updated_at}
+
+    @classmethod
+    def from_row(cls, row):
+        speed = cls()
+        speed.samples = int(row.get("samples") or 0)
+        for field in cls.AVERAGED:
+            if field in row and row[field] is not None:
+                setattr(speed, field, float(row[field]))
+        speed.baseline_tps = speed.decode_tps
+        speed.concurrency = row.get("concurrency")
+        speed.updated_at = float(row.get("updated_at") or 0.0)
+        return speed
+
+
+def _ratio(part, whole):
+    return part / whole if part and whole else None
+
+
+class Learner:
+    """What the fleet has learned of each node+model's speed: fed by every completed
+    request, read by routing and /fleet/status, saved in latency.db (learned_speed)."""
+
+    MAX_PAIRS = hc.LEARNED_MAX_ROWS
+    SAVE_EVERY_S = 30.0
+
+    def __init__(self):
+        self.speeds = {}  # (node_id, model) -> Speed
+        self.dirty = False
+
+    def observe(self, node_id, model, ex, hot):
+        """Fold in one completed request (its Exchange)."""
+        u = ex.usage
+        eval_s, prompt_s = _ratio(u.get("eval_ns"), 1e9), _ratio(u.get("prompt_eval_ns"), 1e9)
+        ttft_ms = ex.ttft * 1000 if ex.ttft is not None else None
+        sample = {
+            "ttft_ms": ttft_ms if hot else None, "cold_ms": None if hot else ttft_ms,
+            "load_ms": _ratio(u.get("load_ns"), 1e6),
+            "prompt_eval_ms": _ratio(u.get("prompt_eval_ns"), 1e6),
+            "queue_ms": ex.queue_wait * 1000 if ex.queue_wait is not None else None,
+            "decode_tps": _ratio(u.get("completion_tokens"), eval_s),
+            "prompt_tps": _ratio(u.get("prompt_tokens"), prompt_s),
+            "latency_ms": (time.monotonic() - ex.t0) * 1000,
+        }
+        key = (node_id, model)
+        speed = self.speeds.get(key)
+        if speed is None:
+            if len(self.speeds) >= self.MAX_PAIRS:  # forget the stalest pair
+                del self.speeds[min(self.speeds, key=lambda k: self.speeds[k].updated_at)]
+            speed = self.speeds[key] = Speed()
+        speed.add(sample)
+        self.dirty = True
+
+    def get(self, node_id, model):
+        return self.speeds.get((node_id, model))
+
+    def latency_s(self, node_id, model, size=0):
+        """Expected seconds for a request (learned, else estimated, else 0)."""
+        speed = self.get(node_id, model)
+        if speed is not None and speed.latency_ms:
+            return speed.latency_ms / 1000
+        guess = self.estimate(node_id, model, size)
+        return guess["latency_ms"] / 1000 if guess and guess.get("latency_ms") else 0.0
+
+    def load_s(self, node_id, model):
+        """Expected seconds of a cold load before the first token (0 if never seen)."""
+        speed = self.get(node_id, model)
+        return (speed.cold_ms or 0.0) / 1000 if speed is not None else 0.0
+
+    # -- estimates for a node+model never timed -------------------------------------
+
+    def node_factor(self, node_id):
+        """How fast this node decodes against the rest of the fleet, on the models both
+        have timed (geometric mean of the ratios; 1.0 when nothing is shared)."""
+        logs = []
+        for (nid, model), speed in self.speeds.items():
+            if nid != node_id or not speed.decode_tps:
+                continue
+            others = [s.decode_tps for (n, m), s in self.speeds.items()
+                      if m == model and n != node_id and s.decode_tps]
+            if others:
+                logs.append(math.log(speed.decode_tps / statistics.median(others)))
+        return math.exp(sum(logs) / len(logs)) if logs else 1.0
+
+    def estimate(self, node_id, model, size=0):
+        """Figures for a node+model never timed: the same model elsewhere, scaled by
+        this node's relative speed; else this node's other models, scaled by size (decode
+        speed falls about as the weights grow); else None."""
+        elsewhere = [s for (n, m), s in self.speeds.items() if m == model and n != node_id
+                     and s.decode_tps and s.latency_ms]
+        if elsewhere:
+            factor = self.node_factor(node_id)
+            return {"decode_tps": statistics.median(s.decode_tps for s in elsewhere) * factor,
+                    "latency_ms": statistics.median(s.latency_ms for s in elsewhere) / factor,
+                    "basis": "the same model on other nodes"}
+        return None
+
+    # -- keeping it --------------------------------------------------------------------
+
+    def rows(self):
+        self.dirty = False
+        return [speed.row(n, m) for (n, m), speed in self.speeds.items()]
+
+    def load(self, rows):
+        for row in rows[:self.MAX_PAIRS]:
+            self.speeds.setdefault((row["node_id"], row["model"]), Speed.from_row(row))
+
+    def seed(self, rows):
+        """Start from past traces when nothing was saved: [(node, model, latency s, n)]."""
+        for node_id, model, latency_s, samples in rows:
+            if (node_id, model) not in self.speeds:
+                speed = self.speeds[(node_id, model)] = Speed()
+                speed.samples, speed.latency_ms = samples, latency_s * 1000
+
+    def view(self, node_id, models, slots):
+        """/fleet/status's `learned` for one node: every model it has, timed or guessed."""
+        out = {}
+        for model in sorted(models):
+            speed = self.get(node_id, model)
+            if speed is not None and speed.samples:
+                out[model] = {
+                    "samples": speed.samples, "estimated": False,
+                    "tokens_per_s": _round(speed.decode_tps),
+                    "prompt_tokens_per_s": _round(speed.prompt_tps),
+                    "ttft_ms": _round(speed.ttft_ms), "ttft_p50_ms": _round(
+                        speed.percentile(0, 50)), "ttft_p75_ms": _round(speed.percentile(0, 75)),
+                    "cold_load_ms": _round(speed.cold_ms), "load_ms": _round(speed.load_ms),
+                    "prompt_eval_ms": _round(speed.prompt_eval_ms),
+                    "queue_ms": _round(speed.queue_ms), "latency_ms": _round(speed.latency_ms),
+                    "concurrency": slots}
+                continue
+            guess = self.estimate(node_id, model)
+            if guess:
+                out[model] = {"samples": 0, "estimated": True, "basis": guess["basis"],
+                              "tokens_per_s": _round(guess["decode_tps"]), "ttft_ms": None,
+                              "latency_ms": _round(guess["latency_ms"]),
+                              "concurrency": slots}
+        return out
+
+    def speed_drops(self, share=0.5, min_samples=10):
+        """(node_id, model, now tokens/s, usual tokens/s) where decoding fell sharply."""
+        return [(n, m, s.decode_tps, s.baseline_tps) for (n, m), s in self.speeds.items()
+                if s.samples >= min_samples and s.decode_tps and s.baseline_tps
+                and s.decode_tps < share * s.baseline_tps]
+
+
+def _round(value):
+    return round(value, 1) if value is not None else None
+
 
 ####################################################################################
 # Routing: elimination, the seven signals, the holding queue, context protection
@@ -724,8 +910,8 @@ def same_model_other_tag(a, b):
 class Scheduler:
     """Picks the node for each request, holding it while no node can take it."""
 
-    def __init__(self, cfg, fleet, stats):
-        self.cfg, self.fleet, self.stats = cfg, fleet, stats
+    def __init__(self, cfg, fleet, learner, stats):
+        self.cfg, self.fleet, self.learner, self.stats = cfg, fleet, learner, stats
         self.holding = 0  # requests waiting for any node that can serve them
 
     def candidate(self, node, model, requested_ctx):
@@ -733,21 +919,23 @@ class Scheduler:
         entry = node.models.get(model, {})
         loaded = node.loaded.get(model)
         q = self.fleet.queues.get((node.node_id, model))
-        learned = self.fleet.latency.get((node.node_id, model), (0.0, 0.0, 0))
+        size = int(entry.get("size") or 0)
         unloaded = node.unloaded_at.get(model)
         details = entry.get("details") or {}
         return hc.Candidate(
             node_id=node.node_id, hot=loaded is not None,
             recently_unloaded=unloaded is not None
             and time.monotonic() - unloaded < hc.RECENT_UNLOAD_S,
-            model_size=int(entry.get("size") or 0),
+            model_size=size,
             mem_total=node.hb.mem_total, mem_available=node.hb.mem_available,
             mem_reclaimable=sum(int(m.get("size") or 0) for name, m in node.loaded.items()
                                 if name != model),
             pressure=node.hb.pressure,
             active=q.active if q else 0, waiting=q.waiting if q else 0,
-            slots=self.fleet.slots_for(node), mean_latency_s=learned[0],
-            load_estimate_s=learned[1], cpu_percent=node.hb.cpu_percent,
+            slots=self.fleet.slots_for(node),
+            mean_latency_s=self.learner.latency_s(node.node_id, model, size),
+            load_estimate_s=self.learner.load_s(node.node_id, model),
+            cpu_percent=node.hb.cpu_percent,
             cpu_trend=node.cpu_trend(), degraded=node.status == DEGRADED,
             requested_ctx=requested_ctx,
             loaded_ctx=int((loaded or {}).get("context_length") or 0),
@@ -1028,8 +1216,8 @@ def _ns_to_ms(ns):
 class Proxy:
     """Routes, queues and relays requests, with retries before the first chunk."""
 
-    def __init__(self, cfg, fleet, scheduler, pulls, warmer, stats, traces, pool):
-        self.cfg, self.fleet, self.scheduler = cfg, fleet, scheduler
+    def __init__(self, cfg, fleet, scheduler, learner, pulls, warmer, stats, traces, pool):
+        self.cfg, self.fleet, self.scheduler, self.learner = cfg, fleet, scheduler, learner
         self.pulls, self.warmer, self.stats, self.traces = pulls, warmer, stats, traces
         self.pool = pool
         self.active = {}  # request_id -> Exchange, for the reaper
@@ -1145,8 +1333,7 @@ class Proxy:
     def _learn(self, ex, choice):
         if ex.outcome() != hc.COMPLETED:
             return
-        self.fleet.learn(choice.node.node_id, choice.model, time.monotonic() - ex.t0,
-                         None if choice.hot else ex.ttft)
+        self.learner.observe(choice.node.node_id, choice.model, ex, choice.hot)
         if not choice.hot:
             self.fleet.mark_loaded(choice.node, choice.model)  # Ollama loaded it for us
 
@@ -1727,6 +1914,16 @@ def check_refused_heartbeats(snap):
                       "heartbeat_refused ~/.fleet-manager/logs/herd.jsonl).")
 
 
+def check_speed_drops(snap):
+    for node, model, now, usual in snap["speed_drops"]:
+        yield finding("speed_drops", "warning", f"{model} got slower on {node}",
+                      f"It decodes {now:.0f} tokens/s over its last requests, against "
+                      f"{usual:.0f} usually.",
+                      "Something else may be using that machine (its CPU, memory or GPU), "
+                      "or the model now runs partly on the CPU: see /api/ps there.",
+                      node=node, model=model)
+
+
 def check_offline_nodes(snap):
     for n in snap["nodes"]:
         if n["status"] == OFFLINE:
@@ -1878,7 +2075,7 @@ def check_zombie_reaper(snap):
                       "A node or a client hangs: the failed traces' error_message names it.")
 
 
-HEALTH_CHECKS = (check_no_nodes, check_open_fleet, check_refused_heartbeats,
+HEALTH_CHECKS = (check_no_nodes, check_open_fleet, check_refused_heartbeats, check_speed_drops,
                  check_offline_nodes, check_degraded_nodes, check_memory_pressure,
                  check_underutilized_nodes, check_vram_fallbacks, check_kv_cache_bloat,
                  check_model_thrashing, check_request_timeouts, check_error_rates,
@@ -1899,8 +2096,9 @@ class Health:
     """The health API: a snapshot of live state, an hour of traces and the counters,
     the checks over it, and a day of vitals."""
 
-    def __init__(self, cfg, fleet, traces, stats):
+    def __init__(self, cfg, fleet, traces, stats, learner):
         self.cfg, self.fleet, self.traces, self.stats = cfg, fleet, traces, stats
+        self.learner = learner
 
     async def snapshot(self):
         """What the checks look at (a plain dict, so tests can craft one)."""
@@ -1923,6 +2121,7 @@ class Health:
                 "events": {k: v for k, v in recent.items() if k != "zombie_reaped"},
                 "zombies_reaped": recent["zombie_reaped"],
                 "heartbeat_timeout": cfg.heartbeat_timeout, "open_fleet": not cfg.token,
+                "speed_drops": self.learner.speed_drops(),
                 **await self.traces.health_window(since)}
 
     async def report(self):
@@ -1953,10 +2152,11 @@ class Api:
     """Every route the router answers: Ollama's, OpenAI's, the fleet's, the dashboard's."""
 
     def __init__(self, cfg, fleet, scheduler, proxy, pulls, stats, traces, local, counters,
-                 dashboard):
+                 dashboard, learner):
         self.cfg, self.fleet, self.scheduler, self.proxy = cfg, fleet, scheduler, proxy
         self.pulls, self.stats, self.traces = pulls, stats, traces
         self.local, self.counters = local, counters  # counters: the connections' own
+        self.learner = learner
         self.guard = Guard(cfg)
         self.signatures = hc.SignatureCheck(cfg.token) if cfg.token else None
         self.started = time.time()
@@ -2168,7 +2368,7 @@ class Api:
 
     async def fleet_status(self, request, conn):
         self.fleet.refresh_status()
-        nodes = [node_summary(self.fleet, n) for n in self.fleet.nodes.values()]
+        nodes = [node_summary(self.fleet, n, self.learner) for n in self.fleet.nodes.values()]
         counts = collections.Counter(n["status"] for n in nodes)
         await conn.send_json(200, {
             "router": {"version": hc.VERSION, "uptime_s": round(time.time() - self.started),
@@ -2396,7 +2596,7 @@ def openai_model(entry):
             "created": hc.rfc3339_to_unix(entry.get("modified_at")), "owned_by": owner}
 
 
-def node_summary(fleet, node):
+def node_summary(fleet, node, learner):
     """One node as /fleet/status shows it."""
     hb = node.hb
     return {
@@ -2414,6 +2614,7 @@ def node_summary(fleet, node):
             for name, e in sorted(node.loaded.items())],
         "queues": {model: {"active": q.active, "waiting": q.waiting, "limit": q.limit}
                    for (nid, model), q in fleet.queues.items() if nid == node.node_id},
+        "learned": learner.view(node.node_id, node.models, fleet.slots_for(node)),
     }
 
 
@@ -2506,19 +2707,28 @@ def local_addresses():
     return found
 
 
-async def seed_learning(fleet, traces):
-    """Start the latency averages from the last week of traces."""
+async def load_learning(learner, traces):
+    """Start from what an earlier run learned; failing that, a week of traces."""
     try:
-        fleet.seed_latency(await traces.mean_latencies(time.time() - 7 * 86400))
+        learner.load(await traces.load_learned())
+        if not learner.speeds:
+            learner.seed(await traces.mean_latencies(time.time() - 7 * 86400))
     except Exception as e:  # a damaged database must not stop the router
-        log.warning("could not read past traces: %s", e)
+        log.warning("could not read what earlier runs learned: %s", e)
 
 
-def start_duties(tasks, cfg, fleet, proxy, local, traces):
+def save_learning(learner, traces):
+    if learner.dirty:
+        traces.save_learned(learner.rows())
+
+
+def start_duties(tasks, cfg, fleet, proxy, local, traces, learner):
     """The router's background loops, each a named task in `tasks`."""
     tasks.spawn(hc.repeat(fleet.refresh_status, min(1.0, cfg.heartbeat_timeout / 4), log,
                           "the node status watch"), "status-watcher")
-    tasks.spawn(seed_learning(fleet, traces), "seed-learning")
+    tasks.spawn(load_learning(learner, traces), "load-learning")
+    tasks.spawn(hc.repeat(lambda: save_learning(learner, traces), Learner.SAVE_EVERY_S, log,
+                          "saving what was learned"), "save-learning")
     tasks.spawn(hc.repeat(fleet.rebalance, cfg.rebalance_interval, log, "rebalancing"),
                 "rebalancer")
     tasks.spawn(hc.repeat(proxy.reap_zombies, min(30.0, cfg.stale_timeout / 4), log,
@@ -2595,14 +2805,16 @@ class RouterServer:
         self.pool = hc.UpstreamPool()
         self.fleet = fleet = Fleet(cfg)
         stats = Stats(fleet.knows_model)
-        self.scheduler = scheduler = Scheduler(cfg, fleet, stats)
+        self.learner = learner = Learner()
+        self.scheduler = scheduler = Scheduler(cfg, fleet, learner, stats)
         pulls = Puller(cfg, fleet, tasks)
-        self.proxy = Proxy(cfg, fleet, scheduler, pulls, Warmer(cfg, fleet, tasks), stats,
-                           traces, self.pool)
+        self.proxy = Proxy(cfg, fleet, scheduler, learner, pulls, Warmer(cfg, fleet, tasks),
+                           stats, traces, self.pool)
         self.local = LocalNode(cfg, fleet)
-        dashboard = DashboardApi(cfg, fleet, traces, Health(cfg, fleet, traces, stats))
+        dashboard = DashboardApi(cfg, fleet, traces, Health(cfg, fleet, traces, stats,
+                                                            learner))
         self.api = Api(cfg, fleet, scheduler, self.proxy, pulls, stats, traces, self.local,
-                       self.counters, dashboard)
+                       self.counters, dashboard, learner)
 
     async def start(self):
         # psutil and SQLite reads are short: two threads do (each extra thread costs
@@ -2618,7 +2830,8 @@ class RouterServer:
                                                self.cfg.port, reuse_address=True,
                                                backlog=1024, ssl=self.cfg.tls)
         self.port = self.server.sockets[0].getsockname()[1]
-        start_duties(self.tasks, self.cfg, self.fleet, self.proxy, self.local, self.traces)
+        start_duties(self.tasks, self.cfg, self.fleet, self.proxy, self.local, self.traces,
+                     self.learner)
         if self.cfg.mdns:
             self.tasks.spawn(advertise(self.cfg, self.port), "mdns-advertise")
         scheme = "https" if self.cfg.tls else "http"
@@ -2695,6 +2908,7 @@ class RouterServer:
         await asyncio.gather(*(c.closed for c in conns), return_exceptions=True)
         await self.server.wait_closed()
         self.pool.close_all()
+        self.traces.save_learned(self.learner.rows())  # written before the writer stops
         await asyncio.to_thread(self.traces.close)
 
 

@@ -1690,6 +1690,24 @@ _LATENCY_SQL = (
     f"SELECT node_id, model, AVG(latency_ms) AS latency, COUNT(*) AS n "
     f"FROM request_traces WHERE status = '{COMPLETED}' AND timestamp > ? "
     f"AND node_id IS NOT NULL GROUP BY node_id, model")
+# What the router has learned of each node+model's speed, kept across restarts: one row
+# per node+model, rewritten as it changes, at most LEARNED_MAX_ROWS (the stalest go).
+LEARNED_COLUMNS = (
+    ("node_id", "TEXT"), ("model", "TEXT"), ("samples", "INTEGER"), ("ttft_ms", "REAL"),
+    ("cold_ms", "REAL"), ("load_ms", "REAL"), ("prompt_eval_ms", "REAL"), ("queue_ms", "REAL"),
+    ("decode_tps", "REAL"), ("prompt_tps", "REAL"), ("latency_ms", "REAL"),
+    ("concurrency", "INTEGER"), ("updated_at", "REAL"),
+)
+LEARNED_NAMES = tuple(name for name, _ in LEARNED_COLUMNS)
+LEARNED_MAX_ROWS = 4096
+LEARNED_MAX_AGE_S = 30 * 86400
+_LEARNED_DDL = ("CREATE TABLE IF NOT EXISTS learned_speed ("
+                + ", ".join(f"{name} {kind}" for name, kind in LEARNED_COLUMNS)
+                + ", PRIMARY KEY (node_id, model))")
+_LEARNED_UPSERT = (f"INSERT OR REPLACE INTO learned_speed ({', '.join(LEARNED_NAMES)}) "
+                   f"VALUES ({', '.join('?' for _ in LEARNED_NAMES)})")
+_LEARNED_PRUNE = ("DELETE FROM learned_speed WHERE updated_at < ? OR rowid NOT IN (SELECT "
+                  "rowid FROM learned_speed ORDER BY updated_at DESC LIMIT ?)")
 TREND_RANGES = {"24h": (86400, 3600), "7d": (7 * 86400, 6 * 3600), "30d": (30 * 86400, 86400)}
 
 
@@ -1727,6 +1745,7 @@ class TraceStore:
         self.written = self.failed = 0
         self._thread = None
         self._trend_cache = {}  # span in seconds -> (monotonic expiry, rows)
+        self._learned = None  # the newest learned-speed rows waiting to be written
 
     def start(self):
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
@@ -1740,6 +1759,7 @@ class TraceStore:
                     db.execute(f"ALTER TABLE request_traces ADD COLUMN {name} {kind}")
             for ddl in _TRACE_DDL[1:]:  # the indexes, once their columns exist
                 db.execute(ddl)
+            db.execute(_LEARNED_DDL)
             db.execute(f"PRAGMA user_version={TRACE_SCHEMA_VERSION}")
         db.close()
         self.prune()
@@ -1794,6 +1814,9 @@ class TraceStore:
                     rows = [self._rows.popleft()
                             for _ in range(min(self.BATCH_ROWS, len(self._rows)))]
                     self._write(db, rows)
+                learned, self._learned = self._learned, None
+                if learned:
+                    self._write_learned(db, learned)
                 with self._progress:
                     self._progress.notify_all()
                 if time.monotonic() - self._pruned_at > self.PRUNE_EVERY_S:
@@ -1825,6 +1848,28 @@ class TraceStore:
         finally:
             if own:
                 db.close()
+
+    def save_learned(self, rows):
+        """Queue the learned-speed rows (dicts of LEARNED_COLUMNS) to be written; a newer
+        call before the writer got to it replaces them. Never blocks."""
+        self._learned = [tuple(map(row.get, LEARNED_NAMES)) for row in rows]
+        if not self._armed:
+            self._armed = True
+            self._wake.set()
+
+    def _write_learned(self, db, rows):
+        try:
+            with db:
+                db.executemany(_LEARNED_UPSERT, rows)
+                db.execute(_LEARNED_PRUNE, (time.time() - LEARNED_MAX_AGE_S, LEARNED_MAX_ROWS))
+        except sqlite3.Error as e:
+            logging.getLogger("herd.traces").error("saving learned speeds failed: %s", e)
+
+    async def load_learned(self):
+        """The learned-speed rows saved by an earlier run (a list of dicts)."""
+        return await self._read(f"SELECT {', '.join(LEARNED_NAMES)} FROM learned_speed "
+                                f"WHERE updated_at > ? ORDER BY updated_at DESC LIMIT ?",
+                                (time.time() - LEARNED_MAX_AGE_S, LEARNED_MAX_ROWS))
 
     def _write(self, db, rows):
         try:

@@ -1196,6 +1196,87 @@ def test_rebalancer_moves_queued_requests_to_a_hot_node_only(h):
 
 
 ####################################################################################
+# Learning: what the fleet learns of each node+model (README "What the fleet learns")
+####################################################################################
+
+
+def decode_rates(bodies):
+    """tokens/s of each answer, as Ollama reported its decoding."""
+    return [b["eval_count"] * 1e9 / b["eval_duration"] for b in bodies]
+
+
+def generate(router, model="llama3.2:3b"):
+    status, headers, body = http(router.url, "POST", "/api/generate",
+                                 {"model": model, "prompt": "x", "stream": False})
+    assert status == 200, body
+    return json.loads(body), headers["x-fleet-node"]
+
+
+def test_what_a_node_learned_shows_in_the_status_and_survives_a_restart(h):
+    fake = h.fake(chunks=8, chunk_delay=0.01)
+    router = h.router()
+    h.heartbeat(router, fake, "node-a")
+    answers = [generate(router)[0] for _ in range(3)]
+    learned = fleet_node(router, "node-a")["learned"]["llama3.2:3b"]
+    # The first three requests weigh alike (1, 1/2, 1/3): the average is their mean.
+    truth = sum(decode_rates(answers)) / 3
+    assert learned["samples"] == 3 and learned["estimated"] is False
+    assert learned["tokens_per_s"] == pytest.approx(truth, rel=0.01)
+    assert learned["cold_load_ms"] > 0 and learned["ttft_ms"] > 0  # 1 cold, 2 hot
+    assert learned["concurrency"] == fleet_node(router, "node-a")["num_parallel"]
+    h.bg.run(router.stop())
+    h.routers.remove(router)
+    again = h.router()
+    h.heartbeat(again, fake, "node-a")
+    kept = wait_until(lambda: fleet_node(again, "node-a")["learned"].get("llama3.2:3b"),
+                      what="the saved speeds to load")
+    assert kept["samples"] == 3 and kept["tokens_per_s"] == learned["tokens_per_s"]
+    rows = sqlite3.connect(h.data_dir / "latency.db").execute(
+        "SELECT node_id, model, samples FROM learned_speed").fetchall()
+    assert rows == [("node-a", "llama3.2:3b", 3)]
+
+
+def test_a_node_never_timed_gets_an_estimate_from_the_fleet(h):
+    fast, slow = h.fake(chunks=8, chunk_delay=0.004), h.fake(chunks=8, chunk_delay=0.02)
+    router = h.router()
+    paused = lambda hb: hb.update(paused=True)
+    h.heartbeat(router, slow, "slow", mutate=paused)
+    h.heartbeat(router, fast, "fast")
+    for model in ("llama3.2:3b", "qwen2.5:7b", "llama3.2:3b", "qwen2.5:7b"):
+        assert generate(router, model)[1] == "fast"
+    h.heartbeat(router, fast, "fast", mutate=paused)
+    h.heartbeat(router, slow, "slow")
+    for _ in range(2):
+        assert generate(router)[1] == "slow"
+    on_fast = fleet_node(router, "fast")["learned"]
+    on_slow = fleet_node(router, "slow")["learned"]
+    guess = on_slow["qwen2.5:7b"]
+    assert guess["estimated"] is True and guess["samples"] == 0
+    factor = on_slow["llama3.2:3b"]["tokens_per_s"] / on_fast["llama3.2:3b"]["tokens_per_s"]
+    assert factor < 0.7  # it really is slower
+    assert guess["tokens_per_s"] == pytest.approx(on_fast["qwen2.5:7b"]["tokens_per_s"] *
+                                                  factor, rel=0.02)
+    assert "nomic-embed-text:latest" not in on_slow  # never timed anywhere: no guess
+
+
+def test_a_sharp_slowdown_is_a_health_finding(h):
+    fake = h.fake(chunks=4, chunk_delay=0.002)
+    router = h.router()
+    h.heartbeat(router, fake, "node-a")
+    for _ in range(10):
+        generate(router)
+    checks = lambda: [c["check"] for c in get_json(router.url,
+                                                    "/dashboard/api/health")["checks"]]
+    assert "speed_drops" not in checks()
+    fake.chunk_delay = 0.05  # something else now hogs that machine
+    for _ in range(4):
+        generate(router)
+    health = get_json(router.url, "/dashboard/api/health")
+    drop = [c for c in health["checks"] if c["check"] == "speed_drops"]
+    assert [(c["node_id"], c["model"]) for c in drop] == [("node-a", "llama3.2:3b")]
+
+
+####################################################################################
 # Proxy: streaming relay and failures (README "When things go wrong")
 ####################################################################################
 
@@ -1734,6 +1815,7 @@ def healthy_snapshot():
     return {"nodes": [node, {**node, "node_id": "b"}], "loads_by_model": {}, "events": {},
             "limits": limits,
             "zombies_reaped": 0, "heartbeat_timeout": 15.0, "open_fleet": False,
+            "speed_drops": [],
             "requests": 100, "failed": 0,
             "retried": 0, "cancelled": 0, "incomplete": 0, "timeouts": 0,
             "requests_by_node": {"a": 50, "b": 50}, "mean_ttft_ms": 80.0}
@@ -1775,6 +1857,8 @@ HEALTH_CASES = [
     ("open_fleet", "warning", crafted(open_fleet=True), "FLEET_TOKEN is not set"),
     ("refused_heartbeats", "warning", crafted(events={"heartbeat_refused": 3}),
      "3 heartbeats"),
+    ("speed_drops", "warning", crafted(speed_drops=[("a", "llama3.2:3b", 12.0, 60.0)]),
+     "12 tokens/s"),
 ]
 
 
@@ -1803,10 +1887,10 @@ def test_health_thresholds_come_from_settings():
     assert [f["severity"] for f in herd.run_health_checks(snap)[0]] == ["critical"]
 
 
-def test_all_eighteen_checks_are_covered():
+def test_all_nineteen_checks_are_covered():
     assert sorted(c[0] for c in HEALTH_CASES) == sorted(
         fn.__name__.removeprefix("check_") for fn in herd.HEALTH_CHECKS)
-    assert len(herd.HEALTH_CHECKS) == 18
+    assert len(herd.HEALTH_CHECKS) == 19
 
 
 def test_a_resolved_problem_drops_out_of_health_once_its_window_passes(h):
@@ -2390,7 +2474,8 @@ def test_a_router_at_its_file_limit_refuses_connections_and_keeps_serving(tmp_pa
             s.sendall(b"GET /api/version HTTP/1.1\r\nHost: r\r\n\r\n")
             answers.append(s.recv(200))
         refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
-        assert refused and len(refused) < 60 and answers[0].startswith(b"HTTP/1.1 200")
+        assert refused and len(refused) < 60 and answers[0].startswith(b"HTTP/1.1 200"), \
+            answers
         for s in socks:
             s.close()
         socks.clear()
