@@ -1546,12 +1546,21 @@ def request_tags(request, body):
     if isinstance(metadata, dict) and isinstance(metadata.get("tags"), list):
         tags += [t for t in metadata["tags"] if isinstance(t, str)]
     kept = {t.strip() for t in tags[:4 * MAX_TAGS] if len(t.strip()) <= MAX_TAG_LEN
-            and not hc.CONTROL_CHARS.search(t) and "," not in t}
+            and not hc.CONTROL_CHARS.search(t) and "," not in t and encodable(t)}
     kept.discard("")
     return ",".join(sorted(kept)[:MAX_TAGS]) or None
 
 
 CLIENT_ONLY_HEADERS = (b"x-herd-tags", b"authorization", b"x-api-key", b"cookie")
+
+
+def encodable(text):
+    """False for text with lone surrogates (JSON's "\\ud800"), which UTF-8 cannot hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def forward_headers(request):
@@ -2157,6 +2166,7 @@ class Api:
         self.pulls, self.stats, self.traces = pulls, stats, traces
         self.local, self.counters = local, counters  # counters: the connections' own
         self.learner = learner
+        self.port = cfg.port  # the port bound (RouterServer sets it once listening)
         self.guard = Guard(cfg)
         self.signatures = hc.SignatureCheck(cfg.token) if cfg.token else None
         self.started = time.time()
@@ -2346,6 +2356,10 @@ class Api:
         except ValueError as e:
             return await self.refuse_heartbeat(request, conn, 400, f"bad heartbeat: {e}")
         source = conn.client_ip
+        if self.local.is_router(hb.ollama_url, self.port):
+            return await self.refuse_heartbeat(
+                request, conn, 400, f"ollama_url {hb.ollama_url} is this router, not an "
+                                    f"Ollama: point FLEET_NODE_OLLAMA_HOST at Ollama's port")
         if not ollama_url_allowed(hb.ollama_url, source, self.cfg.ollama_hosts_allowed):
             return await self.refuse_heartbeat(
                 request, conn, 403, f"ollama_url {hb.ollama_url} is not at {source}, where "
@@ -2663,6 +2677,11 @@ class LocalNode:
         _, local_port, _ = hc.split_url(self.cfg.local_ollama_url)
         return port == local_port and (hc.is_loopback_host(host) or host in self.addresses)
 
+    def is_router(self, url, router_port):
+        """Does `url` point at this router itself (a request would go round in a loop)?"""
+        host, port, _ = hc.split_url(url)
+        return port == router_port and (hc.is_loopback_host(host) or host in self.addresses)
+
     def yield_to(self, hb):
         """An agent's heartbeat for this machine's Ollama: the agent reports it now."""
         node = self.fleet.nodes.get(self.node_id)
@@ -2829,7 +2848,7 @@ class RouterServer:
         self.server = await loop.create_server(self._new_connection, self.cfg.host,
                                                self.cfg.port, reuse_address=True,
                                                backlog=1024, ssl=self.cfg.tls)
-        self.port = self.server.sockets[0].getsockname()[1]
+        self.port = self.api.port = self.server.sockets[0].getsockname()[1]
         start_duties(self.tasks, self.cfg, self.fleet, self.proxy, self.local, self.traces,
                      self.learner)
         if self.cfg.mdns:

@@ -16,10 +16,10 @@ no database. It holds, in the order data flows:
     metrics                   counters and histograms in the Prometheus text format
     trace store               the trace contract (statuses, columns) and SQLite
                               request_traces: batched writes on one thread, and every
-                              query the router makes
+                              query the router makes; the learned_speed table
     node snapshot             hardware, memory, CPU and Ollama state
-    heartbeats                the agent-router contract: node id rule, build, check,
-                              typed reading
+    heartbeats                the agent-router contract: node id rule, build, check
+                              every field (Fields), typed reading, signing (HMAC)
 """
 
 import asyncio
@@ -388,7 +388,25 @@ def parse_json_body(body):
         raise ValueError(f"invalid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise ValueError("request body must be a JSON object")
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH:  # else it cannot be too deep
+        check_depth(obj)
     return obj
+
+
+MAX_JSON_DEPTH = 64  # no API nests this deep; a body that does is refused before the
+# router re-encodes it (a fallback, a num_ctx), which would exhaust Python's stack
+
+
+def check_depth(obj):
+    """Raise ValueError if `obj` nests deeper than MAX_JSON_DEPTH (walked without
+    recursion)."""
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"invalid JSON: nested more than {MAX_JSON_DEPTH} levels deep")
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((v, depth + 1) for v in children if isinstance(v, (dict, list)))
 
 
 # Model names as Ollama writes them: [host[:port]/][namespace/]name[:tag], at most a few
@@ -1862,7 +1880,7 @@ class TraceStore:
             with db:
                 db.executemany(_LEARNED_UPSERT, rows)
                 db.execute(_LEARNED_PRUNE, (time.time() - LEARNED_MAX_AGE_S, LEARNED_MAX_ROWS))
-        except sqlite3.Error as e:
+        except (sqlite3.Error, ValueError) as e:
             logging.getLogger("herd.traces").error("saving learned speeds failed: %s", e)
 
     async def load_learned(self):
@@ -1876,8 +1894,12 @@ class TraceStore:
             with db:
                 db.executemany(_TRACE_INSERT, rows)
             self.written += len(rows)
-        except sqlite3.Error as e:
-            self.failed += len(rows)
+        except (sqlite3.Error, ValueError) as e:  # ValueError: text SQLite cannot encode
+            if len(rows) > 1:  # one bad row must not take its batch with it
+                for row in rows:
+                    self._write(db, [row])
+                return
+            self.failed += 1
             logging.getLogger("herd.traces").error("trace write failed: %s", e)
 
     def query(self, sql, params=()):
