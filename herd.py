@@ -2513,6 +2513,7 @@ class Guard:
         self.client_keys = [k.encode() for k in sorted(cfg.client_keys)]
         self.admin_key = [cfg.admin_key.encode()] if cfg.admin_key else []
         self.metrics_key = [cfg.metrics_key.encode()] if cfg.metrics_key else []
+        self.open = not (self.client_keys or self.admin_key or self.metrics_key)
 
     @staticmethod
     def kind_of(path):
@@ -2545,7 +2546,7 @@ class Guard:
 
     def refuse(self, request, kind):
         """(status, message) when `request` may not use a route of `kind`, else None."""
-        if kind in (OPEN, NODE):
+        if self.open or kind in (OPEN, NODE):
             return None
         given = self.presented(request)
         if self._one_of(given, self.admin_key):
