@@ -108,6 +108,8 @@ ROUTER_SETTINGS = [
                "flight before it gets 429 (0: no limit)"),
     hc.Setting("FLEET_DEFAULT_NUM_PARALLEL", 4, "requests in flight per node+model when the "
                "node cannot tell Ollama's OLLAMA_NUM_PARALLEL"),
+    hc.Setting("FLEET_LEARNING", True, "route by what the fleet has learned: each node+model's "
+               "speed, answer length and best concurrency (false: by counts only)"),
     hc.Setting("FLEET_PRE_WARM_THRESHOLD", 3, "requests queued or running on the chosen "
                "node+model at which the runner-up node loads the model too (0: never)"),
     hc.Setting("FLEET_REBALANCE_INTERVAL", 5.0, "seconds between moves of queued requests "
@@ -272,61 +274,109 @@ class Moved(Exception):
         self.target = target
 
 
+class Ticket:
+    """One request's place in a SlotQueue: the work it brings (expected completion
+    tokens) and, once it has a slot, when it started."""
+
+    __slots__ = ("work", "start", "area", "fut")
+
+    def __init__(self, work):
+        self.work, self.start, self.area, self.fut = work, 0.0, 0.0, None
+
+
 class SlotQueue:
-    """One node+model: `limit` requests in flight, the rest wait in arrival order."""
+    """One node+model: `limit` requests in flight, the rest wait in arrival order. It
+    keeps the work (expected tokens) running and waiting, for wait estimates, and the
+    time-weighted count in flight, so each request knows the concurrency it ran at."""
 
     def __init__(self, limit):
         self.limit = limit
         self.active = 0
-        self.waiters = collections.deque()
+        self.waiters = collections.deque()  # Tickets, oldest first
+        self.work_active = self.work_waiting = 0.0
+        self.started_sum = 0.0  # sum of the running requests' start times (monotonic)
+        self._area, self._t = 0.0, time.monotonic()  # integral of `active` over time
 
     @property
     def waiting(self):
         return len(self.waiters)
 
-    async def acquire(self):
+    def _count(self, delta):
+        now = time.monotonic()
+        self._area += self.active * (now - self._t)
+        self._t = now
+        self.active += delta
+        return now
+
+    def _grant(self, ticket, now):
+        ticket.start, ticket.area = now, self._area
+        self.work_active += ticket.work
+        self.started_sum += now
+
+    async def acquire(self, work=0.0):
+        """Wait for a slot; returns the Ticket to release it with."""
+        ticket = Ticket(work)
         if self.active < self.limit and not self.waiters:
-            self.active += 1
-            return
-        fut = asyncio.get_running_loop().create_future()
-        self.waiters.append(fut)
+            self._grant(ticket, self._count(1))
+            return ticket
+        fut = ticket.fut = asyncio.get_running_loop().create_future()
+        self.waiters.append(ticket)
+        self.work_waiting += work
         try:
             await fut
         except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
-                self.release()  # the slot was handed to us as we were cancelled
-            else:
-                self.waiters.remove(fut)
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self.release(ticket)  # the slot was handed to us as we were cancelled
+            elif ticket in self.waiters:
+                self.waiters.remove(ticket)
+                self.work_waiting -= work
             raise
+        return ticket
 
-    def release(self):
-        if self.active > self.limit:  # the node lowered its slots: shrink first
-            self.active -= 1
-            return
+    def release(self, ticket):
+        """Free a slot; returns the mean number in flight while the ticket held it."""
+        now = self._count(0)
+        level = (self._area - ticket.area) / (now - ticket.start) if now > ticket.start \
+            else float(self.active)
+        self.work_active -= ticket.work
+        self.started_sum -= ticket.start
+        if self.active > self.limit:  # the limit was lowered: shrink first
+            self._count(-1)
+            return level
         while self.waiters:
-            fut = self.waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)  # the slot passes on; active stays the same
-                return
-        self.active -= 1
+            waiter = self.waiters.popleft()
+            self.work_waiting -= waiter.work
+            if not waiter.fut.done():
+                self._grant(waiter, now)
+                waiter.fut.set_result(None)  # the slot passes on; active stays the same
+                return level
+        self._count(-1)
+        return level
+
+    def remaining_tokens(self, tps):
+        """Tokens the running requests still have to produce, each at `tps`."""
+        elapsed = self.active * time.monotonic() - self.started_sum
+        return max(0.0, self.work_active - tps * elapsed)
 
     def evict(self, count=None, target=None):
         """Hand the `count` oldest waiting requests (all by default) back for routing."""
         moved = 0
         while self.waiters and (count is None or moved < count):
-            fut = self.waiters.popleft()
-            if not fut.done():
-                fut.set_exception(Moved(target))
+            waiter = self.waiters.popleft()
+            self.work_waiting -= waiter.work
+            if not waiter.fut.done():
+                waiter.fut.set_exception(Moved(target))
                 moved += 1
         return moved
 
     def set_limit(self, limit):
         self.limit = limit
         while self.active < self.limit and self.waiters:
-            fut = self.waiters.popleft()
-            if not fut.done():
-                self.active += 1
-                fut.set_result(None)
+            waiter = self.waiters.popleft()
+            self.work_waiting -= waiter.work
+            if not waiter.fut.done():
+                self._grant(waiter, self._count(1))
+                waiter.fut.set_result(None)
 
 
 class Node:
@@ -374,6 +424,7 @@ class Fleet:
         self.cfg = cfg
         self.nodes = {}
         self.queues = {}  # (node_id, model) -> SlotQueue
+        self.concurrency = {}  # (node_id, model) -> requests in flight worth having, learned
         self.started = time.monotonic()
         self.model_moves = collections.deque(maxlen=10000)  # (time, load|unload, node, model)
         self._changed = asyncio.get_running_loop().create_future()
@@ -420,9 +471,9 @@ class Fleet:
         # held), not as "model gone" (404).
         node.cpu_history.append(hb.cpu_percent)
         self._set_status(node, OFFLINE if hb.leaving else DRAINING if hb.draining else ONLINE)
-        for (nid, _), q in self.queues.items():
+        for (nid, model), q in self.queues.items():
             if nid == node.node_id:
-                q.set_limit(self.slots_for(node))
+                q.set_limit(self.limit_for(node, model))
         if hb.paused:
             self.evict_node(node, "paused")
         self.notify_change()
@@ -558,11 +609,32 @@ class Fleet:
     def slots_for(self, node):
         return node.hb.num_parallel or self.cfg.default_num_parallel
 
+    def limit_for(self, node, model):
+        """Requests the router lets run at once on this node+model: its Ollama's slots,
+        or fewer where more in flight was learned not to add throughput (the rest wait
+        here, where they can still go to another node)."""
+        slots = self.slots_for(node)
+        return min(slots, self.concurrency.get((node.node_id, model)) or slots)
+
+    def set_concurrency(self, node, model, limit):
+        key = (node.node_id, model)
+        if self.concurrency.get(key) == limit:
+            return
+        if len(self.concurrency) >= hc.LEARNED_MAX_ROWS and key not in self.concurrency:
+            self.concurrency.pop(next(iter(self.concurrency)))
+        self.concurrency[key] = limit
+        q = self.queues.get(key)
+        if q is not None:
+            q.set_limit(self.limit_for(node, model))
+        fleet_log.info(f"{model} on {node.node_id}: {limit} requests in flight at most",
+                       extra={"node_id": node.node_id, "model": model,
+                              "event": "concurrency_learned"})
+
     def queue(self, node, model):
         key = (node.node_id, model)
         q = self.queues.get(key)
         if q is None:
-            q = self.queues[key] = SlotQueue(self.slots_for(node))
+            q = self.queues[key] = SlotQueue(self.limit_for(node, model))
         return q
 
     def in_flight(self, node_id):
@@ -570,13 +642,36 @@ class Fleet:
         return sum(q.active + q.waiting for (nid, _), q in self.queues.items()
                    if nid == node_id)
 
+    def busy(self, node, model):
+        """Has this node+model requests running or queued here?"""
+        q = self.queues.get((node.node_id, model))
+        return bool(q and (q.active or q.waiters))
+
+    def victims(self, node, model, size):
+        """The loaded models a cold load of `model` (`size` bytes) would push out of
+        `node`'s memory: past OLLAMA_MAX_LOADED_MODELS, or to make room. Ollama evicts
+        idle runners first (a busy one only once it is idle, the load waiting for it);
+        among equals, the one expiring soonest, as its keep-alive clock says."""
+        others = sorted((m for m in node.loaded if m != model), key=lambda m: (
+            self.busy(node, m), str(node.loaded[m].get("expires_at", ""))))
+        count = 0
+        limit = node.hb.max_loaded_models
+        if limit and len(others) >= limit:
+            count = len(others) - limit + 1
+        short = size * hc.LOAD_OVERHEAD - node.hb.mem_available if node.hb.mem_total else 0
+        short -= sum(int(node.loaded[m].get("size") or 0) for m in others[:count])
+        while count < len(others) and short > 0:
+            short -= int(node.loaded[others[count]].get("size") or 0)
+            count += 1
+        return tuple(others[:count])
+
     def free_hot_slots(self, node, model):
         """Free slots on a node where `model` is loaded (the only place to move work)."""
         if node.accepts_work() or model not in node.loaded:
             return 0
         q = self.queues.get((node.node_id, model))
         busy = (q.active + q.waiting) if q else 0
-        return max(0, self.slots_for(node) - busy)
+        return max(0, self.limit_for(node, model) - busy)
 
     def rebalance(self):
         """Move queued requests to nodes where their model is hot and slots are free."""
@@ -651,26 +746,35 @@ class Fleet:
 
 
 class Speed:
-    """One node+model as observed: fast-reacting averages, a slow baseline, and a window
-    of recent requests for percentiles."""
+    """One node+model as observed: fast-reacting averages, a slow baseline, a window of
+    recent requests for percentiles, and decode speed by the number of requests that
+    were in flight, from which the concurrency worth having is learned."""
 
     ALPHA = 0.3  # weight of the newest request: a slowdown shows within ~3 requests
     BASELINE_ALPHA = 0.05  # the long-run speed a sharp drop is measured against
     WINDOW = 20
     AVERAGED = ("ttft_ms", "cold_ms", "load_ms", "prompt_eval_ms", "queue_ms", "decode_tps",
-                "prompt_tps", "latency_ms")
-    __slots__ = ("samples", *AVERAGED, "baseline_tps", "concurrency", "updated_at", "recent")
+                "prompt_tps", "latency_ms", "service_ms", "tokens")
+    MAX_LEVEL = 32  # requests in flight tracked for the concurrency curve
+    LEVEL_SAMPLES = 3  # a level counts once it has this many requests
+    LEVEL_GAIN = 0.10  # one more request in flight must add 10 % to total tokens/s
+    STALE_S = 120.0  # unsampled this long, the fast average drifts back to the baseline
+    __slots__ = ("samples", *AVERAGED, "baseline_tps", "concurrency", "size", "levels",
+                 "updated_at", "recent")
 
     def __init__(self):
         self.samples = 0
         for field in self.AVERAGED:
             setattr(self, field, None)
         self.baseline_tps = self.concurrency = None
+        self.size = 0
+        self.levels = {}  # requests in flight -> [per-request decode tokens/s, samples]
         self.updated_at = 0.0
         self.recent = collections.deque(maxlen=self.WINDOW)  # (ttft_ms, decode_tps)
 
-    def add(self, sample):
-        """Fold in one completed request: a dict of AVERAGED fields, None where unknown."""
+    def add(self, sample, level=None):
+        """Fold in one completed request: a dict of AVERAGED fields, None where unknown;
+        `level` is the mean number of requests in flight while it ran."""
         self.samples += 1
         weight = max(self.ALPHA, 1.0 / self.samples)
         for field in self.AVERAGED:
@@ -683,8 +787,48 @@ class Speed:
             self.baseline_tps = tps if self.baseline_tps is None else \
                 self.baseline_tps + max(self.BASELINE_ALPHA, 1.0 / self.samples) * (
                     tps - self.baseline_tps)
+            if level:
+                self._add_level(min(self.MAX_LEVEL, max(1, round(level))), tps)
         self.recent.append((sample.get("ttft_ms"), tps))
         self.updated_at = time.time()
+
+    def _add_level(self, level, tps):
+        entry = self.levels.setdefault(level, [tps, 0])
+        entry[1] += 1
+        entry[0] += max(self.ALPHA, 1.0 / entry[1]) * (tps - entry[0])
+
+    def best_concurrency(self, slots):
+        """The requests in flight beyond which total tokens/s stops rising (slots when
+        the curve has not shown it yet): the first level, among those timed, that adds
+        less than LEVEL_GAIN a request over the one below it."""
+        below = None  # (level, total tokens/s)
+        for level in sorted(k for k, (_, n) in self.levels.items() if n >= self.LEVEL_SAMPLES):
+            if level > slots:
+                break
+            total = level * self.levels[level][0]
+            if below and total < below[1] * (1 + self.LEVEL_GAIN * (level - below[0])):
+                return below[0]
+            if below is None or total > below[1]:
+                below = (level, total)
+        return slots
+
+    def settle_concurrency(self, slots):
+        """Move the learned concurrency one step towards the curve's best; returns it."""
+        target = self.best_concurrency(slots)
+        now = self.concurrency or slots
+        self.concurrency = min(slots, now + (target > now) - (target < now))
+        return self.concurrency
+
+    def tokens_per_s(self, level=None):
+        """Per-request decode speed with `level` requests in flight (None: unknown). Long
+        unsampled, the fast average drifts back to the baseline, so a node that slowed
+        down and lost its traffic is tried again."""
+        entry = self.levels.get(level) if level else None
+        tps = entry[0] if entry and entry[1] >= self.LEVEL_SAMPLES else self.decode_tps
+        if tps and self.baseline_tps and tps < self.baseline_tps:
+            idle = time.time() - self.updated_at
+            tps += (self.baseline_tps - tps) * min(1.0, idle / self.STALE_S)
+        return tps
 
     def percentile(self, index, q):
         """The q-th percentile (0-100) of a recent field (0: ttft_ms, 1: decode_tps)."""
@@ -694,25 +838,83 @@ class Speed:
         return values[min(len(values) - 1, int(q / 100 * len(values)))]
 
     def row(self, node_id, model):
+        levels = json.dumps({str(k): [round(v[0], 3), v[1]] for k, v in self.levels.items()})
         return {"node_id": node_id, "model": model, "samples": self.samples,
-                **{f: getattr(self, f) for f in hc.LEARNED_NAMES if hasattr(Speed, f)
-                   and f not in ("samples",)}, "updated_at": self.updated_at}
+                **{f: getattr(self, f) for f in self.AVERAGED}, "concurrency": self.concurrency,
+                "size": self.size, "levels": levels, "updated_at": self.updated_at}
 
     @classmethod
     def from_row(cls, row):
+        """A saved row back (a row from an older router may lack the newer columns)."""
         speed = cls()
         speed.samples = int(row.get("samples") or 0)
         for field in cls.AVERAGED:
-            if field in row and row[field] is not None:
+            if isinstance(row.get(field), (int, float)):
                 setattr(speed, field, float(row[field]))
         speed.baseline_tps = speed.decode_tps
-        speed.concurrency = row.get("concurrency")
+        if isinstance(row.get("concurrency"), int) and row["concurrency"] > 0:
+            speed.concurrency = row["concurrency"]
+        speed.size = row.get("size") if isinstance(row.get("size"), int) else 0
+        speed.levels = cls._read_levels(row.get("levels"))
         speed.updated_at = float(row.get("updated_at") or 0.0)
         return speed
+
+    @classmethod
+    def _read_levels(cls, text):
+        try:
+            levels = json.loads(text) if isinstance(text, str) else {}
+            return {int(k): [float(v[0]), int(v[1])] for k, v in levels.items()
+                    if 1 <= int(k) <= cls.MAX_LEVEL and v[0] > 0}
+        except (ValueError, TypeError, IndexError, AttributeError):
+            return {}  # a damaged curve is relearned, not fatal
+
+
+def sized(entry):
+    """A model's size for estimates by size: an embedding model's speed says nothing
+    about a chat model's, nor the reverse, so those are left out (0)."""
+    capabilities = entry.get("capabilities")
+    if isinstance(capabilities, list) and "embedding" in capabilities:
+        return 0
+    return int(entry.get("size") or 0)
 
 
 def _ratio(part, whole):
     return part / whole if part and whole else None
+
+
+DEFAULT_ANSWER_TOKENS = 200  # a guess for a model no node has answered with yet
+
+
+class Forecast:
+    """What one more request would cost on one node+model, from what was learned (or
+    estimated from the fleet): read by the scheduler's wait and speed signals."""
+
+    __slots__ = ("tps", "level_tps", "ttft_s", "service_only_s", "load_s", "basis")
+
+    def __init__(self, tps, ttft_s, service_only_s, load_s, basis, level_tps=None):
+        self.tps, self.ttft_s, self.load_s, self.basis = tps, ttft_s, load_s, basis
+        self.service_only_s = service_only_s  # a request's run time when tokens/s is unknown
+        self.level_tps = level_tps or (lambda level: tps)
+
+    def service_s(self, tokens, level):
+        """Seconds a request of `tokens` runs once it has a slot, `level` in flight."""
+        tps = self.level_tps(level)
+        if tps and tokens:
+            return self.ttft_s + tokens / tps
+        return self.service_only_s or 0.0
+
+    def work_ahead_s(self, q, limit):
+        """Seconds before a new request gets a slot in `q`: the tokens still to come
+        from those running (each assumed to progress at the learned rate) and those
+        queued, over the node's learned total rate. A fluid estimate, not a count."""
+        if q is None or q.active + q.waiting < limit:
+            return 0.0
+        tps = self.level_tps(limit)
+        if not tps:
+            return (q.active + q.waiting - limit + 1) * self.service_only_s / limit
+        remaining = q.remaining_tokens(tps)
+        ahead = q.work_waiting + remaining * min(1.0, (q.waiting + 1) / max(1, q.active))
+        return ahead / (tps * limit) + q.waiting * self.ttft_s / limit
 
 
 class Learner:
@@ -726,19 +928,23 @@ class Learner:
         self.speeds = {}  # (node_id, model) -> Speed
         self.dirty = False
 
-    def observe(self, node_id, model, ex, hot):
-        """Fold in one completed request (its Exchange)."""
+    def observe(self, node_id, model, ex, hot, size=0, level=None):
+        """Fold in one completed request (its Exchange); returns the node+model's Speed."""
         u = ex.usage
         eval_s, prompt_s = _ratio(u.get("eval_ns"), 1e9), _ratio(u.get("prompt_eval_ns"), 1e9)
         ttft_ms = ex.ttft * 1000 if ex.ttft is not None else None
+        latency_ms = (time.monotonic() - ex.t0) * 1000
+        queue_ms = ex.queue_wait * 1000 if ex.queue_wait is not None else None
         sample = {
             "ttft_ms": ttft_ms if hot else None, "cold_ms": None if hot else ttft_ms,
             "load_ms": _ratio(u.get("load_ns"), 1e6),
             "prompt_eval_ms": _ratio(u.get("prompt_eval_ns"), 1e6),
-            "queue_ms": ex.queue_wait * 1000 if ex.queue_wait is not None else None,
+            "queue_ms": queue_ms,
             "decode_tps": _ratio(u.get("completion_tokens"), eval_s),
             "prompt_tps": _ratio(u.get("prompt_tokens"), prompt_s),
-            "latency_ms": (time.monotonic() - ex.t0) * 1000,
+            "latency_ms": latency_ms,
+            "service_ms": latency_ms - (queue_ms or 0.0) if hot else None,
+            "tokens": u.get("completion_tokens"),
         }
         key = (node_id, model)
         speed = self.speeds.get(key)
@@ -746,24 +952,54 @@ class Learner:
             if len(self.speeds) >= self.MAX_PAIRS:  # forget the stalest pair
                 del self.speeds[min(self.speeds, key=lambda k: self.speeds[k].updated_at)]
             speed = self.speeds[key] = Speed()
-        speed.add(sample)
+        speed.size = size or speed.size
+        speed.add(sample, level)
         self.dirty = True
+        return speed
 
     def get(self, node_id, model):
         return self.speeds.get((node_id, model))
 
-    def latency_s(self, node_id, model, size=0):
-        """Expected seconds for a request (learned, else estimated, else 0)."""
+    def answer_tokens(self, node_id, model, limit=0):
+        """Completion tokens a request is expected to produce: what this model's answers
+        averaged (here, else anywhere), within the client's limit."""
         speed = self.get(node_id, model)
-        if speed is not None and speed.latency_ms:
-            return speed.latency_ms / 1000
-        guess = self.estimate(node_id, model, size)
-        return guess["latency_ms"] / 1000 if guess and guess.get("latency_ms") else 0.0
+        mean = speed.tokens if speed is not None and speed.tokens else None
+        if mean is None:
+            seen = [s.tokens for (_, m), s in self.speeds.items() if m == model and s.tokens]
+            mean = statistics.median(seen) if seen else None
+        if mean is None:
+            return float(limit or DEFAULT_ANSWER_TOKENS)
+        return min(mean, limit) if limit else mean
 
-    def load_s(self, node_id, model):
-        """Expected seconds of a cold load before the first token (0 if never seen)."""
+    def forecast(self, node_id, model, size=0):
+        """A Forecast for one more request on this node+model, or None if the fleet
+        knows nothing that bears on it."""
         speed = self.get(node_id, model)
-        return (speed.cold_ms or 0.0) / 1000 if speed is not None else 0.0
+        load_s = self.load_s(node_id, model, size)
+        if speed is not None and (speed.decode_tps or speed.service_ms):
+            ttft = speed.ttft_ms or speed.prompt_eval_ms or 0.0
+            return Forecast(speed.tokens_per_s(), ttft / 1000, (speed.service_ms or 0.0) / 1000,
+                            load_s, "learned", speed.tokens_per_s)
+        guess = self.estimate(node_id, model, size)
+        if guess is None:
+            return None
+        return Forecast(guess["decode_tps"], guess.get("ttft_ms", 0.0) / 1000, 0.0, load_s,
+                        guess["basis"])
+
+    def load_s(self, node_id, model, size=0):
+        """Expected seconds of a cold load before the first token: as timed here, else
+        this node's (else the fleet's) load rate applied to the model's size, else 0."""
+        speed = self.get(node_id, model)
+        if speed is not None and speed.cold_ms:
+            return speed.cold_ms / 1000
+        if not size:
+            return 0.0
+        rates = [s.size / s.cold_ms for (n, _), s in self.speeds.items()
+                 if n == node_id and s.cold_ms and s.size]
+        rates = rates or [s.size / s.cold_ms for s in self.speeds.values()
+                          if s.cold_ms and s.size]
+        return size / statistics.median(rates) / 1000 if rates else 0.0
 
     # -- estimates for a node+model never timed -------------------------------------
 
@@ -783,14 +1019,24 @@ class Learner:
     def estimate(self, node_id, model, size=0):
         """Figures for a node+model never timed: the same model elsewhere, scaled by
         this node's relative speed; else this node's other models, scaled by size (decode
-        speed falls about as the weights grow); else None."""
+        speed falls about as the weights grow: it reads them all for every token); else
+        None."""
         elsewhere = [s for (n, m), s in self.speeds.items() if m == model and n != node_id
                      and s.decode_tps and s.latency_ms]
         if elsewhere:
             factor = self.node_factor(node_id)
             return {"decode_tps": statistics.median(s.decode_tps for s in elsewhere) * factor,
                     "latency_ms": statistics.median(s.latency_ms for s in elsewhere) / factor,
+                    "ttft_ms": statistics.median(s.ttft_ms or 0.0 for s in elsewhere) / factor,
                     "basis": "the same model on other nodes"}
+        here = [s for (n, m), s in self.speeds.items() if n == node_id and m != model
+                and s.decode_tps and s.size and s.latency_ms]
+        if here and size:
+            tps = statistics.median(s.decode_tps * s.size / size for s in here)
+            return {"decode_tps": tps, "latency_ms": statistics.median(
+                s.latency_ms * size / s.size for s in here),
+                "ttft_ms": statistics.median((s.ttft_ms or 0.0) * size / s.size for s in here),
+                "basis": "this node's other models, by size"}
         return None
 
     # -- keeping it --------------------------------------------------------------------
@@ -810,8 +1056,9 @@ class Learner:
                 speed = self.speeds[(node_id, model)] = Speed()
                 speed.samples, speed.latency_ms = samples, latency_s * 1000
 
-    def view(self, node_id, models, slots):
-        """/fleet/status's `learned` for one node: every model it has, timed or guessed."""
+    def view(self, node_id, models, limits):
+        """/fleet/status's `learned` for one node: every model it has, timed or guessed;
+        `limits` maps each model to the requests in flight the router allows there."""
         out = {}
         for model in sorted(models):
             speed = self.get(node_id, model)
@@ -825,14 +1072,18 @@ class Learner:
                     "cold_load_ms": _round(speed.cold_ms), "load_ms": _round(speed.load_ms),
                     "prompt_eval_ms": _round(speed.prompt_eval_ms),
                     "queue_ms": _round(speed.queue_ms), "latency_ms": _round(speed.latency_ms),
-                    "concurrency": slots}
+                    "answer_tokens": _round(speed.tokens),
+                    "concurrency": limits[model],
+                    "tokens_per_s_by_concurrency": {
+                        str(k): _round(v[0]) for k, v in sorted(speed.levels.items())
+                        if v[1] >= Speed.LEVEL_SAMPLES}}
                 continue
-            guess = self.estimate(node_id, model)
+            guess = self.estimate(node_id, model, sized(models[model]))
             if guess:
                 out[model] = {"samples": 0, "estimated": True, "basis": guess["basis"],
                               "tokens_per_s": _round(guess["decode_tps"]), "ttft_ms": None,
                               "latency_ms": _round(guess["latency_ms"]),
-                              "concurrency": slots}
+                              "concurrency": limits[model]}
         return out
 
     def speed_drops(self, share=0.5, min_samples=10):
@@ -862,12 +1113,35 @@ class RouteError(Exception):
 class Choice:
     """The node chosen for a request and why."""
 
-    __slots__ = ("node", "model", "score", "breakdown", "hot", "runner_up")
+    __slots__ = ("node", "model", "score", "breakdown", "hot", "runner_up", "candidate")
 
-    def __init__(self, node, model, score=0.0, breakdown=None, hot=False, runner_up=None):
+    def __init__(self, node, model, score=0.0, breakdown=None, hot=False, runner_up=None,
+                 candidate=None):
         self.node, self.model = node, model
         self.score, self.breakdown, self.hot = score, breakdown or {}, hot
         self.runner_up = runner_up  # the next best node's Candidate, if any
+        self.candidate = candidate  # the chosen node's Candidate (None: not scored)
+
+
+class Ask:
+    """What the scheduler reads from a request: the context it needs, the client's
+    answer-length limit, and the node that answered its conversation's last turn."""
+
+    __slots__ = ("requested_ctx", "max_tokens", "session_node")
+
+    def __init__(self, requested_ctx=0, max_tokens=0, session_node=None):
+        self.requested_ctx, self.max_tokens = requested_ctx, max_tokens
+        self.session_node = session_node
+
+
+def requested_tokens(body):
+    """The answer-length limit the client set (num_predict, max_tokens), else 0."""
+    options = body.get("options")
+    values = [options.get("num_predict") if isinstance(options, dict) else None,
+              body.get("max_tokens"), body.get("max_completion_tokens"),
+              body.get("max_output_tokens")]
+    limits = [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+    return min(limits) if limits else 0
 
 
 def requested_context(body):
@@ -907,14 +1181,67 @@ def same_model_other_tag(a, b):
     return a != b and a.rpartition(":")[0] == b.rpartition(":")[0]
 
 
+class Sessions:
+    """Which node answered each conversation's last turn, so the next turn can go back
+    to it: Ollama keeps the prompt it last evaluated in the slot, and a follow-up that
+    starts with the same messages skips evaluating them again. A conversation is named
+    by X-Herd-Session (or a `session:<id>` tag), else by its messages: turn n+1 sends
+    turn n's messages, the answer and a new question, so turn n's messages are its
+    prefix. Bounded: the oldest are forgotten first, and each for TTL_S at most."""
+
+    MAX = 10000
+    TTL_S = 1800.0
+    MAX_KEY = 128
+
+    def __init__(self):
+        self.last = collections.OrderedDict()  # key -> (node_id, monotonic time)
+
+    @classmethod
+    def keys(cls, request, body, tags):
+        """(the key this turn looks up, the key the next turn will look up)."""
+        named = request.header("x-herd-session") or next(
+            (t[8:] for t in (tags or "").split(",") if t.startswith("session:")), "")
+        if named and len(named) <= cls.MAX_KEY and not hc.CONTROL_CHARS.search(named):
+            return "s:" + named, "s:" + named
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return None, None
+        model = str(body.get("model"))
+        before = messages[:-2] if len(messages) >= 3 else None
+        return (cls._digest(model, before) if before else None,
+                cls._digest(model, messages))
+
+    @staticmethod
+    def _digest(model, messages):
+        text = json.dumps([model, messages], sort_keys=True, ensure_ascii=False,
+                          separators=(",", ":"), default=str)
+        return "m:" + hashlib.blake2b(text.encode("utf-8", "replace"),
+                                      digest_size=16).hexdigest()
+
+    def node_for(self, key):
+        found = self.last.get(key) if key else None
+        if found is None or time.monotonic() - found[1] > self.TTL_S:
+            return None
+        return found[0]
+
+    def remember(self, key, node_id):
+        if not key:
+            return
+        self.last.pop(key, None)
+        self.last[key] = (node_id, time.monotonic())
+        while len(self.last) > self.MAX:
+            self.last.popitem(last=False)
+
+
 class Scheduler:
     """Picks the node for each request, holding it while no node can take it."""
 
     def __init__(self, cfg, fleet, learner, stats):
         self.cfg, self.fleet, self.learner, self.stats = cfg, fleet, learner, stats
+        self.sessions = Sessions()
         self.holding = 0  # requests waiting for any node that can serve them
 
-    def candidate(self, node, model, requested_ctx):
+    def candidate(self, node, model, ask):
         """The scoring view of one node for one model."""
         entry = node.models.get(model, {})
         loaded = node.loaded.get(model)
@@ -922,7 +1249,7 @@ class Scheduler:
         size = int(entry.get("size") or 0)
         unloaded = node.unloaded_at.get(model)
         details = entry.get("details") or {}
-        return hc.Candidate(
+        c = hc.Candidate(
             node_id=node.node_id, hot=loaded is not None,
             recently_unloaded=unloaded is not None
             and time.monotonic() - unloaded < hc.RECENT_UNLOAD_S,
@@ -932,18 +1259,37 @@ class Scheduler:
                                 if name != model),
             pressure=node.hb.pressure,
             active=q.active if q else 0, waiting=q.waiting if q else 0,
-            slots=self.fleet.slots_for(node),
-            mean_latency_s=self.learner.latency_s(node.node_id, model, size),
-            load_estimate_s=self.learner.load_s(node.node_id, model),
+            slots=self.fleet.slots_for(node), limit=self.fleet.limit_for(node, model),
             cpu_percent=node.hb.cpu_percent,
             cpu_trend=node.cpu_trend(), degraded=node.status == DEGRADED,
-            requested_ctx=requested_ctx,
+            requested_ctx=ask.requested_ctx,
             loaded_ctx=int((loaded or {}).get("context_length") or 0),
             model_max_ctx=int(details.get("context_length") or 0),
+            session=ask.session_node == node.node_id,
         )
+        if not c.hot:
+            c.evicts = self.fleet.victims(node, model, size)
+            c.evicts_busy = next((m for m in c.evicts if self.fleet.busy(node, m)), "")
+        if self.cfg.learning:
+            self._forecast(c, q, model, ask)
+        return c
 
-    def rank(self, model, requested_ctx, exclude=()):
-        """Survivors of elimination, best first, and why the others were dropped."""
+    def _forecast(self, c, q, model, ask):
+        """Fill in what learning says: the answer's expected length, its run time here
+        and the queued work ahead of it."""
+        f = self.learner.forecast(c.node_id, model, sized(self.fleet.nodes[c.node_id]
+                                                          .models.get(model, {})))
+        if f is None:
+            return
+        c.tokens = self.learner.answer_tokens(c.node_id, model, ask.max_tokens)
+        c.service_s = f.service_s(c.tokens, min(c.active + 1, c.limit))
+        c.work_ahead_s = f.work_ahead_s(q, c.limit)
+        c.load_estimate_s = f.load_s
+
+    def rank(self, model, ask, exclude=()):
+        """Survivors of elimination, best first, and why the others were dropped. A
+        cold load that would evict a model with requests running or queued is dropped
+        too, when another node can serve without that."""
         candidates, reasons = [], []
         for node in self.fleet.nodes.values():
             if model not in node.models:
@@ -951,16 +1297,20 @@ class Scheduler:
             why = "failed this request already" if node.node_id in exclude \
                 else node.accepts_work()
             if why is None:
-                c = self.candidate(node, model, requested_ctx)
+                c = self.candidate(node, model, ask)
                 why = hc.eliminate(c)
                 if why is None:
                     candidates.append(c)
                     continue
             reasons.append(f"{node.node_id}: {why}")
+        harmless = [c for c in candidates if not c.evicts_busy]
+        if harmless and len(harmless) < len(candidates):
+            reasons += [f"{c.node_id}: loading {model} would evict {c.evicts_busy}, which "
+                        f"has requests running" for c in candidates if c.evicts_busy]
+            candidates = harmless
         return hc.rank_candidates(candidates), reasons
 
-    async def choose(self, models, requested_ctx, exclude=(), shown_name=None, hold=True,
-                     prefer=None):
+    async def choose(self, models, ask, exclude=(), shown_name=None, hold=True, prefer=None):
         """The best node for the first of `models` that can be served (the rest are
         fallbacks), waiting in the holding queue while none can be."""
         deadline = time.monotonic() + (self.cfg.hold_timeout if hold else 0.0)
@@ -973,7 +1323,7 @@ class Scheduler:
                     raise RouteError(404, f"model '{shown_name}' not found on any node of "
                                           f"the fleet" + (" (nor its fallbacks)"
                                                           if len(models) > 1 else ""))
-                choice, reasons = self._pick(models, requested_ctx, exclude, prefer)
+                choice, reasons = self._pick(models, ask, exclude, prefer)
                 if choice:
                     return choice
                 until = deadline if known else min(deadline, self.fleet.warm_until())
@@ -990,10 +1340,10 @@ class Scheduler:
         finally:
             self.holding -= 1
 
-    def _pick(self, models, requested_ctx, exclude, prefer):
+    def _pick(self, models, ask, exclude, prefer):
         ranked, reasons = {}, []
         for model in models:
-            ranked[model], why = self.rank(model, requested_ctx, exclude)
+            ranked[model], why = self.rank(model, ask, exclude)
             reasons += why
         picked = pick_route(models, ranked)
         if picked and prefer:  # the rebalancer's pick, if it can still take it
@@ -1005,7 +1355,7 @@ class Scheduler:
         model, (score, breakdown, c) = picked
         others = [e[2] for e in ranked[model] if e[2].node_id != c.node_id]
         return Choice(self.fleet.nodes[c.node_id], model, score, breakdown, c.hot,
-                      others[0] if others else None), reasons
+                      others[0] if others else None, c), reasons
 
     # -- context protection ---------------------------------------------------------
 
@@ -1071,11 +1421,10 @@ class Scheduler:
             node = self.fleet.nodes.get(node_id)
             if node is None:
                 continue
-            c = self.candidate(node, model, 0)
+            c = self.candidate(node, model, Ask())
             rows.append({"node_id": node_id, "model": model, "active": q.active,
                          "waiting": q.waiting, "limit": q.limit,
-                         "estimated_wait_s": round(hc.estimate_wait_s(c) if q.waiting
-                                                   else 0.0, 2)})
+                         "estimated_wait_s": round(c.work_ahead_s if q.waiting else 0.0, 2)})
         return {"queues": rows, "total_active": sum(r["active"] for r in rows),
                 "total_waiting": sum(r["waiting"] for r in rows), "holding": self.holding}
 
@@ -1131,6 +1480,7 @@ class Exchange:
         self.client_left = self.reaped = False
         self.before_end = None  # coroutine function run before a good answer's last byte
         self.may_pull = False  # a model no node has may be pulled for this request
+        self.session_key = None  # what the conversation's next turn will be known by
 
     def outcome(self):
         """The request's trace status, from what happened to it."""
@@ -1278,15 +1628,17 @@ class Proxy:
 
     async def _attempts(self, conn, ex):
         cfg, name = self.cfg, ex.fields.get("model")
-        requested_ctx = requested_context(ex.fields)
+        ask = Ask(requested_context(ex.fields), requested_tokens(ex.fields))
+        lookup, ex.session_key = Sessions.keys(ex.request, ex.fields, ex.tags)
+        ask.session_node = self.scheduler.sessions.node_for(lookup)
         models, names = self.scheduler.models_to_try(
-            ex.model, ex.fields.get("fallback_models"), requested_ctx,
+            ex.model, ex.fields.get("fallback_models"), ask.requested_ctx,
             ex.endpoint in EMBED_ENDPOINTS)
         exclude, last_error, attempt, prefer, moves, pulled = [], None, 0, None, 0, False
         while attempt <= cfg.max_retries:
             try:
                 # A retry takes the next best node now or not at all: no holding queue.
-                choice = await self.scheduler.choose(models, requested_ctx, exclude, name,
+                choice = await self.scheduler.choose(models, ask, exclude, name,
                                                      hold=attempt == 0, prefer=prefer)
             except RouteError as e:
                 if e.status == 404 and ex.may_pull and not pulled:
@@ -1302,12 +1654,12 @@ class Proxy:
             ex.reset_body()  # a retry must not inherit the last node's rewrites
             if choice.model != ex.model:
                 ex.use_model(choice.model, names.get(choice.model, choice.model))
-            self.scheduler.protect_context(ex, choice, requested_ctx)
+            self.scheduler.protect_context(ex, choice, ask.requested_ctx)
             q = self.fleet.queue(choice.node, choice.model)
             self.warmer.consider(choice, q, names.get(choice.model, name))
             t_queue = time.monotonic()
             try:
-                await q.acquire()
+                ticket = await q.acquire(choice.candidate.tokens if choice.candidate else 0.0)
             except Moved as m:  # drained, or rebalanced to a node with a free slot
                 moves += 1
                 prefer = m.target if moves < MAX_MOVES else None
@@ -1315,8 +1667,8 @@ class Proxy:
             try:
                 ex.queue_wait = time.monotonic() - t_queue
                 ex.touch()
+                self._count_evictions(ex, choice)
                 await self._attempt(conn, ex, choice)
-                self._learn(ex, choice)
                 return
             except AttemptFailed as e:
                 last_error = str(e)
@@ -1327,15 +1679,30 @@ class Proxy:
                 exclude.append(choice.node.node_id)
                 attempt += 1
             finally:
-                q.release()
+                level = q.release(ticket)
+                if choice.node.node_id not in exclude:  # this attempt answered
+                    self._learn(ex, choice, level)
         raise RouteError(502, f"no node could answer: {last_error}")
 
-    def _learn(self, ex, choice):
+    def _count_evictions(self, ex, choice):
+        """A cold load the router sends pushes these models out: count each."""
+        for victim in choice.candidate.evicts if choice.candidate else ():
+            self.stats.count_event("eviction", f"loading {choice.model} on "
+                                               f"{choice.node.node_id} evicts {victim}", ex)
+
+    def _learn(self, ex, choice, level):
         if ex.outcome() != hc.COMPLETED:
             return
-        self.learner.observe(choice.node.node_id, choice.model, ex, choice.hot)
+        self.scheduler.sessions.remember(ex.session_key, choice.node.node_id)
         if not choice.hot:
             self.fleet.mark_loaded(choice.node, choice.model)  # Ollama loaded it for us
+        if not self.cfg.learning:
+            return
+        size = choice.candidate.model_size if choice.candidate else 0
+        speed = self.learner.observe(choice.node.node_id, choice.model, ex, choice.hot,
+                                     size, level)
+        slots = self.fleet.slots_for(choice.node)
+        self.fleet.set_concurrency(choice.node, choice.model, speed.settle_concurrency(slots))
 
     # -- one attempt: send upstream, relay --------------------------------------------
 
@@ -1551,7 +1918,8 @@ def request_tags(request, body):
     return ",".join(sorted(kept)[:MAX_TAGS]) or None
 
 
-CLIENT_ONLY_HEADERS = (b"x-herd-tags", b"authorization", b"x-api-key", b"cookie")
+CLIENT_ONLY_HEADERS = (b"x-herd-tags", b"x-herd-session", b"authorization", b"x-api-key",
+                       b"cookie")
 
 
 def encodable(text):
@@ -2629,7 +2997,8 @@ def node_summary(fleet, node, learner):
             for name, e in sorted(node.loaded.items())],
         "queues": {model: {"active": q.active, "waiting": q.waiting, "limit": q.limit}
                    for (nid, model), q in fleet.queues.items() if nid == node.node_id},
-        "learned": learner.view(node.node_id, node.models, fleet.slots_for(node)),
+        "learned": learner.view(node.node_id, node.models,
+                                {m: fleet.limit_for(node, m) for m in node.models}),
     }
 
 
@@ -2727,7 +3096,7 @@ def local_addresses():
     return found
 
 
-async def load_learning(learner, traces):
+async def load_learning(learner, fleet, traces):
     """Start from what an earlier run learned; failing that, a week of traces."""
     try:
         learner.load(await traces.load_learned())
@@ -2735,6 +3104,9 @@ async def load_learning(learner, traces):
             learner.seed(await traces.mean_latencies(time.time() - 7 * 86400))
     except Exception as e:  # a damaged database must not stop the router
         log.warning("could not read what earlier runs learned: %s", e)
+    for key, speed in learner.speeds.items():
+        if speed.concurrency:
+            fleet.concurrency.setdefault(key, speed.concurrency)
 
 
 def save_learning(learner, traces):
@@ -2746,9 +3118,10 @@ def start_duties(tasks, cfg, fleet, proxy, local, traces, learner):
     """The router's background loops, each a named task in `tasks`."""
     tasks.spawn(hc.repeat(fleet.refresh_status, min(1.0, cfg.heartbeat_timeout / 4), log,
                           "the node status watch"), "status-watcher")
-    tasks.spawn(load_learning(learner, traces), "load-learning")
-    tasks.spawn(hc.repeat(lambda: save_learning(learner, traces), Learner.SAVE_EVERY_S, log,
-                          "saving what was learned"), "save-learning")
+    if cfg.learning:
+        tasks.spawn(load_learning(learner, fleet, traces), "load-learning")
+        tasks.spawn(hc.repeat(lambda: save_learning(learner, traces), Learner.SAVE_EVERY_S,
+                              log, "saving what was learned"), "save-learning")
     tasks.spawn(hc.repeat(fleet.rebalance, cfg.rebalance_interval, log, "rebalancing"),
                 "rebalancer")
     tasks.spawn(hc.repeat(proxy.reap_zombies, min(30.0, cfg.stale_timeout / 4), log,

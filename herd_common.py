@@ -12,7 +12,7 @@ no database. It holds, in the order data flows:
                               first-byte / chunk timeouts, a pool; the Relay that
                               passes a node's answer to a client chunk by chunk
     model names               Ollama's name:tag canonical form
-    scoring                   elimination and the seven signals, as pure functions
+    scoring                   elimination and the nine signals, as pure functions
     metrics                   counters and histograms in the Prometheus text format
     trace store               the trace contract (statuses, columns) and SQLite
                               request_traces: batched writes on one thread, and every
@@ -1438,7 +1438,8 @@ def canonical_model(name):
 
 
 ####################################################################################
-# Scoring: elimination and seven signals, pure functions over plain numbers
+# Scoring: elimination, the seven documented signals and two that learning adds (speed,
+# session), pure functions over plain numbers
 ####################################################################################
 
 GIB = 1 << 30
@@ -1461,14 +1462,21 @@ class Candidate:
     active: int = 0
     waiting: int = 0
     slots: int = 1
-    mean_latency_s: float = 0.0  # observed mean duration of a request on this node+model
-    load_estimate_s: float = 0.0  # observed mean cold-load time
+    limit: int = 0  # requests in flight worth having here (learned; 0: the slots)
+    tokens: float = 0.0  # completion tokens this request is expected to produce
+    service_s: float = 0.0  # expected seconds it runs once it has a slot (0: unknown)
+    work_ahead_s: float = 0.0  # expected seconds of queued work before it gets a slot
+    load_estimate_s: float = 0.0  # expected cold-load time
+    fastest_s: float = 0.0  # the best expected completion among the candidates (ranking)
     cpu_percent: float = 0.0
     cpu_trend: float = 0.0  # percentage points per sample, + means busier
     degraded: bool = False
     requested_ctx: int = 0
     loaded_ctx: int = 0
     model_max_ctx: int = 0
+    session: bool = False  # this node answered the conversation's last turn
+    evicts: tuple = ()  # loaded models a cold load here would push out
+    evicts_busy: str = ""  # one of those with requests running or queued
 
 
 def eliminate(c):
@@ -1499,15 +1507,19 @@ def score_memory_fit(c):
 
 
 def score_queue_depth(c):
-    """Down to -30 as in-flight and queued requests fill twice the node's slots."""
-    return -30.0 * min(1.0, (c.active + c.waiting) / (2.0 * max(1, c.slots)))
+    """Down to -30 as in-flight and queued requests fill twice the node's slots (or
+    twice the concurrency learned for it, when that is lower)."""
+    return -30.0 * min(1.0, (c.active + c.waiting) / (2.0 * max(1, c.limit or c.slots)))
 
 
 def estimate_wait_s(c):
-    """Seconds before this request would start: queue turns plus any cold load."""
-    ahead = max(0, c.active + c.waiting - c.slots + 1)
-    wait = ahead * c.mean_latency_s / max(1, c.slots)
-    return wait + (0.0 if c.hot else c.load_estimate_s)
+    """Seconds before this request would start: queued work plus any cold load."""
+    return c.work_ahead_s + (0.0 if c.hot else c.load_estimate_s)
+
+
+def expected_s(c):
+    """Seconds until this request would be answered here, or 0 when nothing is known."""
+    return estimate_wait_s(c) + c.service_s if c.service_s else 0.0
 
 
 def score_wait_time(c):
@@ -1535,6 +1547,22 @@ def score_availability(c):
     return max(0.0, min(10.0, 10.0 * (1 - c.cpu_percent / 100.0) - c.cpu_trend / 5.0))
 
 
+def score_speed(c):
+    """Down to -50 as the expected completion here reaches twice the fastest candidate's
+    (shortest expected delay, from learned speed; 0 when nothing is learned)."""
+    mine = expected_s(c)
+    if not mine or not c.fastest_s:
+        return 0.0
+    return -50.0 * min(1.0, (mine - c.fastest_s) / max(c.fastest_s, 1.0))
+
+
+def score_session(c):
+    """+25 for the node that answered the conversation's last turn, while the model is
+    hot there and a slot is free: Ollama reuses the prompt it has cached."""
+    free = c.active + c.waiting < max(1, c.limit or c.slots)
+    return 25.0 if c.session and c.hot and free else 0.0
+
+
 def score_context_fit(c):
     """Up to +10 when the context asked for fits without a reload."""
     if not c.requested_ctx:
@@ -1554,6 +1582,8 @@ SIGNALS = (
     ("role_affinity", score_role_affinity),
     ("availability", score_availability),
     ("context_fit", score_context_fit),
+    ("speed", score_speed),  # the two signals learning adds to the documented seven
+    ("session", score_session),
 )
 
 
@@ -1565,6 +1595,10 @@ def score_candidate(c):
 
 def rank_candidates(candidates):
     """[(score, breakdown, candidate)] best first; ties go to the shorter queue."""
+    known = [expected_s(c) for c in candidates if expected_s(c)]
+    fastest = min(known) if len(known) > 1 else 0.0
+    for c in candidates:
+        c.fastest_s = fastest
     scored = [(*score_candidate(c), c) for c in candidates]
     scored.sort(key=lambda t: (-t[0], t[2].active + t[2].waiting, t[2].node_id))
     return scored
@@ -1648,7 +1682,8 @@ CANCELLED = "cancelled"    # the client went away first
 RETRIED = "retried"        # one attempt that failed before its first chunk (not a request)
 TRACE_STATUSES = (COMPLETED, REJECTED, FAILED, INCOMPLETE, CANCELLED, RETRIED)
 
-TRACE_SCHEMA_VERSION = 3  # 2: tags; 3: Ollama's load, prompt and decode timings
+TRACE_SCHEMA_VERSION = 4  # 2: tags; 3: Ollama's load, prompt and decode timings;
+# 4: learned_speed's service time, answer length, model size and speed by concurrency
 TRACE_COLUMNS = (
     ("request_id", "TEXT"), ("timestamp", "REAL"), ("model", "TEXT"),
     ("requested_model", "TEXT"), ("node_id", "TEXT"), ("status", "TEXT"),
@@ -1715,6 +1750,8 @@ LEARNED_COLUMNS = (
     ("cold_ms", "REAL"), ("load_ms", "REAL"), ("prompt_eval_ms", "REAL"), ("queue_ms", "REAL"),
     ("decode_tps", "REAL"), ("prompt_tps", "REAL"), ("latency_ms", "REAL"),
     ("concurrency", "INTEGER"), ("updated_at", "REAL"),
+    # schema 4: what a running request costs, and decode speed by requests in flight
+    ("service_ms", "REAL"), ("tokens", "REAL"), ("size", "INTEGER"), ("levels", "TEXT"),
 )
 LEARNED_NAMES = tuple(name for name, _ in LEARNED_COLUMNS)
 LEARNED_MAX_ROWS = 4096
@@ -1778,6 +1815,10 @@ class TraceStore:
             for ddl in _TRACE_DDL[1:]:  # the indexes, once their columns exist
                 db.execute(ddl)
             db.execute(_LEARNED_DDL)
+            have = {row[1] for row in db.execute("PRAGMA table_info(learned_speed)")}
+            for name, kind in LEARNED_COLUMNS:
+                if name not in have:
+                    db.execute(f"ALTER TABLE learned_speed ADD COLUMN {name} {kind}")
             db.execute(f"PRAGMA user_version={TRACE_SCHEMA_VERSION}")
         db.close()
         self.prune()

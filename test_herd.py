@@ -777,16 +777,15 @@ def test_queue_limit_follows_reported_parallel_slots(h):
 def test_slot_queue_shrinks_when_a_node_lowers_its_slots():
     async def scenario():
         q = herd.SlotQueue(3)
-        for _ in range(3):
-            await q.acquire()
+        tickets = [await q.acquire() for _ in range(3)]
         waiter = asyncio.ensure_future(q.acquire())
         await asyncio.sleep(0)
         q.set_limit(1)
-        q.release()
-        q.release()  # two finish: that only brings active down to the new limit
+        q.release(tickets[0])
+        q.release(tickets[1])  # two finish: that only brings active down to the new limit
         await asyncio.sleep(0)
         assert (q.active, q.waiting, waiter.done()) == (1, 1, False)
-        q.release()  # the next one to finish hands its slot on
+        q.release(tickets[2])  # the next one to finish hands its slot on
         await asyncio.sleep(0)
         assert waiter.done() and (q.active, q.waiting) == (1, 0)
     asyncio.run(scenario())
@@ -877,7 +876,7 @@ def test_scoring_signals_have_the_documented_ranges():
                             mem_available=12 * GIB, slots=4)
     busy_cold = hc.Candidate("b", hot=False, model_size=4 * GIB, mem_total=16 * GIB,
                              mem_available=6 * GIB, slots=1, active=1, waiting=3,
-                             mean_latency_s=30, load_estimate_s=20, cpu_percent=90,
+                             work_ahead_s=40, load_estimate_s=20, cpu_percent=90,
                              cpu_trend=20)
     s_hot, b_hot = hc.score_candidate(idle_hot)
     s_cold, b_cold = hc.score_candidate(busy_cold)
@@ -889,6 +888,29 @@ def test_scoring_signals_have_the_documented_ranges():
     assert s_hot > 80 and s_cold < 20
     ranked = hc.rank_candidates([busy_cold, idle_hot])
     assert [c.node_id for _, _, c in ranked] == ["a", "b"]
+
+
+def test_speed_signal_prefers_the_shortest_expected_completion():
+    # Both idle and hot; one answers in 2 s, one in 3 s, one would wait 4 s first.
+    fast = hc.Candidate("fast", hot=True, slots=2, service_s=2.0)
+    slow = hc.Candidate("slow", hot=True, slots=2, service_s=3.0)
+    queued = hc.Candidate("queued", hot=True, slots=2, active=2, service_s=2.0,
+                          work_ahead_s=4.0)
+    unknown = hc.Candidate("unknown", hot=True, slots=2)
+    ranked = hc.rank_candidates([queued, slow, unknown, fast])
+    points = {c.node_id: b["speed"] for _, b, c in ranked}
+    assert points == {"fast": 0.0, "slow": -25.0, "queued": -50.0, "unknown": 0.0}
+    assert ranked[0][2].node_id in ("fast", "unknown") and ranked[-1][2].node_id == "queued"
+    # Nothing learned anywhere: the signal is silent, not a guess.
+    alone = hc.rank_candidates([hc.Candidate("a", hot=True), hc.Candidate("b", hot=True)])
+    assert all(b["speed"] == 0 for _, b, _ in alone)
+
+
+def test_session_signal_needs_a_hot_model_and_a_free_slot():
+    assert hc.score_session(hc.Candidate("a", hot=True, slots=2, session=True)) == 25
+    assert hc.score_session(hc.Candidate("a", hot=False, slots=2, session=True)) == 0
+    assert hc.score_session(hc.Candidate("a", hot=True, slots=2, active=2, session=True)) == 0
+    assert hc.score_session(hc.Candidate("a", hot=True, slots=2)) == 0
 
 
 def test_context_fit_and_role_affinity():
