@@ -8,9 +8,36 @@ and the OpenAI-compatible routes. Faults can be switched on at any moment (refus
 reset, stall, 500, 503, death or an error line in the middle of a stream). It imports
 nothing from Herd: it is the reference the router is checked against.
 
+The contention model (for the routing benchmark; every figure can change while it runs):
+    speed          this machine's speed: a token takes chunk_delay / speed, a prompt
+                   token prompt_delay / speed (0.25: four times slower)
+    saturation     with n requests decoding at once, across all models, each token takes
+                   chunk_delay * max(1, n / saturation) / speed, recomputed per token: the
+                   node's tokens/s grows with n up to `saturation`, then stays flat
+    max_loaded     OLLAMA_MAX_LOADED_MODELS: a new runner past it evicts the least recently
+                   used idle one (fake.evictions counts them); when all are busy the load
+                   waits for one to go idle, and requests arriving meanwhile wait behind it
+                   (Ollama's scheduler takes them in order)
+    prompt_delay   seconds per prompt token that no slot's cache shares as a prefix: each
+                   runner keeps the last num_parallel token sequences (a generate's system
+                   and prompt, or a chat's messages as role and words, then the answer);
+                   a chat's next turn, which repeats them, pays for its new message only
+    vary_tokens    (lo, hi): with no num_predict / max_tokens, an answer's length is drawn
+                   in lo..hi by an RNG seeded with the prompt (same prompt, same length)
+The final chunk's metrics are the times really spent: load_duration until the runner
+was ready (a wait for a slot shows in total_duration only, as in Ollama),
+prompt_eval_duration the prompt evaluation, eval_duration the decoding; prompt_eval_count
+counts the whole prompt, cached or not.
+
+POST /_fake/config {"speed": 0.25, "saturation": 2, "fault": null} sets any of these
+three while the fake runs and answers the values now in force. It is a test-only control
+route, not an Ollama one (bench.py slows a node half-way through a run with it).
+
 Run:
     python fake_ollama.py [--host 127.0.0.1] [--port 11434] [--models a,b,c]
                           [--num-parallel N] [--chunks N] [--chunk-delay S] [--load-delay S]
+                          [--speed X] [--saturation N] [--max-loaded N] [--prompt-delay S]
+                          [--tokens-range LO,HI]
     (--num-parallel defaults to $OLLAMA_NUM_PARALLEL, else 1; --port 0 picks a free port)
 
     $ python fake_ollama.py --port 0 --chunks 3
@@ -33,6 +60,7 @@ In a test:
     fake = FakeOllama(["llama3.2:3b"], num_parallel=2, chunk_delay=0.05)
     port = await fake.start()          # binds 127.0.0.1:0, returns the port
     fake.fault = "die_mid_stream"      # and fake.requests, .active, .loaded, .cancelled ...
+    fake.speed = 0.25                  # .saturation, .max_loaded, .evictions, .generating ...
     await fake.stop()
 """
 
@@ -49,6 +77,7 @@ import ipaddress
 import json
 import math
 import os
+import random
 import re
 import signal
 import socket
@@ -493,6 +522,11 @@ def read_body(ex, struct):
     return body
 
 
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value)
+
+
 def http_date():
     return email.utils.formatdate(usegmt=True).encode()
 
@@ -592,7 +626,8 @@ class Slots:
 
 
 class Runner:
-    """One model's runner: its slots, the load in progress, and its keep-alive timer."""
+    """One model's runner: its slots, the load in progress, its keep-alive timer, when it
+    was last used (eviction picks the least recent) and the prompts its slots hold."""
 
     def __init__(self, num_parallel):
         self.slots = Slots(num_parallel)
@@ -600,6 +635,24 @@ class Runner:
         self.load_task = None
         self.keep_alive = DEFAULT_KEEP_ALIVE
         self.timer = None
+        self.last_used = 0.0
+        # One KV cache per slot: the token sequences of the last num_parallel requests.
+        self.prompts = collections.deque(maxlen=num_parallel)
+
+    def cached_prefix(self, words):
+        """How many leading tokens of `words` one slot's cache already holds; that slot
+        takes the new sequence (Ollama reuses the slot with the longest shared prefix)."""
+        best, best_at = 0, None
+        for at, cached in enumerate(self.prompts):
+            shared = shared_prefix(cached, words)
+            if shared > best:
+                best, best_at = shared, at
+        if best_at is not None:
+            del self.prompts[best_at]
+        return best
+
+    def forget_prompts(self):
+        self.prompts.clear()      # an unloaded runner's KV cache is gone
 
     def stop_timer(self):
         if self.timer is not None:
@@ -633,6 +686,7 @@ class Turn:
             self.fake.active -= 1
             self.runner.slots.release()
         self.runner.users -= 1
+        self.runner.last_used = time.monotonic()
         self.fake.on_runner_released(self.model, self.runner)
 
 
@@ -655,6 +709,10 @@ class Ask:
     dimensions: int = 0
     raw: bool = False
     arrived_ns: int = 0
+    words: list | None = None   # the prompt's tokens, for the prompt cache (chat: messages)
+    loaded_ns: int = 0          # when the runner was ready (load_duration ends)
+    prompt_ns: int = 0          # time spent evaluating the prompt
+    decode_ns: int = 0          # when decoding began (eval_duration starts)
 
 
 ####################################################################################
@@ -821,6 +879,44 @@ def count_tokens(text):
     return len(text.split()) if isinstance(text, str) else 0
 
 
+def shared_prefix(a, b):
+    """The number of leading items two sequences share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def prompt_words(kind, body):
+    """The tokens a runner evaluates: the prompt (with its system text), or each message
+    as its role and its words, in order."""
+    if kind in ("chat", "oa_chat"):
+        words = []
+        for m in body.get("messages") or []:
+            role = m.get("role") if isinstance(m, dict) else None
+            words += [role if isinstance(role, str) else "user", *message_text(m).split()]
+        return words
+    system, prompt = body.get("system"), body.get("prompt")
+    return (system.split() if isinstance(system, str) else []) + \
+        (prompt.split() if isinstance(prompt, str) else [])
+
+
+def answer_words(kind, tokens):
+    """What the answer adds to the slot's cache: the words, after "assistant" in a chat
+    (so the next turn, which repeats the answer as a message, shares the whole prefix)."""
+    words = words_text(tokens).split()
+    return ["assistant", *words] if kind in ("chat", "oa_chat") else words
+
+
+def drawn_length(words, lo, hi):
+    """An answer length in lo..hi drawn from an RNG seeded by the prompt: the same
+    prompt always gets the same length."""
+    seed = hashlib.sha256(" ".join(words).encode()).digest()
+    return random.Random(seed).randint(lo, hi)
+
+
 def message_text(message):
     """A chat message's text; OpenAI content may be a list of parts."""
     content = message.get("content") if isinstance(message, dict) else None
@@ -939,9 +1035,19 @@ class FakeOllama:
     """A fake Ollama on h11 and asyncio; see the module docstring."""
 
     def __init__(self, models=None, *, num_parallel=1, chunks=5, chunk_delay=0.0,
-                 load_delay=0.0, version="0.12.6", embedding_dim=8, host_guard=True):
+                 load_delay=0.0, version="0.12.6", embedding_dim=8, host_guard=True,
+                 speed=1.0, saturation=None, max_loaded=None, prompt_delay=0.0,
+                 vary_tokens=None):
         self.num_parallel, self.chunks = num_parallel, chunks
         self.chunk_delay, self.load_delay = chunk_delay, load_delay
+        # The contention model (module docstring): all settable while it runs.
+        self.speed, self.saturation, self.max_loaded = speed, saturation, max_loaded
+        self.prompt_delay, self.vary_tokens = prompt_delay, vary_tokens
+        self.generating = self.evictions = 0
+        self._room_waits = 0                # loads waiting for a runner to be evicted
+        self._room_open = asyncio.Event()   # cleared while they wait: arrivals queue
+        self._room_open.set()
+        self._released = []                 # futures of the loads waiting for room
         self.version, self.embedding_dim, self.host_guard = version, embedding_dim, host_guard
         self.fault, self.die_after = None, 2
         self.requests = []
@@ -1086,7 +1192,8 @@ class FakeOllama:
                  ("POST", "/api/pull"): self._serve_pull,
                  ("DELETE", "/api/delete"): self._serve_delete,
                  ("POST", "/api/copy"): self._serve_copy,
-                 ("GET", "/v1/models"): self._serve_openai_models}
+                 ("GET", "/v1/models"): self._serve_openai_models,
+                 ("POST", "/_fake/config"): self._serve_config}
         for path in INFERENCE:
             table[("POST", path)] = self._serve_inference
         return table
@@ -1238,6 +1345,25 @@ class FakeOllama:
             raise Refusal(404, f"model '{name}' not found")
         await ex.send_json(200, openai_model(self.models[found], name))
 
+    async def _serve_config(self, ex):
+        """The test-only control route (not Ollama's): speed, saturation, fault."""
+        body, error = ex.decoded
+        if error or not isinstance(body, dict):
+            raise Refusal(400, "a JSON object of speed, saturation, fault")
+        unknown = set(body) - {"speed", "saturation", "fault"}
+        speed, saturation = body.get("speed", self.speed), body.get("saturation",
+                                                                    self.saturation)
+        if unknown or not is_number(speed) or speed <= 0 or body.get("fault",
+                                                                     self.fault) not in FAULTS \
+                or not (saturation is None or is_number(saturation) and saturation >= 1):
+            raise Refusal(400, f"bad config {dumps(body).decode()}: speed > 0, "
+                               f"saturation >= 1 or null, fault one of "
+                               f"{sorted(f for f in FAULTS if f)} or null")
+        self.speed, self.saturation = speed, saturation
+        self.fault = body.get("fault", self.fault)
+        await ex.send_json(200, {"speed": self.speed, "saturation": self.saturation,
+                                 "fault": self.fault})
+
     # -- inference: reading the request -------------------------------------------
 
     async def _serve_inference(self, ex):
@@ -1281,6 +1407,8 @@ class FakeOllama:
         options = body.get("options") if isinstance(body.get("options"), dict) else {}
         ask.num_ctx = self._read_num_ctx(options)
         ask.keep_alive = read_keep_alive(body.get("keep_alive"))
+        if kind in ("generate", "chat", "oa_chat", "oa_completion"):
+            ask.words = prompt_words(kind, body)
         if kind in ("generate", "chat"):
             self._read_native_generation(body, ask)
         elif kind in ("oa_chat", "oa_completion"):
@@ -1320,9 +1448,13 @@ class FakeOllama:
         return value
 
     def _limit(self, ask, limit):
-        """Tokens to generate: `chunks`, or fewer when num_predict / max_tokens says so."""
+        """Tokens to generate: `chunks` (or a length drawn from `vary_tokens` when the
+        client sets no limit), fewer when num_predict / max_tokens says so."""
         ask.tokens = self.chunks
-        if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < self.chunks:
+        limited = isinstance(limit, int) and not isinstance(limit, bool) and limit > 0
+        if self.vary_tokens and not limited:
+            ask.tokens = drawn_length(ask.words, *self.vary_tokens)
+        if limited and limit < self.chunks:
             ask.tokens, ask.reason = limit, "length"
 
     def _read_native_generation(self, body, ask):
@@ -1414,12 +1546,15 @@ class FakeOllama:
         return runner
 
     async def _answer(self, ex, ask):
-        """Load if needed, wait for a slot (FIFO), then produce the answer."""
+        """Load if needed, wait for a slot (FIFO), evaluate the prompt, then answer."""
+        if not self._room_open.is_set():    # a load waits for room: Ollama's scheduler
+            await self._room_open.wait()    # takes requests in order, so these wait too
         turn = Turn(self, ask.model, self._runner(ask.model), ask.keep_alive)
         try:
             self.waiting += 1
             try:
                 await self._ensure_loaded(ask.model, turn.runner, ask.num_ctx)
+                ask.loaded_ns = time.monotonic_ns()
                 if ask.control != "load":
                     await turn.take_slot()
             finally:
@@ -1427,13 +1562,13 @@ class FakeOllama:
             if ask.control == "load":
                 turn.end()
                 return await ex.send_json(200, self._control_reply(ask))
-            ready_ns = time.monotonic_ns()
             if ask.kind in ("embed", "embeddings", "oa_embed"):
-                await self._reply_embedding(ex, ask, turn, ready_ns)
-            elif ask.stream:
-                await self._reply_stream(ex, ask, turn, ready_ns)
+                return await self._reply_embedding(ex, ask, turn)
+            await self._evaluate_prompt(ask, turn.runner)
+            if ask.stream:
+                await self._reply_stream(ex, ask, turn)
             else:
-                await self._reply_whole(ex, ask, turn, ready_ns)
+                await self._reply_whole(ex, ask, turn)
         finally:
             turn.end()
 
@@ -1463,27 +1598,84 @@ class FakeOllama:
 
     async def _load(self, model, runner, num_ctx):
         """A (re)load: a reload waits until the runner's requests are done, as Ollama's
-        scheduler does; the load itself outlives a client that goes away."""
+        scheduler does; a new runner first makes room (max_loaded). The load itself
+        outlives a client that goes away."""
         try:
             if model in self.loaded:
                 await runner.slots.wait_idle()
-                self.loaded.pop(model, None)
+                self._drop(model)
+            else:
+                await self._make_room(model)
             if self.load_delay:
                 await asyncio.sleep(self.load_delay)
             disk = self.models.get(model) or describe_model(model)
             size = loaded_size(disk, num_ctx, self.num_parallel)
             self.load_count += 1
+            runner.last_used = time.monotonic()
             self.loaded[model] = {
                 "name": model, "model": model, "size": size, "size_vram": size,
                 "digest": disk.digest, "details": model_details(disk),
                 "expires_at": expiry_time(runner.keep_alive), "context_length": num_ctx}
         finally:
             runner.load_task = None
+            self._wake_room_waiters()
+
+    # -- inference: room for runners (OLLAMA_MAX_LOADED_MODELS) --------------------
+    #
+    # Ollama's scheduler evicts the least recently used idle runner when a new one would
+    # go past the limit; when every runner is busy it waits for one to go idle, and the
+    # requests behind that load wait with it (it takes pending requests in order).
+
+    def _occupants(self, model):
+        """Runners loaded or loading, besides `model`'s own."""
+        return {m for m, r in self._runners.items()
+                if m != model and (m in self.loaded or r.load_task is not None)}
+
+    def _idle_victim(self, model):
+        """The least recently used loaded runner nobody is using, or None."""
+        idle = [m for m in self._occupants(model) if m in self.loaded
+                and not self._runners[m].users and self._runners[m].load_task is None]
+        return min(idle, key=lambda m: self._runners[m].last_used, default=None)
+
+    async def _make_room(self, model):
+        while self.max_loaded and len(self._occupants(model)) >= self.max_loaded:
+            victim = self._idle_victim(model)
+            if victim is not None:
+                self._runners[victim].stop_timer()
+                self._drop(victim)
+                self.evictions += 1
+                continue
+            released = asyncio.get_running_loop().create_future()
+            self._released.append(released)
+            self._room_waits += 1
+            self._room_open.clear()
+            try:
+                await released
+            finally:
+                self._room_waits -= 1
+                if not self._room_waits:
+                    self._room_open.set()
+
+    def _wake_room_waiters(self):
+        """A runner went idle or away: the loads waiting for room look again."""
+        for released in self._released:
+            if not released.done():
+                released.set_result(None)
+        self._released.clear()
+
+    def _drop(self, model):
+        """The runner is unloaded: gone from /api/ps, its KV caches with it."""
+        self.loaded.pop(model, None)
+        runner = self._runners.get(model)
+        if runner is not None:
+            runner.forget_prompts()
+        self._wake_room_waiters()
 
     def on_runner_released(self, model, runner):
         """Start the keep-alive clock when the runner goes idle (0 unloads at once)."""
         if runner.users or model not in self.loaded:
             return
+        self._wake_room_waiters()
         if runner.keep_alive == 0:
             return self._unload(model)
         self.loaded[model]["expires_at"] = expiry_time(runner.keep_alive)
@@ -1494,7 +1686,7 @@ class FakeOllama:
     def _expire(self, model, runner):
         runner.timer = None
         if not runner.users and runner.load_task is None:
-            self.loaded.pop(model, None)
+            self._drop(model)
 
     def _unload(self, model):
         """keep_alive 0: unload now, or when the requests still running on it finish."""
@@ -1504,7 +1696,7 @@ class FakeOllama:
             return
         if runner is not None:
             runner.stop_timer()
-        self.loaded.pop(model, None)
+        self._drop(model)
 
     def _control_reply(self, ask):
         """The single JSON object for a load or unload (even when streaming was asked)."""
@@ -1529,32 +1721,66 @@ class FakeOllama:
         return OpenAIAnswer(ask, self._answers % 999)
 
     @staticmethod
-    def _metrics(ask, ready_ns):
-        """Ollama's final-chunk metrics (ns); zero values are omitted, as Go's omitempty does."""
+    def _metrics(ask):
+        """Ollama's final-chunk metrics (ns), from the times really spent: load_duration
+        until the runner was ready (a wait for a slot is in total_duration only, as in
+        Ollama, whose runner takes the slot after that checkpoint), the prompt's
+        evaluation, the decoding. Zero values are omitted, as Go's omitempty does."""
         now = time.monotonic_ns()
-        generating = max(2, now - ready_ns)
-        prompt_ns = max(1, generating // (ask.tokens + 1))
         metrics = {"total_duration": max(1, now - ask.arrived_ns),
-                   "load_duration": max(1, ready_ns - ask.arrived_ns),
-                   "prompt_eval_count": ask.prompt_tokens, "prompt_eval_duration": prompt_ns,
-                   "eval_count": ask.tokens, "eval_duration": max(1, generating - prompt_ns)}
+                   "load_duration": max(1, (ask.loaded_ns or now) - ask.arrived_ns),
+                   "prompt_eval_count": ask.prompt_tokens,
+                   "prompt_eval_duration": max(1, ask.prompt_ns),
+                   "eval_count": ask.tokens,
+                   "eval_duration": max(1, now - (ask.decode_ns or now))}
         return {k: v for k, v in metrics.items() if v}
 
-    async def _reply_stream(self, ex, ask, turn, ready_ns):
+    def _token_delay(self):
+        """chunk_delay at this node's speed, stretched when more requests decode at once
+        than `saturation`: tokens/s of the node grow up to it and stay flat beyond."""
+        crowd = max(1.0, self.generating / self.saturation) if self.saturation else 1.0
+        return self.chunk_delay * crowd / self.speed
+
+    async def _evaluate_prompt(self, ask, runner):
+        """prompt_delay per prompt token no slot's cache holds (Ollama reuses a slot's KV
+        cache for a shared prefix), at this node's speed; the slot then holds this prompt
+        and the answer about to be written."""
+        started = time.monotonic_ns()
+        words = ask.words or []
+        fresh = len(words) - runner.cached_prefix(words)
+        runner.prompts.append(words + answer_words(ask.kind, ask.tokens))
+        if self.prompt_delay and fresh:
+            await asyncio.sleep(self.prompt_delay * fresh / self.speed)
+        ask.prompt_ns = time.monotonic_ns() - started
+
+    async def _decode(self, ask, emit=None):
+        """Produce the answer's tokens at the contention model's pace (recomputed for
+        each token, as other requests start and end), each handed to `emit(i)` if given.
+        False when a mid-stream fault stops a streamed answer first."""
+        ask.decode_ns = time.monotonic_ns()
+        self.generating += 1
+        try:
+            for i in range(ask.tokens):
+                if emit and self.fault in MID_STREAM_FAULTS and i >= self.die_after:
+                    return False
+                delay = self._token_delay()
+                if delay:
+                    await asyncio.sleep(delay)
+                elif i % YIELD_EVERY == YIELD_EVERY - 1:
+                    await asyncio.sleep(0)
+                if emit:
+                    await emit(i)
+            return True
+        finally:
+            self.generating -= 1
+
+    async def _reply_stream(self, ex, ask, turn):
         answer = self._format(ask)
         ex.open_stream(answer.stream_type)
-        delay = self.chunk_delay
-        for i in range(ask.tokens):
-            if self.fault in MID_STREAM_FAULTS and i >= self.die_after:
-                return await self._strike(ex, answer, turn)
-            if delay:
-                await asyncio.sleep(delay)
-            elif i % YIELD_EVERY == YIELD_EVERY - 1:
-                await asyncio.sleep(0)
-            await ex.send_chunk(answer.token(i))
-        if self.fault in MID_STREAM_FAULTS:     # die_after >= tokens: before the final chunk
-            return await self._strike(ex, answer, turn)
-        closing = answer.closing(self._metrics(ask, ready_ns))
+        whole = await self._decode(ask, lambda i: ex.send_chunk(answer.token(i)))
+        if not whole or self.fault in MID_STREAM_FAULTS:  # die_after >= tokens: before
+            return await self._strike(ex, answer, turn)   # the final chunk
+        closing = answer.closing(self._metrics(ask))
         await self._finish(turn, self._send_closing(ex, closing))
 
     @staticmethod
@@ -1577,10 +1803,9 @@ class FakeOllama:
             await ex.send_chunk(tail)
         await ex.close_stream()
 
-    async def _reply_whole(self, ex, ask, turn, ready_ns):
-        if self.chunk_delay:        # generating takes as long when not streamed
-            await asyncio.sleep(self.chunk_delay * ask.tokens)
-        body = dumps(self._format(ask).whole(self._metrics(ask, ready_ns)))
+    async def _reply_whole(self, ex, ask, turn):
+        await self._decode(ask)     # generating takes as long when not streamed
+        body = dumps(self._format(ask).whole(self._metrics(ask)))
         await self._send_whole(ex, turn, body)
 
     async def _send_whole(self, ex, turn, body):
@@ -1596,9 +1821,9 @@ class FakeOllama:
             raise Refusal(500, MID_STREAM_ERROR)
         await self._finish(turn, ex.send(200, body, JSON_TYPE))
 
-    async def _reply_embedding(self, ex, ask, turn, ready_ns):
+    async def _reply_embedding(self, ex, ask, turn):
         if self.chunk_delay:
-            await asyncio.sleep(self.chunk_delay)
+            await asyncio.sleep(self.chunk_delay / self.speed)
         vectors = [embedding(text, self.embedding_dim) for text in ask.inputs]
         if ask.kind == "embeddings":     # legacy: float64 of float32, not normalised
             return await self._send_whole(ex, turn, dumps(
@@ -1607,7 +1832,7 @@ class FakeOllama:
             vectors = [v[:ask.dimensions] for v in vectors]
         vectors = [[as_float32(x) for x in normalised(v)] for v in vectors]
         ask.tokens = 0
-        metrics = self._metrics(ask, ready_ns)
+        metrics = self._metrics(ask)
         if ask.kind == "embed":
             reply = {"model": ask.name, "embeddings": vectors,
                      "total_duration": metrics["total_duration"],
@@ -1645,7 +1870,29 @@ def parse_args(argv=None):
     parser.add_argument("--chunks", type=int, default=5, help="tokens per answer")
     parser.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between tokens")
     parser.add_argument("--load-delay", type=float, default=0.0, help="seconds per model load")
+    parser.add_argument("--speed", type=float, default=1.0,
+                        help="this machine's speed: each token takes chunk-delay / speed")
+    parser.add_argument("--saturation", type=int, default=None,
+                        help="requests decoding at once beyond which the node's tokens/s "
+                             "stays flat (default: no contention)")
+    parser.add_argument("--max-loaded", type=int, default=None,
+                        help="models loaded at once, like OLLAMA_MAX_LOADED_MODELS "
+                             "(default: no limit)")
+    parser.add_argument("--prompt-delay", type=float, default=0.0,
+                        help="seconds per prompt token no slot's cache holds")
+    parser.add_argument("--tokens-range", default="", metavar="LO,HI",
+                        help="answer lengths drawn per prompt between LO and HI when the "
+                             "client sets no limit (default: always --chunks)")
     args = parser.parse_args(argv)
+    if args.speed <= 0 or (args.saturation or 1) < 1 or (args.max_loaded or 1) < 1:
+        parser.error("--speed must be above 0, --saturation and --max-loaded at least 1")
+    args.vary_tokens = None
+    if args.tokens_range:
+        lo, _, hi = args.tokens_range.partition(",")
+        if not (lo.strip().isdigit() and hi.strip().isdigit() and 0 < int(lo) <= int(hi)):
+            parser.error(f"--tokens-range wants LO,HI with 0 < LO <= HI, not "
+                         f"{args.tokens_range!r}")
+        args.vary_tokens = (int(lo), int(hi))
     if args.num_parallel is None:
         env = os.environ.get("OLLAMA_NUM_PARALLEL", "").strip() or "1"
         if not env.isdigit() or int(env) < 1:
@@ -1658,7 +1905,10 @@ async def serve(args):
     """Run until SIGINT or SIGTERM."""
     models = [m for m in args.models.split(",") if m.strip()] or None
     fake = FakeOllama(models, num_parallel=args.num_parallel, chunks=args.chunks,
-                      chunk_delay=args.chunk_delay, load_delay=args.load_delay)
+                      chunk_delay=args.chunk_delay, load_delay=args.load_delay,
+                      speed=args.speed, saturation=args.saturation,
+                      max_loaded=args.max_loaded, prompt_delay=args.prompt_delay,
+                      vary_tokens=args.vary_tokens)
     port = await fake.start(args.host, args.port)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"fake ollama listening on http://{host}:{port}", flush=True)

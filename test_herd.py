@@ -3605,3 +3605,102 @@ def test_a_background_duty_survives_a_failing_step(caplog):
     asyncio.run(scenario())
     assert len(calls) >= 3 and "the test duty failed" in caplog.text
 
+
+
+# -- the fake's contention model (what bench.py --routing emulates a fleet with) ---------
+
+
+def fake_answers(fake, bodies, path="/api/generate"):
+    """Send the bodies at once (one thread each) to a fake; their final JSON objects."""
+    out = [None] * len(bodies)
+
+    def one(i):
+        status, _, body = http(fake.url, "POST", path, {"stream": False, **bodies[i]},
+                               timeout=30)
+        assert status == 200, body
+        out[i] = json.loads(body)
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return out
+
+
+def mean_eval_s(answers):
+    return sum(a["eval_duration"] for a in answers) / len(answers) / 1e9
+
+
+def test_fake_tokens_per_second_saturate_at_its_saturation(h):
+    ask = {"model": "llama3.2:3b", "prompt": "x"}
+    crowded = h.fake(num_parallel=4, chunks=20, chunk_delay=0.01, saturation=2)
+    free = h.fake(num_parallel=4, chunks=20, chunk_delay=0.01)
+    two, four = (fake_answers(crowded, [ask] * n) for n in (2, 4))
+    # Node tokens/s = n streams x tokens / eval time: flat from 2 to 4 in flight.
+    rate = lambda answers: len(answers) * 20 / mean_eval_s(answers)
+    assert 0.75 < rate(four) / rate(two) < 1.25
+    assert 1.6 < mean_eval_s(four) / mean_eval_s(two) < 2.6
+    # Without saturation each stream keeps its pace, so the node's rate doubles.
+    assert 0.8 < mean_eval_s(fake_answers(free, [ask] * 4)) / mean_eval_s(two) < 1.25
+    assert all(a["eval_count"] == 20 for a in two + four)
+
+
+def test_fake_speed_stretches_decoding_and_is_set_through_its_control_route(h):
+    fake = h.fake(chunks=20, chunk_delay=0.01)
+    ask = {"model": "llama3.2:3b", "prompt": "x"}
+    fast = fake_answers(fake, [ask])[0]
+    status, _, body = http(fake.url, "POST", "/_fake/config", {"speed": 0.5})
+    assert status == 200 and json.loads(body) == {"speed": 0.5, "saturation": None,
+                                                  "fault": None}
+    slow = fake_answers(fake, [ask])[0]
+    assert 1.6 < slow["eval_duration"] / fast["eval_duration"] < 2.6
+    assert slow["eval_duration"] >= 20 * 0.02 * 1e9 * 0.95  # the delay really spent
+    assert http(fake.url, "POST", "/_fake/config", {"speed": 0})[0] == 400
+    assert http(fake.url, "POST", "/_fake/config", {"fault": "http500"})[0] == 200
+    assert fake.fault == "http500" and fake.speed == 0.5
+
+
+def test_fake_max_loaded_evicts_an_idle_runner_and_waits_for_a_busy_one(h):
+    fake = h.fake(models=["a:1b", "b:1b"], chunks=30, chunk_delay=0.01, max_loaded=1)
+    fake_answers(fake, [{"model": "a:1b", "prompt": "x"}])
+    fake_answers(fake, [{"model": "b:1b", "prompt": "x"}])
+    assert list(fake.loaded) == ["b:1b"] and fake.evictions == 1
+    # b is busy for 0.3 s: a load of a waits for it, and then evicts it.
+    done = []
+    busy = threading.Thread(target=lambda: done.append(
+        ("b", fake_answers(fake, [{"model": "b:1b", "prompt": "y"}]))))
+    busy.start()
+    wait_until(lambda: fake.generating == 1, what="b to be decoding")
+    answer = fake_answers(fake, [{"model": "a:1b", "prompt": "x"}])[0]
+    busy.join(30)
+    assert [d[0] for d in done] == ["b"]  # b finished before a could load
+    assert list(fake.loaded) == ["a:1b"] and fake.evictions == 2
+    assert answer["load_duration"] > 0.1e9  # the wait for room is part of the load
+
+
+def test_fake_prompt_cache_makes_a_conversations_next_turn_cheaper(h):
+    fake = h.fake(num_parallel=2, chunks=5, chunk_delay=0.001, prompt_delay=0.005)
+    question = {"role": "user", "content": " ".join(f"q{i}" for i in range(40))}
+    first = fake_answers(fake, [{"model": "llama3.2:3b", "messages": [question]}],
+                         "/api/chat")[0]
+    follow_up = [question, first["message"], {"role": "user", "content": "and then"}]
+    second = fake_answers(fake, [{"model": "llama3.2:3b", "messages": follow_up}],
+                          "/api/chat")[0]
+    other = {"role": "user", "content": " ".join(f"z{i}" for i in range(40))}
+    fresh = fake_answers(fake, [{"model": "llama3.2:3b", "messages": [other]}],
+                         "/api/chat")[0]
+    assert first["prompt_eval_duration"] >= 41 * 0.005e9 * 0.95  # role + 40 words
+    assert second["prompt_eval_duration"] < first["prompt_eval_duration"] / 4
+    assert fresh["prompt_eval_duration"] >= 41 * 0.005e9 * 0.95  # nothing shared
+    assert first["total_duration"] >= first["prompt_eval_duration"] + first["eval_duration"]
+
+
+def test_fake_answer_lengths_vary_by_prompt_and_repeat_for_the_same_one(h):
+    fake = h.fake(chunks=5, vary_tokens=(3, 40))
+    asks = [{"model": "llama3.2:3b", "prompt": f"prompt {i}"} for i in range(12)]
+    lengths = [a["eval_count"] for a in fake_answers(fake, asks)]
+    again = [a["eval_count"] for a in fake_answers(fake, asks)]
+    assert lengths == again and all(3 <= n <= 40 for n in lengths)
+    assert len(set(lengths)) > 3
+    capped = fake_answers(fake, [{**asks[0], "options": {"num_predict": 2}}])[0]
+    assert capped["eval_count"] == 2 and capped["done_reason"] == "length"
