@@ -750,7 +750,7 @@ class Speed:
     recent requests for percentiles, and decode speed by the number of requests that
     were in flight, from which the concurrency worth having is learned."""
 
-    ALPHA = 0.3  # weight of the newest request: a slowdown shows within ~3 requests
+    ALPHA = 0.5  # weight of the newest request: a slowdown shows within two requests
     BASELINE_ALPHA = 0.05  # the long-run speed a sharp drop is measured against
     WINDOW = 20
     AVERAGED = ("ttft_ms", "cold_ms", "load_ms", "prompt_eval_ms", "queue_ms", "decode_tps",
@@ -758,7 +758,7 @@ class Speed:
     MAX_LEVEL = 32  # requests in flight tracked for the concurrency curve
     LEVEL_SAMPLES = 3  # a level counts once it has this many requests
     LEVEL_GAIN = 0.10  # one more request in flight must add 10 % to total tokens/s
-    STALE_S = 120.0  # unsampled this long, the fast average drifts back to the baseline
+    STALE_S = 120.0  # unsampled this long, a slowed node is taken at its usual speed
     __slots__ = ("samples", *AVERAGED, "baseline_tps", "concurrency", "size", "levels",
                  "updated_at", "recent")
 
@@ -820,14 +820,15 @@ class Speed:
         return self.concurrency
 
     def tokens_per_s(self, level=None):
-        """Per-request decode speed with `level` requests in flight (None: unknown). Long
-        unsampled, the fast average drifts back to the baseline, so a node that slowed
-        down and lost its traffic is tried again."""
+        """Per-request decode speed with `level` requests in flight (None: unknown). Left
+        unsampled for STALE_S, a node that slowed down (and so lost its traffic) is
+        taken at its usual speed again, so it is tried again."""
         entry = self.levels.get(level) if level else None
         tps = entry[0] if entry and entry[1] >= self.LEVEL_SAMPLES else self.decode_tps
-        if tps and self.baseline_tps and tps < self.baseline_tps:
-            idle = time.time() - self.updated_at
-            tps += (self.baseline_tps - tps) * min(1.0, idle / self.STALE_S)
+        if tps and self.baseline_tps and tps < self.baseline_tps and \
+                time.time() - self.updated_at > self.STALE_S:
+            return self.baseline_tps if entry is None else tps * self.baseline_tps / (
+                self.decode_tps or self.baseline_tps)
         return tps
 
     def percentile(self, index, q):
@@ -932,12 +933,15 @@ class Learner:
         """Fold in one completed request (its Exchange); returns the node+model's Speed."""
         u = ex.usage
         eval_s, prompt_s = _ratio(u.get("eval_ns"), 1e9), _ratio(u.get("prompt_eval_ns"), 1e9)
-        ttft_ms = ex.ttft * 1000 if ex.ttft is not None else None
+        # A whole (non-streamed) answer's first byte is its last: no time to first token.
+        ttft_ms = ex.ttft * 1000 if ex.ttft is not None and ex.stream else None
+        load_ms = _ratio(u.get("load_ns"), 1e6)
         latency_ms = (time.monotonic() - ex.t0) * 1000
         queue_ms = ex.queue_wait * 1000 if ex.queue_wait is not None else None
         sample = {
-            "ttft_ms": ttft_ms if hot else None, "cold_ms": None if hot else ttft_ms,
-            "load_ms": _ratio(u.get("load_ns"), 1e6),
+            "ttft_ms": ttft_ms if hot else None,
+            "cold_ms": None if hot else (load_ms or ttft_ms),  # what a cold load adds
+            "load_ms": load_ms,
             "prompt_eval_ms": _ratio(u.get("prompt_eval_ns"), 1e6),
             "queue_ms": queue_ms,
             "decode_tps": _ratio(u.get("completion_tokens"), eval_s),
@@ -978,13 +982,15 @@ class Learner:
         speed = self.get(node_id, model)
         load_s = self.load_s(node_id, model, size)
         if speed is not None and (speed.decode_tps or speed.service_ms):
-            ttft = speed.ttft_ms or speed.prompt_eval_ms or 0.0
-            return Forecast(speed.tokens_per_s(), ttft / 1000, (speed.service_ms or 0.0) / 1000,
+            # Before the first token: Ollama's own prompt evaluation (a router-timed first
+            # byte would count the network, or a whole answer that was not streamed).
+            prompt_s = (speed.prompt_eval_ms or 0.0) / 1000
+            return Forecast(speed.tokens_per_s(), prompt_s, (speed.service_ms or 0.0) / 1000,
                             load_s, "learned", speed.tokens_per_s)
         guess = self.estimate(node_id, model, size)
         if guess is None:
             return None
-        return Forecast(guess["decode_tps"], guess.get("ttft_ms", 0.0) / 1000, 0.0, load_s,
+        return Forecast(guess["decode_tps"], guess["prompt_eval_ms"] / 1000, 0.0, load_s,
                         guess["basis"])
 
     def load_s(self, node_id, model, size=0):
@@ -1027,7 +1033,8 @@ class Learner:
             factor = self.node_factor(node_id)
             return {"decode_tps": statistics.median(s.decode_tps for s in elsewhere) * factor,
                     "latency_ms": statistics.median(s.latency_ms for s in elsewhere) / factor,
-                    "ttft_ms": statistics.median(s.ttft_ms or 0.0 for s in elsewhere) / factor,
+                    "prompt_eval_ms": statistics.median(
+                        s.prompt_eval_ms or 0.0 for s in elsewhere) / factor,
                     "basis": "the same model on other nodes"}
         here = [s for (n, m), s in self.speeds.items() if n == node_id and m != model
                 and s.decode_tps and s.size and s.latency_ms]
@@ -1035,7 +1042,8 @@ class Learner:
             tps = statistics.median(s.decode_tps * s.size / size for s in here)
             return {"decode_tps": tps, "latency_ms": statistics.median(
                 s.latency_ms * size / s.size for s in here),
-                "ttft_ms": statistics.median((s.ttft_ms or 0.0) * size / s.size for s in here),
+                "prompt_eval_ms": statistics.median(
+                    (s.prompt_eval_ms or 0.0) * size / s.size for s in here),
                 "basis": "this node's other models, by size"}
         return None
 

@@ -891,15 +891,15 @@ def test_scoring_signals_have_the_documented_ranges():
 
 
 def test_speed_signal_prefers_the_shortest_expected_completion():
-    # Both idle and hot; one answers in 2 s, one in 3 s, one would wait 4 s first.
+    # Both idle and hot; one answers in 2 s, one in 2.5 s, one would wait 4 s first.
     fast = hc.Candidate("fast", hot=True, slots=2, service_s=2.0)
-    slow = hc.Candidate("slow", hot=True, slots=2, service_s=3.0)
+    slow = hc.Candidate("slow", hot=True, slots=2, service_s=2.5)
     queued = hc.Candidate("queued", hot=True, slots=2, active=2, service_s=2.0,
                           work_ahead_s=4.0)
     unknown = hc.Candidate("unknown", hot=True, slots=2)
     ranked = hc.rank_candidates([queued, slow, unknown, fast])
     points = {c.node_id: b["speed"] for _, b, c in ranked}
-    assert points == {"fast": 0.0, "slow": -25.0, "queued": -50.0, "unknown": 0.0}
+    assert points == {"fast": 0.0, "slow": -30.0, "queued": -60.0, "unknown": 0.0}
     assert ranked[0][2].node_id in ("fast", "unknown") and ranked[-1][2].node_id == "queued"
     # Nothing learned anywhere: the signal is silent, not a guess.
     alone = hc.rank_candidates([hc.Candidate("a", hot=True), hc.Candidate("b", hot=True)])
@@ -1241,22 +1241,28 @@ def test_what_a_node_learned_shows_in_the_status_and_survives_a_restart(h):
     h.heartbeat(router, fake, "node-a")
     answers = [generate(router)[0] for _ in range(3)]
     learned = fleet_node(router, "node-a")["learned"]["llama3.2:3b"]
-    # The first three requests weigh alike (1, 1/2, 1/3): the average is their mean.
-    truth = sum(decode_rates(answers)) / 3
+    # The newest request weighs half (the first two alike): 1/4, 1/4, 1/2.
+    rates = decode_rates(answers)
+    truth = (rates[0] + rates[1]) / 4 + rates[2] / 2
     assert learned["samples"] == 3 and learned["estimated"] is False
     assert learned["tokens_per_s"] == pytest.approx(truth, rel=0.01)
-    assert learned["cold_load_ms"] > 0 and learned["ttft_ms"] > 0  # 1 cold, 2 hot
+    # 1 cold, 2 hot; a whole answer's first byte is its last, so no time to first token
+    assert learned["cold_load_ms"] > 0 and learned["ttft_ms"] is None
     assert learned["concurrency"] == fleet_node(router, "node-a")["num_parallel"]
+    assert http(router.url, "POST", "/api/generate", {"model": "llama3.2:3b",
+                                                      "prompt": "x"})[0] == 200
+    learned = fleet_node(router, "node-a")["learned"]["llama3.2:3b"]
+    assert learned["samples"] == 4 and learned["ttft_ms"] > 0
     h.bg.run(router.stop())
     h.routers.remove(router)
     again = h.router()
     h.heartbeat(again, fake, "node-a")
     kept = wait_until(lambda: fleet_node(again, "node-a")["learned"].get("llama3.2:3b"),
                       what="the saved speeds to load")
-    assert kept["samples"] == 3 and kept["tokens_per_s"] == learned["tokens_per_s"]
+    assert kept["samples"] == 4 and kept["tokens_per_s"] == learned["tokens_per_s"]
     rows = sqlite3.connect(h.data_dir / "latency.db").execute(
         "SELECT node_id, model, samples FROM learned_speed").fetchall()
-    assert rows == [("node-a", "llama3.2:3b", 3)]
+    assert rows == [("node-a", "llama3.2:3b", 4)]
 
 
 def test_a_node_never_timed_gets_an_estimate_from_the_fleet(h):
@@ -1297,6 +1303,170 @@ def test_a_sharp_slowdown_is_a_health_finding(h):
     health = get_json(router.url, "/dashboard/api/health")
     drop = [c for c in health["checks"] if c["check"] == "speed_drops"]
     assert [(c["node_id"], c["model"]) for c in drop] == [("node-a", "llama3.2:3b")]
+
+
+def join(h, router, fake, node_id, slots=None, mutate=None):
+    """A heartbeat for `fake` sent from its own address, as its machine's agent would."""
+    def edit(hb):
+        if slots:
+            hb["ollama"].update(num_parallel=slots, num_parallel_source="test")
+        if mutate:
+            mutate(hb)
+    host = hc.split_url(fake.url)[0]
+    status, answer = post_heartbeat(router, h.snapshot(router, fake, node_id, edit),
+                                    source=host)
+    assert status == 200, answer
+
+
+def serve_in_turns(router, count, workers, model="llama3.2:3b", body=None):
+    """`workers` clients, each sending generates one after another until `count` have
+    been sent; returns the node of each answer, in the order they finished."""
+    served, lock, claimed = [], threading.Lock(), [0]
+
+    def worker():
+        while True:
+            with lock:
+                if claimed[0] >= count:
+                    return
+                claimed[0] += 1
+            status, headers, answer = http(router.url, "POST", "/api/generate", {
+                "model": model, "prompt": "x", "stream": False, **(body or {})}, timeout=30)
+            assert status == 200, answer
+            with lock:
+                served.append(headers["x-fleet-node"])
+    threads = [threading.Thread(target=worker) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(served) == count, served
+    return served
+
+
+def test_a_node_that_slows_down_loses_traffic_and_regains_it_after_recovering(
+        h, monkeypatch):
+    # Unsampled for three seconds, a slowed node's speed is back to its usual (the
+    # router gives such second chances after STALE_S, two minutes; a test cannot wait).
+    monkeypatch.setattr(herd.Speed, "STALE_S", 3.0)
+    a = h.fake(num_parallel=1, chunks=10, chunk_delay=0.01)
+    b = h.fake("127.0.0.2", num_parallel=1, chunks=10, chunk_delay=0.01)
+    router = h.router()
+    for fake, name in ((a, "node-a"), (b, "node-b")):
+        load_on(fake, "llama3.2:3b")
+        join(h, router, fake, name, slots=1)
+    def routed(count):
+        """Serve `count` requests; the node of each, in the order they arrived."""
+        seen = len(h.traces(router))
+        serve_in_turns(router, count, workers=2)
+        rows = sorted(h.traces(router)[seen:], key=lambda r: r["timestamp"])
+        return [r["node_id"] for r in rows]
+    before = routed(12)
+    assert before.count("node-b") >= 4, before  # both share the work
+    b.speed = 0.2  # its owner started something heavy: five times slower
+    during = routed(20)
+    # Two or three to learn it (sent while the first slow answer was still running),
+    # then none: waiting for node-a's slot is quicker. Counting requests alone would
+    # give node-b about one in six all along.
+    assert during.count("node-b") <= 3 and "node-b" not in during[-10:], " ".join(during)
+    b.speed = 1.0
+    wait_until(lambda: time.time() - router.learner.get("node-b", "llama3.2:3b").updated_at
+               > 3.0, what="node-b to go unsampled for three seconds")
+    after = routed(16)
+    assert after[4:].count("node-b") >= 4, " ".join(after)  # tried again, fast: kept
+
+
+def test_learned_concurrency_stops_where_throughput_stops_rising(h):
+    # Six slots, but the machine's tokens/s grows only up to two requests at once.
+    fake = h.fake(num_parallel=6, saturation=2, chunks=10, chunk_delay=0.01)
+    router = h.router()
+    load_on(fake, "llama3.2:3b")
+    h.heartbeat(router, fake, "node-a", FLEET_NODE_NUM_PARALLEL=6)
+    for workers in (1, 2, 3, 4):
+        serve_in_turns(router, 4 * workers, workers)
+    learned = fleet_node(router, "node-a")["learned"]["llama3.2:3b"]
+    curve = learned["tokens_per_s_by_concurrency"]
+    assert float(curve["2"]) * 2 > float(curve["1"]) * 1.6  # two at once pay...
+    assert float(curve["3"]) * 3 < float(curve["2"]) * 2 * 1.1  # a third does not
+    assert learned["concurrency"] == 2, learned
+    fake.max_active = 0
+    threads, results = start_requests(router, 6)
+    wait_until(lambda: queue_row(router, "node-a", "llama3.2:3b")["waiting"] >= 3,
+               what="requests held in the router's own queue")
+    assert queue_row(router, "node-a", "llama3.2:3b")["limit"] == 2
+    for t in threads:
+        t.join(30)
+    assert [r[0] for r in results] == [200] * 6 and fake.max_active == 2
+    # What was learned is kept: a restarted router holds them back from the start.
+    h.bg.run(router.stop())
+    h.routers.remove(router)
+    again = h.router()
+    h.heartbeat(again, fake, "node-a", FLEET_NODE_NUM_PARALLEL=6)
+    wait_until(lambda: fleet_node(again, "node-a")["learned"].get("llama3.2:3b"),
+               what="the saved speeds to load")
+    assert fleet_node(again, "node-a")["learned"]["llama3.2:3b"]["concurrency"] == 2
+    fake.max_active = 0
+    threads, results = start_requests(again, 4)
+    for t in threads:
+        t.join(30)
+    assert [r[0] for r in results] == [200] * 4 and fake.max_active == 2
+
+
+def test_a_cold_load_never_evicts_a_busy_model_when_another_node_can_load_it(h):
+    # node-a has the most memory, so it would win the cold load; but it may hold one
+    # model at a time (OLLAMA_MAX_LOADED_MODELS=1), and that one is busy.
+    a = h.fake(num_parallel=1, chunks=40, chunk_delay=0.05, max_loaded=1)
+    b = h.fake("127.0.0.2", num_parallel=1, chunks=2)
+    router = h.router()
+    one_at_a_time = lambda hb: hb["ollama"].update(max_loaded_models=1)
+    load_on(a, "qwen2.5:7b")
+    join(h, router, a, "node-a", 1, lambda hb: (small_memory(64, 60)(hb), one_at_a_time(hb)))
+    join(h, router, b, "node-b", 1, small_memory(16, 12))
+    busy = threading.Thread(target=http, args=(router.url, "POST", "/api/generate", {
+        "model": "qwen2.5:7b", "prompt": "x", "stream": False}), kwargs={"timeout": 30})
+    busy.start()
+    wait_until(lambda: a.active == 1, what="qwen2.5:7b busy on node-a")
+    assert generate(router, "llama3.2:3b")[1] == "node-b"
+    assert a.evictions == 0 and "eviction" not in router_events(router)
+    # With node-b gone, node-a is the only choice: it loads there, and that is counted.
+    join(h, router, b, "node-b", 1, lambda hb: hb.update(paused=True))
+    assert generate(router, "llama3.2:3b")[1] == "node-a"
+    busy.join(30)
+    assert a.evictions == 1 and router_events(router)["eviction"] == 1
+
+
+def chat(router, messages, headers=None):
+    status, answer_headers, body = http(router.url, "POST", "/api/chat", {
+        "model": "llama3.2:3b", "messages": messages, "stream": False}, headers=headers)
+    assert status == 200, body
+    return json.loads(body)["message"], answer_headers["x-fleet-node"]
+
+
+def test_the_next_turn_of_a_conversation_goes_back_to_the_same_node(h):
+    a, b = h.fake(chunks=3), h.fake("127.0.0.2", chunks=3)
+    router = h.router()
+    for fake, name in ((a, "node-a"), (b, "node-b")):
+        load_on(fake, "llama3.2:3b")
+        join(h, router, fake, name)
+    turn1 = [{"role": "user", "content": "name three rivers"}]
+    answer, first = chat(router, turn1)
+    other = "node-b" if first == "node-a" else "node-a"
+    # Now the first node looks a little worse than the other (a busier CPU) ...
+    busier = lambda hb: hb["cpu"].update(percent=95.0)
+    join(h, router, a if first == "node-a" else b, first, mutate=busier)
+    assert chat(router, [{"role": "user", "content": "something else"}])[1] == other
+    # ... but the follow-up, which starts with turn 1's messages, goes back to it.
+    turn2 = turn1 + [answer, {"role": "user", "content": "and three more"}]
+    answer2, second = chat(router, turn2)
+    assert second == first
+    turn3 = turn2 + [answer2, {"role": "user", "content": "which is longest?"}]
+    assert chat(router, turn3)[1] == first
+    # A named session needs no shared prefix.
+    _, named = chat(router, [{"role": "user", "content": "hi"}], {"X-Herd-Session": "s1"})
+    join(h, router, a if named == "node-a" else b, named, mutate=busier)
+    assert chat(router, [{"role": "user", "content": "new topic"}],
+                {"X-Herd-Session": "s1"})[1] == named
+    assert not any("x-herd-session" in r["headers"]
+                   for f in (a, b) for r in f.requests)  # the router's own header
 
 
 ####################################################################################
