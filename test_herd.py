@@ -2917,6 +2917,9 @@ def test_the_dashboard_shows_hostile_text_as_text(h, tmp_path):
     http(router.url, "POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "x",
                                                "stream": False}, headers={"X-Herd-Tags": evil})
     h.traces(router)
+    h.heartbeat(router, fake, "evil-node", mutate=lambda hb: hb["hardware"].update(
+        os=evil, arch="<b>x</b>") or hb.update(capacity={"mode": "paused",
+                                                         "paused_reason": evil}))
     status, headers, _ = http(router.url, "GET", "/dashboard")
     assert "script-src 'sha256-" in headers["content-security-policy"]
     assert "default-src 'none'" in headers["content-security-policy"]
@@ -2932,6 +2935,9 @@ def test_the_dashboard_shows_hostile_text_as_text(h, tmp_path):
             for tab in ("Nodes", "Requests", "Apps"):
                 page.click(f"nav button[data-tab={tab}]")
                 page.wait_for_selector("main:has-text('<img src=x')", timeout=10000)
+                if tab == "Nodes":  # a paused node's reason, in its pill
+                    page.wait_for_selector("main .pill:has-text('paused: <img src=x')",
+                                           timeout=10000)
                 assert page.evaluate("document.querySelectorAll('main img').length") == 0
             assert page.evaluate("window.__xss") is None and violations == []
         finally:
