@@ -38,6 +38,7 @@ import collections
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import glob
 import itertools
 import json
@@ -148,7 +149,7 @@ class RouterFinder:
 
 
 ####################################################################################
-# Capacity: what this machine's owner leaves for models (FLEET_NODE_ENABLE_CAPACITY_LEARNING)
+# Capacity: what the owner leaves for models (FLEET_NODE_ENABLE_CAPACITY_LEARNING)
 #
 # Theory: a laptop is someone's computer first. On every heartbeat the agent measures
 # the owner's load: the CPU used by every process but Ollama's and its own, and the
@@ -184,7 +185,8 @@ MAX_FDS_PER_PROC = 1024
 # Linux PSI (/proc/pressure/memory): the share of the last 10 s that some task, or every
 # task ("full"), stalled waiting for memory.
 PSI_SOME_WARNING, PSI_SOME_CRITICAL, PSI_FULL_CRITICAL = 10.0, 40.0, 10.0
-MACOS_PRESSURE_LEVELS = {1: "normal", 2: "warning", 4: "critical"}  # kern.memorystatus_vm_pressure_level
+# macOS: sysctl kern.memorystatus_vm_pressure_level, the level Activity Monitor shows.
+MACOS_PRESSURE_LEVELS = {1: "normal", 2: "warning", 4: "critical"}
 STATE_FORMAT, STATE_VERSION = "herd-capacity-learner", 1
 
 
@@ -219,17 +221,21 @@ class OwnerLoad:
 
     def read(self, machine):
         """(owner CPU in percent of the whole machine, owner memory in bytes)."""
-        cpu = rss = 0.0
+        cpu = held = 0.0
         for pid, proc in list(self._ours().items()):
             try:
                 with proc.oneshot():
                     cpu += proc.cpu_percent(interval=None)
-                    rss += proc.memory_info().rss
+                    mem = proc.memory_info()
             except (psutil.Error, OSError):
                 self._procs.pop(pid, None)  # gone; the next listing finds its successor
+                continue
+            # Weights Ollama maps from disk are page cache (Linux: `shared`), which the
+            # machine's "used" memory leaves out already; only the rest is subtracted.
+            held += mem.rss - getattr(mem, "shared", 0)
         cores = machine["cpu_cores"] or 1
         owner_cpu = min(100.0, max(0.0, machine["cpu_percent"] - cpu / cores))
-        return owner_cpu, max(0, machine["memory"]["used"] - int(rss))
+        return owner_cpu, max(0, machine["memory"]["used"] - int(held))
 
 
 class PauseProbes:
@@ -342,12 +348,16 @@ def psi_memory_pressure(text):
     return "warning" if some >= PSI_SOME_WARNING else "normal"
 
 
+@functools.cache
+def libc():
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
 def macos_memory_pressure():
     """macOS's own memory pressure level (what Activity Monitor's graph shows)."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         level, size = ctypes.c_int(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_int))
-        if libc.sysctlbyname(b"kern.memorystatus_vm_pressure_level", ctypes.byref(level),
+        if libc().sysctlbyname(b"kern.memorystatus_vm_pressure_level", ctypes.byref(level),
                              ctypes.byref(size), None, ctypes.c_size_t(0)) != 0:
             return None
     except (OSError, AttributeError, TypeError):
@@ -364,15 +374,19 @@ class PauseWatch:
         self.probes = probes
         self.found = []
         self.busy_since = None
+        self._slow = False
 
     async def probe(self):
         try:
             async with asyncio.timeout(PROBE_TIMEOUT_S):
                 found = await self.probes.reasons()
         except TimeoutError:
-            log.warning("pause probes took too long; keeping their last answer",
-                        extra={"event": "pause_probe_slow"})
+            if not self._slow:  # said once, not every PROBE_EVERY_S
+                log.warning(f"pause probes took over {PROBE_TIMEOUT_S:g}s; keeping their "
+                            f"last answer", extra={"event": "pause_probe_slow"})
+            self._slow = True
             return
+        self._slow = False
         if found != self.found:
             log.info(f"pause probes: {', '.join(found) or 'nothing in use'}",
                      extra={"event": "pause_probe"})
@@ -390,7 +404,7 @@ class PauseWatch:
             reasons.append("critical memory pressure")
         if self.busy_since is not None and now - self.busy_since >= BUSY_FOR_S:
             reasons.append(f"owner CPU at {BUSY_CPU:.0f}% or more for "
-                           f"{(now - self.busy_since) / 60:.0f} min")
+                           f"{BUSY_FOR_S / 60:.0f} min")  # one wording while it lasts
         return ", ".join(reasons)[:hc.PAUSED_REASON_MAX] or None
 
 
@@ -421,8 +435,13 @@ class Slot:
         self.mem += (mem - self.mem) * share
         self.mem_sq += (mem * mem - self.mem_sq) * share
 
-    def spread(self, mean, mean_sq):
-        return math.sqrt(max(0.0, mean_sq - mean * mean))
+    @property
+    def cpu_spread(self):
+        return math.sqrt(max(0.0, self.cpu_sq - self.cpu * self.cpu))
+
+    @property
+    def mem_spread(self):
+        return math.sqrt(max(0.0, self.mem_sq - self.mem * self.mem))
 
     def as_dict(self):
         return {"weight": round(self.weight, 4), "cpu": round(self.cpu, 3),
@@ -468,7 +487,7 @@ class CapacityLearner:
         """0..1: the share of the CPU the owner leaves now, blended with the share they
         usually leave at this hour (their mean plus one spread) by the slot's confidence."""
         s, trust = self.slot(now), self.confidence(now)
-        usual = min(100.0, s.cpu + s.spread(s.cpu, s.cpu_sq))
+        usual = min(100.0, s.cpu + s.cpu_spread)
         return (1 - trust) * (1 - owner_cpu / 100) + trust * (1 - usual / 100)
 
     def memory_ceiling(self, total, owner_mem, now):
@@ -478,7 +497,7 @@ class CapacityLearner:
         if not total:
             return 0
         s, trust = self.slot(now), self.confidence(now)
-        peak = min(1.0, s.mem + 2 * s.spread(s.mem, s.mem_sq)) * total
+        peak = min(1.0, s.mem + 2 * s.mem_spread) * total
         expected = max(owner_mem, trust * peak + (1 - trust) * owner_mem)
         return int(max(CEILING_FLOOR * total, total - expected - CEILING_HEADROOM * total))
 
