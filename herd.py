@@ -2123,9 +2123,10 @@ def check_zombie_reaper(snap):
 HEALTH_CHECKS = (check_no_nodes, check_open_fleet, check_refused_heartbeats, check_speed_drops,
                  check_offline_nodes, check_degraded_nodes, check_memory_pressure,
                  check_paused_nodes, check_underutilized_nodes, check_vram_fallbacks,
-                 check_kv_cache_bloat, check_model_thrashing, check_request_timeouts, check_error_rates,
-                 check_retry_rates, check_client_disconnects, check_incomplete_streams,
-                 check_version_mismatch, check_context_protection, check_zombie_reaper)
+                 check_kv_cache_bloat, check_model_thrashing, check_request_timeouts,
+                 check_error_rates, check_retry_rates, check_client_disconnects,
+                 check_incomplete_streams, check_version_mismatch, check_context_protection,
+                 check_zombie_reaper)
 
 
 def run_health_checks(snap):

@@ -27,9 +27,9 @@ Check it from anywhere:
     {"router": {"version": "0.1.0", "nodes_online": 2, ...},
      "nodes": [{"node_id": "mac-studio", "status": "online", "num_parallel": 4, ...}]}
     $ curl -s http://192.168.1.10:11435/fleet/status | python3 -c 'import json,sys; \
-        [print(n["node_id"], n["capacity"]) for n in json.load(sys.stdin)["nodes"]]'
-    macbook {'availability': 0.82, 'trend': -1.5, 'mode': 'learning', 'paused_reason': None,
-             'confidence': 0.2, 'memory_ceiling': 9663676416}
+        [print(n["node_id"], json.dumps(n["capacity"])) for n in json.load(sys.stdin)["nodes"]]'
+    lap {"availability": 0.682, "trend": 30.42, "mode": "learning", "paused_reason": null,
+         "confidence": 0.01, "memory_ceiling": 22086211850}
 """
 
 import argparse
