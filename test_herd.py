@@ -4,6 +4,7 @@ README section              test section (this file's order, which is herd.py's)
 Point your apps at it       The official clients
 Settings                    Settings and start-up
 Add more machines           Fleet: heartbeats, node status, drain, agents, local node
+  Laptops and shared ...    Learning, its end: the capacity learner, pauses, the ceiling
 How a request is routed     Routing (elimination, scoring, queues); Proxy (the relay)
 When things go wrong        Proxy: streaming relay and failures; Routing (fallbacks,
                             context protection, rebalancer); Pulls and pre-warm
