@@ -403,10 +403,22 @@ class Node:
         if self.status == DRAINING:
             return "draining"
         if self.hb.paused:
-            return "paused"
+            return self.paused_why()
         if not self.hb.reachable:
             return "its Ollama is unreachable"
         return None
+
+    def paused_why(self):
+        """'paused: camera in use', as the node's capacity learner said; else 'paused'."""
+        return f"paused: {self.hb.paused_reason}" if self.hb.paused_reason else "paused"
+
+    def capacity_inputs(self):
+        """What the scoring takes from the node's capacity section (none: its CPU)."""
+        cap = self.hb.capacity
+        if cap is None:
+            return {}
+        return {"availability": cap["availability"], "availability_trend": cap["trend"],
+                "memory_ceiling": cap["memory_ceiling"]}
 
     def cpu_trend(self):
         h = list(self.cpu_history)
@@ -461,6 +473,7 @@ class Fleet:
                               f"instead of {node.ollama_url}: two machines with one name? "
                               f"Give each its own FLEET_NODE_NODE_ID",
                               extra={"node_id": node.node_id, "event": "node_id_conflict"})
+        was_paused = known is not None and node.hb.paused and node.paused_why()
         node.local, node.hb = local, hb
         node.ollama_url = hb.ollama_url
         node.host, node.port, _ = hc.split_url(hb.ollama_url)
@@ -474,10 +487,20 @@ class Fleet:
         for (nid, model), q in self.queues.items():
             if nid == node.node_id:
                 q.set_limit(self.limit_for(node, model))
-        if hb.paused:
-            self.evict_node(node, "paused")
+        self._note_pause(node, was_paused)
         self.notify_change()
         return node
+
+    def _note_pause(self, node, was_paused):
+        """A node that pauses itself (its owner needs the machine) gets no new work; the
+        requests waiting for it move, those running finish. Logged once per change."""
+        now_paused = node.hb.paused and node.paused_why()
+        if now_paused != was_paused:
+            fleet_log.info(f"node {now_paused or 'resumed'}", extra={
+                "node_id": node.node_id, "event": "node_paused" if now_paused
+                else "node_resumed"})
+        if now_paused:
+            self.evict_node(node, now_paused)
 
     def _make_room(self, source):
         """Refuse a new node past FLEET_MAX_NODES (the longest offline one is forgotten
@@ -1270,6 +1293,7 @@ class Scheduler:
             slots=self.fleet.slots_for(node), limit=self.fleet.limit_for(node, model),
             cpu_percent=node.hb.cpu_percent,
             cpu_trend=node.cpu_trend(), degraded=node.status == DEGRADED,
+            **node.capacity_inputs(),
             requested_ctx=ask.requested_ctx,
             loaded_ctx=int((loaded or {}).get("context_length") or 0),
             model_max_ctx=int(details.get("context_length") or 0),
@@ -2340,6 +2364,18 @@ def check_memory_pressure(snap):
                           "OLLAMA_MAX_LOADED_MODELS there.", node=n["node_id"])
 
 
+def check_paused_nodes(snap):
+    for n in snap["nodes"]:
+        if n.get("paused") and n["status"] != OFFLINE:
+            reason = n.get("paused_reason") or "its agent did not say why"
+            yield finding("paused_nodes", "warning", f"{n['node_id']} is paused",
+                          f"It takes no new work ({reason}); requests already running "
+                          f"there finish.",
+                          "Nothing to do while its owner needs it: it resumes by itself "
+                          "once that clears. A machine that should always serve leaves "
+                          "FLEET_NODE_ENABLE_CAPACITY_LEARNING off.", node=n["node_id"])
+
+
 def check_underutilized_nodes(snap):
     busy = {n: c for n, c in snap["requests_by_node"].items() if c}
     if sum(busy.values()) < 20:
@@ -2462,10 +2498,11 @@ def check_zombie_reaper(snap):
 
 HEALTH_CHECKS = (check_no_nodes, check_open_fleet, check_refused_heartbeats, check_speed_drops,
                  check_offline_nodes, check_degraded_nodes, check_memory_pressure,
-                 check_underutilized_nodes, check_vram_fallbacks, check_kv_cache_bloat,
-                 check_model_thrashing, check_request_timeouts, check_error_rates,
-                 check_retry_rates, check_client_disconnects, check_incomplete_streams,
-                 check_version_mismatch, check_context_protection, check_zombie_reaper)
+                 check_paused_nodes, check_underutilized_nodes, check_vram_fallbacks,
+                 check_kv_cache_bloat, check_model_thrashing, check_request_timeouts,
+                 check_error_rates, check_retry_rates, check_client_disconnects,
+                 check_incomplete_streams, check_version_mismatch, check_context_protection,
+                 check_zombie_reaper)
 
 
 def run_health_checks(snap):
@@ -2493,6 +2530,7 @@ class Health:
         nodes = [{
             "node_id": n.node_id, "status": n.status, "silent_s": now - n.last_seen,
             "memory": n.hb.memory, "ollama_version": n.hb.ollama_version,
+            "paused": n.hb.paused, "paused_reason": n.hb.paused_reason,
             "loaded": [{**e, "model": name, "disk_size": n.models.get(name, {}).get("size")}
                        for name, e in n.loaded.items()],
         } for n in self.fleet.nodes.values()]
@@ -2997,7 +3035,7 @@ def node_summary(fleet, node, learner):
         "agent_version": hb.agent_version or None, "hardware": hb.hardware,
         "memory": hb.memory, "cpu": {"percent": hb.cpu_percent}, "disk": hb.disk,
         "ollama": hb.ollama, "draining": node.status == DRAINING or hb.draining,
-        "paused": hb.paused, "num_parallel": fleet.slots_for(node),
+        "paused": hb.paused, "capacity": hb.capacity, "num_parallel": fleet.slots_for(node),
         "models_on_disk": sorted(node.models),
         "models_loaded": [
             {"model": name, "size": e.get("size"), "size_vram": e.get("size_vram"),

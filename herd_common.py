@@ -1470,6 +1470,9 @@ class Candidate:
     fastest_s: float = 0.0  # the best expected completion among the candidates (ranking)
     cpu_percent: float = 0.0
     cpu_trend: float = 0.0  # percentage points per sample, + means busier
+    availability: float | None = None  # 0..1 from a node that learns its owner's habits
+    availability_trend: float = 0.0  # its owner's CPU, percentage points per minute
+    memory_ceiling: int = 0  # bytes the owner leaves for models at this hour; 0: no ceiling
     degraded: bool = False
     requested_ctx: int = 0
     loaded_ctx: int = 0
@@ -1488,6 +1491,9 @@ def eliminate(c):
         if need > c.mem_available + c.mem_reclaimable:
             return (f"not enough memory to load the model ({need / GIB:.1f} GiB needed, "
                     f"{(c.mem_available + c.mem_reclaimable) / GIB:.1f} GiB can be freed)")
+        if c.memory_ceiling and need > c.memory_ceiling:
+            return (f"over its memory ceiling: the model needs {need / GIB:.1f} GiB, its "
+                    f"owner leaves {c.memory_ceiling / GIB:.1f} GiB for models at this hour")
     return None
 
 
@@ -1541,9 +1547,13 @@ def score_role_affinity(c):
 
 
 def score_availability(c):
-    """Up to +10 for an idle CPU that is not getting busier; 0 when degraded."""
+    """Up to +10 for an idle CPU that is not getting busier; 0 when degraded. A node that
+    learns its owner's habits says how available it is (0..1) and how fast its owner's
+    CPU use moves (points a minute); that is used instead of its CPU when it does."""
     if c.degraded:
         return 0.0
+    if c.availability is not None:
+        return max(0.0, min(10.0, 10.0 * c.availability - c.availability_trend / 5.0))
     return max(0.0, min(10.0, 10.0 * (1 - c.cpu_percent / 100.0) - c.cpu_trend / 5.0))
 
 
@@ -2188,6 +2198,11 @@ def rfc3339_to_unix(text):
 NODE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 NODE_ID_RULE = "1-64 ASCII letters, digits, '.', '_' or '-', starting with a letter or digit"
 MEMORY_PRESSURES = ("normal", "warning", "critical")
+# The capacity section: "full" (a dedicated machine, nothing learned), "learning" (too
+# little history for this hour yet), "learned", "paused" (it takes no new work).
+CAPACITY_MODES = ("full", "learning", "learned", "paused")
+CAPACITY_TREND_MAX = 100.0  # percentage points a minute, either way
+PAUSED_REASON_MAX = 128
 HEARTBEAT_MAX_BYTES = 1 << 20  # a node with 500 models sends about 250 KB
 MAX_MODELS = 500  # on disk, per node
 MAX_LOADED = 64  # in memory, per node
@@ -2208,11 +2223,13 @@ def default_node_id():
 
 
 def build_heartbeat(node_id, ollama_url, machine, ollama, settings, num_parallel,
-                    num_parallel_source, draining=False, leaving=False):
+                    num_parallel_source, draining=False, leaving=False, capacity=None):
     """The heartbeat body an agent sends (and the router makes for its local node),
-    within the limits the router checks (an odd model name is left out, not sent)."""
+    within the limits the router checks (an odd model name is left out, not sent).
+    `capacity`, from an agent: availability, trend, mode, paused_reason, confidence and
+    memory_ceiling (the Heartbeat's reader says each one's range)."""
     error = ollama.get("error")
-    return {
+    body = {
         "node_id": node_id,
         "agent_version": VERSION,
         "ollama_url": ollama_url,
@@ -2234,8 +2251,11 @@ def build_heartbeat(node_id, ollama_url, machine, ollama, settings, num_parallel
         "loaded": _sendable(ollama.get("loaded"))[:MAX_LOADED],
         "draining": draining,
         "leaving": leaving,
-        "paused": False,
+        "paused": bool(capacity and capacity.get("paused_reason")),
     }
+    if capacity is not None:
+        body["capacity"] = capacity
+    return body
 
 
 def _sendable(entries):
@@ -2299,6 +2319,16 @@ class Fields:
             raise ValueError(f"field '{self.name(key)}' must be a number from 0 to {high}")
         return float(value)
 
+    def signed(self, key, bound, default=0.0):
+        """A number from -bound to bound (a trend may fall)."""
+        value = self._get(key, (int, float), "a number")
+        if value is None:
+            return default
+        if not (math.isfinite(value) and -bound <= value <= bound):
+            raise ValueError(f"field '{self.name(key)}' must be a number from -{bound} to "
+                             f"{bound}")
+        return float(value)
+
     def flag(self, key, default=False):
         value = self._get(key, (bool,), "true or false")
         return default if value is None else value
@@ -2357,6 +2387,21 @@ def _model_entry(f, loaded):
     return canonical_model(name), entry
 
 
+def _capacity(f):
+    """The capacity section, checked; None from an agent that sends none (an older one,
+    or the router's poll of its own Ollama)."""
+    if f.obj.get("capacity") is None:
+        return None
+    c = f.section("capacity")
+    return {"availability": None if c.obj.get("availability") is None
+            else c.number("availability", 1.0),
+            "trend": c.signed("trend", CAPACITY_TREND_MAX),
+            "mode": c.choice("mode", CAPACITY_MODES, "full"),
+            "paused_reason": c.text("paused_reason", PAUSED_REASON_MAX) or None,
+            "confidence": c.number("confidence", 1.0),
+            "memory_ceiling": c.integer("memory_ceiling")}
+
+
 class Heartbeat:
     """A heartbeat with every field checked and typed. What /fleet/status shows of it is
     rebuilt from the checked fields: nothing a node sends reaches a client unchecked."""
@@ -2365,7 +2410,7 @@ class Heartbeat:
                  "ollama_error", "num_parallel", "num_parallel_source", "settings",
                  "max_loaded_models", "cpu_percent", "mem_total", "mem_available",
                  "mem_used", "mem_percent", "pressure", "draining", "paused", "leaving",
-                 "models", "loaded", "hardware", "disk_total", "disk_free")
+                 "models", "loaded", "hardware", "disk_total", "disk_free", "capacity")
 
     def __init__(self, body):
         f = Fields(body)
@@ -2393,8 +2438,10 @@ class Heartbeat:
         disk = f.section("disk")
         self.disk_total, self.disk_free = disk.integer("total"), disk.integer("free")
         self._read_ollama(f.section("ollama"))
-        self.draining, self.paused = f.flag("draining"), f.flag("paused")
-        self.leaving = f.flag("leaving")
+        self.capacity = _capacity(f)
+        self.draining, self.leaving = f.flag("draining"), f.flag("leaving")
+        self.paused = f.flag("paused") or self.paused_reason is not None or bool(
+            self.capacity and self.capacity["mode"] == "paused")
         self.models = dict(_model_entry(m, False) for m in f.objects("models", MAX_MODELS))
         self.loaded = dict(_model_entry(m, True) for m in f.objects("loaded", MAX_LOADED))
 
@@ -2408,6 +2455,10 @@ class Heartbeat:
         settings = o.section("settings")
         self.settings = {k: settings.text(k, 256) for k in OLLAMA_SETTING_VARS
                          if k in settings.obj}
+
+    @property
+    def paused_reason(self):
+        return self.capacity["paused_reason"] if self.capacity else None
 
     @property
     def memory(self):

@@ -9,25 +9,44 @@ itself when Ollama is back. On SIGTERM / Ctrl-C it drains: the router sends no n
 work here, the requests running here finish (up to FLEET_NODE_DRAIN_TIMEOUT; a second
 Ctrl-C stops waiting), and then the agent tells the router it has left.
 
+On a laptop, FLEET_NODE_ENABLE_CAPACITY_LEARNING=true makes it learn when its owner
+uses the machine (capacity-learner-<id>.json in FLEET_NODE_DATA_DIR), report how
+available it is and how much memory models may take, and pause the node while the
+camera or microphone is in use, memory pressure is critical or the owner's CPU stays busy.
+
 Run:   python herd_node.py                      (find the router by mDNS)
        python herd_node.py --router-url http://192.168.1.10:11435
 Key settings: FLEET_NODE_ROUTER_URL, FLEET_NODE_NODE_ID (short hostname),
               FLEET_NODE_OLLAMA_HOST (http://localhost:11434), FLEET_NODE_TOKEN (the
               router's FLEET_TOKEN; heartbeats are signed with it, it is never sent),
-              FLEET_NODE_NUM_PARALLEL (else read from the running Ollama)
+              FLEET_NODE_NUM_PARALLEL (else read from the running Ollama),
+              FLEET_NODE_ENABLE_CAPACITY_LEARNING (false), FLEET_NODE_DATA_DIR
 
 Check it from anywhere:
     $ curl -s http://192.168.1.10:11435/fleet/status | python3 -m json.tool
     {"router": {"version": "0.1.0", "nodes_online": 2, ...},
      "nodes": [{"node_id": "mac-studio", "status": "online", "num_parallel": 4, ...}]}
+    $ curl -s http://192.168.1.10:11435/fleet/status | python3 -c 'import json,sys; \
+        [print(n["node_id"], json.dumps(n["capacity"])) for n in json.load(sys.stdin)["nodes"]]'
+    lap {"availability": 0.682, "trend": 30.42, "mode": "learning", "paused_reason": null,
+         "confidence": 0.01, "memory_ceiling": 22086211850}
 """
 
 import argparse
 import asyncio
+import collections
 import contextlib
+import ctypes
+import ctypes.util
+import functools
+import glob
+import itertools
 import json
 import logging
+import math
 import os
+import platform
+import shutil
 import ssl
 import sys
 import time
@@ -59,8 +78,14 @@ NODE_SETTINGS = [
                "requests running on this node to finish before it leaves the fleet"),
     hc.Setting("FLEET_NODE_NUM_PARALLEL", 0, "Ollama's parallel slots; 0 means read "
                "OLLAMA_NUM_PARALLEL from the running Ollama, else this agent's environment"),
-    hc.Setting("FLEET_NODE_DATA_DIR", "~/.fleet-manager", "logs/ and the state saved on "
-               "drain (node-state-<id>.json) live here"),
+    hc.Setting("FLEET_NODE_ENABLE_CAPACITY_LEARNING", False, "for a laptop or a shared "
+               "machine: learn when its owner uses it (by hour of the week), report how "
+               "available it is and how much memory models may have, and pause it while "
+               "the camera or microphone is in use, memory pressure is critical or the "
+               "owner keeps the CPU busy; off: a dedicated machine, always at full capacity"),
+    hc.Setting("FLEET_NODE_DATA_DIR", "~/.fleet-manager", "logs/, the state saved on drain "
+               "(node-state-<id>.json) and the capacity learner's "
+               "capacity-learner-<id>.json live here"),
     hc.Setting("FLEET_NODE_MDNS_INTERFACES", "", "comma-separated IPs to browse mDNS on "
                "(default: all interfaces)"),
     *hc.LOG_SETTINGS,
@@ -124,6 +149,489 @@ class RouterFinder:
 
 
 ####################################################################################
+# Capacity: what the owner leaves for models (FLEET_NODE_ENABLE_CAPACITY_LEARNING)
+#
+# Theory: a laptop is someone's computer first. On every heartbeat the agent measures
+# the owner's load: the CPU used by every process but Ollama's and its own, and the
+# memory in use outside them. The CapacityLearner folds that into one of 168 slots, one
+# per hour of the week in local time: a weight (minutes seen) and the means of the load
+# and of its square, the weight halving every two weeks, so a habit that stops fades and
+# the file never grows. The availability it reports blends the load now with the slot's
+# usual load, trusting the slot by its confidence (minutes / (minutes + 120)): on day one
+# it is the load now, never a week of blackout. The PauseWatch says when the node must
+# take no new work at all (camera or microphone in use, critical memory pressure, the
+# owner's CPU held high for minutes); its probes run as a task of their own, off the
+# heartbeat, each in a thread or a subprocess under a time-out. A paused node is left out
+# by the router; the requests already running there finish.
+####################################################################################
+
+SLOTS = 168  # hours in a week: Monday 00:00-00:59 local time is slot 0
+HALF_LIFE_S = 14 * 86400  # a slot's weight halves in two weeks without that hour seen
+CONFIDENCE_MINUTES = 120.0  # a slot seen for 2 h (decayed) is trusted half
+LEARNED_CONFIDENCE = 0.5  # from here the mode says "learned"
+SAMPLE_MAX_S = 60.0  # one sample counts for at most a minute (a laptop that slept)
+TREND_WINDOW_S = 300.0  # the trend: owner CPU over the last five minutes...
+TREND_MIN_SPAN_S = 60.0  # ...once at least a minute of it is known
+BUSY_CPU, BUSY_CLEAR_CPU, BUSY_FOR_S = 80.0, 70.0, 180.0  # owner CPU >= 80% for 3 min
+CEILING_HEADROOM = 0.10  # of total memory, kept for the system beside the owner's peak
+CEILING_FLOOR = 0.125  # of total memory: the ceiling never goes below this (0 = none)
+PROBE_EVERY_S = 10.0  # pause probes
+PROBE_TIMEOUT_S = 3.0  # one round of probes; a slow one keeps its last answer
+PACTL_TIMEOUT_S = 2.0
+SAVE_EVERY_S = 300.0
+PROCESS_LIST_EVERY_S = 30.0  # Ollama's processes are looked for this often
+MAX_PROCS_SCANNED = 4096  # /proc/<pid>/fd scans for /dev/video*, per probe
+MAX_FDS_PER_PROC = 1024
+# Linux PSI (/proc/pressure/memory): the share of the last 10 s that some task, or every
+# task ("full"), stalled waiting for memory.
+PSI_SOME_WARNING, PSI_SOME_CRITICAL, PSI_FULL_CRITICAL = 10.0, 40.0, 10.0
+# macOS: sysctl kern.memorystatus_vm_pressure_level, the level Activity Monitor shows.
+MACOS_PRESSURE_LEVELS = {1: "normal", 2: "warning", 4: "critical"}
+STATE_FORMAT, STATE_VERSION = "herd-capacity-learner", 1
+
+
+def hour_of_week(t):
+    """The slot of a unix time: its hour of the week in local time, Monday 00:00 first."""
+    tm = time.localtime(t)
+    return tm.tm_wday * 24 + tm.tm_hour
+
+
+def worse_pressure(a, b):
+    return max(a, b or "normal", key=hc.MEMORY_PRESSURES.index)
+
+
+class OwnerLoad:
+    """The owner's share of this machine: CPU and memory used by every process but
+    Ollama's (its server and runners) and this agent. Blocking: call it through
+    asyncio.to_thread. Per-process CPU is read without sleeping (since the last read)."""
+
+    def __init__(self, ps=None):
+        self.ps = ps or psutil
+        self._procs = {}  # pid -> Process: the same objects, so cpu_percent() has a past
+        self._listed_at = -math.inf
+
+    def _ours(self):
+        if time.monotonic() - self._listed_at >= PROCESS_LIST_EVERY_S:
+            found = {os.getpid(): self._procs.get(os.getpid()) or self.ps.Process()}
+            for p in self.ps.process_iter(["name"]):
+                if (p.info.get("name") or "").lower().startswith("ollama"):
+                    found[p.pid] = self._procs.get(p.pid, p)
+            self._procs, self._listed_at = found, time.monotonic()
+        return self._procs
+
+    def read(self, machine):
+        """(owner CPU in percent of the whole machine, owner memory in bytes)."""
+        cpu = held = 0.0
+        for pid, proc in list(self._ours().items()):
+            try:
+                with proc.oneshot():
+                    cpu += proc.cpu_percent(interval=None)
+                    mem = proc.memory_info()
+            except (psutil.Error, OSError):
+                self._procs.pop(pid, None)  # gone; the next listing finds its successor
+                continue
+            # Weights Ollama maps from disk are page cache (Linux: `shared`), which the
+            # machine's "used" memory leaves out already; only the rest is subtracted.
+            held += mem.rss - getattr(mem, "shared", 0)
+        cores = machine["cpu_cores"] or 1
+        owner_cpu = min(100.0, max(0.0, machine["cpu_percent"] - cpu / cores))
+        return owner_cpu, max(0, machine["memory"]["used"] - int(held))
+
+
+class PauseProbes:
+    """What this machine can tell of a camera, a microphone and memory pressure. `root`
+    holds proc/ and dev/ (tests give a crafted tree), `pactl` the PipeWire/PulseAudio
+    client ("" for none). macOS: memory pressure from the kernel's level; camera and
+    microphone are not detected there (no cheap, reliable check without a helper app)."""
+
+    def __init__(self, root="/", system=None, pactl=None, pactl_timeout=PACTL_TIMEOUT_S):
+        self.root = root
+        self.system = system or platform.system()
+        self.pactl = shutil.which("pactl") if pactl is None else pactl
+        self.pactl_timeout = pactl_timeout
+
+    async def reasons(self):
+        """The reasons to pause found now (camera, microphone), in a fixed order."""
+        if self.system != "Linux":
+            return []
+        camera, capture = await asyncio.gather(asyncio.to_thread(self.camera_in_use),
+                                               asyncio.to_thread(self.alsa_capture))
+        found = ["camera in use"] if camera else []
+        if capture or await self.pulse_capture():
+            found.append("microphone in use")
+        return found
+
+    def camera_in_use(self):
+        """Does a process hold /dev/video* open? (Those this user may look at: the owner's
+        apps run as the owner.) Bounded: MAX_PROCS_SCANNED processes, MAX_FDS_PER_PROC each."""
+        if not glob.glob(os.path.join(self.root, "dev", "video*")):
+            return False  # no camera at all: nothing to scan
+        proc = os.path.join(self.root, "proc")
+        try:
+            pids = [d for d in os.listdir(proc) if d.isdigit()][:MAX_PROCS_SCANNED]
+        except OSError:
+            return False
+        return any(self._holds_video(os.path.join(proc, pid, "fd")) for pid in pids)
+
+    @staticmethod
+    def _holds_video(fd_dir):
+        try:
+            with os.scandir(fd_dir) as fds:
+                for fd in itertools.islice(fds, MAX_FDS_PER_PROC):
+                    with contextlib.suppress(OSError):
+                        if os.readlink(fd.path).startswith("/dev/video"):
+                            return True
+        except OSError:  # gone, or not ours to look at
+            pass
+        return False
+
+    def alsa_capture(self):
+        """Is an ALSA capture substream running (proc/asound/card*/pcm*c/sub*/status)?"""
+        pattern = os.path.join(self.root, "proc", "asound", "card*", "pcm*c", "sub*", "status")
+        for path in glob.glob(pattern)[:256]:
+            with contextlib.suppress(OSError):
+                with open(path) as f:
+                    if "state: RUNNING" in f.read(4096):
+                        return True
+        return False
+
+    async def pulse_capture(self):
+        """Does PipeWire/PulseAudio record from a source that is not an output's monitor?"""
+        if not self.pactl:
+            return False
+        sources, outputs = await asyncio.gather(self._pactl("sources"),
+                                                self._pactl("source-outputs"))
+        rows = lambda text: [line.split("\t") for line in (text or "").splitlines()]
+        monitors = {r[0] for r in rows(sources) if len(r) > 1 and r[1].endswith(".monitor")}
+        return any(len(r) > 1 and r[1] not in monitors for r in rows(outputs))
+
+    async def _pactl(self, what):
+        """`pactl list short <what>`, or None when it fails or takes too long."""
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self.pactl, "list", "short", what, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        except OSError:
+            return None
+        try:
+            async with asyncio.timeout(self.pactl_timeout):
+                out, _ = await proc.communicate()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            return None
+        return out[:65536].decode("utf-8", "replace") if proc.returncode == 0 else None
+
+    def memory_pressure(self):
+        """'normal', 'warning' or 'critical' as the kernel measures it, None if it cannot
+        tell. Blocking (a small /proc read or one sysctl): call it in a thread."""
+        if self.system == "Darwin":
+            return macos_memory_pressure()
+        try:
+            with open(os.path.join(self.root, "proc", "pressure", "memory")) as f:
+                return psi_memory_pressure(f.read(4096))
+        except OSError:
+            return None  # no PSI (an old kernel, or it is switched off)
+
+
+def psi_memory_pressure(text):
+    """The pressure level of /proc/pressure/memory's text, from its avg10 figures."""
+    avg10 = {}
+    for line in text.splitlines():
+        kind, _, rest = line.partition(" ")
+        fields = dict(p.split("=", 1) for p in rest.split() if "=" in p)
+        with contextlib.suppress(ValueError):
+            avg10[kind] = float(fields.get("avg10", "0"))
+    some, full = avg10.get("some", 0.0), avg10.get("full", 0.0)
+    if full >= PSI_FULL_CRITICAL or some >= PSI_SOME_CRITICAL:
+        return "critical"
+    return "warning" if some >= PSI_SOME_WARNING else "normal"
+
+
+@functools.cache
+def libc():
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def macos_memory_pressure():
+    """macOS's own memory pressure level (what Activity Monitor's graph shows)."""
+    try:
+        level, size = ctypes.c_int(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_int))
+        if libc().sysctlbyname(b"kern.memorystatus_vm_pressure_level", ctypes.byref(level),
+                             ctypes.byref(size), None, ctypes.c_size_t(0)) != 0:
+            return None
+    except (OSError, AttributeError, TypeError):
+        return None
+    return MACOS_PRESSURE_LEVELS.get(level.value)
+
+
+class PauseWatch:
+    """Why this node must take no new work now, or None: what the probes last found (a
+    task refreshes it every PROBE_EVERY_S), critical memory pressure, or the owner's CPU
+    at BUSY_CPU or more for BUSY_FOR_S (cleared once it is under BUSY_CLEAR_CPU)."""
+
+    def __init__(self, probes):
+        self.probes = probes
+        self.found = []
+        self.busy_since = None
+        self._slow = False
+
+    async def probe(self):
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                found = await self.probes.reasons()
+        except TimeoutError:
+            if not self._slow:  # said once, not every PROBE_EVERY_S
+                log.warning(f"pause probes took over {PROBE_TIMEOUT_S:g}s; keeping their "
+                            f"last answer", extra={"event": "pause_probe_slow"})
+            self._slow = True
+            return
+        self._slow = False
+        if found != self.found:
+            log.info(f"pause probes: {', '.join(found) or 'nothing in use'}",
+                     extra={"event": "pause_probe"})
+        self.found = found
+
+    def observe_cpu(self, owner_cpu, now):
+        if owner_cpu >= BUSY_CPU:
+            self.busy_since = now if self.busy_since is None else self.busy_since
+        elif owner_cpu < BUSY_CLEAR_CPU:
+            self.busy_since = None
+
+    def reason(self, pressure, now):
+        reasons = list(self.found)
+        if pressure == "critical":
+            reasons.append("critical memory pressure")
+        if self.busy_since is not None and now - self.busy_since >= BUSY_FOR_S:
+            reasons.append(f"owner CPU at {BUSY_CPU:.0f}% or more for "
+                           f"{BUSY_FOR_S / 60:.0f} min")  # one wording while it lasts
+        return ", ".join(reasons)[:hc.PAUSED_REASON_MAX] or None
+
+
+class Slot:
+    """One hour of the week: a decayed weight (minutes seen) and weighted means of the
+    owner's CPU (percent) and memory (share of the total), and of their squares."""
+
+    __slots__ = ("weight", "cpu", "cpu_sq", "mem", "mem_sq", "updated")
+    FIELDS = (("weight", 1e7), ("cpu", 100.0), ("cpu_sq", 1e4), ("mem", 1.0),
+              ("mem_sq", 1.0), ("updated", 1e11))
+
+    def __init__(self, **values):
+        for name, _ in self.FIELDS:
+            setattr(self, name, float(values.get(name, 0.0)))
+
+    def decay_to(self, now):
+        """Age the weight to `now` (the means stay: every sample fades alike)."""
+        if self.weight and now > self.updated:
+            self.weight *= 0.5 ** ((now - self.updated) / HALF_LIFE_S)
+        self.updated = max(self.updated, now)
+
+    def add(self, cpu, mem, weight, now):
+        self.decay_to(now)
+        self.weight += weight
+        share = weight / self.weight
+        self.cpu += (cpu - self.cpu) * share
+        self.cpu_sq += (cpu * cpu - self.cpu_sq) * share
+        self.mem += (mem - self.mem) * share
+        self.mem_sq += (mem * mem - self.mem_sq) * share
+
+    @property
+    def cpu_spread(self):
+        return math.sqrt(max(0.0, self.cpu_sq - self.cpu * self.cpu))
+
+    @property
+    def mem_spread(self):
+        return math.sqrt(max(0.0, self.mem_sq - self.mem * self.mem))
+
+    def as_dict(self):
+        return {"weight": round(self.weight, 4), "cpu": round(self.cpu, 3),
+                "cpu_sq": round(self.cpu_sq, 2), "mem": round(self.mem, 5),
+                "mem_sq": round(self.mem_sq, 5), "updated": round(self.updated)}
+
+    @classmethod
+    def from_fields(cls, f):
+        return cls(**{name: f.number(name, high) for name, high in cls.FIELDS})
+
+
+class CapacityLearner:
+    """The owner's habits by hour of the week, and the owner's CPU of the last minutes;
+    kept in capacity-learner-<node id>.json. `clock` gives unix time (tests move it)."""
+
+    def __init__(self, node_id, path, clock=time.time, sample_s=5.0):
+        self.node_id, self.path, self.clock = node_id, path, clock
+        self.sample_s = sample_s  # what the first measurement stands for: one heartbeat
+        self.slots = [Slot() for _ in range(SLOTS)]
+        self.recent = collections.deque(maxlen=128)  # (time, owner CPU) for the trend
+        self._last_seen = None
+        self.dirty = False
+
+    def slot(self, now):
+        s = self.slots[hour_of_week(now)]
+        s.decay_to(now)
+        return s
+
+    def observe(self, owner_cpu, owner_mem_share, now):
+        """One measurement of the owner's load, weighted by the time it stands for."""
+        span = self.sample_s if self._last_seen is None else now - self._last_seen
+        self._last_seen = now
+        if span > 0:
+            self.slot(now).add(owner_cpu, owner_mem_share, min(span, SAMPLE_MAX_S) / 60, now)
+            self.dirty = True
+        self.recent.append((now, owner_cpu))
+
+    def confidence(self, now):
+        weight = self.slot(now).weight
+        return weight / (weight + CONFIDENCE_MINUTES)
+
+    def availability(self, owner_cpu, now):
+        """0..1: the share of the CPU the owner leaves now, blended with the share they
+        usually leave at this hour (their mean plus one spread) by the slot's confidence."""
+        s, trust = self.slot(now), self.confidence(now)
+        usual = min(100.0, s.cpu + s.cpu_spread)
+        return (1 - trust) * (1 - owner_cpu / 100) + trust * (1 - usual / 100)
+
+    def memory_ceiling(self, total, owner_mem, now):
+        """Bytes the owner leaves for models at this hour: the total less the larger of
+        their use now and their usual peak (mean plus two spreads, trusted by confidence),
+        less CEILING_HEADROOM for the system; never under CEILING_FLOOR of the total."""
+        if not total:
+            return 0
+        s, trust = self.slot(now), self.confidence(now)
+        peak = min(1.0, s.mem + 2 * s.mem_spread) * total
+        expected = max(owner_mem, trust * peak + (1 - trust) * owner_mem)
+        return int(max(CEILING_FLOOR * total, total - expected - CEILING_HEADROOM * total))
+
+    def trend(self, now):
+        """The owner's CPU trend: least-squares slope over the last TREND_WINDOW_S, in
+        percentage points per minute (+ busier); 0 until TREND_MIN_SPAN_S is known."""
+        points = [(t, v) for t, v in self.recent if now - t <= TREND_WINDOW_S]
+        if len(points) < 3 or points[-1][0] - points[0][0] < TREND_MIN_SPAN_S:
+            return 0.0
+        mean_t = sum(t for t, _ in points) / len(points)
+        mean_v = sum(v for _, v in points) / len(points)
+        var = sum((t - mean_t) ** 2 for t, _ in points)
+        slope = sum((t - mean_t) * (v - mean_v) for t, v in points) / var * 60
+        return max(-hc.CAPACITY_TREND_MAX, min(hc.CAPACITY_TREND_MAX, slope))
+
+    def state(self):
+        """The file's contents: every slot aged to now."""
+        now = self.clock()
+        for s in self.slots:
+            s.decay_to(now)
+        return {"format": STATE_FORMAT, "version": STATE_VERSION, "node_id": self.node_id,
+                "saved_at": hc.now_rfc3339(), "half_life_days": HALF_LIFE_S / 86400,
+                "slot": "hour of the week in local time, Monday 00:00-00:59 first",
+                "slots": [s.as_dict() for s in self.slots]}
+
+    def save(self):
+        """Write the file atomically (a temporary file, then a rename). Blocking."""
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        state, tmp = self.state(), self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(state, f, separators=(",", ":"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        self.dirty = False
+        return self.path
+
+    def load(self):
+        """Read the file; one that is missing, damaged or another node's is set aside with
+        a log line and learning starts afresh. True if history was loaded. Blocking."""
+        try:
+            with open(self.path) as f:
+                self.slots = self.parse(json.load(f))
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+            log.warning(f"capacity learner file {self.path} not used, learning afresh: {e}",
+                        extra={"event": "capacity_state_refused"})
+            return False
+        log.info("capacity learner history loaded", extra={"url": self.path,
+                                                          "event": "capacity_state_loaded"})
+        return True
+
+    def parse(self, data):
+        """The slots of a state file, every field checked; ValueError if anything is off."""
+        f = hc.Fields(data)
+        if f.text("format", 64) != STATE_FORMAT or f.integer("version", 1 << 16) != \
+                STATE_VERSION:
+            raise ValueError(f"not a {STATE_FORMAT} file of version {STATE_VERSION}")
+        if f.text("node_id", 64) != self.node_id:
+            raise ValueError(f"it belongs to node '{f.text('node_id', 64)}'")
+        slots = f.objects("slots", SLOTS)
+        if len(slots) != SLOTS:
+            raise ValueError(f"{len(slots)} slots instead of {SLOTS}")
+        return [Slot.from_fields(s) for s in slots]
+
+
+class Capacity:
+    """The heartbeat's capacity section. With learning off (a dedicated machine) it
+    says "full" and only sharpens the memory pressure field from the kernel's measure."""
+
+    def __init__(self, cfg, node_id, probes=None, owner=None, clock=time.time):
+        self.enabled = cfg.enable_capacity_learning
+        self.probes = probes or PauseProbes()
+        self.owner = owner or OwnerLoad()
+        self.clock = clock
+        path = os.path.join(cfg.data_dir, f"capacity-learner-{node_id}.json")
+        self.learner = CapacityLearner(node_id, path, clock, cfg.heartbeat_interval)
+        self.pauses = PauseWatch(self.probes)
+        self._loaded = not self.enabled
+
+    async def ensure_loaded(self):
+        """Load the learner's file once, before the first measurement (or save)."""
+        if not self._loaded:
+            self._loaded = True
+            await asyncio.to_thread(self.learner.load)
+
+    def measure(self, machine):
+        """The kernel's memory pressure and the owner's load, on top of read_machine's
+        figures. Blocking: call it in a thread."""
+        kernel = self.probes.memory_pressure()
+        machine["memory"]["pressure"] = worse_pressure(machine["memory"]["pressure"], kernel)
+        return self.owner.read(machine) if self.enabled else None
+
+    async def section(self, machine):
+        """Measure, learn, and return the heartbeat's capacity section."""
+        await self.ensure_loaded()
+        owner = await asyncio.to_thread(self.measure, machine)
+        if not self.enabled:
+            return {"availability": None, "trend": 0.0, "mode": "full", "paused_reason": None,
+                    "confidence": 0.0, "memory_ceiling": 0}
+        (owner_cpu, owner_mem), now = owner, self.clock()
+        total = machine["memory"]["total"]
+        self.learner.observe(owner_cpu, owner_mem / total if total else 0.0, now)
+        self.pauses.observe_cpu(owner_cpu, now)
+        reason = self.pauses.reason(machine["memory"]["pressure"], now)
+        confidence = self.learner.confidence(now)
+        mode = "paused" if reason else \
+            "learned" if confidence >= LEARNED_CONFIDENCE else "learning"
+        return {"availability": 0.0 if reason else
+                round(self.learner.availability(owner_cpu, now), 3),
+                "trend": round(self.learner.trend(now), 2), "mode": mode,
+                "paused_reason": reason, "confidence": round(confidence, 3),
+                "memory_ceiling": self.learner.memory_ceiling(total, owner_mem, now)}
+
+    async def probe(self):
+        await self.pauses.probe()
+
+    async def save(self, only_if_changed=True):
+        """Write the learner's file (if it learned since the last write)."""
+        if not self.enabled or not self._loaded or (only_if_changed and
+                                                    not self.learner.dirty):
+            return None
+        return await asyncio.to_thread(self.learner.save)
+
+    def duties(self):
+        """(step, interval, what) of the background loops capacity learning needs."""
+        if not self.enabled:
+            return []
+        return [(self.probe, PROBE_EVERY_S, "pause probes"),
+                (self.save, SAVE_EVERY_S, "saving the capacity learner")]
+
+
+####################################################################################
 # Heartbeats
 ####################################################################################
 
@@ -131,10 +639,11 @@ class RouterFinder:
 class Agent:
     """Reads this machine and its Ollama; reports to the router."""
 
-    def __init__(self, cfg, finder=None):
+    def __init__(self, cfg, finder=None, probes=None, owner=None, clock=time.time):
         self.cfg = cfg
         self.finder = finder
         self.node_id = cfg.node_id or hc.default_node_id()
+        self.capacity = Capacity(cfg, self.node_id, probes, owner, clock)
         self.tls = ssl.create_default_context(cafile=cfg.ca) if cfg.ca else None
         self.settings = {}
         self._settings_at = 0.0
@@ -164,9 +673,10 @@ class Agent:
             asyncio.to_thread(hc.read_machine, psutil, self.cfg.data_dir),
             self.read_settings())
         self._note_ollama(ollama)
+        capacity = await self.capacity.section(machine)
         slots, source = hc.resolve_num_parallel(self.cfg.num_parallel, settings, os.environ)
         return hc.build_heartbeat(self.node_id, await self.ollama_url(), machine, ollama,
-                                  settings, slots, source, draining, leaving)
+                                  settings, slots, source, draining, leaving, capacity)
 
     async def ollama_url(self):
         if self.cfg.ollama_url:
@@ -222,13 +732,17 @@ class Agent:
         self._router_ok = ok
 
     async def run(self):
-        """Heartbeat until cancelled."""
+        """Heartbeat until cancelled (learning capacity: probe for pauses, save too)."""
+        await self.capacity.ensure_loaded()
         if self.router_url is None:
             await self.finder.found.wait()
 
         async def beat():
             await self.send(await self.snapshot())
-        await hc.repeat(beat, self.cfg.heartbeat_interval, log, "heartbeat")
+        duties = [(beat, self.cfg.heartbeat_interval, "heartbeat"), *self.capacity.duties()]
+        async with asyncio.TaskGroup() as tg:
+            for step, interval, what in duties:
+                tg.create_task(hc.repeat(step, interval, log, what), name=what)
 
     def save_state(self, hb):
         """Write what this node knows of its capacity, for a person or a later run."""
@@ -249,6 +763,14 @@ class Agent:
         (Ollama keeps running; the router counts them), that we have left. `hurry`, an
         event, ends the wait early (a second Ctrl-C)."""
         hb = await self.snapshot(draining=True)
+        try:
+            path = await self.capacity.save(only_if_changed=False)
+            if path:
+                log.info("capacity learner saved", extra={"url": path,
+                                                          "event": "capacity_saved"})
+        except OSError as e:
+            log.warning(f"could not save the capacity learner: {e}",
+                        extra={"event": "capacity_saved"})
         try:
             path = await asyncio.to_thread(self.save_state, hb)
             log.info("state saved", extra={"url": path, "event": "state_saved"})

@@ -4,6 +4,7 @@ README section              test section (this file's order, which is herd.py's)
 Point your apps at it       The official clients
 Settings                    Settings and start-up
 Add more machines           Fleet: heartbeats, node status, drain, agents, local node
+  Laptops and shared ...    Learning, its end: the capacity learner, pauses, the ceiling
 How a request is routed     Routing (elimination, scoring, queues); Proxy (the relay)
 When things go wrong        Proxy: streaming relay and failures; Routing (fallbacks,
                             context protection, rebalancer); Pulls and pre-warm
@@ -1469,6 +1470,375 @@ def test_the_next_turn_of_a_conversation_goes_back_to_the_same_node(h):
                    for f in (a, b) for r in f.requests)  # the router's own header
 
 
+# -- capacity learning on the node: a laptop's owner comes first (README "Laptops and
+# shared machines") -----------------------------------------------------------------
+# The node agent's probes and the owner's load are faked: no test looks at this
+# machine's camera, microphone or processes. The clock is faked where weeks must pass.
+
+WEEK = 7 * 86400
+MONDAY_9AM = time.mktime((2025, 3, 3, 9, 0, 0, 0, 0, -1))  # local time: slot 9 of 168
+
+
+class Clock:
+    """Unix time that a test moves by hand."""
+
+    def __init__(self, t):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+class FakeProbes:
+    """Pause probes that find what the test says: `found` (["camera in use"], ...), and
+    the kernel's memory pressure."""
+
+    def __init__(self):
+        self.found, self.pressure = [], None
+
+    async def reasons(self):
+        return list(self.found)
+
+    def memory_pressure(self):
+        return self.pressure
+
+
+class FakeOwner:
+    """The owner's load as the test sets it: CPU percent, memory bytes."""
+
+    def __init__(self, cpu=0.0, mem=0):
+        self.cpu, self.mem = cpu, mem
+
+    def read(self, machine):
+        return self.cpu, self.mem
+
+
+def laptop_agent(h, router, fake, node_id, clock=time.time, **env):
+    """A node agent that learns capacity, with fake probes and owner load:
+    (agent, probes, owner)."""
+    cfg = h.agent(router, fake, node_id, FLEET_NODE_ENABLE_CAPACITY_LEARNING="true",
+                  **env).cfg
+    probes, owner = FakeProbes(), FakeOwner()
+    return herd_node.Agent(cfg, probes=probes, owner=owner, clock=clock), probes, owner
+
+
+def beat(h, agent):
+    """One round of the agent's pause probes (its probe task's step), then a heartbeat."""
+    async def _beat():
+        await agent.capacity.probe()
+        return await agent.send(await agent.snapshot())
+    answer = h.bg.run(_beat())
+    assert answer, "heartbeat refused"
+    return answer
+
+
+def feed(learner, clock, cpu, mem_share, minutes, every_s=5):
+    """Measurements every `every_s` seconds for `minutes`, as heartbeats would bring."""
+    for _ in range(int(minutes * 60 / every_s)):
+        clock.t += every_s
+        learner.observe(cpu, mem_share, clock.t)
+
+
+def test_capacity_learner_file_round_trips_and_a_bad_one_starts_afresh(tmp_path, caplog):
+    clock = Clock(MONDAY_9AM)
+    path = tmp_path / "capacity-learner-lap.json"
+    learner = herd_node.CapacityLearner("lap", str(path), clock)
+    feed(learner, clock, 40.0, 0.25, minutes=10)
+    assert learner.save() == str(path) and not (tmp_path / (path.name + ".tmp")).exists()
+    data = json.loads(path.read_text())
+    assert data["format"] == "herd-capacity-learner" and data["node_id"] == "lap"
+    assert len(data["slots"]) == 168 and herd_node.hour_of_week(clock.t) == 9
+    assert [i for i, s in enumerate(data["slots"]) if s["weight"]] == [9]
+    assert data["slots"][9]["weight"] == pytest.approx(10.0, rel=0.01)  # minutes seen
+    assert data["slots"][9]["cpu"] == 40.0 and data["slots"][9]["mem"] == 0.25
+    again = herd_node.CapacityLearner("lap", str(path), clock)
+    assert again.load() is True
+    assert [s.as_dict() for s in again.slots] == data["slots"]
+    assert again.confidence(clock.t) == pytest.approx(learner.confidence(clock.t))
+    assert again.availability(70.0, clock.t) == pytest.approx(
+        learner.availability(70.0, clock.t), abs=1e-4)
+    slots = data["slots"]
+    bad_files = ["{oops", "[]", json.dumps({**data, "node_id": "other-node"}),
+                 json.dumps({**data, "format": "something-else"}),
+                 json.dumps({**data, "slots": slots[:-1]}),
+                 json.dumps({**data, "slots": [{**slots[0], "cpu": 250}] + slots[1:]}),
+                 json.dumps({**data, "slots": [{**slots[0], "weight": "many"}] + slots[1:]})]
+    logging.getLogger("herd").propagate = True  # let caplog see it
+    try:
+        for bad in bad_files:
+            path.write_text(bad)
+            fresh = herd_node.CapacityLearner("lap", str(path), clock)
+            assert fresh.load() is False, bad[:60]
+            assert all(s.weight == 0 for s in fresh.slots)
+    finally:
+        logging.getLogger("herd").propagate = False
+    assert caplog.text.count("learning afresh") == len(bad_files)
+    assert "belongs to node 'other-node'" in caplog.text
+
+
+def test_capacity_learner_forgets_old_habits_week_by_week(tmp_path):
+    clock = Clock(MONDAY_9AM + 60)
+    learner = herd_node.CapacityLearner("lap", str(tmp_path / "c.json"), clock)
+    feed(learner, clock, 90.0, 0.6, minutes=50)  # Mondays at 9 the owner used to compile
+    weight, confident = learner.slots[9].weight, learner.confidence(clock.t)
+    assert weight == pytest.approx(50.0, rel=0.01)
+    clock.t += 4 * WEEK  # a month without that habit (the agent ran at other hours)
+    learner.save()
+    aged = json.loads((tmp_path / "c.json").read_text())["slots"][9]
+    assert aged["weight"] == pytest.approx(weight / 4, rel=0.01)  # halves in two weeks
+    assert aged["cpu"] == 90.0  # the mean stays; it counts for less
+    assert learner.confidence(clock.t) < confident / 2
+    clock.t -= 50 * 60  # Monday 9:01 again, four weeks on: a new habit at that hour
+    old = learner.slots[9].weight
+    feed(learner, clock, 10.0, 0.2, minutes=50)
+    new = learner.slots[9].weight - old
+    assert learner.slots[9].cpu == pytest.approx((old * 90 + new * 10) / (old + new))
+    assert learner.slots[9].cpu < 30  # the new habit outweighs the faded one
+    clock.t += 52 * WEEK
+    learner.save()
+    assert json.loads((tmp_path / "c.json").read_text())["slots"][9]["weight"] < 1e-6
+
+
+def test_capacity_learner_availability_trend_and_memory_ceiling(tmp_path):
+    clock = Clock(MONDAY_9AM + 60)
+    learner = herd_node.CapacityLearner("lap", str(tmp_path / "c.json"), clock)
+    assert learner.availability(30.0, clock.t) == pytest.approx(0.7)  # day one: now
+    assert learner.memory_ceiling(16 * GIB, 4 * GIB, clock.t) == pytest.approx(
+        16 * GIB - 4 * GIB - 1.6 * GIB, abs=1)
+    assert learner.memory_ceiling(16 * GIB, 15 * GIB, clock.t) == 2 * GIB  # the floor
+    feed(learner, clock, 80.0, 0.75, minutes=40)  # a busy hour, learned
+    quiet_now = learner.availability(10.0, clock.t)
+    trust = learner.confidence(clock.t)
+    assert trust == pytest.approx(40 / (40 + 120), rel=0.01)
+    assert quiet_now == pytest.approx((1 - trust) * 0.9 + trust * 0.2)  # history pulls
+    assert learner.trend(clock.t) == 0.0  # a flat load
+    clock.t += 400  # the owner stepped away; back, they get busier and busier:
+    for i in range(13):  # two minutes, 2 points more every 10 s: 12 points a minute
+        clock.t += 10
+        learner.observe(20.0 + 2 * i, 0.25, clock.t)
+    assert learner.trend(clock.t) == pytest.approx(12.0)
+    clock.t += 400  # nothing seen for longer than the trend's window: no trend
+    assert learner.trend(clock.t) == 0.0
+    # The owner's usual memory at this hour (75%) caps what models may take, even when
+    # they use less right now.
+    assert learner.memory_ceiling(16 * GIB, 4 * GIB, clock.t) < 16 * GIB - 4 * GIB - 1.6 * GIB
+
+
+def test_capacity_on_day_one_follows_the_load_now_and_survives_a_restart(h):
+    fake = h.fake()
+    router = h.router()
+    clock = Clock(MONDAY_9AM)
+    agent, probes, owner = laptop_agent(h, router, fake, "laptop", clock=clock)
+    owner.cpu, owner.mem = 30.0, 4 * GIB
+    beat(h, agent)
+    node = fleet_node(router, "laptop")
+    cap, total = node["capacity"], node["memory"]["total"]
+    assert cap["mode"] == "learning" and cap["paused_reason"] is None
+    assert cap["availability"] == pytest.approx(0.7, abs=0.01) and cap["confidence"] < 0.01
+    assert cap["memory_ceiling"] == pytest.approx(max(total / 8, 0.9 * total - 4 * GIB),
+                                                  rel=0.01)
+    for _ in range(12):  # the owner gets busier, 2 points every 10 s
+        clock.t += 10
+        owner.cpu += 2
+        beat(h, agent)
+    cap = fleet_node(router, "laptop")["capacity"]
+    assert cap["trend"] == pytest.approx(12.0, abs=0.1)  # points a minute
+    assert cap["availability"] == pytest.approx(0.46, abs=0.01)
+    generate(router)
+    points = json.loads(h.traces(router)[-1]["score_breakdown"])["availability"]
+    assert points == pytest.approx(10 * cap["availability"] - cap["trend"] / 5, abs=0.01)
+    assert h.bg.run(agent.drain()) is True  # the learner is saved on drain
+    saved = json.loads((h.tmp_path / "node" / "capacity-learner-laptop.json").read_text())
+    assert saved["slots"][9]["weight"] == pytest.approx(cap["confidence"] * 120 / (
+        1 - cap["confidence"]), rel=0.05)
+    again, _, owner = laptop_agent(h, router, fake, "laptop", clock=clock)
+    owner.cpu = 30.0
+    beat(h, again)  # loaded at start: the same hour is known already
+    assert fleet_node(router, "laptop")["capacity"]["confidence"] > cap["confidence"]
+
+
+def test_a_pause_reason_eliminates_the_node_lets_its_stream_finish_and_clears(h):
+    fake_a, fake_b = h.fake(chunks=10, chunk_delay=0.2), h.fake()
+    # Routing by counts only: the desk's speed, learned while the laptop was paused,
+    # would otherwise (rightly) keep the work there afterwards.
+    router = h.router(FLEET_HOLD_TIMEOUT=0.3, FLEET_LEARNING="false")
+    load_on(fake_a, "llama3.2:3b")  # hot on the laptop, idle: it wins while it may serve
+    agent, probes, _ = laptop_agent(h, router, fake_a, "laptop")
+    beat(h, agent)
+    busy_desk = lambda hb: hb["cpu"].update(percent=90.0)
+    h.heartbeat(router, fake_b, "desk", mutate=busy_desk)
+    assert generate(router)[1] == "laptop"
+    streamed = []
+    stream = threading.Thread(target=lambda: streamed.append(http(
+        router.url, "POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "x"})))
+    stream.start()
+    wait_until(lambda: fleet_queue(router)["total_active"] == 1, what="the stream")
+    probes.found = ["camera in use"]
+    beat(h, agent)
+    assert queue_row(router, "laptop", "llama3.2:3b")["active"] == 1  # still running
+    node = fleet_node(router, "laptop")
+    assert node["paused"] is True and node["capacity"]["mode"] == "paused"
+    assert node["capacity"]["paused_reason"] == "camera in use"
+    assert node["capacity"]["availability"] == 0
+    assert generate(router)[1] == "desk"
+    checks = get_json(router.url, "/dashboard/api/health")["checks"]
+    paused = [c for c in checks if c["check"] == "paused_nodes"]
+    assert [(c["node_id"], c["severity"]) for c in paused] == [("laptop", "warning")]
+    assert "camera in use" in paused[0]["description"]
+    h.heartbeat(router, fake_b, "desk", mutate=lambda hb: hb.update(paused=True))
+    status, _, body = http(router.url, "POST", "/api/generate",
+                           {"model": "llama3.2:3b", "prompt": "x", "stream": False})
+    assert status == 503 and "laptop: paused: camera in use" in json.loads(body)["error"]
+    h.heartbeat(router, fake_b, "desk", mutate=busy_desk)
+    stream.join(10)
+    assert streamed[0][0] == 200 and b'"done":true' in streamed[0][2]  # it finished there
+    probes.found = []
+    beat(h, agent)
+    node = fleet_node(router, "laptop")
+    assert node["paused"] is False and node["capacity"]["paused_reason"] is None
+    assert node["capacity"]["mode"] == "learning"
+    assert generate(router)[1] == "laptop"
+    checks = get_json(router.url, "/dashboard/api/health")["checks"]
+    assert "paused_nodes" not in [c["check"] for c in checks]
+
+
+def test_a_busy_owner_or_critical_memory_pressure_pauses_the_node(tmp_path):
+    def capacity(learning, clock, probes, owner):
+        cfg = herd_node.load_node_config({
+            "FLEET_NODE_NODE_ID": "lap", "FLEET_NODE_DATA_DIR": str(tmp_path),
+            "FLEET_NODE_ENABLE_CAPACITY_LEARNING": str(learning).lower()},
+            herd_node.parse_args([]))
+        return herd_node.Capacity(cfg, "lap", probes, owner, clock)
+
+    def machine():
+        return {"cpu_cores": 4, "cpu_percent": 95.0, "memory": {
+            "total": 16 * GIB, "used": 8 * GIB, "available": 8 * GIB, "percent": 50.0,
+            "pressure": "normal"}}
+    clock, probes, owner = Clock(MONDAY_9AM), FakeProbes(), FakeOwner(95.0, 6 * GIB)
+    cap = capacity(True, clock, probes, owner)
+    reasons = []
+    for step in (0, 60, 60, 60, 60):  # the owner's CPU stays at 95% for four minutes
+        clock.t += step
+        reasons.append(asyncio.run(cap.section(machine()))["paused_reason"])
+    assert reasons[:3] == [None] * 3
+    assert reasons[3:] == ["owner CPU at 80% or more for 3 min"] * 2
+    owner.cpu = 75.0  # under 80, not yet under 70: still paused
+    assert asyncio.run(cap.section(machine()))["mode"] == "paused"
+    owner.cpu = 50.0
+    assert asyncio.run(cap.section(machine()))["paused_reason"] is None
+    probes.pressure = "critical"  # what the kernel says (PSI, macOS's level)
+    m = machine()
+    section = asyncio.run(cap.section(m))
+    assert section["paused_reason"] == "critical memory pressure"
+    assert m["memory"]["pressure"] == "critical"  # at 50% used, by the percent alone normal
+    # Learning off: a dedicated machine is never paused, but the pressure still counts.
+    off = capacity(False, clock, probes, owner)
+    m = machine()
+    assert asyncio.run(off.section(m)) == {
+        "availability": None, "trend": 0.0, "mode": "full", "paused_reason": None,
+        "confidence": 0.0, "memory_ceiling": 0}
+    assert m["memory"]["pressure"] == "critical"
+
+
+def test_pause_probes_read_a_crafted_machine(tmp_path):
+    root = tmp_path / "root"
+    fds = root / "proc" / "4242" / "fd"
+    fds.mkdir(parents=True)
+    (root / "dev").mkdir()
+    os.symlink("/dev/null", fds / "0")
+    probes = herd_node.PauseProbes(str(root), system="Linux", pactl="")
+    found = lambda: asyncio.run(asyncio.wait_for(probes.reasons(), 10))
+    os.symlink("/dev/video0", fds / "7")
+    assert found() == []  # no /dev/video* on this machine: no camera to hold
+    (root / "dev" / "video0").write_text("")
+    assert found() == ["camera in use"]
+    os.unlink(fds / "7")
+    status = root / "proc" / "asound" / "card0" / "pcm0c" / "sub0" / "status"
+    status.parent.mkdir(parents=True)
+    status.write_text("state: PREPARED\n")
+    assert found() == []
+    status.write_text("state: RUNNING\nowner_pid   : 977\n")
+    assert found() == ["microphone in use"]
+    status.write_text("closed\n")
+    # PipeWire / PulseAudio through pactl: a recording of an output's monitor is no
+    # microphone; a recording of an input is.
+    outputs = tmp_path / "outputs"
+    pactl = tmp_path / "pactl"
+    pactl.write_text(f'#!/bin/sh\nif [ "$3" = sources ]; then\n'
+                     f'printf "0\\talsa_output.pci.analog-stereo.monitor\\tPipeWire\\n"\n'
+                     f'printf "1\\talsa_input.pci.analog-stereo\\tPipeWire\\n"\n'
+                     f'else cat {outputs}; fi\n')
+    pactl.chmod(0o755)
+    probes.pactl = str(pactl)
+    outputs.write_text("")
+    assert found() == []
+    outputs.write_text("41\t0\t77\tprotocol-native.c\tfloat32le 2ch 48000Hz\n")
+    assert found() == []
+    outputs.write_text("42\t1\t78\tprotocol-native.c\ts16le 1ch 16000Hz\n")
+    assert found() == ["microphone in use"]
+    pactl.write_text("#!/bin/sh\nexec sleep 30\n")  # a hung sound server: no answer
+    probes.pactl_timeout = 0.2
+    assert found() == []
+    # Memory pressure from Linux PSI.
+    assert probes.memory_pressure() is None  # no /proc/pressure: cannot tell
+    psi = root / "proc" / "pressure" / "memory"
+    psi.parent.mkdir()
+    for some, full, level in ((2.0, 0.0, "normal"), (15.0, 1.0, "warning"),
+                              (45.0, 2.0, "critical"), (20.0, 12.0, "critical")):
+        psi.write_text(f"some avg10={some:.2f} avg60=1.00 avg300=0.50 total=123\n"
+                       f"full avg10={full:.2f} avg60=0.00 avg300=0.00 total=45\n")
+        assert probes.memory_pressure() == level, (some, full)
+    assert asyncio.run(herd_node.PauseProbes(str(root), system="Darwin").reasons()) == []
+
+
+def test_a_memory_ceiling_keeps_a_cold_load_off_that_node(h):
+    fake_a, fake_b = h.fake(), h.fake()
+    router = h.router(FLEET_HOLD_TIMEOUT=0.3)
+
+    def ceiling(hb):  # plenty of free memory, but the owner leaves models 2 GiB
+        small_memory(32, 20)(hb)
+        hb["capacity"] = {"availability": 0.9, "trend": 0.0, "mode": "learned",
+                          "paused_reason": None, "confidence": 0.8,
+                          "memory_ceiling": 2 * GIB}
+    h.heartbeat(router, fake_a, "laptop", mutate=ceiling)
+    h.heartbeat(router, fake_b, "desk", mutate=lambda hb: small_memory(32, 20)(hb) or
+                hb.update(paused=True))
+    status, _, body = http(router.url, "POST", "/api/generate",
+                           {"model": "llama3.2:3b", "prompt": "x", "stream": False})
+    error = json.loads(body)["error"]
+    assert status == 503 and "laptop: over its memory ceiling" in error, error
+    size = next(m["size"] for m in get_json(router.url, "/api/tags")["models"]
+                if m["name"] == "llama3.2:3b")
+    assert f"needs {size * 1.2 / GIB:.1f} GiB, its owner leaves 2.0 GiB" in error
+    assert fleet_node(router, "laptop")["capacity"]["memory_ceiling"] == 2 * GIB
+    h.heartbeat(router, fake_b, "desk", mutate=small_memory(32, 20))
+    assert generate(router)[1] == "desk"
+    load_on(fake_a, "llama3.2:3b")  # loaded there already: the ceiling keeps no one off
+    h.heartbeat(router, fake_a, "laptop", mutate=ceiling)
+    h.heartbeat(router, fake_b, "desk", mutate=lambda hb: hb.update(paused=True))
+    assert generate(router)[1] == "laptop"
+
+
+def test_an_agent_without_capacity_is_taken_and_scored_by_its_cpu(h):
+    fake = h.fake()
+    router = h.router()
+    hb = h.snapshot(router, fake, "old-agent")
+    assert hb["capacity"]["mode"] == "full"  # learning is off by default
+    del hb["capacity"]
+    hb["cpu"]["percent"] = 20.0
+    assert post_heartbeat(router, hb)[0] == 200
+    node = fleet_node(router, "old-agent")
+    assert node["capacity"] is None and node["paused"] is False
+    generate(router)
+    breakdown = json.loads(h.traces(router)[-1]["score_breakdown"])
+    assert breakdown["availability"] == 8.0  # 10 x the idle CPU share, no trend yet
+    assert hc.score_availability(hc.Candidate("a", cpu_percent=20.0)) == 8.0
+    learned = hc.Candidate("b", cpu_percent=20.0, availability=0.3, availability_trend=5.0)
+    assert hc.score_availability(learned) == pytest.approx(2.0)
+    assert hc.score_availability(hc.Candidate("c", availability=1.0,
+                                              availability_trend=-50.0)) == 10.0
+
+
 ####################################################################################
 # Proxy: streaming relay and failures (README "When things go wrong")
 ####################################################################################
@@ -2052,6 +2422,8 @@ HEALTH_CASES = [
      "3 heartbeats"),
     ("speed_drops", "warning", crafted(speed_drops=[("a", "llama3.2:3b", 12.0, 60.0)]),
      "12 tokens/s"),
+    ("paused_nodes", "warning", crafted(node_paused=True, node_paused_reason="camera in use"),
+     "camera in use"),
 ]
 
 
@@ -2080,10 +2452,10 @@ def test_health_thresholds_come_from_settings():
     assert [f["severity"] for f in herd.run_health_checks(snap)[0]] == ["critical"]
 
 
-def test_all_nineteen_checks_are_covered():
+def test_all_twenty_checks_are_covered():
     assert sorted(c[0] for c in HEALTH_CASES) == sorted(
         fn.__name__.removeprefix("check_") for fn in herd.HEALTH_CHECKS)
-    assert len(herd.HEALTH_CHECKS) == 19
+    assert len(herd.HEALTH_CHECKS) == 20
 
 
 def test_a_resolved_problem_drops_out_of_health_once_its_window_passes(h):
@@ -2499,6 +2871,15 @@ BAD_FIELDS = [  # (what to change in a real heartbeat, the field the 400 must na
     (lambda hb: hb.update(models=hb["models"] * 200), "models"),
     (lambda hb: hb.update(draining="yes"), "draining"),
     (lambda hb: hb.update(ollama="down"), "ollama"),
+    (lambda hb: hb.update(capacity=[]), "capacity"),
+    (lambda hb: hb["capacity"].update(availability=1.5), "capacity.availability"),
+    (lambda hb: hb["capacity"].update(trend="rising"), "capacity.trend"),
+    (lambda hb: hb["capacity"].update(trend=-250.0), "capacity.trend"),
+    (lambda hb: hb["capacity"].update(mode="napping"), "capacity.mode"),
+    (lambda hb: hb["capacity"].update(paused_reason="x" * 500), "capacity.paused_reason"),
+    (lambda hb: hb["capacity"].update(paused_reason="cam\nera"), "capacity.paused_reason"),
+    (lambda hb: hb["capacity"].update(confidence=2), "capacity.confidence"),
+    (lambda hb: hb["capacity"].update(memory_ceiling=-1), "capacity.memory_ceiling"),
 ]
 
 
@@ -2730,6 +3111,9 @@ def test_the_dashboard_shows_hostile_text_as_text(h, tmp_path):
     http(router.url, "POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "x",
                                                "stream": False}, headers={"X-Herd-Tags": evil})
     h.traces(router)
+    h.heartbeat(router, fake, "evil-node", mutate=lambda hb: hb["hardware"].update(
+        os=evil, arch="<b>x</b>") or hb.update(capacity={"mode": "paused",
+                                                         "paused_reason": evil}))
     status, headers, _ = http(router.url, "GET", "/dashboard")
     assert "script-src 'sha256-" in headers["content-security-policy"]
     assert "default-src 'none'" in headers["content-security-policy"]
@@ -2745,6 +3129,9 @@ def test_the_dashboard_shows_hostile_text_as_text(h, tmp_path):
             for tab in ("Nodes", "Requests", "Apps"):
                 page.click(f"nav button[data-tab={tab}]")
                 page.wait_for_selector("main:has-text('<img src=x')", timeout=10000)
+                if tab == "Nodes":  # a paused node's reason, in its pill
+                    page.wait_for_selector("main .pill:has-text('paused: <img src=x')",
+                                           timeout=10000)
                 assert page.evaluate("document.querySelectorAll('main img').length") == 0
             assert page.evaluate("window.__xss") is None and violations == []
         finally:
