@@ -1412,6 +1412,35 @@ def test_learned_concurrency_stops_where_throughput_stops_rising(h):
     assert [r[0] for r in results] == [200] * 4 and fake.max_active == 2
 
 
+def test_the_estimated_wait_is_queued_work_over_the_learned_rate(h):
+    # One slot decoding 20 tokens/s; its usual answers are 20 tokens (a second).
+    fake = h.fake(num_parallel=1, chunks=20, chunk_delay=0.05)
+    router = h.router()
+    load_on(fake, "llama3.2:3b")
+    h.heartbeat(router, fake, "node-a", FLEET_NODE_NUM_PARALLEL=1)
+    for _ in range(2):
+        generate(router)
+    rate = fleet_node(router, "node-a")["learned"]["llama3.2:3b"]["tokens_per_s"]
+    assert 15 < rate < 21
+    # One answer of 20 tokens running, two of 2 tokens each waiting behind it.
+    threads, results = start_requests(router, 1)
+    wait_until(lambda: fake.active == 1, what="the long answer to start")
+    short = [threading.Thread(target=http, args=(router.url, "POST", "/api/generate", {
+        "model": "llama3.2:3b", "prompt": "x", "stream": False,
+        "options": {"num_predict": 2}}), kwargs={"timeout": 30}) for _ in range(2)]
+    for t in short:
+        t.start()
+    wait_until(lambda: queue_row(router, "node-a", "llama3.2:3b")["waiting"] == 2,
+               what="two short requests queued")
+    estimate = queue_row(router, "node-a", "llama3.2:3b")["estimated_wait_s"]
+    # At most the long answer's 20 tokens and the short ones' 4, at the learned rate; a
+    # count of requests times the usual answer would say three seconds.
+    assert 4 / rate < estimate <= 24 / rate + 0.05, estimate
+    for t in threads + short:
+        t.join(30)
+    assert [r[0] for r in results] == [200]
+
+
 def test_a_cold_load_never_evicts_a_busy_model_when_another_node_can_load_it(h):
     # node-a has the most memory, so it would win the cold load; but it may hold one
     # model at a time (OLLAMA_MAX_LOADED_MODELS=1), and that one is busy.
