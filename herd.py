@@ -950,7 +950,20 @@ class Learner:
 
     def __init__(self):
         self.speeds = {}  # (node_id, model) -> Speed
+        self.by_model = collections.defaultdict(dict)  # model -> {node_id: Speed}
+        self.by_node = collections.defaultdict(dict)  # node_id -> {model: Speed}
         self.dirty = False
+
+    def _add(self, node_id, model, speed):
+        if len(self.speeds) >= self.MAX_PAIRS:  # forget the stalest pair
+            n, m = min(self.speeds, key=lambda k: self.speeds[k].updated_at)
+            del self.speeds[(n, m)], self.by_model[m][n], self.by_node[n][m]
+            for index, key in ((self.by_model, m), (self.by_node, n)):
+                if not index[key]:
+                    del index[key]
+        self.speeds[(node_id, model)] = self.by_model[model][node_id] = \
+            self.by_node[node_id][model] = speed
+        return speed
 
     def observe(self, node_id, model, ex, hot, size=0, level=None):
         """Fold in one completed request (its Exchange); returns the node+model's Speed."""
@@ -973,12 +986,7 @@ class Learner:
             "service_ms": latency_ms - (queue_ms or 0.0) if hot else None,
             "tokens": u.get("completion_tokens"),
         }
-        key = (node_id, model)
-        speed = self.speeds.get(key)
-        if speed is None:
-            if len(self.speeds) >= self.MAX_PAIRS:  # forget the stalest pair
-                del self.speeds[min(self.speeds, key=lambda k: self.speeds[k].updated_at)]
-            speed = self.speeds[key] = Speed()
+        speed = self.speeds.get((node_id, model)) or self._add(node_id, model, Speed())
         speed.size = size or speed.size
         speed.add(sample, level)
         self.dirty = True
@@ -993,7 +1001,7 @@ class Learner:
         speed = self.get(node_id, model)
         mean = speed.tokens if speed is not None and speed.tokens else None
         if mean is None:
-            seen = [s.tokens for (_, m), s in self.speeds.items() if m == model and s.tokens]
+            seen = [s.tokens for s in self.by_model.get(model, {}).values() if s.tokens]
             mean = statistics.median(seen) if seen else None
         if mean is None:
             return float(limit or DEFAULT_ANSWER_TOKENS)
@@ -1024,8 +1032,8 @@ class Learner:
             return speed.cold_ms / 1000
         if not size:
             return 0.0
-        rates = [s.size / s.cold_ms for (n, _), s in self.speeds.items()
-                 if n == node_id and s.cold_ms and s.size]
+        rates = [s.size / s.cold_ms for s in self.by_node.get(node_id, {}).values()
+                 if s.cold_ms and s.size]
         rates = rates or [s.size / s.cold_ms for s in self.speeds.values()
                           if s.cold_ms and s.size]
         return size / statistics.median(rates) / 1000 if rates else 0.0
@@ -1036,11 +1044,11 @@ class Learner:
         """How fast this node decodes against the rest of the fleet, on the models both
         have timed (geometric mean of the ratios; 1.0 when nothing is shared)."""
         logs = []
-        for (nid, model), speed in self.speeds.items():
-            if nid != node_id or not speed.decode_tps:
+        for model, speed in self.by_node.get(node_id, {}).items():
+            if not speed.decode_tps:
                 continue
-            others = [s.decode_tps for (n, m), s in self.speeds.items()
-                      if m == model and n != node_id and s.decode_tps]
+            others = [s.decode_tps for n, s in self.by_model[model].items()
+                      if n != node_id and s.decode_tps]
             if others:
                 logs.append(math.log(speed.decode_tps / statistics.median(others)))
         return math.exp(sum(logs) / len(logs)) if logs else 1.0
@@ -1050,7 +1058,7 @@ class Learner:
         this node's relative speed; else this node's other models, scaled by size (decode
         speed falls about as the weights grow: it reads them all for every token); else
         None."""
-        elsewhere = [s for (n, m), s in self.speeds.items() if m == model and n != node_id
+        elsewhere = [s for n, s in self.by_model.get(model, {}).items() if n != node_id
                      and s.decode_tps and s.latency_ms]
         if elsewhere:
             factor = self.node_factor(node_id)
@@ -1059,7 +1067,7 @@ class Learner:
                     "prompt_eval_ms": statistics.median(
                         s.prompt_eval_ms or 0.0 for s in elsewhere) / factor,
                     "basis": "the same model on other nodes"}
-        here = [s for (n, m), s in self.speeds.items() if n == node_id and m != model
+        here = [s for m, s in self.by_node.get(node_id, {}).items() if m != model
                 and s.decode_tps and s.size and s.latency_ms]
         if here and size:
             tps = statistics.median(s.decode_tps * s.size / size for s in here)
@@ -1078,13 +1086,14 @@ class Learner:
 
     def load(self, rows):
         for row in rows[:self.MAX_PAIRS]:
-            self.speeds.setdefault((row["node_id"], row["model"]), Speed.from_row(row))
+            if (row["node_id"], row["model"]) not in self.speeds:
+                self._add(row["node_id"], row["model"], Speed.from_row(row))
 
     def seed(self, rows):
         """Start from past traces when nothing was saved: [(node, model, latency s, n)]."""
         for node_id, model, latency_s, samples in rows:
             if (node_id, model) not in self.speeds:
-                speed = self.speeds[(node_id, model)] = Speed()
+                speed = self._add(node_id, model, Speed())
                 speed.samples, speed.latency_ms = samples, latency_s * 1000
 
     def view(self, node_id, models, limits):
