@@ -696,8 +696,9 @@ class Fleet:
         busy = (q.active + q.waiting) if q else 0
         return max(0, self.limit_for(node, model) - busy)
 
-    def rebalance(self):
-        """Move queued requests to nodes where their model is hot and slots are free."""
+    def rebalance(self, worth_moving=None):
+        """Move queued requests to nodes where their model is hot and slots are free (and,
+        if `worth_moving(node_id, target, model)` says so, they would be answered sooner)."""
         moved, free = 0, {}
         for (node_id, model), q in list(self.queues.items()):
             for target in self.nodes.values():
@@ -708,6 +709,8 @@ class Fleet:
                 key = (target.node_id, model)
                 if key not in free:
                     free[key] = self.free_hot_slots(target, model)
+                    if free[key] and worth_moving and not worth_moving(node_id, target, model):
+                        free[key] = 0
                 count = q.evict(free[key], target.node_id) if free[key] else 0
                 free[key] -= count  # moved requests arrive there a moment later
                 moved += count
@@ -995,14 +998,12 @@ class Learner:
     def get(self, node_id, model):
         return self.speeds.get((node_id, model))
 
-    def answer_tokens(self, node_id, model, limit=0):
+    def answer_tokens(self, model, limit=0):
         """Completion tokens a request is expected to produce: what this model's answers
-        averaged (here, else anywhere), within the client's limit."""
-        speed = self.get(node_id, model)
-        mean = speed.tokens if speed is not None and speed.tokens else None
-        if mean is None:
-            seen = [s.tokens for s in self.by_model.get(model, {}).values() if s.tokens]
-            mean = statistics.median(seen) if seen else None
+        averaged across the fleet (the node does not change the answer), within the
+        client's limit."""
+        seen = [s.tokens for s in self.by_model.get(model, {}).values() if s.tokens]
+        mean = statistics.median(seen) if seen else None
         if mean is None:
             return float(limit or DEFAULT_ANSWER_TOKENS)
         return min(mean, limit) if limit else mean
@@ -1322,7 +1323,7 @@ class Scheduler:
                                                           .models.get(model, {})))
         if f is None:
             return
-        c.tokens = self.learner.answer_tokens(c.node_id, model, ask.max_tokens)
+        c.tokens = self.learner.answer_tokens(model, ask.max_tokens)
         c.service_s = f.service_s(c.tokens, min(c.active + 1, c.limit))
         c.work_ahead_s = f.work_ahead_s(q, c.limit)
         c.load_estimate_s = f.load_s
@@ -1452,6 +1453,21 @@ class Scheduler:
                                f"(loaded with {loaded_ctx}) on {choice.node.node_id}", ex)
         if mode == "strip":
             ex.rewrite(num_ctx=loaded_ctx)
+
+    # -- the rebalancer -----------------------------------------------------------------
+
+    def rebalance(self):
+        """Fleet.rebalance, moving a queued request only where learning expects it to
+        be answered sooner than where it waits (a slow node's free slot may be worse)."""
+        return self.fleet.rebalance(self.worth_moving if self.cfg.learning else None)
+
+    def worth_moving(self, node_id, target, model):
+        here = self.fleet.nodes.get(node_id)
+        if here is None:
+            return True
+        stay = hc.expected_s(self.candidate(here, model, Ask()))
+        move = hc.expected_s(self.candidate(target, model, Ask()))
+        return not stay or not move or move < stay
 
     # -- the queue view ---------------------------------------------------------------
 
@@ -3169,7 +3185,7 @@ def save_learning(learner, traces):
         traces.save_learned(learner.rows())
 
 
-def start_duties(tasks, cfg, fleet, proxy, local, traces, learner):
+def start_duties(tasks, cfg, fleet, scheduler, proxy, local, traces, learner):
     """The router's background loops, each a named task in `tasks`."""
     tasks.spawn(hc.repeat(fleet.refresh_status, min(1.0, cfg.heartbeat_timeout / 4), log,
                           "the node status watch"), "status-watcher")
@@ -3177,7 +3193,7 @@ def start_duties(tasks, cfg, fleet, proxy, local, traces, learner):
         tasks.spawn(load_learning(learner, fleet, traces), "load-learning")
         tasks.spawn(hc.repeat(lambda: save_learning(learner, traces), Learner.SAVE_EVERY_S,
                               log, "saving what was learned"), "save-learning")
-    tasks.spawn(hc.repeat(fleet.rebalance, cfg.rebalance_interval, log, "rebalancing"),
+    tasks.spawn(hc.repeat(scheduler.rebalance, cfg.rebalance_interval, log, "rebalancing"),
                 "rebalancer")
     tasks.spawn(hc.repeat(proxy.reap_zombies, min(30.0, cfg.stale_timeout / 4), log,
                           "the zombie reaper"), "zombie-reaper")
@@ -3278,8 +3294,8 @@ class RouterServer:
                                                self.cfg.port, reuse_address=True,
                                                backlog=1024, ssl=self.cfg.tls)
         self.port = self.api.port = self.server.sockets[0].getsockname()[1]
-        start_duties(self.tasks, self.cfg, self.fleet, self.proxy, self.local, self.traces,
-                     self.learner)
+        start_duties(self.tasks, self.cfg, self.fleet, self.scheduler, self.proxy, self.local,
+                     self.traces, self.learner)
         if self.cfg.mdns:
             self.tasks.spawn(advertise(self.cfg, self.port), "mdns-advertise")
         scheme = "https" if self.cfg.tls else "http"

@@ -384,7 +384,7 @@ def relay_paused_for_the_client(h, router):
 def run_rebalancer_pass(h, router):
     """One rebalancer pass, now; returns how many queued requests it moved. No API says
     that a pass ran and moved nothing, and proving "it stays" by waiting is a sleep."""
-    return h.bg.call(router.fleet.rebalance)
+    return h.bg.call(router.scheduler.rebalance)
 
 
 def record_event_at(h, router, when, event):
@@ -1439,6 +1439,45 @@ def test_the_estimated_wait_is_queued_work_over_the_learned_rate(h):
     for t in threads + short:
         t.join(30)
     assert [r[0] for r in results] == [200]
+
+
+def router_that_learned(h, speeds, **env):
+    """A router started on a latency.db whose learned_speed rows say each node decodes
+    llama3.2:3b at `speeds[node]` tokens/s (20-token answers, 10 samples)."""
+    h.bg.run(h.router().stop())  # creates latency.db and its tables
+    h.routers.pop()
+    db = sqlite3.connect(h.data_dir / "latency.db")
+    with db:
+        for node, tps in speeds.items():
+            db.execute("INSERT INTO learned_speed (node_id, model, samples, decode_tps, "
+                       "tokens, prompt_eval_ms, latency_ms, updated_at) VALUES "
+                       "(?, 'llama3.2:3b', 10, ?, 20, 1, ?, ?)",
+                       (node, tps, 20000 / tps, time.time()))
+    db.close()
+    router = h.router(**env)
+    wait_until(lambda: len(router.learner.speeds) == len(speeds), what="learned rows loaded")
+    return router
+
+
+@pytest.mark.parametrize("b_speed, moves", [(5.0, 0), (200.0, 1)])
+def test_the_rebalancer_moves_a_queued_request_only_where_it_is_answered_sooner(
+        h, b_speed, moves):
+    a = h.fake(num_parallel=1, chunks=20, chunk_delay=0.05)
+    b = h.fake("127.0.0.2", num_parallel=1, chunks=20, chunk_delay=0.05)
+    router = router_that_learned(h, {"node-a": 50.0, "node-b": b_speed})
+    for fake, name in ((a, "node-a"), (b, "node-b")):
+        load_on(fake, "llama3.2:3b")
+    join(h, router, a, "node-a", slots=1)
+    threads, results = start_requests(router, 2)  # one runs on node-a, one waits there
+    wait_until(lambda: queue_row(router, "node-a", "llama3.2:3b")
+               and queue_row(router, "node-a", "llama3.2:3b")["waiting"] == 1,
+               what="a request queued on node-a")
+    # node-b joins with a free slot: is it worth moving the queued request there?
+    join(h, router, b, "node-b", slots=1)
+    assert run_rebalancer_pass(h, router) == moves
+    for t in threads:
+        t.join(30)
+    assert [r[0] for r in results] == [200, 200] and b.completed == moves
 
 
 def test_a_cold_load_never_evicts_a_busy_model_when_another_node_can_load_it(h):
