@@ -565,7 +565,8 @@ class Fleet:
             self.notify_change()
 
     def mark_unloaded(self, node, model):
-        """`model` left `node`'s memory because the router asked (keep_alive 0)."""
+        """`model` left `node`'s memory because the router asked (keep_alive 0), or a
+        load the router sent there pushed it out."""
         node.router_saw[model] = (time.monotonic(), False)
         if node.loaded.pop(model, None) is not None:
             self._record(node, model, "unload")
@@ -1753,6 +1754,9 @@ class Proxy:
         self.scheduler.sessions.remember(ex.session_key, choice.node.node_id)
         if not choice.hot:
             self.fleet.mark_loaded(choice.node, choice.model)  # Ollama loaded it for us
+            for victim in choice.candidate.evicts if choice.candidate else ():
+                if not self.fleet.busy(choice.node, victim):  # Ollama evicts idle ones
+                    self.fleet.mark_unloaded(choice.node, victim)
         if not self.cfg.learning:
             return
         size = choice.candidate.model_size if choice.candidate else 0

@@ -1501,6 +1501,8 @@ def test_a_cold_load_never_evicts_a_busy_model_when_another_node_can_load_it(h):
     assert generate(router, "llama3.2:3b")[1] == "node-a"
     busy.join(30)
     assert a.evictions == 1 and router_events(router)["eviction"] == 1
+    # The router knows at once what left node-a's memory, before any heartbeat says so.
+    assert [m["model"] for m in fleet_node(router, "node-a")["models_loaded"]] == ["llama3.2:3b"]
 
 
 def chat(router, messages, headers=None):
