@@ -544,6 +544,14 @@ def test_help_prints_the_settings_tables():
     assert out.returncode == 0 and "FLEET_NODE_ROUTER_URL" in out.stdout
 
 
+def test_the_readme_settings_tables_list_every_setting():
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        documented = set(re.findall(r"^\| `(FLEET_[A-Z_]+)` \|", f.read(), re.M))
+    settings = {st.name for st in herd.ROUTER_SETTINGS + herd_node.NODE_SETTINGS}
+    assert settings - documented == set(), "settings with no row in the README's tables"
+    assert documented - settings == set(), "README rows for settings that do not exist"
+
+
 def test_a_bad_value_stops_startup_with_one_line(tmp_path):
     out = run_script(["herd.py"], {"FLEET_PORT": "eleven", "FLEET_DATA_DIR": str(tmp_path)})
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "FLEET_PORT" in out.stderr
