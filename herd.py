@@ -2516,6 +2516,8 @@ class ModelAdmin:
         except hc.UpstreamError as e:
             raise Refused(502, f"node {node.node_id}: {e}") from None
         if request.method == "HEAD" or status == 200:
+            if request.method == "POST" and not conn.waits_for_continue():
+                await self._drain(request, conn)  # a clean answer, after its body
             ex.http_status = status
             await conn.send_response(status, b"", None, headers)
             ex.answered = True
@@ -2560,6 +2562,20 @@ class ModelAdmin:
                 raise Refused(502, f"node {node.node_id}: {e}") from None
         finally:
             up.close()
+
+    @staticmethod
+    async def _drain(request, conn):
+        """Read a body that need not go anywhere: the client is sending it anyway, and
+        an answer before its end would close the connection under it."""
+        try:
+            while await request.stream.receive(conn.read_timeout):
+                pass
+        except (hc.BodyTooLarge, TimeoutError):
+            pass  # answered all the same; the connection then closes
+        except ConnectionError as e:
+            if conn.client_gone:
+                raise
+            raise Refused(400, str(e)) from None  # a body framed wrongly, cut short
 
     async def _connect(self, node):
         try:

@@ -781,11 +781,14 @@ class HttpConnection(asyncio.Protocol):
             self._read_paused = False
             self.transport.resume_reading()
 
+    def waits_for_continue(self):
+        """Is the client holding its body back until it hears 100 Continue?"""
+        return self._parser.they_are_waiting_for_100_continue and not self._continued
+
     def send_continue(self):
         """100 Continue, once, for a client that waits for it before sending its body
         (a streamed body is asked for only when its handler reads it)."""
-        if self._parser.they_are_waiting_for_100_continue and not self._continued \
-                and not self.response_started:
+        if self.waits_for_continue() and not self.response_started:
             self._continued = True
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
