@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """fake_ollama.py: a stand-in Ollama server for Herd's tests, demos and benchmark.
 
-It answers the way the real server does wherever a client can tell: field names, NDJSON and SSE framing, error bodies and status
-codes, model loads that take time, reloads on a new num_ctx, unload on keep_alive 0,
-num_parallel slots per loaded model with FIFO waiting, the loopback Host-header guard,
-and the OpenAI-compatible routes. Faults can be switched on at any moment (refuse,
-reset, stall, 500, 503, death or an error line in the middle of a stream). It imports
-nothing from Herd: it is the reference the router is checked against.
+It answers the way the real server does wherever a client can tell: field names, NDJSON
+and SSE framing, error bodies and status codes, model loads that take time, reloads on
+a new num_ctx, unload on keep_alive 0, num_parallel slots per loaded model with FIFO
+waiting, the loopback Host-header guard, the OpenAI-compatible routes, and model
+management (pull, push, create from blobs uploaded first, copy, delete) with Ollama's
+progress lines and errors. Faults can be switched on at any moment (refuse, reset,
+stall, 500, 503, death or an error line in the middle of a stream). It imports nothing
+from Herd: it is the reference the router is checked against.
 
 The contention model (for the routing benchmark; every figure can change while it runs):
     speed          this machine's speed: a token takes chunk_delay / speed, a prompt
@@ -61,6 +63,7 @@ In a test:
     port = await fake.start()          # binds 127.0.0.1:0, returns the port
     fake.fault = "die_mid_stream"      # and fake.requests, .active, .loaded, .cancelled ...
     fake.speed = 0.25                  # .saturation, .max_loaded, .evictions, .generating ...
+    fake.blobs, fake.blob_received     # uploaded blobs (digest -> size), bytes of each so far
     await fake.stop()
 """
 
@@ -110,6 +113,11 @@ NDJSON_TYPE = b"application/x-ndjson"
 SSE_TYPE = b"text/event-stream"
 TEXT_TYPE = b"text/plain; charset=utf-8"
 
+BLOB_PATH = re.compile(r"/api/blobs/[^/]+")
+DIGEST = re.compile(r"sha256[:-][0-9a-fA-F]{64}")  # what Ollama's GetBlobsPath accepts
+BLOBS_DIR = "/root/.ollama/models/blobs"  # where a missing blob is said to be
+QUANTIZE_TYPES = ("q4_K_M", "q4_K_S", "q8_0")
+
 # The inference routes: path -> kind. Faults and hang-up watching apply to these only.
 INFERENCE = {"/api/generate": "generate", "/api/chat": "chat", "/api/embed": "embed",
              "/api/embeddings": "embeddings", "/v1/chat/completions": "oa_chat",
@@ -143,6 +151,15 @@ STRUCTS = {
                         "verbose": (BOOL, "bool"), "system": (STR, "string"),
                         "template": (STR, "string")},
     "api.DeleteRequest": {"model": (STR, "string"), "name": (STR, "string")},
+    "api.PushRequest": {"model": (STR, "string"), "name": (STR, "string"),
+                        "insecure": (BOOL, "bool"), "stream": (BOOL, "bool")},
+    "api.CreateRequest": {
+        "model": (STR, "string"), "name": (STR, "string"), "from": (STR, "string"),
+        "files": (OBJ, "map[string]string"), "adapters": (OBJ, "map[string]string"),
+        "template": (STR, "string"), "system": (STR, "string"),
+        "parameters": (OBJ, "map[string]interface {}"), "messages": (LIST, "[]api.Message"),
+        "stream": (BOOL, "bool"), "quantize": (STR, "string"),
+        "quantization": (STR, "string")},
     "api.CopyRequest": {"source": (STR, "string"), "destination": (STR, "string")},
     "openai.ChatCompletionRequest": {
         "model": (STR, "string"), "messages": (LIST, "[]openai.Message"),
@@ -943,7 +960,8 @@ class Exchange:
             name, value = name.decode("latin-1").lower(), value.decode("latin-1")
             self.headers[name] = f"{self.headers[name]}, {value}" if name in self.headers \
                 else value
-        self.decoded = decode_json(body)     # (value, None) or (None, Go's error text)
+        # (value, None) or (None, Go's error text); a blob's body is read by its handler
+        self.decoded = decode_json(body) if body is not None else (None, None)
         self.committed = False      # the status line has been written (or is queued)
         self.pending = b""          # a stream's head, sent along with its first chunk
         self.chunked = False
@@ -1055,6 +1073,9 @@ class FakeOllama:
         self.completed = self.cancelled = self.load_count = 0
         self.loaded = {}
         self.models = {}
+        self.blobs = {}              # digest -> size: what /api/create can use
+        self.blob_received = {}      # digest -> bytes of its upload read so far
+        self.pushed = []             # models pushed, in order
         self.port = None
         self._host = "127.0.0.1"
         self._guarded = False
@@ -1154,6 +1175,9 @@ class FakeOllama:
             request = await self._next_event(conn, reader, writer)
             if not isinstance(request, h11.Request):
                 return None
+            if request.method == b"POST" and BLOB_PATH.fullmatch(
+                    request.target.decode("latin-1").split("?", 1)[0]):
+                return request, None  # a blob: its handler reads it as it comes
             body = []
             while True:
                 event = await self._next_event(conn, reader, writer)
@@ -1192,6 +1216,8 @@ class FakeOllama:
                  ("POST", "/api/pull"): self._serve_pull,
                  ("DELETE", "/api/delete"): self._serve_delete,
                  ("POST", "/api/copy"): self._serve_copy,
+                 ("POST", "/api/create"): self._serve_create,
+                 ("POST", "/api/push"): self._serve_push,
                  ("GET", "/v1/models"): self._serve_openai_models,
                  ("POST", "/_fake/config"): self._serve_config}
         for path in INFERENCE:
@@ -1209,11 +1235,14 @@ class FakeOllama:
         if handler is None and re.fullmatch(r"/v1/models/[^/]+", ex.path) and \
                 ex.method == "GET":
             handler = self._serve_openai_model
+        if handler is None and BLOB_PATH.fullmatch(ex.path) and ex.method in ("HEAD", "POST"):
+            handler = self._serve_blob
         return handler
 
     def _known_path(self, path):
         return any(p == path for _, p in self._routes) or \
-            re.fullmatch(r"/v1/models/[^/]+", path) is not None
+            re.fullmatch(r"/v1/models/[^/]+", path) is not None or \
+            BLOB_PATH.fullmatch(path) is not None
 
     async def _dispatch(self, ex):
         self._record(ex)
@@ -1297,18 +1326,23 @@ class FakeOllama:
         name = body.get("model") or body.get("name") or ""
         if not name:
             raise Refusal(400, "model is required")
-        stream = body.get("stream") is not False
-        progress = self._pull_progress(canonical(name))
-        if not stream:
+        await self._send_progress(ex, body, self._pull_progress(canonical(name)),
+                                  lambda: self._add_pulled(canonical(name)))
+
+    async def _send_progress(self, ex, body, progress, on_success, error_status=500):
+        """Progress lines as Ollama sends a pull's, push's or create's: NDJSON as they
+        happen (stream absent or true), else the last line alone, an error with its
+        status; `on_success` runs when the work is done."""
+        if body.get("stream") is False:
             last = progress[-1]
             if "error" in last:
-                raise Refusal(500, last["error"])
-            self._add_pulled(canonical(name))
+                raise Refusal(error_status, last["error"])
+            on_success()
             return await ex.send_json(200, last)
         ex.open_stream(NDJSON_TYPE)
         for line in progress:
             if line.get("status") == "success":
-                self._add_pulled(canonical(name))
+                on_success()
             await ex.send_chunk(dumps(line) + b"\n")
             await asyncio.sleep(0)
         await ex.close_stream()
@@ -1333,6 +1367,120 @@ class FakeOllama:
         found = self._find(name)
         self.models.pop(found, None)
         self.models[name] = describe_model(name)
+
+    # -- blobs, create, push ------------------------------------------------------
+
+    async def _serve_blob(self, ex):
+        """HEAD: 200 if the blob is here, else 404. POST: the raw body, hashed as it
+        arrives (never held), 201 if it matches its digest, 400 if not; 200 at once,
+        its body unread, for a blob already here."""
+        digest = ex.path[len("/api/blobs/"):]
+        if not DIGEST.fullmatch(digest):
+            raise Refusal(400, "invalid digest format")
+        if ex.method == "HEAD" or digest in self.blobs:
+            if digest not in self.blobs:
+                raise Refusal(404, f"blob {go_quote(digest)} not found")
+            return await ex.send(200, b"", None)
+        sha, size = hashlib.sha256(), 0
+        self.blob_received[digest] = 0
+        while True:
+            try:
+                event = await self._next_event(ex.conn, ex.reader, ex.writer)
+            except h11.RemoteProtocolError:
+                raise HungUp() from None  # the upload broke off: nothing is kept
+            if type(event) is h11.EndOfMessage:
+                break
+            if type(event) is not h11.Data:
+                raise HungUp()
+            sha.update(event.data)
+            size += len(event.data)
+            self.blob_received[digest] = size
+        got = f"sha256:{sha.hexdigest()}"
+        if got != digest:
+            raise Refusal(400, f"digest mismatch, expected {go_quote(digest)}, got "
+                               f"{go_quote(got)}")
+        self.blobs[digest] = size
+        await ex.send(201, b"", None)
+
+    async def _serve_create(self, ex):
+        body = read_body(ex, "api.CreateRequest")
+        name = body.get("model") or body.get("name") or ""
+        if not re.fullmatch(r"[A-Za-z0-9_][\w.\-]*(/[\w.\-]+)*(:[\w.\-]+)?", name):
+            raise Refusal(400, "invalid model name")
+        if not body.get("from") and body.get("files") is None:
+            raise Refusal(400, "neither 'from' or 'files' was specified")
+        quantize = body.get("quantize") or body.get("quantization")
+        if quantize and quantize not in QUANTIZE_TYPES:
+            raise Refusal(400, f"unsupported quantization type {quantize}")
+        for field in ("files", "adapters"):
+            for value in (body.get(field) or {}).values():
+                if not isinstance(value, str):
+                    raise Refusal(400, f"json: cannot unmarshal {json_kind(value)} into Go "
+                                       f"struct field CreateRequest.{field} of type string")
+        progress, size = self._create_progress(body, quantize)
+        model = dataclasses.replace(describe_model(canonical(name)), size=size)
+        await self._send_progress(ex, body, progress,
+                                  lambda: self.models.update({model.name: model}))
+
+    def _create_progress(self, body, quantize):
+        """The lines `ollama create` shows, and the new model's size."""
+        start, lines = body.get("from"), []
+        if start:
+            found = self._find(start)
+            if found is None:  # Ollama tries the registry for it
+                return [{"status": "pulling manifest"},
+                        {"error": "pull model manifest: file does not exist"}], 0
+            layers = [(self.models[found].digest, self.models[found].size)]
+        else:
+            layers = []
+            for digest in list(body["files"].values()) + list((body.get("adapters") or {})
+                                                              .values()):
+                if digest not in self.blobs:
+                    return [{"error": f"open {BLOBS_DIR}/{digest.replace(':', '-')}: no "
+                                      f"such file or directory"}], 0
+                layers.append((digest.split(":")[-1], self.blobs[digest]))
+            lines.append({"status": "parsing GGUF"})
+        size = sum(n for _, n in layers)
+        if quantize:
+            lines += [{"status": f"quantizing F16 model to {quantize.upper()}", "digest": "0",
+                       "total": size, "completed": size * part // 2} for part in (1, 2)]
+        lines += [{"status": f"using existing layer sha256:{d}"} for d, _ in layers]
+        for field in ("template", "system", "parameters"):
+            if body.get(field):
+                digest = hashlib.sha256(dumps(body[field])).hexdigest()
+                lines.append({"status": f"creating new layer sha256:{digest}"})
+        return lines + [{"status": "writing manifest"}, {"status": "success"}], size
+
+    async def _serve_push(self, ex):
+        body = read_body(ex, "api.PushRequest")
+        name = body.get("model") or body.get("name") or ""
+        if not name:
+            raise Refusal(400, "model is required")
+        found = self._find(name)
+        await self._send_progress(ex, body, self._push_progress(name, found),
+                                  lambda: self.pushed.append(found))
+
+    def _push_progress(self, name, found):
+        """retrieving manifest, each layer's upload, pushing manifest, success; or the
+        registry's refusal of a name outside the pusher's namespace."""
+        lines = [{"status": "retrieving manifest"}]
+        if found is None:
+            path = canonical(name).replace(":", "/")
+            return lines + [{"status": "couldn't retrieve manifest"},
+                            {"error": f"open /root/.ollama/models/manifests/"
+                                      f"registry.ollama.ai/library/{path}: no such file or "
+                                      f"directory"}]
+        if "/" not in found:
+            return lines + [{"error": "you are not authorized to push to this namespace, "
+                                      "create the model under a namespace you own"}]
+        model = self.models[found]
+        for digest, total in ((model.digest, model.size), (hashlib.sha256(
+                found.encode()).hexdigest(), 1429)):
+            head = {"status": "starting upload", "digest": f"sha256:{digest}", "total": total}
+            lines += [head] + [{"status": f"pushing {digest[:12]}", "digest": head["digest"],
+                                "total": total, "completed": total * part // 2}
+                               for part in (1, 2)]
+        return lines + [{"status": "pushing manifest"}, {"status": "success"}]
 
     async def _serve_openai_models(self, ex):
         models = sorted(self.models.values(), key=lambda m: -m.modified_ns)

@@ -23,10 +23,11 @@ Key settings: FLEET_PORT (11435), FLEET_HOST (0.0.0.0), FLEET_DATA_DIR (~/.fleet
 
 The sections below follow a request: settings; the fleet (nodes, queues, the only
 code that changes them); routing (Scheduler); the proxy (Exchange, Proxy: serve ->
-attempts -> attempt -> send upstream -> relay -> finish); pulls and pre-warm; stats;
-health; the HTTP API (Api: the route table, thin handlers; DashboardApi; Guard, who
-may call what); background duties; run
-(RouterServer builds every part once and hands each what it uses).
+attempts -> attempt -> send upstream -> relay -> finish); pulls and pre-warm; managing
+models (ModelAdmin: delete, copy, create and its blobs, push); stats; health; the HTTP
+API (Api: the route table, thin handlers; DashboardApi; Guard, who may call what; Cors,
+which web pages may); background duties; run (RouterServer builds every part once and
+hands each what it uses).
 """
 
 import argparse
@@ -75,8 +76,9 @@ ROUTER_SETTINGS = [
     hc.Setting("FLEET_API_KEYS", "", "client keys, comma-separated or @/path/to/file (one a "
                "line): if set, every route but /, /api/version and /dashboard needs "
                "Authorization: Bearer <key> or x-api-key: <key>"),
-    hc.Setting("FLEET_ADMIN_KEY", "", "the key for pulls, unloads, the request explorer "
-               "(client addresses, errors) and /metrics; it works on every route"),
+    hc.Setting("FLEET_ADMIN_KEY", "", "the key for pulls, unloads, model management (delete, "
+               "copy, create, blobs, push), the request explorer (client addresses, errors) "
+               "and /metrics; it works on every route"),
     hc.Setting("FLEET_METRICS_KEY", "", "a key that may read /metrics and nothing else "
                "(for a Prometheus scraper)"),
     hc.Setting("FLEET_ALLOWED_OLLAMA_HOSTS", "", "hosts a node may name in its Ollama URL "
@@ -84,6 +86,10 @@ ROUTER_SETTINGS = [
                "for an agent that reports an Ollama on another machine"),
     hc.Setting("FLEET_PULL_REGISTRIES", "", "registries a pull may name (comma-separated "
                "hosts; * for any); empty: only Ollama library names (namespace/name:tag)"),
+    hc.Setting("FLEET_ORIGINS", "", "browser origins allowed besides Ollama's own "
+               "defaults (localhost, 127.0.0.1 and 0.0.0.0 on any port; app, file, tauri "
+               "and vscode pages), as OLLAMA_ORIGINS adds them: comma-separated, * for any, "
+               "one * as a wildcard (chrome-extension://*)"),
     hc.Setting("FLEET_TLS_CERT", "", "PEM certificate (chain) file: serve HTTPS"),
     hc.Setting("FLEET_TLS_KEY", "", "the certificate's PEM private key file"),
     hc.Setting("FLEET_HEARTBEAT_TIMEOUT", 15.0, "seconds without a heartbeat before a node "
@@ -117,6 +123,9 @@ ROUTER_SETTINGS = [
     hc.Setting("FLEET_STALE_TIMEOUT", 600.0, "seconds a request sent to a node may show no "
                "progress before the reaper fails it and frees its slot"),
     hc.Setting("FLEET_MAX_BODY_MB", 64.0, "largest request body accepted (413 beyond)"),
+    hc.Setting("FLEET_MAX_BLOB_GB", 256.0, "largest blob upload (/api/blobs, for "
+               "/api/create) streamed to a node (413 beyond); the router holds at most a "
+               "megabyte of it at a time"),
     hc.Setting("FLEET_IDLE_TIMEOUT", 75.0, "seconds an idle keep-alive connection stays open"),
     hc.Setting("FLEET_HEADER_TIMEOUT", 10.0, "seconds a client has to send a whole request "
                "head (a slow sender cannot hold a connection open)"),
@@ -185,6 +194,12 @@ MAX_FALLBACKS = 8  # fallback_models a request may name
 # leaving and lets running requests finish (draining), or it is gone (offline).
 ONLINE, DEGRADED, DRAINING, OFFLINE = "online", "degraded", "draining", "offline"
 NODE_STATUSES = (ONLINE, DEGRADED, DRAINING, OFFLINE)
+# Ollama's built-in origins (OLLAMA_ORIGINS adds to them): pages served from this
+# machine, on any port, and the schemes of desktop apps and editor views.
+OLLAMA_ORIGINS = tuple(
+    f"{scheme}://{host}{port}" for host in ("localhost", "127.0.0.1", "0.0.0.0")
+    for scheme in ("http", "https") for port in ("", ":*")
+) + ("app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*")
 MAX_NODES_PER_ADDRESS = 8  # node ids one address may report (agents for several Ollamas)
 ROUTER_WORD_S = 12.0  # how long a load or unload the router caused beats a heartbeat
 
@@ -208,7 +223,7 @@ def load_router_config(environ, args):
         raise hc.ConfigError("FLEET_HEARTBEAT_OFFLINE must not be shorter than "
                              "FLEET_HEARTBEAT_TIMEOUT")
     for name in ("header_timeout", "max_connections", "max_connections_per_client",
-                 "max_nodes", "forget_offline_after"):
+                 "max_nodes", "forget_offline_after", "max_blob_gb"):
         if getattr(cfg, name) <= 0:
             raise hc.ConfigError(f"FLEET_{name.upper()} must be above 0")
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
@@ -218,12 +233,24 @@ def load_router_config(environ, args):
     values["client_keys"] = read_keys(cfg.api_keys)
     values["ollama_hosts_allowed"] = comma_set(cfg.allowed_ollama_hosts)
     values["registries_allowed"] = comma_set(cfg.pull_registries)
+    values["origins_allowed"] = read_origins(cfg.origins)
     values["tls"] = server_tls(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
     return hc.Config(values, cfg.sources)
 
 
 def comma_set(text):
     return frozenset(t.strip().lower() for t in text.split(",") if t.strip())
+
+
+def read_origins(setting):
+    """FLEET_ORIGINS on top of Ollama's default origins; ConfigError for one that is
+    not an origin pattern (scheme://host[:port], at most one *; or * alone)."""
+    extra = [o.strip().lower().rstrip("/") for o in setting.split(",") if o.strip()]
+    for origin in extra:
+        if origin != "*" and ("://" not in origin or origin.count("*") > 1):
+            raise hc.ConfigError(f"FLEET_ORIGINS: {origin!r} is not an origin such as "
+                                 f"http://notes.local:3000 or chrome-extension://*")
+    return tuple(extra) + OLLAMA_ORIGINS
 
 
 def read_keys(setting):
@@ -1538,6 +1565,7 @@ class Exchange:
         self.client_left = self.reaped = False
         self.before_end = None  # coroutine function run before a good answer's last byte
         self.may_pull = False  # a model no node has may be pulled for this request
+        self.chosen = False  # sent to the node the client chose: its 5xx is the answer
         self.session_key = None  # what the conversation's next turn will be known by
 
     def outcome(self):
@@ -1811,7 +1839,7 @@ class Proxy:
         """A response with Content-Length: read it whole, so a cut-off body is a clean
         502 and a node's 5xx (but Ollama's 'busy', for the client to retry) is retried."""
         body = await up.read_body(self.cfg.chunk_timeout)
-        if status >= 500 and not is_busy(status, body):
+        if status >= 500 and not is_busy(status, body) and not ex.chosen:
             raise hc.UpstreamError("status", f"answered {status}: "
                                              f"{body[:300].decode('utf-8', 'replace')}")
         ex.ttft = time.monotonic() - ex.t0
@@ -1929,9 +1957,10 @@ class Proxy:
             self.finish(ex)
 
     async def forward(self, request, conn, node, model, body, stream, before_end=None):
-        """Relay one request to a node the client chose (a pull), as it answers."""
+        """Relay one request to a node the client chose (a pull, a push, a create), as
+        it answers: a 5xx of Ollama's too (there is no other node to try)."""
         ex = Exchange(request, "ollama", model, stream, body)
-        ex.node_id, ex.before_end = node.node_id, before_end
+        ex.node_id, ex.before_end, ex.chosen = node.node_id, before_end, True
         conn.watch_client()
         try:
             await self._attempt(conn, ex, Choice(node, model))
@@ -1979,8 +2008,8 @@ def request_tags(request, body):
     return ",".join(sorted(kept)[:MAX_TAGS]) or None
 
 
-CLIENT_ONLY_HEADERS = (b"x-herd-tags", b"x-herd-session", b"authorization", b"x-api-key",
-                       b"cookie")
+CLIENT_ONLY_HEADERS = (b"x-herd-tags", b"x-herd-session", b"x-herd-node", b"authorization",
+                       b"x-api-key", b"cookie", b"origin")
 
 
 def encodable(text):
@@ -1994,8 +2023,10 @@ def encodable(text):
 
 def forward_headers(request):
     """The client's headers minus hop-by-hop ones (and Host, which a loopback-bound
-    Ollama checks against its own names), minus X-Herd-Tags, which is ours, and minus
-    the client's credentials, which are for the router and no node should see."""
+    Ollama checks against its own names), minus X-Herd-Tags, which is ours, minus the
+    client's credentials, which are for the router and no node should see, and minus
+    Origin: the router has judged it (Cors), and a node's own OLLAMA_ORIGINS must not
+    refuse what the router's FLEET_ORIGINS allows."""
     return hc.end_to_end_headers(request.headers, CLIENT_ONLY_HEADERS)
 
 
@@ -2220,6 +2251,418 @@ class Warmer:
             fleet_log.warning(f"pre-warm failed: {e}", extra=extra)
         finally:
             self.warming.discard((node.node_id, model))
+
+####################################################################################
+# Managing models: delete, copy, create (with its blobs) and push, on the nodes
+#
+# Theory: these change what is on a node's disk, so each goes where the model is: a
+# delete or a copy to every node that holds it (one name in the fleet should mean one
+# model), a push to the best holder; or to the node the client names ("node" in the
+# body, or the X-Herd-Node header, which a blob's raw body needs). A create needs its
+# blobs on the node it runs on, and the blobs come first, each in a request of its own:
+# so the node a client address sends a blob or create to is remembered for a while
+# (Placements), and its next ones go there too. A create that no such memory places
+# goes to a node that has all its blobs, else one that has the model it starts from,
+# else to the node with the most free disk. A blob is streamed to the node as it
+# arrives (HttpConnection's stream_limits), never held whole. Answers are Ollama's,
+# and the fleet's lists change as soon as a node did it (Fleet.mark_pulled), not at
+# its next heartbeat.
+####################################################################################
+
+DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")  # lower case: the blob's file name
+ADMIN_TIMEOUT_S = 30.0  # a delete or a copy moves manifests, never weights: quick
+PLACEMENT_S = 1800.0  # a client's blobs and create go to one node for this long
+MAX_PLACEMENTS = 1024  # client addresses remembered
+MAX_PROBED_BLOBS = 64  # blobs of a create asked about when looking for their node
+
+
+class Placements:
+    """The node each client address last sent a blob or a create to, for a while."""
+
+    def __init__(self):
+        self.last = {}  # client address -> (node_id, monotonic time)
+
+    def node_for(self, client):
+        node_id, at = self.last.get(client, (None, 0.0))
+        return node_id if time.monotonic() - at < PLACEMENT_S else None
+
+    def remember(self, client, node_id):
+        now = time.monotonic()
+        self.last.pop(client, None)
+        self.last[client] = (node_id, now)  # the newest last: the oldest go first
+        while len(self.last) > MAX_PLACEMENTS or \
+                now - next(iter(self.last.values()))[1] >= PLACEMENT_S:
+            self.last.pop(next(iter(self.last)))
+
+
+class Refused(Exception):
+    """A request answered with an Ollama error before it reached any node."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+class ModelAdmin:
+    """Delete, copy, create, blobs and push through the router (see the theory above)."""
+
+    def __init__(self, cfg, fleet, proxy, pulls):
+        self.cfg, self.fleet, self.proxy, self.pulls = cfg, fleet, proxy, pulls
+        self.placements = Placements()
+
+    # -- handlers -------------------------------------------------------------------
+
+    async def delete(self, request, conn):
+        """DELETE /api/delete on every node that holds the model (or the one named)."""
+        try:
+            body, name = read_admin_request(request)
+            targets, skipped = self._holders(body, request, hc.canonical_model(name))
+        except Refused as e:
+            return await conn.send_response(e.status, hc.ollama_error_body(str(e)))
+        model = hc.canonical_model(name)
+
+        async def forget(node):  # routing stops sending the model there at once
+            self.fleet.mark_pulled(node, [e for m, e in node.models.items() if m != model])
+        await self._on_each(request, conn, model, body, targets, skipped, forget, forget,
+                            f"model '{name}' not found")
+
+    async def copy(self, request, conn):
+        """POST /api/copy on every node that holds the source (or the one named)."""
+        try:
+            body = parse_admin_body(request)
+            source = check_copy_name(body.get("source"), "source")
+            check_copy_name(body.get("destination"), "destination")
+            targets, skipped = self._holders(body, request, hc.canonical_model(source))
+        except Refused as e:
+            return await conn.send_response(e.status, hc.ollama_error_body(str(e)))
+        refresh = self.pulls.refresh_models  # the copy is listed at once
+        await self._on_each(request, conn, hc.canonical_model(source), body, targets,
+                            skipped, refresh, refresh, f'model "{source}" not found')
+
+    async def push(self, request, conn):
+        """POST /api/push from the named node, else the best holder; progress streamed."""
+        try:
+            body, name = read_admin_request(request)
+            node = self._named(body, request) or self.fleet.best_holder(
+                hc.canonical_model(name))
+            if node is None:
+                raise Refused(404, f"model '{name}' not found")
+        except Refused as e:
+            return await conn.send_response(e.status, hc.ollama_error_body(str(e)))
+        await self.proxy.forward(request, conn, node, hc.canonical_model(name),
+                                 without_node(body), body.get("stream") is not False)
+
+    async def create(self, request, conn):
+        """POST /api/create on the node that has (or will have) its blobs."""
+        try:
+            body, name = read_admin_request(request)
+            digests = create_digests(body)
+            start = body.get("from")
+            if start is not None and not isinstance(start, str):
+                raise Refused(400, "from must be a model name")
+            node = await self._place(request, body, digests, start)
+        except Refused as e:
+            return await conn.send_response(e.status, hc.ollama_error_body(str(e)))
+
+        async def refresh():  # the new model is listed before the client sees the end
+            await self.pulls.refresh_models(node)
+        await self.proxy.forward(request, conn, node, hc.canonical_model(name),
+                                 without_node(body), body.get("stream") is not False,
+                                 refresh)
+
+    async def blob(self, request, conn):
+        """HEAD or POST /api/blobs/sha256:<hex>: asked of, or streamed to, the node the
+        client's create will run on."""
+        ex = Exchange(request, "ollama", "", False, b"")
+        try:
+            digest = request.path[len("/api/blobs/"):]
+            if not DIGEST_RE.fullmatch(digest):
+                raise Refused(400, "invalid digest format: a blob is named sha256:<64 "
+                                   "lower-case hex digits>")
+            node = await self._place(request, {})
+            ex.node_id = node.node_id
+            await self._blob_on(request, conn, node, ex)
+        except Refused as e:
+            ex.http_status, ex.error = e.status, str(e)
+            await conn.send_response(e.status, hc.ollama_error_body(str(e)))
+            ex.answered = True
+        except ConnectionError as e:
+            ex.client_left, ex.error = True, f"client connection lost: {e}"
+        finally:
+            self.proxy.finish(ex)
+
+    # -- where: the named node, the holders, the create's node --------------------------
+
+    def _named(self, body, request):
+        """The node the client names ("node" in the body, else X-Herd-Node), or None
+        when it names none; Refused when that node is unknown or cannot be reached."""
+        wanted = body.get("node", request.header("x-herd-node"))
+        if wanted is None:
+            return None
+        if not isinstance(wanted, str):
+            raise Refused(400, "node must be a string")
+        node = self.fleet.nodes.get(wanted.strip())
+        if node is None or node.status == OFFLINE or not node.hb.reachable:
+            raise Refused(404, f"node '{wanted[:64]}' is not online")
+        return node
+
+    def _holders(self, body, request, model):
+        """([nodes to ask], [(node, why not)]) for a delete or a copy: the named node,
+        or every node that lists the model (those offline or unreachable are skipped,
+        and the answer says so)."""
+        named = self._named(body, request)
+        if named is not None:
+            return [named], []
+        targets, skipped = [], []
+        for node in self.fleet.holders(model):
+            if node.status == OFFLINE or not node.hb.reachable:
+                skipped.append((node, "offline" if node.status == OFFLINE else
+                                "its Ollama is unreachable"))
+            else:
+                targets.append(node)
+        return targets, skipped
+
+    async def _place(self, request, body, digests=(), start=None):
+        """The node for a blob or a create, remembered for this client's next ones:
+        the one named; for a create of blobs, the node this client's last blob went
+        to, else one that has them all; for a create from a model, a node that has
+        it; else this client's last node, else the one with the most free disk."""
+        client = request.client.rpartition(":")[0]
+        node = self._named(body, request)
+        last = self.fleet.nodes.get(self.placements.node_for(client) or "")
+        if last is not None and last.accepts_work() is not None:
+            last = None
+        if node is None and digests:
+            node = last or await self._blob_holder(digests)
+        if node is None and start:
+            start = hc.canonical_model(start)
+            node = last if last is not None and start in last.models else \
+                self.fleet.best_holder(start)
+        if node is None:
+            nodes = [n for n in self.fleet.working_nodes() if n.status == ONLINE]
+            node = last or max(nodes, key=lambda n: n.hb.disk_free, default=None)
+        if node is None:
+            raise Refused(503, "no online node to create models on")
+        self.placements.remember(client, node.node_id)
+        return node
+
+    async def _blob_holder(self, digests):
+        """A working node that has every one of these blobs, or None."""
+        nodes = self.fleet.working_nodes()
+        found = await asyncio.gather(*(self._has_blobs(n, digests) for n in nodes))
+        return next((n for n, has in zip(nodes, found) if has), None)
+
+    async def _has_blobs(self, node, digests):
+        for digest in sorted(digests)[:MAX_PROBED_BLOBS]:
+            try:
+                status, _, _ = await hc.http_call(node.ollama_url, "HEAD",
+                                                  f"/api/blobs/{digest}",
+                                                  timeout=self.cfg.connect_timeout)
+            except hc.UpstreamError:
+                return False
+            if status != 200:
+                return False
+        return True
+
+    # -- on each holder: delete, copy ------------------------------------------------
+
+    async def _on_each(self, request, conn, model, body, targets, skipped, done, missing,
+                       not_found):
+        """Send the request to each target at once and answer as Ollama does: 200 with
+        an empty body if any node did it (X-Fleet-Node names them, X-Fleet-Failed the
+        nodes that failed or were skipped), else the nodes' own 4xx (404 `not_found`
+        when no node lists the model), else 502 (503: none could be asked) naming why.
+        `done(node)` / `missing(node)` update the fleet after a 200 / a 404."""
+        ex = Exchange(request, "ollama", model, False, without_node(body))
+        ex.node_id = ",".join(n.node_id for n in targets) or None
+        try:
+            results = await asyncio.gather(*(
+                hc.http_call(n.ollama_url, request.method, request.path, ex.body,
+                             timeout=ADMIN_TIMEOUT_S) for n in targets),
+                return_exceptions=True)
+            did, refused, failed = [], [], [f"{n.node_id}: {why}" for n, why in skipped]
+            for node, result in zip(targets, results):
+                if isinstance(result, hc.UpstreamError):
+                    failed.append(f"{node.node_id}: {result}")
+                elif isinstance(result, BaseException):
+                    raise result
+                elif result[0] == 200:
+                    did.append(node.node_id)
+                    await done(node)
+                elif result[0] < 500:
+                    refused.append(result)
+                    if result[0] == 404:
+                        await missing(node)
+                else:
+                    said = hc.printable(result[2][:200].decode("utf-8", "replace"))
+                    failed.append(f"{node.node_id}: answered {result[0]}: {said}")
+            await self._answer_each(conn, ex, did, refused, failed, not_found)
+        finally:
+            self.proxy.finish(ex)
+
+    async def _answer_each(self, conn, ex, did, refused, failed, not_found):
+        if failed:
+            ex.error = "; ".join(failed)[:500]
+            proxy_log.warning(f"{ex.endpoint} of '{ex.model}' failed on some nodes: "
+                              f"{ex.error}", extra={"model": ex.model,
+                                                    "request_id": ex.request_id})
+        if did:
+            headers = [(b"x-fleet-node", ",".join(did).encode())]
+            if failed:
+                headers.append((b"x-fleet-failed", header_text(ex.error)))
+            ex.http_status = 200
+            await conn.send_response(200, b"", None, headers)
+        elif failed:
+            ex.http_status = 502 if ex.node_id else 503  # asked and failed / none askable
+            await conn.send_response(ex.http_status, hc.ollama_error_body(
+                f"{ex.endpoint} of '{ex.model}' failed: {ex.error}"))
+        elif refused:
+            status, headers, body = refused[0]
+            ctype = next((v for k, v in headers if k == b"content-type"), hc.JSON_TYPE)
+            ex.http_status, ex.error = status, body[:500].decode("utf-8", "replace")
+            await conn.send_response(status, body, ctype)
+        else:
+            ex.http_status, ex.error = 404, not_found
+            await conn.send_response(404, hc.ollama_error_body(not_found))
+        ex.answered = True
+
+    # -- blobs: asked of, or streamed to, one node ------------------------------------
+
+    async def _blob_on(self, request, conn, node, ex):
+        headers = [(b"x-fleet-node", node.node_id.encode())]
+        try:  # a blob the node has is not sent again: Ollama answers 200 to that too
+            status, _, _ = await hc.http_call(node.ollama_url, "HEAD", request.path,
+                                                 timeout=self.cfg.connect_timeout)
+        except hc.UpstreamError as e:
+            raise Refused(502, f"node {node.node_id}: {e}") from None
+        if request.method == "HEAD" or status == 200:
+            if request.method == "POST" and not conn.waits_for_continue():
+                await self._drain(request, conn)  # a clean answer, after its body
+            ex.http_status = status
+            await conn.send_response(status, b"", None, headers)
+            ex.answered = True
+            return
+        status, up_headers, body = await self._upload(request, conn, node, ex)
+        ctype = next((v for k, v in up_headers if k == b"content-type"), None)
+        ex.http_status = status
+        if status >= 400:
+            ex.error = body[:500].decode("utf-8", "replace")
+        await conn.send_response(status, body, ctype, headers)
+        ex.answered = True
+
+    async def _upload(self, request, conn, node, ex):
+        """Stream the client's body to the node; (status, headers, body) of its answer."""
+        cfg, stream = self.cfg, request.stream
+        length = request.header("content-length")
+        up = await self._connect(node)
+        try:
+            up.send_head(b"POST", request.target.encode(), forward_headers(request),
+                         int(length) if length is not None else None)
+            ex.touch()
+            try:
+                while data := await stream.receive(conn.read_timeout):
+                    await up.send_body(data, cfg.chunk_timeout)
+                up.end_body()
+            except hc.BodyTooLarge:
+                raise Refused(413, f"blob larger than FLEET_MAX_BLOB_GB "
+                                   f"({cfg.max_blob_gb:g} GB)") from None
+            except TimeoutError:
+                raise Refused(408, f"the client sent nothing for {conn.read_timeout:g}s "
+                                   f"of its blob") from None
+            except ConnectionError as e:
+                if conn.client_gone:
+                    raise
+                raise Refused(400, str(e)) from None  # a body framed wrongly, cut short
+            except hc.UpstreamError as e:  # the node may have answered and closed early
+                return await self._early_answer(up, node, e)
+            try:
+                status, headers = await up.receive_head(cfg.first_byte_timeout)
+                return status, headers, await up.read_body(cfg.chunk_timeout, 1 << 20)
+            except hc.UpstreamError as e:
+                raise Refused(502, f"node {node.node_id}: {e}") from None
+        finally:
+            up.close()
+
+    @staticmethod
+    async def _drain(request, conn):
+        """Read a body that need not go anywhere: the client is sending it anyway, and
+        an answer before its end would close the connection under it."""
+        try:
+            while await request.stream.receive(conn.read_timeout):
+                pass
+        except (hc.BodyTooLarge, TimeoutError):
+            pass  # answered all the same; the connection then closes
+        except ConnectionError as e:
+            if conn.client_gone:
+                raise
+            raise Refused(400, str(e)) from None  # a body framed wrongly, cut short
+
+    async def _connect(self, node):
+        try:
+            return await hc.Upstream.connect(node.host, node.port, self.cfg.connect_timeout)
+        except hc.UpstreamError as e:
+            raise Refused(502, f"node {node.node_id}: {e}") from None
+
+    async def _early_answer(self, up, node, error):
+        try:
+            status, headers = await up.receive_head(1.0)
+            return status, headers, await up.read_body(1.0, 1 << 20)
+        except hc.UpstreamError:
+            raise Refused(502, f"node {node.node_id}: {error}") from None
+
+
+def read_admin_request(request):
+    """(body, model name) of a delete, push or create; Refused(400) in Ollama's words."""
+    body = parse_admin_body(request)
+    try:  # "name" is the older spelling
+        return body, hc.check_model_name(body.get("model") or body.get("name"))
+    except ValueError as e:
+        raise Refused(400, str(e)) from None
+
+
+def parse_admin_body(request):
+    try:
+        return hc.parse_json_body(request.body)
+    except ValueError as e:
+        raise Refused(400, str(e)) from None
+
+
+def check_copy_name(name, field):
+    """A copy's source or destination, refused as Ollama words it: `source "x" is
+    invalid`."""
+    try:
+        return hc.check_model_name(name, field)
+    except ValueError:
+        shown = name[:60] if isinstance(name, str) else ""
+        raise Refused(400, f"{field} {json.dumps(shown)} is invalid") from None
+
+
+def create_digests(body):
+    """The blobs a create names (files, adapters: name -> sha256:<hex>), each checked."""
+    digests = set()
+    for field in ("files", "adapters"):
+        files = body.get(field)
+        if files is None:
+            continue
+        if not isinstance(files, dict):
+            raise Refused(400, f"{field} must map file names to sha256:<hex> digests")
+        for file_name, digest in files.items():
+            if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
+                raise Refused(400, f"{field}: {json.dumps(file_name[:60])} needs a digest "
+                                   f"sha256:<64 lower-case hex digits>")
+            digests.add(digest)
+    return digests
+
+
+def without_node(body):
+    """The body to forward: the router's "node" field goes."""
+    return hc.dump_json({k: v for k, v in body.items() if k != "node"})
+
+
+def header_text(text):
+    """Text safe in a header value: printable ASCII, at most 500 characters."""
+    return hc.printable(text).encode("ascii", "replace")[:500]
+
 
 ####################################################################################
 # Stats: what the router counts, for /metrics, /fleet/status and the health checks
@@ -2611,6 +3054,8 @@ class Api:
         self.learner = learner
         self.port = cfg.port  # the port bound (RouterServer sets it once listening)
         self.guard = Guard(cfg)
+        self.cors = Cors(cfg.origins_allowed)
+        self.admin = ModelAdmin(cfg, fleet, proxy, pulls)
         self.signatures = hc.SignatureCheck(cfg.token) if cfg.token else None
         self.started = time.time()
         self.in_flight = 0
@@ -2622,6 +3067,10 @@ class Api:
             ("GET", "/api/ps"): self.ps,
             ("POST", "/api/show"): self.show,
             ("POST", "/api/pull"): self.pull,
+            ("DELETE", "/api/delete"): self.admin.delete,
+            ("POST", "/api/copy"): self.admin.copy,
+            ("POST", "/api/create"): self.admin.create,
+            ("POST", "/api/push"): self.admin.push,  # and HEAD, POST /api/blobs/<digest>
             ("GET", "/v1/models"): self.openai_models,
             ("POST", "/heartbeat"): self.heartbeat,
             ("GET", "/fleet/status"): self.fleet_status,
@@ -2640,22 +3089,63 @@ class Api:
         """The HttpConnection handler: one call per request."""
         self.in_flight += 1
         try:
-            handler = self.routes.get((request.method, request.path))
+            if await self.cross_origin(request, conn):
+                return
+            handler = self.routes.get((request.method, request.path)) or \
+                self._prefix_route(request)
             refusal = self.guard.refuse(request, self.guard.kind_of(request.path))
             if refusal:
                 await self.refuse(request, conn, *refusal)
             elif handler is not None:
                 await handler(request, conn)
-            elif request.method == "GET" and request.path.startswith("/v1/models/"):
-                await self.openai_model(request, conn)
-            elif any(p == request.path for (_, p) in self.routes):  # as Ollama (gin) says
-                await conn.send_response(405, b"405 method not allowed", b"text/plain")
             else:
-                await conn.send_response(404, b"404 page not found", b"text/plain")
+                await self.no_route(request, conn)
         finally:
             self.in_flight -= 1
             if not self.in_flight:
                 self.all_done.set()
+
+    def _prefix_route(self, request):
+        """The handler of a path with a name in it, or None."""
+        if request.method == "GET" and request.path.startswith("/v1/models/"):
+            return self.openai_model
+        if request.method in BLOB_METHODS and request.path.startswith("/api/blobs/"):
+            return self.admin.blob
+        return None
+
+    async def no_route(self, request, conn):
+        """404, or 405 for a path known with other methods, in the shape of the API
+        the client speaks (Ollama's own are plain text, which clients show raw)."""
+        path = request.path
+        methods = sorted({m for m, p in self.routes if p == path} or (
+            BLOB_METHODS if path.startswith("/api/blobs/") else ()))
+        shown = path[:200]
+        if methods:
+            status, message = 405, f"method {request.method[:16]} not allowed on {shown}"
+            headers = [(b"allow", ", ".join(methods).encode())]
+        else:
+            status, message, headers = 404, f"404 page not found: {shown}", []
+        body = hc.openai_error_body(status, message) if path.startswith("/v1/") else \
+            hc.ollama_error_body(message)
+        await conn.send_response(status, body, headers=headers)
+
+    async def cross_origin(self, request, conn):
+        """A browser's request from another origin: refused (403, as Ollama does) unless
+        its origin is allowed; then its preflight is answered here, before any key is
+        asked for (a browser sends none with it), and every response to it carries the
+        Access-Control headers. True when answered."""
+        origin = self.cors.origin_of(request)
+        if origin is None:
+            return False
+        if not self.cors.allows(origin):
+            await self.refuse(request, conn, 403, f"origin {origin[:100]} is not allowed "
+                                                  f"(the router's FLEET_ORIGINS)")
+            return True
+        conn.extra_headers = self.cors.headers_for(origin)
+        if request.method == "OPTIONS" and request.header("access-control-request-method"):
+            await conn.send_response(204, b"", None, self.cors.preflight_headers())
+            return True
+        return False
 
     async def refuse(self, request, conn, status, message):
         """A 401 or 403 in the shape of the API the client speaks."""
@@ -2711,9 +3201,13 @@ class Api:
         await conn.send_response(200, b"Ollama is running", b"text/plain; charset=utf-8")
 
     async def version(self, request, conn):
-        """The lowest Ollama version in the fleet: what a client can rely on."""
-        versions = [n.hb.ollama_version for n in self.fleet.online_nodes()
-                    if n.hb.ollama_version]
+        """The lowest Ollama version among the nodes not offline: what a client can
+        rely on. A node that reports no release number is not counted: a server that
+        only imitates Ollama (no /api/version), or a build from source (0.0.0). With no
+        such node, 0.0.0: nothing can be relied on, yet the router answers (tools that
+        check the connection this way see it up)."""
+        versions = [v for v in (n.hb.ollama_version for n in self.fleet.online_nodes())
+                    if RELEASE_RE.fullmatch(v) and any(version_key(v))]
         await conn.send_json(200, {"version": min(versions, key=version_key)
                                    if versions else "0.0.0"})
 
@@ -2941,7 +3435,9 @@ class DashboardApi:
 # Who may call a route: anyone, a node (signed heartbeats), a client key, the admin.
 OPEN, NODE, CLIENT, ADMIN, SCRAPE = "open", "node", "client", "admin", "scrape"
 OPEN_PATHS = frozenset({"/", "/api/version", "/dashboard"})  # health checks, the page
-ADMIN_PATHS = frozenset({"/api/pull", "/dashboard/api/requests"})
+ADMIN_PATHS = frozenset({"/api/pull", "/api/delete", "/api/copy", "/api/create",
+                         "/api/push", "/dashboard/api/requests"})  # and /api/blobs/...
+BLOB_METHODS = ("HEAD", "POST")
 CONNECTION_COUNTERS = ("connections_refused", "header_timeouts", "bodies_too_large",
                        "accept_paused")
 SECRET_SETTINGS = frozenset({"FLEET_TOKEN", "FLEET_API_KEYS", "FLEET_ADMIN_KEY",
@@ -2966,7 +3462,7 @@ class Guard:
             return NODE
         if path == "/metrics":
             return SCRAPE
-        return ADMIN if path in ADMIN_PATHS else CLIENT
+        return ADMIN if path in ADMIN_PATHS or path.startswith("/api/blobs/") else CLIENT
 
     @staticmethod
     def presented(request):
@@ -3009,6 +3505,62 @@ class Guard:
         if self._one_of(given, self.client_keys) or self._one_of(given, self.metrics_key):
             return 403, f"this route needs {needed}, not a client key"
         return 401, f"this route needs {needed}"
+
+
+class Cors:
+    """Which browser pages may call the router, decided as Ollama decides it for itself
+    (gin-contrib/cors, with OLLAMA_ORIGINS): an origin listed, or matching a pattern
+    with one `*` (`http://localhost:*`, `chrome-extension://*`), or any with `*`."""
+
+    METHODS = b"GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS"
+    # Ollama's list (its own clients' and the OpenAI SDK's headers), then the ones
+    # this router reads: its key header, its own headers, the Anthropic SDK's.
+    HEADERS = (b"Authorization, Content-Type, User-Agent, Accept, X-Requested-With, "
+               b"OpenAI-Beta, x-stainless-arch, x-stainless-async, "
+               b"x-stainless-custom-poll-interval, x-stainless-helper-method, "
+               b"x-stainless-lang, x-stainless-os, x-stainless-package-version, "
+               b"x-stainless-poll-helper, x-stainless-retry-count, x-stainless-runtime, "
+               b"x-stainless-runtime-version, x-stainless-timeout, "
+               b"x-stainless-read-timeout, "
+               b"x-api-key, X-Herd-Tags, X-Herd-Session, X-Herd-Node, anthropic-version, "
+               b"anthropic-beta, anthropic-dangerous-direct-browser-access")
+    EXPOSE = (b"X-Fleet-Node, X-Fleet-Served-Model, X-Fleet-Requested-Model, "
+              b"X-Fleet-Retries, X-Fleet-Score, X-Fleet-Fallback, X-Fleet-Failed")
+    MAX_AGE = b"43200"  # 12 hours, gin-contrib/cors's default, which Ollama keeps
+
+    def __init__(self, allowed):
+        self.any = "*" in allowed
+        self.exact = frozenset(o for o in allowed if "*" not in o)
+        self.patterns = [tuple(o.split("*")) for o in allowed if "*" in o and o != "*"]
+
+    @staticmethod
+    def origin_of(request):
+        """The Origin of a cross-origin request, or None (none, or this router's own,
+        as a page it serves sends: not a cross-origin request, as for Ollama)."""
+        origin = request.header("origin")
+        host = request.header("host")
+        if origin is None or (host and origin in (f"http://{host}", f"https://{host}")):
+            return None
+        return origin
+
+    def allows(self, origin):
+        origin = origin.lower()
+        return self.any or origin in self.exact or any(
+            len(origin) >= len(head) + len(tail) and origin.startswith(head)
+            and origin.endswith(tail) for head, tail in self.patterns)
+
+    def headers_for(self, origin):
+        """What every response to an allowed origin carries."""
+        if self.any:
+            return [(b"access-control-allow-origin", b"*"),
+                    (b"access-control-expose-headers", self.EXPOSE)]
+        return [(b"access-control-allow-origin", origin.encode("latin-1")),
+                (b"vary", b"Origin"), (b"access-control-expose-headers", self.EXPOSE)]
+
+    def preflight_headers(self):
+        return [(b"access-control-allow-methods", self.METHODS),
+                (b"access-control-allow-headers", self.HEADERS),
+                (b"access-control-max-age", self.MAX_AGE)]
 
 
 async def read_model_request(request, conn):
@@ -3097,6 +3649,9 @@ def page_headers(page):
 def read_bytes(path):
     with open(path, "rb") as f:
         return f.read()
+
+
+RELEASE_RE = re.compile(r"v?\d+(\.\d+){1,3}(-[0-9A-Za-z.-]+)?")
 
 
 def version_key(version):
@@ -3314,6 +3869,7 @@ class RouterServer:
         conn = hc.HttpConnection(
             self.api.handle, max_body=int(self.cfg.max_body_mb * (1 << 20)),
             body_limits={"/heartbeat": hc.HEARTBEAT_MAX_BYTES},
+            stream_limits={"/api/blobs/": int(self.cfg.max_blob_gb * (1 << 30))},
             idle_timeout=self.cfg.idle_timeout, read_timeout=30.0,
             header_timeout=self.cfg.header_timeout, log=log, on_open=self._opened,
             on_close=self._closed, counters=self.counters)

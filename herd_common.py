@@ -7,7 +7,8 @@ no database. It holds, in the order data flows:
     logging                   JSONL file lines with fixed keys, a readable console form
     JSON and error bodies     Ollama's {"error": ...} and OpenAI's {"error": {...}} shapes
     HTTP server on h11        an asyncio protocol per client connection: keep-alive,
-                              pipelining, 100-continue, limits, hang-up detection
+                              pipelining, 100-continue, limits, hang-up detection,
+                              bodies streamed to their handler (blob uploads)
     HTTP client on h11        an asyncio protocol per node connection: connect /
                               first-byte / chunk timeouts, a pool; the Relay that
                               passes a node's answer to a client chunk by chunk
@@ -434,12 +435,15 @@ def check_model_name(name, field="model"):
 #
 # Theory: each client connection is an asyncio protocol. h11 parses every request, a
 # fresh parser per request fed what the last one left over (pipelined bytes); the body
-# is read whole (it is JSON that routing needs) up to a size limit. The handler then
-# runs as a task of its own and answers through send_response() or start_response(),
-# send_chunks() ... end_response(). Responses are framed here, not by h11.send(),
-# which re-validates every header of every response: 130 us a response, more than h11
-# takes to parse the request (our headers are either ours or ones h11 already parsed;
-# values are still checked for CR, LF and NUL). After a complete response on a
+# is read whole (it is JSON that routing needs) up to a size limit. A path listed in
+# `stream_limits` (blob uploads: gigabytes) is the exception: its handler starts with
+# the head and reads the body as it arrives from a BodyStream, which stops reading
+# from the client while it holds a megabyte, so the body is never held whole. The
+# handler runs as a task of its own and answers through send_response() or
+# start_response(), send_chunks() ... end_response(). Responses are framed here, not
+# by h11.send(), which re-validates every header of every response: 130 us a response,
+# more than h11 takes to parse the request (our headers are either ours or ones h11
+# already parsed; values are still checked for CR, LF and NUL). After a complete response on a
 # keep-alive connection the next request is parsed; anything else closes the
 # connection. The protocol sees a client hang up the moment it happens, so a handler
 # that watches for it (watch_client) is cancelled at once, not at its next write; that
@@ -466,9 +470,9 @@ def end_to_end_headers(headers, also_drop=()):
 
 
 class Request:
-    """One parsed HTTP request with its whole body."""
+    """One parsed HTTP request with its whole body (or, streamed, its BodyStream)."""
 
-    __slots__ = ("method", "target", "path", "query", "headers", "body", "client")
+    __slots__ = ("method", "target", "path", "query", "headers", "body", "client", "stream")
 
     def __init__(self, event, body, client):
         self.method = event.method.decode("ascii", "replace").upper()
@@ -480,6 +484,7 @@ class Request:
         self.headers = list(event.headers)
         self.body = body
         self.client = client
+        self.stream = None  # a BodyStream for a body read as it arrives (body is b"")
 
     def header(self, name):
         """The first value of a header (name in lower case), or None."""
@@ -509,15 +514,82 @@ def response_head(status, headers):
     return b"".join(lines)
 
 
+class BodyTooLarge(ValueError):
+    """A streamed request body went past its limit."""
+
+
+class BodyStream:
+    """A request body read as it arrives, for a handler that passes it on (a blob
+    upload): receive() gives the next piece, b'' at the end. While it holds HIGH_WATER
+    bytes the connection stops reading from the client, so a slow node slows the client
+    down instead of filling the router's memory."""
+
+    HIGH_WATER = 1 << 20
+
+    def __init__(self, conn, limit):
+        self.conn, self.limit = conn, limit
+        self.pieces = collections.deque()
+        self.buffered = self.size = 0
+        self.done = False  # the whole body has arrived (it may not all be taken yet)
+        self.error = None  # why the body cannot arrive whole: raised by receive()
+        self._waiter = None
+
+    def feed(self, data):
+        self.size += len(data)
+        if self.size > self.limit:
+            return self.fail(BodyTooLarge(f"request body larger than {self.limit} bytes"))
+        self.pieces.append(data)
+        self.buffered += len(data)
+        if self.buffered > self.HIGH_WATER:
+            self.conn.pause_body()
+        self._wake()
+
+    def finish(self):
+        self.done = True
+        self._wake()
+
+    def fail(self, error):
+        if not self.done and self.error is None:
+            self.error = error
+            self._wake()
+
+    def _wake(self):
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def receive(self, timeout):
+        """The next piece of the body, b'' at its end; TimeoutError when the client
+        sends nothing for `timeout` seconds, the failure if it cannot arrive whole."""
+        self.conn.send_continue()
+        while not self.pieces:
+            if self.error is not None:
+                raise self.error
+            if self.done:
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._waiter
+            finally:
+                self._waiter = None
+        data = self.pieces.popleft()
+        self.buffered -= len(data)
+        if self.buffered <= self.HIGH_WATER // 2:
+            self.conn.resume_body()
+        return data
+
+
 class HttpConnection(asyncio.Protocol):
     """Server side of one client connection: parse requests, run the handler, respond."""
 
     HOLD_LIMIT = 1 << 20  # pipelined bytes held while a request is answered
 
     def __init__(self, handler, *, max_body, idle_timeout, read_timeout, header_timeout=10.0,
-                 body_limits=None, log=None, on_open=None, on_close=None, counters=None):
+                 body_limits=None, stream_limits=None, log=None, on_open=None, on_close=None,
+                 counters=None):
         self.handler, self.log, self.on_open, self.on_close = handler, log, on_open, on_close
         self.max_body, self.body_limits = max_body, body_limits or {}  # path -> bytes
+        self.stream_limits = stream_limits or {}  # path prefix -> bytes, body streamed
         self.idle_timeout, self.read_timeout = idle_timeout, read_timeout
         self.header_timeout = header_timeout  # for a whole request head, not per byte
         self.counters = counters if counters is not None else collections.Counter()
@@ -531,6 +603,7 @@ class HttpConnection(asyncio.Protocol):
         self.closed = self._loop.create_future()
         self._parser = h11.Connection(h11.SERVER, max_incomplete_event_size=65536)
         self._request_head, self._body, self._size = None, [], 0
+        self._stream = None  # the BodyStream of the request being answered, if streamed
         self._continued = False
         self._held = 0
         self._read_paused = self._write_paused = False
@@ -546,6 +619,7 @@ class HttpConnection(asyncio.Protocol):
                                                                    request.headers)
         self.response_started = self.response_done = False
         self.takes_raw_chunks = False  # the body goes out chunked (see start_response)
+        self.extra_headers = ()  # the handler's headers for every response (CORS)
         self._watching = False
 
     # -- connection events --------------------------------------------------------
@@ -572,11 +646,16 @@ class HttpConnection(asyncio.Protocol):
     def data_received(self, data):
         if self._aborted or self._lingering:
             return  # refused: what the client still sends is read and dropped
+        stream = self._stream
+        if stream is not None and stream.error is not None:
+            return  # a streamed body refused half-way: dropped; the answer closes
         self._parser.receive_data(data)
         if self.task is None:
             if self._request_head is None and self._head_since is None:
                 self._head_since = self._loop.time()
             return self._read_request()
+        if stream is not None and not stream.done:
+            return self._read_body_stream()
         self._held += len(data)  # a pipelined request: parsed after this response
         if self._held > self.HOLD_LIMIT and not self._read_paused:
             self._read_paused = True
@@ -588,12 +667,16 @@ class HttpConnection(asyncio.Protocol):
         if self.task is not None and self._watching:
             return False  # as in Ollama (Go's server), a client's EOF cancels its request
         self._parser.receive_data(b"")
+        if self._stream is not None and not self._stream.done:
+            self._read_body_stream()  # a body cut short: its reader hears why
         if self.task is None:
             self._read_request()
         return True  # answer what is being answered; the next cycle then closes
 
     def connection_lost(self, exc):
         self.client_gone = True
+        if self._stream is not None:
+            self._stream.fail(ConnectionResetError("client disconnected"))
         if self.task is not None and self._watching:
             self.task.cancel(msg="client disconnected")
         self._wake_drain(ConnectionResetError("client disconnected"))
@@ -639,11 +722,16 @@ class HttpConnection(asyncio.Protocol):
             if kind is h11.Request:
                 self._request_head, self._body, self._size = event, [], 0
                 self._head_since = None
-                self._limit = self.body_limits.get(
-                    event.target.split(b"?", 1)[0].decode("ascii", "replace"), self.max_body)
+                path = event.target.split(b"?", 1)[0].decode("ascii", "replace")
+                streamed = next((p for p in self.stream_limits if path.startswith(p)), None)
+                self._limit = self.stream_limits[streamed] if streamed is not None \
+                    else self.body_limits.get(path, self.max_body)
                 length = next((v for k, v in event.headers if k == b"content-length"), None)
                 if length is not None and int(length) > self._limit:
                     return self._refuse_too_large()
+                if streamed is not None:
+                    self._start_handler(BodyStream(self, self._limit))
+                    return self._read_body_stream()
             elif kind is h11.Data:
                 self._size += len(event.data)
                 if self._size > self._limit:
@@ -654,19 +742,62 @@ class HttpConnection(asyncio.Protocol):
             else:  # ConnectionClosed: the client is done with us
                 return self.close()
 
-    def _start_handler(self):
+    def _start_handler(self, stream=None):
         head, body = self._request_head, b"".join(self._body)
         self._request_head, self._body = None, []
         self._timeout = None
         request = Request(head, body, self.client)
+        request.stream = self._stream = stream
         self._begin_response(request, head.http_version)
         self.task = self._loop.create_task(self._answer(request))
+
+    def _read_body_stream(self):
+        """Pass what has arrived of a streamed body to its BodyStream."""
+        stream = self._stream
+        while not stream.done and stream.error is None:
+            try:
+                event = self._parser.next_event()
+            except h11.RemoteProtocolError as e:
+                return stream.fail(ConnectionError(f"request body: {e}"))
+            kind = type(event)
+            if event is h11.NEED_DATA:
+                return
+            if kind is h11.Data:
+                stream.feed(event.data)
+                if stream.error is not None:
+                    self.counters["bodies_too_large"] += 1
+            elif kind is h11.EndOfMessage:
+                stream.finish()
+            else:
+                stream.fail(ConnectionResetError("the client closed before the body ended"))
+
+    def pause_body(self):
+        if not self._read_paused:
+            self._read_paused = True
+            self.transport.pause_reading()
+
+    def resume_body(self):
+        if self._read_paused and self._stream is not None:
+            self._read_paused = False
+            self.transport.resume_reading()
+
+    def waits_for_continue(self):
+        """Is the client holding its body back until it hears 100 Continue?"""
+        return self._parser.they_are_waiting_for_100_continue and not self._continued
+
+    def send_continue(self):
+        """100 Continue, once, for a client that waits for it before sending its body
+        (a streamed body is asked for only when its handler reads it)."""
+        if self.waits_for_continue() and not self.response_started:
+            self._continued = True
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     async def _answer(self, request):
         reuse = False
         try:
             await self.handler(request, self)
-            reuse = self.response_done and self.keep_alive and not self.client_gone
+            reuse = self.response_done and self.keep_alive and not self.client_gone and \
+                (self._stream is None or self._stream.done)
         except asyncio.CancelledError:
             if not self.client_gone or asyncio.current_task().uncancel():
                 raise  # shutdown; the finally clause closes
@@ -681,7 +812,12 @@ class HttpConnection(asyncio.Protocol):
                     await self.send_response(500, ollama_error_body("internal router error"))
         finally:
             self.task = None
-            self._next_cycle() if reuse else self.close()
+            if reuse:
+                self._next_cycle()
+            elif self._stream is not None and not self._stream.done and not self.client_gone:
+                self._linger()  # answered before the body ended: let the answer be read
+            else:
+                self.close()
 
     def _next_cycle(self):
         """A fresh parser for the next request, fed what the client sent meanwhile."""
@@ -691,7 +827,7 @@ class HttpConnection(asyncio.Protocol):
             self._parser.receive_data(leftover)
         if eof:
             self._parser.receive_data(b"")
-        self._held, self._continued = 0, False
+        self._held, self._continued, self._stream = 0, False, None
         self._head_since = self._loop.time() if leftover else None
         if self._read_paused:
             self._read_paused = False
@@ -711,9 +847,17 @@ class HttpConnection(asyncio.Protocol):
         self.transport.write(response_head(status, [
             (b"server", SERVER_HEADER), (b"content-type", JSON_TYPE),
             (b"content-length", b"%d" % len(body)), (b"connection", b"close")]) + body)
+        self._linger()
+
+    def _linger(self):
+        """Shut our side, read and drop what the client still sends, close in a second."""
         self._lingering = True
+        if self._read_paused:
+            self._read_paused = False
+            self.transport.resume_reading()
         if self.transport.can_write_eof():
-            self.transport.write_eof()
+            with contextlib.suppress(OSError):  # the client reset the connection meanwhile
+                self.transport.write_eof()
         if self._timer is not None:
             self._timer.cancel()
         self._timer = self._loop.call_later(1.0, self.close)
@@ -768,15 +912,17 @@ class HttpConnection(asyncio.Protocol):
         headers = [(b"server", SERVER_HEADER)]
         if content_type:
             headers.append((b"content-type", content_type))
-        if length is not None:
+        if length is not None and status != 204:  # RFC 9110 8.6: none on a 204
             headers.append((b"content-length", b"%d" % length))
         elif self.takes_raw_chunks:
             headers.append((b"transfer-encoding", b"chunked"))
-        for name, value in extra:
+        for name, value in (*extra, *self.extra_headers):
             if name == b"connection" and b"close" in value.lower():
                 self.keep_alive = False
             else:
                 headers.append((name, value))
+        if self._stream is not None and not self._stream.done:
+            self.keep_alive = False  # the rest of the body would be read as a request
         if not self.keep_alive:
             headers.append((b"connection", b"close"))
         head = response_head(status, headers)
@@ -1000,6 +1146,7 @@ class Upstream(asyncio.Protocol):
         self._said_close = False
         self.last_progress = self._loop.time()  # when bytes last came (loop time)
         self.relay = None  # the Relay that takes every read while it runs
+        self._write_paused, self._drained = False, None  # a request body being sent
 
     @classmethod
     async def connect(cls, host, port, timeout, tls=None):
@@ -1048,10 +1195,19 @@ class Upstream(asyncio.Protocol):
     def connection_lost(self, exc):
         self._peer_gone(exc)
 
+    def pause_writing(self):
+        self._write_paused = True
+
+    def resume_writing(self):
+        self._write_paused = False
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
     def _peer_gone(self, exc):
         if self._lost is None:
             self._lost = exc
         self.closed = True
+        self.resume_writing()
         if self._chunked is None:
             self.h11.receive_data(b"")
         if self.relay is not None:
@@ -1064,7 +1220,8 @@ class Upstream(asyncio.Protocol):
             waiter.set_result(None)
 
     def _died(self, phase, error):
-        where = "before answering" if phase == "first_byte" else "in the middle of the response"
+        where = {"first_byte": "before answering", "send": "while the request was sent"}
+        where = where.get(phase, "in the middle of the response")
         detail = f" ({error})" if error else ""
         return f"{self.host}:{self.port} closed the connection {where}{detail}"
 
@@ -1095,6 +1252,40 @@ class Upstream(asyncio.Protocol):
         data = self.h11.send(h11.Request(method=method, target=target, headers=all_headers))
         data += self.h11.send(h11.Data(data=body)) if body else b""
         data += self.h11.send(h11.EndOfMessage())
+        self.transport.write(data)
+
+    def send_head(self, method, target, headers, length=None):
+        """Send a request head whose body follows in send_body() calls and end_body()
+        (chunked when its length is not known)."""
+        host = f"{self.host}:{self.port}".encode() if ":" not in self.host \
+            else f"[{self.host}]:{self.port}".encode()
+        framing = (b"content-length", b"%d" % length) if length is not None \
+            else (b"transfer-encoding", b"chunked")
+        self._write(self.h11.send(h11.Request(method=method, target=target,
+                                              headers=[(b"host", host), framing, *headers])))
+
+    async def send_body(self, data, timeout):
+        """Send a piece of the body, waiting while the node reads slower than it comes."""
+        self._write(self.h11.send(h11.Data(data=data)))
+        if self._write_paused and not self.closed:
+            self._drained = self._loop.create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._drained
+            except TimeoutError:
+                raise UpstreamError("send", f"{self.host}:{self.port} took no data for "
+                                            f"{timeout:g}s") from None
+            finally:
+                self._drained = None
+        if self.closed:
+            raise UpstreamError("send", self._died("send", self._lost), True)
+
+    def end_body(self):
+        self._write(self.h11.send(h11.EndOfMessage()))
+
+    def _write(self, data):
+        if self.closed:
+            raise UpstreamError("send", self._died("send", self._lost), True)
         self.transport.write(data)
 
     # -- the response -----------------------------------------------------------------
@@ -2119,15 +2310,21 @@ def parse_positive_int(text):
 
 
 async def read_ollama(ollama_url, timeout):
-    """Version, models on disk and models loaded, or an error string."""
-    try:
-        version, tags, ps = await asyncio.gather(
-            http_json(ollama_url, "GET", "/api/version", timeout=timeout),
-            http_json(ollama_url, "GET", "/api/tags", timeout=timeout),
-            http_json(ollama_url, "GET", "/api/ps", timeout=timeout))
-    except UpstreamError as e:
-        return {"ok": False, "error": str(e)}
-    return {"ok": True, "version": version.get("version", ""),
+    """Version, models on disk and models loaded, or an error string. A server that
+    lists models but has no /api/version (one that only imitates Ollama) reports no
+    version: the router's /api/version then does not count it."""
+    version, tags, ps = await asyncio.gather(
+        http_json(ollama_url, "GET", "/api/version", timeout=timeout),
+        http_json(ollama_url, "GET", "/api/tags", timeout=timeout),
+        http_json(ollama_url, "GET", "/api/ps", timeout=timeout), return_exceptions=True)
+    for answer in (tags, ps, version):
+        if isinstance(answer, BaseException) and not isinstance(answer, UpstreamError):
+            raise answer
+        if isinstance(answer, UpstreamError) and (answer is not version or
+                                                  answer.phase != "status"):
+            return {"ok": False, "error": str(answer)}
+    version = version.get("version") if isinstance(version, dict) else ""
+    return {"ok": True, "version": version if isinstance(version, str) else "",
             "models": tags.get("models") or [], "loaded": ps.get("models") or []}
 
 

@@ -8,6 +8,8 @@ Add more machines           Fleet: heartbeats, node status, drain, agents, local
 How a request is routed     Routing (elimination, scoring, queues); Proxy (the relay)
 When things go wrong        Proxy: streaming relay and failures; Routing (fallbacks,
                             context protection, rebalancer); Pulls and pre-warm
+Managing models through     HTTP API and dashboard: managing models (delete, copy,
+  the router                create and blobs, push), browsers (CORS), /api/version
 Watching the fleet          Stats: traces, metrics, logs; Health; HTTP API and dashboard
 (the opening: run it)       The real programs: subprocesses, mDNS, SIGTERM, restart
 Files: herd_common.py       herd_common on its own
@@ -24,6 +26,8 @@ helpers that say why (the router's, at the end of the Harness section).
 """
 
 import asyncio
+import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -538,6 +542,14 @@ def test_help_prints_the_settings_tables():
     assert out.returncode == 0 and "FLEET_HOLD_TIMEOUT" in out.stdout
     out = run_script(["herd_node.py", "--help"])
     assert out.returncode == 0 and "FLEET_NODE_ROUTER_URL" in out.stdout
+
+
+def test_the_readme_settings_tables_list_every_setting():
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        documented = set(re.findall(r"^\| `(FLEET_[A-Z_]+)` \|", f.read(), re.M))
+    settings = {st.name for st in herd.ROUTER_SETTINGS + herd_node.NODE_SETTINGS}
+    assert settings - documented == set(), "settings with no row in the README's tables"
+    assert documented - settings == set(), "README rows for settings that do not exist"
 
 
 def test_a_bad_value_stops_startup_with_one_line(tmp_path):
@@ -2754,6 +2766,292 @@ def test_dashboard_in_a_real_browser(h, tmp_path):
     assert exceptions == [] and (tmp_path / "overview.png").stat().st_size > 10000
 
 
+# -- managing models through the router: delete, copy, create and blobs, push; CORS;
+# /api/version; routes that do not exist (README "Managing models through the router")
+
+
+def free_disk(gib):
+    def mutate(hb):
+        hb["disk"] = {"total": 1000 * GIB, "free": int(gib * GIB)}
+    return mutate
+
+
+def blob_of(data):
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def tags_of(router):
+    return {m["model"] for m in get_json(router.url, "/api/tags")["models"]}
+
+
+def test_the_ollama_client_manages_models_through_the_router(h, tmp_path):
+    import ollama
+    fake = h.fake()
+    router = h.router()
+    h.heartbeat(router, fake, "node-a")
+    client = ollama.Client(host=router.url)
+    assert client.copy("llama3.2:3b", "me/llama:notes").status == "success"
+    assert "me/llama:notes" in fake.models and "me/llama:notes" in tags_of(router)
+    progress = list(client.push("me/llama:notes", stream=True))
+    assert progress[0].status == "retrieving manifest" and progress[-1].status == "success"
+    assert any(p.completed for p in progress) and fake.pushed == ["me/llama:notes"]
+    with pytest.raises(ollama.ResponseError) as e:  # Ollama's own 500, passed on as it is
+        client.push("llama3.2:3b")
+    assert e.value.status_code == 500 and "namespace you own" in e.value.error
+    weights = tmp_path / "notes.gguf"
+    weights.write_bytes(b"GGUF" + os.urandom(200_000))
+    digest = client.create_blob(weights)
+    assert fake.blobs == {digest: 200_004}
+    created = list(client.create("notes", files={"notes.gguf": digest}, system="Be brief.",
+                                 stream=True))
+    assert [p.status for p in created][:2] == ["parsing GGUF",
+                                               f"using existing layer {digest}"]
+    assert created[-1].status == "success" and "notes:latest" in tags_of(router)
+    assert client.generate(model="notes", prompt="hi").response  # routed at once
+    assert client.delete("me/llama:notes").status == "success"
+    assert "me/llama:notes" not in fake.models and "me/llama:notes" not in tags_of(router)
+    with pytest.raises(ollama.ResponseError) as e:
+        client.delete("me/llama:notes")
+    assert (e.value.status_code, e.value.error) == (404, "model 'me/llama:notes' not found")
+    with pytest.raises(ollama.ResponseError) as e:
+        client.copy("ghost", "ghost-2")
+    assert (e.value.status_code, e.value.error) == (404, 'model "ghost" not found')
+    rows = [r for r in h.traces(router) if r["endpoint"] in ("/api/copy", "/api/delete")]
+    assert [(r["endpoint"], r["status"], r["node_id"]) for r in rows] == [
+        ("/api/copy", "completed", "node-a"), ("/api/delete", "completed", "node-a"),
+        ("/api/delete", "rejected", None), ("/api/copy", "rejected", None)]
+
+
+def test_delete_and_copy_reach_every_holder_unless_a_node_is_named(h):
+    fake_a, fake_b = h.fake(), h.fake()
+    router = h.router()
+    h.heartbeat(router, fake_a, "node-a")
+    h.heartbeat(router, fake_b, "node-b")
+    status, headers, body = http(router.url, "POST", "/api/copy",
+                                 {"source": "qwen2.5:7b", "destination": "team/qwen:ok"})
+    assert (status, body) == (200, b"") and headers["x-fleet-node"] == "node-a,node-b"
+    assert "team/qwen:ok" in fake_a.models and "team/qwen:ok" in fake_b.models
+    status, headers, _ = http(router.url, "DELETE", "/api/delete",
+                              {"model": "team/qwen:ok", "node": "node-b"})
+    assert status == 200 and headers["x-fleet-node"] == "node-b"
+    assert "team/qwen:ok" in fake_a.models and "team/qwen:ok" not in fake_b.models
+    assert [r["body"] for r in fake_b.requests if r["path"] == "/api/delete"] == [
+        {"model": "team/qwen:ok"}]  # the router's field stays with the router
+    assert "team/qwen:ok" not in fleet_node(router, "node-b")["models_on_disk"]
+    ask = {"model": "team/qwen:ok", "prompt": "x", "stream": False}
+    assert {http(router.url, "POST", "/api/generate", ask)[1]["x-fleet-node"]
+            for _ in range(4)} == {"node-a"}  # no request goes where it was deleted
+    h.bg.run(fake_b.stop())  # node-b's Ollama dies; its last heartbeat still lists it
+    status, headers, body = http(router.url, "DELETE", "/api/delete", {"model": "llama3.2:3b"})
+    assert (status, body, headers["x-fleet-node"]) == (200, b"", "node-a")
+    assert headers["x-fleet-failed"].startswith("node-b: cannot connect")
+    status, _, body = http(router.url, "DELETE", "/api/delete", {"model": "llama3.2:3b"})
+    assert status == 502 and "node-b: cannot connect" in json.loads(body)["error"]
+    status, _, body = http(router.url, "DELETE", "/api/delete", {"model": "ghost"})
+    assert (status, json.loads(body)) == (404, {"error": "model 'ghost' not found"})
+    for bad, field in (({"source": "qwen2.5:7b", "destination": "a b"}, "destination"),
+                       ({"destination": "x"}, "source")):
+        status, _, body = http(router.url, "POST", "/api/copy", bad)
+        assert status == 400 and json.loads(body)["error"].startswith(f'{field} "'), bad
+    status, _, body = http(router.url, "DELETE", "/api/delete", {"model": "x", "node": "nope"})
+    assert status == 404 and "nope" in json.loads(body)["error"]
+
+
+def test_blobs_and_their_create_land_on_one_node(h):
+    fake_a, fake_b = h.fake(), h.fake()
+    router = h.router()
+    h.heartbeat(router, fake_a, "node-a", mutate=free_disk(100))
+    h.heartbeat(router, fake_b, "node-b", mutate=free_disk(500))
+    weights, adapter = os.urandom(300_000), os.urandom(1000)
+    assert http(router.url, "HEAD", f"/api/blobs/{blob_of(weights)}")[0] == 404
+    status, headers, _ = http(router.url, "POST", f"/api/blobs/{blob_of(weights)}", weights)
+    assert status == 201 and headers["x-fleet-node"] == "node-b"  # the most free disk
+    h.heartbeat(router, fake_a, "node-a", mutate=free_disk(900))  # now node-a has more
+    status, headers, _ = http(router.url, "POST", f"/api/blobs/{blob_of(adapter)}", adapter)
+    assert status == 201 and headers["x-fleet-node"] == "node-b"  # this client's node
+    assert set(fake_b.blobs) == {blob_of(weights), blob_of(adapter)} and not fake_a.blobs
+    create = {"model": "mine", "files": {"w.gguf": blob_of(weights)},
+              "adapters": {"a.gguf": blob_of(adapter)}}
+    status, headers, body = http(router.url, "POST", "/api/create", create)
+    lines = [json.loads(line) for line in body.splitlines()]
+    assert status == 200 and headers["x-fleet-node"] == "node-b"
+    assert headers["content-type"] == "application/x-ndjson" and len(lines) == 5
+    assert lines[-1] == {"status": "success"} and "mine:latest" in fake_b.models
+    assert "mine:latest" in fleet_node(router, "node-b")["models_on_disk"]
+    # Another machine has no placement: its create finds the node that has the blobs.
+    status, headers, _ = http(router.url, "POST", "/api/create", {**create, "model": "its",
+                                                                 "stream": False},
+                              source="127.0.0.2")
+    assert status == 200 and headers["x-fleet-node"] == "node-b"
+    status, headers, _ = http(router.url, "POST", f"/api/blobs/{blob_of(adapter)}", adapter,
+                              headers={"X-Herd-Node": "node-a"})
+    assert status == 201 and headers["x-fleet-node"] == "node-a" and fake_a.blobs
+    assert "x-herd-node" not in fake_a.requests[-1]["headers"]
+    status, _, body = http(router.url, "POST", f"/api/blobs/{blob_of(weights)}", b"not it")
+    assert status == 400 and "digest mismatch" in json.loads(body)["error"]
+    asked = len(fake_a.requests) + len(fake_b.requests)
+    for digest in ("sha256:abc", "sha256:" + "A" * 64, "md5:" + "0" * 64):
+        status, _, body = http(router.url, "POST", f"/api/blobs/{digest}", b"x")
+        assert status == 400 and "invalid digest" in json.loads(body)["error"], digest
+    status, _, body = http(router.url, "POST", "/api/create",
+                           {"model": "x", "files": {"w.gguf": "sha256:zz"}})
+    assert status == 400 and "w.gguf" in json.loads(body)["error"]
+    assert len(fake_a.requests) + len(fake_b.requests) == asked  # none reached a node
+
+
+def read_head(sock):
+    """A response's status line and headers (the bodies here are empty or short)."""
+    out = b""
+    while b"\r\n\r\n" not in out:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {out!r}"
+        out += chunk
+    return out
+
+
+def test_a_blob_upload_is_streamed_to_the_node_as_it_arrives(h):
+    fake = h.fake()
+    router = h.router(FLEET_MAX_BLOB_GB=0.02)
+    h.heartbeat(router, fake, "node-a")
+    data = os.urandom(8 << 20)
+    head = b"POST /api/blobs/%s HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as s:
+        s.sendall(head % (blob_of(data).encode(), len(data)) + data[:4 << 20])
+        # Half the body is sent, the rest not yet: a router holding the body whole
+        # would have passed nothing on.
+        wait_until(lambda: fake.blob_received.get(blob_of(data), 0) >= 2 << 20,
+                   what="the first megabytes to reach the node before the upload ends")
+        s.sendall(data[4 << 20:])
+        answer = read_head(s)
+        # The same blob again: the node has it, so the router reads the body to its end
+        # and drops it (an answer before that would close the connection under the
+        # client), and the connection serves on.
+        s.sendall(head % (blob_of(data).encode(), len(data)) + data)
+        again = read_head(s)
+        s.sendall(b"GET /api/version HTTP/1.1\r\nHost: r\r\n\r\n")
+        after = read_head(s)
+    assert answer.startswith(b"HTTP/1.1 201") and fake.blobs == {blob_of(data): 8 << 20}
+    assert again.startswith(b"HTTP/1.1 200") and b"connection: close" not in again
+    assert after.startswith(b"HTTP/1.1 200")
+    big = head % (blob_of(b"").encode(), 1 << 30)
+    assert raw_exchange(router.port, big).startswith(b"HTTP/1.1 413")  # FLEET_MAX_BLOB_GB
+    chunked = b"POST /api/blobs/%s HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: chunked\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as s:
+        s.sendall(chunked % blob_of(b"y").encode())
+        piece = b"100000\r\n" + b"y" * (1 << 20) + b"\r\n"
+        with contextlib.suppress(OSError):  # refused mid-body: the router stops reading
+            for _ in range(24):
+                s.sendall(piece)
+        answer = s.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 413") and b"FLEET_MAX_BLOB_GB" in answer
+    assert list(fake.blobs) == [blob_of(data)]  # the cut-off upload left nothing
+    assert http(router.url, "GET", "/api/version")[0] == 200
+
+
+def test_managing_models_needs_the_admin_key(keyed):
+    import ollama
+    router, fake = keyed
+    digest = blob_of(b"w")
+    admin_only = [("DELETE", "/api/delete", {"model": "llama3.2:3b"}),
+                  ("POST", "/api/copy", {"source": "llama3.2:3b", "destination": "c"}),
+                  ("POST", "/api/create", {"model": "c", "from": "llama3.2:3b"}),
+                  ("POST", "/api/push", {"model": "me/llama3.2:3b"}),
+                  ("POST", f"/api/blobs/{digest}", b"w"), ("HEAD", f"/api/blobs/{digest}", None)]
+    for method, path, body in admin_only:
+        status, _, answer = http(router.url, method, path, body,
+                                 headers={"Authorization": "Bearer key-1"})
+        assert status == 403, path
+        assert method == "HEAD" or "FLEET_ADMIN_KEY" in json.loads(answer)["error"], path
+        assert http(router.url, method, path, body)[0] == 401, path
+    reached = {r["path"] for r in fake.requests}
+    assert not reached & {"/api/delete", "/api/copy", "/api/create", "/api/push",
+                          f"/api/blobs/{digest}"}
+    with pytest.raises(ollama.ResponseError) as e:
+        ollama.Client(host=router.url, headers={"Authorization": "Bearer key-1"}).delete(
+            "llama3.2:3b")
+    assert e.value.status_code == 403
+    admin = ollama.Client(host=router.url, headers={"Authorization": "Bearer admin-key"})
+    assert admin.copy("llama3.2:3b", "c").status == "success" and "c:latest" in fake.models
+    assert admin.delete("c").status == "success" and "c:latest" not in fake.models
+
+
+def test_browsers_get_cors_as_ollama_gives_it(h):
+    fake = h.fake(chunks=3)
+    router = h.router(FLEET_ORIGINS="chrome-extension://*,https://notes.example",
+                      FLEET_API_KEYS="key-1")
+    h.heartbeat(router, fake, "node-a")
+    ask = {"Access-Control-Request-Method": "POST",
+           "Access-Control-Request-Headers": "authorization, content-type"}
+    for origin in ("http://localhost:5173", "https://127.0.0.1", "chrome-extension://abc",
+                   "https://notes.example", "tauri://localhost", "vscode-webview://x"):
+        status, headers, body = http(router.url, "OPTIONS", "/api/chat",
+                                     headers={"Origin": origin, **ask})  # and no key
+        assert (status, body) == (204, b"") and \
+            headers["access-control-allow-origin"] == origin, origin
+        assert "POST" in headers["access-control-allow-methods"]
+        assert "Authorization" in headers["access-control-allow-headers"]
+    for origin in ("https://evil.example", "http://localhost.evil.example", "null",
+                   "https://notes.example.evil"):
+        status, headers, body = http(router.url, "OPTIONS", "/api/chat",
+                                     headers={"Origin": origin, **ask})
+        assert status == 403 and "access-control-allow-origin" not in headers, origin
+        assert "FLEET_ORIGINS" in json.loads(body)["error"]
+    # A form post from another site needs no preflight: refused all the same, key or not.
+    sent = len(fake.requests)
+    status, _, _ = http(router.url, "POST", "/api/generate",
+                        {"model": "llama3.2:3b", "prompt": "x"},
+                        headers={"Origin": "https://evil.example", "x-api-key": "key-1",
+                                 "Content-Type": "text/plain"})
+    assert status == 403 and len(fake.requests) == sent
+    page = {"Origin": "chrome-extension://abc"}
+    status, headers, _ = http(router.url, "POST", "/api/chat", {"model": "llama3.2:3b"},
+                              headers=page)  # no key: the page can read why
+    assert status == 401 and headers["access-control-allow-origin"] == "chrome-extension://abc"
+    status, headers, body = http(router.url, "POST", "/api/chat", {
+        "model": "llama3.2:3b", "messages": [{"role": "user", "content": "hi"}]},
+        headers={**page, "Authorization": "Bearer key-1"})
+    assert status == 200 and headers["content-type"] == "application/x-ndjson"
+    assert len(body.splitlines()) == 4  # a stream: its head went out with its first chunk
+    assert headers["access-control-allow-origin"] == "chrome-extension://abc"
+    assert "X-Fleet-Node" in headers["access-control-expose-headers"]
+    assert "origin" not in fake.requests[-1]["headers"]  # the router judged it, not Ollama
+    anyone = h.router(FLEET_ORIGINS="*")
+    status, headers, _ = http(anyone.url, "GET", "/api/version",
+                              headers={"Origin": "https://evil.example"})
+    assert status == 200 and headers["access-control-allow-origin"] == "*"
+
+
+def test_version_is_the_lowest_release_a_node_runs(h):
+    router = h.router()
+    assert get_json(router.url, "/api/version") == {"version": "0.0.0"}  # no node yet
+    fakes = {}
+    for node_id, version in (("new", "0.12.6"), ("old", "0.5.7"), ("dev", "0.0.0"),
+                             ("odd", "unknown")):
+        fakes[node_id] = h.fake(version=version)
+        h.heartbeat(router, fakes[node_id], node_id)
+    imitation = h.fake()
+    del imitation._routes[("GET", "/api/version")]  # lists models, has no /api/version
+    h.heartbeat(router, imitation, "imitation")
+    assert node_status(router, "imitation") == "online"
+    assert fleet_node(router, "imitation")["ollama"]["version"] == ""
+    assert get_json(router.url, "/api/version") == {"version": "0.5.7"}  # not "0.0.0"
+    h.heartbeat(router, fakes["old"], "old", mutate=lambda hb: hb.update(leaving=True))
+    assert get_json(router.url, "/api/version") == {"version": "0.12.6"}  # old is offline
+
+
+def test_unknown_routes_answer_in_the_apis_own_shape(one_node):
+    h, router, fake = one_node
+    status, headers, body = http(router.url, "GET", "/api/nothing")
+    assert status == 404 and "/api/nothing" in json.loads(body)["error"]
+    status, headers, body = http(router.url, "POST", "/v1/nothing", {})
+    assert status == 404 and json.loads(body)["error"]["type"] == "not_found_error"
+    status, headers, body = http(router.url, "GET", "/api/chat")
+    assert status == 405 and headers["allow"] == "POST" and json.loads(body)["error"]
+    status, headers, _ = http(router.url, "GET", f"/api/blobs/{blob_of(b'')}")
+    assert status == 405 and headers["allow"] == "HEAD, POST"
+    assert http(router.url, "PUT", "/api/delete", {"model": "x"})[0] == 405
+
+
 ####################################################################################
 # Securing the fleet: signed nodes, addresses, keys, bounded input (README "Securing
 # the fleet")
@@ -3673,25 +3971,28 @@ RAW_TARGETS = (st.sampled_from(
      b"/dashboard/api/health", b"/dashboard/api/requests", b"/dashboard/api/trends",
      b"/dashboard/api/apps", b"/dashboard/api/models", b"/dashboard/api/settings",
      b"/api/tags?x=1", b"/dashboard/api/requests?limit=5&status=completed&tag=a",
-     b"/dashboard/api/trends?range=7d", b"/api/chat?stream=1"]),
+     b"/dashboard/api/trends?range=7d", b"/api/chat?stream=1", b"/api/delete",
+     b"/api/copy", b"/api/create", b"/api/push", b"/api/blobs/sha256:" + b"0" * 64]),
     st.one_of(st.sampled_from(
         [b"/v1/models/%ff%00", b"/v1/models/", b"/dashboard/api/requests?since=nan&limit=1e9",
          b"/dashboard/api/requests?limit=-5&since=inf&status=%00&tag=%ff",
          b"/dashboard/api/trends?range=%00", b"/dashboard/api/trends?range=30d&range=7d",
          b"*", b"http://x/api/tags", b"/api/tags?x=1&x=2", b"/%00", b"//", b"/api/chat/",
-         b"/api/chat?", b"/\xff\xfe", b"/" + b"a" * 10000]), st.binary(max_size=20)))
+         b"/api/chat?", b"/\xff\xfe", b"/" + b"a" * 10000, b"/api/blobs/sha256:x",
+         b"/api/blobs/"]), st.binary(max_size=20)))
 RAW_VERSIONS = (st.sampled_from([b"HTTP/1.1", b"HTTP/1.1", b"HTTP/1.0"]), st.one_of(
     st.sampled_from([b"HTTP/2.0", b"HTTP/0.9", b"http/1.1", b"HTTP/1.1 ", b"", b"HTTP/9.9"]),
     st.binary(max_size=9)))
 RAW_HEADER_NAMES = (st.sampled_from(
     [b"Host", b"Content-Length", b"Transfer-Encoding", b"Connection", b"Expect",
      b"Authorization", b"X-Api-Key", b"X-Herd-Tags", b"Content-Type", b"Upgrade",
-     b"X-Herd-Signature", b"X-Herd-Timestamp", b"X-Herd-Nonce", b"X-Junk"]),
+     b"X-Herd-Signature", b"X-Herd-Timestamp", b"X-Herd-Nonce", b"X-Junk", b"Origin",
+     b"Access-Control-Request-Method", b"X-Herd-Node"]),
     st.one_of(st.sampled_from([b" Host", b"Host ", b"", b"Ho\x00st"]), st.binary(max_size=10)))
 RAW_HEADER_VALUES = (st.sampled_from(
     [b"r", b"0", b"5", b"chunked", b"close", b"keep-alive", b"close, x-herd-tags",
      b"100-continue", b"Bearer x", b"notes,nightly", b"application/json", b"h2c",
-     b"1700000000", b"0123456789abcdef0123"]),
+     b"1700000000", b"0123456789abcdef0123", b"http://localhost:3000", b"node-a"]),
     st.one_of(st.sampled_from(
         [b"-1", b"+5", b"0x10", b"99999999999999999999", b"5, 5", b"5, 6", b"gzip, chunked",
          b"chunked, gzip", b"identity", b"a" * 70000, b"Bearer ", b"\x00", b" x ",
@@ -4140,6 +4441,38 @@ def test_server_stops_reading_a_pipelined_flood_while_it_answers():
     assert hc.HttpConnection.HOLD_LIMIT < held < 2 * hc.HttpConnection.HOLD_LIMIT
     paths = re.findall(rb'"path":"([^"]+)"', out)
     assert paths == [b"/first"] + [b"/more"] * 2500 + [b"/last"]
+
+
+def test_a_streamed_body_is_read_only_as_fast_as_its_handler_takes_it():
+    conns, release, sizes = [], asyncio.Event(), []
+
+    async def take_later(request, conn):  # a slow node: nothing is taken for a while
+        if request.stream is None:
+            return await echo_path(request, conn)
+        conns.append(conn)
+        await release.wait()
+        while data := await request.stream.receive(5):
+            sizes.append(len(data))
+        await conn.send_json(200, {"got": sum(sizes), "path": request.path})
+
+    async def scenario(port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        size = 24 << 20
+        writer.write(b"POST /blobs/x HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n"
+                     % size + b"b" * size + b"GET /after HTTP/1.1\r\nHost: a\r\n"
+                     b"Connection: close\r\n\r\n")
+        async with asyncio.timeout(10):
+            while not conns or not conns[0]._read_paused:
+                await asyncio.sleep(0.01)
+        held = conns[0]._stream.buffered  # the pause is the server's own: see above
+        release.set()
+        out = await read_until_closed(reader, 30)
+        writer.close()
+        return held, out
+    held, out = serve_once(take_later, scenario, stream_limits={"/blobs/": 1 << 30})
+    assert hc.BodyStream.HIGH_WATER < held < 2 * hc.BodyStream.HIGH_WATER
+    assert re.findall(rb'\{[^}]*\}', out) == [b'{"got":25165824,"path":"/blobs/x"}',
+                                              b'{"path":"/after"}']  # then keep-alive
 
 
 def test_chunked_body_splits_only_at_chunk_boundaries():
