@@ -8,8 +8,9 @@ the OpenAI-compatible routes, and the newer Anthropic Messages (/v1/messages) an
 Responses (/v1/responses) routes with their named SSE events; like an older Ollama, a
 fake whose `version` predates a route (0.14.0, 0.13.3) answers it gin's 404. Asked with
 `tools` by a user message naming one, those two answer with a call to it (each
-parameter "w0", "w1", ...). Faults can be switched on at any moment (refuse,
-reset, stall, 500, 503, death or an error line in the middle of a stream). It imports
+parameter "w0", "w1", ...). A model with the "image" capability answers
+/v1/images/generations with a one-pixel PNG. Faults can be switched on at any moment
+(refuse, reset, stall, 500, 503, death or an error line in the middle of a stream). It imports
 nothing from Herd: it is the reference the router is checked against.
 
 The contention model (for the routing benchmark; every figure can change while it runs):
@@ -119,13 +120,16 @@ TEXT_TYPE = b"text/plain; charset=utf-8"
 INFERENCE = {"/api/generate": "generate", "/api/chat": "chat", "/api/embed": "embed",
              "/api/embeddings": "embeddings", "/v1/chat/completions": "oa_chat",
              "/v1/completions": "oa_completion", "/v1/embeddings": "oa_embed",
-             "/v1/responses": "oa_responses", "/v1/messages": "an_messages"}
+             "/v1/responses": "oa_responses", "/v1/messages": "an_messages",
+             "/v1/images/generations": "oa_image"}
 # Kinds answered from a conversation (Ollama runs them all through its chat handler).
 CHAT_KINDS = frozenset({"chat", "oa_chat", "oa_responses", "an_messages"})
 # Routes newer releases added, and the first release that serves each: an older
 # Ollama's router does not know the path and answers gin's plain-text 404.
 NEWER_ROUTES = {"/v1/responses": "0.13.3", "/v1/messages": "0.14.0"}
-DEFAULT_VERSION = "0.14.0"      # the first release that serves every route faked here
+DEFAULT_VERSION = "0.14.0"      # the first release that serves /v1/messages
+TINY_PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8"
+            "AAAAASUVORK5CYII=")    # what an image model draws here: one pixel
 
 # Go request structs, for Go's decode errors: field -> (JSON kind accepted, Go type).
 STR, BOOL, INT, NUM, LIST, OBJ, DURATION = "string", "bool", "int", "number", "array", \
@@ -169,6 +173,9 @@ STRUCTS = {
         "suffix": (STR, "string")},
     "openai.EmbedRequest": {"model": (STR, "string"), "encoding_format": (STR, "string"),
                             "dimensions": (INT, "int")},
+    "openai.ImageGenerationRequest": {
+        "model": (STR, "string"), "prompt": (STR, "string"), "n": (INT, "int"),
+        "size": (STR, "string"), "response_format": (STR, "string")},
     "openai.ResponsesRequest": {
         "model": (STR, "string"), "instructions": (STR, "string"),
         "max_output_tokens": (INT, "int"), "temperature": (NUM, "float64"),
@@ -185,6 +192,7 @@ STRUCT_OF = {"generate": "api.GenerateRequest", "chat": "api.ChatRequest",
              "oa_chat": "openai.ChatCompletionRequest",
              "oa_completion": "openai.CompletionRequest", "oa_embed": "openai.EmbedRequest",
              "oa_responses": "openai.ResponsesRequest",
+             "oa_image": "openai.ImageGenerationRequest",
              "an_messages": "anthropic.MessagesRequest"}
 
 JSON_DECODER = json.JSONDecoder()
@@ -1697,6 +1705,8 @@ class FakeOllama:
             self._read_openai_generation(body, ask)
         elif kind in ("oa_responses", "an_messages"):
             self._read_conversation(body, ask)
+        elif kind == "oa_image":
+            ask.prompt_tokens = max(1, count_tokens(body.get("prompt")))
         else:
             self._read_embedding(body, ask)
         if not ask.control or ask.control == "load":
@@ -1804,6 +1814,8 @@ class FakeOllama:
         """Ollama's 400s for a model that cannot do what is asked."""
         caps = self.models[ask.model].capabilities
         quoted = go_quote(ask.name)
+        if ask.kind == "oa_image" and "image" not in caps:
+            raise Refusal(400, f"{quoted} does not support image generation")
         if ask.kind in ("generate", "oa_completion") and "completion" not in caps:
             raise Refusal(400, f"{quoted} does not support generate")
         if ask.kind in CHAT_KINDS and "completion" not in caps:
@@ -1858,6 +1870,8 @@ class FakeOllama:
             if ask.control == "load":
                 turn.end()
                 return await ex.send_json(200, self._control_reply(ask))
+            if ask.kind == "oa_image":
+                return await self._reply_image(ex, turn)
             if ask.kind in ("embed", "embeddings", "oa_embed"):
                 return await self._reply_embedding(ex, ask, turn)
             await self._evaluate_prompt(ask, turn.runner)
@@ -2120,6 +2134,13 @@ class FakeOllama:
         if fault == "error_line":
             raise Refusal(500, MID_STREAM_ERROR)
         await self._finish(turn, ex.send(200, body, JSON_TYPE))
+
+    async def _reply_image(self, ex, turn):
+        """An image model's answer: one picture (a 1x1 PNG), base64, OpenAI's shape."""
+        if self.chunk_delay:
+            await asyncio.sleep(self.chunk_delay / self.speed)
+        await self._send_whole(ex, turn, dumps({"created": int(time.time()),
+                                                "data": [{"b64_json": TINY_PNG}]}))
 
     async def _reply_embedding(self, ex, ask, turn):
         if self.chunk_delay:
