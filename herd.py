@@ -159,7 +159,8 @@ ROUTER_SETTINGS = [
 # Fields a client may add for the router; they never reach Ollama.
 ROUTING_FIELDS = ("fallback_models",)
 NATIVE_INFERENCE = ("/api/chat", "/api/generate", "/api/embed", "/api/embeddings")
-OPENAI_INFERENCE = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+OPENAI_INFERENCE = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+                    "/v1/images/generations")  # image models answer it (experimental)
 # Routes newer Ollama releases added, with the first release that serves each: Anthropic's
 # Messages API and OpenAI's stateless Responses API. An older Ollama answers them with
 # a bare 404, so a node that reports one is left out of their routing.

@@ -785,6 +785,24 @@ def test_what_ollama_serves_and_the_router_does_not_gets_a_clear_404(one_node):
     assert "count_tokens" in err.value.body["error"]["message"]
 
 
+def test_openai_client_images_go_to_a_node_with_the_image_model(h):
+    import base64
+    import openai
+    text = h.fake(models=["llama3.2:3b"])
+    painter = h.fake(models={"x/z-image-turbo": {"capabilities": ["image"]}})
+    router = h.router()
+    h.heartbeat(router, text, "text-node")
+    h.heartbeat(router, painter, "image-node")
+    client = openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
+    image = client.images.generate(model="x/z-image-turbo", prompt="a robot painting",
+                                   size="64x64", response_format="b64_json")
+    assert base64.b64decode(image.data[0].b64_json).startswith(b"\x89PNG")
+    assert painter.requests[-1]["body"]["size"] == "64x64"
+    assert h.traces(router)[-1]["node_id"] == "image-node"
+    with pytest.raises(openai.BadRequestError):  # Ollama's own 400, passed on
+        client.images.generate(model="llama3.2:3b", prompt="x")
+
+
 def test_v1_models_is_the_union_of_the_fleet(h):
     import openai
     a = h.fake(models=["llama3.2:3b", "qwen2.5:7b"])
