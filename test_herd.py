@@ -660,9 +660,9 @@ def test_anthropic_and_responses_errors_come_in_their_own_shapes(h):
     assert status == 400 and json.loads(body)["error"] == {
         "type": "invalid_request_error", "message": "max_tokens is required and must be "
                                                     "positive"}
-    responses = openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
+    oa = openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.NotFoundError) as err:
-        responses.responses.create(model="ghost", input="x")
+        oa.responses.create(model="ghost", input="x")
     assert err.value.body["type"] == "not_found_error" and "ghost" in err.value.message
     # No node can take the model (too little memory for it) until the hold times out.
     h.heartbeat(router, fake, "node-a", mutate=small_memory(1, 0.5))
@@ -672,7 +672,7 @@ def test_anthropic_and_responses_errors_come_in_their_own_shapes(h):
     error = err.value.body["error"]
     assert error["type"] == "overloaded_error" and "node-a" in error["message"]
     with pytest.raises(openai.InternalServerError) as err:
-        responses.responses.create(model="qwen2.5:7b", input="x")
+        oa.responses.create(model="qwen2.5:7b", input="x")
     assert err.value.status_code == 503 and err.value.body["type"] == "api_error"
 
 
@@ -717,11 +717,10 @@ def test_a_stream_that_breaks_ends_with_its_apis_error_event(one_node):
     error = err.value.body["error"]
     assert texts == ["w0 ", "w1 "] and error["type"] == "api_error"
     assert "node node-a failed mid-stream" in error["message"]
-    responses = openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
+    oa = openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
     seen = []
     with pytest.raises(openai.APIError) as err:
-        for event in responses.responses.create(model="llama3.2:3b", input="x",
-                                                stream=True):
+        for event in oa.responses.create(model="llama3.2:3b", input="x", stream=True):
             seen.append(event.sequence_number)
     assert "node node-a failed mid-stream" in err.value.message
     status, _, body = http(router.url, "POST", "/v1/responses",
