@@ -4,11 +4,16 @@
 It answers the way the real server does wherever a client can tell: field names, NDJSON
 and SSE framing, error bodies and status codes, model loads that take time, reloads on
 a new num_ctx, unload on keep_alive 0, num_parallel slots per loaded model with FIFO
-waiting, the loopback Host-header guard, the OpenAI-compatible routes, and model
+waiting, the loopback Host-header guard, the OpenAI-compatible routes, model
 management (pull, push, create from blobs uploaded first, copy, delete) with Ollama's
-progress lines and errors. Faults can be switched on at any moment (refuse, reset,
-stall, 500, 503, death or an error line in the middle of a stream). It imports nothing
-from Herd: it is the reference the router is checked against.
+progress lines and errors, and the newer Anthropic Messages (/v1/messages) and OpenAI
+Responses (/v1/responses) routes with their named SSE events; like an older Ollama, a
+fake whose `version` predates a route (0.14.0, 0.13.3) answers it gin's 404. Asked with
+`tools` by a user message naming one, those two answer with a call to it (each
+parameter "w0", "w1", ...). A model with the "image" capability answers
+/v1/images/generations with a one-pixel PNG. Faults can be switched on at any moment
+(refuse, reset, stall, 500, 503, death or an error line in the middle of a stream). It
+imports nothing from Herd: it is the reference the router is checked against.
 
 The contention model (for the routing benchmark; every figure can change while it runs):
     speed          this machine's speed: a token takes chunk_delay / speed, a prompt
@@ -60,6 +65,7 @@ Run:
 
 In a test:
     fake = FakeOllama(["llama3.2:3b"], num_parallel=2, chunk_delay=0.05)
+    old = FakeOllama(version="0.13.3")  # serves /v1/responses, 404s /v1/messages
     port = await fake.start()          # binds 127.0.0.1:0, returns the port
     fake.fault = "die_mid_stream"      # and fake.requests, .active, .loaded, .cancelled ...
     fake.speed = 0.25                  # .saturation, .max_loaded, .evictions, .generating ...
@@ -121,7 +127,17 @@ QUANTIZE_TYPES = ("q4_K_M", "q4_K_S", "q8_0")
 # The inference routes: path -> kind. Faults and hang-up watching apply to these only.
 INFERENCE = {"/api/generate": "generate", "/api/chat": "chat", "/api/embed": "embed",
              "/api/embeddings": "embeddings", "/v1/chat/completions": "oa_chat",
-             "/v1/completions": "oa_completion", "/v1/embeddings": "oa_embed"}
+             "/v1/completions": "oa_completion", "/v1/embeddings": "oa_embed",
+             "/v1/responses": "oa_responses", "/v1/messages": "an_messages",
+             "/v1/images/generations": "oa_image"}
+# Kinds answered from a conversation (Ollama runs them all through its chat handler).
+CHAT_KINDS = frozenset({"chat", "oa_chat", "oa_responses", "an_messages"})
+# Routes newer releases added, and the first release that serves each: an older
+# Ollama's router does not know the path and answers gin's plain-text 404.
+NEWER_ROUTES = {"/v1/responses": "0.13.3", "/v1/messages": "0.14.0"}
+DEFAULT_VERSION = "0.14.0"      # the first release that serves /v1/messages
+TINY_PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8"
+            "AAAAASUVORK5CYII=")    # what an image model draws here: one pixel
 
 # Go request structs, for Go's decode errors: field -> (JSON kind accepted, Go type).
 STR, BOOL, INT, NUM, LIST, OBJ, DURATION = "string", "bool", "int", "number", "array", \
@@ -174,11 +190,27 @@ STRUCTS = {
         "suffix": (STR, "string")},
     "openai.EmbedRequest": {"model": (STR, "string"), "encoding_format": (STR, "string"),
                             "dimensions": (INT, "int")},
+    "openai.ImageGenerationRequest": {
+        "model": (STR, "string"), "prompt": (STR, "string"), "n": (INT, "int"),
+        "size": (STR, "string"), "response_format": (STR, "string")},
+    "openai.ResponsesRequest": {
+        "model": (STR, "string"), "instructions": (STR, "string"),
+        "max_output_tokens": (INT, "int"), "temperature": (NUM, "float64"),
+        "top_p": (NUM, "float64"), "stream": (BOOL, "bool"),
+        "tools": (LIST, "[]openai.ResponsesTool")},
+    "anthropic.MessagesRequest": {
+        "model": (STR, "string"), "max_tokens": (INT, "int"),
+        "messages": (LIST, "[]anthropic.MessageParam"), "stream": (BOOL, "bool"),
+        "temperature": (NUM, "float64"), "top_p": (NUM, "float64"), "top_k": (INT, "int"),
+        "stop_sequences": (LIST, "[]string"), "tools": (LIST, "[]anthropic.Tool")},
 }
 STRUCT_OF = {"generate": "api.GenerateRequest", "chat": "api.ChatRequest",
              "embed": "api.EmbedRequest", "embeddings": "api.EmbeddingRequest",
              "oa_chat": "openai.ChatCompletionRequest",
-             "oa_completion": "openai.CompletionRequest", "oa_embed": "openai.EmbedRequest"}
+             "oa_completion": "openai.CompletionRequest", "oa_embed": "openai.EmbedRequest",
+             "oa_responses": "openai.ResponsesRequest",
+             "oa_image": "openai.ImageGenerationRequest",
+             "an_messages": "anthropic.MessagesRequest"}
 
 JSON_DECODER = json.JSONDecoder()
 DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)([^\d.]*)")
@@ -539,6 +571,22 @@ def read_body(ex, struct):
     return body
 
 
+def check_messages_request(body):
+    """Ollama's Anthropic layer checks these before anything else, in this order."""
+    if not body.get("model"):
+        raise Refusal(400, "model is required")
+    max_tokens = body.get("max_tokens")
+    if not isinstance(max_tokens, int) or max_tokens <= 0:
+        raise Refusal(400, "max_tokens is required and must be positive")
+    if not body.get("messages"):
+        raise Refusal(400, "messages is required")
+
+
+def version_key(version):
+    """"0.13.3" -> (0, 13, 3); a "-rc1" suffix is ignored."""
+    return tuple(int(p) for p in re.findall(r"\d+", version.lstrip("v").split("-")[0]))
+
+
 def is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and \
         math.isfinite(value)
@@ -730,6 +778,8 @@ class Ask:
     loaded_ns: int = 0          # when the runner was ready (load_duration ends)
     prompt_ns: int = 0          # time spent evaluating the prompt
     decode_ns: int = 0          # when decoding began (eval_duration starts)
+    tool_call: tuple | None = None  # (name, arguments): the answer calls this tool
+    body: dict | None = None    # the request as sent (a Responses answer echoes parts)
 
 
 ####################################################################################
@@ -862,6 +912,188 @@ class OpenAIAnswer:
         return b""      # Ollama's OpenAI layer does not translate a mid-stream error: it stops
 
 
+def sse_event(name, data):
+    """One named Server-Sent Event, as Ollama's Anthropic and Responses layers write it."""
+    return b"event: %s\ndata: %s\n\n" % (name.encode(), dumps(data))
+
+
+def anthropic_error(status, message):
+    """Anthropic's error object; Ollama's Anthropic layer takes the type from the status."""
+    kind = {400: "invalid_request_error", 401: "authentication_error",
+            403: "permission_error", 404: "not_found_error", 429: "rate_limit_error",
+            503: "overloaded_error", 529: "overloaded_error"}.get(status, "api_error")
+    return {"type": "error", "error": {"type": kind, "message": message},
+            "request_id": f"req_{os.urandom(12).hex()}"}
+
+
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens"}  # Ollama's done_reason ->
+
+
+class AnthropicAnswer:
+    """/v1/messages: the events message_start, content_block_start, ping,
+    content_block_delta..., content_block_stop, message_delta, message_stop (no [DONE]),
+    or one message object. A tool call is one tool_use block, sent whole."""
+
+    stream_type = SSE_TYPE
+
+    def __init__(self, ask):
+        self.ask, self.id = ask, f"msg_{os.urandom(12).hex()}"
+        self.started = False
+
+    def _usage(self, output_tokens):
+        return {"input_tokens": self.ask.prompt_tokens, "output_tokens": output_tokens}
+
+    def _block(self):
+        if self.ask.tool_call:
+            name, args = self.ask.tool_call
+            return {"type": "tool_use", "id": f"toolu_{self.id[4:]}", "name": name,
+                    "input": args}
+        return {"type": "text", "text": words_text(self.ask.tokens)}
+
+    def _opening(self):
+        self.started = True
+        message = {"id": self.id, "type": "message", "role": "assistant",
+                   "model": self.ask.name, "content": [], "stop_reason": None,
+                   "stop_sequence": None, "usage": self._usage(0)}
+        block = dict(self._block(), input={}) if self.ask.tool_call else \
+            {"type": "text", "text": ""}
+        return (sse_event("message_start", {"type": "message_start", "message": message})
+                + sse_event("content_block_start", {"type": "content_block_start",
+                                                    "index": 0, "content_block": block})
+                + sse_event("ping", {"type": "ping"}))
+
+    def token(self, i):
+        if self.ask.tool_call:
+            delta = {"type": "input_json_delta",
+                     "partial_json": dumps(self.ask.tool_call[1]).decode()}
+        else:
+            delta = {"type": "text_delta", "text": f"w{i} "}
+        event = sse_event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                  "delta": delta})
+        return (b"" if self.started else self._opening()) + event
+
+    def _stop_reason(self):
+        return "tool_use" if self.ask.tool_call else STOP_REASONS.get(self.ask.reason,
+                                                                      "stop_sequence")
+
+    def closing(self, metrics):
+        out = [] if self.started else [self._opening()]
+        return out + [
+            sse_event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            sse_event("message_delta", {"type": "message_delta",
+                                        "delta": {"stop_reason": self._stop_reason(),
+                                                  "stop_sequence": None},
+                                        "usage": self._usage(metrics.get("eval_count", 0))}),
+            sse_event("message_stop", {"type": "message_stop"})]
+
+    def whole(self, metrics):
+        return {"id": self.id, "type": "message", "role": "assistant", "model": self.ask.name,
+                "content": [self._block()], "stop_reason": self._stop_reason(),
+                "stop_sequence": None, "usage": self._usage(metrics.get("eval_count", 0))}
+
+    def error_tail(self, message):
+        return sse_event("error", {"type": "error", "error": {"type": "api_error",
+                                                             "message": message}})
+
+
+class ResponsesAnswer:
+    """/v1/responses: events carrying `type` and `sequence_number`, from response.created
+    to response.completed (with usage; no [DONE]), or one response object. A tool call is
+    one function_call output item."""
+
+    stream_type = SSE_TYPE
+
+    def __init__(self, ask, body):
+        self.ask, self.id = ask, f"resp_{os.urandom(12).hex()}"
+        self.item_id = f"msg_{self.id[5:]}"
+        self.created, self.seq, self.started = int(time.time()), 0, False
+        self.tools = body.get("tools") if isinstance(body.get("tools"), list) else []
+        self.instructions = body.get("instructions") or None
+
+    def _event(self, name, **data):
+        data.update(type=name, sequence_number=self.seq)
+        self.seq += 1
+        return sse_event(name, data)
+
+    def _item(self, status):
+        if self.ask.tool_call:
+            name, args = self.ask.tool_call
+            return {"id": f"fc_{self.id[5:]}", "type": "function_call", "status": status,
+                    "call_id": f"call_{self.id[5:13]}", "name": name,
+                    "arguments": dumps(args).decode() if status == "completed" else ""}
+        text = words_text(self.ask.tokens) if status == "completed" else ""
+        return {"id": self.item_id, "type": "message", "status": status, "role": "assistant",
+                "content": [self._part(text)] if status == "completed" else []}
+
+    @staticmethod
+    def _part(text):
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+    def _response(self, status, metrics=None):
+        usage = None
+        if metrics is not None:
+            prompt, output = self.ask.prompt_tokens, metrics.get("eval_count", 0)
+            usage = {"input_tokens": prompt, "output_tokens": output,
+                     "total_tokens": prompt + output,
+                     "input_tokens_details": {"cached_tokens": 0},
+                     "output_tokens_details": {"reasoning_tokens": 0}}
+        done = status == "completed"
+        return {"id": self.id, "object": "response", "created_at": self.created,
+                "completed_at": int(time.time()) if done else None, "status": status,
+                "incomplete_details": None, "model": self.ask.name,
+                "previous_response_id": None, "instructions": self.instructions,
+                "output": [self._item("completed")] if done else [], "error": None,
+                "tools": self.tools, "tool_choice": "auto", "truncation": "disabled",
+                "parallel_tool_calls": True, "text": {"format": {"type": "text"}},
+                "top_p": 1.0, "temperature": 1.0, "reasoning": None, "usage": usage,
+                "store": False, "background": False, "service_tier": "default",
+                "metadata": {}}
+
+    def _opening(self):
+        self.started = True
+        out = (self._event("response.created", response=self._response("in_progress"))
+               + self._event("response.in_progress", response=self._response("in_progress"))
+               + self._event("response.output_item.added", output_index=0,
+                             item=self._item("in_progress")))
+        if not self.ask.tool_call:
+            out += self._event("response.content_part.added", item_id=self.item_id,
+                               output_index=0, content_index=0, part=self._part(""))
+        return out
+
+    def token(self, i):
+        head = b"" if self.started else self._opening()
+        if not self.ask.tool_call:
+            return head + self._event("response.output_text.delta", item_id=self.item_id,
+                                      output_index=0, content_index=0, delta=f"w{i} ",
+                                      logprobs=[])
+        item = self._item("completed")
+        return head + b"".join((
+            self._event("response.function_call_arguments.delta", item_id=item["id"],
+                        output_index=0, delta=item["arguments"]),
+            self._event("response.function_call_arguments.done", item_id=item["id"],
+                        output_index=0, arguments=item["arguments"]),
+            self._event("response.output_item.done", output_index=0, item=item)))
+
+    def closing(self, metrics):
+        out = [] if self.started else [self._opening()]
+        if not self.ask.tool_call:
+            text = words_text(self.ask.tokens)
+            out += [self._event("response.output_text.done", item_id=self.item_id,
+                                output_index=0, content_index=0, text=text, logprobs=[]),
+                    self._event("response.content_part.done", item_id=self.item_id,
+                                output_index=0, content_index=0, part=self._part(text)),
+                    self._event("response.output_item.done", output_index=0,
+                                item=self._item("completed"))]
+        return out + [self._event("response.completed",
+                                  response=self._response("completed", metrics))]
+
+    def whole(self, metrics):
+        return self._response("completed", metrics)
+
+    def error_tail(self, message):
+        return self._event("error", code="api_error", message=message, param=None)
+
+
 def embedding(text, dim):
     """A deterministic pseudo-embedding of `text` (dim floats in [-1, 1])."""
     values, counter = [], 0
@@ -909,9 +1141,9 @@ def shared_prefix(a, b):
 def prompt_words(kind, body):
     """The tokens a runner evaluates: the prompt (with its system text), or each message
     as its role and its words, in order."""
-    if kind in ("chat", "oa_chat"):
+    if kind in CHAT_KINDS:
         words = []
-        for m in body.get("messages") or []:
+        for m in conversation(kind, body):
             role = m.get("role") if isinstance(m, dict) else None
             words += [role if isinstance(role, str) else "user", *message_text(m).split()]
         return words
@@ -920,11 +1152,56 @@ def prompt_words(kind, body):
         (prompt.split() if isinstance(prompt, str) else [])
 
 
+def conversation(kind, body):
+    """The chat messages Ollama makes of a request: Anthropic's `system` and OpenAI
+    Responses' `instructions` become a system message, a Responses `input` string a user
+    message, its function_call_output items tool messages."""
+    if kind == "an_messages":
+        system = body.get("system")
+        first = [{"role": "system", "content": system}] if system else []
+        return first + [m for m in body.get("messages") or [] if isinstance(m, dict)]
+    if kind == "oa_responses":
+        out = [{"role": "system", "content": body["instructions"]}] \
+            if isinstance(body.get("instructions"), str) and body["instructions"] else []
+        items = body.get("input")
+        if isinstance(items, str):
+            return out + [{"role": "user", "content": items}]
+        for item in items if isinstance(items, list) else []:
+            if not isinstance(item, dict):
+                continue
+            if item.get("type") == "function_call_output":
+                out.append({"role": "tool", "content": str(item.get("output", ""))})
+            elif item.get("type") == "function_call":
+                out.append({"role": "assistant", "content": ""})
+            else:
+                out.append(item)
+        return out
+    return [m for m in body.get("messages") or [] if isinstance(m, dict)]
+
+
+def tool_call_for(body, messages):
+    """(tool name, arguments) when the request offers tools and the user's last message
+    names one (as a model deciding to call it would), else None. Deterministic: each of
+    the tool's parameters gets "w0", "w1", ... A tool's result in the last message is
+    answered with text."""
+    tools = body.get("tools")
+    if not isinstance(tools, list) or not messages or messages[-1].get("role") != "user":
+        return None
+    asked = message_text(messages[-1])
+    for tool in tools:
+        name = tool.get("name") if isinstance(tool, dict) else None
+        if isinstance(name, str) and name and name in asked:
+            schema = tool.get("input_schema") or tool.get("parameters") or {}
+            props = schema.get("properties") if isinstance(schema, dict) else None
+            return name, {key: f"w{i}" for i, key in enumerate(props or {})}
+    return None
+
+
 def answer_words(kind, tokens):
     """What the answer adds to the slot's cache: the words, after "assistant" in a chat
     (so the next turn, which repeats the answer as a message, shares the whole prefix)."""
     words = words_text(tokens).split()
-    return ["assistant", *words] if kind in ("chat", "oa_chat") else words
+    return ["assistant", *words] if kind in CHAT_KINDS else words
 
 
 def drawn_length(words, lo, hi):
@@ -955,6 +1232,7 @@ class Exchange:
         self.method = request.method.decode("ascii", "replace")
         self.path = request.target.decode("latin-1").split("?", 1)[0]
         self.openai = self.path.startswith("/v1/")
+        self.anthropic = self.path == "/v1/messages"
         self.headers = {}
         for name, value in request.headers:
             name, value = name.decode("latin-1").lower(), value.decode("latin-1")
@@ -986,7 +1264,10 @@ class Exchange:
         await self.send(status, dumps(obj), JSON_TYPE)
 
     async def send_error(self, status, message):
-        """Ollama's {"error": ...}, or OpenAI's error object on /v1."""
+        """Ollama's {"error": ...}, or OpenAI's error object on /v1 (Anthropic's on
+        /v1/messages)."""
+        if self.anthropic:
+            return await self.send_json(status, anthropic_error(status, message))
         if not self.openai:
             return await self.send_json(status, {"error": message})
         kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
@@ -1053,7 +1334,7 @@ class FakeOllama:
     """A fake Ollama on h11 and asyncio; see the module docstring."""
 
     def __init__(self, models=None, *, num_parallel=1, chunks=5, chunk_delay=0.0,
-                 load_delay=0.0, version="0.12.6", embedding_dim=8, host_guard=True,
+                 load_delay=0.0, version=DEFAULT_VERSION, embedding_dim=8, host_guard=True,
                  speed=1.0, saturation=None, max_loaded=None, prompt_delay=0.0,
                  vary_tokens=None):
         self.num_parallel, self.chunks = num_parallel, chunks
@@ -1230,7 +1511,14 @@ class FakeOllama:
         if len(self.requests) > MAX_RECORDED:
             del self.requests[:MAX_RECORDED // 10]
 
+    def _serves(self, path):
+        """False for a route newer than this fake's `version` (gin's 404 then)."""
+        first = NEWER_ROUTES.get(path)
+        return first is None or version_key(self.version) >= version_key(first)
+
     def _find_handler(self, ex):
+        if not self._serves(ex.path):
+            return None
         handler = self._routes.get((ex.method, ex.path))
         if handler is None and re.fullmatch(r"/v1/models/[^/]+", ex.path) and \
                 ex.method == "GET":
@@ -1240,7 +1528,7 @@ class FakeOllama:
         return handler
 
     def _known_path(self, path):
-        return any(p == path for _, p in self._routes) or \
+        return self._serves(path) and any(p == path for _, p in self._routes) or \
             re.fullmatch(r"/v1/models/[^/]+", path) is not None or \
             BLOB_PATH.fullmatch(path) is not None
 
@@ -1538,9 +1826,11 @@ class FakeOllama:
     def _read_ask(self, ex, kind):
         """Decode and check an inference request in Ollama's handler order."""
         body = read_body(ex, STRUCT_OF[kind])
-        ask = Ask(kind=kind, name="", model="", arrived_ns=time.monotonic_ns())
+        ask = Ask(kind=kind, name="", model="", arrived_ns=time.monotonic_ns(), body=body)
         if kind == "oa_chat" and not body.get("messages"):
             raise Refusal(400, "[] is too short - 'messages'")
+        if kind == "an_messages":
+            check_messages_request(body)
         if kind in ("embed", "oa_embed"):
             ask.inputs = self._read_inputs(body, kind)
         ask.name = body.get("model") or ""
@@ -1555,12 +1845,16 @@ class FakeOllama:
         options = body.get("options") if isinstance(body.get("options"), dict) else {}
         ask.num_ctx = self._read_num_ctx(options)
         ask.keep_alive = read_keep_alive(body.get("keep_alive"))
-        if kind in ("generate", "chat", "oa_chat", "oa_completion"):
+        if kind in CHAT_KINDS or kind in ("generate", "oa_completion"):
             ask.words = prompt_words(kind, body)
         if kind in ("generate", "chat"):
             self._read_native_generation(body, ask)
         elif kind in ("oa_chat", "oa_completion"):
             self._read_openai_generation(body, ask)
+        elif kind in ("oa_responses", "an_messages"):
+            self._read_conversation(body, ask)
+        elif kind == "oa_image":
+            ask.prompt_tokens = max(1, count_tokens(body.get("prompt")))
         else:
             self._read_embedding(body, ask)
         if not ask.control or ask.control == "load":
@@ -1636,6 +1930,18 @@ class FakeOllama:
             ask.prompt_tokens = 10 + count_tokens(body.get("prompt"))
         self._limit(ask, body.get("max_tokens"))
 
+    def _read_conversation(self, body, ask):
+        """/v1/messages and /v1/responses: stream only when asked; a tool named by the
+        user's last message is called instead of answering."""
+        ask.stream = body.get("stream") is True
+        messages = conversation(ask.kind, body)
+        ask.prompt_tokens = 10 + sum(4 + count_tokens(message_text(m)) for m in messages)
+        ask.tool_call = tool_call_for(body, messages)
+        self._limit(ask, body.get("max_tokens" if ask.kind == "an_messages"
+                                  else "max_output_tokens"))
+        if ask.tool_call:
+            ask.tokens = 1      # the call comes whole, as one chunk, as Ollama sends it
+
     def _read_embedding(self, body, ask):
         if ask.kind == "embeddings":
             prompt = body.get("prompt") or ""
@@ -1656,13 +1962,15 @@ class FakeOllama:
         """Ollama's 400s for a model that cannot do what is asked."""
         caps = self.models[ask.model].capabilities
         quoted = go_quote(ask.name)
+        if ask.kind == "oa_image" and "image" not in caps:
+            raise Refusal(400, f"{quoted} does not support image generation")
         if ask.kind in ("generate", "oa_completion") and "completion" not in caps:
             raise Refusal(400, f"{quoted} does not support generate")
-        if ask.kind in ("chat", "oa_chat") and "completion" not in caps:
+        if ask.kind in CHAT_KINDS and "completion" not in caps:
             raise Refusal(400, f"{quoted} does not support chat")
         if body.get("think") not in (None, False) and "thinking" not in caps:
             raise Refusal(400, f"{quoted} does not support thinking")
-        if ask.kind in ("chat", "oa_chat") and body.get("tools") and "tools" not in caps:
+        if ask.kind in CHAT_KINDS and body.get("tools") and "tools" not in caps:
             raise Refusal(400, f"{quoted} does not support tools")
 
     # -- inference: scheduling on a runner ----------------------------------------
@@ -1710,6 +2018,8 @@ class FakeOllama:
             if ask.control == "load":
                 turn.end()
                 return await ex.send_json(200, self._control_reply(ask))
+            if ask.kind == "oa_image":
+                return await self._reply_image(ex, turn)
             if ask.kind in ("embed", "embeddings", "oa_embed"):
                 return await self._reply_embedding(ex, ask, turn)
             await self._evaluate_prompt(ask, turn.runner)
@@ -1865,6 +2175,10 @@ class FakeOllama:
     def _format(self, ask):
         if ask.kind in ("generate", "chat"):
             return NativeAnswer(ask, self._clock)
+        if ask.kind == "an_messages":
+            return AnthropicAnswer(ask)
+        if ask.kind == "oa_responses":
+            return ResponsesAnswer(ask, ask.body)
         self._answers += 1
         return OpenAIAnswer(ask, self._answers % 999)
 
@@ -1968,6 +2282,13 @@ class FakeOllama:
         if fault == "error_line":
             raise Refusal(500, MID_STREAM_ERROR)
         await self._finish(turn, ex.send(200, body, JSON_TYPE))
+
+    async def _reply_image(self, ex, turn):
+        """An image model's answer: one picture (a 1x1 PNG), base64, OpenAI's shape."""
+        if self.chunk_delay:
+            await asyncio.sleep(self.chunk_delay / self.speed)
+        await self._send_whole(ex, turn, dumps({"created": int(time.time()),
+                                                "data": [{"b64_json": TINY_PNG}]}))
 
     async def _reply_embedding(self, ex, ask, turn):
         if self.chunk_delay:

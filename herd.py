@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """herd.py: the Herd router. One URL in front of every Ollama in the house.
 
-It speaks Ollama's API (/api/*) and OpenAI's (/v1/*) on port 11435, picks the machine
+It speaks Ollama's API (/api/*), OpenAI's (/v1/*, Responses too) and Anthropic's Messages
+API (/v1/messages) on port 11435, as the Ollamas behind it do, picks the machine
 that will answer fastest for each request (elimination, seven scored signals, a queue
 per node+model), relays the answer chunk by chunk, and writes one trace row per request
 to ~/.fleet-manager/latency.db. Node agents (herd_node.py) find it by mDNS and send
@@ -167,7 +168,29 @@ ROUTER_SETTINGS = [
 # Fields a client may add for the router; they never reach Ollama.
 ROUTING_FIELDS = ("fallback_models",)
 NATIVE_INFERENCE = ("/api/chat", "/api/generate", "/api/embed", "/api/embeddings")
-OPENAI_INFERENCE = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+OPENAI_INFERENCE = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+                    "/v1/images/generations")  # image models answer it (experimental)
+# Routes newer Ollama releases added, with the first release that serves each: Anthropic's
+# Messages API and OpenAI's stateless Responses API. An older Ollama answers them with
+# a bare 404, so a node that reports one is left out of their routing.
+NEWER_INFERENCE = {"/v1/responses": "0.13.3", "/v1/messages": "0.14.0"}
+# Routes an Ollama serves that the router does not route, and why: answered with a 404
+# in the route's own API shape (Ollama's, OpenAI's, Anthropic's), not a bare one.
+NOT_ROUTED = (
+    ("/api/status", "the router has no cloud status of its own: /api/status is each "
+                    "machine's; ask a node's Ollama"),
+    ("/api/me", "signing in to ollama.com is per machine: run `ollama signin` on the node"),
+    ("/api/signout", "signing out of ollama.com is per machine: run `ollama signout` on the "
+                     "node"),
+    ("/api/experimental/", "Ollama's experimental routes (web search, web fetch, model "
+                           "recommendations) use a machine's own ollama.com sign-in: call "
+                           "a node's Ollama for them"),
+    ("/v1/messages/count_tokens", "counting tokens is not served by Ollama's Anthropic "
+                                  "layer, nor by the router"),
+    ("/v1/audio/", "audio is a multipart upload that names its model inside the form: the "
+                   "router does not route it; send it to a node's Ollama (or a speech-to-"
+                   "text server) directly"),
+)
 BUSY_ERROR = "server busy, please try again.  maximum pending requests exceeded"
 METRICS = [  # what GET /metrics exposes, in the Prometheus text format
     ("herd_requests_total", "counter", "Requests finished, by served model, node and status."),
@@ -1194,13 +1217,14 @@ class Choice:
 
 class Ask:
     """What the scheduler reads from a request: the context it needs, the client's
-    answer-length limit, and the node that answered its conversation's last turn."""
+    answer-length limit, the node that answered its conversation's last turn, and the
+    route (a newer one needs an Ollama that serves it)."""
 
-    __slots__ = ("requested_ctx", "max_tokens", "session_node")
+    __slots__ = ("requested_ctx", "max_tokens", "session_node", "endpoint")
 
-    def __init__(self, requested_ctx=0, max_tokens=0, session_node=None):
+    def __init__(self, requested_ctx=0, max_tokens=0, session_node=None, endpoint=""):
         self.requested_ctx, self.max_tokens = requested_ctx, max_tokens
-        self.session_node = session_node
+        self.session_node, self.endpoint = session_node, endpoint
 
 
 def requested_tokens(body):
@@ -1219,6 +1243,17 @@ def requested_context(body):
             and not isinstance(options["num_ctx"], bool):
         return max(0, options["num_ctx"])
     return 0
+
+
+def too_old(node, endpoint):
+    """Why the node's Ollama cannot serve `endpoint` (it predates the route), or None. An
+    unknown version, or a build from source (which reports 0.0.0), is let through: if it
+    is too old, its own 404 reaches the client."""
+    first = NEWER_INFERENCE.get(endpoint)
+    have = node.hb.ollama_version
+    if first is None or not any(version_key(have)) or version_key(have) >= version_key(first):
+        return None
+    return f"Ollama {have} is older than {first}, which added {endpoint}"
 
 
 def pick_route(models, ranked):
@@ -1365,7 +1400,7 @@ class Scheduler:
             if model not in node.models:
                 continue  # not a candidate at all; not worth naming
             why = "failed this request already" if node.node_id in exclude \
-                else node.accepts_work()
+                else too_old(node, ask.endpoint) or node.accepts_work()
             if why is None:
                 c = self.candidate(node, model, ask)
                 why = hc.eliminate(c)
@@ -1396,6 +1431,11 @@ class Scheduler:
                 choice, reasons = self._pick(models, ask, exclude, prefer)
                 if choice:
                     return choice
+                holders = [n for m in models for n in self.fleet.holders(m)]
+                if holders and all(too_old(n, ask.endpoint) for n in holders):
+                    # Waiting cannot help, and an old Ollama itself would say 404.
+                    raise RouteError(404, f"no node with '{shown_name}' runs an Ollama that "
+                                          f"serves {ask.endpoint} ({'; '.join(reasons)})")
                 until = deadline if known else min(deadline, self.fleet.warm_until())
                 remaining = until - time.monotonic()
                 if remaining <= 0:
@@ -1526,9 +1566,14 @@ class Scheduler:
 ####################################################################################
 
 NON_STREAM_BUFFER = 16 << 20  # a non-streamed answer up to this size is checked whole
-USAGE_FIELDS = {  # Ollama writes its counts and timings last: the answer's tail has them
-    "prompt_tokens": re.compile(rb'"(?:prompt_eval_count|prompt_tokens)":(\d+)'),
-    "completion_tokens": re.compile(rb'"(?:eval_count|completion_tokens)":(\d+)'),
+# Ollama writes its counts and timings last, so the answer's tail has them: the native
+# final chunk, OpenAI's usage, Anthropic's message_delta (input and output tokens), the
+# Responses API's response.completed. Only the native API has timings; the others carry
+# counts alone (so no decode speed is learned from them).
+USAGE_FIELDS = {
+    "prompt_tokens": re.compile(rb'"(?:prompt_eval_count|prompt_tokens|input_tokens)":(\d+)'),
+    "completion_tokens": re.compile(
+        rb'"(?:eval_count|completion_tokens|output_tokens)":(\d+)'),
     "load_ns": re.compile(rb'"load_duration":(\d+)'),
     "prompt_eval_ns": re.compile(rb'"prompt_eval_duration":(\d+)'),
     "eval_ns": re.compile(rb'"eval_duration":(\d+)'),
@@ -1605,13 +1650,12 @@ class Exchange:
         self.body = hc.dump_json(out)
 
     def error_body(self, status, message):
-        if self.api == "openai":
-            return hc.openai_error_body(status, message)
-        return hc.ollama_error_body(message)
+        return hc.error_body(self.api, status, message)
 
     def read_usage(self, tail, chunks=0):
         """Token counts and Ollama's timings from the final chunk (Ollama) or the usage
-        object (OpenAI)."""
+        object (the others; Anthropic's message_start, at a stream's head, names the
+        input tokens too)."""
         tail = tail[-4096:]  # never parse a whole (perhaps 16 MB) answer on the loop
         for field, pattern in USAGE_FIELDS.items():
             found = pattern.findall(tail)
@@ -1714,7 +1758,8 @@ class Proxy:
 
     async def _attempts(self, conn, ex):
         cfg, name = self.cfg, ex.fields.get("model")
-        ask = Ask(requested_context(ex.fields), requested_tokens(ex.fields))
+        ask = Ask(requested_context(ex.fields), requested_tokens(ex.fields),
+                  endpoint=ex.endpoint)
         lookup, ex.session_key = Sessions.keys(ex.request, ex.fields, ex.tags)
         ask.session_node = self.scheduler.sessions.node_for(lookup)
         models, names = self.scheduler.models_to_try(
@@ -1727,7 +1772,8 @@ class Proxy:
                 choice = await self.scheduler.choose(models, ask, exclude, name,
                                                      hold=attempt == 0, prefer=prefer)
             except RouteError as e:
-                if e.status == 404 and ex.may_pull and not pulled:
+                if e.status == 404 and ex.may_pull and not pulled and \
+                        not any(self.fleet.holders(m) for m in models):
                     pulled = True  # no node has it: fetch it once, then route again
                     await self.pulls.ensure(ex.model, name, e)
                     continue
@@ -1859,6 +1905,7 @@ class Proxy:
         first = await relay.first(headers)
         ex.touch()
         ex.ttft = time.monotonic() - ex.t0
+        ex.read_usage(first)  # the tail's counts, when it has them, replace these
         await conn.start_response(status, None, response_headers(headers, ex, choice),
                                   first_chunks=first)
         ex.started = True
@@ -1872,7 +1919,7 @@ class Proxy:
             await ex.before_end()
         await conn.end_response()
         ex.answered = True
-        if b'"error"' in relay.last:
+        if any(mark in relay.last for mark in FAILED_STREAM_MARKS.get(ex.api, (b'"error"',))):
             ex.answer_failed = True
             ex.error = relay.last[-500:].decode("utf-8", "replace").strip()
         ex.read_usage(relay.tail, relay.chunks)
@@ -2056,12 +2103,37 @@ def is_busy(status, body):
     return status == 503 and b"server busy" in body
 
 
+# How a stream that Ollama ended with an error shows it, by API: its error line (native),
+# an object with an "error" key (OpenAI), an `error` event (Anthropic, Responses; a
+# Responses stream can also end in response.failed). A Responses stream's objects carry
+# "error": null all along, so the key alone says nothing there.
+FAILED_STREAM_MARKS = {"anthropic": (b"event: error",),
+                       "responses": (b"event: error", b"event: response.failed")}
+SEQUENCE_NUMBER = re.compile(rb'"sequence_number":(\d+)')
+
+
+def stream_error(ex, message):
+    """The event that tells a streaming client, in its API's framing, that the answer
+    broke off: Ollama's error line; an OpenAI chunk with an "error" object (the openai
+    client raises on it); Anthropic's `error` event (its client raises on it); a Responses
+    `error` event, numbered after the last event relayed, with the "error" object too so
+    that the openai client raises rather than yielding it as one more event."""
+    if ex.api == "anthropic":
+        return b"event: error\ndata: " + hc.anthropic_error_body(502, message) + b"\n\n"
+    if ex.api == "responses":
+        seen = SEQUENCE_NUMBER.findall(ex.relay.tail) if ex.relay else []
+        error = json.loads(hc.openai_error_body(502, message))["error"]
+        event = {"type": "error", "code": error["type"], "message": message, "param": None,
+                 "sequence_number": int(seen[-1]) + 1 if seen else 0, "error": error}
+        return b"event: error\ndata: " + hc.dump_json(event) + b"\n\n"
+    if ex.api == "openai":
+        return b"data: " + hc.openai_error_body(502, message) + b"\n\n"
+    return hc.ollama_error_body(message) + b"\n"
+
+
 async def end_with_error(conn, ex, message):
     """Tell a streaming client the answer broke off, in its own framing, and end."""
-    if ex.api == "openai":
-        line = b"data: " + hc.openai_error_body(502, message) + b"\n\n"
-    else:
-        line = hc.ollama_error_body(message) + b"\n"
+    line = stream_error(ex, message)
     with contextlib.suppress(ConnectionError):
         await conn.send_data(line)
         await conn.end_response()
@@ -3044,7 +3116,8 @@ class Health:
 
 
 class Api:
-    """Every route the router answers: Ollama's, OpenAI's, the fleet's, the dashboard's."""
+    """Every route the router answers: Ollama's, OpenAI's, Anthropic's, the fleet's, the
+    dashboard's."""
 
     def __init__(self, cfg, fleet, scheduler, proxy, pulls, stats, traces, local, counters,
                  dashboard, learner):
@@ -3080,7 +3153,7 @@ class Api:
             ("GET", "/dashboard/api/queues"): self.fleet_queue,
             **dashboard.routes(),
         }
-        for path in NATIVE_INFERENCE + OPENAI_INFERENCE:
+        for path in NATIVE_INFERENCE + OPENAI_INFERENCE + tuple(NEWER_INFERENCE):
             self.routes[("POST", path)] = self.inference
 
     # -- dispatch -----------------------------------------------------------------
@@ -3098,6 +3171,9 @@ class Api:
                 await self.refuse(request, conn, *refusal)
             elif handler is not None:
                 await handler(request, conn)
+            elif (why := not_routed(request.path)) is not None:
+                await conn.send_response(404, hc.error_body(hc.api_of(request.path), 404,
+                                                            f"{request.path}: {why}"))
             else:
                 await self.no_route(request, conn)
         finally:
@@ -3125,9 +3201,8 @@ class Api:
             headers = [(b"allow", ", ".join(methods).encode())]
         else:
             status, message, headers = 404, f"404 page not found: {shown}", []
-        body = hc.openai_error_body(status, message) if path.startswith("/v1/") else \
-            hc.ollama_error_body(message)
-        await conn.send_response(status, body, headers=headers)
+        await conn.send_response(status, hc.error_body(hc.api_of(path), status, message),
+                                 headers=headers)
 
     async def cross_origin(self, request, conn):
         """A browser's request from another origin: refused (403, as Ollama does) unless
@@ -3150,9 +3225,8 @@ class Api:
     async def refuse(self, request, conn, status, message):
         """A 401 or 403 in the shape of the API the client speaks."""
         headers = [(b"www-authenticate", b'Bearer realm="herd"')] if status == 401 else []
-        body = hc.openai_error_body(status, message, "invalid_api_key" if status == 401
-                                    else None) \
-            if request.path.startswith("/v1/") else hc.ollama_error_body(message)
+        body = hc.error_body(hc.api_of(request.path), status, message,
+                             "invalid_api_key" if status == 401 else None)
         await conn.send_response(status, body, headers=headers)
 
     async def wait_in_flight(self, timeout):
@@ -3166,7 +3240,7 @@ class Api:
     # -- inference ----------------------------------------------------------------
 
     async def inference(self, request, conn):
-        api = "openai" if request.path.startswith("/v1/") else "ollama"
+        api = hc.api_of(request.path)
         try:
             body = hc.parse_json_body(request.body)
         except ValueError as e:
@@ -3574,6 +3648,12 @@ async def read_model_request(request, conn):
     except ValueError as e:
         return await conn.send_response(400, hc.ollama_error_body(str(e)))
     return body, name
+
+
+def not_routed(path):
+    """Why the router does not route this path an Ollama serves, or None (NOT_ROUTED)."""
+    return next((why for route, why in NOT_ROUTED
+                 if path == route or route.endswith("/") and path.startswith(route)), None)
 
 
 def ollama_url_allowed(url, source, allowed):

@@ -367,6 +367,39 @@ def openai_error_body(status, message, code=None):
                                 "param": None, "code": code}})
 
 
+def anthropic_error_type(status):
+    """Ollama's Anthropic layer, like Anthropic's API, names the error by its status."""
+    return {400: "invalid_request_error", 401: "authentication_error",
+            403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+            429: "rate_limit_error", 503: "overloaded_error",
+            529: "overloaded_error"}.get(status, "api_error")
+
+
+def anthropic_error_body(status, message):
+    return dump_json({"type": "error", "error": {"type": anthropic_error_type(status),
+                                                 "message": message}})
+
+
+def api_of(path):
+    """The API a path speaks, which decides the shape of its errors: "anthropic"
+    (/v1/messages), "responses" (OpenAI's Responses), "openai" (the rest of /v1) or
+    "ollama"."""
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return "anthropic"
+    if path == "/v1/responses" or path.startswith("/v1/responses/"):
+        return "responses"
+    return "openai" if path.startswith("/v1/") else "ollama"
+
+
+def error_body(api, status, message, code=None):
+    """An error in the shape the clients of `api` parse."""
+    if api == "anthropic":
+        return anthropic_error_body(status, message)
+    if api in ("openai", "responses"):
+        return openai_error_body(status, message, code)
+    return ollama_error_body(message)
+
+
 def _refuse_constant(name):
     raise ValueError(f"{name} is not a JSON number")
 
@@ -809,7 +842,8 @@ class HttpConnection(asyncio.Protocol):
             if not self.response_started and not self.client_gone:
                 self.keep_alive = False
                 with contextlib.suppress(Exception):
-                    await self.send_response(500, ollama_error_body("internal router error"))
+                    await self.send_response(500, error_body(api_of(request.path), 500,
+                                                             "internal router error"))
         finally:
             self.task = None
             if reuse:
@@ -836,7 +870,9 @@ class HttpConnection(asyncio.Protocol):
 
     def _refuse_too_large(self):
         self.counters["bodies_too_large"] += 1
-        self._refuse(413, ollama_error_body(f"request body larger than {self._limit} bytes"))
+        path = self._request_head.target.split(b"?", 1)[0].decode("ascii", "replace")
+        self._refuse(413, error_body(api_of(path), 413,
+                                     f"request body larger than {self._limit} bytes"))
 
     def _refuse(self, status, body):
         """Answer a request we will not handle, and close. Closing at once would reset

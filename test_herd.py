@@ -532,6 +532,292 @@ def test_root_and_version_answer_like_ollama(one_node):
     assert http(router.url, "GET", "/api/chat")[0] == 405
 
 
+# -- Anthropic's Messages API and OpenAI's Responses API (newer Ollama releases) ------
+
+
+def anthropic_client(router, **kw):
+    import anthropic
+    return anthropic.Anthropic(base_url=router.url, max_retries=0,
+                               **({"api_key": "ollama"} | kw))
+
+
+WEATHER_TOOL = {"name": "get_weather", "description": "The weather in a city",
+                "input_schema": {"type": "object", "properties": {"city": {"type": "string"}},
+                                 "required": ["city"]}}
+
+
+def test_anthropic_client_messages_create_and_stream_through_the_router(h):
+    fake = h.fake(chunks=4, chunk_delay=0.15)
+    router = h.router()
+    h.heartbeat(router, fake, "node-a")
+    client = anthropic_client(router)
+    msg = client.messages.create(model="llama3.2:3b", max_tokens=64, system="be brief",
+                                 stop_sequences=["END"], metadata={"user_id": "u1"},
+                                 extra_body={"temperature": 0.2},
+                                 messages=[{"role": "user", "content": "hi"}])
+    assert msg.type == "message" and msg.role == "assistant"
+    assert msg.content[0].text == "w0 w1 w2 w3 " and msg.stop_reason == "end_turn"
+    assert msg.usage.output_tokens == 4 and msg.usage.input_tokens > 0
+    sent = fake.requests[-1]
+    assert sent["path"] == "/v1/messages" and sent["body"] == {
+        "model": "llama3.2:3b", "max_tokens": 64, "system": "be brief",
+        "stop_sequences": ["END"], "metadata": {"user_id": "u1"}, "temperature": 0.2,
+        "messages": [{"role": "user", "content": "hi"}]}
+    assert "anthropic-version" in sent["headers"] and "x-api-key" not in sent["headers"]
+    texts = []
+    with client.messages.stream(model="llama3.2:3b", max_tokens=64,
+                                messages=[{"role": "user", "content": "hi"}]) as stream:
+        for text in stream.text_stream:
+            if not texts:  # the first delta came while the node was still generating
+                assert fake.completed == 1, "the stream was held back until the end"
+            texts.append(text)
+        final = stream.get_final_message()
+    assert texts == ["w0 ", "w1 ", "w2 ", "w3 "]
+    assert final.usage.output_tokens == 4 and final.stop_reason == "end_turn"
+    rows = h.traces(router)[-2:]
+    assert [(r["endpoint"], r["api_format"], r["stream"], r["status"]) for r in rows] == [
+        ("/v1/messages", "anthropic", 0, "completed"), ("/v1/messages", "anthropic", 1,
+                                                        "completed")]
+    assert [(r["prompt_tokens"], r["completion_tokens"]) for r in rows] == [
+        (msg.usage.input_tokens, 4), (final.usage.input_tokens, 4)]
+    assert rows[1]["ttft_ms"] < rows[1]["latency_ms"] and rows[1]["eval_ms"] is None
+    # The learner counts the tokens; with no decode time from Ollama, it invents no speed.
+    learned = fleet_node(router, "node-a")["learned"]["llama3.2:3b"]
+    assert (learned["samples"], learned["answer_tokens"], learned["tokens_per_s"]) == (
+        2, 4.0, None)
+
+
+def test_anthropic_client_tool_use_round_trip(one_node):
+    h, router, fake = one_node
+    client = anthropic_client(router)
+    ask = [{"role": "user", "content": "what is the weather in Paris? use get_weather"}]
+    first = client.messages.create(model="llama3.2:3b", max_tokens=64, tools=[WEATHER_TOOL],
+                                   messages=ask)
+    call = first.content[0]
+    assert first.stop_reason == "tool_use" and call.type == "tool_use"
+    assert call.name == "get_weather" and call.input == {"city": "w0"}
+    answer = client.messages.create(
+        model="llama3.2:3b", max_tokens=64, tools=[WEATHER_TOOL], messages=ask + [
+            {"role": "assistant", "content": [c.model_dump() for c in first.content]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id,
+                                          "content": "sunny, 21 C"}]}])
+    assert answer.stop_reason == "end_turn" and answer.content[0].type == "text"
+    assert fake.requests[-1]["body"]["messages"][-1]["content"][0]["tool_use_id"] == call.id
+    with client.messages.stream(model="llama3.2:3b", max_tokens=64, tools=[WEATHER_TOOL],
+                                messages=ask) as stream:
+        streamed = stream.get_final_message()
+    assert streamed.stop_reason == "tool_use" and streamed.content[0].input == {"city": "w0"}
+
+
+def test_openai_client_responses_stream_and_not(one_node):
+    import openai
+    h, router, fake = one_node
+    client = openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
+    whole = client.responses.create(model="llama3.2:3b", input="hi", instructions="brief")
+    assert whole.status == "completed" and whole.output_text == "w0 w1 w2 w3 "
+    assert whole.usage.output_tokens == 4
+    assert fake.requests[-1]["body"] == {"model": "llama3.2:3b", "input": "hi",
+                                         "instructions": "brief"}
+    events = list(client.responses.create(model="llama3.2:3b", input="hi", stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress",
+                         "response.output_item.added", "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done",
+                          "response.output_item.done", "response.completed"]
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == \
+        "w0 w1 w2 w3 "
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    done = events[-1].response
+    tool = {"type": "function", "name": "get_weather", "description": "weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    called = client.responses.create(model="llama3.2:3b", tools=[tool],
+                                     input="use get_weather for Paris")
+    assert called.output[0].type == "function_call"
+    assert json.loads(called.output[0].arguments) == {"city": "w0"}
+    rows = h.traces(router)[-3:]
+    assert [(r["endpoint"], r["api_format"], r["stream"]) for r in rows] == [
+        ("/v1/responses", "responses", 0), ("/v1/responses", "responses", 1),
+        ("/v1/responses", "responses", 0)]
+    assert (rows[1]["prompt_tokens"], rows[1]["completion_tokens"]) == (
+        done.usage.input_tokens, 4)
+    assert rows[1]["ttft_ms"] is not None and rows[1]["status"] == "completed"
+
+
+def test_anthropic_and_responses_errors_come_in_their_own_shapes(h):
+    import anthropic
+    import openai
+    fake = h.fake(chunks=4)
+    router = h.router(FLEET_HOLD_TIMEOUT=0.3)
+    h.heartbeat(router, fake, "node-a")
+    client = anthropic_client(router)
+    with pytest.raises(anthropic.NotFoundError) as err:  # the router's own 404
+        client.messages.create(model="ghost", max_tokens=8,
+                               messages=[{"role": "user", "content": "x"}])
+    error = err.value.body["error"]  # the client parsed the body
+    assert error["type"] == "not_found_error" and "ghost" in error["message"]
+    status, _, body = http(router.url, "POST", "/v1/messages", b"{oops")
+    assert status == 400 and json.loads(body)["type"] == "error"
+    assert json.loads(body)["error"]["type"] == "invalid_request_error"
+    status, _, body = http(router.url, "POST", "/v1/messages",  # Ollama's, passed on
+                           {"model": "llama3.2:3b", "messages": [{"role": "user",
+                                                                  "content": "x"}]})
+    assert status == 400 and json.loads(body)["error"] == {
+        "type": "invalid_request_error", "message": "max_tokens is required and must be "
+                                                    "positive"}
+    oa = openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as err:
+        oa.responses.create(model="ghost", input="x")
+    assert err.value.body["type"] == "not_found_error" and "ghost" in err.value.message
+    # No node can take the model (too little memory for it) until the hold times out.
+    h.heartbeat(router, fake, "node-a", mutate=small_memory(1, 0.5))
+    with pytest.raises(anthropic.ServiceUnavailableError) as err:
+        client.messages.create(model="qwen2.5:7b", max_tokens=8,
+                               messages=[{"role": "user", "content": "x"}])
+    error = err.value.body["error"]
+    assert error["type"] == "overloaded_error" and "node-a" in error["message"]
+    with pytest.raises(openai.InternalServerError) as err:
+        oa.responses.create(model="qwen2.5:7b", input="x")
+    assert err.value.status_code == 503 and err.value.body["type"] == "api_error"
+
+
+def test_a_node_whose_ollama_is_too_old_for_the_route_is_left_out(h):
+    import anthropic
+    new = h.fake(chunks=2)
+    old = h.fake(chunks=2, version="0.13.3", models=["llama3.2:3b", "phi3:mini"])
+    router = h.router(FLEET_HOLD_TIMEOUT=60)
+    h.heartbeat(router, new, "new")
+    h.heartbeat(router, old, "old")
+    served = set()
+    for _ in range(4):
+        status, headers, _ = http(router.url, "POST", "/v1/messages", {
+            "model": "llama3.2:3b", "max_tokens": 8,
+            "messages": [{"role": "user", "content": "x"}]})
+        assert status == 200
+        served.add(headers["x-fleet-node"])
+    assert served == {"new"}
+    assert not [r for r in old.requests if r["path"] == "/v1/messages"]
+    with pytest.raises(anthropic.NotFoundError) as err:  # at once: waiting cannot help
+        anthropic_client(router, timeout=10).messages.create(
+            model="phi3:mini", max_tokens=8, messages=[{"role": "user", "content": "x"}])
+    assert "old: Ollama 0.13.3 is older than 0.14.0, which added /v1/messages" in \
+        err.value.body["error"]["message"]
+    status, headers, _ = http(router.url, "POST", "/v1/responses",  # 0.13.3 serves this
+                              {"model": "phi3:mini", "input": "x"})
+    assert status == 200 and headers["x-fleet-node"] == "old"
+    assert h.traces(router)[-2]["http_status"] == 404
+
+
+def test_a_stream_that_breaks_ends_with_its_apis_error_event(one_node):
+    import anthropic
+    import openai
+    h, router, fake = one_node
+    fake.fault = "die_mid_stream"
+    texts = []
+    with pytest.raises(anthropic.APIStatusError) as err:
+        with anthropic_client(router).messages.stream(
+                model="llama3.2:3b", max_tokens=64,
+                messages=[{"role": "user", "content": "x"}]) as stream:
+            texts.extend(stream.text_stream)
+    error = err.value.body["error"]
+    assert texts == ["w0 ", "w1 "] and error["type"] == "api_error"
+    assert "node node-a failed mid-stream" in error["message"]
+    oa = openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
+    seen = []
+    with pytest.raises(openai.APIError) as err:
+        for event in oa.responses.create(model="llama3.2:3b", input="x", stream=True):
+            seen.append(event.sequence_number)
+    assert "node node-a failed mid-stream" in err.value.message
+    status, _, body = http(router.url, "POST", "/v1/responses",
+                           {"model": "llama3.2:3b", "input": "x", "stream": True})
+    last = body.decode().strip().split("\n\n")[-1]
+    assert last.startswith("event: error\ndata: ")
+    event = json.loads(last.split("data: ", 1)[1])
+    assert event["type"] == "error" and event["sequence_number"] == len(seen)
+    rows = h.traces(router)[-3:]
+    assert [r["status"] for r in rows] == ["incomplete"] * 3
+    assert rows[0]["prompt_tokens"] > 0  # from message_start, the head of the stream
+    fake.fault = "error_line"  # Ollama's own error event passes through; the trace says so
+    status, _, body = http(router.url, "POST", "/v1/messages", {
+        "model": "llama3.2:3b", "max_tokens": 8, "stream": True,
+        "messages": [{"role": "user", "content": "x"}]})
+    assert b"event: error" in body and h.traces(router)[-1]["status"] == "failed"
+    fake.fault = None
+    http(router.url, "POST", "/v1/responses", {"model": "llama3.2:3b", "input": "x",
+                                               "stream": True})
+    assert h.traces(router)[-1]["status"] == "completed"  # its "error": null is no error
+
+
+def test_anthropic_client_with_and_without_client_keys(h):
+    import anthropic
+    fake = h.fake(chunks=2)
+    open_router = h.router(FLEET_TOKEN="")
+    h.heartbeat(open_router, fake, "node-a", FLEET_NODE_TOKEN="")
+    ask = {"model": "llama3.2:3b", "max_tokens": 8,
+           "messages": [{"role": "user", "content": "x"}]}
+    assert anthropic_client(open_router, api_key="anything").messages.create(**ask).content
+    router = h.router(FLEET_API_KEYS="k-one,k-two")
+    h.heartbeat(router, fake, "node-a")
+    assert anthropic_client(router, api_key="k-one").messages.create(**ask).content
+    # ANTHROPIC_AUTH_TOKEN (Claude Code) goes as a bearer token; ANTHROPIC_API_KEY, in
+    # older SDKs and Claude Code, as x-api-key.
+    assert anthropic_client(router, api_key=None, auth_token="k-two").messages.create(**ask)
+    assert anthropic_client(router, api_key=None, default_headers={
+        "x-api-key": "k-two"}).messages.create(**ask)
+    with pytest.raises(anthropic.AuthenticationError) as err:
+        anthropic_client(router, api_key=None, default_headers={
+            "x-api-key": "wrong"}).messages.create(**ask)
+    assert err.value.body["error"]["type"] == "authentication_error"
+    sent = [r for r in fake.requests if r["path"] == "/v1/messages"]
+    assert len(sent) == 4 and all("x-api-key" not in r["headers"] and
+                                  "authorization" not in r["headers"] for r in sent)
+
+
+def test_what_ollama_serves_and_the_router_does_not_gets_a_clear_404(one_node):
+    import anthropic
+    h, router, fake = one_node
+    for method, path in (("GET", "/api/status"), ("POST", "/api/me"),
+                         ("POST", "/api/experimental/web_search"),
+                         ("POST", "/v1/audio/transcriptions")):
+        status, _, body = http(router.url, method, path, {})
+        error = json.loads(body)["error"]
+        assert status == 404 and path in (error if path.startswith("/api/")
+                                          else error["message"]), (path, body)
+    with pytest.raises(anthropic.NotFoundError) as err:
+        anthropic_client(router).messages.count_tokens(
+            model="llama3.2:3b", messages=[{"role": "user", "content": "x"}])
+    assert "count_tokens" in err.value.body["error"]["message"]
+
+
+def test_openai_client_images_go_to_a_node_with_the_image_model(h):
+    import base64
+    import openai
+    text = h.fake(models=["llama3.2:3b"])
+    painter = h.fake(models={"x/z-image-turbo": {"capabilities": ["image"]}})
+    router = h.router()
+    h.heartbeat(router, text, "text-node")
+    h.heartbeat(router, painter, "image-node")
+    client = openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
+    image = client.images.generate(model="x/z-image-turbo", prompt="a robot painting",
+                                   size="64x64", response_format="b64_json")
+    assert base64.b64decode(image.data[0].b64_json).startswith(b"\x89PNG")
+    assert painter.requests[-1]["body"]["size"] == "64x64"
+    assert h.traces(router)[-1]["node_id"] == "image-node"
+    with pytest.raises(openai.BadRequestError):  # Ollama's own 400, passed on
+        client.images.generate(model="llama3.2:3b", prompt="x")
+
+
+def test_v1_models_is_the_union_of_the_fleet(h):
+    import openai
+    a = h.fake(models=["llama3.2:3b", "qwen2.5:7b"])
+    b = h.fake(models=["llama3.2:3b", "phi3:mini"])
+    router = h.router()
+    h.heartbeat(router, a, "node-a")
+    h.heartbeat(router, b, "node-b")
+    client = openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
+    assert sorted(m.id for m in client.models.list()) == [
+        "llama3.2:3b", "phi3:mini", "qwen2.5:7b"]
+
+
 ####################################################################################
 # Settings and start-up (README "Settings")
 ####################################################################################
