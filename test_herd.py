@@ -1767,9 +1767,7 @@ def test_the_rebalancer_moves_a_queued_request_only_where_it_is_answered_sooner(
         load_on(fake, "llama3.2:3b")
     join(h, router, a, "node-a", slots=1)
     threads, results = start_requests(router, 2)  # one runs on node-a, one waits there
-    wait_until(lambda: queue_row(router, "node-a", "llama3.2:3b")
-               and queue_row(router, "node-a", "llama3.2:3b")["waiting"] == 1,
-               what="a request queued on node-a")
+    wait_until(lambda: waiting_on(router, "node-a") == 1, what="a request queued on node-a")
     # node-b joins with a free slot: is it worth moving the queued request there?
     join(h, router, b, "node-b", slots=1)
     assert run_rebalancer_pass(h, router) == moves
