@@ -777,7 +777,7 @@ def test_what_ollama_serves_and_the_router_does_not_gets_a_clear_404(one_node):
     h, router, fake = one_node
     for method, path in (("GET", "/api/status"), ("POST", "/api/me"),
                          ("POST", "/api/experimental/web_search"),
-                         ("POST", "/v1/audio/transcriptions")):
+                         ("POST", "/v1/audio/speech")):
         status, _, body = http(router.url, method, path, {})
         error = json.loads(body)["error"]
         assert status == 404 and path in (error if path.startswith("/api/")
@@ -2652,7 +2652,8 @@ def test_metrics_parse_with_prometheus_client(one_node):
     for family in families.values():
         for s in family.samples:
             value[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    key = (("model", "llama3.2:3b"), ("node", "node-a"), ("status", "completed"))
+    key = (("kind", "chat"), ("model", "llama3.2:3b"), ("node", "node-a"),
+           ("status", "completed"))
     assert value[("herd_requests_total", key)] == 3
     assert value[("herd_tokens_total", (("kind", "completion"), ("model", "llama3.2:3b")))] == 12
     assert value[("herd_time_to_first_token_seconds_count", (("model", "llama3.2:3b"),))] == 3
