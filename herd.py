@@ -752,6 +752,8 @@ class Fleet:
         """Requests the router lets run at once on this node+model: its Ollama's slots,
         or fewer where more in flight was learned not to add throughput (the rest wait
         here, where they can still go to another node)."""
+        if any(model in served for served in node.media_models.values()):
+            return node.hb.media["concurrency"]  # the agent's own tool runs at once
         slots = self.slots_for(node)
         return min(slots, self.concurrency.get((node.node_id, model)) or slots)
 
@@ -3737,6 +3739,12 @@ class Api:
         if not ollama_url_allowed(hb.ollama_url, source, self.cfg.ollama_hosts_allowed):
             return await self.refuse_heartbeat(
                 request, conn, 403, f"ollama_url {hb.ollama_url} is not at {source}, where "
+                                    f"this heartbeat comes from (list its host in the "
+                                    f"router's FLEET_ALLOWED_OLLAMA_HOSTS to allow it)")
+        if hb.media and not ollama_url_allowed(hb.media["url"], source,
+                                               self.cfg.ollama_hosts_allowed):
+            return await self.refuse_heartbeat(
+                request, conn, 403, f"media.url {hb.media['url']} is not at {source}, where "
                                     f"this heartbeat comes from (list its host in the "
                                     f"router's FLEET_ALLOWED_OLLAMA_HOSTS to allow it)")
         self.local.yield_to(hb)

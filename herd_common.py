@@ -2770,7 +2770,8 @@ def _media(f):
     b = m.section("backends")
     backends = {kind: b.choice(kind, MEDIA_BACKENDS, "server") for kind in MEDIA_KINDS
                 if kind in b.obj}
-    return {"url": url, **models, "backends": backends}
+    return {"url": url, **models, "backends": backends,
+            "concurrency": m.integer("concurrency", 1024, 1) or 1}
 
 
 class Heartbeat:
