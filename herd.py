@@ -3850,14 +3850,30 @@ class DashboardApi:
         for r in await self.traces.model_usage(time.time() - 86400):
             usage[r.pop("model")].append(r)
         models = {}
+
+        def entry(name):
+            return models.setdefault(name, {"model": name, "kinds": [], "on_disk": [],
+                                            "loaded": []})
         for node in self.fleet.nodes.values():
-            for name in node.models:
-                m = models.setdefault(name, {"model": name, "on_disk": [], "loaded": []})
+            for name, listed in node.models.items():
+                m = entry(name)
                 m["on_disk"].append(node.node_id)
                 if name in node.loaded:
                     m["loaded"].append(node.node_id)
+                caps = listed.get("capabilities") or ["completion"]
+                kind = hc.IMAGE if "image" in caps else hc.EMBEDDING if "embedding" in caps \
+                    else hc.CHAT
+                if kind not in m["kinds"]:
+                    m["kinds"].append(kind)
+            for kind, served in node.media_models.items():
+                for name in served:  # an agent's tool or server is always ready: hot
+                    m = entry(name)
+                    m["on_disk"].append(node.node_id)
+                    m["loaded"].append(node.node_id)
+                    if kind not in m["kinds"]:
+                        m["kinds"].append(kind)
         for name in usage:
-            models.setdefault(name, {"model": name, "on_disk": [], "loaded": []})
+            entry(name)
         for name, m in models.items():
             m["usage_24h"] = usage.get(name, [])
         await conn.send_json(200, {"models": sorted(models.values(),

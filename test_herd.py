@@ -960,6 +960,9 @@ def test_openai_client_images_through_an_agents_image_server(h):
     assert node["media"]["image_models"] == ["sdxl-turbo"]
     assert node["media"]["backends"] == {"image": "server"}
     assert fleet_node(router, "text-node")["capabilities"] == ["chat"]
+    listed = {m["model"]: m for m in get_json(router.url, "/dashboard/api/models")["models"]}
+    assert listed["sdxl-turbo:latest"]["kinds"] == ["image"]
+    assert listed["sdxl-turbo:latest"]["on_disk"] == ["linux-gpu"]
     # The product's own route: PNG bytes, or base64 JSON.
     status, headers, png = http(router.url, "POST", "/api/generate-image",
                                 {"model": "sdxl-turbo", "prompt": "a cat", "width": 256,
