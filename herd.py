@@ -2,7 +2,9 @@
 """herd.py: the Herd router. One URL in front of every Ollama in the house.
 
 It speaks Ollama's API (/api/*), OpenAI's (/v1/*, Responses too) and Anthropic's Messages
-API (/v1/messages) on port 11435, as the Ollamas behind it do, picks the machine
+API (/v1/messages) on port 11435, as the Ollamas behind it do (and images and speech:
+/v1/images/generations, /api/generate-image, /v1/audio/transcriptions, /api/transcribe,
+served by Ollama's image models or by node agents themselves), picks the machine
 that will answer fastest for each request (elimination, seven scored signals, a queue
 per node+model), relays the answer chunk by chunk, and writes one trace row per request
 to ~/.fleet-manager/latency.db. Node agents (herd_node.py) find it by mDNS and send

@@ -14,6 +14,11 @@ uses the machine (capacity-learner-<id>.json in FLEET_NODE_DATA_DIR), report how
 available it is and how much memory models may take, and pause the node while the
 camera or microphone is in use, memory pressure is critical or the owner's CPU stays busy.
 
+It can also serve images and speech itself (see "Media" below): mflux-generate or
+mlx-qwen3-asr found on PATH, or an OpenAI-compatible server named by
+FLEET_NODE_IMAGE_URL / FLEET_NODE_TRANSCRIBE_URL, on its media server
+(FLEET_NODE_MEDIA_PORT, 11436), which only the router's signed requests may use.
+
 Run:   python herd_node.py                      (find the router by mDNS)
        python herd_node.py --router-url http://192.168.1.10:11435
 Key settings: FLEET_NODE_ROUTER_URL, FLEET_NODE_NODE_ID (short hostname),
