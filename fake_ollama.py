@@ -1964,7 +1964,9 @@ class FakeOllama:
         quoted = go_quote(ask.name)
         if ask.kind == "oa_image" and "image" not in caps:
             raise Refusal(400, f"{quoted} does not support image generation")
-        if ask.kind in ("generate", "oa_completion") and "completion" not in caps:
+        if ask.kind == "generate" and "image" in caps:
+            ask.kind = "image_generate"  # an image model draws what /api/generate asks
+        elif ask.kind in ("generate", "oa_completion") and "completion" not in caps:
             raise Refusal(400, f"{quoted} does not support generate")
         if ask.kind in CHAT_KINDS and "completion" not in caps:
             raise Refusal(400, f"{quoted} does not support chat")
@@ -2020,6 +2022,8 @@ class FakeOllama:
                 return await ex.send_json(200, self._control_reply(ask))
             if ask.kind == "oa_image":
                 return await self._reply_image(ex, turn)
+            if ask.kind == "image_generate":
+                return await self._reply_generated_image(ex, ask, turn)
             if ask.kind in ("embed", "embeddings", "oa_embed"):
                 return await self._reply_embedding(ex, ask, turn)
             await self._evaluate_prompt(ask, turn.runner)
@@ -2289,6 +2293,21 @@ class FakeOllama:
             await asyncio.sleep(self.chunk_delay / self.speed)
         await self._send_whole(ex, turn, dumps({"created": int(time.time()),
                                                 "data": [{"b64_json": TINY_PNG}]}))
+
+    async def _reply_generated_image(self, ex, ask, turn):
+        """An image model asked on /api/generate: progress lines while it draws (when
+        streamed), then the final chunk with the picture, base64, in "image"."""
+        if self.chunk_delay:
+            await asyncio.sleep(self.chunk_delay / self.speed)
+        final = {"model": ask.name, "created_at": self._clock.now().decode(), "response": "",
+                 "done": True, "done_reason": "stop", "image": TINY_PNG}
+        if not ask.stream:
+            return await self._send_whole(ex, turn, dumps(final))
+        ex.open_stream(NDJSON_TYPE)
+        await ex.send_chunk(dumps({"model": ask.name, "created_at": self._clock.now().decode(),
+                                   "response": "", "done": False, "completed": 1,
+                                   "total": 1}) + b"\n")
+        await self._finish(turn, self._send_closing(ex, [dumps(final) + b"\n"]))
 
     async def _reply_embedding(self, ex, ask, turn):
         if self.chunk_delay:

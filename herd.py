@@ -2,7 +2,9 @@
 """herd.py: the Herd router. One URL in front of every Ollama in the house.
 
 It speaks Ollama's API (/api/*), OpenAI's (/v1/*, Responses too) and Anthropic's Messages
-API (/v1/messages) on port 11435, as the Ollamas behind it do, picks the machine
+API (/v1/messages) on port 11435, as the Ollamas behind it do (and images and speech:
+/v1/images/generations, /api/generate-image, /v1/audio/transcriptions, /api/transcribe,
+served by Ollama's image models or by node agents themselves), picks the machine
 that will answer fastest for each request (elimination, seven scored signals, a queue
 per node+model), relays the answer chunk by chunk, and writes one trace row per request
 to ~/.fleet-manager/latency.db. Node agents (herd_node.py) find it by mDNS and send
@@ -127,6 +129,11 @@ ROUTER_SETTINGS = [
     hc.Setting("FLEET_MAX_BLOB_GB", 256.0, "largest blob upload (/api/blobs, for "
                "/api/create) streamed to a node (413 beyond); the router holds at most a "
                "megabyte of it at a time"),
+    hc.Setting("FLEET_MAX_UPLOAD_MB", 512.0, "largest speech upload (/v1/audio/transcriptions, "
+               "/api/transcribe) streamed to a node (413 beyond)"),
+    hc.Setting("FLEET_MEDIA_REPLAY_MB", 8.0, "of a speech upload, the megabytes the router "
+               "keeps while it streams, so that a node failing before it answers can be "
+               "replaced; a longer upload goes to one node only (0: never kept)"),
     hc.Setting("FLEET_IDLE_TIMEOUT", 75.0, "seconds an idle keep-alive connection stays open"),
     hc.Setting("FLEET_HEADER_TIMEOUT", 10.0, "seconds a client has to send a whole request "
                "head (a slow sender cannot hold a connection open)"),
@@ -170,6 +177,24 @@ ROUTING_FIELDS = ("fallback_models",)
 NATIVE_INFERENCE = ("/api/chat", "/api/generate", "/api/embed", "/api/embeddings")
 OPENAI_INFERENCE = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings",
                     "/v1/images/generations")  # image models answer it (experimental)
+# Image generation and speech-to-text: served by Ollama's image models (images only) or
+# by node agents themselves (a command-line tool on the node, or a server it points at).
+# The product's own routes are translated here; OpenAI's pass through to an agent.
+IMAGE_ROUTES = ("/v1/images/generations", "/api/generate-image")
+TRANSCRIBE_ROUTES = ("/v1/audio/transcriptions", "/api/transcribe")
+AGENT_PATHS = {"/api/generate-image": "/v1/images/generations",
+               "/api/transcribe": "/v1/audio/transcriptions"}
+# What each kind needs on a node, for the 404 that says no node has it.
+MEDIA_HINTS = {
+    hc.IMAGE: "pull an Ollama image model on a node (ollama pull x/z-image-turbo), install "
+              "mflux on an Apple-Silicon node (pip install mflux: the agent finds "
+              "mflux-generate on its PATH), or set FLEET_NODE_IMAGE_URL on a node to an "
+              "OpenAI-compatible image server",
+    hc.TRANSCRIPTION: "install mlx-qwen3-asr on an Apple-Silicon node (pip install "
+                      "mlx-qwen3-asr: the agent finds it on its PATH), or set "
+                      "FLEET_NODE_TRANSCRIBE_URL on a node to an OpenAI-compatible "
+                      "transcription server (whisper.cpp, faster-whisper)",
+}
 # Routes newer Ollama releases added, with the first release that serves each: Anthropic's
 # Messages API and OpenAI's stateless Responses API. An older Ollama answers them with
 # a bare 404, so a node that reports one is left out of their routing.
@@ -187,13 +212,13 @@ NOT_ROUTED = (
                            "a node's Ollama for them"),
     ("/v1/messages/count_tokens", "counting tokens is not served by Ollama's Anthropic "
                                   "layer, nor by the router"),
-    ("/v1/audio/", "audio is a multipart upload that names its model inside the form: the "
-                   "router does not route it; send it to a node's Ollama (or a speech-to-"
-                   "text server) directly"),
+    ("/v1/audio/speech", "text-to-speech is not routed: no node serves it through the "
+                         "router"),
 )
 BUSY_ERROR = "server busy, please try again.  maximum pending requests exceeded"
 METRICS = [  # what GET /metrics exposes, in the Prometheus text format
-    ("herd_requests_total", "counter", "Requests finished, by served model, node and status."),
+    ("herd_requests_total", "counter", "Requests finished, by served model, node, status "
+     "and kind (chat, embedding, image, transcription, admin)."),
     ("herd_request_duration_seconds", "histogram", "Time from request to last byte."),
     ("herd_time_to_first_token_seconds", "histogram", "Time from request to first chunk."),
     ("herd_tokens_total", "counter", "Prompt and completion tokens, as Ollama counted them."),
@@ -445,6 +470,47 @@ class Node:
         self.unloaded_at = {}  # canonical name -> monotonic time it left memory
         self.router_saw = {}  # canonical name -> (monotonic time, loaded?) we caused
         self.cpu_history = collections.deque(maxlen=6)
+        self.media_host, self.media_port = "", 0  # its agent's media server, if any
+        self.media_models = {}  # kind -> {canonical name: name as the agent lists it}
+
+    def take_media(self, media):
+        """What the agent serves itself (hc.Heartbeat's media section), for routing."""
+        self.media_models = {}
+        if media is None:
+            self.media_host, self.media_port = "", 0
+            return
+        self.media_host, self.media_port, _ = hc.split_url(media["url"])
+        for kind, key in ((hc.IMAGE, "image_models"), (hc.TRANSCRIPTION, "transcribe_models")):
+            self.media_models[kind] = {hc.canonical_model(m): m for m in media[key]}
+
+    def serves_itself(self, model, kind):
+        """Does this node's agent serve `model` of `kind` (an image or speech model)?"""
+        return model in self.media_models.get(kind, ())
+
+    def serves(self, model, kind=None):
+        """Can this node answer `model` for a request of `kind`? Text and embeddings:
+        its Ollama has the model. Images: its agent serves it, or its Ollama has it
+        as an image model (one that lists no capabilities, an older Ollama, is let
+        through: its own answer then says). Speech: only its agent."""
+        if kind not in hc.MEDIA_KINDS:
+            return model in self.models
+        if self.serves_itself(model, kind):
+            return True
+        entry = self.models.get(model)
+        if kind != hc.IMAGE or entry is None:
+            return False
+        caps = entry.get("capabilities")
+        return not caps or "image" in caps
+
+    def capabilities(self):
+        """What the node can do, for /fleet/status and the dashboard."""
+        found = set()
+        for entry in self.models.values():
+            caps = entry.get("capabilities") or ["completion"]
+            found.update({"completion": hc.CHAT, "embedding": hc.EMBEDDING,
+                          "image": hc.IMAGE}.get(c, "") for c in caps)
+        found.update(kind for kind, models in self.media_models.items() if models)
+        return [k for k in (hc.CHAT, hc.EMBEDDING, hc.IMAGE, hc.TRANSCRIPTION) if k in found]
 
     def accepts_work(self):
         """Why this node takes no new request now, or None if it does."""
@@ -527,6 +593,7 @@ class Fleet:
         node.local, node.hb = local, hb
         node.ollama_url = hb.ollama_url
         node.host, node.port, _ = hc.split_url(hb.ollama_url)
+        node.take_media(hb.media)
         node.last_seen = time.monotonic()
         if hb.reachable:
             self._take_models(node, hb, record=known is not None)
@@ -687,6 +754,8 @@ class Fleet:
         """Requests the router lets run at once on this node+model: its Ollama's slots,
         or fewer where more in flight was learned not to add throughput (the rest wait
         here, where they can still go to another node)."""
+        if any(model in served for served in node.media_models.values()):
+            return node.hb.media["concurrency"]  # the agent's own tool runs at once
         slots = self.slots_for(node)
         return min(slots, self.concurrency.get((node.node_id, model)) or slots)
 
@@ -778,9 +847,10 @@ class Fleet:
         """Just started: nodes may not have reported yet, so 'unknown model' can wait."""
         return time.monotonic() < self.warm_until()
 
-    def holders(self, model):
-        """Nodes that have `model` on disk, whatever their state."""
-        return [n for n in self.nodes.values() if model in n.models]
+    def holders(self, model, kind=None):
+        """Nodes that have `model` on disk (or, for an image or speech request, serve
+        it; see Node.serves), whatever their state."""
+        return [n for n in self.nodes.values() if n.serves(model, kind)]
 
     def knows_model(self, model):
         """Does any node list `model`? (Only those become metric labels.)"""
@@ -1218,13 +1288,15 @@ class Choice:
 class Ask:
     """What the scheduler reads from a request: the context it needs, the client's
     answer-length limit, the node that answered its conversation's last turn, and the
-    route (a newer one needs an Ollama that serves it)."""
+    route (a newer one needs an Ollama that serves it) and the kind of request (an image
+    or speech request needs a node that serves that kind)."""
 
-    __slots__ = ("requested_ctx", "max_tokens", "session_node", "endpoint")
+    __slots__ = ("requested_ctx", "max_tokens", "session_node", "endpoint", "kind")
 
-    def __init__(self, requested_ctx=0, max_tokens=0, session_node=None, endpoint=""):
+    def __init__(self, requested_ctx=0, max_tokens=0, session_node=None, endpoint="",
+                 kind=hc.CHAT):
         self.requested_ctx, self.max_tokens = requested_ctx, max_tokens
-        self.session_node, self.endpoint = session_node, endpoint
+        self.session_node, self.endpoint, self.kind = session_node, endpoint, kind
 
 
 def requested_tokens(body):
@@ -1254,6 +1326,34 @@ def too_old(node, endpoint):
     if first is None or not any(version_key(have)) or version_key(have) >= version_key(first):
         return None
     return f"Ollama {have} is older than {first}, which added {endpoint}"
+
+
+def request_kind(path):
+    """The kind of a request, by its route (hc.REQUEST_KINDS)."""
+    if path in IMAGE_ROUTES:
+        return hc.IMAGE
+    if path in TRANSCRIBE_ROUTES:
+        return hc.TRANSCRIPTION
+    if path in EMBED_ENDPOINTS:
+        return hc.EMBEDDING
+    if path in NATIVE_INFERENCE + OPENAI_INFERENCE or path in NEWER_INFERENCE:
+        return hc.CHAT
+    return hc.ADMIN_KIND
+
+
+def not_served(kind, shown_name, fleet):
+    """The 404 for an image or speech model no node serves: what there is, and what to
+    install or set on a node to have it."""
+    what = "image" if kind == hc.IMAGE else "speech-to-text"
+    have = sorted({name for n in fleet.nodes.values()
+                   for name in n.media_models.get(kind, {}).values()} |
+                  {name for n in fleet.nodes.values() for name in n.models
+                   if kind == hc.IMAGE and "image" in (n.models[name].get("capabilities")
+                                                       or ())})
+    listed = f"the fleet's {what} models: {', '.join(have)}" if have else \
+        f"no node serves {what} models"
+    return RouteError(404, f"model '{shown_name}' not found: no node serves it for "
+                           f"{what} ({listed}). To add one, {MEDIA_HINTS[kind]}")
 
 
 def pick_route(models, ranked):
@@ -1372,6 +1472,8 @@ class Scheduler:
             model_max_ctx=int(details.get("context_length") or 0),
             session=ask.session_node == node.node_id,
         )
+        if node.serves_itself(model, ask.kind):
+            c.hot = True  # the agent's own tool or server: nothing of Ollama's to load
         if not c.hot:
             c.evicts = self.fleet.victims(node, model, size)
             c.evicts_busy = next((m for m in c.evicts if self.fleet.busy(node, m)), "")
@@ -1397,7 +1499,7 @@ class Scheduler:
         too, when another node can serve without that."""
         candidates, reasons = [], []
         for node in self.fleet.nodes.values():
-            if model not in node.models:
+            if not node.serves(model, ask.kind):
                 continue  # not a candidate at all; not worth naming
             why = "failed this request already" if node.node_id in exclude \
                 else too_old(node, ask.endpoint) or node.accepts_work()
@@ -1423,15 +1525,16 @@ class Scheduler:
         self.holding += 1
         try:
             while True:
-                known = any(self.fleet.holders(m) for m in models)
+                known = any(self.fleet.holders(m, ask.kind) for m in models)
                 if not known and not self.fleet.warming_up():
+                    self._refuse_kind(models, ask.kind, shown_name)
                     raise RouteError(404, f"model '{shown_name}' not found on any node of "
                                           f"the fleet" + (" (nor its fallbacks)"
                                                           if len(models) > 1 else ""))
                 choice, reasons = self._pick(models, ask, exclude, prefer)
                 if choice:
                     return choice
-                holders = [n for m in models for n in self.fleet.holders(m)]
+                holders = [n for m in models for n in self.fleet.holders(m, ask.kind)]
                 if holders and all(too_old(n, ask.endpoint) for n in holders):
                     # Waiting cannot help, and an old Ollama itself would say 404.
                     raise RouteError(404, f"no node with '{shown_name}' runs an Ollama that "
@@ -1449,6 +1552,17 @@ class Scheduler:
                 await self.fleet.wait_change(remaining)
         finally:
             self.holding -= 1
+
+    def _refuse_kind(self, models, kind, shown_name):
+        """An image or speech request for a model no node serves that way: a text
+        model asked for a picture is Ollama's own 400; anything else the 404 that says
+        what to install."""
+        if kind not in hc.MEDIA_KINDS:
+            return
+        if kind == hc.IMAGE and any(self.fleet.holders(m) for m in models):
+            raise RouteError(400, f"model '{shown_name}' does not support image generation "
+                                  f"(not an image model on any node)")
+        raise not_served(kind, shown_name, self.fleet)
 
     def _pick(self, models, ask, exclude, prefer):
         ranked, reasons = {}, []
@@ -1592,6 +1706,8 @@ class Exchange:
         self.request_id = os.urandom(8).hex()  # 16 hex digits
         self.t0, self.wall = time.monotonic(), time.time()
         self.request, self.api, self.endpoint = request, api, request.path
+        self.kind = request_kind(request.path)
+        self.upload = None  # an Upload: a speech file streamed from the client
         self.model, self.stream = model, stream
         self.body = self.client_body = body  # what goes to the node / what the client sent
         self.fields = fields or {}  # the client's parsed body
@@ -1681,7 +1797,7 @@ class Exchange:
             "queue_wait_ms": _ms(self.queue_wait), "error_message": error or self.error,
             "tags": self.tags, "load_ms": _ns_to_ms(u.get("load_ns")),
             "prompt_eval_ms": _ns_to_ms(u.get("prompt_eval_ns")),
-            "eval_ms": _ns_to_ms(u.get("eval_ns")),
+            "eval_ms": _ns_to_ms(u.get("eval_ns")), "kind": self.kind,
         }
 
 
@@ -1705,12 +1821,15 @@ class Proxy:
 
     # -- prepare ------------------------------------------------------------------
 
-    async def serve(self, request, conn, api, body, model, stream, may_pull=True):
+    async def serve(self, request, conn, api, body, model, stream, may_pull=True,
+                    upload=None):
         """Route, queue, relay with retries before the first chunk, and trace; a model
         no node has is pulled first if `may_pull` (FLEET_AUTO_PULL, and the admin key
-        when one is set: an auto-pull is a pull)."""
+        when one is set: an auto-pull is a pull). `upload`: the body is a speech file
+        streamed on from the client (an Upload), not `body`."""
         ex = Exchange(request, api, model, stream, strip_routing_fields(request, body), body)
-        ex.may_pull = may_pull and self.cfg.auto_pull
+        ex.upload = upload
+        ex.may_pull = may_pull and self.cfg.auto_pull and ex.kind not in hc.MEDIA_KINDS
         ex.tags = request_tags(request, body)
         conn.watch_client()
         self.active[ex.request_id] = ex
@@ -1759,7 +1878,7 @@ class Proxy:
     async def _attempts(self, conn, ex):
         cfg, name = self.cfg, ex.fields.get("model")
         ask = Ask(requested_context(ex.fields), requested_tokens(ex.fields),
-                  endpoint=ex.endpoint)
+                  endpoint=ex.endpoint, kind=ex.kind)
         lookup, ex.session_key = Sessions.keys(ex.request, ex.fields, ex.tags)
         ask.session_node = self.scheduler.sessions.node_for(lookup)
         models, names = self.scheduler.models_to_try(
@@ -1788,7 +1907,8 @@ class Proxy:
                 ex.use_model(choice.model, names.get(choice.model, choice.model))
             self.scheduler.protect_context(ex, choice, ask.requested_ctx)
             q = self.fleet.queue(choice.node, choice.model)
-            self.warmer.consider(choice, q, names.get(choice.model, name))
+            if ex.kind not in hc.MEDIA_KINDS:  # an image tool has no runner-up to warm
+                self.warmer.consider(choice, q, names.get(choice.model, name))
             t_queue = time.monotonic()
             try:
                 ticket = await q.acquire(choice.candidate.tokens if choice.candidate else 0.0)
@@ -1823,8 +1943,8 @@ class Proxy:
                                                f"{choice.node.node_id} evicts {victim}", ex)
 
     def _learn(self, ex, choice, level):
-        if ex.outcome() != hc.COMPLETED:
-            return
+        if ex.outcome() != hc.COMPLETED or ex.kind in hc.MEDIA_KINDS:
+            return  # a picture or a transcript has no tokens to learn a speed from
         self.scheduler.sessions.remember(ex.session_key, choice.node.node_id)
         if not choice.hot:
             self.fleet.mark_loaded(choice.node, choice.model)  # Ollama loaded it for us
@@ -1845,41 +1965,82 @@ class Proxy:
         """Send the request to the chosen node and relay its answer to the client."""
         up = None
         try:
-            up, status, headers = await self._send_upstream(ex, choice.node)
+            up, status, headers = await self._send_upstream(ex, choice)
             ex.http_status = status
             length = content_length(headers)
-            if length is not None and length <= NON_STREAM_BUFFER:
+            if ex.endpoint in AGENT_PATHS:
+                await self._relay_translated(conn, ex, choice, up, status)
+            elif length is not None and length <= NON_STREAM_BUFFER:
                 await self._relay_whole(conn, ex, choice, up, status, headers)
             else:
                 await self._relay_stream(conn, ex, choice, up, status, headers)
         except hc.UpstreamError as e:
-            if not conn.response_started:
-                raise AttemptFailed(f"node {choice.node.node_id}: {e}") from None
-            raise
+            if conn.response_started:
+                raise
+            if ex.upload is not None and not ex.upload.replayable:
+                raise RouteError(502, f"node {choice.node.node_id}: {e} (the upload went "
+                                      f"past FLEET_MEDIA_REPLAY_MB, so it cannot be sent to "
+                                      f"another node)") from None
+            raise AttemptFailed(f"node {choice.node.node_id}: {e}") from None
         finally:
             if up is not None:
                 self.pool.release(up) if ex.answered else up.close()
 
-    async def _send_upstream(self, ex, node):
+    def _target(self, ex, choice):
+        """(host, port, path, body, headers) of one attempt: the node's agent for an
+        image or speech model it serves itself (signed with the fleet token, so that
+        only the router can use it), else the node's Ollama; the product's own image
+        route is translated for either (Ollama's /api/generate, OpenAI's images API)."""
+        node, headers = choice.node, forward_headers(ex.request)
+        if node.serves_itself(choice.model, ex.kind):
+            path = AGENT_PATHS.get(ex.endpoint, ex.request.target)
+            body = openai_image_body(ex.fields) if ex.endpoint == "/api/generate-image" \
+                else ex.body
+            if self.cfg.token:  # a streamed upload is signed without its body
+                headers += hc.sign_request(self.cfg.token, "POST", path,
+                                           b"" if ex.upload is not None else body)
+            return node.media_host, node.media_port, path, body, headers
+        if ex.endpoint == "/api/generate-image":
+            return node.host, node.port, "/api/generate", ollama_image_body(ex.fields), \
+                headers
+        return node.host, node.port, ex.request.target, ex.body, headers
+
+    async def _send_upstream(self, ex, choice):
         """Send the request and wait for the response head, on a kept-alive connection
         when there is one; a kept-alive connection the node has closed meanwhile is
         replaced by a fresh one, once (that is no failure of the node)."""
         cfg = self.cfg
-        up = await self.pool.connect(node.host, node.port, cfg.connect_timeout)
+        host, port, path, body, headers = self._target(ex, choice)
+        if ex.upload is not None:
+            return await self._send_upload(ex, host, port, path, headers)
+        up = await self.pool.connect(host, port, cfg.connect_timeout)
         for fresh in (False, True):
             try:
-                await up.send_request(ex.request.method.encode(), ex.request.target.encode(),
-                                      forward_headers(ex.request), ex.body)
-                status, headers = await up.receive_head(cfg.first_byte_timeout)
-                return up, status, headers
+                await up.send_request(ex.request.method.encode(), path.encode(), headers,
+                                      body)
+                status, headers_in = await up.receive_head(cfg.first_byte_timeout)
+                return up, status, headers_in
             except hc.UpstreamError as e:
                 up.close()
                 if fresh or not (up.reused and e.closed):
                     raise
-                up = await hc.Upstream.connect(node.host, node.port, cfg.connect_timeout)
+                up = await hc.Upstream.connect(host, port, cfg.connect_timeout)
             except BaseException:
                 up.close()
                 raise
+
+    async def _send_upload(self, ex, host, port, path, headers):
+        """Stream a speech upload to the node as it arrives, then wait for its answer."""
+        cfg = self.cfg
+        up = await hc.Upstream.connect(host, port, cfg.connect_timeout)
+        try:
+            up.send_head(b"POST", path.encode(), headers, ex.upload.length)
+            await ex.upload.send_to(up, cfg.chunk_timeout, ex)
+            status, headers_in = await up.receive_head(cfg.first_byte_timeout)
+            return up, status, headers_in
+        except BaseException:
+            up.close()
+            raise
 
     async def _relay_whole(self, conn, ex, choice, up, status, headers):
         """A response with Content-Length: read it whole, so a cut-off body is a clean
@@ -1897,6 +2058,25 @@ class Proxy:
             ex.error = body[:500].decode("utf-8", "replace")
         else:
             ex.read_usage(body)
+
+    async def _relay_translated(self, conn, ex, choice, up, status):
+        """The product's own image and speech routes: the node's whole answer, said in
+        the product's shape (a node's 5xx is retried, as for any route)."""
+        body = await up.read_body(self.cfg.chunk_timeout, MAX_MEDIA_ANSWER)
+        if status >= 500 and not ex.chosen:
+            raise hc.UpstreamError("status", f"answered {status}: "
+                                             f"{body[:300].decode('utf-8', 'replace')}")
+        if status < 400:
+            try:
+                out, ctype = translate_answer(ex, choice.model, body)
+            except ValueError as e:
+                raise hc.UpstreamError("body", f"answered without {e}") from None
+        else:
+            ex.error = error_text(body)
+            out, ctype = hc.ollama_error_body(ex.error), hc.JSON_TYPE
+        ex.ttft = time.monotonic() - ex.t0
+        await conn.send_response(status, out, ctype, response_headers([], ex, choice))
+        ex.started = ex.answered = True
 
     async def _relay_stream(self, conn, ex, choice, up, status, headers):
         """Chunk by chunk; the head goes out with the first chunk, so a node that fails
@@ -1965,12 +2145,12 @@ class Proxy:
 
     # -- requests that are not routed: refused, unloads, pulls onto a chosen node -------
 
-    async def reject(self, request, conn, api, message, model=""):
+    async def reject(self, request, conn, api, message, model="", status=400):
         """Answer a malformed inference request with 400, and trace it too."""
         ex = Exchange(request, api, model, False, b"")
-        ex.http_status, ex.error = 400, message
+        ex.http_status, ex.error = status, message
         try:
-            await conn.send_response(400, ex.error_body(400, message))
+            await conn.send_response(status, ex.error_body(status, message))
             ex.answered = True
         finally:
             self.finish(ex)
@@ -2017,6 +2197,149 @@ class Proxy:
             ex.answered = True
         finally:
             self.finish(ex)
+
+
+MAX_MEDIA_ANSWER = 64 << 20  # a picture or a transcript, read whole to translate it
+FORM_HEAD_MAX = 1 << 20  # of a speech upload, the fields before its file
+FORM_FIELD_MAX = 4096  # one such field (model, language, response_format, prompt)
+IMAGE_SIZE_MAX, IMAGE_STEPS_MAX = 4096, 200
+
+
+def read_image_settings(body):
+    """The product's image request (model, prompt, width, height, steps, seed,
+    negative_prompt, response_format png or b64_json), checked; ValueError if not."""
+    f = hc.Fields(body)
+    out = {"prompt": f.text("prompt", 1 << 16)}
+    if not out["prompt"].strip():
+        raise ValueError("prompt is required")
+    for key, high in (("width", IMAGE_SIZE_MAX), ("height", IMAGE_SIZE_MAX),
+                      ("steps", IMAGE_STEPS_MAX), ("seed", (1 << 32) - 1)):
+        if body.get(key) is not None:
+            out[key] = f.integer(key, high)
+    if body.get("negative_prompt") is not None:
+        out["negative_prompt"] = f.text("negative_prompt", 1 << 16)
+    f.choice("response_format", ("png", "b64_json"), "png")
+    return out
+
+
+def ollama_image_body(fields):
+    """/api/generate-image as Ollama's /api/generate asks it of an image model."""
+    return hc.dump_json({"model": fields["model"], "stream": False,
+                         **read_image_settings(fields)})
+
+
+def openai_image_body(fields):
+    """/api/generate-image as OpenAI's images API asks it of an agent (steps and seed
+    ride along: the agent's tools take them)."""
+    settings = read_image_settings(fields)
+    out = {"model": fields["model"], "prompt": settings.pop("prompt"), "n": 1,
+           "response_format": "b64_json"}
+    width, height = settings.pop("width", None), settings.pop("height", None)
+    if width or height:
+        out["size"] = f"{width or height}x{height or width}"
+    return hc.dump_json({**out, **settings})
+
+
+def translate_answer(ex, model, body):
+    """(body, content type) of the product's answer from a node's: a picture as PNG
+    bytes or base64 JSON; a transcript as {"model", "text", ...}. ValueError when the
+    node's answer lacks what is needed."""
+    if ex.endpoint == "/api/transcribe":
+        try:
+            got = json.loads(body)
+        except ValueError:
+            got = {"text": body.decode("utf-8", "replace").strip()}
+        if not isinstance(got, dict) or not isinstance(got.get("text"), str):
+            raise ValueError("a transcript")
+        keep = {k: got[k] for k in ("language", "duration", "segments") if k in got}
+        return hc.dump_json({"model": ex.fields.get("model"), "text": got["text"],
+                             **keep}), hc.JSON_TYPE
+    try:
+        got = json.loads(body)
+        image = got.get("image") or got["data"][0]["b64_json"]
+        png = base64.b64decode(image, validate=True)
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        raise ValueError("an image") from None
+    if ex.fields.get("response_format") == "b64_json":
+        return hc.dump_json({"model": ex.fields.get("model"), "created_at": hc.now_rfc3339(),
+                             "image": image, "done": True}), hc.JSON_TYPE
+    return png, b"image/png"
+
+
+def error_text(body):
+    """A node's error answer as one line (Ollama's, OpenAI's or plain text)."""
+    try:
+        got = json.loads(body)
+        error = got.get("error", got.get("detail", got))
+        message = error.get("message") if isinstance(error, dict) else error
+    except (ValueError, AttributeError):
+        message = body.decode("utf-8", "replace")
+    return hc.printable(str(message))[:500]
+
+
+class Upload:
+    """A speech file in a multipart form, streamed from the client to a node: the
+    form's first fields are read (they name the model), then the rest passes on as it
+    arrives. What has passed is kept, up to FLEET_MEDIA_REPLAY_MB, so that a node that
+    fails before answering can be replaced by another; past that it is let go."""
+
+    def __init__(self, request, conn, replay_limit):
+        self.stream, self.conn, self.replay_limit = request.stream, conn, replay_limit
+        length = request.header("content-length")
+        self.length = int(length) if length is not None else None
+        self.pieces, self.size, self.replayable = [], 0, True
+
+    async def read_fields(self, content_type):
+        """The form's plain fields before its first file (model, language, ...);
+        ValueError for a form that is not one, or whose fields run past FORM_HEAD_MAX."""
+        reader, fields, current = hc.FormReader(hc.form_boundary(content_type)), {}, None
+        while data := await self._receive():
+            for event, value in reader.feed(data):
+                if event == "part":
+                    if value.filename is not None:
+                        return fields
+                    current = value.name
+                    fields[current] = b""
+                elif event == "data" and current is not None:
+                    fields[current] = (fields[current] + value)[:FORM_FIELD_MAX]
+                elif event == "done":
+                    return fields
+            if self.size > FORM_HEAD_MAX:
+                raise ValueError(f"the form's fields before its file are larger than "
+                                 f"{FORM_HEAD_MAX} bytes")
+        return fields
+
+    async def _receive(self):
+        data = await self.stream.receive(self.conn.read_timeout)
+        self.pieces.append(data)  # the form's head always goes on to the node
+        self.size += len(data)
+        return data
+
+    async def send_to(self, up, timeout, ex):
+        """Send the whole upload to `up`: what was kept, then the rest as it arrives."""
+        for data in self.pieces:
+            await up.send_body(data, timeout)
+        if self.size > self.replay_limit:
+            self.replayable, self.pieces = False, []
+        try:
+            while data := await self.stream.receive(self.conn.read_timeout):
+                self.size += len(data)
+                if self.replayable and self.size > self.replay_limit:
+                    self.replayable, self.pieces = False, []
+                elif self.replayable:
+                    self.pieces.append(data)
+                await up.send_body(data, timeout)
+                ex.touch()
+        except hc.BodyTooLarge:
+            raise RouteError(413, "upload larger than FLEET_MAX_UPLOAD_MB") from None
+        except TimeoutError:
+            raise RouteError(408, f"the client sent nothing for {self.conn.read_timeout:g}s "
+                                  f"of its upload") from None
+        except ConnectionError as e:
+            if self.conn.client_gone:
+                raise
+            raise RouteError(400, str(e)) from None
+        up.end_body()
 
 
 def strip_routing_fields(request, body):
@@ -2776,7 +3099,8 @@ class Stats:
         """Fold one finished request (its trace row) into the counters."""
         m, node, status = self.metrics, ex.node_id or "", row["status"]
         model = self.label(ex.served_model)
-        m.inc("herd_requests_total", (("model", model), ("node", node), ("status", status)))
+        m.inc("herd_requests_total", (("model", model), ("node", node), ("status", status),
+                                      ("kind", ex.kind)))
         m.observe("herd_request_duration_seconds", (("model", model),),
                   row["latency_ms"] / 1000)
         if ex.ttft is not None:
@@ -3155,6 +3479,9 @@ class Api:
         }
         for path in NATIVE_INFERENCE + OPENAI_INFERENCE + tuple(NEWER_INFERENCE):
             self.routes[("POST", path)] = self.inference
+        self.routes[("POST", "/api/generate-image")] = self.generate_image
+        for path in TRANSCRIBE_ROUTES:
+            self.routes[("POST", path)] = self.transcribe
 
     # -- dispatch -----------------------------------------------------------------
 
@@ -3269,6 +3596,46 @@ class Api:
         may_pull = self.guard.refuse(request, ADMIN) is None
         await self.proxy.serve(request, conn, api, body, model, stream, may_pull)
 
+    # -- images and speech --------------------------------------------------------
+
+    async def generate_image(self, request, conn):
+        """POST /api/generate-image: model, prompt, width, height, steps, seed; the
+        picture comes back as PNG bytes (or base64 JSON with response_format b64_json)."""
+        try:
+            body = hc.parse_json_body(request.body)
+            model = hc.check_model_name(body.get("model"))
+            read_image_settings(body)
+        except ValueError as e:
+            return await self.proxy.reject(request, conn, "ollama", str(e))
+        await self.proxy.serve(request, conn, "ollama", body, hc.canonical_model(model),
+                               False, False)
+
+    async def transcribe(self, request, conn):
+        """POST /v1/audio/transcriptions (OpenAI's form: file, model, language,
+        response_format) and /api/transcribe (the same form; the answer is the product's
+        {"model", "text", ...}): the form's fields are read up to its file, then the
+        upload streams on to a node that serves the model."""
+        api = hc.api_of(request.path)
+        upload = Upload(request, conn, int(self.cfg.media_replay_mb * (1 << 20)))
+        try:
+            fields = await upload.read_fields(request.header("content-type"))
+            text = {k: v.decode("utf-8", "replace") for k, v in fields.items()}
+            model = hc.check_model_name(text.get("model"))
+        except hc.BodyTooLarge:
+            return await self.proxy.reject(request, conn, api, "upload larger than "
+                                                               "FLEET_MAX_UPLOAD_MB", status=413)
+        except TimeoutError:
+            return await self.proxy.reject(request, conn, api, "the client stopped sending "
+                                                               "its upload", status=408)
+        except ValueError as e:
+            message = str(e)
+            if message == "model is required":
+                message = ("model is required: the form needs a model field, before its "
+                           "file (curl: -F model=... -F file=@audio.wav)")
+            return await self.proxy.reject(request, conn, api, message)
+        await self.proxy.serve(request, conn, api, text, hc.canonical_model(model), False,
+                               False, upload)
+
     # -- Ollama's catalogue -------------------------------------------------------
 
     async def root(self, request, conn):
@@ -3376,6 +3743,12 @@ class Api:
                 request, conn, 403, f"ollama_url {hb.ollama_url} is not at {source}, where "
                                     f"this heartbeat comes from (list its host in the "
                                     f"router's FLEET_ALLOWED_OLLAMA_HOSTS to allow it)")
+        if hb.media and not ollama_url_allowed(hb.media["url"], source,
+                                               self.cfg.ollama_hosts_allowed):
+            return await self.refuse_heartbeat(
+                request, conn, 403, f"media.url {hb.media['url']} is not at {source}, where "
+                                    f"this heartbeat comes from (list its host in the "
+                                    f"router's FLEET_ALLOWED_OLLAMA_HOSTS to allow it)")
         self.local.yield_to(hb)
         try:
             node = self.fleet.apply_heartbeat(hb, source)
@@ -3479,14 +3852,30 @@ class DashboardApi:
         for r in await self.traces.model_usage(time.time() - 86400):
             usage[r.pop("model")].append(r)
         models = {}
+
+        def entry(name):
+            return models.setdefault(name, {"model": name, "kinds": [], "on_disk": [],
+                                            "loaded": []})
         for node in self.fleet.nodes.values():
-            for name in node.models:
-                m = models.setdefault(name, {"model": name, "on_disk": [], "loaded": []})
+            for name, listed in node.models.items():
+                m = entry(name)
                 m["on_disk"].append(node.node_id)
                 if name in node.loaded:
                     m["loaded"].append(node.node_id)
+                caps = listed.get("capabilities") or ["completion"]
+                kind = hc.IMAGE if "image" in caps else hc.EMBEDDING if "embedding" in caps \
+                    else hc.CHAT
+                if kind not in m["kinds"]:
+                    m["kinds"].append(kind)
+            for kind, served in node.media_models.items():
+                for name in served:  # an agent's tool or server is always ready: hot
+                    m = entry(name)
+                    m["on_disk"].append(node.node_id)
+                    m["loaded"].append(node.node_id)
+                    if kind not in m["kinds"]:
+                        m["kinds"].append(kind)
         for name in usage:
-            models.setdefault(name, {"model": name, "on_disk": [], "loaded": []})
+            entry(name)
         for name, m in models.items():
             m["usage_24h"] = usage.get(name, [])
         await conn.send_json(200, {"models": sorted(models.values(),
@@ -3697,6 +4086,7 @@ def node_summary(fleet, node, learner):
         "memory": hb.memory, "cpu": {"percent": hb.cpu_percent}, "disk": hb.disk,
         "ollama": hb.ollama, "draining": node.status == DRAINING or hb.draining,
         "paused": hb.paused, "capacity": hb.capacity, "num_parallel": fleet.slots_for(node),
+        "capabilities": node.capabilities(), "media": hb.media,
         "models_on_disk": sorted(node.models),
         "models_loaded": [
             {"model": name, "size": e.get("size"), "size_vram": e.get("size_vram"),
@@ -3949,7 +4339,9 @@ class RouterServer:
         conn = hc.HttpConnection(
             self.api.handle, max_body=int(self.cfg.max_body_mb * (1 << 20)),
             body_limits={"/heartbeat": hc.HEARTBEAT_MAX_BYTES},
-            stream_limits={"/api/blobs/": int(self.cfg.max_blob_gb * (1 << 30))},
+            stream_limits={"/api/blobs/": int(self.cfg.max_blob_gb * (1 << 30)),
+                           **{path: int(self.cfg.max_upload_mb * (1 << 20))
+                              for path in TRANSCRIBE_ROUTES}},
             idle_timeout=self.cfg.idle_timeout, read_timeout=30.0,
             header_timeout=self.cfg.header_timeout, log=log, on_open=self._opened,
             on_close=self._closed, counters=self.counters)

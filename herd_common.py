@@ -1042,6 +1042,99 @@ def reason_phrase(status):
         return b""
 
 
+# -- multipart/form-data, read as it arrives ---------------------------------------------
+# RFC 7578 (on RFC 2046 5.1): parts separated by CRLF "--" boundary, each with its own
+# header block; the last delimiter ends in "--". An audio upload is one such part among
+# small text fields (model, language, response_format), and is never held whole here.
+
+FORM_BOUNDARY_RE = re.compile(r'boundary=(?:"([^"]{1,70})"|([^;\s]{1,70}))', re.I)
+DISPOSITION_PARAM_RE = re.compile(r';\s*([A-Za-z*]+)=(?:"((?:[^"\\]|\\.)*)"|([^;\s]*))')
+
+
+def form_boundary(content_type):
+    """The boundary of a multipart/form-data Content-Type; ValueError if it is none."""
+    if not (content_type or "").lower().startswith("multipart/form-data"):
+        raise ValueError("the body must be multipart/form-data (a file and its fields)")
+    found = FORM_BOUNDARY_RE.search(content_type)
+    if not found:
+        raise ValueError("multipart/form-data without a boundary")
+    return (found.group(1) or found.group(2)).encode("latin-1")
+
+
+class FormPart:
+    """One part's head: its field name, its file name (None for a plain field), type."""
+
+    __slots__ = ("name", "filename", "content_type")
+
+    def __init__(self, head):
+        self.name, self.filename, self.content_type = "", None, "text/plain"
+        for line in head.decode("utf-8", "replace").split("\r\n"):
+            key, _, value = line.partition(":")
+            key = key.strip().lower()
+            if key == "content-type":
+                self.content_type = value.strip()
+            elif key == "content-disposition":
+                for k, quoted, bare in DISPOSITION_PARAM_RE.findall(value):
+                    v = quoted.replace('\\"', '"') if quoted else bare
+                    if k.lower() == "name":
+                        self.name = v
+                    elif k.lower() == "filename":
+                        self.filename = v
+
+
+class FormReader:
+    """multipart/form-data fed as it arrives; feed() returns events: ("part", FormPart),
+    ("data", bytes), ("end", None) after each part, ("done", None) after the last."""
+
+    MAX_HEAD = 16384  # one part's header block
+
+    def __init__(self, boundary):
+        self.delimiter = b"\r\n--" + boundary
+        self.buf = bytearray(b"\r\n")  # so the first delimiter reads like the others
+        self.state = "preamble"  # preamble, head, body, done
+
+    def feed(self, data):
+        self.buf += data
+        events = []
+        while self.state != "done":
+            if self.state == "head":
+                end = self.buf.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(self.buf) > self.MAX_HEAD:
+                        raise ValueError("a form part's header is too long")
+                    break
+                events.append(("part", FormPart(bytes(self.buf[:end]))))
+                del self.buf[:end + 4]
+                self.state = "body"
+                continue
+            at = self.buf.find(self.delimiter)
+            after = at + len(self.delimiter)
+            if at < 0 or len(self.buf) < after + 2:
+                # A delimiter may straddle two reads: keep its length back.
+                keep = len(self.delimiter) + 2
+                if at < 0 and len(self.buf) > keep:
+                    if self.state == "body":
+                        events.append(("data", bytes(self.buf[:-keep])))
+                    del self.buf[:-keep]
+                break
+            if self.state == "body":
+                if at:
+                    events.append(("data", bytes(self.buf[:at])))
+                events.append(("end", None))
+            if self.buf[after:after + 2] == b"--":
+                self.state = "done"
+                events.append(("done", None))
+                self.buf.clear()
+                break
+            line_end = self.buf.find(b"\r\n", after)
+            if line_end < 0:  # transport padding after the boundary, then CRLF
+                del self.buf[:at]
+                break
+            del self.buf[:line_end + 2]
+            self.state = "head"
+        return events
+
+
 ####################################################################################
 # HTTP client on h11 (the upstream side)
 ####################################################################################
@@ -1921,8 +2014,9 @@ CANCELLED = "cancelled"    # the client went away first
 RETRIED = "retried"        # one attempt that failed before its first chunk (not a request)
 TRACE_STATUSES = (COMPLETED, REJECTED, FAILED, INCOMPLETE, CANCELLED, RETRIED)
 
-TRACE_SCHEMA_VERSION = 4  # 2: tags; 3: Ollama's load, prompt and decode timings;
-# 4: learned_speed's service time, answer length, model size and speed by concurrency
+TRACE_SCHEMA_VERSION = 5  # 2: tags; 3: Ollama's load, prompt and decode timings;
+# 4: learned_speed's service time, answer length, model size and speed by concurrency;
+# 5: the request's kind (REQUEST_KINDS)
 TRACE_COLUMNS = (
     ("request_id", "TEXT"), ("timestamp", "REAL"), ("model", "TEXT"),
     ("requested_model", "TEXT"), ("node_id", "TEXT"), ("status", "TEXT"),
@@ -1935,7 +2029,13 @@ TRACE_COLUMNS = (
     # Ollama's own timings from its final chunk (load_duration, prompt_eval_duration,
     # eval_duration), in ms; NULL where the API does not report them (OpenAI's).
     ("load_ms", "REAL"), ("prompt_eval_ms", "REAL"), ("eval_ms", "REAL"),
+    ("kind", "TEXT"),  # schema 5: one of REQUEST_KINDS
 )
+# What a request asks for, by its route: each kind has its own models and backends.
+CHAT, EMBEDDING, IMAGE, TRANSCRIPTION, ADMIN_KIND = (
+    "chat", "embedding", "image", "transcription", "admin")
+REQUEST_KINDS = (CHAT, EMBEDDING, IMAGE, TRANSCRIPTION, ADMIN_KIND)
+MEDIA_KINDS = (IMAGE, TRANSCRIPTION)  # the kinds an agent can serve itself
 _TRACE_DDL = [
     "CREATE TABLE IF NOT EXISTS request_traces (id INTEGER PRIMARY KEY, "
     + ", ".join(f"{name} {kind}" for name, kind in TRACE_COLUMNS) + ")",
@@ -2456,11 +2556,14 @@ def default_node_id():
 
 
 def build_heartbeat(node_id, ollama_url, machine, ollama, settings, num_parallel,
-                    num_parallel_source, draining=False, leaving=False, capacity=None):
+                    num_parallel_source, draining=False, leaving=False, capacity=None,
+                    media=None):
     """The heartbeat body an agent sends (and the router makes for its local node),
     within the limits the router checks (an odd model name is left out, not sent).
     `capacity`, from an agent: availability, trend, mode, paused_reason, confidence and
-    memory_ceiling (the Heartbeat's reader says each one's range)."""
+    memory_ceiling (the Heartbeat's reader says each one's range). `media`, from an
+    agent that serves images or speech itself: its server's url, image_models,
+    transcribe_models and backends (sent only when it has a model to serve)."""
     error = ollama.get("error")
     body = {
         "node_id": node_id,
@@ -2488,6 +2591,8 @@ def build_heartbeat(node_id, ollama_url, machine, ollama, settings, num_parallel
     }
     if capacity is not None:
         body["capacity"] = capacity
+    if media is not None:
+        body["media"] = media
     return body
 
 
@@ -2635,6 +2740,40 @@ def _capacity(f):
             "memory_ceiling": c.integer("memory_ceiling")}
 
 
+MAX_MEDIA_MODELS = 64  # image or speech models one agent serves
+# How an agent serves a media kind: a command-line tool it runs, or a server it proxies.
+MEDIA_BACKENDS = ("mflux", "mlx-qwen3-asr", "server")
+
+
+def _media(f):
+    """The media section: the agent's own media server and what it serves, each model
+    name checked; None from an agent that serves no images or speech."""
+    if f.obj.get("media") is None:
+        return None
+    m = f.section("media")
+    url = m.text("url", 512)
+    try:
+        split_url(url)
+        if not url.lower().startswith("http://"):
+            raise ValueError("the router speaks plain http:// to an agent")
+    except ValueError as e:
+        raise ValueError(f"field 'media.url': {e}") from None
+    models = {}
+    for key in ("image_models", "transcribe_models"):
+        names = m.texts(key, MAX_MEDIA_MODELS, MODEL_NAME_MAX)
+        for name in names:
+            try:
+                check_model_name(name)
+            except ValueError as e:
+                raise ValueError(f"field 'media.{key}': {e}") from None
+        models[key] = names
+    b = m.section("backends")
+    backends = {kind: b.choice(kind, MEDIA_BACKENDS, "server") for kind in MEDIA_KINDS
+                if kind in b.obj}
+    return {"url": url, **models, "backends": backends,
+            "concurrency": m.integer("concurrency", 1024, 1) or 1}
+
+
 class Heartbeat:
     """A heartbeat with every field checked and typed. What /fleet/status shows of it is
     rebuilt from the checked fields: nothing a node sends reaches a client unchecked."""
@@ -2643,7 +2782,8 @@ class Heartbeat:
                  "ollama_error", "num_parallel", "num_parallel_source", "settings",
                  "max_loaded_models", "cpu_percent", "mem_total", "mem_available",
                  "mem_used", "mem_percent", "pressure", "draining", "paused", "leaving",
-                 "models", "loaded", "hardware", "disk_total", "disk_free", "capacity")
+                 "models", "loaded", "hardware", "disk_total", "disk_free", "capacity",
+                 "media")
 
     def __init__(self, body):
         f = Fields(body)
@@ -2672,6 +2812,7 @@ class Heartbeat:
         self.disk_total, self.disk_free = disk.integer("total"), disk.integer("free")
         self._read_ollama(f.section("ollama"))
         self.capacity = _capacity(f)
+        self.media = _media(f)
         self.draining, self.leaving = f.flag("draining"), f.flag("leaving")
         self.paused = f.flag("paused") or self.paused_reason is not None or bool(
             self.capacity and self.capacity["mode"] == "paused")

@@ -14,6 +14,11 @@ uses the machine (capacity-learner-<id>.json in FLEET_NODE_DATA_DIR), report how
 available it is and how much memory models may take, and pause the node while the
 camera or microphone is in use, memory pressure is critical or the owner's CPU stays busy.
 
+It can also serve images and speech itself (see "Media" below): mflux-generate or
+mlx-qwen3-asr found on PATH, or an OpenAI-compatible server named by
+FLEET_NODE_IMAGE_URL / FLEET_NODE_TRANSCRIBE_URL, on its media server
+(FLEET_NODE_MEDIA_PORT, 11436), which only the router's signed requests may use.
+
 Run:   python herd_node.py                      (find the router by mDNS)
        python herd_node.py --router-url http://192.168.1.10:11435
 Key settings: FLEET_NODE_ROUTER_URL, FLEET_NODE_NODE_ID (short hostname),
@@ -34,6 +39,7 @@ Check it from anywhere:
 
 import argparse
 import asyncio
+import base64
 import collections
 import contextlib
 import ctypes
@@ -47,8 +53,10 @@ import math
 import os
 import platform
 import shutil
+import signal
 import ssl
 import sys
+import tempfile
 import time
 
 try:
@@ -88,6 +96,28 @@ NODE_SETTINGS = [
                "capacity-learner-<id>.json live here"),
     hc.Setting("FLEET_NODE_MDNS_INTERFACES", "", "comma-separated IPs to browse mDNS on "
                "(default: all interfaces)"),
+    hc.Setting("FLEET_NODE_IMAGE_URL", "", "an OpenAI-compatible image server this agent "
+               "serves images through (e.g. a stable-diffusion server on a Linux GPU box): its "
+               "GET /v1/models are the image models advertised"),
+    hc.Setting("FLEET_NODE_TRANSCRIBE_URL", "", "an OpenAI-compatible transcription server "
+               "(whisper.cpp, faster-whisper) this agent serves speech-to-text through"),
+    hc.Setting("FLEET_NODE_MEDIA_CLI", True, "look on PATH for mflux-generate (images) and "
+               "mlx-qwen3-asr (speech) and serve them (Apple Silicon)"),
+    hc.Setting("FLEET_NODE_MFLUX_MODELS", "schnell,dev", "the mflux models (its --model "
+               "values) advertised when mflux-generate is found"),
+    hc.Setting("FLEET_NODE_ASR_MODELS", "Qwen/Qwen3-ASR-0.6B", "the mlx-qwen3-asr models "
+               "(its --model values) advertised when mlx-qwen3-asr is found"),
+    hc.Setting("FLEET_NODE_MEDIA_HOST", "0.0.0.0", "address the agent's media server listens "
+               "on (started only when this node serves images or speech)"),
+    hc.Setting("FLEET_NODE_MEDIA_PORT", 11436, "port of the agent's media server"),
+    hc.Setting("FLEET_NODE_MEDIA_URL", "", "the media server URL the router should dial "
+               "(default: derived like the Ollama URL)"),
+    hc.Setting("FLEET_NODE_MEDIA_TIMEOUT", 600.0, "seconds one image or transcription may "
+               "take before its tool is killed"),
+    hc.Setting("FLEET_NODE_MEDIA_CONCURRENCY", 1, "image or speech tool runs at once (each "
+               "kind); more wait"),
+    hc.Setting("FLEET_NODE_MAX_UPLOAD_MB", 512.0, "largest speech upload the media server "
+               "takes (413 beyond)"),
     *hc.LOG_SETTINGS,
 ]
 
@@ -632,6 +662,339 @@ class Capacity:
 
 
 ####################################################################################
+# Media: images and speech this agent serves itself
+#
+# Theory: Ollama makes no speech and only some images, so the agent can serve them:
+# with a command-line tool it finds on PATH (mflux-generate for images, mlx-qwen3-asr
+# for speech, both Apple Silicon) or through an OpenAI-compatible server the operator
+# names (FLEET_NODE_IMAGE_URL, FLEET_NODE_TRANSCRIBE_URL: any machine, any GPU). Its
+# small HTTP server speaks OpenAI's two routes; only the router calls it, and with a
+# fleet token every request must carry the router's signature. A tool runs in a private
+# temporary directory, under a time-out, FLEET_NODE_MEDIA_CONCURRENCY at a time; when the
+# router hangs up (its client left) the tool's process group is killed and reaped, and
+# the directory removed. The heartbeat names a model only when it can be served now: a
+# tool on PATH, a server whose GET /v1/models lists it.
+####################################################################################
+
+TINY_WAIT_S = 3.0  # GET /v1/models of a media server, per heartbeat
+ANSWER_LIMIT = 64 << 20  # an image server's answer
+OPENAI_FORMATS = ("json", "text", "verbose_json")
+
+
+class MediaError(Exception):
+    """A media request answered with an OpenAI error: status and message."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+async def run_tool(argv, timeout):
+    """Run a tool to its end: (exit code, the tail of its stderr). On a time-out or a
+    cancel its whole process group is killed and reaped, never left behind."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE, start_new_session=True)
+    try:
+        async with asyncio.timeout(timeout):
+            _, err = await proc.communicate()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await asyncio.shield(proc.wait())
+        raise
+    return proc.returncode, err[-2000:].decode("utf-8", "replace").strip()
+
+
+def listed_models(answer):
+    """The ids an OpenAI-compatible GET /v1/models lists (names the router will take)."""
+    out = []
+    for entry in (answer.get("data") or [])[:hc.MAX_MEDIA_MODELS]:
+        name = entry.get("id") if isinstance(entry, dict) else None
+        with contextlib.suppress(ValueError):
+            out.append(hc.check_model_name(name))
+    return out
+
+
+def parse_size(size):
+    """OpenAI's "WxH" as (width, height)."""
+    width, _, height = str(size).lower().partition("x")
+    if not (width.isdigit() and height.isdigit() and 0 < int(width) <= 4096
+            and 0 < int(height) <= 4096):
+        raise MediaError(400, f"size must be WIDTHxHEIGHT, e.g. 1024x1024, not {size!r}")
+    return int(width), int(height)
+
+
+class Media:
+    """What this node serves of images and speech, and how (see the theory above)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.signatures = hc.SignatureCheck(cfg.token) if cfg.token else None
+        self.models = {hc.IMAGE: [], hc.TRANSCRIPTION: []}
+        self.backends = {}
+        self.slots = {kind: asyncio.Semaphore(max(1, cfg.media_concurrency))
+                      for kind in hc.MEDIA_KINDS}
+        self.server = self.port = None
+        self.running = 0  # tool runs in progress
+
+    def configured(self):
+        """Could this node serve a media kind at all (a URL set, a tool on PATH)?"""
+        return bool(self.cfg.image_url or self.cfg.transcribe_url or self._tool("mflux-generate")
+                    or self._tool("mlx-qwen3-asr"))
+
+    def _tool(self, name):
+        return shutil.which(name) if self.cfg.media_cli else None
+
+    async def refresh(self):
+        """Find what can be served now: a server's listed models, a tool on PATH."""
+        for kind, url, tool, names, backend in (
+                (hc.IMAGE, self.cfg.image_url, "mflux-generate", self.cfg.mflux_models,
+                 "mflux"),
+                (hc.TRANSCRIPTION, self.cfg.transcribe_url, "mlx-qwen3-asr",
+                 self.cfg.asr_models, "mlx-qwen3-asr")):
+            models, how = [], None
+            if url:
+                try:
+                    models = listed_models(await hc.http_json(url, "GET", "/v1/models",
+                                                              timeout=TINY_WAIT_S))
+                    how = "server"
+                except hc.UpstreamError as e:
+                    log.debug(f"{kind} server not answering: {e}", extra={"url": url})
+            elif self._tool(tool):
+                models = [n.strip() for n in names.split(",") if n.strip()]
+                models = [m for m in models if hc.MODEL_NAME_RE.fullmatch(m)]
+                how = backend
+            self.models[kind] = models[:hc.MAX_MEDIA_MODELS]
+            if how and models:
+                self.backends[kind] = how
+            else:
+                self.backends.pop(kind, None)
+
+    async def section(self, router_url):
+        """The heartbeat's media section, or None when nothing can be served now."""
+        if self.port is None:
+            return None
+        await self.refresh()
+        if not self.backends:
+            return None
+        url = self.cfg.media_url or f"http://{self.cfg.media_host}:{self.port}"
+        if router_url and not self.cfg.media_url:
+            router_host, router_port, _ = hc.split_url(router_url)
+            url = await asyncio.to_thread(hc.advertised_ollama_url, url, router_host,
+                                          router_port)
+        return {"url": url, "image_models": self.models[hc.IMAGE],
+                "transcribe_models": self.models[hc.TRANSCRIPTION],
+                "backends": dict(self.backends),
+                "concurrency": max(1, self.cfg.media_concurrency)}
+
+    # -- the server ---------------------------------------------------------------
+
+    async def start(self, host=None, port=None):
+        """Listen (FLEET_NODE_MEDIA_HOST / _PORT); returns the port bound."""
+        cfg = self.cfg
+        limit = int(cfg.max_upload_mb * (1 << 20))
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: hc.HttpConnection(self.handle, max_body=1 << 20, idle_timeout=75.0,
+                                      read_timeout=30.0,
+                                      stream_limits={"/v1/audio/transcriptions": limit},
+                                      log=log),
+            cfg.media_host if host is None else host, cfg.media_port if port is None
+            else port, reuse_address=True)
+        self.port = self.server.sockets[0].getsockname()[1]
+        log.info(f"media server listening on port {self.port}", extra={"event": "media_up"})
+        return self.port
+
+    async def stop(self):
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def handle(self, request, conn):
+        """The HttpConnection handler: the router's image and speech requests."""
+        route = {("POST", "/v1/images/generations"): self.image,
+                 ("POST", "/v1/audio/transcriptions"): self.transcribe}.get(
+                     (request.method, request.path))
+        try:
+            if route is None:
+                raise MediaError(404, f"{request.path[:100]}: not served here")
+            refusal = self.signatures.refuse(request) if self.signatures else None
+            if refusal:
+                raise MediaError(401, f"only the router may call this agent: {refusal}")
+            conn.watch_client()  # the router hanging up cancels the work (and its tool)
+            await route(request, conn)
+        except MediaError as e:
+            await conn.send_response(e.status, hc.openai_error_body(e.status, str(e)))
+
+    def _check_model(self, kind, model):
+        if kind not in self.backends or model not in self.models[kind]:
+            raise MediaError(404, f"model '{model}' is not served here")
+
+    # -- images -------------------------------------------------------------------
+
+    async def image(self, request, conn):
+        try:
+            body = hc.parse_json_body(request.body)
+            model = hc.check_model_name(body.get("model"))
+        except ValueError as e:
+            raise MediaError(400, str(e)) from None
+        self._check_model(hc.IMAGE, model)
+        if self.backends[hc.IMAGE] == "server":
+            status, headers, data = await hc.http_call(
+                self.cfg.image_url, "POST", "/v1/images/generations", request.body,
+                timeout=self.cfg.media_timeout)
+            ctype = next((v for k, v in headers if k == b"content-type"), hc.JSON_TYPE)
+            return await conn.send_response(status, data, ctype)
+        png = await self._run_mflux(model, body)
+        image = base64.b64encode(png).decode()
+        item = {"url": "data:image/png;base64," + image} \
+            if body.get("response_format") == "url" else {"b64_json": image}
+        await conn.send_json(200, {"created": int(time.time()), "data": [item]})
+
+    async def _run_mflux(self, model, body):
+        """mflux-generate, its picture read from its --output file."""
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise MediaError(400, "prompt is required")
+        if body.get("n", 1) != 1:
+            raise MediaError(400, "n must be 1 here: one image per request")
+        width, height = parse_size(body.get("size") or "1024x1024")
+        argv = ["mflux-generate", "--model", model, "--prompt", prompt,
+                "--width", str(width), "--height", str(height)]
+        for key in ("steps", "seed"):
+            value = body.get(key)
+            if value is not None:
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise MediaError(400, f"{key} must be a whole number")
+                argv += [f"--{key}", str(value)]
+        with tempfile.TemporaryDirectory(prefix="herd-image-") as work:
+            output = os.path.join(work, "image.png")
+            await self._run(hc.IMAGE, [self._tool("mflux-generate") or argv[0], *argv[1:],
+                                       "--output", output])
+            return await asyncio.to_thread(read_file, output)
+
+    async def _run(self, kind, argv):
+        """One tool run, FLEET_NODE_MEDIA_CONCURRENCY at a time; MediaError if it fails."""
+        async with self.slots[kind]:
+            self.running += 1
+            try:
+                code, err = await run_tool(argv, self.cfg.media_timeout)
+            except TimeoutError:
+                raise MediaError(504, f"{os.path.basename(argv[0])} took more than "
+                                      f"FLEET_NODE_MEDIA_TIMEOUT ({self.cfg.media_timeout:g}s)"
+                                 ) from None
+            finally:
+                self.running -= 1
+        if code != 0:
+            raise MediaError(500, f"{os.path.basename(argv[0])} failed (exit {code}): "
+                                  f"{hc.printable(err)[-300:]}")
+
+    # -- speech -------------------------------------------------------------------
+
+    async def transcribe(self, request, conn):
+        if hc.TRANSCRIPTION not in self.backends:
+            raise MediaError(404, "no speech-to-text here")
+        if self.backends[hc.TRANSCRIPTION] == "server":
+            return await self._relay_upload(request, conn)
+        with tempfile.TemporaryDirectory(prefix="herd-speech-") as work:
+            fields, audio = await self._save_form(request, conn, work)
+            model = fields.get("model", "")
+            self._check_model(hc.TRANSCRIPTION, model)
+            answer_format = fields.get("response_format") or "json"
+            if answer_format not in OPENAI_FORMATS:
+                raise MediaError(400, f"response_format must be one of "
+                                      f"{', '.join(OPENAI_FORMATS)} here")
+            argv = [self._tool("mlx-qwen3-asr") or "mlx-qwen3-asr", audio, "--model", model,
+                    "--output-dir", work, "--output-format", "json", "--no-progress"]
+            if fields.get("language"):
+                argv += ["--language", fields["language"]]
+            await self._run(hc.TRANSCRIPTION, argv)
+            stem = os.path.splitext(os.path.basename(audio))[0]
+            try:
+                result = json.loads(await asyncio.to_thread(
+                    read_file, os.path.join(work, stem + ".json")))
+            except (OSError, ValueError) as e:
+                raise MediaError(500, f"mlx-qwen3-asr wrote no transcript: {e}") from None
+        await self._answer_transcript(conn, result, answer_format)
+
+    async def _answer_transcript(self, conn, result, answer_format):
+        text = str(result.get("text", "")).strip()
+        if answer_format == "text":
+            return await conn.send_response(200, text.encode(), b"text/plain; charset=utf-8")
+        if answer_format == "json":
+            return await conn.send_json(200, {"text": text})
+        segments = result.get("segments") or []
+        await conn.send_json(200, {"task": "transcribe", "language": result.get("language"),
+                                   "duration": max([s.get("end", 0) for s in segments
+                                                    if isinstance(s, dict)], default=0.0),
+                                   "text": text, "segments": segments})
+
+    async def _save_form(self, request, conn, work):
+        """The form's fields, and its file written into `work` as it arrives."""
+        try:
+            reader = hc.FormReader(hc.form_boundary(request.header("content-type")))
+        except ValueError as e:
+            raise MediaError(400, str(e)) from None
+        fields, current, audio, out = {}, None, None, None
+        try:
+            while data := await request.stream.receive(conn.read_timeout):
+                for event, value in reader.feed(data):
+                    if event == "part" and value.filename is not None and audio is None:
+                        ext = os.path.splitext(value.filename)[1][:8]
+                        ext = ext if ext[1:].isalnum() else ".wav"
+                        audio = os.path.join(work, "audio" + ext)
+                        out, current = open(audio, "wb"), None
+                    elif event == "part":
+                        current, out = value.name, None
+                        fields[current] = ""
+                    elif event == "data" and out is not None:
+                        await asyncio.to_thread(out.write, value)
+                    elif event == "data" and current is not None:
+                        fields[current] = (fields[current] +
+                                           value.decode("utf-8", "replace"))[:4096]
+                    elif event == "end" and out is not None:
+                        out.close()
+                        out = None
+        except (ValueError, hc.BodyTooLarge) as e:
+            raise MediaError(400 if isinstance(e, ValueError) else 413, str(e)) from None
+        finally:
+            if out is not None:
+                out.close()
+        if audio is None:
+            raise MediaError(400, "the form has no file")
+        return fields, audio
+
+    async def _relay_upload(self, request, conn):
+        """Stream the router's upload on to the transcription server; its answer back."""
+        host, port, base = hc.split_url(self.cfg.transcribe_url)
+        up = await hc.Upstream.connect(host, port, 10.0)
+        try:
+            length = request.header("content-length")
+            up.send_head(b"POST", (base + "/v1/audio/transcriptions").encode(),
+                         hc.end_to_end_headers(request.headers, (b"x-herd-timestamp",
+                                                                 b"x-herd-nonce",
+                                                                 b"x-herd-signature")),
+                         int(length) if length is not None else None)
+            while data := await request.stream.receive(conn.read_timeout):
+                await up.send_body(data, self.cfg.media_timeout)
+            up.end_body()
+            status, headers = await up.receive_head(self.cfg.media_timeout)
+            body = await up.read_body(self.cfg.media_timeout, ANSWER_LIMIT)
+        except hc.UpstreamError as e:
+            raise MediaError(502, f"transcription server: {e}") from None
+        finally:
+            up.close()
+        ctype = next((v for k, v in headers if k == b"content-type"), hc.JSON_TYPE)
+        await conn.send_response(status, body, ctype)
+
+
+def read_file(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+####################################################################################
 # Heartbeats
 ####################################################################################
 
@@ -644,6 +1007,7 @@ class Agent:
         self.finder = finder
         self.node_id = cfg.node_id or hc.default_node_id()
         self.capacity = Capacity(cfg, self.node_id, probes, owner, clock)
+        self.media = Media(cfg)
         self.tls = ssl.create_default_context(cafile=cfg.ca) if cfg.ca else None
         self.settings = {}
         self._settings_at = 0.0
@@ -675,8 +1039,10 @@ class Agent:
         self._note_ollama(ollama)
         capacity = await self.capacity.section(machine)
         slots, source = hc.resolve_num_parallel(self.cfg.num_parallel, settings, os.environ)
+        media = await self.media.section(self.router_url)
         return hc.build_heartbeat(self.node_id, await self.ollama_url(), machine, ollama,
-                                  settings, slots, source, draining, leaving, capacity)
+                                  settings, slots, source, draining, leaving, capacity,
+                                  media)
 
     async def ollama_url(self):
         if self.cfg.ollama_url:
@@ -819,11 +1185,13 @@ def load_node_config(environ, args):
         "ollama_host": args.ollama_host, "token": args.token})
     hc.check_log_level("FLEET_LOG_LEVEL", cfg.log_level)
     hc.check_log_level("FLEET_CONSOLE_LOG_LEVEL", cfg.console_log_level)
-    for name in ("router_url", "ollama_host", "ollama_url"):
+    for name in ("router_url", "ollama_host", "ollama_url", "image_url", "transcribe_url",
+                 "media_url"):
         if getattr(cfg, name):
             try:
                 hc.split_url(getattr(cfg, name))
-                if name != "router_url" and hc.is_https(getattr(cfg, name)):
+                if name in ("ollama_host", "ollama_url", "media_url") and \
+                        hc.is_https(getattr(cfg, name)):
                     raise ValueError("Ollama is spoken to over plain http://")
             except ValueError as e:
                 raise hc.ConfigError(f"FLEET_NODE_{name.upper()}: {e}") from None
@@ -857,6 +1225,12 @@ async def run(cfg):
         finder = RouterFinder(interfaces)
         await finder.start()
     agent = Agent(cfg, finder)
+    if agent.media.configured():  # a URL set, or a tool on PATH: serve images or speech
+        try:
+            await agent.media.start()
+        except OSError as e:
+            log.error(f"media server cannot listen on port {cfg.media_port}: "
+                      f"{e.strerror or e}", extra={"event": "media_down"})
     psutil.cpu_percent(interval=None)  # start the CPU meter; the first reading is 0
     log.info(f"herd node {hc.VERSION} '{agent.node_id}' reporting Ollama at "
              f"{cfg.ollama_host}", extra={"node_id": agent.node_id})
@@ -869,6 +1243,7 @@ async def run(cfg):
     if not task.cancelled() and task.exception() is not None:
         log.error("heartbeat loop failed", exc_info=task.exception())
     await agent.drain(hurry=hc.stop_signal())  # a second signal stops the wait
+    await agent.media.stop()
     if finder is not None:
         await finder.close()
     log.info("stopped", extra={"node_id": agent.node_id})

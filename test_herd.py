@@ -105,6 +105,7 @@ class Harness:
         self.data_dir = tmp_path / "data"  # FLEET_DATA_DIR: latency.db and logs/
         self.fakes = []
         self.routers = []
+        self.media = []  # node agents' media servers, and fake image/speech servers
 
     def fake(self, host="127.0.0.1", **kwargs):
         """A fake Ollama; on another loopback address (127.0.0.2, ...) it plays the
@@ -154,6 +155,28 @@ class Harness:
             return await agent.send(hb)
         assert self.bg.run(_beat()), f"heartbeat from {node_id} refused"
 
+    def media_agent(self, router, fake, node_id, mutate=None, **env):
+        """A node agent with its media server running (on a free port), after one
+        heartbeat; FLEET_NODE_IMAGE_URL / _TRANSCRIBE_URL or a PATH decide what it serves."""
+        agent = self.agent(router, fake, node_id, FLEET_NODE_MEDIA_HOST="127.0.0.1", **env)
+        self.bg.run(agent.media.start(port=0))
+        self.media.append(agent.media)
+
+        async def _beat():
+            hb = await agent.snapshot()
+            if mutate:
+                mutate(hb)
+            return await agent.send(hb)
+        assert self.bg.run(_beat()), f"heartbeat from {node_id} refused"
+        return agent
+
+    def media_server(self, **kwargs):
+        """A small OpenAI-compatible image and transcription server (FakeMediaServer)."""
+        server = FakeMediaServer(**kwargs)
+        self.bg.run(server.start())
+        self.media.append(server)
+        return server
+
     def snapshot(self, router, fake, node_id, mutate=None):
         """The heartbeat body the agent would send now, optionally edited."""
         agent = self.agent(router, fake, node_id, FLEET_NODE_OLLAMA_URL=fake.url)
@@ -179,11 +202,86 @@ class Harness:
             # kept-alive node connections of its pool are checked on the objects.
             assert not server.connections and not server.pool.idle, \
                 "connections left open after shutdown"
-        for fake in self.fakes:
+        for fake in self.fakes + self.media:
             self.bg.run(fake.stop())
         left = self.bg.leftover_tasks()
         self.bg.close()
         return left
+
+
+class FakeMediaServer:
+    """An OpenAI-compatible image and transcription server, as small as it can be: GET
+    /v1/models lists `models`; POST /v1/images/generations answers a one-pixel PNG;
+    POST /v1/audio/transcriptions reads the form as it arrives (counting its bytes in
+    `received`, never holding it) and answers {"text": "..."} or, with response_format
+    text, the text. `fault = "http500"` makes it fail; `requests` records each request's
+    path, headers and (for JSON) body."""
+
+    PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAA"
+           "AABJRU5ErkJggg==")
+
+    def __init__(self, models=("sdxl-turbo", "whisper-1")):
+        self.models, self.fault, self.requests, self.received = list(models), None, [], 0
+        self._server = None
+
+    async def start(self):
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = "http://127.0.0.1:%d" % self._server.sockets[0].getsockname()[1]
+
+    async def stop(self):
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _serve(self, reader, writer):
+        try:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+            method, path, _ = head[0].split(" ", 2)
+            headers = {k.lower(): v.strip() for k, _, v in (h.partition(":")
+                                                            for h in head[1:] if h)}
+            length = int(headers.get("content-length", 0))
+            record = {"path": path, "headers": headers, "body": None}
+            self.requests.append(record)
+            if path.endswith("/audio/transcriptions"):
+                status, ctype, body = await self._transcribe(reader, length, headers)
+            else:
+                data = await reader.readexactly(length)
+                record["body"] = json.loads(data) if data else None
+                status, ctype, body = self._answer(method, path, record["body"])
+            if self.fault == "http500":
+                status, ctype, body = 500, "application/json", b'{"detail":"CUDA out of memory"}'
+            writer.write(b"HTTP/1.1 %d X\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
+                         b"connection: close\r\n\r\n" % (status, ctype.encode(), len(body))
+                         + body)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def _answer(self, method, path, body):
+        if method == "GET" and path == "/v1/models":
+            return 200, "application/json", json.dumps(
+                {"object": "list", "data": [{"id": m, "object": "model"}
+                                            for m in self.models]}).encode()
+        if path == "/v1/images/generations" and body.get("model") in self.models:
+            return 200, "application/json", json.dumps(
+                {"created": 1, "data": [{"b64_json": self.PNG}]}).encode()
+        return 404, "application/json", b'{"detail":"Not Found"}'
+
+    async def _transcribe(self, reader, length, headers):
+        left, start = length, b""
+        while left:
+            data = await reader.read(min(left, 1 << 16))
+            if not data:
+                raise asyncio.IncompleteReadError(b"", left)
+            left -= len(data)
+            self.received += len(data)
+            if len(start) < 4096:
+                start += data[:4096]
+        text = f"fake transcript of {length} bytes"
+        if b'name="response_format"\r\n\r\ntext' in start:
+            return 200, "text/plain; charset=utf-8", text.encode()
+        return 200, "application/json", json.dumps({"text": text}).encode()
 
 
 @pytest.fixture
@@ -777,7 +875,7 @@ def test_what_ollama_serves_and_the_router_does_not_gets_a_clear_404(one_node):
     h, router, fake = one_node
     for method, path in (("GET", "/api/status"), ("POST", "/api/me"),
                          ("POST", "/api/experimental/web_search"),
-                         ("POST", "/v1/audio/transcriptions")):
+                         ("POST", "/v1/audio/speech")):
         status, _, body = http(router.url, method, path, {})
         error = json.loads(body)["error"]
         assert status == 404 and path in (error if path.startswith("/api/")
@@ -816,6 +914,265 @@ def test_v1_models_is_the_union_of_the_fleet(h):
     client = openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
     assert sorted(m.id for m in client.models.list()) == [
         "llama3.2:3b", "phi3:mini", "qwen2.5:7b"]
+
+
+####################################################################################
+# Images and speech (README "Model kinds"): Ollama's image models, node agents' tools
+# and servers
+####################################################################################
+
+TOOLS = os.path.join(HERE, "tests", "bin")  # stand-in mflux-generate and mlx-qwen3-asr
+
+
+@pytest.fixture
+def tools_on_path(monkeypatch, tmp_path):
+    """The stand-in tools first on PATH; their pid files land in the returned folder."""
+    pids = tmp_path / "tool-pids"
+    pids.mkdir()
+    monkeypatch.setenv("PATH", TOOLS + os.pathsep + os.environ["PATH"])
+    monkeypatch.setenv("HERD_FAKE_TOOL_PIDS", str(pids))
+    return pids
+
+
+def openai_client(router):
+    import openai
+    return openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
+
+
+def test_openai_client_images_through_an_agents_image_server(h):
+    import base64
+    text = h.fake(models=["llama3.2:3b"])
+    gpu_box = h.media_server(models=["sdxl-turbo"])
+    router = h.router()
+    h.heartbeat(router, text, "text-node")
+    h.media_agent(router, h.fake(models=["llama3.2:3b"]), "linux-gpu",
+                  FLEET_NODE_IMAGE_URL=gpu_box.url)
+    image = openai_client(router).images.generate(model="sdxl-turbo", prompt="a robot",
+                                                  size="512x512", response_format="b64_json")
+    assert base64.b64decode(image.data[0].b64_json).startswith(b"\x89PNG")
+    sent = gpu_box.requests[-1]
+    assert sent["body"]["size"] == "512x512" and "x-herd-signature" not in sent["headers"]
+    trace = h.traces(router)[-1]
+    assert (trace["node_id"], trace["kind"], trace["status"]) == ("linux-gpu", "image",
+                                                                  "completed")
+    node = fleet_node(router, "linux-gpu")
+    assert node["capabilities"] == ["chat", "image"]
+    assert node["media"]["image_models"] == ["sdxl-turbo"]
+    assert node["media"]["backends"] == {"image": "server"}
+    assert fleet_node(router, "text-node")["capabilities"] == ["chat"]
+    listed = {m["model"]: m for m in get_json(router.url, "/dashboard/api/models")["models"]}
+    assert listed["sdxl-turbo:latest"]["kinds"] == ["image"]
+    assert listed["sdxl-turbo:latest"]["on_disk"] == ["linux-gpu"]
+    # The product's own route: PNG bytes, or base64 JSON.
+    status, headers, png = http(router.url, "POST", "/api/generate-image",
+                                {"model": "sdxl-turbo", "prompt": "a cat", "width": 256,
+                                 "height": 128, "steps": 4, "seed": 7})
+    assert status == 200 and headers["content-type"] == "image/png" and png[:4] == b"\x89PNG"
+    assert gpu_box.requests[-1]["body"] == {"model": "sdxl-turbo", "prompt": "a cat", "n": 1,
+                                            "response_format": "b64_json", "size": "256x128",
+                                            "steps": 4, "seed": 7}
+    status, _, body = http(router.url, "POST", "/api/generate-image",
+                           {"model": "sdxl-turbo", "prompt": "a cat",
+                            "response_format": "b64_json"})
+    assert status == 200 and base64.b64decode(json.loads(body)["image"])[:4] == b"\x89PNG"
+
+
+def test_product_image_route_on_an_ollama_image_model(h):
+    painter = h.fake(models={"x/z-image-turbo": {"capabilities": ["image"]}})
+    router = h.router()
+    h.heartbeat(router, painter, "image-node")
+    status, headers, body = http(router.url, "POST", "/api/generate-image",
+                                 {"model": "x/z-image-turbo", "prompt": "a fox", "width": 64,
+                                  "height": 64, "steps": 2, "seed": 1})
+    sent = painter.requests[-1]
+    assert sent["path"] == "/api/generate" and sent["body"]["width"] == 64
+    assert sent["body"]["stream"] is False and sent["body"]["prompt"] == "a fox"
+    assert status == 200 and headers["content-type"] == "image/png" and body[:4] == b"\x89PNG"
+    assert fleet_node(router, "image-node")["capabilities"] == ["image"]
+    assert h.traces(router)[-1]["kind"] == "image"
+
+
+def test_the_media_server_takes_only_the_routers_signed_requests(h):
+    gpu_box = h.media_server(models=["sdxl-turbo"])
+    router = h.router()
+    agent = h.media_agent(router, h.fake(), "gpu", FLEET_NODE_IMAGE_URL=gpu_box.url)
+    url = f"http://127.0.0.1:{agent.media.port}"
+    body = {"model": "sdxl-turbo", "prompt": "x"}
+    status, _, answer = http(url, "POST", "/v1/images/generations", body)
+    assert status == 401 and "only the router" in json.loads(answer)["error"]["message"]
+    data = json.dumps(body).encode()
+    signed = {k.decode(): v.decode() for k, v in hc.sign_request(
+        "not-the-token", "POST", "/v1/images/generations", data)}
+    assert http(url, "POST", "/v1/images/generations", data, headers=signed)[0] == 401
+    assert not [r for r in gpu_box.requests if r["path"] != "/v1/models"]
+
+
+def test_no_node_for_a_kind_or_a_model_is_a_clear_404(one_node):
+    import openai
+    h, router, fake = one_node
+    client = openai_client(router)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.images.generate(model="schnell", prompt="x")
+    assert "FLEET_NODE_IMAGE_URL" in str(e.value) and "mflux" in str(e.value)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.audio.transcriptions.create(model="whisper-1", file=("a.wav", b"RIFF" * 10))
+    assert "FLEET_NODE_TRANSCRIBE_URL" in str(e.value) and "mlx-qwen3-asr" in str(e.value)
+    status, _, body = http(router.url, "POST", "/api/generate-image",
+                           {"model": "schnell", "prompt": "x"})
+    assert status == 404 and "FLEET_NODE_IMAGE_URL" in json.loads(body)["error"]
+    with pytest.raises(openai.BadRequestError):  # a text model is no image model
+        client.images.generate(model="llama3.2:3b", prompt="x")
+    kinds = [(t["kind"], t["http_status"]) for t in h.traces(router)]
+    assert kinds == [("image", 404), ("transcription", 404), ("image", 404), ("image", 400)]
+
+
+def test_images_with_mflux_queue_on_the_node_and_a_cancel_kills_the_tool(
+        h, tools_on_path, monkeypatch):
+    monkeypatch.setenv("HERD_FAKE_TOOL_DELAY", "30")
+    router = h.router()
+    h.media_agent(router, h.fake(), "mac-studio")
+    node = fleet_node(router, "mac-studio")
+    assert node["media"]["backends"] == {"image": "mflux", "transcription": "mlx-qwen3-asr"}
+    assert node["media"]["image_models"] == ["schnell", "dev"]
+    request = json.dumps({"model": "schnell", "prompt": "x", "size": "64x64"}).encode()
+    head = (b"POST /v1/images/generations HTTP/1.1\r\nHost: r\r\nContent-Type: "
+            b"application/json\r\nContent-Length: %d\r\n\r\n" % len(request))
+    first = socket.create_connection(("127.0.0.1", router.port))
+    second = socket.create_connection(("127.0.0.1", router.port))
+    first.sendall(head + request)
+    pid = int(wait_until(lambda: os.listdir(tools_on_path), what="mflux-generate to run")[0])
+    second.sendall(head + request)
+    row = wait_until(lambda: queue_row(router, "mac-studio", "schnell:latest")["waiting"] and
+                     queue_row(router, "mac-studio", "schnell:latest"),
+                     what="the second request to queue behind the first")
+    assert (row["active"], row["waiting"], row["limit"]) == (1, 1, 1)
+    second.close()  # it leaves the queue, never starting a tool
+    first.close()  # the router hangs up on the agent, which kills mflux-generate
+    wait_until(lambda: not process_alive(pid), what="mflux-generate to be killed")
+    wait_until(lambda: len(h.traces(router)) == 2, what="both traces")
+    assert [t["status"] for t in h.traces(router)] == ["cancelled", "cancelled"]
+    assert os.listdir(tools_on_path) == [str(pid)]  # one tool ran, not two
+    monkeypatch.setenv("HERD_FAKE_TOOL_DELAY", "0")
+    image = openai_client(router).images.generate(model="schnell", prompt="x", size="64x64")
+    assert image.data[0].b64_json
+    monkeypatch.setenv("HERD_FAKE_TOOL_FAIL", "1")
+    status, _, body = http(router.url, "POST", "/v1/images/generations",
+                           {"model": "schnell", "prompt": "x"})
+    assert status == 502 and "could not load model" in json.loads(body)["error"]["message"]
+
+
+def process_alive(pid):
+    """Is `pid` a live process (not gone, not a zombie nobody reaped)?"""
+    import psutil
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_failing_media_node_is_retried_on_another(h):
+    broken, healthy = h.media_server(), h.media_server()
+    router = h.router()
+
+    def cpu(percent):  # an idle broken node is the router's first choice
+        return lambda hb: hb["cpu"].update(percent=percent)
+    h.media_agent(router, h.fake(), "broken", cpu(0.0), FLEET_NODE_IMAGE_URL=broken.url,
+                  FLEET_NODE_TRANSCRIBE_URL=broken.url)
+    h.media_agent(router, h.fake(), "healthy", cpu(95.0), FLEET_NODE_IMAGE_URL=healthy.url,
+                  FLEET_NODE_TRANSCRIBE_URL=healthy.url)
+    broken.fault = "http500"  # it listed its models; now it fails them
+    client = openai_client(router)
+    assert client.images.generate(model="sdxl-turbo", prompt="x").data[0].b64_json
+    transcript = client.audio.transcriptions.create(model="whisper-1",
+                                                    file=("a.wav", b"RIFF" * 100))
+    assert transcript.text.startswith("fake transcript")
+    rows = [(t["node_id"], t["status"], t["kind"]) for t in h.traces(router)]
+    assert rows == [("broken", "retried", "image"), ("healthy", "completed", "image"),
+                    ("broken", "retried", "transcription"),
+                    ("healthy", "completed", "transcription")]
+
+
+def test_openai_client_transcriptions_through_an_agents_server(h):
+    server = h.media_server(models=["whisper-1"])
+    router = h.router()
+    h.media_agent(router, h.fake(), "whisper-box", FLEET_NODE_TRANSCRIBE_URL=server.url)
+    client = openai_client(router)
+    audio = b"RIFF" + os.urandom(5000)
+    result = client.audio.transcriptions.create(model="whisper-1", file=("a.wav", audio),
+                                                language="en")
+    assert result.text.startswith("fake transcript of")
+    text = client.audio.transcriptions.create(model="whisper-1", file=("a.wav", audio),
+                                              response_format="text")
+    assert text.startswith("fake transcript")
+    files = {"file": ("a.wav", audio)}
+    import httpx  # the openai client's own HTTP library: a plain multipart form
+    answer = httpx.post(router.url + "/api/transcribe", data={"model": "whisper-1"},
+                        files=files, timeout=10).json()
+    assert answer["model"] == "whisper-1" and answer["text"].startswith("fake transcript")
+    capabilities = fleet_node(router, "whisper-box")["capabilities"]
+    assert "transcription" in capabilities and "image" not in capabilities
+    assert [t["kind"] for t in h.traces(router)] == ["transcription"] * 3
+    late = httpx.post(router.url + "/v1/audio/transcriptions", files=files,
+                      data={"model": "whisper-1"}, timeout=10)
+    assert late.status_code == 200
+    file_first = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\""
+                  b"\r\n\r\nRIFF\r\n--b\r\nContent-Disposition: form-data; name=\"model\""
+                  b"\r\n\r\nwhisper-1\r\n--b--\r\n")
+    status, _, body = http(router.url, "POST", "/v1/audio/transcriptions", file_first,
+                           headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert status == 400 and "before its file" in json.loads(body)["error"]["message"]
+
+
+def test_transcription_with_mlx_qwen3_asr_on_the_node(h, tools_on_path):
+    router = h.router()
+    h.media_agent(router, h.fake(), "mac-mini")
+    node = fleet_node(router, "mac-mini")
+    assert node["media"]["backends"] == {"image": "mflux", "transcription": "mlx-qwen3-asr"}
+    client = openai_client(router)
+    audio = os.urandom(3000)
+    result = client.audio.transcriptions.create(model="Qwen/Qwen3-ASR-0.6B",
+                                                file=("talk.mp3", audio), language="English")
+    assert result.text == "heard 3000 bytes"
+    verbose = client.audio.transcriptions.create(model="Qwen/Qwen3-ASR-0.6B",
+                                                 file=("talk.mp3", audio),
+                                                 response_format="verbose_json")
+    assert verbose.text == "heard 3000 bytes" and verbose.language == "English"
+    import openai
+    with pytest.raises(openai.NotFoundError):
+        client.audio.transcriptions.create(model="whisper-1", file=("a.wav", audio))
+
+
+def test_a_50_mb_upload_streams_through_without_being_held(h):
+    import psutil
+    server = h.media_server(models=["whisper-1"])
+    router = h.router(FLEET_MEDIA_REPLAY_MB=1)
+    h.media_agent(router, h.fake(), "whisper-box", FLEET_NODE_TRANSCRIBE_URL=server.url)
+    size = 50 << 20
+    start = (b"--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n"
+             b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n"
+             b"Content-Type: audio/wav\r\n\r\n")
+    end = b"\r\n--b--\r\n"
+    head = (b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: r\r\nContent-Type: "
+            b"multipart/form-data; boundary=b\r\nContent-Length: %d\r\n\r\n"
+            % (len(start) + size + len(end)))
+    piece = os.urandom(1 << 20)
+    rss_before = psutil.Process().memory_info().rss
+    with socket.create_connection(("127.0.0.1", router.port), timeout=30) as s:
+        s.sendall(head + start)
+        for _ in range(8):
+            s.sendall(piece)
+        # A fifth of the upload is sent, the rest not yet: a router or an agent holding
+        # the body whole would have passed nothing on.
+        wait_until(lambda: server.received >= 4 << 20,
+                   what="the first megabytes to reach the server before the upload ends")
+        for _ in range(42):
+            s.sendall(piece)
+        s.sendall(end)
+        answer = read_head(s)
+    growth = psutil.Process().memory_info().rss - rss_before
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    assert server.received == len(start) + size + len(end)
+    assert growth < 25 << 20, f"the router and agent grew by {growth >> 20} MB"
 
 
 ####################################################################################
@@ -2650,7 +3007,8 @@ def test_metrics_parse_with_prometheus_client(one_node):
     for family in families.values():
         for s in family.samples:
             value[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    key = (("model", "llama3.2:3b"), ("node", "node-a"), ("status", "completed"))
+    key = (("kind", "chat"), ("model", "llama3.2:3b"), ("node", "node-a"),
+           ("status", "completed"))
     assert value[("herd_requests_total", key)] == 3
     assert value[("herd_tokens_total", (("kind", "completion"), ("model", "llama3.2:3b")))] == 12
     assert value[("herd_time_to_first_token_seconds_count", (("model", "llama3.2:3b"),))] == 3
