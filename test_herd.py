@@ -921,7 +921,86 @@ def test_v1_models_is_the_union_of_the_fleet(h):
 # and servers
 ####################################################################################
 
-TOOLS = os.path.join(HERE, "tests", "bin")  # stand-in mflux-generate and mlx-qwen3-asr
+# The stand-in tools, written into a test's own bin folder (same flags, same output
+# files as mflux's mflux-generate and mlx-qwen3-asr).
+STAND_IN_TOOLS = {
+    "mflux-generate": r'''#!/usr/bin/env python3
+"""A stand-in for mflux's mflux-generate in Herd's tests: the same flags, the same
+output file (a PNG at --output). HERD_FAKE_TOOL_DELAY=<s> makes it slow,
+HERD_FAKE_TOOL_FAIL=1 makes it fail as the real one does (a message, exit 1), and
+HERD_FAKE_TOOL_PIDS=<dir> leaves a file named by its pid there while it runs."""
+import argparse
+import base64
+import os
+import sys
+import time
+
+PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk"
+                       "+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
+
+parser = argparse.ArgumentParser(prog="mflux-generate")
+parser.add_argument("--model", "-m", required=True)
+parser.add_argument("--base-model")
+parser.add_argument("--prompt", required=True)
+parser.add_argument("--steps", type=int, default=4)
+parser.add_argument("--seed", type=int)
+parser.add_argument("--height", type=int, default=1024)
+parser.add_argument("--width", type=int, default=1024)
+parser.add_argument("--quantize", "-q", type=int)
+parser.add_argument("--output", default="image.png")
+args = parser.parse_args()
+pids = os.environ.get("HERD_FAKE_TOOL_PIDS")
+if pids:
+    open(os.path.join(pids, str(os.getpid())), "w").close()
+time.sleep(float(os.environ.get("HERD_FAKE_TOOL_DELAY", "0")))
+if os.environ.get("HERD_FAKE_TOOL_FAIL"):
+    sys.exit(f"Error: could not load model {args.model}")
+with open(args.output, "wb") as f:
+    f.write(PNG)
+print(f"Image saved to {args.output}")
+''',
+    "mlx-qwen3-asr": r'''#!/usr/bin/env python3
+"""A stand-in for mlx-qwen3-asr in Herd's tests: the same flags, the same output file
+(<output-dir>/<audio stem>.<format>, json: {"text", "language"}). The transcript says
+how many bytes the audio had. HERD_FAKE_TOOL_DELAY, HERD_FAKE_TOOL_FAIL and
+HERD_FAKE_TOOL_PIDS as for the mflux-generate stand-in."""
+import argparse
+import json
+import os
+import sys
+import time
+
+parser = argparse.ArgumentParser(prog="mlx-qwen3-asr")
+parser.add_argument("audio", nargs="*")
+parser.add_argument("--model", default="Qwen/Qwen3-ASR-0.6B")
+parser.add_argument("--language")
+parser.add_argument("--output-dir", "-o", default=".")
+parser.add_argument("--output-format", "-f", default="txt",
+                    choices=["txt", "json", "srt", "vtt", "tsv", "all"])
+parser.add_argument("--no-progress", action="store_true")
+parser.add_argument("--quiet", action="store_true")
+args = parser.parse_args()
+pids = os.environ.get("HERD_FAKE_TOOL_PIDS")
+if pids:
+    open(os.path.join(pids, str(os.getpid())), "w").close()
+time.sleep(float(os.environ.get("HERD_FAKE_TOOL_DELAY", "0")))
+if os.environ.get("HERD_FAKE_TOOL_FAIL"):
+    sys.exit("Error: failed to decode audio")
+for path in args.audio:
+    if not os.path.exists(path):
+        sys.exit(f"Error: File not found: {path}")
+    text = f"heard {os.path.getsize(path)} bytes"
+    stem = os.path.splitext(os.path.basename(path))[0]
+    out = os.path.join(args.output_dir, f"{stem}.{args.output_format}")
+    with open(out, "w", encoding="utf-8") as f:
+        if args.output_format == "json":
+            json.dump({"text": text, "language": args.language or "English"}, f)
+        else:
+            f.write(text + "\n")
+    if not args.quiet:
+        print(text)
+''',
+}
 
 
 @pytest.fixture
@@ -929,7 +1008,12 @@ def tools_on_path(monkeypatch, tmp_path):
     """The stand-in tools first on PATH; their pid files land in the returned folder."""
     pids = tmp_path / "tool-pids"
     pids.mkdir()
-    monkeypatch.setenv("PATH", TOOLS + os.pathsep + os.environ["PATH"])
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for name, text in STAND_IN_TOOLS.items():
+        (tools / name).write_text(text.replace("/usr/bin/env python3", sys.executable, 1))
+        (tools / name).chmod(0o755)
+    monkeypatch.setenv("PATH", str(tools) + os.pathsep + os.environ["PATH"])
     monkeypatch.setenv("HERD_FAKE_TOOL_PIDS", str(pids))
     return pids
 
