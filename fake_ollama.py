@@ -30,7 +30,8 @@ prompt_eval_duration the prompt evaluation, eval_duration the decoding; prompt_e
 counts the whole prompt, cached or not.
 
 POST /_fake/config {"speed": 0.25, "saturation": 2, "fault": null} sets any of these
-three while the fake runs and answers the values now in force. It is a test-only control
+three while the fake runs and answers the values now in force; GET /_fake/config shows
+them with the counters completed, load_count and evictions. It is a test-only control
 route, not an Ollama one (bench.py slows a node half-way through a run with it).
 
 Run:
@@ -1193,7 +1194,8 @@ class FakeOllama:
                  ("DELETE", "/api/delete"): self._serve_delete,
                  ("POST", "/api/copy"): self._serve_copy,
                  ("GET", "/v1/models"): self._serve_openai_models,
-                 ("POST", "/_fake/config"): self._serve_config}
+                 ("POST", "/_fake/config"): self._serve_config,
+                 ("GET", "/_fake/config"): self._serve_config}
         for path in INFERENCE:
             table[("POST", path)] = self._serve_inference
         return table
@@ -1346,7 +1348,13 @@ class FakeOllama:
         await ex.send_json(200, openai_model(self.models[found], name))
 
     async def _serve_config(self, ex):
-        """The test-only control route (not Ollama's): speed, saturation, fault."""
+        """The test-only control route (not Ollama's): speed, saturation, fault; GET
+        shows them with the counters a benchmark reads (answers, loads, evictions)."""
+        if ex.method == "GET":
+            return await ex.send_json(200, {
+                "speed": self.speed, "saturation": self.saturation, "fault": self.fault,
+                "completed": self.completed, "load_count": self.load_count,
+                "evictions": self.evictions})
         body, error = ex.decoded
         if error or not isinstance(body, dict):
             raise Refusal(400, "a JSON object of speed, saturation, fault")
