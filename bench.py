@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""bench.py: what the Herd router costs, measured against direct-to-Ollama in one run.
+"""bench.py: what the Herd router costs, measured against direct-to-Ollama in one run;
+with --routing, how well it routes, against other routers on an emulated fleet.
 
 It starts fake_ollama.py (16 parallel slots) with herd.py serving it as its local node,
 sends the same requests to the fake directly and through the router, alternating, from
@@ -36,6 +37,44 @@ Run:   python bench.py                   (about 3 min on 2 cores)
        python bench.py --json out.json   (also writes every number, and each target met
                                           or not, as JSON)
 
+The routing benchmark (--routing) measures where requests go rather than what the relay
+costs. Three emulated machines, each a network namespace of its own on one bridge (so
+root and `ip`; without them loopback aliases 127.0.0.2-4, and no ollama-herd), run
+fake_ollama.py on port 11434 with its contention model:
+
+    desktop  speed 1    4 slots  saturation 3  room for 3 models  loads in 1 s
+    mid      speed 0.5  2 slots  saturation 2  room for 2 models  loads in 1.5 s
+    laptop   speed 0.3  2 slots  saturation 2  room for 1 model   loads in 2 s, and
+             becomes 4x slower half-way through each run (POST /_fake/config)
+
+A token takes 10 ms / speed, a prompt token no slot has cached 2 ms / speed; answers are
+16-96 tokens (drawn per prompt). Capacity, decode-bound, is
+    sum(speed x saturation) / (10 ms x mean answer of 56 tokens) = 4.6 / 0.56 s = 8.2 req/s.
+Sessions arrive as a Poisson process at 50 % and 80 % of it; 35 % are three-turn
+conversations (each turn repeats the ones before and their answers); the model mix is
+60 % qwen2.5:0.5b, 30 % llama3.2:3b, 10 % qwen2.5:7b (not on the laptop). Each request
+is a streamed /api/chat on a connection of its own, timed from when it was due to its
+first content chunk (TTFT) and to its end; one that fails or passes the timeout is
+counted as failed. The routers, each on a fresh fleet with a fresh data folder, given
+the same warm-up and the same seeded requests:
+
+    herd               herd.py and one herd_node.py per machine, told its slots
+    herd-learning-off  the same with FLEET_LEARNING=false
+    round-robin        bench.py --baseline-proxy rr: in turn among the nodes whose
+                       /api/tags list the model
+    least-connections  bench.py --baseline-proxy lc: of those, the one with the fewest
+                       requests in flight through the proxy
+    ollama-herd        ollama-herd 0.11.4 from PyPI, in a venv made once under
+                       ~/.cache/herd-bench, its agents told the slots by
+                       OLLAMA_NUM_PARALLEL (it reads them from its own environment)
+
+It prints, per load, latency and TTFT (mean, p50, p95, p99) overall and after the
+slowdown, the p99 after / before, follow-up turns' TTFT, the loads the routing caused
+and the slowed machine's share, with xN against Herd; then Herd's targets.
+
+Run:   python bench.py --routing         (about 13 min on 2 cores)
+       python bench.py --routing --quick (about 4 min; few requests, a smoke test)
+
 docs/benchmarks.md shows full runs and explains each row.
 """
 
@@ -49,6 +88,7 @@ import json
 import os
 import platform
 import random
+import re
 import select
 import shutil
 import signal
@@ -127,6 +167,70 @@ PLANS = {
                  keyed_c1_requests=250, keyed_c16_per_worker=25, heartbeats=300,
                  chaos_seconds=15),
 }
+
+# The routing benchmark (--routing): the emulated machines (fake_ollama.py's contention
+# model), the workload, the routers and Herd's targets.
+
+
+@dataclasses.dataclass(frozen=True)
+class Machine:
+    """One emulated machine: its fake Ollama's figures (see fake_ollama.py)."""
+
+    name: str
+    speed: float  # a token takes CHUNK_DELAY / speed
+    slots: int  # OLLAMA_NUM_PARALLEL
+    saturation: int  # streams decoding at once beyond which its tokens/s is flat
+    max_loaded: int  # OLLAMA_MAX_LOADED_MODELS
+    load_delay: float  # seconds to load a model
+    models: tuple  # on disk
+
+
+SMALL, MID, LARGE = "qwen2.5:0.5b", "llama3.2:3b", "qwen2.5:7b"
+MODEL_MIX = ((SMALL, 0.6), (MID, 0.3), (LARGE, 0.1))
+MACHINES = (
+    Machine("desktop", speed=1.0, slots=4, saturation=3, max_loaded=3, load_delay=1.0,
+            models=(SMALL, MID, LARGE)),
+    Machine("mid", speed=0.5, slots=2, saturation=2, max_loaded=2, load_delay=1.5,
+            models=(SMALL, MID, LARGE)),
+    Machine("laptop", speed=0.3, slots=2, saturation=2, max_loaded=1, load_delay=2.0,
+            models=(SMALL, MID)),
+)
+SLOWED = "laptop"  # becomes SLOWDOWN times slower half-way through each run
+# Agents join one by one, the slowest machine first: a router that breaks ties by the
+# order nodes joined starts on the laptop, and has to find its own way off it.
+JOIN_ORDER = (2, 1, 0)
+SLOWDOWN = 4.0
+CHUNK_DELAY = 0.01  # seconds a token at speed 1: 100 tokens/s per stream
+PROMPT_DELAY = 0.002  # seconds per prompt token no slot has cached, at speed 1
+TOKENS_RANGE = (16, 96)  # answer lengths, drawn per prompt
+OLLAMA_PORT = 11434
+CONVERSATION_SHARE = 0.35  # of sessions; the others send one request
+CONVERSATION_TURNS = 3
+TURN_GAP_S = (3.0, 5.0)  # a conversation's next turn is due this long after the last
+MIN_THINK_S = 0.5  # and never sooner than this after its answer arrived
+HERD_SETTINGS = {"FLEET_MDNS": "false", "FLEET_LOCAL_NODE": "false",
+                 "FLEET_SHUTDOWN_GRACE": "2", "FLEET_CONSOLE_LOG_LEVEL": "WARNING",
+                 # one client address stands in for all the users
+                 "FLEET_MAX_CONNECTIONS_PER_CLIENT": "1024", "FLEET_MAX_CONNECTIONS": "1024"}
+OLLAMA_HERD = "ollama-herd==0.11.4"
+OLLAMA_HERD_VENV = os.path.expanduser("~/.cache/herd-bench/ollama-herd-0.11.4")
+OLLAMA_HERD_MDNS = "_herdbench._tcp.local."  # not the real herd's service type
+ROUTERS = ("herd", "herd-learning-off", "round-robin", "least-connections", "ollama-herd")
+# Targets for Herd: p95 latency this far below each router's, at both loads.
+P95_BELOW = {"least-connections": 0.30, "herd-learning-off": 0.15, "ollama-herd": 0.20}
+MAX_P99_AFTER_OVER_BEFORE = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingPlan:
+    requests: int  # per load level, every turn counted
+    timeout: float  # seconds a request may take before it counts as failed
+    loads: tuple = (0.5, 0.8)  # shares of fleet_capacity()
+
+
+ROUTING_PLANS = {"quick": RoutingPlan(requests=30, timeout=20),
+                 "full": RoutingPlan(requests=200, timeout=60)}
+
 
 ####################################################################################
 # Processes: fakes, routers and agents on free ports, always stopped
@@ -930,68 +1034,11 @@ def print_report(r):
 # router dials localhost:<port> for every node whose heartbeats come from loopback).
 
 
-@dataclasses.dataclass(frozen=True)
-class Machine:
-    """One emulated machine: its fake Ollama's figures (see fake_ollama.py)."""
-
-    name: str
-    speed: float  # a token takes CHUNK_DELAY / speed
-    slots: int  # OLLAMA_NUM_PARALLEL
-    saturation: int  # streams decoding at once beyond which its tokens/s is flat
-    max_loaded: int  # OLLAMA_MAX_LOADED_MODELS
-    load_delay: float  # seconds to load a model
-    models: tuple  # on disk
-
-
-SMALL, MID, LARGE = "qwen2.5:0.5b", "llama3.2:3b", "qwen2.5:7b"
-MODEL_MIX = ((SMALL, 0.6), (MID, 0.3), (LARGE, 0.1))
-MACHINES = (
-    Machine("desktop", speed=1.0, slots=4, saturation=3, max_loaded=3, load_delay=1.0,
-            models=(SMALL, MID, LARGE)),
-    Machine("mid", speed=0.5, slots=2, saturation=2, max_loaded=2, load_delay=1.5,
-            models=(SMALL, MID, LARGE)),
-    Machine("laptop", speed=0.3, slots=2, saturation=2, max_loaded=1, load_delay=2.0,
-            models=(SMALL, MID)),
-)
-SLOWED = "laptop"  # becomes SLOWDOWN times slower half-way through each run
-SLOWDOWN = 4.0
-CHUNK_DELAY = 0.01  # seconds a token at speed 1: 100 tokens/s per stream
-PROMPT_DELAY = 0.002  # seconds per prompt token no slot has cached, at speed 1
-TOKENS_RANGE = (16, 96)  # answer lengths, drawn per prompt
-OLLAMA_PORT = 11434
-CONVERSATION_SHARE = 0.35  # of sessions; the others send one request
-CONVERSATION_TURNS = 3
-TURN_GAP_S = (3.0, 5.0)  # a conversation's next turn is due this long after the last
-MIN_THINK_S = 0.5  # and never sooner than this after its answer arrived
-HERD_SETTINGS = {"FLEET_MDNS": "false", "FLEET_LOCAL_NODE": "false",
-                 "FLEET_SHUTDOWN_GRACE": "2", "FLEET_CONSOLE_LOG_LEVEL": "WARNING",
-                 # one client address stands in for all the users
-                 "FLEET_MAX_CONNECTIONS_PER_CLIENT": "1024", "FLEET_MAX_CONNECTIONS": "1024"}
-OLLAMA_HERD = "ollama-herd==0.11.4"
-OLLAMA_HERD_VENV = os.path.expanduser("~/.cache/herd-bench/ollama-herd-0.11.4")
-OLLAMA_HERD_MDNS = "_herdbench._tcp.local."  # not the real herd's service type
-ROUTERS = ("herd", "herd-learning-off", "round-robin", "least-connections", "ollama-herd")
-# Targets for Herd: p95 latency this far below each router's, at both loads.
-P95_BELOW = {"least-connections": 0.30, "herd-learning-off": 0.15, "ollama-herd": 0.20}
-MAX_P99_AFTER_OVER_BEFORE = 2.0
-
-
 def fleet_capacity(machines=MACHINES):
     """Requests/s the fleet sustains, decode-bound: each machine writes speed x
     saturation / CHUNK_DELAY tokens/s at most, an answer is TOKENS_RANGE's mean long."""
     tokens_per_s = sum(m.speed * m.saturation / CHUNK_DELAY for m in machines)
     return tokens_per_s / (sum(TOKENS_RANGE) / 2)
-
-
-@dataclasses.dataclass(frozen=True)
-class RoutingPlan:
-    requests: int  # per load level, every turn counted
-    timeout: float  # seconds a request may take before it counts as failed
-    loads: tuple = (0.5, 0.8)  # shares of fleet_capacity()
-
-
-ROUTING_PLANS = {"quick": RoutingPlan(requests=30, timeout=20),
-                 "full": RoutingPlan(requests=200, timeout=60)}
 
 
 def run_ip(*args):
@@ -1003,23 +1050,24 @@ class Network:
 
     def __init__(self, exits):
         self.namespaces = os.geteuid() == 0 and shutil.which("ip") is not None
-        tag = os.getpid() % 100_000
-        self.subnet = f"10.213.{tag % 200 + 20}"
-        self.bridge, self._tag = f"hbbr{tag}", tag
+        self._pid = os.getpid()
+        self.bridge = f"hbbr{self._pid}"
         if self.namespaces:
+            remove_stale_networks()
+            self.subnet = free_subnet(self._pid)
             exits.callback(self._remove)
             self._create()
         self.router_host = f"{self.subnet}.1" if self.namespaces else "127.0.0.1"
 
     def namespace(self, i):
-        return f"herd-bench-{self._tag}-{i}"
+        return f"herd-bench-{self._pid}-{i}"
 
     def _create(self):
         run_ip("link", "add", self.bridge, "type", "bridge")
         run_ip("addr", "add", f"{self.subnet}.1/24", "dev", self.bridge)
         run_ip("link", "set", self.bridge, "up")
         for i in range(len(MACHINES)):
-            ns, veth = self.namespace(i), f"hb{self._tag}v{i}"
+            ns, veth = self.namespace(i), f"hb{self._pid}v{i}"
             run_ip("netns", "add", ns)
             run_ip("link", "add", veth, "type", "veth", "peer", "name", f"{veth}p")
             run_ip("link", "set", f"{veth}p", "netns", ns)
@@ -1048,6 +1096,25 @@ class Network:
         with socket.socket() as s:
             s.bind((self.router_host, 0))
             return s.getsockname()[1]
+
+
+def remove_stale_networks():
+    """Namespaces and bridges a bench.py killed with SIGKILL left behind."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    for namespace, pid in re.findall(r"^(herd-bench-(\d+)-\d+)", listed, re.M):
+        if not os.path.exists(f"/proc/{pid}"):
+            subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+            subprocess.run(["ip", "link", "del", f"hbbr{pid}"], capture_output=True)
+
+
+def free_subnet(seed):
+    """A 10.213.x.0/24 no interface of this machine is on."""
+    used = subprocess.run(["ip", "-4", "-br", "addr"], capture_output=True, text=True).stdout
+    for n in range(200):
+        subnet = f"10.213.{(seed + n) % 200 + 20}"
+        if f"{subnet}." not in used:
+            return subnet
+    raise SystemExit("bench.py: no free 10.213.x.0/24 for the emulated machines")
 
 
 def start_machine(exits, group, workdir, net, i):
@@ -1113,7 +1180,8 @@ def start_herd(exits, group, workdir, net, learning=True):
                                                      for i in range(len(MACHINES)))
     router = start_process(exits, ["herd.py"], env, os.path.join(workdir, "router.log"),
                            group=group)
-    for i, m in enumerate(MACHINES):
+    for joined, i in enumerate(JOIN_ORDER, 1):
+        m = MACHINES[i]
         start_process(exits, ["herd_node.py", "--router-url",
                               f"http://{net.router_host}:{port}",
                               "--ollama-host", f"http://127.0.0.1:{OLLAMA_PORT}"
@@ -1127,15 +1195,17 @@ def start_herd(exits, group, workdir, net, learning=True):
                        "FLEET_CONSOLE_LOG_LEVEL": "WARNING"},
                       os.path.join(workdir, f"agent-{m.name}.log"), prefix=net.prefix(i),
                       group=group)
-    wait_for_fleet(router, workdir, lambda: herd_ready(net.router_host, port))
+        wait_for_fleet(router, workdir,
+                       lambda: herd_ready(net.router_host, port, JOIN_ORDER[:joined]))
     return Front("", net.router_host, port)
 
 
-def herd_ready(host, port):
-    """Every machine online in /fleet/status, with its real slots."""
+def herd_ready(host, port, machines):
+    """Those machines online in /fleet/status, with their real slots."""
     nodes = {n.get("node_id"): n for n in read_json(host, port, "/fleet/status")["nodes"]}
-    return all(nodes.get(m.name, {}).get("status") == "online"
-               and nodes[m.name].get("num_parallel") == m.slots for m in MACHINES)
+    return all(nodes.get(MACHINES[i].name, {}).get("status") == "online"
+               and nodes[MACHINES[i].name].get("num_parallel") == MACHINES[i].slots
+               for i in machines)
 
 
 def start_baseline(exits, group, workdir, net, policy):
@@ -1190,7 +1260,8 @@ def start_ollama_herd(exits, group, workdir, net, bin_dir):
                            {**base, "FLEET_HOST": net.router_host, "FLEET_PORT": str(port),
                             "FLEET_DATA_DIR": os.path.join(workdir, "data")},
                            os.path.join(workdir, "router.log"), group=group)
-    for i, m in enumerate(MACHINES):
+    for joined, i in enumerate(JOIN_ORDER, 1):
+        m = MACHINES[i]
         start_command(exits, [*net.prefix(i), os.path.join(bin_dir, "herd-node"),
                               "--node-id", m.name, "--log-level", "warning",
                               "--ollama-host", f"http://127.0.0.1:{OLLAMA_PORT}",
@@ -1198,15 +1269,17 @@ def start_ollama_herd(exits, group, workdir, net, bin_dir):
                       {**base, **agent_environment(m), "FLEET_NODE_HEARTBEAT_INTERVAL": "1",
                        "FLEET_NODE_DATA_DIR": os.path.join(workdir, f"agent-{m.name}")},
                       os.path.join(workdir, f"agent-{m.name}.log"), group=group)
-    wait_for_fleet(router, workdir, lambda: ollama_herd_ready(net.router_host, port))
+        wait_for_fleet(router, workdir, lambda: ollama_herd_ready(
+            net.router_host, port, JOIN_ORDER[:joined]))
     return Front("", net.router_host, port)
 
 
-def ollama_herd_ready(host, port):
+def ollama_herd_ready(host, port, machines):
     nodes = {n.get("node_id"): n for n in read_json(host, port, "/fleet/status")["nodes"]}
-    return all(nodes.get(m.name, {}).get("status") == "online"
-               and nodes[m.name].get("ollama", {}).get("num_parallel") == m.slots
-               and nodes[m.name]["ollama"].get("models_available") for m in MACHINES)
+    return all(nodes.get(MACHINES[i].name, {}).get("status") == "online"
+               and nodes[MACHINES[i].name].get("ollama", {}).get("num_parallel")
+               == MACHINES[i].slots and nodes[MACHINES[i].name]["ollama"].get(
+                   "models_available") for i in machines)
 
 
 def read_json(host, port, path):

@@ -22,8 +22,9 @@ The contention model (for the routing benchmark; every figure can change while i
                    runner keeps the last num_parallel token sequences (a generate's system
                    and prompt, or a chat's messages as role and words, then the answer);
                    a chat's next turn, which repeats them, pays for its new message only
-    vary_tokens    (lo, hi): with no num_predict / max_tokens, an answer's length is drawn
-                   in lo..hi by an RNG seeded with the prompt (same prompt, same length)
+    vary_tokens    (lo, hi): an answer's natural length is drawn in lo..hi by an RNG
+                   seeded with the prompt (same prompt, same length); num_predict or
+                   max_tokens below it cut it short, as ever
 The final chunk's metrics are the times really spent: load_duration until the runner
 was ready (a wait for a slot shows in total_duration only, as in Ollama),
 prompt_eval_duration the prompt evaluation, eval_duration the decoding; prompt_eval_count
@@ -1456,13 +1457,11 @@ class FakeOllama:
         return value
 
     def _limit(self, ask, limit):
-        """Tokens to generate: `chunks` (or a length drawn from `vary_tokens` when the
-        client sets no limit), fewer when num_predict / max_tokens says so."""
-        ask.tokens = self.chunks
-        limited = isinstance(limit, int) and not isinstance(limit, bool) and limit > 0
-        if self.vary_tokens and not limited:
-            ask.tokens = drawn_length(ask.words, *self.vary_tokens)
-        if limited and limit < self.chunks:
+        """Tokens to generate: `chunks`, or a length drawn from `vary_tokens` (where the
+        model would stop by itself); fewer when num_predict / max_tokens says so."""
+        ask.tokens = drawn_length(ask.words, *self.vary_tokens) if self.vary_tokens \
+            else self.chunks
+        if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < ask.tokens:
             ask.tokens, ask.reason = limit, "length"
 
     def _read_native_generation(self, body, ask):

@@ -3636,6 +3636,9 @@ def test_fake_speed_stretches_decoding_and_is_set_through_its_control_route(h):
     assert http(fake.url, "POST", "/_fake/config", {"speed": 0})[0] == 400
     assert http(fake.url, "POST", "/_fake/config", {"fault": "http500"})[0] == 200
     assert fake.fault == "http500" and fake.speed == 0.5
+    shown = json.loads(http(fake.url, "GET", "/_fake/config")[2])
+    assert shown == {"speed": 0.5, "saturation": None, "fault": "http500", "completed": 2,
+                     "load_count": 1, "evictions": 0}
 
 
 def test_fake_max_loaded_evicts_an_idle_runner_and_waits_for_a_busy_one(h):
@@ -3682,3 +3685,5 @@ def test_fake_answer_lengths_vary_by_prompt_and_repeat_for_the_same_one(h):
     assert len(set(lengths)) > 3
     capped = fake_answers(fake, [{**asks[0], "options": {"num_predict": 2}}])[0]
     assert capped["eval_count"] == 2 and capped["done_reason"] == "length"
+    roomy = fake_answers(fake, [{**asks[0], "options": {"num_predict": 1000}}])[0]
+    assert roomy["eval_count"] == lengths[0] and roomy["done_reason"] == "stop"
