@@ -1821,6 +1821,24 @@ def run_one(name, workdir, net, sessions, plan, ollama_herd):
     return out
 
 
+def choose_routers(net, results):
+    """The routers this machine can run, and ollama-herd's bin folder (or None); what
+    is left out, or not what its name says, goes into the results' notes."""
+    routers = list(ROUTERS)
+    ollama_herd, why = (None, "its router dials localhost:<port> for every node whose "
+                        "heartbeats come from loopback, so it needs the network "
+                        "namespaces, and they need root") if not net.namespaces \
+        else ollama_herd_bin(sys.stderr)
+    if ollama_herd is None:
+        routers.remove("ollama-herd")
+        results["skipped"]["ollama-herd"] = why
+        results["notes"].append(f"ollama-herd left out: {why}")
+    if not herd_has_setting("FLEET_LEARNING"):
+        results["notes"].append("this herd.py has no FLEET_LEARNING setting yet: the "
+                                "herd-learning-off row runs the same router as herd")
+    return routers, ollama_herd
+
+
 def run_routing(workdir, plan):
     """Every router at each load level (the order reversed at the second level)."""
     capacity = fleet_capacity()
@@ -1831,18 +1849,7 @@ def run_routing(workdir, plan):
     started = time.monotonic()
     with contextlib.ExitStack() as exits:
         net = Network(exits)
-        routers = list(ROUTERS)
-        ollama_herd, why = (None, "its router dials localhost:<port> for every node whose "
-                            "heartbeats come from loopback, so it needs the network "
-                            "namespaces, and they need root") if not net.namespaces \
-            else ollama_herd_bin(sys.stderr)
-        if ollama_herd is None:
-            routers.remove("ollama-herd")
-            results["skipped"]["ollama-herd"] = why
-            results["notes"].append(f"ollama-herd left out: {why}")
-        if not herd_has_setting("FLEET_LEARNING"):
-            results["notes"].append("this herd.py has no FLEET_LEARNING setting yet: the "
-                                    "herd-learning-off row runs the same router as herd")
+        routers, ollama_herd = choose_routers(net, results)
         for n, load in enumerate(plan.loads):
             level = f"{load:.0%}"
             rate = results["rates"][level] = load * capacity

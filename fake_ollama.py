@@ -1893,19 +1893,23 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.speed <= 0 or (args.saturation or 1) < 1 or (args.max_loaded or 1) < 1:
         parser.error("--speed must be above 0, --saturation and --max-loaded at least 1")
-    args.vary_tokens = None
-    if args.tokens_range:
-        lo, _, hi = args.tokens_range.partition(",")
-        if not (lo.strip().isdigit() and hi.strip().isdigit() and 0 < int(lo) <= int(hi)):
-            parser.error(f"--tokens-range wants LO,HI with 0 < LO <= HI, not "
-                         f"{args.tokens_range!r}")
-        args.vary_tokens = (int(lo), int(hi))
+    args.vary_tokens = parse_tokens_range(parser, args.tokens_range)
     if args.num_parallel is None:
         env = os.environ.get("OLLAMA_NUM_PARALLEL", "").strip() or "1"
         if not env.isdigit() or int(env) < 1:
             parser.error(f"OLLAMA_NUM_PARALLEL must be a positive integer, not {env!r}")
         args.num_parallel = int(env)
     return args
+
+
+def parse_tokens_range(parser, text):
+    """--tokens-range LO,HI as a (lo, hi) pair; None when not given."""
+    if not text:
+        return None
+    lo, _, hi = text.partition(",")
+    if not (lo.strip().isdigit() and hi.strip().isdigit() and 0 < int(lo) <= int(hi)):
+        parser.error(f"--tokens-range wants LO,HI with 0 < LO <= HI, not {text!r}")
+    return int(lo), int(hi)
 
 
 async def serve(args):
