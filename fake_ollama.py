@@ -1050,6 +1050,7 @@ class FakeOllama:
         self._room_open = asyncio.Event()   # cleared while they wait: arrivals queue
         self._room_open.set()
         self._released = []                 # futures of the loads waiting for room
+        self._loading = set()               # models loading, room made for them
         self.version, self.embedding_dim, self.host_guard = version, embedding_dim, host_guard
         self.fault, self.die_after = None, 2
         self.requests = []
@@ -1613,6 +1614,7 @@ class FakeOllama:
                 self._drop(model)
             else:
                 await self._make_room(model)
+            self._loading.add(model)
             if self.load_delay:
                 await asyncio.sleep(self.load_delay)
             disk = self.models.get(model) or describe_model(model)
@@ -1625,6 +1627,7 @@ class FakeOllama:
                 "expires_at": expiry_time(runner.keep_alive), "context_length": num_ctx}
         finally:
             runner.load_task = None
+            self._loading.discard(model)
             self._wake_room_waiters()
 
     # -- inference: room for runners (OLLAMA_MAX_LOADED_MODELS) --------------------
@@ -1634,13 +1637,13 @@ class FakeOllama:
     # requests behind that load wait with it (it takes pending requests in order).
 
     def _occupants(self, model):
-        """Runners loaded or loading, besides `model`'s own."""
-        return {m for m, r in self._runners.items()
-                if m != model and (m in self.loaded or r.load_task is not None)}
+        """Runners loaded, or loading past their wait for room, besides `model`'s own (two
+        loads waiting for room must not wait for each other)."""
+        return (set(self.loaded) | self._loading) - {model}
 
     def _idle_victim(self, model):
         """The least recently used loaded runner nobody is using, or None."""
-        idle = [m for m in self._occupants(model) if m in self.loaded
+        idle = [m for m in self._occupants(model) if m not in self._loading
                 and not self._runners[m].users and self._runners[m].load_task is None]
         return min(idle, key=lambda m: self._runners[m].last_used, default=None)
 

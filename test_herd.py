@@ -3657,6 +3657,23 @@ def test_fake_max_loaded_evicts_an_idle_runner_and_waits_for_a_busy_one(h):
     assert [d[0] for d in done] == ["b"]  # b finished before a could load
     assert list(fake.loaded) == ["a:1b"] and fake.evictions == 2
     assert answer["load_duration"] > 0.1e9  # the wait for room is part of the load
+    # Two cold loads in the same instant (the client on the fake's own loop): one waits
+    # for the other's runner, neither for ever.
+    cold = h.fake(models=["a:1b", "b:1b"], chunks=3, max_loaded=1, load_delay=0.05)
+
+    async def both_at_once():
+        async def ask(reader, writer, model):
+            body = json.dumps({"model": model, "prompt": "x", "stream": False}).encode()
+            writer.write(b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: "
+                         b"close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            answer = await reader.read()
+            writer.close()
+            return json.loads(answer.split(b"\r\n\r\n", 1)[1])
+        pairs = [await asyncio.open_connection("127.0.0.1", cold.port) for _ in range(2)]
+        return await asyncio.wait_for(asyncio.gather(
+            *(ask(r, w, m) for (r, w), m in zip(pairs, ("a:1b", "b:1b")))), 5)
+    both = h.bg.run(both_at_once())
+    assert [a["eval_count"] for a in both] == [3, 3] and cold.evictions == 1
 
 
 def test_fake_prompt_cache_makes_a_conversations_next_turn_cheaper(h):
