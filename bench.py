@@ -228,8 +228,8 @@ class RoutingPlan:
     loads: tuple = (0.5, 0.8)  # shares of fleet_capacity()
 
 
-ROUTING_PLANS = {"quick": RoutingPlan(requests=30, timeout=20),
-                 "full": RoutingPlan(requests=200, timeout=60)}
+ROUTING_PLANS = {"quick": RoutingPlan(requests=24, timeout=15),
+                 "full": RoutingPlan(requests=180, timeout=45)}
 
 
 ####################################################################################
