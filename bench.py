@@ -72,8 +72,8 @@ It prints, per load, latency and TTFT (mean, p50, p95, p99) overall and after th
 slowdown, the p99 after / before, follow-up turns' TTFT, the loads the routing caused
 and the slowed machine's share, with xN against Herd; then Herd's targets.
 
-Run:   python bench.py --routing         (about 13 min on 2 cores)
-       python bench.py --routing --quick (about 4 min; few requests, a smoke test)
+Run:   python bench.py --routing         (about 16 min on 2 cores; root for the namespaces)
+       python bench.py --routing --quick (about 5 min; 24 requests a run, a smoke test)
 
 docs/benchmarks.md shows full runs and explains each row.
 """
