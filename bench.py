@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""bench.py: what the Herd router costs, measured against direct-to-Ollama in one run.
+"""bench.py: what the Herd router costs, measured against direct-to-Ollama in one run;
+with --routing, how well it routes, against other routers on an emulated fleet.
 
 It starts fake_ollama.py (16 parallel slots) with herd.py serving it as its local node,
 sends the same requests to the fake directly and through the router, alternating, from
@@ -36,20 +37,63 @@ Run:   python bench.py                   (about 3 min on 2 cores)
        python bench.py --json out.json   (also writes every number, and each target met
                                           or not, as JSON)
 
+The routing benchmark (--routing) measures where requests go rather than what the relay
+costs. Three emulated machines, each a network namespace of its own on one bridge (so
+root and `ip`; without them loopback aliases 127.0.0.2-4, and no ollama-herd), run
+fake_ollama.py on port 11434 with its contention model:
+
+    desktop  speed 1    4 slots  saturation 3  room for 3 models  loads in 1 s
+    mid      speed 0.5  2 slots  saturation 2  room for 2 models  loads in 1.5 s
+    laptop   speed 0.3  2 slots  saturation 2  room for 1 model   loads in 2 s, and
+             becomes 4x slower half-way through each run (POST /_fake/config)
+
+A token takes 10 ms / speed, a prompt token no slot has cached 2 ms / speed; answers are
+16-96 tokens (drawn per prompt). Capacity, decode-bound, is
+    sum(speed x saturation) / (10 ms x mean answer of 56 tokens) = 4.6 / 0.56 s = 8.2 req/s.
+Sessions arrive as a Poisson process at 50 % and 80 % of it; 35 % are three-turn
+conversations (each turn repeats the ones before and their answers); the model mix is
+60 % qwen2.5:0.5b, 30 % llama3.2:3b, 10 % qwen2.5:7b (not on the laptop). Each request
+is a streamed /api/chat on a connection of its own, timed from when it was due to its
+first content chunk (TTFT) and to its end; one that fails or passes the timeout is
+counted as failed. The routers, each on a fresh fleet with a fresh data folder, given
+the same warm-up and the same seeded requests:
+
+    herd               herd.py and one herd_node.py per machine, told its slots
+    herd-learning-off  the same with FLEET_LEARNING=false
+    round-robin        bench.py --baseline-proxy rr: in turn among the nodes whose
+                       /api/tags list the model
+    least-connections  bench.py --baseline-proxy lc: of those, the one with the fewest
+                       requests in flight through the proxy
+    ollama-herd        ollama-herd 0.11.4 from PyPI, in a venv made once under
+                       ~/.cache/herd-bench, its agents told the slots by
+                       OLLAMA_NUM_PARALLEL (it reads them from its own environment)
+
+It prints, per load, latency and TTFT (mean, p50, p95, p99) overall and after the
+slowdown, the p99 after / before, follow-up turns' TTFT, the loads the routing caused
+and the slowed machine's share, with xN against Herd; then Herd's targets.
+
+Run:   python bench.py --routing         (about 16 min on 2 cores; root for the namespaces)
+       python bench.py --routing --quick (about 5 min; 24 requests a run, a smoke test)
+
 docs/benchmarks.md shows full runs and explains each row.
 """
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import gc
 import json
 import os
 import platform
+import random
+import re
 import select
+import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -58,10 +102,12 @@ import time
 import urllib.request
 
 try:
+    import h11
     import psutil
 except ImportError:  # pragma: no cover
-    sys.exit("bench.py needs psutil: pip install psutil")
+    sys.exit("bench.py needs h11 and psutil: pip install h11 psutil")
 
+import fake_ollama
 import herd_common as hc
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -122,6 +168,70 @@ PLANS = {
                  chaos_seconds=15),
 }
 
+# The routing benchmark (--routing): the emulated machines (fake_ollama.py's contention
+# model), the workload, the routers and Herd's targets.
+
+
+@dataclasses.dataclass(frozen=True)
+class Machine:
+    """One emulated machine: its fake Ollama's figures (see fake_ollama.py)."""
+
+    name: str
+    speed: float  # a token takes CHUNK_DELAY / speed
+    slots: int  # OLLAMA_NUM_PARALLEL
+    saturation: int  # streams decoding at once beyond which its tokens/s is flat
+    max_loaded: int  # OLLAMA_MAX_LOADED_MODELS
+    load_delay: float  # seconds to load a model
+    models: tuple  # on disk
+
+
+SMALL, MID, LARGE = "qwen2.5:0.5b", "llama3.2:3b", "qwen2.5:7b"
+MODEL_MIX = ((SMALL, 0.6), (MID, 0.3), (LARGE, 0.1))
+MACHINES = (
+    Machine("desktop", speed=1.0, slots=4, saturation=3, max_loaded=3, load_delay=1.0,
+            models=(SMALL, MID, LARGE)),
+    Machine("mid", speed=0.5, slots=2, saturation=2, max_loaded=2, load_delay=1.5,
+            models=(SMALL, MID, LARGE)),
+    Machine("laptop", speed=0.3, slots=2, saturation=2, max_loaded=1, load_delay=2.0,
+            models=(SMALL, MID)),
+)
+SLOWED = "laptop"  # becomes SLOWDOWN times slower half-way through each run
+# Agents join one by one, the slowest machine first: a router that breaks ties by the
+# order nodes joined starts on the laptop, and has to find its own way off it.
+JOIN_ORDER = (2, 1, 0)
+SLOWDOWN = 4.0
+CHUNK_DELAY = 0.01  # seconds a token at speed 1: 100 tokens/s per stream
+PROMPT_DELAY = 0.002  # seconds per prompt token no slot has cached, at speed 1
+TOKENS_RANGE = (16, 96)  # answer lengths, drawn per prompt
+OLLAMA_PORT = 11434
+CONVERSATION_SHARE = 0.35  # of sessions; the others send one request
+CONVERSATION_TURNS = 3
+TURN_GAP_S = (3.0, 5.0)  # a conversation's next turn is due this long after the last
+MIN_THINK_S = 0.5  # and never sooner than this after its answer arrived
+HERD_SETTINGS = {"FLEET_MDNS": "false", "FLEET_LOCAL_NODE": "false",
+                 "FLEET_SHUTDOWN_GRACE": "2", "FLEET_CONSOLE_LOG_LEVEL": "WARNING",
+                 # one client address stands in for all the users
+                 "FLEET_MAX_CONNECTIONS_PER_CLIENT": "1024", "FLEET_MAX_CONNECTIONS": "1024"}
+OLLAMA_HERD = "ollama-herd==0.11.4"
+OLLAMA_HERD_VENV = os.path.expanduser("~/.cache/herd-bench/ollama-herd-0.11.4")
+OLLAMA_HERD_MDNS = "_herdbench._tcp.local."  # not the real herd's service type
+ROUTERS = ("herd", "herd-learning-off", "round-robin", "least-connections", "ollama-herd")
+# Targets for Herd: p95 latency this far below each router's, at both loads.
+P95_BELOW = {"least-connections": 0.30, "herd-learning-off": 0.15, "ollama-herd": 0.20}
+MAX_P99_AFTER_OVER_BEFORE = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingPlan:
+    requests: int  # per load level, every turn counted
+    timeout: float  # seconds a request may take before it counts as failed
+    loads: tuple = (0.5, 0.8)  # shares of fleet_capacity()
+
+
+ROUTING_PLANS = {"quick": RoutingPlan(requests=24, timeout=15),
+                 "full": RoutingPlan(requests=180, timeout=45)}
+
+
 ####################################################################################
 # Processes: fakes, routers and agents on free ports, always stopped
 ####################################################################################
@@ -143,30 +253,48 @@ def die_with_parent():
         pass
 
 
-def start_process(exits, argv, env, log_path, stdout=None):
-    """Popen a Python script from this folder; `exits` stops it (terminate, wait)."""
+def start_command(exits, command, env, log_path, stdout=None, group=None):
+    """Popen a command from this folder; `exits` stops it (terminate, wait), or, given
+    a `group` list, it joins the group, which its owner stops all at once."""
     log = open(log_path, "ab")
     exits.callback(log.close)
     # Its own session: Ctrl-C reaches bench.py alone, which stops the processes in order
     # (a fake that got the SIGINT too would hang up on a request first).
-    proc = subprocess.Popen([sys.executable, *argv], cwd=HERE, env={**os.environ, **env},
+    proc = subprocess.Popen(command, cwd=HERE, env={**os.environ, **env},
                             stdout=stdout or log, stderr=log, stdin=subprocess.DEVNULL,
                             start_new_session=True,
                             preexec_fn=die_with_parent if sys.platform == "linux" else None)
-    exits.callback(stop_process, proc)
+    if group is None:
+        exits.callback(stop_process, proc)
+    else:
+        group.append(proc)
     return proc
 
 
+def start_process(exits, argv, env, log_path, stdout=None, prefix=(), group=None):
+    """A Python script from this folder (after `prefix`, e.g. `ip netns exec NAME`)."""
+    return start_command(exits, [*prefix, sys.executable, *argv], env, log_path, stdout,
+                         group)
+
+
 def stop_process(proc):
-    if proc.poll() is None:
-        proc.terminate()
+    stop_processes([proc])
+
+
+def stop_processes(procs):
+    """SIGTERM to all, then wait for each (SIGKILL after 10 s): agents that drain on
+    SIGTERM do it side by side, not one after another."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    if proc.stdout:
-        proc.stdout.close()
+        if proc.stdout:
+            proc.stdout.close()
 
 
 def start_fake(exits, workdir, chunks, chunk_delay=0.0, port=0):
@@ -896,6 +1024,849 @@ def print_report(r):
 
 
 ####################################################################################
+# Routing benchmark: the emulated fleet
+####################################################################################
+#
+# Three machines, each a network namespace of its own on one bridge (root, Linux), with
+# a fake Ollama on port 11434 and, when the router under test has one, its node agent:
+# every router sees three hosts at three addresses, as on a LAN. Without root the
+# machines are the loopback aliases 127.0.0.2-4 (ollama-herd is then left out: its
+# router dials localhost:<port> for every node whose heartbeats come from loopback).
+
+
+def fleet_capacity(machines=MACHINES):
+    """Requests/s the fleet sustains, decode-bound: each machine writes speed x
+    saturation / CHUNK_DELAY tokens/s at most, an answer is TOKENS_RANGE's mean long."""
+    tokens_per_s = sum(m.speed * m.saturation / CHUNK_DELAY for m in machines)
+    return tokens_per_s / (sum(TOKENS_RANGE) / 2)
+
+
+def run_ip(*args):
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+
+class Network:
+    """Where the machines live: network namespaces on a bridge, or loopback aliases."""
+
+    def __init__(self, exits):
+        self.namespaces = os.geteuid() == 0 and shutil.which("ip") is not None
+        self._pid = os.getpid()
+        self.bridge = f"hbbr{self._pid}"
+        if self.namespaces:
+            remove_stale_networks()
+            self.subnet = free_subnet(self._pid)
+            exits.callback(self._remove)
+            self._create()
+        self.router_host = f"{self.subnet}.1" if self.namespaces else "127.0.0.1"
+
+    def namespace(self, i):
+        return f"herd-bench-{self._pid}-{i}"
+
+    def _create(self):
+        run_ip("link", "add", self.bridge, "type", "bridge")
+        run_ip("addr", "add", f"{self.subnet}.1/24", "dev", self.bridge)
+        run_ip("link", "set", self.bridge, "up")
+        for i in range(len(MACHINES)):
+            ns, veth = self.namespace(i), f"hb{self._pid}v{i}"
+            run_ip("netns", "add", ns)
+            run_ip("link", "add", veth, "type", "veth", "peer", "name", f"{veth}p")
+            run_ip("link", "set", f"{veth}p", "netns", ns)
+            run_ip("link", "set", veth, "master", self.bridge, "up")
+            run_ip("-n", ns, "addr", "add", f"{self.subnet}.{i + 2}/24", "dev", f"{veth}p")
+            run_ip("-n", ns, "link", "set", f"{veth}p", "up")
+            run_ip("-n", ns, "link", "set", "lo", "up")
+            run_ip("-n", ns, "route", "add", "default", "via", f"{self.subnet}.1")
+
+    def _remove(self):
+        for i in range(len(MACHINES)):
+            subprocess.run(["ip", "netns", "del", self.namespace(i)], capture_output=True)
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+
+    def address(self, i):
+        return f"{self.subnet}.{i + 2}" if self.namespaces else f"127.0.0.{i + 2}"
+
+    def ollama_url(self, i):
+        return f"http://{self.address(i)}:{OLLAMA_PORT}"
+
+    def prefix(self, i):
+        """What runs a command on machine i."""
+        return ("ip", "netns", "exec", self.namespace(i)) if self.namespaces else ()
+
+    def free_port(self):
+        with socket.socket() as s:
+            s.bind((self.router_host, 0))
+            return s.getsockname()[1]
+
+
+def remove_stale_networks():
+    """Namespaces and bridges a bench.py killed with SIGKILL left behind."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    for namespace, pid in re.findall(r"^(herd-bench-(\d+)-\d+)", listed, re.M):
+        if not os.path.exists(f"/proc/{pid}"):
+            subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+            subprocess.run(["ip", "link", "del", f"hbbr{pid}"], capture_output=True)
+
+
+def free_subnet(seed):
+    """A 10.213.x.0/24 no interface of this machine is on."""
+    used = subprocess.run(["ip", "-4", "-br", "addr"], capture_output=True, text=True).stdout
+    for n in range(200):
+        subnet = f"10.213.{(seed + n) % 200 + 20}"
+        if f"{subnet}." not in used:
+            return subnet
+    raise SystemExit("bench.py: no free 10.213.x.0/24 for the emulated machines")
+
+
+def start_machine(exits, group, workdir, net, i):
+    """Machine i's fake Ollama; returns once it listens."""
+    m = MACHINES[i]
+    argv = ["fake_ollama.py", "--host", "0.0.0.0" if net.namespaces else net.address(i),
+            "--port", str(OLLAMA_PORT), "--models", ",".join(m.models),
+            "--num-parallel", str(m.slots), "--chunk-delay", str(CHUNK_DELAY),
+            "--load-delay", str(m.load_delay), "--speed", str(m.speed),
+            "--saturation", str(m.saturation), "--max-loaded", str(m.max_loaded),
+            "--prompt-delay", str(PROMPT_DELAY), "--tokens-range", "%d,%d" % TOKENS_RANGE]
+    log_path = os.path.join(workdir, f"fake-{m.name}.log")
+    proc = start_process(exits, argv, {"OLLAMA_NUM_PARALLEL": str(m.slots)}, log_path,
+                         stdout=subprocess.PIPE, prefix=net.prefix(i), group=group)
+    ready, _, _ = select.select([proc.stdout], [], [], READY_TIMEOUT)
+    if not ready or "listening on http://" not in proc.stdout.readline().decode():
+        fail_to_start(f"fake_ollama.py ({m.name})", proc, log_path)
+
+
+def fake_state(net, i, change=None):
+    """GET (or, with `change`, POST) machine i's /_fake/config."""
+    data = json.dumps(change).encode() if change else None
+    request = urllib.request.Request(f"{net.ollama_url(i)}/_fake/config", data=data)
+    with urllib.request.urlopen(request, timeout=5) as r:
+        return json.load(r)
+
+
+####################################################################################
+# Routing benchmark: the routers under test, each with a fresh fleet and data folder
+####################################################################################
+
+
+@dataclasses.dataclass
+class Front:
+    """A router under test, ready: where clients send requests."""
+
+    name: str
+    host: str
+    port: int
+
+
+def agent_environment(m):
+    """What every agent is told of its machine, whichever router it belongs to."""
+    return {"OLLAMA_NUM_PARALLEL": str(m.slots), "OLLAMA_MAX_LOADED_MODELS": str(m.max_loaded)}
+
+
+def herd_has_setting(name):
+    """Whether this herd.py knows a setting (FLEET_LEARNING is being added on main)."""
+    out = subprocess.run([sys.executable, "herd.py", "--help"], cwd=HERE,
+                         capture_output=True, text=True, timeout=30).stdout
+    return name in out
+
+
+def start_herd(exits, group, workdir, net, learning=True):
+    """herd.py with one herd_node.py per machine, each told its machine's slots."""
+    port = net.free_port()
+    env = {**HERD_SETTINGS, "FLEET_HOST": net.router_host, "FLEET_PORT": str(port),
+           "FLEET_DATA_DIR": os.path.join(workdir, "data")}
+    if not learning:
+        env["FLEET_LEARNING"] = "false"
+    if not net.namespaces:  # agents on loopback name an Ollama at another alias
+        env["FLEET_ALLOWED_OLLAMA_HOSTS"] = ",".join(net.address(i)
+                                                     for i in range(len(MACHINES)))
+    router = start_process(exits, ["herd.py"], env, os.path.join(workdir, "router.log"),
+                           group=group)
+    for joined, i in enumerate(JOIN_ORDER, 1):
+        m = MACHINES[i]
+        start_process(exits, ["herd_node.py", "--router-url",
+                              f"http://{net.router_host}:{port}",
+                              "--ollama-host", f"http://127.0.0.1:{OLLAMA_PORT}"
+                              if net.namespaces else net.ollama_url(i)],
+                      {**agent_environment(m), "FLEET_NODE_NODE_ID": m.name,
+                       "FLEET_NODE_OLLAMA_URL": net.ollama_url(i),
+                       "FLEET_NODE_NUM_PARALLEL": str(m.slots),
+                       "FLEET_NODE_HEARTBEAT_INTERVAL": "1",
+                       "FLEET_NODE_DRAIN_TIMEOUT": "2",
+                       "FLEET_NODE_DATA_DIR": os.path.join(workdir, f"agent-{m.name}"),
+                       "FLEET_CONSOLE_LOG_LEVEL": "WARNING"},
+                      os.path.join(workdir, f"agent-{m.name}.log"), prefix=net.prefix(i),
+                      group=group)
+        wait_for_fleet(router, workdir,
+                       lambda: herd_ready(net.router_host, port, JOIN_ORDER[:joined]))
+    return Front("", net.router_host, port)
+
+
+def herd_ready(host, port, machines):
+    """Those machines online in /fleet/status, with their real slots."""
+    nodes = {n.get("node_id"): n for n in read_json(host, port, "/fleet/status")["nodes"]}
+    return all(nodes.get(MACHINES[i].name, {}).get("status") == "online"
+               and nodes[MACHINES[i].name].get("num_parallel") == MACHINES[i].slots
+               for i in machines)
+
+
+def start_baseline(exits, group, workdir, net, policy):
+    """The baseline proxy (round robin or least connections), its own process."""
+    port = net.free_port()
+    urls = ",".join(net.ollama_url(i) for i in range(len(MACHINES)))
+    proc = start_process(exits, ["bench.py", "--baseline-proxy", policy, "--host",
+                                 net.router_host, "--port", str(port), "--nodes", urls], {},
+                         os.path.join(workdir, "router.log"), group=group)
+    wait_for_fleet(proc, workdir, lambda: all(
+        n["models"] for n in read_json(net.router_host, port, "/proxy/status")["nodes"]))
+    return Front("", net.router_host, port)
+
+
+def ollama_herd_bin(log):
+    """The venv holding ollama-herd 0.11.4 (made once, with pip), or why there is none."""
+    python = os.path.join(OLLAMA_HERD_VENV, "bin", "python")
+    check = [python, "-c", "import importlib.metadata as m; print(m.version('ollama-herd'))"]
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        if subprocess.run(check, capture_output=True, text=True,
+                          timeout=60).stdout.strip() == OLLAMA_HERD.split("==")[1]:
+            return os.path.join(OLLAMA_HERD_VENV, "bin"), None
+    print(f"installing {OLLAMA_HERD} into {OLLAMA_HERD_VENV} (once) ...", file=log,
+          flush=True)
+    try:
+        subprocess.run([sys.executable, "-m", "venv", OLLAMA_HERD_VENV], check=True,
+                       capture_output=True, timeout=300)
+        subprocess.run([python, "-m", "pip", "install", "-q", OLLAMA_HERD], check=True,
+                       capture_output=True, timeout=900)
+    except (OSError, subprocess.SubprocessError) as e:
+        tail = getattr(e, "stderr", b"") or b""
+        return None, f"could not install {OLLAMA_HERD}: {e} {tail[-300:].decode(errors='replace')}"
+    return os.path.join(OLLAMA_HERD_VENV, "bin"), None
+
+
+def ollama_herd_environment(workdir):
+    """Its files in the run's folder (it reads ~/.fleet-manager/env and writes there),
+    no telemetry, and an mDNS service type of its own (a real herd may be browsing)."""
+    home = os.path.join(workdir, "home")
+    os.makedirs(home, exist_ok=True)
+    return {"HOME": home, "FLEET_ENV_FILE": os.path.join(workdir, "no-env-file"),
+            "FLEET_NODE_TELEMETRY": "false", "FLEET_MDNS_SERVICE_TYPE": OLLAMA_HERD_MDNS,
+            "FLEET_NODE_MDNS_SERVICE_TYPE": OLLAMA_HERD_MDNS}
+
+
+def start_ollama_herd(exits, group, workdir, net, bin_dir):
+    """ollama-herd's router (`herd`) and one agent (`herd-node`) per machine. Its agent
+    reads OLLAMA_NUM_PARALLEL and OLLAMA_MAX_LOADED_MODELS from its own environment
+    (fleet_manager/node/collector.py) and reports them: that is how it learns the slots."""
+    port, base = net.free_port(), ollama_herd_environment(workdir)
+    router = start_command(exits, [os.path.join(bin_dir, "herd"), "--log-level", "warning"],
+                           {**base, "FLEET_HOST": net.router_host, "FLEET_PORT": str(port),
+                            "FLEET_DATA_DIR": os.path.join(workdir, "data")},
+                           os.path.join(workdir, "router.log"), group=group)
+    for joined, i in enumerate(JOIN_ORDER, 1):
+        m = MACHINES[i]
+        start_command(exits, [*net.prefix(i), os.path.join(bin_dir, "herd-node"),
+                              "--node-id", m.name, "--log-level", "warning",
+                              "--ollama-host", f"http://127.0.0.1:{OLLAMA_PORT}",
+                              "--router-url", f"http://{net.router_host}:{port}"],
+                      {**base, **agent_environment(m), "FLEET_NODE_HEARTBEAT_INTERVAL": "1",
+                       "FLEET_NODE_DATA_DIR": os.path.join(workdir, f"agent-{m.name}")},
+                      os.path.join(workdir, f"agent-{m.name}.log"), group=group)
+        wait_for_fleet(router, workdir, lambda: ollama_herd_ready(
+            net.router_host, port, JOIN_ORDER[:joined]))
+    return Front("", net.router_host, port)
+
+
+def ollama_herd_ready(host, port, machines):
+    nodes = {n.get("node_id"): n for n in read_json(host, port, "/fleet/status")["nodes"]}
+    return all(nodes.get(MACHINES[i].name, {}).get("status") == "online"
+               and nodes[MACHINES[i].name].get("ollama", {}).get("num_parallel")
+               == MACHINES[i].slots and nodes[MACHINES[i].name]["ollama"].get(
+                   "models_available") for i in machines)
+
+
+def read_json(host, port, path):
+    with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=2) as r:
+        return json.load(r)
+
+
+def wait_for_fleet(proc, workdir, ready, timeout=60.0):
+    """Poll the router's own status API until `ready()` says every node is there."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            if ready():
+                return
+        time.sleep(0.1)
+    fail_to_start("the router under test", proc, os.path.join(workdir, "router.log"))
+
+
+def start_front(name, exits, group, workdir, net, ollama_herd):
+    """The router `name` on a fleet of its own, ready to serve."""
+    for i in range(len(MACHINES)):
+        start_machine(exits, group, workdir, net, i)
+    if name in ("herd", "herd-learning-off"):
+        front = start_herd(exits, group, workdir, net, learning=name == "herd")
+    elif name == "ollama-herd":
+        front = start_ollama_herd(exits, group, workdir, net, ollama_herd)
+    else:
+        front = start_baseline(exits, group, workdir, net,
+                               "rr" if name == "round-robin" else "lc")
+    front.name = name
+    return front
+
+
+####################################################################################
+# Routing benchmark: the baseline proxy (bench.py --baseline-proxy rr|lc)
+####################################################################################
+#
+# Theory: one request per connection (the benchmark's client sends Connection: close).
+# Read its head and body, pick a node among those whose /api/tags list the model (in
+# turn, or the one with the fewest requests in flight through this proxy), send the
+# same bytes there and copy the answer back chunk by chunk until the node closes.
+# Nothing smarter: it is the yardstick.
+
+
+class BaselineProxy:
+    """Round robin ("rr") or least connections ("lc") over the nodes' model lists."""
+
+    def __init__(self, policy, node_urls):
+        self.policy, self.nodes = policy, list(node_urls)
+        self.models = {url: set() for url in self.nodes}
+        self.active = dict.fromkeys(self.nodes, 0)
+        self.turn = 0
+
+    async def read_tags(self):
+        """Each node's models on disk (once each node answers)."""
+        for url in self.nodes:
+            while not self.models[url]:
+                try:
+                    tags = await hc.http_json(url, "GET", "/api/tags", timeout=5)
+                    self.models[url] = {hc.canonical_model(m["name"])
+                                        for m in tags["models"]}
+                except (hc.UpstreamError, OSError, KeyError, TypeError, ValueError):
+                    await asyncio.sleep(0.2)
+
+    def choose(self, model):
+        """A node that has the model: the next in turn, or the least busy (ties in turn)."""
+        having = [url for url in self.nodes if model in self.models[url]]
+        if not having:
+            return None
+        self.turn += 1
+        ordered = having[self.turn % len(having):] + having[:self.turn % len(having)]
+        if self.policy == "rr":
+            return ordered[0]
+        return min(ordered, key=lambda url: self.active[url])
+
+    async def serve(self, reader, writer):
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+            body = await reader.readexactly(content_length(head))
+            if head.startswith(b"GET /proxy/status "):
+                return await send_small(writer, 200, {"nodes": [
+                    {"url": url, "models": sorted(self.models[url]),
+                     "active": self.active[url]} for url in self.nodes]})
+            node = self.choose(hc.canonical_model(json.loads(body).get("model", "")))
+            if node is None:
+                return await send_small(writer, 404, {"error": "no node has that model"})
+            await self.relay(node, head + body, writer)
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                TimeoutError, ValueError, AttributeError):
+            return
+        finally:
+            writer.close()
+
+    async def relay(self, node, request, writer):
+        host, port, _ = hc.split_url(node)
+        self.active[node] += 1
+        try:
+            try:
+                up_reader, up_writer = await asyncio.open_connection(host, port)
+            except OSError as e:
+                return await send_small(writer, 502, {"error": f"node {node}: {e}"})
+            set_nodelay(up_writer)
+            set_nodelay(writer)
+            try:
+                up_writer.write(request)
+                await up_writer.drain()
+                while data := await up_reader.read(READ_SIZE):
+                    writer.write(data)
+                    await writer.drain()
+            finally:
+                up_writer.close()
+        finally:
+            self.active[node] -= 1
+
+
+READ_SIZE = 65536
+
+
+def content_length(head):
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
+def set_nodelay(writer):
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def send_small(writer, status, obj):
+    body = json.dumps(obj).encode()
+    writer.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d"
+                 b"\r\nConnection: close\r\n\r\n%s" % (status, b"OK" if status == 200
+                                                       else b"Error", len(body), body))
+    await writer.drain()
+
+
+async def serve_baseline(policy, host, port, node_urls):
+    """Run the proxy until SIGTERM or SIGINT."""
+    proxy = BaselineProxy(policy, node_urls)
+    await proxy.read_tags()
+    connections = set()
+
+    def on_connect(reader, writer):
+        task = asyncio.create_task(proxy.serve(reader, writer), name="baseline connection")
+        connections.add(task)
+        task.add_done_callback(connections.discard)
+    server = await asyncio.start_server(on_connect, host, port, backlog=1024)
+    stopping = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    server.close()
+    for task in list(connections):
+        task.cancel()
+    await asyncio.gather(*connections, return_exceptions=True)
+
+
+####################################################################################
+# Routing benchmark: the workload, open loop
+####################################################################################
+#
+# Sessions arrive as a Poisson process; a session is one request, or a conversation
+# whose next turn carries the messages so far, the answer and a new user message (the
+# fake's answers are deterministic, so every router gets the same requests). Each turn
+# is due at a time fixed in advance, a few seconds after the one before, but never
+# before its previous answer arrived and the user read it: the schedule, from an RNG
+# seeded per load level, is the same for every router unless a router is too slow to
+# keep it. Latency counts from the time a request was due.
+
+
+@dataclasses.dataclass(frozen=True)
+class Session:
+    model: str
+    messages: tuple  # the user's messages, one per turn
+    due: tuple  # when each turn is due, seconds after the start
+
+
+@dataclasses.dataclass
+class Outcome:
+    session: int
+    turn: int
+    model: str
+    start: float  # when it was due (seconds after the run's start): latency counts from it
+    ok: bool = False
+    ttft: float = None  # to the first chunk with content
+    latency: float = None
+    error: str = ""
+
+
+def words(rng, lo, hi):
+    return " ".join(f"t{rng.randrange(5000)}" for _ in range(rng.randint(lo, hi)))
+
+
+def pick_model(rng):
+    x, total = rng.random(), 0.0
+    for model, share in MODEL_MIX:
+        total += share
+        if x < total:
+            return model
+    return MODEL_MIX[-1][0]
+
+
+def build_sessions(requests, rate, seed):
+    """Sessions worth `requests` requests, at `rate` requests/s on average."""
+    rng = random.Random(seed)
+    per_session = 1 + CONVERSATION_SHARE * (CONVERSATION_TURNS - 1)
+    sessions, clock, total = [], 0.0, 0
+    while total < requests:
+        clock += rng.expovariate(rate / per_session)
+        turns = CONVERSATION_TURNS if rng.random() < CONVERSATION_SHARE else 1
+        turns = min(turns, requests - total)
+        due = [clock]
+        for _ in range(turns - 1):
+            due.append(due[-1] + rng.uniform(*TURN_GAP_S))
+        messages = (words(rng, 40, 160), *(words(rng, 8, 30) for _ in range(turns - 1)))
+        sessions.append(Session(pick_model(rng), messages, tuple(due)))
+        total += turns
+    return sessions
+
+
+def half_way(sessions):
+    """The slowdown's moment: when half of the requests are due."""
+    return statistics.median(due for s in sessions for due in s.due)
+
+
+def fake_answer(model_messages):
+    """The answer the fake gives to these messages (its length is drawn from them)."""
+    tokens = fake_ollama.drawn_length(
+        fake_ollama.prompt_words("chat", {"messages": model_messages}), *TOKENS_RANGE)
+    return fake_ollama.words_text(tokens)
+
+
+async def chat(front, body, due, timeout):
+    """One streamed /api/chat on its own connection: an Outcome's ok, ttft, latency."""
+    loop = asyncio.get_running_loop()
+    out = {"ok": False, "ttft": None, "latency": None, "error": ""}
+    writer = None
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(front.host, front.port)
+            set_nodelay(writer)
+            conn = h11.Connection(h11.CLIENT)
+            data = json.dumps(body).encode()
+            writer.write(conn.send(h11.Request(method="POST", target="/api/chat", headers=[
+                ("Host", f"{front.host}:{front.port}"), ("Content-Type", "application/json"),
+                ("Content-Length", str(len(data))), ("Connection", "close")]))
+                + conn.send(h11.Data(data=data)) + conn.send(h11.EndOfMessage()))
+            await writer.drain()
+            await receive_chat(conn, reader, out, lambda: loop.time() - due)
+    except TimeoutError:
+        out["error"] = f"no answer within {timeout:g} s"
+    except (OSError, h11.ProtocolError) as e:
+        out["error"] = f"{type(e).__name__}: {e}"
+    finally:
+        if writer is not None:
+            writer.close()
+    return out
+
+
+async def receive_chat(conn, reader, out, elapsed):
+    """Read the NDJSON answer: time the first content chunk and the end."""
+    status, pending, done = 0, b"", False
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await reader.read(READ_SIZE)
+            if not data:
+                out["error"] = "the router hung up mid-answer"
+                return
+            conn.receive_data(data)
+        elif isinstance(event, h11.Response):
+            status = event.status_code
+        elif isinstance(event, h11.Data):
+            pending += event.data
+            *lines, pending = pending.split(b"\n")
+            for line in filter(None, (line.strip() for line in lines)):
+                chunk = json.loads(line)
+                if "error" in chunk:
+                    out["error"] = f"HTTP {status}: {str(chunk['error'])[:200]}"
+                    return
+                if out["ttft"] is None and (chunk.get("message") or {}).get("content"):
+                    out["ttft"] = elapsed()
+                done = done or chunk.get("done") is True
+        elif isinstance(event, h11.EndOfMessage):
+            if status == 200 and done:
+                out.update(ok=True, latency=elapsed())
+            else:
+                out["error"] = f"HTTP {status}: {pending[:200].decode(errors='replace')}" \
+                    if status != 200 else "the answer ended without done:true"
+            return
+
+
+async def sleep_until(loop, moment):
+    delay = moment - loop.time()
+    if delay > 0:
+        await asyncio.sleep(delay)
+
+
+async def run_session(front, session, number, started, timeout, outcomes):
+    """Each turn of a session, in order; a failed turn does not change the next one."""
+    loop = asyncio.get_running_loop()
+    history, answered = [], 0.0
+    for turn, text in enumerate(session.messages):
+        due = max(started + session.due[turn], answered + MIN_THINK_S)
+        await sleep_until(loop, due)
+        history.append({"role": "user", "content": text})
+        result = await chat(front, {"model": session.model, "messages": list(history),
+                                    "stream": True}, due, timeout)
+        outcomes.append(Outcome(number, turn, session.model, due - started, **result))
+        history.append({"role": "assistant", "content": fake_answer(history)})
+        answered = loop.time()
+
+
+WARMUP = ((SMALL, MID, LARGE), (SMALL, SMALL, MID), (MID, LARGE, SMALL))
+WARMUP_TOKENS = 8
+
+
+async def warm_up(front, timeout):
+    """The same few short requests for every router, three at a time, timed for
+    nothing: where they go, and what the router learns from them, is its own affair."""
+    loop = asyncio.get_running_loop()
+    for round_number, models in enumerate(WARMUP):
+        await asyncio.gather(*(chat(front, {
+            "model": model, "stream": True, "options": {"num_predict": WARMUP_TOKENS},
+            "messages": [{"role": "user", "content": f"warm up {round_number} {i}"}]},
+            loop.time(), timeout) for i, model in enumerate(models)))
+
+
+async def slow_down(net, at, started, marks):
+    """Half-way: SLOWED becomes SLOWDOWN times slower; every fake's counters then."""
+    loop = asyncio.get_running_loop()
+    await sleep_until(loop, started + at)
+    i = next(i for i, m in enumerate(MACHINES) if m.name == SLOWED)
+    await asyncio.to_thread(fake_state, net, i, {"speed": MACHINES[i].speed / SLOWDOWN})
+    marks["slowdown"] = await asyncio.to_thread(fleet_counters, net)
+
+
+def fleet_counters(net):
+    return {m.name: fake_state(net, i) for i, m in enumerate(MACHINES)}
+
+
+async def drive_routing(front, net, sessions, timeout):
+    """Warm up, then the open-loop sessions with the slowdown half-way."""
+    loop, outcomes = asyncio.get_running_loop(), []
+    warming = loop.time()
+    await warm_up(front, timeout)
+    marks = {"warm_up_s": loop.time() - warming}
+    marks["start"] = await asyncio.to_thread(fleet_counters, net)
+    slowdown_at = half_way(sessions)
+    started = loop.time()
+    async with asyncio.TaskGroup() as tasks:
+        tasks.create_task(slow_down(net, slowdown_at, started, marks), name="slowdown")
+        for number, session in enumerate(sessions):
+            tasks.create_task(run_session(front, session, number, started, timeout,
+                                          outcomes), name=f"session {number}")
+    marks["end"] = await asyncio.to_thread(fleet_counters, net)
+    return outcomes, slowdown_at, marks, loop.time() - started
+
+
+####################################################################################
+# Routing benchmark: figures, targets, report
+####################################################################################
+
+
+def spread(values):
+    """mean, p50, p95, p99 of some seconds (None when there are none)."""
+    if not values:
+        return dict.fromkeys(("mean", "p50", "p95", "p99"))
+    return {"mean": sum(values) / len(values),
+            **{f"p{q}": percentile(values, q) for q in (50, 95, 99)}}
+
+
+def describe_group(outcomes):
+    done = [o for o in outcomes if o.ok]
+    return {"sent": len(outcomes), "failed": len(outcomes) - len(done),
+            "latency": spread([o.latency for o in done]),
+            "ttft": spread([o.ttft for o in done if o.ttft is not None])}
+
+
+def node_share(marks, since, name):
+    """Share of the answers written after the `since` mark that machine `name` wrote."""
+    counts = {m.name: marks["end"][m.name]["completed"] - marks[since][m.name]["completed"]
+              for m in MACHINES}
+    return counts[name] / max(1, sum(counts.values())), counts
+
+
+def figures(outcomes, slowdown_at, marks, seconds):
+    """What one router did at one load: overall, before and after the slowdown, the
+    follow-up turns; the loads and evictions its routing caused; where answers went."""
+    share, after_counts = node_share(marks, "slowdown", SLOWED)
+    _, counts = node_share(marks, "start", SLOWED)
+    failures = collections.Counter(o.error for o in outcomes if not o.ok)
+    return {"seconds": seconds, "warm_up_s": marks["warm_up_s"], "slowdown_at_s": slowdown_at,
+            "overall": describe_group(outcomes),
+            "before": describe_group([o for o in outcomes if o.start < slowdown_at]),
+            "after": describe_group([o for o in outcomes if o.start >= slowdown_at]),
+            "follow_up": describe_group([o for o in outcomes if o.turn > 0]),
+            "answers_by_node": counts, "answers_by_node_after_slowdown": after_counts,
+            "slowed_share_after": share,
+            "loads": sum(marks["end"][n]["load_count"] - marks["start"][n]["load_count"]
+                         for n in counts),
+            "evictions": sum(marks["end"][n]["evictions"] - marks["start"][n]["evictions"]
+                             for n in counts),
+            "failures": dict(failures.most_common(5))}
+
+
+def p99_ratio(f):
+    before, after = f["before"]["latency"]["p99"], f["after"]["latency"]["p99"]
+    return after / before if before and after else None
+
+
+def judge_routing(results):
+    """Each target for Herd at each load: (value, limit, met), or None if not judged."""
+    out = {}
+    for level, routers in results["levels"].items():
+        herd = routers.get("herd")
+        if herd is None:
+            continue
+        for other, below in P95_BELOW.items():
+            theirs = routers.get(other)
+            value = herd["overall"]["latency"]["p95"]
+            if theirs is None or value is None or theirs["overall"]["latency"]["p95"] is None:
+                out[f"p95_{below:.0%}_below_{other}_at_{level}"] = None
+                continue
+            limit = theirs["overall"]["latency"]["p95"] * (1 - below)
+            out[f"p95_{below:.0%}_below_{other}_at_{level}"] = (value, limit, value <= limit)
+        means = [r["overall"]["latency"]["mean"] for n, r in routers.items() if n != "herd"]
+        mine = herd["overall"]["latency"]["mean"]
+        if mine is not None and all(m is not None for m in means) and means:
+            out[f"mean_lowest_at_{level}"] = (mine, min(means), mine <= min(means))
+        ratio = p99_ratio(herd)
+        out[f"p99_after_over_before_at_{level}"] = None if ratio is None else (
+            ratio, MAX_P99_AFTER_OVER_BEFORE, ratio <= MAX_P99_AFTER_OVER_BEFORE)
+    return out
+
+
+def seconds_cell(value, herd_value=None):
+    """1.23 s, and x1.40 against Herd's figure on the other routers' rows."""
+    if value is None:
+        return "-"
+    if herd_value:
+        return f"{value:.2f} x{value / herd_value:.2f}"
+    return f"{value:.2f}"
+
+
+def latency_table(routers):
+    lines = ["| router | done / sent | mean | p50 | p95 | p99 | after slowdown: mean | p50 "
+             "| p95 | p99 | p99 after / before |", "|---" * 11 + "|"]
+    herd = routers.get("herd")
+    for name, f in routers.items():
+        base = None if name == "herd" or herd is None else herd
+        cells = [name, f"{f['overall']['sent'] - f['overall']['failed']} / "
+                       f"{f['overall']['sent']}"]
+        for group in ("overall", "after"):
+            for q in ("mean", "p50", "p95", "p99"):
+                cells.append(seconds_cell(f[group]["latency"][q],
+                                          base and base[group]["latency"][q]))
+        ratio = p99_ratio(f)
+        cells.append("-" if ratio is None else f"x{ratio:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ttft_table(routers):
+    lines = ["| router | TTFT mean | p50 | p95 | p99 | after slowdown: mean | p50 | p95 | "
+             "p99 | follow-up turns: mean | p95 | loads (evictions) | answers by the "
+             f"{SLOWED} after |", "|---" * 14 + "|"]
+    herd = routers.get("herd")
+    for name, f in routers.items():
+        base = None if name == "herd" or herd is None else herd
+        cells = [name]
+        for group, qs in (("overall", ("mean", "p50", "p95", "p99")),
+                          ("after", ("mean", "p50", "p95", "p99")),
+                          ("follow_up", ("mean", "p95"))):
+            for q in qs:
+                cells.append(seconds_cell(f[group]["ttft"][q], base and base[group]["ttft"][q]))
+        cells += [f"{f['loads']} ({f['evictions']})", f"{f['slowed_share_after']:.0%}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def target_lines(targets):
+    for name, target in targets.items():
+        if target is None:
+            yield f"- {name}: not judged (a router is missing or a figure is empty)"
+        else:
+            value, limit, ok = target
+            yield f"- {name}: {value:.2f} against {limit:.2f}: {'PASS' if ok else 'MISS'}"
+
+
+def print_routing_report(results):
+    m, fleet = results["machine"], results["fleet"]
+    print(f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, {m['os']}, "
+          f"load {m['load_1min']:.2f}")
+    print(textwrap.fill(
+        f"Fleet: {fleet['description']}. Capacity {fleet['capacity_rps']:.2f} requests/s; "
+        f"{results['plan']['requests']} requests per run; seconds, and xN against Herd.", 90))
+    for note in results["notes"]:
+        print(textwrap.fill(f"Note: {note}", 90))
+    for level, routers in results["levels"].items():
+        rate = results["rates"][level]
+        print(f"\n### {level} of capacity ({rate:.2f} requests/s): latency, s\n")
+        print(latency_table(routers))
+        print(f"\n### {level} of capacity: time to first token, s\n")
+        print(ttft_table(routers))
+    print("\nTargets (Herd):")
+    print("\n".join(target_lines(judge_routing(results))))
+
+
+def describe_fleet():
+    return "; ".join(f"{m.name}: speed {m.speed:g}, {m.slots} slots, saturation "
+                     f"{m.saturation}, room for {m.max_loaded}, load {m.load_delay:g} s, "
+                     f"models {', '.join(m.models)}" for m in MACHINES) + \
+        f"; the {SLOWED} {SLOWDOWN:g}x slower half-way"
+
+
+####################################################################################
+# Routing benchmark: run
+####################################################################################
+
+
+def run_one(name, workdir, net, sessions, plan, ollama_herd):
+    """One router at one load on a fresh fleet: its figures."""
+    os.makedirs(workdir)
+    started = time.monotonic()
+    with contextlib.ExitStack() as exits:
+        group = []
+        exits.callback(stop_processes, group)
+        front = start_front(name, exits, group, workdir, net, ollama_herd)
+        ready = time.monotonic()
+        out = figures(*asyncio.run(drive_routing(front, net, sessions, plan.timeout)))
+        out["start_up_s"] = ready - started
+        stopping = time.monotonic()
+    out["stop_s"] = time.monotonic() - stopping
+    return out
+
+
+def choose_routers(net, results):
+    """The routers this machine can run, and ollama-herd's bin folder (or None); what
+    is left out, or not what its name says, goes into the results' notes."""
+    routers = list(ROUTERS)
+    ollama_herd, why = (None, "its router dials localhost:<port> for every node whose "
+                        "heartbeats come from loopback, so it needs the network "
+                        "namespaces, and they need root") if not net.namespaces \
+        else ollama_herd_bin(sys.stderr)
+    if ollama_herd is None:
+        routers.remove("ollama-herd")
+        results["skipped"]["ollama-herd"] = why
+        results["notes"].append(f"ollama-herd left out: {why}")
+    if not herd_has_setting("FLEET_LEARNING"):
+        results["notes"].append("this herd.py has no FLEET_LEARNING setting yet: the "
+                                "herd-learning-off row runs the same router as herd")
+    return routers, ollama_herd
+
+
+def run_routing(workdir, plan):
+    """Every router at each load level (the order reversed at the second level)."""
+    capacity = fleet_capacity()
+    results = {"machine": describe_machine(), "plan": dataclasses.asdict(plan),
+               "fleet": {"description": describe_fleet(), "capacity_rps": capacity,
+                         "machines": [dataclasses.asdict(m) for m in MACHINES]},
+               "levels": {}, "rates": {}, "skipped": {}, "notes": []}
+    started = time.monotonic()
+    with contextlib.ExitStack() as exits:
+        net = Network(exits)
+        routers, ollama_herd = choose_routers(net, results)
+        for n, load in enumerate(plan.loads):
+            level = f"{load:.0%}"
+            rate = results["rates"][level] = load * capacity
+            sessions = build_sessions(plan.requests, rate, seed=int(load * 1000))
+            results["levels"][level] = {}
+            for name in routers if n % 2 == 0 else routers[::-1]:
+                print(f"routing benchmark: {name} at {level} ...", file=sys.stderr, flush=True)
+                results["levels"][level][name] = run_one(
+                    name, os.path.join(workdir, f"{name}-{level.rstrip('%')}"), net, sessions,
+                    plan, ollama_herd)
+            results["levels"][level] = {name: results["levels"][level][name]
+                                        for name in routers}  # table order
+    results["seconds"] = time.monotonic() - started
+    return results
+
+
+####################################################################################
 # Run
 ####################################################################################
 
@@ -929,26 +1900,55 @@ def stop_on_sigterm(signum, frame):
     raise KeyboardInterrupt  # unwinds through every `with`, which stops the processes
 
 
-def main():
+def write_json(path, results, targets):
+    results["targets"] = {name: None if t is None else
+                          {"value": t[0], "limit": t[1], "met": t[2]}
+                          for name, t in targets.items()}
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+        f.write("\n")
+
+
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="a reduced run (under a minute)")
+                        help="a reduced run (about a minute; with --routing a few)")
+    parser.add_argument("--routing", action="store_true",
+                        help="the routing benchmark instead: Herd against round robin, "
+                             "least connections and ollama-herd on an emulated fleet")
     parser.add_argument("--json", metavar="FILE", help="also write every number to FILE")
-    args = parser.parse_args()
+    parser.add_argument("--baseline-proxy", choices=("rr", "lc"),
+                        help="run as the routing benchmark's baseline proxy")
+    parser.add_argument("--host", default="127.0.0.1", help="the baseline proxy's address")
+    parser.add_argument("--port", type=int, default=0, help="the baseline proxy's port")
+    parser.add_argument("--nodes", default="", help="the baseline proxy's Ollama URLs, "
+                                                    "comma-separated")
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
+    if args.baseline_proxy:
+        return asyncio.run(serve_baseline(args.baseline_proxy, args.host, args.port,
+                                          [u for u in args.nodes.split(",") if u]))
     signal.signal(signal.SIGTERM, stop_on_sigterm)
+    plan = "quick" if args.quick else "full"
     try:
         with tempfile.TemporaryDirectory(prefix="herd-bench-") as workdir:
-            results = run_phases(workdir, PLANS["quick" if args.quick else "full"])
+            if args.routing:
+                results = run_routing(workdir, ROUTING_PLANS[plan])
+            else:
+                results = run_phases(workdir, PLANS[plan])
     except KeyboardInterrupt:
         sys.exit("bench.py: interrupted; its processes are stopped")
-    print_report(results)
-    if args.json:
+    if args.routing:
+        print_routing_report(results)
+        targets = judge_routing(results)
+    else:
+        print_report(results)
         targets = judge_targets(results)
-        results["targets"] = {name: {"value": value, "limit": limit, "met": ok}
-                              for name, (value, limit, ok) in targets.items()}
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-            f.write("\n")
+    if args.json:
+        write_json(args.json, results, targets)
 
 
 if __name__ == "__main__":

@@ -29,15 +29,17 @@ The contention model (for the routing benchmark; every figure can change while i
                    runner keeps the last num_parallel token sequences (a generate's system
                    and prompt, or a chat's messages as role and words, then the answer);
                    a chat's next turn, which repeats them, pays for its new message only
-    vary_tokens    (lo, hi): with no num_predict / max_tokens, an answer's length is drawn
-                   in lo..hi by an RNG seeded with the prompt (same prompt, same length)
+    vary_tokens    (lo, hi): an answer's natural length is drawn in lo..hi by an RNG
+                   seeded with the prompt (same prompt, same length); num_predict or
+                   max_tokens below it cut it short, as ever
 The final chunk's metrics are the times really spent: load_duration until the runner
 was ready (a wait for a slot shows in total_duration only, as in Ollama),
 prompt_eval_duration the prompt evaluation, eval_duration the decoding; prompt_eval_count
 counts the whole prompt, cached or not.
 
 POST /_fake/config {"speed": 0.25, "saturation": 2, "fault": null} sets any of these
-three while the fake runs and answers the values now in force. It is a test-only control
+three while the fake runs and answers the values now in force; GET /_fake/config shows
+them with the counters completed, load_count and evictions. It is a test-only control
 route, not an Ollama one (bench.py slows a node half-way through a run with it).
 
 Run:
@@ -1347,6 +1349,7 @@ class FakeOllama:
         self._room_open = asyncio.Event()   # cleared while they wait: arrivals queue
         self._room_open.set()
         self._released = []                 # futures of the loads waiting for room
+        self._loading = set()               # models loading, room made for them
         self.version, self.embedding_dim, self.host_guard = version, embedding_dim, host_guard
         self.fault, self.die_after = None, 2
         self.requests = []
@@ -1500,7 +1503,8 @@ class FakeOllama:
                  ("POST", "/api/create"): self._serve_create,
                  ("POST", "/api/push"): self._serve_push,
                  ("GET", "/v1/models"): self._serve_openai_models,
-                 ("POST", "/_fake/config"): self._serve_config}
+                 ("POST", "/_fake/config"): self._serve_config,
+                 ("GET", "/_fake/config"): self._serve_config}
         for path in INFERENCE:
             table[("POST", path)] = self._serve_inference
         return table
@@ -1782,7 +1786,13 @@ class FakeOllama:
         await ex.send_json(200, openai_model(self.models[found], name))
 
     async def _serve_config(self, ex):
-        """The test-only control route (not Ollama's): speed, saturation, fault."""
+        """The test-only control route (not Ollama's): speed, saturation, fault; GET
+        shows them with the counters a benchmark reads (answers, loads, evictions)."""
+        if ex.method == "GET":
+            return await ex.send_json(200, {
+                "speed": self.speed, "saturation": self.saturation, "fault": self.fault,
+                "completed": self.completed, "load_count": self.load_count,
+                "evictions": self.evictions})
         body, error = ex.decoded
         if error or not isinstance(body, dict):
             raise Refusal(400, "a JSON object of speed, saturation, fault")
@@ -1890,13 +1900,11 @@ class FakeOllama:
         return value
 
     def _limit(self, ask, limit):
-        """Tokens to generate: `chunks` (or a length drawn from `vary_tokens` when the
-        client sets no limit), fewer when num_predict / max_tokens says so."""
-        ask.tokens = self.chunks
-        limited = isinstance(limit, int) and not isinstance(limit, bool) and limit > 0
-        if self.vary_tokens and not limited:
-            ask.tokens = drawn_length(ask.words, *self.vary_tokens)
-        if limited and limit < self.chunks:
+        """Tokens to generate: `chunks`, or a length drawn from `vary_tokens` (where the
+        model would stop by itself); fewer when num_predict / max_tokens says so."""
+        ask.tokens = drawn_length(ask.words, *self.vary_tokens) if self.vary_tokens \
+            else self.chunks
+        if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < ask.tokens:
             ask.tokens, ask.reason = limit, "length"
 
     def _read_native_generation(self, body, ask):
@@ -2068,6 +2076,7 @@ class FakeOllama:
                 self._drop(model)
             else:
                 await self._make_room(model)
+            self._loading.add(model)
             if self.load_delay:
                 await asyncio.sleep(self.load_delay)
             disk = self.models.get(model) or describe_model(model)
@@ -2080,6 +2089,7 @@ class FakeOllama:
                 "expires_at": expiry_time(runner.keep_alive), "context_length": num_ctx}
         finally:
             runner.load_task = None
+            self._loading.discard(model)
             self._wake_room_waiters()
 
     # -- inference: room for runners (OLLAMA_MAX_LOADED_MODELS) --------------------
@@ -2089,13 +2099,13 @@ class FakeOllama:
     # requests behind that load wait with it (it takes pending requests in order).
 
     def _occupants(self, model):
-        """Runners loaded or loading, besides `model`'s own."""
-        return {m for m, r in self._runners.items()
-                if m != model and (m in self.loaded or r.load_task is not None)}
+        """Runners loaded, or loading past their wait for room, besides `model`'s own (two
+        loads waiting for room must not wait for each other)."""
+        return (set(self.loaded) | self._loading) - {model}
 
     def _idle_victim(self, model):
         """The least recently used loaded runner nobody is using, or None."""
-        idle = [m for m in self._occupants(model) if m in self.loaded
+        idle = [m for m in self._occupants(model) if m not in self._loading
                 and not self._runners[m].users and self._runners[m].load_task is None]
         return min(idle, key=lambda m: self._runners[m].last_used, default=None)
 
@@ -2374,19 +2384,23 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.speed <= 0 or (args.saturation or 1) < 1 or (args.max_loaded or 1) < 1:
         parser.error("--speed must be above 0, --saturation and --max-loaded at least 1")
-    args.vary_tokens = None
-    if args.tokens_range:
-        lo, _, hi = args.tokens_range.partition(",")
-        if not (lo.strip().isdigit() and hi.strip().isdigit() and 0 < int(lo) <= int(hi)):
-            parser.error(f"--tokens-range wants LO,HI with 0 < LO <= HI, not "
-                         f"{args.tokens_range!r}")
-        args.vary_tokens = (int(lo), int(hi))
+    args.vary_tokens = parse_tokens_range(parser, args.tokens_range)
     if args.num_parallel is None:
         env = os.environ.get("OLLAMA_NUM_PARALLEL", "").strip() or "1"
         if not env.isdigit() or int(env) < 1:
             parser.error(f"OLLAMA_NUM_PARALLEL must be a positive integer, not {env!r}")
         args.num_parallel = int(env)
     return args
+
+
+def parse_tokens_range(parser, text):
+    """--tokens-range LO,HI as a (lo, hi) pair; None when not given."""
+    if not text:
+        return None
+    lo, _, hi = text.partition(",")
+    if not (lo.strip().isdigit() and hi.strip().isdigit() and 0 < int(lo) <= int(hi)):
+        parser.error(f"--tokens-range wants LO,HI with 0 < LO <= HI, not {text!r}")
+    return int(lo), int(hi)
 
 
 async def serve(args):

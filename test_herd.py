@@ -5344,6 +5344,9 @@ def test_fake_speed_stretches_decoding_and_is_set_through_its_control_route(h):
     assert http(fake.url, "POST", "/_fake/config", {"speed": 0})[0] == 400
     assert http(fake.url, "POST", "/_fake/config", {"fault": "http500"})[0] == 200
     assert fake.fault == "http500" and fake.speed == 0.5
+    shown = json.loads(http(fake.url, "GET", "/_fake/config")[2])
+    assert shown == {"speed": 0.5, "saturation": None, "fault": "http500", "completed": 2,
+                     "load_count": 1, "evictions": 0}
 
 
 def test_fake_max_loaded_evicts_an_idle_runner_and_waits_for_a_busy_one(h):
@@ -5362,6 +5365,23 @@ def test_fake_max_loaded_evicts_an_idle_runner_and_waits_for_a_busy_one(h):
     assert [d[0] for d in done] == ["b"]  # b finished before a could load
     assert list(fake.loaded) == ["a:1b"] and fake.evictions == 2
     assert answer["load_duration"] > 0.1e9  # the wait for room is part of the load
+    # Two cold loads in the same instant (the client on the fake's own loop): one waits
+    # for the other's runner, neither for ever.
+    cold = h.fake(models=["a:1b", "b:1b"], chunks=3, max_loaded=1, load_delay=0.05)
+
+    async def both_at_once():
+        async def ask(reader, writer, model):
+            body = json.dumps({"model": model, "prompt": "x", "stream": False}).encode()
+            writer.write(b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: "
+                         b"close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            answer = await reader.read()
+            writer.close()
+            return json.loads(answer.split(b"\r\n\r\n", 1)[1])
+        pairs = [await asyncio.open_connection("127.0.0.1", cold.port) for _ in range(2)]
+        return await asyncio.wait_for(asyncio.gather(
+            *(ask(r, w, m) for (r, w), m in zip(pairs, ("a:1b", "b:1b")))), 5)
+    both = h.bg.run(both_at_once())
+    assert [a["eval_count"] for a in both] == [3, 3] and cold.evictions == 1
 
 
 def test_fake_prompt_cache_makes_a_conversations_next_turn_cheaper(h):
@@ -5390,3 +5410,5 @@ def test_fake_answer_lengths_vary_by_prompt_and_repeat_for_the_same_one(h):
     assert len(set(lengths)) > 3
     capped = fake_answers(fake, [{**asks[0], "options": {"num_predict": 2}}])[0]
     assert capped["eval_count"] == 2 and capped["done_reason"] == "length"
+    roomy = fake_answers(fake, [{**asks[0], "options": {"num_predict": 1000}}])[0]
+    assert roomy["eval_count"] == lengths[0] and roomy["done_reason"] == "stop"
