@@ -73,7 +73,7 @@ slowdown, the p99 after / before, follow-up turns' TTFT, the loads the routing c
 and the slowed machine's share, with xN against Herd; then Herd's targets.
 
 Run:   python bench.py --routing         (about 16 min on 2 cores; root for the namespaces)
-       python bench.py --routing --quick (about 5 min; 24 requests a run, a smoke test)
+       python bench.py --routing --quick (about 6 min; 24 requests a run, a smoke test)
 
 docs/benchmarks.md shows full runs and explains each row.
 """

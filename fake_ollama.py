@@ -402,7 +402,7 @@ def expiry_time(keep_alive):
     """expires_at for a runner idle from now: far in the future when kept forever."""
     if keep_alive == math.inf:
         return go_time(time.time_ns() + FOREVER_NS)
-    return go_time(time.time_ns() + int(keep_alive * 1e9))
+    return go_time(time.time_ns() + min(int(keep_alive * 1e9), FOREVER_NS))  # Go's max
 
 
 def dumps(obj):

@@ -5412,3 +5412,9 @@ def test_fake_answer_lengths_vary_by_prompt_and_repeat_for_the_same_one(h):
     assert capped["eval_count"] == 2 and capped["done_reason"] == "length"
     roomy = fake_answers(fake, [{**asks[0], "options": {"num_predict": 1000}}])[0]
     assert roomy["eval_count"] == lengths[0] and roomy["done_reason"] == "stop"
+
+
+def test_fake_takes_a_keep_alive_past_gos_duration_range(h):
+    fake = h.fake(chunks=2)  # the expiry time once overflowed a datetime mid-answer
+    answer = fake_answers(fake, [{"model": "llama3.2:3b", "prompt": "x", "keep_alive": 1e12}])
+    assert answer[0]["done"] is True and fake.loaded["llama3.2:3b"]["expires_at"] > "2200"
