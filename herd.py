@@ -4385,6 +4385,11 @@ class RouterServer:
                             f"accepting for a moment; lower FLEET_MAX_CONNECTIONS or raise "
                             f"the limit (ulimit -n)", extra={"event": "accept_paused"})
             return
+        exc = context.get("exception")
+        if self.stopping and isinstance(exc, ValueError) and "file descriptor" in str(exc):
+            # asyncio retries accepting a second after EMFILE, on a timer it never
+            # cancels: fired after stop() closed the listener, it finds fd -1.
+            return
         loop.default_exception_handler(context)
 
     async def stop(self, grace=0.0):
