@@ -146,8 +146,10 @@ class Harness:
 
     def heartbeat(self, router, fake, node_id, mutate=None, **env):
         """One real heartbeat from the node agent's code, optionally edited first."""
-        agent = self.agent(router, fake, node_id, **env)
+        self.beat(self.agent(router, fake, node_id, **env), node_id, mutate)
 
+    def beat(self, agent, node_id, mutate=None):
+        """One heartbeat of `agent`'s, optionally edited first; it must be taken."""
         async def _beat():
             hb = await agent.snapshot()
             if mutate:
@@ -161,13 +163,7 @@ class Harness:
         agent = self.agent(router, fake, node_id, FLEET_NODE_MEDIA_HOST="127.0.0.1", **env)
         self.bg.run(agent.media.start(port=0))
         self.media.append(agent.media)
-
-        async def _beat():
-            hb = await agent.snapshot()
-            if mutate:
-                mutate(hb)
-            return await agent.send(hb)
-        assert self.bg.run(_beat()), f"heartbeat from {node_id} refused"
+        self.beat(agent, node_id, mutate)
         return agent
 
     def media_server(self, **kwargs):
@@ -922,7 +918,13 @@ def test_v1_models_is_the_union_of_the_fleet(h):
 ####################################################################################
 
 # The stand-in tools, written into a test's own bin folder (same flags, same output
-# files as mflux's mflux-generate and mlx-qwen3-asr).
+# files as mflux's mflux-generate and mlx-qwen3-asr). Where a script says "# {started}",
+# it leaves its pid file and takes its delay (STAND_IN_STARTED).
+STAND_IN_STARTED = '''pids = os.environ.get("HERD_FAKE_TOOL_PIDS")
+if pids:
+    open(os.path.join(pids, str(os.getpid())), "w").close()
+time.sleep(float(os.environ.get("HERD_FAKE_TOOL_DELAY", "0")))
+'''
 STAND_IN_TOOLS = {
     "mflux-generate": r'''#!/usr/bin/env python3
 """A stand-in for mflux's mflux-generate in Herd's tests: the same flags, the same
@@ -949,10 +951,7 @@ parser.add_argument("--width", type=int, default=1024)
 parser.add_argument("--quantize", "-q", type=int)
 parser.add_argument("--output", default="image.png")
 args = parser.parse_args()
-pids = os.environ.get("HERD_FAKE_TOOL_PIDS")
-if pids:
-    open(os.path.join(pids, str(os.getpid())), "w").close()
-time.sleep(float(os.environ.get("HERD_FAKE_TOOL_DELAY", "0")))
+# {started}
 if os.environ.get("HERD_FAKE_TOOL_FAIL"):
     sys.exit(f"Error: could not load model {args.model}")
 with open(args.output, "wb") as f:
@@ -980,10 +979,7 @@ parser.add_argument("--output-format", "-f", default="txt",
 parser.add_argument("--no-progress", action="store_true")
 parser.add_argument("--quiet", action="store_true")
 args = parser.parse_args()
-pids = os.environ.get("HERD_FAKE_TOOL_PIDS")
-if pids:
-    open(os.path.join(pids, str(os.getpid())), "w").close()
-time.sleep(float(os.environ.get("HERD_FAKE_TOOL_DELAY", "0")))
+# {started}
 if os.environ.get("HERD_FAKE_TOOL_FAIL"):
     sys.exit("Error: failed to decode audio")
 for path in args.audio:
@@ -1011,6 +1007,7 @@ def tools_on_path(monkeypatch, tmp_path):
     tools = tmp_path / "bin"
     tools.mkdir()
     for name, text in STAND_IN_TOOLS.items():
+        text = text.replace("# {started}\n", STAND_IN_STARTED)
         (tools / name).write_text(text.replace("/usr/bin/env python3", sys.executable, 1))
         (tools / name).chmod(0o755)
     monkeypatch.setenv("PATH", str(tools) + os.pathsep + os.environ["PATH"])
