@@ -904,7 +904,9 @@ class Speed:
                 "prompt_tps", "latency_ms", "service_ms", "tokens")
     MAX_LEVEL = 32  # requests in flight tracked for the concurrency curve
     LEVEL_SAMPLES = 3  # a level counts once it has this many requests
-    LEVEL_GAIN = 0.10  # one more request in flight must add 10 % to total tokens/s
+    # One more request in flight must add at least half of what it would if throughput
+    # grew in proportion (from 2 to 3: +25 %; from 10 to 11: +5 %), else it is not worth it.
+    LEVEL_GAIN = 0.5
     STALE_S = 120.0  # unsampled this long, a slowed node is taken at its usual speed
     __slots__ = ("samples", *AVERAGED, "baseline_tps", "concurrency", "size", "levels",
                  "updated_at", "recent")
@@ -947,13 +949,14 @@ class Speed:
     def best_concurrency(self, slots):
         """The requests in flight beyond which total tokens/s stops rising (slots when
         the curve has not shown it yet): the first level, among those timed, that adds
-        less than LEVEL_GAIN a request over the one below it."""
+        less than LEVEL_GAIN of the proportional gain over the one below it."""
         below = None  # (level, total tokens/s)
         for level in sorted(k for k, (_, n) in self.levels.items() if n >= self.LEVEL_SAMPLES):
             if level > slots:
                 break
             total = level * self.levels[level][0]
-            if below and total < below[1] * (1 + self.LEVEL_GAIN * (level - below[0])):
+            if below and total < below[1] * (
+                    1 + self.LEVEL_GAIN * (level - below[0]) / below[0]):
                 return below[0]
             if below is None or total > below[1]:
                 below = (level, total)
@@ -1385,56 +1388,59 @@ def same_model_other_tag(a, b):
     return a != b and a.rpartition(":")[0] == b.rpartition(":")[0]
 
 
-class Sessions:
-    """Which node answered each conversation's last turn, so the next turn can go back
-    to it: Ollama keeps the prompt it last evaluated in the slot, and a follow-up that
-    starts with the same messages skips evaluating them again. A conversation is named
-    by X-Herd-Session (or a `session:<id>` tag), else by its messages: turn n+1 sends
-    turn n's messages, the answer and a new question, so turn n's messages are its
-    prefix. Bounded: the oldest are forgotten first, and each for TTL_S at most."""
+class LastNode:
+    """The node each key last went to, for `ttl_s` at most, the `max_items` newest kept
+    (conversations for session affinity, client addresses for blobs and their create)."""
 
-    MAX = 10000
-    TTL_S = 1800.0
-    MAX_KEY = 128
-
-    def __init__(self):
-        self.last = collections.OrderedDict()  # key -> (node_id, monotonic time)
-
-    @classmethod
-    def keys(cls, request, body, tags):
-        """(the key this turn looks up, the key the next turn will look up)."""
-        named = request.header("x-herd-session") or next(
-            (t[8:] for t in (tags or "").split(",") if t.startswith("session:")), "")
-        if named and len(named) <= cls.MAX_KEY and not hc.CONTROL_CHARS.search(named):
-            return "s:" + named, "s:" + named
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            return None, None
-        model = str(body.get("model"))
-        before = messages[:-2] if len(messages) >= 3 else None
-        return (cls._digest(model, before) if before else None,
-                cls._digest(model, messages))
-
-    @staticmethod
-    def _digest(model, messages):
-        text = json.dumps([model, messages], sort_keys=True, ensure_ascii=False,
-                          separators=(",", ":"), default=str)
-        return "m:" + hashlib.blake2b(text.encode("utf-8", "replace"),
-                                      digest_size=16).hexdigest()
+    def __init__(self, max_items, ttl_s):
+        self.max_items, self.ttl_s = max_items, ttl_s
+        self.last = {}  # key -> (node_id, monotonic time), the newest last
 
     def node_for(self, key):
-        found = self.last.get(key) if key else None
-        if found is None or time.monotonic() - found[1] > self.TTL_S:
-            return None
-        return found[0]
+        node_id, at = self.last.get(key, (None, 0.0)) if key else (None, 0.0)
+        return node_id if time.monotonic() - at < self.ttl_s else None
 
     def remember(self, key, node_id):
         if not key:
             return
+        now = time.monotonic()
         self.last.pop(key, None)
-        self.last[key] = (node_id, time.monotonic())
-        while len(self.last) > self.MAX:
-            self.last.popitem(last=False)
+        self.last[key] = (node_id, now)
+        while len(self.last) > self.max_items or \
+                now - next(iter(self.last.values()))[1] >= self.ttl_s:
+            self.last.pop(next(iter(self.last)))
+
+
+# Session affinity: the next turn of a conversation goes back to the node that answered
+# the last one, since Ollama keeps the prompt it last evaluated in the slot and a
+# follow-up that starts with the same messages skips evaluating them again. A
+# conversation is named by X-Herd-Session (or a `session:<id>` tag), else by its
+# messages: turn n+1 sends turn n's messages, the answer and a new question, so turn
+# n's messages are its prefix.
+MAX_SESSIONS = 10000
+SESSION_TTL_S = 1800.0
+MAX_SESSION_NAME = 128
+
+
+def conversation_keys(request, body, tags):
+    """(the key this turn looks up, the key the next turn will look up)."""
+    named = request.header("x-herd-session") or next(
+        (t[8:] for t in (tags or "").split(",") if t.startswith("session:")), "")
+    if named and len(named) <= MAX_SESSION_NAME and not hc.CONTROL_CHARS.search(named):
+        return "s:" + named, "s:" + named
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return None, None
+    model = str(body.get("model"))
+    before = messages[:-2] if len(messages) >= 3 else None
+    return (conversation_digest(model, before) if before else None,
+            conversation_digest(model, messages))
+
+
+def conversation_digest(model, messages):
+    text = json.dumps([model, messages], sort_keys=True, ensure_ascii=False,
+                      separators=(",", ":"), default=str)
+    return "m:" + hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=16).hexdigest()
 
 
 class Scheduler:
@@ -1442,7 +1448,7 @@ class Scheduler:
 
     def __init__(self, cfg, fleet, learner, stats):
         self.cfg, self.fleet, self.learner, self.stats = cfg, fleet, learner, stats
-        self.sessions = Sessions()
+        self.sessions = LastNode(MAX_SESSIONS, SESSION_TTL_S)  # conversation -> node
         self.holding = 0  # requests waiting for any node that can serve them
 
     def candidate(self, node, model, ask):
@@ -1478,14 +1484,13 @@ class Scheduler:
             c.evicts = self.fleet.victims(node, model, size)
             c.evicts_busy = next((m for m in c.evicts if self.fleet.busy(node, m)), "")
         if self.cfg.learning:
-            self._forecast(c, q, model, ask)
+            self._forecast(c, q, model, ask, sized(entry))
         return c
 
-    def _forecast(self, c, q, model, ask):
+    def _forecast(self, c, q, model, ask, size):
         """Fill in what learning says: the answer's expected length, its run time here
-        and the queued work ahead of it."""
-        f = self.learner.forecast(c.node_id, model, sized(self.fleet.nodes[c.node_id]
-                                                          .models.get(model, {})))
+        and the queued work ahead of it (`size`: the model's, for estimates by size)."""
+        f = self.learner.forecast(c.node_id, model, size)
         if f is None:
             return
         c.tokens = self.learner.answer_tokens(model, ask.max_tokens)
@@ -1879,7 +1884,7 @@ class Proxy:
         cfg, name = self.cfg, ex.fields.get("model")
         ask = Ask(requested_context(ex.fields), requested_tokens(ex.fields),
                   endpoint=ex.endpoint, kind=ex.kind)
-        lookup, ex.session_key = Sessions.keys(ex.request, ex.fields, ex.tags)
+        lookup, ex.session_key = conversation_keys(ex.request, ex.fields, ex.tags)
         ask.session_node = self.scheduler.sessions.node_for(lookup)
         models, names = self.scheduler.models_to_try(
             ex.model, ex.fields.get("fallback_models"), ask.requested_ctx,
@@ -2656,7 +2661,7 @@ class Warmer:
 # body, or the X-Herd-Node header, which a blob's raw body needs). A create needs its
 # blobs on the node it runs on, and the blobs come first, each in a request of its own:
 # so the node a client address sends a blob or create to is remembered for a while
-# (Placements), and its next ones go there too. A create that no such memory places
+# (ModelAdmin.placements), and its next ones go there too. A create that no such memory places
 # goes to a node that has all its blobs, else one that has the model it starts from,
 # else to the node with the most free disk. A blob is streamed to the node as it
 # arrives (HttpConnection's stream_limits), never held whole. Answers are Ollama's,
@@ -2669,25 +2674,6 @@ ADMIN_TIMEOUT_S = 30.0  # a delete or a copy moves manifests, never weights: qui
 PLACEMENT_S = 1800.0  # a client's blobs and create go to one node for this long
 MAX_PLACEMENTS = 1024  # client addresses remembered
 MAX_PROBED_BLOBS = 64  # blobs of a create asked about when looking for their node
-
-
-class Placements:
-    """The node each client address last sent a blob or a create to, for a while."""
-
-    def __init__(self):
-        self.last = {}  # client address -> (node_id, monotonic time)
-
-    def node_for(self, client):
-        node_id, at = self.last.get(client, (None, 0.0))
-        return node_id if time.monotonic() - at < PLACEMENT_S else None
-
-    def remember(self, client, node_id):
-        now = time.monotonic()
-        self.last.pop(client, None)
-        self.last[client] = (node_id, now)  # the newest last: the oldest go first
-        while len(self.last) > MAX_PLACEMENTS or \
-                now - next(iter(self.last.values()))[1] >= PLACEMENT_S:
-            self.last.pop(next(iter(self.last)))
 
 
 class Refused(Exception):
@@ -2703,7 +2689,7 @@ class ModelAdmin:
 
     def __init__(self, cfg, fleet, proxy, pulls):
         self.cfg, self.fleet, self.proxy, self.pulls = cfg, fleet, proxy, pulls
-        self.placements = Placements()
+        self.placements = LastNode(MAX_PLACEMENTS, PLACEMENT_S)  # client -> node
 
     # -- handlers -------------------------------------------------------------------
 
