@@ -907,6 +907,10 @@ class Speed:
     # One more request in flight must add at least half of what it would if throughput
     # grew in proportion (from 2 to 3: +25 %; from 10 to 11: +5 %), else it is not worth it.
     LEVEL_GAIN = 0.5
+    # Held at its learned concurrency, a node is never timed above it: after this long,
+    # what was seen up there is forgotten, so one more in flight is tried again (the
+    # owner's job may have ended). Costs a few requests at one level above, every while.
+    LEVEL_STALE_S = 600.0
     STALE_S = 120.0  # unsampled this long, a slowed node is taken at its usual speed
     __slots__ = ("samples", *AVERAGED, "baseline_tps", "concurrency", "size", "levels",
                  "updated_at", "recent")
@@ -917,7 +921,7 @@ class Speed:
             setattr(self, field, None)
         self.baseline_tps = self.concurrency = None
         self.size = 0
-        self.levels = {}  # requests in flight -> [per-request decode tokens/s, samples]
+        self.levels = {}  # requests in flight -> [decode tokens/s each, samples, when]
         self.updated_at = 0.0
         self.recent = collections.deque(maxlen=self.WINDOW)  # (ttft_ms, decode_tps)
 
@@ -942,16 +946,23 @@ class Speed:
         self.updated_at = time.time()
 
     def _add_level(self, level, tps):
-        entry = self.levels.setdefault(level, [tps, 0])
+        entry = self.levels.setdefault(level, [tps, 0, 0.0])
         entry[1] += 1
         entry[0] += max(self.ALPHA, 1.0 / entry[1]) * (tps - entry[0])
+        entry[2] = time.time()
+
+    def _forget_above(self, limit, now):
+        """Forget the levels above `limit` that have gone untimed for LEVEL_STALE_S."""
+        for level in [k for k, v in self.levels.items()
+                      if k > limit and now - v[2] > self.LEVEL_STALE_S]:
+            del self.levels[level]
 
     def best_concurrency(self, slots):
         """The requests in flight beyond which total tokens/s stops rising (slots when
         the curve has not shown it yet): the first level, among those timed, that adds
         less than LEVEL_GAIN of the proportional gain over the one below it."""
         below = None  # (level, total tokens/s)
-        for level in sorted(k for k, (_, n) in self.levels.items() if n >= self.LEVEL_SAMPLES):
+        for level in sorted(k for k, v in self.levels.items() if v[1] >= self.LEVEL_SAMPLES):
             if level > slots:
                 break
             total = level * self.levels[level][0]
@@ -964,8 +975,9 @@ class Speed:
 
     def settle_concurrency(self, slots):
         """Move the learned concurrency one step towards the curve's best; returns it."""
-        target = self.best_concurrency(slots)
         now = self.concurrency or slots
+        self._forget_above(now, time.time())
+        target = self.best_concurrency(slots)
         self.concurrency = min(slots, now + (target > now) - (target < now))
         return self.concurrency
 
@@ -989,7 +1001,8 @@ class Speed:
         return values[min(len(values) - 1, int(q / 100 * len(values)))]
 
     def row(self, node_id, model):
-        levels = json.dumps({str(k): [round(v[0], 3), v[1]] for k, v in self.levels.items()})
+        levels = json.dumps({str(k): [round(v[0], 3), v[1], round(v[2], 1)]
+                             for k, v in self.levels.items()})
         return {"node_id": node_id, "model": model, "samples": self.samples,
                 **{f: getattr(self, f) for f in self.AVERAGED}, "concurrency": self.concurrency,
                 "size": self.size, "levels": levels, "updated_at": self.updated_at}
@@ -1006,16 +1019,19 @@ class Speed:
         if isinstance(row.get("concurrency"), int) and row["concurrency"] > 0:
             speed.concurrency = row["concurrency"]
         speed.size = row.get("size") if isinstance(row.get("size"), int) else 0
-        speed.levels = cls._read_levels(row.get("levels"))
         speed.updated_at = float(row.get("updated_at") or 0.0)
+        speed.levels = cls._read_levels(row.get("levels"), speed.updated_at)
         return speed
 
     @classmethod
-    def _read_levels(cls, text):
+    def _read_levels(cls, text, updated_at):
+        """A saved curve; a level saved without its time (an older router's) is taken
+        as timed when its row was."""
         try:
             levels = json.loads(text) if isinstance(text, str) else {}
-            return {int(k): [float(v[0]), int(v[1])] for k, v in levels.items()
-                    if 1 <= int(k) <= cls.MAX_LEVEL and v[0] > 0}
+            return {int(k): [float(v[0]), int(v[1]),
+                             float(v[2]) if len(v) > 2 else updated_at]
+                    for k, v in levels.items() if 1 <= int(k) <= cls.MAX_LEVEL and v[0] > 0}
         except (ValueError, TypeError, IndexError, AttributeError):
             return {}  # a damaged curve is relearned, not fatal
 

@@ -2148,6 +2148,28 @@ def test_learned_concurrency_stops_where_throughput_stops_rising(h):
     assert [r[0] for r in results] == [200] * 4 and fake.max_active == 2
 
 
+def test_a_node_held_at_its_learned_concurrency_is_tried_higher_once_it_has_room(
+        h, monkeypatch):
+    fake = h.fake(num_parallel=6, saturation=2, chunks=10, chunk_delay=0.01)
+    router = h.router()
+    load_on(fake, "llama3.2:3b")
+    h.heartbeat(router, fake, "node-a", FLEET_NODE_NUM_PARALLEL=6)
+    for workers in (1, 2, 3, 4):
+        serve_in_turns(router, 4 * workers, workers)
+    learned = lambda: fleet_node(router, "node-a")["learned"]["llama3.2:3b"]
+    assert learned()["concurrency"] == 2
+    # The owner's job ends: the machine now scales to all six slots. Held at two, the
+    # router never times three or four again, unless it forgets what it saw up there
+    # (after LEVEL_STALE_S, ten minutes; a test cannot wait).
+    fake.saturation = None
+    monkeypatch.setattr(herd.Speed, "LEVEL_STALE_S", 0.0)
+    fake.max_active = 0
+    serve_in_turns(router, 36, 6)
+    assert learned()["concurrency"] >= 4 and fake.max_active >= 4, learned()
+    curve = learned()["tokens_per_s_by_concurrency"]
+    assert float(curve["4"]) > float(curve["2"]) * 0.8, curve  # re-timed, and it pays
+
+
 def test_the_estimated_wait_is_queued_work_over_the_learned_rate(h):
     # One slot decoding 20 tokens/s; its usual answers are 20 tokens (a second).
     fake = h.fake(num_parallel=1, chunks=20, chunk_delay=0.05)
