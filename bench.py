@@ -1839,8 +1839,17 @@ def choose_routers(net, results):
     return routers, ollama_herd
 
 
-def run_routing(workdir, plan):
-    """Every router at each load level (the order reversed at the second level)."""
+def routing_plan(name, loads):
+    """The named plan, at the loads asked for ("0.5,0.8"; empty: the plan's own)."""
+    plan = ROUTING_PLANS[name]
+    if not loads:
+        return plan
+    return dataclasses.replace(plan, loads=tuple(float(x) for x in loads.split(",")))
+
+
+def run_routing(workdir, plan, only=""):
+    """Every router (or those in `only`) at each load level (the order reversed at the
+    second level)."""
     capacity = fleet_capacity()
     results = {"machine": describe_machine(), "plan": dataclasses.asdict(plan),
                "fleet": {"description": describe_fleet(), "capacity_rps": capacity,
@@ -1850,6 +1859,9 @@ def run_routing(workdir, plan):
     with contextlib.ExitStack() as exits:
         net = Network(exits)
         routers, ollama_herd = choose_routers(net, results)
+        if only:
+            routers = [r for r in routers if r in only.split(",")]
+            results["notes"].append(f"a partial run: {', '.join(routers)} only")
         for n, load in enumerate(plan.loads):
             level = f"{load:.0%}"
             rate = results["rates"][level] = load * capacity
@@ -1917,6 +1929,11 @@ def parse_args():
                         help="the routing benchmark instead: Herd against round robin, "
                              "least connections and ollama-herd on an emulated fleet")
     parser.add_argument("--json", metavar="FILE", help="also write every number to FILE")
+    parser.add_argument("--only", default="", metavar="ROUTERS",
+                        help="with --routing: only these routers, comma-separated (a "
+                             "partial run, for a look; its targets are not all judged)")
+    parser.add_argument("--loads", default="", metavar="SHARES",
+                        help="with --routing: only these loads, e.g. 0.8")
     parser.add_argument("--baseline-proxy", choices=("rr", "lc"),
                         help="run as the routing benchmark's baseline proxy")
     parser.add_argument("--host", default="127.0.0.1", help="the baseline proxy's address")
@@ -1936,7 +1953,7 @@ def main():
     try:
         with tempfile.TemporaryDirectory(prefix="herd-bench-") as workdir:
             if args.routing:
-                results = run_routing(workdir, ROUTING_PLANS[plan])
+                results = run_routing(workdir, routing_plan(plan, args.loads), args.only)
             else:
                 results = run_phases(workdir, PLANS[plan])
     except KeyboardInterrupt:
