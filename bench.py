@@ -1921,6 +1921,14 @@ def write_json(path, results, targets):
         f.write("\n")
 
 
+@contextlib.contextmanager
+def kept_folder(path):
+    os.makedirs(path, exist_ok=True)
+    if os.listdir(path):
+        sys.exit(f"bench.py: {path} is not empty")
+    yield path
+
+
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -1934,6 +1942,9 @@ def parse_args():
                              "partial run, for a look; its targets are not all judged)")
     parser.add_argument("--loads", default="", metavar="SHARES",
                         help="with --routing: only these loads, e.g. 0.8")
+    parser.add_argument("--keep", metavar="DIR",
+                        help="work in DIR (new or empty) and keep it: the routers' data "
+                             "folders and logs, for a look afterwards")
     parser.add_argument("--baseline-proxy", choices=("rr", "lc"),
                         help="run as the routing benchmark's baseline proxy")
     parser.add_argument("--host", default="127.0.0.1", help="the baseline proxy's address")
@@ -1951,7 +1962,8 @@ def main():
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     plan = "quick" if args.quick else "full"
     try:
-        with tempfile.TemporaryDirectory(prefix="herd-bench-") as workdir:
+        with kept_folder(args.keep) if args.keep else \
+                tempfile.TemporaryDirectory(prefix="herd-bench-") as workdir:
             if args.routing:
                 results = run_routing(workdir, routing_plan(plan, args.loads), args.only)
             else:

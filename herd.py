@@ -469,6 +469,7 @@ class Node:
         self.loaded = {}  # canonical name -> /api/ps entry
         self.unloaded_at = {}  # canonical name -> monotonic time it left memory
         self.router_saw = {}  # canonical name -> (monotonic time, loaded?) we caused
+        self.loading = {}  # canonical name -> monotonic time a load we sent should be done
         self.cpu_history = collections.deque(maxlen=6)
         self.media_host, self.media_port = "", 0  # its agent's media server, if any
         self.media_models = {}  # kind -> {canonical name: name as the agent lists it}
@@ -482,6 +483,11 @@ class Node:
         self.media_host, self.media_port, _ = hc.split_url(media["url"])
         for kind, key in ((hc.IMAGE, "image_models"), (hc.TRANSCRIPTION, "transcribe_models")):
             self.media_models[kind] = {hc.canonical_model(m): m for m in media[key]}
+
+    def loading_left(self, model, now):
+        """Seconds until a load the router sent here should be done (0: none under way)."""
+        ready = self.loading.get(model)
+        return max(0.0, ready - now) if ready else 0.0
 
     def serves_itself(self, model, kind):
         """Does this node's agent serve `model` of `kind` (an image or speech model)?"""
@@ -677,9 +683,31 @@ class Fleet:
         """The router saw `model` load on `node` (a cold request, a pre-warm)."""
         node.router_saw[model] = (time.monotonic(), True)
         if model not in node.loaded:
-            node.loaded[model] = {"name": model, "model": model}
+            size = int(node.models.get(model, {}).get("size") or 0)
+            node.loaded[model] = {"name": model, "model": model, "size": size}
             self._record(node, model, "load")
             self.notify_change()
+
+    def start_load(self, node, model, victims, load_s):
+        """A cold load the router is sending: from now on the model counts as on its way
+        in (done in about `load_s`) and what it pushes out as gone, busy or not (Ollama
+        evicts a busy runner once it is idle), so that the requests that follow wait for
+        the load rather than send a victim back there to be loaded again after it."""
+        now = time.monotonic()
+        node.loading = {m: t for m, t in node.loading.items() if t > now}
+        node.loading[model] = now + load_s
+        self.mark_loaded(node, model)
+        for victim in victims:
+            self.mark_unloaded(node, victim)
+
+    def finish_load(self, node, model, loaded):
+        """The request that loaded `model` ended: it is in (or, if `loaded` is false,
+        the load failed and the next heartbeat says what is there)."""
+        node.loading.pop(model, None)
+        if loaded:
+            self.mark_loaded(node, model)
+        elif node.router_saw.pop(model, None) is not None:
+            node.loaded.pop(model, None)
 
     def mark_unloaded(self, node, model):
         """`model` left `node`'s memory because the router asked (keep_alive 0), or a
@@ -1117,9 +1145,9 @@ class Learner:
         load_ms = _ratio(u.get("load_ns"), 1e6)
         latency_ms = (time.monotonic() - ex.t0) * 1000
         queue_ms = ex.queue_wait * 1000 if ex.queue_wait is not None else None
-        sample = {
+        sample = {  # hot None: sent while a load was under way (neither hot nor cold)
             "ttft_ms": ttft_ms if hot else None,
-            "cold_ms": None if hot else (load_ms or ttft_ms),  # what a cold load adds
+            "cold_ms": (load_ms or ttft_ms) if hot is False else None,  # a cold load's cost
             "load_ms": load_ms,
             "prompt_eval_ms": _ratio(u.get("prompt_eval_ns"), 1e6),
             "queue_ms": queue_ms,
@@ -1477,6 +1505,7 @@ class Scheduler:
         details = entry.get("details") or {}
         c = hc.Candidate(
             node_id=node.node_id, hot=loaded is not None,
+            loading_s=node.loading_left(model, time.monotonic()),
             recently_unloaded=unloaded is not None
             and time.monotonic() - unloaded < hc.RECENT_UNLOAD_S,
             model_size=size,
@@ -1927,6 +1956,10 @@ class Proxy:
             if choice.model != ex.model:
                 ex.use_model(choice.model, names.get(choice.model, choice.model))
             self.scheduler.protect_context(ex, choice, ask.requested_ctx)
+            if not choice.hot:
+                c = choice.candidate
+                self.fleet.start_load(choice.node, choice.model, c.evicts if c else (),
+                                      c.load_estimate_s if c else 0.0)
             q = self.fleet.queue(choice.node, choice.model)
             if ex.kind not in hc.MEDIA_KINDS:  # an image tool has no runner-up to warm
                 self.warmer.consider(choice, q, names.get(choice.model, name))
@@ -1934,6 +1967,8 @@ class Proxy:
             try:
                 ticket = await q.acquire(choice.candidate.tokens if choice.candidate else 0.0)
             except Moved as m:  # drained, or rebalanced to a node with a free slot
+                if not choice.hot:
+                    self.fleet.finish_load(choice.node, choice.model, False)  # never sent
                 moves += 1
                 prefer = m.target if moves < MAX_MOVES else None
                 continue
@@ -1953,6 +1988,8 @@ class Proxy:
                 attempt += 1
             finally:
                 level = q.release(ticket)
+                if not choice.hot:  # a first chunk means Ollama had loaded it
+                    self.fleet.finish_load(choice.node, choice.model, ex.started)
                 if choice.node.node_id not in exclude:  # this attempt answered
                     self._learn(ex, choice, level)
         raise RouteError(502, f"no node could answer: {last_error}")
@@ -1967,16 +2004,14 @@ class Proxy:
         if ex.outcome() != hc.COMPLETED or ex.kind in hc.MEDIA_KINDS:
             return  # a picture or a transcript has no tokens to learn a speed from
         self.scheduler.sessions.remember(ex.session_key, choice.node.node_id)
-        if not choice.hot:
-            self.fleet.mark_loaded(choice.node, choice.model)  # Ollama loaded it for us
-            for victim in choice.candidate.evicts if choice.candidate else ():
-                if not self.fleet.busy(choice.node, victim):  # Ollama evicts idle ones
-                    self.fleet.mark_unloaded(choice.node, victim)
         if not self.cfg.learning:
             return
-        size = choice.candidate.model_size if choice.candidate else 0
-        speed = self.learner.observe(choice.node.node_id, choice.model, ex, choice.hot,
-                                     size, level)
+        c = choice.candidate
+        # Sent while a load was under way, it waited for part of it: neither a hot
+        # request's timing nor a whole load's.
+        hot = None if c and c.loading_s else choice.hot
+        speed = self.learner.observe(choice.node.node_id, choice.model, ex, hot,
+                                     c.model_size if c else 0, level)
         slots = self.fleet.slots_for(choice.node)
         self.fleet.set_concurrency(choice.node, choice.model, speed.settle_concurrency(slots))
 

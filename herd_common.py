@@ -1773,6 +1773,7 @@ class Candidate:
 
     node_id: str
     hot: bool = False
+    loading_s: float = 0.0  # seconds left of a load the router sent here (hot meanwhile)
     recently_unloaded: bool = False
     model_size: int = 0
     mem_total: int = 0
@@ -1839,8 +1840,9 @@ def score_queue_depth(c):
 
 
 def estimate_wait_s(c):
-    """Seconds before this request would start: queued work plus any cold load."""
-    return c.work_ahead_s + (0.0 if c.hot else c.load_estimate_s)
+    """Seconds before this request would start: queued work plus any cold load (or what
+    is left of one under way)."""
+    return c.work_ahead_s + c.loading_s + (0.0 if c.hot else c.load_estimate_s)
 
 
 def expected_s(c):

@@ -2261,6 +2261,33 @@ def test_a_cold_load_never_evicts_a_busy_model_when_another_node_can_load_it(h):
     assert [m["model"] for m in fleet_node(router, "node-a")["models_loaded"]] == ["llama3.2:3b"]
 
 
+def test_what_a_cold_load_pushes_out_is_not_sent_back_while_the_load_runs(h):
+    # node-a holds one model at a time. Loading qwen2.5:7b there evicts llama3.2:3b; a
+    # llama3.2:3b request that arrives during the load must go where llama is really
+    # hot (node-b), not to node-a, where Ollama would load llama again after (thrash).
+    a = h.fake(models=["llama3.2:3b", "qwen2.5:7b"], num_parallel=2, chunks=3,
+               max_loaded=1, load_delay=1.0)
+    b = h.fake("127.0.0.2", models=["llama3.2:3b"], num_parallel=2, chunks=3)
+    router = h.router()
+    for fake in (a, b):
+        load_on(fake, "llama3.2:3b")
+    a.load_count = 0
+    one_at_a_time = lambda hb: hb["ollama"].update(max_loaded_models=1)
+    join(h, router, a, "node-a", 2, lambda hb: (small_memory(64, 60)(hb), one_at_a_time(hb)))
+    join(h, router, b, "node-b", 2, lambda hb: (small_memory(64, 60)(hb),
+                                                hb["cpu"].update(percent=60.0)))
+    assert generate(router, "llama3.2:3b")[1] == "node-a"  # the idler machine
+    cold = threading.Thread(target=generate, args=(router, "qwen2.5:7b"))
+    cold.start()
+    wait_until(lambda: any(r["body"].get("model") == "qwen2.5:7b" for r in a.requests
+                           if isinstance(r["body"], dict)), what="the cold load sent")
+    loaded = [m["model"] for m in fleet_node(router, "node-a")["models_loaded"]]
+    assert loaded == ["qwen2.5:7b"], loaded  # the router's word, before any heartbeat
+    assert generate(router, "llama3.2:3b")[1] == "node-b"
+    cold.join(30)
+    assert a.load_count == 1 and a.evictions == 1, (a.load_count, a.evictions)
+
+
 def chat(router, messages, headers=None):
     status, answer_headers, body = http(router.url, "POST", "/api/chat", {
         "model": "llama3.2:3b", "messages": messages, "stream": False}, headers=headers)
