@@ -57,6 +57,7 @@ import signal
 import ssl
 import sys
 import tempfile
+import threading
 import time
 
 try:
@@ -220,6 +221,34 @@ MACOS_PRESSURE_LEVELS = {1: "normal", 2: "warning", 4: "critical"}
 STATE_FORMAT, STATE_VERSION = "herd-capacity-learner", 1
 
 
+def fourcc(code):
+    """The UInt32 that C makes of a four-character literal: 'gone' is 0x676F6E65."""
+    return int.from_bytes(code.encode("ascii"), "big")
+
+
+# macOS camera and microphone: CoreMediaIO and CoreAudio properties read through ctypes.
+# Values as in Apple's SDK headers (CoreAudio/AudioHardware.h, AudioHardwareBase.h;
+# CoreMediaIO/CMIOHardwareObject.h, CMIOHardwareSystem.h, CMIOHardwareDevice.h).
+COREAUDIO_PATH = "/System/Library/Frameworks/CoreAudio.framework/CoreAudio"
+COREMEDIAIO_PATH = "/System/Library/Frameworks/CoreMediaIO.framework/CoreMediaIO"
+MAX_MEDIA_DEVICES = 64  # device ids read, and devices asked about, per framework per probe
+# kAudioObjectSystemObject, kCMIOObjectSystemObject: the root object, which lists the devices.
+SYSTEM_OBJECT = 1
+# kAudioObjectPropertyScopeGlobal, kCMIOObjectPropertyScopeGlobal: the object as a whole.
+SCOPE_GLOBAL = fourcc("glob")
+# kAudioObjectPropertyScopeInput (= kAudioDevicePropertyScopeInput): a device's input side.
+SCOPE_INPUT = fourcc("inpt")
+# kAudioObjectPropertyElementMain, kCMIOObjectPropertyElementMain (formerly ...ElementMaster).
+ELEMENT_MAIN = 0
+# kAudioHardwarePropertyDevices, kCMIOHardwarePropertyDevices: the system's device ids (UInt32s).
+PROPERTY_DEVICES = fourcc("dev#")
+# kAudioDevicePropertyStreams: a device's stream ids in the scope asked (none: no input side).
+PROPERTY_STREAMS = fourcc("stm#")
+# kAudioDevicePropertyDeviceIsRunningSomewhere, kCMIODevicePropertyDeviceIsRunningSomewhere: a
+# UInt32, 1 while the device runs in at least one process on the system.
+PROPERTY_RUNNING_SOMEWHERE = fourcc("gone")
+
+
 def hour_of_week(t):
     """The slot of a unix time: its hour of the week in local time, Monday 00:00 first."""
     tm = time.localtime(t)
@@ -271,23 +300,30 @@ class OwnerLoad:
 class PauseProbes:
     """What this machine can tell of a camera, a microphone and memory pressure. `root`
     holds proc/ and dev/ (tests give a crafted tree), `pactl` the PipeWire/PulseAudio
-    client ("" for none). macOS: memory pressure from the kernel's level; camera and
-    microphone are not detected there (no cheap, reliable check without a helper app)."""
+    client ("" for none). macOS: memory pressure from the kernel's level, camera and
+    microphone from CoreMediaIO and CoreAudio (`mac`, a MacDevices); that path has been
+    tested against fake frameworks on Linux only, not on a Mac."""
 
-    def __init__(self, root="/", system=None, pactl=None, pactl_timeout=PACTL_TIMEOUT_S):
+    def __init__(self, root="/", system=None, pactl=None, pactl_timeout=PACTL_TIMEOUT_S,
+                 mac=None):
         self.root = root
         self.system = system or platform.system()
         self.pactl = shutil.which("pactl") if pactl is None else pactl
         self.pactl_timeout = pactl_timeout
+        self.mac = mac or MacDevices()
 
     async def reasons(self):
         """The reasons to pause found now (camera, microphone), in a fixed order."""
-        if self.system != "Linux":
+        if self.system == "Darwin":
+            camera, microphone = await asyncio.to_thread(self.mac.read)
+        elif self.system == "Linux":
+            camera, capture = await asyncio.gather(asyncio.to_thread(self.camera_in_use),
+                                                   asyncio.to_thread(self.alsa_capture))
+            microphone = capture or await self.pulse_capture()
+        else:
             return []
-        camera, capture = await asyncio.gather(asyncio.to_thread(self.camera_in_use),
-                                               asyncio.to_thread(self.alsa_capture))
         found = ["camera in use"] if camera else []
-        if capture or await self.pulse_capture():
+        if microphone:
             found.append("microphone in use")
         return found
 
@@ -393,6 +429,162 @@ def macos_memory_pressure():
     except (OSError, AttributeError, TypeError):
         return None
     return MACOS_PRESSURE_LEVELS.get(level.value)
+
+
+class PropertyAddress(ctypes.Structure):
+    """AudioObjectPropertyAddress and CMIOObjectPropertyAddress: three UInt32s."""
+    _fields_ = [("mSelector", ctypes.c_uint32), ("mScope", ctypes.c_uint32),
+                ("mElement", ctypes.c_uint32)]
+
+
+_U32 = ctypes.c_uint32
+_U32_OUT = ctypes.POINTER(ctypes.c_uint32)
+_ADDRESS = ctypes.POINTER(PropertyAddress)
+# Name: (result, *arguments) as the headers declare them. OSStatus is an SInt32, 0 for success;
+# the qualifier (size, pointer) is always 0 and NULL here.
+COREAUDIO_FUNCTIONS = {
+    # (inObjectID, inAddress, inQualifierDataSize, inQualifierData, outDataSize)
+    "AudioObjectGetPropertyDataSize": (ctypes.c_int32, _U32, _ADDRESS, _U32, ctypes.c_void_p,
+                                       _U32_OUT),
+    # (..., ioDataSize: the buffer's size in, the bytes written out; outData)
+    "AudioObjectGetPropertyData": (ctypes.c_int32, _U32, _ADDRESS, _U32, ctypes.c_void_p,
+                                   _U32_OUT, ctypes.c_void_p),
+}
+COREMEDIAIO_FUNCTIONS = {
+    # (objectID, address, qualifierDataSize, qualifierData, dataSize)
+    "CMIOObjectGetPropertyDataSize": (ctypes.c_int32, _U32, _ADDRESS, _U32, ctypes.c_void_p,
+                                      _U32_OUT),
+    # (..., dataSize: the buffer's size, by value; dataUsed: the bytes written; data)
+    "CMIOObjectGetPropertyData": (ctypes.c_int32, _U32, _ADDRESS, _U32, ctypes.c_void_p, _U32,
+                                  _U32_OUT, ctypes.c_void_p),
+}
+
+
+class CallFailed(OSError):
+    """A CoreAudio or CoreMediaIO call answered a non-zero OSStatus."""
+
+
+class MacDevices:
+    """Whether a camera or a microphone runs now for any process on macOS, read from
+    CoreMediaIO and CoreAudio through ctypes (no helper app). `load(path)` opens a framework
+    (tests give fakes with the same function names). Blocking: call read() in a thread. A
+    framework that will not load or a call that fails means "cannot tell", which counts as
+    not in use and is logged once, at debug level."""
+
+    def __init__(self, load=ctypes.CDLL):
+        self.load = load
+        self._libs = {}
+        self._said = set()  # what "cannot tell" was logged for already
+        self._reading = threading.Lock()
+        self._last = (False, False)
+
+    def read(self):
+        """(a camera runs, a microphone runs). While an earlier read is stuck in a call, its
+        last answer (one thread at most waits on the frameworks)."""
+        if not self._reading.acquire(blocking=False):
+            return self._last
+        try:
+            self._last = (self._ask("camera", self._camera_runs),
+                          self._ask("microphone", self._microphone_runs))
+            return self._last
+        finally:
+            self._reading.release()
+
+    def _ask(self, what, probe):
+        try:
+            return probe()
+        except (OSError, AttributeError, TypeError, ValueError, ctypes.ArgumentError) as e:
+            self._note(what, e)
+            return False
+
+    def _note(self, what, error):
+        if what not in self._said:
+            self._said.add(what)
+            log.debug(f"cannot tell whether a {what} is in use: {error}",
+                      extra={"event": "pause_probe_blind"})
+
+    def _open(self, path, functions):
+        """The framework at `path`, its functions given their C types (once)."""
+        if path not in self._libs:
+            lib = self.load(path)
+            for name, (result, *arguments) in functions.items():
+                fn = getattr(lib, name)
+                fn.restype, fn.argtypes = result, arguments
+            self._libs[path] = lib
+        return self._libs[path]
+
+    def _camera_runs(self):
+        lib = self._open(COREMEDIAIO_PATH, COREMEDIAIO_FUNCTIONS)
+        ids = self._device_ids(lib, lib.CMIOObjectGetPropertyDataSize, cmio_get)
+        return any(self._running(lib, cmio_get, device, "camera") for device in ids)
+
+    def _microphone_runs(self):
+        """Does a device with an input side run? (Running is per device, not per side.)"""
+        lib = self._open(COREAUDIO_PATH, COREAUDIO_FUNCTIONS)
+        ids = self._device_ids(lib, lib.AudioObjectGetPropertyDataSize, audio_get)
+        return any(self._running(lib, audio_get, device, "microphone")
+                   and self._has_input(lib, device) for device in ids)
+
+    @staticmethod
+    def _device_ids(lib, size_of, get):
+        """The first MAX_MEDIA_DEVICES device ids the system object lists."""
+        address = PropertyAddress(PROPERTY_DEVICES, SCOPE_GLOBAL, ELEMENT_MAIN)
+        size = ctypes.c_uint32(0)
+        check(size_of(SYSTEM_OBJECT, ctypes.byref(address), 0, None, ctypes.byref(size)))
+        ids = (ctypes.c_uint32 * min(MAX_MEDIA_DEVICES, size.value // 4))()
+        if not ids:
+            return []
+        return ids[:min(len(ids), get(lib, SYSTEM_OBJECT, address, ids) // 4)]
+
+    def _running(self, lib, get, device, what):
+        """Is the device running somewhere? A device that fails to answer is not counted."""
+        address = PropertyAddress(PROPERTY_RUNNING_SOMEWHERE, SCOPE_GLOBAL, ELEMENT_MAIN)
+        value = ctypes.c_uint32(0)
+        try:
+            return get(lib, device, address, value) >= 4 and value.value != 0
+        except CallFailed as e:  # e.g. unplugged since the list was read
+            self._note(what, e)
+            return False
+
+    def _has_input(self, lib, device):
+        address = PropertyAddress(PROPERTY_STREAMS, SCOPE_INPUT, ELEMENT_MAIN)
+        size = ctypes.c_uint32(0)
+        try:
+            check(lib.AudioObjectGetPropertyDataSize(device, ctypes.byref(address), 0, None,
+                                                     ctypes.byref(size)))
+        except CallFailed as e:
+            self._note("microphone", e)
+            return False
+        return size.value > 0
+
+
+def check(status):
+    """Raise CallFailed for a non-zero OSStatus (often a four-character code: '!obj')."""
+    if status:
+        raise CallFailed(f"OSStatus {status} ({fourcc_text(status)!r})")
+
+
+def fourcc_text(status):
+    """The four characters of an OSStatus, or '' when it is not printable as four."""
+    raw = (status & 0xFFFFFFFF).to_bytes(4, "big")
+    return raw.decode("ascii") if all(32 <= b < 127 for b in raw) else ""
+
+
+def audio_get(lib, obj, address, buffer):
+    """AudioObjectGetPropertyData into `buffer`: the bytes written."""
+    size = ctypes.c_uint32(ctypes.sizeof(buffer))
+    check(lib.AudioObjectGetPropertyData(obj, ctypes.byref(address), 0, None,
+                                         ctypes.byref(size), ctypes.byref(buffer)))
+    return min(size.value, ctypes.sizeof(buffer))
+
+
+def cmio_get(lib, obj, address, buffer):
+    """CMIOObjectGetPropertyData into `buffer`: the bytes written (its dataUsed)."""
+    used = ctypes.c_uint32(0)
+    check(lib.CMIOObjectGetPropertyData(obj, ctypes.byref(address), 0, None,
+                                        ctypes.sizeof(buffer), ctypes.byref(used),
+                                        ctypes.byref(buffer)))
+    return min(used.value, ctypes.sizeof(buffer))
 
 
 class PauseWatch:

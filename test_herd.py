@@ -27,6 +27,7 @@ helpers that say why (the router's, at the end of the Harness section).
 
 import asyncio
 import contextlib
+import ctypes
 import hashlib
 import json
 import logging
@@ -2642,6 +2643,188 @@ def test_pause_probes_read_a_crafted_machine(tmp_path):
                        f"full avg10={full:.2f} avg60=0.00 avg300=0.00 total=45\n")
         assert probes.memory_pressure() == level, (some, full)
     assert asyncio.run(herd_node.PauseProbes(str(root), system="Darwin").reasons()) == []
+
+
+def code(text):
+    """A four-character code as the C headers write it: 'gone' is 0x676F6E65."""
+    return int.from_bytes(text.encode("ascii"), "big")
+
+
+class FakeAddress(ctypes.Structure):  # as CoreAudio/AudioHardwareBase.h declares it
+    _fields_ = [("mSelector", ctypes.c_uint32), ("mScope", ctypes.c_uint32),
+                ("mElement", ctypes.c_uint32)]
+
+
+_U32, _U32P, _ADDRESSP = ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32), \
+    ctypes.POINTER(FakeAddress)
+# The prototypes of Apple's headers, written out here rather than taken from herd_node.
+FAKE_SIZE_OF = ctypes.CFUNCTYPE(ctypes.c_int32, _U32, _ADDRESSP, _U32, ctypes.c_void_p, _U32P)
+FAKE_AUDIO_GET = ctypes.CFUNCTYPE(ctypes.c_int32, _U32, _ADDRESSP, _U32, ctypes.c_void_p, _U32P,
+                                  ctypes.c_void_p)
+FAKE_CMIO_GET = ctypes.CFUNCTYPE(ctypes.c_int32, _U32, _ADDRESSP, _U32, ctypes.c_void_p, _U32,
+                                 _U32P, ctypes.c_void_p)
+
+
+class FakeFramework:
+    """CoreAudio (prefix "AudioObject") or CoreMediaIO ("CMIOObject") as their C functions
+    behave: real C function pointers (ctypes callbacks) that check the address and fill the
+    out-pointers, an array with as many ids as fit, a UInt32 only into 4 bytes or more.
+    `devices`: id -> {"running": 0/1, "inputs": n, "outputs": n} (stream counts)."""
+
+    def __init__(self, prefix, devices):
+        self.devices, self.fail, self.asked = devices, {}, []  # fail: id -> OSStatus
+        self.block = None  # a threading.Event the "running" question waits for, when set
+        setattr(self, prefix + "GetPropertyDataSize", FAKE_SIZE_OF(self._size_of))
+        get = FAKE_CMIO_GET(self._cmio_get) if prefix == "CMIOObject" else \
+            FAKE_AUDIO_GET(self._audio_get)
+        setattr(self, prefix + "GetPropertyData", get)
+
+    def _answer(self, obj, address, qualifier_size, qualifier):
+        """(OSStatus, [UInt32 values]) of one property."""
+        a = address.contents
+        if obj in self.fail:
+            return self.fail[obj], []
+        if qualifier_size or qualifier or a.mElement != 0:
+            return code("who?"), []  # kAudioHardwareUnknownPropertyError
+        if obj == 1 and (a.mSelector, a.mScope) == (code("dev#"), code("glob")):
+            return 0, list(self.devices)
+        device = self.devices.get(obj)
+        if device is None:
+            return code("!obj"), []  # kAudioHardwareBadObjectError
+        if (a.mSelector, a.mScope) == (code("gone"), code("glob")):
+            self.asked.append(obj)
+            if self.block:
+                self.block.wait(10)
+            return 0, [device["running"]]
+        side = {code("inpt"): "inputs", code("outp"): "outputs"}.get(a.mScope)
+        if a.mSelector == code("stm#") and side:
+            return 0, [obj * 100 + i for i in range(device[side])]
+        return code("who?"), []
+
+    def _size_of(self, obj, address, qualifier_size, qualifier, out_size):
+        status, values = self._answer(obj, address, qualifier_size, qualifier)
+        if status == 0:
+            out_size[0] = 4 * len(values)
+        return status
+
+    def _fill(self, obj, address, qualifier_size, qualifier, capacity, data):
+        """(OSStatus, bytes written) of a get into `capacity` bytes at `data`."""
+        status, values = self._answer(obj, address, qualifier_size, qualifier)
+        if status or not values:
+            return status, 0
+        if capacity < 4:
+            return code("!siz"), 0  # kAudioHardwareBadPropertySizeError
+        fits = values[:capacity // 4]
+        ctypes.memmove(data, (ctypes.c_uint32 * len(fits))(*fits), 4 * len(fits))
+        return 0, 4 * len(fits)
+
+    def _audio_get(self, obj, address, qualifier_size, qualifier, io_size, data):
+        status, written = self._fill(obj, address, qualifier_size, qualifier, io_size[0], data)
+        if status == 0:
+            io_size[0] = written
+        return status
+
+    def _cmio_get(self, obj, address, qualifier_size, qualifier, size, used, data):
+        status, written = self._fill(obj, address, qualifier_size, qualifier, size, data)
+        if status == 0:
+            used[0] = written
+        return status
+
+
+def mac_probes(audio=None, video=None):
+    """PauseProbes for a Mac whose frameworks are these fakes (None: not there)."""
+    fakes = {"/System/Library/Frameworks/CoreAudio.framework/CoreAudio": audio,
+             "/System/Library/Frameworks/CoreMediaIO.framework/CoreMediaIO": video}
+
+    def load(path):
+        if fakes.get(path) is None:
+            raise OSError(f"{path}: cannot open shared object file")
+        return fakes[path]
+    return herd_node.PauseProbes(system="Darwin", pactl="", mac=herd_node.MacDevices(load))
+
+
+def found_on(probes):
+    return asyncio.run(asyncio.wait_for(probes.reasons(), 10))
+
+
+def test_macos_probes_read_the_camera_and_microphone_from_the_frameworks():
+    audio = FakeFramework("AudioObject", {
+        40: {"running": 0, "inputs": 1, "outputs": 0},  # built-in microphone
+        41: {"running": 0, "inputs": 0, "outputs": 1},  # built-in speakers
+        42: {"running": 0, "inputs": 1, "outputs": 1}})  # USB headset
+    video = FakeFramework("CMIOObject", {7: {"running": 0, "inputs": 1, "outputs": 0}})
+    probes = mac_probes(audio, video)
+    assert found_on(probes) == []
+    video.devices[7]["running"] = 1
+    assert found_on(probes) == ["camera in use"]
+    video.devices[7]["running"] = 0
+    audio.devices[41]["running"] = 1  # music through the speakers: no microphone
+    assert found_on(probes) == []
+    audio.devices[40]["running"] = 1
+    assert found_on(probes) == ["microphone in use"]
+    video.devices[7]["running"] = 1
+    assert found_on(probes) == ["camera in use", "microphone in use"]
+    # A device runs as a whole: a headset that plays sound counts as its microphone in use.
+    audio.devices[40]["running"] = video.devices[7]["running"] = 0
+    audio.devices[42]["running"] = 1
+    assert found_on(probes) == ["microphone in use"]
+
+
+def test_macos_probes_that_cannot_tell_find_nothing_and_say_so_once(caplog):
+    audio = FakeFramework("AudioObject", {40: {"running": 1, "inputs": 1, "outputs": 0},
+                                          41: {"running": 1, "inputs": 1, "outputs": 0}})
+    video = FakeFramework("CMIOObject", {7: {"running": 1, "inputs": 1, "outputs": 0}})
+    probes = mac_probes(audio, video)
+    logging.getLogger("herd").propagate = True  # let caplog see it
+    caplog.set_level(logging.DEBUG, logger="herd.node")
+    try:
+        assert found_on(probes) == ["camera in use", "microphone in use"]
+        audio.fail[40] = code("!obj")  # a device gone since the list was read; 41 counts
+        assert found_on(probes) == ["camera in use", "microphone in use"]
+        audio.fail[41] = code("!obj")
+        assert found_on(probes) == ["camera in use"]
+        video.fail[1] = code("stop")  # the device list itself fails: cannot tell
+        assert found_on(probes) == []
+        assert found_on(probes) == []
+    finally:
+        logging.getLogger("herd").propagate = False
+    assert caplog.text.count("cannot tell whether a camera is in use") == 1, caplog.text
+    assert "'stop'" in caplog.text
+    assert caplog.text.count("cannot tell whether a microphone is in use") == 1
+    # No frameworks at all (this Linux machine), or a library without those functions.
+    assert found_on(mac_probes()) == []
+    assert found_on(mac_probes(audio=object(), video=object())) == []
+    assert found_on(herd_node.PauseProbes(system="Darwin", pactl="")) == []
+
+
+def test_macos_probes_ask_about_max_media_devices_at_most():
+    bound = herd_node.MAX_MEDIA_DEVICES
+    idle = {"running": 0, "inputs": 1, "outputs": 0}
+    devices = {100 + i: dict(idle) for i in range(bound + 6)}
+    audio = FakeFramework("AudioObject", devices)
+    video = FakeFramework("CMIOObject", {i: dict(d) for i, d in devices.items()})
+    probes = mac_probes(audio, video)
+    audio.devices[100 + bound]["running"] = video.devices[100 + bound]["running"] = 1
+    assert found_on(probes) == []  # past the bound: not looked at
+    assert sorted(audio.asked) == sorted(video.asked) == list(range(100, 100 + bound))
+    audio.devices[100 + bound - 1]["running"] = video.devices[100 + bound - 1]["running"] = 1
+    assert found_on(probes) == ["camera in use", "microphone in use"]
+
+
+def test_a_stuck_macos_read_keeps_one_thread_and_its_last_answer():
+    video = FakeFramework("CMIOObject", {7: {"running": 1, "inputs": 1, "outputs": 0}})
+    mac = herd_node.MacDevices(lambda path: video if "CoreMediaIO" in path else None)
+    assert mac.read() == (True, False)
+    video.block = threading.Event()  # the framework hangs in the next call
+    stuck = threading.Thread(target=mac.read, daemon=True)
+    stuck.start()
+    wait_until(lambda: len(video.asked) == 2, what="the read to reach the framework")
+    video.devices[7]["running"] = 0
+    assert mac.read() == (True, False)  # the last answer; no second thread waits
+    assert len(video.asked) == 2
+    video.block.set()
+    stuck.join(10)
+    assert mac.read() == (False, False)
 
 
 def test_a_memory_ceiling_keeps_a_cold_load_off_that_node(h):
