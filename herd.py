@@ -359,32 +359,48 @@ class Ticket:
         self.work, self.start, self.area, self.fut = work, 0.0, 0.0, None
 
 
+class InFlight:
+    """Requests in flight on one node, across all its models (they share the machine's
+    compute), and that count's integral over time: a request's mean concurrency is the
+    integral over its run divided by the run's length."""
+
+    __slots__ = ("active", "area", "_t")
+
+    def __init__(self):
+        self.active, self.area, self._t = 0, 0.0, time.monotonic()
+
+    def add(self, delta):
+        now = time.monotonic()
+        self.area += self.active * (now - self._t)
+        self._t = now
+        self.active += delta
+        return now
+
+
 class SlotQueue:
     """One node+model: `limit` requests in flight, the rest wait in arrival order. It
-    keeps the work (expected tokens) running and waiting, for wait estimates, and the
-    time-weighted count in flight, so each request knows the concurrency it ran at."""
+    keeps the work (expected tokens) running and waiting, for wait estimates, and, with
+    the node's InFlight (shared by its queues), the time-weighted count in flight on the
+    node, so each request knows the concurrency it ran at."""
 
-    def __init__(self, limit):
+    def __init__(self, limit, node_flight=None):
         self.limit = limit
         self.active = 0
         self.waiters = collections.deque()  # Tickets, oldest first
         self.work_active = self.work_waiting = 0.0
         self.started_sum = 0.0  # sum of the running requests' start times (monotonic)
-        self._area, self._t = 0.0, time.monotonic()  # integral of `active` over time
+        self.flight = node_flight or InFlight()
 
     @property
     def waiting(self):
         return len(self.waiters)
 
     def _count(self, delta):
-        now = time.monotonic()
-        self._area += self.active * (now - self._t)
-        self._t = now
         self.active += delta
-        return now
+        return self.flight.add(delta)
 
     def _grant(self, ticket, now):
-        ticket.start, ticket.area = now, self._area
+        ticket.start, ticket.area = now, self.flight.area
         self.work_active += ticket.work
         self.started_sum += now
 
@@ -409,10 +425,11 @@ class SlotQueue:
         return ticket
 
     def release(self, ticket):
-        """Free a slot; returns the mean number in flight while the ticket held it."""
+        """Free a slot; returns the mean number in flight on the node while the ticket
+        held it."""
         now = self._count(0)
-        level = (self._area - ticket.area) / (now - ticket.start) if now > ticket.start \
-            else float(self.active)
+        level = (self.flight.area - ticket.area) / (now - ticket.start) \
+            if now > ticket.start else float(self.flight.active)
         self.work_active -= ticket.work
         self.started_sum -= ticket.start
         if self.active > self.limit:  # the limit was lowered: shrink first
@@ -558,6 +575,7 @@ class Fleet:
         self.cfg = cfg
         self.nodes = {}
         self.queues = {}  # (node_id, model) -> SlotQueue
+        self.flights = {}  # node_id -> InFlight, shared by its queues
         self.concurrency = {}  # (node_id, model) -> requests in flight worth having, learned
         self.started = time.monotonic()
         self.model_moves = collections.deque(maxlen=10000)  # (time, load|unload, node, model)
@@ -771,6 +789,8 @@ class Fleet:
             for key in [k for k, q in self.queues.items()
                         if k[0] == node_id and not q.active and not q.waiters]:
                 del self.queues[key]
+            if not any(k[0] == node_id for k in self.queues):
+                self.flights.pop(node_id, None)
             self.notify_change()
 
     # -- queues -------------------------------------------------------------------
@@ -805,8 +825,14 @@ class Fleet:
         key = (node.node_id, model)
         q = self.queues.get(key)
         if q is None:
-            q = self.queues[key] = SlotQueue(self.limit_for(node, model))
+            flight = self.flights.setdefault(node.node_id, InFlight())
+            q = self.queues[key] = SlotQueue(self.limit_for(node, model), flight)
         return q
+
+    def node_active(self, node_id):
+        """Requests running on a node now, whatever their model."""
+        flight = self.flights.get(node_id)
+        return flight.active if flight else 0
 
     def in_flight(self, node_id):
         """Requests running or queued on a node (a draining agent waits for 0)."""
@@ -1098,13 +1124,14 @@ class Forecast:
             return self.ttft_s + tokens / tps
         return self.service_only_s or 0.0
 
-    def work_ahead_s(self, q, limit):
+    def work_ahead_s(self, q, limit, level=None):
         """Seconds before a new request gets a slot in `q`: the tokens still to come
-        from those running (each assumed to progress at the learned rate) and those
-        queued, over the node's learned total rate. A fluid estimate, not a count."""
+        from those running (each assumed to progress at the learned rate with `level`
+        in flight on the node, default `limit`) and those queued, over the queue's
+        learned total rate. A fluid estimate, not a count."""
         if q is None or q.active + q.waiting < limit:
             return 0.0
-        tps = self.level_tps(limit)
+        tps = self.level_tps(max(level or limit, limit))
         if not tps:
             return (q.active + q.waiting - limit + 1) * self.service_only_s / limit
         remaining = q.remaining_tokens(tps)
@@ -1539,8 +1566,11 @@ class Scheduler:
         if f is None:
             return
         c.tokens = self.learner.answer_tokens(model, ask.max_tokens)
-        c.service_s = f.service_s(c.tokens, min(c.active + 1, c.limit))
-        c.work_ahead_s = f.work_ahead_s(q, c.limit)
+        # Its speed once it runs: with what else runs on the node then (its models
+        # share the machine), at most this model's limit of its own.
+        others = self.fleet.node_active(c.node_id) - c.active
+        c.service_s = f.service_s(c.tokens, others + min(c.active + 1, c.limit))
+        c.work_ahead_s = f.work_ahead_s(q, c.limit, others + c.limit)
         c.load_estimate_s = f.load_s
 
     def rank(self, model, ask, exclude=()):

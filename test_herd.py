@@ -2149,6 +2149,32 @@ def test_learned_concurrency_stops_where_throughput_stops_rising(h):
     assert [r[0] for r in results] == [200] * 4 and fake.max_active == 2
 
 
+def test_learned_concurrency_counts_every_model_in_flight_on_the_node(h):
+    # One machine, two models, compute for two requests at once (across both). Counted
+    # per model, two of each in flight look like one model that does not scale (each
+    # at half speed), and each would be held to one; counted on the node, the machine
+    # is seen to pay up to two, and each model may have two.
+    fake = h.fake(num_parallel=4, saturation=2, chunks=10, chunk_delay=0.01)
+    router = h.router()
+    for model in ("llama3.2:3b", "qwen2.5:7b"):
+        load_on(fake, model)
+    h.heartbeat(router, fake, "node-a", FLEET_NODE_NUM_PARALLEL=4)
+    for model in ("llama3.2:3b", "qwen2.5:7b"):
+        serve_in_turns(router, 4, 1, model)
+    for _ in range(3):
+        both = [threading.Thread(target=serve_in_turns, args=(router, 6, 2, m))
+                for m in ("llama3.2:3b", "qwen2.5:7b")]
+        for t in both:
+            t.start()
+        for t in both:
+            t.join(60)
+    learned = fleet_node(router, "node-a")["learned"]
+    for model in ("llama3.2:3b", "qwen2.5:7b"):
+        curve = learned[model]["tokens_per_s_by_concurrency"]
+        assert "4" in curve or "3" in curve, curve  # the node's count, not the model's
+        assert learned[model]["concurrency"] == 2, (model, learned[model])
+
+
 def test_a_node_held_at_its_learned_concurrency_is_tried_higher_once_it_has_room(
         h, monkeypatch):
     fake = h.fake(num_parallel=6, saturation=2, chunks=10, chunk_delay=0.01)
