@@ -1212,13 +1212,15 @@ class Agent:
         return self.cfg.router_url or (self.finder.url if self.finder else None)
 
     async def read_settings(self):
-        """Ollama's own OLLAMA_* settings, re-read once a minute (Ollama may restart)."""
+        """Ollama's own OLLAMA_* settings, re-read once a minute (Ollama may restart).
+        What its process does not say (another user's on macOS, another machine's), the
+        agent's own environment tells (snapshot), as it does the slots."""
         if time.monotonic() - self._settings_at < 60:
             return self.settings
         host, port, _ = hc.split_url(self.cfg.ollama_host)
-        if not hc.is_loopback_host(host):
-            return self.settings  # an Ollama on another machine: its process is not here
-        found, _ = await asyncio.to_thread(hc.find_ollama_settings, psutil, port)
+        found = None
+        if hc.is_loopback_host(host):  # else its process is on another machine
+            found, _ = await asyncio.to_thread(hc.find_ollama_settings, psutil, port)
         self.settings, self._settings_at = found or {}, time.monotonic()
         return self.settings
 
@@ -1232,9 +1234,10 @@ class Agent:
         capacity = await self.capacity.section(machine)
         slots, source = hc.resolve_num_parallel(self.cfg.num_parallel, settings, os.environ)
         media = await self.media.section(self.router_url)
+        own = {k: os.environ[k] for k in hc.OLLAMA_SETTING_VARS if k in os.environ}
         return hc.build_heartbeat(self.node_id, await self.ollama_url(), machine, ollama,
-                                  settings, slots, source, draining, leaving, capacity,
-                                  media)
+                                  {**own, **settings}, slots, source, draining, leaving,
+                                  capacity, media)
 
     async def ollama_url(self):
         if self.cfg.ollama_url:

@@ -1325,6 +1325,24 @@ def test_bad_heartbeats_are_refused_and_change_nothing(h):
     assert without_clock(fleet_status(router)["nodes"]) == before
 
 
+def test_the_agent_takes_ollama_settings_from_its_own_environment_where_ollama_hides(
+        h, monkeypatch):
+    # The fake runs in this test's process, whose environment as the OS shows it (what
+    # the agent reads of an Ollama process) has no OLLAMA_* settings: the agent's own
+    # environment is then what tells it, as for its slots.
+    fake = h.fake()
+    router = h.router()
+    monkeypatch.setenv("OLLAMA_MAX_LOADED_MODELS", "1")
+    monkeypatch.setenv("OLLAMA_NUM_PARALLEL", "3")
+    hb = h.bg.run(h.agent(router, fake, "node-a").snapshot())
+    assert hb["ollama"]["max_loaded_models"] == 1
+    assert (hb["ollama"]["num_parallel"], hb["ollama"]["num_parallel_source"]) == \
+        (3, "agent environment"), hb["ollama"]
+    monkeypatch.delenv("OLLAMA_MAX_LOADED_MODELS")
+    hb = h.bg.run(h.agent(router, fake, "node-a").snapshot())
+    assert hb["ollama"]["max_loaded_models"] == 0  # unknown: Ollama's own default applies
+
+
 def test_a_node_id_follows_one_rule_in_both_programs(h, tmp_path, monkeypatch):
     out = run_script(["herd_node.py"], {"FLEET_NODE_NODE_ID": "café",
                                         "FLEET_NODE_DATA_DIR": str(tmp_path)})
