@@ -351,12 +351,14 @@ class Moved(Exception):
 
 class Ticket:
     """One request's place in a SlotQueue: the work it brings (expected completion
-    tokens) and, once it has a slot, when it started."""
+    tokens), once it has a slot when it started, and what it is doing (its Exchange,
+    whose answer shows how fast the node decodes right now)."""
 
-    __slots__ = ("work", "start", "area", "fut")
+    __slots__ = ("work", "start", "area", "fut", "exchange")
 
     def __init__(self, work):
         self.work, self.start, self.area, self.fut = work, 0.0, 0.0, None
+        self.exchange = None
 
 
 class InFlight:
@@ -389,6 +391,7 @@ class SlotQueue:
         self.waiters = collections.deque()  # Tickets, oldest first
         self.work_active = self.work_waiting = 0.0
         self.started_sum = 0.0  # sum of the running requests' start times (monotonic)
+        self.running = set()  # Tickets with a slot
         self.flight = node_flight or InFlight()
 
     @property
@@ -403,6 +406,7 @@ class SlotQueue:
         ticket.start, ticket.area = now, self.flight.area
         self.work_active += ticket.work
         self.started_sum += now
+        self.running.add(ticket)
 
     async def acquire(self, work=0.0):
         """Wait for a slot; returns the Ticket to release it with."""
@@ -432,6 +436,7 @@ class SlotQueue:
             if now > ticket.start else float(self.flight.active)
         self.work_active -= ticket.work
         self.started_sum -= ticket.start
+        self.running.discard(ticket)
         if self.active > self.limit:  # the limit was lowered: shrink first
             self._count(-1)
             return level
@@ -444,6 +449,13 @@ class SlotQueue:
                 return level
         self._count(-1)
         return level
+
+    def live_tps(self, now):
+        """Decode tokens/s of the answers streaming here now, as their chunks arrive
+        (median; None while none has streamed enough to tell)."""
+        seen = [t.exchange.live_tps(now) for t in self.running if t.exchange is not None]
+        seen = [tps for tps in seen if tps]
+        return statistics.median(seen) if seen else None
 
     def remaining_tokens(self, tps):
         """Tokens the running requests still have to produce, each at `tps`."""
@@ -1104,6 +1116,8 @@ def _ratio(part, whole):
 
 
 DEFAULT_ANSWER_TOKENS = 200  # a guess for a model no node has answered with yet
+LIVE_MIN_CHUNKS = 8  # chunks an answer must have streamed before its speed is read
+LIVE_SLOW = 0.6  # answers streaming under this share of the learned speed: a slowdown
 
 
 class Forecast:
@@ -1116,6 +1130,12 @@ class Forecast:
         self.tps, self.ttft_s, self.load_s, self.basis = tps, ttft_s, load_s, basis
         self.service_only_s = service_only_s  # a request's run time when tokens/s is unknown
         self.level_tps = level_tps or (lambda level: tps)
+
+    def slowed(self, factor):
+        """This forecast with decoding `factor` (< 1) times as fast."""
+        return Forecast(self.tps * factor if self.tps else self.tps, self.ttft_s,
+                        self.service_only_s / factor, self.load_s, self.basis,
+                        lambda level: (self.level_tps(level) or 0.0) * factor or None)
 
     def service_s(self, tokens, level):
         """Seconds a request of `tokens` runs once it has a slot, `level` in flight."""
@@ -1569,9 +1589,21 @@ class Scheduler:
         # Its speed once it runs: with what else runs on the node then (its models
         # share the machine), at most this model's limit of its own.
         others = self.fleet.node_active(c.node_id) - c.active
+        f = self._as_streaming_now(f, q, others + c.active)
         c.service_s = f.service_s(c.tokens, others + min(c.active + 1, c.limit))
         c.work_ahead_s = f.work_ahead_s(q, c.limit, others + c.limit)
         c.load_estimate_s = f.load_s
+
+    @staticmethod
+    def _as_streaming_now(f, q, level):
+        """`f`, slowed to the speed at which the answers running on the node+model
+        stream now, when that is well below what was learned: a node that slows down
+        shows it in the first chunks of its answers, long before the first ends."""
+        live = q.live_tps(time.monotonic()) if q is not None and q.running else None
+        usual = f.level_tps(level) if live else None
+        if not usual or live >= LIVE_SLOW * usual:
+            return f
+        return f.slowed(live / usual)
 
     def rank(self, model, ask, exclude=()):
         """Survivors of elimination, best first, and why the others were dropped. A
@@ -1809,6 +1841,14 @@ class Exchange:
         self.chosen = False  # sent to the node the client chose: its 5xx is the answer
         self.session_key = None  # what the conversation's next turn will be known by
 
+    def live_tps(self, now):
+        """Tokens/s of its answer so far, from the chunks relayed since the first (a
+        token a chunk), once LIVE_MIN_CHUNKS have come; else None."""
+        if self.relay is None or self.ttft is None:
+            return None
+        chunks, since = self.relay.chunks_seen - 1, now - self.t0 - self.ttft
+        return chunks / since if chunks >= LIVE_MIN_CHUNKS and since > 0 else None
+
     def outcome(self):
         """The request's trace status, from what happened to it."""
         if self.reaped:
@@ -1996,6 +2036,7 @@ class Proxy:
             t_queue = time.monotonic()
             try:
                 ticket = await q.acquire(choice.candidate.tokens if choice.candidate else 0.0)
+                ticket.exchange = ex
             except Moved as m:  # drained, or rebalanced to a node with a free slot
                 if not choice.hot:
                     self.fleet.finish_load(choice.node, choice.model, False)  # never sent

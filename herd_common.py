@@ -1186,6 +1186,7 @@ class ChunkedBody:
     def __init__(self, initial=b""):
         self.buf = bytearray(initial)  # the start of a chunk not complete yet
         self.done = False
+        self.count = 0  # data chunks passed so far (Ollama streams a token a chunk)
 
     def feed(self, data):
         """Add one read; return the complete data chunks so far (b'' if none). A read
@@ -1231,6 +1232,7 @@ class ChunkedBody:
             if buf[end - 2] != 13 or buf[end - 1] != 10:  # CR LF
                 raise ValueError("chunk not followed by CRLF")
             pos = end
+            self.count += 1
         return pos
 
 
@@ -1570,6 +1572,13 @@ class Relay:
     @property
     def tail(self):
         return self.prev[-8192:] + self.last
+
+    @property
+    def chunks_seen(self):
+        """Chunks of the answer so far: the node's chunk frames when it streams chunked
+        (several may come in one read), else reads."""
+        body = self.up.chunked_body if self.chunked else None
+        return body.count if body is not None else self.chunks
 
     def _note(self, data):
         self.prev, self.last = self.last, data

@@ -2131,6 +2131,49 @@ def test_a_node_that_slows_down_loses_traffic_and_regains_it_after_recovering(
     assert after[4:].count("node-b") >= 4, " ".join(after)  # tried again, fast: kept
 
 
+def test_a_node_that_slows_down_is_seen_in_its_streaming_answers_before_they_end(h):
+    # node-b is only ever estimated (from node-a); then it slows to a tenth. Its first
+    # answer would run for twenty seconds, but its chunks show the slowdown within one:
+    # a short request goes to node-a, to wait there, not to node-b's free slot.
+    a = h.fake(num_parallel=1, chunks=200, chunk_delay=0.01)
+    b = h.fake("127.0.0.2", num_parallel=2, chunks=200, chunk_delay=0.01)
+    router = h.router()
+    for fake in (a, b):
+        load_on(fake, "llama3.2:3b")
+    join(h, router, a, "node-a", slots=1)
+    serve_in_turns(router, 3, 1, body={"options": {"num_predict": 20}})
+    chunks, enough = [], threading.Event()
+
+    def stream(node):
+        import http.client
+        conn = http.client.HTTPConnection(*hc.split_url(router.url)[:2], timeout=30)
+        conn.request("POST", "/api/generate", json.dumps(
+            {"model": "llama3.2:3b", "prompt": "x", "options": {"num_predict": 200}}))
+        resp = conn.getresponse()
+        assert resp.getheader("x-fleet-node") == node
+        for _ in resp:
+            chunks.append(node)
+            if enough.is_set():
+                break
+        conn.close()  # node-b's answer is cancelled, not waited for
+    streams = [threading.Thread(target=stream, args=("node-a",))]
+    streams[0].start()
+    wait_until(lambda: "node-a" in chunks, what="node-a streaming")
+    join(h, router, b, "node-b", slots=2)
+    b.speed = 0.1
+    streams.append(threading.Thread(target=stream, args=("node-b",)))
+    streams[1].start()
+    wait_until(lambda: chunks.count("node-b") >= 12, what="node-b's slow chunks")
+    choice = threading.Thread(target=lambda: chunks.append(generate(router)[1]))
+    choice.start()
+    wait_until(lambda: queue_row(router, "node-a", "llama3.2:3b")["waiting"] or
+               b.active >= 2, what="the short request placed")
+    enough.set()
+    for t in (*streams, choice):
+        t.join(30)
+    assert chunks[-1] == "node-a", "sent to the slowed node's free slot"
+
+
 def test_learned_concurrency_stops_where_throughput_stops_rising(h):
     # Six slots, but the machine's tokens/s grows only up to two requests at once.
     fake = h.fake(num_parallel=6, saturation=2, chunks=10, chunk_delay=0.01)
