@@ -25,12 +25,13 @@ Key settings: FLEET_PORT (11435), FLEET_HOST (0.0.0.0), FLEET_DATA_DIR (~/.fleet
     "limit":4,"estimated_wait_s":0.0}],"total_active":1,"total_waiting":0,"holding":0}
 
 The sections below follow a request: settings; the fleet (nodes, queues, the only
-code that changes them); routing (Scheduler); the proxy (Exchange, Proxy: serve ->
-attempts -> attempt -> send upstream -> relay -> finish); pulls and pre-warm; managing
-models (ModelAdmin: delete, copy, create and its blobs, push); stats; health; the HTTP
-API (Api: the route table, thin handlers; DashboardApi; Guard, who may call what; Cors,
-which web pages may); background duties; run (RouterServer builds every part once and
-hands each what it uses).
+code that changes them); routing (Scheduler); the proxy (Exchange; Proxy: serve ->
+attempts -> finish; NodeRelay: attempt -> send upstream -> relay; MediaRoute and Upload
+for images and speech); pulls and pre-warm; managing models (ModelAdmin: delete, copy,
+create and its blobs, push); stats; health; the HTTP API (Api: the route table, thin
+handlers; DashboardApi; Guard, who may call what; Cors, which web pages may);
+background duties; run (RouterServer builds every part once and hands each what it
+uses).
 """
 
 import argparse
@@ -1676,12 +1677,14 @@ class Scheduler:
 # Proxy: one request to one node at a time, relayed chunk by chunk
 #
 # Theory: Proxy.serve() builds the request's Exchange and runs attempts: choose a
-# node, wait for a slot in its queue, send the request, relay the answer. A node that
-# fails before the first chunk reached the client is excluded and the next best one
-# tried; after the first chunk the answer is the client's, so a failure then ends the
-# stream with an error line in the client's framing. The Exchange only collects facts
-# (status code, started, answered, client left, reaped); Exchange.outcome() is the one
-# place that turns them into the trace's status, and Proxy.finish() records it.
+# node, wait for a slot in its queue, then NodeRelay.attempt() sends the request and
+# relays the answer (MediaRoute says where an image or speech request goes on the
+# node, and how its answer comes back). A node that fails before the first chunk
+# reached the client is excluded and the next best one tried; after the first chunk
+# the answer is the client's, so a failure then ends the stream with an error line in
+# the client's framing. The Exchange only collects facts (status code, started,
+# answered, client left, reaped); Exchange.outcome() is the one place that turns them
+# into the trace's status, and Proxy.finish() records it.
 ####################################################################################
 
 NON_STREAM_BUFFER = 16 << 20  # a non-streamed answer up to this size is checked whole
@@ -1820,7 +1823,7 @@ class Proxy:
     def __init__(self, cfg, fleet, scheduler, learner, pulls, warmer, stats, traces, pool):
         self.cfg, self.fleet, self.scheduler, self.learner = cfg, fleet, scheduler, learner
         self.pulls, self.warmer, self.stats, self.traces = pulls, warmer, stats, traces
-        self.pool = pool
+        self.node_relay = NodeRelay(cfg, pool)
         self.active = {}  # request_id -> Exchange, for the reaper
         self.client_in_flight = collections.Counter()
 
@@ -1925,7 +1928,7 @@ class Proxy:
                 ex.queue_wait = time.monotonic() - t_queue
                 ex.touch()
                 self._count_evictions(ex, choice)
-                await self._attempt(conn, ex, choice)
+                await self.node_relay.attempt(conn, ex, choice)
                 return
             except AttemptFailed as e:
                 last_error = str(e)
@@ -1963,151 +1966,6 @@ class Proxy:
                                      size, level)
         slots = self.fleet.slots_for(choice.node)
         self.fleet.set_concurrency(choice.node, choice.model, speed.settle_concurrency(slots))
-
-    # -- one attempt: send upstream, relay --------------------------------------------
-
-    async def _attempt(self, conn, ex, choice):
-        """Send the request to the chosen node and relay its answer to the client."""
-        up = None
-        try:
-            up, status, headers = await self._send_upstream(ex, choice)
-            ex.http_status = status
-            length = content_length(headers)
-            if ex.endpoint in AGENT_PATHS:
-                await self._relay_translated(conn, ex, choice, up, status)
-            elif length is not None and length <= NON_STREAM_BUFFER:
-                await self._relay_whole(conn, ex, choice, up, status, headers)
-            else:
-                await self._relay_stream(conn, ex, choice, up, status, headers)
-        except hc.UpstreamError as e:
-            if conn.response_started:
-                raise
-            if ex.upload is not None and not ex.upload.replayable:
-                raise RouteError(502, f"node {choice.node.node_id}: {e} (the upload went "
-                                      f"past FLEET_MEDIA_REPLAY_MB, so it cannot be sent to "
-                                      f"another node)") from None
-            raise AttemptFailed(f"node {choice.node.node_id}: {e}") from None
-        finally:
-            if up is not None:
-                self.pool.release(up) if ex.answered else up.close()
-
-    def _target(self, ex, choice):
-        """(host, port, path, body, headers) of one attempt: the node's agent for an
-        image or speech model it serves itself (signed with the fleet token, so that
-        only the router can use it), else the node's Ollama; the product's own image
-        route is translated for either (Ollama's /api/generate, OpenAI's images API)."""
-        node, headers = choice.node, forward_headers(ex.request)
-        if node.serves_itself(choice.model, ex.kind):
-            path = AGENT_PATHS.get(ex.endpoint, ex.request.target)
-            body = openai_image_body(ex.fields) if ex.endpoint == "/api/generate-image" \
-                else ex.body
-            if self.cfg.token:  # a streamed upload is signed without its body
-                headers += hc.sign_request(self.cfg.token, "POST", path,
-                                           b"" if ex.upload is not None else body)
-            return node.media_host, node.media_port, path, body, headers
-        if ex.endpoint == "/api/generate-image":
-            return node.host, node.port, "/api/generate", ollama_image_body(ex.fields), \
-                headers
-        return node.host, node.port, ex.request.target, ex.body, headers
-
-    async def _send_upstream(self, ex, choice):
-        """Send the request and wait for the response head, on a kept-alive connection
-        when there is one; a kept-alive connection the node has closed meanwhile is
-        replaced by a fresh one, once (that is no failure of the node)."""
-        cfg = self.cfg
-        host, port, path, body, headers = self._target(ex, choice)
-        if ex.upload is not None:
-            return await self._send_upload(ex, host, port, path, headers)
-        up = await self.pool.connect(host, port, cfg.connect_timeout)
-        for fresh in (False, True):
-            try:
-                await up.send_request(ex.request.method.encode(), path.encode(), headers,
-                                      body)
-                status, headers_in = await up.receive_head(cfg.first_byte_timeout)
-                return up, status, headers_in
-            except hc.UpstreamError as e:
-                up.close()
-                if fresh or not (up.reused and e.closed):
-                    raise
-                up = await hc.Upstream.connect(host, port, cfg.connect_timeout)
-            except BaseException:
-                up.close()
-                raise
-
-    async def _send_upload(self, ex, host, port, path, headers):
-        """Stream a speech upload to the node as it arrives, then wait for its answer."""
-        cfg = self.cfg
-        up = await hc.Upstream.connect(host, port, cfg.connect_timeout)
-        try:
-            up.send_head(b"POST", path.encode(), headers, ex.upload.length)
-            await ex.upload.send_to(up, cfg.chunk_timeout, ex)
-            status, headers_in = await up.receive_head(cfg.first_byte_timeout)
-            return up, status, headers_in
-        except BaseException:
-            up.close()
-            raise
-
-    async def _relay_whole(self, conn, ex, choice, up, status, headers):
-        """A response with Content-Length: read it whole, so a cut-off body is a clean
-        502 and a node's 5xx (but Ollama's 'busy', for the client to retry) is retried."""
-        body = await up.read_body(self.cfg.chunk_timeout)
-        if status >= 500 and not is_busy(status, body) and not ex.chosen:
-            raise hc.UpstreamError("status", f"answered {status}: "
-                                             f"{body[:300].decode('utf-8', 'replace')}")
-        ex.ttft = time.monotonic() - ex.t0
-        if ex.before_end and status < 400:
-            await ex.before_end()
-        await conn.send_response(status, body, None, response_headers(headers, ex, choice))
-        ex.started = ex.answered = True
-        if status >= 400:
-            ex.error = body[:500].decode("utf-8", "replace")
-        else:
-            ex.read_usage(body)
-
-    async def _relay_translated(self, conn, ex, choice, up, status):
-        """The product's own image and speech routes: the node's whole answer, said in
-        the product's shape (a node's 5xx is retried, as for any route)."""
-        body = await up.read_body(self.cfg.chunk_timeout, MAX_MEDIA_ANSWER)
-        if status >= 500 and not ex.chosen:
-            raise hc.UpstreamError("status", f"answered {status}: "
-                                             f"{body[:300].decode('utf-8', 'replace')}")
-        if status < 400:
-            try:
-                out, ctype = translate_answer(ex, choice.model, body)
-            except ValueError as e:
-                raise hc.UpstreamError("body", f"answered without {e}") from None
-        else:
-            ex.error = error_text(body)
-            out, ctype = hc.ollama_error_body(ex.error), hc.JSON_TYPE
-        ex.ttft = time.monotonic() - ex.t0
-        await conn.send_response(status, out, ctype, response_headers([], ex, choice))
-        ex.started = ex.answered = True
-
-    async def _relay_stream(self, conn, ex, choice, up, status, headers):
-        """Chunk by chunk; the head goes out with the first chunk, so a node that fails
-        before it can still be replaced by another."""
-        relay = ex.relay = hc.Relay(up, conn, self.cfg.chunk_timeout)
-        first = await relay.first(headers)
-        ex.touch()
-        ex.ttft = time.monotonic() - ex.t0
-        ex.read_usage(first)  # the tail's counts, when it has them, replace these
-        await conn.start_response(status, None, response_headers(headers, ex, choice),
-                                  first_chunks=first)
-        ex.started = True
-        try:
-            await relay.rest()
-        except hc.UpstreamError as e:
-            ex.error = str(e)
-            return await end_with_error(conn, ex,
-                                        f"node {choice.node.node_id} failed mid-stream: {e}")
-        if ex.before_end and status < 400:
-            await ex.before_end()
-        await conn.end_response()
-        ex.answered = True
-        if any(mark in relay.last for mark in FAILED_STREAM_MARKS.get(ex.api, (b'"error"',))):
-            ex.answer_failed = True
-            ex.error = relay.last[-500:].decode("utf-8", "replace").strip()
-        ex.read_usage(relay.tail, relay.chunks)
 
     # -- finish -------------------------------------------------------------------------
 
@@ -2195,7 +2053,7 @@ class Proxy:
         ex.node_id, ex.before_end, ex.chosen = node.node_id, before_end, True
         conn.watch_client()
         try:
-            await self._attempt(conn, ex, Choice(node, model))
+            await self.node_relay.attempt(conn, ex, Choice(node, model))
         except AttemptFailed as e:
             ex.http_status, ex.error = 502, str(e)
             await conn.send_response(502, hc.ollama_error_body(str(e)))
@@ -2204,10 +2062,176 @@ class Proxy:
             self.finish(ex)
 
 
+class NodeRelay:
+    """One attempt: the request sent to one node, its answer relayed to the client."""
+
+    def __init__(self, cfg, pool):
+        self.cfg, self.pool = cfg, pool
+        self.media = MediaRoute(cfg)
+
+    async def attempt(self, conn, ex, choice):
+        """Send the request to the chosen node and relay its answer to the client."""
+        up = None
+        try:
+            up, status, headers = await self._send_upstream(ex, choice)
+            ex.http_status = status
+            length = content_length(headers)
+            if ex.endpoint in AGENT_PATHS:
+                await self.media.relay_translated(conn, ex, choice, up, status)
+            elif length is not None and length <= NON_STREAM_BUFFER:
+                await self._relay_whole(conn, ex, choice, up, status, headers)
+            else:
+                await self._relay_stream(conn, ex, choice, up, status, headers)
+        except hc.UpstreamError as e:
+            if conn.response_started:
+                raise
+            if ex.upload is not None:
+                ex.upload.check_replayable(choice.node.node_id, e)
+            raise AttemptFailed(f"node {choice.node.node_id}: {e}") from None
+        finally:
+            if up is not None:
+                self.pool.release(up) if ex.answered else up.close()
+
+    def _target(self, ex, choice):
+        """(host, port, path, body, headers) of one attempt: the node's Ollama for text
+        and embeddings; an image or speech request goes where MediaRoute.target says."""
+        if ex.kind in hc.MEDIA_KINDS:
+            return self.media.target(ex, choice)
+        return choice.node.host, choice.node.port, ex.request.target, ex.body, \
+            forward_headers(ex.request)
+
+    async def _send_upstream(self, ex, choice):
+        """Send the request and wait for the response head, on a kept-alive connection
+        when there is one; a kept-alive connection the node has closed meanwhile is
+        replaced by a fresh one, once (that is no failure of the node)."""
+        cfg = self.cfg
+        host, port, path, body, headers = self._target(ex, choice)
+        if ex.upload is not None:
+            return await self.media.send_upload(ex, host, port, path, headers)
+        up = await self.pool.connect(host, port, cfg.connect_timeout)
+        for fresh in (False, True):
+            try:
+                await up.send_request(ex.request.method.encode(), path.encode(), headers,
+                                      body)
+                status, headers_in = await up.receive_head(cfg.first_byte_timeout)
+                return up, status, headers_in
+            except hc.UpstreamError as e:
+                up.close()
+                if fresh or not (up.reused and e.closed):
+                    raise
+                up = await hc.Upstream.connect(host, port, cfg.connect_timeout)
+            except BaseException:
+                up.close()
+                raise
+
+    async def _relay_whole(self, conn, ex, choice, up, status, headers):
+        """A response with Content-Length: read it whole, so a cut-off body is a clean
+        502 and a node's 5xx (but Ollama's 'busy', for the client to retry) is retried."""
+        body = await up.read_body(self.cfg.chunk_timeout)
+        if status >= 500 and not is_busy(status, body) and not ex.chosen:
+            raise hc.UpstreamError("status", f"answered {status}: "
+                                             f"{body[:300].decode('utf-8', 'replace')}")
+        ex.ttft = time.monotonic() - ex.t0
+        if ex.before_end and status < 400:
+            await ex.before_end()
+        await conn.send_response(status, body, None, response_headers(headers, ex, choice))
+        ex.started = ex.answered = True
+        if status >= 400:
+            ex.error = body[:500].decode("utf-8", "replace")
+        else:
+            ex.read_usage(body)
+
+    async def _relay_stream(self, conn, ex, choice, up, status, headers):
+        """Chunk by chunk; the head goes out with the first chunk, so a node that fails
+        before it can still be replaced by another."""
+        relay = ex.relay = hc.Relay(up, conn, self.cfg.chunk_timeout)
+        first = await relay.first(headers)
+        ex.touch()
+        ex.ttft = time.monotonic() - ex.t0
+        ex.read_usage(first)  # the tail's counts, when it has them, replace these
+        await conn.start_response(status, None, response_headers(headers, ex, choice),
+                                  first_chunks=first)
+        ex.started = True
+        try:
+            await relay.rest()
+        except hc.UpstreamError as e:
+            ex.error = str(e)
+            return await end_with_error(conn, ex,
+                                        f"node {choice.node.node_id} failed mid-stream: {e}")
+        if ex.before_end and status < 400:
+            await ex.before_end()
+        await conn.end_response()
+        ex.answered = True
+        if any(mark in relay.last for mark in FAILED_STREAM_MARKS.get(ex.api, (b'"error"',))):
+            ex.answer_failed = True
+            ex.error = relay.last[-500:].decode("utf-8", "replace").strip()
+        ex.read_usage(relay.tail, relay.chunks)
+
+
 MAX_MEDIA_ANSWER = 64 << 20  # a picture or a transcript, read whole to translate it
 FORM_HEAD_MAX = 1 << 20  # of a speech upload, the fields before its file
 FORM_FIELD_MAX = 4096  # one such field (model, language, response_format, prompt)
 IMAGE_SIZE_MAX, IMAGE_STEPS_MAX = 4096, 200
+
+
+class MediaRoute:
+    """How an image or speech request goes to a node and comes back: to the node's
+    agent for a model it serves itself, else to its Ollama; a speech upload streamed on
+    as it arrives; the product's own routes answered in the product's shape."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def target(self, ex, choice):
+        """(host, port, path, body, headers) of one attempt: the node's agent for an
+        image or speech model it serves itself (signed with the fleet token, so that
+        only the router can use it), else the node's Ollama; the product's own image
+        route is translated for either (Ollama's /api/generate, OpenAI's images API)."""
+        node, headers = choice.node, forward_headers(ex.request)
+        if node.serves_itself(choice.model, ex.kind):
+            path = AGENT_PATHS.get(ex.endpoint, ex.request.target)
+            body = openai_image_body(ex.fields) if ex.endpoint == "/api/generate-image" \
+                else ex.body
+            if self.cfg.token:  # a streamed upload is signed without its body
+                headers += hc.sign_request(self.cfg.token, "POST", path,
+                                           b"" if ex.upload is not None else body)
+            return node.media_host, node.media_port, path, body, headers
+        if ex.endpoint == "/api/generate-image":
+            return node.host, node.port, "/api/generate", ollama_image_body(ex.fields), \
+                headers
+        return node.host, node.port, ex.request.target, ex.body, headers
+
+    async def send_upload(self, ex, host, port, path, headers):
+        """Stream a speech upload to the node as it arrives, then wait for its answer."""
+        cfg = self.cfg
+        up = await hc.Upstream.connect(host, port, cfg.connect_timeout)
+        try:
+            up.send_head(b"POST", path.encode(), headers, ex.upload.length)
+            await ex.upload.send_to(up, cfg.chunk_timeout, ex)
+            status, headers_in = await up.receive_head(cfg.first_byte_timeout)
+            return up, status, headers_in
+        except BaseException:
+            up.close()
+            raise
+
+    async def relay_translated(self, conn, ex, choice, up, status):
+        """The product's own image and speech routes: the node's whole answer, said in
+        the product's shape (a node's 5xx is retried, as for any route)."""
+        body = await up.read_body(self.cfg.chunk_timeout, MAX_MEDIA_ANSWER)
+        if status >= 500 and not ex.chosen:
+            raise hc.UpstreamError("status", f"answered {status}: "
+                                             f"{body[:300].decode('utf-8', 'replace')}")
+        if status < 400:
+            try:
+                out, ctype = translate_answer(ex, choice.model, body)
+            except ValueError as e:
+                raise hc.UpstreamError("body", f"answered without {e}") from None
+        else:
+            ex.error = error_text(body)
+            out, ctype = hc.ollama_error_body(ex.error), hc.JSON_TYPE
+        ex.ttft = time.monotonic() - ex.t0
+        await conn.send_response(status, out, ctype, response_headers([], ex, choice))
+        ex.started = ex.answered = True
 
 
 def read_image_settings(body):
@@ -2319,6 +2343,14 @@ class Upload:
         self.pieces.append(data)  # the form's head always goes on to the node
         self.size += len(data)
         return data
+
+    def check_replayable(self, node_id, error):
+        """RouteError when a node failed after more than FLEET_MEDIA_REPLAY_MB had
+        passed: nothing is left to send another node."""
+        if not self.replayable:
+            raise RouteError(502, f"node {node_id}: {error} (the upload went past "
+                                  f"FLEET_MEDIA_REPLAY_MB, so it cannot be sent to another "
+                                  f"node)")
 
     async def send_to(self, up, timeout, ex):
         """Send the whole upload to `up`: what was kept, then the rest as it arrives."""
