@@ -50,6 +50,7 @@ import re
 import socket
 import statistics
 import sys
+import tempfile
 import time
 import urllib.parse
 
@@ -131,7 +132,8 @@ ROUTER_SETTINGS = [
                "/api/create) streamed to a node (413 beyond); the router holds at most a "
                "megabyte of it at a time"),
     hc.Setting("FLEET_MAX_UPLOAD_MB", 512.0, "largest speech upload (/v1/audio/transcriptions, "
-               "/api/transcribe) streamed to a node (413 beyond)"),
+               "/api/transcribe) streamed to a node, or spooled to TMPDIR while its file "
+               "comes before its model field (413 beyond)"),
     hc.Setting("FLEET_MEDIA_REPLAY_MB", 8.0, "of a speech upload, the megabytes the router "
                "keeps while it streams, so that a node failing before it answers can be "
                "replaced; a longer upload goes to one node only (0: never kept)"),
@@ -2171,6 +2173,8 @@ class NodeRelay:
 MAX_MEDIA_ANSWER = 64 << 20  # a picture or a transcript, read whole to translate it
 FORM_HEAD_MAX = 1 << 20  # of a speech upload, the fields before its file
 FORM_FIELD_MAX = 4096  # one such field (model, language, response_format, prompt)
+FORM_FIELDS_MAX = 64  # the plain fields read before the file, or before the model
+SPOOL_READ = 1 << 20  # a spooled upload goes on to the node in pieces this large
 IMAGE_SIZE_MAX, IMAGE_STEPS_MAX = 4096, 200
 
 
@@ -2307,42 +2311,73 @@ def error_text(body):
 
 
 class Upload:
-    """A speech file in a multipart form, streamed from the client to a node: the
-    form's first fields are read (they name the model), then the rest passes on as it
-    arrives. What has passed is kept, up to FLEET_MEDIA_REPLAY_MB, so that a node that
-    fails before answering can be replaced by another; past that it is let go."""
+    """A speech file in a multipart form, streamed from the client to a node. The form
+    is read until the fields that name the model have arrived: fields before the file
+    are held in memory (FORM_HEAD_MAX at most); a file that comes before the model is
+    spooled to a temporary file (in TMPDIR, with no name: it goes when it is closed)
+    until the model has come. Then the rest passes on as it arrives. What has passed
+    is kept, the spool and up to FLEET_MEDIA_REPLAY_MB more in memory, so that a node
+    that fails before answering can be replaced by another; past that it is let go.
+    Leaving the `with` block closes the spool."""
 
     def __init__(self, request, conn, replay_limit):
         self.stream, self.conn, self.replay_limit = request.stream, conn, replay_limit
         length = request.header("content-length")
         self.length = int(length) if length is not None else None
-        self.pieces, self.size, self.replayable = [], 0, True
+        self.pieces, self.held, self.replayable = [], 0, True  # held: bytes in pieces
+        self.spool = None  # the form up to its model, when its file came first
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.spool is not None:
+            self.spool.close()
 
     async def read_fields(self, content_type):
-        """The form's plain fields before its first file (model, language, ...);
-        ValueError for a form that is not one, or whose fields run past FORM_HEAD_MAX."""
+        """The form's plain fields up to its file, or up to its model when the file
+        comes first (model, language, ...); ValueError for a form that is not one, or
+        whose fields are more than FORM_FIELDS_MAX or run past FORM_HEAD_MAX."""
         reader, fields, current = hc.FormReader(hc.form_boundary(content_type)), {}, None
         while data := await self._receive():
             for event, value in reader.feed(data):
-                if event == "part":
-                    if value.filename is not None:
+                if event == "part" and value.filename is not None:
+                    if "model" in fields:
                         return fields
+                    current = None
+                    await self._start_spool()
+                elif event == "part":
                     current = value.name
                     fields[current] = b""
+                    if len(fields) > FORM_FIELDS_MAX:
+                        raise ValueError(f"the form has more than {FORM_FIELDS_MAX} fields")
                 elif event == "data" and current is not None:
                     fields[current] = (fields[current] + value)[:FORM_FIELD_MAX]
+                elif event == "end" and current == "model" and self.spool is not None:
+                    return fields  # the file came first: the model was what was missing
                 elif event == "done":
                     return fields
-            if self.size > FORM_HEAD_MAX:
+            if self.held > FORM_HEAD_MAX:
                 raise ValueError(f"the form's fields before its file are larger than "
                                  f"{FORM_HEAD_MAX} bytes")
         return fields
 
     async def _receive(self):
         data = await self.stream.receive(self.conn.read_timeout)
-        self.pieces.append(data)  # the form's head always goes on to the node
-        self.size += len(data)
+        if self.spool is not None:
+            await asyncio.to_thread(self.spool.write, data)
+        else:
+            self.pieces.append(data)  # the form's head always goes on to the node
+            self.held += len(data)
         return data
+
+    async def _start_spool(self):
+        """A file before the model: what has come, and what comes until the model
+        does, goes to a temporary file rather than memory."""
+        if self.spool is None:
+            self.spool = tempfile.TemporaryFile(prefix="herd-upload-")
+            await asyncio.to_thread(self.spool.writelines, self.pieces)
+            self.pieces, self.held = [], 0
 
     def check_replayable(self, node_id, error):
         """RouteError when a node failed after more than FLEET_MEDIA_REPLAY_MB had
@@ -2354,17 +2389,10 @@ class Upload:
 
     async def send_to(self, up, timeout, ex):
         """Send the whole upload to `up`: what was kept, then the rest as it arrives."""
-        for data in self.pieces:
-            await up.send_body(data, timeout)
-        if self.size > self.replay_limit:
-            self.replayable, self.pieces = False, []
+        await self._replay(up, timeout)
         try:
             while data := await self.stream.receive(self.conn.read_timeout):
-                self.size += len(data)
-                if self.replayable and self.size > self.replay_limit:
-                    self.replayable, self.pieces = False, []
-                elif self.replayable:
-                    self.pieces.append(data)
+                self._keep(data)
                 await up.send_body(data, timeout)
                 ex.touch()
         except hc.BodyTooLarge:
@@ -2377,6 +2405,26 @@ class Upload:
                 raise
             raise RouteError(400, str(e)) from None
         up.end_body()
+
+    async def _replay(self, up, timeout):
+        """What was kept: the spool from its start, then the pieces held in memory."""
+        if self.spool is not None:
+            await asyncio.to_thread(self.spool.seek, 0)
+            while data := await asyncio.to_thread(self.spool.read, SPOOL_READ):
+                await up.send_body(data, timeout)
+        for data in self.pieces:
+            await up.send_body(data, timeout)
+        if self.held > self.replay_limit:
+            self.replayable, self.pieces = False, []
+
+    def _keep(self, data):
+        """Hold a piece for a retry while what is held stays within the replay limit."""
+        if self.replayable:
+            self.held += len(data)
+            if self.held > self.replay_limit:
+                self.replayable, self.pieces = False, []
+            else:
+                self.pieces.append(data)
 
 
 def strip_routing_fields(request, body):
@@ -3631,28 +3679,29 @@ class Api:
     async def transcribe(self, request, conn):
         """POST /v1/audio/transcriptions (OpenAI's form: file, model, language,
         response_format) and /api/transcribe (the same form; the answer is the product's
-        {"model", "text", ...}): the form's fields are read up to its file, then the
-        upload streams on to a node that serves the model."""
+        {"model", "text", ...}): the form is read until its model is known (a file
+        before it is spooled to disk), then the upload streams on to a node that serves
+        the model."""
         api = hc.api_of(request.path)
-        upload = Upload(request, conn, int(self.cfg.media_replay_mb * (1 << 20)))
-        try:
-            fields = await upload.read_fields(request.header("content-type"))
-            text = {k: v.decode("utf-8", "replace") for k, v in fields.items()}
-            model = hc.check_model_name(text.get("model"))
-        except hc.BodyTooLarge:
-            return await self.proxy.reject(request, conn, api, "upload larger than "
-                                                               "FLEET_MAX_UPLOAD_MB", status=413)
-        except TimeoutError:
-            return await self.proxy.reject(request, conn, api, "the client stopped sending "
-                                                               "its upload", status=408)
-        except ValueError as e:
-            message = str(e)
-            if message == "model is required":
-                message = ("model is required: the form needs a model field, before its "
-                           "file (curl: -F model=... -F file=@audio.wav)")
-            return await self.proxy.reject(request, conn, api, message)
-        await self.proxy.serve(request, conn, api, text, hc.canonical_model(model), False,
-                               False, upload)
+        with Upload(request, conn, int(self.cfg.media_replay_mb * (1 << 20))) as upload:
+            try:
+                fields = await upload.read_fields(request.header("content-type"))
+                text = {k: v.decode("utf-8", "replace") for k, v in fields.items()}
+                model = hc.check_model_name(text.get("model"))
+            except hc.BodyTooLarge:
+                return await self.proxy.reject(request, conn, api, "upload larger than "
+                                               "FLEET_MAX_UPLOAD_MB", status=413)
+            except TimeoutError:
+                return await self.proxy.reject(request, conn, api, "the client stopped "
+                                               "sending its upload", status=408)
+            except ValueError as e:
+                message = str(e)
+                if message == "model is required":
+                    message = "model is required: the form needs a model field (curl: " \
+                              "-F model=... -F file=@audio.wav)"
+                return await self.proxy.reject(request, conn, api, message)
+            await self.proxy.serve(request, conn, api, text, hc.canonical_model(model),
+                                   False, False, upload)
 
     # -- Ollama's catalogue -------------------------------------------------------
 

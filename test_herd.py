@@ -38,6 +38,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -209,8 +210,8 @@ class FakeMediaServer:
     """An OpenAI-compatible image and transcription server, as small as it can be: GET
     /v1/models lists `models`; POST /v1/images/generations answers a one-pixel PNG;
     POST /v1/audio/transcriptions reads the form as it arrives (counting its bytes in
-    `received`, never holding it) and answers {"text": "..."} or, with response_format
-    text, the text. `fault = "http500"` makes it fail; `requests` records each request's
+    `received` and its request's "sha256", never holding it) and answers {"text": "..."}
+    or, with response_format text, the text. `fault = "http500"` makes it fail; `requests` records each request's
     path, headers and (for JSON) body."""
 
     PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAA"
@@ -238,7 +239,7 @@ class FakeMediaServer:
             record = {"path": path, "headers": headers, "body": None}
             self.requests.append(record)
             if path.endswith("/audio/transcriptions"):
-                status, ctype, body = await self._transcribe(reader, length, headers)
+                status, ctype, body = await self._transcribe(reader, length, record)
             else:
                 data = await reader.readexactly(length)
                 record["body"] = json.loads(data) if data else None
@@ -264,16 +265,18 @@ class FakeMediaServer:
                 {"created": 1, "data": [{"b64_json": self.PNG}]}).encode()
         return 404, "application/json", b'{"detail":"Not Found"}'
 
-    async def _transcribe(self, reader, length, headers):
-        left, start = length, b""
+    async def _transcribe(self, reader, length, record):
+        left, start, digest = length, b"", hashlib.sha256()
         while left:
             data = await reader.read(min(left, 1 << 16))
             if not data:
                 raise asyncio.IncompleteReadError(b"", left)
             left -= len(data)
             self.received += len(data)
+            digest.update(data)
             if len(start) < 4096:
                 start += data[:4096]
+        record["sha256"] = digest.hexdigest()
         text = f"fake transcript of {length} bytes"
         if b'name="response_format"\r\n\r\ntext' in start:
             return 200, "text/plain; charset=utf-8", text.encode()
@@ -1196,12 +1199,6 @@ def test_openai_client_transcriptions_through_an_agents_server(h):
     late = httpx.post(router.url + "/v1/audio/transcriptions", files=files,
                       data={"model": "whisper-1"}, timeout=10)
     assert late.status_code == 200
-    file_first = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\""
-                  b"\r\n\r\nRIFF\r\n--b\r\nContent-Disposition: form-data; name=\"model\""
-                  b"\r\n\r\nwhisper-1\r\n--b--\r\n")
-    status, _, body = http(router.url, "POST", "/v1/audio/transcriptions", file_first,
-                           headers={"Content-Type": "multipart/form-data; boundary=b"})
-    assert status == 400 and "before its file" in json.loads(body)["error"]["message"]
 
 
 def test_transcription_with_mlx_qwen3_asr_on_the_node(h, tools_on_path):
@@ -1254,6 +1251,121 @@ def test_a_50_mb_upload_streams_through_without_being_held(h):
     assert answer.startswith(b"HTTP/1.1 200"), answer
     assert server.received == len(start) + size + len(end)
     assert growth < 25 << 20, f"the router and agent grew by {growth >> 20} MB"
+
+
+def form_part(name, filename=None):
+    """The head of one part of a multipart/form-data body with boundary "b"; its data
+    and b"\r\n" follow, and b"--b--\r\n" ends the form."""
+    disposition = b'form-data; name="%s"' % name.encode()
+    if filename:
+        disposition += b'; filename="%s"' % filename.encode()
+    return b"--b\r\nContent-Disposition: " + disposition + b"\r\n\r\n"
+
+
+def upload_head(path, length=None):
+    """A transcription request's head: with Content-Length, or chunked without one."""
+    framing = b"Content-Length: %d" % length if length is not None else \
+        b"Transfer-Encoding: chunked"
+    return (b"POST %s HTTP/1.1\r\nHost: r\r\nContent-Type: multipart/form-data; "
+            b"boundary=b\r\n%s\r\n\r\n" % (path.encode(), framing))
+
+
+def read_response(sock):
+    """(status, body) of the response on a raw socket."""
+    import http.client
+    answer = http.client.HTTPResponse(sock)
+    answer.begin()
+    return answer.status, answer.read()
+
+
+def spooled_sizes(folder):
+    """Sizes of the files this process holds open in `folder`, deleted ones too (a
+    spooled upload has no name), from /proc; None where there is no /proc to ask."""
+    if not os.path.isdir("/proc/self/fd"):
+        return None
+    sizes = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # an fd closed meanwhile
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(str(folder) + os.sep):
+                sizes.append(os.stat(f"/proc/self/fd/{fd}").st_size)
+    return sizes
+
+
+@pytest.fixture
+def spool_dir(tmp_path, monkeypatch):
+    """The folder temporary files go to (tempfile's own setting, as TMPDIR sets it)."""
+    folder = tmp_path / "spool"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def test_a_form_whose_file_comes_first_is_spooled_to_disk_and_replayed_whole(h, spool_dir):
+    import psutil
+    broken, healthy = h.media_server(), h.media_server()
+    router = h.router()
+    h.media_agent(router, h.fake(), "broken", lambda hb: hb["cpu"].update(percent=0.0),
+                  FLEET_NODE_TRANSCRIBE_URL=broken.url)
+    h.media_agent(router, h.fake(), "healthy", lambda hb: hb["cpu"].update(percent=95.0),
+                  FLEET_NODE_TRANSCRIBE_URL=healthy.url)
+    broken.fault = "http500"  # the first choice fails once it has the whole upload
+    size, piece = 32 << 20, os.urandom(1 << 20)
+    start = form_part("file", "talk.wav")
+    end = (b"\r\n" + form_part("model") + b"whisper-1\r\n" + form_part("language") +
+           b"en\r\n--b--\r\n")
+    length = len(start) + size + len(end)
+    sent = hashlib.sha256(start)
+    rss_before = psutil.Process().memory_info().rss
+    with socket.create_connection(("127.0.0.1", router.port), timeout=30) as s:
+        s.sendall(upload_head("/api/transcribe", length) + start)
+        for i in range(size // len(piece)):
+            chunk = bytes([i]) + piece[1:]  # no two megabytes alike
+            sent.update(chunk)
+            s.sendall(chunk)
+        # The whole file has gone out, the model not yet: no node has heard of the
+        # request, and the router holds the file on disk, not in memory.
+        if spooled_sizes(spool_dir) is not None:
+            wait_until(lambda: sum(spooled_sizes(spool_dir)) >= size - (1 << 20),
+                       what="the file to be spooled")
+        growth = psutil.Process().memory_info().rss - rss_before
+        assert broken.received == healthy.received == 0
+        assert growth < 16 << 20, f"the router grew by {growth >> 20} MB"
+        s.sendall(end)
+        sent.update(end)
+        status, body = read_response(s)
+    assert status == 200, body
+    assert json.loads(body) == {"model": "whisper-1",
+                                "text": f"fake transcript of {length} bytes"}
+    got = [r["sha256"] for r in broken.requests + healthy.requests if "sha256" in r]
+    assert got == [sent.hexdigest()] * 2  # both nodes had every byte, in order
+    assert [(t["node_id"], t["status"]) for t in h.traces(router)] == [
+        ("broken", "retried"), ("healthy", "completed")]
+    wait_until(lambda: not spooled_sizes(spool_dir), what="the spool to be closed")
+    assert os.listdir(spool_dir) == []
+
+
+def test_the_order_of_a_forms_fields_does_not_matter(h):
+    server = h.media_server(models=["whisper-1"])
+    router = h.router()
+    h.media_agent(router, h.fake(), "whisper-box", FLEET_NODE_TRANSCRIBE_URL=server.url)
+    orders = {"model, file": [("model", None, b"whisper-1"), ("file", "a.wav", b"RIFF")],
+              "file, model": [("file", "a.wav", b"RIFF"), ("model", None, b"whisper-1")],
+              "language, file, model": [("language", None, b"en"),
+                                        ("file", "a.wav", b"RIFF"),
+                                        ("model", None, b"whisper-1")]}
+    for order, parts in orders.items():
+        body = b"".join(form_part(n, f) + data + b"\r\n" for n, f, data in parts)
+        body += b"--b--\r\n"
+        status, _, answer = http(router.url, "POST", "/v1/audio/transcriptions", body,
+                                 headers={"Content-Type": "multipart/form-data; boundary=b"})
+        assert (status, json.loads(answer)) == (
+            200, {"text": f"fake transcript of {len(body)} bytes"}), order
+        assert server.requests[-1]["sha256"] == hashlib.sha256(body).hexdigest(), order
+    no_model = form_part("file", "a.wav") + b"RIFF\r\n--b--\r\n"
+    status, _, answer = http(router.url, "POST", "/api/transcribe", no_model,
+                             headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert status == 400 and "needs a model field" in json.loads(answer)["error"]
+    assert len(server.requests) == 3 + 1  # and /v1/models, asked once by the agent
 
 
 ####################################################################################
