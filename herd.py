@@ -2379,6 +2379,9 @@ class Upload:
             await asyncio.to_thread(self.spool.writelines, self.pieces)
             self.pieces, self.held = [], 0
 
+    def too_large(self):
+        return f"upload larger than FLEET_MAX_UPLOAD_MB ({self.stream.limit} bytes)"
+
     def check_replayable(self, node_id, error):
         """RouteError when a node failed after more than FLEET_MEDIA_REPLAY_MB had
         passed: nothing is left to send another node."""
@@ -2396,7 +2399,7 @@ class Upload:
                 await up.send_body(data, timeout)
                 ex.touch()
         except hc.BodyTooLarge:
-            raise RouteError(413, "upload larger than FLEET_MAX_UPLOAD_MB") from None
+            raise RouteError(413, self.too_large()) from None
         except TimeoutError:
             raise RouteError(408, f"the client sent nothing for {self.conn.read_timeout:g}s "
                                   f"of its upload") from None
@@ -3689,8 +3692,8 @@ class Api:
                 text = {k: v.decode("utf-8", "replace") for k, v in fields.items()}
                 model = hc.check_model_name(text.get("model"))
             except hc.BodyTooLarge:
-                return await self.proxy.reject(request, conn, api, "upload larger than "
-                                               "FLEET_MAX_UPLOAD_MB", status=413)
+                return await self.proxy.reject(request, conn, api, upload.too_large(),
+                                               status=413)
             except TimeoutError:
                 return await self.proxy.reject(request, conn, api, "the client stopped "
                                                "sending its upload", status=408)

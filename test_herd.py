@@ -1368,6 +1368,65 @@ def test_the_order_of_a_forms_fields_does_not_matter(h):
     assert len(server.requests) == 3 + 1  # and /v1/models, asked once by the agent
 
 
+def send_chunked(sock, data, piece=1 << 16):
+    """`data` as chunks of a chunked body, then its last chunk; a router that refused
+    the body may close before all of it is sent."""
+    with contextlib.suppress(ConnectionError):
+        for at in range(0, len(data), piece):
+            sock.sendall(b"%x\r\n%s\r\n" % (len(data[at:at + piece]), data[at:at + piece]))
+        sock.sendall(b"0\r\n\r\n")
+
+
+def test_an_upload_past_the_limit_is_a_413_in_each_apis_shape_and_leaves_nothing(
+        h, tools_on_path, spool_dir):
+    import httpx
+    import openai
+    router = h.router(FLEET_MAX_UPLOAD_MB=1)
+    h.media_agent(router, h.fake(), "mac-mini")
+    model = "Qwen/Qwen3-ASR-0.6B"
+    audio = os.urandom(3 << 19)  # 1.5 MB
+    # Content-Length says it: refused from the request's head.
+    with pytest.raises(openai.APIStatusError) as e:
+        openai_client(router).audio.transcriptions.create(model=model,
+                                                          file=("a.wav", audio))
+    assert e.value.status_code == 413 and e.value.body["type"] == "invalid_request_error"
+    answer = httpx.post(router.url + "/api/transcribe", data={"model": model},
+                        files={"file": ("a.wav", audio)}, timeout=10)
+    assert answer.status_code == 413 and isinstance(answer.json()["error"], str)
+    # Chunked, model first: the upload is on its way to the node when it goes past.
+    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as s:
+        s.sendall(upload_head("/v1/audio/transcriptions"))
+        send_chunked(s, form_part("model") + model.encode() + b"\r\n" +
+                     form_part("file", "a.wav") + audio + b"\r\n--b--\r\n")
+        status, body = read_response(s)
+    error = json.loads(body)["error"]
+    assert status == 413 and error["type"] == "invalid_request_error"
+    assert "FLEET_MAX_UPLOAD_MB (1048576 bytes)" in error["message"]
+    # Chunked, file first: it goes past while it is spooled, before any node hears.
+    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as s:
+        s.sendall(upload_head("/api/transcribe"))
+        send_chunked(s, form_part("file", "a.wav") + audio + b"\r\n" +
+                     form_part("model") + model.encode() + b"\r\n--b--\r\n")
+        status, body = read_response(s)
+    assert status == 413 and "FLEET_MAX_UPLOAD_MB" in json.loads(body)["error"]
+    # The two refused from their head have no trace: no handler saw them.
+    rows = [(t["endpoint"], t["http_status"], t["node_id"]) for t in h.traces(router)]
+    assert rows == [("/v1/audio/transcriptions", 413, "mac-mini"),
+                    ("/api/transcribe", 413, None)]
+    queue = queue_row(router, "mac-mini", hc.canonical_model(model))
+    assert (queue["active"], queue["waiting"]) == (0, 0)
+    wait_until(lambda: os.listdir(spool_dir) == [] and not spooled_sizes(spool_dir),
+               what="the spool and the agent's half-received file to go")
+    assert os.listdir(tools_on_path) == []  # the tool never ran on half a file
+    # The router goes on serving, on both routes.
+    result = openai_client(router).audio.transcriptions.create(
+        model=model, file=("a.wav", audio[:1000]))
+    assert result.text == "heard 1000 bytes"
+    answer = httpx.post(router.url + "/api/transcribe", data={"model": model},
+                        files={"file": ("a.wav", audio[:2000])}, timeout=10)
+    assert answer.json() == {"model": model, "text": "heard 2000 bytes"}
+
+
 ####################################################################################
 # Settings and start-up (README "Settings")
 ####################################################################################
