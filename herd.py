@@ -3697,6 +3697,10 @@ class Api:
             except TimeoutError:
                 return await self.proxy.reject(request, conn, api, "the client stopped "
                                                "sending its upload", status=408)
+            except ConnectionError as e:  # the body's framing is broken, or the client left
+                if conn.client_gone:
+                    raise
+                return await self.proxy.reject(request, conn, api, str(e))
             except ValueError as e:
                 message = str(e)
                 if message == "model is required":

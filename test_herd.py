@@ -1368,6 +1368,19 @@ def test_the_order_of_a_forms_fields_does_not_matter(h):
     assert len(server.requests) == 3 + 1  # and /v1/models, asked once by the agent
 
 
+def test_an_upload_with_broken_framing_gets_a_clear_400(h):
+    server = h.media_server(models=["whisper-1"])
+    router = h.router()
+    h.media_agent(router, h.fake(), "whisper-box", FLEET_NODE_TRANSCRIBE_URL=server.url)
+    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as s:
+        s.sendall(upload_head("/v1/audio/transcriptions") + b"zz\r\n")  # no chunk size
+        status, body = read_response(s)
+    error = json.loads(body)["error"]
+    assert status == 400 and error["type"] == "invalid_request_error"
+    assert "request body" in error["message"]
+    assert [r["path"] for r in server.requests] == ["/v1/models"]  # no node heard of it
+
+
 def send_chunked(sock, data, piece=1 << 16):
     """`data` as chunks of a chunked body, then its last chunk; a router that refused
     the body may close before all of it is sent."""
