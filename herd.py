@@ -1706,7 +1706,12 @@ EMBED_ENDPOINTS = ("/api/embed", "/api/embeddings", "/v1/embeddings")
 
 
 class AttemptFailed(Exception):
-    """A node failed before anything reached the client: another node may try."""
+    """A node failed before anything reached the client: another node may try. `status`
+    is the client's answer if none can: 504 when the node said it timed out, else 502."""
+
+    def __init__(self, message, status=502):
+        super().__init__(message)
+        self.status = status
 
 
 class Exchange:
@@ -1933,18 +1938,18 @@ class Proxy:
                 await self.node_relay.attempt(conn, ex, choice)
                 return
             except AttemptFailed as e:
-                last_error = str(e)
+                last_error = e
                 proxy_log.warning("attempt failed, trying another node",
                                   extra={"request_id": ex.request_id, "node_id": ex.node_id,
-                                         "model": ex.served_model, "error": last_error})
-                self.traces.record(ex.trace_row(hc.RETRIED, error=last_error))
+                                         "model": ex.served_model, "error": str(e)})
+                self.traces.record(ex.trace_row(hc.RETRIED, error=str(e)))
                 exclude.append(choice.node.node_id)
                 attempt += 1
             finally:
                 level = q.release(ticket)
                 if choice.node.node_id not in exclude:  # this attempt answered
                     self._learn(ex, choice, level)
-        raise RouteError(502, f"no node could answer: {last_error}")
+        raise RouteError(last_error.status, f"no node could answer: {last_error}")
 
     def _count_evictions(self, ex, choice):
         """A cold load the router sends pushes these models out: count each."""
@@ -2089,7 +2094,8 @@ class NodeRelay:
                 raise
             if ex.upload is not None:
                 ex.upload.check_replayable(choice.node.node_id, e)
-            raise AttemptFailed(f"node {choice.node.node_id}: {e}") from None
+            raise AttemptFailed(f"node {choice.node.node_id}: {e}",
+                                504 if e.phase == "timeout" else 502) from None
         finally:
             if up is not None:
                 self.pool.release(up) if ex.answered else up.close()
@@ -2131,8 +2137,7 @@ class NodeRelay:
         502 and a node's 5xx (but Ollama's 'busy', for the client to retry) is retried."""
         body = await up.read_body(self.cfg.chunk_timeout)
         if status >= 500 and not is_busy(status, body) and not ex.chosen:
-            raise hc.UpstreamError("status", f"answered {status}: "
-                                             f"{body[:300].decode('utf-8', 'replace')}")
+            raise node_failure(ex, status, body)
         ex.ttft = time.monotonic() - ex.t0
         if ex.before_end and status < 400:
             await ex.before_end()
@@ -2223,8 +2228,7 @@ class MediaRoute:
         the product's shape (a node's 5xx is retried, as for any route)."""
         body = await up.read_body(self.cfg.chunk_timeout, MAX_MEDIA_ANSWER)
         if status >= 500 and not ex.chosen:
-            raise hc.UpstreamError("status", f"answered {status}: "
-                                             f"{body[:300].decode('utf-8', 'replace')}")
+            raise node_failure(ex, status, body)
         if status < 400:
             try:
                 out, ctype = translate_answer(ex, choice.model, body)
@@ -2386,9 +2390,9 @@ class Upload:
         """RouteError when a node failed after more than FLEET_MEDIA_REPLAY_MB had
         passed: nothing is left to send another node."""
         if not self.replayable:
-            raise RouteError(502, f"node {node_id}: {error} (the upload went past "
-                                  f"FLEET_MEDIA_REPLAY_MB, so it cannot be sent to another "
-                                  f"node)")
+            raise RouteError(504 if error.phase == "timeout" else 502,
+                             f"node {node_id}: {error} (the upload went past "
+                             f"FLEET_MEDIA_REPLAY_MB, so it cannot be sent to another node)")
 
     async def send_to(self, up, timeout, ex):
         """Send the whole upload to `up`: what was kept, then the rest as it arrives."""
@@ -2512,6 +2516,16 @@ def content_length(headers):
 def is_busy(status, body):
     """Ollama's own 503 when its queue is full (OLLAMA_MAX_QUEUE): the client retries."""
     return status == 503 and b"server busy" in body
+
+
+def node_failure(ex, status, body):
+    """The UpstreamError for a node's 5xx. On an image or speech route a 504 is the
+    agent saying that its tool or server took longer than FLEET_NODE_MEDIA_TIMEOUT:
+    a time-out ("timed out" is what the traces' time-out counts look for)."""
+    if status == 504 and ex.kind in hc.MEDIA_KINDS:
+        return hc.UpstreamError("timeout", f"timed out (504): {error_text(body)}")
+    return hc.UpstreamError("status", f"answered {status}: "
+                                      f"{body[:300].decode('utf-8', 'replace')}")
 
 
 # How a stream that Ollama ended with an error shows it, by API: its error line (native),

@@ -355,11 +355,12 @@ def ollama_error_body(message):
 
 
 def openai_error_type(status):
-    """Ollama's OpenAI layer derives the error type from the status code."""
+    """Ollama's OpenAI layer derives the error type from the status code; a 504 (a
+    node's or the router's time-out) is "timeout"."""
     return {400: "invalid_request_error", 404: "not_found_error",
             401: "authentication_error", 403: "permission_error",
             413: "invalid_request_error",
-            429: "rate_limit_error"}.get(status, "api_error")
+            429: "rate_limit_error", 504: "timeout"}.get(status, "api_error")
 
 
 def openai_error_body(status, message, code=None):
@@ -1141,7 +1142,8 @@ class FormReader:
 
 
 class UpstreamError(Exception):
-    """A backend failed; `phase` says when: connect, send, first_byte or body."""
+    """A backend failed; `phase` says when: connect, send, first_byte or body; or how:
+    "status" (it answered a 5xx), "timeout" (it answered that it timed out)."""
 
     def __init__(self, phase, message, closed=False):
         super().__init__(message)

@@ -1440,6 +1440,42 @@ def test_an_upload_past_the_limit_is_a_413_in_each_apis_shape_and_leaves_nothing
     assert answer.json() == {"model": model, "text": "heard 2000 bytes"}
 
 
+def test_a_media_nodes_504_is_a_time_out_in_traces_and_in_the_answer(
+        h, tools_on_path, monkeypatch):
+    import openai
+    router = h.router()
+    h.media_agent(router, h.fake(), "mac-studio", FLEET_NODE_MEDIA_TIMEOUT=0.5)
+    client, asr = openai_client(router), "Qwen/Qwen3-ASR-0.6B"
+    monkeypatch.setenv("HERD_FAKE_TOOL_DELAY", "30")  # past the agent's limit: its 504
+    for _ in range(2):
+        with pytest.raises(openai.InternalServerError) as e:
+            client.images.generate(model="schnell", prompt="x", size="64x64")
+        assert e.value.status_code == 504 and e.value.body["type"] == "timeout"
+    status, _, body = http(router.url, "POST", "/api/generate-image",
+                           {"model": "schnell", "prompt": "x"})
+    assert status == 504 and "timed out" in json.loads(body)["error"]
+    with pytest.raises(openai.InternalServerError) as e:
+        client.audio.transcriptions.create(model=asr, file=("a.wav", b"RIFF" * 100))
+    assert e.value.status_code == 504 and e.value.body["type"] == "timeout"
+    monkeypatch.setenv("HERD_FAKE_TOOL_DELAY", "0")
+    monkeypatch.setenv("HERD_FAKE_TOOL_FAIL", "1")  # the tool fails at once: a 500
+    for _ in range(2):
+        with pytest.raises(openai.InternalServerError) as e:
+            client.audio.transcriptions.create(model=asr, file=("a.wav", b"RIFF" * 100))
+        assert e.value.status_code == 502 and "failed to decode" in e.value.message
+    monkeypatch.delenv("HERD_FAKE_TOOL_FAIL")
+    assert client.images.generate(model="schnell", prompt="x", size="64x64").data[0].b64_json
+    assert client.audio.transcriptions.create(model=asr, file=("a.wav", b"RIFF")).text == \
+        "heard 4 bytes"
+    rows = [(t["kind"], t["status"], t["http_status"], "timed out" in (t["error_message"] or ""))
+            for t in h.traces(router)]
+    timed_out = [("image", "retried", 504, True), ("image", "failed", 504, True)]
+    failed = [("transcription", "retried", 500, False), ("transcription", "failed", 502, False)]
+    assert rows == timed_out * 3 + [("transcription", "retried", 504, True),
+                                    ("transcription", "failed", 504, True)] + failed * 2 + [
+        ("image", "completed", 200, False), ("transcription", "completed", 200, False)]
+
+
 ####################################################################################
 # Settings and start-up (README "Settings")
 ####################################################################################
