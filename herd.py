@@ -164,7 +164,8 @@ ROUTER_SETTINGS = [
     hc.Setting("FLEET_TRACE_RETENTION_DAYS", 30, "traces older than this are deleted "
                "(checked hourly; 0: keep them all)"),
     hc.Setting("FLEET_HEALTH_ERROR_RATE", 0.05, "share of failed requests in an hour that "
-               "the health API calls a warning (critical at four times it)"),
+               "the health API calls a warning (critical at four times it); also the share "
+               "of a node's image or speech requests that time out, or fail, there"),
     hc.Setting("FLEET_HEALTH_RETRY_RATE", 0.10, "share of retried attempts in an hour that is "
                "a warning (critical at four times it)"),
     hc.Setting("FLEET_HEALTH_DISCONNECT_RATE", 0.10, "share of requests whose client left, in "
@@ -3406,9 +3407,56 @@ def check_request_timeouts(snap):
     if snap["timeouts"]:
         yield finding("request_timeouts", "warning", "Nodes time out",
                       f"{snap['timeouts']} requests in the last {HEALTH_WINDOW_S // 60} min "
-                      f"waited past FLEET_FIRST_BYTE_TIMEOUT or FLEET_CHUNK_TIMEOUT.",
+                      f"waited past FLEET_FIRST_BYTE_TIMEOUT or FLEET_CHUNK_TIMEOUT (images "
+                      f"and speech are counted per node: media_timeouts).",
                       "Look for an overloaded node in /fleet/status, or raise the time-outs "
                       "for very large models.")
+
+
+# How the media checks name a kind, and the tool or server to look at for it.
+MEDIA_WORDS = {hc.IMAGE: ("image", "mflux-generate, or the server FLEET_NODE_IMAGE_URL "
+                                   "names"),
+               hc.TRANSCRIPTION: ("speech-to-text", "mlx-qwen3-asr, or the server "
+                                                    "FLEET_NODE_TRANSCRIBE_URL names")}
+
+
+def _media_troubles(snap, key):
+    """(row, severity) of each node and media kind whose `key` count (timeouts, failed)
+    is FLEET_HEALTH_ERROR_RATE or more of the requests sent there. Images and speech
+    are few and slow, so one in a quiet hour counts; critical needs ten requests."""
+    threshold = snap["limits"]["error_rate"]
+    for row in snap["media"]:
+        count, total = row[key], row["requests"]
+        if count and count / total >= threshold:
+            critical = total >= 10 and count / total >= min(1.0, 4 * threshold)
+            yield row, "critical" if critical else "warning"
+
+
+def check_media_timeouts(snap):
+    for row, severity in _media_troubles(snap, "timeouts"):
+        what, node = MEDIA_WORDS[row["kind"]][0], row["node_id"]
+        yield finding("media_timeouts", severity, f"{what.capitalize()} requests time out "
+                                                  f"on {node}",
+                      f"{row['timeouts']} of {row['requests']} {what} requests sent to "
+                      f"{node} in the last {HEALTH_WINDOW_S // 60} min timed out: its tool "
+                      f"or server took longer than FLEET_NODE_MEDIA_TIMEOUT, or the router "
+                      f"waited past FLEET_FIRST_BYTE_TIMEOUT.",
+                      "Raise FLEET_NODE_MEDIA_TIMEOUT on that node (and the router's "
+                      "FLEET_FIRST_BYTE_TIMEOUT if it is lower), or ask for less at once "
+                      "(smaller images, fewer steps, shorter audio).", node=node)
+
+
+def check_media_errors(snap):
+    for row, severity in _media_troubles(snap, "failed"):
+        (what, tool), node = MEDIA_WORDS[row["kind"]], row["node_id"]
+        yield finding("media_errors", severity, f"{what.capitalize()} requests fail on "
+                                                f"{node}",
+                      f"{row['failed']} of {row['requests']} {what} requests sent to {node} "
+                      f"in the last {HEALTH_WINDOW_S // 60} min failed there (time-outs "
+                      f"aside).",
+                      f"Check the tool on that node: run {tool} there by hand, and read "
+                      f"~/.fleet-manager/logs/herd-node.jsonl; the failed and retried "
+                      f"traces' error_message says what it answered.", node=node)
 
 
 def check_incomplete_streams(snap):
@@ -3452,8 +3500,8 @@ HEALTH_CHECKS = (check_no_nodes, check_open_fleet, check_refused_heartbeats, che
                  check_paused_nodes, check_underutilized_nodes, check_vram_fallbacks,
                  check_kv_cache_bloat, check_model_thrashing, check_request_timeouts,
                  check_error_rates, check_retry_rates, check_client_disconnects,
-                 check_incomplete_streams, check_version_mismatch, check_context_protection,
-                 check_zombie_reaper)
+                 check_media_timeouts, check_media_errors, check_incomplete_streams,
+                 check_version_mismatch, check_context_protection, check_zombie_reaper)
 
 
 def run_health_checks(snap):
@@ -3496,6 +3544,7 @@ class Health:
                 "zombies_reaped": recent["zombie_reaped"],
                 "heartbeat_timeout": cfg.heartbeat_timeout, "open_fleet": not cfg.token,
                 "speed_drops": self.learner.speed_drops(),
+                "media": await self.traces.media_window(since),
                 **await self.traces.health_window(since)}
 
     async def report(self):

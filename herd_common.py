@@ -2058,10 +2058,25 @@ _TOKENS_PER_S = (f"ROUND(SUM(CASE WHEN status = '{COMPLETED}' AND eval_ms > 0 "
 _MEANS = (f"ROUND(AVG(CASE WHEN status = '{COMPLETED}' THEN latency_ms END), 1) "
           f"AS mean_latency_ms, ROUND(AVG(CASE WHEN status = '{COMPLETED}' THEN ttft_ms END), "
           f"1) AS mean_ttft_ms, {_TOKENS_PER_S}")
-_WINDOW_SQL = (
-    "SELECT status, node_id, COUNT(*) AS n, AVG(ttft_ms) AS ttft, "
-    "SUM(error_message LIKE '%sent no %' OR error_message LIKE '%timed out%') AS timeouts "
-    "FROM request_traces WHERE timestamp > ? GROUP BY status, node_id")
+# A time-out, in a trace's words: the router waited past its time-outs ("sent no
+# response", "sent no data", "connect ... timed out") or a node said it timed out.
+_TIMED_OUT = ("(COALESCE(error_message, '') LIKE '%sent no %' OR "
+              "COALESCE(error_message, '') LIKE '%timed out%')")
+_MEDIA = f"COALESCE(kind, '') IN ('{IMAGE}', '{TRANSCRIPTION}')"  # rows before schema 5: ''
+_WINDOW_SQL = (  # images and speech have their time-outs counted per node (_MEDIA_SQL)
+    f"SELECT status, node_id, COUNT(*) AS n, AVG(ttft_ms) AS ttft, "
+    f"SUM({_TIMED_OUT} AND NOT {_MEDIA}) AS timeouts "
+    f"FROM request_traces WHERE timestamp > ? GROUP BY status, node_id")
+# Per node and media kind: the requests sent there, and those that timed out there or
+# failed there otherwise. A request's rows on one node (the attempt retried elsewhere,
+# and the final row when no other node could answer) count as one.
+_MEDIA_SQL = (
+    f"SELECT kind, node_id, COUNT(DISTINCT request_id) AS requests, "
+    f"COUNT(DISTINCT CASE WHEN {_TIMED_OUT} THEN request_id END) AS timeouts, "
+    f"COUNT(DISTINCT CASE WHEN status IN ('{FAILED}', '{INCOMPLETE}', '{RETRIED}') "
+    f"AND NOT {_TIMED_OUT} THEN request_id END) AS failed "
+    f"FROM request_traces WHERE timestamp > ? AND {_MEDIA} AND node_id IS NOT NULL "
+    f"GROUP BY kind, node_id ORDER BY kind, node_id")
 _VITALS_SQL = (  # one pass over the covering index: no sort, fast on a day of traces
     f"SELECT COALESCE(SUM(status != '{RETRIED}'), 0) AS requests, "
     f"COALESCE(SUM({_ERRORS}), 0) AS failed, "
@@ -2316,6 +2331,10 @@ class TraceStore:
                 "incomplete": out[INCOMPLETE], "timeouts": out["timeouts"],
                 "requests_by_node": dict(by_node),
                 "mean_ttft_ms": round(ttft_sum / ttft_n, 1) if ttft_n else None}
+
+    async def media_window(self, since):
+        """Per node and media kind since `since`: requests, timeouts, failed."""
+        return await self._read(_MEDIA_SQL, (since,))
 
     async def vitals(self, since):
         """{requests, failed, ttft} since `since`: the health API's day."""

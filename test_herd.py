@@ -1440,7 +1440,7 @@ def test_an_upload_past_the_limit_is_a_413_in_each_apis_shape_and_leaves_nothing
     assert answer.json() == {"model": model, "text": "heard 2000 bytes"}
 
 
-def test_a_media_nodes_504_is_a_time_out_in_traces_and_in_the_answer(
+def test_media_time_outs_and_failures_are_counted_per_kind_and_node_in_health(
         h, tools_on_path, monkeypatch):
     import openai
     router = h.router()
@@ -1474,6 +1474,21 @@ def test_a_media_nodes_504_is_a_time_out_in_traces_and_in_the_answer(
     assert rows == timed_out * 3 + [("transcription", "retried", 504, True),
                                     ("transcription", "failed", 504, True)] + failed * 2 + [
         ("image", "completed", 200, False), ("transcription", "completed", 200, False)]
+    checks = get_json(router.url, "/dashboard/api/health")["checks"]
+    media = sorted((c["check"], c["node_id"], c["severity"], c["description"].split(" in ")[0])
+                   for c in checks if c["check"].startswith("media_"))
+    assert media == [
+        ("media_errors", "mac-studio", "warning",
+         "2 of 4 speech-to-text requests sent to mac-studio"),
+        ("media_timeouts", "mac-studio", "warning", "1 of 4 speech-to-text requests sent to "
+                                                    "mac-studio"),
+        ("media_timeouts", "mac-studio", "warning", "3 of 4 image requests sent to mac-studio")]
+    titles = {c["title"] for c in checks}
+    assert {"Image requests time out on mac-studio", "Speech-to-text requests time out on "
+            "mac-studio", "Speech-to-text requests fail on mac-studio"} <= titles
+    assert all("FLEET_NODE_MEDIA_TIMEOUT" in c["recommendation"] for c in checks
+               if c["check"] == "media_timeouts")
+    assert "request_timeouts" not in [c["check"] for c in checks]  # counted once, here
 
 
 ####################################################################################
@@ -3406,7 +3421,7 @@ def healthy_snapshot():
             "speed_drops": [],
             "requests": 100, "failed": 0,
             "retried": 0, "cancelled": 0, "incomplete": 0, "timeouts": 0,
-            "requests_by_node": {"a": 50, "b": 50}, "mean_ttft_ms": 80.0}
+            "requests_by_node": {"a": 50, "b": 50}, "mean_ttft_ms": 80.0, "media": []}
 
 
 def crafted(**changes):
@@ -3438,6 +3453,12 @@ HEALTH_CASES = [
     ("retry_rates", "warning", crafted(retried=12), "12 of 100"),
     ("client_disconnects", "warning", crafted(cancelled=15), "15 of 100"),
     ("incomplete_streams", "warning", crafted(incomplete=2), "2 streams"),
+    ("media_timeouts", "warning", crafted(media=[{"kind": "image", "node_id": "a",
+                                                  "requests": 4, "timeouts": 3, "failed": 0}]),
+     "3 of 4 image requests sent to a"),
+    ("media_errors", "critical", crafted(media=[{"kind": "transcription", "node_id": "b",
+                                                 "requests": 10, "timeouts": 0, "failed": 5}]),
+     "5 of 10 speech-to-text requests sent to b"),
     ("version_mismatch", "info", crafted(node_ollama_version="0.11.0"), "0.11.0, 0.12.6"),
     ("context_protection", "info", crafted(events={"context_stripped": 5}), "stripped 5"),
     ("zombie_reaper", "warning", crafted(zombies_reaped=2), "stopped 2 requests"),
@@ -3468,6 +3489,17 @@ def test_each_health_check_fires_on_its_condition(check, severity, snap, numbers
     assert f["title"] and f["recommendation"] and score < 100
 
 
+def test_media_findings_come_at_the_error_rate_and_critical_needs_ten_requests():
+    def media(requests, timeouts):
+        snap = crafted(media=[{"kind": "image", "node_id": "a", "requests": requests,
+                               "timeouts": timeouts, "failed": 0}])
+        return [f["severity"] for f in herd.run_health_checks(snap)[0]]
+    assert media(30, 1) == []  # 3%, under FLEET_HEALTH_ERROR_RATE's 5%
+    assert media(30, 2) == ["warning"]
+    assert media(30, 30) == ["critical"]
+    assert media(3, 3) == ["warning"]  # all of them, but only three
+
+
 def test_health_thresholds_come_from_settings():
     snap = crafted(failed=4)  # 4% with the default 5%: quiet
     assert herd.run_health_checks(snap)[0] == []
@@ -3477,10 +3509,10 @@ def test_health_thresholds_come_from_settings():
     assert [f["severity"] for f in herd.run_health_checks(snap)[0]] == ["critical"]
 
 
-def test_all_twenty_checks_are_covered():
+def test_all_twenty_two_checks_are_covered():
     assert sorted(c[0] for c in HEALTH_CASES) == sorted(
         fn.__name__.removeprefix("check_") for fn in herd.HEALTH_CHECKS)
-    assert len(herd.HEALTH_CHECKS) == 20
+    assert len(herd.HEALTH_CHECKS) == 22
 
 
 def test_a_resolved_problem_drops_out_of_health_once_its_window_passes(h):
