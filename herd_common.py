@@ -2063,10 +2063,14 @@ _MEANS = (f"ROUND(AVG(CASE WHEN status = '{COMPLETED}' THEN latency_ms END), 1) 
 _TIMED_OUT = ("(COALESCE(error_message, '') LIKE '%sent no %' OR "
               "COALESCE(error_message, '') LIKE '%timed out%')")
 _MEDIA = f"COALESCE(kind, '') IN ('{IMAGE}', '{TRANSCRIPTION}')"  # rows before schema 5: ''
-_WINDOW_SQL = (  # images and speech have their time-outs counted per node (_MEDIA_SQL)
-    f"SELECT status, node_id, COUNT(*) AS n, AVG(ttft_ms) AS ttft, "
-    f"SUM({_TIMED_OUT} AND NOT {_MEDIA}) AS timeouts "
-    f"FROM request_traces WHERE timestamp > ? GROUP BY status, node_id")
+_WINDOW_SQL = (
+    "SELECT status, node_id, COUNT(*) AS n, AVG(ttft_ms) AS ttft "
+    "FROM request_traces WHERE timestamp > ? GROUP BY status, node_id")
+# Requests with a time-out: a request's rows (each attempt that timed out, its final row
+# that says so again) count once. Images and speech are counted per node (_MEDIA_SQL).
+_TIMEOUTS_SQL = (
+    f"SELECT COUNT(DISTINCT request_id) AS n FROM request_traces "
+    f"WHERE timestamp > ? AND {_TIMED_OUT} AND NOT {_MEDIA}")
 # Per node and media kind: the requests sent there, and those that timed out there or
 # failed there otherwise. A request's rows on one node (the attempt retried elsewhere,
 # and the final row when no other node could answer) count as one.
@@ -2319,7 +2323,6 @@ class TraceStore:
         ttft_sum = ttft_n = 0.0
         for r in await self._read(_WINDOW_SQL, (since,)):
             out[r["status"]] += r["n"]
-            out["timeouts"] += r["timeouts"] or 0
             if r["status"] != RETRIED:
                 out["requests"] += r["n"]
                 by_node[r["node_id"]] += r["n"]
@@ -2328,7 +2331,8 @@ class TraceStore:
                 ttft_n += r["n"]
         return {"requests": out["requests"], "failed": out[FAILED] + out[INCOMPLETE],
                 "retried": out[RETRIED], "cancelled": out[CANCELLED],
-                "incomplete": out[INCOMPLETE], "timeouts": out["timeouts"],
+                "incomplete": out[INCOMPLETE],
+                "timeouts": (await self._read(_TIMEOUTS_SQL, (since,)))[0]["n"],
                 "requests_by_node": dict(by_node),
                 "mean_ttft_ms": round(ttft_sum / ttft_n, 1) if ttft_n else None}
 

@@ -3121,6 +3121,10 @@ def test_a_stalled_node_times_out_and_the_next_one_answers(h):
     status, _, body = http(router.url, "POST", "/api/generate",
                            {"model": "llama3.2:3b", "prompt": "x"})
     assert status == 502 and "sent no response for 0.3s" in json.loads(body)["error"]
+    h.traces(router)  # written (the writer batches for 0.1 s)
+    checks = get_json(router.url, "/dashboard/api/health")["checks"]
+    timeouts = [c["description"] for c in checks if c["check"] == "request_timeouts"]
+    assert len(timeouts) == 1 and timeouts[0].startswith("2 requests")  # of 4 rows
 
 
 def test_a_retry_forwards_the_clients_body_not_the_last_nodes_rewrite(h):
