@@ -25,12 +25,13 @@ Key settings: FLEET_PORT (11435), FLEET_HOST (0.0.0.0), FLEET_DATA_DIR (~/.fleet
     "limit":4,"estimated_wait_s":0.0}],"total_active":1,"total_waiting":0,"holding":0}
 
 The sections below follow a request: settings; the fleet (nodes, queues, the only
-code that changes them); routing (Scheduler); the proxy (Exchange, Proxy: serve ->
-attempts -> attempt -> send upstream -> relay -> finish); pulls and pre-warm; managing
-models (ModelAdmin: delete, copy, create and its blobs, push); stats; health; the HTTP
-API (Api: the route table, thin handlers; DashboardApi; Guard, who may call what; Cors,
-which web pages may); background duties; run (RouterServer builds every part once and
-hands each what it uses).
+code that changes them); routing (Scheduler); the proxy (Exchange; Proxy: serve ->
+attempts -> finish; NodeRelay: attempt -> send upstream -> relay; MediaRoute and Upload
+for images and speech); pulls and pre-warm; managing models (ModelAdmin: delete, copy,
+create and its blobs, push); stats; health; the HTTP API (Api: the route table, thin
+handlers; DashboardApi; Guard, who may call what; Cors, which web pages may);
+background duties; run (RouterServer builds every part once and hands each what it
+uses).
 """
 
 import argparse
@@ -49,6 +50,7 @@ import re
 import socket
 import statistics
 import sys
+import tempfile
 import time
 import urllib.parse
 
@@ -130,7 +132,8 @@ ROUTER_SETTINGS = [
                "/api/create) streamed to a node (413 beyond); the router holds at most a "
                "megabyte of it at a time"),
     hc.Setting("FLEET_MAX_UPLOAD_MB", 512.0, "largest speech upload (/v1/audio/transcriptions, "
-               "/api/transcribe) streamed to a node (413 beyond)"),
+               "/api/transcribe) streamed to a node, or spooled to TMPDIR while its file "
+               "comes before its model field (413 beyond)"),
     hc.Setting("FLEET_MEDIA_REPLAY_MB", 8.0, "of a speech upload, the megabytes the router "
                "keeps while it streams, so that a node failing before it answers can be "
                "replaced; a longer upload goes to one node only (0: never kept)"),
@@ -161,7 +164,8 @@ ROUTER_SETTINGS = [
     hc.Setting("FLEET_TRACE_RETENTION_DAYS", 30, "traces older than this are deleted "
                "(checked hourly; 0: keep them all)"),
     hc.Setting("FLEET_HEALTH_ERROR_RATE", 0.05, "share of failed requests in an hour that "
-               "the health API calls a warning (critical at four times it)"),
+               "the health API calls a warning (critical at four times it); also the share "
+               "of a node's image or speech requests that time out, or fail, there"),
     hc.Setting("FLEET_HEALTH_RETRY_RATE", 0.10, "share of retried attempts in an hour that is "
                "a warning (critical at four times it)"),
     hc.Setting("FLEET_HEALTH_DISCONNECT_RATE", 0.10, "share of requests whose client left, in "
@@ -1783,12 +1787,14 @@ class Scheduler:
 # Proxy: one request to one node at a time, relayed chunk by chunk
 #
 # Theory: Proxy.serve() builds the request's Exchange and runs attempts: choose a
-# node, wait for a slot in its queue, send the request, relay the answer. A node that
-# fails before the first chunk reached the client is excluded and the next best one
-# tried; after the first chunk the answer is the client's, so a failure then ends the
-# stream with an error line in the client's framing. The Exchange only collects facts
-# (status code, started, answered, client left, reaped); Exchange.outcome() is the one
-# place that turns them into the trace's status, and Proxy.finish() records it.
+# node, wait for a slot in its queue, then NodeRelay.attempt() sends the request and
+# relays the answer (MediaRoute says where an image or speech request goes on the
+# node, and how its answer comes back). A node that fails before the first chunk
+# reached the client is excluded and the next best one tried; after the first chunk
+# the answer is the client's, so a failure then ends the stream with an error line in
+# the client's framing. The Exchange only collects facts (status code, started,
+# answered, client left, reaped); Exchange.outcome() is the one place that turns them
+# into the trace's status, and Proxy.finish() records it.
 ####################################################################################
 
 NON_STREAM_BUFFER = 16 << 20  # a non-streamed answer up to this size is checked whole
@@ -1808,7 +1814,12 @@ EMBED_ENDPOINTS = ("/api/embed", "/api/embeddings", "/v1/embeddings")
 
 
 class AttemptFailed(Exception):
-    """A node failed before anything reached the client: another node may try."""
+    """A node failed before anything reached the client: another node may try. `status`
+    is the client's answer if none can: 504 when the node said it timed out, else 502."""
+
+    def __init__(self, message, status=502):
+        super().__init__(message)
+        self.status = status
 
 
 class Exchange:
@@ -1935,7 +1946,7 @@ class Proxy:
     def __init__(self, cfg, fleet, scheduler, learner, pulls, warmer, stats, traces, pool):
         self.cfg, self.fleet, self.scheduler, self.learner = cfg, fleet, scheduler, learner
         self.pulls, self.warmer, self.stats, self.traces = pulls, warmer, stats, traces
-        self.pool = pool
+        self.node_relay = NodeRelay(cfg, pool)
         self.active = {}  # request_id -> Exchange, for the reaper
         self.client_in_flight = collections.Counter()
 
@@ -2047,14 +2058,14 @@ class Proxy:
                 ex.queue_wait = time.monotonic() - t_queue
                 ex.touch()
                 self._count_evictions(ex, choice)
-                await self._attempt(conn, ex, choice)
+                await self.node_relay.attempt(conn, ex, choice)
                 return
             except AttemptFailed as e:
-                last_error = str(e)
+                last_error = e
                 proxy_log.warning("attempt failed, trying another node",
                                   extra={"request_id": ex.request_id, "node_id": ex.node_id,
-                                         "model": ex.served_model, "error": last_error})
-                self.traces.record(ex.trace_row(hc.RETRIED, error=last_error))
+                                         "model": ex.served_model, "error": str(e)})
+                self.traces.record(ex.trace_row(hc.RETRIED, error=str(e)))
                 exclude.append(choice.node.node_id)
                 attempt += 1
             finally:
@@ -2063,7 +2074,7 @@ class Proxy:
                     self.fleet.finish_load(choice.node, choice.model, ex.started)
                 if choice.node.node_id not in exclude:  # this attempt answered
                     self._learn(ex, choice, level)
-        raise RouteError(502, f"no node could answer: {last_error}")
+        raise RouteError(last_error.status, f"no node could answer: {last_error}")
 
     def _count_evictions(self, ex, choice):
         """A cold load the router sends pushes these models out: count each."""
@@ -2085,151 +2096,6 @@ class Proxy:
                                      c.model_size if c else 0, level)
         slots = self.fleet.slots_for(choice.node)
         self.fleet.set_concurrency(choice.node, choice.model, speed.settle_concurrency(slots))
-
-    # -- one attempt: send upstream, relay --------------------------------------------
-
-    async def _attempt(self, conn, ex, choice):
-        """Send the request to the chosen node and relay its answer to the client."""
-        up = None
-        try:
-            up, status, headers = await self._send_upstream(ex, choice)
-            ex.http_status = status
-            length = content_length(headers)
-            if ex.endpoint in AGENT_PATHS:
-                await self._relay_translated(conn, ex, choice, up, status)
-            elif length is not None and length <= NON_STREAM_BUFFER:
-                await self._relay_whole(conn, ex, choice, up, status, headers)
-            else:
-                await self._relay_stream(conn, ex, choice, up, status, headers)
-        except hc.UpstreamError as e:
-            if conn.response_started:
-                raise
-            if ex.upload is not None and not ex.upload.replayable:
-                raise RouteError(502, f"node {choice.node.node_id}: {e} (the upload went "
-                                      f"past FLEET_MEDIA_REPLAY_MB, so it cannot be sent to "
-                                      f"another node)") from None
-            raise AttemptFailed(f"node {choice.node.node_id}: {e}") from None
-        finally:
-            if up is not None:
-                self.pool.release(up) if ex.answered else up.close()
-
-    def _target(self, ex, choice):
-        """(host, port, path, body, headers) of one attempt: the node's agent for an
-        image or speech model it serves itself (signed with the fleet token, so that
-        only the router can use it), else the node's Ollama; the product's own image
-        route is translated for either (Ollama's /api/generate, OpenAI's images API)."""
-        node, headers = choice.node, forward_headers(ex.request)
-        if node.serves_itself(choice.model, ex.kind):
-            path = AGENT_PATHS.get(ex.endpoint, ex.request.target)
-            body = openai_image_body(ex.fields) if ex.endpoint == "/api/generate-image" \
-                else ex.body
-            if self.cfg.token:  # a streamed upload is signed without its body
-                headers += hc.sign_request(self.cfg.token, "POST", path,
-                                           b"" if ex.upload is not None else body)
-            return node.media_host, node.media_port, path, body, headers
-        if ex.endpoint == "/api/generate-image":
-            return node.host, node.port, "/api/generate", ollama_image_body(ex.fields), \
-                headers
-        return node.host, node.port, ex.request.target, ex.body, headers
-
-    async def _send_upstream(self, ex, choice):
-        """Send the request and wait for the response head, on a kept-alive connection
-        when there is one; a kept-alive connection the node has closed meanwhile is
-        replaced by a fresh one, once (that is no failure of the node)."""
-        cfg = self.cfg
-        host, port, path, body, headers = self._target(ex, choice)
-        if ex.upload is not None:
-            return await self._send_upload(ex, host, port, path, headers)
-        up = await self.pool.connect(host, port, cfg.connect_timeout)
-        for fresh in (False, True):
-            try:
-                await up.send_request(ex.request.method.encode(), path.encode(), headers,
-                                      body)
-                status, headers_in = await up.receive_head(cfg.first_byte_timeout)
-                return up, status, headers_in
-            except hc.UpstreamError as e:
-                up.close()
-                if fresh or not (up.reused and e.closed):
-                    raise
-                up = await hc.Upstream.connect(host, port, cfg.connect_timeout)
-            except BaseException:
-                up.close()
-                raise
-
-    async def _send_upload(self, ex, host, port, path, headers):
-        """Stream a speech upload to the node as it arrives, then wait for its answer."""
-        cfg = self.cfg
-        up = await hc.Upstream.connect(host, port, cfg.connect_timeout)
-        try:
-            up.send_head(b"POST", path.encode(), headers, ex.upload.length)
-            await ex.upload.send_to(up, cfg.chunk_timeout, ex)
-            status, headers_in = await up.receive_head(cfg.first_byte_timeout)
-            return up, status, headers_in
-        except BaseException:
-            up.close()
-            raise
-
-    async def _relay_whole(self, conn, ex, choice, up, status, headers):
-        """A response with Content-Length: read it whole, so a cut-off body is a clean
-        502 and a node's 5xx (but Ollama's 'busy', for the client to retry) is retried."""
-        body = await up.read_body(self.cfg.chunk_timeout)
-        if status >= 500 and not is_busy(status, body) and not ex.chosen:
-            raise hc.UpstreamError("status", f"answered {status}: "
-                                             f"{body[:300].decode('utf-8', 'replace')}")
-        ex.ttft = time.monotonic() - ex.t0
-        if ex.before_end and status < 400:
-            await ex.before_end()
-        await conn.send_response(status, body, None, response_headers(headers, ex, choice))
-        ex.started = ex.answered = True
-        if status >= 400:
-            ex.error = body[:500].decode("utf-8", "replace")
-        else:
-            ex.read_usage(body)
-
-    async def _relay_translated(self, conn, ex, choice, up, status):
-        """The product's own image and speech routes: the node's whole answer, said in
-        the product's shape (a node's 5xx is retried, as for any route)."""
-        body = await up.read_body(self.cfg.chunk_timeout, MAX_MEDIA_ANSWER)
-        if status >= 500 and not ex.chosen:
-            raise hc.UpstreamError("status", f"answered {status}: "
-                                             f"{body[:300].decode('utf-8', 'replace')}")
-        if status < 400:
-            try:
-                out, ctype = translate_answer(ex, choice.model, body)
-            except ValueError as e:
-                raise hc.UpstreamError("body", f"answered without {e}") from None
-        else:
-            ex.error = error_text(body)
-            out, ctype = hc.ollama_error_body(ex.error), hc.JSON_TYPE
-        ex.ttft = time.monotonic() - ex.t0
-        await conn.send_response(status, out, ctype, response_headers([], ex, choice))
-        ex.started = ex.answered = True
-
-    async def _relay_stream(self, conn, ex, choice, up, status, headers):
-        """Chunk by chunk; the head goes out with the first chunk, so a node that fails
-        before it can still be replaced by another."""
-        relay = ex.relay = hc.Relay(up, conn, self.cfg.chunk_timeout)
-        first = await relay.first(headers)
-        ex.touch()
-        ex.ttft = time.monotonic() - ex.t0
-        ex.read_usage(first)  # the tail's counts, when it has them, replace these
-        await conn.start_response(status, None, response_headers(headers, ex, choice),
-                                  first_chunks=first)
-        ex.started = True
-        try:
-            await relay.rest()
-        except hc.UpstreamError as e:
-            ex.error = str(e)
-            return await end_with_error(conn, ex,
-                                        f"node {choice.node.node_id} failed mid-stream: {e}")
-        if ex.before_end and status < 400:
-            await ex.before_end()
-        await conn.end_response()
-        ex.answered = True
-        if any(mark in relay.last for mark in FAILED_STREAM_MARKS.get(ex.api, (b'"error"',))):
-            ex.answer_failed = True
-            ex.error = relay.last[-500:].decode("utf-8", "replace").strip()
-        ex.read_usage(relay.tail, relay.chunks)
 
     # -- finish -------------------------------------------------------------------------
 
@@ -2317,7 +2183,7 @@ class Proxy:
         ex.node_id, ex.before_end, ex.chosen = node.node_id, before_end, True
         conn.watch_client()
         try:
-            await self._attempt(conn, ex, Choice(node, model))
+            await self.node_relay.attempt(conn, ex, Choice(node, model))
         except AttemptFailed as e:
             ex.http_status, ex.error = 502, str(e)
             await conn.send_response(502, hc.ollama_error_body(str(e)))
@@ -2326,10 +2192,177 @@ class Proxy:
             self.finish(ex)
 
 
+class NodeRelay:
+    """One attempt: the request sent to one node, its answer relayed to the client."""
+
+    def __init__(self, cfg, pool):
+        self.cfg, self.pool = cfg, pool
+        self.media = MediaRoute(cfg)
+
+    async def attempt(self, conn, ex, choice):
+        """Send the request to the chosen node and relay its answer to the client."""
+        up = None
+        try:
+            up, status, headers = await self._send_upstream(ex, choice)
+            ex.http_status = status
+            length = content_length(headers)
+            if ex.endpoint in AGENT_PATHS:
+                await self.media.relay_translated(conn, ex, choice, up, status)
+            elif length is not None and length <= NON_STREAM_BUFFER:
+                await self._relay_whole(conn, ex, choice, up, status, headers)
+            else:
+                await self._relay_stream(conn, ex, choice, up, status, headers)
+        except hc.UpstreamError as e:
+            if conn.response_started:
+                raise
+            if ex.upload is not None:
+                ex.upload.check_replayable(choice.node.node_id, e)
+            raise AttemptFailed(f"node {choice.node.node_id}: {e}",
+                                504 if e.phase == "timeout" else 502) from None
+        finally:
+            if up is not None:
+                self.pool.release(up) if ex.answered else up.close()
+
+    def _target(self, ex, choice):
+        """(host, port, path, body, headers) of one attempt: the node's Ollama for text
+        and embeddings; an image or speech request goes where MediaRoute.target says."""
+        if ex.kind in hc.MEDIA_KINDS:
+            return self.media.target(ex, choice)
+        return choice.node.host, choice.node.port, ex.request.target, ex.body, \
+            forward_headers(ex.request)
+
+    async def _send_upstream(self, ex, choice):
+        """Send the request and wait for the response head, on a kept-alive connection
+        when there is one; a kept-alive connection the node has closed meanwhile is
+        replaced by a fresh one, once (that is no failure of the node)."""
+        cfg = self.cfg
+        host, port, path, body, headers = self._target(ex, choice)
+        if ex.upload is not None:
+            return await self.media.send_upload(ex, host, port, path, headers)
+        up = await self.pool.connect(host, port, cfg.connect_timeout)
+        for fresh in (False, True):
+            try:
+                await up.send_request(ex.request.method.encode(), path.encode(), headers,
+                                      body)
+                status, headers_in = await up.receive_head(cfg.first_byte_timeout)
+                return up, status, headers_in
+            except hc.UpstreamError as e:
+                up.close()
+                if fresh or not (up.reused and e.closed):
+                    raise
+                up = await hc.Upstream.connect(host, port, cfg.connect_timeout)
+            except BaseException:
+                up.close()
+                raise
+
+    async def _relay_whole(self, conn, ex, choice, up, status, headers):
+        """A response with Content-Length: read it whole, so a cut-off body is a clean
+        502 and a node's 5xx (but Ollama's 'busy', for the client to retry) is retried."""
+        body = await up.read_body(self.cfg.chunk_timeout)
+        if status >= 500 and not is_busy(status, body) and not ex.chosen:
+            raise node_failure(ex, status, body)
+        ex.ttft = time.monotonic() - ex.t0
+        if ex.before_end and status < 400:
+            await ex.before_end()
+        await conn.send_response(status, body, None, response_headers(headers, ex, choice))
+        ex.started = ex.answered = True
+        if status >= 400:
+            ex.error = body[:500].decode("utf-8", "replace")
+        else:
+            ex.read_usage(body)
+
+    async def _relay_stream(self, conn, ex, choice, up, status, headers):
+        """Chunk by chunk; the head goes out with the first chunk, so a node that fails
+        before it can still be replaced by another."""
+        relay = ex.relay = hc.Relay(up, conn, self.cfg.chunk_timeout)
+        first = await relay.first(headers)
+        ex.touch()
+        ex.ttft = time.monotonic() - ex.t0
+        ex.read_usage(first)  # the tail's counts, when it has them, replace these
+        await conn.start_response(status, None, response_headers(headers, ex, choice),
+                                  first_chunks=first)
+        ex.started = True
+        try:
+            await relay.rest()
+        except hc.UpstreamError as e:
+            ex.error = str(e)
+            return await end_with_error(conn, ex,
+                                        f"node {choice.node.node_id} failed mid-stream: {e}")
+        if ex.before_end and status < 400:
+            await ex.before_end()
+        await conn.end_response()
+        ex.answered = True
+        if any(mark in relay.last for mark in FAILED_STREAM_MARKS.get(ex.api, (b'"error"',))):
+            ex.answer_failed = True
+            ex.error = relay.last[-500:].decode("utf-8", "replace").strip()
+        ex.read_usage(relay.tail, relay.chunks)
+
+
 MAX_MEDIA_ANSWER = 64 << 20  # a picture or a transcript, read whole to translate it
 FORM_HEAD_MAX = 1 << 20  # of a speech upload, the fields before its file
 FORM_FIELD_MAX = 4096  # one such field (model, language, response_format, prompt)
+FORM_FIELDS_MAX = 64  # the plain fields read before the file, or before the model
+SPOOL_READ = 1 << 20  # a spooled upload goes on to the node in pieces this large
 IMAGE_SIZE_MAX, IMAGE_STEPS_MAX = 4096, 200
+
+
+class MediaRoute:
+    """How an image or speech request goes to a node and comes back: to the node's
+    agent for a model it serves itself, else to its Ollama; a speech upload streamed on
+    as it arrives; the product's own routes answered in the product's shape."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def target(self, ex, choice):
+        """(host, port, path, body, headers) of one attempt: the node's agent for an
+        image or speech model it serves itself (signed with the fleet token, so that
+        only the router can use it), else the node's Ollama; the product's own image
+        route is translated for either (Ollama's /api/generate, OpenAI's images API)."""
+        node, headers = choice.node, forward_headers(ex.request)
+        if node.serves_itself(choice.model, ex.kind):
+            path = AGENT_PATHS.get(ex.endpoint, ex.request.target)
+            body = openai_image_body(ex.fields) if ex.endpoint == "/api/generate-image" \
+                else ex.body
+            if self.cfg.token:  # a streamed upload is signed without its body
+                headers += hc.sign_request(self.cfg.token, "POST", path,
+                                           b"" if ex.upload is not None else body)
+            return node.media_host, node.media_port, path, body, headers
+        if ex.endpoint == "/api/generate-image":
+            return node.host, node.port, "/api/generate", ollama_image_body(ex.fields), \
+                headers
+        return node.host, node.port, ex.request.target, ex.body, headers
+
+    async def send_upload(self, ex, host, port, path, headers):
+        """Stream a speech upload to the node as it arrives, then wait for its answer."""
+        cfg = self.cfg
+        up = await hc.Upstream.connect(host, port, cfg.connect_timeout)
+        try:
+            up.send_head(b"POST", path.encode(), headers, ex.upload.length)
+            await ex.upload.send_to(up, cfg.chunk_timeout, ex)
+            status, headers_in = await up.receive_head(cfg.first_byte_timeout)
+            return up, status, headers_in
+        except BaseException:
+            up.close()
+            raise
+
+    async def relay_translated(self, conn, ex, choice, up, status):
+        """The product's own image and speech routes: the node's whole answer, said in
+        the product's shape (a node's 5xx is retried, as for any route)."""
+        body = await up.read_body(self.cfg.chunk_timeout, MAX_MEDIA_ANSWER)
+        if status >= 500 and not ex.chosen:
+            raise node_failure(ex, status, body)
+        if status < 400:
+            try:
+                out, ctype = translate_answer(ex, choice.model, body)
+            except ValueError as e:
+                raise hc.UpstreamError("body", f"answered without {e}") from None
+        else:
+            ex.error = error_text(body)
+            out, ctype = hc.ollama_error_body(ex.error), hc.JSON_TYPE
+        ex.ttft = time.monotonic() - ex.t0
+        await conn.send_response(status, out, ctype, response_headers([], ex, choice))
+        ex.started = ex.answered = True
 
 
 def read_image_settings(body):
@@ -2405,60 +2438,95 @@ def error_text(body):
 
 
 class Upload:
-    """A speech file in a multipart form, streamed from the client to a node: the
-    form's first fields are read (they name the model), then the rest passes on as it
-    arrives. What has passed is kept, up to FLEET_MEDIA_REPLAY_MB, so that a node that
-    fails before answering can be replaced by another; past that it is let go."""
+    """A speech file in a multipart form, streamed from the client to a node. The form
+    is read until the fields that name the model have arrived: fields before the file
+    are held in memory (FORM_HEAD_MAX at most); a file that comes before the model is
+    spooled to a temporary file (in TMPDIR, with no name: it goes when it is closed)
+    until the model has come. Then the rest passes on as it arrives. What has passed
+    is kept, the spool and up to FLEET_MEDIA_REPLAY_MB more in memory, so that a node
+    that fails before answering can be replaced by another; past that it is let go.
+    Leaving the `with` block closes the spool."""
 
     def __init__(self, request, conn, replay_limit):
         self.stream, self.conn, self.replay_limit = request.stream, conn, replay_limit
         length = request.header("content-length")
         self.length = int(length) if length is not None else None
-        self.pieces, self.size, self.replayable = [], 0, True
+        self.pieces, self.held, self.replayable = [], 0, True  # held: bytes in pieces
+        self.spool = None  # the form up to its model, when its file came first
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.spool is not None:
+            self.spool.close()
 
     async def read_fields(self, content_type):
-        """The form's plain fields before its first file (model, language, ...);
-        ValueError for a form that is not one, or whose fields run past FORM_HEAD_MAX."""
+        """The form's plain fields up to its file, or up to its model when the file
+        comes first (model, language, ...); ValueError for a form that is not one, or
+        whose fields are more than FORM_FIELDS_MAX or run past FORM_HEAD_MAX."""
         reader, fields, current = hc.FormReader(hc.form_boundary(content_type)), {}, None
         while data := await self._receive():
             for event, value in reader.feed(data):
-                if event == "part":
-                    if value.filename is not None:
+                if event == "part" and value.filename is not None:
+                    if "model" in fields:
                         return fields
+                    current = None
+                    await self._start_spool()
+                elif event == "part":
                     current = value.name
                     fields[current] = b""
+                    if len(fields) > FORM_FIELDS_MAX:
+                        raise ValueError(f"the form has more than {FORM_FIELDS_MAX} fields")
                 elif event == "data" and current is not None:
                     fields[current] = (fields[current] + value)[:FORM_FIELD_MAX]
+                elif event == "end" and current == "model" and self.spool is not None:
+                    return fields  # the file came first: the model was what was missing
                 elif event == "done":
                     return fields
-            if self.size > FORM_HEAD_MAX:
+            if self.held > FORM_HEAD_MAX:
                 raise ValueError(f"the form's fields before its file are larger than "
                                  f"{FORM_HEAD_MAX} bytes")
         return fields
 
     async def _receive(self):
         data = await self.stream.receive(self.conn.read_timeout)
-        self.pieces.append(data)  # the form's head always goes on to the node
-        self.size += len(data)
+        if self.spool is not None:
+            await asyncio.to_thread(self.spool.write, data)
+        else:
+            self.pieces.append(data)  # the form's head always goes on to the node
+            self.held += len(data)
         return data
+
+    async def _start_spool(self):
+        """A file before the model: what has come, and what comes until the model
+        does, goes to a temporary file rather than memory."""
+        if self.spool is None:
+            self.spool = tempfile.TemporaryFile(prefix="herd-upload-")
+            await asyncio.to_thread(self.spool.writelines, self.pieces)
+            self.pieces, self.held = [], 0
+
+    def too_large(self):
+        return f"upload larger than FLEET_MAX_UPLOAD_MB ({self.stream.limit} bytes)"
+
+    def check_replayable(self, node_id, error):
+        """RouteError when a node failed after more than FLEET_MEDIA_REPLAY_MB had
+        passed: nothing is left to send another node."""
+        if not self.replayable:
+            raise RouteError(504 if error.phase == "timeout" else 502,
+                             f"node {node_id}: {error} (the upload went past "
+                             f"FLEET_MEDIA_REPLAY_MB, so it cannot be sent to another node)")
 
     async def send_to(self, up, timeout, ex):
         """Send the whole upload to `up`: what was kept, then the rest as it arrives."""
-        for data in self.pieces:
-            await up.send_body(data, timeout)
-        if self.size > self.replay_limit:
-            self.replayable, self.pieces = False, []
+        await self._replay(up, timeout)
         try:
             while data := await self.stream.receive(self.conn.read_timeout):
-                self.size += len(data)
-                if self.replayable and self.size > self.replay_limit:
-                    self.replayable, self.pieces = False, []
-                elif self.replayable:
-                    self.pieces.append(data)
+                self._keep(data)
                 await up.send_body(data, timeout)
                 ex.touch()
         except hc.BodyTooLarge:
-            raise RouteError(413, "upload larger than FLEET_MAX_UPLOAD_MB") from None
+            raise RouteError(413, self.too_large()) from None
         except TimeoutError:
             raise RouteError(408, f"the client sent nothing for {self.conn.read_timeout:g}s "
                                   f"of its upload") from None
@@ -2467,6 +2535,26 @@ class Upload:
                 raise
             raise RouteError(400, str(e)) from None
         up.end_body()
+
+    async def _replay(self, up, timeout):
+        """What was kept: the spool from its start, then the pieces held in memory."""
+        if self.spool is not None:
+            await asyncio.to_thread(self.spool.seek, 0)
+            while data := await asyncio.to_thread(self.spool.read, SPOOL_READ):
+                await up.send_body(data, timeout)
+        for data in self.pieces:
+            await up.send_body(data, timeout)
+        if self.held > self.replay_limit:
+            self.replayable, self.pieces = False, []
+
+    def _keep(self, data):
+        """Hold a piece for a retry while what is held stays within the replay limit."""
+        if self.replayable:
+            self.held += len(data)
+            if self.held > self.replay_limit:
+                self.replayable, self.pieces = False, []
+            else:
+                self.pieces.append(data)
 
 
 def strip_routing_fields(request, body):
@@ -2551,6 +2639,16 @@ def content_length(headers):
 def is_busy(status, body):
     """Ollama's own 503 when its queue is full (OLLAMA_MAX_QUEUE): the client retries."""
     return status == 503 and b"server busy" in body
+
+
+def node_failure(ex, status, body):
+    """The UpstreamError for a node's 5xx. On an image or speech route a 504 is the
+    agent saying that its tool or server took longer than FLEET_NODE_MEDIA_TIMEOUT:
+    a time-out ("timed out" is what the traces' time-out counts look for)."""
+    if status == 504 and ex.kind in hc.MEDIA_KINDS:
+        return hc.UpstreamError("timeout", f"timed out (504): {error_text(body)}")
+    return hc.UpstreamError("status", f"answered {status}: "
+                                      f"{body[:300].decode('utf-8', 'replace')}")
 
 
 # How a stream that Ollama ended with an error shows it, by API: its error line (native),
@@ -3431,9 +3529,56 @@ def check_request_timeouts(snap):
     if snap["timeouts"]:
         yield finding("request_timeouts", "warning", "Nodes time out",
                       f"{snap['timeouts']} requests in the last {HEALTH_WINDOW_S // 60} min "
-                      f"waited past FLEET_FIRST_BYTE_TIMEOUT or FLEET_CHUNK_TIMEOUT.",
+                      f"waited past FLEET_FIRST_BYTE_TIMEOUT or FLEET_CHUNK_TIMEOUT (images "
+                      f"and speech are counted per node: media_timeouts).",
                       "Look for an overloaded node in /fleet/status, or raise the time-outs "
                       "for very large models.")
+
+
+# How the media checks name a kind, and the tool or server to look at for it.
+MEDIA_WORDS = {hc.IMAGE: ("image", "mflux-generate, or the server FLEET_NODE_IMAGE_URL "
+                                   "names"),
+               hc.TRANSCRIPTION: ("speech-to-text", "mlx-qwen3-asr, or the server "
+                                                    "FLEET_NODE_TRANSCRIBE_URL names")}
+
+
+def _media_troubles(snap, key):
+    """(row, severity) of each node and media kind whose `key` count (timeouts, failed)
+    is FLEET_HEALTH_ERROR_RATE or more of the requests sent there. Images and speech
+    are few and slow, so one in a quiet hour counts; critical needs ten requests."""
+    threshold = snap["limits"]["error_rate"]
+    for row in snap["media"]:
+        count, total = row[key], row["requests"]
+        if count and count / total >= threshold:
+            critical = total >= 10 and count / total >= min(1.0, 4 * threshold)
+            yield row, "critical" if critical else "warning"
+
+
+def check_media_timeouts(snap):
+    for row, severity in _media_troubles(snap, "timeouts"):
+        what, node = MEDIA_WORDS[row["kind"]][0], row["node_id"]
+        yield finding("media_timeouts", severity, f"{what.capitalize()} requests time out "
+                                                  f"on {node}",
+                      f"{row['timeouts']} of {row['requests']} {what} requests sent to "
+                      f"{node} in the last {HEALTH_WINDOW_S // 60} min timed out: its tool "
+                      f"or server took longer than FLEET_NODE_MEDIA_TIMEOUT, or the router "
+                      f"waited past FLEET_FIRST_BYTE_TIMEOUT.",
+                      "Raise FLEET_NODE_MEDIA_TIMEOUT on that node (and the router's "
+                      "FLEET_FIRST_BYTE_TIMEOUT if it is lower), or ask for less at once "
+                      "(smaller images, fewer steps, shorter audio).", node=node)
+
+
+def check_media_errors(snap):
+    for row, severity in _media_troubles(snap, "failed"):
+        (what, tool), node = MEDIA_WORDS[row["kind"]], row["node_id"]
+        yield finding("media_errors", severity, f"{what.capitalize()} requests fail on "
+                                                f"{node}",
+                      f"{row['failed']} of {row['requests']} {what} requests sent to {node} "
+                      f"in the last {HEALTH_WINDOW_S // 60} min failed there (time-outs "
+                      f"aside).",
+                      f"Check the tool on that node: run {tool} there by hand, and read "
+                      f"~/.fleet-manager/logs/herd-node.jsonl; the failed and retried "
+                      f"traces' error_message says what it answered.", node=node)
 
 
 def check_incomplete_streams(snap):
@@ -3477,8 +3622,8 @@ HEALTH_CHECKS = (check_no_nodes, check_open_fleet, check_refused_heartbeats, che
                  check_paused_nodes, check_underutilized_nodes, check_vram_fallbacks,
                  check_kv_cache_bloat, check_model_thrashing, check_request_timeouts,
                  check_error_rates, check_retry_rates, check_client_disconnects,
-                 check_incomplete_streams, check_version_mismatch, check_context_protection,
-                 check_zombie_reaper)
+                 check_media_timeouts, check_media_errors, check_incomplete_streams,
+                 check_version_mismatch, check_context_protection, check_zombie_reaper)
 
 
 def run_health_checks(snap):
@@ -3521,6 +3666,7 @@ class Health:
                 "zombies_reaped": recent["zombie_reaped"],
                 "heartbeat_timeout": cfg.heartbeat_timeout, "open_fleet": not cfg.token,
                 "speed_drops": self.learner.speed_drops(),
+                "media": await self.traces.media_window(since),
                 **await self.traces.health_window(since)}
 
     async def report(self):
@@ -3721,28 +3867,33 @@ class Api:
     async def transcribe(self, request, conn):
         """POST /v1/audio/transcriptions (OpenAI's form: file, model, language,
         response_format) and /api/transcribe (the same form; the answer is the product's
-        {"model", "text", ...}): the form's fields are read up to its file, then the
-        upload streams on to a node that serves the model."""
+        {"model", "text", ...}): the form is read until its model is known (a file
+        before it is spooled to disk), then the upload streams on to a node that serves
+        the model."""
         api = hc.api_of(request.path)
-        upload = Upload(request, conn, int(self.cfg.media_replay_mb * (1 << 20)))
-        try:
-            fields = await upload.read_fields(request.header("content-type"))
-            text = {k: v.decode("utf-8", "replace") for k, v in fields.items()}
-            model = hc.check_model_name(text.get("model"))
-        except hc.BodyTooLarge:
-            return await self.proxy.reject(request, conn, api, "upload larger than "
-                                                               "FLEET_MAX_UPLOAD_MB", status=413)
-        except TimeoutError:
-            return await self.proxy.reject(request, conn, api, "the client stopped sending "
-                                                               "its upload", status=408)
-        except ValueError as e:
-            message = str(e)
-            if message == "model is required":
-                message = ("model is required: the form needs a model field, before its "
-                           "file (curl: -F model=... -F file=@audio.wav)")
-            return await self.proxy.reject(request, conn, api, message)
-        await self.proxy.serve(request, conn, api, text, hc.canonical_model(model), False,
-                               False, upload)
+        with Upload(request, conn, int(self.cfg.media_replay_mb * (1 << 20))) as upload:
+            try:
+                fields = await upload.read_fields(request.header("content-type"))
+                text = {k: v.decode("utf-8", "replace") for k, v in fields.items()}
+                model = hc.check_model_name(text.get("model"))
+            except hc.BodyTooLarge:
+                return await self.proxy.reject(request, conn, api, upload.too_large(),
+                                               status=413)
+            except TimeoutError:
+                return await self.proxy.reject(request, conn, api, "the client stopped "
+                                               "sending its upload", status=408)
+            except ConnectionError as e:  # the body's framing is broken, or the client left
+                if conn.client_gone:
+                    raise
+                return await self.proxy.reject(request, conn, api, str(e))
+            except ValueError as e:
+                message = str(e)
+                if message == "model is required":
+                    message = "model is required: the form needs a model field (curl: " \
+                              "-F model=... -F file=@audio.wav)"
+                return await self.proxy.reject(request, conn, api, message)
+            await self.proxy.serve(request, conn, api, text, hc.canonical_model(model),
+                                   False, False, upload)
 
     # -- Ollama's catalogue -------------------------------------------------------
 

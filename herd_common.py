@@ -355,11 +355,12 @@ def ollama_error_body(message):
 
 
 def openai_error_type(status):
-    """Ollama's OpenAI layer derives the error type from the status code."""
+    """Ollama's OpenAI layer derives the error type from the status code; a 504 (a
+    node's or the router's time-out) is "timeout"."""
     return {400: "invalid_request_error", 404: "not_found_error",
             401: "authentication_error", 403: "permission_error",
             413: "invalid_request_error",
-            429: "rate_limit_error"}.get(status, "api_error")
+            429: "rate_limit_error", 504: "timeout"}.get(status, "api_error")
 
 
 def openai_error_body(status, message, code=None):
@@ -1141,7 +1142,8 @@ class FormReader:
 
 
 class UpstreamError(Exception):
-    """A backend failed; `phase` says when: connect, send, first_byte or body."""
+    """A backend failed; `phase` says when: connect, send, first_byte or body; or how:
+    "status" (it answered a 5xx), "timeout" (it answered that it timed out)."""
 
     def __init__(self, phase, message, closed=False):
         super().__init__(message)
@@ -2067,10 +2069,29 @@ _TOKENS_PER_S = (f"ROUND(SUM(CASE WHEN status = '{COMPLETED}' AND eval_ms > 0 "
 _MEANS = (f"ROUND(AVG(CASE WHEN status = '{COMPLETED}' THEN latency_ms END), 1) "
           f"AS mean_latency_ms, ROUND(AVG(CASE WHEN status = '{COMPLETED}' THEN ttft_ms END), "
           f"1) AS mean_ttft_ms, {_TOKENS_PER_S}")
+# A time-out, in a trace's words: the router waited past its time-outs ("sent no
+# response", "sent no data", "connect ... timed out") or a node said it timed out.
+_TIMED_OUT = ("(COALESCE(error_message, '') LIKE '%sent no %' OR "
+              "COALESCE(error_message, '') LIKE '%timed out%')")
+_MEDIA = f"COALESCE(kind, '') IN ('{IMAGE}', '{TRANSCRIPTION}')"  # rows before schema 5: ''
 _WINDOW_SQL = (
-    "SELECT status, node_id, COUNT(*) AS n, AVG(ttft_ms) AS ttft, "
-    "SUM(error_message LIKE '%sent no %' OR error_message LIKE '%timed out%') AS timeouts "
+    "SELECT status, node_id, COUNT(*) AS n, AVG(ttft_ms) AS ttft "
     "FROM request_traces WHERE timestamp > ? GROUP BY status, node_id")
+# Requests with a time-out: a request's rows (each attempt that timed out, its final row
+# that says so again) count once. Images and speech are counted per node (_MEDIA_SQL).
+_TIMEOUTS_SQL = (
+    f"SELECT COUNT(DISTINCT request_id) AS n FROM request_traces "
+    f"WHERE timestamp > ? AND {_TIMED_OUT} AND NOT {_MEDIA}")
+# Per node and media kind: the requests sent there, and those that timed out there or
+# failed there otherwise. A request's rows on one node (the attempt retried elsewhere,
+# and the final row when no other node could answer) count as one.
+_MEDIA_SQL = (
+    f"SELECT kind, node_id, COUNT(DISTINCT request_id) AS requests, "
+    f"COUNT(DISTINCT CASE WHEN {_TIMED_OUT} THEN request_id END) AS timeouts, "
+    f"COUNT(DISTINCT CASE WHEN status IN ('{FAILED}', '{INCOMPLETE}', '{RETRIED}') "
+    f"AND NOT {_TIMED_OUT} THEN request_id END) AS failed "
+    f"FROM request_traces WHERE timestamp > ? AND {_MEDIA} AND node_id IS NOT NULL "
+    f"GROUP BY kind, node_id ORDER BY kind, node_id")
 _VITALS_SQL = (  # one pass over the covering index: no sort, fast on a day of traces
     f"SELECT COALESCE(SUM(status != '{RETRIED}'), 0) AS requests, "
     f"COALESCE(SUM({_ERRORS}), 0) AS failed, "
@@ -2313,7 +2334,6 @@ class TraceStore:
         ttft_sum = ttft_n = 0.0
         for r in await self._read(_WINDOW_SQL, (since,)):
             out[r["status"]] += r["n"]
-            out["timeouts"] += r["timeouts"] or 0
             if r["status"] != RETRIED:
                 out["requests"] += r["n"]
                 by_node[r["node_id"]] += r["n"]
@@ -2322,9 +2342,14 @@ class TraceStore:
                 ttft_n += r["n"]
         return {"requests": out["requests"], "failed": out[FAILED] + out[INCOMPLETE],
                 "retried": out[RETRIED], "cancelled": out[CANCELLED],
-                "incomplete": out[INCOMPLETE], "timeouts": out["timeouts"],
+                "incomplete": out[INCOMPLETE],
+                "timeouts": (await self._read(_TIMEOUTS_SQL, (since,)))[0]["n"],
                 "requests_by_node": dict(by_node),
                 "mean_ttft_ms": round(ttft_sum / ttft_n, 1) if ttft_n else None}
+
+    async def media_window(self, since):
+        """Per node and media kind since `since`: requests, timeouts, failed."""
+        return await self._read(_MEDIA_SQL, (since,))
 
     async def vitals(self, since):
         """{requests, failed, ttft} since `since`: the health API's day."""

@@ -39,6 +39,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -210,8 +211,8 @@ class FakeMediaServer:
     """An OpenAI-compatible image and transcription server, as small as it can be: GET
     /v1/models lists `models`; POST /v1/images/generations answers a one-pixel PNG;
     POST /v1/audio/transcriptions reads the form as it arrives (counting its bytes in
-    `received`, never holding it) and answers {"text": "..."} or, with response_format
-    text, the text. `fault = "http500"` makes it fail; `requests` records each request's
+    `received` and its request's "sha256", never holding it) and answers {"text": "..."}
+    or, with response_format text, the text. `fault = "http500"` makes it fail; `requests` records each request's
     path, headers and (for JSON) body."""
 
     PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAA"
@@ -239,7 +240,7 @@ class FakeMediaServer:
             record = {"path": path, "headers": headers, "body": None}
             self.requests.append(record)
             if path.endswith("/audio/transcriptions"):
-                status, ctype, body = await self._transcribe(reader, length, headers)
+                status, ctype, body = await self._transcribe(reader, length, record)
             else:
                 data = await reader.readexactly(length)
                 record["body"] = json.loads(data) if data else None
@@ -265,16 +266,18 @@ class FakeMediaServer:
                 {"created": 1, "data": [{"b64_json": self.PNG}]}).encode()
         return 404, "application/json", b'{"detail":"Not Found"}'
 
-    async def _transcribe(self, reader, length, headers):
-        left, start = length, b""
+    async def _transcribe(self, reader, length, record):
+        left, start, digest = length, b"", hashlib.sha256()
         while left:
             data = await reader.read(min(left, 1 << 16))
             if not data:
                 raise asyncio.IncompleteReadError(b"", left)
             left -= len(data)
             self.received += len(data)
+            digest.update(data)
             if len(start) < 4096:
                 start += data[:4096]
+        record["sha256"] = digest.hexdigest()
         text = f"fake transcript of {length} bytes"
         if b'name="response_format"\r\n\r\ntext' in start:
             return 200, "text/plain; charset=utf-8", text.encode()
@@ -1197,12 +1200,6 @@ def test_openai_client_transcriptions_through_an_agents_server(h):
     late = httpx.post(router.url + "/v1/audio/transcriptions", files=files,
                       data={"model": "whisper-1"}, timeout=10)
     assert late.status_code == 200
-    file_first = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\""
-                  b"\r\n\r\nRIFF\r\n--b\r\nContent-Disposition: form-data; name=\"model\""
-                  b"\r\n\r\nwhisper-1\r\n--b--\r\n")
-    status, _, body = http(router.url, "POST", "/v1/audio/transcriptions", file_first,
-                           headers={"Content-Type": "multipart/form-data; boundary=b"})
-    assert status == 400 and "before its file" in json.loads(body)["error"]["message"]
 
 
 def test_transcription_with_mlx_qwen3_asr_on_the_node(h, tools_on_path):
@@ -1255,6 +1252,244 @@ def test_a_50_mb_upload_streams_through_without_being_held(h):
     assert answer.startswith(b"HTTP/1.1 200"), answer
     assert server.received == len(start) + size + len(end)
     assert growth < 25 << 20, f"the router and agent grew by {growth >> 20} MB"
+
+
+def form_part(name, filename=None):
+    """The head of one part of a multipart/form-data body with boundary "b"; its data
+    and b"\r\n" follow, and b"--b--\r\n" ends the form."""
+    disposition = b'form-data; name="%s"' % name.encode()
+    if filename:
+        disposition += b'; filename="%s"' % filename.encode()
+    return b"--b\r\nContent-Disposition: " + disposition + b"\r\n\r\n"
+
+
+def upload_head(path, length=None):
+    """A transcription request's head: with Content-Length, or chunked without one."""
+    framing = b"Content-Length: %d" % length if length is not None else \
+        b"Transfer-Encoding: chunked"
+    return (b"POST %s HTTP/1.1\r\nHost: r\r\nContent-Type: multipart/form-data; "
+            b"boundary=b\r\n%s\r\n\r\n" % (path.encode(), framing))
+
+
+def read_response(sock):
+    """(status, body) of the response on a raw socket."""
+    import http.client
+    answer = http.client.HTTPResponse(sock)
+    answer.begin()
+    return answer.status, answer.read()
+
+
+def spooled_sizes(folder):
+    """Sizes of the files this process holds open in `folder`, deleted ones too (a
+    spooled upload has no name), from /proc; None where there is no /proc to ask."""
+    if not os.path.isdir("/proc/self/fd"):
+        return None
+    sizes = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # an fd closed meanwhile
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(str(folder) + os.sep):
+                sizes.append(os.stat(f"/proc/self/fd/{fd}").st_size)
+    return sizes
+
+
+@pytest.fixture
+def spool_dir(tmp_path, monkeypatch):
+    """The folder temporary files go to (tempfile's own setting, as TMPDIR sets it)."""
+    folder = tmp_path / "spool"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def test_a_form_whose_file_comes_first_is_spooled_to_disk_and_replayed_whole(h, spool_dir):
+    import psutil
+    broken, healthy = h.media_server(), h.media_server()
+    router = h.router()
+    h.media_agent(router, h.fake(), "broken", lambda hb: hb["cpu"].update(percent=0.0),
+                  FLEET_NODE_TRANSCRIBE_URL=broken.url)
+    h.media_agent(router, h.fake(), "healthy", lambda hb: hb["cpu"].update(percent=95.0),
+                  FLEET_NODE_TRANSCRIBE_URL=healthy.url)
+    broken.fault = "http500"  # the first choice fails once it has the whole upload
+    size, piece = 32 << 20, os.urandom(1 << 20)
+    start = form_part("file", "talk.wav")
+    end = (b"\r\n" + form_part("model") + b"whisper-1\r\n" + form_part("language") +
+           b"en\r\n--b--\r\n")
+    length = len(start) + size + len(end)
+    sent = hashlib.sha256(start)
+    rss_before = psutil.Process().memory_info().rss
+    with socket.create_connection(("127.0.0.1", router.port), timeout=30) as s:
+        s.sendall(upload_head("/api/transcribe", length) + start)
+        for i in range(size // len(piece)):
+            chunk = bytes([i]) + piece[1:]  # no two megabytes alike
+            sent.update(chunk)
+            s.sendall(chunk)
+        # The whole file has gone out, the model not yet: no node has heard of the
+        # request, and the router holds the file on disk, not in memory.
+        if spooled_sizes(spool_dir) is not None:
+            wait_until(lambda: sum(spooled_sizes(spool_dir)) >= size - (1 << 20),
+                       what="the file to be spooled")
+        growth = psutil.Process().memory_info().rss - rss_before
+        assert broken.received == healthy.received == 0
+        assert growth < 16 << 20, f"the router grew by {growth >> 20} MB"
+        s.sendall(end)
+        sent.update(end)
+        status, body = read_response(s)
+    assert status == 200, body
+    assert json.loads(body) == {"model": "whisper-1",
+                                "text": f"fake transcript of {length} bytes"}
+    got = [r["sha256"] for r in broken.requests + healthy.requests if "sha256" in r]
+    assert got == [sent.hexdigest()] * 2  # both nodes had every byte, in order
+    assert [(t["node_id"], t["status"]) for t in h.traces(router)] == [
+        ("broken", "retried"), ("healthy", "completed")]
+    wait_until(lambda: not spooled_sizes(spool_dir), what="the spool to be closed")
+    assert os.listdir(spool_dir) == []
+
+
+def test_the_order_of_a_forms_fields_does_not_matter(h):
+    server = h.media_server(models=["whisper-1"])
+    router = h.router()
+    h.media_agent(router, h.fake(), "whisper-box", FLEET_NODE_TRANSCRIBE_URL=server.url)
+    orders = {"model, file": [("model", None, b"whisper-1"), ("file", "a.wav", b"RIFF")],
+              "file, model": [("file", "a.wav", b"RIFF"), ("model", None, b"whisper-1")],
+              "language, file, model": [("language", None, b"en"),
+                                        ("file", "a.wav", b"RIFF"),
+                                        ("model", None, b"whisper-1")]}
+    for order, parts in orders.items():
+        body = b"".join(form_part(n, f) + data + b"\r\n" for n, f, data in parts)
+        body += b"--b--\r\n"
+        status, _, answer = http(router.url, "POST", "/v1/audio/transcriptions", body,
+                                 headers={"Content-Type": "multipart/form-data; boundary=b"})
+        assert (status, json.loads(answer)) == (
+            200, {"text": f"fake transcript of {len(body)} bytes"}), order
+        assert server.requests[-1]["sha256"] == hashlib.sha256(body).hexdigest(), order
+    no_model = form_part("file", "a.wav") + b"RIFF\r\n--b--\r\n"
+    status, _, answer = http(router.url, "POST", "/api/transcribe", no_model,
+                             headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert status == 400 and "needs a model field" in json.loads(answer)["error"]
+    assert len(server.requests) == 3 + 1  # and /v1/models, asked once by the agent
+
+
+def test_an_upload_with_broken_framing_gets_a_clear_400(h):
+    server = h.media_server(models=["whisper-1"])
+    router = h.router()
+    h.media_agent(router, h.fake(), "whisper-box", FLEET_NODE_TRANSCRIBE_URL=server.url)
+    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as s:
+        s.sendall(upload_head("/v1/audio/transcriptions") + b"zz\r\n")  # no chunk size
+        status, body = read_response(s)
+    error = json.loads(body)["error"]
+    assert status == 400 and error["type"] == "invalid_request_error"
+    assert "request body" in error["message"]
+    assert [r["path"] for r in server.requests] == ["/v1/models"]  # no node heard of it
+
+
+def send_chunked(sock, data, piece=1 << 16):
+    """`data` as chunks of a chunked body, then its last chunk; a router that refused
+    the body may close before all of it is sent."""
+    with contextlib.suppress(ConnectionError):
+        for at in range(0, len(data), piece):
+            sock.sendall(b"%x\r\n%s\r\n" % (len(data[at:at + piece]), data[at:at + piece]))
+        sock.sendall(b"0\r\n\r\n")
+
+
+def test_an_upload_past_the_limit_is_a_413_in_each_apis_shape_and_leaves_nothing(
+        h, tools_on_path, spool_dir):
+    import httpx
+    import openai
+    router = h.router(FLEET_MAX_UPLOAD_MB=1)
+    h.media_agent(router, h.fake(), "mac-mini")
+    model = "Qwen/Qwen3-ASR-0.6B"
+    audio = os.urandom(3 << 19)  # 1.5 MB
+    # Content-Length says it: refused from the request's head.
+    with pytest.raises(openai.APIStatusError) as e:
+        openai_client(router).audio.transcriptions.create(model=model,
+                                                          file=("a.wav", audio))
+    assert e.value.status_code == 413 and e.value.body["type"] == "invalid_request_error"
+    answer = httpx.post(router.url + "/api/transcribe", data={"model": model},
+                        files={"file": ("a.wav", audio)}, timeout=10)
+    assert answer.status_code == 413 and isinstance(answer.json()["error"], str)
+    # Chunked, model first: the upload is on its way to the node when it goes past.
+    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as s:
+        s.sendall(upload_head("/v1/audio/transcriptions"))
+        send_chunked(s, form_part("model") + model.encode() + b"\r\n" +
+                     form_part("file", "a.wav") + audio + b"\r\n--b--\r\n")
+        status, body = read_response(s)
+    error = json.loads(body)["error"]
+    assert status == 413 and error["type"] == "invalid_request_error"
+    assert "FLEET_MAX_UPLOAD_MB (1048576 bytes)" in error["message"]
+    # Chunked, file first: it goes past while it is spooled, before any node hears.
+    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as s:
+        s.sendall(upload_head("/api/transcribe"))
+        send_chunked(s, form_part("file", "a.wav") + audio + b"\r\n" +
+                     form_part("model") + model.encode() + b"\r\n--b--\r\n")
+        status, body = read_response(s)
+    assert status == 413 and "FLEET_MAX_UPLOAD_MB" in json.loads(body)["error"]
+    # The two refused from their head have no trace: no handler saw them.
+    rows = [(t["endpoint"], t["http_status"], t["node_id"]) for t in h.traces(router)]
+    assert rows == [("/v1/audio/transcriptions", 413, "mac-mini"),
+                    ("/api/transcribe", 413, None)]
+    queue = queue_row(router, "mac-mini", hc.canonical_model(model))
+    assert (queue["active"], queue["waiting"]) == (0, 0)
+    wait_until(lambda: os.listdir(spool_dir) == [] and not spooled_sizes(spool_dir),
+               what="the spool and the agent's half-received file to go")
+    assert os.listdir(tools_on_path) == []  # the tool never ran on half a file
+    # The router goes on serving, on both routes.
+    result = openai_client(router).audio.transcriptions.create(
+        model=model, file=("a.wav", audio[:1000]))
+    assert result.text == "heard 1000 bytes"
+    answer = httpx.post(router.url + "/api/transcribe", data={"model": model},
+                        files={"file": ("a.wav", audio[:2000])}, timeout=10)
+    assert answer.json() == {"model": model, "text": "heard 2000 bytes"}
+
+
+def test_media_time_outs_and_failures_are_counted_per_kind_and_node_in_health(
+        h, tools_on_path, monkeypatch):
+    import openai
+    router = h.router()
+    h.media_agent(router, h.fake(), "mac-studio", FLEET_NODE_MEDIA_TIMEOUT=0.5)
+    client, asr = openai_client(router), "Qwen/Qwen3-ASR-0.6B"
+    monkeypatch.setenv("HERD_FAKE_TOOL_DELAY", "30")  # past the agent's limit: its 504
+    for _ in range(2):
+        with pytest.raises(openai.InternalServerError) as e:
+            client.images.generate(model="schnell", prompt="x", size="64x64")
+        assert e.value.status_code == 504 and e.value.body["type"] == "timeout"
+    status, _, body = http(router.url, "POST", "/api/generate-image",
+                           {"model": "schnell", "prompt": "x"})
+    assert status == 504 and "timed out" in json.loads(body)["error"]
+    with pytest.raises(openai.InternalServerError) as e:
+        client.audio.transcriptions.create(model=asr, file=("a.wav", b"RIFF" * 100))
+    assert e.value.status_code == 504 and e.value.body["type"] == "timeout"
+    monkeypatch.setenv("HERD_FAKE_TOOL_DELAY", "0")
+    monkeypatch.setenv("HERD_FAKE_TOOL_FAIL", "1")  # the tool fails at once: a 500
+    for _ in range(2):
+        with pytest.raises(openai.InternalServerError) as e:
+            client.audio.transcriptions.create(model=asr, file=("a.wav", b"RIFF" * 100))
+        assert e.value.status_code == 502 and "failed to decode" in e.value.message
+    monkeypatch.delenv("HERD_FAKE_TOOL_FAIL")
+    assert client.images.generate(model="schnell", prompt="x", size="64x64").data[0].b64_json
+    assert client.audio.transcriptions.create(model=asr, file=("a.wav", b"RIFF")).text == \
+        "heard 4 bytes"
+    rows = [(t["kind"], t["status"], t["http_status"], "timed out" in (t["error_message"] or ""))
+            for t in h.traces(router)]
+    timed_out = [("image", "retried", 504, True), ("image", "failed", 504, True)]
+    failed = [("transcription", "retried", 500, False), ("transcription", "failed", 502, False)]
+    assert rows == timed_out * 3 + [("transcription", "retried", 504, True),
+                                    ("transcription", "failed", 504, True)] + failed * 2 + [
+        ("image", "completed", 200, False), ("transcription", "completed", 200, False)]
+    checks = get_json(router.url, "/dashboard/api/health")["checks"]
+    media = sorted((c["check"], c["node_id"], c["severity"], c["description"].split(" in ")[0])
+                   for c in checks if c["check"].startswith("media_"))
+    assert media == [
+        ("media_errors", "mac-studio", "warning",
+         "2 of 4 speech-to-text requests sent to mac-studio"),
+        ("media_timeouts", "mac-studio", "warning", "1 of 4 speech-to-text requests sent to "
+                                                    "mac-studio"),
+        ("media_timeouts", "mac-studio", "warning", "3 of 4 image requests sent to mac-studio")]
+    titles = {c["title"] for c in checks}
+    assert {"Image requests time out on mac-studio", "Speech-to-text requests time out on "
+            "mac-studio", "Speech-to-text requests fail on mac-studio"} <= titles
+    assert all("FLEET_NODE_MEDIA_TIMEOUT" in c["recommendation"] for c in checks
+               if c["check"] == "media_timeouts")
+    assert "request_timeouts" not in [c["check"] for c in checks]  # counted once, here
 
 
 ####################################################################################
@@ -3205,6 +3440,10 @@ def test_a_stalled_node_times_out_and_the_next_one_answers(h):
     status, _, body = http(router.url, "POST", "/api/generate",
                            {"model": "llama3.2:3b", "prompt": "x"})
     assert status == 502 and "sent no response for 0.3s" in json.loads(body)["error"]
+    h.traces(router)  # written (the writer batches for 0.1 s)
+    checks = get_json(router.url, "/dashboard/api/health")["checks"]
+    timeouts = [c["description"] for c in checks if c["check"] == "request_timeouts"]
+    assert len(timeouts) == 1 and timeouts[0].startswith("2 requests")  # of 4 rows
 
 
 def test_a_retry_forwards_the_clients_body_not_the_last_nodes_rewrite(h):
@@ -3505,7 +3744,7 @@ def healthy_snapshot():
             "speed_drops": [],
             "requests": 100, "failed": 0,
             "retried": 0, "cancelled": 0, "incomplete": 0, "timeouts": 0,
-            "requests_by_node": {"a": 50, "b": 50}, "mean_ttft_ms": 80.0}
+            "requests_by_node": {"a": 50, "b": 50}, "mean_ttft_ms": 80.0, "media": []}
 
 
 def crafted(**changes):
@@ -3537,6 +3776,12 @@ HEALTH_CASES = [
     ("retry_rates", "warning", crafted(retried=12), "12 of 100"),
     ("client_disconnects", "warning", crafted(cancelled=15), "15 of 100"),
     ("incomplete_streams", "warning", crafted(incomplete=2), "2 streams"),
+    ("media_timeouts", "warning", crafted(media=[{"kind": "image", "node_id": "a",
+                                                  "requests": 4, "timeouts": 3, "failed": 0}]),
+     "3 of 4 image requests sent to a"),
+    ("media_errors", "critical", crafted(media=[{"kind": "transcription", "node_id": "b",
+                                                 "requests": 10, "timeouts": 0, "failed": 5}]),
+     "5 of 10 speech-to-text requests sent to b"),
     ("version_mismatch", "info", crafted(node_ollama_version="0.11.0"), "0.11.0, 0.12.6"),
     ("context_protection", "info", crafted(events={"context_stripped": 5}), "stripped 5"),
     ("zombie_reaper", "warning", crafted(zombies_reaped=2), "stopped 2 requests"),
@@ -3567,6 +3812,17 @@ def test_each_health_check_fires_on_its_condition(check, severity, snap, numbers
     assert f["title"] and f["recommendation"] and score < 100
 
 
+def test_media_findings_come_at_the_error_rate_and_critical_needs_ten_requests():
+    def media(requests, timeouts):
+        snap = crafted(media=[{"kind": "image", "node_id": "a", "requests": requests,
+                               "timeouts": timeouts, "failed": 0}])
+        return [f["severity"] for f in herd.run_health_checks(snap)[0]]
+    assert media(30, 1) == []  # 3%, under FLEET_HEALTH_ERROR_RATE's 5%
+    assert media(30, 2) == ["warning"]
+    assert media(30, 30) == ["critical"]
+    assert media(3, 3) == ["warning"]  # all of them, but only three
+
+
 def test_health_thresholds_come_from_settings():
     snap = crafted(failed=4)  # 4% with the default 5%: quiet
     assert herd.run_health_checks(snap)[0] == []
@@ -3576,10 +3832,10 @@ def test_health_thresholds_come_from_settings():
     assert [f["severity"] for f in herd.run_health_checks(snap)[0]] == ["critical"]
 
 
-def test_all_twenty_checks_are_covered():
+def test_all_twenty_two_checks_are_covered():
     assert sorted(c[0] for c in HEALTH_CASES) == sorted(
         fn.__name__.removeprefix("check_") for fn in herd.HEALTH_CHECKS)
-    assert len(herd.HEALTH_CHECKS) == 20
+    assert len(herd.HEALTH_CHECKS) == 22
 
 
 def test_a_resolved_problem_drops_out_of_health_once_its_window_passes(h):
