@@ -1088,6 +1088,20 @@ def test_the_media_server_takes_only_the_routers_signed_requests(h):
     assert not [r for r in gpu_box.requests if r["path"] != "/v1/models"]
 
 
+def test_a_heartbeat_may_name_two_image_tools_joined_by_plus(h):
+    router = h.router()
+    hb = h.snapshot(router, h.fake(), "mac-studio")
+    hb["media"] = {"url": "http://127.0.0.1:11436", "image_models": ["schnell"],
+                   "transcribe_models": [], "backends": {"image": "mflux+diffusionkit"},
+                   "concurrency": 1}
+    assert post_heartbeat(router, hb)[0] == 200
+    assert fleet_node(router, "mac-studio")["media"]["backends"] == {
+        "image": "mflux+diffusionkit"}
+    hb["media"]["backends"]["image"] = "mflux+gimp"
+    status, answer = post_heartbeat(router, hb)
+    assert status == 400 and "media.backends.image" in json.dumps(answer)
+
+
 def test_no_node_for_a_kind_or_a_model_is_a_clear_404(one_node):
     import openai
     h, router, fake = one_node
