@@ -917,35 +917,48 @@ def test_v1_models_is_the_union_of_the_fleet(h):
 # and servers
 ####################################################################################
 
-# The stand-in tools, written into a test's own bin folder (same flags, same output
-# files as mflux's mflux-generate and mlx-qwen3-asr). Where a script says "# {started}",
-# it leaves its pid file and takes its delay (STAND_IN_STARTED).
+# The stand-in tools, written into a test's own bin folder (the flags, output files and
+# failures of mflux's mflux-generate and mflux-generate-z-image-turbo, DiffusionKit's
+# diffusionkit-cli and mlx-qwen3-asr). Where a script says "# {started}", it leaves its
+# pid file holding its command line and takes its delay (STAND_IN_STARTED); "# {png}" is
+# png(seed), a one-pixel PNG whose colour is the seed's low 16 bits (STAND_IN_PNG).
 STAND_IN_STARTED = '''pids = os.environ.get("HERD_FAKE_TOOL_PIDS")
 if pids:
-    open(os.path.join(pids, str(os.getpid())), "w").close()
+    with open(os.path.join(pids, str(os.getpid())), "w") as f:
+        json.dump(sys.argv, f)
 time.sleep(float(os.environ.get("HERD_FAKE_TOOL_DELAY", "0")))
+'''
+STAND_IN_PNG = '''def png(seed):
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+    pixel = zlib.compress(bytes([0, seed & 255, seed >> 8 & 255, 0]))
+    return (b"\\x89PNG\\r\\n\\x1a\\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", pixel) + chunk(b"IEND", b""))
 '''
 STAND_IN_TOOLS = {
     "mflux-generate": r'''#!/usr/bin/env python3
-"""A stand-in for mflux's mflux-generate in Herd's tests: the same flags, the same
-output file (a PNG at --output). HERD_FAKE_TOOL_DELAY=<s> makes it slow,
-HERD_FAKE_TOOL_FAIL=1 makes it fail as the real one does (a message, exit 1), and
-HERD_FAKE_TOOL_PIDS=<dir> leaves a file named by its pid there while it runs."""
+"""A stand-in for mflux's mflux-generate (and, by the name it is called by, its other
+text-to-image commands) in Herd's tests: the same flags (--seed takes one or more seeds,
+--output may hold "{seed}"), the same output file (a PNG per seed). HERD_FAKE_TOOL_DELAY=<s>
+makes it slow, HERD_FAKE_TOOL_FAIL=1 makes it fail as the real one does (a message, exit
+1), and HERD_FAKE_TOOL_PIDS=<dir> leaves a file named by its pid there while it runs."""
 import argparse
-import base64
+import json
 import os
+import random
+import struct
 import sys
 import time
+import zlib
 
-PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk"
-                       "+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
-
-parser = argparse.ArgumentParser(prog="mflux-generate")
-parser.add_argument("--model", "-m", required=True)
+# {png}
+parser = argparse.ArgumentParser(prog=os.path.basename(sys.argv[0]))
+parser.add_argument("--model", "-m")
 parser.add_argument("--base-model")
 parser.add_argument("--prompt", required=True)
-parser.add_argument("--steps", type=int, default=4)
-parser.add_argument("--seed", type=int)
+parser.add_argument("--steps", type=int)
+parser.add_argument("--seed", type=int, nargs="+")
 parser.add_argument("--height", type=int, default=1024)
 parser.add_argument("--width", type=int, default=1024)
 parser.add_argument("--quantize", "-q", type=int)
@@ -954,9 +967,60 @@ args = parser.parse_args()
 # {started}
 if os.environ.get("HERD_FAKE_TOOL_FAIL"):
     sys.exit(f"Error: could not load model {args.model}")
-with open(args.output, "wb") as f:
-    f.write(PNG)
-print(f"Image saved to {args.output}")
+for seed in args.seed or [random.randrange(1 << 32)]:
+    with open(args.output.format(seed=seed), "wb") as f:
+        f.write(png(seed))
+    print(f"Image saved to {args.output.format(seed=seed)}")
+''',
+    "diffusionkit-cli": r'''#!/usr/bin/env python3
+"""A stand-in for DiffusionKit's diffusionkit-cli in Herd's tests: the same flags (and
+--model-version choices), the same output file (a PNG at --output-path), and its refusal
+of a side that is no multiple of 16 (an assertion, exit 1). HERD_FAKE_TOOL_DELAY,
+HERD_FAKE_TOOL_FAIL and HERD_FAKE_TOOL_PIDS as for the mflux-generate stand-in."""
+import argparse
+import json
+import os
+import random
+import struct
+import sys
+import time
+import zlib
+
+# {png}
+MODELS = ["argmaxinc/mlx-stable-diffusion-3-medium", "argmaxinc/mlx-stable-diffusion-3.5-large",
+          "argmaxinc/mlx-stable-diffusion-3.5-large-4bit-quantized",
+          "argmaxinc/mlx-FLUX.1-schnell", "argmaxinc/mlx-FLUX.1-schnell-4bit-quantized",
+          "argmaxinc/mlx-FLUX.1-dev"]
+parser = argparse.ArgumentParser(prog="diffusionkit-cli")
+parser.add_argument("--prompt", required=True)
+parser.add_argument("--image-path")
+parser.add_argument("--model-version", choices=MODELS, default="argmaxinc/mlx-FLUX.1-schnell")
+parser.add_argument("--steps", type=int, default=50)
+parser.add_argument("--cfg", type=float, default=5.0)
+parser.add_argument("--negative_prompt", default="")
+parser.add_argument("--preload-models", action="store_true")
+parser.add_argument("--output-path", "-o", default="out.png")
+parser.add_argument("--seed", type=int)
+parser.add_argument("--verbose", "-v", action="store_true")
+parser.add_argument("--shift", type=float)
+parser.add_argument("--t5", action="store_true")
+parser.add_argument("--height", type=int)
+parser.add_argument("--width", type=int)
+parser.add_argument("--no-low-memory-mode", action="store_false", dest="low_memory_mode")
+parser.add_argument("--benchmark-mode", action="store_true")
+parser.add_argument("--denoise", type=float, default=0.0)
+parser.add_argument("--local-ckpt")
+args = parser.parse_args()
+# {started}
+side = 1024 if "3.5" in args.model_version else 512
+height, width = args.height or side, args.width or side
+assert height % 16 == 0, f"Height must be divisible by 16 ({height}/16={height / 16})"
+assert width % 16 == 0, f"Width must be divisible by 16 ({width}/16={width / 16})"
+if os.environ.get("HERD_FAKE_TOOL_FAIL"):
+    sys.exit(f"Error: could not load {args.model_version}")
+with open(args.output_path, "wb") as f:
+    f.write(png(random.randrange(1 << 32) if args.seed is None else args.seed))
+print(f"Saved the image to {args.output_path}", file=sys.stderr)
 ''',
     "mlx-qwen3-asr": r'''#!/usr/bin/env python3
 """A stand-in for mlx-qwen3-asr in Herd's tests: the same flags, the same output file
@@ -997,6 +1061,7 @@ for path in args.audio:
         print(text)
 ''',
 }
+STAND_IN_TOOLS["mflux-generate-z-image-turbo"] = STAND_IN_TOOLS["mflux-generate"]
 
 
 @pytest.fixture
@@ -1007,12 +1072,28 @@ def tools_on_path(monkeypatch, tmp_path):
     tools = tmp_path / "bin"
     tools.mkdir()
     for name, text in STAND_IN_TOOLS.items():
-        text = text.replace("# {started}\n", STAND_IN_STARTED)
+        text = text.replace("# {started}\n", STAND_IN_STARTED).replace("# {png}\n",
+                                                                       STAND_IN_PNG)
         (tools / name).write_text(text.replace("/usr/bin/env python3", sys.executable, 1))
         (tools / name).chmod(0o755)
     monkeypatch.setenv("PATH", str(tools) + os.pathsep + os.environ["PATH"])
     monkeypatch.setenv("HERD_FAKE_TOOL_PIDS", str(pids))
     return pids
+
+
+def tool_runs(pids):
+    """The command lines the stand-in tools ran with, oldest first."""
+    files = sorted(pids.iterdir(), key=lambda p: p.stat().st_mtime_ns)
+    return [json.loads(p.read_text() or "[]") for p in files]
+
+
+def png_seed(data):
+    """The seed a stand-in tool drew a PNG with (its one pixel's colour)."""
+    import zlib
+    at = data.index(b"IDAT")
+    length = int.from_bytes(data[at - 4:at], "big")
+    pixel = zlib.decompress(data[at + 4:at + 4 + length])
+    return pixel[1] | pixel[2] << 8
 
 
 def openai_client(router):
@@ -1127,8 +1208,10 @@ def test_images_with_mflux_queue_on_the_node_and_a_cancel_kills_the_tool(
     router = h.router()
     h.media_agent(router, h.fake(), "mac-studio")
     node = fleet_node(router, "mac-studio")
-    assert node["media"]["backends"] == {"image": "mflux", "transcription": "mlx-qwen3-asr"}
-    assert node["media"]["image_models"] == ["schnell", "dev"]
+    assert node["media"]["backends"] == {"image": "mflux+diffusionkit",
+                                         "transcription": "mlx-qwen3-asr"}
+    assert node["media"]["image_models"] == ["schnell", "dev", "krea-dev", "z-image-turbo",
+                                             *herd_node.DIFFUSIONKIT_MODELS]
     request = json.dumps({"model": "schnell", "prompt": "x", "size": "64x64"}).encode()
     head = (b"POST /v1/images/generations HTTP/1.1\r\nHost: r\r\nContent-Type: "
             b"application/json\r\nContent-Length: %d\r\n\r\n" % len(request))
@@ -1163,6 +1246,80 @@ def process_alive(pid):
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def open_image_request(port, body):
+    """An image request on a raw socket, left open: closing it is the client leaving."""
+    data = json.dumps(body).encode()
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: r\r\nContent-Type: "
+              b"application/json\r\nContent-Length: %d\r\n\r\n" % len(data) + data)
+    return s
+
+
+def test_images_with_diffusionkit_on_the_node(h, tools_on_path, monkeypatch):
+    import base64
+    import openai
+    router = h.router()
+    h.media_agent(router, h.fake(), "mac-studio", FLEET_NODE_MFLUX_MODELS="schnell")
+    node = fleet_node(router, "mac-studio")
+    assert node["media"]["image_models"] == ["schnell", *herd_node.DIFFUSIONKIT_MODELS]
+    assert node["media"]["backends"]["image"] == "mflux+diffusionkit"
+    client = openai_client(router)
+    image = client.images.generate(model="argmaxinc/mlx-FLUX.1-schnell", prompt="-v",
+                                   size="512x256", extra_body={"seed": 7})
+    assert png_seed(base64.b64decode(image.data[0].b64_json)) == 7
+    argv = tool_runs(tools_on_path)[-1]
+    assert os.path.basename(argv[0]) == "diffusionkit-cli"
+    assert "--model-version=argmaxinc/mlx-FLUX.1-schnell" in argv
+    assert "--prompt=-v" in argv  # a prompt, not the CLI's --verbose
+    assert argv[argv.index("--steps") + 1] == "4"  # FLUX.1-schnell's steps, not the CLI's 50
+    assert argv[argv.index("--width") + 1] == "512" and argv[argv.index("--height") + 1] == "256"
+    client.images.generate(model="argmaxinc/mlx-stable-diffusion-3-medium", prompt="x",
+                           size="512x512")
+    assert "--steps" not in tool_runs(tools_on_path)[-1]  # the CLI's own 50
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.generate(model="argmaxinc/mlx-FLUX.1-dev", prompt="x", size="500x512")
+    assert "multiple of 16" in e.value.body["message"]
+    assert len(tool_runs(tools_on_path)) == 2  # refused before its tool started
+    monkeypatch.setenv("HERD_FAKE_TOOL_FAIL", "1")
+    with pytest.raises(openai.APIStatusError) as e:
+        client.images.generate(model="argmaxinc/mlx-FLUX.1-dev", prompt="x", size="512x512")
+    assert e.value.status_code == 502
+    assert "could not load argmaxinc/mlx-FLUX.1-dev" in e.value.body["message"]
+    monkeypatch.delenv("HERD_FAKE_TOOL_FAIL")
+    monkeypatch.setenv("HERD_FAKE_TOOL_DELAY", "30")
+    client_socket = open_image_request(router.port, {"model": "argmaxinc/mlx-FLUX.1-dev",
+                                                     "prompt": "x", "size": "512x512"})
+    pid = int(wait_until(lambda: len(os.listdir(tools_on_path)) == 4 and max(
+        tools_on_path.iterdir(), key=lambda p: p.stat().st_mtime_ns).name,
+        what="diffusionkit-cli to run"))
+    client_socket.close()  # the router hangs up on the agent, which kills diffusionkit-cli
+    wait_until(lambda: not process_alive(pid), what="diffusionkit-cli to be killed")
+    wait_until(lambda: h.traces(router)[-1]["status"] == "cancelled", what="the trace")
+
+
+def test_each_mflux_command_serves_its_own_models(h, tools_on_path):
+    router = h.router()
+    agent = h.media_agent(router, h.fake(), "mac-studio", FLEET_NODE_DIFFUSIONKIT_MODELS="")
+    models = fleet_node(router, "mac-studio")["media"]["image_models"]
+    # mflux-generate and mflux-generate-z-image-turbo are on PATH; mflux-generate-qwen isn't.
+    assert models[:4] == ["schnell", "dev", "krea-dev", "z-image-turbo"]
+    assert "qwen-image" not in models
+    client = openai_client(router)
+    assert client.images.generate(model="z-image-turbo", prompt="x", size="64x64").data
+    argv = tool_runs(tools_on_path)[-1]
+    assert os.path.basename(argv[0]) == "mflux-generate-z-image-turbo"
+    assert "--model=z-image-turbo" in argv and argv[argv.index("--output") + 1].endswith(".png")
+    assert client.images.generate(model="schnell", prompt="x", size="64x64").data
+    assert os.path.basename(tool_runs(tools_on_path)[-1][0]) == "mflux-generate"
+    (tools_on_path.parent / "bin" / "mflux-generate-z-image-turbo").unlink()
+    h.beat(agent, "mac-studio")
+    assert "z-image-turbo" not in fleet_node(router, "mac-studio")["media"]["image_models"]
+    h.media_agent(router, h.fake(), "mac-mini",
+                  FLEET_NODE_MFLUX_MODELS="dev,qwen-image,my-org/my-flux")
+    assert fleet_node(router, "mac-mini")["media"]["image_models"][:2] == [
+        "dev", "my-org/my-flux"]  # qwen-image's command is not here; my-flux is mflux-generate's
 
 
 def test_a_failing_media_node_is_retried_on_another(h):
@@ -1222,7 +1379,7 @@ def test_transcription_with_mlx_qwen3_asr_on_the_node(h, tools_on_path):
     router = h.router()
     h.media_agent(router, h.fake(), "mac-mini")
     node = fleet_node(router, "mac-mini")
-    assert node["media"]["backends"] == {"image": "mflux", "transcription": "mlx-qwen3-asr"}
+    assert node["media"]["backends"]["transcription"] == "mlx-qwen3-asr"
     client = openai_client(router)
     audio = os.urandom(3000)
     result = client.audio.transcriptions.create(model="Qwen/Qwen3-ASR-0.6B",
