@@ -119,10 +119,11 @@ NODE_SETTINGS = [
     hc.Setting("FLEET_NODE_MEDIA_PORT", 11436, "port of the agent's media server"),
     hc.Setting("FLEET_NODE_MEDIA_URL", "", "the media server URL the router should dial "
                "(default: derived like the Ollama URL)"),
-    hc.Setting("FLEET_NODE_MEDIA_TIMEOUT", 600.0, "seconds one image or transcription may "
-               "take before its tool is killed (a 504)"),
+    hc.Setting("FLEET_NODE_MEDIA_TIMEOUT", 600.0, "seconds one image request (all of its n "
+               "pictures) or transcription may take before its tool is killed (a 504)"),
     hc.Setting("FLEET_NODE_MEDIA_CONCURRENCY", 1, "image or speech requests whose tools run "
-               "at once (each kind); more wait"),
+               "at once (each kind; the n pictures of one request are drawn in turn); more "
+               "wait"),
     hc.Setting("FLEET_NODE_MAX_UPLOAD_MB", 512.0, "largest speech upload the media server "
                "takes (413 beyond)"),
     *hc.LOG_SETTINGS,
@@ -677,17 +678,19 @@ class Capacity:
 # Silicon) or through an OpenAI-compatible server the operator names
 # (FLEET_NODE_IMAGE_URL, FLEET_NODE_TRANSCRIBE_URL: any machine, any GPU). Its small HTTP
 # server speaks OpenAI's two routes; only the router calls it, and with a fleet token
-# every request must carry the router's signature. A request's tool runs in a private
-# temporary directory, FLEET_NODE_MEDIA_CONCURRENCY requests at a time, within
-# FLEET_NODE_MEDIA_TIMEOUT; when the router hangs up (its client left) the tool's process
-# group is killed and reaped, and the directory removed. The heartbeat names a model
-# only when it can be served now: its tool on PATH, a server whose GET /v1/models lists
-# it.
+# every request must carry the router's signature. A request's tool runs (n pictures are
+# n runs in turn, seeds seed, seed+1, ...) take place in a private temporary directory,
+# FLEET_NODE_MEDIA_CONCURRENCY requests at a time, all of them within
+# FLEET_NODE_MEDIA_TIMEOUT; when the router hangs up (its client left) the running tool's
+# process group is killed and reaped, no further run starts, and the directory is
+# removed. The heartbeat names a model only when it can be served now: its tool on PATH,
+# a server whose GET /v1/models lists it.
 ####################################################################################
 
 TINY_WAIT_S = 3.0  # GET /v1/models of a media server, per heartbeat
 ANSWER_LIMIT = 64 << 20  # an image server's answer
 PICTURES_LIMIT = 48 << 20  # the PNGs of one answer: 64 MB in base64, what the router reads
+MAX_IMAGES = 10  # OpenAI's images API takes n from 1 to 10
 MAX_PROMPT = 32000  # characters, the longest prompt OpenAI's images API takes
 MAX_STEPS = 1000
 MAX_SEED = (1 << 32) - 1
@@ -793,7 +796,7 @@ def whole_number(body, key, low, high, default):
 
 
 def read_image_request(body):
-    """(prompt, width, height, steps, seed) of an OpenAI image request, each checked;
+    """(prompt, n, width, height, steps, seed) of an OpenAI image request, each checked;
     steps is None when not given (the tool's own default), seed is random then."""
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
@@ -802,14 +805,13 @@ def read_image_request(body):
         raise MediaError(400, f"prompt must be at most {MAX_PROMPT} characters, none NUL")
     if body.get("response_format") not in (None, "b64_json", "url"):
         raise MediaError(400, "response_format must be b64_json or url")
-    if body.get("n", 1) != 1:
-        raise MediaError(400, "n must be 1 here: one image per request")
+    n = whole_number(body, "n", 1, MAX_IMAGES, 1)
     width, height = parse_size(body.get("size") or "1024x1024")
     steps = whole_number(body, "steps", 1, MAX_STEPS, None)
     seed = whole_number(body, "seed", 0, MAX_SEED, None)
     if seed is None:
         seed = random.randrange(MAX_SEED + 1)
-    return prompt, width, height, steps, seed
+    return prompt, n, width, height, steps, seed
 
 
 def checked_language(language):
@@ -1041,19 +1043,26 @@ class Media:
         await conn.send_json(200, {"created": int(time.time()), "data": items})
 
     async def _draw(self, model, body):
-        """The picture of one request, its tool's output file."""
-        prompt, width, height, steps, seed = read_image_request(body)
+        """The n pictures of one request: the model's tool run n times in turn, with the
+        seeds seed, seed+1, ..., each reading its picture from its output file."""
+        prompt, n, width, height, steps, seed = read_image_request(body)
         self.images.check(model, width, height)
-        tool = self.images.command(model)
+        tool, pictures, left = self.images.command(model), [], PICTURES_LIMIT
         with tempfile.TemporaryDirectory(prefix="herd-image-") as work:
-            output = os.path.join(work, "image.png")
-            argv = self.images.argv(model, prompt, width, height, steps, seed, output)
+            outputs = [os.path.join(work, f"image-{i}.png") for i in range(n)]
+            argvs = [self.images.argv(model, prompt, width, height, steps,
+                                      (seed + i) & MAX_SEED, output)  # 0 follows MAX_SEED
+                     for i, output in enumerate(outputs)]
             async with self._tool_runs(hc.IMAGE, tool):
-                await self._run(argv)
-            try:
-                return [await asyncio.to_thread(read_file, output, PICTURES_LIMIT)]
-            except (OSError, ValueError) as e:
-                raise MediaError(500, f"{tool} left no picture to send: {e}") from None
+                for output, argv in zip(outputs, argvs):
+                    await self._run(argv)
+                    try:
+                        pictures.append(await asyncio.to_thread(read_file, output, left))
+                    except (OSError, ValueError) as e:
+                        raise MediaError(500, f"{tool} left no picture to send: {e}"
+                                         ) from None
+                    left -= len(pictures[-1])
+        return pictures
 
     # -- speech -------------------------------------------------------------------
 

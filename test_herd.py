@@ -1257,6 +1257,15 @@ def open_image_request(port, body):
     return s
 
 
+def signed_post(router, agent, path, body):
+    """POST JSON straight to an agent's media server, signed as the router signs it."""
+    data = json.dumps(body).encode()
+    signed = {k.decode(): v.decode()
+              for k, v in hc.sign_request(router.cfg.token, "POST", path, data)}
+    return http(f"http://127.0.0.1:{agent.media.port}", "POST", path, data,
+                headers={**signed, "Content-Type": "application/json"}, timeout=30)
+
+
 def test_images_with_diffusionkit_on_the_node(h, tools_on_path, monkeypatch):
     import base64
     import openai
@@ -1320,6 +1329,52 @@ def test_each_mflux_command_serves_its_own_models(h, tools_on_path):
                   FLEET_NODE_MFLUX_MODELS="dev,qwen-image,my-org/my-flux")
     assert fleet_node(router, "mac-mini")["media"]["image_models"][:2] == [
         "dev", "my-org/my-flux"]  # qwen-image's command is not here; my-flux is mflux-generate's
+
+
+def test_n_images_are_n_runs_in_turn_and_a_cancel_stops_them(h, tools_on_path, monkeypatch):
+    import base64
+    import openai
+    router = h.router()
+    agent = h.media_agent(router, h.fake(), "mac-studio")
+    client = openai_client(router)
+    images = client.images.generate(model="schnell", prompt="x", n=2, size="64x64",
+                                    extra_body={"seed": 41})
+    assert [png_seed(base64.b64decode(i.b64_json)) for i in images.data] == [41, 42]
+    assert [run[run.index("--seed") + 1] for run in tool_runs(tools_on_path)] == ["41", "42"]
+    images = client.images.generate(model="argmaxinc/mlx-FLUX.1-schnell", prompt="x", n=3,
+                                    size="64x64", response_format="url")
+    seeds = [png_seed(base64.b64decode(i.url.partition(",")[2])) for i in images.data]
+    assert seeds == [(seeds[0] + k) & 0xFFFF for k in range(3)]  # a random first seed
+    for n in (0, 11):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.images.generate(model="schnell", prompt="x", n=n)
+        assert "n must be a whole number from 1 to 10" in e.value.body["message"]
+    runs = len(tool_runs(tools_on_path))
+    monkeypatch.setenv("HERD_FAKE_TOOL_DELAY", "30")
+    client_socket = open_image_request(router.port, {"model": "schnell", "prompt": "x",
+                                                     "n": 3, "size": "64x64"})
+    wait_until(lambda: len(os.listdir(tools_on_path)) == runs + 1, what="the first run")
+    pid = int(max(tools_on_path.iterdir(), key=lambda p: p.stat().st_mtime_ns).name)
+    client_socket.close()
+    wait_until(lambda: not process_alive(pid), what="the running tool to be killed")
+    wait_until(lambda: agent.media.running == 0, what="the request to end")
+    assert len(tool_runs(tools_on_path)) == runs + 1  # the second and third never started
+
+
+def test_a_request_past_media_timeout_is_a_504_of_type_timeout(h, tools_on_path,
+                                                                monkeypatch):
+    monkeypatch.setenv("HERD_FAKE_TOOL_DELAY", "0.6")
+    router = h.router()
+    agent = h.media_agent(router, h.fake(), "mac-studio", FLEET_NODE_MEDIA_TIMEOUT=1.5)
+    # Each picture takes well under FLEET_NODE_MEDIA_TIMEOUT, three of them more: the
+    # time is the whole request's.
+    status, _, body = signed_post(router, agent, "/v1/images/generations",
+                                  {"model": "schnell", "prompt": "x", "n": 3, "size": "64x64"})
+    error = json.loads(body)["error"]
+    assert status == 504 and error["type"] == "timeout"
+    assert "FLEET_NODE_MEDIA_TIMEOUT (1.5s)" in error["message"]
+    pids = [int(name) for name in os.listdir(tools_on_path)]
+    assert pids and not any(process_alive(pid) for pid in pids)
 
 
 def test_a_failing_media_node_is_retried_on_another(h):
