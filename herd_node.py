@@ -59,6 +59,7 @@ import ssl
 import sys
 import tempfile
 import time
+import unicodedata
 
 try:
     import psutil
@@ -694,7 +695,9 @@ MAX_IMAGES = 10  # OpenAI's images API takes n from 1 to 10
 MAX_PROMPT = 32000  # characters, the longest prompt OpenAI's images API takes
 MAX_STEPS = 1000
 MAX_SEED = (1 << 32) - 1
-OPENAI_FORMATS = ("json", "text", "verbose_json")
+OPENAI_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
+TIMED_FORMATS = ("verbose_json", "srt", "vtt")  # these need mlx-qwen3-asr's --timestamps
+TEXT_TYPE = b"text/plain; charset=utf-8"
 
 # mflux's text-to-image commands (its pyproject's [project.scripts]) and the --model
 # values each one serves (the aliases of mflux's ModelConfig). Left out, since each needs
@@ -885,6 +888,120 @@ class ImageTools:
         argv += [f"--prompt={prompt}", "--width", str(width), "--height", str(height),
                  "--seed", str(seed)]
         return argv + (["--steps", str(steps)] if steps else [])
+
+
+####################################################################################
+# Media: transcripts in OpenAI's formats, from mlx-qwen3-asr's JSON
+#
+# mlx-qwen3-asr's JSON file holds "text" and "language", "chunks" (about 30 s each, with
+# start and end) always, and with --timestamps "segments": one per word, {text, start,
+# end}, from its forced aligner (which drops punctuation). OpenAI's srt, vtt and
+# verbose_json segments are those words grouped into subtitle cues.
+####################################################################################
+
+CUE_MAX_CHARS = 42  # a subtitle line's usual limit (mlx-qwen3-asr's own writer keeps it)
+CUE_MAX_S = 6.0
+CUE_GAP_S = 0.8  # a pause this long starts a new cue
+
+
+def json_seconds(value):
+    """A time in seconds from a tool's JSON, or None."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if ok and math.isfinite(value) and value >= 0 else None
+
+
+def timed_words(result):
+    """The transcript's well-formed word segments as (start, end, text), in order."""
+    words = []
+    segments = result.get("segments")
+    for s in segments if isinstance(segments, list) else ():
+        if not isinstance(s, dict) or not isinstance(s.get("text"), str):
+            continue
+        start, end = json_seconds(s.get("start")), json_seconds(s.get("end"))
+        text = " ".join(s["text"].split())
+        if start is not None and end is not None and text:
+            words.append((start, max(start, end), text))
+    return spelled_as_written(words, str(result.get("text", "")))
+
+
+def spelled_as_written(words, text):
+    """The words with the transcript's punctuation, when the two match word for word
+    (otherwise, as in Chinese or Japanese, as the aligner gave them)."""
+    written = text.split()
+    bare = ["".join(c for c in w if not unicodedata.category(c).startswith("P"))
+            for w in written]
+    if len(written) != len(words) or any(b.casefold() != w[2].casefold()
+                                         for b, w in zip(bare, words)):
+        return words
+    return [(start, end, spelled) for (start, end, _), spelled in zip(words, written)]
+
+
+def is_cjk(char):
+    """Han, kana: scripts written without spaces between words."""
+    return "\u3040" <= char <= "\u30ff" or "\u3400" <= char <= "\u9fff" or \
+        "\uf900" <= char <= "\ufaff"
+
+
+def subtitle_cues(words):
+    """Words grouped into cues (start, end, text): a cue ends before a pause of CUE_GAP_S,
+    and before it would pass CUE_MAX_CHARS or CUE_MAX_S."""
+    cues = []
+    for start, end, word in words:
+        if cues:
+            first, last, text = cues[-1]
+            text += ("" if is_cjk(text[-1]) or is_cjk(word[0]) else " ") + word
+            if start - last < CUE_GAP_S and end - first <= CUE_MAX_S and \
+                    len(text) <= CUE_MAX_CHARS:
+                cues[-1] = (first, end, text)
+                continue
+        cues.append((start, end, word))
+    return cues
+
+
+def cue_time(t, mark):
+    """HH:MM:SS,mmm (SubRip, mark ",") or HH:MM:SS.mmm (WebVTT, mark ".")."""
+    ms = round(t * 1000)
+    return f"{ms // 3600000:02d}:{ms // 60000 % 60:02d}:{ms // 1000 % 60:02d}{mark}" \
+           f"{ms % 1000:03d}"
+
+
+def srt_text(cues):
+    return "".join(f"{i}\n{cue_time(start, ',')} --> {cue_time(end, ',')}\n{text}\n\n"
+                   for i, (start, end, text) in enumerate(cues, 1))
+
+
+def vtt_text(cues):
+    return "WEBVTT\n\n" + "".join(f"{cue_time(start, '.')} --> {cue_time(end, '.')}\n"
+                                  f"{text}\n\n" for start, end, text in cues)
+
+
+def transcript_answer(result, answer_format):
+    """OpenAI's answer in `answer_format` from mlx-qwen3-asr's JSON: (body, type)."""
+    text = str(result.get("text", "")).strip()
+    if answer_format == "text":
+        return text.encode(), TEXT_TYPE
+    if answer_format == "json":
+        return hc.dump_json({"text": text}), hc.JSON_TYPE
+    cues = subtitle_cues(timed_words(result))
+    if answer_format == "srt":
+        return srt_text(cues).encode(), TEXT_TYPE
+    if answer_format == "vtt":
+        return vtt_text(cues).encode(), b"text/vtt; charset=utf-8"
+    return hc.dump_json(verbose_transcript(result, text, cues)), hc.JSON_TYPE
+
+
+def verbose_transcript(result, text, cues):
+    """OpenAI's verbose_json: the cues are its segments; the duration is where the last
+    chunk (or else cue) ends."""
+    chunks = result.get("chunks")
+    ends = [json_seconds(c.get("end")) for c in chunks if isinstance(c, dict)] \
+        if isinstance(chunks, list) else []
+    ends = [e for e in ends if e is not None] or [end for _, end, _ in cues]
+    language = result.get("language")
+    return {"task": "transcribe", "language": language if isinstance(language, str) else None,
+            "duration": max(ends, default=0.0), "text": text,
+            "segments": [{"id": i, "start": start, "end": end, "text": cue}
+                         for i, (start, end, cue) in enumerate(cues)]}
 
 
 ####################################################################################
@@ -1081,12 +1198,14 @@ class Media:
                                       f"{', '.join(OPENAI_FORMATS)} here")
             argv = [self._asr_tool() or "mlx-qwen3-asr", audio, f"--model={model}",
                     "--output-dir", work, "--output-format", "json", "--no-progress"]
+            if answer_format in TIMED_FORMATS:
+                argv.append("--timestamps")
             if fields.get("language"):
                 argv.append("--language=" + checked_language(fields["language"]))
             async with self._tool_runs(hc.TRANSCRIPTION, "mlx-qwen3-asr"):
                 await self._run(argv)
             result = await self._read_transcript(work, audio)
-        await self._answer_transcript(conn, result, answer_format)
+        await conn.send_response(200, *transcript_answer(result, answer_format))
 
     async def _read_transcript(self, work, audio):
         """mlx-qwen3-asr's JSON file: <output dir>/<the audio's stem>.json."""
@@ -1099,18 +1218,6 @@ class Media:
         if not isinstance(result, dict):
             raise MediaError(500, "mlx-qwen3-asr wrote no transcript: not a JSON object")
         return result
-
-    async def _answer_transcript(self, conn, result, answer_format):
-        text = str(result.get("text", "")).strip()
-        if answer_format == "text":
-            return await conn.send_response(200, text.encode(), b"text/plain; charset=utf-8")
-        if answer_format == "json":
-            return await conn.send_json(200, {"text": text})
-        segments = result.get("segments") or []
-        await conn.send_json(200, {"task": "transcribe", "language": result.get("language"),
-                                   "duration": max([s.get("end", 0) for s in segments
-                                                    if isinstance(s, dict)], default=0.0),
-                                   "text": text, "segments": segments})
 
     async def _save_form(self, request, conn, work):
         """The form's fields, and its file written into `work` as it arrives."""

@@ -1024,9 +1024,12 @@ print(f"Saved the image to {args.output_path}", file=sys.stderr)
 ''',
     "mlx-qwen3-asr": r'''#!/usr/bin/env python3
 """A stand-in for mlx-qwen3-asr in Herd's tests: the same flags, the same output file
-(<output-dir>/<audio stem>.<format>, json: {"text", "language"}). The transcript says
-how many bytes the audio had. HERD_FAKE_TOOL_DELAY, HERD_FAKE_TOOL_FAIL and
-HERD_FAKE_TOOL_PIDS as for the mflux-generate stand-in."""
+(<output-dir>/<audio stem>.<format>; json: "text", "language", "chunks" and, with
+--timestamps, "segments": one per word, its punctuation dropped as the forced aligner
+does; the other formats hold the text alone). The transcript is HERD_FAKE_TOOL_TEXT, or
+says how many bytes the audio had; each word takes 0.4 s, 0.1 s apart, and a sentence's
+end 1 s more. HERD_FAKE_TOOL_DELAY, HERD_FAKE_TOOL_FAIL and HERD_FAKE_TOOL_PIDS as for
+the mflux-generate stand-in."""
 import argparse
 import json
 import os
@@ -1040,21 +1043,40 @@ parser.add_argument("--language")
 parser.add_argument("--output-dir", "-o", default=".")
 parser.add_argument("--output-format", "-f", default="txt",
                     choices=["txt", "json", "srt", "vtt", "tsv", "all"])
+parser.add_argument("--timestamps", action="store_true")
 parser.add_argument("--no-progress", action="store_true")
 parser.add_argument("--quiet", action="store_true")
 args = parser.parse_args()
 # {started}
 if os.environ.get("HERD_FAKE_TOOL_FAIL"):
     sys.exit("Error: failed to decode audio")
+
+
+def words(text):
+    out, t = [], 0.0
+    for word in text.split():
+        out.append({"text": word.strip(".,;:!?"), "start": round(t, 3),
+                    "end": round(t + 0.4, 3)})
+        t += 1.5 if word[-1] in ".!?" else 0.5
+    return out
+
+
 for path in args.audio:
     if not os.path.exists(path):
         sys.exit(f"Error: File not found: {path}")
-    text = f"heard {os.path.getsize(path)} bytes"
+    text = os.environ.get("HERD_FAKE_TOOL_TEXT") or f"heard {os.path.getsize(path)} bytes"
+    language = args.language or "English"
+    timed = words(text)
+    result = {"text": text, "language": language,
+              "chunks": [{"text": text, "start": 0.0, "end": timed[-1]["end"] + 0.5,
+                          "chunk_index": 0, "language": language}]}
+    if args.timestamps or args.output_format in ("srt", "vtt"):
+        result["segments"] = timed
     stem = os.path.splitext(os.path.basename(path))[0]
     out = os.path.join(args.output_dir, f"{stem}.{args.output_format}")
     with open(out, "w", encoding="utf-8") as f:
         if args.output_format == "json":
-            json.dump({"text": text, "language": args.language or "English"}, f)
+            json.dump(result, f, indent=2, ensure_ascii=False)
         else:
             f.write(text + "\n")
     if not args.quiet:
@@ -1447,6 +1469,51 @@ def test_transcription_with_mlx_qwen3_asr_on_the_node(h, tools_on_path):
     import openai
     with pytest.raises(openai.NotFoundError):
         client.audio.transcriptions.create(model="whisper-1", file=("a.wav", audio))
+
+
+def test_transcripts_as_srt_vtt_and_verbose_json_from_mlx_qwen3_asr(h, tools_on_path,
+                                                                    monkeypatch):
+    import httpx
+    monkeypatch.setenv("HERD_FAKE_TOOL_TEXT", "Hello there. This is the fleet speaking "
+                                              "from a small machine under the stairs.")
+    router = h.router()
+    h.media_agent(router, h.fake(), "mac-mini")
+    client = openai_client(router)
+    audio, model = ("talk.wav", os.urandom(2000)), "Qwen/Qwen3-ASR-0.6B"
+    srt = client.audio.transcriptions.create(model=model, file=audio, response_format="srt")
+    # The stand-in's words: 0.4 s each, 0.1 s apart, 1 s more after a sentence. A pause
+    # of 0.8 s or 42 characters end a cue; the transcript gives back the punctuation.
+    assert srt == ("1\n00:00:00,000 --> 00:00:00,900\nHello there.\n\n"
+                   "2\n00:00:02,000 --> 00:00:05,900\nThis is the fleet speaking from a small"
+                   "\n\n3\n00:00:06,000 --> 00:00:07,900\nmachine under the stairs.\n\n")
+    assert "--timestamps" in tool_runs(tools_on_path)[-1]
+    vtt = client.audio.transcriptions.create(model=model, file=audio, response_format="vtt")
+    assert vtt.startswith("WEBVTT\n\n00:00:00.000 --> 00:00:00.900\nHello there.\n\n"
+                          "00:00:02.000 --> 00:00:05.900\nThis is the fleet")
+    verbose = client.audio.transcriptions.create(model=model, file=audio,
+                                                 response_format="verbose_json")
+    assert [(s.id, s.start, s.end, s.text) for s in verbose.segments] == [
+        (0, 0.0, 0.9, "Hello there."), (1, 2.0, 5.9, "This is the fleet speaking from a small"),
+        (2, 6.0, 7.9, "machine under the stairs.")]
+    assert verbose.duration == pytest.approx(8.4) and verbose.language == "English"
+    text = client.audio.transcriptions.create(model=model, file=audio, response_format="text")
+    assert text.strip().startswith("Hello there. This is") and \
+        "--timestamps" not in tool_runs(tools_on_path)[-1]  # plain text needs no aligner
+    refused = httpx.post(router.url + "/v1/audio/transcriptions", files={"file": audio},
+                         data={"model": model, "response_format": "tsv"}, timeout=10)
+    assert refused.status_code == 400
+    assert "json, text, verbose_json, srt, vtt" in refused.json()["error"]["message"]
+    refused = httpx.post(router.url + "/v1/audio/transcriptions", files={"file": audio},
+                         data={"model": model, "language": "English\n--diarize"}, timeout=10)
+    assert refused.status_code == 400 and "language" in refused.json()["error"]["message"]
+
+
+def test_subtitle_cues_join_han_characters_without_spaces_and_count_hours():
+    words = [(3599.5, 3599.9, "你"), (3600.0, 3600.4, "好"), (3600.5, 3601.0, "世界")]
+    cues = herd_node.subtitle_cues(words)
+    assert herd_node.srt_text(cues) == "1\n00:59:59,500 --> 01:00:01,000\n你好世界\n\n"
+    assert herd_node.subtitle_cues([(0.0, 0.4, "Herd"), (0.5, 0.9, "fleet")]) == [
+        (0.0, 0.9, "Herd fleet")]
 
 
 def test_a_50_mb_upload_streams_through_without_being_held(h):
