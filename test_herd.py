@@ -942,7 +942,8 @@ STAND_IN_TOOLS = {
 text-to-image commands) in Herd's tests: the same flags (--seed takes one or more seeds,
 --output may hold "{seed}"), the same output file (a PNG per seed). HERD_FAKE_TOOL_DELAY=<s>
 makes it slow, HERD_FAKE_TOOL_FAIL=1 makes it fail as the real one does (a message, exit
-1), and HERD_FAKE_TOOL_PIDS=<dir> leaves a file named by its pid there while it runs."""
+1), and HERD_FAKE_TOOL_PIDS=<dir> leaves a file named by its pid there, holding its
+command line as JSON."""
 import argparse
 import json
 import os
@@ -1332,7 +1333,7 @@ def test_images_with_diffusionkit_on_the_node(h, tools_on_path, monkeypatch):
 
 def test_each_mflux_command_serves_its_own_models(h, tools_on_path):
     router = h.router()
-    agent = h.media_agent(router, h.fake(), "mac-studio", FLEET_NODE_DIFFUSIONKIT_MODELS="")
+    agent = h.media_agent(router, h.fake(), "mac-studio")
     models = fleet_node(router, "mac-studio")["media"]["image_models"]
     # mflux-generate and mflux-generate-z-image-turbo are on PATH; mflux-generate-qwen isn't.
     assert models[:4] == ["schnell", "dev", "krea-dev", "z-image-turbo"]
