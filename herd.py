@@ -191,9 +191,10 @@ AGENT_PATHS = {"/api/generate-image": "/v1/images/generations",
 # What each kind needs on a node, for the 404 that says no node has it.
 MEDIA_HINTS = {
     hc.IMAGE: "pull an Ollama image model on a node (ollama pull x/z-image-turbo), install "
-              "mflux on an Apple-Silicon node (pip install mflux: the agent finds "
-              "mflux-generate on its PATH), or set FLEET_NODE_IMAGE_URL on a node to an "
-              "OpenAI-compatible image server",
+              "mflux or DiffusionKit on an Apple-Silicon node (pip install mflux, pip "
+              "install diffusionkit: the agent finds mflux-generate and diffusionkit-cli on "
+              "its PATH), or set FLEET_NODE_IMAGE_URL on a node to an OpenAI-compatible "
+              "image server",
     hc.TRANSCRIPTION: "install mlx-qwen3-asr on an Apple-Silicon node (pip install "
                       "mlx-qwen3-asr: the agent finds it on its PATH), or set "
                       "FLEET_NODE_TRANSCRIBE_URL on a node to an OpenAI-compatible "

@@ -363,8 +363,11 @@ def openai_error_type(status):
             429: "rate_limit_error", 504: "timeout"}.get(status, "api_error")
 
 
-def openai_error_body(status, message, code=None):
-    return dump_json({"error": {"message": message, "type": openai_error_type(status),
+def openai_error_body(status, message, code=None, error_type=None):
+    """OpenAI's error object; `error_type` names it when its status alone does not (an
+    agent's tool that timed out is "timeout", as OpenAI's own 504s say)."""
+    return dump_json({"error": {"message": message,
+                                "type": error_type or openai_error_type(status),
                                 "param": None, "code": code}})
 
 
@@ -2778,7 +2781,8 @@ def _capacity(f):
 
 MAX_MEDIA_MODELS = 64  # image or speech models one agent serves
 # How an agent serves a media kind: a command-line tool it runs, or a server it proxies.
-MEDIA_BACKENDS = ("mflux", "mlx-qwen3-asr", "server")
+# An agent with two tools for one kind (mflux and DiffusionKit) joins them with "+".
+MEDIA_BACKENDS = ("mflux", "diffusionkit", "mlx-qwen3-asr", "server")
 
 
 def _media(f):
@@ -2804,10 +2808,18 @@ def _media(f):
                 raise ValueError(f"field 'media.{key}': {e}") from None
         models[key] = names
     b = m.section("backends")
-    backends = {kind: b.choice(kind, MEDIA_BACKENDS, "server") for kind in MEDIA_KINDS
-                if kind in b.obj}
+    backends = {kind: _media_backend(b, kind) for kind in MEDIA_KINDS if kind in b.obj}
     return {"url": url, **models, "backends": backends,
             "concurrency": m.integer("concurrency", 1024, 1) or 1}
+
+
+def _media_backend(b, kind):
+    """One kind's backend: one of MEDIA_BACKENDS, or several of them joined by "+"."""
+    value = b.text(kind, 64, "server")
+    if not all(part in MEDIA_BACKENDS for part in value.split("+")):
+        raise ValueError(f"field '{b.name(kind)}' must be one of {', '.join(MEDIA_BACKENDS)}"
+                         f", or several of them joined by '+'")
+    return value
 
 
 class Heartbeat:

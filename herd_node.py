@@ -14,9 +14,9 @@ uses the machine (capacity-learner-<id>.json in FLEET_NODE_DATA_DIR), report how
 available it is and how much memory models may take, and pause the node while the
 camera or microphone is in use, memory pressure is critical or the owner's CPU stays busy.
 
-It can also serve images and speech itself (see "Media" below): mflux-generate or
-mlx-qwen3-asr found on PATH, or an OpenAI-compatible server named by
-FLEET_NODE_IMAGE_URL / FLEET_NODE_TRANSCRIBE_URL, on its media server
+It can also serve images and speech itself (see "Media" below): mflux's commands,
+DiffusionKit's diffusionkit-cli or mlx-qwen3-asr found on PATH, or an OpenAI-compatible
+server named by FLEET_NODE_IMAGE_URL / FLEET_NODE_TRANSCRIBE_URL, on its media server
 (FLEET_NODE_MEDIA_PORT, 11436), which only the router's signed requests may use.
 
 Run:   python herd_node.py                      (find the router by mDNS)
@@ -52,6 +52,7 @@ import logging
 import math
 import os
 import platform
+import random
 import shutil
 import signal
 import ssl
@@ -59,6 +60,7 @@ import sys
 import tempfile
 import threading
 import time
+import unicodedata
 
 try:
     import psutil
@@ -102,10 +104,16 @@ NODE_SETTINGS = [
                "GET /v1/models are the image models advertised"),
     hc.Setting("FLEET_NODE_TRANSCRIBE_URL", "", "an OpenAI-compatible transcription server "
                "(whisper.cpp, faster-whisper) this agent serves speech-to-text through"),
-    hc.Setting("FLEET_NODE_MEDIA_CLI", True, "look on PATH for mflux-generate (images) and "
-               "mlx-qwen3-asr (speech) and serve them (Apple Silicon)"),
-    hc.Setting("FLEET_NODE_MFLUX_MODELS", "schnell,dev", "the mflux models (its --model "
-               "values) advertised when mflux-generate is found"),
+    hc.Setting("FLEET_NODE_MEDIA_CLI", True, "look on PATH for mflux's mflux-generate* "
+               "commands and DiffusionKit's diffusionkit-cli (images) and mlx-qwen3-asr "
+               "(speech), and serve them (Apple Silicon)"),
+    hc.Setting("FLEET_NODE_MFLUX_MODELS", "", "the mflux models (--model values) advertised, "
+               "each one when its command is on PATH (schnell, dev, krea-dev: "
+               "mflux-generate; z-image-turbo: mflux-generate-z-image-turbo; ...); empty: "
+               "every model of each text-to-image mflux command found"),
+    hc.Setting("FLEET_NODE_DIFFUSIONKIT_MODELS", "", "the DiffusionKit models "
+               "(--model-version values, e.g. argmaxinc/mlx-FLUX.1-schnell) advertised when "
+               "diffusionkit-cli is on PATH; empty: all six it knows"),
     hc.Setting("FLEET_NODE_ASR_MODELS", "Qwen/Qwen3-ASR-0.6B", "the mlx-qwen3-asr models "
                "(its --model values) advertised when mlx-qwen3-asr is found"),
     hc.Setting("FLEET_NODE_MEDIA_HOST", "0.0.0.0", "address the agent's media server listens "
@@ -113,10 +121,11 @@ NODE_SETTINGS = [
     hc.Setting("FLEET_NODE_MEDIA_PORT", 11436, "port of the agent's media server"),
     hc.Setting("FLEET_NODE_MEDIA_URL", "", "the media server URL the router should dial "
                "(default: derived like the Ollama URL)"),
-    hc.Setting("FLEET_NODE_MEDIA_TIMEOUT", 600.0, "seconds one image or transcription may "
-               "take before its tool is killed"),
-    hc.Setting("FLEET_NODE_MEDIA_CONCURRENCY", 1, "image or speech tool runs at once (each "
-               "kind); more wait"),
+    hc.Setting("FLEET_NODE_MEDIA_TIMEOUT", 600.0, "seconds one image request (all of its n "
+               "pictures) or transcription may take before its tool is killed (a 504)"),
+    hc.Setting("FLEET_NODE_MEDIA_CONCURRENCY", 1, "image or speech requests whose tools run "
+               "at once (each kind; the n pictures of one request are drawn in turn); more "
+               "wait"),
     hc.Setting("FLEET_NODE_MAX_UPLOAD_MB", 512.0, "largest speech upload the media server "
                "takes (413 beyond)"),
     *hc.LOG_SETTINGS,
@@ -857,39 +866,87 @@ class Capacity:
 # Media: images and speech this agent serves itself
 #
 # Theory: Ollama makes no speech and only some images, so the agent can serve them:
-# with a command-line tool it finds on PATH (mflux-generate for images, mlx-qwen3-asr
-# for speech, both Apple Silicon) or through an OpenAI-compatible server the operator
-# names (FLEET_NODE_IMAGE_URL, FLEET_NODE_TRANSCRIBE_URL: any machine, any GPU). Its
-# small HTTP server speaks OpenAI's two routes; only the router calls it, and with a
-# fleet token every request must carry the router's signature. A tool runs in a private
-# temporary directory, under a time-out, FLEET_NODE_MEDIA_CONCURRENCY at a time; when the
-# router hangs up (its client left) the tool's process group is killed and reaped, and
-# the directory removed. The heartbeat names a model only when it can be served now: a
-# tool on PATH, a server whose GET /v1/models lists it.
+# with command-line tools it finds on PATH (mflux's text-to-image commands and
+# DiffusionKit's diffusionkit-cli for images, mlx-qwen3-asr for speech, all Apple
+# Silicon) or through an OpenAI-compatible server the operator names
+# (FLEET_NODE_IMAGE_URL, FLEET_NODE_TRANSCRIBE_URL: any machine, any GPU). Its small HTTP
+# server speaks OpenAI's two routes; only the router calls it, and with a fleet token
+# every request must carry the router's signature. A request's tool runs (n pictures are
+# n runs in turn, seeds seed, seed+1, ...) take place in a private temporary directory,
+# FLEET_NODE_MEDIA_CONCURRENCY requests at a time, all of them within
+# FLEET_NODE_MEDIA_TIMEOUT; when the router hangs up (its client left) the running tool's
+# process group is killed and reaped, no further run starts, and the directory is
+# removed. The heartbeat names a model only when it can be served now: its tool on PATH,
+# a server whose GET /v1/models lists it.
 ####################################################################################
 
 TINY_WAIT_S = 3.0  # GET /v1/models of a media server, per heartbeat
 ANSWER_LIMIT = 64 << 20  # an image server's answer
-OPENAI_FORMATS = ("json", "text", "verbose_json")
+PICTURES_LIMIT = 48 << 20  # the PNGs of one answer: 64 MB in base64, what the router reads
+MAX_IMAGES = 10  # OpenAI's images API takes n from 1 to 10
+MAX_PROMPT = 32000  # characters, the longest prompt OpenAI's images API takes
+MAX_STEPS = 1000
+MAX_SEED = (1 << 32) - 1
+OPENAI_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
+TIMED_FORMATS = ("verbose_json", "srt", "vtt")  # these need mlx-qwen3-asr's --timestamps
+TEXT_TYPE = b"text/plain; charset=utf-8"
+
+# mflux's text-to-image commands (its pyproject's [project.scripts]) and the --model
+# values each one serves (the aliases of mflux's ModelConfig). Left out, since each needs
+# an input image: mflux-generate-flux2-edit, -controlnet, -in-context, -in-context-edit,
+# -in-context-catvton, -fill, -depth, -redux, -kontext, -qwen-edit and -fibo-edit; and
+# mflux-concept, which draws attention maps of a concept rather than a picture.
+MFLUX_COMMANDS = {
+    "mflux-generate": ("schnell", "dev", "krea-dev"),
+    "mflux-generate-flux2": ("flux2-klein-4b", "flux2-klein-9b", "flux2-klein-base-4b",
+                             "flux2-klein-base-9b"),
+    "mflux-generate-qwen": ("qwen-image",),
+    "mflux-generate-fibo": ("fibo", "fibo-lite"),
+    "mflux-generate-z-image": ("z-image",),
+    "mflux-generate-z-image-turbo": ("z-image-turbo",),
+    "mflux-generate-ernie-image": ("ernie-image",),
+    "mflux-generate-ernie-image-turbo": ("ernie-image-turbo",),
+    "mflux-generate-ideogram4": ("ideogram4",),
+    "mflux-generate-krea2": ("krea2",),
+}
+MFLUX_MODEL_COMMANDS = {model: command for command, models in MFLUX_COMMANDS.items()
+                        for model in models}
+# diffusionkit-cli's --model-version choices (DiffusionKit's MMDIT_CKPT), each with the
+# steps it runs when the request names none: the CLI's own default is 50 for every
+# model, and DiffusionKit's README runs FLUX.1-schnell at 4.
+DIFFUSIONKIT_MODELS = {
+    "argmaxinc/mlx-FLUX.1-schnell": 4,
+    "argmaxinc/mlx-FLUX.1-schnell-4bit-quantized": 4,
+    "argmaxinc/mlx-FLUX.1-dev": None,
+    "argmaxinc/mlx-stable-diffusion-3-medium": None,
+    "argmaxinc/mlx-stable-diffusion-3.5-large": None,
+    "argmaxinc/mlx-stable-diffusion-3.5-large-4bit-quantized": None,
+}
+IMAGE_BACKENDS = ("mflux", "diffusionkit")  # in the order the heartbeat names them
 
 
 class MediaError(Exception):
-    """A media request answered with an OpenAI error: status and message."""
+    """A media request answered with an OpenAI error: status, message and, where the
+    status does not say it, the error's type."""
 
-    def __init__(self, status, message):
+    def __init__(self, status, message, error_type=None):
         super().__init__(message)
-        self.status = status
+        self.status, self.error_type = status, error_type
 
 
-async def run_tool(argv, timeout):
-    """Run a tool to its end: (exit code, the tail of its stderr). On a time-out or a
-    cancel its whole process group is killed and reaped, never left behind."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE, start_new_session=True)
+async def run_tool(argv):
+    """Run a tool to its end: (exit code, the tail of its stderr). On a cancel (the
+    client left, or the request's time ran out) its whole process group is killed and
+    reaped, never left behind."""
     try:
-        async with asyncio.timeout(timeout):
-            _, err = await proc.communicate()
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE, start_new_session=True)
+    except OSError as e:
+        raise MediaError(500, f"{os.path.basename(argv[0])} could not start: "
+                              f"{e.strerror or e}") from None
+    try:
+        _, err = await proc.communicate()
     except BaseException:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -908,6 +965,12 @@ def listed_models(answer):
     return out
 
 
+def setting_names(value):
+    """The model names of a comma-separated setting that the router will take."""
+    names = (n.strip() for n in value.split(","))
+    return [n for n in names if n and hc.MODEL_NAME_RE.fullmatch(n)]
+
+
 def parse_size(size):
     """OpenAI's "WxH" as (width, height)."""
     width, _, height = str(size).lower().partition("x")
@@ -917,51 +980,272 @@ def parse_size(size):
     return int(width), int(height)
 
 
+def whole_number(body, key, low, high, default):
+    """body[key], a whole number from low to high; `default` when it is absent."""
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise MediaError(400, f"{key} must be a whole number from {low} to {high}")
+    return value
+
+
+def read_image_request(body):
+    """(prompt, n, width, height, steps, seed) of an OpenAI image request, each checked;
+    steps is None when not given (the tool's own default), seed is random then."""
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise MediaError(400, "prompt is required")
+    if len(prompt) > MAX_PROMPT or "\x00" in prompt:
+        raise MediaError(400, f"prompt must be at most {MAX_PROMPT} characters, none NUL")
+    if body.get("response_format") not in (None, "b64_json", "url"):
+        raise MediaError(400, "response_format must be b64_json or url")
+    n = whole_number(body, "n", 1, MAX_IMAGES, 1)
+    width, height = parse_size(body.get("size") or "1024x1024")
+    steps = whole_number(body, "steps", 1, MAX_STEPS, None)
+    seed = whole_number(body, "seed", 0, MAX_SEED, None)
+    if seed is None:
+        seed = random.randrange(MAX_SEED + 1)
+    return prompt, n, width, height, steps, seed
+
+
+def checked_language(language):
+    """A form's language field, fit to hand to a tool."""
+    if len(language) > 64 or hc.CONTROL_CHARS.search(language):
+        raise MediaError(400, "language must be at most 64 printable characters")
+    return language
+
+
+def read_file(path, limit=ANSWER_LIMIT):
+    """A file's bytes; ValueError when it holds more than `limit`."""
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"more than {limit >> 20} MB")
+    return data
+
+
+class ImageTools:
+    """The picture-making commands on PATH, the models each serves (FLEET_NODE_MFLUX_MODELS,
+    FLEET_NODE_DIFFUSIONKIT_MODELS), and the command line of one picture."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.commands = {}  # model -> (backend, the command's path)
+
+    def find(self):
+        """Look on PATH again; the models that can be served now, as configured."""
+        paths, commands = {}, {}
+        for model, backend, command in self._wanted() if self.cfg.media_cli else ():
+            if command not in paths:
+                paths[command] = shutil.which(command)
+            if paths[command] and model not in commands:
+                commands[model] = (backend, paths[command])
+        self.commands = dict(itertools.islice(commands.items(), hc.MAX_MEDIA_MODELS))
+        return list(self.commands)
+
+    def _wanted(self):
+        """(model, backend, command) of each model the settings name; an empty setting
+        names every model its tool's commands serve."""
+        mflux = setting_names(self.cfg.mflux_models) or list(MFLUX_MODEL_COMMANDS)
+        for model in mflux:  # a name of no known command is mflux-generate's to try
+            yield model, "mflux", MFLUX_MODEL_COMMANDS.get(model, "mflux-generate")
+        for model in setting_names(self.cfg.diffusionkit_models) or DIFFUSIONKIT_MODELS:
+            yield model, "diffusionkit", "diffusionkit-cli"
+
+    def backend(self):
+        """How this node makes pictures: "mflux", "diffusionkit", "mflux+diffusionkit"."""
+        found = {backend for backend, _ in self.commands.values()}
+        return "+".join(b for b in IMAGE_BACKENDS if b in found) or None
+
+    def command(self, model):
+        """The name of the command that draws `model`."""
+        return os.path.basename(self.commands[model][1])
+
+    def check(self, model, width, height):
+        """Refuse what the model's tool would refuse, before it is started."""
+        if self.commands[model][0] == "diffusionkit" and (width % 16 or height % 16):
+            raise MediaError(400, f"size must be a multiple of 16 on both sides for "
+                                  f"{model}, not {width}x{height}")
+
+    def argv(self, model, prompt, width, height, steps, seed, output):
+        """The command line that draws one picture into `output` (an option's value is
+        joined to it with "=", so that a prompt starting with "-" stays a prompt)."""
+        backend, path = self.commands[model]
+        if backend == "diffusionkit":
+            steps = steps or DIFFUSIONKIT_MODELS.get(model)
+            argv = [path, f"--model-version={model}", "--output-path", output]
+        else:
+            argv = [path, f"--model={model}", "--output", output]
+        argv += [f"--prompt={prompt}", "--width", str(width), "--height", str(height),
+                 "--seed", str(seed)]
+        return argv + (["--steps", str(steps)] if steps else [])
+
+
+####################################################################################
+# Media: transcripts in OpenAI's formats, from mlx-qwen3-asr's JSON
+#
+# mlx-qwen3-asr's JSON file holds "text" and "language", "chunks" (about 30 s each, with
+# start and end) always, and with --timestamps "segments": one per word, {text, start,
+# end}, from its forced aligner (which drops punctuation). OpenAI's srt, vtt and
+# verbose_json segments are those words grouped into subtitle cues.
+####################################################################################
+
+CUE_MAX_CHARS = 42  # a subtitle line's usual limit (mlx-qwen3-asr's own writer keeps it)
+CUE_MAX_S = 6.0
+CUE_GAP_S = 0.8  # a pause this long starts a new cue
+
+
+def json_seconds(value):
+    """A time in seconds from a tool's JSON, or None."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if ok and math.isfinite(value) and value >= 0 else None
+
+
+def timed_words(result):
+    """The transcript's well-formed word segments as (start, end, text), in order."""
+    words = []
+    segments = result.get("segments")
+    for s in segments if isinstance(segments, list) else ():
+        if not isinstance(s, dict) or not isinstance(s.get("text"), str):
+            continue
+        start, end = json_seconds(s.get("start")), json_seconds(s.get("end"))
+        text = " ".join(s["text"].split())
+        if start is not None and end is not None and text:
+            words.append((start, max(start, end), text))
+    return spelled_as_written(words, str(result.get("text", "")))
+
+
+def spelled_as_written(words, text):
+    """The words with the transcript's punctuation, when the two match word for word
+    (otherwise, as in Chinese or Japanese, as the aligner gave them)."""
+    written = text.split()
+    bare = ["".join(c for c in w if not unicodedata.category(c).startswith("P"))
+            for w in written]
+    if len(written) != len(words) or any(b.casefold() != w[2].casefold()
+                                         for b, w in zip(bare, words)):
+        return words
+    return [(start, end, spelled) for (start, end, _), spelled in zip(words, written)]
+
+
+def is_cjk(char):
+    """Han, kana: scripts written without spaces between words."""
+    return "\u3040" <= char <= "\u30ff" or "\u3400" <= char <= "\u9fff" or \
+        "\uf900" <= char <= "\ufaff"
+
+
+def subtitle_cues(words):
+    """Words grouped into cues (start, end, text): a cue ends before a pause of CUE_GAP_S,
+    and before it would pass CUE_MAX_CHARS or CUE_MAX_S."""
+    cues = []
+    for start, end, word in words:
+        if cues:
+            first, last, text = cues[-1]
+            text += ("" if is_cjk(text[-1]) or is_cjk(word[0]) else " ") + word
+            if start - last < CUE_GAP_S and end - first <= CUE_MAX_S and \
+                    len(text) <= CUE_MAX_CHARS:
+                cues[-1] = (first, end, text)
+                continue
+        cues.append((start, end, word))
+    return cues
+
+
+def cue_time(t, mark):
+    """HH:MM:SS,mmm (SubRip, mark ",") or HH:MM:SS.mmm (WebVTT, mark ".")."""
+    ms = round(t * 1000)
+    return f"{ms // 3600000:02d}:{ms // 60000 % 60:02d}:{ms // 1000 % 60:02d}{mark}" \
+           f"{ms % 1000:03d}"
+
+
+def srt_text(cues):
+    return "".join(f"{i}\n{cue_time(start, ',')} --> {cue_time(end, ',')}\n{text}\n\n"
+                   for i, (start, end, text) in enumerate(cues, 1))
+
+
+def vtt_text(cues):
+    return "WEBVTT\n\n" + "".join(f"{cue_time(start, '.')} --> {cue_time(end, '.')}\n"
+                                  f"{text}\n\n" for start, end, text in cues)
+
+
+def transcript_answer(result, answer_format):
+    """OpenAI's answer in `answer_format` from mlx-qwen3-asr's JSON: (body, type)."""
+    text = str(result.get("text", "")).strip()
+    if answer_format == "text":
+        return text.encode(), TEXT_TYPE
+    if answer_format == "json":
+        return hc.dump_json({"text": text}), hc.JSON_TYPE
+    cues = subtitle_cues(timed_words(result))
+    if answer_format == "srt":
+        return srt_text(cues).encode(), TEXT_TYPE
+    if answer_format == "vtt":
+        return vtt_text(cues).encode(), b"text/vtt; charset=utf-8"
+    return hc.dump_json(verbose_transcript(result, text, cues)), hc.JSON_TYPE
+
+
+def verbose_transcript(result, text, cues):
+    """OpenAI's verbose_json: the cues are its segments; the duration is where the last
+    chunk (or else cue) ends."""
+    chunks = result.get("chunks")
+    ends = [json_seconds(c.get("end")) for c in chunks if isinstance(c, dict)] \
+        if isinstance(chunks, list) else []
+    ends = [e for e in ends if e is not None] or [end for _, end, _ in cues]
+    language = result.get("language")
+    return {"task": "transcribe", "language": language if isinstance(language, str) else None,
+            "duration": max(ends, default=0.0), "text": text,
+            "segments": [{"id": i, "start": start, "end": end, "text": cue}
+                         for i, (start, end, cue) in enumerate(cues)]}
+
+
+####################################################################################
+# Media: the agent's media server
+####################################################################################
+
 class Media:
     """What this node serves of images and speech, and how (see the theory above)."""
 
     def __init__(self, cfg):
         self.cfg = cfg
         self.signatures = hc.SignatureCheck(cfg.token) if cfg.token else None
+        self.images = ImageTools(cfg)
         self.models = {hc.IMAGE: [], hc.TRANSCRIPTION: []}
         self.backends = {}
         self.slots = {kind: asyncio.Semaphore(max(1, cfg.media_concurrency))
                       for kind in hc.MEDIA_KINDS}
         self.server = self.port = None
-        self.running = 0  # tool runs in progress
+        self.running = 0  # requests whose tools are running
 
     def configured(self):
         """Could this node serve a media kind at all (a URL set, a tool on PATH)?"""
-        return bool(self.cfg.image_url or self.cfg.transcribe_url or self._tool("mflux-generate")
-                    or self._tool("mlx-qwen3-asr"))
+        return bool(self.cfg.image_url or self.cfg.transcribe_url or self.images.find()
+                    or self._asr_tool())
 
-    def _tool(self, name):
-        return shutil.which(name) if self.cfg.media_cli else None
+    def _asr_tool(self):
+        return shutil.which("mlx-qwen3-asr") if self.cfg.media_cli else None
 
     async def refresh(self):
         """Find what can be served now: a server's listed models, a tool on PATH."""
-        for kind, url, tool, names, backend in (
-                (hc.IMAGE, self.cfg.image_url, "mflux-generate", self.cfg.mflux_models,
-                 "mflux"),
-                (hc.TRANSCRIPTION, self.cfg.transcribe_url, "mlx-qwen3-asr",
-                 self.cfg.asr_models, "mlx-qwen3-asr")):
-            models, how = [], None
+        for kind, url in ((hc.IMAGE, self.cfg.image_url),
+                          (hc.TRANSCRIPTION, self.cfg.transcribe_url)):
             if url:
-                try:
-                    models = listed_models(await hc.http_json(url, "GET", "/v1/models",
-                                                              timeout=TINY_WAIT_S))
-                    how = "server"
-                except hc.UpstreamError as e:
-                    log.debug(f"{kind} server not answering: {e}", extra={"url": url})
-            elif self._tool(tool):
-                models = [n.strip() for n in names.split(",") if n.strip()]
-                models = [m for m in models if hc.MODEL_NAME_RE.fullmatch(m)]
-                how = backend
+                models, how = await self._listed(kind, url), "server"
+            elif kind == hc.IMAGE:
+                models, how = self.images.find(), self.images.backend()
+            else:
+                how = "mlx-qwen3-asr"
+                models = setting_names(self.cfg.asr_models) if self._asr_tool() else []
             self.models[kind] = models[:hc.MAX_MEDIA_MODELS]
             if how and models:
                 self.backends[kind] = how
             else:
                 self.backends.pop(kind, None)
+
+    async def _listed(self, kind, url):
+        try:
+            return listed_models(await hc.http_json(url, "GET", "/v1/models",
+                                                    timeout=TINY_WAIT_S))
+        except hc.UpstreamError as e:
+            log.debug(f"{kind} server not answering: {e}", extra={"url": url})
+            return []
 
     async def section(self, router_url):
         """The heartbeat's media section, or None when nothing can be served now."""
@@ -1017,11 +1301,34 @@ class Media:
             conn.watch_client()  # the router hanging up cancels the work (and its tool)
             await route(request, conn)
         except MediaError as e:
-            await conn.send_response(e.status, hc.openai_error_body(e.status, str(e)))
+            await conn.send_response(e.status, hc.openai_error_body(
+                e.status, str(e), error_type=e.error_type))
 
     def _check_model(self, kind, model):
         if kind not in self.backends or model not in self.models[kind]:
             raise MediaError(404, f"model '{model}' is not served here")
+
+    @contextlib.asynccontextmanager
+    async def _tool_runs(self, kind, tool):
+        """The tool runs of one request: FLEET_NODE_MEDIA_CONCURRENCY requests at a time
+        (each kind), all of its runs within FLEET_NODE_MEDIA_TIMEOUT, a 504 past it."""
+        async with self.slots[kind]:
+            self.running += 1
+            try:
+                async with asyncio.timeout(self.cfg.media_timeout):
+                    yield
+            except TimeoutError:
+                raise MediaError(504, f"{tool} took more than FLEET_NODE_MEDIA_TIMEOUT "
+                                      f"({self.cfg.media_timeout:g}s)", "timeout") from None
+            finally:
+                self.running -= 1
+
+    async def _run(self, argv):
+        """One tool run, inside _tool_runs; MediaError if it fails."""
+        code, err = await run_tool(argv)
+        if code != 0:
+            raise MediaError(500, f"{os.path.basename(argv[0])} failed (exit {code}): "
+                                  f"{hc.printable(err)[-300:]}")
 
     # -- images -------------------------------------------------------------------
 
@@ -1038,49 +1345,33 @@ class Media:
                 timeout=self.cfg.media_timeout)
             ctype = next((v for k, v in headers if k == b"content-type"), hc.JSON_TYPE)
             return await conn.send_response(status, data, ctype)
-        png = await self._run_mflux(model, body)
-        image = base64.b64encode(png).decode()
-        item = {"url": "data:image/png;base64," + image} \
-            if body.get("response_format") == "url" else {"b64_json": image}
-        await conn.send_json(200, {"created": int(time.time()), "data": [item]})
+        pictures = await self._draw(model, body)
+        images = [base64.b64encode(png).decode() for png in pictures]
+        items = [{"url": "data:image/png;base64," + image} for image in images] \
+            if body.get("response_format") == "url" else [{"b64_json": i} for i in images]
+        await conn.send_json(200, {"created": int(time.time()), "data": items})
 
-    async def _run_mflux(self, model, body):
-        """mflux-generate, its picture read from its --output file."""
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise MediaError(400, "prompt is required")
-        if body.get("n", 1) != 1:
-            raise MediaError(400, "n must be 1 here: one image per request")
-        width, height = parse_size(body.get("size") or "1024x1024")
-        argv = ["mflux-generate", "--model", model, "--prompt", prompt,
-                "--width", str(width), "--height", str(height)]
-        for key in ("steps", "seed"):
-            value = body.get(key)
-            if value is not None:
-                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                    raise MediaError(400, f"{key} must be a whole number")
-                argv += [f"--{key}", str(value)]
+    async def _draw(self, model, body):
+        """The n pictures of one request: the model's tool run n times in turn, with the
+        seeds seed, seed+1, ..., each reading its picture from its output file."""
+        prompt, n, width, height, steps, seed = read_image_request(body)
+        self.images.check(model, width, height)
+        tool, pictures, left = self.images.command(model), [], PICTURES_LIMIT
         with tempfile.TemporaryDirectory(prefix="herd-image-") as work:
-            output = os.path.join(work, "image.png")
-            await self._run(hc.IMAGE, [self._tool("mflux-generate") or argv[0], *argv[1:],
-                                       "--output", output])
-            return await asyncio.to_thread(read_file, output)
-
-    async def _run(self, kind, argv):
-        """One tool run, FLEET_NODE_MEDIA_CONCURRENCY at a time; MediaError if it fails."""
-        async with self.slots[kind]:
-            self.running += 1
-            try:
-                code, err = await run_tool(argv, self.cfg.media_timeout)
-            except TimeoutError:
-                raise MediaError(504, f"{os.path.basename(argv[0])} took more than "
-                                      f"FLEET_NODE_MEDIA_TIMEOUT ({self.cfg.media_timeout:g}s)"
-                                 ) from None
-            finally:
-                self.running -= 1
-        if code != 0:
-            raise MediaError(500, f"{os.path.basename(argv[0])} failed (exit {code}): "
-                                  f"{hc.printable(err)[-300:]}")
+            outputs = [os.path.join(work, f"image-{i}.png") for i in range(n)]
+            argvs = [self.images.argv(model, prompt, width, height, steps,
+                                      (seed + i) & MAX_SEED, output)  # 0 follows MAX_SEED
+                     for i, output in enumerate(outputs)]
+            async with self._tool_runs(hc.IMAGE, tool):
+                for output, argv in zip(outputs, argvs):
+                    await self._run(argv)
+                    try:
+                        pictures.append(await asyncio.to_thread(read_file, output, left))
+                    except (OSError, ValueError) as e:
+                        raise MediaError(500, f"{tool} left no picture to send: {e}"
+                                         ) from None
+                    left -= len(pictures[-1])
+        return pictures
 
     # -- speech -------------------------------------------------------------------
 
@@ -1097,30 +1388,28 @@ class Media:
             if answer_format not in OPENAI_FORMATS:
                 raise MediaError(400, f"response_format must be one of "
                                       f"{', '.join(OPENAI_FORMATS)} here")
-            argv = [self._tool("mlx-qwen3-asr") or "mlx-qwen3-asr", audio, "--model", model,
+            argv = [self._asr_tool() or "mlx-qwen3-asr", audio, f"--model={model}",
                     "--output-dir", work, "--output-format", "json", "--no-progress"]
+            if answer_format in TIMED_FORMATS:
+                argv.append("--timestamps")
             if fields.get("language"):
-                argv += ["--language", fields["language"]]
-            await self._run(hc.TRANSCRIPTION, argv)
-            stem = os.path.splitext(os.path.basename(audio))[0]
-            try:
-                result = json.loads(await asyncio.to_thread(
-                    read_file, os.path.join(work, stem + ".json")))
-            except (OSError, ValueError) as e:
-                raise MediaError(500, f"mlx-qwen3-asr wrote no transcript: {e}") from None
-        await self._answer_transcript(conn, result, answer_format)
+                argv.append("--language=" + checked_language(fields["language"]))
+            async with self._tool_runs(hc.TRANSCRIPTION, "mlx-qwen3-asr"):
+                await self._run(argv)
+            result = await self._read_transcript(work, audio)
+        await conn.send_response(200, *transcript_answer(result, answer_format))
 
-    async def _answer_transcript(self, conn, result, answer_format):
-        text = str(result.get("text", "")).strip()
-        if answer_format == "text":
-            return await conn.send_response(200, text.encode(), b"text/plain; charset=utf-8")
-        if answer_format == "json":
-            return await conn.send_json(200, {"text": text})
-        segments = result.get("segments") or []
-        await conn.send_json(200, {"task": "transcribe", "language": result.get("language"),
-                                   "duration": max([s.get("end", 0) for s in segments
-                                                    if isinstance(s, dict)], default=0.0),
-                                   "text": text, "segments": segments})
+    async def _read_transcript(self, work, audio):
+        """mlx-qwen3-asr's JSON file: <output dir>/<the audio's stem>.json."""
+        stem = os.path.splitext(os.path.basename(audio))[0]
+        try:
+            result = json.loads(await asyncio.to_thread(
+                read_file, os.path.join(work, stem + ".json")))
+        except (OSError, ValueError) as e:
+            raise MediaError(500, f"mlx-qwen3-asr wrote no transcript: {e}") from None
+        if not isinstance(result, dict):
+            raise MediaError(500, "mlx-qwen3-asr wrote no transcript: not a JSON object")
+        return result
 
     async def _save_form(self, request, conn, work):
         """The form's fields, and its file written into `work` as it arrives."""
@@ -1179,11 +1468,6 @@ class Media:
             up.close()
         ctype = next((v for k, v in headers if k == b"content-type"), hc.JSON_TYPE)
         await conn.send_response(status, body, ctype)
-
-
-def read_file(path):
-    with open(path, "rb") as f:
-        return f.read()
 
 
 ####################################################################################
@@ -1404,6 +1688,8 @@ def load_node_config(environ, args):
         raise hc.ConfigError("FLEET_NODE_HEARTBEAT_INTERVAL must be above 0")
     if cfg.drain_timeout < 0:
         raise hc.ConfigError("FLEET_NODE_DRAIN_TIMEOUT must not be negative")
+    if cfg.media_timeout <= 0:
+        raise hc.ConfigError("FLEET_NODE_MEDIA_TIMEOUT must be above 0")
     values = cfg.as_dict()
     values["data_dir"] = hc.expand_dir(cfg.data_dir)
     values["ca"] = os.path.expanduser(cfg.ca) if cfg.ca else ""

@@ -921,35 +921,49 @@ def test_v1_models_is_the_union_of_the_fleet(h):
 # and servers
 ####################################################################################
 
-# The stand-in tools, written into a test's own bin folder (same flags, same output
-# files as mflux's mflux-generate and mlx-qwen3-asr). Where a script says "# {started}",
-# it leaves its pid file and takes its delay (STAND_IN_STARTED).
+# The stand-in tools, written into a test's own bin folder (the flags, output files and
+# failures of mflux's mflux-generate and mflux-generate-z-image-turbo, DiffusionKit's
+# diffusionkit-cli and mlx-qwen3-asr). Where a script says "# {started}", it leaves its
+# pid file holding its command line and takes its delay (STAND_IN_STARTED); "# {png}" is
+# png(seed), a one-pixel PNG whose colour is the seed's low 16 bits (STAND_IN_PNG).
 STAND_IN_STARTED = '''pids = os.environ.get("HERD_FAKE_TOOL_PIDS")
 if pids:
-    open(os.path.join(pids, str(os.getpid())), "w").close()
+    with open(os.path.join(pids, str(os.getpid())), "w") as f:
+        json.dump(sys.argv, f)
 time.sleep(float(os.environ.get("HERD_FAKE_TOOL_DELAY", "0")))
+'''
+STAND_IN_PNG = '''def png(seed):
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+    pixel = zlib.compress(bytes([0, seed & 255, seed >> 8 & 255, 0]))
+    return (b"\\x89PNG\\r\\n\\x1a\\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", pixel) + chunk(b"IEND", b""))
 '''
 STAND_IN_TOOLS = {
     "mflux-generate": r'''#!/usr/bin/env python3
-"""A stand-in for mflux's mflux-generate in Herd's tests: the same flags, the same
-output file (a PNG at --output). HERD_FAKE_TOOL_DELAY=<s> makes it slow,
-HERD_FAKE_TOOL_FAIL=1 makes it fail as the real one does (a message, exit 1), and
-HERD_FAKE_TOOL_PIDS=<dir> leaves a file named by its pid there while it runs."""
+"""A stand-in for mflux's mflux-generate (and, by the name it is called by, its other
+text-to-image commands) in Herd's tests: the same flags (--seed takes one or more seeds,
+--output may hold "{seed}"), the same output file (a PNG per seed). HERD_FAKE_TOOL_DELAY=<s>
+makes it slow, HERD_FAKE_TOOL_FAIL=1 makes it fail as the real one does (a message, exit
+1), and HERD_FAKE_TOOL_PIDS=<dir> leaves a file named by its pid there, holding its
+command line as JSON."""
 import argparse
-import base64
+import json
 import os
+import random
+import struct
 import sys
 import time
+import zlib
 
-PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk"
-                       "+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
-
-parser = argparse.ArgumentParser(prog="mflux-generate")
-parser.add_argument("--model", "-m", required=True)
+# {png}
+parser = argparse.ArgumentParser(prog=os.path.basename(sys.argv[0]))
+parser.add_argument("--model", "-m")
 parser.add_argument("--base-model")
 parser.add_argument("--prompt", required=True)
-parser.add_argument("--steps", type=int, default=4)
-parser.add_argument("--seed", type=int)
+parser.add_argument("--steps", type=int)
+parser.add_argument("--seed", type=int, nargs="+")
 parser.add_argument("--height", type=int, default=1024)
 parser.add_argument("--width", type=int, default=1024)
 parser.add_argument("--quantize", "-q", type=int)
@@ -958,15 +972,69 @@ args = parser.parse_args()
 # {started}
 if os.environ.get("HERD_FAKE_TOOL_FAIL"):
     sys.exit(f"Error: could not load model {args.model}")
-with open(args.output, "wb") as f:
-    f.write(PNG)
-print(f"Image saved to {args.output}")
+for seed in args.seed or [random.randrange(1 << 32)]:
+    with open(args.output.format(seed=seed), "wb") as f:
+        f.write(png(seed))
+    print(f"Image saved to {args.output.format(seed=seed)}")
+''',
+    "diffusionkit-cli": r'''#!/usr/bin/env python3
+"""A stand-in for DiffusionKit's diffusionkit-cli in Herd's tests: the same flags (and
+--model-version choices), the same output file (a PNG at --output-path), and its refusal
+of a side that is no multiple of 16 (an assertion, exit 1). HERD_FAKE_TOOL_DELAY,
+HERD_FAKE_TOOL_FAIL and HERD_FAKE_TOOL_PIDS as for the mflux-generate stand-in."""
+import argparse
+import json
+import os
+import random
+import struct
+import sys
+import time
+import zlib
+
+# {png}
+MODELS = ["argmaxinc/mlx-stable-diffusion-3-medium", "argmaxinc/mlx-stable-diffusion-3.5-large",
+          "argmaxinc/mlx-stable-diffusion-3.5-large-4bit-quantized",
+          "argmaxinc/mlx-FLUX.1-schnell", "argmaxinc/mlx-FLUX.1-schnell-4bit-quantized",
+          "argmaxinc/mlx-FLUX.1-dev"]
+parser = argparse.ArgumentParser(prog="diffusionkit-cli")
+parser.add_argument("--prompt", required=True)
+parser.add_argument("--image-path")
+parser.add_argument("--model-version", choices=MODELS, default="argmaxinc/mlx-FLUX.1-schnell")
+parser.add_argument("--steps", type=int, default=50)
+parser.add_argument("--cfg", type=float, default=5.0)
+parser.add_argument("--negative_prompt", default="")
+parser.add_argument("--preload-models", action="store_true")
+parser.add_argument("--output-path", "-o", default="out.png")
+parser.add_argument("--seed", type=int)
+parser.add_argument("--verbose", "-v", action="store_true")
+parser.add_argument("--shift", type=float)
+parser.add_argument("--t5", action="store_true")
+parser.add_argument("--height", type=int)
+parser.add_argument("--width", type=int)
+parser.add_argument("--no-low-memory-mode", action="store_false", dest="low_memory_mode")
+parser.add_argument("--benchmark-mode", action="store_true")
+parser.add_argument("--denoise", type=float, default=0.0)
+parser.add_argument("--local-ckpt")
+args = parser.parse_args()
+# {started}
+side = 1024 if "3.5" in args.model_version else 512
+height, width = args.height or side, args.width or side
+assert height % 16 == 0, f"Height must be divisible by 16 ({height}/16={height / 16})"
+assert width % 16 == 0, f"Width must be divisible by 16 ({width}/16={width / 16})"
+if os.environ.get("HERD_FAKE_TOOL_FAIL"):
+    sys.exit(f"Error: could not load {args.model_version}")
+with open(args.output_path, "wb") as f:
+    f.write(png(random.randrange(1 << 32) if args.seed is None else args.seed))
+print(f"Saved the image to {args.output_path}", file=sys.stderr)
 ''',
     "mlx-qwen3-asr": r'''#!/usr/bin/env python3
 """A stand-in for mlx-qwen3-asr in Herd's tests: the same flags, the same output file
-(<output-dir>/<audio stem>.<format>, json: {"text", "language"}). The transcript says
-how many bytes the audio had. HERD_FAKE_TOOL_DELAY, HERD_FAKE_TOOL_FAIL and
-HERD_FAKE_TOOL_PIDS as for the mflux-generate stand-in."""
+(<output-dir>/<audio stem>.<format>; json: "text", "language", "chunks" and, with
+--timestamps, "segments": one per word, its punctuation dropped as the forced aligner
+does; the other formats hold the text alone). The transcript is HERD_FAKE_TOOL_TEXT, or
+says how many bytes the audio had; each word takes 0.4 s, 0.1 s apart, and a sentence's
+end 1 s more. HERD_FAKE_TOOL_DELAY, HERD_FAKE_TOOL_FAIL and HERD_FAKE_TOOL_PIDS as for
+the mflux-generate stand-in."""
 import argparse
 import json
 import os
@@ -980,27 +1048,47 @@ parser.add_argument("--language")
 parser.add_argument("--output-dir", "-o", default=".")
 parser.add_argument("--output-format", "-f", default="txt",
                     choices=["txt", "json", "srt", "vtt", "tsv", "all"])
+parser.add_argument("--timestamps", action="store_true")
 parser.add_argument("--no-progress", action="store_true")
 parser.add_argument("--quiet", action="store_true")
 args = parser.parse_args()
 # {started}
 if os.environ.get("HERD_FAKE_TOOL_FAIL"):
     sys.exit("Error: failed to decode audio")
+
+
+def words(text):
+    out, t = [], 0.0
+    for word in text.split():
+        out.append({"text": word.strip(".,;:!?"), "start": round(t, 3),
+                    "end": round(t + 0.4, 3)})
+        t += 1.5 if word[-1] in ".!?" else 0.5
+    return out
+
+
 for path in args.audio:
     if not os.path.exists(path):
         sys.exit(f"Error: File not found: {path}")
-    text = f"heard {os.path.getsize(path)} bytes"
+    text = os.environ.get("HERD_FAKE_TOOL_TEXT") or f"heard {os.path.getsize(path)} bytes"
+    language = args.language or "English"
+    timed = words(text)
+    result = {"text": text, "language": language,
+              "chunks": [{"text": text, "start": 0.0, "end": timed[-1]["end"] + 0.5,
+                          "chunk_index": 0, "language": language}]}
+    if args.timestamps or args.output_format in ("srt", "vtt"):
+        result["segments"] = timed
     stem = os.path.splitext(os.path.basename(path))[0]
     out = os.path.join(args.output_dir, f"{stem}.{args.output_format}")
     with open(out, "w", encoding="utf-8") as f:
         if args.output_format == "json":
-            json.dump({"text": text, "language": args.language or "English"}, f)
+            json.dump(result, f, indent=2, ensure_ascii=False)
         else:
             f.write(text + "\n")
     if not args.quiet:
         print(text)
 ''',
 }
+STAND_IN_TOOLS["mflux-generate-z-image-turbo"] = STAND_IN_TOOLS["mflux-generate"]
 
 
 @pytest.fixture
@@ -1011,12 +1099,28 @@ def tools_on_path(monkeypatch, tmp_path):
     tools = tmp_path / "bin"
     tools.mkdir()
     for name, text in STAND_IN_TOOLS.items():
-        text = text.replace("# {started}\n", STAND_IN_STARTED)
+        text = text.replace("# {started}\n", STAND_IN_STARTED).replace("# {png}\n",
+                                                                       STAND_IN_PNG)
         (tools / name).write_text(text.replace("/usr/bin/env python3", sys.executable, 1))
         (tools / name).chmod(0o755)
     monkeypatch.setenv("PATH", str(tools) + os.pathsep + os.environ["PATH"])
     monkeypatch.setenv("HERD_FAKE_TOOL_PIDS", str(pids))
     return pids
+
+
+def tool_runs(pids):
+    """The command lines the stand-in tools ran with, oldest first."""
+    files = sorted(pids.iterdir(), key=lambda p: p.stat().st_mtime_ns)
+    return [json.loads(p.read_text() or "[]") for p in files]
+
+
+def png_seed(data):
+    """The seed a stand-in tool drew a PNG with (its one pixel's colour)."""
+    import zlib
+    at = data.index(b"IDAT")
+    length = int.from_bytes(data[at - 4:at], "big")
+    pixel = zlib.decompress(data[at + 4:at + 4 + length])
+    return pixel[1] | pixel[2] << 8
 
 
 def openai_client(router):
@@ -1092,6 +1196,20 @@ def test_the_media_server_takes_only_the_routers_signed_requests(h):
     assert not [r for r in gpu_box.requests if r["path"] != "/v1/models"]
 
 
+def test_a_heartbeat_may_name_two_image_tools_joined_by_plus(h):
+    router = h.router()
+    hb = h.snapshot(router, h.fake(), "mac-studio")
+    hb["media"] = {"url": "http://127.0.0.1:11436", "image_models": ["schnell"],
+                   "transcribe_models": [], "backends": {"image": "mflux+diffusionkit"},
+                   "concurrency": 1}
+    assert post_heartbeat(router, hb)[0] == 200
+    assert fleet_node(router, "mac-studio")["media"]["backends"] == {
+        "image": "mflux+diffusionkit"}
+    hb["media"]["backends"]["image"] = "mflux+gimp"
+    status, answer = post_heartbeat(router, hb)
+    assert status == 400 and "media.backends.image" in json.dumps(answer)
+
+
 def test_no_node_for_a_kind_or_a_model_is_a_clear_404(one_node):
     import openai
     h, router, fake = one_node
@@ -1117,8 +1235,10 @@ def test_images_with_mflux_queue_on_the_node_and_a_cancel_kills_the_tool(
     router = h.router()
     h.media_agent(router, h.fake(), "mac-studio")
     node = fleet_node(router, "mac-studio")
-    assert node["media"]["backends"] == {"image": "mflux", "transcription": "mlx-qwen3-asr"}
-    assert node["media"]["image_models"] == ["schnell", "dev"]
+    assert node["media"]["backends"] == {"image": "mflux+diffusionkit",
+                                         "transcription": "mlx-qwen3-asr"}
+    assert node["media"]["image_models"] == ["schnell", "dev", "krea-dev", "z-image-turbo",
+                                             *herd_node.DIFFUSIONKIT_MODELS]
     request = json.dumps({"model": "schnell", "prompt": "x", "size": "64x64"}).encode()
     head = (b"POST /v1/images/generations HTTP/1.1\r\nHost: r\r\nContent-Type: "
             b"application/json\r\nContent-Length: %d\r\n\r\n" % len(request))
@@ -1153,6 +1273,135 @@ def process_alive(pid):
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def open_image_request(port, body):
+    """An image request on a raw socket, left open: closing it is the client leaving."""
+    data = json.dumps(body).encode()
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: r\r\nContent-Type: "
+              b"application/json\r\nContent-Length: %d\r\n\r\n" % len(data) + data)
+    return s
+
+
+def signed_post(router, agent, path, body):
+    """POST JSON straight to an agent's media server, signed as the router signs it."""
+    data = json.dumps(body).encode()
+    signed = {k.decode(): v.decode()
+              for k, v in hc.sign_request(router.cfg.token, "POST", path, data)}
+    return http(f"http://127.0.0.1:{agent.media.port}", "POST", path, data,
+                headers={**signed, "Content-Type": "application/json"}, timeout=30)
+
+
+def test_images_with_diffusionkit_on_the_node(h, tools_on_path, monkeypatch):
+    import base64
+    import openai
+    router = h.router()
+    h.media_agent(router, h.fake(), "mac-studio", FLEET_NODE_MFLUX_MODELS="schnell")
+    node = fleet_node(router, "mac-studio")
+    assert node["media"]["image_models"] == ["schnell", *herd_node.DIFFUSIONKIT_MODELS]
+    assert node["media"]["backends"]["image"] == "mflux+diffusionkit"
+    client = openai_client(router)
+    image = client.images.generate(model="argmaxinc/mlx-FLUX.1-schnell", prompt="-v",
+                                   size="512x256", extra_body={"seed": 7})
+    assert png_seed(base64.b64decode(image.data[0].b64_json)) == 7
+    argv = tool_runs(tools_on_path)[-1]
+    assert os.path.basename(argv[0]) == "diffusionkit-cli"
+    assert "--model-version=argmaxinc/mlx-FLUX.1-schnell" in argv
+    assert "--prompt=-v" in argv  # a prompt, not the CLI's --verbose
+    assert argv[argv.index("--steps") + 1] == "4"  # FLUX.1-schnell's steps, not the CLI's 50
+    assert argv[argv.index("--width") + 1] == "512" and argv[argv.index("--height") + 1] == "256"
+    client.images.generate(model="argmaxinc/mlx-stable-diffusion-3-medium", prompt="x",
+                           size="512x512")
+    assert "--steps" not in tool_runs(tools_on_path)[-1]  # the CLI's own 50
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.generate(model="argmaxinc/mlx-FLUX.1-dev", prompt="x", size="500x512")
+    assert "multiple of 16" in e.value.body["message"]
+    assert len(tool_runs(tools_on_path)) == 2  # refused before its tool started
+    monkeypatch.setenv("HERD_FAKE_TOOL_FAIL", "1")
+    with pytest.raises(openai.APIStatusError) as e:
+        client.images.generate(model="argmaxinc/mlx-FLUX.1-dev", prompt="x", size="512x512")
+    assert e.value.status_code == 502
+    assert "could not load argmaxinc/mlx-FLUX.1-dev" in e.value.body["message"]
+    monkeypatch.delenv("HERD_FAKE_TOOL_FAIL")
+    monkeypatch.setenv("HERD_FAKE_TOOL_DELAY", "30")
+    client_socket = open_image_request(router.port, {"model": "argmaxinc/mlx-FLUX.1-dev",
+                                                     "prompt": "x", "size": "512x512"})
+    pid = int(wait_until(lambda: len(os.listdir(tools_on_path)) == 4 and max(
+        tools_on_path.iterdir(), key=lambda p: p.stat().st_mtime_ns).name,
+        what="diffusionkit-cli to run"))
+    client_socket.close()  # the router hangs up on the agent, which kills diffusionkit-cli
+    wait_until(lambda: not process_alive(pid), what="diffusionkit-cli to be killed")
+    wait_until(lambda: h.traces(router)[-1]["status"] == "cancelled", what="the trace")
+
+
+def test_each_mflux_command_serves_its_own_models(h, tools_on_path):
+    router = h.router()
+    agent = h.media_agent(router, h.fake(), "mac-studio")
+    models = fleet_node(router, "mac-studio")["media"]["image_models"]
+    # mflux-generate and mflux-generate-z-image-turbo are on PATH; mflux-generate-qwen isn't.
+    assert models[:4] == ["schnell", "dev", "krea-dev", "z-image-turbo"]
+    assert "qwen-image" not in models
+    client = openai_client(router)
+    assert client.images.generate(model="z-image-turbo", prompt="x", size="64x64").data
+    argv = tool_runs(tools_on_path)[-1]
+    assert os.path.basename(argv[0]) == "mflux-generate-z-image-turbo"
+    assert "--model=z-image-turbo" in argv and argv[argv.index("--output") + 1].endswith(".png")
+    assert client.images.generate(model="schnell", prompt="x", size="64x64").data
+    assert os.path.basename(tool_runs(tools_on_path)[-1][0]) == "mflux-generate"
+    (tools_on_path.parent / "bin" / "mflux-generate-z-image-turbo").unlink()
+    h.beat(agent, "mac-studio")
+    assert "z-image-turbo" not in fleet_node(router, "mac-studio")["media"]["image_models"]
+    h.media_agent(router, h.fake(), "mac-mini",
+                  FLEET_NODE_MFLUX_MODELS="dev,qwen-image,my-org/my-flux")
+    assert fleet_node(router, "mac-mini")["media"]["image_models"][:2] == [
+        "dev", "my-org/my-flux"]  # qwen-image's command is not here; my-flux is mflux-generate's
+
+
+def test_n_images_are_n_runs_in_turn_and_a_cancel_stops_them(h, tools_on_path, monkeypatch):
+    import base64
+    import openai
+    router = h.router()
+    agent = h.media_agent(router, h.fake(), "mac-studio")
+    client = openai_client(router)
+    images = client.images.generate(model="schnell", prompt="x", n=2, size="64x64",
+                                    extra_body={"seed": 41})
+    assert [png_seed(base64.b64decode(i.b64_json)) for i in images.data] == [41, 42]
+    assert [run[run.index("--seed") + 1] for run in tool_runs(tools_on_path)] == ["41", "42"]
+    images = client.images.generate(model="argmaxinc/mlx-FLUX.1-schnell", prompt="x", n=3,
+                                    size="64x64", response_format="url")
+    seeds = [png_seed(base64.b64decode(i.url.partition(",")[2])) for i in images.data]
+    assert seeds == [(seeds[0] + k) & 0xFFFF for k in range(3)]  # a random first seed
+    for n in (0, 11):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.images.generate(model="schnell", prompt="x", n=n)
+        assert "n must be a whole number from 1 to 10" in e.value.body["message"]
+    runs = len(tool_runs(tools_on_path))
+    monkeypatch.setenv("HERD_FAKE_TOOL_DELAY", "30")
+    client_socket = open_image_request(router.port, {"model": "schnell", "prompt": "x",
+                                                     "n": 3, "size": "64x64"})
+    wait_until(lambda: len(os.listdir(tools_on_path)) == runs + 1, what="the first run")
+    pid = int(max(tools_on_path.iterdir(), key=lambda p: p.stat().st_mtime_ns).name)
+    client_socket.close()
+    wait_until(lambda: not process_alive(pid), what="the running tool to be killed")
+    wait_until(lambda: agent.media.running == 0, what="the request to end")
+    assert len(tool_runs(tools_on_path)) == runs + 1  # the second and third never started
+
+
+def test_a_request_past_media_timeout_is_a_504_of_type_timeout(h, tools_on_path,
+                                                                monkeypatch):
+    monkeypatch.setenv("HERD_FAKE_TOOL_DELAY", "0.6")
+    router = h.router()
+    agent = h.media_agent(router, h.fake(), "mac-studio", FLEET_NODE_MEDIA_TIMEOUT=1.5)
+    # Each picture takes well under FLEET_NODE_MEDIA_TIMEOUT, three of them more: the
+    # time is the whole request's.
+    status, _, body = signed_post(router, agent, "/v1/images/generations",
+                                  {"model": "schnell", "prompt": "x", "n": 3, "size": "64x64"})
+    error = json.loads(body)["error"]
+    assert status == 504 and error["type"] == "timeout"
+    assert "FLEET_NODE_MEDIA_TIMEOUT (1.5s)" in error["message"]
+    pids = [int(name) for name in os.listdir(tools_on_path)]
+    assert pids and not any(process_alive(pid) for pid in pids)
 
 
 def test_a_failing_media_node_is_retried_on_another(h):
@@ -1206,7 +1455,7 @@ def test_transcription_with_mlx_qwen3_asr_on_the_node(h, tools_on_path):
     router = h.router()
     h.media_agent(router, h.fake(), "mac-mini")
     node = fleet_node(router, "mac-mini")
-    assert node["media"]["backends"] == {"image": "mflux", "transcription": "mlx-qwen3-asr"}
+    assert node["media"]["backends"]["transcription"] == "mlx-qwen3-asr"
     client = openai_client(router)
     audio = os.urandom(3000)
     result = client.audio.transcriptions.create(model="Qwen/Qwen3-ASR-0.6B",
@@ -1219,6 +1468,51 @@ def test_transcription_with_mlx_qwen3_asr_on_the_node(h, tools_on_path):
     import openai
     with pytest.raises(openai.NotFoundError):
         client.audio.transcriptions.create(model="whisper-1", file=("a.wav", audio))
+
+
+def test_transcripts_as_srt_vtt_and_verbose_json_from_mlx_qwen3_asr(h, tools_on_path,
+                                                                    monkeypatch):
+    import httpx
+    monkeypatch.setenv("HERD_FAKE_TOOL_TEXT", "Hello there. This is the fleet speaking "
+                                              "from a small machine under the stairs.")
+    router = h.router()
+    h.media_agent(router, h.fake(), "mac-mini")
+    client = openai_client(router)
+    audio, model = ("talk.wav", os.urandom(2000)), "Qwen/Qwen3-ASR-0.6B"
+    srt = client.audio.transcriptions.create(model=model, file=audio, response_format="srt")
+    # The stand-in's words: 0.4 s each, 0.1 s apart, 1 s more after a sentence. A pause
+    # of 0.8 s or 42 characters end a cue; the transcript gives back the punctuation.
+    assert srt == ("1\n00:00:00,000 --> 00:00:00,900\nHello there.\n\n"
+                   "2\n00:00:02,000 --> 00:00:05,900\nThis is the fleet speaking from a small"
+                   "\n\n3\n00:00:06,000 --> 00:00:07,900\nmachine under the stairs.\n\n")
+    assert "--timestamps" in tool_runs(tools_on_path)[-1]
+    vtt = client.audio.transcriptions.create(model=model, file=audio, response_format="vtt")
+    assert vtt.startswith("WEBVTT\n\n00:00:00.000 --> 00:00:00.900\nHello there.\n\n"
+                          "00:00:02.000 --> 00:00:05.900\nThis is the fleet")
+    verbose = client.audio.transcriptions.create(model=model, file=audio,
+                                                 response_format="verbose_json")
+    assert [(s.id, s.start, s.end, s.text) for s in verbose.segments] == [
+        (0, 0.0, 0.9, "Hello there."), (1, 2.0, 5.9, "This is the fleet speaking from a small"),
+        (2, 6.0, 7.9, "machine under the stairs.")]
+    assert verbose.duration == pytest.approx(8.4) and verbose.language == "English"
+    text = client.audio.transcriptions.create(model=model, file=audio, response_format="text")
+    assert text.strip().startswith("Hello there. This is") and \
+        "--timestamps" not in tool_runs(tools_on_path)[-1]  # plain text needs no aligner
+    refused = httpx.post(router.url + "/v1/audio/transcriptions", files={"file": audio},
+                         data={"model": model, "response_format": "tsv"}, timeout=10)
+    assert refused.status_code == 400
+    assert "json, text, verbose_json, srt, vtt" in refused.json()["error"]["message"]
+    refused = httpx.post(router.url + "/v1/audio/transcriptions", files={"file": audio},
+                         data={"model": model, "language": "English\n--diarize"}, timeout=10)
+    assert refused.status_code == 400 and "language" in refused.json()["error"]["message"]
+
+
+def test_subtitle_cues_join_han_characters_without_spaces_and_count_hours():
+    words = [(3599.5, 3599.9, "你"), (3600.0, 3600.4, "好"), (3600.5, 3601.0, "世界")]
+    cues = herd_node.subtitle_cues(words)
+    assert herd_node.srt_text(cues) == "1\n00:59:59,500 --> 01:00:01,000\n你好世界\n\n"
+    assert herd_node.subtitle_cues([(0.0, 0.4, "Herd"), (0.5, 0.9, "fleet")]) == [
+        (0.0, 0.9, "Herd fleet")]
 
 
 def test_a_50_mb_upload_streams_through_without_being_held(h):
