@@ -2031,36 +2031,12 @@ class Proxy:
                 if last_error is None:
                     raise
                 break
-            ex.node_id, ex.score, ex.breakdown = choice.node.node_id, choice.score, \
-                choice.breakdown
-            ex.retries = attempt
-            ex.reset_body()  # a retry must not inherit the last node's rewrites
-            if choice.model != ex.model:
-                ex.use_model(choice.model, names.get(choice.model, choice.model))
-            self.scheduler.protect_context(ex, choice, ask.requested_ctx)
-            if not choice.hot:
-                c = choice.candidate
-                self.fleet.start_load(choice.node, choice.model, c.evicts if c else (),
-                                      c.load_estimate_s if c else 0.0)
-            q = self.fleet.queue(choice.node, choice.model)
-            if ex.kind not in hc.MEDIA_KINDS:  # an image tool has no runner-up to warm
-                self.warmer.consider(choice, q, names.get(choice.model, name))
-            t_queue = time.monotonic()
+            q = self._commit(ex, choice, ask, attempt, names, name)
             try:
-                ticket = await q.acquire(choice.candidate.tokens if choice.candidate else 0.0)
-                ticket.exchange = ex
+                return await self._attempt_on(conn, ex, choice, q)
             except Moved as m:  # drained, or rebalanced to a node with a free slot
-                if not choice.hot:
-                    self.fleet.finish_load(choice.node, choice.model, False)  # never sent
                 moves += 1
                 prefer = m.target if moves < MAX_MOVES else None
-                continue
-            try:
-                ex.queue_wait = time.monotonic() - t_queue
-                ex.touch()
-                self._count_evictions(ex, choice)
-                await self.node_relay.attempt(conn, ex, choice)
-                return
             except AttemptFailed as e:
                 last_error = e
                 proxy_log.warning("attempt failed, trying another node",
@@ -2069,13 +2045,54 @@ class Proxy:
                 self.traces.record(ex.trace_row(hc.RETRIED, error=str(e)))
                 exclude.append(choice.node.node_id)
                 attempt += 1
-            finally:
-                level = q.release(ticket)
-                if not choice.hot:  # a first chunk means Ollama had loaded it
-                    self.fleet.finish_load(choice.node, choice.model, ex.started)
-                if choice.node.node_id not in exclude:  # this attempt answered
-                    self._learn(ex, choice, level)
         raise RouteError(last_error.status, f"no node could answer: {last_error}")
+
+    def _commit(self, ex, choice, ask, attempt, names, name):
+        """Make `choice` this attempt's: the trace's fields, the body as that node must
+        get it, a cold load counted as under way at once; returns its queue."""
+        ex.node_id, ex.score, ex.breakdown = choice.node.node_id, choice.score, \
+            choice.breakdown
+        ex.retries = attempt
+        ex.reset_body()  # a retry must not inherit the last node's rewrites
+        if choice.model != ex.model:
+            ex.use_model(choice.model, names.get(choice.model, choice.model))
+        self.scheduler.protect_context(ex, choice, ask.requested_ctx)
+        if not choice.hot:
+            c = choice.candidate
+            self.fleet.start_load(choice.node, choice.model, c.evicts if c else (),
+                                  c.load_estimate_s if c else 0.0)
+        q = self.fleet.queue(choice.node, choice.model)
+        if ex.kind not in hc.MEDIA_KINDS:  # an image tool has no runner-up to warm
+            self.warmer.consider(choice, q, names.get(choice.model, name))
+        return q
+
+    async def _attempt_on(self, conn, ex, choice, q):
+        """Wait for a slot in `q`, then send the request to the chosen node and relay
+        its answer. Raises Moved when handed back before it had a slot, AttemptFailed
+        when the node failed before the first chunk (another node may then answer)."""
+        t_queue = time.monotonic()
+        try:
+            ticket = await q.acquire(choice.candidate.tokens if choice.candidate else 0.0)
+        except Moved:
+            if not choice.hot:
+                self.fleet.finish_load(choice.node, choice.model, False)  # never sent
+            raise
+        ticket.exchange = ex
+        failed = False
+        try:
+            ex.queue_wait = time.monotonic() - t_queue
+            ex.touch()
+            self._count_evictions(ex, choice)
+            await self.node_relay.attempt(conn, ex, choice)
+        except AttemptFailed:
+            failed = True
+            raise
+        finally:
+            level = q.release(ticket)
+            if not choice.hot:  # a first chunk means Ollama had loaded it
+                self.fleet.finish_load(choice.node, choice.model, ex.started)
+            if not failed:
+                self._learn(ex, choice, level)
 
     def _count_evictions(self, ex, choice):
         """A cold load the router sends pushes these models out: count each."""
