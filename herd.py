@@ -584,6 +584,107 @@ class Node:
         return sum(h[half:]) / (len(h) - half) - sum(h[:half]) / half
 
 
+class Residency:
+    """Which models are in which node's memory: what its heartbeats say, overruled for
+    a while by the loads and unloads the router itself causes (it knows of them first),
+    and every move, for the health checks; `busy(node, model)` tells which models have
+    requests here, for what a cold load would evict."""
+
+    def __init__(self, notify, busy):
+        self.notify, self.busy = notify, busy
+        self.model_moves = collections.deque(maxlen=10000)  # (time, load|unload, node, model)
+
+    def take(self, node, hb, record):
+        """The node's models as it reports them; `record` the moves (not on the first
+        heartbeat: what a node holds when it joins was loaded before we knew it)."""
+        node.models = hb.models
+        now = time.monotonic()
+        # A heartbeat read just before a load or unload we caused can arrive just after
+        # it: for a few heartbeats our own word wins, so no move is recorded that never was.
+        node.router_saw = {m: seen for m, seen in node.router_saw.items()
+                           if now - seen[0] <= ROUTER_WORD_S}
+        loaded = dict(hb.loaded)
+        for name, (_, is_loaded) in node.router_saw.items():
+            if not is_loaded:
+                loaded.pop(name, None)
+            elif name not in loaded:
+                loaded[name] = node.loaded.get(name) or {"name": name, "model": name}
+        for name in node.loaded.keys() - loaded.keys():
+            self._record(node, name, "unload")
+        if record:
+            for name in loaded.keys() - node.loaded.keys():
+                self._record(node, name, "load")
+        node.loaded = loaded
+
+    # -- moves the router causes ------------------------------------------------------
+
+    def _record(self, node, model, kind):
+        if kind == "unload":
+            node.unloaded_at[model] = time.monotonic()
+        self.model_moves.append((time.time(), kind, node.node_id, model))
+
+    def mark_loaded(self, node, model):
+        """The router saw `model` load on `node` (a cold request, a pre-warm)."""
+        node.router_saw[model] = (time.monotonic(), True)
+        if model not in node.loaded:
+            size = int(node.models.get(model, {}).get("size") or 0)
+            node.loaded[model] = {"name": model, "model": model, "size": size}
+            self._record(node, model, "load")
+            self.notify()
+
+    def start_load(self, node, model, victims, load_s):
+        """A cold load the router is sending: from now on the model counts as on its way
+        in (done in about `load_s`) and what it pushes out as gone, busy or not (Ollama
+        evicts a busy runner once it is idle), so that the requests that follow wait for
+        the load rather than send a victim back there to be loaded again after it."""
+        now = time.monotonic()
+        node.loading = {m: t for m, t in node.loading.items() if t > now}
+        node.loading[model] = now + load_s
+        self.mark_loaded(node, model)
+        for victim in victims:
+            self.mark_unloaded(node, victim)
+
+    def finish_load(self, node, model, loaded):
+        """The request that loaded `model` ended: it is in (or, if `loaded` is false,
+        the load failed and the next heartbeat says what is there)."""
+        node.loading.pop(model, None)
+        if loaded:
+            self.mark_loaded(node, model)
+        elif node.router_saw.pop(model, None) is not None:
+            node.loaded.pop(model, None)
+
+    def mark_unloaded(self, node, model):
+        """`model` left `node`'s memory because the router asked (keep_alive 0), or a
+        load the router sent there pushed it out."""
+        node.router_saw[model] = (time.monotonic(), False)
+        if node.loaded.pop(model, None) is not None:
+            self._record(node, model, "unload")
+            self.notify()
+
+    def moves_since(self, since, kind):
+        """Counter of (node_id, model) moves of `kind` since `since` (wall time)."""
+        return collections.Counter((node, model) for t, k, node, model in self.model_moves
+                                   if t > since and k == kind)
+
+    def victims(self, node, model, size):
+        """The loaded models a cold load of `model` (`size` bytes) would push out of
+        `node`'s memory: past OLLAMA_MAX_LOADED_MODELS, or to make room. Ollama evicts
+        idle runners first (a busy one only once it is idle, the load waiting for it);
+        among equals, the one expiring soonest, as its keep-alive clock says."""
+        others = sorted((m for m in node.loaded if m != model), key=lambda m: (
+            self.busy(node, m), str(node.loaded[m].get("expires_at", ""))))
+        count = 0
+        limit = node.hb.max_loaded_models
+        if limit and len(others) >= limit:
+            count = len(others) - limit + 1
+        short = size * hc.LOAD_OVERHEAD - node.hb.mem_available if node.hb.mem_total else 0
+        short -= sum(int(node.loaded[m].get("size") or 0) for m in others[:count])
+        while count < len(others) and short > 0:
+            short -= int(node.loaded[others[count]].get("size") or 0)
+            count += 1
+        return tuple(others[:count])
+
+
 class Fleet:
     """Every node and queue, a record of model moves, and a signal for those waiting
     on a change (the holding queue)."""
@@ -595,8 +696,8 @@ class Fleet:
         self.flights = {}  # node_id -> InFlight, shared by its queues
         self.concurrency = {}  # (node_id, model) -> requests in flight worth having, learned
         self.started = time.monotonic()
-        self.model_moves = collections.deque(maxlen=10000)  # (time, load|unload, node, model)
         self._changed = asyncio.get_running_loop().create_future()
+        self.residency = Residency(self.notify_change, self.busy)
 
     # -- change notification ------------------------------------------------------
 
@@ -637,7 +738,7 @@ class Fleet:
         node.take_media(hb.media)
         node.last_seen = time.monotonic()
         if hb.reachable:
-            self._take_models(node, hb, record=known is not None)
+            self.residency.take(node, hb, record=known is not None)
         # else: keep what it had; an Ollama restart should read as "unreachable" (503,
         # held), not as "model gone" (404).
         node.cpu_history.append(hb.cpu_percent)
@@ -685,84 +786,12 @@ class Fleet:
                           extra={"node_id": node.node_id, "event": "node_moved"})
         node.source = source
 
-    def _take_models(self, node, hb, record):
-        """The node's models as it reports them; `record` the moves (not on the first
-        heartbeat: what a node holds when it joins was loaded before we knew it)."""
-        node.models = hb.models
-        now = time.monotonic()
-        # A heartbeat read just before a load or unload we caused can arrive just after
-        # it: for a few heartbeats our own word wins, so no move is recorded that never was.
-        node.router_saw = {m: seen for m, seen in node.router_saw.items()
-                           if now - seen[0] <= ROUTER_WORD_S}
-        loaded = dict(hb.loaded)
-        for name, (_, is_loaded) in node.router_saw.items():
-            if not is_loaded:
-                loaded.pop(name, None)
-            elif name not in loaded:
-                loaded[name] = node.loaded.get(name) or {"name": name, "model": name}
-        for name in node.loaded.keys() - loaded.keys():
-            self._record(node, name, "unload")
-        if record:
-            for name in loaded.keys() - node.loaded.keys():
-                self._record(node, name, "load")
-        node.loaded = loaded
-
-    # -- model moves the router causes ---------------------------------------------
-
-    def _record(self, node, model, kind):
-        if kind == "unload":
-            node.unloaded_at[model] = time.monotonic()
-        self.model_moves.append((time.time(), kind, node.node_id, model))
-
-    def mark_loaded(self, node, model):
-        """The router saw `model` load on `node` (a cold request, a pre-warm)."""
-        node.router_saw[model] = (time.monotonic(), True)
-        if model not in node.loaded:
-            size = int(node.models.get(model, {}).get("size") or 0)
-            node.loaded[model] = {"name": model, "model": model, "size": size}
-            self._record(node, model, "load")
-            self.notify_change()
-
-    def start_load(self, node, model, victims, load_s):
-        """A cold load the router is sending: from now on the model counts as on its way
-        in (done in about `load_s`) and what it pushes out as gone, busy or not (Ollama
-        evicts a busy runner once it is idle), so that the requests that follow wait for
-        the load rather than send a victim back there to be loaded again after it."""
-        now = time.monotonic()
-        node.loading = {m: t for m, t in node.loading.items() if t > now}
-        node.loading[model] = now + load_s
-        self.mark_loaded(node, model)
-        for victim in victims:
-            self.mark_unloaded(node, victim)
-
-    def finish_load(self, node, model, loaded):
-        """The request that loaded `model` ended: it is in (or, if `loaded` is false,
-        the load failed and the next heartbeat says what is there)."""
-        node.loading.pop(model, None)
-        if loaded:
-            self.mark_loaded(node, model)
-        elif node.router_saw.pop(model, None) is not None:
-            node.loaded.pop(model, None)
-
-    def mark_unloaded(self, node, model):
-        """`model` left `node`'s memory because the router asked (keep_alive 0), or a
-        load the router sent there pushed it out."""
-        node.router_saw[model] = (time.monotonic(), False)
-        if node.loaded.pop(model, None) is not None:
-            self._record(node, model, "unload")
-            self.notify_change()
-
     def mark_pulled(self, node, models):
         """A pull finished on `node`: its models on disk, as it now lists them."""
         node.models = {hc.canonical_model(m.get("model") or m["name"]): m
                        for m in models if isinstance(m, dict)
                        and isinstance(m.get("model") or m.get("name"), str)}
         self.notify_change()
-
-    def moves_since(self, since, kind):
-        """Counter of (node_id, model) moves of `kind` since `since` (wall time)."""
-        return collections.Counter((node, model) for t, k, node, model in self.model_moves
-                                   if t > since and k == kind)
 
     # -- status -------------------------------------------------------------------
 
@@ -860,24 +889,6 @@ class Fleet:
         """Has this node+model requests running or queued here?"""
         q = self.queues.get((node.node_id, model))
         return bool(q and (q.active or q.waiters))
-
-    def victims(self, node, model, size):
-        """The loaded models a cold load of `model` (`size` bytes) would push out of
-        `node`'s memory: past OLLAMA_MAX_LOADED_MODELS, or to make room. Ollama evicts
-        idle runners first (a busy one only once it is idle, the load waiting for it);
-        among equals, the one expiring soonest, as its keep-alive clock says."""
-        others = sorted((m for m in node.loaded if m != model), key=lambda m: (
-            self.busy(node, m), str(node.loaded[m].get("expires_at", ""))))
-        count = 0
-        limit = node.hb.max_loaded_models
-        if limit and len(others) >= limit:
-            count = len(others) - limit + 1
-        short = size * hc.LOAD_OVERHEAD - node.hb.mem_available if node.hb.mem_total else 0
-        short -= sum(int(node.loaded[m].get("size") or 0) for m in others[:count])
-        while count < len(others) and short > 0:
-            short -= int(node.loaded[others[count]].get("size") or 0)
-            count += 1
-        return tuple(others[:count])
 
     def free_hot_slots(self, node, model):
         """Free slots on a node where `model` is loaded (the only place to move work)."""
@@ -1578,7 +1589,7 @@ class Scheduler:
         if node.serves_itself(model, ask.kind):
             c.hot = True  # the agent's own tool or server: nothing of Ollama's to load
         if not c.hot:
-            c.evicts = self.fleet.victims(node, model, size)
+            c.evicts = self.fleet.residency.victims(node, model, size)
             c.evicts_busy = next((m for m in c.evicts if self.fleet.busy(node, m)), "")
         if self.cfg.learning:
             self._forecast(c, q, model, ask, sized(entry))
@@ -2059,7 +2070,7 @@ class Proxy:
         self.scheduler.protect_context(ex, choice, ask.requested_ctx)
         if not choice.hot:
             c = choice.candidate
-            self.fleet.start_load(choice.node, choice.model, c.evicts if c else (),
+            self.fleet.residency.start_load(choice.node, choice.model, c.evicts if c else (),
                                   c.load_estimate_s if c else 0.0)
         q = self.fleet.queue(choice.node, choice.model)
         if ex.kind not in hc.MEDIA_KINDS:  # an image tool has no runner-up to warm
@@ -2075,7 +2086,7 @@ class Proxy:
             ticket = await q.acquire(choice.candidate.tokens if choice.candidate else 0.0)
         except Moved:
             if not choice.hot:
-                self.fleet.finish_load(choice.node, choice.model, False)  # never sent
+                self.fleet.residency.finish_load(choice.node, choice.model, False)  # never sent
             raise
         ticket.exchange = ex
         failed = False
@@ -2090,7 +2101,7 @@ class Proxy:
         finally:
             level = q.release(ticket)
             if not choice.hot:  # a first chunk means Ollama had loaded it
-                self.fleet.finish_load(choice.node, choice.model, ex.started)
+                self.fleet.residency.finish_load(choice.node, choice.model, ex.started)
             if not failed:
                 self._learn(ex, choice, level)
 
@@ -2181,7 +2192,7 @@ class Proxy:
             answers = []
             for node, result in zip(holders, results):
                 if not isinstance(result, BaseException) and result[0] == 200:
-                    self.fleet.mark_unloaded(node, model)
+                    self.fleet.residency.mark_unloaded(node, model)
                     answers.append(result)
             if answers:
                 ex.http_status = 200
@@ -2882,7 +2893,7 @@ class Warmer:
                                               {"model": name, "prompt": ""},
                                               timeout=self.cfg.first_byte_timeout)
             if status == 200:
-                self.fleet.mark_loaded(node, model)
+                self.fleet.residency.mark_loaded(node, model)
             else:
                 fleet_log.warning(f"pre-warm answered {status}", extra=extra)
         except hc.UpstreamError as e:
@@ -3678,7 +3689,7 @@ class Health:
                   "disconnect_rate": cfg.health_disconnect_rate,
                   "thrash_loads": cfg.health_thrash_loads}
         recent = self.stats.events_since(since)
-        return {"nodes": nodes, "loads_by_model": dict(self.fleet.moves_since(since, "load")),
+        return {"nodes": nodes, "loads_by_model": dict(self.fleet.residency.moves_since(since, "load")),
                 "limits": limits,
                 "events": {k: v for k, v in recent.items() if k != "zombie_reaped"},
                 "zombies_reaped": recent["zombie_reaped"],
@@ -3704,7 +3715,7 @@ class Health:
                        "error_rate": round(day["failed"] / day["requests"], 4)
                        if day["requests"] else 0.0,
                        "mean_ttft_ms": round(day["ttft"], 1) if day["ttft"] else None,
-                       "model_loads": sum(self.fleet.moves_since(day_ago, "load").values())},
+                       "model_loads": sum(self.fleet.residency.moves_since(day_ago, "load").values())},
             "checks": findings}
 ####################################################################################
 # HTTP API: the route table and thin handlers that delegate
