@@ -2875,30 +2875,32 @@ class Warmer:
         if not threshold or queue.active + queue.waiting < threshold:
             return
         runner_up = choice.runner_up
-        if runner_up is None or runner_up.hot:
-            return
+        if runner_up is None or runner_up.hot or runner_up.evicts:
+            return  # a guess never pushes out what a node has loaded (it may be needed)
         key = (runner_up.node_id, choice.model)
         node = self.fleet.nodes.get(runner_up.node_id)
         if key in self.warming or node is None:
             return  # at most one warm-up per node+model at a time
         self.warming.add(key)
+        # Under way from now, as a request's cold load is: the next choice counts it.
+        self.fleet.residency.start_load(node, choice.model, (), runner_up.load_estimate_s)
         self.tasks.spawn(self._warm(node, choice.model, name), f"pre-warm {key}")
 
     async def _warm(self, node, model, name):
         extra = {"node_id": node.node_id, "model": model, "event": "pre_warm"}
         fleet_log.info("pre-warming the runner-up node", extra=extra)
+        status = None
         try:
             # An empty prompt only loads the model (Ollama answers done_reason "load").
             status, _, _ = await hc.http_call(node.ollama_url, "POST", "/api/generate",
                                               {"model": name, "prompt": ""},
                                               timeout=self.cfg.first_byte_timeout)
-            if status == 200:
-                self.fleet.residency.mark_loaded(node, model)
-            else:
+            if status != 200:
                 fleet_log.warning(f"pre-warm answered {status}", extra=extra)
         except hc.UpstreamError as e:
             fleet_log.warning(f"pre-warm failed: {e}", extra=extra)
         finally:
+            self.fleet.residency.finish_load(node, model, status == 200)
             self.warming.discard((node.node_id, model))
 
 ####################################################################################

@@ -3880,6 +3880,26 @@ def test_deep_queue_pre_warms_the_runner_up_once(h):
     assert get_json(router.url, "/dashboard/api/health")["vitals"]["model_loads"] == 1
 
 
+def test_a_pre_warm_never_pushes_out_a_model_a_node_has_loaded(h):
+    # node-b would be the runner-up, but it holds one model at a time and has another
+    # loaded: warming llama there on a guess would evict it. No pre-warm, then.
+    fake_a = h.fake(chunks=4, chunk_delay=0.25)
+    fake_b = h.fake(load_delay=0.3, max_loaded=1)
+    router = h.router(FLEET_PRE_WARM_THRESHOLD=2, FLEET_REBALANCE_INTERVAL=60)
+    load_on(fake_a, "llama3.2:3b")
+    load_on(fake_b, "qwen2.5:7b")
+    h.heartbeat(router, fake_a, "node-a", FLEET_NODE_NUM_PARALLEL=1)
+    h.heartbeat(router, fake_b, "node-b", lambda hb: hb["ollama"].update(
+        max_loaded_models=1))
+    threads, results = start_requests(router, 4)
+    for t in threads:
+        t.join(30)
+    assert all(r[0] == 200 for r in results)
+    assert not [r for r in fake_b.requests if r["path"] == "/api/generate"
+                and r["body"]["model"] == "llama3.2:3b"]  # no warm-up, no request
+    assert fake_b.evictions == 0 and "qwen2.5:7b" in fake_b.loaded
+
+
 ####################################################################################
 # Stats: traces, metrics, logs (README "Watching the fleet")
 ####################################################################################
