@@ -1132,7 +1132,7 @@ def _ratio(part, whole):
 
 
 DEFAULT_ANSWER_TOKENS = 200  # a guess for a model no node has answered with yet
-LIVE_MIN_CHUNKS = 8  # chunks an answer must have streamed before its speed is read
+LIVE_MIN_CHUNKS = 5  # chunks an answer must have streamed before its speed is read
 LIVE_SLOW = 0.6  # answers streaming under this share of the learned speed: a slowdown
 
 
