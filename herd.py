@@ -1863,6 +1863,7 @@ class Exchange:
         self.may_pull = False  # a model no node has may be pulled for this request
         self.chosen = False  # sent to the node the client chose: its 5xx is the answer
         self.session_key = None  # what the conversation's next turn will be known by
+        self.stale_after = None  # seconds without progress before the reaper stops it
 
     def live_tps(self, now):
         """Tokens/s of its answer so far, from the chunks relayed since the first (a
@@ -2130,8 +2131,8 @@ class Proxy:
 
     async def _answer_reaped(self, conn, ex):
         """A request the reaper stopped: say so to the client in its framing."""
-        ex.error = (f"no progress for {self.cfg.stale_timeout:g}s on node {ex.node_id}: "
-                    f"request reaped (FLEET_STALE_TIMEOUT)")
+        ex.error = (f"no progress for {ex.stale_after or self.cfg.stale_timeout:g}s on node "
+                    f"{ex.node_id}: request reaped (FLEET_STALE_TIMEOUT)")
         self.stats.count_event("zombie_reaped", "zombie request reaped", ex,
                                level=logging.WARNING)
         if conn.response_started:
@@ -2159,7 +2160,8 @@ class Proxy:
         now, reaped = time.monotonic(), 0
         for ex in list(self.active.values()):
             seen = ex.last_progress()
-            if seen is not None and not ex.reaped and now - seen > self.cfg.stale_timeout:
+            limit = ex.stale_after or self.cfg.stale_timeout
+            if seen is not None and not ex.reaped and now - seen > limit:
                 ex.reaped = True
                 ex.task.cancel(msg="reaped: no progress")
                 reaped += 1
@@ -2266,14 +2268,15 @@ class NodeRelay:
         replaced by a fresh one, once (that is no failure of the node)."""
         cfg = self.cfg
         host, port, path, body, headers = self._target(ex, choice)
+        wait = self.media.first_byte_timeout(ex, choice)
         if ex.upload is not None:
-            return await self.media.send_upload(ex, host, port, path, headers)
+            return await self.media.send_upload(ex, host, port, path, headers, wait)
         up = await self.pool.connect(host, port, cfg.connect_timeout)
         for fresh in (False, True):
             try:
                 await up.send_request(ex.request.method.encode(), path.encode(), headers,
                                       body)
-                status, headers_in = await up.receive_head(cfg.first_byte_timeout)
+                status, headers_in = await up.receive_head(wait)
                 return up, status, headers_in
             except hc.UpstreamError as e:
                 up.close()
@@ -2327,6 +2330,7 @@ class NodeRelay:
         ex.read_usage(relay.tail, relay.chunks)
 
 
+MEDIA_GRACE_S = 30.0  # past the agent's own time-out, for its answer to say so
 MAX_MEDIA_ANSWER = 64 << 20  # a picture or a transcript, read whole to translate it
 FORM_HEAD_MAX = 1 << 20  # of a speech upload, the fields before its file
 FORM_FIELD_MAX = 4096  # one such field (model, language, response_format, prompt)
@@ -2362,14 +2366,27 @@ class MediaRoute:
                 headers
         return node.host, node.port, ex.request.target, ex.body, headers
 
-    async def send_upload(self, ex, host, port, path, headers):
+    def first_byte_timeout(self, ex, choice):
+        """How long the node may take to start answering: FLEET_FIRST_BYTE_TIMEOUT, or,
+        for a tool the agent runs, the agent's own time-out for it (its answer comes
+        only when the picture or transcript is done) and a little more, so that the
+        agent, which kills the tool, is the one to say it took too long. The reaper
+        waits as long."""
+        media = choice.node.hb.media
+        if media is None or not choice.node.serves_itself(choice.model, ex.kind):
+            return self.cfg.first_byte_timeout
+        wait = max(self.cfg.first_byte_timeout, media["timeout"] + MEDIA_GRACE_S)
+        ex.stale_after = max(self.cfg.stale_timeout, wait)
+        return wait
+
+    async def send_upload(self, ex, host, port, path, headers, first_byte_timeout):
         """Stream a speech upload to the node as it arrives, then wait for its answer."""
         cfg = self.cfg
         up = await hc.Upstream.connect(host, port, cfg.connect_timeout)
         try:
             up.send_head(b"POST", path.encode(), headers, ex.upload.length)
             await ex.upload.send_to(up, cfg.chunk_timeout, ex)
-            status, headers_in = await up.receive_head(cfg.first_byte_timeout)
+            status, headers_in = await up.receive_head(first_byte_timeout)
             return up, status, headers_in
         except BaseException:
             up.close()

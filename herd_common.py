@@ -2809,8 +2809,10 @@ def _media(f):
         models[key] = names
     b = m.section("backends")
     backends = {kind: _media_backend(b, kind) for kind in MEDIA_KINDS if kind in b.obj}
+    # An older agent does not say its time-out: 0, and the router's own apply.
     return {"url": url, **models, "backends": backends,
-            "concurrency": m.integer("concurrency", 1024, 1) or 1}
+            "concurrency": m.integer("concurrency", 1024, 1) or 1,
+            "timeout": m.number("timeout", 7 * 86400.0)}
 
 
 def _media_backend(b, kind):

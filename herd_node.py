@@ -1262,7 +1262,8 @@ class Media:
         return {"url": url, "image_models": self.models[hc.IMAGE],
                 "transcribe_models": self.models[hc.TRANSCRIPTION],
                 "backends": dict(self.backends),
-                "concurrency": max(1, self.cfg.media_concurrency)}
+                "concurrency": max(1, self.cfg.media_concurrency),
+                "timeout": self.cfg.media_timeout}
 
     # -- the server ---------------------------------------------------------------
 

@@ -1735,6 +1735,19 @@ def test_an_upload_past_the_limit_is_a_413_in_each_apis_shape_and_leaves_nothing
     assert answer.json() == {"model": model, "text": "heard 2000 bytes"}
 
 
+def test_the_router_waits_for_an_agents_tool_as_long_as_the_agent_does(
+        h, tools_on_path, monkeypatch):
+    # A picture takes longer than the router's first-byte time-out; the agent's own
+    # time-out for its tools, which its heartbeat carries, is what counts.
+    router = h.router(FLEET_FIRST_BYTE_TIMEOUT=0.5)
+    h.media_agent(router, h.fake(), "mac-studio", FLEET_NODE_MEDIA_TIMEOUT=20)
+    assert fleet_node(router, "mac-studio")["media"]["timeout"] == 20
+    monkeypatch.setenv("HERD_FAKE_TOOL_DELAY", "1.5")
+    assert openai_client(router).images.generate(model="schnell", prompt="x",
+                                                 size="64x64").data[0].b64_json
+    assert [t["status"] for t in h.traces(router)] == ["completed"]
+
+
 def test_media_time_outs_and_failures_are_counted_per_kind_and_node_in_health(
         h, tools_on_path, monkeypatch):
     import openai
