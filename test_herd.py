@@ -2716,14 +2716,20 @@ def test_a_node_that_slows_down_is_seen_in_its_streaming_answers_before_they_end
     assert chunks[-1] == "node-a", "sent to the slowed node's free slot"
 
 
-def test_learned_concurrency_stops_where_throughput_stops_rising(h):
-    # Six slots, but the machine's tokens/s grows only up to two requests at once.
+def saturating_node(h):
+    """A node with six slots whose tokens/s grows only up to two requests at once, sent
+    one, two, three and four at a time; returns (router, fake)."""
     fake = h.fake(num_parallel=6, saturation=2, chunks=10, chunk_delay=0.01)
     router = h.router()
     load_on(fake, "llama3.2:3b")
     h.heartbeat(router, fake, "node-a", FLEET_NODE_NUM_PARALLEL=6)
     for workers in (1, 2, 3, 4):
         serve_in_turns(router, 4 * workers, workers)
+    return router, fake
+
+
+def test_learned_concurrency_stops_where_throughput_stops_rising(h):
+    router, fake = saturating_node(h)
     learned = fleet_node(router, "node-a")["learned"]["llama3.2:3b"]
     curve = learned["tokens_per_s_by_concurrency"]
     assert float(curve["2"]) * 2 > float(curve["1"]) * 1.6  # two at once pay...
@@ -2780,12 +2786,7 @@ def test_learned_concurrency_counts_every_model_in_flight_on_the_node(h):
 
 def test_a_node_held_at_its_learned_concurrency_is_tried_higher_once_it_has_room(
         h, monkeypatch):
-    fake = h.fake(num_parallel=6, saturation=2, chunks=10, chunk_delay=0.01)
-    router = h.router()
-    load_on(fake, "llama3.2:3b")
-    h.heartbeat(router, fake, "node-a", FLEET_NODE_NUM_PARALLEL=6)
-    for workers in (1, 2, 3, 4):
-        serve_in_turns(router, 4 * workers, workers)
+    router, fake = saturating_node(h)
     learned = lambda: fleet_node(router, "node-a")["learned"]["llama3.2:3b"]
     assert learned()["concurrency"] == 2
     # The owner's job ends: the machine now scales to all six slots. Held at two, the
