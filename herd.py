@@ -989,6 +989,9 @@ class Speed:
     # One more request in flight must add at least half of what it would if throughput
     # grew in proportion (from 2 to 3: +25 %; from 10 to 11: +5 %), else it is not worth it.
     LEVEL_GAIN = 0.5
+    # ... and each request must run at least this much slower than at the level below:
+    # high up, one more request's share is a few per cent, as big as the noise.
+    LEVEL_SLOWER = 0.1
     # Held at its learned concurrency, a node is never timed above it: after this long,
     # what was seen up there is forgotten, so one more in flight is tried again (the
     # owner's job may have ended). Costs a few requests at one level above, every while.
@@ -1042,14 +1045,16 @@ class Speed:
     def best_concurrency(self, slots):
         """The requests in flight beyond which total tokens/s stops rising (slots when
         the curve has not shown it yet): the first level, among those timed, that adds
-        less than LEVEL_GAIN of the proportional gain over the one below it."""
+        less than LEVEL_GAIN of the proportional gain over the one below it, with each
+        request LEVEL_SLOWER slower there."""
         below = None  # (level, total tokens/s)
         for level in sorted(k for k, v in self.levels.items() if v[1] >= self.LEVEL_SAMPLES):
             if level > slots:
                 break
             total = level * self.levels[level][0]
             if below and total < below[1] * (
-                    1 + self.LEVEL_GAIN * (level - below[0]) / below[0]):
+                    1 + self.LEVEL_GAIN * (level - below[0]) / below[0]) and \
+                    total / level < below[1] / below[0] * (1 - self.LEVEL_SLOWER):
                 return below[0]
             if below is None or total > below[1]:
                 below = (level, total)

@@ -2716,6 +2716,19 @@ def test_a_node_that_slows_down_is_seen_in_its_streaming_answers_before_they_end
     assert chunks[-1] == "node-a", "sent to the slowed node's free slot"
 
 
+def test_learned_concurrency_is_not_fooled_by_noise_high_up():
+    # A machine that scales to all 16 slots, each request's speed wobbling by a few per
+    # cent: from 15 in flight to 16 adds a sixteenth, as much as the wobble. That is no
+    # reason to hold one request back. A machine that saturates at 3 is still seen to.
+    wobble = (1.0, 0.97, 1.02, 0.98, 1.01, 0.96, 1.03)
+    linear, saturating = herd.Speed(), herd.Speed()
+    for level in range(1, 17):
+        linear.levels[level] = [175.0 * wobble[level % len(wobble)], 5, time.time()]
+        saturating.levels[level] = [175.0 * min(1.0, 3 / level), 5, time.time()]
+    assert linear.best_concurrency(16) == 16
+    assert saturating.best_concurrency(16) == 3
+
+
 def saturating_node(h):
     """A node with six slots whose tokens/s grows only up to two requests at once, sent
     one, two, three and four at a time; returns (router, fake)."""
