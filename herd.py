@@ -2076,8 +2076,9 @@ class Proxy:
         self.scheduler.protect_context(ex, choice, ask.requested_ctx)
         if not choice.hot:
             c = choice.candidate
-            self.fleet.residency.start_load(choice.node, choice.model, c.evicts if c else (),
-                                  c.load_estimate_s if c else 0.0)
+            self.fleet.residency.start_load(choice.node, choice.model,
+                                            c.evicts if c else (),
+                                            c.load_estimate_s if c else 0.0)
         q = self.fleet.queue(choice.node, choice.model)
         if ex.kind not in hc.MEDIA_KINDS:  # an image tool has no runner-up to warm
             self.warmer.consider(choice, q, names.get(choice.model, name))
@@ -3589,8 +3590,8 @@ def check_request_timeouts(snap):
 
 
 # How the media checks name a kind, and the tool or server to look at for it.
-MEDIA_WORDS = {hc.IMAGE: ("image", "mflux-generate, or the server FLEET_NODE_IMAGE_URL "
-                                   "names"),
+MEDIA_WORDS = {hc.IMAGE: ("image", "mflux-generate or diffusionkit-cli, or the server "
+                                   "FLEET_NODE_IMAGE_URL names"),
                hc.TRANSCRIPTION: ("speech-to-text", "mlx-qwen3-asr, or the server "
                                                     "FLEET_NODE_TRANSCRIBE_URL names")}
 
@@ -3713,8 +3714,8 @@ class Health:
                   "disconnect_rate": cfg.health_disconnect_rate,
                   "thrash_loads": cfg.health_thrash_loads}
         recent = self.stats.events_since(since)
-        return {"nodes": nodes, "loads_by_model": dict(self.fleet.residency.moves_since(since, "load")),
-                "limits": limits,
+        loads = self.fleet.residency.moves_since(since, "load")
+        return {"nodes": nodes, "loads_by_model": dict(loads), "limits": limits,
                 "events": {k: v for k, v in recent.items() if k != "zombie_reaped"},
                 "zombies_reaped": recent["zombie_reaped"],
                 "heartbeat_timeout": cfg.heartbeat_timeout, "open_fleet": not cfg.token,
@@ -3739,7 +3740,8 @@ class Health:
                        "error_rate": round(day["failed"] / day["requests"], 4)
                        if day["requests"] else 0.0,
                        "mean_ttft_ms": round(day["ttft"], 1) if day["ttft"] else None,
-                       "model_loads": sum(self.fleet.residency.moves_since(day_ago, "load").values())},
+                       "model_loads": sum(self.fleet.residency.moves_since(
+                           day_ago, "load").values())},
             "checks": findings}
 ####################################################################################
 # HTTP API: the route table and thin handlers that delegate
