@@ -1386,7 +1386,13 @@ class BaselineProxy:
             try:
                 up_writer.write(request)
                 await up_writer.drain()
+                named = False
                 while data := await up_reader.read(READ_SIZE):
+                    if not named and (end := data.find(b"\r\n")) > 0:
+                        # Which node answered, as Herd says it: for the affinity figures.
+                        data = b"%sX-Fleet-Node: %s\r\n%s" % (data[:end + 2], node.encode(),
+                                                               data[end + 2:])
+                        named = True
                     writer.write(data)
                     await writer.drain()
             finally:
@@ -1471,6 +1477,8 @@ class Outcome:
     ttft: float = None  # to the first chunk with content
     latency: float = None
     error: str = ""
+    node: str = ""  # the X-Fleet-Node that answered ("": the router does not say)
+    same_node: bool = None  # a follow-up answered where the turn before was (None: unknown)
 
 
 def words(rng, lo, hi):
@@ -1519,7 +1527,7 @@ def fake_answer(model_messages):
 async def chat(front, body, due, timeout):
     """One streamed /api/chat on its own connection: an Outcome's ok, ttft, latency."""
     loop = asyncio.get_running_loop()
-    out = {"ok": False, "ttft": None, "latency": None, "error": ""}
+    out = {"ok": False, "ttft": None, "latency": None, "error": "", "node": ""}
     writer = None
     try:
         async with asyncio.timeout(timeout):
@@ -1556,6 +1564,7 @@ async def receive_chat(conn, reader, out, elapsed):
             conn.receive_data(data)
         elif isinstance(event, h11.Response):
             status = event.status_code
+            out["node"] = dict(event.headers).get(b"x-fleet-node", b"").decode()
         elif isinstance(event, h11.Data):
             pending += event.data
             *lines, pending = pending.split(b"\n")
@@ -1585,14 +1594,17 @@ async def sleep_until(loop, moment):
 async def run_session(front, session, number, started, timeout, outcomes):
     """Each turn of a session, in order; a failed turn does not change the next one."""
     loop = asyncio.get_running_loop()
-    history, answered = [], 0.0
+    history, answered, before = [], 0.0, ""
     for turn, text in enumerate(session.messages):
         due = max(started + session.due[turn], answered + MIN_THINK_S)
         await sleep_until(loop, due)
         history.append({"role": "user", "content": text})
         result = await chat(front, {"model": session.model, "messages": list(history),
                                     "stream": True}, due, timeout)
-        outcomes.append(Outcome(number, turn, session.model, due - started, **result))
+        same = result["node"] == before if before and result["node"] else None
+        outcomes.append(Outcome(number, turn, session.model, due - started, **result,
+                                same_node=same))
+        before = result["node"]
         history.append({"role": "assistant", "content": fake_answer(history)})
         answered = loop.time()
 
@@ -1681,6 +1693,10 @@ def figures(outcomes, slowdown_at, marks, seconds):
             "before": describe_group([o for o in outcomes if o.start < slowdown_at]),
             "after": describe_group([o for o in outcomes if o.start >= slowdown_at]),
             "follow_up": describe_group([o for o in outcomes if o.turn > 0]),
+            # Session affinity: follow-ups where the turn before was (its prompt cached)
+            # against those answered elsewhere.
+            "follow_up_same": describe_group([o for o in outcomes if o.same_node is True]),
+            "follow_up_moved": describe_group([o for o in outcomes if o.same_node is False]),
             "answers_by_node": counts, "answers_by_node_after_slowdown": after_counts,
             "slowed_share_after": share,
             "loads": sum(marks["end"][n]["load_count"] - marks["start"][n]["load_count"]
@@ -1765,6 +1781,22 @@ def ttft_table(routers):
     return "\n".join(lines)
 
 
+def affinity_table(routers):
+    """Follow-up turns answered on the node of the turn before (whose prompt cache has
+    the conversation) and elsewhere: how many, and their time to first token."""
+    lines = ["| router | follow-ups | on the turn before's node | TTFT mean there | "
+             "p95 | TTFT mean elsewhere | p95 |", "|---" * 7 + "|"]
+    for name, f in routers.items():
+        same, moved = f["follow_up_same"], f["follow_up_moved"]
+        known = same["sent"] + moved["sent"]
+        cells = [name, str(f["follow_up"]["sent"]),
+                 f"{same['sent'] / known:.0%}" if known else "- (not said)"]
+        for group in (same, moved):
+            cells += [seconds_cell(group["ttft"][q]) for q in ("mean", "p95")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def target_lines(targets):
     for name, target in targets.items():
         if target is None:
@@ -1789,6 +1821,8 @@ def print_routing_report(results):
         print(latency_table(routers))
         print(f"\n### {level} of capacity: time to first token, s\n")
         print(ttft_table(routers))
+        print(f"\n### {level} of capacity: follow-up turns and session affinity, s\n")
+        print(affinity_table(routers))
     print("\nTargets (Herd):")
     print("\n".join(target_lines(judge_routing(results))))
 

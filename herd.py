@@ -1279,7 +1279,18 @@ class Learner:
 
     def node_factor(self, node_id):
         """How fast this node decodes against the rest of the fleet, on the models both
-        have timed (geometric mean of the ratios; 1.0 when nothing is shared)."""
+        have timed (geometric mean of the ratios). A node that has timed nothing the
+        others have is taken as slow as the slowest that has (1.0 if none has): a
+        guess, made prudent because an optimistic one sends it work it may take many
+        seconds over (its first answers tell, within a few chunks)."""
+        factor = self._shared_factor(node_id)
+        if factor is not None:
+            return factor
+        known = [f for f in map(self._shared_factor, self.by_node) if f is not None]
+        return min(known, default=1.0)
+
+    def _shared_factor(self, node_id):
+        """node_factor from the models this node and others have timed, or None."""
         logs = []
         for model, speed in self.by_node.get(node_id, {}).items():
             if not speed.decode_tps:
@@ -1288,7 +1299,7 @@ class Learner:
                       if n != node_id and s.decode_tps]
             if others:
                 logs.append(math.log(speed.decode_tps / statistics.median(others)))
-        return math.exp(sum(logs) / len(logs)) if logs else 1.0
+        return math.exp(sum(logs) / len(logs)) if logs else None
 
     def estimate(self, node_id, model, size=0):
         """Figures for a node+model never timed: the same model elsewhere, scaled by

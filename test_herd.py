@@ -2586,6 +2586,21 @@ def test_a_node_never_timed_gets_an_estimate_from_the_fleet(h):
     assert "nomic-embed-text:latest" not in on_slow  # never timed anywhere: no guess
 
 
+def test_a_node_that_has_timed_nothing_shared_is_guessed_as_slow_as_the_slowest():
+    # The desktop decodes twice as fast as the mid machine; the laptop has answered
+    # nothing yet. Guessed as an average machine, it would look faster than the mid one
+    # and be sent work it may take many seconds over; it is guessed as the mid one.
+    learner = herd.Learner()
+    for node, tps in (("desktop", 100.0), ("mid", 50.0)):
+        speed = learner._add(node, "llama3.2:3b", herd.Speed())
+        speed.samples, speed.decode_tps, speed.latency_ms = 5, tps, 56_000 / tps
+    assert learner.node_factor("desktop") == pytest.approx(2.0)
+    assert learner.node_factor("laptop") == pytest.approx(0.5)
+    guess = learner.estimate("laptop", "llama3.2:3b")
+    assert guess["decode_tps"] == pytest.approx(75.0 * 0.5)
+    assert herd.Learner().node_factor("laptop") == 1.0  # nothing known at all
+
+
 def test_a_sharp_slowdown_is_a_health_finding(h):
     fake = h.fake(chunks=4, chunk_delay=0.002)
     router = h.router()
