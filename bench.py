@@ -69,11 +69,14 @@ the same warm-up and the same seeded requests:
                        OLLAMA_NUM_PARALLEL (it reads them from its own environment)
 
 It prints, per load, latency and TTFT (mean, p50, p95, p99) overall and after the
-slowdown, the p99 after / before, follow-up turns' TTFT, the loads the routing caused
-and the slowed machine's share, with xN against Herd; then Herd's targets.
+slowdown, the p99 after / before, follow-up turns' TTFT (on the turn before's node and
+elsewhere: what session affinity gains), the loads the routing caused and the slowed
+machine's share, with xN against Herd; then Herd's targets.
 
 Run:   python bench.py --routing         (about 16 min on 2 cores; root for the namespaces)
        python bench.py --routing --quick (about 6 min; 24 requests a run, a smoke test)
+       python bench.py --routing --only herd,least-connections --loads 0.8 --keep DIR
+                                         (a partial run, its folders kept for a look)
 
 docs/benchmarks.md shows full runs and explains each row.
 """
