@@ -1881,7 +1881,13 @@ def routing_plan(name, loads):
     plan = ROUTING_PLANS[name]
     if not loads:
         return plan
-    return dataclasses.replace(plan, loads=tuple(float(x) for x in loads.split(",")))
+    try:
+        shares = tuple(float(x) for x in loads.split(","))
+    except ValueError:
+        sys.exit(f"bench.py: --loads takes shares of the capacity, like 0.5,0.8: {loads!r}")
+    if not all(0 < x <= 2 for x in shares):
+        sys.exit(f"bench.py: --loads takes shares between 0 and 2: {loads!r}")
+    return dataclasses.replace(plan, loads=shares)
 
 
 def run_routing(workdir, plan, only=""):
@@ -1998,6 +2004,9 @@ def main():
                                           [u for u in args.nodes.split(",") if u]))
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     plan = "quick" if args.quick else "full"
+    unknown = set(filter(None, args.only.split(","))) - set(ROUTERS)
+    if unknown:
+        sys.exit(f"bench.py: --only knows {', '.join(ROUTERS)}; not {', '.join(unknown)}")
     try:
         with kept_folder(args.keep) if args.keep else \
                 tempfile.TemporaryDirectory(prefix="herd-bench-") as workdir:
