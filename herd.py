@@ -962,6 +962,11 @@ class Fleet:
                     merged[name] = entry
         return [merged[name] for name in sorted(merged)]
 
+    def agent_models(self):
+        """The image and speech models online nodes' agents serve themselves, sorted."""
+        return sorted({name for node in self.online_nodes()
+                       for models in node.media_models.values() for name in models.values()})
+
     def running_models(self):
         """/api/ps across the fleet: each loaded model with the node that holds it."""
         models = [{**entry, "node_id": node.node_id} for node in self.online_nodes()
@@ -4034,15 +4039,25 @@ class Api:
     # -- OpenAI's model list ------------------------------------------------------
 
     async def openai_models(self, request, conn):
-        await conn.send_json(200, {"object": "list", "data": [
-            openai_model(e) for e in self.fleet.merged_models()]})
+        await conn.send_json(200, {"object": "list", "data": self._openai_models()})
+
+    def _openai_models(self):
+        """The fleet's union: every Ollama model, and the image and speech models the
+        agents serve themselves (OpenAI's list has them all; /api/tags only Ollama's)."""
+        listed = [openai_model(e) for e in self.fleet.merged_models()]
+        seen = {hc.canonical_model(m["id"]) for m in listed}
+        for name in self.fleet.agent_models():
+            if hc.canonical_model(name) not in seen:
+                seen.add(hc.canonical_model(name))
+                listed.append(openai_model({"model": name}))
+        return listed
 
     async def openai_model(self, request, conn):
         wanted = request.path[len("/v1/models/"):]
         wanted = hc.canonical_model(urllib.parse.unquote(wanted))
-        for entry in self.fleet.merged_models():
-            if hc.canonical_model(entry.get("model") or entry["name"]) == wanted:
-                return await conn.send_json(200, openai_model(entry))
+        for model in self._openai_models():
+            if hc.canonical_model(model["id"]) == wanted:
+                return await conn.send_json(200, model)
         await conn.send_response(404, hc.openai_error_body(
             404, f"model '{wanted}' not found", "model_not_found"))
 

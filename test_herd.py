@@ -1735,6 +1735,19 @@ def test_an_upload_past_the_limit_is_a_413_in_each_apis_shape_and_leaves_nothing
     assert answer.json() == {"model": model, "text": "heard 2000 bytes"}
 
 
+def test_v1_models_lists_the_image_and_speech_models_agents_serve_too(h, tools_on_path):
+    # OpenAI's model list is the fleet's union; Ollama's /api/tags stays Ollama's own
+    # (an Ollama client would ask /api/show of every model it lists).
+    router = h.router()
+    h.media_agent(router, h.fake(), "mac-studio")
+    client = openai_client(router)
+    ids = [m.id for m in client.models.list()]
+    assert {"schnell", "Qwen/Qwen3-ASR-0.6B", "llama3.2:3b"} <= set(ids), ids
+    assert len(ids) == len(set(ids))
+    assert "schnell" not in [m["name"] for m in get_json(router.url, "/api/tags")["models"]]
+    assert client.models.retrieve("Qwen/Qwen3-ASR-0.6B").owned_by == "Qwen"
+
+
 def test_the_router_waits_for_an_agents_tool_as_long_as_the_agent_does(
         h, tools_on_path, monkeypatch):
     # A picture takes longer than the router's first-byte time-out; the agent's own
