@@ -455,11 +455,12 @@ class SlotQueue:
         self._count(-1)
         return level
 
-    def live_tps(self, now):
-        """Decode tokens/s of the answers streaming here now, as their chunks arrive
-        (median; None while none has streamed enough to tell)."""
-        seen = [t.exchange.live_tps(now) for t in self.running if t.exchange is not None]
-        seen = [tps for tps in seen if tps]
+    def live_pace(self, now, usual_tps):
+        """How fast the answers running here go now against `usual_tps` (1.0: as
+        usual), the median of those that tell (Exchange.pace); None if none does."""
+        seen = [t.exchange.pace(now, usual_tps, t.start) for t in self.running
+                if t.exchange is not None]
+        seen = [pace for pace in seen if pace is not None]
         return statistics.median(seen) if seen else None
 
     def remaining_tokens(self, tps):
@@ -1144,6 +1145,8 @@ def _ratio(part, whole):
 DEFAULT_ANSWER_TOKENS = 200  # a guess for a model no node has answered with yet
 LIVE_MIN_CHUNKS = 5  # chunks an answer must have streamed before its speed is read
 LIVE_SLOW = 0.6  # answers streaming under this share of the learned speed: a slowdown
+LATE_FIRST, LATE_MIN_S = 3.0, 1.0  # a first token this many times late (and this long)
+FIRST_FLOOR_S = 0.05  # the least wait for a first token taken as expected
 
 
 class Forecast:
@@ -1630,17 +1633,18 @@ class Scheduler:
         c.service_s = f.service_s(c.tokens, others + min(c.active + 1, c.limit))
         c.work_ahead_s = f.work_ahead_s(q, c.limit, others + c.limit)
         c.load_estimate_s = f.load_s
+        c.first_s = f.ttft_s + c.loading_s + (0.0 if c.hot else f.load_s)
 
     @staticmethod
     def _as_streaming_now(f, q, level):
-        """`f`, slowed to the speed at which the answers running on the node+model
-        stream now, when that is well below what was learned: a node that slows down
-        shows it in the first chunks of its answers, long before the first ends."""
-        live = q.live_tps(time.monotonic()) if q is not None and q.running else None
-        usual = f.level_tps(level) if live else None
-        if not usual or live >= LIVE_SLOW * usual:
+        """`f`, slowed to the pace of the answers running on the node+model now, when
+        that is well below what was learned: a node that slows down shows it in the
+        first chunks of its answers (or in a first chunk that is long late), long before
+        the first answer ends."""
+        if q is None or not q.running:
             return f
-        return f.slowed(live / usual)
+        pace = q.live_pace(time.monotonic(), f.level_tps(level))
+        return f.slowed(pace) if pace is not None and pace < LIVE_SLOW else f
 
     def rank(self, model, ask, exclude=()):
         """Survivors of elimination, best first, and why the others were dropped. A
@@ -1885,14 +1889,28 @@ class Exchange:
         self.chosen = False  # sent to the node the client chose: its 5xx is the answer
         self.session_key = None  # what the conversation's next turn will be known by
         self.stale_after = None  # seconds without progress before the reaper stops it
+        self.first_expected_s = 0.0  # from its slot to its first token, as forecast
 
-    def live_tps(self, now):
-        """Tokens/s of its answer so far, from the chunks relayed since the first (a
-        token a chunk), once LIVE_MIN_CHUNKS have come; else None."""
-        if self.relay is None or self.ttft is None:
+    def pace(self, now, usual_tps, started):
+        """How fast its answer goes against `usual_tps` (1.0: as usual), or None if it
+        cannot tell yet. Streaming: its tokens/s from the chunks relayed since the first
+        (a token a chunk), once LIVE_MIN_CHUNKS have come. Before the first chunk of a
+        streamed answer, from `started` (when it had its slot): once that wait is
+        LATE_FIRST times the first token's expected wait (and LATE_MIN_S at least), at
+        most expected / waited."""
+        if self.ttft is None:
+            if not self.stream:
+                return None  # a whole answer's first byte is its last: nothing is late
+            waited, expected = now - started, self.first_expected_s
+            if expected and waited > max(LATE_MIN_S, LATE_FIRST * expected):
+                return expected / waited
+            return None
+        if self.relay is None or not usual_tps:
             return None
         chunks, since = self.relay.chunks_seen - 1, now - self.t0 - self.ttft
-        return chunks / since if chunks >= LIVE_MIN_CHUNKS and since > 0 else None
+        if chunks < LIVE_MIN_CHUNKS or since <= 0:
+            return None
+        return chunks / since / usual_tps
 
     def outcome(self):
         """The request's trace status, from what happened to it."""
@@ -2086,6 +2104,7 @@ class Proxy:
         ex.node_id, ex.score, ex.breakdown = choice.node.node_id, choice.score, \
             choice.breakdown
         ex.retries = attempt
+        ex.first_expected_s = self._first_expected(ex, choice)
         ex.reset_body()  # a retry must not inherit the last node's rewrites
         if choice.model != ex.model:
             ex.use_model(choice.model, names.get(choice.model, choice.model))
@@ -2099,6 +2118,19 @@ class Proxy:
         if ex.kind not in hc.MEDIA_KINDS:  # an image tool has no runner-up to warm
             self.warmer.consider(choice, q, names.get(choice.model, name))
         return q
+
+    def _first_expected(self, ex, choice):
+        """Seconds from a slot to the first token, as forecast (0: unknown): a load and
+        the usual prompt evaluation, and this prompt's own length (about four bytes a
+        token) at the learned prompt speed, so that a long prompt is not taken for a
+        slowdown."""
+        c = choice.candidate
+        if c is None or not c.service_s:
+            return 0.0  # nothing forecast
+        speed = self.learner.get(choice.node.node_id, choice.model)
+        prompt_tps = speed.prompt_tps if speed is not None else None
+        prompt_s = len(ex.body or b"") / 4 / prompt_tps if prompt_tps else 0.0
+        return max(FIRST_FLOOR_S, c.first_s + prompt_s)
 
     async def _attempt_on(self, conn, ex, choice, q):
         """Wait for a slot in `q`, then send the request to the chosen node and relay

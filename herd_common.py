@@ -1802,6 +1802,7 @@ class Candidate:
     service_s: float = 0.0  # expected seconds it runs once it has a slot (0: unknown)
     work_ahead_s: float = 0.0  # expected seconds of queued work before it gets a slot
     load_estimate_s: float = 0.0  # expected cold-load time
+    first_s: float = 0.0  # expected seconds from a slot to the first token (0: unknown)
     fastest_s: float = 0.0  # the best expected completion among the candidates (ranking)
     cpu_percent: float = 0.0
     cpu_trend: float = 0.0  # percentage points per sample, + means busier

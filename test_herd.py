@@ -2744,6 +2744,38 @@ def test_a_node_that_slows_down_is_seen_in_its_streaming_answers_before_they_end
     assert chunks[-1] == "node-a", "sent to the slowed node's free slot"
 
 
+def test_a_first_token_long_late_counts_as_a_slowdown_too(h):
+    # node-b's load takes three seconds, far past what the router expects of it. While
+    # its first request has had no first token for over a second, its free slot is no
+    # better than waiting for node-a: the next request waits for node-a.
+    a = h.fake(num_parallel=1, chunks=150, chunk_delay=0.01)
+    b = h.fake("127.0.0.2", num_parallel=2, chunks=150, chunk_delay=0.01, load_delay=3.0)
+    router = h.router()
+    load_on(a, "llama3.2:3b")
+    join(h, router, a, "node-a", slots=1)
+    serve_in_turns(router, 3, 1, body={"options": {"num_predict": 20}})
+    join(h, router, b, "node-b", slots=2)  # llama3.2:3b on disk only
+    long_one = threading.Thread(target=http, args=(router.url, "POST", "/api/generate", {
+        "model": "llama3.2:3b", "prompt": "x", "stream": False}), kwargs={"timeout": 30})
+    long_one.start()
+    wait_until(lambda: a.active == 1, what="node-a busy")
+    first = threading.Thread(target=http, args=(router.url, "POST", "/api/generate", {
+        "model": "llama3.2:3b", "prompt": "x"}), kwargs={"timeout": 30})  # streamed
+    first.start()
+    wait_until(lambda: any(r["path"] == "/api/generate" for r in b.requests),
+               what="node-b's first request")
+    sent = time.monotonic()
+    wait_until(lambda: time.monotonic() - sent > 1.3, what="its first token long late")
+    second = threading.Thread(target=generate, args=(router,))
+    second.start()
+    wait_until(lambda: queue_row(router, "node-a", "llama3.2:3b")["waiting"] or
+               len([r for r in b.requests if r["path"] == "/api/generate"]) > 1,
+               what="the second request placed")
+    assert queue_row(router, "node-a", "llama3.2:3b")["waiting"] == 1
+    for t in (long_one, first, second):
+        t.join(30)
+
+
 def test_learned_concurrency_is_not_fooled_by_noise_high_up():
     # A machine that scales to all 16 slots, each request's speed wobbling by a few per
     # cent: from 15 in flight to 16 adds a sixteenth, as much as the wobble. That is no
