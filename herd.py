@@ -74,7 +74,7 @@ proxy_log = logging.getLogger("herd.proxy")
 ROUTER_SETTINGS = [
     hc.Setting("FLEET_HOST", "0.0.0.0", "address to listen on"),
     hc.Setting("FLEET_PORT", hc.DEFAULT_ROUTER_PORT, "port to listen on"),
-    hc.Setting("FLEET_DATA_DIR", "~/.fleet-manager", "traces (latency.db) and logs/"),
+    hc.Setting("FLEET_DATA_DIR", hc.DATA_DIR, "traces (latency.db) and logs/"),
     hc.Setting("FLEET_TOKEN", "", "the fleet's secret: agents sign every heartbeat with it "
                "(it never crosses the wire). EMPTY MEANS ANY HOST THAT CAN REACH THE ROUTER "
                "CAN JOIN AS A NODE and receive prompts"),
@@ -1562,16 +1562,23 @@ def conversation_keys(request, body, tags):
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         return None, None
-    model = str(body.get("model"))
-    before = messages[:-2] if len(messages) >= 3 else None
-    return (conversation_digest(model, before) if before else None,
-            conversation_digest(model, messages))
+    return conversation_digests(str(body.get("model")), messages)
 
 
-def conversation_digest(model, messages):
-    text = json.dumps([model, messages], sort_keys=True, ensure_ascii=False,
-                      separators=(",", ":"), default=str)
-    return "m:" + hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=16).hexdigest()
+def conversation_digests(model, messages):
+    """(digest of the messages before the last answer and question, or None; digest of
+    them all), in one pass: each message is hashed once, and the first digest is the
+    running hash taken part-way. A turn's full digest is the next turn's prefix one."""
+    running = hashlib.blake2b(model.encode("utf-8", "replace"), digest_size=16)
+    before = None
+    for n, message in enumerate(messages):
+        if n == len(messages) - 2 and n:
+            before = "m:" + running.copy().hexdigest()
+        # Compact JSON has no raw newline, so one ends each message unambiguously.
+        running.update(json.dumps(message, sort_keys=True, ensure_ascii=False,
+                                  separators=(",", ":"), default=str)
+                       .encode("utf-8", "replace") + b"\n")
+    return before, "m:" + running.hexdigest()
 
 
 class Scheduler:
@@ -2322,7 +2329,11 @@ class NodeRelay:
         replaced by a fresh one, once (that is no failure of the node)."""
         cfg = self.cfg
         host, port, path, body, headers = self._target(ex, choice)
-        wait = self.media.first_byte_timeout(ex, choice)
+        wait = self.media.tool_wait(ex, choice)
+        if wait is None:
+            wait = cfg.first_byte_timeout
+        else:  # the reaper gives the tool as long
+            ex.stale_after = max(cfg.stale_timeout, wait)
         if ex.upload is not None:
             return await self.media.send_upload(ex, host, port, path, headers, wait)
         up = await self.pool.connect(host, port, cfg.connect_timeout)
@@ -2420,18 +2431,16 @@ class MediaRoute:
                 headers
         return node.host, node.port, ex.request.target, ex.body, headers
 
-    def first_byte_timeout(self, ex, choice):
-        """How long the node may take to start answering: FLEET_FIRST_BYTE_TIMEOUT, or,
-        for a tool the agent runs, the agent's own time-out for it (its answer comes
-        only when the picture or transcript is done) and a little more, so that the
-        agent, which kills the tool, is the one to say it took too long. The reaper
-        waits as long."""
+    def tool_wait(self, ex, choice):
+        """For a tool the agent runs, how long it may take to start answering (None
+        for anything else): the agent's own time-out for it (its answer comes only when
+        the picture or transcript is done) and a little more, so that the agent, which
+        kills the tool, is the one to say it took too long; FLEET_FIRST_BYTE_TIMEOUT at
+        least."""
         media = choice.node.hb.media
         if media is None or not choice.node.serves_itself(choice.model, ex.kind):
-            return self.cfg.first_byte_timeout
-        wait = max(self.cfg.first_byte_timeout, media["timeout"] + MEDIA_GRACE_S)
-        ex.stale_after = max(self.cfg.stale_timeout, wait)
-        return wait
+            return None
+        return max(self.cfg.first_byte_timeout, media["timeout"] + MEDIA_GRACE_S)
 
     async def send_upload(self, ex, host, port, path, headers, first_byte_timeout):
         """Stream a speech upload to the node as it arrives, then wait for its answer."""

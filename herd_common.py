@@ -150,6 +150,8 @@ def format_settings_help(table):
     return "\n".join(lines)
 
 
+DATA_DIR = "~/.fleet-manager"  # both programs' default data folder (the product's own)
+
 LOG_SETTINGS = [
     Setting("FLEET_LOG_LEVEL", "DEBUG", "level written to the JSONL log file"),
     Setting("FLEET_CONSOLE_LOG_LEVEL", "INFO", "level printed on the terminal"),

@@ -94,7 +94,7 @@ NODE_SETTINGS = [
                "available it is and how much memory models may have, and pause it while "
                "the camera or microphone is in use, memory pressure is critical or the "
                "owner keeps the CPU busy; off: a dedicated machine, always at full capacity"),
-    hc.Setting("FLEET_NODE_DATA_DIR", "~/.fleet-manager", "logs/, the state saved on drain "
+    hc.Setting("FLEET_NODE_DATA_DIR", hc.DATA_DIR, "logs/, the state saved on drain "
                "(node-state-<id>.json) and the capacity learner's "
                "capacity-learner-<id>.json live here"),
     hc.Setting("FLEET_NODE_MDNS_INTERFACES", "", "comma-separated IPs to browse mDNS on "
