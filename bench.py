@@ -55,8 +55,11 @@ conversations (each turn repeats the ones before and their answers); the model m
 60 % qwen2.5:0.5b, 30 % llama3.2:3b, 10 % qwen2.5:7b (not on the laptop). Each request
 is a streamed /api/chat on a connection of its own, timed from when it was due to its
 first content chunk (TTFT) and to its end; one that fails or passes the timeout is
-counted as failed. The routers, each on a fresh fleet with a fresh data folder, given
-the same warm-up and the same seeded requests:
+counted as failed. Each load runs three seeded schedules of 180 requests (--schedules),
+and the figures pool them: one run's p95 is its ninth-worst request, which a few
+requests sent to the slowed machine, or not, move by seconds. The routers, each on a
+fresh fleet with a fresh data folder for every run, given the same warm-up and the
+same schedules:
 
     herd               herd.py and one herd_node.py per machine, told its slots
     herd-learning-off  the same with FLEET_LEARNING=false
@@ -71,9 +74,11 @@ the same warm-up and the same seeded requests:
 It prints, per load, latency and TTFT (mean, p50, p95, p99) overall and after the
 slowdown, the p99 after / before, follow-up turns' TTFT (on the turn before's node and
 elsewhere: what session affinity gains), the loads the routing caused and the slowed
-machine's share, with xN against Herd; then Herd's targets.
+machine's share, with xN against Herd; each schedule's mean and p95 on its own; then
+Herd's targets, judged on the pooled figures.
 
-Run:   python bench.py --routing         (about 16 min on 2 cores; root for the namespaces)
+Run:   python bench.py --routing         (about 50 min on 2 cores; root for the namespaces)
+       python bench.py --routing --schedules 1   (about 17 min: one schedule per load)
        python bench.py --routing --quick (about 6 min; 24 requests a run, a smoke test)
        python bench.py --routing --only herd,least-connections --loads 0.8 --keep DIR
                                          (a partial run, its folders kept for a look)
@@ -226,13 +231,17 @@ MAX_P99_AFTER_OVER_BEFORE = 2.0
 
 @dataclasses.dataclass(frozen=True)
 class RoutingPlan:
-    requests: int  # per load level, every turn counted
+    requests: int  # per load level and schedule, every turn counted
     timeout: float  # seconds a request may take before it counts as failed
     loads: tuple = (0.5, 0.8)  # shares of fleet_capacity()
+    # Seeded schedules per load level, each run by every router; the figures pool them.
+    # One run's p95 is its ninth-worst request, and a few requests sent to the slowed
+    # machine (or not) move it by seconds.
+    schedules: int = 1
 
 
 ROUTING_PLANS = {"quick": RoutingPlan(requests=24, timeout=15),
-                 "full": RoutingPlan(requests=180, timeout=45)}
+                 "full": RoutingPlan(requests=180, timeout=45, schedules=3)}
 
 
 ####################################################################################
@@ -1678,35 +1687,46 @@ def describe_group(outcomes):
             "ttft": spread([o.ttft for o in done if o.ttft is not None])}
 
 
-def node_share(marks, since, name):
-    """Share of the answers written after the `since` mark that machine `name` wrote."""
-    counts = {m.name: marks["end"][m.name]["completed"] - marks[since][m.name]["completed"]
-              for m in MACHINES}
-    return counts[name] / max(1, sum(counts.values())), counts
-
-
-def figures(outcomes, slowdown_at, marks, seconds):
-    """What one router did at one load: overall, before and after the slowdown, the
-    follow-up turns; the loads and evictions its routing caused; where answers went."""
-    share, after_counts = node_share(marks, "slowdown", SLOWED)
-    _, counts = node_share(marks, "start", SLOWED)
+def figures(runs):
+    """What one router did at one load, over its runs (one per schedule, each an
+    (outcomes, slowdown_at, marks, seconds)): overall, before and after each run's
+    slowdown, the follow-up turns; the loads and evictions its routing caused; where
+    answers went; and each run's own latency figures."""
+    outcomes = [o for run in runs for o in run[0]]
+    after = {id(o) for run_outcomes, at, _, _ in runs for o in run_outcomes if o.start >= at}
+    after_counts, counts = collections.Counter(), collections.Counter()
+    loads = evictions = 0
+    for _, _, marks, _ in runs:
+        after_counts.update(answers_since(marks, "slowdown"))
+        counts.update(answers_since(marks, "start"))
+        loads += sum(marks["end"][m.name]["load_count"] - marks["start"][m.name]["load_count"]
+                     for m in MACHINES)
+        evictions += sum(marks["end"][m.name]["evictions"] -
+                         marks["start"][m.name]["evictions"] for m in MACHINES)
     failures = collections.Counter(o.error for o in outcomes if not o.ok)
-    return {"seconds": seconds, "warm_up_s": marks["warm_up_s"], "slowdown_at_s": slowdown_at,
+    return {"seconds": sum(run[3] for run in runs),
+            "warm_up_s": max(run[2]["warm_up_s"] for run in runs),
+            "slowdown_at_s": [run[1] for run in runs],
             "overall": describe_group(outcomes),
-            "before": describe_group([o for o in outcomes if o.start < slowdown_at]),
-            "after": describe_group([o for o in outcomes if o.start >= slowdown_at]),
+            "before": describe_group([o for o in outcomes if id(o) not in after]),
+            "after": describe_group([o for o in outcomes if id(o) in after]),
             "follow_up": describe_group([o for o in outcomes if o.turn > 0]),
             # Session affinity: follow-ups where the turn before was (its prompt cached)
             # against those answered elsewhere.
             "follow_up_same": describe_group([o for o in outcomes if o.same_node is True]),
             "follow_up_moved": describe_group([o for o in outcomes if o.same_node is False]),
-            "answers_by_node": counts, "answers_by_node_after_slowdown": after_counts,
-            "slowed_share_after": share,
-            "loads": sum(marks["end"][n]["load_count"] - marks["start"][n]["load_count"]
-                         for n in counts),
-            "evictions": sum(marks["end"][n]["evictions"] - marks["start"][n]["evictions"]
-                             for n in counts),
-            "failures": dict(failures.most_common(5))}
+            "answers_by_node": {m.name: counts[m.name] for m in MACHINES},
+            "answers_by_node_after_slowdown": {m.name: after_counts[m.name] for m in MACHINES},
+            "slowed_share_after": after_counts[SLOWED] / max(1, sum(after_counts.values())),
+            "loads": loads, "evictions": evictions,
+            "failures": dict(failures.most_common(5)),
+            "runs": [describe_group(run[0])["latency"] for run in runs]}
+
+
+def answers_since(marks, since):
+    """Answers each machine wrote between the `since` mark and the end."""
+    return {m.name: marks["end"][m.name]["completed"] - marks[since][m.name]["completed"]
+            for m in MACHINES}
 
 
 def p99_ratio(f):
@@ -1800,6 +1820,17 @@ def affinity_table(routers):
     return "\n".join(lines)
 
 
+def schedules_table(routers):
+    """Each schedule's mean and p95: how much one run's figures move."""
+    count = max(len(f["runs"]) for f in routers.values())
+    lines = ["| router | " + " | ".join(f"schedule {k + 1}: mean | p95" for k in range(count))
+             + " |", "|---" * (1 + 2 * count) + "|"]
+    for name, f in routers.items():
+        cells = [name] + [seconds_cell(run[q]) for run in f["runs"] for q in ("mean", "p95")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def target_lines(targets):
     for name, target in targets.items():
         if target is None:
@@ -1815,7 +1846,9 @@ def print_routing_report(results):
           f"load {m['load_1min']:.2f}")
     print(textwrap.fill(
         f"Fleet: {fleet['description']}. Capacity {fleet['capacity_rps']:.2f} requests/s; "
-        f"{results['plan']['requests']} requests per run; seconds, and xN against Herd.", 90))
+        f"{results['plan']['requests']} requests per schedule, "
+        f"{results['plan']['schedules']} seeded schedule(s) per load, pooled; seconds, and xN "
+        f"against Herd.", 90))
     for note in results["notes"]:
         print(textwrap.fill(f"Note: {note}", 90))
     for level, routers in results["levels"].items():
@@ -1826,7 +1859,10 @@ def print_routing_report(results):
         print(ttft_table(routers))
         print(f"\n### {level} of capacity: follow-up turns and session affinity, s\n")
         print(affinity_table(routers))
-    print("\nTargets (Herd):")
+        if results["plan"]["schedules"] > 1:
+            print(f"\n### {level} of capacity: each schedule on its own, latency, s\n")
+            print(schedules_table(routers))
+    print("\nTargets (Herd), on the pooled figures:")
     print("\n".join(target_lines(judge_routing(results))))
 
 
@@ -1843,7 +1879,8 @@ def describe_fleet():
 
 
 def run_one(name, workdir, net, sessions, plan, ollama_herd):
-    """One router at one load on a fresh fleet: its figures."""
+    """One router on one schedule on a fresh fleet: (drive_routing's outcomes,
+    slowdown_at, marks and seconds), seconds to start, seconds to stop."""
     os.makedirs(workdir)
     started = time.monotonic()
     with contextlib.ExitStack() as exits:
@@ -1851,11 +1888,9 @@ def run_one(name, workdir, net, sessions, plan, ollama_herd):
         exits.callback(stop_processes, group)
         front = start_front(name, exits, group, workdir, net, ollama_herd)
         ready = time.monotonic()
-        out = figures(*asyncio.run(drive_routing(front, net, sessions, plan.timeout)))
-        out["start_up_s"] = ready - started
+        run = asyncio.run(drive_routing(front, net, sessions, plan.timeout))
         stopping = time.monotonic()
-    out["stop_s"] = time.monotonic() - stopping
-    return out
+    return run, ready - started, time.monotonic() - stopping
 
 
 def choose_routers(net, results):
@@ -1876,9 +1911,12 @@ def choose_routers(net, results):
     return routers, ollama_herd
 
 
-def routing_plan(name, loads):
-    """The named plan, at the loads asked for ("0.5,0.8"; empty: the plan's own)."""
+def routing_plan(name, loads, schedules=0):
+    """The named plan, at the loads asked for ("0.5,0.8"; empty: the plan's own), with
+    `schedules` of them (0: the plan's own)."""
     plan = ROUTING_PLANS[name]
+    if schedules:
+        plan = dataclasses.replace(plan, schedules=schedules)
     if not loads:
         return plan
     try:
@@ -1908,15 +1946,21 @@ def run_routing(workdir, plan, only=""):
         for n, load in enumerate(plan.loads):
             level = f"{load:.0%}"
             rate = results["rates"][level] = load * capacity
-            sessions = build_sessions(plan.requests, rate, seed=int(load * 1000))
-            results["levels"][level] = {}
-            for name in routers if n % 2 == 0 else routers[::-1]:
-                print(f"routing benchmark: {name} at {level} ...", file=sys.stderr, flush=True)
-                results["levels"][level][name] = run_one(
-                    name, os.path.join(workdir, f"{name}-{level.rstrip('%')}"), net, sessions,
-                    plan, ollama_herd)
-            results["levels"][level] = {name: results["levels"][level][name]
-                                        for name in routers}  # table order
+            runs = {name: [] for name in routers}  # table order
+            for k in range(plan.schedules):
+                sessions = build_sessions(plan.requests, rate, seed=int(load * 1000) + k)
+                # The order is reversed at every other load and schedule, so a drift in
+                # the machine does not always favour the same routers.
+                for name in routers if (n + k) % 2 == 0 else routers[::-1]:
+                    print(f"routing benchmark: {name} at {level}, schedule {k + 1} of "
+                          f"{plan.schedules} ...", file=sys.stderr, flush=True)
+                    folder = f"{name}-{level.rstrip('%')}" + (f"-{k + 1}" if k else "")
+                    runs[name].append(run_one(name, os.path.join(workdir, folder), net,
+                                              sessions, plan, ollama_herd))
+            results["levels"][level] = {
+                name: {**figures([r[0] for r in done]),
+                       "start_up_s": max(r[1] for r in done), "stop_s": max(r[2] for r in done)}
+                for name, done in runs.items()}
     results["seconds"] = time.monotonic() - started
     return results
 
@@ -1985,6 +2029,9 @@ def parse_args():
                              "partial run, for a look; its targets are not all judged)")
     parser.add_argument("--loads", default="", metavar="SHARES",
                         help="with --routing: only these loads, e.g. 0.8")
+    parser.add_argument("--schedules", type=int, default=0, metavar="N",
+                        help="with --routing: N seeded schedules per load, each run by "
+                             "every router, their requests pooled (default: 3, --quick 1)")
     parser.add_argument("--keep", metavar="DIR",
                         help="work in DIR (new or empty) and keep it: the routers' data "
                              "folders and logs, for a look afterwards")
@@ -2007,11 +2054,14 @@ def main():
     unknown = set(filter(None, args.only.split(","))) - set(ROUTERS)
     if unknown:
         sys.exit(f"bench.py: --only knows {', '.join(ROUTERS)}; not {', '.join(unknown)}")
+    if not 0 <= args.schedules <= 20:
+        sys.exit(f"bench.py: --schedules takes 1 to 20: {args.schedules}")
     try:
         with kept_folder(args.keep) if args.keep else \
                 tempfile.TemporaryDirectory(prefix="herd-bench-") as workdir:
             if args.routing:
-                results = run_routing(workdir, routing_plan(plan, args.loads), args.only)
+                results = run_routing(workdir, routing_plan(plan, args.loads, args.schedules),
+                                      args.only)
             else:
                 results = run_phases(workdir, PLANS[plan])
     except KeyboardInterrupt:

@@ -1019,6 +1019,10 @@ class Speed:
     def add(self, sample, level=None):
         """Fold in one completed request: a dict of AVERAGED fields, None where unknown;
         `level` is the mean number of requests in flight while it ran."""
+        tps = sample.get("decode_tps")
+        floor = self.floor_tps(level) if tps is not None and level else None
+        if floor and tps < LIVE_SLOW * floor:
+            self.slow_down(tps / floor)  # a sharp drop: taken at once, not half-way
         self.samples += 1
         weight = max(self.ALPHA, 1.0 / self.samples)
         for field in self.AVERAGED:
@@ -1026,7 +1030,6 @@ class Speed:
             if value is not None:
                 old = getattr(self, field)
                 setattr(self, field, value if old is None else old + weight * (value - old))
-        tps = sample.get("decode_tps")
         if tps is not None:
             self.baseline_tps = tps if self.baseline_tps is None else \
                 self.baseline_tps + max(self.BASELINE_ALPHA, 1.0 / self.samples) * (
@@ -1034,6 +1037,28 @@ class Speed:
             if level:
                 self._add_level(min(self.MAX_LEVEL, max(1, round(level))), tps)
         self.recent.append((sample.get("ttft_ms"), tps))
+        self.updated_at = time.time()
+
+    def floor_tps(self, level):
+        """The least per-request speed the curve allows at `level` in flight: the level's
+        own, else the nearest timed level below it shared out (n requests on a machine
+        that does not scale at all each get 1/n of it); None below every timed level."""
+        level = min(self.MAX_LEVEL, max(1, round(level)))
+        timed = [k for k, v in self.levels.items() if k <= level and v[1] >= self.LEVEL_SAMPLES]
+        if not timed:
+            return None
+        below = max(timed)
+        return self.levels[below][0] * below / level
+
+    def slow_down(self, factor):
+        """The node decodes `factor` (< 1) times as fast as learned, at every level (its
+        owner's job takes the machine, whatever runs on it): so the next forecast reads
+        the new speed, not the half-way average of the old and the first slow answer.
+        The curve keeps its shape, and so the concurrency learned from it."""
+        if self.decode_tps:
+            self.decode_tps *= factor
+        for entry in self.levels.values():
+            entry[0] *= factor
         self.updated_at = time.time()
 
     def _add_level(self, level, tps):
@@ -1147,6 +1172,9 @@ LIVE_MIN_CHUNKS = 5  # chunks an answer must have streamed before its speed is r
 LIVE_SLOW = 0.6  # answers streaming under this share of the learned speed: a slowdown
 LATE_FIRST, LATE_MIN_S = 3.0, 1.0  # a first token this many times late (and this long)
 FIRST_FLOOR_S = 0.05  # the least wait for a first token taken as expected
+# A streamed answer with no first token this long (and LATE_FIRST times its forecast)
+# may be moved to another node: longer than a fresh long prompt takes on a usual node.
+MOVE_LATE_MIN_S = 2.0
 
 
 class Forecast:
@@ -1241,6 +1269,13 @@ class Learner:
 
     def get(self, node_id, model):
         return self.speeds.get((node_id, model))
+
+    def slowed(self, node_id, model, factor):
+        """A request there was seen to go `factor` (< 1) times as fast as learned."""
+        speed = self.get(node_id, model)
+        if speed is not None:
+            speed.slow_down(factor)
+            self.dirty = True
 
     def answer_tokens(self, model, limit=0):
         """Completion tokens a request is expected to produce: what this model's answers
@@ -2156,7 +2191,11 @@ class Proxy:
             ex.queue_wait = time.monotonic() - t_queue
             ex.touch()
             self._count_evictions(ex, choice)
-            await self.node_relay.attempt(conn, ex, choice)
+            late = self._late_after(ex, choice)
+            if late is None:
+                await self.node_relay.attempt(conn, ex, choice)
+            else:
+                await self._attempt_watched(conn, ex, choice, late)
         except AttemptFailed:
             failed = True
             raise
@@ -2166,6 +2205,56 @@ class Proxy:
                 self.fleet.residency.finish_load(choice.node, choice.model, ex.started)
             if not failed:
                 self._learn(ex, choice, level)
+
+    def _late_after(self, ex, choice):
+        """Seconds after which a streamed answer on a hot model with no first token yet
+        is late enough to be moved (LATE_FIRST times its forecast, MOVE_LATE_MIN_S at
+        least), or None when it is not watched: nothing forecast, no other node, or a
+        first byte that would be the last."""
+        if not self.cfg.learning or not ex.stream or not ex.first_expected_s or \
+                not choice.hot or choice.runner_up is None or ex.kind != hc.CHAT or \
+                ex.upload is not None:
+            return None
+        return max(MOVE_LATE_MIN_S, LATE_FIRST * ex.first_expected_s)
+
+    async def _attempt_watched(self, conn, ex, choice, late):
+        """The attempt, given up on if its first token is `late` (and again each second
+        after) and another node is then expected to answer the whole request sooner
+        than this one can: nothing has reached the client, so another node may start it
+        afresh (the node learns it is slow, by how late it is)."""
+        attempt = asyncio.ensure_future(self.node_relay.attempt(conn, ex, choice))
+        started, wait = time.monotonic(), late
+        try:
+            while not (await asyncio.wait((attempt,), timeout=wait))[0]:
+                if conn.response_started:
+                    break  # its first chunk is on its way to the client: it stays
+                waited, wait = time.monotonic() - started, 1.0
+                if not self._sooner_elsewhere(ex, choice, waited):
+                    continue
+                attempt.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await attempt
+                factor = ex.first_expected_s / waited
+                self.learner.slowed(choice.node.node_id, choice.model, factor)
+                raise AttemptFailed(f"node {choice.node.node_id}: no first token after "
+                                    f"{waited:.1f}s ({1 / factor:.0f} times its forecast); "
+                                    f"another node is expected to answer sooner", 504)
+            await attempt
+        finally:
+            if not attempt.done():  # this request was cancelled (client gone, reaper)
+                attempt.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await attempt
+
+    def _sooner_elsewhere(self, ex, choice, waited):
+        """Is another node expected to answer the whole request sooner than this node,
+        slowed by how late its first token is, can finish it?"""
+        c = choice.candidate
+        slow = waited / ex.first_expected_s
+        left_here = c.service_s * slow - waited
+        ranked, _ = self.scheduler.rank(choice.model, Ask(endpoint=ex.endpoint, kind=ex.kind),
+                                        exclude=(choice.node.node_id,))
+        return any(0 < hc.expected_s(other) < left_here for _, _, other in ranked)
 
     def _count_evictions(self, ex, choice):
         """A cold load the router sends pushes these models out: count each."""

@@ -2776,6 +2776,63 @@ def test_a_first_token_long_late_counts_as_a_slowdown_too(h):
         t.join(30)
 
 
+def test_a_streamed_answer_whose_first_token_is_long_late_goes_to_another_node(h):
+    # A conversation's turn goes back to the node of its last turn, whose machine has
+    # meanwhile become five hundred times slower: its first token would take seconds.
+    # At three times its forecast (two seconds at least) nothing has reached the client,
+    # and the other node is expected to answer all of it sooner: the router gives the
+    # attempt up (the slow node sees it cancelled), the other node answers, and the
+    # slow one is learned slow by how late it was, so the next request avoids it.
+    a = h.fake(num_parallel=1, chunks=20, chunk_delay=0.01)
+    b = h.fake("127.0.0.2", num_parallel=1, chunks=20, chunk_delay=0.01)
+    router = h.router()
+    for fake, name in ((a, "node-a"), (b, "node-b")):
+        load_on(fake, "llama3.2:3b")
+        join(h, router, fake, name, slots=1)
+    serve_in_turns(router, 6, workers=2)  # both timed
+    session = {"X-Herd-Session": "talk"}
+    status, headers, _ = http(router.url, "POST", "/api/generate", {
+        "model": "llama3.2:3b", "prompt": "first turn"}, headers=session)
+    assert status == 200
+    slow_id = headers["x-fleet-node"]
+    slow, other = (a, "node-b") if slow_id == "node-a" else (b, "node-a")
+    usual = fleet_node(router, slow_id)["learned"]["llama3.2:3b"]["tokens_per_s"]
+    slow.speed = 0.002  # five seconds a token
+    status, headers, body = http(router.url, "POST", "/api/generate", {
+        "model": "llama3.2:3b", "prompt": "second turn"}, headers=session, timeout=30)
+    assert status == 200 and headers["x-fleet-node"] == other, (headers, body[:200])
+    chunks = [json.loads(line) for line in body.splitlines()]
+    assert chunks[-1]["done"] is True and len(chunks) == 21  # one whole answer, not two
+    wait_until(lambda: slow.cancelled == 1, what="the slow node to see its request cancelled")
+    retried = [r for r in h.traces(router) if r["status"] == "retried"]
+    assert len(retried) == 1 and retried[0]["node_id"] == slow_id
+    assert "no first token after" in retried[0]["error_message"], retried[0]
+    learned = fleet_node(router, slow_id)["learned"]["llama3.2:3b"]["tokens_per_s"]
+    assert learned < usual / 3, (learned, usual)
+    assert generate(router)[1] == other
+
+
+def test_a_sharp_slowdown_is_taken_at_once_at_every_level():
+    # Half-way averaging would take a node four times slower for two times slower
+    # after its first slow answer; a drop under LIVE_SLOW of what the curve allows is
+    # taken whole, at every level (the machine is slower, whatever runs on it). What
+    # more in flight explains is no slowdown: two at once on a machine that does not
+    # scale each run at half speed, and one at 8 in flight is judged against level 4's
+    # speed shared out, not against level 4's own.
+    speed = herd.Speed()
+    for level, tps in ((1, 100.0), (2, 100.0), (4, 80.0)):
+        for _ in range(herd.Speed.LEVEL_SAMPLES):
+            speed.add({"decode_tps": tps}, level)
+    speed.add({"decode_tps": 45.0}, 8)  # 4 x 80 shared by 8 is 40 each: no slowdown
+    assert speed.tokens_per_s(2) == pytest.approx(100.0)
+    shape = speed.best_concurrency(4)
+    speed.add({"decode_tps": 25.0}, 1)
+    assert speed.tokens_per_s(1) == pytest.approx(25.0)
+    assert speed.tokens_per_s(2) == pytest.approx(25.0)
+    assert speed.tokens_per_s(4) == pytest.approx(20.0)
+    assert speed.best_concurrency(4) == shape  # the curve keeps its shape
+
+
 def test_learned_concurrency_is_not_fooled_by_noise_high_up():
     # A machine that scales to all 16 slots, each request's speed wobbling by a few per
     # cent: from 15 in flight to 16 adds a sixteenth, as much as the wobble. That is no
