@@ -2026,6 +2026,15 @@ class Exchange:
         }
 
 
+async def stop_task(task):
+    """Cancel `task` and wait until it has ended, without taking its CancelledError for
+    this task's own (a cancel of this task while it waits still propagates)."""
+    task.cancel()
+    await asyncio.wait((task,))
+    if not task.cancelled():
+        task.exception()  # it ended otherwise meanwhile: retrieved, so never reported
+
+
 def _ms(seconds):
     return round(seconds * 1000, 2) if seconds is not None else None
 
@@ -2231,9 +2240,7 @@ class Proxy:
                 waited, wait = time.monotonic() - started, 1.0
                 if not self._sooner_elsewhere(ex, choice, waited):
                     continue
-                attempt.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await attempt
+                await stop_task(attempt)
                 factor = ex.first_expected_s / waited
                 self.learner.slowed(choice.node.node_id, choice.model, factor)
                 raise AttemptFailed(f"node {choice.node.node_id}: no first token after "
@@ -2242,9 +2249,7 @@ class Proxy:
             await attempt
         finally:
             if not attempt.done():  # this request was cancelled (client gone, reaper)
-                attempt.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await attempt
+                await stop_task(attempt)
 
     def _sooner_elsewhere(self, ex, choice, waited):
         """Is another node expected to answer the whole request sooner than this node,

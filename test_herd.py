@@ -2776,13 +2776,11 @@ def test_a_first_token_long_late_counts_as_a_slowdown_too(h):
         t.join(30)
 
 
-def test_a_streamed_answer_whose_first_token_is_long_late_goes_to_another_node(h):
-    # A conversation's turn goes back to the node of its last turn, whose machine has
-    # meanwhile become five hundred times slower: its first token would take seconds.
-    # At three times its forecast (two seconds at least) nothing has reached the client,
-    # and the other node is expected to answer all of it sooner: the router gives the
-    # attempt up (the slow node sees it cancelled), the other node answers, and the
-    # slow one is learned slow by how late it was, so the next request avoids it.
+def slowed_conversation(h):
+    """Two timed nodes and a conversation's first turn; the machine that answered it
+    then becomes five hundred times slower (five seconds a token). Returns (router, the
+    slowed fake, its node's id, the other node's id, the conversation's headers, the
+    slowed node's tokens/s as learned before)."""
     a = h.fake(num_parallel=1, chunks=20, chunk_delay=0.01)
     b = h.fake("127.0.0.2", num_parallel=1, chunks=20, chunk_delay=0.01)
     router = h.router()
@@ -2797,7 +2795,18 @@ def test_a_streamed_answer_whose_first_token_is_long_late_goes_to_another_node(h
     slow_id = headers["x-fleet-node"]
     slow, other = (a, "node-b") if slow_id == "node-a" else (b, "node-a")
     usual = fleet_node(router, slow_id)["learned"]["llama3.2:3b"]["tokens_per_s"]
-    slow.speed = 0.002  # five seconds a token
+    slow.speed = 0.002
+    return router, slow, slow_id, other, session, usual
+
+
+def test_a_streamed_answer_whose_first_token_is_long_late_goes_to_another_node(h):
+    # The conversation's next turn goes back to the slowed node: its first token would
+    # take seconds. At three times its forecast (two seconds at least) nothing has
+    # reached the client, and the other node is expected to answer all of it sooner:
+    # the router gives the attempt up (the slow node sees it cancelled), the other node
+    # answers, and the slow one is learned slow by how late it was, so the next request
+    # avoids it.
+    router, slow, slow_id, other, session, usual = slowed_conversation(h)
     status, headers, body = http(router.url, "POST", "/api/generate", {
         "model": "llama3.2:3b", "prompt": "second turn"}, headers=session, timeout=30)
     assert status == 200 and headers["x-fleet-node"] == other, (headers, body[:200])
@@ -2810,6 +2819,23 @@ def test_a_streamed_answer_whose_first_token_is_long_late_goes_to_another_node(h
     learned = fleet_node(router, slow_id)["learned"]["llama3.2:3b"]["tokens_per_s"]
     assert learned < usual / 3, (learned, usual)
     assert generate(router)[1] == other
+
+
+def test_a_client_that_leaves_while_its_late_answer_is_watched_cancels_it(h):
+    # The watch on a late first token is the request's own: when its client goes away
+    # first, the node's request is cancelled and nothing is tried elsewhere.
+    router, slow, slow_id, other, session, _ = slowed_conversation(h)
+    served = len(h.traces(router))
+    s = socket.create_connection(("127.0.0.1", router.port), timeout=10)
+    body = json.dumps({"model": "llama3.2:3b", "prompt": "second turn"}).encode()
+    s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: r\r\nX-Herd-Session: talk\r\n"
+              b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    wait_until(lambda: slow.active == 1, what="the slowed node working on it")
+    s.close()
+    wait_until(lambda: slow.cancelled == 1, what="the slow node to see the cancel")
+    wait_until(lambda: len(h.traces(router)) > served, what="its trace")
+    rows = h.traces(router)[served:]
+    assert [r["status"] for r in rows] == ["cancelled"] and rows[0]["node_id"] == slow_id
 
 
 def test_a_sharp_slowdown_is_taken_at_once_at_every_level():
