@@ -2669,17 +2669,24 @@ def serve_in_turns(router, count, workers, model="llama3.2:3b", body=None):
     return served
 
 
+def two_nodes(h, chunks):
+    """node-a and node-b (127.0.0.2), one slot each, llama3.2:3b loaded on both, each
+    answer `chunks` tokens at 10 ms a token: (router, a's fake, b's fake)."""
+    a = h.fake(num_parallel=1, chunks=chunks, chunk_delay=0.01)
+    b = h.fake("127.0.0.2", num_parallel=1, chunks=chunks, chunk_delay=0.01)
+    router = h.router()
+    for fake, name in ((a, "node-a"), (b, "node-b")):
+        load_on(fake, "llama3.2:3b")
+        join(h, router, fake, name, slots=1)
+    return router, a, b
+
+
 def test_a_node_that_slows_down_loses_traffic_and_regains_it_after_recovering(
         h, monkeypatch):
     # Unsampled for three seconds, a slowed node's speed is back to its usual (the
     # router gives such second chances after STALE_S, two minutes; a test cannot wait).
     monkeypatch.setattr(herd.Speed, "STALE_S", 3.0)
-    a = h.fake(num_parallel=1, chunks=10, chunk_delay=0.01)
-    b = h.fake("127.0.0.2", num_parallel=1, chunks=10, chunk_delay=0.01)
-    router = h.router()
-    for fake, name in ((a, "node-a"), (b, "node-b")):
-        load_on(fake, "llama3.2:3b")
-        join(h, router, fake, name, slots=1)
+    router, a, b = two_nodes(h, chunks=10)
     def routed(count):
         """Serve `count` requests; the node of each, in the order they arrived."""
         seen = len(h.traces(router))
@@ -2781,12 +2788,7 @@ def slowed_conversation(h):
     then becomes five hundred times slower (five seconds a token). Returns (router, the
     slowed fake, its node's id, the other node's id, the conversation's headers, the
     slowed node's tokens/s as learned before)."""
-    a = h.fake(num_parallel=1, chunks=20, chunk_delay=0.01)
-    b = h.fake("127.0.0.2", num_parallel=1, chunks=20, chunk_delay=0.01)
-    router = h.router()
-    for fake, name in ((a, "node-a"), (b, "node-b")):
-        load_on(fake, "llama3.2:3b")
-        join(h, router, fake, name, slots=1)
+    router, a, b = two_nodes(h, chunks=20)
     serve_in_turns(router, 6, workers=2)  # both timed
     session = {"X-Herd-Session": "talk"}
     status, headers, _ = http(router.url, "POST", "/api/generate", {
