@@ -77,7 +77,7 @@ elsewhere: what session affinity gains), the loads the routing caused and the sl
 machine's share, with xN against Herd; each schedule's mean and p95 on its own; then
 Herd's targets, judged on the pooled figures.
 
-Run:   python bench.py --routing         (about 50 min on 2 cores; root for the namespaces)
+Run:   python bench.py --routing         (about 45 min on 2 cores; root for the namespaces)
        python bench.py --routing --schedules 1   (about 17 min: one schedule per load)
        python bench.py --routing --quick (about 6 min; 24 requests a run, a smoke test)
        python bench.py --routing --only herd,least-connections --loads 0.8 --keep DIR
