@@ -2844,9 +2844,9 @@ def test_a_sharp_slowdown_is_taken_at_once_at_every_level():
     # Half-way averaging would take a node four times slower for two times slower
     # after its first slow answer; a drop under LIVE_SLOW of what the curve allows is
     # taken whole, at every level (the machine is slower, whatever runs on it). What
-    # more in flight explains is no slowdown: two at once on a machine that does not
-    # scale each run at half speed, and one at 8 in flight is judged against level 4's
-    # speed shared out, not against level 4's own.
+    # more in flight explains is no slowdown: an answer at 8 in flight, where only 4
+    # were timed, is judged against level 4's speed shared out by 8 (as if the machine
+    # did not scale at all past 4), not against level 4's own.
     speed = herd.Speed()
     for level, tps in ((1, 100.0), (2, 100.0), (4, 80.0)):
         for _ in range(herd.Speed.LEVEL_SAMPLES):
