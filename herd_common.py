@@ -21,6 +21,8 @@ no database. It holds, in the order data flows:
     node snapshot             hardware, memory, CPU and Ollama state
     heartbeats                the agent-router contract: node id rule, build, check
                               every field (Fields), typed reading, signing (HMAC)
+    settings                  each program's table: the router's FLEET_*, the agent's
+                              FLEET_NODE_*
 """
 
 import asyncio
@@ -2966,3 +2968,172 @@ class SignatureCheck:
             return "replayed: this signed request was already used"
         self.seen[nonce] = now + 2 * self.window
         return None
+
+
+####################################################################################
+# Settings: each program's table (the router's FLEET_*, the agent's FLEET_NODE_*), kept
+# here beside the loader, --help and the log settings both share
+####################################################################################
+
+ROUTER_SETTINGS = [
+    Setting("FLEET_HOST", "0.0.0.0", "address to listen on"),
+    Setting("FLEET_PORT", DEFAULT_ROUTER_PORT, "port to listen on"),
+    Setting("FLEET_DATA_DIR", DATA_DIR, "traces (latency.db) and logs/"),
+    Setting("FLEET_TOKEN", "", "the fleet's secret: agents sign every heartbeat with it "
+            "(it never crosses the wire). EMPTY MEANS ANY HOST THAT CAN REACH THE ROUTER "
+            "CAN JOIN AS A NODE and receive prompts"),
+    Setting("FLEET_API_KEYS", "", "client keys, comma-separated or @/path/to/file (one a "
+            "line): if set, every route but /, /api/version and /dashboard needs "
+            "Authorization: Bearer <key> or x-api-key: <key>"),
+    Setting("FLEET_ADMIN_KEY", "", "the key for pulls, unloads, model management (delete, "
+            "copy, create, blobs, push), the request explorer (client addresses, errors) "
+            "and /metrics; it works on every route"),
+    Setting("FLEET_METRICS_KEY", "", "a key that may read /metrics and nothing else "
+            "(for a Prometheus scraper)"),
+    Setting("FLEET_ALLOWED_OLLAMA_HOSTS", "", "hosts a node may name in its Ollama URL "
+            "besides the address its heartbeats come from (comma-separated; * for any), "
+            "for an agent that reports an Ollama on another machine"),
+    Setting("FLEET_PULL_REGISTRIES", "", "registries a pull may name (comma-separated "
+            "hosts; * for any); empty: only Ollama library names (namespace/name:tag)"),
+    Setting("FLEET_ORIGINS", "", "browser origins allowed besides Ollama's own "
+            "defaults (localhost, 127.0.0.1 and 0.0.0.0 on any port; app, file, tauri "
+            "and vscode pages), as OLLAMA_ORIGINS adds them: comma-separated, * for any, "
+            "one * as a wildcard (chrome-extension://*)"),
+    Setting("FLEET_TLS_CERT", "", "PEM certificate (chain) file: serve HTTPS"),
+    Setting("FLEET_TLS_KEY", "", "the certificate's PEM private key file"),
+    Setting("FLEET_HEARTBEAT_TIMEOUT", 15.0, "seconds without a heartbeat before a node "
+            "is degraded"),
+    Setting("FLEET_HEARTBEAT_OFFLINE", 30.0, "seconds without a heartbeat before a node "
+            "is offline and gets no work"),
+    Setting("FLEET_HOLD_TIMEOUT", 30.0, "seconds a request waits for a node that can "
+            "serve it before a 503"),
+    Setting("FLEET_STARTUP_WINDOW", 6.0, "seconds after start during which a model no "
+            "node has reported yet waits (nodes report every 5 s) instead of a 404"),
+    Setting("FLEET_AUTO_PULL", True, "pull a model no node has onto the node with the "
+            "most free memory, then serve the request"),
+    Setting("FLEET_AUTO_PULL_TIMEOUT", 600.0, "seconds a request waits for such a pull "
+            "(503 after; the pull goes on)"),
+    Setting("FLEET_CONTEXT_PROTECTION", "strip", "a num_ctx that would reload a loaded "
+            "model: strip (use the loaded context, or a larger tag of the same model "
+            "loaded with room for it; never another model, never for embeddings), warn "
+            "(log only) or passthrough"),
+    Setting("FLEET_MAX_RETRIES", 2, "other nodes tried when a node fails before the "
+            "first chunk"),
+    Setting("FLEET_CLIENT_MAX_IN_FLIGHT", 0, "requests one client address may have in "
+            "flight before it gets 429 (0: no limit)"),
+    Setting("FLEET_DEFAULT_NUM_PARALLEL", 4, "requests in flight per node+model when the "
+            "node cannot tell Ollama's OLLAMA_NUM_PARALLEL"),
+    Setting("FLEET_LEARNING", True, "route by what the fleet has learned: each node+model's "
+            "speed, answer length and best concurrency (false: by counts only)"),
+    Setting("FLEET_PRE_WARM_THRESHOLD", 3, "requests queued or running on the chosen "
+            "node+model at which the runner-up node loads the model too (0: never)"),
+    Setting("FLEET_REBALANCE_INTERVAL", 5.0, "seconds between moves of queued requests "
+            "to nodes where their model is loaded and slots are free"),
+    Setting("FLEET_STALE_TIMEOUT", 600.0, "seconds a request sent to a node may show no "
+            "progress before the reaper fails it and frees its slot"),
+    Setting("FLEET_MAX_BODY_MB", 64.0, "largest request body accepted (413 beyond)"),
+    Setting("FLEET_MAX_BLOB_GB", 256.0, "largest blob upload (/api/blobs, for "
+            "/api/create) streamed to a node (413 beyond); the router holds at most a "
+            "megabyte of it at a time"),
+    Setting("FLEET_MAX_UPLOAD_MB", 512.0, "largest speech upload (/v1/audio/transcriptions, "
+            "/api/transcribe) streamed to a node, or spooled to TMPDIR while its file "
+            "comes before its model field (413 beyond)"),
+    Setting("FLEET_MEDIA_REPLAY_MB", 8.0, "of a speech upload, the megabytes the router "
+            "keeps while it streams, so that a node failing before it answers can be "
+            "replaced; a longer upload goes to one node only (0: never kept)"),
+    Setting("FLEET_IDLE_TIMEOUT", 75.0, "seconds an idle keep-alive connection stays open"),
+    Setting("FLEET_HEADER_TIMEOUT", 10.0, "seconds a client has to send a whole request "
+            "head (a slow sender cannot hold a connection open)"),
+    Setting("FLEET_MAX_CONNECTIONS", 512, "client connections open at once; more get a 503 "
+            "and are closed (kept below the process's file limit)"),
+    Setting("FLEET_MAX_CONNECTIONS_PER_CLIENT", 64, "connections one client address may "
+            "have open at once"),
+    Setting("FLEET_MAX_NODES", 256, "nodes the router keeps track of; a new node id past "
+            "it is refused"),
+    Setting("FLEET_FORGET_OFFLINE_AFTER", 86400.0, "seconds a node may stay offline "
+            "before the router forgets it"),
+    Setting("FLEET_CONNECT_TIMEOUT", 5.0, "seconds to connect to a node's Ollama"),
+    Setting("FLEET_FIRST_BYTE_TIMEOUT", 300.0, "seconds for Ollama to start answering "
+            "(covers model load and prompt evaluation)"),
+    Setting("FLEET_CHUNK_TIMEOUT", 120.0, "seconds of silence mid-response before the "
+            "node counts as stalled"),
+    Setting("FLEET_LOCAL_NODE", True, "serve an Ollama on this machine as a node "
+            "without an agent"),
+    Setting("FLEET_LOCAL_OLLAMA_URL", "http://127.0.0.1:11434", "where that local "
+            "Ollama listens"),
+    Setting("FLEET_LOCAL_NODE_INTERVAL", 5.0, "seconds between polls of the local Ollama"),
+    Setting("FLEET_MDNS", True, "advertise the router as _fleet-manager._tcp on the LAN"),
+    Setting("FLEET_TRACE_QUEUE", 10000, "trace rows buffered for the writer before "
+            "rows are dropped (and counted)"),
+    Setting("FLEET_TRACE_RETENTION_DAYS", 30, "traces older than this are deleted "
+            "(checked hourly; 0: keep them all)"),
+    Setting("FLEET_HEALTH_ERROR_RATE", 0.05, "share of failed requests in an hour that "
+            "the health API calls a warning (critical at four times it); also the share "
+            "of a node's image or speech requests that time out, or fail, there"),
+    Setting("FLEET_HEALTH_RETRY_RATE", 0.10, "share of retried attempts in an hour that is "
+            "a warning (critical at four times it)"),
+    Setting("FLEET_HEALTH_DISCONNECT_RATE", 0.10, "share of requests whose client left, in "
+            "an hour, that is a warning (critical at four times it)"),
+    Setting("FLEET_HEALTH_THRASH_LOADS", 3, "loads of one model on one node in an hour that "
+            "count as thrashing"),
+    Setting("FLEET_SHUTDOWN_GRACE", 30.0, "seconds streams get to finish on SIGTERM"),
+    *LOG_SETTINGS,
+]
+
+NODE_SETTINGS = [
+    Setting("FLEET_NODE_ROUTER_URL", "", "router URL; empty means find it by mDNS"),
+    Setting("FLEET_NODE_NODE_ID", "", "this node's name: 1-64 ASCII letters, digits, '.', "
+            "'_' or '-' (default: the short hostname, without other characters)"),
+    Setting("FLEET_NODE_OLLAMA_HOST", "http://localhost:11434", "where Ollama listens"),
+    Setting("FLEET_NODE_OLLAMA_URL", "", "the Ollama URL the router should dial "
+            "(default: derived from the address this machine uses to reach the router)"),
+    Setting("FLEET_NODE_HEARTBEAT_INTERVAL", 5.0, "seconds between heartbeats"),
+    Setting("FLEET_NODE_TOKEN", "", "the router's FLEET_TOKEN, if it has one: heartbeats "
+            "are signed with it (it is never sent)"),
+    Setting("FLEET_NODE_CA", "", "PEM file of the CA that signed the router's TLS "
+            "certificate (default: the system's certificates)"),
+    Setting("FLEET_NODE_DRAIN_TIMEOUT", 30.0, "seconds a stopping agent waits for the "
+            "requests running on this node to finish before it leaves the fleet"),
+    Setting("FLEET_NODE_NUM_PARALLEL", 0, "Ollama's parallel slots; 0 means read "
+            "OLLAMA_NUM_PARALLEL from the running Ollama, else this agent's environment"),
+    Setting("FLEET_NODE_ENABLE_CAPACITY_LEARNING", False, "for a laptop or a shared "
+            "machine: learn when its owner uses it (by hour of the week), report how "
+            "available it is and how much memory models may have, and pause it while "
+            "the camera or microphone is in use, memory pressure is critical or the "
+            "owner keeps the CPU busy; off: a dedicated machine, always at full capacity"),
+    Setting("FLEET_NODE_DATA_DIR", DATA_DIR, "logs/, the state saved on drain "
+            "(node-state-<id>.json) and the capacity learner's "
+            "capacity-learner-<id>.json live here"),
+    Setting("FLEET_NODE_MDNS_INTERFACES", "", "comma-separated IPs to browse mDNS on "
+            "(default: all interfaces)"),
+    Setting("FLEET_NODE_IMAGE_URL", "", "an OpenAI-compatible image server this agent "
+            "serves images through (e.g. a stable-diffusion server on a Linux GPU box): its "
+            "GET /v1/models are the image models advertised"),
+    Setting("FLEET_NODE_TRANSCRIBE_URL", "", "an OpenAI-compatible transcription server "
+            "(whisper.cpp, faster-whisper) this agent serves speech-to-text through"),
+    Setting("FLEET_NODE_MEDIA_CLI", True, "look on PATH for mflux's mflux-generate* "
+            "commands and DiffusionKit's diffusionkit-cli (images) and mlx-qwen3-asr "
+            "(speech), and serve them (Apple Silicon)"),
+    Setting("FLEET_NODE_MFLUX_MODELS", "", "the mflux models (--model values) advertised, "
+            "each one when its command is on PATH (schnell, dev, krea-dev: "
+            "mflux-generate; z-image-turbo: mflux-generate-z-image-turbo; ...); empty: "
+            "every model of each text-to-image mflux command found"),
+    Setting("FLEET_NODE_DIFFUSIONKIT_MODELS", "", "the DiffusionKit models "
+            "(--model-version values, e.g. argmaxinc/mlx-FLUX.1-schnell) advertised when "
+            "diffusionkit-cli is on PATH; empty: all six it knows"),
+    Setting("FLEET_NODE_ASR_MODELS", "Qwen/Qwen3-ASR-0.6B", "the mlx-qwen3-asr models "
+            "(its --model values) advertised when mlx-qwen3-asr is found"),
+    Setting("FLEET_NODE_MEDIA_HOST", "0.0.0.0", "address the agent's media server listens "
+            "on (started only when this node serves images or speech)"),
+    Setting("FLEET_NODE_MEDIA_PORT", 11436, "port of the agent's media server"),
+    Setting("FLEET_NODE_MEDIA_URL", "", "the media server URL the router should dial "
+            "(default: derived like the Ollama URL)"),
+    Setting("FLEET_NODE_MEDIA_TIMEOUT", 600.0, "seconds one image request (all of its n "
+            "pictures) or transcription may take before its tool is killed (a 504)"),
+    Setting("FLEET_NODE_MEDIA_CONCURRENCY", 1, "image or speech requests whose tools run "
+            "at once (each kind; the n pictures of one request are drawn in turn); more "
+            "wait"),
+    Setting("FLEET_NODE_MAX_UPLOAD_MB", 512.0, "largest speech upload the media server "
+            "takes (413 beyond)"),
+    *LOG_SETTINGS,
+]

@@ -73,63 +73,7 @@ import herd_common as hc
 
 log = logging.getLogger("herd.node")
 
-NODE_SETTINGS = [
-    hc.Setting("FLEET_NODE_ROUTER_URL", "", "router URL; empty means find it by mDNS"),
-    hc.Setting("FLEET_NODE_NODE_ID", "", "this node's name: 1-64 ASCII letters, digits, '.', "
-               "'_' or '-' (default: the short hostname, without other characters)"),
-    hc.Setting("FLEET_NODE_OLLAMA_HOST", "http://localhost:11434", "where Ollama listens"),
-    hc.Setting("FLEET_NODE_OLLAMA_URL", "", "the Ollama URL the router should dial "
-               "(default: derived from the address this machine uses to reach the router)"),
-    hc.Setting("FLEET_NODE_HEARTBEAT_INTERVAL", 5.0, "seconds between heartbeats"),
-    hc.Setting("FLEET_NODE_TOKEN", "", "the router's FLEET_TOKEN, if it has one: heartbeats "
-               "are signed with it (it is never sent)"),
-    hc.Setting("FLEET_NODE_CA", "", "PEM file of the CA that signed the router's TLS "
-               "certificate (default: the system's certificates)"),
-    hc.Setting("FLEET_NODE_DRAIN_TIMEOUT", 30.0, "seconds a stopping agent waits for the "
-               "requests running on this node to finish before it leaves the fleet"),
-    hc.Setting("FLEET_NODE_NUM_PARALLEL", 0, "Ollama's parallel slots; 0 means read "
-               "OLLAMA_NUM_PARALLEL from the running Ollama, else this agent's environment"),
-    hc.Setting("FLEET_NODE_ENABLE_CAPACITY_LEARNING", False, "for a laptop or a shared "
-               "machine: learn when its owner uses it (by hour of the week), report how "
-               "available it is and how much memory models may have, and pause it while "
-               "the camera or microphone is in use, memory pressure is critical or the "
-               "owner keeps the CPU busy; off: a dedicated machine, always at full capacity"),
-    hc.Setting("FLEET_NODE_DATA_DIR", hc.DATA_DIR, "logs/, the state saved on drain "
-               "(node-state-<id>.json) and the capacity learner's "
-               "capacity-learner-<id>.json live here"),
-    hc.Setting("FLEET_NODE_MDNS_INTERFACES", "", "comma-separated IPs to browse mDNS on "
-               "(default: all interfaces)"),
-    hc.Setting("FLEET_NODE_IMAGE_URL", "", "an OpenAI-compatible image server this agent "
-               "serves images through (e.g. a stable-diffusion server on a Linux GPU box): its "
-               "GET /v1/models are the image models advertised"),
-    hc.Setting("FLEET_NODE_TRANSCRIBE_URL", "", "an OpenAI-compatible transcription server "
-               "(whisper.cpp, faster-whisper) this agent serves speech-to-text through"),
-    hc.Setting("FLEET_NODE_MEDIA_CLI", True, "look on PATH for mflux's mflux-generate* "
-               "commands and DiffusionKit's diffusionkit-cli (images) and mlx-qwen3-asr "
-               "(speech), and serve them (Apple Silicon)"),
-    hc.Setting("FLEET_NODE_MFLUX_MODELS", "", "the mflux models (--model values) advertised, "
-               "each one when its command is on PATH (schnell, dev, krea-dev: "
-               "mflux-generate; z-image-turbo: mflux-generate-z-image-turbo; ...); empty: "
-               "every model of each text-to-image mflux command found"),
-    hc.Setting("FLEET_NODE_DIFFUSIONKIT_MODELS", "", "the DiffusionKit models "
-               "(--model-version values, e.g. argmaxinc/mlx-FLUX.1-schnell) advertised when "
-               "diffusionkit-cli is on PATH; empty: all six it knows"),
-    hc.Setting("FLEET_NODE_ASR_MODELS", "Qwen/Qwen3-ASR-0.6B", "the mlx-qwen3-asr models "
-               "(its --model values) advertised when mlx-qwen3-asr is found"),
-    hc.Setting("FLEET_NODE_MEDIA_HOST", "0.0.0.0", "address the agent's media server listens "
-               "on (started only when this node serves images or speech)"),
-    hc.Setting("FLEET_NODE_MEDIA_PORT", 11436, "port of the agent's media server"),
-    hc.Setting("FLEET_NODE_MEDIA_URL", "", "the media server URL the router should dial "
-               "(default: derived like the Ollama URL)"),
-    hc.Setting("FLEET_NODE_MEDIA_TIMEOUT", 600.0, "seconds one image request (all of its n "
-               "pictures) or transcription may take before its tool is killed (a 504)"),
-    hc.Setting("FLEET_NODE_MEDIA_CONCURRENCY", 1, "image or speech requests whose tools run "
-               "at once (each kind; the n pictures of one request are drawn in turn); more "
-               "wait"),
-    hc.Setting("FLEET_NODE_MAX_UPLOAD_MB", 512.0, "largest speech upload the media server "
-               "takes (413 beyond)"),
-    *hc.LOG_SETTINGS,
-]
+NODE_SETTINGS = hc.NODE_SETTINGS  # herd_common's settings section: FLEET_NODE_*
 
 ####################################################################################
 # Finding the router
