@@ -2028,7 +2028,7 @@ class Proxy:
                 break
             q = self._commit(ex, choice, ask, attempt, names, name)
             try:
-                return await self._attempt_on(conn, ex, choice, q)
+                return await self._attempt_on(conn, ex, choice, q, ask)
             except Moved as m:  # drained, or rebalanced to a node with a free slot
                 moves += 1
                 prefer = m.target if moves < MAX_MOVES else None
@@ -2076,7 +2076,7 @@ class Proxy:
         prompt_s = len(ex.body or b"") / 4 / prompt_tps if prompt_tps else 0.0
         return max(FIRST_FLOOR_S, c.first_s + prompt_s)
 
-    async def _attempt_on(self, conn, ex, choice, q):
+    async def _attempt_on(self, conn, ex, choice, q, ask):
         """Wait for a slot in `q`, then send the request to the chosen node and relay
         its answer. Raises Moved when handed back before it had a slot, AttemptFailed
         when the node failed before the first chunk (another node may then answer)."""
@@ -2097,7 +2097,7 @@ class Proxy:
             if late is None:
                 await self.node_relay.attempt(conn, ex, choice)
             else:
-                await self._attempt_watched(conn, ex, choice, late)
+                await self._attempt_watched(conn, ex, choice, ask, late)
         except AttemptFailed:
             failed = True
             raise
@@ -2119,7 +2119,7 @@ class Proxy:
             return None
         return max(MOVE_LATE_MIN_S, LATE_FIRST * ex.first_expected_s)
 
-    async def _attempt_watched(self, conn, ex, choice, late):
+    async def _attempt_watched(self, conn, ex, choice, ask, late):
         """The attempt, given up on if its first token is `late` (and again each second
         after) and another node is then expected to answer the whole request sooner
         than this one can: nothing has reached the client, so another node may start it
@@ -2131,7 +2131,7 @@ class Proxy:
                 if conn.response_started:
                     break  # its first chunk is on its way to the client: it stays
                 waited, wait = time.monotonic() - started, 1.0
-                if not self._sooner_elsewhere(ex, choice, waited):
+                if not self._sooner_elsewhere(ex, choice, ask, waited):
                     continue
                 await stop_task(attempt)
                 factor = ex.first_expected_s / waited
@@ -2144,14 +2144,13 @@ class Proxy:
             if not attempt.done():  # this request was cancelled (client gone, reaper)
                 await stop_task(attempt)
 
-    def _sooner_elsewhere(self, ex, choice, waited):
+    def _sooner_elsewhere(self, ex, choice, ask, waited):
         """Is another node expected to answer the whole request sooner than this node,
         slowed by how late its first token is, can finish it?"""
         c = choice.candidate
         slow = waited / ex.first_expected_s
         left_here = c.service_s * slow - waited
-        ranked, _ = self.scheduler.rank(choice.model, Ask(endpoint=ex.endpoint, kind=ex.kind),
-                                        exclude=(choice.node.node_id,))
+        ranked, _ = self.scheduler.rank(choice.model, ask, exclude=(choice.node.node_id,))
         return any(0 < hc.expected_s(other) < left_here for _, _, other in ranked)
 
     def _count_evictions(self, ex, choice):
