@@ -292,6 +292,42 @@ def h(tmp_path):
     assert not left, f"tasks left running after shutdown: {left}"
 
 
+class LogLines(logging.Handler):
+    """Every line the programs' loggers write while a test runs, each once."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    @property
+    def text(self):
+        return "\n".join(r.getMessage() for r in self.records)
+
+
+@pytest.fixture
+def herd_log():
+    """The lines of herd.router, herd.node, ... caught by a handler of the test's own.
+    Not caplog: the routers a test starts call setup_logging, which empties the 'herd'
+    logger's handlers and stops it propagating, and pytest's own capture of such a
+    logger differs by version (9.2 counts each line twice)."""
+    lines = LogLines()
+    loggers = [logging.getLogger(n) for n in list(logging.Logger.manager.loggerDict)
+               if n.startswith("herd.") and n.count(".") == 1]  # herd.node, not children
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(lines)
+        lg.setLevel(logging.DEBUG)
+    try:
+        yield lines
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.removeHandler(lines)
+            lg.setLevel(level)
+
+
 @pytest.fixture
 def one_node(h):
     fake = h.fake(num_parallel=2, chunks=4)
@@ -2007,16 +2043,12 @@ def test_heartbeat_reports_the_machine_and_ollama(h):
     assert node["ollama_url"] == f"http://127.0.0.1:{fake.port}"
 
 
-def test_two_machines_with_one_node_id_are_reported(h, caplog):
+def test_two_machines_with_one_node_id_are_reported(h, herd_log):
     fake_a, fake_b = h.fake(), h.fake()
     router = h.router()
     h.heartbeat(router, fake_a, "macbook")
-    logging.getLogger("herd").propagate = True  # let caplog see it
-    try:
-        h.heartbeat(router, fake_b, "macbook")
-    finally:
-        logging.getLogger("herd").propagate = False
-    assert "two machines with one name" in caplog.text
+    h.heartbeat(router, fake_b, "macbook")
+    assert "two machines with one name" in herd_log.text
 
 
 def test_node_status_transitions_and_offline_gets_no_work(h):
@@ -3181,7 +3213,7 @@ def feed(learner, clock, cpu, mem_share, minutes, every_s=5):
         learner.observe(cpu, mem_share, clock.t)
 
 
-def test_capacity_learner_file_round_trips_and_a_bad_one_starts_afresh(tmp_path, caplog):
+def test_capacity_learner_file_round_trips_and_a_bad_one_starts_afresh(tmp_path, herd_log):
     clock = Clock(MONDAY_9AM)
     path = tmp_path / "capacity-learner-lap.json"
     learner = herd_node.CapacityLearner("lap", str(path), clock)
@@ -3205,17 +3237,13 @@ def test_capacity_learner_file_round_trips_and_a_bad_one_starts_afresh(tmp_path,
                  json.dumps({**data, "slots": slots[:-1]}),
                  json.dumps({**data, "slots": [{**slots[0], "cpu": 250}] + slots[1:]}),
                  json.dumps({**data, "slots": [{**slots[0], "weight": "many"}] + slots[1:]})]
-    logging.getLogger("herd").propagate = True  # let caplog see it
-    try:
-        for bad in bad_files:
-            path.write_text(bad)
-            fresh = herd_node.CapacityLearner("lap", str(path), clock)
-            assert fresh.load() is False, bad[:60]
-            assert all(s.weight == 0 for s in fresh.slots)
-    finally:
-        logging.getLogger("herd").propagate = False
-    assert caplog.text.count("learning afresh") == len(bad_files)
-    assert "belongs to node 'other-node'" in caplog.text
+    for bad in bad_files:
+        path.write_text(bad)
+        fresh = herd_node.CapacityLearner("lap", str(path), clock)
+        assert fresh.load() is False, bad[:60]
+        assert all(s.weight == 0 for s in fresh.slots)
+    assert herd_log.text.count("learning afresh") == len(bad_files)
+    assert "belongs to node 'other-node'" in herd_log.text
 
 
 def test_capacity_learner_forgets_old_habits_week_by_week(tmp_path):
@@ -3558,27 +3586,22 @@ def test_macos_probes_read_the_camera_and_microphone_from_the_frameworks():
     assert found_on(probes) == ["microphone in use"]
 
 
-def test_macos_probes_that_cannot_tell_find_nothing_and_say_so_once(caplog):
+def test_macos_probes_that_cannot_tell_find_nothing_and_say_so_once(herd_log):
     audio = FakeFramework("AudioObject", {40: {"running": 1, "inputs": 1, "outputs": 0},
                                           41: {"running": 1, "inputs": 1, "outputs": 0}})
     video = FakeFramework("CMIOObject", {7: {"running": 1, "inputs": 1, "outputs": 0}})
     probes = mac_probes(audio, video)
-    logging.getLogger("herd").propagate = True  # let caplog see it
-    caplog.set_level(logging.DEBUG, logger="herd.node")
-    try:
-        assert found_on(probes) == ["camera in use", "microphone in use"]
-        audio.fail[40] = code("!obj")  # a device gone since the list was read; 41 counts
-        assert found_on(probes) == ["camera in use", "microphone in use"]
-        audio.fail[41] = code("!obj")
-        assert found_on(probes) == ["camera in use"]
-        video.fail[1] = code("stop")  # the device list itself fails: cannot tell
-        assert found_on(probes) == []
-        assert found_on(probes) == []
-    finally:
-        logging.getLogger("herd").propagate = False
-    assert caplog.text.count("cannot tell whether a camera is in use") == 1, caplog.text
-    assert "'stop'" in caplog.text
-    assert caplog.text.count("cannot tell whether a microphone is in use") == 1
+    assert found_on(probes) == ["camera in use", "microphone in use"]
+    audio.fail[40] = code("!obj")  # a device gone since the list was read; 41 counts
+    assert found_on(probes) == ["camera in use", "microphone in use"]
+    audio.fail[41] = code("!obj")
+    assert found_on(probes) == ["camera in use"]
+    video.fail[1] = code("stop")  # the device list itself fails: cannot tell
+    assert found_on(probes) == []
+    assert found_on(probes) == []
+    assert herd_log.text.count("cannot tell whether a camera is in use") == 1, herd_log.text
+    assert "'stop'" in herd_log.text
+    assert herd_log.text.count("cannot tell whether a microphone is in use") == 1
     # No frameworks at all (this Linux machine), or a library without those functions.
     assert found_on(mac_probes()) == []
     assert found_on(mac_probes(audio=object(), video=object())) == []
@@ -5166,15 +5189,13 @@ def test_a_request_head_has_one_deadline_and_connections_are_capped(h):
     assert counts["connections_refused"] == 1
 
 
-def test_out_of_file_descriptors_is_one_line_not_a_flood(h, caplog):
+def test_out_of_file_descriptors_is_one_line_not_a_flood(h, herd_log):
     router = h.router()
     context = {"message": "socket.accept() out of system resource",
                "exception": OSError(24, "Too many open files")}
-    logging.getLogger("herd").propagate = True  # let caplog see it
-    with caplog.at_level(logging.WARNING, logger="herd.router"):
-        for _ in range(50):
-            router._loop_error(h.bg.loop, context)
-    lines = [r for r in caplog.records if "file descriptors" in r.getMessage()]
+    for _ in range(50):
+        router._loop_error(h.bg.loop, context)
+    lines = [r for r in herd_log.records if "file descriptors" in r.getMessage()]
     assert len(lines) == 1
     assert fleet_status(router)["router"]["connections"]["accept_paused"] == 50
 
