@@ -112,6 +112,8 @@ NOT_ROUTED = (
                                   "layer, nor by the router"),
     ("/v1/audio/speech", "text-to-speech is not routed: no node serves it through the "
                          "router"),
+    ("/v1/audio/translations", "translating speech is not routed: the router routes "
+                               "transcriptions (/v1/audio/transcriptions) only"),
 )
 BUSY_ERROR = "server busy, please try again.  maximum pending requests exceeded"
 METRICS = [  # what GET /metrics exposes, in the Prometheus text format

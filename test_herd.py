@@ -911,7 +911,8 @@ def test_what_ollama_serves_and_the_router_does_not_gets_a_clear_404(one_node):
     h, router, fake = one_node
     for method, path in (("GET", "/api/status"), ("POST", "/api/me"),
                          ("POST", "/api/experimental/web_search"),
-                         ("POST", "/v1/audio/speech")):
+                         ("POST", "/v1/audio/speech"),
+                         ("POST", "/v1/audio/translations")):
         status, _, body = http(router.url, method, path, {})
         error = json.loads(body)["error"]
         assert status == 404 and path in (error if path.startswith("/api/")
@@ -4137,6 +4138,13 @@ def test_traces_answer_the_guides_queries(one_node):
     assert out[2].startswith("llama3.2:3b|") and out[2].strip().endswith("|3")
     counts = dict(line.split("|") for line in out[3].split())
     assert counts["completed"] == "3" and counts["rejected"] == "1"
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    queries = re.findall(r'sqlite3 ~/\.fleet-manager/latency\.db \\\n\s+"([^"]+)"', readme)
+    assert len(queries) >= 3, "the README's trace queries were not found"
+    out = [subprocess.run(["sqlite3", db, q], capture_output=True, text=True,
+                          check=True).stdout for q in queries]
+    rejected = next(o for q, o in zip(queries, out) if "'rejected'" in q)
+    assert rejected.startswith("nope:latest|404|"), rejected  # the failures query misses it
 
 
 def test_metrics_parse_with_prometheus_client(one_node):
