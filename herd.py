@@ -29,9 +29,9 @@ code that changes them); routing (Scheduler); the proxy (Exchange; Proxy: serve 
 attempts -> finish; NodeRelay: attempt -> send upstream -> relay; MediaRoute and Upload
 for images and speech); pulls and pre-warm; managing models (ModelAdmin: delete, copy,
 create and its blobs, push); stats; health; the HTTP API (Api: the route table, thin
-handlers; DashboardApi; Guard, who may call what; Cors, which web pages may);
-background duties; run (RouterServer builds every part once and hands each what it
-uses).
+handlers; DashboardApi; Guard, who may call what; Cors, which web pages may; Hosts,
+which Host names are the router's); background duties; run (RouterServer builds every
+part once and hands each what it uses).
 """
 
 import argparse
@@ -42,6 +42,7 @@ import concurrent.futures
 import contextlib
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -682,11 +683,15 @@ class Fleet:
                           extra={"node_id": node.node_id, "event": "node_moved"})
         node.source = source
 
-    def mark_pulled(self, node, models):
-        """A pull finished on `node`: its models on disk, as it now lists them."""
-        node.models = {hc.canonical_model(m.get("model") or m["name"]): m
-                       for m in models if isinstance(m, dict)
-                       and isinstance(m.get("model") or m.get("name"), str)}
+    def mark_pulled(self, node, entries):
+        """A pull, copy, create or delete finished on `node`: its models on disk, as it
+        now lists them (a list of /api/tags entries). Each entry passes the heartbeat's
+        checks or is left out, so what a node says here can no more break a listing,
+        a route or the dashboard than what it says in a heartbeat."""
+        node.models, (refused, why) = hc.read_model_list(entries)
+        if refused:
+            fleet_log.warning(f"left out {refused} entries of the node's model list: {why}",
+                              extra={"node_id": node.node_id, "event": "models_refused"})
         self.notify_change()
 
     # -- status -------------------------------------------------------------------
@@ -2785,14 +2790,86 @@ async def end_with_error(conn, ex, message):
 
 
 def is_unload(path, body):
-    """keep_alive 0 with no prompt or messages: Ollama unloads the model at once."""
+    """No prompt (no messages) and a keep_alive that ends the model's stay at once.
+    Ollama's own unload is a keep_alive of exactly 0 (routes.go: KeepAlive.Duration ==
+    0). One under a second does the same: the request only loads the model, and the
+    runner expires as soon as it goes idle (sched.go arms time.AfterFunc(keep_alive)
+    then); and Ollama before 0.11.8 dropped a number's fraction (0.5 was 0)."""
     if path not in ("/api/generate", "/api/chat"):
         return False
-    keep_alive = body.get("keep_alive")
-    zero = keep_alive == 0 or (isinstance(keep_alive, str) and
-                               re.fullmatch(r"0+(\.0*)?[a-z]*", keep_alive.strip()) is not None)
     empty = not body.get("prompt") if path == "/api/generate" else not body.get("messages")
-    return zero and empty and not isinstance(keep_alive, bool)
+    ns = keep_alive_ns(body.get("keep_alive"))
+    return empty and ns is not None and ns < UNLOAD_BELOW_NS
+
+
+# keep_alive as Ollama reads it (api/types.go, Duration.UnmarshalJSON): a JSON number is
+# seconds, a string Go's time.ParseDuration, and any negative value means "forever".
+UNLOAD_BELOW_NS = 1_000_000_000  # see is_unload
+GO_MAX_DURATION = (1 << 63) - 1  # nanoseconds: Go's time.Duration is an int64
+GO_DURATION_UNITS = {"ns": 1, "us": 1_000, "\u00b5s": 1_000, "\u03bcs": 1_000,
+                     "ms": 1_000_000, "s": 10 ** 9, "m": 60 * 10 ** 9, "h": 3600 * 10 ** 9}
+GO_DURATION_PART = re.compile(r"([0-9]*)(\.[0-9]*)?([^0-9.]*)")
+
+
+def keep_alive_ns(value):
+    """A keep_alive in nanoseconds as Ollama takes it (GO_MAX_DURATION: forever), or
+    None when absent or one Ollama refuses with a 400 of its own."""
+    if isinstance(value, str):
+        try:
+            ns = parse_go_duration(value)
+        except ValueError:
+            return None
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 0:
+            return GO_MAX_DURATION
+        try:
+            ns = float(value) * 1e9  # time.Duration(t * float64(time.Second))
+        except OverflowError:
+            return None  # past float64: Go's JSON decoder refuses it
+        # Past int64, Go's conversion is the CPU's: on amd64, MinInt64, which sched.go
+        # takes as "expire once idle" (sessionDuration <= 0). Counted as 0.
+        ns = 0 if ns >= 2 ** 63 else int(ns)
+    else:
+        return None
+    return GO_MAX_DURATION if ns < 0 else ns
+
+
+def parse_go_duration(text):
+    """Nanoseconds in a Go duration ("1h30m", "-0s", "1.5\u00b5s", "0"), computed as
+    time.ParseDuration computes them (a fraction is scaled in float64, then truncated:
+    "-0.5ns" is 0); ValueError where Go refuses the text."""
+    neg = text[:1] == "-"
+    rest = text[1:] if text[:1] in ("-", "+") else text
+    if rest == "0":
+        return 0
+    if not rest:
+        raise ValueError(f"invalid duration {text!r}")
+    total, pos = 0, 0
+    while pos < len(rest):
+        whole, frac, unit = GO_DURATION_PART.match(rest, pos).groups()
+        if not whole and len(frac or "") < 2 or unit not in GO_DURATION_UNITS:
+            raise ValueError(f"invalid duration {text!r}")
+        scale = GO_DURATION_UNITS[unit]
+        if int(whole or "0") > (1 << 63) // scale:
+            raise ValueError(f"duration {text!r} out of range")
+        total += int(whole or "0") * scale + go_fraction_ns(frac[1:] if frac else "", scale)
+        if total > 1 << 63:
+            raise ValueError(f"duration {text!r} out of range")
+        pos += len(whole) + len(frac or "") + len(unit)
+    if not neg and total > GO_MAX_DURATION:
+        raise ValueError(f"duration {text!r} out of range")
+    return -total if neg else total
+
+
+def go_fraction_ns(digits, unit):
+    """The nanoseconds a fraction's digits add to `unit`, as Go's leadingFraction and
+    ParseDuration compute them: digits past int64's range are read and dropped."""
+    value, scale = 0, 1.0
+    for d in digits:
+        if value > ((1 << 63) - 1) // 10 or value * 10 + int(d) > 1 << 63:
+            break
+        value, scale = value * 10 + int(d), scale * 10
+    return int(float(value) * (float(unit) / scale)) if value else 0
 
 ####################################################################################
 # Pulls and pre-warm: models the router puts on nodes by itself
@@ -2812,17 +2889,8 @@ class Puller:
         self._finished = {}  # model -> monotonic time its pull ended
 
     def check_name(self, name):
-        """A name a pull may use: an Ollama library name (namespace/name:tag), or one
-        on a registry FLEET_PULL_REGISTRIES allows; ValueError otherwise."""
-        name = hc.check_model_name(name)
-        first, _, rest = name.partition("/")
-        if rest and ("." in first or ":" in first or "/" in rest):
-            registry = first.lower()
-            allowed = self.cfg.registries_allowed
-            if "*" not in allowed and registry not in allowed:
-                raise ValueError(f"pulls from {registry} are not allowed (the router's "
-                                 f"FLEET_PULL_REGISTRIES)")
-        return name
+        """A name a pull may use (see check_registry); ValueError otherwise."""
+        return check_registry(name, self.cfg.registries_allowed, "pulls from")
 
     def shown(self):
         """Pulls for /fleet/status: running ones, and those that ended in the last hour."""
@@ -2924,10 +2992,34 @@ class Puller:
         """Re-read a node's models now (a pull just added one), not at its next beat."""
         try:
             tags = await hc.http_json(node.ollama_url, "GET", "/api/tags", timeout=10)
+            # Go writes an empty list as null; anything else keeps the heartbeat's list.
+            entries = (tags.get("models") or []) if isinstance(tags, dict) else None
+            if not isinstance(entries, list):
+                raise hc.UpstreamError("body", "/api/tags answered no list of models")
         except hc.UpstreamError as e:
             fleet_log.warning(f"could not re-read models: {e}", extra={"node_id": node.node_id})
             return
-        self.fleet.mark_pulled(node, tags.get("models") or [])
+        self.fleet.mark_pulled(node, entries)
+
+
+def check_registry(name, allowed, use):
+    """`name`, checked, if a node may use it to reach a registry (`use`: "pulls from",
+    "pushes to", ...): an Ollama library name (namespace/name:tag), or one on a registry
+    FLEET_PULL_REGISTRIES (`allowed`) lists; ValueError otherwise. A pull, a create
+    from a model the node lacks (Ollama pulls it), a push, and a copy to a name a push
+    would later send, all reach the registry the name starts with: one rule for each."""
+    name = hc.check_model_name(name)
+    first, _, rest = name.partition("/")
+    if rest and ("." in first or ":" in first or "/" in rest):
+        check_host_allowed(first.lower(), allowed, use)
+    return name
+
+
+def check_host_allowed(registry, allowed, use):
+    """ValueError unless FLEET_PULL_REGISTRIES (`allowed`) lists `registry` (or *)."""
+    if "*" not in allowed and registry not in allowed:
+        raise ValueError(f"{use} {registry} are not allowed (the router's "
+                         f"FLEET_PULL_REGISTRIES)")
 
 
 class Warmer:
@@ -3006,8 +3098,9 @@ class Refused(Exception):
 class ModelAdmin:
     """Delete, copy, create, blobs and push through the router (see the theory above)."""
 
-    def __init__(self, cfg, fleet, proxy, pulls):
+    def __init__(self, cfg, fleet, proxy, pulls, guard):
         self.cfg, self.fleet, self.proxy, self.pulls = cfg, fleet, proxy, pulls
+        self.guard = guard
         self.placements = LastNode(MAX_PLACEMENTS, PLACEMENT_S)  # client -> node
 
     # -- handlers -------------------------------------------------------------------
@@ -3031,7 +3124,8 @@ class ModelAdmin:
         try:
             body = parse_admin_body(request)
             source = check_copy_name(body.get("source"), "source")
-            check_copy_name(body.get("destination"), "destination")
+            self._reaches(check_copy_name(body.get("destination"), "destination"),
+                          "copies to")  # a push of the copy would go there
             targets, skipped = self._holders(body, request, hc.canonical_model(source))
         except Refused as e:
             return await conn.send_response(e.status, hc.ollama_error_body(str(e)))
@@ -3043,6 +3137,9 @@ class ModelAdmin:
         """POST /api/push from the named node, else the best holder; progress streamed."""
         try:
             body, name = read_admin_request(request)
+            self._reaches(name, "pushes to")
+            if body.get("insecure") and not self.guard.is_admin(request):
+                raise Refused(403, "'insecure' pushes are for the admin (FLEET_ADMIN_KEY)")
             node = self._named(body, request) or self.fleet.best_holder(
                 hc.canonical_model(name))
             if node is None:
@@ -3057,9 +3154,7 @@ class ModelAdmin:
         try:
             body, name = read_admin_request(request)
             digests = create_digests(body)
-            start = body.get("from")
-            if start is not None and not isinstance(start, str):
-                raise Refused(400, "from must be a model name")
+            start = self._create_source(body)
             node = await self._place(request, body, digests, start)
         except Refused as e:
             return await conn.send_response(e.status, hc.ollama_error_body(str(e)))
@@ -3090,6 +3185,36 @@ class ModelAdmin:
             ex.client_left, ex.error = True, f"client connection lost: {e}"
         finally:
             self.proxy.finish(ex)
+
+    # -- which registries a node may reach ------------------------------------------
+
+    def _reaches(self, name, use):
+        """Refused(400) unless a node may reach `name`'s registry (check_registry)."""
+        try:
+            check_registry(name, self.cfg.registries_allowed, use)
+        except ValueError as e:
+            raise Refused(400, str(e)) from None
+
+    def _create_source(self, body):
+        """A create's "from" (None: none), and the host its "remote_host" names: Ollama
+        pulls a "from" it lacks, and a model made with a remote_host sends every prompt
+        there, so both answer to the registry rule."""
+        start, remote = body.get("from") or None, body.get("remote_host")
+        if start is not None:
+            try:
+                start = hc.check_model_name(start, "from")
+            except ValueError as e:
+                raise Refused(400, str(e)) from None
+            self._reaches(start, "pulls from")
+        if remote is not None:
+            if not isinstance(remote, str) or CONTROL_OR_SPACE.search(remote):
+                raise Refused(400, "remote_host must be a URL")
+            try:
+                check_host_allowed(remote_host_of(remote), self.cfg.registries_allowed,
+                                   "models served from")
+            except ValueError as e:
+                raise Refused(400, str(e)) from None
+        return start
 
     # -- where: the named node, the holders, the create's node --------------------------
 
@@ -3362,6 +3487,18 @@ def without_node(body):
 def header_text(text):
     """Text safe in a header value: printable ASCII, at most 500 characters."""
     return hc.printable(text).encode("ascii", "replace")[:500]
+
+
+CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
+
+
+def remote_host_of(url):
+    """The host[:port] a create's remote_host names, read as Ollama reads it (remoteURL
+    in server/create.go): a bare path means localhost:11434, no scheme means http://."""
+    if url.startswith("/"):
+        return "localhost:11434"
+    netloc = urllib.parse.urlsplit(url if "://" in url else "http://" + url).netloc
+    return netloc.rpartition("@")[2].lower() or "localhost"
 
 
 ####################################################################################
@@ -3806,7 +3943,8 @@ class Api:
         self.port = cfg.port  # the port bound (RouterServer sets it once listening)
         self.guard = Guard(cfg)
         self.cors = Cors(cfg.origins_allowed)
-        self.admin = ModelAdmin(cfg, fleet, proxy, pulls)
+        self.hosts = Hosts(cfg.origins_allowed, socket.gethostname())
+        self.admin = ModelAdmin(cfg, fleet, proxy, pulls, self.guard)
         self.signatures = hc.SignatureCheck(cfg.token) if cfg.token else None
         self.started = time.time()
         self.in_flight = 0
@@ -3843,11 +3981,15 @@ class Api:
         """The HttpConnection handler: one call per request."""
         self.in_flight += 1
         try:
+            kind = self.guard.kind_of(request.path)
+            if not self.needs_proof(kind) and not self.hosts.allows(request.header("host")):
+                return await self.refuse(request, conn, 403, self.hosts.refusal(
+                    request.header("host"), self.port))
             if await self.cross_origin(request, conn):
                 return
             handler = self.routes.get((request.method, request.path)) or \
                 self._prefix_route(request)
-            refusal = self.guard.refuse(request, self.guard.kind_of(request.path))
+            refusal = self.guard.refuse(request, kind)
             if refusal:
                 await self.refuse(request, conn, *refusal)
             elif handler is not None:
@@ -3861,6 +4003,11 @@ class Api:
             self.in_flight -= 1
             if not self.in_flight:
                 self.all_done.set()
+
+    def needs_proof(self, kind):
+        """Does a route of `kind` answer only to a proof a web page cannot have: a key,
+        or for heartbeats the fleet token's signature? (Then any Host may reach it.)"""
+        return self.guard.needs_key(kind) or (kind == NODE and self.signatures is not None)
 
     def _prefix_route(self, request):
         """The handler of a path with a name in it, or None."""
@@ -4317,9 +4464,15 @@ class Guard:
 
     def refuse(self, request, kind):
         """(status, message) when `request` may not use a route of `kind`, else None."""
+        return self._refuse_key(self.presented(request), kind)
+
+    def needs_key(self, kind):
+        """Is a route of `kind` closed to a request that carries no key?"""
+        return self._refuse_key(b"", kind) is not None
+
+    def _refuse_key(self, given, kind):
         if self.open or kind in (OPEN, NODE):
             return None
-        given = self.presented(request)
         if self._one_of(given, self.admin_key):
             return None  # the admin may do everything
         if kind == SCRAPE and self.metrics_key:
@@ -4393,6 +4546,65 @@ class Cors:
         return [(b"access-control-allow-methods", self.METHODS),
                 (b"access-control-allow-headers", self.HEADERS),
                 (b"access-control-max-age", self.MAX_AGE)]
+
+
+class Hosts:
+    """Which Host headers name this router: the guard against DNS rebinding. A web page
+    whose own host name an attacker re-points at the router's address is, to the
+    browser, of the router's origin (its Origin header matches its Host); only the
+    Host, an attacker's name, tells. Ollama refuses such a Host when it listens on
+    loopback (allowedHostsMiddleware); the router, which serves the LAN, refuses it on
+    every route no key guards (a page cannot know a key). The router's names: an IP
+    literal, a name with no dot and the suffixes below (only the local network answers
+    for them), this machine's host name, and the hosts of FLEET_ORIGINS' http(s)
+    origins (pages that may call the router anyway; * for any)."""
+
+    # .localhost (RFC 6761), .local (mDNS), the private-network names of RFC 6762's
+    # appendix G, home.arpa (RFC 8375): no public DNS answers for any of them.
+    LOCAL_SUFFIXES = (".localhost", ".local", ".internal", ".intranet", ".private",
+                      ".corp", ".home", ".lan", ".home.arpa")
+
+    def __init__(self, origins, hostname):
+        self.own = hostname.lower().rstrip(".")
+        self.any = "*" in origins
+        hosts = [host_name(o.partition("://")[2]) for o in origins
+                 if o.startswith(("http://", "https://"))]
+        self.any |= "*" in hosts
+        self.exact = frozenset(h for h in hosts if "*" not in h)
+        self.patterns = [tuple(h.split("*")) for h in hosts if "*" in h]
+
+    def allows(self, header):
+        """Is the Host header `header` (None: none sent) one of the router's names?"""
+        name = host_name(header or "")
+        if self.any or "." not in name or name == self.own or \
+                name.endswith(self.LOCAL_SUFFIXES) or name in self.exact:
+            return True
+        if any(len(name) >= len(head) + len(tail) and name.startswith(head)
+               and name.endswith(tail) for head, tail in self.patterns):
+            return True
+        try:  # an IP literal: no name to rebind
+            ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        return True
+
+    @staticmethod
+    def refusal(header, port):
+        name = hc.printable(host_name(header))[:100]
+        return (f"Host {name} is not one of this router's names, and a web page that DNS "
+                f"rebinding points at the router sends such a Host: refused. Reach the "
+                f"router by its address or host name, or list http://{name}:{port} in "
+                f"its FLEET_ORIGINS")
+
+
+def host_name(header):
+    """The host in a Host header (host[:port], [v6][:port]): lower case, no final dot."""
+    value = header.strip().lower()
+    if value.startswith("["):
+        return value[1:].partition("]")[0]
+    if value.count(":") == 1:
+        value = value.partition(":")[0]
+    return value.rstrip(".")
 
 
 async def read_model_request(request, conn):

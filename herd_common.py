@@ -2769,6 +2769,22 @@ def _model_entry(f, loaded):
     return canonical_model(name), entry
 
 
+def read_model_list(entries):
+    """The models on disk a node's Ollama lists outside a heartbeat (/api/tags's
+    "models", re-read after a pull), each entry through the heartbeat's own checks.
+    Returns (the entries that pass, by canonical name; (count refused, the first
+    reason)): one bad entry costs only itself; the first MAX_MODELS are read."""
+    models, refused, first = {}, 0, ""
+    for i, entry in enumerate(entries[:MAX_MODELS]):
+        try:
+            name, checked = _model_entry(Fields(entry, f"models[{i}]"), False)
+        except ValueError as e:
+            refused, first = refused + 1, first or str(e)
+            continue
+        models[name] = checked
+    return models, (refused, first)
+
+
 def _capacity(f):
     """The capacity section, checked; None from an agent that sends none (an older one,
     or the router's poll of its own Ollama)."""
@@ -2998,7 +3014,9 @@ ROUTER_SETTINGS = [
     Setting("FLEET_ORIGINS", "", "browser origins allowed besides Ollama's own "
             "defaults (localhost, 127.0.0.1 and 0.0.0.0 on any port; app, file, tauri "
             "and vscode pages), as OLLAMA_ORIGINS adds them: comma-separated, * for any, "
-            "one * as a wildcard (chrome-extension://*)"),
+            "one * as a wildcard (chrome-extension://*). The host of an http(s) origin "
+            "listed is also a name the router answers to (http://herd.example.com:11435 "
+            "for a DNS name of your own; others get 403 where no key is needed)"),
     Setting("FLEET_TLS_CERT", "", "PEM certificate (chain) file: serve HTTPS"),
     Setting("FLEET_TLS_KEY", "", "the certificate's PEM private key file"),
     Setting("FLEET_HEARTBEAT_TIMEOUT", 15.0, "seconds without a heartbeat before a node "

@@ -3799,7 +3799,7 @@ def test_host_header_is_not_forwarded(one_node):
     h, router, fake = one_node
     status, _, body = http(router.url, "POST", "/api/generate",
                            {"model": "llama3.2:3b", "prompt": "x", "stream": False},
-                           headers={"Host": "herd.example.com:11435"})
+                           headers={"Host": "herd.lan:11435"})  # a home network's name
     assert status == 200, body  # the fake's loopback guard would answer 403
     sent_host = fake.requests[-1]["headers"]["host"]
     assert sent_host == f"127.0.0.1:{fake.port}"
@@ -6505,3 +6505,154 @@ def test_fake_takes_a_keep_alive_past_gos_duration_range(h):
     fake = h.fake(chunks=2)  # the expiry time once overflowed a datetime mid-answer
     answer = fake_answers(fake, [{"model": "llama3.2:3b", "prompt": "x", "keep_alive": 1e12}])
     assert answer[0]["done"] is True and fake.loaded["llama3.2:3b"]["expires_at"] > "2200"
+
+
+####################################################################################
+# Hardening: what nodes and names can do (issue 19, items 5-8): a node's model list
+# after a pull, the router's own Host names (DNS rebinding), the registry rule on
+# create, copy and push, and every spelling of an unload
+####################################################################################
+
+
+def test_a_nodes_model_list_after_a_pull_gets_the_heartbeats_checks(h):
+    good, rogue = h.fake(), h.fake("127.0.0.2")
+    router = h.router()
+    h.heartbeat(router, good, "good")
+    join(h, router, rogue, "rogue")
+    tags = {"models": [  # what a signed rogue node's Ollama answers once the pull ends
+        {"name": "llama3.2:3b", "model": "llama3.2:3b", "size": "big", "modified_at": 5,
+         "capabilities": 7},
+        {"name": "x\x1b[2J:latest", "model": "x\x1b[2J:latest", "size": 1},
+        "not an entry",
+        {"name": "fine:latest", "model": "fine:latest", "size": 10,
+         "modified_at": "2026-01-01T00:00:00Z", "capabilities": ["completion"]}]}
+
+    async def rogue_tags(ex):
+        await ex.send_json(200, tags)
+    rogue._routes[("GET", "/api/tags")] = rogue_tags
+    status, _, _ = http(router.url, "POST", "/api/pull",
+                        {"model": "qwen2.5:7b", "node": "rogue", "stream": False})
+    assert status == 200
+    assert fleet_node(router, "rogue")["models_on_disk"] == ["fine:latest"]
+    for path in ("/v1/models", "/api/tags", "/fleet/status", "/dashboard/api/models"):
+        status, _, body = http(router.url, "GET", path)
+        assert status == 200 and b"\\u001b" not in body and b"\x1b" not in body, path
+    assert generate(router)[1] == "good"  # the rogue's entry for it was left out
+    tags = ["a list, not an object"]  # an answer that is no model list keeps the last
+    http(router.url, "POST", "/api/pull", {"model": "qwen2.5:7b", "node": "rogue",
+                                           "stream": False})
+    assert fleet_node(router, "rogue")["models_on_disk"] == ["fine:latest"]
+
+
+def test_a_host_name_not_the_routers_is_refused_against_dns_rebinding(h):
+    fake = h.fake()
+    router = h.router()  # no key: only the Host tells a rebinding page from the router's
+    h.heartbeat(router, fake, "node-a")
+    port = router.port
+    ask = {"model": "llama3.2:3b", "prompt": "x", "stream": False}
+    routes = [("POST", "/api/generate", ask), ("GET", "/fleet/status", None),
+              ("GET", "/dashboard/api/requests", None), ("GET", "/api/version", None),
+              ("POST", "/api/pull", {"model": "qwen2.5:7b", "stream": False})]
+    sent = len(fake.requests)
+    for host in (f"rebind.attacker.example:{port}", "192.168.1.10.nip.io", "evil.example."):
+        for headers in ({"Host": host, "Origin": f"http://{host}"}, {"Host": host}):
+            for method, path, body in routes:
+                status, _, answer = http(router.url, method, path, body, headers=headers)
+                assert status == 403, (host, path)
+                assert "FLEET_ORIGINS" in json.loads(answer)["error"], (host, path)
+    assert len(fake.requests) == sent  # no node heard of them
+    for host in (f"127.0.0.1:{port}", f"[::1]:{port}", f"localhost:{port}", "herd",
+                 f"studio.local:{port}", "herd.lan", "nas.home.arpa", "app.localhost",
+                 "192.168.1.10", socket.gethostname()):
+        page = {"Host": host, "Origin": f"http://{host}"}  # a page the router serves
+        assert http(router.url, "POST", "/api/generate", ask, headers=page)[0] == 200, host
+        assert http(router.url, "GET", "/fleet/status", headers={"Host": host})[0] == 200
+    named = h.router(FLEET_ORIGINS="http://herd.myhouse.example:11435,https://*.lab.example")
+    for host in (f"herd.myhouse.example:{named.port}", "gpu.lab.example"):
+        assert http(named.url, "GET", "/api/version", headers={"Host": host})[0] == 200
+    keyed = h.router(FLEET_API_KEYS="key-1")  # a page cannot know a key: any Host then
+    h.heartbeat(keyed, fake, "node-a")
+    evil = {"Host": f"rebind.attacker.example:{keyed.port}"}
+    assert http(keyed.url, "GET", "/api/tags", headers=evil)[0] == 401
+    assert http(keyed.url, "GET", "/api/tags", headers={**evil, "x-api-key": "key-1"})[0] == 200
+    assert http(keyed.url, "GET", "/api/version", headers=evil)[0] == 403  # no key guards it
+
+
+def test_the_registry_rule_holds_for_create_copy_and_push(h):
+    fake = h.fake()
+    router = h.router(FLEET_API_KEYS="key-1", FLEET_ADMIN_KEY="admin-key")
+    h.heartbeat(router, fake, "node-a")
+    admin = {"Authorization": "Bearer admin-key"}
+    far = "127.0.0.1:6379/ns/m"
+    refused = [("/api/create", {"model": "mine", "from": far}),
+               ("/api/create", {"model": "mine", "from": "llama3.2:3b",
+                                "remote_host": "http://127.0.0.1:6379"}),
+               ("/api/create", {"model": "mine", "from": "llama3.2:3b",
+                                "remote_host": "127.0.0.1:6379/v1"}),
+               ("/api/copy", {"source": "llama3.2:3b", "destination": far}),
+               ("/api/push", {"model": far, "node": "node-a"})]
+    for path, body in refused:
+        status, _, answer = http(router.url, "POST", path, body, headers=admin)
+        assert status == 400, body
+        assert "FLEET_PULL_REGISTRIES" in json.loads(answer)["error"], body
+    assert not {"/api/create", "/api/copy", "/api/push"} & {r["path"] for r in fake.requests}
+    allowed = h.router(FLEET_PULL_REGISTRIES="127.0.0.1:6379")
+    h.heartbeat(allowed, fake, "node-a")
+    for path, body in refused:
+        http(allowed.url, "POST", path, {**body, "stream": False})
+    assert [r["path"] for r in fake.requests if r["path"] in ("/api/create", "/api/copy",
+                                                               "/api/push")] == \
+        [path for path, _ in refused]
+    # An insecure push, as an insecure pull, is the admin's: a client key will not do,
+    # and a router with no admin key refuses it.
+    push = {"model": "me/llama3.2:3b", "insecure": True, "node": "node-a", "stream": False}
+    clients = h.router(FLEET_API_KEYS="key-1")
+    h.heartbeat(clients, fake, "node-a")
+    for target, headers in ((clients, {"x-api-key": "key-1"}), (allowed, {})):
+        status, _, answer = http(target.url, "POST", "/api/push", push, headers=headers)
+        assert status == 403 and "FLEET_ADMIN_KEY" in json.loads(answer)["error"]
+    pushes = sum(r["path"] == "/api/push" for r in fake.requests)
+    http(router.url, "POST", "/api/push", push, headers=admin)
+    assert sum(r["path"] == "/api/push" for r in fake.requests) == pushes + 1
+
+
+UNLOAD_SPELLINGS = (0, 0.5, 0.999, -0.0, "0", "0s", "0m0s", "0h0m0s", "-0s", "+0s", "1ns",
+                    "-0.5ns", "999ms", "0.5s", "1\u00b5s")
+
+
+def test_every_spelling_of_an_unload_needs_the_admin_key(keyed):
+    router, fake = keyed
+    client = {"Authorization": "Bearer key-1"}
+    for keep_alive in UNLOAD_SPELLINGS:
+        for path, empty in (("/api/generate", {"prompt": ""}), ("/api/chat", {})):
+            ask = {"model": "llama3.2:3b", "keep_alive": keep_alive, **empty}
+            status, _, answer = http(router.url, "POST", path, ask, headers=client)
+            assert status == 403, (path, keep_alive)
+            assert "FLEET_ADMIN_KEY" in json.loads(answer)["error"]
+    # Forever (any negative), a while, or a value Ollama itself refuses: no unload.
+    for keep_alive in (-1, "-1m", "5m", 60, "1h", "soon"):
+        ask = {"model": "llama3.2:3b", "prompt": "", "keep_alive": keep_alive,
+               "stream": False}
+        status = http(router.url, "POST", "/api/generate", ask, headers=client)[0]
+        assert status == (400 if keep_alive == "soon" else 200), keep_alive
+    assert "llama3.2:3b" in fake.loaded
+    status, _, _ = http(router.url, "POST", "/api/generate",
+                        {"model": "llama3.2:3b", "prompt": "", "keep_alive": "1ns"},
+                        headers={"Authorization": "Bearer admin-key"})
+    assert status == 200
+    assert json.loads(http(router.url, "GET", "/api/ps", headers=client)[2])["models"] == []
+
+
+def test_keep_alive_is_read_as_ollama_reads_it():
+    forever = herd.GO_MAX_DURATION
+    cases = [(0, 0), (0.5, 500_000_000), (-1, forever), (-0.0, 0), (1e10, 0),
+             ("5m", 300 * 10 ** 9), ("-1m", forever), ("-0s", 0), ("+0s", 0), ("0m0s", 0),
+             ("1ns", 1), ("-0.5ns", 0), ("1.5\u00b5s", 1500), ("1.5\u03bcs", 1500),
+             (".5s", 500_000_000), ("1.s", 10 ** 9),
+             ("0.830103483285477580700h", 2988372539827),  # Go's test of the fraction
+             ("9223372036854775807ns", forever), ("-9223372036854775808ns", forever),
+             ("9223372036854775808ns", None), ("1", None), ("1.", None), (".s", None),
+             ("", None), ("1e3s", None), ("3m-2s", None), ("5 m", None), (True, None),
+             (None, None), ([], None), (10 ** 400, None)]
+    for value, ns in cases:
+        assert herd.keep_alive_ns(value) == ns, value
