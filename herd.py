@@ -54,14 +54,14 @@ import tempfile
 import time
 import urllib.parse
 
+import herd_common as hc  # first: it refuses a Python older than 3.11, in one line
+
 try:
     import psutil
     from zeroconf import InterfaceChoice, IPVersion
     from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 except ImportError:  # pragma: no cover
     sys.exit("Herd needs h11, psutil and zeroconf: pip install h11 psutil zeroconf")
-
-import herd_common as hc
 
 log = logging.getLogger("herd.router")
 fleet_log = logging.getLogger("herd.fleet")

@@ -1,7 +1,9 @@
 """herd_common.py: what the Herd router (herd.py) and node agent (herd_node.py) share.
 
 Nothing here runs at import: no environment reads, no logging set-up, no event loop,
-no database. It holds, in the order data flows:
+no database; only a Python older than 3.11, or a missing h11, is refused in one line
+(both programs import this module first, so that the refusal comes before anything else
+can fail). It holds, in the order data flows:
 
     config table and loader   one (name, default, help) table per role; --help prints it
     logging                   JSONL file lines with fixed keys, a readable console form
@@ -47,6 +49,25 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
+
+# Both programs run on asyncio.timeout and TaskGroup, new in 3.11: on an older Python the
+# router would start, then answer every request with a 500. They import this module
+# first, so this line is what the user sees; for that, it and both scripts must still
+# parse on older Pythons (Python compiles a whole file before it runs any of it), down
+# to 3.8: test_herd checks it.
+MIN_PYTHON = (3, 11)
+
+
+def python_refusal(version_info, executable):
+    """The one line that refuses a Python older than MIN_PYTHON, or None."""
+    if tuple(version_info[:2]) >= MIN_PYTHON:
+        return None
+    return (f"Herd needs Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]} or newer; this is "
+            f"{'.'.join(str(n) for n in version_info[:3])} ({executable or 'python'})")
+
+
+if python_refusal(sys.version_info, sys.executable):  # pragma: no cover - old Pythons
+    sys.exit(python_refusal(sys.version_info, sys.executable))
 
 try:
     import h11

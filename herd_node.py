@@ -62,14 +62,14 @@ import threading
 import time
 import unicodedata
 
+import herd_common as hc  # first: it refuses a Python older than 3.11, in one line
+
 try:
     import psutil
     from zeroconf import IPVersion, ServiceStateChange
     from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 except ImportError:  # pragma: no cover
     sys.exit("Herd needs h11, psutil and zeroconf: pip install h11 psutil zeroconf")
-
-import herd_common as hc
 
 log = logging.getLogger("herd.node")
 

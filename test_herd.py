@@ -6476,3 +6476,57 @@ def test_fake_takes_a_keep_alive_past_gos_duration_range(h):
     fake = h.fake(chunks=2)  # the expiry time once overflowed a datetime mid-answer
     answer = fake_answers(fake, [{"model": "llama3.2:3b", "prompt": "x", "keep_alive": 1e12}])
     assert answer[0]["done"] is True and fake.loaded["llama3.2:3b"]["expires_at"] > "2200"
+
+
+####################################################################################
+# A newcomer's mistakes, named at once (issue 18): an old Python, misspelt FLEET_*
+# names, a token on the agents only, Ollama's port and the router's mixed up, an agent
+# that left. Each test checks the line the user sees.
+####################################################################################
+
+
+def older_pythons():
+    """{"3.10": path} of the Pythons from 3.8 to 3.10 on this machine that really run
+    (on PATH, or installed by pyenv); none is downloaded."""
+    import glob  # here: this section keeps to itself
+    candidates = [shutil.which(f"python3.{minor}") for minor in (8, 9, 10)]
+    candidates += sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.*/bin/python3")))
+    found = {}
+    for path in filter(None, candidates):
+        try:
+            out = subprocess.run([path, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                                 capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        version = out.stdout.strip()
+        if out.returncode == 0 and version in ("3.8", "3.9", "3.10"):
+            found.setdefault(version, path)
+    return found
+
+
+def test_a_python_older_than_3_11_is_refused_in_one_line():
+    import ast
+    assert hc.python_refusal((3, 10, 12, "final", 0), "/usr/bin/python3") == \
+        "Herd needs Python 3.11 or newer; this is 3.10.12 (/usr/bin/python3)"
+    assert hc.python_refusal((3, 9, 6, "final", 0), "") == \
+        "Herd needs Python 3.11 or newer; this is 3.9.6 (python)"
+    assert hc.python_refusal((3, 11, 0, "final", 0), "x") is None
+    assert hc.python_refusal(sys.version_info, sys.executable) is None
+    # The refusal runs only if the files parse there: Python compiles a whole file first.
+    for name in ("herd.py", "herd_node.py", "herd_common.py"):
+        with open(os.path.join(HERE, name), encoding="utf-8") as f:
+            ast.parse(f.read(), name, feature_version=(3, 8))
+
+
+def test_the_real_programs_on_an_older_python_say_so_and_exit_1():
+    pythons = older_pythons()
+    if not pythons:
+        pytest.skip("no Python 3.8-3.10 on this machine")
+    for version, path in sorted(pythons.items()):
+        for script in ("herd.py", "herd_node.py"):
+            out = subprocess.run([path, script], cwd=HERE, capture_output=True, text=True,
+                                 timeout=30, env={**os.environ, "PYTHONPATH": ""})
+            assert out.returncode == 1 and out.stdout == "", (script, version, out)
+            assert out.stderr.startswith(f"Herd needs Python 3.11 or newer; this is "
+                                         f"{version}.") and out.stderr.count("\n") == 1, \
+                (script, version, out.stderr)
