@@ -181,6 +181,8 @@ def load_router_config(environ, args):
     values["registries_allowed"] = comma_set(cfg.pull_registries)
     values["origins_allowed"] = read_origins(cfg.origins)
     values["tls"] = server_tls(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
+    values["misnamed"] = tuple(hc.misnamed_settings(environ, ROUTER_SETTINGS, hc.NODE_SETTINGS,
+                                                    bool(cfg.token), skip_prefix="FLEET_NODE_"))
     return hc.Config(values, cfg.sources)
 
 

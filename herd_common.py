@@ -31,6 +31,7 @@ import asyncio
 import collections
 import contextlib
 import datetime
+import difflib
 import hashlib
 import hmac
 import http
@@ -193,7 +194,8 @@ def expand_dir(path):
 
 
 def run_program(prog, environ, args, load, log_file, run):
-    """A program's main(): settings (one clear line if bad), logs, then run(cfg)."""
+    """A program's main(): settings (one clear line if bad), logs (first a warning for
+    each FLEET_* variable it ignores by mistake: cfg.misnamed), then run(cfg)."""
     try:
         cfg = load(environ, args)
         os.makedirs(cfg.data_dir, exist_ok=True)
@@ -201,6 +203,8 @@ def run_program(prog, environ, args, load, log_file, run):
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
     setup_logging(cfg.data_dir, log_file, cfg.log_level, cfg.console_log_level)
+    for line in cfg.misnamed:  # said once, before anything else is
+        logging.getLogger("herd.settings").warning(line, extra={"event": "misnamed_setting"})
     release_freed_memory()
     return asyncio.run(run(cfg))
 
@@ -3158,3 +3162,77 @@ NODE_SETTINGS = [
             "takes (413 beyond)"),
     *LOG_SETTINGS,
 ]
+
+
+# A misspelt name is silently a default: FLEET_NODE_OLAMA_URL once made the agent log
+# one Ollama URL while the router dialled another. So each program names, once at
+# start, every FLEET_* variable it ignores by mistake. One shell may start both
+# programs, so the other program's names are known, not misspelt; the router leaves
+# FLEET_NODE_* to the agent. The agent's token is FLEET_NODE_TOKEN and the router's is
+# FLEET_TOKEN: the other's name set where one's own is not is a mistake too.
+TOKEN_SETTINGS = ("FLEET_TOKEN", "FLEET_NODE_TOKEN")
+
+
+def owner_of(name):
+    """Which program reads a setting, by its name."""
+    return "the agent's (herd_node.py)" if name.startswith("FLEET_NODE_") else \
+        "the router's (herd.py)"
+
+
+def setting_words(name):
+    """What a setting's name says once its program's prefix is off: TOKEN for both
+    FLEET_TOKEN and FLEET_NODE_TOKEN."""
+    for prefix in ("FLEET_NODE_", "FLEET_"):
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def nearest_setting(name, own, other):
+    """The known name that `name` most likely misspells, or None: the one with the same
+    words (FLEET_OLLAMA_HOST: FLEET_NODE_OLLAMA_HOST) or the only one whose words end
+    with them (FLEET_NODE_ID: FLEET_NODE_NODE_ID), this program's (`own`) before the
+    other's; else the closest in spelling. A FLEET_NODE_* name means the agent's."""
+    if name.startswith("FLEET_NODE_"):
+        other = [n for n in other if n.startswith("FLEET_NODE_")]
+    words = setting_words(name)
+    for names in (own, other):
+        for fits in (words.__eq__, lambda w: w.endswith("_" + words)):
+            found = [n for n in names if fits(setting_words(n))]
+            if len(found) == 1:
+                return found[0]
+    best, score = None, 0.6  # difflib.get_close_matches's own cut-off
+    for known in own + other:  # own first: it wins a tie
+        ratio = difflib.SequenceMatcher(None, words, setting_words(known)).ratio()
+        if ratio > score or ratio == score and best is None:
+            best, score = known, ratio
+    return best
+
+
+def misnamed_settings(environ, own, other, token_set, skip_prefix=None):
+    """One warning line for each FLEET_* variable in `environ` that this program (its
+    table `own`; `other` is the other program's) ignores by mistake: a name neither
+    program reads, with the nearest that one does, or the other's token name while
+    this program's token is not set (`token_set`)."""
+    own = [s.name for s in own]
+    other = [s.name for s in other]
+    lines = []
+    for name in sorted(n for n in environ if n.startswith("FLEET_")):
+        if name in own:
+            continue
+        if name in TOKEN_SETTINGS:  # the other program's token
+            if not token_set:
+                mine = next(t for t in TOKEN_SETTINGS if t in own)
+                lines.append(f"{name} is {owner_of(name)} setting; {owner_of(mine)} token "
+                             f"is {mine}, which is not set")
+            continue
+        if name in other or skip_prefix and name.startswith(skip_prefix):
+            continue
+        nearest = nearest_setting(name, own, other)
+        if nearest is None:
+            lines.append(f"{name} is not a setting and is ignored (--help lists them)")
+        else:
+            whose = "" if nearest in own else f", {owner_of(nearest)} setting"
+            lines.append(f"{name} is not a setting and is ignored: did you mean "
+                         f"{nearest}{whose}?")
+    return lines

@@ -1641,6 +1641,8 @@ def load_node_config(environ, args):
     values["ollama_host"] = values["ollama_host"].rstrip("/")
     if values["ollama_host"] and "://" not in values["ollama_host"]:
         values["ollama_host"] = "http://" + values["ollama_host"]
+    values["misnamed"] = tuple(hc.misnamed_settings(environ, NODE_SETTINGS, hc.ROUTER_SETTINGS,
+                                                    bool(cfg.token)))
     return hc.Config(values, cfg.sources)
 
 

@@ -6530,3 +6530,80 @@ def test_the_real_programs_on_an_older_python_say_so_and_exit_1():
             assert out.stderr.startswith(f"Herd needs Python 3.11 or newer; this is "
                                          f"{version}.") and out.stderr.count("\n") == 1, \
                 (script, version, out.stderr)
+
+
+def console_lines_until(proc, mark):
+    """The console lines a program prints (stderr) up to the first holding `mark`."""
+    lines = []
+    while not lines or mark not in lines[-1]:
+        line = proc.stderr.readline()
+        assert line, f"the program ended before printing {mark!r}: {lines}"
+        lines.append(line)
+    return lines
+
+
+def test_a_misspelt_router_setting_is_named_at_start_with_the_nearest(tmp_path):
+    with socket.socket() as taken:  # a port in use: the router says its lines and exits
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        out = run_script(["herd.py"], {
+            "FLEET_HOST": "127.0.0.1", "FLEET_PORT": str(taken.getsockname()[1]),
+            "FLEET_MDNS": "false", "FLEET_LOCAL_NODE": "false", "FLEET_DATA_DIR": str(tmp_path),
+            "FLEET_TOKNE": "s3cret", "FLEET_HEARTBEAT_TIMOUT": "5",
+            "FLEET_NODE_OLAMA_URL": "http://x:11434",  # the agent's (misspelt): not ours
+            "FLEET_LOG_LEVEL": "INFO"})  # a setting both programs read: known
+    assert out.returncode == 1 and "cannot listen" in out.stderr
+    said = [line for line in out.stderr.splitlines() if "not a setting" in line]
+    assert len(said) == 2, out.stderr
+    assert "FLEET_HEARTBEAT_TIMOUT is not a setting and is ignored: did you mean " \
+           "FLEET_HEARTBEAT_TIMEOUT?" in said[0]
+    assert "FLEET_TOKNE is not a setting and is ignored: did you mean FLEET_TOKEN?" in said[1]
+    logged = [json.loads(line) for line in open(tmp_path / "logs" / "herd.jsonl")]
+    assert [r["event"] for r in logged if r.get("event") == "misnamed_setting"] == \
+        ["misnamed_setting"] * 2
+
+
+def test_a_misspelt_agent_setting_is_named_at_start_with_the_nearest(h, tmp_path):
+    router = h.router()
+    env = {**os.environ, "FLEET_NODE_DATA_DIR": str(tmp_path), "FLEET_NODE_OLAMA_URL":
+           "http://127.0.0.1:11434", "FLEET_NODE_ID": "mini", "FLEET_HOLD_TIMEOUT": "9",
+           "FLEET_TOKEN": router.cfg.token}  # the router's token, not the agent's
+    proc = subprocess.Popen([sys.executable, "herd_node.py", "--router-url", router.url,
+                             "--ollama-host", h.fake().url], cwd=HERE, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = console_lines_until(proc, "reporting Ollama at")
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    said = "".join(lines)
+    assert "FLEET_NODE_OLAMA_URL is not a setting and is ignored: did you mean " \
+           "FLEET_NODE_OLLAMA_URL?" in said
+    assert "FLEET_NODE_ID is not a setting and is ignored: did you mean " \
+           "FLEET_NODE_NODE_ID?" in said
+    assert "FLEET_TOKEN is the router's (herd.py) setting; the agent's (herd_node.py) " \
+           "token is FLEET_NODE_TOKEN, which is not set" in said
+    assert "FLEET_HOLD_TIMEOUT" not in said  # the router's, in a shared environment
+    assert said.count("\n") == 4, said  # those three, then the start line
+
+
+def test_the_nearest_setting_is_the_programs_own_first():
+    def lines(env, own, other, token_set=False, skip=None):
+        return hc.misnamed_settings(dict.fromkeys(env, "x"), own, other, token_set, skip)
+    router, node = herd.ROUTER_SETTINGS, herd_node.NODE_SETTINGS
+    assert lines(["FLEET_OLLAMA_HOST"], node, router) == [
+        "FLEET_OLLAMA_HOST is not a setting and is ignored: did you mean "
+        "FLEET_NODE_OLLAMA_HOST?"]
+    assert lines(["FLEET_OLLAMA_HOST"], router, node, skip="FLEET_NODE_") == [
+        "FLEET_OLLAMA_HOST is not a setting and is ignored: did you mean "
+        "FLEET_NODE_OLLAMA_HOST, the agent's (herd_node.py) setting?"]
+    assert lines(["FLEET_TOKNE"], node, router) == [
+        "FLEET_TOKNE is not a setting and is ignored: did you mean FLEET_NODE_TOKEN?"]
+    assert lines(["FLEET_WHATEVER"], router, node) == [
+        "FLEET_WHATEVER is not a setting and is ignored (--help lists them)"]
+    assert lines(["FLEET_NODE_TOKEN"], router, node, skip="FLEET_NODE_") == [
+        "FLEET_NODE_TOKEN is the agent's (herd_node.py) setting; the router's (herd.py) "
+        "token is FLEET_TOKEN, which is not set"]
+    assert lines(["FLEET_NODE_TOKEN", "FLEET_TOKEN", "OLLAMA_HOST", "FLEET_PORT"], router,
+                 node, token_set=True, skip="FLEET_NODE_") == []
+    assert lines([s.name for s in router + node], node, router, token_set=True) == []
