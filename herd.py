@@ -403,6 +403,8 @@ class Node:
         self.cpu_history = collections.deque(maxlen=6)
         self.media_host, self.media_port = "", 0  # its agent's media server, if any
         self.media_models = {}  # kind -> {canonical name: name as the agent lists it}
+        self.signs = False  # its agent signs heartbeats that this router, with no token,
+        # does not check: the owner believes the fleet closed
 
     def take_media(self, media):
         """What the agent serves itself (hc.Heartbeat's media section), for routing."""
@@ -3477,12 +3479,24 @@ def check_no_nodes(snap):
 
 
 def check_open_fleet(snap):
-    if snap["open_fleet"]:
+    if not snap["open_fleet"]:
+        return
+    signing = [n["node_id"] for n in snap["nodes"] if n.get("signs")]
+    if not signing:
         yield finding("open_fleet", "warning", "Any host can join this fleet",
                       "FLEET_TOKEN is not set: any machine that can reach the router can "
                       "send heartbeats, join as a node and receive other users' prompts.",
                       "Set FLEET_TOKEN on the router and the same value as "
                       "FLEET_NODE_TOKEN on every agent.")
+        return
+    named = ", ".join(signing[:5]) + (f" and {len(signing) - 5} more" if signing[5:] else "")
+    yield finding("open_fleet", "warning", "The agents' token is not checked",
+                  f"FLEET_TOKEN is not set, yet {len(signing)} node(s) sign their "
+                  f"heartbeats with a FLEET_NODE_TOKEN ({named}): this router checks no "
+                  f"signature, so any machine that can reach it can join as a node and "
+                  f"receive other users' prompts.",
+                  "Set FLEET_TOKEN on the router to the value the agents have as "
+                  "FLEET_NODE_TOKEN.")
 
 
 def check_refused_heartbeats(snap):
@@ -3750,7 +3764,7 @@ class Health:
         nodes = [{
             "node_id": n.node_id, "status": n.status, "silent_s": now - n.last_seen,
             "memory": n.hb.memory, "ollama_version": n.hb.ollama_version,
-            "paused": n.hb.paused, "paused_reason": n.hb.paused_reason,
+            "paused": n.hb.paused, "paused_reason": n.hb.paused_reason, "signs": n.signs,
             "loaded": [{**e, "model": name, "disk_size": n.models.get(name, {}).get("size")}
                        for name, e in n.loaded.items()],
         } for n in self.fleet.nodes.values()]
@@ -4123,9 +4137,26 @@ class Api:
             node = self.fleet.apply_heartbeat(hb, source)
         except NodeRefused as e:
             return await self.refuse_heartbeat(request, conn, e.status, str(e))
+        if self.signatures is None:
+            self.note_unchecked_signature(node, request)
+        # token_checked tells a signing agent whether its signature meant anything.
         await conn.send_json(200, {"status": "ok", "node_status": node.status,
                                    "in_flight": self.fleet.in_flight(node.node_id),
-                                   "router_version": hc.VERSION})
+                                   "router_version": hc.VERSION,
+                                   "token_checked": self.signatures is not None})
+
+    @staticmethod
+    def note_unchecked_signature(node, request):
+        """A signed heartbeat to a router with no FLEET_TOKEN: the agent has a token the
+        router never checks. Said once per node (the health check open_fleet names it)."""
+        signs = bool(request.header("x-herd-signature"))
+        if signs and not node.signs:
+            fleet_log.warning(
+                "this node signs its heartbeats (its agent has FLEET_NODE_TOKEN), but this "
+                "router has no FLEET_TOKEN: it checks no signature, and any host can join. "
+                "Set FLEET_TOKEN here to the agents' FLEET_NODE_TOKEN",
+                extra={"node_id": node.node_id, "event": "token_unchecked"})
+        node.signs = signs
 
     async def refuse_heartbeat(self, request, conn, status, message):
         """Refuse, log and count a heartbeat (the health checks report the count)."""

@@ -1434,6 +1434,7 @@ class Agent:
         self._settings_at = 0.0
         self._ollama_was_ok = None
         self._router_ok = None
+        self._token_unchecked = False
         self.sent = 0
 
     @property
@@ -1507,7 +1508,20 @@ class Agent:
             answer = json.loads(body)
         except ValueError:
             answer = None
-        return answer if isinstance(answer, dict) else {}
+        answer = answer if isinstance(answer, dict) else {}
+        self._note_token(answer)
+        return answer
+
+    def _note_token(self, answer):
+        """A router with no FLEET_TOKEN takes our signed heartbeats without checking
+        them (it says token_checked: false): say so once, until that changes."""
+        unchecked = bool(self.cfg.token) and answer.get("token_checked") is False
+        if unchecked and not self._token_unchecked:
+            log.warning("the router has no FLEET_TOKEN: it does not check this agent's "
+                        "signature, and any host can join its fleet. Set FLEET_TOKEN on the "
+                        "router to this agent's FLEET_NODE_TOKEN",
+                        extra={"url": self.router_url, "event": "token_unchecked"})
+        self._token_unchecked = unchecked
 
     def _note_router(self, ok, error):
         if ok != self._router_ok or not ok:

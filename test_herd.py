@@ -6607,3 +6607,53 @@ def test_the_nearest_setting_is_the_programs_own_first():
     assert lines(["FLEET_NODE_TOKEN", "FLEET_TOKEN", "OLLAMA_HOST", "FLEET_PORT"], router,
                  node, token_set=True, skip="FLEET_NODE_") == []
     assert lines([s.name for s in router + node], node, router, token_set=True) == []
+
+
+@contextlib.contextmanager
+def herd_logs(caplog):
+    """The records of the 'herd' loggers (which do not propagate by themselves)."""
+    root = logging.getLogger("herd")
+    root.propagate = True
+    try:
+        with caplog.at_level(logging.INFO, logger="herd"):
+            yield caplog
+    finally:
+        root.propagate = False
+
+
+def test_a_token_on_the_agents_only_is_said_on_both_sides_and_in_health(h, caplog):
+    fake = h.fake()
+    router = h.router(FLEET_TOKEN="")
+    signing = h.agent(router, fake, "node-a", FLEET_NODE_TOKEN="s3cret")
+    plain = h.agent(router, h.fake(), "node-b")  # no token: nothing to say to it
+    with herd_logs(caplog):
+        for _ in range(3):
+            answer = h.bg.run(signing.send(h.bg.run(signing.snapshot())))
+            assert answer["token_checked"] is False
+            assert h.bg.run(plain.send(h.bg.run(plain.snapshot())))["token_checked"] is False
+    router_said = [r for r in caplog.records if r.name == "herd.fleet"
+                   and getattr(r, "event", "") == "token_unchecked"]
+    agent_said = [r for r in caplog.records if r.name == "herd.node"
+                  and getattr(r, "event", "") == "token_unchecked"]
+    assert len(router_said) == 1 and router_said[0].node_id == "node-a"
+    assert router_said[0].getMessage().startswith(
+        "this node signs its heartbeats (its agent has FLEET_NODE_TOKEN), but this router "
+        "has no FLEET_TOKEN")
+    assert len(agent_said) == 1 and agent_said[0].levelname == "WARNING"
+    assert agent_said[0].getMessage().startswith(
+        "the router has no FLEET_TOKEN: it does not check this agent's signature")
+    health = get_json(router.url, "/dashboard/api/health")
+    found = [c for c in health["checks"] if c["check"] == "open_fleet"]
+    assert len(found) == 1 and found[0]["title"] == "The agents' token is not checked"
+    assert "1 node(s) sign their heartbeats with a FLEET_NODE_TOKEN (node-a)" in \
+        found[0]["description"]
+
+
+def test_a_router_with_the_token_tells_the_agent_it_checks_it(h, caplog):
+    router = h.router(FLEET_TOKEN="s3cret")
+    agent = h.agent(router, h.fake(), "node-a", FLEET_NODE_TOKEN="s3cret")
+    with herd_logs(caplog):
+        assert h.bg.run(agent.send(h.bg.run(agent.snapshot())))["token_checked"] is True
+    assert not [r for r in caplog.records if getattr(r, "event", "") == "token_unchecked"]
+    assert "open_fleet" not in [c["check"] for c in
+                                get_json(router.url, "/dashboard/api/health")["checks"]]
