@@ -4120,7 +4120,9 @@ class Api:
         if self.local.is_router(hb.ollama_url, self.port):
             return await self.refuse_heartbeat(
                 request, conn, 400, f"ollama_url {hb.ollama_url} is this router, not an "
-                                    f"Ollama: point FLEET_NODE_OLLAMA_HOST at Ollama's port")
+                                    f"Ollama: point FLEET_NODE_OLLAMA_HOST at Ollama's port "
+                                    f"(Ollama listens on {hc.OLLAMA_PORT}, this router on "
+                                    f"{self.port})")
         if not ollama_url_allowed(hb.ollama_url, source, self.cfg.ollama_hosts_allowed):
             return await self.refuse_heartbeat(
                 request, conn, 403, f"ollama_url {hb.ollama_url} is not at {source}, where "

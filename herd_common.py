@@ -79,6 +79,10 @@ VERSION = "0.1.0"
 SERVER_HEADER = b"herd/" + VERSION.encode()
 MDNS_SERVICE_TYPE = "_fleet-manager._tcp.local."
 DEFAULT_ROUTER_PORT = 11435
+OLLAMA_PORT = 11434  # Ollama's default listen address is 127.0.0.1:11434 (OLLAMA_HOST)
+# Said wherever one program is found where the other should be: the usual mix-up.
+PORTS_HINT = (f"Ollama listens on port {OLLAMA_PORT}, the Herd router on "
+              f"{DEFAULT_ROUTER_PORT}")
 
 ####################################################################################
 # Config
@@ -1175,7 +1179,8 @@ class FormReader:
 
 class UpstreamError(Exception):
     """A backend failed; `phase` says when: connect, send, first_byte or body; or how:
-    "status" (it answered a 5xx), "timeout" (it answered that it timed out)."""
+    "status" (it answered a 5xx), "timeout" (it answered that it timed out), "herd"
+    (a Herd program answered where Ollama should: http_json)."""
 
     def __init__(self, phase, message, closed=False):
         super().__init__(message)
@@ -1775,10 +1780,22 @@ async def http_call(url, method, path, body=None, *, headers=(), timeout=10.0, t
         up.close()
 
 
-async def http_json(url, method, path, body=None, *, headers=(), timeout=10.0):
-    """http_call that expects a JSON answer; raises UpstreamError on non-2xx."""
-    status, _, data = await http_call(url, method, path, body, headers=headers,
-                                      timeout=timeout)
+def from_herd(headers):
+    """Did a Herd program (the router, an agent) send this answer? Its Server header
+    says so; Ollama sends none."""
+    return any(k == b"server" and v.startswith(b"herd/") for k, v in headers)
+
+
+async def http_json(url, method, path, body=None, *, headers=(), timeout=10.0,
+                    expect_ollama=False):
+    """http_call that expects a JSON answer; raises UpstreamError on non-2xx, and with
+    `expect_ollama` when a Herd program answers instead (phase "herd": a URL with the
+    router's port where Ollama's belongs; the router answers much as Ollama does)."""
+    status, resp_headers, data = await http_call(url, method, path, body, headers=headers,
+                                                 timeout=timeout)
+    if expect_ollama and from_herd(resp_headers):
+        raise UpstreamError("herd", f"{url} answers as the Herd router, not as Ollama: "
+                                    f"{PORTS_HINT}")
     if status >= 300:
         raise UpstreamError("status", f"{method} {path} answered {status}: "
                                       f"{data[:200].decode('utf-8', 'replace')}")
@@ -2515,13 +2532,13 @@ def parse_positive_int(text):
 
 
 async def read_ollama(ollama_url, timeout):
-    """Version, models on disk and models loaded, or an error string. A server that
-    lists models but has no /api/version (one that only imitates Ollama) reports no
-    version: the router's /api/version then does not count it."""
+    """Version, models on disk and models loaded, or an error string (one that names
+    the ports when the URL is a Herd router's). A server that lists models but has no
+    /api/version (one that only imitates Ollama) reports no version: the router's
+    /api/version then does not count it."""
     version, tags, ps = await asyncio.gather(
-        http_json(ollama_url, "GET", "/api/version", timeout=timeout),
-        http_json(ollama_url, "GET", "/api/tags", timeout=timeout),
-        http_json(ollama_url, "GET", "/api/ps", timeout=timeout), return_exceptions=True)
+        *(http_json(ollama_url, "GET", path, timeout=timeout, expect_ollama=True)
+          for path in ("/api/version", "/api/tags", "/api/ps")), return_exceptions=True)
     for answer in (tags, ps, version):
         if isinstance(answer, BaseException) and not isinstance(answer, UpstreamError):
             raise answer

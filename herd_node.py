@@ -1493,14 +1493,14 @@ class Agent:
         """POST one heartbeat (signed with the token, if any); the router's answer when
         it took it, else None."""
         try:
-            status, _, body = await hc.http_call(self.router_url, "POST", "/heartbeat",
-                                                 hb, timeout=5, tls=self.tls,
-                                                 sign=self.cfg.token or None)
+            status, headers, body = await hc.http_call(self.router_url, "POST", "/heartbeat",
+                                                       hb, timeout=5, tls=self.tls,
+                                                       sign=self.cfg.token or None)
         except hc.UpstreamError as e:
             self._note_router(False, str(e))
             return None
         if status != 200:
-            self._note_router(False, f"{status}: {body[:200].decode('utf-8', 'replace')}")
+            self._note_router(False, refusal_text(self.router_url, status, headers, body))
             return None
         self.sent += 1
         self._note_router(True, None)
@@ -1597,6 +1597,18 @@ class Agent:
         log.info("left the fleet" if left is not None else "could not tell the router we "
                  "left", extra={"event": "drain"})
         return left is not None
+
+
+def refusal_text(router_url, status, headers, body):
+    """A refused heartbeat's status and message; when no Herd router answered (an
+    unknown route), what answered instead: an agent pointed at Ollama's port gets
+    Ollama's plain-text 404 "404 page not found" (gin's answer to an unknown path)."""
+    text = f"{status}: {body[:200].decode('utf-8', 'replace')}"
+    if status not in (404, 405) or hc.from_herd(headers):
+        return text
+    what = "an Ollama" if body.startswith(b"404 page not found") else "no Herd router"
+    return (f"{text} ({router_url} is {what}, not the router: {hc.PORTS_HINT}; set "
+            f"--router-url or FLEET_NODE_ROUTER_URL to the router's)")
 
 
 ####################################################################################

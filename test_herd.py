@@ -6657,3 +6657,38 @@ def test_a_router_with_the_token_tells_the_agent_it_checks_it(h, caplog):
     assert not [r for r in caplog.records if getattr(r, "event", "") == "token_unchecked"]
     assert "open_fleet" not in [c["check"] for c in
                                 get_json(router.url, "/dashboard/api/health")["checks"]]
+
+
+def test_an_agent_whose_router_url_is_an_ollama_is_told_the_ports(h, caplog):
+    fake = h.fake()
+    router = h.router()
+    agent = h.agent(router, fake, "node-a", FLEET_NODE_ROUTER_URL=fake.url)
+    with herd_logs(caplog):
+        assert h.bg.run(agent.send(h.bg.run(agent.snapshot()))) is None
+    said = [r for r in caplog.records if getattr(r, "event", "") == "heartbeat_failed"]
+    assert len(said) == 1 and said[0].levelname == "WARNING"
+    assert said[0].error == (
+        f"404: 404 page not found ({fake.url} is an Ollama, not the router: Ollama "
+        f"listens on port 11434, the Herd router on 11435; set --router-url or "
+        f"FLEET_NODE_ROUTER_URL to the router's)")
+    # A real router's refusal is passed on as it is: no hint about ports.
+    assert herd_node.refusal_text(router.url, 401, [(b"server", hc.SERVER_HEADER)],
+                                  b'{"error":"not signed"}') == '401: {"error":"not signed"}'
+
+
+def test_an_agent_whose_ollama_url_is_the_router_is_told_the_ports(h, caplog):
+    router = h.router()
+    agent = h.agent(router, h.fake(), "node-a", FLEET_NODE_OLLAMA_HOST=router.url)
+    with herd_logs(caplog):
+        hb = h.bg.run(agent.snapshot())
+        assert h.bg.run(agent.send(hb)) is None
+    assert hb["ollama"]["reachable"] is False and hb["models"] == []  # not the fleet's
+    ollama = [r for r in caplog.records if getattr(r, "event", "") == "ollama_down"]
+    assert len(ollama) == 1 and ollama[0].error == (
+        f"{router.url} answers as the Herd router, not as Ollama: Ollama listens on port "
+        f"11434, the Herd router on 11435")
+    refused = [r for r in caplog.records if getattr(r, "event", "") == "heartbeat_failed"]
+    assert len(refused) == 1 and refused[0].error.startswith("400: ")
+    assert f"is this router, not an Ollama: point FLEET_NODE_OLLAMA_HOST at Ollama's port " \
+           f"(Ollama listens on 11434, this router on {router.port})" in refused[0].error
+    assert fleet_status(router)["nodes"] == []
