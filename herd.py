@@ -137,9 +137,13 @@ METRICS = [  # what GET /metrics exposes, in the Prometheus text format
 MAX_MOVES = 8  # a queued request follows the rebalancer this often, then routes freely
 MAX_FALLBACKS = 8  # fallback_models a request may name
 # A node's status: it takes work (online; degraded is scored lower), its agent is
-# leaving and lets running requests finish (draining), or it is gone (offline).
-ONLINE, DEGRADED, DRAINING, OFFLINE = "online", "degraded", "draining", "offline"
-NODE_STATUSES = (ONLINE, DEGRADED, DRAINING, OFFLINE)
+# leaving and lets running requests finish (draining), its agent stopped cleanly and
+# said so (left: what its owner did, not a fault), or it went silent (offline).
+ONLINE, DEGRADED, DRAINING, LEFT, OFFLINE = "online", "degraded", "draining", "left", "offline"
+NODE_STATUSES = (ONLINE, DEGRADED, DRAINING, LEFT, OFFLINE)
+GONE = (LEFT, OFFLINE)  # no work, no heartbeats expected; its id may move to a new address
+LEFT_LISTED_S = 3600.0  # a node that left is listed this long (FLEET_FORGET_OFFLINE_AFTER
+# if shorter): long enough to see that it left, not a day of clutter
 # Ollama's built-in origins (OLLAMA_ORIGINS adds to them): pages served from this
 # machine, on any port, and the schemes of desktop apps and editor views.
 OLLAMA_ORIGINS = tuple(
@@ -394,7 +398,7 @@ class Node:
         self.ollama_url, self.host, self.port = "", "", 0
         self.status = ONLINE
         self.last_seen = 0.0  # monotonic
-        self.offline_since = None  # monotonic, while offline
+        self.offline_since = None  # monotonic, while gone (offline or left)
         self.models = {}  # canonical name -> /api/tags entry
         self.loaded = {}  # canonical name -> /api/ps entry
         self.unloaded_at = {}  # canonical name -> monotonic time it left memory
@@ -454,6 +458,8 @@ class Node:
         """Why this node takes no new request now, or None if it does."""
         if self.status == OFFLINE:
             return "offline"
+        if self.status == LEFT:
+            return "left the fleet"
         if self.status == DRAINING:
             return "draining"
         if self.hb.paused:
@@ -622,7 +628,7 @@ class Fleet:
                                                  "url": hb.ollama_url, "client": source})
         elif node.source != source:
             self._rebind(node, source)
-        elif node.ollama_url != hb.ollama_url and node.status != OFFLINE \
+        elif node.ollama_url != hb.ollama_url and node.status not in GONE \
                 and not local and not node.local:
             # Two machines with one name overwrite each other; say so once per change.
             fleet_log.warning(f"node id '{node.node_id}' now reports {hb.ollama_url} "
@@ -640,7 +646,7 @@ class Fleet:
         # else: keep what it had; an Ollama restart should read as "unreachable" (503,
         # held), not as "model gone" (404).
         node.cpu_history.append(hb.cpu_percent)
-        self._set_status(node, OFFLINE if hb.leaving else DRAINING if hb.draining else ONLINE)
+        self._set_status(node, LEFT if hb.leaving else DRAINING if hb.draining else ONLINE)
         for (nid, model), q in self.queues.items():
             if nid == node.node_id:
                 q.set_limit(self.limit_for(node, model))
@@ -660,22 +666,22 @@ class Fleet:
             self.evict_node(node, now_paused)
 
     def _make_room(self, source):
-        """Refuse a new node past FLEET_MAX_NODES (the longest offline one is forgotten
+        """Refuse a new node past FLEET_MAX_NODES (the one gone longest is forgotten
         first) or past MAX_NODES_PER_ADDRESS ids from one address."""
-        if source is not None and sum(n.source == source and n.status != OFFLINE
+        if source is not None and sum(n.source == source and n.status not in GONE
                                       for n in self.nodes.values()) >= MAX_NODES_PER_ADDRESS:
             raise NodeRefused(429, f"{source} already reports {MAX_NODES_PER_ADDRESS} nodes")
         if len(self.nodes) < self.cfg.max_nodes:
             return
-        offline = [n for n in self.nodes.values() if n.status == OFFLINE]
-        if not offline:
+        gone = [n for n in self.nodes.values() if n.status in GONE]
+        if not gone:
             raise NodeRefused(503, f"the fleet has FLEET_MAX_NODES={self.cfg.max_nodes} "
                                    f"nodes online; raise it to add more")
-        self.remove(min(offline, key=lambda n: n.offline_since or 0.0).node_id)
+        self.remove(min(gone, key=lambda n: n.offline_since or 0.0).node_id)
 
     def _rebind(self, node, source):
-        """A node id heard from another address: taken over only once it is offline."""
-        if node.status != OFFLINE:
+        """A node id heard from another address: taken over only once it is gone."""
+        if node.status not in GONE:
             raise NodeRefused(409, f"node id '{node.node_id}' belongs to "
                                    f"{node.source or 'this router (its local Ollama)'} while "
                                    f"it is online; give this machine its own "
@@ -695,27 +701,30 @@ class Fleet:
 
     def refresh_status(self):
         """Move nodes to degraded / offline as heartbeats go missing, and forget those
-        offline for FLEET_FORGET_OFFLINE_AFTER."""
+        offline for FLEET_FORGET_OFFLINE_AFTER; one that left sends none and is not
+        missed: it is forgotten after LEFT_LISTED_S."""
         now = time.monotonic()
         for node in list(self.nodes.values()):
             silent = now - node.last_seen
-            if silent >= self.cfg.heartbeat_offline:
+            if silent >= self.cfg.heartbeat_offline and node.status != LEFT:
                 self._set_status(node, OFFLINE)
             elif silent >= self.cfg.heartbeat_timeout and node.status == ONLINE:
                 self._set_status(node, DEGRADED)
-            if node.status == OFFLINE and \
-                    now - node.offline_since >= self.cfg.forget_offline_after:
+            listed = self.cfg.forget_offline_after
+            if node.status == LEFT:
+                listed = min(LEFT_LISTED_S, listed)
+            if node.status in GONE and now - node.offline_since >= listed:
                 self.remove(node.node_id)
 
     def _set_status(self, node, status):
         if node.status == status:
             return
-        level = logging.INFO if status in (ONLINE, DRAINING) else logging.WARNING
-        fleet_log.log(level, f"node {status}", extra={"node_id": node.node_id,
-                                                     "event": f"node_{status}"})
+        level = logging.INFO if status in (ONLINE, DRAINING, LEFT) else logging.WARNING
+        said = "node left the fleet (its agent stopped)" if status == LEFT else f"node {status}"
+        fleet_log.log(level, said, extra={"node_id": node.node_id, "event": f"node_{status}"})
         node.status = status
-        node.offline_since = time.monotonic() if status == OFFLINE else None
-        if status in (OFFLINE, DRAINING):
+        node.offline_since = time.monotonic() if status in GONE else None
+        if status in (*GONE, DRAINING):
             self.evict_node(node, status)
         self.notify_change()
 
@@ -837,7 +846,7 @@ class Fleet:
         return any(model in n.models or model in n.loaded for n in self.nodes.values())
 
     def online_nodes(self):
-        return [n for n in self.nodes.values() if n.status != OFFLINE]
+        return [n for n in self.nodes.values() if n.status not in GONE]
 
     def working_nodes(self):
         """Nodes that take new requests now."""
@@ -3104,7 +3113,7 @@ class ModelAdmin:
         if not isinstance(wanted, str):
             raise Refused(400, "node must be a string")
         node = self.fleet.nodes.get(wanted.strip())
-        if node is None or node.status == OFFLINE or not node.hb.reachable:
+        if node is None or node.status in GONE or not node.hb.reachable:
             raise Refused(404, f"node '{wanted[:64]}' is not online")
         return node
 
@@ -3117,8 +3126,8 @@ class ModelAdmin:
             return [named], []
         targets, skipped = [], []
         for node in self.fleet.holders(model):
-            if node.status == OFFLINE or not node.hb.reachable:
-                skipped.append((node, "offline" if node.status == OFFLINE else
+            if node.status in GONE or not node.hb.reachable:
+                skipped.append((node, node.status if node.status in GONE else
                                 "its Ollama is unreachable"))
             else:
                 targets.append(node)
@@ -3530,6 +3539,16 @@ def check_offline_nodes(snap):
                           node=n["node_id"])
 
 
+def check_left_nodes(snap):
+    for n in snap["nodes"]:
+        if n["status"] == LEFT:
+            yield finding("left_nodes", "info", f"{n['node_id']} left the fleet",
+                          f"Its agent stopped cleanly {n['silent_s']:.0f}s ago, once the "
+                          f"requests running there had finished; it gets no work.",
+                          "Nothing to do if it was stopped on purpose. To bring it back, "
+                          "start herd_node.py on that machine again.", node=n["node_id"])
+
+
 def check_degraded_nodes(snap):
     for n in snap["nodes"]:
         if n["status"] == DEGRADED:
@@ -3543,7 +3562,7 @@ def check_degraded_nodes(snap):
 def check_memory_pressure(snap):
     for n in snap["nodes"]:
         pressure = n["memory"].get("pressure", "normal")
-        if pressure in ("warning", "critical") and n["status"] != OFFLINE:
+        if pressure in ("warning", "critical") and n["status"] not in GONE:
             yield finding("memory_pressure", pressure, f"{n['node_id']} is short of memory",
                           f"{n['memory'].get('percent', 0):.0f}% of its memory is in use "
                           f"(pressure {pressure}); at critical it gets no work.",
@@ -3553,7 +3572,7 @@ def check_memory_pressure(snap):
 
 def check_paused_nodes(snap):
     for n in snap["nodes"]:
-        if n.get("paused") and n["status"] != OFFLINE:
+        if n.get("paused") and n["status"] not in GONE:
             reason = n.get("paused_reason") or "its agent did not say why"
             yield finding("paused_nodes", "warning", f"{n['node_id']} is paused",
                           f"It takes no new work ({reason}); requests already running "
@@ -3705,7 +3724,7 @@ def check_incomplete_streams(snap):
 
 def check_version_mismatch(snap):
     versions = {n["ollama_version"] for n in snap["nodes"]
-                if n["status"] != OFFLINE and n["ollama_version"]}
+                if n["status"] not in GONE and n["ollama_version"]}
     if len(versions) > 1:
         yield finding("version_mismatch", "info", "Nodes run different Ollama versions",
                       f"Versions in the fleet: {', '.join(sorted(versions))}.",
@@ -3731,7 +3750,8 @@ def check_zombie_reaper(snap):
 
 
 HEALTH_CHECKS = (check_no_nodes, check_open_fleet, check_refused_heartbeats, check_speed_drops,
-                 check_offline_nodes, check_degraded_nodes, check_memory_pressure,
+                 check_offline_nodes, check_left_nodes, check_degraded_nodes,
+                 check_memory_pressure,
                  check_paused_nodes, check_underutilized_nodes, check_vram_fallbacks,
                  check_kv_cache_bloat, check_model_thrashing, check_request_timeouts,
                  check_error_rates, check_retry_rates, check_client_disconnects,
@@ -3739,13 +3759,25 @@ HEALTH_CHECKS = (check_no_nodes, check_open_fleet, check_refused_heartbeats, che
                  check_version_mismatch, check_context_protection, check_zombie_reaper)
 
 
+# Findings that report what the owner did, not a fault: they cost the score nothing and
+# leave the status "healthy" (an agent stopped on purpose once turned health critical).
+NEWS_CHECKS = frozenset({"left_nodes"})
+
+
 def run_health_checks(snap):
     """Every finding, worst first, and a score from 100 down."""
     found = [f for check in HEALTH_CHECKS for f in check(snap)]
     found.sort(key=lambda f: SEVERITY_ORDER[f["severity"]])
     penalty = {"critical": 25, "warning": 10, "info": 2}
-    score = max(0, 100 - sum(penalty[f["severity"]] for f in found))
+    score = max(0, 100 - sum(penalty[f["severity"]] for f in found
+                             if f["check"] not in NEWS_CHECKS))
     return found, score
+
+
+def health_status(findings):
+    """The worst severity among the findings that are faults, or "healthy"."""
+    return next((f["severity"] for f in findings if f["check"] not in NEWS_CHECKS),
+                "healthy")
 
 
 class Health:
@@ -3791,11 +3823,12 @@ class Health:
         day = await self.traces.vitals(day_ago)
         return {
             "score": score,
-            "status": findings[0]["severity"] if findings else "healthy",
+            "status": health_status(findings),
             "checks_window_s": HEALTH_WINDOW_S,
             "vitals": {"window_s": 86400, "nodes_online": counts[ONLINE],
                        "nodes_degraded": counts[DEGRADED], "nodes_draining": counts[DRAINING],
-                       "nodes_offline": counts[OFFLINE], "requests": day["requests"],
+                       "nodes_left": counts[LEFT], "nodes_offline": counts[OFFLINE],
+                       "requests": day["requests"],
                        "error_rate": round(day["failed"] / day["requests"], 4)
                        if day["requests"] else 0.0,
                        "mean_ttft_ms": round(day["ttft"], 1) if day["ttft"] else None,
@@ -4173,8 +4206,8 @@ class Api:
         await conn.send_json(200, {
             "router": {"version": hc.VERSION, "uptime_s": round(time.time() - self.started),
                        "nodes_online": counts[ONLINE], "nodes_degraded": counts[DEGRADED],
-                       "nodes_draining": counts[DRAINING], "nodes_offline": counts[OFFLINE],
-                       "holding": self.scheduler.holding,
+                       "nodes_draining": counts[DRAINING], "nodes_left": counts[LEFT],
+                       "nodes_offline": counts[OFFLINE], "holding": self.scheduler.holding,
                        "zombies_reaped": self.stats.events["zombie_reaped"],
                        "events": dict(self.stats.events),
                        "traces_written": self.traces.written,
@@ -4562,9 +4595,9 @@ class LocalNode:
 
     def _taken(self):
         node = self.fleet.nodes.get(self.node_id)
-        if node is not None and not node.local and node.status != OFFLINE:
+        if node is not None and not node.local and node.status not in GONE:
             return True
-        return any(not n.local and n.status != OFFLINE and self.covers(n.hb)
+        return any(not n.local and n.status not in GONE and self.covers(n.hb)
                    for n in self.fleet.nodes.values())
 
     async def poll(self):

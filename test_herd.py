@@ -1917,7 +1917,7 @@ def test_a_node_id_follows_one_rule_in_both_programs(h, tmp_path, monkeypatch):
     assert hc.check_node_id(hc.default_node_id())
 
 
-def test_a_draining_node_says_so_and_is_offline_once_its_agent_left(h):
+def test_a_draining_node_says_so_and_shows_left_once_its_agent_left(h):
     fake = h.fake(chunks=10, chunk_delay=0.1)
     router = h.router()  # FLEET_HEARTBEAT_OFFLINE is 30 s: "at once" is well before
     agent = h.agent(router, fake, "node-a", FLEET_NODE_HEARTBEAT_INTERVAL=0.1)
@@ -1933,10 +1933,10 @@ def test_a_draining_node_says_so_and_is_offline_once_its_agent_left(h):
     assert not drain.done()  # the agent waits for the running stream
     stream.join(10)
     assert drain.result(10) is True
-    assert node_status(router, "node-a") == "offline"
-    assert fleet_status(router)["router"]["nodes_offline"] == 1
+    assert node_status(router, "node-a") == "left"
+    assert fleet_status(router)["router"]["nodes_left"] == 1
     metrics = http(router.url, "GET", "/metrics")[2].decode()
-    assert 'herd_node_status{node="node-a",status="offline"} 1' in metrics
+    assert 'herd_node_status{node="node-a",status="left"} 1' in metrics
     rows = h.traces(router)
     assert [r["status"] for r in rows] == ["completed"]
 
@@ -4245,6 +4245,7 @@ def crafted(**changes):
 
 HEALTH_CASES = [
     ("offline_nodes", "critical", crafted(node_status="offline", node_silent_s=45), "45s"),
+    ("left_nodes", "info", crafted(node_status="left", node_silent_s=12), "12s ago"),
     ("degraded_nodes", "warning", crafted(node_status="degraded", node_silent_s=20), "20s"),
     ("memory_pressure", "critical", crafted(node_memory={"percent": 97,
                                                          "pressure": "critical"}), "97%"),
@@ -4295,7 +4296,8 @@ def test_each_health_check_fires_on_its_condition(check, severity, snap, numbers
     assert [f["check"] for f in findings] == [check]
     f = findings[0]
     assert f["severity"] == severity and numbers in f["description"]
-    assert f["title"] and f["recommendation"] and score < 100
+    assert f["title"] and f["recommendation"]
+    assert score == 100 if check in herd.NEWS_CHECKS else score < 100
 
 
 def test_media_findings_come_at_the_error_rate_and_critical_needs_ten_requests():
@@ -4318,10 +4320,10 @@ def test_health_thresholds_come_from_settings():
     assert [f["severity"] for f in herd.run_health_checks(snap)[0]] == ["critical"]
 
 
-def test_all_twenty_two_checks_are_covered():
+def test_all_twenty_three_checks_are_covered():
     assert sorted(c[0] for c in HEALTH_CASES) == sorted(
         fn.__name__.removeprefix("check_") for fn in herd.HEALTH_CHECKS)
-    assert len(herd.HEALTH_CHECKS) == 22
+    assert len(herd.HEALTH_CHECKS) == 23
 
 
 def test_a_resolved_problem_drops_out_of_health_once_its_window_passes(h):
@@ -6692,3 +6694,37 @@ def test_an_agent_whose_ollama_url_is_the_router_is_told_the_ports(h, caplog):
     assert f"is this router, not an Ollama: point FLEET_NODE_OLLAMA_HOST at Ollama's port " \
            f"(Ollama listens on 11434, this router on {router.port})" in refused[0].error
     assert fleet_status(router)["nodes"] == []
+
+
+def test_an_agent_that_left_is_news_not_a_failure(h, caplog):
+    router = h.router()
+    h.heartbeat(router, h.fake(), "stays")
+    agent = h.agent(router, h.fake(), "leaves")
+    with herd_logs(caplog):
+        assert h.bg.run(agent.drain()) is True
+    said = [r for r in caplog.records if getattr(r, "event", "") == "node_left"]
+    assert len(said) == 1 and said[0].levelname == "INFO"
+    assert said[0].getMessage() == "node left the fleet (its agent stopped)"
+    assert node_status(router, "leaves") == "left"
+    health = get_json(router.url, "/dashboard/api/health")
+    assert (health["score"], health["status"]) == (100, "healthy")
+    assert [(c["check"], c["severity"], c["title"]) for c in health["checks"]] == [
+        ("left_nodes", "info", "leaves left the fleet")]
+    assert health["vitals"]["nodes_left"] == 1 and health["vitals"]["nodes_offline"] == 0
+
+
+def test_a_node_that_left_is_never_called_offline_and_is_soon_forgotten(h):
+    fake = h.fake()
+    router = h.router(FLEET_HEARTBEAT_TIMEOUT=0.2, FLEET_HEARTBEAT_OFFLINE=0.3,
+                      FLEET_FORGET_OFFLINE_AFTER=2.0)  # a node that left: the shorter of
+    agent = h.agent(router, fake, "leaves")            # this and LEFT_LISTED_S
+    assert h.bg.run(agent.drain()) is True
+    seen = set()
+
+    def forgotten():  # past FLEET_HEARTBEAT_OFFLINE it stays "left", then is forgotten
+        seen.add(node_status(router, "leaves"))
+        return fleet_node(router, "leaves") is None
+    wait_until(forgotten, what="the node that left forgotten")
+    assert seen == {"left", None}
+    h.heartbeat(router, fake, "leaves")  # its agent starts again: it is back
+    assert node_status(router, "leaves") == "online"
