@@ -407,8 +407,7 @@ class Node:
         self.cpu_history = collections.deque(maxlen=6)
         self.media_host, self.media_port = "", 0  # its agent's media server, if any
         self.media_models = {}  # kind -> {canonical name: name as the agent lists it}
-        self.signs = False  # its agent signs heartbeats that this router, with no token,
-        # does not check: the owner believes the fleet closed
+        self.signs = False  # its agent signs heartbeats (unchecked by a router with no token)
 
     def take_media(self, media):
         """What the agent serves itself (hc.Heartbeat's media section), for routing."""
@@ -3543,8 +3542,8 @@ def check_left_nodes(snap):
     for n in snap["nodes"]:
         if n["status"] == LEFT:
             yield finding("left_nodes", "info", f"{n['node_id']} left the fleet",
-                          f"Its agent stopped cleanly {n['silent_s']:.0f}s ago, once the "
-                          f"requests running there had finished; it gets no work.",
+                          f"Its agent stopped cleanly {n['silent_s']:.0f}s ago and said "
+                          f"so; it gets no work until it starts again.",
                           "Nothing to do if it was stopped on purpose. To bring it back, "
                           "start herd_node.py on that machine again.", node=n["node_id"])
 
@@ -3751,12 +3750,12 @@ def check_zombie_reaper(snap):
 
 HEALTH_CHECKS = (check_no_nodes, check_open_fleet, check_refused_heartbeats, check_speed_drops,
                  check_offline_nodes, check_left_nodes, check_degraded_nodes,
-                 check_memory_pressure,
-                 check_paused_nodes, check_underutilized_nodes, check_vram_fallbacks,
-                 check_kv_cache_bloat, check_model_thrashing, check_request_timeouts,
-                 check_error_rates, check_retry_rates, check_client_disconnects,
-                 check_media_timeouts, check_media_errors, check_incomplete_streams,
-                 check_version_mismatch, check_context_protection, check_zombie_reaper)
+                 check_memory_pressure, check_paused_nodes, check_underutilized_nodes,
+                 check_vram_fallbacks, check_kv_cache_bloat, check_model_thrashing,
+                 check_request_timeouts, check_error_rates, check_retry_rates,
+                 check_client_disconnects, check_media_timeouts, check_media_errors,
+                 check_incomplete_streams, check_version_mismatch, check_context_protection,
+                 check_zombie_reaper)
 
 
 # Findings that report what the owner did, not a fault: they cost the score nothing and

@@ -3214,7 +3214,7 @@ def nearest_setting(name, own, other):
         other = [n for n in other if n.startswith("FLEET_NODE_")]
     words = setting_words(name)
     for names in (own, other):
-        for fits in (words.__eq__, lambda w: w.endswith("_" + words)):
+        for fits in (lambda w: w == words, lambda w: w.endswith("_" + words)):
             found = [n for n in names if fits(setting_words(n))]
             if len(found) == 1:
                 return found[0]
