@@ -55,14 +55,14 @@ import tempfile
 import time
 import urllib.parse
 
+import herd_common as hc  # first: it refuses a Python older than 3.11, in one line
+
 try:
     import psutil
     from zeroconf import InterfaceChoice, IPVersion
     from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 except ImportError:  # pragma: no cover
     sys.exit("Herd needs h11, psutil and zeroconf: pip install h11 psutil zeroconf")
-
-import herd_common as hc
 
 log = logging.getLogger("herd.router")
 fleet_log = logging.getLogger("herd.fleet")
@@ -140,9 +140,13 @@ METRICS = [  # what GET /metrics exposes, in the Prometheus text format
 MAX_MOVES = 8  # a queued request follows the rebalancer this often, then routes freely
 MAX_FALLBACKS = 8  # fallback_models a request may name
 # A node's status: it takes work (online; degraded is scored lower), its agent is
-# leaving and lets running requests finish (draining), or it is gone (offline).
-ONLINE, DEGRADED, DRAINING, OFFLINE = "online", "degraded", "draining", "offline"
-NODE_STATUSES = (ONLINE, DEGRADED, DRAINING, OFFLINE)
+# leaving and lets running requests finish (draining), its agent stopped cleanly and
+# said so (left: what its owner did, not a fault), or it went silent (offline).
+ONLINE, DEGRADED, DRAINING, LEFT, OFFLINE = "online", "degraded", "draining", "left", "offline"
+NODE_STATUSES = (ONLINE, DEGRADED, DRAINING, LEFT, OFFLINE)
+GONE = (LEFT, OFFLINE)  # no work, no heartbeats expected; its id may move to a new address
+LEFT_LISTED_S = 3600.0  # a node that left is listed this long (FLEET_FORGET_OFFLINE_AFTER
+# if shorter): long enough to see that it left, not a day of clutter
 # Ollama's built-in origins (OLLAMA_ORIGINS adds to them): pages served from this
 # machine, on any port, and the schemes of desktop apps and editor views.
 OLLAMA_ORIGINS = tuple(
@@ -184,6 +188,8 @@ def load_router_config(environ, args):
     values["registries_allowed"] = comma_set(cfg.pull_registries)
     values["origins_allowed"] = read_origins(cfg.origins)
     values["tls"] = server_tls(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
+    values["misnamed"] = tuple(hc.misnamed_settings(environ, ROUTER_SETTINGS, hc.NODE_SETTINGS,
+                                                    bool(cfg.token), skip_prefix="FLEET_NODE_"))
     return hc.Config(values, cfg.sources)
 
 
@@ -395,7 +401,7 @@ class Node:
         self.ollama_url, self.host, self.port = "", "", 0
         self.status = ONLINE
         self.last_seen = 0.0  # monotonic
-        self.offline_since = None  # monotonic, while offline
+        self.offline_since = None  # monotonic, while gone (offline or left)
         self.models = {}  # canonical name -> /api/tags entry
         self.loaded = {}  # canonical name -> /api/ps entry
         self.unloaded_at = {}  # canonical name -> monotonic time it left memory
@@ -404,6 +410,7 @@ class Node:
         self.cpu_history = collections.deque(maxlen=6)
         self.media_host, self.media_port = "", 0  # its agent's media server, if any
         self.media_models = {}  # kind -> {canonical name: name as the agent lists it}
+        self.signs = False  # its agent signs heartbeats (unchecked by a router with no token)
 
     def take_media(self, media):
         """What the agent serves itself (hc.Heartbeat's media section), for routing."""
@@ -453,6 +460,8 @@ class Node:
         """Why this node takes no new request now, or None if it does."""
         if self.status == OFFLINE:
             return "offline"
+        if self.status == LEFT:
+            return "left the fleet"
         if self.status == DRAINING:
             return "draining"
         if self.hb.paused:
@@ -621,7 +630,7 @@ class Fleet:
                                                  "url": hb.ollama_url, "client": source})
         elif node.source != source:
             self._rebind(node, source)
-        elif node.ollama_url != hb.ollama_url and node.status != OFFLINE \
+        elif node.ollama_url != hb.ollama_url and node.status not in GONE \
                 and not local and not node.local:
             # Two machines with one name overwrite each other; say so once per change.
             fleet_log.warning(f"node id '{node.node_id}' now reports {hb.ollama_url} "
@@ -639,7 +648,7 @@ class Fleet:
         # else: keep what it had; an Ollama restart should read as "unreachable" (503,
         # held), not as "model gone" (404).
         node.cpu_history.append(hb.cpu_percent)
-        self._set_status(node, OFFLINE if hb.leaving else DRAINING if hb.draining else ONLINE)
+        self._set_status(node, LEFT if hb.leaving else DRAINING if hb.draining else ONLINE)
         for (nid, model), q in self.queues.items():
             if nid == node.node_id:
                 q.set_limit(self.limit_for(node, model))
@@ -659,22 +668,22 @@ class Fleet:
             self.evict_node(node, now_paused)
 
     def _make_room(self, source):
-        """Refuse a new node past FLEET_MAX_NODES (the longest offline one is forgotten
+        """Refuse a new node past FLEET_MAX_NODES (the one gone longest is forgotten
         first) or past MAX_NODES_PER_ADDRESS ids from one address."""
-        if source is not None and sum(n.source == source and n.status != OFFLINE
+        if source is not None and sum(n.source == source and n.status not in GONE
                                       for n in self.nodes.values()) >= MAX_NODES_PER_ADDRESS:
             raise NodeRefused(429, f"{source} already reports {MAX_NODES_PER_ADDRESS} nodes")
         if len(self.nodes) < self.cfg.max_nodes:
             return
-        offline = [n for n in self.nodes.values() if n.status == OFFLINE]
-        if not offline:
+        gone = [n for n in self.nodes.values() if n.status in GONE]
+        if not gone:
             raise NodeRefused(503, f"the fleet has FLEET_MAX_NODES={self.cfg.max_nodes} "
                                    f"nodes online; raise it to add more")
-        self.remove(min(offline, key=lambda n: n.offline_since or 0.0).node_id)
+        self.remove(min(gone, key=lambda n: n.offline_since or 0.0).node_id)
 
     def _rebind(self, node, source):
-        """A node id heard from another address: taken over only once it is offline."""
-        if node.status != OFFLINE:
+        """A node id heard from another address: taken over only once it is gone."""
+        if node.status not in GONE:
             raise NodeRefused(409, f"node id '{node.node_id}' belongs to "
                                    f"{node.source or 'this router (its local Ollama)'} while "
                                    f"it is online; give this machine its own "
@@ -698,27 +707,30 @@ class Fleet:
 
     def refresh_status(self):
         """Move nodes to degraded / offline as heartbeats go missing, and forget those
-        offline for FLEET_FORGET_OFFLINE_AFTER."""
+        offline for FLEET_FORGET_OFFLINE_AFTER; one that left sends none and is not
+        missed: it is forgotten after LEFT_LISTED_S."""
         now = time.monotonic()
         for node in list(self.nodes.values()):
             silent = now - node.last_seen
-            if silent >= self.cfg.heartbeat_offline:
+            if silent >= self.cfg.heartbeat_offline and node.status != LEFT:
                 self._set_status(node, OFFLINE)
             elif silent >= self.cfg.heartbeat_timeout and node.status == ONLINE:
                 self._set_status(node, DEGRADED)
-            if node.status == OFFLINE and \
-                    now - node.offline_since >= self.cfg.forget_offline_after:
+            listed = self.cfg.forget_offline_after
+            if node.status == LEFT:
+                listed = min(LEFT_LISTED_S, listed)
+            if node.status in GONE and now - node.offline_since >= listed:
                 self.remove(node.node_id)
 
     def _set_status(self, node, status):
         if node.status == status:
             return
-        level = logging.INFO if status in (ONLINE, DRAINING) else logging.WARNING
-        fleet_log.log(level, f"node {status}", extra={"node_id": node.node_id,
-                                                     "event": f"node_{status}"})
+        level = logging.INFO if status in (ONLINE, DRAINING, LEFT) else logging.WARNING
+        said = "node left the fleet (its agent stopped)" if status == LEFT else f"node {status}"
+        fleet_log.log(level, said, extra={"node_id": node.node_id, "event": f"node_{status}"})
         node.status = status
-        node.offline_since = time.monotonic() if status == OFFLINE else None
-        if status in (OFFLINE, DRAINING):
+        node.offline_since = time.monotonic() if status in GONE else None
+        if status in (*GONE, DRAINING):
             self.evict_node(node, status)
         self.notify_change()
 
@@ -840,7 +852,7 @@ class Fleet:
         return any(model in n.models or model in n.loaded for n in self.nodes.values())
 
     def online_nodes(self):
-        return [n for n in self.nodes.values() if n.status != OFFLINE]
+        return [n for n in self.nodes.values() if n.status not in GONE]
 
     def working_nodes(self):
         """Nodes that take new requests now."""
@@ -3227,7 +3239,7 @@ class ModelAdmin:
         if not isinstance(wanted, str):
             raise Refused(400, "node must be a string")
         node = self.fleet.nodes.get(wanted.strip())
-        if node is None or node.status == OFFLINE or not node.hb.reachable:
+        if node is None or node.status in GONE or not node.hb.reachable:
             raise Refused(404, f"node '{wanted[:64]}' is not online")
         return node
 
@@ -3240,8 +3252,8 @@ class ModelAdmin:
             return [named], []
         targets, skipped = [], []
         for node in self.fleet.holders(model):
-            if node.status == OFFLINE or not node.hb.reachable:
-                skipped.append((node, "offline" if node.status == OFFLINE else
+            if node.status in GONE or not node.hb.reachable:
+                skipped.append((node, node.status if node.status in GONE else
                                 "its Ollama is unreachable"))
             else:
                 targets.append(node)
@@ -3614,12 +3626,24 @@ def check_no_nodes(snap):
 
 
 def check_open_fleet(snap):
-    if snap["open_fleet"]:
+    if not snap["open_fleet"]:
+        return
+    signing = [n["node_id"] for n in snap["nodes"] if n.get("signs")]
+    if not signing:
         yield finding("open_fleet", "warning", "Any host can join this fleet",
                       "FLEET_TOKEN is not set: any machine that can reach the router can "
                       "send heartbeats, join as a node and receive other users' prompts.",
                       "Set FLEET_TOKEN on the router and the same value as "
                       "FLEET_NODE_TOKEN on every agent.")
+        return
+    named = ", ".join(signing[:5]) + (f" and {len(signing) - 5} more" if signing[5:] else "")
+    yield finding("open_fleet", "warning", "The agents' token is not checked",
+                  f"FLEET_TOKEN is not set, yet {len(signing)} node(s) sign their "
+                  f"heartbeats with a FLEET_NODE_TOKEN ({named}): this router checks no "
+                  f"signature, so any machine that can reach it can join as a node and "
+                  f"receive other users' prompts.",
+                  "Set FLEET_TOKEN on the router to the value the agents have as "
+                  "FLEET_NODE_TOKEN.")
 
 
 def check_refused_heartbeats(snap):
@@ -3653,6 +3677,16 @@ def check_offline_nodes(snap):
                           node=n["node_id"])
 
 
+def check_left_nodes(snap):
+    for n in snap["nodes"]:
+        if n["status"] == LEFT:
+            yield finding("left_nodes", "info", f"{n['node_id']} left the fleet",
+                          f"Its agent stopped cleanly {n['silent_s']:.0f}s ago and said "
+                          f"so; it gets no work until it starts again.",
+                          "Nothing to do if it was stopped on purpose. To bring it back, "
+                          "start herd_node.py on that machine again.", node=n["node_id"])
+
+
 def check_degraded_nodes(snap):
     for n in snap["nodes"]:
         if n["status"] == DEGRADED:
@@ -3666,7 +3700,7 @@ def check_degraded_nodes(snap):
 def check_memory_pressure(snap):
     for n in snap["nodes"]:
         pressure = n["memory"].get("pressure", "normal")
-        if pressure in ("warning", "critical") and n["status"] != OFFLINE:
+        if pressure in ("warning", "critical") and n["status"] not in GONE:
             yield finding("memory_pressure", pressure, f"{n['node_id']} is short of memory",
                           f"{n['memory'].get('percent', 0):.0f}% of its memory is in use "
                           f"(pressure {pressure}); at critical it gets no work.",
@@ -3676,7 +3710,7 @@ def check_memory_pressure(snap):
 
 def check_paused_nodes(snap):
     for n in snap["nodes"]:
-        if n.get("paused") and n["status"] != OFFLINE:
+        if n.get("paused") and n["status"] not in GONE:
             reason = n.get("paused_reason") or "its agent did not say why"
             yield finding("paused_nodes", "warning", f"{n['node_id']} is paused",
                           f"It takes no new work ({reason}); requests already running "
@@ -3828,7 +3862,7 @@ def check_incomplete_streams(snap):
 
 def check_version_mismatch(snap):
     versions = {n["ollama_version"] for n in snap["nodes"]
-                if n["status"] != OFFLINE and n["ollama_version"]}
+                if n["status"] not in GONE and n["ollama_version"]}
     if len(versions) > 1:
         yield finding("version_mismatch", "info", "Nodes run different Ollama versions",
                       f"Versions in the fleet: {', '.join(sorted(versions))}.",
@@ -3854,12 +3888,18 @@ def check_zombie_reaper(snap):
 
 
 HEALTH_CHECKS = (check_no_nodes, check_open_fleet, check_refused_heartbeats, check_speed_drops,
-                 check_offline_nodes, check_degraded_nodes, check_memory_pressure,
-                 check_paused_nodes, check_underutilized_nodes, check_vram_fallbacks,
-                 check_kv_cache_bloat, check_model_thrashing, check_request_timeouts,
-                 check_error_rates, check_retry_rates, check_client_disconnects,
-                 check_media_timeouts, check_media_errors, check_incomplete_streams,
-                 check_version_mismatch, check_context_protection, check_zombie_reaper)
+                 check_offline_nodes, check_left_nodes, check_degraded_nodes,
+                 check_memory_pressure, check_paused_nodes, check_underutilized_nodes,
+                 check_vram_fallbacks, check_kv_cache_bloat, check_model_thrashing,
+                 check_request_timeouts, check_error_rates, check_retry_rates,
+                 check_client_disconnects, check_media_timeouts, check_media_errors,
+                 check_incomplete_streams, check_version_mismatch, check_context_protection,
+                 check_zombie_reaper)
+
+
+# Findings that report what the owner did, not a fault: they cost the score nothing and
+# leave the status "healthy" (an agent stopped on purpose once turned health critical).
+NEWS_CHECKS = frozenset({"left_nodes"})
 
 
 def run_health_checks(snap):
@@ -3867,8 +3907,15 @@ def run_health_checks(snap):
     found = [f for check in HEALTH_CHECKS for f in check(snap)]
     found.sort(key=lambda f: SEVERITY_ORDER[f["severity"]])
     penalty = {"critical": 25, "warning": 10, "info": 2}
-    score = max(0, 100 - sum(penalty[f["severity"]] for f in found))
+    score = max(0, 100 - sum(penalty[f["severity"]] for f in found
+                             if f["check"] not in NEWS_CHECKS))
     return found, score
+
+
+def health_status(findings):
+    """The worst severity among the findings that are faults, or "healthy"."""
+    return next((f["severity"] for f in findings if f["check"] not in NEWS_CHECKS),
+                "healthy")
 
 
 class Health:
@@ -3887,7 +3934,7 @@ class Health:
         nodes = [{
             "node_id": n.node_id, "status": n.status, "silent_s": now - n.last_seen,
             "memory": n.hb.memory, "ollama_version": n.hb.ollama_version,
-            "paused": n.hb.paused, "paused_reason": n.hb.paused_reason,
+            "paused": n.hb.paused, "paused_reason": n.hb.paused_reason, "signs": n.signs,
             "loaded": [{**e, "model": name, "disk_size": n.models.get(name, {}).get("size")}
                        for name, e in n.loaded.items()],
         } for n in self.fleet.nodes.values()]
@@ -3914,11 +3961,12 @@ class Health:
         day = await self.traces.vitals(day_ago)
         return {
             "score": score,
-            "status": findings[0]["severity"] if findings else "healthy",
+            "status": health_status(findings),
             "checks_window_s": HEALTH_WINDOW_S,
             "vitals": {"window_s": 86400, "nodes_online": counts[ONLINE],
                        "nodes_degraded": counts[DEGRADED], "nodes_draining": counts[DRAINING],
-                       "nodes_offline": counts[OFFLINE], "requests": day["requests"],
+                       "nodes_left": counts[LEFT], "nodes_offline": counts[OFFLINE],
+                       "requests": day["requests"],
                        "error_rate": round(day["failed"] / day["requests"], 4)
                        if day["requests"] else 0.0,
                        "mean_ttft_ms": round(day["ttft"], 1) if day["ttft"] else None,
@@ -4253,7 +4301,9 @@ class Api:
         if self.local.is_router(hb.ollama_url, self.port):
             return await self.refuse_heartbeat(
                 request, conn, 400, f"ollama_url {hb.ollama_url} is this router, not an "
-                                    f"Ollama: point FLEET_NODE_OLLAMA_HOST at Ollama's port")
+                                    f"Ollama: point FLEET_NODE_OLLAMA_HOST at Ollama's port "
+                                    f"(Ollama listens on {hc.OLLAMA_PORT}, this router on "
+                                    f"{self.port})")
         if not ollama_url_allowed(hb.ollama_url, source, self.cfg.ollama_hosts_allowed):
             return await self.refuse_heartbeat(
                 request, conn, 403, f"ollama_url {hb.ollama_url} is not at {source}, where "
@@ -4270,9 +4320,26 @@ class Api:
             node = self.fleet.apply_heartbeat(hb, source)
         except NodeRefused as e:
             return await self.refuse_heartbeat(request, conn, e.status, str(e))
+        if self.signatures is None:
+            self.note_unchecked_signature(node, request)
+        # token_checked tells a signing agent whether its signature meant anything.
         await conn.send_json(200, {"status": "ok", "node_status": node.status,
                                    "in_flight": self.fleet.in_flight(node.node_id),
-                                   "router_version": hc.VERSION})
+                                   "router_version": hc.VERSION,
+                                   "token_checked": self.signatures is not None})
+
+    @staticmethod
+    def note_unchecked_signature(node, request):
+        """A signed heartbeat to a router with no FLEET_TOKEN: the agent has a token the
+        router never checks. Said once per node (the health check open_fleet names it)."""
+        signs = bool(request.header("x-herd-signature"))
+        if signs and not node.signs:
+            fleet_log.warning(
+                "this node signs its heartbeats (its agent has FLEET_NODE_TOKEN), but this "
+                "router has no FLEET_TOKEN: it checks no signature, and any host can join. "
+                "Set FLEET_TOKEN here to the agents' FLEET_NODE_TOKEN",
+                extra={"node_id": node.node_id, "event": "token_unchecked"})
+        node.signs = signs
 
     async def refuse_heartbeat(self, request, conn, status, message):
         """Refuse, log and count a heartbeat (the health checks report the count)."""
@@ -4287,8 +4354,8 @@ class Api:
         await conn.send_json(200, {
             "router": {"version": hc.VERSION, "uptime_s": round(time.time() - self.started),
                        "nodes_online": counts[ONLINE], "nodes_degraded": counts[DEGRADED],
-                       "nodes_draining": counts[DRAINING], "nodes_offline": counts[OFFLINE],
-                       "holding": self.scheduler.holding,
+                       "nodes_draining": counts[DRAINING], "nodes_left": counts[LEFT],
+                       "nodes_offline": counts[OFFLINE], "holding": self.scheduler.holding,
                        "zombies_reaped": self.stats.events["zombie_reaped"],
                        "events": dict(self.stats.events),
                        "traces_written": self.traces.written,
@@ -4741,9 +4808,9 @@ class LocalNode:
 
     def _taken(self):
         node = self.fleet.nodes.get(self.node_id)
-        if node is not None and not node.local and node.status != OFFLINE:
+        if node is not None and not node.local and node.status not in GONE:
             return True
-        return any(not n.local and n.status != OFFLINE and self.covers(n.hb)
+        return any(not n.local and n.status not in GONE and self.covers(n.hb)
                    for n in self.fleet.nodes.values())
 
     async def poll(self):

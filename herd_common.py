@@ -1,7 +1,9 @@
 """herd_common.py: what the Herd router (herd.py) and node agent (herd_node.py) share.
 
 Nothing here runs at import: no environment reads, no logging set-up, no event loop,
-no database. It holds, in the order data flows:
+no database; only a Python older than 3.11, or a missing h11, is refused in one line
+(both programs import this module first, so that the refusal comes before anything else
+can fail). It holds, in the order data flows:
 
     config table and loader   one (name, default, help) table per role; --help prints it
     logging                   JSONL file lines with fixed keys, a readable console form
@@ -29,6 +31,7 @@ import asyncio
 import collections
 import contextlib
 import datetime
+import difflib
 import hashlib
 import hmac
 import http
@@ -48,6 +51,25 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 
+# Both programs run on asyncio.timeout and TaskGroup, new in 3.11: on an older Python the
+# router would start, then answer every request with a 500. They import this module
+# first, so this line is what the user sees; for that, it and both scripts must still
+# parse on older Pythons (Python compiles a whole file before it runs any of it), down
+# to 3.8: test_herd checks it.
+MIN_PYTHON = (3, 11)
+
+
+def python_refusal(version_info, executable):
+    """The one line that refuses a Python older than MIN_PYTHON, or None."""
+    if tuple(version_info[:2]) >= MIN_PYTHON:
+        return None
+    return (f"Herd needs Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]} or newer; this is "
+            f"{'.'.join(str(n) for n in version_info[:3])} ({executable or 'python'})")
+
+
+if python_refusal(sys.version_info, sys.executable):  # pragma: no cover - old Pythons
+    sys.exit(python_refusal(sys.version_info, sys.executable))
+
 try:
     import h11
 except ImportError:  # pragma: no cover - a friendly line instead of a traceback
@@ -57,6 +79,10 @@ VERSION = "0.1.0"
 SERVER_HEADER = b"herd/" + VERSION.encode()
 MDNS_SERVICE_TYPE = "_fleet-manager._tcp.local."
 DEFAULT_ROUTER_PORT = 11435
+OLLAMA_PORT = 11434  # Ollama's default listen address is 127.0.0.1:11434 (OLLAMA_HOST)
+# Said wherever one program is found where the other should be: the usual mix-up.
+PORTS_HINT = (f"Ollama listens on port {OLLAMA_PORT}, the Herd router on "
+              f"{DEFAULT_ROUTER_PORT}")
 
 ####################################################################################
 # Config
@@ -172,7 +198,8 @@ def expand_dir(path):
 
 
 def run_program(prog, environ, args, load, log_file, run):
-    """A program's main(): settings (one clear line if bad), logs, then run(cfg)."""
+    """A program's main(): settings (one clear line if bad), logs (first a warning for
+    each FLEET_* variable it ignores by mistake: cfg.misnamed), then run(cfg)."""
     try:
         cfg = load(environ, args)
         os.makedirs(cfg.data_dir, exist_ok=True)
@@ -180,6 +207,8 @@ def run_program(prog, environ, args, load, log_file, run):
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
     setup_logging(cfg.data_dir, log_file, cfg.log_level, cfg.console_log_level)
+    for line in cfg.misnamed:  # said once, before anything else is
+        logging.getLogger("herd.settings").warning(line, extra={"event": "misnamed_setting"})
     release_freed_memory()
     return asyncio.run(run(cfg))
 
@@ -1150,7 +1179,8 @@ class FormReader:
 
 class UpstreamError(Exception):
     """A backend failed; `phase` says when: connect, send, first_byte or body; or how:
-    "status" (it answered a 5xx), "timeout" (it answered that it timed out)."""
+    "status" (it answered a 5xx), "timeout" (it answered that it timed out), "herd"
+    (a Herd program answered where Ollama should: http_json)."""
 
     def __init__(self, phase, message, closed=False):
         super().__init__(message)
@@ -1750,10 +1780,22 @@ async def http_call(url, method, path, body=None, *, headers=(), timeout=10.0, t
         up.close()
 
 
-async def http_json(url, method, path, body=None, *, headers=(), timeout=10.0):
-    """http_call that expects a JSON answer; raises UpstreamError on non-2xx."""
-    status, _, data = await http_call(url, method, path, body, headers=headers,
-                                      timeout=timeout)
+def from_herd(headers):
+    """Did a Herd program (the router, an agent) send this answer? Its Server header
+    says so; Ollama sends none."""
+    return any(k == b"server" and v.startswith(b"herd/") for k, v in headers)
+
+
+async def http_json(url, method, path, body=None, *, headers=(), timeout=10.0,
+                    expect_ollama=False):
+    """http_call that expects a JSON answer; raises UpstreamError on non-2xx, and with
+    `expect_ollama` when a Herd program answers instead (phase "herd": a URL with the
+    router's port where Ollama's belongs; the router answers much as Ollama does)."""
+    status, resp_headers, data = await http_call(url, method, path, body, headers=headers,
+                                                 timeout=timeout)
+    if expect_ollama and from_herd(resp_headers):
+        raise UpstreamError("herd", f"{url} answers as the Herd router, not as Ollama: "
+                                    f"{PORTS_HINT}")
     if status >= 300:
         raise UpstreamError("status", f"{method} {path} answered {status}: "
                                       f"{data[:200].decode('utf-8', 'replace')}")
@@ -2490,13 +2532,13 @@ def parse_positive_int(text):
 
 
 async def read_ollama(ollama_url, timeout):
-    """Version, models on disk and models loaded, or an error string. A server that
-    lists models but has no /api/version (one that only imitates Ollama) reports no
-    version: the router's /api/version then does not count it."""
+    """Version, models on disk and models loaded, or an error string (one that names
+    the ports when the URL is a Herd router's). A server that lists models but has no
+    /api/version (one that only imitates Ollama) reports no version: the router's
+    /api/version then does not count it."""
     version, tags, ps = await asyncio.gather(
-        http_json(ollama_url, "GET", "/api/version", timeout=timeout),
-        http_json(ollama_url, "GET", "/api/tags", timeout=timeout),
-        http_json(ollama_url, "GET", "/api/ps", timeout=timeout), return_exceptions=True)
+        *(http_json(ollama_url, "GET", path, timeout=timeout, expect_ollama=True)
+          for path in ("/api/version", "/api/tags", "/api/ps")), return_exceptions=True)
     for answer in (tags, ps, version):
         if isinstance(answer, BaseException) and not isinstance(answer, UpstreamError):
             raise answer
@@ -3155,3 +3197,77 @@ NODE_SETTINGS = [
             "takes (413 beyond)"),
     *LOG_SETTINGS,
 ]
+
+
+# A misspelt name is silently a default: FLEET_NODE_OLAMA_URL once made the agent log
+# one Ollama URL while the router dialled another. So each program names, once at
+# start, every FLEET_* variable it ignores by mistake. One shell may start both
+# programs, so the other program's names are known, not misspelt; the router leaves
+# FLEET_NODE_* to the agent. The agent's token is FLEET_NODE_TOKEN and the router's is
+# FLEET_TOKEN: the other's name set where one's own is not is a mistake too.
+TOKEN_SETTINGS = ("FLEET_TOKEN", "FLEET_NODE_TOKEN")
+
+
+def owner_of(name):
+    """Which program reads a setting, by its name."""
+    return "the agent's (herd_node.py)" if name.startswith("FLEET_NODE_") else \
+        "the router's (herd.py)"
+
+
+def setting_words(name):
+    """What a setting's name says once its program's prefix is off: TOKEN for both
+    FLEET_TOKEN and FLEET_NODE_TOKEN."""
+    for prefix in ("FLEET_NODE_", "FLEET_"):
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def nearest_setting(name, own, other):
+    """The known name that `name` most likely misspells, or None: the one with the same
+    words (FLEET_OLLAMA_HOST: FLEET_NODE_OLLAMA_HOST) or the only one whose words end
+    with them (FLEET_NODE_ID: FLEET_NODE_NODE_ID), this program's (`own`) before the
+    other's; else the closest in spelling. A FLEET_NODE_* name means the agent's."""
+    if name.startswith("FLEET_NODE_"):
+        other = [n for n in other if n.startswith("FLEET_NODE_")]
+    words = setting_words(name)
+    for names in (own, other):
+        for fits in (lambda w: w == words, lambda w: w.endswith("_" + words)):
+            found = [n for n in names if fits(setting_words(n))]
+            if len(found) == 1:
+                return found[0]
+    best, score = None, 0.6  # difflib.get_close_matches's own cut-off
+    for known in own + other:  # own first: it wins a tie
+        ratio = difflib.SequenceMatcher(None, words, setting_words(known)).ratio()
+        if ratio > score or ratio == score and best is None:
+            best, score = known, ratio
+    return best
+
+
+def misnamed_settings(environ, own, other, token_set, skip_prefix=None):
+    """One warning line for each FLEET_* variable in `environ` that this program (its
+    table `own`; `other` is the other program's) ignores by mistake: a name neither
+    program reads, with the nearest that one does, or the other's token name while
+    this program's token is not set (`token_set`)."""
+    own = [s.name for s in own]
+    other = [s.name for s in other]
+    lines = []
+    for name in sorted(n for n in environ if n.startswith("FLEET_")):
+        if name in own:
+            continue
+        if name in TOKEN_SETTINGS:  # the other program's token
+            if not token_set:
+                mine = next(t for t in TOKEN_SETTINGS if t in own)
+                lines.append(f"{name} is {owner_of(name)} setting; {owner_of(mine)} token "
+                             f"is {mine}, which is not set")
+            continue
+        if name in other or skip_prefix and name.startswith(skip_prefix):
+            continue
+        nearest = nearest_setting(name, own, other)
+        if nearest is None:
+            lines.append(f"{name} is not a setting and is ignored (--help lists them)")
+        else:
+            whose = "" if nearest in own else f", {owner_of(nearest)} setting"
+            lines.append(f"{name} is not a setting and is ignored: did you mean "
+                         f"{nearest}{whose}?")
+    return lines

@@ -62,14 +62,14 @@ import threading
 import time
 import unicodedata
 
+import herd_common as hc  # first: it refuses a Python older than 3.11, in one line
+
 try:
     import psutil
     from zeroconf import IPVersion, ServiceStateChange
     from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 except ImportError:  # pragma: no cover
     sys.exit("Herd needs h11, psutil and zeroconf: pip install h11 psutil zeroconf")
-
-import herd_common as hc
 
 log = logging.getLogger("herd.node")
 
@@ -1434,6 +1434,7 @@ class Agent:
         self._settings_at = 0.0
         self._ollama_was_ok = None
         self._router_ok = None
+        self._token_unchecked = False
         self.sent = 0
 
     @property
@@ -1492,14 +1493,14 @@ class Agent:
         """POST one heartbeat (signed with the token, if any); the router's answer when
         it took it, else None."""
         try:
-            status, _, body = await hc.http_call(self.router_url, "POST", "/heartbeat",
-                                                 hb, timeout=5, tls=self.tls,
-                                                 sign=self.cfg.token or None)
+            status, headers, body = await hc.http_call(self.router_url, "POST", "/heartbeat",
+                                                       hb, timeout=5, tls=self.tls,
+                                                       sign=self.cfg.token or None)
         except hc.UpstreamError as e:
             self._note_router(False, str(e))
             return None
         if status != 200:
-            self._note_router(False, f"{status}: {body[:200].decode('utf-8', 'replace')}")
+            self._note_router(False, refusal_text(self.router_url, status, headers, body))
             return None
         self.sent += 1
         self._note_router(True, None)
@@ -1507,7 +1508,20 @@ class Agent:
             answer = json.loads(body)
         except ValueError:
             answer = None
-        return answer if isinstance(answer, dict) else {}
+        answer = answer if isinstance(answer, dict) else {}
+        self._note_token(answer)
+        return answer
+
+    def _note_token(self, answer):
+        """A router with no FLEET_TOKEN takes our signed heartbeats without checking
+        them (it says token_checked: false): say so once, until that changes."""
+        unchecked = bool(self.cfg.token) and answer.get("token_checked") is False
+        if unchecked and not self._token_unchecked:
+            log.warning("the router has no FLEET_TOKEN: it does not check this agent's "
+                        "signature, and any host can join its fleet. Set FLEET_TOKEN on the "
+                        "router to this agent's FLEET_NODE_TOKEN",
+                        extra={"url": self.router_url, "event": "token_unchecked"})
+        self._token_unchecked = unchecked
 
     def _note_router(self, ok, error):
         if ok != self._router_ok or not ok:
@@ -1585,6 +1599,18 @@ class Agent:
         return left is not None
 
 
+def refusal_text(router_url, status, headers, body):
+    """A refused heartbeat's status and message; when no Herd router answered (an
+    unknown route), what answered instead: an agent pointed at Ollama's port gets
+    Ollama's plain-text 404 "404 page not found" (gin's answer to an unknown path)."""
+    text = f"{status}: {body[:200].decode('utf-8', 'replace')}"
+    if status not in (404, 405) or hc.from_herd(headers):
+        return text
+    what = "an Ollama" if body.startswith(b"404 page not found") else "no Herd router"
+    return (f"{text} ({router_url} is {what}, not the router: {hc.PORTS_HINT}; set "
+            f"--router-url or FLEET_NODE_ROUTER_URL to the router's)")
+
+
 ####################################################################################
 # Run
 ####################################################################################
@@ -1641,6 +1667,8 @@ def load_node_config(environ, args):
     values["ollama_host"] = values["ollama_host"].rstrip("/")
     if values["ollama_host"] and "://" not in values["ollama_host"]:
         values["ollama_host"] = "http://" + values["ollama_host"]
+    values["misnamed"] = tuple(hc.misnamed_settings(environ, NODE_SETTINGS, hc.ROUTER_SETTINGS,
+                                                    bool(cfg.token)))
     return hc.Config(values, cfg.sources)
 
 

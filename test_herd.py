@@ -1954,7 +1954,7 @@ def test_a_node_id_follows_one_rule_in_both_programs(h, tmp_path, monkeypatch):
     assert hc.check_node_id(hc.default_node_id())
 
 
-def test_a_draining_node_says_so_and_is_offline_once_its_agent_left(h):
+def test_a_draining_node_says_so_and_shows_left_once_its_agent_left(h):
     fake = h.fake(chunks=10, chunk_delay=0.1)
     router = h.router()  # FLEET_HEARTBEAT_OFFLINE is 30 s: "at once" is well before
     agent = h.agent(router, fake, "node-a", FLEET_NODE_HEARTBEAT_INTERVAL=0.1)
@@ -1970,10 +1970,10 @@ def test_a_draining_node_says_so_and_is_offline_once_its_agent_left(h):
     assert not drain.done()  # the agent waits for the running stream
     stream.join(10)
     assert drain.result(10) is True
-    assert node_status(router, "node-a") == "offline"
-    assert fleet_status(router)["router"]["nodes_offline"] == 1
+    assert node_status(router, "node-a") == "left"
+    assert fleet_status(router)["router"]["nodes_left"] == 1
     metrics = http(router.url, "GET", "/metrics")[2].decode()
-    assert 'herd_node_status{node="node-a",status="offline"} 1' in metrics
+    assert 'herd_node_status{node="node-a",status="left"} 1' in metrics
     rows = h.traces(router)
     assert [r["status"] for r in rows] == ["completed"]
 
@@ -4276,6 +4276,7 @@ def crafted(**changes):
 
 HEALTH_CASES = [
     ("offline_nodes", "critical", crafted(node_status="offline", node_silent_s=45), "45s"),
+    ("left_nodes", "info", crafted(node_status="left", node_silent_s=12), "12s ago"),
     ("degraded_nodes", "warning", crafted(node_status="degraded", node_silent_s=20), "20s"),
     ("memory_pressure", "critical", crafted(node_memory={"percent": 97,
                                                          "pressure": "critical"}), "97%"),
@@ -4326,7 +4327,8 @@ def test_each_health_check_fires_on_its_condition(check, severity, snap, numbers
     assert [f["check"] for f in findings] == [check]
     f = findings[0]
     assert f["severity"] == severity and numbers in f["description"]
-    assert f["title"] and f["recommendation"] and score < 100
+    assert f["title"] and f["recommendation"]
+    assert score == 100 if check in herd.NEWS_CHECKS else score < 100
 
 
 def test_media_findings_come_at_the_error_rate_and_critical_needs_ten_requests():
@@ -4349,10 +4351,10 @@ def test_health_thresholds_come_from_settings():
     assert [f["severity"] for f in herd.run_health_checks(snap)[0]] == ["critical"]
 
 
-def test_all_twenty_two_checks_are_covered():
+def test_all_twenty_three_checks_are_covered():
     assert sorted(c[0] for c in HEALTH_CASES) == sorted(
         fn.__name__.removeprefix("check_") for fn in herd.HEALTH_CHECKS)
-    assert len(herd.HEALTH_CHECKS) == 22
+    assert len(herd.HEALTH_CHECKS) == 23
 
 
 def test_a_resolved_problem_drops_out_of_health_once_its_window_passes(h):
@@ -6656,3 +6658,261 @@ def test_keep_alive_is_read_as_ollama_reads_it():
              (None, None), ([], None), (10 ** 400, None)]
     for value, ns in cases:
         assert herd.keep_alive_ns(value) == ns, value
+
+
+####################################################################################
+# A newcomer's mistakes, named at once (issue 18): an old Python, misspelt FLEET_*
+# names, a token on the agents only, Ollama's port and the router's mixed up, an agent
+# that left. Each test checks the line the user sees.
+####################################################################################
+
+
+def older_pythons():
+    """{"3.10": path} of the Pythons from 3.8 to 3.10 on this machine that really run
+    (on PATH, or installed by pyenv); none is downloaded."""
+    import glob  # here: this section keeps to itself
+    candidates = [shutil.which(f"python3.{minor}") for minor in (8, 9, 10)]
+    candidates += sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.*/bin/python3")))
+    found = {}
+    for path in filter(None, candidates):
+        ask = "import sys; print('%d.%d' % sys.version_info[:2])"
+        try:
+            out = subprocess.run([path, "-c", ask], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        version = out.stdout.strip()
+        if out.returncode == 0 and version in ("3.8", "3.9", "3.10"):
+            found.setdefault(version, path)
+    return found
+
+
+def test_a_python_older_than_3_11_is_refused_in_one_line():
+    import ast
+    assert hc.python_refusal((3, 10, 12, "final", 0), "/usr/bin/python3") == \
+        "Herd needs Python 3.11 or newer; this is 3.10.12 (/usr/bin/python3)"
+    assert hc.python_refusal((3, 9, 6, "final", 0), "") == \
+        "Herd needs Python 3.11 or newer; this is 3.9.6 (python)"
+    assert hc.python_refusal((3, 11, 0, "final", 0), "x") is None
+    assert hc.python_refusal(sys.version_info, sys.executable) is None
+    # The refusal runs only if the files parse there: Python compiles a whole file first.
+    for name in ("herd.py", "herd_node.py", "herd_common.py"):
+        with open(os.path.join(HERE, name), encoding="utf-8") as f:
+            ast.parse(f.read(), name, feature_version=(3, 8))
+
+
+def test_the_real_programs_on_an_older_python_say_so_and_exit_1():
+    pythons = older_pythons()
+    if not pythons:
+        pytest.skip("no Python 3.8-3.10 on this machine")
+    for version, path in sorted(pythons.items()):
+        for script in ("herd.py", "herd_node.py"):
+            out = subprocess.run([path, script], cwd=HERE, capture_output=True, text=True,
+                                 timeout=30, env={**os.environ, "PYTHONPATH": ""})
+            assert out.returncode == 1 and out.stdout == "", (script, version, out)
+            assert out.stderr.startswith(f"Herd needs Python 3.11 or newer; this is "
+                                         f"{version}.") and out.stderr.count("\n") == 1, \
+                (script, version, out.stderr)
+
+
+def env_without_fleet(**env):
+    """This process's environment without its FLEET_* variables, plus `env`: what a
+    program is told is then only what the test says."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}, **env}
+
+
+def console_lines_until(proc, mark):
+    """The console lines a program prints (stderr) up to the first holding `mark`."""
+    lines = []
+    while not lines or mark not in lines[-1]:
+        line = proc.stderr.readline()
+        assert line, f"the program ended before printing {mark!r}: {lines}"
+        lines.append(line)
+    return lines
+
+
+def test_a_misspelt_router_setting_is_named_at_start_with_the_nearest(tmp_path):
+    with socket.socket() as taken:  # a port in use: the router says its lines and exits
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = env_without_fleet(
+            FLEET_HOST="127.0.0.1", FLEET_PORT=str(taken.getsockname()[1]), FLEET_MDNS="false",
+            FLEET_LOCAL_NODE="false", FLEET_DATA_DIR=str(tmp_path), FLEET_TOKNE="s3cret",
+            FLEET_HEARTBEAT_TIMOUT="5",
+            FLEET_NODE_OLAMA_URL="http://x:11434",  # the agent's (misspelt): not ours
+            FLEET_LOG_LEVEL="INFO")  # a setting both programs read: known
+        out = subprocess.run([sys.executable, "herd.py"], cwd=HERE, env=env,
+                             capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and "cannot listen" in out.stderr
+    said = [line for line in out.stderr.splitlines() if "not a setting" in line]
+    assert len(said) == 2, out.stderr
+    assert "FLEET_HEARTBEAT_TIMOUT is not a setting and is ignored: did you mean " \
+           "FLEET_HEARTBEAT_TIMEOUT?" in said[0]
+    assert "FLEET_TOKNE is not a setting and is ignored: did you mean FLEET_TOKEN?" in said[1]
+    logged = [json.loads(line) for line in open(tmp_path / "logs" / "herd.jsonl")]
+    assert [r["event"] for r in logged if r.get("event") == "misnamed_setting"] == \
+        ["misnamed_setting"] * 2
+
+
+def test_a_misspelt_agent_setting_is_named_at_start_with_the_nearest(h, tmp_path):
+    router = h.router()
+    env = env_without_fleet(
+        FLEET_NODE_DATA_DIR=str(tmp_path), FLEET_NODE_OLAMA_URL="http://127.0.0.1:11434",
+        FLEET_NODE_ID="mini", FLEET_HOLD_TIMEOUT="9",  # the router's: known
+        FLEET_TOKEN=router.cfg.token)  # the router's token, not the agent's
+    proc = subprocess.Popen([sys.executable, "herd_node.py", "--router-url", router.url,
+                             "--ollama-host", h.fake().url], cwd=HERE, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = console_lines_until(proc, "reporting Ollama at")
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    said = "".join(line for line in lines if "herd.settings" in line)
+    assert "FLEET_NODE_OLAMA_URL is not a setting and is ignored: did you mean " \
+           "FLEET_NODE_OLLAMA_URL?" in said
+    assert "FLEET_NODE_ID is not a setting and is ignored: did you mean " \
+           "FLEET_NODE_NODE_ID?" in said
+    assert "FLEET_TOKEN is the router's (herd.py) setting; the agent's (herd_node.py) " \
+           "token is FLEET_NODE_TOKEN, which is not set" in said
+    assert said.count("\n") == 3, said  # those three, and not FLEET_HOLD_TIMEOUT
+
+
+def test_the_nearest_setting_is_the_programs_own_first():
+    def lines(env, own, other, token_set=False, skip=None):
+        return hc.misnamed_settings(dict.fromkeys(env, "x"), own, other, token_set, skip)
+    router, node = herd.ROUTER_SETTINGS, herd_node.NODE_SETTINGS
+    assert lines(["FLEET_OLLAMA_HOST"], node, router) == [
+        "FLEET_OLLAMA_HOST is not a setting and is ignored: did you mean "
+        "FLEET_NODE_OLLAMA_HOST?"]
+    assert lines(["FLEET_OLLAMA_HOST"], router, node, skip="FLEET_NODE_") == [
+        "FLEET_OLLAMA_HOST is not a setting and is ignored: did you mean "
+        "FLEET_NODE_OLLAMA_HOST, the agent's (herd_node.py) setting?"]
+    assert lines(["FLEET_TOKNE"], node, router) == [
+        "FLEET_TOKNE is not a setting and is ignored: did you mean FLEET_NODE_TOKEN?"]
+    assert lines(["FLEET_WHATEVER"], router, node) == [
+        "FLEET_WHATEVER is not a setting and is ignored (--help lists them)"]
+    assert lines(["FLEET_NODE_TOKEN"], router, node, skip="FLEET_NODE_") == [
+        "FLEET_NODE_TOKEN is the agent's (herd_node.py) setting; the router's (herd.py) "
+        "token is FLEET_TOKEN, which is not set"]
+    assert lines(["FLEET_NODE_TOKEN", "FLEET_TOKEN", "OLLAMA_HOST", "FLEET_PORT"], router,
+                 node, token_set=True, skip="FLEET_NODE_") == []
+    assert lines([s.name for s in router + node], node, router, token_set=True) == []
+
+
+@contextlib.contextmanager
+def herd_logs(caplog):
+    """The records of the 'herd' loggers (which do not propagate by themselves)."""
+    root = logging.getLogger("herd")
+    root.propagate = True
+    try:
+        with caplog.at_level(logging.INFO, logger="herd"):
+            yield caplog
+    finally:
+        root.propagate = False
+
+
+def test_a_token_on_the_agents_only_is_said_on_both_sides_and_in_health(h, caplog):
+    fake = h.fake()
+    router = h.router(FLEET_TOKEN="")
+    signing = h.agent(router, fake, "node-a", FLEET_NODE_TOKEN="s3cret")
+    plain = h.agent(router, h.fake(), "node-b")  # no token: nothing to say to it
+    with herd_logs(caplog):
+        for _ in range(3):
+            answer = h.bg.run(signing.send(h.bg.run(signing.snapshot())))
+            assert answer["token_checked"] is False
+            assert h.bg.run(plain.send(h.bg.run(plain.snapshot())))["token_checked"] is False
+    router_said = [r for r in caplog.records if r.name == "herd.fleet"
+                   and getattr(r, "event", "") == "token_unchecked"]
+    agent_said = [r for r in caplog.records if r.name == "herd.node"
+                  and getattr(r, "event", "") == "token_unchecked"]
+    assert len(router_said) == 1 and router_said[0].node_id == "node-a"
+    assert router_said[0].getMessage().startswith(
+        "this node signs its heartbeats (its agent has FLEET_NODE_TOKEN), but this router "
+        "has no FLEET_TOKEN")
+    assert len(agent_said) == 1 and agent_said[0].levelname == "WARNING"
+    assert agent_said[0].getMessage().startswith(
+        "the router has no FLEET_TOKEN: it does not check this agent's signature")
+    health = get_json(router.url, "/dashboard/api/health")
+    found = [c for c in health["checks"] if c["check"] == "open_fleet"]
+    assert len(found) == 1 and found[0]["title"] == "The agents' token is not checked"
+    assert "1 node(s) sign their heartbeats with a FLEET_NODE_TOKEN (node-a)" in \
+        found[0]["description"]
+
+
+def test_a_router_with_the_token_tells_the_agent_it_checks_it(h, caplog):
+    router = h.router(FLEET_TOKEN="s3cret")
+    agent = h.agent(router, h.fake(), "node-a", FLEET_NODE_TOKEN="s3cret")
+    with herd_logs(caplog):
+        assert h.bg.run(agent.send(h.bg.run(agent.snapshot())))["token_checked"] is True
+    assert not [r for r in caplog.records if getattr(r, "event", "") == "token_unchecked"]
+    assert "open_fleet" not in [c["check"] for c in
+                                get_json(router.url, "/dashboard/api/health")["checks"]]
+
+
+def test_an_agent_whose_router_url_is_an_ollama_is_told_the_ports(h, caplog):
+    fake = h.fake()
+    router = h.router()
+    agent = h.agent(router, fake, "node-a", FLEET_NODE_ROUTER_URL=fake.url)
+    with herd_logs(caplog):
+        assert h.bg.run(agent.send(h.bg.run(agent.snapshot()))) is None
+    said = [r for r in caplog.records if getattr(r, "event", "") == "heartbeat_failed"]
+    assert len(said) == 1 and said[0].levelname == "WARNING"
+    assert said[0].error == (
+        f"404: 404 page not found ({fake.url} is an Ollama, not the router: Ollama "
+        f"listens on port 11434, the Herd router on 11435; set --router-url or "
+        f"FLEET_NODE_ROUTER_URL to the router's)")
+    # A real router's refusal is passed on as it is: no hint about ports.
+    assert herd_node.refusal_text(router.url, 401, [(b"server", hc.SERVER_HEADER)],
+                                  b'{"error":"not signed"}') == '401: {"error":"not signed"}'
+
+
+def test_an_agent_whose_ollama_url_is_the_router_is_told_the_ports(h, caplog):
+    router = h.router()
+    agent = h.agent(router, h.fake(), "node-a", FLEET_NODE_OLLAMA_HOST=router.url)
+    with herd_logs(caplog):
+        hb = h.bg.run(agent.snapshot())
+        assert h.bg.run(agent.send(hb)) is None
+    assert hb["ollama"]["reachable"] is False and hb["models"] == []  # not the fleet's
+    ollama = [r for r in caplog.records if getattr(r, "event", "") == "ollama_down"]
+    assert len(ollama) == 1 and ollama[0].error == (
+        f"{router.url} answers as the Herd router, not as Ollama: Ollama listens on port "
+        f"11434, the Herd router on 11435")
+    refused = [r for r in caplog.records if getattr(r, "event", "") == "heartbeat_failed"]
+    assert len(refused) == 1 and refused[0].error.startswith("400: ")
+    assert f"is this router, not an Ollama: point FLEET_NODE_OLLAMA_HOST at Ollama's port " \
+           f"(Ollama listens on 11434, this router on {router.port})" in refused[0].error
+    assert fleet_status(router)["nodes"] == []
+
+
+def test_an_agent_that_left_is_news_not_a_failure(h, caplog):
+    router = h.router()
+    h.heartbeat(router, h.fake(), "stays")
+    agent = h.agent(router, h.fake(), "leaves")
+    with herd_logs(caplog):
+        assert h.bg.run(agent.drain()) is True
+    said = [r for r in caplog.records if getattr(r, "event", "") == "node_left"]
+    assert len(said) == 1 and said[0].levelname == "INFO"
+    assert said[0].getMessage() == "node left the fleet (its agent stopped)"
+    assert node_status(router, "leaves") == "left"
+    health = get_json(router.url, "/dashboard/api/health")
+    assert (health["score"], health["status"]) == (100, "healthy")
+    assert [(c["check"], c["severity"], c["title"]) for c in health["checks"]] == [
+        ("left_nodes", "info", "leaves left the fleet")]
+    assert health["vitals"]["nodes_left"] == 1 and health["vitals"]["nodes_offline"] == 0
+
+
+def test_a_node_that_left_is_never_called_offline_and_is_soon_forgotten(h):
+    fake = h.fake()
+    router = h.router(FLEET_HEARTBEAT_TIMEOUT=0.2, FLEET_HEARTBEAT_OFFLINE=0.3,
+                      FLEET_FORGET_OFFLINE_AFTER=2.0)  # a node that left: the shorter of
+    agent = h.agent(router, fake, "leaves")            # this and LEFT_LISTED_S
+    assert h.bg.run(agent.drain()) is True
+    seen = set()
+
+    def forgotten():  # past FLEET_HEARTBEAT_OFFLINE it stays "left", then is forgotten
+        seen.add(node_status(router, "leaves"))
+        return fleet_node(router, "leaves") is None
+    wait_until(forgotten, what="the node that left forgotten")
+    assert seen == {"left", None}
+    h.heartbeat(router, fake, "leaves")  # its agent starts again: it is back
+    assert node_status(router, "leaves") == "online"
