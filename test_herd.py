@@ -54,6 +54,7 @@ from fake_ollama import FakeOllama
 HERE = os.path.dirname(os.path.abspath(__file__))
 FLEET_TOKEN = "fleet-secret-for-tests"
 GIB = 1 << 30
+QUIET_CPU = 5.0  # the CPU use every test node reports unless its test says otherwise
 
 ####################################################################################
 # Harness
@@ -179,6 +180,9 @@ class Harness:
         """The heartbeat body the agent would send now, optionally edited."""
         agent = self.agent(router, fake, node_id, FLEET_NODE_OLLAMA_URL=fake.url)
         hb = self.bg.run(agent.snapshot())
+        # A quiet CPU, not this machine's own: it is busy while tests run, and the
+        # router scores a busy node lower (a test that needs a busy one says so).
+        hb["cpu"]["percent"] = QUIET_CPU
         if mutate:
             mutate(hb)
         return hb
