@@ -75,13 +75,23 @@ It prints, per load, latency and TTFT (mean, p50, p95, p99) overall and after th
 slowdown, the p99 after / before, follow-up turns' TTFT (on the turn before's node and
 elsewhere: what session affinity gains), the loads the routing caused and the slowed
 machine's share, with xN against Herd; each schedule's mean and p95 on its own; then
-Herd's targets, judged on the pooled figures.
+Herd's targets, judged on the pooled figures. Every fleet's report also has a placement
+table: loads from a cold fleet per 100 requests against what a plan needs (one load per
+model asked for), answers whose `model` is not the one asked for, and the slowdown
+(latency over the request's time alone on the fastest machine, model hot).
+
+--fleet pressure (issue 20) is the same benchmark when the models do not all fit: four
+machines (studio 1.0 / 4 slots / room for 2 models, desktop 0.9 / 2 / 1, mini 0.5 / 2 /
+2, laptop 0.25 / 1 / 1, slowed 4x half-way), eight models of 2 to 9 GB that load at
+seconds per GB, popularity shifting half-way, at 50, 70 and 95 % of the hot capacity.
 
 Run:   python bench.py --routing         (about 45 min on 2 cores; root for the namespaces)
        python bench.py --routing --schedules 1   (about 17 min: one schedule per load)
        python bench.py --routing --quick (about 6 min; 24 requests a run, a smoke test)
        python bench.py --routing --only herd,least-connections --loads 0.8 --keep DIR
                                          (a partial run, its folders kept for a look)
+       python bench.py --routing --fleet pressure [--quick]
+                                         (about 1.5 to 2 h; --quick about 8 min)
 
 docs/benchmarks.md shows full runs and explains each row.
 """
