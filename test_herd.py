@@ -6673,3 +6673,47 @@ def test_bench_counts_answers_from_another_model_as_wrong():
     assert f["wrong_model"] == 1 and f["wrong_models"] == {"gemma2:9b -> llama3.2:3b": 1}
     assert f["loads_from_cold"] == 4 and f["loads_per_100"] == 200.0
     assert f["slowdown"]["p50"] == 4.0
+
+
+def pressure_models(bench, mix, rate):
+    """The pressure fleet's models as the planner sees them at `rate` requests/s."""
+    shares, mean_s = dict(mix), bench.CHUNK_DELAY * sum(bench.TOKENS_RANGE) / 2
+    out = []
+    for name in bench.EVERY_MODEL:
+        size = bench.fake_ollama.describe_model(name).size
+        out.append(hc.PlanModel(name, size, shares.get(name, 0.0) * rate * mean_s, {
+            m.name: m.load_delay + m.load_per_gb * size / GB
+            for m in bench.PRESSURE.machines if name in m.models}))
+    return out
+
+
+@pytest.mark.parametrize("load", [0.5, 0.7, 0.95])
+def test_plan_on_the_bench_pressure_fleet_needs_what_the_bench_says(load):
+    import bench
+    fleet = bench.PRESSURE
+    nodes = [hc.PlanNode(m.name, max_loaded=m.max_loaded, speed=m.speed,
+                         slots=m.saturation) for m in fleet.machines]
+    rate = load * bench.fleet_capacity(fleet)
+    before = hc.plan_placement(nodes, pressure_models(bench, fleet.mixes[0], rate), {})
+    after = hc.plan_placement(nodes, pressure_models(bench, fleet.mixes[1], rate),
+                              {n: list(names) for n, names in before.hot.items()})
+    assert len(before.loads) + len(after.loads) == bench.loads_a_plan_needs(fleet)
+    assert {m for m, _ in after.loads} == {bench.CODER, bench.GEMMA}
+    assert {m for m, _ in after.unloads} == {bench.FAVOURITE, bench.SECOND}
+    assert not before.unplaced and not after.unplaced
+
+
+def test_bench_ideal_time_counts_only_what_no_slot_has_cached():
+    import bench
+    first = [{"role": "user", "content": "a b c d"}]
+    alone, held = bench.service_time(first, [], 1.0)
+    tokens = len(held) - 5 - 1  # the prompt's role + 4 words, then "assistant"
+    assert alone == pytest.approx(5 * bench.PROMPT_DELAY + tokens * bench.CHUNK_DELAY)
+    second = first + [{"role": "assistant", "content": bench.fake_answer(first)},
+                      {"role": "user", "content": "e f"}]
+    follow, _ = bench.service_time(second, held, 0.5)
+    words = len(bench.fake_ollama.prompt_words("chat", {"messages": second}))
+    answer = bench.fake_ollama.drawn_length(
+        bench.fake_ollama.prompt_words("chat", {"messages": second}), *bench.TOKENS_RANGE)
+    assert words == len(held) + 3  # the new message: its role and two words
+    assert follow == pytest.approx((3 * bench.PROMPT_DELAY + answer * bench.CHUNK_DELAY) / 0.5)
