@@ -1944,7 +1944,7 @@ def latency_table(routers):
 def ttft_table(routers, slowed):
     lines = ["| router | TTFT mean | p50 | p95 | p99 | after slowdown: mean | p50 | p95 | "
              "p99 | follow-up turns: mean | p95 | loads (evictions) | answers by the "
-             f"{slowed} after |", "|---" * 14 + "|"]
+             f"{slowed} after |", "|---" * 13 + "|"]
     herd = routers.get("herd")
     for name, f in routers.items():
         base = None if name == "herd" or herd is None else herd
