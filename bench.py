@@ -75,13 +75,23 @@ It prints, per load, latency and TTFT (mean, p50, p95, p99) overall and after th
 slowdown, the p99 after / before, follow-up turns' TTFT (on the turn before's node and
 elsewhere: what session affinity gains), the loads the routing caused and the slowed
 machine's share, with xN against Herd; each schedule's mean and p95 on its own; then
-Herd's targets, judged on the pooled figures.
+Herd's targets, judged on the pooled figures. Every fleet's report also has a placement
+table: loads from a cold fleet per 100 requests against what a plan needs (one load per
+model asked for), answers whose `model` is not the one asked for, and the slowdown
+(latency over the request's time alone on the fastest machine, model hot).
+
+--fleet pressure (issue 20) is the same benchmark when the models do not all fit: four
+machines (studio 1.0 / 4 slots / room for 2 models, desktop 0.9 / 2 / 1, mini 0.5 / 2 /
+2, laptop 0.25 / 1 / 1, slowed 4x half-way), eight models of 2 to 9 GB that load at
+seconds per GB, popularity shifting half-way, at 50, 70 and 95 % of the hot capacity.
 
 Run:   python bench.py --routing         (about 45 min on 2 cores; root for the namespaces)
        python bench.py --routing --schedules 1   (about 17 min: one schedule per load)
        python bench.py --routing --quick (about 6 min; 24 requests a run, a smoke test)
        python bench.py --routing --only herd,least-connections --loads 0.8 --keep DIR
                                          (a partial run, its folders kept for a look)
+       python bench.py --routing --fleet pressure [--quick]
+                                         (about 1.5 to 2 h; --quick about 8 min)
 
 docs/benchmarks.md shows full runs and explains each row.
 """
@@ -191,42 +201,7 @@ class Machine:
     max_loaded: int  # OLLAMA_MAX_LOADED_MODELS
     load_delay: float  # seconds to load a model
     models: tuple  # on disk
-
-
-SMALL, MID, LARGE = "qwen2.5:0.5b", "llama3.2:3b", "qwen2.5:7b"
-MODEL_MIX = ((SMALL, 0.6), (MID, 0.3), (LARGE, 0.1))
-MACHINES = (
-    Machine("desktop", speed=1.0, slots=4, saturation=3, max_loaded=3, load_delay=1.0,
-            models=(SMALL, MID, LARGE)),
-    Machine("mid", speed=0.5, slots=2, saturation=2, max_loaded=2, load_delay=1.5,
-            models=(SMALL, MID, LARGE)),
-    Machine("laptop", speed=0.3, slots=2, saturation=2, max_loaded=1, load_delay=2.0,
-            models=(SMALL, MID)),
-)
-SLOWED = "laptop"  # becomes SLOWDOWN times slower half-way through each run
-# Agents join one by one, the slowest machine first: a router that breaks ties by the
-# order nodes joined starts on the laptop, and has to find its own way off it.
-JOIN_ORDER = (2, 1, 0)
-SLOWDOWN = 4.0
-CHUNK_DELAY = 0.01  # seconds a token at speed 1: 100 tokens/s per stream
-PROMPT_DELAY = 0.002  # seconds per prompt token no slot has cached, at speed 1
-TOKENS_RANGE = (16, 96)  # answer lengths, drawn per prompt
-OLLAMA_PORT = 11434
-CONVERSATION_SHARE = 0.35  # of sessions; the others send one request
-CONVERSATION_TURNS = 3
-TURN_GAP_S = (3.0, 5.0)  # a conversation's next turn is due this long after the last
-MIN_THINK_S = 0.5  # and never sooner than this after its answer arrived
-HERD_SETTINGS = {"FLEET_MDNS": "false", "FLEET_LOCAL_NODE": "false",
-                 "FLEET_SHUTDOWN_GRACE": "2", "FLEET_CONSOLE_LOG_LEVEL": "WARNING",
-                 # one client address stands in for all the users
-                 "FLEET_MAX_CONNECTIONS_PER_CLIENT": "1024", "FLEET_MAX_CONNECTIONS": "1024"}
-OLLAMA_HERD = "ollama-herd==0.11.4"
-OLLAMA_HERD_VENV = os.path.expanduser("~/.cache/herd-bench/ollama-herd-0.11.4")
-OLLAMA_HERD_MDNS = "_herdbench._tcp.local."  # not the real herd's service type
-ROUTERS = ("herd", "herd-learning-off", "round-robin", "least-connections", "ollama-herd")
-# Targets for Herd: p95 latency this far below each router's, at both loads.
-P95_BELOW = {"least-connections": 0.30, "herd-learning-off": 0.15, "ollama-herd": 0.20}
-MAX_P99_AFTER_OVER_BEFORE = 2.0
+    load_per_gb: float = 0.0  # and seconds per GB of the model's weights on top
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,8 +215,105 @@ class RoutingPlan:
     schedules: int = 1
 
 
-ROUTING_PLANS = {"quick": RoutingPlan(requests=24, timeout=15),
-                 "full": RoutingPlan(requests=180, timeout=45, schedules=3)}
+@dataclasses.dataclass(frozen=True)
+class Fleet:
+    """An emulated fleet and its workload (--fleet NAME)."""
+
+    name: str
+    machines: tuple
+    # The model shares, one mix per equal part of each run: a second mix is popularity
+    # shifting half-way (by request count, so every router gets the same requests).
+    mixes: tuple
+    slowed: str  # the machine that becomes SLOWDOWN times slower half-way through each run
+    # Agents join one by one in this order (indices into machines).
+    join_order: tuple
+    warm_up: tuple  # rounds of models, one short request each, before the timed part
+    plans: dict  # "quick" / "full" -> RoutingPlan
+    placement_targets: bool = False  # judge the issue-20 targets (loads, slowdown)
+
+
+SLOWDOWN = 4.0
+CHUNK_DELAY = 0.01  # seconds a token at speed 1: 100 tokens/s per stream
+PROMPT_DELAY = 0.002  # seconds per prompt token no slot has cached, at speed 1
+TOKENS_RANGE = (16, 96)  # answer lengths, drawn per prompt
+OLLAMA_PORT = 11434
+CONVERSATION_SHARE = 0.35  # of sessions; the others send one request
+CONVERSATION_TURNS = 3
+TURN_GAP_S = (3.0, 5.0)  # a conversation's next turn is due this long after the last
+MIN_THINK_S = 0.5  # and never sooner than this after its answer arrived
+
+# "fits": three machines; every model fits on the fastest, the others hold fewer.
+SMALL, MID, LARGE = "qwen2.5:0.5b", "llama3.2:3b", "qwen2.5:7b"
+FITS = Fleet(
+    "fits",
+    machines=(
+        Machine("desktop", speed=1.0, slots=4, saturation=3, max_loaded=3, load_delay=1.0,
+                models=(SMALL, MID, LARGE)),
+        Machine("mid", speed=0.5, slots=2, saturation=2, max_loaded=2, load_delay=1.5,
+                models=(SMALL, MID, LARGE)),
+        Machine("laptop", speed=0.3, slots=2, saturation=2, max_loaded=1, load_delay=2.0,
+                models=(SMALL, MID))),
+    mixes=(((SMALL, 0.6), (MID, 0.3), (LARGE, 0.1)),),
+    slowed="laptop",
+    # Slowest first: a router that breaks ties by the order nodes joined starts on the
+    # laptop, and has to find its own way off it.
+    join_order=(2, 1, 0),
+    warm_up=((SMALL, MID, LARGE), (SMALL, SMALL, MID), (MID, LARGE, SMALL)),
+    plans={"quick": RoutingPlan(requests=24, timeout=15),
+           "full": RoutingPlan(requests=180, timeout=45, schedules=3)})
+
+# "pressure" (issue 20): eight models of 2 to 9 GB (fake_ollama sizes them from their
+# names) for six places, so a router must choose what is hot where. Loads read the
+# weights at a disk's pace (seconds per GB), as a real load mostly does. Half-way
+# through, yesterday's favourites (llama3.1:8b, qwen2.5:7b) fade and a 14B coder and
+# gemma2:9b rise. Each mix's shares follow the machines' share of the capacity (studio
+# 3 of 6.05, desktop 1.8, mini 1, laptop 0.25), so a plan that puts the busiest models
+# on the fastest machines can carry the load; the laptop has no room for the two
+# largest. A plan needs one load per model asked for: six places filled once, and the
+# two risers loaded once each into the places of the two that faded.
+CODER, GEMMA = "qwen2.5-coder:14b", "gemma2:9b"
+FAVOURITE, SECOND = "llama3.1:8b", "qwen2.5:7b"
+PRESSURE_MODELS = ("llama3.2:3b", "mistral:7b", "phi3:3.8b", "qwen2.5:3b")
+EVERY_MODEL = (FAVOURITE, SECOND, *PRESSURE_MODELS, CODER, GEMMA)
+PRESSURE = Fleet(
+    "pressure",
+    machines=(
+        Machine("studio", speed=1.0, slots=4, saturation=3, max_loaded=2, load_delay=0.3,
+                load_per_gb=0.5, models=EVERY_MODEL),
+        Machine("desktop", speed=0.9, slots=2, saturation=2, max_loaded=1, load_delay=0.3,
+                load_per_gb=0.5, models=EVERY_MODEL),
+        Machine("mini", speed=0.5, slots=2, saturation=2, max_loaded=2, load_delay=0.5,
+                load_per_gb=0.8, models=EVERY_MODEL),
+        Machine("laptop", speed=0.25, slots=1, saturation=1, max_loaded=1, load_delay=0.5,
+                load_per_gb=1.0, models=EVERY_MODEL[:-2])),
+    mixes=(((FAVOURITE, 0.30), ("llama3.2:3b", 0.20), (SECOND, 0.30), ("mistral:7b", 0.08),
+            ("phi3:3.8b", 0.08), ("qwen2.5:3b", 0.04)),
+           ((CODER, 0.30), ("llama3.2:3b", 0.20), (GEMMA, 0.30), ("mistral:7b", 0.08),
+            ("phi3:3.8b", 0.08), ("qwen2.5:3b", 0.04))),
+    slowed="laptop",
+    join_order=(3, 2, 1, 0),
+    warm_up=((FAVOURITE, SECOND, "llama3.2:3b"), ("mistral:7b", "phi3:3.8b", "qwen2.5:3b")),
+    plans={"quick": RoutingPlan(requests=120, timeout=60, loads=(0.7,)),
+           "full": RoutingPlan(requests=600, timeout=90, loads=(0.5, 0.7, 0.95),
+                               schedules=3)},
+    placement_targets=True)
+FLEETS = {f.name: f for f in (FITS, PRESSURE)}
+
+HERD_SETTINGS = {"FLEET_MDNS": "false", "FLEET_LOCAL_NODE": "false",
+                 "FLEET_SHUTDOWN_GRACE": "2", "FLEET_CONSOLE_LOG_LEVEL": "WARNING",
+                 # one client address stands in for all the users
+                 "FLEET_MAX_CONNECTIONS_PER_CLIENT": "1024", "FLEET_MAX_CONNECTIONS": "1024"}
+OLLAMA_HERD = "ollama-herd==0.11.4"
+OLLAMA_HERD_VENV = os.path.expanduser("~/.cache/herd-bench/ollama-herd-0.11.4")
+OLLAMA_HERD_MDNS = "_herdbench._tcp.local."  # not the real herd's service type
+ROUTERS = ("herd", "herd-learning-off", "round-robin", "least-connections", "ollama-herd")
+# Targets for Herd: p95 latency this far below each router's, at both loads.
+P95_BELOW = {"least-connections": 0.30, "herd-learning-off": 0.15, "ollama-herd": 0.20}
+MAX_P99_AFTER_OVER_BEFORE = 2.0
+# Issue 20's targets on a fleet under memory pressure: cold loads within this many
+# times what a plan needs; at half the capacity, slowdown p95 at most this.
+MAX_LOADS_OVER_PLAN = 2.0
+MAX_SLOWDOWN_P95_AT_HALF = 3.0
 
 
 ####################################################################################
@@ -1046,10 +1118,12 @@ def print_report(r):
 # router dials localhost:<port> for every node whose heartbeats come from loopback).
 
 
-def fleet_capacity(machines=MACHINES):
+def fleet_capacity(fleet):
     """Requests/s the fleet sustains, decode-bound: each machine writes speed x
-    saturation / CHUNK_DELAY tokens/s at most, an answer is TOKENS_RANGE's mean long."""
-    tokens_per_s = sum(m.speed * m.saturation / CHUNK_DELAY for m in machines)
+    saturation / CHUNK_DELAY tokens/s at most, an answer is TOKENS_RANGE's mean long.
+    Under memory pressure this is the hot capacity: every model in demand hot where a
+    plan puts it."""
+    tokens_per_s = sum(m.speed * m.saturation / CHUNK_DELAY for m in fleet.machines)
     return tokens_per_s / (sum(TOKENS_RANGE) / 2)
 
 
@@ -1060,7 +1134,8 @@ def run_ip(*args):
 class Network:
     """Where the machines live: network namespaces on a bridge, or loopback aliases."""
 
-    def __init__(self, exits):
+    def __init__(self, exits, fleet):
+        self.fleet = fleet
         self.namespaces = os.geteuid() == 0 and shutil.which("ip") is not None
         self._pid = os.getpid()
         self.bridge = f"hbbr{self._pid}"
@@ -1078,7 +1153,7 @@ class Network:
         run_ip("link", "add", self.bridge, "type", "bridge")
         run_ip("addr", "add", f"{self.subnet}.1/24", "dev", self.bridge)
         run_ip("link", "set", self.bridge, "up")
-        for i in range(len(MACHINES)):
+        for i in range(len(self.fleet.machines)):
             ns, veth = self.namespace(i), f"hb{self._pid}v{i}"
             run_ip("netns", "add", ns)
             run_ip("link", "add", veth, "type", "veth", "peer", "name", f"{veth}p")
@@ -1090,7 +1165,7 @@ class Network:
             run_ip("-n", ns, "route", "add", "default", "via", f"{self.subnet}.1")
 
     def _remove(self):
-        for i in range(len(MACHINES)):
+        for i in range(len(self.fleet.machines)):
             subprocess.run(["ip", "netns", "del", self.namespace(i)], capture_output=True)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
 
@@ -1131,11 +1206,12 @@ def free_subnet(seed):
 
 def start_machine(exits, group, workdir, net, i):
     """Machine i's fake Ollama; returns once it listens."""
-    m = MACHINES[i]
+    m = net.fleet.machines[i]
     argv = ["fake_ollama.py", "--host", "0.0.0.0" if net.namespaces else net.address(i),
             "--port", str(OLLAMA_PORT), "--models", ",".join(m.models),
             "--num-parallel", str(m.slots), "--chunk-delay", str(CHUNK_DELAY),
-            "--load-delay", str(m.load_delay), "--speed", str(m.speed),
+            "--load-delay", str(m.load_delay), "--load-per-gb", str(m.load_per_gb),
+            "--speed", str(m.speed),
             "--saturation", str(m.saturation), "--max-loaded", str(m.max_loaded),
             "--prompt-delay", str(PROMPT_DELAY), "--tokens-range", "%d,%d" % TOKENS_RANGE]
     log_path = os.path.join(workdir, f"fake-{m.name}.log")
@@ -1188,12 +1264,13 @@ def start_herd(exits, group, workdir, net, learning=True):
     if not learning:
         env["FLEET_LEARNING"] = "false"
     if not net.namespaces:  # agents on loopback name an Ollama at another alias
-        env["FLEET_ALLOWED_OLLAMA_HOSTS"] = ",".join(net.address(i)
-                                                     for i in range(len(MACHINES)))
+        env["FLEET_ALLOWED_OLLAMA_HOSTS"] = ",".join(
+            net.address(i) for i in range(len(net.fleet.machines)))
     router = start_process(exits, ["herd.py"], env, os.path.join(workdir, "router.log"),
                            group=group)
-    for joined, i in enumerate(JOIN_ORDER, 1):
-        m = MACHINES[i]
+    order = net.fleet.join_order
+    for joined, i in enumerate(order, 1):
+        m = net.fleet.machines[i]
         start_process(exits, ["herd_node.py", "--router-url",
                               f"http://{net.router_host}:{port}",
                               "--ollama-host", f"http://127.0.0.1:{OLLAMA_PORT}"
@@ -1207,23 +1284,22 @@ def start_herd(exits, group, workdir, net, learning=True):
                        "FLEET_CONSOLE_LOG_LEVEL": "WARNING"},
                       os.path.join(workdir, f"agent-{m.name}.log"), prefix=net.prefix(i),
                       group=group)
-        wait_for_fleet(router, workdir,
-                       lambda: herd_ready(net.router_host, port, JOIN_ORDER[:joined]))
+        wait_for_fleet(router, workdir, lambda: herd_ready(
+            net.router_host, port, [net.fleet.machines[k] for k in order[:joined]]))
     return Front("", net.router_host, port)
 
 
 def herd_ready(host, port, machines):
     """Those machines online in /fleet/status, with their real slots."""
     nodes = {n.get("node_id"): n for n in read_json(host, port, "/fleet/status")["nodes"]}
-    return all(nodes.get(MACHINES[i].name, {}).get("status") == "online"
-               and nodes[MACHINES[i].name].get("num_parallel") == MACHINES[i].slots
-               for i in machines)
+    return all(nodes.get(m.name, {}).get("status") == "online"
+               and nodes[m.name].get("num_parallel") == m.slots for m in machines)
 
 
 def start_baseline(exits, group, workdir, net, policy):
     """The baseline proxy (round robin or least connections), its own process."""
     port = net.free_port()
-    urls = ",".join(net.ollama_url(i) for i in range(len(MACHINES)))
+    urls = ",".join(net.ollama_url(i) for i in range(len(net.fleet.machines)))
     proc = start_process(exits, ["bench.py", "--baseline-proxy", policy, "--host",
                                  net.router_host, "--port", str(port), "--nodes", urls], {},
                          os.path.join(workdir, "router.log"), group=group)
@@ -1272,8 +1348,9 @@ def start_ollama_herd(exits, group, workdir, net, bin_dir):
                            {**base, "FLEET_HOST": net.router_host, "FLEET_PORT": str(port),
                             "FLEET_DATA_DIR": os.path.join(workdir, "data")},
                            os.path.join(workdir, "router.log"), group=group)
-    for joined, i in enumerate(JOIN_ORDER, 1):
-        m = MACHINES[i]
+    order = net.fleet.join_order
+    for joined, i in enumerate(order, 1):
+        m = net.fleet.machines[i]
         start_command(exits, [*net.prefix(i), os.path.join(bin_dir, "herd-node"),
                               "--node-id", m.name, "--log-level", "warning",
                               "--ollama-host", f"http://127.0.0.1:{OLLAMA_PORT}",
@@ -1282,16 +1359,15 @@ def start_ollama_herd(exits, group, workdir, net, bin_dir):
                        "FLEET_NODE_DATA_DIR": os.path.join(workdir, f"agent-{m.name}")},
                       os.path.join(workdir, f"agent-{m.name}.log"), group=group)
         wait_for_fleet(router, workdir, lambda: ollama_herd_ready(
-            net.router_host, port, JOIN_ORDER[:joined]))
+            net.router_host, port, [net.fleet.machines[k] for k in order[:joined]]))
     return Front("", net.router_host, port)
 
 
 def ollama_herd_ready(host, port, machines):
     nodes = {n.get("node_id"): n for n in read_json(host, port, "/fleet/status")["nodes"]}
-    return all(nodes.get(MACHINES[i].name, {}).get("status") == "online"
-               and nodes[MACHINES[i].name].get("ollama", {}).get("num_parallel")
-               == MACHINES[i].slots and nodes[MACHINES[i].name]["ollama"].get(
-                   "models_available") for i in machines)
+    return all(nodes.get(m.name, {}).get("status") == "online"
+               and nodes[m.name].get("ollama", {}).get("num_parallel") == m.slots
+               and nodes[m.name]["ollama"].get("models_available") for m in machines)
 
 
 def read_json(host, port, path):
@@ -1312,7 +1388,7 @@ def wait_for_fleet(proc, workdir, ready, timeout=60.0):
 
 def start_front(name, exits, group, workdir, net, ollama_herd):
     """The router `name` on a fleet of its own, ready to serve."""
-    for i in range(len(MACHINES)):
+    for i in range(len(net.fleet.machines)):
         start_machine(exits, group, workdir, net, i)
     if name in ("herd", "herd-learning-off"):
         front = start_herd(exits, group, workdir, net, learning=name == "herd")
@@ -1490,24 +1566,27 @@ class Outcome:
     latency: float = None
     error: str = ""
     node: str = ""  # the X-Fleet-Node that answered ("": the router does not say)
+    answered: str = ""  # the `model` its answer names: another than asked is a wrong answer
     same_node: bool = None  # a follow-up answered where the turn before was (None: unknown)
+    ideal: float = None  # seconds it takes alone on the fastest machine, model hot
 
 
 def words(rng, lo, hi):
     return " ".join(f"t{rng.randrange(5000)}" for _ in range(rng.randint(lo, hi)))
 
 
-def pick_model(rng):
+def pick_model(rng, mix):
     x, total = rng.random(), 0.0
-    for model, share in MODEL_MIX:
+    for model, share in mix:
         total += share
         if x < total:
             return model
-    return MODEL_MIX[-1][0]
+    return mix[-1][0]
 
 
-def build_sessions(requests, rate, seed):
-    """Sessions worth `requests` requests, at `rate` requests/s on average."""
+def build_sessions(requests, rate, seed, mixes):
+    """Sessions worth `requests` requests, at `rate` requests/s on average; the k-th of
+    the `mixes` picks the models of the k-th equal part of the requests."""
     rng = random.Random(seed)
     per_session = 1 + CONVERSATION_SHARE * (CONVERSATION_TURNS - 1)
     sessions, clock, total = [], 0.0, 0
@@ -1519,7 +1598,8 @@ def build_sessions(requests, rate, seed):
         for _ in range(turns - 1):
             due.append(due[-1] + rng.uniform(*TURN_GAP_S))
         messages = (words(rng, 40, 160), *(words(rng, 8, 30) for _ in range(turns - 1)))
-        sessions.append(Session(pick_model(rng), messages, tuple(due)))
+        mix = mixes[min(len(mixes) - 1, total * len(mixes) // requests)]
+        sessions.append(Session(pick_model(rng, mix), messages, tuple(due)))
         total += turns
     return sessions
 
@@ -1527,6 +1607,17 @@ def build_sessions(requests, rate, seed):
 def half_way(sessions):
     """The slowdown's moment: when half of the requests are due."""
     return statistics.median(due for s in sessions for due in s.due)
+
+
+def service_time(history, cached, speed):
+    """What a turn takes on an idle machine of this speed with its model loaded and the
+    turn before in a slot's cache (fake_ollama's own arithmetic): (seconds, what that
+    slot holds afterwards)."""
+    words = fake_ollama.prompt_words("chat", {"messages": history})
+    tokens = fake_ollama.drawn_length(words, *TOKENS_RANGE)
+    fresh = len(words) - fake_ollama.shared_prefix(cached, words)
+    held = words + fake_ollama.answer_words("chat", tokens)
+    return (fresh * PROMPT_DELAY + tokens * CHUNK_DELAY) / speed, held
 
 
 def fake_answer(model_messages):
@@ -1539,7 +1630,8 @@ def fake_answer(model_messages):
 async def chat(front, body, due, timeout):
     """One streamed /api/chat on its own connection: an Outcome's ok, ttft, latency."""
     loop = asyncio.get_running_loop()
-    out = {"ok": False, "ttft": None, "latency": None, "error": "", "node": ""}
+    out = {"ok": False, "ttft": None, "latency": None, "error": "", "node": "",
+           "answered": ""}
     writer = None
     try:
         async with asyncio.timeout(timeout):
@@ -1585,6 +1677,8 @@ async def receive_chat(conn, reader, out, elapsed):
                 if "error" in chunk:
                     out["error"] = f"HTTP {status}: {str(chunk['error'])[:200]}"
                     return
+                if not out["answered"] and isinstance(chunk.get("model"), str):
+                    out["answered"] = chunk["model"][:200]
                 if out["ttft"] is None and (chunk.get("message") or {}).get("content"):
                     out["ttft"] = elapsed()
                 done = done or chunk.get("done") is True
@@ -1603,33 +1697,33 @@ async def sleep_until(loop, moment):
         await asyncio.sleep(delay)
 
 
-async def run_session(front, session, number, started, timeout, outcomes):
+async def run_session(front, session, number, started, timeout, outcomes, fastest):
     """Each turn of a session, in order; a failed turn does not change the next one."""
     loop = asyncio.get_running_loop()
-    history, answered, before = [], 0.0, ""
+    history, answered, before, cached = [], 0.0, "", []
     for turn, text in enumerate(session.messages):
         due = max(started + session.due[turn], answered + MIN_THINK_S)
         await sleep_until(loop, due)
         history.append({"role": "user", "content": text})
+        ideal, cached = service_time(history, cached, fastest)
         result = await chat(front, {"model": session.model, "messages": list(history),
                                     "stream": True}, due, timeout)
         same = result["node"] == before if before and result["node"] else None
         outcomes.append(Outcome(number, turn, session.model, due - started, **result,
-                                same_node=same))
+                                same_node=same, ideal=ideal))
         before = result["node"]
         history.append({"role": "assistant", "content": fake_answer(history)})
         answered = loop.time()
 
 
-WARMUP = ((SMALL, MID, LARGE), (SMALL, SMALL, MID), (MID, LARGE, SMALL))
 WARMUP_TOKENS = 8
 
 
-async def warm_up(front, timeout):
+async def warm_up(front, rounds, timeout):
     """The same few short requests for every router, three at a time, timed for
     nothing: where they go, and what the router learns from them, is its own affair."""
     loop = asyncio.get_running_loop()
-    for round_number, models in enumerate(WARMUP):
+    for round_number, models in enumerate(rounds):
         await asyncio.gather(*(chat(front, {
             "model": model, "stream": True, "options": {"num_predict": WARMUP_TOKENS},
             "messages": [{"role": "user", "content": f"warm up {round_number} {i}"}]},
@@ -1637,24 +1731,28 @@ async def warm_up(front, timeout):
 
 
 async def slow_down(net, at, started, marks):
-    """Half-way: SLOWED becomes SLOWDOWN times slower; every fake's counters then."""
-    loop = asyncio.get_running_loop()
+    """Half-way: the fleet's slowed machine becomes SLOWDOWN times slower; every fake's
+    counters then."""
+    loop, machines = asyncio.get_running_loop(), net.fleet.machines
     await sleep_until(loop, started + at)
-    i = next(i for i, m in enumerate(MACHINES) if m.name == SLOWED)
-    await asyncio.to_thread(fake_state, net, i, {"speed": MACHINES[i].speed / SLOWDOWN})
+    i = next(i for i, m in enumerate(machines) if m.name == net.fleet.slowed)
+    await asyncio.to_thread(fake_state, net, i, {"speed": machines[i].speed / SLOWDOWN})
     marks["slowdown"] = await asyncio.to_thread(fleet_counters, net)
 
 
 def fleet_counters(net):
-    return {m.name: fake_state(net, i) for i, m in enumerate(MACHINES)}
+    return {m.name: fake_state(net, i) for i, m in enumerate(net.fleet.machines)}
 
 
 async def drive_routing(front, net, sessions, timeout):
     """Warm up, then the open-loop sessions with the slowdown half-way."""
     loop, outcomes = asyncio.get_running_loop(), []
+    # From a cold fleet: a plan's first loads are the warm-up's.
+    marks = {"cold": await asyncio.to_thread(fleet_counters, net)}
     warming = loop.time()
-    await warm_up(front, timeout)
-    marks = {"warm_up_s": loop.time() - warming}
+    await warm_up(front, net.fleet.warm_up, timeout)
+    marks["warm_up_s"] = loop.time() - warming
+    fastest = max(m.speed for m in net.fleet.machines)
     marks["start"] = await asyncio.to_thread(fleet_counters, net)
     slowdown_at = half_way(sessions)
     started = loop.time()
@@ -1662,7 +1760,7 @@ async def drive_routing(front, net, sessions, timeout):
         tasks.create_task(slow_down(net, slowdown_at, started, marks), name="slowdown")
         for number, session in enumerate(sessions):
             tasks.create_task(run_session(front, session, number, started, timeout,
-                                          outcomes), name=f"session {number}")
+                                          outcomes, fastest), name=f"session {number}")
     marks["end"] = await asyncio.to_thread(fleet_counters, net)
     return outcomes, slowdown_at, marks, loop.time() - started
 
@@ -1687,7 +1785,7 @@ def describe_group(outcomes):
             "ttft": spread([o.ttft for o in done if o.ttft is not None])}
 
 
-def figures(runs):
+def figures(runs, fleet):
     """What one router did at one load, over its runs (one per schedule, each an
     (outcomes, slowdown_at, marks, seconds)): overall, before and after each run's
     slowdown, the follow-up turns; the loads and evictions its routing caused; where
@@ -1697,12 +1795,10 @@ def figures(runs):
     after_counts, counts = collections.Counter(), collections.Counter()
     loads = evictions = 0
     for _, _, marks, _ in runs:
-        after_counts.update(answers_since(marks, "slowdown"))
-        counts.update(answers_since(marks, "start"))
-        loads += sum(marks["end"][m.name]["load_count"] - marks["start"][m.name]["load_count"]
-                     for m in MACHINES)
-        evictions += sum(marks["end"][m.name]["evictions"] -
-                         marks["start"][m.name]["evictions"] for m in MACHINES)
+        after_counts.update(answers_since(marks, "slowdown", fleet))
+        counts.update(answers_since(marks, "start", fleet))
+        loads += counted_since(marks, "start", "load_count", fleet)
+        evictions += counted_since(marks, "start", "evictions", fleet)
     failures = collections.Counter(o.error for o in outcomes if not o.ok)
     return {"seconds": sum(run[3] for run in runs),
             "warm_up_s": max(run[2]["warm_up_s"] for run in runs),
@@ -1715,18 +1811,51 @@ def figures(runs):
             # against those answered elsewhere.
             "follow_up_same": describe_group([o for o in outcomes if o.same_node is True]),
             "follow_up_moved": describe_group([o for o in outcomes if o.same_node is False]),
-            "answers_by_node": {m.name: counts[m.name] for m in MACHINES},
-            "answers_by_node_after_slowdown": {m.name: after_counts[m.name] for m in MACHINES},
-            "slowed_share_after": after_counts[SLOWED] / max(1, sum(after_counts.values())),
+            "answers_by_node": {m.name: counts[m.name] for m in fleet.machines},
+            "answers_by_node_after_slowdown": {m.name: after_counts[m.name]
+                                               for m in fleet.machines},
+            "slowed_share_after": after_counts[fleet.slowed]
+            / max(1, sum(after_counts.values())),
             "loads": loads, "evictions": evictions,
             "failures": dict(failures.most_common(5)),
-            "runs": [describe_group(run[0])["latency"] for run in runs]}
+            "runs": [describe_group(run[0])["latency"] for run in runs],
+            **placement_figures(runs, fleet)}
 
 
-def answers_since(marks, since):
+def placement_figures(runs, fleet):
+    """Issue 20's figures: loads from a cold fleet (the fakes' own counters know the
+    truth) per 100 requests against what a plan needs, answers from a model other than
+    the one asked for, and the slowdown: each request's latency over its ideal."""
+    outcomes = [o for run in runs for o in run[0]]
+    cold_loads = sum(counted_since(run[2], "cold", "load_count", fleet) for run in runs)
+    done = [o for o in outcomes if o.ok]
+    return {"loads_from_cold": cold_loads,
+            "loads_per_100": 100 * cold_loads / max(1, len(outcomes)),
+            "plan_loads": loads_a_plan_needs(fleet) * len(runs),
+            "wrong_model": sum(o.answered != o.model for o in done),
+            "wrong_models": dict(collections.Counter(
+                f"{o.model} -> {o.answered or '(none)'}" for o in done
+                if o.answered != o.model).most_common(5)),
+            "slowdown": spread([o.latency / o.ideal for o in done if o.ideal])}
+
+
+def loads_a_plan_needs(fleet):
+    """The fewest loads one run can take: one per model asked for. The pressure fleet
+    has as many places as models in demand at any moment, so that many suffice there."""
+    return len({model for mix in fleet.mixes for model, share in mix if share > 0}
+               | {model for models in fleet.warm_up for model in models})
+
+
+def counted_since(marks, since, counter, fleet):
+    """A fake counter's growth over the fleet between the `since` mark and the end."""
+    return sum(marks["end"][m.name][counter] - marks[since][m.name][counter]
+               for m in fleet.machines)
+
+
+def answers_since(marks, since, fleet):
     """Answers each machine wrote between the `since` mark and the end."""
     return {m.name: marks["end"][m.name]["completed"] - marks[since][m.name]["completed"]
-            for m in MACHINES}
+            for m in fleet.machines}
 
 
 def p99_ratio(f):
@@ -1756,6 +1885,32 @@ def judge_routing(results):
         ratio = p99_ratio(herd)
         out[f"p99_after_over_before_at_{level}"] = None if ratio is None else (
             ratio, MAX_P99_AFTER_OVER_BEFORE, ratio <= MAX_P99_AFTER_OVER_BEFORE)
+        if results["fleet"]["placement_targets"]:
+            out.update(judge_placement(level, herd, routers.get("least-connections")))
+    return out
+
+
+def judge_placement(level, herd, least):
+    """Issue 20's targets at one load: no wrong-model answer; cold loads within twice a
+    plan's; slowdown p95 at most 3 at half the capacity, and above it every figure
+    better than least connections'."""
+    wrong = herd["wrong_model"]
+    out = {f"wrong_model_answers_at_{level}": (wrong, 0, wrong == 0),
+           f"loads_within_{MAX_LOADS_OVER_PLAN:g}x_a_plan_at_{level}": (
+               herd["loads_from_cold"], MAX_LOADS_OVER_PLAN * herd["plan_loads"],
+               herd["loads_from_cold"] <= MAX_LOADS_OVER_PLAN * herd["plan_loads"])}
+    p95 = herd["slowdown"]["p95"]
+    if level == "50%":
+        out[f"slowdown_p95_at_{level}"] = None if p95 is None else (
+            p95, MAX_SLOWDOWN_P95_AT_HALF, p95 <= MAX_SLOWDOWN_P95_AT_HALF)
+        return out
+    qs = ("mean", "p50", "p95", "p99")
+    mine = [herd["loads_from_cold"]] + [herd["slowdown"][q] for q in qs]
+    theirs = [None] * 5 if least is None else \
+        [least["loads_from_cold"]] + [least["slowdown"][q] for q in qs]
+    for name, a, b in zip(("loads", *(f"slowdown_{q}" for q in qs)), mine, theirs):
+        out[f"{name}_below_least-connections_at_{level}"] = None if a is None or b is None \
+            else (a, b, a < b)
     return out
 
 
@@ -1786,10 +1941,10 @@ def latency_table(routers):
     return "\n".join(lines)
 
 
-def ttft_table(routers):
+def ttft_table(routers, slowed):
     lines = ["| router | TTFT mean | p50 | p95 | p99 | after slowdown: mean | p50 | p95 | "
              "p99 | follow-up turns: mean | p95 | loads (evictions) | answers by the "
-             f"{SLOWED} after |", "|---" * 14 + "|"]
+             f"{slowed} after |", "|---" * 13 + "|"]
     herd = routers.get("herd")
     for name, f in routers.items():
         base = None if name == "herd" or herd is None else herd
@@ -1800,6 +1955,21 @@ def ttft_table(routers):
             for q in qs:
                 cells.append(seconds_cell(f[group]["ttft"][q], base and base[group]["ttft"][q]))
         cells += [f"{f['loads']} ({f['evictions']})", f"{f['slowed_share_after']:.0%}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def placement_table(routers):
+    """Issue 20's figures: cold loads (from a cold fleet, warm-up included) per 100
+    requests against a plan's, wrong-model answers, slowdown (latency / ideal)."""
+    lines = ["| router | done / sent | wrong model | loads from cold | per 100 requests | "
+             "a plan needs | slowdown mean | p50 | p95 | p99 |", "|---" * 10 + "|"]
+    for name, f in routers.items():
+        sent = f["overall"]["sent"]
+        cells = [name, f"{sent - f['overall']['failed']} / {sent}", str(f["wrong_model"]),
+                 str(f["loads_from_cold"]), f"{f['loads_per_100']:.1f}",
+                 f"{f['plan_loads']} ({100 * f['plan_loads'] / max(1, sent):.1f})"]
+        cells += [seconds_cell(f["slowdown"][q]) for q in ("mean", "p50", "p95", "p99")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -1855,8 +2025,11 @@ def print_routing_report(results):
         rate = results["rates"][level]
         print(f"\n### {level} of capacity ({rate:.2f} requests/s): latency, s\n")
         print(latency_table(routers))
+        print(f"\n### {level} of capacity: loads, wrong models, slowdown "
+              "(latency / ideal)\n")
+        print(placement_table(routers))
         print(f"\n### {level} of capacity: time to first token, s\n")
-        print(ttft_table(routers))
+        print(ttft_table(routers, fleet["slowed"]))
         print(f"\n### {level} of capacity: follow-up turns and session affinity, s\n")
         print(affinity_table(routers))
         if results["plan"]["schedules"] > 1:
@@ -1866,11 +2039,16 @@ def print_routing_report(results):
     print("\n".join(target_lines(judge_routing(results))))
 
 
-def describe_fleet():
-    return "; ".join(f"{m.name}: speed {m.speed:g}, {m.slots} slots, saturation "
-                     f"{m.saturation}, room for {m.max_loaded}, load {m.load_delay:g} s, "
-                     f"models {', '.join(m.models)}" for m in MACHINES) + \
-        f"; the {SLOWED} {SLOWDOWN:g}x slower half-way"
+def describe_fleet(fleet):
+    machines = "; ".join(
+        f"{m.name}: speed {m.speed:g}, {m.slots} slots, saturation {m.saturation}, room "
+        f"for {m.max_loaded}, load {m.load_delay:g} s" +
+        (f" + {m.load_per_gb:g} s/GB" if m.load_per_gb else "") +
+        f", models {', '.join(m.models)}" for m in fleet.machines)
+    mixes = " then ".join(", ".join(f"{share:.0%} {model}" for model, share in mix)
+                          for mix in fleet.mixes)
+    return f"{fleet.name}: {machines}; the {fleet.slowed} {SLOWDOWN:g}x slower half-way; " \
+           f"models asked for: {mixes}"
 
 
 ####################################################################################
@@ -1911,10 +2089,10 @@ def choose_routers(net, results):
     return routers, ollama_herd
 
 
-def routing_plan(name, loads, schedules=0):
-    """The named plan, at the loads asked for ("0.5,0.8"; empty: the plan's own), with
-    `schedules` of them (0: the plan's own)."""
-    plan = ROUTING_PLANS[name]
+def routing_plan(fleet, name, loads, schedules=0):
+    """The fleet's named plan, at the loads asked for ("0.5,0.8"; empty: the plan's
+    own), with `schedules` of them (0: the plan's own)."""
+    plan = fleet.plans[name]
     if schedules:
         plan = dataclasses.replace(plan, schedules=schedules)
     if not loads:
@@ -1928,17 +2106,19 @@ def routing_plan(name, loads, schedules=0):
     return dataclasses.replace(plan, loads=shares)
 
 
-def run_routing(workdir, plan, only=""):
+def run_routing(workdir, plan, fleet, only=""):
     """Every router (or those in `only`) at each load level (the order reversed at the
     second level)."""
-    capacity = fleet_capacity()
+    capacity = fleet_capacity(fleet)
     results = {"machine": describe_machine(), "plan": dataclasses.asdict(plan),
-               "fleet": {"description": describe_fleet(), "capacity_rps": capacity,
-                         "machines": [dataclasses.asdict(m) for m in MACHINES]},
+               "fleet": {"name": fleet.name, "description": describe_fleet(fleet),
+                         "capacity_rps": capacity, "slowed": fleet.slowed,
+                         "placement_targets": fleet.placement_targets,
+                         "machines": [dataclasses.asdict(m) for m in fleet.machines]},
                "levels": {}, "rates": {}, "skipped": {}, "notes": []}
     started = time.monotonic()
     with contextlib.ExitStack() as exits:
-        net = Network(exits)
+        net = Network(exits, fleet)
         routers, ollama_herd = choose_routers(net, results)
         if only:
             routers = [r for r in routers if r in only.split(",")]
@@ -1948,7 +2128,8 @@ def run_routing(workdir, plan, only=""):
             rate = results["rates"][level] = load * capacity
             runs = {name: [] for name in routers}  # table order
             for k in range(plan.schedules):
-                sessions = build_sessions(plan.requests, rate, seed=int(load * 1000) + k)
+                sessions = build_sessions(plan.requests, rate, int(load * 1000) + k,
+                                          fleet.mixes)
                 # The order is reversed at every other load and schedule, so a drift in
                 # the machine does not always favour the same routers.
                 for name in routers if (n + k) % 2 == 0 else routers[::-1]:
@@ -1958,7 +2139,7 @@ def run_routing(workdir, plan, only=""):
                     runs[name].append(run_one(name, os.path.join(workdir, folder), net,
                                               sessions, plan, ollama_herd))
             results["levels"][level] = {
-                name: {**figures([r[0] for r in done]),
+                name: {**figures([r[0] for r in done], fleet),
                        "start_up_s": max(r[1] for r in done), "stop_s": max(r[2] for r in done)}
                 for name, done in runs.items()}
     results["seconds"] = time.monotonic() - started
@@ -2024,6 +2205,10 @@ def parse_args():
                         help="the routing benchmark instead: Herd against round robin, "
                              "least connections and ollama-herd on an emulated fleet")
     parser.add_argument("--json", metavar="FILE", help="also write every number to FILE")
+    parser.add_argument("--fleet", choices=tuple(FLEETS), default="fits",
+                        help="with --routing: the emulated fleet: fits (three machines, "
+                             "every model fits on the fastest) or pressure (four machines, "
+                             "more models than fit, popularity shifting half-way)")
     parser.add_argument("--only", default="", metavar="ROUTERS",
                         help="with --routing: only these routers, comma-separated (a "
                              "partial run, for a look; its targets are not all judged)")
@@ -2060,8 +2245,9 @@ def main():
         with kept_folder(args.keep) if args.keep else \
                 tempfile.TemporaryDirectory(prefix="herd-bench-") as workdir:
             if args.routing:
-                results = run_routing(workdir, routing_plan(plan, args.loads, args.schedules),
-                                      args.only)
+                fleet = FLEETS[args.fleet]
+                plan = routing_plan(fleet, plan, args.loads, args.schedules)
+                results = run_routing(workdir, plan, fleet, args.only)
             else:
                 results = run_phases(workdir, PLANS[plan])
     except KeyboardInterrupt:

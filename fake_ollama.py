@@ -45,6 +45,7 @@ route, not an Ollama one (bench.py slows a node half-way through a run with it).
 Run:
     python fake_ollama.py [--host 127.0.0.1] [--port 11434] [--models a,b,c]
                           [--num-parallel N] [--chunks N] [--chunk-delay S] [--load-delay S]
+                          [--load-per-gb S]
                           [--speed X] [--saturation N] [--max-loaded N] [--prompt-delay S]
                           [--tokens-range LO,HI]
     (--num-parallel defaults to $OLLAMA_NUM_PARALLEL, else 1; --port 0 picks a free port)
@@ -1338,9 +1339,12 @@ class FakeOllama:
     def __init__(self, models=None, *, num_parallel=1, chunks=5, chunk_delay=0.0,
                  load_delay=0.0, version=DEFAULT_VERSION, embedding_dim=8, host_guard=True,
                  speed=1.0, saturation=None, max_loaded=None, prompt_delay=0.0,
-                 vary_tokens=None):
+                 vary_tokens=None, load_per_gb=0.0):
         self.num_parallel, self.chunks = num_parallel, chunks
+        # A load takes load_delay plus load_per_gb per GB of weights: reading them from
+        # disk is most of a real load, so a 9 GB model loads longer than a 2 GB one.
         self.chunk_delay, self.load_delay = chunk_delay, load_delay
+        self.load_per_gb = load_per_gb
         # The contention model (module docstring): all settable while it runs.
         self.speed, self.saturation, self.max_loaded = speed, saturation, max_loaded
         self.prompt_delay, self.vary_tokens = prompt_delay, vary_tokens
@@ -2077,9 +2081,10 @@ class FakeOllama:
             else:
                 await self._make_room(model)
             self._loading.add(model)
-            if self.load_delay:
-                await asyncio.sleep(self.load_delay)
             disk = self.models.get(model) or describe_model(model)
+            delay = self.load_delay + self.load_per_gb * disk.size / 1e9
+            if delay:
+                await asyncio.sleep(delay)
             size = loaded_size(disk, num_ctx, self.num_parallel)
             self.load_count += 1
             runner.last_used = time.monotonic()
@@ -2368,6 +2373,8 @@ def parse_args(argv=None):
     parser.add_argument("--chunks", type=int, default=5, help="tokens per answer")
     parser.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between tokens")
     parser.add_argument("--load-delay", type=float, default=0.0, help="seconds per model load")
+    parser.add_argument("--load-per-gb", type=float, default=0.0,
+                        help="and seconds per GB of the model's weights on top")
     parser.add_argument("--speed", type=float, default=1.0,
                         help="this machine's speed: each token takes chunk-delay / speed")
     parser.add_argument("--saturation", type=int, default=None,
@@ -2410,7 +2417,7 @@ async def serve(args):
                       chunk_delay=args.chunk_delay, load_delay=args.load_delay,
                       speed=args.speed, saturation=args.saturation,
                       max_loaded=args.max_loaded, prompt_delay=args.prompt_delay,
-                      vary_tokens=args.vary_tokens)
+                      vary_tokens=args.vary_tokens, load_per_gb=args.load_per_gb)
     port = await fake.start(args.host, args.port)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"fake ollama listening on http://{host}:{port}", flush=True)

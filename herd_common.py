@@ -1999,6 +1999,222 @@ def rank_candidates(candidates):
     return scored
 
 
+# -- placement: which models should be hot where (issue 20) --------------------------
+#
+# Theory: when more models are pulled than the machines hold, where a model lives decides
+# the answer time more than any queue: a cold load costs seconds, and evicting a model
+# still in demand costs that load again soon after. So the plan is a choice of what is
+# hot where, judged by one figure: the seconds of work the fleet spends on the demand
+# over the next PLAN_HORIZON_S, plus the seconds of every load the plan asks for.
+#   - A model's demand (seconds of service a second, at speed 1) is split over the
+#     nodes it is hot on by their capacity (speed x slots); on a node of speed s a second
+#     of it takes 1/s, stretched as the node's slots fill (queue_stretch).
+#   - A model with demand that is hot nowhere pays COLD_FACTOR times the slowest
+#     machine's most stretched time: every request of it would wait for a load.
+# The search starts from what is loaded now and takes, one at a time, the best move
+# (load a model into free room, or in place of one loaded there, or two nodes trading a
+# model each) while it lowers the figure by more than its loads cost (a local search,
+# not an optimum: fleets are a few nodes and models). So the busiest model goes first
+# to the fastest node that has it, a model whose demand one node cannot carry gets a
+# replica, and a small shift in demand moves nothing: a move must pay for its loads
+# (and for what the model it evicts will cost cold) within the horizon. A model is only
+# ever planned where it fits: on the node's disk, within OLLAMA_MAX_LOADED_MODELS and
+# its memory. Kind (chat, embedding, image) needs no rule of its own: a small embedding
+# model fits beside a chat model by memory, and evicting the busier chat model for it
+# never pays.
+
+PLAN_HORIZON_S = 300.0  # a move must pay for itself within five minutes of demand
+COLD_FACTOR = 10.0      # a model hot nowhere: each request waits for a load
+MAX_BUSY = 0.95         # the queue stretch stops growing here (1 / 0.05 = 20 times)
+
+
+@dataclass(frozen=True)
+class PlanNode:
+    """What fits on one node, and how fast it is."""
+
+    node_id: str
+    memory: int = 0      # bytes for models (0: unknown, no limit)
+    max_loaded: int = 0  # OLLAMA_MAX_LOADED_MODELS (0: no limit)
+    speed: float = 1.0   # relative: learned tokens/s, or a guess from its size
+    slots: int = 1
+
+
+@dataclass(frozen=True)
+class PlanModel:
+    """One model's size, demand and where it can be loaded (and how long that takes)."""
+
+    name: str
+    size: int            # bytes once loaded
+    demand: float        # seconds of service a second, at speed 1 (rate x work)
+    load_s: dict         # node_id -> seconds to load it there; other nodes lack it
+    kind: str = "chat"   # chat, embedding or image: all placed by the same rule
+
+
+@dataclass
+class Plan:
+    """Which models should be hot where, why, and the moves from what is loaded now."""
+
+    hot: dict            # node_id -> sorted tuple of model names
+    reasons: dict        # (model, node_id) -> one line
+    loads: list          # [(model, node_id)] to load
+    unloads: list        # [(model, node_id)] to unload (keep_alive 0)
+    unplaced: dict       # model with demand -> why it is hot nowhere
+
+
+def fits_on(model, node, hot, models):
+    """Whether `model` can join the models `hot` on `node`: on its disk, within its
+    loaded-model limit and its memory."""
+    if node.node_id not in model.load_s:
+        return False
+    if node.max_loaded and len(hot) >= node.max_loaded:
+        return False
+    used = sum(models[name].size for name in hot if name in models)
+    return not node.memory or used + model.size <= node.memory
+
+
+def placement_cost(hot, nodes, models):
+    """Seconds of work the demand costs over the horizon with these models hot."""
+    capacity = {n.node_id: n.speed * max(1, n.slots) for n in nodes}
+    busy, share = dict.fromkeys(capacity, 0.0), {}
+    for m in models.values():
+        places = [n for n in capacity if m.name in hot[n]]
+        total = sum(capacity[n] for n in places)
+        share[m.name] = {n: capacity[n] / total for n in places}
+        for n in places:
+            busy[n] += m.demand * share[m.name][n] / capacity[n]
+    speed = {n.node_id: n.speed for n in nodes}
+    slots = {n.node_id: max(1, n.slots) for n in nodes}
+    slowest = min(speed.values(), default=1.0)
+    cost = 0.0
+    for m in models.values():
+        if not share[m.name]:  # worse than the most crowded place: never chosen over one
+            cost += m.demand * COLD_FACTOR / slowest / (1.0 - MAX_BUSY)
+        for n, part in share[m.name].items():
+            cost += m.demand * part / speed[n] * queue_stretch(busy[n], slots[n])
+    return cost * PLAN_HORIZON_S
+
+
+def queue_stretch(busy, slots):
+    """How much longer than its own run a request takes on a node this busy: the chance
+    that every slot is taken grows like busy ** slots (Erlang C's shape at low load), so
+    a node with spare slots stretches nothing and a one-slot node is M/M/1's 1/(1-busy)."""
+    return 1.0 / (1.0 - min(busy, MAX_BUSY) ** slots)
+
+
+@dataclass
+class Move:
+    """One step of the search: the loads it asks for, what each one replaces."""
+
+    loads: tuple  # ((model, node_id, replaced model or None), ...)
+
+    def apply(self, hot):
+        after = dict(hot)
+        for name, node_id, replaced in self.loads:
+            after[node_id] = after[node_id] - {replaced} | {name}
+        return after
+
+
+def candidate_moves(hot, nodes, models):
+    """Every move the plan could make next: a load into free room or in place of one
+    model, and two nodes trading a model each (the busier one onto the faster node)."""
+    for node in nodes:
+        here = hot[node.node_id]
+        for replaced in (None, *sorted(here)):
+            for m in models.values():
+                if m.demand > 0 and m.name not in here and \
+                        fits_on(m, node, here - {replaced}, models):
+                    yield Move(((m.name, node.node_id, replaced),))
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1:]:
+            yield from trades(a, b, hot, models)
+
+
+def trades(a, b, hot, models):
+    """Moves that swap a model on node a with one on node b."""
+    on_a, on_b = hot[a.node_id], hot[b.node_id]
+    for x in sorted(on_a - on_b):
+        for y in sorted(on_b - on_a):
+            if fits_on(models[x], b, on_b - {y}, models) and \
+                    fits_on(models[y], a, on_a - {x}, models):
+                yield Move(((y, a.node_id, x), (x, b.node_id, y)))
+
+
+def best_move(hot, nodes, models, cost):
+    """The move that lowers the cost most, net of its loads, with its gross saving; or
+    None when none pays for its loads."""
+    best = None
+    for move in candidate_moves(hot, nodes, models):
+        saving = cost - placement_cost(move.apply(hot), nodes, models)
+        net = saving - sum(models[name].load_s[node_id] for name, node_id, _ in move.loads)
+        if net > 1e-9 and (best is None or net > best[0]):
+            best = (net, saving, move)
+    return best
+
+
+def explain_load(name, replaced, saving, load_s, cold):
+    """The one-line reason for a load the plan makes."""
+    why = ("hot nowhere" if cold else
+           f"saves {saving:.0f} s of work and waiting over {PLAN_HORIZON_S:.0f} s, for "
+           f"{load_s:.1f} s of loading")
+    return f"loaded: {why}" + (f", in place of {replaced}" if replaced else "")
+
+
+def keep_current(nodes, models, current):
+    """What is loaded now, kept where it still fits (a model never planned where it
+    does not fit), in the order it is listed."""
+    hot = {n.node_id: set() for n in nodes}
+    reasons = {}
+    for node in nodes:
+        for name in current.get(node.node_id, ()):
+            m = models.get(name)
+            if m is not None and fits_on(m, node, hot[node.node_id], models):
+                hot[node.node_id].add(name)
+                reasons[name, node.node_id] = (
+                    f"kept: loaded now, {m.demand:.2f} s/s of demand" if m.demand > 0
+                    else "kept: no demand now, unloaded when its room is needed")
+    return hot, reasons
+
+
+def plan_placement(nodes, models, current):
+    """The placement plan for these nodes (PlanNode) and models (PlanModel), starting
+    from `current` (node_id -> names loaded now); see the theory above."""
+    models = {m.name: m for m in models}
+    hot, reasons = keep_current(nodes, models, current)
+    cost = placement_cost(hot, nodes, models)
+    for _ in range(2 * len(models) * max(1, len(nodes))):  # each move lowers the cost
+        found = best_move(hot, nodes, models, cost)
+        if found is None:
+            break
+        _, saving, move = found
+        placed = {name for names in hot.values() for name in names}
+        load_s = sum(models[name].load_s[node_id] for name, node_id, _ in move.loads)
+        for name, node_id, replaced in move.loads:
+            reasons.pop((replaced, node_id), None)
+            reasons[name, node_id] = explain_load(name, replaced, saving, load_s,
+                                                  name not in placed)
+        hot = move.apply(hot)
+        cost = placement_cost(hot, nodes, models)
+    return describe_plan(hot, reasons, nodes, models, current)
+
+
+def describe_plan(hot, reasons, nodes, models, current):
+    """The Plan: hot sets, reasons, the loads and unloads from `current`, and why a
+    model with demand is hot nowhere."""
+    was = {n.node_id: set(current.get(n.node_id, ())) for n in nodes}
+    placed = {name for names in hot.values() for name in names}
+    unplaced = {}
+    for m in models.values():
+        if m.demand > 0 and m.name not in placed:
+            unplaced[m.name] = ("no node has room for it (busier models fill them)"
+                                if any(fits_on(m, n, set(), models) for n in nodes)
+                                else "fits on no node (disk, memory)")
+    return Plan(hot={n: tuple(sorted(names)) for n, names in hot.items()},
+                reasons=reasons,
+                loads=sorted((m, n) for n in hot for m in hot[n] - was[n]),
+                unloads=sorted((m, n) for n in hot for m in was[n] - hot[n]),
+                unplaced=unplaced)
+
+
 ####################################################################################
 # Metrics: counters and histograms in the Prometheus text format
 ####################################################################################

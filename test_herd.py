@@ -6920,3 +6920,216 @@ def test_a_node_that_left_is_never_called_offline_and_is_soon_forgotten(h):
     assert seen == {"left", None}
     h.heartbeat(router, fake, "leaves")  # its agent starts again: it is back
     assert node_status(router, "leaves") == "online"
+
+
+# ==================================================================================
+# Placement plan (issue 20): the pure planner, and the benchmark's pressure fleet
+# ==================================================================================
+
+GB = 10**9
+FLEET4 = (hc.PlanNode("studio", max_loaded=2, speed=1.0, slots=4),
+          hc.PlanNode("desktop", max_loaded=1, speed=0.9, slots=2),
+          hc.PlanNode("mini", max_loaded=2, speed=0.5, slots=2),
+          hc.PlanNode("laptop", max_loaded=1, speed=0.25, slots=1))
+ALL4 = tuple(n.node_id for n in FLEET4)
+# Yesterday's demand, seconds of service a second: shares of the fleet's capacity.
+DEMAND = {"a8b": 1.5, "l3b": 1.0, "q7b": 1.5, "mis": 0.4, "phi": 0.4, "q3b": 0.2}
+
+
+def plan_model(name, demand, size=4, on=ALL4, load=2.0, kind="chat"):
+    return hc.PlanModel(name, int(size * GB), demand, dict.fromkeys(on, load), kind)
+
+
+def plan_for(demand, current=None, nodes=FLEET4, **sizes):
+    """The plan for {name: demand} on `nodes`; `sizes` gives a model's (GB, nodes)."""
+    every = tuple(n.node_id for n in nodes)
+    models = [plan_model(name, d, *sizes.get(name, (4, every)))
+              for name, d in demand.items()]
+    return hc.plan_placement(nodes, models, current or {})
+
+
+def planned_now(demand):
+    """The plan from a cold fleet, as what is loaded now."""
+    return {n: list(names) for n, names in plan_for(demand).hot.items()}
+
+
+def where(plan, model):
+    return {n for n, names in plan.hot.items() if model in names}
+
+
+def test_plan_from_cold_places_every_model_busiest_on_the_fastest():
+    plan = plan_for(DEMAND)
+    assert all(where(plan, m) for m in DEMAND) and not plan.unplaced
+    assert plan.hot["studio"] == ("a8b", "q7b")  # the two busiest on the fastest
+    assert plan.hot["laptop"] == ("q3b",)  # the quietest on the slowest
+    assert not plan.unloads and len(plan.loads) == 6
+    assert all(plan.reasons[m, n].startswith("loaded:") for m, n in plan.loads)
+
+
+def test_plan_a_shift_in_demand_moves_one_model_not_all():
+    now = planned_now(DEMAND)
+    shifted = {**DEMAND, "a8b": 0.0, "coder": 1.5}  # a favourite fades, a coder rises
+    plan = plan_for(shifted, now, coder=(9, ALL4[:3]))
+    assert plan.loads == [("coder", "studio")] and plan.unloads == [("a8b", "studio")]
+    assert "in place of a8b" in plan.reasons["coder", "studio"]
+    assert all(plan.reasons[m, n].startswith("kept:") for n, names in plan.hot.items()
+               for m in names if m != "coder")
+
+
+@pytest.mark.parametrize("change", [
+    {"a8b": 1.3, "q7b": 1.7},  # the busiest two trade a little demand
+    {"l3b": 1.2, "phi": 0.3},  # the desktop's model gains, a small one fades
+    {"mis": 0.3, "phi": 0.5},  # the mini's two models trade places in demand
+    {"q3b": 0.1},  # the laptop's model halves
+])
+def test_plan_a_small_shift_in_demand_moves_nothing(change):
+    plan = plan_for({**DEMAND, **change}, planned_now(DEMAND))
+    assert plan.loads == [] and plan.unloads == [] and not plan.unplaced
+
+
+PLAN_CASES = [
+    # (name, nodes, {model: demand}, {model: (GB, nodes)}, current, {model: nodes hot})
+    ("never where it does not fit: memory",
+     (hc.PlanNode("fast", memory=8 * GB, speed=1.0), hc.PlanNode("big", memory=16 * GB,
+                                                                 speed=0.5)),
+     {"coder": 1.0}, {"coder": (9, ("fast", "big"))}, {}, {"coder": {"big"}}),
+    ("never where it does not fit: not on the node's disk",
+     (hc.PlanNode("fast", speed=1.0), hc.PlanNode("slow", speed=0.25)),
+     {"m": 1.0}, {"m": (4, ("slow",))}, {}, {"m": {"slow"}}),
+    ("a replica where one node cannot carry the demand",
+     (hc.PlanNode("a", speed=1.0, slots=2), hc.PlanNode("b", speed=1.0, slots=2)),
+     {"busy": 3.0}, {}, {}, {"busy": {"a", "b"}}),
+    ("no replica when one node carries it",
+     (hc.PlanNode("a", speed=1.0, slots=4), hc.PlanNode("b", speed=1.0, slots=4)),
+     {"quiet": 0.5}, {}, {}, {"quiet": {"a"}}),
+    ("embedding beside the chat model, not in its place",
+     (hc.PlanNode("a", memory=16 * GB, speed=1.0, slots=2),),
+     {"chat": 1.0, "embed": 0.1}, {"chat": (9, ("a",)), "embed": (0.3, ("a",))},
+     {"a": ["chat"]}, {"chat": {"a"}, "embed": {"a"}}),
+    ("embedding on another node when the chat model's has room for one model",
+     (hc.PlanNode("a", max_loaded=1, speed=1.0, slots=2),
+      hc.PlanNode("b", max_loaded=1, speed=0.5, slots=2)),
+     {"chat": 1.0, "embed": 0.1}, {}, {"a": ["chat"]}, {"chat": {"a"}, "embed": {"b"}}),
+    ("a quiet model does not push out a busy one on a full node",
+     (hc.PlanNode("a", max_loaded=1, speed=1.0, slots=2),),
+     {"chat": 1.0, "embed": 0.1}, {}, {"a": ["chat"]}, {"chat": {"a"}, "embed": set()}),
+    ("a model loaded where it no longer fits is not kept there",
+     (hc.PlanNode("a", memory=8 * GB, speed=1.0),),
+     {"coder": 0.5}, {"coder": (9, ("a",))}, {"a": ["coder"]}, {"coder": set()}),
+    ("a slightly busier model stays on a slightly slower node: the trade would not "
+     "pay for its two loads",
+     (hc.PlanNode("a", max_loaded=1, speed=1.0, slots=4),
+      hc.PlanNode("b", max_loaded=1, speed=0.9, slots=4)),
+     {"x": 0.5, "y": 0.45}, {}, {"a": ["y"], "b": ["x"]}, {"x": {"b"}, "y": {"a"}}),
+    ("a much busier model trades places with a quiet one on a much faster node",
+     (hc.PlanNode("a", max_loaded=1, speed=1.0, slots=4),
+      hc.PlanNode("b", max_loaded=1, speed=0.25, slots=4)),
+     {"x": 0.5, "y": 0.1}, {}, {"a": ["y"], "b": ["x"]}, {"x": {"a"}, "y": {"b"}}),
+    ("an idle model stays until its room is needed",
+     (hc.PlanNode("a", max_loaded=2, speed=1.0),),
+     {"old": 0.0, "new": 0.5}, {}, {"a": ["old"]}, {"old": {"a"}, "new": {"a"}}),
+]
+
+
+@pytest.mark.parametrize("nodes, demand, sizes, current, expected",
+                         [case[1:] for case in PLAN_CASES], ids=[c[0] for c in PLAN_CASES])
+def test_plan_cases(nodes, demand, sizes, current, expected):
+    plan = plan_for(demand, current, nodes, **sizes)
+    assert {m: where(plan, m) for m in expected} == expected
+    assert set(plan.reasons) == {(m, n) for n, names in plan.hot.items() for m in names}
+    was = {(m, n) for n, names in current.items() for m in names}
+    now = {(m, n) for n, names in plan.hot.items() for m in names}
+    assert set(plan.loads) == now - was and set(plan.unloads) == was - now
+
+
+def test_plan_says_why_a_model_is_hot_nowhere():
+    nodes = (hc.PlanNode("a", max_loaded=1, speed=1.0),)
+    plan = plan_for({"busy": 1.0, "quiet": 0.1, "huge": 0.5}, {"a": ["busy"]}, nodes,
+                    huge=(40, ()))
+    assert plan.unplaced == {"quiet": "no node has room for it (busier models fill them)",
+                             "huge": "fits on no node (disk, memory)"}
+
+
+def test_fake_load_time_grows_with_the_models_size(h):
+    fake = h.fake(chunks=1, load_per_gb=0.02, models=["llama3.2:3b", "qwen2.5-coder:14b"])
+    small, large = fake_answers(fake, [{"model": "llama3.2:3b", "prompt": "x"},
+                                       {"model": "qwen2.5-coder:14b", "prompt": "x"}])
+    assert small["load_duration"] >= 0.02e9 * 1.9 * 0.9  # 1.9 GB
+    assert large["load_duration"] >= 0.02e9 * 9.0 * 0.9  # 9.0 GB
+    assert fake.load_count == 2
+
+
+def test_bench_pressure_fleet_shifts_popularity_half_way():
+    import bench
+    fleet = bench.PRESSURE
+    sessions = bench.build_sessions(200, 5.0, 7, fleet.mixes)
+    asked, total = [], 0
+    for s in sessions:
+        asked.append((total < 100, s.model))
+        total += len(s.messages)
+    first = {m for early, m in asked if early}
+    later = {m for early, m in asked if not early}
+    assert bench.CODER not in first and bench.FAVOURITE not in later
+    assert {bench.CODER, bench.GEMMA} <= later and bench.FAVOURITE in first
+    assert bench.loads_a_plan_needs(fleet) == 8  # six places filled, two risers loaded
+    laptop = fleet.machines[-1]
+    assert bench.CODER not in laptop.models and laptop.name == fleet.slowed
+
+
+def test_bench_counts_answers_from_another_model_as_wrong():
+    import bench
+    done = [bench.Outcome(0, 0, "gemma2:9b", 0.0, ok=True, latency=2.0, ideal=0.5,
+                          answered=answered) for answered in ("gemma2:9b", "llama3.2:3b")]
+    counters = {m.name: {"load_count": 1, "completed": 0, "evictions": 0}
+                for m in bench.PRESSURE.machines}
+    marks = {"cold": {m: dict(c, load_count=0) for m, c in counters.items()},
+             "end": counters}
+    f = bench.placement_figures([(done, 0.0, marks, 1.0)], bench.PRESSURE)
+    assert f["wrong_model"] == 1 and f["wrong_models"] == {"gemma2:9b -> llama3.2:3b": 1}
+    assert f["loads_from_cold"] == 4 and f["loads_per_100"] == 200.0
+    assert f["slowdown"]["p50"] == 4.0
+
+
+def pressure_models(bench, mix, rate):
+    """The pressure fleet's models as the planner sees them at `rate` requests/s."""
+    shares, mean_s = dict(mix), bench.CHUNK_DELAY * sum(bench.TOKENS_RANGE) / 2
+    out = []
+    for name in bench.EVERY_MODEL:
+        size = bench.fake_ollama.describe_model(name).size
+        out.append(hc.PlanModel(name, size, shares.get(name, 0.0) * rate * mean_s, {
+            m.name: m.load_delay + m.load_per_gb * size / GB
+            for m in bench.PRESSURE.machines if name in m.models}))
+    return out
+
+
+@pytest.mark.parametrize("load", [0.5, 0.7, 0.95])
+def test_plan_on_the_bench_pressure_fleet_needs_what_the_bench_says(load):
+    import bench
+    fleet = bench.PRESSURE
+    nodes = [hc.PlanNode(m.name, max_loaded=m.max_loaded, speed=m.speed,
+                         slots=m.saturation) for m in fleet.machines]
+    rate = load * bench.fleet_capacity(fleet)
+    before = hc.plan_placement(nodes, pressure_models(bench, fleet.mixes[0], rate), {})
+    after = hc.plan_placement(nodes, pressure_models(bench, fleet.mixes[1], rate),
+                              {n: list(names) for n, names in before.hot.items()})
+    assert len(before.loads) + len(after.loads) == bench.loads_a_plan_needs(fleet)
+    assert {m for m, _ in after.loads} == {bench.CODER, bench.GEMMA}
+    assert {m for m, _ in after.unloads} == {bench.FAVOURITE, bench.SECOND}
+    assert not before.unplaced and not after.unplaced
+
+
+def test_bench_ideal_time_counts_only_what_no_slot_has_cached():
+    import bench
+    first = [{"role": "user", "content": "a b c d"}]
+    alone, held = bench.service_time(first, [], 1.0)
+    tokens = len(held) - 5 - 1  # the prompt's role + 4 words, then "assistant"
+    assert alone == pytest.approx(5 * bench.PROMPT_DELAY + tokens * bench.CHUNK_DELAY)
+    second = first + [{"role": "assistant", "content": bench.fake_answer(first)},
+                      {"role": "user", "content": "e f"}]
+    follow, _ = bench.service_time(second, held, 0.5)
+    words = len(bench.fake_ollama.prompt_words("chat", {"messages": second}))
+    answer = bench.fake_ollama.drawn_length(
+        bench.fake_ollama.prompt_words("chat", {"messages": second}), *bench.TOKENS_RANGE)
+    assert words == len(held) + 3  # the new message: its role and two words
+    alone_slow = (3 * bench.PROMPT_DELAY + answer * bench.CHUNK_DELAY) / 0.5
+    assert follow == pytest.approx(alone_slow)
