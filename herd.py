@@ -2544,8 +2544,7 @@ class Upload:
 
     def __init__(self, request, conn, replay_limit):
         self.stream, self.conn, self.replay_limit = request.stream, conn, replay_limit
-        length = request.header("content-length")
-        self.length = int(length) if length is not None else None
+        self.length = hc.forwarded_length(request)
         self.pieces, self.held, self.replayable = [], 0, True  # held: bytes in pieces
         self.spool = None  # the form up to its model, when its file came first
 
@@ -3251,11 +3250,10 @@ class ModelAdmin:
     async def _upload(self, request, conn, node, ex):
         """Stream the client's body to the node; (status, headers, body) of its answer."""
         cfg, stream = self.cfg, request.stream
-        length = request.header("content-length")
         up = await self._connect(node)
         try:
             up.send_head(b"POST", request.target.encode(), forward_headers(request),
-                         int(length) if length is not None else None)
+                         hc.forwarded_length(request))
             ex.touch()
             try:
                 while data := await stream.receive(conn.read_timeout):

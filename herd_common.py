@@ -510,6 +510,17 @@ def end_to_end_headers(headers, also_drop=()):
     return [(k, v) for k, v in headers if k not in drop]
 
 
+def forwarded_length(request):
+    """The Content-Length a streamed body goes on to the next hop with, or None to send
+    it chunked. The client's framing is never the next hop's: RFC 9112 6.3 has
+    Transfer-Encoding override Content-Length, and an intermediary that forwards such a
+    request must drop its Content-Length (the chunks say how long the body is)."""
+    if request.header("transfer-encoding") is not None:
+        return None
+    length = request.header("content-length")
+    return int(length) if length is not None else None
+
+
 class Request:
     """One parsed HTTP request with its whole body (or, streamed, its BodyStream)."""
 
@@ -538,8 +549,13 @@ class Request:
 
 def wants_keep_alive(http_version, headers):
     """RFC 9112 9.3: HTTP/1.1 keeps the connection unless the client says close; like
-    h11, an HTTP/1.0 client gets one response per connection."""
+    h11, an HTTP/1.0 client gets one response per connection. A request framed both
+    by Content-Length and chunked is answered, then the connection closes (RFC 9112
+    6.3: such a request may be an attempt at request smuggling)."""
     if http_version != b"1.1":
+        return False
+    names = {k for k, _ in headers}
+    if b"transfer-encoding" in names and b"content-length" in names:
         return False
     return not any(k == b"connection" and b"close" in v.lower() for k, v in headers)
 

@@ -1396,12 +1396,11 @@ class Media:
         host, port, base = hc.split_url(self.cfg.transcribe_url)
         up = await hc.Upstream.connect(host, port, 10.0)
         try:
-            length = request.header("content-length")
             up.send_head(b"POST", (base + "/v1/audio/transcriptions").encode(),
                          hc.end_to_end_headers(request.headers, (b"x-herd-timestamp",
                                                                  b"x-herd-nonce",
                                                                  b"x-herd-signature")),
-                         int(length) if length is not None else None)
+                         hc.forwarded_length(request))
             while data := await request.stream.receive(conn.read_timeout):
                 await up.send_body(data, self.cfg.media_timeout)
             up.end_body()

@@ -210,8 +210,9 @@ class Harness:
 class FakeMediaServer:
     """An OpenAI-compatible image and transcription server, as small as it can be: GET
     /v1/models lists `models`; POST /v1/images/generations answers a one-pixel PNG;
-    POST /v1/audio/transcriptions reads the form as it arrives (counting its bytes in
-    `received` and its request's "sha256", never holding it) and answers {"text": "..."}
+    POST /v1/audio/transcriptions reads the form as it arrives, by its length or
+    chunked (counting its bytes in `received` and its request's "sha256", never holding
+    it) and answers {"text": "..."}
     or, with response_format text, the text. `fault = "http500"` makes it fail; `requests` records each request's
     path, headers and (for JSON) body."""
 
@@ -240,7 +241,9 @@ class FakeMediaServer:
             record = {"path": path, "headers": headers, "body": None}
             self.requests.append(record)
             if path.endswith("/audio/transcriptions"):
-                status, ctype, body = await self._transcribe(reader, length, record)
+                chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+                pieces = self._chunks(reader) if chunked else self._pieces(reader, length)
+                status, ctype, body = await self._transcribe(pieces, record)
             else:
                 data = await reader.readexactly(length)
                 record["body"] = json.loads(data) if data else None
@@ -266,13 +269,28 @@ class FakeMediaServer:
                 {"created": 1, "data": [{"b64_json": self.PNG}]}).encode()
         return 404, "application/json", b'{"detail":"Not Found"}'
 
-    async def _transcribe(self, reader, length, record):
-        left, start, digest = length, b"", hashlib.sha256()
-        while left:
-            data = await reader.read(min(left, 1 << 16))
+    @staticmethod
+    async def _pieces(reader, length):
+        """A body of `length` bytes, as it arrives."""
+        while length:
+            data = await reader.read(min(length, 1 << 16))
             if not data:
-                raise asyncio.IncompleteReadError(b"", left)
-            left -= len(data)
+                raise asyncio.IncompleteReadError(b"", length)
+            length -= len(data)
+            yield data
+
+    @staticmethod
+    async def _chunks(reader):
+        """A chunked body's data, chunk by chunk (no extensions, no trailer fields)."""
+        while size := int((await reader.readuntil(b"\r\n"))[:-2], 16):
+            yield await reader.readexactly(size)
+            await reader.readexactly(2)
+        await reader.readexactly(2)
+
+    async def _transcribe(self, pieces, record):
+        length, start, digest = 0, b"", hashlib.sha256()
+        async for data in pieces:
+            length += len(data)
             self.received += len(data)
             digest.update(data)
             if len(start) < 4096:
@@ -6476,3 +6494,59 @@ def test_fake_takes_a_keep_alive_past_gos_duration_range(h):
     fake = h.fake(chunks=2)  # the expiry time once overflowed a datetime mid-answer
     answer = fake_answers(fake, [{"model": "llama3.2:3b", "prompt": "x", "keep_alive": 1e12}])
     assert answer[0]["done"] is True and fake.loaded["llama3.2:3b"]["expires_at"] > "2200"
+
+
+####################################################################################
+# Hardening: uploads, framing, agent deadlines, damaged files (issue 19, items 9-12)
+####################################################################################
+
+
+def framed_both_ways(path, data, content_type=None):
+    """A request that says Content-Length (a wrong one) and Transfer-Encoding: chunked,
+    its body chunked: RFC 9112 6.3 says the chunked framing is the one that counts."""
+    ctype = b"Content-Type: %s\r\n" % content_type if content_type else b""
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(data[at:at + 1000]), data[at:at + 1000])
+                      for at in range(0, len(data), 1000))
+    return (b"POST %s HTTP/1.1\r\nHost: r\r\n%sContent-Length: 10\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" % (path.encode(), ctype)) + chunks + \
+        b"0\r\n\r\n"
+
+
+def test_a_blob_framed_both_ways_goes_on_chunked_and_the_connection_closes(h):
+    fake = h.fake()
+    router = h.router()
+    h.heartbeat(router, fake, "node-a")
+    data = os.urandom(5000)
+    answer = raw_exchange(router.port, framed_both_ways(f"/api/blobs/{blob_of(data)}", data))
+    assert answer.startswith(b"HTTP/1.1 201"), answer[:300]
+    assert fake.blobs == {blob_of(data): 5000}
+    assert b"connection: close" in answer.lower()  # RFC 9112 6.3: then it closes
+    assert http(router.url, "GET", "/api/version")[0] == 200
+
+
+def test_a_speech_upload_framed_both_ways_reaches_the_tool_whole(h, tools_on_path):
+    router = h.router()
+    h.media_agent(router, h.fake(), "mac-mini")
+    form = (form_part("model") + b"Qwen/Qwen3-ASR-0.6B\r\n" + form_part("file", "a.wav") +
+            os.urandom(3000) + b"\r\n--b--\r\n")
+    answer = raw_exchange(router.port, framed_both_ways(
+        "/api/transcribe", form, b"multipart/form-data; boundary=b"))
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert b'"text":"heard 3000 bytes"' in answer
+
+
+def test_an_agent_relays_an_upload_framed_both_ways_chunked(h):
+    server = h.media_server(models=["whisper-1"])
+    router = h.router()
+    agent = h.media_agent(router, h.fake(), "whisper-box",
+                          FLEET_NODE_TRANSCRIBE_URL=server.url)
+    form = form_part("model") + b"whisper-1\r\n" + form_part("file", "a.wav") + \
+        os.urandom(3000) + b"\r\n--b--\r\n"
+    path = "/v1/audio/transcriptions"
+    request = framed_both_ways(path, form, b"multipart/form-data; boundary=b")
+    head, _, body = request.partition(b"\r\n\r\n")
+    signed = b"".join(b"%s: %s\r\n" % pair for pair in hc.sign_request(
+        router.cfg.token, "POST", path, b""))  # a streamed upload is signed without it
+    answer = raw_exchange(agent.media.port, head + b"\r\n" + signed + b"\r\n" + body)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert server.requests[-1]["sha256"] == hashlib.sha256(form).hexdigest()
