@@ -3803,7 +3803,8 @@ class Api:
         self.guard = Guard(cfg)
         self.cors = Cors(cfg.origins_allowed)
         self.admin = ModelAdmin(cfg, fleet, proxy, pulls)
-        self.signatures = hc.SignatureCheck(cfg.token) if cfg.token else None
+        self.signatures = hc.SignatureCheck(cfg.token, nonce_path=os.path.join(
+            cfg.data_dir, NONCE_FILE)) if cfg.token else None
         self.started = time.time()
         self.in_flight = 0
         self.all_done = asyncio.Event()
@@ -4266,6 +4267,7 @@ OPEN_PATHS = frozenset({"/", "/api/version", "/dashboard"})  # health checks, th
 ADMIN_PATHS = frozenset({"/api/pull", "/api/delete", "/api/copy", "/api/create",
                          "/api/push", "/dashboard/api/requests"})  # and /api/blobs/...
 BLOB_METHODS = ("HEAD", "POST")
+NONCE_FILE = "heartbeat-nonces.txt"  # in FLEET_DATA_DIR: the signature window's nonces
 CONNECTION_COUNTERS = ("connections_refused", "header_timeouts", "bodies_too_large",
                        "accept_paused")
 SECRET_SETTINGS = frozenset({"FLEET_TOKEN", "FLEET_API_KEYS", "FLEET_ADMIN_KEY",

@@ -2950,13 +2950,24 @@ def sign_request(token, method, path, body, now=None):
 
 
 class SignatureCheck:
-    """The router's side: fresh, unseen and signed with the token, or refused."""
+    """The router's side (and an agent media server's): fresh, unseen and signed with
+    the token, or refused.
+
+    The nonces seen within the window are also appended to `nonce_path`, one line each,
+    and read back at start: a request signed just before a restart is refused after it
+    as before it. Where that file cannot be kept (a read-only or full data folder), a
+    request signed before this start is refused instead: safe, but an agent whose clock
+    is behind is refused for as long as it is behind, up to the window."""
 
     MAX_NONCES = 100_000  # about 50 heartbeats a second for the whole window
+    COMPACT_EVERY = 1000  # lines appended to the nonce file before it is rewritten
 
-    def __init__(self, token, window=SIGNATURE_WINDOW_S):
+    def __init__(self, token, window=SIGNATURE_WINDOW_S, nonce_path=None, now=None):
         self.token, self.window = token, window
         self.seen = collections.OrderedDict()  # nonce -> when it stops mattering
+        self.nonce_path, self.not_before, self._appended = nonce_path, 0, 0
+        if nonce_path is not None:
+            self._load_nonces(time.time() if now is None else now)
 
     def refuse(self, request, now=None):
         """Why `request` is not a valid signed request, or None when it is."""
@@ -2970,9 +2981,14 @@ class SignatureCheck:
                 return ("not signed: this agent sends its token instead of signing with it; "
                         "update herd_node.py and herd_common.py on that machine")
             return "not signed (set FLEET_NODE_TOKEN on the node to the router's FLEET_TOKEN)"
-        if abs(now - int(timestamp)) > self.window:
-            return (f"timestamp {int(now - int(timestamp))}s away from the router's clock "
-                    f"(more than {self.window}s): check both machines' clocks")
+        skew = int(timestamp) - now  # > 0: the signer's clock is ahead of ours
+        if abs(skew) > self.window:
+            return (f"timestamp {math.ceil(abs(skew))}s {'ahead of' if skew > 0 else 'behind'}"
+                    f" this machine's clock (more than {self.window}s): check both "
+                    f"machines' clocks")
+        if int(timestamp) < self.not_before:
+            return ("signed before this program started (a replay, or a clock behind "
+                    "this machine's): the next one, signed later, is taken")
         expected = signature(self.token, timestamp, nonce, request.method, request.path,
                              request.body)
         if not hmac.compare_digest(given.encode(), expected.encode()):
@@ -2983,7 +2999,53 @@ class SignatureCheck:
         if nonce in self.seen:
             return "replayed: this signed request was already used"
         self.seen[nonce] = now + 2 * self.window
+        self._keep_nonce(nonce, self.seen[nonce])
         return None
+
+    def _load_nonces(self, now):
+        """The nonces an earlier run saw that still matter, and the file rewritten with
+        only those; failing that, the start-time rule (see the class)."""
+        try:
+            os.makedirs(os.path.dirname(self.nonce_path) or ".", exist_ok=True)
+            with contextlib.suppress(FileNotFoundError), open(self.nonce_path, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - self.MAX_NONCES * 64))
+                for line in f.read().splitlines():  # a damaged line is only skipped
+                    expiry, _, nonce = line.decode("ascii", "replace").partition(" ")
+                    if expiry.isdigit() and int(expiry) > now and nonce.isalnum():
+                        self.seen[nonce] = int(expiry)
+            self._rewrite_nonces()
+        except OSError as e:
+            self._give_up_nonces(e, now)
+
+    def _keep_nonce(self, nonce, expiry):
+        if self.nonce_path is None:
+            return
+        try:
+            if self._appended >= self.COMPACT_EVERY:  # the lines of expired ones go
+                return self._rewrite_nonces()
+            with open(self.nonce_path, "a", encoding="ascii") as f:
+                f.write(f"{math.ceil(expiry)} {nonce}\n")
+            self._appended += 1
+        except OSError as e:
+            self._give_up_nonces(e, None)
+
+    def _rewrite_nonces(self):
+        tmp = self.nonce_path + ".tmp"
+        with open(tmp, "w", encoding="ascii") as f:
+            f.writelines(f"{math.ceil(expiry)} {nonce}\n" for nonce, expiry in
+                         self.seen.items())
+        os.replace(tmp, self.nonce_path)
+        self._appended = 0
+
+    def _give_up_nonces(self, error, now):
+        """Keep nonces in memory only; at start, refuse what was signed before it."""
+        logging.getLogger("herd.signatures").warning(
+            f"cannot keep signed requests' nonces in {self.nonce_path} ({error}); "
+            + ("requests signed before this start are refused instead" if now else
+               "a restart within the next minute may take a recorded request again"))
+        self.nonce_path = None
+        if now is not None:
+            self.not_before = int(now)
 
 
 ####################################################################################

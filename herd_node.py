@@ -1147,9 +1147,10 @@ def verbose_transcript(result, text, cues):
 class Media:
     """What this node serves of images and speech, and how (see the theory above)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, node_id):
         self.cfg = cfg
-        self.signatures = hc.SignatureCheck(cfg.token) if cfg.token else None
+        self.signatures = hc.SignatureCheck(cfg.token, nonce_path=os.path.join(
+            cfg.data_dir, f"media-nonces-{node_id}.txt")) if cfg.token else None
         self.images = ImageTools(cfg)
         self.models = {hc.IMAGE: [], hc.TRANSCRIPTION: []}
         self.backends = {}
@@ -1427,7 +1428,7 @@ class Agent:
         self.finder = finder
         self.node_id = cfg.node_id or hc.default_node_id()
         self.capacity = Capacity(cfg, self.node_id, probes, owner, clock)
-        self.media = Media(cfg)
+        self.media = Media(cfg, self.node_id)
         self.tls = ssl.create_default_context(cafile=cfg.ca) if cfg.ca else None
         self.settings = {}
         self._settings_at = 0.0

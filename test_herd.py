@@ -6550,3 +6550,48 @@ def test_an_agent_relays_an_upload_framed_both_ways_chunked(h):
     answer = raw_exchange(agent.media.port, head + b"\r\n" + signed + b"\r\n" + body)
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
     assert server.requests[-1]["sha256"] == hashlib.sha256(form).hexdigest()
+
+
+class SignedRequest:
+    """Just what SignatureCheck reads of a request: its headers, method, path, body."""
+
+    def __init__(self, headers, method="POST", path="/heartbeat", body=b"{}"):
+        self.headers, self.method, self.path, self.body = headers, method, path, body
+
+    def header(self, name):
+        return next((v.decode() for k, v in self.headers if k == name.encode()), None)
+
+
+def test_a_clock_ahead_or_behind_is_said_with_its_sign(tmp_path):
+    check = hc.SignatureCheck("s3cret")
+    ahead = SignedRequest(hc.sign_request("s3cret", "POST", "/heartbeat", b"{}", now=1031))
+    behind = SignedRequest(hc.sign_request("s3cret", "POST", "/heartbeat", b"{}", now=969))
+    assert check.refuse(ahead, now=1000.5).startswith("timestamp 31s ahead of")
+    assert check.refuse(behind, now=1000.5).startswith("timestamp 32s behind")
+    assert check.refuse(ahead, now=1002) is None  # 29 s ahead: within the window
+
+
+def test_a_heartbeat_signed_before_a_restart_is_refused_after_it(h):
+    fake = h.fake()
+    router = h.router()
+    data = json.dumps(h.snapshot(router, fake, "node-a")).encode()
+    signed = {k.decode(): v.decode() for k, v in hc.sign_request(
+        router.cfg.token, "POST", "/heartbeat", data)}
+    assert http(router.url, "POST", "/heartbeat", data, headers=signed)[0] == 200
+    h.bg.run(router.stop())
+    h.routers.remove(router)
+    again = h.router()  # the same data folder, within the 30 s window
+    status, _, body = http(again.url, "POST", "/heartbeat", data, headers=signed)
+    assert status == 401 and b"replayed" in body
+    h.heartbeat(again, fake, "node-a")  # a fresh one is taken
+    assert node_status(again, "node-a") == "online"
+
+
+def test_without_a_nonce_file_what_was_signed_before_the_start_is_refused(tmp_path):
+    (tmp_path / "file").write_text("")  # a folder that cannot be made, even by root
+    check = hc.SignatureCheck("s3cret", nonce_path=str(tmp_path / "file" / "nonces"),
+                              now=1000.5)
+    old = SignedRequest(hc.sign_request("s3cret", "POST", "/heartbeat", b"{}", now=999))
+    new = SignedRequest(hc.sign_request("s3cret", "POST", "/heartbeat", b"{}", now=1000.9))
+    assert check.refuse(old, now=1001).startswith("signed before this program started")
+    assert check.refuse(new, now=1001) is None
