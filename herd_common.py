@@ -1743,7 +1743,9 @@ class UpstreamPool:
 
 async def http_call(url, method, path, body=None, *, headers=(), timeout=10.0, tls=None,
                     sign=None):
-    """A whole request to url+path; returns (status, headers, body bytes). An https://
+    """A whole request to url+path; returns (status, headers, body bytes). `timeout`
+    bounds the whole exchange, not only each read: a peer that trickles its answer a
+    byte at a time cannot hold the caller (an agent's heartbeat) for longer. An https://
     URL is verified with `tls` (an ssl.SSLContext), else the system's certificates; with
     `sign` (a fleet token) the request carries sign_request()'s headers."""
     host, port, base = split_url(url)
@@ -1757,13 +1759,21 @@ async def http_call(url, method, path, body=None, *, headers=(), timeout=10.0, t
     hdrs.extend(headers)
     if sign:
         hdrs.extend(sign_request(sign, method, base + path, payload))
-    up = await Upstream.connect(host, port, timeout, tls if is_https(url) else None)
+    up, phase = None, "connect"
     try:
-        await up.send_request(method.encode(), (base + path).encode(), hdrs, payload)
-        status, resp_headers = await up.receive_head(timeout)
-        return status, resp_headers, await up.read_body(timeout)
+        async with asyncio.timeout(timeout):
+            up = await Upstream.connect(host, port, timeout, tls if is_https(url) else None)
+            phase = "first_byte"
+            await up.send_request(method.encode(), (base + path).encode(), hdrs, payload)
+            status, resp_headers = await up.receive_head(timeout)
+            phase = "body"
+            return status, resp_headers, await up.read_body(timeout)
+    except TimeoutError:
+        raise UpstreamError(phase, f"{host}:{port} did not answer {method} {path} whole "
+                                   f"within {timeout:g}s") from None
     finally:
-        up.close()
+        if up is not None:
+            up.close()
 
 
 async def http_json(url, method, path, body=None, *, headers=(), timeout=10.0):
@@ -1773,10 +1783,17 @@ async def http_json(url, method, path, body=None, *, headers=(), timeout=10.0):
     if status >= 300:
         raise UpstreamError("status", f"{method} {path} answered {status}: "
                                       f"{data[:200].decode('utf-8', 'replace')}")
+    return read_json_answer(data, f"{method} {path}")
+
+
+def read_json_answer(data, what):
+    """A peer's JSON answer ({} when empty); UpstreamError when it is not JSON or nests
+    deep enough to exhaust the decoder's recursion (said in one line, no traceback)."""
     try:
         return json.loads(data) if data else {}
-    except json.JSONDecodeError:
-        raise UpstreamError("body", f"{method} {path} answered with invalid JSON") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and bad UTF-8 are ValueErrors
+        why = "nested too deeply" if isinstance(e, RecursionError) else "invalid JSON"
+        raise UpstreamError("body", f"{what} answered with {why}") from None
 
 
 ####################################################################################

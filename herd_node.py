@@ -1434,6 +1434,7 @@ class Agent:
         self._settings_at = 0.0
         self._ollama_was_ok = None
         self._router_ok = None
+        self._answer_error = None  # why the router's last answer could not be read
         self.sent = 0
 
     @property
@@ -1504,10 +1505,21 @@ class Agent:
         self.sent += 1
         self._note_router(True, None)
         try:
-            answer = json.loads(body)
-        except ValueError:
-            answer = None
+            answer = hc.read_json_answer(body, "the router")
+        except hc.UpstreamError as e:
+            self._note_answer(str(e))
+            return {}
+        self._note_answer(None)
         return answer if isinstance(answer, dict) else {}
+
+    def _note_answer(self, error):
+        """Say once that the router's answers cannot be read, not at every beat (the
+        heartbeats are taken all the same); and once that they can again."""
+        if error and not self._answer_error:
+            log.warning(f"heartbeat taken, but {error} (said once, until an answer can "
+                        f"be read again)", extra={"url": self.router_url,
+                                                  "event": "router_answer"})
+        self._answer_error = error
 
     def _note_router(self, ok, error):
         if ok != self._router_ok or not ok:

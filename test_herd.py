@@ -6595,3 +6595,68 @@ def test_without_a_nonce_file_what_was_signed_before_the_start_is_refused(tmp_pa
     new = SignedRequest(hc.sign_request("s3cret", "POST", "/heartbeat", b"{}", now=1000.9))
     assert check.refuse(old, now=1001).startswith("signed before this program started")
     assert check.refuse(new, now=1001) is None
+
+
+def start_stub(h, answer):
+    """A server on loopback that reads a request and runs `answer(writer)`; returns its
+    URL and the server (closed by the caller)."""
+    async def serve(reader, writer):
+        with contextlib.suppress(ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            await answer(writer)
+        writer.close()
+
+    async def start():
+        return await asyncio.start_server(serve, "127.0.0.1", 0)
+    server = h.bg.run(start())
+    return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", server
+
+
+def stop_stub(h, server):
+    server.close()
+    h.bg.run(server.wait_closed())
+
+
+async def trickle(writer):
+    """A head, then a byte of its body every 50 ms, for ever: each read is quick."""
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n")
+    while True:
+        writer.write(b" ")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+
+
+def test_a_trickling_router_cannot_hold_an_agents_heartbeat(h):
+    url, server = start_stub(h, trickle)
+    try:
+        agent = h.agent(h.router(), h.fake(), "node-a", FLEET_NODE_ROUTER_URL=url)
+        hb = h.bg.run(agent.snapshot())
+        # Each read comes within the 5 s a read may take; the whole answer never does.
+        # Without a deadline for the whole call this waits until the test gives up.
+        assert h.bg.run(agent.send(hb), timeout=20) is None
+        with pytest.raises(hc.UpstreamError) as e:
+            h.bg.run(hc.http_call(url, "GET", "/x", timeout=0.5), timeout=20)
+        assert e.value.phase == "body" and "whole within 0.5s" in str(e.value)
+    finally:
+        stop_stub(h, server)
+
+
+def test_an_answer_nested_too_deeply_is_one_line_not_a_traceback_a_beat(h, caplog):
+    async def nested(writer):
+        body = b"[" * 200_000
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+    url, server = start_stub(h, nested)
+    agent = h.agent(h.router(), h.fake(), "node-a", FLEET_NODE_ROUTER_URL=url)
+    hb = h.bg.run(agent.snapshot())
+    logging.getLogger("herd").propagate = True  # let caplog see it
+    try:
+        assert [h.bg.run(agent.send(hb)) for _ in range(3)] == [{}, {}, {}]  # taken
+        # An Ollama (or an image server) answering so is unreachable, not a crash.
+        ollama = h.bg.run(hc.read_ollama(url, timeout=5))
+        assert not ollama["ok"] and "nested too deeply" in ollama["error"]
+    finally:
+        logging.getLogger("herd").propagate = False
+        stop_stub(h, server)
+    said = [r for r in caplog.records if "nested too deeply" in r.getMessage()]
+    assert len(said) == 1 and said[0].exc_info is None
