@@ -3712,13 +3712,36 @@ def check_zombie_reaper(snap):
                       "A node or a client hangs: the failed traces' error_message names it.")
 
 
+def check_trace_store(snap):
+    trouble = snap.get("trace_store")
+    if trouble is None:
+        return
+    if trouble["problem"] == "damaged":
+        yield finding("trace_store", "warning", "The trace database was damaged",
+                      f"At start the router could not read its traces ({trouble['detail']})"
+                      f": it moved the file to {trouble['file']} and started a fresh one. "
+                      f"Older traces and what it had learned of the nodes' speeds are in "
+                      f"that file.", "Nothing is needed to go on; look at the old file with "
+                      "sqlite3, or delete it.")
+    else:
+        moved = f" (the damaged one was moved to {trouble['moved_to']})" \
+            if trouble.get("moved_to") else ""
+        yield finding("trace_store", "warning", "Traces are kept in memory only",
+                      f"The router cannot keep {trouble['file']} ({trouble['detail']})"
+                      f"{moved}: traces and what it learns of the nodes' speeds are kept "
+                      f"in memory, the newest {hc.TraceStore.MEMORY_ROWS}, and go when it "
+                      f"stops.", "Make FLEET_DATA_DIR a folder the router may write to, "
+                      "with free space, and restart the router.")
+
+
 HEALTH_CHECKS = (check_no_nodes, check_open_fleet, check_refused_heartbeats, check_speed_drops,
                  check_offline_nodes, check_degraded_nodes, check_memory_pressure,
                  check_paused_nodes, check_underutilized_nodes, check_vram_fallbacks,
                  check_kv_cache_bloat, check_model_thrashing, check_request_timeouts,
                  check_error_rates, check_retry_rates, check_client_disconnects,
                  check_media_timeouts, check_media_errors, check_incomplete_streams,
-                 check_version_mismatch, check_context_protection, check_zombie_reaper)
+                 check_version_mismatch, check_context_protection, check_zombie_reaper,
+                 check_trace_store)
 
 
 def run_health_checks(snap):
@@ -3761,6 +3784,7 @@ class Health:
                 "zombies_reaped": recent["zombie_reaped"],
                 "heartbeat_timeout": cfg.heartbeat_timeout, "open_fleet": not cfg.token,
                 "speed_drops": self.learner.speed_drops(),
+                "trace_store": self.traces.trouble,
                 "media": await self.traces.media_window(since),
                 **await self.traces.health_window(since)}
 

@@ -175,10 +175,13 @@ def run_program(prog, environ, args, load, log_file, run):
     """A program's main(): settings (one clear line if bad), logs, then run(cfg)."""
     try:
         cfg = load(environ, args)
-        os.makedirs(cfg.data_dir, exist_ok=True)
     except (ConfigError, OSError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
+    # A data folder that cannot be made or written still runs the program: the logs,
+    # the traces and what is learned then say so and make do (setup_logging, TraceStore).
+    with contextlib.suppress(OSError):
+        os.makedirs(cfg.data_dir, exist_ok=True)
     setup_logging(cfg.data_dir, log_file, cfg.log_level, cfg.console_log_level)
     release_freed_memory()
     return asyncio.run(run(cfg))
@@ -315,10 +318,24 @@ def printable(text):
     return CONTROL_CHARS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
+class LogFileHandler(logging.handlers.TimedRotatingFileHandler):
+    """The JSONL log file. A write that fails (a full disk) is said once on stderr,
+    not with a traceback for every line (logging's own handleError)."""
+
+    failed = False
+
+    def handleError(self, record):
+        if not self.failed:
+            self.failed = True
+            error = sys.exc_info()[1]
+            print(f"herd: cannot write the log file {self.baseFilename} ({error}); the "
+                  f"terminal still gets the log", file=sys.stderr)
+
+
 def setup_logging(data_dir, file_name, file_level, console_level):
-    """Root logger 'herd': JSONL file under data_dir/logs, daily rotation, 30 kept."""
-    log_dir = os.path.join(data_dir, "logs")
-    os.makedirs(log_dir, exist_ok=True)
+    """Root logger 'herd': JSONL file under data_dir/logs, daily rotation, 30 kept. A
+    folder that cannot hold the file (read-only, or not a folder) leaves the terminal
+    log alone, said in one warning line."""
     root = logging.getLogger("herd")
     # No lower than a handler wants: a record nobody writes is never built (a per-request
     # debug line otherwise costs CPU even when both handlers drop it).
@@ -331,15 +348,22 @@ def setup_logging(data_dir, file_name, file_level, console_level):
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()
-    file_handler = logging.handlers.TimedRotatingFileHandler(
-        os.path.join(log_dir, file_name), when="midnight", backupCount=30, encoding="utf-8")
-    file_handler.setLevel(file_level)
-    file_handler.setFormatter(JsonLineFormatter())
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(console_level)
     console.setFormatter(ConsoleFormatter())
-    root.addHandler(file_handler)
     root.addHandler(console)
+    log_dir = os.path.join(data_dir, "logs")
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+        file_handler = LogFileHandler(os.path.join(log_dir, file_name), when="midnight",
+                                      backupCount=30, encoding="utf-8")
+    except OSError as e:
+        root.warning(f"cannot write logs in {log_dir} ({e.strerror or e}); logging to "
+                     f"the terminal only", extra={"event": "log_file_refused"})
+        return root
+    file_handler.setLevel(file_level)
+    file_handler.setFormatter(JsonLineFormatter())
+    root.addHandler(file_handler)
     return root
 
 
@@ -2178,12 +2202,31 @@ _LEARNED_PRUNE = ("DELETE FROM learned_speed WHERE updated_at < ? OR rowid NOT I
 TREND_RANGES = {"24h": (86400, 3600), "7d": (7 * 86400, 6 * 3600), "30d": (30 * 86400, 86400)}
 
 
-def open_db(path):
-    db = sqlite3.connect(path, timeout=10, check_same_thread=False)
+def open_db(path, uri=False):
+    db = sqlite3.connect(path, timeout=10, check_same_thread=False, uri=uri)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
     db.execute("PRAGMA busy_timeout=10000")
     return db
+
+
+def is_damaged(error):
+    """Is this SQLite error a damaged file (not a database, or a malformed one), as
+    against one that cannot be opened or written (permissions, a full disk)?"""
+    return getattr(error, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB")
+
+
+def set_aside(path, now=None):
+    """Rename a damaged file to <path>.damaged-<local time> (never over another such
+    file), so that a fresh one can start in its place and the old one can be looked
+    at; returns the new path."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    aside, n = f"{path}.damaged-{stamp}", 1
+    while os.path.exists(aside):
+        n += 1
+        aside = f"{path}.damaged-{stamp}-{n}"
+    os.replace(path, aside)
+    return aside
 
 
 class TraceStore:
@@ -2191,10 +2234,15 @@ class TraceStore:
 
     The writer is woken once per batch, not per row: a wake-up per row costs the event
     loop a GIL hand-over (a futex round trip) on every request.
+
+    A damaged database is set aside (set_aside) and a fresh one started; a data folder
+    that cannot hold one (read-only, full) leaves the traces in memory for this run,
+    the newest MEMORY_ROWS of them. `trouble` says which, for the health checks.
     """
 
     BATCH_WAIT_S = 0.1
     BATCH_ROWS = 500
+    MEMORY_ROWS = 20000  # about 15 MB of traces kept when they cannot go to disk
 
     def __init__(self, path, max_queue=10000, retention_days=0):
         self.path = path
@@ -2213,30 +2261,80 @@ class TraceStore:
         self._thread = None
         self._trend_cache = {}  # span in seconds -> (monotonic expiry, rows)
         self._learned = None  # the newest learned-speed rows waiting to be written
+        self.trouble = None  # {"problem": "damaged" | "in_memory", "detail", "file"}
+        self._memory = None  # the connection that keeps an in-memory store alive
 
     def start(self):
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        db = open_db(self.path)
-        with db:
-            db.execute(_TRACE_DDL[0])
-            # A database from an older version gains the columns it lacks.
-            have = {row[1] for row in db.execute("PRAGMA table_info(request_traces)")}
-            for name, kind in TRACE_COLUMNS:
-                if name not in have:
-                    db.execute(f"ALTER TABLE request_traces ADD COLUMN {name} {kind}")
-            for ddl in _TRACE_DDL[1:]:  # the indexes, once their columns exist
-                db.execute(ddl)
-            db.execute(_LEARNED_DDL)
-            have = {row[1] for row in db.execute("PRAGMA table_info(learned_speed)")}
-            for name, kind in LEARNED_COLUMNS:
-                if name not in have:
-                    db.execute(f"ALTER TABLE learned_speed ADD COLUMN {name} {kind}")
-            db.execute(f"PRAGMA user_version={TRACE_SCHEMA_VERSION}")
-        db.close()
-        self.prune()
+        """Open (or make) the database, then start the writer; never raises for a
+        damaged file or a folder that cannot hold it (see the class)."""
+        try:
+            self._set_up()
+        except (sqlite3.Error, OSError) as e:
+            self._recover(e)
         self._thread = threading.Thread(target=self._write_loop, name="trace-writer",
                                         daemon=True)
         self._thread.start()
+
+    def _recover(self, error):
+        """A fresh file in place of a damaged one; failing that, memory."""
+        log = logging.getLogger("herd.traces")
+        if is_damaged(error):
+            try:
+                aside = set_aside(self.path)
+                for suffix in ("-wal", "-shm"):  # the damaged file's own journal
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(self.path + suffix)
+                log.error(f"{self.path} is damaged ({error}): moved to {aside}; "
+                          f"starting a fresh one", extra={"event": "traces_damaged"})
+                self.trouble = {"problem": "damaged", "detail": str(error), "file": aside}
+                return self._set_up()
+            except (sqlite3.Error, OSError) as e:
+                error = e
+        log.error(f"cannot keep traces in {self.path} ({error}): keeping the newest "
+                  f"{self.MEMORY_ROWS} in memory until the router stops",
+                  extra={"event": "traces_in_memory"})
+        self.trouble = {"problem": "in_memory", "detail": str(error), "file": self.path,
+                        "moved_to": (self.trouble or {}).get("file")}
+        self._memory = open_db(f"file:herd-traces-{id(self)}?mode=memory&cache=shared",
+                               uri=True)
+        self._set_up()
+
+    def _set_up(self):
+        """Make the schema (or add what an older version's lacks), prune old rows."""
+        if self._memory is None:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        db = self._connect()
+        try:
+            with db:
+                self._make_schema(db)
+            self.prune(db, check=True)
+        finally:
+            self._close(db)
+
+    @staticmethod
+    def _make_schema(db):
+        db.execute(_TRACE_DDL[0])
+        # A database from an older version gains the columns it lacks.
+        have = {row[1] for row in db.execute("PRAGMA table_info(request_traces)")}
+        for name, kind in TRACE_COLUMNS:
+            if name not in have:
+                db.execute(f"ALTER TABLE request_traces ADD COLUMN {name} {kind}")
+        for ddl in _TRACE_DDL[1:]:  # the indexes, once their columns exist
+            db.execute(ddl)
+        db.execute(_LEARNED_DDL)
+        have = {row[1] for row in db.execute("PRAGMA table_info(learned_speed)")}
+        for name, kind in LEARNED_COLUMNS:
+            if name not in have:
+                db.execute(f"ALTER TABLE learned_speed ADD COLUMN {name} {kind}")
+        db.execute(f"PRAGMA user_version={TRACE_SCHEMA_VERSION}")
+
+    def _connect(self):
+        """A connection for writing: to the file, or the in-memory store's own."""
+        return open_db(self.path) if self._memory is None else self._memory
+
+    def _close(self, db):
+        if db is not self._memory:
+            db.close()
 
     def record(self, row):
         """Queue one trace row (a dict of TRACE_COLUMNS); never blocks."""
@@ -2265,15 +2363,18 @@ class TraceStore:
                 or self._thread is None or not self._thread.is_alive())
 
     def close(self):
-        """Write what is waiting, then stop the writer thread."""
+        """Write what is waiting, then stop the writer thread (traces kept in memory
+        go with it)."""
         if self._thread is not None:
             self._stopping = True
             self._wake.set()
             self._thread.join()
             self._thread = None
+        if self._memory is not None:
+            self._memory.close()
 
     def _write_loop(self):
-        db = open_db(self.path)
+        db = self._connect()
         try:
             while True:
                 self._wake.wait()
@@ -2290,35 +2391,46 @@ class TraceStore:
                     self._write_learned(db, learned)
                 with self._progress:
                     self._progress.notify_all()
-                if time.monotonic() - self._pruned_at > self.PRUNE_EVERY_S:
+                if time.monotonic() - self._pruned_at > self.PRUNE_EVERY_S or \
+                        self._memory is not None:
                     self.prune(db)  # here, so only this thread ever writes
                 if self._stopping:
                     return
         finally:
-            db.close()
+            self._close(db)
             with self._progress:
                 self._progress.notify_all()
 
     PRUNE_EVERY_S = 3600
 
-    def prune(self, db=None):
-        """Delete traces older than the retention period; returns how many."""
+    def prune(self, db=None, check=False):
+        """Delete traces older than the retention period (in memory, all but the newest
+        MEMORY_ROWS too); returns how many. `check`: raise what SQLite says, rather
+        than log it (at start, where a damaged file is set aside)."""
         self._pruned_at = time.monotonic()
-        if not self.retention_days:
+        if not self.retention_days and self._memory is None:
             return 0
         own = db is None
-        db = db or open_db(self.path)
+        db = db or self._connect()
         try:
             with db:
                 cur = db.execute("DELETE FROM request_traces WHERE timestamp < ?",
-                                 (time.time() - self.retention_days * 86400,))
-            return cur.rowcount
+                                 (time.time() - self.retention_days * 86400
+                                  if self.retention_days else 0,))
+                count = cur.rowcount
+                if self._memory is not None:
+                    count += db.execute("DELETE FROM request_traces WHERE id <= (SELECT "
+                                        "MAX(id) FROM request_traces) - ?",
+                                        (self.MEMORY_ROWS,)).rowcount
+            return count
         except sqlite3.Error as e:
+            if check:
+                raise
             logging.getLogger("herd.traces").error("pruning old traces failed: %s", e)
             return 0
         finally:
             if own:
-                db.close()
+                self._close(db)
 
     def save_learned(self, rows):
         """Queue the learned-speed rows (dicts of LEARNED_COLUMNS) to be written; a newer
@@ -2357,7 +2469,12 @@ class TraceStore:
 
     def query(self, sql, params=()):
         """Read rows with a connection of its own; call it through asyncio.to_thread."""
-        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
+        if self._memory is None:
+            db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
+        else:  # a reader of the shared in-memory store, never held up by the writer
+            db = sqlite3.connect(f"file:herd-traces-{id(self)}?mode=memory&cache=shared",
+                                 uri=True, timeout=10)
+            db.execute("PRAGMA read_uncommitted=1")
         try:
             db.row_factory = sqlite3.Row
             return [dict(r) for r in db.execute(sql, params)]

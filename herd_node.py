@@ -711,20 +711,34 @@ class CapacityLearner:
         return self.path
 
     def load(self):
-        """Read the file; one that is missing, damaged or another node's is set aside with
-        a log line and learning starts afresh. True if history was loaded. Blocking."""
+        """Read the file; one that is damaged or another node's is set aside (renamed
+        .damaged-<time>, so that the next save does not overwrite it) with a log line,
+        and learning starts afresh. True if history was loaded. Blocking."""
         try:
             with open(self.path) as f:
                 self.slots = self.parse(json.load(f))
         except FileNotFoundError:
             return False
-        except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
-            log.warning(f"capacity learner file {self.path} not used, learning afresh: {e}",
-                        extra={"event": "capacity_state_refused"})
+        except OSError as e:
+            log.warning(f"capacity learner file {self.path} cannot be read, learning "
+                        f"afresh: {e}", extra={"event": "capacity_state_refused"})
+            return False
+        except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError;
+            # RecursionError: nesting deep enough to exhaust the decoder
+            why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+            log.warning(f"capacity learner file {self.path} not used, learning afresh: "
+                        f"{why}{self._set_aside()}", extra={"event": "capacity_state_refused"})
             return False
         log.info("capacity learner history loaded", extra={"url": self.path,
                                                           "event": "capacity_state_loaded"})
         return True
+
+    def _set_aside(self):
+        """Move the refused file aside; what to add to the log line about it."""
+        try:
+            return f" (moved to {hc.set_aside(self.path)})"
+        except OSError as e:
+            return f" (could not move it aside: {e.strerror or e})"
 
     def parse(self, data):
         """The slots of a state file, every field checked; ValueError if anything is off."""

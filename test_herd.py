@@ -6660,3 +6660,91 @@ def test_an_answer_nested_too_deeply_is_one_line_not_a_traceback_a_beat(h, caplo
         stop_stub(h, server)
     said = [r for r in caplog.records if "nested too deeply" in r.getMessage()]
     assert len(said) == 1 and said[0].exc_info is None
+
+
+def damage(path, how):
+    """Garbage in place of a database, or the database cut to a tenth of its size."""
+    if how == "garbage":
+        path.write_bytes(b"not a database at all " * 200)
+    else:
+        db = sqlite3.connect(path)
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        db.close()
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 10)
+
+
+def health_finding(router, check):
+    health = get_json(router.url, "/dashboard/api/health")
+    return next((f for f in health["checks"] if f["check"] == check), None)
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncated"])
+def test_a_damaged_trace_database_is_set_aside_and_the_router_starts_afresh(h, how):
+    fake = h.fake()
+    router = h.router()
+    h.heartbeat(router, fake, "node-a")
+    for i in range(300):  # a database of some size, so that cutting it damages pages
+        h.bg.call(router.traces.record, {"request_id": str(i), "timestamp": time.time(),
+                                         "model": "m", "error_message": "x" * 400})
+    assert len(h.traces(router)) == 300
+    h.bg.run(router.stop())
+    h.routers.remove(router)
+    damage(h.data_dir / "latency.db", how)
+    again = h.router()
+    aside = [p.name for p in h.data_dir.iterdir() if ".damaged-" in p.name]
+    assert len(aside) == 1 and aside[0].startswith("latency.db.damaged-")
+    h.heartbeat(again, fake, "node-a")
+    assert generate(again)[0]["done"]
+    assert [r["status"] for r in h.traces(again)] == ["completed"]  # in a fresh file
+    found = health_finding(again, "trace_store")
+    assert found["severity"] == "warning" and aside[0] in found["description"]
+
+
+def test_a_data_folder_that_cannot_hold_files_leaves_traces_in_memory(h, tmp_path):
+    h.data_dir = tmp_path / "a-file"  # where the data folder should be: even root
+    h.data_dir.write_text("")  # cannot write below it
+    fake = h.fake()
+    router = h.router()
+    h.heartbeat(router, fake, "node-a")
+    assert generate(router)[0]["done"]
+    router.traces.flush()  # the writer batches rows for 0.1 s; waiting would be a sleep
+    rows = get_json(router.url, "/dashboard/api/requests")["requests"]
+    assert [r["status"] for r in rows] == ["completed"]
+    found = health_finding(router, "trace_store")
+    assert "kept in memory" in found["title"] and "a-file" in found["description"]
+
+
+def test_the_router_program_starts_on_a_data_folder_it_cannot_write(tmp_path):
+    folder = tmp_path / "data"
+    folder.write_text("")  # a file where the folder should be
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "FLEET_HOST": "127.0.0.1", "FLEET_PORT": str(port),
+           "FLEET_MDNS": "false", "FLEET_LOCAL_NODE": "false", "FLEET_DATA_DIR": str(folder),
+           "FLEET_CONSOLE_LOG_LEVEL": "INFO"}
+    proc = subprocess.Popen([sys.executable, "herd.py"], cwd=HERE, env=env,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        said = [proc.stderr.readline() for _ in range(3)]
+        assert "cannot write logs in" in said[0] and "keeping the newest" in said[1]
+        assert "listening on" in said[2]
+        assert http(f"http://127.0.0.1:{port}", "GET", "/api/version")[0] == 200
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_a_capacity_file_nested_too_deeply_is_set_aside(tmp_path, caplog):
+    path = tmp_path / "capacity-learner-lap.json"
+    path.write_text("[" * 200_000)
+    learner = herd_node.CapacityLearner("lap", str(path), Clock(MONDAY_9AM))
+    logging.getLogger("herd").propagate = True  # let caplog see it
+    try:
+        assert learner.load() is False
+    finally:
+        logging.getLogger("herd").propagate = False
+    assert "nested too deeply" in caplog.text and "moved to" in caplog.text
+    assert not path.exists() and [p.read_text()[:3] for p in tmp_path.iterdir()] == ["[[["]
+    assert learner.save() == str(path)  # and it learns afresh into a new file
