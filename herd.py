@@ -2387,6 +2387,9 @@ FORM_HEAD_MAX = 1 << 20  # of a speech upload, the fields before its file
 FORM_FIELD_MAX = 4096  # one such field (model, language, response_format, prompt)
 FORM_FIELDS_MAX = 64  # the plain fields read before the file, or before the model
 SPOOL_READ = 1 << 20  # a spooled upload goes on to the node in pieces this large
+# Spooled uploads (a file before its model) may wait on disk, in FLEET_MAX_UPLOAD_MB:
+SPOOLS_PER_CLIENT = 2  # from one client address at once
+SPOOLS_IN_ALL = 8  # from every client together
 IMAGE_SIZE_MAX, IMAGE_STEPS_MAX = 4096, 200
 
 
@@ -2532,21 +2535,64 @@ def error_text(body):
     return hc.printable(str(message))[:500]
 
 
+class SpoolFull(Exception):
+    """A spooled upload would pass what its client, or all clients, may have waiting."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+class SpoolBudget:
+    """Bytes of spooled uploads on disk, per client address and in all, each bounded:
+    without a bound, a client that sends files before their model (64 connections of
+    FLEET_MAX_UPLOAD_MB) could fill the temporary folder."""
+
+    def __init__(self, max_upload):
+        self.per_client, self.in_all = SPOOLS_PER_CLIENT * max_upload, \
+            SPOOLS_IN_ALL * max_upload
+        self.held = collections.Counter()  # client address -> bytes spooled
+        self.total = 0
+
+    def take(self, client, size):
+        """Count `size` more bytes of `client`'s; SpoolFull when past a bound."""
+        advice = "send the model field before the file: then nothing waits on disk"
+        if self.held[client] + size > self.per_client:
+            raise SpoolFull(413, f"{client} already has uploads waiting on disk for their "
+                                 f"model field, {self.per_client >> 20} MB at most "
+                                 f"({SPOOLS_PER_CLIENT} x FLEET_MAX_UPLOAD_MB); {advice}")
+        if self.total + size > self.in_all:
+            raise SpoolFull(503, f"the router has {self.in_all >> 20} MB of uploads "
+                                 f"waiting on disk for their model field ({SPOOLS_IN_ALL} x "
+                                 f"FLEET_MAX_UPLOAD_MB), its most; try again shortly, or "
+                                 f"{advice}")
+        self.held[client] += size
+        self.total += size
+
+    def give_back(self, client, size):
+        self.total -= size
+        self.held[client] -= size
+        if self.held[client] <= 0:
+            del self.held[client]
+
+
 class Upload:
     """A speech file in a multipart form, streamed from the client to a node. The form
     is read until the fields that name the model have arrived: fields before the file
     are held in memory (FORM_HEAD_MAX at most); a file that comes before the model is
-    spooled to a temporary file (in TMPDIR, with no name: it goes when it is closed)
-    until the model has come. Then the rest passes on as it arrives. What has passed
-    is kept, the spool and up to FLEET_MEDIA_REPLAY_MB more in memory, so that a node
-    that fails before answering can be replaced by another; past that it is let go.
-    Leaving the `with` block closes the spool."""
+    spooled to a temporary file until the model has come: herd-upload-* in the
+    temporary folder (TMPDIR), deleted when the request ends, within `budget` (a
+    SpoolBudget). Then the rest passes on as it arrives. What has passed is kept, the
+    spool and up to FLEET_MEDIA_REPLAY_MB more in memory, so that a node that fails
+    before answering can be replaced by another; past that it is let go. Leaving the
+    `with` block closes the spool and gives its bytes back to the budget."""
 
-    def __init__(self, request, conn, replay_limit):
+    def __init__(self, request, conn, replay_limit, budget):
         self.stream, self.conn, self.replay_limit = request.stream, conn, replay_limit
         self.length = hc.forwarded_length(request)
         self.pieces, self.held, self.replayable = [], 0, True  # held: bytes in pieces
         self.spool = None  # the form up to its model, when its file came first
+        self.budget, self.spooled = budget, 0  # bytes in the spool, counted in budget
 
     def __enter__(self):
         return self
@@ -2554,6 +2600,7 @@ class Upload:
     def __exit__(self, *exc_info):
         if self.spool is not None:
             self.spool.close()
+        self.budget.give_back(self.conn.client_ip, self.spooled)
 
     async def read_fields(self, content_type):
         """The form's plain fields up to its file, or up to its model when the file
@@ -2586,7 +2633,7 @@ class Upload:
     async def _receive(self):
         data = await self.stream.receive(self.conn.read_timeout)
         if self.spool is not None:
-            await asyncio.to_thread(self.spool.write, data)
+            await self._write_spool([data])
         else:
             self.pieces.append(data)  # the form's head always goes on to the node
             self.held += len(data)
@@ -2596,9 +2643,26 @@ class Upload:
         """A file before the model: what has come, and what comes until the model
         does, goes to a temporary file rather than memory."""
         if self.spool is None:
-            self.spool = tempfile.TemporaryFile(prefix="herd-upload-")
-            await asyncio.to_thread(self.spool.writelines, self.pieces)
+            try:
+                self.spool = tempfile.NamedTemporaryFile(prefix="herd-upload-")
+            except OSError as e:
+                raise self._no_room(e) from None
+            await self._write_spool(self.pieces)
             self.pieces, self.held = [], 0
+
+    async def _write_spool(self, pieces):
+        size = sum(map(len, pieces))
+        self.budget.take(self.conn.client_ip, size)
+        self.spooled += size
+        try:
+            await asyncio.to_thread(self.spool.writelines, pieces)
+        except OSError as e:  # a full or read-only temporary folder
+            raise self._no_room(e) from None
+
+    def _no_room(self, error):
+        return SpoolFull(503, f"the router cannot keep the upload in "
+                              f"{tempfile.gettempdir()} until its model field comes "
+                              f"({error.strerror or error}); send the model field first")
 
     def too_large(self):
         return f"upload larger than FLEET_MAX_UPLOAD_MB ({self.stream.limit} bytes)"
@@ -3827,6 +3891,7 @@ class Api:
         self.guard = Guard(cfg)
         self.cors = Cors(cfg.origins_allowed)
         self.admin = ModelAdmin(cfg, fleet, proxy, pulls)
+        self.spools = SpoolBudget(int(cfg.max_upload_mb * (1 << 20)))
         self.signatures = hc.SignatureCheck(cfg.token, nonce_path=os.path.join(
             cfg.data_dir, NONCE_FILE)) if cfg.token else None
         self.started = time.time()
@@ -3992,7 +4057,8 @@ class Api:
         before it is spooled to disk), then the upload streams on to a node that serves
         the model."""
         api = hc.api_of(request.path)
-        with Upload(request, conn, int(self.cfg.media_replay_mb * (1 << 20))) as upload:
+        with Upload(request, conn, int(self.cfg.media_replay_mb * (1 << 20)),
+                    self.spools) as upload:
             try:
                 fields = await upload.read_fields(request.header("content-type"))
                 text = {k: v.decode("utf-8", "replace") for k, v in fields.items()}
@@ -4000,6 +4066,8 @@ class Api:
             except hc.BodyTooLarge:
                 return await self.proxy.reject(request, conn, api, upload.too_large(),
                                                status=413)
+            except SpoolFull as e:
+                return await self.proxy.reject(request, conn, api, str(e), status=e.status)
             except TimeoutError:
                 return await self.proxy.reject(request, conn, api, "the client stopped "
                                                "sending its upload", status=408)

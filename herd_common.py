@@ -3249,7 +3249,8 @@ ROUTER_SETTINGS = [
             "megabyte of it at a time"),
     Setting("FLEET_MAX_UPLOAD_MB", 512.0, "largest speech upload (/v1/audio/transcriptions, "
             "/api/transcribe) streamed to a node, or spooled to TMPDIR while its file "
-            "comes before its model field (413 beyond)"),
+            "comes before its model field (413 beyond; spooled files: twice this per "
+            "client, eight times in all)"),
     Setting("FLEET_MEDIA_REPLAY_MB", 8.0, "of a speech upload, the megabytes the router "
             "keeps while it streams, so that a node failing before it answers can be "
             "replaced; a longer upload goes to one node only (0: never kept)"),

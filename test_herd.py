@@ -6748,3 +6748,70 @@ def test_a_capacity_file_nested_too_deeply_is_set_aside(tmp_path, caplog):
     assert "nested too deeply" in caplog.text and "moved to" in caplog.text
     assert not path.exists() and [p.read_text()[:3] for p in tmp_path.iterdir()] == ["[[["]
     assert learner.save() == str(path)  # and it learns afresh into a new file
+
+
+def start_file_first_upload(port, size, source="127.0.0.1"):
+    """A socket that has sent a transcription form's head and `size` bytes of a file
+    that comes before its model; the rest (the model, the end) is not sent yet."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    s.sendall(upload_head("/v1/audio/transcriptions") + b"%x\r\n%s\r\n" % (
+        size + 100, form_part("file", "a.wav").ljust(100) + os.urandom(size)))
+    return s
+
+
+def finish_upload(s):
+    """Send the model and the form's end; (status, body) of the answer."""
+    rest = b"\r\n" + form_part("model") + b"whisper-1\r\n--b--\r\n"
+    s.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(rest), rest))
+    return read_response(s)
+
+
+def spooled_total(folder):
+    """Bytes of the spool files in `folder` (they have names there, as du sees them)."""
+    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("herd-upload"))
+
+
+def test_uploads_waiting_on_disk_are_bounded_per_client_and_in_all(h, spool_dir):
+    server = h.media_server(models=["whisper-1"])
+    router = h.router(FLEET_MAX_UPLOAD_MB=1)  # 2 MB may wait per client, 8 MB in all
+    h.media_agent(router, h.fake(), "whisper-box", FLEET_NODE_TRANSCRIBE_URL=server.url)
+    size = 1_000_000  # and 100 bytes of form: two fit in 2 MiB, eight in 8 MiB
+    waiting = []
+    try:
+        for n, source in enumerate(["127.0.0.1", "127.0.0.1", "127.0.0.2", "127.0.0.2",
+                                    "127.0.0.3", "127.0.0.3", "127.0.0.4", "127.0.0.4"]):
+            waiting.append(start_file_first_upload(router.port, size, source))
+            wait_until(lambda: spooled_total(spool_dir) >= (n + 1) * size,
+                       what="the upload to be spooled")
+        with start_file_first_upload(router.port, size) as third:
+            status, body = read_response(third)
+        error = json.loads(body)["error"]
+        assert status == 413 and error["type"] == "invalid_request_error"
+        assert "127.0.0.1 already has uploads waiting on disk" in error["message"]
+        assert "model field before the file" in error["message"]
+        with start_file_first_upload(router.port, size, "127.0.0.5") as ninth:
+            status, body = read_response(ninth)
+        assert status == 503 and "8 MB of uploads waiting" in json.loads(body)["error"][
+            "message"]
+        wait_until(lambda: spooled_total(spool_dir) == 8 * (size + 100),
+                   what="the refused uploads' spools to be deleted")
+        status, body = finish_upload(waiting.pop(0))  # one goes on to the node
+        assert status == 200 and json.loads(body)["text"].startswith("fake transcript")
+    finally:
+        for s in waiting:
+            s.close()
+    wait_until(lambda: spooled_total(spool_dir) == 0, what="the spools to be deleted")
+    with start_file_first_upload(router.port, size) as again:  # room again
+        assert finish_upload(again)[0] == 200
+
+
+def test_an_upload_that_cannot_be_spooled_is_a_503_that_says_where(h, tmp_path, monkeypatch):
+    server = h.media_server(models=["whisper-1"])
+    router = h.router()
+    h.media_agent(router, h.fake(), "whisper-box", FLEET_NODE_TRANSCRIBE_URL=server.url)
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "a-file"))  # no folder there
+    with start_file_first_upload(router.port, 1000) as s:
+        status, body = read_response(s)
+    message = json.loads(body)["error"]["message"]
+    assert status == 503 and "cannot keep the upload in" in message and "a-file" in message
