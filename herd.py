@@ -1936,6 +1936,47 @@ def _ns_to_ms(ns):
     return round(ns / 1e6, 2) if ns is not None else None
 
 
+REFUSALS_TRACED_PER_CLIENT = 30  # a minute: requests refused before any node, traced
+REFUSALS_TRACED_IN_ALL = 300  # a minute, from all clients together
+
+
+class RefusalSampler:
+    """Which requests the router refused by itself (a 4xx before any node: an unknown
+    model, a bad body, too many in flight) get a trace row and a log line: at most
+    REFUSALS_TRACED_PER_CLIENT a minute from one client address and
+    REFUSALS_TRACED_IN_ALL from all. Such a refusal costs a client nothing and a
+    trace row some 660 bytes on disk, so without this any client could grow the disk
+    as fast as it can send; the rest are counted, and said in one line a minute."""
+
+    WINDOW_S = 60.0
+
+    def __init__(self, per_client=REFUSALS_TRACED_PER_CLIENT, in_all=REFUSALS_TRACED_IN_ALL):
+        self.per_client, self.in_all = per_client, in_all
+        self.since = None  # monotonic start of the window
+        self.counts = collections.Counter()  # client -> refusals traced in the window
+        self.traced = self.skipped = 0  # in the window
+
+    def take(self, client, now):
+        """True when this refusal is traced; else it is counted in `skipped`."""
+        if self.since is None or now - self.since >= self.WINDOW_S:
+            self._roll(now)
+        if self.counts[client] >= self.per_client or self.traced >= self.in_all:
+            self.skipped += 1
+            return False
+        self.counts[client] += 1
+        self.traced += 1
+        return True
+
+    def _roll(self, now):
+        if self.skipped:
+            proxy_log.warning(f"{self.skipped} requests refused before reaching a node in "
+                              f"the last minute were not traced (more than "
+                              f"{self.per_client} from one client, or {self.in_all} "
+                              f"from all)",
+                              extra={"event": "refusals_untraced"})
+        self.since, self.counts, self.traced, self.skipped = now, collections.Counter(), 0, 0
+
+
 class Proxy:
     """Routes, queues and relays requests, with retries before the first chunk."""
 
@@ -1945,6 +1986,7 @@ class Proxy:
         self.node_relay = NodeRelay(cfg, pool)
         self.active = {}  # request_id -> Exchange, for the reaper
         self.client_in_flight = collections.Counter()
+        self.refusals = RefusalSampler()
 
     # -- prepare ------------------------------------------------------------------
 
@@ -2189,10 +2231,15 @@ class Proxy:
             await conn.send_response(504, ex.error_body(504, ex.error))
 
     def finish(self, ex):
-        """Record the trace of a finished request, count it, and log it."""
+        """Record the trace of a finished request, count it, and log it (a refusal of
+        the router's own only as RefusalSampler allows)."""
         row = ex.trace_row()
-        self.traces.record(row)
         self.stats.count_request(ex, row)
+        if row["status"] == hc.REJECTED and ex.node_id is None and not self.refusals.take(
+                ex.request.client.rpartition(":")[0], time.monotonic()):
+            self.stats.events["refusals_untraced"] += 1
+            return
+        self.traces.record(row)
         # One line per request goes to the JSONL file (DEBUG by default); only trouble
         # reaches the terminal.
         status = row["status"]

@@ -5469,6 +5469,9 @@ class TraceWatch:
 
     def __init__(self, router):
         self.router, self.culprit = router, None
+        # Every refusal's row goes to the writer here, not only the first 30 a minute:
+        # the fuzz looks for rows it cannot write. The sampler's limits have no setting.
+        router.proxy.refusals.per_client = router.proxy.refusals.in_all = float("inf")
 
     def written(self):
         counts = fleet_status(self.router)["router"]
@@ -6708,6 +6711,7 @@ def test_a_data_folder_that_cannot_hold_files_leaves_traces_in_memory(h, tmp_pat
     router = h.router()
     h.heartbeat(router, fake, "node-a")
     assert generate(router)[0]["done"]
+    h.bg.call(lambda: None)  # as Harness.traces: the loop finishes recording the row
     router.traces.flush()  # the writer batches rows for 0.1 s; waiting would be a sleep
     rows = get_json(router.url, "/dashboard/api/requests")["requests"]
     assert [r["status"] for r in rows] == ["completed"]
@@ -6815,3 +6819,22 @@ def test_an_upload_that_cannot_be_spooled_is_a_503_that_says_where(h, tmp_path, 
         status, body = read_response(s)
     message = json.loads(body)["error"]["message"]
     assert status == 503 and "cannot keep the upload in" in message and "a-file" in message
+
+
+def test_refusals_that_reach_no_node_are_traced_at_most_30_a_minute_per_client(h):
+    fake = h.fake()
+    router = h.router()
+    h.heartbeat(router, fake, "node-a")
+    ask = {"model": "no-such-model", "prompt": "x"}
+    for _ in range(35):
+        assert http(router.url, "POST", "/api/generate", ask)[0] == 404
+    assert http(router.url, "POST", "/api/generate", ask, source="127.0.0.2")[0] == 404
+    assert generate(router)[0]["done"]  # answered by a node: always traced
+    rows = [(r["client_addr"].rpartition(":")[0], r["status"]) for r in h.traces(router)]
+    assert rows == [("127.0.0.1", "rejected")] * 30 + [("127.0.0.2", "rejected"),
+                                                        ("127.0.0.1", "completed")]
+    assert router_events(router)["refusals_untraced"] == 5
+    metrics = http(router.url, "GET", "/metrics")[2].decode()
+    counted = re.search(r'herd_requests_total\{model="other",node="",status="rejected"'
+                        r'[^}]*\} (\d+)', metrics)
+    assert counted and counted.group(1) == "36"  # every refusal is still counted
