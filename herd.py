@@ -1946,7 +1946,8 @@ class RefusalSampler:
     REFUSALS_TRACED_PER_CLIENT a minute from one client address and
     REFUSALS_TRACED_IN_ALL from all. Such a refusal costs a client nothing and a
     trace row some 660 bytes on disk, so without this any client could grow the disk
-    as fast as it can send; the rest are counted, and said in one line a minute."""
+    as fast as it can send; the rest are counted, and said in one line when the next
+    minute's first refusal comes."""
 
     WINDOW_S = 60.0
 

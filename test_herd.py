@@ -4297,6 +4297,9 @@ HEALTH_CASES = [
      "12 tokens/s"),
     ("paused_nodes", "warning", crafted(node_paused=True, node_paused_reason="camera in use"),
      "camera in use"),
+    ("trace_store", "warning", crafted(trace_store={
+        "problem": "damaged", "detail": "file is not a database",
+        "file": "latency.db.damaged-20260101-120000"}), "latency.db.damaged-20260101-120000"),
 ]
 
 
@@ -4336,10 +4339,10 @@ def test_health_thresholds_come_from_settings():
     assert [f["severity"] for f in herd.run_health_checks(snap)[0]] == ["critical"]
 
 
-def test_all_twenty_two_checks_are_covered():
+def test_all_twenty_three_checks_are_covered():
     assert sorted(c[0] for c in HEALTH_CASES) == sorted(
         fn.__name__.removeprefix("check_") for fn in herd.HEALTH_CHECKS)
-    assert len(herd.HEALTH_CHECKS) == 22
+    assert len(herd.HEALTH_CHECKS) == 23
 
 
 def test_a_resolved_problem_drops_out_of_health_once_its_window_passes(h):
