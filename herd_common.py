@@ -2261,7 +2261,7 @@ class TraceStore:
         self._thread = None
         self._trend_cache = {}  # span in seconds -> (monotonic expiry, rows)
         self._learned = None  # the newest learned-speed rows waiting to be written
-        self.trouble = None  # {"problem": "damaged" | "in_memory", "detail", "file"}
+        self.trouble = None  # {"problem": "damaged" or "in_memory", "detail", "file", ...}
         self._memory = None  # the connection that keeps an in-memory store alive
 
     def start(self):
