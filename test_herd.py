@@ -6605,28 +6605,41 @@ def test_without_a_nonce_file_what_was_signed_before_the_start_is_refused(tmp_pa
 
 def start_stub(h, answer):
     """A server on loopback that reads a request and runs `answer(writer)`; returns its
-    URL and the server (closed by the caller)."""
+    URL and the server (stop_stub ends it and its connections' tasks)."""
+    handlers = set()
+
     async def serve(reader, writer):
-        with contextlib.suppress(ConnectionError):
-            await reader.readuntil(b"\r\n\r\n")
-            await answer(writer)
-        writer.close()
+        handlers.add(asyncio.current_task())
+        try:
+            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+                await reader.readuntil(b"\r\n\r\n")
+                await answer(writer)
+        finally:
+            writer.close()
+            handlers.discard(asyncio.current_task())
 
     async def start():
         return await asyncio.start_server(serve, "127.0.0.1", 0)
     server = h.bg.run(start())
+    server.handlers = handlers
     return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", server
 
 
 def stop_stub(h, server):
-    server.close()
-    h.bg.run(server.wait_closed())
+    async def stop():
+        server.close()
+        for task in list(server.handlers):
+            task.cancel()
+        await asyncio.gather(*server.handlers, return_exceptions=True)
+        await server.wait_closed()
+    h.bg.run(stop())
 
 
 async def trickle(writer):
-    """A head, then a byte of its body every 50 ms, for ever: each read is quick."""
+    """A head, then a byte of its body every 50 ms until the client hangs up: each read
+    is quick."""
     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n")
-    while True:
+    while not writer.is_closing():
         writer.write(b" ")
         await writer.drain()
         await asyncio.sleep(0.05)
