@@ -1955,6 +1955,48 @@ def _ns_to_ms(ns):
     return round(ns / 1e6, 2) if ns is not None else None
 
 
+REFUSALS_TRACED_PER_CLIENT = 30  # a minute: requests refused before any node, traced
+REFUSALS_TRACED_IN_ALL = 300  # a minute, from all clients together
+
+
+class RefusalSampler:
+    """Which requests the router refused by itself (a 4xx before any node: an unknown
+    model, a bad body, too many in flight) get a trace row and a log line: at most
+    REFUSALS_TRACED_PER_CLIENT a minute from one client address and
+    REFUSALS_TRACED_IN_ALL from all. Such a refusal costs a client nothing and a
+    trace row some 660 bytes on disk, so without this any client could grow the disk
+    as fast as it can send; the rest are counted, and said in one line when the next
+    minute's first refusal comes."""
+
+    WINDOW_S = 60.0
+
+    def __init__(self, per_client=REFUSALS_TRACED_PER_CLIENT, in_all=REFUSALS_TRACED_IN_ALL):
+        self.per_client, self.in_all = per_client, in_all
+        self.since = None  # monotonic start of the window
+        self.counts = collections.Counter()  # client -> refusals traced in the window
+        self.traced = self.skipped = 0  # in the window
+
+    def take(self, client, now):
+        """True when this refusal is traced; else it is counted in `skipped`."""
+        if self.since is None or now - self.since >= self.WINDOW_S:
+            self._roll(now)
+        if self.counts[client] >= self.per_client or self.traced >= self.in_all:
+            self.skipped += 1
+            return False
+        self.counts[client] += 1
+        self.traced += 1
+        return True
+
+    def _roll(self, now):
+        if self.skipped:
+            proxy_log.warning(f"{self.skipped} requests refused before reaching a node in "
+                              f"the last minute were not traced (more than "
+                              f"{self.per_client} from one client, or {self.in_all} "
+                              f"from all)",
+                              extra={"event": "refusals_untraced"})
+        self.since, self.counts, self.traced, self.skipped = now, collections.Counter(), 0, 0
+
+
 class Proxy:
     """Routes, queues and relays requests, with retries before the first chunk."""
 
@@ -1964,6 +2006,7 @@ class Proxy:
         self.node_relay = NodeRelay(cfg, pool)
         self.active = {}  # request_id -> Exchange, for the reaper
         self.client_in_flight = collections.Counter()
+        self.refusals = RefusalSampler()
 
     # -- prepare ------------------------------------------------------------------
 
@@ -2208,10 +2251,15 @@ class Proxy:
             await conn.send_response(504, ex.error_body(504, ex.error))
 
     def finish(self, ex):
-        """Record the trace of a finished request, count it, and log it."""
+        """Record the trace of a finished request, count it, and log it (a refusal of
+        the router's own only as RefusalSampler allows)."""
         row = ex.trace_row()
-        self.traces.record(row)
         self.stats.count_request(ex, row)
+        if row["status"] == hc.REJECTED and ex.node_id is None and not self.refusals.take(
+                ex.request.client.rpartition(":")[0], time.monotonic()):
+            self.stats.events["refusals_untraced"] += 1
+            return
+        self.traces.record(row)
         # One line per request goes to the JSONL file (DEBUG by default); only trouble
         # reaches the terminal.
         status = row["status"]
@@ -2406,6 +2454,9 @@ FORM_HEAD_MAX = 1 << 20  # of a speech upload, the fields before its file
 FORM_FIELD_MAX = 4096  # one such field (model, language, response_format, prompt)
 FORM_FIELDS_MAX = 64  # the plain fields read before the file, or before the model
 SPOOL_READ = 1 << 20  # a spooled upload goes on to the node in pieces this large
+# Spooled uploads (a file before its model) may wait on disk, in FLEET_MAX_UPLOAD_MB:
+SPOOLS_PER_CLIENT = 2  # from one client address at once
+SPOOLS_IN_ALL = 8  # from every client together
 IMAGE_SIZE_MAX, IMAGE_STEPS_MAX = 4096, 200
 
 
@@ -2551,22 +2602,64 @@ def error_text(body):
     return hc.printable(str(message))[:500]
 
 
+class SpoolFull(Exception):
+    """A spooled upload would pass what its client, or all clients, may have waiting."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+class SpoolBudget:
+    """Bytes of spooled uploads on disk, per client address and in all, each bounded:
+    without a bound, a client that sends files before their model (64 connections of
+    FLEET_MAX_UPLOAD_MB) could fill the temporary folder."""
+
+    def __init__(self, max_upload):
+        self.per_client, self.in_all = SPOOLS_PER_CLIENT * max_upload, \
+            SPOOLS_IN_ALL * max_upload
+        self.held = collections.Counter()  # client address -> bytes spooled
+        self.total = 0
+
+    def take(self, client, size):
+        """Count `size` more bytes of `client`'s; SpoolFull when past a bound."""
+        advice = "send the model field before the file: then nothing waits on disk"
+        if self.held[client] + size > self.per_client:
+            raise SpoolFull(413, f"{client} already has uploads waiting on disk for their "
+                                 f"model field, {self.per_client >> 20} MB at most "
+                                 f"({SPOOLS_PER_CLIENT} x FLEET_MAX_UPLOAD_MB); {advice}")
+        if self.total + size > self.in_all:
+            raise SpoolFull(503, f"the router has {self.in_all >> 20} MB of uploads "
+                                 f"waiting on disk for their model field ({SPOOLS_IN_ALL} x "
+                                 f"FLEET_MAX_UPLOAD_MB), its most; try again shortly, or "
+                                 f"{advice}")
+        self.held[client] += size
+        self.total += size
+
+    def give_back(self, client, size):
+        self.total -= size
+        self.held[client] -= size
+        if self.held[client] <= 0:
+            del self.held[client]
+
+
 class Upload:
     """A speech file in a multipart form, streamed from the client to a node. The form
     is read until the fields that name the model have arrived: fields before the file
     are held in memory (FORM_HEAD_MAX at most); a file that comes before the model is
-    spooled to a temporary file (in TMPDIR, with no name: it goes when it is closed)
-    until the model has come. Then the rest passes on as it arrives. What has passed
-    is kept, the spool and up to FLEET_MEDIA_REPLAY_MB more in memory, so that a node
-    that fails before answering can be replaced by another; past that it is let go.
-    Leaving the `with` block closes the spool."""
+    spooled to a temporary file until the model has come: herd-upload-* in the
+    temporary folder (TMPDIR), deleted when the request ends, within `budget` (a
+    SpoolBudget). Then the rest passes on as it arrives. What has passed is kept, the
+    spool and up to FLEET_MEDIA_REPLAY_MB more in memory, so that a node that fails
+    before answering can be replaced by another; past that it is let go. Leaving the
+    `with` block closes the spool and gives its bytes back to the budget."""
 
-    def __init__(self, request, conn, replay_limit):
+    def __init__(self, request, conn, replay_limit, budget):
         self.stream, self.conn, self.replay_limit = request.stream, conn, replay_limit
-        length = request.header("content-length")
-        self.length = int(length) if length is not None else None
+        self.length = hc.forwarded_length(request)
         self.pieces, self.held, self.replayable = [], 0, True  # held: bytes in pieces
         self.spool = None  # the form up to its model, when its file came first
+        self.budget, self.spooled = budget, 0  # bytes in the spool, counted in budget
 
     def __enter__(self):
         return self
@@ -2574,6 +2667,7 @@ class Upload:
     def __exit__(self, *exc_info):
         if self.spool is not None:
             self.spool.close()
+        self.budget.give_back(self.conn.client_ip, self.spooled)
 
     async def read_fields(self, content_type):
         """The form's plain fields up to its file, or up to its model when the file
@@ -2606,7 +2700,7 @@ class Upload:
     async def _receive(self):
         data = await self.stream.receive(self.conn.read_timeout)
         if self.spool is not None:
-            await asyncio.to_thread(self.spool.write, data)
+            await self._write_spool([data])
         else:
             self.pieces.append(data)  # the form's head always goes on to the node
             self.held += len(data)
@@ -2616,9 +2710,26 @@ class Upload:
         """A file before the model: what has come, and what comes until the model
         does, goes to a temporary file rather than memory."""
         if self.spool is None:
-            self.spool = tempfile.TemporaryFile(prefix="herd-upload-")
-            await asyncio.to_thread(self.spool.writelines, self.pieces)
+            try:
+                self.spool = tempfile.NamedTemporaryFile(prefix="herd-upload-")
+            except OSError as e:
+                raise self._no_room(e) from None
+            await self._write_spool(self.pieces)
             self.pieces, self.held = [], 0
+
+    async def _write_spool(self, pieces):
+        size = sum(map(len, pieces))
+        self.budget.take(self.conn.client_ip, size)
+        self.spooled += size
+        try:
+            await asyncio.to_thread(self.spool.writelines, pieces)
+        except OSError as e:  # a full or read-only temporary folder
+            raise self._no_room(e) from None
+
+    def _no_room(self, error):
+        return SpoolFull(503, f"the router cannot keep the upload in "
+                              f"{tempfile.gettempdir()} until its model field comes "
+                              f"({error.strerror or error}); send the model field first")
 
     def too_large(self):
         return f"upload larger than FLEET_MAX_UPLOAD_MB ({self.stream.limit} bytes)"
@@ -3390,11 +3501,10 @@ class ModelAdmin:
     async def _upload(self, request, conn, node, ex):
         """Stream the client's body to the node; (status, headers, body) of its answer."""
         cfg, stream = self.cfg, request.stream
-        length = request.header("content-length")
         up = await self._connect(node)
         try:
             up.send_head(b"POST", request.target.encode(), forward_headers(request),
-                         int(length) if length is not None else None)
+                         hc.forwarded_length(request))
             ex.touch()
             try:
                 while data := await stream.receive(conn.read_timeout):
@@ -3887,6 +3997,28 @@ def check_zombie_reaper(snap):
                       "A node or a client hangs: the failed traces' error_message names it.")
 
 
+def check_trace_store(snap):
+    trouble = snap.get("trace_store")
+    if trouble is None:
+        return
+    if trouble["problem"] == "damaged":
+        yield finding("trace_store", "warning", "The trace database was damaged",
+                      f"At start the router could not read its traces ({trouble['detail']})"
+                      f": it moved the file to {trouble['file']} and started a fresh one. "
+                      f"Older traces and what it had learned of the nodes' speeds are in "
+                      f"that file.", "Nothing is needed to go on; look at the old file with "
+                      "sqlite3, or delete it.")
+    else:
+        moved = f" (the damaged one was moved to {trouble['moved_to']})" \
+            if trouble.get("moved_to") else ""
+        yield finding("trace_store", "warning", "Traces are kept in memory only",
+                      f"The router cannot keep {trouble['file']} ({trouble['detail']})"
+                      f"{moved}: traces and what it learns of the nodes' speeds are kept "
+                      f"in memory, the newest {hc.TraceStore.MEMORY_ROWS}, and go when it "
+                      f"stops.", "Make FLEET_DATA_DIR a folder the router may write to, "
+                      "with free space, and restart the router.")
+
+
 HEALTH_CHECKS = (check_no_nodes, check_open_fleet, check_refused_heartbeats, check_speed_drops,
                  check_offline_nodes, check_left_nodes, check_degraded_nodes,
                  check_memory_pressure, check_paused_nodes, check_underutilized_nodes,
@@ -3894,7 +4026,7 @@ HEALTH_CHECKS = (check_no_nodes, check_open_fleet, check_refused_heartbeats, che
                  check_request_timeouts, check_error_rates, check_retry_rates,
                  check_client_disconnects, check_media_timeouts, check_media_errors,
                  check_incomplete_streams, check_version_mismatch, check_context_protection,
-                 check_zombie_reaper)
+                 check_zombie_reaper, check_trace_store)
 
 
 # Findings that report what the owner did, not a fault: they cost the score nothing and
@@ -3949,6 +4081,7 @@ class Health:
                 "zombies_reaped": recent["zombie_reaped"],
                 "heartbeat_timeout": cfg.heartbeat_timeout, "open_fleet": not cfg.token,
                 "speed_drops": self.learner.speed_drops(),
+                "trace_store": self.traces.trouble,
                 "media": await self.traces.media_window(since),
                 **await self.traces.health_window(since)}
 
@@ -3993,7 +4126,9 @@ class Api:
         self.cors = Cors(cfg.origins_allowed)
         self.hosts = Hosts(cfg.origins_allowed, socket.gethostname())
         self.admin = ModelAdmin(cfg, fleet, proxy, pulls, self.guard)
-        self.signatures = hc.SignatureCheck(cfg.token) if cfg.token else None
+        self.spools = SpoolBudget(int(cfg.max_upload_mb * (1 << 20)))
+        self.signatures = hc.SignatureCheck(cfg.token, nonce_path=os.path.join(
+            cfg.data_dir, NONCE_FILE)) if cfg.token else None
         self.started = time.time()
         self.in_flight = 0
         self.all_done = asyncio.Event()
@@ -4166,7 +4301,8 @@ class Api:
         before it is spooled to disk), then the upload streams on to a node that serves
         the model."""
         api = hc.api_of(request.path)
-        with Upload(request, conn, int(self.cfg.media_replay_mb * (1 << 20))) as upload:
+        with Upload(request, conn, int(self.cfg.media_replay_mb * (1 << 20)),
+                    self.spools) as upload:
             try:
                 fields = await upload.read_fields(request.header("content-type"))
                 text = {k: v.decode("utf-8", "replace") for k, v in fields.items()}
@@ -4174,6 +4310,8 @@ class Api:
             except hc.BodyTooLarge:
                 return await self.proxy.reject(request, conn, api, upload.too_large(),
                                                status=413)
+            except SpoolFull as e:
+                return await self.proxy.reject(request, conn, api, str(e), status=e.status)
             except TimeoutError:
                 return await self.proxy.reject(request, conn, api, "the client stopped "
                                                "sending its upload", status=408)
@@ -4484,6 +4622,7 @@ OPEN_PATHS = frozenset({"/", "/api/version", "/dashboard"})  # health checks, th
 ADMIN_PATHS = frozenset({"/api/pull", "/api/delete", "/api/copy", "/api/create",
                          "/api/push", "/dashboard/api/requests"})  # and /api/blobs/...
 BLOB_METHODS = ("HEAD", "POST")
+NONCE_FILE = "heartbeat-nonces.txt"  # in FLEET_DATA_DIR: the signature window's nonces
 CONNECTION_COUNTERS = ("connections_refused", "header_timeouts", "bodies_too_large",
                        "accept_paused")
 SECRET_SETTINGS = frozenset({"FLEET_TOKEN", "FLEET_API_KEYS", "FLEET_ADMIN_KEY",

@@ -202,10 +202,13 @@ def run_program(prog, environ, args, load, log_file, run):
     each FLEET_* variable it ignores by mistake: cfg.misnamed), then run(cfg)."""
     try:
         cfg = load(environ, args)
-        os.makedirs(cfg.data_dir, exist_ok=True)
     except (ConfigError, OSError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
+    # A data folder that cannot be made or written still runs the program: the logs,
+    # the traces and what is learned then say so and make do (setup_logging, TraceStore).
+    with contextlib.suppress(OSError):
+        os.makedirs(cfg.data_dir, exist_ok=True)
     setup_logging(cfg.data_dir, log_file, cfg.log_level, cfg.console_log_level)
     for line in cfg.misnamed:  # said once, before anything else is
         logging.getLogger("herd.settings").warning(line, extra={"event": "misnamed_setting"})
@@ -344,10 +347,24 @@ def printable(text):
     return CONTROL_CHARS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
+class LogFileHandler(logging.handlers.TimedRotatingFileHandler):
+    """The JSONL log file. A write that fails (a full disk) is said once on stderr,
+    not with a traceback for every line (logging's own handleError)."""
+
+    failed = False
+
+    def handleError(self, record):
+        if not self.failed:
+            self.failed = True
+            error = sys.exc_info()[1]
+            print(f"herd: cannot write the log file {self.baseFilename} ({error}); the "
+                  f"terminal still gets the log", file=sys.stderr)
+
+
 def setup_logging(data_dir, file_name, file_level, console_level):
-    """Root logger 'herd': JSONL file under data_dir/logs, daily rotation, 30 kept."""
-    log_dir = os.path.join(data_dir, "logs")
-    os.makedirs(log_dir, exist_ok=True)
+    """Root logger 'herd': JSONL file under data_dir/logs, daily rotation, 30 kept. A
+    folder that cannot hold the file (read-only, or not a folder) leaves the terminal
+    log alone, said in one warning line."""
     root = logging.getLogger("herd")
     # No lower than a handler wants: a record nobody writes is never built (a per-request
     # debug line otherwise costs CPU even when both handlers drop it).
@@ -360,15 +377,22 @@ def setup_logging(data_dir, file_name, file_level, console_level):
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()
-    file_handler = logging.handlers.TimedRotatingFileHandler(
-        os.path.join(log_dir, file_name), when="midnight", backupCount=30, encoding="utf-8")
-    file_handler.setLevel(file_level)
-    file_handler.setFormatter(JsonLineFormatter())
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(console_level)
     console.setFormatter(ConsoleFormatter())
-    root.addHandler(file_handler)
     root.addHandler(console)
+    log_dir = os.path.join(data_dir, "logs")
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+        file_handler = LogFileHandler(os.path.join(log_dir, file_name), when="midnight",
+                                      backupCount=30, encoding="utf-8")
+    except OSError as e:
+        root.warning(f"cannot write logs in {log_dir} ({e.strerror or e}); logging to "
+                     f"the terminal only", extra={"event": "log_file_refused"})
+        return root
+    file_handler.setLevel(file_level)
+    file_handler.setFormatter(JsonLineFormatter())
+    root.addHandler(file_handler)
     return root
 
 
@@ -539,6 +563,17 @@ def end_to_end_headers(headers, also_drop=()):
     return [(k, v) for k, v in headers if k not in drop]
 
 
+def forwarded_length(request):
+    """The Content-Length a streamed body goes on to the next hop with, or None to send
+    it chunked. The client's framing is never the next hop's: RFC 9112 6.3 has
+    Transfer-Encoding override Content-Length, and an intermediary that forwards such a
+    request must drop its Content-Length (the chunks say how long the body is)."""
+    if request.header("transfer-encoding") is not None:
+        return None
+    length = request.header("content-length")
+    return int(length) if length is not None else None
+
+
 class Request:
     """One parsed HTTP request with its whole body (or, streamed, its BodyStream)."""
 
@@ -567,8 +602,13 @@ class Request:
 
 def wants_keep_alive(http_version, headers):
     """RFC 9112 9.3: HTTP/1.1 keeps the connection unless the client says close; like
-    h11, an HTTP/1.0 client gets one response per connection."""
+    h11, an HTTP/1.0 client gets one response per connection. A request framed both
+    by Content-Length and chunked is answered, then the connection closes (RFC 9112
+    6.3: such a request may be an attempt at request smuggling)."""
     if http_version != b"1.1":
+        return False
+    names = {k for k, _ in headers}
+    if b"transfer-encoding" in names and b"content-length" in names:
         return False
     return not any(k == b"connection" and b"close" in v.lower() for k, v in headers)
 
@@ -1757,7 +1797,9 @@ class UpstreamPool:
 
 async def http_call(url, method, path, body=None, *, headers=(), timeout=10.0, tls=None,
                     sign=None):
-    """A whole request to url+path; returns (status, headers, body bytes). An https://
+    """A whole request to url+path; returns (status, headers, body bytes). `timeout`
+    bounds the whole exchange, not only each read: a peer that trickles its answer a
+    byte at a time cannot hold the caller (an agent's heartbeat) for longer. An https://
     URL is verified with `tls` (an ssl.SSLContext), else the system's certificates; with
     `sign` (a fleet token) the request carries sign_request()'s headers."""
     host, port, base = split_url(url)
@@ -1771,13 +1813,21 @@ async def http_call(url, method, path, body=None, *, headers=(), timeout=10.0, t
     hdrs.extend(headers)
     if sign:
         hdrs.extend(sign_request(sign, method, base + path, payload))
-    up = await Upstream.connect(host, port, timeout, tls if is_https(url) else None)
+    up, phase = None, "connect"
     try:
-        await up.send_request(method.encode(), (base + path).encode(), hdrs, payload)
-        status, resp_headers = await up.receive_head(timeout)
-        return status, resp_headers, await up.read_body(timeout)
+        async with asyncio.timeout(timeout):
+            up = await Upstream.connect(host, port, timeout, tls if is_https(url) else None)
+            phase = "first_byte"
+            await up.send_request(method.encode(), (base + path).encode(), hdrs, payload)
+            status, resp_headers = await up.receive_head(timeout)
+            phase = "body"
+            return status, resp_headers, await up.read_body(timeout)
+    except TimeoutError:
+        raise UpstreamError(phase, f"{host}:{port} did not answer {method} {path} whole "
+                                   f"within {timeout:g}s") from None
     finally:
-        up.close()
+        if up is not None:
+            up.close()
 
 
 def from_herd(headers):
@@ -1799,10 +1849,17 @@ async def http_json(url, method, path, body=None, *, headers=(), timeout=10.0,
     if status >= 300:
         raise UpstreamError("status", f"{method} {path} answered {status}: "
                                       f"{data[:200].decode('utf-8', 'replace')}")
+    return read_json_answer(data, f"{method} {path}")
+
+
+def read_json_answer(data, what):
+    """A peer's JSON answer ({} when empty); UpstreamError when it is not JSON or nests
+    deep enough to exhaust the decoder's recursion (said in one line, no traceback)."""
     try:
         return json.loads(data) if data else {}
-    except json.JSONDecodeError:
-        raise UpstreamError("body", f"{method} {path} answered with invalid JSON") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and bad UTF-8 are ValueErrors
+        why = "nested too deeply" if isinstance(e, RecursionError) else "invalid JSON"
+        raise UpstreamError("body", f"{what} answered with {why}") from None
 
 
 ####################################################################################
@@ -2403,12 +2460,31 @@ _LEARNED_PRUNE = ("DELETE FROM learned_speed WHERE updated_at < ? OR rowid NOT I
 TREND_RANGES = {"24h": (86400, 3600), "7d": (7 * 86400, 6 * 3600), "30d": (30 * 86400, 86400)}
 
 
-def open_db(path):
-    db = sqlite3.connect(path, timeout=10, check_same_thread=False)
+def open_db(path, uri=False):
+    db = sqlite3.connect(path, timeout=10, check_same_thread=False, uri=uri)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
     db.execute("PRAGMA busy_timeout=10000")
     return db
+
+
+def is_damaged(error):
+    """Is this SQLite error a damaged file (not a database, or a malformed one), as
+    against one that cannot be opened or written (permissions, a full disk)?"""
+    return getattr(error, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB")
+
+
+def set_aside(path, now=None):
+    """Rename a damaged file to <path>.damaged-<local time> (never over another such
+    file), so that a fresh one can start in its place and the old one can be looked
+    at; returns the new path."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    aside, n = f"{path}.damaged-{stamp}", 1
+    while os.path.exists(aside):
+        n += 1
+        aside = f"{path}.damaged-{stamp}-{n}"
+    os.replace(path, aside)
+    return aside
 
 
 class TraceStore:
@@ -2416,10 +2492,15 @@ class TraceStore:
 
     The writer is woken once per batch, not per row: a wake-up per row costs the event
     loop a GIL hand-over (a futex round trip) on every request.
+
+    A damaged database is set aside (set_aside) and a fresh one started; a data folder
+    that cannot hold one (read-only, full) leaves the traces in memory for this run,
+    the newest MEMORY_ROWS of them. `trouble` says which, for the health checks.
     """
 
     BATCH_WAIT_S = 0.1
     BATCH_ROWS = 500
+    MEMORY_ROWS = 20000  # about 15 MB of traces kept when they cannot go to disk
 
     def __init__(self, path, max_queue=10000, retention_days=0):
         self.path = path
@@ -2438,30 +2519,80 @@ class TraceStore:
         self._thread = None
         self._trend_cache = {}  # span in seconds -> (monotonic expiry, rows)
         self._learned = None  # the newest learned-speed rows waiting to be written
+        self.trouble = None  # {"problem": "damaged" or "in_memory", "detail", "file", ...}
+        self._memory = None  # the connection that keeps an in-memory store alive
 
     def start(self):
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        db = open_db(self.path)
-        with db:
-            db.execute(_TRACE_DDL[0])
-            # A database from an older version gains the columns it lacks.
-            have = {row[1] for row in db.execute("PRAGMA table_info(request_traces)")}
-            for name, kind in TRACE_COLUMNS:
-                if name not in have:
-                    db.execute(f"ALTER TABLE request_traces ADD COLUMN {name} {kind}")
-            for ddl in _TRACE_DDL[1:]:  # the indexes, once their columns exist
-                db.execute(ddl)
-            db.execute(_LEARNED_DDL)
-            have = {row[1] for row in db.execute("PRAGMA table_info(learned_speed)")}
-            for name, kind in LEARNED_COLUMNS:
-                if name not in have:
-                    db.execute(f"ALTER TABLE learned_speed ADD COLUMN {name} {kind}")
-            db.execute(f"PRAGMA user_version={TRACE_SCHEMA_VERSION}")
-        db.close()
-        self.prune()
+        """Open (or make) the database, then start the writer; never raises for a
+        damaged file or a folder that cannot hold it (see the class)."""
+        try:
+            self._set_up()
+        except (sqlite3.Error, OSError) as e:
+            self._recover(e)
         self._thread = threading.Thread(target=self._write_loop, name="trace-writer",
                                         daemon=True)
         self._thread.start()
+
+    def _recover(self, error):
+        """A fresh file in place of a damaged one; failing that, memory."""
+        log = logging.getLogger("herd.traces")
+        if is_damaged(error):
+            try:
+                aside = set_aside(self.path)
+                for suffix in ("-wal", "-shm"):  # the damaged file's own journal
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(self.path + suffix)
+                log.error(f"{self.path} is damaged ({error}): moved to {aside}; "
+                          f"starting a fresh one", extra={"event": "traces_damaged"})
+                self.trouble = {"problem": "damaged", "detail": str(error), "file": aside}
+                return self._set_up()
+            except (sqlite3.Error, OSError) as e:
+                error = e
+        log.error(f"cannot keep traces in {self.path} ({error}): keeping the newest "
+                  f"{self.MEMORY_ROWS} in memory until the router stops",
+                  extra={"event": "traces_in_memory"})
+        self.trouble = {"problem": "in_memory", "detail": str(error), "file": self.path,
+                        "moved_to": (self.trouble or {}).get("file")}
+        self._memory = open_db(f"file:herd-traces-{id(self)}?mode=memory&cache=shared",
+                               uri=True)
+        self._set_up()
+
+    def _set_up(self):
+        """Make the schema (or add what an older version's lacks), prune old rows."""
+        if self._memory is None:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        db = self._connect()
+        try:
+            with db:
+                self._make_schema(db)
+            self.prune(db, check=True)
+        finally:
+            self._close(db)
+
+    @staticmethod
+    def _make_schema(db):
+        db.execute(_TRACE_DDL[0])
+        # A database from an older version gains the columns it lacks.
+        have = {row[1] for row in db.execute("PRAGMA table_info(request_traces)")}
+        for name, kind in TRACE_COLUMNS:
+            if name not in have:
+                db.execute(f"ALTER TABLE request_traces ADD COLUMN {name} {kind}")
+        for ddl in _TRACE_DDL[1:]:  # the indexes, once their columns exist
+            db.execute(ddl)
+        db.execute(_LEARNED_DDL)
+        have = {row[1] for row in db.execute("PRAGMA table_info(learned_speed)")}
+        for name, kind in LEARNED_COLUMNS:
+            if name not in have:
+                db.execute(f"ALTER TABLE learned_speed ADD COLUMN {name} {kind}")
+        db.execute(f"PRAGMA user_version={TRACE_SCHEMA_VERSION}")
+
+    def _connect(self):
+        """A connection for writing: to the file, or the in-memory store's own."""
+        return open_db(self.path) if self._memory is None else self._memory
+
+    def _close(self, db):
+        if db is not self._memory:
+            db.close()
 
     def record(self, row):
         """Queue one trace row (a dict of TRACE_COLUMNS); never blocks."""
@@ -2490,15 +2621,18 @@ class TraceStore:
                 or self._thread is None or not self._thread.is_alive())
 
     def close(self):
-        """Write what is waiting, then stop the writer thread."""
+        """Write what is waiting, then stop the writer thread (traces kept in memory
+        go with it)."""
         if self._thread is not None:
             self._stopping = True
             self._wake.set()
             self._thread.join()
             self._thread = None
+        if self._memory is not None:
+            self._memory.close()
 
     def _write_loop(self):
-        db = open_db(self.path)
+        db = self._connect()
         try:
             while True:
                 self._wake.wait()
@@ -2515,35 +2649,46 @@ class TraceStore:
                     self._write_learned(db, learned)
                 with self._progress:
                     self._progress.notify_all()
-                if time.monotonic() - self._pruned_at > self.PRUNE_EVERY_S:
+                if time.monotonic() - self._pruned_at > self.PRUNE_EVERY_S or \
+                        self._memory is not None:
                     self.prune(db)  # here, so only this thread ever writes
                 if self._stopping:
                     return
         finally:
-            db.close()
+            self._close(db)
             with self._progress:
                 self._progress.notify_all()
 
     PRUNE_EVERY_S = 3600
 
-    def prune(self, db=None):
-        """Delete traces older than the retention period; returns how many."""
+    def prune(self, db=None, check=False):
+        """Delete traces older than the retention period (in memory, all but the newest
+        MEMORY_ROWS too); returns how many. `check`: raise what SQLite says, rather
+        than log it (at start, where a damaged file is set aside)."""
         self._pruned_at = time.monotonic()
-        if not self.retention_days:
+        if not self.retention_days and self._memory is None:
             return 0
         own = db is None
-        db = db or open_db(self.path)
+        db = db or self._connect()
         try:
             with db:
                 cur = db.execute("DELETE FROM request_traces WHERE timestamp < ?",
-                                 (time.time() - self.retention_days * 86400,))
-            return cur.rowcount
+                                 (time.time() - self.retention_days * 86400
+                                  if self.retention_days else 0,))
+                count = cur.rowcount
+                if self._memory is not None:
+                    count += db.execute("DELETE FROM request_traces WHERE id <= (SELECT "
+                                        "MAX(id) FROM request_traces) - ?",
+                                        (self.MEMORY_ROWS,)).rowcount
+            return count
         except sqlite3.Error as e:
+            if check:
+                raise
             logging.getLogger("herd.traces").error("pruning old traces failed: %s", e)
             return 0
         finally:
             if own:
-                db.close()
+                self._close(db)
 
     def save_learned(self, rows):
         """Queue the learned-speed rows (dicts of LEARNED_COLUMNS) to be written; a newer
@@ -2582,7 +2727,12 @@ class TraceStore:
 
     def query(self, sql, params=()):
         """Read rows with a connection of its own; call it through asyncio.to_thread."""
-        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
+        if self._memory is None:
+            db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
+        else:  # a reader of the shared in-memory store, never held up by the writer
+            db = sqlite3.connect(f"file:herd-traces-{id(self)}?mode=memory&cache=shared",
+                                 uri=True, timeout=10)
+            db.execute("PRAGMA read_uncommitted=1")
         try:
             db.row_factory = sqlite3.Row
             return [dict(r) for r in db.execute(sql, params)]
@@ -3208,13 +3358,24 @@ def sign_request(token, method, path, body, now=None):
 
 
 class SignatureCheck:
-    """The router's side: fresh, unseen and signed with the token, or refused."""
+    """The router's side (and an agent media server's): fresh, unseen and signed with
+    the token, or refused.
+
+    The nonces seen within the window are also appended to `nonce_path`, one line each,
+    and read back at start: a request signed just before a restart is refused after it
+    as before it. Where that file cannot be kept (a read-only or full data folder), a
+    request signed before this start is refused instead: safe, but an agent whose clock
+    is behind is refused for as long as it is behind, up to the window."""
 
     MAX_NONCES = 100_000  # about 50 heartbeats a second for the whole window
+    COMPACT_EVERY = 1000  # lines appended to the nonce file before it is rewritten
 
-    def __init__(self, token, window=SIGNATURE_WINDOW_S):
+    def __init__(self, token, window=SIGNATURE_WINDOW_S, nonce_path=None, now=None):
         self.token, self.window = token, window
         self.seen = collections.OrderedDict()  # nonce -> when it stops mattering
+        self.nonce_path, self.not_before, self._appended = nonce_path, 0, 0
+        if nonce_path is not None:
+            self._load_nonces(time.time() if now is None else now)
 
     def refuse(self, request, now=None):
         """Why `request` is not a valid signed request, or None when it is."""
@@ -3228,9 +3389,14 @@ class SignatureCheck:
                 return ("not signed: this agent sends its token instead of signing with it; "
                         "update herd_node.py and herd_common.py on that machine")
             return "not signed (set FLEET_NODE_TOKEN on the node to the router's FLEET_TOKEN)"
-        if abs(now - int(timestamp)) > self.window:
-            return (f"timestamp {int(now - int(timestamp))}s away from the router's clock "
-                    f"(more than {self.window}s): check both machines' clocks")
+        skew = int(timestamp) - now  # > 0: the signer's clock is ahead of ours
+        if abs(skew) > self.window:
+            return (f"timestamp {math.ceil(abs(skew))}s {'ahead of' if skew > 0 else 'behind'}"
+                    f" this machine's clock (more than {self.window}s): check both "
+                    f"machines' clocks")
+        if int(timestamp) < self.not_before:
+            return ("signed before this program started (a replay, or a clock behind "
+                    "this machine's): the next one, signed later, is taken")
         expected = signature(self.token, timestamp, nonce, request.method, request.path,
                              request.body)
         if not hmac.compare_digest(given.encode(), expected.encode()):
@@ -3241,7 +3407,53 @@ class SignatureCheck:
         if nonce in self.seen:
             return "replayed: this signed request was already used"
         self.seen[nonce] = now + 2 * self.window
+        self._keep_nonce(nonce, self.seen[nonce])
         return None
+
+    def _load_nonces(self, now):
+        """The nonces an earlier run saw that still matter, and the file rewritten with
+        only those; failing that, the start-time rule (see the class)."""
+        try:
+            os.makedirs(os.path.dirname(self.nonce_path) or ".", exist_ok=True)
+            with contextlib.suppress(FileNotFoundError), open(self.nonce_path, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - self.MAX_NONCES * 64))
+                for line in f.read().splitlines():  # a damaged line is only skipped
+                    expiry, _, nonce = line.decode("ascii", "replace").partition(" ")
+                    if expiry.isdigit() and int(expiry) > now and nonce.isalnum():
+                        self.seen[nonce] = int(expiry)
+            self._rewrite_nonces()
+        except OSError as e:
+            self._give_up_nonces(e, now)
+
+    def _keep_nonce(self, nonce, expiry):
+        if self.nonce_path is None:
+            return
+        try:
+            if self._appended >= self.COMPACT_EVERY:  # the lines of expired ones go
+                return self._rewrite_nonces()
+            with open(self.nonce_path, "a", encoding="ascii") as f:
+                f.write(f"{math.ceil(expiry)} {nonce}\n")
+            self._appended += 1
+        except OSError as e:
+            self._give_up_nonces(e, None)
+
+    def _rewrite_nonces(self):
+        tmp = self.nonce_path + ".tmp"
+        with open(tmp, "w", encoding="ascii") as f:
+            f.writelines(f"{math.ceil(expiry)} {nonce}\n" for nonce, expiry in
+                         self.seen.items())
+        os.replace(tmp, self.nonce_path)
+        self._appended = 0
+
+    def _give_up_nonces(self, error, now):
+        """Keep nonces in memory only; at start, refuse what was signed before it."""
+        logging.getLogger("herd.signatures").warning(
+            f"cannot keep signed requests' nonces in {self.nonce_path} ({error}); "
+            + ("requests signed before this start are refused instead" if now else
+               "a restart within the next minute may take a recorded request again"))
+        self.nonce_path = None
+        if now is not None:
+            self.not_before = int(now)
 
 
 ####################################################################################
@@ -3313,7 +3525,8 @@ ROUTER_SETTINGS = [
             "megabyte of it at a time"),
     Setting("FLEET_MAX_UPLOAD_MB", 512.0, "largest speech upload (/v1/audio/transcriptions, "
             "/api/transcribe) streamed to a node, or spooled to TMPDIR while its file "
-            "comes before its model field (413 beyond)"),
+            "comes before its model field (413 beyond; spooled files: twice this per "
+            "client, eight times in all)"),
     Setting("FLEET_MEDIA_REPLAY_MB", 8.0, "of a speech upload, the megabytes the router "
             "keeps while it streams, so that a node failing before it answers can be "
             "replaced; a longer upload goes to one node only (0: never kept)"),

@@ -711,20 +711,34 @@ class CapacityLearner:
         return self.path
 
     def load(self):
-        """Read the file; one that is missing, damaged or another node's is set aside with
-        a log line and learning starts afresh. True if history was loaded. Blocking."""
+        """Read the file; one that is damaged or another node's is set aside (renamed
+        .damaged-<time>, so that the next save does not overwrite it) with a log line,
+        and learning starts afresh. True if history was loaded. Blocking."""
         try:
             with open(self.path) as f:
                 self.slots = self.parse(json.load(f))
         except FileNotFoundError:
             return False
-        except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
-            log.warning(f"capacity learner file {self.path} not used, learning afresh: {e}",
-                        extra={"event": "capacity_state_refused"})
+        except OSError as e:
+            log.warning(f"capacity learner file {self.path} cannot be read, learning "
+                        f"afresh: {e}", extra={"event": "capacity_state_refused"})
+            return False
+        except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError;
+            # RecursionError: nesting deep enough to exhaust the decoder
+            why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+            log.warning(f"capacity learner file {self.path} not used, learning afresh: "
+                        f"{why}{self._set_aside()}", extra={"event": "capacity_state_refused"})
             return False
         log.info("capacity learner history loaded", extra={"url": self.path,
                                                           "event": "capacity_state_loaded"})
         return True
+
+    def _set_aside(self):
+        """Move the refused file aside; what to add to the log line about it."""
+        try:
+            return f" (moved to {hc.set_aside(self.path)})"
+        except OSError as e:
+            return f" (could not move it aside: {e.strerror or e})"
 
     def parse(self, data):
         """The slots of a state file, every field checked; ValueError if anything is off."""
@@ -1147,9 +1161,10 @@ def verbose_transcript(result, text, cues):
 class Media:
     """What this node serves of images and speech, and how (see the theory above)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, node_id):
         self.cfg = cfg
-        self.signatures = hc.SignatureCheck(cfg.token) if cfg.token else None
+        self.signatures = hc.SignatureCheck(cfg.token, nonce_path=os.path.join(
+            cfg.data_dir, f"media-nonces-{node_id}.txt")) if cfg.token else None
         self.images = ImageTools(cfg)
         self.models = {hc.IMAGE: [], hc.TRANSCRIPTION: []}
         self.backends = {}
@@ -1396,12 +1411,11 @@ class Media:
         host, port, base = hc.split_url(self.cfg.transcribe_url)
         up = await hc.Upstream.connect(host, port, 10.0)
         try:
-            length = request.header("content-length")
             up.send_head(b"POST", (base + "/v1/audio/transcriptions").encode(),
                          hc.end_to_end_headers(request.headers, (b"x-herd-timestamp",
                                                                  b"x-herd-nonce",
                                                                  b"x-herd-signature")),
-                         int(length) if length is not None else None)
+                         hc.forwarded_length(request))
             while data := await request.stream.receive(conn.read_timeout):
                 await up.send_body(data, self.cfg.media_timeout)
             up.end_body()
@@ -1428,13 +1442,14 @@ class Agent:
         self.finder = finder
         self.node_id = cfg.node_id or hc.default_node_id()
         self.capacity = Capacity(cfg, self.node_id, probes, owner, clock)
-        self.media = Media(cfg)
+        self.media = Media(cfg, self.node_id)
         self.tls = ssl.create_default_context(cafile=cfg.ca) if cfg.ca else None
         self.settings = {}
         self._settings_at = 0.0
         self._ollama_was_ok = None
         self._router_ok = None
         self._token_unchecked = False
+        self._answer_error = None  # why the router's last answer could not be read
         self.sent = 0
 
     @property
@@ -1505,9 +1520,11 @@ class Agent:
         self.sent += 1
         self._note_router(True, None)
         try:
-            answer = json.loads(body)
-        except ValueError:
-            answer = None
+            answer = hc.read_json_answer(body, "the router")
+        except hc.UpstreamError as e:
+            self._note_answer(str(e))
+            return {}
+        self._note_answer(None)
         answer = answer if isinstance(answer, dict) else {}
         self._note_token(answer)
         return answer
@@ -1522,6 +1539,15 @@ class Agent:
                         "router to this agent's FLEET_NODE_TOKEN",
                         extra={"url": self.router_url, "event": "token_unchecked"})
         self._token_unchecked = unchecked
+
+    def _note_answer(self, error):
+        """Say once that the router's answers cannot be read, not at every beat (the
+        heartbeats are taken all the same); and once that they can again."""
+        if error and not self._answer_error:
+            log.warning(f"heartbeat taken, but {error} (said once, until an answer can "
+                        f"be read again)", extra={"url": self.router_url,
+                                                  "event": "router_answer"})
+        self._answer_error = error
 
     def _note_router(self, ok, error):
         if ok != self._router_ok or not ok:

@@ -214,8 +214,9 @@ class Harness:
 class FakeMediaServer:
     """An OpenAI-compatible image and transcription server, as small as it can be: GET
     /v1/models lists `models`; POST /v1/images/generations answers a one-pixel PNG;
-    POST /v1/audio/transcriptions reads the form as it arrives (counting its bytes in
-    `received` and its request's "sha256", never holding it) and answers {"text": "..."}
+    POST /v1/audio/transcriptions reads the form as it arrives, by its length or
+    chunked (counting its bytes in `received` and its request's "sha256", never holding
+    it) and answers {"text": "..."}
     or, with response_format text, the text. `fault = "http500"` makes it fail; `requests` records each request's
     path, headers and (for JSON) body."""
 
@@ -244,7 +245,9 @@ class FakeMediaServer:
             record = {"path": path, "headers": headers, "body": None}
             self.requests.append(record)
             if path.endswith("/audio/transcriptions"):
-                status, ctype, body = await self._transcribe(reader, length, record)
+                chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+                pieces = self._chunks(reader) if chunked else self._pieces(reader, length)
+                status, ctype, body = await self._transcribe(pieces, record)
             else:
                 data = await reader.readexactly(length)
                 record["body"] = json.loads(data) if data else None
@@ -270,13 +273,28 @@ class FakeMediaServer:
                 {"created": 1, "data": [{"b64_json": self.PNG}]}).encode()
         return 404, "application/json", b'{"detail":"Not Found"}'
 
-    async def _transcribe(self, reader, length, record):
-        left, start, digest = length, b"", hashlib.sha256()
-        while left:
-            data = await reader.read(min(left, 1 << 16))
+    @staticmethod
+    async def _pieces(reader, length):
+        """A body of `length` bytes, as it arrives."""
+        while length:
+            data = await reader.read(min(length, 1 << 16))
             if not data:
-                raise asyncio.IncompleteReadError(b"", left)
-            left -= len(data)
+                raise asyncio.IncompleteReadError(b"", length)
+            length -= len(data)
+            yield data
+
+    @staticmethod
+    async def _chunks(reader):
+        """A chunked body's data, chunk by chunk (no extensions, no trailer fields)."""
+        while size := int((await reader.readuntil(b"\r\n"))[:-2], 16):
+            yield await reader.readexactly(size)
+            await reader.readexactly(2)
+        await reader.readexactly(2)
+
+    async def _transcribe(self, pieces, record):
+        length, start, digest = 0, b"", hashlib.sha256()
+        async for data in pieces:
+            length += len(data)
             self.received += len(data)
             digest.update(data)
             if len(start) < 4096:
@@ -4315,6 +4333,9 @@ HEALTH_CASES = [
      "12 tokens/s"),
     ("paused_nodes", "warning", crafted(node_paused=True, node_paused_reason="camera in use"),
      "camera in use"),
+    ("trace_store", "warning", crafted(trace_store={
+        "problem": "damaged", "detail": "file is not a database",
+        "file": "latency.db.damaged-20260101-120000"}), "latency.db.damaged-20260101-120000"),
 ]
 
 
@@ -4355,10 +4376,10 @@ def test_health_thresholds_come_from_settings():
     assert [f["severity"] for f in herd.run_health_checks(snap)[0]] == ["critical"]
 
 
-def test_all_twenty_three_checks_are_covered():
+def test_all_twenty_four_checks_are_covered():
     assert sorted(c[0] for c in HEALTH_CASES) == sorted(
         fn.__name__.removeprefix("check_") for fn in herd.HEALTH_CHECKS)
-    assert len(herd.HEALTH_CHECKS) == 23
+    assert len(herd.HEALTH_CHECKS) == 24
 
 
 def test_a_resolved_problem_drops_out_of_health_once_its_window_passes(h):
@@ -5486,6 +5507,9 @@ class TraceWatch:
 
     def __init__(self, router):
         self.router, self.culprit = router, None
+        # Every refusal's row goes to the writer here, not only the first 30 a minute:
+        # the fuzz looks for rows it cannot write. The sampler's limits have no setting.
+        router.proxy.refusals.per_client = router.proxy.refusals.in_all = float("inf")
 
     def written(self):
         counts = fleet_status(self.router)["router"]
@@ -7133,3 +7157,357 @@ def test_bench_ideal_time_counts_only_what_no_slot_has_cached():
     assert words == len(held) + 3  # the new message: its role and two words
     alone_slow = (3 * bench.PROMPT_DELAY + answer * bench.CHUNK_DELAY) / 0.5
     assert follow == pytest.approx(alone_slow)
+
+
+####################################################################################
+# Hardening: uploads, framing, agent deadlines, damaged files (issue 19, items 9-12)
+####################################################################################
+
+
+def framed_both_ways(path, data, content_type=None):
+    """A request that says Content-Length (a wrong one) and Transfer-Encoding: chunked,
+    its body chunked: RFC 9112 6.3 says the chunked framing is the one that counts."""
+    ctype = b"Content-Type: %s\r\n" % content_type if content_type else b""
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(data[at:at + 1000]), data[at:at + 1000])
+                      for at in range(0, len(data), 1000))
+    return (b"POST %s HTTP/1.1\r\nHost: r\r\n%sContent-Length: 10\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" % (path.encode(), ctype)) + chunks + \
+        b"0\r\n\r\n"
+
+
+def test_a_blob_framed_both_ways_goes_on_chunked_and_the_connection_closes(h):
+    fake = h.fake()
+    router = h.router()
+    h.heartbeat(router, fake, "node-a")
+    data = os.urandom(5000)
+    answer = raw_exchange(router.port, framed_both_ways(f"/api/blobs/{blob_of(data)}", data))
+    assert answer.startswith(b"HTTP/1.1 201"), answer[:300]
+    assert fake.blobs == {blob_of(data): 5000}
+    assert b"connection: close" in answer.lower()  # RFC 9112 6.3: then it closes
+    assert http(router.url, "GET", "/api/version")[0] == 200
+
+
+def test_a_speech_upload_framed_both_ways_reaches_the_tool_whole(h, tools_on_path):
+    router = h.router()
+    h.media_agent(router, h.fake(), "mac-mini")
+    form = (form_part("model") + b"Qwen/Qwen3-ASR-0.6B\r\n" + form_part("file", "a.wav") +
+            os.urandom(3000) + b"\r\n--b--\r\n")
+    answer = raw_exchange(router.port, framed_both_ways(
+        "/api/transcribe", form, b"multipart/form-data; boundary=b"))
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert b'"text":"heard 3000 bytes"' in answer
+
+
+def test_an_agent_relays_an_upload_framed_both_ways_chunked(h):
+    server = h.media_server(models=["whisper-1"])
+    router = h.router()
+    agent = h.media_agent(router, h.fake(), "whisper-box",
+                          FLEET_NODE_TRANSCRIBE_URL=server.url)
+    form = form_part("model") + b"whisper-1\r\n" + form_part("file", "a.wav") + \
+        os.urandom(3000) + b"\r\n--b--\r\n"
+    path = "/v1/audio/transcriptions"
+    request = framed_both_ways(path, form, b"multipart/form-data; boundary=b")
+    head, _, body = request.partition(b"\r\n\r\n")
+    signed = b"".join(b"%s: %s\r\n" % pair for pair in hc.sign_request(
+        router.cfg.token, "POST", path, b""))  # a streamed upload is signed without it
+    answer = raw_exchange(agent.media.port, head + b"\r\n" + signed + b"\r\n" + body)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert server.requests[-1]["sha256"] == hashlib.sha256(form).hexdigest()
+
+
+class SignedRequest:
+    """Just what SignatureCheck reads of a request: its headers, method, path, body."""
+
+    def __init__(self, headers, method="POST", path="/heartbeat", body=b"{}"):
+        self.headers, self.method, self.path, self.body = headers, method, path, body
+
+    def header(self, name):
+        return next((v.decode() for k, v in self.headers if k == name.encode()), None)
+
+
+def test_a_clock_ahead_or_behind_is_said_with_its_sign(tmp_path):
+    check = hc.SignatureCheck("s3cret")
+    ahead = SignedRequest(hc.sign_request("s3cret", "POST", "/heartbeat", b"{}", now=1031))
+    behind = SignedRequest(hc.sign_request("s3cret", "POST", "/heartbeat", b"{}", now=969))
+    assert check.refuse(ahead, now=1000.5).startswith("timestamp 31s ahead of")
+    assert check.refuse(behind, now=1000.5).startswith("timestamp 32s behind")
+    assert check.refuse(ahead, now=1002) is None  # 29 s ahead: within the window
+
+
+def test_a_heartbeat_signed_before_a_restart_is_refused_after_it(h):
+    fake = h.fake()
+    router = h.router()
+    data = json.dumps(h.snapshot(router, fake, "node-a")).encode()
+    signed = {k.decode(): v.decode() for k, v in hc.sign_request(
+        router.cfg.token, "POST", "/heartbeat", data)}
+    assert http(router.url, "POST", "/heartbeat", data, headers=signed)[0] == 200
+    h.bg.run(router.stop())
+    h.routers.remove(router)
+    again = h.router()  # the same data folder, within the 30 s window
+    status, _, body = http(again.url, "POST", "/heartbeat", data, headers=signed)
+    assert status == 401 and b"replayed" in body
+    h.heartbeat(again, fake, "node-a")  # a fresh one is taken
+    assert node_status(again, "node-a") == "online"
+
+
+def test_without_a_nonce_file_what_was_signed_before_the_start_is_refused(tmp_path):
+    (tmp_path / "file").write_text("")  # a folder that cannot be made, even by root
+    check = hc.SignatureCheck("s3cret", nonce_path=str(tmp_path / "file" / "nonces"),
+                              now=1000.5)
+    old = SignedRequest(hc.sign_request("s3cret", "POST", "/heartbeat", b"{}", now=999))
+    new = SignedRequest(hc.sign_request("s3cret", "POST", "/heartbeat", b"{}", now=1000.9))
+    assert check.refuse(old, now=1001).startswith("signed before this program started")
+    assert check.refuse(new, now=1001) is None
+
+
+def start_stub(h, answer):
+    """A server on loopback that reads a request and runs `answer(writer)`; returns its
+    URL and the server (stop_stub ends it and its connections' tasks)."""
+    handlers = set()
+
+    async def serve(reader, writer):
+        handlers.add(asyncio.current_task())
+        try:
+            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+                await reader.readuntil(b"\r\n\r\n")
+                await answer(writer)
+        finally:
+            writer.close()
+            handlers.discard(asyncio.current_task())
+
+    async def start():
+        return await asyncio.start_server(serve, "127.0.0.1", 0)
+    server = h.bg.run(start())
+    server.handlers = handlers
+    return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", server
+
+
+def stop_stub(h, server):
+    async def stop():
+        server.close()
+        for task in list(server.handlers):
+            task.cancel()
+        await asyncio.gather(*server.handlers, return_exceptions=True)
+        await server.wait_closed()
+    h.bg.run(stop())
+
+
+async def trickle(writer):
+    """A head, then a byte of its body every 50 ms until the client hangs up: each read
+    is quick."""
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n")
+    while not writer.is_closing():
+        writer.write(b" ")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+
+
+def test_a_trickling_router_cannot_hold_an_agents_heartbeat(h):
+    url, server = start_stub(h, trickle)
+    try:
+        agent = h.agent(h.router(), h.fake(), "node-a", FLEET_NODE_ROUTER_URL=url)
+        hb = h.bg.run(agent.snapshot())
+        # Each read comes within the 5 s a read may take; the whole answer never does.
+        # Without a deadline for the whole call this waits until the test gives up.
+        assert h.bg.run(agent.send(hb), timeout=20) is None
+        with pytest.raises(hc.UpstreamError) as e:
+            h.bg.run(hc.http_call(url, "GET", "/x", timeout=0.5), timeout=20)
+        assert e.value.phase == "body" and "whole within 0.5s" in str(e.value)
+    finally:
+        stop_stub(h, server)
+
+
+def test_an_answer_nested_too_deeply_is_one_line_not_a_traceback_a_beat(h, caplog):
+    async def nested(writer):
+        body = b"[" * 200_000
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+    url, server = start_stub(h, nested)
+    agent = h.agent(h.router(), h.fake(), "node-a", FLEET_NODE_ROUTER_URL=url)
+    hb = h.bg.run(agent.snapshot())
+    logging.getLogger("herd").propagate = True  # let caplog see it
+    try:
+        assert [h.bg.run(agent.send(hb)) for _ in range(3)] == [{}, {}, {}]  # taken
+        # An Ollama (or an image server) answering so is unreachable, not a crash.
+        ollama = h.bg.run(hc.read_ollama(url, timeout=5))
+        assert not ollama["ok"] and "nested too deeply" in ollama["error"]
+    finally:
+        logging.getLogger("herd").propagate = False
+        stop_stub(h, server)
+    said = [r for r in caplog.records if "nested too deeply" in r.getMessage()]
+    assert len(said) == 1 and said[0].exc_info is None
+
+
+def damage(path, how):
+    """Garbage in place of a database, or the database cut to a tenth of its size."""
+    if how == "garbage":
+        path.write_bytes(b"not a database at all " * 200)
+    else:
+        db = sqlite3.connect(path)
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        db.close()
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 10)
+
+
+def health_finding(router, check):
+    health = get_json(router.url, "/dashboard/api/health")
+    return next((f for f in health["checks"] if f["check"] == check), None)
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncated"])
+def test_a_damaged_trace_database_is_set_aside_and_the_router_starts_afresh(h, how):
+    fake = h.fake()
+    router = h.router()
+    h.heartbeat(router, fake, "node-a")
+    for i in range(300):  # a database of some size, so that cutting it damages pages
+        h.bg.call(router.traces.record, {"request_id": str(i), "timestamp": time.time(),
+                                         "model": "m", "error_message": "x" * 400})
+    assert len(h.traces(router)) == 300
+    h.bg.run(router.stop())
+    h.routers.remove(router)
+    damage(h.data_dir / "latency.db", how)
+    again = h.router()
+    aside = [p.name for p in h.data_dir.iterdir() if ".damaged-" in p.name]
+    assert len(aside) == 1 and aside[0].startswith("latency.db.damaged-")
+    h.heartbeat(again, fake, "node-a")
+    assert generate(again)[0]["done"]
+    assert [r["status"] for r in h.traces(again)] == ["completed"]  # in a fresh file
+    found = health_finding(again, "trace_store")
+    assert found["severity"] == "warning" and aside[0] in found["description"]
+
+
+def test_a_data_folder_that_cannot_hold_files_leaves_traces_in_memory(h, tmp_path):
+    h.data_dir = tmp_path / "a-file"  # where the data folder should be: even root
+    h.data_dir.write_text("")  # cannot write below it
+    fake = h.fake()
+    router = h.router()
+    h.heartbeat(router, fake, "node-a")
+    assert generate(router)[0]["done"]
+    h.bg.call(lambda: None)  # as Harness.traces: the loop finishes recording the row
+    router.traces.flush()  # the writer batches rows for 0.1 s; waiting would be a sleep
+    rows = get_json(router.url, "/dashboard/api/requests")["requests"]
+    assert [r["status"] for r in rows] == ["completed"]
+    found = health_finding(router, "trace_store")
+    assert "kept in memory" in found["title"] and "a-file" in found["description"]
+
+
+def test_the_router_program_starts_on_a_data_folder_it_cannot_write(tmp_path):
+    folder = tmp_path / "data"
+    folder.write_text("")  # a file where the folder should be
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "FLEET_HOST": "127.0.0.1", "FLEET_PORT": str(port),
+           "FLEET_MDNS": "false", "FLEET_LOCAL_NODE": "false", "FLEET_DATA_DIR": str(folder),
+           "FLEET_CONSOLE_LOG_LEVEL": "INFO"}
+    proc = subprocess.Popen([sys.executable, "herd.py"], cwd=HERE, env=env,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        said = [proc.stderr.readline() for _ in range(3)]
+        assert "cannot write logs in" in said[0] and "keeping the newest" in said[1]
+        assert "listening on" in said[2]
+        assert http(f"http://127.0.0.1:{port}", "GET", "/api/version")[0] == 200
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_a_capacity_file_nested_too_deeply_is_set_aside(tmp_path, caplog):
+    path = tmp_path / "capacity-learner-lap.json"
+    path.write_text("[" * 200_000)
+    learner = herd_node.CapacityLearner("lap", str(path), Clock(MONDAY_9AM))
+    logging.getLogger("herd").propagate = True  # let caplog see it
+    try:
+        assert learner.load() is False
+    finally:
+        logging.getLogger("herd").propagate = False
+    assert "nested too deeply" in caplog.text and "moved to" in caplog.text
+    assert not path.exists() and [p.read_text()[:3] for p in tmp_path.iterdir()] == ["[[["]
+    assert learner.save() == str(path)  # and it learns afresh into a new file
+
+
+def start_file_first_upload(port, size, source="127.0.0.1"):
+    """A socket that has sent a transcription form's head and `size` bytes of a file
+    that comes before its model; the rest (the model, the end) is not sent yet."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    s.sendall(upload_head("/v1/audio/transcriptions") + b"%x\r\n%s\r\n" % (
+        size + 100, form_part("file", "a.wav").ljust(100) + os.urandom(size)))
+    return s
+
+
+def finish_upload(s):
+    """Send the model and the form's end; (status, body) of the answer."""
+    rest = b"\r\n" + form_part("model") + b"whisper-1\r\n--b--\r\n"
+    s.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(rest), rest))
+    return read_response(s)
+
+
+def spooled_total(folder):
+    """Bytes of the spool files in `folder` (they have names there, as du sees them)."""
+    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("herd-upload"))
+
+
+def test_uploads_waiting_on_disk_are_bounded_per_client_and_in_all(h, spool_dir):
+    server = h.media_server(models=["whisper-1"])
+    router = h.router(FLEET_MAX_UPLOAD_MB=1)  # 2 MB may wait per client, 8 MB in all
+    h.media_agent(router, h.fake(), "whisper-box", FLEET_NODE_TRANSCRIBE_URL=server.url)
+    size = 1_000_000  # and 100 bytes of form: two fit in 2 MiB, eight in 8 MiB
+    waiting = []
+    try:
+        for n, source in enumerate(["127.0.0.1", "127.0.0.1", "127.0.0.2", "127.0.0.2",
+                                    "127.0.0.3", "127.0.0.3", "127.0.0.4", "127.0.0.4"]):
+            waiting.append(start_file_first_upload(router.port, size, source))
+            wait_until(lambda: spooled_total(spool_dir) >= (n + 1) * size,
+                       what="the upload to be spooled")
+        with start_file_first_upload(router.port, size) as third:
+            status, body = read_response(third)
+        error = json.loads(body)["error"]
+        assert status == 413 and error["type"] == "invalid_request_error"
+        assert "127.0.0.1 already has uploads waiting on disk" in error["message"]
+        assert "model field before the file" in error["message"]
+        with start_file_first_upload(router.port, size, "127.0.0.5") as ninth:
+            status, body = read_response(ninth)
+        assert status == 503 and "8 MB of uploads waiting" in json.loads(body)["error"][
+            "message"]
+        wait_until(lambda: spooled_total(spool_dir) == 8 * (size + 100),
+                   what="the refused uploads' spools to be deleted")
+        status, body = finish_upload(waiting.pop(0))  # one goes on to the node
+        assert status == 200 and json.loads(body)["text"].startswith("fake transcript")
+    finally:
+        for s in waiting:
+            s.close()
+    wait_until(lambda: spooled_total(spool_dir) == 0, what="the spools to be deleted")
+    with start_file_first_upload(router.port, size) as again:  # room again
+        assert finish_upload(again)[0] == 200
+
+
+def test_an_upload_that_cannot_be_spooled_is_a_503_that_says_where(h, tmp_path, monkeypatch):
+    server = h.media_server(models=["whisper-1"])
+    router = h.router()
+    h.media_agent(router, h.fake(), "whisper-box", FLEET_NODE_TRANSCRIBE_URL=server.url)
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "a-file"))  # no folder there
+    with start_file_first_upload(router.port, 1000) as s:
+        status, body = read_response(s)
+    message = json.loads(body)["error"]["message"]
+    assert status == 503 and "cannot keep the upload in" in message and "a-file" in message
+
+
+def test_refusals_that_reach_no_node_are_traced_at_most_30_a_minute_per_client(h):
+    fake = h.fake()
+    router = h.router()
+    h.heartbeat(router, fake, "node-a")
+    ask = {"model": "no-such-model", "prompt": "x"}
+    for _ in range(35):
+        assert http(router.url, "POST", "/api/generate", ask)[0] == 404
+    assert http(router.url, "POST", "/api/generate", ask, source="127.0.0.2")[0] == 404
+    assert generate(router)[0]["done"]  # answered by a node: always traced
+    rows = [(r["client_addr"].rpartition(":")[0], r["status"]) for r in h.traces(router)]
+    assert rows == [("127.0.0.1", "rejected")] * 30 + [("127.0.0.2", "rejected"),
+                                                        ("127.0.0.1", "completed")]
+    assert router_events(router)["refusals_untraced"] == 5
+    metrics = http(router.url, "GET", "/metrics")[2].decode()
+    counted = re.search(r'herd_requests_total\{model="other",node="",status="rejected"'
+                        r'[^}]*\} (\d+)', metrics)
+    assert counted and counted.group(1) == "36"  # every refusal is still counted
