@@ -4964,6 +4964,8 @@ class LocalNode:
             found, _ = await asyncio.to_thread(hc.find_ollama_settings, psutil, port)
             self._settings, self._settings_at = found or {}, time.monotonic()
         machine = await asyncio.to_thread(hc.read_machine, psutil, self.cfg.data_dir)
+        if self._taken():
+            return  # an agent took this Ollama over while we looked at it
         slots, source = hc.resolve_num_parallel(0, self._settings, os.environ)
         self.fleet.apply_heartbeat(hc.Heartbeat(hc.build_heartbeat(
             self.node_id, self.cfg.local_ollama_url, machine, ollama, self._settings,

@@ -2215,6 +2215,26 @@ def test_local_ollama_is_served_without_an_agent(h):
     assert headers["x-fleet-node"] == "agent-node"
 
 
+def test_an_agent_that_takes_over_while_the_local_ollama_is_read_keeps_it(h, monkeypatch):
+    fake = h.fake()
+    router = h.router(FLEET_LOCAL_NODE="true", FLEET_LOCAL_OLLAMA_URL=fake.url,
+                      FLEET_LOCAL_NODE_INTERVAL=3600)  # polled by hand below
+    local_id = hc.short_hostname()
+    h.bg.run(router.local.poll())
+    assert fleet_node(router, local_id)["local"] is True
+    heartbeat, read_ollama = h.snapshot(router, fake, "agent-node"), hc.read_ollama
+
+    async def agent_arrives(*args, **kwargs):  # its heartbeat lands while the poll reads
+        found = await read_ollama(*args, **kwargs)
+        status, _, _ = await hc.http_call(router.url, "POST", "/heartbeat", heartbeat,
+                                          sign=router.cfg.token)
+        assert status == 200
+        return found
+    monkeypatch.setattr(hc, "read_ollama", agent_arrives)
+    h.bg.run(router.local.poll())
+    assert fleet_node(router, local_id) is None and fleet_node(router, "agent-node")
+
+
 def test_node_keeps_heartbeating_when_ollama_is_down(h):
     fake = h.fake()
     router = h.router(FLEET_HOLD_TIMEOUT=0.2)
