@@ -1058,10 +1058,11 @@ def sized(entry):
 
 # Decode speed falls about as the weights grow (each token reads them all), but only
 # between models alike: a model under ESTIMATE_MIN_BYTES is no language model to scale
-# from (a test blob, a stub: 4 KB made 23 million tokens/s of a 2 GB model's 40), and
-# sizes more than ESTIMATE_MAX_SCALE apart differ in more than size (fixed per-token
-# costs under, memory spills over). Such a model gets no estimate: it has no basis yet.
-ESTIMATE_MIN_BYTES = 50 * 10**6  # the smallest chat models Ollama lists are ~90 MB
+# from (a test blob, a stub: scaled from a 2 GB model, a 4 KB one was shown at 23
+# million tokens/s and 0.0 ms), and sizes more than ESTIMATE_MAX_SCALE apart differ in
+# more than size (fixed per-token costs below, memory that spills over above). Such a
+# model gets no estimate: it has no basis until it answers once.
+ESTIMATE_MIN_BYTES = 50 * 10**6  # Ollama's smallest chat model, smollm:135m, is ~90 MB
 ESTIMATE_MAX_SCALE = 8.0
 
 
@@ -4173,6 +4174,7 @@ class Api:
         text = self.stats.render(self.fleet, self.scheduler.holding, self.traces.dropped,
                                  self.counters)
         await conn.send_response(200, text.encode(), b"text/plain; version=0.0.4; charset=utf-8")
+
 
 # The overview's figures: counts, errors and percentiles over the last hour, a point a
 # minute for its sparklines, and rates over the last five minutes (a load average: what

@@ -2111,7 +2111,7 @@ _MODEL_USAGE_SQL = (
     f"FROM request_traces WHERE timestamp > ? AND status != '{RETRIED}' "
     f"GROUP BY model, node_id ORDER BY model, requests DESC")
 # Tokens are Ollama's counts as the trace keeps them: prompt (prompt_eval_count) and
-# completion (eval_count, the generated tokens) apart, never added up.
+# completion (eval_count, the generated tokens), summed apart.
 _TOKEN_SUMS = ("COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens, "
                "COALESCE(SUM(completion_tokens), 0) AS completion_tokens")
 _TRENDS_SQL = (
