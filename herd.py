@@ -1075,6 +1075,23 @@ def sized(entry):
     return int(entry.get("size") or 0)
 
 
+# Decode speed falls about as the weights grow (each token reads them all), but only
+# between models alike: a model under ESTIMATE_MIN_BYTES is no language model to scale
+# from (a test blob, a stub: scaled from a 2 GB model, a 4 KB one was shown at 23
+# million tokens/s and 0.0 ms), and sizes more than ESTIMATE_MAX_SCALE apart differ in
+# more than size (fixed per-token costs below, memory that spills over above). Such a
+# model gets no estimate: it has no basis until it answers once.
+ESTIMATE_MIN_BYTES = 50 * 10**6  # Ollama's smallest chat model, smollm:135m, is ~90 MB
+ESTIMATE_MAX_SCALE = 8.0
+
+
+def comparable_sizes(known, size):
+    """May a model of `size` bytes be estimated from one of `known` bytes, by size?"""
+    if min(known, size) < ESTIMATE_MIN_BYTES:
+        return False
+    return max(known, size) / min(known, size) <= ESTIMATE_MAX_SCALE
+
+
 def _ratio(part, whole):
     return part / whole if part and whole else None
 
@@ -1258,9 +1275,9 @@ class Learner:
 
     def estimate(self, node_id, model, size=0):
         """Figures for a node+model never timed: the same model elsewhere, scaled by
-        this node's relative speed; else this node's other models, scaled by size (decode
-        speed falls about as the weights grow: it reads them all for every token); else
-        None."""
+        this node's relative speed; else this node's other models of a comparable size,
+        scaled by size (decode speed falls about as the weights grow: it reads them all
+        for every token); else None (no basis yet)."""
         elsewhere = [s for n, s in self.by_model.get(model, {}).items() if n != node_id
                      and s.decode_tps and s.latency_ms]
         if elsewhere:
@@ -1271,8 +1288,8 @@ class Learner:
                         s.prompt_eval_ms or 0.0 for s in elsewhere) / factor,
                     "basis": "the same model on other nodes"}
         here = [s for m, s in self.by_node.get(node_id, {}).items() if m != model
-                and s.decode_tps and s.size and s.latency_ms]
-        if here and size:
+                and s.decode_tps and s.latency_ms and comparable_sizes(s.size, size)]
+        if here:
             tps = statistics.median(s.decode_tps * s.size / size for s in here)
             return {"decode_tps": tps, "latency_ms": statistics.median(
                 s.latency_ms * size / s.size for s in here),
@@ -4512,6 +4529,32 @@ class Api:
                                  self.counters)
         await conn.send_response(200, text.encode(), b"text/plain; version=0.0.4; charset=utf-8")
 
+
+# The overview's figures: counts, errors and percentiles over the last hour, a point a
+# minute for its sparklines, and rates over the last five minutes (a load average: what
+# the fleet is doing now, steadier than the last minute alone).
+GLANCE_WINDOW_S, GLANCE_BUCKET_S, GLANCE_RECENT_S = 3600, 60, 300
+GLANCE_PERCENTILES = (50, 95)
+# A bucket with no request: counts are 0, means and speeds unknown (null, not 0).
+EMPTY_BUCKET = {"requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                "mean_latency_ms": None, "mean_ttft_ms": None, "tokens_per_s": None}
+
+
+def fill_buckets(rows, span, bucket, now):
+    """One point per `bucket` seconds, from the start of the bucket the last `span`
+    seconds begin in up to the one now: a row's own, else an EMPTY_BUCKET. A chart
+    then spans its whole range, however few requests it holds."""
+    by_start = {int(r["t"]): r for r in rows}
+    first = int((now - span) // bucket * bucket)
+    return [by_start.get(t) or {"t": t, **EMPTY_BUCKET}
+            for t in range(first, int(now) + 1, bucket)]
+
+
+def percentile_fields(found):
+    """{q: value} as {"p50": 812.3, "p95": ...} (None where nothing was timed)."""
+    return {f"p{q}": _round(found.get(q)) for q in GLANCE_PERCENTILES}
+
+
 class DashboardApi:
     """The dashboard: its page and the JSON it reads (curl users can read it too)."""
 
@@ -4522,6 +4565,7 @@ class DashboardApi:
         return {
             ("GET", "/dashboard"): self.dashboard,
             ("GET", "/dashboard/api/health"): self.health_report,
+            ("GET", "/dashboard/api/summary"): self.summary,
             ("GET", "/dashboard/api/requests"): self.requests,
             ("GET", "/dashboard/api/models"): self.models,
             ("GET", "/dashboard/api/apps"): self.apps,
@@ -4608,12 +4652,63 @@ class DashboardApi:
         await conn.send_json(200, {"window_s": 86400, "apps": apps})
 
     async def trends(self, request, conn):
-        """Requests, errors, latency, time to first token and tokens/s over time:
-        ?range=24h (hourly), 7d (6-hourly) or 30d (daily)."""
+        """Requests, errors, latency, time to first token, decode speed and tokens over
+        time: ?range=1h (a point a minute), 6h (10 minutes), 24h (an hour), 7d (6 hours)
+        or 30d (a day); every bucket of the range is listed, empty ones too."""
         name = request.query.get("range", ["24h"])[-1]
-        span, bucket = hc.TREND_RANGES.get(name, hc.TREND_RANGES["24h"])
-        points = await self.traces.trends(span, bucket)
-        await conn.send_json(200, {"range_s": span, "bucket_s": bucket, "points": points})
+        if name not in hc.TREND_RANGES:
+            return await conn.send_response(400, hc.ollama_error_body(
+                f"range must be one of {', '.join(hc.TREND_RANGES)}"))
+        span, bucket = hc.TREND_RANGES[name]
+        points = fill_buckets(await self.traces.trends(span, bucket), span, bucket,
+                              time.time())
+        await conn.send_json(200, {"range": name, "range_s": span, "bucket_s": bucket,
+                                   "points": points})
+
+    async def summary(self, request, conn):
+        """The fleet at a glance: the last hour's requests, errors, latency and time to
+        first token (p50, p95), tokens and decode speed, a point a minute, and the
+        request and token rates of the last five minutes."""
+        now = time.time()
+        hour, recent, latency, ttft, minutes, p50s = await asyncio.gather(
+            self.traces.totals(now - GLANCE_WINDOW_S), self.traces.totals(now - GLANCE_RECENT_S),
+            self.traces.percentiles("latency_ms", now - GLANCE_WINDOW_S, GLANCE_PERCENTILES),
+            self.traces.percentiles("ttft_ms", now - GLANCE_WINDOW_S, GLANCE_PERCENTILES),
+            self.traces.trends(GLANCE_WINDOW_S, GLANCE_BUCKET_S),
+            self.traces.percentiles("latency_ms", (now - GLANCE_WINDOW_S) // GLANCE_BUCKET_S
+                                    * GLANCE_BUCKET_S, (50,), GLANCE_BUCKET_S))
+        points = [{"t": p["t"], "requests": p["requests"], "errors": p["errors"],
+                   "completion_tokens": p["completion_tokens"],
+                   "decode_tokens_per_s": p["tokens_per_s"],
+                   "latency_p50_ms": _round(p50s.get(p["t"], {}).get(50))}
+                  for p in fill_buckets(minutes, GLANCE_WINDOW_S, GLANCE_BUCKET_S, now)]
+        await conn.send_json(200, {
+            "window_s": GLANCE_WINDOW_S, "hour": self.hour_figures(hour, latency, ttft),
+            "recent_s": GLANCE_RECENT_S, "recent": self.rates(recent),
+            "bucket_s": GLANCE_BUCKET_S, "points": points})
+
+    @staticmethod
+    def hour_figures(t, latency, ttft):
+        """The hour's totals: errors are failed and broken-off answers (a refused request
+        is the client's error: `rejected`); decode speed is completion tokens over the
+        time Ollama spent generating them, pooled over the answers that report both."""
+        n = t["requests"]
+        return {"requests": n, "errors": t["errors"], "rejected": t["rejected"],
+                "cancelled": t["cancelled"],
+                "error_rate": round(t["errors"] / n, 4) if n else None,
+                "prompt_tokens": t["prompt_tokens"], "completion_tokens": t["completion_tokens"],
+                "decode_tokens_per_s": _round(t["decoded_tokens"] * 1000 / t["decode_ms"])
+                if t["decode_ms"] else None,
+                "latency_ms": percentile_fields(latency),  # completed requests
+                "ttft_ms": percentile_fields(ttft)}  # completed streamed requests
+
+    @staticmethod
+    def rates(t):
+        """The last five minutes as rates: requests a minute, completion tokens a second
+        (the fleet's output, all nodes together)."""
+        return {"requests": t["requests"], "completion_tokens": t["completion_tokens"],
+                "requests_per_min": round(t["requests"] * 60 / GLANCE_RECENT_S, 2),
+                "completion_tokens_per_s": round(t["completion_tokens"] / GLANCE_RECENT_S, 2)}
 
 
 # Who may call a route: anyone, a node (signed heartbeats), a client key, the admin.

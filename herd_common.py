@@ -2389,9 +2389,10 @@ _TOKENS_PER_S = (f"ROUND(SUM(CASE WHEN status = '{COMPLETED}' AND eval_ms > 0 "
                  f"THEN completion_tokens END) * 1000.0 / NULLIF(SUM(CASE WHEN "
                  f"status = '{COMPLETED}' AND eval_ms > 0 AND completion_tokens > 0 "
                  f"THEN eval_ms END), 0), 1) AS tokens_per_s")
+# A whole (non-streamed) answer's first byte is its last: only streams have a first token.
 _MEANS = (f"ROUND(AVG(CASE WHEN status = '{COMPLETED}' THEN latency_ms END), 1) "
-          f"AS mean_latency_ms, ROUND(AVG(CASE WHEN status = '{COMPLETED}' THEN ttft_ms END), "
-          f"1) AS mean_ttft_ms, {_TOKENS_PER_S}")
+          f"AS mean_latency_ms, ROUND(AVG(CASE WHEN status = '{COMPLETED}' AND stream = 1 "
+          f"THEN ttft_ms END), 1) AS mean_ttft_ms, {_TOKENS_PER_S}")
 # A time-out, in a trace's words: the router waited past its time-outs ("sent no
 # response", "sent no data", "connect ... timed out") or a node said it timed out.
 _TIMED_OUT = ("(COALESCE(error_message, '') LIKE '%sent no %' OR "
@@ -2424,11 +2425,41 @@ _MODEL_USAGE_SQL = (
     f"SELECT model, node_id, COUNT(*) AS requests, SUM({_ERRORS}) AS errors, {_MEANS} "
     f"FROM request_traces WHERE timestamp > ? AND status != '{RETRIED}' "
     f"GROUP BY model, node_id ORDER BY model, requests DESC")
+# Tokens are Ollama's counts as the trace keeps them: prompt (prompt_eval_count) and
+# completion (eval_count, the generated tokens), summed apart.
+_TOKEN_SUMS = ("COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens, "
+               "COALESCE(SUM(completion_tokens), 0) AS completion_tokens")
 _TRENDS_SQL = (
     f"SELECT CAST(timestamp / ? AS INTEGER) * ? AS t, COUNT(*) AS requests, "
-    f"SUM({_ERRORS}) AS errors, {_MEANS} "
+    f"SUM({_ERRORS}) AS errors, {_MEANS}, {_TOKEN_SUMS} "
     f"FROM request_traces WHERE timestamp > ? AND status != '{RETRIED}' "
     f"GROUP BY t ORDER BY t")
+# A window's totals (the dashboard's overview): outcomes, tokens, and the completion
+# tokens and Ollama's decode time of the answers that report both (decode speed).
+_DECODED = f"status = '{COMPLETED}' AND eval_ms > 0 AND completion_tokens > 0"
+_TOTALS_SQL = (
+    f"SELECT COUNT(*) AS requests, COALESCE(SUM({_ERRORS}), 0) AS errors, "
+    f"COALESCE(SUM(status = '{REJECTED}'), 0) AS rejected, "
+    f"COALESCE(SUM(status = '{CANCELLED}'), 0) AS cancelled, {_TOKEN_SUMS}, "
+    f"SUM(CASE WHEN {_DECODED} THEN completion_tokens END) AS decoded_tokens, "
+    f"SUM(CASE WHEN {_DECODED} THEN eval_ms END) AS decode_ms "
+    f"FROM request_traces WHERE timestamp > ? AND status != '{RETRIED}'")
+# The columns percentiles are taken of, each over the completed requests it means
+# something for: a whole (non-streamed) answer's first byte is its last, no first token.
+PERCENTILE_COLUMNS = {"latency_ms": "", "ttft_ms": "AND stream = 1"}
+
+
+def _percentile_sql(column, qs, grouped):
+    """Nearest-rank percentiles (the value at rank ceil(q/100 * n)) of a completed
+    request's `column` since :since, per :bucket seconds if `grouped`: SQLite sorts and
+    ranks, so only the rows wanted come back, however many the window holds."""
+    group = "CAST(timestamp / :bucket AS INTEGER) * :bucket" if grouped else "0"
+    ranks = " OR ".join(f"rn = (n * {int(q)} + 99) / 100" for q in qs)
+    return (f"SELECT t, rn, n, v FROM (SELECT {group} AS t, {column} AS v, "
+            f"ROW_NUMBER() OVER (PARTITION BY {group} ORDER BY {column}) AS rn, "
+            f"COUNT(*) OVER (PARTITION BY {group}) AS n FROM request_traces "
+            f"WHERE timestamp > :since AND status = '{COMPLETED}' AND {column} IS NOT NULL "
+            f"{PERCENTILE_COLUMNS[column]}) WHERE {ranks}")
 _APPS_SQL = (
     f"SELECT tags, status, latency_ms, prompt_tokens, completion_tokens "
     f"FROM request_traces WHERE timestamp > ? AND tags IS NOT NULL "
@@ -2457,7 +2488,9 @@ _LEARNED_UPSERT = (f"INSERT OR REPLACE INTO learned_speed ({', '.join(LEARNED_NA
                    f"VALUES ({', '.join('?' for _ in LEARNED_NAMES)})")
 _LEARNED_PRUNE = ("DELETE FROM learned_speed WHERE updated_at < ? OR rowid NOT IN (SELECT "
                   "rowid FROM learned_speed ORDER BY updated_at DESC LIMIT ?)")
-TREND_RANGES = {"24h": (86400, 3600), "7d": (7 * 86400, 6 * 3600), "30d": (30 * 86400, 86400)}
+# The dashboard's trend ranges: name -> (span, bucket) in seconds.
+TREND_RANGES = {"1h": (3600, 60), "6h": (6 * 3600, 600), "24h": (86400, 3600),
+                "7d": (7 * 86400, 6 * 3600), "30d": (30 * 86400, 86400)}
 
 
 def open_db(path, uri=False):
@@ -2777,15 +2810,38 @@ class TraceStore:
         return await self._read(_MODEL_USAGE_SQL, (since,))
 
     async def trends(self, span, bucket):
-        """The same figures per `bucket` seconds over the last `span` seconds."""
+        """The same figures per `bucket` seconds over the last `span` seconds, from the
+        start of the bucket it begins in (so that no bucket is a part-bucket but the
+        current one). Buckets with no request are not listed."""
         cached = self._trend_cache.get(span)
         if cached is None or cached[0] < time.monotonic():
             # A month of traces takes about a second to group (300k rows measured), and
             # the dashboard polls every 3 s: keep long ranges for a tenth of a bucket.
-            rows = await self._read(_TRENDS_SQL, (bucket, bucket, time.time() - span))
+            since = (time.time() - span) // bucket * bucket
+            rows = await self._read(_TRENDS_SQL, (bucket, bucket, since))
             keep = bucket / 10 if span > 86400 else 0.0
             cached = self._trend_cache[span] = (time.monotonic() + keep, rows)
         return cached[1]
+
+    async def totals(self, since):
+        """Requests since `since` by outcome, their prompt and completion tokens, and
+        the completion tokens and decode milliseconds of those that report both."""
+        return (await self._read(_TOTALS_SQL, (since,)))[0]
+
+    async def percentiles(self, column, since, qs=(50, 95), bucket=None):
+        """Nearest-rank percentiles of `column` (one of PERCENTILE_COLUMNS) over the
+        requests completed since `since`: {q: value}; with `bucket`, {bucket start:
+        {q: value}} for the buckets that have any."""
+        if column not in PERCENTILE_COLUMNS:
+            raise ValueError(column)
+        rows = await self._read(_percentile_sql(column, qs, bucket is not None),
+                                {"since": since, "bucket": bucket or 1})
+        found = collections.defaultdict(dict)
+        for r in rows:
+            for q in qs:
+                if r["rn"] == (r["n"] * q + 99) // 100:
+                    found[r["t"]][q] = r["v"]
+        return dict(found) if bucket is not None else found.get(0, {})
 
     async def recent(self, since, limit, status=None, model=None, node_id=None, tag=None):
         """The newest `limit` traces since `since`, filtered by whichever are given."""
@@ -2803,16 +2859,20 @@ class TraceStore:
                                 f"ORDER BY timestamp DESC LIMIT ?", params)
 
     async def app_usage(self, since):
-        """Per tag (an app's X-Herd-Tags): requests, errors, mean latency, tokens."""
+        """Per tag (an app's X-Herd-Tags): requests, errors, mean latency, prompt and
+        completion tokens (and `tokens`, the two added up)."""
         apps = {}
         for r in await self._read(_APPS_SQL, (since,)):
             for tag in r["tags"].split(","):
                 a = apps.setdefault(tag, {"tag": tag, "requests": 0, "errors": 0,
-                                          "latency_ms_total": 0.0, "tokens": 0})
+                                          "latency_ms_total": 0.0, "tokens": 0,
+                                          "prompt_tokens": 0, "completion_tokens": 0})
                 a["requests"] += 1
                 a["errors"] += r["status"] in (FAILED, INCOMPLETE)
                 a["latency_ms_total"] += r["latency_ms"] or 0.0
-                a["tokens"] += (r["prompt_tokens"] or 0) + (r["completion_tokens"] or 0)
+                a["prompt_tokens"] += r["prompt_tokens"] or 0
+                a["completion_tokens"] += r["completion_tokens"] or 0
+                a["tokens"] = a["prompt_tokens"] + a["completion_tokens"]
         for a in apps.values():
             a["mean_latency_ms"] = round(a.pop("latency_ms_total") / a["requests"], 1)
         return sorted(apps.values(), key=lambda a: -a["requests"])

@@ -7531,3 +7531,294 @@ def test_refusals_that_reach_no_node_are_traced_at_most_30_a_minute_per_client(h
     counted = re.search(r'herd_requests_total\{model="other",node="",status="rejected"'
                         r'[^}]*\} (\d+)', metrics)
     assert counted and counted.group(1) == "36"  # every refusal is still counted
+
+
+# -- the dashboard at a glance (issue 18): the overview's figures against what was sent,
+# the trend ranges, the estimates' bounds, the page at 400 px ---------------------------
+# The traffic goes through two fake Ollamas whose answers carry Ollama's own counts and
+# timings: the truth each figure is checked against is read from the answers the client
+# got, and from the trace rows for the router's own timings (latency, first token).
+
+
+def nearest_rank(values, q):
+    """The q-th percentile as the summary computes it: the value at rank ceil(q/100 n)."""
+    values = sorted(values)
+    return values[max(0, -(-len(values) * q // 100) - 1)] if values else None
+
+
+def last_answer(body):
+    """The last object of an answer: the final chunk of an NDJSON stream, or the whole."""
+    return json.loads(body.strip().splitlines()[-1])
+
+
+def send_known_traffic(h, router, fakes):
+    """Twelve requests of known outcome: four streamed chats, three whole generates and
+    two OpenAI chats (completed, tagged "notes"), one unknown model (rejected), one that
+    every node fails (failed) and one stream that breaks off (incomplete). Returns the
+    truth: counts, and the tokens and decode time of the completed answers."""
+    truth = {"requests": 12, "errors": 2, "rejected": 1, "prompt": 0, "completion": 0,
+             "eval_ns": 0, "eval_tokens": 0}
+    ask = {"model": "llama3.2:3b"}
+    tagged = {"X-Herd-Tags": "notes"}
+    answers = [http(router.url, "POST", "/api/chat", {**ask, "messages": [
+        {"role": "user", "content": "tell me " * (i + 1)}]}, headers=tagged) for i in range(4)]
+    answers += [http(router.url, "POST", "/api/generate", {**ask, "prompt": "x " * (i + 1),
+                                                           "stream": False}, headers=tagged)
+                for i in range(3)]
+    for a in answers:
+        final = last_answer(a[2])
+        assert a[0] == 200 and final["done"] is True
+        truth["prompt"] += final["prompt_eval_count"]
+        truth["completion"] += final["eval_count"]
+        truth["eval_tokens"] += final["eval_count"]
+        truth["eval_ns"] += final["eval_duration"]
+    for _ in range(2):  # counts in the usage object, no timings: no decode speed
+        status, _, body = http(router.url, "POST", "/v1/chat/completions", {
+            **ask, "messages": [{"role": "user", "content": "hi"}]}, headers=tagged)
+        usage = json.loads(body)["usage"]
+        assert status == 200
+        truth["prompt"] += usage["prompt_tokens"]
+        truth["completion"] += usage["completion_tokens"]
+    assert http(router.url, "POST", "/api/generate", {"model": "ghost", "prompt": "x"})[0] == 404
+    for fake in fakes:
+        fake.fault = "http500"
+    assert http(router.url, "POST", "/api/generate", {**ask, "prompt": "x",
+                                                      "stream": False})[0] >= 500
+    for fake in fakes:
+        fake.fault, fake.die_after = "die_mid_stream", 2
+    status, _, body = http(router.url, "POST", "/api/generate", {**ask, "prompt": "x"})
+    assert status == 200 and "error" in last_answer(body)
+    for fake in fakes:
+        fake.fault = None
+    return truth
+
+
+def glance_setup(h):
+    fakes = [h.fake(chunks=6, chunk_delay=0.002), h.fake(chunks=6, chunk_delay=0.002)]
+    router = h.router()
+    h.heartbeat(router, fakes[0], "node-a")
+    h.heartbeat(router, fakes[1], "node-b")
+    return router, fakes
+
+
+def test_the_summary_api_is_the_last_hour_as_sent(h):
+    router, fakes = glance_setup(h)
+    empty = get_json(router.url, "/dashboard/api/summary")
+    assert empty["hour"]["requests"] == 0 and empty["hour"]["error_rate"] is None
+    assert empty["hour"]["latency_ms"] == {"p50": None, "p95": None}
+    assert empty["hour"]["decode_tokens_per_s"] is None and len(empty["points"]) == 61
+    truth = send_known_traffic(h, router, fakes)
+    rows = [r for r in h.traces(router) if r["status"] != "retried"]
+    assert len(rows) == truth["requests"]  # the traces hold what was sent, once each
+    s = get_json(router.url, "/dashboard/api/summary")
+    hour, recent = s["hour"], s["recent"]
+    assert (hour["requests"], hour["errors"], hour["rejected"], hour["cancelled"]) == (
+        12, 2, 1, 0)
+    assert hour["error_rate"] == round(2 / 12, 4)
+    assert (hour["prompt_tokens"], hour["completion_tokens"]) == (truth["prompt"],
+                                                                  truth["completion"])
+    assert hour["decode_tokens_per_s"] == pytest.approx(
+        truth["eval_tokens"] / truth["eval_ns"] * 1e9, abs=0.06)
+    completed = [r for r in rows if r["status"] == "completed"]
+    assert len(completed) == 9
+    for q in (50, 95):
+        assert hour["latency_ms"][f"p{q}"] == pytest.approx(
+            nearest_rank([r["latency_ms"] for r in completed], q), abs=0.051)
+        assert hour["ttft_ms"][f"p{q}"] == pytest.approx(  # the four streamed chats
+            nearest_rank([r["ttft_ms"] for r in completed if r["stream"]], q), abs=0.051)
+    assert recent == {"requests": 12, "completion_tokens": truth["completion"],
+                      "requests_per_min": 2.4,
+                      "completion_tokens_per_s": round(truth["completion"] / 300, 2)}
+    points = s["points"]  # a point a minute over the hour, empty minutes too
+    assert len(points) == 61 and all(b["t"] - a["t"] == 60 for a, b in zip(points, points[1:]))
+    assert sum(p["requests"] for p in points) == 12 and sum(p["errors"] for p in points) == 2
+    assert sum(p["completion_tokens"] for p in points) == truth["completion"]
+    assert points[0]["requests"] == 0 and points[0]["latency_p50_ms"] is None
+    apps = {a["tag"]: a for a in get_json(router.url, "/dashboard/api/apps")["apps"]}
+    assert (apps["notes"]["prompt_tokens"], apps["notes"]["completion_tokens"]) == (
+        truth["prompt"], truth["completion"])
+    assert apps["notes"]["tokens"] == truth["prompt"] + truth["completion"]
+
+
+def test_trends_list_every_bucket_of_each_range(h):
+    router, fakes = glance_setup(h)
+    for _ in range(3):
+        http(router.url, "POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "x",
+                                                   "stream": False})
+    h.traces(router)
+    for name, (span, bucket) in {"1h": (3600, 60), "6h": (21600, 600), "24h": (86400, 3600),
+                                 "7d": (604800, 21600), "30d": (2592000, 86400)}.items():
+        trend = get_json(router.url, f"/dashboard/api/trends?range={name}")
+        points = trend["points"]
+        assert (trend["range"], trend["range_s"], trend["bucket_s"]) == (name, span, bucket)
+        assert len(points) == span // bucket + 1, name
+        assert all(b["t"] - a["t"] == bucket for a, b in zip(points, points[1:])), name
+        assert sum(p["requests"] for p in points) == 3
+        assert sum(p["requests"] for p in points[-2:]) == 3  # the newest: a minute may turn
+        assert points[0] == {"t": points[0]["t"], **herd.EMPTY_BUCKET}
+    status, _, body = http(router.url, "GET", "/dashboard/api/trends?range=1y")
+    assert status == 400 and "1h, 6h, 24h, 7d, 30d" in json.loads(body)["error"]
+
+
+def test_an_estimate_by_size_needs_a_model_of_like_size():
+    # The node timed a 2 GB model at 40 tokens/s: a 4 GB one is guessed at half that, a
+    # 4 KB blob (once 19 million tokens/s and 0.0 ms) or one 20 times larger at nothing.
+    learner = herd.Learner()
+    speed = learner._add("node-a", "llama3.2:3b", herd.Speed())
+    speed.samples, speed.decode_tps, speed.latency_ms, speed.size = 5, 40.0, 2000.0, 2 * 10**9
+    guess = learner.estimate("node-a", "qwen2.5:7b", 4 * 10**9)
+    assert (guess["decode_tps"], guess["latency_ms"]) == (20.0, 4000.0)
+    assert learner.estimate("node-a", "small:1b", 5 * 10**8)["decode_tps"] == 160.0
+    for size in (4096, 40 * 10**9, 0):
+        assert learner.estimate("node-a", "other", size) is None, size
+    view = learner.view("node-a", {"llama3.2:3b": {"size": 2 * 10**9},
+                                   "tiny:latest": {"size": 4096}}, {"llama3.2:3b": 4,
+                                                                    "tiny:latest": 4})
+    assert list(view) == ["llama3.2:3b"]  # no basis: no figures at all
+
+
+def browser_page(p, chromium, width):
+    browser = p.chromium.launch(executable_path=chromium, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+    page = browser.new_page(viewport={"width": width, "height": 900}, locale="en-US")
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    return browser, page, errors
+
+
+def shown(value, digits):
+    """A number as the page writes it (en-US, at most `digits` decimals, half away)."""
+    import decimal
+    exact = decimal.Decimal(str(value)).quantize(decimal.Decimal(1).scaleb(-digits),
+                                                 rounding=decimal.ROUND_HALF_UP)
+    text = f"{exact:,f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def shown_ms(value):
+    return f"{shown(value, 0)} ms" if value < 1000 else f"{value / 1000:.1f} s"
+
+
+def test_the_overview_shows_the_fleet_at_a_glance_in_a_browser(h):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+    router, fakes = glance_setup(h)
+    truth = send_known_traffic(h, router, fakes)
+    completed = [r for r in h.traces(router) if r["status"] == "completed"]
+    with sync_playwright() as p:
+        browser, page, errors = browser_page(p, chromium, 1400)
+        try:
+            page.goto(router.url + "/dashboard")
+            page.wait_for_selector("#glance-requests", timeout=10000)
+            text = {t: page.inner_text(f"#glance-{t}") for t in
+                    ("requests", "errors", "latency", "output", "decode")}
+            points = page.eval_on_selector_all(
+                "#glance-requests svg polyline", "ps => ps.map(p => p.points.length)")
+        finally:
+            browser.close()
+    assert "2.4 /min" in text["requests"] and "12 in the last hour" in text["requests"]
+    assert "2 (16.7%)" in text["errors"] and "1 refused" in text["errors"]
+    latencies = [r["latency_ms"] for r in completed]
+    assert f"p50 {shown_ms(nearest_rank(latencies, 50))}" in text["latency"]
+    assert f"p95 {shown_ms(nearest_rank(latencies, 95))}" in text["latency"]
+    assert f"{shown(truth['completion'] / 300, 1)} tok/s" in text["output"]
+    assert f"{shown(truth['completion'], 0)} completion, {shown(truth['prompt'], 0)} prompt" \
+        in text["output"]
+    decode = round(truth["eval_tokens"] / truth["eval_ns"] * 1e9, 1)
+    assert any(f"{shown(d, 1)} tok/s" in text["decode"] for d in (decode - 0.1, decode,
+                                                                   decode + 0.1))
+    assert points == [61] and errors == []  # the sparkline: the hour, a point a minute
+
+
+def chart(page, key):
+    """A trend chart as drawn: its polylines' point counts, its ticks, its top and note."""
+    return page.eval_on_selector(f"svg[data-chart={key}]", """svg => ({
+        lines: [...svg.querySelectorAll("polyline")].map(p => p.points.length),
+        ticks: [...svg.querySelectorAll("text.tick")].map(t => t.textContent),
+        top: svg.querySelector("text.top")?.textContent ?? null,
+        note: svg.querySelector("text.empty")?.textContent ?? null})""")
+
+
+def test_trends_offer_the_last_hour_and_6_hours_with_axes_by_the_range(h):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+    router, fakes = glance_setup(h)
+    for _ in range(3):  # a fresh install: three good requests, no error
+        http(router.url, "POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "x",
+                                                   "stream": False})
+    h.traces(router)
+    seen = {}
+    with sync_playwright() as p:
+        browser, page, errors = browser_page(p, chromium, 1400)
+        try:
+            page.goto(router.url + "/dashboard#Trends")
+            for name, bucket in (("1h", "a minute"), ("6h", "10 minutes"), ("24h", "an hour"),
+                                 ("7d", "6 hours")):
+                page.select_option("#range", name)
+                page.wait_for_selector(f"main:has-text('a point is {bucket}')", timeout=10000)
+                seen[name] = {k: chart(page, k) for k in ("requests", "errors", "tokens_per_s")}
+        finally:
+            browser.close()
+    times = re.compile(r"\d{1,2}:\d\d")
+    for name, points in (("1h", 61), ("6h", 37), ("24h", 25), ("7d", 29)):
+        requests, errors_chart = seen[name]["requests"], seen[name]["errors"]
+        assert requests["lines"] == [points], name  # the whole range, not one dot
+        ticks = requests["ticks"]
+        assert len(ticks) >= 3 and len(set(ticks)) == len(ticks), (name, ticks)
+        assert all(bool(times.search(t)) == (name != "7d") for t in ticks), (name, ticks)
+        # The axis tops at the round number over the busiest point (3, or 2 and 1 when
+        # a minute turned between the requests): 5 or 2.
+        most = max(p["requests"] for p in get_json(
+            router.url, f"/dashboard/api/trends?range={name}")["points"])
+        assert requests["top"] == {3: "5", 2: "2"}[most] and requests["note"] is None
+        # No error: a flat line at 0, said in words; no axis topping at 1.
+        assert errors_chart["top"] is None and errors_chart["note"] == "None in this range."
+    assert all(t.endswith(":00") or t.endswith(":00 AM") or t.endswith(":00 PM")
+               for t in seen["6h"]["requests"]["ticks"])
+    minutes = {int(re.search(r":(\d\d)", t).group(1)) for t in seen["1h"]["requests"]["ticks"]}
+    assert minutes <= {0, 15, 30, 45}
+    assert errors == []
+
+
+def test_at_400_px_no_column_is_out_of_reach_and_settings_read_well(h):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+    router, fakes = glance_setup(h)
+    send_known_traffic(h, router, fakes)
+    h.traces(router)
+    layout = {}
+    with sync_playwright() as p:
+        browser, page, errors = browser_page(p, chromium, 400)
+        try:
+            page.goto(router.url + "/dashboard")
+            for tab in ("Overview", "Requests", "Models", "Nodes", "Apps", "Settings"):
+                page.click(f"nav button[data-tab={tab}]")
+                page.wait_for_selector("main td", timeout=10000)
+                page.wait_for_selector("#conn:has-text('updated')", timeout=10000)
+                layout[tab] = page.evaluate("""() => ({
+                    width: document.documentElement.scrollWidth,
+                    cells: [...document.querySelectorAll("main td")].filter(td => td.textContent)
+                      .map(td => { const r = td.getBoundingClientRect();
+                        return {left: r.left, right: r.right, width: r.width, height: r.height,
+                                label: td.dataset.label ?? null, text: td.textContent,
+                                shown: getComputedStyle(td, "::before").content}; })})""")
+        finally:
+            browser.close()
+    for tab, seen in layout.items():
+        assert seen["width"] <= 400, tab  # nothing to scroll sideways to
+        for cell in seen["cells"]:
+            assert 0 <= cell["left"] and cell["right"] <= 400, (tab, cell)
+            if cell["label"] and not (tab == "Settings" and cell["label"] == "Variable"):
+                assert cell["shown"] == json.dumps(cell["label"]), (tab, cell)  # named
+    help_cells = [c for c in layout["Settings"]["cells"] if c["label"] == "What"]
+    assert len(help_cells) == len(herd.ROUTER_SETTINGS)
+    # The help text has the width of the screen, not a squeezed column's.
+    assert all(c["width"] >= 250 and c["height"] < 150 for c in help_cells)
+    assert errors == []
