@@ -31,6 +31,7 @@ import ctypes
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -7819,6 +7820,10 @@ def test_at_400_px_no_column_is_out_of_reach_and_settings_read_well(h):
                 assert cell["shown"] == json.dumps(cell["label"]), (tab, cell)  # named
     help_cells = [c for c in layout["Settings"]["cells"] if c["label"] == "What"]
     assert len(help_cells) == len(herd.ROUTER_SETTINGS)
-    # The help text has the width of the screen, not a squeezed column's.
-    assert all(c["width"] >= 250 and c["height"] < 150 for c in help_cells)
+    # The help text has the width of the screen, not a squeezed column's, and each row
+    # the height its text needs (at most a 22 px line per 7 px character of width, and
+    # room for the padding), with no blank gaps below it.
+    needs = lambda c: 30 + 22 * math.ceil(len(c["text"]) * 7 / c["width"])
+    assert all(c["width"] >= 250 and c["height"] <= needs(c) for c in help_cells), [
+        (c["height"], needs(c), c["text"][:40]) for c in help_cells if c["height"] > needs(c)]
     assert errors == []
