@@ -1639,7 +1639,7 @@ class Relay:
         self.up, self.client, self.timeout = up, client, timeout
         self._loop = asyncio.get_running_loop()
         self.chunked = False
-        self.prev = self.last = b""  # the last two reads relayed: the answer's tail
+        self.prev = self.last = b""  # the last two reads that reached the client
         self.chunks = 0
         self._done = self._stall_timer = self._resume_task = None
 
@@ -1650,7 +1650,9 @@ class Relay:
 
     @property
     def tail(self):
-        return self.prev[-8192:] + self.last
+        """The answer's end as it reached the client: whole chunks, framing included
+        (two reads, a few hundred KB at most; read once, when the answer ends)."""
+        return self.prev + self.last
 
     @property
     def chunks_seen(self):
@@ -1686,7 +1688,8 @@ class Relay:
             await self._run_fast_path()
             return await self.client.drain()
         while data := await self._receive():
-            self._note(data)
+            if not self.client.client_gone:  # send_chunks writes it before any wait
+                self._note(data)
             await self.client.send_chunks(data)
 
     # -- the fast path: the node's reads go to the client from data_received ---------
@@ -1718,7 +1721,7 @@ class Relay:
         except ValueError as e:
             return self.on_error(UpstreamError("body", f"bad chunked body from "
                                                        f"{self.up.host}: {e}"))
-        if out:
+        if out and not self.client.client_gone:  # else its handler is being cancelled
             self._note(out)
             if self.client.relay_write(out) > self.HIGH_WATER:
                 self._wait_for_client()
@@ -3152,11 +3155,14 @@ CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _model_details(f):
-    return {"parent_model": f.text("parent_model", MODEL_NAME_MAX), "format": f.text("format"),
-            "family": f.text("family"), "families": f.texts("families"),
-            "parameter_size": f.text("parameter_size"),
-            "quantization_level": f.text("quantization_level"),
-            "context_length": f.integer("context_length", 1 << 24)}
+    details = {"parent_model": f.text("parent_model", MODEL_NAME_MAX),
+               "format": f.text("format"), "family": f.text("family"),
+               "families": f.texts("families"), "parameter_size": f.text("parameter_size"),
+               "quantization_level": f.text("quantization_level")}
+    for key in ("context_length", "embedding_length"):  # omitempty in Ollama: kept only
+        if f.obj.get(key) is not None:                  # when sent, never made up as 0
+            details[key] = f.integer(key, 1 << 24)
+    return details
 
 
 def _model_entry(f, loaded):
@@ -3172,8 +3178,9 @@ def _model_entry(f, loaded):
         entry.update(size_vram=f.integer("size_vram"), expires_at=f.text("expires_at", 64),
                      context_length=f.integer("context_length", 1 << 24))
     else:
-        entry.update(modified_at=f.text("modified_at", 64),
-                     capabilities=f.texts("capabilities"))
+        entry["modified_at"] = f.text("modified_at", 64)
+        if f.obj.get("capabilities") is not None:  # omitempty too: none sent is not "none"
+            entry["capabilities"] = f.texts("capabilities")
     return canonical_model(name), entry
 
 
