@@ -1806,8 +1806,10 @@ USAGE_KEYS = {  # trace field -> the names the APIs give it
 USAGE_MARKS = (b'"usage"', b'"eval_count"', b'"prompt_eval_count"')  # an event to parse
 USAGE_MAX = 1 << 62  # a count or a duration in ns beyond this is not believed
 USAGE_EVENTS = 8  # of a stream's head or tail, the events looked at for its counts
-WHOLE_USAGE_MAX = 1 << 20  # a whole answer parsed for its counts on the loop (1 MiB:
-#                            a few ms); a larger one, a big batch of embeddings, has none
+USAGE_CHUNKS = 12  # the chunks unframed for those events (Go may split a long final
+#                   line, one with generate's context, in two or three chunks)
+WHOLE_USAGE_MAX = 256 << 10  # a whole answer parsed for its counts on the loop (about
+#                              1 ms); of a larger one only its last members are
 EMBED_ENDPOINTS = ("/api/embed", "/api/embeddings", "/v1/embeddings")
 
 
@@ -1914,18 +1916,19 @@ class Exchange:
 
     def read_usage(self, body):
         """Token counts and Ollama's timings of a whole answer: one JSON object."""
-        if len(body) <= WHOLE_USAGE_MAX and (obj := event_object(body)) is not None:
+        obj = event_object(body if len(body) <= WHOLE_USAGE_MAX else last_members(body))
+        if obj is not None:
             self.usage.update(counts_in(obj))
 
     def read_stream_head(self, first):
         """Counts a stream gives at its head (Anthropic's message_start names the input
         tokens); the tail's, when it has them, replace these."""
-        self.usage.update(stream_counts(self.api, hc.unframe_chunks(first)))
+        self.usage.update(stream_counts(self.api, hc.unframe_chunks(first, USAGE_CHUNKS)))
 
     def read_stream_end(self, relay):
         """What a relayed stream's last events say: its counts, and whether it broke off
         with an error. True when its last event is one that ends an answer."""
-        tail = hc.unframe_chunks(relay.tail)
+        tail = hc.unframe_last_chunks(relay.tail, USAGE_CHUNKS)
         self.usage.update(stream_counts(self.api, tail))
         frames = relay.chunks_seen
         if "completion_tokens" not in self.usage and frames and self.api == "openai":
@@ -2974,6 +2977,14 @@ def event_object(payload):
     return obj if isinstance(obj, dict) else None
 
 
+def last_members(body):
+    """The members of a large answer object after its last list (a batch of embeddings:
+    Ollama's counts and timings, OpenAI's usage, come after the vectors) as an object
+    of their own, so that only they are parsed on the loop."""
+    after = body[body.rfind(b"]") + 1:].lstrip()
+    return b"{" + after[1:] if after.startswith(b",") else b""
+
+
 def counts_in(obj):
     """The counts and timings an answer object carries: at its top (Ollama), in its
     "usage" (OpenAI, Anthropic), or in its message's (Anthropic's message_start) or its
@@ -3061,7 +3072,7 @@ def stream_error(ex, message):
 
 def next_sequence_number(relay):
     """The number after the last event a Responses stream relayed (0 if none did)."""
-    tail = hc.unframe_chunks(relay.tail) if relay is not None else b""
+    tail = hc.unframe_last_chunks(relay.tail, USAGE_CHUNKS) if relay is not None else b""
     for payload in itertools.islice(stream_events("responses", tail), USAGE_EVENTS):
         seen = (event_object(payload) or {}).get("sequence_number")
         if type(seen) is int and 0 <= seen < USAGE_MAX:

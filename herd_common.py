@@ -1320,15 +1320,49 @@ def frame_chunk(data):
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-def unframe_chunks(raw):
-    """The payload of complete chunks taken by ChunkedBody.take()."""
+def unframe_chunks(raw, count=None):
+    """The payload of complete chunks taken by ChunkedBody.take() (of the first `count`)."""
     out, pos = [], 0
-    while pos < len(raw):
+    while pos < len(raw) and (count is None or len(out) < count):
         eol = raw.index(b"\r\n", pos)
         size = int(raw[pos:eol].split(b";", 1)[0], 16)
         out.append(raw[eol + 2:eol + 2 + size])
         pos = eol + size + 4
     return b"".join(out)
+
+
+def unframe_last_chunks(raw, count):
+    """The payload of the last `count` chunks of `raw` (complete chunks, framing
+    included, as ChunkedBody.take() gives them), found from its end: an answer's last
+    events are read without walking the thousands of chunks that may come before."""
+    pieces, end = [], len(raw)
+    while end > 0 and len(pieces) < count:
+        start = _chunk_start(raw, end)
+        if start is None:
+            break  # not whole chunks here (never so from ChunkedBody): what was found
+        pieces.append(raw[raw.index(b"\r\n", start) + 2:end - 2])
+        end = start
+    return b"".join(reversed(pieces))
+
+
+CRLFS_IN_CHUNK = 16  # walking back, a chunk holding more is not looked for further
+
+
+def _chunk_start(raw, end):
+    """Where the chunk ending at `end` (after its data's CRLF) starts, or None: at the
+    CRLF, walking back, after which its size line's size reaches exactly to `end`
+    (the data itself may hold CRLFs; NDJSON and SSE from Ollama hold none)."""
+    eol = raw.rfind(b"\r\n", 0, end - 2)
+    for _ in range(CRLFS_IN_CHUNK):
+        if eol < 0:
+            break
+        before = raw.rfind(b"\r\n", 0, eol)
+        start = before + 2 if before >= 0 else 0
+        line = CHUNK_SIZE_LINE.fullmatch(raw, start, eol + 2)
+        if line is not None and eol + 2 + int(line.group(1), 16) + 2 == end:
+            return start
+        eol = before
+    return None
 
 
 class Upstream(asyncio.Protocol):

@@ -7671,3 +7671,17 @@ def test_a_delete_answers_with_the_content_type_its_node_gave(h):
     fake._routes[("DELETE", "/api/delete")] = deleted  # Ollama's: none, and none added
     status, headers, _ = http(router.url, "DELETE", "/api/delete", {"model": "llama3.2:3b"})
     assert status == 200 and "content-type" not in headers
+
+
+def test_a_large_batch_of_embeddings_keeps_its_counts(h):
+    fake = h.fake(embedding_dim=768, spaced_json=True)
+    router = h.router()
+    h.heartbeat(router, fake, "node-a")
+    words = [f"text {i}" for i in range(40)]  # some 600 KB of vectors: only the members
+    for path, body in (("/api/embed", {"model": "nomic-embed-text", "input": words}),
+                       ("/v1/embeddings", {"model": "nomic-embed-text", "input": words})):
+        status, _, answer = http(router.url, "POST", path, body)
+        assert status == 200 and len(answer) > herd.WHOLE_USAGE_MAX  # after them are read
+        counted = json.loads(answer).get("prompt_eval_count") or \
+            json.loads(answer)["usage"]["prompt_tokens"]
+        assert trace_of(h, router, path)["prompt_tokens"] == counted
