@@ -1923,19 +1923,20 @@ class Exchange:
     def read_stream_head(self, first):
         """Counts a stream gives at its head (Anthropic's message_start names the input
         tokens); the tail's, when it has them, replace these."""
-        self.usage.update(stream_counts(self.api, hc.unframe_chunks(first, USAGE_CHUNKS)))
+        head = hc.unframe_chunks(first, USAGE_CHUNKS)
+        self.usage.update(stream_counts(last_events(self.api, head)))
 
     def read_stream_end(self, relay):
         """What a relayed stream's last events say: its counts, and whether it broke off
         with an error. True when its last event is one that ends an answer."""
-        tail = hc.unframe_last_chunks(relay.tail, USAGE_CHUNKS)
-        self.usage.update(stream_counts(self.api, tail))
+        events = last_events(self.api, hc.unframe_last_chunks(relay.tail, USAGE_CHUNKS))
+        self.usage.update(stream_counts(events))
         frames = relay.chunks_seen
         if "completion_tokens" not in self.usage and frames and self.api == "openai":
             # A token an event, but for the finish chunk and [DONE] (Ollama writes and
             # flushes each event alone: one chunk of the body each).
             self.usage["completion_tokens"] = max(0, frames - 2)
-        ended, failure = final_event(self.api, tail)
+        ended, failure = final_event(self.api, events)
         if failure is not None:
             self.answer_failed, self.error = True, failure
         return ended
@@ -3009,27 +3010,33 @@ def _counts(holder):
     return found
 
 
-def stream_counts(api, data):
-    """The counts in a stream's head or tail (unframed), each from the last of its last
-    USAGE_EVENTS events that has it; only events that name a count are parsed."""
-    found = {}
+def last_events(api, data):
+    """The last USAGE_EVENTS events of a stream's head or tail (unframed), last first,
+    as (payload, object): only the last one and those naming a count are parsed."""
+    events = []
     for payload in itertools.islice(stream_events(api, data), USAGE_EVENTS):
-        if any(mark in payload for mark in USAGE_MARKS) and \
-                (obj := event_object(payload)) is not None:
-            for field, value in counts_in(obj).items():
-                found.setdefault(field, value)
+        wanted = not events or any(mark in payload for mark in USAGE_MARKS)
+        events.append((payload, event_object(payload) if wanted else None))
+    return events
+
+
+def stream_counts(events):
+    """The counts in `events` (last_events'), each from the last event that has it."""
+    found = {}
+    for _, obj in events:
+        for field, value in (counts_in(obj) if obj is not None else {}).items():
+            found.setdefault(field, value)
     return found
 
 
-def final_event(api, data):
-    """(whether the last event of a stream's unframed tail ends an answer, the error it
-    says the answer broke off with, or None)."""
-    payload = next(stream_events(api, data), None)
-    if payload is None:
+def final_event(api, events):
+    """(whether the last of `events` (last_events') ends an answer, the error it says
+    the answer broke off with, or None)."""
+    if not events:
         return False, None
+    payload, obj = events[0]
     if payload == b"[DONE]" and api != "ollama":
         return True, None
-    obj = event_object(payload)
     if obj is None:
         return False, None
     failure = failure_in(obj)
