@@ -7544,8 +7544,10 @@ def test_counts_and_timings_are_read_from_json_written_with_spaces(h):
             model="llama3.2:3b", max_tokens=50,
             messages=[{"role": "user", "content": "hi"}]) as events:
         assert events.get_final_message().usage.output_tokens == 8
+    done = list(client.responses.create(model="llama3.2:3b", input="hi", stream=True))[-1]
+    assert done.type == "response.completed" and done.response.usage.output_tokens == 8
     rows = h.traces(router)
-    assert [r["completion_tokens"] for r in rows] == [8] * 4
+    assert [r["completion_tokens"] for r in rows] == [8] * 5
     assert all(r["prompt_tokens"] for r in rows)
     assert all(r["eval_ms"] and r["load_ms"] is not None for r in rows[:2])  # native
     learned = fleet_node(router, "node-a")["learned"]["llama3.2:3b"]
@@ -7571,7 +7573,9 @@ def test_a_client_that_closes_right_after_the_last_event_got_a_completed_answer(
                   % (len(body), body))
         seen = b""
         while b'"done":true' not in seen:  # then it closes, as a client with its answer
-            seen += s.recv(65536)
+            data = s.recv(65536)
+            assert data, seen
+            seen += data
     row = trace_of(h, router, "/api/generate")
     assert (row["status"], row["completion_tokens"]) == ("completed", 6)
     learned = fleet_node(router, "node-a")["learned"]["llama3.2:3b"]
