@@ -1806,8 +1806,8 @@ USAGE_KEYS = {  # trace field -> the names the APIs give it
 USAGE_MARKS = (b'"usage"', b'"eval_count"', b'"prompt_eval_count"')  # an event to parse
 USAGE_MAX = 1 << 62  # a count or a duration in ns beyond this is not believed
 USAGE_EVENTS = 8  # of a stream's head or tail, the events looked at for its counts
-USAGE_CHUNKS = 12  # the chunks unframed for those events (Go may split a long final
-#                   line, one with generate's context, in two or three chunks)
+USAGE_CHUNKS = 6  # the chunks unframed for those events: Ollama flushes an event a
+#                  chunk, and may split a long final line (generate's context) in two
 WHOLE_USAGE_MAX = 256 << 10  # a whole answer parsed for its counts on the loop (about
 #                              1 ms); of a larger one only its last members are
 EMBED_ENDPOINTS = ("/api/embed", "/api/embeddings", "/v1/embeddings")
@@ -1924,7 +1924,7 @@ class Exchange:
         """Counts a stream gives at its head (Anthropic's message_start names the input
         tokens); the tail's, when it has them, replace these."""
         head = hc.unframe_chunks(first, USAGE_CHUNKS)
-        self.usage.update(stream_counts(last_events(self.api, head)))
+        self.usage.update(stream_counts(last_events(self.api, head, end=False)))
 
     def read_stream_end(self, relay):
         """What a relayed stream's last events say: its counts, and whether it broke off
@@ -3010,12 +3010,13 @@ def _counts(holder):
     return found
 
 
-def last_events(api, data):
+def last_events(api, data, end=True):
     """The last USAGE_EVENTS events of a stream's head or tail (unframed), last first,
-    as (payload, object): only the last one and those naming a count are parsed."""
+    as (payload, object): only those naming a count are parsed, and the answer's last
+    one if `end`."""
     events = []
     for payload in itertools.islice(stream_events(api, data), USAGE_EVENTS):
-        wanted = not events or any(mark in payload for mark in USAGE_MARKS)
+        wanted = (end and not events) or any(mark in payload for mark in USAGE_MARKS)
         events.append((payload, event_object(payload) if wanted else None))
     return events
 
