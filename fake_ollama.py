@@ -12,8 +12,10 @@ fake whose `version` predates a route (0.14.0, 0.13.3) answers it gin's 404. Ask
 `tools` by a user message naming one, those two answer with a call to it (each
 parameter "w0", "w1", ...). A model with the "image" capability answers
 /v1/images/generations with a one-pixel PNG. Faults can be switched on at any moment
-(refuse, reset, stall, 500, 503, death or an error line in the middle of a stream). It
-imports nothing from Herd: it is the reference the router is checked against.
+(refuse, reset, stall, 500, 503, death or an error line in the middle of a stream, a
+stream's end held back after its last event), and `spaced_json` writes every JSON object
+with spaces, as a Python server does. It imports nothing from Herd: it is the reference
+the router is checked against.
 
 The contention model (for the routing benchmark; every figure can change while it runs):
     speed          this machine's speed: a token takes chunk_delay / speed, a prompt
@@ -114,7 +116,7 @@ BUSY = "server busy, please try again.  maximum pending requests exceeded"
 RUNNER_DIED = "llama runner process has terminated: exit status 2"
 MID_STREAM_ERROR = "an error was encountered while running the model: unexpected EOF"
 FAULTS = {None, "refuse", "reset", "stall", "http500", "http503", "die_mid_stream",
-          "error_line", "stall_mid_stream"}
+          "error_line", "stall_mid_stream", "hold_end"}
 MID_STREAM_FAULTS = frozenset({"die_mid_stream", "error_line", "stall_mid_stream"})
 
 JSON_TYPE = b"application/json; charset=utf-8"
@@ -408,6 +410,17 @@ def expiry_time(keep_alive):
 
 def dumps(obj):
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def spaced(data):
+    """JSON objects as Python writes them by default ({"a": 1, "b": 2}): a whole body,
+    NDJSON lines or SSE `data:` lines, each re-written; anything else left as it is."""
+    def respace(line):
+        head, brace, rest = line.partition(b"{")
+        if not brace or head not in (b"", b"data: "):
+            return line
+        return head + json.dumps(json.loads(brace + rest), ensure_ascii=False).encode()
+    return b"\n".join(respace(line) for line in data.split(b"\n"))
 
 
 def go_quote(text):
@@ -1246,6 +1259,7 @@ class Exchange:
         self.committed = False      # the status line has been written (or is queued)
         self.pending = b""          # a stream's head, sent along with its first chunk
         self.chunked = False
+        self.spaced = False         # JSON re-written with spaces (FakeOllama.spaced_json)
 
     def _head(self, status, headers):
         self.committed = True
@@ -1254,6 +1268,8 @@ class Exchange:
 
     async def send(self, status, body=b"", content_type=TEXT_TYPE, headers=()):
         """A whole response in one write."""
+        if self.spaced and content_type == JSON_TYPE:
+            body = spaced(body)
         fields = [(b"Content-Length", b"%d" % len(body)), *headers]
         if content_type:
             fields.insert(0, (b"Content-Type", content_type))
@@ -1294,6 +1310,8 @@ class Exchange:
 
     async def send_chunk(self, data):
         """One flushed piece of a streamed body (framed by hand: the benchmark's hot path)."""
+        if self.spaced:
+            data = spaced(data)
         if self.chunked:
             data = b"%x\r\n%s\r\n" % (len(data), data)
         if self.pending:
@@ -1339,8 +1357,12 @@ class FakeOllama:
     def __init__(self, models=None, *, num_parallel=1, chunks=5, chunk_delay=0.0,
                  load_delay=0.0, version=DEFAULT_VERSION, embedding_dim=8, host_guard=True,
                  speed=1.0, saturation=None, max_loaded=None, prompt_delay=0.0,
-                 vary_tokens=None, load_per_gb=0.0):
+                 vary_tokens=None, load_per_gb=0.0, spaced_json=False):
         self.num_parallel, self.chunks = num_parallel, chunks
+        # JSON written as Python's json.dumps writes it by default, a space after each
+        # colon and comma (a Python server does): a reader of Ollama's answers must not
+        # depend on Go's compact form.
+        self.spaced_json = spaced_json
         # A load takes load_delay plus load_per_gb per GB of weights: reading them from
         # disk is most of a real load, so a 9 GB model loads longer than a 2 GB one.
         self.chunk_delay, self.load_delay = chunk_delay, load_delay
@@ -1438,7 +1460,9 @@ class FakeOllama:
                 request = await self._receive_request(conn, reader, writer)
                 if request is None:
                     return
-                await self._dispatch(Exchange(conn, reader, writer, *request))
+                ex = Exchange(conn, reader, writer, *request)
+                ex.spaced = self.spaced_json
+                await self._dispatch(ex)
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     return
                 conn.start_next_cycle()
@@ -1873,6 +1897,11 @@ class FakeOllama:
             self._read_embedding(body, ask)
         if not ask.control or ask.control == "load":
             self._check_capabilities(body, ask)
+        elif "completion" not in self.models[ask.model].capabilities:
+            # An unload too needs a model that can generate (chat): Ollama refuses an
+            # embedding model's with the 400 `"nomic-embed-text" does not support generate`.
+            raise Refusal(400, f"{go_quote(ask.name)} does not support "
+                               f"{'chat' if kind in CHAT_KINDS else 'generate'}")
         return ask
 
     @staticmethod
@@ -2264,10 +2293,11 @@ class FakeOllama:
         closing = answer.closing(self._metrics(ask))
         await self._finish(turn, self._send_closing(ex, closing))
 
-    @staticmethod
-    async def _send_closing(ex, chunks):
+    async def _send_closing(self, ex, chunks):
         for chunk in chunks:
             await ex.send_chunk(chunk)
+        if self.fault == "hold_end":  # the last event is out, the body's end never comes:
+            await asyncio.Event().wait()  # the client may leave first (a cancel, here)
         await ex.close_stream()
 
     async def _strike(self, ex, answer, turn):

@@ -42,6 +42,7 @@ import concurrent.futures
 import contextlib
 import hashlib
 import hmac
+import itertools
 import ipaddress
 import json
 import logging
@@ -1809,15 +1810,23 @@ NON_STREAM_BUFFER = 16 << 20  # a non-streamed answer up to this size is checked
 # Ollama writes its counts and timings last, so the answer's tail has them: the native
 # final chunk, OpenAI's usage, Anthropic's message_delta (input and output tokens), the
 # Responses API's response.completed. Only the native API has timings; the others carry
-# counts alone (so no decode speed is learned from them).
-USAGE_FIELDS = {
-    "prompt_tokens": re.compile(rb'"(?:prompt_eval_count|prompt_tokens|input_tokens)":(\d+)'),
-    "completion_tokens": re.compile(
-        rb'"(?:eval_count|completion_tokens|output_tokens)":(\d+)'),
-    "load_ns": re.compile(rb'"load_duration":(\d+)'),
-    "prompt_eval_ns": re.compile(rb'"prompt_eval_duration":(\d+)'),
-    "eval_ns": re.compile(rb'"eval_duration":(\d+)'),
+# counts alone (so no decode speed is learned from them). They are read from the JSON
+# object that holds them, parsed, never matched as text: a server may write
+# "eval_count": 8 as well as Go's "eval_count":8.
+USAGE_KEYS = {  # trace field -> the names the APIs give it
+    "prompt_tokens": ("prompt_eval_count", "prompt_tokens", "input_tokens"),
+    "completion_tokens": ("eval_count", "completion_tokens", "output_tokens"),
+    "load_ns": ("load_duration",),
+    "prompt_eval_ns": ("prompt_eval_duration",),
+    "eval_ns": ("eval_duration",),
 }
+USAGE_MARKS = (b'"usage"', b'"eval_count"', b'"prompt_eval_count"')  # an event to parse
+USAGE_MAX = 1 << 62  # a count or a duration in ns beyond this is not believed
+USAGE_EVENTS = 8  # of a stream's head or tail, the events looked at for its counts
+USAGE_CHUNKS = 6  # the chunks unframed for those events: Ollama flushes an event a
+#                  chunk, and may split a long final line (generate's context) in two
+WHOLE_USAGE_MAX = 256 << 10  # a whole answer parsed for its counts on the loop (about
+#                              1 ms); of a larger one only its last members are
 EMBED_ENDPOINTS = ("/api/embed", "/api/embeddings", "/v1/embeddings")
 
 
@@ -1846,7 +1855,7 @@ class Exchange:
         self.node_id = self.score = self.breakdown = self.tags = None
         self.retries = 0
         self.ttft = self.queue_wait = None
-        self.usage = {}  # USAGE_FIELDS found in the answer
+        self.usage = {}  # USAGE_KEYS' fields found in the answer
         self.task = asyncio.current_task()
         self.progress = None  # monotonic time of the last sign of life once sent to a node
         self.relay = None
@@ -1922,17 +1931,37 @@ class Exchange:
     def error_body(self, status, message):
         return hc.error_body(self.api, status, message)
 
-    def read_usage(self, tail, chunks=0):
-        """Token counts and Ollama's timings from the final chunk (Ollama) or the usage
-        object (the others; Anthropic's message_start, at a stream's head, names the
-        input tokens too)."""
-        tail = tail[-4096:]  # never parse a whole (perhaps 16 MB) answer on the loop
-        for field, pattern in USAGE_FIELDS.items():
-            found = pattern.findall(tail)
-            if found:
-                self.usage[field] = int(found[-1])
-        if "completion_tokens" not in self.usage and chunks and self.api == "openai":
-            self.usage["completion_tokens"] = max(0, chunks - 2)  # one token an event
+    def read_usage(self, body):
+        """Token counts and Ollama's timings of a whole answer: one JSON object."""
+        obj = event_object(body if len(body) <= WHOLE_USAGE_MAX else last_members(body))
+        if obj is not None:
+            self.usage.update(counts_in(obj))
+
+    def read_stream_head(self, first):
+        """Counts a stream gives at its head (Anthropic's message_start names the input
+        tokens); the tail's, when it has them, replace these."""
+        head = hc.unframe_chunks(first, USAGE_CHUNKS)
+        self.usage.update(stream_counts(last_events(self.api, head, end=False)))
+
+    def read_stream_end(self, relay):
+        """What a relayed stream's last events say: its counts, and whether it broke off
+        with an error. True when its last event is one that ends an answer."""
+        events = last_events(self.api, hc.unframe_last_chunks(relay.tail, USAGE_CHUNKS))
+        self.usage.update(stream_counts(events))
+        frames = relay.chunks_seen
+        if "completion_tokens" not in self.usage and frames and self.api == "openai":
+            # A token an event, but for the finish chunk and [DONE] (Ollama writes and
+            # flushes each event alone: one chunk of the body each).
+            self.usage["completion_tokens"] = max(0, frames - 2)
+        ended, failure = final_event(self.api, events)
+        if failure is not None:
+            self.answer_failed, self.error = True, failure
+        return ended
+
+    def client_gone(self, why):
+        """The client hung up: a cancellation, unless its answer had all reached it."""
+        if not self.answered:
+            self.client_left, self.error = True, why
 
     def trace_row(self, status=None, error=None):
         ms = (time.monotonic() - self.t0) * 1000
@@ -2051,12 +2080,12 @@ class Proxy:
             if ex.reaped and asyncio.current_task().uncancel() == 0:
                 return await self._answer_reaped(conn, ex)  # the reaper's cancel ends here
             if conn.client_gone:
-                ex.client_left, ex.error = True, "client disconnected"
+                ex.client_gone("client disconnected")
             else:
                 ex.error = ex.error or "router shutting down"
             raise
         except ConnectionError as e:  # writing to the client failed: it is gone
-            ex.client_left, ex.error = True, f"client connection lost: {e}"
+            ex.client_gone(f"client connection lost: {e}")
         except hc.UpstreamError as e:
             ex.error = str(e)
         finally:
@@ -2322,21 +2351,34 @@ class Proxy:
             results = await asyncio.gather(*(
                 hc.http_call(n.ollama_url, "POST", request.path, ex.body, timeout=30)
                 for n in holders), return_exceptions=True)
-            answers = []
+            answers = []  # (status, headers, body) of each node that answered
             for node, result in zip(holders, results):
-                if not isinstance(result, BaseException) and result[0] == 200:
+                if isinstance(result, BaseException):
+                    continue  # it could not be asked: said below if none answered
+                answers.append(result)
+                if result[0] == 200:
                     self.fleet.residency.mark_unloaded(node, model)
-                    answers.append(result)
-            if answers:
-                ex.http_status = 200
-                await conn.send_response(200, answers[0][2],
-                                         headers=[(b"x-fleet-node", ex.node_id.encode())])
-            else:
-                ex.http_status, ex.error = 502, f"unload of '{model}' failed on {ex.node_id}"
-                await conn.send_response(502, hc.ollama_error_body(ex.error))
-            ex.answered = True
+            await self._answer_unload(conn, ex, model, answers)
         finally:
             self.finish(ex)
+
+    async def _answer_unload(self, conn, ex, model, answers):
+        """A node's 200 if any unloaded it; else a node's own answer, as it gave it (an
+        embedding model's unload through /api/generate is Ollama's 400 `"<model>" does
+        not support generate`); 502 only when no node answered at all."""
+        done = [a for a in answers if a[0] == 200]
+        fleet_node = [(b"x-fleet-node", ex.node_id.encode())]
+        if done or answers:
+            status, headers, body = (done or answers)[0]
+            ex.http_status = status
+            if status != 200:
+                ex.error = error_text(body)
+            await conn.send_response(status, body, content_type(headers) or hc.JSON_TYPE,
+                                     fleet_node)
+        else:
+            ex.http_status, ex.error = 502, f"unload of '{model}' failed on {ex.node_id}"
+            await conn.send_response(502, hc.ollama_error_body(ex.error))
+        ex.answered = True
 
     async def forward(self, request, conn, node, model, body, stream, before_end=None):
         """Relay one request to a node the client chose (a pull, a push, a create), as
@@ -2350,6 +2392,12 @@ class Proxy:
             ex.http_status, ex.error = 502, str(e)
             await conn.send_response(502, hc.ollama_error_body(str(e)))
             ex.answered = True
+        except asyncio.CancelledError:
+            if conn.client_gone:
+                ex.client_gone("client disconnected")
+            raise
+        except ConnectionError as e:
+            ex.client_gone(f"client connection lost: {e}")
         finally:
             self.finish(ex)
 
@@ -2445,7 +2493,7 @@ class NodeRelay:
         first = await relay.first(headers)
         ex.touch()
         ex.ttft = time.monotonic() - ex.t0
-        ex.read_usage(first)  # the tail's counts, when it has them, replace these
+        ex.read_stream_head(first)
         await conn.start_response(status, None, response_headers(headers, ex, choice),
                                   first_chunks=first)
         ex.started = True
@@ -2455,14 +2503,26 @@ class NodeRelay:
             ex.error = str(e)
             return await end_with_error(conn, ex,
                                         f"node {choice.node.node_id} failed mid-stream: {e}")
-        if ex.before_end and status < 400:
-            await ex.before_end()
-        await conn.end_response()
+        except (asyncio.CancelledError, ConnectionError):
+            # A client may close as soon as it has the last event (the openai client
+            # does, straight after [DONE]), before the node's end of body is relayed:
+            # its answer reached it whole all the same.
+            ex.answered = conn.client_gone and ex.read_stream_end(relay)
+            raise
+        await self._end_stream(conn, ex, relay, status)
+
+    async def _end_stream(self, conn, ex, relay, status):
+        """The node's answer is all relayed: read its end, let a good one's before_end
+        run (a failed pull has no new model to list), and end the client's body."""
+        ended = ex.read_stream_end(relay)
+        try:
+            if ex.before_end and status < 400 and not ex.answer_failed:
+                await ex.before_end()
+            await conn.end_response()
+        except (asyncio.CancelledError, ConnectionError):
+            ex.answered = conn.client_gone and ended  # as in _relay_stream
+            raise
         ex.answered = True
-        if any(mark in relay.last for mark in FAILED_STREAM_MARKS.get(ex.api, (b'"error"',))):
-            ex.answer_failed = True
-            ex.error = relay.last[-500:].decode("utf-8", "replace").strip()
-        ex.read_usage(relay.tail, relay.chunks)
 
 
 MEDIA_GRACE_S = 30.0  # past the agent's own time-out, for its answer to say so
@@ -2871,6 +2931,11 @@ def response_headers(upstream_headers, ex, choice):
     return headers
 
 
+def content_type(headers):
+    """A node's Content-Type, or None when it sent none."""
+    return next((v for k, v in headers if k == b"content-type"), None)
+
+
 def content_length(headers):
     for k, v in headers:
         if k == b"content-length":
@@ -2893,13 +2958,123 @@ def node_failure(ex, status, body):
                                       f"{body[:300].decode('utf-8', 'replace')}")
 
 
-# How a stream that Ollama ended with an error shows it, by API: its error line (native),
-# an object with an "error" key (OpenAI), an `error` event (Anthropic, Responses; a
-# Responses stream can also end in response.failed). A Responses stream's objects carry
-# "error": null all along, so the key alone says nothing there.
-FAILED_STREAM_MARKS = {"anthropic": (b"event: error",),
-                       "responses": (b"event: error", b"event: response.failed")}
-SEQUENCE_NUMBER = re.compile(rb'"sequence_number":(\d+)')
+# How a stream's last event says that the answer is whole, by API: Ollama's final chunk
+# (done: true; a pull's, push's or create's last line is {"status": "success"}),
+# OpenAI's [DONE], Anthropic's message_stop, the Responses API's response.completed. And
+# that it broke off: Ollama's error line, an OpenAI object with an "error" (Ollama stops
+# the stream after it), an `error` event (Anthropic, Responses), response.failed. A
+# Responses stream's objects carry "error": null all along: the key alone says nothing.
+FINAL_TYPES = ("message_stop", "response.completed")
+FAILED_TYPES = ("error", "response.failed")
+
+
+def stream_events(api, data):
+    """The events of a stream's (unframed) body, last first: Ollama's NDJSON lines, or
+    the `data:` of the other APIs' Server-Sent Events. Only the last lines are split
+    off: `data` may be a few hundred KB, and only the last few events matter."""
+    lines = data.rsplit(b"\n", 4 * USAGE_EVENTS)
+    if len(lines) > 4 * USAGE_EVENTS:
+        del lines[0]  # all that came before, perhaps many lines: not looked at
+    for line in reversed(lines):
+        line = line.strip()
+        if api != "ollama":
+            if not line.startswith(b"data:"):
+                continue  # an SSE event's name, a comment, the blank line between
+            line = line[5:].strip()
+        if line:
+            yield line
+
+
+def event_object(payload):
+    """An event (or a whole answer) as a JSON object; None for [DONE], a line cut off,
+    anything not an object."""
+    try:
+        obj = json.loads(payload)
+    except (ValueError, RecursionError):  # RecursionError: a node's absurdly deep JSON
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def last_members(body):
+    """The members of a large answer object after its last list (a batch of embeddings:
+    Ollama's counts and timings, OpenAI's usage, come after the vectors) as an object
+    of their own, so that only they are parsed on the loop."""
+    after = body[body.rfind(b"]") + 1:].lstrip()
+    return b"{" + after[1:] if after.startswith(b",") else b""
+
+
+def counts_in(obj):
+    """The counts and timings an answer object carries: at its top (Ollama), in its
+    "usage" (OpenAI, Anthropic), or in its message's (Anthropic's message_start) or its
+    response's (the Responses API's response.completed)."""
+    holders = [obj, obj.get("usage")]
+    holders += [inner.get("usage") for inner in (obj.get("message"), obj.get("response"))
+                if isinstance(inner, dict)]
+    found = {}
+    for holder in holders:
+        if isinstance(holder, dict):
+            found.update(_counts(holder))
+    return found
+
+
+def _counts(holder):
+    found = {}
+    for field, names in USAGE_KEYS.items():
+        for name in names:
+            value = holder.get(name)
+            if type(value) is int and 0 <= value <= USAGE_MAX:  # not a bool, a float
+                found[field] = value
+    return found
+
+
+def last_events(api, data, end=True):
+    """The last USAGE_EVENTS events of a stream's head or tail (unframed), last first,
+    as (payload, object): only those naming a count are parsed, and the answer's last
+    one if `end`."""
+    events = []
+    for payload in itertools.islice(stream_events(api, data), USAGE_EVENTS):
+        wanted = (end and not events) or any(mark in payload for mark in USAGE_MARKS)
+        events.append((payload, event_object(payload) if wanted else None))
+    return events
+
+
+def stream_counts(events):
+    """The counts in `events` (last_events'), each from the last event that has it."""
+    found = {}
+    for _, obj in events:
+        for field, value in (counts_in(obj) if obj is not None else {}).items():
+            found.setdefault(field, value)
+    return found
+
+
+def final_event(api, events):
+    """(whether the last of `events` (last_events') ends an answer, the error it says
+    the answer broke off with, or None)."""
+    if not events:
+        return False, None
+    payload, obj = events[0]
+    if payload == b"[DONE]" and api != "ollama":
+        return True, None
+    if obj is None:
+        return False, None
+    failure = failure_in(obj)
+    if failure is not None:
+        return True, failure
+    if api == "ollama":
+        return obj.get("done") is True or obj.get("status") == "success", None
+    return obj.get("type") in FINAL_TYPES, None
+
+
+def failure_in(obj):
+    """The message of an event that ends a stream with an error, else None."""
+    if obj.get("type") not in FAILED_TYPES and not obj.get("error"):
+        return None
+    error = obj.get("error")
+    if not error and isinstance(obj.get("response"), dict):
+        error = obj["response"].get("error")  # response.failed
+    error = error or obj
+    message = error.get("message") if isinstance(error, dict) else error
+    return hc.printable(str(message or "the stream ended with an error"))[:500]
 
 
 def stream_error(ex, message):
@@ -2911,14 +3086,23 @@ def stream_error(ex, message):
     if ex.api == "anthropic":
         return b"event: error\ndata: " + hc.anthropic_error_body(502, message) + b"\n\n"
     if ex.api == "responses":
-        seen = SEQUENCE_NUMBER.findall(ex.relay.tail) if ex.relay else []
         error = json.loads(hc.openai_error_body(502, message))["error"]
         event = {"type": "error", "code": error["type"], "message": message, "param": None,
-                 "sequence_number": int(seen[-1]) + 1 if seen else 0, "error": error}
+                 "sequence_number": next_sequence_number(ex.relay), "error": error}
         return b"event: error\ndata: " + hc.dump_json(event) + b"\n\n"
     if ex.api == "openai":
         return b"data: " + hc.openai_error_body(502, message) + b"\n\n"
     return hc.ollama_error_body(message) + b"\n"
+
+
+def next_sequence_number(relay):
+    """The number after the last event a Responses stream relayed (0 if none did)."""
+    tail = hc.unframe_last_chunks(relay.tail, USAGE_CHUNKS) if relay is not None else b""
+    for payload in itertools.islice(stream_events("responses", tail), USAGE_EVENTS):
+        seen = (event_object(payload) or {}).get("sequence_number")
+        if type(seen) is int and 0 <= seen < USAGE_MAX:
+            return seen + 1
+    return 0
 
 
 async def end_with_error(conn, ex, message):
@@ -3446,6 +3630,7 @@ class ModelAdmin:
                              timeout=ADMIN_TIMEOUT_S) for n in targets),
                 return_exceptions=True)
             did, refused, failed = [], [], [f"{n.node_id}: {why}" for n, why in skipped]
+            done_type = None  # the Content-Type of the first 200 (Ollama's has none)
             for node, result in zip(targets, results):
                 if isinstance(result, hc.UpstreamError):
                     failed.append(f"{node.node_id}: {result}")
@@ -3453,6 +3638,7 @@ class ModelAdmin:
                     raise result
                 elif result[0] == 200:
                     did.append(node.node_id)
+                    done_type = done_type or content_type(result[1])
                     await done(node)
                 elif result[0] < 500:
                     refused.append(result)
@@ -3461,11 +3647,11 @@ class ModelAdmin:
                 else:
                     said = hc.printable(result[2][:200].decode("utf-8", "replace"))
                     failed.append(f"{node.node_id}: answered {result[0]}: {said}")
-            await self._answer_each(conn, ex, did, refused, failed, not_found)
+            await self._answer_each(conn, ex, did, refused, failed, not_found, done_type)
         finally:
             self.proxy.finish(ex)
 
-    async def _answer_each(self, conn, ex, did, refused, failed, not_found):
+    async def _answer_each(self, conn, ex, did, refused, failed, not_found, done_type):
         if failed:
             ex.error = "; ".join(failed)[:500]
             proxy_log.warning(f"{ex.endpoint} of '{ex.model}' failed on some nodes: "
@@ -3476,16 +3662,15 @@ class ModelAdmin:
             if failed:
                 headers.append((b"x-fleet-failed", header_text(ex.error)))
             ex.http_status = 200
-            await conn.send_response(200, b"", None, headers)
+            await conn.send_response(200, b"", done_type, headers)
         elif failed:
             ex.http_status = 502 if ex.node_id else 503  # asked and failed / none askable
             await conn.send_response(ex.http_status, hc.ollama_error_body(
                 f"{ex.endpoint} of '{ex.model}' failed: {ex.error}"))
         elif refused:
             status, headers, body = refused[0]
-            ctype = next((v for k, v in headers if k == b"content-type"), hc.JSON_TYPE)
             ex.http_status, ex.error = status, body[:500].decode("utf-8", "replace")
-            await conn.send_response(status, body, ctype)
+            await conn.send_response(status, body, content_type(headers) or hc.JSON_TYPE)
         else:
             ex.http_status, ex.error = 404, not_found
             await conn.send_response(404, hc.ollama_error_body(not_found))

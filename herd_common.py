@@ -1320,15 +1320,49 @@ def frame_chunk(data):
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-def unframe_chunks(raw):
-    """The payload of complete chunks taken by ChunkedBody.take()."""
+def unframe_chunks(raw, count=None):
+    """The payload of complete chunks taken by ChunkedBody.take() (of the first `count`)."""
     out, pos = [], 0
-    while pos < len(raw):
+    while pos < len(raw) and (count is None or len(out) < count):
         eol = raw.index(b"\r\n", pos)
         size = int(raw[pos:eol].split(b";", 1)[0], 16)
         out.append(raw[eol + 2:eol + 2 + size])
         pos = eol + size + 4
     return b"".join(out)
+
+
+def unframe_last_chunks(raw, count):
+    """The payload of the last `count` chunks of `raw` (complete chunks, framing
+    included, as ChunkedBody.take() gives them), found from its end: an answer's last
+    events are read without walking the thousands of chunks that may come before."""
+    pieces, end = [], len(raw)
+    while end > 0 and len(pieces) < count:
+        start = _chunk_start(raw, end)
+        if start is None:
+            break  # not whole chunks here (never so from ChunkedBody): what was found
+        pieces.append(raw[raw.index(b"\r\n", start) + 2:end - 2])
+        end = start
+    return b"".join(reversed(pieces))
+
+
+CRLFS_IN_CHUNK = 16  # walking back, a chunk holding more is not looked for further
+
+
+def _chunk_start(raw, end):
+    """Where the chunk ending at `end` (after its data's CRLF) starts, or None: at the
+    CRLF, walking back, after which its size line's size reaches exactly to `end`
+    (the data itself may hold CRLFs; NDJSON and SSE from Ollama hold none)."""
+    eol = raw.rfind(b"\r\n", 0, end - 2)
+    for _ in range(CRLFS_IN_CHUNK):
+        if eol < 0:
+            break
+        before = raw.rfind(b"\r\n", 0, eol)
+        start = before + 2 if before >= 0 else 0
+        line = CHUNK_SIZE_LINE.fullmatch(raw, start, eol + 2)
+        if line is not None and eol + 2 + int(line.group(1), 16) + 2 == end:
+            return start
+        eol = before
+    return None
 
 
 class Upstream(asyncio.Protocol):
@@ -1639,7 +1673,7 @@ class Relay:
         self.up, self.client, self.timeout = up, client, timeout
         self._loop = asyncio.get_running_loop()
         self.chunked = False
-        self.prev = self.last = b""  # the last two reads relayed: the answer's tail
+        self.prev = self.last = b""  # the last two reads that reached the client
         self.chunks = 0
         self._done = self._stall_timer = self._resume_task = None
 
@@ -1650,7 +1684,9 @@ class Relay:
 
     @property
     def tail(self):
-        return self.prev[-8192:] + self.last
+        """The answer's end as it reached the client: whole chunks, framing included
+        (two reads, a few hundred KB at most; read once, when the answer ends)."""
+        return self.prev + self.last
 
     @property
     def chunks_seen(self):
@@ -1686,7 +1722,8 @@ class Relay:
             await self._run_fast_path()
             return await self.client.drain()
         while data := await self._receive():
-            self._note(data)
+            if not self.client.client_gone:  # send_chunks writes it before any wait
+                self._note(data)
             await self.client.send_chunks(data)
 
     # -- the fast path: the node's reads go to the client from data_received ---------
@@ -1718,7 +1755,7 @@ class Relay:
         except ValueError as e:
             return self.on_error(UpstreamError("body", f"bad chunked body from "
                                                        f"{self.up.host}: {e}"))
-        if out:
+        if out and not self.client.client_gone:  # else its handler is being cancelled
             self._note(out)
             if self.client.relay_write(out) > self.HIGH_WATER:
                 self._wait_for_client()
@@ -3212,11 +3249,14 @@ CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _model_details(f):
-    return {"parent_model": f.text("parent_model", MODEL_NAME_MAX), "format": f.text("format"),
-            "family": f.text("family"), "families": f.texts("families"),
-            "parameter_size": f.text("parameter_size"),
-            "quantization_level": f.text("quantization_level"),
-            "context_length": f.integer("context_length", 1 << 24)}
+    details = {"parent_model": f.text("parent_model", MODEL_NAME_MAX),
+               "format": f.text("format"), "family": f.text("family"),
+               "families": f.texts("families"), "parameter_size": f.text("parameter_size"),
+               "quantization_level": f.text("quantization_level")}
+    for key in ("context_length", "embedding_length"):  # omitempty in Ollama: kept only
+        if f.obj.get(key) is not None:                  # when sent, never made up as 0
+            details[key] = f.integer(key, 1 << 24)
+    return details
 
 
 def _model_entry(f, loaded):
@@ -3232,8 +3272,9 @@ def _model_entry(f, loaded):
         entry.update(size_vram=f.integer("size_vram"), expires_at=f.text("expires_at", 64),
                      context_length=f.integer("context_length", 1 << 24))
     else:
-        entry.update(modified_at=f.text("modified_at", 64),
-                     capabilities=f.texts("capabilities"))
+        entry["modified_at"] = f.text("modified_at", 64)
+        if f.obj.get("capabilities") is not None:  # omitempty too: none sent is not "none"
+            entry["capabilities"] = f.texts("capabilities")
     return canonical_model(name), entry
 
 

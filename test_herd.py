@@ -7827,3 +7827,181 @@ def test_at_400_px_no_column_is_out_of_reach_and_settings_read_well(h):
     assert all(c["width"] >= 250 and c["height"] <= needs(c) for c in help_cells), [
         (c["height"], needs(c), c["text"][:40]) for c in help_cells if c["height"] > needs(c)]
     assert errors == []
+
+
+####################################################################################
+# Every trace and learned figure is true (issue 21): counts read as JSON, a stream
+# whose last event reached the client is completed, failed pulls and refused unloads
+# traced as the node said, /api/tags as the nodes listed it
+####################################################################################
+
+
+def trace_of(h, router, endpoint):
+    """The last trace row of `endpoint`, once it is written."""
+    return wait_until(lambda: next((r for r in reversed(h.traces(router))
+                                    if r["endpoint"] == endpoint), None),
+                      what=f"a trace of {endpoint}")
+
+
+def test_counts_and_timings_are_read_from_json_written_with_spaces(h):
+    import openai
+    fake = h.fake(chunks=8, spaced_json=True)  # "eval_count": 8, as a Python server
+    router = h.router()
+    h.heartbeat(router, fake, "node-a")
+    ask = {"model": "llama3.2:3b", "prompt": "x"}
+    for stream in (True, False):
+        status, _, body = http(router.url, "POST", "/api/generate", {**ask, "stream": stream})
+        assert status == 200 and b'"eval_count": 8' in body
+    client = openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
+    list(client.chat.completions.create(model="llama3.2:3b", stream=True,
+                                        messages=[{"role": "user", "content": "hi"}],
+                                        stream_options={"include_usage": True}))
+    with anthropic_client(router).messages.stream(
+            model="llama3.2:3b", max_tokens=50,
+            messages=[{"role": "user", "content": "hi"}]) as events:
+        assert events.get_final_message().usage.output_tokens == 8
+    done = list(client.responses.create(model="llama3.2:3b", input="hi", stream=True))[-1]
+    assert done.type == "response.completed" and done.response.usage.output_tokens == 8
+    rows = h.traces(router)
+    assert [r["completion_tokens"] for r in rows] == [8] * 5
+    assert all(r["prompt_tokens"] for r in rows)
+    assert all(r["eval_ms"] and r["load_ms"] is not None for r in rows[:2])  # native
+    learned = fleet_node(router, "node-a")["learned"]["llama3.2:3b"]
+    assert learned["tokens_per_s"] and learned["answer_tokens"] == 8
+
+
+def test_a_client_that_closes_right_after_the_last_event_got_a_completed_answer(h):
+    import openai
+    fake = h.fake(chunks=6)
+    router = h.router()
+    h.heartbeat(router, fake, "node-a")
+    fake.fault = "hold_end"  # the last event goes out, the end of the body never does
+    client = openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
+    chunks = list(client.chat.completions.create(  # it closes straight after [DONE]
+        model="llama3.2:3b", messages=[{"role": "user", "content": "hi"}], stream=True))
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    row = trace_of(h, router, "/v1/chat/completions")
+    assert (row["status"], row["error_message"]) == ("completed", None)
+    assert row["completion_tokens"] == 6  # no usage chunk: a token an event
+    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as s:
+        body = json.dumps({"model": "llama3.2:3b", "prompt": "x"}).encode()
+        s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n%s"
+                  % (len(body), body))
+        seen = b""
+        while b'"done":true' not in seen:  # then it closes, as a client with its answer
+            data = s.recv(65536)
+            assert data, seen
+            seen += data
+    row = trace_of(h, router, "/api/generate")
+    assert (row["status"], row["completion_tokens"]) == ("completed", 6)
+    learned = fleet_node(router, "node-a")["learned"]["llama3.2:3b"]
+    assert learned["samples"] == 2 and learned["tokens_per_s"]
+
+
+def test_a_client_that_leaves_before_the_last_event_is_still_cancelled(h):
+    fake = h.fake(chunks=50, chunk_delay=0.05)
+    router = h.router()
+    h.heartbeat(router, fake, "node-a")
+    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as s:
+        body = json.dumps({"model": "llama3.2:3b", "prompt": "x"}).encode()
+        s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n%s"
+                  % (len(body), body))
+        assert b'"response"' in s.recv(65536)
+    row = trace_of(h, router, "/api/generate")
+    assert (row["status"], row["error_message"]) == ("cancelled", "client disconnected")
+
+
+def test_openai_streams_without_usage_count_a_token_an_event(one_node):
+    import openai
+    h, router, fake = one_node
+    fake.chunks = 64
+    client = openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
+    chunks = list(client.chat.completions.create(
+        model="llama3.2:3b", messages=[{"role": "user", "content": "hi"}], stream=True))
+    assert sum(1 for c in chunks if c.choices[0].delta.content) == 64
+    assert trace_of(h, router, "/v1/chat/completions")["completion_tokens"] == 64
+
+
+def test_a_failed_streamed_pull_is_traced_failed_with_the_nodes_message(h):
+    import ollama
+    fake = h.fake()
+    router = h.router()
+    h.heartbeat(router, fake, "node-a")
+    status, _, body = http(router.url, "POST", "/api/pull", {"model": "doesnotexist:1b"})
+    assert status == 200 and b"file does not exist" in body.splitlines()[-1]
+    row = trace_of(h, router, "/api/pull")
+    assert (row["status"], row["error_message"]) == (
+        "failed", "pull model manifest: file does not exist")
+    with pytest.raises(ollama.ResponseError):  # it raises at the error line and closes
+        list(ollama.Client(host=router.url).pull("doesnotexist:2b", stream=True))
+    wait_until(lambda: len([r for r in h.traces(router) if r["endpoint"] == "/api/pull"]) == 2,
+               what="the second pull's trace")
+    row = trace_of(h, router, "/api/pull")
+    assert (row["status"], row["error_message"]) == (
+        "failed", "pull model manifest: file does not exist")
+
+
+def test_a_refused_unload_answers_the_nodes_status_and_message(h):
+    fake = h.fake(models=["nomic-embed-text", "llama3.2:3b"])
+    http(fake.url, "POST", "/api/embed", {"model": "nomic-embed-text", "input": "x"})
+    router = h.router()
+    h.heartbeat(router, fake, "node-a")
+    status, headers, body = http(router.url, "POST", "/api/generate", {
+        "model": "nomic-embed-text", "prompt": "", "keep_alive": 0})
+    said = '"nomic-embed-text" does not support generate'
+    assert (status, json.loads(body)) == (400, {"error": said})
+    assert headers["content-type"].startswith("application/json")
+    row = trace_of(h, router, "/api/generate")
+    assert (row["status"], row["http_status"], row["error_message"]) == (
+        "rejected", 400, said)
+    assert "nomic-embed-text:latest" in fake.loaded  # still there, as the node said
+
+
+def test_api_tags_lists_only_the_fields_a_node_sent(h):
+    fake = h.fake(models=["llama3.2:3b", "nomic-embed-text"])
+    router = h.router()
+
+    def older_ollama(hb):  # an Ollama that lists no capabilities, and one context length
+        for entry in hb["models"]:
+            if entry["model"] == "llama3.2:3b":
+                del entry["capabilities"]
+            else:
+                entry["details"]["context_length"] = 2048
+    h.heartbeat(router, fake, "node-a", mutate=older_ollama)
+    models = {m["model"]: m for m in get_json(router.url, "/api/tags")["models"]}
+    assert "capabilities" not in models["llama3.2:3b"]
+    assert "context_length" not in models["llama3.2:3b"]["details"]
+    assert models["nomic-embed-text:latest"]["capabilities"] == ["embedding"]
+    assert models["nomic-embed-text:latest"]["details"]["context_length"] == 2048
+
+
+def test_a_delete_answers_with_the_content_type_its_node_gave(h):
+    fake = h.fake(models=["llama3.2:3b", "phi3:mini"])
+    router = h.router()
+    h.heartbeat(router, fake, "node-a")
+    deleted = fake._routes[("DELETE", "/api/delete")]
+
+    async def delete_naming_a_type(ex):  # a server that names the type of its empty 200
+        send = ex.send
+        ex.send = lambda status, body, content_type=None: send(status, body, b"text/plain")
+        await deleted(ex)
+    fake._routes[("DELETE", "/api/delete")] = delete_naming_a_type
+    status, headers, body = http(router.url, "DELETE", "/api/delete", {"model": "phi3:mini"})
+    assert (status, headers.get("content-type"), body) == (200, "text/plain", b"")
+    fake._routes[("DELETE", "/api/delete")] = deleted  # Ollama's: none, and none added
+    status, headers, _ = http(router.url, "DELETE", "/api/delete", {"model": "llama3.2:3b"})
+    assert status == 200 and "content-type" not in headers
+
+
+def test_a_large_batch_of_embeddings_keeps_its_counts(h):
+    fake = h.fake(embedding_dim=768, spaced_json=True)
+    router = h.router()
+    h.heartbeat(router, fake, "node-a")
+    words = [f"text {i}" for i in range(40)]  # some 600 KB of vectors: only the members
+    for path, body in (("/api/embed", {"model": "nomic-embed-text", "input": words}),
+                       ("/v1/embeddings", {"model": "nomic-embed-text", "input": words})):
+        status, _, answer = http(router.url, "POST", path, body)
+        assert status == 200 and len(answer) > herd.WHOLE_USAGE_MAX  # after them are read
+        counted = json.loads(answer).get("prompt_eval_count") or \
+            json.loads(answer)["usage"]["prompt_tokens"]
+        assert trace_of(h, router, path)["prompt_tokens"] == counted
