@@ -32,6 +32,7 @@ import datetime
 import hashlib
 import hmac
 import http
+import itertools
 import json
 import logging
 import logging.handlers
@@ -425,7 +426,8 @@ def parse_json_body(body, shape=None):
     if shape is None:
         shape = JsonShape()
         shape.feed(body)
-    shape.check()
+    if (refusal := shape.refusal()) is not None:
+        raise ValueError(refusal[1])
     try:
         obj = json.loads(body, parse_constant=_refuse_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -446,35 +448,39 @@ def parse_json_body(body, shape=None):
 MAX_JSON_DEPTH = 64  # no API nests this deep; deeper exhausts the stack re-encoding it
 MAX_JSON_ITEMS = 1 << 18  # commas and brackets outside strings, about one per value:
 # Ollama's `context` (one token id a value) of a 128k context fits, with room
+MAX_JSON_CONTAINERS = 1 << 14  # arrays and objects: what handlers walk in Python (one
+# conversation digest a message: 65,000 messages held the loop 150 ms); a long agent
+# conversation with its tools has a few thousand
 # Reading an integer of n digits costs about n squared: Python's own limit of 4300
 # digits still lets 28 MB of such numbers take 0.7 s. Numbers longer than a 64-bit one
 # may hold MAX_LONG_DIGITS digits in all (a few such numbers, at most 1.5 ms).
 LONG_NUMBER = re.compile(rb"0{21,}")  # on the text with every digit made a 0
 MAX_LONG_DIGITS = 1 << 16
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
-_SQUARE_BRACKETS = bytes.maketrans(b"{}", b"[]")  # depth is all that is counted
+_BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # 1 and -1 as signed bytes
 _DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
 
 
 class JsonShape:
     """The shape of a JSON text gauged on its bytes as they arrive, in pieces of any
     size: its commas and brackets outside strings, how deep its brackets nest and the
-    digits of its long numbers, found with bytes.count, split and translate (C speed,
-    no Python loop per value). A string's escaped quotes and backslashes are dropped first, so
-    what is inside strings is told from what is outside as the parser tells it (for
-    text that is not JSON the figures are rough, and the parser refuses it anyway)."""
+    digits of its long numbers, found with bytes.count, split, translate and
+    itertools.accumulate (C speed, no Python step per value). A string's escaped
+    quotes and backslashes are dropped first, so what is inside strings is told from
+    what is outside as the parser tells it (for text that is not JSON the figures are
+    rough, and the parser refuses it anyway)."""
 
     def __init__(self):
-        self.items = 0
+        self.items = self.containers = 0
+        self.level = self.deepest = 0  # bracket depth at the end of what was fed, and most
         self.in_string = False
         self.carry = b""  # a backslash that ends a piece: it escapes the next one's first
         self.digits = 0  # the digits that end what was fed, outside strings
         self.long_digits = 0  # digits in numbers longer than 20 digits
-        self.brackets = []  # outside strings, as b"[" and b"]"
 
     def feed(self, data):
         """Take the next piece of the text."""
-        if self.too_large() is not None:
+        if self.refusal() is not None:
             return  # refused already: the rest need not be looked at
         data = self.carry + data
         self.carry = b""
@@ -487,11 +493,18 @@ class JsonShape:
         outside = b"".join(parts[1::2] if self.in_string else parts[::2])
         if len(parts) % 2 == 0:
             self.in_string = not self.in_string
-        brackets = outside.translate(_SQUARE_BRACKETS, _NOT_BRACKETS)
-        self.items += outside.count(b",") + len(brackets)
-        if self.items <= MAX_JSON_ITEMS:
-            self.brackets.append(brackets)
+        self._gauge_brackets(outside)
         self._gauge_numbers(outside)
+
+    def _gauge_brackets(self, outside):
+        steps = outside.translate(_BRACKET_STEPS, _NOT_BRACKETS)  # +1 opens, -1 closes
+        self.items += outside.count(b",") + len(steps)
+        self.containers += steps.count(1)
+        if steps:
+            steps = memoryview(steps).cast("b")
+            self.deepest = max(self.deepest, max(itertools.accumulate(steps,
+                                                                      initial=self.level)))
+            self.level += sum(steps)
 
     def _gauge_numbers(self, outside):
         """Count the digits of long numbers; a run of digits at the end of the piece is
@@ -501,38 +514,21 @@ class JsonShape:
         self.digits = min(len(zeros) - len(ended), MAX_LONG_DIGITS + 1)
         self.long_digits += sum(map(len, LONG_NUMBER.findall(ended)))
 
-    def too_large(self):
-        """Why the text is too big to parse (so far), or None."""
+    def refusal(self):
+        """(status, why) for a text the parser should not be given, so far, or None:
+        400 for nesting too deep, 413 for more than the limits allow."""
+        if self.deepest > MAX_JSON_DEPTH:
+            return 400, f"invalid JSON: nested too deeply (more than {MAX_JSON_DEPTH} levels)"
         if self.items > MAX_JSON_ITEMS:
-            return (f"request body holds more than {MAX_JSON_ITEMS} JSON values (commas "
-                    f"and brackets)")
+            return 413, (f"request body holds more than {MAX_JSON_ITEMS} JSON values "
+                         f"(commas and brackets)")
+        if self.containers > MAX_JSON_CONTAINERS:
+            return 413, (f"request body holds more than {MAX_JSON_CONTAINERS} JSON arrays "
+                         f"and objects")
         if self.long_digits + self.digits > MAX_LONG_DIGITS:
-            return (f"request body holds more than {MAX_LONG_DIGITS} digits in numbers "
-                    f"longer than 20 digits")
+            return 413, (f"request body holds more than {MAX_LONG_DIGITS} digits in numbers "
+                         f"longer than 20 digits")
         return None
-
-    def check(self):
-        """Raise ValueError for a text the parser should not be given."""
-        if (why := self.too_large()) is not None:
-            raise ValueError(why)
-        if self.depth() > MAX_JSON_DEPTH:
-            raise ValueError(f"invalid JSON: nested too deeply (more than "
-                             f"{MAX_JSON_DEPTH} levels)")
-
-    def depth(self):
-        """How deep the brackets nest, counted to MAX_JSON_DEPTH + 1 at most: each pass
-        takes out the innermost pairs. Unbalanced brackets count as flat (the parser
-        refuses them)."""
-        brackets = b"".join(self.brackets)
-        self.brackets = [brackets]
-        for depth in range(MAX_JSON_DEPTH + 1):
-            if not brackets:
-                return depth
-            inner = brackets.replace(b"[]", b"")
-            if len(inner) == len(brackets):
-                return depth
-            brackets = inner
-        return MAX_JSON_DEPTH + 1
 
 
 # Model names as Ollama writes them: [host[:port]/][namespace/]name[:tag], at most a few
@@ -756,19 +752,19 @@ class WholeBody:
                                   BODY_GRACE_S + self.size / MIN_BODY_RATE)
 
     def add(self, data):
-        """Take a piece; (status, why) if the body is refused, else None."""
+        """Take a piece; (status, why, counter) if the body is refused, else None."""
         self.size += len(data)
         self.reads += 1
         if self.size > self.limit:
-            return 413, f"request body larger than {self.limit} bytes"
+            return 413, f"request body larger than {self.limit} bytes", "bodies_too_large"
         if self.reads > SMALL_READS and self.size < self.reads * MIN_READ:
             return 400, (f"request body sent in pieces too small ({self.size} bytes in "
-                         f"{self.reads} reads)")
+                         f"{self.reads} reads)"), "bodies_too_slow"
         self.buf += data
         if len(self.buf) - self.gauged >= self.GAUGE_AT:
             self._gauge()
-            if (why := self.shape.too_large()) is not None:
-                return 413, why
+            if (refusal := self.shape.refusal()) is not None:
+                return *refusal, "bodies_too_large"
         if len(self.buf) >= self.SPOOL_AT:
             if self.writing is None:
                 self._write()
@@ -1229,12 +1225,12 @@ class HttpConnection(asyncio.Protocol):
         self._read_request()
 
     def _refuse_too_large(self):
-        self._refuse_body(413, f"request body larger than {self._limit} bytes")
+        self._refuse_body(413, f"request body larger than {self._limit} bytes",
+                          "bodies_too_large")
 
-    def _refuse_body(self, status, message):
-        """Refuse a request part-way through its body (too large, too many JSON values,
-        too slow), in the shape of the API its path belongs to."""
-        counter = "bodies_too_large" if status == 413 else "bodies_too_slow"
+    def _refuse_body(self, status, message, counter):
+        """Refuse a request part-way through its body (too large, its JSON beyond the
+        limits, too slow), in the shape of the API its path belongs to."""
         self.counters[counter] += 1
         if self._whole is not None:
             self._whole.discard()
@@ -1297,7 +1293,7 @@ class HttpConnection(asyncio.Protocol):
                 f"request body too slow: {self._whole.size} bytes in "
                 f"{now - self._whole.started:.0f}s (a body must come at "
                 f"{MIN_BODY_RATE >> 10} KiB/s after its first {BODY_GRACE_S:g}s, and "
-                f"whole within {BODY_DEADLINE_S:g}s)"))
+                f"whole within {BODY_DEADLINE_S:g}s)"), "bodies_too_slow")
         if self._due() > now:
             self._timer = self._loop.call_at(self._due(), self._check_timer)
         else:
@@ -1645,6 +1641,7 @@ class Upstream(asyncio.Protocol):
     """
 
     HIGH_WATER = 256 * 1024  # bytes unread, or queued towards the client, before pausing
+    ONE_WRITE = 1 << 20  # a request body below this goes out in one write with its head
 
     def __init__(self, host, port):
         self.host, self.port = host, port
@@ -1763,10 +1760,16 @@ class Upstream(asyncio.Protocol):
             else f"[{self.host}]:{self.port}".encode()
         all_headers = [(b"host", host), (b"content-length", b"%d" % len(body))]
         all_headers.extend(headers)
-        data = self.h11.send(h11.Request(method=method, target=target, headers=all_headers))
-        data += self.h11.send(h11.Data(data=body)) if body else b""
-        data += self.h11.send(h11.EndOfMessage())
-        self.transport.write(data)
+        head = self.h11.send(h11.Request(method=method, target=target, headers=all_headers))
+        body = b"".join(self.h11.send_with_data_passthrough(h11.Data(data=body))) \
+            if body else b""  # content-length framing: the body itself, not a copy
+        end = self.h11.send(h11.EndOfMessage())
+        if len(body) < self.ONE_WRITE:
+            self.transport.write(head + body + end)
+        else:  # a large body is not copied twice more to be joined to its head
+            self.transport.write(head)
+            self.transport.write(body)
+            self.transport.write(end)
 
     def send_head(self, method, target, headers, length=None):
         """Send a request head whose body follows in send_body() calls and end_body()
