@@ -425,7 +425,7 @@ def parse_json_body(body, shape=None):
         raise ValueError("missing request body")
     if shape is None:
         shape = JsonShape()
-        shape.feed(body)
+        shape.feed(body, last=True)
     if (refusal := shape.refusal()) is not None:
         raise ValueError(refusal[1])
     try:
@@ -478,8 +478,10 @@ class JsonShape:
         self.digits = 0  # the digits that end what was fed, outside strings
         self.long_digits = 0  # digits in numbers longer than 20 digits
 
-    def feed(self, data):
-        """Take the next piece of the text."""
+    def feed(self, data, last=False):
+        """Take the next piece of the text (`last`: nothing follows it)."""
+        if last and self._within_limits(data):
+            return
         if self.refusal() is not None:
             return  # refused already: the rest need not be looked at
         data = self.carry + data
@@ -495,6 +497,15 @@ class JsonShape:
             self.in_string = not self.in_string
         self._gauge_brackets(outside)
         self._gauge_numbers(outside)
+
+    def _within_limits(self, data):
+        """Is the text, with `data` its last piece, within every limit whatever its
+        strings hold? Few brackets and commas in all, and too short for long numbers to
+        add up: most bodies, told with three counts."""
+        return self.items == 0 and not (self.in_string or self.carry or self.digits or
+                                        self.long_digits) and \
+            len(data) <= MAX_LONG_DIGITS and \
+            data.count(b"[") + data.count(b"{") + data.count(b",") <= MAX_JSON_DEPTH
 
     def _gauge_brackets(self, outside):
         steps = outside.translate(_BRACKET_STEPS, _NOT_BRACKETS)  # +1 opens, -1 closes
@@ -772,10 +783,17 @@ class WholeBody:
                 self.conn.pause_body()  # the disk is behind the client: wait for it
         return None
 
-    def _gauge(self):
+    def _gauge(self, last=False):
         if self.gauged < len(self.buf):
-            self.shape.feed(bytes(self.buf[self.gauged:]))
+            self.shape.feed(bytes(self.buf[self.gauged:]), last)
             self.gauged = len(self.buf)
+
+    def held(self):
+        """The whole body if it is all in memory (gauged to its end), else None."""
+        if self.spool is not None or self.writing is not None:
+            return None
+        self._gauge(last=True)
+        return bytes(self.buf)
 
     def _write(self):
         self._gauge()
@@ -799,10 +817,8 @@ class WholeBody:
         self.conn.resume_body()
 
     async def read(self):
-        """The whole body; OSError if its spool could not be written or read."""
-        self._gauge()
-        if self.spool is None and self.writing is None:
-            return bytes(self.buf)
+        """The whole body, from its spool; OSError if that could not be written or read."""
+        self._gauge(last=True)
         try:
             while self.writing is not None:
                 writing = self.writing
@@ -1098,8 +1114,12 @@ class HttpConnection(asyncio.Protocol):
         streamed = next((p for p in self.stream_limits if path.startswith(p)), None)
         self._limit = self.stream_limits[streamed] if streamed is not None \
             else self.body_limits.get(path, self.max_body)
-        length = next((v for k, v in event.headers if k == b"content-length"), None)
-        chunked = any(k == b"transfer-encoding" for k, _ in event.headers)
+        length, chunked = None, False
+        for k, v in request.headers:
+            if k == b"content-length":
+                length = v
+            elif k == b"transfer-encoding":
+                chunked = True
         if length is not None and int(length) > self._limit:
             self._refuse_too_large()
             return True
@@ -1123,6 +1143,8 @@ class HttpConnection(asyncio.Protocol):
         if whole is not None and self._read_paused:  # paused for the spool: read on, to
             self._read_paused = False  # see the client hang up while it is answered
             self.transport.resume_reading()
+        if whole is not None and (body := whole.held()) is not None:
+            request.body, request.shape, whole = body, whole.shape, None
         request.stream = self._stream = stream
         self._begin_response(request, head.http_version)
         self.task = self._loop.create_task(self._answer(request, whole))
@@ -1199,8 +1221,8 @@ class HttpConnection(asyncio.Protocol):
                 self.close()
 
     async def _take_body(self, request, whole):
-        """Give the request its body (from the spool, for a large one); False once a
-        503 is sent because the spool failed (a full disk)."""
+        """Give the request its body from the spool; False once a 503 is sent because
+        the spool failed (a full disk)."""
         try:
             request.body, request.shape = await whole.read(), whole.shape
         except OSError as e:
