@@ -93,12 +93,25 @@ Run:   python bench.py --routing         (about 45 min on 2 cores; root for the 
        python bench.py --routing --fleet pressure [--quick]
                                          (about 1.5 to 2 h; --quick about 8 min)
 
+The hostile-body measurement (--hostile) starts a fake and a router with client keys
+and no fleet token, and sends it, one at a time, the bodies that once stalled or bloated
+it: 28 MB of empty arrays (to /heartbeat/ and, with a key, to /api/chat), a 1 MiB
+heartbeat of them, the most chat messages the JSON limits let in, a body trickled a byte
+every half second, an 11 MB body in one-byte writes without a key, twelve 60 MB bodies
+without a key, and a legal 60 MB prompt. Meanwhile a probe asks GET /api/version every
+20 ms: each attack's worst and p99 latency is given against a quiet run's (x quiet) and
+as time added (target: under 100 ms), with the router's RSS before the attack and 2 s
+after it (target: within 10 MB), and its CPU.
+
+Run:   python bench.py --hostile         (about 2 min; loopback only)
+
 docs/benchmarks.md shows full runs and explains each row.
 """
 
 import argparse
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import gc
@@ -116,6 +129,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import urllib.request
 
@@ -961,6 +975,269 @@ def measure_chaos(workdir, plan):
         asyncio.run(run())
     return {"sent": len(outcomes),
             **{k: outcomes.count(k) for k in ("completed", "failed", "lost", "hung")}}
+
+
+####################################################################################
+# Hostile bodies (--hostile): what one client's body costs every other client
+####################################################################################
+
+# Each attack runs against a router with client keys (FLEET_API_KEYS) and an open fleet
+# (no FLEET_TOKEN: anyone may post a heartbeat, as on a router left at its defaults),
+# while a probe asks GET /api/version every PROBE_EVERY_S on a connection of its own.
+# What each attack costs others is the probe's worst and p99 latency against the quiet
+# run's; what it leaves behind is the router's RSS before it and HOSTILE_SETTLE_S after.
+PROBE_EVERY_S = 0.02
+QUIET_S = 3.0
+HOSTILE_SETTLE_S = 2.0  # spools close and memory is given back after an attack
+ATTACK_TIMEOUT_S = 40.0  # an attack's own reads; the slowest (21 s stalls) fit in it
+TRICKLE_S = 12.0  # the trickled body sends a byte every TRICKLE_EVERY_S this long at most
+TRICKLE_EVERY_S = 0.5
+ONE_BYTE_S = 10.0  # the one-byte-chunk body sends for this long at most
+HUGE_COPIES = 12  # key-less connections with a 60 MB body each
+MAX_ADDED_MS = 100.0  # targets: the probe's worst above the quiet run's worst,
+MAX_RSS_GROWTH_MB = 10.0  # and the RSS an attack leaves behind
+HOSTILE_KEY = "key1"
+
+
+def empty_arrays(size):
+    """About `size` bytes of legal JSON: an array of empty arrays."""
+    return b"[" + b"[]," * (size // 3) + b"[]]"
+
+
+def chat_body(fill):
+    return b'{"model": "%s", "stream": false, "messages": %s}' % (MODEL.encode(), fill)
+
+
+def post(path, length, key=None, more=b""):
+    auth = b"Authorization: Bearer %s\r\n" % key.encode() if key else b""
+    return (b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"%s%sContent-Length: %d\r\n\r\n" % (path.encode(), auth, more, length))
+
+
+def status_line(sock):
+    """The status line the router answers with, or how the connection ended."""
+    try:
+        data = sock.recv(4096)
+    except OSError as e:
+        return type(e).__name__
+    return data.split(b"\r\n", 1)[0].decode(errors="replace") if data else "closed"
+
+
+def send_whole(port, head, body, piece=1 << 20):
+    """Send a head and its body as fast as the router takes it (stopping if it hangs up
+    first), then read its answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=ATTACK_TIMEOUT_S) as s:
+        try:
+            s.sendall(head)
+            for at in range(0, len(body), piece):
+                s.sendall(body[at:at + piece])
+        except OSError:
+            pass  # refused part-way: its answer is waiting
+        return status_line(s)
+
+
+def send_paced(port, head, pieces, every, seconds):
+    """Send a head, then each of `pieces` `every` seconds (0: flat out), for at most
+    `seconds` or until the router answers; returns its answer or "still open"."""
+    with socket.create_connection(("127.0.0.1", port), timeout=ATTACK_TIMEOUT_S) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(head)
+        end = time.monotonic() + seconds
+        for piece in pieces:
+            if time.monotonic() > end:
+                return "still open"
+            if select.select([s], [], [], every)[0]:
+                return status_line(s)
+            try:
+                s.send(piece)
+            except OSError:
+                break
+        return status_line(s)
+
+
+def attack_nested_heartbeat(port):
+    body = b'{"node_id": "x", "models": %s}' % empty_arrays(28 << 20)  # the slash once
+    return send_whole(port, post("/heartbeat/", len(body)), body)  # skipped the 1 MiB limit
+
+
+def attack_nested_chat(port):
+    body = chat_body(empty_arrays(28 << 20))
+    return send_whole(port, post("/api/chat", len(body), HOSTILE_KEY), body)
+
+
+def attack_heartbeat_mib(port):
+    body = b'{"node_id": "x", "models": %s}' % empty_arrays((1 << 20) - 40)  # the largest
+    return send_whole(port, post("/heartbeat", len(body)), body)  # heartbeat there may be
+
+
+def attack_many_messages(port):
+    """As many chat messages as the JSON limits let through (16,380 objects), each of
+    which the router hashes for its conversation (session affinity)."""
+    body = chat_body(b"[" + b",".join([b'{"role":"user","content":"x"}'] * 16_380) + b"]")
+    return send_whole(port, post("/api/chat", len(body), HOSTILE_KEY), body)
+
+
+def attack_trickle(port):
+    """A client with a key that sends its 1 MB body a byte every half second."""
+    return send_paced(port, post("/api/chat", 1 << 20, HOSTILE_KEY),
+                      (b" " for _ in range(1 << 20)), TRICKLE_EVERY_S, TRICKLE_S)
+
+
+def attack_one_byte(port):
+    """An 11 MB body without a key, in one-byte writes, flat out."""
+    return send_paced(port, post("/api/chat", 11 << 20), (b" " for _ in range(11 << 20)),
+                      0, ONE_BYTE_S)
+
+
+def attack_keyless_huge(port):
+    """12 key-less connections, each with an almost complete 60 MB body."""
+    body = b" " * (60_000_000 - 1)
+    head = post("/api/chat", 60_000_000)
+    with concurrent.futures.ThreadPoolExecutor(HUGE_COPIES) as pool:
+        answers = list(pool.map(lambda _: send_whole(port, head, body), range(HUGE_COPIES)))
+    return ", ".join(sorted(set(answers)))
+
+
+def attack_keyed_huge(port):
+    """One client with a key and a legal 60 MB body (one long prompt): read, parsed
+    and routed, a large body the router must take and then let go of."""
+    body = b'{"model": "%s", "stream": false, "prompt": "%s"}' % (MODEL.encode(),
+                                                               b"a" * 60_000_000)
+    return send_whole(port, post("/api/generate", len(body), HOSTILE_KEY), body)
+
+
+ATTACKS = (
+    ("28 MB of empty arrays to /heartbeat/", attack_nested_heartbeat),
+    ("28 MB of empty arrays to /api/chat (with a key)", attack_nested_chat),
+    ("1 MiB heartbeat of empty arrays", attack_heartbeat_mib),
+    ("16,380 chat messages, the most let in (with a key)", attack_many_messages),
+    ("1 MB body trickled a byte every 0.5 s (with a key)", attack_trickle),
+    ("11 MB body in one-byte writes, no key", attack_one_byte),
+    ("12 x 60 MB bodies, no key", attack_keyless_huge),
+    ("60 MB prompt (with a key), answered", attack_keyed_huge),
+)
+
+
+class Probe(threading.Thread):
+    """GET /api/version every PROBE_EVERY_S on one keep-alive connection, each answer
+    timed from its send to its last byte."""
+
+    REQUEST = b"GET /api/version HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+    def __init__(self, port):
+        super().__init__(daemon=True)
+        self.port, self.latencies, self.stopping = port, [], threading.Event()
+
+    def run(self):
+        with socket.create_connection(("127.0.0.1", self.port), timeout=120) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            while not self.stopping.is_set():
+                sent = time.perf_counter()
+                s.sendall(self.REQUEST)
+                self._read_answer(s)
+                took = time.perf_counter() - sent
+                self.latencies.append(took)
+                self.stopping.wait(max(0.0, PROBE_EVERY_S - took))
+
+    @staticmethod
+    def _read_answer(s):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += s.recv(4096)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(re.search(rb"content-length: *(\d+)", head, re.I).group(1))
+        while len(body) < length:
+            body += s.recv(4096)
+
+    def stop(self):
+        self.stopping.set()
+        self.join()
+        return self.latencies
+
+
+def probed(stack, attack):
+    """Run `attack(port)` (None: wait QUIET_S) under the probe; its figures."""
+    proc, port = stack.router, stack.ports["router"]
+    rss0, cpu0 = rss_mb(proc), cpu_seconds(proc)
+    probe = Probe(port)
+    probe.start()
+    started = time.monotonic()
+    outcome = attack(port) if attack else time.sleep(QUIET_S)
+    seconds = time.monotonic() - started
+    time.sleep(0.2)  # the probe's request under way when the attack ended
+    latencies = probe.stop()
+    cpu = cpu_seconds(proc) - cpu0
+    time.sleep(HOSTILE_SETTLE_S)
+    return {"outcome": outcome, "seconds": seconds, "probes": len(latencies),
+            "worst_ms": max(latencies) * 1e3, "p99_ms": percentile(latencies, 99) * 1e3,
+            "rss_before_mb": rss0, "rss_after_mb": rss_mb(proc), "router_cpu_s": cpu}
+
+
+@contextlib.contextmanager
+def hostile_stack(workdir):
+    """A fake and a router with client keys and no fleet token, serving it."""
+    workdir = os.path.join(workdir, "hostile")
+    os.makedirs(workdir)
+    with contextlib.ExitStack() as exits:
+        fake, fake_port = start_fake(exits, workdir, chunks=8)
+        proc, port = start_router(exits, workdir, {
+            "FLEET_LOCAL_NODE": "true", "FLEET_LOCAL_OLLAMA_URL": f"http://127.0.0.1:{fake_port}",
+            "FLEET_API_KEYS": ",".join(CLIENT_KEYS), "FLEET_CONSOLE_LOG_LEVEL": "ERROR"})
+        wait_for_nodes(proc, port, workdir, 1, CLIENT_KEYS[0])
+        yield Stack({"direct": fake_port, "router": port}, psutil.Process(proc.pid),
+                    psutil.Process(fake.pid))
+
+
+def measure_hostile(workdir):
+    """Each attack in turn on the same router, between two quiet runs: the quieter of
+    the two is the normal (on a shared machine, another program's burst lands in one)."""
+    with hostile_stack(workdir) as stack:
+        probed(stack, None)  # a first quiet run: start-up's own costs settle
+        before = probed(stack, None)
+        attacks = {name: probed(stack, attack) for name, attack in ATTACKS}
+        after = probed(stack, None)
+    quiet = min(before, after, key=lambda q: q["worst_ms"])
+    for r in attacks.values():
+        r["worst_ratio"] = r["worst_ms"] / quiet["worst_ms"]
+        r["p99_ratio"] = r["p99_ms"] / quiet["p99_ms"]
+        r["added_worst_ms"] = r["worst_ms"] - quiet["worst_ms"]
+        r["rss_growth_mb"] = r["rss_after_mb"] - r["rss_before_mb"]
+    return {"quiet": quiet, "quiet_runs": [before, after], "attacks": attacks}
+
+
+def judge_hostile(r):
+    out = {}
+    for name, a in r["attacks"].items():
+        out[f"added_worst_ms: {name}"] = (a["added_worst_ms"], MAX_ADDED_MS,
+                                          a["added_worst_ms"] <= MAX_ADDED_MS)
+        out[f"rss_growth_mb: {name}"] = (a["rss_growth_mb"], MAX_RSS_GROWTH_MB,
+                                         a["rss_growth_mb"] <= MAX_RSS_GROWTH_MB)
+    return out
+
+
+def print_hostile_report(r):
+    m, q = r["machine"], r["quiet"]
+    print(f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, "
+          f"Python {m['python']}, {m['os']}, load {m['load_1min']:.2f}\n")
+    runs = " and ".join(f"{x['worst_ms']:.1f} / {x['p99_ms']:.1f} ms" for x in r["quiet_runs"])
+    print(f"Quiet: GET /api/version every {PROBE_EVERY_S * 1e3:g} ms for {QUIET_S:g} s, "
+          f"before and after the attacks: worst / p99 {runs}; the quieter is the normal. "
+          f"Router RSS {q['rss_after_mb']:.1f} MB\n")
+    t = judge_hostile(r)
+    print("| attack | router's answer | worst / p99 (x quiet) | worst added | "
+          "RSS before -> after | router CPU |")
+    print("|---|---|---|---|---|---|")
+    for name, a in r["attacks"].items():
+        print(f"| {name} | {a['outcome']} | {a['worst_ms']:.1f} / {a['p99_ms']:.1f} ms "
+              f"(x{a['worst_ratio']:.1f} / x{a['p99_ratio']:.1f}) | "
+              f"{verdict_cell(a['added_worst_ms'], t[f'added_worst_ms: {name}'], 'ms')} | "
+              f"{a['rss_before_mb']:.1f} -> {a['rss_after_mb']:.1f} MB "
+              f"({verdict_cell(a['rss_growth_mb'], t[f'rss_growth_mb: {name}'], 'MB')}) | "
+              f"{a['router_cpu_s']:.2f} s |")
+
+
+def verdict_cell(value, target, unit):
+    return f"{value:+.1f} {unit} " + ("PASS" if target[2] else "MISS")
 
 
 ####################################################################################
@@ -2201,6 +2478,10 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="a reduced run (about a minute; with --routing a few)")
+    parser.add_argument("--hostile", action="store_true",
+                        help="the hostile-body measurement instead (about 2 min): "
+                             "/api/version latency and router RSS while one client "
+                             "sends each kind of hostile body")
     parser.add_argument("--routing", action="store_true",
                         help="the routing benchmark instead: Herd against round robin, "
                              "least connections and ollama-herd on an emulated fleet")
@@ -2248,6 +2529,8 @@ def main():
                 fleet = FLEETS[args.fleet]
                 plan = routing_plan(fleet, plan, args.loads, args.schedules)
                 results = run_routing(workdir, plan, fleet, args.only)
+            elif args.hostile:
+                results = {"machine": describe_machine(), **measure_hostile(workdir)}
             else:
                 results = run_phases(workdir, PLANS[plan])
     except KeyboardInterrupt:
@@ -2255,6 +2538,9 @@ def main():
     if args.routing:
         print_routing_report(results)
         targets = judge_routing(results)
+    elif args.hostile:
+        print_hostile_report(results)
+        targets = judge_hostile(results)
     else:
         print_report(results)
         targets = judge_targets(results)

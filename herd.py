@@ -136,7 +136,8 @@ METRICS = [  # what GET /metrics exposes, in the Prometheus text format
     ("herd_zombies_reaped_total", "counter", "Requests stopped by the zombie reaper."),
     ("herd_trace_rows_dropped_total", "counter", "Trace rows lost to a full writer queue."),
     ("herd_connection_events_total", "counter", "Client connections refused (over the caps), "
-     "closed for a slow request head, refused for a body too large; accept pauses."),
+     "closed for a slow request head, refused for a body too large or too slow, or from "
+     "the head before the body (no key); TLS handshakes failed; accept pauses."),
 ]
 MAX_MOVES = 8  # a queued request follows the rebalancer this often, then routes freely
 MAX_FALLBACKS = 8  # fallback_models a request may name
@@ -3771,7 +3772,7 @@ def read_admin_request(request):
 
 def parse_admin_body(request):
     try:
-        return hc.parse_json_body(request.body)
+        return hc.parse_json_body(request.body, request.shape)
     except ValueError as e:
         raise Refused(400, str(e)) from None
 
@@ -4437,10 +4438,41 @@ class Api:
 
     async def refuse(self, request, conn, status, message):
         """A 401 or 403 in the shape of the API the client speaks."""
+        status, body, headers = self.refusal(request, status, message)
+        await conn.send_response(status, body, headers=headers)
+
+    @staticmethod
+    def refusal(request, status, message):
+        """(status, body, headers) of a 401 or 403 in the shape of the client's API."""
         headers = [(b"www-authenticate", b'Bearer realm="herd"')] if status == 401 else []
         body = hc.error_body(hc.api_of(request.path), status, message,
                              "invalid_api_key" if status == 401 else None)
-        await conn.send_response(status, body, headers=headers)
+        return status, body, headers
+
+    def check_head(self, request):
+        """The HttpConnection's check of a request head that has a body: its refusal,
+        (status, body, headers), sent before any of the body is read (and without 100
+        Continue), or None. The same checks as handle() and heartbeat() make, on what
+        the head alone shows: an origin not allowed, a key missing, an unsigned or
+        stale heartbeat. A megabyte a key-less client cannot send is one the router
+        never holds."""
+        origin = self.cors.origin_of(request)
+        cors = () if origin is None or not self.cors.allows(origin) else \
+            self.cors.headers_for(origin)
+        if origin is not None and not cors:
+            return self.refusal(request, 403, f"origin {origin[:100]} is not allowed "
+                                              f"(the router's FLEET_ORIGINS)")
+        if request.path == "/heartbeat" and self.signatures is not None:
+            why = self.signatures.refuse_head(request)
+            if why is not None:
+                self.stats.count_event("heartbeat_refused", f"heartbeat refused: {why}",
+                                       level=logging.WARNING, client=request.client)
+                return 401, hc.ollama_error_body(why), list(cors)
+        refused = self.guard.refuse(request, self.guard.kind_of(request.path))
+        if refused is None:
+            return None
+        status, body, headers = self.refusal(request, *refused)
+        return status, body, headers + list(cors)
 
     async def wait_in_flight(self, timeout):
         """Wait until no request is being answered (idle connections do not count)."""
@@ -4455,7 +4487,7 @@ class Api:
     async def inference(self, request, conn):
         api = hc.api_of(request.path)
         try:
-            body = hc.parse_json_body(request.body)
+            body = hc.parse_json_body(request.body, request.shape)
         except ValueError as e:
             return await self.proxy.reject(request, conn, api, str(e))
         try:
@@ -4488,7 +4520,7 @@ class Api:
         """POST /api/generate-image: model, prompt, width, height, steps, seed; the
         picture comes back as PNG bytes (or base64 JSON with response_format b64_json)."""
         try:
-            body = hc.parse_json_body(request.body)
+            body = hc.parse_json_body(request.body, request.shape)
             model = hc.check_model_name(body.get("model"))
             read_image_settings(body)
         except ValueError as e:
@@ -4634,7 +4666,7 @@ class Api:
         if refusal:
             return await self.refuse_heartbeat(request, conn, 401, refusal)
         try:
-            hb = hc.Heartbeat(hc.parse_json_body(request.body))
+            hb = hc.Heartbeat(hc.parse_json_body(request.body, request.shape))
         except ValueError as e:
             return await self.refuse_heartbeat(request, conn, 400, f"bad heartbeat: {e}")
         source = conn.client_ip
@@ -4904,6 +4936,7 @@ ADMIN_PATHS = frozenset({"/api/pull", "/api/delete", "/api/copy", "/api/create",
 BLOB_METHODS = ("HEAD", "POST")
 NONCE_FILE = "heartbeat-nonces.txt"  # in FLEET_DATA_DIR: the signature window's nonces
 CONNECTION_COUNTERS = ("connections_refused", "header_timeouts", "bodies_too_large",
+                       "bodies_too_slow", "refused_before_body", "handshakes_failed",
                        "accept_paused")
 SECRET_SETTINGS = frozenset({"FLEET_TOKEN", "FLEET_API_KEYS", "FLEET_ADMIN_KEY",
                              "FLEET_METRICS_KEY"})
@@ -5096,7 +5129,7 @@ def host_name(header):
 async def read_model_request(request, conn):
     """(body, model name) of a native request, or None once a 400 is sent."""
     try:
-        body = hc.parse_json_body(request.body)
+        body = hc.parse_json_body(request.body, request.shape)
     except ValueError as e:
         return await conn.send_response(400, hc.ollama_error_body(str(e)))
     try:  # "name" is the older spelling
@@ -5346,6 +5379,14 @@ async def advertise(cfg, port):
 ####################################################################################
 
 
+# Connections on their way out or in, bounded so that no one address fills the file
+# table: refused ones in their lingering close (past this they close at once), and TLS
+# handshakes under way, each given HttpConnection.HANDSHAKE_TIMEOUT (asyncio's 60 s).
+MAX_REFUSING = 128
+MAX_HANDSHAKES_PER_CLIENT = 32
+MAX_HANDSHAKES = 256
+
+
 class RouterServer:
     """The router: every part made once, wired together, with its socket and tasks."""
 
@@ -5354,8 +5395,11 @@ class RouterServer:
         self.traces = hc.TraceStore(os.path.join(cfg.data_dir, "latency.db"),
                                     cfg.trace_queue, cfg.trace_retention_days)
         self.tasks = hc.TaskSet(log)  # background duties and one-off jobs
-        self.connections = set()
-        self.per_client = collections.Counter()  # client address -> connections open
+        self.connections = set()  # every client connection, admitted or being refused
+        self.per_client = collections.Counter()  # client address -> connections admitted
+        self.admitted = 0  # what FLEET_MAX_CONNECTIONS caps: refused ones are not counted
+        self.refusing = 0  # refused and closing (a second of lingering close at most)
+        self.handshakes = collections.Counter()  # client address -> TLS handshakes pending
         self.counters = collections.Counter()  # connection events, for /fleet/status
         self.max_connections = cfg.max_connections
         self.stopping = False
@@ -5388,9 +5432,11 @@ class RouterServer:
         self.max_connections = min(self.cfg.max_connections, connection_room())
         self.traces.start()
         self._build()
+        # With TLS too the socket is accepted plain: each connection then counts from
+        # its accept, per address, and does its own handshake (HttpConnection).
         self.server = await loop.create_server(self._new_connection, self.cfg.host,
                                                self.cfg.port, reuse_address=True,
-                                               backlog=1024, ssl=self.cfg.tls)
+                                               backlog=1024)
         self.port = self.api.port = self.server.sockets[0].getsockname()[1]
         start_duties(self.tasks, self.cfg, self.fleet, self.scheduler, self.proxy, self.local,
                      self.traces, self.learner)
@@ -5413,35 +5459,67 @@ class RouterServer:
                               for path in TRANSCRIBE_ROUTES}},
             idle_timeout=self.cfg.idle_timeout, read_timeout=30.0,
             header_timeout=self.cfg.header_timeout, log=log, on_open=self._opened,
-            on_close=self._closed, counters=self.counters)
+            on_close=self._closed, counters=self.counters, check_head=self.api.check_head,
+            tls=self.cfg.tls, on_secure=self._handshake_over)
         return conn
 
     def _opened(self, conn):
-        """Admit a connection, or say why not (too many, in all or from one client).
-        Counted from here, not from the factory: a TLS handshake that fails never
-        opens, and never closes, its connection."""
+        """Admit a connection, or say why not. An address past its own cap is refused
+        before the router-wide cap is looked at, and a refused connection is not
+        counted against that cap while it closes: one address opening hundreds a
+        second takes no room from others. A connection still to do its TLS handshake
+        also has to fit under the handshake caps, as a silent one holds it for
+        HANDSHAKE_TIMEOUT."""
         self.connections.add(conn)
         if self.stopping:
             conn.abort()  # accepted as the router shuts down: dropped
             return None
-        if len(self.connections) > self.max_connections:
-            refusal = f"the router has {self.max_connections} connections open; try again"
-        elif self.per_client[conn.client_ip] >= self.cfg.max_connections_per_client:
-            refusal = (f"{conn.client_ip} has {self.cfg.max_connections_per_client} "
-                       f"connections open (FLEET_MAX_CONNECTIONS_PER_CLIENT)")
-        else:
+        refusal = self._refusal(conn.client_ip, conn.handshaking)
+        if refusal is None:
             self.per_client[conn.client_ip] += 1
+            self.admitted += 1
             conn.admitted = True
+            if conn.handshaking:
+                self.handshakes[conn.client_ip] += 1
             return None
         self.counters["connections_refused"] += 1
+        self.refusing += 1
+        conn.refused = True
+        conn.lingers = self.refusing <= MAX_REFUSING  # past it, close at once
         return refusal
+
+    def _refusal(self, ip, handshaking):
+        """Why a new connection from `ip` is refused, or None."""
+        if self.per_client[ip] >= self.cfg.max_connections_per_client:
+            return (f"{ip} has {self.cfg.max_connections_per_client} connections open "
+                    f"(FLEET_MAX_CONNECTIONS_PER_CLIENT)")
+        if self.admitted >= self.max_connections:
+            return f"the router has {self.max_connections} connections open; try again"
+        if handshaking and (self.handshakes[ip] >= MAX_HANDSHAKES_PER_CLIENT
+                            or self.handshakes.total() >= MAX_HANDSHAKES):
+            return "too many TLS handshakes under way"
+        return None
+
+    def _handshake_over(self, conn):
+        """A connection's TLS handshake is done, or it closed before it was."""
+        if getattr(conn, "admitted", False) and not getattr(conn, "secured", False):
+            conn.secured = True
+            self.handshakes[conn.client_ip] -= 1
+            if not self.handshakes[conn.client_ip]:
+                del self.handshakes[conn.client_ip]
 
     def _closed(self, conn):
         self.connections.discard(conn)
-        if getattr(conn, "admitted", False):
-            self.per_client[conn.client_ip] -= 1
-            if not self.per_client[conn.client_ip]:
-                del self.per_client[conn.client_ip]
+        if getattr(conn, "refused", False):
+            self.refusing -= 1
+        if not getattr(conn, "admitted", False):
+            return
+        if self.cfg.tls is not None:
+            self._handshake_over(conn)
+        self.admitted -= 1
+        self.per_client[conn.client_ip] -= 1
+        if not self.per_client[conn.client_ip]:
+            del self.per_client[conn.client_ip]
 
     def _loop_error(self, loop, context):
         """Out of file descriptors, asyncio pauses accepting for a second and reports it

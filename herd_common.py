@@ -7,10 +7,12 @@ can fail). It holds, in the order data flows:
 
     config table and loader   one (name, default, help) table per role; --help prints it
     logging                   JSONL file lines with fixed keys, a readable console form
-    JSON and error bodies     Ollama's {"error": ...} and OpenAI's {"error": {...}} shapes
+    JSON and error bodies     strict JSON, its shape gauged on the bytes before it is
+                              parsed; Ollama's {"error": ...} and OpenAI's {"error": {...}}
     HTTP server on h11        an asyncio protocol per client connection: keep-alive,
                               pipelining, 100-continue, limits, hang-up detection,
-                              bodies streamed to their handler (blob uploads)
+                              heads refused before their bodies, bodies streamed to
+                              their handler (blob uploads) or spooled, TLS
     HTTP client on h11        an asyncio protocol per node connection: connect /
                               first-byte / chunk timeouts, a pool; the Relay that
                               passes a node's answer to a client chunk by chunk
@@ -35,6 +37,7 @@ import difflib
 import hashlib
 import hmac
 import http
+import itertools
 import json
 import logging
 import logging.handlers
@@ -46,6 +49,7 @@ import signal
 import socket
 import sqlite3
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -213,6 +217,7 @@ def run_program(prog, environ, args, load, log_file, run):
     for line in cfg.misnamed:  # said once, before anything else is
         logging.getLogger("herd.settings").warning(line, extra={"event": "misnamed_setting"})
     release_freed_memory()
+    return_large_blocks()
     return asyncio.run(run(cfg))
 
 
@@ -232,6 +237,28 @@ def release_freed_memory():
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass  # not glibc (musl, for one): nothing to trim
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt() parameters
+
+
+def return_large_blocks():
+    """From now on, give large blocks back to the OS when they are freed (glibc only).
+
+    glibc raises its mmap threshold to the largest block freed (up to 32 MB) and keeps
+    twice that free at the top of its heap: after a 60 MB request body the router
+    stayed 5 to 50 MB larger, as it happened. Fixed thresholds give it back: a block
+    of a megabyte or more is mapped, and unmapped when freed; at most 2 MiB is kept
+    free at the heap's top. Elsewhere this does nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 2 << 20)
+    except (OSError, AttributeError):
+        pass  # not glibc
 
 
 async def repeat(step, interval, log, what):
@@ -465,14 +492,20 @@ def _refuse_constant(name):
     raise ValueError(f"{name} is not a JSON number")
 
 
-def parse_json_body(body):
+def parse_json_body(body, shape=None):
     """Decode a request body as a JSON object; raise ValueError with Ollama's wording.
 
     Strict JSON: NaN and Infinity (which Python's json accepts and then writes back out,
-    breaking every client that reads it) are refused, and so is nesting deep enough to
-    exhaust the decoder's recursion."""
+    breaking every client that reads it) are refused. So is a body whose JSON shape
+    (see JsonShape; `shape` is the one the server gauged as the body arrived) is beyond
+    the limits: the parser, in C, holds the event loop for as long as it builds."""
     if not body:
         raise ValueError("missing request body")
+    if shape is None:
+        shape = JsonShape()
+        shape.feed(body, last=True)
+    if (refusal := shape.refusal()) is not None:
+        raise ValueError(refusal[1])
     try:
         obj = json.loads(body, parse_constant=_refuse_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -483,25 +516,108 @@ def parse_json_body(body):
         raise ValueError(f"invalid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise ValueError("request body must be a JSON object")
-    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH:  # else it cannot be too deep
-        check_depth(obj)
     return obj
 
 
-MAX_JSON_DEPTH = 64  # no API nests this deep; a body that does is refused before the
-# router re-encodes it (a fallback, a num_ctx), which would exhaust Python's stack
+# What a JSON body may hold. json.loads builds every value in C without letting go of
+# the event loop: 28 MB of empty arrays took it 3 s and 1.5 GB, and walking them in
+# Python 18 s more. The shape is therefore gauged on the bytes, at C speed, before any
+# parsing: at the limits below the parser takes about 50 ms at worst.
+MAX_JSON_DEPTH = 64  # no API nests this deep; deeper exhausts the stack re-encoding it
+MAX_JSON_ITEMS = 1 << 18  # commas and brackets outside strings, about one per value:
+# Ollama's `context` (one token id a value) of a 128k context fits, with room
+MAX_JSON_CONTAINERS = 1 << 14  # arrays and objects: what handlers walk in Python (one
+# conversation digest a message: 65,000 messages held the loop 150 ms); a long agent
+# conversation with its tools has a few thousand
+# Reading an integer of n digits costs about n squared: Python's own limit of 4300
+# digits still lets 28 MB of such numbers take 0.7 s. Numbers longer than a 64-bit one
+# may hold MAX_LONG_DIGITS digits in all (a few such numbers, at most 1.5 ms).
+LONG_NUMBER = re.compile(rb"0{21,}")  # on the text with every digit made a 0
+MAX_LONG_DIGITS = 1 << 16
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # 1 and -1 as signed bytes
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
 
 
-def check_depth(obj):
-    """Raise ValueError if `obj` nests deeper than MAX_JSON_DEPTH (walked without
-    recursion)."""
-    stack = [(obj, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            raise ValueError(f"invalid JSON: nested more than {MAX_JSON_DEPTH} levels deep")
-        children = value.values() if isinstance(value, dict) else value
-        stack.extend((v, depth + 1) for v in children if isinstance(v, (dict, list)))
+class JsonShape:
+    """The shape of a JSON text gauged on its bytes as they arrive, in pieces of any
+    size: its commas and brackets outside strings, how deep its brackets nest and the
+    digits of its long numbers, found with bytes.count, split, translate and
+    itertools.accumulate (C speed, no Python step per value). A string's escaped
+    quotes and backslashes are dropped first, so what is inside strings is told from
+    what is outside as the parser tells it (for text that is not JSON the figures are
+    rough, and the parser refuses it anyway)."""
+
+    def __init__(self):
+        self.items = self.containers = 0
+        self.level = self.deepest = 0  # bracket depth at the end of what was fed, and most
+        self.in_string = False
+        self.carry = b""  # a backslash that ends a piece: it escapes the next one's first
+        self.digits = 0  # the digits that end what was fed, outside strings
+        self.long_digits = 0  # digits in numbers longer than 20 digits
+
+    def feed(self, data, last=False):
+        """Take the next piece of the text (`last`: nothing follows it)."""
+        if last and self._within_limits(data):
+            return
+        if self.refusal() is not None:
+            return  # refused already: the rest need not be looked at
+        data = self.carry + data
+        self.carry = b""
+        if b"\\" in data:
+            tail = len(data) - len(data.rstrip(b"\\"))
+            if tail % 2:  # an escape split across two pieces
+                data, self.carry = data[:-1], b"\\"
+            data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+        parts = data.split(b'"')
+        outside = b"".join(parts[1::2] if self.in_string else parts[::2])
+        if len(parts) % 2 == 0:
+            self.in_string = not self.in_string
+        self._gauge_brackets(outside)
+        self._gauge_numbers(outside)
+
+    def _within_limits(self, data):
+        """Is the text, with `data` its last piece, within every limit whatever its
+        strings hold? Few brackets and commas in all, and too short for long numbers to
+        add up: most bodies, told with three counts."""
+        return self.items == 0 and not (self.in_string or self.carry or self.digits or
+                                        self.long_digits) and \
+            len(data) <= MAX_LONG_DIGITS and \
+            data.count(b"[") + data.count(b"{") + data.count(b",") <= MAX_JSON_DEPTH
+
+    def _gauge_brackets(self, outside):
+        steps = outside.translate(_BRACKET_STEPS, _NOT_BRACKETS)  # +1 opens, -1 closes
+        self.items += outside.count(b",") + len(steps)
+        self.containers += steps.count(1)
+        if steps:
+            steps = memoryview(steps).cast("b")
+            self.deepest = max(self.deepest, max(itertools.accumulate(steps,
+                                                                      initial=self.level)))
+            self.level += sum(steps)
+
+    def _gauge_numbers(self, outside):
+        """Count the digits of long numbers; a run of digits at the end of the piece is
+        carried into the next one, where it may go on."""
+        zeros = b"0" * self.digits + outside.translate(_DIGITS_AS_ZERO)
+        ended = zeros.rstrip(b"0")
+        self.digits = min(len(zeros) - len(ended), MAX_LONG_DIGITS + 1)
+        self.long_digits += sum(map(len, LONG_NUMBER.findall(ended)))
+
+    def refusal(self):
+        """(status, why) for a text the parser should not be given, so far, or None:
+        400 for nesting too deep, 413 for more than the limits allow."""
+        if self.deepest > MAX_JSON_DEPTH:
+            return 400, f"invalid JSON: nested too deeply (more than {MAX_JSON_DEPTH} levels)"
+        if self.items > MAX_JSON_ITEMS:
+            return 413, (f"request body holds more than {MAX_JSON_ITEMS} JSON values "
+                         f"(commas and brackets)")
+        if self.containers > MAX_JSON_CONTAINERS:
+            return 413, (f"request body holds more than {MAX_JSON_CONTAINERS} JSON arrays "
+                         f"and objects")
+        if self.long_digits + self.digits > MAX_LONG_DIGITS:
+            return 413, (f"request body holds more than {MAX_LONG_DIGITS} digits in numbers "
+                         f"longer than 20 digits")
+        return None
 
 
 # Model names as Ollama writes them: [host[:port]/][namespace/]name[:tag], at most a few
@@ -528,8 +644,12 @@ def check_model_name(name, field="model"):
 # HTTP server on h11
 #
 # Theory: each client connection is an asyncio protocol. h11 parses every request, a
-# fresh parser per request fed what the last one left over (pipelined bytes); the body
-# is read whole (it is JSON that routing needs) up to a size limit. A path listed in
+# fresh parser per request fed what the last one left over (pipelined bytes). A head
+# the handler's check_head() refuses (no key) is answered before any of its body is
+# read, and 100 Continue goes out only to a head that passed. The body is read whole
+# (it is JSON that routing needs) up to a size limit, by a deadline that grows with
+# what has come (a minimum rate), its JSON shape gauged as it arrives (JsonShape), and
+# past a megabyte spooled to a temporary file rather than held. A path listed in
 # `stream_limits` (blob uploads: gigabytes) is the exception: its handler starts with
 # the head and reads the body as it arrives from a BodyStream, which stops reading
 # from the client while it holds a megabyte, so the body is never held whole. The
@@ -541,7 +661,9 @@ def check_model_name(name, field="model"):
 # keep-alive connection the next request is parsed; anything else closes the
 # connection. The protocol sees a client hang up the moment it happens, so a handler
 # that watches for it (watch_client) is cancelled at once, not at its next write; that
-# needs no reader task per request.
+# needs no reader task per request. With TLS, the socket is accepted plain: the router
+# counts it, and its first bytes are looked at (peeked, not read) before the handshake
+# starts, so that plain HTTP sent to the TLS port gets a plain answer that says so.
 ####################################################################################
 
 # RFC 9110 7.6.1: hop-by-hop headers belong to one connection, never forwarded. Host,
@@ -552,6 +674,11 @@ HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate",
                         b"upgrade", b"proxy-connection", b"host", b"content-length",
                         b"expect"})
 BAD_HEADER_VALUE = re.compile(rb"[\x00\r\n]")
+# Plain HTTP where TLS was expected: a request line's method (a TLS record starts 0x16),
+# and its Host header, to name the https URL in the answer (checked: it is echoed).
+HTTP_REQUEST_LINE = re.compile(rb"[A-Z]{1,16}(?: |\Z)")
+HOST_HEADER = re.compile(rb"\r\nhost:[ \t]*((?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])"
+                         rb"(?::[0-9]{1,5})?)[ \t]*\r\n", re.I)
 
 
 def end_to_end_headers(headers, also_drop=()):
@@ -577,19 +704,21 @@ def forwarded_length(request):
 class Request:
     """One parsed HTTP request with its whole body (or, streamed, its BodyStream)."""
 
-    __slots__ = ("method", "target", "path", "query", "headers", "body", "client", "stream")
+    __slots__ = ("method", "target", "path", "query", "headers", "body", "client", "stream",
+                 "shape")
 
     def __init__(self, event, body, client):
         self.method = event.method.decode("ascii", "replace").upper()
         self.target = event.target.decode("ascii", "replace")
         path, _, query = self.target.partition("?")
-        self.path = path.rstrip("/") or "/"
+        self.path = path.rstrip("/") or "/"  # routes, and so limits, are looked up by it
         self.query = urllib.parse.parse_qs(query) if query else {}
         # A plain list: h11's Headers goes through __getitem__ on every iteration.
         self.headers = list(event.headers)
         self.body = body
         self.client = client
         self.stream = None  # a BodyStream for a body read as it arrives (body is b"")
+        self.shape = None  # the body's JsonShape, gauged as it arrived
 
     def header(self, name):
         """The first value of a header (name in lower case), or None."""
@@ -689,15 +818,149 @@ class BodyStream:
         return data
 
 
+# A body read whole must keep coming: as Apache's mod_reqtimeout has it (body=20,
+# MinRate=500), a first allowance of time that each byte received extends. Ours asks
+# far more than 500 B/s (any LAN, Wi-Fi or VPN link sends a megabyte a second) and
+# ends every body by BODY_DEADLINE_S whatever its rate; a sender that trickles one
+# byte every 20 s can no longer hold a connection and a buffer for ever.
+BODY_GRACE_S = 10.0
+MIN_BODY_RATE = 64 << 10  # bytes a second, on average, after BODY_GRACE_S
+BODY_DEADLINE_S = 300.0
+# A body sent a byte at a time costs the router a parser pass per byte (an 11 MB one
+# took 15 s of CPU): after its first SMALL_READS reads it must average MIN_READ bytes.
+SMALL_READS, MIN_READ = 4096, 128
+
+
+class WholeBody:
+    """A request body read whole for its handler (JSON that routing needs), gauged as it
+    arrives (JsonShape). Past SPOOL_AT it goes to a temporary file (in TMPDIR, with no
+    name), written by a worker thread while the connection stops reading if a write is
+    behind: a slow client's large body costs disk for a while, not the router's heap
+    for good. read() gives it back whole to the handler."""
+
+    SPOOL_AT = 1 << 20
+    GAUGE_AT = 1 << 16  # bytes gauged at a time: a body in small reads is not a pass each
+
+    def __init__(self, conn, limit, now):
+        self.conn, self.limit, self.started = conn, limit, now
+        self.size = self.reads = self.gauged = 0
+        self.shape = JsonShape()
+        self.buf = bytearray()  # what has not gone to the spool; `gauged` bytes of it gauged
+        self.spool = None  # the temporary file, made by the first write
+        self.writing = None  # the write in progress (a future)
+        self.discarded = False
+
+    @property
+    def due(self):
+        """When the body must have ended, at the rate it has come so far."""
+        return self.started + min(BODY_DEADLINE_S,
+                                  BODY_GRACE_S + self.size / MIN_BODY_RATE)
+
+    def add(self, data):
+        """Take a piece; (status, why, counter) if the body is refused, else None."""
+        self.size += len(data)
+        self.reads += 1
+        if self.size > self.limit:
+            return 413, f"request body larger than {self.limit} bytes", "bodies_too_large"
+        if self.reads > SMALL_READS and self.size < self.reads * MIN_READ:
+            return 400, (f"request body sent in pieces too small ({self.size} bytes in "
+                         f"{self.reads} reads)"), "bodies_too_slow"
+        self.buf += data
+        if len(self.buf) - self.gauged >= self.GAUGE_AT:
+            self._gauge()
+            if (refusal := self.shape.refusal()) is not None:
+                return *refusal, "bodies_too_large"
+        if len(self.buf) >= self.SPOOL_AT:
+            if self.writing is None:
+                self._write()
+            else:
+                self.conn.pause_body()  # the disk is behind the client: wait for it
+        return None
+
+    def _gauge(self, last=False):
+        if self.gauged < len(self.buf):
+            self.shape.feed(bytes(self.buf[self.gauged:]), last)
+            self.gauged = len(self.buf)
+
+    def held(self):
+        """The whole body if it is all in memory (gauged to its end), else None."""
+        if self.spool is not None or self.writing is not None:
+            return None
+        self._gauge(last=True)
+        return bytes(self.buf)
+
+    def _write(self):
+        self._gauge()
+        data, self.buf, self.gauged = bytes(self.buf), bytearray(), 0
+        self.writing = asyncio.get_running_loop().run_in_executor(None, self._write_out, data)
+        self.writing.add_done_callback(self._written)
+
+    def _write_out(self, data):  # in a worker thread
+        if self.spool is None:
+            self.spool = tempfile.TemporaryFile(prefix="herd-body-")
+        self.spool.write(data)
+
+    def _written(self, writing):
+        self.writing = None
+        if self.discarded:
+            return self._close_spool()
+        if writing.exception() is not None:
+            return  # read() raises it
+        if len(self.buf) >= self.SPOOL_AT:
+            self._write()
+        self.conn.resume_body()
+
+    async def read(self):
+        """The whole body, from its spool; OSError if that could not be written or read."""
+        self._gauge(last=True)
+        try:
+            while self.writing is not None:
+                writing = self.writing
+                await asyncio.wait([writing])
+                if writing.exception() is not None:
+                    raise writing.exception()
+            rest, self.buf = bytes(self.buf), bytearray()
+            return await asyncio.to_thread(self._read_back, rest)
+        except asyncio.CancelledError:
+            self.discard()  # shutdown: the spool goes now
+            raise
+
+    def _read_back(self, rest):  # in a worker thread
+        with self.spool:
+            self.spool.write(rest)
+            self.spool.seek(0)
+            return self.spool.read()
+
+    def discard(self):
+        """The body will not be read (the client left, or it was refused)."""
+        self.discarded = True
+        self.buf = bytearray()
+        if self.writing is None:
+            self._close_spool()
+
+    def _close_spool(self):
+        if self.spool is not None and not self.spool.closed:
+            asyncio.get_running_loop().run_in_executor(None, self.spool.close)
+
+
 class HttpConnection(asyncio.Protocol):
-    """Server side of one client connection: parse requests, run the handler, respond."""
+    """Server side of one client connection: parse requests, run the handler, respond.
+
+    `check_head(request)` (optional) may refuse a request from its head, before its body
+    is read: it returns (status, body, headers) or None. With `tls` (an SSLContext) the
+    connection is accepted plain and upgraded once its first bytes show a TLS
+    ClientHello; `on_secure(conn)` is called when the handshake is done."""
 
     HOLD_LIMIT = 1 << 20  # pipelined bytes held while a request is answered
+    HANDSHAKE_TIMEOUT = 10.0  # from accept to a finished TLS handshake (asyncio's is 60 s)
 
     def __init__(self, handler, *, max_body, idle_timeout, read_timeout, header_timeout=10.0,
                  body_limits=None, stream_limits=None, log=None, on_open=None, on_close=None,
-                 counters=None):
+                 counters=None, check_head=None, tls=None, on_secure=None):
         self.handler, self.log, self.on_open, self.on_close = handler, log, on_open, on_close
+        self.check_head, self.tls, self.on_secure = check_head, tls, on_secure
+        self.handshaking = tls is not None  # until the TLS handshake is done
+        self.lingers = True  # a refusal reads and drops for a second (see _refuse)
         self.max_body, self.body_limits = max_body, body_limits or {}  # path -> bytes
         self.stream_limits = stream_limits or {}  # path prefix -> bytes, body streamed
         self.idle_timeout, self.read_timeout = idle_timeout, read_timeout
@@ -712,7 +975,10 @@ class HttpConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self.closed = self._loop.create_future()
         self._parser = h11.Connection(h11.SERVER, max_incomplete_event_size=65536)
-        self._request_head, self._body, self._size = None, [], 0
+        self._request_head = self._request = None  # the h11 event and its Request
+        self._whole = None  # the WholeBody being read
+        self._peek = None  # with TLS: a duplicate of the socket, to peek at the first bytes
+        self._secure_task = None  # with TLS: the handshake
         self._stream = None  # the BodyStream of the request being answered, if streamed
         self._continued = False
         self._held = 0
@@ -746,15 +1012,94 @@ class HttpConnection(asyncio.Protocol):
         refusal = self.on_open(self) if self.on_open else None
         if self._aborted:
             return
+        if refusal and self.tls is not None:
+            self.handshaking = False  # counted as refused, not as a failed handshake
+            return self.close()  # no handshake yet: nothing can be said that it would read
         if refusal:  # too many connections: say so and close, before reading anything
             return self._refuse(503, ollama_error_body(refusal))
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls is not None:
+            return self._await_hello(sock)
+        self._arm_timer(self.idle_timeout)
+
+    # -- TLS: look at the first bytes, then the handshake ---------------------------
+
+    def _await_hello(self, sock):
+        """Wait, reading nothing, for the client's first bytes: a peek shows whether
+        they are a TLS ClientHello or plain HTTP. The whole handshake has
+        HANDSHAKE_TIMEOUT from here."""
+        self._read_paused = True
+        self.transport.pause_reading()
+        self._arm_timer(self.HANDSHAKE_TIMEOUT)
+        try:
+            self._peek = sock.dup()  # the transport owns the socket's own descriptor
+            self._loop.add_reader(self._peek.fileno(), self._read_hello)
+        except (OSError, NotImplementedError):  # no descriptor left, or no add_reader
+            self._stop_peeking()
+            self._read_paused = False
+            self._secure_task = self._loop.create_task(self._start_tls(),
+                                                       name=f"tls {self.client}")
+
+    def _read_hello(self):
+        try:
+            first = self._peek.recv(2048, socket.MSG_PEEK)
+        except BlockingIOError:
+            return
+        except OSError:
+            first = b""
+        self._stop_peeking()
+        if first[:1] == b"\x16":  # a TLS handshake record: the ClientHello
+            self._read_paused = False
+            self._secure_task = self._loop.create_task(self._start_tls(),
+                                                       name=f"tls {self.client}")
+            return
+        if HTTP_REQUEST_LINE.match(first):
+            return self._refuse_plain_http(first)
+        self.close()
+
+    def _stop_peeking(self):
+        if self._peek is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._loop.remove_reader(self._peek.fileno())
+            self._peek.close()
+            self._peek = None
+
+    def _refuse_plain_http(self, first):
+        """Plain HTTP sent to the TLS port: a plain 400 that names the right URL, as
+        nginx answers it ("The plain HTTP request was sent to HTTPS port")."""
+        found = HOST_HEADER.search(first)
+        if found:
+            where = found.group(1).decode("ascii")
+        else:
+            host, port = self.transport.get_extra_info("sockname")[:2]
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        body = f"this router speaks https: use https://{where}/\n".encode()
+        self._refuse(400, body, content_type=b"text/plain; charset=utf-8")
+
+    async def _start_tls(self):
+        raw = self.transport
+        left = max(0.1, self._since + self._timeout - self._loop.time())
+        try:
+            transport = await self._loop.start_tls(raw, self, self.tls, server_side=True,
+                                                   ssl_handshake_timeout=left)
+        except OSError as e:  # ssl.SSLError, a reset, the handshake timing out
+            transport, error = None, e
+        else:
+            error = ConnectionResetError("closed during the TLS handshake")
+        finally:
+            self._secure_task = None
+        if transport is None:  # asyncio may or may not call connection_lost: see to it
+            raw.abort()
+            return self._lost(error)
+        self.transport, self.handshaking = transport, False
+        if self.on_secure:
+            self.on_secure(self)
         self._arm_timer(self.idle_timeout)
 
     def data_received(self, data):
-        if self._aborted or self._lingering:
+        if self._aborted or self._lingering or self.closed.done():
             return  # refused: what the client still sends is read and dropped
         stream = self._stream
         if stream is not None and stream.error is not None:
@@ -781,10 +1126,22 @@ class HttpConnection(asyncio.Protocol):
             self._read_body_stream()  # a body cut short: its reader hears why
         if self.task is None:
             self._read_request()
-        return True  # answer what is being answered; the next cycle then closes
+        # Answer what is being answered; the next cycle then closes. asyncio's TLS
+        # closes after an EOF whatever this says (and warns of a True).
+        return self.tls is None
 
     def connection_lost(self, exc):
+        self._lost(exc)
+
+    def _lost(self, exc):
+        if self.closed.done():
+            return  # after a failed TLS handshake, asyncio may still call connection_lost
         self.client_gone = True
+        self._stop_peeking()
+        if self.handshaking and not self._aborted:
+            self.counters["handshakes_failed"] += 1  # silent, not TLS, or a failed handshake
+        if self._whole is not None:
+            self._whole.discard()
         if self._stream is not None:
             self._stream.fail(ConnectionResetError("client disconnected"))
         if self.task is not None and self._watching:
@@ -822,44 +1179,69 @@ class HttpConnection(asyncio.Protocol):
             kind = type(event)
             if event is h11.NEED_DATA:
                 if parser.they_are_waiting_for_100_continue and not self._continued:
-                    self._continued = True
+                    self._continued = True  # the head passed: the body may come
                     self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                if self._request_head is not None:
-                    return self._arm_timer(self.read_timeout)  # the body: per read
+                if self._request_head is not None:  # the body: per read, and its rate
+                    return self._arm_timer(self.read_timeout)
                 if self._head_since is not None:  # the head: one deadline for all of it
                     return self._arm_timer(self.header_timeout, self._head_since)
                 return self._arm_timer(self.idle_timeout)
             if kind is h11.Request:
-                self._request_head, self._body, self._size = event, [], 0
-                self._head_since = None
-                path = event.target.split(b"?", 1)[0].decode("ascii", "replace")
-                streamed = next((p for p in self.stream_limits if path.startswith(p)), None)
-                self._limit = self.stream_limits[streamed] if streamed is not None \
-                    else self.body_limits.get(path, self.max_body)
-                length = next((v for k, v in event.headers if k == b"content-length"), None)
-                if length is not None and int(length) > self._limit:
-                    return self._refuse_too_large()
-                if streamed is not None:
-                    self._start_handler(BodyStream(self, self._limit))
-                    return self._read_body_stream()
+                if self._take_head(event):
+                    return
             elif kind is h11.Data:
-                self._size += len(event.data)
-                if self._size > self._limit:
-                    return self._refuse_too_large()
-                self._body.append(event.data)
+                refusal = self._whole.add(event.data)
+                if refusal is not None:
+                    return self._refuse_body(*refusal)
             elif kind is h11.EndOfMessage:
                 return self._start_handler()
             else:  # ConnectionClosed: the client is done with us
                 return self.close()
 
+    def _take_head(self, event):
+        """A request head: refused here, before any of its body is read, if the body is
+        too large or check_head() says no; else its body is read whole, or its handler
+        starts with a BodyStream. True when refused or handed over."""
+        self._request_head, self._head_since = event, None
+        request = self._request = Request(event, b"", self.client)
+        path = request.path  # limits follow the routes: /heartbeat/ is /heartbeat
+        streamed = next((p for p in self.stream_limits if path.startswith(p)), None)
+        self._limit = self.stream_limits[streamed] if streamed is not None \
+            else self.body_limits.get(path, self.max_body)
+        length, chunked = None, False
+        for k, v in request.headers:
+            if k == b"content-length":
+                length = v
+            elif k == b"transfer-encoding":
+                chunked = True
+        if length is not None and int(length) > self._limit:
+            self._refuse_too_large()
+            return True
+        if self.check_head is not None and (chunked or length not in (None, b"0")):
+            refusal = self.check_head(request)
+            if refusal is not None:
+                self.counters["refused_before_body"] += 1
+                self._refuse(*refusal)
+                return True
+        if streamed is not None:
+            self._start_handler(BodyStream(self, self._limit))
+            self._read_body_stream()
+            return True
+        self._whole = WholeBody(self, self._limit, self._loop.time())
+        return False
+
     def _start_handler(self, stream=None):
-        head, body = self._request_head, b"".join(self._body)
-        self._request_head, self._body = None, []
+        head, request, whole = self._request_head, self._request, self._whole
+        self._request_head = self._request = self._whole = None
         self._timeout = None
-        request = Request(head, body, self.client)
+        if whole is not None and self._read_paused:  # paused for the spool: read on, to
+            self._read_paused = False  # see the client hang up while it is answered
+            self.transport.resume_reading()
+        if whole is not None and (body := whole.held()) is not None:
+            request.body, request.shape, whole = body, whole.shape, None
         request.stream = self._stream = stream
         self._begin_response(request, head.http_version)
-        self.task = self._loop.create_task(self._answer(request))
+        self.task = self._loop.create_task(self._answer(request, whole))
 
     def _read_body_stream(self):
         """Pass what has arrived of a streamed body to its BodyStream."""
@@ -887,7 +1269,8 @@ class HttpConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume_body(self):
-        if self._read_paused and self._stream is not None:
+        if self._read_paused and (self._stream is not None or self._whole is not None) \
+                and not self._lingering:
             self._read_paused = False
             self.transport.resume_reading()
 
@@ -902,10 +1285,11 @@ class HttpConnection(asyncio.Protocol):
             self._continued = True
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
-    async def _answer(self, request):
+    async def _answer(self, request, whole=None):
         reuse = False
         try:
-            await self.handler(request, self)
+            if whole is None or await self._take_body(request, whole):
+                await self.handler(request, self)
             reuse = self.response_done and self.keep_alive and not self.client_gone and \
                 (self._stream is None or self._stream.done)
         except asyncio.CancelledError:
@@ -930,6 +1314,17 @@ class HttpConnection(asyncio.Protocol):
             else:
                 self.close()
 
+    async def _take_body(self, request, whole):
+        """Give the request its body from the spool; False once a 503 is sent because
+        the spool failed (a full disk)."""
+        try:
+            request.body, request.shape = await whole.read(), whole.shape
+        except OSError as e:
+            await self.send_response(503, error_body(api_of(request.path), 503, (
+                f"the router could not keep the request body: {e.strerror or e}")))
+            return False
+        return True
+
     def _next_cycle(self):
         """A fresh parser for the next request, fed what the client sent meanwhile."""
         leftover, eof = self._parser.trailing_data
@@ -946,24 +1341,35 @@ class HttpConnection(asyncio.Protocol):
         self._read_request()
 
     def _refuse_too_large(self):
-        self.counters["bodies_too_large"] += 1
-        path = self._request_head.target.split(b"?", 1)[0].decode("ascii", "replace")
-        self._refuse(413, error_body(api_of(path), 413,
-                                     f"request body larger than {self._limit} bytes"))
+        self._refuse_body(413, f"request body larger than {self._limit} bytes",
+                          "bodies_too_large")
 
-    def _refuse(self, status, body):
+    def _refuse_body(self, status, message, counter):
+        """Refuse a request part-way through its body (too large, its JSON beyond the
+        limits, too slow), in the shape of the API its path belongs to."""
+        self.counters[counter] += 1
+        if self._whole is not None:
+            self._whole.discard()
+            self._whole = None
+        self._refuse(status, error_body(api_of(self._request.path), status, message))
+
+    def _refuse(self, status, body, headers=(), content_type=JSON_TYPE):
         """Answer a request we will not handle, and close. Closing at once would reset
         the connection if the client is still sending (its request, a body we refuse),
         and a reset can destroy the answer before the client reads it: so our side is
         shut and what comes is read and dropped, for a second at most (a lingering
         close, as web servers do it)."""
         self.transport.write(response_head(status, [
-            (b"server", SERVER_HEADER), (b"content-type", JSON_TYPE),
-            (b"content-length", b"%d" % len(body)), (b"connection", b"close")]) + body)
+            (b"server", SERVER_HEADER), (b"content-type", content_type),
+            (b"content-length", b"%d" % len(body)), *headers,
+            (b"connection", b"close")]) + body)
         self._linger()
 
     def _linger(self):
-        """Shut our side, read and drop what the client still sends, close in a second."""
+        """Shut our side, read and drop what the client still sends, close in a second
+        (or at once when the server has too many lingering already: `lingers`)."""
+        if not self.lingers:
+            return self.close()
         self._lingering = True
         if self._read_paused:
             self._read_paused = False
@@ -980,21 +1386,32 @@ class HttpConnection(asyncio.Protocol):
     def _arm_timer(self, timeout, since=None):
         """Close the connection if nothing arrives for `timeout` seconds (idle between
         requests, or stuck in a body), or, with `since`, when `timeout` seconds have
-        passed since then (a request head); a handler at work disarms it."""
+        passed since then (a request head, a TLS handshake); a body being read must
+        also keep to its rate (WholeBody.due). A handler at work disarms it."""
         self._timeout, self._since = timeout, self._loop.time() if since is None else since
-        deadline = self._since + timeout
+        deadline = self._due()
         if self._timer is None or self._timer.when() > deadline:
             if self._timer is not None:
                 self._timer.cancel()
             self._timer = self._loop.call_at(deadline, self._check_timer)
 
+    def _due(self):
+        due = self._since + self._timeout
+        return due if self._whole is None else min(due, self._whole.due)
+
     def _check_timer(self):
         self._timer = None
-        if self._timeout is None or self.task is not None:
+        if self._timeout is None or self.task is not None or self._lingering:
             return
-        left = self._since + self._timeout - self._loop.time()
-        if left > 0:
-            self._timer = self._loop.call_later(left, self._check_timer)
+        now = self._loop.time()
+        if self._whole is not None and self._whole.due <= now:
+            return self._refuse_body(408, (
+                f"request body too slow: {self._whole.size} bytes in "
+                f"{now - self._whole.started:.0f}s (a body must come at "
+                f"{MIN_BODY_RATE >> 10} KiB/s after its first {BODY_GRACE_S:g}s, and "
+                f"whole within {BODY_DEADLINE_S:g}s)"), "bodies_too_slow")
+        if self._due() > now:
+            self._timer = self._loop.call_at(self._due(), self._check_timer)
         else:
             if self._head_since is not None:
                 self.counters["header_timeouts"] += 1
@@ -1176,9 +1593,9 @@ class FormReader:
         while self.state != "done":
             if self.state == "head":
                 end = self.buf.find(b"\r\n\r\n")
+                if end > self.MAX_HEAD or end < 0 and len(self.buf) > self.MAX_HEAD:
+                    raise ValueError("a form part's header is too long")
                 if end < 0:
-                    if len(self.buf) > self.MAX_HEAD:
-                        raise ValueError("a form part's header is too long")
                     break
                 events.append(("part", FormPart(bytes(self.buf[:end]))))
                 del self.buf[:end + 4]
@@ -1375,6 +1792,7 @@ class Upstream(asyncio.Protocol):
     """
 
     HIGH_WATER = 256 * 1024  # bytes unread, or queued towards the client, before pausing
+    ONE_WRITE = 1 << 20  # a request body below this goes out in one write with its head
 
     def __init__(self, host, port):
         self.host, self.port = host, port
@@ -1493,10 +1911,20 @@ class Upstream(asyncio.Protocol):
             else f"[{self.host}]:{self.port}".encode()
         all_headers = [(b"host", host), (b"content-length", b"%d" % len(body))]
         all_headers.extend(headers)
-        data = self.h11.send(h11.Request(method=method, target=target, headers=all_headers))
-        data += self.h11.send(h11.Data(data=body)) if body else b""
-        data += self.h11.send(h11.EndOfMessage())
-        self.transport.write(data)
+        head = self.h11.send(h11.Request(method=method, target=target, headers=all_headers))
+        body = b"".join(self.h11.send_with_data_passthrough(h11.Data(data=body))) \
+            if body else b""  # content-length framing: the body itself, not a copy
+        end = self.h11.send(h11.EndOfMessage())
+        if len(body) < self.ONE_WRITE:
+            return self._write(head + body + end)
+        # A large body goes in pieces, each in a step of the loop of its own: not copied
+        # whole to be joined to its head, nor in one step that holds up other clients.
+        self._write(head)
+        view = memoryview(body)
+        for at in range(0, len(body), self.ONE_WRITE):
+            self._write(view[at:at + self.ONE_WRITE])
+            await asyncio.sleep(0)
+        self._write(end)
 
     def send_head(self, method, target, headers, length=None):
         """Send a request head whose body follows in send_body() calls and end_body()
@@ -3478,14 +3906,14 @@ class SignatureCheck:
         if nonce_path is not None:
             self._load_nonces(time.time() if now is None else now)
 
-    def refuse(self, request, now=None):
-        """Why `request` is not a valid signed request, or None when it is."""
+    def refuse_head(self, request, now=None):
+        """Why `request` cannot be validly signed, seen from its head alone (before its
+        body is read), or None."""
         now = time.time() if now is None else now
         timestamp = request.header("x-herd-timestamp") or ""
         nonce = request.header("x-herd-nonce") or ""
-        given = request.header("x-herd-signature") or ""
         if not (timestamp.isdigit() and len(timestamp) < 16 and 16 <= len(nonce) <= 64
-                and nonce.isalnum() and given):
+                and nonce.isalnum() and request.header("x-herd-signature")):
             if request.header("authorization"):
                 return ("not signed: this agent sends its token instead of signing with it; "
                         "update herd_node.py and herd_common.py on that machine")
@@ -3498,6 +3926,16 @@ class SignatureCheck:
         if int(timestamp) < self.not_before:
             return ("signed before this program started (a replay, or a clock behind "
                     "this machine's): the next one, signed later, is taken")
+        return None
+
+    def refuse(self, request, now=None):
+        """Why `request` is not a valid signed request, or None when it is."""
+        now = time.time() if now is None else now
+        if (why := self.refuse_head(request, now)) is not None:
+            return why
+        timestamp = request.header("x-herd-timestamp")
+        nonce = request.header("x-herd-nonce")
+        given = request.header("x-herd-signature")
         expected = signature(self.token, timestamp, nonce, request.method, request.path,
                              request.body)
         if not hmac.compare_digest(given.encode(), expected.encode()):

@@ -8005,3 +8005,290 @@ def test_a_large_batch_of_embeddings_keeps_its_counts(h):
         counted = json.loads(answer).get("prompt_eval_count") or \
             json.loads(answer)["usage"]["prompt_tokens"]
         assert trace_of(h, router, path)["prompt_tokens"] == counted
+
+
+####################################################################################
+# Connection-level hardening (issue 19, and plain HTTP to a TLS router): JSON bodies
+# gauged as they arrive, heads refused before their bodies, bodies that must keep
+# coming, connections counted per address first, TLS handshakes counted and bounded
+####################################################################################
+
+
+def read_all(sock):
+    """What the router sends until it closes (it closes a refused connection within a
+    second); the socket's timeout fails a router that waits for more instead."""
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def send_part(port, data):
+    """Send a request head and at most part of its body, never the rest; return the
+    router's whole answer. A router that waits for the rest times the test out."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(data)
+        return read_all(s)
+
+
+def post_head(path, length, *more):
+    return (b"POST %s HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n" % (path, length)
+            + b"".join(h + b"\r\n" for h in more) + b"\r\n")
+
+
+def test_json_shape_is_gauged_the_same_however_the_body_is_cut():
+    text = json.dumps({"model": "m", "p": 'a "quoted" [x], {y}, \\ back\\slash "\\"',
+                       "n": [1, 22, 10 ** 25, [[{}]]], "s": "\\\\\\\"[", "e": "\u00e9"}
+                      ).encode()
+    whole = hc.JsonShape()
+    whole.feed(text)
+    assert whole.deepest == 5 and not whole.in_string and whole.long_digits == 26
+    for cut in range(1, len(text)):
+        for cut2 in (cut, min(len(text), cut + 1), min(len(text), cut + 7)):
+            shape = hc.JsonShape()
+            for piece in (text[:cut], text[cut:cut2], text[cut2:]):
+                shape.feed(piece)
+            assert (shape.items, shape.deepest, shape.level, shape.long_digits,
+                    shape.in_string, shape.carry) == (whole.items, 5, 0, 26, False, b""), \
+                (cut, cut2)
+
+
+def test_json_bodies_the_parser_would_build_for_seconds_are_refused_unparsed():
+    many = b'{"model": "m", "messages": [' + b"[]," * 20_000 + b"[]]}"  # legal JSON
+    with pytest.raises(ValueError, match="more than 16384 JSON arrays and objects"):
+        hc.parse_json_body(many)
+    many = b'{"model": "m", "x": [' + b"0," * 300_000 + b"0]}"
+    with pytest.raises(ValueError, match="more than 262144 JSON values"):
+        hc.parse_json_body(many)
+    long_numbers = b'{"model": "m", "x": [%s]}' % b",".join([b"7" * 4000] * 20)
+    with pytest.raises(ValueError, match="digits in numbers longer than 20"):
+        hc.parse_json_body(long_numbers)
+    deep = b'{"model": "m", "x": %s}' % (b"[" * 64 + b"]" * 64)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        hc.parse_json_body(deep)
+    fine = {"model": "m", "context": list(range(131072)), "x": 10 ** 30,
+            "p": "[" * 100_000 + ",,,"}  # a 128k context; brackets in a string
+    assert hc.parse_json_body(json.dumps(fine).encode()) == fine
+
+
+def test_a_body_of_empty_arrays_is_refused_while_it_arrives(h):
+    router = h.router()
+    legal_so_far = b'{"model": "llama3.2:3b", "messages": [' + b"[]," * 400_000
+    out = send_part(router.port, post_head(b"/api/chat", 28 << 20) + legal_so_far)
+    assert out.startswith(b"HTTP/1.1 413") and b"JSON arrays and objects" in out, out[:300]
+    assert b'"error"' in out  # in the API's own shape
+    assert http(router.url, "GET", "/api/version")[0] == 200
+    assert fleet_status(router)["router"]["connections"]["bodies_too_large"] == 1
+
+
+def test_the_heartbeat_limit_holds_however_its_path_is_spelled(h):
+    router = h.router()
+    for path in (b"/heartbeat/", b"/heartbeat//", b"/heartbeat/?x=1"):
+        out = send_part(router.port, post_head(path, 2 << 20) + b"{")
+        assert out.startswith(b"HTTP/1.1 413"), (path, out[:200])
+
+
+def test_a_request_without_its_key_is_refused_before_its_body(keyed):
+    router, fake = keyed
+    huge = post_head(b"/api/chat", 60_000_000, b"Expect: 100-continue")
+    out = send_part(router.port, huge)  # it waits for 100 Continue, and never sends
+    assert out.startswith(b"HTTP/1.1 401") and b"100 Continue" not in out, out[:300]
+    assert b"connection: close" in out and b"www-authenticate: Bearer" in out
+    out = send_part(router.port, post_head(b"/v1/chat/completions", 60_000_000)
+                    + b"x" * 100_000)  # one that does not wait: told at once all the same
+    assert out.startswith(b"HTTP/1.1 401") and b'"invalid_api_key"' in out
+    out = send_part(router.port, post_head(b"/heartbeat", 500_000) + b"{")  # unsigned
+    assert out.startswith(b"HTTP/1.1 401") and b"not signed" in out
+    from_page = post_head(b"/api/chat", 500_000, b"Authorization: Bearer key-1",
+                          b"Origin: http://evil.example")
+    out = send_part(router.port, from_page + b"{")
+    assert out.startswith(b"HTTP/1.1 403") and b"FLEET_ORIGINS" in out
+    with socket.create_connection(("127.0.0.1", router.port), timeout=5) as s:
+        s.sendall(post_head(b"/api/chat", 60_000_000, b"Expect: 100-continue",
+                            b"Authorization: Bearer key-1"))
+        assert s.recv(100).startswith(b"HTTP/1.1 100 Continue")  # with its key: go on
+    status, _, answer = http(router.url, "GET", "/fleet/status",
+                             headers={"Authorization": "Bearer admin-key"})
+    assert json.loads(answer)["router"]["connections"]["refused_before_body"] == 4
+
+
+def trickle(port, head, piece, pause, limit):
+    """Send a head, then `piece` every `pause` seconds until the router answers (or
+    `limit` pieces went); returns the answer, b"" if none came."""
+    import select
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(head)
+        for _ in range(limit):
+            readable, _, _ = select.select([s], [], [], pause)
+            if readable:
+                return read_all(s)
+            try:
+                s.sendall(piece)
+            except OSError:
+                break
+        return b""
+
+
+def set_limits(monkeypatch, owner, **values):
+    """Set the router's developer constants (raising=False: a router without them then
+    fails the test on its behaviour, not on a missing name)."""
+    for name, value in values.items():
+        monkeypatch.setattr(owner, name, value, raising=False)
+
+
+def test_a_body_must_keep_coming_at_a_rate_and_end_in_time(h, monkeypatch):
+    router = h.router()
+    head = post_head(b"/api/chat", 100_000)
+    set_limits(monkeypatch, hc, BODY_GRACE_S=0.3, MIN_BODY_RATE=1000)  # 10 s, 64 KiB/s
+    out = trickle(router.port, head, b" ", 0.05, 200)  # 20 B/s, for 10 s at most
+    assert out.startswith(b"HTTP/1.1 408") and b"too slow" in out, out[:300]
+    set_limits(monkeypatch, hc, MIN_BODY_RATE=1, BODY_DEADLINE_S=0.5)  # any rate; 300 s
+    out = trickle(router.port, head, b" " * 100, 0.05, 200)
+    assert out.startswith(b"HTTP/1.1 408") and b"whole within 0.5s" in out, out[:300]
+    set_limits(monkeypatch, hc, BODY_DEADLINE_S=300.0, SMALL_READS=200)  # 4096 reads
+    out = trickle(router.port, head, b" ", 0.002, 5000)  # a byte a read
+    assert out.startswith(b"HTTP/1.1 400") and b"pieces too small" in out, out[:300]
+    assert http(router.url, "GET", "/api/version")[0] == 200
+    assert fleet_status(router)["router"]["connections"]["bodies_too_slow"] == 3
+
+
+def test_a_large_body_is_spooled_to_disk_while_it_arrives(one_node, spool_dir):
+    h, router, fake = one_node
+    if spooled_sizes(spool_dir) is None:
+        pytest.skip("no /proc to see the router's open files")
+    prompt = "".join(f"line {i}: [x], {{y}}, \"z\"\n" for i in range(160_000))  # 4 MB
+    body = json.dumps({"model": "llama3.2:3b", "prompt": prompt, "stream": False}).encode()
+    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as s:
+        half = len(body) // 2
+        s.sendall(post_head(b"/api/generate", len(body)) + body[:half])
+        wait_until(lambda: sum(spooled_sizes(spool_dir)) >= half - (2 << 20),
+                   what="the body's first half on disk, not in the router's memory")
+        s.sendall(body[half:])
+        status, _ = read_response(s)
+    assert status == 200 and fake.requests[-1]["body"]["prompt"] == prompt  # whole, in order
+    wait_until(lambda: spooled_sizes(spool_dir) == [], what="the spool closed")
+
+
+def test_one_address_opening_hundreds_of_connections_takes_no_room_from_others(h):
+    router = h.router(FLEET_MAX_CONNECTIONS=6, FLEET_MAX_CONNECTIONS_PER_CLIENT=3)
+    held = [socket.create_connection(("127.0.0.1", router.port), timeout=5,
+                                     source_address=("127.0.0.2", 0)) for _ in range(3)]
+    flood = []
+    try:
+        wait_until(lambda: len(router.connections) == 3, what="three connections")
+        for _ in range(3):
+            batch = [socket.create_connection(("127.0.0.1", router.port), timeout=5,
+                                              source_address=("127.0.0.2", 0))
+                     for _ in range(10)]
+            flood += batch
+            for s in batch:  # refused, and left lingering: the client sends on
+                assert s.recv(200).startswith(b"HTTP/1.1 503")
+            status, _, answer = http(router.url, "GET", "/api/version")
+            assert status == 200, answer
+    finally:
+        for s in held + flood:
+            s.close()
+    assert fleet_status(router)["router"]["connections"]["connections_refused"] == 30
+
+
+def test_refused_connections_linger_only_up_to_a_bound(h, monkeypatch):
+    set_limits(monkeypatch, herd, MAX_REFUSING=2)  # 128
+    router = h.router(FLEET_MAX_CONNECTIONS_PER_CLIENT=1)
+    first = socket.create_connection(("127.0.0.1", router.port), timeout=5)
+    flood = []
+    try:
+        wait_until(lambda: len(router.connections) == 1, what="one connection")
+        flood = [socket.create_connection(("127.0.0.1", router.port), timeout=5)
+                 for _ in range(8)]
+        for s in flood:
+            assert s.recv(200).startswith(b"HTTP/1.1 503")
+        lingering = h.bg.call(lambda: sum(c._lingering for c in router.connections))
+        assert lingering <= 2  # the others closed at once (the router's own choice)
+        wait_until(lambda: h.bg.call(lambda: router.refusing) == 0, what="all counted out")
+    finally:
+        for s in [first] + flood:
+            s.close()
+
+
+def make_cert(tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True,
+                   capture_output=True)
+    return cert, key
+
+
+def tls_get(router, cert, path):
+    import http.client
+    import ssl
+    conn = http.client.HTTPSConnection("127.0.0.1", router.port, timeout=5,
+                                       context=ssl.create_default_context(cafile=cert))
+    conn.request("GET", path)
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+def test_tls_handshakes_are_counted_per_address_and_time_out(h, tmp_path, monkeypatch):
+    cert, key = make_cert(tmp_path)
+    set_limits(monkeypatch, herd, MAX_HANDSHAKES_PER_CLIENT=2)  # 32
+    set_limits(monkeypatch, hc.HttpConnection, HANDSHAKE_TIMEOUT=1.0)  # 10 s
+    router = h.router(FLEET_TLS_CERT=cert, FLEET_TLS_KEY=key)
+    silent = [socket.create_connection(("127.0.0.1", router.port), timeout=5,
+                                       source_address=("127.0.0.2", 0)) for _ in range(2)]
+    try:
+        wait_until(lambda: len(router.connections) == 2, what="two connections")
+        with socket.create_connection(("127.0.0.1", router.port), timeout=5,
+                                      source_address=("127.0.0.2", 0)) as third:
+            assert read_all(third) == b""  # refused: past its address's handshakes
+        assert tls_get(router, cert, "/api/version") == 200  # another address is served
+        for s in silent:
+            assert read_all(s) == b""  # closed at HANDSHAKE_TIMEOUT
+    finally:
+        for s in silent:
+            s.close()
+    counts = fleet_status_tls(router, cert)
+    assert counts["handshakes_failed"] == 2 and counts["connections_refused"] == 1
+
+
+def fleet_status_tls(router, cert):
+    import ssl
+    import urllib.request
+    with urllib.request.urlopen(f"https://127.0.0.1:{router.port}/fleet/status", timeout=5,
+                                context=ssl.create_default_context(cafile=cert)) as r:
+        return json.load(r)["router"]["connections"]
+
+
+def test_plain_http_to_a_tls_router_is_told_to_use_https(h, tmp_path, caplog):
+    cert, key = make_cert(tmp_path)
+    router = h.router(FLEET_TLS_CERT=cert, FLEET_TLS_KEY=key)
+    out = send_part(router.port, b"GET /api/tags HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n"
+                    % router.port)
+    assert out.startswith(b"HTTP/1.1 400") and out.endswith(
+        b"\r\n\r\nthis router speaks https: use https://127.0.0.1:%d/\n" % router.port), out
+    out = send_part(router.port, b"GET / HTTP/1.0\r\nHost: <b>\r\n\r\n")  # no Host to echo
+    assert out.endswith(b"use https://127.0.0.1:%d/\n" % router.port), out
+    import ssl
+    with caplog.at_level(logging.WARNING, logger="asyncio"):
+        ctx = ssl.create_default_context(cafile=cert)
+        with socket.create_connection(("127.0.0.1", router.port), timeout=5) as raw:
+            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                s.sendall(b"GET /api/version HTTP/1.1\r\nHost: r\r\n\r\n")
+                s.shutdown(socket.SHUT_WR)  # a half-close, as `curl -T` or `nc -N` do
+                wait_until(lambda: not router.connections, what="the router to close")
+    assert not [r for r in caplog.records if "eof_received" in r.getMessage()]
+    assert tls_get(router, cert, "/api/version") == 200
+
+
+def test_a_form_part_header_past_the_limit_is_refused_even_in_one_piece():
+    head = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="'
+            + b"x" * 20_000 + b'"\r\n\r\n')
+    with pytest.raises(ValueError, match="header is too long"):
+        hc.FormReader(b"b").feed(head + b"data\r\n--b--\r\n")
+    reader = hc.FormReader(b"b")
+    events = reader.feed(b'--b\r\nContent-Disposition: form-data; name="f"\r\n\r\nv\r\n--b--')
+    assert [e for e, _ in events] == ["part", "data", "end", "done"]
