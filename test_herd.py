@@ -331,24 +331,30 @@ class LogLines(logging.Handler):
 
 
 @pytest.fixture
-def herd_log():
-    """The lines of herd.router, herd.node, ... caught by a handler of the test's own.
-    Not caplog: the routers a test starts call setup_logging, which empties the 'herd'
-    logger's handlers and stops it propagating, and pytest's own capture of such a
-    logger differs by version (9.2 counts each line twice)."""
-    lines = LogLines()
-    loggers = [logging.getLogger(n) for n in list(logging.Logger.manager.loggerDict)
-               if n.startswith("herd.") and n.count(".") == 1]  # herd.node, not children
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.addHandler(lines)
-        lg.setLevel(logging.DEBUG)
+def herd_log(monkeypatch):
+    """Every line of the programs' loggers (herd.router, herd.node, herd.settings, ...)
+    while the test runs, each once, caught by a handler of the test's own on the
+    'herd' logger. Not caplog: 'herd' does not propagate (setup_logging says so, and
+    so does this fixture, so no root handler sees a line), and pytest's own capture of
+    a logger that does not propagate differs by version (9.2 counts each line twice).
+    A router the test starts empties the logger's handlers: the handler is put back."""
+    top, lines = logging.getLogger("herd"), LogLines()
+    monkeypatch.setattr(top, "propagate", False)
+    level = top.level
+    top.setLevel(logging.DEBUG)  # setLevel, not the attribute: it clears logging's cache
+    top.addHandler(lines)
+    setup_logging = hc.setup_logging
+
+    def setup_and_keep(*args, **kwargs):
+        setup_logging(*args, **kwargs)
+        top.setLevel(logging.DEBUG)
+        top.addHandler(lines)
+    monkeypatch.setattr(hc, "setup_logging", setup_and_keep)
     try:
         yield lines
     finally:
-        for lg, level in zip(loggers, levels):
-            lg.removeHandler(lines)
-            lg.setLevel(level)
+        top.removeHandler(lines)
+        top.setLevel(level)
 
 
 @pytest.fixture
@@ -6848,31 +6854,18 @@ def test_the_nearest_setting_is_the_programs_own_first():
     assert lines([s.name for s in router + node], node, router, token_set=True) == []
 
 
-@contextlib.contextmanager
-def herd_logs(caplog):
-    """The records of the 'herd' loggers (which do not propagate by themselves)."""
-    root = logging.getLogger("herd")
-    root.propagate = True
-    try:
-        with caplog.at_level(logging.INFO, logger="herd"):
-            yield caplog
-    finally:
-        root.propagate = False
-
-
-def test_a_token_on_the_agents_only_is_said_on_both_sides_and_in_health(h, caplog):
+def test_a_token_on_the_agents_only_is_said_on_both_sides_and_in_health(h, herd_log):
     fake = h.fake()
     router = h.router(FLEET_TOKEN="")
     signing = h.agent(router, fake, "node-a", FLEET_NODE_TOKEN="s3cret")
     plain = h.agent(router, h.fake(), "node-b")  # no token: nothing to say to it
-    with herd_logs(caplog):
-        for _ in range(3):
-            answer = h.bg.run(signing.send(h.bg.run(signing.snapshot())))
-            assert answer["token_checked"] is False
-            assert h.bg.run(plain.send(h.bg.run(plain.snapshot())))["token_checked"] is False
-    router_said = [r for r in caplog.records if r.name == "herd.fleet"
+    for _ in range(3):
+        answer = h.bg.run(signing.send(h.bg.run(signing.snapshot())))
+        assert answer["token_checked"] is False
+        assert h.bg.run(plain.send(h.bg.run(plain.snapshot())))["token_checked"] is False
+    router_said = [r for r in herd_log.records if r.name == "herd.fleet"
                    and getattr(r, "event", "") == "token_unchecked"]
-    agent_said = [r for r in caplog.records if r.name == "herd.node"
+    agent_said = [r for r in herd_log.records if r.name == "herd.node"
                   and getattr(r, "event", "") == "token_unchecked"]
     assert len(router_said) == 1 and router_said[0].node_id == "node-a"
     assert router_said[0].getMessage().startswith(
@@ -6888,23 +6881,21 @@ def test_a_token_on_the_agents_only_is_said_on_both_sides_and_in_health(h, caplo
         found[0]["description"]
 
 
-def test_a_router_with_the_token_tells_the_agent_it_checks_it(h, caplog):
+def test_a_router_with_the_token_tells_the_agent_it_checks_it(h, herd_log):
     router = h.router(FLEET_TOKEN="s3cret")
     agent = h.agent(router, h.fake(), "node-a", FLEET_NODE_TOKEN="s3cret")
-    with herd_logs(caplog):
-        assert h.bg.run(agent.send(h.bg.run(agent.snapshot())))["token_checked"] is True
-    assert not [r for r in caplog.records if getattr(r, "event", "") == "token_unchecked"]
+    assert h.bg.run(agent.send(h.bg.run(agent.snapshot())))["token_checked"] is True
+    assert not [r for r in herd_log.records if getattr(r, "event", "") == "token_unchecked"]
     assert "open_fleet" not in [c["check"] for c in
                                 get_json(router.url, "/dashboard/api/health")["checks"]]
 
 
-def test_an_agent_whose_router_url_is_an_ollama_is_told_the_ports(h, caplog):
+def test_an_agent_whose_router_url_is_an_ollama_is_told_the_ports(h, herd_log):
     fake = h.fake()
     router = h.router()
     agent = h.agent(router, fake, "node-a", FLEET_NODE_ROUTER_URL=fake.url)
-    with herd_logs(caplog):
-        assert h.bg.run(agent.send(h.bg.run(agent.snapshot()))) is None
-    said = [r for r in caplog.records if getattr(r, "event", "") == "heartbeat_failed"]
+    assert h.bg.run(agent.send(h.bg.run(agent.snapshot()))) is None
+    said = [r for r in herd_log.records if getattr(r, "event", "") == "heartbeat_failed"]
     assert len(said) == 1 and said[0].levelname == "WARNING"
     assert said[0].error == (
         f"404: 404 page not found ({fake.url} is an Ollama, not the router: Ollama "
@@ -6915,31 +6906,29 @@ def test_an_agent_whose_router_url_is_an_ollama_is_told_the_ports(h, caplog):
                                   b'{"error":"not signed"}') == '401: {"error":"not signed"}'
 
 
-def test_an_agent_whose_ollama_url_is_the_router_is_told_the_ports(h, caplog):
+def test_an_agent_whose_ollama_url_is_the_router_is_told_the_ports(h, herd_log):
     router = h.router()
     agent = h.agent(router, h.fake(), "node-a", FLEET_NODE_OLLAMA_HOST=router.url)
-    with herd_logs(caplog):
-        hb = h.bg.run(agent.snapshot())
-        assert h.bg.run(agent.send(hb)) is None
+    hb = h.bg.run(agent.snapshot())
+    assert h.bg.run(agent.send(hb)) is None
     assert hb["ollama"]["reachable"] is False and hb["models"] == []  # not the fleet's
-    ollama = [r for r in caplog.records if getattr(r, "event", "") == "ollama_down"]
+    ollama = [r for r in herd_log.records if getattr(r, "event", "") == "ollama_down"]
     assert len(ollama) == 1 and ollama[0].error == (
         f"{router.url} answers as the Herd router, not as Ollama: Ollama listens on port "
         f"11434, the Herd router on 11435")
-    refused = [r for r in caplog.records if getattr(r, "event", "") == "heartbeat_failed"]
+    refused = [r for r in herd_log.records if getattr(r, "event", "") == "heartbeat_failed"]
     assert len(refused) == 1 and refused[0].error.startswith("400: ")
     assert f"is this router, not an Ollama: point FLEET_NODE_OLLAMA_HOST at Ollama's port " \
            f"(Ollama listens on 11434, this router on {router.port})" in refused[0].error
     assert fleet_status(router)["nodes"] == []
 
 
-def test_an_agent_that_left_is_news_not_a_failure(h, caplog):
+def test_an_agent_that_left_is_news_not_a_failure(h, herd_log):
     router = h.router()
     h.heartbeat(router, h.fake(), "stays")
     agent = h.agent(router, h.fake(), "leaves")
-    with herd_logs(caplog):
-        assert h.bg.run(agent.drain()) is True
-    said = [r for r in caplog.records if getattr(r, "event", "") == "node_left"]
+    assert h.bg.run(agent.drain()) is True
+    said = [r for r in herd_log.records if getattr(r, "event", "") == "node_left"]
     assert len(said) == 1 and said[0].levelname == "INFO"
     assert said[0].getMessage() == "node left the fleet (its agent stopped)"
     assert node_status(router, "leaves") == "left"
@@ -7338,7 +7327,7 @@ def test_a_trickling_router_cannot_hold_an_agents_heartbeat(h):
         stop_stub(h, server)
 
 
-def test_an_answer_nested_too_deeply_is_one_line_not_a_traceback_a_beat(h, caplog):
+def test_an_answer_nested_too_deeply_is_one_line_not_a_traceback_a_beat(h, herd_log):
     async def nested(writer):
         body = b"[" * 200_000
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
@@ -7346,16 +7335,14 @@ def test_an_answer_nested_too_deeply_is_one_line_not_a_traceback_a_beat(h, caplo
     url, server = start_stub(h, nested)
     agent = h.agent(h.router(), h.fake(), "node-a", FLEET_NODE_ROUTER_URL=url)
     hb = h.bg.run(agent.snapshot())
-    logging.getLogger("herd").propagate = True  # let caplog see it
     try:
         assert [h.bg.run(agent.send(hb)) for _ in range(3)] == [{}, {}, {}]  # taken
         # An Ollama (or an image server) answering so is unreachable, not a crash.
         ollama = h.bg.run(hc.read_ollama(url, timeout=5))
         assert not ollama["ok"] and "nested too deeply" in ollama["error"]
     finally:
-        logging.getLogger("herd").propagate = False
         stop_stub(h, server)
-    said = [r for r in caplog.records if "nested too deeply" in r.getMessage()]
+    said = [r for r in herd_log.records if "nested too deeply" in r.getMessage()]
     assert len(said) == 1 and said[0].exc_info is None
 
 
@@ -7434,16 +7421,12 @@ def test_the_router_program_starts_on_a_data_folder_it_cannot_write(tmp_path):
         proc.wait(10)
 
 
-def test_a_capacity_file_nested_too_deeply_is_set_aside(tmp_path, caplog):
+def test_a_capacity_file_nested_too_deeply_is_set_aside(tmp_path, herd_log):
     path = tmp_path / "capacity-learner-lap.json"
     path.write_text("[" * 200_000)
     learner = herd_node.CapacityLearner("lap", str(path), Clock(MONDAY_9AM))
-    logging.getLogger("herd").propagate = True  # let caplog see it
-    try:
-        assert learner.load() is False
-    finally:
-        logging.getLogger("herd").propagate = False
-    assert "nested too deeply" in caplog.text and "moved to" in caplog.text
+    assert learner.load() is False
+    assert "nested too deeply" in herd_log.text and "moved to" in herd_log.text
     assert not path.exists() and [p.read_text()[:3] for p in tmp_path.iterdir()] == ["[[["]
     assert learner.save() == str(path)  # and it learns afresh into a new file
 
@@ -8112,7 +8095,7 @@ def test_a_request_without_its_key_is_refused_before_its_body(keyed):
     assert json.loads(answer)["router"]["connections"]["refused_before_body"] == 4
 
 
-def trickle(port, head, piece, pause, limit):
+def trickle_body(port, head, piece, pause, limit):
     """Send a head, then `piece` every `pause` seconds until the router answers (or
     `limit` pieces went); returns the answer, b"" if none came."""
     import select
@@ -8141,13 +8124,13 @@ def test_a_body_must_keep_coming_at_a_rate_and_end_in_time(h, monkeypatch):
     router = h.router()
     head = post_head(b"/api/chat", 100_000)
     set_limits(monkeypatch, hc, BODY_GRACE_S=0.3, MIN_BODY_RATE=1000)  # 10 s, 64 KiB/s
-    out = trickle(router.port, head, b" ", 0.05, 200)  # 20 B/s, for 10 s at most
+    out = trickle_body(router.port, head, b" ", 0.05, 200)  # 20 B/s, for 10 s at most
     assert out.startswith(b"HTTP/1.1 408") and b"too slow" in out, out[:300]
     set_limits(monkeypatch, hc, MIN_BODY_RATE=1, BODY_DEADLINE_S=0.5)  # any rate; 300 s
-    out = trickle(router.port, head, b" " * 100, 0.05, 200)
+    out = trickle_body(router.port, head, b" " * 100, 0.05, 200)
     assert out.startswith(b"HTTP/1.1 408") and b"whole within 0.5s" in out, out[:300]
     set_limits(monkeypatch, hc, BODY_DEADLINE_S=300.0, SMALL_READS=200)  # 4096 reads
-    out = trickle(router.port, head, b" ", 0.002, 5000)  # a byte a read
+    out = trickle_body(router.port, head, b" ", 0.002, 5000)  # a byte a read
     assert out.startswith(b"HTTP/1.1 400") and b"pieces too small" in out, out[:300]
     assert http(router.url, "GET", "/api/version")[0] == 200
     assert fleet_status(router)["router"]["connections"]["bodies_too_slow"] == 3
