@@ -1399,6 +1399,12 @@ class Ask:
         self.session_node, self.endpoint, self.kind = session_node, endpoint, kind
 
 
+# A limit the client sets is taken up to this many tokens: beyond it, no model's answer
+# or context differs, and a number past a float's range (10**400 is valid JSON) would
+# break the arithmetic the forecasts do with it.
+MAX_TOKENS_TAKEN = 1 << 30
+
+
 def requested_tokens(body):
     """The answer-length limit the client set (num_predict, max_tokens), else 0."""
     options = body.get("options")
@@ -1406,14 +1412,14 @@ def requested_tokens(body):
               body.get("max_tokens"), body.get("max_completion_tokens"),
               body.get("max_output_tokens")]
     limits = [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v > 0]
-    return min(limits) if limits else 0
+    return min(min(limits), MAX_TOKENS_TAKEN) if limits else 0
 
 
 def requested_context(body):
     options = body.get("options")
     if isinstance(options, dict) and isinstance(options.get("num_ctx"), int) \
             and not isinstance(options["num_ctx"], bool):
-        return max(0, options["num_ctx"])
+        return min(max(0, options["num_ctx"]), MAX_TOKENS_TAKEN)
     return 0
 
 

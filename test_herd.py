@@ -5981,6 +5981,21 @@ def test_fuzz_raw_bytes_on_the_http_front_never_get_a_500(h, caplog):
 # -- what the fuzzing found: one input each, fixed in the router, kept as regressions --
 
 
+def test_fuzz_found_token_limits_past_a_floats_range(one_node):
+    # max_tokens 10**400 is valid JSON; the forecast's float() of it raised
+    # OverflowError, a 500, for a model with a forecast (estimated from another model
+    # the node has timed) and no answer of its own yet.
+    h, router, fake = one_node
+    assert http(router.url, "POST", "/api/generate", {
+        "model": "llama3.2:3b", "prompt": "x", "stream": False})[0] == 200
+    huge = 10 ** 400
+    for body in ({"max_tokens": huge}, {"options": {"num_predict": huge}},
+                 {"options": {"num_ctx": huge}}):
+        status, _, answer = http(router.url, "POST", "/api/generate", {
+            "model": "qwen2.5:7b", "prompt": "x", "stream": False, **body})
+        assert status == 200, (body, answer)
+
+
 def test_fuzz_found_bodies_nested_just_under_the_limit(h):
     # Parsed, then re-encoded (a fallback, a num_ctx rewrite) deeper in the stack: that
     # was a RecursionError and a 500. Now nesting past MAX_JSON_DEPTH is a 400.
