@@ -565,6 +565,24 @@ def record_event_at(h, router, when, event):
 ####################################################################################
 
 
+def test_the_readmes_client_examples_run_as_written(one_node):
+    h, router, fake = one_node
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    section = readme[readme.index("## Point your apps at it"):]
+    section = section[:section.index("\n## ", 4)]
+    examples = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(examples) >= 4, "the README's client examples were not found"
+    for code in examples:
+        code = code.replace("http://router-ip:11435", router.url)
+        out = run_script(["-c", code])
+        assert out.returncode == 0, (code, out.stderr[-2000:])
+        # Each shows its answer: the streamed one too, which once left its stream unread.
+        assert out.stdout.strip(), code
+    rows = h.traces(router)
+    assert [r["status"] for r in rows] == ["completed"] * len(examples), rows
+
+
 def test_ollama_client_chat_stream_and_not(one_node):
     import ollama
     h, router, fake = one_node
