@@ -5,7 +5,8 @@ no database; only a Python older than 3.11, or a missing h11, is refused in one 
 (both programs import this module first, so that the refusal comes before anything else
 can fail). It holds, in the order data flows:
 
-    config table and loader   one (name, default, help) table per role; --help prints it
+    config table and loader   per role, a table of settings (name, default, help, group)
+                              and one of fixed values; --help prints the settings
     logging                   JSONL file lines with fixed keys, a readable console form
     JSON and error bodies     strict JSON, its shape gauged on the bytes before it is
                               parsed; Ollama's {"error": ...} and OpenAI's {"error": {...}}
@@ -32,6 +33,7 @@ can fail). It holds, in the order data flows:
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import datetime
 import difflib
 import hashlib
@@ -210,11 +212,16 @@ def format_settings_help(table, width=None):
     return "\n".join(lines)
 
 
+def in_group(group, settings):
+    """`settings` as listed under `group` in --help and the README."""
+    return [dataclasses.replace(s, group=group) for s in settings]
+
+
 DATA_DIR = "~/.fleet-manager"  # both programs' default data folder (the product's own)
 
 LOG_SETTINGS = [
-    Setting("FLEET_LOG_LEVEL", "DEBUG", "level written to the JSONL log file", "storage"),
-    Setting("FLEET_CONSOLE_LOG_LEVEL", "INFO", "level printed on the terminal", "storage"),
+    Setting("FLEET_LOG_LEVEL", "DEBUG", "level written to the JSONL log file"),
+    Setting("FLEET_CONSOLE_LOG_LEVEL", "INFO", "level printed on the terminal"),
 ]
 
 
@@ -4030,81 +4037,72 @@ class SignatureCheck:
 ####################################################################################
 
 ROUTER_SETTINGS = [
-    Setting("FLEET_HOST", "0.0.0.0", "address to listen on", "basics"),
-    Setting("FLEET_PORT", DEFAULT_ROUTER_PORT, "port to listen on", "basics"),
-    Setting("FLEET_LOCAL_NODE", True, "serve an Ollama on this machine as a node "
-            "without an agent",
-            group="basics"),
-    Setting("FLEET_LOCAL_OLLAMA_URL", "http://127.0.0.1:11434", "where that local "
-            "Ollama listens",
-            group="basics"),
-    Setting("FLEET_MDNS", True, "advertise the router as _fleet-manager._tcp on the LAN",
-            group="basics"),
-    Setting("FLEET_TOKEN", "", "the fleet's secret: agents sign every heartbeat with it "
-            "(it never crosses the wire). EMPTY MEANS ANY HOST THAT CAN REACH THE ROUTER "
-            "CAN JOIN AS A NODE and receive prompts",
-            group="security"),
-    Setting("FLEET_API_KEYS", "", "client keys, comma-separated or @/path/to/file (one a "
-            "line): if set, every route but /, /api/version and /dashboard needs "
-            "Authorization: Bearer <key> or x-api-key: <key>",
-            group="security"),
-    Setting("FLEET_ADMIN_KEY", "", "the key for pulls, unloads, model management (delete, "
-            "copy, create, blobs, push), the request explorer (client addresses, errors) "
-            "and /metrics; it works on every route",
-            group="security"),
-    Setting("FLEET_METRICS_KEY", "", "a key that may read /metrics and nothing else "
-            "(for a Prometheus scraper)",
-            group="security"),
-    Setting("FLEET_ALLOWED_OLLAMA_HOSTS", "", "hosts a node may name in its Ollama URL "
-            "besides the address its heartbeats come from (comma-separated; * for any), "
-            "for an agent that reports an Ollama on another machine",
-            group="security"),
-    Setting("FLEET_PULL_REGISTRIES", "", "registries a pull may name (comma-separated "
-            "hosts; * for any); empty: only Ollama library names (namespace/name:tag)",
-            group="security"),
-    Setting("FLEET_ORIGINS", "", "browser origins allowed besides Ollama's own "
-            "defaults (localhost, 127.0.0.1 and 0.0.0.0 on any port; app, file, tauri "
-            "and vscode pages), as OLLAMA_ORIGINS adds them: comma-separated, * for any, "
-            "one * as a wildcard (chrome-extension://*). The host of an http(s) origin "
-            "listed is also a name the router answers to (http://herd.example.com:11435 "
-            "for a DNS name of your own; others get 403 where no key is needed)",
-            group="security"),
-    Setting("FLEET_TLS_CERT", "", "PEM certificate (chain) file: serve HTTPS", "security"),
-    Setting("FLEET_TLS_KEY", "", "the certificate's PEM private key file", "security"),
-    Setting("FLEET_CLIENT_MAX_IN_FLIGHT", 0, "requests one client address may have in "
-            "flight before it gets 429 (0: no limit)",
-            group="security"),
-    Setting("FLEET_MAX_CONNECTIONS_PER_CLIENT", 64, "connections one client address may "
-            "have open at once",
-            group="security"),
-    Setting("FLEET_HEARTBEAT_TIMEOUT", 15.0, "seconds without a heartbeat before a node "
-            "is degraded",
-            group="routing"),
-    Setting("FLEET_HEARTBEAT_OFFLINE", 30.0, "seconds without a heartbeat before a node "
-            "is offline and gets no work",
-            group="routing"),
-    Setting("FLEET_HOLD_TIMEOUT", 30.0, "seconds a request waits for a node that can "
-            "serve it before a 503",
-            group="routing"),
-    Setting("FLEET_AUTO_PULL", True, "pull a model no node has onto the node with the "
-            "most free memory, then serve the request",
-            group="routing"),
-    Setting("FLEET_CONTEXT_PROTECTION", "strip", "a num_ctx that would reload a loaded "
-            "model: strip (use the loaded context, or a larger tag of the same model "
-            "loaded with room for it; never another model, never for embeddings), warn "
-            "(log only) or passthrough",
-            group="routing"),
-    Setting("FLEET_MAX_RETRIES", 2, "other nodes tried when a node fails before the "
-            "first chunk",
-            group="routing"),
-    Setting("FLEET_LEARNING", True, "route by what the fleet has learned: each node+model's "
-            "speed, answer length and best concurrency (false: by counts only)",
-            group="routing"),
-    Setting("FLEET_FIRST_BYTE_TIMEOUT", 300.0, "seconds for Ollama to start answering "
-            "(covers model load and prompt evaluation)",
-            group="routing"),
-    Setting("FLEET_DATA_DIR", DATA_DIR, "traces (latency.db) and logs/", "storage"),
-    *LOG_SETTINGS,
+    *in_group("basics", [
+        Setting("FLEET_HOST", "0.0.0.0", "address to listen on"),
+        Setting("FLEET_PORT", DEFAULT_ROUTER_PORT, "port to listen on"),
+        Setting("FLEET_LOCAL_NODE", True, "serve an Ollama on this machine as a node "
+                "without an agent"),
+        Setting("FLEET_LOCAL_OLLAMA_URL", "http://127.0.0.1:11434", "where that local "
+                "Ollama listens"),
+        Setting("FLEET_MDNS", True, "advertise the router as _fleet-manager._tcp on the "
+                "LAN"),
+    ]),
+    *in_group("security", [
+        Setting("FLEET_TOKEN", "", "the fleet's secret: agents sign every heartbeat with "
+                "it (it never crosses the wire). EMPTY MEANS ANY HOST THAT CAN REACH THE "
+                "ROUTER CAN JOIN AS A NODE and receive prompts"),
+        Setting("FLEET_API_KEYS", "", "client keys, comma-separated or @/path/to/file (one "
+                "a line): if set, every route but /, /api/version and /dashboard needs "
+                "Authorization: Bearer <key> or x-api-key: <key>"),
+        Setting("FLEET_ADMIN_KEY", "", "the key for pulls, unloads, model management "
+                "(delete, copy, create, blobs, push), the request explorer (client "
+                "addresses, errors) and /metrics; it works on every route"),
+        Setting("FLEET_METRICS_KEY", "", "a key that may read /metrics and nothing else "
+                "(for a Prometheus scraper)"),
+        Setting("FLEET_ALLOWED_OLLAMA_HOSTS", "", "hosts a node may name in its Ollama URL "
+                "besides the address its heartbeats come from (comma-separated; * for "
+                "any), for an agent that reports an Ollama on another machine"),
+        Setting("FLEET_PULL_REGISTRIES", "", "registries a pull may name (comma-separated "
+                "hosts; * for any); empty: only Ollama library names (namespace/name:tag)"),
+        Setting("FLEET_ORIGINS", "", "browser origins allowed besides Ollama's own "
+                "defaults (localhost, 127.0.0.1 and 0.0.0.0 on any port; app, file, tauri "
+                "and vscode pages), as OLLAMA_ORIGINS adds them: comma-separated, * for "
+                "any, one * as a wildcard (chrome-extension://*). The host of an http(s) "
+                "origin listed is also a name the router answers to "
+                "(http://herd.example.com:11435 for a DNS name of your own; others get 403 "
+                "where no key is needed)"),
+        Setting("FLEET_TLS_CERT", "", "PEM certificate (chain) file: serve HTTPS"),
+        Setting("FLEET_TLS_KEY", "", "the certificate's PEM private key file"),
+        Setting("FLEET_CLIENT_MAX_IN_FLIGHT", 0, "requests one client address may have in "
+                "flight before it gets 429 (0: no limit)"),
+        Setting("FLEET_MAX_CONNECTIONS_PER_CLIENT", 64, "connections one client address "
+                "may have open at once"),
+    ]),
+    *in_group("routing", [
+        Setting("FLEET_HEARTBEAT_TIMEOUT", 15.0, "seconds without a heartbeat before a "
+                "node is degraded"),
+        Setting("FLEET_HEARTBEAT_OFFLINE", 30.0, "seconds without a heartbeat before a "
+                "node is offline and gets no work"),
+        Setting("FLEET_HOLD_TIMEOUT", 30.0, "seconds a request waits for a node that can "
+                "serve it before a 503"),
+        Setting("FLEET_AUTO_PULL", True, "pull a model no node has onto the node with the "
+                "most free memory, then serve the request"),
+        Setting("FLEET_CONTEXT_PROTECTION", "strip", "a num_ctx that would reload a loaded "
+                "model: strip (use the loaded context, or a larger tag of the same model "
+                "loaded with room for it; never another model, never for embeddings), warn "
+                "(log only) or passthrough"),
+        Setting("FLEET_MAX_RETRIES", 2, "other nodes tried when a node fails before the "
+                "first chunk"),
+        Setting("FLEET_LEARNING", True, "route by what the fleet has learned: each "
+                "node+model's speed, answer length and best concurrency (false: by counts "
+                "only)"),
+        Setting("FLEET_FIRST_BYTE_TIMEOUT", 300.0, "seconds for Ollama to start answering "
+                "(covers model load and prompt evaluation)"),
+    ]),
+    *in_group("storage", [
+        Setting("FLEET_DATA_DIR", DATA_DIR, "traces (latency.db) and logs/"),
+        *LOG_SETTINGS,
+    ]),
 ]
 
 # The router's fixed values: what only a developer would change (health thresholds,
@@ -4164,47 +4162,47 @@ ROUTER_FIXED = [
 ]
 
 NODE_SETTINGS = [
-    Setting("FLEET_NODE_ROUTER_URL", "", "router URL; empty means find it by mDNS",
-            group="basics"),
-    Setting("FLEET_NODE_NODE_ID", "", "this node's name: 1-64 ASCII letters, digits, '.', "
-            "'_' or '-' (default: the short hostname, without other characters)",
-            group="basics"),
-    Setting("FLEET_NODE_OLLAMA_HOST", "http://localhost:11434", "where Ollama listens",
-            group="basics"),
-    Setting("FLEET_NODE_OLLAMA_URL", "", "the Ollama URL the router should dial "
-            "(default: derived from the address this machine uses to reach the router)",
-            group="basics"),
-    Setting("FLEET_NODE_NUM_PARALLEL", 0, "Ollama's parallel slots; 0 means read "
-            "OLLAMA_NUM_PARALLEL from the running Ollama, else this agent's environment",
-            group="basics"),
-    Setting("FLEET_NODE_HEARTBEAT_INTERVAL", 5.0, "seconds between heartbeats", "basics"),
-    Setting("FLEET_NODE_ENABLE_CAPACITY_LEARNING", False, "for a laptop or a shared "
-            "machine: learn when its owner uses it (by hour of the week), report how "
-            "available it is and how much memory models may have, and pause it while "
-            "the camera or microphone is in use, memory pressure is critical or the "
-            "owner keeps the CPU busy; off: a dedicated machine, always at full capacity",
-            group="basics"),
-    Setting("FLEET_NODE_TOKEN", "", "the router's FLEET_TOKEN, if it has one: heartbeats "
-            "are signed with it (it is never sent)",
-            group="security"),
-    Setting("FLEET_NODE_CA", "", "PEM file of the CA that signed the router's TLS "
-            "certificate (default: the system's certificates)",
-            group="security"),
-    Setting("FLEET_NODE_IMAGE_URL", "", "an OpenAI-compatible image server this agent "
-            "serves images through (e.g. a stable-diffusion server on a Linux GPU box): its "
-            "GET /v1/models are the image models advertised",
-            group="media"),
-    Setting("FLEET_NODE_TRANSCRIBE_URL", "", "an OpenAI-compatible transcription server "
-            "(whisper.cpp, faster-whisper) this agent serves speech-to-text through",
-            group="media"),
-    Setting("FLEET_NODE_MEDIA_TIMEOUT", 600.0, "seconds one image request (all of its n "
-            "pictures) or transcription may take before its tool is killed (a 504)",
-            group="media"),
-    Setting("FLEET_NODE_DATA_DIR", DATA_DIR, "logs/, the state saved on drain "
-            "(node-state-<id>.json) and the capacity learner's "
-            "capacity-learner-<id>.json live here",
-            group="storage"),
-    *LOG_SETTINGS,
+    *in_group("basics", [
+        Setting("FLEET_NODE_ROUTER_URL", "", "router URL; empty means find it by mDNS"),
+        Setting("FLEET_NODE_NODE_ID", "", "this node's name: 1-64 ASCII letters, digits, "
+                "'.', '_' or '-' (default: the short hostname, without other characters)"),
+        Setting("FLEET_NODE_OLLAMA_HOST", "http://localhost:11434", "where Ollama listens"),
+        Setting("FLEET_NODE_OLLAMA_URL", "", "the Ollama URL the router should dial "
+                "(default: derived from the address this machine uses to reach the "
+                "router)"),
+        Setting("FLEET_NODE_NUM_PARALLEL", 0, "Ollama's parallel slots; 0 means read "
+                "OLLAMA_NUM_PARALLEL from the running Ollama, else this agent's "
+                "environment"),
+        Setting("FLEET_NODE_HEARTBEAT_INTERVAL", 5.0, "seconds between heartbeats"),
+        Setting("FLEET_NODE_ENABLE_CAPACITY_LEARNING", False, "for a laptop or a shared "
+                "machine: learn when its owner uses it (by hour of the week), report how "
+                "available it is and how much memory models may have, and pause it while "
+                "the camera or microphone is in use, memory pressure is critical or the "
+                "owner keeps the CPU busy; off: a dedicated machine, always at full "
+                "capacity"),
+    ]),
+    *in_group("security", [
+        Setting("FLEET_NODE_TOKEN", "", "the router's FLEET_TOKEN, if it has one: "
+                "heartbeats are signed with it (it is never sent)"),
+        Setting("FLEET_NODE_CA", "", "PEM file of the CA that signed the router's TLS "
+                "certificate (default: the system's certificates)"),
+    ]),
+    *in_group("media", [
+        Setting("FLEET_NODE_IMAGE_URL", "", "an OpenAI-compatible image server this agent "
+                "serves images through (e.g. a stable-diffusion server on a Linux GPU "
+                "box): its GET /v1/models are the image models advertised"),
+        Setting("FLEET_NODE_TRANSCRIBE_URL", "", "an OpenAI-compatible transcription "
+                "server (whisper.cpp, faster-whisper) this agent serves speech-to-text "
+                "through"),
+        Setting("FLEET_NODE_MEDIA_TIMEOUT", 600.0, "seconds one image request (all of its "
+                "n pictures) or transcription may take before its tool is killed (a 504)"),
+    ]),
+    *in_group("storage", [
+        Setting("FLEET_NODE_DATA_DIR", DATA_DIR, "logs/, the state saved on drain "
+                "(node-state-<id>.json) and the capacity learner's "
+                "capacity-learner-<id>.json live here"),
+        *LOG_SETTINGS,
+    ]),
 ]
 
 # The agent's fixed values, as the router's above.
