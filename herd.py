@@ -2297,7 +2297,7 @@ class Proxy:
     async def _answer_reaped(self, conn, ex):
         """A request the reaper stopped: say so to the client in its framing."""
         ex.error = (f"no progress for {ex.stale_after or self.cfg.stale_timeout:g}s on node "
-                    f"{ex.node_id}: request reaped (the zombie reaper)")
+                    f"{ex.node_id}: request reaped")
         self.stats.count_event("zombie_reaped", "zombie request reaped", ex,
                                level=logging.WARNING)
         if conn.response_started:
@@ -4205,7 +4205,7 @@ def check_zombie_reaper(snap):
     if snap["zombies_reaped"]:
         yield finding("zombie_reaper", "warning", "Requests got stuck",
                       f"Since the router started, the reaper stopped "
-                      f"{snap['zombies_reaped']} requests that had stopped making progress.",
+                      f"{snap['zombies_reaped']} requests that made no progress for too long.",
                       "A node or a client hangs: the failed traces' error_message names it.")
 
 
