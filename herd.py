@@ -70,6 +70,7 @@ fleet_log = logging.getLogger("herd.fleet")
 proxy_log = logging.getLogger("herd.proxy")
 
 ROUTER_SETTINGS = hc.ROUTER_SETTINGS  # herd_common's settings section: FLEET_*
+ROUTER_FIXED = hc.ROUTER_FIXED  # and the fixed values beside them
 
 # Fields a client may add for the router; they never reach Ollama.
 ROUTING_FIELDS = ("fallback_models",)
@@ -159,10 +160,11 @@ MAX_NODES_PER_ADDRESS = 8  # node ids one address may report (agents for several
 ROUTER_WORD_S = 12.0  # how long a load or unload the router caused beats a heartbeat
 
 
-def load_router_config(environ, args):
-    """The frozen config from the environment and command line; ConfigError if bad."""
+def load_router_config(environ, args, tuned=None):
+    """The frozen config from the environment and command line; ConfigError if bad.
+    `tuned` sets fixed values by name (tests only)."""
     cfg = hc.load_config(ROUTER_SETTINGS, environ, "FLEET_",
-                         {"host": args.host, "port": args.port})
+                         {"host": args.host, "port": args.port}, ROUTER_FIXED, tuned)
     hc.check_log_level("FLEET_LOG_LEVEL", cfg.log_level)
     hc.check_log_level("FLEET_CONSOLE_LOG_LEVEL", cfg.console_log_level)
     if cfg.port > 65535:
@@ -190,8 +192,9 @@ def load_router_config(environ, args):
     values["registries_allowed"] = comma_set(cfg.pull_registries)
     values["origins_allowed"] = read_origins(cfg.origins)
     values["tls"] = server_tls(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
-    values["misnamed"] = tuple(hc.misnamed_settings(environ, ROUTER_SETTINGS, hc.NODE_SETTINGS,
-                                                    bool(cfg.token), skip_prefix="FLEET_NODE_"))
+    values["misnamed"] = tuple(hc.misnamed_settings(
+        environ, ROUTER_SETTINGS, hc.NODE_SETTINGS, bool(cfg.token), skip_prefix="FLEET_NODE_",
+        fixed=ROUTER_FIXED))
     return hc.Config(values, cfg.sources)
 
 
@@ -2294,7 +2297,7 @@ class Proxy:
     async def _answer_reaped(self, conn, ex):
         """A request the reaper stopped: say so to the client in its framing."""
         ex.error = (f"no progress for {ex.stale_after or self.cfg.stale_timeout:g}s on node "
-                    f"{ex.node_id}: request reaped (FLEET_STALE_TIMEOUT)")
+                    f"{ex.node_id}: request reaped")
         self.stats.count_event("zombie_reaped", "zombie request reaped", ex,
                                level=logging.WARNING)
         if conn.response_started:
@@ -2711,11 +2714,11 @@ class SpoolBudget:
         if self.held[client] + size > self.per_client:
             raise SpoolFull(413, f"{client} already has uploads waiting on disk for their "
                                  f"model field, {self.per_client >> 20} MB at most "
-                                 f"({SPOOLS_PER_CLIENT} x FLEET_MAX_UPLOAD_MB); {advice}")
+                                 f"({SPOOLS_PER_CLIENT} x the upload limit); {advice}")
         if self.total + size > self.in_all:
             raise SpoolFull(503, f"the router has {self.in_all >> 20} MB of uploads "
                                  f"waiting on disk for their model field ({SPOOLS_IN_ALL} x "
-                                 f"FLEET_MAX_UPLOAD_MB), its most; try again shortly, or "
+                                 f"the upload limit), its most; try again shortly, or "
                                  f"{advice}")
         self.held[client] += size
         self.total += size
@@ -2816,15 +2819,15 @@ class Upload:
                               f"({error.strerror or error}); send the model field first")
 
     def too_large(self):
-        return f"upload larger than FLEET_MAX_UPLOAD_MB ({self.stream.limit} bytes)"
+        return f"upload larger than the router's limit ({self.stream.limit} bytes)"
 
     def check_replayable(self, node_id, error):
         """RouteError when a node failed after more than FLEET_MEDIA_REPLAY_MB had
         passed: nothing is left to send another node."""
         if not self.replayable:
             raise RouteError(504 if error.phase == "timeout" else 502,
-                             f"node {node_id}: {error} (the upload went past "
-                             f"FLEET_MEDIA_REPLAY_MB, so it cannot be sent to another node)")
+                             f"node {node_id}: {error} (the upload went past what the "
+                             f"router keeps of it, so it cannot be sent to another node)")
 
     async def send_to(self, up, timeout, ex):
         """Send the whole upload to `up`: what was kept, then the rest as it arrives."""
@@ -3720,7 +3723,7 @@ class ModelAdmin:
                     await up.send_body(data, cfg.chunk_timeout)
                 up.end_body()
             except hc.BodyTooLarge:
-                raise Refused(413, f"blob larger than FLEET_MAX_BLOB_GB "
+                raise Refused(413, f"blob larger than the router's limit "
                                    f"({cfg.max_blob_gb:g} GB)") from None
             except TimeoutError:
                 raise Refused(408, f"the client sent nothing for {conn.read_timeout:g}s "
@@ -4118,8 +4121,8 @@ def check_request_timeouts(snap):
     if snap["timeouts"]:
         yield finding("request_timeouts", "warning", "Nodes time out",
                       f"{snap['timeouts']} requests in the last {HEALTH_WINDOW_S // 60} min "
-                      f"waited past FLEET_FIRST_BYTE_TIMEOUT or FLEET_CHUNK_TIMEOUT (images "
-                      f"and speech are counted per node: media_timeouts).",
+                      f"waited past FLEET_FIRST_BYTE_TIMEOUT or went silent mid-answer "
+                      f"(images and speech are counted per node: media_timeouts).",
                       "Look for an overloaded node in /fleet/status, or raise the time-outs "
                       "for very large models.")
 
@@ -4201,8 +4204,8 @@ def check_context_protection(snap):
 def check_zombie_reaper(snap):
     if snap["zombies_reaped"]:
         yield finding("zombie_reaper", "warning", "Requests got stuck",
-                      f"The reaper stopped {snap['zombies_reaped']} requests with no progress "
-                      f"for FLEET_STALE_TIMEOUT since the router started.",
+                      f"Since the router started, the reaper stopped "
+                      f"{snap['zombies_reaped']} requests that made no progress for too long.",
                       "A node or a client hangs: the failed traces' error_message names it.")
 
 
@@ -4810,14 +4813,18 @@ class DashboardApi:
         await conn.send_response(200, page, b"text/html; charset=utf-8", page_headers(page))
 
     async def settings(self, request, conn):
-        """The effective configuration, each value with where it came from."""
+        """The effective configuration, each value with where it came from; then the
+        fixed values (not settings: shown so that a curl user sees what they are)."""
         values, rows = self.cfg.as_dict(), []
         for st in ROUTER_SETTINGS:
             attr = st.name.removeprefix("FLEET_").lower()
             value = "(set)" if st.name in SECRET_SETTINGS and values[attr] else values[attr]
             rows.append({"name": st.name, "value": value, "default": st.default,
-                         "source": self.cfg.sources.get(attr, "default"), "help": st.help})
-        await conn.send_json(200, {"settings": rows})
+                         "source": self.cfg.sources.get(attr, "default"), "help": st.help,
+                         "group": st.group})
+        fixed = [{"name": st.name, "value": values[st.name.removeprefix("FLEET_").lower()],
+                  "help": st.help} for st in ROUTER_FIXED]
+        await conn.send_json(200, {"settings": rows, "fixed": fixed})
 
     async def requests(self, request, conn):
         """Recent traces, filtered: ?status=&model=&node=&tag=&since=<s ago>&limit="""
@@ -5535,8 +5542,8 @@ class RouterServer:
             if time.monotonic() - self._fd_warned > 60:
                 self._fd_warned = time.monotonic()
                 log.warning(f"out of file descriptors ({context.get('exception')}): not "
-                            f"accepting for a moment; lower FLEET_MAX_CONNECTIONS or raise "
-                            f"the limit (ulimit -n)", extra={"event": "accept_paused"})
+                            f"accepting for a moment; raise the limit (ulimit -n)",
+                            extra={"event": "accept_paused"})
             return
         exc = context.get("exception")
         if self.stopping and isinstance(exc, ValueError) and "file descriptor" in str(exc):
@@ -5587,7 +5594,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="herd.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Herd router: one Ollama/OpenAI endpoint for every Ollama on the LAN.",
-        epilog="settings (environment variables):\n" + hc.format_settings_help(ROUTER_SETTINGS))
+        epilog=hc.format_settings_help(ROUTER_SETTINGS))
     parser.add_argument("--host", help="address to listen on (FLEET_HOST)")
     parser.add_argument("--port", help="port to listen on (FLEET_PORT)")
     return parser.parse_args(argv)

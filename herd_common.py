@@ -5,7 +5,8 @@ no database; only a Python older than 3.11, or a missing h11, is refused in one 
 (both programs import this module first, so that the refusal comes before anything else
 can fail). It holds, in the order data flows:
 
-    config table and loader   one (name, default, help) table per role; --help prints it
+    config table and loader   per role, a table of settings (name, default, help, group)
+                              and one of fixed values; --help prints the settings
     logging                   JSONL file lines with fixed keys, a readable console form
     JSON and error bodies     strict JSON, its shape gauged on the bytes before it is
                               parsed; Ollama's {"error": ...} and OpenAI's {"error": {...}}
@@ -32,6 +33,7 @@ can fail). It holds, in the order data flows:
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import datetime
 import difflib
 import hashlib
@@ -49,7 +51,9 @@ import signal
 import socket
 import sqlite3
 import sys
+import shutil
 import tempfile
+import textwrap
 import threading
 import time
 import urllib.parse
@@ -95,9 +99,13 @@ PORTS_HINT = (f"Ollama listens on port {OLLAMA_PORT}, the Herd router on "
 
 @dataclass(frozen=True)
 class Setting:
+    """One FLEET_* variable: a user setting has the --help and README group it is listed
+    under; a fixed value (group "") is a developer's tunable, never read from the
+    environment, kept in this table form so that tests can still set it."""
     name: str
     default: object
     help: str
+    group: str = ""
 
 
 class ConfigError(ValueError):
@@ -153,10 +161,12 @@ def _attr_name(name, prefix):
     return name.lower()
 
 
-def load_config(table, environ, prefix, overrides=None):
-    """Read each setting once from environ, flags in overrides win; raises ConfigError."""
+def load_config(table, environ, prefix, overrides=None, fixed=(), tuned=None):
+    """Read each setting once from environ, flags in overrides win; the fixed values
+    (`fixed`) take their defaults, or what a test gives in `tuned` (by name), never the
+    environment's. Raises ConfigError."""
     values, sources = {}, {}
-    overrides = overrides or {}
+    overrides, tuned = overrides or {}, tuned or {}
     for setting in table:
         attr = _attr_name(setting.name, prefix)
         if overrides.get(attr) is not None:
@@ -165,21 +175,46 @@ def load_config(table, environ, prefix, overrides=None):
             values[attr], sources[attr] = _coerce(setting, environ[setting.name]), "env"
         else:
             values[attr], sources[attr] = setting.default, "default"
-        if isinstance(values[attr], (int, float)) and not isinstance(values[attr], bool) \
-                and values[attr] < 0:
-            raise ConfigError(f"{setting.name} must not be negative: {values[attr]}")
+    for setting in fixed:
+        attr = _attr_name(setting.name, prefix)
+        if setting.name in tuned:
+            values[attr] = _coerce(setting, str(tuned[setting.name]))
+        else:
+            values[attr] = setting.default
+        sources[attr] = "fixed"
+    for setting in (*table, *fixed):
+        value = values[_attr_name(setting.name, prefix)]
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            raise ConfigError(f"{setting.name} must not be negative: {value}")
     return Config(values, sources)
 
 
-def format_settings_help(table):
-    """The settings table as --help prints it."""
-    width = max(len(s.name) for s in table)
-    lines = []
-    for s in table:
-        default = s.default if s.default != "" else '""'
-        shown = "" if "default" in s.help else f" (default: {default})"
-        lines.append(f"  {s.name:<{width}}  {s.help}{shown}")
+def shown_default(setting):
+    """A default as it would be written in the environment: true, not True."""
+    if isinstance(setting.default, bool):
+        return "true" if setting.default else "false"
+    return setting.default if setting.default != "" else '""'
+
+
+def format_settings_help(table, width=None):
+    """The user settings as --help prints them: under their groups, each name with its
+    default, then its help indented, every line wrapped to the terminal's width."""
+    width = max(40, width or shutil.get_terminal_size().columns) - 1
+    lines = ["settings (environment variables):"]
+    for group in dict.fromkeys(s.group for s in table):
+        lines += ["", f"{group}:"]
+        for s in (s for s in table if s.group == group):
+            shown = "" if "(default:" in s.help else f" (default: {shown_default(s)})"
+            lines += textwrap.wrap(f"{s.name}{shown}", width, initial_indent="  ",
+                                   subsequent_indent="      ")
+            lines += textwrap.wrap(s.help, width, initial_indent="      ",
+                                   subsequent_indent="      ")
     return "\n".join(lines)
+
+
+def in_group(group, settings):
+    """`settings` as listed under `group` in --help and the README."""
+    return [dataclasses.replace(s, group=group) for s in settings]
 
 
 DATA_DIR = "~/.fleet-manager"  # both programs' default data folder (the product's own)
@@ -3997,61 +4032,89 @@ class SignatureCheck:
 
 ####################################################################################
 # Settings: each program's table (the router's FLEET_*, the agent's FLEET_NODE_*), kept
-# here beside the loader, --help and the log settings both share
+# here beside the loader, --help and the log settings both share. A user setting has a
+# group (basics, security, routing, storage; the agent's media); the rest are fixed
 ####################################################################################
 
 ROUTER_SETTINGS = [
-    Setting("FLEET_HOST", "0.0.0.0", "address to listen on"),
-    Setting("FLEET_PORT", DEFAULT_ROUTER_PORT, "port to listen on"),
-    Setting("FLEET_DATA_DIR", DATA_DIR, "traces (latency.db) and logs/"),
-    Setting("FLEET_TOKEN", "", "the fleet's secret: agents sign every heartbeat with it "
-            "(it never crosses the wire). EMPTY MEANS ANY HOST THAT CAN REACH THE ROUTER "
-            "CAN JOIN AS A NODE and receive prompts"),
-    Setting("FLEET_API_KEYS", "", "client keys, comma-separated or @/path/to/file (one a "
-            "line): if set, every route but /, /api/version and /dashboard needs "
-            "Authorization: Bearer <key> or x-api-key: <key>"),
-    Setting("FLEET_ADMIN_KEY", "", "the key for pulls, unloads, model management (delete, "
-            "copy, create, blobs, push), the request explorer (client addresses, errors) "
-            "and /metrics; it works on every route"),
-    Setting("FLEET_METRICS_KEY", "", "a key that may read /metrics and nothing else "
-            "(for a Prometheus scraper)"),
-    Setting("FLEET_ALLOWED_OLLAMA_HOSTS", "", "hosts a node may name in its Ollama URL "
-            "besides the address its heartbeats come from (comma-separated; * for any), "
-            "for an agent that reports an Ollama on another machine"),
-    Setting("FLEET_PULL_REGISTRIES", "", "registries a pull may name (comma-separated "
-            "hosts; * for any); empty: only Ollama library names (namespace/name:tag)"),
-    Setting("FLEET_ORIGINS", "", "browser origins allowed besides Ollama's own "
-            "defaults (localhost, 127.0.0.1 and 0.0.0.0 on any port; app, file, tauri "
-            "and vscode pages), as OLLAMA_ORIGINS adds them: comma-separated, * for any, "
-            "one * as a wildcard (chrome-extension://*). The host of an http(s) origin "
-            "listed is also a name the router answers to (http://herd.example.com:11435 "
-            "for a DNS name of your own; others get 403 where no key is needed)"),
-    Setting("FLEET_TLS_CERT", "", "PEM certificate (chain) file: serve HTTPS"),
-    Setting("FLEET_TLS_KEY", "", "the certificate's PEM private key file"),
-    Setting("FLEET_HEARTBEAT_TIMEOUT", 15.0, "seconds without a heartbeat before a node "
-            "is degraded"),
-    Setting("FLEET_HEARTBEAT_OFFLINE", 30.0, "seconds without a heartbeat before a node "
-            "is offline and gets no work"),
-    Setting("FLEET_HOLD_TIMEOUT", 30.0, "seconds a request waits for a node that can "
-            "serve it before a 503"),
+    *in_group("basics", [
+        Setting("FLEET_HOST", "0.0.0.0", "address to listen on"),
+        Setting("FLEET_PORT", DEFAULT_ROUTER_PORT, "port to listen on"),
+        Setting("FLEET_LOCAL_NODE", True, "serve an Ollama on this machine as a node "
+                "without an agent"),
+        Setting("FLEET_LOCAL_OLLAMA_URL", "http://127.0.0.1:11434", "where that local "
+                "Ollama listens"),
+        Setting("FLEET_MDNS", True, "advertise the router as _fleet-manager._tcp on the "
+                "LAN"),
+    ]),
+    *in_group("security", [
+        Setting("FLEET_TOKEN", "", "the fleet's secret: agents sign every heartbeat with "
+                "it (it never crosses the wire). EMPTY MEANS ANY HOST THAT CAN REACH THE "
+                "ROUTER CAN JOIN AS A NODE and receive prompts"),
+        Setting("FLEET_API_KEYS", "", "client keys, comma-separated or @/path/to/file (one "
+                "a line): if set, every route but /, /api/version and /dashboard needs "
+                "Authorization: Bearer <key> or x-api-key: <key>"),
+        Setting("FLEET_ADMIN_KEY", "", "the key for pulls, unloads, model management "
+                "(delete, copy, create, blobs, push), the request explorer (client "
+                "addresses, errors) and /metrics; it works on every route"),
+        Setting("FLEET_METRICS_KEY", "", "a key that may read /metrics and nothing else "
+                "(for a Prometheus scraper)"),
+        Setting("FLEET_ALLOWED_OLLAMA_HOSTS", "", "hosts a node may name in its Ollama URL "
+                "besides the address its heartbeats come from (comma-separated; * for "
+                "any), for an agent that reports an Ollama on another machine"),
+        Setting("FLEET_PULL_REGISTRIES", "", "registries a pull may name (comma-separated "
+                "hosts; * for any); empty: only Ollama library names (namespace/name:tag)"),
+        Setting("FLEET_ORIGINS", "", "browser origins allowed besides Ollama's own "
+                "defaults (localhost, 127.0.0.1 and 0.0.0.0 on any port; app, file, tauri "
+                "and vscode pages), as OLLAMA_ORIGINS adds them: comma-separated, * for "
+                "any, one * as a wildcard (chrome-extension://*). The host of an http(s) "
+                "origin listed is also a name the router answers to "
+                "(http://herd.example.com:11435 for a DNS name of your own; others get 403 "
+                "where no key is needed)"),
+        Setting("FLEET_TLS_CERT", "", "PEM certificate (chain) file: serve HTTPS"),
+        Setting("FLEET_TLS_KEY", "", "the certificate's PEM private key file"),
+        Setting("FLEET_CLIENT_MAX_IN_FLIGHT", 0, "requests one client address may have in "
+                "flight before it gets 429 (0: no limit)"),
+        Setting("FLEET_MAX_CONNECTIONS_PER_CLIENT", 64, "connections one client address "
+                "may have open at once"),
+    ]),
+    *in_group("routing", [
+        Setting("FLEET_HEARTBEAT_TIMEOUT", 15.0, "seconds without a heartbeat before a "
+                "node is degraded"),
+        Setting("FLEET_HEARTBEAT_OFFLINE", 30.0, "seconds without a heartbeat before a "
+                "node is offline and gets no work"),
+        Setting("FLEET_HOLD_TIMEOUT", 30.0, "seconds a request waits for a node that can "
+                "serve it before a 503"),
+        Setting("FLEET_AUTO_PULL", True, "pull a model no node has onto the node with the "
+                "most free memory, then serve the request"),
+        Setting("FLEET_CONTEXT_PROTECTION", "strip", "a num_ctx that would reload a loaded "
+                "model: strip (use the loaded context, or a larger tag of the same model "
+                "loaded with room for it; never another model, never for embeddings), warn "
+                "(log only) or passthrough"),
+        Setting("FLEET_MAX_RETRIES", 2, "other nodes tried when a node fails before the "
+                "first chunk"),
+        Setting("FLEET_LEARNING", True, "route by what the fleet has learned: each "
+                "node+model's speed, answer length and best concurrency (false: by counts "
+                "only)"),
+        Setting("FLEET_FIRST_BYTE_TIMEOUT", 300.0, "seconds for Ollama to start answering "
+                "(covers model load and prompt evaluation)"),
+    ]),
+    *in_group("storage", [
+        Setting("FLEET_DATA_DIR", DATA_DIR, "traces (latency.db) and logs/"),
+        *LOG_SETTINGS,
+    ]),
+]
+
+# The router's fixed values: what only a developer would change (health thresholds,
+# buffer sizes, time-outs of the plumbing). Not read from the environment; a test sets
+# them through load_router_config's `tuned`.
+ROUTER_FIXED = [
     Setting("FLEET_STARTUP_WINDOW", 6.0, "seconds after start during which a model no "
             "node has reported yet waits (nodes report every 5 s) instead of a 404"),
-    Setting("FLEET_AUTO_PULL", True, "pull a model no node has onto the node with the "
-            "most free memory, then serve the request"),
     Setting("FLEET_AUTO_PULL_TIMEOUT", 600.0, "seconds a request waits for such a pull "
             "(503 after; the pull goes on)"),
-    Setting("FLEET_CONTEXT_PROTECTION", "strip", "a num_ctx that would reload a loaded "
-            "model: strip (use the loaded context, or a larger tag of the same model "
-            "loaded with room for it; never another model, never for embeddings), warn "
-            "(log only) or passthrough"),
-    Setting("FLEET_MAX_RETRIES", 2, "other nodes tried when a node fails before the "
-            "first chunk"),
-    Setting("FLEET_CLIENT_MAX_IN_FLIGHT", 0, "requests one client address may have in "
-            "flight before it gets 429 (0: no limit)"),
     Setting("FLEET_DEFAULT_NUM_PARALLEL", 4, "requests in flight per node+model when the "
             "node cannot tell Ollama's OLLAMA_NUM_PARALLEL"),
-    Setting("FLEET_LEARNING", True, "route by what the fleet has learned: each node+model's "
-            "speed, answer length and best concurrency (false: by counts only)"),
     Setting("FLEET_PRE_WARM_THRESHOLD", 3, "requests queued or running on the chosen "
             "node+model at which the runner-up node loads the model too (0: never)"),
     Setting("FLEET_REBALANCE_INTERVAL", 5.0, "seconds between moves of queued requests "
@@ -4074,23 +4137,14 @@ ROUTER_SETTINGS = [
             "head (a slow sender cannot hold a connection open)"),
     Setting("FLEET_MAX_CONNECTIONS", 512, "client connections open at once; more get a 503 "
             "and are closed (kept below the process's file limit)"),
-    Setting("FLEET_MAX_CONNECTIONS_PER_CLIENT", 64, "connections one client address may "
-            "have open at once"),
     Setting("FLEET_MAX_NODES", 256, "nodes the router keeps track of; a new node id past "
             "it is refused"),
     Setting("FLEET_FORGET_OFFLINE_AFTER", 86400.0, "seconds a node may stay offline "
             "before the router forgets it"),
     Setting("FLEET_CONNECT_TIMEOUT", 5.0, "seconds to connect to a node's Ollama"),
-    Setting("FLEET_FIRST_BYTE_TIMEOUT", 300.0, "seconds for Ollama to start answering "
-            "(covers model load and prompt evaluation)"),
     Setting("FLEET_CHUNK_TIMEOUT", 120.0, "seconds of silence mid-response before the "
             "node counts as stalled"),
-    Setting("FLEET_LOCAL_NODE", True, "serve an Ollama on this machine as a node "
-            "without an agent"),
-    Setting("FLEET_LOCAL_OLLAMA_URL", "http://127.0.0.1:11434", "where that local "
-            "Ollama listens"),
     Setting("FLEET_LOCAL_NODE_INTERVAL", 5.0, "seconds between polls of the local Ollama"),
-    Setting("FLEET_MDNS", True, "advertise the router as _fleet-manager._tcp on the LAN"),
     Setting("FLEET_TRACE_QUEUE", 10000, "trace rows buffered for the writer before "
             "rows are dropped (and counted)"),
     Setting("FLEET_TRACE_RETENTION_DAYS", 30, "traces older than this are deleted "
@@ -4105,40 +4159,58 @@ ROUTER_SETTINGS = [
     Setting("FLEET_HEALTH_THRASH_LOADS", 3, "loads of one model on one node in an hour that "
             "count as thrashing"),
     Setting("FLEET_SHUTDOWN_GRACE", 30.0, "seconds streams get to finish on SIGTERM"),
-    *LOG_SETTINGS,
 ]
 
 NODE_SETTINGS = [
-    Setting("FLEET_NODE_ROUTER_URL", "", "router URL; empty means find it by mDNS"),
-    Setting("FLEET_NODE_NODE_ID", "", "this node's name: 1-64 ASCII letters, digits, '.', "
-            "'_' or '-' (default: the short hostname, without other characters)"),
-    Setting("FLEET_NODE_OLLAMA_HOST", "http://localhost:11434", "where Ollama listens"),
-    Setting("FLEET_NODE_OLLAMA_URL", "", "the Ollama URL the router should dial "
-            "(default: derived from the address this machine uses to reach the router)"),
-    Setting("FLEET_NODE_HEARTBEAT_INTERVAL", 5.0, "seconds between heartbeats"),
-    Setting("FLEET_NODE_TOKEN", "", "the router's FLEET_TOKEN, if it has one: heartbeats "
-            "are signed with it (it is never sent)"),
-    Setting("FLEET_NODE_CA", "", "PEM file of the CA that signed the router's TLS "
-            "certificate (default: the system's certificates)"),
+    *in_group("basics", [
+        Setting("FLEET_NODE_ROUTER_URL", "", "router URL; empty means find it by mDNS"),
+        Setting("FLEET_NODE_NODE_ID", "", "this node's name: 1-64 ASCII letters, digits, "
+                "'.', '_' or '-' (default: the short hostname, without other characters)"),
+        Setting("FLEET_NODE_OLLAMA_HOST", "http://localhost:11434", "where Ollama listens"),
+        Setting("FLEET_NODE_OLLAMA_URL", "", "the Ollama URL the router should dial "
+                "(default: derived from the address this machine uses to reach the "
+                "router)"),
+        Setting("FLEET_NODE_NUM_PARALLEL", 0, "Ollama's parallel slots; 0 means read "
+                "OLLAMA_NUM_PARALLEL from the running Ollama, else this agent's "
+                "environment"),
+        Setting("FLEET_NODE_HEARTBEAT_INTERVAL", 5.0, "seconds between heartbeats"),
+        Setting("FLEET_NODE_ENABLE_CAPACITY_LEARNING", False, "for a laptop or a shared "
+                "machine: learn when its owner uses it (by hour of the week), report how "
+                "available it is and how much memory models may have, and pause it while "
+                "the camera or microphone is in use, memory pressure is critical or the "
+                "owner keeps the CPU busy; off: a dedicated machine, always at full "
+                "capacity"),
+    ]),
+    *in_group("security", [
+        Setting("FLEET_NODE_TOKEN", "", "the router's FLEET_TOKEN, if it has one: "
+                "heartbeats are signed with it (it is never sent)"),
+        Setting("FLEET_NODE_CA", "", "PEM file of the CA that signed the router's TLS "
+                "certificate (default: the system's certificates)"),
+    ]),
+    *in_group("media", [
+        Setting("FLEET_NODE_IMAGE_URL", "", "an OpenAI-compatible image server this agent "
+                "serves images through (e.g. a stable-diffusion server on a Linux GPU "
+                "box): its GET /v1/models are the image models advertised"),
+        Setting("FLEET_NODE_TRANSCRIBE_URL", "", "an OpenAI-compatible transcription "
+                "server (whisper.cpp, faster-whisper) this agent serves speech-to-text "
+                "through"),
+        Setting("FLEET_NODE_MEDIA_TIMEOUT", 600.0, "seconds one image request (all of its "
+                "n pictures) or transcription may take before its tool is killed (a 504)"),
+    ]),
+    *in_group("storage", [
+        Setting("FLEET_NODE_DATA_DIR", DATA_DIR, "logs/, the state saved on drain "
+                "(node-state-<id>.json) and the capacity learner's "
+                "capacity-learner-<id>.json live here"),
+        *LOG_SETTINGS,
+    ]),
+]
+
+# The agent's fixed values, as the router's above.
+NODE_FIXED = [
     Setting("FLEET_NODE_DRAIN_TIMEOUT", 30.0, "seconds a stopping agent waits for the "
             "requests running on this node to finish before it leaves the fleet"),
-    Setting("FLEET_NODE_NUM_PARALLEL", 0, "Ollama's parallel slots; 0 means read "
-            "OLLAMA_NUM_PARALLEL from the running Ollama, else this agent's environment"),
-    Setting("FLEET_NODE_ENABLE_CAPACITY_LEARNING", False, "for a laptop or a shared "
-            "machine: learn when its owner uses it (by hour of the week), report how "
-            "available it is and how much memory models may have, and pause it while "
-            "the camera or microphone is in use, memory pressure is critical or the "
-            "owner keeps the CPU busy; off: a dedicated machine, always at full capacity"),
-    Setting("FLEET_NODE_DATA_DIR", DATA_DIR, "logs/, the state saved on drain "
-            "(node-state-<id>.json) and the capacity learner's "
-            "capacity-learner-<id>.json live here"),
     Setting("FLEET_NODE_MDNS_INTERFACES", "", "comma-separated IPs to browse mDNS on "
             "(default: all interfaces)"),
-    Setting("FLEET_NODE_IMAGE_URL", "", "an OpenAI-compatible image server this agent "
-            "serves images through (e.g. a stable-diffusion server on a Linux GPU box): its "
-            "GET /v1/models are the image models advertised"),
-    Setting("FLEET_NODE_TRANSCRIBE_URL", "", "an OpenAI-compatible transcription server "
-            "(whisper.cpp, faster-whisper) this agent serves speech-to-text through"),
     Setting("FLEET_NODE_MEDIA_CLI", True, "look on PATH for mflux's mflux-generate* "
             "commands and DiffusionKit's diffusionkit-cli (images) and mlx-qwen3-asr "
             "(speech), and serve them (Apple Silicon)"),
@@ -4156,14 +4228,11 @@ NODE_SETTINGS = [
     Setting("FLEET_NODE_MEDIA_PORT", 11436, "port of the agent's media server"),
     Setting("FLEET_NODE_MEDIA_URL", "", "the media server URL the router should dial "
             "(default: derived like the Ollama URL)"),
-    Setting("FLEET_NODE_MEDIA_TIMEOUT", 600.0, "seconds one image request (all of its n "
-            "pictures) or transcription may take before its tool is killed (a 504)"),
     Setting("FLEET_NODE_MEDIA_CONCURRENCY", 1, "image or speech requests whose tools run "
             "at once (each kind; the n pictures of one request are drawn in turn); more "
             "wait"),
     Setting("FLEET_NODE_MAX_UPLOAD_MB", 512.0, "largest speech upload the media server "
             "takes (413 beyond)"),
-    *LOG_SETTINGS,
 ]
 
 
@@ -4212,16 +4281,24 @@ def nearest_setting(name, own, other):
     return best
 
 
-def misnamed_settings(environ, own, other, token_set, skip_prefix=None):
+def misnamed_settings(environ, own, other, token_set, skip_prefix=None, fixed=(),
+                      other_fixed=()):
     """One warning line for each FLEET_* variable in `environ` that this program (its
     table `own`; `other` is the other program's) ignores by mistake: a name neither
-    program reads, with the nearest that one does, or the other's token name while
-    this program's token is not set (`token_set`)."""
+    program reads, with the nearest that one does; one of this program's `fixed` values
+    (a setting once, now a constant); or the other's token name while this program's
+    token is not set (`token_set`)."""
+    fixed = {s.name: s for s in fixed}
     own = [s.name for s in own]
     other = [s.name for s in other]
+    quiet = {*other, *(s.name for s in other_fixed)}  # the other program's to judge
     lines = []
     for name in sorted(n for n in environ if n.startswith("FLEET_")):
         if name in own:
+            continue
+        if name in fixed:
+            lines.append(f"{name} is now a fixed value ({shown_default(fixed[name])}) and "
+                         f"is ignored")
             continue
         if name in TOKEN_SETTINGS:  # the other program's token
             if not token_set:
@@ -4229,7 +4306,7 @@ def misnamed_settings(environ, own, other, token_set, skip_prefix=None):
                 lines.append(f"{name} is {owner_of(name)} setting; {owner_of(mine)} token "
                              f"is {mine}, which is not set")
             continue
-        if name in other or skip_prefix and name.startswith(skip_prefix):
+        if name in quiet or skip_prefix and name.startswith(skip_prefix):
             continue
         nearest = nearest_setting(name, own, other)
         if nearest is None:

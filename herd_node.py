@@ -6,7 +6,7 @@ seconds tells it what this machine is and holds: hardware, memory, CPU, disk, Ol
 version and settings, models on disk, models loaded, and how many requests Ollama
 serves in parallel. If Ollama is down it keeps reporting that, and picks up again by
 itself when Ollama is back. On SIGTERM / Ctrl-C it drains: the router sends no new
-work here, the requests running here finish (up to FLEET_NODE_DRAIN_TIMEOUT; a second
+work here, the requests running here finish (up to 30 s; a second
 Ctrl-C stops waiting), and then the agent tells the router it has left.
 
 On a laptop, FLEET_NODE_ENABLE_CAPACITY_LEARNING=true makes it learn when its owner
@@ -17,7 +17,7 @@ camera or microphone is in use, memory pressure is critical or the owner's CPU s
 It can also serve images and speech itself (see "Media" below): mflux's commands,
 DiffusionKit's diffusionkit-cli or mlx-qwen3-asr found on PATH, or an OpenAI-compatible
 server named by FLEET_NODE_IMAGE_URL / FLEET_NODE_TRANSCRIBE_URL, on its media server
-(FLEET_NODE_MEDIA_PORT, 11436), which only the router's signed requests may use.
+(port 11436), which only the router's signed requests may use.
 
 Run:   python herd_node.py                      (find the router by mDNS)
        python herd_node.py --router-url http://192.168.1.10:11435
@@ -74,6 +74,7 @@ except ImportError:  # pragma: no cover
 log = logging.getLogger("herd.node")
 
 NODE_SETTINGS = hc.NODE_SETTINGS  # herd_common's settings section: FLEET_NODE_*
+NODE_FIXED = hc.NODE_FIXED  # and the fixed values beside them
 
 ####################################################################################
 # Finding the router
@@ -1646,7 +1647,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="herd_node.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Herd node agent: reports this machine's Ollama to the Herd router.",
-        epilog="settings (environment variables):\n" + hc.format_settings_help(NODE_SETTINGS))
+        epilog=hc.format_settings_help(NODE_SETTINGS))
     parser.add_argument("--router-url", help="router URL, skipping mDNS "
                                              "(FLEET_NODE_ROUTER_URL)")
     parser.add_argument("--node-id", help="this node's name (FLEET_NODE_NODE_ID)")
@@ -1655,10 +1656,12 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def load_node_config(environ, args):
+def load_node_config(environ, args, tuned=None):
+    """The frozen config from the environment and command line; ConfigError if bad.
+    `tuned` sets fixed values by name (tests only)."""
     cfg = hc.load_config(NODE_SETTINGS, environ, "FLEET_NODE_", {
         "router_url": args.router_url, "node_id": args.node_id,
-        "ollama_host": args.ollama_host, "token": args.token})
+        "ollama_host": args.ollama_host, "token": args.token}, NODE_FIXED, tuned)
     hc.check_log_level("FLEET_LOG_LEVEL", cfg.log_level)
     hc.check_log_level("FLEET_CONSOLE_LOG_LEVEL", cfg.console_log_level)
     for name in ("router_url", "ollama_host", "ollama_url", "image_url", "transcribe_url",
@@ -1693,8 +1696,9 @@ def load_node_config(environ, args):
     values["ollama_host"] = values["ollama_host"].rstrip("/")
     if values["ollama_host"] and "://" not in values["ollama_host"]:
         values["ollama_host"] = "http://" + values["ollama_host"]
-    values["misnamed"] = tuple(hc.misnamed_settings(environ, NODE_SETTINGS, hc.ROUTER_SETTINGS,
-                                                    bool(cfg.token)))
+    values["misnamed"] = tuple(hc.misnamed_settings(
+        environ, NODE_SETTINGS, hc.ROUTER_SETTINGS, bool(cfg.token), fixed=NODE_FIXED,
+        other_fixed=hc.ROUTER_FIXED))
     return hc.Config(values, cfg.sources)
 
 

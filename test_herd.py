@@ -100,6 +100,14 @@ def wait_until(predicate, timeout=10.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def split_fixed(environ, fixed):
+    """(the environment, the fixed values a test sets): a test names both alike, as
+    FLEET_* variables, but a program reads only its settings from the environment."""
+    names = {st.name for st in fixed}
+    return ({k: v for k, v in environ.items() if k not in names},
+            {k: v for k, v in environ.items() if k in names})
+
+
 class Harness:
     """A router and fake Ollamas on one background loop."""
 
@@ -128,7 +136,8 @@ class Harness:
                    "FLEET_DATA_DIR": str(self.data_dir),
                    "FLEET_CONSOLE_LOG_LEVEL": "CRITICAL"}
         environ.update({k: str(v) for k, v in env.items()})
-        cfg = herd.load_router_config(environ, herd.parse_args([]))
+        environ, tuned = split_fixed(environ, herd.ROUTER_FIXED)
+        cfg = herd.load_router_config(environ, herd.parse_args([]), tuned)
         hc.setup_logging(cfg.data_dir, "herd.jsonl", cfg.log_level, cfg.console_log_level)
 
         async def _start():
@@ -145,7 +154,8 @@ class Harness:
                    "FLEET_NODE_OLLAMA_HOST": fake.url, "FLEET_NODE_TOKEN": router.cfg.token,
                    "FLEET_NODE_DATA_DIR": str(self.tmp_path / "node")}
         environ.update({k: str(v) for k, v in env.items()})
-        cfg = herd_node.load_node_config(environ, herd_node.parse_args([]))
+        environ, tuned = split_fixed(environ, herd_node.NODE_FIXED)
+        cfg = herd_node.load_node_config(environ, herd_node.parse_args([]), tuned)
         return herd_node.Agent(cfg)
 
     def heartbeat(self, router, fake, node_id, mutate=None, **env):
@@ -1793,14 +1803,14 @@ def test_an_upload_past_the_limit_is_a_413_in_each_apis_shape_and_leaves_nothing
         status, body = read_response(s)
     error = json.loads(body)["error"]
     assert status == 413 and error["type"] == "invalid_request_error"
-    assert "FLEET_MAX_UPLOAD_MB (1048576 bytes)" in error["message"]
+    assert "larger than the router's limit (1048576 bytes)" in error["message"]
     # Chunked, file first: it goes past while it is spooled, before any node hears.
     with socket.create_connection(("127.0.0.1", router.port), timeout=10) as s:
         s.sendall(upload_head("/api/transcribe"))
         send_chunked(s, form_part("file", "a.wav") + audio + b"\r\n" +
                      form_part("model") + model.encode() + b"\r\n--b--\r\n")
         status, body = read_response(s)
-    assert status == 413 and "FLEET_MAX_UPLOAD_MB" in json.loads(body)["error"]
+    assert status == 413 and "the router's limit" in json.loads(body)["error"]
     # The two refused from their head have no trace: no handler saw them.
     rows = [(t["endpoint"], t["http_status"], t["node_id"]) for t in h.traces(router)]
     assert rows == [("/v1/audio/transcriptions", 413, "mac-mini"),
@@ -3959,7 +3969,7 @@ def test_zombie_reaper_fails_a_request_without_progress(h):
     assert (q["active"], q["waiting"]) == (0, 0)
     assert fleet_status(router)["router"]["zombies_reaped"] == 1
     row = h.traces(router)[-1]
-    assert row["status"] == "failed" and "FLEET_STALE_TIMEOUT" in row["error_message"]
+    assert row["status"] == "failed" and "request reaped" in row["error_message"]
     fake.fault = "stall"  # stuck before answering: the client gets a 504
     status, _, body = http(router.url, "POST", "/v1/chat/completions", {
         "model": "llama3.2:3b", "messages": [{"role": "user", "content": "x"}]})
@@ -4830,7 +4840,7 @@ def test_a_blob_upload_is_streamed_to_the_node_as_it_arrives(h):
             for _ in range(24):
                 s.sendall(piece)
         answer = s.recv(65536)
-    assert answer.startswith(b"HTTP/1.1 413") and b"FLEET_MAX_BLOB_GB" in answer
+    assert answer.startswith(b"HTTP/1.1 413") and b"the router's limit (0.02 GB)" in answer
     assert list(fake.blobs) == [blob_of(data)]  # the cut-off upload left nothing
     assert http(router.url, "GET", "/api/version")[0] == 200
 
@@ -6102,8 +6112,7 @@ def test_router_process_stops_promptly_on_sigterm_with_idle_clients(tmp_path):
     port.close()
     env = {**os.environ, "FLEET_HOST": "127.0.0.1", "FLEET_PORT": str(number),
            "FLEET_MDNS": "false", "FLEET_LOCAL_NODE": "false",
-           "FLEET_DATA_DIR": str(tmp_path), "FLEET_CONSOLE_LOG_LEVEL": "INFO",
-           "FLEET_SHUTDOWN_GRACE": "60"}
+           "FLEET_DATA_DIR": str(tmp_path), "FLEET_CONSOLE_LOG_LEVEL": "INFO"}
     proc = subprocess.Popen([sys.executable, "herd.py"], cwd=HERE, env=env,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -6112,8 +6121,8 @@ def test_router_process_stops_promptly_on_sigterm_with_idle_clients(tmp_path):
         idle.sendall(b"GET / HTTP/1.1\r\nHost: r\r\n\r\n")
         assert idle.recv(1000).startswith(b"HTTP/1.1 200")  # kept alive, now idle
         proc.send_signal(signal.SIGTERM)
-        # The 60 s grace is for requests in flight; waiting on the idle client would
-        # outlast this wait.
+        # The 30 s grace (a fixed value) is for requests in flight; waiting on the idle
+        # client would outlast this wait.
         assert proc.wait(20) == 0
         idle.close()
     finally:
@@ -6129,7 +6138,7 @@ def test_router_restart_while_nodes_keep_running(h, tmp_path):
         port = s.getsockname()[1]
     env = {**os.environ, "FLEET_HOST": "127.0.0.1", "FLEET_PORT": str(port),
            "FLEET_MDNS": "false", "FLEET_LOCAL_NODE": "false", "FLEET_DATA_DIR": str(tmp_path),
-           "FLEET_CONSOLE_LOG_LEVEL": "INFO", "FLEET_STARTUP_WINDOW": "10"}
+           "FLEET_CONSOLE_LOG_LEVEL": "INFO"}  # its start-up window: 6 s, fixed
     url = f"http://127.0.0.1:{port}"
 
     def start_router():
@@ -6171,7 +6180,7 @@ def test_router_sigterm_lets_a_running_stream_finish_and_writes_its_trace(h, tmp
         port = s.getsockname()[1]
     env = {**os.environ, "FLEET_HOST": "127.0.0.1", "FLEET_PORT": str(port),
            "FLEET_MDNS": "false", "FLEET_LOCAL_NODE": "true",
-           "FLEET_LOCAL_OLLAMA_URL": fake.url, "FLEET_LOCAL_NODE_INTERVAL": "0.1",
+           "FLEET_LOCAL_OLLAMA_URL": fake.url,  # polled at once, then every 5 s
            "FLEET_DATA_DIR": str(tmp_path), "FLEET_CONSOLE_LOG_LEVEL": "INFO"}
     proc = subprocess.Popen([sys.executable, "herd.py"], cwd=HERE, env=env,
                             stderr=subprocess.PIPE, text=True)
@@ -6197,14 +6206,16 @@ def test_router_sigterm_lets_a_running_stream_finish_and_writes_its_trace(h, tmp
             proc.wait()
 
 
-def test_real_node_agent_finds_router_by_mdns_and_drains_on_sigterm(h, tmp_path):
+def test_real_node_agent_drains_on_sigterm(h, tmp_path):
+    # Given its router's URL: without one the agent browses mDNS on every interface
+    # (a fixed value), which a test must not; test_mdns_discovery_on_loopback finds
+    # the router by mDNS on loopback only.
     fake = h.fake()
-    router = h.router(FLEET_MDNS="true")
+    router = h.router()
     env = {**os.environ, "FLEET_NODE_TOKEN": router.cfg.token,
            "FLEET_NODE_DATA_DIR": str(tmp_path / "n"),
-           "FLEET_NODE_HEARTBEAT_INTERVAL": "0.2", "FLEET_CONSOLE_LOG_LEVEL": "WARNING",
-           "FLEET_NODE_MDNS_INTERFACES": "127.0.0.1"}  # no --router-url: mDNS it is
-    proc = subprocess.Popen([sys.executable, "herd_node.py",
+           "FLEET_NODE_HEARTBEAT_INTERVAL": "0.2", "FLEET_CONSOLE_LOG_LEVEL": "WARNING"}
+    proc = subprocess.Popen([sys.executable, "herd_node.py", "--router-url", router.url,
                              "--node-id", "proc-node", "--ollama-host", fake.url],
                             cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -8315,3 +8326,109 @@ def test_a_form_part_header_past_the_limit_is_refused_even_in_one_piece():
     reader = hc.FormReader(b"b")
     events = reader.feed(b'--b\r\nContent-Disposition: form-data; name="f"\r\n\r\nv\r\n--b--')
     assert [e for e, _ in events] == ["part", "data", "end", "done"]
+
+
+####################################################################################
+# Settings: forty or fewer, grouped in --help and the README; the rest fixed (issue 21)
+####################################################################################
+
+# The names the seed documentation gives: each must stay a setting, working as written.
+SEED_SETTINGS = {"FLEET_PORT", "FLEET_DATA_DIR", "FLEET_HEARTBEAT_TIMEOUT",
+                 "FLEET_HEARTBEAT_OFFLINE", "FLEET_AUTO_PULL", "FLEET_CONTEXT_PROTECTION",
+                 "FLEET_MAX_RETRIES", "FLEET_LOG_LEVEL", "FLEET_CONSOLE_LOG_LEVEL",
+                 "FLEET_NODE_DATA_DIR", "FLEET_NODE_ENABLE_CAPACITY_LEARNING"}
+ROUTER_GROUPS = ["basics", "security", "routing", "storage"]
+NODE_GROUPS = ["basics", "security", "media", "storage"]
+
+
+def help_groups(text):
+    """{group: [setting names]} in the order a --help epilog lists them."""
+    groups, group = {}, None
+    for line in text.split("settings (environment variables):", 1)[1].splitlines():
+        if re.fullmatch(r"[a-z]+:", line):
+            group = groups.setdefault(line[:-1], [])
+        elif m := re.match(r"  (FLEET_[A-Z_]+)", line):
+            group.append(m.group(1))
+    return groups
+
+
+def test_forty_or_fewer_user_settings_and_the_seeds_names_among_them():
+    user = {st.name for st in herd.ROUTER_SETTINGS + herd_node.NODE_SETTINGS}
+    fixed = {st.name for st in herd.ROUTER_FIXED + herd_node.NODE_FIXED}
+    assert len(user) <= 40, sorted(user)
+    assert SEED_SETTINGS <= user and not user & fixed
+    assert all(st.group for st in herd.ROUTER_SETTINGS + herd_node.NODE_SETTINGS)
+    assert not any(st.group for st in herd.ROUTER_FIXED + herd_node.NODE_FIXED)
+
+
+@pytest.mark.parametrize("script, table, groups", [
+    ("herd.py", "ROUTER_SETTINGS", ROUTER_GROUPS),
+    ("herd_node.py", "NODE_SETTINGS", NODE_GROUPS)])
+def test_help_lists_the_settings_by_group_within_the_terminals_width(script, table, groups):
+    out = run_script([script, "--help"], {"COLUMNS": "80"})
+    assert out.returncode == 0
+    widest = max(out.stdout.splitlines(), key=len)
+    assert len(widest) <= 80, widest
+    settings = getattr(hc, table)
+    listed = help_groups(out.stdout)
+    assert list(listed) == groups
+    assert listed == {g: [st.name for st in settings if st.group == g] for g in groups}
+    fixed = herd.ROUTER_FIXED if script == "herd.py" else herd_node.NODE_FIXED
+    assert not [st.name for st in fixed if re.search(rf"\b{st.name}\b", out.stdout)]
+
+
+def test_narrow_help_still_wraps_within_the_width():
+    text = hc.format_settings_help(herd.ROUTER_SETTINGS, width=50)
+    assert max(len(line) for line in text.splitlines()) <= 50
+    assert "  FLEET_ORIGINS (default: \"\")" in text  # a default shown even beside "defaults"
+
+
+def test_the_readme_groups_the_settings_as_help_does():
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        section = f.read().split("\n## Settings\n", 1)[1].split("\n## ", 1)[0]
+    found, heading = {}, None
+    for line in section.splitlines():
+        if m := re.match(r"(Router|Node agent), ([a-z]+)", line):
+            heading = found.setdefault((m.group(1), m.group(2)), [])
+        elif m := re.match(r"\| `(FLEET_[A-Z_]+)` \|", line):
+            heading.append(m.group(1))
+    expected = {("Router", g): [st.name for st in herd.ROUTER_SETTINGS if st.group == g]
+                for g in ROUTER_GROUPS}
+    expected.update({("Node agent", g): [st.name for st in herd_node.NODE_SETTINGS
+                                         if st.group == g and st.name.startswith(
+                                             "FLEET_NODE_")]  # the log settings: above
+                     for g in NODE_GROUPS})
+    assert found == expected
+
+
+def test_a_fixed_value_in_the_environment_is_ignored_and_named_so(tmp_path):
+    cfg = herd.load_router_config({"FLEET_DATA_DIR": str(tmp_path), "FLEET_TRACE_QUEUE": "5",
+                                   "FLEET_NODE_MEDIA_PORT": "1"}, herd.parse_args([]))
+    assert cfg.trace_queue == 10000 and cfg.sources["trace_queue"] == "fixed"
+    assert cfg.misnamed == ("FLEET_TRACE_QUEUE is now a fixed value (10000) and is ignored",)
+    cfg = herd_node.load_node_config({"FLEET_NODE_DATA_DIR": str(tmp_path),
+                                      "FLEET_NODE_MEDIA_CLI": "no",
+                                      "FLEET_TRACE_QUEUE": "5"}, herd_node.parse_args([]))
+    assert cfg.media_cli is True  # and the router's fixed value is the router's to name
+    assert cfg.misnamed == ("FLEET_NODE_MEDIA_CLI is now a fixed value (true) and is "
+                            "ignored",)
+
+
+def test_a_test_may_still_tune_a_fixed_value(tmp_path):
+    cfg = herd.load_router_config({"FLEET_DATA_DIR": str(tmp_path)}, herd.parse_args([]),
+                                  {"FLEET_TRACE_QUEUE": "5"})
+    assert cfg.trace_queue == 5 and cfg.misnamed == ()
+    with pytest.raises(hc.ConfigError, match="FLEET_TRACE_QUEUE must not be negative"):
+        herd.load_router_config({}, herd.parse_args([]), {"FLEET_TRACE_QUEUE": "-1"})
+
+
+def test_settings_api_lists_the_fixed_values_apart(h):
+    router = h.router(FLEET_TRACE_QUEUE=5)
+    body = get_json(router.url, "/dashboard/api/settings")
+    names = [s["name"] for s in body["settings"]]
+    assert names == [st.name for st in herd.ROUTER_SETTINGS]
+    assert {s["group"] for s in body["settings"]} == set(ROUTER_GROUPS)
+    fixed = {s["name"]: s for s in body["fixed"]}
+    assert list(fixed) == [st.name for st in herd.ROUTER_FIXED]
+    assert fixed["FLEET_TRACE_QUEUE"]["value"] == 5
+    assert fixed["FLEET_HEALTH_ERROR_RATE"]["value"] == 0.05
