@@ -314,9 +314,9 @@ PRESSURE = Fleet(
 FLEETS = {f.name: f for f in (FITS, PRESSURE)}
 
 HERD_SETTINGS = {"FLEET_MDNS": "false", "FLEET_LOCAL_NODE": "false",
-                 "FLEET_SHUTDOWN_GRACE": "2", "FLEET_CONSOLE_LOG_LEVEL": "WARNING",
+                 "FLEET_CONSOLE_LOG_LEVEL": "WARNING",
                  # one client address stands in for all the users
-                 "FLEET_MAX_CONNECTIONS_PER_CLIENT": "1024", "FLEET_MAX_CONNECTIONS": "1024"}
+                 "FLEET_MAX_CONNECTIONS_PER_CLIENT": "1024"}
 OLLAMA_HERD = "ollama-herd==0.11.4"
 OLLAMA_HERD_VENV = os.path.expanduser("~/.cache/herd-bench/ollama-herd-0.11.4")
 OLLAMA_HERD_MDNS = "_herdbench._tcp.local."  # not the real herd's service type
@@ -414,7 +414,7 @@ def start_router(exits, workdir, settings):
     """herd.py on a free port with a temporary FLEET_DATA_DIR; returns (process, port)."""
     port = free_port()
     env = {"FLEET_HOST": "127.0.0.1", "FLEET_PORT": str(port), "FLEET_MDNS": "false",
-           "FLEET_DATA_DIR": os.path.join(workdir, "data"), "FLEET_SHUTDOWN_GRACE": "2",
+           "FLEET_DATA_DIR": os.path.join(workdir, "data"),
            "FLEET_CONSOLE_LOG_LEVEL": "WARNING", **settings}
     return start_process(exits, ["herd.py"], env, os.path.join(workdir, "router.log")), port
 
@@ -1556,7 +1556,6 @@ def start_herd(exits, group, workdir, net, learning=True):
                        "FLEET_NODE_OLLAMA_URL": net.ollama_url(i),
                        "FLEET_NODE_NUM_PARALLEL": str(m.slots),
                        "FLEET_NODE_HEARTBEAT_INTERVAL": "1",
-                       "FLEET_NODE_DRAIN_TIMEOUT": "2",
                        "FLEET_NODE_DATA_DIR": os.path.join(workdir, f"agent-{m.name}"),
                        "FLEET_CONSOLE_LOG_LEVEL": "WARNING"},
                       os.path.join(workdir, f"agent-{m.name}.log"), prefix=net.prefix(i),

@@ -682,8 +682,8 @@ class Fleet:
             return
         gone = [n for n in self.nodes.values() if n.status in GONE]
         if not gone:
-            raise NodeRefused(503, f"the fleet has FLEET_MAX_NODES={self.cfg.max_nodes} "
-                                   f"nodes online; raise it to add more")
+            raise NodeRefused(503, f"the fleet has {self.cfg.max_nodes} nodes online, the "
+                                   f"most it takes; a node joins once another goes offline")
         self.remove(min(gone, key=lambda n: n.offline_since or 0.0).node_id)
 
     def _rebind(self, node, source):
