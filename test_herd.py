@@ -4278,6 +4278,7 @@ def healthy_snapshot():
     limits = {"error_rate": 0.05, "retry_rate": 0.10, "disconnect_rate": 0.10,
               "thrash_loads": 3}
     return {"nodes": [node, {**node, "node_id": "b"}], "loads_by_model": {}, "events": {},
+            "thrashes_by_model": {},
             "limits": limits,
             "zombies_reaped": 0, "heartbeat_timeout": 15.0, "open_fleet": False,
             "speed_drops": [],
@@ -4309,7 +4310,8 @@ HEALTH_CASES = [
     ("kv_cache_bloat", "warning", crafted(node_loaded=[{
         "model": "llama3.2:3b", "size": 9 * GIB, "size_vram": 9 * GIB,
         "disk_size": 2 * GIB, "context_length": 131072}]), "9.0 GiB for 2.0 GiB"),
-    ("model_thrashing", "warning", crafted(loads_by_model={("a", "llama3.2:3b"): 4}),
+    ("model_thrashing", "warning", crafted(loads_by_model={("a", "llama3.2:3b"): 4},
+                                           thrashes_by_model={("a", "llama3.2:3b"): 2}),
      "4 times"),
     ("request_timeouts", "warning", crafted(timeouts=3), "3 requests"),
     ("error_rates", "critical", crafted(failed=30), "30 of 100 requests (30%)"),
