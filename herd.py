@@ -1390,6 +1390,7 @@ MAX_DEMAND_MODELS = 256  # models whose demand is kept (the quietest is forgotte
 MAX_PLANNED_MODELS = 32  # the busiest models the planner weighs (its search grows with them)
 GUESS_TPS_GB = 100.0  # tokens/s of a 1 GB model when nothing is learned (falls with size)
 GUESS_LOAD_S, GUESS_LOAD_S_GB = 1.0, 0.5  # a load's guess: base + per GB of weights
+PLAN_MARGIN = 0.2  # a new plan must cost a fifth less than the last to replace it
 MOVE_WINDOW_S = 120.0  # the Warmer never undoes its own move this soon, plan unchanged
 
 
@@ -1465,6 +1466,9 @@ class Placement:
         models = self._plan_models(nodes)
         plan = hc.plan_placement(nodes, models, self._start(nodes))
         self.inputs = {n.node_id: n for n in nodes}, {m.name: m for m in models}
+        if self._hardly_better(plan, nodes, models):
+            plan = hc.describe_plan({n: set(v) for n, v in self.plan.hot.items()},
+                                    self.plan.reasons, nodes, self.inputs[1], {})
         placed = {n: names for n, names in plan.hot.items() if names}
         if placed != {n: v for n, v in (self.plan.hot if self.plan else {}).items() if v}:
             self.version += 1
@@ -1476,6 +1480,31 @@ class Placement:
                     extra={"event": "placement_plan"})
         self.plan, self.built_at = plan, now
         return plan
+
+    def _hardly_better(self, plan, nodes, models):
+        """Is `plan` within PLAN_MARGIN of the last one, which still fits the same
+        nodes? Two models of about the same demand for one place would otherwise trade
+        it back and forth as their rates drift, each trade a load and a new version."""
+        last = self.plan
+        if last is None or set(last.hot) != {n.node_id for n in nodes}:
+            return False
+        by_name = {m.name: m for m in models}
+        if not all(self._fits(names, node, by_name) for node in nodes
+                   for names in [last.hot[node.node_id]]):
+            return False
+        before = hc.placement_cost({n: set(v) for n, v in last.hot.items()}, nodes, by_name)
+        after = hc.placement_cost({n: set(v) for n, v in plan.hot.items()}, nodes, by_name)
+        return before - after <= PLAN_MARGIN * before
+
+    @staticmethod
+    def _fits(names, node, models):
+        """Do these models, all of them weighed now, fit on `node` together?"""
+        placed = set()
+        for name in names:
+            if name not in models or not hc.fits_on(models[name], node, placed, models):
+                return False
+            placed.add(name)
+        return True
 
     def _start(self, nodes):
         """Where the search starts: the last plan, for the nodes it knew; what is
