@@ -1561,17 +1561,36 @@ class Placement:
 
     def service_s(self, model, size, speeds):
         """Seconds one answer of `model` takes on a node of speed 1: as learned on the
-        nodes that timed it (scaled by their speed), else guessed from its size."""
+        nodes that timed it (scaled by their speed); else the models that were timed,
+        scaled by size (decoding reads all the weights for every token); else a guess
+        from its size alone."""
+        learned = self._timed_s(model, speeds)
+        if learned:
+            return learned
+        scaled = [run_s * size / other for name, other, run_s in self._timed_models(speeds)
+                  if other and name != model]
+        if scaled and size:
+            return statistics.median(scaled)
+        tps = GUESS_TPS_GB / max(0.5, size / 1e9)
+        return self.learner.answer_tokens(model) / tps
+
+    def _timed_s(self, model, speeds):
+        """The median learned run of one answer of `model`, at speed 1 (0: untimed)."""
         seen = []
         for node_id, s in self.learner.by_model.get(model, {}).items():
             run_s = (s.service_ms or 0.0) / 1000 or (s.tokens / s.decode_tps
                                                      if s.tokens and s.decode_tps else 0.0)
             if run_s and node_id in speeds:
                 seen.append(run_s * speeds[node_id])
-        if seen:
-            return statistics.median(seen)
-        tps = GUESS_TPS_GB / max(0.5, size / 1e9)
-        return self.learner.answer_tokens(model) / tps
+        return statistics.median(seen) if seen else 0.0
+
+    def _timed_models(self, speeds):
+        """(model, size, seconds an answer takes at speed 1) for each model timed."""
+        for model, by_node in list(self.learner.by_model.items())[:MAX_PLANNED_MODELS]:
+            size = max((s.size for s in by_node.values()), default=0)
+            run_s = self._timed_s(model, speeds)
+            if run_s:
+                yield model, size, run_s
 
     def load_s(self, node, model):
         """Seconds to load `model` on `node`: as learned, else guessed from its size."""

@@ -7513,3 +7513,141 @@ def test_refusals_that_reach_no_node_are_traced_at_most_30_a_minute_per_client(h
     counted = re.search(r'herd_requests_total\{model="other",node="",status="rejected"'
                         r'[^}]*\} (\d+)', metrics)
     assert counted and counted.group(1) == "36"  # every refusal is still counted
+
+
+# ==================================================================================
+# Requests follow the placement plan (issue 20, second increment): routing holds back
+# the cold loads the plan does not want, the Warmer moves models on purpose, thrashes
+# are counted apart from planned moves, /fleet/status shows the plan
+# ==================================================================================
+
+
+def join_holding(h, router, fake, node_id, max_loaded, slots=None):
+    """join(), the node saying how many models its Ollama holds at once."""
+    join(h, router, fake, node_id, slots=slots, mutate=lambda hb: hb["ollama"].update(
+        max_loaded_models=max_loaded))
+
+
+def ask_for(h, router, model, times):
+    """The demand `times` requests for `model` bring, counted as their arrival counts
+    it (Placement.count): a real shift in demand takes a minute of requests, since the
+    rate forgets over a minute."""
+    h.bg.call(lambda: [router.scheduler.placement.count(model) for _ in range(times)])
+
+
+def follow_plan(h, router):
+    """One round of the placement duty now (it runs every few seconds): the plan is
+    rebuilt and the moves it asks for start. No API starts a round."""
+    h.bg.call(router.proxy.warmer.follow_plan)
+
+
+def placement(router):
+    return fleet_status(router)["placement"]
+
+
+def planned_models(router):
+    return {n: [e["model"] for e in entries]
+            for n, entries in placement(router)["nodes"].items() if entries}
+
+
+def test_a_request_waits_where_its_model_is_hot_rather_than_push_out_a_planned_one(h):
+    # node-a has llama loaded and one slot. node-b holds one model at a time: the coder,
+    # which the plan keeps there. Loading llama on node-b is quick, but the coder would
+    # then take seconds to come back: while node-a's queue is shorter than both loads,
+    # requests wait for node-a (the scoring alone sends the third one to node-b).
+    a = h.fake(num_parallel=1, chunks=40, chunk_delay=0.02, models=["llama3.2:3b"])
+    b = h.fake("127.0.0.2", num_parallel=1, chunks=40, chunk_delay=0.02, max_loaded=1,
+               load_delay=0.2, load_per_gb=0.3, models=["llama3.2:3b", "qwen2.5-coder:14b"])
+    router = h.router()
+    load_on(a, "llama3.2:3b")
+    join_holding(h, router, a, "node-a", 1, slots=1)
+    join_holding(h, router, b, "node-b", 1, slots=1)
+    assert generate(router, "qwen2.5-coder:14b")[1] == "node-b"  # its load, timed
+    assert serve_in_turns(router, 3, 1) == ["node-a"] * 3
+    follow_plan(h, router)
+    assert planned_models(router) == {"node-a": ["llama3.2:3b"],
+                                      "node-b": ["qwen2.5-coder:14b"]}
+    threads, results = start_requests(router, 4)
+    for t in threads:
+        t.join(30)
+    assert [r[0] for r in results] == [200] * 4
+    assert [r[1]["x-fleet-node"] for r in results] == ["node-a"] * 4
+    assert all(json.loads(r[2])["model"] == "llama3.2:3b" for r in results)
+    assert b.load_count == 1 and list(b.loaded) == ["qwen2.5-coder:14b"]
+
+
+def test_a_shift_in_demand_moves_one_model_on_purpose_and_the_plan_says_why(h):
+    # node-a holds two models: llama, asked for by nobody, and qwen; node-b holds
+    # mistral. When gemma2 is asked for, the plan puts it in llama's place: llama is
+    # unloaded (keep_alive 0) before gemma2 loads, and nothing else moves.
+    on_disk = ["llama3.2:3b", "qwen2.5:7b", "mistral:7b", "gemma2:9b"]
+    a = h.fake(max_loaded=2, models=on_disk)
+    b = h.fake("127.0.0.2", max_loaded=1, models=on_disk)
+    router = h.router(FLEET_HEALTH_THRASH_LOADS=1)
+    for fake, model in ((a, "llama3.2:3b"), (a, "qwen2.5:7b"), (b, "mistral:7b")):
+        load_on(fake, model)
+    join_holding(h, router, a, "node-a", 2, slots=4)
+    join_holding(h, router, b, "node-b", 1, slots=4)
+    ask_for(h, router, "qwen2.5:7b", 2)
+    ask_for(h, router, "mistral:7b", 2)
+    follow_plan(h, router)
+    before = placement(router)
+    assert planned_models(router) == {"node-a": ["llama3.2:3b", "qwen2.5:7b"],
+                                      "node-b": ["mistral:7b"]}
+    assert before["planned_loads"] == before["planned_unloads"] == 0
+    loads_a, loads_b = a.load_count, b.load_count
+    ask_for(h, router, "gemma2:9b", 3)
+    follow_plan(h, router)
+    wait_until(lambda: "gemma2:9b" in a.loaded, what="gemma2 loaded as planned")
+    assert sorted(a.loaded) == ["gemma2:9b", "qwen2.5:7b"] and list(b.loaded) == ["mistral:7b"]
+    assert a.load_count == loads_a + 1 and b.load_count == loads_b
+    unloads = [r["body"] for r in a.requests if (r["body"] or {}).get("keep_alive") == 0]
+    assert [u["model"] for u in unloads] == ["llama3.2:3b"]
+    after = placement(router)
+    assert after["version"] == before["version"] + 1
+    assert (after["planned_loads"], after["planned_unloads"], after["thrashes"]) == (1, 1, 0)
+    reasons = {e["model"]: e["reason"] for e in after["nodes"]["node-a"]}
+    assert "in place of llama3.2:3b" in reasons["gemma2:9b"]
+    assert reasons["qwen2.5:7b"].startswith("kept:")
+    answer, node = generate(router, "gemma2:9b")
+    assert (answer["model"], node) == ("gemma2:9b", "node-a")
+    health = get_json(router.url, "/dashboard/api/health")
+    assert "model_thrashing" not in [c["check"] for c in health["checks"]]
+
+
+def test_a_planned_move_back_is_no_thrash(h):
+    # llama leaves node-a for gemma2 on purpose, then comes back on purpose (demand
+    # shifted back): each move has its own plan version, so neither is a thrash,
+    # though llama was loaded again soon after it left.
+    a = h.fake(max_loaded=1, models=["llama3.2:3b", "gemma2:9b"])
+    router = h.router(FLEET_HEALTH_THRASH_LOADS=1)
+    join_holding(h, router, a, "node-a", 1, slots=4)
+    assert generate(router)[0]["model"] == "llama3.2:3b"  # loaded for its request
+    follow_plan(h, router)
+    ask_for(h, router, "gemma2:9b", 20)
+    follow_plan(h, router)
+    wait_until(lambda: list(a.loaded) == ["gemma2:9b"], what="gemma2 in llama's place")
+    ask_for(h, router, "llama3.2:3b", 200)
+    follow_plan(h, router)
+    wait_until(lambda: list(a.loaded) == ["llama3.2:3b"], what="llama back")
+    seen = placement(router)
+    assert seen["planned_loads"] == 2 and seen["thrashes"] == 0
+    health = get_json(router.url, "/dashboard/api/health")
+    assert health["vitals"]["model_loads"] == 3  # llama, gemma2, llama again
+    assert "model_thrashing" not in [c["check"] for c in health["checks"]]
+
+
+def test_two_models_taking_turns_in_one_place_thrash_and_health_says_so(h):
+    # One place, two models asked for in turn: each request pushes the other model out,
+    # the plan unchanged (neither is worth a new plan). Every answer still comes from
+    # the model asked for; the reloads are thrashes, and the health check names them.
+    a = h.fake(max_loaded=1, models=["llama3.2:3b", "qwen2.5:3b"])
+    router = h.router(FLEET_HEALTH_THRASH_LOADS=2)
+    join_holding(h, router, a, "node-a", 1)
+    asked = ["llama3.2:3b", "qwen2.5:3b", "llama3.2:3b", "qwen2.5:3b"]
+    assert [generate(router, m)[0]["model"] for m in asked] == asked
+    assert a.load_count >= 4
+    assert placement(router)["thrashes"] >= 2
+    health = get_json(router.url, "/dashboard/api/health")
+    thrashing = [c for c in health["checks"] if c["check"] == "model_thrashing"]
+    assert thrashing and "placement plan unchanged" in thrashing[0]["description"]
