@@ -1605,7 +1605,7 @@ class Placement:
         (or loading) is always fine; a cold load only where the plan places it, and
         only when it is expected sooner than the wait where it is hot, counting the
         reloads of the planned models it would push out. A model placed nowhere loads
-        where it pushes out no planned model, if there is such a node."""
+        where it pushes out the least demand the plan keeps."""
         if self.plan is None or len(candidates) < 2:
             return candidates, []
         warm = [c for c in candidates if c.hot or c.loading_s]
@@ -1618,8 +1618,9 @@ class Placement:
             keep = [c for c in cold if c.node_id in places]
             why = f"the placement plan loads {model} elsewhere"
         else:
-            keep = [c for c in cold if not self._pushes_out_planned(c)] or cold
-            why = f"loading {model} here would push out a model the plan keeps here"
+            least = min(self._planned_demand_out(c) for c in cold)
+            keep = [c for c in cold if self._planned_demand_out(c) <= least]
+            why = f"loading {model} here would push out a busier model the plan keeps here"
         held = [c for c in cold if c not in keep]
         reasons += [f"{c.node_id}: {why}" for c in held]
         return warm + keep, held
@@ -1645,8 +1646,9 @@ class Placement:
         """Does the plan keep `model` on `node_id` for its demand?"""
         return node_id in self.places(model) and self.rates.get(model, 0.0) > 0
 
-    def _pushes_out_planned(self, c):
-        return any(self._kept(m, c.node_id) for m in c.evicts)
+    def _planned_demand_out(self, c):
+        """The request rate of the planned models a cold load here pushes out."""
+        return sum(self.rates.get(m, 0.0) for m in c.evicts if self._kept(m, c.node_id))
 
     # -- what the Warmer carries out ---------------------------------------------------
 
