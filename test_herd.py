@@ -7651,3 +7651,32 @@ def test_two_models_taking_turns_in_one_place_thrash_and_health_says_so(h):
     health = get_json(router.url, "/dashboard/api/health")
     thrashing = [c for c in health["checks"] if c["check"] == "model_thrashing"]
     assert thrashing and "placement plan unchanged" in thrashing[0]["description"]
+
+
+def test_the_dashboard_shows_the_placement_plan(h):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+    a = h.fake(max_loaded=1, models=["llama3.2:3b", "qwen2.5:3b"])
+    router = h.router()
+    join_holding(h, router, a, "node-a", 1)
+    for model in ("llama3.2:3b", "qwen2.5:3b"):  # one place, two models: one is left out
+        assert generate(router, model)[0]["model"] == model
+    follow_plan(h, router)
+    view = placement(router)
+    [(left_out, why)] = view["unplaced"].items()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update"])
+        try:
+            page = browser.new_page()
+            page.goto(router.url + "/dashboard#Models")
+            page.wait_for_selector("main:has-text('Planned models and why')", timeout=10000)
+            text = page.inner_text("main")
+        finally:
+            browser.close()
+    assert f"Plan {view['version']}, unchanged for" in text
+    assert f"Placed nowhere: {left_out} ({why})" in text
+    assert "thrashes in the last hour" in text
