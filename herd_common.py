@@ -3564,7 +3564,8 @@ ROUTER_SETTINGS = [
     Setting("FLEET_HEALTH_DISCONNECT_RATE", 0.10, "share of requests whose client left, in "
             "an hour, that is a warning (critical at four times it)"),
     Setting("FLEET_HEALTH_THRASH_LOADS", 3, "loads of one model on one node in an hour that "
-            "count as thrashing"),
+            "count as thrashing (when one of them came back soon after an eviction, with "
+            "the placement plan unchanged)"),
     Setting("FLEET_SHUTDOWN_GRACE", 30.0, "seconds streams get to finish on SIGTERM"),
     *LOG_SETTINGS,
 ]
