@@ -1371,12 +1371,13 @@ def _round(value):
 #
 # Theory: each request counts towards its model's demand (a request rate that forgets
 # its past over DEMAND_TAU_S, times the seconds one answer takes on the fastest node).
-# Every PLAN_EVERY_S, and at once (at most every PLAN_SOON_S) when a model the plan
-# places nowhere is asked for, the plan is rebuilt starting from the last one, not from
-# what is loaded: a cold load the plan did not want (a model placed nowhere must be
-# loaded somewhere: the answer always comes from the model asked for) does not become
-# the plan. The plan's version changes only when what it places where changes; a load
-# of a model that left that node's memory under the same version is a thrash.
+# Every PLAN_EVERY_S, and within PLAN_SOON_S when a model the plan places nowhere is
+# asked for, the plan is rebuilt starting from the last one, not from what is loaded:
+# a cold load the plan did not want (a model placed nowhere must be loaded somewhere:
+# the answer always comes from the model asked for) does not become the plan. A new
+# plan replaces the last only when it costs PLAN_MARGIN less, and the version changes
+# only when what it places where changes; a load of a model that left that node's
+# memory under the same version is a thrash.
 # Routing follows the plan (Placement.steer): a cold load goes where the plan places
 # the model, and not at all while a node where it is hot answers sooner than the load
 # (plus reloading what the load would push out); the Warmer loads what the plan places
@@ -1384,13 +1385,14 @@ def _round(value):
 ####################################################################################
 
 PLAN_EVERY_S = 5.0  # the plan is rebuilt this often: a few heartbeats
-PLAN_SOON_S = 1.0  # and at most this often when a model placed nowhere is asked for
+PLAN_SOON_S = 1.0  # or within this when a model it places nowhere is asked for
 DEMAND_TAU_S = 60.0  # a model's request rate forgets its past over about a minute
 MAX_DEMAND_MODELS = 256  # models whose demand is kept (the quietest is forgotten first)
 MAX_PLANNED_MODELS = 32  # the busiest models the planner weighs (its search grows with them)
 GUESS_TPS_GB = 100.0  # tokens/s of a 1 GB model when nothing is learned (falls with size)
 GUESS_LOAD_S, GUESS_LOAD_S_GB = 1.0, 0.5  # a load's guess: base + per GB of weights
 PLAN_MARGIN = 0.2  # a new plan must cost a fifth less than the last to replace it
+PLAN_SETTLE_S = 10.0  # a plan holds this long before a model is unloaded for it
 MOVE_WINDOW_S = 120.0  # the Warmer never undoes its own move this soon, plan unchanged
 
 
@@ -1421,9 +1423,10 @@ class Placement:
     """The placement plan: its inputs from the fleet and what was learned, its
     versions, and the view of it that routing, the Warmer and /fleet/status read."""
 
-    def __init__(self, cfg, fleet, learner):
-        self.cfg, self.fleet, self.learner = cfg, fleet, learner
+    def __init__(self, fleet, learner):
+        self.fleet, self.learner = fleet, learner
         self.demand = Demand()
+        self.asked = False  # a model the plan places nowhere was asked for
         self.plan = None  # hc.Plan
         self.inputs = {}, {}  # the last plan's {node_id: hc.PlanNode}, {name: hc.PlanModel}
         self.rates = {}  # model -> requests/s when the plan was built
@@ -1433,13 +1436,20 @@ class Placement:
 
     def count(self, model):
         """A request for `model` arrived: its demand grows; a model the plan places
-        nowhere gets a plan that weighs it now."""
+        nowhere makes the next plan due at once."""
         if not self.fleet.knows_model(model):
             return  # a name no node has is nobody's demand (and a client's free text)
-        now = time.monotonic()
-        self.demand.count(model, now)
-        if not self.places(model) and now - self.built_at >= PLAN_SOON_S:
-            self.replan()
+        self.demand.count(model, time.monotonic())
+        if not self.places(model):
+            self.asked = True
+
+    def settled(self):
+        """Has this version of the plan held PLAN_SETTLE_S?"""
+        return time.monotonic() - self.changed_at >= PLAN_SETTLE_S
+
+    def due(self):
+        """Is it time to weigh the plan again?"""
+        return self.asked or time.monotonic() - self.built_at >= PLAN_EVERY_S
 
     def places(self, model):
         """The node ids the plan places `model` on."""
@@ -1458,13 +1468,19 @@ class Placement:
             return True  # a node or model the plan has not weighed yet
         return hc.fits_on(m, node, set(self.plan.hot.get(node_id, ())), models)
 
-    def replan(self):
-        """Rebuild the plan from the last one; a new version if it places otherwise."""
-        now = time.monotonic()
+    async def replan(self):
+        """Rebuild the plan from the last one; a new version if it places otherwise.
+        The search runs in a thread: its time grows with nodes times models."""
+        self.asked = False
         nodes = self._plan_nodes()
-        self.rates = self.demand.busiest(now, MAX_PLANNED_MODELS)
+        self.rates = self.demand.busiest(time.monotonic(), MAX_PLANNED_MODELS)
         models = self._plan_models(nodes)
-        plan = hc.plan_placement(nodes, models, self._start(nodes))
+        plan = await asyncio.to_thread(hc.plan_placement, nodes, models, self._start(nodes))
+        return self._adopt(plan, nodes, models)
+
+    def _adopt(self, plan, nodes, models):
+        """Take `plan` (or keep the last, if it is hardly better); count a new version."""
+        now = time.monotonic()
         self.inputs = {n.node_id: n for n in nodes}, {m.name: m for m in models}
         if self._hardly_better(plan, nodes, models):
             plan = hc.describe_plan({n: set(v) for n, v in self.plan.hot.items()},
@@ -1885,7 +1901,7 @@ class Scheduler:
 
     def __init__(self, cfg, fleet, learner, stats):
         self.cfg, self.fleet, self.learner, self.stats = cfg, fleet, learner, stats
-        self.placement = Placement(cfg, fleet, learner)
+        self.placement = Placement(fleet, learner)
         self.sessions = LastNode(MAX_SESSIONS, SESSION_TTL_S)  # conversation -> node
         self.holding = 0  # requests waiting for any node that can serve them
 
@@ -3552,21 +3568,29 @@ class Warmer:
 
     # -- carrying out the placement plan ------------------------------------------------
 
-    def follow_plan(self):
+    def tend_plan(self):
+        """The placement duty's step: when the plan is due, follow_plan."""
+        return self.follow_plan() if self.placement.due() else None
+
+    async def follow_plan(self):
         """Rebuild the placement plan, then start the loads it asks for that can start."""
-        self.placement.replan()
+        await self.placement.replan()
         for node, model in self.placement.pending_loads():
             self._carry_out(node, model)
 
     def _carry_out(self, node, model):
         """Load `model` on `node` now if room can be made with models the plan dropped
-        there, idle ones (a quiet moment), and no move of ours is undone."""
+        there, idle ones (a quiet moment), and no move of ours is undone. A load into
+        free room starts at once; one that unloads a model waits until the plan has
+        held PLAN_SETTLE_S (a burst the next plan no longer sees pushes nothing out)."""
         key = (node.node_id, model)
         if key in self.warming or node.loading_left(model, time.monotonic()) or \
                 self._undoes(key, "unload"):
             return
         need = len(self.fleet.residency.victims(node, model, sized(node.models[model])))
         victims = self.placement.dropped(node)[:need]
+        if need and not self.placement.settled():
+            return
         if len(victims) < need or any(self.fleet.busy(node, m) or
                                       self._undoes((node.node_id, m), "load")
                                       for m in victims):
@@ -5460,7 +5484,7 @@ def start_duties(tasks, cfg, fleet, scheduler, proxy, local, traces, learner):
                               log, "saving what was learned"), "save-learning")
     tasks.spawn(hc.repeat(scheduler.rebalance, cfg.rebalance_interval, log, "rebalancing"),
                 "rebalancer")
-    tasks.spawn(hc.repeat(proxy.warmer.follow_plan, PLAN_EVERY_S, log, "placement"),
+    tasks.spawn(hc.repeat(proxy.warmer.tend_plan, PLAN_SOON_S, log, "placement"),
                 "placement")
     tasks.spawn(hc.repeat(proxy.reap_zombies, min(30.0, cfg.stale_timeout / 4), log,
                           "the zombie reaper"), "zombie-reaper")

@@ -7538,7 +7538,22 @@ def ask_for(h, router, model, times):
 def follow_plan(h, router):
     """One round of the placement duty now (it runs every few seconds): the plan is
     rebuilt and the moves it asks for start. No API starts a round."""
-    h.bg.call(router.proxy.warmer.follow_plan)
+    h.bg.run(router.proxy.warmer.follow_plan())
+
+
+def move_to_plan(h, router):
+    """A plan that changed, held long enough for the Warmer to unload for it, and
+    followed: the moves it asks for start."""
+    follow_plan(h, router)
+    settle_plan(h, router)
+    follow_plan(h, router)
+
+
+def settle_plan(h, router):
+    """Date the plan's version PLAN_SETTLE_S back: the Warmer unloads a model for a
+    plan only once it has held that long, and waiting for that would be a sleep."""
+    h.bg.call(lambda: setattr(router.scheduler.placement, "changed_at",
+                              time.monotonic() - herd.PLAN_SETTLE_S))
 
 
 def placement(router):
@@ -7597,6 +7612,9 @@ def test_a_shift_in_demand_moves_one_model_on_purpose_and_the_plan_says_why(h):
     assert before["planned_loads"] == before["planned_unloads"] == 0
     loads_a, loads_b = a.load_count, b.load_count
     ask_for(h, router, "gemma2:9b", 3)
+    follow_plan(h, router)  # a new plan: nothing is unloaded for it before it settles
+    assert placement(router)["planned_unloads"] == 0 and "llama3.2:3b" in a.loaded
+    settle_plan(h, router)
     follow_plan(h, router)
     wait_until(lambda: "gemma2:9b" in a.loaded, what="gemma2 loaded as planned")
     assert sorted(a.loaded) == ["gemma2:9b", "qwen2.5:7b"] and list(b.loaded) == ["mistral:7b"]
@@ -7625,10 +7643,10 @@ def test_a_planned_move_back_is_no_thrash(h):
     assert generate(router)[0]["model"] == "llama3.2:3b"  # loaded for its request
     follow_plan(h, router)
     ask_for(h, router, "gemma2:9b", 20)
-    follow_plan(h, router)
+    move_to_plan(h, router)
     wait_until(lambda: list(a.loaded) == ["gemma2:9b"], what="gemma2 in llama's place")
     ask_for(h, router, "llama3.2:3b", 200)
-    follow_plan(h, router)
+    move_to_plan(h, router)
     wait_until(lambda: list(a.loaded) == ["llama3.2:3b"], what="llama back")
     seen = placement(router)
     assert seen["planned_loads"] == 2 and seen["thrashes"] == 0
