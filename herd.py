@@ -301,6 +301,7 @@ class SlotQueue:
         self.started_sum = 0.0  # sum of the running requests' start times (monotonic)
         self.running = set()  # Tickets with a slot
         self.flight = node_flight or InFlight()
+        self.last_done = 0.0  # monotonic time a request here last gave its slot back
 
     @property
     def waiting(self):
@@ -339,7 +340,7 @@ class SlotQueue:
     def release(self, ticket):
         """Free a slot; returns the mean number in flight on the node while the ticket
         held it."""
-        now = self._count(0)
+        now = self.last_done = self._count(0)
         level = (self.flight.area - ticket.area) / (now - ticket.start) \
             if now > ticket.start else float(self.flight.active)
         self.work_active -= ticket.work
@@ -497,8 +498,8 @@ class Residency:
     and every move, for the health checks; `busy(node, model)` tells which models have
     requests here, for what a cold load would evict."""
 
-    def __init__(self, notify, busy):
-        self.notify, self.busy = notify, busy
+    def __init__(self, notify, busy, last_done):
+        self.notify, self.busy, self.last_done = notify, busy, last_done
         self.model_moves = collections.deque(maxlen=10000)  # (time, load|unload, node, model)
         self.plan_version = 0  # the placement plan's (Placement sets it)
         self.left = {}  # (node_id, model) -> (monotonic, plan version) it last left memory
@@ -600,9 +601,12 @@ class Residency:
         """The loaded models a cold load of `model` (`size` bytes) would push out of
         `node`'s memory: past OLLAMA_MAX_LOADED_MODELS, or to make room. Ollama evicts
         idle runners first (a busy one only once it is idle, the load waiting for it);
-        among equals, the one expiring soonest, as its keep-alive clock says."""
+        among equals, the one expiring soonest, as its keep-alive clock says: the one
+        whose last request here ended first (the router knows that before a heartbeat
+        tells; one it never sent a request counts as oldest), then by expires_at."""
         others = sorted((m for m in node.loaded if m != model), key=lambda m: (
-            self.busy(node, m), str(node.loaded[m].get("expires_at", ""))))
+            self.busy(node, m), self.last_done(node, m),
+            str(node.loaded[m].get("expires_at", ""))))
         count = 0
         limit = node.hb.max_loaded_models
         if limit and len(others) >= limit:
@@ -627,7 +631,7 @@ class Fleet:
         self.concurrency = {}  # (node_id, model) -> requests in flight worth having, learned
         self.started = time.monotonic()
         self._changed = asyncio.get_running_loop().create_future()
-        self.residency = Residency(self.notify_change, self.busy)
+        self.residency = Residency(self.notify_change, self.busy, self.last_done)
 
     # -- change notification ------------------------------------------------------
 
@@ -826,6 +830,11 @@ class Fleet:
         """Has this node+model requests running or queued here?"""
         q = self.queues.get((node.node_id, model))
         return bool(q and (q.active or q.waiters))
+
+    def last_done(self, node, model):
+        """When a request for `model` on `node` last ended (monotonic; 0: never)."""
+        q = self.queues.get((node.node_id, model))
+        return q.last_done if q else 0.0
 
     def free_hot_slots(self, node, model):
         """Free slots on a node where `model` is loaded (the only place to move work)."""

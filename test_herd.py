@@ -7698,3 +7698,20 @@ def test_the_dashboard_shows_the_placement_plan(h):
     assert f"Plan {view['version']}, unchanged for" in text
     assert f"Placed nowhere: {left_out} ({why})" in text
     assert "thrashes in the last hour" in text
+
+
+def test_the_router_expects_ollama_to_push_out_the_model_used_least_recently(h):
+    # Two models loaded, qwen after llama; then llama answers a request. A third model's
+    # load pushes out the one idle longest (Ollama: the runner whose keep-alive ends
+    # first): qwen. The router knows when llama's request ended before any heartbeat
+    # says so, and expects the same, so its view of the node stays true.
+    a = h.fake(max_loaded=2, models=["llama3.2:3b", "qwen2.5:3b", "phi3:3.8b"])
+    router = h.router()
+    load_on(a, "llama3.2:3b")
+    load_on(a, "qwen2.5:3b")
+    join_holding(h, router, a, "node-a", 2)
+    assert generate(router)[0]["model"] == "llama3.2:3b"
+    assert generate(router, "phi3:3.8b")[0]["model"] == "phi3:3.8b"
+    assert sorted(a.loaded) == ["llama3.2:3b", "phi3:3.8b"]
+    seen = sorted(m["name"] for m in get_json(router.url, "/api/ps")["models"])
+    assert seen == ["llama3.2:3b", "phi3:3.8b"]
