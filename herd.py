@@ -1626,11 +1626,13 @@ class Placement:
     # -- routing follows the plan -----------------------------------------------------
 
     def steer(self, model, candidates, reasons):
-        """(The candidates routing may use, those held back), the plan given: a node where `model` is hot
-        (or loading) is always fine; a cold load only where the plan places it, and
-        only when it is expected sooner than the wait where it is hot, counting the
-        reloads of the planned models it would push out. A model placed nowhere loads
-        where it pushes out the least demand the plan keeps."""
+        """(The candidates routing may use, those it holds back), the plan given: a
+        node where `model` is hot (or loading) is always fine; while it is hot
+        somewhere, a cold load only where it is expected sooner than the wait there,
+        counting the reloads of the planned models it would push out (while no wait is
+        known, only where the plan places it); while it is hot nowhere, where the plan
+        places it; a model placed nowhere loads where it pushes out the least demand
+        the plan keeps."""
         if self.plan is None or len(candidates) < 2:
             return candidates, []
         warm = [c for c in candidates if c.hot or c.loading_s]
