@@ -2227,14 +2227,16 @@ def keep_current(nodes, models, current):
             if m is not None and fits_on(m, node, hot[node.node_id], models):
                 hot[node.node_id].add(name)
                 reasons[name, node.node_id] = (
-                    f"kept: loaded now, {m.demand:.2f} s/s of demand" if m.demand > 0
+                    f"kept: {m.demand:.2f} s/s of demand" if m.demand > 0
                     else "kept: no demand now, unloaded when its room is needed")
     return hot, reasons
 
 
 def plan_placement(nodes, models, current):
     """The placement plan for these nodes (PlanNode) and models (PlanModel), starting
-    from `current` (node_id -> names loaded now); see the theory above."""
+    from `current` (node_id -> names: what is loaded now, or the last plan, which the
+    router starts from so that a load it did not plan does not become the plan); see
+    the theory above."""
     models = {m.name: m for m in models}
     hot, reasons = keep_current(nodes, models, current)
     cost = placement_cost(hot, nodes, models)
