@@ -158,6 +158,7 @@ OLLAMA_ORIGINS = tuple(
 ) + ("app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*")
 MAX_NODES_PER_ADDRESS = 8  # node ids one address may report (agents for several Ollamas)
 ROUTER_WORD_S = 12.0  # how long a load or unload the router caused beats a heartbeat
+THRASH_WINDOW_S = 600.0  # a model back in a node's memory this soon after it left: thrash
 
 
 def load_router_config(environ, args, tuned=None):
@@ -305,6 +306,7 @@ class SlotQueue:
         self.started_sum = 0.0  # sum of the running requests' start times (monotonic)
         self.running = set()  # Tickets with a slot
         self.flight = node_flight or InFlight()
+        self.last_done = 0.0  # monotonic time a request here last gave its slot back
 
     @property
     def waiting(self):
@@ -343,7 +345,7 @@ class SlotQueue:
     def release(self, ticket):
         """Free a slot; returns the mean number in flight on the node while the ticket
         held it."""
-        now = self._count(0)
+        now = self.last_done = self._count(0)
         level = (self.flight.area - ticket.area) / (now - ticket.start) \
             if now > ticket.start else float(self.flight.active)
         self.work_active -= ticket.work
@@ -501,9 +503,12 @@ class Residency:
     and every move, for the health checks; `busy(node, model)` tells which models have
     requests here, for what a cold load would evict."""
 
-    def __init__(self, notify, busy):
-        self.notify, self.busy = notify, busy
+    def __init__(self, notify, busy, last_done):
+        self.notify, self.busy, self.last_done = notify, busy, last_done
         self.model_moves = collections.deque(maxlen=10000)  # (time, load|unload, node, model)
+        self.plan_version = 0  # the placement plan's (Placement sets it)
+        self.left = {}  # (node_id, model) -> (monotonic, plan version) it last left memory
+        self.thrashes = collections.deque(maxlen=10000)  # (time, node_id, model)
 
     def take(self, node, hb, record):
         """The node's models as it reports them; `record` the moves (not on the first
@@ -530,9 +535,29 @@ class Residency:
     # -- moves the router causes ------------------------------------------------------
 
     def _record(self, node, model, kind):
+        now, key = time.monotonic(), (node.node_id, model)
         if kind == "unload":
-            node.unloaded_at[model] = time.monotonic()
+            node.unloaded_at[model] = now
+            self.left.pop(key, None)
+            if len(self.left) >= hc.LEARNED_MAX_ROWS:
+                self.left.pop(next(iter(self.left)))
+            self.left[key] = (now, self.plan_version)
+        else:
+            self._note_thrash(key, now)
         self.model_moves.append((time.time(), kind, node.node_id, model))
+
+    def _note_thrash(self, key, now):
+        """A load of a model that left this node's memory a moment ago, with the plan
+        unchanged since, is a thrash: one of the two moves undid the other for nothing
+        (a move the plan made on purpose comes with a new plan version)."""
+        left = self.left.pop(key, None)
+        if left and now - left[0] <= THRASH_WINDOW_S and left[1] == self.plan_version:
+            self.thrashes.append((time.time(), *key))
+
+    def thrashes_since(self, since):
+        """Counter of (node_id, model) thrashes since `since` (wall time)."""
+        return collections.Counter((node, model) for t, node, model in self.thrashes
+                                   if t > since)
 
     def mark_loaded(self, node, model):
         """The router saw `model` load on `node` (a cold request, a pre-warm)."""
@@ -581,9 +606,12 @@ class Residency:
         """The loaded models a cold load of `model` (`size` bytes) would push out of
         `node`'s memory: past OLLAMA_MAX_LOADED_MODELS, or to make room. Ollama evicts
         idle runners first (a busy one only once it is idle, the load waiting for it);
-        among equals, the one expiring soonest, as its keep-alive clock says."""
+        among equals, the one expiring soonest, as its keep-alive clock says: the one
+        whose last request here ended first (the router knows that before a heartbeat
+        tells; one it never sent a request counts as oldest), then by expires_at."""
         others = sorted((m for m in node.loaded if m != model), key=lambda m: (
-            self.busy(node, m), str(node.loaded[m].get("expires_at", ""))))
+            self.busy(node, m), self.last_done(node, m),
+            str(node.loaded[m].get("expires_at", ""))))
         count = 0
         limit = node.hb.max_loaded_models
         if limit and len(others) >= limit:
@@ -608,7 +636,7 @@ class Fleet:
         self.concurrency = {}  # (node_id, model) -> requests in flight worth having, learned
         self.started = time.monotonic()
         self._changed = asyncio.get_running_loop().create_future()
-        self.residency = Residency(self.notify_change, self.busy)
+        self.residency = Residency(self.notify_change, self.busy, self.last_done)
 
     # -- change notification ------------------------------------------------------
 
@@ -807,6 +835,11 @@ class Fleet:
         """Has this node+model requests running or queued here?"""
         q = self.queues.get((node.node_id, model))
         return bool(q and (q.active or q.waiters))
+
+    def last_done(self, node, model):
+        """When a request for `model` on `node` last ended (monotonic; 0: never)."""
+        q = self.queues.get((node.node_id, model))
+        return q.last_done if q else 0.0
 
     def free_hot_slots(self, node, model):
         """Free slots on a node where `model` is loaded (the only place to move work)."""
@@ -1363,6 +1396,352 @@ def _round(value):
 
 
 ####################################################################################
+# Placement: which models should be hot where (issue 20). The plan is herd_common's
+# plan_placement, a pure function; here are its inputs, read from live state, the plan's
+# versions, and how routing follows it.
+#
+# Theory: each request counts towards its model's demand (a request rate that forgets
+# its past over DEMAND_TAU_S, times the seconds one answer takes on the fastest node).
+# Every PLAN_EVERY_S, and within PLAN_SOON_S when a model the plan places nowhere is
+# asked for, the plan is rebuilt starting from the last one, not from what is loaded:
+# a cold load the plan did not want (a model placed nowhere must be loaded somewhere:
+# the answer always comes from the model asked for) does not become the plan. A new
+# plan replaces the last only when it costs PLAN_MARGIN less, and the version changes
+# only when what it places where changes; a load of a model that left that node's
+# memory under the same version is a thrash.
+# Routing follows the plan (Placement.steer): a cold load goes where the plan places
+# the model, and not at all while a node where it is hot answers sooner than the load
+# (plus reloading what the load would push out); the Warmer loads what the plan places
+# at a quiet moment, first unloading (keep_alive 0) what the plan dropped there.
+####################################################################################
+
+PLAN_EVERY_S = 5.0  # the plan is rebuilt this often: a few heartbeats
+PLAN_SOON_S = 1.0  # or within this when a model it places nowhere is asked for
+DEMAND_TAU_S = 60.0  # a model's request rate forgets its past over about a minute
+MAX_DEMAND_MODELS = 256  # models whose demand is kept (the quietest is forgotten first)
+MAX_PLANNED_MODELS = 32  # the busiest models the planner weighs (its search grows with them)
+GUESS_TPS_GB = 100.0  # tokens/s of a 1 GB model when nothing is learned (falls with size)
+GUESS_LOAD_S, GUESS_LOAD_S_GB = 1.0, 0.5  # a load's guess: base + per GB of weights
+PLAN_MARGIN = 0.2  # a new plan must cost a fifth less than the last to replace it
+PLAN_SETTLE_S = 10.0  # a plan holds this long before a model is unloaded for it
+MOVE_WINDOW_S = 120.0  # the Warmer never undoes its own move this soon, plan unchanged
+
+
+class Demand:
+    """Each model's recent request rate (requests a second): an exponentially weighted
+    count that forgets over DEMAND_TAU_S."""
+
+    def __init__(self):
+        self.rates = {}  # model -> (rate, monotonic time it was that)
+
+    def count(self, model, now):
+        rate = self.rate(model, now)
+        if model not in self.rates and len(self.rates) >= MAX_DEMAND_MODELS:
+            del self.rates[min(self.rates, key=lambda m: self.rate(m, now))]
+        self.rates[model] = (rate + 1.0 / DEMAND_TAU_S, now)
+
+    def rate(self, model, now):
+        rate, then = self.rates.get(model, (0.0, now))
+        return rate * math.exp(-(now - then) / DEMAND_TAU_S)
+
+    def busiest(self, now, count):
+        """The `count` models with the highest rate now, with it."""
+        rates = sorted(((self.rate(m, now), m) for m in self.rates), reverse=True)
+        return {m: r for r, m in rates[:count] if r > 1e-6}
+
+
+class Placement:
+    """The placement plan: its inputs from the fleet and what was learned, its
+    versions, and the view of it that routing, the Warmer and /fleet/status read."""
+
+    def __init__(self, fleet, learner):
+        self.fleet, self.learner = fleet, learner
+        self.demand = Demand()
+        self.asked = False  # a model the plan places nowhere was asked for
+        self.plan = None  # hc.Plan
+        self.inputs = {}, {}  # the last plan's {node_id: hc.PlanNode}, {name: hc.PlanModel}
+        self.rates = {}  # model -> requests/s when the plan was built
+        self.version = 0
+        self.built_at = self.changed_at = 0.0  # monotonic
+        self.done = collections.Counter()  # planned loads and unloads carried out
+
+    def count(self, model):
+        """A request for `model` arrived: its demand grows; a model the plan places
+        nowhere makes the next plan due at once."""
+        if not self.fleet.knows_model(model):
+            return  # a name no node has is nobody's demand (and a client's free text)
+        self.demand.count(model, time.monotonic())
+        if not self.places(model):
+            self.asked = True
+
+    def settled(self):
+        """Has this version of the plan held PLAN_SETTLE_S?"""
+        return time.monotonic() - self.changed_at >= PLAN_SETTLE_S
+
+    def due(self):
+        """Is it time to weigh the plan again?"""
+        return self.asked or time.monotonic() - self.built_at >= PLAN_EVERY_S
+
+    def places(self, model):
+        """The node ids the plan places `model` on."""
+        if self.plan is None:
+            return set()
+        return {n for n, names in self.plan.hot.items() if model in names}
+
+    def has_room(self, model, node_id):
+        """May `model` be loaded on `node_id` beside what the plan places there? (Yes
+        where the plan places it, or in room the plan leaves free; yes before any plan.)"""
+        if self.plan is None or node_id in self.places(model):
+            return True
+        nodes, models = self.inputs
+        node, m = nodes.get(node_id), models.get(model)
+        if node is None or m is None:
+            return True  # a node or model the plan has not weighed yet
+        return hc.fits_on(m, node, set(self.plan.hot.get(node_id, ())), models)
+
+    async def replan(self):
+        """Rebuild the plan from the last one; a new version if it places otherwise.
+        The search runs in a thread: its time grows with nodes times models."""
+        self.asked = False
+        nodes = self._plan_nodes()
+        self.rates = self.demand.busiest(time.monotonic(), MAX_PLANNED_MODELS)
+        models = self._plan_models(nodes)
+        plan = await asyncio.to_thread(hc.plan_placement, nodes, models, self._start(nodes))
+        return self._adopt(plan, nodes, models)
+
+    def _adopt(self, plan, nodes, models):
+        """Take `plan` (or keep the last, if it is hardly better); count a new version."""
+        now = time.monotonic()
+        self.inputs = {n.node_id: n for n in nodes}, {m.name: m for m in models}
+        if self._hardly_better(plan, nodes, models):
+            plan = hc.describe_plan({n: set(v) for n, v in self.plan.hot.items()},
+                                    self.plan.reasons, nodes, self.inputs[1], {})
+        placed = {n: names for n, names in plan.hot.items() if names}
+        if placed != {n: v for n, v in (self.plan.hot if self.plan else {}).items() if v}:
+            self.version += 1
+            self.changed_at = now
+            self.fleet.residency.plan_version = self.version
+            if placed:
+                fleet_log.info(f"placement plan {self.version}: " + "; ".join(
+                    f"{n}: {', '.join(v)}" for n, v in sorted(placed.items())),
+                    extra={"event": "placement_plan"})
+        self.plan, self.built_at = plan, now
+        return plan
+
+    def _hardly_better(self, plan, nodes, models):
+        """Is `plan` within PLAN_MARGIN of the last one, which still fits the same
+        nodes? Two models of about the same demand for one place would otherwise trade
+        it back and forth as their rates drift, each trade a load and a new version."""
+        last = self.plan
+        if last is None or set(last.hot) != {n.node_id for n in nodes}:
+            return False
+        by_name = {m.name: m for m in models}
+        if not all(self._fits(names, node, by_name) for node in nodes
+                   for names in [last.hot[node.node_id]]):
+            return False
+        before = hc.placement_cost({n: set(v) for n, v in last.hot.items()}, nodes, by_name)
+        after = hc.placement_cost({n: set(v) for n, v in plan.hot.items()}, nodes, by_name)
+        return before - after <= PLAN_MARGIN * before
+
+    @staticmethod
+    def _fits(names, node, models):
+        """Do these models, all of them weighed now, fit on `node` together?"""
+        placed = set()
+        for name in names:
+            if name not in models or not hc.fits_on(models[name], node, placed, models):
+                return False
+            placed.add(name)
+        return True
+
+    def _start(self, nodes):
+        """Where the search starts: the last plan, for the nodes it knew; what is
+        loaded now, for the others."""
+        last = self.plan.hot if self.plan is not None else {}
+        return {n.node_id: last[n.node_id] if n.node_id in last
+                else list(self.fleet.nodes[n.node_id].loaded) for n in nodes}
+
+    # -- the planner's inputs ---------------------------------------------------------
+
+    def _plan_nodes(self):
+        """The nodes that take work, as the planner sees them: room (memory and
+        OLLAMA_MAX_LOADED_MODELS), slots, and speed relative to the fastest."""
+        working = sorted(self.fleet.working_nodes(), key=lambda n: n.node_id)
+        factors = {n.node_id: self.learner.node_factor(n.node_id) for n in working}
+        fastest = max(factors.values(), default=1.0) or 1.0
+        return [hc.PlanNode(n.node_id, memory=self._room(n), max_loaded=n.hb.max_loaded_models,
+                            speed=max(0.01, factors[n.node_id] / fastest),
+                            slots=self.fleet.slots_for(n)) for n in working]
+
+    @staticmethod
+    def _room(node):
+        """Bytes the node can give models: what is free plus what its models hold,
+        within its owner's ceiling (0: not known)."""
+        hb = node.hb
+        if not hb.mem_total:
+            return 0
+        room = hb.mem_available + sum(int(e.get("size") or 0) for e in node.loaded.values())
+        ceiling = (hb.capacity or {}).get("memory_ceiling") or 0
+        return min(room, ceiling) if ceiling else room
+
+    def _plan_models(self, nodes):
+        """The models worth planning: those in demand, loaded now or in the last plan."""
+        names = set(self.rates)
+        for node in nodes:
+            names.update(self.fleet.nodes[node.node_id].loaded)
+        if self.plan is not None:
+            names.update(m for placed in self.plan.hot.values() for m in placed)
+        models = (self._plan_model(name, nodes) for name in sorted(names))
+        return [m for m in models if m is not None]
+
+    def _plan_model(self, name, nodes):
+        holders = [self.fleet.nodes[n.node_id] for n in nodes
+                   if name in self.fleet.nodes[n.node_id].models]
+        if not holders:
+            return None
+        entry = holders[0].models[name]
+        size = sized(entry)
+        speeds = {n.node_id: n.speed for n in nodes}
+        demand = self.rates.get(name, 0.0) * self.service_s(name, size, speeds)
+        return hc.PlanModel(name, int(size * hc.LOAD_OVERHEAD), demand,
+                            {n.node_id: self.load_s(n, name) for n in holders},
+                            "embedding" if is_embedding_model(entry) else "chat")
+
+    def service_s(self, model, size, speeds):
+        """Seconds one answer of `model` takes on a node of speed 1: as learned on the
+        nodes that timed it (scaled by their speed); else the models that were timed,
+        scaled by size (decoding reads all the weights for every token); else a guess
+        from its size alone."""
+        learned = self._timed_s(model, speeds)
+        if learned:
+            return learned
+        scaled = [run_s * size / other for name, other, run_s in self._timed_models(speeds)
+                  if other and name != model]
+        if scaled and size:
+            return statistics.median(scaled)
+        tps = GUESS_TPS_GB / max(0.5, size / 1e9)
+        return self.learner.answer_tokens(model) / tps
+
+    def _timed_s(self, model, speeds):
+        """The median learned run of one answer of `model`, at speed 1 (0: untimed)."""
+        seen = []
+        for node_id, s in self.learner.by_model.get(model, {}).items():
+            run_s = (s.service_ms or 0.0) / 1000 or (s.tokens / s.decode_tps
+                                                     if s.tokens and s.decode_tps else 0.0)
+            if run_s and node_id in speeds:
+                seen.append(run_s * speeds[node_id])
+        return statistics.median(seen) if seen else 0.0
+
+    def _timed_models(self, speeds):
+        """(model, size, seconds an answer takes at speed 1) for each model timed."""
+        for model, by_node in list(self.learner.by_model.items())[:MAX_PLANNED_MODELS]:
+            size = max((s.size for s in by_node.values()), default=0)
+            run_s = self._timed_s(model, speeds)
+            if run_s:
+                yield model, size, run_s
+
+    def load_s(self, node, model):
+        """Seconds to load `model` on `node`: as learned, else guessed from its size."""
+        size = sized(node.models.get(model, {}))
+        learned = self.learner.load_s(node.node_id, model, size)
+        return learned or GUESS_LOAD_S + GUESS_LOAD_S_GB * size / 1e9
+
+    # -- routing follows the plan -----------------------------------------------------
+
+    def steer(self, model, candidates, reasons):
+        """(The candidates routing may use, those it holds back), the plan given: a
+        node where `model` is hot (or loading) is always fine; while it is hot
+        somewhere, a cold load only where it is expected sooner than the wait there,
+        counting the reloads of the planned models it would push out (while no wait is
+        known, only where the plan places it); while it is hot nowhere, where the plan
+        places it; a model placed nowhere loads where it pushes out the least demand
+        the plan keeps."""
+        if self.plan is None or len(candidates) < 2:
+            return candidates, []
+        warm = [c for c in candidates if c.hot or c.loading_s]
+        cold = [c for c in candidates if not (c.hot or c.loading_s)]
+        places = self.places(model)
+        if warm:
+            keep = self._worth_loading(warm, cold, places)
+            why = f"{model} is hot elsewhere, and sooner there than a load here"
+        elif any(c.node_id in places for c in cold):
+            keep = [c for c in cold if c.node_id in places]
+            why = f"the placement plan loads {model} elsewhere"
+        else:
+            least = min(self._planned_demand_out(c) for c in cold)
+            keep = [c for c in cold if self._planned_demand_out(c) <= least]
+            why = f"loading {model} here would push out a busier model the plan keeps here"
+        held = [c for c in cold if c not in keep]
+        reasons += [f"{c.node_id}: {why}" for c in held]
+        return warm + keep, held
+
+    def _worth_loading(self, warm, cold, places):
+        """The cold candidates worth a load while the model is hot elsewhere: those
+        expected to start sooner than the shortest wait where it is hot (the load, as
+        the scoring expects it, and the reloads of the planned models it pushes out).
+        While no wait is known, those where the plan places it (the scoring decides)."""
+        if not all(c.service_s for c in warm):
+            return [c for c in cold if c.node_id in places]
+        wait = min(hc.estimate_wait_s(c) for c in warm)
+        return [c for c in cold if self._load_cost(c) < wait]
+
+    def _load_cost(self, c):
+        """A cold load's seconds before its request starts, and the reloads of the
+        planned models it pushes out."""
+        node = self.fleet.nodes[c.node_id]
+        back = sum(self.load_s(node, m) for m in c.evicts if self._kept(m, c.node_id))
+        return hc.estimate_wait_s(c) + back
+
+    def _kept(self, model, node_id):
+        """Does the plan keep `model` on `node_id` for its demand?"""
+        return node_id in self.places(model) and self.rates.get(model, 0.0) > 0
+
+    def _planned_demand_out(self, c):
+        """The request rate of the planned models a cold load here pushes out."""
+        return sum(self.rates.get(m, 0.0) for m in c.evicts if self._kept(m, c.node_id))
+
+    # -- what the Warmer carries out ---------------------------------------------------
+
+    def pending_loads(self):
+        """(node, model) the plan places, in demand, not in memory nor on the way."""
+        if self.plan is None:
+            return []
+        out = []
+        for node_id, names in sorted(self.plan.hot.items()):
+            node = self.fleet.nodes.get(node_id)
+            if node is None or node.accepts_work():
+                continue
+            out += [(node, m) for m in names if m not in node.loaded and
+                    self.rates.get(m, 0.0) > 0 and m in node.models]
+        return out
+
+    def dropped(self, node):
+        """Models in `node`'s memory that the plan does not place there, quietest first."""
+        placed = set(self.plan.hot.get(node.node_id, ())) if self.plan else set()
+        return sorted((m for m in node.loaded if m not in placed),
+                      key=lambda m: self.rates.get(m, 0.0))
+
+    # -- the view ---------------------------------------------------------------------
+
+    def view(self):
+        """/fleet/status's `placement`."""
+        plan, now = self.plan, time.monotonic()
+        since = time.time() - HEALTH_WINDOW_S
+        return {
+            "version": self.version,
+            "age_s": round(now - self.changed_at, 1) if plan else None,
+            "built_s_ago": round(now - self.built_at, 1) if plan else None,
+            "nodes": {n: [{"model": m, "reason": plan.reasons.get((m, n), "")}
+                          for m in names] for n, names in sorted(plan.hot.items())}
+            if plan else {},
+            "unplaced": dict(plan.unplaced) if plan else {},
+            "requests_per_min": {m: round(r * 60, 2) for m, r in sorted(
+                self.demand.busiest(now, MAX_PLANNED_MODELS).items())},
+            "planned_loads": self.done["load"], "planned_unloads": self.done["unload"],
+            "thrashes": sum(self.fleet.residency.thrashes_since(since).values()),
+        }
+
+
+####################################################################################
 # Routing: elimination, the seven signals, the holding queue, context protection
 ####################################################################################
 
@@ -1561,6 +1940,7 @@ class Scheduler:
 
     def __init__(self, cfg, fleet, learner, stats):
         self.cfg, self.fleet, self.learner, self.stats = cfg, fleet, learner, stats
+        self.placement = Placement(fleet, learner)
         self.sessions = LastNode(MAX_SESSIONS, SESSION_TTL_S)  # conversation -> node
         self.holding = 0  # requests waiting for any node that can serve them
 
@@ -1628,10 +2008,11 @@ class Scheduler:
         pace = q.live_pace(time.monotonic(), f.level_tps(level))
         return f.slowed(pace) if pace is not None and pace < LIVE_SLOW else f
 
-    def rank(self, model, ask, exclude=()):
+    def rank(self, model, ask, exclude=(), held_back=None):
         """Survivors of elimination, best first, and why the others were dropped. A
         cold load that would evict a model with requests running or queued is dropped
-        too, when another node can serve without that."""
+        too, when another node can serve without that, and one the placement plan
+        does not want (Placement.steer; those go to `held_back`, a list, if given)."""
         candidates, reasons = [], []
         for node in self.fleet.nodes.values():
             if not node.serves(model, ask.kind):
@@ -1650,6 +2031,9 @@ class Scheduler:
             reasons += [f"{c.node_id}: loading {model} would evict {c.evicts_busy}, which "
                         f"has requests running" for c in candidates if c.evicts_busy]
             candidates = harmless
+        candidates, held = self.placement.steer(model, candidates, reasons)
+        if held_back is not None:
+            held_back += held
         return hc.rank_candidates(candidates), reasons
 
     async def choose(self, models, ask, exclude=(), shown_name=None, hold=True, prefer=None):
@@ -1700,9 +2084,9 @@ class Scheduler:
         raise not_served(kind, shown_name, self.fleet)
 
     def _pick(self, models, ask, exclude, prefer):
-        ranked, reasons = {}, []
+        ranked, reasons, held = {}, [], collections.defaultdict(list)
         for model in models:
-            ranked[model], why = self.rank(model, ask, exclude)
+            ranked[model], why = self.rank(model, ask, exclude, held[model])
             reasons += why
         picked = pick_route(models, ranked)
         if picked and prefer:  # the rebalancer's pick, if it can still take it
@@ -1712,7 +2096,8 @@ class Scheduler:
         if not picked:
             return None, reasons
         model, (score, breakdown, c) = picked
-        others = [e[2] for e in ranked[model] if e[2].node_id != c.node_id]
+        others = [e[2] for e in ranked[model] if e[2].node_id != c.node_id] or \
+            [e[2] for e in hc.rank_candidates(held[model])]  # a runner-up to pre-warm
         return Choice(self.fleet.nodes[c.node_id], model, score, breakdown, c.hot,
                       others[0] if others else None, c), reasons
 
@@ -2125,6 +2510,7 @@ class Proxy:
         ask = Ask(requested_context(ex.fields), requested_tokens(ex.fields),
                   endpoint=ex.endpoint, kind=ex.kind)
         lookup, ex.session_key = conversation_keys(ex.request, ex.fields, ex.tags)
+        self.scheduler.placement.count(ex.model)
         ask.session_node = self.scheduler.sessions.node_for(lookup)
         models, names = self.scheduler.models_to_try(
             ex.model, ex.fields.get("fallback_models"), ask.requested_ctx,
@@ -3357,11 +3743,14 @@ def check_host_allowed(registry, allowed, use):
 
 
 class Warmer:
-    """Loads a busy model on the runner-up node, so the next request finds it hot."""
+    """Loads models before requests need them: what the placement plan places (at a
+    quiet moment, first unloading what the plan dropped there), and a busy model on the
+    runner-up node, where the plan places it too."""
 
-    def __init__(self, cfg, fleet, tasks):
-        self.cfg, self.fleet, self.tasks = cfg, fleet, tasks
+    def __init__(self, cfg, fleet, tasks, placement):
+        self.cfg, self.fleet, self.tasks, self.placement = cfg, fleet, tasks, placement
         self.warming = set()  # (node_id, model) being loaded
+        self.last_move = {}  # (node_id, model) -> (monotonic, load|unload, plan version)
 
     def consider(self, choice, queue, name):
         """Pre-warm when the chosen node+model has FLEET_PRE_WARM_THRESHOLD requests."""
@@ -3371,6 +3760,8 @@ class Warmer:
         runner_up = choice.runner_up
         if runner_up is None or runner_up.hot or runner_up.evicts:
             return  # a guess never pushes out what a node has loaded (it may be needed)
+        if not self.placement.has_room(choice.model, runner_up.node_id):
+            return  # a copy in the room of a planned model would be pushed out again
         key = (runner_up.node_id, choice.model)
         node = self.fleet.nodes.get(runner_up.node_id)
         if key in self.warming or node is None:
@@ -3396,6 +3787,89 @@ class Warmer:
         finally:
             self.fleet.residency.finish_load(node, model, status == 200)
             self.warming.discard((node.node_id, model))
+
+    # -- carrying out the placement plan ------------------------------------------------
+
+    def tend_plan(self):
+        """The placement duty's step: when the plan is due, follow_plan."""
+        return self.follow_plan() if self.placement.due() else None
+
+    async def follow_plan(self):
+        """Rebuild the placement plan, then start the loads it asks for that can start."""
+        await self.placement.replan()
+        for node, model in self.placement.pending_loads():
+            self._carry_out(node, model)
+
+    def _carry_out(self, node, model):
+        """Load `model` on `node` now if room can be made with models the plan dropped
+        there, idle ones (a quiet moment), and no move of ours is undone. A load into
+        free room starts at once; one that unloads a model waits until the plan has
+        held PLAN_SETTLE_S (a burst the next plan no longer sees pushes nothing out)."""
+        key = (node.node_id, model)
+        if key in self.warming or node.loading_left(model, time.monotonic()) or \
+                self._undoes(key, "unload"):
+            return
+        need = len(self.fleet.residency.victims(node, model, sized(node.models[model])))
+        victims = self.placement.dropped(node)[:need]
+        if need and not self.placement.settled():
+            return
+        if len(victims) < need or any(self.fleet.busy(node, m) or
+                                      self._undoes((node.node_id, m), "load")
+                                      for m in victims):
+            return  # the room is a planned model's, or not free yet: a later round
+        self.warming.add(key)
+        self.fleet.residency.start_load(node, model, victims, self.placement.load_s(node, model))
+        self.tasks.spawn(self._move(node, model, victims), f"placement {key}")
+
+    def _undoes(self, key, kind):
+        """Was the last move of ours on this node+model a `kind`, a moment ago, under the
+        plan version that holds now? (Then the opposite move would undo it.)"""
+        last = self.last_move.get(key)
+        return last is not None and last[1] == kind and last[2] == self.placement.version \
+            and time.monotonic() - last[0] < MOVE_WINDOW_S
+
+    def _note_move(self, node, model, kind):
+        key = (node.node_id, model)
+        self.last_move.pop(key, None)
+        if len(self.last_move) >= hc.LEARNED_MAX_ROWS:
+            self.last_move.pop(next(iter(self.last_move)))
+        self.last_move[key] = (time.monotonic(), kind, self.placement.version)
+        self.placement.done[kind] += 1
+        fleet_log.info(f"placement: {kind}ed {model}", extra={
+            "node_id": node.node_id, "model": model, "event": f"placement_{kind}"})
+
+    async def _move(self, node, model, victims):
+        """Unload the plan's dropped `victims` (keep_alive 0), then load `model`."""
+        loaded = False
+        try:
+            for victim in victims:
+                if await self._send(node, victim, unload=True) == 200:
+                    self._note_move(node, victim, "unload")
+            loaded = await self._send(node, model) == 200
+            if loaded:
+                self._note_move(node, model, "load")
+        except hc.UpstreamError as e:
+            fleet_log.warning(f"placement load failed: {e}", extra={
+                "node_id": node.node_id, "model": model, "event": "placement_failed"})
+        finally:
+            self.fleet.residency.finish_load(node, model, loaded)
+            self.warming.discard((node.node_id, model))
+
+    async def _send(self, node, model, unload=False):
+        """Ollama's own load (an empty prompt, or an empty input for an embedding model)
+        or unload (an empty prompt with keep_alive 0); returns the status."""
+        entry = node.models.get(model, {})
+        body = {"model": entry.get("name") or model}
+        path = "/api/generate"
+        if unload:
+            body.update(prompt="", keep_alive=0)
+        elif is_embedding_model(entry):
+            path, body["input"] = "/api/embed", []
+        else:
+            body["prompt"] = ""
+        status, _, _ = await hc.http_call(node.ollama_url, "POST", path, body,
+                                          timeout=self.cfg.first_byte_timeout)
+        return status
 
 ####################################################################################
 # Managing models: delete, copy, create (with its blobs) and push, on the nodes
@@ -4084,12 +4558,19 @@ def check_kv_cache_bloat(snap):
 
 
 def check_model_thrashing(snap):
+    """A model loaded often on one node, and back soon after it was pushed out with the
+    placement plan unchanged (a move the plan made on purpose is no thrash)."""
     for (node, model), loads in snap["loads_by_model"].items():
-        if loads >= snap["limits"]["thrash_loads"]:
+        thrashes = snap["thrashes_by_model"].get((node, model), 0)
+        if loads >= snap["limits"]["thrash_loads"] and thrashes:
             yield finding("model_thrashing", "warning", f"{model} keeps reloading on {node}",
-                          f"Loaded {loads} times in the last {HEALTH_WINDOW_S // 60} min.",
-                          "Set OLLAMA_KEEP_ALIVE=-1 and a higher OLLAMA_MAX_LOADED_MODELS "
-                          "on that node.", node=node, model=model)
+                          f"Loaded {loads} times in the last {HEALTH_WINDOW_S // 60} min, "
+                          f"{thrashes} of them soon after it was pushed out, with the "
+                          f"placement plan unchanged.",
+                          "More models are asked for than the nodes hold: see "
+                          "/fleet/status's placement for what is kept where; set a higher "
+                          "OLLAMA_MAX_LOADED_MODELS on that node, or add one.",
+                          node=node, model=model)
 
 
 def _rate_check(check, title, count_key, limit, recommendation):
@@ -4288,7 +4769,9 @@ class Health:
                   "thrash_loads": cfg.health_thrash_loads}
         recent = self.stats.events_since(since)
         loads = self.fleet.residency.moves_since(since, "load")
+        thrashes = self.fleet.residency.thrashes_since(since)
         return {"nodes": nodes, "loads_by_model": dict(loads), "limits": limits,
+                "thrashes_by_model": dict(thrashes),
                 "events": {k: v for k, v in recent.items() if k != "zombie_reaped"},
                 "zombies_reaped": recent["zombie_reaped"],
                 "heartbeat_timeout": cfg.heartbeat_timeout, "open_fleet": not cfg.token,
@@ -4743,6 +5226,7 @@ class Api:
                        "traces_dropped": self.traces.dropped,
                        "open_fleet": not self.cfg.token,
                        "connections": {k: self.counters[k] for k in CONNECTION_COUNTERS}},
+            "placement": self.scheduler.placement.view(),
             "pulls": self.pulls.shown(),
             "nodes": nodes})
 
@@ -5339,6 +5823,8 @@ def start_duties(tasks, cfg, fleet, scheduler, proxy, local, traces, learner):
                               log, "saving what was learned"), "save-learning")
     tasks.spawn(hc.repeat(scheduler.rebalance, cfg.rebalance_interval, log, "rebalancing"),
                 "rebalancer")
+    tasks.spawn(hc.repeat(proxy.warmer.tend_plan, PLAN_SOON_S, log, "placement"),
+                "placement")
     tasks.spawn(hc.repeat(proxy.reap_zombies, min(30.0, cfg.stale_timeout / 4), log,
                           "the zombie reaper"), "zombie-reaper")
     if cfg.local_node:
@@ -5427,8 +5913,9 @@ class RouterServer:
         self.learner = learner = Learner()
         self.scheduler = scheduler = Scheduler(cfg, fleet, learner, stats)
         pulls = Puller(cfg, fleet, tasks)
-        self.proxy = Proxy(cfg, fleet, scheduler, learner, pulls, Warmer(cfg, fleet, tasks),
-                           stats, traces, self.pool)
+        warmer = Warmer(cfg, fleet, tasks, scheduler.placement)
+        self.proxy = Proxy(cfg, fleet, scheduler, learner, pulls, warmer, stats, traces,
+                           self.pool)
         self.local = LocalNode(cfg, fleet)
         dashboard = DashboardApi(cfg, fleet, traces, Health(cfg, fleet, traces, stats,
                                                             learner))

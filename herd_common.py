@@ -2727,14 +2727,16 @@ def keep_current(nodes, models, current):
             if m is not None and fits_on(m, node, hot[node.node_id], models):
                 hot[node.node_id].add(name)
                 reasons[name, node.node_id] = (
-                    f"kept: loaded now, {m.demand:.2f} s/s of demand" if m.demand > 0
+                    f"kept: {m.demand:.2f} s/s of demand" if m.demand > 0
                     else "kept: no demand now, unloaded when its room is needed")
     return hot, reasons
 
 
 def plan_placement(nodes, models, current):
     """The placement plan for these nodes (PlanNode) and models (PlanModel), starting
-    from `current` (node_id -> names loaded now); see the theory above."""
+    from `current` (node_id -> names: what is loaded now, or the last plan, which the
+    router starts from so that a load it did not plan does not become the plan); see
+    the theory above."""
     models = {m.name: m for m in models}
     hot, reasons = keep_current(nodes, models, current)
     cost = placement_cost(hot, nodes, models)
@@ -4157,7 +4159,8 @@ ROUTER_FIXED = [
     Setting("FLEET_HEALTH_DISCONNECT_RATE", 0.10, "share of requests whose client left, in "
             "an hour, that is a warning (critical at four times it)"),
     Setting("FLEET_HEALTH_THRASH_LOADS", 3, "loads of one model on one node in an hour that "
-            "count as thrashing"),
+            "count as thrashing (when one of them came back soon after an eviction, with "
+            "the placement plan unchanged)"),
     Setting("FLEET_SHUTDOWN_GRACE", 30.0, "seconds streams get to finish on SIGTERM"),
 ]
 

@@ -4333,6 +4333,7 @@ def healthy_snapshot():
     limits = {"error_rate": 0.05, "retry_rate": 0.10, "disconnect_rate": 0.10,
               "thrash_loads": 3}
     return {"nodes": [node, {**node, "node_id": "b"}], "loads_by_model": {}, "events": {},
+            "thrashes_by_model": {},
             "limits": limits,
             "zombies_reaped": 0, "heartbeat_timeout": 15.0, "open_fleet": False,
             "speed_drops": [],
@@ -4364,7 +4365,8 @@ HEALTH_CASES = [
     ("kv_cache_bloat", "warning", crafted(node_loaded=[{
         "model": "llama3.2:3b", "size": 9 * GIB, "size_vram": 9 * GIB,
         "disk_size": 2 * GIB, "context_length": 131072}]), "9.0 GiB for 2.0 GiB"),
-    ("model_thrashing", "warning", crafted(loads_by_model={("a", "llama3.2:3b"): 4}),
+    ("model_thrashing", "warning", crafted(loads_by_model={("a", "llama3.2:3b"): 4},
+                                           thrashes_by_model={("a", "llama3.2:3b"): 2}),
      "4 times"),
     ("request_timeouts", "warning", crafted(timeouts=3), "3 requests"),
     ("error_rates", "critical", crafted(failed=30), "30 of 100 requests (30%)"),
@@ -8438,3 +8440,207 @@ def test_settings_api_lists_the_fixed_values_apart(h):
     assert list(fixed) == [st.name for st in herd.ROUTER_FIXED]
     assert fixed["FLEET_TRACE_QUEUE"]["value"] == 5
     assert fixed["FLEET_HEALTH_ERROR_RATE"]["value"] == 0.05
+
+
+# ==================================================================================
+# Requests follow the placement plan (issue 20, second increment): routing holds back
+# the cold loads the plan does not want, the Warmer moves models on purpose, thrashes
+# are counted apart from planned moves, /fleet/status shows the plan
+# ==================================================================================
+
+
+def join_holding(h, router, fake, node_id, max_loaded, slots=None):
+    """join(), the node saying how many models its Ollama holds at once."""
+    join(h, router, fake, node_id, slots=slots, mutate=lambda hb: hb["ollama"].update(
+        max_loaded_models=max_loaded))
+
+
+def ask_for(h, router, model, times):
+    """The demand `times` requests for `model` bring, counted as their arrival counts
+    it (Placement.count): a real shift in demand takes a minute of requests, since the
+    rate forgets over a minute."""
+    h.bg.call(lambda: [router.scheduler.placement.count(model) for _ in range(times)])
+
+
+def follow_plan(h, router):
+    """One round of the placement duty now (it runs every few seconds): the plan is
+    rebuilt and the moves it asks for start. No API starts a round."""
+    h.bg.run(router.proxy.warmer.follow_plan())
+
+
+def move_to_plan(h, router):
+    """A plan that changed, held long enough for the Warmer to unload for it, and
+    followed: the moves it asks for start."""
+    follow_plan(h, router)
+    settle_plan(h, router)
+    follow_plan(h, router)
+
+
+def settle_plan(h, router):
+    """Date the plan's version PLAN_SETTLE_S back: the Warmer unloads a model for a
+    plan only once it has held that long, and waiting for that would be a sleep."""
+    h.bg.call(lambda: setattr(router.scheduler.placement, "changed_at",
+                              time.monotonic() - herd.PLAN_SETTLE_S))
+
+
+def placement(router):
+    return fleet_status(router)["placement"]
+
+
+def planned_models(router):
+    return {n: [e["model"] for e in entries]
+            for n, entries in placement(router)["nodes"].items() if entries}
+
+
+def test_a_request_waits_where_its_model_is_hot_rather_than_push_out_a_planned_one(h):
+    # node-a has llama loaded and one slot. node-b holds one model at a time: the coder,
+    # which the plan keeps there. Loading llama on node-b is quick, but the coder would
+    # then take seconds to come back: while node-a's queue is shorter than both loads,
+    # requests wait for node-a (the scoring alone sends the third one to node-b).
+    a = h.fake(num_parallel=1, chunks=40, chunk_delay=0.02, models=["llama3.2:3b"])
+    b = h.fake("127.0.0.2", num_parallel=1, chunks=40, chunk_delay=0.02, max_loaded=1,
+               load_delay=0.2, load_per_gb=0.3, models=["llama3.2:3b", "qwen2.5-coder:14b"])
+    router = h.router()
+    load_on(a, "llama3.2:3b")
+    join_holding(h, router, a, "node-a", 1, slots=1)
+    join_holding(h, router, b, "node-b", 1, slots=1)
+    assert generate(router, "qwen2.5-coder:14b")[1] == "node-b"  # its load, timed
+    assert serve_in_turns(router, 3, 1) == ["node-a"] * 3
+    follow_plan(h, router)
+    assert planned_models(router) == {"node-a": ["llama3.2:3b"],
+                                      "node-b": ["qwen2.5-coder:14b"]}
+    threads, results = start_requests(router, 4)
+    for t in threads:
+        t.join(30)
+    assert [r[0] for r in results] == [200] * 4
+    assert [r[1]["x-fleet-node"] for r in results] == ["node-a"] * 4
+    assert all(json.loads(r[2])["model"] == "llama3.2:3b" for r in results)
+    assert b.load_count == 1 and list(b.loaded) == ["qwen2.5-coder:14b"]
+
+
+def test_a_shift_in_demand_moves_one_model_on_purpose_and_the_plan_says_why(h):
+    # node-a holds two models: llama, asked for by nobody, and qwen; node-b holds
+    # mistral. When gemma2 is asked for, the plan puts it in llama's place: llama is
+    # unloaded (keep_alive 0) before gemma2 loads, and nothing else moves.
+    on_disk = ["llama3.2:3b", "qwen2.5:7b", "mistral:7b", "gemma2:9b"]
+    a = h.fake(max_loaded=2, models=on_disk)
+    b = h.fake("127.0.0.2", max_loaded=1, models=on_disk)
+    router = h.router(FLEET_HEALTH_THRASH_LOADS=1)
+    for fake, model in ((a, "llama3.2:3b"), (a, "qwen2.5:7b"), (b, "mistral:7b")):
+        load_on(fake, model)
+    join_holding(h, router, a, "node-a", 2, slots=4)
+    join_holding(h, router, b, "node-b", 1, slots=4)
+    ask_for(h, router, "qwen2.5:7b", 2)
+    ask_for(h, router, "mistral:7b", 2)
+    follow_plan(h, router)
+    before = placement(router)
+    assert planned_models(router) == {"node-a": ["llama3.2:3b", "qwen2.5:7b"],
+                                      "node-b": ["mistral:7b"]}
+    assert before["planned_loads"] == before["planned_unloads"] == 0
+    loads_a, loads_b = a.load_count, b.load_count
+    ask_for(h, router, "gemma2:9b", 3)
+    follow_plan(h, router)  # a new plan: nothing is unloaded for it before it settles
+    assert placement(router)["planned_unloads"] == 0 and "llama3.2:3b" in a.loaded
+    settle_plan(h, router)
+    follow_plan(h, router)
+    wait_until(lambda: "gemma2:9b" in a.loaded, what="gemma2 loaded as planned")
+    assert sorted(a.loaded) == ["gemma2:9b", "qwen2.5:7b"]
+    assert list(b.loaded) == ["mistral:7b"]
+    assert a.load_count == loads_a + 1 and b.load_count == loads_b
+    unloads = [r["body"] for r in a.requests if (r["body"] or {}).get("keep_alive") == 0]
+    assert [u["model"] for u in unloads] == ["llama3.2:3b"]
+    after = placement(router)
+    assert after["version"] == before["version"] + 1
+    moves = (after["planned_loads"], after["planned_unloads"], after["thrashes"])
+    assert moves == (1, 1, 0)
+    reasons = {e["model"]: e["reason"] for e in after["nodes"]["node-a"]}
+    assert "in place of llama3.2:3b" in reasons["gemma2:9b"]
+    assert reasons["qwen2.5:7b"].startswith("kept:")
+    answer, node = generate(router, "gemma2:9b")
+    assert (answer["model"], node) == ("gemma2:9b", "node-a")
+    health = get_json(router.url, "/dashboard/api/health")
+    assert "model_thrashing" not in [c["check"] for c in health["checks"]]
+
+
+def test_a_planned_move_back_is_no_thrash(h):
+    # llama leaves node-a for gemma2 on purpose, then comes back on purpose (demand
+    # shifted back): each move has its own plan version, so neither is a thrash,
+    # though llama was loaded again soon after it left.
+    a = h.fake(max_loaded=1, models=["llama3.2:3b", "gemma2:9b"])
+    router = h.router(FLEET_HEALTH_THRASH_LOADS=1)
+    join_holding(h, router, a, "node-a", 1, slots=4)
+    assert generate(router)[0]["model"] == "llama3.2:3b"  # loaded for its request
+    follow_plan(h, router)
+    ask_for(h, router, "gemma2:9b", 20)
+    move_to_plan(h, router)
+    wait_until(lambda: list(a.loaded) == ["gemma2:9b"], what="gemma2 in llama's place")
+    ask_for(h, router, "llama3.2:3b", 200)
+    move_to_plan(h, router)
+    wait_until(lambda: list(a.loaded) == ["llama3.2:3b"], what="llama back")
+    seen = placement(router)
+    assert seen["planned_loads"] == 2 and seen["thrashes"] == 0
+    health = get_json(router.url, "/dashboard/api/health")
+    assert health["vitals"]["model_loads"] == 3  # llama, gemma2, llama again
+    assert "model_thrashing" not in [c["check"] for c in health["checks"]]
+
+
+def test_two_models_taking_turns_in_one_place_thrash_and_health_says_so(h):
+    # One place, two models asked for in turn: each request pushes the other model out,
+    # the plan unchanged (neither is worth a new plan). Every answer still comes from
+    # the model asked for; the reloads are thrashes, and the health check names them.
+    a = h.fake(max_loaded=1, models=["llama3.2:3b", "qwen2.5:3b"])
+    router = h.router(FLEET_HEALTH_THRASH_LOADS=2)
+    join_holding(h, router, a, "node-a", 1)
+    asked = ["llama3.2:3b", "qwen2.5:3b", "llama3.2:3b", "qwen2.5:3b"]
+    assert [generate(router, m)[0]["model"] for m in asked] == asked
+    assert a.load_count >= 4
+    assert placement(router)["thrashes"] >= 2
+    health = get_json(router.url, "/dashboard/api/health")
+    thrashing = [c for c in health["checks"] if c["check"] == "model_thrashing"]
+    assert thrashing and "placement plan unchanged" in thrashing[0]["description"]
+
+
+def test_the_dashboard_shows_the_placement_plan(h):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+    a = h.fake(max_loaded=1, models=["llama3.2:3b", "qwen2.5:3b"])
+    router = h.router()
+    join_holding(h, router, a, "node-a", 1)
+    for model in ("llama3.2:3b", "qwen2.5:3b"):  # one place, two models: one is left out
+        assert generate(router, model)[0]["model"] == model
+    follow_plan(h, router)
+    view = placement(router)
+    [(left_out, why)] = view["unplaced"].items()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update"])
+        try:
+            page = browser.new_page()
+            page.goto(router.url + "/dashboard#Models")
+            page.wait_for_selector("main:has-text('Planned models and why')", timeout=10000)
+            text = page.inner_text("main")
+        finally:
+            browser.close()
+    assert f"Plan {view['version']}, unchanged for" in text
+    assert f"Placed nowhere: {left_out} ({why})" in text
+    assert "thrashes in the last hour" in text
+
+
+def test_the_router_expects_ollama_to_push_out_the_model_used_least_recently(h):
+    # Two models loaded, qwen after llama; then llama answers a request. A third model's
+    # load pushes out the one idle longest (Ollama: the runner whose keep-alive ends
+    # first): qwen. The router knows when llama's request ended before any heartbeat
+    # says so, and expects the same, so its view of the node stays true.
+    a = h.fake(max_loaded=2, models=["llama3.2:3b", "qwen2.5:3b", "phi3:3.8b"])
+    router = h.router()
+    load_on(a, "llama3.2:3b")
+    load_on(a, "qwen2.5:3b")
+    join_holding(h, router, a, "node-a", 2)
+    assert generate(router)[0]["model"] == "llama3.2:3b"
+    assert generate(router, "phi3:3.8b")[0]["model"] == "phi3:3.8b"
+    assert sorted(a.loaded) == ["llama3.2:3b", "phi3:3.8b"]
+    seen = sorted(m["name"] for m in get_json(router.url, "/api/ps")["models"])
+    assert seen == ["llama3.2:3b", "phi3:3.8b"]
