@@ -6994,8 +6994,9 @@ def test_a_node_that_left_is_never_called_offline_and_is_soon_forgotten(h):
     seen = set()
 
     def forgotten():  # past FLEET_HEARTBEAT_OFFLINE it stays "left", then is forgotten
-        seen.add(node_status(router, "leaves"))
-        return fleet_node(router, "leaves") is None
+        status = node_status(router, "leaves")  # one reading: None once it is gone
+        seen.add(status)
+        return status is None
     wait_until(forgotten, what="the node that left forgotten")
     assert seen == {"left", None}
     h.heartbeat(router, fake, "leaves")  # its agent starts again: it is back
