@@ -435,6 +435,13 @@ def post_heartbeat(router, body, source=None, token=None, headers=None):
     return status, json.loads(answer)
 
 
+def send_generate(s):
+    """Write a streamed /api/generate request (llama3.2:3b, prompt "x") on raw socket s."""
+    body = json.dumps({"model": "llama3.2:3b", "prompt": "x"}).encode()
+    s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n%s"
+              % (len(body), body))
+
+
 def raw_exchange(port, data, read_until_close=True, timeout=5):
     """Send raw bytes; return everything the server sends until it closes."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
@@ -2439,9 +2446,7 @@ def test_a_client_leaving_the_holding_queue_is_traced_as_cancelled(h):
     router = h.router(FLEET_HOLD_TIMEOUT=30)
     h.heartbeat(router, fake, "node-a", mutate=lambda hb: hb.update(paused=True))
     s = socket.create_connection(("127.0.0.1", router.port), timeout=10)
-    body = json.dumps({"model": "llama3.2:3b", "prompt": "x"}).encode()
-    s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n%s"
-              % (len(body), body))
+    send_generate(s)
     wait_until(lambda: holding(router) == 1, what="the request to be held")
     s.close()
     wait_until(lambda: holding(router) == 0, what="the held request to leave")
@@ -2455,9 +2460,7 @@ def test_client_in_flight_limit_answers_429(h):
     router = h.router(FLEET_CLIENT_MAX_IN_FLIGHT=1)
     h.heartbeat(router, fake, "node-a")
     s = socket.create_connection(("127.0.0.1", router.port), timeout=10)
-    body = json.dumps({"model": "llama3.2:3b", "prompt": "x"}).encode()
-    s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n%s"
-              % (len(body), body))
+    send_generate(s)
     assert s.recv(65536).startswith(b"HTTP/1.1 200")  # one request streaming now
     status, headers, resp = http(router.url, "POST", "/v1/chat/completions", {
         "model": "llama3.2:3b", "messages": [{"role": "user", "content": "x"}]})
@@ -3777,9 +3780,7 @@ def test_stream_is_relayed_chunk_by_chunk(h):
     router = h.router()
     h.heartbeat(router, fake, "node-a")
     with socket.create_connection(("127.0.0.1", router.port), timeout=10) as s:
-        body = json.dumps({"model": "llama3.2:3b", "prompt": "x"}).encode()
-        s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n%s"
-                  % (len(body), body))
+        send_generate(s)
         got = b""
         while b'"response"' not in got:
             got += s.recv(65536)
@@ -4045,9 +4046,7 @@ def test_client_disconnect_cancels_upstream(h):
     router = h.router()
     h.heartbeat(router, fake, "node-a")
     s = socket.create_connection(("127.0.0.1", router.port), timeout=10)
-    body = json.dumps({"model": "llama3.2:3b", "prompt": "x"}).encode()
-    s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n%s"
-              % (len(body), body))
+    send_generate(s)
     assert b"200" in s.recv(65536)
     s.close()
     wait_until(lambda: fake.cancelled == 1, what="the fake to see the cancel")
@@ -7927,9 +7926,7 @@ def test_a_client_that_closes_right_after_the_last_event_got_a_completed_answer(
     assert (row["status"], row["error_message"]) == ("completed", None)
     assert row["completion_tokens"] == 6  # no usage chunk: a token an event
     with socket.create_connection(("127.0.0.1", router.port), timeout=10) as s:
-        body = json.dumps({"model": "llama3.2:3b", "prompt": "x"}).encode()
-        s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n%s"
-                  % (len(body), body))
+        send_generate(s)
         seen = b""
         while b'"done":true' not in seen:  # then it closes, as a client with its answer
             data = s.recv(65536)
@@ -7946,9 +7943,7 @@ def test_a_client_that_leaves_before_the_last_event_is_still_cancelled(h):
     router = h.router()
     h.heartbeat(router, fake, "node-a")
     with socket.create_connection(("127.0.0.1", router.port), timeout=10) as s:
-        body = json.dumps({"model": "llama3.2:3b", "prompt": "x"}).encode()
-        s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n%s"
-                  % (len(body), body))
+        send_generate(s)
         assert b'"response"' in s.recv(65536)
     row = trace_of(h, router, "/api/generate")
     assert (row["status"], row["error_message"]) == ("cancelled", "client disconnected")
