@@ -2074,7 +2074,9 @@ def figures(runs, fleet):
         after_counts.update(answers_since(marks, "slowdown", fleet))
         counts.update(answers_since(marks, "start", fleet))
         loads += counted_since(marks, "start", "load_count", fleet)
-        evictions += counted_since(marks, "start", "evictions", fleet)
+        # Pushed out: by Ollama's own choice, or unloaded by the router to make room.
+        evictions += counted_since(marks, "start", "evictions", fleet) + \
+            counted_since(marks, "start", "unloads", fleet)
     failures = collections.Counter(o.error for o in outcomes if not o.ok)
     return {"seconds": sum(run[3] for run in runs),
             "warm_up_s": max(run[2]["warm_up_s"] for run in runs),
@@ -2124,7 +2126,7 @@ def loads_a_plan_needs(fleet):
 
 def counted_since(marks, since, counter, fleet):
     """A fake counter's growth over the fleet between the `since` mark and the end."""
-    return sum(marks["end"][m.name][counter] - marks[since][m.name][counter]
+    return sum(marks["end"][m.name].get(counter, 0) - marks[since][m.name].get(counter, 0)
                for m in fleet.machines)
 
 
@@ -2219,7 +2221,7 @@ def latency_table(routers):
 
 def ttft_table(routers, slowed):
     lines = ["| router | TTFT mean | p50 | p95 | p99 | after slowdown: mean | p50 | p95 | "
-             "p99 | follow-up turns: mean | p95 | loads (evictions) | answers by the "
+             "p99 | follow-up turns: mean | p95 | loads (pushed out) | answers by the "
              f"{slowed} after |", "|---" * 13 + "|"]
     herd = routers.get("herd")
     for name, f in routers.items():

@@ -23,10 +23,13 @@ The contention model (for the routing benchmark; every figure can change while i
     saturation     with n requests decoding at once, across all models, each token takes
                    chunk_delay * max(1, n / saturation) / speed, recomputed per token: the
                    node's tokens/s grows with n up to `saturation`, then stays flat
-    max_loaded     OLLAMA_MAX_LOADED_MODELS: a new runner past it evicts the least recently
-                   used idle one (fake.evictions counts them); when all are busy the load
-                   waits for one to go idle, and requests arriving meanwhile wait behind it
-                   (Ollama's scheduler takes them in order)
+    max_loaded     OLLAMA_MAX_LOADED_MODELS: a new runner past it evicts the idle one with
+                   the shortest keep_alive, then by file name, as Ollama does
+                   (fake.evictions counts them); when all are busy the load
+                   waits for one to go idle, and requests that need a load arriving
+                   meanwhile wait behind it (Ollama's scheduler takes them in order);
+                   a request for a model loaded as it needs it goes straight to its
+                   runner (sched.go's fast path)
     prompt_delay   seconds per prompt token that no slot's cache shares as a prefix: each
                    runner keeps the last num_parallel token sequences (a generate's system
                    and prompt, or a chat's messages as role and words, then the answer);
@@ -41,7 +44,7 @@ counts the whole prompt, cached or not.
 
 POST /_fake/config {"speed": 0.25, "saturation": 2, "fault": null} sets any of these
 three while the fake runs and answers the values now in force; GET /_fake/config shows
-them with the counters completed, load_count and evictions. It is a test-only control
+them with the counters completed, load_count, evictions and unloads. It is a test-only control
 route, not an Ollama one (bench.py slows a node half-way through a run with it).
 
 Run:
@@ -716,7 +719,6 @@ class Runner:
         self.load_task = None
         self.keep_alive = DEFAULT_KEEP_ALIVE
         self.timer = None
-        self.last_used = 0.0
         # One KV cache per slot: the token sequences of the last num_parallel requests.
         self.prompts = collections.deque(maxlen=num_parallel)
 
@@ -767,7 +769,6 @@ class Turn:
             self.fake.active -= 1
             self.runner.slots.release()
         self.runner.users -= 1
-        self.runner.last_used = time.monotonic()
         self.fake.on_runner_released(self.model, self.runner)
 
 
@@ -1370,7 +1371,7 @@ class FakeOllama:
         # The contention model (module docstring): all settable while it runs.
         self.speed, self.saturation, self.max_loaded = speed, saturation, max_loaded
         self.prompt_delay, self.vary_tokens = prompt_delay, vary_tokens
-        self.generating = self.evictions = 0
+        self.generating = self.evictions = self.unloads = 0  # unloads: asked, keep_alive 0
         self._room_waits = 0                # loads waiting for a runner to be evicted
         self._room_open = asyncio.Event()   # cleared while they wait: arrivals queue
         self._room_open.set()
@@ -1820,7 +1821,7 @@ class FakeOllama:
             return await ex.send_json(200, {
                 "speed": self.speed, "saturation": self.saturation, "fault": self.fault,
                 "completed": self.completed, "load_count": self.load_count,
-                "evictions": self.evictions})
+                "evictions": self.evictions, "unloads": self.unloads})
         body, error = ex.decoded
         if error or not isinstance(body, dict):
             raise Refusal(400, "a JSON object of speed, saturation, fault")
@@ -2046,9 +2047,16 @@ class FakeOllama:
 
     async def _answer(self, ex, ask):
         """Load if needed, wait for a slot (FIFO), evaluate the prompt, then answer."""
-        if not self._room_open.is_set():    # a load waits for room: Ollama's scheduler
-            await self._room_open.wait()    # takes requests in order, so these wait too
-        turn = Turn(self, ask.model, self._runner(ask.model), ask.keep_alive)
+        runner = self._runner(ask.model)
+        info = self.loaded.get(ask.model)
+        # Ollama's GetRunner: a runner that is loaded and needs no reload is used at
+        # once; any other request joins the pending queue, which the scheduler takes
+        # in order, so it waits behind a load that waits for room.
+        fast = info is not None and runner.load_task is None and \
+            ask.num_ctx in (None, info["context_length"])
+        if not fast and not self._room_open.is_set():
+            await self._room_open.wait()
+        turn = Turn(self, ask.model, runner, ask.keep_alive)
         try:
             self.waiting += 1
             try:
@@ -2116,7 +2124,6 @@ class FakeOllama:
                 await asyncio.sleep(delay)
             size = loaded_size(disk, num_ctx, self.num_parallel)
             self.load_count += 1
-            runner.last_used = time.monotonic()
             self.loaded[model] = {
                 "name": model, "model": model, "size": size, "size_vram": size,
                 "digest": disk.digest, "details": model_details(disk),
@@ -2128,9 +2135,12 @@ class FakeOllama:
 
     # -- inference: room for runners (OLLAMA_MAX_LOADED_MODELS) --------------------
     #
-    # Ollama's scheduler evicts the least recently used idle runner when a new one would
-    # go past the limit; when every runner is busy it waits for one to go idle, and the
-    # requests behind that load wait with it (it takes pending requests in order).
+    # When a new runner would go past the limit, Ollama's scheduler unloads an idle
+    # runner: not the least recently used, but the first in ByDurationAndName order
+    # (sched.go): the shortest session duration (the keep_alive its latest request set;
+    # a negative one, "forever", sorts last as a uint64), then the model's file path (a
+    # blob named by its digest). When every runner is busy it waits for one to go idle,
+    # and the requests behind that load wait with it (it takes pending requests in order).
 
     def _occupants(self, model):
         """Runners loaded, or loading past their wait for room, besides `model`'s own (two
@@ -2138,10 +2148,15 @@ class FakeOllama:
         return (set(self.loaded) | self._loading) - {model}
 
     def _idle_victim(self, model):
-        """The least recently used loaded runner nobody is using, or None."""
+        """The loaded runner nobody is using that Ollama unloads first, or None."""
         idle = [m for m in self._occupants(model) if m not in self._loading
                 and not self._runners[m].users and self._runners[m].load_task is None]
-        return min(idle, key=lambda m: self._runners[m].last_used, default=None)
+        return min(idle, key=lambda m: (self._runners[m].keep_alive, self._blob_path(m)),
+                   default=None)
+
+    def _blob_path(self, model):
+        disk = self.models.get(model) or describe_model(model)
+        return "blobs/sha256-" + disk.digest.removeprefix("sha256:")
 
     async def _make_room(self, model):
         while self.max_loaded and len(self._occupants(model)) >= self.max_loaded:
@@ -2202,6 +2217,7 @@ class FakeOllama:
             return
         if runner is not None:
             runner.stop_timer()
+        self.unloads += model in self.loaded
         self._drop(model)
 
     def _control_reply(self, ask):

@@ -158,6 +158,9 @@ OLLAMA_ORIGINS = tuple(
 ) + ("app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*")
 MAX_NODES_PER_ADDRESS = 8  # node ids one address may report (agents for several Ollamas)
 ROUTER_WORD_S = 12.0  # how long a load or unload the router caused beats a heartbeat
+PIN_KEEP_ALIVE_S = 3600  # a planned model's keep_alive at least (Proxy._pin)
+PINNED_ENDPOINTS = ("/api/generate", "/api/chat", "/api/embed", "/api/embeddings")
+UNLOAD_TIMEOUT_S = 10.0  # an unload before a load: Ollama answers it at once
 THRASH_WINDOW_S = 600.0  # a model back in a node's memory this soon after it left: thrash
 
 
@@ -602,15 +605,16 @@ class Residency:
         return collections.Counter((node, model) for t, k, node, model in self.model_moves
                                    if t > since and k == kind)
 
-    def victims(self, node, model, size):
+    def victims(self, node, model, size, keep=()):
         """The loaded models a cold load of `model` (`size` bytes) would push out of
-        `node`'s memory: past OLLAMA_MAX_LOADED_MODELS, or to make room. Ollama evicts
-        idle runners first (a busy one only once it is idle, the load waiting for it);
-        among equals, the one expiring soonest, as its keep-alive clock says: the one
-        whose last request here ended first (the router knows that before a heartbeat
-        tells; one it never sent a request counts as oldest), then by expires_at."""
+        `node`'s memory: past OLLAMA_MAX_LOADED_MODELS, or to make room. The router
+        names them itself and unloads them before the load (Proxy._make_room), so that
+        Ollama's own choice never decides: idle ones first (a busy one goes once it is
+        idle, the load waiting for it), then those the placement plan does not `keep`
+        here, then the one whose last request here ended first (one the router never
+        sent a request counts as oldest), then by expires_at."""
         others = sorted((m for m in node.loaded if m != model), key=lambda m: (
-            self.busy(node, m), self.last_done(node, m),
+            self.busy(node, m), m in keep, self.last_done(node, m),
             str(node.loaded[m].get("expires_at", ""))))
         count = 0
         limit = node.hb.max_loaded_models
@@ -1464,6 +1468,7 @@ class Placement:
         self.version = 0
         self.built_at = self.changed_at = 0.0  # monotonic
         self.done = collections.Counter()  # planned loads and unloads carried out
+        self.replanning = None  # the replan under way (a task), shared by all who wait
 
     def count(self, model):
         """A request for `model` arrived: its demand grows; a model the plan places
@@ -1482,6 +1487,10 @@ class Placement:
         """Is it time to weigh the plan again?"""
         return self.asked or time.monotonic() - self.built_at >= PLAN_EVERY_S
 
+    def kept_on(self, node_id):
+        """The models the plan places on `node_id`."""
+        return set(self.plan.hot.get(node_id, ())) if self.plan is not None else set()
+
     def places(self, model):
         """The node ids the plan places `model` on."""
         if self.plan is None:
@@ -1498,6 +1507,26 @@ class Placement:
         if node is None or m is None:
             return True  # a node or model the plan has not weighed yet
         return hc.fits_on(m, node, set(self.plan.hot.get(node_id, ())), models)
+
+    async def ready_for(self, model):
+        """Before a request for `model` is routed: when the plan places it nowhere and
+        was not weighed since it was asked for, weigh it now (PLAN_SOON_S is too late:
+        the request's cold load would go wherever a slot is free, and the next plan
+        would move the model again). One replan at a time, shared by all who wait."""
+        if self.plan is None or not self.asked or self.places(model) or \
+                time.monotonic() - self.built_at < PLAN_SOON_S:
+            return  # placed, or weighed a moment ago (and left out: no room for it)
+        try:
+            await self.replan_shared()
+        except Exception:  # the request goes on without it; the duty will say why
+            fleet_log.exception("weighing the placement plan for a request failed")
+
+    def replan_shared(self):
+        """The replan under way, or a new one; a waiter that is cancelled (its client
+        left) does not cancel it."""
+        if self.replanning is None or self.replanning.done():
+            self.replanning = asyncio.ensure_future(self.replan())
+        return asyncio.shield(self.replanning)
 
     async def replan(self):
         """Rebuild the plan from the last one; a new version if it places otherwise.
@@ -1975,7 +2004,8 @@ class Scheduler:
         if node.serves_itself(model, ask.kind):
             c.hot = True  # the agent's own tool or server: nothing of Ollama's to load
         if not c.hot:
-            c.evicts = self.fleet.residency.victims(node, model, size)
+            c.evicts = self.fleet.residency.victims(node, model, size,
+                                                    self.placement.kept_on(node.node_id))
             c.evicts_busy = next((m for m in c.evicts if self.fleet.busy(node, m)), "")
         if self.cfg.learning:
             self._forecast(c, q, model, ask, sized(entry))
@@ -2511,6 +2541,7 @@ class Proxy:
                   endpoint=ex.endpoint, kind=ex.kind)
         lookup, ex.session_key = conversation_keys(ex.request, ex.fields, ex.tags)
         self.scheduler.placement.count(ex.model)
+        await self.scheduler.placement.ready_for(ex.model)
         ask.session_node = self.scheduler.sessions.node_for(lookup)
         models, names = self.scheduler.models_to_try(
             ex.model, ex.fields.get("fallback_models"), ask.requested_ctx,
@@ -2557,6 +2588,7 @@ class Proxy:
         if choice.model != ex.model:
             ex.use_model(choice.model, names.get(choice.model, choice.model))
         self.scheduler.protect_context(ex, choice, ask.requested_ctx)
+        self._pin(ex, choice)
         if not choice.hot:
             c = choice.candidate
             self.fleet.residency.start_load(choice.node, choice.model,
@@ -2566,6 +2598,17 @@ class Proxy:
         if ex.kind not in hc.MEDIA_KINDS:  # an image tool has no runner-up to warm
             self.warmer.consider(choice, q, names.get(choice.model, name))
         return q
+
+    def _pin(self, ex, choice):
+        """A request for a model the placement plan places on its node keeps it there:
+        it carries a keep_alive longer than the node's own default, unless the client
+        set one. Ollama evicts the idle runner with the shortest keep_alive first, so a
+        load the router did not cause (another app, Ollama's own expiry of a quiet
+        model) takes an unplanned model first. Only Ollama's routes take keep_alive."""
+        if ex.endpoint not in PINNED_ENDPOINTS or "keep_alive" in ex.fields or \
+                choice.node.node_id not in self.scheduler.placement.places(choice.model):
+            return
+        ex.body = with_field(ex.body, "keep_alive", pin_keep_alive(choice.node))
 
     def _first_expected(self, ex, choice):
         """Seconds from a slot to the first token, as forecast (0: unknown): a load and
@@ -2597,6 +2640,7 @@ class Proxy:
             ex.queue_wait = time.monotonic() - t_queue
             ex.touch()
             self._count_evictions(ex, choice)
+            await self._make_room(ex, choice)
             late = self._late_after(ex, choice)
             if late is None:
                 await self.node_relay.attempt(conn, ex, choice)
@@ -2650,12 +2694,32 @@ class Proxy:
 
     def _sooner_elsewhere(self, ex, choice, ask, waited):
         """Is another node expected to answer the whole request sooner than this node,
-        slowed by how late its first token is, can finish it?"""
+        slowed by how late its first token is, can finish it? Only a node where the
+        model is hot (or loading), or where the placement plan places it: a late answer
+        never causes a cold load the plan does not want (a load that stalls one node's
+        hot requests would otherwise spread cold loads over the others)."""
         c = choice.candidate
         slow = waited / ex.first_expected_s
         left_here = c.service_s * slow - waited
         ranked, _ = self.scheduler.rank(choice.model, ask, exclude=(choice.node.node_id,))
-        return any(0 < hc.expected_s(other) < left_here for _, _, other in ranked)
+        places = self.scheduler.placement.places(choice.model)
+        return any(0 < hc.expected_s(other) < left_here for _, _, other in ranked
+                   if other.hot or other.loading_s or other.node_id in places)
+
+    async def _make_room(self, ex, choice):
+        """Before a cold load, unload (keep_alive 0) the models the router chose to push
+        out, so that Ollama's own rule never picks another: it evicts the idle runner
+        with the shortest keep_alive, then by file name (sched.go, ByDurationAndName),
+        which knows nothing of the plan. A busy one goes when its requests end, and the
+        load waits for it there as it would have. A failed unload only leaves the choice
+        to Ollama."""
+        victims = choice.candidate.evicts if choice.candidate and not choice.hot else ()
+        for victim in victims:
+            try:
+                await send_control(choice.node, victim, True, UNLOAD_TIMEOUT_S)
+            except hc.UpstreamError as e:
+                proxy_log.info(f"unloading {victim} before a load failed: {e}", extra={
+                    "request_id": ex.request_id, "node_id": choice.node.node_id})
 
     def _count_evictions(self, ex, choice):
         """A cold load the router sends pushes these models out: count each."""
@@ -3509,6 +3573,28 @@ async def end_with_error(conn, ex, message):
         await conn.end_response()
 
 
+def with_field(body, name, value):
+    """`body`, the bytes of a JSON object without `name`, with `name: value` added as
+    its first member (no parse: a large prompt is not read again)."""
+    head, brace, rest = body.partition(b"{")
+    member = hc.dump_json({name: value})[1:-1]
+    return head + brace + member + (b"" if EMPTY_REST.match(rest) else b",") + rest
+
+
+EMPTY_REST = re.compile(rb"\s*}")
+
+
+def pin_keep_alive(node):
+    """The keep_alive that pins a planned model on `node`: PIN_KEEP_ALIVE_S, or longer
+    than the node's own default (OLLAMA_KEEP_ALIVE as its agent read it: a bare number
+    is seconds), or -1 (forever) where that default is already forever."""
+    default = str(node.hb.settings.get("OLLAMA_KEEP_ALIVE") or "").strip()
+    ns = keep_alive_ns(int(default) if re.fullmatch(r"-?[0-9]{1,18}", default) else default)
+    if ns == GO_MAX_DURATION:
+        return -1
+    return max(PIN_KEEP_ALIVE_S, (ns or 0) // 10 ** 9 + 60)
+
+
 def is_unload(path, body):
     """No prompt (no messages) and a keep_alive that ends the model's stay at once.
     Ollama's own unload is a keep_alive of exactly 0 (routes.go: KeepAlive.Duration ==
@@ -3796,7 +3882,7 @@ class Warmer:
 
     async def follow_plan(self):
         """Rebuild the placement plan, then start the loads it asks for that can start."""
-        await self.placement.replan()
+        await self.placement.replan_shared()
         for node, model in self.placement.pending_loads():
             self._carry_out(node, model)
 
@@ -3843,9 +3929,10 @@ class Warmer:
         loaded = False
         try:
             for victim in victims:
-                if await self._send(node, victim, unload=True) == 200:
+                if await send_control(node, victim, True, self.cfg.first_byte_timeout) == 200:
                     self._note_move(node, victim, "unload")
-            loaded = await self._send(node, model) == 200
+            loaded = await send_control(node, model, False, self.cfg.first_byte_timeout,
+                                        pin_keep_alive(node)) == 200
             if loaded:
                 self._note_move(node, model, "load")
         except hc.UpstreamError as e:
@@ -3855,21 +3942,25 @@ class Warmer:
             self.fleet.residency.finish_load(node, model, loaded)
             self.warming.discard((node.node_id, model))
 
-    async def _send(self, node, model, unload=False):
-        """Ollama's own load (an empty prompt, or an empty input for an embedding model)
-        or unload (an empty prompt with keep_alive 0); returns the status."""
-        entry = node.models.get(model, {})
-        body = {"model": entry.get("name") or model}
-        path = "/api/generate"
-        if unload:
-            body.update(prompt="", keep_alive=0)
-        elif is_embedding_model(entry):
-            path, body["input"] = "/api/embed", []
-        else:
-            body["prompt"] = ""
-        status, _, _ = await hc.http_call(node.ollama_url, "POST", path, body,
-                                          timeout=self.cfg.first_byte_timeout)
-        return status
+
+
+async def send_control(node, model, unload, timeout, keep_alive=None):
+    """Ollama's own load or unload of `model` on `node`: nothing to answer, and a
+    keep_alive of 0 to unload (or this `keep_alive` for the load); returns the status.
+    An embedding model is sent an empty input on /api/embed (Ollama refuses generate
+    for it: "does not support generate")."""
+    entry = node.models.get(model, {})
+    body = {"model": entry.get("name") or model}
+    if is_embedding_model(entry):
+        path, body["input"] = "/api/embed", []
+    else:
+        path, body["prompt"] = "/api/generate", ""
+    if unload:
+        keep_alive = 0
+    if keep_alive is not None:
+        body["keep_alive"] = keep_alive
+    status, _, _ = await hc.http_call(node.ollama_url, "POST", path, body, timeout=timeout)
+    return status
 
 ####################################################################################
 # Managing models: delete, copy, create (with its blobs) and push, on the nodes

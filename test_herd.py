@@ -3158,7 +3158,8 @@ def test_a_cold_load_never_evicts_a_busy_model_when_another_node_can_load_it(h):
     join(h, router, b, "node-b", 1, lambda hb: hb.update(paused=True))
     assert generate(router, "llama3.2:3b")[1] == "node-a"
     busy.join(30)
-    assert a.evictions == 1 and router_events(router)["eviction"] == 1
+    # The router unloads the busy model itself (it goes once idle): Ollama never chooses.
+    assert a.unloads == 1 and a.evictions == 0 and router_events(router)["eviction"] == 1
     # The router knows at once what left node-a's memory, before any heartbeat says so.
     assert [m["model"] for m in fleet_node(router, "node-a")["models_loaded"]] == ["llama3.2:3b"]
 
@@ -3187,7 +3188,7 @@ def test_what_a_cold_load_pushes_out_is_not_sent_back_while_the_load_runs(h):
     assert loaded == ["qwen2.5:7b"], loaded  # the router's word, before any heartbeat
     assert generate(router, "llama3.2:3b")[1] == "node-b"
     cold.join(30)
-    assert a.load_count == 1 and a.evictions == 1, (a.load_count, a.evictions)
+    assert (a.load_count, a.unloads, a.evictions) == (1, 1, 0)  # unloaded by the router
 
 
 def chat(router, messages, headers=None):
@@ -6537,7 +6538,7 @@ def test_fake_speed_stretches_decoding_and_is_set_through_its_control_route(h):
     assert fake.fault == "http500" and fake.speed == 0.5
     shown = json.loads(http(fake.url, "GET", "/_fake/config")[2])
     assert shown == {"speed": 0.5, "saturation": None, "fault": "http500", "completed": 2,
-                     "load_count": 1, "evictions": 0}
+                     "load_count": 1, "evictions": 0, "unloads": 0}
 
 
 def test_fake_max_loaded_evicts_an_idle_runner_and_waits_for_a_busy_one(h):
@@ -6573,6 +6574,52 @@ def test_fake_max_loaded_evicts_an_idle_runner_and_waits_for_a_busy_one(h):
             *(ask(r, w, m) for (r, w), m in zip(pairs, ("a:1b", "b:1b")))), 5)
     both = h.bg.run(both_at_once())
     assert [a["eval_count"] for a in both] == [3, 3] and cold.evictions == 1
+
+
+def test_fake_serves_a_loaded_model_at_once_while_a_load_waits_for_room(h):
+    # Ollama's GetRunner has a fast path: a request whose model is loaded (and needs no
+    # reload) goes straight to its runner, even while another model's load waits in
+    # the pending queue for room. b is busy; a's load waits for b; a second request for
+    # b is answered by the loaded b, before a is ever loaded.
+    fake = h.fake(models=["a:1b", "b:1b"], chunks=20, chunk_delay=0.01, max_loaded=1,
+                  num_parallel=2, load_delay=0.5)
+    fake_answers(fake, [{"model": "b:1b", "prompt": "x"}])
+    done = []
+
+    def ask(model, prompt):
+        fake_answers(fake, [{"model": model, "prompt": prompt}])
+        done.append(model)
+    first = threading.Thread(target=ask, args=("b:1b", "one"))
+    first.start()
+    wait_until(lambda: fake.generating == 1, what="b to be decoding")
+    cold = threading.Thread(target=ask, args=("a:1b", "x"))
+    cold.start()
+    wait_until(lambda: fake._room_waits == 1, what="a's load to wait for room")
+    ask("b:1b", "two")
+    assert "a:1b" not in done and "a:1b" not in fake.loaded
+    for t in (first, cold):
+        t.join(30)
+    assert done[-1] == "a:1b" and list(fake.loaded) == ["a:1b"]
+
+
+def test_fake_evicts_as_ollama_does_shortest_keep_alive_then_file_name(h):
+    # Ollama's scheduler (sched.go, ByDurationAndName) unloads the idle runner with the
+    # shortest keep_alive, then the lowest model path (a blob named by its digest); not
+    # the least recently used. A router that trusts LRU would guess the wrong victim.
+    import fake_ollama
+    names = ["a:1b", "b:1b", "c:1b"]
+    digest = {n: fake_ollama.describe_model(n).digest for n in names}
+    first, second = sorted(names[:2], key=digest.get)
+    fake = h.fake(models=names, chunks=2, max_loaded=2)
+    fake_answers(fake, [{"model": second, "prompt": "x"}])
+    fake_answers(fake, [{"model": first, "prompt": "x"}])  # `second` is now the LRU one
+    fake_answers(fake, [{"model": "c:1b", "prompt": "x"}])
+    assert sorted(fake.loaded) == sorted([second, "c:1b"]), fake.loaded  # by digest
+    # A longer keep_alive outlasts a shorter one whatever the names; forever sorts last.
+    fake_answers(fake, [{"model": second, "prompt": "x", "keep_alive": -1}])
+    fake_answers(fake, [{"model": "c:1b", "prompt": "x", "keep_alive": "1h"}])
+    fake_answers(fake, [{"model": first, "prompt": "x"}])
+    assert sorted(fake.loaded) == sorted([second, first]), fake.loaded
 
 
 def test_fake_prompt_cache_makes_a_conversations_next_turn_cheaper(h):
@@ -8642,3 +8689,99 @@ def test_the_router_expects_ollama_to_push_out_the_model_used_least_recently(h):
     assert sorted(a.loaded) == ["llama3.2:3b", "phi3:3.8b"]
     seen = sorted(m["name"] for m in get_json(router.url, "/api/ps")["models"])
     assert seen == ["llama3.2:3b", "phi3:3.8b"]
+
+
+# ==================================================================================
+# The placement plan, third increment (issue 20): the router names what a cold load
+# pushes out and unloads it first; planned models are pinned with keep_alive; a late
+# answer moves only where its model is hot or planned
+# ==================================================================================
+
+
+def bodies_sent(fake, path=None):
+    """The JSON bodies the fake received, in order (of one path, if given)."""
+    return [r["body"] for r in fake.requests if isinstance(r["body"], dict)
+            and (path is None or r["path"] == path)]
+
+
+def test_a_cold_load_first_unloads_what_the_router_chose_to_push_out(h):
+    # node-a holds one model at a time: an embedding model is loaded. A request for
+    # llama needs its place: the router unloads the embedding model itself (on
+    # /api/embed, since Ollama refuses generate for it), and only then sends the load.
+    a = h.fake(max_loaded=1, models=["llama3.2:3b", "nomic-embed-text"])
+    router = h.router()
+    http(a.url, "POST", "/api/embed", {"model": "nomic-embed-text", "input": []})
+    join_holding(h, router, a, "node-a", 1)
+    assert generate(router)[0]["model"] == "llama3.2:3b"
+    sent = [(r["path"], r["body"]) for r in a.requests if isinstance(r["body"], dict)]
+    unload = ("/api/embed", {"model": "nomic-embed-text:latest", "input": [],
+                             "keep_alive": 0})
+    assert unload in sent, sent
+    load = next(i for i, (path, body) in enumerate(sent) if body.get("prompt") == "x")
+    assert sent.index(unload) < load
+    assert (a.unloads, a.evictions, list(a.loaded)) == (1, 0, ["llama3.2:3b"])
+
+
+def test_a_request_where_the_plan_places_its_model_pins_it_there(h):
+    a = h.fake(models=["llama3.2:3b"])
+    b = h.fake("127.0.0.2", models=["llama3.2:3b"])
+    router = h.router()
+    load_on(a, "llama3.2:3b")
+    join_holding(h, router, a, "node-a", 3, slots=4)
+    join(h, router, b, "node-b", slots=4, mutate=lambda hb: hb["ollama"].update(
+        max_loaded_models=3, settings={"OLLAMA_KEEP_ALIVE": "-1"}))
+    assert generate(router)[1] == "node-a"  # no plan yet: nothing added
+    assert "keep_alive" not in bodies_sent(a, "/api/generate")[-1]
+    ask_for(h, router, "llama3.2:3b", 5)
+    follow_plan(h, router)
+    assert planned_models(router)["node-a"] == ["llama3.2:3b"]
+    assert generate(router)[1] == "node-a"
+    assert bodies_sent(a, "/api/generate")[-1]["keep_alive"] == herd.PIN_KEEP_ALIVE_S
+    # The client's own keep_alive stands; OpenAI's route has none to set.
+    status, _, _ = http(router.url, "POST", "/api/generate", {
+        "model": "llama3.2:3b", "prompt": "x", "stream": False, "keep_alive": "10m"})
+    assert status == 200 and bodies_sent(a, "/api/generate")[-1]["keep_alive"] == "10m"
+    status, _, _ = http(router.url, "POST", "/v1/chat/completions", {
+        "model": "llama3.2:3b", "messages": [{"role": "user", "content": "x"}]})
+    assert status == 200 and "keep_alive" not in bodies_sent(a, "/v1/chat/completions")[-1]
+    # Longer than the node's own default; forever where that is forever.
+    nodes = h.bg.call(lambda: router.fleet.nodes)
+    assert herd.pin_keep_alive(nodes["node-b"]) == -1
+    for default, pin in (("", 3600), ("300", 3600), ("2h", 7260), ("junk", 3600)):
+        nodes["node-a"].hb.settings["OLLAMA_KEEP_ALIVE"] = default
+        assert herd.pin_keep_alive(nodes["node-a"]) == pin, default
+
+
+def test_with_field_adds_a_member_without_reading_the_body():
+    for body in (b'{}', b' { } ', b'{"a":1}', b'{\n "a": [1, {"b": 2}]}'):
+        out = herd.with_field(body, "keep_alive", 3600)
+        assert json.loads(out) == {"keep_alive": 3600, **json.loads(body)}, out
+
+
+def test_a_late_answer_never_moves_to_a_cold_node_the_plan_did_not_choose(h):
+    # llama is hot on node-a only, and the plan keeps it there. node-a turns slow: its
+    # first token comes seconds late. node-b could load llama, but the plan does not
+    # place it there: the request waits for node-a rather than cause a cold load there.
+    a = h.fake(models=["llama3.2:3b"], chunks=20, chunk_delay=0.01)
+    b = h.fake("127.0.0.2", models=["llama3.2:3b", "qwen2.5:3b"], max_loaded=1)
+    router = h.router()
+    load_on(a, "llama3.2:3b")
+    load_on(b, "qwen2.5:3b")
+    join_holding(h, router, a, "node-a", 1, slots=2)
+    join_holding(h, router, b, "node-b", 1, slots=2)
+    streamed = {"model": "llama3.2:3b", "prompt": "x"}
+    for _ in range(4):  # learned: node-a answers llama at once
+        assert http(router.url, "POST", "/api/generate", streamed)[1]["x-fleet-node"] == \
+            "node-a"
+    ask_for(h, router, "llama3.2:3b", 10)
+    ask_for(h, router, "qwen2.5:3b", 10)
+    follow_plan(h, router)
+    assert planned_models(router) == {"node-a": ["llama3.2:3b"], "node-b": ["qwen2.5:3b"]}
+    a.prompt_delay = 0.5  # a new prompt's tokens take half a second each: its first
+    loads = b.load_count  # token comes long after its forecast, the rest as usual
+    status, headers, body = http(router.url, "POST", "/api/generate", dict(
+        streamed, prompt="a prompt nobody sent before"), timeout=30)
+    assert status == 200 and headers["x-fleet-node"] == "node-a"
+    assert json.loads(body.splitlines()[-1])["done"] is True
+    assert b.load_count == loads and list(b.loaded) == ["qwen2.5:3b"]
+    assert not [r for r in h.traces(router) if r["status"] == "retried"]
