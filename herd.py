@@ -1291,28 +1291,31 @@ class Learner:
 
     # -- estimates for a node+model never timed -------------------------------------
 
-    def node_factor(self, node_id):
+    def node_factor(self, node_id, field="decode_tps"):
         """How fast this node decodes against the rest of the fleet, on the models both
         have timed (geometric mean of the ratios). A node that has timed nothing the
         others have is taken as slow as the slowest that has (1.0 if none has): a
         guess, made prudent because an optimistic one sends it work it may take many
-        seconds over (its first answers tell, within a few chunks)."""
-        factor = self._shared_factor(node_id)
+        seconds over (its first answers tell, within a few chunks). `field`
+        "baseline_tps" compares the long-run speeds instead (the placement plan's:
+        a late first token or one slow answer moves no model)."""
+        factor = self._shared_factor(node_id, field)
         if factor is not None:
             return factor
-        known = [f for f in map(self._shared_factor, self.by_node) if f is not None]
+        known = [f for f in (self._shared_factor(n, field) for n in self.by_node)
+                 if f is not None]
         return min(known, default=1.0)
 
-    def _shared_factor(self, node_id):
+    def _shared_factor(self, node_id, field):
         """node_factor from the models this node and others have timed, or None."""
         logs = []
         for model, speed in self.by_node.get(node_id, {}).items():
-            if not speed.decode_tps:
+            if not getattr(speed, field):
                 continue
-            others = [s.decode_tps for n, s in self.by_model[model].items()
-                      if n != node_id and s.decode_tps]
+            others = [getattr(s, field) for n, s in self.by_model[model].items()
+                      if n != node_id and getattr(s, field)]
             if others:
-                logs.append(math.log(speed.decode_tps / statistics.median(others)))
+                logs.append(math.log(getattr(speed, field) / statistics.median(others)))
         return math.exp(sum(logs) / len(logs)) if logs else None
 
     def estimate(self, node_id, model, size=0):
@@ -1404,10 +1407,10 @@ def _round(value):
 # plan_placement, a pure function; here are its inputs, read from live state, the plan's
 # versions, and how routing follows it.
 #
-# Theory: each request counts towards its model's demand (a request rate that forgets
-# its past over DEMAND_TAU_S, times the seconds one answer takes on the fastest node).
-# Every PLAN_EVERY_S, and within PLAN_SOON_S when a model the plan places nowhere is
-# asked for, the plan is rebuilt starting from the last one, not from what is loaded:
+# Theory: each request counts towards its model's demand (a request rate that rises
+# within seconds and fades over a minute, times the seconds one answer takes on the
+# fastest node). Every PLAN_EVERY_S, and before a request for a model the plan places
+# nowhere is routed, the plan is rebuilt starting from the last one, not what is loaded:
 # a cold load the plan did not want (a model placed nowhere must be loaded somewhere:
 # the answer always comes from the model asked for) does not become the plan. A new
 # plan replaces the last only when it costs PLAN_MARGIN less, and the version changes
@@ -1422,6 +1425,9 @@ def _round(value):
 PLAN_EVERY_S = 5.0  # the plan is rebuilt this often: a few heartbeats
 PLAN_SOON_S = 1.0  # or within this when a model it places nowhere is asked for
 DEMAND_TAU_S = 60.0  # a model's request rate forgets its past over about a minute
+DEMAND_RISE_TAU_S = 10.0  # and a rise in it is seen over about ten seconds
+RISE_ABOVE, FADE_BELOW = 2.0, 0.5  # a shift: the short count this far from the long one,
+SHIFT_EVIDENCE = 3.0  # with this many requests in its window (expected, for a fall)
 MAX_DEMAND_MODELS = 256  # models whose demand is kept (the quietest is forgotten first)
 MAX_PLANNED_MODELS = 32  # the busiest models the planner weighs (its search grows with them)
 GUESS_TPS_GB = 100.0  # tokens/s of a 1 GB model when nothing is learned (falls with size)
@@ -1432,21 +1438,37 @@ MOVE_WINDOW_S = 120.0  # the Warmer never undoes its own move this soon, plan un
 
 
 class Demand:
-    """Each model's recent request rate (requests a second): an exponentially weighted
-    count that forgets over DEMAND_TAU_S."""
+    """Each model's recent request rate (requests a second): two exponentially weighted
+    counts, one that forgets over DEMAND_TAU_S (the rate, steady enough that a plan
+    built on it does not churn) and one over DEMAND_RISE_TAU_S (a shift, seen within
+    seconds). The short count is taken when it is far from the long one and holds (or,
+    for a fall, should hold) SHIFT_EVIDENCE requests: a rising model is placed after a
+    few requests (until then each one is a cold load that pushes out another), a busy
+    model that stopped gives up its place within seconds, a quiet one's lull or a
+    chance burst moves nothing."""
 
     def __init__(self):
-        self.rates = {}  # model -> (rate, monotonic time it was that)
+        self.rates = {}  # model -> (slow rate, fast rate, monotonic time they were that)
 
     def count(self, model, now):
-        rate = self.rate(model, now)
+        slow, fast = self._decayed(model, now)
         if model not in self.rates and len(self.rates) >= MAX_DEMAND_MODELS:
             del self.rates[min(self.rates, key=lambda m: self.rate(m, now))]
-        self.rates[model] = (rate + 1.0 / DEMAND_TAU_S, now)
+        self.rates[model] = (slow + 1.0 / DEMAND_TAU_S, fast + 1.0 / DEMAND_RISE_TAU_S, now)
+
+    def _decayed(self, model, now):
+        slow, fast, then = self.rates.get(model, (0.0, 0.0, now))
+        return (slow * math.exp(-(now - then) / DEMAND_TAU_S),
+                fast * math.exp(-(now - then) / DEMAND_RISE_TAU_S))
 
     def rate(self, model, now):
-        rate, then = self.rates.get(model, (0.0, now))
-        return rate * math.exp(-(now - then) / DEMAND_TAU_S)
+        slow, fast = self._decayed(model, now)
+        window = DEMAND_RISE_TAU_S
+        if fast > RISE_ABOVE * slow and fast * window >= SHIFT_EVIDENCE:
+            return fast  # rising: the short count holds enough requests to tell
+        if fast < FADE_BELOW * slow and slow * window >= SHIFT_EVIDENCE:
+            return fast  # a busy model gone quiet: it would have had enough by now
+        return slow
 
     def busiest(self, now, count):
         """The `count` models with the highest rate now, with it."""
@@ -1595,7 +1617,8 @@ class Placement:
         """The nodes that take work, as the planner sees them: room (memory and
         OLLAMA_MAX_LOADED_MODELS), slots, and speed relative to the fastest."""
         working = sorted(self.fleet.working_nodes(), key=lambda n: n.node_id)
-        factors = {n.node_id: self.learner.node_factor(n.node_id) for n in working}
+        factors = {n.node_id: self.learner.node_factor(n.node_id, "baseline_tps")
+                   for n in working}
         fastest = max(factors.values(), default=1.0) or 1.0
         return [hc.PlanNode(n.node_id, memory=self._room(n), max_loaded=n.hb.max_loaded_models,
                             speed=max(0.01, factors[n.node_id] / fastest),
@@ -1651,11 +1674,14 @@ class Placement:
         return self.learner.answer_tokens(model) / tps
 
     def _timed_s(self, model, speeds):
-        """The median learned run of one answer of `model`, at speed 1 (0: untimed)."""
+        """The median learned run of one answer of `model`, at speed 1 (0: untimed): its
+        prompt evaluation and its tokens at the long-run decode speed, as Ollama timed
+        them (a wait for a slot or for room inside Ollama is not work); else the
+        router's own measure of its time on the node."""
         seen = []
         for node_id, s in self.learner.by_model.get(model, {}).items():
-            run_s = (s.service_ms or 0.0) / 1000 or (s.tokens / s.decode_tps
-                                                     if s.tokens and s.decode_tps else 0.0)
+            run_s = ((s.prompt_eval_ms or 0.0) / 1000 + s.tokens / s.baseline_tps
+                     if s.tokens and s.baseline_tps else (s.service_ms or 0.0) / 1000)
             if run_s and node_id in speeds:
                 seen.append(run_s * speeds[node_id])
         return statistics.median(seen) if seen else 0.0
@@ -1679,11 +1705,10 @@ class Placement:
     def steer(self, model, candidates, reasons):
         """(The candidates routing may use, those it holds back), the plan given: a
         node where `model` is hot (or loading) is always fine; while it is hot
-        somewhere, a cold load only where it is expected sooner than the wait there,
-        counting the reloads of the planned models it would push out (while no wait is
-        known, only where the plan places it); while it is hot nowhere, where the plan
-        places it; a model placed nowhere loads where it pushes out the least demand
-        the plan keeps."""
+        somewhere, a cold load only where the plan places it and it is expected sooner
+        than the wait there, counting the reloads of the planned models it would push
+        out; while it is hot nowhere, where the plan places it; a model placed nowhere
+        (or whose places cannot take it) loads where it pushes out the least demand."""
         if self.plan is None or len(candidates) < 2:
             return candidates, []
         warm = [c for c in candidates if c.hot or c.loading_s]
@@ -1691,27 +1716,34 @@ class Placement:
         places = self.places(model)
         if warm:
             keep = self._worth_loading(warm, cold, places)
-            why = f"{model} is hot elsewhere, and sooner there than a load here"
+            why = (f"{model} is hot elsewhere; a load here is not in the placement plan "
+                   f"or no sooner than the wait there")
         elif any(c.node_id in places for c in cold):
             keep = [c for c in cold if c.node_id in places]
             why = f"the placement plan loads {model} elsewhere"
         else:
-            least = min(self._planned_demand_out(c) for c in cold)
-            keep = [c for c in cold if self._planned_demand_out(c) <= least]
-            why = f"loading {model} here would push out a busier model the plan keeps here"
+            least = min(self._demand_out(c) for c in cold)
+            keep = [c for c in cold if self._demand_out(c) <= least]
+            why = f"loading {model} here would push out a busier model"
         held = [c for c in cold if c not in keep]
         reasons += [f"{c.node_id}: {why}" for c in held]
         return warm + keep, held
 
     def _worth_loading(self, warm, cold, places):
-        """The cold candidates worth a load while the model is hot elsewhere: those
-        expected to start sooner than the shortest wait where it is hot (the load, as
-        the scoring expects it, and the reloads of the planned models it pushes out).
-        While no wait is known, those where the plan places it (the scoring decides)."""
+        """The cold candidates worth a load while the model is hot elsewhere: where the
+        plan places it, and expected to start sooner than the shortest wait where it is
+        hot (the load, as the scoring expects it, and the reloads of the planned models
+        it pushes out); while no wait is known, where the plan places it (the scoring
+        decides). A load that would be sooner but where the plan does not place the
+        model is not made: the plan is weighed again soon instead (its demand may need
+        another place), so that every load is one the plan chose."""
+        planned = [c for c in cold if c.node_id in places]
         if not all(c.service_s for c in warm):
-            return [c for c in cold if c.node_id in places]
+            return planned
         wait = min(hc.estimate_wait_s(c) for c in warm)
-        return [c for c in cold if self._load_cost(c) < wait]
+        if any(self._load_cost(c) < wait for c in cold if c not in planned):
+            self.asked = True
+        return [c for c in planned if self._load_cost(c) < wait]
 
     def _load_cost(self, c):
         """A cold load's seconds before its request starts, and the reloads of the
@@ -1724,9 +1756,13 @@ class Placement:
         """Does the plan keep `model` on `node_id` for its demand?"""
         return node_id in self.places(model) and self.rates.get(model, 0.0) > 0
 
-    def _planned_demand_out(self, c):
-        """The request rate of the planned models a cold load here pushes out."""
-        return sum(self.rates.get(m, 0.0) for m in c.evicts if self._kept(m, c.node_id))
+    def _demand_out(self, c):
+        """The request rate of the models a cold load here pushes out, as it is now
+        (a model the plan has not placed yet may be rising), those the plan keeps here
+        counted twice (each is reloaded, or the plan moves)."""
+        now = time.monotonic()
+        return sum(self.demand.rate(m, now) * (2 if self._kept(m, c.node_id) else 1)
+                   for m in c.evicts)
 
     # -- what the Warmer carries out ---------------------------------------------------
 
@@ -2056,14 +2092,16 @@ class Scheduler:
                     candidates.append(c)
                     continue
             reasons.append(f"{node.node_id}: {why}")
+        # The plan first: where it places the model, a load that waits for a busy
+        # model to go idle there beats one that pushes out another node's model.
+        candidates, held = self.placement.steer(model, candidates, reasons)
+        if held_back is not None:
+            held_back += held
         harmless = [c for c in candidates if not c.evicts_busy]
         if harmless and len(harmless) < len(candidates):
             reasons += [f"{c.node_id}: loading {model} would evict {c.evicts_busy}, which "
                         f"has requests running" for c in candidates if c.evicts_busy]
             candidates = harmless
-        candidates, held = self.placement.steer(model, candidates, reasons)
-        if held_back is not None:
-            held_back += held
         return hc.rank_candidates(candidates), reasons
 
     async def choose(self, models, ask, exclude=(), shown_name=None, hold=True, prefer=None):

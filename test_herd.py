@@ -8583,7 +8583,7 @@ def test_a_shift_in_demand_moves_one_model_on_purpose_and_the_plan_says_why(h):
                                       "node-b": ["mistral:7b"]}
     assert before["planned_loads"] == before["planned_unloads"] == 0
     loads_a, loads_b = a.load_count, b.load_count
-    ask_for(h, router, "gemma2:9b", 3)
+    ask_for(h, router, "gemma2:9b", 1)  # less than the others: no reason to trade places
     follow_plan(h, router)  # a new plan: nothing is unloaded for it before it settles
     assert placement(router)["planned_unloads"] == 0 and "llama3.2:3b" in a.loaded
     settle_plan(h, router)
@@ -8785,3 +8785,50 @@ def test_a_late_answer_never_moves_to_a_cold_node_the_plan_did_not_choose(h):
     assert json.loads(body.splitlines()[-1])["done"] is True
     assert b.load_count == loads and list(b.loaded) == ["qwen2.5:3b"]
     assert not [r for r in h.traces(router) if r["status"] == "retried"]
+
+
+def test_demand_sees_a_rise_at_once_and_a_busy_model_stop_but_not_a_lull():
+    demand, now = herd.Demand(), 1000.0
+    for i in range(600):  # two a second for five minutes: steady at about 2/s
+        demand.count("old", now + i / 2)
+    now += 300
+    for i in range(10):  # the riser: two a second for five seconds
+        demand.count("new", now + i / 2)
+    now += 5
+    assert demand.rate("new", now) > 0.5  # a minute's memory alone would say 0.17
+    assert demand.rate("old", now) > 1.7  # five seconds of quiet: its place is kept
+    assert demand.rate("old", now + 10) < 0.5  # busy for minutes, quiet for fifteen: gone
+    # A quiet model (one request in twenty seconds) keeps its rate through a lull.
+    for i in range(15):
+        demand.count("quiet", now + 20 * i)
+    now += 20 * 14
+    assert demand.rate("quiet", now + 15) > 0.7 * 0.05  # its true rate, kept in the lull
+
+
+def test_a_long_queue_loads_a_model_only_where_the_plan_places_it():
+    # llama is hot on node a with a long queue (20 s). A load on b or c would start
+    # sooner (1 s), but the plan places llama on b only: c is held back. Without b in
+    # the plan, nothing is loaded, and the plan is weighed again at once (its demand
+    # may need a second place).
+    placement = herd.Placement(fleet=None, learner=None)
+    placement._load_cost = lambda c: 1.0  # the load, and what it pushes out, is quick
+    hot = hc.Candidate("a", hot=True, service_s=2.0, work_ahead_s=20.0)
+    cold = [hc.Candidate("b", load_estimate_s=1.0), hc.Candidate("c", load_estimate_s=1.0)]
+
+    def plan(**hot_sets):
+        placement.plan = hc.Plan(hot={n: tuple(v) for n, v in hot_sets.items()},
+                                 reasons={}, loads=[], unloads=[], unplaced={})
+        placement.asked = False
+        reasons = []
+        kept, held = placement.steer("llama", [hot, *cold], reasons)
+        return [c.node_id for c in kept], [c.node_id for c in held], reasons
+
+    kept, held, reasons = plan(a=["llama"], b=["llama"], c=["qwen"])
+    assert (kept, held, placement.asked) == (["a", "b"], ["c"], True)
+    assert reasons == ["c: llama is hot elsewhere; a load here is not in the placement "
+                       "plan or no sooner than the wait there"]
+    kept, held, _ = plan(a=["llama"], b=["qwen"], c=["qwen"])
+    assert (kept, held, placement.asked) == (["a"], ["b", "c"], True)
+    hot.work_ahead_s = 0.5  # a short queue: no load anywhere, and nothing to weigh
+    kept, held, _ = plan(a=["llama"], b=["llama"], c=["qwen"])
+    assert (kept, held, placement.asked) == (["a"], ["b", "c"], False)
