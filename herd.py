@@ -1428,6 +1428,7 @@ DEMAND_TAU_S = 60.0  # a model's request rate forgets its past over about a minu
 DEMAND_RISE_TAU_S = 10.0  # and a rise in it is seen over about ten seconds
 RISE_ABOVE, FADE_BELOW = 2.0, 0.5  # a shift: the short count this far from the long one,
 SHIFT_EVIDENCE = 3.0  # with this many requests in its window (expected, for a fall)
+PLAN_ASKED_S = 30.0  # the plan loads ahead of requests only a model asked for this lately
 MAX_DEMAND_MODELS = 256  # models whose demand is kept (the quietest is forgotten first)
 MAX_PLANNED_MODELS = 32  # the busiest models the planner weighs (its search grows with them)
 GUESS_TPS_GB = 100.0  # tokens/s of a 1 GB model when nothing is learned (falls with size)
@@ -1455,6 +1456,10 @@ class Demand:
         if model not in self.rates and len(self.rates) >= MAX_DEMAND_MODELS:
             del self.rates[min(self.rates, key=lambda m: self.rate(m, now))]
         self.rates[model] = (slow + 1.0 / DEMAND_TAU_S, fast + 1.0 / DEMAND_RISE_TAU_S, now)
+
+    def last_asked(self, model):
+        """When `model` was last asked for (monotonic; -inf: not lately)."""
+        return self.rates.get(model, (0.0, 0.0, -math.inf))[2]
 
     def _decayed(self, model, now):
         slow, fast, then = self.rates.get(model, (0.0, 0.0, now))
@@ -1606,10 +1611,20 @@ class Placement:
 
     def _start(self, nodes):
         """Where the search starts: the last plan, for the nodes it knew; what is
-        loaded now, for the others."""
+        loaded now, for the others. A model in demand that the last plan placed
+        nowhere starts where its requests loaded it, first (the planner keeps what
+        fits in the order given): moving it elsewhere must then pay for its load."""
         last = self.plan.hot if self.plan is not None else {}
-        return {n.node_id: last[n.node_id] if n.node_id in last
-                else list(self.fleet.nodes[n.node_id].loaded) for n in nodes}
+        placed = {m for names in last.values() for m in names}
+        start = {}
+        for n in nodes:
+            loaded = self.fleet.nodes[n.node_id].loaded
+            if n.node_id not in last:
+                start[n.node_id] = list(loaded)
+                continue
+            strays = [m for m in loaded if m not in placed and self.rates.get(m, 0.0) > 0]
+            start[n.node_id] = strays + [m for m in last[n.node_id] if m not in strays]
+        return start
 
     # -- the planner's inputs ---------------------------------------------------------
 
@@ -1767,16 +1782,20 @@ class Placement:
     # -- what the Warmer carries out ---------------------------------------------------
 
     def pending_loads(self):
-        """(node, model) the plan places, in demand, not in memory nor on the way."""
+        """(node, model) the plan places, asked for within PLAN_ASKED_S, not in memory
+        nor on the way. A model nobody asked for lately is loaded by its next request,
+        if it comes: when traffic stops, the demand that lingers in the counts moves
+        nothing."""
         if self.plan is None:
             return []
-        out = []
+        now, out = time.monotonic(), []
         for node_id, names in sorted(self.plan.hot.items()):
             node = self.fleet.nodes.get(node_id)
             if node is None or node.accepts_work():
                 continue
             out += [(node, m) for m in names if m not in node.loaded and
-                    self.rates.get(m, 0.0) > 0 and m in node.models]
+                    self.rates.get(m, 0.0) > 0 and m in node.models and
+                    now - self.demand.last_asked(m) <= PLAN_ASKED_S]
         return out
 
     def dropped(self, node):

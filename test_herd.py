@@ -8832,3 +8832,42 @@ def test_a_long_queue_loads_a_model_only_where_the_plan_places_it():
     hot.work_ahead_s = 0.5  # a short queue: no load anywhere, and nothing to weigh
     kept, held, _ = plan(a=["llama"], b=["llama"], c=["qwen"])
     assert (kept, held, placement.asked) == (["a"], ["b", "c"], False)
+
+
+def test_the_plan_loads_ahead_only_what_was_asked_for_lately(h):
+    # The plan places gemma2 beside llama on node-a, but nobody asked for gemma2 in the
+    # last half minute (the traffic stopped): its demand lingers in the counts, and no
+    # load is made for it; once it is asked for again, the Warmer loads it.
+    a = h.fake(max_loaded=2, models=["llama3.2:3b", "gemma2:9b"])
+    router = h.router()
+    load_on(a, "llama3.2:3b")
+    join_holding(h, router, a, "node-a", 2, slots=4)
+    ask_for(h, router, "gemma2:9b", 30)
+    demand = h.bg.call(lambda: router.scheduler.placement.demand)
+    h.bg.call(lambda: demand.rates.update(
+        {m: (*v[:2], v[2] - herd.PLAN_ASKED_S - 1) for m, v in demand.rates.items()}))
+    follow_plan(h, router)
+    assert planned_models(router) == {"node-a": ["gemma2:9b", "llama3.2:3b"]}
+    assert h.bg.call(lambda: router.scheduler.placement.pending_loads()) == []
+    assert h.bg.call(lambda: router.proxy.warmer.warming) == set()
+    assert a.load_count == 1 and "gemma2:9b" not in a.loaded
+    ask_for(h, router, "gemma2:9b", 1)
+    follow_plan(h, router)
+    wait_until(lambda: "gemma2:9b" in a.loaded, what="gemma2 loaded once asked for")
+
+
+def test_a_model_the_plan_left_out_starts_the_next_plan_where_it_was_loaded():
+    # gemma2 was placed nowhere; its requests loaded it on node b. The next plan starts
+    # with it there (first: the planner keeps what fits in the order given), so moving
+    # it must pay for its load; a model nobody asks for does not start anywhere new.
+    from types import SimpleNamespace as NS
+    fleet = NS(nodes={"a": NS(loaded={"llama": {}}), "b": NS(loaded={"gemma": {},
+                                                                      "old": {}})})
+    placement = herd.Placement(fleet, learner=None)
+    placement.plan = hc.Plan(hot={"a": ("llama",), "b": ("qwen",)}, reasons={}, loads=[],
+                             unloads=[], unplaced={"gemma": "no room"})
+    placement.rates = {"llama": 1.0, "qwen": 0.5, "gemma": 0.4}
+    nodes = [hc.PlanNode("a"), hc.PlanNode("b"), hc.PlanNode("c")]
+    fleet.nodes["c"] = NS(loaded={"mistral": {}})
+    assert placement._start(nodes) == {"a": ["llama"], "b": ["gemma", "qwen"],
+                                       "c": ["mistral"]}
