@@ -1728,7 +1728,9 @@ class Placement:
             return candidates, []
         warm = [c for c in candidates if c.hot or c.loading_s]
         cold = [c for c in candidates if not (c.hot or c.loading_s)]
-        places = self.places(model)
+        # A node that joined since the plan was weighed is one it has no word on yet.
+        places = self.places(model) | {c.node_id for c in cold
+                                       if c.node_id not in self.plan.hot}
         if warm:
             keep = self._worth_loading(warm, cold, places)
             why = (f"{model} is hot elsewhere; a load here is not in the placement plan "

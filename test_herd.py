@@ -2873,6 +2873,10 @@ def test_a_first_token_long_late_counts_as_a_slowdown_too(h):
     router = h.router()
     load_on(a, "llama3.2:3b")
     join(h, router, a, "node-a", slots=1)
+    # The scoring is what this test is about: the placement plan (which would keep
+    # llama on node-a alone, or load it on node-b ahead) stays out of it.
+    placement = h.bg.call(lambda: router.scheduler.placement)
+    placement.steer = lambda model, candidates, reasons: (candidates, [])
     serve_in_turns(router, 3, 1, body={"options": {"num_predict": 20}})
     join(h, router, b, "node-b", slots=2)  # llama3.2:3b on disk only
     long_one = threading.Thread(target=http, args=(router.url, "POST", "/api/generate", {
@@ -8832,6 +8836,9 @@ def test_a_long_queue_loads_a_model_only_where_the_plan_places_it():
     hot.work_ahead_s = 0.5  # a short queue: no load anywhere, and nothing to weigh
     kept, held, _ = plan(a=["llama"], b=["llama"], c=["qwen"])
     assert (kept, held, placement.asked) == (["a"], ["b", "c"], False)
+    hot.work_ahead_s = 20.0  # c joined after the plan was made: it has no word on c
+    kept, held, _ = plan(a=["llama"], b=["qwen"])
+    assert (kept, held) == (["a", "c"], ["b"])
 
 
 def test_the_plan_loads_ahead_only_what_was_asked_for_lately(h):
