@@ -4002,7 +4002,6 @@ class Warmer:
             self.warming.discard((node.node_id, model))
 
 
-
 async def send_control(node, model, unload, timeout, keep_alive=None):
     """Ollama's own load or unload of `model` on `node`: nothing to answer, and a
     keep_alive of 0 to unload (or this `keep_alive` for the load); returns the status.
