@@ -5410,13 +5410,7 @@ def test_the_dashboard_shows_hostile_text_as_text(h, tmp_path):
 
 
 def test_tls_on_the_router_verified_by_the_agent(h, tmp_path):
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True,
-                   capture_output=True)
+    cert, key = make_cert(tmp_path)
     fake = h.fake()
     router = h.router(FLEET_TLS_CERT=cert, FLEET_TLS_KEY=key)
     router.url = f"https://127.0.0.1:{router.port}"
