@@ -1291,31 +1291,38 @@ class Learner:
 
     # -- estimates for a node+model never timed -------------------------------------
 
-    def node_factor(self, node_id, field="decode_tps"):
+    def node_factor(self, node_id):
         """How fast this node decodes against the rest of the fleet, on the models both
         have timed (geometric mean of the ratios). A node that has timed nothing the
         others have is taken as slow as the slowest that has (1.0 if none has): a
         guess, made prudent because an optimistic one sends it work it may take many
-        seconds over (its first answers tell, within a few chunks). `field`
-        "baseline_tps" compares the long-run speeds instead (the placement plan's:
-        a late first token or one slow answer moves no model)."""
-        factor = self._shared_factor(node_id, field)
+        seconds over (its first answers tell, within a few chunks)."""
+        factor = self._shared_factor(node_id)
         if factor is not None:
             return factor
-        known = [f for f in (self._shared_factor(n, field) for n in self.by_node)
-                 if f is not None]
+        known = [f for f in map(self._shared_factor, self.by_node) if f is not None]
         return min(known, default=1.0)
 
-    def _shared_factor(self, node_id, field):
+    def plan_speeds(self):
+        """Each node's long-run decode speed relative to the fastest, fitted over every
+        model it and the others have timed (herd_common.fit_speeds); the placement
+        plan's, where node_factor's prudence (an untimed node is the slowest) would
+        make it move models off every machine it has not timed yet."""
+        observations = [(n, m, s.baseline_tps, s.samples) for (n, m), s in
+                        list(self.speeds.items()) if s.baseline_tps]
+        sizes = {m: s.size for (n, m), s in self.speeds.items()}
+        return hc.fit_speeds(observations, sizes)
+
+    def _shared_factor(self, node_id):
         """node_factor from the models this node and others have timed, or None."""
         logs = []
         for model, speed in self.by_node.get(node_id, {}).items():
-            if not getattr(speed, field):
+            if not speed.decode_tps:
                 continue
-            others = [getattr(s, field) for n, s in self.by_model[model].items()
-                      if n != node_id and getattr(s, field)]
+            others = [s.decode_tps for n, s in self.by_model[model].items()
+                      if n != node_id and s.decode_tps]
             if others:
-                logs.append(math.log(getattr(speed, field) / statistics.median(others)))
+                logs.append(math.log(speed.decode_tps / statistics.median(others)))
         return math.exp(sum(logs) / len(logs)) if logs else None
 
     def estimate(self, node_id, model, size=0):
@@ -1442,19 +1449,26 @@ class Demand:
     """Each model's recent request rate (requests a second): two exponentially weighted
     counts, one that forgets over DEMAND_TAU_S (the rate, steady enough that a plan
     built on it does not churn) and one over DEMAND_RISE_TAU_S (a shift, seen within
-    seconds). The short count is taken when it is far from the long one and holds (or,
-    for a fall, should hold) SHIFT_EVIDENCE requests: a rising model is placed after a
-    few requests (until then each one is a cold load that pushes out another), a busy
-    model that stopped gives up its place within seconds, a quiet one's lull or a
-    chance burst moves nothing."""
+    seconds). Both are divided by the share of their memory that has elapsed since the
+    first request was counted, so that the first minute's rates are not a fraction of
+    the true ones (the slow count would say a sixth after ten seconds, while the fast
+    count already says all). The short count is taken when it is at least RISE_ABOVE
+    the long one and holds SHIFT_EVIDENCE requests: a rising model is placed after a
+    few requests (until then each one is a cold load that pushes out another). Below
+    FADE_BELOW, it counts as much as its window should have held SHIFT_EVIDENCE
+    requests: a busy model that stopped gives up its place within seconds, a quiet
+    one's lull moves nothing, and a rate that fades never climbs back."""
 
     def __init__(self):
-        self.rates = {}  # model -> (slow rate, fast rate, monotonic time they were that)
+        self.rates = {}  # model -> (slow count, fast count, monotonic time they were that)
+        self.since = None  # monotonic time of the first request counted
 
     def count(self, model, now):
         slow, fast = self._decayed(model, now)
         if model not in self.rates and len(self.rates) >= MAX_DEMAND_MODELS:
             del self.rates[min(self.rates, key=lambda m: self.rate(m, now))]
+        if self.since is None:
+            self.since = now
         self.rates[model] = (slow + 1.0 / DEMAND_TAU_S, fast + 1.0 / DEMAND_RISE_TAU_S, now)
 
     def last_asked(self, model):
@@ -1468,11 +1482,16 @@ class Demand:
 
     def rate(self, model, now):
         slow, fast = self._decayed(model, now)
+        # (the first ten seconds count as ten: one request is not a rate of thousands)
+        elapsed = max(DEMAND_RISE_TAU_S, now - (self.since if self.since is not None else now))
+        slow /= -math.expm1(-elapsed / DEMAND_TAU_S)
+        fast /= -math.expm1(-elapsed / DEMAND_RISE_TAU_S)
         window = DEMAND_RISE_TAU_S
         if fast > RISE_ABOVE * slow and fast * window >= SHIFT_EVIDENCE:
             return fast  # rising: the short count holds enough requests to tell
-        if fast < FADE_BELOW * slow and slow * window >= SHIFT_EVIDENCE:
-            return fast  # a busy model gone quiet: it would have had enough by now
+        if fast < FADE_BELOW * slow:  # falling: as sure as the window's expected count
+            sure = min(1.0, slow * window / SHIFT_EVIDENCE)
+            return sure * fast + (1.0 - sure) * slow
         return slow
 
     def busiest(self, now, count):
@@ -1632,11 +1651,12 @@ class Placement:
         """The nodes that take work, as the planner sees them: room (memory and
         OLLAMA_MAX_LOADED_MODELS), slots, and speed relative to the fastest."""
         working = sorted(self.fleet.working_nodes(), key=lambda n: n.node_id)
-        factors = {n.node_id: self.learner.node_factor(n.node_id, "baseline_tps")
-                   for n in working}
-        fastest = max(factors.values(), default=1.0) or 1.0
+        fitted = self.learner.plan_speeds()
+        mean = statistics.geometric_mean(fitted.values()) if fitted else 1.0
+        speeds = {n.node_id: fitted.get(n.node_id, mean) for n in working}
+        fastest = max(speeds.values(), default=1.0)
         return [hc.PlanNode(n.node_id, memory=self._room(n), max_loaded=n.hb.max_loaded_models,
-                            speed=max(0.01, factors[n.node_id] / fastest),
+                            speed=max(0.01, speeds[n.node_id] / fastest),
                             slots=self.fleet.slots_for(n)) for n in working]
 
     @staticmethod

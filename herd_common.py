@@ -50,6 +50,7 @@ import re
 import signal
 import socket
 import sqlite3
+import statistics
 import sys
 import shutil
 import tempfile
@@ -2583,6 +2584,76 @@ def rank_candidates(candidates):
 PLAN_HORIZON_S = 300.0  # a move must pay for itself within five minutes of demand
 COLD_FACTOR = 10.0      # a model hot nowhere: each request waits for a load
 MAX_BUSY = 0.95         # the queue stretch stops growing here (1 / 0.05 = 20 times)
+
+
+FIT_SAMPLES = 20  # an observation weighs as many samples as it has, up to this
+FIT_ROUNDS = 50
+
+
+def fit_speeds(observations, sizes):
+    """Each node's decode speed relative to the fastest (1.0), from observations
+    [(node_id, model, tokens/s, samples)] and the models' sizes in bytes. Decoding is
+    taken as node speed times model speed (in logs a + b), fitted by weighted least
+    squares, so that nodes that timed a model in common, directly or through a chain
+    of others, compare exactly. Between groups of nodes that share no model the data
+    cannot tell a fast node from a light model, so the two guesses are met half-way: a
+    model is slower as its weights grow (decoding reads them all for every token), and
+    the group's nodes are as fast as the largest group's. A node with no observation
+    is not in the answer."""
+    obs = [(n, m, math.log(tps), min(samples, FIT_SAMPLES))
+           for n, m, tps, samples in observations if tps > 0 and samples > 0]
+    prior = {m: -math.log(max(sizes.get(m) or 0, 1e6)) for _, m, _, _ in obs}
+    groups = [_fit_group([o for o in obs if o[0] in nodes], prior)
+              for nodes in _sharing_groups(obs)]
+    if not groups:
+        return {}
+    largest = max(groups, key=lambda g: g[1])[0]
+    level = statistics.fmean(largest.values())
+    a = {}
+    for speeds, _ in groups:
+        gap = (level - statistics.fmean(speeds.values())) / 2
+        a.update({n: v + (gap if speeds is not largest else 0.0) for n, v in speeds.items()})
+    top = max(a.values())
+    return {n: math.exp(v - top) for n, v in a.items()}
+
+
+def _sharing_groups(obs):
+    """The sets of nodes linked by models timed in common, directly or by a chain."""
+    parent = {}
+
+    def root(key):
+        while parent.setdefault(key, key) != key:
+            parent[key] = parent[parent[key]]
+            key = parent[key]
+        return key
+
+    for n, m, _, _ in obs:
+        parent[root(("node", n))] = root(("model", m))
+    groups = collections.defaultdict(set)
+    for n, _, _, _ in obs:
+        groups[root(("node", n))].add(n)
+    return list(groups.values())
+
+
+def _fit_group(obs, prior):
+    """({node: log speed}, weight) for one sharing group, its level set so that its
+    models sit on the size law on average."""
+    a, b = {}, {m: prior[m] for _, m, _, _ in obs}
+    for _ in range(FIT_ROUNDS):
+        a = _fit_side(obs, 0, b)
+        b = _fit_side(obs, 1, a)
+    shift = statistics.fmean(b[m] - prior[m] for m in b)
+    return {n: v + shift for n, v in a.items()}, sum(w for _, _, _, w in obs)
+
+
+def _fit_side(obs, side, other):
+    """One half-step of the fit: each node's (side 0) or model's (side 1) log speed,
+    the weighted mean of what its observations say given the other side's."""
+    total, weight = collections.defaultdict(float), collections.defaultdict(float)
+    for row in obs:
+        total[row[side]] += row[3] * (row[2] - other[row[1 - side]])
+        weight[row[side]] += row[3]
+    return {k: total[k] / weight[k] for k in total}
 
 
 @dataclass(frozen=True)

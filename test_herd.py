@@ -7245,6 +7245,53 @@ def test_plan_on_the_bench_pressure_fleet_needs_what_the_bench_says(load):
     assert not before.unplaced and not after.unplaced
 
 
+TRUE_SPEED = {"studio": 1.0, "desktop": 0.9, "mini": 0.5, "laptop": 0.25}
+
+
+def timed(pairs, per_gb=0.0, sizes=None, samples=10):
+    """Observations of nodes decoding models at TRUE_SPEED x 100 tokens/s, slower by
+    the model's size when per_gb is 1 (decoding reads all the weights)."""
+    sizes = sizes or {}
+    return [(n, m, 100 * TRUE_SPEED[n] / (sizes.get(m, 1) if per_gb else 1), samples)
+            for n, m in pairs]
+
+
+@pytest.mark.parametrize("per_gb", [0, 1])
+def test_fit_speeds_compares_nodes_through_a_chain_of_shared_models(per_gb):
+    sizes = {"a": 5, "b": 2, "c": 9}
+    pairs = [("studio", "a"), ("desktop", "a"), ("desktop", "b"), ("mini", "b"),
+             ("mini", "c"), ("laptop", "c")]
+    fitted = hc.fit_speeds(timed(pairs, per_gb, sizes, samples=20),
+                           {m: gb * GB for m, gb in sizes.items()})
+    # The priors weigh one sample against twenty: the chain decides, within a few %.
+    assert fitted == pytest.approx(TRUE_SPEED, rel=0.05)
+
+
+def test_fit_speeds_without_shared_models_leans_on_weak_priors():
+    # The studio timed a 5 GB model, the desktop a 2 GB one, at the same tokens/s: a
+    # faster node or a lighter model? Half the size law: the desktop sits between.
+    fitted = hc.fit_speeds([("studio", "big", 50.0, 10), ("desktop", "small", 50.0, 10)],
+                           {"big": 5 * GB, "small": 2 * GB})
+    assert fitted["studio"] == 1.0 and 2 / 5 < fitted["desktop"] < 1.0
+    assert hc.fit_speeds([], {}) == {}
+    # A node that timed no model of its own is not in the fit: the router takes the mean.
+    assert set(hc.fit_speeds(timed([("studio", "a"), ("mini", "a")]), {})) == \
+        {"studio", "mini"}
+
+
+def test_plan_speeds_rate_an_untimed_node_the_fleet_mean_not_the_slowest():
+    learner = herd.Learner()
+    for node, tps in (("studio", 100.0), ("laptop", 25.0)):
+        speed = learner._add(node, "llama3.2:3b", herd.Speed())
+        speed.samples, speed.decode_tps, speed.baseline_tps = 20, tps, tps
+    learner._add("desktop", "qwen2.5:7b", herd.Speed())  # loaded, never timed
+    fitted = learner.plan_speeds()
+    assert fitted["studio"] == 1.0 and fitted["laptop"] == pytest.approx(0.25, rel=0.1)
+    assert "desktop" not in fitted
+    # the routing figure stays prudent: an untimed node is as slow as the slowest
+    assert learner.node_factor("desktop") == pytest.approx(learner.node_factor("laptop"))
+
+
 def test_bench_ideal_time_counts_only_what_no_slot_has_cached():
     import bench
     first = [{"role": "user", "content": "a b c d"}]
@@ -8801,6 +8848,22 @@ def test_demand_sees_a_rise_at_once_and_a_busy_model_stop_but_not_a_lull():
         demand.count("quiet", now + 20 * i)
     now += 20 * 14
     assert demand.rate("quiet", now + 15) > 0.7 * 0.05  # its true rate, kept in the lull
+
+
+def test_demand_is_right_in_the_first_seconds_and_a_fade_never_climbs_back():
+    demand, now = herd.Demand(), 1000.0
+    for i in range(20):  # ten seconds of traffic: two a second for each model
+        demand.count("a", now + i / 2)
+        demand.count("b", now + i / 2 + 0.25)
+    now += 10
+    for model in "ab":  # a minute's count alone would say a sixth of it
+        assert demand.rate(model, now) == pytest.approx(2.0, rel=0.25)
+    for i in range(240):  # two more minutes of "a" alone; "b" stopped
+        demand.count("a", now + i / 2)
+    now += 120
+    seen = [demand.rate("b", now + t) for t in range(0, 300, 5)]
+    assert seen == sorted(seen, reverse=True) and seen[0] < 0.1
+    assert demand.rate("a", now) == pytest.approx(2.0, rel=0.1)
 
 
 def test_a_long_queue_loads_a_model_only_where_the_plan_places_it():
