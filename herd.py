@@ -1004,6 +1004,14 @@ class Speed:
         below = max(timed)
         return self.levels[below][0] * below / level
 
+    def steady_tps(self):
+        """The long-run decode speed, or the current one when it has dropped sharply
+        below it (slow_down took it at once): what the placement plan weighs."""
+        if self.decode_tps and self.baseline_tps and \
+                self.decode_tps < LIVE_SLOW * self.baseline_tps:
+            return self.decode_tps
+        return self.baseline_tps
+
     def slow_down(self, factor):
         """The node decodes `factor` (< 1) times as fast as learned, at every level (its
         owner's job takes the machine, whatever runs on it): so the next forecast reads
@@ -1304,12 +1312,12 @@ class Learner:
         return min(known, default=1.0)
 
     def plan_speeds(self):
-        """Each node's long-run decode speed relative to the fastest, fitted over every
+        """Each node's steady decode speed relative to the fastest, fitted over every
         model it and the others have timed (herd_common.fit_speeds); the placement
         plan's, where node_factor's prudence (an untimed node is the slowest) would
         make it move models off every machine it has not timed yet."""
-        observations = [(n, m, s.baseline_tps, s.samples) for (n, m), s in
-                        list(self.speeds.items()) if s.baseline_tps]
+        observations = [(n, m, s.steady_tps(), s.samples) for (n, m), s in
+                        list(self.speeds.items()) if s.steady_tps()]
         sizes = {m: s.size for (n, m), s in self.speeds.items()}
         return hc.fit_speeds(observations, sizes)
 
@@ -1425,8 +1433,10 @@ def _round(value):
 # memory under the same version is a thrash.
 # Routing follows the plan (Placement.steer): a cold load goes where the plan places
 # the model, and not at all while a node where it is hot answers sooner than the load
-# (plus reloading what the load would push out); the Warmer loads what the plan places
-# at a quiet moment, first unloading (keep_alive 0) what the plan dropped there.
+# (plus reloading what the load would push out); only a wait LOAD_ANYWAY times longer
+# than a load elsewhere has that load made (the plan lags a node that slowed). The
+# Warmer loads what the plan places at a quiet moment, first unloading (keep_alive 0)
+# what the plan dropped there.
 ####################################################################################
 
 PLAN_EVERY_S = 5.0  # the plan is rebuilt this often: a few heartbeats
@@ -1440,9 +1450,10 @@ MAX_DEMAND_MODELS = 256  # models whose demand is kept (the quietest is forgotte
 MAX_PLANNED_MODELS = 32  # the busiest models the planner weighs (its search grows with them)
 GUESS_TPS_GB = 100.0  # tokens/s of a 1 GB model when nothing is learned (falls with size)
 GUESS_LOAD_S, GUESS_LOAD_S_GB = 1.0, 0.5  # a load's guess: base + per GB of weights
-PLAN_MARGIN = 0.2  # a new plan must cost a fifth less than the last to replace it
+PLAN_MARGIN = 0.35  # a new plan must cost a third less than the last to replace it
 PLAN_SETTLE_S = 10.0  # a plan holds this long before a model is unloaded for it
 MOVE_WINDOW_S = 120.0  # the Warmer never undoes its own move this soon, plan unchanged
+LOAD_ANYWAY = 3.0  # a load the plan did not choose, when the wait is this many times longer
 
 
 class Demand:
@@ -1710,13 +1721,14 @@ class Placement:
 
     def _timed_s(self, model, speeds):
         """The median learned run of one answer of `model`, at speed 1 (0: untimed): its
-        prompt evaluation and its tokens at the long-run decode speed, as Ollama timed
+        prompt evaluation and its tokens at the steady decode speed, as Ollama timed
         them (a wait for a slot or for room inside Ollama is not work); else the
         router's own measure of its time on the node."""
         seen = []
         for node_id, s in self.learner.by_model.get(model, {}).items():
-            run_s = ((s.prompt_eval_ms or 0.0) / 1000 + s.tokens / s.baseline_tps
-                     if s.tokens and s.baseline_tps else (s.service_ms or 0.0) / 1000)
+            tps = s.steady_tps()
+            run_s = ((s.prompt_eval_ms or 0.0) / 1000 + s.tokens / tps
+                     if s.tokens and tps else (s.service_ms or 0.0) / 1000)
             if run_s and node_id in speeds:
                 seen.append(run_s * speeds[node_id])
         return statistics.median(seen) if seen else 0.0
@@ -1743,7 +1755,8 @@ class Placement:
         somewhere, a cold load only where the plan places it and it is expected sooner
         than the wait there, counting the reloads of the planned models it would push
         out; while it is hot nowhere, where the plan places it; a model placed nowhere
-        (or whose places cannot take it) loads where it pushes out the least demand."""
+        (or whose places cannot take it) loads where it pushes out the least demand,
+        and no model with requests running (or on its way in) where another node can."""
         if self.plan is None or len(candidates) < 2:
             return candidates, []
         warm = [c for c in candidates if c.hot or c.loading_s]
@@ -1751,6 +1764,7 @@ class Placement:
         # A node that joined since the plan was weighed is one it has no word on yet.
         places = self.places(model) | {c.node_id for c in cold
                                        if c.node_id not in self.plan.hot}
+        pool = cold  # the candidates weighed by the demand they push out
         if warm:
             keep = self._worth_loading(warm, cold, places)
             why = (f"{model} is hot elsewhere; a load here is not in the placement plan "
@@ -1759,12 +1773,24 @@ class Placement:
             keep = [c for c in cold if c.node_id in places]
             why = f"the placement plan loads {model} elsewhere"
         else:
-            least = min(self._demand_out(c) for c in cold)
-            keep = [c for c in cold if self._demand_out(c) <= least]
+            # Two models placed nowhere would otherwise take turns pushing each other
+            # out of the node with the least demand, each load thrown out half-way.
+            pool = [c for c in cold if not c.evicts_busy] or \
+                [c for c in cold if not self._throws_out_a_load(c)] or cold
+            least = min(self._demand_out(c) for c in pool)
+            keep = [c for c in pool if self._demand_out(c) <= least]
             why = f"loading {model} here would push out a busier model"
         held = [c for c in cold if c not in keep]
-        reasons += [f"{c.node_id}: {why}" for c in held]
+        reasons += [f"{c.node_id}: " + (f"loading {model} here would push out "
+                                        f"{c.evicts_busy}, which has requests running"
+                                        if c.evicts_busy and c not in pool else why)
+                    for c in held]
         return warm + keep, held
+
+    def _throws_out_a_load(self, c):
+        """Would a cold load here push out a model whose own load is still under way?"""
+        node, now = self.fleet.nodes[c.node_id], time.monotonic()
+        return any(node.loading_left(m, now) for m in c.evicts)
 
     def _worth_loading(self, warm, cold, places):
         """The cold candidates worth a load while the model is hot elsewhere: where the
@@ -1773,14 +1799,18 @@ class Placement:
         it pushes out); while no wait is known, where the plan places it (the scoring
         decides). A load that would be sooner but where the plan does not place the
         model is not made: the plan is weighed again soon instead (its demand may need
-        another place), so that every load is one the plan chose."""
+        another place), so that every load is one the plan chose, unless the wait is
+        LOAD_ANYWAY times longer than that load: the plan lags a node that slowed."""
         planned = [c for c in cold if c.node_id in places]
         if not all(c.service_s for c in warm):
             return planned
         wait = min(hc.estimate_wait_s(c) for c in warm)
         if any(self._load_cost(c) < wait for c in cold if c not in planned):
             self.asked = True
-        return [c for c in planned if self._load_cost(c) < wait]
+        # The plan is advice, not a prison: when it lags (a node slowed down and the
+        # queue there grew), a load far sooner than that wait is made anyway.
+        return [c for c in cold if self._load_cost(c) * (
+            1.0 if c in planned else LOAD_ANYWAY) < wait]
 
     def _load_cost(self, c):
         """A cold load's seconds before its request starts, and the reloads of the

@@ -43,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -7290,6 +7291,10 @@ def test_plan_speeds_rate_an_untimed_node_the_fleet_mean_not_the_slowest():
     assert "desktop" not in fitted
     # the routing figure stays prudent: an untimed node is as slow as the slowest
     assert learner.node_factor("desktop") == pytest.approx(learner.node_factor("laptop"))
+    # The laptop slows four times (its owner's job): a sharp drop is taken at once by
+    # the current speed, while the long-run one would take dozens of answers to follow.
+    learner.speeds["laptop", "llama3.2:3b"].slow_down(0.25)
+    assert learner.plan_speeds()["laptop"] == pytest.approx(0.0625, rel=0.1)
 
 
 def test_bench_ideal_time_counts_only_what_no_slot_has_cached():
@@ -8867,13 +8872,14 @@ def test_demand_is_right_in_the_first_seconds_and_a_fade_never_climbs_back():
 
 
 def test_a_long_queue_loads_a_model_only_where_the_plan_places_it():
-    # llama is hot on node a with a long queue (20 s). A load on b or c would start
-    # sooner (1 s), but the plan places llama on b only: c is held back. Without b in
-    # the plan, nothing is loaded, and the plan is weighed again at once (its demand
-    # may need a second place).
+    # llama is hot on node a with a queue (2.5 s). A load on b or c would start sooner
+    # (1 s), but the plan places llama on b only: c is held back. Without b in the
+    # plan, nothing is loaded, and the plan is weighed again at once (its demand may
+    # need a second place). Only a wait far longer than a load (three times: the plan
+    # lags a node that slowed down) has the load made where the plan does not place it.
     placement = herd.Placement(fleet=None, learner=None)
     placement._load_cost = lambda c: 1.0  # the load, and what it pushes out, is quick
-    hot = hc.Candidate("a", hot=True, service_s=2.0, work_ahead_s=20.0)
+    hot = hc.Candidate("a", hot=True, service_s=2.0, work_ahead_s=2.5)
     cold = [hc.Candidate("b", load_estimate_s=1.0), hc.Candidate("c", load_estimate_s=1.0)]
 
     def plan(**hot_sets):
@@ -8893,9 +8899,44 @@ def test_a_long_queue_loads_a_model_only_where_the_plan_places_it():
     hot.work_ahead_s = 0.5  # a short queue: no load anywhere, and nothing to weigh
     kept, held, _ = plan(a=["llama"], b=["llama"], c=["qwen"])
     assert (kept, held, placement.asked) == (["a"], ["b", "c"], False)
-    hot.work_ahead_s = 20.0  # c joined after the plan was made: it has no word on c
+    hot.work_ahead_s = 2.5  # c joined after the plan was made: it has no word on c
     kept, held, _ = plan(a=["llama"], b=["qwen"])
     assert (kept, held) == (["a", "c"], ["b"])
+    hot.work_ahead_s = 20.0  # twenty times a load: made where the plan does not say
+    kept, held, _ = plan(a=["llama"], b=["qwen"], c=["qwen"])
+    assert (kept, held, placement.asked) == (["a", "b", "c"], [], True)
+
+
+def test_a_model_placed_nowhere_never_pushes_out_one_that_is_just_loading():
+    # Two risers, placed nowhere yet, ask at once. The coder's load on node b has just
+    # started (its request runs there); b still pushes out the least demand by the
+    # counts (the coder's one request), but gemma's load goes to c, which pushes out a
+    # model with no request running, not to b, where it would throw out the coder's
+    # load half-way (the two would then take turns evicting each other).
+    placement = herd.Placement(fleet=None, learner=None)
+    placement.plan = hc.Plan(hot={"b": ("mistral",), "c": ("phi3",)}, reasons={},
+                             loads=[], unloads=[], unplaced={})
+    now = time.monotonic()
+    placement.demand.count("coder", now)
+    for i in range(6):
+        placement.demand.count("phi3", now - i)
+    on_b = hc.Candidate("b", evicts=("coder",), evicts_busy="coder")
+    on_c = hc.Candidate("c", evicts=("phi3",))
+    reasons = []
+    kept, held = placement.steer("gemma", [on_b, on_c], reasons)
+    assert placement._demand_out(on_b) < placement._demand_out(on_c)
+    assert ([c.node_id for c in kept], [c.node_id for c in held]) == (["c"], ["b"])
+    assert reasons == ["b: loading gemma here would push out coder, which has requests "
+                       "running"]
+    on_c.evicts_busy = "phi3"  # both push out a busy model: not the one still loading
+    loading = {"b": {"coder": now + 5.0}, "c": {}}
+    placement.fleet = types.SimpleNamespace(nodes={n: types.SimpleNamespace(
+        loading_left=lambda m, t, n=n: max(0.0, loading[n].get(m, t) - t)) for n in "bc"})
+    kept, _ = placement.steer("gemma", [on_b, on_c], [])
+    assert [c.node_id for c in kept] == ["c"]
+    loading["b"].clear()  # the coder is in: the least demand pushed out, as before
+    kept, _ = placement.steer("gemma", [on_b, on_c], [])
+    assert [c.node_id for c in kept] == ["b"]
 
 
 def test_the_plan_loads_ahead_only_what_was_asked_for_lately(h):
