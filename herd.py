@@ -1460,26 +1460,27 @@ class Demand:
     """Each model's recent request rate (requests a second): two exponentially weighted
     counts, one that forgets over DEMAND_TAU_S (the rate, steady enough that a plan
     built on it does not churn) and one over DEMAND_RISE_TAU_S (a shift, seen within
-    seconds). Both are divided by the share of their memory that has elapsed since the
-    first request was counted, so that the first minute's rates are not a fraction of
-    the true ones (the slow count would say a sixth after ten seconds, while the fast
-    count already says all). The short count is taken when it is at least RISE_ABOVE
-    the long one and holds SHIFT_EVIDENCE requests: a rising model is placed after a
-    few requests (until then each one is a cold load that pushes out another). Below
-    FADE_BELOW, it counts as much as its window should have held SHIFT_EVIDENCE
-    requests: a busy model that stopped gives up its place within seconds, a quiet
-    one's lull moves nothing, and a rate that fades never climbs back."""
+    seconds). The short count is taken when it is at least RISE_ABOVE the long one and
+    holds SHIFT_EVIDENCE requests: a rising model is placed after a few requests (until
+    then each one is a cold load that pushes out another). Below FADE_BELOW, when its
+    window should have held SHIFT_EVIDENCE requests, the model has stopped, and the
+    short count is its rate until it is asked for again: a busy model that stopped
+    gives up its place within seconds, a quiet one's lull moves nothing, and a rate
+    that fades never climbs back to the stale long count. (The long count starts at zero and takes a
+    minute to reach a steady rate; taken at its word sooner, the plan made moves in the
+    first seconds that the fleet where every model fits paid for in cold loads.)"""
 
     def __init__(self):
         self.rates = {}  # model -> (slow count, fast count, monotonic time they were that)
-        self.since = None  # monotonic time of the first request counted
+        self.stopped = set()  # models seen to stop, until they are asked for again
 
     def count(self, model, now):
         slow, fast = self._decayed(model, now)
         if model not in self.rates and len(self.rates) >= MAX_DEMAND_MODELS:
-            del self.rates[min(self.rates, key=lambda m: self.rate(m, now))]
-        if self.since is None:
-            self.since = now
+            quietest = min(self.rates, key=lambda m: self.rate(m, now))
+            del self.rates[quietest]
+            self.stopped.discard(quietest)
+        self.stopped.discard(model)
         self.rates[model] = (slow + 1.0 / DEMAND_TAU_S, fast + 1.0 / DEMAND_RISE_TAU_S, now)
 
     def last_asked(self, model):
@@ -1493,16 +1494,14 @@ class Demand:
 
     def rate(self, model, now):
         slow, fast = self._decayed(model, now)
-        # (the first ten seconds count as ten: one request is not a rate of thousands)
-        elapsed = max(DEMAND_RISE_TAU_S, now - (self.since if self.since is not None else now))
-        slow /= -math.expm1(-elapsed / DEMAND_TAU_S)
-        fast /= -math.expm1(-elapsed / DEMAND_RISE_TAU_S)
         window = DEMAND_RISE_TAU_S
         if fast > RISE_ABOVE * slow and fast * window >= SHIFT_EVIDENCE:
             return fast  # rising: the short count holds enough requests to tell
-        if fast < FADE_BELOW * slow:  # falling: as sure as the window's expected count
-            sure = min(1.0, slow * window / SHIFT_EVIDENCE)
-            return sure * fast + (1.0 - sure) * slow
+        if model in self.stopped:
+            return fast
+        if fast < FADE_BELOW * slow and slow * window >= SHIFT_EVIDENCE:
+            self.stopped.add(model)  # a busy model gone quiet: it would have had enough
+            return fast
         return slow
 
     def busiest(self, now, count):
