@@ -1464,11 +1464,11 @@ class Demand:
     holds SHIFT_EVIDENCE requests: a rising model is placed after a few requests (until
     then each one is a cold load that pushes out another). Below FADE_BELOW, when its
     window should have held SHIFT_EVIDENCE requests, the model has stopped, and the
-    short count is its rate until it is asked for again: a busy model that stopped
-    gives up its place within seconds, a quiet one's lull moves nothing, and a rate
-    that fades never climbs back to the stale long count. (The long count starts at zero and takes a
-    minute to reach a steady rate; taken at its word sooner, the plan made moves in the
-    first seconds that the fleet where every model fits paid for in cold loads.)"""
+    short count is its rate until it is asked for again: a busy model that stopped gives
+    up its place within seconds, a quiet one's lull moves nothing, and a rate that fades
+    never climbs back to the stale long count. (The long count starts at zero and takes
+    a minute to reach a steady rate; taken at its word sooner, the plan made moves in
+    the first seconds that the fleet where every model fits paid for in cold loads.)"""
 
     def __init__(self):
         self.rates = {}  # model -> (slow count, fast count, monotonic time they were that)
