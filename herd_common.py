@@ -2638,7 +2638,7 @@ def _sharing_groups(obs):
 def _fit_group(obs, prior):
     """({node: log speed}, weight) for one sharing group, its level set so that its
     models sit on the size law on average."""
-    a, b = {}, {m: prior[m] for _, m, _, _ in obs}
+    a, b = {}, {m: prior[m] for _, m, _, _ in obs}  # b: the models', from the size law
     for _ in range(FIT_ROUNDS):
         a = _fit_side(obs, 0, b)
         b = _fit_side(obs, 1, a)

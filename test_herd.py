@@ -7264,7 +7264,7 @@ def test_fit_speeds_compares_nodes_through_a_chain_of_shared_models(per_gb):
              ("mini", "c"), ("laptop", "c")]
     fitted = hc.fit_speeds(timed(pairs, per_gb, sizes, samples=20),
                            {m: gb * GB for m, gb in sizes.items()})
-    # The priors weigh one sample against twenty: the chain decides, within a few %.
+    # Within a group that shares models, the data decide; the priors only place groups.
     assert fitted == pytest.approx(TRUE_SPEED, rel=0.05)
 
 
@@ -8967,7 +8967,7 @@ def test_a_model_the_plan_left_out_starts_the_next_plan_where_it_was_loaded():
     # gemma2 was placed nowhere; its requests loaded it on node b. The next plan starts
     # with it there (first: the planner keeps what fits in the order given), so moving
     # it must pay for its load; a model nobody asks for does not start anywhere new.
-    from types import SimpleNamespace as NS
+    NS = types.SimpleNamespace
     fleet = NS(nodes={"a": NS(loaded={"llama": {}}), "b": NS(loaded={"gemma": {},
                                                                       "old": {}})})
     placement = herd.Placement(fleet, learner=None)
