@@ -2109,6 +2109,7 @@ def placement_figures(runs, fleet):
     done = [o for o in outcomes if o.ok]
     return {"loads_from_cold": cold_loads,
             "loads_per_100": 100 * cold_loads / max(1, len(outcomes)),
+            "loads_by_phase": loads_by_phase([run[2] for run in runs], fleet),
             "plan_loads": loads_a_plan_needs(fleet) * len(runs),
             "wrong_model": sum(o.answered != o.model for o in done),
             "wrong_models": dict(collections.Counter(
@@ -2124,10 +2125,34 @@ def loads_a_plan_needs(fleet):
                | {model for models in fleet.warm_up for model in models})
 
 
+PHASES = (("warm_up", "cold", "start"), ("first_half", "start", "slowdown"),
+          ("second_half", "slowdown", "end"))
+
+
+def loads_by_phase(runs_marks, fleet):
+    """Loads in the warm-up, the first half and the second half (from the slowdown and
+    shift of popularity on), summed over runs: where the loads a plan would not make
+    happen. A run without a half-way mark counts its loads after the warm-up as the
+    first half's."""
+    out = dict.fromkeys((phase for phase, _, _ in PHASES), 0)
+    for marks in runs_marks:
+        for name, since, until in PHASES:
+            if since in marks and until in marks:
+                out[name] += counted_between(marks, since, until, "load_count", fleet)
+        if "slowdown" not in marks and "start" in marks:
+            out["first_half"] += counted_since(marks, "start", "load_count", fleet)
+    return out
+
+
+def counted_between(marks, since, until, counter, fleet):
+    """A fake counter's growth over the fleet between two marks."""
+    return sum(marks[until][m.name].get(counter, 0) - marks[since][m.name].get(counter, 0)
+               for m in fleet.machines)
+
+
 def counted_since(marks, since, counter, fleet):
     """A fake counter's growth over the fleet between the `since` mark and the end."""
-    return sum(marks["end"][m.name].get(counter, 0) - marks[since][m.name].get(counter, 0)
-               for m in fleet.machines)
+    return counted_between(marks, since, "end", counter, fleet)
 
 
 def answers_since(marks, since, fleet):
@@ -2240,12 +2265,15 @@ def ttft_table(routers, slowed):
 def placement_table(routers):
     """Issue 20's figures: cold loads (from a cold fleet, warm-up included) per 100
     requests against a plan's, wrong-model answers, slowdown (latency / ideal)."""
-    lines = ["| router | done / sent | wrong model | loads from cold | per 100 requests | "
-             "a plan needs | slowdown mean | p50 | p95 | p99 |", "|---" * 10 + "|"]
+    lines = ["| router | done / sent | wrong model | loads from cold | warm-up / first half "
+             "/ second half | per 100 requests | a plan needs | slowdown mean | p50 | p95 | "
+             "p99 |", "|---" * 11 + "|"]
     for name, f in routers.items():
-        sent = f["overall"]["sent"]
+        sent, phases = f["overall"]["sent"], f["loads_by_phase"]
         cells = [name, f"{sent - f['overall']['failed']} / {sent}", str(f["wrong_model"]),
-                 str(f["loads_from_cold"]), f"{f['loads_per_100']:.1f}",
+                 str(f["loads_from_cold"]),
+                 " / ".join(str(phases[phase]) for phase, _, _ in PHASES),
+                 f"{f['loads_per_100']:.1f}",
                  f"{f['plan_loads']} ({100 * f['plan_loads'] / max(1, sent):.1f})"]
         cells += [seconds_cell(f["slowdown"][q]) for q in ("mean", "p50", "p95", "p99")]
         lines.append("| " + " | ".join(cells) + " |")

@@ -7218,6 +7218,23 @@ def test_bench_counts_answers_from_another_model_as_wrong():
     assert f["slowdown"]["p50"] == 4.0
 
 
+def test_bench_splits_the_loads_by_phase_and_they_add_up():
+    import bench
+    machines = [m.name for m in bench.PRESSURE.machines]
+    counts = {"cold": 0, "start": 6, "slowdown": 9, "end": 20}  # a machine's loads by then
+    marks = {mark: {m: {"load_count": n + i} for i, m in enumerate(machines)}
+             for mark, n in counts.items()}
+    done = [bench.Outcome(0, 0, "gemma2:9b", 0.0, ok=True, latency=1.0, ideal=1.0,
+                          answered="gemma2:9b")]
+    f = bench.placement_figures([(done, 0.0, marks, 1.0)] * 2, bench.PRESSURE)
+    per_run = {"warm_up": 6 * len(machines), "first_half": 3 * len(machines),
+               "second_half": 11 * len(machines)}
+    assert f["loads_by_phase"] == {k: 2 * v for k, v in per_run.items()}
+    assert sum(f["loads_by_phase"].values()) == f["loads_from_cold"]
+    table = bench.placement_table({"herd": {**f, "overall": {"sent": 2, "failed": 0}}})
+    assert "| 48 / 24 / 88 |" in table
+
+
 def pressure_models(bench, mix, rate):
     """The pressure fleet's models as the planner sees them at `rate` requests/s."""
     shares, mean_s = dict(mix), bench.CHUNK_DELAY * sum(bench.TOKENS_RANGE) / 2
