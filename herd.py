@@ -1610,8 +1610,24 @@ class Placement:
                 fleet_log.info(f"placement plan {self.version}: " + "; ".join(
                     f"{n}: {', '.join(v)}" for n, v in sorted(placed.items())),
                     extra={"event": "placement_plan"})
+                fleet_log.debug(f"placement plan {self.version} weighed",
+                                extra={"event": "placement_inputs",
+                                       "inputs": self._weighed(nodes, models)})
         self.plan, self.built_at = plan, now
         return plan
+
+    def _weighed(self, nodes, models):
+        """What a plan version was built from, for the log: why the plan is what it is
+        (node speeds and room, each model's rate and demand) can then be read back."""
+        return {
+            "nodes": {n.node_id: {"speed": round(n.speed, 3), "slots": n.slots,
+                                  "memory_gb": round(n.memory / 1e9, 1),
+                                  "max_loaded": n.max_loaded} for n in nodes},
+            "models": {m.name: {"requests_per_s": round(self.rates.get(m.name, 0.0), 3),
+                                "demand": round(m.demand, 3),
+                                "size_gb": round(m.size / 1e9, 2)} for m in models},
+            "loaded": {n.node_id: sorted(self.fleet.nodes[n.node_id].loaded)
+                       for n in nodes if n.node_id in self.fleet.nodes}}
 
     def _hardly_better(self, plan, nodes, models):
         """Is `plan` within PLAN_MARGIN of the last one, which still fits the same

@@ -352,7 +352,7 @@ def stop_signal():
 ####################################################################################
 
 _LOG_CONTEXT = ("model", "node_id", "request_id", "event", "status", "client", "url",
-                "error", "elapsed_ms")
+                "error", "elapsed_ms", "inputs")
 
 
 class JsonLineFormatter(logging.Formatter):

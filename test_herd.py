@@ -8668,6 +8668,15 @@ def test_a_shift_in_demand_moves_one_model_on_purpose_and_the_plan_says_why(h):
     reasons = {e["model"]: e["reason"] for e in after["nodes"]["node-a"]}
     assert "in place of llama3.2:3b" in reasons["gemma2:9b"]
     assert reasons["qwen2.5:7b"].startswith("kept:")
+    # The log keeps what each version was weighed from: why gemma2 took llama's place.
+    logged = [json.loads(line) for line in open(h.data_dir / "logs" / "herd.jsonl")]
+    weighed = [e["inputs"] for e in logged if e.get("event") == "placement_inputs"]
+    assert len(weighed) == after["version"]
+    last = weighed[-1]
+    assert last["models"]["gemma2:9b"]["requests_per_s"] > 0
+    assert last["models"]["llama3.2:3b"]["demand"] == 0
+    assert last["nodes"]["node-a"]["max_loaded"] == 2
+    assert last["loaded"]["node-a"] == ["llama3.2:3b", "qwen2.5:7b"]
     answer, node = generate(router, "gemma2:9b")
     assert (answer["model"], node) == ("gemma2:9b", "node-a")
     health = get_json(router.url, "/dashboard/api/health")
