@@ -7959,6 +7959,9 @@ def test_at_400_px_no_column_is_out_of_reach_and_settings_read_well(h):
             page.goto(router.url + "/dashboard")
             for tab in ("Overview", "Requests", "Models", "Nodes", "Apps", "Settings"):
                 page.click(f"nav button[data-tab={tab}]")
+                # The click changes the hash; the tab's own section replaces the last one
+                # when the browser fires hashchange: until then, "main td" is the last tab's.
+                page.wait_for_selector(f"nav button.on[data-tab={tab}]", timeout=10000)
                 page.wait_for_selector("main td", timeout=10000)
                 page.wait_for_selector("#conn:has-text('updated')", timeout=10000)
                 layout[tab] = page.evaluate("""() => ({
