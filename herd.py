@@ -585,11 +585,14 @@ class Residency:
 
     def finish_load(self, node, model, loaded):
         """The request that loaded `model` ended: it is in (or, if `loaded` is false,
-        the load failed and the next heartbeat says what is there)."""
+        the load failed and the next heartbeat says what is there), unless a load the
+        router sent since has pushed it out: Ollama evicts a busy runner once its last
+        request ends, which is now."""
         node.loading.pop(model, None)
-        if loaded:
+        pushed_out = node.router_saw.get(model, (0.0, True))[1] is False
+        if loaded and not pushed_out:
             self.mark_loaded(node, model)
-        elif node.router_saw.pop(model, None) is not None:
+        elif not loaded and node.router_saw.pop(model, None) is not None:
             node.loaded.pop(model, None)
 
     def mark_unloaded(self, node, model):

@@ -3196,6 +3196,28 @@ def test_what_a_cold_load_pushes_out_is_not_sent_back_while_the_load_runs(h):
     assert (a.load_count, a.unloads, a.evictions) == (1, 1, 0)  # unloaded by the router
 
 
+def test_a_load_pushed_out_while_it_ran_is_not_counted_back_in_when_it_ends(h):
+    # node-a holds one model at a time. A request loads qwen2.5:7b and is still
+    # answering when a request for llama3.2:3b loads llama in its place (qwen goes once
+    # its runner is idle). When the qwen request ends, qwen is out of memory: the
+    # router must not count it back in (it did, for the length of its own word, and
+    # sent qwen's next requests there as hot: a load that nobody planned, evicting
+    # llama, which it then thought hot).
+    a = h.fake(models=["llama3.2:3b", "qwen2.5:7b"], num_parallel=1, chunks=30,
+               chunk_delay=0.03, max_loaded=1)
+    router = h.router()
+    one_at_a_time = lambda hb: hb["ollama"].update(max_loaded_models=1)
+    join(h, router, a, "node-a", 1, lambda hb: (small_memory(64, 60)(hb), one_at_a_time(hb)))
+    first = threading.Thread(target=generate, args=(router, "qwen2.5:7b"))
+    first.start()
+    wait_until(lambda: a.active == 1, what="qwen2.5:7b loading and answering")
+    assert generate(router, "llama3.2:3b")[1] == "node-a"
+    first.join(30)
+    assert list(a.loaded) == ["llama3.2:3b"]
+    loaded = [m["model"] for m in fleet_node(router, "node-a")["models_loaded"]]
+    assert loaded == ["llama3.2:3b"], loaded  # before any heartbeat says so
+
+
 def chat(router, messages, headers=None):
     status, answer_headers, body = http(router.url, "POST", "/api/chat", {
         "model": "llama3.2:3b", "messages": messages, "stream": False}, headers=headers)
