@@ -1448,6 +1448,8 @@ DEMAND_TAU_S = 60.0  # a model's request rate forgets its past over about a minu
 DEMAND_RISE_TAU_S = 10.0  # and a rise in it is seen over about ten seconds
 RISE_ABOVE, FADE_BELOW = 2.0, 0.5  # a shift: the short count this far from the long one,
 SHIFT_EVIDENCE = 3.0  # with this many requests in its window (expected, for a fall)
+FADE_GAP = 4.0  # a model has stopped when its quiet would have held this many requests
+DEMAND_MIN_S = 3.0  # a count is taken as a rate over at least this long
 PLAN_ASKED_S = 30.0  # the plan loads ahead of requests only a model asked for this lately
 MAX_DEMAND_MODELS = 256  # models whose demand is kept (the quietest is forgotten first)
 MAX_PLANNED_MODELS = 32  # the busiest models the planner weighs (its search grows with them)
@@ -1463,18 +1465,24 @@ class Demand:
     """Each model's recent request rate (requests a second): two exponentially weighted
     counts, one that forgets over DEMAND_TAU_S (the rate, steady enough that a plan
     built on it does not churn) and one over DEMAND_RISE_TAU_S (a shift, seen within
-    seconds). The short count is taken when it is at least RISE_ABOVE the long one and
-    holds SHIFT_EVIDENCE requests: a rising model is placed after a few requests (until
-    then each one is a cold load that pushes out another). Below FADE_BELOW, when its
-    window should have held SHIFT_EVIDENCE requests, the model has stopped, and the
-    short count is its rate until it is asked for again: a busy model that stopped gives
-    up its place within seconds, a quiet one's lull moves nothing, and a rate that fades
-    never climbs back to the stale long count. (The long count starts at zero and takes
-    a minute to reach a steady rate; taken at its word sooner, the plan made moves in
-    the first seconds that the fleet where every model fits paid for in cold loads.)"""
+    seconds).
+    - Rising: the short count is taken when it is at least RISE_ABOVE the long one and
+      holds SHIFT_EVIDENCE requests; for a model first asked for less than its window
+      ago, divided by the share of the window elapsed (three requests in two seconds
+      are 1.5 a second, not the 0.3 a ten-second count holds by then).
+    - Stopped: the short count fell below FADE_BELOW of the long one, or the model's
+      quiet has lasted as long as FADE_GAP requests would take at its rate (Poisson
+      gives such a gap by chance once in e**FADE_GAP). From then until it is asked for
+      again its rate is at most the short count and one request over its quiet: a busy
+      model that stopped gives up its place within seconds, a quiet one's lull moves
+      nothing, and a rate that fades never climbs back to the stale long count.
+    (The long count starts at zero and takes a minute to reach a steady rate; taken at
+    its word sooner, the plan made moves in the first seconds that the fleet where every
+    model fits paid for in cold loads.)"""
 
     def __init__(self):
-        self.rates = {}  # model -> (slow count, fast count, monotonic time they were that)
+        # model -> (slow count, fast count, monotonic time of its last request, of its first)
+        self.rates = {}
         self.stopped = set()  # models seen to stop, until they are asked for again
 
     def count(self, model, now):
@@ -1484,27 +1492,34 @@ class Demand:
             del self.rates[quietest]
             self.stopped.discard(quietest)
         self.stopped.discard(model)
-        self.rates[model] = (slow + 1.0 / DEMAND_TAU_S, fast + 1.0 / DEMAND_RISE_TAU_S, now)
+        first = self.rates[model][3] if model in self.rates else now
+        self.rates[model] = (slow + 1.0 / DEMAND_TAU_S, fast + 1.0 / DEMAND_RISE_TAU_S,
+                             now, first)
 
     def last_asked(self, model):
         """When `model` was last asked for (monotonic; -inf: not lately)."""
-        return self.rates.get(model, (0.0, 0.0, -math.inf))[2]
+        return self.rates[model][2] if model in self.rates else -math.inf
 
     def _decayed(self, model, now):
-        slow, fast, then = self.rates.get(model, (0.0, 0.0, now))
+        slow, fast, then, _ = self.rates.get(model, (0.0, 0.0, now, now))
         return (slow * math.exp(-(now - then) / DEMAND_TAU_S),
                 fast * math.exp(-(now - then) / DEMAND_RISE_TAU_S))
 
     def rate(self, model, now):
+        if model not in self.rates:
+            return 0.0
         slow, fast = self._decayed(model, now)
-        window = DEMAND_RISE_TAU_S
+        _, _, then, first = self.rates[model]
+        window, quiet = DEMAND_RISE_TAU_S, now - then
         if fast > RISE_ABOVE * slow and fast * window >= SHIFT_EVIDENCE:
-            return fast  # rising: the short count holds enough requests to tell
-        if model in self.stopped:
-            return fast
-        if fast < FADE_BELOW * slow and slow * window >= SHIFT_EVIDENCE:
+            age = max(DEMAND_MIN_S, now - first)
+            return fast / -math.expm1(-age / window)  # rising: enough requests to tell
+        if model not in self.stopped and (
+                quiet * slow >= FADE_GAP or
+                fast < FADE_BELOW * slow and slow * window >= SHIFT_EVIDENCE):
             self.stopped.add(model)  # a busy model gone quiet: it would have had enough
-            return fast
+        if model in self.stopped:
+            return fast if quiet < DEMAND_MIN_S else min(fast, 1.0 / quiet)
         return slow
 
     def busiest(self, now, count):

@@ -8893,12 +8893,19 @@ def test_demand_sees_a_rise_at_once_and_a_busy_model_stop_but_not_a_lull():
     for i in range(600):  # two a second for five minutes: steady at about 2/s
         demand.count("old", now + i / 2)
     now += 300
+    assert demand.rate("old", now + 1.5) > 1.7  # a lull of three requests: kept
     for i in range(10):  # the riser: two a second for five seconds
         demand.count("new", now + i / 2)
     now += 5
-    assert demand.rate("new", now) > 0.5  # a minute's memory alone would say 0.17
-    assert demand.rate("old", now) > 1.7  # five seconds of quiet: its place is kept
-    assert demand.rate("old", now + 10) < 0.5  # busy for minutes, quiet for fifteen: gone
+    # A minute's memory alone would say 0.17, the ten-second count alone 0.8.
+    assert demand.rate("new", now) > 1.5
+    # Five seconds of quiet where ten requests were due: it stopped, and the riser
+    # now weighs more; its rate only falls from there.
+    assert demand.rate("old", now) < 0.25 < demand.rate("new", now)
+    assert demand.rate("old", now + 10) < demand.rate("old", now)
+    # Asked for again, its quiet no longer caps it: its short count is its rate.
+    demand.count("old", now + 10)
+    assert demand.rate("old", now + 10) > 0.5
     # A quiet model (one request in twenty seconds) keeps its rate through a lull.
     for i in range(15):
         demand.count("quiet", now + 20 * i)
@@ -9003,7 +9010,7 @@ def test_the_plan_loads_ahead_only_what_was_asked_for_lately(h):
     ask_for(h, router, "gemma2:9b", 30)
     demand = h.bg.call(lambda: router.scheduler.placement.demand)
     h.bg.call(lambda: demand.rates.update(
-        {m: (*v[:2], v[2] - herd.PLAN_ASKED_S - 1) for m, v in demand.rates.items()}))
+        {m: (*v[:2], v[2] - herd.PLAN_ASKED_S - 1, v[3]) for m, v in demand.rates.items()}))
     follow_plan(h, router)
     assert planned_models(router) == {"node-a": ["gemma2:9b", "llama3.2:3b"]}
     assert h.bg.call(lambda: router.scheduler.placement.pending_loads()) == []
