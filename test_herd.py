@@ -6532,8 +6532,10 @@ def mean_eval_s(answers):
 
 def test_fake_tokens_per_second_saturate_at_its_saturation(h):
     ask = {"model": "llama3.2:3b", "prompt": "x"}
-    crowded = h.fake(num_parallel=4, chunks=20, chunk_delay=0.01, saturation=2)
-    free = h.fake(num_parallel=4, chunks=20, chunk_delay=0.01)
+    # Tokens 30 ms apart: a loaded two-core machine's scheduling delay (a few ms a
+    # token, from the other tests' threads) stays small beside them.
+    crowded = h.fake(num_parallel=4, chunks=20, chunk_delay=0.03, saturation=2)
+    free = h.fake(num_parallel=4, chunks=20, chunk_delay=0.03)
     two, four = (fake_answers(crowded, [ask] * n) for n in (2, 4))
     # Node tokens/s = n streams x tokens / eval time: flat from 2 to 4 in flight.
     rate = lambda answers: len(answers) * 20 / mean_eval_s(answers)
