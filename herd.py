@@ -2362,15 +2362,20 @@ class Scheduler:
 ####################################################################################
 # Proxy: one request to one node at a time, relayed chunk by chunk
 #
-# Theory: Proxy.serve() builds the request's Exchange and runs attempts: choose a
-# node, wait for a slot in its queue, then NodeRelay.attempt() sends the request and
-# relays the answer (MediaRoute says where an image or speech request goes on the
-# node, and how its answer comes back). A node that fails before the first chunk
-# reached the client is excluded and the next best one tried; after the first chunk
-# the answer is the client's, so a failure then ends the stream with an error line in
-# the client's framing. The Exchange only collects facts (status code, started,
-# answered, client left, reaped); Exchange.outcome() is the one place that turns them
-# into the trace's status, and Proxy.finish() records it.
+# Theory: every request on a route that reaches a node has one record, an Exchange,
+# from its head to its trace row. Proxy.recorded() opens it, runs the route's handler
+# with it and, in one `finally`, writes the row (Proxy.finish); an error the handler
+# raises (RouteError) is answered there, in the client's API's shape. Handlers answer
+# only through the record: Exchange.reply() and fail(), or a node's answer relayed.
+# Proxy.serve() runs the attempts of a routed request: choose a node, wait for a slot
+# in its queue, then NodeRelay.attempt() sends the request and relays the answer
+# (MediaRoute says where an image or speech request goes on the node, and how its
+# answer comes back). A node that fails before the first chunk reached the client is
+# excluded and the next best one tried (each such attempt is a `retried` row of its
+# own); after the first chunk the answer is the client's, so a failure then ends the
+# stream with an error line in the client's framing. The Exchange collects facts
+# (status code, started, answered, client left, reaped); Exchange.outcome() is the
+# one place that turns them into the trace's status.
 ####################################################################################
 
 NON_STREAM_BUFFER = 16 << 20  # a non-streamed answer up to this size is checked whole
@@ -2407,18 +2412,22 @@ class AttemptFailed(Exception):
 
 
 class Exchange:
-    """Everything known about one proxied request, written as its trace row."""
+    """The record of one request on a traced route, from its head to its trace row:
+    Api.handle opens it (Proxy.recorded), the handler answers only through it (reply,
+    fail, or a relay from a node), and one `finally` writes its row. What the request
+    asked for is filled in once its body is read (ask)."""
 
-    def __init__(self, request, api, model, stream, body, fields=None):
+    def __init__(self, request, conn):
         self.request_id = os.urandom(8).hex()  # 16 hex digits
         self.t0, self.wall = time.monotonic(), time.time()
-        self.request, self.api, self.endpoint = request, api, request.path
+        self.request, self.conn, self.endpoint = request, conn, request.path
+        self.api = hc.api_of(request.path)
         self.kind = request_kind(request.path)
         self.upload = None  # an Upload: a speech file streamed from the client
-        self.model, self.stream = model, stream
-        self.body = self.client_body = body  # what goes to the node / what the client sent
-        self.fields = fields or {}  # the client's parsed body
-        self.served_model = model
+        self.model = self.served_model = ""
+        self.stream = False
+        self.body = self.client_body = b""  # what goes to the node / what the client sent
+        self.fields = {}  # the client's parsed body
         self.node_id = self.score = self.breakdown = self.tags = None
         self.retries = 0
         self.ttft = self.queue_wait = None
@@ -2437,6 +2446,28 @@ class Exchange:
         self.session_key = None  # what the conversation's next turn will be known by
         self.stale_after = None  # seconds without progress before the reaper stops it
         self.first_expected_s = 0.0  # from its slot to its first token, as forecast
+
+    def ask(self, model, stream=False, body=b"", fields=None):
+        """What the client asked for: the model, streamed or not, the body for the node
+        (`fields`: the client's own, parsed)."""
+        self.model = self.served_model = model
+        self.stream = stream
+        self.body = self.client_body = body
+        self.fields = fields or {}
+
+    async def reply(self, status, body, ctype=hc.JSON_TYPE, headers=(), error=None):
+        """Answer the client with this whole response; an error status's trace error is
+        `error`, else the message its body gives."""
+        self.http_status = status
+        if status >= 400:
+            self.error = error or error_text(body)
+        await self.conn.send_response(status, body, ctype, list(headers))
+        self.answered = True
+
+    async def fail(self, status, message, headers=()):
+        """Answer the client with an error in the shape of the API it speaks."""
+        await self.reply(status, self.error_body(status, message), headers=headers,
+                         error=message)
 
     def pace(self, now, usual_tps, started):
         """How fast its answer goes against `usual_tps` (1.0: as usual), or None if it
@@ -2621,28 +2652,21 @@ class Proxy:
         self.client_in_flight = collections.Counter()
         self.refusals = RefusalSampler()
 
-    # -- prepare ------------------------------------------------------------------
+    # -- the record: one per request on a traced route -----------------------------
 
-    async def serve(self, request, conn, api, body, model, stream, may_pull=True,
-                    upload=None):
-        """Route, queue, relay with retries before the first chunk, and trace; a model
-        no node has is pulled first if `may_pull` (FLEET_AUTO_PULL, and the admin key
-        when one is set: an auto-pull is a pull). `upload`: the body is a speech file
-        streamed on from the client (an Upload), not `body`."""
-        ex = Exchange(request, api, model, stream, strip_routing_fields(request, body), body)
-        ex.upload = upload
-        ex.may_pull = may_pull and self.cfg.auto_pull and ex.kind not in hc.MEDIA_KINDS
-        ex.tags = request_tags(request, body)
-        conn.watch_client()
-        self.active[ex.request_id] = ex
+    async def recorded(self, handler, request, conn):
+        """Run a traced route's handler with the request's record (Exchange), and write
+        its trace row once, whatever happened: the one place a request of a traced
+        route is answered with an error it raised (RouteError), or found cancelled,
+        reaped or left by its client."""
+        ex = Exchange(request, conn)
         try:
-            with self._admit(request.client.rpartition(":")[0]):
-                await self._attempts(conn, ex)
+            await handler(request, conn, ex)
         except RouteError as e:
-            ex.http_status, ex.error = e.status, str(e)
-            await conn.send_response(e.status, ex.error_body(e.status, str(e)),
-                                     headers=e.headers)
-            ex.answered = True
+            if conn.response_started:
+                ex.error = ex.error or str(e)  # too late to answer: the trace says why
+            else:
+                await ex.fail(e.status, str(e), e.headers)
         except asyncio.CancelledError:
             if ex.reaped and asyncio.current_task().uncancel() == 0:
                 return await self._answer_reaped(conn, ex)  # the reaper's cancel ends here
@@ -2658,6 +2682,23 @@ class Proxy:
         finally:
             self.active.pop(ex.request_id, None)
             self.finish(ex)
+
+    # -- prepare ------------------------------------------------------------------
+
+    async def serve(self, ex, body, may_pull=True, upload=None):
+        """Route, queue and relay `ex` (its model and stream asked for), with retries
+        before the first chunk; a model no node has is pulled first if `may_pull`
+        (FLEET_AUTO_PULL, and the admin key when one is set: an auto-pull is a pull).
+        `body`: the client's, parsed; `upload`: the body is a speech file streamed on
+        from the client (an Upload)."""
+        ex.body = ex.client_body = strip_routing_fields(ex.request, body)
+        ex.fields, ex.upload = body, upload
+        ex.may_pull = may_pull and self.cfg.auto_pull and ex.kind not in hc.MEDIA_KINDS
+        ex.tags = request_tags(ex.request, body)
+        ex.conn.watch_client()
+        self.active[ex.request_id] = ex
+        with self._admit(ex.request.client.rpartition(":")[0]):
+            await self._attempts(ex.conn, ex)
 
     @contextlib.contextmanager
     def _admit(self, client):
@@ -2895,8 +2936,7 @@ class Proxy:
         if conn.response_started:
             await end_with_error(conn, ex, ex.error)
         else:
-            ex.http_status = 504
-            await conn.send_response(504, ex.error_body(504, ex.error))
+            await ex.fail(504, ex.error)
 
     def finish(self, ex):
         """Record the trace of a finished request, count it, and log it (a refusal of
@@ -2929,79 +2969,51 @@ class Proxy:
                 reaped += 1
         return reaped
 
-    # -- requests that are not routed: refused, unloads, pulls onto a chosen node -------
+    # -- requests that are not routed: unloads, pulls onto a chosen node ---------------
 
-    async def reject(self, request, conn, api, message, model="", status=400):
-        """Answer a malformed inference request with 400, and trace it too."""
-        ex = Exchange(request, api, model, False, b"")
-        ex.http_status, ex.error = status, message
-        try:
-            await conn.send_response(status, ex.error_body(status, message))
-            ex.answered = True
-        finally:
-            self.finish(ex)
-
-    async def unload(self, request, conn, body, model):
+    async def unload(self, ex, body):
         """keep_alive 0 with nothing to generate: every node holding the model unloads
         it (Ollama answers done_reason "unload"); answered like Ollama."""
-        holders = [n for n in self.fleet.online_nodes() if model in n.loaded]
+        holders = [n for n in self.fleet.online_nodes() if ex.model in n.loaded]
         if not holders:  # Ollama answers it (done_reason "unload"); nothing to pull for it
-            return await self.serve(request, conn, "ollama", body, model, False, False)
-        ex = Exchange(request, "ollama", model, False, strip_routing_fields(request, body))
+            return await self.serve(ex, body, may_pull=False)
+        ex.body = strip_routing_fields(ex.request, body)
         ex.node_id = ",".join(n.node_id for n in holders)
-        try:
-            results = await asyncio.gather(*(
-                hc.http_call(n.ollama_url, "POST", request.path, ex.body, timeout=30)
-                for n in holders), return_exceptions=True)
-            answers = []  # (status, headers, body) of each node that answered
-            for node, result in zip(holders, results):
-                if isinstance(result, BaseException):
-                    continue  # it could not be asked: said below if none answered
-                answers.append(result)
-                if result[0] == 200:
-                    self.fleet.residency.mark_unloaded(node, model)
-            await self._answer_unload(conn, ex, model, answers)
-        finally:
-            self.finish(ex)
+        results = await asyncio.gather(*(
+            hc.http_call(n.ollama_url, "POST", ex.endpoint, ex.body, timeout=30)
+            for n in holders), return_exceptions=True)
+        answers = []  # (status, headers, body) of each node that answered
+        for node, result in zip(holders, results):
+            if isinstance(result, BaseException):
+                continue  # it could not be asked: said below if none answered
+            answers.append(result)
+            if result[0] == 200:
+                self.fleet.residency.mark_unloaded(node, ex.model)
+        await self._answer_unload(ex, answers)
 
-    async def _answer_unload(self, conn, ex, model, answers):
+    @staticmethod
+    async def _answer_unload(ex, answers):
         """A node's 200 if any unloaded it; else a node's own answer, as it gave it (an
         embedding model's unload through /api/generate is Ollama's 400 `"<model>" does
         not support generate`); 502 only when no node answered at all."""
         done = [a for a in answers if a[0] == 200]
-        fleet_node = [(b"x-fleet-node", ex.node_id.encode())]
-        if done or answers:
-            status, headers, body = (done or answers)[0]
-            ex.http_status = status
-            if status != 200:
-                ex.error = error_text(body)
-            await conn.send_response(status, body, content_type(headers) or hc.JSON_TYPE,
-                                     fleet_node)
-        else:
-            ex.http_status, ex.error = 502, f"unload of '{model}' failed on {ex.node_id}"
-            await conn.send_response(502, hc.ollama_error_body(ex.error))
-        ex.answered = True
+        if not done and not answers:
+            raise RouteError(502, f"unload of '{ex.model}' failed on {ex.node_id}")
+        status, headers, body = (done or answers)[0]
+        await ex.reply(status, body, content_type(headers) or hc.JSON_TYPE,
+                       [(b"x-fleet-node", ex.node_id.encode())])
 
-    async def forward(self, request, conn, node, model, body, stream, before_end=None):
+    async def forward(self, ex, node, body, before_end=None):
         """Relay one request to a node the client chose (a pull, a push, a create), as
-        it answers: a 5xx of Ollama's too (there is no other node to try)."""
-        ex = Exchange(request, "ollama", model, stream, body)
+        it answers: a 5xx of Ollama's too (there is no other node to try). `ex` has
+        the model and stream asked for."""
+        ex.body = body
         ex.node_id, ex.before_end, ex.chosen = node.node_id, before_end, True
-        conn.watch_client()
+        ex.conn.watch_client()
         try:
-            await self.node_relay.attempt(conn, ex, Choice(node, model))
+            await self.node_relay.attempt(ex.conn, ex, Choice(node, ex.model))
         except AttemptFailed as e:
-            ex.http_status, ex.error = 502, str(e)
-            await conn.send_response(502, hc.ollama_error_body(str(e)))
-            ex.answered = True
-        except asyncio.CancelledError:
-            if conn.client_gone:
-                ex.client_gone("client disconnected")
-            raise
-        except ConnectionError as e:
-            ex.client_gone(f"client connection lost: {e}")
-        finally:
-            self.finish(ex)
+            raise RouteError(502, str(e)) from None
 
 
 class NodeRelay:
@@ -3081,11 +3093,9 @@ class NodeRelay:
         ex.ttft = time.monotonic() - ex.t0
         if ex.before_end and status < 400:
             await ex.before_end()
-        await conn.send_response(status, body, None, response_headers(headers, ex, choice))
-        ex.started = ex.answered = True
-        if status >= 400:
-            ex.error = body[:500].decode("utf-8", "replace")
-        else:
+        await ex.reply(status, body, None, response_headers(headers, ex, choice))
+        ex.started = True
+        if status < 400:
             ex.read_usage(body)
 
     async def _relay_stream(self, conn, ex, choice, up, status, headers):
@@ -3202,11 +3212,10 @@ class MediaRoute:
             except ValueError as e:
                 raise hc.UpstreamError("body", f"answered without {e}") from None
         else:
-            ex.error = error_text(body)
-            out, ctype = hc.ollama_error_body(ex.error), hc.JSON_TYPE
+            out, ctype = hc.ollama_error_body(error_text(body)), hc.JSON_TYPE
         ex.ttft = time.monotonic() - ex.t0
-        await conn.send_response(status, out, ctype, response_headers([], ex, choice))
-        ex.started = ex.answered = True
+        await ex.reply(status, out, ctype, response_headers([], ex, choice))
+        ex.started = True
 
 
 def read_image_settings(body):
@@ -4127,12 +4136,8 @@ MAX_PLACEMENTS = 1024  # client addresses remembered
 MAX_PROBED_BLOBS = 64  # blobs of a create asked about when looking for their node
 
 
-class Refused(Exception):
-    """A request answered with an Ollama error before it reached any node."""
-
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status = status
+class Refused(RouteError):
+    """A model-management request answered with an error before it reached any node."""
 
 
 class ModelAdmin:
@@ -4145,86 +4150,64 @@ class ModelAdmin:
 
     # -- handlers -------------------------------------------------------------------
 
-    async def delete(self, request, conn):
+    async def delete(self, request, conn, ex):
         """DELETE /api/delete on every node that holds the model (or the one named)."""
-        try:
-            body, name = read_admin_request(request)
-            targets, skipped = self._holders(body, request, hc.canonical_model(name))
-        except Refused as e:
-            return await conn.send_response(e.status, hc.ollama_error_body(str(e)))
+        body, name = read_admin_request(request)
         model = hc.canonical_model(name)
+        ex.ask(model, fields=body)
+        targets, skipped = self._holders(body, request, model)
 
         async def forget(node):  # routing stops sending the model there at once
             self.fleet.mark_pulled(node, [e for m, e in node.models.items() if m != model])
-        await self._on_each(request, conn, model, body, targets, skipped, forget, forget,
+        await self._on_each(ex, targets, skipped, forget, forget,
                             f"model '{name}' not found")
 
-    async def copy(self, request, conn):
+    async def copy(self, request, conn, ex):
         """POST /api/copy on every node that holds the source (or the one named)."""
-        try:
-            body = parse_admin_body(request)
-            source = check_copy_name(body.get("source"), "source")
-            self._reaches(check_copy_name(body.get("destination"), "destination"),
-                          "copies to")  # a push of the copy would go there
-            targets, skipped = self._holders(body, request, hc.canonical_model(source))
-        except Refused as e:
-            return await conn.send_response(e.status, hc.ollama_error_body(str(e)))
+        body = parse_admin_body(request)
+        source = check_copy_name(body.get("source"), "source")
+        ex.ask(hc.canonical_model(source), fields=body)
+        self._reaches(check_copy_name(body.get("destination"), "destination"),
+                      "copies to")  # a push of the copy would go there
+        targets, skipped = self._holders(body, request, ex.model)
         refresh = self.pulls.refresh_models  # the copy is listed at once
-        await self._on_each(request, conn, hc.canonical_model(source), body, targets,
-                            skipped, refresh, refresh, f'model "{source}" not found')
+        await self._on_each(ex, targets, skipped, refresh, refresh,
+                            f'model "{source}" not found')
 
-    async def push(self, request, conn):
+    async def push(self, request, conn, ex):
         """POST /api/push from the named node, else the best holder; progress streamed."""
-        try:
-            body, name = read_admin_request(request)
-            self._reaches(name, "pushes to")
-            if body.get("insecure") and not self.guard.is_admin(request):
-                raise Refused(403, "'insecure' pushes are for the admin (FLEET_ADMIN_KEY)")
-            node = self._named(body, request) or self.fleet.best_holder(
-                hc.canonical_model(name))
-            if node is None:
-                raise Refused(404, f"model '{name}' not found")
-        except Refused as e:
-            return await conn.send_response(e.status, hc.ollama_error_body(str(e)))
-        await self.proxy.forward(request, conn, node, hc.canonical_model(name),
-                                 without_node(body), body.get("stream") is not False)
+        body, name = read_admin_request(request)
+        ex.ask(hc.canonical_model(name), body.get("stream") is not False, fields=body)
+        self._reaches(name, "pushes to")
+        if body.get("insecure") and not self.guard.is_admin(request):
+            raise Refused(403, "'insecure' pushes are for the admin (FLEET_ADMIN_KEY)")
+        node = self._named(body, request) or self.fleet.best_holder(ex.model)
+        if node is None:
+            raise Refused(404, f"model '{name}' not found")
+        await self.proxy.forward(ex, node, without_node(body))
 
-    async def create(self, request, conn):
+    async def create(self, request, conn, ex):
         """POST /api/create on the node that has (or will have) its blobs."""
-        try:
-            body, name = read_admin_request(request)
-            digests = create_digests(body)
-            start = self._create_source(body)
-            node = await self._place(request, body, digests, start)
-        except Refused as e:
-            return await conn.send_response(e.status, hc.ollama_error_body(str(e)))
+        body, name = read_admin_request(request)
+        ex.ask(hc.canonical_model(name), body.get("stream") is not False, fields=body)
+        digests = create_digests(body)
+        start = self._create_source(body)
+        node = await self._place(request, body, digests, start)
 
         async def refresh():  # the new model is listed before the client sees the end
             await self.pulls.refresh_models(node)
-        await self.proxy.forward(request, conn, node, hc.canonical_model(name),
-                                 without_node(body), body.get("stream") is not False,
-                                 refresh)
+        await self.proxy.forward(ex, node, without_node(body), refresh)
 
-    async def blob(self, request, conn):
+    async def blob(self, request, conn, ex):
         """HEAD or POST /api/blobs/sha256:<hex>: asked of, or streamed to, the node the
         client's create will run on."""
-        ex = Exchange(request, "ollama", "", False, b"")
-        try:
-            digest = request.path[len("/api/blobs/"):]
-            if not DIGEST_RE.fullmatch(digest):
-                raise Refused(400, "invalid digest format: a blob is named sha256:<64 "
-                                   "lower-case hex digits>")
-            node = await self._place(request, {})
-            ex.node_id = node.node_id
-            await self._blob_on(request, conn, node, ex)
-        except Refused as e:
-            ex.http_status, ex.error = e.status, str(e)
-            await conn.send_response(e.status, hc.ollama_error_body(str(e)))
-            ex.answered = True
-        except ConnectionError as e:
-            ex.client_left, ex.error = True, f"client connection lost: {e}"
-        finally:
-            self.proxy.finish(ex)
+        digest = request.path[len("/api/blobs/"):]
+        if not DIGEST_RE.fullmatch(digest):
+            raise Refused(400, "invalid digest format: a blob is named sha256:<64 "
+                               "lower-case hex digits>")
+        node = await self._place(request, {})
+        ex.node_id = node.node_id
+        await self._blob_on(request, conn, node, ex)
 
     # -- which registries a node may reach ------------------------------------------
 
@@ -4331,43 +4314,40 @@ class ModelAdmin:
 
     # -- on each holder: delete, copy ------------------------------------------------
 
-    async def _on_each(self, request, conn, model, body, targets, skipped, done, missing,
-                       not_found):
+    async def _on_each(self, ex, targets, skipped, done, missing, not_found):
         """Send the request to each target at once and answer as Ollama does: 200 with
         an empty body if any node did it (X-Fleet-Node names them, X-Fleet-Failed the
         nodes that failed or were skipped), else the nodes' own 4xx (404 `not_found`
         when no node lists the model), else 502 (503: none could be asked) naming why.
         `done(node)` / `missing(node)` update the fleet after a 200 / a 404."""
-        ex = Exchange(request, "ollama", model, False, without_node(body))
+        ex.body = without_node(ex.fields)
         ex.node_id = ",".join(n.node_id for n in targets) or None
-        try:
-            results = await asyncio.gather(*(
-                hc.http_call(n.ollama_url, request.method, request.path, ex.body,
-                             timeout=ADMIN_TIMEOUT_S) for n in targets),
-                return_exceptions=True)
-            did, refused, failed = [], [], [f"{n.node_id}: {why}" for n, why in skipped]
-            done_type = None  # the Content-Type of the first 200 (Ollama's has none)
-            for node, result in zip(targets, results):
-                if isinstance(result, hc.UpstreamError):
-                    failed.append(f"{node.node_id}: {result}")
-                elif isinstance(result, BaseException):
-                    raise result
-                elif result[0] == 200:
-                    did.append(node.node_id)
-                    done_type = done_type or content_type(result[1])
-                    await done(node)
-                elif result[0] < 500:
-                    refused.append(result)
-                    if result[0] == 404:
-                        await missing(node)
-                else:
-                    said = hc.printable(result[2][:200].decode("utf-8", "replace"))
-                    failed.append(f"{node.node_id}: answered {result[0]}: {said}")
-            await self._answer_each(conn, ex, did, refused, failed, not_found, done_type)
-        finally:
-            self.proxy.finish(ex)
+        results = await asyncio.gather(*(
+            hc.http_call(n.ollama_url, ex.request.method, ex.endpoint, ex.body,
+                         timeout=ADMIN_TIMEOUT_S) for n in targets),
+            return_exceptions=True)
+        did, refused, failed = [], [], [f"{n.node_id}: {why}" for n, why in skipped]
+        done_type = None  # the Content-Type of the first 200 (Ollama's has none)
+        for node, result in zip(targets, results):
+            if isinstance(result, hc.UpstreamError):
+                failed.append(f"{node.node_id}: {result}")
+            elif isinstance(result, BaseException):
+                raise result
+            elif result[0] == 200:
+                did.append(node.node_id)
+                done_type = done_type or content_type(result[1])
+                await done(node)
+            elif result[0] < 500:
+                refused.append(result)
+                if result[0] == 404:
+                    await missing(node)
+            else:
+                said = hc.printable(result[2][:200].decode("utf-8", "replace"))
+                failed.append(f"{node.node_id}: answered {result[0]}: {said}")
+        await self._answer_each(ex, did, refused, failed, not_found, done_type)
 
-    async def _answer_each(self, conn, ex, did, refused, failed, not_found, done_type):
+    @staticmethod
+    async def _answer_each(ex, did, refused, failed, not_found, done_type):
         if failed:
             ex.error = "; ".join(failed)[:500]
             proxy_log.warning(f"{ex.endpoint} of '{ex.model}' failed on some nodes: "
@@ -4377,20 +4357,15 @@ class ModelAdmin:
             headers = [(b"x-fleet-node", ",".join(did).encode())]
             if failed:
                 headers.append((b"x-fleet-failed", header_text(ex.error)))
-            ex.http_status = 200
-            await conn.send_response(200, b"", done_type, headers)
-        elif failed:
-            ex.http_status = 502 if ex.node_id else 503  # asked and failed / none askable
-            await conn.send_response(ex.http_status, hc.ollama_error_body(
-                f"{ex.endpoint} of '{ex.model}' failed: {ex.error}"))
+            await ex.reply(200, b"", done_type, headers)
+        elif failed:  # asked and failed / none could be asked; the trace keeps each why
+            await ex.reply(502 if ex.node_id else 503, hc.ollama_error_body(
+                f"{ex.endpoint} of '{ex.model}' failed: {ex.error}"), error=ex.error)
         elif refused:
             status, headers, body = refused[0]
-            ex.http_status, ex.error = status, body[:500].decode("utf-8", "replace")
-            await conn.send_response(status, body, content_type(headers) or hc.JSON_TYPE)
+            await ex.reply(status, body, content_type(headers) or hc.JSON_TYPE)
         else:
-            ex.http_status, ex.error = 404, not_found
-            await conn.send_response(404, hc.ollama_error_body(not_found))
-        ex.answered = True
+            raise Refused(404, not_found)
 
     # -- blobs: asked of, or streamed to, one node ------------------------------------
 
@@ -4404,17 +4379,9 @@ class ModelAdmin:
         if request.method == "HEAD" or status == 200:
             if request.method == "POST" and not conn.waits_for_continue():
                 await self._drain(request, conn)  # a clean answer, after its body
-            ex.http_status = status
-            await conn.send_response(status, b"", None, headers)
-            ex.answered = True
-            return
+            return await ex.reply(status, b"", None, headers)
         status, up_headers, body = await self._upload(request, conn, node, ex)
-        ctype = next((v for k, v in up_headers if k == b"content-type"), None)
-        ex.http_status = status
-        if status >= 400:
-            ex.error = body[:500].decode("utf-8", "replace")
-        await conn.send_response(status, body, ctype, headers)
-        ex.answered = True
+        await ex.reply(status, body, content_type(up_headers), headers)
 
     async def _upload(self, request, conn, node, ex):
         """Stream the client's body to the node; (status, headers, body) of its answer."""
@@ -5084,6 +5051,11 @@ class Api:
         self.routes[("POST", "/api/generate-image")] = self.generate_image
         for path in TRANSCRIBE_ROUTES:
             self.routes[("POST", path)] = self.transcribe
+        # Every route that reaches a node is traced: its handler is given the request's
+        # record (an Exchange) and answers through it; Proxy.recorded writes the row.
+        self.traced = {self.inference, self.generate_image, self.transcribe, self.show,
+                       self.pull, self.admin.delete, self.admin.copy, self.admin.create,
+                       self.admin.push, self.admin.blob}
 
     # -- dispatch -----------------------------------------------------------------
 
@@ -5102,6 +5074,8 @@ class Api:
             refusal = self.guard.refuse(request, kind)
             if refusal:
                 await self.refuse(request, conn, *refusal)
+            elif handler in self.traced:
+                await self.proxy.recorded(handler, request, conn)
             elif handler is not None:
                 await handler(request, conn)
             elif (why := not_routed(request.path)) is not None:
@@ -5208,39 +5182,36 @@ class Api:
 
     # -- inference ----------------------------------------------------------------
 
-    async def inference(self, request, conn):
-        api = hc.api_of(request.path)
+    async def inference(self, request, conn, ex):
         try:
             body = hc.parse_json_body(request.body, request.shape)
-        except ValueError as e:
-            return await self.proxy.reject(request, conn, api, str(e))
-        try:
             model = hc.check_model_name(body.get("model"))
         except ValueError as e:
-            return await self.proxy.reject(request, conn, api, str(e))
+            raise RouteError(400, str(e)) from None
+        ex.ask(model)
         fallbacks = body.get("fallback_models", [])
-        try:
-            if not isinstance(fallbacks, list) or len(fallbacks) > MAX_FALLBACKS:
-                raise ValueError(f"fallback_models must be a list of at most {MAX_FALLBACKS} "
-                                 f"model names")
-            for name in fallbacks:
+        if not isinstance(fallbacks, list) or len(fallbacks) > MAX_FALLBACKS:
+            raise RouteError(400, f"fallback_models must be a list of at most "
+                                  f"{MAX_FALLBACKS} model names")
+        for name in fallbacks:
+            try:
                 hc.check_model_name(name, "fallback_models entry")
-        except ValueError as e:
-            return await self.proxy.reject(request, conn, api, str(e), model)
-        model = hc.canonical_model(model)
+            except ValueError as e:
+                raise RouteError(400, str(e)) from None
         stream = body.get("stream")
-        stream = (api == "ollama") if stream is None else bool(stream)
-        if api == "ollama" and is_unload(request.path, body):
+        ex.ask(hc.canonical_model(model), (ex.api == "ollama") if stream is None
+               else bool(stream))
+        if ex.api == "ollama" and is_unload(request.path, body):
             refusal = self.guard.refuse(request, ADMIN)
             if refusal:
-                return await self.refuse(request, conn, *refusal)
-            return await self.proxy.unload(request, conn, body, model)
-        may_pull = self.guard.refuse(request, ADMIN) is None
-        await self.proxy.serve(request, conn, api, body, model, stream, may_pull)
+                status, body, headers = self.refusal(request, *refusal)
+                return await ex.reply(status, body, headers=headers)
+            return await self.proxy.unload(ex, body)
+        await self.proxy.serve(ex, body, may_pull=self.guard.refuse(request, ADMIN) is None)
 
     # -- images and speech --------------------------------------------------------
 
-    async def generate_image(self, request, conn):
+    async def generate_image(self, request, conn, ex):
         """POST /api/generate-image: model, prompt, width, height, steps, seed; the
         picture comes back as PNG bytes (or base64 JSON with response_format b64_json)."""
         try:
@@ -5248,17 +5219,16 @@ class Api:
             model = hc.check_model_name(body.get("model"))
             read_image_settings(body)
         except ValueError as e:
-            return await self.proxy.reject(request, conn, "ollama", str(e))
-        await self.proxy.serve(request, conn, "ollama", body, hc.canonical_model(model),
-                               False, False)
+            raise RouteError(400, str(e)) from None
+        ex.ask(hc.canonical_model(model))
+        await self.proxy.serve(ex, body, may_pull=False)
 
-    async def transcribe(self, request, conn):
+    async def transcribe(self, request, conn, ex):
         """POST /v1/audio/transcriptions (OpenAI's form: file, model, language,
         response_format) and /api/transcribe (the same form; the answer is the product's
         {"model", "text", ...}): the form is read until its model is known (a file
         before it is spooled to disk), then the upload streams on to a node that serves
         the model."""
-        api = hc.api_of(request.path)
         with Upload(request, conn, int(self.cfg.media_replay_mb * (1 << 20)),
                     self.spools) as upload:
             try:
@@ -5266,25 +5236,23 @@ class Api:
                 text = {k: v.decode("utf-8", "replace") for k, v in fields.items()}
                 model = hc.check_model_name(text.get("model"))
             except hc.BodyTooLarge:
-                return await self.proxy.reject(request, conn, api, upload.too_large(),
-                                               status=413)
+                raise RouteError(413, upload.too_large()) from None
             except SpoolFull as e:
-                return await self.proxy.reject(request, conn, api, str(e), status=e.status)
+                raise RouteError(e.status, str(e)) from None
             except TimeoutError:
-                return await self.proxy.reject(request, conn, api, "the client stopped "
-                                               "sending its upload", status=408)
+                raise RouteError(408, "the client stopped sending its upload") from None
             except ConnectionError as e:  # the body's framing is broken, or the client left
                 if conn.client_gone:
                     raise
-                return await self.proxy.reject(request, conn, api, str(e))
+                raise RouteError(400, str(e)) from None
             except ValueError as e:
                 message = str(e)
                 if message == "model is required":
                     message = "model is required: the form needs a model field (curl: " \
                               "-F model=... -F file=@audio.wav)"
-                return await self.proxy.reject(request, conn, api, message)
-            await self.proxy.serve(request, conn, api, text, hc.canonical_model(model),
-                                   False, False, upload)
+                raise RouteError(400, message) from None
+            ex.ask(hc.canonical_model(model))
+            await self.proxy.serve(ex, text, may_pull=False, upload=upload)
 
     # -- Ollama's catalogue -------------------------------------------------------
 
@@ -5308,53 +5276,46 @@ class Api:
     async def ps(self, request, conn):
         await conn.send_json(200, {"models": self.fleet.running_models()})
 
-    async def show(self, request, conn):
-        if not (parsed := await read_model_request(request, conn)):
-            return
-        body, name = parsed
-        node = self.fleet.best_holder(hc.canonical_model(name))
+    async def show(self, request, conn, ex):
+        """POST /api/show: asked of the node best placed to answer for the model."""
+        body, name = read_model_request(request)
+        ex.ask(hc.canonical_model(name), body=request.body, fields=body)
+        node = self.fleet.best_holder(ex.model)
         if node is None:
-            return await conn.send_response(404, hc.ollama_error_body(
-                f"model '{name}' not found"))
+            raise RouteError(404, f"model '{name}' not found")
+        ex.node_id = node.node_id
         try:
             status, headers, data = await hc.http_call(
                 node.ollama_url, "POST", "/api/show", request.body,
                 timeout=self.cfg.first_byte_timeout)
         except hc.UpstreamError as e:
-            return await conn.send_response(502, hc.ollama_error_body(
-                f"node {node.node_id}: {e}"))
-        ctype = next((v for k, v in headers if k == b"content-type"), hc.JSON_TYPE)
-        await conn.send_response(status, data, ctype, [(b"x-fleet-node", node.node_id.encode())])
+            raise RouteError(502, f"node {node.node_id}: {e}") from None
+        await ex.reply(status, data, content_type(headers) or hc.JSON_TYPE,
+                       [(b"x-fleet-node", node.node_id.encode())])
 
-    async def pull(self, request, conn):
+    async def pull(self, request, conn, ex):
         """Pull through the router: onto the node named in "node", else the node with
         the most free memory; Ollama's progress is relayed as it comes."""
-        if not (parsed := await read_model_request(request, conn)):
-            return
-        body, name = parsed
+        body, name = read_model_request(request)
         try:
             name = self.pulls.check_name(name)
-            if body.get("insecure") and not self.guard.is_admin(request):
-                raise PermissionError("'insecure' pulls are for the admin (FLEET_ADMIN_KEY)")
-        except PermissionError as e:
-            return await self.refuse(request, conn, 403, str(e))
         except ValueError as e:
-            return await conn.send_response(400, hc.ollama_error_body(str(e)))
+            raise RouteError(400, str(e)) from None
+        ex.ask(hc.canonical_model(name), body.get("stream") is not False, fields=body)
+        if body.get("insecure") and not self.guard.is_admin(request):
+            raise RouteError(403, "'insecure' pulls are for the admin (FLEET_ADMIN_KEY)")
         wanted = body.get("node")
         if wanted is not None and not isinstance(wanted, str):
-            return await conn.send_response(400, hc.ollama_error_body("node must be a string"))
+            raise RouteError(400, "node must be a string")
         node = self.pulls.pick_node(wanted)
         if node is None:
-            what = f"node '{wanted}' is not online" if wanted else \
-                "no online node to pull onto"
-            return await conn.send_response(404 if wanted else 503,
-                                            hc.ollama_error_body(what))
+            raise RouteError(404, f"node '{wanted}' is not online") if wanted else \
+                RouteError(503, "no online node to pull onto")
         forwarded = hc.dump_json({k: v for k, v in body.items() if k != "node"})
 
         async def refresh():  # the new model is listed before the client sees the end
             await self.pulls.refresh_models(node)
-        await self.proxy.forward(request, conn, node, hc.canonical_model(name), forwarded,
-                                 body.get("stream") is not False, refresh)
+        await self.proxy.forward(ex, node, forwarded, refresh)
 
     # -- OpenAI's model list ------------------------------------------------------
 
@@ -5855,17 +5816,13 @@ def host_name(header):
     return value.rstrip(".")
 
 
-async def read_model_request(request, conn):
-    """(body, model name) of a native request, or None once a 400 is sent."""
+def read_model_request(request):
+    """(body, model name) of a native request; RouteError(400) in Ollama's words."""
     try:
         body = hc.parse_json_body(request.body, request.shape)
-    except ValueError as e:
-        return await conn.send_response(400, hc.ollama_error_body(str(e)))
-    try:  # "name" is the older spelling
-        name = hc.check_model_name(body.get("model") or body.get("name"))
-    except ValueError as e:
-        return await conn.send_response(400, hc.ollama_error_body(str(e)))
-    return body, name
+        return body, hc.check_model_name(body.get("model") or body.get("name"))
+    except ValueError as e:  # "name" is the older spelling
+        raise RouteError(400, str(e)) from None
 
 
 def not_routed(path):

@@ -8122,6 +8122,53 @@ def test_a_failed_streamed_pull_is_traced_failed_with_the_nodes_message(h):
         "failed", "pull model manifest: file does not exist")
 
 
+def test_every_route_that_reaches_a_node_writes_one_trace_row_with_its_status(h):
+    # One request, one record: inference, its refusal before any node (an unrouted
+    # reply), a model's details (show), model management (delete, copy, pull, blob),
+    # each answered and refused. Each request adds exactly one row, with the status
+    # and HTTP status its answer had; routes that reach no node add none.
+    fake = h.fake(models=["llama3.2:3b", "qwen2.5:7b"])
+    router = h.router()
+    h.heartbeat(router, fake, "node-a")
+    blob = "/api/blobs/sha256:" + "0" * 64
+    asked = [  # (method, path, body, status, trace status)
+        ("POST", "/api/chat", {"model": "llama3.2:3b", "stream": False,
+                               "messages": [{"role": "user", "content": "hi"}]},
+         200, "completed"),
+        ("POST", "/v1/chat/completions", {"model": "llama3.2:3b", "messages": "x"},
+         400, "rejected"),
+        ("POST", "/api/chat", b"{not json", 400, "rejected"),
+        ("POST", "/api/show", {"model": "llama3.2:3b"}, 200, "completed"),
+        ("POST", "/api/show", {"model": "nowhere:1b"}, 404, "rejected"),
+        ("POST", "/api/copy", {"source": "qwen2.5:7b", "destination": "mine:1"},
+         200, "completed"),
+        ("POST", "/api/copy", {"source": "nowhere:1b", "destination": "mine:2"},
+         404, "rejected"),
+        ("DELETE", "/api/delete", {"model": "mine:1"}, 200, "completed"),
+        ("POST", "/api/pull", {"model": "phi3:3.8b", "stream": False}, 200, "completed"),
+        ("POST", "/api/pull", {"model": "phi3:3.8b", "node": "nobody"}, 404, "rejected"),
+        ("HEAD", blob, None, 404, "rejected"),
+        ("GET", "/api/tags", None, 200, None),
+        ("GET", "/fleet/status", None, 200, None),
+    ]
+    router.proxy.refusals.per_client = router.proxy.refusals.in_all = float("inf")
+    for method, path, body, status, traced in asked:
+        before = len(h.traces(router))
+        got = http(router.url, method, path, body)[0]
+        rows = h.traces(router)[before:]
+        assert got == status, (method, path)
+        if traced is None:
+            assert rows == [], (method, path)
+            continue
+        assert [(r["endpoint"], r["status"], r["http_status"]) for r in rows] == [
+            (path, traced, status)], (method, path)
+    # what each row says of the model and the node
+    show = [r for r in h.traces(router) if r["endpoint"] == "/api/show"]
+    assert [(r["model"], r["node_id"]) for r in show] == [
+        ("llama3.2:3b", "node-a"), ("nowhere:1b", None)]
+    assert show[1]["error_message"] == "model 'nowhere:1b' not found"
+
+
 def test_a_refused_unload_answers_the_nodes_status_and_message(h):
     fake = h.fake(models=["nomic-embed-text", "llama3.2:3b"])
     http(fake.url, "POST", "/api/embed", {"model": "nomic-embed-text", "input": "x"})
