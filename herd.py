@@ -412,8 +412,8 @@ class Node:
         self.status = ONLINE
         self.last_seen = 0.0  # monotonic
         self.offline_since = None  # monotonic, while gone (offline or left)
-        self.models = {}  # canonical name -> /api/tags entry
-        self.loaded = {}  # canonical name -> /api/ps entry
+        self.models = {}  # canonical name -> hc.ModelEntry, as /api/tags lists it
+        self.loaded = {}  # canonical name -> hc.ModelEntry, as /api/ps lists it
         self.unloaded_at = {}  # canonical name -> monotonic time it left memory
         self.router_saw = {}  # canonical name -> (monotonic time, loaded?) we caused
         self.loading = {}  # canonical name -> monotonic time a load we sent should be done
@@ -453,16 +453,15 @@ class Node:
         entry = self.models.get(model)
         if kind != hc.IMAGE or entry is None:
             return False
-        caps = entry.get("capabilities")
-        return not caps or "image" in caps
+        return not entry.capabilities or "image" in entry.capabilities
 
     def capabilities(self):
         """What the node can do, for /fleet/status and the dashboard."""
         found = set()
         for entry in self.models.values():
-            caps = entry.get("capabilities") or ["completion"]
             found.update({"completion": hc.CHAT, "embedding": hc.EMBEDDING,
-                          "image": hc.IMAGE}.get(c, "") for c in caps)
+                          "image": hc.IMAGE}.get(c, "")
+                         for c in entry.capabilities or ("completion",))
         found.update(kind for kind, models in self.media_models.items() if models)
         return [k for k in (hc.CHAT, hc.EMBEDDING, hc.IMAGE, hc.TRANSCRIPTION) if k in found]
 
@@ -527,7 +526,7 @@ class Residency:
             if not is_loaded:
                 loaded.pop(name, None)
             elif name not in loaded:
-                loaded[name] = node.loaded.get(name) or {"name": name, "model": name}
+                loaded[name] = node.loaded.get(name) or seen_loaded(node, name)
         for name in node.loaded.keys() - loaded.keys():
             self._record(node, name, "unload")
         if record:
@@ -566,8 +565,7 @@ class Residency:
         """The router saw `model` load on `node` (a cold request, a pre-warm)."""
         node.router_saw[model] = (time.monotonic(), True)
         if model not in node.loaded:
-            size = int(node.models.get(model, {}).get("size") or 0)
-            node.loaded[model] = {"name": model, "model": model, "size": size}
+            node.loaded[model] = seen_loaded(node, model)
             self._record(node, model, "load")
             self.notify()
 
@@ -618,15 +616,15 @@ class Residency:
         sent a request counts as oldest), then by expires_at."""
         others = sorted((m for m in node.loaded if m != model), key=lambda m: (
             self.busy(node, m), m in keep, self.last_done(node, m),
-            str(node.loaded[m].get("expires_at", ""))))
+            node.loaded[m].expires_at or ""))
         count = 0
         limit = node.hb.max_loaded_models
         if limit and len(others) >= limit:
             count = len(others) - limit + 1
         short = size * hc.LOAD_OVERHEAD - node.hb.mem_available if node.hb.mem_total else 0
-        short -= sum(int(node.loaded[m].get("size") or 0) for m in others[:count])
+        short -= sum(node.loaded[m].size for m in others[:count])
         while count < len(others) and short > 0:
-            short -= int(node.loaded[others[count]].get("size") or 0)
+            short -= node.loaded[others[count]].size
             count += 1
         return tuple(others[:count])
 
@@ -915,10 +913,9 @@ class Fleet:
         for node in self.online_nodes():
             for name, entry in node.models.items():
                 known = merged.get(name)
-                if known is None or str(entry.get("modified_at", "")) > \
-                        str(known.get("modified_at", "")):
+                if known is None or entry.modified_at > known.modified_at:
                     merged[name] = entry
-        return [merged[name] for name in sorted(merged)]
+        return [merged[name].json() for name in sorted(merged)]
 
     def agent_models(self):
         """The image and speech models online nodes' agents serve themselves, sorted."""
@@ -927,9 +924,9 @@ class Fleet:
 
     def running_models(self):
         """/api/ps across the fleet: each loaded model with the node that holds it."""
-        models = [{**entry, "node_id": node.node_id} for node in self.online_nodes()
+        models = [{**entry.json(), "node_id": node.node_id} for node in self.online_nodes()
                   for entry in node.loaded.values()]
-        models.sort(key=lambda m: str(m.get("expires_at", "")), reverse=True)
+        models.sort(key=lambda m: m.get("expires_at") or "", reverse=True)
         return models
 
 ####################################################################################
@@ -1120,12 +1117,23 @@ class Speed:
 
 
 def sized(entry):
-    """A model's size for estimates by size: an embedding model's speed says nothing
-    about a chat model's, nor the reverse, so those are left out (0)."""
-    capabilities = entry.get("capabilities")
-    if isinstance(capabilities, list) and "embedding" in capabilities:
-        return 0
-    return int(entry.get("size") or 0)
+    """A model's size for estimates by size (`entry`: a ModelEntry, or None): an
+    embedding model's speed says nothing about a chat model's, nor the reverse, so
+    those are left out (0)."""
+    return 0 if entry is None or entry.is_embedding else entry.size
+
+
+NO_ENTRY = hc.ModelEntry("")  # a model a node does not list: nothing known of it
+
+
+def seen_loaded(node, model):
+    """The /api/ps entry of a model the router saw load on `node` before a heartbeat
+    says so: what its disk entry says of it (its memory use and expiry not known yet)."""
+    disk = node.models.get(model)
+    if disk is None:
+        return hc.ModelEntry(model, loaded=True)
+    return hc.ModelEntry(model, size=disk.size, digest=disk.digest, details=disk.details,
+                         loaded=True)
 
 
 # Decode speed falls about as the weights grow (each token reads them all), but only
@@ -1710,7 +1718,7 @@ class Placement:
         hb = node.hb
         if not hb.mem_total:
             return 0
-        room = hb.mem_available + sum(int(e.get("size") or 0) for e in node.loaded.values())
+        room = hb.mem_available + sum(e.size for e in node.loaded.values())
         ceiling = (hb.capacity or {}).get("memory_ceiling") or 0
         return min(room, ceiling) if ceiling else room
 
@@ -1735,7 +1743,7 @@ class Placement:
         demand = self.rates.get(name, 0.0) * self.service_s(name, size, speeds)
         return hc.PlanModel(name, int(size * hc.LOAD_OVERHEAD), demand,
                             {n.node_id: self.load_s(n, name) for n in holders},
-                            "embedding" if is_embedding_model(entry) else "chat")
+                            "embedding" if entry.is_embedding else "chat")
 
     def service_s(self, model, size, speeds):
         """Seconds one answer of `model` takes on a node of speed 1: as learned on the
@@ -1776,7 +1784,7 @@ class Placement:
 
     def load_s(self, node, model):
         """Seconds to load `model` on `node`: as learned, else guessed from its size."""
-        size = sized(node.models.get(model, {}))
+        size = sized(node.models.get(model))
         learned = self.learner.load_s(node.node_id, model, size)
         return learned or GUESS_LOAD_S + GUESS_LOAD_S_GB * size / 1e9
 
@@ -2005,8 +2013,7 @@ def not_served(kind, shown_name, fleet):
     have = sorted({name for n in fleet.nodes.values()
                    for name in n.media_models.get(kind, {}).values()} |
                   {name for n in fleet.nodes.values() for name in n.models
-                   if kind == hc.IMAGE and "image" in (n.models[name].get("capabilities")
-                                                       or ())})
+                   if kind == hc.IMAGE and "image" in (n.models[name].capabilities or ())})
     listed = f"the fleet's {what} models: {', '.join(have)}" if have else \
         f"no node serves {what} models"
     return RouteError(404, f"model '{shown_name}' not found: no node serves it for "
@@ -2028,12 +2035,6 @@ def pick_route(models, ranked):
         if model in best:
             return model, best[model]
     return None
-
-
-def is_embedding_model(entry):
-    """An /api/tags entry whose capabilities (newer Ollama lists them) say embedding."""
-    capabilities = entry.get("capabilities")
-    return isinstance(capabilities, list) and "embedding" in capabilities
 
 
 def same_model_other_tag(a, b):
@@ -2115,21 +2116,18 @@ class Scheduler:
 
     def candidate(self, node, model, ask):
         """The scoring view of one node for one model."""
-        entry = node.models.get(model, {})
+        entry = node.models.get(model, NO_ENTRY)
         loaded = node.loaded.get(model)
         q = self.fleet.queues.get((node.node_id, model))
-        size = int(entry.get("size") or 0)
         unloaded = node.unloaded_at.get(model)
-        details = entry.get("details") or {}
         c = hc.Candidate(
             node_id=node.node_id, hot=loaded is not None,
             loading_s=node.loading_left(model, time.monotonic()),
             recently_unloaded=unloaded is not None
             and time.monotonic() - unloaded < hc.RECENT_UNLOAD_S,
-            model_size=size,
+            model_size=entry.size,
             mem_total=node.hb.mem_total, mem_available=node.hb.mem_available,
-            mem_reclaimable=sum(int(m.get("size") or 0) for name, m in node.loaded.items()
-                                if name != model),
+            mem_reclaimable=sum(m.size for name, m in node.loaded.items() if name != model),
             pressure=node.hb.pressure,
             active=q.active if q else 0, waiting=q.waiting if q else 0,
             slots=self.fleet.slots_for(node), limit=self.fleet.limit_for(node, model),
@@ -2137,14 +2135,14 @@ class Scheduler:
             cpu_trend=node.cpu_trend(), degraded=node.status == DEGRADED,
             **node.capacity_inputs(),
             requested_ctx=ask.requested_ctx,
-            loaded_ctx=int((loaded or {}).get("context_length") or 0),
-            model_max_ctx=int(details.get("context_length") or 0),
+            loaded_ctx=(loaded or NO_ENTRY).context_length or 0,
+            model_max_ctx=entry.max_context,
             session=ask.session_node == node.node_id,
         )
         if node.serves_itself(model, ask.kind):
             c.hot = True  # the agent's own tool or server: nothing of Ollama's to load
         if not c.hot:
-            c.evicts = self.fleet.residency.victims(node, model, size,
+            c.evicts = self.fleet.residency.victims(node, model, entry.size,
                                                     self.placement.kept_on(node.node_id))
             c.evicts_busy = next((m for m in c.evicts if self.fleet.busy(node, m)), "")
         if self.cfg.learning:
@@ -2294,19 +2292,17 @@ class Scheduler:
         if self.cfg.context_protection != "strip" or not requested_ctx or embedding:
             return None
         fleet = self.fleet
-        if any(is_embedding_model(n.models[model]) for n in fleet.holders(model)):
+        if any(n.models[model].is_embedding for n in fleet.holders(model)):
             return None
         loaded = [n.loaded[model] for n in fleet.nodes.values() if model in n.loaded]
-        if not loaded or any(int(e.get("context_length") or 0) >= requested_ctx
-                             for e in loaded):
+        if not loaded or any((e.context_length or 0) >= requested_ctx for e in loaded):
             return None
-        size = max((int(n.models[model].get("size") or 0) for n in fleet.holders(model)),
-                   default=0)
+        size = max((n.models[model].size for n in fleet.holders(model)), default=0)
         for node in fleet.working_nodes():
             for name, entry in node.loaded.items():
                 if same_model_other_tag(model, name) and \
-                        int(entry.get("context_length") or 0) >= requested_ctx and \
-                        int(node.models.get(name, {}).get("size") or 0) >= size:
+                        (entry.context_length or 0) >= requested_ctx and \
+                        node.models.get(name, NO_ENTRY).size >= size:
                     self.stats.count_event("context_upgraded",
                                            f"num_ctx {requested_ctx} is more than {model} "
                                            f"has loaded; {name} on {node.node_id} has it")
@@ -2317,8 +2313,7 @@ class Scheduler:
         """A num_ctx that would make Ollama reload a loaded model is set to the loaded
         context (FLEET_CONTEXT_PROTECTION=strip), or only logged (warn)."""
         mode = self.cfg.context_protection
-        loaded_ctx = int((choice.node.loaded.get(choice.model) or {}).get("context_length")
-                         or 0)
+        loaded_ctx = choice.node.loaded.get(choice.model, NO_ENTRY).context_length or 0
         if mode == "passthrough" or not requested_ctx or not loaded_ctx or \
                 requested_ctx >= loaded_ctx:
             return  # nothing to save, or the client needs more than is loaded
@@ -4099,9 +4094,9 @@ async def send_control(node, model, unload, timeout, keep_alive=None):
     keep_alive of 0 to unload (or this `keep_alive` for the load); returns the status.
     An embedding model is sent an empty input on /api/embed (Ollama refuses generate
     for it: "does not support generate")."""
-    entry = node.models.get(model, {})
-    body = {"model": entry.get("name") or model}
-    if is_embedding_model(entry):
+    entry = node.models.get(model, NO_ENTRY)
+    body = {"model": entry.name or model}  # as the node spells it
+    if entry.is_embedding:
         path, body["input"] = "/api/embed", []
     else:
         path, body["prompt"] = "/api/generate", ""
@@ -4959,7 +4954,8 @@ class Health:
             "node_id": n.node_id, "status": n.status, "silent_s": now - n.last_seen,
             "memory": n.hb.memory, "ollama_version": n.hb.ollama_version,
             "paused": n.hb.paused, "paused_reason": n.hb.paused_reason, "signs": n.signs,
-            "loaded": [{**e, "model": name, "disk_size": n.models.get(name, {}).get("size")}
+            "loaded": [{**e.json(), "model": name,
+                        "disk_size": n.models[name].size if name in n.models else None}
                        for name, e in n.loaded.items()],
         } for n in self.fleet.nodes.values()]
         cfg = self.cfg
@@ -5534,9 +5530,8 @@ class DashboardApi:
                 m["on_disk"].append(node.node_id)
                 if name in node.loaded:
                     m["loaded"].append(node.node_id)
-                caps = listed.get("capabilities") or ["completion"]
-                kind = hc.IMAGE if "image" in caps else hc.EMBEDDING if "embedding" in caps \
-                    else hc.CHAT
+                kind = hc.IMAGE if listed.can("image") else \
+                    hc.EMBEDDING if listed.can("embedding") else hc.CHAT
                 if kind not in m["kinds"]:
                     m["kinds"].append(kind)
             for kind, served in node.media_models.items():
@@ -5875,8 +5870,8 @@ def node_summary(fleet, node, learner):
         "capabilities": node.capabilities(), "media": hb.media,
         "models_on_disk": sorted(node.models),
         "models_loaded": [
-            {"model": name, "size": e.get("size"), "size_vram": e.get("size_vram"),
-             "context_length": e.get("context_length"), "expires_at": e.get("expires_at")}
+            {"model": name, "size": e.size, "size_vram": e.size_vram,
+             "context_length": e.context_length, "expires_at": e.expires_at}
             for name, e in sorted(node.loaded.items())],
         "queues": {model: {"active": q.active, "waiting": q.waiting, "limit": q.limit}
                    for (nid, model), q in fleet.queues.items() if nid == node.node_id},

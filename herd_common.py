@@ -3795,22 +3795,73 @@ def _model_details(f):
     return details
 
 
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model a node lists, as checked: on its disk (an /api/tags entry) or in its
+    memory (an /api/ps entry, `loaded`). What the router reads of it is typed here once;
+    json() gives it back as the node's Ollama listed it."""
+
+    name: str
+    size: int = 0  # bytes: on disk, or in memory once loaded
+    digest: str = ""
+    details: dict = dataclasses.field(default_factory=dict)  # _model_details
+    modified_at: str = ""  # on disk
+    capabilities: tuple = None  # on disk; None: the node's Ollama lists none (older)
+    loaded: bool = False
+    # Loaded, as /api/ps says (None: not known, for a load the router saw first).
+    size_vram: int = None
+    expires_at: str = None
+    context_length: int = None  # the context it runs with
+
+    @property
+    def max_context(self):
+        """The longest context the model takes (its details; 0: not said)."""
+        return self.details.get("context_length", 0)
+
+    @property
+    def is_embedding(self):
+        """Do its capabilities (newer Ollama lists them) say it makes embeddings?"""
+        return self.capabilities is not None and "embedding" in self.capabilities
+
+    def can(self, capability):
+        """Does it list `capability`? (A node that lists none: completion only.)"""
+        return capability in (self.capabilities or ("completion",))
+
+    def json(self):
+        """The entry as the node's /api/tags (or /api/ps) gave it: no field made up."""
+        out = {"name": self.name, "model": self.name, "size": self.size,
+               "digest": self.digest, "details": self.details}
+        if self.loaded:
+            out.update((k, v) for k, v in (("size_vram", self.size_vram),
+                                           ("expires_at", self.expires_at),
+                                           ("context_length", self.context_length))
+                       if v is not None)
+        else:
+            out["modified_at"] = self.modified_at
+            if self.capabilities is not None:
+                out["capabilities"] = list(self.capabilities)
+        return out
+
+
 def _model_entry(f, loaded):
-    """One /api/tags (or, `loaded`, /api/ps) entry, rebuilt from its checked fields."""
+    """One /api/tags (or, `loaded`, /api/ps) entry, rebuilt from its checked fields:
+    (canonical name, ModelEntry)."""
     name = f.obj.get("model") or f.obj.get("name")
     try:
         name = check_model_name(name)
     except ValueError as e:
         raise ValueError(f"field '{f.path}': {e}") from None
-    entry = {"name": name, "model": name, "size": f.integer("size"),
-             "digest": f.text("digest"), "details": _model_details(f.section("details"))}
+    common = {"name": name, "size": f.integer("size"), "digest": f.text("digest"),
+              "details": _model_details(f.section("details"))}
     if loaded:
-        entry.update(size_vram=f.integer("size_vram"), expires_at=f.text("expires_at", 64),
-                     context_length=f.integer("context_length", 1 << 24))
-    else:
-        entry["modified_at"] = f.text("modified_at", 64)
-        if f.obj.get("capabilities") is not None:  # omitempty too: none sent is not "none"
-            entry["capabilities"] = f.texts("capabilities")
+        entry = ModelEntry(**common, loaded=True, size_vram=f.integer("size_vram"),
+                           expires_at=f.text("expires_at", 64),
+                           context_length=f.integer("context_length", 1 << 24))
+    else:  # capabilities are omitempty too: none sent is not "none"
+        caps = f.obj.get("capabilities")
+        entry = ModelEntry(**common, modified_at=f.text("modified_at", 64),
+                           capabilities=None if caps is None else
+                           tuple(f.texts("capabilities")))
     return canonical_model(name), entry
 
 
