@@ -5007,19 +5007,16 @@ class Api:
 
     def __init__(self, cfg, fleet, scheduler, proxy, pulls, stats, traces, local, counters,
                  dashboard, learner):
-        self.cfg, self.fleet, self.scheduler, self.proxy = cfg, fleet, scheduler, proxy
-        self.pulls, self.stats, self.traces = pulls, stats, traces
-        self.local, self.counters = local, counters  # counters: the connections' own
-        self.learner = learner
+        self.cfg, self.fleet, self.proxy = cfg, fleet, proxy
+        self.pulls, self.stats = pulls, stats
         self.port = cfg.port  # the port bound (RouterServer sets it once listening)
         self.guard = Guard(cfg)
         self.cors = Cors(cfg.origins_allowed)
         self.hosts = Hosts(cfg.origins_allowed, socket.gethostname())
         self.admin = ModelAdmin(cfg, fleet, proxy, pulls, self.guard)
+        self.nodes = FleetApi(cfg, fleet, scheduler, pulls, stats, traces, local, counters,
+                              learner)
         self.spools = SpoolBudget(int(cfg.max_upload_mb * (1 << 20)))
-        self.signatures = hc.SignatureCheck(cfg.token, nonce_path=os.path.join(
-            cfg.data_dir, NONCE_FILE)) if cfg.token else None
-        self.started = time.time()
         self.in_flight = 0
         self.all_done = asyncio.Event()
         self.routes = {
@@ -5034,12 +5031,7 @@ class Api:
             ("POST", "/api/create"): self.admin.create,
             ("POST", "/api/push"): self.admin.push,  # and HEAD, POST /api/blobs/<digest>
             ("GET", "/v1/models"): self.openai_models,
-            ("POST", "/heartbeat"): self.heartbeat,
-            ("GET", "/fleet/status"): self.fleet_status,
-            ("GET", "/fleet/queue"): self.fleet_queue,
-            ("GET", "/metrics"): self.metrics,
-            ("GET", "/dashboard/api/overview"): self.fleet_status,
-            ("GET", "/dashboard/api/queues"): self.fleet_queue,
+            **self.nodes.routes(),
             **dashboard.routes(),
         }
         for path in NATIVE_INFERENCE + OPENAI_INFERENCE + tuple(NEWER_INFERENCE):
@@ -5087,7 +5079,8 @@ class Api:
     def needs_proof(self, kind):
         """Does a route of `kind` answer only to a proof a web page cannot have: a key,
         or for heartbeats the fleet token's signature? (Then any Host may reach it.)"""
-        return self.guard.needs_key(kind) or (kind == NODE and self.signatures is not None)
+        return self.guard.needs_key(kind) or (kind == NODE and
+                                              self.nodes.signatures is not None)
 
     def _prefix_route(self, request):
         """The handler of a path with a name in it, or None."""
@@ -5156,8 +5149,8 @@ class Api:
         if origin is not None and not cors:
             return self.refusal(request, 403, f"origin {origin[:100]} is not allowed "
                                               f"(the router's FLEET_ORIGINS)")
-        if request.path == "/heartbeat" and self.signatures is not None:
-            why = self.signatures.refuse_head(request)
+        if request.path == "/heartbeat" and self.nodes.signatures is not None:
+            why = self.nodes.signatures.refuse_head(request)
             if why is not None:
                 self.stats.count_event("heartbeat_refused", f"heartbeat refused: {why}",
                                        level=logging.WARNING, client=request.client)
@@ -5338,7 +5331,28 @@ class Api:
         await conn.send_response(404, hc.openai_error_body(
             404, f"model '{wanted}' not found", "model_not_found"))
 
-    # -- the fleet ----------------------------------------------------------------
+
+class FleetApi:
+    """The fleet's own routes: the nodes' heartbeats (signed, checked field by field,
+    applied), /fleet/status, /fleet/queue and /metrics."""
+
+    def __init__(self, cfg, fleet, scheduler, pulls, stats, traces, local, counters,
+                 learner):
+        self.cfg, self.fleet, self.scheduler, self.pulls = cfg, fleet, scheduler, pulls
+        self.stats, self.traces, self.local, self.learner = stats, traces, local, learner
+        self.counters = counters  # the connections' own
+        self.port = cfg.port  # the port bound (RouterServer sets it once listening)
+        self.signatures = hc.SignatureCheck(cfg.token, nonce_path=os.path.join(
+            cfg.data_dir, NONCE_FILE)) if cfg.token else None
+        self.started = time.time()
+
+    def routes(self):
+        return {("POST", "/heartbeat"): self.heartbeat,
+                ("GET", "/fleet/status"): self.fleet_status,
+                ("GET", "/fleet/queue"): self.fleet_queue,
+                ("GET", "/metrics"): self.metrics,
+                ("GET", "/dashboard/api/overview"): self.fleet_status,
+                ("GET", "/dashboard/api/queues"): self.fleet_queue}
 
     async def heartbeat(self, request, conn):
         """A node's report: signed (with FLEET_TOKEN), checked field by field, from the
@@ -6121,7 +6135,8 @@ class RouterServer:
         self.server = await loop.create_server(self._new_connection, self.cfg.host,
                                                self.cfg.port, reuse_address=True,
                                                backlog=1024)
-        self.port = self.api.port = self.server.sockets[0].getsockname()[1]
+        port = self.server.sockets[0].getsockname()[1]
+        self.port = self.api.port = self.api.nodes.port = port
         start_duties(self.tasks, self.cfg, self.fleet, self.scheduler, self.proxy, self.local,
                      self.traces, self.learner)
         if self.cfg.mdns:
