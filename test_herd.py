@@ -7226,6 +7226,14 @@ def test_bench_pressure_fleet_shifts_popularity_half_way():
     assert bench.loads_a_plan_needs(fleet) == 8  # six places filled, two risers loaded
     laptop = fleet.machines[-1]
     assert bench.CODER not in laptop.models and laptop.name == fleet.slowed
+    # Each half's shares follow the capacity then: the laptop's place (before it slows,
+    # then after) can carry the least asked-for model, so a plan has a place for each.
+    for half, mix in enumerate(fleet.mixes):
+        work = {m.name: m.speed * m.saturation / (bench.SLOWDOWN if half and
+                                                 m.name == fleet.slowed else 1.0)
+                for m in fleet.machines}
+        assert sum(share for _, share in mix) == pytest.approx(1.0)
+        assert min(share for _, share in mix) <= work["laptop"] / sum(work.values())
 
 
 def test_bench_counts_answers_from_another_model_as_wrong():
