@@ -2855,6 +2855,10 @@ def test_a_node_that_slows_down_is_seen_in_its_streaming_answers_before_they_end
     streams.append(threading.Thread(target=stream, args=("node-b",)))
     streams[1].start()
     wait_until(lambda: chunks.count("node-b") >= 12, what="node-b's slow chunks")
+    # The placement plan sees it too (weighed now, not at its next turn), long before
+    # the first slow answer ends: untimed, node-b was weighed as fast as node-a.
+    h.bg.run(router.scheduler.placement.replan())
+    assert placement(router)["node_speeds"]["node-b"] < 0.3
     choice = threading.Thread(target=lambda: chunks.append(generate(router)[1]))
     choice.start()
     wait_until(lambda: queue_row(router, "node-a", "llama3.2:3b")["waiting"] or
