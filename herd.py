@@ -1705,11 +1705,31 @@ class Placement:
         working = sorted(self.fleet.working_nodes(), key=lambda n: n.node_id)
         fitted = self.learner.plan_speeds()
         mean = statistics.geometric_mean(fitted.values()) if fitted else 1.0
-        speeds = {n.node_id: fitted.get(n.node_id, mean) for n in working}
+        speeds = {n.node_id: fitted.get(n.node_id, mean) * self._live_pace(n.node_id)
+                  for n in working}
         fastest = max(speeds.values(), default=1.0)
         return [hc.PlanNode(n.node_id, memory=self._room(n), max_loaded=n.hb.max_loaded_models,
                             speed=max(0.01, speeds[n.node_id] / fastest),
                             slots=self.fleet.slots_for(n)) for n in working]
+
+    def _live_pace(self, node_id):
+        """How fast the answers streaming on a node go now against what was learned
+        (Exchange.pace, from their chunks), when well below it; else 1. A node that
+        slows down shows it in the first chunks of its answers, and the plan must not
+        place a busy model on it until the first slow answer ends. (A late first token
+        tells routing as much, but here it is mostly a load taking its time.)"""
+        now, level = time.monotonic(), self.fleet.node_active(node_id)
+        paces = []
+        for (nid, model), q in list(self.fleet.queues.items()):
+            f = self.learner.forecast(nid, model) if nid == node_id and q.running else None
+            for t in q.running if f is not None else ():
+                ex = t.exchange
+                pace = ex.pace(now, f.level_tps(level), t.start) \
+                    if ex is not None and ex.ttft is not None else None
+                if pace is not None:
+                    paces.append(pace)
+        pace = statistics.median(paces) if paces else 1.0
+        return pace if pace < LIVE_SLOW else 1.0
 
     @staticmethod
     def _room(node):
@@ -1911,6 +1931,8 @@ class Placement:
                           for m in names] for n, names in sorted(plan.hot.items())}
             if plan else {},
             "unplaced": dict(plan.unplaced) if plan else {},
+            "node_speeds": {n: round(node.speed, 3)
+                            for n, node in sorted(self.inputs[0].items())},
             "requests_per_min": {m: round(r * 60, 2) for m, r in sorted(
                 self.demand.busiest(now, MAX_PLANNED_MODELS).items())},
             "planned_loads": self.done["load"], "planned_unloads": self.done["unload"],

@@ -2855,6 +2855,10 @@ def test_a_node_that_slows_down_is_seen_in_its_streaming_answers_before_they_end
     streams.append(threading.Thread(target=stream, args=("node-b",)))
     streams[1].start()
     wait_until(lambda: chunks.count("node-b") >= 12, what="node-b's slow chunks")
+    # The placement plan sees it too (weighed now, not at its next turn), long before
+    # the first slow answer ends: untimed, node-b was weighed as fast as node-a.
+    h.bg.run(router.scheduler.placement.replan())
+    assert placement(router)["node_speeds"]["node-b"] < 0.3
     choice = threading.Thread(target=lambda: chunks.append(generate(router)[1]))
     choice.start()
     wait_until(lambda: queue_row(router, "node-a", "llama3.2:3b")["waiting"] or
@@ -7226,6 +7230,14 @@ def test_bench_pressure_fleet_shifts_popularity_half_way():
     assert bench.loads_a_plan_needs(fleet) == 8  # six places filled, two risers loaded
     laptop = fleet.machines[-1]
     assert bench.CODER not in laptop.models and laptop.name == fleet.slowed
+    # Each half's shares follow the capacity then: the laptop's place (before it slows,
+    # then after) can carry the least asked-for model, so a plan has a place for each.
+    for half, mix in enumerate(fleet.mixes):
+        work = {m.name: m.speed * m.saturation / (bench.SLOWDOWN if half and
+                                                 m.name == fleet.slowed else 1.0)
+                for m in fleet.machines}
+        assert sum(share for _, share in mix) == pytest.approx(1.0)
+        assert min(share for _, share in mix) <= work["laptop"] / sum(work.values())
 
 
 def test_bench_counts_answers_from_another_model_as_wrong():
