@@ -1536,12 +1536,131 @@ class Demand:
         return {m: r for r, m in rates[:count] if r > 1e-6}
 
 
+class PlanInputs:
+    """What the placement plan is weighed from, read off the fleet and what was learned:
+    each working node's room, slots and speed; each model's size, demand and load time."""
+
+    def __init__(self, fleet, learner):
+        self.fleet, self.learner = fleet, learner
+
+    def nodes(self):
+        """The nodes that take work, as the planner sees them: room (memory and
+        OLLAMA_MAX_LOADED_MODELS), slots, and speed relative to the fastest."""
+        working = sorted(self.fleet.working_nodes(), key=lambda n: n.node_id)
+        fitted = self.learner.plan_speeds()
+        mean = statistics.geometric_mean(fitted.values()) if fitted else 1.0
+        speeds = {n.node_id: fitted.get(n.node_id, mean) * self._live_pace(n.node_id)
+                  for n in working}
+        fastest = max(speeds.values(), default=1.0)
+        return [hc.PlanNode(n.node_id, memory=self._room(n), max_loaded=n.hb.max_loaded_models,
+                            speed=max(0.01, speeds[n.node_id] / fastest),
+                            slots=self.fleet.slots_for(n)) for n in working]
+
+    def _live_pace(self, node_id):
+        """How fast the answers streaming on a node go now against what was learned
+        (Exchange.pace, from their chunks), when well below it; else 1. A node that
+        slows down shows it in the first chunks of its answers, and the plan must not
+        place a busy model on it until the first slow answer ends. (A late first token
+        tells routing as much, but here it is mostly a load taking its time.)"""
+        now, level = time.monotonic(), self.fleet.node_active(node_id)
+        paces = []
+        for (nid, model), q in list(self.fleet.queues.items()):
+            f = self.learner.forecast(nid, model) if nid == node_id and q.running else None
+            for t in q.running if f is not None else ():
+                ex = t.exchange
+                pace = ex.pace(now, f.level_tps(level), t.start) \
+                    if ex is not None and ex.ttft is not None else None
+                if pace is not None:
+                    paces.append(pace)
+        pace = statistics.median(paces) if paces else 1.0
+        return pace if pace < LIVE_SLOW else 1.0
+
+    @staticmethod
+    def _room(node):
+        """Bytes the node can give models: what is free plus what its models hold,
+        within its owner's ceiling (0: not known)."""
+        hb = node.hb
+        if not hb.mem_total:
+            return 0
+        room = hb.mem_available + sum(e.size for e in node.loaded.values())
+        ceiling = (hb.capacity or {}).get("memory_ceiling") or 0
+        return min(room, ceiling) if ceiling else room
+
+    def models(self, nodes, rates, plan):
+        """The models worth planning: those in demand (`rates`: requests/s), loaded now
+        or in the last `plan`."""
+        names = set(rates)
+        for node in nodes:
+            names.update(self.fleet.nodes[node.node_id].loaded)
+        if plan is not None:
+            names.update(m for placed in plan.hot.values() for m in placed)
+        models = (self._model(name, nodes, rates) for name in sorted(names))
+        return [m for m in models if m is not None]
+
+    def _model(self, name, nodes, rates):
+        holders = [self.fleet.nodes[n.node_id] for n in nodes
+                   if name in self.fleet.nodes[n.node_id].models]
+        if not holders:
+            return None
+        entry = holders[0].models[name]
+        size = sized(entry)
+        speeds = {n.node_id: n.speed for n in nodes}
+        demand = rates.get(name, 0.0) * self.service_s(name, size, speeds)
+        return hc.PlanModel(name, int(size * hc.LOAD_OVERHEAD), demand,
+                            {n.node_id: self.load_s(n, name) for n in holders},
+                            "embedding" if entry.is_embedding else "chat")
+
+    def service_s(self, model, size, speeds):
+        """Seconds one answer of `model` takes on a node of speed 1: as learned on the
+        nodes that timed it (scaled by their speed); else the models that were timed,
+        scaled by size (decoding reads all the weights for every token); else a guess
+        from its size alone."""
+        learned = self._timed_s(model, speeds)
+        if learned:
+            return learned
+        scaled = [run_s * size / other for name, other, run_s in self._timed_models(speeds)
+                  if other and name != model]
+        if scaled and size:
+            return statistics.median(scaled)
+        tps = GUESS_TPS_GB / max(0.5, size / 1e9)
+        return self.learner.answer_tokens(model) / tps
+
+    def _timed_s(self, model, speeds):
+        """The median learned run of one answer of `model`, at speed 1 (0: untimed): its
+        prompt evaluation and its tokens at the steady decode speed, as Ollama timed
+        them (a wait for a slot or for room inside Ollama is not work); else the
+        router's own measure of its time on the node."""
+        seen = []
+        for node_id, s in self.learner.by_model.get(model, {}).items():
+            tps = s.steady_tps()
+            run_s = ((s.prompt_eval_ms or 0.0) / 1000 + s.tokens / tps
+                     if s.tokens and tps else (s.service_ms or 0.0) / 1000)
+            if run_s and node_id in speeds:
+                seen.append(run_s * speeds[node_id])
+        return statistics.median(seen) if seen else 0.0
+
+    def _timed_models(self, speeds):
+        """(model, size, seconds an answer takes at speed 1) for each model timed."""
+        for model, by_node in list(self.learner.by_model.items())[:MAX_PLANNED_MODELS]:
+            size = max((s.size for s in by_node.values()), default=0)
+            run_s = self._timed_s(model, speeds)
+            if run_s:
+                yield model, size, run_s
+
+    def load_s(self, node, model):
+        """Seconds to load `model` on `node`: as learned, else guessed from its size."""
+        size = sized(node.models.get(model))
+        learned = self.learner.load_s(node.node_id, model, size)
+        return learned or GUESS_LOAD_S + GUESS_LOAD_S_GB * size / 1e9
+
+
 class Placement:
     """The placement plan: its inputs from the fleet and what was learned, its
     versions, and the view of it that routing, the Warmer and /fleet/status read."""
 
     def __init__(self, fleet, learner):
         self.fleet, self.learner = fleet, learner
+        self.gauge = PlanInputs(fleet, learner)
         self.demand = Demand()
         self.asked = False  # a model the plan places nowhere was asked for
         self.plan = None  # hc.Plan
@@ -1614,9 +1733,9 @@ class Placement:
         """Rebuild the plan from the last one; a new version if it places otherwise.
         The search runs in a thread: its time grows with nodes times models."""
         self.asked = False
-        nodes = self._plan_nodes()
+        nodes = self.gauge.nodes()
         self.rates = self.demand.busiest(time.monotonic(), MAX_PLANNED_MODELS)
-        models = self._plan_models(nodes)
+        models = self.gauge.models(nodes, self.rates, self.plan)
         plan = await asyncio.to_thread(hc.plan_placement, nodes, models, self._start(nodes))
         return self._adopt(plan, nodes, models)
 
@@ -1697,117 +1816,6 @@ class Placement:
             start[n.node_id] = strays + [m for m in last[n.node_id] if m not in strays]
         return start
 
-    # -- the planner's inputs ---------------------------------------------------------
-
-    def _plan_nodes(self):
-        """The nodes that take work, as the planner sees them: room (memory and
-        OLLAMA_MAX_LOADED_MODELS), slots, and speed relative to the fastest."""
-        working = sorted(self.fleet.working_nodes(), key=lambda n: n.node_id)
-        fitted = self.learner.plan_speeds()
-        mean = statistics.geometric_mean(fitted.values()) if fitted else 1.0
-        speeds = {n.node_id: fitted.get(n.node_id, mean) * self._live_pace(n.node_id)
-                  for n in working}
-        fastest = max(speeds.values(), default=1.0)
-        return [hc.PlanNode(n.node_id, memory=self._room(n), max_loaded=n.hb.max_loaded_models,
-                            speed=max(0.01, speeds[n.node_id] / fastest),
-                            slots=self.fleet.slots_for(n)) for n in working]
-
-    def _live_pace(self, node_id):
-        """How fast the answers streaming on a node go now against what was learned
-        (Exchange.pace, from their chunks), when well below it; else 1. A node that
-        slows down shows it in the first chunks of its answers, and the plan must not
-        place a busy model on it until the first slow answer ends. (A late first token
-        tells routing as much, but here it is mostly a load taking its time.)"""
-        now, level = time.monotonic(), self.fleet.node_active(node_id)
-        paces = []
-        for (nid, model), q in list(self.fleet.queues.items()):
-            f = self.learner.forecast(nid, model) if nid == node_id and q.running else None
-            for t in q.running if f is not None else ():
-                ex = t.exchange
-                pace = ex.pace(now, f.level_tps(level), t.start) \
-                    if ex is not None and ex.ttft is not None else None
-                if pace is not None:
-                    paces.append(pace)
-        pace = statistics.median(paces) if paces else 1.0
-        return pace if pace < LIVE_SLOW else 1.0
-
-    @staticmethod
-    def _room(node):
-        """Bytes the node can give models: what is free plus what its models hold,
-        within its owner's ceiling (0: not known)."""
-        hb = node.hb
-        if not hb.mem_total:
-            return 0
-        room = hb.mem_available + sum(e.size for e in node.loaded.values())
-        ceiling = (hb.capacity or {}).get("memory_ceiling") or 0
-        return min(room, ceiling) if ceiling else room
-
-    def _plan_models(self, nodes):
-        """The models worth planning: those in demand, loaded now or in the last plan."""
-        names = set(self.rates)
-        for node in nodes:
-            names.update(self.fleet.nodes[node.node_id].loaded)
-        if self.plan is not None:
-            names.update(m for placed in self.plan.hot.values() for m in placed)
-        models = (self._plan_model(name, nodes) for name in sorted(names))
-        return [m for m in models if m is not None]
-
-    def _plan_model(self, name, nodes):
-        holders = [self.fleet.nodes[n.node_id] for n in nodes
-                   if name in self.fleet.nodes[n.node_id].models]
-        if not holders:
-            return None
-        entry = holders[0].models[name]
-        size = sized(entry)
-        speeds = {n.node_id: n.speed for n in nodes}
-        demand = self.rates.get(name, 0.0) * self.service_s(name, size, speeds)
-        return hc.PlanModel(name, int(size * hc.LOAD_OVERHEAD), demand,
-                            {n.node_id: self.load_s(n, name) for n in holders},
-                            "embedding" if entry.is_embedding else "chat")
-
-    def service_s(self, model, size, speeds):
-        """Seconds one answer of `model` takes on a node of speed 1: as learned on the
-        nodes that timed it (scaled by their speed); else the models that were timed,
-        scaled by size (decoding reads all the weights for every token); else a guess
-        from its size alone."""
-        learned = self._timed_s(model, speeds)
-        if learned:
-            return learned
-        scaled = [run_s * size / other for name, other, run_s in self._timed_models(speeds)
-                  if other and name != model]
-        if scaled and size:
-            return statistics.median(scaled)
-        tps = GUESS_TPS_GB / max(0.5, size / 1e9)
-        return self.learner.answer_tokens(model) / tps
-
-    def _timed_s(self, model, speeds):
-        """The median learned run of one answer of `model`, at speed 1 (0: untimed): its
-        prompt evaluation and its tokens at the steady decode speed, as Ollama timed
-        them (a wait for a slot or for room inside Ollama is not work); else the
-        router's own measure of its time on the node."""
-        seen = []
-        for node_id, s in self.learner.by_model.get(model, {}).items():
-            tps = s.steady_tps()
-            run_s = ((s.prompt_eval_ms or 0.0) / 1000 + s.tokens / tps
-                     if s.tokens and tps else (s.service_ms or 0.0) / 1000)
-            if run_s and node_id in speeds:
-                seen.append(run_s * speeds[node_id])
-        return statistics.median(seen) if seen else 0.0
-
-    def _timed_models(self, speeds):
-        """(model, size, seconds an answer takes at speed 1) for each model timed."""
-        for model, by_node in list(self.learner.by_model.items())[:MAX_PLANNED_MODELS]:
-            size = max((s.size for s in by_node.values()), default=0)
-            run_s = self._timed_s(model, speeds)
-            if run_s:
-                yield model, size, run_s
-
-    def load_s(self, node, model):
-        """Seconds to load `model` on `node`: as learned, else guessed from its size."""
-        size = sized(node.models.get(model))
-        learned = self.learner.load_s(node.node_id, model, size)
-        return learned or GUESS_LOAD_S + GUESS_LOAD_S_GB * size / 1e9
-
     # -- routing follows the plan -----------------------------------------------------
 
     def steer(self, model, candidates, reasons):
@@ -1877,7 +1885,7 @@ class Placement:
         """A cold load's seconds before its request starts, and the reloads of the
         planned models it pushes out."""
         node = self.fleet.nodes[c.node_id]
-        back = sum(self.load_s(node, m) for m in c.evicts if self._kept(m, c.node_id))
+        back = sum(self.gauge.load_s(node, m) for m in c.evicts if self._kept(m, c.node_id))
         return hc.estimate_wait_s(c) + back
 
     def _kept(self, model, node_id):
@@ -2658,18 +2666,15 @@ class RefusalSampler:
         self.since, self.counts, self.traced, self.skipped = now, collections.Counter(), 0, 0
 
 
-class Proxy:
-    """Routes, queues and relays requests, with retries before the first chunk."""
+class Records:
+    """One request, one record, one writer: opens each traced request's Exchange, sees
+    it to its end whatever happens (an error raised, a cancel, the reaper, a client
+    gone), and writes its trace row, and each retried attempt's."""
 
-    def __init__(self, cfg, fleet, scheduler, learner, pulls, warmer, stats, traces, pool):
-        self.cfg, self.fleet, self.scheduler, self.learner = cfg, fleet, scheduler, learner
-        self.pulls, self.warmer, self.stats, self.traces = pulls, warmer, stats, traces
-        self.node_relay = NodeRelay(cfg, pool)
-        self.active = {}  # request_id -> Exchange, for the reaper
-        self.client_in_flight = collections.Counter()
+    def __init__(self, cfg, stats, traces):
+        self.cfg, self.stats, self.traces = cfg, stats, traces
+        self.active = {}  # request_id -> Exchange sent to a node, for the reaper
         self.refusals = RefusalSampler()
-
-    # -- the record: one per request on a traced route -----------------------------
 
     async def recorded(self, handler, request, conn):
         """Run a traced route's handler with the request's record (Exchange), and write
@@ -2700,6 +2705,63 @@ class Proxy:
             self.active.pop(ex.request_id, None)
             self.finish(ex)
 
+    async def _answer_reaped(self, conn, ex):
+        """A request the reaper stopped: say so to the client in its framing."""
+        ex.error = (f"no progress for {ex.stale_after or self.cfg.stale_timeout:g}s on node "
+                    f"{ex.node_id}: request reaped")
+        self.stats.count_event("zombie_reaped", "zombie request reaped", ex,
+                               level=logging.WARNING)
+        if conn.response_started:
+            await end_with_error(conn, ex, ex.error)
+        else:
+            await ex.fail(504, ex.error)
+
+    def finish(self, ex):
+        """Record the trace of a finished request, count it, and log it (a refusal of
+        the router's own only as RefusalSampler allows)."""
+        row = ex.trace_row()
+        self.stats.count_request(ex, row)
+        if row["status"] == hc.REJECTED and ex.node_id is None and not self.refusals.take(
+                ex.request.client.rpartition(":")[0], time.monotonic()):
+            self.stats.events["refusals_untraced"] += 1
+            return
+        self.traces.record(row)
+        # One line per request goes to the JSONL file (DEBUG by default); only trouble
+        # reaches the terminal.
+        status = row["status"]
+        level = logging.DEBUG if status in (hc.COMPLETED, hc.CANCELLED) else logging.WARNING
+        proxy_log.log(level, f"{ex.endpoint} {status}", extra={
+            "request_id": ex.request_id, "model": ex.served_model, "node_id": ex.node_id,
+            "status": status, "client": ex.request.client, "error": ex.error,
+            "elapsed_ms": row["latency_ms"]})
+
+    def reap_zombies(self):
+        """Stop requests sent to a node that show no progress for FLEET_STALE_TIMEOUT."""
+        now, reaped = time.monotonic(), 0
+        for ex in list(self.active.values()):
+            seen = ex.last_progress()
+            limit = ex.stale_after or self.cfg.stale_timeout
+            if seen is not None and not ex.reaped and now - seen > limit:
+                ex.reaped = True
+                ex.task.cancel(msg="reaped: no progress")
+                reaped += 1
+        return reaped
+
+    def retried(self, ex, error):
+        """An attempt of `ex` that failed before its first chunk: a row of its own."""
+        self.traces.record(ex.trace_row(hc.RETRIED, error=error))
+
+
+class Proxy:
+    """Routes, queues and relays requests, with retries before the first chunk."""
+
+    def __init__(self, cfg, fleet, scheduler, learner, pulls, warmer, stats, traces, pool):
+        self.cfg, self.fleet, self.scheduler, self.learner = cfg, fleet, scheduler, learner
+        self.pulls, self.warmer, self.stats, self.traces = pulls, warmer, stats, traces
+        self.node_relay = NodeRelay(cfg, pool)
+        self.records = Records(cfg, stats, traces)
+        self.client_in_flight = collections.Counter()
+
     # -- prepare ------------------------------------------------------------------
 
     async def serve(self, ex, body, may_pull=True, upload=None):
@@ -2713,7 +2775,7 @@ class Proxy:
         ex.may_pull = may_pull and self.cfg.auto_pull and ex.kind not in hc.MEDIA_KINDS
         ex.tags = request_tags(ex.request, body)
         ex.conn.watch_client()
-        self.active[ex.request_id] = ex
+        self.records.active[ex.request_id] = ex
         with self._admit(ex.request.client.rpartition(":")[0]):
             await self._attempts(ex.conn, ex)
 
@@ -2772,7 +2834,7 @@ class Proxy:
                 proxy_log.warning("attempt failed, trying another node",
                                   extra={"request_id": ex.request_id, "node_id": ex.node_id,
                                          "model": ex.served_model, "error": str(e)})
-                self.traces.record(ex.trace_row(hc.RETRIED, error=str(e)))
+                self.records.retried(ex, str(e))
                 exclude.append(choice.node.node_id)
                 attempt += 1
         raise RouteError(last_error.status, f"no node could answer: {last_error}")
@@ -2941,50 +3003,6 @@ class Proxy:
                                      c.model_size if c else 0, level)
         slots = self.fleet.slots_for(choice.node)
         self.fleet.set_concurrency(choice.node, choice.model, speed.settle_concurrency(slots))
-
-    # -- finish -------------------------------------------------------------------------
-
-    async def _answer_reaped(self, conn, ex):
-        """A request the reaper stopped: say so to the client in its framing."""
-        ex.error = (f"no progress for {ex.stale_after or self.cfg.stale_timeout:g}s on node "
-                    f"{ex.node_id}: request reaped")
-        self.stats.count_event("zombie_reaped", "zombie request reaped", ex,
-                               level=logging.WARNING)
-        if conn.response_started:
-            await end_with_error(conn, ex, ex.error)
-        else:
-            await ex.fail(504, ex.error)
-
-    def finish(self, ex):
-        """Record the trace of a finished request, count it, and log it (a refusal of
-        the router's own only as RefusalSampler allows)."""
-        row = ex.trace_row()
-        self.stats.count_request(ex, row)
-        if row["status"] == hc.REJECTED and ex.node_id is None and not self.refusals.take(
-                ex.request.client.rpartition(":")[0], time.monotonic()):
-            self.stats.events["refusals_untraced"] += 1
-            return
-        self.traces.record(row)
-        # One line per request goes to the JSONL file (DEBUG by default); only trouble
-        # reaches the terminal.
-        status = row["status"]
-        level = logging.DEBUG if status in (hc.COMPLETED, hc.CANCELLED) else logging.WARNING
-        proxy_log.log(level, f"{ex.endpoint} {status}", extra={
-            "request_id": ex.request_id, "model": ex.served_model, "node_id": ex.node_id,
-            "status": status, "client": ex.request.client, "error": ex.error,
-            "elapsed_ms": row["latency_ms"]})
-
-    def reap_zombies(self):
-        """Stop requests sent to a node that show no progress for FLEET_STALE_TIMEOUT."""
-        now, reaped = time.monotonic(), 0
-        for ex in list(self.active.values()):
-            seen = ex.last_progress()
-            limit = ex.stale_after or self.cfg.stale_timeout
-            if seen is not None and not ex.reaped and now - seen > limit:
-                ex.reaped = True
-                ex.task.cancel(msg="reaped: no progress")
-                reaped += 1
-        return reaped
 
     # -- requests that are not routed: unloads, pulls onto a chosen node ---------------
 
@@ -4072,7 +4090,7 @@ class Warmer:
                                       for m in victims):
             return  # the room is a planned model's, or not free yet: a later round
         self.warming.add(key)
-        self.fleet.residency.start_load(node, model, victims, self.placement.load_s(node, model))
+        self.fleet.residency.start_load(node, model, victims, self.placement.gauge.load_s(node, model))
         self.tasks.spawn(self._move(node, model, victims), f"placement {key}")
 
     def _undoes(self, key, kind):
@@ -5041,18 +5059,15 @@ class Api:
         self.spools = SpoolBudget(int(cfg.max_upload_mb * (1 << 20)))
         self.in_flight = 0
         self.all_done = asyncio.Event()
+        self.catalogue = Catalogue(fleet)
         self.routes = {
-            ("GET", "/"): self.root, ("HEAD", "/"): self.root,
-            ("GET", "/api/version"): self.version, ("HEAD", "/api/version"): self.version,
-            ("GET", "/api/tags"): self.tags, ("HEAD", "/api/tags"): self.tags,
-            ("GET", "/api/ps"): self.ps,
+            **self.catalogue.routes(),
             ("POST", "/api/show"): self.show,
             ("POST", "/api/pull"): self.pull,
             ("DELETE", "/api/delete"): self.admin.delete,
             ("POST", "/api/copy"): self.admin.copy,
             ("POST", "/api/create"): self.admin.create,
             ("POST", "/api/push"): self.admin.push,  # and HEAD, POST /api/blobs/<digest>
-            ("GET", "/v1/models"): self.openai_models,
             **self.nodes.routes(),
             **dashboard.routes(),
         }
@@ -5085,7 +5100,7 @@ class Api:
             if refusal:
                 await self.refuse(request, conn, *refusal)
             elif handler in self.traced:
-                await self.proxy.recorded(handler, request, conn)
+                await self.proxy.records.recorded(handler, request, conn)
             elif handler is not None:
                 await handler(request, conn)
             elif (why := not_routed(request.path)) is not None:
@@ -5107,7 +5122,7 @@ class Api:
     def _prefix_route(self, request):
         """The handler of a path with a name in it, or None."""
         if request.method == "GET" and request.path.startswith("/v1/models/"):
-            return self.openai_model
+            return self.catalogue.openai_model
         if request.method in BLOB_METHODS and request.path.startswith("/api/blobs/"):
             return self.admin.blob
         return None
@@ -5265,28 +5280,6 @@ class Api:
             ex.ask(hc.canonical_model(model))
             await self.proxy.serve(ex, text, may_pull=False, upload=upload)
 
-    # -- Ollama's catalogue -------------------------------------------------------
-
-    async def root(self, request, conn):
-        await conn.send_response(200, b"Ollama is running", b"text/plain; charset=utf-8")
-
-    async def version(self, request, conn):
-        """The lowest Ollama version among the nodes not offline: what a client can
-        rely on. A node that reports no release number is not counted: a server that
-        only imitates Ollama (no /api/version), or a build from source (0.0.0). With no
-        such node, 0.0.0: nothing can be relied on, yet the router answers (tools that
-        check the connection this way see it up)."""
-        versions = [v for v in (n.hb.ollama_version for n in self.fleet.online_nodes())
-                    if RELEASE_RE.fullmatch(v) and any(version_key(v))]
-        await conn.send_json(200, {"version": min(versions, key=version_key)
-                                   if versions else "0.0.0"})
-
-    async def tags(self, request, conn):
-        await conn.send_json(200, {"models": self.fleet.merged_models()})
-
-    async def ps(self, request, conn):
-        await conn.send_json(200, {"models": self.fleet.running_models()})
-
     async def show(self, request, conn, ex):
         """POST /api/show: asked of the node best placed to answer for the model."""
         body, name = read_model_request(request)
@@ -5327,6 +5320,40 @@ class Api:
         async def refresh():  # the new model is listed before the client sees the end
             await self.pulls.refresh_models(node)
         await self.proxy.forward(ex, node, forwarded, refresh)
+
+class Catalogue:
+    """What the fleet has, answered as one Ollama (and OpenAI's list) would: the root,
+    /api/version, /api/tags, /api/ps, /v1/models."""
+
+    def __init__(self, fleet):
+        self.fleet = fleet
+
+    def routes(self):
+        return {("GET", "/"): self.root, ("HEAD", "/"): self.root,
+                ("GET", "/api/version"): self.version, ("HEAD", "/api/version"): self.version,
+                ("GET", "/api/tags"): self.tags, ("HEAD", "/api/tags"): self.tags,
+                ("GET", "/api/ps"): self.ps,
+                ("GET", "/v1/models"): self.openai_models}
+
+    async def root(self, request, conn):
+        await conn.send_response(200, b"Ollama is running", b"text/plain; charset=utf-8")
+
+    async def version(self, request, conn):
+        """The lowest Ollama version among the nodes not offline: what a client can
+        rely on. A node that reports no release number is not counted: a server that
+        only imitates Ollama (no /api/version), or a build from source (0.0.0). With no
+        such node, 0.0.0: nothing can be relied on, yet the router answers (tools that
+        check the connection this way see it up)."""
+        versions = [v for v in (n.hb.ollama_version for n in self.fleet.online_nodes())
+                    if RELEASE_RE.fullmatch(v) and any(version_key(v))]
+        await conn.send_json(200, {"version": min(versions, key=version_key)
+                                   if versions else "0.0.0"})
+
+    async def tags(self, request, conn):
+        await conn.send_json(200, {"models": self.fleet.merged_models()})
+
+    async def ps(self, request, conn):
+        await conn.send_json(200, {"models": self.fleet.running_models()})
 
     # -- OpenAI's model list ------------------------------------------------------
 
@@ -6045,7 +6072,7 @@ def start_duties(tasks, cfg, fleet, scheduler, proxy, local, traces, learner):
                 "rebalancer")
     tasks.spawn(hc.repeat(proxy.warmer.tend_plan, PLAN_SOON_S, log, "placement"),
                 "placement")
-    tasks.spawn(hc.repeat(proxy.reap_zombies, min(30.0, cfg.stale_timeout / 4), log,
+    tasks.spawn(hc.repeat(proxy.records.reap_zombies, min(30.0, cfg.stale_timeout / 4), log,
                           "the zombie reaper"), "zombie-reaper")
     if cfg.local_node:
         tasks.spawn(hc.repeat(local.poll, cfg.local_node_interval, log,

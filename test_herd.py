@@ -560,7 +560,7 @@ def relay_paused_for_the_client(h, router):
     (`_resume_task`), or None. The pause is inside the relay: the client sees only a slow
     stream and the node only a socket nobody reads, and no API reports it."""
     def find():
-        ex = next(iter(router.proxy.active.values()), None)
+        ex = next(iter(router.proxy.records.active.values()), None)
         relay = ex and ex.relay
         return relay if relay is not None and relay._resume_task is not None else None
     return h.bg.call(find)
@@ -5593,7 +5593,7 @@ class TraceWatch:
         self.router, self.culprit = router, None
         # Every refusal's row goes to the writer here, not only the first 30 a minute:
         # the fuzz looks for rows it cannot write. The sampler's limits have no setting.
-        router.proxy.refusals.per_client = router.proxy.refusals.in_all = float("inf")
+        router.proxy.records.refusals.per_client = router.proxy.records.refusals.in_all = float("inf")
 
     def written(self):
         counts = fleet_status(self.router)["router"]
@@ -8163,7 +8163,7 @@ def test_every_route_that_reaches_a_node_writes_one_trace_row_with_its_status(h)
         ("GET", "/api/tags", None, 200, None),
         ("GET", "/fleet/status", None, 200, None),
     ]
-    router.proxy.refusals.per_client = router.proxy.refusals.in_all = float("inf")
+    router.proxy.records.refusals.per_client = router.proxy.records.refusals.in_all = float("inf")
     for method, path, body, status, traced in asked:
         before = len(h.traces(router))
         got = http(router.url, method, path, body)[0]
