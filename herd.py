@@ -24,14 +24,19 @@ Key settings: FLEET_PORT (11435), FLEET_HOST (0.0.0.0), FLEET_DATA_DIR (~/.fleet
     {"queues":[{"node_id":"mac-studio","model":"llama3.2:3b","active":1,"waiting":0,
     "limit":4,"estimated_wait_s":0.0}],"total_active":1,"total_waiting":0,"holding":0}
 
-The sections below follow a request: settings; the fleet (nodes, queues, the only
-code that changes them); routing (Scheduler); the proxy (Exchange; Proxy: serve ->
-attempts -> finish; NodeRelay: attempt -> send upstream -> relay; MediaRoute and Upload
-for images and speech); pulls and pre-warm; managing models (ModelAdmin: delete, copy,
-create and its blobs, push); stats; health; the HTTP API (Api: the route table, thin
-handlers; DashboardApi; Guard, who may call what; Cors, which web pages may; Hosts,
-which Host names are the router's); background duties; run (RouterServer builds every
-part once and hands each what it uses).
+The sections below follow a request, after the settings: the HTTP API (Api: the route
+table, handle -> guard -> handler; Guard, who may call what; Cors, which web pages may;
+Hosts, which Host names are the router's; Catalogue, FleetApi, DashboardApi: the routes
+answered from what the router knows); the proxy (Exchange, the request's one record;
+Records: open it, see it to its end, write its row; Proxy: serve -> attempts;
+NodeRelay: attempt -> send upstream -> relay; MediaRoute and Upload for images and
+speech); routing (Scheduler: candidates -> elimination -> scores -> a queue); placement
+(the plan routing follows); the fleet (nodes, queues, what each holds: the only code
+that changes them); learning (what each node+model was seen to do); stats. Then what
+runs beside requests: pulls and pre-warm (the Warmer makes the plan's moves); managing
+models (ModelAdmin: delete, copy, create and its blobs, push); health;
+background duties; mDNS; run (RouterServer builds every part once and hands each what
+it uses).
 """
 
 import argparse
@@ -244,2145 +249,940 @@ def server_tls(cert, key):
 
 
 ####################################################################################
-# Fleet: the nodes, their queues and what they hold. Only Fleet changes a node's state,
-# and every model load and unload goes through it and is recorded, whoever caused it.
+# HTTP API: the route table and thin handlers that delegate
 ####################################################################################
 
 
-class NodeRefused(Exception):
-    """A heartbeat the fleet will not take: the HTTP status and why."""
+class Api:
+    """Every route the router answers: Ollama's, OpenAI's, Anthropic's, the fleet's, the
+    dashboard's."""
 
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status = status
+    def __init__(self, cfg, fleet, scheduler, proxy, pulls, stats, traces, local, counters,
+                 dashboard, learner):
+        self.cfg, self.fleet, self.proxy = cfg, fleet, proxy
+        self.pulls, self.stats = pulls, stats
+        self.port = cfg.port  # the port bound (RouterServer sets it once listening)
+        self.guard = Guard(cfg)
+        self.cors = Cors(cfg.origins_allowed)
+        self.hosts = Hosts(cfg.origins_allowed, socket.gethostname())
+        self.admin = ModelAdmin(cfg, fleet, proxy, pulls, self.guard)
+        self.nodes = FleetApi(cfg, fleet, scheduler, pulls, stats, traces, local, counters,
+                              learner)
+        self.spools = SpoolBudget(int(cfg.max_upload_mb * (1 << 20)))
+        self.in_flight = 0
+        self.all_done = asyncio.Event()
+        self.catalogue = Catalogue(fleet)
+        self.routes = {
+            **self.catalogue.routes(),
+            ("POST", "/api/show"): self.show,
+            ("POST", "/api/pull"): self.pull,
+            ("DELETE", "/api/delete"): self.admin.delete,
+            ("POST", "/api/copy"): self.admin.copy,
+            ("POST", "/api/create"): self.admin.create,
+            ("POST", "/api/push"): self.admin.push,  # and HEAD, POST /api/blobs/<digest>
+            **self.nodes.routes(),
+            **dashboard.routes(),
+        }
+        for path in NATIVE_INFERENCE + OPENAI_INFERENCE + tuple(NEWER_INFERENCE):
+            self.routes[("POST", path)] = self.inference
+        self.routes[("POST", "/api/generate-image")] = self.generate_image
+        for path in TRANSCRIBE_ROUTES:
+            self.routes[("POST", path)] = self.transcribe
+        # Every route that reaches a node is traced: its handler is given the request's
+        # record (an Exchange) and answers through it; Proxy.recorded writes the row.
+        self.traced = {self.inference, self.generate_image, self.transcribe, self.show,
+                       self.pull, self.admin.delete, self.admin.copy, self.admin.create,
+                       self.admin.push, self.admin.blob}
 
+    # -- dispatch -----------------------------------------------------------------
 
-class Moved(Exception):
-    """A waiting request is handed back for routing again (to `target` if given)."""
-
-    def __init__(self, target=None):
-        super().__init__(target)
-        self.target = target
-
-
-class Ticket:
-    """One request's place in a SlotQueue: the work it brings (expected completion
-    tokens), once it has a slot when it started, and what it is doing (its Exchange,
-    whose answer shows how fast the node decodes right now)."""
-
-    __slots__ = ("work", "start", "area", "fut", "exchange")
-
-    def __init__(self, work):
-        self.work, self.start, self.area, self.fut = work, 0.0, 0.0, None
-        self.exchange = None
-
-
-class InFlight:
-    """Requests in flight on one node, across all its models (they share the machine's
-    compute), and that count's integral over time: a request's mean concurrency is the
-    integral over its run divided by the run's length."""
-
-    __slots__ = ("active", "area", "_t")
-
-    def __init__(self):
-        self.active, self.area, self._t = 0, 0.0, time.monotonic()
-
-    def add(self, delta):
-        now = time.monotonic()
-        self.area += self.active * (now - self._t)
-        self._t = now
-        self.active += delta
-        return now
-
-
-class SlotQueue:
-    """One node+model: `limit` requests in flight, the rest wait in arrival order. It
-    keeps the work (expected tokens) running and waiting, for wait estimates, and, with
-    the node's InFlight (shared by its queues), the time-weighted count in flight on the
-    node, so each request knows the concurrency it ran at."""
-
-    def __init__(self, limit, node_flight=None):
-        self.limit = limit
-        self.active = 0
-        self.waiters = collections.deque()  # Tickets, oldest first
-        self.work_active = self.work_waiting = 0.0
-        self.started_sum = 0.0  # sum of the running requests' start times (monotonic)
-        self.running = set()  # Tickets with a slot
-        self.flight = node_flight or InFlight()
-        self.last_done = 0.0  # monotonic time a request here last gave its slot back
-
-    @property
-    def waiting(self):
-        return len(self.waiters)
-
-    def _count(self, delta):
-        self.active += delta
-        return self.flight.add(delta)
-
-    def _grant(self, ticket, now):
-        ticket.start, ticket.area = now, self.flight.area
-        self.work_active += ticket.work
-        self.started_sum += now
-        self.running.add(ticket)
-
-    async def acquire(self, work=0.0):
-        """Wait for a slot; returns the Ticket to release it with."""
-        ticket = Ticket(work)
-        if self.active < self.limit and not self.waiters:
-            self._grant(ticket, self._count(1))
-            return ticket
-        fut = ticket.fut = asyncio.get_running_loop().create_future()
-        self.waiters.append(ticket)
-        self.work_waiting += work
+    async def handle(self, request, conn):
+        """The HttpConnection handler: one call per request."""
+        self.in_flight += 1
         try:
-            await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self.release(ticket)  # the slot was handed to us as we were cancelled
-            elif ticket in self.waiters:
-                self.waiters.remove(ticket)
-                self.work_waiting -= work
-            raise
-        return ticket
+            kind = self.guard.kind_of(request.path)
+            if not self.needs_proof(kind) and not self.hosts.allows(request.header("host")):
+                return await self.refuse(request, conn, 403, self.hosts.refusal(
+                    request.header("host"), self.port))
+            if await self.cross_origin(request, conn):
+                return
+            handler = self.routes.get((request.method, request.path)) or \
+                self._prefix_route(request)
+            refusal = self.guard.refuse(request, kind)
+            if refusal:
+                await self.refuse(request, conn, *refusal)
+            elif handler in self.traced:
+                await self.proxy.records.recorded(handler, request, conn)
+            elif handler is not None:
+                await handler(request, conn)
+            elif (why := not_routed(request.path)) is not None:
+                await conn.send_response(404, hc.error_body(hc.api_of(request.path), 404,
+                                                            f"{request.path}: {why}"))
+            else:
+                await self.no_route(request, conn)
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self.all_done.set()
 
-    def release(self, ticket):
-        """Free a slot; returns the mean number in flight on the node while the ticket
-        held it."""
-        now = self.last_done = self._count(0)
-        level = (self.flight.area - ticket.area) / (now - ticket.start) \
-            if now > ticket.start else float(self.flight.active)
-        self.work_active -= ticket.work
-        self.started_sum -= ticket.start
-        self.running.discard(ticket)
-        if self.active > self.limit:  # the limit was lowered: shrink first
-            self._count(-1)
-            return level
-        while self.waiters:
-            waiter = self.waiters.popleft()
-            self.work_waiting -= waiter.work
-            if not waiter.fut.done():
-                self._grant(waiter, now)
-                waiter.fut.set_result(None)  # the slot passes on; active stays the same
-                return level
-        self._count(-1)
-        return level
+    def needs_proof(self, kind):
+        """Does a route of `kind` answer only to a proof a web page cannot have: a key,
+        or for heartbeats the fleet token's signature? (Then any Host may reach it.)"""
+        return self.guard.needs_key(kind) or (kind == NODE and
+                                              self.nodes.signatures is not None)
 
-    def live_pace(self, now, usual_tps):
-        """How fast the answers running here go now against `usual_tps` (1.0: as
-        usual), the median of those that tell (Exchange.pace); None if none does."""
-        seen = [t.exchange.pace(now, usual_tps, t.start) for t in self.running
-                if t.exchange is not None]
-        seen = [pace for pace in seen if pace is not None]
-        return statistics.median(seen) if seen else None
-
-    def remaining_tokens(self, tps):
-        """Tokens the running requests still have to produce, each at `tps`."""
-        elapsed = self.active * time.monotonic() - self.started_sum
-        return max(0.0, self.work_active - tps * elapsed)
-
-    def evict(self, count=None, target=None):
-        """Hand the `count` oldest waiting requests (all by default) back for routing."""
-        moved = 0
-        while self.waiters and (count is None or moved < count):
-            waiter = self.waiters.popleft()
-            self.work_waiting -= waiter.work
-            if not waiter.fut.done():
-                waiter.fut.set_exception(Moved(target))
-                moved += 1
-        return moved
-
-    def set_limit(self, limit):
-        self.limit = limit
-        while self.active < self.limit and self.waiters:
-            waiter = self.waiters.popleft()
-            self.work_waiting -= waiter.work
-            if not waiter.fut.done():
-                self._grant(waiter, self._count(1))
-                waiter.fut.set_result(None)
-
-
-class Node:
-    """A machine running Ollama, as its last heartbeat (an hc.Heartbeat) describes it."""
-
-    def __init__(self, hb, local, source):
-        self.node_id, self.local = hb.node_id, local
-        self.source = source  # the address its heartbeats come from (None: our own poll)
-        self.hb = hb
-        self.ollama_url, self.host, self.port = "", "", 0
-        self.status = ONLINE
-        self.last_seen = 0.0  # monotonic
-        self.offline_since = None  # monotonic, while gone (offline or left)
-        self.models = {}  # canonical name -> hc.ModelEntry, as /api/tags lists it
-        self.loaded = {}  # canonical name -> hc.ModelEntry, as /api/ps lists it
-        self.unloaded_at = {}  # canonical name -> monotonic time it left memory
-        self.router_saw = {}  # canonical name -> (monotonic time, loaded?) we caused
-        self.loading = {}  # canonical name -> monotonic time a load we sent should be done
-        self.cpu_history = collections.deque(maxlen=6)
-        self.media_host, self.media_port = "", 0  # its agent's media server, if any
-        self.media_models = {}  # kind -> {canonical name: name as the agent lists it}
-        self.signs = False  # its agent signs heartbeats (unchecked by a router with no token)
-
-    def take_media(self, media):
-        """What the agent serves itself (hc.Heartbeat's media section), for routing."""
-        self.media_models = {}
-        if media is None:
-            self.media_host, self.media_port = "", 0
-            return
-        self.media_host, self.media_port, _ = hc.split_url(media["url"])
-        for kind, key in ((hc.IMAGE, "image_models"), (hc.TRANSCRIPTION, "transcribe_models")):
-            self.media_models[kind] = {hc.canonical_model(m): m for m in media[key]}
-
-    def loading_left(self, model, now):
-        """Seconds until a load the router sent here should be done (0: none under way)."""
-        ready = self.loading.get(model)
-        return max(0.0, ready - now) if ready else 0.0
-
-    def serves_itself(self, model, kind):
-        """Does this node's agent serve `model` of `kind` (an image or speech model)?"""
-        return model in self.media_models.get(kind, ())
-
-    def serves(self, model, kind=None):
-        """Can this node answer `model` for a request of `kind`? Text and embeddings:
-        its Ollama has the model. Images: its agent serves it, or its Ollama has it
-        as an image model (one that lists no capabilities, an older Ollama, is let
-        through: its own answer then says). Speech: only its agent."""
-        if kind not in hc.MEDIA_KINDS:
-            return model in self.models
-        if self.serves_itself(model, kind):
-            return True
-        entry = self.models.get(model)
-        if kind != hc.IMAGE or entry is None:
-            return False
-        return not entry.capabilities or "image" in entry.capabilities
-
-    def capabilities(self):
-        """What the node can do, for /fleet/status and the dashboard."""
-        found = set()
-        for entry in self.models.values():
-            found.update({"completion": hc.CHAT, "embedding": hc.EMBEDDING,
-                          "image": hc.IMAGE}.get(c, "")
-                         for c in entry.capabilities or ("completion",))
-        found.update(kind for kind, models in self.media_models.items() if models)
-        return [k for k in (hc.CHAT, hc.EMBEDDING, hc.IMAGE, hc.TRANSCRIPTION) if k in found]
-
-    def accepts_work(self):
-        """Why this node takes no new request now, or None if it does."""
-        if self.status == OFFLINE:
-            return "offline"
-        if self.status == LEFT:
-            return "left the fleet"
-        if self.status == DRAINING:
-            return "draining"
-        if self.hb.paused:
-            return self.paused_why()
-        if not self.hb.reachable:
-            return "its Ollama is unreachable"
+    def _prefix_route(self, request):
+        """The handler of a path with a name in it, or None."""
+        if request.method == "GET" and request.path.startswith("/v1/models/"):
+            return self.catalogue.openai_model
+        if request.method in BLOB_METHODS and request.path.startswith("/api/blobs/"):
+            return self.admin.blob
         return None
 
-    def paused_why(self):
-        """'paused: camera in use', as the node's capacity learner said; else 'paused'."""
-        return f"paused: {self.hb.paused_reason}" if self.hb.paused_reason else "paused"
-
-    def capacity_inputs(self):
-        """What the scoring takes from the node's capacity section (none: its CPU)."""
-        cap = self.hb.capacity
-        if cap is None:
-            return {}
-        return {"availability": cap["availability"], "availability_trend": cap["trend"],
-                "memory_ceiling": cap["memory_ceiling"]}
-
-    def cpu_trend(self):
-        h = list(self.cpu_history)
-        if len(h) < 2:
-            return 0.0
-        half = len(h) // 2
-        return sum(h[half:]) / (len(h) - half) - sum(h[:half]) / half
-
-
-class Residency:
-    """Which models are in which node's memory: what its heartbeats say, overruled for
-    a while by the loads and unloads the router itself causes (it knows of them first),
-    and every move, for the health checks; `busy(node, model)` tells which models have
-    requests here, for what a cold load would evict."""
-
-    def __init__(self, notify, busy, last_done):
-        self.notify, self.busy, self.last_done = notify, busy, last_done
-        self.model_moves = collections.deque(maxlen=10000)  # (time, load|unload, node, model)
-        self.plan_version = 0  # the placement plan's (Placement sets it)
-        self.left = {}  # (node_id, model) -> (monotonic, plan version) it last left memory
-        self.thrashes = collections.deque(maxlen=10000)  # (time, node_id, model)
-
-    def take(self, node, hb, record):
-        """The node's models as it reports them; `record` the moves (not on the first
-        heartbeat: what a node holds when it joins was loaded before we knew it)."""
-        node.models = hb.models
-        now = time.monotonic()
-        # A heartbeat read just before a load or unload we caused can arrive just after
-        # it: for a few heartbeats our own word wins, so no move is recorded that never was.
-        node.router_saw = {m: seen for m, seen in node.router_saw.items()
-                           if now - seen[0] <= ROUTER_WORD_S}
-        loaded = dict(hb.loaded)
-        for name, (_, is_loaded) in node.router_saw.items():
-            if not is_loaded:
-                loaded.pop(name, None)
-            elif name not in loaded:
-                loaded[name] = node.loaded.get(name) or seen_loaded(node, name)
-        for name in node.loaded.keys() - loaded.keys():
-            self._record(node, name, "unload")
-        if record:
-            for name in loaded.keys() - node.loaded.keys():
-                self._record(node, name, "load")
-        node.loaded = loaded
-
-    # -- moves the router causes ------------------------------------------------------
-
-    def _record(self, node, model, kind):
-        now, key = time.monotonic(), (node.node_id, model)
-        if kind == "unload":
-            node.unloaded_at[model] = now
-            self.left.pop(key, None)
-            if len(self.left) >= hc.LEARNED_MAX_ROWS:
-                self.left.pop(next(iter(self.left)))
-            self.left[key] = (now, self.plan_version)
+    async def no_route(self, request, conn):
+        """404, or 405 for a path known with other methods, in the shape of the API
+        the client speaks (Ollama's own are plain text, which clients show raw)."""
+        path = request.path
+        methods = sorted({m for m, p in self.routes if p == path} or (
+            BLOB_METHODS if path.startswith("/api/blobs/") else ()))
+        shown = path[:200]
+        if methods:
+            status, message = 405, f"method {request.method[:16]} not allowed on {shown}"
+            headers = [(b"allow", ", ".join(methods).encode())]
         else:
-            self._note_thrash(key, now)
-        self.model_moves.append((time.time(), kind, node.node_id, model))
+            status, message, headers = 404, f"404 page not found: {shown}", []
+        await conn.send_response(status, hc.error_body(hc.api_of(path), status, message),
+                                 headers=headers)
 
-    def _note_thrash(self, key, now):
-        """A load of a model that left this node's memory a moment ago, with the plan
-        unchanged since, is a thrash: one of the two moves undid the other for nothing
-        (a move the plan made on purpose comes with a new plan version)."""
-        left = self.left.pop(key, None)
-        if left and now - left[0] <= THRASH_WINDOW_S and left[1] == self.plan_version:
-            self.thrashes.append((time.time(), *key))
+    async def cross_origin(self, request, conn):
+        """A browser's request from another origin: refused (403, as Ollama does) unless
+        its origin is allowed; then its preflight is answered here, before any key is
+        asked for (a browser sends none with it), and every response to it carries the
+        Access-Control headers. True when answered."""
+        origin = self.cors.origin_of(request)
+        if origin is None:
+            return False
+        if not self.cors.allows(origin):
+            await self.refuse(request, conn, 403, f"origin {origin[:100]} is not allowed "
+                                                  f"(the router's FLEET_ORIGINS)")
+            return True
+        conn.extra_headers = self.cors.headers_for(origin)
+        if request.method == "OPTIONS" and request.header("access-control-request-method"):
+            await conn.send_response(204, b"", None, self.cors.preflight_headers())
+            return True
+        return False
 
-    def thrashes_since(self, since):
-        """Counter of (node_id, model) thrashes since `since` (wall time)."""
-        return collections.Counter((node, model) for t, node, model in self.thrashes
-                                   if t > since)
+    async def refuse(self, request, conn, status, message):
+        """A 401 or 403 in the shape of the API the client speaks."""
+        status, body, headers = self.refusal(request, status, message)
+        await conn.send_response(status, body, headers=headers)
 
-    def mark_loaded(self, node, model):
-        """The router saw `model` load on `node` (a cold request, a pre-warm)."""
-        node.router_saw[model] = (time.monotonic(), True)
-        if model not in node.loaded:
-            node.loaded[model] = seen_loaded(node, model)
-            self._record(node, model, "load")
-            self.notify()
+    @staticmethod
+    def refusal(request, status, message):
+        """(status, body, headers) of a 401 or 403 in the shape of the client's API."""
+        headers = [(b"www-authenticate", b'Bearer realm="herd"')] if status == 401 else []
+        body = hc.error_body(hc.api_of(request.path), status, message,
+                             "invalid_api_key" if status == 401 else None)
+        return status, body, headers
 
-    def start_load(self, node, model, victims, load_s):
-        """A cold load the router is sending: from now on the model counts as on its way
-        in (done in about `load_s`) and what it pushes out as gone, busy or not (Ollama
-        evicts a busy runner once it is idle), so that the requests that follow wait for
-        the load rather than send a victim back there to be loaded again after it."""
-        now = time.monotonic()
-        node.loading = {m: t for m, t in node.loading.items() if t > now}
-        node.loading[model] = now + load_s
-        self.mark_loaded(node, model)
-        for victim in victims:
-            self.mark_unloaded(node, victim)
+    def check_head(self, request):
+        """The HttpConnection's check of a request head that has a body: its refusal,
+        (status, body, headers), sent before any of the body is read (and without 100
+        Continue), or None. The same checks as handle() and heartbeat() make, on what
+        the head alone shows: an origin not allowed, a key missing, an unsigned or
+        stale heartbeat. A megabyte a key-less client cannot send is one the router
+        never holds."""
+        origin = self.cors.origin_of(request)
+        cors = () if origin is None or not self.cors.allows(origin) else \
+            self.cors.headers_for(origin)
+        if origin is not None and not cors:
+            return self.refusal(request, 403, f"origin {origin[:100]} is not allowed "
+                                              f"(the router's FLEET_ORIGINS)")
+        if request.path == "/heartbeat" and self.nodes.signatures is not None:
+            why = self.nodes.signatures.refuse_head(request)
+            if why is not None:
+                self.stats.count_event("heartbeat_refused", f"heartbeat refused: {why}",
+                                       level=logging.WARNING, client=request.client)
+                return 401, hc.ollama_error_body(why), list(cors)
+        refused = self.guard.refuse(request, self.guard.kind_of(request.path))
+        if refused is None:
+            return None
+        status, body, headers = self.refusal(request, *refused)
+        return status, body, headers + list(cors)
 
-    def finish_load(self, node, model, loaded):
-        """The request that loaded `model` ended: it is in (or, if `loaded` is false,
-        the load failed and the next heartbeat says what is there), unless a load the
-        router sent since has pushed it out: Ollama evicts a busy runner once its last
-        request ends, which is now."""
-        node.loading.pop(model, None)
-        pushed_out = node.router_saw.get(model, (0.0, True))[1] is False
-        if loaded and not pushed_out:
-            self.mark_loaded(node, model)
-        elif not loaded and node.router_saw.pop(model, None) is not None:
-            node.loaded.pop(model, None)
+    async def wait_in_flight(self, timeout):
+        """Wait until no request is being answered (idle connections do not count)."""
+        self.all_done.clear()
+        if self.in_flight:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self.all_done.wait()
 
-    def mark_unloaded(self, node, model):
-        """`model` left `node`'s memory because the router asked (keep_alive 0), or a
-        load the router sent there pushed it out."""
-        node.router_saw[model] = (time.monotonic(), False)
-        if node.loaded.pop(model, None) is not None:
-            self._record(node, model, "unload")
-            self.notify()
+    # -- inference ----------------------------------------------------------------
 
-    def moves_since(self, since, kind):
-        """Counter of (node_id, model) moves of `kind` since `since` (wall time)."""
-        return collections.Counter((node, model) for t, k, node, model in self.model_moves
-                                   if t > since and k == kind)
+    async def inference(self, request, conn, ex):
+        try:
+            body = hc.parse_json_body(request.body, request.shape)
+            model = hc.check_model_name(body.get("model"))
+        except ValueError as e:
+            raise RouteError(400, str(e)) from None
+        ex.ask(model)
+        fallbacks = body.get("fallback_models", [])
+        if not isinstance(fallbacks, list) or len(fallbacks) > MAX_FALLBACKS:
+            raise RouteError(400, f"fallback_models must be a list of at most "
+                                  f"{MAX_FALLBACKS} model names")
+        for name in fallbacks:
+            try:
+                hc.check_model_name(name, "fallback_models entry")
+            except ValueError as e:
+                raise RouteError(400, str(e)) from None
+        stream = body.get("stream")
+        ex.ask(hc.canonical_model(model), (ex.api == "ollama") if stream is None
+               else bool(stream))
+        if ex.api == "ollama" and is_unload(request.path, body):
+            refusal = self.guard.refuse(request, ADMIN)
+            if refusal:
+                status, body, headers = self.refusal(request, *refusal)
+                return await ex.reply(status, body, headers=headers)
+            return await self.proxy.unload(ex, body)
+        await self.proxy.serve(ex, body, may_pull=self.guard.refuse(request, ADMIN) is None)
 
-    def victims(self, node, model, size, keep=()):
-        """The loaded models a cold load of `model` (`size` bytes) would push out of
-        `node`'s memory: past OLLAMA_MAX_LOADED_MODELS, or to make room. The router
-        names them itself and unloads them before the load (Proxy._make_room), so that
-        Ollama's own choice never decides: idle ones first (a busy one goes once it is
-        idle, the load waiting for it), then those the placement plan does not `keep`
-        here, then the one whose last request here ended first (one the router never
-        sent a request counts as oldest), then by expires_at."""
-        others = sorted((m for m in node.loaded if m != model), key=lambda m: (
-            self.busy(node, m), m in keep, self.last_done(node, m),
-            node.loaded[m].expires_at or ""))
-        count = 0
-        limit = node.hb.max_loaded_models
-        if limit and len(others) >= limit:
-            count = len(others) - limit + 1
-        short = size * hc.LOAD_OVERHEAD - node.hb.mem_available if node.hb.mem_total else 0
-        short -= sum(node.loaded[m].size for m in others[:count])
-        while count < len(others) and short > 0:
-            short -= node.loaded[others[count]].size
-            count += 1
-        return tuple(others[:count])
+    # -- images and speech --------------------------------------------------------
+
+    async def generate_image(self, request, conn, ex):
+        """POST /api/generate-image: model, prompt, width, height, steps, seed; the
+        picture comes back as PNG bytes (or base64 JSON with response_format b64_json)."""
+        try:
+            body = hc.parse_json_body(request.body, request.shape)
+            model = hc.check_model_name(body.get("model"))
+            read_image_settings(body)
+        except ValueError as e:
+            raise RouteError(400, str(e)) from None
+        ex.ask(hc.canonical_model(model))
+        await self.proxy.serve(ex, body, may_pull=False)
+
+    async def transcribe(self, request, conn, ex):
+        """POST /v1/audio/transcriptions (OpenAI's form: file, model, language,
+        response_format) and /api/transcribe (the same form; the answer is the product's
+        {"model", "text", ...}): the form is read until its model is known (a file
+        before it is spooled to disk), then the upload streams on to a node that serves
+        the model."""
+        with Upload(request, conn, int(self.cfg.media_replay_mb * (1 << 20)),
+                    self.spools) as upload:
+            try:
+                fields = await upload.read_fields(request.header("content-type"))
+                text = {k: v.decode("utf-8", "replace") for k, v in fields.items()}
+                model = hc.check_model_name(text.get("model"))
+            except hc.BodyTooLarge:
+                raise RouteError(413, upload.too_large()) from None
+            except SpoolFull as e:
+                raise RouteError(e.status, str(e)) from None
+            except TimeoutError:
+                raise RouteError(408, "the client stopped sending its upload") from None
+            except ConnectionError as e:  # the body's framing is broken, or the client left
+                if conn.client_gone:
+                    raise
+                raise RouteError(400, str(e)) from None
+            except ValueError as e:
+                message = str(e)
+                if message == "model is required":
+                    message = "model is required: the form needs a model field (curl: " \
+                              "-F model=... -F file=@audio.wav)"
+                raise RouteError(400, message) from None
+            ex.ask(hc.canonical_model(model))
+            await self.proxy.serve(ex, text, may_pull=False, upload=upload)
+
+    async def show(self, request, conn, ex):
+        """POST /api/show: asked of the node best placed to answer for the model."""
+        body, name = read_model_request(request)
+        ex.ask(hc.canonical_model(name), body=request.body, fields=body)
+        node = self.fleet.best_holder(ex.model)
+        if node is None:
+            raise RouteError(404, f"model '{name}' not found")
+        ex.node_id = node.node_id
+        try:
+            status, headers, data = await hc.http_call(
+                node.ollama_url, "POST", "/api/show", request.body,
+                timeout=self.cfg.first_byte_timeout)
+        except hc.UpstreamError as e:
+            raise RouteError(502, f"node {node.node_id}: {e}") from None
+        await ex.reply(status, data, content_type(headers) or hc.JSON_TYPE,
+                       [(b"x-fleet-node", node.node_id.encode())])
+
+    async def pull(self, request, conn, ex):
+        """Pull through the router: onto the node named in "node", else the node with
+        the most free memory; Ollama's progress is relayed as it comes."""
+        body, name = read_model_request(request)
+        try:
+            name = self.pulls.check_name(name)
+        except ValueError as e:
+            raise RouteError(400, str(e)) from None
+        ex.ask(hc.canonical_model(name), body.get("stream") is not False, fields=body)
+        if body.get("insecure") and not self.guard.is_admin(request):
+            raise RouteError(403, "'insecure' pulls are for the admin (FLEET_ADMIN_KEY)")
+        wanted = body.get("node")
+        if wanted is not None and not isinstance(wanted, str):
+            raise RouteError(400, "node must be a string")
+        node = self.pulls.pick_node(wanted)
+        if node is None:
+            raise RouteError(404, f"node '{wanted}' is not online") if wanted else \
+                RouteError(503, "no online node to pull onto")
+        forwarded = hc.dump_json({k: v for k, v in body.items() if k != "node"})
+
+        async def refresh():  # the new model is listed before the client sees the end
+            await self.pulls.refresh_models(node)
+        await self.proxy.forward(ex, node, forwarded, refresh)
+
+class Catalogue:
+    """What the fleet has, answered as one Ollama (and OpenAI's list) would: the root,
+    /api/version, /api/tags, /api/ps, /v1/models."""
+
+    def __init__(self, fleet):
+        self.fleet = fleet
+
+    def routes(self):
+        return {("GET", "/"): self.root, ("HEAD", "/"): self.root,
+                ("GET", "/api/version"): self.version, ("HEAD", "/api/version"): self.version,
+                ("GET", "/api/tags"): self.tags, ("HEAD", "/api/tags"): self.tags,
+                ("GET", "/api/ps"): self.ps,
+                ("GET", "/v1/models"): self.openai_models}
+
+    async def root(self, request, conn):
+        await conn.send_response(200, b"Ollama is running", b"text/plain; charset=utf-8")
+
+    async def version(self, request, conn):
+        """The lowest Ollama version among the nodes not offline: what a client can
+        rely on. A node that reports no release number is not counted: a server that
+        only imitates Ollama (no /api/version), or a build from source (0.0.0). With no
+        such node, 0.0.0: nothing can be relied on, yet the router answers (tools that
+        check the connection this way see it up)."""
+        versions = [v for v in (n.hb.ollama_version for n in self.fleet.online_nodes())
+                    if RELEASE_RE.fullmatch(v) and any(version_key(v))]
+        await conn.send_json(200, {"version": min(versions, key=version_key)
+                                   if versions else "0.0.0"})
+
+    async def tags(self, request, conn):
+        await conn.send_json(200, {"models": self.fleet.merged_models()})
+
+    async def ps(self, request, conn):
+        await conn.send_json(200, {"models": self.fleet.running_models()})
+
+    # -- OpenAI's model list ------------------------------------------------------
+
+    async def openai_models(self, request, conn):
+        await conn.send_json(200, {"object": "list", "data": self._openai_models()})
+
+    def _openai_models(self):
+        """The fleet's union: every Ollama model, and the image and speech models the
+        agents serve themselves (OpenAI's list has them all; /api/tags only Ollama's)."""
+        listed = [openai_model(e) for e in self.fleet.merged_models()]
+        seen = {hc.canonical_model(m["id"]) for m in listed}
+        for name in self.fleet.agent_models():
+            if hc.canonical_model(name) not in seen:
+                seen.add(hc.canonical_model(name))
+                listed.append(openai_model({"model": name}))
+        return listed
+
+    async def openai_model(self, request, conn):
+        wanted = request.path[len("/v1/models/"):]
+        wanted = hc.canonical_model(urllib.parse.unquote(wanted))
+        for model in self._openai_models():
+            if hc.canonical_model(model["id"]) == wanted:
+                return await conn.send_json(200, model)
+        await conn.send_response(404, hc.openai_error_body(
+            404, f"model '{wanted}' not found", "model_not_found"))
 
 
-class Fleet:
-    """Every node and queue, a record of model moves, and a signal for those waiting
-    on a change (the holding queue)."""
+class FleetApi:
+    """The fleet's own routes: the nodes' heartbeats (signed, checked field by field,
+    applied), /fleet/status, /fleet/queue and /metrics."""
+
+    def __init__(self, cfg, fleet, scheduler, pulls, stats, traces, local, counters,
+                 learner):
+        self.cfg, self.fleet, self.scheduler, self.pulls = cfg, fleet, scheduler, pulls
+        self.stats, self.traces, self.local, self.learner = stats, traces, local, learner
+        self.counters = counters  # the connections' own
+        self.port = cfg.port  # the port bound (RouterServer sets it once listening)
+        self.signatures = hc.SignatureCheck(cfg.token, nonce_path=os.path.join(
+            cfg.data_dir, NONCE_FILE)) if cfg.token else None
+        self.started = time.time()
+
+    def routes(self):
+        return {("POST", "/heartbeat"): self.heartbeat,
+                ("GET", "/fleet/status"): self.fleet_status,
+                ("GET", "/fleet/queue"): self.fleet_queue,
+                ("GET", "/metrics"): self.metrics,
+                ("GET", "/dashboard/api/overview"): self.fleet_status,
+                ("GET", "/dashboard/api/queues"): self.fleet_queue}
+
+    async def heartbeat(self, request, conn):
+        """A node's report: signed (with FLEET_TOKEN), checked field by field, from the
+        address the node id belongs to, naming an Ollama at that address."""
+        refusal = self.signatures.refuse(request) if self.signatures else None
+        if refusal:
+            return await self.refuse_heartbeat(request, conn, 401, refusal)
+        try:
+            hb = hc.Heartbeat(hc.parse_json_body(request.body, request.shape))
+        except ValueError as e:
+            return await self.refuse_heartbeat(request, conn, 400, f"bad heartbeat: {e}")
+        source = conn.client_ip
+        if self.local.is_router(hb.ollama_url, self.port):
+            return await self.refuse_heartbeat(
+                request, conn, 400, f"ollama_url {hb.ollama_url} is this router, not an "
+                                    f"Ollama: point FLEET_NODE_OLLAMA_HOST at Ollama's port "
+                                    f"(Ollama listens on {hc.OLLAMA_PORT}, this router on "
+                                    f"{self.port})")
+        if not ollama_url_allowed(hb.ollama_url, source, self.cfg.ollama_hosts_allowed):
+            return await self.refuse_heartbeat(
+                request, conn, 403, f"ollama_url {hb.ollama_url} is not at {source}, where "
+                                    f"this heartbeat comes from (list its host in the "
+                                    f"router's FLEET_ALLOWED_OLLAMA_HOSTS to allow it)")
+        if hb.media and not ollama_url_allowed(hb.media["url"], source,
+                                               self.cfg.ollama_hosts_allowed):
+            return await self.refuse_heartbeat(
+                request, conn, 403, f"media.url {hb.media['url']} is not at {source}, where "
+                                    f"this heartbeat comes from (list its host in the "
+                                    f"router's FLEET_ALLOWED_OLLAMA_HOSTS to allow it)")
+        self.local.yield_to(hb)
+        try:
+            node = self.fleet.apply_heartbeat(hb, source)
+        except NodeRefused as e:
+            return await self.refuse_heartbeat(request, conn, e.status, str(e))
+        if self.signatures is None:
+            self.note_unchecked_signature(node, request)
+        # token_checked tells a signing agent whether its signature meant anything.
+        await conn.send_json(200, {"status": "ok", "node_status": node.status,
+                                   "in_flight": self.fleet.in_flight(node.node_id),
+                                   "router_version": hc.VERSION,
+                                   "token_checked": self.signatures is not None})
+
+    @staticmethod
+    def note_unchecked_signature(node, request):
+        """A signed heartbeat to a router with no FLEET_TOKEN: the agent has a token the
+        router never checks. Said once per node (the health check open_fleet names it)."""
+        signs = bool(request.header("x-herd-signature"))
+        if signs and not node.signs:
+            fleet_log.warning(
+                "this node signs its heartbeats (its agent has FLEET_NODE_TOKEN), but this "
+                "router has no FLEET_TOKEN: it checks no signature, and any host can join. "
+                "Set FLEET_TOKEN here to the agents' FLEET_NODE_TOKEN",
+                extra={"node_id": node.node_id, "event": "token_unchecked"})
+        node.signs = signs
+
+    async def refuse_heartbeat(self, request, conn, status, message):
+        """Refuse, log and count a heartbeat (the health checks report the count)."""
+        self.stats.count_event("heartbeat_refused", f"heartbeat refused: {message}",
+                               level=logging.WARNING, client=request.client)
+        await conn.send_response(status, hc.ollama_error_body(message))
+
+    async def fleet_status(self, request, conn):
+        self.fleet.refresh_status()
+        nodes = [node_summary(self.fleet, n, self.learner) for n in self.fleet.nodes.values()]
+        counts = collections.Counter(n["status"] for n in nodes)
+        await conn.send_json(200, {
+            "router": {"version": hc.VERSION, "uptime_s": round(time.time() - self.started),
+                       "nodes_online": counts[ONLINE], "nodes_degraded": counts[DEGRADED],
+                       "nodes_draining": counts[DRAINING], "nodes_left": counts[LEFT],
+                       "nodes_offline": counts[OFFLINE], "holding": self.scheduler.holding,
+                       "zombies_reaped": self.stats.events["zombie_reaped"],
+                       "events": dict(self.stats.events),
+                       "traces_written": self.traces.written,
+                       "traces_dropped": self.traces.dropped,
+                       "open_fleet": not self.cfg.token,
+                       "connections": {k: self.counters[k] for k in CONNECTION_COUNTERS}},
+            "placement": self.scheduler.placement.view(),
+            "pulls": self.pulls.shown(),
+            "nodes": nodes})
+
+    async def fleet_queue(self, request, conn):
+        await conn.send_json(200, self.scheduler.queue_report())
+
+    async def metrics(self, request, conn):
+        self.fleet.refresh_status()
+        text = self.stats.render(self.fleet, self.scheduler.holding, self.traces.dropped,
+                                 self.counters)
+        await conn.send_response(200, text.encode(), b"text/plain; version=0.0.4; charset=utf-8")
+
+
+# The overview's figures: counts, errors and percentiles over the last hour, a point a
+# minute for its sparklines, and rates over the last five minutes (a load average: what
+# the fleet is doing now, steadier than the last minute alone).
+GLANCE_WINDOW_S, GLANCE_BUCKET_S, GLANCE_RECENT_S = 3600, 60, 300
+GLANCE_PERCENTILES = (50, 95)
+# A bucket with no request: counts are 0, means and speeds unknown (null, not 0).
+EMPTY_BUCKET = {"requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                "mean_latency_ms": None, "mean_ttft_ms": None, "tokens_per_s": None}
+
+
+def fill_buckets(rows, span, bucket, now):
+    """One point per `bucket` seconds, from the start of the bucket the last `span`
+    seconds begin in up to the one now: a row's own, else an EMPTY_BUCKET. A chart
+    then spans its whole range, however few requests it holds."""
+    by_start = {int(r["t"]): r for r in rows}
+    first = int((now - span) // bucket * bucket)
+    return [by_start.get(t) or {"t": t, **EMPTY_BUCKET}
+            for t in range(first, int(now) + 1, bucket)]
+
+
+def percentile_fields(found):
+    """{q: value} as {"p50": 812.3, "p95": ...} (None where nothing was timed)."""
+    return {f"p{q}": _round(found.get(q)) for q in GLANCE_PERCENTILES}
+
+
+class DashboardApi:
+    """The dashboard: its page and the JSON it reads (curl users can read it too)."""
+
+    def __init__(self, cfg, fleet, traces, health):
+        self.cfg, self.fleet, self.traces, self.health = cfg, fleet, traces, health
+
+    def routes(self):
+        return {
+            ("GET", "/dashboard"): self.dashboard,
+            ("GET", "/dashboard/api/health"): self.health_report,
+            ("GET", "/dashboard/api/summary"): self.summary,
+            ("GET", "/dashboard/api/requests"): self.requests,
+            ("GET", "/dashboard/api/models"): self.models,
+            ("GET", "/dashboard/api/apps"): self.apps,
+            ("GET", "/dashboard/api/trends"): self.trends,
+            ("GET", "/dashboard/api/settings"): self.settings,
+        }
+
+    async def health_report(self, request, conn):
+        await conn.send_json(200, await self.health.report())
+
+    async def dashboard(self, request, conn):
+        """dashboard.html from beside this script, read each time (edit and reload)."""
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard.html")
+        try:
+            page = await asyncio.to_thread(read_bytes, path)
+        except OSError:
+            return await conn.send_response(404, b"dashboard.html is missing: copy it next "
+                                                 b"to herd.py", b"text/plain; charset=utf-8")
+        await conn.send_response(200, page, b"text/html; charset=utf-8", page_headers(page))
+
+    async def settings(self, request, conn):
+        """The effective configuration, each value with where it came from; then the
+        fixed values (not settings: shown so that a curl user sees what they are)."""
+        values, rows = self.cfg.as_dict(), []
+        for st in ROUTER_SETTINGS:
+            attr = st.name.removeprefix("FLEET_").lower()
+            value = "(set)" if st.name in SECRET_SETTINGS and values[attr] else values[attr]
+            rows.append({"name": st.name, "value": value, "default": st.default,
+                         "source": self.cfg.sources.get(attr, "default"), "help": st.help,
+                         "group": st.group})
+        fixed = [{"name": st.name, "value": values[st.name.removeprefix("FLEET_").lower()],
+                  "help": st.help} for st in ROUTER_FIXED]
+        await conn.send_json(200, {"settings": rows, "fixed": fixed})
+
+    async def requests(self, request, conn):
+        """Recent traces, filtered: ?status=&model=&node=&tag=&since=<s ago>&limit="""
+        q = {k: v[-1] for k, v in request.query.items()}
+        try:
+            since = float(q.get("since", 3600))
+            limit = max(1, min(1000, int(q.get("limit", 100))))
+            if not 0 <= since < 1e10:  # NaN and infinities fail this too
+                raise ValueError(since)
+        except ValueError:
+            return await conn.send_response(400, hc.ollama_error_body(
+                "since (seconds, 0 or more) and limit must be numbers"))
+        rows = await self.traces.recent(time.time() - since, limit, q.get("status"),
+                                        q.get("model"), q.get("node"), q.get("tag"))
+        await conn.send_json(200, {"requests": rows})
+
+    async def models(self, request, conn):
+        """Per model: where it lives, hot or cold, and a day of usage per node."""
+        usage = collections.defaultdict(list)
+        for r in await self.traces.model_usage(time.time() - 86400):
+            usage[r.pop("model")].append(r)
+        models = {}
+
+        def entry(name):
+            return models.setdefault(name, {"model": name, "kinds": [], "on_disk": [],
+                                            "loaded": []})
+        for node in self.fleet.nodes.values():
+            for name, listed in node.models.items():
+                m = entry(name)
+                m["on_disk"].append(node.node_id)
+                if name in node.loaded:
+                    m["loaded"].append(node.node_id)
+                kind = hc.IMAGE if listed.can("image") else \
+                    hc.EMBEDDING if listed.can("embedding") else hc.CHAT
+                if kind not in m["kinds"]:
+                    m["kinds"].append(kind)
+            for kind, served in node.media_models.items():
+                for name in served:  # an agent's tool or server is always ready: hot
+                    m = entry(name)
+                    m["on_disk"].append(node.node_id)
+                    m["loaded"].append(node.node_id)
+                    if kind not in m["kinds"]:
+                        m["kinds"].append(kind)
+        for name in usage:
+            entry(name)
+        for name, m in models.items():
+            m["usage_24h"] = usage.get(name, [])
+        await conn.send_json(200, {"models": sorted(models.values(),
+                                                    key=lambda m: m["model"])})
+
+    async def apps(self, request, conn):
+        """Per tag (X-Herd-Tags / metadata.tags): a day of requests, errors, speed."""
+        apps = await self.traces.app_usage(time.time() - 86400)
+        await conn.send_json(200, {"window_s": 86400, "apps": apps})
+
+    async def trends(self, request, conn):
+        """Requests, errors, latency, time to first token, decode speed and tokens over
+        time: ?range=1h (a point a minute), 6h (10 minutes), 24h (an hour), 7d (6 hours)
+        or 30d (a day); every bucket of the range is listed, empty ones too."""
+        name = request.query.get("range", ["24h"])[-1]
+        if name not in hc.TREND_RANGES:
+            return await conn.send_response(400, hc.ollama_error_body(
+                f"range must be one of {', '.join(hc.TREND_RANGES)}"))
+        span, bucket = hc.TREND_RANGES[name]
+        points = fill_buckets(await self.traces.trends(span, bucket), span, bucket,
+                              time.time())
+        await conn.send_json(200, {"range": name, "range_s": span, "bucket_s": bucket,
+                                   "points": points})
+
+    async def summary(self, request, conn):
+        """The fleet at a glance: the last hour's requests, errors, latency and time to
+        first token (p50, p95), tokens and decode speed, a point a minute, and the
+        request and token rates of the last five minutes."""
+        now = time.time()
+        hour, recent, latency, ttft, minutes, p50s = await asyncio.gather(
+            self.traces.totals(now - GLANCE_WINDOW_S), self.traces.totals(now - GLANCE_RECENT_S),
+            self.traces.percentiles("latency_ms", now - GLANCE_WINDOW_S, GLANCE_PERCENTILES),
+            self.traces.percentiles("ttft_ms", now - GLANCE_WINDOW_S, GLANCE_PERCENTILES),
+            self.traces.trends(GLANCE_WINDOW_S, GLANCE_BUCKET_S),
+            self.traces.percentiles("latency_ms", (now - GLANCE_WINDOW_S) // GLANCE_BUCKET_S
+                                    * GLANCE_BUCKET_S, (50,), GLANCE_BUCKET_S))
+        points = [{"t": p["t"], "requests": p["requests"], "errors": p["errors"],
+                   "completion_tokens": p["completion_tokens"],
+                   "decode_tokens_per_s": p["tokens_per_s"],
+                   "latency_p50_ms": _round(p50s.get(p["t"], {}).get(50))}
+                  for p in fill_buckets(minutes, GLANCE_WINDOW_S, GLANCE_BUCKET_S, now)]
+        await conn.send_json(200, {
+            "window_s": GLANCE_WINDOW_S, "hour": self.hour_figures(hour, latency, ttft),
+            "recent_s": GLANCE_RECENT_S, "recent": self.rates(recent),
+            "bucket_s": GLANCE_BUCKET_S, "points": points})
+
+    @staticmethod
+    def hour_figures(t, latency, ttft):
+        """The hour's totals: errors are failed and broken-off answers (a refused request
+        is the client's error: `rejected`); decode speed is completion tokens over the
+        time Ollama spent generating them, pooled over the answers that report both."""
+        n = t["requests"]
+        return {"requests": n, "errors": t["errors"], "rejected": t["rejected"],
+                "cancelled": t["cancelled"],
+                "error_rate": round(t["errors"] / n, 4) if n else None,
+                "prompt_tokens": t["prompt_tokens"], "completion_tokens": t["completion_tokens"],
+                "decode_tokens_per_s": _round(t["decoded_tokens"] * 1000 / t["decode_ms"])
+                if t["decode_ms"] else None,
+                "latency_ms": percentile_fields(latency),  # completed requests
+                "ttft_ms": percentile_fields(ttft)}  # completed streamed requests
+
+    @staticmethod
+    def rates(t):
+        """The last five minutes as rates: requests a minute, completion tokens a second
+        (the fleet's output, all nodes together)."""
+        return {"requests": t["requests"], "completion_tokens": t["completion_tokens"],
+                "requests_per_min": round(t["requests"] * 60 / GLANCE_RECENT_S, 2),
+                "completion_tokens_per_s": round(t["completion_tokens"] / GLANCE_RECENT_S, 2)}
+
+
+# Who may call a route: anyone, a node (signed heartbeats), a client key, the admin.
+OPEN, NODE, CLIENT, ADMIN, SCRAPE = "open", "node", "client", "admin", "scrape"
+OPEN_PATHS = frozenset({"/", "/api/version", "/dashboard"})  # health checks, the page
+ADMIN_PATHS = frozenset({"/api/pull", "/api/delete", "/api/copy", "/api/create",
+                         "/api/push", "/dashboard/api/requests"})  # and /api/blobs/...
+BLOB_METHODS = ("HEAD", "POST")
+NONCE_FILE = "heartbeat-nonces.txt"  # in FLEET_DATA_DIR: the signature window's nonces
+CONNECTION_COUNTERS = ("connections_refused", "header_timeouts", "bodies_too_large",
+                       "bodies_too_slow", "refused_before_body", "handshakes_failed",
+                       "accept_paused")
+SECRET_SETTINGS = frozenset({"FLEET_TOKEN", "FLEET_API_KEYS", "FLEET_ADMIN_KEY",
+                             "FLEET_METRICS_KEY"})
+
+
+class Guard:
+    """Client keys (FLEET_API_KEYS), the admin key and the metrics key. Each one unset
+    opens what it guards, so a router with no key set answers everyone."""
 
     def __init__(self, cfg):
-        self.cfg = cfg
-        self.nodes = {}
-        self.queues = {}  # (node_id, model) -> SlotQueue
-        self.flights = {}  # node_id -> InFlight, shared by its queues
-        self.concurrency = {}  # (node_id, model) -> requests in flight worth having, learned
-        self.started = time.monotonic()
-        self._changed = asyncio.get_running_loop().create_future()
-        self.residency = Residency(self.notify_change, self.busy, self.last_done)
-
-    # -- change notification ------------------------------------------------------
-
-    def notify_change(self):
-        if not self._changed.done():
-            self._changed.set_result(None)
-        self._changed = asyncio.get_running_loop().create_future()
-
-    async def wait_change(self, timeout):
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await asyncio.shield(self._changed)
-
-    # -- heartbeats ---------------------------------------------------------------
-
-    def apply_heartbeat(self, hb, source=None, local=False):
-        """Take a checked heartbeat (hc.Heartbeat) from `source` (an address; None for
-        the router's own poll); returns the node, or raises NodeRefused."""
-        node = known = self.nodes.get(hb.node_id)
-        if node is None:
-            self._make_room(source)
-            node = self.nodes[hb.node_id] = Node(hb, local, source)
-            fleet_log.info("node joined", extra={"node_id": node.node_id,
-                                                 "url": hb.ollama_url, "client": source})
-        elif node.source != source:
-            self._rebind(node, source)
-        elif node.ollama_url != hb.ollama_url and node.status not in GONE \
-                and not local and not node.local:
-            # Two machines with one name overwrite each other; say so once per change.
-            fleet_log.warning(f"node id '{node.node_id}' now reports {hb.ollama_url} "
-                              f"instead of {node.ollama_url}: two machines with one name? "
-                              f"Give each its own FLEET_NODE_NODE_ID",
-                              extra={"node_id": node.node_id, "event": "node_id_conflict"})
-        was_paused = known is not None and node.hb.paused and node.paused_why()
-        node.local, node.hb = local, hb
-        node.ollama_url = hb.ollama_url
-        node.host, node.port, _ = hc.split_url(hb.ollama_url)
-        node.take_media(hb.media)
-        node.last_seen = time.monotonic()
-        if hb.reachable:
-            self.residency.take(node, hb, record=known is not None)
-        # else: keep what it had; an Ollama restart should read as "unreachable" (503,
-        # held), not as "model gone" (404).
-        node.cpu_history.append(hb.cpu_percent)
-        self._set_status(node, LEFT if hb.leaving else DRAINING if hb.draining else ONLINE)
-        for (nid, model), q in self.queues.items():
-            if nid == node.node_id:
-                q.set_limit(self.limit_for(node, model))
-        self._note_pause(node, was_paused)
-        self.notify_change()
-        return node
-
-    def _note_pause(self, node, was_paused):
-        """A node that pauses itself (its owner needs the machine) gets no new work; the
-        requests waiting for it move, those running finish. Logged once per change."""
-        now_paused = node.hb.paused and node.paused_why()
-        if now_paused != was_paused:
-            fleet_log.info(f"node {now_paused or 'resumed'}", extra={
-                "node_id": node.node_id, "event": "node_paused" if now_paused
-                else "node_resumed"})
-        if now_paused:
-            self.evict_node(node, now_paused)
-
-    def _make_room(self, source):
-        """Refuse a new node past FLEET_MAX_NODES (the one gone longest is forgotten
-        first) or past MAX_NODES_PER_ADDRESS ids from one address."""
-        if source is not None and sum(n.source == source and n.status not in GONE
-                                      for n in self.nodes.values()) >= MAX_NODES_PER_ADDRESS:
-            raise NodeRefused(429, f"{source} already reports {MAX_NODES_PER_ADDRESS} nodes")
-        if len(self.nodes) < self.cfg.max_nodes:
-            return
-        gone = [n for n in self.nodes.values() if n.status in GONE]
-        if not gone:
-            raise NodeRefused(503, f"the fleet has {self.cfg.max_nodes} nodes online, the "
-                                   f"most it takes; a node joins once another goes offline")
-        self.remove(min(gone, key=lambda n: n.offline_since or 0.0).node_id)
-
-    def _rebind(self, node, source):
-        """A node id heard from another address: taken over only once it is gone."""
-        if node.status not in GONE:
-            raise NodeRefused(409, f"node id '{node.node_id}' belongs to "
-                                   f"{node.source or 'this router (its local Ollama)'} while "
-                                   f"it is online; give this machine its own "
-                                   f"FLEET_NODE_NODE_ID")
-        fleet_log.warning(f"node id '{node.node_id}' moved from {node.source} to {source}",
-                          extra={"node_id": node.node_id, "event": "node_moved"})
-        node.source = source
-
-    def mark_pulled(self, node, entries):
-        """A pull, copy, create or delete finished on `node`: its models on disk, as it
-        now lists them (a list of /api/tags entries). Each entry passes the heartbeat's
-        checks or is left out, so what a node says here can no more break a listing,
-        a route or the dashboard than what it says in a heartbeat."""
-        node.models, (refused, why) = hc.read_model_list(entries)
-        if refused:
-            fleet_log.warning(f"left out {refused} entries of the node's model list: {why}",
-                              extra={"node_id": node.node_id, "event": "models_refused"})
-        self.notify_change()
-
-    # -- status -------------------------------------------------------------------
-
-    def refresh_status(self):
-        """Move nodes to degraded / offline as heartbeats go missing, and forget those
-        offline for FLEET_FORGET_OFFLINE_AFTER; one that left sends none and is not
-        missed: it is forgotten after LEFT_LISTED_S."""
-        now = time.monotonic()
-        for node in list(self.nodes.values()):
-            silent = now - node.last_seen
-            if silent >= self.cfg.heartbeat_offline and node.status != LEFT:
-                self._set_status(node, OFFLINE)
-            elif silent >= self.cfg.heartbeat_timeout and node.status == ONLINE:
-                self._set_status(node, DEGRADED)
-            listed = self.cfg.forget_offline_after
-            if node.status == LEFT:
-                listed = min(LEFT_LISTED_S, listed)
-            if node.status in GONE and now - node.offline_since >= listed:
-                self.remove(node.node_id)
-
-    def _set_status(self, node, status):
-        if node.status == status:
-            return
-        level = logging.INFO if status in (ONLINE, DRAINING, LEFT) else logging.WARNING
-        said = "node left the fleet (its agent stopped)" if status == LEFT else f"node {status}"
-        fleet_log.log(level, said, extra={"node_id": node.node_id, "event": f"node_{status}"})
-        node.status = status
-        node.offline_since = time.monotonic() if status in GONE else None
-        if status in (*GONE, DRAINING):
-            self.evict_node(node, status)
-        self.notify_change()
-
-    def evict_node(self, node, why):
-        """Send the requests waiting for `node` elsewhere; those running finish there."""
-        moved = sum(q.evict() for (nid, _), q in self.queues.items() if nid == node.node_id)
-        if moved:
-            fleet_log.info(f"moved {moved} queued requests off a node that is {why}",
-                           extra={"node_id": node.node_id, "event": "requeue"})
-
-    def remove(self, node_id):
-        """Forget a node, and its queues that hold no request."""
-        if self.nodes.pop(node_id, None):
-            fleet_log.info("node removed", extra={"node_id": node_id})
-            for key in [k for k, q in self.queues.items()
-                        if k[0] == node_id and not q.active and not q.waiters]:
-                del self.queues[key]
-            if not any(k[0] == node_id for k in self.queues):
-                self.flights.pop(node_id, None)
-            self.notify_change()
-
-    # -- queues -------------------------------------------------------------------
-
-    def slots_for(self, node):
-        return node.hb.num_parallel or self.cfg.default_num_parallel
-
-    def limit_for(self, node, model):
-        """Requests the router lets run at once on this node+model: its Ollama's slots,
-        or fewer where more in flight was learned not to add throughput (the rest wait
-        here, where they can still go to another node)."""
-        if any(model in served for served in node.media_models.values()):
-            return node.hb.media["concurrency"]  # the agent's own tool runs at once
-        slots = self.slots_for(node)
-        return min(slots, self.concurrency.get((node.node_id, model)) or slots)
-
-    def set_concurrency(self, node, model, limit):
-        key = (node.node_id, model)
-        if self.concurrency.get(key) == limit:
-            return
-        if len(self.concurrency) >= hc.LEARNED_MAX_ROWS and key not in self.concurrency:
-            self.concurrency.pop(next(iter(self.concurrency)))
-        self.concurrency[key] = limit
-        q = self.queues.get(key)
-        if q is not None:
-            q.set_limit(self.limit_for(node, model))
-        fleet_log.info(f"{model} on {node.node_id}: {limit} requests in flight at most",
-                       extra={"node_id": node.node_id, "model": model,
-                              "event": "concurrency_learned"})
-
-    def queue(self, node, model):
-        key = (node.node_id, model)
-        q = self.queues.get(key)
-        if q is None:
-            flight = self.flights.setdefault(node.node_id, InFlight())
-            q = self.queues[key] = SlotQueue(self.limit_for(node, model), flight)
-        return q
-
-    def node_active(self, node_id):
-        """Requests running on a node now, whatever their model."""
-        flight = self.flights.get(node_id)
-        return flight.active if flight else 0
-
-    def in_flight(self, node_id):
-        """Requests running or queued on a node (a draining agent waits for 0)."""
-        return sum(q.active + q.waiting for (nid, _), q in self.queues.items()
-                   if nid == node_id)
-
-    def busy(self, node, model):
-        """Has this node+model requests running or queued here?"""
-        q = self.queues.get((node.node_id, model))
-        return bool(q and (q.active or q.waiters))
-
-    def last_done(self, node, model):
-        """When a request for `model` on `node` last ended (monotonic; 0: never)."""
-        q = self.queues.get((node.node_id, model))
-        return q.last_done if q else 0.0
-
-    def free_hot_slots(self, node, model):
-        """Free slots on a node where `model` is loaded (the only place to move work)."""
-        if node.accepts_work() or model not in node.loaded:
-            return 0
-        q = self.queues.get((node.node_id, model))
-        busy = (q.active + q.waiting) if q else 0
-        return max(0, self.limit_for(node, model) - busy)
-
-    def rebalance(self, worth_moving=None):
-        """Move queued requests to nodes where their model is hot and slots are free (and,
-        if `worth_moving(node_id, target, model)` says so, they would be answered sooner)."""
-        moved, free = 0, {}
-        for (node_id, model), q in list(self.queues.items()):
-            for target in self.nodes.values():
-                if not q.waiters:
-                    break
-                if target.node_id == node_id:
-                    continue
-                key = (target.node_id, model)
-                if key not in free:
-                    free[key] = self.free_hot_slots(target, model)
-                    if free[key] and worth_moving and not worth_moving(node_id, target, model):
-                        free[key] = 0
-                count = q.evict(free[key], target.node_id) if free[key] else 0
-                free[key] -= count  # moved requests arrive there a moment later
-                moved += count
-        if moved:
-            fleet_log.info(f"rebalanced {moved} queued requests", extra={"event": "rebalance"})
-        return moved
-
-    # -- views --------------------------------------------------------------------
-
-    def warm_until(self):
-        return self.started + self.cfg.startup_window
-
-    def warming_up(self):
-        """Just started: nodes may not have reported yet, so 'unknown model' can wait."""
-        return time.monotonic() < self.warm_until()
-
-    def holders(self, model, kind=None):
-        """Nodes that have `model` on disk (or, for an image or speech request, serve
-        it; see Node.serves), whatever their state."""
-        return [n for n in self.nodes.values() if n.serves(model, kind)]
-
-    def knows_model(self, model):
-        """Does any node list `model`? (Only those become metric labels.)"""
-        return any(model in n.models or model in n.loaded for n in self.nodes.values())
-
-    def online_nodes(self):
-        return [n for n in self.nodes.values() if n.status not in GONE]
-
-    def working_nodes(self):
-        """Nodes that take new requests now."""
-        return [n for n in self.nodes.values() if n.accepts_work() is None]
-
-    def best_holder(self, model):
-        """A node that can answer about `model` now, hot ones first."""
-        holders = [n for n in self.online_nodes() if model in n.models and n.hb.reachable]
-        holders.sort(key=lambda n: (n.status != ONLINE, model not in n.loaded))
-        return holders[0] if holders else None
-
-    def merged_models(self):
-        """Every model on any online node, once (the newest copy's entry)."""
-        merged = {}
-        for node in self.online_nodes():
-            for name, entry in node.models.items():
-                known = merged.get(name)
-                if known is None or entry.modified_at > known.modified_at:
-                    merged[name] = entry
-        return [merged[name].json() for name in sorted(merged)]
-
-    def agent_models(self):
-        """The image and speech models online nodes' agents serve themselves, sorted."""
-        return sorted({name for node in self.online_nodes()
-                       for models in node.media_models.values() for name in models.values()})
-
-    def running_models(self):
-        """/api/ps across the fleet: each loaded model with the node that holds it."""
-        models = [{**entry.json(), "node_id": node.node_id} for node in self.online_nodes()
-                  for entry in node.loaded.values()]
-        models.sort(key=lambda m: m.get("expires_at") or "", reverse=True)
-        return models
-
-####################################################################################
-# Learning: how fast each node+model answers, kept across restarts
-####################################################################################
-
-
-class Speed:
-    """One node+model as observed: fast-reacting averages, a slow baseline, a window of
-    recent requests for percentiles, and decode speed by the number of requests that
-    were in flight, from which the concurrency worth having is learned."""
-
-    ALPHA = 0.5  # weight of the newest request: a slowdown shows within two requests
-    BASELINE_ALPHA = 0.05  # the long-run speed a sharp drop is measured against
-    WINDOW = 20
-    AVERAGED = ("ttft_ms", "cold_ms", "load_ms", "prompt_eval_ms", "queue_ms", "decode_tps",
-                "prompt_tps", "latency_ms", "service_ms", "tokens")
-    MAX_LEVEL = 32  # requests in flight tracked for the concurrency curve
-    LEVEL_SAMPLES = 3  # a level counts once it has this many requests
-    # One more request in flight must add at least half of what it would if throughput
-    # grew in proportion (from 2 to 3: +25 %; from 10 to 11: +5 %), else it is not worth it.
-    LEVEL_GAIN = 0.5
-    # ... and each request must run at least this much slower than at the level below:
-    # high up, one more request's share is a few per cent, as big as the noise.
-    LEVEL_SLOWER = 0.1
-    # Held at its learned concurrency, a node is never timed above it: after this long,
-    # what was seen up there is forgotten, so one more in flight is tried again (the
-    # owner's job may have ended). Costs a few requests at one level above, every while.
-    LEVEL_STALE_S = 600.0
-    STALE_S = 120.0  # unsampled this long, a slowed node is taken at its usual speed
-    __slots__ = ("samples", *AVERAGED, "baseline_tps", "concurrency", "size", "levels",
-                 "updated_at", "recent")
-
-    def __init__(self):
-        self.samples = 0
-        for field in self.AVERAGED:
-            setattr(self, field, None)
-        self.baseline_tps = self.concurrency = None
-        self.size = 0
-        self.levels = {}  # requests in flight -> [decode tokens/s each, samples, when]
-        self.updated_at = 0.0
-        self.recent = collections.deque(maxlen=self.WINDOW)  # (ttft_ms, decode_tps)
-
-    def add(self, sample, level=None):
-        """Fold in one completed request: a dict of AVERAGED fields, None where unknown;
-        `level` is the mean number of requests in flight while it ran."""
-        tps = sample.get("decode_tps")
-        floor = self.floor_tps(level) if tps is not None and level else None
-        if floor and tps < LIVE_SLOW * floor:
-            self.slow_down(tps / floor)  # a sharp drop: taken at once, not half-way
-        self.samples += 1
-        weight = max(self.ALPHA, 1.0 / self.samples)
-        for field in self.AVERAGED:
-            value = sample.get(field)
-            if value is not None:
-                old = getattr(self, field)
-                setattr(self, field, value if old is None else old + weight * (value - old))
-        if tps is not None:
-            self.baseline_tps = tps if self.baseline_tps is None else \
-                self.baseline_tps + max(self.BASELINE_ALPHA, 1.0 / self.samples) * (
-                    tps - self.baseline_tps)
-            if level:
-                self._add_level(min(self.MAX_LEVEL, max(1, round(level))), tps)
-        self.recent.append((sample.get("ttft_ms"), tps))
-        self.updated_at = time.time()
-
-    def floor_tps(self, level):
-        """The least per-request speed the curve allows at `level` in flight: the level's
-        own, else the nearest timed level below it shared out (n requests on a machine
-        that does not scale at all each get 1/n of it); None below every timed level."""
-        level = min(self.MAX_LEVEL, max(1, round(level)))
-        timed = [k for k, v in self.levels.items() if k <= level and v[1] >= self.LEVEL_SAMPLES]
-        if not timed:
-            return None
-        below = max(timed)
-        return self.levels[below][0] * below / level
-
-    def steady_tps(self):
-        """The long-run decode speed, or the current one when it has dropped sharply
-        below it (slow_down took it at once): what the placement plan weighs."""
-        if self.decode_tps and self.baseline_tps and \
-                self.decode_tps < LIVE_SLOW * self.baseline_tps:
-            return self.decode_tps
-        return self.baseline_tps
-
-    def slow_down(self, factor):
-        """The node decodes `factor` (< 1) times as fast as learned, at every level (its
-        owner's job takes the machine, whatever runs on it): so the next forecast reads
-        the new speed, not the half-way average of the old and the first slow answer.
-        The curve keeps its shape, and so the concurrency learned from it."""
-        if self.decode_tps:
-            self.decode_tps *= factor
-        for entry in self.levels.values():
-            entry[0] *= factor
-        self.updated_at = time.time()
-
-    def _add_level(self, level, tps):
-        entry = self.levels.setdefault(level, [tps, 0, 0.0])
-        entry[1] += 1
-        entry[0] += max(self.ALPHA, 1.0 / entry[1]) * (tps - entry[0])
-        entry[2] = time.time()
-
-    def _forget_above(self, limit, now):
-        """Forget the levels above `limit` that have gone untimed for LEVEL_STALE_S."""
-        for level in [k for k, v in self.levels.items()
-                      if k > limit and now - v[2] > self.LEVEL_STALE_S]:
-            del self.levels[level]
-
-    def best_concurrency(self, slots):
-        """The requests in flight beyond which total tokens/s stops rising (slots when
-        the curve has not shown it yet): the first level, among those timed, that adds
-        less than LEVEL_GAIN of the proportional gain over the one below it, with each
-        request LEVEL_SLOWER slower there."""
-        below = None  # (level, total tokens/s)
-        for level in sorted(k for k, v in self.levels.items() if v[1] >= self.LEVEL_SAMPLES):
-            if level > slots:
-                break
-            total = level * self.levels[level][0]
-            if below and total < below[1] * (
-                    1 + self.LEVEL_GAIN * (level - below[0]) / below[0]) and \
-                    total / level < below[1] / below[0] * (1 - self.LEVEL_SLOWER):
-                return below[0]
-            if below is None or total > below[1]:
-                below = (level, total)
-        return slots
-
-    def settle_concurrency(self, slots):
-        """Move the learned concurrency one step towards the curve's best; returns it."""
-        now = self.concurrency or slots
-        self._forget_above(now, time.time())
-        target = self.best_concurrency(slots)
-        self.concurrency = min(slots, now + (target > now) - (target < now))
-        return self.concurrency
-
-    def tokens_per_s(self, level=None):
-        """Per-request decode speed with `level` requests in flight (None: unknown). Left
-        unsampled for STALE_S, a node that slowed down (and so lost its traffic) is
-        taken at its usual speed again, so it is tried again."""
-        entry = self.levels.get(level) if level else None
-        tps = entry[0] if entry and entry[1] >= self.LEVEL_SAMPLES else self.decode_tps
-        if tps and self.baseline_tps and tps < self.baseline_tps and \
-                time.time() - self.updated_at > self.STALE_S:
-            return self.baseline_tps if entry is None else tps * self.baseline_tps / (
-                self.decode_tps or self.baseline_tps)
-        return tps
-
-    def percentile(self, index, q):
-        """The q-th percentile (0-100) of a recent field (0: ttft_ms, 1: decode_tps)."""
-        values = sorted(r[index] for r in self.recent if r[index] is not None)
-        if not values:
-            return None
-        return values[min(len(values) - 1, int(q / 100 * len(values)))]
-
-    def row(self, node_id, model):
-        levels = json.dumps({str(k): [round(v[0], 3), v[1], round(v[2], 1)]
-                             for k, v in self.levels.items()})
-        return {"node_id": node_id, "model": model, "samples": self.samples,
-                **{f: getattr(self, f) for f in self.AVERAGED}, "concurrency": self.concurrency,
-                "size": self.size, "levels": levels, "updated_at": self.updated_at}
-
-    @classmethod
-    def from_row(cls, row):
-        """A saved row back (a row from an older router may lack the newer columns)."""
-        speed = cls()
-        speed.samples = int(row.get("samples") or 0)
-        for field in cls.AVERAGED:
-            if isinstance(row.get(field), (int, float)):
-                setattr(speed, field, float(row[field]))
-        speed.baseline_tps = speed.decode_tps
-        if isinstance(row.get("concurrency"), int) and row["concurrency"] > 0:
-            speed.concurrency = row["concurrency"]
-        speed.size = row.get("size") if isinstance(row.get("size"), int) else 0
-        speed.updated_at = float(row.get("updated_at") or 0.0)
-        speed.levels = cls._read_levels(row.get("levels"), speed.updated_at)
-        return speed
-
-    @classmethod
-    def _read_levels(cls, text, updated_at):
-        """A saved curve; a level saved without its time (an older router's) is taken
-        as timed when its row was."""
-        try:
-            levels = json.loads(text) if isinstance(text, str) else {}
-            return {int(k): [float(v[0]), int(v[1]),
-                             float(v[2]) if len(v) > 2 else updated_at]
-                    for k, v in levels.items() if 1 <= int(k) <= cls.MAX_LEVEL and v[0] > 0}
-        except (ValueError, TypeError, IndexError, AttributeError):
-            return {}  # a damaged curve is relearned, not fatal
-
-
-def sized(entry):
-    """A model's size for estimates by size (`entry`: a ModelEntry, or None): an
-    embedding model's speed says nothing about a chat model's, nor the reverse, so
-    those are left out (0)."""
-    return 0 if entry is None or entry.is_embedding else entry.size
-
-
-NO_ENTRY = hc.ModelEntry("")  # a model a node does not list: nothing known of it
-
-
-def seen_loaded(node, model):
-    """The /api/ps entry of a model the router saw load on `node` before a heartbeat
-    says so: what its disk entry says of it (its memory use and expiry not known yet)."""
-    disk = node.models.get(model)
-    if disk is None:
-        return hc.ModelEntry(model, loaded=True)
-    return hc.ModelEntry(model, size=disk.size, digest=disk.digest, details=disk.details,
-                         loaded=True)
-
-
-# Decode speed falls about as the weights grow (each token reads them all), but only
-# between models alike: a model under ESTIMATE_MIN_BYTES is no language model to scale
-# from (a test blob, a stub: scaled from a 2 GB model, a 4 KB one was shown at 23
-# million tokens/s and 0.0 ms), and sizes more than ESTIMATE_MAX_SCALE apart differ in
-# more than size (fixed per-token costs below, memory that spills over above). Such a
-# model gets no estimate: it has no basis until it answers once.
-ESTIMATE_MIN_BYTES = 50 * 10**6  # Ollama's smallest chat model, smollm:135m, is ~90 MB
-ESTIMATE_MAX_SCALE = 8.0
-
-
-def comparable_sizes(known, size):
-    """May a model of `size` bytes be estimated from one of `known` bytes, by size?"""
-    if min(known, size) < ESTIMATE_MIN_BYTES:
-        return False
-    return max(known, size) / min(known, size) <= ESTIMATE_MAX_SCALE
-
-
-def _ratio(part, whole):
-    return part / whole if part and whole else None
-
-
-DEFAULT_ANSWER_TOKENS = 200  # a guess for a model no node has answered with yet
-LIVE_MIN_CHUNKS = 5  # chunks an answer must have streamed before its speed is read
-LIVE_SLOW = 0.6  # answers streaming under this share of the learned speed: a slowdown
-LATE_FIRST, LATE_MIN_S = 3.0, 1.0  # a first token this many times late (and this long)
-FIRST_FLOOR_S = 0.05  # the least wait for a first token taken as expected
-# A streamed answer with no first token this long (and LATE_FIRST times its forecast)
-# may be moved to another node: longer than a fresh long prompt takes on a usual node.
-MOVE_LATE_MIN_S = 2.0
-
-
-class Forecast:
-    """What one more request would cost on one node+model, from what was learned (or
-    estimated from the fleet): read by the scheduler's wait and speed signals."""
-
-    __slots__ = ("tps", "level_tps", "ttft_s", "service_only_s", "load_s", "basis")
-
-    def __init__(self, tps, ttft_s, service_only_s, load_s, basis, level_tps=None):
-        self.tps, self.ttft_s, self.load_s, self.basis = tps, ttft_s, load_s, basis
-        self.service_only_s = service_only_s  # a request's run time when tokens/s is unknown
-        self.level_tps = level_tps or (lambda level: tps)
-
-    def slowed(self, factor):
-        """This forecast with decoding `factor` (< 1) times as fast."""
-        return Forecast(self.tps * factor if self.tps else self.tps, self.ttft_s,
-                        self.service_only_s / factor, self.load_s, self.basis,
-                        lambda level: (self.level_tps(level) or 0.0) * factor or None)
-
-    def service_s(self, tokens, level):
-        """Seconds a request of `tokens` runs once it has a slot, `level` in flight."""
-        tps = self.level_tps(level)
-        if tps and tokens:
-            return self.ttft_s + tokens / tps
-        return self.service_only_s or 0.0
-
-    def work_ahead_s(self, q, limit, level=None):
-        """Seconds before a new request gets a slot in `q`: the tokens still to come
-        from those running (each assumed to progress at the learned rate with `level`
-        in flight on the node, default `limit`) and those queued, over the queue's
-        learned total rate. A fluid estimate, not a count."""
-        if q is None or q.active + q.waiting < limit:
-            return 0.0
-        tps = self.level_tps(max(level or limit, limit))
-        if not tps:
-            return (q.active + q.waiting - limit + 1) * self.service_only_s / limit
-        remaining = q.remaining_tokens(tps)
-        ahead = q.work_waiting + remaining * min(1.0, (q.waiting + 1) / max(1, q.active))
-        return ahead / (tps * limit) + q.waiting * self.ttft_s / limit
-
-
-class Learner:
-    """What the fleet has learned of each node+model's speed: fed by every completed
-    request, read by routing and /fleet/status, saved in latency.db (learned_speed)."""
-
-    MAX_PAIRS = hc.LEARNED_MAX_ROWS
-    SAVE_EVERY_S = 30.0
-
-    def __init__(self):
-        self.speeds = {}  # (node_id, model) -> Speed
-        self.by_model = collections.defaultdict(dict)  # model -> {node_id: Speed}
-        self.by_node = collections.defaultdict(dict)  # node_id -> {model: Speed}
-        self.dirty = False
-
-    def _add(self, node_id, model, speed):
-        if len(self.speeds) >= self.MAX_PAIRS:  # forget the stalest pair
-            n, m = min(self.speeds, key=lambda k: self.speeds[k].updated_at)
-            del self.speeds[(n, m)], self.by_model[m][n], self.by_node[n][m]
-            for index, key in ((self.by_model, m), (self.by_node, n)):
-                if not index[key]:
-                    del index[key]
-        self.speeds[(node_id, model)] = self.by_model[model][node_id] = \
-            self.by_node[node_id][model] = speed
-        return speed
-
-    def observe(self, node_id, model, ex, hot, size=0, level=None):
-        """Fold in one completed request (its Exchange); returns the node+model's Speed."""
-        u = ex.usage
-        eval_s, prompt_s = _ratio(u.get("eval_ns"), 1e9), _ratio(u.get("prompt_eval_ns"), 1e9)
-        # A whole (non-streamed) answer's first byte is its last: no time to first token.
-        ttft_ms = ex.ttft * 1000 if ex.ttft is not None and ex.stream else None
-        load_ms = _ratio(u.get("load_ns"), 1e6)
-        latency_ms = (time.monotonic() - ex.t0) * 1000
-        queue_ms = ex.queue_wait * 1000 if ex.queue_wait is not None else None
-        sample = {  # hot None: sent while a load was under way (neither hot nor cold)
-            "ttft_ms": ttft_ms if hot else None,
-            "cold_ms": (load_ms or ttft_ms) if hot is False else None,  # a cold load's cost
-            "load_ms": load_ms,
-            "prompt_eval_ms": _ratio(u.get("prompt_eval_ns"), 1e6),
-            "queue_ms": queue_ms,
-            "decode_tps": _ratio(u.get("completion_tokens"), eval_s),
-            "prompt_tps": _ratio(u.get("prompt_tokens"), prompt_s),
-            "latency_ms": latency_ms,
-            "service_ms": latency_ms - (queue_ms or 0.0) if hot else None,
-            "tokens": u.get("completion_tokens"),
-        }
-        speed = self.speeds.get((node_id, model)) or self._add(node_id, model, Speed())
-        speed.size = size or speed.size
-        speed.add(sample, level)
-        self.dirty = True
-        return speed
-
-    def get(self, node_id, model):
-        return self.speeds.get((node_id, model))
-
-    def slowed(self, node_id, model, factor):
-        """A request there was seen to go `factor` (< 1) times as fast as learned."""
-        speed = self.get(node_id, model)
-        if speed is not None:
-            speed.slow_down(factor)
-            self.dirty = True
-
-    def answer_tokens(self, model, limit=0):
-        """Completion tokens a request is expected to produce: what this model's answers
-        averaged across the fleet (the node does not change the answer), within the
-        client's limit."""
-        seen = [s.tokens for s in self.by_model.get(model, {}).values() if s.tokens]
-        mean = statistics.median(seen) if seen else None
-        if mean is None:
-            return float(limit or DEFAULT_ANSWER_TOKENS)
-        return min(mean, limit) if limit else mean
-
-    def forecast(self, node_id, model, size=0):
-        """A Forecast for one more request on this node+model, or None if the fleet
-        knows nothing that bears on it."""
-        speed = self.get(node_id, model)
-        load_s = self.load_s(node_id, model, size)
-        if speed is not None and (speed.decode_tps or speed.service_ms):
-            # Before the first token: Ollama's own prompt evaluation (a router-timed first
-            # byte would count the network, or a whole answer that was not streamed).
-            prompt_s = (speed.prompt_eval_ms or 0.0) / 1000
-            return Forecast(speed.tokens_per_s(), prompt_s, (speed.service_ms or 0.0) / 1000,
-                            load_s, "learned", speed.tokens_per_s)
-        guess = self.estimate(node_id, model, size)
-        if guess is None:
-            return None
-        return Forecast(guess["decode_tps"], guess["prompt_eval_ms"] / 1000, 0.0, load_s,
-                        guess["basis"])
-
-    def load_s(self, node_id, model, size=0):
-        """Expected seconds of a cold load before the first token: as timed here, else
-        this node's (else the fleet's) load rate applied to the model's size, else 0."""
-        speed = self.get(node_id, model)
-        if speed is not None and speed.cold_ms:
-            return speed.cold_ms / 1000
-        if not size:
-            return 0.0
-        rates = [s.size / s.cold_ms for s in self.by_node.get(node_id, {}).values()
-                 if s.cold_ms and s.size]
-        rates = rates or [s.size / s.cold_ms for s in self.speeds.values()
-                          if s.cold_ms and s.size]
-        return size / statistics.median(rates) / 1000 if rates else 0.0
-
-    # -- estimates for a node+model never timed -------------------------------------
-
-    def node_factor(self, node_id):
-        """How fast this node decodes against the rest of the fleet, on the models both
-        have timed (geometric mean of the ratios). A node that has timed nothing the
-        others have is taken as slow as the slowest that has (1.0 if none has): a
-        guess, made prudent because an optimistic one sends it work it may take many
-        seconds over (its first answers tell, within a few chunks)."""
-        factor = self._shared_factor(node_id)
-        if factor is not None:
-            return factor
-        known = [f for f in map(self._shared_factor, self.by_node) if f is not None]
-        return min(known, default=1.0)
-
-    def plan_speeds(self):
-        """Each node's steady decode speed relative to the fastest, fitted over every
-        model it and the others have timed (herd_common.fit_speeds); the placement
-        plan's, where node_factor's prudence (an untimed node is the slowest) would
-        make it move models off every machine it has not timed yet."""
-        observations = [(n, m, s.steady_tps(), s.samples) for (n, m), s in
-                        list(self.speeds.items()) if s.steady_tps()]
-        sizes = {m: s.size for (n, m), s in self.speeds.items()}
-        return hc.fit_speeds(observations, sizes)
-
-    def _shared_factor(self, node_id):
-        """node_factor from the models this node and others have timed, or None."""
-        logs = []
-        for model, speed in self.by_node.get(node_id, {}).items():
-            if not speed.decode_tps:
-                continue
-            others = [s.decode_tps for n, s in self.by_model[model].items()
-                      if n != node_id and s.decode_tps]
-            if others:
-                logs.append(math.log(speed.decode_tps / statistics.median(others)))
-        return math.exp(sum(logs) / len(logs)) if logs else None
-
-    def estimate(self, node_id, model, size=0):
-        """Figures for a node+model never timed: the same model elsewhere, scaled by
-        this node's relative speed; else this node's other models of a comparable size,
-        scaled by size (decode speed falls about as the weights grow: it reads them all
-        for every token); else None (no basis yet)."""
-        elsewhere = [s for n, s in self.by_model.get(model, {}).items() if n != node_id
-                     and s.decode_tps and s.latency_ms]
-        if elsewhere:
-            factor = self.node_factor(node_id)
-            return {"decode_tps": statistics.median(s.decode_tps for s in elsewhere) * factor,
-                    "latency_ms": statistics.median(s.latency_ms for s in elsewhere) / factor,
-                    "prompt_eval_ms": statistics.median(
-                        s.prompt_eval_ms or 0.0 for s in elsewhere) / factor,
-                    "basis": "the same model on other nodes"}
-        here = [s for m, s in self.by_node.get(node_id, {}).items() if m != model
-                and s.decode_tps and s.latency_ms and comparable_sizes(s.size, size)]
-        if here:
-            tps = statistics.median(s.decode_tps * s.size / size for s in here)
-            return {"decode_tps": tps, "latency_ms": statistics.median(
-                s.latency_ms * size / s.size for s in here),
-                "prompt_eval_ms": statistics.median(
-                    (s.prompt_eval_ms or 0.0) * size / s.size for s in here),
-                "basis": "this node's other models, by size"}
-        return None
-
-    # -- keeping it --------------------------------------------------------------------
-
-    def rows(self):
-        self.dirty = False
-        return [speed.row(n, m) for (n, m), speed in self.speeds.items()]
-
-    def load(self, rows):
-        for row in rows[:self.MAX_PAIRS]:
-            if (row["node_id"], row["model"]) not in self.speeds:
-                self._add(row["node_id"], row["model"], Speed.from_row(row))
-
-    def seed(self, rows):
-        """Start from past traces when nothing was saved: [(node, model, latency s, n)]."""
-        for node_id, model, latency_s, samples in rows:
-            if (node_id, model) not in self.speeds:
-                speed = self._add(node_id, model, Speed())
-                speed.samples, speed.latency_ms = samples, latency_s * 1000
-
-    def view(self, node_id, models, limits):
-        """/fleet/status's `learned` for one node: every model it has, timed or guessed;
-        `limits` maps each model to the requests in flight the router allows there."""
-        out = {}
-        for model in sorted(models):
-            speed = self.get(node_id, model)
-            if speed is not None and speed.samples:
-                out[model] = {
-                    "samples": speed.samples, "estimated": False,
-                    "tokens_per_s": _round(speed.decode_tps),
-                    "prompt_tokens_per_s": _round(speed.prompt_tps),
-                    "ttft_ms": _round(speed.ttft_ms), "ttft_p50_ms": _round(
-                        speed.percentile(0, 50)), "ttft_p75_ms": _round(speed.percentile(0, 75)),
-                    "cold_load_ms": _round(speed.cold_ms), "load_ms": _round(speed.load_ms),
-                    "prompt_eval_ms": _round(speed.prompt_eval_ms),
-                    "queue_ms": _round(speed.queue_ms), "latency_ms": _round(speed.latency_ms),
-                    "answer_tokens": _round(speed.tokens),
-                    "concurrency": limits[model],
-                    "tokens_per_s_by_concurrency": {
-                        str(k): _round(v[0]) for k, v in sorted(speed.levels.items())
-                        if v[1] >= Speed.LEVEL_SAMPLES}}
-                continue
-            guess = self.estimate(node_id, model, sized(models[model]))
-            if guess:
-                out[model] = {"samples": 0, "estimated": True, "basis": guess["basis"],
-                              "tokens_per_s": _round(guess["decode_tps"]), "ttft_ms": None,
-                              "latency_ms": _round(guess["latency_ms"]),
-                              "concurrency": limits[model]}
-        return out
-
-    def speed_drops(self, share=0.5, min_samples=10):
-        """(node_id, model, now tokens/s, usual tokens/s) where decoding fell sharply."""
-        return [(n, m, s.decode_tps, s.baseline_tps) for (n, m), s in self.speeds.items()
-                if s.samples >= min_samples and s.decode_tps and s.baseline_tps
-                and s.decode_tps < share * s.baseline_tps]
-
-
-def _round(value):
-    return round(value, 1) if value is not None else None
-
-
-####################################################################################
-# Placement: which models should be hot where (issue 20). The plan is herd_common's
-# plan_placement, a pure function; here are its inputs, read from live state, the plan's
-# versions, and how routing follows it.
-#
-# Theory: each request counts towards its model's demand (a request rate that rises
-# within seconds and fades over a minute, times the seconds one answer takes on the
-# fastest node). Every PLAN_EVERY_S, and before a request for a model the plan places
-# nowhere is routed, the plan is rebuilt starting from the last one, not what is loaded:
-# a cold load the plan did not want (a model placed nowhere must be loaded somewhere:
-# the answer always comes from the model asked for) does not become the plan. A new
-# plan replaces the last only when it costs PLAN_MARGIN less, and the version changes
-# only when what it places where changes; a load of a model that left that node's
-# memory under the same version is a thrash.
-# Routing follows the plan (Placement.steer): a cold load goes where the plan places
-# the model, and not at all while a node where it is hot answers sooner than the load
-# (plus reloading what the load would push out); only a wait LOAD_ANYWAY times longer
-# than a load elsewhere has that load made (the plan lags a node that slowed). The
-# Warmer loads what the plan places at a quiet moment, first unloading (keep_alive 0)
-# what the plan dropped there.
-####################################################################################
-
-PLAN_EVERY_S = 5.0  # the plan is rebuilt this often: a few heartbeats
-PLAN_SOON_S = 1.0  # or within this when a model it places nowhere is asked for
-DEMAND_TAU_S = 60.0  # a model's request rate forgets its past over about a minute
-DEMAND_RISE_TAU_S = 10.0  # and a rise in it is seen over about ten seconds
-RISE_ABOVE, FADE_BELOW = 2.0, 0.5  # a shift: the short count this far from the long one,
-SHIFT_EVIDENCE = 3.0  # with this many requests in its window (expected, for a fall)
-FADE_GAP = 4.0  # a model has stopped when its quiet would have held this many requests
-DEMAND_MIN_S = 3.0  # a count is taken as a rate over at least this long
-PLAN_ASKED_S = 30.0  # the plan loads ahead of requests only a model asked for this lately
-MAX_DEMAND_MODELS = 256  # models whose demand is kept (the quietest is forgotten first)
-MAX_PLANNED_MODELS = 32  # the busiest models the planner weighs (its search grows with them)
-GUESS_TPS_GB = 100.0  # tokens/s of a 1 GB model when nothing is learned (falls with size)
-GUESS_LOAD_S, GUESS_LOAD_S_GB = 1.0, 0.5  # a load's guess: base + per GB of weights
-PLAN_MARGIN = 0.35  # a new plan must cost a third less than the last to replace it
-PLAN_SETTLE_S = 10.0  # a plan holds this long before a model is unloaded for it
-MOVE_WINDOW_S = 120.0  # the Warmer never undoes its own move this soon, plan unchanged
-LOAD_ANYWAY = 3.0  # a load the plan did not choose, when the wait is this many times longer
-
-
-class Demand:
-    """Each model's recent request rate (requests a second): two exponentially weighted
-    counts, one that forgets over DEMAND_TAU_S (the rate, steady enough that a plan
-    built on it does not churn) and one over DEMAND_RISE_TAU_S (a shift, seen within
-    seconds).
-    - Rising: the short count is taken when it is at least RISE_ABOVE the long one and
-      holds SHIFT_EVIDENCE requests; for a model first asked for less than its window
-      ago, divided by the share of the window elapsed (three requests in two seconds
-      are 1.5 a second, not the 0.3 a ten-second count holds by then).
-    - Stopped: the short count fell below FADE_BELOW of the long one, or the model's
-      quiet has lasted as long as FADE_GAP requests would take at its rate (Poisson
-      gives such a gap by chance once in e**FADE_GAP). From then until it is asked for
-      again its rate is at most the short count and one request over its quiet: a busy
-      model that stopped gives up its place within seconds, a quiet one's lull moves
-      nothing, and a rate that fades never climbs back to the stale long count.
-    (The long count starts at zero and takes a minute to reach a steady rate; taken at
-    its word sooner, the plan made moves in the first seconds that the fleet where every
-    model fits paid for in cold loads.)"""
-
-    def __init__(self):
-        # model -> (slow count, fast count, monotonic time of its last request, of its first)
-        self.rates = {}
-        self.stopped = set()  # models seen to stop, until they are asked for again
-
-    def count(self, model, now):
-        slow, fast = self._decayed(model, now)
-        if model not in self.rates and len(self.rates) >= MAX_DEMAND_MODELS:
-            quietest = min(self.rates, key=lambda m: self.rate(m, now))
-            del self.rates[quietest]
-            self.stopped.discard(quietest)
-        self.stopped.discard(model)
-        first = self.rates[model][3] if model in self.rates else now
-        self.rates[model] = (slow + 1.0 / DEMAND_TAU_S, fast + 1.0 / DEMAND_RISE_TAU_S,
-                             now, first)
-
-    def last_asked(self, model):
-        """When `model` was last asked for (monotonic; -inf: not lately)."""
-        return self.rates[model][2] if model in self.rates else -math.inf
-
-    def _decayed(self, model, now):
-        slow, fast, then, _ = self.rates.get(model, (0.0, 0.0, now, now))
-        return (slow * math.exp(-(now - then) / DEMAND_TAU_S),
-                fast * math.exp(-(now - then) / DEMAND_RISE_TAU_S))
-
-    def rate(self, model, now):
-        if model not in self.rates:
-            return 0.0
-        slow, fast = self._decayed(model, now)
-        _, _, then, first = self.rates[model]
-        window, quiet = DEMAND_RISE_TAU_S, now - then
-        if fast > RISE_ABOVE * slow and fast * window >= SHIFT_EVIDENCE:
-            age = max(DEMAND_MIN_S, now - first)
-            return fast / -math.expm1(-age / window)  # rising: enough requests to tell
-        if model not in self.stopped and (
-                quiet * slow >= FADE_GAP or
-                fast < FADE_BELOW * slow and slow * window >= SHIFT_EVIDENCE):
-            self.stopped.add(model)  # a busy model gone quiet: it would have had enough
-        if model in self.stopped:
-            return fast if quiet < DEMAND_MIN_S else min(fast, 1.0 / quiet)
-        return slow
-
-    def busiest(self, now, count):
-        """The `count` models with the highest rate now, with it."""
-        rates = sorted(((self.rate(m, now), m) for m in self.rates), reverse=True)
-        return {m: r for r, m in rates[:count] if r > 1e-6}
-
-
-class PlanInputs:
-    """What the placement plan is weighed from, read off the fleet and what was learned:
-    each working node's room, slots and speed; each model's size, demand and load time."""
-
-    def __init__(self, fleet, learner):
-        self.fleet, self.learner = fleet, learner
-
-    def nodes(self):
-        """The nodes that take work, as the planner sees them: room (memory and
-        OLLAMA_MAX_LOADED_MODELS), slots, and speed relative to the fastest."""
-        working = sorted(self.fleet.working_nodes(), key=lambda n: n.node_id)
-        fitted = self.learner.plan_speeds()
-        mean = statistics.geometric_mean(fitted.values()) if fitted else 1.0
-        speeds = {n.node_id: fitted.get(n.node_id, mean) * self._live_pace(n.node_id)
-                  for n in working}
-        fastest = max(speeds.values(), default=1.0)
-        return [hc.PlanNode(n.node_id, memory=self._room(n), max_loaded=n.hb.max_loaded_models,
-                            speed=max(0.01, speeds[n.node_id] / fastest),
-                            slots=self.fleet.slots_for(n)) for n in working]
-
-    def _live_pace(self, node_id):
-        """How fast the answers streaming on a node go now against what was learned
-        (Exchange.pace, from their chunks), when well below it; else 1. A node that
-        slows down shows it in the first chunks of its answers, and the plan must not
-        place a busy model on it until the first slow answer ends. (A late first token
-        tells routing as much, but here it is mostly a load taking its time.)"""
-        now, level = time.monotonic(), self.fleet.node_active(node_id)
-        paces = []
-        for (nid, model), q in list(self.fleet.queues.items()):
-            f = self.learner.forecast(nid, model) if nid == node_id and q.running else None
-            for t in q.running if f is not None else ():
-                ex = t.exchange
-                pace = ex.pace(now, f.level_tps(level), t.start) \
-                    if ex is not None and ex.ttft is not None else None
-                if pace is not None:
-                    paces.append(pace)
-        pace = statistics.median(paces) if paces else 1.0
-        return pace if pace < LIVE_SLOW else 1.0
+        self.client_keys = [k.encode() for k in sorted(cfg.client_keys)]
+        self.admin_key = [cfg.admin_key.encode()] if cfg.admin_key else []
+        self.metrics_key = [cfg.metrics_key.encode()] if cfg.metrics_key else []
+        self.open = not (self.client_keys or self.admin_key or self.metrics_key)
 
     @staticmethod
-    def _room(node):
-        """Bytes the node can give models: what is free plus what its models hold,
-        within its owner's ceiling (0: not known)."""
-        hb = node.hb
-        if not hb.mem_total:
-            return 0
-        room = hb.mem_available + sum(e.size for e in node.loaded.values())
-        ceiling = (hb.capacity or {}).get("memory_ceiling") or 0
-        return min(room, ceiling) if ceiling else room
+    def kind_of(path):
+        if path in OPEN_PATHS:
+            return OPEN
+        if path == "/heartbeat":
+            return NODE
+        if path == "/metrics":
+            return SCRAPE
+        return ADMIN if path in ADMIN_PATHS or path.startswith("/api/blobs/") else CLIENT
 
-    def models(self, nodes, rates, plan):
-        """The models worth planning: those in demand (`rates`: requests/s), loaded now
-        or in the last `plan`."""
-        names = set(rates)
-        for node in nodes:
-            names.update(self.fleet.nodes[node.node_id].loaded)
-        if plan is not None:
-            names.update(m for placed in plan.hot.values() for m in placed)
-        models = (self._model(name, nodes, rates) for name in sorted(names))
-        return [m for m in models if m is not None]
+    @staticmethod
+    def presented(request):
+        """The key a request carries: Authorization: Bearer <key>, or x-api-key."""
+        auth = request.header("authorization") or ""
+        if auth[:7].lower() == "bearer ":
+            return auth[7:].strip().encode("latin-1")
+        key = request.header("x-api-key")
+        return key.strip().encode("latin-1") if key else b""
 
-    def _model(self, name, nodes, rates):
-        holders = [self.fleet.nodes[n.node_id] for n in nodes
-                   if name in self.fleet.nodes[n.node_id].models]
-        if not holders:
+    @staticmethod
+    def _one_of(given, keys):
+        found = False
+        for key in keys:  # every key compared, each in constant time
+            found |= hmac.compare_digest(given, key)
+        return bool(given) and found
+
+    def is_admin(self, request):
+        return self._one_of(self.presented(request), self.admin_key)
+
+    def refuse(self, request, kind):
+        """(status, message) when `request` may not use a route of `kind`, else None."""
+        return self._refuse_key(self.presented(request), kind)
+
+    def needs_key(self, kind):
+        """Is a route of `kind` closed to a request that carries no key?"""
+        return self._refuse_key(b"", kind) is not None
+
+    def _refuse_key(self, given, kind):
+        if self.open or kind in (OPEN, NODE):
             return None
-        entry = holders[0].models[name]
-        size = sized(entry)
-        speeds = {n.node_id: n.speed for n in nodes}
-        demand = rates.get(name, 0.0) * self.service_s(name, size, speeds)
-        return hc.PlanModel(name, int(size * hc.LOAD_OVERHEAD), demand,
-                            {n.node_id: self.load_s(n, name) for n in holders},
-                            "embedding" if entry.is_embedding else "chat")
+        if self._one_of(given, self.admin_key):
+            return None  # the admin may do everything
+        if kind == SCRAPE and self.metrics_key:
+            if self._one_of(given, self.metrics_key):
+                return None
+            return self._refusal(given, "FLEET_METRICS_KEY or FLEET_ADMIN_KEY")
+        if kind in (ADMIN, SCRAPE) and self.admin_key:
+            return self._refusal(given, "the admin key (FLEET_ADMIN_KEY)")
+        if not self.client_keys or self._one_of(given, self.client_keys):
+            return None
+        return 401, ("missing or unknown API key: send Authorization: Bearer <key> "
+                     "(one of the router's FLEET_API_KEYS)")
 
-    def service_s(self, model, size, speeds):
-        """Seconds one answer of `model` takes on a node of speed 1: as learned on the
-        nodes that timed it (scaled by their speed); else the models that were timed,
-        scaled by size (decoding reads all the weights for every token); else a guess
-        from its size alone."""
-        learned = self._timed_s(model, speeds)
-        if learned:
-            return learned
-        scaled = [run_s * size / other for name, other, run_s in self._timed_models(speeds)
-                  if other and name != model]
-        if scaled and size:
-            return statistics.median(scaled)
-        tps = GUESS_TPS_GB / max(0.5, size / 1e9)
-        return self.learner.answer_tokens(model) / tps
-
-    def _timed_s(self, model, speeds):
-        """The median learned run of one answer of `model`, at speed 1 (0: untimed): its
-        prompt evaluation and its tokens at the steady decode speed, as Ollama timed
-        them (a wait for a slot or for room inside Ollama is not work); else the
-        router's own measure of its time on the node."""
-        seen = []
-        for node_id, s in self.learner.by_model.get(model, {}).items():
-            tps = s.steady_tps()
-            run_s = ((s.prompt_eval_ms or 0.0) / 1000 + s.tokens / tps
-                     if s.tokens and tps else (s.service_ms or 0.0) / 1000)
-            if run_s and node_id in speeds:
-                seen.append(run_s * speeds[node_id])
-        return statistics.median(seen) if seen else 0.0
-
-    def _timed_models(self, speeds):
-        """(model, size, seconds an answer takes at speed 1) for each model timed."""
-        for model, by_node in list(self.learner.by_model.items())[:MAX_PLANNED_MODELS]:
-            size = max((s.size for s in by_node.values()), default=0)
-            run_s = self._timed_s(model, speeds)
-            if run_s:
-                yield model, size, run_s
-
-    def load_s(self, node, model):
-        """Seconds to load `model` on `node`: as learned, else guessed from its size."""
-        size = sized(node.models.get(model))
-        learned = self.learner.load_s(node.node_id, model, size)
-        return learned or GUESS_LOAD_S + GUESS_LOAD_S_GB * size / 1e9
+    def _refusal(self, given, needed):
+        if self._one_of(given, self.client_keys) or self._one_of(given, self.metrics_key):
+            return 403, f"this route needs {needed}, not a client key"
+        return 401, f"this route needs {needed}"
 
 
-class Placement:
-    """The placement plan: its inputs from the fleet and what was learned, its
-    versions, and the view of it that routing, the Warmer and /fleet/status read."""
+class Cors:
+    """Which browser pages may call the router, decided as Ollama decides it for itself
+    (gin-contrib/cors, with OLLAMA_ORIGINS): an origin listed, or matching a pattern
+    with one `*` (`http://localhost:*`, `chrome-extension://*`), or any with `*`."""
 
-    def __init__(self, fleet, learner):
-        self.fleet, self.learner = fleet, learner
-        self.gauge = PlanInputs(fleet, learner)
-        self.demand = Demand()
-        self.asked = False  # a model the plan places nowhere was asked for
-        self.plan = None  # hc.Plan
-        self.inputs = {}, {}  # the last plan's {node_id: hc.PlanNode}, {name: hc.PlanModel}
-        self.rates = {}  # model -> requests/s when the plan was built
-        self.version = 0
-        self.built_at = self.changed_at = 0.0  # monotonic
-        self.done = collections.Counter()  # planned loads and unloads carried out
-        self.replanning = None  # the replan under way (a task), shared by all who wait
+    METHODS = b"GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS"
+    # Ollama's list (its own clients' and the OpenAI SDK's headers), then the ones
+    # this router reads: its key header, its own headers, the Anthropic SDK's.
+    HEADERS = (b"Authorization, Content-Type, User-Agent, Accept, X-Requested-With, "
+               b"OpenAI-Beta, x-stainless-arch, x-stainless-async, "
+               b"x-stainless-custom-poll-interval, x-stainless-helper-method, "
+               b"x-stainless-lang, x-stainless-os, x-stainless-package-version, "
+               b"x-stainless-poll-helper, x-stainless-retry-count, x-stainless-runtime, "
+               b"x-stainless-runtime-version, x-stainless-timeout, "
+               b"x-stainless-read-timeout, "
+               b"x-api-key, X-Herd-Tags, X-Herd-Session, X-Herd-Node, anthropic-version, "
+               b"anthropic-beta, anthropic-dangerous-direct-browser-access")
+    EXPOSE = (b"X-Fleet-Node, X-Fleet-Served-Model, X-Fleet-Requested-Model, "
+              b"X-Fleet-Retries, X-Fleet-Score, X-Fleet-Fallback, X-Fleet-Failed")
+    MAX_AGE = b"43200"  # 12 hours, gin-contrib/cors's default, which Ollama keeps
 
-    def count(self, model):
-        """A request for `model` arrived: its demand grows; a model the plan places
-        nowhere makes the next plan due at once."""
-        if not self.fleet.knows_model(model):
-            return  # a name no node has is nobody's demand (and a client's free text)
-        self.demand.count(model, time.monotonic())
-        if not self.places(model):
-            self.asked = True
+    def __init__(self, allowed):
+        self.any = "*" in allowed
+        self.exact = frozenset(o for o in allowed if "*" not in o)
+        self.patterns = [tuple(o.split("*")) for o in allowed if "*" in o and o != "*"]
 
-    def settled(self):
-        """Has this version of the plan held PLAN_SETTLE_S?"""
-        return time.monotonic() - self.changed_at >= PLAN_SETTLE_S
+    @staticmethod
+    def origin_of(request):
+        """The Origin of a cross-origin request, or None (none, or this router's own,
+        as a page it serves sends: not a cross-origin request, as for Ollama)."""
+        origin = request.header("origin")
+        host = request.header("host")
+        if origin is None or (host and origin in (f"http://{host}", f"https://{host}")):
+            return None
+        return origin
 
-    def due(self):
-        """Is it time to weigh the plan again?"""
-        return self.asked or time.monotonic() - self.built_at >= PLAN_EVERY_S
+    def allows(self, origin):
+        origin = origin.lower()
+        return self.any or origin in self.exact or any(
+            len(origin) >= len(head) + len(tail) and origin.startswith(head)
+            and origin.endswith(tail) for head, tail in self.patterns)
 
-    def kept_on(self, node_id):
-        """The models the plan places on `node_id`."""
-        return set(self.plan.hot.get(node_id, ())) if self.plan is not None else set()
+    def headers_for(self, origin):
+        """What every response to an allowed origin carries."""
+        if self.any:
+            return [(b"access-control-allow-origin", b"*"),
+                    (b"access-control-expose-headers", self.EXPOSE)]
+        return [(b"access-control-allow-origin", origin.encode("latin-1")),
+                (b"vary", b"Origin"), (b"access-control-expose-headers", self.EXPOSE)]
 
-    def places(self, model):
-        """The node ids the plan places `model` on."""
-        if self.plan is None:
-            return set()
-        return {n for n, names in self.plan.hot.items() if model in names}
+    def preflight_headers(self):
+        return [(b"access-control-allow-methods", self.METHODS),
+                (b"access-control-allow-headers", self.HEADERS),
+                (b"access-control-max-age", self.MAX_AGE)]
 
-    def has_room(self, model, node_id):
-        """May `model` be loaded on `node_id` beside what the plan places there? (Yes
-        where the plan places it, or in room the plan leaves free; yes before any plan.)"""
-        if self.plan is None or node_id in self.places(model):
+
+class Hosts:
+    """Which Host headers name this router: the guard against DNS rebinding. A web page
+    whose own host name an attacker re-points at the router's address is, to the
+    browser, of the router's origin (its Origin header matches its Host); only the
+    Host, an attacker's name, tells. Ollama refuses such a Host when it listens on
+    loopback (allowedHostsMiddleware); the router, which serves the LAN, refuses it on
+    every route no key guards (a page cannot know a key). The router's names: an IP
+    literal, a name with no dot and the suffixes below (only the local network answers
+    for them), this machine's host name, and the hosts of FLEET_ORIGINS' http(s)
+    origins (pages that may call the router anyway; * for any)."""
+
+    # .localhost (RFC 6761), .local (mDNS), the private-network names of RFC 6762's
+    # appendix G, home.arpa (RFC 8375): no public DNS answers for any of them.
+    LOCAL_SUFFIXES = (".localhost", ".local", ".internal", ".intranet", ".private",
+                      ".corp", ".home", ".lan", ".home.arpa")
+
+    def __init__(self, origins, hostname):
+        self.own = hostname.lower().rstrip(".")
+        self.any = "*" in origins
+        hosts = [host_name(o.partition("://")[2]) for o in origins
+                 if o.startswith(("http://", "https://"))]
+        self.any |= "*" in hosts
+        self.exact = frozenset(h for h in hosts if "*" not in h)
+        self.patterns = [tuple(h.split("*")) for h in hosts if "*" in h]
+
+    def allows(self, header):
+        """Is the Host header `header` (None: none sent) one of the router's names?"""
+        name = host_name(header or "")
+        if self.any or "." not in name or name == self.own or \
+                name.endswith(self.LOCAL_SUFFIXES) or name in self.exact:
             return True
-        nodes, models = self.inputs
-        node, m = nodes.get(node_id), models.get(model)
-        if node is None or m is None:
-            return True  # a node or model the plan has not weighed yet
-        return hc.fits_on(m, node, set(self.plan.hot.get(node_id, ())), models)
-
-    async def ready_for(self, model):
-        """Before a request for `model` is routed: when the plan places it nowhere and
-        was not weighed since it was asked for, weigh it now (PLAN_SOON_S is too late:
-        the request's cold load would go wherever a slot is free, and the next plan
-        would move the model again). One replan at a time, shared by all who wait."""
-        if self.plan is None or not self.asked or self.places(model) or \
-                time.monotonic() - self.built_at < PLAN_SOON_S:
-            return  # placed, or weighed a moment ago (and left out: no room for it)
-        try:
-            await self.replan_shared()
-        except Exception:  # the request goes on without it; the duty will say why
-            fleet_log.exception("weighing the placement plan for a request failed")
-
-    def replan_shared(self):
-        """The replan under way, or a new one; a waiter that is cancelled (its client
-        left) does not cancel it."""
-        if self.replanning is None or self.replanning.done():
-            self.replanning = asyncio.ensure_future(self.replan())
-        return asyncio.shield(self.replanning)
-
-    async def replan(self):
-        """Rebuild the plan from the last one; a new version if it places otherwise.
-        The search runs in a thread: its time grows with nodes times models."""
-        self.asked = False
-        nodes = self.gauge.nodes()
-        self.rates = self.demand.busiest(time.monotonic(), MAX_PLANNED_MODELS)
-        models = self.gauge.models(nodes, self.rates, self.plan)
-        plan = await asyncio.to_thread(hc.plan_placement, nodes, models, self._start(nodes))
-        return self._adopt(plan, nodes, models)
-
-    def _adopt(self, plan, nodes, models):
-        """Take `plan` (or keep the last, if it is hardly better); count a new version."""
-        now = time.monotonic()
-        self.inputs = {n.node_id: n for n in nodes}, {m.name: m for m in models}
-        if self._hardly_better(plan, nodes, models):
-            plan = hc.describe_plan({n: set(v) for n, v in self.plan.hot.items()},
-                                    self.plan.reasons, nodes, self.inputs[1], {})
-        placed = {n: names for n, names in plan.hot.items() if names}
-        if placed != {n: v for n, v in (self.plan.hot if self.plan else {}).items() if v}:
-            self.version += 1
-            self.changed_at = now
-            self.fleet.residency.plan_version = self.version
-            if placed:
-                fleet_log.info(f"placement plan {self.version}: " + "; ".join(
-                    f"{n}: {', '.join(v)}" for n, v in sorted(placed.items())),
-                    extra={"event": "placement_plan"})
-                fleet_log.debug(f"placement plan {self.version} weighed",
-                                extra={"event": "placement_inputs",
-                                       "inputs": self._weighed(nodes, models)})
-        self.plan, self.built_at = plan, now
-        return plan
-
-    def _weighed(self, nodes, models):
-        """What a plan version was built from, for the log: why the plan is what it is
-        (node speeds and room, each model's rate and demand) can then be read back."""
-        return {
-            "nodes": {n.node_id: {"speed": round(n.speed, 3), "slots": n.slots,
-                                  "memory_gb": round(n.memory / 1e9, 1),
-                                  "max_loaded": n.max_loaded} for n in nodes},
-            "models": {m.name: {"requests_per_s": round(self.rates.get(m.name, 0.0), 3),
-                                "demand": round(m.demand, 3),
-                                "size_gb": round(m.size / 1e9, 2)} for m in models},
-            "loaded": {n.node_id: sorted(self.fleet.nodes[n.node_id].loaded)
-                       for n in nodes if n.node_id in self.fleet.nodes}}
-
-    def _hardly_better(self, plan, nodes, models):
-        """Is `plan` within PLAN_MARGIN of the last one, which still fits the same
-        nodes? Two models of about the same demand for one place would otherwise trade
-        it back and forth as their rates drift, each trade a load and a new version."""
-        last = self.plan
-        if last is None or set(last.hot) != {n.node_id for n in nodes}:
+        if any(len(name) >= len(head) + len(tail) and name.startswith(head)
+               and name.endswith(tail) for head, tail in self.patterns):
+            return True
+        try:  # an IP literal: no name to rebind
+            ipaddress.ip_address(name)
+        except ValueError:
             return False
-        by_name = {m.name: m for m in models}
-        if not all(self._fits(names, node, by_name) for node in nodes
-                   for names in [last.hot[node.node_id]]):
-            return False
-        before = hc.placement_cost({n: set(v) for n, v in last.hot.items()}, nodes, by_name)
-        after = hc.placement_cost({n: set(v) for n, v in plan.hot.items()}, nodes, by_name)
-        return before - after <= PLAN_MARGIN * before
-
-    @staticmethod
-    def _fits(names, node, models):
-        """Do these models, all of them weighed now, fit on `node` together?"""
-        placed = set()
-        for name in names:
-            if name not in models or not hc.fits_on(models[name], node, placed, models):
-                return False
-            placed.add(name)
         return True
 
-    def _start(self, nodes):
-        """Where the search starts: the last plan, for the nodes it knew; what is
-        loaded now, for the others. A model in demand that the last plan placed
-        nowhere starts where its requests loaded it, first (the planner keeps what
-        fits in the order given): moving it elsewhere must then pay for its load."""
-        last = self.plan.hot if self.plan is not None else {}
-        placed = {m for names in last.values() for m in names}
-        start = {}
-        for n in nodes:
-            loaded = self.fleet.nodes[n.node_id].loaded
-            if n.node_id not in last:
-                start[n.node_id] = list(loaded)
-                continue
-            strays = [m for m in loaded if m not in placed and self.rates.get(m, 0.0) > 0]
-            start[n.node_id] = strays + [m for m in last[n.node_id] if m not in strays]
-        return start
-
-    # -- routing follows the plan -----------------------------------------------------
-
-    def steer(self, model, candidates, reasons):
-        """(The candidates routing may use, those it holds back), the plan given: a
-        node where `model` is hot (or loading) is always fine; while it is hot
-        somewhere, a cold load only where the plan places it and it is expected sooner
-        than the wait there, counting the reloads of the planned models it would push
-        out; while it is hot nowhere, where the plan places it; a model placed nowhere
-        (or whose places cannot take it) loads where it pushes out the least demand,
-        and no model with requests running (or on its way in) where another node can."""
-        if self.plan is None or len(candidates) < 2:
-            return candidates, []
-        warm = [c for c in candidates if c.hot or c.loading_s]
-        cold = [c for c in candidates if not (c.hot or c.loading_s)]
-        # A node that joined since the plan was weighed is one it has no word on yet.
-        places = self.places(model) | {c.node_id for c in cold
-                                       if c.node_id not in self.plan.hot}
-        pool = cold  # the candidates weighed by the demand they push out
-        if warm:
-            keep = self._worth_loading(warm, cold, places)
-            why = (f"{model} is hot elsewhere; a load here is not in the placement plan "
-                   f"or no sooner than the wait there")
-        elif any(c.node_id in places for c in cold):
-            keep = [c for c in cold if c.node_id in places]
-            why = f"the placement plan loads {model} elsewhere"
-        else:
-            # Two models placed nowhere would otherwise take turns pushing each other
-            # out of the node with the least demand, each load thrown out half-way.
-            pool = [c for c in cold if not c.evicts_busy] or \
-                [c for c in cold if not self._throws_out_a_load(c)] or cold
-            least = min(self._demand_out(c) for c in pool)
-            keep = [c for c in pool if self._demand_out(c) <= least]
-            why = f"loading {model} here would push out a busier model"
-        held = [c for c in cold if c not in keep]
-        reasons += [f"{c.node_id}: " + (f"loading {model} here would push out "
-                                        f"{c.evicts_busy}, which has requests running"
-                                        if c.evicts_busy and c not in pool else why)
-                    for c in held]
-        return warm + keep, held
-
-    def _throws_out_a_load(self, c):
-        """Would a cold load here push out a model whose own load is still under way?"""
-        node, now = self.fleet.nodes[c.node_id], time.monotonic()
-        return any(node.loading_left(m, now) for m in c.evicts)
-
-    def _worth_loading(self, warm, cold, places):
-        """The cold candidates worth a load while the model is hot elsewhere: where the
-        plan places it, and expected to start sooner than the shortest wait where it is
-        hot (the load, as the scoring expects it, and the reloads of the planned models
-        it pushes out); while no wait is known, where the plan places it (the scoring
-        decides). A load that would be sooner but where the plan does not place the
-        model is not made: the plan is weighed again soon instead (its demand may need
-        another place), so that every load is one the plan chose, unless the wait is
-        LOAD_ANYWAY times longer than that load: the plan lags a node that slowed."""
-        planned = [c for c in cold if c.node_id in places]
-        if not all(c.service_s for c in warm):
-            return planned
-        wait = min(hc.estimate_wait_s(c) for c in warm)
-        if any(self._load_cost(c) < wait for c in cold if c not in planned):
-            self.asked = True
-        # The plan is advice, not a prison: when it lags (a node slowed down and the
-        # queue there grew), a load far sooner than that wait is made anyway.
-        return [c for c in cold if self._load_cost(c) * (
-            1.0 if c in planned else LOAD_ANYWAY) < wait]
-
-    def _load_cost(self, c):
-        """A cold load's seconds before its request starts, and the reloads of the
-        planned models it pushes out."""
-        node = self.fleet.nodes[c.node_id]
-        back = sum(self.gauge.load_s(node, m) for m in c.evicts if self._kept(m, c.node_id))
-        return hc.estimate_wait_s(c) + back
-
-    def _kept(self, model, node_id):
-        """Does the plan keep `model` on `node_id` for its demand?"""
-        return node_id in self.places(model) and self.rates.get(model, 0.0) > 0
-
-    def _demand_out(self, c):
-        """The request rate of the models a cold load here pushes out, as it is now
-        (a model the plan has not placed yet may be rising), those the plan keeps here
-        counted twice (each is reloaded, or the plan moves)."""
-        now = time.monotonic()
-        return sum(self.demand.rate(m, now) * (2 if self._kept(m, c.node_id) else 1)
-                   for m in c.evicts)
-
-    # -- what the Warmer carries out ---------------------------------------------------
-
-    def pending_loads(self):
-        """(node, model) the plan places, asked for within PLAN_ASKED_S, not in memory
-        nor on the way. A model nobody asked for lately is loaded by its next request,
-        if it comes: when traffic stops, the demand that lingers in the counts moves
-        nothing."""
-        if self.plan is None:
-            return []
-        now, out = time.monotonic(), []
-        for node_id, names in sorted(self.plan.hot.items()):
-            node = self.fleet.nodes.get(node_id)
-            if node is None or node.accepts_work():
-                continue
-            out += [(node, m) for m in names if m not in node.loaded and
-                    self.rates.get(m, 0.0) > 0 and m in node.models and
-                    now - self.demand.last_asked(m) <= PLAN_ASKED_S]
-        return out
-
-    def dropped(self, node):
-        """Models in `node`'s memory that the plan does not place there, quietest first."""
-        placed = set(self.plan.hot.get(node.node_id, ())) if self.plan else set()
-        return sorted((m for m in node.loaded if m not in placed),
-                      key=lambda m: self.rates.get(m, 0.0))
-
-    # -- the view ---------------------------------------------------------------------
-
-    def view(self):
-        """/fleet/status's `placement`."""
-        plan, now = self.plan, time.monotonic()
-        since = time.time() - HEALTH_WINDOW_S
-        return {
-            "version": self.version,
-            "age_s": round(now - self.changed_at, 1) if plan else None,
-            "built_s_ago": round(now - self.built_at, 1) if plan else None,
-            "nodes": {n: [{"model": m, "reason": plan.reasons.get((m, n), "")}
-                          for m in names] for n, names in sorted(plan.hot.items())}
-            if plan else {},
-            "unplaced": dict(plan.unplaced) if plan else {},
-            "node_speeds": {n: round(node.speed, 3)
-                            for n, node in sorted(self.inputs[0].items())},
-            "requests_per_min": {m: round(r * 60, 2) for m, r in sorted(
-                self.demand.busiest(now, MAX_PLANNED_MODELS).items())},
-            "planned_loads": self.done["load"], "planned_unloads": self.done["unload"],
-            "thrashes": sum(self.fleet.residency.thrashes_since(since).values()),
-        }
-
-
-####################################################################################
-# Routing: elimination, the seven signals, the holding queue, context protection
-####################################################################################
-
-
-class RouteError(Exception):
-    """The request cannot be routed: status, message, and extra headers."""
-
-    def __init__(self, status, message, headers=()):
-        super().__init__(message)
-        self.status, self.headers = status, list(headers)
-
-
-class Choice:
-    """The node chosen for a request and why."""
-
-    __slots__ = ("node", "model", "score", "breakdown", "hot", "runner_up", "candidate")
-
-    def __init__(self, node, model, score=0.0, breakdown=None, hot=False, runner_up=None,
-                 candidate=None):
-        self.node, self.model = node, model
-        self.score, self.breakdown, self.hot = score, breakdown or {}, hot
-        self.runner_up = runner_up  # the next best node's Candidate, if any
-        self.candidate = candidate  # the chosen node's Candidate (None: not scored)
-
-
-class Ask:
-    """What the scheduler reads from a request: the context it needs, the client's
-    answer-length limit, the node that answered its conversation's last turn, and the
-    route (a newer one needs an Ollama that serves it) and the kind of request (an image
-    or speech request needs a node that serves that kind)."""
-
-    __slots__ = ("requested_ctx", "max_tokens", "session_node", "endpoint", "kind")
-
-    def __init__(self, requested_ctx=0, max_tokens=0, session_node=None, endpoint="",
-                 kind=hc.CHAT):
-        self.requested_ctx, self.max_tokens = requested_ctx, max_tokens
-        self.session_node, self.endpoint, self.kind = session_node, endpoint, kind
-
-
-# A limit the client sets is taken up to this many tokens: beyond it, no model's answer
-# or context differs, and a number past a float's range (10**400 is valid JSON) would
-# break the arithmetic the forecasts do with it.
-MAX_TOKENS_TAKEN = 1 << 30
-
-
-def requested_tokens(body):
-    """The answer-length limit the client set (num_predict, max_tokens), else 0."""
-    options = body.get("options")
-    values = [options.get("num_predict") if isinstance(options, dict) else None,
-              body.get("max_tokens"), body.get("max_completion_tokens"),
-              body.get("max_output_tokens")]
-    limits = [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v > 0]
-    return min(min(limits), MAX_TOKENS_TAKEN) if limits else 0
-
-
-def requested_context(body):
-    options = body.get("options")
-    if isinstance(options, dict) and isinstance(options.get("num_ctx"), int) \
-            and not isinstance(options["num_ctx"], bool):
-        return min(max(0, options["num_ctx"]), MAX_TOKENS_TAKEN)
-    return 0
-
-
-def too_old(node, endpoint):
-    """Why the node's Ollama cannot serve `endpoint` (it predates the route), or None. An
-    unknown version, or a build from source (which reports 0.0.0), is let through: if it
-    is too old, its own 404 reaches the client."""
-    first = NEWER_INFERENCE.get(endpoint)
-    have = node.hb.ollama_version
-    if first is None or not any(version_key(have)) or version_key(have) >= version_key(first):
-        return None
-    return f"Ollama {have} is older than {first}, which added {endpoint}"
-
-
-def request_kind(path):
-    """The kind of a request, by its route (hc.REQUEST_KINDS)."""
-    if path in IMAGE_ROUTES:
-        return hc.IMAGE
-    if path in TRANSCRIBE_ROUTES:
-        return hc.TRANSCRIPTION
-    if path in EMBED_ENDPOINTS:
-        return hc.EMBEDDING
-    if path in NATIVE_INFERENCE + OPENAI_INFERENCE or path in NEWER_INFERENCE:
-        return hc.CHAT
-    return hc.ADMIN_KIND
-
-
-def not_served(kind, shown_name, fleet):
-    """The 404 for an image or speech model no node serves: what there is, and what to
-    install or set on a node to have it."""
-    what = "image" if kind == hc.IMAGE else "speech-to-text"
-    have = sorted({name for n in fleet.nodes.values()
-                   for name in n.media_models.get(kind, {}).values()} |
-                  {name for n in fleet.nodes.values() for name in n.models
-                   if kind == hc.IMAGE and "image" in (n.models[name].capabilities or ())})
-    listed = f"the fleet's {what} models: {', '.join(have)}" if have else \
-        f"no node serves {what} models"
-    return RouteError(404, f"model '{shown_name}' not found: no node serves it for "
-                           f"{what} ({listed}). To add one, {MEDIA_HINTS[kind]}")
-
-
-def pick_route(models, ranked):
-    """(model, best entry) among the primary and its fallbacks, or None.
-
-    The primary wins when it is loaded somewhere; a loaded fallback beats it only when
-    the primary would need a cold load; otherwise the first model, in the client's
-    order, that some node can serve.
-    """
-    best = {m: ranked[m][0] for m in models if ranked[m]}
-    hot = [m for m in models if m in best and best[m][2].hot]
-    if hot:
-        return hot[0], best[hot[0]]
-    for model in models:
-        if model in best:
-            return model, best[model]
-    return None
-
-
-def same_model_other_tag(a, b):
-    """'llama3.2:1b' and 'llama3.2:3b' are variants of one model; 'llama3.2' and
-    'smollm2' are not, whatever GGUF architecture they share."""
-    return a != b and a.rpartition(":")[0] == b.rpartition(":")[0]
-
-
-class LastNode:
-    """The node each key last went to, for `ttl_s` at most, the `max_items` newest kept
-    (conversations for session affinity, client addresses for blobs and their create)."""
-
-    def __init__(self, max_items, ttl_s):
-        self.max_items, self.ttl_s = max_items, ttl_s
-        self.last = {}  # key -> (node_id, monotonic time), the newest last
-
-    def node_for(self, key):
-        node_id, at = self.last.get(key, (None, 0.0)) if key else (None, 0.0)
-        return node_id if time.monotonic() - at < self.ttl_s else None
-
-    def remember(self, key, node_id):
-        if not key:
-            return
-        now = time.monotonic()
-        self.last.pop(key, None)
-        self.last[key] = (node_id, now)
-        while len(self.last) > self.max_items or \
-                now - next(iter(self.last.values()))[1] >= self.ttl_s:
-            self.last.pop(next(iter(self.last)))
-
-
-# Session affinity: the next turn of a conversation goes back to the node that answered
-# the last one, since Ollama keeps the prompt it last evaluated in the slot and a
-# follow-up that starts with the same messages skips evaluating them again. A
-# conversation is named by X-Herd-Session (or a `session:<id>` tag), else by its
-# messages: turn n+1 sends turn n's messages, the answer and a new question, so turn
-# n's messages are its prefix.
-MAX_SESSIONS = 10000
-SESSION_TTL_S = 1800.0
-MAX_SESSION_NAME = 128
-
-
-def conversation_keys(request, body, tags):
-    """(the key this turn looks up, the key the next turn will look up)."""
-    named = request.header("x-herd-session") or next(
-        (t[8:] for t in (tags or "").split(",") if t.startswith("session:")), "")
-    if named and len(named) <= MAX_SESSION_NAME and not hc.CONTROL_CHARS.search(named):
-        return "s:" + named, "s:" + named
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        return None, None
-    return conversation_digests(str(body.get("model")), messages)
-
-
-def conversation_digests(model, messages):
-    """(digest of the messages before the last answer and question, or None; digest of
-    them all), in one pass: each message is hashed once, and the first digest is the
-    running hash taken part-way. A turn's full digest is the next turn's prefix one."""
-    running = hashlib.blake2b(model.encode("utf-8", "replace"), digest_size=16)
-    before = None
-    for n, message in enumerate(messages):
-        if n == len(messages) - 2 and n:
-            before = "m:" + running.copy().hexdigest()
-        # Compact JSON has no raw newline, so one ends each message unambiguously.
-        running.update(json.dumps(message, sort_keys=True, ensure_ascii=False,
-                                  separators=(",", ":"), default=str)
-                       .encode("utf-8", "replace") + b"\n")
-    return before, "m:" + running.hexdigest()
-
-
-class Scheduler:
-    """Picks the node for each request, holding it while no node can take it."""
-
-    def __init__(self, cfg, fleet, learner, stats):
-        self.cfg, self.fleet, self.learner, self.stats = cfg, fleet, learner, stats
-        self.placement = Placement(fleet, learner)
-        self.sessions = LastNode(MAX_SESSIONS, SESSION_TTL_S)  # conversation -> node
-        self.holding = 0  # requests waiting for any node that can serve them
-
-    def candidate(self, node, model, ask):
-        """The scoring view of one node for one model."""
-        entry = node.models.get(model, NO_ENTRY)
-        loaded = node.loaded.get(model)
-        q = self.fleet.queues.get((node.node_id, model))
-        unloaded = node.unloaded_at.get(model)
-        c = hc.Candidate(
-            node_id=node.node_id, hot=loaded is not None,
-            loading_s=node.loading_left(model, time.monotonic()),
-            recently_unloaded=unloaded is not None
-            and time.monotonic() - unloaded < hc.RECENT_UNLOAD_S,
-            model_size=entry.size,
-            mem_total=node.hb.mem_total, mem_available=node.hb.mem_available,
-            mem_reclaimable=sum(m.size for name, m in node.loaded.items() if name != model),
-            pressure=node.hb.pressure,
-            active=q.active if q else 0, waiting=q.waiting if q else 0,
-            slots=self.fleet.slots_for(node), limit=self.fleet.limit_for(node, model),
-            cpu_percent=node.hb.cpu_percent,
-            cpu_trend=node.cpu_trend(), degraded=node.status == DEGRADED,
-            **node.capacity_inputs(),
-            requested_ctx=ask.requested_ctx,
-            loaded_ctx=(loaded or NO_ENTRY).context_length or 0,
-            model_max_ctx=entry.max_context,
-            session=ask.session_node == node.node_id,
-        )
-        if node.serves_itself(model, ask.kind):
-            c.hot = True  # the agent's own tool or server: nothing of Ollama's to load
-        if not c.hot:
-            c.evicts = self.fleet.residency.victims(node, model, entry.size,
-                                                    self.placement.kept_on(node.node_id))
-            c.evicts_busy = next((m for m in c.evicts if self.fleet.busy(node, m)), "")
-        if self.cfg.learning:
-            self._forecast(c, q, model, ask, sized(entry))
-        return c
-
-    def _forecast(self, c, q, model, ask, size):
-        """Fill in what learning says: the answer's expected length, its run time here
-        and the queued work ahead of it (`size`: the model's, for estimates by size)."""
-        f = self.learner.forecast(c.node_id, model, size)
-        if f is None:
-            return
-        c.tokens = self.learner.answer_tokens(model, ask.max_tokens)
-        # Its speed once it runs: with what else runs on the node then (its models
-        # share the machine), at most this model's limit of its own.
-        others = self.fleet.node_active(c.node_id) - c.active
-        f = self._as_streaming_now(f, q, others + c.active)
-        c.service_s = f.service_s(c.tokens, others + min(c.active + 1, c.limit))
-        c.work_ahead_s = f.work_ahead_s(q, c.limit, others + c.limit)
-        c.load_estimate_s = f.load_s
-        c.first_s = f.ttft_s + c.loading_s + (0.0 if c.hot else f.load_s)
-
     @staticmethod
-    def _as_streaming_now(f, q, level):
-        """`f`, slowed to the pace of the answers running on the node+model now, when
-        that is well below what was learned: a node that slows down shows it in the
-        first chunks of its answers (or in a first chunk that is long late), long before
-        the first answer ends."""
-        if q is None or not q.running:
-            return f
-        pace = q.live_pace(time.monotonic(), f.level_tps(level))
-        return f.slowed(pace) if pace is not None and pace < LIVE_SLOW else f
+    def refusal(header, port):
+        name = hc.printable(host_name(header))[:100]
+        return (f"Host {name} is not one of this router's names, and a web page that DNS "
+                f"rebinding points at the router sends such a Host: refused. Reach the "
+                f"router by its address or host name, or list http://{name}:{port} in "
+                f"its FLEET_ORIGINS")
 
-    def rank(self, model, ask, exclude=(), held_back=None):
-        """Survivors of elimination, best first, and why the others were dropped. A
-        cold load that would evict a model with requests running or queued is dropped
-        too, when another node can serve without that, and one the placement plan
-        does not want (Placement.steer; those go to `held_back`, a list, if given)."""
-        candidates, reasons = [], []
-        for node in self.fleet.nodes.values():
-            if not node.serves(model, ask.kind):
-                continue  # not a candidate at all; not worth naming
-            why = "failed this request already" if node.node_id in exclude \
-                else too_old(node, ask.endpoint) or node.accepts_work()
-            if why is None:
-                c = self.candidate(node, model, ask)
-                why = hc.eliminate(c)
-                if why is None:
-                    candidates.append(c)
-                    continue
-            reasons.append(f"{node.node_id}: {why}")
-        # The plan first: where it places the model, a load that waits for a busy
-        # model to go idle there beats one that pushes out another node's model.
-        candidates, held = self.placement.steer(model, candidates, reasons)
-        if held_back is not None:
-            held_back += held
-        harmless = [c for c in candidates if not c.evicts_busy]
-        if harmless and len(harmless) < len(candidates):
-            reasons += [f"{c.node_id}: loading {model} would evict {c.evicts_busy}, which "
-                        f"has requests running" for c in candidates if c.evicts_busy]
-            candidates = harmless
-        return hc.rank_candidates(candidates), reasons
 
-    async def choose(self, models, ask, exclude=(), shown_name=None, hold=True, prefer=None):
-        """The best node for the first of `models` that can be served (the rest are
-        fallbacks), waiting in the holding queue while none can be."""
-        deadline = time.monotonic() + (self.cfg.hold_timeout if hold else 0.0)
-        shown_name = shown_name or models[0]
-        self.holding += 1
+def host_name(header):
+    """The host in a Host header (host[:port], [v6][:port]): lower case, no final dot."""
+    value = header.strip().lower()
+    if value.startswith("["):
+        return value[1:].partition("]")[0]
+    if value.count(":") == 1:
+        value = value.partition(":")[0]
+    return value.rstrip(".")
+
+
+def read_model_request(request):
+    """(body, model name) of a native request; RouteError(400) in Ollama's words."""
+    try:
+        body = hc.parse_json_body(request.body, request.shape)
+        return body, hc.check_model_name(body.get("model") or body.get("name"))
+    except ValueError as e:  # "name" is the older spelling
+        raise RouteError(400, str(e)) from None
+
+
+def not_routed(path):
+    """Why the router does not route this path an Ollama serves, or None (NOT_ROUTED)."""
+    return next((why for route, why in NOT_ROUTED
+                 if path == route or route.endswith("/") and path.startswith(route)), None)
+
+
+def ollama_url_allowed(url, source, allowed):
+    """Does a heartbeat from `source` name an Ollama it may name? Its own address; for
+    an agent on this machine (plain loopback), localhost too; or a host the operator
+    listed in FLEET_ALLOWED_OLLAMA_HOSTS. A stranger cannot point a node elsewhere."""
+    host = hc.split_url(url)[0].lower()
+    if "*" in allowed or host in allowed:
+        return True
+    if source in ("127.0.0.1", "::1") and host in ("localhost", "127.0.0.1", "::1"):
+        return True
+    return same_address(host, source)  # a name never is: the router does not resolve it
+
+
+def same_address(a, b):
+    """Two IP literals for one address (2001:db8::1 and 2001:DB8:0::1 are the same)."""
+    for family in (socket.AF_INET, socket.AF_INET6):
         try:
-            while True:
-                known = any(self.fleet.holders(m, ask.kind) for m in models)
-                if not known and not self.fleet.warming_up():
-                    self._refuse_kind(models, ask.kind, shown_name)
-                    raise RouteError(404, f"model '{shown_name}' not found on any node of "
-                                          f"the fleet" + (" (nor its fallbacks)"
-                                                          if len(models) > 1 else ""))
-                choice, reasons = self._pick(models, ask, exclude, prefer)
-                if choice:
-                    return choice
-                holders = [n for m in models for n in self.fleet.holders(m, ask.kind)]
-                if holders and all(too_old(n, ask.endpoint) for n in holders):
-                    # Waiting cannot help, and an old Ollama itself would say 404.
-                    raise RouteError(404, f"no node with '{shown_name}' runs an Ollama that "
-                                          f"serves {ask.endpoint} ({'; '.join(reasons)})")
-                until = deadline if known else min(deadline, self.fleet.warm_until())
-                remaining = until - time.monotonic()
-                if remaining <= 0:
-                    if not known:
-                        continue  # the start-up window is over: answer 404 above
-                    raise RouteError(503, f"no node can serve '{shown_name}' right now "
-                                          f"({'; '.join(reasons) or 'no node online'}); "
-                                          f"waited {self.cfg.hold_timeout:g}s",
-                                     [(b"retry-after", b"%d" % max(
-                                         1, int(self.cfg.heartbeat_timeout)))])
-                await self.fleet.wait_change(remaining)
-        finally:
-            self.holding -= 1
+            return socket.inet_pton(family, a) == socket.inet_pton(family, b)
+        except (OSError, TypeError):
+            continue
+    return False
 
-    def _refuse_kind(self, models, kind, shown_name):
-        """An image or speech request for a model no node serves that way: a text
-        model asked for a picture is Ollama's own 400; anything else the 404 that says
-        what to install."""
-        if kind not in hc.MEDIA_KINDS:
-            return
-        if kind == hc.IMAGE and any(self.fleet.holders(m) for m in models):
-            raise RouteError(400, f"model '{shown_name}' does not support image generation "
-                                  f"(not an image model on any node)")
-        raise not_served(kind, shown_name, self.fleet)
 
-    def _pick(self, models, ask, exclude, prefer):
-        ranked, reasons, held = {}, [], collections.defaultdict(list)
-        for model in models:
-            ranked[model], why = self.rank(model, ask, exclude, held[model])
-            reasons += why
-        picked = pick_route(models, ranked)
-        if picked and prefer:  # the rebalancer's pick, if it can still take it
-            model = picked[0]
-            picked = next(((model, e) for e in ranked[model] if e[2].node_id == prefer),
-                          picked)
-        if not picked:
-            return None, reasons
-        model, (score, breakdown, c) = picked
-        others = [e[2] for e in ranked[model] if e[2].node_id != c.node_id] or \
-            [e[2] for e in hc.rank_candidates(held[model])]  # a runner-up to pre-warm
-        return Choice(self.fleet.nodes[c.node_id], model, score, breakdown, c.hot,
-                      others[0] if others else None, c), reasons
+def openai_model(entry):
+    """An /api/tags entry as OpenAI's model object."""
+    name = entry.get("model") or entry.get("name")
+    owner = name.split("/")[-2] if name.count("/") else "library"
+    return {"id": name, "object": "model",
+            "created": hc.rfc3339_to_unix(entry.get("modified_at")), "owned_by": owner}
 
-    # -- context protection ---------------------------------------------------------
 
-    def models_to_try(self, model, fallback_names, requested_ctx, embedding):
-        """[primary, fallbacks...] and {model: the name the client used for it}."""
-        names = {hc.canonical_model(m): m for m in fallback_names or ()}
-        models = [model] + [m for m in names if m != model]
-        bigger = self.larger_variant(model, requested_ctx, embedding)
-        if bigger:
-            models = [bigger] + models  # loaded with room for the context: no reload
-            names[bigger] = bigger
-        return models, names
+def node_summary(fleet, node, learner):
+    """One node as /fleet/status shows it."""
+    hb = node.hb
+    return {
+        "node_id": node.node_id, "status": node.status, "local": node.local,
+        "ollama_url": node.ollama_url,
+        "last_heartbeat_s": round(time.monotonic() - node.last_seen, 1),
+        "agent_version": hb.agent_version or None, "hardware": hb.hardware,
+        "memory": hb.memory, "cpu": {"percent": hb.cpu_percent}, "disk": hb.disk,
+        "ollama": hb.ollama, "draining": node.status == DRAINING or hb.draining,
+        "paused": hb.paused, "capacity": hb.capacity, "num_parallel": fleet.slots_for(node),
+        "capabilities": node.capabilities(), "media": hb.media,
+        "models_on_disk": sorted(node.models),
+        "models_loaded": [
+            {"model": name, "size": e.size, "size_vram": e.size_vram,
+             "context_length": e.context_length, "expires_at": e.expires_at}
+            for name, e in sorted(node.loaded.items())],
+        "queues": {model: {"active": q.active, "waiting": q.waiting, "limit": q.limit}
+                   for (nid, model), q in fleet.queues.items() if nid == node.node_id},
+        "learned": learner.view(node.node_id, node.models,
+                                {m: fleet.limit_for(node, m) for m in node.models}),
+    }
 
-    def larger_variant(self, model, requested_ctx, embedding):
-        """Another tag of the same model, loaded with room for `requested_ctx` and at
-        least as large, when `model` is loaded only with less (strip mode); else None.
 
-        Never for an embedding model: another model's vectors (other dimensions, another
-        space) would silently corrupt the client's vector store."""
-        if self.cfg.context_protection != "strip" or not requested_ctx or embedding:
-            return None
-        fleet = self.fleet
-        if any(n.models[model].is_embedding for n in fleet.holders(model)):
-            return None
-        loaded = [n.loaded[model] for n in fleet.nodes.values() if model in n.loaded]
-        if not loaded or any((e.context_length or 0) >= requested_ctx for e in loaded):
-            return None
-        size = max((n.models[model].size for n in fleet.holders(model)), default=0)
-        for node in fleet.working_nodes():
-            for name, entry in node.loaded.items():
-                if same_model_other_tag(model, name) and \
-                        (entry.context_length or 0) >= requested_ctx and \
-                        node.models.get(name, NO_ENTRY).size >= size:
-                    self.stats.count_event("context_upgraded",
-                                           f"num_ctx {requested_ctx} is more than {model} "
-                                           f"has loaded; {name} on {node.node_id} has it")
-                    return name
-        return None
+def page_headers(page):
+    """A Content-Security-Policy that lets the page run only its own inline script and
+    style (by hash) and talk only to this router: a value from the API that slipped into
+    the page as markup could still not run or send anything anywhere."""
+    hashes = {}
+    for tag in (b"script", b"style"):
+        blocks = re.findall(rb"<" + tag + rb">(.*?)</" + tag + rb">", page, re.S)
+        hashes[tag] = " ".join(
+            f"'sha256-{base64.b64encode(hashlib.sha256(b).digest()).decode()}'"
+            for b in blocks) or "'none'"
+    policy = (f"default-src 'none'; script-src {hashes[b'script']}; "
+              f"style-src {hashes[b'style']}; connect-src 'self'; img-src 'self' data:; "
+              f"base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return [(b"content-security-policy", policy.encode()),
+            (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
 
-    def protect_context(self, ex, choice, requested_ctx):
-        """A num_ctx that would make Ollama reload a loaded model is set to the loaded
-        context (FLEET_CONTEXT_PROTECTION=strip), or only logged (warn)."""
-        mode = self.cfg.context_protection
-        loaded_ctx = choice.node.loaded.get(choice.model, NO_ENTRY).context_length or 0
-        if mode == "passthrough" or not requested_ctx or not loaded_ctx or \
-                requested_ctx >= loaded_ctx:
-            return  # nothing to save, or the client needs more than is loaded
-        self.stats.count_event(f"context_{'stripped' if mode == 'strip' else 'warned'}",
-                               f"num_ctx {requested_ctx} would reload {choice.model} "
-                               f"(loaded with {loaded_ctx}) on {choice.node.node_id}", ex)
-        if mode == "strip":
-            ex.rewrite(num_ctx=loaded_ctx)
 
-    # -- the rebalancer -----------------------------------------------------------------
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
 
-    def rebalance(self):
-        """Fleet.rebalance, moving a queued request only where learning expects it to
-        be answered sooner than where it waits (a slow node's free slot may be worse)."""
-        return self.fleet.rebalance(self.worth_moving if self.cfg.learning else None)
 
-    def worth_moving(self, node_id, target, model):
-        here = self.fleet.nodes.get(node_id)
-        if here is None:
-            return True
-        stay = hc.expected_s(self.candidate(here, model, Ask()))
-        move = hc.expected_s(self.candidate(target, model, Ask()))
-        return not stay or not move or move < stay
+RELEASE_RE = re.compile(r"v?\d+(\.\d+){1,3}(-[0-9A-Za-z.-]+)?")
 
-    # -- the queue view ---------------------------------------------------------------
 
-    def queue_report(self):
-        """/fleet/queue: every node+model queue with its estimated wait."""
-        rows = []
-        for (node_id, model), q in sorted(self.fleet.queues.items()):
-            node = self.fleet.nodes.get(node_id)
-            if node is None:
-                continue
-            c = self.candidate(node, model, Ask())
-            rows.append({"node_id": node_id, "model": model, "active": q.active,
-                         "waiting": q.waiting, "limit": q.limit,
-                         "estimated_wait_s": round(c.work_ahead_s if q.waiting else 0.0, 2)})
-        return {"queues": rows, "total_active": sum(r["active"] for r in rows),
-                "total_waiting": sum(r["waiting"] for r in rows), "holding": self.holding}
+def version_key(version):
+    return tuple(int(p) for p in re.findall(r"\d+", version.lstrip("v").split("-")[0]))
+
 
 ####################################################################################
 # Proxy: one request to one node at a time, relayed chunk by chunk
@@ -3863,6 +2663,2232 @@ def go_fraction_ns(digits, unit):
         value, scale = value * 10 + int(d), scale * 10
     return int(float(value) * (float(unit) / scale)) if value else 0
 
+
+####################################################################################
+# Routing: elimination, the seven signals, the holding queue, context protection
+####################################################################################
+
+
+class RouteError(Exception):
+    """The request cannot be routed: status, message, and extra headers."""
+
+    def __init__(self, status, message, headers=()):
+        super().__init__(message)
+        self.status, self.headers = status, list(headers)
+
+
+class Choice:
+    """The node chosen for a request and why."""
+
+    __slots__ = ("node", "model", "score", "breakdown", "hot", "runner_up", "candidate")
+
+    def __init__(self, node, model, score=0.0, breakdown=None, hot=False, runner_up=None,
+                 candidate=None):
+        self.node, self.model = node, model
+        self.score, self.breakdown, self.hot = score, breakdown or {}, hot
+        self.runner_up = runner_up  # the next best node's Candidate, if any
+        self.candidate = candidate  # the chosen node's Candidate (None: not scored)
+
+
+class Ask:
+    """What the scheduler reads from a request: the context it needs, the client's
+    answer-length limit, the node that answered its conversation's last turn, and the
+    route (a newer one needs an Ollama that serves it) and the kind of request (an image
+    or speech request needs a node that serves that kind)."""
+
+    __slots__ = ("requested_ctx", "max_tokens", "session_node", "endpoint", "kind")
+
+    def __init__(self, requested_ctx=0, max_tokens=0, session_node=None, endpoint="",
+                 kind=hc.CHAT):
+        self.requested_ctx, self.max_tokens = requested_ctx, max_tokens
+        self.session_node, self.endpoint, self.kind = session_node, endpoint, kind
+
+
+# A limit the client sets is taken up to this many tokens: beyond it, no model's answer
+# or context differs, and a number past a float's range (10**400 is valid JSON) would
+# break the arithmetic the forecasts do with it.
+MAX_TOKENS_TAKEN = 1 << 30
+
+
+def requested_tokens(body):
+    """The answer-length limit the client set (num_predict, max_tokens), else 0."""
+    options = body.get("options")
+    values = [options.get("num_predict") if isinstance(options, dict) else None,
+              body.get("max_tokens"), body.get("max_completion_tokens"),
+              body.get("max_output_tokens")]
+    limits = [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+    return min(min(limits), MAX_TOKENS_TAKEN) if limits else 0
+
+
+def requested_context(body):
+    options = body.get("options")
+    if isinstance(options, dict) and isinstance(options.get("num_ctx"), int) \
+            and not isinstance(options["num_ctx"], bool):
+        return min(max(0, options["num_ctx"]), MAX_TOKENS_TAKEN)
+    return 0
+
+
+def too_old(node, endpoint):
+    """Why the node's Ollama cannot serve `endpoint` (it predates the route), or None. An
+    unknown version, or a build from source (which reports 0.0.0), is let through: if it
+    is too old, its own 404 reaches the client."""
+    first = NEWER_INFERENCE.get(endpoint)
+    have = node.hb.ollama_version
+    if first is None or not any(version_key(have)) or version_key(have) >= version_key(first):
+        return None
+    return f"Ollama {have} is older than {first}, which added {endpoint}"
+
+
+def request_kind(path):
+    """The kind of a request, by its route (hc.REQUEST_KINDS)."""
+    if path in IMAGE_ROUTES:
+        return hc.IMAGE
+    if path in TRANSCRIBE_ROUTES:
+        return hc.TRANSCRIPTION
+    if path in EMBED_ENDPOINTS:
+        return hc.EMBEDDING
+    if path in NATIVE_INFERENCE + OPENAI_INFERENCE or path in NEWER_INFERENCE:
+        return hc.CHAT
+    return hc.ADMIN_KIND
+
+
+def not_served(kind, shown_name, fleet):
+    """The 404 for an image or speech model no node serves: what there is, and what to
+    install or set on a node to have it."""
+    what = "image" if kind == hc.IMAGE else "speech-to-text"
+    have = sorted({name for n in fleet.nodes.values()
+                   for name in n.media_models.get(kind, {}).values()} |
+                  {name for n in fleet.nodes.values() for name in n.models
+                   if kind == hc.IMAGE and "image" in (n.models[name].capabilities or ())})
+    listed = f"the fleet's {what} models: {', '.join(have)}" if have else \
+        f"no node serves {what} models"
+    return RouteError(404, f"model '{shown_name}' not found: no node serves it for "
+                           f"{what} ({listed}). To add one, {MEDIA_HINTS[kind]}")
+
+
+def pick_route(models, ranked):
+    """(model, best entry) among the primary and its fallbacks, or None.
+
+    The primary wins when it is loaded somewhere; a loaded fallback beats it only when
+    the primary would need a cold load; otherwise the first model, in the client's
+    order, that some node can serve.
+    """
+    best = {m: ranked[m][0] for m in models if ranked[m]}
+    hot = [m for m in models if m in best and best[m][2].hot]
+    if hot:
+        return hot[0], best[hot[0]]
+    for model in models:
+        if model in best:
+            return model, best[model]
+    return None
+
+
+def same_model_other_tag(a, b):
+    """'llama3.2:1b' and 'llama3.2:3b' are variants of one model; 'llama3.2' and
+    'smollm2' are not, whatever GGUF architecture they share."""
+    return a != b and a.rpartition(":")[0] == b.rpartition(":")[0]
+
+
+class LastNode:
+    """The node each key last went to, for `ttl_s` at most, the `max_items` newest kept
+    (conversations for session affinity, client addresses for blobs and their create)."""
+
+    def __init__(self, max_items, ttl_s):
+        self.max_items, self.ttl_s = max_items, ttl_s
+        self.last = {}  # key -> (node_id, monotonic time), the newest last
+
+    def node_for(self, key):
+        node_id, at = self.last.get(key, (None, 0.0)) if key else (None, 0.0)
+        return node_id if time.monotonic() - at < self.ttl_s else None
+
+    def remember(self, key, node_id):
+        if not key:
+            return
+        now = time.monotonic()
+        self.last.pop(key, None)
+        self.last[key] = (node_id, now)
+        while len(self.last) > self.max_items or \
+                now - next(iter(self.last.values()))[1] >= self.ttl_s:
+            self.last.pop(next(iter(self.last)))
+
+
+# Session affinity: the next turn of a conversation goes back to the node that answered
+# the last one, since Ollama keeps the prompt it last evaluated in the slot and a
+# follow-up that starts with the same messages skips evaluating them again. A
+# conversation is named by X-Herd-Session (or a `session:<id>` tag), else by its
+# messages: turn n+1 sends turn n's messages, the answer and a new question, so turn
+# n's messages are its prefix.
+MAX_SESSIONS = 10000
+SESSION_TTL_S = 1800.0
+MAX_SESSION_NAME = 128
+
+
+def conversation_keys(request, body, tags):
+    """(the key this turn looks up, the key the next turn will look up)."""
+    named = request.header("x-herd-session") or next(
+        (t[8:] for t in (tags or "").split(",") if t.startswith("session:")), "")
+    if named and len(named) <= MAX_SESSION_NAME and not hc.CONTROL_CHARS.search(named):
+        return "s:" + named, "s:" + named
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return None, None
+    return conversation_digests(str(body.get("model")), messages)
+
+
+def conversation_digests(model, messages):
+    """(digest of the messages before the last answer and question, or None; digest of
+    them all), in one pass: each message is hashed once, and the first digest is the
+    running hash taken part-way. A turn's full digest is the next turn's prefix one."""
+    running = hashlib.blake2b(model.encode("utf-8", "replace"), digest_size=16)
+    before = None
+    for n, message in enumerate(messages):
+        if n == len(messages) - 2 and n:
+            before = "m:" + running.copy().hexdigest()
+        # Compact JSON has no raw newline, so one ends each message unambiguously.
+        running.update(json.dumps(message, sort_keys=True, ensure_ascii=False,
+                                  separators=(",", ":"), default=str)
+                       .encode("utf-8", "replace") + b"\n")
+    return before, "m:" + running.hexdigest()
+
+
+class Scheduler:
+    """Picks the node for each request, holding it while no node can take it."""
+
+    def __init__(self, cfg, fleet, learner, stats):
+        self.cfg, self.fleet, self.learner, self.stats = cfg, fleet, learner, stats
+        self.placement = Placement(fleet, learner)
+        self.sessions = LastNode(MAX_SESSIONS, SESSION_TTL_S)  # conversation -> node
+        self.holding = 0  # requests waiting for any node that can serve them
+
+    def candidate(self, node, model, ask):
+        """The scoring view of one node for one model."""
+        entry = node.models.get(model, NO_ENTRY)
+        loaded = node.loaded.get(model)
+        q = self.fleet.queues.get((node.node_id, model))
+        unloaded = node.unloaded_at.get(model)
+        c = hc.Candidate(
+            node_id=node.node_id, hot=loaded is not None,
+            loading_s=node.loading_left(model, time.monotonic()),
+            recently_unloaded=unloaded is not None
+            and time.monotonic() - unloaded < hc.RECENT_UNLOAD_S,
+            model_size=entry.size,
+            mem_total=node.hb.mem_total, mem_available=node.hb.mem_available,
+            mem_reclaimable=sum(m.size for name, m in node.loaded.items() if name != model),
+            pressure=node.hb.pressure,
+            active=q.active if q else 0, waiting=q.waiting if q else 0,
+            slots=self.fleet.slots_for(node), limit=self.fleet.limit_for(node, model),
+            cpu_percent=node.hb.cpu_percent,
+            cpu_trend=node.cpu_trend(), degraded=node.status == DEGRADED,
+            **node.capacity_inputs(),
+            requested_ctx=ask.requested_ctx,
+            loaded_ctx=(loaded or NO_ENTRY).context_length or 0,
+            model_max_ctx=entry.max_context,
+            session=ask.session_node == node.node_id,
+        )
+        if node.serves_itself(model, ask.kind):
+            c.hot = True  # the agent's own tool or server: nothing of Ollama's to load
+        if not c.hot:
+            c.evicts = self.fleet.residency.victims(node, model, entry.size,
+                                                    self.placement.kept_on(node.node_id))
+            c.evicts_busy = next((m for m in c.evicts if self.fleet.busy(node, m)), "")
+        if self.cfg.learning:
+            self._forecast(c, q, model, ask, sized(entry))
+        return c
+
+    def _forecast(self, c, q, model, ask, size):
+        """Fill in what learning says: the answer's expected length, its run time here
+        and the queued work ahead of it (`size`: the model's, for estimates by size)."""
+        f = self.learner.forecast(c.node_id, model, size)
+        if f is None:
+            return
+        c.tokens = self.learner.answer_tokens(model, ask.max_tokens)
+        # Its speed once it runs: with what else runs on the node then (its models
+        # share the machine), at most this model's limit of its own.
+        others = self.fleet.node_active(c.node_id) - c.active
+        f = self._as_streaming_now(f, q, others + c.active)
+        c.service_s = f.service_s(c.tokens, others + min(c.active + 1, c.limit))
+        c.work_ahead_s = f.work_ahead_s(q, c.limit, others + c.limit)
+        c.load_estimate_s = f.load_s
+        c.first_s = f.ttft_s + c.loading_s + (0.0 if c.hot else f.load_s)
+
+    @staticmethod
+    def _as_streaming_now(f, q, level):
+        """`f`, slowed to the pace of the answers running on the node+model now, when
+        that is well below what was learned: a node that slows down shows it in the
+        first chunks of its answers (or in a first chunk that is long late), long before
+        the first answer ends."""
+        if q is None or not q.running:
+            return f
+        pace = q.live_pace(time.monotonic(), f.level_tps(level))
+        return f.slowed(pace) if pace is not None and pace < LIVE_SLOW else f
+
+    def rank(self, model, ask, exclude=(), held_back=None):
+        """Survivors of elimination, best first, and why the others were dropped. A
+        cold load that would evict a model with requests running or queued is dropped
+        too, when another node can serve without that, and one the placement plan
+        does not want (Placement.steer; those go to `held_back`, a list, if given)."""
+        candidates, reasons = [], []
+        for node in self.fleet.nodes.values():
+            if not node.serves(model, ask.kind):
+                continue  # not a candidate at all; not worth naming
+            why = "failed this request already" if node.node_id in exclude \
+                else too_old(node, ask.endpoint) or node.accepts_work()
+            if why is None:
+                c = self.candidate(node, model, ask)
+                why = hc.eliminate(c)
+                if why is None:
+                    candidates.append(c)
+                    continue
+            reasons.append(f"{node.node_id}: {why}")
+        # The plan first: where it places the model, a load that waits for a busy
+        # model to go idle there beats one that pushes out another node's model.
+        candidates, held = self.placement.steer(model, candidates, reasons)
+        if held_back is not None:
+            held_back += held
+        harmless = [c for c in candidates if not c.evicts_busy]
+        if harmless and len(harmless) < len(candidates):
+            reasons += [f"{c.node_id}: loading {model} would evict {c.evicts_busy}, which "
+                        f"has requests running" for c in candidates if c.evicts_busy]
+            candidates = harmless
+        return hc.rank_candidates(candidates), reasons
+
+    async def choose(self, models, ask, exclude=(), shown_name=None, hold=True, prefer=None):
+        """The best node for the first of `models` that can be served (the rest are
+        fallbacks), waiting in the holding queue while none can be."""
+        deadline = time.monotonic() + (self.cfg.hold_timeout if hold else 0.0)
+        shown_name = shown_name or models[0]
+        self.holding += 1
+        try:
+            while True:
+                known = any(self.fleet.holders(m, ask.kind) for m in models)
+                if not known and not self.fleet.warming_up():
+                    self._refuse_kind(models, ask.kind, shown_name)
+                    raise RouteError(404, f"model '{shown_name}' not found on any node of "
+                                          f"the fleet" + (" (nor its fallbacks)"
+                                                          if len(models) > 1 else ""))
+                choice, reasons = self._pick(models, ask, exclude, prefer)
+                if choice:
+                    return choice
+                holders = [n for m in models for n in self.fleet.holders(m, ask.kind)]
+                if holders and all(too_old(n, ask.endpoint) for n in holders):
+                    # Waiting cannot help, and an old Ollama itself would say 404.
+                    raise RouteError(404, f"no node with '{shown_name}' runs an Ollama that "
+                                          f"serves {ask.endpoint} ({'; '.join(reasons)})")
+                until = deadline if known else min(deadline, self.fleet.warm_until())
+                remaining = until - time.monotonic()
+                if remaining <= 0:
+                    if not known:
+                        continue  # the start-up window is over: answer 404 above
+                    raise RouteError(503, f"no node can serve '{shown_name}' right now "
+                                          f"({'; '.join(reasons) or 'no node online'}); "
+                                          f"waited {self.cfg.hold_timeout:g}s",
+                                     [(b"retry-after", b"%d" % max(
+                                         1, int(self.cfg.heartbeat_timeout)))])
+                await self.fleet.wait_change(remaining)
+        finally:
+            self.holding -= 1
+
+    def _refuse_kind(self, models, kind, shown_name):
+        """An image or speech request for a model no node serves that way: a text
+        model asked for a picture is Ollama's own 400; anything else the 404 that says
+        what to install."""
+        if kind not in hc.MEDIA_KINDS:
+            return
+        if kind == hc.IMAGE and any(self.fleet.holders(m) for m in models):
+            raise RouteError(400, f"model '{shown_name}' does not support image generation "
+                                  f"(not an image model on any node)")
+        raise not_served(kind, shown_name, self.fleet)
+
+    def _pick(self, models, ask, exclude, prefer):
+        ranked, reasons, held = {}, [], collections.defaultdict(list)
+        for model in models:
+            ranked[model], why = self.rank(model, ask, exclude, held[model])
+            reasons += why
+        picked = pick_route(models, ranked)
+        if picked and prefer:  # the rebalancer's pick, if it can still take it
+            model = picked[0]
+            picked = next(((model, e) for e in ranked[model] if e[2].node_id == prefer),
+                          picked)
+        if not picked:
+            return None, reasons
+        model, (score, breakdown, c) = picked
+        others = [e[2] for e in ranked[model] if e[2].node_id != c.node_id] or \
+            [e[2] for e in hc.rank_candidates(held[model])]  # a runner-up to pre-warm
+        return Choice(self.fleet.nodes[c.node_id], model, score, breakdown, c.hot,
+                      others[0] if others else None, c), reasons
+
+    # -- context protection ---------------------------------------------------------
+
+    def models_to_try(self, model, fallback_names, requested_ctx, embedding):
+        """[primary, fallbacks...] and {model: the name the client used for it}."""
+        names = {hc.canonical_model(m): m for m in fallback_names or ()}
+        models = [model] + [m for m in names if m != model]
+        bigger = self.larger_variant(model, requested_ctx, embedding)
+        if bigger:
+            models = [bigger] + models  # loaded with room for the context: no reload
+            names[bigger] = bigger
+        return models, names
+
+    def larger_variant(self, model, requested_ctx, embedding):
+        """Another tag of the same model, loaded with room for `requested_ctx` and at
+        least as large, when `model` is loaded only with less (strip mode); else None.
+
+        Never for an embedding model: another model's vectors (other dimensions, another
+        space) would silently corrupt the client's vector store."""
+        if self.cfg.context_protection != "strip" or not requested_ctx or embedding:
+            return None
+        fleet = self.fleet
+        if any(n.models[model].is_embedding for n in fleet.holders(model)):
+            return None
+        loaded = [n.loaded[model] for n in fleet.nodes.values() if model in n.loaded]
+        if not loaded or any((e.context_length or 0) >= requested_ctx for e in loaded):
+            return None
+        size = max((n.models[model].size for n in fleet.holders(model)), default=0)
+        for node in fleet.working_nodes():
+            for name, entry in node.loaded.items():
+                if same_model_other_tag(model, name) and \
+                        (entry.context_length or 0) >= requested_ctx and \
+                        node.models.get(name, NO_ENTRY).size >= size:
+                    self.stats.count_event("context_upgraded",
+                                           f"num_ctx {requested_ctx} is more than {model} "
+                                           f"has loaded; {name} on {node.node_id} has it")
+                    return name
+        return None
+
+    def protect_context(self, ex, choice, requested_ctx):
+        """A num_ctx that would make Ollama reload a loaded model is set to the loaded
+        context (FLEET_CONTEXT_PROTECTION=strip), or only logged (warn)."""
+        mode = self.cfg.context_protection
+        loaded_ctx = choice.node.loaded.get(choice.model, NO_ENTRY).context_length or 0
+        if mode == "passthrough" or not requested_ctx or not loaded_ctx or \
+                requested_ctx >= loaded_ctx:
+            return  # nothing to save, or the client needs more than is loaded
+        self.stats.count_event(f"context_{'stripped' if mode == 'strip' else 'warned'}",
+                               f"num_ctx {requested_ctx} would reload {choice.model} "
+                               f"(loaded with {loaded_ctx}) on {choice.node.node_id}", ex)
+        if mode == "strip":
+            ex.rewrite(num_ctx=loaded_ctx)
+
+    # -- the rebalancer -----------------------------------------------------------------
+
+    def rebalance(self):
+        """Fleet.rebalance, moving a queued request only where learning expects it to
+        be answered sooner than where it waits (a slow node's free slot may be worse)."""
+        return self.fleet.rebalance(self.worth_moving if self.cfg.learning else None)
+
+    def worth_moving(self, node_id, target, model):
+        here = self.fleet.nodes.get(node_id)
+        if here is None:
+            return True
+        stay = hc.expected_s(self.candidate(here, model, Ask()))
+        move = hc.expected_s(self.candidate(target, model, Ask()))
+        return not stay or not move or move < stay
+
+    # -- the queue view ---------------------------------------------------------------
+
+    def queue_report(self):
+        """/fleet/queue: every node+model queue with its estimated wait."""
+        rows = []
+        for (node_id, model), q in sorted(self.fleet.queues.items()):
+            node = self.fleet.nodes.get(node_id)
+            if node is None:
+                continue
+            c = self.candidate(node, model, Ask())
+            rows.append({"node_id": node_id, "model": model, "active": q.active,
+                         "waiting": q.waiting, "limit": q.limit,
+                         "estimated_wait_s": round(c.work_ahead_s if q.waiting else 0.0, 2)})
+        return {"queues": rows, "total_active": sum(r["active"] for r in rows),
+                "total_waiting": sum(r["waiting"] for r in rows), "holding": self.holding}
+
+
+####################################################################################
+# Placement: which models should be hot where (issue 20). The plan is herd_common's
+# plan_placement, a pure function; here are its inputs, read from live state, the plan's
+# versions, and how routing follows it.
+#
+# Theory: each request counts towards its model's demand (a request rate that rises
+# within seconds and fades over a minute, times the seconds one answer takes on the
+# fastest node). Every PLAN_EVERY_S, and before a request for a model the plan places
+# nowhere is routed, the plan is rebuilt starting from the last one, not what is loaded:
+# a cold load the plan did not want (a model placed nowhere must be loaded somewhere:
+# the answer always comes from the model asked for) does not become the plan. A new
+# plan replaces the last only when it costs PLAN_MARGIN less, and the version changes
+# only when what it places where changes; a load of a model that left that node's
+# memory under the same version is a thrash.
+# Routing follows the plan (Placement.steer): a cold load goes where the plan places
+# the model, and not at all while a node where it is hot answers sooner than the load
+# (plus reloading what the load would push out); only a wait LOAD_ANYWAY times longer
+# than a load elsewhere has that load made (the plan lags a node that slowed). The
+# Warmer loads what the plan places at a quiet moment, first unloading (keep_alive 0)
+# what the plan dropped there.
+####################################################################################
+
+PLAN_EVERY_S = 5.0  # the plan is rebuilt this often: a few heartbeats
+PLAN_SOON_S = 1.0  # or within this when a model it places nowhere is asked for
+DEMAND_TAU_S = 60.0  # a model's request rate forgets its past over about a minute
+DEMAND_RISE_TAU_S = 10.0  # and a rise in it is seen over about ten seconds
+RISE_ABOVE, FADE_BELOW = 2.0, 0.5  # a shift: the short count this far from the long one,
+SHIFT_EVIDENCE = 3.0  # with this many requests in its window (expected, for a fall)
+FADE_GAP = 4.0  # a model has stopped when its quiet would have held this many requests
+DEMAND_MIN_S = 3.0  # a count is taken as a rate over at least this long
+PLAN_ASKED_S = 30.0  # the plan loads ahead of requests only a model asked for this lately
+MAX_DEMAND_MODELS = 256  # models whose demand is kept (the quietest is forgotten first)
+MAX_PLANNED_MODELS = 32  # the busiest models the planner weighs (its search grows with them)
+GUESS_TPS_GB = 100.0  # tokens/s of a 1 GB model when nothing is learned (falls with size)
+GUESS_LOAD_S, GUESS_LOAD_S_GB = 1.0, 0.5  # a load's guess: base + per GB of weights
+PLAN_MARGIN = 0.35  # a new plan must cost a third less than the last to replace it
+PLAN_SETTLE_S = 10.0  # a plan holds this long before a model is unloaded for it
+MOVE_WINDOW_S = 120.0  # the Warmer never undoes its own move this soon, plan unchanged
+LOAD_ANYWAY = 3.0  # a load the plan did not choose, when the wait is this many times longer
+
+
+class Demand:
+    """Each model's recent request rate (requests a second): two exponentially weighted
+    counts, one that forgets over DEMAND_TAU_S (the rate, steady enough that a plan
+    built on it does not churn) and one over DEMAND_RISE_TAU_S (a shift, seen within
+    seconds).
+    - Rising: the short count is taken when it is at least RISE_ABOVE the long one and
+      holds SHIFT_EVIDENCE requests; for a model first asked for less than its window
+      ago, divided by the share of the window elapsed (three requests in two seconds
+      are 1.5 a second, not the 0.3 a ten-second count holds by then).
+    - Stopped: the short count fell below FADE_BELOW of the long one, or the model's
+      quiet has lasted as long as FADE_GAP requests would take at its rate (Poisson
+      gives such a gap by chance once in e**FADE_GAP). From then until it is asked for
+      again its rate is at most the short count and one request over its quiet: a busy
+      model that stopped gives up its place within seconds, a quiet one's lull moves
+      nothing, and a rate that fades never climbs back to the stale long count.
+    (The long count starts at zero and takes a minute to reach a steady rate; taken at
+    its word sooner, the plan made moves in the first seconds that the fleet where every
+    model fits paid for in cold loads.)"""
+
+    def __init__(self):
+        # model -> (slow count, fast count, monotonic time of its last request, of its first)
+        self.rates = {}
+        self.stopped = set()  # models seen to stop, until they are asked for again
+
+    def count(self, model, now):
+        slow, fast = self._decayed(model, now)
+        if model not in self.rates and len(self.rates) >= MAX_DEMAND_MODELS:
+            quietest = min(self.rates, key=lambda m: self.rate(m, now))
+            del self.rates[quietest]
+            self.stopped.discard(quietest)
+        self.stopped.discard(model)
+        first = self.rates[model][3] if model in self.rates else now
+        self.rates[model] = (slow + 1.0 / DEMAND_TAU_S, fast + 1.0 / DEMAND_RISE_TAU_S,
+                             now, first)
+
+    def last_asked(self, model):
+        """When `model` was last asked for (monotonic; -inf: not lately)."""
+        return self.rates[model][2] if model in self.rates else -math.inf
+
+    def _decayed(self, model, now):
+        slow, fast, then, _ = self.rates.get(model, (0.0, 0.0, now, now))
+        return (slow * math.exp(-(now - then) / DEMAND_TAU_S),
+                fast * math.exp(-(now - then) / DEMAND_RISE_TAU_S))
+
+    def rate(self, model, now):
+        if model not in self.rates:
+            return 0.0
+        slow, fast = self._decayed(model, now)
+        _, _, then, first = self.rates[model]
+        window, quiet = DEMAND_RISE_TAU_S, now - then
+        if fast > RISE_ABOVE * slow and fast * window >= SHIFT_EVIDENCE:
+            age = max(DEMAND_MIN_S, now - first)
+            return fast / -math.expm1(-age / window)  # rising: enough requests to tell
+        if model not in self.stopped and (
+                quiet * slow >= FADE_GAP or
+                fast < FADE_BELOW * slow and slow * window >= SHIFT_EVIDENCE):
+            self.stopped.add(model)  # a busy model gone quiet: it would have had enough
+        if model in self.stopped:
+            return fast if quiet < DEMAND_MIN_S else min(fast, 1.0 / quiet)
+        return slow
+
+    def busiest(self, now, count):
+        """The `count` models with the highest rate now, with it."""
+        rates = sorted(((self.rate(m, now), m) for m in self.rates), reverse=True)
+        return {m: r for r, m in rates[:count] if r > 1e-6}
+
+
+class PlanInputs:
+    """What the placement plan is weighed from, read off the fleet and what was learned:
+    each working node's room, slots and speed; each model's size, demand and load time."""
+
+    def __init__(self, fleet, learner):
+        self.fleet, self.learner = fleet, learner
+
+    def nodes(self):
+        """The nodes that take work, as the planner sees them: room (memory and
+        OLLAMA_MAX_LOADED_MODELS), slots, and speed relative to the fastest."""
+        working = sorted(self.fleet.working_nodes(), key=lambda n: n.node_id)
+        fitted = self.learner.plan_speeds()
+        mean = statistics.geometric_mean(fitted.values()) if fitted else 1.0
+        speeds = {n.node_id: fitted.get(n.node_id, mean) * self._live_pace(n.node_id)
+                  for n in working}
+        fastest = max(speeds.values(), default=1.0)
+        return [hc.PlanNode(n.node_id, memory=self._room(n), max_loaded=n.hb.max_loaded_models,
+                            speed=max(0.01, speeds[n.node_id] / fastest),
+                            slots=self.fleet.slots_for(n)) for n in working]
+
+    def _live_pace(self, node_id):
+        """How fast the answers streaming on a node go now against what was learned
+        (Exchange.pace, from their chunks), when well below it; else 1. A node that
+        slows down shows it in the first chunks of its answers, and the plan must not
+        place a busy model on it until the first slow answer ends. (A late first token
+        tells routing as much, but here it is mostly a load taking its time.)"""
+        now, level = time.monotonic(), self.fleet.node_active(node_id)
+        paces = []
+        for (nid, model), q in list(self.fleet.queues.items()):
+            f = self.learner.forecast(nid, model) if nid == node_id and q.running else None
+            for t in q.running if f is not None else ():
+                ex = t.exchange
+                pace = ex.pace(now, f.level_tps(level), t.start) \
+                    if ex is not None and ex.ttft is not None else None
+                if pace is not None:
+                    paces.append(pace)
+        pace = statistics.median(paces) if paces else 1.0
+        return pace if pace < LIVE_SLOW else 1.0
+
+    @staticmethod
+    def _room(node):
+        """Bytes the node can give models: what is free plus what its models hold,
+        within its owner's ceiling (0: not known)."""
+        hb = node.hb
+        if not hb.mem_total:
+            return 0
+        room = hb.mem_available + sum(e.size for e in node.loaded.values())
+        ceiling = (hb.capacity or {}).get("memory_ceiling") or 0
+        return min(room, ceiling) if ceiling else room
+
+    def models(self, nodes, rates, plan):
+        """The models worth planning: those in demand (`rates`: requests/s), loaded now
+        or in the last `plan`."""
+        names = set(rates)
+        for node in nodes:
+            names.update(self.fleet.nodes[node.node_id].loaded)
+        if plan is not None:
+            names.update(m for placed in plan.hot.values() for m in placed)
+        models = (self._model(name, nodes, rates) for name in sorted(names))
+        return [m for m in models if m is not None]
+
+    def _model(self, name, nodes, rates):
+        holders = [self.fleet.nodes[n.node_id] for n in nodes
+                   if name in self.fleet.nodes[n.node_id].models]
+        if not holders:
+            return None
+        entry = holders[0].models[name]
+        size = sized(entry)
+        speeds = {n.node_id: n.speed for n in nodes}
+        demand = rates.get(name, 0.0) * self.service_s(name, size, speeds)
+        return hc.PlanModel(name, int(size * hc.LOAD_OVERHEAD), demand,
+                            {n.node_id: self.load_s(n, name) for n in holders},
+                            "embedding" if entry.is_embedding else "chat")
+
+    def service_s(self, model, size, speeds):
+        """Seconds one answer of `model` takes on a node of speed 1: as learned on the
+        nodes that timed it (scaled by their speed); else the models that were timed,
+        scaled by size (decoding reads all the weights for every token); else a guess
+        from its size alone."""
+        learned = self._timed_s(model, speeds)
+        if learned:
+            return learned
+        scaled = [run_s * size / other for name, other, run_s in self._timed_models(speeds)
+                  if other and name != model]
+        if scaled and size:
+            return statistics.median(scaled)
+        tps = GUESS_TPS_GB / max(0.5, size / 1e9)
+        return self.learner.answer_tokens(model) / tps
+
+    def _timed_s(self, model, speeds):
+        """The median learned run of one answer of `model`, at speed 1 (0: untimed): its
+        prompt evaluation and its tokens at the steady decode speed, as Ollama timed
+        them (a wait for a slot or for room inside Ollama is not work); else the
+        router's own measure of its time on the node."""
+        seen = []
+        for node_id, s in self.learner.by_model.get(model, {}).items():
+            tps = s.steady_tps()
+            run_s = ((s.prompt_eval_ms or 0.0) / 1000 + s.tokens / tps
+                     if s.tokens and tps else (s.service_ms or 0.0) / 1000)
+            if run_s and node_id in speeds:
+                seen.append(run_s * speeds[node_id])
+        return statistics.median(seen) if seen else 0.0
+
+    def _timed_models(self, speeds):
+        """(model, size, seconds an answer takes at speed 1) for each model timed."""
+        for model, by_node in list(self.learner.by_model.items())[:MAX_PLANNED_MODELS]:
+            size = max((s.size for s in by_node.values()), default=0)
+            run_s = self._timed_s(model, speeds)
+            if run_s:
+                yield model, size, run_s
+
+    def load_s(self, node, model):
+        """Seconds to load `model` on `node`: as learned, else guessed from its size."""
+        size = sized(node.models.get(model))
+        learned = self.learner.load_s(node.node_id, model, size)
+        return learned or GUESS_LOAD_S + GUESS_LOAD_S_GB * size / 1e9
+
+
+class Placement:
+    """The placement plan: its inputs from the fleet and what was learned, its
+    versions, and the view of it that routing, the Warmer and /fleet/status read."""
+
+    def __init__(self, fleet, learner):
+        self.fleet, self.learner = fleet, learner
+        self.gauge = PlanInputs(fleet, learner)
+        self.demand = Demand()
+        self.asked = False  # a model the plan places nowhere was asked for
+        self.plan = None  # hc.Plan
+        self.inputs = {}, {}  # the last plan's {node_id: hc.PlanNode}, {name: hc.PlanModel}
+        self.rates = {}  # model -> requests/s when the plan was built
+        self.version = 0
+        self.built_at = self.changed_at = 0.0  # monotonic
+        self.done = collections.Counter()  # planned loads and unloads carried out
+        self.replanning = None  # the replan under way (a task), shared by all who wait
+
+    def count(self, model):
+        """A request for `model` arrived: its demand grows; a model the plan places
+        nowhere makes the next plan due at once."""
+        if not self.fleet.knows_model(model):
+            return  # a name no node has is nobody's demand (and a client's free text)
+        self.demand.count(model, time.monotonic())
+        if not self.places(model):
+            self.asked = True
+
+    def settled(self):
+        """Has this version of the plan held PLAN_SETTLE_S?"""
+        return time.monotonic() - self.changed_at >= PLAN_SETTLE_S
+
+    def due(self):
+        """Is it time to weigh the plan again?"""
+        return self.asked or time.monotonic() - self.built_at >= PLAN_EVERY_S
+
+    def kept_on(self, node_id):
+        """The models the plan places on `node_id`."""
+        return set(self.plan.hot.get(node_id, ())) if self.plan is not None else set()
+
+    def places(self, model):
+        """The node ids the plan places `model` on."""
+        if self.plan is None:
+            return set()
+        return {n for n, names in self.plan.hot.items() if model in names}
+
+    def has_room(self, model, node_id):
+        """May `model` be loaded on `node_id` beside what the plan places there? (Yes
+        where the plan places it, or in room the plan leaves free; yes before any plan.)"""
+        if self.plan is None or node_id in self.places(model):
+            return True
+        nodes, models = self.inputs
+        node, m = nodes.get(node_id), models.get(model)
+        if node is None or m is None:
+            return True  # a node or model the plan has not weighed yet
+        return hc.fits_on(m, node, set(self.plan.hot.get(node_id, ())), models)
+
+    async def ready_for(self, model):
+        """Before a request for `model` is routed: when the plan places it nowhere and
+        was not weighed since it was asked for, weigh it now (PLAN_SOON_S is too late:
+        the request's cold load would go wherever a slot is free, and the next plan
+        would move the model again). One replan at a time, shared by all who wait."""
+        if self.plan is None or not self.asked or self.places(model) or \
+                time.monotonic() - self.built_at < PLAN_SOON_S:
+            return  # placed, or weighed a moment ago (and left out: no room for it)
+        try:
+            await self.replan_shared()
+        except Exception:  # the request goes on without it; the duty will say why
+            fleet_log.exception("weighing the placement plan for a request failed")
+
+    def replan_shared(self):
+        """The replan under way, or a new one; a waiter that is cancelled (its client
+        left) does not cancel it."""
+        if self.replanning is None or self.replanning.done():
+            self.replanning = asyncio.ensure_future(self.replan())
+        return asyncio.shield(self.replanning)
+
+    async def replan(self):
+        """Rebuild the plan from the last one; a new version if it places otherwise.
+        The search runs in a thread: its time grows with nodes times models."""
+        self.asked = False
+        nodes = self.gauge.nodes()
+        self.rates = self.demand.busiest(time.monotonic(), MAX_PLANNED_MODELS)
+        models = self.gauge.models(nodes, self.rates, self.plan)
+        plan = await asyncio.to_thread(hc.plan_placement, nodes, models, self._start(nodes))
+        return self._adopt(plan, nodes, models)
+
+    def _adopt(self, plan, nodes, models):
+        """Take `plan` (or keep the last, if it is hardly better); count a new version."""
+        now = time.monotonic()
+        self.inputs = {n.node_id: n for n in nodes}, {m.name: m for m in models}
+        if self._hardly_better(plan, nodes, models):
+            plan = hc.describe_plan({n: set(v) for n, v in self.plan.hot.items()},
+                                    self.plan.reasons, nodes, self.inputs[1], {})
+        placed = {n: names for n, names in plan.hot.items() if names}
+        if placed != {n: v for n, v in (self.plan.hot if self.plan else {}).items() if v}:
+            self.version += 1
+            self.changed_at = now
+            self.fleet.residency.plan_version = self.version
+            if placed:
+                fleet_log.info(f"placement plan {self.version}: " + "; ".join(
+                    f"{n}: {', '.join(v)}" for n, v in sorted(placed.items())),
+                    extra={"event": "placement_plan"})
+                fleet_log.debug(f"placement plan {self.version} weighed",
+                                extra={"event": "placement_inputs",
+                                       "inputs": self._weighed(nodes, models)})
+        self.plan, self.built_at = plan, now
+        return plan
+
+    def _weighed(self, nodes, models):
+        """What a plan version was built from, for the log: why the plan is what it is
+        (node speeds and room, each model's rate and demand) can then be read back."""
+        return {
+            "nodes": {n.node_id: {"speed": round(n.speed, 3), "slots": n.slots,
+                                  "memory_gb": round(n.memory / 1e9, 1),
+                                  "max_loaded": n.max_loaded} for n in nodes},
+            "models": {m.name: {"requests_per_s": round(self.rates.get(m.name, 0.0), 3),
+                                "demand": round(m.demand, 3),
+                                "size_gb": round(m.size / 1e9, 2)} for m in models},
+            "loaded": {n.node_id: sorted(self.fleet.nodes[n.node_id].loaded)
+                       for n in nodes if n.node_id in self.fleet.nodes}}
+
+    def _hardly_better(self, plan, nodes, models):
+        """Is `plan` within PLAN_MARGIN of the last one, which still fits the same
+        nodes? Two models of about the same demand for one place would otherwise trade
+        it back and forth as their rates drift, each trade a load and a new version."""
+        last = self.plan
+        if last is None or set(last.hot) != {n.node_id for n in nodes}:
+            return False
+        by_name = {m.name: m for m in models}
+        if not all(self._fits(names, node, by_name) for node in nodes
+                   for names in [last.hot[node.node_id]]):
+            return False
+        before = hc.placement_cost({n: set(v) for n, v in last.hot.items()}, nodes, by_name)
+        after = hc.placement_cost({n: set(v) for n, v in plan.hot.items()}, nodes, by_name)
+        return before - after <= PLAN_MARGIN * before
+
+    @staticmethod
+    def _fits(names, node, models):
+        """Do these models, all of them weighed now, fit on `node` together?"""
+        placed = set()
+        for name in names:
+            if name not in models or not hc.fits_on(models[name], node, placed, models):
+                return False
+            placed.add(name)
+        return True
+
+    def _start(self, nodes):
+        """Where the search starts: the last plan, for the nodes it knew; what is
+        loaded now, for the others. A model in demand that the last plan placed
+        nowhere starts where its requests loaded it, first (the planner keeps what
+        fits in the order given): moving it elsewhere must then pay for its load."""
+        last = self.plan.hot if self.plan is not None else {}
+        placed = {m for names in last.values() for m in names}
+        start = {}
+        for n in nodes:
+            loaded = self.fleet.nodes[n.node_id].loaded
+            if n.node_id not in last:
+                start[n.node_id] = list(loaded)
+                continue
+            strays = [m for m in loaded if m not in placed and self.rates.get(m, 0.0) > 0]
+            start[n.node_id] = strays + [m for m in last[n.node_id] if m not in strays]
+        return start
+
+    # -- routing follows the plan -----------------------------------------------------
+
+    def steer(self, model, candidates, reasons):
+        """(The candidates routing may use, those it holds back), the plan given: a
+        node where `model` is hot (or loading) is always fine; while it is hot
+        somewhere, a cold load only where the plan places it and it is expected sooner
+        than the wait there, counting the reloads of the planned models it would push
+        out; while it is hot nowhere, where the plan places it; a model placed nowhere
+        (or whose places cannot take it) loads where it pushes out the least demand,
+        and no model with requests running (or on its way in) where another node can."""
+        if self.plan is None or len(candidates) < 2:
+            return candidates, []
+        warm = [c for c in candidates if c.hot or c.loading_s]
+        cold = [c for c in candidates if not (c.hot or c.loading_s)]
+        # A node that joined since the plan was weighed is one it has no word on yet.
+        places = self.places(model) | {c.node_id for c in cold
+                                       if c.node_id not in self.plan.hot}
+        pool = cold  # the candidates weighed by the demand they push out
+        if warm:
+            keep = self._worth_loading(warm, cold, places)
+            why = (f"{model} is hot elsewhere; a load here is not in the placement plan "
+                   f"or no sooner than the wait there")
+        elif any(c.node_id in places for c in cold):
+            keep = [c for c in cold if c.node_id in places]
+            why = f"the placement plan loads {model} elsewhere"
+        else:
+            # Two models placed nowhere would otherwise take turns pushing each other
+            # out of the node with the least demand, each load thrown out half-way.
+            pool = [c for c in cold if not c.evicts_busy] or \
+                [c for c in cold if not self._throws_out_a_load(c)] or cold
+            least = min(self._demand_out(c) for c in pool)
+            keep = [c for c in pool if self._demand_out(c) <= least]
+            why = f"loading {model} here would push out a busier model"
+        held = [c for c in cold if c not in keep]
+        reasons += [f"{c.node_id}: " + (f"loading {model} here would push out "
+                                        f"{c.evicts_busy}, which has requests running"
+                                        if c.evicts_busy and c not in pool else why)
+                    for c in held]
+        return warm + keep, held
+
+    def _throws_out_a_load(self, c):
+        """Would a cold load here push out a model whose own load is still under way?"""
+        node, now = self.fleet.nodes[c.node_id], time.monotonic()
+        return any(node.loading_left(m, now) for m in c.evicts)
+
+    def _worth_loading(self, warm, cold, places):
+        """The cold candidates worth a load while the model is hot elsewhere: where the
+        plan places it, and expected to start sooner than the shortest wait where it is
+        hot (the load, as the scoring expects it, and the reloads of the planned models
+        it pushes out); while no wait is known, where the plan places it (the scoring
+        decides). A load that would be sooner but where the plan does not place the
+        model is not made: the plan is weighed again soon instead (its demand may need
+        another place), so that every load is one the plan chose, unless the wait is
+        LOAD_ANYWAY times longer than that load: the plan lags a node that slowed."""
+        planned = [c for c in cold if c.node_id in places]
+        if not all(c.service_s for c in warm):
+            return planned
+        wait = min(hc.estimate_wait_s(c) for c in warm)
+        if any(self._load_cost(c) < wait for c in cold if c not in planned):
+            self.asked = True
+        # The plan is advice, not a prison: when it lags (a node slowed down and the
+        # queue there grew), a load far sooner than that wait is made anyway.
+        return [c for c in cold if self._load_cost(c) * (
+            1.0 if c in planned else LOAD_ANYWAY) < wait]
+
+    def _load_cost(self, c):
+        """A cold load's seconds before its request starts, and the reloads of the
+        planned models it pushes out."""
+        node = self.fleet.nodes[c.node_id]
+        back = sum(self.gauge.load_s(node, m) for m in c.evicts if self._kept(m, c.node_id))
+        return hc.estimate_wait_s(c) + back
+
+    def _kept(self, model, node_id):
+        """Does the plan keep `model` on `node_id` for its demand?"""
+        return node_id in self.places(model) and self.rates.get(model, 0.0) > 0
+
+    def _demand_out(self, c):
+        """The request rate of the models a cold load here pushes out, as it is now
+        (a model the plan has not placed yet may be rising), those the plan keeps here
+        counted twice (each is reloaded, or the plan moves)."""
+        now = time.monotonic()
+        return sum(self.demand.rate(m, now) * (2 if self._kept(m, c.node_id) else 1)
+                   for m in c.evicts)
+
+    # -- what the Warmer carries out ---------------------------------------------------
+
+    def pending_loads(self):
+        """(node, model) the plan places, asked for within PLAN_ASKED_S, not in memory
+        nor on the way. A model nobody asked for lately is loaded by its next request,
+        if it comes: when traffic stops, the demand that lingers in the counts moves
+        nothing."""
+        if self.plan is None:
+            return []
+        now, out = time.monotonic(), []
+        for node_id, names in sorted(self.plan.hot.items()):
+            node = self.fleet.nodes.get(node_id)
+            if node is None or node.accepts_work():
+                continue
+            out += [(node, m) for m in names if m not in node.loaded and
+                    self.rates.get(m, 0.0) > 0 and m in node.models and
+                    now - self.demand.last_asked(m) <= PLAN_ASKED_S]
+        return out
+
+    def dropped(self, node):
+        """Models in `node`'s memory that the plan does not place there, quietest first."""
+        placed = set(self.plan.hot.get(node.node_id, ())) if self.plan else set()
+        return sorted((m for m in node.loaded if m not in placed),
+                      key=lambda m: self.rates.get(m, 0.0))
+
+    # -- the view ---------------------------------------------------------------------
+
+    def view(self):
+        """/fleet/status's `placement`."""
+        plan, now = self.plan, time.monotonic()
+        since = time.time() - HEALTH_WINDOW_S
+        return {
+            "version": self.version,
+            "age_s": round(now - self.changed_at, 1) if plan else None,
+            "built_s_ago": round(now - self.built_at, 1) if plan else None,
+            "nodes": {n: [{"model": m, "reason": plan.reasons.get((m, n), "")}
+                          for m in names] for n, names in sorted(plan.hot.items())}
+            if plan else {},
+            "unplaced": dict(plan.unplaced) if plan else {},
+            "node_speeds": {n: round(node.speed, 3)
+                            for n, node in sorted(self.inputs[0].items())},
+            "requests_per_min": {m: round(r * 60, 2) for m, r in sorted(
+                self.demand.busiest(now, MAX_PLANNED_MODELS).items())},
+            "planned_loads": self.done["load"], "planned_unloads": self.done["unload"],
+            "thrashes": sum(self.fleet.residency.thrashes_since(since).values()),
+        }
+
+
+####################################################################################
+# Fleet: the nodes, their queues and what they hold. Only Fleet changes a node's state,
+# and every model load and unload goes through it and is recorded, whoever caused it.
+####################################################################################
+
+
+class NodeRefused(Exception):
+    """A heartbeat the fleet will not take: the HTTP status and why."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+class Moved(Exception):
+    """A waiting request is handed back for routing again (to `target` if given)."""
+
+    def __init__(self, target=None):
+        super().__init__(target)
+        self.target = target
+
+
+class Ticket:
+    """One request's place in a SlotQueue: the work it brings (expected completion
+    tokens), once it has a slot when it started, and what it is doing (its Exchange,
+    whose answer shows how fast the node decodes right now)."""
+
+    __slots__ = ("work", "start", "area", "fut", "exchange")
+
+    def __init__(self, work):
+        self.work, self.start, self.area, self.fut = work, 0.0, 0.0, None
+        self.exchange = None
+
+
+class InFlight:
+    """Requests in flight on one node, across all its models (they share the machine's
+    compute), and that count's integral over time: a request's mean concurrency is the
+    integral over its run divided by the run's length."""
+
+    __slots__ = ("active", "area", "_t")
+
+    def __init__(self):
+        self.active, self.area, self._t = 0, 0.0, time.monotonic()
+
+    def add(self, delta):
+        now = time.monotonic()
+        self.area += self.active * (now - self._t)
+        self._t = now
+        self.active += delta
+        return now
+
+
+class SlotQueue:
+    """One node+model: `limit` requests in flight, the rest wait in arrival order. It
+    keeps the work (expected tokens) running and waiting, for wait estimates, and, with
+    the node's InFlight (shared by its queues), the time-weighted count in flight on the
+    node, so each request knows the concurrency it ran at."""
+
+    def __init__(self, limit, node_flight=None):
+        self.limit = limit
+        self.active = 0
+        self.waiters = collections.deque()  # Tickets, oldest first
+        self.work_active = self.work_waiting = 0.0
+        self.started_sum = 0.0  # sum of the running requests' start times (monotonic)
+        self.running = set()  # Tickets with a slot
+        self.flight = node_flight or InFlight()
+        self.last_done = 0.0  # monotonic time a request here last gave its slot back
+
+    @property
+    def waiting(self):
+        return len(self.waiters)
+
+    def _count(self, delta):
+        self.active += delta
+        return self.flight.add(delta)
+
+    def _grant(self, ticket, now):
+        ticket.start, ticket.area = now, self.flight.area
+        self.work_active += ticket.work
+        self.started_sum += now
+        self.running.add(ticket)
+
+    async def acquire(self, work=0.0):
+        """Wait for a slot; returns the Ticket to release it with."""
+        ticket = Ticket(work)
+        if self.active < self.limit and not self.waiters:
+            self._grant(ticket, self._count(1))
+            return ticket
+        fut = ticket.fut = asyncio.get_running_loop().create_future()
+        self.waiters.append(ticket)
+        self.work_waiting += work
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self.release(ticket)  # the slot was handed to us as we were cancelled
+            elif ticket in self.waiters:
+                self.waiters.remove(ticket)
+                self.work_waiting -= work
+            raise
+        return ticket
+
+    def release(self, ticket):
+        """Free a slot; returns the mean number in flight on the node while the ticket
+        held it."""
+        now = self.last_done = self._count(0)
+        level = (self.flight.area - ticket.area) / (now - ticket.start) \
+            if now > ticket.start else float(self.flight.active)
+        self.work_active -= ticket.work
+        self.started_sum -= ticket.start
+        self.running.discard(ticket)
+        if self.active > self.limit:  # the limit was lowered: shrink first
+            self._count(-1)
+            return level
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            self.work_waiting -= waiter.work
+            if not waiter.fut.done():
+                self._grant(waiter, now)
+                waiter.fut.set_result(None)  # the slot passes on; active stays the same
+                return level
+        self._count(-1)
+        return level
+
+    def live_pace(self, now, usual_tps):
+        """How fast the answers running here go now against `usual_tps` (1.0: as
+        usual), the median of those that tell (Exchange.pace); None if none does."""
+        seen = [t.exchange.pace(now, usual_tps, t.start) for t in self.running
+                if t.exchange is not None]
+        seen = [pace for pace in seen if pace is not None]
+        return statistics.median(seen) if seen else None
+
+    def remaining_tokens(self, tps):
+        """Tokens the running requests still have to produce, each at `tps`."""
+        elapsed = self.active * time.monotonic() - self.started_sum
+        return max(0.0, self.work_active - tps * elapsed)
+
+    def evict(self, count=None, target=None):
+        """Hand the `count` oldest waiting requests (all by default) back for routing."""
+        moved = 0
+        while self.waiters and (count is None or moved < count):
+            waiter = self.waiters.popleft()
+            self.work_waiting -= waiter.work
+            if not waiter.fut.done():
+                waiter.fut.set_exception(Moved(target))
+                moved += 1
+        return moved
+
+    def set_limit(self, limit):
+        self.limit = limit
+        while self.active < self.limit and self.waiters:
+            waiter = self.waiters.popleft()
+            self.work_waiting -= waiter.work
+            if not waiter.fut.done():
+                self._grant(waiter, self._count(1))
+                waiter.fut.set_result(None)
+
+
+class Node:
+    """A machine running Ollama, as its last heartbeat (an hc.Heartbeat) describes it."""
+
+    def __init__(self, hb, local, source):
+        self.node_id, self.local = hb.node_id, local
+        self.source = source  # the address its heartbeats come from (None: our own poll)
+        self.hb = hb
+        self.ollama_url, self.host, self.port = "", "", 0
+        self.status = ONLINE
+        self.last_seen = 0.0  # monotonic
+        self.offline_since = None  # monotonic, while gone (offline or left)
+        self.models = {}  # canonical name -> hc.ModelEntry, as /api/tags lists it
+        self.loaded = {}  # canonical name -> hc.ModelEntry, as /api/ps lists it
+        self.unloaded_at = {}  # canonical name -> monotonic time it left memory
+        self.router_saw = {}  # canonical name -> (monotonic time, loaded?) we caused
+        self.loading = {}  # canonical name -> monotonic time a load we sent should be done
+        self.cpu_history = collections.deque(maxlen=6)
+        self.media_host, self.media_port = "", 0  # its agent's media server, if any
+        self.media_models = {}  # kind -> {canonical name: name as the agent lists it}
+        self.signs = False  # its agent signs heartbeats (unchecked by a router with no token)
+
+    def take_media(self, media):
+        """What the agent serves itself (hc.Heartbeat's media section), for routing."""
+        self.media_models = {}
+        if media is None:
+            self.media_host, self.media_port = "", 0
+            return
+        self.media_host, self.media_port, _ = hc.split_url(media["url"])
+        for kind, key in ((hc.IMAGE, "image_models"), (hc.TRANSCRIPTION, "transcribe_models")):
+            self.media_models[kind] = {hc.canonical_model(m): m for m in media[key]}
+
+    def loading_left(self, model, now):
+        """Seconds until a load the router sent here should be done (0: none under way)."""
+        ready = self.loading.get(model)
+        return max(0.0, ready - now) if ready else 0.0
+
+    def serves_itself(self, model, kind):
+        """Does this node's agent serve `model` of `kind` (an image or speech model)?"""
+        return model in self.media_models.get(kind, ())
+
+    def serves(self, model, kind=None):
+        """Can this node answer `model` for a request of `kind`? Text and embeddings:
+        its Ollama has the model. Images: its agent serves it, or its Ollama has it
+        as an image model (one that lists no capabilities, an older Ollama, is let
+        through: its own answer then says). Speech: only its agent."""
+        if kind not in hc.MEDIA_KINDS:
+            return model in self.models
+        if self.serves_itself(model, kind):
+            return True
+        entry = self.models.get(model)
+        if kind != hc.IMAGE or entry is None:
+            return False
+        return not entry.capabilities or "image" in entry.capabilities
+
+    def capabilities(self):
+        """What the node can do, for /fleet/status and the dashboard."""
+        found = set()
+        for entry in self.models.values():
+            found.update({"completion": hc.CHAT, "embedding": hc.EMBEDDING,
+                          "image": hc.IMAGE}.get(c, "")
+                         for c in entry.capabilities or ("completion",))
+        found.update(kind for kind, models in self.media_models.items() if models)
+        return [k for k in (hc.CHAT, hc.EMBEDDING, hc.IMAGE, hc.TRANSCRIPTION) if k in found]
+
+    def accepts_work(self):
+        """Why this node takes no new request now, or None if it does."""
+        if self.status == OFFLINE:
+            return "offline"
+        if self.status == LEFT:
+            return "left the fleet"
+        if self.status == DRAINING:
+            return "draining"
+        if self.hb.paused:
+            return self.paused_why()
+        if not self.hb.reachable:
+            return "its Ollama is unreachable"
+        return None
+
+    def paused_why(self):
+        """'paused: camera in use', as the node's capacity learner said; else 'paused'."""
+        return f"paused: {self.hb.paused_reason}" if self.hb.paused_reason else "paused"
+
+    def capacity_inputs(self):
+        """What the scoring takes from the node's capacity section (none: its CPU)."""
+        cap = self.hb.capacity
+        if cap is None:
+            return {}
+        return {"availability": cap["availability"], "availability_trend": cap["trend"],
+                "memory_ceiling": cap["memory_ceiling"]}
+
+    def cpu_trend(self):
+        h = list(self.cpu_history)
+        if len(h) < 2:
+            return 0.0
+        half = len(h) // 2
+        return sum(h[half:]) / (len(h) - half) - sum(h[:half]) / half
+
+
+class Residency:
+    """Which models are in which node's memory: what its heartbeats say, overruled for
+    a while by the loads and unloads the router itself causes (it knows of them first),
+    and every move, for the health checks; `busy(node, model)` tells which models have
+    requests here, for what a cold load would evict."""
+
+    def __init__(self, notify, busy, last_done):
+        self.notify, self.busy, self.last_done = notify, busy, last_done
+        self.model_moves = collections.deque(maxlen=10000)  # (time, load|unload, node, model)
+        self.plan_version = 0  # the placement plan's (Placement sets it)
+        self.left = {}  # (node_id, model) -> (monotonic, plan version) it last left memory
+        self.thrashes = collections.deque(maxlen=10000)  # (time, node_id, model)
+
+    def take(self, node, hb, record):
+        """The node's models as it reports them; `record` the moves (not on the first
+        heartbeat: what a node holds when it joins was loaded before we knew it)."""
+        node.models = hb.models
+        now = time.monotonic()
+        # A heartbeat read just before a load or unload we caused can arrive just after
+        # it: for a few heartbeats our own word wins, so no move is recorded that never was.
+        node.router_saw = {m: seen for m, seen in node.router_saw.items()
+                           if now - seen[0] <= ROUTER_WORD_S}
+        loaded = dict(hb.loaded)
+        for name, (_, is_loaded) in node.router_saw.items():
+            if not is_loaded:
+                loaded.pop(name, None)
+            elif name not in loaded:
+                loaded[name] = node.loaded.get(name) or seen_loaded(node, name)
+        for name in node.loaded.keys() - loaded.keys():
+            self._record(node, name, "unload")
+        if record:
+            for name in loaded.keys() - node.loaded.keys():
+                self._record(node, name, "load")
+        node.loaded = loaded
+
+    # -- moves the router causes ------------------------------------------------------
+
+    def _record(self, node, model, kind):
+        now, key = time.monotonic(), (node.node_id, model)
+        if kind == "unload":
+            node.unloaded_at[model] = now
+            self.left.pop(key, None)
+            if len(self.left) >= hc.LEARNED_MAX_ROWS:
+                self.left.pop(next(iter(self.left)))
+            self.left[key] = (now, self.plan_version)
+        else:
+            self._note_thrash(key, now)
+        self.model_moves.append((time.time(), kind, node.node_id, model))
+
+    def _note_thrash(self, key, now):
+        """A load of a model that left this node's memory a moment ago, with the plan
+        unchanged since, is a thrash: one of the two moves undid the other for nothing
+        (a move the plan made on purpose comes with a new plan version)."""
+        left = self.left.pop(key, None)
+        if left and now - left[0] <= THRASH_WINDOW_S and left[1] == self.plan_version:
+            self.thrashes.append((time.time(), *key))
+
+    def thrashes_since(self, since):
+        """Counter of (node_id, model) thrashes since `since` (wall time)."""
+        return collections.Counter((node, model) for t, node, model in self.thrashes
+                                   if t > since)
+
+    def mark_loaded(self, node, model):
+        """The router saw `model` load on `node` (a cold request, a pre-warm)."""
+        node.router_saw[model] = (time.monotonic(), True)
+        if model not in node.loaded:
+            node.loaded[model] = seen_loaded(node, model)
+            self._record(node, model, "load")
+            self.notify()
+
+    def start_load(self, node, model, victims, load_s):
+        """A cold load the router is sending: from now on the model counts as on its way
+        in (done in about `load_s`) and what it pushes out as gone, busy or not (Ollama
+        evicts a busy runner once it is idle), so that the requests that follow wait for
+        the load rather than send a victim back there to be loaded again after it."""
+        now = time.monotonic()
+        node.loading = {m: t for m, t in node.loading.items() if t > now}
+        node.loading[model] = now + load_s
+        self.mark_loaded(node, model)
+        for victim in victims:
+            self.mark_unloaded(node, victim)
+
+    def finish_load(self, node, model, loaded):
+        """The request that loaded `model` ended: it is in (or, if `loaded` is false,
+        the load failed and the next heartbeat says what is there), unless a load the
+        router sent since has pushed it out: Ollama evicts a busy runner once its last
+        request ends, which is now."""
+        node.loading.pop(model, None)
+        pushed_out = node.router_saw.get(model, (0.0, True))[1] is False
+        if loaded and not pushed_out:
+            self.mark_loaded(node, model)
+        elif not loaded and node.router_saw.pop(model, None) is not None:
+            node.loaded.pop(model, None)
+
+    def mark_unloaded(self, node, model):
+        """`model` left `node`'s memory because the router asked (keep_alive 0), or a
+        load the router sent there pushed it out."""
+        node.router_saw[model] = (time.monotonic(), False)
+        if node.loaded.pop(model, None) is not None:
+            self._record(node, model, "unload")
+            self.notify()
+
+    def moves_since(self, since, kind):
+        """Counter of (node_id, model) moves of `kind` since `since` (wall time)."""
+        return collections.Counter((node, model) for t, k, node, model in self.model_moves
+                                   if t > since and k == kind)
+
+    def victims(self, node, model, size, keep=()):
+        """The loaded models a cold load of `model` (`size` bytes) would push out of
+        `node`'s memory: past OLLAMA_MAX_LOADED_MODELS, or to make room. The router
+        names them itself and unloads them before the load (Proxy._make_room), so that
+        Ollama's own choice never decides: idle ones first (a busy one goes once it is
+        idle, the load waiting for it), then those the placement plan does not `keep`
+        here, then the one whose last request here ended first (one the router never
+        sent a request counts as oldest), then by expires_at."""
+        others = sorted((m for m in node.loaded if m != model), key=lambda m: (
+            self.busy(node, m), m in keep, self.last_done(node, m),
+            node.loaded[m].expires_at or ""))
+        count = 0
+        limit = node.hb.max_loaded_models
+        if limit and len(others) >= limit:
+            count = len(others) - limit + 1
+        short = size * hc.LOAD_OVERHEAD - node.hb.mem_available if node.hb.mem_total else 0
+        short -= sum(node.loaded[m].size for m in others[:count])
+        while count < len(others) and short > 0:
+            short -= node.loaded[others[count]].size
+            count += 1
+        return tuple(others[:count])
+
+
+class Fleet:
+    """Every node and queue, a record of model moves, and a signal for those waiting
+    on a change (the holding queue)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.nodes = {}
+        self.queues = {}  # (node_id, model) -> SlotQueue
+        self.flights = {}  # node_id -> InFlight, shared by its queues
+        self.concurrency = {}  # (node_id, model) -> requests in flight worth having, learned
+        self.started = time.monotonic()
+        self._changed = asyncio.get_running_loop().create_future()
+        self.residency = Residency(self.notify_change, self.busy, self.last_done)
+
+    # -- change notification ------------------------------------------------------
+
+    def notify_change(self):
+        if not self._changed.done():
+            self._changed.set_result(None)
+        self._changed = asyncio.get_running_loop().create_future()
+
+    async def wait_change(self, timeout):
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._changed)
+
+    # -- heartbeats ---------------------------------------------------------------
+
+    def apply_heartbeat(self, hb, source=None, local=False):
+        """Take a checked heartbeat (hc.Heartbeat) from `source` (an address; None for
+        the router's own poll); returns the node, or raises NodeRefused."""
+        node = known = self.nodes.get(hb.node_id)
+        if node is None:
+            self._make_room(source)
+            node = self.nodes[hb.node_id] = Node(hb, local, source)
+            fleet_log.info("node joined", extra={"node_id": node.node_id,
+                                                 "url": hb.ollama_url, "client": source})
+        elif node.source != source:
+            self._rebind(node, source)
+        elif node.ollama_url != hb.ollama_url and node.status not in GONE \
+                and not local and not node.local:
+            # Two machines with one name overwrite each other; say so once per change.
+            fleet_log.warning(f"node id '{node.node_id}' now reports {hb.ollama_url} "
+                              f"instead of {node.ollama_url}: two machines with one name? "
+                              f"Give each its own FLEET_NODE_NODE_ID",
+                              extra={"node_id": node.node_id, "event": "node_id_conflict"})
+        was_paused = known is not None and node.hb.paused and node.paused_why()
+        node.local, node.hb = local, hb
+        node.ollama_url = hb.ollama_url
+        node.host, node.port, _ = hc.split_url(hb.ollama_url)
+        node.take_media(hb.media)
+        node.last_seen = time.monotonic()
+        if hb.reachable:
+            self.residency.take(node, hb, record=known is not None)
+        # else: keep what it had; an Ollama restart should read as "unreachable" (503,
+        # held), not as "model gone" (404).
+        node.cpu_history.append(hb.cpu_percent)
+        self._set_status(node, LEFT if hb.leaving else DRAINING if hb.draining else ONLINE)
+        for (nid, model), q in self.queues.items():
+            if nid == node.node_id:
+                q.set_limit(self.limit_for(node, model))
+        self._note_pause(node, was_paused)
+        self.notify_change()
+        return node
+
+    def _note_pause(self, node, was_paused):
+        """A node that pauses itself (its owner needs the machine) gets no new work; the
+        requests waiting for it move, those running finish. Logged once per change."""
+        now_paused = node.hb.paused and node.paused_why()
+        if now_paused != was_paused:
+            fleet_log.info(f"node {now_paused or 'resumed'}", extra={
+                "node_id": node.node_id, "event": "node_paused" if now_paused
+                else "node_resumed"})
+        if now_paused:
+            self.evict_node(node, now_paused)
+
+    def _make_room(self, source):
+        """Refuse a new node past FLEET_MAX_NODES (the one gone longest is forgotten
+        first) or past MAX_NODES_PER_ADDRESS ids from one address."""
+        if source is not None and sum(n.source == source and n.status not in GONE
+                                      for n in self.nodes.values()) >= MAX_NODES_PER_ADDRESS:
+            raise NodeRefused(429, f"{source} already reports {MAX_NODES_PER_ADDRESS} nodes")
+        if len(self.nodes) < self.cfg.max_nodes:
+            return
+        gone = [n for n in self.nodes.values() if n.status in GONE]
+        if not gone:
+            raise NodeRefused(503, f"the fleet has {self.cfg.max_nodes} nodes online, the "
+                                   f"most it takes; a node joins once another goes offline")
+        self.remove(min(gone, key=lambda n: n.offline_since or 0.0).node_id)
+
+    def _rebind(self, node, source):
+        """A node id heard from another address: taken over only once it is gone."""
+        if node.status not in GONE:
+            raise NodeRefused(409, f"node id '{node.node_id}' belongs to "
+                                   f"{node.source or 'this router (its local Ollama)'} while "
+                                   f"it is online; give this machine its own "
+                                   f"FLEET_NODE_NODE_ID")
+        fleet_log.warning(f"node id '{node.node_id}' moved from {node.source} to {source}",
+                          extra={"node_id": node.node_id, "event": "node_moved"})
+        node.source = source
+
+    def mark_pulled(self, node, entries):
+        """A pull, copy, create or delete finished on `node`: its models on disk, as it
+        now lists them (a list of /api/tags entries). Each entry passes the heartbeat's
+        checks or is left out, so what a node says here can no more break a listing,
+        a route or the dashboard than what it says in a heartbeat."""
+        node.models, (refused, why) = hc.read_model_list(entries)
+        if refused:
+            fleet_log.warning(f"left out {refused} entries of the node's model list: {why}",
+                              extra={"node_id": node.node_id, "event": "models_refused"})
+        self.notify_change()
+
+    # -- status -------------------------------------------------------------------
+
+    def refresh_status(self):
+        """Move nodes to degraded / offline as heartbeats go missing, and forget those
+        offline for FLEET_FORGET_OFFLINE_AFTER; one that left sends none and is not
+        missed: it is forgotten after LEFT_LISTED_S."""
+        now = time.monotonic()
+        for node in list(self.nodes.values()):
+            silent = now - node.last_seen
+            if silent >= self.cfg.heartbeat_offline and node.status != LEFT:
+                self._set_status(node, OFFLINE)
+            elif silent >= self.cfg.heartbeat_timeout and node.status == ONLINE:
+                self._set_status(node, DEGRADED)
+            listed = self.cfg.forget_offline_after
+            if node.status == LEFT:
+                listed = min(LEFT_LISTED_S, listed)
+            if node.status in GONE and now - node.offline_since >= listed:
+                self.remove(node.node_id)
+
+    def _set_status(self, node, status):
+        if node.status == status:
+            return
+        level = logging.INFO if status in (ONLINE, DRAINING, LEFT) else logging.WARNING
+        said = "node left the fleet (its agent stopped)" if status == LEFT else f"node {status}"
+        fleet_log.log(level, said, extra={"node_id": node.node_id, "event": f"node_{status}"})
+        node.status = status
+        node.offline_since = time.monotonic() if status in GONE else None
+        if status in (*GONE, DRAINING):
+            self.evict_node(node, status)
+        self.notify_change()
+
+    def evict_node(self, node, why):
+        """Send the requests waiting for `node` elsewhere; those running finish there."""
+        moved = sum(q.evict() for (nid, _), q in self.queues.items() if nid == node.node_id)
+        if moved:
+            fleet_log.info(f"moved {moved} queued requests off a node that is {why}",
+                           extra={"node_id": node.node_id, "event": "requeue"})
+
+    def remove(self, node_id):
+        """Forget a node, and its queues that hold no request."""
+        if self.nodes.pop(node_id, None):
+            fleet_log.info("node removed", extra={"node_id": node_id})
+            for key in [k for k, q in self.queues.items()
+                        if k[0] == node_id and not q.active and not q.waiters]:
+                del self.queues[key]
+            if not any(k[0] == node_id for k in self.queues):
+                self.flights.pop(node_id, None)
+            self.notify_change()
+
+    # -- queues -------------------------------------------------------------------
+
+    def slots_for(self, node):
+        return node.hb.num_parallel or self.cfg.default_num_parallel
+
+    def limit_for(self, node, model):
+        """Requests the router lets run at once on this node+model: its Ollama's slots,
+        or fewer where more in flight was learned not to add throughput (the rest wait
+        here, where they can still go to another node)."""
+        if any(model in served for served in node.media_models.values()):
+            return node.hb.media["concurrency"]  # the agent's own tool runs at once
+        slots = self.slots_for(node)
+        return min(slots, self.concurrency.get((node.node_id, model)) or slots)
+
+    def set_concurrency(self, node, model, limit):
+        key = (node.node_id, model)
+        if self.concurrency.get(key) == limit:
+            return
+        if len(self.concurrency) >= hc.LEARNED_MAX_ROWS and key not in self.concurrency:
+            self.concurrency.pop(next(iter(self.concurrency)))
+        self.concurrency[key] = limit
+        q = self.queues.get(key)
+        if q is not None:
+            q.set_limit(self.limit_for(node, model))
+        fleet_log.info(f"{model} on {node.node_id}: {limit} requests in flight at most",
+                       extra={"node_id": node.node_id, "model": model,
+                              "event": "concurrency_learned"})
+
+    def queue(self, node, model):
+        key = (node.node_id, model)
+        q = self.queues.get(key)
+        if q is None:
+            flight = self.flights.setdefault(node.node_id, InFlight())
+            q = self.queues[key] = SlotQueue(self.limit_for(node, model), flight)
+        return q
+
+    def node_active(self, node_id):
+        """Requests running on a node now, whatever their model."""
+        flight = self.flights.get(node_id)
+        return flight.active if flight else 0
+
+    def in_flight(self, node_id):
+        """Requests running or queued on a node (a draining agent waits for 0)."""
+        return sum(q.active + q.waiting for (nid, _), q in self.queues.items()
+                   if nid == node_id)
+
+    def busy(self, node, model):
+        """Has this node+model requests running or queued here?"""
+        q = self.queues.get((node.node_id, model))
+        return bool(q and (q.active or q.waiters))
+
+    def last_done(self, node, model):
+        """When a request for `model` on `node` last ended (monotonic; 0: never)."""
+        q = self.queues.get((node.node_id, model))
+        return q.last_done if q else 0.0
+
+    def free_hot_slots(self, node, model):
+        """Free slots on a node where `model` is loaded (the only place to move work)."""
+        if node.accepts_work() or model not in node.loaded:
+            return 0
+        q = self.queues.get((node.node_id, model))
+        busy = (q.active + q.waiting) if q else 0
+        return max(0, self.limit_for(node, model) - busy)
+
+    def rebalance(self, worth_moving=None):
+        """Move queued requests to nodes where their model is hot and slots are free (and,
+        if `worth_moving(node_id, target, model)` says so, they would be answered sooner)."""
+        moved, free = 0, {}
+        for (node_id, model), q in list(self.queues.items()):
+            for target in self.nodes.values():
+                if not q.waiters:
+                    break
+                if target.node_id == node_id:
+                    continue
+                key = (target.node_id, model)
+                if key not in free:
+                    free[key] = self.free_hot_slots(target, model)
+                    if free[key] and worth_moving and not worth_moving(node_id, target, model):
+                        free[key] = 0
+                count = q.evict(free[key], target.node_id) if free[key] else 0
+                free[key] -= count  # moved requests arrive there a moment later
+                moved += count
+        if moved:
+            fleet_log.info(f"rebalanced {moved} queued requests", extra={"event": "rebalance"})
+        return moved
+
+    # -- views --------------------------------------------------------------------
+
+    def warm_until(self):
+        return self.started + self.cfg.startup_window
+
+    def warming_up(self):
+        """Just started: nodes may not have reported yet, so 'unknown model' can wait."""
+        return time.monotonic() < self.warm_until()
+
+    def holders(self, model, kind=None):
+        """Nodes that have `model` on disk (or, for an image or speech request, serve
+        it; see Node.serves), whatever their state."""
+        return [n for n in self.nodes.values() if n.serves(model, kind)]
+
+    def knows_model(self, model):
+        """Does any node list `model`? (Only those become metric labels.)"""
+        return any(model in n.models or model in n.loaded for n in self.nodes.values())
+
+    def online_nodes(self):
+        return [n for n in self.nodes.values() if n.status not in GONE]
+
+    def working_nodes(self):
+        """Nodes that take new requests now."""
+        return [n for n in self.nodes.values() if n.accepts_work() is None]
+
+    def best_holder(self, model):
+        """A node that can answer about `model` now, hot ones first."""
+        holders = [n for n in self.online_nodes() if model in n.models and n.hb.reachable]
+        holders.sort(key=lambda n: (n.status != ONLINE, model not in n.loaded))
+        return holders[0] if holders else None
+
+    def merged_models(self):
+        """Every model on any online node, once (the newest copy's entry)."""
+        merged = {}
+        for node in self.online_nodes():
+            for name, entry in node.models.items():
+                known = merged.get(name)
+                if known is None or entry.modified_at > known.modified_at:
+                    merged[name] = entry
+        return [merged[name].json() for name in sorted(merged)]
+
+    def agent_models(self):
+        """The image and speech models online nodes' agents serve themselves, sorted."""
+        return sorted({name for node in self.online_nodes()
+                       for models in node.media_models.values() for name in models.values()})
+
+    def running_models(self):
+        """/api/ps across the fleet: each loaded model with the node that holds it."""
+        models = [{**entry.json(), "node_id": node.node_id} for node in self.online_nodes()
+                  for entry in node.loaded.values()]
+        models.sort(key=lambda m: m.get("expires_at") or "", reverse=True)
+        return models
+
+
+####################################################################################
+# Learning: how fast each node+model answers, kept across restarts
+####################################################################################
+
+
+class Speed:
+    """One node+model as observed: fast-reacting averages, a slow baseline, a window of
+    recent requests for percentiles, and decode speed by the number of requests that
+    were in flight, from which the concurrency worth having is learned."""
+
+    ALPHA = 0.5  # weight of the newest request: a slowdown shows within two requests
+    BASELINE_ALPHA = 0.05  # the long-run speed a sharp drop is measured against
+    WINDOW = 20
+    AVERAGED = ("ttft_ms", "cold_ms", "load_ms", "prompt_eval_ms", "queue_ms", "decode_tps",
+                "prompt_tps", "latency_ms", "service_ms", "tokens")
+    MAX_LEVEL = 32  # requests in flight tracked for the concurrency curve
+    LEVEL_SAMPLES = 3  # a level counts once it has this many requests
+    # One more request in flight must add at least half of what it would if throughput
+    # grew in proportion (from 2 to 3: +25 %; from 10 to 11: +5 %), else it is not worth it.
+    LEVEL_GAIN = 0.5
+    # ... and each request must run at least this much slower than at the level below:
+    # high up, one more request's share is a few per cent, as big as the noise.
+    LEVEL_SLOWER = 0.1
+    # Held at its learned concurrency, a node is never timed above it: after this long,
+    # what was seen up there is forgotten, so one more in flight is tried again (the
+    # owner's job may have ended). Costs a few requests at one level above, every while.
+    LEVEL_STALE_S = 600.0
+    STALE_S = 120.0  # unsampled this long, a slowed node is taken at its usual speed
+    __slots__ = ("samples", *AVERAGED, "baseline_tps", "concurrency", "size", "levels",
+                 "updated_at", "recent")
+
+    def __init__(self):
+        self.samples = 0
+        for field in self.AVERAGED:
+            setattr(self, field, None)
+        self.baseline_tps = self.concurrency = None
+        self.size = 0
+        self.levels = {}  # requests in flight -> [decode tokens/s each, samples, when]
+        self.updated_at = 0.0
+        self.recent = collections.deque(maxlen=self.WINDOW)  # (ttft_ms, decode_tps)
+
+    def add(self, sample, level=None):
+        """Fold in one completed request: a dict of AVERAGED fields, None where unknown;
+        `level` is the mean number of requests in flight while it ran."""
+        tps = sample.get("decode_tps")
+        floor = self.floor_tps(level) if tps is not None and level else None
+        if floor and tps < LIVE_SLOW * floor:
+            self.slow_down(tps / floor)  # a sharp drop: taken at once, not half-way
+        self.samples += 1
+        weight = max(self.ALPHA, 1.0 / self.samples)
+        for field in self.AVERAGED:
+            value = sample.get(field)
+            if value is not None:
+                old = getattr(self, field)
+                setattr(self, field, value if old is None else old + weight * (value - old))
+        if tps is not None:
+            self.baseline_tps = tps if self.baseline_tps is None else \
+                self.baseline_tps + max(self.BASELINE_ALPHA, 1.0 / self.samples) * (
+                    tps - self.baseline_tps)
+            if level:
+                self._add_level(min(self.MAX_LEVEL, max(1, round(level))), tps)
+        self.recent.append((sample.get("ttft_ms"), tps))
+        self.updated_at = time.time()
+
+    def floor_tps(self, level):
+        """The least per-request speed the curve allows at `level` in flight: the level's
+        own, else the nearest timed level below it shared out (n requests on a machine
+        that does not scale at all each get 1/n of it); None below every timed level."""
+        level = min(self.MAX_LEVEL, max(1, round(level)))
+        timed = [k for k, v in self.levels.items() if k <= level and v[1] >= self.LEVEL_SAMPLES]
+        if not timed:
+            return None
+        below = max(timed)
+        return self.levels[below][0] * below / level
+
+    def steady_tps(self):
+        """The long-run decode speed, or the current one when it has dropped sharply
+        below it (slow_down took it at once): what the placement plan weighs."""
+        if self.decode_tps and self.baseline_tps and \
+                self.decode_tps < LIVE_SLOW * self.baseline_tps:
+            return self.decode_tps
+        return self.baseline_tps
+
+    def slow_down(self, factor):
+        """The node decodes `factor` (< 1) times as fast as learned, at every level (its
+        owner's job takes the machine, whatever runs on it): so the next forecast reads
+        the new speed, not the half-way average of the old and the first slow answer.
+        The curve keeps its shape, and so the concurrency learned from it."""
+        if self.decode_tps:
+            self.decode_tps *= factor
+        for entry in self.levels.values():
+            entry[0] *= factor
+        self.updated_at = time.time()
+
+    def _add_level(self, level, tps):
+        entry = self.levels.setdefault(level, [tps, 0, 0.0])
+        entry[1] += 1
+        entry[0] += max(self.ALPHA, 1.0 / entry[1]) * (tps - entry[0])
+        entry[2] = time.time()
+
+    def _forget_above(self, limit, now):
+        """Forget the levels above `limit` that have gone untimed for LEVEL_STALE_S."""
+        for level in [k for k, v in self.levels.items()
+                      if k > limit and now - v[2] > self.LEVEL_STALE_S]:
+            del self.levels[level]
+
+    def best_concurrency(self, slots):
+        """The requests in flight beyond which total tokens/s stops rising (slots when
+        the curve has not shown it yet): the first level, among those timed, that adds
+        less than LEVEL_GAIN of the proportional gain over the one below it, with each
+        request LEVEL_SLOWER slower there."""
+        below = None  # (level, total tokens/s)
+        for level in sorted(k for k, v in self.levels.items() if v[1] >= self.LEVEL_SAMPLES):
+            if level > slots:
+                break
+            total = level * self.levels[level][0]
+            if below and total < below[1] * (
+                    1 + self.LEVEL_GAIN * (level - below[0]) / below[0]) and \
+                    total / level < below[1] / below[0] * (1 - self.LEVEL_SLOWER):
+                return below[0]
+            if below is None or total > below[1]:
+                below = (level, total)
+        return slots
+
+    def settle_concurrency(self, slots):
+        """Move the learned concurrency one step towards the curve's best; returns it."""
+        now = self.concurrency or slots
+        self._forget_above(now, time.time())
+        target = self.best_concurrency(slots)
+        self.concurrency = min(slots, now + (target > now) - (target < now))
+        return self.concurrency
+
+    def tokens_per_s(self, level=None):
+        """Per-request decode speed with `level` requests in flight (None: unknown). Left
+        unsampled for STALE_S, a node that slowed down (and so lost its traffic) is
+        taken at its usual speed again, so it is tried again."""
+        entry = self.levels.get(level) if level else None
+        tps = entry[0] if entry and entry[1] >= self.LEVEL_SAMPLES else self.decode_tps
+        if tps and self.baseline_tps and tps < self.baseline_tps and \
+                time.time() - self.updated_at > self.STALE_S:
+            return self.baseline_tps if entry is None else tps * self.baseline_tps / (
+                self.decode_tps or self.baseline_tps)
+        return tps
+
+    def percentile(self, index, q):
+        """The q-th percentile (0-100) of a recent field (0: ttft_ms, 1: decode_tps)."""
+        values = sorted(r[index] for r in self.recent if r[index] is not None)
+        if not values:
+            return None
+        return values[min(len(values) - 1, int(q / 100 * len(values)))]
+
+    def row(self, node_id, model):
+        levels = json.dumps({str(k): [round(v[0], 3), v[1], round(v[2], 1)]
+                             for k, v in self.levels.items()})
+        return {"node_id": node_id, "model": model, "samples": self.samples,
+                **{f: getattr(self, f) for f in self.AVERAGED}, "concurrency": self.concurrency,
+                "size": self.size, "levels": levels, "updated_at": self.updated_at}
+
+    @classmethod
+    def from_row(cls, row):
+        """A saved row back (a row from an older router may lack the newer columns)."""
+        speed = cls()
+        speed.samples = int(row.get("samples") or 0)
+        for field in cls.AVERAGED:
+            if isinstance(row.get(field), (int, float)):
+                setattr(speed, field, float(row[field]))
+        speed.baseline_tps = speed.decode_tps
+        if isinstance(row.get("concurrency"), int) and row["concurrency"] > 0:
+            speed.concurrency = row["concurrency"]
+        speed.size = row.get("size") if isinstance(row.get("size"), int) else 0
+        speed.updated_at = float(row.get("updated_at") or 0.0)
+        speed.levels = cls._read_levels(row.get("levels"), speed.updated_at)
+        return speed
+
+    @classmethod
+    def _read_levels(cls, text, updated_at):
+        """A saved curve; a level saved without its time (an older router's) is taken
+        as timed when its row was."""
+        try:
+            levels = json.loads(text) if isinstance(text, str) else {}
+            return {int(k): [float(v[0]), int(v[1]),
+                             float(v[2]) if len(v) > 2 else updated_at]
+                    for k, v in levels.items() if 1 <= int(k) <= cls.MAX_LEVEL and v[0] > 0}
+        except (ValueError, TypeError, IndexError, AttributeError):
+            return {}  # a damaged curve is relearned, not fatal
+
+
+def sized(entry):
+    """A model's size for estimates by size (`entry`: a ModelEntry, or None): an
+    embedding model's speed says nothing about a chat model's, nor the reverse, so
+    those are left out (0)."""
+    return 0 if entry is None or entry.is_embedding else entry.size
+
+
+NO_ENTRY = hc.ModelEntry("")  # a model a node does not list: nothing known of it
+
+
+def seen_loaded(node, model):
+    """The /api/ps entry of a model the router saw load on `node` before a heartbeat
+    says so: what its disk entry says of it (its memory use and expiry not known yet)."""
+    disk = node.models.get(model)
+    if disk is None:
+        return hc.ModelEntry(model, loaded=True)
+    return hc.ModelEntry(model, size=disk.size, digest=disk.digest, details=disk.details,
+                         loaded=True)
+
+
+# Decode speed falls about as the weights grow (each token reads them all), but only
+# between models alike: a model under ESTIMATE_MIN_BYTES is no language model to scale
+# from (a test blob, a stub: scaled from a 2 GB model, a 4 KB one was shown at 23
+# million tokens/s and 0.0 ms), and sizes more than ESTIMATE_MAX_SCALE apart differ in
+# more than size (fixed per-token costs below, memory that spills over above). Such a
+# model gets no estimate: it has no basis until it answers once.
+ESTIMATE_MIN_BYTES = 50 * 10**6  # Ollama's smallest chat model, smollm:135m, is ~90 MB
+ESTIMATE_MAX_SCALE = 8.0
+
+
+def comparable_sizes(known, size):
+    """May a model of `size` bytes be estimated from one of `known` bytes, by size?"""
+    if min(known, size) < ESTIMATE_MIN_BYTES:
+        return False
+    return max(known, size) / min(known, size) <= ESTIMATE_MAX_SCALE
+
+
+def _ratio(part, whole):
+    return part / whole if part and whole else None
+
+
+DEFAULT_ANSWER_TOKENS = 200  # a guess for a model no node has answered with yet
+LIVE_MIN_CHUNKS = 5  # chunks an answer must have streamed before its speed is read
+LIVE_SLOW = 0.6  # answers streaming under this share of the learned speed: a slowdown
+LATE_FIRST, LATE_MIN_S = 3.0, 1.0  # a first token this many times late (and this long)
+FIRST_FLOOR_S = 0.05  # the least wait for a first token taken as expected
+# A streamed answer with no first token this long (and LATE_FIRST times its forecast)
+# may be moved to another node: longer than a fresh long prompt takes on a usual node.
+MOVE_LATE_MIN_S = 2.0
+
+
+class Forecast:
+    """What one more request would cost on one node+model, from what was learned (or
+    estimated from the fleet): read by the scheduler's wait and speed signals."""
+
+    __slots__ = ("tps", "level_tps", "ttft_s", "service_only_s", "load_s", "basis")
+
+    def __init__(self, tps, ttft_s, service_only_s, load_s, basis, level_tps=None):
+        self.tps, self.ttft_s, self.load_s, self.basis = tps, ttft_s, load_s, basis
+        self.service_only_s = service_only_s  # a request's run time when tokens/s is unknown
+        self.level_tps = level_tps or (lambda level: tps)
+
+    def slowed(self, factor):
+        """This forecast with decoding `factor` (< 1) times as fast."""
+        return Forecast(self.tps * factor if self.tps else self.tps, self.ttft_s,
+                        self.service_only_s / factor, self.load_s, self.basis,
+                        lambda level: (self.level_tps(level) or 0.0) * factor or None)
+
+    def service_s(self, tokens, level):
+        """Seconds a request of `tokens` runs once it has a slot, `level` in flight."""
+        tps = self.level_tps(level)
+        if tps and tokens:
+            return self.ttft_s + tokens / tps
+        return self.service_only_s or 0.0
+
+    def work_ahead_s(self, q, limit, level=None):
+        """Seconds before a new request gets a slot in `q`: the tokens still to come
+        from those running (each assumed to progress at the learned rate with `level`
+        in flight on the node, default `limit`) and those queued, over the queue's
+        learned total rate. A fluid estimate, not a count."""
+        if q is None or q.active + q.waiting < limit:
+            return 0.0
+        tps = self.level_tps(max(level or limit, limit))
+        if not tps:
+            return (q.active + q.waiting - limit + 1) * self.service_only_s / limit
+        remaining = q.remaining_tokens(tps)
+        ahead = q.work_waiting + remaining * min(1.0, (q.waiting + 1) / max(1, q.active))
+        return ahead / (tps * limit) + q.waiting * self.ttft_s / limit
+
+
+class Learner:
+    """What the fleet has learned of each node+model's speed: fed by every completed
+    request, read by routing and /fleet/status, saved in latency.db (learned_speed)."""
+
+    MAX_PAIRS = hc.LEARNED_MAX_ROWS
+    SAVE_EVERY_S = 30.0
+
+    def __init__(self):
+        self.speeds = {}  # (node_id, model) -> Speed
+        self.by_model = collections.defaultdict(dict)  # model -> {node_id: Speed}
+        self.by_node = collections.defaultdict(dict)  # node_id -> {model: Speed}
+        self.dirty = False
+
+    def _add(self, node_id, model, speed):
+        if len(self.speeds) >= self.MAX_PAIRS:  # forget the stalest pair
+            n, m = min(self.speeds, key=lambda k: self.speeds[k].updated_at)
+            del self.speeds[(n, m)], self.by_model[m][n], self.by_node[n][m]
+            for index, key in ((self.by_model, m), (self.by_node, n)):
+                if not index[key]:
+                    del index[key]
+        self.speeds[(node_id, model)] = self.by_model[model][node_id] = \
+            self.by_node[node_id][model] = speed
+        return speed
+
+    def observe(self, node_id, model, ex, hot, size=0, level=None):
+        """Fold in one completed request (its Exchange); returns the node+model's Speed."""
+        u = ex.usage
+        eval_s, prompt_s = _ratio(u.get("eval_ns"), 1e9), _ratio(u.get("prompt_eval_ns"), 1e9)
+        # A whole (non-streamed) answer's first byte is its last: no time to first token.
+        ttft_ms = ex.ttft * 1000 if ex.ttft is not None and ex.stream else None
+        load_ms = _ratio(u.get("load_ns"), 1e6)
+        latency_ms = (time.monotonic() - ex.t0) * 1000
+        queue_ms = ex.queue_wait * 1000 if ex.queue_wait is not None else None
+        sample = {  # hot None: sent while a load was under way (neither hot nor cold)
+            "ttft_ms": ttft_ms if hot else None,
+            "cold_ms": (load_ms or ttft_ms) if hot is False else None,  # a cold load's cost
+            "load_ms": load_ms,
+            "prompt_eval_ms": _ratio(u.get("prompt_eval_ns"), 1e6),
+            "queue_ms": queue_ms,
+            "decode_tps": _ratio(u.get("completion_tokens"), eval_s),
+            "prompt_tps": _ratio(u.get("prompt_tokens"), prompt_s),
+            "latency_ms": latency_ms,
+            "service_ms": latency_ms - (queue_ms or 0.0) if hot else None,
+            "tokens": u.get("completion_tokens"),
+        }
+        speed = self.speeds.get((node_id, model)) or self._add(node_id, model, Speed())
+        speed.size = size or speed.size
+        speed.add(sample, level)
+        self.dirty = True
+        return speed
+
+    def get(self, node_id, model):
+        return self.speeds.get((node_id, model))
+
+    def slowed(self, node_id, model, factor):
+        """A request there was seen to go `factor` (< 1) times as fast as learned."""
+        speed = self.get(node_id, model)
+        if speed is not None:
+            speed.slow_down(factor)
+            self.dirty = True
+
+    def answer_tokens(self, model, limit=0):
+        """Completion tokens a request is expected to produce: what this model's answers
+        averaged across the fleet (the node does not change the answer), within the
+        client's limit."""
+        seen = [s.tokens for s in self.by_model.get(model, {}).values() if s.tokens]
+        mean = statistics.median(seen) if seen else None
+        if mean is None:
+            return float(limit or DEFAULT_ANSWER_TOKENS)
+        return min(mean, limit) if limit else mean
+
+    def forecast(self, node_id, model, size=0):
+        """A Forecast for one more request on this node+model, or None if the fleet
+        knows nothing that bears on it."""
+        speed = self.get(node_id, model)
+        load_s = self.load_s(node_id, model, size)
+        if speed is not None and (speed.decode_tps or speed.service_ms):
+            # Before the first token: Ollama's own prompt evaluation (a router-timed first
+            # byte would count the network, or a whole answer that was not streamed).
+            prompt_s = (speed.prompt_eval_ms or 0.0) / 1000
+            return Forecast(speed.tokens_per_s(), prompt_s, (speed.service_ms or 0.0) / 1000,
+                            load_s, "learned", speed.tokens_per_s)
+        guess = self.estimate(node_id, model, size)
+        if guess is None:
+            return None
+        return Forecast(guess["decode_tps"], guess["prompt_eval_ms"] / 1000, 0.0, load_s,
+                        guess["basis"])
+
+    def load_s(self, node_id, model, size=0):
+        """Expected seconds of a cold load before the first token: as timed here, else
+        this node's (else the fleet's) load rate applied to the model's size, else 0."""
+        speed = self.get(node_id, model)
+        if speed is not None and speed.cold_ms:
+            return speed.cold_ms / 1000
+        if not size:
+            return 0.0
+        rates = [s.size / s.cold_ms for s in self.by_node.get(node_id, {}).values()
+                 if s.cold_ms and s.size]
+        rates = rates or [s.size / s.cold_ms for s in self.speeds.values()
+                          if s.cold_ms and s.size]
+        return size / statistics.median(rates) / 1000 if rates else 0.0
+
+    # -- estimates for a node+model never timed -------------------------------------
+
+    def node_factor(self, node_id):
+        """How fast this node decodes against the rest of the fleet, on the models both
+        have timed (geometric mean of the ratios). A node that has timed nothing the
+        others have is taken as slow as the slowest that has (1.0 if none has): a
+        guess, made prudent because an optimistic one sends it work it may take many
+        seconds over (its first answers tell, within a few chunks)."""
+        factor = self._shared_factor(node_id)
+        if factor is not None:
+            return factor
+        known = [f for f in map(self._shared_factor, self.by_node) if f is not None]
+        return min(known, default=1.0)
+
+    def plan_speeds(self):
+        """Each node's steady decode speed relative to the fastest, fitted over every
+        model it and the others have timed (herd_common.fit_speeds); the placement
+        plan's, where node_factor's prudence (an untimed node is the slowest) would
+        make it move models off every machine it has not timed yet."""
+        observations = [(n, m, s.steady_tps(), s.samples) for (n, m), s in
+                        list(self.speeds.items()) if s.steady_tps()]
+        sizes = {m: s.size for (n, m), s in self.speeds.items()}
+        return hc.fit_speeds(observations, sizes)
+
+    def _shared_factor(self, node_id):
+        """node_factor from the models this node and others have timed, or None."""
+        logs = []
+        for model, speed in self.by_node.get(node_id, {}).items():
+            if not speed.decode_tps:
+                continue
+            others = [s.decode_tps for n, s in self.by_model[model].items()
+                      if n != node_id and s.decode_tps]
+            if others:
+                logs.append(math.log(speed.decode_tps / statistics.median(others)))
+        return math.exp(sum(logs) / len(logs)) if logs else None
+
+    def estimate(self, node_id, model, size=0):
+        """Figures for a node+model never timed: the same model elsewhere, scaled by
+        this node's relative speed; else this node's other models of a comparable size,
+        scaled by size (decode speed falls about as the weights grow: it reads them all
+        for every token); else None (no basis yet)."""
+        elsewhere = [s for n, s in self.by_model.get(model, {}).items() if n != node_id
+                     and s.decode_tps and s.latency_ms]
+        if elsewhere:
+            factor = self.node_factor(node_id)
+            return {"decode_tps": statistics.median(s.decode_tps for s in elsewhere) * factor,
+                    "latency_ms": statistics.median(s.latency_ms for s in elsewhere) / factor,
+                    "prompt_eval_ms": statistics.median(
+                        s.prompt_eval_ms or 0.0 for s in elsewhere) / factor,
+                    "basis": "the same model on other nodes"}
+        here = [s for m, s in self.by_node.get(node_id, {}).items() if m != model
+                and s.decode_tps and s.latency_ms and comparable_sizes(s.size, size)]
+        if here:
+            tps = statistics.median(s.decode_tps * s.size / size for s in here)
+            return {"decode_tps": tps, "latency_ms": statistics.median(
+                s.latency_ms * size / s.size for s in here),
+                "prompt_eval_ms": statistics.median(
+                    (s.prompt_eval_ms or 0.0) * size / s.size for s in here),
+                "basis": "this node's other models, by size"}
+        return None
+
+    # -- keeping it --------------------------------------------------------------------
+
+    def rows(self):
+        self.dirty = False
+        return [speed.row(n, m) for (n, m), speed in self.speeds.items()]
+
+    def load(self, rows):
+        for row in rows[:self.MAX_PAIRS]:
+            if (row["node_id"], row["model"]) not in self.speeds:
+                self._add(row["node_id"], row["model"], Speed.from_row(row))
+
+    def seed(self, rows):
+        """Start from past traces when nothing was saved: [(node, model, latency s, n)]."""
+        for node_id, model, latency_s, samples in rows:
+            if (node_id, model) not in self.speeds:
+                speed = self._add(node_id, model, Speed())
+                speed.samples, speed.latency_ms = samples, latency_s * 1000
+
+    def view(self, node_id, models, limits):
+        """/fleet/status's `learned` for one node: every model it has, timed or guessed;
+        `limits` maps each model to the requests in flight the router allows there."""
+        out = {}
+        for model in sorted(models):
+            speed = self.get(node_id, model)
+            if speed is not None and speed.samples:
+                out[model] = {
+                    "samples": speed.samples, "estimated": False,
+                    "tokens_per_s": _round(speed.decode_tps),
+                    "prompt_tokens_per_s": _round(speed.prompt_tps),
+                    "ttft_ms": _round(speed.ttft_ms), "ttft_p50_ms": _round(
+                        speed.percentile(0, 50)), "ttft_p75_ms": _round(speed.percentile(0, 75)),
+                    "cold_load_ms": _round(speed.cold_ms), "load_ms": _round(speed.load_ms),
+                    "prompt_eval_ms": _round(speed.prompt_eval_ms),
+                    "queue_ms": _round(speed.queue_ms), "latency_ms": _round(speed.latency_ms),
+                    "answer_tokens": _round(speed.tokens),
+                    "concurrency": limits[model],
+                    "tokens_per_s_by_concurrency": {
+                        str(k): _round(v[0]) for k, v in sorted(speed.levels.items())
+                        if v[1] >= Speed.LEVEL_SAMPLES}}
+                continue
+            guess = self.estimate(node_id, model, sized(models[model]))
+            if guess:
+                out[model] = {"samples": 0, "estimated": True, "basis": guess["basis"],
+                              "tokens_per_s": _round(guess["decode_tps"]), "ttft_ms": None,
+                              "latency_ms": _round(guess["latency_ms"]),
+                              "concurrency": limits[model]}
+        return out
+
+    def speed_drops(self, share=0.5, min_samples=10):
+        """(node_id, model, now tokens/s, usual tokens/s) where decoding fell sharply."""
+        return [(n, m, s.decode_tps, s.baseline_tps) for (n, m), s in self.speeds.items()
+                if s.samples >= min_samples and s.decode_tps and s.baseline_tps
+                and s.decode_tps < share * s.baseline_tps]
+
+
+def _round(value):
+    return round(value, 1) if value is not None else None
+
+
+####################################################################################
+# Stats: what the router counts, for /metrics, /fleet/status and the health checks
+####################################################################################
+
+
+class Stats:
+    """Request counters and histograms, and routing events: since start and recent."""
+
+    RECENT = 10000  # events kept with their time, for the health checks' window
+
+    def __init__(self, known_model):
+        self.known_model = known_model  # a model some node lists: it may be a label
+        self.metrics = hc.Metrics()
+        for name, kind, text in METRICS:
+            self.metrics.describe(name, kind, text)
+        self.events = collections.Counter()  # event -> count since start
+        self.recent = collections.deque(maxlen=self.RECENT)  # (time, event)
+
+    def count_event(self, event, message, ex=None, level=logging.INFO, client=None):
+        """Count a decision (context protection, a reaped request, a refused heartbeat...)
+        and log it."""
+        self.events[event] += 1
+        self.recent.append((time.time(), event))
+        fleet_log.log(level, message, extra={"event": event, "client": client,
+                                             "request_id": ex.request_id if ex else None,
+                                             "node_id": ex.node_id if ex else None,
+                                             "model": ex.model if ex else None})
+
+    def events_since(self, since):
+        return collections.Counter(e for t, e in self.recent if t > since)
+
+    def label(self, model):
+        """A model as a metric label: names no node lists fold into 'other', so a client
+        sending made-up names cannot grow /metrics without end."""
+        return model if self.known_model(model) else "other"
+
+    def count_request(self, ex, row):
+        """Fold one finished request (its trace row) into the counters."""
+        m, node, status = self.metrics, ex.node_id or "", row["status"]
+        model = self.label(ex.served_model)
+        m.inc("herd_requests_total", (("model", model), ("node", node), ("status", status),
+                                      ("kind", ex.kind)))
+        m.observe("herd_request_duration_seconds", (("model", model),),
+                  row["latency_ms"] / 1000)
+        if ex.ttft is not None:
+            m.observe("herd_time_to_first_token_seconds", (("model", model),), ex.ttft)
+        for kind in ("prompt", "completion"):
+            tokens = row[f"{kind}_tokens"]
+            if tokens:
+                m.inc("herd_tokens_total", (("model", model), ("kind", kind)), tokens)
+        if ex.retries:
+            m.inc("herd_retries_total", (("model", model),), ex.retries)
+        if ex.served_model != ex.model:
+            m.inc("herd_fallbacks_total", (("requested", self.label(ex.model)),
+                                           ("served", model)))
+        if status == hc.CANCELLED:
+            m.inc("herd_cancellations_total", (("model", model),))
+
+    def render(self, fleet, holding, traces_dropped, connections):
+        """The Prometheus text: counters, plus gauges read from live state now."""
+        gauges = [("herd_holding_requests", (), holding),
+                  ("herd_trace_rows_dropped_total", (), traces_dropped),
+                  ("herd_zombies_reaped_total", (), self.events["zombie_reaped"])]
+        gauges += [("herd_connection_events_total", (("event", k),), connections[k])
+                   for k in CONNECTION_COUNTERS]
+        for (node_id, model), q in fleet.queues.items():
+            labels = (("node", node_id), ("model", model))
+            gauges.append(("herd_queue_in_flight", labels, q.active))
+            gauges.append(("herd_queue_waiting", labels, q.waiting))
+        for node in fleet.nodes.values():
+            for status in NODE_STATUSES:
+                gauges.append(("herd_node_status", (("node", node.node_id), ("status", status)),
+                               int(node.status == status)))
+            for kind, value in (("total", node.hb.mem_total),
+                                ("available", node.hb.mem_available)):
+                gauges.append(("herd_node_memory_bytes", (("node", node.node_id),
+                                                          ("kind", kind)), value))
+        for event, count in self.events.items():
+            gauges.append(("herd_events_total", (("event", event),), count))
+        return self.metrics.render(gauges)
+
+
 ####################################################################################
 # Pulls and pre-warm: models the router puts on nodes by itself
 ####################################################################################
@@ -4146,6 +5172,7 @@ async def send_control(node, model, unload, timeout, keep_alive=None):
         body["keep_alive"] = keep_alive
     status, _, _ = await hc.http_call(node.ollama_url, "POST", path, body, timeout=timeout)
     return status
+
 
 ####################################################################################
 # Managing models: delete, copy, create (with its blobs) and push, on the nodes
@@ -4542,87 +5569,6 @@ def remote_host_of(url):
     netloc = urllib.parse.urlsplit(url if "://" in url else "http://" + url).netloc
     return netloc.rpartition("@")[2].lower() or "localhost"
 
-
-####################################################################################
-# Stats: what the router counts, for /metrics, /fleet/status and the health checks
-####################################################################################
-
-
-class Stats:
-    """Request counters and histograms, and routing events: since start and recent."""
-
-    RECENT = 10000  # events kept with their time, for the health checks' window
-
-    def __init__(self, known_model):
-        self.known_model = known_model  # a model some node lists: it may be a label
-        self.metrics = hc.Metrics()
-        for name, kind, text in METRICS:
-            self.metrics.describe(name, kind, text)
-        self.events = collections.Counter()  # event -> count since start
-        self.recent = collections.deque(maxlen=self.RECENT)  # (time, event)
-
-    def count_event(self, event, message, ex=None, level=logging.INFO, client=None):
-        """Count a decision (context protection, a reaped request, a refused heartbeat...)
-        and log it."""
-        self.events[event] += 1
-        self.recent.append((time.time(), event))
-        fleet_log.log(level, message, extra={"event": event, "client": client,
-                                             "request_id": ex.request_id if ex else None,
-                                             "node_id": ex.node_id if ex else None,
-                                             "model": ex.model if ex else None})
-
-    def events_since(self, since):
-        return collections.Counter(e for t, e in self.recent if t > since)
-
-    def label(self, model):
-        """A model as a metric label: names no node lists fold into 'other', so a client
-        sending made-up names cannot grow /metrics without end."""
-        return model if self.known_model(model) else "other"
-
-    def count_request(self, ex, row):
-        """Fold one finished request (its trace row) into the counters."""
-        m, node, status = self.metrics, ex.node_id or "", row["status"]
-        model = self.label(ex.served_model)
-        m.inc("herd_requests_total", (("model", model), ("node", node), ("status", status),
-                                      ("kind", ex.kind)))
-        m.observe("herd_request_duration_seconds", (("model", model),),
-                  row["latency_ms"] / 1000)
-        if ex.ttft is not None:
-            m.observe("herd_time_to_first_token_seconds", (("model", model),), ex.ttft)
-        for kind in ("prompt", "completion"):
-            tokens = row[f"{kind}_tokens"]
-            if tokens:
-                m.inc("herd_tokens_total", (("model", model), ("kind", kind)), tokens)
-        if ex.retries:
-            m.inc("herd_retries_total", (("model", model),), ex.retries)
-        if ex.served_model != ex.model:
-            m.inc("herd_fallbacks_total", (("requested", self.label(ex.model)),
-                                           ("served", model)))
-        if status == hc.CANCELLED:
-            m.inc("herd_cancellations_total", (("model", model),))
-
-    def render(self, fleet, holding, traces_dropped, connections):
-        """The Prometheus text: counters, plus gauges read from live state now."""
-        gauges = [("herd_holding_requests", (), holding),
-                  ("herd_trace_rows_dropped_total", (), traces_dropped),
-                  ("herd_zombies_reaped_total", (), self.events["zombie_reaped"])]
-        gauges += [("herd_connection_events_total", (("event", k),), connections[k])
-                   for k in CONNECTION_COUNTERS]
-        for (node_id, model), q in fleet.queues.items():
-            labels = (("node", node_id), ("model", model))
-            gauges.append(("herd_queue_in_flight", labels, q.active))
-            gauges.append(("herd_queue_waiting", labels, q.waiting))
-        for node in fleet.nodes.values():
-            for status in NODE_STATUSES:
-                gauges.append(("herd_node_status", (("node", node.node_id), ("status", status)),
-                               int(node.status == status)))
-            for kind, value in (("total", node.hb.mem_total),
-                                ("available", node.hb.mem_available)):
-                gauges.append(("herd_node_memory_bytes", (("node", node.node_id),
-                                                          ("kind", kind)), value))
-        for event, count in self.events.items():
-            gauges.append(("herd_events_total", (("event", event),), count))
-        return self.metrics.render(gauges)
 
 ####################################################################################
 # Health: checks over a snapshot of the fleet, the traces and the event counters
@@ -5036,940 +5982,7 @@ class Health:
                        "model_loads": sum(self.fleet.residency.moves_since(
                            day_ago, "load").values())},
             "checks": findings}
-####################################################################################
-# HTTP API: the route table and thin handlers that delegate
-####################################################################################
 
-
-class Api:
-    """Every route the router answers: Ollama's, OpenAI's, Anthropic's, the fleet's, the
-    dashboard's."""
-
-    def __init__(self, cfg, fleet, scheduler, proxy, pulls, stats, traces, local, counters,
-                 dashboard, learner):
-        self.cfg, self.fleet, self.proxy = cfg, fleet, proxy
-        self.pulls, self.stats = pulls, stats
-        self.port = cfg.port  # the port bound (RouterServer sets it once listening)
-        self.guard = Guard(cfg)
-        self.cors = Cors(cfg.origins_allowed)
-        self.hosts = Hosts(cfg.origins_allowed, socket.gethostname())
-        self.admin = ModelAdmin(cfg, fleet, proxy, pulls, self.guard)
-        self.nodes = FleetApi(cfg, fleet, scheduler, pulls, stats, traces, local, counters,
-                              learner)
-        self.spools = SpoolBudget(int(cfg.max_upload_mb * (1 << 20)))
-        self.in_flight = 0
-        self.all_done = asyncio.Event()
-        self.catalogue = Catalogue(fleet)
-        self.routes = {
-            **self.catalogue.routes(),
-            ("POST", "/api/show"): self.show,
-            ("POST", "/api/pull"): self.pull,
-            ("DELETE", "/api/delete"): self.admin.delete,
-            ("POST", "/api/copy"): self.admin.copy,
-            ("POST", "/api/create"): self.admin.create,
-            ("POST", "/api/push"): self.admin.push,  # and HEAD, POST /api/blobs/<digest>
-            **self.nodes.routes(),
-            **dashboard.routes(),
-        }
-        for path in NATIVE_INFERENCE + OPENAI_INFERENCE + tuple(NEWER_INFERENCE):
-            self.routes[("POST", path)] = self.inference
-        self.routes[("POST", "/api/generate-image")] = self.generate_image
-        for path in TRANSCRIBE_ROUTES:
-            self.routes[("POST", path)] = self.transcribe
-        # Every route that reaches a node is traced: its handler is given the request's
-        # record (an Exchange) and answers through it; Proxy.recorded writes the row.
-        self.traced = {self.inference, self.generate_image, self.transcribe, self.show,
-                       self.pull, self.admin.delete, self.admin.copy, self.admin.create,
-                       self.admin.push, self.admin.blob}
-
-    # -- dispatch -----------------------------------------------------------------
-
-    async def handle(self, request, conn):
-        """The HttpConnection handler: one call per request."""
-        self.in_flight += 1
-        try:
-            kind = self.guard.kind_of(request.path)
-            if not self.needs_proof(kind) and not self.hosts.allows(request.header("host")):
-                return await self.refuse(request, conn, 403, self.hosts.refusal(
-                    request.header("host"), self.port))
-            if await self.cross_origin(request, conn):
-                return
-            handler = self.routes.get((request.method, request.path)) or \
-                self._prefix_route(request)
-            refusal = self.guard.refuse(request, kind)
-            if refusal:
-                await self.refuse(request, conn, *refusal)
-            elif handler in self.traced:
-                await self.proxy.records.recorded(handler, request, conn)
-            elif handler is not None:
-                await handler(request, conn)
-            elif (why := not_routed(request.path)) is not None:
-                await conn.send_response(404, hc.error_body(hc.api_of(request.path), 404,
-                                                            f"{request.path}: {why}"))
-            else:
-                await self.no_route(request, conn)
-        finally:
-            self.in_flight -= 1
-            if not self.in_flight:
-                self.all_done.set()
-
-    def needs_proof(self, kind):
-        """Does a route of `kind` answer only to a proof a web page cannot have: a key,
-        or for heartbeats the fleet token's signature? (Then any Host may reach it.)"""
-        return self.guard.needs_key(kind) or (kind == NODE and
-                                              self.nodes.signatures is not None)
-
-    def _prefix_route(self, request):
-        """The handler of a path with a name in it, or None."""
-        if request.method == "GET" and request.path.startswith("/v1/models/"):
-            return self.catalogue.openai_model
-        if request.method in BLOB_METHODS and request.path.startswith("/api/blobs/"):
-            return self.admin.blob
-        return None
-
-    async def no_route(self, request, conn):
-        """404, or 405 for a path known with other methods, in the shape of the API
-        the client speaks (Ollama's own are plain text, which clients show raw)."""
-        path = request.path
-        methods = sorted({m for m, p in self.routes if p == path} or (
-            BLOB_METHODS if path.startswith("/api/blobs/") else ()))
-        shown = path[:200]
-        if methods:
-            status, message = 405, f"method {request.method[:16]} not allowed on {shown}"
-            headers = [(b"allow", ", ".join(methods).encode())]
-        else:
-            status, message, headers = 404, f"404 page not found: {shown}", []
-        await conn.send_response(status, hc.error_body(hc.api_of(path), status, message),
-                                 headers=headers)
-
-    async def cross_origin(self, request, conn):
-        """A browser's request from another origin: refused (403, as Ollama does) unless
-        its origin is allowed; then its preflight is answered here, before any key is
-        asked for (a browser sends none with it), and every response to it carries the
-        Access-Control headers. True when answered."""
-        origin = self.cors.origin_of(request)
-        if origin is None:
-            return False
-        if not self.cors.allows(origin):
-            await self.refuse(request, conn, 403, f"origin {origin[:100]} is not allowed "
-                                                  f"(the router's FLEET_ORIGINS)")
-            return True
-        conn.extra_headers = self.cors.headers_for(origin)
-        if request.method == "OPTIONS" and request.header("access-control-request-method"):
-            await conn.send_response(204, b"", None, self.cors.preflight_headers())
-            return True
-        return False
-
-    async def refuse(self, request, conn, status, message):
-        """A 401 or 403 in the shape of the API the client speaks."""
-        status, body, headers = self.refusal(request, status, message)
-        await conn.send_response(status, body, headers=headers)
-
-    @staticmethod
-    def refusal(request, status, message):
-        """(status, body, headers) of a 401 or 403 in the shape of the client's API."""
-        headers = [(b"www-authenticate", b'Bearer realm="herd"')] if status == 401 else []
-        body = hc.error_body(hc.api_of(request.path), status, message,
-                             "invalid_api_key" if status == 401 else None)
-        return status, body, headers
-
-    def check_head(self, request):
-        """The HttpConnection's check of a request head that has a body: its refusal,
-        (status, body, headers), sent before any of the body is read (and without 100
-        Continue), or None. The same checks as handle() and heartbeat() make, on what
-        the head alone shows: an origin not allowed, a key missing, an unsigned or
-        stale heartbeat. A megabyte a key-less client cannot send is one the router
-        never holds."""
-        origin = self.cors.origin_of(request)
-        cors = () if origin is None or not self.cors.allows(origin) else \
-            self.cors.headers_for(origin)
-        if origin is not None and not cors:
-            return self.refusal(request, 403, f"origin {origin[:100]} is not allowed "
-                                              f"(the router's FLEET_ORIGINS)")
-        if request.path == "/heartbeat" and self.nodes.signatures is not None:
-            why = self.nodes.signatures.refuse_head(request)
-            if why is not None:
-                self.stats.count_event("heartbeat_refused", f"heartbeat refused: {why}",
-                                       level=logging.WARNING, client=request.client)
-                return 401, hc.ollama_error_body(why), list(cors)
-        refused = self.guard.refuse(request, self.guard.kind_of(request.path))
-        if refused is None:
-            return None
-        status, body, headers = self.refusal(request, *refused)
-        return status, body, headers + list(cors)
-
-    async def wait_in_flight(self, timeout):
-        """Wait until no request is being answered (idle connections do not count)."""
-        self.all_done.clear()
-        if self.in_flight:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self.all_done.wait()
-
-    # -- inference ----------------------------------------------------------------
-
-    async def inference(self, request, conn, ex):
-        try:
-            body = hc.parse_json_body(request.body, request.shape)
-            model = hc.check_model_name(body.get("model"))
-        except ValueError as e:
-            raise RouteError(400, str(e)) from None
-        ex.ask(model)
-        fallbacks = body.get("fallback_models", [])
-        if not isinstance(fallbacks, list) or len(fallbacks) > MAX_FALLBACKS:
-            raise RouteError(400, f"fallback_models must be a list of at most "
-                                  f"{MAX_FALLBACKS} model names")
-        for name in fallbacks:
-            try:
-                hc.check_model_name(name, "fallback_models entry")
-            except ValueError as e:
-                raise RouteError(400, str(e)) from None
-        stream = body.get("stream")
-        ex.ask(hc.canonical_model(model), (ex.api == "ollama") if stream is None
-               else bool(stream))
-        if ex.api == "ollama" and is_unload(request.path, body):
-            refusal = self.guard.refuse(request, ADMIN)
-            if refusal:
-                status, body, headers = self.refusal(request, *refusal)
-                return await ex.reply(status, body, headers=headers)
-            return await self.proxy.unload(ex, body)
-        await self.proxy.serve(ex, body, may_pull=self.guard.refuse(request, ADMIN) is None)
-
-    # -- images and speech --------------------------------------------------------
-
-    async def generate_image(self, request, conn, ex):
-        """POST /api/generate-image: model, prompt, width, height, steps, seed; the
-        picture comes back as PNG bytes (or base64 JSON with response_format b64_json)."""
-        try:
-            body = hc.parse_json_body(request.body, request.shape)
-            model = hc.check_model_name(body.get("model"))
-            read_image_settings(body)
-        except ValueError as e:
-            raise RouteError(400, str(e)) from None
-        ex.ask(hc.canonical_model(model))
-        await self.proxy.serve(ex, body, may_pull=False)
-
-    async def transcribe(self, request, conn, ex):
-        """POST /v1/audio/transcriptions (OpenAI's form: file, model, language,
-        response_format) and /api/transcribe (the same form; the answer is the product's
-        {"model", "text", ...}): the form is read until its model is known (a file
-        before it is spooled to disk), then the upload streams on to a node that serves
-        the model."""
-        with Upload(request, conn, int(self.cfg.media_replay_mb * (1 << 20)),
-                    self.spools) as upload:
-            try:
-                fields = await upload.read_fields(request.header("content-type"))
-                text = {k: v.decode("utf-8", "replace") for k, v in fields.items()}
-                model = hc.check_model_name(text.get("model"))
-            except hc.BodyTooLarge:
-                raise RouteError(413, upload.too_large()) from None
-            except SpoolFull as e:
-                raise RouteError(e.status, str(e)) from None
-            except TimeoutError:
-                raise RouteError(408, "the client stopped sending its upload") from None
-            except ConnectionError as e:  # the body's framing is broken, or the client left
-                if conn.client_gone:
-                    raise
-                raise RouteError(400, str(e)) from None
-            except ValueError as e:
-                message = str(e)
-                if message == "model is required":
-                    message = "model is required: the form needs a model field (curl: " \
-                              "-F model=... -F file=@audio.wav)"
-                raise RouteError(400, message) from None
-            ex.ask(hc.canonical_model(model))
-            await self.proxy.serve(ex, text, may_pull=False, upload=upload)
-
-    async def show(self, request, conn, ex):
-        """POST /api/show: asked of the node best placed to answer for the model."""
-        body, name = read_model_request(request)
-        ex.ask(hc.canonical_model(name), body=request.body, fields=body)
-        node = self.fleet.best_holder(ex.model)
-        if node is None:
-            raise RouteError(404, f"model '{name}' not found")
-        ex.node_id = node.node_id
-        try:
-            status, headers, data = await hc.http_call(
-                node.ollama_url, "POST", "/api/show", request.body,
-                timeout=self.cfg.first_byte_timeout)
-        except hc.UpstreamError as e:
-            raise RouteError(502, f"node {node.node_id}: {e}") from None
-        await ex.reply(status, data, content_type(headers) or hc.JSON_TYPE,
-                       [(b"x-fleet-node", node.node_id.encode())])
-
-    async def pull(self, request, conn, ex):
-        """Pull through the router: onto the node named in "node", else the node with
-        the most free memory; Ollama's progress is relayed as it comes."""
-        body, name = read_model_request(request)
-        try:
-            name = self.pulls.check_name(name)
-        except ValueError as e:
-            raise RouteError(400, str(e)) from None
-        ex.ask(hc.canonical_model(name), body.get("stream") is not False, fields=body)
-        if body.get("insecure") and not self.guard.is_admin(request):
-            raise RouteError(403, "'insecure' pulls are for the admin (FLEET_ADMIN_KEY)")
-        wanted = body.get("node")
-        if wanted is not None and not isinstance(wanted, str):
-            raise RouteError(400, "node must be a string")
-        node = self.pulls.pick_node(wanted)
-        if node is None:
-            raise RouteError(404, f"node '{wanted}' is not online") if wanted else \
-                RouteError(503, "no online node to pull onto")
-        forwarded = hc.dump_json({k: v for k, v in body.items() if k != "node"})
-
-        async def refresh():  # the new model is listed before the client sees the end
-            await self.pulls.refresh_models(node)
-        await self.proxy.forward(ex, node, forwarded, refresh)
-
-class Catalogue:
-    """What the fleet has, answered as one Ollama (and OpenAI's list) would: the root,
-    /api/version, /api/tags, /api/ps, /v1/models."""
-
-    def __init__(self, fleet):
-        self.fleet = fleet
-
-    def routes(self):
-        return {("GET", "/"): self.root, ("HEAD", "/"): self.root,
-                ("GET", "/api/version"): self.version, ("HEAD", "/api/version"): self.version,
-                ("GET", "/api/tags"): self.tags, ("HEAD", "/api/tags"): self.tags,
-                ("GET", "/api/ps"): self.ps,
-                ("GET", "/v1/models"): self.openai_models}
-
-    async def root(self, request, conn):
-        await conn.send_response(200, b"Ollama is running", b"text/plain; charset=utf-8")
-
-    async def version(self, request, conn):
-        """The lowest Ollama version among the nodes not offline: what a client can
-        rely on. A node that reports no release number is not counted: a server that
-        only imitates Ollama (no /api/version), or a build from source (0.0.0). With no
-        such node, 0.0.0: nothing can be relied on, yet the router answers (tools that
-        check the connection this way see it up)."""
-        versions = [v for v in (n.hb.ollama_version for n in self.fleet.online_nodes())
-                    if RELEASE_RE.fullmatch(v) and any(version_key(v))]
-        await conn.send_json(200, {"version": min(versions, key=version_key)
-                                   if versions else "0.0.0"})
-
-    async def tags(self, request, conn):
-        await conn.send_json(200, {"models": self.fleet.merged_models()})
-
-    async def ps(self, request, conn):
-        await conn.send_json(200, {"models": self.fleet.running_models()})
-
-    # -- OpenAI's model list ------------------------------------------------------
-
-    async def openai_models(self, request, conn):
-        await conn.send_json(200, {"object": "list", "data": self._openai_models()})
-
-    def _openai_models(self):
-        """The fleet's union: every Ollama model, and the image and speech models the
-        agents serve themselves (OpenAI's list has them all; /api/tags only Ollama's)."""
-        listed = [openai_model(e) for e in self.fleet.merged_models()]
-        seen = {hc.canonical_model(m["id"]) for m in listed}
-        for name in self.fleet.agent_models():
-            if hc.canonical_model(name) not in seen:
-                seen.add(hc.canonical_model(name))
-                listed.append(openai_model({"model": name}))
-        return listed
-
-    async def openai_model(self, request, conn):
-        wanted = request.path[len("/v1/models/"):]
-        wanted = hc.canonical_model(urllib.parse.unquote(wanted))
-        for model in self._openai_models():
-            if hc.canonical_model(model["id"]) == wanted:
-                return await conn.send_json(200, model)
-        await conn.send_response(404, hc.openai_error_body(
-            404, f"model '{wanted}' not found", "model_not_found"))
-
-
-class FleetApi:
-    """The fleet's own routes: the nodes' heartbeats (signed, checked field by field,
-    applied), /fleet/status, /fleet/queue and /metrics."""
-
-    def __init__(self, cfg, fleet, scheduler, pulls, stats, traces, local, counters,
-                 learner):
-        self.cfg, self.fleet, self.scheduler, self.pulls = cfg, fleet, scheduler, pulls
-        self.stats, self.traces, self.local, self.learner = stats, traces, local, learner
-        self.counters = counters  # the connections' own
-        self.port = cfg.port  # the port bound (RouterServer sets it once listening)
-        self.signatures = hc.SignatureCheck(cfg.token, nonce_path=os.path.join(
-            cfg.data_dir, NONCE_FILE)) if cfg.token else None
-        self.started = time.time()
-
-    def routes(self):
-        return {("POST", "/heartbeat"): self.heartbeat,
-                ("GET", "/fleet/status"): self.fleet_status,
-                ("GET", "/fleet/queue"): self.fleet_queue,
-                ("GET", "/metrics"): self.metrics,
-                ("GET", "/dashboard/api/overview"): self.fleet_status,
-                ("GET", "/dashboard/api/queues"): self.fleet_queue}
-
-    async def heartbeat(self, request, conn):
-        """A node's report: signed (with FLEET_TOKEN), checked field by field, from the
-        address the node id belongs to, naming an Ollama at that address."""
-        refusal = self.signatures.refuse(request) if self.signatures else None
-        if refusal:
-            return await self.refuse_heartbeat(request, conn, 401, refusal)
-        try:
-            hb = hc.Heartbeat(hc.parse_json_body(request.body, request.shape))
-        except ValueError as e:
-            return await self.refuse_heartbeat(request, conn, 400, f"bad heartbeat: {e}")
-        source = conn.client_ip
-        if self.local.is_router(hb.ollama_url, self.port):
-            return await self.refuse_heartbeat(
-                request, conn, 400, f"ollama_url {hb.ollama_url} is this router, not an "
-                                    f"Ollama: point FLEET_NODE_OLLAMA_HOST at Ollama's port "
-                                    f"(Ollama listens on {hc.OLLAMA_PORT}, this router on "
-                                    f"{self.port})")
-        if not ollama_url_allowed(hb.ollama_url, source, self.cfg.ollama_hosts_allowed):
-            return await self.refuse_heartbeat(
-                request, conn, 403, f"ollama_url {hb.ollama_url} is not at {source}, where "
-                                    f"this heartbeat comes from (list its host in the "
-                                    f"router's FLEET_ALLOWED_OLLAMA_HOSTS to allow it)")
-        if hb.media and not ollama_url_allowed(hb.media["url"], source,
-                                               self.cfg.ollama_hosts_allowed):
-            return await self.refuse_heartbeat(
-                request, conn, 403, f"media.url {hb.media['url']} is not at {source}, where "
-                                    f"this heartbeat comes from (list its host in the "
-                                    f"router's FLEET_ALLOWED_OLLAMA_HOSTS to allow it)")
-        self.local.yield_to(hb)
-        try:
-            node = self.fleet.apply_heartbeat(hb, source)
-        except NodeRefused as e:
-            return await self.refuse_heartbeat(request, conn, e.status, str(e))
-        if self.signatures is None:
-            self.note_unchecked_signature(node, request)
-        # token_checked tells a signing agent whether its signature meant anything.
-        await conn.send_json(200, {"status": "ok", "node_status": node.status,
-                                   "in_flight": self.fleet.in_flight(node.node_id),
-                                   "router_version": hc.VERSION,
-                                   "token_checked": self.signatures is not None})
-
-    @staticmethod
-    def note_unchecked_signature(node, request):
-        """A signed heartbeat to a router with no FLEET_TOKEN: the agent has a token the
-        router never checks. Said once per node (the health check open_fleet names it)."""
-        signs = bool(request.header("x-herd-signature"))
-        if signs and not node.signs:
-            fleet_log.warning(
-                "this node signs its heartbeats (its agent has FLEET_NODE_TOKEN), but this "
-                "router has no FLEET_TOKEN: it checks no signature, and any host can join. "
-                "Set FLEET_TOKEN here to the agents' FLEET_NODE_TOKEN",
-                extra={"node_id": node.node_id, "event": "token_unchecked"})
-        node.signs = signs
-
-    async def refuse_heartbeat(self, request, conn, status, message):
-        """Refuse, log and count a heartbeat (the health checks report the count)."""
-        self.stats.count_event("heartbeat_refused", f"heartbeat refused: {message}",
-                               level=logging.WARNING, client=request.client)
-        await conn.send_response(status, hc.ollama_error_body(message))
-
-    async def fleet_status(self, request, conn):
-        self.fleet.refresh_status()
-        nodes = [node_summary(self.fleet, n, self.learner) for n in self.fleet.nodes.values()]
-        counts = collections.Counter(n["status"] for n in nodes)
-        await conn.send_json(200, {
-            "router": {"version": hc.VERSION, "uptime_s": round(time.time() - self.started),
-                       "nodes_online": counts[ONLINE], "nodes_degraded": counts[DEGRADED],
-                       "nodes_draining": counts[DRAINING], "nodes_left": counts[LEFT],
-                       "nodes_offline": counts[OFFLINE], "holding": self.scheduler.holding,
-                       "zombies_reaped": self.stats.events["zombie_reaped"],
-                       "events": dict(self.stats.events),
-                       "traces_written": self.traces.written,
-                       "traces_dropped": self.traces.dropped,
-                       "open_fleet": not self.cfg.token,
-                       "connections": {k: self.counters[k] for k in CONNECTION_COUNTERS}},
-            "placement": self.scheduler.placement.view(),
-            "pulls": self.pulls.shown(),
-            "nodes": nodes})
-
-    async def fleet_queue(self, request, conn):
-        await conn.send_json(200, self.scheduler.queue_report())
-
-    async def metrics(self, request, conn):
-        self.fleet.refresh_status()
-        text = self.stats.render(self.fleet, self.scheduler.holding, self.traces.dropped,
-                                 self.counters)
-        await conn.send_response(200, text.encode(), b"text/plain; version=0.0.4; charset=utf-8")
-
-
-# The overview's figures: counts, errors and percentiles over the last hour, a point a
-# minute for its sparklines, and rates over the last five minutes (a load average: what
-# the fleet is doing now, steadier than the last minute alone).
-GLANCE_WINDOW_S, GLANCE_BUCKET_S, GLANCE_RECENT_S = 3600, 60, 300
-GLANCE_PERCENTILES = (50, 95)
-# A bucket with no request: counts are 0, means and speeds unknown (null, not 0).
-EMPTY_BUCKET = {"requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                "mean_latency_ms": None, "mean_ttft_ms": None, "tokens_per_s": None}
-
-
-def fill_buckets(rows, span, bucket, now):
-    """One point per `bucket` seconds, from the start of the bucket the last `span`
-    seconds begin in up to the one now: a row's own, else an EMPTY_BUCKET. A chart
-    then spans its whole range, however few requests it holds."""
-    by_start = {int(r["t"]): r for r in rows}
-    first = int((now - span) // bucket * bucket)
-    return [by_start.get(t) or {"t": t, **EMPTY_BUCKET}
-            for t in range(first, int(now) + 1, bucket)]
-
-
-def percentile_fields(found):
-    """{q: value} as {"p50": 812.3, "p95": ...} (None where nothing was timed)."""
-    return {f"p{q}": _round(found.get(q)) for q in GLANCE_PERCENTILES}
-
-
-class DashboardApi:
-    """The dashboard: its page and the JSON it reads (curl users can read it too)."""
-
-    def __init__(self, cfg, fleet, traces, health):
-        self.cfg, self.fleet, self.traces, self.health = cfg, fleet, traces, health
-
-    def routes(self):
-        return {
-            ("GET", "/dashboard"): self.dashboard,
-            ("GET", "/dashboard/api/health"): self.health_report,
-            ("GET", "/dashboard/api/summary"): self.summary,
-            ("GET", "/dashboard/api/requests"): self.requests,
-            ("GET", "/dashboard/api/models"): self.models,
-            ("GET", "/dashboard/api/apps"): self.apps,
-            ("GET", "/dashboard/api/trends"): self.trends,
-            ("GET", "/dashboard/api/settings"): self.settings,
-        }
-
-    async def health_report(self, request, conn):
-        await conn.send_json(200, await self.health.report())
-
-    async def dashboard(self, request, conn):
-        """dashboard.html from beside this script, read each time (edit and reload)."""
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard.html")
-        try:
-            page = await asyncio.to_thread(read_bytes, path)
-        except OSError:
-            return await conn.send_response(404, b"dashboard.html is missing: copy it next "
-                                                 b"to herd.py", b"text/plain; charset=utf-8")
-        await conn.send_response(200, page, b"text/html; charset=utf-8", page_headers(page))
-
-    async def settings(self, request, conn):
-        """The effective configuration, each value with where it came from; then the
-        fixed values (not settings: shown so that a curl user sees what they are)."""
-        values, rows = self.cfg.as_dict(), []
-        for st in ROUTER_SETTINGS:
-            attr = st.name.removeprefix("FLEET_").lower()
-            value = "(set)" if st.name in SECRET_SETTINGS and values[attr] else values[attr]
-            rows.append({"name": st.name, "value": value, "default": st.default,
-                         "source": self.cfg.sources.get(attr, "default"), "help": st.help,
-                         "group": st.group})
-        fixed = [{"name": st.name, "value": values[st.name.removeprefix("FLEET_").lower()],
-                  "help": st.help} for st in ROUTER_FIXED]
-        await conn.send_json(200, {"settings": rows, "fixed": fixed})
-
-    async def requests(self, request, conn):
-        """Recent traces, filtered: ?status=&model=&node=&tag=&since=<s ago>&limit="""
-        q = {k: v[-1] for k, v in request.query.items()}
-        try:
-            since = float(q.get("since", 3600))
-            limit = max(1, min(1000, int(q.get("limit", 100))))
-            if not 0 <= since < 1e10:  # NaN and infinities fail this too
-                raise ValueError(since)
-        except ValueError:
-            return await conn.send_response(400, hc.ollama_error_body(
-                "since (seconds, 0 or more) and limit must be numbers"))
-        rows = await self.traces.recent(time.time() - since, limit, q.get("status"),
-                                        q.get("model"), q.get("node"), q.get("tag"))
-        await conn.send_json(200, {"requests": rows})
-
-    async def models(self, request, conn):
-        """Per model: where it lives, hot or cold, and a day of usage per node."""
-        usage = collections.defaultdict(list)
-        for r in await self.traces.model_usage(time.time() - 86400):
-            usage[r.pop("model")].append(r)
-        models = {}
-
-        def entry(name):
-            return models.setdefault(name, {"model": name, "kinds": [], "on_disk": [],
-                                            "loaded": []})
-        for node in self.fleet.nodes.values():
-            for name, listed in node.models.items():
-                m = entry(name)
-                m["on_disk"].append(node.node_id)
-                if name in node.loaded:
-                    m["loaded"].append(node.node_id)
-                kind = hc.IMAGE if listed.can("image") else \
-                    hc.EMBEDDING if listed.can("embedding") else hc.CHAT
-                if kind not in m["kinds"]:
-                    m["kinds"].append(kind)
-            for kind, served in node.media_models.items():
-                for name in served:  # an agent's tool or server is always ready: hot
-                    m = entry(name)
-                    m["on_disk"].append(node.node_id)
-                    m["loaded"].append(node.node_id)
-                    if kind not in m["kinds"]:
-                        m["kinds"].append(kind)
-        for name in usage:
-            entry(name)
-        for name, m in models.items():
-            m["usage_24h"] = usage.get(name, [])
-        await conn.send_json(200, {"models": sorted(models.values(),
-                                                    key=lambda m: m["model"])})
-
-    async def apps(self, request, conn):
-        """Per tag (X-Herd-Tags / metadata.tags): a day of requests, errors, speed."""
-        apps = await self.traces.app_usage(time.time() - 86400)
-        await conn.send_json(200, {"window_s": 86400, "apps": apps})
-
-    async def trends(self, request, conn):
-        """Requests, errors, latency, time to first token, decode speed and tokens over
-        time: ?range=1h (a point a minute), 6h (10 minutes), 24h (an hour), 7d (6 hours)
-        or 30d (a day); every bucket of the range is listed, empty ones too."""
-        name = request.query.get("range", ["24h"])[-1]
-        if name not in hc.TREND_RANGES:
-            return await conn.send_response(400, hc.ollama_error_body(
-                f"range must be one of {', '.join(hc.TREND_RANGES)}"))
-        span, bucket = hc.TREND_RANGES[name]
-        points = fill_buckets(await self.traces.trends(span, bucket), span, bucket,
-                              time.time())
-        await conn.send_json(200, {"range": name, "range_s": span, "bucket_s": bucket,
-                                   "points": points})
-
-    async def summary(self, request, conn):
-        """The fleet at a glance: the last hour's requests, errors, latency and time to
-        first token (p50, p95), tokens and decode speed, a point a minute, and the
-        request and token rates of the last five minutes."""
-        now = time.time()
-        hour, recent, latency, ttft, minutes, p50s = await asyncio.gather(
-            self.traces.totals(now - GLANCE_WINDOW_S), self.traces.totals(now - GLANCE_RECENT_S),
-            self.traces.percentiles("latency_ms", now - GLANCE_WINDOW_S, GLANCE_PERCENTILES),
-            self.traces.percentiles("ttft_ms", now - GLANCE_WINDOW_S, GLANCE_PERCENTILES),
-            self.traces.trends(GLANCE_WINDOW_S, GLANCE_BUCKET_S),
-            self.traces.percentiles("latency_ms", (now - GLANCE_WINDOW_S) // GLANCE_BUCKET_S
-                                    * GLANCE_BUCKET_S, (50,), GLANCE_BUCKET_S))
-        points = [{"t": p["t"], "requests": p["requests"], "errors": p["errors"],
-                   "completion_tokens": p["completion_tokens"],
-                   "decode_tokens_per_s": p["tokens_per_s"],
-                   "latency_p50_ms": _round(p50s.get(p["t"], {}).get(50))}
-                  for p in fill_buckets(minutes, GLANCE_WINDOW_S, GLANCE_BUCKET_S, now)]
-        await conn.send_json(200, {
-            "window_s": GLANCE_WINDOW_S, "hour": self.hour_figures(hour, latency, ttft),
-            "recent_s": GLANCE_RECENT_S, "recent": self.rates(recent),
-            "bucket_s": GLANCE_BUCKET_S, "points": points})
-
-    @staticmethod
-    def hour_figures(t, latency, ttft):
-        """The hour's totals: errors are failed and broken-off answers (a refused request
-        is the client's error: `rejected`); decode speed is completion tokens over the
-        time Ollama spent generating them, pooled over the answers that report both."""
-        n = t["requests"]
-        return {"requests": n, "errors": t["errors"], "rejected": t["rejected"],
-                "cancelled": t["cancelled"],
-                "error_rate": round(t["errors"] / n, 4) if n else None,
-                "prompt_tokens": t["prompt_tokens"], "completion_tokens": t["completion_tokens"],
-                "decode_tokens_per_s": _round(t["decoded_tokens"] * 1000 / t["decode_ms"])
-                if t["decode_ms"] else None,
-                "latency_ms": percentile_fields(latency),  # completed requests
-                "ttft_ms": percentile_fields(ttft)}  # completed streamed requests
-
-    @staticmethod
-    def rates(t):
-        """The last five minutes as rates: requests a minute, completion tokens a second
-        (the fleet's output, all nodes together)."""
-        return {"requests": t["requests"], "completion_tokens": t["completion_tokens"],
-                "requests_per_min": round(t["requests"] * 60 / GLANCE_RECENT_S, 2),
-                "completion_tokens_per_s": round(t["completion_tokens"] / GLANCE_RECENT_S, 2)}
-
-
-# Who may call a route: anyone, a node (signed heartbeats), a client key, the admin.
-OPEN, NODE, CLIENT, ADMIN, SCRAPE = "open", "node", "client", "admin", "scrape"
-OPEN_PATHS = frozenset({"/", "/api/version", "/dashboard"})  # health checks, the page
-ADMIN_PATHS = frozenset({"/api/pull", "/api/delete", "/api/copy", "/api/create",
-                         "/api/push", "/dashboard/api/requests"})  # and /api/blobs/...
-BLOB_METHODS = ("HEAD", "POST")
-NONCE_FILE = "heartbeat-nonces.txt"  # in FLEET_DATA_DIR: the signature window's nonces
-CONNECTION_COUNTERS = ("connections_refused", "header_timeouts", "bodies_too_large",
-                       "bodies_too_slow", "refused_before_body", "handshakes_failed",
-                       "accept_paused")
-SECRET_SETTINGS = frozenset({"FLEET_TOKEN", "FLEET_API_KEYS", "FLEET_ADMIN_KEY",
-                             "FLEET_METRICS_KEY"})
-
-
-class Guard:
-    """Client keys (FLEET_API_KEYS), the admin key and the metrics key. Each one unset
-    opens what it guards, so a router with no key set answers everyone."""
-
-    def __init__(self, cfg):
-        self.client_keys = [k.encode() for k in sorted(cfg.client_keys)]
-        self.admin_key = [cfg.admin_key.encode()] if cfg.admin_key else []
-        self.metrics_key = [cfg.metrics_key.encode()] if cfg.metrics_key else []
-        self.open = not (self.client_keys or self.admin_key or self.metrics_key)
-
-    @staticmethod
-    def kind_of(path):
-        if path in OPEN_PATHS:
-            return OPEN
-        if path == "/heartbeat":
-            return NODE
-        if path == "/metrics":
-            return SCRAPE
-        return ADMIN if path in ADMIN_PATHS or path.startswith("/api/blobs/") else CLIENT
-
-    @staticmethod
-    def presented(request):
-        """The key a request carries: Authorization: Bearer <key>, or x-api-key."""
-        auth = request.header("authorization") or ""
-        if auth[:7].lower() == "bearer ":
-            return auth[7:].strip().encode("latin-1")
-        key = request.header("x-api-key")
-        return key.strip().encode("latin-1") if key else b""
-
-    @staticmethod
-    def _one_of(given, keys):
-        found = False
-        for key in keys:  # every key compared, each in constant time
-            found |= hmac.compare_digest(given, key)
-        return bool(given) and found
-
-    def is_admin(self, request):
-        return self._one_of(self.presented(request), self.admin_key)
-
-    def refuse(self, request, kind):
-        """(status, message) when `request` may not use a route of `kind`, else None."""
-        return self._refuse_key(self.presented(request), kind)
-
-    def needs_key(self, kind):
-        """Is a route of `kind` closed to a request that carries no key?"""
-        return self._refuse_key(b"", kind) is not None
-
-    def _refuse_key(self, given, kind):
-        if self.open or kind in (OPEN, NODE):
-            return None
-        if self._one_of(given, self.admin_key):
-            return None  # the admin may do everything
-        if kind == SCRAPE and self.metrics_key:
-            if self._one_of(given, self.metrics_key):
-                return None
-            return self._refusal(given, "FLEET_METRICS_KEY or FLEET_ADMIN_KEY")
-        if kind in (ADMIN, SCRAPE) and self.admin_key:
-            return self._refusal(given, "the admin key (FLEET_ADMIN_KEY)")
-        if not self.client_keys or self._one_of(given, self.client_keys):
-            return None
-        return 401, ("missing or unknown API key: send Authorization: Bearer <key> "
-                     "(one of the router's FLEET_API_KEYS)")
-
-    def _refusal(self, given, needed):
-        if self._one_of(given, self.client_keys) or self._one_of(given, self.metrics_key):
-            return 403, f"this route needs {needed}, not a client key"
-        return 401, f"this route needs {needed}"
-
-
-class Cors:
-    """Which browser pages may call the router, decided as Ollama decides it for itself
-    (gin-contrib/cors, with OLLAMA_ORIGINS): an origin listed, or matching a pattern
-    with one `*` (`http://localhost:*`, `chrome-extension://*`), or any with `*`."""
-
-    METHODS = b"GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS"
-    # Ollama's list (its own clients' and the OpenAI SDK's headers), then the ones
-    # this router reads: its key header, its own headers, the Anthropic SDK's.
-    HEADERS = (b"Authorization, Content-Type, User-Agent, Accept, X-Requested-With, "
-               b"OpenAI-Beta, x-stainless-arch, x-stainless-async, "
-               b"x-stainless-custom-poll-interval, x-stainless-helper-method, "
-               b"x-stainless-lang, x-stainless-os, x-stainless-package-version, "
-               b"x-stainless-poll-helper, x-stainless-retry-count, x-stainless-runtime, "
-               b"x-stainless-runtime-version, x-stainless-timeout, "
-               b"x-stainless-read-timeout, "
-               b"x-api-key, X-Herd-Tags, X-Herd-Session, X-Herd-Node, anthropic-version, "
-               b"anthropic-beta, anthropic-dangerous-direct-browser-access")
-    EXPOSE = (b"X-Fleet-Node, X-Fleet-Served-Model, X-Fleet-Requested-Model, "
-              b"X-Fleet-Retries, X-Fleet-Score, X-Fleet-Fallback, X-Fleet-Failed")
-    MAX_AGE = b"43200"  # 12 hours, gin-contrib/cors's default, which Ollama keeps
-
-    def __init__(self, allowed):
-        self.any = "*" in allowed
-        self.exact = frozenset(o for o in allowed if "*" not in o)
-        self.patterns = [tuple(o.split("*")) for o in allowed if "*" in o and o != "*"]
-
-    @staticmethod
-    def origin_of(request):
-        """The Origin of a cross-origin request, or None (none, or this router's own,
-        as a page it serves sends: not a cross-origin request, as for Ollama)."""
-        origin = request.header("origin")
-        host = request.header("host")
-        if origin is None or (host and origin in (f"http://{host}", f"https://{host}")):
-            return None
-        return origin
-
-    def allows(self, origin):
-        origin = origin.lower()
-        return self.any or origin in self.exact or any(
-            len(origin) >= len(head) + len(tail) and origin.startswith(head)
-            and origin.endswith(tail) for head, tail in self.patterns)
-
-    def headers_for(self, origin):
-        """What every response to an allowed origin carries."""
-        if self.any:
-            return [(b"access-control-allow-origin", b"*"),
-                    (b"access-control-expose-headers", self.EXPOSE)]
-        return [(b"access-control-allow-origin", origin.encode("latin-1")),
-                (b"vary", b"Origin"), (b"access-control-expose-headers", self.EXPOSE)]
-
-    def preflight_headers(self):
-        return [(b"access-control-allow-methods", self.METHODS),
-                (b"access-control-allow-headers", self.HEADERS),
-                (b"access-control-max-age", self.MAX_AGE)]
-
-
-class Hosts:
-    """Which Host headers name this router: the guard against DNS rebinding. A web page
-    whose own host name an attacker re-points at the router's address is, to the
-    browser, of the router's origin (its Origin header matches its Host); only the
-    Host, an attacker's name, tells. Ollama refuses such a Host when it listens on
-    loopback (allowedHostsMiddleware); the router, which serves the LAN, refuses it on
-    every route no key guards (a page cannot know a key). The router's names: an IP
-    literal, a name with no dot and the suffixes below (only the local network answers
-    for them), this machine's host name, and the hosts of FLEET_ORIGINS' http(s)
-    origins (pages that may call the router anyway; * for any)."""
-
-    # .localhost (RFC 6761), .local (mDNS), the private-network names of RFC 6762's
-    # appendix G, home.arpa (RFC 8375): no public DNS answers for any of them.
-    LOCAL_SUFFIXES = (".localhost", ".local", ".internal", ".intranet", ".private",
-                      ".corp", ".home", ".lan", ".home.arpa")
-
-    def __init__(self, origins, hostname):
-        self.own = hostname.lower().rstrip(".")
-        self.any = "*" in origins
-        hosts = [host_name(o.partition("://")[2]) for o in origins
-                 if o.startswith(("http://", "https://"))]
-        self.any |= "*" in hosts
-        self.exact = frozenset(h for h in hosts if "*" not in h)
-        self.patterns = [tuple(h.split("*")) for h in hosts if "*" in h]
-
-    def allows(self, header):
-        """Is the Host header `header` (None: none sent) one of the router's names?"""
-        name = host_name(header or "")
-        if self.any or "." not in name or name == self.own or \
-                name.endswith(self.LOCAL_SUFFIXES) or name in self.exact:
-            return True
-        if any(len(name) >= len(head) + len(tail) and name.startswith(head)
-               and name.endswith(tail) for head, tail in self.patterns):
-            return True
-        try:  # an IP literal: no name to rebind
-            ipaddress.ip_address(name)
-        except ValueError:
-            return False
-        return True
-
-    @staticmethod
-    def refusal(header, port):
-        name = hc.printable(host_name(header))[:100]
-        return (f"Host {name} is not one of this router's names, and a web page that DNS "
-                f"rebinding points at the router sends such a Host: refused. Reach the "
-                f"router by its address or host name, or list http://{name}:{port} in "
-                f"its FLEET_ORIGINS")
-
-
-def host_name(header):
-    """The host in a Host header (host[:port], [v6][:port]): lower case, no final dot."""
-    value = header.strip().lower()
-    if value.startswith("["):
-        return value[1:].partition("]")[0]
-    if value.count(":") == 1:
-        value = value.partition(":")[0]
-    return value.rstrip(".")
-
-
-def read_model_request(request):
-    """(body, model name) of a native request; RouteError(400) in Ollama's words."""
-    try:
-        body = hc.parse_json_body(request.body, request.shape)
-        return body, hc.check_model_name(body.get("model") or body.get("name"))
-    except ValueError as e:  # "name" is the older spelling
-        raise RouteError(400, str(e)) from None
-
-
-def not_routed(path):
-    """Why the router does not route this path an Ollama serves, or None (NOT_ROUTED)."""
-    return next((why for route, why in NOT_ROUTED
-                 if path == route or route.endswith("/") and path.startswith(route)), None)
-
-
-def ollama_url_allowed(url, source, allowed):
-    """Does a heartbeat from `source` name an Ollama it may name? Its own address; for
-    an agent on this machine (plain loopback), localhost too; or a host the operator
-    listed in FLEET_ALLOWED_OLLAMA_HOSTS. A stranger cannot point a node elsewhere."""
-    host = hc.split_url(url)[0].lower()
-    if "*" in allowed or host in allowed:
-        return True
-    if source in ("127.0.0.1", "::1") and host in ("localhost", "127.0.0.1", "::1"):
-        return True
-    return same_address(host, source)  # a name never is: the router does not resolve it
-
-
-def same_address(a, b):
-    """Two IP literals for one address (2001:db8::1 and 2001:DB8:0::1 are the same)."""
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            return socket.inet_pton(family, a) == socket.inet_pton(family, b)
-        except (OSError, TypeError):
-            continue
-    return False
-
-
-def openai_model(entry):
-    """An /api/tags entry as OpenAI's model object."""
-    name = entry.get("model") or entry.get("name")
-    owner = name.split("/")[-2] if name.count("/") else "library"
-    return {"id": name, "object": "model",
-            "created": hc.rfc3339_to_unix(entry.get("modified_at")), "owned_by": owner}
-
-
-def node_summary(fleet, node, learner):
-    """One node as /fleet/status shows it."""
-    hb = node.hb
-    return {
-        "node_id": node.node_id, "status": node.status, "local": node.local,
-        "ollama_url": node.ollama_url,
-        "last_heartbeat_s": round(time.monotonic() - node.last_seen, 1),
-        "agent_version": hb.agent_version or None, "hardware": hb.hardware,
-        "memory": hb.memory, "cpu": {"percent": hb.cpu_percent}, "disk": hb.disk,
-        "ollama": hb.ollama, "draining": node.status == DRAINING or hb.draining,
-        "paused": hb.paused, "capacity": hb.capacity, "num_parallel": fleet.slots_for(node),
-        "capabilities": node.capabilities(), "media": hb.media,
-        "models_on_disk": sorted(node.models),
-        "models_loaded": [
-            {"model": name, "size": e.size, "size_vram": e.size_vram,
-             "context_length": e.context_length, "expires_at": e.expires_at}
-            for name, e in sorted(node.loaded.items())],
-        "queues": {model: {"active": q.active, "waiting": q.waiting, "limit": q.limit}
-                   for (nid, model), q in fleet.queues.items() if nid == node.node_id},
-        "learned": learner.view(node.node_id, node.models,
-                                {m: fleet.limit_for(node, m) for m in node.models}),
-    }
-
-
-def page_headers(page):
-    """A Content-Security-Policy that lets the page run only its own inline script and
-    style (by hash) and talk only to this router: a value from the API that slipped into
-    the page as markup could still not run or send anything anywhere."""
-    hashes = {}
-    for tag in (b"script", b"style"):
-        blocks = re.findall(rb"<" + tag + rb">(.*?)</" + tag + rb">", page, re.S)
-        hashes[tag] = " ".join(
-            f"'sha256-{base64.b64encode(hashlib.sha256(b).digest()).decode()}'"
-            for b in blocks) or "'none'"
-    policy = (f"default-src 'none'; script-src {hashes[b'script']}; "
-              f"style-src {hashes[b'style']}; connect-src 'self'; img-src 'self' data:; "
-              f"base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-    return [(b"content-security-policy", policy.encode()),
-            (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
-
-
-def read_bytes(path):
-    with open(path, "rb") as f:
-        return f.read()
-
-
-RELEASE_RE = re.compile(r"v?\d+(\.\d+){1,3}(-[0-9A-Za-z.-]+)?")
-
-
-def version_key(version):
-    return tuple(int(p) for p in re.findall(r"\d+", version.lstrip("v").split("-")[0]))
 
 ####################################################################################
 # Background duties: the local node, the status watch, the reaper, the rebalancer
@@ -6077,6 +6090,7 @@ def start_duties(tasks, cfg, fleet, scheduler, proxy, local, traces, learner):
     if cfg.local_node:
         tasks.spawn(hc.repeat(local.poll, cfg.local_node_interval, log,
                               "polling the local Ollama"), "local-node")
+
 
 ####################################################################################
 # mDNS: tell node agents where we are
