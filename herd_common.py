@@ -979,50 +979,10 @@ class WholeBody:
             asyncio.get_running_loop().run_in_executor(None, self.spool.close)
 
 
-class HttpConnection(asyncio.Protocol):
-    """Server side of one client connection: parse requests, run the handler, respond.
-
-    `check_head(request)` (optional) may refuse a request from its head, before its body
-    is read: it returns (status, body, headers) or None. With `tls` (an SSLContext) the
-    connection is accepted plain and upgraded once its first bytes show a TLS
-    ClientHello; `on_secure(conn)` is called when the handshake is done."""
-
-    HOLD_LIMIT = 1 << 20  # pipelined bytes held while a request is answered
-    HANDSHAKE_TIMEOUT = 10.0  # from accept to a finished TLS handshake (asyncio's is 60 s)
-
-    def __init__(self, handler, *, max_body, idle_timeout, read_timeout, header_timeout=10.0,
-                 body_limits=None, stream_limits=None, log=None, on_open=None, on_close=None,
-                 counters=None, check_head=None, tls=None, on_secure=None):
-        self.handler, self.log, self.on_open, self.on_close = handler, log, on_open, on_close
-        self.check_head, self.tls, self.on_secure = check_head, tls, on_secure
-        self.handshaking = tls is not None  # until the TLS handshake is done
-        self.lingers = True  # a refusal reads and drops for a second (see _refuse)
-        self.max_body, self.body_limits = max_body, body_limits or {}  # path -> bytes
-        self.stream_limits = stream_limits or {}  # path prefix -> bytes, body streamed
-        self.idle_timeout, self.read_timeout = idle_timeout, read_timeout
-        self.header_timeout = header_timeout  # for a whole request head, not per byte
-        self.counters = counters if counters is not None else collections.Counter()
-        self._limit = max_body
-        self._head_since = None  # loop time the first byte of a request head came
-        self.transport = None
-        self.client = "?"
-        self.client_gone = False
-        self.task = None  # the handler of the request being answered
-        self._loop = asyncio.get_running_loop()
-        self.closed = self._loop.create_future()
-        self._parser = h11.Connection(h11.SERVER, max_incomplete_event_size=65536)
-        self._request_head = self._request = None  # the h11 event and its Request
-        self._whole = None  # the WholeBody being read
-        self._peek = None  # with TLS: a duplicate of the socket, to peek at the first bytes
-        self._secure_task = None  # with TLS: the handshake
-        self._stream = None  # the BodyStream of the request being answered, if streamed
-        self._continued = False
-        self._held = 0
-        self._read_paused = self._write_paused = False
-        self._drain_waiters = []
-        self._timer, self._timeout, self._since = None, None, 0.0
-        self._aborted = self._lingering = False
-        self._begin_response(None)
+class _ResponseWriting:
+    """HttpConnection's writing half: response heads and bodies, whole or chunk by
+    chunk, with the transport's flow control (a client that reads slowly pauses the
+    writer, not the router's memory)."""
 
     def _begin_response(self, request, http_version=b"1.1"):
         self.head_only = request is not None and request.method == "HEAD"
@@ -1034,33 +994,113 @@ class HttpConnection(asyncio.Protocol):
         self.extra_headers = ()  # the handler's headers for every response (CORS)
         self._watching = False
 
-    # -- connection events --------------------------------------------------------
+    def pause_writing(self):
+        self._write_paused = True
 
-    def connection_made(self, transport):
-        self.transport = transport
-        if self._aborted:
-            return transport.abort()  # shut down between accept and this call
-        peer = transport.get_extra_info("peername")
-        self.client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        self.client_ip = peer[0] if isinstance(peer, tuple) else self.client
-        if self.client_ip.startswith("::ffff:") and "." in self.client_ip:
-            self.client_ip = self.client_ip[7:]  # an IPv4 client of an IPv6 socket
-        refusal = self.on_open(self) if self.on_open else None
-        if self._aborted:
-            return
-        if refusal and self.tls is not None:
-            self.handshaking = False  # counted as refused, not as a failed handshake
-            return self.close()  # no handshake yet: nothing can be said that it would read
-        if refusal:  # too many connections: say so and close, before reading anything
-            return self._refuse(503, ollama_error_body(refusal))
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.tls is not None:
-            return self._await_hello(sock)
-        self._arm_timer(self.idle_timeout)
+    def resume_writing(self):
+        self._write_paused = False
+        self._wake_drain(None)
 
-    # -- TLS: look at the first bytes, then the handshake ---------------------------
+    def _wake_drain(self, error):
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_exception(error) if error else waiter.set_result(None)
+
+    async def drain(self):
+        """Wait while the client's socket buffer is full; raise if the client is gone."""
+        if self.client_gone:
+            raise ConnectionResetError("client disconnected")
+        if self._write_paused:  # the relay and the handler may both wait
+            waiter = self._loop.create_future()
+            self._drain_waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                self._drain_waiters.remove(waiter)
+
+    async def _write(self, data):
+        if self.client_gone:
+            raise ConnectionResetError("client disconnected")
+        self.transport.write(data)
+        if self._write_paused:
+            await self.drain()
+
+    def _head(self, status, content_type, extra, length):
+        headers = [(b"server", SERVER_HEADER)]
+        if content_type:
+            headers.append((b"content-type", content_type))
+        if length is not None and status != 204:  # RFC 9110 8.6: none on a 204
+            headers.append((b"content-length", b"%d" % length))
+        elif self.takes_raw_chunks:
+            headers.append((b"transfer-encoding", b"chunked"))
+        for name, value in (*extra, *self.extra_headers):
+            if name == b"connection" and b"close" in value.lower():
+                self.keep_alive = False
+            else:
+                headers.append((name, value))
+        if self._stream is not None and not self._stream.done:
+            self.keep_alive = False  # the rest of the body would be read as a request
+        if not self.keep_alive:
+            headers.append((b"connection", b"close"))
+        head = response_head(status, headers)
+        self.response_started = True
+        return head
+
+    async def send_response(self, status, body=b"", content_type=JSON_TYPE, headers=()):
+        """A whole response with Content-Length (HEAD gets the headers only)."""
+        head = self._head(status, content_type, headers, len(body))
+        self.response_done = True
+        await self._write(head if self.head_only else head + body)
+
+    async def send_json(self, status, obj, headers=()):
+        await self.send_response(status, dump_json(obj), JSON_TYPE, headers)
+
+    async def start_response(self, status, content_type, headers=(), length=None,
+                             first_chunks=b""):
+        """Send the status line and headers, with the body's first complete chunks
+        (see ChunkedBody) in the same write; the rest follows with send_*().
+
+        With no length the body is chunked for an HTTP/1.1 client, and for HTTP/1.0
+        delimited by closing the connection (RFC 9112 6.3)."""
+        if length is None:
+            self.takes_raw_chunks = self.http11 and not self.head_only
+            self.keep_alive = self.keep_alive and self.http11
+        head = self._head(status, content_type, headers, length)
+        await self._write(head + self._body_bytes(first_chunks) if first_chunks else head)
+
+    def _body_bytes(self, raw):
+        """Complete chunks as they go to this client: as they are, unframed, or nothing."""
+        if self.takes_raw_chunks:
+            return raw
+        return b"" if self.head_only else unframe_chunks(raw)
+
+    async def send_chunks(self, raw):
+        """Send complete chunks, framing included (see ChunkedBody)."""
+        data = self._body_bytes(raw)
+        if data:
+            await self._write(data)
+
+    def relay_write(self, raw):
+        """Write complete chunks now, as they are (the Relay's fast path, from a node's
+        data_received); returns the bytes waiting in the client's buffer."""
+        if self.client_gone or self.transport.is_closing():
+            return 0  # the client is gone: its handler is being cancelled
+        self.transport.write(raw)
+        return self.transport.get_write_buffer_size()
+
+    async def send_data(self, data):
+        """Send a piece of the body (framed here when the body is chunked)."""
+        await self.send_chunks(frame_chunk(data))
+
+    async def end_response(self):
+        self.response_done = True
+        if self.takes_raw_chunks:
+            await self._write(b"0\r\n\r\n")
+
+
+class _TlsStart:
+    """HttpConnection's TLS: the connection is accepted plain, its first bytes looked
+    at, and a ClientHello upgraded in place (plain HTTP to a TLS port gets a clear 400)."""
 
     def _await_hello(self, sock):
         """Wait, reading nothing, for the client's first bytes: a peek shows whether
@@ -1134,6 +1174,134 @@ class HttpConnection(asyncio.Protocol):
             self.on_secure(self)
         self._arm_timer(self.idle_timeout)
 
+
+class _Deadlines:
+    """HttpConnection's clock: a connection idle, slow to send a head or a body, or
+    lingering after a refusal is closed on time."""
+
+    def _linger(self):
+        """Shut our side, read and drop what the client still sends, close in a second
+        (or at once when the server has too many lingering already: `lingers`)."""
+        if not self.lingers:
+            return self.close()
+        self._lingering = True
+        if self._read_paused:
+            self._read_paused = False
+            self.transport.resume_reading()
+        if self.transport.can_write_eof():
+            with contextlib.suppress(OSError):  # the client reset the connection meanwhile
+                self.transport.write_eof()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_later(1.0, self.close)
+
+    def _arm_timer(self, timeout, since=None):
+        """Close the connection if nothing arrives for `timeout` seconds (idle between
+        requests, or stuck in a body), or, with `since`, when `timeout` seconds have
+        passed since then (a request head, a TLS handshake); a body being read must
+        also keep to its rate (WholeBody.due). A handler at work disarms it."""
+        self._timeout, self._since = timeout, self._loop.time() if since is None else since
+        deadline = self._due()
+        if self._timer is None or self._timer.when() > deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._check_timer)
+
+    def _due(self):
+        due = self._since + self._timeout
+        return due if self._whole is None else min(due, self._whole.due)
+
+    def _check_timer(self):
+        self._timer = None
+        if self._timeout is None or self.task is not None or self._lingering:
+            return
+        now = self._loop.time()
+        if self._whole is not None and self._whole.due <= now:
+            return self._refuse_body(408, (
+                f"request body too slow: {self._whole.size} bytes in "
+                f"{now - self._whole.started:.0f}s (a body must come at "
+                f"{MIN_BODY_RATE >> 10} KiB/s after its first {BODY_GRACE_S:g}s, and "
+                f"whole within {BODY_DEADLINE_S:g}s)"), "bodies_too_slow")
+        if self._due() > now:
+            self._timer = self._loop.call_at(self._due(), self._check_timer)
+        else:
+            if self._head_since is not None:
+                self.counters["header_timeouts"] += 1
+            self.close()
+
+
+class HttpConnection(_ResponseWriting, _TlsStart, _Deadlines, asyncio.Protocol):
+    """Server side of one client connection: parse requests, run the handler, respond.
+
+    `check_head(request)` (optional) may refuse a request from its head, before its body
+    is read: it returns (status, body, headers) or None. With `tls` (an SSLContext) the
+    connection is accepted plain and upgraded once its first bytes show a TLS
+    ClientHello; `on_secure(conn)` is called when the handshake is done. The classes
+    above are its parts: writing responses, starting TLS, keeping deadlines."""
+
+    HOLD_LIMIT = 1 << 20  # pipelined bytes held while a request is answered
+    HANDSHAKE_TIMEOUT = 10.0  # from accept to a finished TLS handshake (asyncio's is 60 s)
+
+    def __init__(self, handler, *, max_body, idle_timeout, read_timeout, header_timeout=10.0,
+                 body_limits=None, stream_limits=None, log=None, on_open=None, on_close=None,
+                 counters=None, check_head=None, tls=None, on_secure=None):
+        self.handler, self.log, self.on_open, self.on_close = handler, log, on_open, on_close
+        self.check_head, self.tls, self.on_secure = check_head, tls, on_secure
+        self.handshaking = tls is not None  # until the TLS handshake is done
+        self.lingers = True  # a refusal reads and drops for a second (see _refuse)
+        self.max_body, self.body_limits = max_body, body_limits or {}  # path -> bytes
+        self.stream_limits = stream_limits or {}  # path prefix -> bytes, body streamed
+        self.idle_timeout, self.read_timeout = idle_timeout, read_timeout
+        self.header_timeout = header_timeout  # for a whole request head, not per byte
+        self.counters = counters if counters is not None else collections.Counter()
+        self._limit = max_body
+        self._head_since = None  # loop time the first byte of a request head came
+        self.transport = None
+        self.client = "?"
+        self.client_gone = False
+        self.task = None  # the handler of the request being answered
+        self._loop = asyncio.get_running_loop()
+        self.closed = self._loop.create_future()
+        self._parser = h11.Connection(h11.SERVER, max_incomplete_event_size=65536)
+        self._request_head = self._request = None  # the h11 event and its Request
+        self._whole = None  # the WholeBody being read
+        self._peek = None  # with TLS: a duplicate of the socket, to peek at the first bytes
+        self._secure_task = None  # with TLS: the handshake
+        self._stream = None  # the BodyStream of the request being answered, if streamed
+        self._continued = False
+        self._held = 0
+        self._read_paused = self._write_paused = False
+        self._drain_waiters = []
+        self._timer, self._timeout, self._since = None, None, 0.0
+        self._aborted = self._lingering = False
+        self._begin_response(None)
+
+    # -- connection events --------------------------------------------------------
+
+    def connection_made(self, transport):
+        self.transport = transport
+        if self._aborted:
+            return transport.abort()  # shut down between accept and this call
+        peer = transport.get_extra_info("peername")
+        self.client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.client_ip = peer[0] if isinstance(peer, tuple) else self.client
+        if self.client_ip.startswith("::ffff:") and "." in self.client_ip:
+            self.client_ip = self.client_ip[7:]  # an IPv4 client of an IPv6 socket
+        refusal = self.on_open(self) if self.on_open else None
+        if self._aborted:
+            return
+        if refusal and self.tls is not None:
+            self.handshaking = False  # counted as refused, not as a failed handshake
+            return self.close()  # no handshake yet: nothing can be said that it would read
+        if refusal:  # too many connections: say so and close, before reading anything
+            return self._refuse(503, ollama_error_body(refusal))
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls is not None:
+            return self._await_hello(sock)
+        self._arm_timer(self.idle_timeout)
+
     def data_received(self, data):
         if self._aborted or self._lingering or self.closed.done():
             return  # refused: what the client still sends is read and dropped
@@ -1188,18 +1356,6 @@ class HttpConnection(asyncio.Protocol):
         self.closed.set_result(None)
         if self.on_close:
             self.on_close(self)
-
-    def pause_writing(self):
-        self._write_paused = True
-
-    def resume_writing(self):
-        self._write_paused = False
-        self._wake_drain(None)
-
-    def _wake_drain(self, error):
-        for waiter in self._drain_waiters:
-            if not waiter.done():
-                waiter.set_exception(error) if error else waiter.set_result(None)
 
     # -- reading requests ---------------------------------------------------------
 
@@ -1400,151 +1556,6 @@ class HttpConnection(asyncio.Protocol):
             (b"content-length", b"%d" % len(body)), *headers,
             (b"connection", b"close")]) + body)
         self._linger()
-
-    def _linger(self):
-        """Shut our side, read and drop what the client still sends, close in a second
-        (or at once when the server has too many lingering already: `lingers`)."""
-        if not self.lingers:
-            return self.close()
-        self._lingering = True
-        if self._read_paused:
-            self._read_paused = False
-            self.transport.resume_reading()
-        if self.transport.can_write_eof():
-            with contextlib.suppress(OSError):  # the client reset the connection meanwhile
-                self.transport.write_eof()
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self._loop.call_later(1.0, self.close)
-
-    # -- timeouts -------------------------------------------------------------------
-
-    def _arm_timer(self, timeout, since=None):
-        """Close the connection if nothing arrives for `timeout` seconds (idle between
-        requests, or stuck in a body), or, with `since`, when `timeout` seconds have
-        passed since then (a request head, a TLS handshake); a body being read must
-        also keep to its rate (WholeBody.due). A handler at work disarms it."""
-        self._timeout, self._since = timeout, self._loop.time() if since is None else since
-        deadline = self._due()
-        if self._timer is None or self._timer.when() > deadline:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = self._loop.call_at(deadline, self._check_timer)
-
-    def _due(self):
-        due = self._since + self._timeout
-        return due if self._whole is None else min(due, self._whole.due)
-
-    def _check_timer(self):
-        self._timer = None
-        if self._timeout is None or self.task is not None or self._lingering:
-            return
-        now = self._loop.time()
-        if self._whole is not None and self._whole.due <= now:
-            return self._refuse_body(408, (
-                f"request body too slow: {self._whole.size} bytes in "
-                f"{now - self._whole.started:.0f}s (a body must come at "
-                f"{MIN_BODY_RATE >> 10} KiB/s after its first {BODY_GRACE_S:g}s, and "
-                f"whole within {BODY_DEADLINE_S:g}s)"), "bodies_too_slow")
-        if self._due() > now:
-            self._timer = self._loop.call_at(self._due(), self._check_timer)
-        else:
-            if self._head_since is not None:
-                self.counters["header_timeouts"] += 1
-            self.close()
-
-    # -- writing responses ----------------------------------------------------------
-
-    async def drain(self):
-        """Wait while the client's socket buffer is full; raise if the client is gone."""
-        if self.client_gone:
-            raise ConnectionResetError("client disconnected")
-        if self._write_paused:  # the relay and the handler may both wait
-            waiter = self._loop.create_future()
-            self._drain_waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                self._drain_waiters.remove(waiter)
-
-    async def _write(self, data):
-        if self.client_gone:
-            raise ConnectionResetError("client disconnected")
-        self.transport.write(data)
-        if self._write_paused:
-            await self.drain()
-
-    def _head(self, status, content_type, extra, length):
-        headers = [(b"server", SERVER_HEADER)]
-        if content_type:
-            headers.append((b"content-type", content_type))
-        if length is not None and status != 204:  # RFC 9110 8.6: none on a 204
-            headers.append((b"content-length", b"%d" % length))
-        elif self.takes_raw_chunks:
-            headers.append((b"transfer-encoding", b"chunked"))
-        for name, value in (*extra, *self.extra_headers):
-            if name == b"connection" and b"close" in value.lower():
-                self.keep_alive = False
-            else:
-                headers.append((name, value))
-        if self._stream is not None and not self._stream.done:
-            self.keep_alive = False  # the rest of the body would be read as a request
-        if not self.keep_alive:
-            headers.append((b"connection", b"close"))
-        head = response_head(status, headers)
-        self.response_started = True
-        return head
-
-    async def send_response(self, status, body=b"", content_type=JSON_TYPE, headers=()):
-        """A whole response with Content-Length (HEAD gets the headers only)."""
-        head = self._head(status, content_type, headers, len(body))
-        self.response_done = True
-        await self._write(head if self.head_only else head + body)
-
-    async def send_json(self, status, obj, headers=()):
-        await self.send_response(status, dump_json(obj), JSON_TYPE, headers)
-
-    async def start_response(self, status, content_type, headers=(), length=None,
-                             first_chunks=b""):
-        """Send the status line and headers, with the body's first complete chunks
-        (see ChunkedBody) in the same write; the rest follows with send_*().
-
-        With no length the body is chunked for an HTTP/1.1 client, and for HTTP/1.0
-        delimited by closing the connection (RFC 9112 6.3)."""
-        if length is None:
-            self.takes_raw_chunks = self.http11 and not self.head_only
-            self.keep_alive = self.keep_alive and self.http11
-        head = self._head(status, content_type, headers, length)
-        await self._write(head + self._body_bytes(first_chunks) if first_chunks else head)
-
-    def _body_bytes(self, raw):
-        """Complete chunks as they go to this client: as they are, unframed, or nothing."""
-        if self.takes_raw_chunks:
-            return raw
-        return b"" if self.head_only else unframe_chunks(raw)
-
-    async def send_chunks(self, raw):
-        """Send complete chunks, framing included (see ChunkedBody)."""
-        data = self._body_bytes(raw)
-        if data:
-            await self._write(data)
-
-    def relay_write(self, raw):
-        """Write complete chunks now, as they are (the Relay's fast path, from a node's
-        data_received); returns the bytes waiting in the client's buffer."""
-        if self.client_gone or self.transport.is_closing():
-            return 0  # the client is gone: its handler is being cancelled
-        self.transport.write(raw)
-        return self.transport.get_write_buffer_size()
-
-    async def send_data(self, data):
-        """Send a piece of the body (framed here when the body is chunked)."""
-        await self.send_chunks(frame_chunk(data))
-
-    async def end_response(self):
-        self.response_done = True
-        if self.takes_raw_chunks:
-            await self._write(b"0\r\n\r\n")
 
     # -- client hang-up -------------------------------------------------------------
 
@@ -3093,7 +3104,121 @@ def set_aside(path, now=None):
     return aside
 
 
-class TraceStore:
+class TraceQueries:
+    """The router's reads of the trace table, for the dashboard and the health checks:
+    each runs off the event loop, with its own connection (TraceStore.query, which the
+    class that takes these in gives). The writer is TraceStore alone."""
+
+    async def _read(self, sql, params=()):
+        return await asyncio.to_thread(self.query, sql, params)
+
+    async def health_window(self, since):
+        """Requests by outcome and node since `since` (the health checks' window)."""
+        out, by_node = collections.Counter(), collections.Counter()
+        ttft_sum = ttft_n = 0.0
+        for r in await self._read(_WINDOW_SQL, (since,)):
+            out[r["status"]] += r["n"]
+            if r["status"] != RETRIED:
+                out["requests"] += r["n"]
+                by_node[r["node_id"]] += r["n"]
+            if r["ttft"] is not None and r["status"] == COMPLETED:
+                ttft_sum += r["ttft"] * r["n"]
+                ttft_n += r["n"]
+        return {"requests": out["requests"], "failed": out[FAILED] + out[INCOMPLETE],
+                "retried": out[RETRIED], "cancelled": out[CANCELLED],
+                "incomplete": out[INCOMPLETE],
+                "timeouts": (await self._read(_TIMEOUTS_SQL, (since,)))[0]["n"],
+                "requests_by_node": dict(by_node),
+                "mean_ttft_ms": round(ttft_sum / ttft_n, 1) if ttft_n else None}
+
+    async def media_window(self, since):
+        """Per node and media kind since `since`: requests, timeouts, failed."""
+        return await self._read(_MEDIA_SQL, (since,))
+
+    async def vitals(self, since):
+        """{requests, failed, ttft} since `since`: the health API's day."""
+        return (await self._read(_VITALS_SQL, (since,)))[0]
+
+    async def model_usage(self, since):
+        """Per model and node: requests, errors, mean latency, time to first token and
+        decode speed since `since`."""
+        return await self._read(_MODEL_USAGE_SQL, (since,))
+
+    async def trends(self, span, bucket):
+        """The same figures per `bucket` seconds over the last `span` seconds, from the
+        start of the bucket it begins in (so that no bucket is a part-bucket but the
+        current one). Buckets with no request are not listed."""
+        cached = self._trend_cache.get(span)
+        if cached is None or cached[0] < time.monotonic():
+            # A month of traces takes about a second to group (300k rows measured), and
+            # the dashboard polls every 3 s: keep long ranges for a tenth of a bucket.
+            since = (time.time() - span) // bucket * bucket
+            rows = await self._read(_TRENDS_SQL, (bucket, bucket, since))
+            keep = bucket / 10 if span > 86400 else 0.0
+            cached = self._trend_cache[span] = (time.monotonic() + keep, rows)
+        return cached[1]
+
+    async def totals(self, since):
+        """Requests since `since` by outcome, their prompt and completion tokens, and
+        the completion tokens and decode milliseconds of those that report both."""
+        return (await self._read(_TOTALS_SQL, (since,)))[0]
+
+    async def percentiles(self, column, since, qs=(50, 95), bucket=None):
+        """Nearest-rank percentiles of `column` (one of PERCENTILE_COLUMNS) over the
+        requests completed since `since`: {q: value}; with `bucket`, {bucket start:
+        {q: value}} for the buckets that have any."""
+        if column not in PERCENTILE_COLUMNS:
+            raise ValueError(column)
+        rows = await self._read(_percentile_sql(column, qs, bucket is not None),
+                                {"since": since, "bucket": bucket or 1})
+        found = collections.defaultdict(dict)
+        for r in rows:
+            for q in qs:
+                if r["rn"] == (r["n"] * q + 99) // 100:
+                    found[r["t"]][q] = r["v"]
+        return dict(found) if bucket is not None else found.get(0, {})
+
+    async def recent(self, since, limit, status=None, model=None, node_id=None, tag=None):
+        """The newest `limit` traces since `since`, filtered by whichever are given."""
+        where, params = ["timestamp > ?"], [since]
+        for column, value in (("status", status), ("model", model), ("node_id", node_id)):
+            if value:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if tag:  # a whole tag of the comma list; % and _ in it are only characters
+            where.append("(',' || tags || ',') LIKE ? ESCAPE '\\'")
+            literal = tag.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            params.append(f"%,{literal},%")
+        params.append(int(limit))
+        return await self._read(f"SELECT * FROM request_traces WHERE {' AND '.join(where)} "
+                                f"ORDER BY timestamp DESC LIMIT ?", params)
+
+    async def app_usage(self, since):
+        """Per tag (an app's X-Herd-Tags): requests, errors, mean latency, prompt and
+        completion tokens (and `tokens`, the two added up)."""
+        apps = {}
+        for r in await self._read(_APPS_SQL, (since,)):
+            for tag in r["tags"].split(","):
+                a = apps.setdefault(tag, {"tag": tag, "requests": 0, "errors": 0,
+                                          "latency_ms_total": 0.0, "tokens": 0,
+                                          "prompt_tokens": 0, "completion_tokens": 0})
+                a["requests"] += 1
+                a["errors"] += r["status"] in (FAILED, INCOMPLETE)
+                a["latency_ms_total"] += r["latency_ms"] or 0.0
+                a["prompt_tokens"] += r["prompt_tokens"] or 0
+                a["completion_tokens"] += r["completion_tokens"] or 0
+                a["tokens"] = a["prompt_tokens"] + a["completion_tokens"]
+        for a in apps.values():
+            a["mean_latency_ms"] = round(a.pop("latency_ms_total") / a["requests"], 1)
+        return sorted(apps.values(), key=lambda a: -a["requests"])
+
+    async def mean_latencies(self, since):
+        """[(node_id, model, mean latency in s, completed requests)] since `since`."""
+        rows = await self._read(_LATENCY_SQL, (since,))
+        return [(r["node_id"], r["model"], r["latency"] / 1000, r["n"]) for r in rows]
+
+
+class TraceStore(TraceQueries):
     """Rows wait in memory; one thread writes them in batches.
 
     The writer is woken once per batch, not per row: a wake-up per row costs the event
@@ -3344,116 +3469,6 @@ class TraceStore:
             return [dict(r) for r in db.execute(sql, params)]
         finally:
             db.close()
-
-    # -- the router's queries: each reads off the event loop, with its own connection --
-
-    async def _read(self, sql, params=()):
-        return await asyncio.to_thread(self.query, sql, params)
-
-    async def health_window(self, since):
-        """Requests by outcome and node since `since` (the health checks' window)."""
-        out, by_node = collections.Counter(), collections.Counter()
-        ttft_sum = ttft_n = 0.0
-        for r in await self._read(_WINDOW_SQL, (since,)):
-            out[r["status"]] += r["n"]
-            if r["status"] != RETRIED:
-                out["requests"] += r["n"]
-                by_node[r["node_id"]] += r["n"]
-            if r["ttft"] is not None and r["status"] == COMPLETED:
-                ttft_sum += r["ttft"] * r["n"]
-                ttft_n += r["n"]
-        return {"requests": out["requests"], "failed": out[FAILED] + out[INCOMPLETE],
-                "retried": out[RETRIED], "cancelled": out[CANCELLED],
-                "incomplete": out[INCOMPLETE],
-                "timeouts": (await self._read(_TIMEOUTS_SQL, (since,)))[0]["n"],
-                "requests_by_node": dict(by_node),
-                "mean_ttft_ms": round(ttft_sum / ttft_n, 1) if ttft_n else None}
-
-    async def media_window(self, since):
-        """Per node and media kind since `since`: requests, timeouts, failed."""
-        return await self._read(_MEDIA_SQL, (since,))
-
-    async def vitals(self, since):
-        """{requests, failed, ttft} since `since`: the health API's day."""
-        return (await self._read(_VITALS_SQL, (since,)))[0]
-
-    async def model_usage(self, since):
-        """Per model and node: requests, errors, mean latency, time to first token and
-        decode speed since `since`."""
-        return await self._read(_MODEL_USAGE_SQL, (since,))
-
-    async def trends(self, span, bucket):
-        """The same figures per `bucket` seconds over the last `span` seconds, from the
-        start of the bucket it begins in (so that no bucket is a part-bucket but the
-        current one). Buckets with no request are not listed."""
-        cached = self._trend_cache.get(span)
-        if cached is None or cached[0] < time.monotonic():
-            # A month of traces takes about a second to group (300k rows measured), and
-            # the dashboard polls every 3 s: keep long ranges for a tenth of a bucket.
-            since = (time.time() - span) // bucket * bucket
-            rows = await self._read(_TRENDS_SQL, (bucket, bucket, since))
-            keep = bucket / 10 if span > 86400 else 0.0
-            cached = self._trend_cache[span] = (time.monotonic() + keep, rows)
-        return cached[1]
-
-    async def totals(self, since):
-        """Requests since `since` by outcome, their prompt and completion tokens, and
-        the completion tokens and decode milliseconds of those that report both."""
-        return (await self._read(_TOTALS_SQL, (since,)))[0]
-
-    async def percentiles(self, column, since, qs=(50, 95), bucket=None):
-        """Nearest-rank percentiles of `column` (one of PERCENTILE_COLUMNS) over the
-        requests completed since `since`: {q: value}; with `bucket`, {bucket start:
-        {q: value}} for the buckets that have any."""
-        if column not in PERCENTILE_COLUMNS:
-            raise ValueError(column)
-        rows = await self._read(_percentile_sql(column, qs, bucket is not None),
-                                {"since": since, "bucket": bucket or 1})
-        found = collections.defaultdict(dict)
-        for r in rows:
-            for q in qs:
-                if r["rn"] == (r["n"] * q + 99) // 100:
-                    found[r["t"]][q] = r["v"]
-        return dict(found) if bucket is not None else found.get(0, {})
-
-    async def recent(self, since, limit, status=None, model=None, node_id=None, tag=None):
-        """The newest `limit` traces since `since`, filtered by whichever are given."""
-        where, params = ["timestamp > ?"], [since]
-        for column, value in (("status", status), ("model", model), ("node_id", node_id)):
-            if value:
-                where.append(f"{column} = ?")
-                params.append(value)
-        if tag:  # a whole tag of the comma list; % and _ in it are only characters
-            where.append("(',' || tags || ',') LIKE ? ESCAPE '\\'")
-            literal = tag.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            params.append(f"%,{literal},%")
-        params.append(int(limit))
-        return await self._read(f"SELECT * FROM request_traces WHERE {' AND '.join(where)} "
-                                f"ORDER BY timestamp DESC LIMIT ?", params)
-
-    async def app_usage(self, since):
-        """Per tag (an app's X-Herd-Tags): requests, errors, mean latency, prompt and
-        completion tokens (and `tokens`, the two added up)."""
-        apps = {}
-        for r in await self._read(_APPS_SQL, (since,)):
-            for tag in r["tags"].split(","):
-                a = apps.setdefault(tag, {"tag": tag, "requests": 0, "errors": 0,
-                                          "latency_ms_total": 0.0, "tokens": 0,
-                                          "prompt_tokens": 0, "completion_tokens": 0})
-                a["requests"] += 1
-                a["errors"] += r["status"] in (FAILED, INCOMPLETE)
-                a["latency_ms_total"] += r["latency_ms"] or 0.0
-                a["prompt_tokens"] += r["prompt_tokens"] or 0
-                a["completion_tokens"] += r["completion_tokens"] or 0
-                a["tokens"] = a["prompt_tokens"] + a["completion_tokens"]
-        for a in apps.values():
-            a["mean_latency_ms"] = round(a.pop("latency_ms_total") / a["requests"], 1)
-        return sorted(apps.values(), key=lambda a: -a["requests"])
-
-    async def mean_latencies(self, since):
-        """[(node_id, model, mean latency in s, completed requests)] since `since`."""
-        rows = await self._read(_LATENCY_SQL, (since,))
-        return [(r["node_id"], r["model"], r["latency"] / 1000, r["n"]) for r in rows]
 
 
 ####################################################################################
