@@ -982,7 +982,7 @@ class WholeBody:
 class _ResponseWriting:
     """HttpConnection's writing half: response heads and bodies, whole or chunk by
     chunk, with the transport's flow control (a client that reads slowly pauses the
-    writer, not the router's memory)."""
+    writer, not the router's memory), and the refusals the connection makes itself."""
 
     def _begin_response(self, request, http_version=b"1.1"):
         self.head_only = request is not None and request.method == "HEAD"
@@ -1096,6 +1096,33 @@ class _ResponseWriting:
         self.response_done = True
         if self.takes_raw_chunks:
             await self._write(b"0\r\n\r\n")
+
+    # -- refusals the connection makes itself --------------------------------------
+
+    def _refuse_too_large(self):
+        self._refuse_body(413, f"request body larger than {self._limit} bytes",
+                          "bodies_too_large")
+
+    def _refuse_body(self, status, message, counter):
+        """Refuse a request part-way through its body (too large, its JSON beyond the
+        limits, too slow), in the shape of the API its path belongs to."""
+        self.counters[counter] += 1
+        if self._whole is not None:
+            self._whole.discard()
+            self._whole = None
+        self._refuse(status, error_body(api_of(self._request.path), status, message))
+
+    def _refuse(self, status, body, headers=(), content_type=JSON_TYPE):
+        """Answer a request we will not handle, and close. Closing at once would reset
+        the connection if the client is still sending (its request, a body we refuse),
+        and a reset can destroy the answer before the client reads it: so our side is
+        shut and what comes is read and dropped, for a second at most (a lingering
+        close, as web servers do it)."""
+        self.transport.write(response_head(status, [
+            (b"server", SERVER_HEADER), (b"content-type", content_type),
+            (b"content-length", b"%d" % len(body)), *headers,
+            (b"connection", b"close")]) + body)
+        self._linger()
 
 
 class _TlsStart:
@@ -1531,31 +1558,6 @@ class HttpConnection(_ResponseWriting, _TlsStart, _Deadlines, asyncio.Protocol):
             self._read_paused = False
             self.transport.resume_reading()
         self._read_request()
-
-    def _refuse_too_large(self):
-        self._refuse_body(413, f"request body larger than {self._limit} bytes",
-                          "bodies_too_large")
-
-    def _refuse_body(self, status, message, counter):
-        """Refuse a request part-way through its body (too large, its JSON beyond the
-        limits, too slow), in the shape of the API its path belongs to."""
-        self.counters[counter] += 1
-        if self._whole is not None:
-            self._whole.discard()
-            self._whole = None
-        self._refuse(status, error_body(api_of(self._request.path), status, message))
-
-    def _refuse(self, status, body, headers=(), content_type=JSON_TYPE):
-        """Answer a request we will not handle, and close. Closing at once would reset
-        the connection if the client is still sending (its request, a body we refuse),
-        and a reset can destroy the answer before the client reads it: so our side is
-        shut and what comes is read and dropped, for a second at most (a lingering
-        close, as web servers do it)."""
-        self.transport.write(response_head(status, [
-            (b"server", SERVER_HEADER), (b"content-type", content_type),
-            (b"content-length", b"%d" % len(body)), *headers,
-            (b"connection", b"close")]) + body)
-        self._linger()
 
     # -- client hang-up -------------------------------------------------------------
 
