@@ -5116,7 +5116,8 @@ class Warmer:
                                       for m in victims):
             return  # the room is a planned model's, or not free yet: a later round
         self.warming.add(key)
-        self.fleet.residency.start_load(node, model, victims, self.placement.gauge.load_s(node, model))
+        load_s = self.placement.gauge.load_s(node, model)
+        self.fleet.residency.start_load(node, model, victims, load_s)
         self.tasks.spawn(self._move(node, model, victims), f"placement {key}")
 
     def _undoes(self, key, kind):

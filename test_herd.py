@@ -5593,7 +5593,8 @@ class TraceWatch:
         self.router, self.culprit = router, None
         # Every refusal's row goes to the writer here, not only the first 30 a minute:
         # the fuzz looks for rows it cannot write. The sampler's limits have no setting.
-        router.proxy.records.refusals.per_client = router.proxy.records.refusals.in_all = float("inf")
+        refusals = router.proxy.records.refusals
+        refusals.per_client = refusals.in_all = float("inf")
 
     def written(self):
         counts = fleet_status(self.router)["router"]
@@ -8163,7 +8164,8 @@ def test_every_route_that_reaches_a_node_writes_one_trace_row_with_its_status(h)
         ("GET", "/api/tags", None, 200, None),
         ("GET", "/fleet/status", None, 200, None),
     ]
-    router.proxy.records.refusals.per_client = router.proxy.records.refusals.in_all = float("inf")
+    refusals = router.proxy.records.refusals
+    refusals.per_client = refusals.in_all = float("inf")
     for method, path, body, status, traced in asked:
         before = len(h.traces(router))
         got = http(router.url, method, path, body)[0]
