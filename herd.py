@@ -4119,6 +4119,11 @@ class Fleet:
                               extra={"node_id": node.node_id, "event": "models_refused"})
         self.notify_change()
 
+    def mark_deleted(self, node, model):
+        """A delete of `model` finished on `node`: routing stops sending it there."""
+        if node.models.pop(model, None) is not None:
+            self.notify_change()
+
     # -- status -------------------------------------------------------------------
 
     def refresh_status(self):
@@ -5221,7 +5226,7 @@ class ModelAdmin:
         targets, skipped = self._holders(body, request, model)
 
         async def forget(node):  # routing stops sending the model there at once
-            self.fleet.mark_pulled(node, [e for m, e in node.models.items() if m != model])
+            self.fleet.mark_deleted(node, model)
         await self._on_each(ex, targets, skipped, forget, forget,
                             f"model '{name}' not found")
 

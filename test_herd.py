@@ -7861,9 +7861,9 @@ def test_an_estimate_by_size_needs_a_model_of_like_size():
     assert learner.estimate("node-a", "small:1b", 5 * 10**8)["decode_tps"] == 160.0
     for size in (4096, 40 * 10**9, 0):
         assert learner.estimate("node-a", "other", size) is None, size
-    view = learner.view("node-a", {"llama3.2:3b": {"size": 2 * 10**9},
-                                   "tiny:latest": {"size": 4096}}, {"llama3.2:3b": 4,
-                                                                    "tiny:latest": 4})
+    view = learner.view("node-a", {"llama3.2:3b": hc.ModelEntry("llama3.2:3b", 2 * 10**9),
+                                   "tiny:latest": hc.ModelEntry("tiny:latest", 4096)},
+                        {"llama3.2:3b": 4, "tiny:latest": 4})
     assert list(view) == ["llama3.2:3b"]  # no basis: no figures at all
 
 
