@@ -3641,6 +3641,11 @@ PAUSED_REASON_MAX = 128
 HEARTBEAT_MAX_BYTES = 1 << 20  # a node with 500 models sends about 250 KB
 MAX_MODELS = 500  # on disk, per node
 MAX_LOADED = 64  # in memory, per node
+# The inference server an agent found beside it (herd_node.detect_server). The router
+# routes only to Ollama so far; a node of another kind joins with no models.
+OLLAMA_KIND = "ollama"
+SERVER_KINDS = (OLLAMA_KIND, "llama-server", "lmstudio", "vllm", "llama-cpp-python", "mlx-lm",
+                "openai")
 MAX_COUNT = 1 << 62  # bytes, sizes: far beyond any machine, far below a float's trouble
 
 
@@ -3659,13 +3664,14 @@ def default_node_id():
 
 def build_heartbeat(node_id, ollama_url, machine, ollama, settings, num_parallel,
                     num_parallel_source, draining=False, leaving=False, capacity=None,
-                    media=None):
+                    media=None, server=None):
     """The heartbeat body an agent sends (and the router makes for its local node),
     within the limits the router checks (an odd model name is left out, not sent).
     `capacity`, from an agent: availability, trend, mode, paused_reason, confidence and
     memory_ceiling (the Heartbeat's reader says each one's range). `media`, from an
     agent that serves images or speech itself: its server's url, image_models,
-    transcribe_models and backends (sent only when it has a model to serve)."""
+    transcribe_models and backends (sent only when it has a model to serve). `server`:
+    the kind of inference server the agent found ({"kind", "version"}; SERVER_KINDS)."""
     error = ollama.get("error")
     body = {
         "node_id": node_id,
@@ -3695,6 +3701,8 @@ def build_heartbeat(node_id, ollama_url, machine, ollama, settings, num_parallel
         body["capacity"] = capacity
     if media is not None:
         body["media"] = media
+    if server is not None:
+        body["server"] = {"kind": server["kind"], "version": server["version"][:64]}
     return body
 
 
@@ -3967,7 +3975,7 @@ class Heartbeat:
                  "max_loaded_models", "cpu_percent", "mem_total", "mem_available",
                  "mem_used", "mem_percent", "pressure", "draining", "paused", "leaving",
                  "models", "loaded", "hardware", "disk_total", "disk_free", "capacity",
-                 "media")
+                 "media", "server_kind", "server_version")
 
     def __init__(self, body):
         f = Fields(body)
@@ -3995,6 +4003,10 @@ class Heartbeat:
         disk = f.section("disk")
         self.disk_total, self.disk_free = disk.integer("total"), disk.integer("free")
         self._read_ollama(f.section("ollama"))
+        server = f.section("server")  # an older agent's: Ollama, as it only knew
+        self.server_kind = server.choice("kind", SERVER_KINDS, OLLAMA_KIND)
+        self.server_version = server.text("version", 64) if "version" in server.obj \
+            else self.ollama_version
         self.capacity = _capacity(f)
         self.media = _media(f)
         self.draining, self.leaving = f.flag("draining"), f.flag("leaving")

@@ -1431,6 +1431,144 @@ class Media:
 
 
 ####################################################################################
+# What serves the models: Ollama, or another server that speaks OpenAI's API
+#
+# Each kind proves itself by one GET the others answer otherwise. The answer's fields
+# decide, never its status alone: LM Studio answers every path it does not know with
+# 200 and {"error": "Unexpected endpoint or method. ..."}, so a check by status took it
+# for an Ollama with no models; and some llama-server builds imitate /api/tags. Probed
+# in this order, the first that proves a kind wins:
+#   Ollama            GET /api/version    {"version": "0.x"} and no "error"
+#   llama-server      GET /props          "total_slots" or "default_generation_settings"
+#                                         (503 "Loading model" on every path while it
+#                                         loads: llama-server, not ready)
+#   LM Studio         GET /api/v0/models  {"data": [...]}, each with "state"
+#   vLLM              GET /version        {"version": "..."} and no "error"
+#   llama-cpp-python  GET /openapi.json   info.title "... llama.cpp Python API" (its
+#                                         /v1/models takes the model's lock and cuts a
+#                                         running stream short: never polled)
+#   an imitation of   GET /api/tags       {"models": [...]} and no "error" (after
+#   Ollama                                llama-server, whose builds may answer it too)
+#   mlx_lm.server     GET /v1/models entries of id, object and created only, and
+#                     GET /health {"status": "ok"}; any other /v1/models: "openai"
+####################################################################################
+
+PROBE_TIMEOUT_S = 3.0
+
+
+async def get_answer(url, path, timeout):
+    """(status, headers, JSON object or None) of GET `path`; UpstreamError when
+    nothing answers at all."""
+    status, headers, data = await hc.http_call(url, "GET", path, timeout=timeout)
+    try:
+        obj = json.loads(data) if data else None
+    except (ValueError, RecursionError):
+        obj = None
+    return status, headers, obj if isinstance(obj, dict) else None
+
+
+def proves(answer, *keys):
+    """A 200 whose JSON object has one of `keys` and no "error"."""
+    status, _, obj = answer
+    return status == 200 and obj is not None and "error" not in obj and \
+        any(k in obj for k in keys)
+
+
+def printable_version(value):
+    return hc.CONTROL_CHARS.sub(" ", value)[:64] if isinstance(value, str) else ""
+
+
+async def detect_server(url, timeout=PROBE_TIMEOUT_S):
+    """The kind of inference server at `url` (hc.SERVER_KINDS) and its version, as
+    {"kind", "version"}; or {"kind": None, "error": why} when none answers as one."""
+    try:
+        answer = await get_answer(url, "/api/version", timeout)
+    except hc.UpstreamError as e:
+        return {"kind": None, "error": str(e)}
+    if hc.from_herd(answer[1]):
+        return {"kind": None, "error": f"{url} answers as the Herd router, not as Ollama: "
+                                       f"{hc.PORTS_HINT}"}
+    if proves(answer, "version") and isinstance(answer[2]["version"], str):
+        return {"kind": hc.OLLAMA_KIND, "version": printable_version(answer[2]["version"])}
+    for kind, path, check in SERVER_CHECKS:
+        try:
+            found = check(await get_answer(url, path, timeout))
+        except hc.UpstreamError as e:
+            return {"kind": None, "error": str(e)}
+        if found is not None:
+            return {"kind": kind, "version": printable_version(found)}
+    try:
+        models = await get_answer(url, "/v1/models", timeout)
+        if openai_models(models) is None:
+            return {"kind": None, "error": f"{url} answers, but neither as Ollama nor as "
+                                           f"an OpenAI-compatible server (no /api/version, "
+                                           f"no /v1/models)"}
+        health = await get_answer(url, "/health", timeout)
+    except hc.UpstreamError as e:
+        return {"kind": None, "error": str(e)}
+    return {"kind": "mlx-lm" if is_mlx(health, models) else "openai", "version": ""}
+
+
+def llama_server(answer):
+    """llama.cpp's /props: its build, or "" while it loads its model (every path is
+    then 503 "Loading model"); None when it is not llama-server."""
+    status, _, obj = answer
+    if proves(answer, "total_slots", "default_generation_settings"):
+        return str(obj.get("build_info") or "")
+    error = (obj or {}).get("error")
+    if status == 503 and isinstance(error, dict) and error.get("message") == "Loading model":
+        return ""
+    return None
+
+
+def lm_studio(answer):
+    data = (answer[2] or {}).get("data")
+    if proves(answer, "data") and isinstance(data, list) and \
+            all(isinstance(m, dict) and "state" in m for m in data):
+        return ""  # its REST API says no version
+    return None
+
+
+def vllm(answer):
+    return answer[2]["version"] if proves(answer, "version") else None
+
+
+def llama_cpp_python(answer):
+    info = (answer[2] or {}).get("info")
+    if answer[0] == 200 and isinstance(info, dict) and \
+            "llama.cpp Python API" in str(info.get("title")):
+        return info.get("version")
+    return None
+
+
+def ollama_imitation(answer):
+    """A server that lists models as Ollama does (/api/tags) but has no /api/version:
+    routed as an Ollama, of no known release."""
+    models = (answer[2] or {}).get("models")
+    return "" if proves(answer, "models") and isinstance(models, list) else None
+
+
+def openai_models(answer):
+    return "" if proves(answer, "data") and isinstance(answer[2]["data"], list) else None
+
+
+def is_mlx(health, models):
+    """mlx_lm.server, known only by what it lacks: {"status": "ok"} at /health, and
+    /v1/models entries of id, object and created alone (an OpenAI server's answers)."""
+    return health[0] == 200 and health[2] == {"status": "ok"} and all(
+        isinstance(m, dict) and set(m) <= {"id", "object", "created"}
+        for m in models[2]["data"])
+
+
+# (kind, GET path, reader of its answer: the version when it proves the kind, else None)
+SERVER_CHECKS = (("llama-server", "/props", llama_server),
+                 ("lmstudio", "/api/v0/models", lm_studio),
+                 ("vllm", "/version", vllm),
+                 ("llama-cpp-python", "/openapi.json", llama_cpp_python),
+                 (hc.OLLAMA_KIND, "/api/tags", ollama_imitation))
+
+
+####################################################################################
 # Heartbeats
 ####################################################################################
 
@@ -1448,6 +1586,7 @@ class Agent:
         self.settings = {}
         self._settings_at = 0.0
         self._ollama_was_ok = None
+        self.server = None  # {"kind", "version"} of the server found (detect_server)
         self._router_ok = None
         self._token_unchecked = False
         self._answer_error = None  # why the router's last answer could not be read
@@ -1473,8 +1612,7 @@ class Agent:
     async def snapshot(self, draining=False, leaving=False):
         """The heartbeat body for now."""
         ollama, machine, settings = await asyncio.gather(
-            hc.read_ollama(self.cfg.ollama_host, timeout=3),
-            asyncio.to_thread(hc.read_machine, psutil, self.cfg.data_dir),
+            self.read_server(), asyncio.to_thread(hc.read_machine, psutil, self.cfg.data_dir),
             self.read_settings())
         self._note_ollama(ollama)
         capacity = await self.capacity.section(machine)
@@ -1483,7 +1621,28 @@ class Agent:
         own = {k: os.environ[k] for k in hc.OLLAMA_SETTING_VARS if k in os.environ}
         return hc.build_heartbeat(self.node_id, await self.ollama_url(), machine, ollama,
                                   {**own, **settings}, slots, source, draining, leaving,
-                                  capacity, media)
+                                  capacity, media, self.server)
+
+    async def read_server(self):
+        """What the server beside the agent holds (read_ollama's answer). Its kind is
+        found first (detect_server), and again whenever it is not an Ollama that
+        answers: the router routes only to Ollama so far, so another kind is reported
+        unreachable, saying what it is, rather than as an Ollama that holds nothing."""
+        if self.server is None or self.server["kind"] != hc.OLLAMA_KIND:
+            found = await detect_server(self.cfg.ollama_host)
+            self.server = found if found["kind"] is not None else None
+            if self.server is None:
+                return {"ok": False, "error": found["error"]}
+        if self.server["kind"] != hc.OLLAMA_KIND:
+            name = f"{self.server['kind']} {self.server['version']}".strip()
+            return {"ok": False, "error": f"{self.cfg.ollama_host} is {name}, not Ollama: "
+                                          f"this version of Herd routes to Ollama only"}
+        ollama = await hc.read_ollama(self.cfg.ollama_host, timeout=3)
+        if not ollama["ok"]:
+            self.server = None
+        elif ollama["version"]:
+            self.server["version"] = ollama["version"][:64]  # it may have been upgraded
+        return ollama
 
     async def ollama_url(self):
         if self.cfg.ollama_url:

@@ -7030,6 +7030,150 @@ def test_an_agent_whose_router_url_is_an_ollama_is_told_the_ports(h, herd_log):
                                   b'{"error":"not signed"}') == '401: {"error":"not signed"}'
 
 
+# Stand-ins for the inference servers an agent may find beside it, as their sources and
+# documentation say they answer the agent's probes (GET only): {path: (status, body)},
+# and what any other path gets.
+LOADING = (503, {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}})
+OTHER_SERVERS = {
+    # llama.cpp's llama-server: /props (tools/server/README.md); some builds imitate
+    # Ollama's /api/tags; an unknown path is its JSON 404.
+    "llama-server": ({"/props": (200, {"default_generation_settings": {"n_ctx": 4096},
+                                       "total_slots": 4, "model_path": "/m/q.gguf",
+                                       "build_info": "b6097-abc123"}),
+                      "/health": (200, {"status": "ok"}),
+                      "/api/tags": (200, {"models": [{"name": "q", "model": "q"}]}),
+                      "/v1/models": (200, {"object": "list", "data": [
+                          {"id": "q", "object": "model", "owned_by": "llamacpp"}]})},
+                     (404, {"error": {"code": 404, "message": "File Not Found",
+                                      "type": "not_found_error"}})),
+    # LM Studio: its REST API's model list; every path it does not know is a 200 with
+    # an error (lmstudio-bug-tracker #618), /api/version and /api/tags included.
+    "lmstudio": ({"/api/v0/models": (200, {"object": "list", "data": [
+        {"id": "qwen2.5-7b-instruct", "object": "model", "type": "llm", "state": "not-loaded",
+         "compatibility_type": "gguf", "quantization": "Q4_K_M",
+         "max_context_length": 32768}]}),
+                  "/v1/models": (200, {"object": "list", "data": [
+                      {"id": "qwen2.5-7b-instruct", "object": "model",
+                       "owned_by": "organization_owner"}]})},
+                 "unexpected"),
+    # vLLM: /version and /v1/models (owned_by "vllm"); FastAPI's 404 elsewhere.
+    "vllm": ({"/version": (200, {"version": "0.11.0"}),
+              "/v1/models": (200, {"object": "list", "data": [
+                  {"id": "Qwen/Qwen2.5-7B", "object": "model", "owned_by": "vllm",
+                   "max_model_len": 32768}]})},
+             (404, {"detail": "Not Found"})),
+    # llama-cpp-python's server: FastAPI's /openapi.json names it (0.3.36 seen here).
+    "llama-cpp-python": ({"/openapi.json": (200, {"openapi": "3.1.0", "info": {
+        "title": "\U0001f999 llama.cpp Python API", "version": "0.3.36"}}),
+                          "/v1/models": (200, {"object": "list", "data": [
+                              {"id": "smollm2", "object": "model", "owned_by": "me",
+                               "permissions": []}]})},
+                         (404, {"detail": "Not Found"})),
+    # mlx_lm.server: /health and a bare /v1/models (mlx_lm/server.py); "Not Found" text.
+    "mlx-lm": ({"/health": (200, {"status": "ok"}),
+                "/v1/models": (200, {"object": "list", "data": [
+                    {"id": "mlx-community/Qwen2.5-7B-4bit", "object": "model",
+                     "created": 1760000000}]})},
+               (404, "Not Found")),
+    # Any other server of OpenAI's API.
+    "openai": ({"/v1/models": (200, {"object": "list", "data": [
+        {"id": "m", "object": "model", "owned_by": "someone"}]})},
+               (404, {"detail": "Not Found"})),
+}
+
+
+def start_server_stand_in(h, routes, other):
+    """A stand-in of OTHER_SERVERS on loopback; returns its URL and the server."""
+    async def answer(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        path = head.split(b" ", 2)[1].decode().split("?")[0]
+        if other == "unexpected" and path not in routes:
+            status, body = 200, {"error": f"Unexpected endpoint or method. (GET {path})"}
+        else:
+            status, body = other if other is LOADING else routes.get(path, other)
+        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        writer.write(b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+                     % (status, len(data), data))
+        await writer.drain()
+    handlers = set()
+
+    async def serve(reader, writer):
+        handlers.add(asyncio.current_task())
+        try:
+            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+                await answer(reader, writer)
+        finally:
+            writer.close()
+            handlers.discard(asyncio.current_task())
+
+    async def start():
+        return await asyncio.start_server(serve, "127.0.0.1", 0)
+    server = h.bg.run(start())
+    server.handlers = handlers
+    return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", server
+
+
+def test_the_agent_finds_which_kind_of_server_it_is_beside(h):
+    detect = herd_node.detect_server
+    fake = h.fake()
+    assert h.bg.run(detect(fake.url)) == {"kind": "ollama", "version": fake.version}
+    imitation = h.fake()  # lists its models as Ollama does, has no /api/version
+    del imitation._routes[("GET", "/api/version")]
+    assert h.bg.run(detect(imitation.url)) == {"kind": "ollama", "version": ""}
+    versions = {"llama-server": "b6097-abc123", "vllm": "0.11.0",
+                "llama-cpp-python": "0.3.36"}
+    for kind, (routes, other) in OTHER_SERVERS.items():
+        url, server = start_server_stand_in(h, routes, other)
+        try:
+            assert h.bg.run(detect(url)) == {"kind": kind,
+                                             "version": versions.get(kind, "")}, kind
+        finally:
+            stop_stub(h, server)
+    url, server = start_server_stand_in(h, {}, LOADING)  # llama-server loading its model
+    try:
+        assert h.bg.run(detect(url)) == {"kind": "llama-server", "version": ""}
+    finally:
+        stop_stub(h, server)
+    url, server = start_server_stand_in(h, {}, (404, {"detail": "Not Found"}))
+    try:
+        found = h.bg.run(detect(url))
+        assert found["kind"] is None and "neither as Ollama nor" in found["error"]
+    finally:
+        stop_stub(h, server)
+    closed, server = start_server_stand_in(h, {}, (404, ""))
+    stop_stub(h, server)  # nothing listens there now
+    found = h.bg.run(detect(closed))
+    assert found["kind"] is None and found["error"]
+
+
+def test_an_agent_beside_lm_studio_says_so_instead_of_an_empty_ollama(h):
+    # LM Studio answers /api/version and /api/tags with 200 (and an error): the agent
+    # took it for an Ollama that holds nothing. It now says what it found, and the
+    # router shows the node's server and why it routes nothing there.
+    routes, other = OTHER_SERVERS["lmstudio"]
+    url, server = start_server_stand_in(h, routes, other)
+    try:
+        router = h.router()
+        agent = h.agent(router, h.fake(), "node-a", FLEET_NODE_OLLAMA_HOST=url)
+        hb = h.bg.run(agent.snapshot())
+        assert hb["server"] == {"kind": "lmstudio", "version": ""}
+        assert hb["ollama"]["reachable"] is False and hb["models"] == []
+        assert hb["ollama"]["error"] == (f"{url} is lmstudio, not Ollama: this version of "
+                                         f"Herd routes to Ollama only")
+        h.beat(agent, "node-a")
+        node = fleet_status(router)["nodes"][0]
+        assert node["server"] == {"kind": "lmstudio", "version": ""}
+        assert node["ollama"]["reachable"] is False
+    finally:
+        stop_stub(h, server)
+    # an Ollama's node says so too, with its version
+    fake = h.fake("127.0.0.2")
+    h.heartbeat(router, fake, "node-b")
+    node = next(n for n in fleet_status(router)["nodes"] if n["node_id"] == "node-b")
+    assert node["server"] == {"kind": "ollama", "version": fake.version}
+
+
 def test_an_agent_whose_ollama_url_is_the_router_is_told_the_ports(h, herd_log):
     router = h.router()
     agent = h.agent(router, h.fake(), "node-a", FLEET_NODE_OLLAMA_HOST=router.url)
