@@ -7083,9 +7083,9 @@ OTHER_SERVERS = {
 
 
 def start_server_stand_in(h, routes, other):
-    """A stand-in of OTHER_SERVERS on loopback; returns its URL and the server."""
-    async def answer(reader, writer):
-        head = await reader.readuntil(b"\r\n\r\n")
+    """A stand-in of OTHER_SERVERS on loopback (start_stub); returns its URL and the
+    server."""
+    async def answer(writer, head):
         path = head.split(b" ", 2)[1].decode().split("?")[0]
         if other == "unexpected" and path not in routes:
             status, body = 200, {"error": f"Unexpected endpoint or method. (GET {path})"}
@@ -7096,22 +7096,7 @@ def start_server_stand_in(h, routes, other):
                      b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
                      % (status, len(data), data))
         await writer.drain()
-    handlers = set()
-
-    async def serve(reader, writer):
-        handlers.add(asyncio.current_task())
-        try:
-            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-                await answer(reader, writer)
-        finally:
-            writer.close()
-            handlers.discard(asyncio.current_task())
-
-    async def start():
-        return await asyncio.start_server(serve, "127.0.0.1", 0)
-    server = h.bg.run(start())
-    server.handlers = handlers
-    return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", server
+    return start_stub(h, answer)
 
 
 def test_the_agent_finds_which_kind_of_server_it_is_beside(h):
@@ -7616,16 +7601,15 @@ def test_without_a_nonce_file_what_was_signed_before_the_start_is_refused(tmp_pa
 
 
 def start_stub(h, answer):
-    """A server on loopback that reads a request and runs `answer(writer)`; returns its
-    URL and the server (stop_stub ends it and its connections' tasks)."""
+    """A server on loopback that reads a request's head and runs `answer(writer, head)`;
+    returns its URL and the server (stop_stub ends it and its connections' tasks)."""
     handlers = set()
 
     async def serve(reader, writer):
         handlers.add(asyncio.current_task())
         try:
             with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-                await reader.readuntil(b"\r\n\r\n")
-                await answer(writer)
+                await answer(writer, await reader.readuntil(b"\r\n\r\n"))
         finally:
             writer.close()
             handlers.discard(asyncio.current_task())
@@ -7647,7 +7631,7 @@ def stop_stub(h, server):
     h.bg.run(stop())
 
 
-async def trickle(writer):
+async def trickle(writer, head):
     """A head, then a byte of its body every 50 ms until the client hangs up: each read
     is quick."""
     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n")
@@ -7673,7 +7657,7 @@ def test_a_trickling_router_cannot_hold_an_agents_heartbeat(h):
 
 
 def test_an_answer_nested_too_deeply_is_one_line_not_a_traceback_a_beat(h, herd_log):
-    async def nested(writer):
+    async def nested(writer, head):
         body = b"[" * 200_000
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
         await writer.drain()
