@@ -1812,6 +1812,7 @@ class Proxy:
         it (Ollama answers done_reason "unload"); answered like Ollama."""
         holders = [n for n in self.fleet.online_nodes() if ex.model in n.loaded]
         if not holders:  # Ollama answers it (done_reason "unload"); nothing to pull for it
+            ex.stream = False  # one small answer, whatever the client asked
             return await self.serve(ex, body, may_pull=False)
         ex.body = strip_routing_fields(ex.request, body)
         ex.node_id = ",".join(n.node_id for n in holders)
