@@ -4320,7 +4320,9 @@ NODE_SETTINGS = [
         Setting("FLEET_NODE_ROUTER_URL", "", "router URL; empty means find it by mDNS"),
         Setting("FLEET_NODE_NODE_ID", "", "this node's name: 1-64 ASCII letters, digits, "
                 "'.', '_' or '-' (default: the short hostname, without other characters)"),
-        Setting("FLEET_NODE_OLLAMA_HOST", "http://localhost:11434", "where Ollama listens"),
+        Setting("FLEET_NODE_OLLAMA_HOST", "http://localhost:11434", "where Ollama listens, or "
+                "another inference server (the agent finds which kind answers there); "
+                "FLEET_NODE_SERVER_URL is the same setting"),
         Setting("FLEET_NODE_OLLAMA_URL", "", "the Ollama URL the router should dial "
                 "(default: derived from the address this machine uses to reach the "
                 "router)"),

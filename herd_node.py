@@ -1810,14 +1810,20 @@ def parse_args(argv):
     parser.add_argument("--router-url", help="router URL, skipping mDNS "
                                              "(FLEET_NODE_ROUTER_URL)")
     parser.add_argument("--node-id", help="this node's name (FLEET_NODE_NODE_ID)")
-    parser.add_argument("--ollama-host", help="where Ollama listens (FLEET_NODE_OLLAMA_HOST)")
+    parser.add_argument("--ollama-host", "--server-url", dest="ollama_host", metavar="URL",
+                        help="where Ollama (or another inference server) listens "
+                             "(FLEET_NODE_OLLAMA_HOST, or FLEET_NODE_SERVER_URL)")
     parser.add_argument("--token", help="the router's FLEET_TOKEN (FLEET_NODE_TOKEN)")
     return parser.parse_args(argv)
+
+
+SERVER_URL_NAME = "FLEET_NODE_SERVER_URL"  # FLEET_NODE_OLLAMA_HOST's other name
 
 
 def load_node_config(environ, args, tuned=None):
     """The frozen config from the environment and command line; ConfigError if bad.
     `tuned` sets fixed values by name (tests only)."""
+    environ = server_url_as_ollama_host(environ)
     cfg = hc.load_config(NODE_SETTINGS, environ, "FLEET_NODE_", {
         "router_url": args.router_url, "node_id": args.node_id,
         "ollama_host": args.ollama_host, "token": args.token}, NODE_FIXED, tuned)
@@ -1859,6 +1865,19 @@ def load_node_config(environ, args, tuned=None):
         environ, NODE_SETTINGS, hc.ROUTER_SETTINGS, bool(cfg.token), fixed=NODE_FIXED,
         other_fixed=hc.ROUTER_FIXED))
     return hc.Config(values, cfg.sources)
+
+
+def server_url_as_ollama_host(environ):
+    """FLEET_NODE_SERVER_URL is FLEET_NODE_OLLAMA_HOST by another name (the server there
+    need not be an Ollama); both set, to different places, is a ConfigError."""
+    if SERVER_URL_NAME not in environ:
+        return environ
+    host = environ.get("FLEET_NODE_OLLAMA_HOST")
+    if host is not None and host != environ[SERVER_URL_NAME]:
+        raise hc.ConfigError(f"{SERVER_URL_NAME} and FLEET_NODE_OLLAMA_HOST are one setting; "
+                             f"they name different places: set one")
+    return {k: v for k, v in environ.items() if k != SERVER_URL_NAME} | {
+        "FLEET_NODE_OLLAMA_HOST": environ[SERVER_URL_NAME]}
 
 
 async def run(cfg):

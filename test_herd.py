@@ -1936,6 +1936,18 @@ def test_the_readme_settings_tables_list_every_setting():
     assert documented - settings == set(), "README rows for settings that do not exist"
 
 
+def test_server_url_is_the_ollama_hosts_other_name(tmp_path):
+    load = lambda env, argv=(): herd_node.load_node_config(
+        {"FLEET_NODE_DATA_DIR": str(tmp_path), **env}, herd_node.parse_args(list(argv)))
+    url = "http://127.0.0.1:1234"  # LM Studio's port, say
+    for cfg in (load({"FLEET_NODE_SERVER_URL": url}), load({}, ["--server-url", url]),
+                load({"FLEET_NODE_SERVER_URL": url, "FLEET_NODE_OLLAMA_HOST": url})):
+        assert cfg.ollama_host == url and cfg.misnamed == ()
+    assert load({}).ollama_host == "http://localhost:11434"
+    with pytest.raises(hc.ConfigError, match="one setting"):
+        load({"FLEET_NODE_SERVER_URL": url, "FLEET_NODE_OLLAMA_HOST": "http://x:11434"})
+
+
 def test_a_bad_value_stops_startup_with_one_line(tmp_path):
     out = run_script(["herd.py"], {"FLEET_PORT": "eleven", "FLEET_DATA_DIR": str(tmp_path)})
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "FLEET_PORT" in out.stderr
