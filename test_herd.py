@@ -4667,6 +4667,8 @@ def test_dashboard_in_a_real_browser(h, tmp_path):
     router = h.router()
     h.heartbeat(router, fake_a, "mac-studio")
     h.heartbeat(router, fake_b, "gaming-pc")
+    h.heartbeat(router, h.fake(), "lm-box", mutate=lambda hb: hb.update(
+        server={"kind": "lmstudio", "version": "0.3.30"}))  # its agent found LM Studio
     for tag in ("notes-app", "chat-ui"):
         http(router.url, "POST", "/api/generate", {"model": "llama3.2:3b", "prompt": "x",
                                                    "stream": False},
@@ -4682,10 +4684,10 @@ def test_dashboard_in_a_real_browser(h, tmp_path):
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             page.on("pageerror", lambda e: exceptions.append(str(e)))
             page.goto(router.url + "/dashboard")
-            shows = {"Overview": "mac-studio", "Requests": "notes-app",
+            shows = {"Overview": "LM Studio 0.3.30", "Requests": "notes-app",
                      "Trends": "Tokens per second", "Models": "llama3.2:3b",
-                     "Nodes": "gaming-pc", "Health": "All checks pass", "Apps": "chat-ui",
-                     "Settings": "FLEET_HOLD_TIMEOUT"}
+                     "Nodes": "LM Studio 0.3.30", "Health": "All checks pass",
+                     "Apps": "chat-ui", "Settings": "FLEET_HOLD_TIMEOUT"}
             for tab, text in shows.items():
                 page.click(f"nav button[data-tab={tab}]")
                 page.wait_for_selector(f"main:has-text('{text}')", timeout=10000)
