@@ -1810,7 +1810,8 @@ class Proxy:
     async def unload(self, ex, body):
         """keep_alive 0 with nothing to generate: every node holding the model unloads
         it (Ollama answers done_reason "unload"); answered like Ollama."""
-        holders = [n for n in self.fleet.online_nodes() if ex.model in n.loaded]
+        holders = [n for n in self.fleet.online_nodes() if ex.model in n.loaded and
+                   n.speaks_ollama]
         if not holders:  # Ollama answers it (done_reason "unload"); nothing to pull for it
             ex.stream = False  # one small answer, whatever the client asked
             return await self.serve(ex, body, may_pull=False)
@@ -2730,6 +2731,21 @@ def requested_context(body):
     return 0
 
 
+# What a server of OpenAI's API serves as it is (Ollama's own routes, Anthropic's and the
+# Responses API wait for a translation).
+OPENAI_SERVED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+
+
+def cannot_serve(node, endpoint):
+    """Why the node's server cannot serve `endpoint`, or None: a server of OpenAI's API
+    only its routes; an Ollama none that came after its release (too_old)."""
+    if not node.speaks_ollama:
+        return None if endpoint in OPENAI_SERVED else \
+            f"its server is {node.hb.server_kind}, which the router reaches only by " \
+            f"OpenAI's routes ({', '.join(OPENAI_SERVED)})"
+    return too_old(node, endpoint)
+
+
 def too_old(node, endpoint):
     """Why the node's Ollama cannot serve `endpoint` (it predates the route), or None. An
     unknown version, or a build from source (which reports 0.0.0), is let through: if it
@@ -2934,7 +2950,7 @@ class Scheduler:
             if not node.serves(model, ask.kind):
                 continue  # not a candidate at all; not worth naming
             why = "failed this request already" if node.node_id in exclude \
-                else too_old(node, ask.endpoint) or node.accepts_work()
+                else cannot_serve(node, ask.endpoint) or node.accepts_work()
             if why is None:
                 c = self.candidate(node, model, ask)
                 why = hc.eliminate(c)
@@ -2972,9 +2988,9 @@ class Scheduler:
                 if choice:
                     return choice
                 holders = [n for m in models for n in self.fleet.holders(m, ask.kind)]
-                if holders and all(too_old(n, ask.endpoint) for n in holders):
+                if holders and all(cannot_serve(n, ask.endpoint) for n in holders):
                     # Waiting cannot help, and an old Ollama itself would say 404.
-                    raise RouteError(404, f"no node with '{shown_name}' runs an Ollama that "
+                    raise RouteError(404, f"no node with '{shown_name}' runs a server that "
                                           f"serves {ask.endpoint} ({'; '.join(reasons)})")
                 until = deadline if known else min(deadline, self.fleet.warm_until())
                 remaining = until - time.monotonic()
@@ -3221,7 +3237,8 @@ class PlanInputs:
     def nodes(self):
         """The nodes that take work, as the planner sees them: room (memory and
         OLLAMA_MAX_LOADED_MODELS), slots, and speed relative to the fastest."""
-        working = sorted(self.fleet.working_nodes(), key=lambda n: n.node_id)
+        working = sorted((n for n in self.fleet.working_nodes() if n.speaks_ollama),
+                         key=lambda n: n.node_id)  # the plan moves Ollama's models only
         fitted = self.learner.plan_speeds()
         mean = statistics.geometric_mean(fitted.values()) if fitted else 1.0
         speeds = {n.node_id: fitted.get(n.node_id, mean) * self._live_pace(n.node_id)
@@ -3821,6 +3838,12 @@ class Node:
         """Does this node's agent serve `model` of `kind` (an image or speech model)?"""
         return model in self.media_models.get(kind, ())
 
+    @property
+    def speaks_ollama(self):
+        """Is its server an Ollama? (Else one of OpenAI's API: routed only OPENAI_SERVED,
+        never sent Ollama's pulls, loads, unloads or model management.)"""
+        return self.hb.server_kind == hc.OLLAMA_KIND
+
     def serves(self, model, kind=None):
         """Can this node answer `model` for a request of `kind`? Text and embeddings:
         its Ollama has the model. Images: its agent serves it, or its Ollama has it
@@ -4288,7 +4311,8 @@ class Fleet:
 
     def best_holder(self, model):
         """A node that can answer about `model` now, hot ones first."""
-        holders = [n for n in self.online_nodes() if model in n.models and n.hb.reachable]
+        holders = [n for n in self.online_nodes() if model in n.models and n.hb.reachable
+                   and n.speaks_ollama]
         holders.sort(key=lambda n: (n.status != ONLINE, model not in n.loaded))
         return holders[0] if holders else None
 
@@ -4928,7 +4952,8 @@ class Puller:
 
     def pick_node(self, wanted=None):
         """The node to pull onto: the one named, else the one with most free memory."""
-        nodes = [n for n in self.fleet.working_nodes() if n.status == ONLINE]
+        nodes = [n for n in self.fleet.working_nodes() if n.status == ONLINE and
+                 n.speaks_ollama]
         if wanted:
             return next((n for n in nodes if n.node_id == wanted), None)
         return max(nodes, key=lambda n: n.hb.mem_available, default=None)
@@ -5322,6 +5347,9 @@ class ModelAdmin:
         node = self.fleet.nodes.get(wanted.strip())
         if node is None or node.status in GONE or not node.hb.reachable:
             raise Refused(404, f"node '{wanted[:64]}' is not online")
+        if not node.speaks_ollama:
+            raise Refused(400, f"node '{node.node_id}' runs {node.hb.server_kind}, not "
+                               f"Ollama: its models are not managed through the router")
         return node
 
     def _holders(self, body, request, model):
@@ -5333,6 +5361,8 @@ class ModelAdmin:
             return [named], []
         targets, skipped = [], []
         for node in self.fleet.holders(model):
+            if not node.speaks_ollama:
+                continue  # its server manages its own models
             if node.status in GONE or not node.hb.reachable:
                 skipped.append((node, node.status if node.status in GONE else
                                 "its Ollama is unreachable"))
@@ -5348,7 +5378,7 @@ class ModelAdmin:
         client = request.client.rpartition(":")[0]
         node = self._named(body, request)
         last = self.fleet.nodes.get(self.placements.node_for(client) or "")
-        if last is not None and last.accepts_work() is not None:
+        if last is not None and (last.accepts_work() is not None or not last.speaks_ollama):
             last = None
         if node is None and digests:
             node = last or await self._blob_holder(digests)
@@ -5357,7 +5387,8 @@ class ModelAdmin:
             node = last if last is not None and start in last.models else \
                 self.fleet.best_holder(start)
         if node is None:
-            nodes = [n for n in self.fleet.working_nodes() if n.status == ONLINE]
+            nodes = [n for n in self.fleet.working_nodes() if n.status == ONLINE and
+                     n.speaks_ollama]
             node = last or max(nodes, key=lambda n: n.hb.disk_free, default=None)
         if node is None:
             raise Refused(503, "no online node to create models on")
@@ -5366,7 +5397,7 @@ class ModelAdmin:
 
     async def _blob_holder(self, digests):
         """A working node that has every one of these blobs, or None."""
-        nodes = self.fleet.working_nodes()
+        nodes = [n for n in self.fleet.working_nodes() if n.speaks_ollama]
         found = await asyncio.gather(*(self._has_blobs(n, digests) for n in nodes))
         return next((n for n, has in zip(nodes, found) if has), None)
 

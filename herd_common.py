@@ -3641,8 +3641,8 @@ PAUSED_REASON_MAX = 128
 HEARTBEAT_MAX_BYTES = 1 << 20  # a node with 500 models sends about 250 KB
 MAX_MODELS = 500  # on disk, per node
 MAX_LOADED = 64  # in memory, per node
-# The inference server an agent found beside it (herd_node.detect_server). The router
-# routes only to Ollama so far; a node of another kind joins with no models.
+# The inference server an agent found beside it (herd_node.detect_server). A node of
+# another kind than Ollama is sent OpenAI's routes only (herd.OPENAI_SERVED).
 OLLAMA_KIND = "ollama"
 SERVER_KINDS = (OLLAMA_KIND, "llama-server", "lmstudio", "vllm", "llama-cpp-python", "mlx-lm",
                 "openai")

@@ -1560,6 +1560,36 @@ def is_mlx(health, models):
         for m in models[2]["data"])
 
 
+# Servers that answer one request at a time: llama-cpp-python's cuts a running stream
+# short for any other request that needs its model (another chat, even /v1/models);
+# mlx_lm.server reports no capacity (batching came in 0.28.4: set more by hand).
+ONE_AT_A_TIME = ("llama-cpp-python", "mlx-lm")
+
+
+async def read_openai_server(url, server, timeout=PROBE_TIMEOUT_S):
+    """What a server of OpenAI's API holds, in read_ollama's shape: every model it
+    lists counts as on disk and loaded (the router routes to it only what it lists,
+    and sends it no load or unload of Ollama's), with its slots where it says. Its
+    list is read once for llama-cpp-python (reading it again would cut a running
+    stream short; its model is fixed for the process's life). UpstreamError when it
+    does not answer."""
+    if "models" not in server or server["kind"] != "llama-cpp-python":
+        status, _, obj = await get_answer(url, "/v1/models", timeout)
+        data = (obj or {}).get("data") if status == 200 else None
+        if not isinstance(data, list):
+            raise hc.UpstreamError("status", f"GET /v1/models answered {status}")
+        server["models"] = [{"name": m["id"], "model": m["id"]} for m in data
+                            if isinstance(m, dict) and isinstance(m.get("id"), str)]
+    slots = 1 if server["kind"] in ONE_AT_A_TIME else 0
+    if server["kind"] == "llama-server":
+        status, _, props = await get_answer(url, "/props", timeout)
+        total = (props or {}).get("total_slots")
+        slots = total if isinstance(total, int) and 0 < total <= 1024 else 0
+    # Its version is the heartbeat's server's, not Ollama's: /api/version counts Ollamas.
+    return {"ok": True, "version": "", "models": server["models"],
+            "loaded": server["models"], "num_parallel": slots}
+
+
 # (kind, GET path, reader of its answer: the version when it proves the kind, else None)
 SERVER_CHECKS = (("llama-server", "/props", llama_server),
                  ("lmstudio", "/api/v0/models", lm_studio),
@@ -1617,6 +1647,8 @@ class Agent:
         self._note_ollama(ollama)
         capacity = await self.capacity.section(machine)
         slots, source = hc.resolve_num_parallel(self.cfg.num_parallel, settings, os.environ)
+        if ollama.get("num_parallel") and not self.cfg.num_parallel:
+            slots, source = ollama["num_parallel"], self.server["kind"]  # the server's own
         media = await self.media.section(self.router_url)
         own = {k: os.environ[k] for k in hc.OLLAMA_SETTING_VARS if k in os.environ}
         return hc.build_heartbeat(self.node_id, await self.ollama_url(), machine, ollama,
@@ -1624,19 +1656,24 @@ class Agent:
                                   capacity, media, self.server)
 
     async def read_server(self):
-        """What the server beside the agent holds (read_ollama's answer). Its kind is
-        found first (detect_server), and again whenever it is not an Ollama that
-        answers: the router routes only to Ollama so far, so another kind is reported
-        unreachable, saying what it is, rather than as an Ollama that holds nothing."""
+        """What the server beside the agent holds, in read_ollama's shape. Its kind is
+        found first (detect_server), and again at every heartbeat while it is not an
+        Ollama (cheap probes: a server of OpenAI's API may be replaced by an Ollama, or
+        go away); another kind's models come from read_openai_server."""
         if self.server is None or self.server["kind"] != hc.OLLAMA_KIND:
             found = await detect_server(self.cfg.ollama_host)
-            self.server = found if found["kind"] is not None else None
-            if self.server is None:
+            if found["kind"] is None:
+                self.server = None
                 return {"ok": False, "error": found["error"]}
+            if self.server is None or self.server["kind"] != found["kind"]:
+                self.server = found
+            self.server["version"] = found["version"]
         if self.server["kind"] != hc.OLLAMA_KIND:
-            name = f"{self.server['kind']} {self.server['version']}".strip()
-            return {"ok": False, "error": f"{self.cfg.ollama_host} is {name}, not Ollama: "
-                                          f"this version of Herd routes to Ollama only"}
+            try:
+                return await read_openai_server(self.cfg.ollama_host, self.server)
+            except hc.UpstreamError as e:
+                self.server = None
+                return {"ok": False, "error": str(e)}
         ollama = await hc.read_ollama(self.cfg.ollama_host, timeout=3)
         if not ollama["ok"]:
             self.server = None

@@ -7103,6 +7103,7 @@ def start_server_stand_in(h, routes, other):
     server."""
     async def answer(writer, head):
         path = head.split(b" ", 2)[1].decode().split("?")[0]
+
         if other == "unexpected" and path not in routes:
             status, body = 200, {"error": f"Unexpected endpoint or method. (GET {path})"}
         else:
@@ -7235,7 +7236,8 @@ def llama_server():
 
 
 @pytest.mark.timeout(900)
-def test_the_agent_finds_a_real_llama_cpp_python_server(h, llama_server):
+def test_a_real_llama_cpp_python_server_answers_through_the_router(h, llama_server):
+    import openai
     version = os.path.basename(llama_cpp_wheel()).split("-")[1]  # what the server says
     assert h.bg.run(herd_node.detect_server(llama_server)) == {
         "kind": "llama-cpp-python", "version": version}
@@ -7244,31 +7246,62 @@ def test_the_agent_finds_a_real_llama_cpp_python_server(h, llama_server):
     h.beat(agent, "llama")
     node = fleet_status(router)["nodes"][0]
     assert node["server"] == {"kind": "llama-cpp-python", "version": version}
-    assert node["ollama"]["reachable"] is False and node["models_on_disk"] == []
+    assert node["models_on_disk"] == ["smollm2-135m:latest"] and node["num_parallel"] == 1
+    # Greedy decoding: the router's answer is the server's own, word for word.
+    ask = {"model": "smollm2-135m", "temperature": 0, "max_tokens": 12, "seed": 1,
+           "messages": [{"role": "user", "content": "Name a colour."}]}
+    direct = openai.OpenAI(base_url=llama_server + "/v1", api_key="x", max_retries=0)
+    routed = openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
+    expected = direct.chat.completions.create(**ask).choices[0].message.content
+    assert expected and routed.chat.completions.create(**ask).choices[0].message.content \
+        == expected
+    streamed = "".join(c.choices[0].delta.content or "" for c in
+                       routed.chat.completions.create(**ask, stream=True) if c.choices)
+    assert streamed == expected
+    rows = [r for r in h.traces(router) if r["endpoint"] == "/v1/chat/completions"]
+    assert [(r["status"], r["node_id"]) for r in rows] == [("completed", "llama")] * 2
+    status, _, body = http(router.url, "POST", "/api/chat", {
+        "model": "smollm2-135m", "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 404 and "its server is llama-cpp-python" in json.loads(body)["error"]
 
 
-def test_an_agent_beside_lm_studio_says_so_instead_of_an_empty_ollama(h):
+def test_a_server_of_openais_api_is_reached_by_openais_routes_only(h):
     # LM Studio answers /api/version and /api/tags with 200 (and an error): the agent
-    # took it for an Ollama that holds nothing. It now says what it found, and the
-    # router shows the node's server and why it routes nothing there.
+    # took it for an Ollama that holds nothing. It now lists what the server lists, and
+    # the router sends it OpenAI's routes as they are, and none of Ollama's.
     routes, other = OTHER_SERVERS["lmstudio"]
-    url, server = start_server_stand_in(h, routes, other)
+    answer = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1,
+              "model": "qwen2.5-7b-instruct", "choices": [{"index": 0, "finish_reason": "stop",
+              "message": {"role": "assistant", "content": "Hello from LM Studio"}}],
+              "usage": {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}}
+    url, server = start_server_stand_in(
+        h, {**routes, "/v1/chat/completions": (200, answer)}, other)
     try:
         router = h.router()
-        agent = h.agent(router, h.fake(), "node-a", FLEET_NODE_OLLAMA_HOST=url)
+        agent = h.agent(router, h.fake(), "lm-box", FLEET_NODE_OLLAMA_HOST=url)
         hb = h.bg.run(agent.snapshot())
         assert hb["server"] == {"kind": "lmstudio", "version": ""}
-        assert hb["ollama"]["reachable"] is False and hb["models"] == []
-        assert hb["ollama"]["error"] == (f"{url} is lmstudio, not Ollama: this version of "
-                                         f"Herd routes to Ollama only")
-        h.beat(agent, "node-a")
+        assert hb["ollama"]["reachable"] is True and hb["ollama"]["version"] == ""
+        assert [m["model"] for m in hb["models"]] == ["qwen2.5-7b-instruct"]
+        assert hb["loaded"] == hb["models"]  # listed: served (LM Studio loads on demand)
+        h.beat(agent, "lm-box")
         node = fleet_status(router)["nodes"][0]
         assert node["server"] == {"kind": "lmstudio", "version": ""}
-        assert node["ollama"]["reachable"] is False
+        chat = {"model": "qwen2.5-7b-instruct", "stream": False,
+                "messages": [{"role": "user", "content": "hi"}]}
+        status, headers, body = http(router.url, "POST", "/v1/chat/completions", chat)
+        assert (status, headers["x-fleet-node"]) == (200, "lm-box")
+        assert json.loads(body)["choices"][0]["message"]["content"] == "Hello from LM Studio"
+        row = trace_of(h, router, "/v1/chat/completions")
+        assert (row["status"], row["completion_tokens"]) == ("completed", 4)
+        status, _, body = http(router.url, "POST", "/api/chat", chat)
+        assert status == 404 and "its server is lmstudio" in json.loads(body)["error"]
+        assert get_json(router.url, "/api/version") == {"version": "0.0.0"}  # no Ollama
+        status, _, body = http(router.url, "POST", "/api/pull", {"model": "phi3:mini"})
+        assert status == 503  # nothing to pull onto: LM Studio is not an Ollama
     finally:
         stop_stub(h, server)
-    # an Ollama's node says so too, with its version
-    fake = h.fake("127.0.0.2")
+    fake = h.fake("127.0.0.2")  # an Ollama's node says so too, with its version
     h.heartbeat(router, fake, "node-b")
     node = next(n for n in fleet_status(router)["nodes"] if n["node_id"] == "node-b")
     assert node["server"] == {"kind": "ollama", "version": fake.version}
@@ -7716,15 +7749,20 @@ def test_without_a_nonce_file_what_was_signed_before_the_start_is_refused(tmp_pa
 
 
 def start_stub(h, answer):
-    """A server on loopback that reads a request's head and runs `answer(writer, head)`;
-    returns its URL and the server (stop_stub ends it and its connections' tasks)."""
+    """A server on loopback that reads a request's head (and its body, by its
+    Content-Length) and runs `answer(writer, head)`; returns its URL and the server
+    (stop_stub ends it and its connections' tasks)."""
     handlers = set()
 
     async def serve(reader, writer):
         handlers.add(asyncio.current_task())
         try:
             with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-                await answer(writer, await reader.readuntil(b"\r\n\r\n"))
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?im)^content-length: *(\d+)", head)
+                if length:  # read, so that closing after the answer resets nothing
+                    await reader.readexactly(int(length.group(1)))
+                await answer(writer, head)
         finally:
             writer.close()
             handlers.discard(asyncio.current_task())
