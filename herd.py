@@ -3366,8 +3366,8 @@ class Placement:
     def count(self, model):
         """A request for `model` arrived: its demand grows; a model the plan places
         nowhere makes the next plan due at once."""
-        if not self.fleet.knows_model(model):
-            return  # a name no node has is nobody's demand (and a client's free text)
+        if not any(model in n.models for n in self.fleet.nodes.values() if n.speaks_ollama):
+            return  # a name no Ollama has is not the plan's (and may be a client's free text)
         self.demand.count(model, time.monotonic())
         if not self.places(model):
             self.asked = True
