@@ -3237,8 +3237,7 @@ class PlanInputs:
     def nodes(self):
         """The nodes that take work, as the planner sees them: room (memory and
         OLLAMA_MAX_LOADED_MODELS), slots, and speed relative to the fastest."""
-        working = sorted((n for n in self.fleet.working_nodes() if n.speaks_ollama),
-                         key=lambda n: n.node_id)  # the plan moves Ollama's models only
+        working = sorted(self.fleet.working_ollamas(), key=lambda n: n.node_id)
         fitted = self.learner.plan_speeds()
         mean = statistics.geometric_mean(fitted.values()) if fitted else 1.0
         speeds = {n.node_id: fitted.get(n.node_id, mean) * self._live_pace(n.node_id)
@@ -4309,6 +4308,11 @@ class Fleet:
         """Nodes that take new requests now."""
         return [n for n in self.nodes.values() if n.accepts_work() is None]
 
+    def working_ollamas(self):
+        """Working nodes whose server is an Ollama: the only ones the router pulls
+        onto, loads and unloads models on (the plan), or manages models on."""
+        return [n for n in self.working_nodes() if n.speaks_ollama]
+
     def best_holder(self, model):
         """A node that can answer about `model` now, hot ones first."""
         holders = [n for n in self.online_nodes() if model in n.models and n.hb.reachable
@@ -4952,8 +4956,7 @@ class Puller:
 
     def pick_node(self, wanted=None):
         """The node to pull onto: the one named, else the one with most free memory."""
-        nodes = [n for n in self.fleet.working_nodes() if n.status == ONLINE and
-                 n.speaks_ollama]
+        nodes = [n for n in self.fleet.working_ollamas() if n.status == ONLINE]
         if wanted:
             return next((n for n in nodes if n.node_id == wanted), None)
         return max(nodes, key=lambda n: n.hb.mem_available, default=None)
@@ -5387,8 +5390,7 @@ class ModelAdmin:
             node = last if last is not None and start in last.models else \
                 self.fleet.best_holder(start)
         if node is None:
-            nodes = [n for n in self.fleet.working_nodes() if n.status == ONLINE and
-                     n.speaks_ollama]
+            nodes = [n for n in self.fleet.working_ollamas() if n.status == ONLINE]
             node = last or max(nodes, key=lambda n: n.hb.disk_free, default=None)
         if node is None:
             raise Refused(503, "no online node to create models on")
@@ -5397,7 +5399,7 @@ class ModelAdmin:
 
     async def _blob_holder(self, digests):
         """A working node that has every one of these blobs, or None."""
-        nodes = [n for n in self.fleet.working_nodes() if n.speaks_ollama]
+        nodes = self.fleet.working_ollamas()
         found = await asyncio.gather(*(self._has_blobs(n, digests) for n in nodes))
         return next((n for n, has in zip(nodes, found) if has), None)
 
