@@ -7051,8 +7051,8 @@ def test_an_agent_whose_router_url_is_an_ollama_is_told_the_ports(h, herd_log):
 
 
 # Stand-ins for the inference servers an agent may find beside it, as their sources and
-# documentation say they answer the agent's probes (GET only): {path: (status, body)},
-# and what any other path gets.
+# documentation say they answer the agent's probes: {path: (status, body)}, whatever
+# the method, and what any other path gets.
 LOADING = (503, {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}})
 OTHER_SERVERS = {
     # llama.cpp's llama-server: /props (tools/server/README.md); some builds imitate
