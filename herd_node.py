@@ -1478,9 +1478,11 @@ def printable_version(value):
     return hc.CONTROL_CHARS.sub(" ", value)[:64] if isinstance(value, str) else ""
 
 
-async def detect_server(url, timeout=PROBE_TIMEOUT_S):
+async def detect_server(url, timeout=PROBE_TIMEOUT_S, known=None):
     """The kind of inference server at `url` (hc.SERVER_KINDS) and its version, as
-    {"kind", "version"}; or {"kind": None, "error": why} when none answers as one."""
+    {"kind", "version"}; or {"kind": None, "error": why} when none answers as one.
+    `known`: the kind found there last, whose own probe goes first after Ollama's (each
+    proves its kind alone), so that a heartbeat's look costs two GETs, not five."""
     try:
         answer = await get_answer(url, "/api/version", timeout)
     except hc.UpstreamError as e:
@@ -1490,7 +1492,7 @@ async def detect_server(url, timeout=PROBE_TIMEOUT_S):
                                        f"{hc.PORTS_HINT}"}
     if proves(answer, "version") and isinstance(answer[2]["version"], str):
         return {"kind": hc.OLLAMA_KIND, "version": printable_version(answer[2]["version"])}
-    for kind, path, check in SERVER_CHECKS:
+    for kind, path, check in sorted(SERVER_CHECKS, key=lambda c: c[0] != known):
         try:
             found = check(await get_answer(url, path, timeout))
         except hc.UpstreamError as e:
@@ -1661,7 +1663,8 @@ class Agent:
         Ollama (cheap probes: a server of OpenAI's API may be replaced by an Ollama, or
         go away); another kind's models come from read_openai_server."""
         if self.server is None or self.server["kind"] != hc.OLLAMA_KIND:
-            found = await detect_server(self.cfg.ollama_host)
+            found = await detect_server(self.cfg.ollama_host,
+                                        known=self.server and self.server["kind"])
             if found["kind"] is None:
                 self.server = None
                 return {"ok": False, "error": found["error"]}

@@ -7104,10 +7104,12 @@ OTHER_SERVERS = {
 
 def start_server_stand_in(h, routes, other):
     """A stand-in of OTHER_SERVERS on loopback (start_stub); returns its URL and the
-    server."""
+    server, whose `asked` lists the paths it was asked for."""
+    asked = []
+
     async def answer(writer, head):
         path = head.split(b" ", 2)[1].decode().split("?")[0]
-
+        asked.append(path)
         if other == "unexpected" and path not in routes:
             status, body = 200, {"error": f"Unexpected endpoint or method. (GET {path})"}
         else:
@@ -7117,7 +7119,9 @@ def start_server_stand_in(h, routes, other):
                      b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
                      % (status, len(data), data))
         await writer.drain()
-    return start_stub(h, answer)
+    url, server = start_stub(h, answer)
+    server.asked = asked
+    return url, server
 
 
 def test_the_agent_finds_which_kind_of_server_it_is_beside(h):
@@ -7132,8 +7136,12 @@ def test_the_agent_finds_which_kind_of_server_it_is_beside(h):
     for kind, (routes, other) in OTHER_SERVERS.items():
         url, server = start_server_stand_in(h, routes, other)
         try:
-            assert h.bg.run(detect(url)) == {"kind": kind,
-                                             "version": versions.get(kind, "")}, kind
+            found = {"kind": kind, "version": versions.get(kind, "")}
+            assert h.bg.run(detect(url)) == found, kind
+            server.asked.clear()  # a heartbeat's look: Ollama's probe, then the kind's own
+            assert h.bg.run(detect(url, known=kind)) == found, kind
+            if kind not in ("mlx-lm", "openai"):  # known by what they lack: all probes
+                assert len(server.asked) == 2, (kind, server.asked)
         finally:
             stop_stub(h, server)
     url, server = start_server_stand_in(h, {}, LOADING)  # llama-server loading its model
