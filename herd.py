@@ -1558,7 +1558,7 @@ class Proxy:
 
     def __init__(self, cfg, fleet, scheduler, learner, pulls, warmer, stats, traces, pool):
         self.cfg, self.fleet, self.scheduler, self.learner = cfg, fleet, scheduler, learner
-        self.pulls, self.warmer, self.stats, self.traces = pulls, warmer, stats, traces
+        self.pulls, self.warmer, self.stats = pulls, warmer, stats
         self.node_relay = NodeRelay(cfg, pool)
         self.records = Records(cfg, stats, traces)
         self.client_in_flight = collections.Counter()
