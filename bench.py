@@ -153,6 +153,7 @@ ADDED_FIRST_CHUNK_MS = {50: 1.0, 99: 2.0}
 MIN_THROUGHPUT_RATIO = 0.95
 MAX_CPU_PER_CHUNK_US = 20.0
 MAX_IDLE_RSS_MB = 40.0
+MAX_TRANSLATED_RATIO = 2.0  # CPU per chunk of a translated stream over a native one
 # Two backends for the 8-chunk streams: "short" answers as fast as the fake can (every
 # process is then CPU-bound on the same two cores, so the router's CPU is taken from
 # the backend's); "steady" writes a chunk every 5 ms, 200 tokens/s per stream, the fast
@@ -216,6 +217,7 @@ class Machine:
     load_delay: float  # seconds to load a model
     models: tuple  # on disk
     load_per_gb: float = 0.0  # and seconds per GB of the model's weights on top
+    server: str = "ollama"  # the kind of server it runs (fake_ollama.py --server)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,6 +246,11 @@ class Fleet:
     warm_up: tuple  # rounds of models, one short request each, before the timed part
     plans: dict  # "quick" / "full" -> RoutingPlan
     placement_targets: bool = False  # judge the issue-20 targets (loads, slowdown)
+    # The API the clients speak: Ollama's, or OpenAI's where some servers speak no
+    # other (a router that cannot translate reaches every server only by OpenAI's).
+    api: str = "ollama"
+    routers: tuple = ("herd", "herd-learning-off", "round-robin", "least-connections",
+                      "ollama-herd")
 
 
 SLOWDOWN = 4.0
@@ -313,7 +320,27 @@ PRESSURE = Fleet(
            "full": RoutingPlan(requests=600, timeout=90, loads=(0.5, 0.7, 0.95),
                                schedules=3)},
     placement_targets=True)
-FLEETS = {f.name: f for f in (FITS, PRESSURE)}
+# "mixed" (issue 22): the fits fleet's shape, but only one machine runs Ollama: a GPU box
+# runs llama.cpp's llama-server (the fastest), a Mac LM Studio. Clients speak OpenAI's
+# API, the one every router here can send to every server; ollama-herd reaches only
+# Ollamas and is left out.
+MIXED = Fleet(
+    "mixed",
+    machines=(
+        Machine("gpu-box", speed=1.0, slots=4, saturation=3, max_loaded=3, load_delay=1.0,
+                models=(SMALL, MID, LARGE), server="llama-server"),
+        Machine("desktop", speed=0.5, slots=2, saturation=2, max_loaded=2, load_delay=1.5,
+                models=(SMALL, MID, LARGE)),
+        Machine("mac", speed=0.3, slots=2, saturation=2, max_loaded=1, load_delay=2.0,
+                models=(SMALL, MID), server="lmstudio")),
+    mixes=(((SMALL, 0.6), (MID, 0.3), (LARGE, 0.1)),),
+    slowed="mac",
+    join_order=(2, 1, 0),
+    warm_up=((SMALL, MID, LARGE), (SMALL, SMALL, MID), (MID, LARGE, SMALL)),
+    plans={"quick": RoutingPlan(requests=24, timeout=15),
+           "full": RoutingPlan(requests=180, timeout=45, schedules=3)},
+    api="openai", routers=("herd", "herd-learning-off", "round-robin", "least-connections"))
+FLEETS = {f.name: f for f in (FITS, PRESSURE, MIXED)}
 
 HERD_SETTINGS = {"FLEET_MDNS": "false", "FLEET_LOCAL_NODE": "false",
                  "FLEET_CONSOLE_LOG_LEVEL": "WARNING",
@@ -397,11 +424,12 @@ def stop_processes(procs):
             proc.stdout.close()
 
 
-def start_fake(exits, workdir, chunks, chunk_delay=0.0, port=0):
-    """fake_ollama.py with 16 slots; returns (process, port) once it listens."""
+def start_fake(exits, workdir, chunks, chunk_delay=0.0, port=0, server="ollama"):
+    """fake_ollama.py with 16 slots (standing in for `server`); returns (process, port)
+    once it listens."""
     argv = ["fake_ollama.py", "--host", "127.0.0.1", "--port", str(port), "--models", MODEL,
             "--num-parallel", str(SLOTS), "--chunks", str(chunks),
-            "--chunk-delay", str(chunk_delay), "--load-delay", "0"]
+            "--chunk-delay", str(chunk_delay), "--load-delay", "0", "--server", server]
     log_path = os.path.join(workdir, "fake.log")
     proc = start_process(exits, argv, {"OLLAMA_NUM_PARALLEL": str(SLOTS)}, log_path,
                          stdout=subprocess.PIPE)
@@ -465,16 +493,24 @@ class Stack:
 
 
 @contextlib.contextmanager
-def running_stack(workdir, name, chunks, chunk_delay=0.0, keyed=False):
+def running_stack(workdir, name, chunks, chunk_delay=0.0, keyed=False, server="ollama"):
     """Start a fake and its router (two if `keyed`), yield them ready to route, then
-    stop them all."""
+    stop them all. A fake standing in for another `server` than Ollama is the router's
+    node through an agent (the router polls only an Ollama itself)."""
     workdir = os.path.join(workdir, name)
     os.makedirs(workdir)
     with contextlib.ExitStack() as exits:
-        fake, fake_port = start_fake(exits, workdir, chunks, chunk_delay)
-        local = {"FLEET_LOCAL_NODE": "true",
-                 "FLEET_LOCAL_OLLAMA_URL": f"http://127.0.0.1:{fake_port}"}
+        fake, fake_port = start_fake(exits, workdir, chunks, chunk_delay, server=server)
+        fake_url = f"http://127.0.0.1:{fake_port}"
+        local = {"FLEET_LOCAL_NODE": "true", "FLEET_LOCAL_OLLAMA_URL": fake_url} \
+            if server == "ollama" else {"FLEET_LOCAL_NODE": "false"}
         proc, port = start_router(exits, workdir, local)
+        if server != "ollama":
+            start_process(exits, ["herd_node.py", "--router-url", f"http://127.0.0.1:{port}",
+                                  "--server-url", fake_url],
+                          {"FLEET_NODE_DATA_DIR": os.path.join(workdir, "agent"),
+                           "FLEET_CONSOLE_LOG_LEVEL": "ERROR"},
+                          os.path.join(workdir, "agent.log"))
         stack = Stack({"direct": fake_port, "router": port}, psutil.Process(proc.pid),
                       psutil.Process(fake.pid))
         if keyed:  # its own folder: its own FLEET_DATA_DIR and log
@@ -841,6 +877,18 @@ def measure_short(stack, plan, c1_requests, c16_per_worker, request=None, marker
     return {f"c{c}": weigh(compare(stack, Load(request or GENERATE, marker, c, per_worker),
                                    plan.rounds), "direct", "router")
             for c, per_worker in ((1, c1_requests), (16, c16_per_worker))}
+
+
+def measure_translated(stack, plan):
+    """2,000-chunk answers from a server of OpenAI's API (a llama-server stand-in), one
+    at a time: straight from it as SSE, and through the router as Ollama's NDJSON
+    (translated event by event, issue 22). The router's CPU per chunk is weighed
+    against a native NDJSON relay's (measure_relay)."""
+    loads = {"direct": Load(CHAT_SSE, SSE, 1, plan.relay_sequential, 1),
+             "router": Load(GENERATE, NDJSON, 1, plan.relay_sequential, 1)}
+    pooled = in_turns(("direct", "router"), plan.rounds,
+                      lambda path: asyncio.run(drive(stack, path, loads[path])))
+    return {path: summarise(run, path) for path, run in pooled.items()}
 
 
 def measure_keyed(stack, plan):
@@ -1286,7 +1334,16 @@ def judge_targets(r):
                                                  us <= MAX_CPU_PER_CHUNK_US)
     rss = r["memory"]["rss_idle_mb"]
     out["rss_idle_mb"] = (rss, MAX_IDLE_RSS_MB, rss <= MAX_IDLE_RSS_MB)
+    ratio = translated_ratio(r)
+    out["translated_cpu_per_chunk_ratio"] = (ratio, MAX_TRANSLATED_RATIO,
+                                             ratio <= MAX_TRANSLATED_RATIO)
     return out
+
+
+def translated_ratio(r):
+    """The router's CPU per chunk translating a stream over relaying a native one."""
+    native = r["relay"]["ndjson"]["sequential"]["router"]["router_cpu_us_per_item"]
+    return r["translated"]["router"]["router_cpu_us_per_item"] / native
 
 
 def verdict(target, template):
@@ -1352,6 +1409,16 @@ def relay_rows(r, t):
             for name, key, cell in relay_cells(r)]
 
 
+def translated_rows(r, t):
+    cell = r["translated"]
+    return [("SSE from llama-server as Ollama NDJSON, 2,000 chunks, 1 stream",
+             f"{cell['direct']['items_per_s']:,.0f} chunks/s",
+             f"{cell['router']['items_per_s']:,.0f} chunks/s",
+             f"{cell['router']['router_cpu_us_per_item']:.1f} us CPU/chunk "
+             f"(x{translated_ratio(r):.2f} native)",
+             verdict(t["translated_cpu_per_chunk_ratio"], "<= x{} native"))]
+
+
 def memory_rows(r, t):
     m = r["memory"]
     return [("router RSS idle after start-up", "", f"{m['rss_idle_mb']:.1f} MB", "",
@@ -1365,7 +1432,7 @@ def markdown_table(r):
     rows = []
     for phase, label in SHORT_PHASES:
         rows += latency_rows(r, t, phase, label) + throughput_rows(r, t, phase, label)
-    rows += keyed_rows(r) + relay_rows(r, t) + memory_rows(r, t)
+    rows += keyed_rows(r) + relay_rows(r, t) + translated_rows(r, t) + memory_rows(r, t)
     lines = ["| measure | direct | router | router cost | target |",
              "|---|---|---|---|---|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
@@ -1492,7 +1559,8 @@ def start_machine(exits, group, workdir, net, i):
             "--load-delay", str(m.load_delay), "--load-per-gb", str(m.load_per_gb),
             "--speed", str(m.speed),
             "--saturation", str(m.saturation), "--max-loaded", str(m.max_loaded),
-            "--prompt-delay", str(PROMPT_DELAY), "--tokens-range", "%d,%d" % TOKENS_RANGE]
+            "--prompt-delay", str(PROMPT_DELAY), "--tokens-range", "%d,%d" % TOKENS_RANGE,
+            "--server", m.server]
     log_path = os.path.join(workdir, f"fake-{m.name}.log")
     proc = start_process(exits, argv, {"OLLAMA_NUM_PARALLEL": str(m.slots)}, log_path,
                          stdout=subprocess.PIPE, prefix=net.prefix(i), group=group)
@@ -1700,7 +1768,8 @@ class BaselineProxy:
         self.turn = 0
 
     async def read_tags(self):
-        """Each node's models on disk (once each node answers)."""
+        """Each node's models on disk (once each node answers): Ollama's /api/tags, or
+        OpenAI's /v1/models where a server has no other list."""
         for url in self.nodes:
             while not self.models[url]:
                 try:
@@ -1708,7 +1777,13 @@ class BaselineProxy:
                     self.models[url] = {hc.canonical_model(m["name"])
                                         for m in tags["models"]}
                 except (hc.UpstreamError, OSError, KeyError, TypeError, ValueError):
-                    await asyncio.sleep(0.2)
+                    with contextlib.suppress(hc.UpstreamError, OSError, KeyError,
+                                             TypeError, ValueError):
+                        listed = await hc.http_json(url, "GET", "/v1/models", timeout=5)
+                        self.models[url] = {hc.canonical_model(m["id"])
+                                            for m in listed["data"]}
+                    if not self.models[url]:
+                        await asyncio.sleep(0.2)
 
     def choose(self, model):
         """A node that has the model: the next in turn, or the least busy (ties in turn)."""
@@ -1905,8 +1980,9 @@ def fake_answer(model_messages):
     return fake_ollama.words_text(tokens)
 
 
-async def chat(front, body, due, timeout):
-    """One streamed /api/chat on its own connection: an Outcome's ok, ttft, latency."""
+async def chat(front, body, due, timeout, api="ollama"):
+    """One streamed chat on its own connection (Ollama's /api/chat, or OpenAI's
+    /v1/chat/completions): an Outcome's ok, ttft, latency."""
     loop = asyncio.get_running_loop()
     out = {"ok": False, "ttft": None, "latency": None, "error": "", "node": "",
            "answered": ""}
@@ -1917,12 +1993,13 @@ async def chat(front, body, due, timeout):
             set_nodelay(writer)
             conn = h11.Connection(h11.CLIENT)
             data = json.dumps(body).encode()
-            writer.write(conn.send(h11.Request(method="POST", target="/api/chat", headers=[
+            target = "/api/chat" if api == "ollama" else "/v1/chat/completions"
+            writer.write(conn.send(h11.Request(method="POST", target=target, headers=[
                 ("Host", f"{front.host}:{front.port}"), ("Content-Type", "application/json"),
                 ("Content-Length", str(len(data))), ("Connection", "close")]))
                 + conn.send(h11.Data(data=data)) + conn.send(h11.EndOfMessage()))
             await writer.drain()
-            await receive_chat(conn, reader, out, lambda: loop.time() - due)
+            await receive_chat(conn, reader, out, lambda: loop.time() - due, api)
     except TimeoutError:
         out["error"] = f"no answer within {timeout:g} s"
     except (OSError, h11.ProtocolError) as e:
@@ -1933,8 +2010,8 @@ async def chat(front, body, due, timeout):
     return out
 
 
-async def receive_chat(conn, reader, out, elapsed):
-    """Read the NDJSON answer: time the first content chunk and the end."""
+async def receive_chat(conn, reader, out, elapsed, api="ollama"):
+    """Read the NDJSON (or SSE) answer: time the first content chunk and the end."""
     status, pending, done = 0, b"", False
     while True:
         event = conn.next_event()
@@ -1951,13 +2028,20 @@ async def receive_chat(conn, reader, out, elapsed):
             pending += event.data
             *lines, pending = pending.split(b"\n")
             for line in filter(None, (line.strip() for line in lines)):
+                if api != "ollama":  # SSE: data lines, and [DONE] at the end
+                    if not line.startswith(b"data: "):
+                        continue
+                    line = line[6:]
+                    if line == b"[DONE]":
+                        done = True
+                        continue
                 chunk = json.loads(line)
                 if "error" in chunk:
                     out["error"] = f"HTTP {status}: {str(chunk['error'])[:200]}"
                     return
                 if not out["answered"] and isinstance(chunk.get("model"), str):
                     out["answered"] = chunk["model"][:200]
-                if out["ttft"] is None and (chunk.get("message") or {}).get("content"):
+                if out["ttft"] is None and chunk_text(chunk):
                     out["ttft"] = elapsed()
                 done = done or chunk.get("done") is True
         elif isinstance(event, h11.EndOfMessage):
@@ -1969,13 +2053,22 @@ async def receive_chat(conn, reader, out, elapsed):
             return
 
 
+def chunk_text(chunk):
+    """The text of one streamed chunk, Ollama's or OpenAI's."""
+    if "choices" in chunk:
+        choices = chunk["choices"] or [{}]
+        return (choices[0].get("delta") or {}).get("content")
+    return (chunk.get("message") or {}).get("content")
+
+
 async def sleep_until(loop, moment):
     delay = moment - loop.time()
     if delay > 0:
         await asyncio.sleep(delay)
 
 
-async def run_session(front, session, number, started, timeout, outcomes, fastest):
+async def run_session(front, session, number, started, timeout, outcomes, fastest,
+                      api="ollama"):
     """Each turn of a session, in order; a failed turn does not change the next one."""
     loop = asyncio.get_running_loop()
     history, answered, before, cached = [], 0.0, "", []
@@ -1985,7 +2078,7 @@ async def run_session(front, session, number, started, timeout, outcomes, fastes
         history.append({"role": "user", "content": text})
         ideal, cached = service_time(history, cached, fastest)
         result = await chat(front, {"model": session.model, "messages": list(history),
-                                    "stream": True}, due, timeout)
+                                    "stream": True}, due, timeout, api)
         same = result["node"] == before if before and result["node"] else None
         outcomes.append(Outcome(number, turn, session.model, due - started, **result,
                                 same_node=same, ideal=ideal))
@@ -1997,15 +2090,17 @@ async def run_session(front, session, number, started, timeout, outcomes, fastes
 WARMUP_TOKENS = 8
 
 
-async def warm_up(front, rounds, timeout):
+async def warm_up(front, rounds, timeout, api="ollama"):
     """The same few short requests for every router, three at a time, timed for
     nothing: where they go, and what the router learns from them, is its own affair."""
     loop = asyncio.get_running_loop()
     for round_number, models in enumerate(rounds):
+        limit = {"options": {"num_predict": WARMUP_TOKENS}} if api == "ollama" else \
+            {"max_tokens": WARMUP_TOKENS}
         await asyncio.gather(*(chat(front, {
-            "model": model, "stream": True, "options": {"num_predict": WARMUP_TOKENS},
+            "model": model, "stream": True, **limit,
             "messages": [{"role": "user", "content": f"warm up {round_number} {i}"}]},
-            loop.time(), timeout) for i, model in enumerate(models)))
+            loop.time(), timeout, api) for i, model in enumerate(models)))
 
 
 async def slow_down(net, at, started, marks):
@@ -2028,7 +2123,7 @@ async def drive_routing(front, net, sessions, timeout):
     # From a cold fleet: a plan's first loads are the warm-up's.
     marks = {"cold": await asyncio.to_thread(fleet_counters, net)}
     warming = loop.time()
-    await warm_up(front, net.fleet.warm_up, timeout)
+    await warm_up(front, net.fleet.warm_up, timeout, net.fleet.api)
     marks["warm_up_s"] = loop.time() - warming
     fastest = max(m.speed for m in net.fleet.machines)
     marks["start"] = await asyncio.to_thread(fleet_counters, net)
@@ -2038,7 +2133,8 @@ async def drive_routing(front, net, sessions, timeout):
         tasks.create_task(slow_down(net, slowdown_at, started, marks), name="slowdown")
         for number, session in enumerate(sessions):
             tasks.create_task(run_session(front, session, number, started, timeout,
-                                          outcomes, fastest), name=f"session {number}")
+                                          outcomes, fastest, net.fleet.api),
+                              name=f"session {number}")
     marks["end"] = await asyncio.to_thread(fleet_counters, net)
     return outcomes, slowdown_at, marks, loop.time() - started
 
@@ -2382,7 +2478,11 @@ def run_one(name, workdir, net, sessions, plan, ollama_herd):
 def choose_routers(net, results):
     """The routers this machine can run, and ollama-herd's bin folder (or None); what
     is left out, or not what its name says, goes into the results' notes."""
-    routers = list(ROUTERS)
+    routers = list(net.fleet.routers)
+    for left_out in set(ROUTERS) - set(routers):
+        results["skipped"][left_out] = f"it cannot serve the {net.fleet.name} fleet"
+    if "ollama-herd" not in routers:
+        return routers, None
     ollama_herd, why = (None, "its router dials localhost:<port> for every node whose "
                         "heartbeats come from loopback, so it needs the network "
                         "namespaces, and they need root") if not net.namespaces \
@@ -2477,6 +2577,8 @@ def run_phases(workdir, plan):
     with running_stack(workdir, "relay", chunks=2000) as stack:
         r["relay"] = measure_relay(stack, plan)
         r["memory"]["rss_after_relay_mb"] = rss_mb(stack.router)
+    with running_stack(workdir, "translated", chunks=2000, server="llama-server") as stack:
+        r["translated"] = measure_translated(stack, plan)
     with running_stack(workdir, "paced", chunks=300, chunk_delay=0.001) as stack:
         r["paced"] = measure_paced(stack, plan)
     r["chaos"] = measure_chaos(workdir, plan)
@@ -2519,8 +2621,10 @@ def parse_args():
     parser.add_argument("--json", metavar="FILE", help="also write every number to FILE")
     parser.add_argument("--fleet", choices=tuple(FLEETS), default="fits",
                         help="with --routing: the emulated fleet: fits (three machines, "
-                             "every model fits on the fastest) or pressure (four machines, "
-                             "more models than fit, popularity shifting half-way)")
+                             "every model fits on the fastest), pressure (four machines, "
+                             "more models than fit, popularity shifting half-way) or mixed "
+                             "(fits' shape with llama-server and LM Studio beside one "
+                             "Ollama, clients on OpenAI's API)")
     parser.add_argument("--only", default="", metavar="ROUTERS",
                         help="with --routing: only these routers, comma-separated (a "
                              "partial run, for a look; its targets are not all judged)")

@@ -220,6 +220,29 @@ STRUCT_OF = {"generate": "api.GenerateRequest", "chat": "api.ChatRequest",
              "oa_image": "openai.ImageGenerationRequest",
              "an_messages": "anthropic.MessagesRequest"}
 
+# Other servers of OpenAI's API the fake can stand in for (FakeOllama(server=...)): the
+# routes each answers besides OpenAI's three inference routes and /v1/models (by the
+# fake's Ollama-style model names), and what its unknown paths answer. Their answers
+# differ from Ollama's OpenAI layer as each server's source says (docs/servers.md):
+# llama-server adds `timings` to a whole answer and to a stream's last event;
+# llama-cpp-python's streams carry no usage, asked or not; LM Studio's model list says
+# what is loaded. Such a fake answers none of Ollama's own routes.
+PERSONA_ROUTES = {
+    "llama-server": ({"/props": "props", "/health": "health", "/models": "router_models"},
+                     (404, {"error": {"code": 404, "message": "File Not Found",
+                                      "type": "not_found_error"}})),
+    "lmstudio": ({"/api/v0/models": "lmstudio_models", "/api/v1/models": "lmstudio_v1"},
+                 "unexpected"),
+    "vllm": ({"/version": "vllm_version", "/metrics": "vllm_metrics"},
+             (404, {"detail": "Not Found"})),
+    "llama-cpp-python": ({"/openapi.json": "openapi"}, (404, {"detail": "Not Found"})),
+    "mlx-lm": ({"/health": "health"}, (404, "Not Found")),
+}
+PERSONA_INFERENCE = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+# Loads and unloads on request: LM Studio 0.4's REST API, llama-server's router mode.
+PERSONA_LOADS = {"lmstudio": ("/api/v1/models/load", "/api/v1/models/unload"),
+                 "llama-server": ("/models/load", "/models/unload")}
+
 JSON_DECODER = json.JSONDecoder()
 DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)([^\d.]*)")
 DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3,
@@ -878,8 +901,11 @@ class OpenAIAnswer:
 
     stream_type = SSE_TYPE
 
-    def __init__(self, ask, number):
+    def __init__(self, ask, number, server="ollama"):
         self.ask, self.chat = ask, ask.kind == "oa_chat"
+        self.timings = server == "llama-server"  # in a whole answer and a stream's last event
+        if server == "llama-cpp-python":
+            ask.include_usage = False  # its streams carry none, asked or not
         self.id = f"chatcmpl-{number}" if self.chat else f"cmpl-{number}"
         self.created = int(time.time())
         kind = "chat.completion" if self.chat else "text_completion"
@@ -895,8 +921,33 @@ class OpenAIAnswer:
         self._end = b'},"finish_reason":null}' if self.chat else b',"index":0,"finish_reason":null}'
 
     def token(self, i):
+        if self.chat and self.ask.tool_call:  # its name, then its arguments' text
+            name, args = self.ask.tool_call
+            text = dumps(args).decode()
+            return b"".join(self.event([{"index": 0, "finish_reason": None, "delta": {
+                "role": "assistant", "content": None, "tool_calls": [dict(
+                    {"index": 0, "id": f"call_{self.id}", "type": "function"},
+                    function=piece)]}}]) for piece in (
+                {"name": name, "arguments": text[:len(text) // 2]},
+                {"arguments": text[len(text) // 2:]}))
         start = self._first if self.chat and i == 0 else self._next
         return b"".join((self._pre, start, word(i), self._end, self._post))
+
+    def _reason(self):
+        return "tool_calls" if self.chat and self.ask.tool_call else self.ask.reason
+
+    def _timings(self, metrics):
+        """llama-server's timings (server-task.cpp result_timings) from the metrics."""
+        prompt_ms = metrics.get("prompt_eval_duration", 0) / 1e6
+        predicted_ms = metrics.get("eval_duration", 0) / 1e6
+        prompt_n, predicted_n = metrics.get("prompt_eval_count", 0), metrics.get("eval_count", 0)
+        return {"cache_n": 0, "prompt_n": prompt_n, "prompt_ms": prompt_ms,
+                "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else 0.0,
+                "prompt_per_second": prompt_n / prompt_ms * 1e3 if prompt_ms else 0.0,
+                "predicted_n": predicted_n, "predicted_ms": predicted_ms,
+                "predicted_per_token_ms": predicted_ms / predicted_n if predicted_n else 0.0,
+                "predicted_per_second": predicted_n / predicted_ms * 1e3 if predicted_ms
+                else 0.0}
 
     def event(self, choices, usage=None):
         obj = dict(self.head, choices=choices)
@@ -905,25 +956,38 @@ class OpenAIAnswer:
         return b"data: " + dumps(obj) + b"\n\n"
 
     def closing(self, metrics):
-        reason = self.ask.reason
+        reason = self._reason()
         if self.chat:
-            out = [self.event([{"index": 0, "delta": {}, "finish_reason": reason}])]
+            out = [{"choices": [{"index": 0, "delta": {}, "finish_reason": reason}]}]
         else:
-            out = [self.event([{"text": "", "index": 0, "finish_reason": reason}],
-                              openai_usage({}) if self.ask.include_usage else None)]
+            out = [{"choices": [{"text": "", "index": 0, "finish_reason": reason}]}]
+            if self.ask.include_usage:
+                out[0]["usage"] = openai_usage({})
         if self.ask.include_usage:
-            out.append(self.event([], openai_usage(metrics)))
-        return out + [b"data: [DONE]\n\n"]
+            out.append({"choices": [], "usage": openai_usage(metrics)})
+        if self.timings:
+            out[-1]["timings"] = self._timings(metrics)
+        events = [b"data: " + dumps(dict(self.head, **e)) + b"\n\n" for e in out]
+        return events + [b"data: [DONE]\n\n"]
 
     def whole(self, metrics):
         text = words_text(self.ask.tokens)
-        if self.chat:
+        if self.chat and self.ask.tool_call:
+            name, args = self.ask.tool_call
+            choice = {"index": 0, "finish_reason": "tool_calls", "message": {
+                "role": "assistant", "content": None, "tool_calls": [{
+                    "id": f"call_{self.id}", "type": "function",
+                    "function": {"name": name, "arguments": dumps(args).decode()}}]}}
+        elif self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
                       "finish_reason": self.ask.reason}
         else:
             choice = {"text": text, "index": 0, "finish_reason": self.ask.reason}
-        return dict(self.head, object="chat.completion" if self.chat else "text_completion",
-                    choices=[choice], usage=openai_usage(metrics))
+        out = dict(self.head, object="chat.completion" if self.chat else "text_completion",
+                   choices=[choice], usage=openai_usage(metrics))
+        if self.timings:
+            out["timings"] = self._timings(metrics)
+        return out
 
     def error_tail(self, message):
         return b""      # Ollama's OpenAI layer does not translate a mid-stream error: it stops
@@ -1206,6 +1270,8 @@ def tool_call_for(body, messages):
         return None
     asked = message_text(messages[-1])
     for tool in tools:
+        if isinstance(tool, dict) and isinstance(tool.get("function"), dict):
+            tool = tool["function"]  # OpenAI's chat tools: {"type": "function", ...}
         name = tool.get("name") if isinstance(tool, dict) else None
         if isinstance(name, str) and name and name in asked:
             schema = tool.get("input_schema") or tool.get("parameters") or {}
@@ -1358,8 +1424,13 @@ class FakeOllama:
     def __init__(self, models=None, *, num_parallel=1, chunks=5, chunk_delay=0.0,
                  load_delay=0.0, version=DEFAULT_VERSION, embedding_dim=8, host_guard=True,
                  speed=1.0, saturation=None, max_loaded=None, prompt_delay=0.0,
-                 vary_tokens=None, load_per_gb=0.0, spaced_json=False):
+                 vary_tokens=None, load_per_gb=0.0, spaced_json=False, server="ollama",
+                 router_mode=False):
         self.num_parallel, self.chunks = num_parallel, chunks
+        if server != "ollama" and server not in PERSONA_ROUTES:
+            raise ValueError(f"server must be ollama or one of {', '.join(PERSONA_ROUTES)}")
+        self.server = server  # the kind of server it stands in for (PERSONA_ROUTES)
+        self.router_mode = router_mode  # llama-server started with no model: it loads them
         # JSON written as Python's json.dumps writes it by default, a space after each
         # colon and comma (a Python server does): a reader of Ollama's answers must not
         # depend on Go's compact form.
@@ -1550,6 +1621,8 @@ class FakeOllama:
         return first is None or version_key(self.version) >= version_key(first)
 
     def _find_handler(self, ex):
+        if self.server != "ollama":
+            return self._persona_handler(ex)
         if not self._serves(ex.path):
             return None
         handler = self._routes.get((ex.method, ex.path))
@@ -1570,6 +1643,8 @@ class FakeOllama:
         if self._guarded and not host_allowed(ex.headers.get("host", ""), self._hostname):
             return await ex.send(403, b"", None)
         handler = self._find_handler(ex)
+        if handler is None and self.server != "ollama":
+            return await self._persona_not_found(ex)
         if handler is None:
             if self._known_path(ex.path):
                 return await ex.send(405, b"405 method not allowed", b"text/plain")
@@ -1803,9 +1878,129 @@ class FakeOllama:
                                for part in (1, 2)]
         return lines + [{"status": "pushing manifest"}, {"status": "success"}]
 
+    # -- another server of OpenAI's API (server=...) ------------------------------------
+
+    def _persona_handler(self, ex):
+        routes, _ = PERSONA_ROUTES[self.server]
+        if ex.method == "POST" and ex.path in PERSONA_INFERENCE:
+            return self._serve_inference
+        if ex.method == "GET" and ex.path == "/v1/models":
+            return self._serve_openai_models
+        if ex.path == "/_fake/config":
+            return self._serve_config
+        loads = PERSONA_LOADS.get(self.server, ())
+        if ex.method == "POST" and ex.path in loads and (
+                self.server == "lmstudio" or self.router_mode):
+            return self._serve_persona_load
+        if ex.path == "/models" and not self.router_mode:
+            return None
+        what = routes.get(ex.path) if ex.method == "GET" else None
+        return (lambda ex: self._serve_persona(ex, what)) if what else None
+
+    async def _persona_not_found(self, ex):
+        _, other = PERSONA_ROUTES[self.server]
+        if other == "unexpected":  # LM Studio: a 200 saying so (lmstudio-bug-tracker #618)
+            return await ex.send_json(200, {"error": f"Unexpected endpoint or method. "
+                                                     f"({ex.method} {ex.path})"})
+        status, body = other
+        if isinstance(body, str):
+            return await ex.send(status, body.encode(), TEXT_TYPE)
+        await ex.send_json(status, body)
+
+    async def _serve_persona(self, ex, what):
+        """The identity routes each server has (PERSONA_ROUTES)."""
+        names = sorted(self.models)
+        if what == "props" and self.router_mode:  # the router's own, no model's
+            body = {"role": "router", "max_instances": 4, "models_autoload": True,
+                    "model_alias": "llama-server", "model_path": "none",
+                    "build_info": "b6097-fake"}
+        elif what == "props":  # llama-server's /props (tools/server/README.md)
+            body = {"default_generation_settings": {"n_ctx": DEFAULT_NUM_CTX},
+                    "total_slots": self.num_parallel, "model_path": f"/models/{names[0]}.gguf"
+                    if names else "", "build_info": "b6097-fake"}
+        elif what == "router_models":  # each with its status (server-models.cpp)
+            body = {"object": "list", "data": [
+                {"id": self._persona_id(n), "object": "model", "owned_by": "llamacpp",
+                 "created": 1760000000, "status": {
+                     "value": "loaded" if n in self.loaded else "unloaded"}}
+                for n in names]}
+        elif what == "lmstudio_v1":  # LM Studio 0.4's list, with each loaded instance
+            body = {"models": [
+                {"type": "embedding" if is_embedding_name(n) else "llm",
+                 "key": self._persona_id(n), "max_context_length": DEFAULT_NUM_CTX,
+                 "loaded_instances": [{"id": self._persona_id(n), "config": {
+                     "context_length": DEFAULT_NUM_CTX, "parallel": self.num_parallel}}]
+                 if n in self.loaded else []} for n in names]}
+        elif what == "health":
+            body = {"status": "ok"}
+        elif what == "lmstudio_models":
+            body = {"object": "list", "data": [
+                {"id": self._persona_id(n), "object": "model",
+                 "type": "embeddings" if is_embedding_name(n)
+                 else "llm", "state": "loaded" if n in self.loaded else "not-loaded",
+                 "compatibility_type": "gguf", "quantization": "Q4_K_M",
+                 "max_context_length": DEFAULT_NUM_CTX} for n in names]}
+        elif what == "vllm_version":
+            body = {"version": "0.11.0"}
+        elif what == "vllm_metrics":  # Prometheus text, one engine (vllm/v1/metrics)
+            served = self._persona_id(names[0]) if names else ""
+            gauges = (("num_requests_running", float(self.active)),
+                      ("num_requests_waiting", float(self.waiting)),
+                      ("kv_cache_usage_perc", min(1.0, self.active / 10)))
+            text = "".join(f'# TYPE vllm:{name} gauge\n'
+                           f'vllm:{name}{{engine="0",model_name="{served}"}} {value}\n'
+                           for name, value in gauges)
+            return await ex.send(200, text.encode(), b"text/plain; version=0.0.4")
+        else:
+            body = {"openapi": "3.1.0", "info": {"title": "\U0001f999 llama.cpp Python API",
+                                                  "version": "0.3.36"}}
+        await ex.send_json(200, body)
+
     async def _serve_openai_models(self, ex):
         models = sorted(self.models.values(), key=lambda m: -m.modified_ns)
-        await ex.send_json(200, {"object": "list", "data": [openai_model(m) for m in models]})
+        entry = openai_model if self.server == "ollama" else self._persona_model
+        await ex.send_json(200, {"object": "list", "data": [entry(m) for m in models]})
+
+    @staticmethod
+    def _persona_id(name):
+        return name.removesuffix(":latest")  # no tags outside Ollama
+
+    async def _serve_persona_load(self, ex):
+        """A load or unload on request (PERSONA_LOADS): LM Studio names the model to
+        load and the instance to unload (its id is the model's key); llama-server's
+        router the model, for both."""
+        body, _ = ex.decoded
+        load_path, _ = PERSONA_LOADS[self.server]
+        field = "instance_id" if self.server == "lmstudio" and ex.path != load_path \
+            else "model"
+        name = body.get(field) if isinstance(body, dict) else None
+        model = self._find(name) if isinstance(name, str) else None
+        if model is None:
+            return await ex.send_json(404 if ex.path == load_path else 400, {
+                "error": {"message": f"model {name!r} is not found"}})
+        if ex.path == load_path:
+            start = time.monotonic()
+            await self._ensure_loaded(model, self._runner(model), None)
+            if self.server == "lmstudio":
+                return await ex.send_json(200, {
+                    "type": "llm", "instance_id": name, "status": "loaded",
+                    "load_time_seconds": round(time.monotonic() - start, 3)})
+            return await ex.send_json(200, {"success": True})
+        if model not in self.loaded:
+            return await ex.send_json(400, {"error": {"message": "model is not running"}})
+        self._unload(model)
+        await ex.send_json(200, {"instance_id": name} if self.server == "lmstudio"
+                           else {"success": True})
+
+    def _persona_model(self, m):
+        """A /v1/models entry as each server writes it (mlx_lm.server's has no owner)."""
+        entry = {"id": self._persona_id(m.name), "object": "model"}
+        extra = {"llama-server": {"owned_by": "llamacpp", "created": 1760000000},
+                 "lmstudio": {"owned_by": "organization_owner"},
+                 "vllm": {"owned_by": "vllm", "max_model_len": DEFAULT_NUM_CTX},
+                 "llama-cpp-python": {"owned_by": "me", "permissions": []},
+                 "mlx-lm": {"created": 1760000000}}
+        return {**entry, **extra[self.server]}
 
     async def _serve_openai_model(self, ex):
         name = ex.path[len("/v1/models/"):]
@@ -1968,9 +2163,12 @@ class FakeOllama:
         if ask.kind == "oa_chat":
             ask.prompt_tokens = 10 + sum(4 + count_tokens(message_text(m))
                                          for m in body["messages"])
+            ask.tool_call = tool_call_for(body, body["messages"])
         else:
             ask.prompt_tokens = 10 + count_tokens(body.get("prompt"))
         self._limit(ask, body.get("max_tokens"))
+        if ask.tool_call:
+            ask.tokens = 1  # the call, in two events: its name, then its arguments
 
     def _read_conversation(self, body, ask):
         """/v1/messages and /v1/responses: stream only when asked; a tool named by the
@@ -2244,7 +2442,7 @@ class FakeOllama:
         if ask.kind == "oa_responses":
             return ResponsesAnswer(ask, ask.body)
         self._answers += 1
-        return OpenAIAnswer(ask, self._answers % 999)
+        return OpenAIAnswer(ask, self._answers % 999, self.server)
 
     @staticmethod
     def _metrics(ask):
@@ -2431,6 +2629,9 @@ def parse_args(argv=None):
                              "(default: no limit)")
     parser.add_argument("--prompt-delay", type=float, default=0.0,
                         help="seconds per prompt token no slot's cache holds")
+    parser.add_argument("--server", default="ollama",
+                        choices=("ollama", *PERSONA_ROUTES),
+                        help="the kind of server to stand in for (default: Ollama)")
     parser.add_argument("--tokens-range", default="", metavar="LO,HI",
                         help="answer lengths drawn per prompt between LO and HI when the "
                              "client sets no limit (default: always --chunks)")
@@ -2463,7 +2664,8 @@ async def serve(args):
                       chunk_delay=args.chunk_delay, load_delay=args.load_delay,
                       speed=args.speed, saturation=args.saturation,
                       max_loaded=args.max_loaded, prompt_delay=args.prompt_delay,
-                      vary_tokens=args.vary_tokens, load_per_gb=args.load_per_gb)
+                      vary_tokens=args.vary_tokens, load_per_gb=args.load_per_gb,
+                      server=args.server)
     port = await fake.start(args.host, args.port)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"fake ollama listening on http://{host}:{port}", flush=True)

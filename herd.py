@@ -14,7 +14,7 @@ Run:   python herd.py            (python herd.py --help lists every FLEET_* sett
 Key settings: FLEET_PORT (11435), FLEET_HOST (0.0.0.0), FLEET_DATA_DIR (~/.fleet-manager),
               FLEET_TOKEN (the secret agents sign heartbeats with; unset, any host can
               join), FLEET_API_KEYS / FLEET_ADMIN_KEY (client and admin keys; unset, open),
-              FLEET_HOLD_TIMEOUT (30 s)
+              FLEET_MODEL_ALIASES (one model's names on different servers)
 
     $ curl -s localhost:11435/api/chat -d '{"model":"llama3.2:3b","stream":false,
         "messages":[{"role":"user","content":"hi"}]}'
@@ -200,6 +200,7 @@ def load_router_config(environ, args, tuned=None):
     values["ollama_hosts_allowed"] = comma_set(cfg.allowed_ollama_hosts)
     values["registries_allowed"] = comma_set(cfg.pull_registries)
     values["origins_allowed"] = read_origins(cfg.origins)
+    values["model_aliases"] = read_aliases(cfg.model_aliases)
     values["tls"] = server_tls(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
     values["misnamed"] = tuple(hc.misnamed_settings(
         environ, ROUTER_SETTINGS, hc.NODE_SETTINGS, bool(cfg.token), skip_prefix="FLEET_NODE_",
@@ -235,6 +236,39 @@ def read_keys(setting):
     if not keys:
         raise hc.ConfigError(f"FLEET_API_KEYS={setting}: the file holds no key")
     return keys
+
+
+def read_aliases(setting):
+    """FLEET_MODEL_ALIASES: 'name=other[,other...];...' or '@/path/to/file' with one
+    entry a line. Returns {each name: its entry's first name}, in Ollama's lookup form
+    (lower case, with a tag); ConfigError for an entry that is not one, or a name in
+    two entries (which would make two models one by guesswork)."""
+    if setting.startswith("@"):
+        try:
+            with open(os.path.expanduser(setting[1:]), encoding="utf-8") as f:
+                entries = [line.strip() for line in f if line.strip()
+                           and not line.lstrip().startswith("#")]
+        except OSError as e:
+            raise hc.ConfigError(f"FLEET_MODEL_ALIASES={setting}: {e.strerror or e}") \
+                from None
+    else:
+        entries = [e.strip() for e in setting.split(";") if e.strip()]
+    aliases = {}
+    for entry in entries:
+        first, eq, others = entry.partition("=")
+        names = [first.strip()] + [n.strip() for n in others.split(",") if n.strip()]
+        if not eq or len(names) < 2:
+            raise hc.ConfigError(f"FLEET_MODEL_ALIASES: {entry!r} is not "
+                                 f"name=other[,other...]")
+        try:
+            names = [hc.canonical_model(hc.check_model_name(n)) for n in names]
+        except ValueError as e:
+            raise hc.ConfigError(f"FLEET_MODEL_ALIASES: {entry!r}: {e}") from None
+        for name in names:
+            if aliases.get(name, names[0]) != names[0]:
+                raise hc.ConfigError(f"FLEET_MODEL_ALIASES: {name} is in two entries")
+            aliases[name] = names[0]
+    return aliases
 
 
 def server_tls(cert, key):
@@ -437,8 +471,9 @@ class Api:
             except ValueError as e:
                 raise RouteError(400, str(e)) from None
         stream = body.get("stream")
-        ex.ask(hc.canonical_model(model), (ex.api == "ollama") if stream is None
-               else bool(stream))
+        asked = hc.canonical_model(model)
+        ex.ask(self.fleet.model_key(asked), (ex.api == "ollama") if stream is None
+               else bool(stream), asked=asked)
         if ex.api == "ollama" and is_unload(request.path, body):
             refusal = self.guard.refuse(request, ADMIN)
             if refusal:
@@ -1127,8 +1162,11 @@ def openai_model(entry):
     """An /api/tags entry as OpenAI's model object."""
     name = entry.get("model") or entry.get("name")
     owner = name.split("/")[-2] if name.count("/") else "library"
-    return {"id": name, "object": "model",
-            "created": hc.rfc3339_to_unix(entry.get("modified_at")), "owned_by": owner}
+    out = {"id": name, "object": "model",
+           "created": hc.rfc3339_to_unix(entry.get("modified_at")), "owned_by": owner}
+    if "nodes" in entry:
+        out["nodes"] = entry["nodes"]
+    return out
 
 
 def node_summary(fleet, node, learner):
@@ -1140,7 +1178,8 @@ def node_summary(fleet, node, learner):
         "last_heartbeat_s": round(time.monotonic() - node.last_seen, 1),
         "agent_version": hb.agent_version or None, "hardware": hb.hardware,
         "memory": hb.memory, "cpu": {"percent": hb.cpu_percent}, "disk": hb.disk,
-        "ollama": hb.ollama, "server": {"kind": hb.server_kind, "version": hb.server_version},
+        "ollama": hb.ollama, "server": {"kind": hb.server_kind, "version": hb.server_version,
+                                        "loads": hb.server_loads, "load": hb.server_load},
         "draining": node.status == DRAINING or hb.draining,
         "paused": hb.paused, "capacity": hb.capacity, "num_parallel": fleet.slots_for(node),
         "capabilities": node.capabilities(), "media": hb.media,
@@ -1207,8 +1246,9 @@ def version_key(version):
 NON_STREAM_BUFFER = 16 << 20  # a non-streamed answer up to this size is checked whole
 # Ollama writes its counts and timings last, so the answer's tail has them: the native
 # final chunk, OpenAI's usage, Anthropic's message_delta (input and output tokens), the
-# Responses API's response.completed. Only the native API has timings; the others carry
-# counts alone (so no decode speed is learned from them). They are read from the JSON
+# Responses API's response.completed. Only the native API has timings, and llama-server's
+# OpenAI answers theirs (`timings`, in ms); the others carry counts alone (so no decode
+# speed is learned from them). They are read from the JSON
 # object that holds them, parsed, never matched as text: a server may write
 # "eval_count": 8 as well as Go's "eval_count":8.
 USAGE_KEYS = {  # trace field -> the names the APIs give it
@@ -1218,7 +1258,10 @@ USAGE_KEYS = {  # trace field -> the names the APIs give it
     "prompt_eval_ns": ("prompt_eval_duration",),
     "eval_ns": ("eval_duration",),
 }
-USAGE_MARKS = (b'"usage"', b'"eval_count"', b'"prompt_eval_count"')  # an event to parse
+USAGE_MARKS = (b'"usage"', b'"eval_count"', b'"prompt_eval_count"', b'"timings"')
+# llama-server's timings: trace field -> (its name, the factor to the trace's unit)
+TIMINGS_KEYS = {"prompt_tokens": ("prompt_n", 1), "completion_tokens": ("predicted_n", 1),
+                "prompt_eval_ns": ("prompt_ms", 1e6), "eval_ns": ("predicted_ms", 1e6)}
 USAGE_MAX = 1 << 62  # a count or a duration in ns beyond this is not believed
 USAGE_EVENTS = 8  # of a stream's head or tail, the events looked at for its counts
 USAGE_CHUNKS = 6  # the chunks unframed for those events: Ollama flushes an event a
@@ -1251,6 +1294,9 @@ class Exchange:
         self.kind = request_kind(request.path)
         self.upload = None  # an Upload: a speech file streamed from the client
         self.model = self.served_model = ""
+        self.asked = ""  # the model's name as the client asked (model: its FLEET_MODEL_ALIASES key)
+        self.name_sent = None  # the name the body gives the model served (a fallback's)
+        self.node_model = None  # the node's own name for it, where that is another
         self.stream = False
         self.body = self.client_body = b""  # what goes to the node / what the client sent
         self.fields = {}  # the client's parsed body
@@ -1273,10 +1319,12 @@ class Exchange:
         self.stale_after = None  # seconds without progress before the reaper stops it
         self.first_expected_s = 0.0  # from its slot to its first token, as forecast
 
-    def ask(self, model, stream=False, body=b"", fields=None):
+    def ask(self, model, stream=False, body=b"", fields=None, asked=None):
         """What the client asked for: the model, streamed or not, the body for the node
-        (`fields`: the client's own, parsed)."""
+        (`fields`: the client's own, parsed); `asked`: the name it used, where `model`
+        is its alias's."""
         self.model = self.served_model = model
+        self.asked = asked or model
         self.stream = stream
         self.body = self.client_body = body
         self.fields = fields or {}
@@ -1338,10 +1386,11 @@ class Exchange:
 
     def reset_body(self):
         self.body, self.served_model = self.client_body, self.model
+        self.name_sent, self.node_model = self.fields.get("model"), None
 
     def use_model(self, model, name_as_sent):
         """Serve another model (a fallback, a larger context): the body names it."""
-        self.served_model = model
+        self.served_model, self.name_sent = model, name_as_sent
         self.rewrite(model=name_as_sent)
 
     def rewrite(self, num_ctx=None, **fields):
@@ -1392,7 +1441,7 @@ class Exchange:
         u = self.usage
         return {
             "request_id": self.request_id, "timestamp": self.wall, "model": self.served_model,
-            "requested_model": self.model, "node_id": self.node_id,
+            "requested_model": self.asked, "node_id": self.node_id,
             "status": status or self.outcome(), "http_status": self.http_status,
             "latency_ms": round(ms, 2), "ttft_ms": _ms(self.ttft),
             "prompt_tokens": u.get("prompt_tokens"),
@@ -1405,6 +1454,7 @@ class Exchange:
             "tags": self.tags, "load_ms": _ns_to_ms(u.get("load_ns")),
             "prompt_eval_ms": _ns_to_ms(u.get("prompt_eval_ns")),
             "eval_ms": _ns_to_ms(u.get("eval_ns")), "kind": self.kind,
+            "node_model": self.node_model,
         }
 
 
@@ -1650,6 +1700,7 @@ class Proxy:
         ex.reset_body()  # a retry must not inherit the last node's rewrites
         if choice.model != ex.model:
             ex.use_model(choice.model, names.get(choice.model, choice.model))
+        ex.node_model = node_name(choice.node, choice.model, ex.name_sent)
         self.scheduler.protect_context(ex, choice, ask.requested_ctx)
         self._pin(ex, choice)
         if not choice.hot:
@@ -1776,7 +1827,8 @@ class Proxy:
         which knows nothing of the plan. A busy one goes when its requests end, and the
         load waits for it there as it would have. A failed unload only leaves the choice
         to Ollama."""
-        victims = choice.candidate.evicts if choice.candidate and not choice.hot else ()
+        victims = choice.candidate.evicts if choice.candidate and not choice.hot and \
+            choice.node.loads_models else ()
         for victim in victims:
             try:
                 await send_control(choice.node, victim, True, UNLOAD_TIMEOUT_S)
@@ -1811,15 +1863,14 @@ class Proxy:
         """keep_alive 0 with nothing to generate: every node holding the model unloads
         it (Ollama answers done_reason "unload"); answered like Ollama."""
         holders = [n for n in self.fleet.online_nodes() if ex.model in n.loaded and
-                   n.speaks_ollama]
+                   n.loads_models]
         if not holders:  # Ollama answers it (done_reason "unload"); nothing to pull for it
             ex.stream = False  # one small answer, whatever the client asked
             return await self.serve(ex, body, may_pull=False)
         ex.body = strip_routing_fields(ex.request, body)
         ex.node_id = ",".join(n.node_id for n in holders)
-        results = await asyncio.gather(*(
-            hc.http_call(n.ollama_url, "POST", ex.endpoint, ex.body, timeout=30)
-            for n in holders), return_exceptions=True)
+        results = await asyncio.gather(*(self._unload_on(n, ex, body) for n in holders),
+                                       return_exceptions=True)
         answers = []  # (status, headers, body) of each node that answered
         for node, result in zip(holders, results):
             if isinstance(result, BaseException):
@@ -1828,6 +1879,23 @@ class Proxy:
             if result[0] == 200:
                 self.fleet.residency.mark_unloaded(node, ex.model)
         await self._answer_unload(ex, answers)
+
+    @staticmethod
+    async def _unload_on(node, ex, body):
+        """(status, headers, body) of one node's unload: Ollama's own answer, or
+        another server's (its own API) said as Ollama's."""
+        if node.speaks_ollama:
+            return await hc.http_call(node.ollama_url, "POST", ex.endpoint, ex.body,
+                                      timeout=30)
+        status = await send_other_control(node, ex.model, True, 30)
+        if status != 200:
+            return status, [], hc.ollama_error_body(
+                f"node {node.node_id}: the {node.hb.server_kind} server answered the "
+                f"unload with {status}")
+        said = {"model": body.get("model"), "created_at": hc.now_rfc3339()}
+        said.update({"message": {"role": "assistant", "content": ""}}
+                    if ex.endpoint == "/api/chat" else {"response": ""})
+        return 200, [], hc.dump_json({**said, "done": True, "done_reason": "unload"})
 
     @staticmethod
     async def _answer_unload(ex, answers):
@@ -1865,13 +1933,25 @@ class NodeRelay:
         """Send the request to the chosen node and relay its answer to the client."""
         up = None
         try:
-            up, status, headers = await self._send_upstream(ex, choice)
+            tr = self._translation(ex, choice)
+            if tr is not None and tr.local is not None:
+                return await self._answer_here(ex, choice, tr.local)
+            up, status, headers = await self._send_upstream(ex, choice, tr)
             ex.http_status = status
             length = content_length(headers)
-            if ex.endpoint in AGENT_PATHS:
+            renaming = Renaming(ex.node_model, ex.name_sent) \
+                if ex.node_model is not None and tr is None else None
+            if tr is not None:
+                await self._relay_translated(conn, ex, choice, up, status, headers, tr)
+            elif ex.endpoint in AGENT_PATHS:
                 await self.media.relay_translated(conn, ex, choice, up, status)
             elif length is not None and length <= NON_STREAM_BUFFER:
-                await self._relay_whole(conn, ex, choice, up, status, headers)
+                await self._relay_whole(conn, ex, choice, up, status, headers, renaming)
+            elif renaming is not None:
+                renaming.sep = b"\n\n" if b"event-stream" in (content_type(headers) or b"") \
+                    else b"\n"
+                await self._relay_stream(conn, ex, choice, up, status, headers, TranslatedRelay(
+                    up, conn, self.cfg.chunk_timeout, renaming))
             else:
                 await self._relay_stream(conn, ex, choice, up, status, headers)
         except hc.UpstreamError as e:
@@ -1885,20 +1965,54 @@ class NodeRelay:
             if up is not None:
                 self.pool.release(up) if ex.answered else up.close()
 
-    def _target(self, ex, choice):
-        """(host, port, path, body, headers) of one attempt: the node's Ollama for text
-        and embeddings; an image or speech request goes where MediaRoute.target says."""
+    @staticmethod
+    def _translation(ex, choice):
+        """The Translation of an Ollama request to a node whose server speaks only
+        OpenAI's API, else None; AttemptFailed when that server cannot take it."""
+        node = choice.node
+        if node.speaks_ollama or ex.endpoint not in OLLAMA_OVER_OPENAI:
+            return None
+        # The client's fields, naming the model served as the body does (a fallback):
+        # the rest of what the router may rewrite (num_ctx, keep_alive) no such server
+        # takes, so the body need not be parsed again.
+        fields = {**ex.fields, "model": ex.name_sent}
+        tr = Translation(ex.endpoint, fields, node.own_name(choice.model),
+                         node.hb.server_kind, ex.stream)
+        try:
+            tr.local = tr.local_answer()
+            if tr.local is None:
+                tr.path, tr.body = tr.request()
+            elif tr.local.get("done_reason") == "unload":
+                raise Untranslatable(f"the {tr.kind} server cannot unload a model")
+        except Untranslatable as e:
+            raise AttemptFailed(f"node {node.node_id}: {e}", 400) from None
+        return tr
+
+    def _target(self, ex, choice, tr=None):
+        """(host, port, path, body, headers) of one attempt: the node's server for text
+        and embeddings (in OpenAI's terms when `tr`, and by the server's own name for
+        the model); an image or speech request goes where MediaRoute.target says."""
+        node = choice.node
         if ex.kind in hc.MEDIA_KINDS:
             return self.media.target(ex, choice)
-        return choice.node.host, choice.node.port, ex.request.target, ex.body, \
-            forward_headers(ex.request)
+        headers, body = forward_headers(ex.request), ex.body
+        if not node.speaks_ollama:
+            # A server of OpenAI's API reads the body as JSON only when told (FastAPI's
+            # servers refuse it otherwise; curl -d says it is a form).
+            headers = [(k, v) for k, v in headers if k != b"content-type"]
+            headers.append((b"content-type", hc.JSON_TYPE))
+        if tr is not None:
+            return node.host, node.port, tr.path, tr.body, headers
+        if ex.node_model is not None:
+            body = hc.dump_json({**json.loads(body), "model": ex.node_model})
+        return node.host, node.port, ex.request.target, body, headers
 
-    async def _send_upstream(self, ex, choice):
+    async def _send_upstream(self, ex, choice, tr=None):
         """Send the request and wait for the response head, on a kept-alive connection
         when there is one; a kept-alive connection the node has closed meanwhile is
         replaced by a fresh one, once (that is no failure of the node)."""
         cfg = self.cfg
-        host, port, path, body, headers = self._target(ex, choice)
+        host, port, path, body, headers = self._target(ex, choice, tr)
         wait = self.media.tool_wait(ex, choice)
         if wait is None:
             wait = cfg.first_byte_timeout
@@ -1922,10 +2036,13 @@ class NodeRelay:
                 up.close()
                 raise
 
-    async def _relay_whole(self, conn, ex, choice, up, status, headers):
+    async def _relay_whole(self, conn, ex, choice, up, status, headers, renaming=None):
         """A response with Content-Length: read it whole, so a cut-off body is a clean
-        502 and a node's 5xx (but Ollama's 'busy', for the client to retry) is retried."""
+        502 and a node's 5xx (but Ollama's 'busy', for the client to retry) is retried.
+        `renaming`: the model's name in it is said as the client asked."""
         body = await up.read_body(self.cfg.chunk_timeout)
+        if renaming is not None:
+            body = renaming.rename(body)
         if status >= 500 and not is_busy(status, body) and not ex.chosen:
             raise node_failure(ex, status, body)
         ex.ttft = time.monotonic() - ex.t0
@@ -1936,10 +2053,34 @@ class NodeRelay:
         if status < 400:
             ex.read_usage(body)
 
-    async def _relay_stream(self, conn, ex, choice, up, status, headers):
+    async def _answer_here(self, ex, choice, answer):
+        """Answer for the node, with nothing asked of it (Translation.local_answer)."""
+        ex.ttft = time.monotonic() - ex.t0
+        await ex.reply(200, hc.dump_json(answer), hc.JSON_TYPE,
+                       response_headers([], ex, choice))
+        ex.started = True
+
+    async def _relay_translated(self, conn, ex, choice, up, status, headers, tr):
+        """A server of OpenAI's API answering an Ollama request: its SSE stream as
+        NDJSON, or its whole answer (or error) as Ollama's; a 5xx is retried."""
+        if status < 400 and b"text/event-stream" in (content_type(headers) or b""):
+            relay = TranslatedRelay(up, conn, self.cfg.chunk_timeout, tr)
+            return await self._relay_stream(conn, ex, choice, up, status,
+                                            [(b"content-type", NDJSON_TYPE)], relay)
+        body = await up.read_body(self.cfg.chunk_timeout, NON_STREAM_BUFFER)
+        if status >= 500 and not is_busy(status, body) and not ex.chosen:
+            raise node_failure(ex, status, body)
+        status, out = tr.whole(status, body)
+        ex.ttft = time.monotonic() - ex.t0
+        await ex.reply(status, out, hc.JSON_TYPE, response_headers([], ex, choice))
+        ex.started = True
+        if status < 400:
+            ex.read_usage(out)
+
+    async def _relay_stream(self, conn, ex, choice, up, status, headers, relay=None):
         """Chunk by chunk; the head goes out with the first chunk, so a node that fails
-        before it can still be replaced by another."""
-        relay = ex.relay = hc.Relay(up, conn, self.cfg.chunk_timeout)
+        before it can still be replaced by another. `relay`: one that translates."""
+        relay = ex.relay = relay or hc.Relay(up, conn, self.cfg.chunk_timeout)
         first = await relay.first(headers)
         ex.touch()
         ex.ttft = time.monotonic() - ex.t0
@@ -2366,12 +2507,25 @@ def forward_headers(request):
     return hc.end_to_end_headers(request.headers, CLIENT_ONLY_HEADERS)
 
 
+def node_name(node, model, name_sent):
+    """What the body must call `model` for `node`'s server when the name it gives it
+    (`name_sent`) will not do, else None: an alias (FLEET_MODEL_ALIASES) the node knows
+    by another name; for a server of OpenAI's API, which matches ids exactly, any
+    other spelling of its id."""
+    own = node.own_name(model)
+    if not isinstance(name_sent, str) or name_sent == own:
+        return None
+    if node.speaks_ollama and hc.canonical_model(name_sent) == hc.canonical_model(own):
+        return None  # Ollama looks a name up as canonical_model does
+    return own
+
+
 def response_headers(upstream_headers, ex, choice):
     headers = hc.end_to_end_headers(upstream_headers, (b"server", b"date"))
     headers += [
         (b"x-fleet-node", choice.node.node_id.encode()),
         (b"x-fleet-served-model", ex.served_model.encode()),
-        (b"x-fleet-requested-model", ex.model.encode()),
+        (b"x-fleet-requested-model", ex.asked.encode()),
         (b"x-fleet-retries", b"%d" % ex.retries),
         (b"x-fleet-score", f"{choice.score:.1f}".encode()),
     ]
@@ -2463,6 +2617,12 @@ def counts_in(obj):
     for holder in holders:
         if isinstance(holder, dict):
             found.update(_counts(holder))
+    timings = obj.get("timings")
+    if isinstance(timings, dict):  # llama-server's, beside its usage: the same counts
+        for field, (name, factor) in TIMINGS_KEYS.items():
+            value = timings.get(name)
+            if type(value) in (int, float) and 0 <= value * factor <= USAGE_MAX:
+                found[field] = int(value * factor)
     return found
 
 
@@ -2668,6 +2828,639 @@ def go_fraction_ns(digits, unit):
 
 
 ####################################################################################
+# Ollama's routes on a server of OpenAI's API (llama-server, LM Studio, vLLM, mlx-lm,
+# llama-cpp-python): the request said in OpenAI's terms, the answer said back in
+# Ollama's, whole or streamed (SSE events in, NDJSON lines out). What a server cannot
+# do is said, never dropped in silence; what it does not report (llama-cpp-python
+# streams no counts) is measured by the router or left out, never made up.
+####################################################################################
+
+OLLAMA_OVER_OPENAI = {"/api/chat": "/v1/chat/completions",
+                      "/api/generate": "/v1/chat/completions",
+                      "/api/embed": "/v1/embeddings", "/api/embeddings": "/v1/embeddings"}
+NDJSON_TYPE = b"application/x-ndjson"
+# Ollama's options that OpenAI's servers take by the same name (top_k and min_p are
+# extensions every one of the five accepts).
+SAME_OPTIONS = {"temperature": (int, float), "top_p": (int, float), "top_k": (int,),
+                "min_p": (int, float), "seed": (int,), "presence_penalty": (int, float),
+                "frequency_penalty": (int, float)}
+# Ollama's repeat_penalty is repetition_penalty to these; repeat_penalty to the others.
+REPETITION_PENALTY = ("vllm", "mlx-lm")
+MAX_SSE_EVENT = 16 << 20  # one event of a server's stream (a whole answer at most)
+IMAGE_MAGIC = ((b"\x89PNG", "image/png"), (b"\xff\xd8\xff", "image/jpeg"),
+               (b"GIF8", "image/gif"), (b"RIFF", "image/webp"))
+
+
+class Untranslatable(Exception):
+    """An Ollama request that this node's server cannot be asked: another node may."""
+
+
+class Translation:
+    """One Ollama request (/api/chat, /api/generate, /api/embed, /api/embeddings) to a
+    server of OpenAI's API: request() says it in OpenAI's terms; whole() or feed() and
+    finish() say the answer back as Ollama would have. The answer names the model as
+    the request did; its counts are the server's own (usage, or llama-server's
+    timings), else the router's measure (a streamed token a chunk, its times), else
+    left out."""
+
+    def __init__(self, endpoint, fields, node_name, server_kind, stream):
+        self.endpoint, self.fields, self.kind = endpoint, fields, server_kind
+        self.node_name = node_name  # what the server calls the model
+        self.shown = fields.get("model")  # what the answer calls it: as asked
+        self.stream = stream and endpoint in ("/api/chat", "/api/generate")
+        self.chat = endpoint == "/api/chat"
+        self.completions = False  # /api/generate as /v1/completions (raw, suffix)
+        self.t_sent = self.t_first = self.t_last = None
+        self.tokens = 0  # content chunks streamed: a token each
+        self.usage, self.timings = {}, {}
+        self.finish_reason = None
+        self.done = self.failed = False  # [DONE] seen / an error line went out
+        self.error = ""  # what that line said
+        self.calls = {}  # index -> a tool call streamed in pieces
+        self._buffer = b""
+        self.local = None  # local_answer(), once asked
+        self.path = self.body = None  # request(), once asked
+        # A text line's parts: {"model":...,"created_at":"<now>",<key>:"<text>"...}
+        self._now = None  # the time of the read being translated
+        self._head = b'{"model":' + hc.dump_json(self.shown) + b',"created_at":"'
+        self._open = b'","message":{"role":"assistant","content":' if self.chat else \
+            b'","response":'
+        self._close = b'},"done":false}\n' if self.chat else b',"done":false}\n'
+
+    # -- the request ----------------------------------------------------------------
+
+    def request(self):
+        """(path, body) to send; RouteError for a request no server could take,
+        Untranslatable for one this server cannot."""
+        self.t_sent = time.monotonic()
+        if self.endpoint in ("/api/embed", "/api/embeddings"):
+            return "/v1/embeddings", hc.dump_json(self._embed_body())
+        body = self._chat_body() if self.chat else self._generate_body()
+        path = "/v1/completions" if self.completions else "/v1/chat/completions"
+        if self.stream:
+            body["stream_options"] = {"include_usage": True}
+        return path, hc.dump_json(body)
+
+    def local_answer(self):
+        """Ollama's answer to a request that asks the server for nothing (no prompt or
+        messages: Ollama only loads the model, or unloads it; no input to embed), or
+        None. A server of OpenAI's API loads what it lists on its own."""
+        f = self.fields
+        if self.endpoint == "/api/embed" and f.get("input") in ([], ""):
+            return {"model": self.shown, "embeddings": []}
+        if self.endpoint == "/api/embeddings" and not f.get("prompt"):
+            return {"embedding": []}
+        empty = not f.get("messages") if self.chat else \
+            self.endpoint == "/api/generate" and not f.get("prompt") and not f.get("images")
+        if not empty:
+            return None
+        ns = keep_alive_ns(f.get("keep_alive"))
+        reason = "unload" if ns is not None and ns < UNLOAD_BELOW_NS else "load"
+        return {**self._line(""), "done": True, "done_reason": reason}
+
+    def _chat_body(self):
+        f = self.fields
+        messages = f.get("messages")
+        if not isinstance(messages, list):
+            raise RouteError(400, "messages must be a list")
+        body = {"model": self.node_name, "messages": openai_messages(messages),
+                "stream": self.stream}
+        tools = f.get("tools")
+        if tools:
+            if not isinstance(tools, list):
+                raise RouteError(400, "tools must be a list")
+            body["tools"] = tools  # Ollama's tools are OpenAI's function tools
+        return self._common(body)
+
+    def _generate_body(self):
+        f = self.fields
+        for name in ("template", "context"):
+            if f.get(name):
+                raise Untranslatable(f"'{name}' works on Ollama only: a server of "
+                                     f"OpenAI's API ({self.kind}) has no equivalent")
+        prompt, system = text_field(f, "prompt"), text_field(f, "system")
+        self.completions = bool(f.get("raw") or f.get("suffix"))
+        if self.completions:  # the prompt as it is, with no chat template around it
+            if f.get("images"):
+                raise RouteError(400, "images need a chat prompt, not raw or suffix")
+            body = {"model": self.node_name, "prompt": prompt, "stream": self.stream}
+            if f.get("suffix"):
+                body["suffix"] = text_field(f, "suffix")
+            return self._common(body)
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": prompt, "images": f.get("images")})
+        return self._common({"model": self.node_name, "messages": openai_messages(messages),
+                             "stream": self.stream})
+
+    def _common(self, body):
+        """The options, format and keep_alive every text request takes."""
+        body.update(openai_options(self.fields.get("options"), self.kind))
+        fmt = response_format(self.kind, self.fields.get("format"))
+        if fmt is not None:
+            body["response_format"] = fmt
+        ttl = self._ttl()
+        if ttl is not None:
+            body["ttl"] = ttl
+        return body
+
+    def _ttl(self):
+        """keep_alive as LM Studio's ttl (seconds idle before it unloads a model it
+        loaded on demand); the other servers keep what they load."""
+        ns = keep_alive_ns(self.fields.get("keep_alive"))
+        if self.kind != "lmstudio" or ns is None or ns >= GO_MAX_DURATION:
+            return None
+        return max(1, ns // 10 ** 9)
+
+    def _embed_body(self):
+        f = self.fields
+        if self.endpoint == "/api/embeddings":
+            value = text_field(f, "prompt")
+        else:
+            value = f.get("input")
+            if not (isinstance(value, str) or isinstance(value, list) and
+                    all(isinstance(v, str) for v in value)):
+                raise RouteError(400, "invalid input type")  # Ollama's words
+        body = {"model": self.node_name, "input": value}
+        dimensions = f.get("dimensions")
+        if dimensions is not None:
+            if type(dimensions) is not int or dimensions <= 0:
+                raise RouteError(400, "dimensions must be a positive integer")
+            body["dimensions"] = dimensions
+        return body
+
+    # -- a whole answer -------------------------------------------------------------
+
+    def whole(self, status, body):
+        """(status, body) of Ollama's answer from the server's whole one."""
+        if status >= 400:
+            return status, hc.ollama_error_body(error_text(body))
+        obj = event_object(body)
+        if obj is None:
+            raise hc.UpstreamError("body", "answered with no JSON object")
+        if "error" in obj and "choices" not in obj and "data" not in obj:
+            # LM Studio says some errors with a 200
+            raise hc.UpstreamError("status", f"answered with an error: {error_text(body)}")
+        self._read_counts(obj)
+        if self.endpoint in ("/api/embed", "/api/embeddings"):
+            return 200, hc.dump_json(self._embeddings(obj))
+        choice = first_choice(obj)
+        message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+        text = choice.get("text") if self.completions else message.get("content")
+        self.finish_reason = choice.get("finish_reason")
+        out = self._line(text if isinstance(text, str) else "")
+        thinking = reasoning_of(message)
+        if thinking:
+            self._put(out, "thinking", thinking)
+        calls = [ollama_tool_call(c) for c in message.get("tool_calls") or ()
+                 if isinstance(c, dict)]
+        if calls:
+            self._put(out, "tool_calls", calls)
+        self.t_last = time.monotonic()
+        return 200, hc.dump_json({**out, **self._final()})
+
+    def _embeddings(self, obj):
+        data = obj.get("data")
+        if not isinstance(data, list) or not data:
+            raise hc.UpstreamError("body", "answered with no embeddings")
+        vectors = [d.get("embedding") for d in sorted(
+            (d for d in data if isinstance(d, dict)), key=lambda d: d.get("index", 0)
+            if type(d.get("index")) is int else 0)]
+        if not all(isinstance(v, list) and all(type(x) in (int, float) for x in v)
+                   for v in vectors):
+            raise hc.UpstreamError("body", "answered with an embedding that is not numbers")
+        if self.endpoint == "/api/embeddings":
+            return {"embedding": vectors[0]}  # Ollama's legacy route: not normalised
+        out = {"model": self.shown, "embeddings": [normalised(v) for v in vectors],
+               "total_duration": self._ns(self.t_sent, time.monotonic())}
+        if self.usage.get("prompt_tokens"):
+            out["prompt_eval_count"] = self.usage["prompt_tokens"]
+        return out  # Ollama's /api/embed answers L2-normalised vectors
+
+    # -- a streamed answer ------------------------------------------------------------
+
+    def feed(self, data):
+        """NDJSON lines for the complete events in `data` (and what came before). The
+        lines of one read share its time (created_at): one clock read a read."""
+        self._buffer += data.replace(b"\r\n", b"\n") if b"\r" in data else data
+        *events, self._buffer = self._buffer.split(b"\n\n")
+        if len(self._buffer) > MAX_SSE_EVENT:
+            raise hc.UpstreamError("body", f"sent an event over {MAX_SSE_EVENT} bytes")
+        self._now = None
+        out = []
+        for event in events:
+            if self.failed:
+                break
+            out.append(self._event(event))
+        return b"".join(out)
+
+    def finish(self):
+        """The last lines, once the server's body ended: the tool calls, then the
+        final line with the counts; an error line if the answer never finished (a
+        llama-cpp-python stream that fails ends with nothing; a waiting request cuts
+        its stream with a bare [DONE])."""
+        if self.failed:
+            return b""
+        if self._buffer.strip():
+            self._event(self._buffer)
+        if self.finish_reason is None:
+            what = "ended its stream" if self.done else "closed its stream"
+            return self._failure(f"the {self.kind} server {what} before the answer "
+                                 f"finished")
+        out = b""
+        calls = [ollama_tool_call(c) for _, c in sorted(self.calls.items())]
+        if calls:
+            line = self._line("")
+            self._put(line, "tool_calls", calls)
+            out = hc.dump_json({**line, "done": False}) + b"\n"
+        return out + hc.dump_json({**self._line(""), **self._final()}) + b"\n"
+
+    def _event(self, event):
+        """One SSE event's lines for the client (b'' for none)."""
+        if event.startswith(b"data: ") and b"\n" not in event:
+            payload = event[6:]  # the usual event: one data line
+        else:
+            data = [line[5:].removeprefix(b" ") for line in event.split(b"\n")
+                    if line.startswith(b"data:")]  # ':' lines are pings; no named events
+            if not data:
+                return b""
+            payload = b"\n".join(data)
+        if payload.strip() == b"[DONE]":
+            self.done = True
+            return b""
+        try:
+            obj = read_json(payload.decode())
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+            obj = None
+        if not isinstance(obj, dict):
+            raise hc.UpstreamError("body", "sent an event that is not a JSON object")
+        if obj.get("error"):
+            return self._failure(error_text(hc.dump_json(obj)))
+        if "usage" in obj or "timings" in obj:
+            self._read_counts(obj)
+        choice = first_choice(obj)
+        if not choice:
+            return b""
+        if choice.get("finish_reason"):
+            self.finish_reason = choice["finish_reason"]
+        delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+        if "tool_calls" in delta:
+            self._take_calls(delta["tool_calls"])
+        text = choice.get("text") if self.completions else delta.get("content")
+        thinking = reasoning_of(delta)
+        if not (isinstance(text, str) and text) and not thinking:
+            return b""
+        now = time.monotonic()
+        self.t_first = self.t_first or now
+        self.t_last = now
+        self.tokens += 1
+        if thinking:
+            line = self._line(text if isinstance(text, str) else "")
+            self._put(line, "thinking", thinking)
+            return hc.dump_json({**line, "done": False}) + b"\n"
+        return self._text_line(text)
+
+    def _text_line(self, text):
+        """A line of text, written from its parts (the stream's one hot path: a dict
+        dumped for every token would cost twice as much)."""
+        if self._now is None:
+            self._now = hc.now_rfc3339().encode()
+        return b"".join((self._head, self._now, self._open, json_text(text).encode(),
+                         self._close))
+
+    @staticmethod
+    def count(out):
+        """Events in `out`: a line each."""
+        return out.count(b"\n")
+
+    def _failure(self, message):
+        """Ollama's error line, which ends a stream that has begun (no done line
+        follows it)."""
+        self.failed, self.error = True, message
+        return hc.ollama_error_body(message) + b"\n"
+
+    def _take_calls(self, deltas):
+        """Tool calls come in pieces (the name, then the arguments' text bit by bit),
+        each under its index; Ollama sends each call whole."""
+        for d in deltas if isinstance(deltas, list) else ():
+            if not isinstance(d, dict) or len(self.calls) >= MAX_TOOL_CALLS:
+                continue
+            index = d.get("index") if type(d.get("index")) is int else len(self.calls)
+            call = self.calls.setdefault(index, {"function": {"name": "", "arguments": ""}})
+            fn = d.get("function") if isinstance(d.get("function"), dict) else {}
+            if isinstance(d.get("id"), str):
+                call["id"] = d["id"]
+            for key in ("name", "arguments"):
+                if isinstance(fn.get(key), str):
+                    call["function"][key] += fn[key]
+                elif isinstance(fn.get(key), dict):
+                    call["function"][key] = fn[key]  # whole, as some servers send it
+
+    # -- Ollama's shapes ------------------------------------------------------------
+
+    def _line(self, text):
+        out = {"model": self.shown, "created_at": hc.now_rfc3339()}
+        if self.chat:
+            out["message"] = {"role": "assistant", "content": text}
+        else:
+            out["response"] = text
+        return out
+
+    def _put(self, line, key, value):
+        (line["message"] if self.chat else line)[key] = value
+
+    def _read_counts(self, obj):
+        if isinstance(obj.get("usage"), dict):
+            self.usage.update(_counts(obj["usage"]))
+        if isinstance(obj.get("timings"), dict):  # llama-server's
+            self.timings = obj["timings"]
+
+    def _final(self):
+        """The final line's fields: done, done_reason and the counts and times, those
+        the server gave (llama-server's timings, else usage) before the router's own
+        measure; a count or time unknown is left out (Ollama leaves out zeros too)."""
+        out = {"done": True, "done_reason": "length" if self.finish_reason == "length"
+               else "stop",
+               "total_duration": self._ns(self.t_sent, self.t_last or time.monotonic())}
+        t, u = self.timings, self.usage
+        if number(t.get("predicted_ms")) and type(t.get("predicted_n")) is int:
+            out.update(prompt_eval_count=t.get("prompt_n"),
+                       prompt_eval_duration=int(number(t.get("prompt_ms")) * 1e6),
+                       eval_count=t["predicted_n"],
+                       eval_duration=int(t["predicted_ms"] * 1e6))
+        else:
+            out["prompt_eval_count"] = u.get("prompt_tokens")
+            out["eval_count"] = u.get("completion_tokens", self.tokens if self.stream else None)
+            if self.t_first is not None:
+                out["prompt_eval_duration"] = self._ns(self.t_sent, self.t_first)
+                out["eval_duration"] = self._ns(self.t_first, self.t_last)
+        return {k: v for k, v in out.items() if v not in (None, 0)}
+
+    @staticmethod
+    def _ns(start, end):
+        return int((end - start) * 1e9) if start is not None and end is not None else None
+
+
+MAX_TOOL_CALLS = 64  # in one answer
+json_text = json.encoder.encode_basestring_ascii  # a str as JSON text, as dump_json writes it
+read_json = json.JSONDecoder().decode  # json.loads without its look at a bytes' encoding
+
+
+def text_field(fields, name):
+    value = fields.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise RouteError(400, f"{name} must be a string")
+    return value
+
+
+def number(value):
+    """`value` if it is a JSON number (not a bool), else 0."""
+    return value if type(value) in (int, float) and math.isfinite(value) else 0
+
+
+def first_choice(obj):
+    choices = obj.get("choices")
+    return choices[0] if isinstance(choices, list) and choices and \
+        isinstance(choices[0], dict) else {}
+
+
+def reasoning_of(message):
+    """A model's thinking, as llama-server and vLLM name it (Ollama's "thinking")."""
+    for key in ("reasoning_content", "reasoning"):
+        if isinstance(message.get(key), str) and message[key]:
+            return message[key]
+    return None
+
+
+def openai_messages(messages):
+    """Ollama's messages in OpenAI's shape: images as image_url parts, a tool call's
+    arguments as JSON text, a tool's answer tied to its call by id (Ollama names the
+    tool; OpenAI's servers need the call's id)."""
+    out, open_calls = [], []  # open_calls: (id, name) of calls not yet answered
+    for i, m in enumerate(messages[:MAX_MESSAGES]):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise RouteError(400, f"messages[{i}] must be an object with a role")
+        role, content = m["role"], m.get("content") or ""
+        if not isinstance(content, str):
+            raise RouteError(400, f"messages[{i}].content must be a string")
+        msg = {"role": role}
+        images = m.get("images") or []
+        if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
+            raise RouteError(400, f"messages[{i}].images must be a list of base64 strings")
+        if images:
+            msg["content"] = [{"type": "text", "text": content}] + [
+                {"type": "image_url", "image_url": {"url": image_url(x)}} for x in images]
+        else:  # text, even empty: llama-cpp-python refuses null, and its templates
+            msg["content"] = content  # read the content of every message
+        calls = m.get("tool_calls") or []
+        if role == "assistant" and isinstance(calls, list) and calls:
+            msg["tool_calls"] = []
+            for call in calls[:MAX_TOOL_CALLS]:
+                call_id = call.get("id") if isinstance(call, dict) and \
+                    isinstance(call.get("id"), str) else f"call_{i}_{len(msg['tool_calls'])}"
+                fn = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                    raise RouteError(400, f"messages[{i}].tool_calls: each needs a "
+                                          f"function with a name")
+                args = fn.get("arguments", {})
+                msg["tool_calls"].append({"id": call_id, "type": "function", "function": {
+                    "name": fn["name"],
+                    "arguments": args if isinstance(args, str) else json.dumps(args)}})
+                open_calls.append((call_id, fn["name"]))
+        if role == "tool":
+            msg["tool_call_id"] = answered_call(m, open_calls, i)
+        out.append(msg)
+    return out
+
+
+MAX_MESSAGES = 10_000  # in one conversation
+
+
+def answered_call(message, open_calls, index):
+    """The id of the call a tool message answers: its own tool_call_id, else the first
+    open call of its tool_name, else the first open call."""
+    if isinstance(message.get("tool_call_id"), str):
+        wanted = message["tool_call_id"]
+        open_calls[:] = [c for c in open_calls if c[0] != wanted]
+        return wanted
+    name = message.get("tool_name")
+    for n, (call_id, call_name) in enumerate(open_calls):
+        if name is None or call_name == name:
+            del open_calls[n]
+            return call_id
+    return f"call_{index}"
+
+
+def image_url(data):
+    """An Ollama image (base64) as a data URL, its type read from its first bytes."""
+    try:
+        head = base64.b64decode(data[:24] + "=" * (-len(data[:24]) % 4))
+    except ValueError:
+        raise RouteError(400, "an image is not base64") from None
+    mime = next((t for magic, t in IMAGE_MAGIC if head.startswith(magic)), "image/jpeg")
+    return f"data:{mime};base64,{data}"
+
+
+def ollama_tool_call(call):
+    """An OpenAI tool call in Ollama's shape: arguments as an object."""
+    fn = call.get("function") if isinstance(call.get("function"), dict) else {}
+    args = fn.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except ValueError:
+            raise hc.UpstreamError("body", "sent a tool call whose arguments are not "
+                                           "JSON") from None
+    out = {"function": {"name": fn.get("name") if isinstance(fn.get("name"), str) else "",
+                        "arguments": args}}
+    if isinstance(call.get("id"), str):
+        out["id"] = call["id"]
+    return out
+
+
+def openai_options(options, kind):
+    """Ollama's options as request fields of a server of OpenAI's API. num_predict is
+    max_tokens (-1 and -2, Ollama's "no limit" and "fill the context", leave it out);
+    num_ctx has no per-request equivalent: the server's own context holds."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise RouteError(400, "options must be an object")
+    out = {}
+    for name, types in SAME_OPTIONS.items():
+        value = options.get(name)
+        if value is not None:
+            if type(value) not in types:
+                raise RouteError(400, f"options.{name} must be a number")
+            out[name] = value
+    stop = options.get("stop")
+    if stop is not None:
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise RouteError(400, "options.stop must be a list of strings")
+        out["stop"] = stop
+    predict = options.get("num_predict")
+    if predict is not None:
+        if type(predict) is not int:
+            raise RouteError(400, "options.num_predict must be an integer")
+        if predict >= 0:
+            out["max_tokens"] = predict
+    penalty = options.get("repeat_penalty")
+    if penalty is not None:
+        if type(penalty) not in (int, float):
+            raise RouteError(400, "options.repeat_penalty must be a number")
+        out["repetition_penalty" if kind in REPETITION_PENALTY else "repeat_penalty"] = penalty
+    return out
+
+
+def response_format(kind, fmt):
+    """Ollama's format ("json" or a JSON schema) as the server takes it, or None."""
+    if fmt is None or fmt == "":
+        return None
+    if fmt != "json" and not isinstance(fmt, dict):
+        raise RouteError(400, 'format must be "json" or a JSON schema object')
+    if kind == "mlx-lm":
+        raise Untranslatable("mlx_lm.server cannot hold an answer to a format")
+    schema = {"type": "object"} if fmt == "json" else fmt
+    if kind == "llama-cpp-python":  # its own: json_object with an optional schema
+        return {"type": "json_object", **({} if fmt == "json" else {"schema": schema})}
+    if fmt == "json" and kind != "lmstudio":  # LM Studio takes json_schema only
+        return {"type": "json_object"}
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+
+
+def normalised(vector):
+    norm = math.sqrt(sum(x * x for x in vector))
+    return [x / norm for x in vector] if norm else vector
+
+
+class Renaming:
+    """A node's answer with the model named as the client named it, where the node was
+    sent its own name (an alias, FLEET_MODEL_ALIASES; an OpenAI server's exact id):
+    the "model" member of each complete line (NDJSON, or SSE's data lines), whatever the
+    API. Used in a TranslatedRelay as a Translation is."""
+
+    failed, error = False, ""
+
+    def __init__(self, own, asked):
+        self._own = re.compile(rb'("model"\s*:\s*)' + re.escape(json.dumps(own).encode()))
+        self._asked = json.dumps(asked).encode()
+        self.sep = b"\n"  # what ends one event: a line (NDJSON), a blank line (SSE)
+        self.tokens = 0
+        self._buffer = b""
+
+    def rename(self, data):
+        return self._own.sub(lambda m: m.group(1) + self._asked, data)
+
+    def feed(self, data):
+        done, nl, self._buffer = (self._buffer + data).rpartition(b"\n")
+        if not nl:
+            return b""  # no line ends here yet: all of it waits in _buffer
+        out = self.rename(done + nl)
+        self.tokens += 1
+        return out
+
+    def finish(self):
+        out, self._buffer = self.rename(self._buffer), b""
+        return out
+
+    def count(self, out):
+        return out.count(self.sep)
+
+
+class TranslatedRelay(hc.Relay):
+    """A node's answer said otherwise on its way to the client (a Translation: SSE in,
+    Ollama's NDJSON out; or a Renaming), read by read, in the relay's fast path as in
+    its slow one. chunks_seen counts the client's events (a line a token)."""
+
+    says_otherwise = True
+
+    def __init__(self, up, client, timeout, translation):
+        super().__init__(up, client, timeout)
+        self.tr = translation
+        self.ended = False
+        self.events = 0
+
+    @property
+    def chunks_seen(self):
+        return self.events
+
+    async def first(self, headers):
+        """The first lines, read before the client hears anything: a server whose
+        stream fails before its first token (llama-cpp-python's ends with nothing)
+        fails the attempt, and another node may answer."""
+        self.chunked = self.up.is_chunked(headers)
+        while True:
+            data = await self._receive()
+            out = self._pass(data) if data else self._end()
+            if self.tr.failed and not self.tr.tokens:
+                raise hc.UpstreamError("body", self.tr.error)
+            if out or not data:
+                self.ended = not data
+                if out:
+                    self._note(out)
+                return out
+
+    async def rest(self):
+        if not self.ended:
+            await super().rest()
+
+    def _pass(self, framed):
+        return self._framed(self.tr.feed(hc.unframe_chunks(framed)))
+
+    def _end(self):
+        return self._framed(self.tr.finish())
+
+    def _framed(self, out):
+        if not out:
+            return b""
+        self.events += self.tr.count(out)
+        return hc.frame_chunk(out)
+
+
+####################################################################################
 # Routing: elimination, the seven signals, the holding queue, context protection
 ####################################################################################
 
@@ -2731,18 +3524,19 @@ def requested_context(body):
     return 0
 
 
-# What a server of OpenAI's API serves as it is (Ollama's own routes, Anthropic's and the
-# Responses API wait for a translation).
+# What a server of OpenAI's API serves as it is (Ollama's inference routes go to it
+# translated, OLLAMA_OVER_OPENAI; Anthropic's and the Responses API wait for theirs).
 OPENAI_SERVED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 
 
 def cannot_serve(node, endpoint):
     """Why the node's server cannot serve `endpoint`, or None: a server of OpenAI's API
-    only its routes; an Ollama none that came after its release (too_old)."""
+    OpenAI's routes and Ollama's inference routes; an Ollama none that came after its
+    release (too_old)."""
     if not node.speaks_ollama:
-        return None if endpoint in OPENAI_SERVED else \
+        return None if endpoint in OPENAI_SERVED or endpoint in OLLAMA_OVER_OPENAI else \
             f"its server is {node.hb.server_kind}, which the router reaches only by " \
-            f"OpenAI's routes ({', '.join(OPENAI_SERVED)})"
+            f"OpenAI's routes and Ollama's inference routes"
     return too_old(node, endpoint)
 
 
@@ -3039,7 +3833,7 @@ class Scheduler:
 
     def models_to_try(self, model, fallback_names, requested_ctx, embedding):
         """[primary, fallbacks...] and {model: the name the client used for it}."""
-        names = {hc.canonical_model(m): m for m in fallback_names or ()}
+        names = {self.fleet.model_key(hc.canonical_model(m)): m for m in fallback_names or ()}
         models = [model] + [m for m in names if m != model]
         bigger = self.larger_variant(model, requested_ctx, embedding)
         if bigger:
@@ -3839,9 +4633,21 @@ class Node:
 
     @property
     def speaks_ollama(self):
-        """Is its server an Ollama? (Else one of OpenAI's API: routed only OPENAI_SERVED,
-        never sent Ollama's pulls, loads, unloads or model management.)"""
+        """Is its server an Ollama? (Else one of OpenAI's API: sent OPENAI_SERVED as
+        they are and Ollama's inference routes translated, never Ollama's pulls, loads,
+        unloads or model management.)"""
         return self.hb.server_kind == hc.OLLAMA_KIND
+
+    @property
+    def loads_models(self):
+        """Can the router load and unload models on its server (Ollama's, LM Studio's,
+        llama-server's router mode)? A server that cannot holds what it lists."""
+        return self.hb.server_loads
+
+    def own_name(self, model):
+        """What the node's server calls `model` (the router knows it by Ollama's
+        lookup form: lower case, with a tag)."""
+        return self.models.get(model, NO_ENTRY).name or model
 
     def serves(self, model, kind=None):
         """Can this node answer `model` for a request of `kind`? Text and embeddings:
@@ -4059,6 +4865,19 @@ class Fleet:
 
     # -- heartbeats ---------------------------------------------------------------
 
+    def model_key(self, name):
+        """The name the router knows a model by (`name` in Ollama's lookup form): an
+        alias's first name (FLEET_MODEL_ALIASES), else `name` itself."""
+        return self.cfg.model_aliases.get(name, name)
+
+    def named(self, entries):
+        """A node's model list keyed by model_key (each entry keeps the node's own
+        name); of two names of one model on one node, the first listed."""
+        out = {}
+        for name, entry in entries.items():
+            out.setdefault(self.model_key(name), entry)
+        return out
+
     def apply_heartbeat(self, hb, source=None, local=False):
         """Take a checked heartbeat (hc.Heartbeat) from `source` (an address; None for
         the router's own poll); returns the node, or raises NodeRefused."""
@@ -4084,6 +4903,7 @@ class Fleet:
         node.take_media(hb.media)
         node.last_seen = time.monotonic()
         if hb.reachable:
+            hb.models, hb.loaded = self.named(hb.models), self.named(hb.loaded)
             self.residency.take(node, hb, record=known is not None)
         # else: keep what it had; an Ollama restart should read as "unreachable" (503,
         # held), not as "model gone" (404).
@@ -4137,7 +4957,8 @@ class Fleet:
         now lists them (a list of /api/tags entries). Each entry passes the heartbeat's
         checks or is left out, so what a node says here can no more break a listing,
         a route or the dashboard than what it says in a heartbeat."""
-        node.models, (refused, why) = hc.read_model_list(entries)
+        models, (refused, why) = hc.read_model_list(entries)
+        node.models = self.named(models)
         if refused:
             fleet_log.warning(f"left out {refused} entries of the node's model list: {why}",
                               extra={"node_id": node.node_id, "event": "models_refused"})
@@ -4321,14 +5142,24 @@ class Fleet:
         return holders[0] if holders else None
 
     def merged_models(self):
-        """Every model on any online node, once (the newest copy's entry)."""
-        merged = {}
+        """Every model on any online node, once: the newest copy's entry, named as the
+        router knows it where that is an alias's name (else as its node lists it), with
+        `nodes`: each node that has it, its kind of server and its name for it there."""
+        merged, where = {}, collections.defaultdict(list)
         for node in self.online_nodes():
             for name, entry in node.models.items():
                 known = merged.get(name)
                 if known is None or entry.modified_at > known.modified_at:
                     merged[name] = entry
-        return [merged[name].json() for name in sorted(merged)]
+                where[name].append({"node_id": node.node_id, "server": node.hb.server_kind,
+                                    "name": entry.name})
+        listed = []
+        for name in sorted(merged):
+            out = merged[name].json()
+            if hc.canonical_model(out["name"]) != name:  # known by an alias's name
+                out["name"] = out["model"] = name
+            listed.append({**out, "nodes": where[name]})
+        return listed
 
     def agent_models(self):
         """The image and speech models online nodes' agents serve themselves, sorted."""
@@ -4337,8 +5168,8 @@ class Fleet:
 
     def running_models(self):
         """/api/ps across the fleet: each loaded model with the node that holds it."""
-        models = [{**entry.json(), "node_id": node.node_id} for node in self.online_nodes()
-                  for entry in node.loaded.values()]
+        models = [{**entry.json(), "node_id": node.node_id, "server": node.hb.server_kind}
+                  for node in self.online_nodes() for entry in node.loaded.values()]
         models.sort(key=lambda m: m.get("expires_at") or "", reverse=True)
         return models
 
@@ -5097,8 +5928,9 @@ class Warmer:
             return  # a copy in the room of a planned model would be pushed out again
         key = (runner_up.node_id, choice.model)
         node = self.fleet.nodes.get(runner_up.node_id)
-        if key in self.warming or node is None:
-            return  # at most one warm-up per node+model at a time
+        if key in self.warming or node is None or not node.loads_models:
+            return  # at most one warm-up per node+model at a time; none where the
+            # server cannot load on request (it holds what it lists)
         self.warming.add(key)
         # Under way from now, as a request's cold load is: the next choice counts it.
         self.fleet.residency.start_load(node, choice.model, (), runner_up.load_estimate_s)
@@ -5109,10 +5941,13 @@ class Warmer:
         fleet_log.info("pre-warming the runner-up node", extra=extra)
         status = None
         try:
-            # An empty prompt only loads the model (Ollama answers done_reason "load").
-            status, _, _ = await hc.http_call(node.ollama_url, "POST", "/api/generate",
-                                              {"model": name, "prompt": ""},
-                                              timeout=self.cfg.first_byte_timeout)
+            if node.speaks_ollama:  # an empty prompt only loads it: done_reason "load"
+                status, _, _ = await hc.http_call(node.ollama_url, "POST", "/api/generate",
+                                                  {"model": name, "prompt": ""},
+                                                  timeout=self.cfg.first_byte_timeout)
+            else:
+                status = await send_other_control(node, model, False,
+                                                  self.cfg.first_byte_timeout)
             if status != 200:
                 fleet_log.warning(f"pre-warm answered {status}", extra=extra)
         except hc.UpstreamError as e:
@@ -5191,11 +6026,22 @@ class Warmer:
             self.warming.discard((node.node_id, model))
 
 
+# How a server other than Ollama loads and unloads a model on request: (path of a load,
+# path of an unload, the body's field naming the model). LM Studio 0.4's REST API names
+# a loaded model by its instance, whose id is the model's key unless set otherwise;
+# llama-server in router mode by the model.
+LOAD_APIS = {"lmstudio": ("/api/v1/models/load", "/api/v1/models/unload", "instance_id"),
+             "llama-server": ("/models/load", "/models/unload", "model")}
+
+
 async def send_control(node, model, unload, timeout, keep_alive=None):
     """Ollama's own load or unload of `model` on `node`: nothing to answer, and a
     keep_alive of 0 to unload (or this `keep_alive` for the load); returns the status.
     An embedding model is sent an empty input on /api/embed (Ollama refuses generate
-    for it: "does not support generate")."""
+    for it: "does not support generate"). Another server's through its own API
+    (LOAD_APIS); UpstreamError where it has none."""
+    if not node.speaks_ollama:
+        return await send_other_control(node, model, unload, timeout)
     entry = node.models.get(model, NO_ENTRY)
     body = {"model": entry.name or model}  # as the node spells it
     if entry.is_embedding:
@@ -5208,6 +6054,26 @@ async def send_control(node, model, unload, timeout, keep_alive=None):
         body["keep_alive"] = keep_alive
     status, _, _ = await hc.http_call(node.ollama_url, "POST", path, body, timeout=timeout)
     return status
+
+
+async def send_other_control(node, model, unload, timeout):
+    """A load or unload through LM Studio's or llama-server's own API (LOAD_APIS): 200
+    when it says it did (LM Studio answers some errors with a 200 and an "error")."""
+    kind = node.hb.server_kind
+    if not node.loads_models or kind not in LOAD_APIS:
+        raise hc.UpstreamError("status", f"the {kind} server cannot load or unload a "
+                                         f"model on request")
+    load_path, unload_path, field = LOAD_APIS[kind]
+    name = node.own_name(model)
+    body = {field: name} if unload else {"model": name}
+    status, _, data = await hc.http_call(node.ollama_url, "POST",
+                                         unload_path if unload else load_path, body,
+                                         timeout=timeout)
+    try:
+        failed = "error" in json.loads(data)
+    except (ValueError, TypeError, RecursionError):
+        failed = False
+    return 502 if status == 200 and failed else status
 
 
 ####################################################################################

@@ -2145,6 +2145,7 @@ class Relay:
     """
 
     HIGH_WATER = 256 * 1024  # bytes queued towards the client before the node waits
+    says_otherwise = False  # does a subclass say the answer otherwise (_pass, _end)?
 
     def __init__(self, up, client, timeout):
         self.up, self.client, self.timeout = up, client, timeout
@@ -2199,16 +2200,33 @@ class Relay:
             await self._run_fast_path()
             return await self.client.drain()
         while data := await self._receive():
-            if not self.client.client_gone:  # send_chunks writes it before any wait
+            data = self._pass(data) if self.says_otherwise else data
+            if not self.client.client_gone and data:  # send_chunks writes before a wait
                 self._note(data)
             await self.client.send_chunks(data)
+        await self._send_last()
+
+    async def _send_last(self):
+        last = self._end() if self.says_otherwise else b""
+        if last and not self.client.client_gone:
+            self._note(last)
+            await self.client.send_chunks(last)
+
+    def _pass(self, framed):
+        """What the client gets of the node's complete chunks: them, as they are. (A
+        subclass may say them otherwise: the router's translation of an answer.)"""
+        return framed
+
+    def _end(self):
+        """What the client gets once the node's body has ended: nothing more."""
+        return b""
 
     # -- the fast path: the node's reads go to the client from data_received ---------
 
     async def _run_fast_path(self):
         body = self.up.chunked_body
         if body.done:
-            return
+            return await self._send_last()
         self._done = self._loop.create_future()
         self._stall_timer = self._loop.call_later(self.timeout, self._check_stall)
         self.up.relay = self
@@ -2232,11 +2250,17 @@ class Relay:
         except ValueError as e:
             return self.on_error(UpstreamError("body", f"bad chunked body from "
                                                        f"{self.up.host}: {e}"))
+        done = self.up.chunked_body.done
+        if self.says_otherwise:
+            try:
+                out = (self._pass(out) if out else b"") + (self._end() if done else b"")
+            except UpstreamError as e:
+                return self.on_error(e)
         if out and not self.client.client_gone:  # else its handler is being cancelled
             self._note(out)
             if self.client.relay_write(out) > self.HIGH_WATER:
                 self._wait_for_client()
-        if self.up.chunked_body.done and not self._done.done():
+        if done and not self._done.done():
             self._done.set_result(None)
 
     def on_error(self, error):
@@ -2936,9 +2960,9 @@ CANCELLED = "cancelled"    # the client went away first
 RETRIED = "retried"        # one attempt that failed before its first chunk (not a request)
 TRACE_STATUSES = (COMPLETED, REJECTED, FAILED, INCOMPLETE, CANCELLED, RETRIED)
 
-TRACE_SCHEMA_VERSION = 5  # 2: tags; 3: Ollama's load, prompt and decode timings;
+TRACE_SCHEMA_VERSION = 6  # 2: tags; 3: Ollama's load, prompt and decode timings;
 # 4: learned_speed's service time, answer length, model size and speed by concurrency;
-# 5: the request's kind (REQUEST_KINDS)
+# 5: the request's kind (REQUEST_KINDS); 6: the node's own name for the model
 TRACE_COLUMNS = (
     ("request_id", "TEXT"), ("timestamp", "REAL"), ("model", "TEXT"),
     ("requested_model", "TEXT"), ("node_id", "TEXT"), ("status", "TEXT"),
@@ -2952,6 +2976,7 @@ TRACE_COLUMNS = (
     # eval_duration), in ms; NULL where the API does not report them (OpenAI's).
     ("load_ms", "REAL"), ("prompt_eval_ms", "REAL"), ("eval_ms", "REAL"),
     ("kind", "TEXT"),  # schema 5: one of REQUEST_KINDS
+    ("node_model", "TEXT"),  # schema 6: the node's own name for the model, if another
 )
 # What a request asks for, by its route: each kind has its own models and backends.
 CHAT, EMBEDDING, IMAGE, TRANSCRIPTION, ADMIN_KIND = (
@@ -3702,7 +3727,10 @@ def build_heartbeat(node_id, ollama_url, machine, ollama, settings, num_parallel
     if media is not None:
         body["media"] = media
     if server is not None:
-        body["server"] = {"kind": server["kind"], "version": server["version"][:64]}
+        body["server"] = {"kind": server["kind"], "version": server["version"][:64],
+                          "loads": bool(server.get("loads"))}
+        if server.get("load"):
+            body["server"]["load"] = server["load"]
     return body
 
 
@@ -3975,7 +4003,7 @@ class Heartbeat:
                  "max_loaded_models", "cpu_percent", "mem_total", "mem_available",
                  "mem_used", "mem_percent", "pressure", "draining", "paused", "leaving",
                  "models", "loaded", "hardware", "disk_total", "disk_free", "capacity",
-                 "media", "server_kind", "server_version")
+                 "media", "server_kind", "server_version", "server_loads", "server_load")
 
     def __init__(self, body):
         f = Fields(body)
@@ -4007,6 +4035,13 @@ class Heartbeat:
         self.server_kind = server.choice("kind", SERVER_KINDS, OLLAMA_KIND)
         self.server_version = server.text("version", 64) if "version" in server.obj \
             else self.ollama_version
+        # Can the router load and unload its models? Ollama's always; another's when its
+        # API can (LM Studio's, llama-server's router mode).
+        self.server_loads = self.server_kind == OLLAMA_KIND or server.flag("loads")
+        load = server.section("load")  # vLLM's /metrics: requests running and waiting
+        self.server_load = {"running": load.integer("running"),
+                            "waiting": load.integer("waiting"),
+                            "kv_cache": load.number("kv_cache", 1.0)} if load.obj else None
         self.capacity = _capacity(f)
         self.media = _media(f)
         self.draining, self.leaving = f.flag("draining"), f.flag("leaving")
@@ -4236,8 +4271,6 @@ ROUTER_SETTINGS = [
                 "node is degraded"),
         Setting("FLEET_HEARTBEAT_OFFLINE", 30.0, "seconds without a heartbeat before a "
                 "node is offline and gets no work"),
-        Setting("FLEET_HOLD_TIMEOUT", 30.0, "seconds a request waits for a node that can "
-                "serve it before a 503"),
         Setting("FLEET_AUTO_PULL", True, "pull a model no node has onto the node with the "
                 "most free memory, then serve the request"),
         Setting("FLEET_CONTEXT_PROTECTION", "strip", "a num_ctx that would reload a loaded "
@@ -4246,6 +4279,11 @@ ROUTER_SETTINGS = [
                 "(log only) or passthrough"),
         Setting("FLEET_MAX_RETRIES", 2, "other nodes tried when a node fails before the "
                 "first chunk"),
+        Setting("FLEET_MODEL_ALIASES", "", "names that are one model on different servers "
+                "(llama3.2:3b on Ollama, Llama-3.2-3B-Instruct-Q4_K_M on LM Studio): "
+                "entries name=other[,other...] separated by ';', or @/path/to/file with "
+                "one entry a line. A request for any of the names may go to a node that "
+                "has any of them, and is answered under the name it asked for"),
         Setting("FLEET_LEARNING", True, "route by what the fleet has learned: each "
                 "node+model's speed, answer length and best concurrency (false: by counts "
                 "only)"),
@@ -4262,6 +4300,8 @@ ROUTER_SETTINGS = [
 # buffer sizes, time-outs of the plumbing). Not read from the environment; a test sets
 # them through load_router_config's `tuned`.
 ROUTER_FIXED = [
+    Setting("FLEET_HOLD_TIMEOUT", 30.0, "seconds a request waits for a node that can "
+            "serve it before a 503"),
     Setting("FLEET_STARTUP_WINDOW", 6.0, "seconds after start during which a model no "
             "node has reported yet waits (nodes report every 5 s) instead of a 404"),
     Setting("FLEET_AUTO_PULL_TIMEOUT", 600.0, "seconds a request waits for such a pull "

@@ -1439,7 +1439,8 @@ class Media:
 # for an Ollama with no models; and some llama-server builds imitate /api/tags. Probed
 # in this order, the first that proves a kind wins:
 #   Ollama            GET /api/version    {"version": "0.x"} and no "error"
-#   llama-server      GET /props          "total_slots" or "default_generation_settings"
+#   llama-server      GET /props          "total_slots" or "default_generation_settings",
+#                                         or "role": "router" (router mode: no model)
 #                                         (503 "Loading model" on every path while it
 #                                         loads: llama-server, not ready)
 #   LM Studio         GET /api/v0/models  {"data": [...]}, each with "state"
@@ -1515,7 +1516,8 @@ def llama_server(answer):
     """llama.cpp's /props: its build, or "" while it loads its model (every path is
     then 503 "Loading model"); None when it is not llama-server."""
     status, _, obj = answer
-    if proves(answer, "total_slots", "default_generation_settings"):
+    if proves(answer, "total_slots", "default_generation_settings") or \
+            proves(answer, "role") and obj["role"] == "router":  # started with no model
         return str(obj.get("build_info") or "")
     error = (obj or {}).get("error")
     if status == 503 and isinstance(error, dict) and error.get("message") == "Loading model":
@@ -1569,27 +1571,147 @@ ONE_AT_A_TIME = ("llama-cpp-python", "mlx-lm")
 
 
 async def read_openai_server(url, server, timeout=PROBE_TIMEOUT_S):
-    """What a server of OpenAI's API holds, in read_ollama's shape: every model it
-    lists counts as on disk and loaded (the router routes to it only what it lists,
-    and sends it no load or unload of Ollama's), with its slots where it says. Its
-    list is read once for llama-cpp-python (reading it again would cut a running
-    stream short; its model is fixed for the process's life). UpstreamError when it
-    does not answer."""
-    if "models" not in server or server["kind"] != "llama-cpp-python":
+    """What a server of OpenAI's API holds, in read_ollama's shape, with its slots
+    where it says. LM Studio and llama-server's router mode say which models are
+    loaded, and load and unload on request (server["loads"]); on the others every
+    model listed counts as on disk and loaded. llama-cpp-python's list is read once
+    (reading it again would cut a running stream short; its model is fixed for the
+    process's life). vLLM's /metrics give its requests running and waiting
+    (server["load"]). UpstreamError when it does not answer."""
+    kind = server["kind"]
+    if kind == "lmstudio":
+        return await read_lm_studio(url, server, timeout)
+    props = {}
+    if kind == "llama-server":
+        _, _, props = await get_answer(url, "/props", timeout)
+        props = props or {}
+        if props.get("role") == "router":
+            return await read_llama_router(url, server, timeout)
+    if kind == "vllm":
+        server["load"] = await read_vllm_load(url, timeout)
+    if "models" not in server or kind != "llama-cpp-python":
         status, _, obj = await get_answer(url, "/v1/models", timeout)
         data = (obj or {}).get("data") if status == 200 else None
         if not isinstance(data, list):
             raise hc.UpstreamError("status", f"GET /v1/models answered {status}")
-        server["models"] = [{"name": m["id"], "model": m["id"]} for m in data
+        n_ctx = (props.get("default_generation_settings") or {}).get("n_ctx") \
+            if isinstance(props.get("default_generation_settings"), dict) else None
+        server["models"] = [listed_model(m, n_ctx) for m in data[:hc.MAX_MODELS]
                             if isinstance(m, dict) and isinstance(m.get("id"), str)]
-    slots = 1 if server["kind"] in ONE_AT_A_TIME else 0
-    if server["kind"] == "llama-server":
-        status, _, props = await get_answer(url, "/props", timeout)
-        total = (props or {}).get("total_slots")
-        slots = total if isinstance(total, int) and 0 < total <= 1024 else 0
+    slots = 1 if kind in ONE_AT_A_TIME else 0
+    total = props.get("total_slots")
+    if isinstance(total, int) and 0 < total <= 1024:
+        slots = total
     # Its version is the heartbeat's server's, not Ollama's: /api/version counts Ollamas.
     return {"ok": True, "version": "", "models": server["models"],
             "loaded": server["models"], "num_parallel": slots}
+
+
+def listed_model(m, n_ctx=None):
+    """A /v1/models entry as a model entry: its id, and the context it runs with where
+    the server says (vLLM's max_model_len; llama-server's n_ctx, from /props)."""
+    entry = {"name": m["id"], "model": m["id"]}
+    context = m.get("max_model_len", n_ctx)
+    if isinstance(context, int) and 0 < context <= 1 << 24:
+        entry["details"] = {"context_length": context}
+        entry["context_length"] = context
+    return entry
+
+
+async def read_lm_studio(url, server, timeout):
+    """LM Studio's REST API: each model's kind, context and quantization, and which are
+    loaded (/api/v0/models); its parallel predictions where 0.4's /api/v1/models
+    says (loaded_instances' config). It loads a model when asked for it (just in time)
+    and on request."""
+    status, _, obj = await get_answer(url, "/api/v0/models", timeout)
+    data = (obj or {}).get("data") if status == 200 else None
+    if not isinstance(data, list):
+        raise hc.UpstreamError("status", f"GET /api/v0/models answered {status}")
+    models, loaded = [], []
+    for m in data[:hc.MAX_MODELS]:
+        if not isinstance(m, dict) or not isinstance(m.get("id"), str):
+            continue
+        kind = m.get("type")
+        entry = {"name": m["id"], "model": m["id"], "details": {
+            "format": str(m.get("compatibility_type") or "")[:32],
+            "quantization_level": str(m.get("quantization") or "")[:32]},
+            "capabilities": ["embedding"] if kind == "embeddings" else
+            ["completion", "vision"] if kind == "vlm" else ["completion"]}
+        if isinstance(m.get("max_context_length"), int) and m["max_context_length"] > 0:
+            entry["details"]["context_length"] = m["max_context_length"]
+        models.append(entry)
+        if m.get("state") == "loaded":
+            loaded.append({k: v for k, v in entry.items() if k != "capabilities"})
+    server["loads"] = True
+    return {"ok": True, "version": "", "models": models, "loaded": loaded,
+            "num_parallel": await lm_studio_parallel(url, timeout)}
+
+
+async def lm_studio_parallel(url, timeout):
+    """The most parallel predictions a loaded model takes (LM Studio 0.4's
+    /api/v1/models); 0 when it does not say (an older LM Studio: its default is 4)."""
+    with contextlib.suppress(hc.UpstreamError):
+        status, _, obj = await get_answer(url, "/api/v1/models", timeout)
+        found = [i.get("config", {}).get("parallel") for m in (obj or {}).get("models") or ()
+                 if isinstance(m, dict) for i in m.get("loaded_instances") or ()
+                 if isinstance(i, dict) and isinstance(i.get("config"), dict)]
+        found = [p for p in found if isinstance(p, int) and 0 < p <= 1024]
+        if status == 200 and found:
+            return max(found)
+    return 0
+
+
+async def read_llama_router(url, server, timeout):
+    """llama-server in router mode (started with no model): GET /models lists every
+    model it can run, each with its status; it loads one when asked for it, or on
+    request (POST /models/load, /models/unload)."""
+    status, _, obj = await get_answer(url, "/models", timeout)
+    data = (obj or {}).get("data") if status == 200 else None
+    if not isinstance(data, list):
+        raise hc.UpstreamError("status", f"GET /models answered {status}")
+    models, loaded = [], []
+    for m in data[:hc.MAX_MODELS]:
+        if not isinstance(m, dict) or not isinstance(m.get("id"), str):
+            continue
+        entry = {"name": m["id"], "model": m["id"]}
+        models.append(entry)
+        state = m.get("status")
+        if isinstance(state, dict) and state.get("value") == "loaded":
+            loaded.append(entry)
+    server["loads"] = True
+    return {"ok": True, "version": "", "models": models, "loaded": loaded,
+            "num_parallel": 0}
+
+
+VLLM_GAUGES = {"running": ("vllm:num_requests_running",),
+               "waiting": ("vllm:num_requests_waiting",),
+               "kv_cache": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")}
+
+
+async def read_vllm_load(url, timeout):
+    """vLLM's own count of requests running and waiting, and its KV cache's use
+    (0..1), from /metrics (Prometheus text; summed over its engines, the cache's
+    largest); None when it does not answer them."""
+    try:
+        status, _, data = await hc.http_call(url, "GET", "/metrics", timeout=timeout)
+    except hc.UpstreamError:
+        return None
+    if status != 200:
+        return None
+    found = {}
+    for line in data.decode("utf-8", "replace").splitlines()[:100_000]:
+        name, _, rest = line.partition("{") if "{" in line else line.partition(" ")
+        for key, names in VLLM_GAUGES.items():
+            if name.strip() in names:
+                with contextlib.suppress(ValueError, IndexError):
+                    value = float(rest.rsplit(" ", 1)[-1] if "{" in line else rest)
+                    if math.isfinite(value) and value >= 0:
+                        found[key] = max(found.get(key, 0.0), value) if key == "kv_cache" \
+                            else found.get(key, 0.0) + value
+    if not found:
+        return None
+    return {"running": int(found.get("running", 0)), "waiting": int(found.get("waiting", 0)),
+            "kv_cache": min(1.0, found.get("kv_cache", 0.0))}
 
 
 # (kind, GET path, reader of its answer: the version when it proves the kind, else None)

@@ -26,6 +26,7 @@ helpers that say why (the router's, at the end of the Harness section).
 """
 
 import asyncio
+import base64
 import contextlib
 import ctypes
 import glob
@@ -53,6 +54,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import herd
 import herd_common as hc
 import herd_node
+import fake_ollama
 from fake_ollama import FakeOllama
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1923,7 +1925,7 @@ def test_media_time_outs_and_failures_are_counted_per_kind_and_node_in_health(
 
 def test_help_prints_the_settings_tables():
     out = run_script(["herd.py", "--help"])
-    assert out.returncode == 0 and "FLEET_HOLD_TIMEOUT" in out.stdout
+    assert out.returncode == 0 and "FLEET_MODEL_ALIASES" in out.stdout
     out = run_script(["herd_node.py", "--help"])
     assert out.returncode == 0 and "FLEET_NODE_ROUTER_URL" in out.stdout
 
@@ -1957,13 +1959,13 @@ def test_a_bad_value_stops_startup_with_one_line(tmp_path):
 
 
 def test_settings_api_shows_each_value_and_where_it_came_from(h):
-    router = h.router(FLEET_TOKEN="s3cret", FLEET_HOLD_TIMEOUT=2)
+    router = h.router(FLEET_TOKEN="s3cret", FLEET_MAX_RETRIES=1)
     settings = {s["name"]: s
                 for s in get_json(router.url, "/dashboard/api/settings")["settings"]}
     assert settings["FLEET_TOKEN"]["value"] == "(set)"
-    assert settings["FLEET_HOLD_TIMEOUT"] == {**settings["FLEET_HOLD_TIMEOUT"], "value": 2.0,
-                                              "source": "env"}
-    assert settings["FLEET_PORT"]["source"] == "env" and settings["FLEET_MAX_RETRIES"][
+    assert settings["FLEET_MAX_RETRIES"] == {**settings["FLEET_MAX_RETRIES"], "value": 1,
+                                             "source": "env"}
+    assert settings["FLEET_PORT"]["source"] == "env" and settings["FLEET_CONTEXT_PROTECTION"][
         "source"] == "default"
 
 
@@ -4691,7 +4693,7 @@ def test_dashboard_in_a_real_browser(h, tmp_path):
             shows = {"Overview": "LM Studio 0.3.30", "Requests": "notes-app",
                      "Trends": "Tokens per second", "Models": "llama3.2:3b",
                      "Nodes": "LM Studio 0.3.30", "Health": "All checks pass",
-                     "Apps": "chat-ui", "Settings": "FLEET_HOLD_TIMEOUT"}
+                     "Apps": "chat-ui", "Settings": "FLEET_MODEL_ALIASES"}
             for tab, text in shows.items():
                 page.click(f"nav button[data-tab={tab}]")
                 page.wait_for_selector(f"main:has-text('{text}')", timeout=10000)
@@ -5246,7 +5248,9 @@ def test_what_status_shows_of_a_node_is_only_its_documented_fields(h):
     assert set(node["hardware"]) == {"os", "os_release", "arch", "cpu_cores"}
     tags = get_json(router.url, "/api/tags")["models"]
     assert set(tags[0]) == {"name", "model", "size", "digest", "details", "modified_at",
-                            "capabilities"}
+                            "capabilities", "nodes"}
+    assert tags[0]["nodes"] == [{"node_id": "node-a", "server": "ollama",
+                                 "name": tags[0]["name"]}]
 
 
 def test_metrics_label_only_models_some_node_has(h):
@@ -7216,7 +7220,8 @@ def llama_cpp_python():
 @pytest.fixture(scope="module")
 def llama_server():
     """llama-cpp-python's server on a free loopback port, serving SmolLM2 as
-    "smollm2-135m"; its URL."""
+    "smollm2-135m" (context 2048, one thread); `url`, and `timings()` reads the decode
+    speeds its own log printed since the last call (llama.cpp's perf lines)."""
     python, weights = llama_cpp_python()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -7227,16 +7232,26 @@ def llama_server():
                              "--port", str(port), "--n_threads", "1", "--n_ctx", "2048"],
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             env={**os.environ, "HOST": "127.0.0.1", "PORT": str(port)})
-    url = f"http://127.0.0.1:{port}"
+    server = types.SimpleNamespace(url=f"http://127.0.0.1:{port}", read_to=0)
+
+    def timings():
+        """(tokens, ms) of each answer's decoding, as the server's log says."""
+        log.seek(server.read_to)
+        text = log.read().decode("utf-8", "replace")
+        server.read_to += len(text.encode())
+        return [(int(n), float(ms)) for ms, n in re.findall(
+            r"^llama_perf_context_print:\s+eval time =\s+([0-9.]+) ms /\s+([0-9]+) runs",
+            text, re.M)]
+    server.timings = timings
     try:
         def up():  # its own readiness: FastAPI answers once the model is loaded
             if proc.poll() is not None:
                 log.seek(0)
                 raise AssertionError(f"llama-cpp-python's server ended: {log.read()[-800:]}")
             with contextlib.suppress(OSError):
-                return http(url, "GET", "/openapi.json", timeout=2)[0] == 200
+                return http(server.url, "GET", "/openapi.json", timeout=2)[0] == 200
         wait_until(up, timeout=120, what="llama-cpp-python's server")
-        yield url
+        yield server
     finally:
         proc.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -7247,22 +7262,32 @@ def llama_server():
         log.close()
 
 
-@pytest.mark.timeout(900)
-def test_a_real_llama_cpp_python_server_answers_through_the_router(h, llama_server):
-    import openai
+def real_server_node(h, llama_server, **env):
+    """A router with the real server as node "llama"; (router, the server's version)."""
     version = os.path.basename(llama_cpp_wheel()).split("-")[1]  # what the server says
-    assert h.bg.run(herd_node.detect_server(llama_server)) == {
-        "kind": "llama-cpp-python", "version": version}
-    router = h.router()
-    agent = h.agent(router, h.fake(), "llama", FLEET_NODE_OLLAMA_HOST=llama_server)
+    router = h.router(**env)
+    agent = h.agent(router, h.fake(), "llama", FLEET_NODE_OLLAMA_HOST=llama_server.url)
     h.beat(agent, "llama")
+    return router, version
+
+
+COLOUR = [{"role": "user", "content": "Name a colour."}]
+
+
+@pytest.mark.timeout(900)
+def test_a_real_llama_cpp_python_server_answers_openais_client(h, llama_server):
+    import openai
+    router, version = real_server_node(h, llama_server)
+    assert h.bg.run(herd_node.detect_server(llama_server.url)) == {
+        "kind": "llama-cpp-python", "version": version}
     node = fleet_status(router)["nodes"][0]
-    assert node["server"] == {"kind": "llama-cpp-python", "version": version}
+    assert node["server"] == {"kind": "llama-cpp-python", "version": version,
+                              "loads": False, "load": None}
     assert node["models_on_disk"] == ["smollm2-135m:latest"] and node["num_parallel"] == 1
     # Greedy decoding: the router's answer is the server's own, word for word.
     ask = {"model": "smollm2-135m", "temperature": 0, "max_tokens": 12, "seed": 1,
-           "messages": [{"role": "user", "content": "Name a colour."}]}
-    direct = openai.OpenAI(base_url=llama_server + "/v1", api_key="x", max_retries=0)
+           "messages": COLOUR}
+    direct = openai.OpenAI(base_url=llama_server.url + "/v1", api_key="x", max_retries=0)
     routed = openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
     expected = direct.chat.completions.create(**ask).choices[0].message.content
     assert expected and routed.chat.completions.create(**ask).choices[0].message.content \
@@ -7270,17 +7295,114 @@ def test_a_real_llama_cpp_python_server_answers_through_the_router(h, llama_serv
     streamed = "".join(c.choices[0].delta.content or "" for c in
                        routed.chat.completions.create(**ask, stream=True) if c.choices)
     assert streamed == expected
+    # A named tool: the server's grammar makes the call (its default chat handler does
+    # not parse a call the model makes of its own accord); the shape comes through.
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    called = routed.chat.completions.create(
+        model="smollm2-135m:latest", temperature=0, max_tokens=30, tools=[weather],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}])
+    call = called.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather" and "city" in json.loads(call.function.arguments)
     rows = [r for r in h.traces(router) if r["endpoint"] == "/v1/chat/completions"]
-    assert [(r["status"], r["node_id"]) for r in rows] == [("completed", "llama")] * 2
-    status, _, body = http(router.url, "POST", "/api/chat", {
-        "model": "smollm2-135m", "messages": [{"role": "user", "content": "hi"}]})
-    assert status == 404 and "its server is llama-cpp-python" in json.loads(body)["error"]
+    assert [(r["status"], r["node_id"]) for r in rows] == [("completed", "llama")] * 3
+    assert rows[2]["completion_tokens"] == called.usage.completion_tokens
 
 
-def test_a_server_of_openais_api_is_reached_by_openais_routes_only(h):
+@pytest.mark.timeout(900)
+def test_a_real_llama_cpp_python_server_answers_ollamas_client(h, llama_server):
+    import ollama
+    import openai
+    router, _ = real_server_node(h, llama_server)
+    direct = openai.OpenAI(base_url=llama_server.url + "/v1", api_key="x", max_retries=0)
+    client = ollama.Client(host=router.url)
+    greedy = {"temperature": 0, "seed": 1, "num_predict": 12}
+    own = direct.chat.completions.create(model="smollm2-135m", temperature=0, seed=1,
+                                         max_tokens=12, messages=COLOUR)
+    # Not streamed: the server's text and its own counts.
+    whole = client.chat(model="smollm2-135m", messages=COLOUR, options=greedy)
+    assert whole.message.content == own.choices[0].message.content
+    assert (whole.prompt_eval_count, whole.eval_count) == (own.usage.prompt_tokens,
+                                                           own.usage.completion_tokens)
+    assert whole.done_reason == ("length" if own.choices[0].finish_reason == "length"
+                                 else "stop")
+    row = trace_of(h, router, "/api/chat")
+    assert (row["status"], row["completion_tokens"]) == ("completed",
+                                                         own.usage.completion_tokens)
+    # Streamed: the same text, a token a line (the server's stream has no counts).
+    llama_server.timings()
+    parts = list(client.chat(model="smollm2-135m", messages=COLOUR, options=greedy,
+                             stream=True))
+    assert "".join(p.message.content for p in parts) == own.choices[0].message.content
+    assert parts[-1].done and parts[-1].eval_count == own.usage.completion_tokens
+    # /api/generate is the same question, asked as a chat.
+    generated = client.generate(model="smollm2-135m", prompt=COLOUR[0]["content"],
+                                options=greedy)
+    assert generated.response == own.choices[0].message.content
+    # A conversation with a tool's answer in it: Ollama's messages (arguments as an
+    # object, the tool named, no call id) are taken by the server (which wants a
+    # tool_call_id and a JSON text).
+    history = [{"role": "user", "content": "What is the weather in Paris?"},
+               {"role": "assistant", "content": "", "tool_calls": [
+                   {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+               {"role": "tool", "tool_name": "get_weather", "content": "Sunny, 21 C"}]
+    after = client.chat(model="smollm2-135m", messages=history, options=greedy)
+    assert after.done and after.message.content
+    # The learned decode speed is the server's own, within a fifth: streamed answers
+    # timed by the router against the server's log of the same answers.
+    for _ in range(3):
+        list(client.chat(model="smollm2-135m", stream=True, options={"num_predict": 40},
+                         messages=[{"role": "user", "content": "Tell me about the sea."}]))
+    logged = llama_server.timings()
+    server_tps = sum(n for n, _ in logged) / sum(ms for _, ms in logged) * 1000
+    learned = fleet_status(router)["nodes"][0]["learned"]["smollm2-135m:latest"]
+    assert abs(learned["tokens_per_s"] / server_tps - 1) <= 0.2, (learned, logged)
+    # Errors in Ollama's shape: a prompt past the context is the server's 400; streamed,
+    # the server ends its stream with nothing, which the router says.
+    long = [{"role": "user", "content": "sea " * 3000}]
+    with pytest.raises(ollama.ResponseError) as refused:
+        client.chat(model="smollm2-135m", messages=long)
+    assert refused.value.status_code == 400 and "context" in refused.value.error
+    with pytest.raises(ollama.ResponseError) as cut:
+        list(client.chat(model="smollm2-135m", messages=long, stream=True))
+    assert cut.value.status_code == 502 and "before the answer finished" in cut.value.error
+
+
+@pytest.mark.timeout(900)
+def test_a_real_server_and_an_ollama_serve_one_model_under_two_names(h, llama_server):
+    # Ollama calls SmolLM2-135M smollm2:135m; the real server was given smollm2-135m.
+    import ollama
+    router, _ = real_server_node(h, llama_server,
+                                 FLEET_MODEL_ALIASES="smollm2:135m=smollm2-135m")
+    client = ollama.Client(host=router.url)
+    for name in ("smollm2:135m", "smollm2-135m"):
+        answer = client.chat(model=name, messages=COLOUR, options={"num_predict": 4})
+        assert answer.model == name and answer.eval_count
+    stand_in = h.fake(models=["smollm2:135m"])
+    h.heartbeat(router, stand_in, "mac")
+    h.beat(h.agent(router, h.fake(), "llama", FLEET_NODE_OLLAMA_HOST=llama_server.url),
+           "llama", mutate=lambda hb: hb.update(leaving=True))
+    for name in ("smollm2-135m", "smollm2:135m"):
+        parts = list(client.chat(model=name, messages=COLOUR, stream=True))
+        assert {p.model for p in parts} == {name} and parts[-1].done
+    assert [r["body"]["model"] for r in stand_in.requests if r["path"] == "/api/chat"] \
+        == ["smollm2:135m"] * 2
+    rows = [r for r in h.traces(router) if r["endpoint"] == "/api/chat"]
+    assert [(r["node_id"], r["model"], r["requested_model"]) for r in rows] == [
+        ("llama", "smollm2:135m", "smollm2:135m"),
+        ("llama", "smollm2:135m", "smollm2-135m:latest"),
+        ("mac", "smollm2:135m", "smollm2-135m:latest"),
+        ("mac", "smollm2:135m", "smollm2:135m")]
+    learned = {n["node_id"]: set(n["learned"]) for n in fleet_status(router)["nodes"]}
+    assert learned == {"llama": {"smollm2:135m"}, "mac": {"smollm2:135m"}}
+
+
+def test_a_server_of_openais_api_is_sent_no_model_management(h):
     # LM Studio answers /api/version and /api/tags with 200 (and an error): the agent
     # took it for an Ollama that holds nothing. It now lists what the server lists, and
-    # the router sends it OpenAI's routes as they are, and none of Ollama's.
+    # the router sends it OpenAI's routes as they are, Ollama's inference translated,
+    # and none of Ollama's model management.
     routes, other = OTHER_SERVERS["lmstudio"]
     answer = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1,
               "model": "qwen2.5-7b-instruct", "choices": [{"index": 0, "finish_reason": "stop",
@@ -7292,13 +7414,14 @@ def test_a_server_of_openais_api_is_reached_by_openais_routes_only(h):
         router = h.router()
         agent = h.agent(router, h.fake(), "lm-box", FLEET_NODE_OLLAMA_HOST=url)
         hb = h.bg.run(agent.snapshot())
-        assert hb["server"] == {"kind": "lmstudio", "version": ""}
+        assert hb["server"] == {"kind": "lmstudio", "version": "", "loads": True}
         assert hb["ollama"]["reachable"] is True and hb["ollama"]["version"] == ""
         assert [m["model"] for m in hb["models"]] == ["qwen2.5-7b-instruct"]
-        assert hb["loaded"] == hb["models"]  # listed: served (LM Studio loads on demand)
+        assert hb["loaded"] == []  # its REST API says "not-loaded": it loads on demand
         h.beat(agent, "lm-box")
         node = fleet_status(router)["nodes"][0]
-        assert node["server"] == {"kind": "lmstudio", "version": ""}
+        assert node["server"] == {"kind": "lmstudio", "version": "", "loads": True,
+                                  "load": None}
         chat = {"model": "qwen2.5-7b-instruct", "stream": False,
                 "messages": [{"role": "user", "content": "hi"}]}
         status, headers, body = http(router.url, "POST", "/v1/chat/completions", chat)
@@ -7307,7 +7430,11 @@ def test_a_server_of_openais_api_is_reached_by_openais_routes_only(h):
         row = trace_of(h, router, "/v1/chat/completions")
         assert (row["status"], row["completion_tokens"]) == ("completed", 4)
         status, _, body = http(router.url, "POST", "/api/chat", chat)
-        assert status == 404 and "its server is lmstudio" in json.loads(body)["error"]
+        assert status == 200 and json.loads(body)["message"]["content"] == \
+            "Hello from LM Studio"
+        status, _, body = http(router.url, "POST", "/v1/messages", {
+            "model": "qwen2.5-7b-instruct", "max_tokens": 5, "messages": chat["messages"]})
+        assert status == 404 and "its server is lmstudio" in json.loads(body)["error"]["message"]
         assert get_json(router.url, "/api/version") == {"version": "0.0.0"}  # no Ollama
         status, _, body = http(router.url, "POST", "/api/pull", {"model": "phi3:mini"})
         assert status == 503  # nothing to pull onto: LM Studio is not an Ollama
@@ -7316,7 +7443,8 @@ def test_a_server_of_openais_api_is_reached_by_openais_routes_only(h):
     fake = h.fake("127.0.0.2")  # an Ollama's node says so too, with its version
     h.heartbeat(router, fake, "node-b")
     node = next(n for n in fleet_status(router)["nodes"] if n["node_id"] == "node-b")
-    assert node["server"] == {"kind": "ollama", "version": fake.version}
+    assert node["server"] == {"kind": "ollama", "version": fake.version, "loads": True,
+                              "load": None}
 
 
 def test_an_agent_whose_ollama_url_is_the_router_is_told_the_ports(h, herd_log):
@@ -9394,3 +9522,384 @@ def test_a_model_the_plan_left_out_starts_the_next_plan_where_it_was_loaded():
     fleet.nodes["c"] = NS(loaded={"mistral": {}})
     assert placement._start(nodes) == {"a": ["llama"], "b": ["gemma", "qwen"],
                                        "c": ["mistral"]}
+
+
+# Ollama's routes on a server of OpenAI's API: the router says the request in OpenAI's
+# terms and the answer back in Ollama's (herd.Translation). The stand-ins are the fake
+# in another server's persona (FakeOllama(server=...)): its answers and identity routes
+# as that server's source gives them.
+def persona_node(h, router, kind, node_id="oa", **fake_args):
+    fake = h.fake(server=kind, **fake_args)
+    agent = h.agent(router, fake, node_id, FLEET_NODE_SERVER_URL=fake.url)
+    h.beat(agent, node_id)
+    return fake, agent
+
+
+@pytest.mark.parametrize("kind", ["llama-server", "llama-cpp-python", "vllm", "lmstudio"])
+def test_ollamas_client_is_answered_by_a_server_of_openais_api(h, kind):
+    import ollama
+    router = h.router()
+    fake, _ = persona_node(h, router, kind, models=["qwen2.5:7b"], chunks=4)
+    assert fleet_status(router)["nodes"][0]["server"]["kind"] == kind
+    client = ollama.Client(host=router.url)
+    whole = client.chat(model="qwen2.5:7b", messages=[{"role": "user", "content": "hi"}],
+                        options={"temperature": 0, "num_predict": 3, "seed": 7})
+    asked = fake.requests[-1]
+    assert asked["path"] == "/v1/chat/completions"
+    assert asked["body"]["max_tokens"] == 3 and asked["body"]["temperature"] == 0 and \
+        asked["body"]["seed"] == 7 and asked["body"]["stream"] is False
+    assert whole.message.content == "w0 w1 w2 " and whole.done and whole.done_reason == "length"
+    assert whole.model == "qwen2.5:7b" and whole.eval_count == 3
+    # A whole answer's decode time is the server's own (llama-server's timings) or
+    # not said: the router saw only its end.
+    assert (whole.eval_duration is not None) == (kind == "llama-server")
+    assert whole.prompt_eval_count == fake_usage(fake)["prompt_tokens"]
+    parts = list(client.chat(model="qwen2.5:7b", stream=True,
+                             messages=[{"role": "user", "content": "hi"}]))
+    assert "".join(p.message.content for p in parts) == "w0 w1 w2 w3 "
+    assert [p.done for p in parts] == [False] * 4 + [True]
+    final = parts[-1]
+    assert final.done_reason == "stop" and final.eval_count == 4
+    if kind == "llama-cpp-python":  # no counts in its streams: the router's own
+        assert final.prompt_eval_count is None and final.eval_duration > 0
+    else:
+        assert final.prompt_eval_count == fake_usage(fake)["prompt_tokens"]
+    rows = [r for r in h.traces(router) if r["endpoint"] == "/api/chat"]
+    assert [(r["status"], r["completion_tokens"]) for r in rows] == [("completed", 3),
+                                                                    ("completed", 4)]
+    generated = client.generate(model="qwen2.5:7b", prompt="hi", system="be brief")
+    sent = fake.requests[-1]["body"]
+    assert sent["messages"] == [{"role": "system", "content": "be brief"},
+                                {"role": "user", "content": "hi"}]
+    assert generated.response == "w0 w1 w2 w3 " and generated.done
+    embedded = client.embed(model="qwen2.5:7b", input=["a", "b"])
+    assert fake.requests[-1]["path"] == "/v1/embeddings"
+    assert len(embedded.embeddings) == 2 and all(
+        abs(sum(x * x for x in v) - 1) < 1e-6 for v in embedded.embeddings)
+
+
+def fake_usage(fake):
+    """The prompt tokens the fake counted for its last chat request, as it reports them."""
+    body = fake.requests[-1]["body"]
+    return {"prompt_tokens": 10 + sum(4 + len(str(m.get("content", "")).split())
+                                      for m in body["messages"])}
+
+
+def test_llama_servers_timings_are_the_answers_durations(h):
+    router = h.router()
+    persona_node(h, router, "llama-server", models=["qwen2.5:7b"], chunks=5,
+                 chunk_delay=0.01)
+    status, _, body = http(router.url, "POST", "/api/chat", {
+        "model": "qwen2.5:7b", "stream": False,
+        "messages": [{"role": "user", "content": "hi"}]})
+    got = json.loads(body)
+    assert status == 200 and got["eval_count"] == 5
+    # The fake's timings: five tokens of 10 ms each, said in ms, now in ns.
+    assert 50e6 <= got["eval_duration"] < 500e6
+    assert got["total_duration"] >= got["eval_duration"]
+
+
+def test_tool_calls_and_images_cross_to_a_server_of_openais_api(h):
+    import ollama
+    router = h.router()
+    fake, _ = persona_node(h, router, "llama-server", models=["qwen2.5:7b"])
+    client = ollama.Client(host=router.url)
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"},
+                                         "unit": {"type": "string"}}}}}
+    ask = [{"role": "user", "content": "call get_weather"}]
+    # The server streams a call in pieces (its name, then its arguments' text in two);
+    # Ollama's client gets each call whole, its arguments an object.
+    whole = client.chat(model="qwen2.5:7b", messages=ask, tools=[weather])
+    parts = list(client.chat(model="qwen2.5:7b", messages=ask, tools=[weather], stream=True))
+    assert fake.requests[-1]["body"]["tools"] == [weather]
+    for calls in (whole.message.tool_calls,
+                  [c for p in parts for c in p.message.tool_calls or ()]):
+        assert [(c.function.name, c.function.arguments) for c in calls] == [
+            ("get_weather", {"city": "w0", "unit": "w1"})]
+    assert parts[-1].done and whole.done_reason == parts[-1].done_reason == "stop"
+    # The conversation goes on as Ollama's client sends it (the call's arguments an
+    # object, the tool's answer naming the tool): the server gets OpenAI's (arguments
+    # as JSON text, the answer tied to the call by its id).
+    client.chat(model="qwen2.5:7b", messages=ask + [
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "tool_name": "get_weather", "content": "Sunny"}])
+    sent = fake.requests[-1]["body"]["messages"]
+    call_id = sent[1]["tool_calls"][0]["id"]
+    assert sent[1]["tool_calls"] == [{"id": call_id, "type": "function", "function": {
+        "name": "get_weather", "arguments": '{"city": "Paris"}'}}]
+    assert sent[2] == {"role": "tool", "content": "Sunny", "tool_call_id": call_id}
+    # An image goes as a data URL of its own type.
+    png = base64.b64decode(fake_ollama.TINY_PNG)
+    client.chat(model="qwen2.5:7b", messages=[
+        {"role": "user", "content": "what is this?", "images": [png]}])
+    assert fake.requests[-1]["body"]["messages"][0]["content"] == [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," +
+                                                   fake_ollama.TINY_PNG}}]
+
+
+@pytest.mark.parametrize("kind, fmt, expected", [
+    ("llama-server", "json", {"type": "json_object"}),
+    ("vllm", "json", {"type": "json_object"}),
+    ("lmstudio", "json", {"type": "json_schema", "json_schema": {
+        "name": "answer", "schema": {"type": "object"}}}),  # LM Studio takes no json_object
+    ("llama-server", {"type": "object"}, {"type": "json_schema", "json_schema": {
+        "name": "answer", "schema": {"type": "object"}}}),
+    ("llama-cpp-python", "json", {"type": "json_object"}),
+    ("llama-cpp-python", {"type": "array"}, {"type": "json_object",  # its own shape
+                                             "schema": {"type": "array"}}),
+    ("vllm", None, None), ("mlx-lm", "", None),
+])
+def test_ollamas_format_is_said_as_each_server_takes_it(kind, fmt, expected):
+    assert herd.response_format(kind, fmt) == expected
+
+
+@pytest.mark.parametrize("options, kind, expected", [
+    ({"temperature": 0.2, "top_p": 0.9, "top_k": 5, "seed": 3, "num_predict": 7},
+     "llama-server", {"temperature": 0.2, "top_p": 0.9, "top_k": 5, "seed": 3,
+                      "max_tokens": 7}),
+    ({"num_predict": -1, "num_ctx": 8192, "stop": "END"}, "vllm", {"stop": ["END"]}),
+    ({"repeat_penalty": 1.1}, "vllm", {"repetition_penalty": 1.1}),
+    ({"repeat_penalty": 1.1}, "llama-server", {"repeat_penalty": 1.1}),
+    (None, "lmstudio", {}),
+])
+def test_ollamas_options_are_said_as_openais_fields(options, kind, expected):
+    assert herd.openai_options(options, kind) == expected
+
+
+@pytest.mark.parametrize("options", [{"temperature": "hot"}, {"stop": [1]},
+                                     {"num_predict": 1.5}, {"seed": True}, [1]])
+def test_options_of_the_wrong_type_are_the_clients_400(options):
+    with pytest.raises(herd.RouteError) as refused:
+        herd.openai_options(options, "llama-server")
+    assert refused.value.status == 400
+
+
+def test_what_a_server_of_openais_api_cannot_do_is_said(h):
+    router = h.router()
+    persona_node(h, router, "mlx-lm", models=["qwen2.5:7b"])
+    fake, _ = persona_node(h, router, "llama-server", "ls", models=["phi3:mini"])
+    chat = {"model": "qwen2.5:7b", "stream": False,
+            "messages": [{"role": "user", "content": "hi"}]}
+    status, _, body = http(router.url, "POST", "/api/chat", {**chat, "format": "json"})
+    assert status == 400 and "cannot hold an answer to a format" in json.loads(body)["error"]
+    status, _, body = http(router.url, "POST", "/api/generate", {
+        "model": "phi3:mini", "prompt": "hi", "context": [1, 2, 3], "stream": False})
+    assert status == 400 and "'context' works on Ollama only" in json.loads(body)["error"]
+    asked = len(fake.requests)
+    # No messages: Ollama only loads the model; the server loads what it lists itself.
+    status, _, body = http(router.url, "POST", "/api/chat", {"model": "phi3:mini",
+                                                             "messages": []})
+    assert status == 200 and json.loads(body)["done_reason"] == "load"
+    status, _, body = http(router.url, "POST", "/api/chat", {
+        "model": "phi3:mini", "messages": [], "keep_alive": 0})
+    assert status == 400 and "cannot unload" in json.loads(body)["error"]
+    assert len(fake.requests) == asked  # none of these reached it
+    # The server's own refusal keeps its status, said in Ollama's shape.
+    fake.fault = "http503"
+    status, _, body = http(router.url, "POST", "/api/chat", {**chat, "model": "phi3:mini"})
+    assert (status, json.loads(body)) == (503, {"error": fake_ollama.BUSY})
+    # A stream cut short after its first tokens ends with Ollama's error line.
+    fake.fault = "die_mid_stream"
+    status, _, body = http(router.url, "POST", "/api/chat", {
+        "model": "phi3:mini", "messages": [{"role": "user", "content": "hi"}]})
+    lines = [json.loads(line) for line in body.splitlines()]
+    assert status == 200 and "error" in lines[-1] and not any(
+        line.get("done") for line in lines)
+    row = trace_of(h, router, "/api/chat")
+    assert row["status"] == "incomplete"
+
+
+def test_one_model_under_two_names_is_one_model(h):
+    # FLEET_MODEL_ALIASES: Ollama's llama3.2:3b is LM Studio's or llama-server's
+    # Llama-3.2-3B-Instruct-Q4_K_M. A request by either name may go to either node; the
+    # node is sent its own name, the client sees its own, and the router learns one model.
+    import ollama
+    import openai
+    lm_name = "Llama-3.2-3B-Instruct-Q4_K_M"
+    router = h.router(FLEET_MODEL_ALIASES=f"llama3.2:3b={lm_name}")
+    server, agent = persona_node(h, router, "llama-server", "gpu", models=[lm_name])
+    status = fleet_status(router)
+    assert status["nodes"][0]["models_on_disk"] == ["llama3.2:3b"]
+    client = ollama.Client(host=router.url)
+    for name in ("llama3.2:3b", lm_name):
+        answer = client.chat(model=name, messages=[{"role": "user", "content": "hi"}])
+        assert answer.model == name and server.requests[-1]["body"]["model"] == lm_name
+    parts = list(client.generate(model="llama3.2:3b", prompt="hi", stream=True))
+    assert {p.model for p in parts} == {"llama3.2:3b"}
+    routed = openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
+    said = routed.chat.completions.create(model="llama3.2:3b", messages=[
+        {"role": "user", "content": "hi"}])
+    assert said.model == "llama3.2:3b" and server.requests[-1]["body"]["model"] == lm_name
+    chunks = list(routed.chat.completions.create(model="llama3.2:3b", stream=True, messages=[
+        {"role": "user", "content": "hi"}]))
+    assert {c.model for c in chunks} == {"llama3.2:3b"}
+    # The Ollama node joins and the other leaves: the same names now reach Ollama.
+    ollama_fake = h.fake(models=["llama3.2:3b"])
+    h.heartbeat(router, ollama_fake, "mac")
+    listed = get_json(router.url, "/api/tags")["models"]
+    assert [(m["name"], m["nodes"]) for m in listed] == [("llama3.2:3b", [
+        {"node_id": "gpu", "server": "llama-server", "name": lm_name},
+        {"node_id": "mac", "server": "ollama", "name": "llama3.2:3b"}])]
+    assert [m.model for m in client.list().models] == ["llama3.2:3b"]
+    models = get_json(router.url, "/v1/models")["data"]
+    assert [(m["id"], len(m["nodes"])) for m in models] == [("llama3.2:3b", 2)]
+    h.beat(agent, "gpu", mutate=lambda hb: hb.update(leaving=True))
+    for name in (lm_name, "llama3.2:3b"):
+        answer = client.chat(model=name, messages=[{"role": "user", "content": "hi"}])
+        assert answer.model == name
+        assert ollama_fake.requests[-1]["body"]["model"] == "llama3.2:3b"
+    parts = list(client.chat(model=lm_name, stream=True,
+                             messages=[{"role": "user", "content": "hi"}]))
+    assert {p.model for p in parts} == {lm_name} and parts[-1].done
+    rows = [r for r in h.traces(router) if r["endpoint"] in ("/api/chat", "/api/generate",
+                                                             "/v1/chat/completions")]
+    assert {r["model"] for r in rows} == {"llama3.2:3b"}  # one model
+    assert [(r["node_id"], r["requested_model"], r["node_model"]) for r in rows] == [
+        ("gpu", "llama3.2:3b", lm_name), ("gpu", lm_name.lower() + ":latest", None),
+        ("gpu", "llama3.2:3b", lm_name), ("gpu", "llama3.2:3b", lm_name),
+        ("gpu", "llama3.2:3b", lm_name),
+        ("mac", lm_name.lower() + ":latest", "llama3.2:3b"), ("mac", "llama3.2:3b", None),
+        ("mac", lm_name.lower() + ":latest", "llama3.2:3b")]
+    learned = {n["node_id"]: set(n["learned"]) for n in fleet_status(router)["nodes"]}
+    assert learned == {"gpu": {"llama3.2:3b"}, "mac": {"llama3.2:3b"}}
+
+
+@pytest.mark.parametrize("setting, error", [
+    ("llama3.2:3b", "is not name=other"),
+    ("a=b;b=c", "b:latest is in two entries"),
+    ("a=b c", "b c"),
+    ("@/nonexistent/aliases", "No such file"),
+])
+def test_bad_model_aliases_stop_the_router_at_start(setting, error):
+    with pytest.raises(hc.ConfigError) as refused:
+        herd.read_aliases(setting)
+    assert error in str(refused.value)
+
+
+def test_model_aliases_read_from_a_file(tmp_path):
+    path = tmp_path / "aliases"
+    path.write_text("# one model a line\nllama3.2:3b=Llama-3.2-3B-Instruct-Q4_K_M,"
+                    "llama-3.2-3b-instruct\n\nqwen2.5:7b = Qwen2.5-7B-Instruct\n")
+    assert herd.read_aliases(f"@{path}") == {
+        "llama3.2:3b": "llama3.2:3b", "llama-3.2-3b-instruct-q4_k_m:latest": "llama3.2:3b",
+        "llama-3.2-3b-instruct:latest": "llama3.2:3b", "qwen2.5:7b": "qwen2.5:7b",
+        "qwen2.5-7b-instruct:latest": "qwen2.5:7b"}
+
+
+def test_lm_studio_says_what_is_loaded_and_loads_and_unloads_on_request(h):
+    import ollama
+    router = h.router()
+    fake, agent = persona_node(h, router, "lmstudio", "lm", num_parallel=2,
+                               models=["qwen2.5-7b-instruct", "nomic-embed-text"], load_delay=0.2)
+    hb = h.bg.run(agent.snapshot())
+    assert hb["server"] == {"kind": "lmstudio", "version": "", "loads": True}
+    assert hb["loaded"] == [] and {m["model"]: m["capabilities"] for m in hb["models"]} == {
+        "qwen2.5-7b-instruct": ["completion"], "nomic-embed-text": ["embedding"]}
+    assert hb["ollama"]["num_parallel"] == 0  # nothing loaded: LM Studio says none
+    client = ollama.Client(host=router.url)
+    # Just in time: the first request loads the model; the router counts it a cold load.
+    parts = list(client.chat(model="qwen2.5-7b-instruct", stream=True,
+                             messages=[{"role": "user", "content": "hi"}]))
+    assert parts[-1].done and fake.load_count == 1
+    learned = fleet_status(router)["nodes"][0]["learned"]["qwen2.5-7b-instruct:latest"]
+    assert learned["cold_load_ms"] >= 200
+    h.beat(agent, "lm")
+    node = fleet_status(router)["nodes"][0]
+    assert [m["model"] for m in node["models_loaded"]] == ["qwen2.5-7b-instruct:latest"]
+    assert node["num_parallel"] == 2
+    # Ollama's unload (keep_alive 0, nothing to say) goes to LM Studio's own API.
+    gone = client.generate(model="qwen2.5-7b-instruct", prompt="", keep_alive=0)
+    assert gone.done_reason == "unload" and not fake.loaded
+    assert [r["path"] for r in fake.requests if r["method"] == "POST"][-1] == \
+        "/api/v1/models/unload"
+
+
+def test_llama_servers_router_mode_loads_and_unloads_on_request(h):
+    router = h.router()
+    fake, agent = persona_node(h, router, "llama-server", "rig", router_mode=True,
+                               models=["qwen2.5:7b", "phi3:mini"])
+    node = fleet_status(router)["nodes"][0]
+    assert node["server"]["kind"] == "llama-server" and node["server"]["loads"] is True
+    assert node["models_on_disk"] == ["phi3:mini", "qwen2.5:7b"] and not node["models_loaded"]
+    status, _, _ = http(router.url, "POST", "/api/generate", {
+        "model": "phi3:mini", "prompt": "hi", "stream": False})
+    assert status == 200 and set(fake.loaded) == {"phi3:mini"}
+    h.beat(agent, "rig")
+    assert [m["model"] for m in fleet_status(router)["nodes"][0]["models_loaded"]] == [
+        "phi3:mini"]
+    status, _, body = http(router.url, "POST", "/api/generate", {
+        "model": "phi3:mini", "prompt": "", "keep_alive": 0})
+    assert (status, json.loads(body)["done_reason"]) == (200, "unload") and not fake.loaded
+    assert fake.requests[-1]["path"] == "/models/unload"
+    assert fake.requests[-1]["body"] == {"model": "phi3:mini"}
+
+
+def test_vllms_metrics_and_mlxs_one_slot_reach_the_router(h):
+    router = h.router()
+    vllm, agent = persona_node(h, router, "vllm", "v", models=["qwen2.5:7b"],
+                               chunks=40, chunk_delay=0.02, num_parallel=8)
+    mlx, _ = persona_node(h, router, "mlx-lm", "m", models=["phi3:mini"],
+                          chunks=10, chunk_delay=0.02)
+    # Two streams at once on vLLM: its own /metrics count them.
+    with concurrent_streams(router.url, "qwen2.5:7b", 2):
+        wait_until(lambda: vllm.active == 2, what="two answers on vLLM")
+        hb = h.bg.run(agent.snapshot())
+    assert hb["server"]["load"] == {"running": 2, "waiting": 0, "kv_cache": 0.2}
+    listed = {m["name"]: m for m in get_json(router.url, "/api/tags")["models"]}
+    assert listed["qwen2.5:7b"]["details"]["context_length"] == \
+        fake_ollama.DEFAULT_NUM_CTX  # vLLM's max_model_len
+    # mlx_lm.server takes one request at a time: the router sends it no second.
+    node = next(n for n in fleet_status(router)["nodes"] if n["node_id"] == "m")
+    assert node["num_parallel"] == 1 and node["server"]["load"] is None
+    with concurrent_streams(router.url, "phi3:mini", 3):
+        pass
+    assert mlx.completed == 3 and mlx.max_active == 1
+
+
+@contextlib.contextmanager
+def concurrent_streams(url, model, count):
+    """`count` streamed generates of `model` in threads; waits for all on leaving."""
+    errors = []
+
+    def one():
+        try:
+            status, _, _ = http(url, "POST", "/api/generate",
+                                {"model": model, "prompt": "hi"}, timeout=60)
+            assert status == 200
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=one) for _ in range(count)]
+    for t in threads:
+        t.start()
+    try:
+        yield
+    finally:
+        for t in threads:
+            t.join(60)
+    assert not errors, errors
+
+
+def test_the_dashboard_names_each_nodes_server_in_a_browser(h):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+    router = h.router()
+    h.heartbeat(router, h.fake(models=["qwen2.5:7b"]), "desk")
+    persona_node(h, router, "lmstudio", "mac", models=["qwen2.5-7b-instruct"])
+    _, vllm = persona_node(h, router, "vllm", "rig", models=["qwen2.5:7b"])
+    h.beat(vllm, "rig", mutate=lambda hb: hb["server"].update(
+        load={"running": 3, "waiting": 1, "kv_cache": 0.42}))
+    with sync_playwright() as p:
+        browser, page, errors = browser_page(p, chromium, 1400)
+        try:
+            page.goto(router.url + "/dashboard#Nodes")
+            page.wait_for_selector("main:has-text('vLLM')", timeout=10000)
+            text = page.inner_text("main")
+        finally:
+            browser.close()
+    assert f"Ollama {fake_ollama.DEFAULT_VERSION}" in text and "LM Studio ?" in text
+    assert "vLLM 0.11.0 (3 running, 1 waiting, KV cache 42%)" in text and not errors
