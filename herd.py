@@ -30,7 +30,9 @@ Hosts, which Host names are the router's; Catalogue, FleetApi, DashboardApi: the
 answered from what the router knows); the proxy (Exchange, the request's one record;
 Records: open it, see it to its end, write its row; Proxy: serve -> attempts;
 NodeRelay: attempt -> send upstream -> relay; MediaRoute and Upload for images and
-speech); routing (Scheduler: candidates -> elimination -> scores -> a queue); placement
+speech); Ollama's routes on a server of OpenAI's API (Translation, both ways; a
+TranslatedRelay says a stream otherwise on its way, Renaming a model's alias);
+routing (Scheduler: candidates -> elimination -> scores -> a queue); placement
 (the plan routing follows); the fleet (nodes, queues, what each holds: the only code
 that changes them); learning (what each node+model was seen to do); stats. Then what
 runs beside requests: pulls and pre-warm (the Warmer makes the plan's moves); managing
@@ -2065,8 +2067,8 @@ class NodeRelay:
         NDJSON, or its whole answer (or error) as Ollama's; a 5xx is retried."""
         if status < 400 and b"text/event-stream" in (content_type(headers) or b""):
             relay = TranslatedRelay(up, conn, self.cfg.chunk_timeout, tr)
-            return await self._relay_stream(conn, ex, choice, up, status,
-                                            [(b"content-type", NDJSON_TYPE)], relay)
+            return await self._relay_stream(conn, ex, choice, up, status, headers, relay,
+                                            NDJSON_TYPE)
         body = await up.read_body(self.cfg.chunk_timeout, NON_STREAM_BUFFER)
         if status >= 500 and not is_busy(status, body) and not ex.chosen:
             raise node_failure(ex, status, body)
@@ -2077,14 +2079,19 @@ class NodeRelay:
         if status < 400:
             ex.read_usage(out)
 
-    async def _relay_stream(self, conn, ex, choice, up, status, headers, relay=None):
+    async def _relay_stream(self, conn, ex, choice, up, status, headers, relay=None,
+                            ctype=None):
         """Chunk by chunk; the head goes out with the first chunk, so a node that fails
-        before it can still be replaced by another. `relay`: one that translates."""
+        before it can still be replaced by another. `relay`: one that says the answer
+        otherwise (TranslatedRelay), in `ctype` when that is another type."""
         relay = ex.relay = relay or hc.Relay(up, conn, self.cfg.chunk_timeout)
         first = await relay.first(headers)
         ex.touch()
         ex.ttft = time.monotonic() - ex.t0
         ex.read_stream_head(first)
+        if ctype is not None:
+            headers = [(k, v) for k, v in headers if k != b"content-type"]
+            headers.append((b"content-type", ctype))
         await conn.start_response(status, None, response_headers(headers, ex, choice),
                                   first_chunks=first)
         ex.started = True
@@ -2881,7 +2888,8 @@ class Translation:
         self.local = None  # local_answer(), once asked
         self.path = self.body = None  # request(), once asked
         # A text line's parts: {"model":...,"created_at":"<now>",<key>:"<text>"...}
-        self._now = None  # the time of the read being translated
+        self._now = None  # the time of the read being translated, as created_at says it
+        self._read_at = None  # and by the monotonic clock
         self._head = b'{"model":' + hc.dump_json(self.shown) + b',"created_at":"'
         self._open = b'","message":{"role":"assistant","content":' if self.chat else \
             b'","response":'
@@ -3045,7 +3053,7 @@ class Translation:
         *events, self._buffer = self._buffer.split(b"\n\n")
         if len(self._buffer) > MAX_SSE_EVENT:
             raise hc.UpstreamError("body", f"sent an event over {MAX_SSE_EVENT} bytes")
-        self._now = None
+        self._now, self._read_at = None, time.monotonic()
         out = []
         for event in events:
             if self.failed:
@@ -3088,10 +3096,13 @@ class Translation:
             self.done = True
             return b""
         try:
-            obj = read_json(payload.decode())
+            text = payload.decode().strip()
+            obj, end = read_json(text)
+            if end != len(text):
+                obj = None  # something after the object
         except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
             obj = None
-        if not isinstance(obj, dict):
+        if type(obj) is not dict:
             raise hc.UpstreamError("body", "sent an event that is not a JSON object")
         if obj.get("error"):
             return self._failure(error_text(hc.dump_json(obj)))
@@ -3102,16 +3113,18 @@ class Translation:
             return b""
         if choice.get("finish_reason"):
             self.finish_reason = choice["finish_reason"]
-        delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+        delta = choice.get("delta")
+        if type(delta) is not dict:
+            delta = {}
         if "tool_calls" in delta:
             self._take_calls(delta["tool_calls"])
         text = choice.get("text") if self.completions else delta.get("content")
-        thinking = reasoning_of(delta)
-        if not (isinstance(text, str) and text) and not thinking:
+        thinking = reasoning_of(delta) if "reasoning_content" in delta or \
+            "reasoning" in delta else None
+        if not (type(text) is str and text) and not thinking:
             return b""
-        now = time.monotonic()
-        self.t_first = self.t_first or now
-        self.t_last = now
+        self.t_first = self.t_first or self._read_at
+        self.t_last = self._read_at
         self.tokens += 1
         if thinking:
             line = self._line(text if isinstance(text, str) else "")
@@ -3123,7 +3136,7 @@ class Translation:
         """A line of text, written from its parts (the stream's one hot path: a dict
         dumped for every token would cost twice as much)."""
         if self._now is None:
-            self._now = hc.now_rfc3339().encode()
+            self._now = created_at()
         return b"".join((self._head, self._now, self._open, json_text(text).encode(),
                          self._close))
 
@@ -3201,8 +3214,19 @@ class Translation:
 
 
 MAX_TOOL_CALLS = 64  # in one answer
+_SECOND = [None, b""]  # the last whole second created_at() wrote, and its text
+
+
+def created_at():
+    """Now, as Ollama writes created_at (RFC 3339, UTC, microseconds here): the
+    date and time of day are formatted once a second, not once a token."""
+    now = time.time()
+    second = int(now)
+    if _SECOND[0] != second:
+        _SECOND[:] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()
+    return b"%s.%06dZ" % (_SECOND[1], int((now - second) * 1e6))
 json_text = json.encoder.encode_basestring_ascii  # a str as JSON text, as dump_json writes it
-read_json = json.JSONDecoder().decode  # json.loads without its look at a bytes' encoding
+read_json = json.JSONDecoder().raw_decode  # (value, end): json.loads' work, less its own
 
 
 def text_field(fields, name):

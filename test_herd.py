@@ -9539,7 +9539,8 @@ def persona_node(h, router, kind, node_id="oa", **fake_args):
 def test_ollamas_client_is_answered_by_a_server_of_openais_api(h, kind):
     import ollama
     router = h.router()
-    fake, _ = persona_node(h, router, kind, models=["qwen2.5:7b"], chunks=4)
+    fake, _ = persona_node(h, router, kind, models=["qwen2.5:7b"], chunks=4,
+                           chunk_delay=0.01)  # a token a read, as a model writes them
     assert fleet_status(router)["nodes"][0]["server"]["kind"] == kind
     client = ollama.Client(host=router.url)
     whole = client.chat(model="qwen2.5:7b", messages=[{"role": "user", "content": "hi"}],
