@@ -2902,12 +2902,12 @@ class Translation:
         Untranslatable for one this server cannot."""
         self.t_sent = time.monotonic()
         if self.endpoint in ("/api/embed", "/api/embeddings"):
-            return "/v1/embeddings", hc.dump_json(self._embed_body())
+            return "/v1/embeddings", strict_json(self._embed_body())
         body = self._chat_body() if self.chat else self._generate_body()
         path = "/v1/completions" if self.completions else "/v1/chat/completions"
         if self.stream:
             body["stream_options"] = {"include_usage": True}
-        return path, hc.dump_json(body)
+        return path, strict_json(body)
 
     def local_answer(self):
         """Ollama's answer to a request that asks the server for nothing (no prompt or
@@ -3019,8 +3019,9 @@ class Translation:
         thinking = reasoning_of(message)
         if thinking:
             self._put(out, "thinking", thinking)
-        calls = [ollama_tool_call(c) for c in message.get("tool_calls") or ()
-                 if isinstance(c, dict)]
+        listed = message.get("tool_calls")
+        calls = [ollama_tool_call(c) for c in (listed if isinstance(listed, list) else ())
+                 [:MAX_TOOL_CALLS] if isinstance(c, dict)]
         if calls:
             self._put(out, "tool_calls", calls)
         self.t_last = time.monotonic()
@@ -3155,18 +3156,24 @@ class Translation:
         """Tool calls come in pieces (the name, then the arguments' text bit by bit),
         each under its index; Ollama sends each call whole."""
         for d in deltas if isinstance(deltas, list) else ():
-            if not isinstance(d, dict) or len(self.calls) >= MAX_TOOL_CALLS:
+            if not isinstance(d, dict):
                 continue
             index = d.get("index") if type(d.get("index")) is int else len(self.calls)
+            if index not in self.calls and len(self.calls) >= MAX_TOOL_CALLS:
+                continue
             call = self.calls.setdefault(index, {"function": {"name": "", "arguments": ""}})
             fn = d.get("function") if isinstance(d.get("function"), dict) else {}
             if isinstance(d.get("id"), str):
                 call["id"] = d["id"]
             for key in ("name", "arguments"):
-                if isinstance(fn.get(key), str):
-                    call["function"][key] += fn[key]
-                elif isinstance(fn.get(key), dict):
-                    call["function"][key] = fn[key]  # whole, as some servers send it
+                value, have = fn.get(key), call["function"][key]
+                if isinstance(value, str) and isinstance(have, str):
+                    if len(have) + len(value) > MAX_CALL_TEXT:
+                        raise hc.UpstreamError("body", f"sent a tool call over "
+                                                       f"{MAX_CALL_TEXT} characters")
+                    call["function"][key] = have + value
+                elif isinstance(value, dict):
+                    call["function"][key] = value  # whole, as some servers send it
 
     # -- Ollama's shapes ------------------------------------------------------------
 
@@ -3214,6 +3221,7 @@ class Translation:
 
 
 MAX_TOOL_CALLS = 64  # in one answer
+MAX_CALL_TEXT = 1 << 20  # characters of one streamed tool call's name or arguments
 _SECOND = [None, b""]  # the last whole second created_at() wrote, and its text
 
 
@@ -3227,6 +3235,16 @@ def created_at():
     return b"%s.%06dZ" % (_SECOND[1], int((now - second) * 1e6))
 json_text = json.encoder.encode_basestring_ascii  # a str as JSON text, as dump_json writes it
 read_json = json.JSONDecoder().raw_decode  # (value, end): json.loads' work, less its own
+
+
+def strict_json(obj):
+    """`obj` as JSON a server will parse: Python's reader takes NaN, Infinity and 1e999
+    from a client, which no JSON writer should pass on (RouteError: the client's 400)."""
+    try:
+        return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError:
+        raise RouteError(400, "the request holds a number JSON cannot carry (NaN, "
+                              "Infinity, or one past a double's range)") from None
 
 
 def text_field(fields, name):
@@ -3355,9 +3373,7 @@ def openai_options(options, kind):
     for name, types in SAME_OPTIONS.items():
         value = options.get(name)
         if value is not None:
-            if type(value) not in types:
-                raise RouteError(400, f"options.{name} must be a number")
-            out[name] = value
+            out[name] = option_number(name, value, types)
     stop = options.get("stop")
     if stop is not None:
         if isinstance(stop, str):
@@ -3366,17 +3382,24 @@ def openai_options(options, kind):
             raise RouteError(400, "options.stop must be a list of strings")
         out["stop"] = stop
     predict = options.get("num_predict")
-    if predict is not None:
-        if type(predict) is not int:
-            raise RouteError(400, "options.num_predict must be an integer")
-        if predict >= 0:
-            out["max_tokens"] = predict
+    if predict is not None and option_number("num_predict", predict, (int,)) >= 0:
+        out["max_tokens"] = predict
     penalty = options.get("repeat_penalty")
     if penalty is not None:
-        if type(penalty) not in (int, float):
-            raise RouteError(400, "options.repeat_penalty must be a number")
-        out["repetition_penalty" if kind in REPETITION_PENALTY else "repeat_penalty"] = penalty
+        out["repetition_penalty" if kind in REPETITION_PENALTY else "repeat_penalty"] = \
+            option_number("repeat_penalty", penalty, (int, float))
     return out
+
+
+def option_number(name, value, types):
+    """An option's number, checked: of `types` (never a bool), finite, and within a
+    64-bit integer's range (what the servers parse a number into)."""
+    if type(value) not in types:
+        raise RouteError(400, f"options.{name} must be "
+                              f"{'an integer' if types == (int,) else 'a number'}")
+    if not (math.isfinite(value) and abs(value) < 2 ** 63):
+        raise RouteError(400, f"options.{name} is out of range")
+    return value
 
 
 def response_format(kind, fmt):

@@ -49,7 +49,7 @@ import types
 import zipfile
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import herd
 import herd_common as hc
@@ -9904,3 +9904,107 @@ def test_the_dashboard_names_each_nodes_server_in_a_browser(h):
             browser.close()
     assert f"Ollama {fake_ollama.DEFAULT_VERSION}" in text and "LM Studio ?" in text
     assert "vLLM 0.11.0 (3 running, 1 waiting, KV cache 42%)" in text and not errors
+
+
+def sse_events(*objects):
+    """An SSE body: each object (or raw bytes) as a data line."""
+    return b"".join(b"data: " + (o if isinstance(o, bytes) else json.dumps(o).encode())
+                    + b"\n\n" for o in objects)
+
+
+def delta(**fields):
+    return {"choices": [{"index": 0, "delta": fields, "finish_reason": None}]}
+
+
+FINISHED = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+
+
+@pytest.mark.parametrize("body, status, said", [
+    (sse_events(b"not json", FINISHED), 502, "not a JSON object"),
+    (sse_events(delta(tool_calls=[{"index": 0, "function": {
+        "name": "f", "arguments": "{not json"}}]), FINISHED, b"[DONE]"), 502,
+     "arguments are not JSON"),
+    (sse_events(delta(tool_calls=[{"index": 0, "function": {"name": "f", "arguments": "x" * (
+        1 << 19)}}]), delta(tool_calls=[{"index": 0, "function": {"arguments": "x" * (
+            (1 << 19) + 1)}}]), FINISHED), 502, "tool call over"),
+    (sse_events(delta(content="Hel"), delta(content="lo"),
+                {"error": {"message": "out of memory"}}, b"[DONE]"), 200, "out of memory"),
+    (sse_events(delta(content="Hel"), b"[DONE]"), 200, "ended its stream before the "
+                                                       "answer finished"),
+])
+def test_a_servers_bad_stream_is_said_in_ollamas_shape(h, body, status, said):
+    # What a hostile or broken server of OpenAI's API streams: an error in Ollama's
+    # shape (before the first token, another node could have answered: 502), the
+    # text already sent kept, and the router serving the next request.
+    routes, other = OTHER_SERVERS["openai"]
+
+    async def answer(writer, head):
+        path = head.split(b" ", 2)[1].decode()
+        if path == "/v1/chat/completions":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Connection: close\r\n\r\n" + body)
+        else:
+            code, obj = routes.get(path, other)
+            data = json.dumps(obj).encode()
+            writer.write(b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+                         % (code, len(data), data))
+        await writer.drain()
+    url, server = start_stub(h, answer)
+    try:
+        router = h.router()
+        h.beat(h.agent(router, h.fake(), "odd", FLEET_NODE_OLLAMA_HOST=url), "odd")
+        got, _, text = http(router.url, "POST", "/api/chat", {
+            "model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        lines = [json.loads(line) for line in text.splitlines()]
+        assert got == status and said in lines[-1]["error"]
+        if status == 200:  # the text that came first reached the client
+            assert "".join(line["message"]["content"] for line in lines[:-1]) == "Hel" + (
+                "lo" if "memory" in said else "")
+        assert get_json(router.url, "/api/version")  # still serving
+    finally:
+        stop_stub(h, server)
+
+
+OLLAMA_OPTIONS = st.dictionaries(st.sampled_from(
+    ["temperature", "top_p", "top_k", "min_p", "seed", "stop", "num_predict",
+     "repeat_penalty", "presence_penalty", "num_ctx"]), FUZZ_JSON, max_size=5)
+OLLAMA_MESSAGE = st.dictionaries(st.sampled_from(
+    ["role", "content", "images", "tool_calls", "tool_name", "tool_call_id", "thinking"]),
+    st.one_of(st.sampled_from(["user", "assistant", "tool", "system"]), FUZZ_JSON,
+              st.lists(st.dictionaries(st.sampled_from(["id", "function"]), st.one_of(
+                  FUZZ_JSON, st.fixed_dictionaries({"name": FUZZ_TEXT,
+                                                    "arguments": FUZZ_JSON})))),
+              st.lists(st.sampled_from([fake_ollama.TINY_PNG, "", "@@", "/9j/4AAQ"]))),
+    max_size=5)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(endpoint=st.sampled_from(sorted(herd.OLLAMA_OVER_OPENAI)),
+       kind=st.sampled_from([k for k in hc.SERVER_KINDS if k != hc.OLLAMA_KIND]),
+       fields=st.fixed_dictionaries({}, optional={
+           "messages": st.one_of(st.lists(OLLAMA_MESSAGE, max_size=4), FUZZ_JSON),
+           "options": st.one_of(OLLAMA_OPTIONS, FUZZ_JSON),
+           **{k: FUZZ_JSON for k in ("prompt", "system", "images", "tools", "format", "raw",
+                                     "suffix", "keep_alive", "input", "dimensions",
+                                     "template", "context")}}),
+       stream=st.booleans())
+@example(endpoint="/api/chat", kind="vllm", stream=False, fields={
+    "messages": [{"role": "user", "content": "x"}], "options": {"temperature": math.inf}})
+@example(endpoint="/api/generate", kind="lmstudio", stream=True, fields={
+    "prompt": "x", "options": {"top_p": math.nan, "seed": 10 ** 400}})
+@example(endpoint="/api/chat", kind="llama-server", stream=True, fields={
+    "messages": [{"role": "user", "content": "x"}], "format": {"minimum": -math.inf}})
+def test_any_ollama_body_is_translated_or_refused_in_words(endpoint, kind, fields, stream):
+    # Whatever a client sends, the translation says it in OpenAI's terms, or refuses
+    # it with a 400 (RouteError) or as beyond this server (Untranslatable): never an
+    # exception that would be a 500.
+    tr = herd.Translation(endpoint, {"model": "m", **fields}, "m", kind, stream)
+    try:
+        if tr.local_answer() is None:
+            path, body = tr.request()
+            assert path.startswith("/v1/") and parse_strict(body)["model"] == "m"
+    except herd.RouteError as e:
+        assert e.status == 400 and str(e)
+    except herd.Untranslatable as e:
+        assert str(e)
