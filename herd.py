@@ -788,8 +788,9 @@ class DashboardApi:
         await conn.send_json(200, await self.health.report())
 
     async def dashboard(self, request, conn):
-        """dashboard.html from beside this script, read each time (edit and reload)."""
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard.html")
+        """dashboard.html from beside this script, read each time (edit and reload); an
+        installed router's (pip, pipx) from its environment's share/herd."""
+        path = dashboard_path()
         try:
             page = await asyncio.to_thread(read_bytes, path)
         except OSError:
@@ -1212,6 +1213,19 @@ def page_headers(page):
               f"base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
     return [(b"content-security-policy", policy.encode()),
             (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
+
+
+def dashboard_path():
+    """dashboard.html beside herd.py; else, for a router installed with pip or pipx, in
+    its install's share/herd (its data files go to <prefix>/share/herd, and herd.py to
+    <prefix>/lib/pythonX.Y/site-packages, or <prefix>/Lib/site-packages on Windows)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for up in ("", "../..", "../../.."):
+        path = os.path.normpath(os.path.join(here, up, "share/herd" if up else "",
+                                             "dashboard.html"))
+        if os.path.exists(path):
+            return path
+    return os.path.join(here, "dashboard.html")  # missing: the 404 says where it goes
 
 
 def read_bytes(path):
@@ -7300,6 +7314,7 @@ def parse_args(argv):
         epilog=hc.format_settings_help(ROUTER_SETTINGS))
     parser.add_argument("--host", help="address to listen on (FLEET_HOST)")
     parser.add_argument("--port", help="port to listen on (FLEET_PORT)")
+    hc.add_service_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -7319,6 +7334,9 @@ async def run(cfg):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if hc.service_asked(args):
+        return hc.service_main("herd", args, os.environ, load_router_config, ROUTER_SETTINGS,
+                               __file__, lambda cfg: cfg.shutdown_grace)
     return hc.run_program("herd", os.environ, args, load_router_config, "herd.jsonl", run)
 
 

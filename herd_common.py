@@ -28,6 +28,7 @@ can fail). It holds, in the order data flows:
                               every field (Fields), typed reading, signing (HMAC)
     settings                  each program's table: the router's FLEET_*, the agent's
                               FLEET_NODE_*
+(The service installer, --install-service, comes early: it runs instead of a program.)
 """
 
 import asyncio
@@ -339,12 +340,350 @@ class TaskSet:
 
 
 def stop_signal():
-    """An event set by SIGTERM or SIGINT (call inside the running loop)."""
+    """An event set by SIGTERM or SIGINT (call inside the running loop). Windows' loops
+    have no add_signal_handler: there Ctrl-C (SIGINT) and Ctrl-Break (SIGBREAK, also what
+    a console's close sends) are caught with signal.signal, whose handler runs in the
+    main thread between bytecodes and hands the stop to the loop. (Task Scheduler's
+    "End" kills the process outright: nothing can be caught then.)"""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    except NotImplementedError:
+        def caught(signum, frame):
+            loop.call_soon_threadsafe(stop.set)
+        for sig in (signal.SIGINT, getattr(signal, "SIGBREAK", None), signal.SIGTERM):
+            if sig is not None:
+                signal.signal(sig, caught)
     return stop
+
+
+####################################################################################
+# Running at boot: --install-service, --uninstall-service, --service-status
+#
+# Each program installs itself as the machine's own service manager runs programs: a
+# systemd unit on Linux (system-wide as root, the user's own otherwise), a LaunchAgent
+# on macOS, a Task Scheduler task on Windows. It is started as it was installed: this
+# interpreter (a venv's, if that is what ran it), this script, from this folder (which
+# holds dashboard.html), with the FLEET_* settings given now. Those go into a file only
+# the service's user can read, since some are secrets; the unit itself is world-readable.
+####################################################################################
+
+SERVICES = {  # program -> (service name, launchd label, description)
+    "herd": ("herd", "com.herd.router", "Herd router: one endpoint for the fleet"),
+    "herd_node": ("herd-node", "com.herd.node", "Herd node agent"),
+}
+STOP_MARGIN_S = 15  # past a program's own stop time (its drain or grace) for systemd
+
+
+class ServiceError(Exception):
+    """Installing or removing the service cannot be done here, and why."""
+
+
+class Service:
+    """One program's service on this machine. Everything it touches is a seam a test
+    sets: the platform, the root of the file system, the home folder, the user, and the
+    runner of the service manager's commands."""
+
+    def __init__(self, prog, script, settings, *, stop_s, platform=sys.platform, root="/",
+                 home=None, euid=None, user=None, run=None, python=sys.executable):
+        self.name, self.label, self.description = SERVICES[prog]
+        self.prog, self.script = prog, os.path.abspath(script)
+        self.settings = dict(settings)  # NAME -> value, written for the service
+        self.stop_s = stop_s
+        self.platform, self.root = platform, root
+        self.home = home or os.path.expanduser("~")
+        self.euid = os.geteuid() if euid is None and hasattr(os, "geteuid") else euid
+        self.user = user or os.environ.get("SUDO_USER") or _login_name()
+        self.run = run or _run_command
+        self.python = python
+
+    # -- where -------------------------------------------------------------------------
+
+    @property
+    def system_wide(self):
+        return self.platform.startswith("linux") and self.euid == 0
+
+    def _path(self, *parts):
+        return os.path.join(self.root, *(p.lstrip("/") for p in parts))
+
+    def files(self):
+        """(the service's own file, the settings file) for this machine."""
+        if self.platform.startswith("linux"):
+            if self.system_wide:
+                return (self._path("/etc/systemd/system", f"{self.name}.service"),
+                        self._path("/etc/herd", f"{self.name}.env"))
+            return (os.path.join(self.home, ".config/systemd/user", f"{self.name}.service"),
+                    os.path.join(self.home, ".config/herd", f"{self.name}.env"))
+        if self.platform == "darwin":  # the settings live in the plist, made 0600
+            plist = os.path.join(self.home, "Library/LaunchAgents", f"{self.label}.plist")
+            return plist, plist
+        if self.platform == "win32":
+            folder = os.path.join(os.environ.get("LOCALAPPDATA") or self.home, "herd")
+            return None, os.path.join(folder, f"{self.name}.cmd")
+        raise ServiceError(f"no service manager Herd knows on {self.platform}: start "
+                           f"{os.path.basename(self.script)} from your own start-up script")
+
+    # -- what ----------------------------------------------------------------------------
+
+    def unit(self):
+        """The systemd unit: after the network and Ollama's own service (Ollama's
+        installer names it ollama.service), restarted if it fails, and given longer to
+        stop than the program takes to drain."""
+        _, env_file = self.files()
+        lines = ["[Unit]", f"Description={self.description}",
+                 "After=network-online.target ollama.service",
+                 "Wants=network-online.target", "", "[Service]", "Type=simple",
+                 f"WorkingDirectory={_systemd_quote(os.path.dirname(self.script))}",
+                 f"ExecStart={_systemd_quote(self.python)} {_systemd_quote(self.script)}",
+                 f"EnvironmentFile={_systemd_quote(env_file)}",
+                 "Restart=on-failure", "RestartSec=5",
+                 f"TimeoutStopSec={int(self.stop_s + STOP_MARGIN_S)}"]
+        if self.system_wide:
+            lines.append(f"User={self.user}")
+        lines += ["", "[Install]",
+                  f"WantedBy={'multi-user.target' if self.system_wide else 'default.target'}"]
+        return "\n".join(lines) + "\n"
+
+    def env_file(self):
+        """The settings as systemd's EnvironmentFile reads them."""
+        return "".join(f'{name}="{_env_escape(value)}"\n'
+                       for name, value in sorted(self.settings.items()))
+
+    def plist(self):
+        import plistlib
+        logs = os.path.join(expand_dir(self.settings.get("FLEET_DATA_DIR", DATA_DIR)
+                                       if self.prog == "herd" else
+                                       self.settings.get("FLEET_NODE_DATA_DIR", DATA_DIR)),
+                            "logs", f"{self.name}.launchd.log")
+        return plistlib.dumps({
+            "Label": self.label, "ProgramArguments": [self.python, self.script],
+            "WorkingDirectory": os.path.dirname(self.script),
+            "EnvironmentVariables": dict(self.settings), "RunAtLoad": True,
+            "KeepAlive": {"SuccessfulExit": False}, "ExitTimeOut": int(self.stop_s +
+                                                                       STOP_MARGIN_S),
+            "StandardOutPath": logs, "StandardErrorPath": logs})
+
+    def windows_script(self):
+        """The task's .cmd: the settings, then the program, from its folder."""
+        import ntpath  # Windows' own path rules, whichever machine writes the file
+        lines = ["@echo off", f'cd /d "{ntpath.dirname(self.script)}"']
+        lines += [f'set "{name}={_cmd_escape(value)}"'
+                  for name, value in sorted(self.settings.items())]
+        lines.append(f'"{self.python}" "{self.script}"')
+        return "\r\n".join(lines) + "\r\n"
+
+    def windows_command(self):
+        _, script = self.files()
+        return ["schtasks", "/Create", "/TN", f"Herd\\{self.name}", "/TR", f'"{script}"',
+                "/SC", "ONLOGON", "/RL", "LIMITED", "/F"]
+
+    # -- doing it --------------------------------------------------------------------
+
+    def install(self):
+        """Write and start the service; returns what was done, a line each."""
+        own, settings_file = self.files()
+        if self.platform.startswith("linux"):
+            self._need_systemd()
+            _write_private(settings_file, self.env_file())
+            _write(own, self.unit(), 0o644)
+            if self.system_wide:
+                self._give_to_user(settings_file)
+            said = [f"wrote {own}", f"wrote {settings_file} (mode 600: it may hold secrets)"]
+            said += self._systemctl("daemon-reload") + self._systemctl(
+                "enable", "--now", self.name)
+            if not self.system_wide:
+                said.append(f"a user's services stop when they log out unless lingering "
+                            f"is on: loginctl enable-linger {self.user}")
+            return said
+        if self.platform == "darwin":
+            _write_private(own, self.plist())
+            uid = self.euid if self.euid is not None else os.getuid()
+            return [f"wrote {own} (mode 600: it may hold secrets)"] + self._do(
+                ["launchctl", "bootstrap", f"gui/{uid}", own])
+        _write_private(settings_file, self.windows_script())
+        return [f"wrote {settings_file}"] + self._do(self.windows_command())
+
+    def uninstall(self):
+        own, settings_file = self.files()
+        said = []
+        if self.platform.startswith("linux"):
+            self._need_systemd()
+            said += self._systemctl("disable", "--now", self.name)
+        elif self.platform == "darwin":
+            uid = self.euid if self.euid is not None else os.getuid()
+            said += self._do(["launchctl", "bootout", f"gui/{uid}/{self.label}"], check=False)
+        else:
+            said += self._do(["schtasks", "/Delete", "/TN", f"Herd\\{self.name}", "/F"],
+                             check=False)
+        for path in dict.fromkeys(p for p in (own, settings_file) if p):
+            if os.path.exists(path):
+                os.remove(path)
+                said.append(f"removed {path}")
+        if self.platform.startswith("linux"):
+            said += self._systemctl("daemon-reload")
+        return said
+
+    def status(self):
+        """What is installed, and what the service manager says of it."""
+        own, settings_file = self.files()
+        said = [f"{path}: {'present' if os.path.exists(path) else 'not installed'}"
+                for path in dict.fromkeys(p for p in (own, settings_file) if p)]
+        if self.platform.startswith("linux"):
+            scope = [] if self.system_wide else ["--user"]
+            for verb in ("is-enabled", "is-active"):
+                code, out = self.run(["systemctl", *scope, verb, self.name])
+                said.append(f"systemctl {' '.join(scope + [verb])}: {out.strip() or code}")
+        elif self.platform == "darwin":
+            uid = self.euid if self.euid is not None else os.getuid()
+            code, _ = self.run(["launchctl", "print", f"gui/{uid}/{self.label}"])
+            said.append(f"launchd: {'loaded' if code == 0 else 'not loaded'}")
+        else:
+            code, out = self.run(["schtasks", "/Query", "/TN", f"Herd\\{self.name}"])
+            said.append(f"Task Scheduler: {'installed' if code == 0 else 'not installed'}")
+        return said
+
+    def _need_systemd(self):
+        if not os.path.isdir(self._path("/run/systemd/system")):
+            raise ServiceError("systemd is not running here (/run/systemd/system is "
+                               "missing): start the program from your own init script")
+
+    def _give_to_user(self, path):
+        """The settings file belongs to the service's user, who alone may read it."""
+        import pwd
+        try:
+            entry = pwd.getpwnam(self.user)
+        except KeyError:
+            raise ServiceError(f"no user {self.user!r} here to run the service as") from None
+        with contextlib.suppress(PermissionError):  # a test's root is no real one
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+
+    def _systemctl(self, *args):
+        return self._do(["systemctl", *([] if self.system_wide else ["--user"]), *args])
+
+    def _do(self, command, check=True):
+        code, out = self.run(command)
+        if code != 0 and check:
+            raise ServiceError(f"{' '.join(command)} failed ({code}): {out.strip()}")
+        return [f"ran {' '.join(command)}" + ("" if code == 0 else f" ({code})")]
+
+
+def service_settings(table, cfg, environ):
+    """The settings to carry into a service: each one given now (environment or flag),
+    as text, and the OLLAMA_* variables set here (Ollama's, which the agent reads)."""
+    out = {}
+    for setting in table:
+        attr = _attr_name(setting.name, "FLEET_NODE_")  # either program's attribute
+        if cfg.sources.get(attr) not in ("env", "flag"):
+            continue
+        value = getattr(cfg, attr, None)
+        # As it was written, where it was (a file's @path, not the keys read from it);
+        # a flag's, or another name's (FLEET_NODE_SERVER_URL), as read.
+        out[setting.name] = environ.get(setting.name) or (
+            ("true" if value else "false") if isinstance(value, bool) else str(value))
+    out.update((k, environ[k]) for k in OLLAMA_SETTING_VARS if k in environ)
+    return out
+
+
+def service_asked(args):
+    return args.install_service or args.uninstall_service or args.service_status
+
+
+def service_main(prog, args, environ, load, table, script, stop_s, extra=None):
+    """A program's main() for the service flags: its settings checked as a start would
+    check them, then carried into the service (`extra(cfg)`: more to carry)."""
+    try:
+        cfg = load(environ, args)
+    except (ConfigError, OSError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    settings = {**(extra(cfg) if extra else {}), **service_settings(table, cfg, environ)}
+    return service_command(prog, args, Service(prog, script, settings, stop_s=stop_s(cfg)))
+
+
+def service_command(prog, args, service):
+    """Run the --install-service, --uninstall-service or --service-status asked for;
+    prints what was done; returns the exit status."""
+    try:
+        if args.install_service:
+            said = service.install()
+        elif args.uninstall_service:
+            said = service.uninstall()
+        else:
+            said = service.status()
+    except (ServiceError, OSError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 1
+    print("\n".join(said))
+    return 0
+
+
+def add_service_flags(parser):
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--install-service", action="store_true",
+                       help="run at boot: a systemd unit (as root, system-wide), a "
+                            "LaunchAgent (macOS) or a Task Scheduler task (Windows), with "
+                            "the FLEET_* settings given now")
+    group.add_argument("--uninstall-service", action="store_true",
+                       help="remove what --install-service made")
+    group.add_argument("--service-status", action="store_true",
+                       help="say what is installed and whether it runs")
+
+
+def _login_name():
+    with contextlib.suppress(Exception):
+        import getpass
+        return getpass.getuser()
+    return "root"
+
+
+def _run_command(command):
+    import subprocess
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        return 127, str(e)
+    return done.returncode, done.stdout + done.stderr
+
+
+def _write(path, text, mode):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(path, mode)
+
+
+def _write_private(path, data):
+    """Write a file only its owner can read, from its first byte (made 0600, never
+    readable by others in between)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+
+
+def _systemd_quote(text):
+    """A path for a unit line: its % and $ escaped (systemd expands specifiers and
+    variables there), quoted when it holds a space (systemd splits on them)."""
+    if any(c in text for c in "\n\"\\"):
+        raise ServiceError(f"{text!r}: a path with a quote, backslash or newline")
+    text = text.replace("%", "%%").replace("$", "$$")
+    return f'"{text}"' if " " in text else text
+
+
+def _env_escape(value):
+    if "\n" in value:
+        raise ServiceError("a setting's value holds a newline")
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$")
+
+
+def _cmd_escape(value):
+    if any(c in value for c in '\r\n"'):
+        raise ServiceError("a setting's value holds a quote or a newline")
+    return value.replace("%", "%%")
 
 
 ####################################################################################

@@ -1976,6 +1976,7 @@ def parse_args(argv):
                         help="where Ollama (or another inference server) listens "
                              "(FLEET_NODE_OLLAMA_HOST, or FLEET_NODE_SERVER_URL)")
     parser.add_argument("--token", help="the router's FLEET_TOKEN (FLEET_NODE_TOKEN)")
+    hc.add_service_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -2076,8 +2077,22 @@ async def run(cfg):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if hc.service_asked(args):
+        return hc.service_main("herd_node", args, os.environ, load_node_config, NODE_SETTINGS,
+                               __file__, lambda cfg: cfg.drain_timeout, ollama_settings)
     return hc.run_program("herd_node", os.environ, args, load_node_config, "herd-node.jsonl",
                           run)
+
+
+def ollama_settings(cfg):
+    """Ollama's own OLLAMA_* settings, read from its process now, for the service: a
+    service (as its own user) may not be able to read them there, Ollama's service
+    running as user ollama."""
+    host, port, _ = hc.split_url(cfg.ollama_host)
+    if not hc.is_loopback_host(host):
+        return {}
+    found, _ = hc.find_ollama_settings(psutil, port)
+    return {k: v for k, v in (found or {}).items() if k in hc.OLLAMA_SETTING_VARS}
 
 
 if __name__ == "__main__":

@@ -10008,3 +10008,199 @@ def test_any_ollama_body_is_translated_or_refused_in_words(endpoint, kind, field
         assert e.status == 400 and str(e)
     except herd.Untranslatable as e:
         assert str(e)
+
+
+####################################################################################
+# Running at boot (issue 23): --install-service and its kin, and Windows' stop
+####################################################################################
+
+class Commands:
+    """A stand-in runner of the service manager's commands: records each, answers 0."""
+
+    def __init__(self, answers=None):
+        self.ran, self.answers = [], answers or {}
+
+    def __call__(self, command):
+        self.ran.append(command)
+        return self.answers.get(command[-1], (0, ""))
+
+
+def router_service(tmp_path, env=None, argv=(), **seams):
+    """The router's Service for these settings, on a file system rooted in tmp_path."""
+    environ = {"FLEET_TOKEN": "s3cret", "FLEET_PORT": "11500", **(env or {})}
+    args = herd.parse_args(["--install-service", *argv])
+    cfg = herd.load_router_config(environ, args)
+    settings = hc.service_settings(herd.ROUTER_SETTINGS, cfg, environ)
+    seams = {"root": str(tmp_path), "home": str(tmp_path / "home"), "run": Commands(),
+             "platform": "linux", **seams}
+    return hc.Service("herd", os.path.join(HERE, "herd.py"), settings,
+                      stop_s=cfg.shutdown_grace, **seams)
+
+
+def test_a_system_wide_unit_runs_the_router_as_installed(tmp_path):
+    (tmp_path / "run/systemd/system").mkdir(parents=True)
+    user = hc._login_name()
+    service = router_service(tmp_path, argv=["--host", "0.0.0.0"], euid=0, user=user)
+    said = service.install()
+    unit_path, env_path = service.files()
+    assert unit_path == str(tmp_path / "etc/systemd/system/herd.service")
+    unit = open(unit_path).read()
+    # This interpreter and script, from the folder that holds dashboard.html; after
+    # Ollama's service; longer to stop than the router takes to let streams finish.
+    assert f"ExecStart={sys.executable} {os.path.join(HERE, 'herd.py')}\n" in unit
+    assert f"WorkingDirectory={HERE}\n" in unit and os.path.exists(
+        os.path.join(HERE, "dashboard.html"))
+    assert "After=network-online.target ollama.service\n" in unit
+    stop = int(re.search(r"TimeoutStopSec=(\d+)", unit).group(1))
+    assert stop > hc.load_config(hc.ROUTER_FIXED, {}, "FLEET_").shutdown_grace
+    assert f"User={user}\n" in unit and "WantedBy=multi-user.target" in unit
+    # The secret is in a file only the service's user reads, never in the unit.
+    assert "s3cret" not in unit and os.stat(unit_path).st_mode & 0o777 == 0o644
+    assert os.stat(env_path).st_mode & 0o777 == 0o600
+    assert open(env_path).read() == \
+        'FLEET_HOST="0.0.0.0"\nFLEET_PORT="11500"\nFLEET_TOKEN="s3cret"\n'
+    assert service.run.ran == [["systemctl", "daemon-reload"],
+                               ["systemctl", "enable", "--now", "herd"]]
+    assert said[-1] == "ran systemctl enable --now herd"
+    if shutil.which("systemd-analyze"):  # systemd's own reading of the unit
+        checked = subprocess.run(["systemd-analyze", "verify", unit_path],
+                                 capture_output=True, text=True)
+        assert checked.returncode == 0, checked.stderr
+    service.uninstall()
+    assert not os.path.exists(unit_path) and not os.path.exists(env_path)
+    assert ["systemctl", "disable", "--now", "herd"] in service.run.ran
+
+
+def test_a_users_unit_is_the_users_own(tmp_path):
+    (tmp_path / "run/systemd/system").mkdir(parents=True)
+    service = router_service(tmp_path, euid=1000, user="alice")
+    said = service.install()
+    unit_path, env_path = service.files()
+    assert unit_path == str(tmp_path / "home/.config/systemd/user/herd.service")
+    assert env_path == str(tmp_path / "home/.config/herd/herd.env")
+    unit = open(unit_path).read()
+    assert "User=" not in unit and "WantedBy=default.target" in unit
+    assert service.run.ran == [["systemctl", "--user", "daemon-reload"],
+                               ["systemctl", "--user", "enable", "--now", "herd"]]
+    assert "loginctl enable-linger alice" in said[-1]
+    service.run.answers = {"herd": (0, "enabled\n")}
+    assert f"{unit_path}: present" in service.status()
+
+
+def test_where_no_service_can_be_installed_it_says_why(tmp_path):
+    service = router_service(tmp_path, euid=0)  # no /run/systemd/system under tmp_path
+    with pytest.raises(hc.ServiceError, match="systemd is not running here"):
+        service.install()
+    with pytest.raises(hc.ServiceError, match="no service manager"):
+        router_service(tmp_path, platform="sunos5").install()
+    # As a user would run it, here: what is installed (nothing touched), and where no
+    # systemd runs (a container), the install's one line. Never a real install.
+    out = run_script(["herd.py", "--service-status"], {
+        "FLEET_DATA_DIR": str(tmp_path), "HOME": str(tmp_path)})
+    assert out.returncode == 0 and re.search(r"herd\.service: (present|not installed)",
+                                             out.stdout)
+    if not os.path.isdir("/run/systemd/system") and sys.platform.startswith("linux"):
+        out = run_script(["herd.py", "--install-service"], {
+            "FLEET_DATA_DIR": str(tmp_path), "HOME": str(tmp_path)})
+        assert out.returncode == 1 and "systemd is not running here" in out.stderr
+
+
+def test_a_launch_agent_on_macos(tmp_path):
+    import plistlib
+    service = router_service(tmp_path, platform="darwin", euid=501)
+    said = service.install()
+    path, _ = service.files()
+    assert path == str(tmp_path / "home/Library/LaunchAgents/com.herd.router.plist")
+    assert os.stat(path).st_mode & 0o777 == 0o600  # it holds the token
+    with open(path, "rb") as f:
+        plist = plistlib.load(f)
+    assert plist["ProgramArguments"] == [sys.executable, os.path.join(HERE, "herd.py")]
+    assert plist["WorkingDirectory"] == HERE and plist["RunAtLoad"] is True
+    assert plist["EnvironmentVariables"] == {"FLEET_PORT": "11500", "FLEET_TOKEN": "s3cret"}
+    assert service.run.ran == [["launchctl", "bootstrap", "gui/501", path]]
+    assert said[0].startswith("wrote ")
+    service.uninstall()
+    assert not os.path.exists(path) and service.run.ran[-1] == [
+        "launchctl", "bootout", "gui/501/com.herd.router"]
+
+
+def test_a_task_scheduler_task_on_windows(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCALAPPDATA", str(tmp_path / "AppData"))
+    service = router_service(tmp_path, platform="win32", python=r"C:\venv\python.exe")
+    service.script = r"C:\herd\herd.py"
+    service.install()
+    _, script = service.files()
+    text = open(script, newline="").read()
+    assert text == ('@echo off\r\ncd /d "C:\\herd"\r\nset "FLEET_PORT=11500"\r\n'
+                    'set "FLEET_TOKEN=s3cret"\r\n"C:\\venv\\python.exe" "C:\\herd\\herd.py"\r\n')
+    assert service.run.ran == [["schtasks", "/Create", "/TN", "Herd\\herd", "/TR",
+                                f'"{script}"', "/SC", "ONLOGON", "/RL", "LIMITED", "/F"]]
+
+
+def test_the_agents_service_carries_its_flags_and_ollamas_settings(tmp_path):
+    environ = {"FLEET_NODE_SERVER_URL": "http://127.0.0.1:1234", "OLLAMA_NUM_PARALLEL": "4",
+               "FLEET_NODE_DATA_DIR": str(tmp_path)}
+    args = herd_node.parse_args(["--install-service", "--router-url", "http://r:11435",
+                                 "--node-id", "studio"])
+    cfg = herd_node.load_node_config(environ, args)
+    assert hc.service_settings(herd_node.NODE_SETTINGS, cfg, environ) == {
+        "FLEET_NODE_ROUTER_URL": "http://r:11435", "FLEET_NODE_NODE_ID": "studio",
+        "FLEET_NODE_OLLAMA_HOST": "http://127.0.0.1:1234",
+        "FLEET_NODE_DATA_DIR": str(tmp_path), "OLLAMA_NUM_PARALLEL": "4"}
+
+
+def test_both_programs_stop_on_windows_where_loops_have_no_signal_handlers():
+    # Windows' event loops raise NotImplementedError from add_signal_handler; the
+    # programs then catch Ctrl-C (and Ctrl-Break) with signal.signal instead.
+    async def main():
+        loop = asyncio.get_running_loop()
+
+        def refuse(*args):
+            raise NotImplementedError
+        loop.add_signal_handler = refuse
+        stop = hc.stop_signal()
+        signal.raise_signal(signal.SIGINT)
+        await asyncio.wait_for(stop.wait(), 5)
+        return stop.is_set()
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert asyncio.run(main()) is True
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+def test_pip_install_gives_the_herd_and_herd_node_commands(tmp_path):
+    # pyproject.toml: what pipx or pip installs. Built here from this checkout with the
+    # test environment's setuptools (no download), into a prefix of its own.
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("herd.py", "herd_node.py", "herd_common.py", "dashboard.html",
+                 "pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(HERE, name), source)
+    prefix = tmp_path / "prefix"
+    built = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                            "--no-build-isolation", "--no-index", "--prefix", str(prefix),
+                            str(source)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    site = glob.glob(str(prefix / "lib" / "python*" / "site-packages"))[0]
+    env = {**env_without_fleet(PYTHONPATH=site), "FLEET_DATA_DIR": str(tmp_path / "data")}
+    for command in ("herd", "herd-node"):
+        out = subprocess.run([str(prefix / "bin" / command), "--help"], env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and "--install-service" in out.stdout, out.stderr
+    # The installed router serves its dashboard from its install's share/herd.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(prefix / "bin" / "herd")], cwd=tmp_path, env={
+        **env, "FLEET_HOST": "127.0.0.1", "FLEET_PORT": str(port), "FLEET_MDNS": "false",
+        "FLEET_LOCAL_NODE": "false"}, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "listening on" in proc.stderr.readline()
+        status, headers, body = http(f"http://127.0.0.1:{port}", "GET", "/dashboard")
+        assert status == 200 and body == open(os.path.join(HERE, "dashboard.html"),
+                                              "rb").read()
+    finally:
+        proc.terminate()
+        proc.wait(20)
