@@ -4696,7 +4696,9 @@ ROUTER_FIXED = [
 
 NODE_SETTINGS = [
     *in_group("basics", [
-        Setting("FLEET_NODE_ROUTER_URL", "", "router URL; empty means find it by mDNS"),
+        Setting("FLEET_NODE_ROUTER_URL", "", "router URL, or several comma-separated (an "
+                "active router and its standby: each gets every heartbeat); empty means "
+                "find it by mDNS"),
         Setting("FLEET_NODE_NODE_ID", "", "this node's name: 1-64 ASCII letters, digits, "
                 "'.', '_' or '-' (default: the short hostname, without other characters)"),
         Setting("FLEET_NODE_OLLAMA_HOST", "http://localhost:11434", "where Ollama listens, or "

@@ -1741,14 +1741,22 @@ class Agent:
         self._settings_at = 0.0
         self._ollama_was_ok = None
         self.server = None  # {"kind", "version"} of the server found (detect_server)
-        self._router_ok = None
-        self._token_unchecked = False
-        self._answer_error = None  # why the router's last answer could not be read
-        self.sent = 0
+        self.links = {}  # router URL -> RouterLink: what each router last said
+        self.sent = 0  # heartbeats some router took
+
+    @property
+    def router_urls(self):
+        """Every router this agent reports to: those it was given, else the one mDNS
+        found (none yet: an empty tuple)."""
+        if self.cfg.router_urls:
+            return self.cfg.router_urls
+        return (self.finder.url,) if self.finder and self.finder.url else ()
 
     @property
     def router_url(self):
-        return self.cfg.router_url or (self.finder.url if self.finder else None)
+        """The first router: the one whose address says which of this machine's
+        addresses the routers reach it at."""
+        return self.router_urls[0] if self.router_urls else None
 
     async def read_settings(self):
         """Ollama's own OLLAMA_* settings, re-read once a minute (Ollama may restart).
@@ -1827,61 +1835,23 @@ class Agent:
             self._ollama_was_ok = ollama["ok"]
 
     async def send(self, hb):
-        """POST one heartbeat (signed with the token, if any); the router's answer when
-        it took it, else None."""
-        try:
-            status, headers, body = await hc.http_call(self.router_url, "POST", "/heartbeat",
-                                                       hb, timeout=5, tls=self.tls,
-                                                       sign=self.cfg.token or None)
-        except hc.UpstreamError as e:
-            self._note_router(False, str(e))
-            return None
-        if status != 200:
-            self._note_router(False, refusal_text(self.router_url, status, headers, body))
+        """POST one heartbeat (signed with the token, if any) to every router; the
+        first router's answer that took it, with the most requests any router still
+        counts running here (`in_flight`, which a drain waits on), else None."""
+        urls = self.router_urls
+        for url in urls:
+            if url not in self.links:
+                self.links[url] = RouterLink(url, self.cfg, self.tls)
+        answers = [a for a in await asyncio.gather(*(self.links[u].send(hb) for u in urls))
+                   if a is not None]
+        if not answers:
             return None
         self.sent += 1
-        self._note_router(True, None)
-        try:
-            answer = hc.read_json_answer(body, "the router")
-        except hc.UpstreamError as e:
-            self._note_answer(str(e))
-            return {}
-        self._note_answer(None)
-        answer = answer if isinstance(answer, dict) else {}
-        self._note_token(answer)
-        return answer
-
-    def _note_token(self, answer):
-        """A router with no FLEET_TOKEN takes our signed heartbeats without checking
-        them (it says token_checked: false): say so once, until that changes."""
-        unchecked = bool(self.cfg.token) and answer.get("token_checked") is False
-        if unchecked and not self._token_unchecked:
-            log.warning("the router has no FLEET_TOKEN: it does not check this agent's "
-                        "signature, and any host can join its fleet. Set FLEET_TOKEN on the "
-                        "router to this agent's FLEET_NODE_TOKEN",
-                        extra={"url": self.router_url, "event": "token_unchecked"})
-        self._token_unchecked = unchecked
-
-    def _note_answer(self, error):
-        """Say once that the router's answers cannot be read, not at every beat (the
-        heartbeats are taken all the same); and once that they can again."""
-        if error and not self._answer_error:
-            log.warning(f"heartbeat taken, but {error} (said once, until an answer can "
-                        f"be read again)", extra={"url": self.router_url,
-                                                  "event": "router_answer"})
-        self._answer_error = error
-
-    def _note_router(self, ok, error):
-        if ok != self._router_ok or not ok:
-            if ok:
-                log.info("heartbeats accepted", extra={"url": self.router_url,
-                                                       "event": "router_ok"})
-            else:
-                level = logging.WARNING if self._router_ok is not False else logging.DEBUG
-                log.log(level, "heartbeat failed", extra={"url": self.router_url,
-                                                          "error": error,
-                                                          "event": "heartbeat_failed"})
-        self._router_ok = ok
+        first = dict(answers[0])
+        counts = [a["in_flight"] for a in answers if type(a.get("in_flight")) is int]
+        if counts:
+            first["in_flight"] = max(counts)
+        return first
 
     async def run(self):
         """Heartbeat until cancelled (learning capacity: probe for pauses, save too)."""
@@ -1947,6 +1917,70 @@ class Agent:
         return left is not None
 
 
+class RouterLink:
+    """One router an agent reports to, and what it last said, each said once: whether
+    it takes our heartbeats, whether its answers can be read, whether it checks our
+    signature."""
+
+    def __init__(self, url, cfg, tls):
+        self.url, self.cfg, self.tls = url, cfg, tls
+        self.ok = None  # did the last heartbeat go through (None: none sent yet)
+        self.token_unchecked = False
+        self.answer_error = None  # why its last answer could not be read
+
+    async def send(self, hb):
+        """POST one heartbeat; its answer when it took it, else None."""
+        try:
+            status, headers, body = await hc.http_call(self.url, "POST", "/heartbeat", hb,
+                                                       timeout=5, tls=self.tls,
+                                                       sign=self.cfg.token or None)
+        except hc.UpstreamError as e:
+            self._note_router(False, str(e))
+            return None
+        if status != 200:
+            self._note_router(False, refusal_text(self.url, status, headers, body))
+            return None
+        self._note_router(True, None)
+        try:
+            answer = hc.read_json_answer(body, "the router")
+        except hc.UpstreamError as e:
+            self._note_answer(str(e))
+            return {}
+        self._note_answer(None)
+        answer = answer if isinstance(answer, dict) else {}
+        self._note_token(answer)
+        return answer
+
+    def _note_token(self, answer):
+        """A router with no FLEET_TOKEN takes our signed heartbeats without checking
+        them (it says token_checked: false): say so once, until that changes."""
+        unchecked = bool(self.cfg.token) and answer.get("token_checked") is False
+        if unchecked and not self.token_unchecked:
+            log.warning("the router has no FLEET_TOKEN: it does not check this agent's "
+                        "signature, and any host can join its fleet. Set FLEET_TOKEN on the "
+                        "router to this agent's FLEET_NODE_TOKEN",
+                        extra={"url": self.url, "event": "token_unchecked"})
+        self.token_unchecked = unchecked
+
+    def _note_answer(self, error):
+        """Say once that the router's answers cannot be read, not at every beat (the
+        heartbeats are taken all the same); and once that they can again."""
+        if error and not self.answer_error:
+            log.warning(f"heartbeat taken, but {error} (said once, until an answer can "
+                        f"be read again)", extra={"url": self.url, "event": "router_answer"})
+        self.answer_error = error
+
+    def _note_router(self, ok, error):
+        if ok != self.ok or not ok:
+            if ok:
+                log.info("heartbeats accepted", extra={"url": self.url, "event": "router_ok"})
+            else:
+                level = logging.WARNING if self.ok is not False else logging.DEBUG
+                log.log(level, "heartbeat failed", extra={"url": self.url, "error": error,
+                                                          "event": "heartbeat_failed"})
+        self.ok = ok
+
+
 def refusal_text(router_url, status, headers, body):
     """A refused heartbeat's status and message; when no Herd router answered (an
     unknown route), what answered instead: an agent pointed at Ollama's port gets
@@ -1969,7 +2003,8 @@ def parse_args(argv):
         prog="herd_node.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Herd node agent: reports this machine's Ollama to the Herd router.",
         epilog=hc.format_settings_help(NODE_SETTINGS))
-    parser.add_argument("--router-url", help="router URL, skipping mDNS "
+    parser.add_argument("--router-url", help="router URL (or several, comma-separated), "
+                                             "skipping mDNS "
                                              "(FLEET_NODE_ROUTER_URL)")
     parser.add_argument("--node-id", help="this node's name (FLEET_NODE_NODE_ID)")
     parser.add_argument("--ollama-host", "--server-url", dest="ollama_host", metavar="URL",
@@ -1992,8 +2027,13 @@ def load_node_config(environ, args, tuned=None):
         "ollama_host": args.ollama_host, "token": args.token}, NODE_FIXED, tuned)
     hc.check_log_level("FLEET_LOG_LEVEL", cfg.log_level)
     hc.check_log_level("FLEET_CONSOLE_LOG_LEVEL", cfg.console_log_level)
-    for name in ("router_url", "ollama_host", "ollama_url", "image_url", "transcribe_url",
-                 "media_url"):
+    routers = tuple(u.strip().rstrip("/") for u in cfg.router_url.split(",") if u.strip())
+    for url in routers:
+        try:
+            hc.split_url(url)
+        except ValueError as e:
+            raise hc.ConfigError(f"FLEET_NODE_ROUTER_URL: {e}") from None
+    for name in ("ollama_host", "ollama_url", "image_url", "transcribe_url", "media_url"):
         if getattr(cfg, name):
             try:
                 hc.split_url(getattr(cfg, name))
@@ -2020,6 +2060,7 @@ def load_node_config(environ, args, tuned=None):
         raise hc.ConfigError("FLEET_NODE_MEDIA_TIMEOUT must be above 0")
     values = cfg.as_dict()
     values["data_dir"] = hc.expand_dir(cfg.data_dir)
+    values["router_urls"] = tuple(dict.fromkeys(routers))  # each once, in the order given
     values["ca"] = os.path.expanduser(cfg.ca) if cfg.ca else ""
     values["ollama_host"] = values["ollama_host"].rstrip("/")
     if values["ollama_host"] and "://" not in values["ollama_host"]:

@@ -10204,3 +10204,30 @@ def test_pip_install_gives_the_herd_and_herd_node_commands(tmp_path):
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_an_agent_reports_to_every_router_it_is_given(h):
+    # Two routers (an active one and its standby) and one agent: both see the node at
+    # all times; one router gone costs the agent nothing with the other.
+    first, second = h.router(), h.router()  # one fleet token, as the harness gives
+    assert first.cfg.token == second.cfg.token
+    fake = h.fake()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there
+    agent = h.agent(first, fake, "desk",
+                    FLEET_NODE_ROUTER_URL=f"{first.url}, {second.url},{first.url}")
+    assert agent.cfg.router_urls == (first.url, second.url)  # each once
+    h.beat(agent, "desk")
+    for router in (first, second):
+        assert [n["node_id"] for n in fleet_status(router)["nodes"]] == ["desk"]
+        status, _, _ = http(router.url, "POST", "/api/generate", {
+            "model": "llama3.2:3b", "prompt": "hi", "stream": False})
+        assert status == 200
+    # The first router is gone: the heartbeat still counts, the second router's.
+    lonely = h.agent(second, fake, "desk", FLEET_NODE_ROUTER_URL=f"{dead},{second.url}")
+    answer = h.bg.run(lonely.send(h.bg.run(lonely.snapshot())))
+    assert answer is not None and lonely.links[dead].ok is False
+    assert lonely.links[second.url].ok is True
+    with pytest.raises(hc.ConfigError, match="FLEET_NODE_ROUTER_URL"):
+        h.agent(first, fake, "desk", FLEET_NODE_ROUTER_URL=f"{first.url},ftp://x")
