@@ -203,6 +203,7 @@ def load_router_config(environ, args, tuned=None):
     values["registries_allowed"] = comma_set(cfg.pull_registries)
     values["origins_allowed"] = read_origins(cfg.origins)
     values["model_aliases"] = read_aliases(cfg.model_aliases)
+    values["alert_target"] = read_alert_url(cfg.alert_url)
     values["tls"] = server_tls(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
     values["misnamed"] = tuple(hc.misnamed_settings(
         environ, ROUTER_SETTINGS, hc.NODE_SETTINGS, bool(cfg.token), skip_prefix="FLEET_NODE_",
@@ -729,6 +730,7 @@ class FleetApi:
                        "connections": {k: self.counters[k] for k in CONNECTION_COUNTERS}},
             "placement": self.scheduler.placement.view(),
             "pulls": self.pulls.shown(),
+            "alerts": self.fleet.alerts.view(),
             "nodes": nodes})
 
     async def fleet_queue(self, request, conn):
@@ -4911,6 +4913,7 @@ class Fleet:
         self.started = time.monotonic()
         self._changed = asyncio.get_running_loop().create_future()
         self.residency = Residency(self.notify_change, self.busy, self.last_done)
+        self.alerts = Alerts(cfg)  # what happens to the fleet, said to its owner
 
     # -- change notification ------------------------------------------------------
 
@@ -5055,6 +5058,7 @@ class Fleet:
         level = logging.INFO if status in (ONLINE, DRAINING, LEFT) else logging.WARNING
         said = "node left the fleet (its agent stopped)" if status == LEFT else f"node {status}"
         fleet_log.log(level, said, extra={"node_id": node.node_id, "event": f"node_{status}"})
+        self.alerts.node_status(node, node.status, status)
         node.status = status
         node.offline_since = time.monotonic() if status in GONE else None
         if status in (*GONE, DRAINING):
@@ -5883,6 +5887,7 @@ class Puller:
             fut.set_result(node)
         except (hc.UpstreamError, ValueError) as e:
             fut.set_exception(hc.UpstreamError("pull", str(e)))
+            self.fleet.alerts.pull_failed(model, e)
         finally:
             self.running.pop(model, None)
 
@@ -6949,7 +6954,203 @@ class Health:
                        "mean_ttft_ms": round(day["ttft"], 1) if day["ttft"] else None,
                        "model_loads": sum(self.fleet.residency.moves_since(
                            day_ago, "load").values())},
-            "checks": findings}
+            "checks": findings,
+            # The dashboard's banner: the alerts of the last hour, sent or not, newest first.
+            "alerts": [a for a in self.fleet.alerts.view()["recent"]
+                       if a["time"] > time.time() - 3600][:ALERT_BANNER]}
+
+
+####################################################################################
+# Alerts: telling someone (FLEET_ALERT_URL) when a node goes offline or comes back, a
+# health check turns critical or clears, an automatic pull fails
+#
+# Theory: alert() is all the rest of the router calls, and it only queues: nothing on a
+# request's path waits for a receiver. One sender task posts each alert in the format
+# the setting names, retrying with back-off; news that repeats what was last said of
+# the same thing within ALERT_REPEAT_S is not sent again, and past ALERT_RATE a minute
+# alerts are counted, not sent. The dashboard shows the same events (recent), sent or
+# not, with no setting at all.
+####################################################################################
+
+ALERT_QUEUE = 64  # alerts waiting to be sent; past it they are dropped (and counted)
+ALERT_RATE = 10  # sent in any minute, at most
+ALERT_REPEAT_S = 600.0  # the same news of the same thing is said once in this long
+ALERT_TRIES = 5  # a failing receiver is tried this often, 1, 2, 4, 8 s apart
+ALERT_TIMEOUT_S = 10.0  # one try, or one run of the command
+ALERT_RECENT = 50  # events /fleet/status shows
+ALERT_BANNER = 5  # of those, the dashboard's banner
+HEALTH_ALERT_EVERY_S = 30.0  # how often the health checks are looked at for alerts
+
+
+def read_alert_url(setting):
+    """FLEET_ALERT_URL as (kind, target): ("ntfy", url) for `ntfy:<url>` (ntfy's plain
+    text with a title header), ("json", url) for an http(s) URL (a JSON webhook), ("exec",
+    argv) for `exec:<command>`; None when unset. ConfigError for anything else."""
+    setting = setting.strip()
+    if not setting:
+        return None
+    kind, _, rest = setting.partition(":")
+    if kind in ("ntfy", "http", "https"):
+        url = rest if kind == "ntfy" else setting
+        try:
+            hc.split_url(url)
+        except ValueError as e:
+            raise hc.ConfigError(f"FLEET_ALERT_URL: {e}") from None
+        return ("ntfy" if kind == "ntfy" else "json"), url
+    if kind == "exec" and rest.strip():
+        import shlex
+        return "exec", shlex.split(rest)
+    raise hc.ConfigError(f"FLEET_ALERT_URL={setting!r}: use an http(s) URL (a JSON "
+                         f"webhook), ntfy:<url>, or exec:<command>")
+
+
+class Alerts:
+    """The alerts this router raises, the recent ones for the dashboard, and the one
+    task that sends them (run)."""
+
+    def __init__(self, cfg):
+        self.target = cfg.alert_target  # read_alert_url's
+        self.queue = asyncio.Queue(ALERT_QUEUE)
+        self.recent = collections.deque(maxlen=ALERT_RECENT)
+        self.said = {}  # what an alert is about -> (time, state) last said of it
+        self.sent_at = collections.deque()  # times of the alerts sent in the last minute
+        self.counts = collections.Counter()  # sent, failed, dropped, limited, repeated
+        self.critical = set()  # the health checks critical when last looked at
+
+    def alert(self, event, title, message, *, about, state, severity="warning",
+              node_id=None):
+        """Say it (queued; never waits): `about` names what it concerns, `state` what
+        is now true of it; the same state of the same thing said again within
+        ALERT_REPEAT_S is not sent."""
+        now = time.time()
+        item = {"event": event, "severity": severity, "title": title, "message": message,
+                "node_id": node_id, "time": now}
+        self.recent.append(item)
+        last = self.said.get(about)
+        if last is not None and last[1] == state and now - last[0] < ALERT_REPEAT_S:
+            self.counts["repeated"] += 1
+            return
+        if len(self.said) >= hc.LEARNED_MAX_ROWS:
+            self.said.pop(next(iter(self.said)))
+        self.said[about] = (now, state)
+        if self.target is None:
+            return
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self.counts["dropped"] += 1
+
+    # -- the events -----------------------------------------------------------------
+
+    def node_status(self, node, old, new):
+        """A node went offline, or came back from it."""
+        if new == OFFLINE:
+            self.alert("node_offline", f"node {node.node_id} is offline",
+                       f"No heartbeat from {node.node_id} for "
+                       f"{time.monotonic() - node.last_seen:.0f} s; its requests go to "
+                       f"other nodes.", about=("node", node.node_id), state="offline",
+                       node_id=node.node_id)
+        elif old == OFFLINE and new in (ONLINE, DEGRADED, DRAINING):
+            self.alert("node_back", f"node {node.node_id} is back",
+                       f"{node.node_id} sends heartbeats again.", about=("node",
+                       node.node_id), state="online", severity="info", node_id=node.node_id)
+
+    def pull_failed(self, model, error):
+        self.alert("pull_failed", f"pulling {model} failed", str(error)[:500],
+                   about=("pull", model), state=str(error)[:100])
+
+    def health(self, findings):
+        """The health checks now: one critical that was not, or no longer is."""
+        now = {(f["check"], f["node_id"], f["model"]): f for f in findings
+               if f["severity"] == "critical"}
+        for key in now.keys() - self.critical:
+            f = now[key]
+            self.alert("check_critical", f["title"], f["description"],
+                       about=("check", *key), state="critical", severity="critical",
+                       node_id=f["node_id"])
+        for key in self.critical - now.keys():
+            self.alert("check_cleared", f"cleared: {key[0]}",
+                       f"The {key[0]} health check is no longer critical.",
+                       about=("check", *key), state="clear", severity="info",
+                       node_id=key[1])
+        self.critical = set(now)
+
+    # -- sending ----------------------------------------------------------------------
+
+    async def run(self):
+        """Send what is queued, one at a time, for as long as the router runs."""
+        while True:
+            item = await self.queue.get()
+            now = time.monotonic()
+            while self.sent_at and now - self.sent_at[0] > 60:
+                self.sent_at.popleft()
+            if len(self.sent_at) >= ALERT_RATE:
+                self.counts["limited"] += 1
+                continue
+            self.sent_at.append(now)
+            await self._deliver(item)
+
+    async def _deliver(self, item):
+        for attempt in range(ALERT_TRIES):
+            try:
+                await self._send(item)
+                self.counts["sent"] += 1
+                return
+            except (hc.UpstreamError, OSError, TimeoutError) as e:
+                error = e
+            if attempt + 1 < ALERT_TRIES:
+                await asyncio.sleep(2 ** attempt)
+        self.counts["failed"] += 1
+        log.warning(f"an alert could not be sent after {ALERT_TRIES} tries: {error}",
+                    extra={"event": "alert_failed"})
+
+    async def _send(self, item):
+        kind, target = self.target
+        text = f"{item['title']}: {item['message']}"
+        if kind == "exec":
+            return await self._run_command(target, item)
+        if kind == "ntfy":  # ntfy's publish: the body is the message, headers the rest
+            body = item["message"].encode()
+            headers = [(b"title", hc.printable(item["title"]).encode()),
+                       (b"priority", b"high" if item["severity"] == "critical" else
+                        b"default"), (b"tags", item["event"].encode()),
+                       (b"content-type", b"text/plain; charset=utf-8")]
+        else:  # "text" is what Slack's and Mattermost's webhooks show, "content" Discord's
+            body = hc.dump_json({**item, "text": text, "content": text})
+            headers = [(b"content-type", hc.JSON_TYPE)]
+        parts = urllib.parse.urlsplit(target)  # split_url keeps the path, not the query
+        path = ("" if parts.path.rstrip("/") else "/") + \
+            (f"?{parts.query}" if parts.query else "")
+        status, _, answer = await hc.http_call(target, "POST", path, body, headers=headers,
+                                               timeout=ALERT_TIMEOUT_S)
+        if status >= 300:
+            raise hc.UpstreamError("status", f"the receiver answered {status}: "
+                                             f"{answer[:200]!r}")
+
+    @staticmethod
+    async def _run_command(argv, item):
+        """The command, with the alert in its environment and as JSON on its stdin."""
+        env = {**os.environ, "HERD_ALERT_EVENT": item["event"],
+               "HERD_ALERT_TITLE": item["title"], "HERD_ALERT_MESSAGE": item["message"],
+               "HERD_ALERT_SEVERITY": item["severity"]}
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL, env=env)
+        try:
+            async with asyncio.timeout(ALERT_TIMEOUT_S):
+                await proc.communicate(hc.dump_json(item))
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise
+        if proc.returncode != 0:
+            raise OSError(f"{argv[0]} exited with {proc.returncode}")
+
+    def view(self):
+        """/fleet/status's and the dashboard's `alerts`: the recent events, newest
+        first, and what became of those sent."""
+        return {"to": self.target[0] if self.target else None,
+                "recent": list(reversed(self.recent))[:20], "counts": dict(self.counts)}
 
 
 ####################################################################################
@@ -7041,10 +7242,14 @@ def save_learning(learner, traces):
         traces.save_learned(learner.rows())
 
 
-def start_duties(tasks, cfg, fleet, scheduler, proxy, local, traces, learner):
+def start_duties(tasks, cfg, fleet, scheduler, proxy, local, traces, learner, health):
     """The router's background loops, each a named task in `tasks`."""
     tasks.spawn(hc.repeat(fleet.refresh_status, min(1.0, cfg.heartbeat_timeout / 4), log,
                           "the node status watch"), "status-watcher")
+    tasks.spawn(fleet.alerts.run(), "alerts")
+    tasks.spawn(hc.repeat(lambda: look_for_alerts(health, fleet.alerts),
+                          HEALTH_ALERT_EVERY_S, log, "the health checks' alerts"),
+                "health-alerts")
     if cfg.learning:
         tasks.spawn(load_learning(learner, fleet, traces), "load-learning")
         tasks.spawn(hc.repeat(lambda: save_learning(learner, traces), Learner.SAVE_EVERY_S,
@@ -7063,6 +7268,15 @@ def start_duties(tasks, cfg, fleet, scheduler, proxy, local, traces, learner):
 ####################################################################################
 # mDNS: tell node agents where we are
 ####################################################################################
+
+
+async def look_for_alerts(health, alerts):
+    """The health checks, run for their alerts (a critical one, one that clears); not in
+    the router's first moments, while its nodes are still joining."""
+    if time.monotonic() - health.fleet.started < HEALTH_ALERT_EVERY_S:
+        return
+    findings, _ = run_health_checks(await health.snapshot())
+    alerts.health(findings)
 
 
 def advertised_addresses(host):
@@ -7146,8 +7360,8 @@ class RouterServer:
         self.proxy = Proxy(cfg, fleet, scheduler, learner, pulls, warmer, stats, traces,
                            self.pool)
         self.local = LocalNode(cfg, fleet)
-        dashboard = DashboardApi(cfg, fleet, traces, Health(cfg, fleet, traces, stats,
-                                                            learner))
+        self.health = Health(cfg, fleet, traces, stats, learner)
+        dashboard = DashboardApi(cfg, fleet, traces, self.health)
         self.api = Api(cfg, fleet, scheduler, self.proxy, pulls, stats, traces, self.local,
                        self.counters, dashboard, learner)
 
@@ -7169,7 +7383,7 @@ class RouterServer:
         port = self.server.sockets[0].getsockname()[1]
         self.port = self.api.port = self.api.nodes.port = port
         start_duties(self.tasks, self.cfg, self.fleet, self.scheduler, self.proxy, self.local,
-                     self.traces, self.learner)
+                     self.traces, self.learner, self.health)
         if self.cfg.mdns:
             self.tasks.spawn(advertise(self.cfg, self.port), "mdns-advertise")
         scheme = "https" if self.cfg.tls else "http"

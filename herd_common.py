@@ -2685,7 +2685,7 @@ async def http_call(url, method, path, body=None, *, headers=(), timeout=10.0, t
         tls = ssl.create_default_context()
     payload = dump_json(body) if isinstance(body, (dict, list)) else (body or b"")
     hdrs = [(b"accept", b"application/json"), (b"user-agent", b"herd/" + VERSION.encode())]
-    if payload:
+    if payload and not any(k == b"content-type" for k, _ in headers):
         hdrs.append((b"content-type", b"application/json"))
     hdrs.extend(headers)
     if sign:
@@ -4618,6 +4618,12 @@ ROUTER_SETTINGS = [
                 "(log only) or passthrough"),
         Setting("FLEET_MAX_RETRIES", 2, "other nodes tried when a node fails before the "
                 "first chunk"),
+        Setting("FLEET_ALERT_URL", "", "where to say that a node went offline or came "
+                "back, a health check turned critical or cleared, or a pull failed: an "
+                "http(s) URL gets JSON (Slack, Mattermost, Home Assistant and Discord "
+                "webhooks take it), ntfy:<url> ntfy's plain text with a title, "
+                "exec:<command> runs the command (the alert in HERD_ALERT_* variables "
+                "and as JSON on its input)"),
         Setting("FLEET_MODEL_ALIASES", "", "names that are one model on different servers "
                 "(llama3.2:3b on Ollama, Llama-3.2-3B-Instruct-Q4_K_M on LM Studio): "
                 "entries name=other[,other...] separated by ';', or @/path/to/file with "
