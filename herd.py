@@ -1185,6 +1185,7 @@ def node_summary(fleet, node, learner):
         "memory": hb.memory, "cpu": {"percent": hb.cpu_percent}, "disk": hb.disk,
         "ollama": hb.ollama, "server": {"kind": hb.server_kind, "version": hb.server_version,
                                         "loads": hb.server_loads, "load": hb.server_load},
+        "power": hb.power,
         "draining": node.status == DRAINING or hb.draining,
         "paused": hb.paused, "capacity": hb.capacity, "num_parallel": fleet.slots_for(node),
         "capabilities": node.capabilities(), "media": hb.media,
@@ -4756,11 +4757,13 @@ class Node:
 
     def capacity_inputs(self):
         """What the scoring takes from the node's capacity section (none: its CPU)."""
-        cap = self.hb.capacity
+        cap, power = self.hb.capacity, self.hb.power
+        avoided = {"on_battery": True} if power and power["on_battery"] and \
+            power["policy"] == "avoid" else {}
         if cap is None:
-            return {}
+            return avoided
         return {"availability": cap["availability"], "availability_trend": cap["trend"],
-                "memory_ceiling": cap["memory_ceiling"]}
+                "memory_ceiling": cap["memory_ceiling"], **avoided}
 
     def cpu_trend(self):
         h = list(self.cpu_history)

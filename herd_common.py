@@ -2787,6 +2787,7 @@ class Candidate:
     cpu_percent: float = 0.0
     cpu_trend: float = 0.0  # percentage points per sample, + means busier
     availability: float | None = None  # 0..1 from a node that learns its owner's habits
+    on_battery: bool = False  # on its battery, and its owner asked that it be avoided
     availability_trend: float = 0.0  # its owner's CPU, percentage points per minute
     memory_ceiling: int = 0  # bytes the owner leaves for models at this hour; 0: no ceiling
     degraded: bool = False
@@ -2864,9 +2865,14 @@ def score_role_affinity(c):
 
 
 def score_availability(c):
-    """Up to +10 for an idle CPU that is not getting busier; 0 when degraded. A node that
-    learns its owner's habits says how available it is (0..1) and how fast its owner's
-    CPU use moves (points a minute); that is used instead of its CPU when it does."""
+    """Up to +10 for an idle CPU that is not getting busier; 0 when degraded; -100 on a
+    battery its owner asked to spare (FLEET_NODE_ON_BATTERY=avoid): more than slowness
+    alone costs another node (-60), so work goes there only when the others are slow
+    and swamped too, or have not the model. A node that learns its owner's habits says how
+    available it is (0..1) and how fast its owner's CPU use moves (points a minute);
+    that is used instead of its CPU when it does."""
+    if c.on_battery:
+        return -100.0
     if c.degraded:
         return 0.0
     if c.availability is not None:
@@ -4028,7 +4034,7 @@ def default_node_id():
 
 def build_heartbeat(node_id, ollama_url, machine, ollama, settings, num_parallel,
                     num_parallel_source, draining=False, leaving=False, capacity=None,
-                    media=None, server=None):
+                    media=None, server=None, power=None):
     """The heartbeat body an agent sends (and the router makes for its local node),
     within the limits the router checks (an odd model name is left out, not sent).
     `capacity`, from an agent: availability, trend, mode, paused_reason, confidence and
@@ -4065,6 +4071,8 @@ def build_heartbeat(node_id, ollama_url, machine, ollama, settings, num_parallel
         body["capacity"] = capacity
     if media is not None:
         body["media"] = media
+    if power is not None:
+        body["power"] = power
     if server is not None:
         body["server"] = {"kind": server["kind"], "version": server["version"][:64],
                           "loads": bool(server.get("loads"))}
@@ -4292,6 +4300,10 @@ MAX_MEDIA_MODELS = 64  # image or speech models one agent serves
 # How an agent serves a media kind: a command-line tool it runs, or a server it proxies.
 # An agent with two tools for one kind (mflux and DiffusionKit) joins them with "+".
 MEDIA_BACKENDS = ("mflux", "diffusionkit", "mlx-qwen3-asr", "server")
+# What a node on battery does (FLEET_NODE_ON_BATTERY), and the charge below which an
+# avoided one is paused.
+BATTERY_POLICIES = ("avoid", "pause", "serve")
+BATTERY_PAUSE_PERCENT = 20.0
 
 
 def _media(f):
@@ -4342,7 +4354,8 @@ class Heartbeat:
                  "max_loaded_models", "cpu_percent", "mem_total", "mem_available",
                  "mem_used", "mem_percent", "pressure", "draining", "paused", "leaving",
                  "models", "loaded", "hardware", "disk_total", "disk_free", "capacity",
-                 "media", "server_kind", "server_version", "server_loads", "server_load")
+                 "media", "server_kind", "server_version", "server_loads", "server_load",
+                 "power")
 
     def __init__(self, body):
         f = Fields(body)
@@ -4382,6 +4395,11 @@ class Heartbeat:
                             "waiting": load.integer("waiting"),
                             "kv_cache": load.number("kv_cache", 1.0)} if load.obj else None
         self.capacity = _capacity(f)
+        power = f.section("power")  # an agent's battery, where the machine has one
+        self.power = {"on_battery": power.flag("on_battery"),
+                      "percent": power.number("percent", 100.0, None),
+                      "policy": power.choice("policy", BATTERY_POLICIES, "serve")} \
+            if power.obj else None
         self.media = _media(f)
         self.draining, self.leaving = f.flag("draining"), f.flag("leaving")
         self.paused = f.flag("paused") or self.paused_reason is not None or bool(
@@ -4717,6 +4735,10 @@ NODE_SETTINGS = [
                 "OLLAMA_NUM_PARALLEL from the running Ollama, else this agent's "
                 "environment"),
         Setting("FLEET_NODE_HEARTBEAT_INTERVAL", 5.0, "seconds between heartbeats"),
+        Setting("FLEET_NODE_ON_BATTERY", "avoid", "what a machine running on its battery "
+                "does: avoid (the router sends it work only when the plugged-in nodes are "
+                "slow and swamped too, and none below 20 %), pause (no work at all) or "
+                "serve (as if plugged in)"),
         Setting("FLEET_NODE_ENABLE_CAPACITY_LEARNING", False, "for a laptop or a shared "
                 "machine: learn when its owner uses it (by hour of the week), report how "
                 "available it is and how much memory models may have, and pause it while "

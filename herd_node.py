@@ -1730,8 +1730,10 @@ SERVER_CHECKS = (("llama-server", "/props", llama_server),
 class Agent:
     """Reads this machine and its Ollama; reports to the router."""
 
-    def __init__(self, cfg, finder=None, probes=None, owner=None, clock=time.time):
+    def __init__(self, cfg, finder=None, probes=None, owner=None, clock=time.time,
+                 battery=None):
         self.cfg = cfg
+        self.battery = battery or (lambda: read_battery(psutil))  # a seam for tests
         self.finder = finder
         self.node_id = cfg.node_id or hc.default_node_id()
         self.capacity = Capacity(cfg, self.node_id, probes, owner, clock)
@@ -1778,6 +1780,8 @@ class Agent:
             self.read_settings())
         self._note_ollama(ollama)
         capacity = await self.capacity.section(machine)
+        power = await asyncio.to_thread(self.battery)
+        capacity = on_battery(capacity, power, self.cfg.on_battery)
         slots, source = hc.resolve_num_parallel(self.cfg.num_parallel, settings, os.environ)
         if ollama.get("num_parallel") and not self.cfg.num_parallel:
             slots, source = ollama["num_parallel"], self.server["kind"]  # the server's own
@@ -1785,7 +1789,8 @@ class Agent:
         own = {k: os.environ[k] for k in hc.OLLAMA_SETTING_VARS if k in os.environ}
         return hc.build_heartbeat(self.node_id, await self.ollama_url(), machine, ollama,
                                   {**own, **settings}, slots, source, draining, leaving,
-                                  capacity, media, self.server)
+                                  capacity, media, self.server,
+                                  power and {**power, "policy": self.cfg.on_battery})
 
     async def read_server(self):
         """What the server beside the agent holds, in read_ollama's shape. Its kind is
@@ -1915,6 +1920,37 @@ class Agent:
         log.info("left the fleet" if left is not None else "could not tell the router we "
                  "left", extra={"event": "drain"})
         return left is not None
+
+
+def read_battery(psutil):
+    """The machine's battery, as {"on_battery", "percent"}; None where it has none
+    (a desktop, or a system psutil cannot read it on)."""
+    try:
+        battery = psutil.sensors_battery()
+    except (AttributeError, NotImplementedError, OSError, RuntimeError):
+        return None
+    if battery is None:
+        return None
+    percent = battery.percent if isinstance(battery.percent, (int, float)) and \
+        math.isfinite(battery.percent) else None
+    return {"on_battery": battery.power_plugged is False,
+            "percent": None if percent is None else round(max(0.0, min(100.0, percent)), 1)}
+
+
+def on_battery(capacity, power, policy):
+    """The capacity section as the battery makes it (FLEET_NODE_ON_BATTERY): on battery,
+    "pause" pauses the node, "avoid" leaves the fleet nothing of it (its availability
+    0, which the router weighs; the router also scores it down) and pauses it below
+    BATTERY_PAUSE_PERCENT; plugged in, or "serve", as it was."""
+    if not power or not power["on_battery"] or policy == "serve":
+        return capacity
+    percent = power["percent"]
+    low = percent is not None and percent < hc.BATTERY_PAUSE_PERCENT
+    if policy == "pause" or low:
+        charge = f" at {percent:g} %" if percent is not None else ""
+        return {**capacity, "availability": 0.0, "mode": "paused",
+                "paused_reason": capacity.get("paused_reason") or f"on battery{charge}"}
+    return {**capacity, "availability": 0.0}
 
 
 class RouterLink:
@@ -2054,6 +2090,9 @@ def load_node_config(environ, args, tuned=None):
             raise hc.ConfigError(f"FLEET_NODE_NODE_ID: {e}") from None
     if cfg.heartbeat_interval <= 0:
         raise hc.ConfigError("FLEET_NODE_HEARTBEAT_INTERVAL must be above 0")
+    if cfg.on_battery not in hc.BATTERY_POLICIES:
+        raise hc.ConfigError(f"FLEET_NODE_ON_BATTERY={cfg.on_battery!r}: use "
+                             f"{', '.join(hc.BATTERY_POLICIES)}")
     if cfg.drain_timeout < 0:
         raise hc.ConfigError("FLEET_NODE_DRAIN_TIMEOUT must not be negative")
     if cfg.media_timeout <= 0:

@@ -9890,7 +9890,8 @@ def test_the_dashboard_names_each_nodes_server_in_a_browser(h):
         pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
     from playwright.sync_api import sync_playwright
     router = h.router()
-    h.heartbeat(router, h.fake(models=["qwen2.5:7b"]), "desk")
+    h.heartbeat(router, h.fake(models=["qwen2.5:7b"]), "desk", mutate=lambda hb: hb.update(
+        power={"on_battery": True, "percent": 54.0, "policy": "avoid"}))
     persona_node(h, router, "lmstudio", "mac", models=["qwen2.5-7b-instruct"])
     _, vllm = persona_node(h, router, "vllm", "rig", models=["qwen2.5:7b"])
     h.beat(vllm, "rig", mutate=lambda hb: hb["server"].update(
@@ -9905,6 +9906,7 @@ def test_the_dashboard_names_each_nodes_server_in_a_browser(h):
             browser.close()
     assert f"Ollama {fake_ollama.DEFAULT_VERSION}" in text and "LM Studio ?" in text
     assert "vLLM 0.11.0 (3 running, 1 waiting, KV cache 42%)" in text and not errors
+    assert "on battery 54% (avoid)" in text
 
 
 def sse_events(*objects):
@@ -10381,3 +10383,39 @@ def test_the_dashboard_shows_the_alerts_in_a_banner(h):
             browser.close()
     assert "<b>disk</b> full" in text and bold == ["pulling phi3:mini failed"]
     assert not errors
+
+
+@pytest.mark.parametrize("policy, battery, routed, paused", [
+    ("avoid", {"on_battery": True, "percent": 80.0}, "desk", False),
+    ("avoid", {"on_battery": True, "percent": 12.0}, "desk", True),
+    ("pause", {"on_battery": True, "percent": 95.0}, "desk", True),
+    ("serve", {"on_battery": True, "percent": 95.0}, "laptop", False),
+    ("avoid", {"on_battery": False, "percent": 50.0}, "laptop", False),
+    ("avoid", None, "laptop", False),  # no battery: a desktop
+])
+def test_a_laptop_on_battery_is_avoided_or_paused_as_its_owner_says(
+        h, policy, battery, routed, paused):
+    # The laptop is the faster node (the router learned so) and holds the model hot;
+    # the desk is slower. On battery and "avoid", work still goes to the desk.
+    laptop_fake, desk_fake = h.fake(), h.fake("127.0.0.2")
+    router = router_that_learned(h, {"laptop": 80.0, "desk": 20.0})
+    for fake in (laptop_fake, desk_fake):
+        load_on(fake, "llama3.2:3b")
+    laptop = h.agent(router, laptop_fake, "laptop", FLEET_NODE_ON_BATTERY=policy)
+    laptop.battery = lambda: battery
+    h.beat(laptop, "laptop")
+    join(h, router, desk_fake, "desk")
+    node = fleet_node(router, "laptop")
+    assert node["power"] == (battery and {**battery, "policy": policy})
+    assert node["paused"] is paused
+    status, headers, _ = http(router.url, "POST", "/api/generate", {
+        "model": "llama3.2:3b", "prompt": "hi", "stream": False})
+    assert (status, headers["x-fleet-node"]) == (200, routed)
+
+
+def test_the_agent_reads_the_battery_through_psutil():
+    batt = types.SimpleNamespace(percent=41.567, secsleft=3600, power_plugged=False)
+    assert herd_node.read_battery(types.SimpleNamespace(sensors_battery=lambda: batt)) == \
+        {"on_battery": True, "percent": 41.6}
+    assert herd_node.read_battery(types.SimpleNamespace(sensors_battery=lambda: None)) is None
+    assert herd_node.read_battery(types.SimpleNamespace()) is None  # psutil without it
