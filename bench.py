@@ -343,7 +343,7 @@ MIXED = Fleet(
 FLEETS = {f.name: f for f in (FITS, PRESSURE, MIXED)}
 
 HERD_SETTINGS = {"FLEET_MDNS": "false", "FLEET_LOCAL_NODE": "false",
-                 "FLEET_CONSOLE_LOG_LEVEL": "WARNING",
+                 "FLEET_CONSOLE_LOG_LEVEL": "WARNING", "FLEET_WAKE_ADDRESS": "off",
                  # one client address stands in for all the users
                  "FLEET_MAX_CONNECTIONS_PER_CLIENT": "1024"}
 OLLAMA_HERD = "ollama-herd==0.11.4"
@@ -444,7 +444,7 @@ def start_router(exits, workdir, settings):
     """herd.py on a free port with a temporary FLEET_DATA_DIR; returns (process, port)."""
     port = free_port()
     env = {"FLEET_HOST": "127.0.0.1", "FLEET_PORT": str(port), "FLEET_MDNS": "false",
-           "FLEET_DATA_DIR": os.path.join(workdir, "data"),
+           "FLEET_DATA_DIR": os.path.join(workdir, "data"), "FLEET_WAKE_ADDRESS": "off",
            "FLEET_CONSOLE_LOG_LEVEL": "WARNING", **settings}
     return start_process(exits, ["herd.py"], env, os.path.join(workdir, "router.log")), port
 

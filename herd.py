@@ -153,6 +153,7 @@ MAX_FALLBACKS = 8  # fallback_models a request may name
 # leaving and lets running requests finish (draining), its agent stopped cleanly and
 # said so (left: what its owner did, not a fault), or it went silent (offline).
 ONLINE, DEGRADED, DRAINING, LEFT, OFFLINE = "online", "degraded", "draining", "left", "offline"
+ASLEEP = "asleep"  # how /fleet/status shows an offline node that can be woken
 NODE_STATUSES = (ONLINE, DEGRADED, DRAINING, LEFT, OFFLINE)
 GONE = (LEFT, OFFLINE)  # no work, no heartbeats expected; its id may move to a new address
 LEFT_LISTED_S = 3600.0  # a node that left is listed this long (FLEET_FORGET_OFFLINE_AFTER
@@ -204,6 +205,7 @@ def load_router_config(environ, args, tuned=None):
     values["origins_allowed"] = read_origins(cfg.origins)
     values["model_aliases"] = read_aliases(cfg.model_aliases)
     values["alert_target"] = read_alert_url(cfg.alert_url)
+    values["wake_target"] = read_wake_address(cfg.wake_address)
     values["tls"] = server_tls(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
     values["misnamed"] = tuple(hc.misnamed_settings(
         environ, ROUTER_SETTINGS, hc.NODE_SETTINGS, bool(cfg.token), skip_prefix="FLEET_NODE_",
@@ -1177,8 +1179,9 @@ def openai_model(entry):
 def node_summary(fleet, node, learner):
     """One node as /fleet/status shows it."""
     hb = node.hb
-    return {
-        "node_id": node.node_id, "status": node.status, "local": node.local,
+    return {  # offline, but it said how to wake it: asleep
+        "node_id": node.node_id, "status": ASLEEP if fleet.waker.asleep(node) else node.status,
+        "local": node.local, "wake": list(hb.wake),
         "ollama_url": node.ollama_url,
         "last_heartbeat_s": round(time.monotonic() - node.last_seen, 1),
         "agent_version": hb.agent_version or None, "hardware": hb.hardware,
@@ -3850,14 +3853,20 @@ class Scheduler:
                     # Waiting cannot help, and an old Ollama itself would say 404.
                     raise RouteError(404, f"no node with '{shown_name}' runs a server that "
                                           f"serves {ask.endpoint} ({'; '.join(reasons)})")
+                woken = self.fleet.waker.wake_for(holders)
+                if woken:  # asleep, not gone: its first heartbeat will bring it back
+                    deadline = max(deadline, woken + WAKE_WAIT_S)
                 until = deadline if known else min(deadline, self.fleet.warm_until())
                 remaining = until - time.monotonic()
                 if remaining <= 0:
                     if not known:
                         continue  # the start-up window is over: answer 404 above
+                    asleep = self.fleet.waker.woken_names(holders)
                     raise RouteError(503, f"no node can serve '{shown_name}' right now "
                                           f"({'; '.join(reasons) or 'no node online'}); "
-                                          f"waited {self.cfg.hold_timeout:g}s",
+                                          + (f"woke {asleep} (Wake-on-LAN) and waited "
+                                             f"{WAKE_WAIT_S:g}s for a heartbeat" if asleep
+                                             else f"waited {self.cfg.hold_timeout:g}s"),
                                      [(b"retry-after", b"%d" % max(
                                          1, int(self.cfg.heartbeat_timeout)))])
                 await self.fleet.wait_change(remaining)
@@ -4917,6 +4926,7 @@ class Fleet:
         self._changed = asyncio.get_running_loop().create_future()
         self.residency = Residency(self.notify_change, self.busy, self.last_done)
         self.alerts = Alerts(cfg)  # what happens to the fleet, said to its owner
+        self.waker = Waker(cfg.wake_target)
 
     # -- change notification ------------------------------------------------------
 
@@ -5061,7 +5071,8 @@ class Fleet:
         level = logging.INFO if status in (ONLINE, DRAINING, LEFT) else logging.WARNING
         said = "node left the fleet (its agent stopped)" if status == LEFT else f"node {status}"
         fleet_log.log(level, said, extra={"node_id": node.node_id, "event": f"node_{status}"})
-        self.alerts.node_status(node, node.status, status)
+        self.alerts.node_status(node, node.status, status,
+                                bool(node.hb.wake) and self.waker.target != "off")
         node.status = status
         node.offline_since = time.monotonic() if status in GONE else None
         if status in (*GONE, DRAINING):
@@ -6621,7 +6632,13 @@ def check_speed_drops(snap):
 
 def check_offline_nodes(snap):
     for n in snap["nodes"]:
-        if n["status"] == OFFLINE:
+        if n["status"] == OFFLINE and n.get("asleep"):
+            yield finding("offline_nodes", "info", f"{n['node_id']} is asleep",
+                          f"No heartbeat for {n['silent_s']:.0f}s. It can be woken: a "
+                          f"request for a model only it has sends it Wake-on-LAN.",
+                          "Nothing to do, unless it should stay awake (its power "
+                          "settings).", node=n["node_id"])
+        elif n["status"] == OFFLINE:
             yield finding("offline_nodes", "critical", f"{n['node_id']} is offline",
                           f"No heartbeat for {n['silent_s']:.0f}s; it gets no work.",
                           "Check that herd_node.py runs there and can reach the router "
@@ -6914,6 +6931,7 @@ class Health:
         now = time.monotonic()
         nodes = [{
             "node_id": n.node_id, "status": n.status, "silent_s": now - n.last_seen,
+            "asleep": self.fleet.waker.asleep(n),
             "memory": n.hb.memory, "ollama_version": n.hb.ollama_version,
             "paused": n.hb.paused, "paused_reason": n.hb.paused_reason, "signs": n.signs,
             "loaded": [{**e.json(), "model": name,
@@ -6961,6 +6979,91 @@ class Health:
             # The dashboard's banner: the alerts of the last hour, sent or not, newest first.
             "alerts": [a for a in self.fleet.alerts.view()["recent"]
                        if a["time"] > time.time() - 3600][:ALERT_BANNER]}
+
+
+####################################################################################
+# Waking a sleeping node (Wake-on-LAN): a node whose agent reported its interfaces
+# and that went quiet is asleep, not gone. A request for a model that only such nodes
+# have sends each the magic packet and waits up to WAKE_WAIT_S for its first heartbeat
+# (the holding queue looks again at every heartbeat).
+####################################################################################
+
+WAKE_PORT = 9  # the discard port, where Wake-on-LAN packets are usually sent
+WAKE_EVERY_S = 15.0  # a sleeping node is sent the packet again this often, at most
+WAKE_WAIT_S = 90.0  # how long a request waits for a node it woke (a boot is slow)
+
+
+def read_wake_address(setting):
+    """FLEET_WAKE_ADDRESS as the target of the packets: None for each node's own subnet
+    broadcast, "off", or (host, port). ConfigError if it is none of these."""
+    setting = setting.strip()
+    if not setting:
+        return None
+    if setting.lower() == "off":
+        return "off"
+    host, _, port = setting.rpartition(":") if setting.count(":") == 1 else (setting, "", "")
+    try:
+        number = int(port) if port else WAKE_PORT
+        if not host or not 0 < number < 65536:
+            raise ValueError
+    except ValueError:
+        raise hc.ConfigError(f"FLEET_WAKE_ADDRESS={setting!r}: use host or host:port, "
+                             f"or off") from None
+    return host, number
+
+
+def magic_packet(mac):
+    """Wake-on-LAN's packet: six 0xFF bytes, then the MAC sixteen times (102 bytes)."""
+    return b"\xff" * 6 + bytes.fromhex(mac.replace(":", "")) * 16
+
+
+class Waker:
+    """Sends the magic packet to sleeping nodes, each at most every WAKE_EVERY_S, and
+    remembers when it first woke each (until it is heard from again)."""
+
+    def __init__(self, target):
+        self.target = target  # read_wake_address's
+        self.sent = {}  # node_id -> (monotonic time first woken, last sent)
+        self.packets = 0
+
+    def asleep(self, node):
+        """Gone quiet after it said how it can be woken (and waking is not off)."""
+        return node.status == OFFLINE and bool(node.hb.wake) and self.target != "off"
+
+    def wake_for(self, holders):
+        """Wake the sleeping ones among the nodes that have a request's model; returns
+        when the first of them was first woken (0: none is asleep)."""
+        now, first = time.monotonic(), 0.0
+        for node in holders:
+            if not self.asleep(node):
+                self.sent.pop(node.node_id, None)  # awake again: a later sleep is new
+                continue
+            woken, last = self.sent.get(node.node_id, (now, 0.0))
+            if now - last >= WAKE_EVERY_S:
+                self._send(node)
+                last = now
+            self.sent[node.node_id] = (woken, last)
+            first = min(first, woken) if first else woken
+        return first
+
+    def woken_names(self, holders):
+        return ", ".join(n.node_id for n in holders if n.node_id in self.sent)
+
+    def _send(self, node):
+        """One packet to each interface the node reported."""
+        for address in node.hb.wake:
+            host, port = self.target or (address["broadcast"], WAKE_PORT)
+            try:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+                    s.setblocking(False)
+                    s.sendto(magic_packet(address["mac"]), (host, port))
+                self.packets += 1
+            except OSError as e:
+                fleet_log.warning(f"a Wake-on-LAN packet to {host}:{port} failed: {e}",
+                                  extra={"node_id": node.node_id, "event": "wake_failed"})
+        fleet_log.info("woke a sleeping node (Wake-on-LAN)", extra={
+            "node_id": node.node_id, "event": "wake"})
 
 
 ####################################################################################
@@ -7045,14 +7148,17 @@ class Alerts:
 
     # -- the events -----------------------------------------------------------------
 
-    def node_status(self, node, old, new):
-        """A node went offline, or came back from it."""
+    def node_status(self, node, old, new, wakeable=False):
+        """A node went offline (asleep, when it can be woken), or came back from it."""
         if new == OFFLINE:
-            self.alert("node_offline", f"node {node.node_id} is offline",
+            self.alert("node_offline", f"node {node.node_id} is "
+                       f"{'asleep' if wakeable else 'offline'}",
                        f"No heartbeat from {node.node_id} for "
                        f"{time.monotonic() - node.last_seen:.0f} s; its requests go to "
-                       f"other nodes.", about=("node", node.node_id), state="offline",
-                       node_id=node.node_id)
+                       f"other nodes" + (", or wake it (Wake-on-LAN) where only it has "
+                                         "their model." if wakeable else "."),
+                       about=("node", node.node_id), state="offline", node_id=node.node_id,
+                       severity="info" if wakeable else "warning")
         elif old == OFFLINE and new in (ONLINE, DEGRADED, DRAINING):
             self.alert("node_back", f"node {node.node_id} is back",
                        f"{node.node_id} sends heartbeats again.", about=("node",

@@ -40,6 +40,7 @@ import difflib
 import hashlib
 import hmac
 import http
+import ipaddress
 import itertools
 import json
 import logging
@@ -4034,7 +4035,7 @@ def default_node_id():
 
 def build_heartbeat(node_id, ollama_url, machine, ollama, settings, num_parallel,
                     num_parallel_source, draining=False, leaving=False, capacity=None,
-                    media=None, server=None, power=None):
+                    media=None, server=None, power=None, wake=()):
     """The heartbeat body an agent sends (and the router makes for its local node),
     within the limits the router checks (an odd model name is left out, not sent).
     `capacity`, from an agent: availability, trend, mode, paused_reason, confidence and
@@ -4073,6 +4074,8 @@ def build_heartbeat(node_id, ollama_url, machine, ollama, settings, num_parallel
         body["media"] = media
     if power is not None:
         body["power"] = power
+    if wake:
+        body["wake"] = list(wake)[:MAX_WAKE_ADDRESSES]
     if server is not None:
         body["server"] = {"kind": server["kind"], "version": server["version"][:64],
                           "loads": bool(server.get("loads"))}
@@ -4303,6 +4306,24 @@ MEDIA_BACKENDS = ("mflux", "diffusionkit", "mlx-qwen3-asr", "server")
 # What a node on battery does (FLEET_NODE_ON_BATTERY), and the charge below which an
 # avoided one is paused.
 BATTERY_POLICIES = ("avoid", "pause", "serve")
+# Wake-on-LAN: the interfaces an agent reports ({"mac", "broadcast"}), at most.
+MAX_WAKE_ADDRESSES = 8
+MAC_ADDRESS = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+
+
+def _wake_address(f):
+    """One interface a sleeping node may be woken through: its MAC, and the broadcast
+    address of its IPv4 subnet."""
+    mac = f.text("mac", 17).lower().replace("-", ":")
+    if not MAC_ADDRESS.fullmatch(mac) or mac == "00:00:00:00:00:00":
+        raise ValueError(f"field '{f.name('mac')}' must be a MAC address")
+    broadcast = f.text("broadcast", 15)
+    try:
+        if ipaddress.ip_address(broadcast).version != 4:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"field '{f.name('broadcast')}' must be an IPv4 address") from None
+    return {"mac": mac, "broadcast": broadcast}
 BATTERY_PAUSE_PERCENT = 20.0
 
 
@@ -4355,7 +4376,7 @@ class Heartbeat:
                  "mem_used", "mem_percent", "pressure", "draining", "paused", "leaving",
                  "models", "loaded", "hardware", "disk_total", "disk_free", "capacity",
                  "media", "server_kind", "server_version", "server_loads", "server_load",
-                 "power")
+                 "power", "wake")
 
     def __init__(self, body):
         f = Fields(body)
@@ -4400,6 +4421,7 @@ class Heartbeat:
                       "percent": power.number("percent", 100.0, None),
                       "policy": power.choice("policy", BATTERY_POLICIES, "serve")} \
             if power.obj else None
+        self.wake = tuple(_wake_address(w) for w in f.objects("wake", MAX_WAKE_ADDRESSES))
         self.media = _media(f)
         self.draining, self.leaving = f.flag("draining"), f.flag("leaving")
         self.paused = f.flag("paused") or self.paused_reason is not None or bool(
@@ -4636,6 +4658,9 @@ ROUTER_SETTINGS = [
                 "(log only) or passthrough"),
         Setting("FLEET_MAX_RETRIES", 2, "other nodes tried when a node fails before the "
                 "first chunk"),
+        Setting("FLEET_WAKE_ADDRESS", "", "where Wake-on-LAN packets go: empty means the "
+                "broadcast address of the sleeping node's subnet (port 9); host or "
+                "host:port to send them there instead (a relay); off: never wake a node"),
         Setting("FLEET_ALERT_URL", "", "where to say that a node went offline or came "
                 "back, a health check turned critical or cleared, or a pull failed: an "
                 "http(s) URL gets JSON (Slack, Mattermost, Home Assistant and Discord "
@@ -4735,6 +4760,9 @@ NODE_SETTINGS = [
                 "OLLAMA_NUM_PARALLEL from the running Ollama, else this agent's "
                 "environment"),
         Setting("FLEET_NODE_HEARTBEAT_INTERVAL", 5.0, "seconds between heartbeats"),
+        Setting("FLEET_NODE_WAKE", True, "report this machine's network interfaces (MAC "
+                "and broadcast address) so that the router can wake it with Wake-on-LAN "
+                "when it sleeps and a request needs its models"),
         Setting("FLEET_NODE_ON_BATTERY", "avoid", "what a machine running on its battery "
                 "does: avoid (the router sends it work only when the plugged-in nodes are "
                 "slow and swamped too, and none below 20 %), pause (no work at all) or "

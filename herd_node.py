@@ -46,6 +46,7 @@ import ctypes
 import ctypes.util
 import functools
 import glob
+import ipaddress
 import itertools
 import json
 import logging
@@ -55,6 +56,7 @@ import platform
 import random
 import shutil
 import signal
+import socket
 import ssl
 import sys
 import tempfile
@@ -1734,6 +1736,7 @@ class Agent:
                  battery=None):
         self.cfg = cfg
         self.battery = battery or (lambda: read_battery(psutil))  # a seam for tests
+        self.wake_addresses = lambda: read_wake(psutil)  # and another
         self.finder = finder
         self.node_id = cfg.node_id or hc.default_node_id()
         self.capacity = Capacity(cfg, self.node_id, probes, owner, clock)
@@ -1790,7 +1793,8 @@ class Agent:
         return hc.build_heartbeat(self.node_id, await self.ollama_url(), machine, ollama,
                                   {**own, **settings}, slots, source, draining, leaving,
                                   capacity, media, self.server,
-                                  power and {**power, "policy": self.cfg.on_battery})
+                                  power and {**power, "policy": self.cfg.on_battery},
+                                  self.wake_addresses() if self.cfg.wake else ())
 
     async def read_server(self):
         """What the server beside the agent holds, in read_ollama's shape. Its kind is
@@ -1920,6 +1924,32 @@ class Agent:
         log.info("left the fleet" if left is not None else "could not tell the router we "
                  "left", extra={"event": "drain"})
         return left is not None
+
+
+def read_wake(psutil):
+    """This machine's network interfaces a Wake-on-LAN packet can reach: each one's MAC
+    and the broadcast address of its IPv4 subnet (loopback and interfaces without an
+    IPv4 address left out)."""
+    try:
+        interfaces = psutil.net_if_addrs()
+    except (AttributeError, OSError, RuntimeError):
+        return []
+    found = []
+    for addrs in interfaces.values():
+        mac = next((a.address for a in addrs if a.family == psutil.AF_LINK), None)
+        ipv4 = next((a for a in addrs if a.family == socket.AF_INET), None)
+        if not mac or ipv4 is None or not ipv4.netmask or \
+                ipaddress.ip_address(ipv4.address).is_loopback:
+            continue
+        mac = mac.lower().replace("-", ":")
+        if not hc.MAC_ADDRESS.fullmatch(mac) or mac == "00:00:00:00:00:00":
+            continue
+        try:
+            net = ipaddress.IPv4Network(f"{ipv4.address}/{ipv4.netmask}", strict=False)
+        except ValueError:
+            continue
+        found.append({"mac": mac, "broadcast": str(net.broadcast_address)})
+    return found[:hc.MAX_WAKE_ADDRESSES]
 
 
 def read_battery(psutil):

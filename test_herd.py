@@ -59,6 +59,10 @@ from fake_ollama import FakeOllama
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FLEET_TOKEN = "fleet-secret-for-tests"
+# Wake-on-LAN sends to a LAN's broadcast address: no router or agent a test starts may,
+# unless the test points it at a receiver on loopback (FLEET_WAKE_ADDRESS).
+NO_WAKING = {"FLEET_WAKE_ADDRESS": "off", "FLEET_NODE_WAKE": "false"}
+os.environ.update(NO_WAKING)  # for the programs tests start as processes
 GIB = 1 << 30
 QUIET_CPU = 5.0  # the CPU use every test node reports unless its test says otherwise
 
@@ -139,7 +143,7 @@ class Harness:
                    "FLEET_LOCAL_NODE": "false", "FLEET_STARTUP_WINDOW": "0",
                    "FLEET_AUTO_PULL": "false", "FLEET_TOKEN": FLEET_TOKEN,
                    "FLEET_DATA_DIR": str(self.data_dir),
-                   "FLEET_CONSOLE_LOG_LEVEL": "CRITICAL"}
+                   "FLEET_CONSOLE_LOG_LEVEL": "CRITICAL", **NO_WAKING}
         environ.update({k: str(v) for k, v in env.items()})
         environ, tuned = split_fixed(environ, herd.ROUTER_FIXED)
         cfg = herd.load_router_config(environ, herd.parse_args([]), tuned)
@@ -157,7 +161,8 @@ class Harness:
     def agent(self, router, fake, node_id, **env):
         environ = {"FLEET_NODE_ROUTER_URL": router.url, "FLEET_NODE_NODE_ID": node_id,
                    "FLEET_NODE_OLLAMA_HOST": fake.url, "FLEET_NODE_TOKEN": router.cfg.token,
-                   "FLEET_NODE_DATA_DIR": str(self.tmp_path / "node")}
+                   "FLEET_NODE_DATA_DIR": str(self.tmp_path / "node"),
+                   "FLEET_NODE_WAKE": "false"}
         environ.update({k: str(v) for k, v in env.items()})
         environ, tuned = split_fixed(environ, herd_node.NODE_FIXED)
         cfg = herd_node.load_node_config(environ, herd_node.parse_args([]), tuned)
@@ -6918,9 +6923,10 @@ def test_the_real_programs_on_an_older_python_say_so_and_exit_1():
 
 
 def env_without_fleet(**env):
-    """This process's environment without its FLEET_* variables, plus `env`: what a
-    program is told is then only what the test says."""
-    return {**{k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}, **env}
+    """This process's environment without its FLEET_* variables (but NO_WAKING), plus
+    `env`: what a program is told is then only what the test says."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("FLEET_")},
+            **NO_WAKING, **env}
 
 
 def console_lines_until(proc, mark):
@@ -10419,3 +10425,90 @@ def test_the_agent_reads_the_battery_through_psutil():
         {"on_battery": True, "percent": 41.6}
     assert herd_node.read_battery(types.SimpleNamespace(sensors_battery=lambda: None)) is None
     assert herd_node.read_battery(types.SimpleNamespace()) is None  # psutil without it
+
+
+####################################################################################
+# Waking a sleeping node (issue 23): Wake-on-LAN, to a receiver on loopback
+####################################################################################
+
+SLEEPER_MAC = "aa:bb:cc:dd:ee:0f"
+
+
+def sleeping_node(h, **env):
+    """A router that sends Wake-on-LAN to a UDP receiver on loopback, and node "gpu"
+    (holding phi3:mini, which no other node has) gone quiet after reporting its MAC;
+    (router, agent, receiver socket)."""
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.settimeout(10)
+    router = h.router(FLEET_WAKE_ADDRESS=f"127.0.0.1:{receiver.getsockname()[1]}",
+                      FLEET_HEARTBEAT_TIMEOUT=0.2, FLEET_HEARTBEAT_OFFLINE=0.4, **env)
+    h.heartbeat(router, h.fake(), "desk")  # awake, without the model
+    agent = h.agent(router, h.fake(models=["phi3:mini"]), "gpu",
+                    FLEET_NODE_WAKE="true")
+    agent.wake_addresses = lambda: [{"mac": SLEEPER_MAC, "broadcast": "10.1.2.255"}]
+    h.beat(agent, "gpu")
+    assert fleet_node(router, "gpu")["wake"] == [{"mac": SLEEPER_MAC,
+                                                   "broadcast": "10.1.2.255"}]
+    wait_until(lambda: fleet_node(router, "gpu")["status"] == "asleep", what="gpu asleep")
+    return router, agent, receiver
+
+
+def test_a_request_for_a_sleeping_nodes_model_wakes_it_and_waits(h):
+    router, agent, receiver = sleeping_node(h)
+    health = get_json(router.url, "/dashboard/api/health")["checks"]
+    assert [(c["title"], c["severity"]) for c in health if c["node_id"] == "gpu"] == [
+        ("gpu is asleep", "info")]
+    answer = {}
+    asking = threading.Thread(target=lambda: answer.update(zip(
+        ("status", "headers", "body"), http(router.url, "POST", "/api/generate", {
+            "model": "phi3:mini", "prompt": "hi", "stream": False}, timeout=60))))
+    asking.start()
+    packet, _ = receiver.recvfrom(1024)
+    assert packet == b"\xff" * 6 + bytes.fromhex(SLEEPER_MAC.replace(":", "")) * 16
+    assert len(packet) == 102
+    h.beat(agent, "gpu")  # it wakes: its agent's first heartbeat
+    asking.join(60)
+    assert answer["status"] == 200 and answer["headers"]["x-fleet-node"] == "gpu"
+    receiver.close()
+
+
+def test_a_node_that_does_not_wake_in_time_is_said_so(h, monkeypatch):
+    monkeypatch.setattr(herd, "WAKE_WAIT_S", 0.5)
+    router, _, receiver = sleeping_node(h, FLEET_HOLD_TIMEOUT=0.2)
+    status, _, body = http(router.url, "POST", "/api/generate", {
+        "model": "phi3:mini", "prompt": "hi", "stream": False})
+    assert status == 503 and "woke gpu (Wake-on-LAN)" in json.loads(body)["error"]
+    assert len(receiver.recvfrom(1024)[0]) == 102
+    receiver.close()
+
+
+def test_waking_off_leaves_a_quiet_node_offline(h):
+    router = h.router(FLEET_WAKE_ADDRESS="off", FLEET_HEARTBEAT_TIMEOUT=0.2,
+                      FLEET_HEARTBEAT_OFFLINE=0.4)
+    agent = h.agent(router, h.fake(), "gpu", FLEET_NODE_WAKE="true")
+    agent.wake_addresses = lambda: [{"mac": SLEEPER_MAC, "broadcast": "10.1.2.255"}]
+    h.beat(agent, "gpu")
+    wait_until(lambda: fleet_node(router, "gpu")["status"] == "offline", what="offline")
+    assert router.fleet.waker.wake_for(list(router.fleet.nodes.values())) == 0
+    assert router.fleet.waker.packets == 0
+
+
+@pytest.mark.parametrize("setting, error", [("host:port", "use host or host:port"),
+                                            ("h:0", "use host"), (":9", "use host")])
+def test_a_bad_wake_address_stops_the_router_at_start(setting, error):
+    with pytest.raises(hc.ConfigError, match=error):
+        herd.read_wake_address(setting)
+
+
+def test_the_agent_reports_its_interfaces_macs_and_broadcasts():
+    link, inet = -1, socket.AF_INET
+    addr = lambda family, address, netmask=None: types.SimpleNamespace(
+        family=family, address=address, netmask=netmask)
+    fake_psutil = types.SimpleNamespace(AF_LINK=link, net_if_addrs=lambda: {
+        "lo": [addr(link, "00:00:00:00:00:00"), addr(inet, "127.0.0.1", "255.0.0.0")],
+        "eth0": [addr(inet, "192.168.1.23", "255.255.255.0"), addr(link, "AA-BB-CC-00-11-22")],
+        "wg0": [addr(inet, "10.9.0.2", "255.255.255.255")],  # no MAC: not wakeable
+    })
+    assert herd_node.read_wake(fake_psutil) == [{"mac": "aa:bb:cc:00:11:22",
+                                                  "broadcast": "192.168.1.255"}]
