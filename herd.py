@@ -4021,6 +4021,7 @@ MAX_DEMAND_MODELS = 256  # models whose demand is kept (the quietest is forgotte
 MAX_PLANNED_MODELS = 32  # the busiest models the planner weighs (its search grows with them)
 GUESS_TPS_GB = 100.0  # tokens/s of a 1 GB model when nothing is learned (falls with size)
 GUESS_LOAD_S, GUESS_LOAD_S_GB = 1.0, 0.5  # a load's guess: base + per GB of weights
+SERVICE_PRIOR_ANSWERS = 5.0  # a model's own timings outweigh the fleet's after this many
 PLAN_MARGIN = 0.35  # a new plan must cost a third less than the last to replace it
 PLAN_SETTLE_S = 10.0  # a plan holds this long before a model is unloaded for it
 MOVE_WINDOW_S = 120.0  # the Warmer never undoes its own move this soon, plan unchanged
@@ -4031,20 +4032,20 @@ class Demand:
     """Each model's recent request rate (requests a second): two exponentially weighted
     counts, one that forgets over DEMAND_TAU_S (the rate, steady enough that a plan
     built on it does not churn) and one over DEMAND_RISE_TAU_S (a shift, seen within
-    seconds).
+    seconds). Each is read as a rate over the time since the model was first asked
+    for, once it holds SHIFT_EVIDENCE requests (_since_first): the long count of a
+    model that rose a minute ago is its rate, not half of it.
     - Rising: the short count is taken when it is at least RISE_ABOVE the long one and
-      holds SHIFT_EVIDENCE requests; for a model first asked for less than its window
-      ago, divided by the share of the window elapsed (three requests in two seconds
-      are 1.5 a second, not the 0.3 a ten-second count holds by then).
+      holds SHIFT_EVIDENCE requests.
     - Stopped: the short count fell below FADE_BELOW of the long one, or the model's
       quiet has lasted as long as FADE_GAP requests would take at its rate (Poisson
       gives such a gap by chance once in e**FADE_GAP). From then until it is asked for
       again its rate is at most the short count and one request over its quiet: a busy
       model that stopped gives up its place within seconds, a quiet one's lull moves
       nothing, and a rate that fades never climbs back to the stale long count.
-    (The long count starts at zero and takes a minute to reach a steady rate; taken at
-    its word sooner, the plan made moves in the first seconds that the fleet where every
-    model fits paid for in cold loads.)"""
+    (Before SHIFT_EVIDENCE requests the long count is taken at its word, a minute's
+    worth: read as a rate over its first seconds, the plan made moves that the fleet
+    where every model fits paid for in cold loads.)"""
 
     def __init__(self):
         # model -> (slow count, fast count, monotonic time of its last request, of its first)
@@ -4076,17 +4077,33 @@ class Demand:
             return 0.0
         slow, fast = self._decayed(model, now)
         _, _, then, first = self.rates[model]
-        window, quiet = DEMAND_RISE_TAU_S, now - then
-        if fast > RISE_ABOVE * slow and fast * window >= SHIFT_EVIDENCE:
-            age = max(DEMAND_MIN_S, now - first)
-            return fast / -math.expm1(-age / window)  # rising: enough requests to tell
+        age, quiet = now - first, now - then
+        steady = self._since_first(slow, age, DEMAND_TAU_S)
+        short = self._since_first(fast, age, DEMAND_RISE_TAU_S)
+        if short > RISE_ABOVE * steady and fast * DEMAND_RISE_TAU_S >= SHIFT_EVIDENCE:
+            return short  # rising: enough requests to tell
         if model not in self.stopped and (
-                quiet * slow >= FADE_GAP or
-                fast < FADE_BELOW * slow and slow * window >= SHIFT_EVIDENCE):
+                quiet * steady >= FADE_GAP or
+                short < FADE_BELOW * steady and steady * DEMAND_RISE_TAU_S >= SHIFT_EVIDENCE):
             self.stopped.add(model)  # a busy model gone quiet: it would have had enough
         if model in self.stopped:
-            return fast if quiet < DEMAND_MIN_S else min(fast, 1.0 / quiet)
-        return slow
+            return short if quiet < DEMAND_MIN_S else min(short, 1.0 / quiet)
+        return steady
+
+    @staticmethod
+    def _since_first(count, age, window):
+        """The rate a decayed count says for a model first asked for `age` seconds ago.
+        A young model's window has held requests only that long, and its first request
+        says only when it began (four in one second are 1.0 a second, not 1.5). Read as
+        it stood, the long count of a model asked for 1.5 times a second said 0.7 at
+        40 s and 0.9 at 60 s, once the short count no longer stood out as a rise: every
+        model at warm-up and each riser after a shift moved the plan once more. Never
+        below the plain count; the same as it once `age` is well past the window."""
+        if count * window < SHIFT_EVIDENCE:
+            return count
+        span = max(DEMAND_MIN_S, age)
+        opening = math.exp(-age / window) / window  # what the first request adds to it
+        return max(count, (count - opening) / -math.expm1(-span / window))
 
     def busiest(self, now, count):
         """The `count` models with the highest rate now, with it."""
@@ -4170,18 +4187,33 @@ class PlanInputs:
 
     def service_s(self, model, size, speeds):
         """Seconds one answer of `model` takes on a node of speed 1: as learned on the
-        nodes that timed it (scaled by their speed); else the models that were timed,
-        scaled by size (decoding reads all the weights for every token); else a guess
-        from its size alone."""
-        learned = self._timed_s(model, speeds)
-        if learned:
-            return learned
+        nodes that timed it (scaled by their speed), weighed against what the fleet's
+        other models say of one its size as if that were SERVICE_PRIOR_ANSWERS answers;
+        else a guess from its size alone. A riser's first answers are few and timed in
+        the crush of its rise: taken alone, its demand read 3.8, 1.2 and 2.0 s/s in
+        three plan versions, each moving models."""
+        learned, answers = self._timed_s(model, speeds), self._answers(model)
+        like = self._like_sized_s(model, size, speeds)
+        if not (learned and like):
+            return learned or like or self._guess_s(model, size)
+        return (learned * answers + like * SERVICE_PRIOR_ANSWERS) / (
+            answers + SERVICE_PRIOR_ANSWERS)
+
+    def _like_sized_s(self, model, size, speeds):
+        """An answer's seconds at speed 1 as the other models that were timed say, scaled
+        by size (decoding reads all the weights for every token); 0 if none was."""
         scaled = [run_s * size / other for name, other, run_s in self._timed_models(speeds)
                   if other and name != model]
-        if scaled and size:
-            return statistics.median(scaled)
+        return statistics.median(scaled) if scaled and size else 0.0
+
+    def _guess_s(self, model, size):
+        """An answer's seconds at speed 1 when the fleet has timed nothing like it."""
         tps = GUESS_TPS_GB / max(0.5, size / 1e9)
         return self.learner.answer_tokens(model) / tps
+
+    def _answers(self, model):
+        """How many answers of `model` the fleet has timed."""
+        return sum(s.samples for s in self.learner.by_model.get(model, {}).values())
 
     def _timed_s(self, model, speeds):
         """The median learned run of one answer of `model`, at speed 1 (0: untimed): its

@@ -9406,6 +9406,26 @@ def test_demand_sees_a_rise_at_once_and_a_busy_model_stop_but_not_a_lull():
     assert demand.rate("quiet", now + 15) > 0.7 * 0.05  # its true rate, kept in the lull
 
 
+@pytest.mark.parametrize("arrivals, at, low, high", [
+    # A model first asked for 1.5 times a second reads about that at every age. Its
+    # long count, read as it stood, was half of it from about 40 s (when the short
+    # count no longer stood out as a rise), and the plan moved models both times.
+    *[([i / 1.5 for i in range(int(age * 1.5))], age, 1.1, 1.8)
+      for age in (5, 10, 20, 30, 40, 45, 50, 60, 120)],
+    # Four in one second: the three after the first over at least DEMAND_MIN_S, not
+    # 1.5 a second (the first request says only when it began).
+    ([0.0, 0.3, 0.6, 0.9], 1.0, 0.5, 1.05),
+    # One request, or two: a minute's count of them, no rate yet.
+    ([0.0], 1.0, 0.0, 0.02),
+    ([0.0, 0.5], 1.0, 0.0, 0.04),
+])
+def test_demand_reads_a_new_model_at_the_rate_its_requests_support(arrivals, at, low, high):
+    demand, now = herd.Demand(), 1000.0
+    for t in arrivals:
+        demand.count("new", now + t)
+    assert low <= demand.rate("new", now + at) <= high
+
+
 def test_a_fading_demand_never_climbs_back():
     # A busy model stops. Its short count soon says so; as its long count decays, the
     # evidence that it stopped thins, but its rate only keeps falling: it used to jump
