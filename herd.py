@@ -5328,11 +5328,13 @@ class Speed:
 
     def add(self, sample, level=None):
         """Fold in one completed request: a dict of AVERAGED fields, None where unknown;
-        `level` is the mean number of requests in flight while it ran."""
+        `level` is the mean number of requests in flight while it ran. Returns the
+        factor of a sharp drop in its decode speed, if it showed one (else None)."""
         tps = sample.get("decode_tps")
         floor = self.floor_tps(level) if tps is not None and level else None
-        if floor and tps < LIVE_SLOW * floor:
-            self.slow_down(tps / floor)  # a sharp drop: taken at once, not half-way
+        drop = tps / floor if floor and tps < LIVE_SLOW * floor else None
+        if drop:
+            self.slow_down(drop)  # a sharp drop: taken at once, not half-way
         self.samples += 1
         weight = max(self.ALPHA, 1.0 / self.samples)
         for field in self.AVERAGED:
@@ -5348,6 +5350,7 @@ class Speed:
                 self._add_level(min(self.MAX_LEVEL, max(1, round(level))), tps)
         self.recent.append((sample.get("ttft_ms"), tps))
         self.updated_at = time.time()
+        return drop
 
     def floor_tps(self, level):
         """The least per-request speed the curve allows at `level` in flight: the level's
@@ -5609,7 +5612,15 @@ class Learner:
         }
         speed = self.speeds.get((node_id, model)) or self._add(node_id, model, Speed())
         speed.size = size or speed.size
-        speed.add(sample, level)
+        drop = speed.add(sample, level)
+        if drop:
+            # The machine slowed (its owner's job), not the model: its other models
+            # are as slow. Left at their old speeds, they held the plan's figure for
+            # the node half-way, and as answers streamed there or not, the plan read
+            # it at a quarter, then two thirds, and moved models each time.
+            for other in self.by_node[node_id].values():
+                if other is not speed:
+                    other.slow_down(drop)
         self.dirty = True
         return speed
 

@@ -7776,6 +7776,27 @@ def test_plan_speeds_rate_an_untimed_node_the_fleet_mean_not_the_slowest():
     assert learner.plan_speeds()["laptop"] == pytest.approx(0.0625, rel=0.1)
 
 
+def test_a_node_that_slows_down_is_as_slow_for_every_model_it_holds():
+    # The laptop's owner starts a job: one answer of llama decodes at a quarter of its
+    # speed. The machine slowed, not the model: the plan's figure for the laptop falls
+    # to a quarter at once. (Only llama's figure fell, and the laptop read half-way; as
+    # answers streamed there or not, the plan read it at a quarter or half-way.)
+    learner, now = herd.Learner(), time.time()
+    for node, tps in (("studio", 100.0), ("laptop", 25.0)):
+        for model in ("llama3.2:3b", "qwen2.5:3b", "phi3:3.8b"):
+            speed = learner._add(node, model, herd.Speed())
+            speed.samples, speed.decode_tps, speed.baseline_tps = 20, tps, tps
+            speed.levels = {1: [tps, 20, now]}
+    assert learner.plan_speeds()["laptop"] == pytest.approx(0.25, rel=0.05)
+    slow = types.SimpleNamespace(
+        usage={"completion_tokens": 50, "eval_ns": 50 / 6.25 * 1e9}, ttft=0.1,
+        stream=True, t0=time.monotonic() - 8.1, queue_wait=0.0)
+    learner.observe("laptop", "llama3.2:3b", slow, hot=True, level=1)
+    assert learner.plan_speeds()["laptop"] == pytest.approx(0.0625, rel=0.1)
+    assert learner.get("laptop", "phi3:3.8b").tokens_per_s(1) == pytest.approx(6.25)
+    assert learner.get("studio", "phi3:3.8b").tokens_per_s(1) == 100.0
+
+
 def test_bench_ideal_time_counts_only_what_no_slot_has_cached():
     import bench
     first = [{"role": "user", "content": "a b c d"}]
