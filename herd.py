@@ -4111,6 +4111,20 @@ class Demand:
         return {m: r for r, m in rates[:count] if r > 1e-6}
 
 
+def weighted_median(pairs):
+    """The median of [(value, weight)]: the value at which half the weight is reached
+    (half-way to the next, when it is reached exactly); statistics.median, weighed."""
+    pairs = sorted(pairs)
+    half, total = sum(w for _, w in pairs) / 2, 0.0
+    for i, (value, weight) in enumerate(pairs):
+        total += weight
+        if total > half:
+            return value
+        if total == half:
+            return (value + pairs[i + 1][0]) / 2
+    return pairs[-1][0]
+
+
 class PlanInputs:
     """What the placement plan is weighed from, read off the fleet and what was learned:
     each working node's room, slots and speed; each model's size, demand and load time."""
@@ -4136,19 +4150,34 @@ class PlanInputs:
         (Exchange.pace, from their chunks), when well below it; else 1. A node that
         slows down shows it in the first chunks of its answers, and the plan must not
         place a busy model on it until the first slow answer ends. (A late first token
-        tells routing as much, but here it is mostly a load taking its time.)"""
+        tells routing as much, but here it is mostly a load taking its time.) What was
+        learned is the least a request gets with this many in flight (Speed.floor_tps,
+        the test a finished answer's sharp drop meets): against the speed of a quieter
+        moment, a crowded studio read as slowed by half, and the plan moved models off
+        it and back."""
         now, level = time.monotonic(), self.fleet.node_active(node_id)
         paces = []
         for (nid, model), q in list(self.fleet.queues.items()):
-            f = self.learner.forecast(nid, model) if nid == node_id and q.running else None
-            for t in q.running if f is not None else ():
+            usual = self._usual_tps(nid, model, level) \
+                if nid == node_id and q.running else None
+            for t in q.running if usual else ():
                 ex = t.exchange
-                pace = ex.pace(now, f.level_tps(level), t.start) \
+                pace = ex.pace(now, usual, t.start) \
                     if ex is not None and ex.ttft is not None else None
                 if pace is not None:
                     paces.append(pace)
         pace = statistics.median(paces) if paces else 1.0
         return pace if pace < LIVE_SLOW else 1.0
+
+    def _usual_tps(self, node_id, model, level):
+        """The decode speed a request of `model` on `node_id` is learned to get at
+        least, with `level` in flight (None: nothing learned)."""
+        speed = self.learner.get(node_id, model)
+        floor = speed.floor_tps(level) if speed is not None and level else None
+        if floor:
+            return floor
+        f = self.learner.forecast(node_id, model)
+        return f.level_tps(level) if f is not None else None
 
     @staticmethod
     def _room(node):
@@ -4216,18 +4245,21 @@ class PlanInputs:
         return sum(s.samples for s in self.learner.by_model.get(model, {}).values())
 
     def _timed_s(self, model, speeds):
-        """The median learned run of one answer of `model`, at speed 1 (0: untimed): its
+        """The learned run of one answer of `model`, at speed 1 (0: untimed): its
         prompt evaluation and its tokens at the steady decode speed, as Ollama timed
         them (a wait for a slot or for room inside Ollama is not work); else the
-        router's own measure of its time on the node."""
+        router's own measure of its time on the node. The median over the nodes that
+        timed it, each weighing as many answers as it timed: a node that timed two,
+        one of them marked slow by a late first token (Learner.slowed), made a model of
+        4 % of the requests read as 6 s/s of demand beside one that timed a dozen."""
         seen = []
         for node_id, s in self.learner.by_model.get(model, {}).items():
             tps = s.steady_tps()
             run_s = ((s.prompt_eval_ms or 0.0) / 1000 + s.tokens / tps
                      if s.tokens and tps else (s.service_ms or 0.0) / 1000)
             if run_s and node_id in speeds:
-                seen.append(run_s * speeds[node_id])
-        return statistics.median(seen) if seen else 0.0
+                seen.append((run_s * speeds[node_id], max(1, s.samples)))
+        return weighted_median(seen) if seen else 0.0
 
     def _timed_models(self, speeds):
         """(model, size, seconds an answer takes at speed 1) for each model timed."""

@@ -7797,6 +7797,47 @@ def test_a_node_that_slows_down_is_as_slow_for_every_model_it_holds():
     assert learner.get("studio", "phi3:3.8b").tokens_per_s(1) == 100.0
 
 
+@pytest.mark.parametrize("in_flight, streaming_tps, slowed", [
+    (1, 100.0, False),  # alone, as learned
+    (4, 75.0, False),   # four at once: as learned at four
+    (8, 37.5, False),   # eight: four's speed shared by twice as many (no level above
+    # four timed): a crowd, not a slowdown; against the last answer's 100 tokens/s it
+    # read as slowed by almost two thirds, and the plan moved models off the studio
+    (1, 25.0, True),    # its owner's job: a quarter of its speed alone
+    (8, 9.0, True),     # and a quarter of what a crowd of eight gets
+])
+def test_the_plan_reads_a_slowdown_in_streaming_answers_not_a_crowd(
+        in_flight, streaming_tps, slowed):
+    learner, now = herd.Learner(), time.time()
+    speed = learner._add("studio", "llama3.2:3b", herd.Speed())
+    speed.samples, speed.decode_tps, speed.baseline_tps = 20, 100.0, 100.0
+    speed.levels = {1: [100.0, 20, now], 2: [100.0, 20, now], 4: [75.0, 20, now]}
+    answer = types.SimpleNamespace(
+        ttft=0.1, pace=lambda now, usual_tps, started: streaming_tps / usual_tps)
+    running = [types.SimpleNamespace(exchange=answer, start=0.0)] * in_flight
+    fleet = types.SimpleNamespace(
+        queues={("studio", "llama3.2:3b"): types.SimpleNamespace(running=running)},
+        node_active=lambda node_id: in_flight)
+    pace = herd.PlanInputs(fleet, learner)._live_pace("studio")
+    assert (pace < 0.3) if slowed else pace == 1.0
+
+
+def test_the_plan_weighs_an_answer_by_the_nodes_that_timed_the_most():
+    # The mini timed a dozen answers of qwen; the laptop two, then a late first token
+    # marked it very slow there (Learner.slowed). Half-way between the two, qwen's
+    # answers read as 100 s at speed 1, and a model of 4 % of the requests as the
+    # fleet's busiest.
+    learner = herd.Learner()
+    for node, tps, samples in (("mini", 50.0, 12), ("laptop", 25.0, 2)):
+        speed = learner._add(node, "qwen2.5:3b", herd.Speed())
+        speed.samples, speed.tokens = samples, 56.0
+        speed.decode_tps = speed.baseline_tps = tps
+    learner.slowed("laptop", "qwen2.5:3b", 1 / 300)
+    gauge = herd.PlanInputs(fleet=None, learner=learner)
+    assert gauge.service_s("qwen2.5:3b", 2 * 10**9, {"mini": 0.5, "laptop": 0.25}) == \
+        pytest.approx(56 / 50 * 0.5)
+
+
 def test_bench_ideal_time_counts_only_what_no_slot_has_cached():
     import bench
     first = [{"role": "user", "content": "a b c d"}]
