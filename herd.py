@@ -4022,6 +4022,7 @@ MAX_PLANNED_MODELS = 32  # the busiest models the planner weighs (its search gro
 GUESS_TPS_GB = 100.0  # tokens/s of a 1 GB model when nothing is learned (falls with size)
 GUESS_LOAD_S, GUESS_LOAD_S_GB = 1.0, 0.5  # a load's guess: base + per GB of weights
 SERVICE_PRIOR_ANSWERS = 5.0  # a model's own timings outweigh the fleet's after this many
+LIKE_SIZE_SCALE = 2.0  # models this far apart in size say something of each other's time
 PLAN_MARGIN = 0.35  # a new plan must cost a third less than the last to replace it
 PLAN_SETTLE_S = 10.0  # a plan holds this long before a model is unloaded for it
 MOVE_WINDOW_S = 120.0  # the Warmer never undoes its own move this soon, plan unchanged
@@ -4229,10 +4230,17 @@ class PlanInputs:
             answers + SERVICE_PRIOR_ANSWERS)
 
     def _like_sized_s(self, model, size, speeds):
-        """An answer's seconds at speed 1 as the other models that were timed say, scaled
-        by size (decoding reads all the weights for every token); 0 if none was."""
-        scaled = [run_s * size / other for name, other, run_s in self._timed_models(speeds)
-                  if other and name != model]
+        """An answer's seconds at speed 1 as the other models timed say, scaled by size
+        (decoding reads all the weights for every token): those within LIKE_SIZE_SCALE
+        of its size when there are any, else all; 0 if none was timed. Scaled from
+        models a seventh its size, a 14B coder's answers read as 4-5 times too long
+        (its demand as 9.9 s/s, and a plan put a 7B model on the slowed laptop); with
+        nothing near its size, the fleet's far models still beat a guess."""
+        timed = [(other, run_s) for name, other, run_s in self._timed_models(speeds)
+                 if other and name != model]
+        near = [(other, run_s) for other, run_s in timed
+                if max(other, size) / min(other, size) <= LIKE_SIZE_SCALE]
+        scaled = [run_s * size / other for other, run_s in near or timed]
         return statistics.median(scaled) if scaled and size else 0.0
 
     def _guess_s(self, model, size):

@@ -10594,3 +10594,24 @@ def test_the_agent_reports_its_interfaces_macs_and_broadcasts():
     })
     assert herd_node.read_wake(fake_psutil) == [{"mac": "aa:bb:cc:00:11:22",
                                                   "broadcast": "192.168.1.255"}]
+
+
+def test_a_models_answer_time_is_told_by_models_near_its_size():
+    # Two small models timed (0.5 s an answer), and an 8B one (1.25 s). A 14B coder's
+    # answers are told by the 8B model alone: scaled from the small ones they would read
+    # as 3.5 s, half again too long. With only far models timed, those still tell.
+    learner = herd.Learner()
+    for model, size, tps in (("llama3.2:3b", 2 * 10**9, 100.0),
+                             ("qwen2.5:3b", 2 * 10**9, 100.0),
+                             ("llama3.1:8b", 8 * 10**9, 40.0)):
+        speed = learner._add("studio", model, herd.Speed())
+        speed.samples, speed.tokens, speed.size = 10, 50.0, size
+        speed.decode_tps = speed.baseline_tps = tps
+    gauge = herd.PlanInputs(fleet=None, learner=learner)
+    speeds = {"studio": 1.0}
+    assert gauge._like_sized_s("qwen2.5-coder:14b", 14 * 10**9, speeds) == \
+        pytest.approx(1.25 * 14 / 8)
+    assert gauge._like_sized_s("phi3:3.8b", 3 * 10**9, speeds) == pytest.approx(0.5 * 1.5)
+    del learner.by_model["llama3.1:8b"]
+    assert gauge._like_sized_s("qwen2.5-coder:14b", 14 * 10**9, speeds) == \
+        pytest.approx(0.5 * 7)
