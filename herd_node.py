@@ -1592,14 +1592,10 @@ async def read_openai_server(url, server, timeout=PROBE_TIMEOUT_S):
     if kind == "vllm":
         server["load"] = await read_vllm_load(url, timeout)
     if "models" not in server or kind != "llama-cpp-python":
-        status, _, obj = await get_answer(url, "/v1/models", timeout)
-        data = (obj or {}).get("data") if status == 200 else None
-        if not isinstance(data, list):
-            raise hc.UpstreamError("status", f"GET /v1/models answered {status}")
         n_ctx = (props.get("default_generation_settings") or {}).get("n_ctx") \
             if isinstance(props.get("default_generation_settings"), dict) else None
-        server["models"] = [listed_model(m, n_ctx) for m in data[:hc.MAX_MODELS]
-                            if isinstance(m, dict) and isinstance(m.get("id"), str)]
+        server["models"] = [listed_model(m, n_ctx)
+                            for m in await model_list(url, "/v1/models", timeout)]
     slots = 1 if kind in ONE_AT_A_TIME else 0
     total = props.get("total_slots")
     if isinstance(total, int) and 0 < total <= 1024:
@@ -1607,6 +1603,17 @@ async def read_openai_server(url, server, timeout=PROBE_TIMEOUT_S):
     # Its version is the heartbeat's server's, not Ollama's: /api/version counts Ollamas.
     return {"ok": True, "version": "", "models": server["models"],
             "loaded": server["models"], "num_parallel": slots}
+
+
+async def model_list(url, path, timeout):
+    """The entries of a server's model list (its "data") that have an id; UpstreamError
+    when it gives no list."""
+    status, _, obj = await get_answer(url, path, timeout)
+    data = (obj or {}).get("data") if status == 200 else None
+    if not isinstance(data, list):
+        raise hc.UpstreamError("status", f"GET {path} answered {status}")
+    return [m for m in data[:hc.MAX_MODELS]
+            if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
 
 def listed_model(m, n_ctx=None):
@@ -1625,14 +1632,8 @@ async def read_lm_studio(url, server, timeout):
     loaded (/api/v0/models); its parallel predictions where 0.4's /api/v1/models
     says (loaded_instances' config). It loads a model when asked for it (just in time)
     and on request."""
-    status, _, obj = await get_answer(url, "/api/v0/models", timeout)
-    data = (obj or {}).get("data") if status == 200 else None
-    if not isinstance(data, list):
-        raise hc.UpstreamError("status", f"GET /api/v0/models answered {status}")
     models, loaded = [], []
-    for m in data[:hc.MAX_MODELS]:
-        if not isinstance(m, dict) or not isinstance(m.get("id"), str):
-            continue
+    for m in await model_list(url, "/api/v0/models", timeout):
         kind = m.get("type")
         entry = {"name": m["id"], "model": m["id"], "details": {
             "format": str(m.get("compatibility_type") or "")[:32],
@@ -1667,14 +1668,8 @@ async def read_llama_router(url, server, timeout):
     """llama-server in router mode (started with no model): GET /models lists every
     model it can run, each with its status; it loads one when asked for it, or on
     request (POST /models/load, /models/unload)."""
-    status, _, obj = await get_answer(url, "/models", timeout)
-    data = (obj or {}).get("data") if status == 200 else None
-    if not isinstance(data, list):
-        raise hc.UpstreamError("status", f"GET /models answered {status}")
     models, loaded = [], []
-    for m in data[:hc.MAX_MODELS]:
-        if not isinstance(m, dict) or not isinstance(m.get("id"), str):
-            continue
+    for m in await model_list(url, "/models", timeout):
         entry = {"name": m["id"], "model": m["id"]}
         models.append(entry)
         state = m.get("status")
