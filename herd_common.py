@@ -452,12 +452,15 @@ class Service:
         return "".join(f'{name}="{_env_escape(value)}"\n'
                        for name, value in sorted(self.settings.items()))
 
+    def launchd_log(self):
+        """Where launchd writes the program's console: its own logs folder."""
+        folder = self.settings.get("FLEET_DATA_DIR" if self.prog == "herd" else
+                                   "FLEET_NODE_DATA_DIR", DATA_DIR)
+        return os.path.join(expand_dir(folder), "logs", f"{self.name}.launchd.log")
+
     def plist(self):
         import plistlib
-        logs = os.path.join(expand_dir(self.settings.get("FLEET_DATA_DIR", DATA_DIR)
-                                       if self.prog == "herd" else
-                                       self.settings.get("FLEET_NODE_DATA_DIR", DATA_DIR)),
-                            "logs", f"{self.name}.launchd.log")
+        logs = self.launchd_log()
         return plistlib.dumps({
             "Label": self.label, "ProgramArguments": [self.python, self.script],
             "WorkingDirectory": os.path.dirname(self.script),
@@ -499,6 +502,8 @@ class Service:
                             f"is on: loginctl enable-linger {self.user}")
             return said
         if self.platform == "darwin":
+            # launchd opens the log before the program runs: its folder must be there
+            os.makedirs(os.path.dirname(self.launchd_log()), exist_ok=True)
             _write_private(own, self.plist())
             uid = self.euid if self.euid is not None else os.getuid()
             return [f"wrote {own} (mode 600: it may hold secrets)"] + self._do(

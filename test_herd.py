@@ -10198,7 +10198,8 @@ def test_where_no_service_can_be_installed_it_says_why(tmp_path):
 
 def test_a_launch_agent_on_macos(tmp_path):
     import plistlib
-    service = router_service(tmp_path, platform="darwin", euid=501)
+    service = router_service(tmp_path, platform="darwin", euid=501,
+                             env={"FLEET_DATA_DIR": str(tmp_path / "data")})
     said = service.install()
     path, _ = service.files()
     assert path == str(tmp_path / "home/Library/LaunchAgents/com.herd.router.plist")
@@ -10207,7 +10208,10 @@ def test_a_launch_agent_on_macos(tmp_path):
         plist = plistlib.load(f)
     assert plist["ProgramArguments"] == [sys.executable, os.path.join(HERE, "herd.py")]
     assert plist["WorkingDirectory"] == HERE and plist["RunAtLoad"] is True
-    assert plist["EnvironmentVariables"] == {"FLEET_PORT": "11500", "FLEET_TOKEN": "s3cret"}
+    assert plist["EnvironmentVariables"] == {"FLEET_PORT": "11500", "FLEET_TOKEN": "s3cret",
+                                             "FLEET_DATA_DIR": str(tmp_path / "data")}
+    assert plist["StandardErrorPath"] == str(tmp_path / "data/logs/herd.launchd.log")
+    assert (tmp_path / "data/logs").is_dir()  # launchd opens it before the router runs
     assert service.run.ran == [["launchctl", "bootstrap", "gui/501", path]]
     assert said[0].startswith("wrote ")
     service.uninstall()
