@@ -228,7 +228,8 @@ STRUCT_OF = {"generate": "api.GenerateRequest", "chat": "api.ChatRequest",
 # llama-cpp-python's streams carry no usage, asked or not; LM Studio's model list says
 # what is loaded. Such a fake answers none of Ollama's own routes.
 PERSONA_ROUTES = {
-    "llama-server": ({"/props": "props", "/health": "health", "/models": "router_models"},
+    "llama-server": ({"/props": "props", "/health": "health", "/models": "router_models",
+                      "/slots": "slots"},
                      (404, {"error": {"code": 404, "message": "File Not Found",
                                       "type": "not_found_error"}})),
     "lmstudio": ({"/api/v0/models": "lmstudio_models", "/api/v1/models": "lmstudio_v1"},
@@ -1933,6 +1934,11 @@ class FakeOllama:
                  if n in self.loaded else []} for n in names]}
         elif what == "health":
             body = {"status": "ok"}
+        elif what == "slots":  # llama-server's /slots: one entry a slot (server-context.cpp)
+            busy = min(self.active, self.num_parallel)
+            return await ex.send_json(200, [
+                {"id": i, "id_task": -1, "n_ctx": DEFAULT_NUM_CTX, "is_processing": i < busy}
+                for i in range(self.num_parallel)])
         elif what == "lmstudio_models":
             body = {"object": "list", "data": [
                 {"id": self._persona_id(n), "object": "model",

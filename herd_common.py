@@ -4419,7 +4419,8 @@ class Heartbeat:
         load = server.section("load")  # vLLM's /metrics: requests running and waiting
         self.server_load = {"running": load.integer("running"),
                             "waiting": load.integer("waiting"),
-                            "kv_cache": load.number("kv_cache", 1.0)} if load.obj else None
+                            "kv_cache": load.number("kv_cache", 1.0, None)} \
+            if load.obj else None  # kv_cache: None where the server does not say
         self.capacity = _capacity(f)
         power = f.section("power")  # an agent's battery, where the machine has one
         self.power = {"on_battery": power.flag("on_battery"),

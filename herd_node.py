@@ -1591,6 +1591,8 @@ async def read_openai_server(url, server, timeout=PROBE_TIMEOUT_S):
             return await read_llama_router(url, server, timeout)
     if kind == "vllm":
         server["load"] = await read_vllm_load(url, timeout)
+    elif kind == "llama-server":
+        server["load"] = await read_llama_slots(url, timeout)
     if "models" not in server or kind != "llama-cpp-python":
         n_ctx = (props.get("default_generation_settings") or {}).get("n_ctx") \
             if isinstance(props.get("default_generation_settings"), dict) else None
@@ -1678,6 +1680,22 @@ async def read_llama_router(url, server, timeout):
     server["loads"] = True
     return {"ok": True, "version": "", "models": models, "loaded": loaded,
             "num_parallel": 0}
+
+
+async def read_llama_slots(url, timeout):
+    """llama-server's own count of its slots at work (/slots: each slot's
+    is_processing); None where it does not say (started with --no-slots: a 501)."""
+    with contextlib.suppress(hc.UpstreamError):
+        status, _, data = await hc.http_call(url, "GET", "/slots", timeout=timeout)
+        try:
+            slots = json.loads(data) if status == 200 else None
+        except (ValueError, RecursionError):
+            slots = None
+        if isinstance(slots, list):
+            busy = sum(1 for s in slots[:1024] if isinstance(s, dict) and
+                       s.get("is_processing") is True)
+            return {"running": busy, "waiting": 0, "kv_cache": None}
+    return None
 
 
 VLLM_GAUGES = {"running": ("vllm:num_requests_running",),

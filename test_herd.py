@@ -10619,3 +10619,16 @@ def test_a_models_answer_time_is_told_by_models_near_its_size():
     del learner.by_model["llama3.1:8b"]
     assert gauge._like_sized_s("qwen2.5-coder:14b", 14 * 10**9, speeds) == \
         pytest.approx(0.5 * 7)
+
+
+def test_llama_servers_slots_say_how_many_it_runs(h):
+    router = h.router()
+    fake, agent = persona_node(h, router, "llama-server", "rig", models=["qwen2.5:7b"],
+                               num_parallel=4, chunks=40, chunk_delay=0.02)
+    with concurrent_streams(router.url, "qwen2.5:7b", 2):
+        wait_until(lambda: fake.active == 2, what="two answers on llama-server")
+        hb = h.bg.run(agent.snapshot())
+    assert hb["server"]["load"] == {"running": 2, "waiting": 0, "kv_cache": None}
+    assert hb["ollama"]["num_parallel"] == 4  # /props' total_slots
+    h.beat(agent, "rig", mutate=lambda b: b["server"].update(load=hb["server"]["load"]))
+    assert fleet_node(router, "rig")["server"]["load"] == hb["server"]["load"]
