@@ -206,6 +206,11 @@ def load_router_config(environ, args, tuned=None):
     values["model_aliases"] = read_aliases(cfg.model_aliases)
     values["alert_target"] = read_alert_url(cfg.alert_url)
     values["wake_target"] = read_wake_address(cfg.wake_address)
+    if cfg.learned_from:
+        try:
+            hc.split_url(cfg.learned_from)
+        except ValueError as e:
+            raise hc.ConfigError(f"FLEET_LEARNED_FROM: {e}") from None
     values["tls"] = server_tls(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
     values["misnamed"] = tuple(hc.misnamed_settings(
         environ, ROUTER_SETTINGS, hc.NODE_SETTINGS, bool(cfg.token), skip_prefix="FLEET_NODE_",
@@ -651,6 +656,7 @@ class FleetApi:
         return {("POST", "/heartbeat"): self.heartbeat,
                 ("GET", "/fleet/status"): self.fleet_status,
                 ("GET", "/fleet/queue"): self.fleet_queue,
+                ("GET", "/fleet/learned"): self.fleet_learned,
                 ("GET", "/metrics"): self.metrics,
                 ("GET", "/dashboard/api/overview"): self.fleet_status,
                 ("GET", "/dashboard/api/queues"): self.fleet_queue}
@@ -737,6 +743,11 @@ class FleetApi:
 
     async def fleet_queue(self, request, conn):
         await conn.send_json(200, self.scheduler.queue_report())
+
+    async def fleet_learned(self, request, conn):
+        """What this router learned of each node+model, as it saves it: for a standby
+        router to start from (FLEET_LEARNED_FROM)."""
+        await conn.send_json(200, {"learned": self.learner.export()})
 
     async def metrics(self, request, conn):
         self.fleet.refresh_status()
@@ -5780,7 +5791,23 @@ class Learner:
 
     def rows(self):
         self.dirty = False
+        return self.export()
+
+    def export(self):
         return [speed.row(n, m) for (n, m), speed in self.speeds.items()]
+
+    def take(self, rows):
+        """Another router's rows (FLEET_LEARNED_FROM, checked by learned_rows): each
+        node+model it timed more lately than this router did is taken whole."""
+        for row in rows[:self.MAX_PAIRS]:
+            key = (row["node_id"], row["model"])
+            mine = self.speeds.get(key)
+            if mine is None:
+                self._add(*key, Speed.from_row(row))
+            elif row["updated_at"] > mine.updated_at:
+                self.speeds[key] = self.by_model[key[1]][key[0]] = \
+                    self.by_node[key[0]][key[1]] = Speed.from_row(row)
+        self.dirty = True
 
     def load(self, rows):
         for row in rows[:self.MAX_PAIRS]:
@@ -7416,10 +7443,13 @@ def local_addresses():
     return found
 
 
-async def load_learning(learner, fleet, traces):
-    """Start from what an earlier run learned; failing that, a week of traces."""
+async def load_learning(learner, fleet, traces, cfg):
+    """Start from what an earlier run learned, and what the router FLEET_LEARNED_FROM
+    names learned more lately; failing both, a week of traces."""
     try:
         learner.load(await traces.load_learned())
+        if cfg.learned_from:
+            learner.take(await learned_from(cfg))
         if not learner.speeds:
             learner.seed(await traces.mean_latencies(time.time() - 7 * 86400))
     except Exception as e:  # a damaged database must not stop the router
@@ -7427,6 +7457,56 @@ async def load_learning(learner, fleet, traces):
     for key, speed in learner.speeds.items():
         if speed.concurrency:
             fleet.concurrency.setdefault(key, speed.concurrency)
+
+
+async def learned_from(cfg):
+    """The learned rows of the router FLEET_LEARNED_FROM names, checked as any network
+    input is (learned_rows); [] when it cannot be asked, said in the log. A key of ours
+    goes with the request (a router and its standby share their keys)."""
+    key = cfg.admin_key or next(iter(sorted(cfg.client_keys)), "")
+    headers = [(b"authorization", b"Bearer " + key.encode())] if key else []
+    try:
+        status, _, body = await hc.http_call(cfg.learned_from, "GET", "/fleet/learned",
+                                             headers=headers, timeout=10)
+        if status != 200:
+            raise hc.UpstreamError("status", f"answered {status}")
+        rows, refused = learned_rows(json.loads(body).get("learned"))
+    except (hc.UpstreamError, ValueError, AttributeError, RecursionError) as e:
+        log.warning(f"could not take what {cfg.learned_from} learned: {e}",
+                    extra={"event": "learned_from"})
+        return []
+    log.info(f"took {len(rows)} learned figures from {cfg.learned_from}"
+             + (f" ({refused} left out)" if refused else ""), extra={"event": "learned_from"})
+    return rows
+
+
+LEARNED_NUMBERS = ("ttft_ms", "cold_ms", "load_ms", "prompt_eval_ms", "queue_ms",
+                   "decode_tps", "prompt_tps", "latency_ms", "service_ms", "tokens")
+
+
+def learned_rows(listed):
+    """Another router's learned rows, each field checked as a heartbeat's are: (rows,
+    how many were left out). ValueError when it is no list at all."""
+    if not isinstance(listed, list):
+        raise ValueError("no list of learned figures")
+    rows, refused = [], 0
+    for item in listed[:hc.LEARNED_MAX_ROWS]:
+        try:
+            f = hc.Fields(item)
+            row = {"node_id": hc.check_node_id(f.text("node_id", 64)),
+                   "model": hc.canonical_model(hc.check_model_name(f.text("model", 256))),
+                   "samples": f.integer("samples", 10**9),
+                   "concurrency": f.integer("concurrency", 1024),
+                   "size": f.integer("size", 1 << 50),
+                   "levels": f.text("levels", 16384),
+                   "updated_at": f.number("updated_at", time.time() + 86400)}
+            row.update((k, f.number(k, 1e9, None)) for k in LEARNED_NUMBERS)
+        except (ValueError, TypeError) as e:
+            refused += 1
+            log.debug(f"a learned row left out: {e}")
+            continue
+        rows.append(row)
+    return rows, refused
 
 
 def save_learning(learner, traces):
@@ -7443,7 +7523,7 @@ def start_duties(tasks, cfg, fleet, scheduler, proxy, local, traces, learner, he
                           HEALTH_ALERT_EVERY_S, log, "the health checks' alerts"),
                 "health-alerts")
     if cfg.learning:
-        tasks.spawn(load_learning(learner, fleet, traces), "load-learning")
+        tasks.spawn(load_learning(learner, fleet, traces, cfg), "load-learning")
         tasks.spawn(hc.repeat(lambda: save_learning(learner, traces), Learner.SAVE_EVERY_S,
                               log, "saving what was learned"), "save-learning")
     tasks.spawn(hc.repeat(scheduler.rebalance, cfg.rebalance_interval, log, "rebalancing"),

@@ -4686,6 +4686,9 @@ ROUTER_SETTINGS = [
     ]),
     *in_group("storage", [
         Setting("FLEET_DATA_DIR", DATA_DIR, "traces (latency.db) and logs/"),
+        Setting("FLEET_LEARNED_FROM", "", "another router's URL (the active one, for a "
+                "standby): at start, take what it learned of each node and model more "
+                "lately than this router did, so that a standby does not start cold"),
         *LOG_SETTINGS,
     ]),
 ]

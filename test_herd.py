@@ -10632,3 +10632,30 @@ def test_llama_servers_slots_say_how_many_it_runs(h):
     assert hb["ollama"]["num_parallel"] == 4  # /props' total_slots
     h.beat(agent, "rig", mutate=lambda b: b["server"].update(load=hb["server"]["load"]))
     assert fleet_node(router, "rig")["server"]["load"] == hb["server"]["load"]
+
+
+def test_a_standby_router_starts_from_what_the_active_one_learned(h, tmp_path):
+    # The active router learned desk's speed; a standby started with FLEET_LEARNED_FROM
+    # pointing at it starts from those figures (its own older ones give way), and a
+    # hostile row is left out.
+    active = router_that_learned(h, {"desk": 42.0, "mini": 9.0})
+    listed = get_json(active.url, "/fleet/learned")["learned"]
+    assert {(r["node_id"], r["decode_tps"]) for r in listed} == {("desk", 42.0),
+                                                                  ("mini", 9.0)}
+    forged = [*listed, {"node_id": "evil", "model": "llama3.2:3b", "samples": 5,
+                        "decode_tps": math.inf, "updated_at": time.time()},
+              {"node_id": "../x", "model": "m"}, "not a row"]
+    rows, refused = herd.learned_rows(json.loads(json.dumps(forged, allow_nan=True)))
+    assert sorted(r["node_id"] for r in rows) == ["desk", "mini"] and refused == 3
+    with pytest.raises(ValueError):
+        herd.learned_rows({"rows": []})
+    standby_dir = tmp_path / "standby"
+    standby_dir.mkdir()
+    standby = h.router(FLEET_LEARNED_FROM=active.url, FLEET_DATA_DIR=str(standby_dir))
+    standby.learner.take([{**listed[0], "decode_tps": 1.0, "updated_at": 1.0}])
+    h.bg.run(herd.load_learning(standby.learner, standby.fleet, standby.traces,
+                                standby.cfg))
+    took = {k: s.decode_tps for k, s in standby.learner.speeds.items()}
+    assert took == {("desk", "llama3.2:3b"): 42.0, ("mini", "llama3.2:3b"): 9.0}
+    h.heartbeat(standby, h.fake(), "desk")
+    assert fleet_node(standby, "desk")["learned"]["llama3.2:3b"]["tokens_per_s"] == 42.0
