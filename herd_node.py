@@ -1760,6 +1760,8 @@ class Agent:
         self._ollama_was_ok = None
         self.server = None  # {"kind", "version"} of the server found (detect_server)
         self.links = {}  # router URL -> RouterLink: what each router last said
+        self.clock = clock  # the wall clock (a seam: the sleep watch reads it)
+        self._clocks = None  # (wall, monotonic) at the sleep watch's last look
         self.sent = 0  # heartbeats some router took
 
     @property
@@ -1883,10 +1885,22 @@ class Agent:
 
         async def beat():
             await self.send(await self.snapshot())
-        duties = [(beat, self.cfg.heartbeat_interval, "heartbeat"), *self.capacity.duties()]
+        duties = [(beat, self.cfg.heartbeat_interval, "heartbeat"),
+                  (self.watch_sleep, RESUME_CHECK_S, "sleep watch"),
+                  *self.capacity.duties()]
         async with asyncio.TaskGroup() as tg:
             for step, interval, what in duties:
                 tg.create_task(hc.repeat(step, interval, log, what), name=what)
+
+    async def watch_sleep(self):
+        """After the machine slept (the wall clock ran on while the monotonic one, which
+        the heartbeat's wait counts in, stood still), beat at once: the router may hold
+        a request for this node, woken for it (Wake-on-LAN)."""
+        wall, mono = self.clock(), time.monotonic()
+        last, self._clocks = self._clocks, (wall, mono)
+        if last is not None and slept(last, (wall, mono)):
+            log.info("the machine woke from sleep: heartbeat now", extra={"event": "resumed"})
+            await self.send(await self.snapshot())
 
     def save_state(self, hb):
         """Write what this node knows of its capacity, for a person or a later run."""
@@ -1937,6 +1951,16 @@ class Agent:
         log.info("left the fleet" if left is not None else "could not tell the router we "
                  "left", extra={"event": "drain"})
         return left is not None
+
+
+RESUME_CHECK_S = 1.0  # how often the agent looks whether the machine slept
+SLEPT_S = 3.0  # wall-clock seconds beyond the monotonic ones that mean it slept
+
+
+def slept(before, now):
+    """Did the machine sleep between two (wall, monotonic) readings? The monotonic clock
+    stands still while it sleeps (Linux, macOS), the wall clock does not."""
+    return (now[0] - before[0]) - (now[1] - before[1]) > SLEPT_S
 
 
 def read_wake(psutil):

@@ -10659,3 +10659,22 @@ def test_a_standby_router_starts_from_what_the_active_one_learned(h, tmp_path):
     assert took == {("desk", "llama3.2:3b"): 42.0, ("mini", "llama3.2:3b"): 9.0}
     h.heartbeat(standby, h.fake(), "desk")
     assert fleet_node(standby, "desk")["learned"]["llama3.2:3b"]["tokens_per_s"] == 42.0
+
+
+def test_an_agent_beats_at_once_when_its_machine_wakes_from_sleep(h):
+    # Asleep, the monotonic clock (which the heartbeat's wait counts in) stands still and
+    # the wall clock runs on: on waking, the agent beats at once, not at the end of a
+    # wait that began before the sleep.
+    router = h.router()
+    agent = h.agent(router, h.fake(), "gpu")
+    wall = [1000.0]
+    agent.clock = lambda: wall[0]
+    h.bg.run(agent.watch_sleep())  # a first look: nothing to compare yet
+    wall[0] += 0.5
+    h.bg.run(agent.watch_sleep())  # awake all along
+    assert agent.sent == 0 and fleet_status(router)["nodes"] == []
+    wall[0] += 3600  # an hour on the wall clock, none on the monotonic one
+    h.bg.run(agent.watch_sleep())
+    assert agent.sent == 1 and fleet_node(router, "gpu")["status"] == "online"
+    assert herd_node.slept((0.0, 0.0), (10.0, 1.0))
+    assert not herd_node.slept((0.0, 0.0), (3.5, 1.0))
