@@ -3209,7 +3209,7 @@ class Translation:
     # -- Ollama's shapes ------------------------------------------------------------
 
     def _line(self, text):
-        out = {"model": self.shown, "created_at": hc.now_rfc3339()}
+        out = {"model": self.shown, "created_at": created_at().decode()}
         if self.chat:
             out["message"] = {"role": "assistant", "content": text}
         else:
