@@ -115,7 +115,10 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import gc
+import heapq
+import itertools
 import json
+import math
 import os
 import platform
 import random
@@ -2149,6 +2152,156 @@ async def drive_routing(front, net, sessions, timeout):
 
 
 ####################################################################################
+# The best a plan could do: the same schedules, simulated with hindsight
+####################################################################################
+
+# Under memory pressure no router reaches each request's ideal (alone on the fastest
+# machine, its model hot): six models for six places put a fifth of the requests on
+# machines two to sixteen times slower, whoever routes. To tell the router's share of
+# the slowdown from the fleet's, each schedule is also run in simulation with
+# hindsight: every way to give each model asked for one of the machines' places
+# (OLLAMA_MAX_LOADED_MODELS each), per mix; the risers hot at the shift for nothing;
+# each request sent to the holder that would finish it soonest; tokens shared by
+# fake_ollama's saturation rule; every follow-up turn's prompt cached. The placement
+# with the lowest p95 slowdown is a floor no router reaches, not a target.
+
+
+class PlanSimulation:
+    """One schedule on the fleet's machines, its models placed by hand."""
+
+    def __init__(self, fleet, sessions, slowdown_at):
+        self.fleet, self.sessions, self.slowdown_at = fleet, sessions, slowdown_at
+        self.work = [self._turns(s) for s in sessions]  # seconds at speed 1, per turn
+        self.machines = {m.name: m for m in fleet.machines}
+
+    def first_half(self, mix):
+        """The sessions of `mix` that begin before the shift, on their own."""
+        models = {m for m, _ in mix}
+        return PlanSimulation(self.fleet, [s for s in self.sessions if s.model in models
+                                           and s.due[0] < self.slowdown_at], math.inf)
+
+    @staticmethod
+    def _turns(session):
+        history, cached, out = [], [], []
+        for text in session.messages:
+            history.append({"role": "user", "content": text})
+            ideal, cached = service_time(history, cached, 1.0)
+            out.append(ideal)
+            history.append({"role": "assistant", "content": fake_answer(history)})
+        return out
+
+    def run(self, before, after):
+        """[(latency, ideal)] of every turn with models placed as `before` until the
+        slowdown and as `after` from then (node -> set of models)."""
+        events = [(s.due[0], i, 0) for i, s in enumerate(self.sessions)]
+        heapq.heapify(events)
+        speed = {n: m.speed for n, m in self.machines.items()}
+        running = {n: {} for n in self.machines}  # node -> {(session, turn): work left}
+        waiting = {n: collections.deque() for n in self.machines}
+        began, done, clock = {}, [], 0.0
+
+        def pace(n):  # work a second each request running on n gets
+            crowd = len(running[n]) / self.machines[n].saturation
+            return speed[n] / max(1.0, crowd)
+
+        def advance(now):
+            for n, jobs in running.items():
+                for key in jobs:
+                    jobs[key] -= pace(n) * (now - clock)
+            return now
+
+        while events or any(running.values()):
+            finish = min(((clock + min(jobs.values()) / pace(n), n)
+                          for n, jobs in running.items() if jobs), default=None)
+            if events and (finish is None or events[0][0] <= finish[0]):
+                now, i, turn = heapq.heappop(events)
+                clock = advance(now)
+                if now >= self.slowdown_at:
+                    speed[self.fleet.slowed] = self.machines[self.fleet.slowed].speed / SLOWDOWN
+                self._arrive(i, turn, before if now < self.slowdown_at else after,
+                             (before, after), running, waiting, speed)
+                began[i, turn] = now
+                continue
+            clock = advance(finish[0])
+            n = finish[1]
+            key = min(running[n], key=running[n].get)
+            del running[n][key]
+            if waiting[n]:
+                nxt = waiting[n].popleft()
+                running[n][nxt] = self.work[nxt[0]][nxt[1]]
+            i, turn = key
+            done.append((clock - began[key], self.work[i][turn]))
+            session = self.sessions[i]
+            if turn + 1 < len(session.messages):
+                heapq.heappush(events, (max(session.due[turn + 1], clock + MIN_THINK_S),
+                                        i, turn + 1))
+        return done
+
+    def _arrive(self, i, turn, placed, plans, running, waiting, speed):
+        """A turn arrives: to the holder expected to finish it first (a model the
+        placement in force does not hold goes where the other one holds it)."""
+        model, work = self.sessions[i].model, self.work[i][turn]
+        holders = [n for n in self.machines if model in placed[n]] or \
+            [n for plan in plans for n in self.machines if model in plan[n]]
+
+        def expected(n):
+            m, ahead = self.machines[n], len(running[n]) + len(waiting[n])
+            queued = sum(running[n].values()) / (speed[n] * m.saturation) \
+                if len(running[n]) >= m.slots else 0.0
+            return work / speed[n] * max(1.0, (ahead + 1) / m.saturation) + queued
+
+        n = min(holders, key=expected)
+        if len(running[n]) < self.machines[n].slots:
+            running[n][i, turn] = work
+        else:
+            waiting[n].append((i, turn))
+
+    def placements(self, mix):
+        """Every way to give each model of `mix` one place (None: more models than
+        places)."""
+        models = [m for m, share in mix if share > 0]
+        places = [n for n, m in self.machines.items() for _ in range(m.max_loaded)]
+        if len(models) > len(places):
+            return None
+        found = {}
+        for chosen in itertools.permutations(places, len(models)):
+            if all(m in self.machines[n].models for m, n in zip(models, chosen)):
+                plan = {n: frozenset(m for m, at in zip(models, chosen) if at == n)
+                        for n in self.machines}
+                found.setdefault(tuple(sorted(plan.items())), plan)
+        return list(found.values()) or None
+
+
+def best_plan_figures(fleet, runs):
+    """The simulated best placement's slowdown over these schedules (`runs`: [(sessions,
+    slowdown_at)]): the first mix's placement chosen on the requests before the shift,
+    then the second's on the whole run. None where the models outnumber the places."""
+    sims = [PlanSimulation(fleet, sessions, at) for sessions, at in runs]
+    first, second = fleet.mixes[0], fleet.mixes[-1]
+    if sims[0].placements(first) is None or sims[0].placements(second) is None:
+        return None
+
+    def p95(found):
+        return percentile([latency / ideal for latency, ideal in found], 95)
+
+    halves = [sim.first_half(first) for sim in sims]
+    before = min(sims[0].placements(first), key=lambda plan: p95(
+        [x for sim in halves for x in sim.run(plan, plan)]))
+    found = min(([x for sim in sims for x in sim.run(before, plan)]
+                 for plan in sims[0].placements(second)), key=p95)
+    return slowdown_figures([latency for latency, _ in found], [ideal for _, ideal in found])
+
+
+def slowdown_figures(latencies, ideals):
+    """Each request's latency over its ideal (mean, p50, p95, p99), and the latency's
+    quantiles over the ideal's (`over_ideal`, the issue's "times the ideal at p95")."""
+    latency, ideal = spread(latencies), spread(ideals)
+    return {"slowdown": spread([a / b for a, b in zip(latencies, ideals)]),
+            "over_ideal": {q: latency[q] / ideal[q] if latency[q] and ideal[q] else None
+                           for q in latency}}
+
+
+####################################################################################
 # Routing benchmark: figures, targets, report
 ####################################################################################
 
@@ -2210,7 +2363,8 @@ def figures(runs, fleet):
 def placement_figures(runs, fleet):
     """Issue 20's figures: loads from a cold fleet (the fakes' own counters know the
     truth) per 100 requests against what a plan needs, answers from a model other than
-    the one asked for, and the slowdown: each request's latency over its ideal."""
+    the one asked for, and the slowdown: each request's latency over its ideal, and
+    the latency's quantiles over the ideal's."""
     outcomes = [o for run in runs for o in run[0]]
     cold_loads = sum(counted_since(run[2], "cold", "load_count", fleet) for run in runs)
     done = [o for o in outcomes if o.ok]
@@ -2222,7 +2376,8 @@ def placement_figures(runs, fleet):
             "wrong_models": dict(collections.Counter(
                 f"{o.model} -> {o.answered or '(none)'}" for o in done
                 if o.answered != o.model).most_common(5)),
-            "slowdown": spread([o.latency / o.ideal for o in done if o.ideal])}
+            **slowdown_figures([o.latency for o in done if o.ideal],
+                               [o.ideal for o in done if o.ideal])}
 
 
 def loads_a_plan_needs(fleet):
@@ -2302,16 +2457,17 @@ def judge_routing(results):
 
 def judge_placement(level, herd, least):
     """Issue 20's targets at one load: no wrong-model answer; cold loads within twice a
-    plan's; slowdown p95 at most 3 at half the capacity, and above it every figure
-    better than least connections'."""
+    plan's; at half the capacity the p95 latency at most 3 times the ideal's p95 (the
+    issue's "27.8 times the ideal at p95" was 31.9 s against 1.15 s), and above it
+    every figure better than least connections'."""
     wrong = herd["wrong_model"]
     out = {f"wrong_model_answers_at_{level}": (wrong, 0, wrong == 0),
            f"loads_within_{MAX_LOADS_OVER_PLAN:g}x_a_plan_at_{level}": (
                herd["loads_from_cold"], MAX_LOADS_OVER_PLAN * herd["plan_loads"],
                herd["loads_from_cold"] <= MAX_LOADS_OVER_PLAN * herd["plan_loads"])}
-    p95 = herd["slowdown"]["p95"]
+    p95 = herd["over_ideal"]["p95"]
     if level == "50%":
-        out[f"slowdown_p95_at_{level}"] = None if p95 is None else (
+        out[f"p95_over_ideal_p95_at_{level}"] = None if p95 is None else (
             p95, MAX_SLOWDOWN_P95_AT_HALF, p95 <= MAX_SLOWDOWN_P95_AT_HALF)
         return out
     qs = ("mean", "p50", "p95", "p99")
@@ -2369,12 +2525,14 @@ def ttft_table(routers, slowed):
     return "\n".join(lines)
 
 
-def placement_table(routers):
+def placement_table(routers, best=None):
     """Issue 20's figures: cold loads (from a cold fleet, warm-up included) per 100
-    requests against a plan's, wrong-model answers, slowdown (latency / ideal)."""
+    requests against a plan's, wrong-model answers, slowdown (each request's latency
+    over its ideal) and the p95 latency over the ideal's; and the best placement's,
+    simulated with hindsight (`best`), when there is one."""
     lines = ["| router | done / sent | wrong model | loads from cold | warm-up / first half "
              "/ second half | per 100 requests | a plan needs | slowdown mean | p50 | p95 | "
-             "p99 |", "|---" * 11 + "|"]
+             "p99 | p95 over the ideal's |", "|---" * 12 + "|"]
     for name, f in routers.items():
         sent, phases = f["overall"]["sent"], f["loads_by_phase"]
         cells = [name, f"{sent - f['overall']['failed']} / {sent}", str(f["wrong_model"]),
@@ -2383,6 +2541,12 @@ def placement_table(routers):
                  f"{f['loads_per_100']:.1f}",
                  f"{f['plan_loads']} ({100 * f['plan_loads'] / max(1, sent):.1f})"]
         cells += [seconds_cell(f["slowdown"][q]) for q in ("mean", "p50", "p95", "p99")]
+        cells.append(seconds_cell(f["over_ideal"]["p95"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    if best:
+        cells = ["best placement, simulated with hindsight", "-", "0", "-", "-", "-", "-",
+                 *(seconds_cell(best["slowdown"][q]) for q in ("mean", "p50", "p95", "p99")),
+                 seconds_cell(best["over_ideal"]["p95"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -2440,7 +2604,7 @@ def print_routing_report(results):
         print(latency_table(routers))
         print(f"\n### {level} of capacity: loads, wrong models, slowdown "
               "(latency / ideal)\n")
-        print(placement_table(routers))
+        print(placement_table(routers, results.get("best_plan", {}).get(level)))
         print(f"\n### {level} of capacity: time to first token, s\n")
         print(ttft_table(routers, fleet["slowed"]))
         print(f"\n### {level} of capacity: follow-up turns and session affinity, s\n")
@@ -2532,7 +2696,7 @@ def run_routing(workdir, plan, fleet, only=""):
                          "capacity_rps": capacity, "slowed": fleet.slowed,
                          "placement_targets": fleet.placement_targets,
                          "machines": [dataclasses.asdict(m) for m in fleet.machines]},
-               "levels": {}, "rates": {}, "skipped": {}, "notes": []}
+               "levels": {}, "rates": {}, "skipped": {}, "notes": [], "best_plan": {}}
     started = time.monotonic()
     with contextlib.ExitStack() as exits:
         net = Network(exits, fleet)
@@ -2544,9 +2708,11 @@ def run_routing(workdir, plan, fleet, only=""):
             level = f"{load:.0%}"
             rate = results["rates"][level] = load * capacity
             runs = {name: [] for name in routers}  # table order
+            schedules = []
             for k in range(plan.schedules):
                 sessions = build_sessions(plan.requests, rate, int(load * 1000) + k,
                                           fleet.mixes)
+                schedules.append((sessions, half_way(sessions)))
                 # The order is reversed at every other load and schedule, so a drift in
                 # the machine does not always favour the same routers.
                 for name in routers if (n + k) % 2 == 0 else routers[::-1]:
@@ -2559,6 +2725,8 @@ def run_routing(workdir, plan, fleet, only=""):
                 name: {**figures([r[0] for r in done], fleet),
                        "start_up_s": max(r[1] for r in done), "stop_s": max(r[2] for r in done)}
                 for name, done in runs.items()}
+            if fleet.placement_targets:
+                results["best_plan"][level] = best_plan_figures(fleet, schedules)
     results["seconds"] = time.monotonic() - started
     return results
 

@@ -1830,7 +1830,10 @@ class Proxy:
                     continue
                 await stop_task(attempt)
                 factor = ex.first_expected_s / waited
-                self.learner.slowed(choice.node.node_id, choice.model, factor)
+                # A first token this late is mostly a wait (a slot, a load), seldom a
+                # machine that slowed that much: the next answer times its decoding.
+                self.learner.slowed(choice.node.node_id, choice.model,
+                                    max(factor, LATE_CUT_MIN))
                 raise AttemptFailed(f"node {choice.node.node_id}: no first token after "
                                     f"{waited:.1f}s ({1 / factor:.0f} times its forecast); "
                                     f"another node is expected to answer sooner", 504)
@@ -4273,7 +4276,7 @@ class PlanInputs:
         4 % of the requests read as 6 s/s of demand beside one that timed a dozen."""
         seen = []
         for node_id, s in self.learner.by_model.get(model, {}).items():
-            tps = s.steady_tps()
+            tps = s.alone_tps()
             run_s = ((s.prompt_eval_ms or 0.0) / 1000 + s.tokens / tps
                      if s.tokens and tps else (s.service_ms or 0.0) / 1000)
             if run_s and node_id in speeds:
@@ -5416,11 +5419,21 @@ class Speed:
 
     def steady_tps(self):
         """The long-run decode speed, or the current one when it has dropped sharply
-        below it (slow_down took it at once): what the placement plan weighs."""
+        below it (slow_down took it at once)."""
         if self.decode_tps and self.baseline_tps and \
                 self.decode_tps < LIVE_SLOW * self.baseline_tps:
             return self.decode_tps
         return self.baseline_tps
+
+    def alone_tps(self):
+        """A request's decode speed with the fewest others beside it (the curve's
+        lowest level timed LEVEL_SAMPLES times; a sharp drop lowers it at once), else
+        steady_tps: the machine's own speed, which its crowds do not lower. What the
+        placement plan weighs: the long-run figure, timed mostly in crowds, read a busy
+        studio (four streams, three at full speed) as no faster than a desktop of nine
+        tenths its speed, and its answers as a third longer than they are."""
+        timed = [k for k, v in self.levels.items() if v[1] >= self.LEVEL_SAMPLES]
+        return self.levels[min(timed)][0] if timed else self.steady_tps()
 
     def slow_down(self, factor):
         """The node decodes `factor` (< 1) times as fast as learned, at every level (its
@@ -5575,6 +5588,7 @@ FIRST_FLOOR_S = 0.05  # the least wait for a first token taken as expected
 # A streamed answer with no first token this long (and LATE_FIRST times its forecast)
 # may be moved to another node: longer than a fresh long prompt takes on a usual node.
 MOVE_LATE_MIN_S = 2.0
+LATE_CUT_MIN = 0.25  # a late first token cuts the learned speed to this, at most
 
 
 class Forecast:
@@ -5745,8 +5759,8 @@ class Learner:
         model it and the others have timed (herd_common.fit_speeds); the placement
         plan's, where node_factor's prudence (an untimed node is the slowest) would
         make it move models off every machine it has not timed yet."""
-        observations = [(n, m, s.steady_tps(), s.samples) for (n, m), s in
-                        list(self.speeds.items()) if s.steady_tps()]
+        observations = [(n, m, s.alone_tps(), s.samples) for (n, m), s in
+                        list(self.speeds.items()) if s.alone_tps()]
         sizes = {m: s.size for (n, m), s in self.speeds.items()}
         return hc.fit_speeds(observations, sizes)
 
