@@ -10413,6 +10413,278 @@ def test_an_agent_reports_to_every_router_it_is_given(h):
 
 
 ####################################################################################
+# A second router (issue 23): keepalived moves one address, as the README says
+####################################################################################
+
+SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+
+
+def readme_keepalived(shared_address):
+    """The README's keepalived.conf for A, and B's (A's, with the lines B's block gives
+    instead), with its shared address `shared_address`; and the check command."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    section = readme[readme.index("### A second router"):]
+    section = section[:section.index("\n## ")]
+    blocks = [text for lang, text in re.findall(r"(?ms)^```(\w*)\n(.*?)^```$", section)
+              if not lang]
+    a = next(t for t in blocks if t.startswith("# /etc/keepalived/keepalived.conf on A"))
+    b = a
+    for line in blocks[blocks.index(a) + 1].splitlines():
+        keyword = line.split()[0]
+        b, found = re.subn(rf"(?m)^ *{keyword} .*$", line, b)
+        assert found == 1, f"B's line {line!r} replaces no line of A's"
+    check = re.search(r'script "(.+)"', a).group(1)
+    a, b = (conf.replace("192.168.1.20/24", f"{shared_address}/24") for conf in (a, b))
+    assert shared_address in a and shared_address in b
+    return a, b, check
+
+
+def run_check(check, port, tls=False):
+    """The README's check command against a router on loopback port `port` (on TLS:
+    https://, with -k, as the README says)."""
+    argv = check.replace("127.0.0.1:11435", f"127.0.0.1:{port}").split()
+    if tls:
+        argv = [argv[0], "-k", *argv[1:-1], argv[-1].replace("http://", "https://")]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=10)
+
+
+def test_the_keepalived_check_passes_only_a_router_that_answers(h, tmp_path):
+    # The check keepalived runs every second: a router that answers /api/version passes,
+    # with client and admin keys set too (the route needs none) and with no node at all
+    # (a fleet asleep at night keeps its address); stopped, hung or asked in the wrong
+    # protocol, it fails.
+    check = readme_keepalived("10.253.7.10")[2]
+    if not os.access(check.split()[0], os.X_OK):
+        pytest.skip(f"{check.split()[0]} is not installed: the README's check runs it")
+    router = h.router(FLEET_API_KEYS="app-key", FLEET_ADMIN_KEY="admin-key")
+    assert run_check(check, router.port).returncode == 0
+    h.bg.run(router.stop())
+    h.routers.remove(router)
+    refused = run_check(check, router.port)
+    assert refused.returncode == 7 and "connect" in refused.stderr.lower(), refused
+    with socket.socket() as hung:  # the kernel takes the connection; no one answers
+        hung.bind(("127.0.0.1", 0))
+        hung.listen()
+        silent = run_check(check, hung.getsockname()[1])
+    assert silent.returncode == 28 and "timed out" in silent.stderr.lower(), silent
+    cert, key = make_cert(tmp_path)
+    tls = h.router(FLEET_TLS_CERT=cert, FLEET_TLS_KEY=key)
+    assert run_check(check, tls.port).returncode != 0
+    assert run_check(check, tls.port, tls=True).returncode == 0
+
+
+class Lan:
+    """Machines on a LAN of their own: network namespaces whose eth0 (the README's
+    interface) joins a bridge in another namespace, on 10.253.7.0/24. Nothing joins
+    this machine's own network: each packet goes to a namespace made here."""
+
+    SUBNET = "10.253.7"
+
+    def __init__(self, tmp_path):
+        self.tag = f"herd-ka-{os.getpid()}-{os.urandom(2).hex()}"  # this run's own
+        self.tmp_path = tmp_path
+        self.namespaces, self.procs, self.logs = [], [], []
+        self.ip_tool = shutil.which("ip", path=SBIN_PATH)
+
+    def ip(self, *args):
+        return subprocess.run([self.ip_tool, *args], check=True, capture_output=True,
+                              text=True, timeout=10).stdout
+
+    def build(self, hosts):
+        """A machine per {name: last byte of its address}."""
+        bridge = self._namespace("lan")
+        self.ip("-n", bridge, "link", "add", "br0", "type", "bridge")
+        self.ip("-n", bridge, "link", "set", "br0", "up")
+        for name, byte in hosts.items():
+            ns = self._namespace(name)
+            self.ip("-n", bridge, "link", "add", f"v{name}", "type", "veth",
+                    "peer", "name", "eth0", "netns", ns)
+            self.ip("-n", bridge, "link", "set", f"v{name}", "master", "br0", "up")
+            self.ip("-n", ns, "addr", "add", f"{self.SUBNET}.{byte}/24", "dev", "eth0")
+            self.ip("-n", ns, "link", "set", "eth0", "up")
+            self.ip("-n", ns, "link", "set", "lo", "up")
+
+    def _namespace(self, name):
+        ns = f"{self.tag}-{name}"
+        self.ip("netns", "add", ns)
+        self.namespaces.append(ns)
+        return ns
+
+    def start(self, name, log, argv, env=None, ready=None):
+        """Run argv on machine `name`, its output in tmp_path/log; wait for `ready`
+        to show there."""
+        log = self.tmp_path / log
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([self.ip_tool, "netns", "exec", f"{self.tag}-{name}",
+                                     *argv], cwd=HERE, env={**os.environ, **(env or {})},
+                                    stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL)
+        self.procs.append(proc)
+        self.logs.append(log)
+        if ready:
+            def started():
+                assert proc.poll() is None, log.read_text()[-2000:]
+                return ready in log.read_text()
+            wait_until(started, timeout=20, what=f"{ready!r} in {log.name}")
+        return proc
+
+    def curl(self, name, url, *args):
+        """(status, headers, body) of a request from machine `name`; 0 when none came."""
+        out = subprocess.run([self.ip_tool, "netns", "exec", f"{self.tag}-{name}",
+                              shutil.which("curl"), "-sS", "-i", "--max-time", "2", *args,
+                              url], capture_output=True, timeout=10)
+        if out.returncode:
+            return 0, {}, b""
+        head, _, body = out.stdout.partition(b"\r\n\r\n")
+        status, *lines = head.decode("latin-1").split("\r\n")
+        return int(status.split()[1]), {k.strip().lower(): v.strip() for k, _, v in
+                                        (line.partition(":") for line in lines)}, body
+
+    def holds(self, name, address):
+        return f" {address}/" in self.ip("-n", f"{self.tag}-{name}", "-br", "addr",
+                                         "show", "eth0")
+
+    def close(self):
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for ns in self.namespaces:  # a check keepalived started and left: ours too
+            for pid in subprocess.run([self.ip_tool, "netns", "pids", ns],
+                                      capture_output=True, text=True).stdout.split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+            subprocess.run([self.ip_tool, "netns", "del", ns], capture_output=True)
+        for log in self.logs:  # shown when the test fails
+            print(f"--- {log.name}\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def lan(tmp_path):
+    """A Lan with machines a, b (the routers) and node; skipped, saying why, where
+    network namespaces or keepalived cannot run."""
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root; the check's exit codes are tested "
+                    "without them")
+    missing = [tool for tool in ("ip", "keepalived", "/usr/bin/curl")
+               if not shutil.which(tool, path=SBIN_PATH)]
+    if missing:
+        pytest.skip(f"not installed: {', '.join(missing)} (apt-get install keepalived curl "
+                    f"iproute2)")
+    net = Lan(tmp_path)
+    try:
+        try:
+            net.build({"a": 1, "b": 2, "node": 3})
+        except subprocess.CalledProcessError as e:
+            pytest.skip(f"network namespaces do not work here: {e.stderr.strip()}")
+        yield net
+    finally:
+        net.close()
+
+
+APP_KEY = ["-H", "Authorization: Bearer app-key"]  # both routers have FLEET_API_KEYS
+ASK = [*APP_KEY, "-d", json.dumps({"model": "llama3.2:3b", "prompt": "hi",
+                                   "stream": False})]
+
+
+def start_lan_router(lan, name, other, log=None):
+    """Router `name` on its machine at port 11435 (as the README's check asks), keyed,
+    taking at start what the router at `other` learned."""
+    return lan.start(name, log or f"router-{name}.log", [sys.executable, "herd.py"], env={
+        "FLEET_DATA_DIR": str(lan.tmp_path / name), "FLEET_TOKEN": FLEET_TOKEN,
+        "FLEET_API_KEYS": "app-key", "FLEET_LEARNED_FROM": f"http://{other}:11435",
+        "FLEET_MDNS": "false", "FLEET_LOCAL_NODE": "false",
+        "FLEET_CONSOLE_LOG_LEVEL": "INFO"}, ready="listening on")
+
+
+def start_lan_keepalived(lan, name, conf):
+    """keepalived on machine `name`, in the foreground, its files in tmp_path."""
+    files = {suffix: str(lan.tmp_path / f"keepalived-{name}.{suffix}")
+             for suffix in ("conf", "pid", "vrrp.pid", "checkers.pid")}
+    with open(files["conf"], "w", encoding="utf-8") as f:
+        f.write(conf)
+    return lan.start(name, f"keepalived-{name}.log", [
+        shutil.which("keepalived", path=SBIN_PATH), "-n", "-l", "-D", "-f", files["conf"],
+        "-p", files["pid"], "-r", files["vrrp.pid"], "-c", files["checkers.pid"]])
+
+
+def lan_status(lan, address):
+    """/fleet/status of the router at `address`, asked from the node's machine."""
+    code, _, body = lan.curl("node", f"http://{address}:11435/fleet/status", *APP_KEY)
+    return json.loads(body) if code == 200 else {"nodes": []}
+
+
+def lan_router_name(lan, address):
+    """Which router answers at `address` (the data folder its settings show), if any."""
+    code, _, body = lan.curl("node", f"http://{address}:11435/dashboard/api/settings",
+                             *APP_KEY)
+    if code != 200:
+        return None
+    row = next(r for r in json.loads(body)["settings"] if r["name"] == "FLEET_DATA_DIR")
+    return os.path.basename(row["value"])
+
+
+def test_keepalived_moves_the_address_to_the_standby_when_the_router_dies(lan):
+    # The README's keepalived.conf on A and B, each beside its router; a third machine
+    # runs a node (an agent and a fake Ollama) that reports to both routers, and is the
+    # apps' machine too. Router A dies (its keepalived runs on): its check fails, and the
+    # shared address moves to B, which answers from the node it knew all along and the
+    # figures it took from A. Router A started again takes the address back, and B's
+    # figures.
+    a, b, node, shared = (f"{Lan.SUBNET}.{n}" for n in (1, 2, 3, 10))
+    conf_a, conf_b, _ = readme_keepalived(shared)
+    lan.start("node", "ollama.log", [sys.executable, "fake_ollama.py", "--host", node,
+                                     "--port", "11434"], ready="listening on")
+    router_a = start_lan_router(lan, "a", b)
+    lan.start("node", "agent.log", [
+        sys.executable, "herd_node.py", "--router-url", f"http://{a}:11435,http://{b}:11435",
+        "--node-id", "desk", "--ollama-host", f"http://{node}:11434"], env={
+        "FLEET_NODE_TOKEN": FLEET_TOKEN, "FLEET_NODE_DATA_DIR": str(lan.tmp_path / "n"),
+        "FLEET_NODE_HEARTBEAT_INTERVAL": "0.5"})
+    wait_until(lambda: lan_status(lan, a)["nodes"], timeout=20, what="desk on router A")
+    code, headers, _ = lan.curl("node", f"http://{a}:11435/api/generate", *ASK)
+    assert code == 200 and headers["x-fleet-node"] == "desk"  # A learns desk's speed
+    start_lan_router(lan, "b", a)
+    wait_until(lambda: lan_status(lan, b)["nodes"], timeout=20, what="desk on router B")
+    learned = lan_status(lan, b)["nodes"][0]["learned"]["llama3.2:3b"]
+    assert learned["samples"] == 1 and learned["estimated"] is False, learned
+
+    def answer_at_shared():
+        got = lan.curl("node", f"http://{shared}:11435/api/generate", *ASK)
+        return got if got[0] == 200 else None
+
+    keepalived_a = start_lan_keepalived(lan, "a", conf_a)
+    start_lan_keepalived(lan, "b", conf_b)
+    wait_until(answer_at_shared, timeout=20, what="an answer at the shared address")
+    assert lan_router_name(lan, shared) == "a"
+    assert lan.holds("a", shared) and not lan.holds("b", shared)
+
+    router_a.kill()  # the router's process, at once; A's keepalived runs on
+    died = time.monotonic()
+    _, headers, _ = wait_until(answer_at_shared, timeout=20, what="an answer again")
+    failover = time.monotonic() - died
+    print(f"failover: the shared address answered again {failover:.1f} s after router A "
+          f"died")
+    assert headers["x-fleet-node"] == "desk" and lan_router_name(lan, shared) == "b"
+    assert lan.holds("b", shared) and not lan.holds("a", shared)
+    assert keepalived_a.poll() is None  # its check let the address go, not its death
+    assert "VRRP_Script(herd_up) failed" in (lan.tmp_path / "keepalived-a.log").read_text()
+    assert failover < 10
+
+    start_lan_router(lan, "a", b, log="router-a-again.log")  # as its service would
+    wait_until(lambda: lan_router_name(lan, shared) == "a", timeout=20,
+               what="A holding the address again")
+    assert lan.holds("a", shared) and not lan.holds("b", shared)
+    took = lan_status(lan, a)["nodes"][0]["learned"]["llama3.2:3b"]
+    assert took["samples"] == 2, took  # A's answer and B's, from B
+
+
+####################################################################################
 # Alerts (issue 23): FLEET_ALERT_URL, to receivers on loopback
 ####################################################################################
 
