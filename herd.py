@@ -4475,8 +4475,14 @@ class Placement:
         warm = [c for c in candidates if c.hot or c.loading_s]
         cold = [c for c in candidates if not (c.hot or c.loading_s)]
         # A node that joined since the plan was weighed is one it has no word on yet.
-        places = self.places(model) | {c.node_id for c in cold
+        places = self.places(model) | {c.node_id for c in candidates
                                        if c.node_id not in self.plan.hot}
+        drained = self._drained(model, warm, places)
+        if drained:
+            warm = [c for c in warm if c not in drained]
+            reasons += [f"{c.node_id}: the placement plan moved {model} to "
+                        f"{', '.join(sorted(places & {w.node_id for w in warm}))}; "
+                        f"its requests here finish, no new ones come" for c in drained]
         pool = cold  # the candidates weighed by the demand they push out
         if warm:
             keep = self._worth_loading(warm, cold, places)
@@ -4493,12 +4499,22 @@ class Placement:
             least = min(self._demand_out(c) for c in pool)
             keep = [c for c in pool if self._demand_out(c) <= least]
             why = f"loading {model} here would push out a busier model"
-        held = [c for c in cold if c not in keep]
+        held = [c for c in cold if c not in keep] + drained
         reasons += [f"{c.node_id}: " + (f"loading {model} here would push out "
                                         f"{c.evicts_busy}, which has requests running"
                                         if c.evicts_busy and c not in pool else why)
-                    for c in held]
+                    for c in held if c not in drained]
         return warm + keep, held
+
+    def _drained(self, model, warm, places):
+        """The warm candidates the plan moved `model` away from, while it is hot where
+        the plan places it: sent nothing new, they go idle, and the Warmer can unload
+        the model there for the one the plan put in its place. (Left to take requests,
+        a busy model never went quiet, and the plan's moves waited behind it for
+        forty seconds while strays were loaded around them.)"""
+        if not any(c.hot and c.node_id in places for c in warm):
+            return []
+        return [c for c in warm if c.node_id not in places]
 
     def _throws_out_a_load(self, c):
         """Would a cold load here push out a model whose own load is still under way?"""

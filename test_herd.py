@@ -9347,6 +9347,48 @@ def test_a_shift_in_demand_moves_one_model_on_purpose_and_the_plan_says_why(h):
     assert "model_thrashing" not in [c["check"] for c in health["checks"]]
 
 
+def set_plan(h, router, hot):
+    """Make `hot` (node_id -> models) the placement plan, settled, as if weighed so."""
+    def put():
+        p = router.scheduler.placement
+        p.plan = hc.Plan(hot={n: tuple(sorted(v)) for n, v in hot.items()}, reasons={},
+                         loads=[], unloads=[], unplaced={})
+        p.rates = {m: 1.0 for v in hot.values() for m in v}  # each in demand
+        p.version += 1
+        p.built_at = time.monotonic() + 3600  # no rebuild while the test looks
+        p.changed_at = time.monotonic() - herd.PLAN_SETTLE_S
+    h.bg.call(put)
+
+
+def test_a_model_the_plan_moved_away_takes_no_new_requests_there_and_goes(h):
+    # llama is hot on both nodes; the plan keeps it on node-a and gives node-b (one
+    # model at a time) to qwen. New requests for llama go to node-a only, even when
+    # node-a is busy and node-b idle (the scoring alone sends some to node-b), so
+    # llama goes idle on node-b and the Warmer swaps it for qwen there.
+    models = ["llama3.2:3b", "qwen2.5:7b"]
+    a = h.fake(num_parallel=1, chunks=20, chunk_delay=0.02, models=models)
+    b = h.fake("127.0.0.2", num_parallel=1, chunks=20, chunk_delay=0.02, max_loaded=1,
+               models=models)
+    router = h.router()
+    for fake in (a, b):
+        load_on(fake, "llama3.2:3b")
+    join_holding(h, router, a, "node-a", 2, slots=1)
+    join_holding(h, router, b, "node-b", 1, slots=1)
+    set_plan(h, router, {"node-a": ["llama3.2:3b"], "node-b": ["qwen2.5:7b"]})
+    threads, results = start_requests(router, 4)
+    for t in threads:
+        t.join(30)
+    assert [r[0] for r in results] == [200] * 4
+    assert [r[1]["x-fleet-node"] for r in results] == ["node-a"] * 4
+    assert b.completed == 0
+    ask_for(h, router, "qwen2.5:7b", 3)
+    h.bg.call(lambda: [router.proxy.warmer._carry_out(node, model) for node, model
+                       in router.scheduler.placement.pending_loads()])
+    wait_until(lambda: list(b.loaded) == ["qwen2.5:7b"], what="qwen in llama's place")
+    unloads = [r["body"] for r in b.requests if (r["body"] or {}).get("keep_alive") == 0]
+    assert [u["model"] for u in unloads] == ["llama3.2:3b"]
+
+
 def test_a_planned_move_back_is_no_thrash(h):
     # llama leaves node-a for gemma2 on purpose, then comes back on purpose (demand
     # shifted back): each move has its own plan version, so neither is a thrash,
