@@ -7320,6 +7320,7 @@ class Alerts:
         item = {"event": event, "severity": severity, "title": title, "message": message,
                 "node_id": node_id, "time": now}
         self.recent.append(item)
+        self.counts["raised"] += 1
         last = self.said.get(about)
         if last is not None and last[1] == state and now - last[0] < ALERT_REPEAT_S:
             self.counts["repeated"] += 1
@@ -7445,9 +7446,11 @@ class Alerts:
 
     def view(self):
         """/fleet/status's and the dashboard's `alerts`: the recent events, newest
-        first, and what became of those sent."""
+        first, what became of those raised, and how many wait to be sent (at most
+        queue_limit: past it they are dropped)."""
         return {"to": self.target[0] if self.target else None,
-                "recent": list(reversed(self.recent))[:20], "counts": dict(self.counts)}
+                "recent": list(reversed(self.recent))[:20], "counts": dict(self.counts),
+                "queued": self.queue.qsize(), "queue_limit": ALERT_QUEUE}
 
 
 ####################################################################################
