@@ -7232,10 +7232,13 @@ class Waker:
     def wake_left_s(self, node):
         """Seconds until a sleeping node would be back if woken now, or if it is on its
         way up, what is left of that: its last wake's time, else WAKE_WAIT_S (the
-        longest a boot is waited for; a prudent guess)."""
+        longest a boot is waited for; a prudent guess). One woken longer ago than
+        WAKE_WAIT_S did not answer: it is as far away as if never woken."""
         wake = self.took.get(node.node_id, WAKE_WAIT_S)
         woken = self.sent.get(node.node_id)
-        return max(0.0, wake - (time.monotonic() - woken[0])) if woken else wake
+        if woken is None or time.monotonic() - woken[0] >= WAKE_WAIT_S:
+            return wake
+        return max(0.0, wake - (time.monotonic() - woken[0]))
 
     def _send(self, node):
         """One packet to each interface the node reported."""
