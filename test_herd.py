@@ -10635,6 +10635,20 @@ def test_a_backlog_wakes_a_sleeping_node_without_holding_the_request(
     receiver.close()
 
 
+def test_a_wake_costs_what_the_last_one_took_and_an_unanswered_one_all_again():
+    waker, gpu = herd.Waker(("127.0.0.1", 9)), types.SimpleNamespace(node_id="gpu")
+    assert waker.wake_left_s(gpu) == herd.WAKE_WAIT_S  # never timed: the longest wait
+    waker.sent["gpu"] = (time.monotonic() - 8.0, 0.0)  # woken 8 s ago, back now
+    waker.heard(gpu)
+    assert 8.0 <= waker.took["gpu"] < 9.0 and "gpu" not in waker.sent
+    waker.sent["gpu"] = (time.monotonic() - 3.0, 0.0)  # on its way up again
+    assert 4.0 < waker.wake_left_s(gpu) <= 6.0
+    waker.sent["gpu"] = (time.monotonic() - herd.WAKE_WAIT_S - 1, 0.0)  # never answered
+    assert waker.wake_left_s(gpu) == waker.took["gpu"]
+    waker.heard(gpu)  # back long after: it woke for its own reasons, not the packet
+    assert waker.took["gpu"] < 9.0
+
+
 def magic_packet_of(mac):
     """Wake-on-LAN's packet as the issue spells it: six 0xFF, the MAC sixteen times."""
     packet = b"\xff" * 6 + bytes.fromhex(mac.replace(":", "")) * 16
