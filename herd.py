@@ -3918,8 +3918,8 @@ class Scheduler:
 
     # -- waking a node for a backlog ------------------------------------------------
     #
-    # Theory: when every awake node that can take a model is saturated (all its slots
-    # taken, requests waiting) and a sleeping node has the model on disk, waking it pays
+    # Theory: when every awake node that can take a model is saturated (all the slots it
+    # may use are taken) and a sleeping node has the model on disk, waking it pays
     # once the soonest answer an awake node promises comes later than the sleeper's
     # would: its wake (as long as its last one took, else WAKE_WAIT_S), its cold load
     # and the answer itself. So a burst that the awake nodes clear sooner than a machine
@@ -3944,11 +3944,11 @@ class Scheduler:
         if not all(promised):
             return  # a node whose speed is unknown may answer soon
         service_s = min(c.service_s for c in awake)
-        woken_s, node = min((self._answer_after_wake(n, model, ask, service_s), n.node_id)
-                            for n in sleepers)
+        woken_s, node_id = min((self._answer_after_wake(n, model, ask, service_s),
+                                n.node_id) for n in sleepers)
         if woken_s >= min(promised):
             return
-        node = self.fleet.nodes[node]
+        node = self.fleet.nodes[node_id]
         if node.node_id not in waker.sent:
             self.stats.count_event("woken_for_backlog", f"every awake node with {model} "
                                    f"is saturated (the soonest answers in "
