@@ -22,6 +22,13 @@ more than the router and hide it), and prints a Markdown table (docs/benchmarks.
                           router CPU (user + system) per chunk the client received
     paced relay           16 streams of 300 chunks, one a millisecond, as a model
                           writes them (a third fake): one chunk per read in the router
+    dead alert receiver   the 8-chunk NDJSON streams flat out, c=1 and c=16, to three
+                          routers in turns, alike but for FLEET_ALERT_URL: none, a port
+                          that refuses connections, a black hole (listens, never
+                          answers), while 24 nodes go offline and come back on each
+                          (an alert a change): time to first chunk, throughput and CPU
+                          against the router with none; alerts raised, queued (at the
+                          bound), dropped; RSS before and after
     memory                router RSS idle after start-up, and after the load
     chaos                 steady load on three nodes with real agents while one Ollama
                           is killed and restarted: completed, failed clearly, lost, hung
@@ -32,8 +39,8 @@ debug line per request included) but FLEET_MDNS=false and FLEET_LOCAL_NODE=true;
 used once /fleet/status shows its node online with 16 slots. The keyed router differs
 only in FLEET_TOKEN and FLEET_API_KEYS; the client sends it `Authorization: Bearer key1`.
 
-Run:   python bench.py                   (about 3 min on 2 cores)
-       python bench.py --quick           (about 55 s)
+Run:   python bench.py                   (about 3.5 min on 2 cores)
+       python bench.py --quick           (about 65 s)
        python bench.py --json out.json   (also writes every number, and each target met
                                           or not, as JSON)
 
@@ -116,6 +123,7 @@ import contextlib
 import dataclasses
 import gc
 import heapq
+import http.client
 import itertools
 import json
 import math
@@ -169,6 +177,17 @@ FLEET_TOKEN = "bench-fleet-token-not-a-secret"
 CLIENT_KEYS = ("key1", "key2")
 KEYED_SETTINGS = {"FLEET_TOKEN": FLEET_TOKEN, "FLEET_API_KEYS": ",".join(CLIENT_KEYS)}
 KEYED_LABEL = "FLEET_API_KEYS + FLEET_TOKEN set / unset"
+# The alerts phase: three routers on one fake, alike but for FLEET_ALERT_URL: none, a
+# loopback port nobody listens on (refused), and one that listens and never reads (a
+# black hole: TCP connects, no answer comes). Meanwhile nodes go offline and come back
+# on each, over and over: every change is an alert to raise.
+ALERT_PATHS = ("router", "refused", "blackhole")
+ALERT_LABEL = "dead alert receiver refused / black hole / no FLEET_ALERT_URL"
+FLAP_NODES = 24  # node ids that go offline and back; a router takes 8 from one address
+FLAP_EVERY_S = 2.0  # each beats this often, longer than the routers' offline time
+FLAP_SETTINGS = {"FLEET_HEARTBEAT_TIMEOUT": "1.5", "FLEET_HEARTBEAT_OFFLINE": "1.5"}
+# The node that serves the requests beats far more often: it stays online throughout.
+FLAP_AGENT = {"FLEET_NODE_HEARTBEAT_INTERVAL": "0.25", "FLEET_NODE_NUM_PARALLEL": str(SLOTS)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +208,9 @@ class Plan:
     keyed_c16_per_worker: int
     heartbeats: int  # one agent's, signed to the keyed router, unsigned to the open one
     chaos_seconds: float
+    alerts_rounds: int  # turns of the routers with and without a dead alert receiver
+    alerts_c1_requests: int  # 8-chunk streams to each, while nodes go offline and back
+    alerts_c16_per_worker: int
 
 
 PLANS = {
@@ -196,12 +218,14 @@ PLANS = {
                   steady_c16_per_worker=6, relay_sequential=5,
                   relay_concurrent=2, paced_per_worker=1, keyed_rounds=2,
                   keyed_c1_requests=100, keyed_c16_per_worker=8, heartbeats=200,
-                  chaos_seconds=6),
+                  chaos_seconds=6, alerts_rounds=2, alerts_c1_requests=100,
+                  alerts_c16_per_worker=8),
     "full": Plan(rounds=3, c1_requests=1000, c16_per_worker=100, steady_c1_requests=200,
                  steady_c16_per_worker=40, relay_sequential=20,
                  relay_concurrent=5, paced_per_worker=2, keyed_rounds=8,
                  keyed_c1_requests=250, keyed_c16_per_worker=25, heartbeats=300,
-                 chaos_seconds=15),
+                 chaos_seconds=15, alerts_rounds=6, alerts_c1_requests=250,
+                 alerts_c16_per_worker=25),
 }
 
 # The routing benchmark (--routing): the emulated machines (fake_ollama.py's contention
@@ -487,45 +511,57 @@ def wait_for_nodes(proc, port, workdir, count, key=None):
 @dataclasses.dataclass
 class Stack:
     """A fake Ollama and a router that serves it as its local node (and, for the keys
-    and token phase, a second one with FLEET_API_KEYS and FLEET_TOKEN set)."""
+    and token phase and the alerts phase, other routers that serve it too)."""
 
-    ports: dict  # "direct" -> the fake's port, "router" -> the router's, "keyed" -> its
+    ports: dict  # "direct" -> the fake's port, "router" -> the router's, each other's
     router: psutil.Process
     fake: psutil.Process
-    keyed: psutil.Process = None
+    others: dict = dataclasses.field(default_factory=dict)  # path -> another router
+
+    def process(self, path):
+        """The router that `path` reaches."""
+        return self.router if path == "router" else self.others[path]
 
 
 @contextlib.contextmanager
-def running_stack(workdir, name, chunks, chunk_delay=0.0, keyed=False, server="ollama"):
-    """Start a fake and its router (two if `keyed`), yield them ready to route, then
-    stop them all. A fake standing in for another `server` than Ollama is the router's
-    node through an agent (the router polls only an Ollama itself)."""
+def running_stack(workdir, name, chunks, chunk_delay=0.0, server="ollama", others=None,
+                  settings=None, agent=None):
+    """Start a fake and its router, and one more router for each path in `others`
+    ({path: its settings}, each in a folder of its own), all with `settings`; yield them
+    ready to route, then stop them all. The routers serve the fake as their local node,
+    or, given `agent` (its environment), through one herd_node.py that reports it to
+    every one of them, as they must a fake standing in for another `server` than Ollama
+    (the router polls only an Ollama itself)."""
     workdir = os.path.join(workdir, name)
     os.makedirs(workdir)
+    if server != "ollama" and agent is None:
+        agent = {}
     with contextlib.ExitStack() as exits:
         fake, fake_port = start_fake(exits, workdir, chunks, chunk_delay, server=server)
         fake_url = f"http://127.0.0.1:{fake_port}"
-        local = {"FLEET_LOCAL_NODE": "true", "FLEET_LOCAL_OLLAMA_URL": fake_url} \
-            if server == "ollama" else {"FLEET_LOCAL_NODE": "false"}
-        proc, port = start_router(exits, workdir, local)
-        if server != "ollama":
-            start_process(exits, ["herd_node.py", "--router-url", f"http://127.0.0.1:{port}",
-                                  "--server-url", fake_url],
+        common = {"FLEET_LOCAL_NODE": "false"} if agent is not None else \
+            {"FLEET_LOCAL_NODE": "true", "FLEET_LOCAL_OLLAMA_URL": fake_url}
+        common.update(settings or {})
+        started = {}  # path -> (process, port, folder, the client key it wants)
+        for path, own in {"router": {}, **(others or {})}.items():
+            folder = workdir if path == "router" else os.path.join(workdir, path)
+            os.makedirs(folder, exist_ok=True)  # its own FLEET_DATA_DIR and log
+            proc, port = start_router(exits, folder, {**common, **own})
+            started[path] = proc, port, folder, \
+                CLIENT_KEYS[0] if "FLEET_API_KEYS" in own else None
+        if agent is not None:
+            urls = ",".join(f"http://127.0.0.1:{port}" for _, port, _, _ in started.values())
+            start_process(exits, ["herd_node.py", "--router-url", urls, "--server-url",
+                                  fake_url],
                           {"FLEET_NODE_DATA_DIR": os.path.join(workdir, "agent"),
-                           "FLEET_CONSOLE_LOG_LEVEL": "ERROR"},
+                           "FLEET_CONSOLE_LOG_LEVEL": "ERROR", **agent},
                           os.path.join(workdir, "agent.log"))
-        stack = Stack({"direct": fake_port, "router": port}, psutil.Process(proc.pid),
-                      psutil.Process(fake.pid))
-        if keyed:  # its own folder: its own FLEET_DATA_DIR and log
-            keyed_dir = os.path.join(workdir, "keyed")
-            os.makedirs(keyed_dir)
-            keyed_proc, stack.ports["keyed"] = start_router(exits, keyed_dir,
-                                                            {**local, **KEYED_SETTINGS})
-            stack.keyed = psutil.Process(keyed_proc.pid)
-        wait_for_nodes(proc, port, workdir, 1)
-        if keyed:
-            wait_for_nodes(keyed_proc, stack.ports["keyed"], keyed_dir, 1, CLIENT_KEYS[0])
-        yield stack
+        for proc, port, folder, key in started.values():
+            wait_for_nodes(proc, port, folder, 1, key)
+        yield Stack({"direct": fake_port, **{p: s[1] for p, s in started.items()}},
+                    psutil.Process(started["router"][0].pid), psutil.Process(fake.pid),
+                    {p: psutil.Process(s[0].pid) for p, s in started.items()
+                     if p != "router"})
 
 
 def cpu_seconds(proc):
@@ -748,8 +784,7 @@ def cpu_snapshot(stack):
     """CPU seconds so far of the client (this process), the fake and the router(s)."""
     out = {"client": time.process_time(), "fake": cpu_seconds(stack.fake),
            "router": cpu_seconds(stack.router)}
-    if stack.keyed:
-        out["keyed"] = cpu_seconds(stack.keyed)
+    out.update((path, cpu_seconds(proc)) for path, proc in stack.others.items())
     return out
 
 
@@ -1031,6 +1066,122 @@ def measure_chaos(workdir, plan):
         asyncio.run(run())
     return {"sent": len(outcomes),
             **{k: outcomes.count(k) for k in ("completed", "failed", "lost", "hung")}}
+
+
+class Flapper(threading.Thread):
+    """FLAP_NODES nodes with no models, each beating on every router in `ports` once
+    every FLAP_EVERY_S (in turn, spread over the period): each silence takes a node
+    offline (a node_offline alert), each beat after it brings it back (node_back). The
+    ids beat from three loopback addresses, as a router takes 8 ids from one."""
+
+    def __init__(self, ports):
+        super().__init__(name="flapper", daemon=True)
+        self.ports, self.stop = ports, threading.Event()
+        self.beats = self.refused = 0
+        machine = hc.read_machine(psutil, "/")
+        ollama = {"ok": True, "version": "0.12.6", "models": [], "loaded": []}
+        # An Ollama at the address the heartbeat comes from, as a router requires.
+        self.sources = [f"127.0.0.{2 + i // 8}" for i in range(FLAP_NODES)]
+        self.bodies = [json.dumps(hc.build_heartbeat(
+            f"flap-{i}", f"http://{source}:{free_port()}", machine, ollama, {}, 1,
+            "bench")).encode() for i, source in enumerate(self.sources)]
+
+    def run(self):
+        connections, i = {}, 0
+        while not self.stop.wait(FLAP_EVERY_S / FLAP_NODES):
+            turn = i % len(self.ports)  # each router in turn hears a node first
+            for port in self.ports[turn:] + self.ports[:turn]:
+                self.refused += not self._beat(connections, port, self.sources[i],
+                                               self.bodies[i])
+                self.beats += 1
+            i = (i + 1) % FLAP_NODES
+        for conn in connections.values():
+            conn.close()
+
+    @staticmethod
+    def _beat(connections, port, source, body):
+        """One heartbeat on a kept-alive connection; was it taken?"""
+        key = (port, source)
+        conn = connections.get(key)
+        if conn is None:
+            conn = connections[key] = http.client.HTTPConnection(
+                "127.0.0.1", port, timeout=5, source_address=(source, 0))
+        try:
+            conn.request("POST", "/heartbeat", body, {"Content-Type": "application/json"})
+            answer = conn.getresponse()
+            answer.read()
+            return answer.status == 200
+        except (OSError, http.client.HTTPException):
+            connections.pop(key).close()
+            return False
+
+
+@contextlib.contextmanager
+def black_hole():
+    """A loopback port that listens and never reads: a receiver's TCP connect succeeds
+    (the kernel takes it), then no answer ever comes. Yields the port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(64)
+        yield s.getsockname()[1]
+
+
+def alerts_view(port):
+    """A router's `alerts` in /fleet/status: counts, queued, queue_limit."""
+    return read_json("127.0.0.1", port, "/fleet/status")["alerts"]
+
+
+def wait_for_full_queues(stack, paths, timeout=30.0):
+    """Until each router of `paths` has as many alerts waiting as it keeps; seconds."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        views = [alerts_view(stack.ports[p]) for p in paths]
+        if all(v["queued"] >= v["queue_limit"] for v in views):
+            break
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
+def alert_ratios(cell):
+    """Each dead receiver's figures over the no-alert router's, in a compare() cell."""
+    none = cell["router"]
+    for path in ALERT_PATHS[1:]:
+        x = cell[path]
+        cell[f"{path}_ratio"] = {
+            **{f"p{q}": x[f"first_chunk_p{q}_ms"] / none[f"first_chunk_p{q}_ms"]
+               for q in (50, 99)},
+            "throughput": x["requests_per_s"] / none["requests_per_s"],
+            "cpu": x["router_cpu_ms_per_1000_requests"]
+            / none["router_cpu_ms_per_1000_requests"]}
+    return cell
+
+
+def measure_alerts(workdir, plan):
+    """The 8-chunk NDJSON streams at c=1 and c=16 to three routers in turns, with no
+    alert receiver, a refusing one and a black hole, while nodes go offline and back on
+    each (Flapper), from when the dead receivers' queues are full (the most a router
+    holds); then each router's alert counts and RSS."""
+    with contextlib.ExitStack() as exits:
+        hole = exits.enter_context(black_hole())
+        stack = exits.enter_context(running_stack(
+            workdir, "alerts", chunks=8, settings=FLAP_SETTINGS, agent=FLAP_AGENT, others={
+                "refused": {"FLEET_ALERT_URL": f"http://127.0.0.1:{free_port()}/alerts"},
+                "blackhole": {"FLEET_ALERT_URL": f"http://127.0.0.1:{hole}/alerts"}}))
+        rss0 = {p: rss_mb(stack.process(p)) for p in ALERT_PATHS}
+        flapper = Flapper([stack.ports[p] for p in ALERT_PATHS])
+        flapper.start()
+        exits.callback(flapper.join)
+        exits.callback(flapper.stop.set)  # callbacks run last in, first out
+        out = {"filled_s": wait_for_full_queues(stack, ALERT_PATHS[1:])}
+        for c, per_worker in ((1, plan.alerts_c1_requests), (16, plan.alerts_c16_per_worker)):
+            out[f"c{c}"] = alert_ratios(compare(
+                stack, Load(GENERATE, NDJSON, c, per_worker), plan.alerts_rounds,
+                ALERT_PATHS))
+        out["alerts"] = {p: alerts_view(stack.ports[p]) for p in ALERT_PATHS}
+        out["rss"] = {p: {"before_mb": rss0[p], "after_mb": rss_mb(stack.process(p))}
+                      for p in ALERT_PATHS}
+        out["heartbeats"], out["heartbeats_refused"] = flapper.beats, flapper.refused
+    return out
 
 
 ####################################################################################
@@ -1431,6 +1582,49 @@ def translated_rows(r, t):
     return rows
 
 
+def alerts_rows(r):
+    """The routers with a dead alert receiver against the one with none: each figure as
+    refused / black hole / none in the router column, their ratios to none after."""
+    a, rows = r["alerts"], []
+    paths = ALERT_PATHS[1:] + ALERT_PATHS[:1]
+
+    def row(measure, key, unit, fmt, ratio):
+        values = " / ".join(format(cell[p][key], fmt) for p in paths)
+        ratios = " / ".join(f"x{cell[f'{p}_ratio'][ratio]:.2f}" for p in ALERT_PATHS[1:])
+        rows.append((f"{measure}, {ALERT_LABEL}", "", f"{values} {unit}", ratios, ""))
+    for c in (1, 16):
+        cell = a[f"c{c}"]
+        for q in (50, 99):
+            row(f"time to first chunk p{q}, c={c}, NDJSON flat out", f"first_chunk_p{q}_ms",
+                "ms", ".2f", f"p{q}")
+    cell = a["c16"]
+    row("throughput, c=16, NDJSON flat out", "requests_per_s", "req/s", ",.0f", "throughput")
+    for c in (1, 16):
+        cell = a[f"c{c}"]
+        row(f"router CPU per 1,000 streamed requests, c={c}", "router_cpu_ms_per_1000_requests",
+            "ms", ",.0f", "cpu")
+    rss = a["rss"]
+    rows.append((f"router RSS before / after, {ALERT_LABEL}", "",
+                 " / ".join(f"{rss[p]['before_mb']:.1f}-{rss[p]['after_mb']:.1f}"
+                            for p in paths) + " MB", "", ""))
+    return rows
+
+
+def alerts_line(a):
+    """What became of the alerts each router raised while the requests ran."""
+    said = []
+    for path, name in (("refused", "refused"), ("blackhole", "black hole")):
+        v = a["alerts"][path]
+        counts = v["counts"]
+        said.append(f"{name}: {counts.get('raised', 0)} raised, {v['queued']} queued (it "
+                    f"keeps {v['queue_limit']}), {counts.get('dropped', 0)} dropped, "
+                    f"{counts.get('failed', 0)} failed after every try, "
+                    f"{counts.get('sent', 0)} sent")
+    return (f"Alerts (nodes going offline and back all through the run, "
+            f"{a['heartbeats']} heartbeats, {a['heartbeats_refused']} refused; the dead "
+            f"receivers' queues full after {a['filled_s']:.1f} s): " + "; ".join(said) + ".")
+
+
 def memory_rows(r, t):
     m = r["memory"]
     return [("router RSS idle after start-up", "", f"{m['rss_idle_mb']:.1f} MB", "",
@@ -1444,7 +1638,8 @@ def markdown_table(r):
     rows = []
     for phase, label in SHORT_PHASES:
         rows += latency_rows(r, t, phase, label) + throughput_rows(r, t, phase, label)
-    rows += keyed_rows(r) + relay_rows(r, t) + translated_rows(r, t) + memory_rows(r, t)
+    rows += keyed_rows(r) + alerts_rows(r) + relay_rows(r, t) + translated_rows(r, t) + \
+        memory_rows(r, t)
     lines = ["| measure | direct | router | router cost | target |",
              "|---|---|---|---|---|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
@@ -1462,6 +1657,7 @@ def print_report(r):
     print(f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, "
           f"Python {m['python']}, {m['os']}, load {m['load_1min']:.2f}\n")
     print(markdown_table(r))
+    print("\n" + textwrap.fill(alerts_line(r["alerts"]), 90))
     print("\n" + textwrap.fill(chaos_line(r["chaos"]), 90))
 
 
@@ -2749,8 +2945,9 @@ def run_phases(workdir, plan):
     with running_stack(workdir, "steady", chunks=8, chunk_delay=STEADY_CHUNK_S) as stack:
         r["steady"] = measure_short(stack, plan, plan.steady_c1_requests,
                                     plan.steady_c16_per_worker)
-    with running_stack(workdir, "keyed", chunks=8, keyed=True) as stack:
+    with running_stack(workdir, "keyed", chunks=8, others={"keyed": KEYED_SETTINGS}) as stack:
         r["keyed"] = measure_keyed(stack, plan)
+    r["alerts"] = measure_alerts(workdir, plan)
     with running_stack(workdir, "relay", chunks=2000) as stack:
         r["relay"] = measure_relay(stack, plan)
         r["memory"]["rss_after_relay_mb"] = rss_mb(stack.router)

@@ -1193,6 +1193,7 @@ def node_summary(fleet, node, learner):
     return {  # offline, but it said how to wake it: asleep
         "node_id": node.node_id, "status": ASLEEP if fleet.waker.asleep(node) else node.status,
         "local": node.local, "wake": list(hb.wake),
+        "last_wake_s": fleet.waker.took.get(node.node_id),  # packet to heartbeat, if woken
         "ollama_url": node.ollama_url,
         "last_heartbeat_s": round(time.monotonic() - node.last_seen, 1),
         "agent_version": hb.agent_version or None, "hardware": hb.hardware,
@@ -3859,8 +3860,9 @@ class Scheduler:
                     raise RouteError(404, f"model '{shown_name}' not found on any node of "
                                           f"the fleet" + (" (nor its fallbacks)"
                                                           if len(models) > 1 else ""))
-                choice, reasons = self._pick(models, ask, exclude, prefer)
+                choice, reasons, awake = self._pick(models, ask, exclude, prefer)
                 if choice:
+                    self.wake_for_backlog(choice.model, awake, ask)
                     return choice
                 holders = [n for m in models for n in self.fleet.holders(m, ask.kind)]
                 if holders and all(cannot_serve(n, ask.endpoint) for n in holders):
@@ -3909,12 +3911,63 @@ class Scheduler:
             picked = next(((model, e) for e in ranked[model] if e[2].node_id == prefer),
                           picked)
         if not picked:
-            return None, reasons
+            return None, reasons, []
         model, (score, breakdown, c) = picked
         others = [e[2] for e in ranked[model] if e[2].node_id != c.node_id] or \
             [e[2] for e in hc.rank_candidates(held[model])]  # a runner-up to pre-warm
+        awake = [e[2] for e in ranked[model]] + held[model]  # every node that could take it
         return Choice(self.fleet.nodes[c.node_id], model, score, breakdown, c.hot,
-                      others[0] if others else None, c), reasons
+                      others[0] if others else None, c), reasons, awake
+
+    # -- waking a node for a backlog ------------------------------------------------
+    #
+    # Theory: when every awake node that can take a model is saturated (all the slots it
+    # may use are taken) and a sleeping node has the model on disk, waking it pays
+    # once the soonest answer an awake node promises comes later than the sleeper's
+    # would: its wake (as long as its last one took, else WAKE_WAIT_S), its cold load
+    # and the answer itself. So a burst that the awake nodes clear sooner than a machine
+    # boots wakes nothing. The packet goes once (the Waker repeats it only every
+    # WAKE_EVERY_S, while the backlog lasts). The request that found the backlog is not
+    # held for the sleeper: it keeps its place in the awake node's queue, and the woken
+    # node takes the requests that arrive once it has joined. Holding it would stake a
+    # wait the queue already promises on a guess (a wake time seen once, or a laptop its
+    # owner carried out of the house, which answers no packet), to win at best the
+    # difference of two estimates. With nothing learned about a node's speed its wait
+    # is unknown, and no machine is woken for it.
+
+    def wake_for_backlog(self, model, awake, ask):
+        """Wake the sleeping node that has `model` and would answer soonest, when every
+        awake candidate (`awake`) is saturated and it would answer sooner than them."""
+        waker = self.fleet.waker
+        sleepers = [n for n in self.fleet.holders(model, ask.kind) if waker.asleep(n)
+                    and not n.hb.paused and cannot_serve(n, ask.endpoint) is None]
+        if not sleepers or not awake or not all(hc.saturated(c) for c in awake):
+            return
+        promised = [hc.expected_s(c) for c in awake]
+        if not all(promised):
+            return  # a node whose speed is unknown may answer soon
+        service_s = min(c.service_s for c in awake)
+        woken_s, node_id = min((self._answer_after_wake(n, model, ask, service_s),
+                                n.node_id) for n in sleepers)
+        if woken_s >= min(promised):
+            return
+        node = self.fleet.nodes[node_id]
+        if node.node_id not in waker.sent:
+            self.stats.count_event("woken_for_backlog", f"every awake node with {model} "
+                                   f"is saturated (the soonest answers in "
+                                   f"{min(promised):.0f} s); woke {node.node_id}, expected "
+                                   f"to answer in {woken_s:.0f} s")
+        waker.wake_for([node])
+
+    def _answer_after_wake(self, node, model, ask, service_s):
+        """Seconds until a sleeping node would answer if woken now: its wake, its cold
+        load (or none, if its model stayed in memory), the answer (as long as
+        `service_s` when its speed is unknown); infinite if it cannot take the model."""
+        c = self.candidate(node, model, ask)
+        if hc.eliminate(c):
+            return math.inf
+        return self.fleet.waker.wake_left_s(node) + hc.estimate_wait_s(c) + \
+            (c.service_s or service_s)
 
     # -- context protection ---------------------------------------------------------
 
@@ -5175,6 +5228,8 @@ class Fleet:
         fleet_log.log(level, said, extra={"node_id": node.node_id, "event": f"node_{status}"})
         self.alerts.node_status(node, node.status, status,
                                 bool(node.hb.wake) and self.waker.target != "off")
+        if node.status == OFFLINE:
+            self.waker.heard(node)  # back: if it was woken, how long that took
         node.status = status
         node.offline_since = time.monotonic() if status in GONE else None
         if status in (*GONE, DRAINING):
@@ -7125,7 +7180,9 @@ class Health:
 # Waking a sleeping node (Wake-on-LAN): a node whose agent reported its interfaces
 # and that went quiet is asleep, not gone. A request for a model that only such nodes
 # have sends each the magic packet and waits up to WAKE_WAIT_S for its first heartbeat
-# (the holding queue looks again at every heartbeat).
+# (the holding queue looks again at every heartbeat). A backlog on the awake nodes
+# that have a model can wake one too (Scheduler.wake_for_backlog). How long a node took
+# from the packet to its first heartbeat is kept: what waking it costs next time.
 ####################################################################################
 
 WAKE_PORT = 9  # the discard port, where Wake-on-LAN packets are usually sent
@@ -7164,6 +7221,7 @@ class Waker:
     def __init__(self, target):
         self.target = target  # read_wake_address's
         self.sent = {}  # node_id -> (monotonic time first woken, last sent)
+        self.took = {}  # node_id -> seconds from its last wake's packet to its heartbeat
         self.packets = 0
 
     def asleep(self, node):
@@ -7188,6 +7246,29 @@ class Waker:
 
     def woken_names(self, holders):
         return ", ".join(n.node_id for n in holders if n.node_id in self.sent)
+
+    def heard(self, node):
+        """An offline node sends heartbeats again: when we woke it, how long that took.
+        One back later than WAKE_WAIT_S woke for its own reasons (its owner), not ours."""
+        woken = self.sent.pop(node.node_id, None)
+        if woken is None:
+            return
+        took = time.monotonic() - woken[0]
+        if took <= WAKE_WAIT_S:
+            if len(self.took) >= hc.LEARNED_MAX_ROWS and node.node_id not in self.took:
+                self.took.pop(next(iter(self.took)))
+            self.took[node.node_id] = took
+
+    def wake_left_s(self, node):
+        """Seconds until a sleeping node would be back if woken now, or if it is on its
+        way up, what is left of that: its last wake's time, else WAKE_WAIT_S (the
+        longest a boot is waited for; a prudent guess). One woken longer ago than
+        WAKE_WAIT_S did not answer: it is as far away as if never woken."""
+        wake = self.took.get(node.node_id, WAKE_WAIT_S)
+        woken = self.sent.get(node.node_id)
+        if woken is None or time.monotonic() - woken[0] >= WAKE_WAIT_S:
+            return wake
+        return max(0.0, wake - (time.monotonic() - woken[0]))
 
     def _send(self, node):
         """One packet to each interface the node reported."""
@@ -7272,6 +7353,7 @@ class Alerts:
         item = {"event": event, "severity": severity, "title": title, "message": message,
                 "node_id": node_id, "time": now}
         self.recent.append(item)
+        self.counts["raised"] += 1
         last = self.said.get(about)
         if last is not None and last[1] == state and now - last[0] < ALERT_REPEAT_S:
             self.counts["repeated"] += 1
@@ -7397,9 +7479,11 @@ class Alerts:
 
     def view(self):
         """/fleet/status's and the dashboard's `alerts`: the recent events, newest
-        first, and what became of those sent."""
+        first, what became of those raised, and how many wait to be sent (at most
+        queue_limit: past it they are dropped)."""
         return {"to": self.target[0] if self.target else None,
-                "recent": list(reversed(self.recent))[:20], "counts": dict(self.counts)}
+                "recent": list(reversed(self.recent))[:20], "counts": dict(self.counts),
+                "queued": self.queue.qsize(), "queue_limit": ALERT_QUEUE}
 
 
 ####################################################################################

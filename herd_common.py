@@ -2897,11 +2897,15 @@ def score_speed(c):
     return -60.0 * min(1.0, (mine - c.fastest_s) / max(c.fastest_s, 0.05) / 0.5)
 
 
+def saturated(c):
+    """No slot free here: as many requests run or wait as the node takes at once."""
+    return c.active + c.waiting >= max(1, c.limit or c.slots)
+
+
 def score_session(c):
     """+25 for the node that answered the conversation's last turn, while the model is
     hot there and a slot is free: Ollama reuses the prompt it has cached."""
-    free = c.active + c.waiting < max(1, c.limit or c.slots)
-    return 25.0 if c.session and c.hot and free else 0.0
+    return 25.0 if c.session and c.hot and not saturated(c) else 0.0
 
 
 def score_context_fit(c):

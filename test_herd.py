@@ -10978,6 +10978,82 @@ def test_waking_off_leaves_a_quiet_node_offline(h):
     assert router.fleet.waker.packets == 0
 
 
+def went_quiet(h, router, node_id, seconds=3600.0):
+    """Date a node's last heartbeat `seconds` back and let the status watch look: one
+    node goes quiet while the others, on the default time-outs, stay online (short
+    time-outs for all would take them offline too, mid-test)."""
+    def backdate():
+        router.fleet.nodes[node_id].last_seen -= seconds
+        router.fleet.refresh_status()
+    h.bg.call(backdate)
+
+
+@pytest.mark.parametrize("requests, wake_s, woken", [
+    (6, 5.0, True),    # four wait behind two: longer than gpu's wake, load and answer
+    (2, 5.0, False),   # one on each awake node: nothing waits
+    (6, 90.0, False),  # the same backlog, but gpu would take 90 s to wake
+])
+def test_a_backlog_wakes_a_sleeping_node_without_holding_the_request(
+        h, monkeypatch, requests, wake_s, woken):
+    # desk and mini hold llama3.2:3b hot, one slot each, learned to decode it at 2
+    # tokens/s (20-token answers: 10 s each); gpu has it on disk, and sleeps. WAKE_WAIT_S
+    # is the wake time of a node never timed waking.
+    monkeypatch.setattr(herd, "WAKE_WAIT_S", wake_s)
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.setblocking(False)  # a packet is sent while the request is routed, or never
+    router = router_that_learned(h, {"desk": 2.0, "mini": 2.0}, FLEET_WAKE_ADDRESS=
+                                 f"127.0.0.1:{receiver.getsockname()[1]}")
+    for host, name in (("127.0.0.2", "desk"), ("127.0.0.3", "mini")):
+        fake = h.fake(host, num_parallel=1, chunks=10, chunk_delay=0.1)
+        load_on(fake, "llama3.2:3b")
+        join(h, router, fake, name, slots=1)
+    gpu = h.agent(router, h.fake(), "gpu", FLEET_NODE_WAKE="true")
+    gpu.wake_addresses = lambda: [{"mac": SLEEPER_MAC, "broadcast": "10.1.2.255"}]
+    h.beat(gpu, "gpu")
+    went_quiet(h, router, "gpu")
+    assert node_status(router, "gpu") == "asleep"
+    threads, results = start_requests(router, requests)
+    wait_until(lambda: (lambda q: q["total_active"] + q["total_waiting"])(
+        fleet_queue(router)) == requests, what="every request running or queued")
+    assert holding(router) == 0  # none is held for the sleeper
+    if woken:
+        assert receiver.recv(1024) == magic_packet_of(SLEEPER_MAC)
+        assert router_events(router)["woken_for_backlog"] == 1
+        h.beat(gpu, "gpu")  # it wakes; the next request goes to it, not to the queues
+        assert fleet_node(router, "gpu")["last_wake_s"] <= wake_s
+        status, headers, _ = http(router.url, "POST", "/api/generate", {
+            "model": "llama3.2:3b", "prompt": "x", "stream": False})
+        assert (status, headers["x-fleet-node"]) == (200, "gpu")
+    with pytest.raises(BlockingIOError):  # none (more): the packet goes once
+        receiver.recv(1024)
+    for t in threads:
+        t.join(30)
+    assert [r[0] for r in results] == [200] * requests
+    receiver.close()
+
+
+def test_a_wake_costs_what_the_last_one_took_and_an_unanswered_one_all_again():
+    waker, gpu = herd.Waker(("127.0.0.1", 9)), types.SimpleNamespace(node_id="gpu")
+    assert waker.wake_left_s(gpu) == herd.WAKE_WAIT_S  # never timed: the longest wait
+    waker.sent["gpu"] = (time.monotonic() - 8.0, 0.0)  # woken 8 s ago, back now
+    waker.heard(gpu)
+    assert 8.0 <= waker.took["gpu"] < 9.0 and "gpu" not in waker.sent
+    waker.sent["gpu"] = (time.monotonic() - 3.0, 0.0)  # on its way up again
+    assert 4.0 < waker.wake_left_s(gpu) <= 6.0
+    waker.sent["gpu"] = (time.monotonic() - herd.WAKE_WAIT_S - 1, 0.0)  # never answered
+    assert waker.wake_left_s(gpu) == waker.took["gpu"]
+    waker.heard(gpu)  # back long after: it woke for its own reasons, not the packet
+    assert waker.took["gpu"] < 9.0
+
+
+def magic_packet_of(mac):
+    """Wake-on-LAN's packet as the issue spells it: six 0xFF, the MAC sixteen times."""
+    packet = b"\xff" * 6 + bytes.fromhex(mac.replace(":", "")) * 16
+    assert len(packet) == 102
+    return packet
+
+
 @pytest.mark.parametrize("setting, error", [("host:port", "use host or host:port"),
                                             ("h:0", "use host"), (":9", "use host")])
 def test_a_bad_wake_address_stops_the_router_at_start(setting, error):
