@@ -2356,10 +2356,15 @@ async def drive_routing(front, net, sessions, timeout):
 # machines two to sixteen times slower, whoever routes. To tell the router's share of
 # the slowdown from the fleet's, each schedule is also run in simulation with
 # hindsight: every way to give each model asked for one of the machines' places
-# (OLLAMA_MAX_LOADED_MODELS each), per mix; the risers hot at the shift for nothing;
-# each request sent to the holder that would finish it soonest; tokens shared by
-# fake_ollama's saturation rule; every follow-up turn's prompt cached. The placement
-# with the lowest p95 slowdown is a floor no router reaches, not a target.
+# (OLLAMA_MAX_LOADED_MODELS each), per mix; each riser loaded where it goes when its
+# first request after the shift comes (the one load a plan cannot do without), as the
+# fake times loads; each request sent to the holder that would finish it soonest;
+# tokens shared by fake_ollama's saturation rule; every follow-up turn's prompt
+# cached. The placement with the lowest p95 slowdown is a floor for a router that
+# places each model once per mix, not a target.
+
+
+ARRIVE, LOADED = 0, 1  # the simulation's events: a turn arrives, a load is done
 
 
 class PlanSimulation:
@@ -2388,12 +2393,16 @@ class PlanSimulation:
 
     def run(self, before, after):
         """[(latency, ideal)] of every turn with models placed as `before` until the
-        slowdown and as `after` from then (node -> set of models)."""
-        events = [(s.due[0], i, 0) for i, s in enumerate(self.sessions)]
+        slowdown and as `after` from then (node -> set of models). A model `after`
+        places where `before` did not is loaded there when its first request after
+        the shift comes, and takes requests once its load is done."""
+        events = [(s.due[0], n, ARRIVE, (n, 0)) for n, s in enumerate(self.sessions)]
         heapq.heapify(events)
+        order = itertools.count(len(events))
         speed = {n: m.speed for n, m in self.machines.items()}
         running = {n: {} for n in self.machines}  # node -> {(session, turn): work left}
         waiting = {n: collections.deque() for n in self.machines}
+        loading = {(n, m): None for n in self.machines for m in after[n] - before[n]}
         began, done, clock = {}, [], 0.0
 
         def pace(n):  # work a second each request running on n gets
@@ -2406,51 +2415,69 @@ class PlanSimulation:
                     jobs[key] -= pace(n) * (now - clock)
             return now
 
+        def start_waiting(n):
+            while waiting[n] and len(running[n]) < self.machines[n].slots:
+                ready = [key for key in waiting[n] if loading.get(
+                    (n, self.sessions[key[0]].model), 0.0) is not None and loading.get(
+                    (n, self.sessions[key[0]].model), 0.0) <= clock]
+                if not ready:
+                    return
+                waiting[n].remove(ready[0])
+                running[n][ready[0]] = self.work[ready[0][0]][ready[0][1]]
+
         while events or any(running.values()):
             finish = min(((clock + min(jobs.values()) / pace(n), n)
                           for n, jobs in running.items() if jobs), default=None)
             if events and (finish is None or events[0][0] <= finish[0]):
-                now, i, turn = heapq.heappop(events)
+                now, _, kind, what = heapq.heappop(events)
                 clock = advance(now)
                 if now >= self.slowdown_at:
                     speed[self.fleet.slowed] = self.machines[self.fleet.slowed].speed / SLOWDOWN
-                self._arrive(i, turn, before if now < self.slowdown_at else after,
-                             (before, after), running, waiting, speed)
-                began[i, turn] = now
+                if kind == LOADED:
+                    start_waiting(what)
+                    continue
+                n = self._arrive(what, before if now < self.slowdown_at else after,
+                                 (before, after), running, speed)
+                began[what] = now
+                waiting[n].append(what)
+                key = (n, self.sessions[what[0]].model)
+                if key in loading and loading[key] is None and now >= self.slowdown_at:
+                    loading[key] = now + self._load_s(*key)
+                    heapq.heappush(events, (loading[key], next(order), LOADED, n))
+                start_waiting(n)
                 continue
             clock = advance(finish[0])
             n = finish[1]
             key = min(running[n], key=running[n].get)
             del running[n][key]
-            if waiting[n]:
-                nxt = waiting[n].popleft()
-                running[n][nxt] = self.work[nxt[0]][nxt[1]]
+            start_waiting(n)
             i, turn = key
             done.append((clock - began[key], self.work[i][turn]))
             session = self.sessions[i]
             if turn + 1 < len(session.messages):
                 heapq.heappush(events, (max(session.due[turn + 1], clock + MIN_THINK_S),
-                                        i, turn + 1))
+                                        next(order), ARRIVE, (i, turn + 1)))
         return done
 
-    def _arrive(self, i, turn, placed, plans, running, waiting, speed):
-        """A turn arrives: to the holder expected to finish it first (a model the
-        placement in force does not hold goes where the other one holds it)."""
-        model, work = self.sessions[i].model, self.work[i][turn]
+    def _load_s(self, node, model):
+        """Seconds the fake takes to load `model` on `node` (fake_ollama's arithmetic)."""
+        m = self.machines[node]
+        return m.load_delay + m.load_per_gb * fake_ollama.describe_model(model).size / 1e9
+
+    def _arrive(self, key, placed, plans, running, speed):
+        """The node a turn goes to: the holder expected to finish it first (a model
+        the placement in force does not hold goes where the other one holds it)."""
+        model, work = self.sessions[key[0]].model, self.work[key[0]][key[1]]
         holders = [n for n in self.machines if model in placed[n]] or \
             [n for plan in plans for n in self.machines if model in plan[n]]
 
         def expected(n):
-            m, ahead = self.machines[n], len(running[n]) + len(waiting[n])
+            m, ahead = self.machines[n], len(running[n])
             queued = sum(running[n].values()) / (speed[n] * m.saturation) \
-                if len(running[n]) >= m.slots else 0.0
+                if ahead >= m.slots else 0.0
             return work / speed[n] * max(1.0, (ahead + 1) / m.saturation) + queued
 
-        n = min(holders, key=expected)
-        if len(running[n]) < self.machines[n].slots:
-            running[n][i, turn] = work
-        else:
-            waiting[n].append((i, turn))
+        return min(holders, key=expected)
 
     def placements(self, mix):
         """Every way to give each model of `mix` one place (None: more models than

@@ -7740,6 +7740,16 @@ def test_bench_simulation_shares_a_machine_as_the_fake_does():
     sim = bench.PlanSimulation(narrow, sessions, slowdown_at=math.inf)
     first, second = sim.run(plan, plan)
     assert second[0] == pytest.approx(2 * (sim.work[0][0] + sim.work[1][0]))
+    # A model placed after the shift is loaded when its first request comes, as the
+    # fake loads it (load_delay, and load_per_gb for each GB of its weights).
+    both = dataclasses.replace(one, models=("a", "b"), load_delay=2.0, load_per_gb=1.0)
+    shifted = small_fleet(bench, [both], ((("a", 1.0),), (("b", 1.0),)))
+    later = [bench.Session("a", ("x " * 50,), (0.0,)), bench.Session("b", ("y " * 50,), (10.0,))]
+    sim = bench.PlanSimulation(shifted, later, slowdown_at=5.0)
+    done = sim.run({"one": frozenset({"a"})}, {"one": frozenset({"b"})})
+    load_s = 2.0 + fake_ollama.describe_model("b").size / 1e9
+    speed = 0.5 / bench.SLOWDOWN  # "one" is the fleet's slowed machine, slowed at 5 s
+    assert done[1][0] == pytest.approx(load_s + sim.work[1][0] / speed)
 
 
 def test_bench_best_placement_puts_the_busy_model_on_the_fast_machine():
