@@ -3081,8 +3081,10 @@ class Translation:
     def feed(self, data):
         """NDJSON lines for the complete events in `data` (and what came before). The
         lines of one read share its time (created_at): one clock read a read."""
-        self._buffer += data.replace(b"\r\n", b"\n") if b"\r" in data else data
-        *events, self._buffer = self._buffer.split(b"\n\n")
+        data = self._buffer + data
+        if b"\r" in data:  # CR LF as LF; a CR at the end waits for its LF in the buffer
+            data = data.replace(b"\r\n", b"\n")
+        *events, self._buffer = data.split(b"\n\n")
         if len(self._buffer) > MAX_SSE_EVENT:
             raise hc.UpstreamError("body", f"sent an event over {MAX_SSE_EVENT} bytes")
         self._now, self._read_at = None, time.monotonic()

@@ -10057,6 +10057,49 @@ def test_a_servers_bad_stream_is_said_in_ollamas_shape(h, body, status, said):
         stop_stub(h, server)
 
 
+# Token events as servers write them: llama-server's compact JSON with raw UTF-8, and
+# Python's (llama-cpp-python, mlx-lm) with spaces and \u escapes.
+SERVER_JSON = {"compact": dict(separators=(",", ":"), ensure_ascii=False), "python": {}}
+TOKEN_TEXTS = ["Hel", 'lo "you"', "\n", "caf\u00e9", "a\\b", "", "\u2028", " \U0001f600",
+               "</p>", "\t.", "x" * 40]
+TOKENS_SAID = [t for t in TOKEN_TEXTS if t] + ["a"]  # a line each: an empty text has none
+
+
+def token_stream(style, key, sep=b"\n\n"):
+    """A streamed answer of TOKEN_TEXTS (the text under `key`: "content" in a chat
+    delta, "text" in a completion), as a server writes it: the role in the first event,
+    usage null in each (OpenAI's way), `created` moving on half-way; then one event
+    like the others but for a second field beside its text (in a chat), the end and
+    the counts."""
+    def event(text, created=1760000000, **more):
+        where = {"text": text} if key == "text" else {"delta": {"content": text, **more}}
+        if key == "content" and text == "Hel":
+            where["delta"] = {"role": "assistant", **where["delta"]}
+        return {"id": "chatcmpl-7", "object": "chat.completion.chunk", "created": created,
+                "model": "m", "choices": [{"index": 0, **where, "finish_reason": None}],
+                "usage": None}
+    events = [event(t, 1760000000 + i * 2 // len(TOKEN_TEXTS))
+              for i, t in enumerate(TOKEN_TEXTS)]
+    events.append(event("a", 1760000001, **({"x": "b"} if key == "content" else {})))
+    events.append({"choices": [{"index": 0, "delta": {}, "text": "", "finish_reason": "stop"}]})
+    events.append({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 12}})
+    return b"".join(b"data: " + json.dumps(e, **SERVER_JSON[style]).encode() + sep
+                    for e in events) + b"data: [DONE]" + sep
+
+
+def test_a_stream_with_crlf_cut_anywhere_is_said_whole():
+    # sse-starlette (llama-cpp-python's server) ends each line with CR LF; a read that
+    # ends between a CR and its LF must not merge two events into one.
+    body = token_stream("python", "content", sep=b"\r\n\r\n")
+    for cut in range(1, len(body)):
+        tr = herd.Translation("/api/chat", {"model": "m", "messages": [
+            {"role": "user", "content": "hi"}]}, "m", "llama-cpp-python", True)
+        out = tr.feed(body[:cut]) + tr.feed(body[cut:]) + tr.finish()
+        lines = [parse_strict(line) for line in out.splitlines()]
+        assert [line["message"]["content"] for line in lines[:-1]] == TOKENS_SAID, cut
+        assert lines[-1]["done"]
+
+
 OLLAMA_OPTIONS = st.dictionaries(st.sampled_from(
     ["temperature", "top_p", "top_k", "min_p", "seed", "stop", "num_predict",
      "repeat_penalty", "presence_penalty", "num_ctx"]), FUZZ_JSON, max_size=5)
