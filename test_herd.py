@@ -6461,8 +6461,10 @@ def test_chunked_body_splits_only_at_chunk_boundaries():
         assert hc.unframe_chunks(out) == b"helloabc"
         for cut2 in range(cut, len(raw)):  # the relay's way: whole reads, three of them
             body = hc.ChunkedBody()
+            body.payloads = []  # and the data gathered as it is scanned, for a translation
             out = b"".join(body.feed(part) for part in (raw[:cut], raw[cut:cut2], raw[cut2:]))
             assert out == b"5\r\nhello\r\n3;ext=1\r\nabc\r\n" and body.done, (cut, cut2)
+            assert b"".join(body.payloads) == b"helloabc"
     partial = hc.ChunkedBody(b"5\r\nhel")
     assert partial.take() == b"" and not partial.done
     with pytest.raises(ValueError):
@@ -10085,6 +10087,40 @@ def token_stream(style, key, sep=b"\n\n"):
     events.append({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 12}})
     return b"".join(b"data: " + json.dumps(e, **SERVER_JSON[style]).encode() + sep
                     for e in events) + b"data: [DONE]" + sep
+
+
+@pytest.mark.parametrize("style", sorted(SERVER_JSON))
+@pytest.mark.parametrize("endpoint, fields, key", [
+    ("/api/chat", {"messages": [{"role": "user", "content": "hi"}]}, "content"),
+    ("/api/generate", {"prompt": "hi"}, "content"),
+    ("/api/generate", {"prompt": "hi", "raw": True}, "text")])
+def test_a_streamed_token_is_said_as_its_event_says_it_however_the_reads_fall(
+        monkeypatch, endpoint, fields, key, style):
+    # The router writes a token's line from the shape of the server's token event,
+    # learnt from one it decoded, without decoding the rest (issue 22's CPU target):
+    # whatever the reads hold and however the text is written, the lines are those
+    # that decoding each event gives, in Ollama's fields and order, strict JSON.
+    body = token_stream(style, key)
+    learnt, learn = [], herd.TokenShape.learn
+    monkeypatch.setattr(herd.TokenShape, "learn",
+                        lambda *args: learnt.append(learn(*args)) or learnt[-1])
+    for reads in ([body], [e + b"\n\n" for e in body.split(b"\n\n") if e],
+                  [body[i:i + 7] for i in range(0, len(body), 7)]):
+        learnt.clear()
+        tr = herd.Translation(endpoint, {"model": "m", "stream": True, **fields}, "m",
+                              "llama-server", True)
+        tr.request()
+        out = b"".join(tr.feed(r) for r in reads) + tr.finish()
+        lines = [parse_strict(line) for line in out.splitlines()]
+        text_key = "message" if endpoint == "/api/chat" else "response"
+        assert [list(line) for line in lines[:-1]] == \
+            [["model", "created_at", text_key, "done"]] * len(TOKENS_SAID)
+        assert [line[text_key] for line in lines[:-1]] == TOKENS_SAID if text_key == \
+            "response" else [{"role": "assistant", "content": t} for t in TOKENS_SAID]
+        assert lines[-1]["done"] and lines[-1]["eval_count"] == 12  # the server's count
+        assert tr.tokens == len(TOKENS_SAID)
+        # the plain texts that follow an event of their shape: said from the shape
+        assert sum(shape.hits for shape in learnt if shape) >= 4
 
 
 def test_a_stream_with_crlf_cut_anywhere_is_said_whole():
