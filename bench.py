@@ -37,7 +37,7 @@ used once /fleet/status shows its node online with 16 slots. The keyed router di
 only in FLEET_TOKEN and FLEET_API_KEYS; the client sends it `Authorization: Bearer key1`.
 
 Run:   python bench.py                   (about 3 min on 2 cores)
-       python bench.py --quick           (about 55 s)
+       python bench.py --quick           (about 70 s)
        python bench.py --json out.json   (also writes every number, and each target met
                                           or not, as JSON)
 
