@@ -10067,21 +10067,21 @@ TOKEN_TEXTS = ["Hel", 'lo "you"', "\n", "caf\u00e9", "a\\b", "", "\u2028", " \U0
 TOKENS_SAID = [t for t in TOKEN_TEXTS if t] + ["a"]  # a line each: an empty text has none
 
 
-def token_stream(style, key, sep=b"\n\n"):
-    """A streamed answer of TOKEN_TEXTS (the text under `key`: "content" in a chat
-    delta, "text" in a completion), as a server writes it: the role in the first event,
+def token_stream(style, key, sep=b"\n\n", texts=TOKEN_TEXTS):
+    """A streamed answer of `texts` (each under `key`: "content" in a chat delta,
+    "text" in a completion), as a server writes it: the role in the first event,
     usage null in each (OpenAI's way), `created` moving on half-way; then one event
     like the others but for a second field beside its text (in a chat), the end and
     the counts."""
-    def event(text, created=1760000000, **more):
+    def event(text, created=1760000000, first=False, **more):
         where = {"text": text} if key == "text" else {"delta": {"content": text, **more}}
-        if key == "content" and text == "Hel":
+        if key == "content" and first:
             where["delta"] = {"role": "assistant", **where["delta"]}
         return {"id": "chatcmpl-7", "object": "chat.completion.chunk", "created": created,
                 "model": "m", "choices": [{"index": 0, **where, "finish_reason": None}],
                 "usage": None}
-    events = [event(t, 1760000000 + i * 2 // len(TOKEN_TEXTS))
-              for i, t in enumerate(TOKEN_TEXTS)]
+    events = [event(t, 1760000000 + i * 2 // len(texts), i == 0)
+              for i, t in enumerate(texts)]
     events.append(event("a", 1760000001, **({"x": "b"} if key == "content" else {})))
     events.append({"choices": [{"index": 0, "delta": {}, "text": "", "finish_reason": "stop"}]})
     events.append({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 12}})
@@ -10121,6 +10121,40 @@ def test_a_streamed_token_is_said_as_its_event_says_it_however_the_reads_fall(
         assert tr.tokens == len(TOKENS_SAID)
         # the plain texts that follow an event of their shape: said from the shape
         assert sum(shape.hits for shape in learnt if shape) >= 4
+
+
+TOKEN_TEXT = st.one_of(st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=6),
+                       st.sampled_from(["\n", "\t", "\\", '"', "\x7f", "\u00e9"]),
+                       st.text(max_size=6))
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts=st.lists(TOKEN_TEXT, min_size=1, max_size=40),
+       style=st.sampled_from(sorted(SERVER_JSON)), key=st.sampled_from(["content", "text"]),
+       cuts=st.lists(st.integers(min_value=1, max_value=1 << 16), max_size=8),
+       at_events=st.booleans())
+def test_any_token_stream_is_said_from_a_learnt_shape_as_decoding_says_it(
+        texts, style, key, cuts, at_events):
+    # Against a Translation that never learns a shape (it decodes every event), one
+    # that does says the same lines, whatever the texts and wherever the reads end
+    # (anywhere, or between events only).
+    body = token_stream(style, key, texts=texts)
+    events = [m.end() for m in re.finditer(rb"\n\n", body)]
+    ends = sorted({events[c % len(events)] if at_events else c % len(body)
+                   for c in cuts} - {0, len(body)}) + [len(body)]
+    reads = [body[start:end] for start, end in zip([0] + ends, ends)]
+    endpoint, fields = ("/api/chat", {"messages": [{"role": "user", "content": "hi"}]}) \
+        if key == "content" else ("/api/generate", {"prompt": "hi", "raw": True})
+    said = []
+    for learns in (True, False):
+        tr = herd.Translation(endpoint, {"model": "m", **fields}, "m", "vllm", True)
+        tr.request()
+        if not learns:
+            tr._misfits = herd.MAX_MISFITS
+        out = b"".join(tr.feed(r) for r in reads) + tr.finish()
+        said.append((re.sub(rb'"(created_at|[a-z_]*duration)":("[^"]*"|[0-9]+),?', b"", out),
+                     tr.tokens))
+    assert said[0] == said[1]
 
 
 def test_a_stream_with_crlf_cut_anywhere_is_said_whole():
