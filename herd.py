@@ -2923,12 +2923,15 @@ class Translation:
         self.local = None  # local_answer(), once asked
         self.path = self.body = None  # request(), once asked
         # A text line's parts: {"model":...,"created_at":"<now>",<key>:"<text>"...}
-        self._now = None  # the time of the read being translated, as created_at says it
-        self._read_at = None  # and by the monotonic clock
         self._head = b'{"model":' + hc.dump_json(self.shown) + b',"created_at":"'
         self._open = b'","message":{"role":"assistant","content":' if self.chat else \
             b'","response":'
         self._close = b'},"done":false}\n' if self.chat else b',"done":false}\n'
+        self._lead = None  # _head, the read's time as created_at says it, and _open
+        self._joint = None  # _close and _lead
+        self._read_at = None  # the read's time by the monotonic clock
+        self._shape = None  # the server's token event, once learnt (TokenShape)
+        self._misfits = 0  # shapes learnt that no later event had
 
     # -- the request ----------------------------------------------------------------
 
@@ -3084,17 +3087,33 @@ class Translation:
 
     def feed(self, data):
         """NDJSON lines for the complete events in `data` (and what came before). The
-        lines of one read share its time (created_at): one clock read a read."""
-        self._buffer += data.replace(b"\r\n", b"\n") if b"\r" in data else data
-        *events, self._buffer = self._buffer.split(b"\n\n")
+        lines of one read share its time (created_at): one clock read a read. A read
+        of nothing but tokens in the shape learnt (TokenShape) is said in one go."""
+        data = self._buffer + data
+        if b"\r" in data:  # CR LF as LF; a CR at the end waits for its LF in the buffer
+            data = data.replace(b"\r\n", b"\n")
+        shape = None if self.failed else self._shape
+        end = data.rfind(b"\n\n") + 2 if shape is not None else 0  # after the last event
+        texts = shape.texts(data[:end]) if end >= 2 else None
+        if texts is None:
+            *events, self._buffer = data.split(b"\n\n")
+        else:
+            events, self._buffer = (), data[end:]
         if len(self._buffer) > MAX_SSE_EVENT:
             raise hc.UpstreamError("body", f"sent an event over {MAX_SSE_EVENT} bytes")
-        self._now, self._read_at = None, time.monotonic()
+        self._lead, self._read_at = None, time.monotonic()
+        if texts is not None:
+            return self._text_lines(texts)
         out = []
         for event in events:
             if self.failed:
                 break
-            out.append(self._event(event))
+            text = shape.text(event) if shape is not None else None
+            if text is None:
+                out.append(self._event(event))
+                shape = self._shape  # it may have learnt one
+            else:
+                out.append(self._text_lines((text,)))
         return b"".join(out)
 
     def finish(self):
@@ -3120,7 +3139,8 @@ class Translation:
 
     def _event(self, event):
         """One SSE event's lines for the client (b'' for none)."""
-        if event.startswith(b"data: ") and b"\n" not in event:
+        one_line = event.startswith(b"data: ") and b"\n" not in event
+        if one_line:
             payload = event[6:]  # the usual event: one data line
         else:
             data = [line[5:].removeprefix(b" ") for line in event.split(b"\n")
@@ -3161,20 +3181,44 @@ class Translation:
             return b""
         self.t_first = self.t_first or self._read_at
         self.t_last = self._read_at
-        self.tokens += 1
         if thinking:
+            self.tokens += 1
             line = self._line(text if isinstance(text, str) else "")
             self._put(line, "thinking", thinking)
             return hc.dump_json({**line, "done": False}) + b"\n"
-        return self._text_line(text)
+        text = json_text(text).encode()
+        if one_line and not (isinstance(obj.get("usage"), dict) or isinstance(
+                obj.get("timings"), dict) or choice.get("finish_reason") or
+                "tool_calls" in delta):  # its text is all this event did
+            self._learn(event, text)
+        return self._text_lines((text,))
 
-    def _text_line(self, text):
-        """A line of text, written from its parts (the stream's one hot path: a dict
-        dumped for every token would cost twice as much)."""
-        if self._now is None:
-            self._now = created_at()
-        return b"".join((self._head, self._now, self._open, json_text(text).encode(),
-                         self._close))
+    def _learn(self, event, text):
+        """Take `event` (one data line with nothing but `text` to say) as the shape of
+        the server's next ones. One whose text is written otherwise than json_text
+        writes it (raw UTF-8) teaches nothing; a server that changes more than the
+        text every time stops the learning after a few shapes no later event had."""
+        if self._misfits >= MAX_MISFITS or self._shape is not None and \
+                self._shape.fits(event):  # the shape known, with a text not plain
+            return
+        shape = TokenShape.learn(event, b'"text":' if self.completions else b'"content":',
+                                 text)
+        if shape is None:
+            return
+        if self._shape is not None and not self._shape.hits:
+            self._misfits += 1
+        self._shape = shape if self._misfits < MAX_MISFITS else None
+
+    def _text_lines(self, texts):
+        """Tokens' lines, their texts given as JSON, written from parts (the stream's
+        one hot path: a dict dumped for every token would cost twice as much)."""
+        self.t_first = self.t_first or self._read_at
+        self.t_last = self._read_at
+        self.tokens += len(texts)
+        if self._lead is None:
+            self._lead = self._head + created_at() + self._open
+            self._joint = self._close + self._lead  # from one line's text to the next's
+        return self._lead + self._joint.join(texts) + self._close
 
     @staticmethod
     def count(out):
@@ -3255,6 +3299,66 @@ class Translation:
         return int((end - start) * 1e9) if start is not None and end is not None else None
 
 
+class TokenShape:
+    """The event a server streams for every token, learnt from one it sent: its bytes
+    before and after the text. Servers repeat it with only the text changed (the same
+    id, model and created), so a later event with those bytes around a plain JSON
+    string is that object with another text, and its line is written without decoding
+    it: decoding each event's JSON was most of the cost of a translated token."""
+
+    def __init__(self, before, after):
+        self.before, self.after = before, after
+        self.end = after + b"\n\n"  # an event's end, blank line included
+        self.between = self.end + before  # from one event's text to the next one's
+        self.hits = 0  # later events that had this shape
+
+    @classmethod
+    def learn(cls, event, key, text):
+        """The shape of `event`, whose one string under `key` is `text` (as JSON),
+        or None where that string is not found written so there."""
+        if event.count(key) != 1:  # the key once: nothing else to be taken for it
+            return None
+        found = JSON_STRING.match(event, event.index(key) + len(key))
+        if found is None or found.group(1) != text:
+            return None
+        return cls(event[:found.start(1)], event[found.end(1):])
+
+    def fits(self, event):
+        """Has `event` this shape's bytes around its text?"""
+        return event.startswith(self.before) and event.endswith(self.after)
+
+    def text(self, event):
+        """The text of `event` as JSON, if the event has this shape and its text is
+        written as json_text would write it (printable ASCII and the short escapes),
+        else None: then the same line as decoding the event would give."""
+        if not self.fits(event):
+            return None
+        text = event[len(self.before):len(event) - len(self.after)]
+        if PLAIN_STRING.fullmatch(text) is None:
+            return None
+        self.hits += 1
+        return text
+
+    def texts(self, events):
+        """The texts (as JSON) of complete events, each ended by its blank line, if
+        every one has this shape and a text as text() takes it, else None. No text
+        holds a line break, so `between` is found only from one event to the next."""
+        if not (events.startswith(self.before) and events.endswith(self.end)):
+            return None
+        texts = events[len(self.before):len(events) - len(self.end)].split(self.between)
+        if PLAIN_STRINGS.fullmatch(b"\0".join(texts)) is None:
+            return None  # an event of another kind among them, or a text otherwise
+        self.hits += len(texts)
+        return texts
+
+
+JSON_STRING = re.compile(rb'[ \t\r\n]*("(?:[^"\\]|\\.)*")', re.S)  # after a key's colon
+# A JSON string as json_text writes it, not empty (an empty text writes no line):
+# printable ASCII, and \" \\ \b \f \n \r \t for the characters it escapes so.
+PLAIN = rb'"(?:[ !#-\[\]-~]|\\["\\bfnrt])+"'
+PLAIN_STRING = re.compile(PLAIN)
+PLAIN_STRINGS = re.compile(PLAIN + rb"(?:\0" + PLAIN + rb")*")  # NUL between: no text has one
+MAX_MISFITS = 4  # shapes learnt that no event had, before a stream stops learning
 MAX_TOOL_CALLS = 64  # in one answer
 MAX_CALL_TEXT = 1 << 20  # characters of one streamed tool call's name or arguments
 _SECOND = [None, b""]  # the last whole second created_at() wrote, and its text
@@ -3530,7 +3634,21 @@ class TranslatedRelay(hc.Relay):
             await super().rest()
 
     def _pass(self, framed):
-        return self._framed(self.tr.feed(hc.unframe_chunks(framed)))
+        return self._framed(self.tr.feed(self._unframed(framed)))
+
+    def _unframed(self, framed):
+        """The data of the node's complete chunks `framed`: as its ChunkedBody gathered
+        it while scanning them, else unframed here (a body not chunked; the first
+        chunks, scanned before this relay could ask for the gathering)."""
+        body = self.up.chunked_body if self.chunked else None
+        if body is None:
+            return hc.unframe_chunks(framed)
+        if body.payloads is None:
+            body.payloads = []
+            return hc.unframe_chunks(framed)
+        data = b"".join(body.payloads)
+        body.payloads.clear()
+        return data
 
     def _end(self):
         return self._framed(self.tr.finish())

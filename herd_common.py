@@ -2077,6 +2077,10 @@ class ChunkedBody:
         self.buf = bytearray(initial)  # the start of a chunk not complete yet
         self.done = False
         self.count = 0  # data chunks passed so far (Ollama streams a token a chunk)
+        # A list to gather each complete chunk's data into as it is scanned, for a
+        # reader that wants the body unframed (a translation), with no second walk
+        # over the chunks; None: not gathered.
+        self.payloads = None
 
     def feed(self, data):
         """Add one read; return the complete data chunks so far (b'' if none). A read
@@ -2102,7 +2106,7 @@ class ChunkedBody:
     def _scan(self, buf):
         """Where the complete data chunks at the start of `buf` end; notes the end of
         the body (the last chunk, trailer fields, an empty line) in `done`."""
-        pos, size_of_buf = 0, len(buf)
+        pos, size_of_buf, payloads = 0, len(buf), self.payloads
         while not self.done:
             line = CHUNK_SIZE_LINE.match(buf, pos)
             if line is None:
@@ -2121,6 +2125,8 @@ class ChunkedBody:
                 break
             if buf[end - 2] != 13 or buf[end - 1] != 10:  # CR LF
                 raise ValueError("chunk not followed by CRLF")
+            if payloads is not None:
+                payloads.append(buf[start:end - 2])
             pos = end
             self.count += 1
         return pos

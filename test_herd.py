@@ -6487,8 +6487,10 @@ def test_chunked_body_splits_only_at_chunk_boundaries():
         assert hc.unframe_chunks(out) == b"helloabc"
         for cut2 in range(cut, len(raw)):  # the relay's way: whole reads, three of them
             body = hc.ChunkedBody()
+            body.payloads = []  # and the data gathered as it is scanned, for a translation
             out = b"".join(body.feed(part) for part in (raw[:cut], raw[cut:cut2], raw[cut2:]))
             assert out == b"5\r\nhello\r\n3;ext=1\r\nabc\r\n" and body.done, (cut, cut2)
+            assert b"".join(body.payloads) == b"helloabc"
     partial = hc.ChunkedBody(b"5\r\nhel")
     assert partial.take() == b"" and not partial.done
     with pytest.raises(ValueError):
@@ -10191,6 +10193,117 @@ def test_a_servers_bad_stream_is_said_in_ollamas_shape(h, body, status, said):
         assert get_json(router.url, "/api/version")  # still serving
     finally:
         stop_stub(h, server)
+
+
+# Token events as servers write them: llama-server's compact JSON with raw UTF-8, and
+# Python's (llama-cpp-python, mlx-lm) with spaces and \u escapes.
+SERVER_JSON = {"compact": dict(separators=(",", ":"), ensure_ascii=False), "python": {}}
+TOKEN_TEXTS = ["Hel", 'lo "you"', "\n", "caf\u00e9", "a\\b", "", "\u2028", " \U0001f600",
+               "</p>", "\t.", "x" * 40]
+TOKENS_SAID = [t for t in TOKEN_TEXTS if t] + ["a"]  # a line each: an empty text has none
+
+
+def token_stream(style, key, sep=b"\n\n", texts=TOKEN_TEXTS):
+    """A streamed answer of `texts` (each under `key`: "content" in a chat delta,
+    "text" in a completion), as a server writes it: the role in the first event,
+    usage null in each (OpenAI's way), `created` moving on half-way; then one event
+    like the others but for a second field beside its text (in a chat), the end and
+    the counts."""
+    def event(text, created=1760000000, first=False, **more):
+        where = {"text": text} if key == "text" else {"delta": {"content": text, **more}}
+        if key == "content" and first:
+            where["delta"] = {"role": "assistant", **where["delta"]}
+        return {"id": "chatcmpl-7", "object": "chat.completion.chunk", "created": created,
+                "model": "m", "choices": [{"index": 0, **where, "finish_reason": None}],
+                "usage": None}
+    events = [event(t, 1760000000 + i * 2 // len(texts), i == 0)
+              for i, t in enumerate(texts)]
+    events.append(event("a", 1760000001, **({"x": "b"} if key == "content" else {})))
+    events.append({"choices": [{"index": 0, "delta": {}, "text": "", "finish_reason": "stop"}]})
+    events.append({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 12}})
+    return b"".join(b"data: " + json.dumps(e, **SERVER_JSON[style]).encode() + sep
+                    for e in events) + b"data: [DONE]" + sep
+
+
+@pytest.mark.parametrize("style", sorted(SERVER_JSON))
+@pytest.mark.parametrize("endpoint, fields, key", [
+    ("/api/chat", {"messages": [{"role": "user", "content": "hi"}]}, "content"),
+    ("/api/generate", {"prompt": "hi"}, "content"),
+    ("/api/generate", {"prompt": "hi", "raw": True}, "text")])
+def test_a_streamed_token_is_said_as_its_event_says_it_however_the_reads_fall(
+        monkeypatch, endpoint, fields, key, style):
+    # The router writes a token's line from the shape of the server's token event,
+    # learnt from one it decoded, without decoding the rest (issue 22's CPU target):
+    # whatever the reads hold and however the text is written, the lines are those
+    # that decoding each event gives, in Ollama's fields and order, strict JSON.
+    body = token_stream(style, key)
+    learnt, learn = [], herd.TokenShape.learn
+    monkeypatch.setattr(herd.TokenShape, "learn",
+                        lambda *args: learnt.append(learn(*args)) or learnt[-1])
+    for reads in ([body], [e + b"\n\n" for e in body.split(b"\n\n") if e],
+                  [body[i:i + 7] for i in range(0, len(body), 7)]):
+        learnt.clear()
+        tr = herd.Translation(endpoint, {"model": "m", "stream": True, **fields}, "m",
+                              "llama-server", True)
+        tr.request()
+        out = b"".join(tr.feed(r) for r in reads) + tr.finish()
+        lines = [parse_strict(line) for line in out.splitlines()]
+        text_key = "message" if endpoint == "/api/chat" else "response"
+        assert [list(line) for line in lines[:-1]] == \
+            [["model", "created_at", text_key, "done"]] * len(TOKENS_SAID)
+        assert [line[text_key] for line in lines[:-1]] == TOKENS_SAID if text_key == \
+            "response" else [{"role": "assistant", "content": t} for t in TOKENS_SAID]
+        assert lines[-1]["done"] and lines[-1]["eval_count"] == 12  # the server's count
+        assert tr.tokens == len(TOKENS_SAID)
+        # the plain texts that follow an event of their shape: said from the shape
+        assert sum(shape.hits for shape in learnt if shape) >= 4
+
+
+TOKEN_TEXT = st.one_of(st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=6),
+                       st.sampled_from(["\n", "\t", "\\", '"', "\x7f", "\u00e9"]),
+                       st.text(max_size=6))
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts=st.lists(TOKEN_TEXT, min_size=1, max_size=40),
+       style=st.sampled_from(sorted(SERVER_JSON)), key=st.sampled_from(["content", "text"]),
+       cuts=st.lists(st.integers(min_value=1, max_value=1 << 16), max_size=8),
+       at_events=st.booleans())
+def test_any_token_stream_is_said_from_a_learnt_shape_as_decoding_says_it(
+        texts, style, key, cuts, at_events):
+    # Against a Translation that never learns a shape (it decodes every event), one
+    # that does says the same lines, whatever the texts and wherever the reads end
+    # (anywhere, or between events only).
+    body = token_stream(style, key, texts=texts)
+    events = [m.end() for m in re.finditer(rb"\n\n", body)]
+    ends = sorted({events[c % len(events)] if at_events else c % len(body)
+                   for c in cuts} - {0, len(body)}) + [len(body)]
+    reads = [body[start:end] for start, end in zip([0] + ends, ends)]
+    endpoint, fields = ("/api/chat", {"messages": [{"role": "user", "content": "hi"}]}) \
+        if key == "content" else ("/api/generate", {"prompt": "hi", "raw": True})
+    said = []
+    for learns in (True, False):
+        tr = herd.Translation(endpoint, {"model": "m", **fields}, "m", "vllm", True)
+        tr.request()
+        if not learns:
+            tr._misfits = herd.MAX_MISFITS
+        out = b"".join(tr.feed(r) for r in reads) + tr.finish()
+        said.append((re.sub(rb'"(created_at|[a-z_]*duration)":("[^"]*"|[0-9]+),?', b"", out),
+                     tr.tokens))
+    assert said[0] == said[1]
+
+
+def test_a_stream_with_crlf_cut_anywhere_is_said_whole():
+    # sse-starlette (llama-cpp-python's server) ends each line with CR LF; a read that
+    # ends between a CR and its LF must not merge two events into one.
+    body = token_stream("python", "content", sep=b"\r\n\r\n")
+    for cut in range(1, len(body)):
+        tr = herd.Translation("/api/chat", {"model": "m", "messages": [
+            {"role": "user", "content": "hi"}]}, "m", "llama-cpp-python", True)
+        out = tr.feed(body[:cut]) + tr.feed(body[cut:]) + tr.finish()
+        lines = [parse_strict(line) for line in out.splitlines()]
+        assert [line["message"]["content"] for line in lines[:-1]] == TOKENS_SAID, cut
+        assert lines[-1]["done"]
 
 
 OLLAMA_OPTIONS = st.dictionaries(st.sampled_from(
