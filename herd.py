@@ -1687,9 +1687,9 @@ class Proxy:
         ask = Ask(requested_context(ex.fields), requested_tokens(ex.fields),
                   endpoint=ex.endpoint, kind=ex.kind)
         lookup, ex.session_key = conversation_keys(ex.request, ex.fields, ex.tags)
-        self.scheduler.placement.count(ex.model)
-        await self.scheduler.placement.ready_for(ex.model)
         ask.session_node = self.scheduler.sessions.node_for(lookup)
+        self.scheduler.placement.count(ex.model, fresh=ask.session_node is None)
+        await self.scheduler.placement.ready_for(ex.model)
         models, names = self.scheduler.models_to_try(
             ex.model, ex.fields.get("fallback_models"), ask.requested_ctx,
             ex.endpoint in EMBED_ENDPOINTS)
@@ -4223,31 +4223,45 @@ class Demand:
     model that rose a minute ago is its rate, not half of it.
     - Rising: the short count is taken when it is at least RISE_ABOVE the long one and
       holds SHIFT_EVIDENCE requests.
-    - Stopped: the short count fell below FADE_BELOW of the long one, or the model's
-      quiet has lasted as long as FADE_GAP requests would take at its rate (Poisson
-      gives such a gap by chance once in e**FADE_GAP). From then until it is asked for
-      again its rate is at most the short count and one request over its quiet: a busy
-      model that stopped gives up its place within seconds, a quiet one's lull moves
-      nothing, and a rate that fades never climbs back to the stale long count.
+    - Stopped: the short count fell below FADE_BELOW of the long one, or no new
+      conversation has come for as long as FADE_GAP of them would take at their
+      rate (Poisson gives such a gap by chance once in e**FADE_GAP). From then until
+      a new conversation asks for it its rate is at most the short count and one
+      request over its quiet: a busy model that stopped gives up its place within
+      seconds, a quiet one's lull moves nothing, and a rate that fades never climbs
+      back to the stale long count. The next turns of conversations under way are
+      counted (they are work) but are no sign that the model is still wanted: after a
+      shift, a fader's follow-ups held its rate up for ten seconds, and the plans of
+      those seconds had no room for the risers but by moving every other model.
     (Before SHIFT_EVIDENCE requests the long count is taken at its word, a minute's
     worth: read as a rate over its first seconds, the plan made moves that the fleet
     where every model fits paid for in cold loads.)"""
 
     def __init__(self):
-        # model -> (slow count, fast count, monotonic time of its last request, of its first)
-        self.rates = {}
-        self.stopped = set()  # models seen to stop, until they are asked for again
+        # model -> (slow count, fast count, monotonic time of its last request, of its
+        # first), and (slow count of new conversations, time of the last one)
+        self.rates, self.fresh = {}, {}
+        self.stopped = set()  # models seen to stop, until a new conversation asks
 
-    def count(self, model, now):
+    def count(self, model, now, fresh=True):
+        """A request for `model` at `now`; `fresh`: it begins a conversation (else it
+        is the next turn of one under way)."""
         slow, fast = self._decayed(model, now)
         if model not in self.rates and len(self.rates) >= MAX_DEMAND_MODELS:
             quietest = min(self.rates, key=lambda m: self.rate(m, now))
             del self.rates[quietest]
+            self.fresh.pop(quietest, None)
             self.stopped.discard(quietest)
-        self.stopped.discard(model)
         first = self.rates[model][3] if model in self.rates else now
         self.rates[model] = (slow + 1.0 / DEMAND_TAU_S, fast + 1.0 / DEMAND_RISE_TAU_S,
                              now, first)
+        if fresh or model not in self.fresh:
+            self.stopped.discard(model)
+            self.fresh[model] = (self._fresh_count(model, now) + 1.0 / DEMAND_TAU_S, now)
+
+    def _fresh_count(self, model, now):
+        count, then = self.fresh.get(model, (0.0, now))
+        return count * math.exp(-(now - then) / DEMAND_TAU_S)
 
     def last_asked(self, model):
         """When `model` was last asked for (monotonic; -inf: not lately)."""
@@ -4268,12 +4282,14 @@ class Demand:
         short = self._since_first(fast, age, DEMAND_RISE_TAU_S)
         if short > RISE_ABOVE * steady and fast * DEMAND_RISE_TAU_S >= SHIFT_EVIDENCE:
             return short  # rising: enough requests to tell
+        new = self._since_first(self._fresh_count(model, now), age, DEMAND_TAU_S)
+        unasked = now - self.fresh[model][1]  # since its last new conversation
         if model not in self.stopped and (
-                quiet * steady >= FADE_GAP or
+                quiet * steady >= FADE_GAP or unasked * new >= FADE_GAP or
                 short < FADE_BELOW * steady and steady * DEMAND_RISE_TAU_S >= SHIFT_EVIDENCE):
             self.stopped.add(model)  # a busy model gone quiet: it would have had enough
         if model in self.stopped:
-            return short if quiet < DEMAND_MIN_S else min(short, 1.0 / quiet)
+            return short if unasked < DEMAND_MIN_S else min(short, 1.0 / unasked)
         return steady
 
     @staticmethod
@@ -4486,12 +4502,13 @@ class Placement:
         self.done = collections.Counter()  # planned loads and unloads carried out
         self.replanning = None  # the replan under way (a task), shared by all who wait
 
-    def count(self, model):
-        """A request for `model` arrived: its demand grows; a model the plan places
-        nowhere makes the next plan due at once."""
+    def count(self, model, fresh=True):
+        """A request for `model` arrived (`fresh`: not the next turn of a conversation
+        under way): its demand grows; a model the plan places nowhere makes the next
+        plan due at once."""
         if not any(model in n.models for n in self.fleet.nodes.values() if n.speaks_ollama):
             return  # a name no Ollama has is not the plan's (and may be a client's free text)
-        self.demand.count(model, time.monotonic())
+        self.demand.count(model, time.monotonic(), fresh)
         if not self.places(model):
             self.asked = True
 

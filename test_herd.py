@@ -9606,6 +9606,33 @@ def test_demand_sees_a_rise_at_once_and_a_busy_model_stop_but_not_a_lull():
     assert demand.rate("quiet", now + 15) > 0.7 * 0.05  # its true rate, kept in the lull
 
 
+def test_demand_reads_a_model_whose_new_conversations_stopped_as_stopped():
+    # "old" had a new conversation a second and one follow-up turn a second for two
+    # minutes; then its new conversations stop, while follow-ups of those under way
+    # go on for ten seconds. Counted as demand, the follow-ups held its rate at 2/s for
+    # those seconds; four seconds with no new conversation (four were due) say it
+    # stopped. "kept" goes on as it was (a new one every second, a follow-up between):
+    # no lull of its reads as a stop.
+    demand, now = herd.Demand(), 1000.0
+    for i in range(120):
+        for model in ("old", "kept"):
+            demand.count(model, now + i)
+            demand.count(model, now + i + 0.5, fresh=False)
+    now += 120
+    for i in range(10):
+        demand.count("old", now + i, fresh=False)
+        demand.count("kept", now + i)
+        demand.count("kept", now + i + 0.5, fresh=False)
+    assert demand.rate("old", now + 2) > 1.5  # a gap of two: nothing said yet
+    assert demand.rate("old", now + 5) < 0.25
+    assert demand.rate("kept", now + 9.9) > 1.5
+    # Its next new conversation, not a follow-up, says it is wanted again.
+    demand.count("old", now + 10.2, fresh=False)
+    assert demand.rate("old", now + 10.3) < 0.25
+    demand.count("old", now + 10.4)
+    assert demand.rate("old", now + 10.5) > 0.5
+
+
 @pytest.mark.parametrize("arrivals, at, low, high", [
     # A model first asked for 1.5 times a second reads about that at every age. Its
     # long count, read as it stood, was half of it from about 40 s (when the short
