@@ -4337,7 +4337,7 @@ class PlanInputs:
     def nodes(self):
         """The nodes that take work, as the planner sees them: room (memory and
         OLLAMA_MAX_LOADED_MODELS), slots, and speed relative to the fastest."""
-        working = sorted(self.fleet.working_ollamas(), key=lambda n: n.node_id)
+        working = sorted(self.fleet.working_loaders(), key=lambda n: n.node_id)
         fitted = self.learner.plan_speeds()
         mean = statistics.geometric_mean(fitted.values()) if fitted else 1.0
         speeds = {n.node_id: fitted.get(n.node_id, mean) * self._live_pace(n.node_id)
@@ -4506,8 +4506,8 @@ class Placement:
         """A request for `model` arrived (`fresh`: not the next turn of a conversation
         under way): its demand grows; a model the plan places nowhere makes the next
         plan due at once."""
-        if not any(model in n.models for n in self.fleet.nodes.values() if n.speaks_ollama):
-            return  # a name no Ollama has is not the plan's (and may be a client's free text)
+        if not any(model in n.models for n in self.fleet.nodes.values() if n.loads_models):
+            return  # a name no loading server has is not the plan's (or a client's free text)
         self.demand.count(model, time.monotonic(), fresh)
         if not self.places(model):
             self.asked = True
@@ -5502,8 +5502,14 @@ class Fleet:
 
     def working_ollamas(self):
         """Working nodes whose server is an Ollama: the only ones the router pulls
-        onto, loads and unloads models on (the plan), or manages models on."""
+        onto or manages models on."""
         return [n for n in self.working_nodes() if n.speaks_ollama]
+
+    def working_loaders(self):
+        """Working nodes whose server loads and unloads models when asked (Ollama, LM
+        Studio, llama-server's router mode): the nodes the placement plan places
+        models on. A server that cannot holds what it lists, outside the plan."""
+        return [n for n in self.working_nodes() if n.loads_models]
 
     def best_holder(self, model):
         """A node that can answer about `model` now, hot ones first."""

@@ -10092,6 +10092,27 @@ def test_llama_servers_router_mode_loads_and_unloads_on_request(h):
     assert fake.requests[-1]["body"] == {"model": "phi3:mini"}
 
 
+def test_the_plan_places_models_on_a_server_that_loads_them_too(h):
+    # llama-server in router mode loads models when asked: the placement plan weighs
+    # it beside an Ollama node, and the Warmer loads what the plan places there
+    # through its own API, ahead of the requests. A server that cannot load (vLLM)
+    # holds what it lists, outside the plan.
+    router = h.router()
+    rig, _ = persona_node(h, router, "llama-server", "rig", router_mode=True,
+                          models=["qwen2.5:7b", "phi3:mini"])
+    persona_node(h, router, "vllm", "v", models=["mistral:7b"])
+    ollama_node = h.fake("127.0.0.2", models=["llama3.2:3b"])
+    join(h, router, ollama_node, "ol")
+    for model in ("phi3:mini", "llama3.2:3b", "mistral:7b"):
+        ask_for(h, router, model, 3)
+    follow_plan(h, router)
+    assert planned_models(router) == {"rig": ["phi3:mini"], "ol": ["llama3.2:3b"]}
+    wait_until(lambda: set(rig.loaded) == {"phi3:mini"}, what="phi3 loaded as planned")
+    loads = [r for r in rig.requests if r["path"] == "/models/load"]
+    assert [r["body"] for r in loads] == [{"model": "phi3:mini"}]
+    assert placement(router)["planned_loads"] >= 1
+
+
 def test_vllms_metrics_and_mlxs_one_slot_reach_the_router(h):
     router = h.router()
     vllm, agent = persona_node(h, router, "vllm", "v", models=["qwen2.5:7b"],
