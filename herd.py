@@ -4307,6 +4307,12 @@ class Demand:
         opening = math.exp(-age / window) / window  # what the first request adds to it
         return max(count, (count - opening) / -math.expm1(-span / window))
 
+    def fading(self, now):
+        """The models that stopped and have had no new conversation for DEMAND_MIN_S
+        (one just asked for afresh is wanted, however its counts read)."""
+        return {m for m in self.stopped
+                if m in self.fresh and now - self.fresh[m][1] >= DEMAND_MIN_S}
+
     def busiest(self, now, count):
         """The `count` models with the highest rate now, with it."""
         rates = sorted(((self.rate(m, now), m) for m in self.rates), reverse=True)
@@ -4392,18 +4398,19 @@ class PlanInputs:
         ceiling = (hb.capacity or {}).get("memory_ceiling") or 0
         return min(room, ceiling) if ceiling else room
 
-    def models(self, nodes, rates, plan):
+    def models(self, nodes, rates, plan, fading=frozenset()):
         """The models worth planning: those in demand (`rates`: requests/s), loaded now
-        or in the last `plan`."""
+        or in the last `plan` (`fading`: those whose demand stopped, given no new
+        place)."""
         names = set(rates)
         for node in nodes:
             names.update(self.fleet.nodes[node.node_id].loaded)
         if plan is not None:
             names.update(m for placed in plan.hot.values() for m in placed)
-        models = (self._model(name, nodes, rates) for name in sorted(names))
+        models = (self._model(name, nodes, rates, name in fading) for name in sorted(names))
         return [m for m in models if m is not None]
 
-    def _model(self, name, nodes, rates):
+    def _model(self, name, nodes, rates, fading=False):
         holders = [self.fleet.nodes[n.node_id] for n in nodes
                    if name in self.fleet.nodes[n.node_id].models]
         if not holders:
@@ -4414,7 +4421,7 @@ class PlanInputs:
         demand = rates.get(name, 0.0) * self.service_s(name, size, speeds)
         return hc.PlanModel(name, int(size * hc.LOAD_OVERHEAD), demand,
                             {n.node_id: self.load_s(n, name) for n in holders},
-                            "embedding" if entry.is_embedding else "chat")
+                            "embedding" if entry.is_embedding else "chat", fading)
 
     def service_s(self, model, size, speeds):
         """Seconds one answer of `model` takes on a node of speed 1: as learned on the
@@ -4501,6 +4508,7 @@ class Placement:
         self.built_at = self.changed_at = 0.0  # monotonic
         self.done = collections.Counter()  # planned loads and unloads carried out
         self.replanning = None  # the replan under way (a task), shared by all who wait
+        self.proposed = None  # a placement the last replan found better, to be confirmed
 
     def count(self, model, fresh=True):
         """A request for `model` arrived (`fresh`: not the next turn of a conversation
@@ -4567,7 +4575,8 @@ class Placement:
         self.asked = False
         nodes = self.gauge.nodes()
         self.rates = self.demand.busiest(time.monotonic(), MAX_PLANNED_MODELS)
-        models = self.gauge.models(nodes, self.rates, self.plan)
+        models = self.gauge.models(nodes, self.rates, self.plan,
+                                   self.demand.fading(time.monotonic()))
         plan = await asyncio.to_thread(hc.plan_placement, nodes, models, self._start(nodes))
         return self._adopt(plan, nodes, models)
 
@@ -4575,7 +4584,7 @@ class Placement:
         """Take `plan` (or keep the last, if it is hardly better); count a new version."""
         now = time.monotonic()
         self.inputs = {n.node_id: n for n in nodes}, {m.name: m for m in models}
-        if self._hardly_better(plan, nodes, models):
+        if self._hardly_better(plan, nodes, models) or self._unconfirmed(plan):
             plan = hc.describe_plan({n: set(v) for n, v in self.plan.hot.items()},
                                     self.plan.reasons, nodes, self.inputs[1], {})
         placed = {n: names for n, names in plan.hot.items() if names}
@@ -4592,6 +4601,30 @@ class Placement:
                                        "inputs": self._weighed(nodes, models)})
         self.plan, self.built_at = plan, now
         return plan
+
+    def _unconfirmed(self, plan):
+        """Is `plan` a change the replan before did not find too? A change waits for a
+        second replan to agree (PLAN_EVERY_S later), unless it places a model in
+        demand that the plan in force places nowhere, or loads nothing (it keeps
+        what is loaded, or only drops models): what the inputs of one moment
+        say (a rate read between two bursts, a riser's first timings) made plans
+        trade two models' places and trade them back a version later."""
+        placed = {n: v for n, v in plan.hot.items() if v}
+        last = self.plan
+        if last is None or placed == {n: v for n, v in last.hot.items() if v}:
+            self.proposed = None
+            return False
+        before = {m for names in last.hot.values() for m in names}
+        new = [(n, m) for n, names in placed.items() for m in names
+               if m not in last.hot.get(n, ())]
+        if any(m not in before and self.rates.get(m, 0.0) > 0 for _, m in new) or \
+                all(m in self.fleet.nodes[n].loaded for n, m in new if n in self.fleet.nodes):
+            self.proposed = None  # a model in demand placed at last, or nothing to load
+            return False
+        agreed, self.proposed = self.proposed == placed, placed
+        if agreed:
+            self.proposed = None
+        return not agreed
 
     def _weighed(self, nodes, models):
         """What a plan version was built from, for the log: why the plan is what it is
@@ -4725,9 +4758,17 @@ class Placement:
         if any(self._load_cost(c) < wait for c in cold if c not in planned):
             self.asked = True
         # The plan is advice, not a prison: when it lags (a node slowed down and the
-        # queue there grew), a load far sooner than that wait is made anyway.
+        # queue there grew), a load far sooner than that wait is made anyway; in the
+        # place of a model the plan keeps there for its demand, only when the wait is
+        # longer again (a queue of seconds on the laptop's small model had it load on
+        # the desktop over the desktop's busy one, whose next request loaded it back,
+        # a thrash a minute; a queue the client would give up on must move).
         return [c for c in cold if self._load_cost(c) * (
-            1.0 if c in planned else LOAD_ANYWAY) < wait]
+            1.0 if c in planned else LOAD_ANYWAY ** (1 + self._pushes_out_kept(c))) < wait]
+
+    def _pushes_out_kept(self, c):
+        """Would a cold load here push out a model the plan keeps here for its demand?"""
+        return any(self._kept(m, c.node_id) for m in c.evicts)
 
     def _load_cost(self, c):
         """A cold load's seconds before its request starts, and the reloads of the

@@ -3074,6 +3074,10 @@ class PlanModel:
     demand: float        # seconds of service a second, at speed 1 (rate x work)
     load_s: dict         # node_id -> seconds to load it there; other nodes lack it
     kind: str = "chat"   # chat, embedding or image: all placed by the same rule
+    # Its demand stopped (no new conversation for a while): it keeps the places it has
+    # while they pay, but is loaded nowhere new. Moved to the slowest machine as a
+    # shift began, a fader's follow-ups made it look worth a place for seconds more.
+    fading: bool = False
 
 
 @dataclass
@@ -3114,7 +3118,8 @@ def placement_cost(hot, nodes, models):
     cost = 0.0
     for m in models.values():
         if not share[m.name]:  # worse than the most crowded place: never chosen over one
-            cost += m.demand * COLD_FACTOR / slowest / (1.0 - MAX_BUSY)
+            # (but a model whose demand stopped costs only its last requests' loads)
+            cost += m.demand * COLD_FACTOR / slowest / (1.0 if m.fading else 1.0 - MAX_BUSY)
         for n, part in share[m.name].items():
             cost += m.demand * part / speed[n] * queue_stretch(busy[n], slots[n])
     return cost * PLAN_HORIZON_S
@@ -3147,7 +3152,7 @@ def candidate_moves(hot, nodes, models):
         here = hot[node.node_id]
         for replaced in (None, *sorted(here)):
             for m in models.values():
-                if m.demand > 0 and m.name not in here and \
+                if m.demand > 0 and not m.fading and m.name not in here and \
                         fits_on(m, node, here - {replaced}, models):
                     yield Move(((m.name, node.node_id, replaced),))
     for i, a in enumerate(nodes):
@@ -3160,6 +3165,8 @@ def trades(a, b, hot, models):
     on_a, on_b = hot[a.node_id], hot[b.node_id]
     for x in sorted(on_a - on_b):
         for y in sorted(on_b - on_a):
+            if models[x].fading or models[y].fading:
+                continue  # a trade gives each a new place
             if fits_on(models[x], b, on_b - {y}, models) and \
                     fits_on(models[y], a, on_a - {x}, models):
                 yield Move(((y, a.node_id, x), (x, b.node_id, y)))

@@ -7586,6 +7586,48 @@ def test_plan_a_shift_in_demand_moves_one_model_not_all():
                for m in names if m != "coder")
 
 
+def test_plan_gives_a_fading_model_no_new_place():
+    # A riser takes the fast node's place from a model whose demand stopped. Its
+    # follow-ups still read as more demand than the slow node's own small model, but
+    # the fader is loaded nowhere new: the slow node keeps its model.
+    nodes = [hc.PlanNode("fast", max_loaded=1, speed=1.0, slots=2),
+             hc.PlanNode("slow", max_loaded=1, speed=0.25, slots=1)]
+    both = {"fast": 2.0, "slow": 4.0}
+
+    def models(fading):
+        return [hc.PlanModel("riser", GB, 1.0, both),
+                hc.PlanModel("fader", GB, 0.15, both, fading=fading),
+                hc.PlanModel("small", GB, 0.05, both)]
+    current = {"fast": ["fader"], "slow": ["small"]}
+    moved = hc.plan_placement(nodes, models(False), current)
+    assert moved.hot == {"fast": ("riser",), "slow": ("fader",)}
+    plan = hc.plan_placement(nodes, models(True), current)
+    assert plan.hot == {"fast": ("riser",), "slow": ("small",)}
+    assert plan.loads == [("riser", "fast")]
+
+
+def test_a_plan_that_loads_waits_for_a_second_replan_to_agree():
+    # One replan's inputs said the two models should trade nodes: the plan in force
+    # holds until the next replan says so too. A model in demand that the plan in
+    # force places nowhere is placed at once, and so is a change that loads nothing.
+    NS = types.SimpleNamespace
+    fleet = NS(nodes={"a": NS(loaded={"x": {}}), "b": NS(loaded={"y": {}})})
+    placement = herd.Placement(fleet=fleet, learner=None)
+
+    def plan(**hot):
+        return hc.Plan(hot={n: tuple(v) for n, v in hot.items()}, reasons={}, loads=[],
+                       unloads=[], unplaced={})
+    placement.plan, placement.rates = plan(a=["x"], b=["y"]), {"x": 1.0, "y": 1.0}
+    traded = plan(a=["y"], b=["x"])
+    assert placement._unconfirmed(traded) is True
+    assert placement._unconfirmed(plan(a=["x"], b=["y"])) is False  # the same: no change
+    assert placement._unconfirmed(traded) is True  # the replan between did not agree
+    assert placement._unconfirmed(traded) is False  # two in a row
+    placement.rates["z"] = 0.5
+    assert placement._unconfirmed(plan(a=["z"], b=["y"])) is False  # z placed at last
+    assert placement._unconfirmed(plan(a=["x"], b=[])) is False  # it only drops y
+
+
 @pytest.mark.parametrize("change", [
     {"a8b": 1.3, "q7b": 1.7},  # the busiest two trade a little demand
     {"l3b": 1.2, "phi": 0.3},  # the desktop's model gains, a small one fades
@@ -9676,7 +9718,8 @@ def test_a_long_queue_loads_a_model_only_where_the_plan_places_it():
     # (1 s), but the plan places llama on b only: c is held back. Without b in the
     # plan, nothing is loaded, and the plan is weighed again at once (its demand may
     # need a second place). Only a wait far longer than a load (three times: the plan
-    # lags a node that slowed down) has the load made where the plan does not place it.
+    # lags a node that slowed down) has the load made where the plan does not place it,
+    # and over a model the plan keeps there only at three times that again.
     placement = herd.Placement(fleet=None, learner=None)
     placement._load_cost = lambda c: 1.0  # the load, and what it pushes out, is quick
     hot = hc.Candidate("a", hot=True, service_s=2.0, work_ahead_s=2.5)
@@ -9705,6 +9748,17 @@ def test_a_long_queue_loads_a_model_only_where_the_plan_places_it():
     hot.work_ahead_s = 20.0  # twenty times a load: made where the plan does not say
     kept, held, _ = plan(a=["llama"], b=["qwen"], c=["qwen"])
     assert (kept, held, placement.asked) == (["a", "b", "c"], [], True)
+    # ... but in the place of a model the plan keeps there for its demand, only at
+    # three times that again.
+    cold[1].evicts = ["qwen"]
+    placement.rates = {"qwen": 0.5}
+    hot.work_ahead_s = 5.0
+    assert 3.0 < hc.estimate_wait_s(hot) < 9.0
+    kept, held, _ = plan(a=["llama"], b=["qwen"], c=["qwen"])
+    assert (kept, held) == (["a", "b"], ["c"])
+    hot.work_ahead_s = 40.0
+    kept, held, _ = plan(a=["llama"], b=["qwen"], c=["qwen"])
+    assert (kept, held) == (["a", "b", "c"], [])
 
 
 def test_a_model_placed_nowhere_never_pushes_out_one_that_is_just_loading():
@@ -9740,9 +9794,10 @@ def test_a_model_placed_nowhere_never_pushes_out_one_that_is_just_loading():
 
 
 def test_the_plan_loads_ahead_only_what_was_asked_for_lately(h):
-    # The plan places gemma2 beside llama on node-a, but nobody asked for gemma2 in the
-    # last half minute (the traffic stopped): its demand lingers in the counts, and no
-    # load is made for it; once it is asked for again, the Warmer loads it.
+    # Nobody asked for gemma2 in the last half minute (the traffic stopped): its demand
+    # lingers in the counts, but it stopped, and a stopped model is given no new place
+    # (even in free room beside llama on node-a), so no load is made for it; once it
+    # is asked for again, the plan places it and the Warmer loads it.
     a = h.fake(max_loaded=2, models=["llama3.2:3b", "gemma2:9b"])
     router = h.router()
     load_on(a, "llama3.2:3b")
@@ -9751,8 +9806,10 @@ def test_the_plan_loads_ahead_only_what_was_asked_for_lately(h):
     demand = h.bg.call(lambda: router.scheduler.placement.demand)
     h.bg.call(lambda: demand.rates.update(
         {m: (*v[:2], v[2] - herd.PLAN_ASKED_S - 1, v[3]) for m, v in demand.rates.items()}))
+    h.bg.call(lambda: demand.fresh.update(
+        {m: (v[0], v[1] - herd.PLAN_ASKED_S - 1) for m, v in demand.fresh.items()}))
     follow_plan(h, router)
-    assert planned_models(router) == {"node-a": ["gemma2:9b", "llama3.2:3b"]}
+    assert planned_models(router) == {"node-a": ["llama3.2:3b"]}
     assert h.bg.call(lambda: router.scheduler.placement.pending_loads()) == []
     assert h.bg.call(lambda: router.proxy.warmer.warming) == set()
     assert a.load_count == 1 and "gemma2:9b" not in a.loaded
