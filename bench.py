@@ -2471,15 +2471,17 @@ class PlanSimulation:
                     jobs[key] -= pace(n) * (now - clock)
             return now
 
+        def hot(n, key):  # a riser's model is hot on n once its load there is done
+            ready_at = loading.get((n, self.sessions[key[0]].model), 0.0)
+            return ready_at is not None and ready_at <= clock
+
         def start_waiting(n):
-            while waiting[n] and len(running[n]) < self.machines[n].slots:
-                ready = [key for key in waiting[n] if loading.get(
-                    (n, self.sessions[key[0]].model), 0.0) is not None and loading.get(
-                    (n, self.sessions[key[0]].model), 0.0) <= clock]
-                if not ready:
+            while len(running[n]) < self.machines[n].slots:
+                key = next((k for k in waiting[n] if hot(n, k)), None)
+                if key is None:
                     return
-                waiting[n].remove(ready[0])
-                running[n][ready[0]] = self.work[ready[0][0]][ready[0][1]]
+                waiting[n].remove(key)
+                running[n][key] = self.work[key[0]][key[1]]
 
         while events or any(running.values()):
             finish = min(((clock + min(jobs.values()) / pace(n), n)
