@@ -4411,6 +4411,8 @@ class PlanInputs:
         return [m for m in models if m is not None]
 
     def _model(self, name, nodes, rates, fading=False):
+        """The PlanModel of `name` (None: no working node has it). Where it is in
+        memory (or on its way there) it loads for nothing."""
         holders = [self.fleet.nodes[n.node_id] for n in nodes
                    if name in self.fleet.nodes[n.node_id].models]
         if not holders:
@@ -4420,7 +4422,8 @@ class PlanInputs:
         speeds = {n.node_id: n.speed for n in nodes}
         demand = rates.get(name, 0.0) * self.service_s(name, size, speeds)
         return hc.PlanModel(name, int(size * hc.LOAD_OVERHEAD), demand,
-                            {n.node_id: self.load_s(n, name) for n in holders},
+                            {n.node_id: 0.0 if name in n.loaded else self.load_s(n, name)
+                             for n in holders},
                             "embedding" if entry.is_embedding else "chat", fading)
 
     def service_s(self, model, size, speeds):
@@ -4605,20 +4608,29 @@ class Placement:
     def _unconfirmed(self, plan):
         """Is `plan` a change the replan before did not find too? A change waits for a
         second replan to agree (PLAN_EVERY_S later), unless it places a model in
-        demand that the plan in force places nowhere, or loads nothing (it keeps
-        what is loaded, or only drops models): what the inputs of one moment
-        say (a rate read between two bursts, a riser's first timings) made plans
-        trade two models' places and trade them back a version later."""
+        demand that the plan in force places nowhere, or loads nothing and leaves no
+        model in demand placed nowhere (it keeps what is loaded, or only drops models
+        no longer asked for or whose demand stopped): what the inputs of one moment say (a rate read between
+        two bursts, a riser's first timings) made plans trade two models' places and
+        trade them back a version later. (Taken at once because it loaded nothing, a
+        plan dropped a riser whose load was under way, to place the two models it was
+        pushing out; the next plan placed the riser at once again, and so on each
+        second.)"""
         placed = {n: v for n, v in plan.hot.items() if v}
         last = self.plan
         if last is None or placed == {n: v for n, v in last.hot.items() if v}:
             self.proposed = None
             return False
         before = {m for names in last.hot.values() for m in names}
+        after = {m for names in placed.values() for m in names}
         new = [(n, m) for n, names in placed.items() for m in names
                if m not in last.hot.get(n, ())]
+        loads_nothing = all(m in self.fleet.nodes[n].loaded for n, m in new
+                            if n in self.fleet.nodes)
+        wanted = {m for m, rate in self.rates.items() if rate > 0} - \
+            self.demand.fading(time.monotonic())
         if any(m not in before and self.rates.get(m, 0.0) > 0 for _, m in new) or \
-                all(m in self.fleet.nodes[n].loaded for n, m in new if n in self.fleet.nodes):
+                loads_nothing and not wanted & (before - after):
             self.proposed = None  # a model in demand placed at last, or nothing to load
             return False
         agreed, self.proposed = self.proposed == placed, placed
@@ -4666,20 +4678,13 @@ class Placement:
 
     def _start(self, nodes):
         """Where the search starts: the last plan, for the nodes it knew; what is
-        loaded now, for the others. A model in demand that the last plan placed
-        nowhere starts where its requests loaded it, first (the planner keeps what
-        fits in the order given): moving it elsewhere must then pay for its load."""
+        loaded now, for the others. (A model its requests loaded where the plan does
+        not place it is not a start: the plan weighs its load there as free,
+        PlanInputs._model. Started from, the strays of a riser's first requests had
+        the search move three other models out of their way.)"""
         last = self.plan.hot if self.plan is not None else {}
-        placed = {m for names in last.values() for m in names}
-        start = {}
-        for n in nodes:
-            loaded = self.fleet.nodes[n.node_id].loaded
-            if n.node_id not in last:
-                start[n.node_id] = list(loaded)
-                continue
-            strays = [m for m in loaded if m not in placed and self.rates.get(m, 0.0) > 0]
-            start[n.node_id] = strays + [m for m in last[n.node_id] if m not in strays]
-        return start
+        return {n.node_id: list(last[n.node_id]) if n.node_id in last
+                else list(self.fleet.nodes[n.node_id].loaded) for n in nodes}
 
     # -- routing follows the plan -----------------------------------------------------
 

@@ -7609,7 +7609,8 @@ def test_plan_gives_a_fading_model_no_new_place():
 def test_a_plan_that_loads_waits_for_a_second_replan_to_agree():
     # One replan's inputs said the two models should trade nodes: the plan in force
     # holds until the next replan says so too. A model in demand that the plan in
-    # force places nowhere is placed at once, and so is a change that loads nothing.
+    # force places nowhere is placed at once, and so is a change that loads nothing
+    # (unless it leaves a model in demand placed nowhere).
     NS = types.SimpleNamespace
     fleet = NS(nodes={"a": NS(loaded={"x": {}}), "b": NS(loaded={"y": {}})})
     placement = herd.Placement(fleet=fleet, learner=None)
@@ -7625,7 +7626,14 @@ def test_a_plan_that_loads_waits_for_a_second_replan_to_agree():
     assert placement._unconfirmed(traded) is False  # two in a row
     placement.rates["z"] = 0.5
     assert placement._unconfirmed(plan(a=["z"], b=["y"])) is False  # z placed at last
+    placement.rates["y"] = 0.0
     assert placement._unconfirmed(plan(a=["x"], b=[])) is False  # it only drops y
+    placement.rates["y"] = 1.0  # y still asked for: placing it nowhere waits
+    assert placement._unconfirmed(plan(a=["x"], b=[])) is True
+    placement.proposed = None
+    placement.demand.stopped.add("y")  # y's new conversations stopped a while ago
+    placement.demand.fresh["y"] = (0.1, time.monotonic() - herd.DEMAND_MIN_S)
+    assert placement._unconfirmed(plan(a=["x"], b=[])) is False
 
 
 @pytest.mark.parametrize("change", [
@@ -9818,21 +9826,25 @@ def test_the_plan_loads_ahead_only_what_was_asked_for_lately(h):
     wait_until(lambda: "gemma2:9b" in a.loaded, what="gemma2 loaded once asked for")
 
 
-def test_a_model_the_plan_left_out_starts_the_next_plan_where_it_was_loaded():
-    # gemma2 was placed nowhere; its requests loaded it on node b. The next plan starts
-    # with it there (first: the planner keeps what fits in the order given), so moving
-    # it must pay for its load; a model nobody asks for does not start anywhere new.
+def test_a_model_the_plan_left_out_is_free_to_place_where_it_was_loaded():
+    # gemma was placed nowhere; its requests loaded it on node b. The next plan starts
+    # from the last one (started with gemma on b, the search moved other models out of
+    # its way), and weighs gemma's load on b as free: placing it there costs nothing,
+    # on a it costs its load. A node the last plan did not know starts with what it has.
     NS = types.SimpleNamespace
-    fleet = NS(nodes={"a": NS(loaded={"llama": {}}), "b": NS(loaded={"gemma": {},
-                                                                      "old": {}})})
-    placement = herd.Placement(fleet, learner=None)
+    disk = {m: hc.ModelEntry(m, size=GB) for m in ("llama", "qwen", "gemma", "mistral")}
+    fleet = NS(nodes={"a": NS(node_id="a", loaded={"llama": {}}, models=disk),
+                      "b": NS(node_id="b", loaded={"gemma": {}, "old": {}}, models=disk),
+                      "c": NS(node_id="c", loaded={"mistral": {}}, models=disk)})
+    placement = herd.Placement(fleet, learner=herd.Learner())
     placement.plan = hc.Plan(hot={"a": ("llama",), "b": ("qwen",)}, reasons={}, loads=[],
                              unloads=[], unplaced={"gemma": "no room"})
-    placement.rates = {"llama": 1.0, "qwen": 0.5, "gemma": 0.4}
     nodes = [hc.PlanNode("a"), hc.PlanNode("b"), hc.PlanNode("c")]
-    fleet.nodes["c"] = NS(loaded={"mistral": {}})
-    assert placement._start(nodes) == {"a": ["llama"], "b": ["gemma", "qwen"],
-                                       "c": ["mistral"]}
+    assert placement._start(nodes) == {"a": ["llama"], "b": ["qwen"], "c": ["mistral"]}
+    gemma = placement.gauge._model("gemma", nodes, {"gemma": 0.4})
+    assert gemma.load_s["b"] == 0.0
+    assert gemma.load_s["a"] == gemma.load_s["c"] == placement.gauge.load_s(
+        fleet.nodes["a"], "gemma") > 0
 
 
 # Ollama's routes on a server of OpenAI's API: the router says the request in OpenAI's
