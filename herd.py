@@ -4609,13 +4609,13 @@ class Placement:
         """Is `plan` a change the replan before did not find too? A change waits for a
         second replan to agree (PLAN_EVERY_S later), unless it places a model in
         demand that the plan in force places nowhere, or loads nothing and leaves no
-        model in demand placed nowhere (it keeps what is loaded, or only drops models
-        no longer asked for or whose demand stopped): what the inputs of one moment say (a rate read between
-        two bursts, a riser's first timings) made plans trade two models' places and
-        trade them back a version later. (Taken at once because it loaded nothing, a
-        plan dropped a riser whose load was under way, to place the two models it was
-        pushing out; the next plan placed the riser at once again, and so on each
-        second.)"""
+        model in demand placed nowhere (it keeps what is loaded, or drops only models
+        no longer asked for or whose demand stopped): what the inputs of one moment
+        say (a rate read between two bursts, a riser's first timings) made plans trade
+        two models' places and trade them back a version later. (Taken at once because
+        it loaded nothing, a plan dropped a riser whose load was under way, to place
+        the two models it was pushing out; the next plan placed the riser at once
+        again, and so on each second.)"""
         placed = {n: v for n, v in plan.hot.items() if v}
         last = self.plan
         if last is None or placed == {n: v for n, v in last.hot.items() if v}:
@@ -4629,7 +4629,7 @@ class Placement:
                             if n in self.fleet.nodes)
         wanted = {m for m, rate in self.rates.items() if rate > 0} - \
             self.demand.fading(time.monotonic())
-        if any(m not in before and self.rates.get(m, 0.0) > 0 for _, m in new) or \
+        if any(m not in before and m in wanted for _, m in new) or \
                 loads_nothing and not wanted & (before - after):
             self.proposed = None  # a model in demand placed at last, or nothing to load
             return False
