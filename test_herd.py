@@ -2115,7 +2115,7 @@ def test_an_agent_gives_a_rogue_router_nothing_reusable(h):
         assert b"x-herd-signature" in sent.lower() and b"s3cret" not in sent
         assert b"authorization" not in sent.lower()
     finally:
-        server.close()
+        h.bg.call(server.close)  # on its loop (from here it races a connection ending)
         h.bg.run(server.wait_closed())
 
 
@@ -11027,7 +11027,7 @@ def test_a_node_offline_and_back_are_told_in_ntfys_shape_a_repeat_once(h):
     recent = fleet_status(router)["alerts"]["recent"]
     assert [a["event"] for a in recent] == ["pull_failed"] * 3 + [
         "node_offline", "node_back", "node_offline"]
-    server.close()
+    h.bg.call(server.close)  # on its loop (from here it races a connection ending)
 
 
 def test_alerts_as_a_json_webhook_and_as_a_command(h, tmp_path):
@@ -11040,7 +11040,7 @@ def test_alerts_as_a_json_webhook_and_as_a_command(h, tmp_path):
     sent = json.loads(body)
     assert sent["event"] == "pull_failed" and sent["title"] == "pulling phi3:mini failed"
     assert sent["text"] == sent["content"] == "pulling phi3:mini failed: no space left"
-    server.close()
+    h.bg.call(server.close)  # on its loop (from here it races a connection ending)
     out = tmp_path / "alert.json"
     script = tmp_path / "alert.sh"
     script.write_text(f'#!/bin/sh\n{{ cat; echo; echo "$HERD_ALERT_TITLE"; }} > '
@@ -11064,7 +11064,7 @@ def test_a_critical_health_check_and_its_clearing_are_told(h):
     h.bg.run(herd.look_for_alerts(router.health, router.fleet.alerts))
     wait_until(lambda: len(got) == 2, what="the cleared alert")
     assert json.loads(got[1][1])["title"] == "cleared: no_nodes"
-    server.close()
+    h.bg.call(server.close)  # on its loop (from here it races a connection ending)
 
 
 def test_a_dead_alert_receiver_costs_requests_nothing(h, monkeypatch):
