@@ -103,6 +103,17 @@ Run:   python bench.py --routing         (about 45 min on 2 cores; root for the 
                                          (a partial run, its folders kept for a look)
        python bench.py --routing --fleet pressure [--quick]
                                          (about 1.5 to 2 h; --quick about 8 min)
+       python bench.py --routing --fleet pressure --virtual --loads 0.7 --schedules 8
+                                         (about 1 min: in simulated time, below)
+
+--virtual runs each router and schedule in one process of its own, on a clock that
+stands still while anything is ready to run and jumps to the next timer when all wait:
+a run takes only the CPU its work needs, runs go side by side (one a core), and the
+same code on the same schedule gives the same run every time, on any machine. The
+programs' own work takes no simulated time (a slow router looks as fast as a quick
+one), and ollama-herd is left out; for those, and for the figures to quote, run in
+real time. For weighing a change to the routing, many schedules in simulated time tell
+more than a few in real time, which differ from sitting to sitting by half their loads.
 
 The hostile-body measurement (--hostile) starts a fake and a router with client keys
 and no fleet token, and sends it, one at a time, the bodies that once stalled or bloated
@@ -122,8 +133,10 @@ docs/benchmarks.md shows full runs and explains each row.
 import argparse
 import asyncio
 import collections
+import collections.abc
 import concurrent.futures
 import contextlib
+import contextvars
 import dataclasses
 import gc
 import heapq
@@ -136,6 +149,7 @@ import platform
 import random
 import re
 import select
+import selectors
 import shutil
 import signal
 import socket
@@ -1794,6 +1808,13 @@ class Network:
             s.bind((self.router_host, 0))
             return s.getsockname()[1]
 
+    async def counters(self):
+        """Every fake's /_fake/config, by machine name."""
+        return await asyncio.to_thread(fleet_counters, self)
+
+    async def set_speed(self, i, speed):
+        await asyncio.to_thread(fake_state, self, i, {"speed": speed})
+
 
 def remove_stale_networks():
     """Namespaces and bridges a bench.py killed with SIGKILL left behind."""
@@ -2373,8 +2394,8 @@ async def slow_down(net, at, started, marks):
     loop, machines = asyncio.get_running_loop(), net.fleet.machines
     await sleep_until(loop, started + at)
     i = next(i for i, m in enumerate(machines) if m.name == net.fleet.slowed)
-    await asyncio.to_thread(fake_state, net, i, {"speed": machines[i].speed / SLOWDOWN})
-    marks["slowdown"] = await asyncio.to_thread(fleet_counters, net)
+    await net.set_speed(i, machines[i].speed / SLOWDOWN)
+    marks["slowdown"] = await net.counters()
 
 
 def fleet_counters(net):
@@ -2385,12 +2406,12 @@ async def drive_routing(front, net, sessions, timeout):
     """Warm up, then the open-loop sessions with the slowdown half-way."""
     loop, outcomes = asyncio.get_running_loop(), []
     # From a cold fleet: a plan's first loads are the warm-up's.
-    marks = {"cold": await asyncio.to_thread(fleet_counters, net)}
+    marks = {"cold": await net.counters()}
     warming = loop.time()
     await warm_up(front, net.fleet.warm_up, timeout, net.fleet.api)
     marks["warm_up_s"] = loop.time() - warming
     fastest = max(m.speed for m in net.fleet.machines)
-    marks["start"] = await asyncio.to_thread(fleet_counters, net)
+    marks["start"] = await net.counters()
     slowdown_at = half_way(sessions)
     started = loop.time()
     async with asyncio.TaskGroup() as tasks:
@@ -2399,7 +2420,7 @@ async def drive_routing(front, net, sessions, timeout):
             tasks.create_task(run_session(front, session, number, started, timeout,
                                           outcomes, fastest, net.fleet.api),
                               name=f"session {number}")
-    marks["end"] = await asyncio.to_thread(fleet_counters, net)
+    marks["end"] = await net.counters()
     return outcomes, slowdown_at, marks, loop.time() - started
 
 
@@ -2968,9 +2989,10 @@ def routing_plan(fleet, name, loads, schedules=0):
     return dataclasses.replace(plan, loads=shares)
 
 
-def run_routing(workdir, plan, fleet, only=""):
+def run_routing(workdir, plan, fleet, only="", virtual=False):
     """Every router (or those in `only`) at each load level (the order reversed at the
-    second level)."""
+    second level); with `virtual`, each run in simulated time, as many at once as there
+    are cores."""
     capacity = fleet_capacity(fleet)
     results = {"machine": describe_machine(), "plan": dataclasses.asdict(plan),
                "fleet": {"name": fleet.name, "description": describe_fleet(fleet),
@@ -2980,8 +3002,17 @@ def run_routing(workdir, plan, fleet, only=""):
                "levels": {}, "rates": {}, "skipped": {}, "notes": [], "best_plan": {}}
     started = time.monotonic()
     with contextlib.ExitStack() as exits:
-        net = Network(exits, fleet)
-        routers, ollama_herd = choose_routers(net, results)
+        if virtual:
+            net, ollama_herd = None, None
+            routers = [r for r in fleet.routers if r != "ollama-herd"]
+            results["notes"].append("in simulated time (--virtual): the programs' own "
+                                    "work takes no time; ollama-herd left out")
+            pool = exits.enter_context(concurrent.futures.ThreadPoolExecutor(
+                os.cpu_count() or 1))
+            blocks = itertools.count()  # each run its own loopback addresses
+        else:
+            net = Network(exits, fleet)
+            routers, ollama_herd = choose_routers(net, results)
         if only:
             routers = [r for r in routers if r in only.split(",")]
             results["notes"].append(f"a partial run: {', '.join(routers)} only")
@@ -2999,9 +3030,14 @@ def run_routing(workdir, plan, fleet, only=""):
                 for name in routers if (n + k) % 2 == 0 else routers[::-1]:
                     print(f"routing benchmark: {name} at {level}, schedule {k + 1} of "
                           f"{plan.schedules} ...", file=sys.stderr, flush=True)
-                    folder = f"{name}-{level.rstrip('%')}" + (f"-{k + 1}" if k else "")
-                    runs[name].append(run_one(name, os.path.join(workdir, folder), net,
-                                              sessions, plan, ollama_herd))
+                    folder = os.path.join(workdir, f"{name}-{level.rstrip('%')}" +
+                                          (f"-{k + 1}" if k else ""))
+                    runs[name].append(pool.submit(
+                        run_virtual_one, name, folder, fleet, plan, rate,
+                        int(load * 1000) + k, 1 + next(blocks) % 250) if virtual else
+                        run_one(name, folder, net, sessions, plan, ollama_herd))
+            if virtual:
+                runs = {name: [f.result() for f in done] for name, done in runs.items()}
             results["levels"][level] = {
                 name: {**figures([r[0] for r in done], fleet),
                        "start_up_s": max(r[1] for r in done), "stop_s": max(r[2] for r in done)}
@@ -3010,6 +3046,269 @@ def run_routing(workdir, plan, fleet, only=""):
                 results["best_plan"][level] = best_plan_figures(fleet, schedules)
     results["seconds"] = time.monotonic() - started
     return results
+
+
+####################################################################################
+# Routing in simulated time (--virtual): one process a run, a clock that jumps
+####################################################################################
+#
+# On two cores a run's choices hang on timings: the router, four agents, four fakes and
+# the client share them, and two sittings of the same code differed by half their loads.
+# With --virtual each run is one process: the fakes, the router, the agents and the
+# client on one event loop whose clock stands still while anything is ready to run and,
+# when everything waits, jumps to the next timer instead of sleeping. A run then hangs
+# on its schedule and the code, not on the machine, and takes only the CPU its work
+# needs (runs go side by side, one a core). What it leaves out: the time the programs'
+# own work takes (none passes on the clock), and ollama-herd (processes of its own).
+# Work the programs hand to a thread runs in place; the agents read no CPU load (the
+# host's is the simulation's own).
+
+AGENT_ENV = contextvars.ContextVar("agent_env", default={})
+
+
+class VirtualClock:
+    """The process's clocks (time.monotonic, time.time, their _ns and perf_counter),
+    moved only by the JumpingSelector."""
+
+    def __init__(self):
+        self.now = time.monotonic()
+        self.wall = time.time() - self.now
+
+    def install(self):
+        time.monotonic = time.perf_counter = lambda: self.now
+        time.monotonic_ns = lambda: int(self.now * 1e9)
+        time.time = lambda: self.now + self.wall
+        time.time_ns = lambda: int((self.now + self.wall) * 1e9)
+
+
+def jumping_selector(clock):
+    """A selector that, asked to wait with nothing ready, moves `clock` to the end of
+    the wait instead. (Bytes written to a loopback socket are readable at the other end
+    when the write returns: the same runs with a real wait of 0.2 ms before each jump
+    gave the same figures.)"""
+
+    class JumpingSelector(selectors.DefaultSelector):
+        def select(self, timeout=None):
+            ready = super().select(0)
+            if ready or timeout == 0:
+                return ready
+            if timeout is None:  # nothing scheduled: only a thread can wake it
+                return super().select(None)
+            clock.now += timeout
+            return []
+
+    return JumpingSelector()
+
+
+class InlineLoop(asyncio.SelectorEventLoop):
+    """Runs what is handed to an executor (asyncio.to_thread) in place, at once: a
+    thread's real time would let the clock jump past it."""
+
+    def run_in_executor(self, executor, func, *args):
+        future = self.create_future()
+        try:
+            future.set_result(func(*args))
+        except Exception as e:  # noqa: BLE001 - it belongs to whoever awaits it
+            future.set_exception(e)
+        return future
+
+
+class AgentsEnviron(collections.abc.MutableMapping):
+    """os.environ, with the variables of the agent whose task reads it (AGENT_ENV) on
+    top: each agent is told its machine's OLLAMA_* settings as its own process is."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def _all(self):
+        return {**self.real, **AGENT_ENV.get()}
+
+    def __getitem__(self, key):
+        own = AGENT_ENV.get()
+        return own[key] if key in own else self.real[key]
+
+    def __setitem__(self, key, value):
+        self.real[key] = value
+
+    def __delitem__(self, key):
+        del self.real[key]
+
+    def __iter__(self):
+        return iter(self._all())
+
+    def __len__(self):
+        return len(self._all())
+
+    def copy(self):
+        return self._all()
+
+
+class VirtualNetwork:
+    """The machines' fakes in this process, each at its own loopback alias."""
+
+    namespaces = False
+
+    def __init__(self, fleet, block):
+        """`block`: which 127.<block>.0.0/24 is this run's (runs go side by side)."""
+        self.fleet, self.fakes, self.block = fleet, [], block
+        self.router_host = f"127.{block}.0.1"
+
+    def address(self, i):
+        return f"127.{self.block}.0.{i + 2}"
+
+    def ollama_url(self, i):
+        return f"http://{self.address(i)}:{OLLAMA_PORT}"
+
+    def free_port(self):
+        with socket.socket() as s:
+            s.bind((self.router_host, 0))
+            return s.getsockname()[1]
+
+    async def start(self):
+        for i, m in enumerate(self.fleet.machines):
+            fake = fake_ollama.FakeOllama(
+                list(m.models), num_parallel=m.slots, chunk_delay=CHUNK_DELAY,
+                load_delay=m.load_delay, speed=m.speed, saturation=m.saturation,
+                max_loaded=m.max_loaded, prompt_delay=PROMPT_DELAY,
+                vary_tokens=TOKENS_RANGE, load_per_gb=m.load_per_gb, server=m.server)
+            await fake.start(self.address(i), OLLAMA_PORT)
+            self.fakes.append(fake)
+
+    async def counters(self):
+        return {m.name: f.state() for m, f in zip(self.fleet.machines, self.fakes)}
+
+    async def set_speed(self, i, speed):
+        self.fakes[i].speed = speed
+
+
+async def ready_within(check, timeout=60.0):
+    """Poll `check` (a coroutine function) until it answers True; TimeoutError after
+    `timeout` simulated seconds."""
+    async with asyncio.timeout(timeout):
+        while True:
+            with contextlib.suppress(hc.UpstreamError, OSError, KeyError, TypeError,
+                                     ValueError):
+                if await check():
+                    return
+            await asyncio.sleep(0.1)
+
+
+async def start_virtual_herd(net, workdir, learning, tasks):
+    """herd.py's router and one agent per machine, in this process."""
+    import herd
+    import herd_node
+    port = net.free_port()
+    env = {**HERD_SETTINGS, "FLEET_HOST": net.router_host, "FLEET_PORT": str(port),
+           "FLEET_DATA_DIR": os.path.join(workdir, "data"),
+           "FLEET_ALLOWED_OLLAMA_HOSTS": ",".join(
+               net.address(i) for i in range(len(net.fleet.machines)))}
+    if not learning:
+        env["FLEET_LEARNING"] = "false"
+    cfg = herd.load_router_config(env, herd.parse_args([]))
+    os.makedirs(cfg.data_dir, exist_ok=True)
+    hc.setup_logging(cfg.data_dir, "herd.jsonl", cfg.log_level, cfg.console_log_level)
+    router = herd.RouterServer(cfg)
+    await router.start()
+    url = f"http://{net.router_host}:{port}"
+    for joined, i in enumerate(net.fleet.join_order, 1):
+        m = net.fleet.machines[i]
+        agent_env = {"FLEET_NODE_NODE_ID": m.name, "FLEET_NODE_NUM_PARALLEL": str(m.slots),
+                     "FLEET_NODE_HEARTBEAT_INTERVAL": "1",
+                     "FLEET_NODE_OLLAMA_URL": net.ollama_url(i),
+                     "FLEET_NODE_DATA_DIR": os.path.join(workdir, f"agent-{m.name}")}
+        agent_cfg = herd_node.load_node_config(agent_env, herd_node.parse_args(
+            ["--router-url", url, "--ollama-host", net.ollama_url(i)]))
+        told = AGENT_ENV.set(agent_environment(m))
+        try:  # the task takes the context it is created in: this agent's variables
+            tasks.append(asyncio.create_task(herd_node.Agent(agent_cfg).run()))
+        finally:
+            AGENT_ENV.reset(told)
+        machines = [net.fleet.machines[k] for k in net.fleet.join_order[:joined]]
+
+        async def online():
+            status = await hc.http_json(url, "GET", "/fleet/status", timeout=5)
+            nodes = {n.get("node_id"): n for n in status["nodes"]}
+            return all(nodes.get(m.name, {}).get("status") == "online" and
+                       nodes[m.name].get("num_parallel") == m.slots for m in machines)
+        await ready_within(online)
+    return Front("", net.router_host, port), router
+
+
+async def start_virtual_baseline(net, policy, tasks):
+    port = net.free_port()
+    urls = [net.ollama_url(i) for i in range(len(net.fleet.machines))]
+    tasks.append(asyncio.create_task(serve_baseline(policy, net.router_host, port, urls)))
+
+    async def listening():
+        _, writer = await asyncio.open_connection(net.router_host, port)
+        writer.close()
+        return True
+    await ready_within(listening)
+    return Front("", net.router_host, port)
+
+
+async def virtual_run(spec):
+    """One router on one schedule, in simulated time: drive_routing's (outcomes,
+    slowdown_at, marks, seconds)."""
+    fleet = FLEETS[spec["fleet"]]
+    sessions = build_sessions(spec["requests"], spec["rate"], spec["seed"], fleet.mixes)
+    net, tasks, router = VirtualNetwork(fleet, spec["block"]), [], None
+    await net.start()
+    name = spec["router"]
+    if name in ("herd", "herd-learning-off"):
+        front, router = await start_virtual_herd(net, spec["workdir"], name == "herd",
+                                                 tasks)
+    else:
+        front = await start_virtual_baseline(
+            net, "rr" if name == "round-robin" else "lc", tasks)
+    front.name = name
+    run = await drive_routing(front, net, sessions, spec["timeout"])
+    for task in tasks:
+        task.cancel()
+    if router is not None:
+        await router.stop(grace=0)
+    return run
+
+
+def virtual_main():
+    """bench.py --virtual-run: a spec (JSON) on stdin, one run's figures (JSON) out."""
+    spec = json.load(sys.stdin)
+    os.environ = AgentsEnviron(os.environ)
+    psutil.cpu_percent = lambda *args, **kwargs: 0.0
+    psutil.Process.cpu_percent = lambda *args, **kwargs: 0.0
+    clock = VirtualClock()
+    clock.install()
+    loop = InlineLoop(jumping_selector(clock))
+    asyncio.set_event_loop(loop)
+    outcomes, slowdown_at, marks, seconds = loop.run_until_complete(virtual_run(spec))
+    print(json.dumps({"outcomes": [dataclasses.asdict(o) for o in outcomes],
+                      "slowdown_at": slowdown_at, "marks": marks, "seconds": seconds}))
+    sys.stdout.flush()
+    os._exit(0)  # what is left on the loop (connections closing) needs no waiting for
+
+
+def run_virtual_one(name, workdir, fleet, plan, rate, seed, block):
+    """One router on one schedule in a process of its own, in simulated time, on the
+    loopback addresses 127.<block>.0.0/24: as run_one's result (start-up and stop count
+    as nothing)."""
+    os.makedirs(workdir)
+    spec = {"router": name, "fleet": fleet.name, "requests": plan.requests, "rate": rate,
+            "seed": seed, "timeout": plan.timeout, "workdir": workdir, "block": block}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "FLEET_"))}
+    with open(os.path.join(workdir, "virtual.log"), "w") as log:
+        done = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"),
+                               "--virtual-run"], input=json.dumps(spec), text=True,
+                              stdout=subprocess.PIPE, stderr=log, cwd=HERE,
+                              env={**env, "PYTHONHASHSEED": "0"}, timeout=3600)
+    if done.returncode != 0 or not done.stdout.strip():
+        raise RuntimeError(f"the simulated run of {name} failed (exit {done.returncode}); "
+                           f"see {log.name}")
+    last = done.stdout.strip().splitlines()[-1]
+    with open(os.path.join(workdir, "outcomes.json"), "w") as f:
+        f.write(last)
+    r = json.loads(last)
+    outcomes = [Outcome(**o) for o in r["outcomes"]]
+    return (outcomes, r["slowdown_at"], r["marks"], r["seconds"]), 0.0, 0.0
 
 
 ####################################################################################
@@ -3092,6 +3391,12 @@ def parse_args():
     parser.add_argument("--schedules", type=int, default=0, metavar="N",
                         help="with --routing: N seeded schedules per load, each run by "
                              "every router, their requests pooled (default: 3, --quick 1)")
+    parser.add_argument("--virtual", action="store_true",
+                        help="with --routing: each run in simulated time, in one process "
+                             "(the clock jumps over every wait; runs side by side, one a "
+                             "core; ollama-herd left out)")
+    parser.add_argument("--virtual-run", action="store_true",
+                        help=argparse.SUPPRESS)  # one simulated run: spec in, figures out
     parser.add_argument("--keep", metavar="DIR",
                         help="work in DIR (new or empty) and keep it: the routers' data "
                              "folders and logs, for a look afterwards")
@@ -3106,6 +3411,8 @@ def parse_args():
 
 def main():
     args = parse_args()
+    if args.virtual_run:
+        return virtual_main()
     if args.baseline_proxy:
         return asyncio.run(serve_baseline(args.baseline_proxy, args.host, args.port,
                                           [u for u in args.nodes.split(",") if u]))
@@ -3122,7 +3429,7 @@ def main():
             if args.routing:
                 fleet = FLEETS[args.fleet]
                 plan = routing_plan(fleet, plan, args.loads, args.schedules)
-                results = run_routing(workdir, plan, fleet, args.only)
+                results = run_routing(workdir, plan, fleet, args.only, args.virtual)
             elif args.hostile:
                 results = {"machine": describe_machine(), **measure_hostile(workdir)}
             else:

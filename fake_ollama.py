@@ -2015,14 +2015,17 @@ class FakeOllama:
             raise Refusal(404, f"model '{name}' not found")
         await ex.send_json(200, openai_model(self.models[found], name))
 
+    def state(self):
+        """What GET /_fake/config answers: the settings and the counters."""
+        return {"speed": self.speed, "saturation": self.saturation, "fault": self.fault,
+                "completed": self.completed, "load_count": self.load_count,
+                "evictions": self.evictions, "unloads": self.unloads}
+
     async def _serve_config(self, ex):
         """The test-only control route (not Ollama's): speed, saturation, fault; GET
         shows them with the counters a benchmark reads (answers, loads, evictions)."""
         if ex.method == "GET":
-            return await ex.send_json(200, {
-                "speed": self.speed, "saturation": self.saturation, "fault": self.fault,
-                "completed": self.completed, "load_count": self.load_count,
-                "evictions": self.evictions, "unloads": self.unloads})
+            return await ex.send_json(200, self.state())
         body, error = ex.decoded
         if error or not isinstance(body, dict):
             raise Refusal(400, "a JSON object of speed, saturation, fault")

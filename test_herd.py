@@ -7767,6 +7767,38 @@ def test_bench_reads_the_p95_over_the_ideal_as_quantile_over_quantile():
     assert f["over_ideal"]["p95"] == 5.0 and f["over_ideal"]["mean"] == 4.0
 
 
+def test_bench_simulated_time_gives_the_same_run_twice(tmp_path):
+    """bench.py --virtual-run: the fakes, the router, its agents and the client in one
+    process on a clock that jumps over waits. The same schedule twice is the same run,
+    every request answered by the model asked for, from the same node, in the same
+    simulated seconds; and the run lasts on its clock as long as its schedule."""
+    import bench
+    fleet = bench.PRESSURE
+    runs = []
+    for k in range(2):
+        spec = {"router": "herd", "fleet": fleet.name, "requests": 40,
+                "rate": 0.7 * bench.fleet_capacity(fleet), "seed": 3, "timeout": 60,
+                "workdir": str(tmp_path / f"run{k}"), "block": 200 + k}
+        done = subprocess.run([sys.executable, "bench.py", "--virtual-run"],
+                              input=json.dumps(spec), capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(bench.__file__)),
+                              env={**os.environ, "PYTHONHASHSEED": "0"}, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    sessions = bench.build_sessions(40, spec["rate"], 3, fleet.mixes)
+    asked = [(n, turn, s.model) for n, s in enumerate(sessions) for turn in range(len(s.due))]
+    assert sorted((o["session"], o["turn"], o["model"]) for o in first["outcomes"]) == asked
+    assert all(o["ok"] and o["answered"] == o["model"] for o in first["outcomes"])
+    key = lambda o: (o["session"], o["turn"], o["node"], round(o["latency"], 6))
+    assert sorted(map(key, first["outcomes"])) == sorted(map(key, second["outcomes"]))
+    assert first["marks"] == second["marks"]
+    loads = sum(c["load_count"] for c in first["marks"]["end"].values())
+    assert loads >= len({o["model"] for o in first["outcomes"]})
+    # The last turn is due seconds after the first, and the run waited for it.
+    assert first["seconds"] >= max(s.due[-1] for s in sessions)
+
+
 def small_fleet(bench, machines, mixes):
     """The pressure fleet's shape with other machines and mixes (slowed: the last)."""
     return dataclasses.replace(bench.PRESSURE, machines=tuple(machines), mixes=mixes,
