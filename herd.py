@@ -4691,11 +4691,12 @@ class Placement:
     def steer(self, model, candidates, reasons):
         """(The candidates routing may use, those it holds back), the plan given: a
         node where `model` is hot (or loading) is always fine; while it is hot
-        somewhere, a cold load only where the plan places it and it is expected sooner
-        than the wait there, counting the reloads of the planned models it would push
+        somewhere, a cold load only where the plan places it and its answer is expected
+        sooner than there, counting the reloads of the planned models it would push
         out; while it is hot nowhere, where the plan places it; a model placed nowhere
-        (or whose places cannot take it) loads where it pushes out the least demand,
-        and no model with requests running (or on its way in) where another node can."""
+        (or whose places cannot take it) loads where its answer is expected soonest,
+        counting the reloads it causes (_cost_elsewhere), and no model with requests
+        running (or on its way in) where another node can."""
         if self.plan is None or len(candidates) < 2:
             return candidates, []
         warm = [c for c in candidates if c.hot or c.loading_s]
@@ -4722,8 +4723,12 @@ class Placement:
             # out of the node with the least demand, each load thrown out half-way.
             pool = [c for c in cold if not c.evicts_busy] or \
                 [c for c in cold if not self._throws_out_a_load(c)] or cold
-            least = min(self._demand_out(c) for c in pool)
-            keep = [c for c in pool if self._demand_out(c) <= least]
+            # Least demand pushed out alone sent a faded model's follow-up turns to the
+            # slowed laptop, to answers sixteen times slower than on the studio.
+            cost = self._cost_elsewhere if all(c.service_s for c in pool) \
+                else self._demand_out  # nothing timed (learning off): demand alone
+            least = min(cost(c) for c in pool)
+            keep = [c for c in pool if cost(c) <= least]
             why = f"loading {model} here would push out a busier model"
         held = [c for c in cold if c not in keep] + drained
         reasons += [f"{c.node_id}: " + (f"loading {model} here would push out "
@@ -4749,17 +4754,19 @@ class Placement:
 
     def _worth_loading(self, warm, cold, places):
         """The cold candidates worth a load while the model is hot elsewhere: where the
-        plan places it, and expected to start sooner than the shortest wait where it is
-        hot (the load, as the scoring expects it, and the reloads of the planned models
-        it pushes out); while no wait is known, where the plan places it (the scoring
-        decides). A load that would be sooner but where the plan does not place the
+        plan places it, and expected to answer sooner than where it is hot (its load,
+        its answer's time there, and the reloads of the planned models it pushes out,
+        against the wait and the answer's time on the soonest warm node: the wait
+        alone kept a queue on the slowest machine, whose answers take four times
+        longer, against a load on the fastest); while nothing is timed, where the plan
+        places it (the scoring decides). A load that would be sooner but where the plan does not place the
         model is not made: the plan is weighed again soon instead (its demand may need
         another place), so that every load is one the plan chose, unless the wait is
         LOAD_ANYWAY times longer than that load: the plan lags a node that slowed."""
         planned = [c for c in cold if c.node_id in places]
-        if not all(c.service_s for c in warm):
+        if not all(c.service_s for c in warm + cold):
             return planned
-        wait = min(hc.estimate_wait_s(c) for c in warm)
+        wait = min(hc.expected_s(c) for c in warm)
         if any(self._load_cost(c) < wait for c in cold if c not in planned):
             self.asked = True
         # The plan is advice, not a prison: when it lags (a node slowed down and the
@@ -4776,11 +4783,22 @@ class Placement:
         return any(self._kept(m, c.node_id) for m in c.evicts)
 
     def _load_cost(self, c):
-        """A cold load's seconds before its request starts, and the reloads of the
+        """A cold load's seconds until its request is answered, and the reloads of the
         planned models it pushes out."""
         node = self.fleet.nodes[c.node_id]
         back = sum(self.gauge.load_s(node, m) for m in c.evicts if self._kept(m, c.node_id))
-        return hc.estimate_wait_s(c) + back
+        return hc.expected_s(c) + back
+
+    def _cost_elsewhere(self, c):
+        """A cold load's seconds until its request is answered, and the reloads it is
+        expected to cause: each model it pushes out costs its load times the chance
+        that it is asked for within DEMAND_TAU_S, at its rate now; twice for one the
+        plan keeps here (it is reloaded, or the plan moves)."""
+        node, now = self.fleet.nodes[c.node_id], time.monotonic()
+        back = sum(self.gauge.load_s(node, m)
+                   * (1 - math.exp(-self.demand.rate(m, now) * DEMAND_TAU_S))
+                   * (2 if self._kept(m, c.node_id) else 1) for m in c.evicts)
+        return hc.expected_s(c) + back
 
     def _kept(self, model, node_id):
         """Does the plan keep `model` on `node_id` for its demand?"""

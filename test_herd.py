@@ -9754,16 +9754,18 @@ def test_a_fading_demand_never_climbs_back():
 
 
 def test_a_long_queue_loads_a_model_only_where_the_plan_places_it():
-    # llama is hot on node a with a queue (2.5 s). A load on b or c would start sooner
-    # (1 s), but the plan places llama on b only: c is held back. Without b in the
-    # plan, nothing is loaded, and the plan is weighed again at once (its demand may
-    # need a second place). Only a wait far longer than a load (three times: the plan
-    # lags a node that slowed down) has the load made where the plan does not place it,
-    # and over a model the plan keeps there only at three times that again.
+    # llama is hot on node a with a queue: answered there in 4.5 s (2.5 s of queue, 2 s
+    # of answer). After a load on b or c it would be answered in 3 s, but the plan
+    # places llama on b only: c is held back. Without b in the plan, nothing is loaded,
+    # and the plan is weighed again at once (its demand may need a second place). Only
+    # an answer far later than after a load (three times: the plan lags a node that
+    # slowed down) has the load made where the plan does not place it, and over a model
+    # the plan keeps there only at three times that again.
     placement = herd.Placement(fleet=None, learner=None)
-    placement._load_cost = lambda c: 1.0  # the load, and what it pushes out, is quick
+    placement._load_cost = lambda c: 3.0  # answered 3 s after the load begins
     hot = hc.Candidate("a", hot=True, service_s=2.0, work_ahead_s=2.5)
-    cold = [hc.Candidate("b", load_estimate_s=1.0), hc.Candidate("c", load_estimate_s=1.0)]
+    cold = [hc.Candidate("b", load_estimate_s=1.0, service_s=2.0),
+            hc.Candidate("c", load_estimate_s=1.0, service_s=2.0)]
 
     def plan(**hot_sets):
         placement.plan = hc.Plan(hot={n: tuple(v) for n, v in hot_sets.items()},
@@ -9782,23 +9784,62 @@ def test_a_long_queue_loads_a_model_only_where_the_plan_places_it():
     hot.work_ahead_s = 0.5  # a short queue: no load anywhere, and nothing to weigh
     kept, held, _ = plan(a=["llama"], b=["llama"], c=["qwen"])
     assert (kept, held, placement.asked) == (["a"], ["b", "c"], False)
+    # The same short queue on a node that answers four times slower: the answer there
+    # comes later than after the load, which the wait alone did not tell.
+    hot.service_s = 8.0
+    kept, held, _ = plan(a=["llama"], b=["llama"], c=["qwen"])
+    assert (kept, held) == (["a", "b"], ["c"])
+    hot.service_s = 2.0
+    # Until the load's own answer is timed, the plan alone says where to load.
+    cold[0].service_s = 0.0
+    kept, held, _ = plan(a=["llama"], b=["llama"], c=["qwen"])
+    assert (kept, held) == (["a", "b"], ["c"])
+    cold[0].service_s = 2.0
     hot.work_ahead_s = 2.5  # c joined after the plan was made: it has no word on c
     kept, held, _ = plan(a=["llama"], b=["qwen"])
     assert (kept, held) == (["a", "c"], ["b"])
-    hot.work_ahead_s = 20.0  # twenty times a load: made where the plan does not say
+    hot.work_ahead_s = 20.0  # seven times the load: made where the plan does not say
     kept, held, _ = plan(a=["llama"], b=["qwen"], c=["qwen"])
     assert (kept, held, placement.asked) == (["a", "b", "c"], [], True)
     # ... but in the place of a model the plan keeps there for its demand, only at
     # three times that again.
     cold[1].evicts = ["qwen"]
     placement.rates = {"qwen": 0.5}
-    hot.work_ahead_s = 5.0
-    assert 3.0 < hc.estimate_wait_s(hot) < 9.0
+    hot.work_ahead_s = 10.0
+    assert 9.0 < hc.expected_s(hot) < 27.0
     kept, held, _ = plan(a=["llama"], b=["qwen"], c=["qwen"])
     assert (kept, held) == (["a", "b"], ["c"])
     hot.work_ahead_s = 40.0
     kept, held, _ = plan(a=["llama"], b=["qwen"], c=["qwen"])
     assert (kept, held) == (["a", "b", "c"], [])
+
+
+def test_a_model_placed_nowhere_loads_where_it_is_answered_soonest_counting_reloads():
+    # A faded model's follow-up turn, placed nowhere. The laptop's model is hardly asked
+    # for, the studio's is busy: least demand pushed out is the laptop, where the
+    # answer takes 16 s. Counting the time to the answer and the reloads expected
+    # (each pushed-out model's load, times the chance it is asked for within a minute,
+    # twice for one the plan keeps there), the studio: 0.5 + 1 s of answer and 2 x 3 s
+    # of reload against 3 + 16 s. Learning off (nothing timed): the least demand.
+    placement = herd.Placement(fleet=None, learner=None)
+    placement.plan = hc.Plan(hot={"laptop": ("old",), "studio": ("busy",)}, reasons={},
+                             loads=[], unloads=[], unplaced={})
+    placement.rates = {"old": 0.01, "busy": 2.0}
+    now = time.monotonic()
+    for i in range(60):
+        placement.demand.count("busy", now - 30 + i / 2)
+    placement.demand.count("old", now - 40)
+    placement.fleet = types.SimpleNamespace(nodes={"laptop": object(), "studio": object()})
+    placement.gauge = types.SimpleNamespace(load_s=lambda node, model: 3.0)
+    laptop = hc.Candidate("laptop", evicts=("old",), load_estimate_s=3.0, service_s=16.0)
+    studio = hc.Candidate("studio", evicts=("busy",), load_estimate_s=0.5, service_s=1.0)
+    assert placement._cost_elsewhere(studio) == pytest.approx(1.5 + 6.0, rel=0.01)
+    assert placement._cost_elsewhere(laptop) > 19.0
+    kept, held = placement.steer("faded", [laptop, studio], [])
+    assert ([c.node_id for c in kept], [c.node_id for c in held]) == (["studio"], ["laptop"])
+    laptop.service_s = studio.service_s = 0.0
+    kept, held = placement.steer("faded", [laptop, studio], [])
+    assert ([c.node_id for c in kept], [c.node_id for c in held]) == (["laptop"], ["studio"])
 
 
 def test_a_model_placed_nowhere_never_pushes_out_one_that_is_just_loading():
