@@ -5864,7 +5864,7 @@ FIRST_FLOOR_S = 0.05  # the least wait for a first token taken as expected
 # A streamed answer with no first token this long (and LATE_FIRST times its forecast)
 # may be moved to another node: longer than a fresh long prompt takes on a usual node.
 MOVE_LATE_MIN_S = 2.0
-LATE_CUT_MIN = 0.25  # a late first token cuts the learned speed to this, at most
+LATE_CUT_MIN = 0.25  # late first tokens cut the learned speed to this share, at most
 
 
 class Forecast:
@@ -5969,9 +5969,17 @@ class Learner:
         return self.speeds.get((node_id, model))
 
     def slowed(self, node_id, model, factor):
-        """A request there was seen to go `factor` (< 1) times as fast as learned."""
+        """A request there was seen to go `factor` (< 1) times as fast as learned: cut
+        to that, but never below LATE_CUT_MIN of the long-run speed its answers timed.
+        (Cut again at each late first token of a queue behind the slowed laptop, its
+        speed fell to a thirtieth of what its answers then timed, and the plan read the
+        laptop as good for nothing.)"""
         speed = self.get(node_id, model)
-        if speed is not None:
+        if speed is None:
+            return
+        if speed.decode_tps and speed.baseline_tps:
+            factor = max(factor, LATE_CUT_MIN * speed.baseline_tps / speed.decode_tps)
+        if factor < 1:
             speed.slow_down(factor)
             self.dirty = True
 

@@ -3008,6 +3008,25 @@ def test_a_sharp_slowdown_is_taken_at_once_at_every_level():
     assert speed.best_concurrency(4) == shape  # the curve keeps its shape
 
 
+def test_late_first_tokens_cut_a_speed_once_not_again_and_again():
+    # A queue behind a slowed node: one late first token after another. Each said the
+    # node was four times slower than learned, and each cut the speed again, to a
+    # thirtieth of what its answers timed. The cuts stop at LATE_CUT_MIN of the speed
+    # its answers timed; the next answer is timed as usual.
+    learner = herd.Learner()
+    speed = learner._add("laptop", "qwen", herd.Speed())
+    for _ in range(herd.Speed.LEVEL_SAMPLES):
+        speed.add({"decode_tps": 25.0}, 1)
+    learner.slowed("laptop", "qwen", 0.5)
+    assert speed.tokens_per_s(1) == pytest.approx(12.5)
+    for _ in range(5):
+        learner.slowed("laptop", "qwen", 0.25)
+    assert speed.tokens_per_s(1) == pytest.approx(25.0 * herd.LATE_CUT_MIN)
+    assert speed.alone_tps() == pytest.approx(25.0 * herd.LATE_CUT_MIN)
+    learner.slowed("elsewhere", "qwen", 0.25)  # nothing learned there: nothing to cut
+    assert learner.get("elsewhere", "qwen") is None
+
+
 def test_the_plan_weighs_a_machine_by_its_speed_alone_not_in_its_crowds():
     # The studio decodes 100 tokens/s alone and 75 each with four in flight (three at
     # full speed), where it spends most of its time; the desktop 90 alone, two at once
