@@ -1779,13 +1779,16 @@ class Proxy:
         try:
             ticket = await q.acquire(choice.candidate.tokens if choice.candidate else 0.0)
         except Moved:
+            ex.queue_wait = (ex.queue_wait or 0.0) + time.monotonic() - t_queue
             if not choice.hot:
                 self.fleet.residency.finish_load(choice.node, choice.model, False)  # never sent
             raise
         ticket.exchange = ex
         failed = False
         try:
-            ex.queue_wait = time.monotonic() - t_queue
+            # Every queue it waited in counts, the ones it was moved out of too: a
+            # request rebalanced after 20 s behind the laptop said it had waited none.
+            ex.queue_wait = (ex.queue_wait or 0.0) + time.monotonic() - t_queue
             ex.touch()
             self._count_evictions(ex, choice)
             await self._make_room(ex, choice)

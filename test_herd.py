@@ -2157,20 +2157,27 @@ def test_node_status_transitions_and_offline_gets_no_work(h):
 
 
 def test_drain_moves_queued_requests_and_lets_running_ones_finish(h):
-    fake_a, fake_b = h.fake(chunks=4, chunk_delay=0.25), h.fake()
+    fake_a, fake_b = h.fake(chunks=4, chunk_delay=0.4), h.fake()
     router = h.router()
     h.heartbeat(router, fake_a, "node-a", FLEET_NODE_NUM_PARALLEL=1)
     h.heartbeat(router, fake_b, "node-b", mutate=lambda hb: hb.update(paused=True))
     threads, results = start_requests(router, 3)
     wait_until(lambda: waiting_on(router, "node-a") == 2, what="two requests queued on node-a")
+    queued = time.monotonic()
+    time.sleep(0.3)  # a wait in node-a's queue the traces must show
     h.heartbeat(router, fake_b, "node-b")
     h.heartbeat(router, fake_a, "node-a", FLEET_NODE_NUM_PARALLEL=1,
                 mutate=lambda hb: hb.update(draining=True))
+    moved_after = time.monotonic() - queued
     for t in threads:
         t.join(30)
     assert sorted(r[1]["x-fleet-node"] for r in results) == ["node-a", "node-b", "node-b"]
     assert all(r[0] == 200 for r in results) and fake_a.completed == 1
-    assert [r["status"] for r in h.traces(router)] == ["completed"] * 3
+    traces = h.traces(router)
+    assert [r["status"] for r in traces] == ["completed"] * 3
+    # The moved requests' queue wait counts the wait on node-a they were moved from.
+    moved = [r["queue_wait_ms"] for r in traces if r["node_id"] == "node-b"]
+    assert len(moved) == 2 and all(w >= 300 for w in moved), (moved, moved_after)
 
 
 def test_agent_that_never_found_a_router_still_saves_state_on_drain(h, tmp_path):
