@@ -138,6 +138,7 @@ import concurrent.futures
 import contextlib
 import contextvars
 import dataclasses
+import errno
 import gc
 import heapq
 import http.client
@@ -3164,15 +3165,30 @@ class VirtualNetwork:
             s.bind((self.router_host, 0))
             return s.getsockname()[1]
 
-    async def start(self):
-        for i, m in enumerate(self.fleet.machines):
-            fake = fake_ollama.FakeOllama(
-                list(m.models), num_parallel=m.slots, chunk_delay=CHUNK_DELAY,
-                load_delay=m.load_delay, speed=m.speed, saturation=m.saturation,
-                max_loaded=m.max_loaded, prompt_delay=PROMPT_DELAY,
-                vary_tokens=TOKENS_RANGE, load_per_gb=m.load_per_gb, server=m.server)
-            await fake.start(self.address(i), OLLAMA_PORT)
-            self.fakes.append(fake)
+    async def start(self, tries=20):
+        """Each machine's fake, listening; where another run (another bench.py too)
+        holds the block's addresses, in another block."""
+        for _ in range(tries):
+            try:
+                for i, m in enumerate(self.fleet.machines):
+                    fake = fake_ollama.FakeOllama(
+                        list(m.models), num_parallel=m.slots, chunk_delay=CHUNK_DELAY,
+                        load_delay=m.load_delay, speed=m.speed, saturation=m.saturation,
+                        max_loaded=m.max_loaded, prompt_delay=PROMPT_DELAY,
+                        vary_tokens=TOKENS_RANGE, load_per_gb=m.load_per_gb,
+                        server=m.server)
+                    await fake.start(self.address(i), OLLAMA_PORT)
+                    self.fakes.append(fake)
+                return
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE:
+                    raise
+                for fake in self.fakes:
+                    await fake.stop()
+                self.fakes = []
+                self.block = random.SystemRandom().randrange(1, 255)
+                self.router_host = f"127.{self.block}.0.1"
+        raise OSError(errno.EADDRINUSE, f"no free loopback block in {tries} tries")
 
     async def counters(self):
         return {m.name: f.state() for m, f in zip(self.fleet.machines, self.fakes)}

@@ -4609,16 +4609,19 @@ class Placement:
         return plan
 
     def _unconfirmed(self, plan):
-        """Is `plan` a change the replan before did not find too? A change waits for a
-        second replan to agree (PLAN_EVERY_S later), unless it places a model in
-        demand that the plan in force places nowhere, or loads nothing and leaves no
-        model in demand placed nowhere (it keeps what is loaded, or drops only models
-        no longer asked for or whose demand stopped): what the inputs of one moment
-        say (a rate read between two bursts, a riser's first timings) made plans trade
-        two models' places and trade them back a version later. (Taken at once because
-        it loaded nothing, a plan dropped a riser whose load was under way, to place
-        the two models it was pushing out; the next plan placed the riser at once
-        again, and so on each second.)"""
+        """Is `plan` a change the replan before did not want? A change waits for a
+        second replan in a row to want one too (the same change, or another: both found
+        the plan in force worse by PLAN_MARGIN), unless it places a model in demand
+        that the plan in force places nowhere, or loads nothing and leaves no model in
+        demand placed nowhere (it keeps what is loaded, or drops only models no longer
+        asked for or whose demand stopped): what the inputs of one moment say (a rate
+        read between two bursts, a riser's first timings) made plans trade two models'
+        places and trade them back a version later. (Waiting for two replans to find
+        the same change held a riser on the mini, too slow for its demand, for half a
+        minute: each replan found a better plan, but two near-equal ones in turn.
+        Taken at once because it loaded nothing, a plan dropped a riser whose load was
+        under way, to place the two models it was pushing out; the next plan placed the
+        riser again at once, and so on each second.)"""
         placed = {n: v for n, v in plan.hot.items() if v}
         last = self.plan
         if last is None or placed == {n: v for n, v in last.hot.items() if v}:
@@ -4636,7 +4639,7 @@ class Placement:
                 loads_nothing and not wanted & (before - after):
             self.proposed = None  # a model in demand placed at last, or nothing to load
             return False
-        agreed, self.proposed = self.proposed == placed, placed
+        agreed, self.proposed = self.proposed is not None, placed
         if agreed:
             self.proposed = None
         return not agreed

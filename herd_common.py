@@ -2981,7 +2981,8 @@ def rank_candidates(candidates):
 
 PLAN_HORIZON_S = 300.0  # a move must pay for itself within five minutes of demand
 COLD_FACTOR = 10.0      # a model hot nowhere: each request waits for a load
-MAX_BUSY = 0.95         # the queue stretch stops growing here (1 / 0.05 = 20 times)
+MAX_BUSY = 0.95         # the queue stretch reaches 1 / 0.05 = 20 times here, then
+OVERLOAD_MAX = COLD_FACTOR / 2  # grows with the overload up to this many times that
 
 
 FIT_SAMPLES = 20  # an observation weighs as many samples as it has, up to this
@@ -3128,8 +3129,13 @@ def placement_cost(hot, nodes, models):
 def queue_stretch(busy, slots):
     """How much longer than its own run a request takes on a node this busy: the chance
     that every slot is taken grows like busy ** slots (Erlang C's shape at low load), so
-    a node with spare slots stretches nothing and a one-slot node is M/M/1's 1/(1-busy)."""
-    return 1.0 / (1.0 - min(busy, MAX_BUSY) ** slots)
+    a node with spare slots stretches nothing and a one-slot node is M/M/1's 1/(1-busy).
+    Past MAX_BUSY the queue only grows: the stretch grows with the square of the
+    overload, up to OVERLOAD_MAX times. (Held at MAX_BUSY's, a place twice overloaded
+    cost no more than one just full, and a plan that put a 30 % model on the slowed
+    laptop, or a riser on the mini, seemed hardly worse than one that did not.)"""
+    overload = min(OVERLOAD_MAX, max(1.0, busy / MAX_BUSY) ** 2)
+    return overload / (1.0 - min(busy, MAX_BUSY) ** slots)
 
 
 @dataclass

@@ -7634,9 +7634,10 @@ def test_plan_gives_a_fading_model_no_new_place():
 
 def test_a_plan_that_loads_waits_for_a_second_replan_to_agree():
     # One replan's inputs said the two models should trade nodes: the plan in force
-    # holds until the next replan says so too. A model in demand that the plan in
-    # force places nowhere is placed at once, and so is a change that loads nothing
-    # (unless it leaves a model in demand placed nowhere).
+    # holds until the next replan wants a change too (the same, or another one: the
+    # plan in force lost twice in a row). A model in demand that the plan in force
+    # places nowhere is placed at once, and so is a change that loads nothing (unless
+    # it leaves a model in demand placed nowhere).
     NS = types.SimpleNamespace
     fleet = NS(nodes={"a": NS(loaded={"x": {}}), "b": NS(loaded={"y": {}})})
     placement = herd.Placement(fleet=fleet, learner=None)
@@ -7650,6 +7651,9 @@ def test_a_plan_that_loads_waits_for_a_second_replan_to_agree():
     assert placement._unconfirmed(plan(a=["x"], b=["y"])) is False  # the same: no change
     assert placement._unconfirmed(traded) is True  # the replan between did not agree
     assert placement._unconfirmed(traded) is False  # two in a row
+    assert placement._unconfirmed(traded) is True  # taken: the next change waits again
+    # Another change than the replan before's: the plan in force lost twice in a row.
+    assert placement._unconfirmed(plan(a=["y"], b=["x", "w"])) is False
     placement.rates["z"] = 0.5
     assert placement._unconfirmed(plan(a=["z"], b=["y"])) is False  # z placed at last
     placement.rates["y"] = 0.0
@@ -7726,6 +7730,26 @@ def test_plan_cases(nodes, demand, sizes, current, expected):
     was = {(m, n) for n, names in current.items() for m in names}
     now = {(m, n) for n, names in plan.hot.items() for m in names}
     assert set(plan.loads) == now - was and set(plan.unloads) == was - now
+
+
+def test_an_overloaded_place_costs_more_the_more_it_is_overloaded():
+    # The slow node cannot carry either model (busy 1.6 or 2.0). Held at MAX_BUSY's
+    # stretch, both overloads cost alike, and the plan that puts the busier model there
+    # looked hardly worse (within PLAN_MARGIN) than the one that does not: a replan kept
+    # it. Past MAX_BUSY the stretch grows with the overload, within OVERLOAD_MAX, so a
+    # model is never cheaper placed nowhere than on the most overloaded node.
+    assert hc.queue_stretch(0.5, 1) == pytest.approx(2.0)
+    assert hc.queue_stretch(hc.MAX_BUSY, 1) == pytest.approx(20.0)
+    assert hc.queue_stretch(2 * hc.MAX_BUSY, 1) == pytest.approx(80.0)
+    assert hc.queue_stretch(100.0, 1) == pytest.approx(20.0 * hc.OVERLOAD_MAX)
+    assert hc.OVERLOAD_MAX < hc.COLD_FACTOR
+    nodes = (hc.PlanNode("fast", max_loaded=1, speed=1.0, slots=1),
+             hc.PlanNode("slow", max_loaded=1, speed=0.25, slots=1))
+    models = {"a": plan_model("a", 0.5, on=("fast", "slow")),
+              "b": plan_model("b", 0.4, on=("fast", "slow"))}
+    good = hc.placement_cost({"fast": {"a"}, "slow": {"b"}}, nodes, models)
+    bad = hc.placement_cost({"fast": {"b"}, "slow": {"a"}}, nodes, models)
+    assert good < (1 - herd.PLAN_MARGIN) * bad
 
 
 def test_plan_says_why_a_model_is_hot_nowhere():
