@@ -4146,8 +4146,31 @@ class Scheduler:
 
     def rebalance(self):
         """Fleet.rebalance, moving a queued request only where learning expects it to
-        be answered sooner than where it waits (a slow node's free slot may be worse)."""
-        return self.fleet.rebalance(self.worth_moving if self.cfg.learning else None)
+        be answered sooner than where it waits (a slow node's free slot may be worse);
+        then, with a placement plan, the spill of queues grown past a load elsewhere."""
+        moved = self.fleet.rebalance(self.worth_moving if self.cfg.learning else None)
+        if self.cfg.learning and self.placement.plan is not None:
+            moved += self._spill()
+        return moved
+
+    def _spill(self):
+        """Hand the newest request of each queue back for routing when a request that
+        arrived now would be sent to a cold load on another node (Placement.steer: where
+        the plan places the model and its answer comes sooner than the wait here, or
+        far sooner anywhere). A queue's wait grows after its requests were placed in
+        it: the node slowed, or the plan moved the model. (Moved only to a node where
+        the model was hot, requests waited up to a minute behind the slowed laptop's
+        one slot while a load on the studio took three seconds.)"""
+        moved = 0
+        for (node_id, model), q in list(self.fleet.queues.items()):
+            if not q.waiters or node_id not in self.fleet.nodes:
+                continue
+            ranked, _ = self.rank(model, Ask())
+            best = ranked[0][2] if ranked else None
+            if best is not None and best.node_id != node_id and \
+                    not (best.hot or best.loading_s):
+                moved += q.hand_back_newest(best.node_id)
+        return moved
 
     def worth_moving(self, node_id, target, model):
         here = self.fleet.nodes.get(node_id)
@@ -5013,6 +5036,17 @@ class SlotQueue:
                 waiter.fut.set_exception(Moved(target))
                 moved += 1
         return moved
+
+    def hand_back_newest(self, target):
+        """Hand the newest waiting request (the longest wait ahead of it) back for
+        routing, `target` preferred; returns 1, or 0 when none waits."""
+        while self.waiters:
+            waiter = self.waiters.pop()
+            self.work_waiting -= waiter.work
+            if not waiter.fut.done():
+                waiter.fut.set_exception(Moved(target))
+                return 1
+        return 0
 
     def set_limit(self, limit):
         self.limit = limit

@@ -3220,6 +3220,32 @@ def test_the_rebalancer_moves_a_queued_request_only_where_it_is_answered_sooner(
     assert [r[0] for r in results] == [200, 200] and b.completed == moves
 
 
+@pytest.mark.parametrize("b_speed, spilled", [(0.5, 0), (200.0, 1)])
+def test_a_queue_grown_past_a_load_elsewhere_hands_its_newest_request_back(
+        h, b_speed, spilled):
+    # llama3.2:3b is hot on node-a alone, one slot, learned slow (20 tokens in 10 s):
+    # one request runs there, one waits. node-b joins with the model on disk, not
+    # loaded. The rebalancer moves queued requests to hot nodes only; a queue whose
+    # wait has grown past a load elsewhere (what Placement.steer allows a request that
+    # arrives now) hands its newest request back for routing, and it is loaded there.
+    # Where node-b would answer later than the wait, the request stays.
+    a = h.fake(num_parallel=1, chunks=20, chunk_delay=0.15)
+    b = h.fake("127.0.0.2", num_parallel=1, chunks=20)
+    router = router_that_learned(h, {"node-a": 2.0, "node-b": b_speed})
+    load_on(a, "llama3.2:3b")
+    join(h, router, a, "node-a", slots=1)
+    threads, results = start_requests(router, 2)
+    wait_until(lambda: waiting_on(router, "node-a") == 1, what="a request queued on node-a")
+    h.bg.run(router.scheduler.placement.replan())  # a plan: llama3.2:3b on node-a
+    join(h, router, b, "node-b", slots=1)
+    assert run_rebalancer_pass(h, router) == spilled
+    for t in threads:
+        t.join(30)
+    assert [r[0] for r in results] == [200, 200]
+    assert (b.completed, b.load_count) == (spilled, spilled)
+    assert a.completed == 2 - spilled
+
+
 def test_a_cold_load_never_evicts_a_busy_model_when_another_node_can_load_it(h):
     # node-a has the most memory, so it would win the cold load; but it may hold one
     # model at a time (OLLAMA_MAX_LOADED_MODELS=1), and that one is busy.
