@@ -4788,10 +4788,11 @@ class Placement:
         against the wait and the answer's time on the soonest warm node: the wait
         alone kept a queue on the slowest machine, whose answers take four times
         longer, against a load on the fastest); while nothing is timed, where the plan
-        places it (the scoring decides). A load that would be sooner but where the plan does not place the
-        model is not made: the plan is weighed again soon instead (its demand may need
-        another place), so that every load is one the plan chose, unless the wait is
-        LOAD_ANYWAY times longer than that load: the plan lags a node that slowed."""
+        places it (the scoring decides). A load that would answer sooner but where the
+        plan does not place the model is not made: the plan is weighed again soon
+        instead (its demand may need another place), so that every load is one the plan
+        chose, unless the answer where the model is hot comes LOAD_ANYWAY times later:
+        the plan lags a node that slowed."""
         planned = [c for c in cold if c.node_id in places]
         if not all(c.service_s for c in warm + cold):
             return planned
