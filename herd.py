@@ -4213,10 +4213,11 @@ class Scheduler:
 # memory under the same version is a thrash.
 # Routing follows the plan (Placement.steer): a cold load goes where the plan places
 # the model, and not at all while a node where it is hot answers sooner than the load
-# (plus reloading what the load would push out); only a wait LOAD_ANYWAY times longer
-# than a load elsewhere has that load made (the plan lags a node that slowed). The
-# Warmer loads what the plan places at a quiet moment, first unloading (keep_alive 0)
-# what the plan dropped there.
+# (plus reloading what the load would push out); only an answer LOAD_ANYWAY times later
+# than after a load elsewhere has that load made (the plan lags a node that slowed),
+# and a queue that grew so after its requests joined it hands them back one by one (the
+# rebalancer's spill). The Warmer loads what the plan places at a quiet moment, first
+# unloading (keep_alive 0) what the plan dropped there.
 ####################################################################################
 
 PLAN_EVERY_S = 5.0  # the plan is rebuilt this often: a few heartbeats
