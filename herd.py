@@ -4757,8 +4757,9 @@ class Placement:
             # slowed laptop, to answers sixteen times slower than on the studio.
             cost = self._cost_elsewhere if all(c.service_s for c in pool) \
                 else self._demand_out  # nothing timed (learning off): demand alone
-            least = min(cost(c) for c in pool)
-            keep = [c for c in pool if cost(c) <= least]
+            costs = [(cost(c), c) for c in pool]
+            least = min(x for x, _ in costs)
+            keep = [c for x, c in costs if x <= least]
             why = f"loading {model} here would push out a busier model"
         held = [c for c in cold if c not in keep] + drained
         reasons += [f"{c.node_id}: " + (f"loading {model} here would push out "
@@ -4816,20 +4817,24 @@ class Placement:
     def _load_cost(self, c):
         """A cold load's seconds until its request is answered, and the reloads of the
         planned models it pushes out."""
-        node = self.fleet.nodes[c.node_id]
-        back = sum(self.gauge.load_s(node, m) for m in c.evicts if self._kept(m, c.node_id))
-        return hc.expected_s(c) + back
+        return self._answer_and_reloads(c, lambda m, kept: 1.0 if kept else 0.0)
 
     def _cost_elsewhere(self, c):
         """A cold load's seconds until its request is answered, and the reloads it is
         expected to cause: each model it pushes out costs its load times the chance
         that it is asked for within DEMAND_TAU_S, at its rate now; twice for one the
         plan keeps here (it is reloaded, or the plan moves)."""
-        node, now = self.fleet.nodes[c.node_id], time.monotonic()
-        back = sum(self.gauge.load_s(node, m)
-                   * (1 - math.exp(-self.demand.rate(m, now) * DEMAND_TAU_S))
-                   * (2 if self._kept(m, c.node_id) else 1) for m in c.evicts)
-        return hc.expected_s(c) + back
+        now = time.monotonic()
+        return self._answer_and_reloads(c, lambda m, kept: (2 if kept else 1) * (
+            1 - math.exp(-self.demand.rate(m, now) * DEMAND_TAU_S)))
+
+    def _answer_and_reloads(self, c, weight):
+        """hc.expected_s(c), and the loads of the models the load pushes out, each
+        times weight(model, whether the plan keeps it here)."""
+        node = self.fleet.nodes[c.node_id]
+        return hc.expected_s(c) + sum(
+            self.gauge.load_s(node, m) * w for m in c.evicts
+            if (w := weight(m, self._kept(m, c.node_id))))
 
     def _kept(self, model, node_id):
         """Does the plan keep `model` on `node_id` for its demand?"""
