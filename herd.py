@@ -1336,6 +1336,9 @@ class Exchange:
         self.fields = {}  # the client's parsed body
         self.node_id = self.score = self.breakdown = self.tags = None
         self.retries = 0
+        # Its node's InFlight while it holds a slot there, and (monotonic, that one's
+        # decode_area) at its first token.
+        self.flight = self.decoding_since = None
         self.ttft = self.queue_wait = None
         self.usage = {}  # USAGE_KEYS' fields found in the answer
         self.task = asyncio.current_task()
@@ -1352,6 +1355,29 @@ class Exchange:
         self.session_key = None  # what the conversation's next turn will be known by
         self.stale_after = None  # seconds without progress before the reaper stops it
         self.first_expected_s = 0.0  # from its slot to its first token, as forecast
+
+    @property
+    def ttft(self):
+        """Seconds from its head to the first byte of its answer (None: not yet)."""
+        return self._ttft
+
+    @ttft.setter
+    def ttft(self, value):
+        self._ttft = value
+        if value is not None and self.stream and self.flight is not None and \
+                self.decoding_since is None:
+            self.decoding_since = (self.flight.decode(1), self.flight.decode_area)
+
+    def decode_crowd(self):
+        """Done on its node: the mean number of answers streaming there while its own
+        did, itself included (None: it never streamed a first token there). A whole
+        answer's first byte is its last, so its decoding is not seen, nor counted."""
+        since, flight = self.decoding_since, self.flight
+        self.flight = self.decoding_since = None
+        if since is None:
+            return None
+        now = flight.decode(-1)
+        return (flight.decode_area - since[1]) / (now - since[0]) if now > since[0] else 1.0
 
     def ask(self, model, stream=False, body=b"", fields=None, asked=None):
         """What the client asked for: the model, streamed or not, the body for the node
@@ -1783,7 +1809,7 @@ class Proxy:
             if not choice.hot:
                 self.fleet.residency.finish_load(choice.node, choice.model, False)  # never sent
             raise
-        ticket.exchange = ex
+        ticket.exchange, ex.flight = ex, q.flight
         failed = False
         try:
             # Every queue it waited in counts, the ones it was moved out of too: a
@@ -1801,11 +1827,12 @@ class Proxy:
             failed = True
             raise
         finally:
+            crowd = ex.decode_crowd()
             level = q.release(ticket)
             if not choice.hot:  # a first chunk means Ollama had loaded it
                 self.fleet.residency.finish_load(choice.node, choice.model, ex.started)
             if not failed:
-                self._learn(ex, choice, level)
+                self._learn(ex, choice, level, crowd)
 
     def _late_after(self, ex, choice):
         """Seconds after which a streamed answer on a hot model with no first token yet
@@ -1882,7 +1909,7 @@ class Proxy:
             self.stats.count_event("eviction", f"loading {choice.model} on "
                                                f"{choice.node.node_id} evicts {victim}", ex)
 
-    def _learn(self, ex, choice, level):
+    def _learn(self, ex, choice, level, crowd=None):
         if ex.outcome() != hc.COMPLETED or ex.kind in hc.MEDIA_KINDS:
             return  # a picture or a transcript has no tokens to learn a speed from
         self.scheduler.sessions.remember(ex.session_key, choice.node.node_id)
@@ -1893,7 +1920,7 @@ class Proxy:
         # request's timing nor a whole load's.
         hot = None if c and c.loading_s else choice.hot
         speed = self.learner.observe(choice.node.node_id, choice.model, ex, hot,
-                                     c.model_size if c else 0, level)
+                                     c.model_size if c else 0, level, crowd)
         slots = self.fleet.slots_for(choice.node)
         self.fleet.set_concurrency(choice.node, choice.model, speed.settle_concurrency(slots))
 
@@ -4499,8 +4526,8 @@ class PlanInputs:
         one of them marked slow by a late first token (Learner.slowed), made a model of
         4 % of the requests read as 6 s/s of demand beside one that timed a dozen."""
         seen = []
-        for node_id, s in self.learner.by_model.get(model, {}).items():
-            tps = s.alone_tps()
+        for node_id, s in list(self.learner.by_model.get(model, {}).items()):
+            tps = self.learner.alone_tps(node_id, s)
             run_s = ((s.prompt_eval_ms or 0.0) / 1000 + s.tokens / tps
                      if s.tokens and tps else (s.service_ms or 0.0) / 1000)
             if run_s and node_id in speeds:
@@ -4933,18 +4960,31 @@ class Ticket:
 class InFlight:
     """Requests in flight on one node, across all its models (they share the machine's
     compute), and that count's integral over time: a request's mean concurrency is the
-    integral over its run divided by the run's length."""
+    integral over its run divided by the run's length. The same of the requests past
+    their first token (decoding): the crowd an answer's tokens came out in, where the
+    count in flight also holds requests waiting inside the server for a slot or a load."""
 
-    __slots__ = ("active", "area", "_t")
+    __slots__ = ("active", "area", "decoding", "decode_area", "_t")
 
     def __init__(self):
         self.active, self.area, self._t = 0, 0.0, time.monotonic()
+        self.decoding, self.decode_area = 0, 0.0
 
-    def add(self, delta):
+    def _advance(self):
         now = time.monotonic()
         self.area += self.active * (now - self._t)
+        self.decode_area += self.decoding * (now - self._t)
         self._t = now
+        return now
+
+    def add(self, delta):
+        now = self._advance()
         self.active += delta
+        return now
+
+    def decode(self, delta):
+        now = self._advance()
+        self.decoding += delta
         return now
 
 
@@ -5691,7 +5731,7 @@ class Speed:
     LEVEL_STALE_S = 600.0
     STALE_S = 120.0  # unsampled this long, a slowed node is taken at its usual speed
     __slots__ = ("samples", *AVERAGED, "baseline_tps", "concurrency", "size", "levels",
-                 "updated_at", "recent")
+                 "crowds", "updated_at", "recent")
 
     def __init__(self):
         self.samples = 0
@@ -5700,15 +5740,24 @@ class Speed:
         self.baseline_tps = self.concurrency = None
         self.size = 0
         self.levels = {}  # requests in flight -> [decode tokens/s each, samples, when]
+        # Answers decoding on the node (Exchange.decode_crowd) -> [tokens/s each,
+        # samples]: learned afresh after a restart, in minutes (levels are kept).
+        self.crowds = {}
         self.updated_at = 0.0
         self.recent = collections.deque(maxlen=self.WINDOW)  # (ttft_ms, decode_tps)
 
-    def add(self, sample, level=None):
+    def add(self, sample, level=None, crowd=None):
         """Fold in one completed request: a dict of AVERAGED fields, None where unknown;
-        `level` is the mean number of requests in flight while it ran. Returns the
-        factor of a sharp drop in its decode speed, if it showed one (else None)."""
+        `level` is the mean number of requests in flight while it ran, `crowd` of
+        answers decoding while its own did. Returns the factor of a sharp drop in its
+        decode speed, if it showed one (else None)."""
         tps = sample.get("decode_tps")
-        floor = self.floor_tps(level) if tps is not None and level else None
+        # Judged against the answers decoding beside it where that is known: a request
+        # waiting inside the server for a slot or a load counts in flight but slows no
+        # one, and against the speed of a level that held such waits, a studio's crowd
+        # of answers of its two models read as the machine slowing to half.
+        floor = None if tps is None else self.floor_tps(crowd, self.crowds) if crowd \
+            else self.floor_tps(level) if level else None
         drop = tps / floor if floor and tps < LIVE_SLOW * floor else None
         if drop:
             self.slow_down(drop)  # a sharp drop: taken at once, not half-way
@@ -5725,20 +5774,27 @@ class Speed:
                     tps - self.baseline_tps)
             if level:
                 self._add_level(min(self.MAX_LEVEL, max(1, round(level))), tps)
+            if crowd:
+                entry = self.crowds.setdefault(min(self.MAX_LEVEL, max(1, round(crowd))),
+                                               [tps, 0])
+                entry[1] += 1
+                entry[0] += max(self.ALPHA, 1.0 / entry[1]) * (tps - entry[0])
         self.recent.append((sample.get("ttft_ms"), tps))
         self.updated_at = time.time()
         return drop
 
-    def floor_tps(self, level):
-        """The least per-request speed the curve allows at `level` in flight: the level's
-        own, else the nearest timed level below it shared out (n requests on a machine
-        that does not scale at all each get 1/n of it); None below every timed level."""
+    def floor_tps(self, level, curve=None):
+        """The least per-request speed the curve (levels, or crowds) allows at `level`:
+        the level's own, else the nearest timed level below it shared out (n requests on
+        a machine that does not scale at all each get 1/n of it); None below every timed
+        level."""
+        curve = self.levels if curve is None else curve
         level = min(self.MAX_LEVEL, max(1, round(level)))
-        timed = [k for k, v in self.levels.items() if k <= level and v[1] >= self.LEVEL_SAMPLES]
+        timed = [k for k, v in curve.items() if k <= level and v[1] >= self.LEVEL_SAMPLES]
         if not timed:
             return None
         below = max(timed)
-        return self.levels[below][0] * below / level
+        return curve[below][0] * below / level
 
     def steady_tps(self):
         """The long-run decode speed, or the current one when it has dropped sharply
@@ -5758,6 +5814,24 @@ class Speed:
         timed = [k for k, v in self.levels.items() if v[1] >= self.LEVEL_SAMPLES]
         return self.levels[min(timed)][0] if timed else self.steady_tps()
 
+    def fewest_decoding(self):
+        """(The fewest answers decoding beside its own, itself counted, that it was
+        timed at: LEVEL_SAMPLES times if any was, else once; its tokens/s there), or
+        None before any."""
+        timed = [k for k, v in self.crowds.items() if v[1] >= self.LEVEL_SAMPLES]
+        low = min(timed or self.crowds, default=None)
+        return None if low is None else (low, self.crowds[low][0])
+
+    def crowd_factor(self, crowd):
+        """How many times faster its answers ran with fewer decoding beside them (the
+        fewest timed LEVEL_SAMPLES times) than in `crowd` (timed as often), at most as
+        many times as `crowd` is larger; None if not timed so."""
+        timed = [k for k, v in self.crowds.items() if v[1] >= self.LEVEL_SAMPLES]
+        if crowd not in timed or min(timed) >= crowd or not self.crowds[crowd][0]:
+            return None
+        low = min(timed)
+        return min(max(self.crowds[low][0] / self.crowds[crowd][0], 1.0), crowd / low)
+
     def slow_down(self, factor):
         """The node decodes `factor` (< 1) times as fast as learned, at every level (its
         owner's job takes the machine, whatever runs on it): so the next forecast reads
@@ -5765,7 +5839,7 @@ class Speed:
         The curve keeps its shape, and so the concurrency learned from it."""
         if self.decode_tps:
             self.decode_tps *= factor
-        for entry in self.levels.values():
+        for entry in (*self.levels.values(), *self.crowds.values()):
             entry[0] *= factor
         self.updated_at = time.time()
 
@@ -5977,7 +6051,7 @@ class Learner:
             self.by_node[node_id][model] = speed
         return speed
 
-    def observe(self, node_id, model, ex, hot, size=0, level=None):
+    def observe(self, node_id, model, ex, hot, size=0, level=None, crowd=None):
         """Fold in one completed request (its Exchange); returns the node+model's Speed."""
         u = ex.usage
         eval_s, prompt_s = _ratio(u.get("eval_ns"), 1e9), _ratio(u.get("prompt_eval_ns"), 1e9)
@@ -6000,7 +6074,7 @@ class Learner:
         }
         speed = self.speeds.get((node_id, model)) or self._add(node_id, model, Speed())
         speed.size = size or speed.size
-        drop = speed.add(sample, level)
+        drop = speed.add(sample, level, crowd)
         if drop:
             # The machine slowed (its owner's job), not the model: its other models
             # are as slow. Left at their old speeds, they held the plan's figure for
@@ -6090,10 +6164,31 @@ class Learner:
         model it and the others have timed (herd_common.fit_speeds); the placement
         plan's, where node_factor's prudence (an untimed node is the slowest) would
         make it move models off every machine it has not timed yet."""
-        observations = [(n, m, s.alone_tps(), s.samples) for (n, m), s in
+        observations = [(n, m, self.alone_tps(n, s), s.samples) for (n, m), s in
                         list(self.speeds.items()) if s.alone_tps()]
         sizes = {m: s.size for (n, m), s in self.speeds.items()}
         return hc.fit_speeds(observations, sizes)
+
+    def alone_tps(self, node_id, speed):
+        """The speed of one answer of `speed`'s model with nothing else decoding on
+        `node_id`, for the placement plan: as timed so, else as timed in the fewest
+        others' company times as much as that company slowed another model of the
+        node timed both in it and in less (a crowd slows every model of a machine
+        alike: they share its processor and memory bandwidth), else the faster of that
+        company's speed and speed.alone_tps(). (A model loaded on a busy node is timed
+        only in company: the studio's new models read at half their speed beside its
+        older one at full, and, linked by one of them to the desktop that had timed it
+        alone, the fit read the studio at half the desktop's speed.)"""
+        fewest = speed.fewest_decoding()
+        if fewest is None:
+            return speed.alone_tps()
+        crowd, tps = fewest
+        if crowd <= 1:
+            return tps
+        known = [(other.crowds[crowd][1], factor) for other in
+                 list(self.by_node.get(node_id, {}).values()) if other is not speed
+                 for factor in [other.crowd_factor(crowd)] if factor]
+        return tps * max(known)[1] if known else max(tps, speed.alone_tps() or 0.0)
 
     def _shared_factor(self, node_id):
         """node_factor from the models this node and others have timed, or None."""

@@ -3056,6 +3056,102 @@ def test_the_plan_weighs_a_machine_by_its_speed_alone_not_in_its_crowds():
     assert learner.plan_speeds()["desktop"] == 1.0
 
 
+def test_an_answers_crowd_counts_the_answers_streaming_beside_it_not_those_waiting(
+        monkeypatch):
+    async def exchanges():
+        return [herd.Exchange(types.SimpleNamespace(path="/api/chat"), None)
+                for _ in range(4)]
+
+    first, second, waiting, whole = asyncio.run(exchanges())
+    clock = [100.0]
+    monkeypatch.setattr(herd.time, "monotonic", lambda: clock[0])
+    flight = herd.InFlight()
+    for ex in (first, second, waiting, whole):
+        ex.stream, ex.flight = ex is not whole, flight
+        flight.add(1)  # all four hold a slot: in flight
+    first.ttft = 0.1  # streams alone for a second...
+    clock[0] += 1.0
+    second.ttft = 1.1  # ...then beside another for two; `waiting` never streams (a
+    clock[0] += 2.0    # load inside the server), `whole` is an answer not streamed
+    whole.ttft = 3.1
+    assert first.decode_crowd() == pytest.approx((1 * 1.0 + 2 * 2.0) / 3.0)
+    clock[0] += 1.0
+    assert second.decode_crowd() == pytest.approx((2 * 2.0 + 1 * 1.0) / 3.0)
+    assert waiting.decode_crowd() is None and whole.decode_crowd() is None
+    assert flight.decoding == 0 and flight.active == 4  # the slots are the queue's
+
+
+def test_a_crowd_of_answers_is_not_read_as_the_machine_slowing():
+    # Timed at 100 tokens/s with up to three answers streaming (a studio that decodes
+    # three at full speed), and at 3 in flight. Six answers streaming at once each get
+    # half that, with three requests in flight here and the rest of the node's busy
+    # with another model: judged by the count in flight it is a sharp drop to half
+    # (every model of the node slowed); by the answers streaming, a share of the machine.
+    speed = herd.Speed()
+    for crowd in (1, 3) * 5:
+        speed.add({"decode_tps": 100.0}, level=crowd, crowd=crowd)
+    assert speed.add({"decode_tps": 50.0}, level=3, crowd=6) is None
+    assert speed.crowds[3][0] == pytest.approx(100.0)
+    assert speed.crowds[6][0] == pytest.approx(50.0)
+    # Alone and four times slower: the machine slowed (its owner's job).
+    assert speed.add({"decode_tps": 25.0}, level=1, crowd=1) == pytest.approx(0.25)
+    assert speed.crowds[3][0] == pytest.approx(25.0)
+    # Without a crowd (an answer not streamed), the count in flight still judges.
+    other = herd.Speed()
+    for _ in range(5):
+        other.add({"decode_tps": 100.0}, level=3)
+    assert other.add({"decode_tps": 50.0}, level=3) == pytest.approx(0.5)
+
+
+def test_a_model_timed_only_in_company_is_weighed_at_its_speed_alone():
+    # The studio has timed llama3.2 alone (100 tokens/s) and beside four others (40
+    # each); the riser gemma2 only ever streamed beside four others, at 40: alone it
+    # would go 100. The desktop timed gemma2 alone at 90: the studio is the faster.
+    learner = herd.Learner()
+
+    def timed(node_id, model, crowd, tps, times=5):
+        for _ in range(times):
+            ex = types.SimpleNamespace(usage={"completion_tokens": tps, "eval_ns": 10**9},
+                                       ttft=0.1, stream=True, t0=time.monotonic(),
+                                       queue_wait=0.0)
+            learner.observe(node_id, model, ex, True, size=5 * GB, level=crowd, crowd=crowd)
+
+    timed("studio", "llama3.2:3b", 1, 100.0)
+    timed("studio", "llama3.2:3b", 5, 40.0)
+    timed("studio", "gemma2:9b", 5, 40.0)
+    timed("desktop", "gemma2:9b", 1, 90.0)
+    riser = learner.get("studio", "gemma2:9b")
+    assert learner.alone_tps("studio", riser) == pytest.approx(100.0)
+    assert learner.plan_speeds() == pytest.approx({"studio": 1.0, "desktop": 0.9})
+    # With nothing timed alone on the node to scale by, the company's speed stands.
+    timed("mini", "gemma2:9b", 3, 30.0)
+    assert learner.alone_tps("mini", learner.get("mini", "gemma2:9b")) == \
+        pytest.approx(30.0)
+
+
+def test_a_model_streamed_only_beside_another_is_learned_at_its_speed_alone(h):
+    # One machine that decodes one answer at a time at full speed (two share it):
+    # llama3.2 streams alone first, then beside qwen2.5, which never streams alone.
+    fake = h.fake(num_parallel=4, saturation=1, chunks=20, chunk_delay=0.01)
+    router = h.router()
+    for model in ("llama3.2:3b", "qwen2.5:7b"):
+        load_on(fake, model)
+    h.heartbeat(router, fake, "node-a", FLEET_NODE_NUM_PARALLEL=4)
+    stream = {"stream": True}
+    serve_in_turns(router, 4, 1, "llama3.2:3b", stream)
+    for _ in range(4):
+        both = [threading.Thread(target=serve_in_turns, args=(router, 2, 1, m, stream))
+                for m in ("llama3.2:3b", "qwen2.5:7b")]
+        for t in both:
+            t.start()
+        for t in both:
+            t.join(60)
+    alone = router.learner.get("node-a", "llama3.2:3b").crowds[1][0]
+    riser = router.learner.get("node-a", "qwen2.5:7b")
+    assert min(riser.crowds) >= 2 and riser.alone_tps() < 0.75 * alone, riser.crowds
+    assert router.learner.alone_tps("node-a", riser) == pytest.approx(alone, rel=0.3)
+
+
 def test_learned_concurrency_is_not_fooled_by_noise_high_up():
     # A machine that scales to all 16 slots, each request's speed wobbling by a few per
     # cent: from 15 in flight to 16 adds a sixteenth, as much as the wobble. That is no
