@@ -3342,6 +3342,49 @@ def test_a_queue_grown_past_a_load_elsewhere_hands_its_newest_request_back(
     assert a.completed == 2 - spilled
 
 
+@pytest.mark.parametrize("b_speed, moved", [(0.2, 0), (200.0, 3)])
+def test_a_queue_behind_a_slow_slot_moves_on_into_a_faster_queue_elsewhere(
+        h, b_speed, moved):
+    # llama3.2:3b is hot on node-a alone, one slot, learned slow (20 tokens in 10 s):
+    # one request runs there, three wait. node-b joins with it hot, one slot. Moved
+    # only into free slots, one would go and two would wait half a minute on node-a;
+    # queued behind it on node-b, they are answered sooner still, so they go too.
+    # Where node-b is slower than the wait, none moves.
+    a = h.fake(num_parallel=1, chunks=20, chunk_delay=0.15)
+    b = h.fake("127.0.0.2", num_parallel=1, chunks=20)
+    router = router_that_learned(h, {"node-a": 2.0, "node-b": b_speed})
+    for fake in (a, b):
+        load_on(fake, "llama3.2:3b")
+    join(h, router, a, "node-a", slots=1)
+    threads, results = start_requests(router, 4)
+    wait_until(lambda: waiting_on(router, "node-a") == 3, what="three queued on node-a")
+    h.bg.run(router.scheduler.placement.replan())
+    join(h, router, b, "node-b", slots=1)
+    assert run_rebalancer_pass(h, router) == moved
+    for t in threads:
+        t.join(60)
+    assert [r[0] for r in results] == [200] * 4
+    assert (a.completed, b.completed) == (4 - moved, moved)
+
+
+@pytest.mark.parametrize("here, there, waiting, moved", [
+    # 10 s answers behind 30 s of work here; 8 s there, nothing ahead, one slot: the
+    # newest two are answered sooner there (at 8 and 16 s against 40 and 30), the
+    # third not by a fifth (24 s against 20).
+    ((30.0, 10.0), (0.0, 8.0, 1), 3, 2),
+    ((30.0, 10.0), (0.0, 8.0, 2), 3, 3),     # two slots there: 8, 8, 12 s
+    ((30.0, 10.0), (50.0, 8.0, 1), 3, 0),    # a longer queue there
+    ((30.0, 10.0), (0.0, 0.0, 1), 3, 0),     # nothing learned there
+    ((3.0, 10.0), (0.0, 11.0, 1), 1, 0),     # near even: no trade
+])
+def test_how_many_queued_requests_are_answered_sooner_in_another_queue(
+        here, there, waiting, moved):
+    stay = hc.Candidate("node-a", hot=True, work_ahead_s=here[0], service_s=here[1])
+    move = hc.Candidate("node-b", hot=True, work_ahead_s=there[0], service_s=there[1],
+                        limit=there[2])
+    assert herd.Scheduler._sooner_there(stay, move, waiting) == moved
+
+
 def test_a_cold_load_never_evicts_a_busy_model_when_another_node_can_load_it(h):
     # node-a has the most memory, so it would win the cold load; but it may hold one
     # model at a time (OLLAMA_MAX_LOADED_MODELS=1), and that one is busy.
