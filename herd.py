@@ -6315,6 +6315,9 @@ class Learner:
                     "concurrency": limits[model],
                     "tokens_per_s_by_concurrency": {
                         str(k): _round(v[0]) for k, v in sorted(speed.levels.items())
+                        if v[1] >= Speed.LEVEL_SAMPLES},
+                    "tokens_per_s_by_answers_streaming": {
+                        str(k): _round(v[0]) for k, v in sorted(speed.crowds.items())
                         if v[1] >= Speed.LEVEL_SAMPLES}}
                 continue
             guess = self.estimate(node_id, model, sized(models[model]))

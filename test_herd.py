@@ -3150,6 +3150,10 @@ def test_a_model_streamed_only_beside_another_is_learned_at_its_speed_alone(h):
     riser = router.learner.get("node-a", "qwen2.5:7b")
     assert min(riser.crowds) >= 2 and riser.alone_tps() < 0.75 * alone, riser.crowds
     assert router.learner.alone_tps("node-a", riser) == pytest.approx(alone, rel=0.3)
+    learned = fleet_node(router, "node-a")["learned"]
+    curve = learned["llama3.2:3b"]["tokens_per_s_by_answers_streaming"]
+    assert float(curve["1"]) == pytest.approx(alone, rel=0.01) and "2" in curve, curve
+    assert "1" not in learned["qwen2.5:7b"]["tokens_per_s_by_answers_streaming"]
 
 
 def test_learned_concurrency_is_not_fooled_by_noise_high_up():
