@@ -1945,6 +1945,8 @@ class Proxy:
             answers.append(result)
             if result[0] == 200:
                 self.fleet.residency.mark_unloaded(node, ex.model)
+        if any(status == 200 for status, _, _ in answers):
+            self.scheduler.placement.unloaded(ex.model)
         await self._answer_unload(ex, answers)
 
     @staticmethod
@@ -4597,7 +4599,15 @@ class Placement:
         self.built_at = self.changed_at = 0.0  # monotonic
         self.done = collections.Counter()  # planned loads and unloads carried out
         self.replanning = None  # the replan under way (a task), shared by all who wait
+        self.let_go = {}  # model -> monotonic time a client last unloaded it
         self.proposed = None  # a placement the last replan found better, to be confirmed
+
+    def unloaded(self, model):
+        """A client unloaded `model` through the router: no load ahead of requests
+        brings it back until one asks for it."""
+        if model in self.demand.rates:  # bounded as the demand is
+            self.let_go[model] = time.monotonic()
+        self.let_go = {m: t for m, t in self.let_go.items() if m in self.demand.rates}
 
     def count(self, model, fresh=True):
         """A request for `model` arrived (`fresh`: not the next turn of a conversation
@@ -4910,10 +4920,11 @@ class Placement:
     # -- what the Warmer carries out ---------------------------------------------------
 
     def pending_loads(self):
-        """(node, model) the plan places, asked for within PLAN_ASKED_S, not in memory
-        nor on the way. A model nobody asked for lately is loaded by its next request,
-        if it comes: when traffic stops, the demand that lingers in the counts moves
-        nothing."""
+        """(node, model) the plan places, asked for within PLAN_ASKED_S and since a
+        client last unloaded it, not in memory nor on the way. A model nobody asked for
+        lately is loaded by its next request, if it comes: when traffic stops, the
+        demand that lingers in the counts moves nothing; and a model its user just
+        unloaded (keep_alive 0, to free the memory) stays out until it is asked for."""
         if self.plan is None:
             return []
         now, out = time.monotonic(), []
@@ -4923,7 +4934,8 @@ class Placement:
                 continue
             out += [(node, m) for m in names if m not in node.loaded and
                     self.rates.get(m, 0.0) > 0 and m in node.models and
-                    now - self.demand.last_asked(m) <= PLAN_ASKED_S]
+                    now - self.demand.last_asked(m) <= PLAN_ASKED_S and
+                    self.demand.last_asked(m) > self.let_go.get(m, -math.inf)]
         return out
 
     def dropped(self, node):

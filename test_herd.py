@@ -4788,6 +4788,30 @@ def test_loads_and_unloads_the_router_causes_are_recorded(h):
     assert model_loads() == 2
 
 
+def test_a_model_its_user_unloads_is_not_loaded_again_ahead_of_requests(h):
+    # Asked for a moment ago, llama3.2:3b is placed on node-a, and the Warmer loads what
+    # the plan places before requests need it. Its user unloads it (keep_alive 0, to
+    # free the memory): it stays out until a request asks for it again.
+    fake = h.fake()
+    router = h.router()
+    h.heartbeat(router, fake, "node-a")
+    ask = {"model": "llama3.2:3b", "prompt": "x", "stream": False}
+    assert http(router.url, "POST", "/api/generate", ask)[0] == 200  # a cold load
+    follow_plan(h, router)
+    assert planned_models(router) == {"node-a": ["llama3.2:3b"]}
+    assert http(router.url, "POST", "/api/generate", UNLOAD)[0] == 200
+    follow_plan(h, router)
+    placement_ = router.scheduler.placement
+    assert h.bg.call(placement_.pending_loads) == [] and not router.proxy.warmer.warming
+    assert fake.load_count == 1 and get_json(fake.url, "/api/ps")["models"] == []
+    assert http(router.url, "POST", "/api/generate", ask)[0] == 200  # loaded on request
+    assert fake.load_count == 2
+    assert http(router.url, "POST", "/api/generate", UNLOAD)[0] == 200
+    h.bg.call(lambda: placement_.count("llama3.2:3b"))  # asked again: planned loads resume
+    assert [(n.node_id, m) for n, m in h.bg.call(placement_.pending_loads)] == \
+        [("node-a", "llama3.2:3b")]
+
+
 def test_keep_alive_and_pipelining_answer_in_order(one_node):
     h, router, fake = one_node
     req = b"GET /api/version HTTP/1.1\r\nHost: r\r\n\r\nGET / HTTP/1.1\r\nHost: r\r\n\r\n" \
