@@ -7703,7 +7703,7 @@ class Waker:
 # not, with no setting at all.
 ####################################################################################
 
-ALERT_QUEUE = 64  # alerts waiting to be sent; past it they are dropped (and counted)
+ALERT_QUEUE = 64  # alerts waiting to be sent; past it the oldest is dropped (and counted)
 ALERT_RATE = 10  # sent in any minute, at most
 ALERT_REPEAT_S = 600.0  # the same news of the same thing is said once in this long
 ALERT_TRIES = 5  # a failing receiver is tried this often, 1, 2, 4, 8 s apart
@@ -7767,10 +7767,10 @@ class Alerts:
         self.said[about] = (now, state)
         if self.target is None:
             return
-        try:
-            self.queue.put_nowait(item)
-        except asyncio.QueueFull:
+        if self.queue.full():  # the oldest unsent gives way: the newest says what is now
+            self.queue.get_nowait()
             self.counts["dropped"] += 1
+        self.queue.put_nowait(item)
 
     # -- the events -----------------------------------------------------------------
 

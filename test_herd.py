@@ -11401,6 +11401,18 @@ def test_a_dead_alert_receiver_costs_requests_nothing(h, monkeypatch):
         counts["dropped"] + 1 >= 30  # every one accounted for (one may be on its way)
 
 
+def test_a_full_alert_queue_drops_its_oldest_not_the_newest():
+    # Nothing sends (the receiver is slow): of 70 alerts about different things, the
+    # 64 newest wait. The news lost is the oldest: a node that went offline and came
+    # back again is never left reported offline.
+    alerts = herd.Alerts(types.SimpleNamespace(alert_target=("webhook", "http://x")))
+    for i in range(herd.ALERT_QUEUE + 6):
+        alerts.pull_failed(f"m{i}:x", "gone")
+    waiting = [alerts.queue.get_nowait()["title"] for _ in range(alerts.queue.qsize())]
+    assert len(waiting) == herd.ALERT_QUEUE and alerts.counts["dropped"] == 6
+    assert waiting[0] == "pulling m6:x failed" and waiting[-1] == "pulling m69:x failed"
+
+
 @pytest.mark.parametrize("setting, error", [
     ("smtp://mail", "use an http"), ("ntfy:nowhere://x", "only http"),
     ("exec:", "use an http")])
