@@ -4000,6 +4000,7 @@ class Scheduler:
         """The best node for the first of `models` that can be served (the rest are
         fallbacks), waiting in the holding queue while none can be."""
         deadline = time.monotonic() + (self.cfg.hold_timeout if hold else 0.0)
+        waking = 0.0  # when the wake this request waits for was sent
         shown_name = shown_name or models[0]
         self.holding += 1
         try:
@@ -4020,7 +4021,8 @@ class Scheduler:
                     raise RouteError(404, f"no node with '{shown_name}' runs a server that "
                                           f"serves {ask.endpoint} ({'; '.join(reasons)})")
                 woken = self.fleet.waker.wake_for(holders)
-                if woken:  # asleep, not gone: its first heartbeat will bring it back
+                if woken and not waking:  # asleep, not gone: its first heartbeat will
+                    waking = woken        # bring it back; waited for once, from then
                     deadline = max(deadline, woken + WAKE_WAIT_S)
                 until = deadline if known else min(deadline, self.fleet.warm_until())
                 remaining = until - time.monotonic()
@@ -7620,7 +7622,8 @@ def magic_packet(mac):
 
 class Waker:
     """Sends the magic packet to sleeping nodes, each at most every WAKE_EVERY_S, and
-    remembers when it first woke each (until it is heard from again)."""
+    remembers when it first woke each (until it is heard from again, or WAKE_WAIT_S
+    passes unanswered: a wake after that is a new one)."""
 
     def __init__(self, target):
         self.target = target  # read_wake_address's
@@ -7641,6 +7644,8 @@ class Waker:
                 self.sent.pop(node.node_id, None)  # awake again: a later sleep is new
                 continue
             woken, last = self.sent.get(node.node_id, (now, 0.0))
+            if now - woken >= WAKE_WAIT_S:  # that wake went unanswered: this one is new,
+                woken = now                 # and its request waits for it as long
             if now - last >= WAKE_EVERY_S:
                 self._send(node)
                 last = now

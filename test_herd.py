@@ -11615,6 +11615,28 @@ def test_a_wake_costs_what_the_last_one_took_and_an_unanswered_one_all_again():
     assert waker.took["gpu"] < 9.0
 
 
+def test_a_wake_left_unanswered_is_not_the_start_of_the_next_one():
+    # gpu was woken an hour ago and never came back (its owner carried it out). A
+    # request now wakes it again: the router waits WAKE_WAIT_S from now for it, not
+    # from an hour ago (which would be no wait at all), and sends a packet now.
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.setblocking(False)
+    waker = herd.Waker(("127.0.0.1", receiver.getsockname()[1]))
+    gpu = types.SimpleNamespace(node_id="gpu", status=herd.OFFLINE, hb=types.SimpleNamespace(
+        wake=[{"mac": SLEEPER_MAC, "broadcast": "10.1.2.255"}]))
+    hour_ago = time.monotonic() - 3600.0
+    waker.sent["gpu"] = (hour_ago, hour_ago)
+    woken = waker.wake_for([gpu])
+    assert woken > hour_ago + 3000 and waker.sent["gpu"][0] == woken
+    assert receiver.recv(1024) == magic_packet_of(SLEEPER_MAC)
+    assert waker.wake_left_s(gpu) > herd.WAKE_WAIT_S - 5  # on its way up, if it answers
+    assert waker.wake_for([gpu]) == woken  # the same wake, asked again: no new packet
+    with pytest.raises(BlockingIOError):
+        receiver.recv(1024)
+    receiver.close()
+
+
 def magic_packet_of(mac):
     """Wake-on-LAN's packet as the issue spells it: six 0xFF, the MAC sixteen times."""
     packet = b"\xff" * 6 + bytes.fromhex(mac.replace(":", "")) * 16
