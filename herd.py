@@ -8122,6 +8122,10 @@ async def advertise(cfg, port):
 MAX_REFUSING = 128
 MAX_HANDSHAKES_PER_CLIENT = 32
 MAX_HANDSHAKES = 256
+# Connections this machine's own loopback address may open past FLEET_MAX_CONNECTIONS: a
+# health check here (keepalived's curl) says the router is up when it is full, not down.
+LOCAL_RESERVE = 4
+OWN_ADDRESSES = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
 
 
 class RouterServer:
@@ -8232,7 +8236,8 @@ class RouterServer:
         if self.per_client[ip] >= self.cfg.max_connections_per_client:
             return (f"{ip} has {self.cfg.max_connections_per_client} connections open "
                     f"(FLEET_MAX_CONNECTIONS_PER_CLIENT)")
-        if self.admitted >= self.max_connections:
+        if self.admitted >= self.max_connections + (LOCAL_RESERVE if ip in OWN_ADDRESSES
+                                                    else 0):
             return f"the router has {self.max_connections} connections open; try again"
         if handshaking and (self.handshakes[ip] >= MAX_HANDSHAKES_PER_CLIENT
                             or self.handshakes.total() >= MAX_HANDSHAKES):

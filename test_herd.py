@@ -9346,6 +9346,30 @@ def test_one_address_opening_hundreds_of_connections_takes_no_room_from_others(h
     assert fleet_status(router)["router"]["connections"]["connections_refused"] == 30
 
 
+def test_a_full_router_still_answers_a_health_check_from_its_own_machine(h):
+    # keepalived's check (curl to 127.0.0.1) must say "up" when the router is full of
+    # other clients' connections: failing over would only move the crowd.
+    router = h.router(FLEET_MAX_CONNECTIONS=3)
+    held = [socket.create_connection(("127.0.0.1", router.port), timeout=5,
+                                     source_address=("127.0.0.2", 0)) for _ in range(3)]
+    local = []
+    try:
+        wait_until(lambda: len(router.connections) == 3, what="three connections")
+        with socket.create_connection(("127.0.0.1", router.port), timeout=5,
+                                      source_address=("127.0.0.3", 0)) as other:
+            assert other.recv(200).startswith(b"HTTP/1.1 503")  # full for the others
+        assert http(router.url, "GET", "/api/version")[0] == 200
+        local = [socket.create_connection(("127.0.0.1", router.port), timeout=5)
+                 for _ in range(herd.LOCAL_RESERVE)]
+        wait_until(lambda: len(router.connections) == 3 + herd.LOCAL_RESERVE,
+                   what="the reserve taken")
+        with socket.create_connection(("127.0.0.1", router.port), timeout=5) as more:
+            assert more.recv(200).startswith(b"HTTP/1.1 503")  # a reserve, not a way round
+    finally:
+        for s in held + local:
+            s.close()
+
+
 def test_refused_connections_linger_only_up_to_a_bound(h, monkeypatch):
     set_limits(monkeypatch, herd, MAX_REFUSING=2)  # 128
     router = h.router(FLEET_MAX_CONNECTIONS_PER_CLIENT=1)
