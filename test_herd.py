@@ -3129,23 +3129,37 @@ def test_a_model_timed_only_in_company_is_weighed_at_its_speed_alone():
         pytest.approx(30.0)
 
 
-def test_a_model_streamed_only_beside_another_is_learned_at_its_speed_alone(h):
-    # One machine that decodes one answer at a time at full speed (two share it):
-    # llama3.2 streams alone first, then beside qwen2.5, which never streams alone.
-    fake = h.fake(num_parallel=4, saturation=1, chunks=20, chunk_delay=0.01)
+def two_models_on_one_node(h, saturation, chunks):
+    """A router with one node, four slots, llama3.2:3b and qwen2.5:7b loaded, on a
+    machine whose tokens/s grows only up to `saturation` answers at once (10 ms a
+    token alone), `chunks` tokens an answer."""
+    fake = h.fake(num_parallel=4, saturation=saturation, chunks=chunks, chunk_delay=0.01)
     router = h.router()
     for model in ("llama3.2:3b", "qwen2.5:7b"):
         load_on(fake, model)
     h.heartbeat(router, fake, "node-a", FLEET_NODE_NUM_PARALLEL=4)
-    stream = {"stream": True}
-    serve_in_turns(router, 4, 1, "llama3.2:3b", stream)
-    for _ in range(4):
-        both = [threading.Thread(target=serve_in_turns, args=(router, 2, 1, m, stream))
+    return router
+
+
+def serve_both(router, rounds, count, workers, body=None):
+    """`rounds` times, both models served at once: serve_in_turns(count, workers) each."""
+    for _ in range(rounds):
+        both = [threading.Thread(target=serve_in_turns, args=(router, count, workers, m,
+                                                                body))
                 for m in ("llama3.2:3b", "qwen2.5:7b")]
         for t in both:
             t.start()
         for t in both:
             t.join(60)
+
+
+def test_a_model_streamed_only_beside_another_is_learned_at_its_speed_alone(h):
+    # One machine that decodes one answer at a time at full speed (two share it):
+    # llama3.2 streams alone first, then beside qwen2.5, which never streams alone.
+    router = two_models_on_one_node(h, saturation=1, chunks=20)
+    stream = {"stream": True}
+    serve_in_turns(router, 4, 1, "llama3.2:3b", stream)
+    serve_both(router, 4, 2, 1, stream)
     alone = router.learner.get("node-a", "llama3.2:3b").crowds[1][0]
     riser = router.learner.get("node-a", "qwen2.5:7b")
     assert min(riser.crowds) >= 2 and riser.alone_tps() < 0.75 * alone, riser.crowds
@@ -3216,20 +3230,10 @@ def test_learned_concurrency_counts_every_model_in_flight_on_the_node(h):
     # per model, two of each in flight look like one model that does not scale (each
     # at half speed), and each would be held to one; counted on the node, the machine
     # is seen to pay up to two, and each model may have two.
-    fake = h.fake(num_parallel=4, saturation=2, chunks=10, chunk_delay=0.01)
-    router = h.router()
-    for model in ("llama3.2:3b", "qwen2.5:7b"):
-        load_on(fake, model)
-    h.heartbeat(router, fake, "node-a", FLEET_NODE_NUM_PARALLEL=4)
+    router = two_models_on_one_node(h, saturation=2, chunks=10)
     for model in ("llama3.2:3b", "qwen2.5:7b"):
         serve_in_turns(router, 4, 1, model)
-    for _ in range(3):
-        both = [threading.Thread(target=serve_in_turns, args=(router, 6, 2, m))
-                for m in ("llama3.2:3b", "qwen2.5:7b")]
-        for t in both:
-            t.start()
-        for t in both:
-            t.join(60)
+    serve_both(router, 3, 6, 2)
     learned = fleet_node(router, "node-a")["learned"]
     for model in ("llama3.2:3b", "qwen2.5:7b"):
         curve = learned[model]["tokens_per_s_by_concurrency"]
@@ -3320,55 +3324,45 @@ def test_the_rebalancer_moves_a_queued_request_only_where_it_is_answered_sooner(
     assert [r[0] for r in results] == [200, 200] and b.completed == moves
 
 
-@pytest.mark.parametrize("b_speed, spilled", [(0.5, 0), (200.0, 1)])
-def test_a_queue_grown_past_a_load_elsewhere_hands_its_newest_request_back(
-        h, b_speed, spilled):
-    # llama3.2:3b is hot on node-a alone, one slot, learned slow (20 tokens in 10 s):
-    # one request runs there, one waits. node-b joins with the model on disk, not
-    # loaded. The rebalancer moves queued requests to hot nodes only; a queue whose
-    # wait has grown past a load elsewhere (what Placement.steer allows a request that
-    # arrives now) hands its newest request back for routing, and it is loaded there.
-    # Where node-b would answer later than the wait, the request stays.
+def queued_on_a_slow_node(h, b_speed, waiting, b_loaded):
+    """llama3.2:3b hot on node-a alone, one slot, learned slow (20 tokens in 10 s), one
+    request running there and `waiting` queued, under a plan that places it there; then
+    node-b joins, one slot, learned at `b_speed` tokens/s, with the model loaded or only
+    on disk. Returns (router, a, b, threads, results)."""
     a = h.fake(num_parallel=1, chunks=20, chunk_delay=0.15)
     b = h.fake("127.0.0.2", num_parallel=1, chunks=20)
     router = router_that_learned(h, {"node-a": 2.0, "node-b": b_speed})
     load_on(a, "llama3.2:3b")
+    if b_loaded:
+        load_on(b, "llama3.2:3b")
     join(h, router, a, "node-a", slots=1)
-    threads, results = start_requests(router, 2)
-    wait_until(lambda: waiting_on(router, "node-a") == 1, what="a request queued on node-a")
-    h.bg.run(router.scheduler.placement.replan())  # a plan: llama3.2:3b on node-a
-    join(h, router, b, "node-b", slots=1)
-    assert run_rebalancer_pass(h, router) == spilled
-    for t in threads:
-        t.join(30)
-    assert [r[0] for r in results] == [200, 200]
-    assert (b.completed, b.load_count) == (spilled, spilled)
-    assert a.completed == 2 - spilled
-
-
-@pytest.mark.parametrize("b_speed, moved", [(0.2, 0), (200.0, 3)])
-def test_a_queue_behind_a_slow_slot_moves_on_into_a_faster_queue_elsewhere(
-        h, b_speed, moved):
-    # llama3.2:3b is hot on node-a alone, one slot, learned slow (20 tokens in 10 s):
-    # one request runs there, three wait. node-b joins with it hot, one slot. Moved
-    # only into free slots, one would go and two would wait half a minute on node-a;
-    # queued behind it on node-b, they are answered sooner still, so they go too.
-    # Where node-b is slower than the wait, none moves.
-    a = h.fake(num_parallel=1, chunks=20, chunk_delay=0.15)
-    b = h.fake("127.0.0.2", num_parallel=1, chunks=20)
-    router = router_that_learned(h, {"node-a": 2.0, "node-b": b_speed})
-    for fake in (a, b):
-        load_on(fake, "llama3.2:3b")
-    join(h, router, a, "node-a", slots=1)
-    threads, results = start_requests(router, 4)
-    wait_until(lambda: waiting_on(router, "node-a") == 3, what="three queued on node-a")
+    threads, results = start_requests(router, waiting + 1)
+    wait_until(lambda: waiting_on(router, "node-a") == waiting,
+               what=f"{waiting} queued on node-a")
     h.bg.run(router.scheduler.placement.replan())
     join(h, router, b, "node-b", slots=1)
+    return router, a, b, threads, results
+
+
+@pytest.mark.parametrize("b_loaded, waiting, b_speed, moved", [
+    (False, 1, 0.5, 0), (False, 1, 200.0, 1), (True, 3, 0.2, 0), (True, 3, 200.0, 3)])
+def test_a_queue_on_a_slow_node_hands_back_what_another_node_answers_sooner(
+        h, b_loaded, waiting, b_speed, moved):
+    # node-b has the model on disk only: the rebalancer moves queued requests into free
+    # slots where the model is hot, and a queue whose wait has grown past a load
+    # elsewhere (what Placement.steer allows a request that arrives now) hands its
+    # newest request back for routing, to be loaded there. node-b has it hot, one slot:
+    # moved only into free slots, one of three would go and two would wait half a
+    # minute; queued behind it on node-b they are answered sooner still, so they go
+    # too. Where node-b would answer later than the wait, nothing moves.
+    router, a, b, threads, results = queued_on_a_slow_node(h, b_speed, waiting, b_loaded)
+    loads_before = b.load_count
     assert run_rebalancer_pass(h, router) == moved
     for t in threads:
         t.join(60)
-    assert [r[0] for r in results] == [200] * 4
-    assert (a.completed, b.completed) == (4 - moved, moved)
+    assert [r[0] for r in results] == [200] * (waiting + 1)
+    assert (a.completed, b.completed) == (waiting + 1 - moved, moved)
+    assert b.load_count - loads_before == (0 if b_loaded else moved)
 
 
 @pytest.mark.parametrize("here, there, waiting, moved", [
