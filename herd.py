@@ -4212,7 +4212,7 @@ class Scheduler:
                                            q.waiting)
             else:
                 count = 1
-            moved += q.hand_back_newest(best.node_id, count)
+            moved += q.evict(count, best.node_id, newest=True)
         return moved
 
     @staticmethod
@@ -5119,23 +5119,13 @@ class SlotQueue:
         elapsed = self.active * time.monotonic() - self.started_sum
         return max(0.0, self.work_active - tps * elapsed)
 
-    def evict(self, count=None, target=None):
-        """Hand the `count` oldest waiting requests (all by default) back for routing."""
+    def evict(self, count=None, target=None, newest=False):
+        """Hand the `count` oldest waiting requests (all by default; the newest, those
+        with the longest waits ahead of them, if `newest`) back for routing, `target`
+        preferred; returns how many."""
         moved = 0
         while self.waiters and (count is None or moved < count):
-            waiter = self.waiters.popleft()
-            self.work_waiting -= waiter.work
-            if not waiter.fut.done():
-                waiter.fut.set_exception(Moved(target))
-                moved += 1
-        return moved
-
-    def hand_back_newest(self, target, count=1):
-        """Hand the `count` newest waiting requests (the longest waits ahead of them)
-        back for routing, `target` preferred; returns how many."""
-        moved = 0
-        while self.waiters and moved < count:
-            waiter = self.waiters.pop()
+            waiter = self.waiters.pop() if newest else self.waiters.popleft()
             self.work_waiting -= waiter.work
             if not waiter.fut.done():
                 waiter.fut.set_exception(Moved(target))
