@@ -404,6 +404,10 @@ OLLAMA_HERD = "ollama-herd==0.11.4"
 OLLAMA_HERD_VENV = os.path.expanduser("~/.cache/herd-bench/ollama-herd-0.11.4")
 OLLAMA_HERD_MDNS = "_herdbench._tcp.local."  # not the real herd's service type
 ROUTERS = ("herd", "herd-learning-off", "round-robin", "least-connections", "ollama-herd")
+# --virtual only, and only when named in --only: Herd with its placement plan fed the
+# schedule's true inputs instead of what it learned (TrueInputs), to tell what learning
+# them costs from what the plan and routing do with them.
+TRUE_INPUTS = "herd-true-inputs"
 # Targets for Herd: p95 latency this far below each router's, at both loads.
 P95_BELOW = {"least-connections": 0.30, "herd-learning-off": 0.15, "ollama-herd": 0.20}
 MAX_P99_AFTER_OVER_BEFORE = 2.0
@@ -3005,7 +3009,8 @@ def run_routing(workdir, plan, fleet, only="", virtual=False):
     with contextlib.ExitStack() as exits:
         if virtual:
             net, ollama_herd = None, None
-            routers = [r for r in fleet.routers if r != "ollama-herd"]
+            routers = [r for r in fleet.routers if r != "ollama-herd"] + \
+                [TRUE_INPUTS for _ in [1] if TRUE_INPUTS in only.split(",")]
             results["notes"].append("in simulated time (--virtual): the programs' own "
                                     "work takes no time; ollama-herd left out")
             pool = exits.enter_context(concurrent.futures.ThreadPoolExecutor(
@@ -3271,9 +3276,11 @@ async def virtual_run(spec):
     net, tasks, router = VirtualNetwork(fleet, spec["block"]), [], None
     await net.start()
     name = spec["router"]
-    if name in ("herd", "herd-learning-off"):
-        front, router = await start_virtual_herd(net, spec["workdir"], name == "herd",
-                                                 tasks)
+    if name == TRUE_INPUTS:
+        TrueInputs(net, spec["rate"]).install()
+    if name in ("herd", "herd-learning-off", TRUE_INPUTS):
+        front, router = await start_virtual_herd(net, spec["workdir"],
+                                                 name != "herd-learning-off", tasks)
     else:
         front = await start_virtual_baseline(
             net, "rr" if name == "round-robin" else "lc", tasks)
@@ -3284,6 +3291,43 @@ async def virtual_run(spec):
     if router is not None:
         await router.stop(grace=0)
     return run
+
+
+class TrueInputs:
+    """What Herd's placement plan would be given if it learned nothing wrong, for a run
+    in simulated time (its own process: the patches go with it): each node's speed as
+    its fake decodes now (slowed or not), each model's request rate as the schedule's
+    mix says (the second mix once the slowed machine has slowed, with the first mix's
+    other models fading), and an answer's time at speed 1 as the fakes make it."""
+
+    def __init__(self, net, rate):
+        self.net, self.rate = net, rate
+
+    def shifted(self):
+        fleet = self.net.fleet
+        i = next(k for k, m in enumerate(fleet.machines) if m.name == fleet.slowed)
+        return self.net.fakes[i].speed < fleet.machines[i].speed
+
+    def speeds(self):
+        now = {m.name: fake.speed for m, fake in zip(self.net.fleet.machines, self.net.fakes)}
+        return {name: speed / max(now.values()) for name, speed in now.items()}
+
+    def rates(self):
+        mixes = self.net.fleet.mixes
+        return {m: self.rate * share for m, share in mixes[-1 if self.shifted() else 0]}
+
+    def fading(self):
+        mixes = self.net.fleet.mixes
+        return {m for m, _ in mixes[0]} - {m for m, _ in mixes[-1]} if self.shifted() \
+            else set()
+
+    def install(self):
+        import herd
+        herd.Learner.plan_speeds = lambda learner: self.speeds()
+        herd.Demand.busiest = lambda demand, now, count: self.rates()
+        herd.Demand.fading = lambda demand, now: self.fading()
+        herd.PlanInputs.service_s = lambda inputs, model, size, speeds: \
+            sum(TOKENS_RANGE) / 2 * CHUNK_DELAY
 
 
 def virtual_main():
@@ -3401,7 +3445,9 @@ def parse_args():
                              "Ollama, clients on OpenAI's API)")
     parser.add_argument("--only", default="", metavar="ROUTERS",
                         help="with --routing: only these routers, comma-separated (a "
-                             "partial run, for a look; its targets are not all judged)")
+                             "partial run, for a look; its targets are not all judged); "
+                             f"with --virtual also {TRUE_INPUTS}: Herd with its placement "
+                             "plan told the schedule's true speeds, rates and answer time")
     parser.add_argument("--loads", default="", metavar="SHARES",
                         help="with --routing: only these loads, e.g. 0.8")
     parser.add_argument("--schedules", type=int, default=0, metavar="N",
@@ -3434,9 +3480,12 @@ def main():
                                           [u for u in args.nodes.split(",") if u]))
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     plan = "quick" if args.quick else "full"
-    unknown = set(filter(None, args.only.split(","))) - set(ROUTERS)
+    unknown = set(filter(None, args.only.split(","))) - {*ROUTERS, TRUE_INPUTS}
     if unknown:
-        sys.exit(f"bench.py: --only knows {', '.join(ROUTERS)}; not {', '.join(unknown)}")
+        sys.exit(f"bench.py: --only knows {', '.join(ROUTERS)} (and {TRUE_INPUTS} with "
+                 f"--virtual); not {', '.join(unknown)}")
+    if TRUE_INPUTS in args.only.split(",") and not (args.routing and args.virtual):
+        sys.exit(f"bench.py: {TRUE_INPUTS} runs only with --routing --virtual")
     if not 0 <= args.schedules <= 20:
         sys.exit(f"bench.py: --schedules takes 1 to 20: {args.schedules}")
     try:

@@ -8036,6 +8036,33 @@ def test_bench_simulated_time_gives_the_same_run_twice(tmp_path):
     assert first["seconds"] >= max(s.due[-1] for s in sessions)
 
 
+def test_bench_true_inputs_are_the_schedules_own(monkeypatch):
+    """bench.py's herd-true-inputs (--virtual only): the plan is told each node's speed as
+    its fake decodes now, each model's rate by the schedule's mix (the second once the
+    slowed machine has slowed, the first mix's others fading) and an answer's time."""
+    import bench
+    fleet = bench.PRESSURE
+    fakes = [types.SimpleNamespace(speed=m.speed) for m in fleet.machines]
+    truth = bench.TrueInputs(types.SimpleNamespace(fleet=fleet, fakes=fakes), 10.0)
+    assert truth.speeds() == {"studio": 1.0, "desktop": 0.9, "mini": 0.5, "laptop": 0.25}
+    assert truth.rates() == pytest.approx({m: 10.0 * share for m, share in fleet.mixes[0]})
+    assert truth.fading() == set()
+    fakes[-1].speed = 0.25 / bench.SLOWDOWN  # the laptop slows: the shift
+    assert truth.speeds()["laptop"] == pytest.approx(0.25 / bench.SLOWDOWN)
+    assert truth.rates()[bench.CODER] == pytest.approx(3.0)
+    assert truth.fading() == {bench.FAVOURITE, bench.SECOND}
+    for cls, name in ((herd.Learner, "plan_speeds"), (herd.Demand, "busiest"),
+                      (herd.Demand, "fading"), (herd.PlanInputs, "service_s")):
+        monkeypatch.setattr(cls, name, getattr(cls, name))  # put back after the test
+    truth.install()
+    assert herd.Learner().plan_speeds() == truth.speeds()
+    assert herd.Demand().busiest(0.0, 32) == truth.rates()
+    done = subprocess.run([sys.executable, "bench.py", "--routing", "--only",
+                           "herd,herd-true-inputs"], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(bench.__file__)), timeout=60)
+    assert done.returncode != 0 and "runs only with --routing --virtual" in done.stderr
+
+
 def small_fleet(bench, machines, mixes):
     """The pressure fleet's shape with other machines and mixes (slowed: the last)."""
     return dataclasses.replace(bench.PRESSURE, machines=tuple(machines), mixes=mixes,
