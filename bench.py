@@ -3010,7 +3010,7 @@ def run_routing(workdir, plan, fleet, only="", virtual=False):
         if virtual:
             net, ollama_herd = None, None
             routers = [r for r in fleet.routers if r != "ollama-herd"] + \
-                [TRUE_INPUTS for _ in [1] if TRUE_INPUTS in only.split(",")]
+                ([TRUE_INPUTS] if TRUE_INPUTS in only.split(",") else [])
             results["notes"].append("in simulated time (--virtual): the programs' own "
                                     "work takes no time; ollama-herd left out")
             pool = exits.enter_context(concurrent.futures.ThreadPoolExecutor(
