@@ -5777,8 +5777,8 @@ class Speed:
         self.baseline_tps = self.concurrency = None
         self.size = 0
         self.levels = {}  # requests in flight -> [decode tokens/s each, samples, when]
-        # Answers decoding on the node (Exchange.decode_crowd) -> [tokens/s each,
-        # samples]: learned afresh after a restart, in minutes (levels are kept).
+        # Answers decoding on the node (Exchange.decode_crowd) -> the same: learned
+        # afresh after a restart, in minutes (levels are kept).
         self.crowds = {}
         self.updated_at = 0.0
         self.recent = collections.deque(maxlen=self.WINDOW)  # (ttft_ms, decode_tps)
@@ -5812,10 +5812,7 @@ class Speed:
             if level:
                 self._add_level(min(self.MAX_LEVEL, max(1, round(level))), tps)
             if crowd:
-                entry = self.crowds.setdefault(min(self.MAX_LEVEL, max(1, round(crowd))),
-                                               [tps, 0])
-                entry[1] += 1
-                entry[0] += max(self.ALPHA, 1.0 / entry[1]) * (tps - entry[0])
+                self._add_level(min(self.MAX_LEVEL, max(1, round(crowd))), tps, self.crowds)
         self.recent.append((sample.get("ttft_ms"), tps))
         self.updated_at = time.time()
         return drop
@@ -5827,7 +5824,7 @@ class Speed:
         level."""
         curve = self.levels if curve is None else curve
         level = min(self.MAX_LEVEL, max(1, round(level)))
-        timed = [k for k, v in curve.items() if k <= level and v[1] >= self.LEVEL_SAMPLES]
+        timed = [k for k in self.timed(curve) if k <= level]
         if not timed:
             return None
         below = max(timed)
@@ -5848,22 +5845,25 @@ class Speed:
         placement plan weighs: the long-run figure, timed mostly in crowds, read a busy
         studio (four streams, three at full speed) as no faster than a desktop of nine
         tenths its speed, and its answers as a third longer than they are."""
-        timed = [k for k, v in self.levels.items() if v[1] >= self.LEVEL_SAMPLES]
+        timed = self.timed(self.levels)
         return self.levels[min(timed)][0] if timed else self.steady_tps()
+
+    def timed(self, curve):
+        """The levels of `curve` (levels, or crowds) timed LEVEL_SAMPLES times."""
+        return [k for k, v in curve.items() if v[1] >= self.LEVEL_SAMPLES]
 
     def fewest_decoding(self):
         """(The fewest answers decoding beside its own, itself counted, that it was
         timed at: LEVEL_SAMPLES times if any was, else once; its tokens/s there), or
         None before any."""
-        timed = [k for k, v in self.crowds.items() if v[1] >= self.LEVEL_SAMPLES]
-        low = min(timed or self.crowds, default=None)
+        low = min(self.timed(self.crowds) or self.crowds, default=None)
         return None if low is None else (low, self.crowds[low][0])
 
     def crowd_factor(self, crowd):
         """How many times faster its answers ran with fewer decoding beside them (the
         fewest timed LEVEL_SAMPLES times) than in `crowd` (timed as often), at most as
         many times as `crowd` is larger; None if not timed so."""
-        timed = [k for k, v in self.crowds.items() if v[1] >= self.LEVEL_SAMPLES]
+        timed = self.timed(self.crowds)
         if crowd not in timed or min(timed) >= crowd or not self.crowds[crowd][0]:
             return None
         low = min(timed)
@@ -5880,8 +5880,8 @@ class Speed:
             entry[0] *= factor
         self.updated_at = time.time()
 
-    def _add_level(self, level, tps):
-        entry = self.levels.setdefault(level, [tps, 0, 0.0])
+    def _add_level(self, level, tps, curve=None):
+        entry = (self.levels if curve is None else curve).setdefault(level, [tps, 0, 0.0])
         entry[1] += 1
         entry[0] += max(self.ALPHA, 1.0 / entry[1]) * (tps - entry[0])
         entry[2] = time.time()
@@ -5898,7 +5898,7 @@ class Speed:
         less than LEVEL_GAIN of the proportional gain over the one below it, with each
         request LEVEL_SLOWER slower there."""
         below = None  # (level, total tokens/s)
-        for level in sorted(k for k, v in self.levels.items() if v[1] >= self.LEVEL_SAMPLES):
+        for level in sorted(self.timed(self.levels)):
             if level > slots:
                 break
             total = level * self.levels[level][0]
@@ -6318,11 +6318,11 @@ class Learner:
                     "answer_tokens": _round(speed.tokens),
                     "concurrency": limits[model],
                     "tokens_per_s_by_concurrency": {
-                        str(k): _round(v[0]) for k, v in sorted(speed.levels.items())
-                        if v[1] >= Speed.LEVEL_SAMPLES},
+                        str(k): _round(speed.levels[k][0])
+                        for k in sorted(speed.timed(speed.levels))},
                     "tokens_per_s_by_answers_streaming": {
-                        str(k): _round(v[0]) for k, v in sorted(speed.crowds.items())
-                        if v[1] >= Speed.LEVEL_SAMPLES}}
+                        str(k): _round(speed.crowds[k][0])
+                        for k in sorted(speed.timed(speed.crowds))}}
                 continue
             guess = self.estimate(node_id, model, sized(models[model]))
             if guess:
